@@ -1,0 +1,97 @@
+"""Input checks shared by every public entry point.
+
+Every rejection raises an error whose message starts with the calling
+function's name and names the offending argument, e.g.
+``warp(): 'moving' must have 4 dimensions (B, C, H, W); got shape (5, 7)``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+INTERPOLATIONS = {"bilinear": 0, "nearest": 1, "bicubic": 2}
+PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
+
+
+def check_image(image: torch.Tensor, name: str, caller: str, *, finite: bool = True) -> torch.Tensor:
+    """Return ``image`` if it is a float tensor ``(B, C, H, W)``; raise otherwise.
+
+    Checks type, number of dimensions, dtype (float32/float64), non-empty
+    spatial size and, unless ``finite=False``, the absence of NaN/Inf.
+    """
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"{caller}: '{name}' must be a torch.Tensor; got {type(image).__name__}")
+    if image.dim() != 4:
+        raise ValueError(
+            f"{caller}: '{name}' must have 4 dimensions (B, C, H, W); got shape {tuple(image.shape)}"
+        )
+    if image.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{caller}: '{name}' must be float32 or float64; got {image.dtype}")
+    if image.numel() == 0:
+        raise ValueError(f"{caller}: '{name}' is empty; got shape {tuple(image.shape)}")
+    if finite and not bool(torch.isfinite(image).all()):
+        raise ValueError(f"{caller}: '{name}' contains NaN or Inf values")
+    return image
+
+
+def check_same_shape(first: torch.Tensor, second: torch.Tensor, names: Sequence[str], caller: str) -> None:
+    """Raise ``ValueError`` unless the two tensors have identical shapes."""
+    if first.shape != second.shape:
+        raise ValueError(
+            f"{caller}: '{names[0]}' and '{names[1]}' must have the same shape; "
+            f"got {tuple(first.shape)} and {tuple(second.shape)}"
+        )
+
+
+def check_matrix(matrix: torch.Tensor, caller: str) -> torch.Tensor:
+    """Return ``matrix`` as ``(B, 3, 3)``; accepts ``(3, 3)``; raise otherwise."""
+    if not isinstance(matrix, torch.Tensor):
+        raise TypeError(f"{caller}: 'matrix' must be a torch.Tensor; got {type(matrix).__name__}")
+    if matrix.dim() == 2:
+        matrix = matrix.unsqueeze(0)
+    if matrix.dim() != 3 or matrix.shape[-2:] != (3, 3):
+        raise ValueError(f"{caller}: 'matrix' must have shape (B, 3, 3) or (3, 3); got {tuple(matrix.shape)}")
+    if matrix.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{caller}: 'matrix' must be float32 or float64; got {matrix.dtype}")
+    return matrix
+
+
+def check_batch(matrix_batch: int, image_batch: int, caller: str) -> int:
+    """Return the common batch size of a matrix batch and an image batch (1 broadcasts)."""
+    if matrix_batch == image_batch or matrix_batch == 1 or image_batch == 1:
+        return max(matrix_batch, image_batch)
+    raise ValueError(
+        f"{caller}: batch sizes differ: {matrix_batch} transforms for {image_batch} images "
+        "(give one transform per image pair, or one for all)"
+    )
+
+
+def check_option(value: str, options: Sequence[str], name: str, caller: str) -> str:
+    """Return ``value`` if it is one of ``options``; raise a ``ValueError`` listing them otherwise."""
+    if value not in options:
+        raise ValueError(f"{caller}: unknown {name} {value!r}; choose one of {', '.join(map(repr, options))}")
+    return value
+
+
+class FiniteCheckCache:
+    """Remembers which tensors already passed :func:`check_image`.
+
+    A training loop passes the same image tensors every step; checking them
+    for NaN each time costs a pass over the data (and, on a GPU, a host
+    synchronisation).  A tensor is checked again only when it is another
+    object or has been modified in place (its version counter moved).
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple] = {}
+
+    def check(self, image: torch.Tensor, name: str, caller: str) -> torch.Tensor:
+        key = (id(image), getattr(image, "_version", None), image.data_ptr(), tuple(image.shape))
+        if self._seen.get(name) != key:
+            check_image(image, name, caller)
+            self._seen[name] = key
+        return image

@@ -1,0 +1,85 @@
+"""The analytic gradient in one reduction (the seed's forward chain rule).
+
+For a cost summed over the fixed image's pixels, ``L = sum_x C(F(x), M(A x))``,
+with ``g(x) = C'(F(x), M(A x)) * grad M(A x)`` (summed over channels, pixel
+units of the moving image) and ``x~ = (x, y, 1)``::
+
+    dL/dA = sum_x g(x) x~^T = G          (a 2 x 3 matrix per image pair)
+    dL/dp_k = < G, dA/dp_k >             (Frobenius product)
+    dL/dr_k = dL/dp_k * m_k'(r_k)        (through the parameter mapping)
+
+So one pass over the pixels yields ``G``; every parameter's gradient is a
+dot product of six numbers.  No per-parameter loop touches the pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .losses import PerPixelLoss
+from .sampling import pixel_grid, sample, sampling_grid, warp_gradient
+
+__all__ = ["per_pixel_cost_and_gradient", "parameter_gradient"]
+
+
+def per_pixel_cost_and_gradient(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    matrix: torch.Tensor,
+    loss: PerPixelLoss,
+    *,
+    interpolation: str = "bilinear",
+    padding_mode: str = "zeros",
+    moving_with_gradient: Optional[torch.Tensor] = None,
+    pixels: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Warp, cost and ``G = dL/dA`` in one pass, without autograd.
+
+    Args:
+        fixed: ``(B, C, H, W)``.
+        moving: ``(B, C, Hm, Wm)``.
+        matrix: ``(B, 3, 3)`` fixed -> moving pixel matrices.
+        loss: a per-pixel loss; ``loss(warped, fixed, True)`` gives ``(C, C')``.
+        moving_with_gradient: ``None`` for the exact gradient of the
+            interpolant (default); or ``[M, dM/dx, dM/dy]`` stacked as
+            ``(B, 3C, Hm, Wm)`` (:func:`tireg.sampling.stack_with_gradient`) to
+            sample a precomputed gradient at the same points instead.
+        pixels: optional cached ``pixel_grid`` of the fixed image.
+
+    Returns:
+        ``warped (B, C, H, W)``, ``cost (B,)`` (sum over channels and pixels),
+        ``G (B, 2, 3)`` with ``G = sum_x g(x) x~^T``.
+    """
+    batch, channels, height, width = fixed.shape
+    if pixels is None:
+        pixels = pixel_grid((height, width), dtype=matrix.dtype, device=matrix.device)
+    grid = sampling_grid(matrix, (height, width), moving.shape[-2:], pixels=pixels)
+    if moving_with_gradient is None:
+        warped = sample(moving, grid, interpolation=interpolation, padding_mode=padding_mode)
+        per_pixel, derivative = loss(warped, fixed, True)
+        g = warp_gradient(derivative, moving, grid, interpolation=interpolation, padding_mode=padding_mode)
+        g = g.reshape(batch, height * width, 2).transpose(1, 2)  # (B, 2, N)
+    else:
+        sampled = sample(moving_with_gradient, grid, interpolation=interpolation, padding_mode=padding_mode)
+        warped = sampled[:, :channels]
+        per_pixel, derivative = loss(warped, fixed, True)
+        gradient = sampled[:, channels:].reshape(batch, channels, 2, height * width)
+        g = (derivative.reshape(batch, channels, 1, height * width) * gradient).sum(1)  # (B, 2, N)
+    cost = per_pixel.reshape(batch, -1).sum(1)
+    return warped, cost, g @ pixels
+
+
+def parameter_gradient(matrix_gradient: torch.Tensor, jacobian: torch.Tensor) -> torch.Tensor:
+    """``dL/dp_k = <G, dA/dp_k>`` for all parameters at once.
+
+    Args:
+        matrix_gradient: ``G``, ``(B, 2, 3)`` (or ``(B, 3, 3)``; the last row is ignored).
+        jacobian: ``dA/dp``, ``(B, P, 3, 3)`` or ``(1, P, 3, 3)``.
+
+    Returns:
+        ``(B, P)``.
+    """
+    jacobian = jacobian[:, :, :2, :].expand(matrix_gradient.shape[0], -1, -1, -1)
+    return torch.einsum("bij,bpij->bp", matrix_gradient[:, :2, :], jacobian)

@@ -1,0 +1,161 @@
+"""Per-pixel costs ``rho(x - y)`` that return their own derivative.
+
+A per-pixel loss compares the warped moving image ``x`` with the fixed image
+``y`` pixel by pixel.  ``forward(x, y)`` returns the per-pixel loss (same
+shape as ``x``), and ``forward(x, y, gradient=True)`` returns
+``(loss, dloss/dx)``: the derivative that the analytic gradient path
+multiplies with the moving image's gradient (the seed's ``C'``).  The
+registration cost is the sum over pixels (and channels).
+
+Write your own by subclassing :class:`PerPixelLoss` and implementing
+``forward(x, y, gradient=False)``, as in the seed.  With ``r = x - y``:
+
+=================  ======================================  ==========================================
+loss               rho(r)                                  rho'(r)
+=================  ======================================  ==========================================
+L2Loss             r^2                                     2 r
+CauchyLoss(c)      log(1 + (r/c)^2)                        2 r / (c^2 + r^2)
+L1Loss             |r|                                     sign(r)
+CharbonnierLoss    sqrt(r^2 + eps^2)                       r / sqrt(r^2 + eps^2)
+HuberLoss(delta)   r^2/2 if |r| <= delta,                  clamp(r, -delta, delta)
+                   delta (|r| - delta/2) otherwise
+GemanMcClureLoss   r^2 / (r^2 + c^2)                       2 r c^2 / (r^2 + c^2)^2
+=================  ======================================  ==========================================
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "PerPixelLoss",
+    "L2Loss",
+    "CauchyLoss",
+    "L1Loss",
+    "CharbonnierLoss",
+    "HuberLoss",
+    "GemanMcClureLoss",
+    "LOSSES",
+    "get_loss",
+]
+
+LossOutput = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+
+class PerPixelLoss(nn.Module):
+    """Base class of per-pixel losses: ``forward(x, y, gradient=False)``.
+
+    Returns the per-pixel loss ``rho(x, y)``, or ``(rho, d rho / d x)`` when
+    ``gradient`` is true; both have ``x``'s shape.  Subclasses that depend on
+    ``r = x - y`` only may implement :meth:`residual` instead.
+    """
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, gradient: bool = False) -> LossOutput:
+        return self.residual(x - y, gradient)
+
+    def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
+        """``rho(r)``, or ``(rho(r), rho'(r))`` when ``gradient``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward() or residual()")
+
+
+def _positive(value: float, name: str, caller: str) -> float:
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"{caller}: '{name}' must be positive; got {value}")
+    return value
+
+
+class L2Loss(PerPixelLoss):
+    """``rho(r) = r^2``, ``rho'(r) = 2 r``."""
+
+    def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
+        loss = r * r
+        return (loss, 2.0 * r) if gradient else loss
+
+
+class CauchyLoss(PerPixelLoss):
+    """Cauchy (Lorentzian) loss ``rho(r) = log(1 + (r/c)^2)``, ``rho'(r) = 2 r / (c^2 + r^2)``.
+
+    At ``scale = 1`` this is the seed's loss, whose derivative the seed
+    wrote as ``r / (1 + r^2)``, half the true value.
+    """
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = _positive(scale, "scale", "CauchyLoss()")
+
+    def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
+        c2 = self.scale * self.scale
+        denominator = c2 + r * r
+        loss = torch.log(denominator / c2)
+        return (loss, 2.0 * r / denominator) if gradient else loss
+
+
+class L1Loss(PerPixelLoss):
+    """``rho(r) = |r|``, ``rho'(r) = sign(r)`` (0 at ``r = 0``, as autograd)."""
+
+    def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
+        loss = r.abs()
+        return (loss, torch.sign(r)) if gradient else loss
+
+
+class CharbonnierLoss(PerPixelLoss):
+    """Smooth L1: ``rho(r) = sqrt(r^2 + eps^2)``, ``rho'(r) = r / sqrt(r^2 + eps^2)``."""
+
+    def __init__(self, eps: float = 1e-3):
+        super().__init__()
+        self.eps = _positive(eps, "eps", "CharbonnierLoss()")
+
+    def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
+        loss = torch.sqrt(r * r + self.eps * self.eps)
+        return (loss, r / loss) if gradient else loss
+
+
+class HuberLoss(PerPixelLoss):
+    """``rho(r) = r^2 / 2`` for ``|r| <= delta``, else ``delta (|r| - delta / 2)``; ``rho' = clamp(r, -delta, delta)``."""
+
+    def __init__(self, delta: float = 1.0):
+        super().__init__()
+        self.delta = _positive(delta, "delta", "HuberLoss()")
+
+    def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
+        clipped = r.clamp(-self.delta, self.delta)
+        # 0.5 c^2 + delta (|r| - |c|) equals both branches: |c| = |r| inside, = delta outside.
+        loss = clipped * (0.5 * clipped) + self.delta * (r.abs() - clipped.abs())
+        return (loss, clipped) if gradient else loss
+
+
+class GemanMcClureLoss(PerPixelLoss):
+    """``rho(r) = r^2 / (r^2 + c^2)``, ``rho'(r) = 2 r c^2 / (r^2 + c^2)^2``: bounded, ignores outliers."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = _positive(scale, "scale", "GemanMcClureLoss()")
+
+    def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
+        c2 = self.scale * self.scale
+        denominator = r * r + c2
+        loss = r * r / denominator
+        return (loss, 2.0 * c2 * r / (denominator * denominator)) if gradient else loss
+
+
+LOSSES: dict[str, type[PerPixelLoss]] = {
+    "l2": L2Loss,
+    "cauchy": CauchyLoss,
+    "l1": L1Loss,
+    "charbonnier": CharbonnierLoss,
+    "huber": HuberLoss,
+    "geman_mcclure": GemanMcClureLoss,
+}
+
+
+def get_loss(loss: Union[str, PerPixelLoss]) -> PerPixelLoss:
+    """A loss instance from a name in :data:`LOSSES` (default settings) or an instance (returned as is)."""
+    if isinstance(loss, PerPixelLoss):
+        return loss
+    if isinstance(loss, str) and loss.lower() in LOSSES:
+        return LOSSES[loss.lower()]()
+    raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(map(repr, LOSSES))} or a PerPixelLoss")

@@ -1,0 +1,459 @@
+"""Registration models: parameters, mappings and a transform, with two gradient paths.
+
+* :class:`AffineModel` (autograd): ``forward(source)`` warps the moving image
+  by the current transform; the user sums a loss against the fixed image and
+  calls ``backward()``.
+* :class:`AffineModelAnalytic` (analytic): ``forward(source, target)``
+  returns ``(warped, loss)`` and has already written every ``param.grad``
+  by the chain rule (:mod:`tireg.analytic`); no ``backward()``.
+
+Both hold raw parameters ``self.p`` (an ``nn.ParameterList``) and mappings
+``self.m``; ``get(i) = m_i(p_i)`` is the parameter value.  Without a
+subclass both are the seed's four-parameter model ``(angle, dx, dy, scale)``;
+the seed's users subclass them and override ``get_matrix()`` (and, for the
+analytic model, ``get_derva(i) = dA/dp_i``).  Ready-made models exist for
+every built-in transform (:data:`tireg.transforms.TRANSFORMS`).
+
+Batches: a parameter of shape ``(B,)`` holds one value per image pair; one
+of shape ``(1,)`` is shared by all pairs (its gradient sums over them).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ._validation import PADDING_MODES, FiniteCheckCache, check_image, check_option
+from .analytic import parameter_gradient, per_pixel_cost_and_gradient
+from .losses import L2Loss, PerPixelLoss, get_loss
+from .mappings import IdentityMapping, Mapping
+from .sampling import image_gradient as compute_image_gradient
+from .sampling import pixel_grid, stack_with_gradient, warp
+from .transforms import TRANSFORMS, Transform, get_transform, image_center
+
+__all__ = [
+    "TransformModel",
+    "AffineModel",
+    "AffineModelAnalytic",
+    "TranslationModel",
+    "TranslationModelAnalytic",
+    "RigidModel",
+    "RigidModelAnalytic",
+    "SimilarityModel",
+    "SimilarityModelAnalytic",
+    "AnisotropicSimilarityModel",
+    "AnisotropicSimilarityModelAnalytic",
+    "FullAffineModel",
+    "FullAffineModelAnalytic",
+    "create_model",
+]
+
+MODEL_INTERPOLATIONS = ("bilinear", "bicubic")
+IMAGE_GRADIENTS = ("exact", "central", "gaussian")
+
+
+class TransformModel(nn.Module):
+    """Parameters, mappings and the matrix ``A(p)`` with its Jacobian; the base of both models.
+
+    Class attributes (set by the ready-made models):
+        transform: the :class:`~tireg.transforms.Transform` that builds
+            ``A`` and ``dA/dp`` unless a subclass overrides ``get_matrix``.
+        transform_slots: for each of the transform's parameters, the index
+            ``i`` of the model parameter that supplies it (``None``: same order).
+
+    Args:
+        cx, cy: centre of rotation and scaling, pixels (usually
+            ``((W-1)/2, (H-1)/2)``, :func:`~tireg.transforms.image_center`).
+        bordermode: padding mode: ``"zeros"``, ``"border"`` or ``"reflection"``.
+        interpolation: ``"bilinear"`` (default) or ``"bicubic"``.
+        batch_size: number of independent parameter sets (image pairs).
+    """
+
+    # The seed's model: parameters (angle, dx, dy, scale) feeding a similarity.
+    transform: Transform = TRANSFORMS["similarity"]
+    transform_slots: Optional[tuple[int, ...]] = (0, 3, 1, 2)
+
+    def __init__(
+        self,
+        cx: float,
+        cy: float,
+        bordermode: str = "zeros",
+        *,
+        interpolation: str = "bilinear",
+        batch_size: int = 1,
+    ):
+        super().__init__()
+        caller = f"{type(self).__name__}()"
+        self.cx, self.cy = float(cx), float(cy)
+        self.bordermode = check_option(bordermode, tuple(PADDING_MODES), "border mode", caller)
+        self.interpolation = check_option(interpolation, MODEL_INTERPOLATIONS, "interpolation", caller)
+        if int(batch_size) < 1:
+            raise ValueError(f"{caller}: 'batch_size' must be at least 1; got {batch_size}")
+        slots = self._slots()
+        initial = [0.0] * len(slots)
+        for position, index in enumerate(slots):
+            initial[index] = self.transform.identity[position]
+        self.p = nn.ParameterList(nn.Parameter(torch.full((int(batch_size),), value)) for value in initial)
+        self.m: list[Mapping] = [IdentityMapping() for _ in initial]
+        self._finite = FiniteCheckCache()
+
+    # -- parameters -----------------------------------------------------------
+
+    def _slots(self) -> tuple[int, ...]:
+        return self.transform_slots or tuple(range(self.transform.num_parameters))
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of parameters ``P``."""
+        return len(self.p)
+
+    def _check_index(self, i: int, caller: str) -> int:
+        if not isinstance(i, int) or not 0 <= i < len(self.p):
+            raise IndexError(
+                f"{caller}: parameter index {i!r} is out of range; "
+                f"{type(self).__name__} has {len(self.p)} parameters (0..{len(self.p) - 1})"
+            )
+        return i
+
+    def get(self, i: int) -> torch.Tensor:
+        """Value of parameter ``i``: ``m_i(p_i)``, shape ``(B,)`` or ``(1,)``."""
+        self._check_index(i, "get()")
+        return self.m[i](self.p[i])
+
+    def set_parameter(self, i: int, value: Union[float, Sequence[float], torch.Tensor], mapping: Optional[Mapping] = None) -> None:
+        """Set parameter ``i`` to ``value`` (in parameter units), optionally with a new mapping.
+
+        The raw value stored is ``mapping.solve(value)``.  A scalar fills
+        the parameter's current shape; a tensor of ``B`` values gives one
+        value per image pair.  The ``nn.Parameter`` object is kept, so an
+        optimiser built before still updates it.
+        """
+        caller = "set_parameter()"
+        self._check_index(i, caller)
+        if mapping is not None:
+            if not isinstance(mapping, Mapping):
+                raise TypeError(f"{caller}: 'mapping' must be a tireg Mapping; got {type(mapping).__name__}")
+            self.m[i] = mapping
+        param = self.p[i]
+        raw = self.m[i].solve(value).to(dtype=param.dtype, device=param.device)
+        if raw.dim() == 0 or raw.numel() == 1:
+            raw = raw.reshape(1).expand(param.shape).clone()
+        elif raw.dim() != 1:
+            raise ValueError(f"{caller}: 'value' must be a scalar or a 1-D tensor of B values; got {tuple(raw.shape)}")
+        with torch.no_grad():
+            param.data = raw
+        param.grad = None
+
+    def parameter_values(self) -> torch.Tensor:
+        """All parameter values ``m_i(p_i)`` as ``(B, P)`` (``B = 1`` when all are shared)."""
+        return torch.stack(torch.broadcast_tensors(*[self.get(i) for i in range(len(self.p))]), dim=-1)
+
+    def _transform_parameters(self) -> torch.Tensor:
+        values = self.parameter_values()
+        return values[..., list(self._slots())]
+
+    @property
+    def center(self) -> tuple[float, float]:
+        """Centre ``(cx, cy)`` in pixels."""
+        return (self.cx, self.cy)
+
+    # -- matrix and Jacobian ---------------------------------------------------
+
+    def get_matrix(self) -> torch.Tensor:
+        """The transform ``A`` (fixed -> moving, pixels), ``(B, 3, 3)``.  Override in a subclass."""
+        return self.transform.matrix(self._transform_parameters(), self._center_tensor())
+
+    def get_derva(self, i: int) -> torch.Tensor:
+        """``dA/dp_i``, the derivative of :meth:`get_matrix` with respect to the value of parameter ``i``."""
+        self._check_index(i, "get_derva()")
+        return self.parameter_jacobian()[:, i]
+
+    def parameter_jacobian(self) -> torch.Tensor:
+        """``dA/dp`` for all parameters, ``(B, P, 3, 3)``.
+
+        Uses the subclass's :meth:`get_derva` when it has one, else the
+        transform's Jacobian.  A subclass that overrides :meth:`get_matrix`
+        must also override :meth:`get_derva` for the analytic path.
+        """
+        cls = type(self)
+        if cls.get_derva is not TransformModel.get_derva:
+            derivatives = [torch.as_tensor(self.get_derva(i)) for i in range(len(self.p))]
+            derivatives = torch.broadcast_tensors(*derivatives)
+            return torch.stack(derivatives, dim=-3).reshape(-1, len(self.p), 3, 3)
+        if cls.get_matrix is not TransformModel.get_matrix:
+            raise NotImplementedError(
+                f"{cls.__name__} overrides get_matrix() but not get_derva(i); "
+                "the analytic model needs get_derva(i) to return dA/dp_i"
+            )
+        jacobian = self.transform.jacobian(self._transform_parameters(), self._center_tensor())
+        order = [self._slots().index(i) for i in range(len(self.p))]
+        return jacobian[..., order, :, :]
+
+    def _center_tensor(self) -> torch.Tensor:
+        reference = self.p[0]
+        return torch.tensor([self.cx, self.cy], dtype=reference.dtype, device=reference.device)
+
+    def matrix(self, batch_size: Optional[int] = None) -> torch.Tensor:
+        """:meth:`get_matrix` as ``(B, 3, 3)``, expanded to ``batch_size`` pairs if given."""
+        matrix = self.get_matrix()
+        matrix = matrix.reshape(-1, 3, 3)
+        if batch_size is not None and matrix.shape[0] != batch_size:
+            if matrix.shape[0] != 1:
+                raise ValueError(
+                    f"{type(self).__name__}: the model holds {matrix.shape[0]} parameter sets "
+                    f"but {batch_size} image pairs were given; use batch_size={batch_size} or set_parameter() "
+                    "with one value per pair"
+                )
+            matrix = matrix.expand(batch_size, 3, 3)
+        return matrix
+
+    def extra_repr(self) -> str:
+        values = ", ".join(f"{v:.4g}" for v in self.parameter_values()[0].tolist())
+        return f"center=({self.cx:g}, {self.cy:g}), bordermode={self.bordermode!r}, values[0]=({values})"
+
+
+class AffineModel(TransformModel):
+    """Autograd model: ``forward(source)`` returns the moving image warped by ``A``.
+
+    Example (the seed's loop)::
+
+        warped = model(moving)
+        loss = loss_func(warped, fixed).sum()
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+    """
+
+    def forward(self, source: torch.Tensor, size: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """``warped(x) = M(A x)`` on a grid of ``size = (H, W)`` (default: the source's), ``(B, C, H, W)``."""
+        caller = f"{type(self).__name__}.forward()"
+        source = self._finite.check(source, "source", caller)
+        matrix = self.matrix(source.shape[0])
+        return warp(source, matrix, size=size, interpolation=self.interpolation, padding_mode=self.bordermode)
+
+
+class AffineModelAnalytic(TransformModel):
+    """Analytic model: ``forward(source, target)`` returns ``(warped, loss)`` and writes ``param.grad``.
+
+    The gradient is the seed's chain rule ``C'(F, M(Ax)) * grad M(Ax) * dA/dp * m'(r)``
+    as one reduction over the pixels (:mod:`tireg.analytic`).  Gradients are
+    *accumulated* into ``param.grad`` as ``backward()`` would; call
+    ``optimizer.zero_grad()`` between steps.
+
+    Args:
+        cx, cy, bordermode, interpolation, batch_size: as :class:`TransformModel`.
+        moving: the moving image ``(B, C, H, W)`` (the seed's ``movingImage``).
+        image_gradient: ``"exact"`` (default): the derivative of the
+            interpolated image, equal to autograd's gradient; ``"central"``
+            or ``"gaussian"``: gradient images precomputed once from
+            ``moving`` (central differences, or derivative of Gaussian of
+            ``sigma`` pixels) and sampled at the warped points: an approximation.
+        sigma: standard deviation for ``image_gradient="gaussian"``.
+        loss_func: per-pixel loss (default :class:`~tireg.losses.L2Loss`);
+            also settable as the attribute ``loss_func``.
+    """
+
+    def __init__(
+        self,
+        cx: float,
+        cy: float,
+        bordermode: str,
+        moving: torch.Tensor,
+        *,
+        interpolation: str = "bilinear",
+        image_gradient: str = "exact",
+        sigma: float = 1.0,
+        loss_func: Union[str, PerPixelLoss, None] = None,
+        batch_size: int = 1,
+    ):
+        super().__init__(cx, cy, bordermode, interpolation=interpolation, batch_size=batch_size)
+        caller = f"{type(self).__name__}()"
+        check_image(moving, "moving", caller)
+        self.image_gradient = check_option(image_gradient, IMAGE_GRADIENTS, "image gradient", caller)
+        if not sigma > 0:
+            raise ValueError(f"{caller}: 'sigma' must be positive; got {sigma}")
+        self.sigma = float(sigma)
+        self.loss_func = L2Loss() if loss_func is None else get_loss(loss_func)
+        self._moving_key: Optional[tuple] = None
+        self.register_buffer("moving_with_gradient", None, persistent=False)
+        self._pixel_grids: dict[tuple, torch.Tensor] = {}
+        if self.image_gradient != "exact":
+            self._precompute(moving)
+
+    def _precompute(self, moving: torch.Tensor) -> None:
+        """Stack ``[M, dM/dx, dM/dy]`` once, so that one ``grid_sample`` samples all three."""
+        gradient = compute_image_gradient(
+            moving, method=self.image_gradient, sigma=self.sigma, padding_mode=self.bordermode
+        )
+        self.moving_with_gradient = stack_with_gradient(moving, gradient)
+        self._moving_key = (id(moving), moving._version, moving.device)
+
+    def _pixels(self, size: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        key = (tuple(size), like.dtype, like.device)
+        if key not in self._pixel_grids:
+            self._pixel_grids = {key: pixel_grid(size, dtype=like.dtype, device=like.device)}
+        return self._pixel_grids[key]
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Warp ``source`` onto ``target``'s grid, return ``(warped, sum of per-pixel loss)``, write gradients."""
+        caller = f"{type(self).__name__}.forward()"
+        source = self._finite.check(source, "source", caller)
+        target = self._finite.check(target, "target", caller)
+        if source.shape[:2] != target.shape[:2]:
+            raise ValueError(
+                f"{caller}: 'source' and 'target' must have the same batch size and channels; "
+                f"got {tuple(source.shape)} and {tuple(target.shape)}"
+            )
+        if source.dtype != target.dtype:
+            raise ValueError(f"{caller}: 'source' is {source.dtype} but 'target' is {target.dtype}")
+        stacked = None
+        if self.image_gradient != "exact":
+            if self._moving_key != (id(source), source._version, source.device):
+                self._precompute(source)
+            stacked = self.moving_with_gradient
+        batch = source.shape[0]
+        with torch.no_grad():
+            matrix = self.matrix(batch)
+            if matrix.dtype != source.dtype or matrix.device != source.device:
+                raise ValueError(
+                    f"{caller}: the model's parameters are {matrix.dtype} on {matrix.device} but the images are "
+                    f"{source.dtype} on {source.device}; move the model with .to()"
+                )
+            jacobian = self.parameter_jacobian()
+            warped, cost, matrix_gradient = per_pixel_cost_and_gradient(
+                target,
+                source,
+                matrix,
+                self.loss_func,
+                interpolation=self.interpolation,
+                padding_mode=self.bordermode,
+                moving_with_gradient=stacked,
+                pixels=self._pixels(target.shape[-2:], matrix),
+            )
+            gradient = parameter_gradient(matrix_gradient, jacobian)  # (B, P): dL/dp
+            for i, (param, mapping) in enumerate(zip(self.p, self.m)):
+                raw_gradient = gradient[:, i] * mapping.derivative(param)  # chain rule through m(r)
+                if param.numel() == 1:
+                    raw_gradient = raw_gradient.sum().reshape(param.shape)
+                if param.grad is None:
+                    param.grad = raw_gradient.clone()
+                else:
+                    param.grad += raw_gradient
+        return warped, cost.sum()
+
+
+# -- ready-made models for the built-in transforms --------------------------------
+
+
+class TranslationModel(AffineModel):
+    """Translation ``(tx, ty)`` in pixels, autograd."""
+
+    transform, transform_slots = TRANSFORMS["translation"], None
+
+
+class TranslationModelAnalytic(AffineModelAnalytic):
+    """Translation ``(tx, ty)`` in pixels, analytic gradient."""
+
+    transform, transform_slots = TRANSFORMS["translation"], None
+
+
+class RigidModel(AffineModel):
+    """Rigid ``(angle [rad], tx, ty)`` about ``(cx, cy)``, autograd."""
+
+    transform, transform_slots = TRANSFORMS["rigid"], None
+
+
+class RigidModelAnalytic(AffineModelAnalytic):
+    """Rigid ``(angle [rad], tx, ty)`` about ``(cx, cy)``, analytic gradient."""
+
+    transform, transform_slots = TRANSFORMS["rigid"], None
+
+
+class SimilarityModel(AffineModel):
+    """Similarity ``(angle [rad], scale, tx, ty)`` about ``(cx, cy)``, autograd."""
+
+    transform, transform_slots = TRANSFORMS["similarity"], None
+
+
+class SimilarityModelAnalytic(AffineModelAnalytic):
+    """Similarity ``(angle [rad], scale, tx, ty)`` about ``(cx, cy)``, analytic gradient."""
+
+    transform, transform_slots = TRANSFORMS["similarity"], None
+
+
+class AnisotropicSimilarityModel(AffineModel):
+    """Rotation with per-axis scale ``(angle, scale_x, scale_y, tx, ty)`` (the seed's form), autograd."""
+
+    transform, transform_slots = TRANSFORMS["anisotropic_similarity"], None
+
+
+class AnisotropicSimilarityModelAnalytic(AffineModelAnalytic):
+    """Rotation with per-axis scale ``(angle, scale_x, scale_y, tx, ty)`` (the seed's form), analytic."""
+
+    transform, transform_slots = TRANSFORMS["anisotropic_similarity"], None
+
+
+class FullAffineModel(AffineModel):
+    """Full affine ``(a00, a01, a10, a11, tx, ty)`` about ``(cx, cy)``, autograd."""
+
+    transform, transform_slots = TRANSFORMS["affine"], None
+
+
+class FullAffineModelAnalytic(AffineModelAnalytic):
+    """Full affine ``(a00, a01, a10, a11, tx, ty)`` about ``(cx, cy)``, analytic gradient."""
+
+    transform, transform_slots = TRANSFORMS["affine"], None
+
+
+_READY_MADE: dict[tuple[str, str], type[TransformModel]] = {
+    ("translation", "autograd"): TranslationModel,
+    ("translation", "analytic"): TranslationModelAnalytic,
+    ("rigid", "autograd"): RigidModel,
+    ("rigid", "analytic"): RigidModelAnalytic,
+    ("similarity", "autograd"): SimilarityModel,
+    ("similarity", "analytic"): SimilarityModelAnalytic,
+    ("anisotropic_similarity", "autograd"): AnisotropicSimilarityModel,
+    ("anisotropic_similarity", "analytic"): AnisotropicSimilarityModelAnalytic,
+    ("affine", "autograd"): FullAffineModel,
+    ("affine", "analytic"): FullAffineModelAnalytic,
+}
+
+
+def create_model(
+    transform: str,
+    moving: torch.Tensor,
+    *,
+    gradients: str = "analytic",
+    center: Optional[Sequence[float]] = None,
+    padding_mode: str = "zeros",
+    interpolation: str = "bilinear",
+    loss: Union[str, PerPixelLoss] = "l2",
+    image_gradient: str = "exact",
+    sigma: float = 1.0,
+) -> TransformModel:
+    """A ready-made model for a built-in transform, one parameter set per image pair of ``moving``.
+
+    Args:
+        transform: a name in :data:`tireg.transforms.TRANSFORMS`.
+        moving: ``(B, C, H, W)``; sets the batch size, dtype, device and
+            default centre ``((W-1)/2, (H-1)/2)``.
+        gradients: ``"analytic"`` or ``"autograd"``.
+        loss: per-pixel loss for the analytic model (the autograd model's
+            loss is whatever the caller sums).
+
+    Returns:
+        A model on ``moving``'s device and dtype, at the identity transform.
+    """
+    caller = "create_model()"
+    get_transform(transform)
+    check_option(gradients, ("analytic", "autograd"), "gradients", caller)
+    check_image(moving, "moving", caller)
+    if center is None:
+        center = image_center(*moving.shape[-2:])
+    cls = _READY_MADE[(transform, gradients)]
+    options = dict(interpolation=interpolation, batch_size=moving.shape[0])
+    if gradients == "analytic":
+        model = cls(*center, padding_mode, moving, image_gradient=image_gradient, sigma=sigma, loss_func=loss, **options)
+    else:
+        model = cls(*center, padding_mode, **options)
+    return model.to(dtype=moving.dtype, device=moving.device)

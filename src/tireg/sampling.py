@@ -1,0 +1,293 @@
+"""Sampling the moving image at transformed points, and the moving image's gradient.
+
+Convention:
+    Images ``(B, C, H, W)``; a fixed-image pixel ``(x, y)`` is sent to the
+    moving image's point ``A (x, y, 1)`` (see :mod:`tireg.transforms`).  The
+    sampled function is the interpolant (bilinear or bicubic) of the moving
+    image *extended* beyond its edges by the padding mode: ``"zeros"``
+    (zero outside), ``"border"`` (edge pixels repeated) or ``"reflection"``
+    (mirrored about the outer pixel edges, ``-0.5`` and ``W - 0.5``).  This is
+    exactly what ``torch.nn.functional.grid_sample`` computes with
+    ``align_corners=False``, which is used throughout.
+
+The gradient of the sampled function with respect to the sampling point is
+available two ways:
+
+* **exact** (:func:`warp_gradient`, :func:`sample_with_gradient`): the
+  derivative of the interpolant itself, from the sampler's own derivative
+  kernel (``aten::grid_sampler_2d_backward``), so it is identical to what
+  autograd differentiates; no image gradient is stored;
+* **precomputed** (:func:`image_gradient`): gradient images by central
+  differences or by derivative of Gaussian, computed once on the extended
+  image and sampled at the same points, with the same interpolation and the
+  same padding as the image (the seed's approach; an approximation).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._validation import INTERPOLATIONS, PADDING_MODES, check_image, check_matrix, check_option
+from .transforms import ALIGN_CORNERS, normalization_matrix, pixel_to_normalized
+
+__all__ = [
+    "pixel_grid",
+    "sampling_grid",
+    "sample",
+    "warp",
+    "warp_gradient",
+    "sample_with_gradient",
+    "image_gradient",
+    "stack_with_gradient",
+    "extend",
+]
+
+
+def pixel_grid(
+    size: Sequence[int], *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Homogeneous pixel coordinates ``(x, y, 1)`` of an ``(H, W)`` image, row by row.
+
+    Returns:
+        ``(H * W, 3)``; row ``i * W + j`` is ``(j, i, 1)``.
+    """
+    height, width = int(size[0]), int(size[1])
+    ys = torch.arange(height, dtype=dtype, device=device)
+    xs = torch.arange(width, dtype=dtype, device=device)
+    grid = torch.ones(height, width, 3, dtype=dtype, device=device)
+    grid[..., 0] = xs
+    grid[..., 1] = ys.unsqueeze(1)
+    return grid.reshape(height * width, 3)
+
+
+def sampling_grid(
+    matrix: torch.Tensor,
+    fixed_size: Sequence[int],
+    moving_size: Sequence[int],
+    *,
+    pixels: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``grid_sample`` grid that samples the moving image at ``A x`` for every fixed pixel ``x``.
+
+    Args:
+        matrix: ``(B, 3, 3)`` fixed -> moving pixel matrices.
+        fixed_size: ``(H, W)`` of the output (fixed) grid.
+        moving_size: ``(H, W)`` of the moving image.
+        pixels: optional cached :func:`pixel_grid` of ``fixed_size``.
+
+    Returns:
+        ``(B, H, W, 2)`` normalised coordinates, ``grid = pixels @ (N_moving A)[:2]^T``.
+    """
+    if pixels is None:
+        pixels = pixel_grid(fixed_size, dtype=matrix.dtype, device=matrix.device)
+    theta = pixel_to_normalized(matrix, moving_size)  # (B, 2, 3)
+    grid = pixels @ theta.transpose(-1, -2)  # (B, H*W, 2)
+    return grid.reshape(matrix.shape[0], int(fixed_size[0]), int(fixed_size[1]), 2)
+
+
+def _modes(interpolation: str, padding_mode: str, caller: str) -> tuple[int, int]:
+    check_option(interpolation, tuple(INTERPOLATIONS), "interpolation", caller)
+    check_option(padding_mode, tuple(PADDING_MODES), "padding mode", caller)
+    return INTERPOLATIONS[interpolation], PADDING_MODES[padding_mode]
+
+
+def sample(
+    image: torch.Tensor, grid: torch.Tensor, *, interpolation: str = "bilinear", padding_mode: str = "zeros"
+) -> torch.Tensor:
+    """``grid_sample`` with tireg's ``align_corners``: ``(B, C, Hi, Wi)`` at ``(B, H, W, 2)`` -> ``(B, C, H, W)``."""
+    _modes(interpolation, padding_mode, "sample()")
+    return F.grid_sample(image, grid, mode=interpolation, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
+
+
+def warp(
+    moving: torch.Tensor,
+    matrix: torch.Tensor,
+    *,
+    size: Optional[Sequence[int]] = None,
+    interpolation: str = "bilinear",
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """Resample ``moving`` onto the fixed grid: ``warped(x) = M(A x)``.
+
+    Args:
+        moving: ``(B, C, H, W)`` image.
+        matrix: ``(B, 3, 3)`` or ``(3, 3)`` fixed -> moving pixel matrix (a
+            single matrix, or a batch of 1, is applied to every image).
+        size: ``(H, W)`` of the output (fixed) grid; default: the moving image's.
+        interpolation: ``"bilinear"`` (default), ``"bicubic"`` or ``"nearest"``.
+        padding_mode: ``"zeros"`` (default), ``"border"`` or ``"reflection"``.
+
+    Returns:
+        ``(B, C, H, W)`` warped image, differentiable with respect to both inputs.
+    """
+    caller = "warp()"
+    _modes(interpolation, padding_mode, caller)
+    check_image(moving, "moving", caller, finite=False)
+    matrix = check_matrix(matrix, caller)
+    if matrix.dtype != moving.dtype or matrix.device != moving.device:
+        raise ValueError(
+            f"{caller}: 'matrix' ({matrix.dtype}, {matrix.device}) and 'moving' ({moving.dtype}, {moving.device}) "
+            "must have the same dtype and device"
+        )
+    if matrix.shape[0] != moving.shape[0]:
+        if matrix.shape[0] != 1 and moving.shape[0] != 1:
+            raise ValueError(
+                f"{caller}: {matrix.shape[0]} matrices for {moving.shape[0]} images; give one per image, or one"
+            )
+        batch = max(matrix.shape[0], moving.shape[0])
+        matrix = matrix.expand(batch, 3, 3)
+        moving = moving.expand(batch, *moving.shape[1:])
+    size = tuple(moving.shape[-2:]) if size is None else tuple(int(s) for s in size)
+    grid = sampling_grid(matrix, size, moving.shape[-2:])
+    return sample(moving, grid, interpolation=interpolation, padding_mode=padding_mode)
+
+
+def warp_gradient(
+    weight: torch.Tensor,
+    moving: torch.Tensor,
+    grid: torch.Tensor,
+    *,
+    interpolation: str = "bilinear",
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """``sum_c weight_c(x) * grad M_c(A x)``: the moving image's exact gradient, weighted over channels.
+
+    The gradient is that of the sampled function (the interpolant of the
+    extended image), taken with respect to the sampling point in the moving
+    image's **pixel** units.  With ``weight = dC/dwarped`` this is the seed's
+    ``C' * grad M(T x)``, evaluated by the sampler's derivative kernel in
+    one pass, without storing an image gradient.
+
+    Args:
+        weight: ``(B, C, H, W)`` per-pixel, per-channel weights.
+        moving: ``(B, C, Hm, Wm)`` moving image.
+        grid: ``(B, H, W, 2)`` from :func:`sampling_grid`.
+
+    Returns:
+        ``(B, H, W, 2)``: ``(d/dx, d/dy)`` at every fixed pixel.
+    """
+    interp, padding = _modes(interpolation, padding_mode, "warp_gradient()")
+    _, grid_gradient = torch.ops.aten.grid_sampler_2d_backward(
+        weight, moving, grid, interp, padding, ALIGN_CORNERS, [False, True]
+    )
+    # d/dx_pixel = d/du * du/dx_pixel, with du/dx_pixel = 2 / W from the normalisation.
+    scale = normalization_matrix(moving.shape[-2:], dtype=grid.dtype, device=grid.device).diagonal()[:2]
+    return grid_gradient * scale
+
+
+def sample_with_gradient(
+    moving: torch.Tensor,
+    grid: torch.Tensor,
+    *,
+    interpolation: str = "bilinear",
+    padding_mode: str = "zeros",
+    gradient: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample the moving image and its gradient at the same points, per channel.
+
+    Args:
+        moving: ``(B, C, Hm, Wm)``.
+        grid: ``(B, H, W, 2)``.
+        gradient: optional precomputed ``(B, C, 2, Hm, Wm)`` gradient images
+            (:func:`image_gradient`), sampled with the same interpolation and
+            padding; ``None`` gives the exact gradient of the interpolant.
+
+    Returns:
+        ``values (B, C, H, W)`` and ``gradients (B, C, 2, H, W)`` in pixel units.
+    """
+    batch, channels = moving.shape[:2]
+    if gradient is not None:
+        stacked = stack_with_gradient(moving, gradient)
+        sampled = sample(stacked, grid, interpolation=interpolation, padding_mode=padding_mode)
+        values, gradients = sampled[:, :channels], sampled[:, channels:]
+        return values, gradients.reshape(batch, channels, 2, *grid.shape[1:3])
+    values = sample(moving, grid, interpolation=interpolation, padding_mode=padding_mode)
+    # One channel at a time: fold channels into the batch, weight 1.
+    per_channel = moving.reshape(batch * channels, 1, *moving.shape[-2:])
+    channel_grid = grid.repeat_interleave(channels, dim=0)
+    ones = torch.ones(batch * channels, 1, *grid.shape[1:3], dtype=grid.dtype, device=grid.device)
+    gradients = warp_gradient(
+        ones, per_channel, channel_grid, interpolation=interpolation, padding_mode=padding_mode
+    )  # (B*C, H, W, 2)
+    return values, gradients.reshape(batch, channels, *grid.shape[1:3], 2).permute(0, 1, 4, 2, 3)
+
+
+def stack_with_gradient(moving: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """``[M, dM/dx, dM/dy]`` as one ``(B, 3C, H, W)`` image, so that one ``grid_sample`` samples all three."""
+    batch, channels = moving.shape[:2]
+    return torch.cat([moving, gradient.reshape(batch, 2 * channels, *moving.shape[-2:])], dim=1)
+
+
+def _extension_index(length: int, pad: int, padding_mode: str, device: torch.device) -> torch.Tensor:
+    """Source index of each of ``length + 2 pad`` positions of the extended axis."""
+    index = torch.arange(-pad, length + pad, device=device)
+    if padding_mode == "border":
+        return index.clamp(0, length - 1)
+    # reflection about -0.5 and length - 0.5: period 2 length, mirrored second half
+    index = index.remainder(2 * length)
+    return torch.where(index >= length, 2 * length - 1 - index, index)
+
+
+def extend(image: torch.Tensor, pad: int, padding_mode: str) -> torch.Tensor:
+    """Extend ``(B, C, H, W)`` by ``pad`` pixels on every side as the padding mode defines outside values.
+
+    ``"zeros"``: 0; ``"border"``: the nearest edge pixel; ``"reflection"``:
+    mirrored about the outer pixel edges (``M(-1) = M(0)``, ``M(-2) = M(1)``).
+    """
+    check_option(padding_mode, tuple(PADDING_MODES), "padding mode", "extend()")
+    if padding_mode == "zeros":
+        return F.pad(image, (pad, pad, pad, pad))
+    rows = _extension_index(image.shape[-2], pad, padding_mode, image.device)
+    cols = _extension_index(image.shape[-1], pad, padding_mode, image.device)
+    return image.index_select(-2, rows).index_select(-1, cols)
+
+
+def _derivative_kernels(method: str, sigma: float, dtype: torch.dtype, device: torch.device):
+    """1-D ``(smoothing, derivative)`` correlation kernels with ``sum_k derivative(k) * k = 1``."""
+    if method == "central":
+        smoothing = torch.tensor([0.0, 1.0, 0.0], dtype=dtype, device=device)
+        derivative = torch.tensor([-0.5, 0.0, 0.5], dtype=dtype, device=device)
+        return smoothing, derivative
+    radius = max(1, int(math.ceil(4.0 * sigma)))
+    offsets = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    gaussian = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    smoothing = gaussian / gaussian.sum()
+    derivative = offsets * gaussian / (offsets * offsets * gaussian).sum()
+    return smoothing, derivative
+
+
+def image_gradient(
+    image: torch.Tensor, *, method: str = "central", sigma: float = 1.0, padding_mode: str = "zeros"
+) -> torch.Tensor:
+    """Gradient images ``(dM/dx, dM/dy)`` in pixel units, for the precomputed-gradient analytic path.
+
+    ``method="central"``: ``dM/dx(x) = (M(x + 1) - M(x - 1)) / 2``.
+    ``method="gaussian"``: derivative of Gaussian of standard deviation
+    ``sigma`` pixels, i.e. ``d/dx (G_sigma * M)`` with a kernel normalised so
+    that a unit ramp has derivative exactly 1.  Both act on the image extended
+    by ``padding_mode``, the border handling used when the image is sampled.
+
+    Args:
+        image: ``(B, C, H, W)``.
+
+    Returns:
+        ``(B, C, 2, H, W)``.
+    """
+    caller = "image_gradient()"
+    check_image(image, "image", caller)
+    check_option(method, ("central", "gaussian"), "gradient method", caller)
+    if not sigma > 0:
+        raise ValueError(f"{caller}: 'sigma' must be positive; got {sigma}")
+    batch, channels, height, width = image.shape
+    smoothing, derivative = _derivative_kernels(method, float(sigma), image.dtype, image.device)
+    radius = smoothing.numel() // 2
+    extended = extend(image.reshape(batch * channels, 1, height, width), radius, padding_mode)
+    row = lambda k: k.view(1, 1, 1, -1)  # noqa: E731 - along x
+    col = lambda k: k.view(1, 1, -1, 1)  # noqa: E731 - along y
+    d_x = F.conv2d(F.conv2d(extended, row(derivative)), col(smoothing))
+    d_y = F.conv2d(F.conv2d(extended, row(smoothing)), col(derivative))
+    return torch.stack([d_x, d_y], dim=1).reshape(batch, channels, 2, height, width)

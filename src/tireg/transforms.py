@@ -1,0 +1,340 @@
+"""Affine transforms in pixel units: matrix builders and their parameter Jacobians.
+
+Convention:
+    Images are ``(B, C, H, W)``.  A point is ``(x, y)`` = (column, row) with
+    pixel centres at the integers ``0 .. W-1`` and ``0 .. H-1``.  A transform is
+    a homogeneous ``3 x 3`` matrix ``A`` in pixel units that maps a point of the
+    **fixed** image to a point of the **moving** image, ``warped(x) = M(A x)``
+    (ITK's direction).  Rotations and scalings act about a centre ``c``,
+    by default the image centre ``((W-1)/2, (H-1)/2)``:
+
+        A = [ L | c + t - L c ]        (x_moving = L (x_fixed - c) + c + t)
+
+    The rotation is OpenCV's ``getRotationMatrix2D``::
+
+        R(theta) = [[ cos theta, sin theta],
+                    [-sin theta, cos theta]]
+
+    in radians; with the y axis pointing down, ``theta > 0`` means that the
+    moving image shows the fixed image turned counter-clockwise on screen.
+
+Every builder takes parameters ``(..., P)`` and a centre ``(..., 2)``
+(broadcast against each other), returns matrices ``(..., 3, 3)``, keeps the
+parameters' dtype and device, and is differentiable by autograd.  Every
+``*_jacobian`` returns ``dA/dp`` as ``(..., P, 3, 3)`` (last rows zero).
+
+The single conversion between pixel matrices and ``grid_sample``'s
+normalised frame is :func:`normalization_matrix` (with ``align_corners=False``,
+the only setting used in tireg), applied by :func:`pixel_to_normalized`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence, Union
+
+import torch
+
+from ._validation import FLOAT_DTYPES
+
+__all__ = [
+    "ALIGN_CORNERS",
+    "Transform",
+    "TRANSFORMS",
+    "get_transform",
+    "image_center",
+    "normalization_matrix",
+    "pixel_to_normalized",
+    "rotation",
+    "rotation_derivative",
+    "translation_matrix",
+    "translation_jacobian",
+    "rigid_matrix",
+    "rigid_jacobian",
+    "similarity_matrix",
+    "similarity_jacobian",
+    "affine_matrix",
+    "affine_jacobian",
+    "anisotropic_similarity_matrix",
+    "anisotropic_similarity_jacobian",
+]
+
+#: ``align_corners`` used for every ``grid_sample`` call in tireg.
+ALIGN_CORNERS = False
+
+CenterLike = Union[torch.Tensor, Sequence[float]]
+
+
+def image_center(height: int, width: int) -> tuple[float, float]:
+    """Centre of an ``height x width`` image in pixel units: ``((W-1)/2, (H-1)/2)``."""
+    return ((width - 1) / 2.0, (height - 1) / 2.0)
+
+
+def normalization_matrix(
+    size: Sequence[int], *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Matrix ``N`` with ``u = N x`` from pixel to ``grid_sample`` coordinates.
+
+    For an image of ``size = (H, W)`` and ``align_corners=False``::
+
+        u = (2 x + 1) / W - 1,   v = (2 y + 1) / H - 1
+
+    so pixel ``x = -0.5`` maps to ``u = -1`` and ``x = W - 0.5`` to ``u = 1``.
+
+    Returns:
+        ``(3, 3)`` tensor.
+    """
+    height, width = int(size[0]), int(size[1])
+    return torch.tensor(
+        [[2.0 / width, 0.0, 1.0 / width - 1.0], [0.0, 2.0 / height, 1.0 / height - 1.0], [0.0, 0.0, 1.0]],
+        dtype=dtype,
+        device=device,
+    )
+
+
+def pixel_to_normalized(matrix: torch.Tensor, moving_size: Sequence[int]) -> torch.Tensor:
+    """Compose a pixel matrix with the moving image's normalisation: ``N_moving A``.
+
+    The result maps a **fixed-image pixel** ``(x, y, 1)`` straight to the
+    moving image's ``grid_sample`` coordinates ``(u, v)``.
+
+    Args:
+        matrix: ``(..., 3, 3)`` fixed -> moving pixel matrices.
+        moving_size: ``(H, W)`` of the moving image.
+
+    Returns:
+        ``(..., 2, 3)``.
+    """
+    norm = normalization_matrix(moving_size, dtype=matrix.dtype, device=matrix.device)
+    return (norm @ matrix)[..., :2, :]
+
+
+# ----------------------------------------------------------------------------
+# building blocks
+
+
+def _as_center(center: CenterLike, like: torch.Tensor) -> torch.Tensor:
+    """Centre as a ``(..., 2)`` tensor with ``like``'s dtype and device."""
+    return torch.as_tensor(center, dtype=like.dtype, device=like.device)
+
+
+def _homogeneous(linear: torch.Tensor, offset: torch.Tensor, corner: float = 1.0) -> torch.Tensor:
+    """``[[linear, offset], [0, 0, corner]]`` from ``(..., 2, 2)`` and ``(..., 2)``, broadcast.
+
+    ``corner`` is 1 for a transform and 0 for a derivative of one.
+    """
+    shape = torch.broadcast_shapes(linear.shape[:-2], offset.shape[:-1])
+    top = torch.cat([linear.expand(*shape, 2, 2), offset.expand(*shape, 2).unsqueeze(-1)], dim=-1)
+    bottom = torch.tensor([0.0, 0.0, corner], dtype=top.dtype, device=top.device).expand(*shape, 1, 3)
+    return torch.cat([top, bottom], dim=-2)
+
+
+def _about_center(linear: torch.Tensor, translation: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """``A = [L | c + t - L c]``: linear map ``L`` about ``center`` followed by ``translation``."""
+    offset = center + translation - (linear @ center.unsqueeze(-1)).squeeze(-1)
+    return _homogeneous(linear, offset)
+
+
+def _linear_derivative(d_linear: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """``dA = [dL | -dL c]``: derivative of ``_about_center`` along a linear-part parameter."""
+    return _homogeneous(d_linear, -(d_linear @ center.unsqueeze(-1)).squeeze(-1), corner=0.0)
+
+
+def _translation_derivatives(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+    """``dA/dtx, dA/dty`` as ``(*shape, 2, 3, 3)``."""
+    basis = torch.zeros(2, 3, 3, dtype=like.dtype, device=like.device)
+    basis[0, 0, 2] = 1.0
+    basis[1, 1, 2] = 1.0
+    return basis.expand(*shape, 2, 3, 3)
+
+
+def rotation(angle: torch.Tensor) -> torch.Tensor:
+    """``R(theta) = [[cos, sin], [-sin, cos]]`` (OpenCV's sign), ``(...) -> (..., 2, 2)``."""
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
+
+
+def rotation_derivative(angle: torch.Tensor) -> torch.Tensor:
+    """``dR/dtheta = [[-sin, cos], [-cos, -sin]]``, ``(...) -> (..., 2, 2)``."""
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return torch.stack([torch.stack([-sin, cos], -1), torch.stack([-cos, -sin], -1)], -2)
+
+
+def _check_params(params: torch.Tensor, count: int, caller: str) -> torch.Tensor:
+    if not isinstance(params, torch.Tensor):
+        raise TypeError(f"{caller}: 'params' must be a torch.Tensor; got {type(params).__name__}")
+    if params.dim() == 0 or params.shape[-1] != count:
+        raise ValueError(f"{caller}: 'params' must have shape (..., {count}); got {tuple(params.shape)}")
+    if params.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{caller}: 'params' must be float32 or float64; got {params.dtype}")
+    return params
+
+
+# ----------------------------------------------------------------------------
+# the transform kinds
+
+
+def translation_matrix(params: torch.Tensor, center: CenterLike | None = None) -> torch.Tensor:
+    """Translation ``A = [[1, 0, tx], [0, 1, ty], [0, 0, 1]]``; params ``(..., 2) = (tx, ty)`` in pixels.
+
+    ``center`` is accepted for a uniform signature and has no effect.
+    """
+    params = _check_params(params, 2, "translation_matrix()")
+    eye = torch.eye(2, dtype=params.dtype, device=params.device).expand(*params.shape[:-1], 2, 2)
+    return _homogeneous(eye, params)
+
+
+def translation_jacobian(params: torch.Tensor, center: CenterLike | None = None) -> torch.Tensor:
+    """``dA/d(tx, ty)``: constant unit matrices, ``(..., 2, 3, 3)``."""
+    params = _check_params(params, 2, "translation_jacobian()")
+    return _translation_derivatives(params.shape[:-1], params)
+
+
+def rigid_matrix(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
+    """Rigid ``A = [R(theta) | c + t - R(theta) c]``; params ``(..., 3) = (theta [rad], tx, ty)``."""
+    params = _check_params(params, 3, "rigid_matrix()")
+    center = _as_center(center, params)
+    return _about_center(rotation(params[..., 0]), params[..., 1:3], center)
+
+
+def rigid_jacobian(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
+    """``dA/d(theta, tx, ty)`` with ``dA/dtheta = [R' | -R' c]``; ``(..., 3, 3, 3)``."""
+    params = _check_params(params, 3, "rigid_jacobian()")
+    center = _as_center(center, params)
+    d_angle = _linear_derivative(rotation_derivative(params[..., 0]), center)
+    d_shift = _translation_derivatives(d_angle.shape[:-2], params)
+    return torch.cat([d_angle.unsqueeze(-3), d_shift], dim=-3)
+
+
+def similarity_matrix(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
+    """Similarity ``A = [s R(theta) | c + t - s R c]``; params ``(..., 4) = (theta [rad], s, tx, ty)``."""
+    params = _check_params(params, 4, "similarity_matrix()")
+    center = _as_center(center, params)
+    linear = params[..., 1, None, None] * rotation(params[..., 0])
+    return _about_center(linear, params[..., 2:4], center)
+
+
+def similarity_jacobian(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
+    """``dA/d(theta, s, tx, ty)``: ``[s R' | -s R' c]``, ``[R | -R c]``, unit shifts; ``(..., 4, 3, 3)``."""
+    params = _check_params(params, 4, "similarity_jacobian()")
+    center = _as_center(center, params)
+    angle, scale = params[..., 0], params[..., 1, None, None]
+    d_angle = _linear_derivative(scale * rotation_derivative(angle), center)
+    d_scale = _linear_derivative(rotation(angle), center)
+    d_angle, d_scale = torch.broadcast_tensors(d_angle, d_scale)
+    d_shift = _translation_derivatives(d_angle.shape[:-2], params)
+    return torch.cat([d_angle.unsqueeze(-3), d_scale.unsqueeze(-3), d_shift], dim=-3)
+
+
+def anisotropic_similarity_matrix(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
+    """Rotation with per-axis scale, the seed's ``get_matrix`` form.
+
+    ``A = [R(theta) S | c + t - R(theta) S c]`` with ``S = diag(sx, sy)``
+    (scale along the fixed image's axes, then rotate); params
+    ``(..., 5) = (theta [rad], sx, sy, tx, ty)``.  With ``sx = sy = s`` this is
+    OpenCV's ``getRotationMatrix2D(c, theta, s)`` plus the shift ``t``.
+    """
+    params = _check_params(params, 5, "anisotropic_similarity_matrix()")
+    center = _as_center(center, params)
+    linear = rotation(params[..., 0]) * params[..., None, 1:3]  # R @ diag(sx, sy): scales columns
+    return _about_center(linear, params[..., 3:5], center)
+
+
+def anisotropic_similarity_jacobian(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
+    """``dA/d(theta, sx, sy, tx, ty)``; ``dA/dsx`` keeps column 0 of ``R``, ``dA/dsy`` column 1."""
+    params = _check_params(params, 5, "anisotropic_similarity_jacobian()")
+    center = _as_center(center, params)
+    angle, scales = params[..., 0], params[..., None, 1:3]
+    rot = rotation(angle)
+    column_0 = torch.tensor([1.0, 0.0], dtype=params.dtype, device=params.device)
+    d_angle = _linear_derivative(rotation_derivative(angle) * scales, center)
+    d_scale_x = _linear_derivative(rot * column_0, center)
+    d_scale_y = _linear_derivative(rot * (1.0 - column_0), center)
+    d_angle, d_scale_x, d_scale_y = torch.broadcast_tensors(d_angle, d_scale_x, d_scale_y)
+    d_shift = _translation_derivatives(d_angle.shape[:-2], params)
+    derivatives = [d.unsqueeze(-3) for d in (d_angle, d_scale_x, d_scale_y)]
+    return torch.cat([*derivatives, d_shift], dim=-3)
+
+
+def affine_matrix(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
+    """Full affine about a centre: ``A = [L | c + t - L c]``.
+
+    params ``(..., 6) = (a00, a01, a10, a11, tx, ty)`` with ``L = [[a00, a01], [a10, a11]]``
+    (ITK's order: matrix row by row, then translation); identity is ``(1, 0, 0, 1, 0, 0)``.
+    """
+    params = _check_params(params, 6, "affine_matrix()")
+    center = _as_center(center, params)
+    linear = params[..., :4].reshape(*params.shape[:-1], 2, 2)
+    return _about_center(linear, params[..., 4:6], center)
+
+
+def affine_jacobian(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
+    """``dA/d(a00, a01, a10, a11, tx, ty)``: ``[E_ij | -E_ij c]`` and unit shifts; constant, ``(..., 6, 3, 3)``."""
+    params = _check_params(params, 6, "affine_jacobian()")
+    center = _as_center(center, params)
+    units = torch.eye(4, dtype=params.dtype, device=params.device).reshape(4, 2, 2)
+    d_linear = _linear_derivative(units, center.unsqueeze(-2))  # (..., 4, 3, 3)
+    shape = torch.broadcast_shapes(params.shape[:-1], d_linear.shape[:-3])
+    d_shift = _translation_derivatives(shape, params)
+    return torch.cat([d_linear.expand(*shape, 4, 3, 3), d_shift], dim=-3)
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A transform kind: named parameters, their identity values, ``A(p)`` and ``dA/dp``.
+
+    Attributes:
+        name: the name used by ``register(transform=...)`` and the models.
+        parameter_names: parameter order and meaning (units in the docstrings
+            of ``matrix``).
+        identity: parameter values of the identity transform.
+        matrix: ``(params (..., P), center (..., 2)) -> (..., 3, 3)``.
+        jacobian: ``(params, center) -> (..., P, 3, 3)``.
+    """
+
+    name: str
+    parameter_names: tuple[str, ...]
+    identity: tuple[float, ...]
+    matrix: Callable[[torch.Tensor, CenterLike], torch.Tensor]
+    jacobian: Callable[[torch.Tensor, CenterLike], torch.Tensor]
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of parameters ``P``."""
+        return len(self.parameter_names)
+
+
+TRANSFORMS: dict[str, Transform] = {
+    t.name: t
+    for t in (
+        Transform("translation", ("tx", "ty"), (0.0, 0.0), translation_matrix, translation_jacobian),
+        Transform("rigid", ("angle", "tx", "ty"), (0.0, 0.0, 0.0), rigid_matrix, rigid_jacobian),
+        Transform(
+            "similarity", ("angle", "scale", "tx", "ty"), (0.0, 1.0, 0.0, 0.0), similarity_matrix, similarity_jacobian
+        ),
+        Transform(
+            "anisotropic_similarity",
+            ("angle", "scale_x", "scale_y", "tx", "ty"),
+            (0.0, 1.0, 1.0, 0.0, 0.0),
+            anisotropic_similarity_matrix,
+            anisotropic_similarity_jacobian,
+        ),
+        Transform(
+            "affine",
+            ("a00", "a01", "a10", "a11", "tx", "ty"),
+            (1.0, 0.0, 0.0, 1.0, 0.0, 0.0),
+            affine_matrix,
+            affine_jacobian,
+        ),
+    )
+}
+
+
+def get_transform(name: str) -> Transform:
+    """Look up a built-in transform kind by name; ``ValueError`` listing the names otherwise."""
+    try:
+        return TRANSFORMS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown transform {name!r}; choose one of {', '.join(map(repr, TRANSFORMS))}"
+        ) from None
