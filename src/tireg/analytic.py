@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from .losses import PerPixelLoss
-from .sampling import pixel_grid, sample, sampling_grid, warp_gradient
+from .sampling import grid_moments, pixel_axes, pixel_scale, sample, sampler_gradient, sampling_grid
 
 __all__ = ["per_pixel_cost_and_gradient", "parameter_gradient"]
 
@@ -33,7 +33,7 @@ def per_pixel_cost_and_gradient(
     interpolation: str = "bilinear",
     padding_mode: str = "zeros",
     moving_with_gradient: Optional[torch.Tensor] = None,
-    pixels: Optional[torch.Tensor] = None,
+    axes: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Warp, cost and ``G = dL/dA`` in one pass, without autograd.
 
@@ -46,29 +46,34 @@ def per_pixel_cost_and_gradient(
             interpolant (default); or ``[M, dM/dx, dM/dy]`` stacked as
             ``(B, 3C, Hm, Wm)`` (:func:`tireg.sampling.stack_with_gradient`) to
             sample a precomputed gradient at the same points instead.
-        pixels: optional cached ``pixel_grid`` of the fixed image.
+        axes: optional cached :func:`~tireg.sampling.pixel_axes` of the fixed image.
 
     Returns:
         ``warped (B, C, H, W)``, ``cost (B,)`` (sum over channels and pixels),
         ``G (B, 2, 3)`` with ``G = sum_x g(x) x~^T``.
     """
     batch, channels, height, width = fixed.shape
-    if pixels is None:
-        pixels = pixel_grid((height, width), dtype=matrix.dtype, device=matrix.device)
-    grid = sampling_grid(matrix, (height, width), moving.shape[-2:], pixels=pixels)
+    if axes is None:
+        axes = pixel_axes((height, width), dtype=matrix.dtype, device=matrix.device)
+    grid = sampling_grid(matrix, (height, width), moving.shape[-2:], axes=axes)
     if moving_with_gradient is None:
         warped = sample(moving, grid, interpolation=interpolation, padding_mode=padding_mode)
         per_pixel, derivative = loss(warped, fixed, True)
-        g = warp_gradient(derivative, moving, grid, interpolation=interpolation, padding_mode=padding_mode)
-        g = g.reshape(batch, height * width, 2).transpose(1, 2)  # (B, 2, N)
+        g = sampler_gradient(derivative, moving, grid, interpolation=interpolation, padding_mode=padding_mode)
+        # normalised -> moving pixel units, applied to the 2 x 3 result rather than every pixel
+        g_scale = pixel_scale(moving.shape[-2:], like=grid)
     else:
         sampled = sample(moving_with_gradient, grid, interpolation=interpolation, padding_mode=padding_mode)
         warped = sampled[:, :channels]
         per_pixel, derivative = loss(warped, fixed, True)
-        gradient = sampled[:, channels:].reshape(batch, channels, 2, height * width)
-        g = (derivative.reshape(batch, channels, 1, height * width) * gradient).sum(1)  # (B, 2, N)
+        gradient = sampled[:, channels:].reshape(batch, channels, 2, height, width)
+        g = torch.einsum("bchw,bckhw->bhwk", derivative, gradient)  # (B, H, W, 2), pixel units
+        g_scale = None
     cost = per_pixel.reshape(batch, -1).sum(1)
-    return warped, cost, g @ pixels
+    matrix_gradient = grid_moments(g, axes)
+    if g_scale is not None:
+        matrix_gradient = matrix_gradient * g_scale[:, None]
+    return warped, cost, matrix_gradient
 
 
 def parameter_gradient(matrix_gradient: torch.Tensor, jacobian: torch.Tensor) -> torch.Tensor:

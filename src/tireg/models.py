@@ -30,7 +30,7 @@ from .analytic import parameter_gradient, per_pixel_cost_and_gradient
 from .losses import L2Loss, PerPixelLoss, get_loss
 from .mappings import IdentityMapping, Mapping
 from .sampling import image_gradient as compute_image_gradient
-from .sampling import pixel_grid, stack_with_gradient, warp
+from .sampling import pixel_axes, stack_with_gradient, warp
 from .transforms import TRANSFORMS, Transform, get_transform, image_center
 
 __all__ = [
@@ -276,7 +276,7 @@ class AffineModelAnalytic(TransformModel):
         self.loss_func = L2Loss() if loss_func is None else get_loss(loss_func)
         self._moving_key: Optional[tuple] = None
         self.register_buffer("moving_with_gradient", None, persistent=False)
-        self._pixel_grids: dict[tuple, torch.Tensor] = {}
+        self._pixel_axes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.image_gradient != "exact":
             self._precompute(moving)
 
@@ -288,11 +288,11 @@ class AffineModelAnalytic(TransformModel):
         self.moving_with_gradient = stack_with_gradient(moving, gradient)
         self._moving_key = (id(moving), moving._version, moving.device)
 
-    def _pixels(self, size: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    def _axes(self, size: Sequence[int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (tuple(size), like.dtype, like.device)
-        if key not in self._pixel_grids:
-            self._pixel_grids = {key: pixel_grid(size, dtype=like.dtype, device=like.device)}
-        return self._pixel_grids[key]
+        if key not in self._pixel_axes:
+            self._pixel_axes = {key: pixel_axes(size, dtype=like.dtype, device=like.device)}
+        return self._pixel_axes[key]
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Warp ``source`` onto ``target``'s grid, return ``(warped, sum of per-pixel loss)``, write gradients."""
@@ -328,7 +328,7 @@ class AffineModelAnalytic(TransformModel):
                 interpolation=self.interpolation,
                 padding_mode=self.bordermode,
                 moving_with_gradient=stacked,
-                pixels=self._pixels(target.shape[-2:], matrix),
+                axes=self._axes(target.shape[-2:], matrix),
             )
             gradient = parameter_gradient(matrix_gradient, jacobian)  # (B, P): dL/dp
             for i, (param, mapping) in enumerate(zip(self.p, self.m)):

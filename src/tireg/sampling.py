@@ -36,10 +36,14 @@ from .transforms import ALIGN_CORNERS, normalization_matrix, pixel_to_normalized
 
 __all__ = [
     "pixel_grid",
+    "pixel_axes",
+    "grid_moments",
     "sampling_grid",
     "sample",
     "warp",
     "warp_gradient",
+    "sampler_gradient",
+    "pixel_scale",
     "sample_with_gradient",
     "image_gradient",
     "stack_with_gradient",
@@ -56,12 +60,43 @@ def pixel_grid(
         ``(H * W, 3)``; row ``i * W + j`` is ``(j, i, 1)``.
     """
     height, width = int(size[0]), int(size[1])
-    ys = torch.arange(height, dtype=dtype, device=device)
-    xs = torch.arange(width, dtype=dtype, device=device)
+    ys, xs = pixel_axes(size, dtype=dtype, device=device)
     grid = torch.ones(height, width, 3, dtype=dtype, device=device)
     grid[..., 0] = xs
     grid[..., 1] = ys.unsqueeze(1)
     return grid.reshape(height * width, 3)
+
+
+def pixel_axes(
+    size: Sequence[int], *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column coordinates ``ys = 0..H-1``, ``xs = 0..W-1`` of an ``(H, W)`` pixel grid.
+
+    The grid is regular, so a matrix acts on it by broadcasting,
+    ``A (x, y, 1) = A[:, 0] x + A[:, 1] y + A[:, 2]``, and a sum
+    ``sum_x g(x) (x, y, 1)`` reduces rows and columns separately
+    (:func:`grid_moments`): no ``(H W, 3)`` coordinate array is needed.
+    """
+    height, width = int(size[0]), int(size[1])
+    return (torch.arange(height, dtype=dtype, device=device), torch.arange(width, dtype=dtype, device=device))
+
+
+def grid_moments(values: torch.Tensor, axes: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``sum_{x, y} v(x, y) (x, y, 1)`` for ``values (B, H, W, K)``: ``(B, K, 3)``.
+
+    Computed as ``sum_x x * colsum(v)``, ``sum_y y * rowsum(v)`` and the total.
+    """
+    ys, xs = axes
+    row_sums = values.sum(dim=2)  # (B, H, K)
+    column_sums = values.sum(dim=1)  # (B, W, K)
+    return torch.stack(
+        [
+            torch.einsum("bwk,w->bk", column_sums, xs),
+            torch.einsum("bhk,h->bk", row_sums, ys),
+            row_sums.sum(dim=1),
+        ],
+        dim=-1,
+    )
 
 
 def sampling_grid(
@@ -69,7 +104,7 @@ def sampling_grid(
     fixed_size: Sequence[int],
     moving_size: Sequence[int],
     *,
-    pixels: Optional[torch.Tensor] = None,
+    axes: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """``grid_sample`` grid that samples the moving image at ``A x`` for every fixed pixel ``x``.
 
@@ -77,16 +112,18 @@ def sampling_grid(
         matrix: ``(B, 3, 3)`` fixed -> moving pixel matrices.
         fixed_size: ``(H, W)`` of the output (fixed) grid.
         moving_size: ``(H, W)`` of the moving image.
-        pixels: optional cached :func:`pixel_grid` of ``fixed_size``.
+        axes: optional cached :func:`pixel_axes` of ``fixed_size``.
 
     Returns:
-        ``(B, H, W, 2)`` normalised coordinates, ``grid = pixels @ (N_moving A)[:2]^T``.
+        ``(B, H, W, 2)`` normalised coordinates ``theta (x, y, 1)`` with
+        ``theta = (N_moving A)[:2]``, formed by broadcasting a column term
+        ``theta[:, 0] x`` and a row term ``theta[:, 1] y + theta[:, 2]``.
     """
-    if pixels is None:
-        pixels = pixel_grid(fixed_size, dtype=matrix.dtype, device=matrix.device)
+    ys, xs = pixel_axes(fixed_size, dtype=matrix.dtype, device=matrix.device) if axes is None else axes
     theta = pixel_to_normalized(matrix, moving_size)  # (B, 2, 3)
-    grid = pixels @ theta.transpose(-1, -2)  # (B, H*W, 2)
-    return grid.reshape(matrix.shape[0], int(fixed_size[0]), int(fixed_size[1]), 2)
+    column_term = xs[None, None, :, None] * theta[:, None, None, :, 0]  # (B, 1, W, 2)
+    row_term = ys[None, :, None, None] * theta[:, None, None, :, 1] + theta[:, None, None, :, 2]  # (B, H, 1, 2)
+    return row_term + column_term
 
 
 def _modes(interpolation: str, padding_mode: str, caller: str) -> tuple[int, int]:
@@ -170,13 +207,33 @@ def warp_gradient(
     Returns:
         ``(B, H, W, 2)``: ``(d/dx, d/dy)`` at every fixed pixel.
     """
+    gradient = sampler_gradient(weight, moving, grid, interpolation=interpolation, padding_mode=padding_mode)
+    return gradient * pixel_scale(moving.shape[-2:], like=grid)
+
+
+def sampler_gradient(
+    weight: torch.Tensor,
+    moving: torch.Tensor,
+    grid: torch.Tensor,
+    *,
+    interpolation: str = "bilinear",
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """:func:`warp_gradient` in ``grid_sample``'s normalised units: ``sum_c weight_c * dM_c/d(u, v)``.
+
+    Multiply by :func:`pixel_scale` for pixel units (the analytic path does
+    that on the reduced ``2 x 3`` matrix instead of on every pixel).
+    """
     interp, padding = _modes(interpolation, padding_mode, "warp_gradient()")
     _, grid_gradient = torch.ops.aten.grid_sampler_2d_backward(
         weight, moving, grid, interp, padding, ALIGN_CORNERS, [False, True]
     )
-    # d/dx_pixel = d/du * du/dx_pixel, with du/dx_pixel = 2 / W from the normalisation.
-    scale = normalization_matrix(moving.shape[-2:], dtype=grid.dtype, device=grid.device).diagonal()[:2]
-    return grid_gradient * scale
+    return grid_gradient
+
+
+def pixel_scale(moving_size: Sequence[int], *, like: torch.Tensor) -> torch.Tensor:
+    """``(du/dx, dv/dy) = (2 / W, 2 / H)``: turns ``d/d(u, v)`` into ``d/d(x, y)`` in moving pixels."""
+    return normalization_matrix(moving_size, dtype=like.dtype, device=like.device).diagonal()[:2]
 
 
 def sample_with_gradient(
