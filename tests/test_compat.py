@@ -1,0 +1,111 @@
+"""The seed document's names and walkthrough, through ``tireg.compat``."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tireg.compat import Affy, AffyModel, AffyModelAnal, Mapping, PerPixelLoss
+from tireg.transforms import anisotropic_similarity_matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "seed_walkthrough.py"
+SEED = ROOT.parent / "shared" / "seed" / "000_6a13fb89c99a4973.txt"
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("seed_walkthrough", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seed_names_exist():
+    import tireg
+
+    assert PerPixelLoss.PerPixelLoss is tireg.PerPixelLoss
+    assert AffyModel.AffineModel is tireg.AffineModel
+    assert AffyModelAnal.AffineModelAnalytic is tireg.AffineModelAnalytic
+    assert Mapping.IdentityMapping is tireg.IdentityMapping
+    assert Mapping.SigmoidMapping is tireg.SigmoidMapping
+    for name in ("get_matrix", "da", "dx", "dy", "ds", "dsx", "dsy"):
+        assert callable(getattr(Affy, name))
+
+
+def test_affy_get_matrix_is_opencv_rotation_about_a_centre_plus_shift():
+    angle, scale, cx, cy, dx, dy = 0.3, 1.2, 10.0, 7.0, 2.0, -3.0
+    alpha, beta = scale * torch.cos(torch.tensor(angle)), scale * torch.sin(torch.tensor(angle))
+    opencv = torch.tensor(
+        [
+            [alpha, beta, (1 - alpha) * cx - beta * cy + dx],
+            [-beta, alpha, beta * cx + (1 - alpha) * cy + dy],
+            [0.0, 0.0, 1.0],
+        ]
+    )
+    assert torch.allclose(Affy.get_matrix(torch.tensor(angle), scale, scale, dx, dy, cx, cy), opencv, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, index", [("da", 0), ("dsx", 1), ("dsy", 2), ("dx", 3), ("dy", 4)])
+def test_affy_derivatives_against_autograd(name, index):
+    values = torch.tensor([0.2, 1.1, 0.9, 3.0, -2.0], dtype=torch.float64)
+    cx, cy = 12.0, 5.0
+    jacobian = torch.autograd.functional.jacobian(lambda p: Affy.get_matrix(*p, cx, cy), values)
+    derivative = getattr(Affy, name)(*values, cx, cy)
+    assert torch.allclose(derivative, jacobian[..., index], atol=1e-12)
+
+
+def test_affy_ds_is_the_isotropic_scale_derivative():
+    angle, scale, dx, dy = torch.tensor(0.2, dtype=torch.float64), 1.1, 3.0, -2.0
+    step = 1e-6
+    numeric = (Affy.get_matrix(angle, scale + step, scale + step, dx, dy, 4.0, 9.0)
+               - Affy.get_matrix(angle, scale - step, scale - step, dx, dy, 4.0, 9.0)) / (2 * step)
+    assert torch.allclose(Affy.ds(angle, scale, dx, dy, 4.0, 9.0), numeric, atol=1e-8)
+    assert not torch.allclose(Affy.ds(angle, scale, dx, dy, 4.0, 9.0), Affy.dsx(angle, scale, scale, dx, dy, 4.0, 9.0))
+
+
+def test_affy_is_batched_and_keeps_dtype_and_device(device):
+    angles = torch.tensor([0.0, 0.1, 0.2], device=device)
+    matrices = Affy.get_matrix(angles, 1.0, 1.0, 0.0, 0.0, 5.0, 5.0)
+    assert matrices.shape == (3, 3, 3) and matrices.device.type == device and matrices.dtype == torch.float32
+    params = torch.stack([angles, torch.ones(3, device=device), torch.ones(3, device=device),
+                          torch.zeros(3, device=device), torch.zeros(3, device=device)], -1)
+    assert torch.allclose(matrices, anisotropic_similarity_matrix(params, (5.0, 5.0)))
+
+
+@pytest.mark.slow
+def test_seed_walkthrough_recovers_the_known_transform():
+    example = load_example()
+    errors = example.run(iterations=300, verbose=False)
+    assert errors["autograd"] < 0.5, errors
+    assert errors["analytic"] < 0.5, errors
+
+
+def test_seed_walkthrough_image_is_real_and_non_square():
+    example = load_example()
+    source, target, true_matrix, cx, cy = example.make_pair()
+    assert target.shape[-2] != target.shape[-1]
+    assert (cx, cy) == ((target.shape[-1] - 1) / 2, (target.shape[-2] - 1) / 2)
+    assert target.std() > 0.1  # a photograph, not a flat image
+    assert not torch.allclose(source, target)
+
+
+def _seed_code_blocks(text: str) -> list[list[str]]:
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return [[line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+            for block in blocks]
+
+
+@pytest.mark.skipif(not SEED.exists(), reason="the seed document lies outside this checkout")
+def test_every_seed_snippet_appears_verbatim_in_the_example():
+    example_lines = [line.strip() for line in EXAMPLE.read_text().splitlines()]
+    blocks = _seed_code_blocks(SEED.read_text())
+    assert len(blocks) >= 6
+    for block in blocks:
+        position = 0
+        for line in block:
+            assert line in example_lines[position:], f"seed line not found in order: {line!r}"
+            position = example_lines.index(line, position) + 1

@@ -1,0 +1,413 @@
+"""The two gradient paths: analytic == autograd on the same function, and the model API."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+from conftest import smooth_random_image
+
+import tireg
+from tireg.losses import LOSSES
+from tireg.mappings import ExpMapping, IdentityMapping, SigmoidMapping
+from tireg.transforms import TRANSFORMS
+
+SHAPE = (3, 2, 37, 53)  # B, C, H, W: batched, multi-channel, non-square
+
+
+def random_values(name: str, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Parameter values near identity: angles ~0.1 rad, scales ~1 +- 0.05, shifts ~2 px."""
+    transform = TRANSFORMS[name]
+    spread = torch.tensor(
+        [0.1 if n == "angle" else 2.0 if n in ("tx", "ty") else 0.05 for n in transform.parameter_names],
+        dtype=torch.float64,
+    )
+    noise = torch.randn(batch, transform.num_parameters, generator=generator, dtype=torch.float64)
+    return torch.tensor(transform.identity, dtype=torch.float64) + spread * noise
+
+
+def set_values(models, values: torch.Tensor, mappings) -> None:
+    for i in range(values.shape[1]):
+        for model in models:
+            model.set_parameter(i, values[:, i], mappings[i])
+
+
+def mappings_for(kind: str, values: torch.Tensor):
+    if kind == "identity":
+        return [IdentityMapping() for _ in range(values.shape[1])]
+    # sigmoid ranges around the values, lopsided so that m'(r) differs from its maximum
+    return [SigmoidMapping(float(v.min()) - 0.3, float(v.max()) + 1.7) for v in values.T]
+
+
+def gradients(model) -> torch.Tensor:
+    return torch.stack([p.grad for p in model.p], dim=-1)
+
+
+def autograd_gradient(model, moving, fixed, loss) -> tuple[torch.Tensor, torch.Tensor]:
+    total = loss(model(moving), fixed).sum()
+    total.backward()
+    return total.detach(), gradients(model)
+
+
+@pytest.fixture(scope="module")
+def images():
+    generator = torch.Generator().manual_seed(7)
+    fixed = torch.rand(*SHAPE, generator=generator, dtype=torch.float64)
+    moving = torch.rand(*SHAPE, generator=generator, dtype=torch.float64)
+    return fixed, moving
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("mapping", ["identity", "sigmoid"])
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+@pytest.mark.parametrize("transform", sorted(TRANSFORMS))
+def test_analytic_equals_autograd(images, transform, loss_name, mapping, padding, device):
+    fixed, moving = (image.to(device) for image in images)
+    loss = LOSSES[loss_name]()
+    values = random_values(transform, SHAPE[0], torch.Generator().manual_seed(zlib.crc32(f"{transform}/{loss_name}".encode())))
+    autograd = tireg.create_model(transform, moving, gradients="autograd", padding_mode=padding)
+    analytic = tireg.create_model(transform, moving, gradients="analytic", padding_mode=padding, loss=loss)
+    set_values([autograd, analytic], values, mappings_for(mapping, values))
+
+    expected_loss, expected = autograd_gradient(autograd, moving, fixed, loss)
+    warped, total = analytic(moving, fixed)
+
+    assert torch.allclose(total, expected_loss, rtol=1e-12)
+    assert torch.equal(warped, autograd(moving))
+    assert expected.abs().max() > 0
+    error = (gradients(analytic) - expected).abs().max() / expected.abs().max()
+    assert error <= 1e-5
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+def test_analytic_equals_autograd_every_sampler(images, interpolation, padding, device):
+    fixed, moving = (image.to(device) for image in images)
+    loss = tireg.CauchyLoss(0.5)
+    values = random_values("affine", SHAPE[0], torch.Generator().manual_seed(3))
+    values[:, 4:] *= 8.0  # large shifts: many points sample outside the moving image
+    options = dict(padding_mode=padding, interpolation=interpolation)
+    autograd = tireg.create_model("affine", moving, gradients="autograd", **options)
+    analytic = tireg.create_model("affine", moving, gradients="analytic", loss=loss, **options)
+    set_values([autograd, analytic], values, mappings_for("sigmoid", values))
+    _, expected = autograd_gradient(autograd, moving, fixed, loss)
+    analytic(moving, fixed)
+    assert (gradients(analytic) - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_analytic_fixed_and_moving_of_different_sizes():
+    generator = torch.Generator().manual_seed(11)
+    fixed = torch.rand(2, 1, 29, 41, generator=generator, dtype=torch.float64)
+    moving = torch.rand(2, 1, 37, 53, generator=generator, dtype=torch.float64)
+    values = random_values("similarity", 2, generator)
+    autograd = tireg.create_model("similarity", moving, gradients="autograd")
+    analytic = tireg.create_model("similarity", moving, gradients="analytic")
+    set_values([autograd, analytic], values, mappings_for("identity", values))
+    warped = autograd(moving, size=fixed.shape[-2:])
+    (tireg.L2Loss()(warped, fixed).sum()).backward()
+    analytic_warped, _ = analytic(moving, fixed)
+    assert analytic_warped.shape == fixed.shape
+    assert torch.allclose(gradients(analytic), gradients(autograd), rtol=1e-9, atol=1e-9)
+
+
+def finite_difference(model, moving, fixed, loss, step: float = 1e-4) -> torch.Tensor:
+    """Central differences of sum(loss(model(moving), fixed)) with respect to each raw parameter."""
+    result = torch.zeros(moving.shape[0], len(model.p), dtype=torch.float64)
+    with torch.no_grad():
+        for i, param in enumerate(model.p):
+            for b in range(param.numel()):
+                original = param[b].item()
+                costs = []
+                for sign in (1.0, -1.0):
+                    param[b] = original + sign * step
+                    costs.append(loss(model(moving), fixed)[b].sum())
+                param[b] = original
+                result[b, i] = (costs[0] - costs[1]) / (2 * step)
+    return result
+
+
+@pytest.mark.parametrize(
+    "method, sigma, tolerance",
+    [
+        # Measured on this case: 3.6-6.7 % (central), 5.0-5.4 % (Gaussian, sigma 0.7). The
+        # sampled function is the bilinear interpolant, whose true derivative is piecewise
+        # constant; a precomputed gradient is a smooth stand-in for it.
+        ("central", 1.0, 0.10),
+        ("gaussian", 0.7, 0.10),
+    ],
+)
+def test_precomputed_gradient_approximates_finite_differences(method, sigma, tolerance):
+    """A registration-like case: moving is fixed seen through a transform; gradient away from it."""
+    generator = torch.Generator().manual_seed(5)
+    fixed = smooth_random_image((2, 1, 40, 56), generator, sigma=3.0)
+    truth = torch.tensor([[0.08, 1.03, 2.0, -1.0], [-0.05, 0.98, -1.5, 1.0]], dtype=torch.float64)
+    true_matrix = TRANSFORMS["similarity"].matrix(truth, tireg.image_center(40, 56))
+    moving = tireg.warp(fixed, torch.linalg.inv(true_matrix), padding_mode="border")
+    # border padding: the extended image stays smooth (with zeros, the step at the edge is
+    # what a smoothed or differenced gradient cannot follow; the exact gradient can)
+    options = dict(padding_mode="border")
+    analytic = tireg.create_model(
+        "similarity", moving, gradients="analytic", image_gradient=method, sigma=sigma, **options
+    )
+    reference = tireg.create_model("similarity", moving, gradients="autograd", **options)
+    halfway = truth / 2 + torch.tensor([0.0, 0.5, 0.0, 0.0], dtype=torch.float64)
+    set_values([analytic, reference], halfway, mappings_for("identity", halfway))
+    analytic(moving, fixed)
+    expected = finite_difference(reference, moving, fixed, tireg.L2Loss())
+    relative = (gradients(analytic) - expected).norm(dim=1) / expected.norm(dim=1)
+    assert relative.max() < tolerance, relative
+
+
+def test_exact_gradient_matches_finite_differences():
+    generator = torch.Generator().manual_seed(6)
+    fixed = smooth_random_image((2, 1, 40, 56), generator)
+    moving = smooth_random_image((2, 1, 40, 56), generator)
+    values = random_values("rigid", 2, generator)
+    analytic = tireg.create_model("rigid", moving, gradients="analytic")
+    reference = tireg.create_model("rigid", moving, gradients="autograd")
+    set_values([analytic, reference], values, mappings_for("sigmoid", values))
+    analytic(moving, fixed)
+    expected = finite_difference(reference, moving, fixed, tireg.L2Loss(), step=1e-6)
+    assert torch.allclose(gradients(analytic), expected, rtol=1e-4, atol=1e-6)
+
+
+# -- the seed's API -----------------------------------------------------------------
+
+
+def test_base_models_are_the_seed_four_parameter_similarity(images):
+    fixed, moving = images
+    cx, cy = tireg.image_center(*SHAPE[-2:])
+    autograd = tireg.AffineModel(cx, cy, "zeros").double()
+    analytic = tireg.AffineModelAnalytic(cx, cy, "zeros", moving).double()
+    assert autograd.parameter_values()[0].tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert torch.equal(autograd.get_matrix()[0], torch.eye(3, dtype=torch.float64))
+    # angle, dx, dy, scale
+    for model in (autograd, analytic):
+        for i, value in enumerate((0.1, 2.0, -1.5, 1.05)):
+            model.set_parameter(i, value, SigmoidMapping(value - 1, value + 0.5) if i != 1 else ExpMapping())
+    expected = tireg.transforms.similarity_matrix(torch.tensor([0.1, 1.05, 2.0, -1.5], dtype=torch.float64), (cx, cy))
+    assert torch.allclose(autograd.get_matrix()[0], expected)
+    analytic.loss_func = tireg.HuberLoss(0.2)
+    _, reference = autograd_gradient(autograd, moving, fixed, tireg.HuberLoss(0.2))
+    analytic(moving, fixed)
+    assert torch.allclose(gradients(analytic), reference, rtol=1e-9, atol=1e-12)
+
+
+def test_user_subclass_with_get_derva_equals_autograd(images):
+    """A user's own parameterisation, written as in the seed: shear plus shift."""
+    fixed, moving = images
+    from torch import nn
+
+    def shear_matrix(shear, dx, dy):
+        one, zero = torch.ones_like(shear), torch.zeros_like(shear)
+        rows = [torch.stack([one, shear, dx], -1), torch.stack([zero, one, dy], -1), torch.stack([zero, zero, one], -1)]
+        return torch.stack(rows, -2)
+
+    class Shear(tireg.AffineModel):
+        def __init__(self, cx, cy, bordermode):
+            super().__init__(cx, cy, bordermode)
+            self.p = nn.ParameterList(torch.tensor([v], dtype=torch.float64) for v in [0.0, 0.0, 0.0])
+            self.m = [IdentityMapping() for _ in self.p]
+
+        def get_matrix(self):
+            return shear_matrix(self.get(0), self.get(1), self.get(2))
+
+    class ShearAnalytic(tireg.AffineModelAnalytic):
+        def __init__(self, cx, cy, bordermode, moving):
+            super().__init__(cx, cy, bordermode, moving)
+            self.p = nn.ParameterList(torch.tensor([v], dtype=torch.float64) for v in [0.0, 0.0, 0.0])
+            self.m = [IdentityMapping() for _ in self.p]
+
+        def get_matrix(self):
+            return shear_matrix(self.get(0), self.get(1), self.get(2))
+
+        def get_derva(self, idx):
+            unit = torch.zeros(3, 3, dtype=torch.float64)
+            unit[[0, 0, 1][idx], [1, 2, 2][idx]] = 1.0
+            return unit
+
+    autograd, analytic = Shear(0, 0, "border"), ShearAnalytic(0, 0, "border", moving)
+    for model in (autograd, analytic):
+        model.set_parameter(0, 0.05, SigmoidMapping(-0.5, 0.5))
+        model.set_parameter(1, 1.3)
+        model.set_parameter(2, -0.7)
+    analytic.loss_func = tireg.CauchyLoss()
+    _, expected = autograd_gradient(autograd, moving, fixed, tireg.CauchyLoss())
+    analytic(moving, fixed)
+    # one shared parameter set for B = 3 pairs: gradients sum over the pairs
+    assert analytic.p[0].grad.shape == (1,)
+    assert torch.allclose(gradients(analytic), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_subclass_without_get_derva_is_refused_by_the_analytic_path(images):
+    fixed, moving = images
+
+    class NoDerivative(tireg.AffineModelAnalytic):
+        def get_matrix(self):
+            return torch.eye(3, dtype=torch.float64)[None]
+
+    model = NoDerivative(0, 0, "zeros", moving).double()
+    with pytest.raises(NotImplementedError, match="get_derva"):
+        model(moving, fixed)
+
+
+def test_shared_parameters_sum_the_per_pair_gradients(images, device):
+    fixed, moving = (image.to(device) for image in images)
+    per_pair = tireg.create_model("rigid", moving, gradients="analytic")
+    shared = tireg.RigidModelAnalytic(26.0, 18.0, "zeros", moving).to(device, torch.float64)  # shared
+    for i, value in enumerate((0.05, 1.0, -2.0)):
+        per_pair.set_parameter(i, value)
+        shared.set_parameter(i, value)
+    per_pair(moving, fixed)
+    shared(moving, fixed)
+    assert torch.allclose(gradients(shared)[0], gradients(per_pair).sum(0))
+
+
+def test_pairs_in_a_batch_are_independent(images):
+    fixed, moving = images
+    batched = tireg.create_model("similarity", moving, gradients="analytic")
+    values = random_values("similarity", SHAPE[0], torch.Generator().manual_seed(2))
+    set_values([batched], values, mappings_for("identity", values))
+    batched(moving, fixed)
+    for b in range(SHAPE[0]):
+        single = tireg.create_model("similarity", moving[b : b + 1], gradients="analytic")
+        set_values([single], values[b : b + 1], mappings_for("identity", values))
+        single(moving[b : b + 1], fixed[b : b + 1])
+        assert torch.allclose(gradients(single)[0], gradients(batched)[b], rtol=1e-10)
+
+
+def test_gradients_accumulate_like_backward(images):
+    fixed, moving = images
+    model = tireg.create_model("translation", moving, gradients="analytic")
+    model.set_parameter(0, torch.tensor([1.0, 2.0, 3.0]))
+    model(moving, fixed)
+    once = gradients(model).clone()
+    model(moving, fixed)
+    assert torch.allclose(gradients(model), 2 * once)
+
+
+def test_set_parameter_keeps_the_parameter_object_for_the_optimiser(images):
+    _, moving = images
+    model = tireg.create_model("rigid", moving, gradients="autograd")
+    before = model.p[0]
+    model.set_parameter(0, torch.tensor([0.1, 0.2, 0.3]), SigmoidMapping(-1, 1))
+    assert model.p[0] is before
+    assert torch.allclose(model.get(0), torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))
+    assert isinstance(model.m[0], SigmoidMapping)
+
+
+def test_get_derva_is_the_jacobian_of_get_matrix(images):
+    _, moving = images
+    model = tireg.create_model("anisotropic_similarity", moving, gradients="autograd")
+    set_values([model], random_values("anisotropic_similarity", 3, torch.Generator().manual_seed(9)),
+               [IdentityMapping()] * 5)
+    matrix = model.get_matrix()
+    for i in range(model.num_parameters):
+        (row_grads,) = torch.autograd.grad(matrix.sum(), model.p[i], retain_graph=True)
+        assert torch.allclose(model.get_derva(i).sum((-1, -2)), row_grads)
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam", "RMSprop", "LBFGS"])
+def test_any_torch_optimiser_recovers_a_translation(optimizer):
+    generator = torch.Generator().manual_seed(4)
+    fixed = smooth_random_image((1, 1, 48, 64), generator, sigma=3.0)
+    fixed = (fixed - fixed.mean()) / fixed.std()
+    truth = torch.tensor([[1.0, 0.0, 1.5], [0.0, 1.0, -1.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    moving = tireg.warp(fixed, torch.linalg.inv(truth), padding_mode="border")
+    model = tireg.create_model("translation", moving, gradients="analytic", padding_mode="border")
+    options = {
+        "SGD": dict(lr=1.0),
+        "Adam": dict(lr=0.1),
+        "RMSprop": dict(lr=0.02),
+        "LBFGS": dict(lr=1.0, line_search_fn="strong_wolfe"),
+    }
+    optim = getattr(torch.optim, optimizer)(model.parameters(), **options[optimizer])
+
+    def closure():  # mean instead of sum: the same step sizes suit any image size
+        optim.zero_grad()
+        _, loss = model(moving, fixed)
+        for p in model.p:
+            p.grad /= fixed.numel()
+        return loss / fixed.numel()
+
+    for _ in range(10 if optimizer == "LBFGS" else 150):
+        optim.step(closure)
+    shift = model.parameter_values()[0].detach()
+    assert torch.allclose(shift, torch.tensor([1.5, -1.0], dtype=torch.float64), atol=0.02), shift
+
+
+# -- dtype, device, batch ----------------------------------------------------------
+
+
+def test_models_move_with_to(device, images):
+    fixed, moving = images
+    fixed, moving = fixed.to(device), moving.to(device)
+    for gradient in ("exact", "central"):
+        model = tireg.create_model("similarity", moving.cpu(), gradients="analytic", image_gradient=gradient)
+        model.set_parameter(0, torch.tensor([0.1, 0.0, -0.1]))
+        model = model.to(device)
+        assert model.get_matrix().device.type == device
+        if gradient == "central":
+            assert model.moving_with_gradient.device.type == device
+        warped, loss = model(moving, fixed)
+        assert warped.device.type == device and loss.device.type == device
+        assert model.p[0].grad.device.type == device
+
+
+def test_float32_model_and_images(images):
+    fixed, moving = (x.float() for x in images)
+    model = tireg.create_model("rigid", moving, gradients="analytic")
+    assert model.p[0].dtype == torch.float32
+    warped, loss = model(moving, fixed)
+    assert warped.dtype == torch.float32 and math.isfinite(float(loss))
+
+
+# -- bad input ----------------------------------------------------------------------
+
+
+def test_errors_name_the_problem(images):
+    fixed, moving = images
+    model = tireg.create_model("rigid", moving, gradients="analytic")
+    autograd = tireg.create_model("rigid", moving, gradients="autograd")
+    with pytest.raises(ValueError, match="4 dimensions"):
+        model(moving[0], fixed[0])
+    with pytest.raises(ValueError, match="4 dimensions"):
+        autograd(moving[0, 0])
+    with pytest.raises(ValueError, match="same batch size and channels"):
+        model(moving, fixed[:, :1])
+    with pytest.raises(ValueError, match="parameter sets"):
+        model(moving[:2], fixed[:2])
+    bad = fixed.clone()
+    bad[0, 0, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        model(moving, bad)
+    with pytest.raises(ValueError, match="NaN"):
+        autograd(torch.where(bad.isnan(), bad, moving))
+    with pytest.raises(ValueError, match="empty"):
+        model(moving[:, :, :0], fixed[:, :, :0])
+    with pytest.raises(TypeError, match="float32 or float64"):
+        autograd(moving.to(torch.int32))
+    with pytest.raises(ValueError, match="move the model"):
+        model(moving.float(), fixed.float())
+    with pytest.raises(IndexError, match="out of range.*3 parameters"):
+        model.get(3)
+    with pytest.raises(IndexError, match="out of range"):
+        model.set_parameter(-1, 0.0)
+    with pytest.raises(IndexError, match="out of range"):
+        model.get_derva(7)
+    with pytest.raises(ValueError, match="outside the open range"):
+        model.set_parameter(0, 2.0, SigmoidMapping(-1, 1))
+    with pytest.raises(ValueError, match="border mode 'mirror'"):
+        tireg.RigidModel(0, 0, "mirror")
+    with pytest.raises(ValueError, match="interpolation 'cubic'"):
+        tireg.RigidModel(0, 0, "zeros", interpolation="cubic")
+    with pytest.raises(ValueError, match="image gradient 'sobel'"):
+        tireg.RigidModelAnalytic(0, 0, "zeros", moving, image_gradient="sobel")
+    with pytest.raises(ValueError, match="unknown transform 'projective'"):
+        tireg.create_model("projective", moving)
+    with pytest.raises(ValueError, match="unknown loss"):
+        tireg.create_model("rigid", moving, loss="l3")
+    with pytest.raises(ValueError, match="batch_size"):
+        tireg.RigidModel(0, 0, batch_size=0)
