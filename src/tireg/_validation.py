@@ -51,10 +51,10 @@ def check_matrix(matrix: torch.Tensor, caller: str) -> torch.Tensor:
     """Return ``matrix`` as ``(B, 3, 3)``; accepts ``(3, 3)``; raise otherwise."""
     if not isinstance(matrix, torch.Tensor):
         raise TypeError(f"{caller}: 'matrix' must be a torch.Tensor; got {type(matrix).__name__}")
+    if matrix.dim() not in (2, 3) or matrix.shape[-2:] != (3, 3):
+        raise ValueError(f"{caller}: 'matrix' must have shape (B, 3, 3) or (3, 3); got {tuple(matrix.shape)}")
     if matrix.dim() == 2:
         matrix = matrix.unsqueeze(0)
-    if matrix.dim() != 3 or matrix.shape[-2:] != (3, 3):
-        raise ValueError(f"{caller}: 'matrix' must have shape (B, 3, 3) or (3, 3); got {tuple(matrix.shape)}")
     if matrix.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{caller}: 'matrix' must be float32 or float64; got {matrix.dtype}")
     return matrix

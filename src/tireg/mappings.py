@@ -34,7 +34,9 @@ class Mapping:
         """Raw value ``r`` with ``m(r) = value`` (the inverse mapping)."""
         raise NotImplementedError
 
-    inverse = solve
+    def inverse(self, value: Number) -> torch.Tensor:
+        """Alias of :meth:`solve`."""
+        return self.solve(value)
 
     def __call__(self, raw: torch.Tensor) -> torch.Tensor:
         return self.forward(raw)

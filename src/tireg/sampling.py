@@ -256,6 +256,7 @@ def sample_with_gradient(
     Returns:
         ``values (B, C, H, W)`` and ``gradients (B, C, 2, H, W)`` in pixel units.
     """
+    _modes(interpolation, padding_mode, "sample_with_gradient()")
     batch, channels = moving.shape[:2]
     if gradient is not None:
         stacked = stack_with_gradient(moving, gradient)
@@ -337,6 +338,7 @@ def image_gradient(
     caller = "image_gradient()"
     check_image(image, "image", caller)
     check_option(method, ("central", "gaussian"), "gradient method", caller)
+    check_option(padding_mode, tuple(PADDING_MODES), "padding mode", caller)
     if not sigma > 0:
         raise ValueError(f"{caller}: 'sigma' must be positive; got {sigma}")
     batch, channels, height, width = image.shape

@@ -1,0 +1,284 @@
+"""Per-pixel losses: value and derivative together, against autograd and closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tireg.losses import (
+    LOSSES,
+    CauchyLoss,
+    CharbonnierLoss,
+    GemanMcClureLoss,
+    HuberLoss,
+    L1Loss,
+    L2Loss,
+    PerPixelLoss,
+    get_loss,
+)
+
+# (name, constructor keyword arguments): every loss with defaults, and the
+# tunable ones with a non-default setting too.
+CONFIGS = [
+    ("l2", {}),
+    ("cauchy", {}),
+    ("cauchy", {"scale": 0.5}),
+    ("cauchy", {"scale": 3.0}),
+    ("l1", {}),
+    ("charbonnier", {}),
+    ("charbonnier", {"eps": 0.3}),
+    ("huber", {}),
+    ("huber", {"delta": 0.4}),
+    ("geman_mcclure", {}),
+    ("geman_mcclure", {"scale": 2.0}),
+]
+IDS = [name + "".join(f"-{k}={v}" for k, v in kwargs.items()) for name, kwargs in CONFIGS]
+
+
+def test_configs_cover_every_registered_loss():
+    assert {name for name, _ in CONFIGS} == set(LOSSES)
+    assert set(LOSSES) == {"l2", "cauchy", "l1", "charbonnier", "huber", "geman_mcclure"}
+
+
+def random_pair(generator, shape=(2, 3, 5, 7), dtype=torch.float64):
+    """``x, y`` whose residuals ``x - y`` spread over roughly [-3, 3]."""
+    y = torch.rand(*shape, generator=generator, dtype=dtype)
+    x = y + 1.5 * torch.randn(*shape, generator=generator, dtype=dtype)
+    return x, y
+
+
+# ----------------------------------------------------------------------------
+# value and derivative
+
+
+@pytest.mark.parametrize("name, kwargs", CONFIGS, ids=IDS)
+def test_gradient_matches_autograd(name, kwargs, generator):
+    loss_fn = LOSSES[name](**kwargs)
+    x, y = random_pair(generator)
+    residual = x - y
+    if name == "huber":  # both branches are exercised
+        delta = loss_fn.delta
+        assert (residual.abs() < delta).sum() > 20 and (residual.abs() > delta).sum() > 20
+    x_leaf = x.clone().requires_grad_(True)
+    loss, grad = loss_fn(x_leaf, y, gradient=True)
+    (autograd_grad,) = torch.autograd.grad(loss.sum(), x_leaf)
+    assert loss.shape == x.shape and grad.shape == x.shape
+    torch.testing.assert_close(grad.detach(), autograd_grad, rtol=1e-12, atol=1e-12)
+    # the derivative is not trivially zero
+    assert grad.abs().max() > 0.05
+
+
+@pytest.mark.parametrize("name, kwargs", CONFIGS, ids=IDS)
+def test_gradient_matches_finite_differences(name, kwargs, generator):
+    loss_fn = LOSSES[name](**kwargs)
+    x, y = random_pair(generator)
+    step = 1e-6
+    _, grad = loss_fn(x, y, gradient=True)
+    numeric = (loss_fn(x + step, y) - loss_fn(x - step, y)) / (2 * step)
+    torch.testing.assert_close(grad, numeric, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, kwargs", CONFIGS, ids=IDS)
+def test_loss_with_and_without_gradient_agree(name, kwargs, generator):
+    loss_fn = LOSSES[name](**kwargs)
+    x, y = random_pair(generator)
+    plain = loss_fn(x, y)
+    assert isinstance(plain, torch.Tensor)
+    assert plain.shape == x.shape
+    loss, _ = loss_fn.forward(x, y, gradient=True)
+    torch.testing.assert_close(loss, plain, rtol=0, atol=0)
+    torch.testing.assert_close(loss_fn.forward(x, y), plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, kwargs", CONFIGS, ids=IDS)
+def test_loss_depends_on_the_residual_and_vanishes_at_zero(name, kwargs, generator):
+    loss_fn = LOSSES[name](**kwargs)
+    x, y = random_pair(generator)
+    shift = 0.7
+    torch.testing.assert_close(loss_fn(x + shift, y + shift), loss_fn(x, y), rtol=1e-12, atol=1e-12)
+    minimum = loss_fn(y, y)
+    # rho is smallest at r = 0 (Charbonnier's minimum is eps, the others' 0)
+    assert bool((loss_fn(x, y) >= minimum).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name, kwargs", CONFIGS[:6], ids=IDS[:6])
+def test_dtype_and_device_follow_the_input(name, kwargs, dtype, device, generator):
+    x, y = (t.to(dtype=dtype, device=device) for t in random_pair(generator))
+    loss, grad = LOSSES[name](**kwargs)(x, y, gradient=True)
+    for out in (loss, grad):
+        assert out.dtype == dtype
+        assert out.device.type == torch.device(device).type
+
+
+# ----------------------------------------------------------------------------
+# closed-form values (computed by hand from the formulas in the docstring)
+
+KNOWN = [
+    # loss, r, rho(r), rho'(r)
+    (L2Loss(), 3.0, 9.0, 6.0),
+    (L2Loss(), -0.5, 0.25, -1.0),
+    (CauchyLoss(), 1.0, math.log(2.0), 1.0),  # the seed's derivative said 0.5
+    (CauchyLoss(), -1.0, math.log(2.0), -1.0),
+    (CauchyLoss(), 0.0, 0.0, 0.0),
+    (CauchyLoss(), 3.0, math.log(10.0), 0.6),
+    (CauchyLoss(scale=2.0), 2.0, math.log(2.0), 0.5),
+    (L1Loss(), -2.5, 2.5, -1.0),
+    (L1Loss(), 0.5, 0.5, 1.0),
+    (L1Loss(), 0.0, 0.0, 0.0),
+    (CharbonnierLoss(eps=0.3), 0.4, 0.5, 0.8),
+    (CharbonnierLoss(eps=0.3), 0.0, 0.3, 0.0),
+    (CharbonnierLoss(), -4.0, math.sqrt(16 + 1e-6), -4.0 / math.sqrt(16 + 1e-6)),
+    (HuberLoss(), 0.5, 0.125, 0.5),
+    (HuberLoss(), 1.0, 0.5, 1.0),
+    (HuberLoss(), 3.0, 2.5, 1.0),
+    (HuberLoss(), -2.0, 1.5, -1.0),
+    (HuberLoss(delta=0.4), 1.0, 0.32, 0.4),
+    (HuberLoss(delta=0.4), -0.2, 0.02, -0.2),
+    (GemanMcClureLoss(), 1.0, 0.5, 0.5),
+    (GemanMcClureLoss(), 2.0, 0.8, 0.16),
+    (GemanMcClureLoss(scale=2.0), 2.0, 0.5, 0.25),
+    (GemanMcClureLoss(), 0.0, 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize(
+    "loss_fn, r, value, derivative", KNOWN, ids=[f"{type(k[0]).__name__}-r={k[1]}" for k in KNOWN]
+)
+def test_known_values(loss_fn, r, value, derivative):
+    y = torch.tensor([[[[0.25]]]], dtype=torch.float64)
+    x = y + r
+    loss, grad = loss_fn(x, y, gradient=True)
+    assert loss.item() == pytest.approx(value, abs=1e-12)
+    assert grad.item() == pytest.approx(derivative, abs=1e-12)
+
+
+def test_huber_is_continuous_at_delta():
+    loss_fn = HuberLoss(delta=0.4)
+    r = torch.tensor([0.4 - 1e-9, 0.4, 0.4 + 1e-9], dtype=torch.float64)
+    values = loss_fn(r, torch.zeros_like(r))
+    torch.testing.assert_close(values, torch.full_like(values, 0.08), rtol=0, atol=1e-9)
+
+
+def test_l1_derivative_is_zero_at_zero_residual():
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    loss, grad = L1Loss()(x, x.clone(), gradient=True)
+    assert loss.tolist() == [0.0, 0.0, 0.0]
+    assert grad.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_cauchy_derivative_is_twice_the_seeds():
+    """The seed wrote ``r / (1 + r^2)``; the derivative of ``log(1 + r^2)`` is twice that."""
+    r = torch.linspace(-3, 3, 13, dtype=torch.float64)
+    _, grad = CauchyLoss()(r, torch.zeros_like(r), gradient=True)
+    torch.testing.assert_close(grad, 2 * r / (1 + r * r), rtol=1e-14, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------
+# settings
+
+
+@pytest.mark.parametrize(
+    "cls, parameter",
+    [(CauchyLoss, "scale"), (GemanMcClureLoss, "scale"), (CharbonnierLoss, "eps"), (HuberLoss, "delta")],
+)
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
+def test_non_positive_setting_is_rejected(cls, parameter, value):
+    with pytest.raises(ValueError, match=rf"{cls.__name__}\(\).*'{parameter}' must be positive"):
+        cls(**{parameter: value})
+
+
+def test_settings_are_stored_as_floats():
+    assert CauchyLoss(2).scale == 2.0 and isinstance(CauchyLoss(2).scale, float)
+    assert HuberLoss(delta=3).delta == 3.0
+    assert CharbonnierLoss(eps=0.5).eps == 0.5
+
+
+# ----------------------------------------------------------------------------
+# user subclasses
+
+
+class SeedStyleCauchy(PerPixelLoss):
+    """The seed's way: override ``forward(x, y, gradient=False)``, own formulas."""
+
+    def __init__(self):
+        super().__init__()
+
+    def forward(self, x, y, gradient=False):
+        if x.dim() != 4:
+            raise ValueError("SeedStyleCauchy: x must be 4-D")
+        c = torch.pow(x - y, 2.0) + 1.0
+        loss = torch.log(c)
+        if not gradient:
+            return loss
+        return loss, 2.0 * (x - y) / c
+
+
+class ResidualStyleL2(PerPixelLoss):
+    """Depends on ``r`` only: implement ``residual``."""
+
+    def residual(self, r, gradient=False):
+        loss = 0.5 * r * r
+        return (loss, r) if gradient else loss
+
+
+class Incomplete(PerPixelLoss):
+    """Implements neither ``forward`` nor ``residual``."""
+
+
+def test_seed_style_subclass_works(generator):
+    x, y = random_pair(generator)
+    custom = SeedStyleCauchy()
+    assert get_loss(custom) is custom
+    loss, grad = custom(x, y, gradient=True)
+    expected_loss, expected_grad = CauchyLoss()(x, y, gradient=True)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad)
+    torch.testing.assert_close(custom(x, y), expected_loss)
+
+
+def test_residual_style_subclass_works(generator):
+    x, y = random_pair(generator)
+    loss, grad = ResidualStyleL2()(x, y, gradient=True)
+    torch.testing.assert_close(loss, 0.5 * (x - y) ** 2)
+    torch.testing.assert_close(grad, x - y)
+
+
+def test_incomplete_subclass_raises_not_implemented(generator):
+    x, y = random_pair(generator)
+    with pytest.raises(NotImplementedError, match="Incomplete must implement forward"):
+        Incomplete()(x, y)
+    with pytest.raises(NotImplementedError):
+        Incomplete()(x, y, gradient=True)
+
+
+# ----------------------------------------------------------------------------
+# lookup
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_get_loss_by_name(name):
+    loss_fn = get_loss(name)
+    assert type(loss_fn) is LOSSES[name]
+
+
+def test_get_loss_cauchy_is_default_cauchy():
+    loss_fn = get_loss("cauchy")
+    assert isinstance(loss_fn, CauchyLoss)
+    assert loss_fn.scale == 1.0
+    assert isinstance(get_loss("Cauchy"), CauchyLoss)  # case-insensitive
+
+
+def test_get_loss_returns_an_instance_unchanged():
+    loss_fn = HuberLoss(delta=0.3)
+    assert get_loss(loss_fn) is loss_fn
+
+
+@pytest.mark.parametrize("bad", ["nope", "", 3, None, CauchyLoss])
+def test_get_loss_unknown_lists_the_names(bad):
+    with pytest.raises(ValueError, match="unknown loss") as info:
+        get_loss(bad)
+    for name in LOSSES:
+        assert repr(name) in str(info.value)

@@ -1,0 +1,167 @@
+"""Parameter mappings: value, derivative (against autograd), inverse, range checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tireg.mappings import ExpMapping, IdentityMapping, Mapping, SigmoidMapping
+
+MAPPINGS = {
+    "identity": IdentityMapping,
+    "sigmoid(-2,3)": lambda: SigmoidMapping(-2.0, 3.0),
+    "sigmoid(0.5,2)": lambda: SigmoidMapping(0.5, 2),
+    "exp": ExpMapping,
+}
+
+
+@pytest.fixture(params=list(MAPPINGS))
+def mapping(request) -> Mapping:
+    return MAPPINGS[request.param]()
+
+
+def raw_values(generator, dtype=torch.float64):
+    """Raw values spread over [-4, 4] in a (2, 5) tensor (several values, not one)."""
+    return torch.rand(2, 5, generator=generator, dtype=dtype) * 8 - 4
+
+
+def parameter_values(mapping, generator, dtype=torch.float64):
+    """Valid parameter values in the mapping's range, (2, 5)."""
+    unit = torch.rand(2, 5, generator=generator, dtype=dtype) * 0.98 + 0.01  # inside (0, 1)
+    if isinstance(mapping, SigmoidMapping):
+        return mapping.lo + (mapping.hi - mapping.lo) * unit
+    if isinstance(mapping, ExpMapping):
+        return unit * 10
+    return unit * 20 - 10
+
+
+# ----------------------------------------------------------------------------
+# forward and derivative
+
+
+def test_forward_formulas():
+    raw = torch.tensor([-1.0, 0.0, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(IdentityMapping().forward(raw), raw)
+    torch.testing.assert_close(ExpMapping().forward(raw), torch.tensor([math.exp(-1), 1.0, math.exp(2)], dtype=torch.float64))
+    sigmoid = SigmoidMapping(-2.0, 3.0)
+    expected = torch.tensor([-2 + 5 / (1 + math.exp(1)), 0.5, -2 + 5 / (1 + math.exp(-2))], dtype=torch.float64)
+    torch.testing.assert_close(sigmoid.forward(raw), expected, rtol=0, atol=1e-14)
+    # the midpoint of the range at r = 0
+    assert SigmoidMapping(10, 20).forward(torch.tensor(0.0)).item() == pytest.approx(15.0)
+
+
+def test_derivative_matches_autograd(mapping, generator):
+    raw = raw_values(generator).requires_grad_(True)
+    mapping.forward(raw).sum().backward()
+    derivative = mapping.derivative(raw.detach())
+    assert derivative.shape == raw.shape
+    torch.testing.assert_close(derivative, raw.grad, rtol=1e-13, atol=1e-14)
+
+
+def test_derivative_matches_finite_differences(mapping, generator):
+    raw = raw_values(generator)
+    step = 1e-6
+    numeric = (mapping.forward(raw + step) - mapping.forward(raw - step)) / (2 * step)
+    torch.testing.assert_close(mapping.derivative(raw), numeric, rtol=1e-7, atol=1e-8)
+
+
+def test_call_equals_forward(mapping, generator):
+    raw = raw_values(generator)
+    torch.testing.assert_close(mapping(raw), mapping.forward(raw), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtype_and_device_follow_the_input(mapping, dtype, device, generator):
+    raw = raw_values(generator, dtype).to(device)
+    for out in (mapping(raw), mapping.derivative(raw), mapping.solve(mapping(raw))):
+        assert out.dtype == dtype
+        assert out.device.type == torch.device(device).type
+        assert out.shape == raw.shape
+
+
+# ----------------------------------------------------------------------------
+# inverse
+
+
+def test_solve_inverts_forward(mapping, generator):
+    raw = raw_values(generator)
+    torch.testing.assert_close(mapping.solve(mapping.forward(raw)), raw, rtol=1e-10, atol=1e-10)
+
+
+def test_forward_inverts_solve(mapping, generator):
+    values = parameter_values(mapping, generator)
+    raw = mapping.solve(values)
+    assert raw.shape == values.shape
+    torch.testing.assert_close(mapping.forward(raw), values, rtol=1e-12, atol=1e-12)
+
+
+def test_solve_accepts_python_numbers():
+    assert SigmoidMapping(-2.0, 3.0).solve(0.5).item() == pytest.approx(0.0, abs=1e-6)
+    assert ExpMapping().solve(1.0).item() == pytest.approx(0.0, abs=1e-7)
+    assert ExpMapping().solve(math.e).item() == pytest.approx(1.0, abs=1e-6)
+    assert IdentityMapping().solve(2).item() == 2.0
+    # integers come back as floats
+    assert IdentityMapping().solve(2).is_floating_point()
+    assert ExpMapping().solve(1).is_floating_point()
+
+
+def test_identity_solve_returns_a_copy():
+    value = torch.tensor([1.0, 2.0])
+    raw = IdentityMapping().solve(value)
+    raw += 1
+    assert value.tolist() == [1.0, 2.0]
+
+
+def test_inverse_is_an_alias_of_solve(mapping, generator):
+    values = parameter_values(mapping, generator)
+    torch.testing.assert_close(mapping.inverse(values), mapping.solve(values), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------
+# ranges
+
+
+def test_sigmoid_output_stays_inside_the_open_range(generator):
+    mapping = SigmoidMapping(-2.0, 3.0)
+    raw = torch.linspace(-30, 30, 121, dtype=torch.float64)
+    values = mapping(raw)
+    assert bool((values > -2.0).all()) and bool((values < 3.0).all())
+    # and covers most of it
+    assert values.min().item() < -1.99 and values.max().item() > 2.99
+
+
+@pytest.mark.parametrize(
+    "value",
+    [-2.0, 3.0, -2.5, 7.0, float("nan"), [0.0, 3.0], [0.0, 1.0, -3.0]],
+    ids=["lo", "hi", "below", "above", "nan", "one-on-hi", "one-below"],
+)
+def test_sigmoid_solve_outside_the_range_raises(value):
+    mapping = SigmoidMapping(-2.0, 3.0)
+    with pytest.raises(ValueError, match=r"SigmoidMapping\.solve\(\).*outside the open range \(-2\.0, 3\.0\)"):
+        mapping.solve(torch.tensor(value, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("lo, hi", [(2, 1), (1, 1), (float("nan"), 1), (0, float("inf")), (-float("inf"), 0)])
+def test_sigmoid_needs_finite_increasing_bounds(lo, hi):
+    with pytest.raises(ValueError, match=r"SigmoidMapping\(\).*lo < hi"):
+        SigmoidMapping(lo, hi)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, [1.0, 0.0], [2.0, -3.0], float("nan")])
+def test_exp_solve_of_non_positive_value_raises(value):
+    with pytest.raises(ValueError, match=r"ExpMapping\.solve\(\).*must be positive"):
+        ExpMapping().solve(torch.tensor(value))
+
+
+def test_base_mapping_is_abstract():
+    base = Mapping()
+    for method in (base.forward, base.derivative, base.solve):
+        with pytest.raises(NotImplementedError):
+            method(torch.zeros(2))
+
+
+def test_repr():
+    assert repr(SigmoidMapping(-2, 3)) == "SigmoidMapping(-2.0, 3.0)"
+    assert repr(ExpMapping()) == "ExpMapping()"

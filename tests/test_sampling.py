@@ -1,0 +1,483 @@
+"""Sampling: the align_corners convention, warps against grid_sample, exact and
+precomputed image gradients against autograd, padding extension, input checks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import smooth_random_image
+from tireg.sampling import (
+    extend,
+    image_gradient,
+    pixel_grid,
+    sample,
+    sample_with_gradient,
+    sampling_grid,
+    warp,
+    warp_gradient,
+)
+from tireg.transforms import affine_matrix, normalization_matrix, pixel_to_normalized, translation_matrix
+
+PADDING_MODES = ["zeros", "border", "reflection"]
+INTERPOLATIONS = ["bilinear", "bicubic"]
+HEIGHT, WIDTH = 37, 53  # non-square on purpose
+
+
+def random_image(generator, shape=(2, 3, HEIGHT, WIDTH), dtype=torch.float64):
+    return torch.rand(*shape, generator=generator, dtype=dtype)
+
+
+def random_affine(generator, batch=2, dtype=torch.float64):
+    """Random pixel matrices near the identity about the image centre, ``(B, 3, 3)``."""
+    noise = torch.rand(batch, 6, generator=generator, dtype=dtype) * 2 - 1
+    params = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0], dtype=dtype) + noise * torch.tensor(
+        [0.2, 0.2, 0.2, 0.2, 4.0, 4.0], dtype=dtype
+    )
+    return affine_matrix(params, ((WIDTH - 1) / 2, (HEIGHT - 1) / 2))
+
+
+def to_grid(points: torch.Tensor, moving_size) -> torch.Tensor:
+    """Moving-image pixel points ``(..., 2)`` to ``grid_sample`` coordinates, through ``normalization_matrix``."""
+    norm = normalization_matrix(moving_size, dtype=points.dtype, device=points.device)
+    return points @ norm[:2, :2].T + norm[:2, 2]
+
+
+def random_points(generator, batch=2, shape=(5, 6), size=(HEIGHT, WIDTH), margin=4.0, dtype=torch.float64):
+    """Random points in moving pixels, ``(B, h, w, 2)``, reaching ``margin`` pixels outside the image."""
+    height, width = size
+    unit = torch.rand(batch, *shape, 2, generator=generator, dtype=dtype)
+    x = unit[..., 0] * (width - 1 + 2 * margin) - margin
+    y = unit[..., 1] * (height - 1 + 2 * margin) - margin
+    return torch.stack([x, y], dim=-1)
+
+
+def grid_sample(image, grid, interpolation, padding_mode):
+    return F.grid_sample(image, grid, mode=interpolation, padding_mode=padding_mode, align_corners=False)
+
+
+# ----------------------------------------------------------------------------
+# grids
+
+
+def test_pixel_grid_rows_are_x_y_one():
+    height, width = 3, 4
+    grid = pixel_grid((height, width), dtype=torch.float64)
+    assert grid.shape == (height * width, 3)
+    expected = torch.tensor(
+        [[j, i, 1.0] for i in range(height) for j in range(width)], dtype=torch.float64
+    )
+    torch.testing.assert_close(grid, expected, rtol=0, atol=0)
+    assert grid[1 * width + 2].tolist() == [2.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pixel_grid_dtype_and_device(dtype, device):
+    grid = pixel_grid((2, 5), dtype=dtype, device=device)
+    assert grid.dtype == dtype and grid.device.type == torch.device(device).type
+
+
+def test_sampling_grid_equals_pixel_grid_times_theta(generator):
+    fixed_size, moving_size = (9, 14), (HEIGHT, WIDTH)
+    matrix = random_affine(generator)
+    grid = sampling_grid(matrix, fixed_size, moving_size)
+    assert grid.shape == (2, *fixed_size, 2)
+    theta = pixel_to_normalized(matrix, moving_size)  # (B, 2, 3)
+    expected = (pixel_grid(fixed_size, dtype=torch.float64) @ theta.transpose(-1, -2)).reshape(2, *fixed_size, 2)
+    torch.testing.assert_close(grid, expected, rtol=0, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------
+# warp
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS + ["nearest"])
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_identity_warp_returns_the_image(interpolation, padding_mode, dtype, device, generator):
+    """The one ``align_corners`` convention: pixel centres map onto pixel centres (not bit-exact: roundoff)."""
+    image = random_image(generator, dtype=dtype).to(device)
+    out = warp(image, torch.eye(3, dtype=dtype, device=device), interpolation=interpolation, padding_mode=padding_mode)
+    assert out.shape == image.shape and out.dtype == dtype and out.device == image.device
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(out, image, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+def test_integer_translation_shifts_the_array(interpolation, padding_mode, generator):
+    image = random_image(generator)
+    matrix = translation_matrix(torch.tensor([3.0, -2.0], dtype=torch.float64))
+    out = warp(image, matrix, interpolation=interpolation, padding_mode=padding_mode)
+    # warped(x, y) = M(x + 3, y - 2): warped[i, j] = M[i - 2, j + 3]
+    torch.testing.assert_close(out[..., 2:, : WIDTH - 3], image[..., : HEIGHT - 2, 3:], rtol=0, atol=1e-12)
+    if padding_mode == "zeros":
+        assert out[..., :2, :].abs().max() < 1e-12
+        assert out[..., :, WIDTH - 3 :].abs().max() < 1e-12
+    if padding_mode == "border":
+        torch.testing.assert_close(out[..., 0, : WIDTH - 3], image[..., 0, 3:], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+def test_integer_translation_samples_the_extended_image(padding_mode, generator):
+    """Outside values of ``warp`` are those that ``extend`` produces (same padding definition)."""
+    image = random_image(generator, shape=(1, 2, 8, 11))
+    out = warp(image, translation_matrix(torch.tensor([-2.0, -3.0], dtype=torch.float64)), padding_mode=padding_mode)
+    extended = extend(image, 3, padding_mode)
+    # warped[i, j] = M(j - 2, i - 3) = extended[i, j + 1]
+    torch.testing.assert_close(out, extended[..., :8, 1:12], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS + ["nearest"])
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+def test_warp_equals_grid_sample_with_affine_grid(interpolation, padding_mode, generator):
+    image = random_image(generator)
+    matrix = random_affine(generator)
+    fixed_size = (23, 29)  # output grid differs from the moving image
+    norm_moving = normalization_matrix((HEIGHT, WIDTH), dtype=torch.float64)
+    norm_fixed = normalization_matrix(fixed_size, dtype=torch.float64)
+    theta = (norm_moving @ matrix @ torch.linalg.inv(norm_fixed))[:, :2]
+    reference_grid = F.affine_grid(theta, [2, 3, *fixed_size], align_corners=False)
+    expected = grid_sample(image, reference_grid, interpolation, padding_mode)
+    out = warp(image, matrix, size=fixed_size, interpolation=interpolation, padding_mode=padding_mode)
+    assert out.shape == (2, 3, *fixed_size)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    # not a trivial comparison: the transform moved the image
+    assert (out - image[..., : fixed_size[0], : fixed_size[1]]).abs().max() > 0.1
+
+
+def test_single_matrix_broadcasts_over_the_batch(generator):
+    image = random_image(generator)
+    matrix = random_affine(generator, batch=1)[0]  # (3, 3)
+    out = warp(image, matrix)
+    torch.testing.assert_close(out, warp(image, matrix.expand(2, 3, 3)), rtol=0, atol=0)
+    torch.testing.assert_close(out, warp(image, matrix.unsqueeze(0)), rtol=0, atol=0)
+    for b in range(2):
+        torch.testing.assert_close(out[b : b + 1], warp(image[b : b + 1], matrix), rtol=0, atol=1e-14)
+
+
+def test_single_image_broadcasts_over_matrices(generator):
+    image = random_image(generator, shape=(1, 3, HEIGHT, WIDTH))
+    matrices = random_affine(generator, batch=3)
+    out = warp(image, matrices)
+    assert out.shape == (3, 3, HEIGHT, WIDTH)
+    for b in range(3):
+        torch.testing.assert_close(out[b : b + 1], warp(image, matrices[b]), rtol=0, atol=1e-14)
+
+
+def test_warp_is_differentiable_in_the_matrix(generator):
+    image = smooth_random_image((1, 1, 9, 12), generator)
+    params = torch.tensor([1.05, 0.1, -0.05, 0.95, 0.3, -0.2], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda p: warp(image, affine_matrix(p, (5.5, 4.0)), padding_mode="border"), (params,), eps=1e-6, atol=1e-6
+    )
+
+
+# ----------------------------------------------------------------------------
+# exact gradient of the sampled function
+
+
+def autograd_point_gradient(moving, points, weight, interpolation, padding_mode):
+    """``d/dp sum weight * M(p)`` by autograd, with ``p`` in moving pixels: ``(B, h, w, 2)``."""
+    points = points.clone().requires_grad_(True)
+    values = grid_sample(moving, to_grid(points, moving.shape[-2:]), interpolation, padding_mode)
+    (gradient,) = torch.autograd.grad((values * weight).sum(), points)
+    return gradient
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+def test_warp_gradient_matches_autograd(interpolation, padding_mode, generator):
+    moving = random_image(generator, shape=(2, 3, 11, 16))
+    points = random_points(generator, size=(11, 16))  # some outside the image
+    assert bool(((points[..., 0] < -0.5) | (points[..., 0] > 15.5)).any())
+    weight = torch.randn(2, 3, *points.shape[1:3], generator=generator, dtype=torch.float64)
+    grid = to_grid(points, (11, 16))
+    gradient = warp_gradient(weight, moving, grid, interpolation=interpolation, padding_mode=padding_mode)
+    expected = autograd_point_gradient(moving, points, weight, interpolation, padding_mode)
+    assert gradient.shape == (2, *points.shape[1:3], 2)
+    torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-12)
+    assert expected.abs().max() > 0.1
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+def test_warp_gradient_matches_finite_differences(interpolation, padding_mode, generator):
+    """Independent of the sampler's backward kernel: central differences in pixel units."""
+    moving = random_image(generator, shape=(1, 2, 11, 16))
+    points = random_points(generator, batch=1, size=(11, 16))
+    weight = torch.randn(1, 2, *points.shape[1:3], generator=generator, dtype=torch.float64)
+    gradient = warp_gradient(
+        weight, moving, to_grid(points, (11, 16)), interpolation=interpolation, padding_mode=padding_mode
+    )
+    step = 1e-6
+    for axis in range(2):
+        delta = torch.zeros(2, dtype=torch.float64)
+        delta[axis] = step
+        plus = grid_sample(moving, to_grid(points + delta, (11, 16)), interpolation, padding_mode)
+        minus = grid_sample(moving, to_grid(points - delta, (11, 16)), interpolation, padding_mode)
+        numeric = ((plus - minus) * weight).sum(dim=1) / (2 * step)
+        torch.testing.assert_close(gradient[..., axis], numeric, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+def test_sample_with_gradient_exact_matches_autograd(interpolation, padding_mode, generator):
+    size = (11, 16)
+    moving = random_image(generator, shape=(2, 3, *size))
+    points = random_points(generator, size=size)
+    grid = to_grid(points, size)
+    values, gradients = sample_with_gradient(moving, grid, interpolation=interpolation, padding_mode=padding_mode)
+    assert values.shape == (2, 3, 5, 6) and gradients.shape == (2, 3, 2, 5, 6)
+    torch.testing.assert_close(values, grid_sample(moving, grid, interpolation, padding_mode), rtol=0, atol=0)
+    for channel in range(3):
+        weight = torch.zeros(2, 3, 5, 6, dtype=torch.float64)
+        weight[:, channel] = 1.0
+        expected = autograd_point_gradient(moving, points, weight, interpolation, padding_mode)  # (B, h, w, 2)
+        torch.testing.assert_close(gradients[:, channel], expected.permute(0, 3, 1, 2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method, sigma", [("central", 1.0), ("gaussian", 0.7)])
+@pytest.mark.parametrize(
+    "interpolation, tolerance",
+    # Relative L2 difference, precomputed vs exact, inside the image.  Bilinear:
+    # the exact gradient is a one-pixel difference, ~0.09 measured here.
+    # Bicubic: PyTorch's cubic kernel (a = -0.75) does not reproduce a linear
+    # ramp, so its exact derivative departs from the smooth one by up to 25%
+    # between pixels, ~0.23 measured, however smooth the image.
+    [("bilinear", 0.15), ("bicubic", 0.3)],
+)
+def test_precomputed_gradient_approximates_the_exact_one(method, sigma, interpolation, tolerance, generator):
+    size = (24, 31)
+    moving = smooth_random_image((2, 2, *size), generator, sigma=4.0)
+    points = random_points(generator, shape=(6, 7), size=size, margin=-4.0)  # inside, 4 pixels from the edges
+    grid = to_grid(points, size)
+    gradient_images = image_gradient(moving, method=method, sigma=sigma, padding_mode="border")
+    values, approximate = sample_with_gradient(
+        moving, grid, interpolation=interpolation, padding_mode="border", gradient=gradient_images
+    )
+    exact_values, exact = sample_with_gradient(moving, grid, interpolation=interpolation, padding_mode="border")
+    torch.testing.assert_close(values, exact_values, rtol=0, atol=1e-14)
+    relative = ((approximate - exact).norm() / exact.norm()).item()
+    assert relative < tolerance
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+def test_precomputed_gradient_of_a_ramp_is_exact_inside(interpolation, padding_mode):
+    a, b = 0.7, -1.3
+    size = (12, 15)
+    ys, xs = torch.meshgrid(torch.arange(12.0, dtype=torch.float64), torch.arange(15.0, dtype=torch.float64), indexing="ij")
+    moving = (a * xs + b * ys + 2.0).expand(1, 1, *size).clone()
+    points = torch.tensor([[[[4.3, 5.6], [7.75, 3.2], [10.1, 8.9]]]], dtype=torch.float64)
+    gradient_images = image_gradient(moving, method="central", padding_mode=padding_mode)
+    values, gradients = sample_with_gradient(
+        moving, to_grid(points, size), interpolation=interpolation, padding_mode=padding_mode, gradient=gradient_images
+    )
+    torch.testing.assert_close(gradients[0, 0, 0], torch.full((1, 3), a, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(gradients[0, 0, 1], torch.full((1, 3), b, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# image_gradient
+
+
+def ramp(a, b, shape, dtype=torch.float64):
+    height, width = shape[-2:]
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=dtype), torch.arange(width, dtype=dtype), indexing="ij"
+    )
+    return (a * xs + b * ys + 0.5).expand(*shape).clone()
+
+
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+def test_central_gradient_of_a_ramp(padding_mode):
+    a, b = 0.7, -1.3
+    image = ramp(a, b, (2, 2, 9, 12))
+    gradient = image_gradient(image, method="central", padding_mode=padding_mode)
+    assert gradient.shape == (2, 2, 2, 9, 12)
+    inside = gradient[..., 1:-1, 1:-1]
+    torch.testing.assert_close(inside[:, :, 0], torch.full_like(inside[:, :, 0], a), rtol=0, atol=1e-12)
+    torch.testing.assert_close(inside[:, :, 1], torch.full_like(inside[:, :, 1], b), rtol=0, atol=1e-12)
+    # at the left edge the padding decides: (M(1) - M(-1)) / 2
+    left = gradient[:, :, 0, 3, 0]
+    outside = {"zeros": 0.0, "border": image[0, 0, 3, 0].item(), "reflection": image[0, 0, 3, 0].item()}[padding_mode]
+    expected = (image[0, 0, 3, 1].item() - outside) / 2
+    torch.testing.assert_close(left, torch.full_like(left, expected), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.5])
+def test_gaussian_gradient_of_a_ramp(sigma):
+    a, b = -0.4, 2.2
+    image = ramp(a, b, (1, 2, 20, 24))
+    gradient = image_gradient(image, method="gaussian", sigma=sigma, padding_mode="zeros")
+    radius = max(1, math.ceil(4 * sigma))
+    inside = gradient[..., radius:-radius, radius:-radius]
+    assert inside.numel() > 0
+    torch.testing.assert_close(inside[:, :, 0], torch.full_like(inside[:, :, 0], a), rtol=0, atol=1e-12)
+    torch.testing.assert_close(inside[:, :, 1], torch.full_like(inside[:, :, 1], b), rtol=0, atol=1e-12)
+
+
+def test_gaussian_gradient_smooths(generator):
+    """On noise, derivative of Gaussian is smaller than central differences (it is not the same filter)."""
+    image = random_image(generator, shape=(1, 1, 20, 24))
+    central = image_gradient(image, method="central")
+    gaussian = image_gradient(image, method="gaussian", sigma=2.0)
+    assert gaussian[..., 8:-8, 8:-8].abs().mean() < 0.5 * central[..., 8:-8, 8:-8].abs().mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["central", "gaussian"])
+def test_image_gradient_dtype_and_device(dtype, method, device, generator):
+    image = random_image(generator, shape=(1, 2, 6, 7), dtype=dtype).to(device)
+    gradient = image_gradient(image, method=method)
+    assert gradient.dtype == dtype and gradient.device == image.device
+    assert gradient.shape == (1, 2, 2, 6, 7)
+
+
+# ----------------------------------------------------------------------------
+# extend
+
+NUMPY_MODES = {"zeros": "constant", "border": "edge", "reflection": "symmetric"}
+
+
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+@pytest.mark.parametrize("pad", [2, 5])  # 5 > width: reflection repeats
+def test_extend_matches_numpy_pad(padding_mode, pad):
+    image = torch.arange(24, dtype=torch.float64).reshape(1, 2, 3, 4) + 1.0
+    out = extend(image, pad, padding_mode)
+    assert out.shape == (1, 2, 3 + 2 * pad, 4 + 2 * pad)
+    expected = np.pad(image.numpy(), ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode=NUMPY_MODES[padding_mode])
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def test_extend_reflection_mirrors_about_the_pixel_edge():
+    image = torch.tensor([[[[10.0, 20.0, 30.0, 40.0]]]])
+    row = extend(image, 2, "reflection")[0, 0, 2]  # the original row
+    # M(-2), M(-1) | M(0) .. M(3) | M(4), M(5)
+    assert row.tolist() == [20.0, 10.0, 10.0, 20.0, 30.0, 40.0, 40.0, 30.0]
+
+
+def test_extend_border_and_zeros():
+    image = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    border = extend(image, 1, "border")[0, 0]
+    assert border.tolist() == [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]
+    zeros = extend(image, 1, "zeros")[0, 0]
+    assert zeros.tolist() == [[0, 0, 0, 0], [0, 1, 2, 0], [0, 3, 4, 0], [0, 0, 0, 0]]
+
+
+def test_extend_unknown_mode():
+    with pytest.raises(ValueError, match="unknown padding mode 'wrap'"):
+        extend(torch.zeros(1, 1, 2, 2), 1, "wrap")
+
+
+# ----------------------------------------------------------------------------
+# input checks
+
+
+def _image(dtype=torch.float64):
+    return torch.zeros(2, 1, 5, 7, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "moving, matrix, kwargs, error, pattern",
+    [
+        (torch.zeros(5, 7), torch.eye(3), {}, ValueError, r"warp\(\): 'moving' must have 4 dimensions.*\(5, 7\)"),
+        (torch.zeros(1, 5, 7), torch.eye(3), {}, ValueError, r"'moving' must have 4 dimensions"),
+        (torch.zeros(1, 1, 1, 5, 7), torch.eye(3), {}, ValueError, r"'moving' must have 4 dimensions"),
+        ([[1.0]], torch.eye(3), {}, TypeError, r"'moving' must be a torch.Tensor"),
+        (torch.zeros(2, 1, 5, 7, dtype=torch.int64), torch.eye(3), {}, TypeError, r"'moving' must be float32 or float64"),
+        (torch.zeros(2, 1, 0, 7), torch.eye(3), {}, ValueError, r"'moving' is empty"),
+        (_image(torch.float32), torch.zeros(2, 3), {}, ValueError, r"'matrix' must have shape \(B, 3, 3\) or \(3, 3\)"),
+        (_image(torch.float32), torch.zeros(4, 3, 2), {}, ValueError, r"'matrix' must have shape .*\(4, 3, 2\)"),
+        (_image(torch.float32), torch.zeros(1, 2, 3, 3), {}, ValueError, r"'matrix' must have shape"),
+        (_image(torch.float32), torch.eye(3).tolist(), {}, TypeError, r"'matrix' must be a torch.Tensor"),
+        (_image(torch.float32), torch.eye(3, dtype=torch.int64), {}, TypeError, r"'matrix' must be float32 or float64"),
+        (_image(torch.float32), torch.eye(3), {"padding_mode": "wrap"}, ValueError, r"warp\(\): unknown padding mode 'wrap'"),
+        (_image(torch.float32), torch.eye(3), {"interpolation": "cubic"}, ValueError, r"unknown interpolation 'cubic'"),
+        (_image(torch.float64), torch.eye(3), {}, ValueError, r"same dtype"),
+        (_image(torch.float32), torch.eye(3).expand(3, 3, 3), {}, ValueError, r"3 matrices for 2 images"),
+    ],
+    ids=[
+        "2d-image",
+        "3d-image",
+        "5d-image",
+        "list-image",
+        "int-image",
+        "empty-image",
+        "matrix-2x3",
+        "matrix-4x3x2",
+        "matrix-4d",
+        "list-matrix",
+        "int-matrix",
+        "padding",
+        "interpolation",
+        "dtype-mismatch",
+        "batch-mismatch",
+    ],
+)
+def test_warp_rejects(moving, matrix, kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        warp(moving, matrix, **kwargs)
+
+
+def test_warp_reports_the_matrix_shape_as_given():
+    with pytest.raises(ValueError, match=r"got \(2, 3\)$"):
+        warp(_image(torch.float32), torch.zeros(2, 3))
+
+
+def test_warp_lists_the_options_when_rejecting():
+    with pytest.raises(ValueError) as info:
+        warp(_image(), torch.eye(3, dtype=torch.float64), padding_mode="wrap")
+    for mode in PADDING_MODES:
+        assert repr(mode) in str(info.value)
+
+
+def test_sample_rejects_unknown_modes():
+    grid = torch.zeros(1, 2, 2, 2)
+    with pytest.raises(ValueError, match=r"sample\(\): unknown interpolation"):
+        sample(torch.zeros(1, 1, 3, 3), grid, interpolation="area")
+    with pytest.raises(ValueError, match=r"sample\(\): unknown padding mode"):
+        sample(torch.zeros(1, 1, 3, 3), grid, padding_mode="circular")
+
+
+def test_warp_gradient_rejects_unknown_modes():
+    with pytest.raises(ValueError, match=r"warp_gradient\(\): unknown padding mode"):
+        warp_gradient(torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 3, 3), torch.zeros(1, 2, 2, 2), padding_mode="wrap")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_image_gradient_rejects_non_finite_images(bad):
+    image = torch.zeros(1, 1, 4, 5)
+    image[0, 0, 2, 3] = bad
+    with pytest.raises(ValueError, match=r"image_gradient\(\): 'image' contains NaN or Inf"):
+        image_gradient(image)
+
+
+def test_image_gradient_rejects_unknown_method():
+    with pytest.raises(ValueError, match=r"image_gradient\(\): unknown gradient method 'sobel'"):
+        image_gradient(torch.zeros(1, 1, 4, 5), method="sobel")
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan")])
+def test_image_gradient_rejects_non_positive_sigma(sigma):
+    with pytest.raises(ValueError, match=r"image_gradient\(\): 'sigma' must be positive"):
+        image_gradient(torch.zeros(1, 1, 4, 5), method="gaussian", sigma=sigma)
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (1, 4, 5)])
+def test_image_gradient_rejects_wrong_dimensions(shape):
+    with pytest.raises(ValueError, match=r"image_gradient\(\): 'image' must have 4 dimensions"):
+        image_gradient(torch.zeros(*shape))
+
+
+def test_gradient_functions_name_themselves_in_errors():
+    image = torch.zeros(1, 1, 4, 5)
+    with pytest.raises(ValueError, match=r"^image_gradient\(\): unknown padding mode 'wrap'"):
+        image_gradient(image, padding_mode="wrap")
+    with pytest.raises(ValueError, match=r"^sample_with_gradient\(\): unknown interpolation 'cubic'"):
+        sample_with_gradient(image, torch.zeros(1, 2, 2, 2), interpolation="cubic")

@@ -1,0 +1,383 @@
+"""Transform builders: identity, Jacobians (autograd and finite differences), batching,
+dtype/device, known geometry (OpenCV's rotation sign), normalisation and input checks."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from tireg.transforms import (
+    TRANSFORMS,
+    affine_matrix,
+    anisotropic_similarity_matrix,
+    get_transform,
+    image_center,
+    normalization_matrix,
+    pixel_to_normalized,
+    rigid_matrix,
+    similarity_matrix,
+    translation_matrix,
+)
+
+NAMES = list(TRANSFORMS)
+BATCH = 3
+
+
+def random_params(transform, generator, batch=BATCH, dtype=torch.float64):
+    """Random parameters near the identity (scales stay positive), ``(batch, P)``."""
+    identity = torch.tensor(transform.identity, dtype=dtype)
+    noise = torch.rand(batch, transform.num_parameters, generator=generator, dtype=dtype) * 2 - 1
+    # angles and linear parts +-0.5, translations +-5 pixels
+    spread = torch.tensor(
+        [5.0 if name in ("tx", "ty") else 0.5 for name in transform.parameter_names], dtype=dtype
+    )
+    return identity + noise * spread
+
+
+def random_center(generator, shape=(2,), dtype=torch.float64):
+    return torch.rand(*shape, generator=generator, dtype=dtype) * 40.0 - 5.0
+
+
+def homogeneous(point, dtype=torch.float64):
+    return torch.tensor([point[0], point[1], 1.0], dtype=dtype)
+
+
+# ----------------------------------------------------------------------------
+# registry
+
+
+def test_registry_lists_the_five_kinds():
+    assert set(NAMES) == {"translation", "rigid", "similarity", "anisotropic_similarity", "affine"}
+    for name, transform in TRANSFORMS.items():
+        assert transform.name == name
+        assert transform.num_parameters == len(transform.identity) == len(transform.parameter_names)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_get_transform_returns_the_registered_kind(name):
+    assert get_transform(name) is TRANSFORMS[name]
+
+
+@pytest.mark.parametrize("bad", ["nope", "Rigid", "", ["rigid"]])
+def test_get_transform_unknown_name_lists_the_known_names(bad):
+    with pytest.raises(ValueError, match="unknown transform") as info:
+        get_transform(bad)
+    for name in NAMES:
+        assert repr(name) in str(info.value)
+
+
+# ----------------------------------------------------------------------------
+# identity
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_identity_parameters_give_identity_matrix(name, generator):
+    transform = TRANSFORMS[name]
+    params = torch.tensor(transform.identity, dtype=torch.float64)
+    for center in (image_center(37, 53), random_center(generator)):
+        matrix = transform.matrix(params, center)
+        torch.testing.assert_close(matrix, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    # batched identity, batched centre
+    batched = params.expand(BATCH, -1)
+    centers = random_center(generator, (BATCH, 2))
+    torch.testing.assert_close(
+        transform.matrix(batched, centers), torch.eye(3, dtype=torch.float64).expand(BATCH, 3, 3), rtol=0, atol=1e-12
+    )
+
+
+# ----------------------------------------------------------------------------
+# Jacobians
+
+
+def _autograd_jacobian(transform, params, center):
+    """``dA/dp`` as ``(B, P, 3, 3)`` from ``torch.autograd.functional.jacobian``."""
+    full = torch.autograd.functional.jacobian(lambda p: transform.matrix(p, center), params)  # (B, 3, 3, B, P)
+    batch = params.shape[0]
+    # Row b of A depends on row b of the params only.
+    off_diagonal = full.clone()
+    for b in range(batch):
+        off_diagonal[b, :, :, b, :] = 0
+    assert torch.count_nonzero(off_diagonal) == 0
+    return torch.stack([full[b, :, :, b, :] for b in range(batch)]).permute(0, 3, 1, 2)
+
+
+def _finite_difference_jacobian(transform, params, center, step=1e-5):
+    columns = []
+    for k in range(params.shape[-1]):
+        delta = torch.zeros_like(params)
+        delta[..., k] = step
+        columns.append((transform.matrix(params + delta, center) - transform.matrix(params - delta, center)) / (2 * step))
+    return torch.stack(columns, dim=-3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("center_shape", [(2,), (BATCH, 2)], ids=["shared-centre", "batched-centre"])
+def test_jacobian_matches_autograd(name, center_shape, generator):
+    transform = TRANSFORMS[name]
+    params = random_params(transform, generator)
+    center = random_center(generator, center_shape)
+    analytic = transform.jacobian(params, center)
+    assert analytic.shape == (BATCH, transform.num_parameters, 3, 3)
+    expected = _autograd_jacobian(transform, params, center)
+    torch.testing.assert_close(analytic, expected, rtol=1e-12, atol=1e-12)
+    # derivatives of a transform have a zero last row
+    assert torch.count_nonzero(analytic[..., 2, :]) == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jacobian_matches_central_finite_differences(name, generator):
+    transform = TRANSFORMS[name]
+    params = random_params(transform, generator)
+    center = random_center(generator)
+    analytic = transform.jacobian(params, center)
+    numeric = _finite_difference_jacobian(transform, params, center)
+    torch.testing.assert_close(analytic, numeric, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jacobian_is_not_zero_for_every_parameter(name, generator):
+    """Guard against a vacuous comparison: each parameter moves the matrix."""
+    transform = TRANSFORMS[name]
+    jac = transform.jacobian(random_params(transform, generator), random_center(generator))
+    assert (jac.abs().amax(dim=(-2, -1)) > 1e-3).all()
+
+
+# ----------------------------------------------------------------------------
+# batching, dtype, device, differentiability
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batched_equals_one_by_one(name, generator):
+    transform = TRANSFORMS[name]
+    params = random_params(transform, generator)
+    centers = random_center(generator, (BATCH, 2))
+    shared = centers[0]
+    batched_matrix = transform.matrix(params, centers)
+    batched_jacobian = transform.jacobian(params, centers)
+    shared_matrix = transform.matrix(params, shared)
+    shared_jacobian = transform.jacobian(params, shared)
+    assert batched_matrix.shape == (BATCH, 3, 3)
+    for b in range(BATCH):
+        torch.testing.assert_close(batched_matrix[b], transform.matrix(params[b], centers[b]), rtol=0, atol=1e-13)
+        torch.testing.assert_close(batched_jacobian[b], transform.jacobian(params[b], centers[b]), rtol=0, atol=1e-13)
+        torch.testing.assert_close(shared_matrix[b], transform.matrix(params[b], shared), rtol=0, atol=1e-13)
+        torch.testing.assert_close(shared_jacobian[b], transform.jacobian(params[b], shared), rtol=0, atol=1e-13)
+    # an unbatched call returns a single matrix
+    assert transform.matrix(params[0], shared).shape == (3, 3)
+    assert transform.jacobian(params[0], shared).shape == (transform.num_parameters, 3, 3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtype_and_device_follow_params(name, dtype, device, generator):
+    transform = TRANSFORMS[name]
+    reference = random_params(transform, generator)
+    params = reference.to(dtype=dtype, device=device)
+    center = (12.5, 7.0)  # a plain sequence takes the params' dtype and device
+    matrix = transform.matrix(params, center)
+    jacobian = transform.jacobian(params, center)
+    for out in (matrix, jacobian):
+        assert out.dtype == dtype
+        assert out.device.type == torch.device(device).type
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(
+        matrix.cpu().double(), transform.matrix(reference, center), rtol=tolerance, atol=tolerance
+    )
+    torch.testing.assert_close(
+        jacobian.cpu().double(), transform.jacobian(reference, center), rtol=tolerance, atol=tolerance
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_matrix_is_differentiable_gradcheck(name, generator):
+    transform = TRANSFORMS[name]
+    params = random_params(transform, generator, batch=2).requires_grad_(True)
+    center = random_center(generator)
+    assert torch.autograd.gradcheck(lambda p: transform.matrix(p, center), (params,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "translation"])
+def test_matrix_is_differentiable_in_the_centre(name, generator):
+    transform = TRANSFORMS[name]
+    params = random_params(transform, generator, batch=2)
+    center = random_center(generator, (2, 2)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda c: transform.matrix(params, c), (center,), eps=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# known geometry
+
+
+def test_translation_matrix_is_a_pure_shift():
+    matrix = translation_matrix(torch.tensor([3.0, -2.0], dtype=torch.float64))
+    expected = torch.tensor([[1.0, 0.0, 3.0], [0.0, 1.0, -2.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(matrix, expected, rtol=0, atol=0)
+
+
+def test_rigid_quarter_turn_maps_centre_to_centre_plus_shift():
+    center = torch.tensor([10.0, 4.0], dtype=torch.float64)
+    shift = torch.tensor([1.5, -3.0], dtype=torch.float64)
+    params = torch.tensor([math.pi / 2, shift[0], shift[1]], dtype=torch.float64)
+    matrix = rigid_matrix(params, center)
+    image_of_center = matrix @ homogeneous(center)
+    torch.testing.assert_close(image_of_center[:2], center + shift, rtol=0, atol=1e-12)
+    # OpenCV's sign: R(pi/2) = [[0, 1], [-1, 0]], so c + (1, 0) goes to c + (0, -1) + t
+    # and c + (0, 1) goes to c + (1, 0) + t.
+    torch.testing.assert_close(
+        (matrix @ homogeneous(center + torch.tensor([1.0, 0.0], dtype=torch.float64)))[:2],
+        center + shift + torch.tensor([0.0, -1.0], dtype=torch.float64),
+        rtol=0,
+        atol=1e-12,
+    )
+    torch.testing.assert_close(
+        (matrix @ homogeneous(center + torch.tensor([0.0, 1.0], dtype=torch.float64)))[:2],
+        center + shift + torch.tensor([1.0, 0.0], dtype=torch.float64),
+        rtol=0,
+        atol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("angle, scale", [(0.3, 1.0), (-1.1, 0.7), (2.5, 1.8)])
+def test_similarity_equals_opencv_get_rotation_matrix_2d(angle, scale):
+    cx, cy = 17.0, 9.5
+    a, b = scale * math.cos(angle), scale * math.sin(angle)
+    opencv = torch.tensor(
+        [[a, b, (1 - a) * cx - b * cy], [-b, a, b * cx + (1 - a) * cy], [0.0, 0.0, 1.0]], dtype=torch.float64
+    )
+    params = torch.tensor([angle, scale, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(similarity_matrix(params, (cx, cy)), opencv, rtol=0, atol=1e-12)
+    # and with a shift, only the last column moves, by t
+    shifted = similarity_matrix(torch.tensor([angle, scale, 2.0, -4.0], dtype=torch.float64), (cx, cy))
+    opencv[:2, 2] += torch.tensor([2.0, -4.0], dtype=torch.float64)
+    torch.testing.assert_close(shifted, opencv, rtol=0, atol=1e-12)
+
+
+def test_rigid_equals_similarity_with_unit_scale(generator):
+    params = random_params(TRANSFORMS["rigid"], generator)
+    center = random_center(generator)
+    similarity_params = torch.cat([params[:, :1], torch.ones(BATCH, 1, dtype=torch.float64), params[:, 1:]], dim=1)
+    torch.testing.assert_close(rigid_matrix(params, center), similarity_matrix(similarity_params, center))
+
+
+def test_anisotropic_similarity_with_equal_scales_equals_similarity(generator):
+    params = random_params(TRANSFORMS["similarity"], generator)
+    center = random_center(generator)
+    aniso = torch.cat([params[:, :2], params[:, 1:2], params[:, 2:]], dim=1)  # (theta, s, s, tx, ty)
+    torch.testing.assert_close(
+        anisotropic_similarity_matrix(aniso, center), similarity_matrix(params, center), rtol=0, atol=1e-12
+    )
+
+
+def test_anisotropic_similarity_scales_then_rotates():
+    """``L = R(theta) diag(sx, sy)``: the columns of R scale, not its rows."""
+    theta, sx, sy = 0.4, 1.5, 0.5
+    matrix = anisotropic_similarity_matrix(torch.tensor([theta, sx, sy, 0.0, 0.0], dtype=torch.float64), (0.0, 0.0))
+    c, s = math.cos(theta), math.sin(theta)
+    expected = torch.tensor([[c * sx, s * sy], [-s * sx, c * sy]], dtype=torch.float64)
+    torch.testing.assert_close(matrix[:2, :2], expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(matrix[:2, 2], torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_affine_about_centre_maps_centre_to_centre_plus_shift(generator):
+    params = random_params(TRANSFORMS["affine"], generator)
+    center = random_center(generator)
+    matrix = affine_matrix(params, center)
+    image_of_center = matrix @ homogeneous(center)
+    torch.testing.assert_close(image_of_center[:, :2], center + params[:, 4:6], rtol=0, atol=1e-12)
+    # ITK's order: the linear part row by row
+    torch.testing.assert_close(matrix[:, :2, :2], params[:, :4].reshape(BATCH, 2, 2), rtol=0, atol=0)
+    torch.testing.assert_close(matrix[:, 2], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(BATCH, 3))
+
+
+# ----------------------------------------------------------------------------
+# pixel <-> grid_sample coordinates
+
+
+def test_image_center_is_middle_of_pixel_centres():
+    assert image_center(5, 8) == (3.5, 2.0)
+
+
+def test_normalization_matrix_maps_outer_pixel_edges_to_plus_minus_one():
+    height, width = 5, 8
+    norm = normalization_matrix((height, width), dtype=torch.float64)
+    assert norm.shape == (3, 3)
+    torch.testing.assert_close(
+        norm @ homogeneous((-0.5, -0.5)), torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64), rtol=0, atol=1e-15
+    )
+    torch.testing.assert_close(
+        norm @ homogeneous((width - 0.5, height - 0.5)),
+        torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64),
+        rtol=0,
+        atol=1e-15,
+    )
+    # the first pixel centre is half a pixel inside: -1 + 1/W, -1 + 1/H
+    torch.testing.assert_close(
+        norm @ homogeneous((0.0, 0.0)),
+        torch.tensor([-1 + 1 / width, -1 + 1 / height, 1.0], dtype=torch.float64),
+        rtol=0,
+        atol=1e-15,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normalization_matrix_dtype_and_device(dtype, device):
+    norm = normalization_matrix((4, 6), dtype=dtype, device=device)
+    assert norm.dtype == dtype
+    assert norm.device.type == torch.device(device).type
+
+
+def test_pixel_to_normalized_composes_with_the_moving_normalisation(generator):
+    height, width = 7, 11  # moving image size
+    params = random_params(TRANSFORMS["affine"], generator)
+    matrix = affine_matrix(params, random_center(generator))
+    theta = pixel_to_normalized(matrix, (height, width))
+    assert theta.shape == (BATCH, 2, 3)
+    points = torch.rand(BATCH, 3, 5, generator=generator, dtype=torch.float64) * 20 - 5
+    points[:, 2] = 1.0
+    moving = matrix @ points  # (B, 3, 5) moving pixels
+    expected = torch.stack([(2 * moving[:, 0] + 1) / width - 1, (2 * moving[:, 1] + 1) / height - 1], dim=1)
+    torch.testing.assert_close(theta @ points, expected, rtol=0, atol=1e-12)
+    # dtype follows the matrix
+    assert pixel_to_normalized(matrix.float(), (height, width)).dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------
+# input checks
+
+
+BUILDERS = [(name, kind) for name in NAMES for kind in ("matrix", "jacobian")]
+
+
+def _builder(name, kind):
+    return getattr(TRANSFORMS[name], kind)
+
+
+def _expect(function, error, params):
+    pattern = re.escape(function.__name__ + "()") + r".*'params'"
+    with pytest.raises(error, match=pattern):
+        function(params, (1.0, 2.0))
+
+
+@pytest.mark.parametrize("name, kind", BUILDERS)
+def test_wrong_parameter_count_is_rejected(name, kind):
+    function = _builder(name, kind)
+    count = TRANSFORMS[name].num_parameters
+    _expect(function, ValueError, torch.zeros(2, count + 1, dtype=torch.float64))
+    _expect(function, ValueError, torch.zeros(count - 1, dtype=torch.float64))
+    _expect(function, ValueError, torch.tensor(0.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name, kind", BUILDERS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_parameters_are_rejected(name, kind, dtype):
+    count = TRANSFORMS[name].num_parameters
+    _expect(_builder(name, kind), TypeError, torch.ones(2, count, dtype=dtype))
+
+
+@pytest.mark.parametrize("name, kind", BUILDERS)
+def test_non_tensor_parameters_are_rejected(name, kind):
+    identity = TRANSFORMS[name].identity
+    _expect(_builder(name, kind), TypeError, list(identity))
