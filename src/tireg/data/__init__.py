@@ -1,4 +1,10 @@
-"""Bundled example images (see ``README.md`` in this folder for sources and licences)."""
+"""Bundled example images (see ``README.md`` in this folder for sources and licences).
+
+Each loader returns a float tensor with values in ``[0, 1]``: grey images as
+``(H, W)``, colour images as ``(3, H, W)``.  They are small (about 200 x 250
+pixels), non-square, real photographs and textures, stored as ``.npz`` so
+that loading needs nothing beyond NumPy.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,48 @@ from importlib import resources
 import numpy as np
 import torch
 
-__all__ = ["astronaut"]
+__all__ = ["IMAGES", "load", "astronaut", "camera", "coins", "brick", "gravel", "immunohistochemistry"]
+
+#: Names of the bundled images.
+IMAGES = ("astronaut", "camera", "coins", "brick", "gravel", "immunohistochemistry")
 
 
-def _load(name: str) -> np.ndarray:
+def load(name: str, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A bundled image by name, values in ``[0, 1]``: ``(H, W)`` grey or ``(3, H, W)`` colour."""
+    if name not in IMAGES:
+        raise ValueError(f"unknown bundled image {name!r}; choose one of {', '.join(map(repr, IMAGES))}")
     with resources.files(__name__).joinpath(f"{name}.npz").open("rb") as handle:
-        return np.load(handle)["image"]
+        image = np.load(handle)["image"]
+    if image.ndim == 3:
+        image = np.moveaxis(image, -1, 0)
+    return torch.from_numpy(image.astype(np.float64) / 255.0).to(dtype)
 
 
 def astronaut(*, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Eileen Collins, NASA portrait (public domain), grey, ``(192, 256)``, values in ``[0, 1]``.
+    """Eileen Collins, NASA portrait (public domain), grey ``(192, 256)``."""
+    return load("astronaut", dtype=dtype)
 
-    A non-square real photograph with edges, texture and flat regions,
-    downsampled from scikit-image's ``astronaut``.
-    """
-    return torch.from_numpy(_load("astronaut").astype(np.float64) / 255.0).to(dtype)
+
+def camera(*, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Photographer with camera, Lav Varshney (CC0), grey ``(224, 256)``."""
+    return load("camera", dtype=dtype)
+
+
+def coins(*, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Greek coins from Pompeii (no known copyright restrictions), grey ``(303, 384)``."""
+    return load("coins", dtype=dtype)
+
+
+def brick(*, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Brick wall texture, CC0Textures Bricks25 (CC0), grey ``(192, 256)``: a periodic pattern."""
+    return load("brick", dtype=dtype)
+
+
+def gravel(*, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Gravel texture, CC0Textures Gravel04 (CC0), grey ``(192, 256)``."""
+    return load("gravel", dtype=dtype)
+
+
+def immunohistochemistry(*, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Immunohistochemistry (IHC) stained tissue (no known copyright restrictions), colour ``(3, 192, 256)``."""
+    return load("immunohistochemistry", dtype=dtype)
