@@ -1,0 +1,920 @@
+"""Transform files: tireg's JSON document and ITK's text transform format (``.tfm``/``.txt``).
+
+Convention:
+    A transform is a homogeneous ``3 x 3`` matrix ``A`` in **pixel units** that
+    maps a point of the **fixed** image to a point of the **moving** image,
+    ``warped(x) = M(A x)``; ``x`` = column, ``y`` = row, pixel centres at the
+    integers.  This is ITK's direction: an ITK transform maps points of the
+    fixed image's *physical* space to the moving image's physical space.
+
+    An image's geometry (:class:`ImageGeometry`, ITK's ``spacing``,
+    ``origin`` and ``direction``, all in ``(x, y)`` order) sends a pixel to a
+    physical point::
+
+        p = D diag(spacing) x + origin,     P = [[D diag(spacing), origin], [0, 0, 1]]
+
+    so the physical transform stored in an ITK file is
+    ``A_physical = P_moving A P_fixed^-1``.  With the default geometry
+    (spacing 1, origin 0, identity direction -- what SimpleITK gives a NumPy
+    array, whose index ``(i, j)`` is ``(column, row)``) physical coordinates
+    are pixel coordinates and ``A`` *is* the ITK transform.
+
+    ITK writes an affine transform as a linear part ``L``, a translation ``t``
+    and a centre ``c`` (its fixed parameters):
+    ``x_moving = L (x_fixed - c) + c + t``.  ITK's 2-D rotation is
+    ``[[cos, -sin], [sin, cos]]``; tireg's :func:`tireg.transforms.rotation`
+    (OpenCV's) is its transpose, so with the default geometry a tireg angle
+    ``theta`` is ITK's ``-theta``.  Files store matrices, so no angle is ever
+    converted.
+
+Formats, chosen by the file's suffix:
+
+* ``.json``: tireg's document (full fidelity: batch, transform kind,
+  parameters, centre, metadata; matrix always in pixel units)::
+
+      {"format": "tireg-transform", "version": 1, "convention": "...",
+       "matrix": [[...], [...], [...]]  (or a list of B such matrices),
+       "transform": "rigid" | null, "parameters": {"angle": 0.1, ...},
+       "center": [cx, cy] | [[cx, cy], ...] | null, "metadata": {...},
+       "fixed_geometry": {...} | null, "moving_geometry": {...} | null}
+
+* ``.tfm`` / ``.txt``: ITK's text format (``#Insight Transform File V1.0``),
+  read by ITK, SimpleITK and 3D Slicer (2-D transforms only).  tireg writes
+  one ``AffineTransform_double_2_2`` in physical units; the transform kind,
+  parameters and metadata go into one ``#tireg: {...}`` comment line, which
+  ITK skips.
+
+Floats are written with Python's shortest round-trip ``repr`` (what ITK's
+own writer does), so a value read back is bit-identical.  Files are written
+atomically: to a temporary file in the same folder, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Mapping
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ImageGeometry",
+    "TransformFile",
+    "save_transform",
+    "load_transform",
+    "JSON_SUFFIXES",
+    "ITK_SUFFIXES",
+]
+
+#: Suffixes written and read as tireg's JSON document.
+JSON_SUFFIXES = (".json",)
+#: Suffixes written and read as ITK's text transform format.
+ITK_SUFFIXES = (".tfm", ".txt")
+
+FORMAT_NAME = "tireg-transform"
+FORMAT_VERSION = 1
+CONVENTION = (
+    "matrix maps a fixed-image point to a moving-image point (warped(x) = moving(matrix @ x)), "
+    "in pixel units, x = column, y = row, pixel centres at integer coordinates"
+)
+
+PathLike = Union[str, "os.PathLike[str]"]
+MatrixLike = Union[torch.Tensor, np.ndarray, Sequence]
+GeometryLike = Union["ImageGeometry", Mapping[str, Any], None]
+
+_ITK_HEADER = "#Insight Transform File V1.0"
+_TIREG_COMMENT = "#tireg:"
+# Tolerance (pixels / unitless) for "the matrix recorded in a #tireg comment is
+# the matrix the file's ITK lines give": far above round-off, far below an edit.
+_COMMENT_ATOL = 1e-7
+
+
+# ----------------------------------------------------------------------------
+# image geometry
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where an image's pixels lie in physical space (ITK's image geometry, 2-D).
+
+    ``p = direction @ diag(spacing) @ (x, y) + origin`` for the pixel
+    ``(x, y)`` = (column, row).  All three are in ``(x, y)`` order, as ITK
+    and SimpleITK give them (``image.GetSpacing()`` is (column spacing, row
+    spacing); NumPy's ``(rows, columns)`` order is the reverse).
+
+    Attributes:
+        spacing: ``(sx, sy)``, physical size of a pixel; positive.
+        origin: ``(ox, oy)``, physical position of pixel ``(0, 0)``'s centre.
+        direction: ``2 x 2`` direction cosines ``((d00, d01), (d10, d11))``;
+            also accepted flat, row by row (SimpleITK's ``GetDirection()``).
+            Must be invertible.
+    """
+
+    spacing: tuple[float, float] = (1.0, 1.0)
+    origin: tuple[float, float] = (0.0, 0.0)
+    direction: tuple[tuple[float, float], tuple[float, float]] = ((1.0, 0.0), (0.0, 1.0))
+
+    def __post_init__(self) -> None:
+        caller = "ImageGeometry()"
+        spacing = _float_vector(self.spacing, 2, "spacing", caller)
+        origin = _float_vector(self.origin, 2, "origin", caller)
+        try:
+            direction = np.asarray(self.direction, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{caller}: 'direction' must be 2 x 2 numbers; got {self.direction!r}") from None
+        if direction.shape == (4,):
+            direction = direction.reshape(2, 2)
+        if direction.shape != (2, 2):
+            raise ValueError(
+                f"{caller}: 'direction' must have shape (2, 2) or (4,); got {tuple(direction.shape)}"
+            )
+        if not np.isfinite(direction).all():
+            raise ValueError(f"{caller}: 'direction' contains NaN or Inf values")
+        if not (spacing > 0).all():
+            raise ValueError(f"{caller}: 'spacing' must be positive; got {tuple(spacing.tolist())}")
+        if abs(np.linalg.det(direction)) < 1e-12:
+            raise ValueError(f"{caller}: 'direction' must be invertible; got {direction.tolist()}")
+        object.__setattr__(self, "spacing", tuple(spacing.tolist()))
+        object.__setattr__(self, "origin", tuple(origin.tolist()))
+        object.__setattr__(self, "direction", tuple(tuple(row) for row in direction.tolist()))
+
+    @classmethod
+    def from_sitk(cls, image: Any) -> "ImageGeometry":
+        """Geometry of a 2-D SimpleITK image (``GetSpacing``, ``GetOrigin``, ``GetDirection``)."""
+        spacing = tuple(image.GetSpacing())
+        if len(spacing) != 2:
+            raise ValueError(f"ImageGeometry.from_sitk(): the image must be 2-D; got {len(spacing)} dimensions")
+        return cls(spacing=spacing, origin=tuple(image.GetOrigin()), direction=tuple(image.GetDirection()))
+
+    def physical_matrix(self) -> torch.Tensor:
+        """``P = [[D diag(spacing), origin], [0, 0, 1]]``: pixel ``(x, y, 1)`` to physical point; float64 ``(3, 3)``."""
+        return torch.from_numpy(self._matrix())
+
+    def _matrix(self) -> np.ndarray:
+        matrix = np.eye(3)
+        matrix[:2, :2] = np.asarray(self.direction) * np.asarray(self.spacing)[None, :]
+        matrix[:2, 2] = self.origin
+        return matrix
+
+    def to_dict(self) -> dict[str, list]:
+        """``{"spacing": [sx, sy], "origin": [ox, oy], "direction": [[...], [...]]}`` (as stored in JSON)."""
+        return {
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": [list(row) for row in self.direction],
+        }
+
+
+def _as_geometry(geometry: GeometryLike, name: str, caller: str) -> Optional[ImageGeometry]:
+    """``None``, an :class:`ImageGeometry` or a mapping with (some of) its fields."""
+    if geometry is None or isinstance(geometry, ImageGeometry):
+        return geometry
+    if isinstance(geometry, Mapping):
+        unknown = set(geometry) - {"spacing", "origin", "direction"}
+        if unknown:
+            raise ValueError(
+                f"{caller}: '{name}' has unknown keys {sorted(map(str, unknown))}; "
+                "expected 'spacing', 'origin', 'direction'"
+            )
+        try:
+            return ImageGeometry(**geometry)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{caller}: '{name}': {error}") from None
+    raise TypeError(
+        f"{caller}: '{name}' must be an ImageGeometry, a dict with 'spacing'/'origin'/'direction' "
+        f"or None; got {type(geometry).__name__}"
+    )
+
+
+def _geometry_matrix(geometry: Optional[ImageGeometry]) -> np.ndarray:
+    return np.eye(3) if geometry is None else geometry._matrix()
+
+
+# ----------------------------------------------------------------------------
+# the loaded result
+
+
+@dataclass(frozen=True)
+class TransformFile:
+    """What :func:`load_transform` read.
+
+    Attributes:
+        matrix: float64 ``(3, 3)``, or ``(B, 3, 3)`` for a batch saved as JSON;
+            fixed -> moving, pixel units (see the module's Convention).
+        transform: the transform kind (e.g. ``"rigid"``) for files written by
+            tireg with one; for other ITK files the ITK type of the file's
+            (outer) transform, e.g. ``"Euler2DTransform_double_2_2"``; or ``None``.
+        parameters: ``{name: float or list}`` as saved; ``{}`` when unknown.
+        center: float64 ``(2,)`` or ``(B, 2)`` in fixed-image pixels, or
+            ``None`` (for ITK files: the transform's centre, converted from
+            physical units; ``None`` for translations, identities, composites).
+        metadata: the saved metadata; for ITK files not written by tireg,
+            ``{"itk_transforms": [{"transform", "parameters",
+            "fixed_parameters"}, ...]}``, the raw blocks in file order.
+        fixed_geometry, moving_geometry: the geometries the pixel matrix
+            refers to (recorded in JSON, or those passed to
+            :func:`load_transform` for ITK files); ``None`` for pixel = physical.
+    """
+
+    matrix: torch.Tensor
+    transform: Optional[str] = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    center: Optional[torch.Tensor] = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    fixed_geometry: Optional[ImageGeometry] = None
+    moving_geometry: Optional[ImageGeometry] = None
+
+
+# ----------------------------------------------------------------------------
+# checks and conversions
+
+
+def _float_vector(value: Any, size: int, name: str, caller: str) -> np.ndarray:
+    """``value`` as a finite float64 vector of ``size`` entries."""
+    array = _as_float_array(value, name, caller)
+    if array.shape != (size,):
+        raise ValueError(f"{caller}: '{name}' must have {size} values; got shape {tuple(array.shape)}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{caller}: '{name}' contains NaN or Inf values")
+    return array
+
+
+def _as_float_array(value: Any, name: str, caller: str) -> np.ndarray:
+    """A tensor, array or nested list of real numbers as a float64 NumPy array."""
+    if isinstance(value, torch.Tensor):
+        if value.is_complex():
+            raise TypeError(f"{caller}: '{name}' must be real; got {value.dtype}")
+        return value.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{caller}: '{name}' must be numbers; got {type(value).__name__}")
+    try:
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":
+            raise TypeError
+        return array.astype(np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{caller}: '{name}' must be a tensor, an array or nested lists of real numbers; "
+            f"got {type(value).__name__}"
+        ) from None
+
+
+def _check_matrix(array: np.ndarray, prefix: str) -> np.ndarray:
+    """Finite affine ``(3, 3)`` or ``(B, 3, 3)`` float64 array with last row ``(0, 0, 1)`` (set exactly).
+
+    ``prefix`` starts every message, e.g. ``"save_transform(): 'matrix'"``.
+    """
+    if array.ndim not in (2, 3) or array.shape[-2:] != (3, 3) or (array.ndim == 3 and array.shape[0] == 0):
+        raise ValueError(f"{prefix} must have shape (3, 3) or (B, 3, 3) with B >= 1; got {tuple(array.shape)}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{prefix} contains NaN or Inf values")
+    last = array[..., 2, :].reshape(-1, 3)
+    bad = np.abs(last - np.array([0.0, 0.0, 1.0])).max(axis=1) > 1e-9
+    if bad.any():
+        raise ValueError(
+            f"{prefix} must be affine, with last row (0, 0, 1); got {last[bad][0].tolist()}"
+        )
+    array = array.copy()
+    array[..., 2, :] = (0.0, 0.0, 1.0)
+    return array
+
+
+def _warn_if_singular(array: np.ndarray, caller: str) -> None:
+    """``UserWarning`` when a linear part is singular (numerically): allowed, but rarely intended."""
+    linear = array.reshape(-1, 3, 3)[:, :2, :2]
+    singular = [i for i, block in enumerate(linear) if np.linalg.cond(block) > 1.0 / np.finfo(np.float64).eps]
+    if singular:
+        which = "" if array.ndim == 2 else f" (batch entries {singular})"
+        warnings.warn(
+            f"{caller}: the matrix's linear part is singular{which}: it maps the fixed image onto a line "
+            "or a point and has no inverse; it is saved as given",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _jsonable(value: Any, where: str, caller: str) -> Any:
+    """``value`` with tensors and arrays as (nested) lists; ``TypeError`` naming the first bad entry.
+
+    JSON keeps ``dict`` (with ``str`` keys), lists, strings, finite numbers,
+    booleans and ``None``; tuples become lists.
+    """
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{caller}: {where} is {value}; JSON has no NaN or Inf")
+        return value
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        array = np.asarray(value)
+        if array.dtype.kind in "biuf":
+            return _jsonable(array.tolist(), where, caller)
+        raise TypeError(f"{caller}: {where} has dtype {array.dtype}, which JSON cannot store")
+    if isinstance(value, Mapping):
+        result = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{caller}: {where} has a key {key!r} that is not a string (JSON keys are strings)")
+            result[key] = _jsonable(item, f"{where}[{key!r}]", caller)
+        return result
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item, f"{where}[{i}]", caller) for i, item in enumerate(value)]
+    raise TypeError(f"{caller}: {where} has type {type(value).__name__}, which JSON cannot store")
+
+
+def _check_parameters(parameters: Optional[Mapping[str, Any]], caller: str) -> dict[str, Any]:
+    """``{name: float or (nested) list of floats}``."""
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, Mapping):
+        raise TypeError(f"{caller}: 'parameters' must be a dict {{name: value}}; got {type(parameters).__name__}")
+    result = {}
+    for name, value in parameters.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{caller}: 'parameters' names must be strings; got {name!r}")
+        array = _as_float_array(value, f"parameters[{name!r}]", caller)
+        if not np.isfinite(array).all():
+            raise ValueError(f"{caller}: 'parameters[{name!r}]' contains NaN or Inf values")
+        result[name] = float(array) if array.ndim == 0 else array.tolist()
+    return result
+
+
+def _check_center(center: Any, batch: Optional[int], caller: str) -> Optional[np.ndarray]:
+    """``(2,)``, or ``(B, 2)`` for a batch of ``B`` matrices; finite."""
+    if center is None:
+        return None
+    array = _as_float_array(center, "center", caller)
+    shapes = [(2,)] if batch is None else [(2,), (batch, 2)]
+    if array.shape not in shapes:
+        expected = " or ".join(str(s) for s in shapes)
+        raise ValueError(f"{caller}: 'center' must have shape {expected}; got {tuple(array.shape)}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{caller}: 'center' contains NaN or Inf values")
+    return array
+
+
+def _format(value: float) -> str:
+    """Shortest string that reads back as the same double (ITK's writer does the same)."""
+    return repr(float(value))
+
+
+def _suffix(path: Path, caller: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix in JSON_SUFFIXES + ITK_SUFFIXES:
+        return suffix
+    hint = ""
+    if suffix in (".h5", ".hdf5", ".mat", ".xfm"):
+        hint = " (convert it to text first, e.g. sitk.WriteTransform(sitk.ReadTransform(path), 'out.tfm'))"
+    raise ValueError(
+        f"{caller}: unsupported file suffix {suffix or '(none)'!r} in {str(path)!r}; "
+        f"use one of {', '.join(JSON_SUFFIXES + ITK_SUFFIXES)}{hint}"
+    )
+
+
+# ----------------------------------------------------------------------------
+# writing
+
+
+def save_transform(
+    path: PathLike,
+    matrix: MatrixLike,
+    *,
+    transform: Optional[str] = None,
+    parameters: Optional[Mapping[str, Any]] = None,
+    center: Optional[MatrixLike] = None,
+    metadata: Optional[Mapping[str, Any]] = None,
+    fixed_geometry: GeometryLike = None,
+    moving_geometry: GeometryLike = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write a fixed -> moving pixel matrix to ``path``; the format follows the suffix.
+
+    * ``.json``: tireg's document; keeps a batch ``(B, 3, 3)``, the kind,
+      parameters, centre and metadata exactly.  The matrix stays in pixel
+      units; geometries, if given, are recorded alongside.
+    * ``.tfm`` / ``.txt``: ITK's text format, one ``AffineTransform_double_2_2``
+      in physical units, ``A_physical = P_moving A P_fixed^-1`` (see the
+      module's Convention), with ITK's parameters
+      ``Parameters: a00 a01 a10 a11 tx ty`` and ``FixedParameters: cx cy``,
+      ``x_moving = L (x - c) + c + t``.  ``c`` is ``center`` (fixed-image
+      pixels) taken to physical units, or ITK's default ``(0, 0)``.  A batch
+      of ``B > 1`` matrices is refused (ITK would read one transform or a
+      composition, never a batch); ``(1, 3, 3)`` is written as one.
+
+    Args:
+        path: destination; its suffix picks the format.
+        matrix: ``(3, 3)`` or ``(B, 3, 3)`` tensor, array or nested lists;
+            finite, affine (last row ``(0, 0, 1)``).  A singular linear part
+            is saved with a ``UserWarning`` (a valid forward map, but one
+            with no inverse; ITK writes such matrices as well).
+        transform: the kind's name (e.g. ``"rigid"``; any string); recorded.
+        parameters: ``{name: value}``, values numbers, tensors or lists,
+            e.g. ``{"angle": 0.1, "tx": 2.0, "ty": -1.0}`` (or one list per
+            name for a batch); recorded as given, not checked against ``matrix``.
+        center: ``(2,)`` (or ``(B, 2)`` in JSON), fixed-image pixels.
+        metadata: JSON-serialisable ``dict`` (tensors and arrays become lists).
+        fixed_geometry, moving_geometry: :class:`ImageGeometry` or dict with
+            ``spacing``/``origin``/``direction``; ``None`` is pixel = physical.
+        overwrite: if ``False``, refuse to replace an existing file
+            (``FileExistsError``).
+
+    Returns:
+        ``path`` as a :class:`pathlib.Path`.
+
+    The file is written to a temporary file in the same folder and moved into
+    place with ``os.replace``; on any error no file, partial or temporary,
+    is left behind, and an existing ``path`` is untouched.
+    """
+    caller = "save_transform()"
+    path = Path(os.fspath(path))
+    suffix = _suffix(path, caller)
+    array = _check_matrix(_as_float_array(matrix, "matrix", caller), f"{caller}: 'matrix'")
+    if transform is not None and not isinstance(transform, str):
+        raise TypeError(f"{caller}: 'transform' must be a string or None; got {type(transform).__name__}")
+    params = _check_parameters(parameters, caller)
+    center_array = _check_center(center, array.shape[0] if array.ndim == 3 else None, caller)
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TypeError(f"{caller}: 'metadata' must be a dict; got {type(metadata).__name__}")
+    meta = _jsonable(dict(metadata or {}), "'metadata'", caller)
+    fixed = _as_geometry(fixed_geometry, "fixed_geometry", caller)
+    moving = _as_geometry(moving_geometry, "moving_geometry", caller)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{caller}: {str(path)!r} already exists; pass overwrite=True to replace it")
+    _warn_if_singular(array, caller)
+
+    if suffix in JSON_SUFFIXES:
+        document = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "convention": CONVENTION,
+            "matrix": array.tolist(),
+            "transform": transform,
+            "parameters": params,
+            "center": None if center_array is None else center_array.tolist(),
+            "metadata": meta,
+            "fixed_geometry": None if fixed is None else fixed.to_dict(),
+            "moving_geometry": None if moving is None else moving.to_dict(),
+        }
+        text = json.dumps(document, indent=2, allow_nan=False) + "\n"
+    else:
+        if array.ndim == 3:
+            if array.shape[0] > 1:
+                raise ValueError(
+                    f"{caller}: an ITK transform file holds one transform, got a batch of {array.shape[0]} "
+                    f"matrices; save each pair separately (e.g. one file per index), or use .json for a batch"
+                )
+            array = array[0]
+            if center_array is not None and center_array.ndim == 2:
+                center_array = center_array[0]
+        text = _itk_text(array, center_array, fixed, moving, transform, params, meta)
+    _atomic_write(path, text, overwrite, caller)
+    return path
+
+
+def _itk_text(
+    array: np.ndarray,
+    center: Optional[np.ndarray],
+    fixed: Optional[ImageGeometry],
+    moving: Optional[ImageGeometry],
+    transform: Optional[str],
+    parameters: dict[str, Any],
+    metadata: dict[str, Any],
+) -> str:
+    """ITK text for one pixel matrix, in physical units, with a ``#tireg:`` comment."""
+    fixed_matrix = _geometry_matrix(fixed)
+    physical = _geometry_matrix(moving) @ array @ np.linalg.inv(fixed_matrix)
+    linear, offset = physical[:2, :2], physical[:2, 2]
+    center_physical = np.zeros(2) if center is None else (fixed_matrix @ np.append(center, 1.0))[:2]
+    translation = offset - center_physical + linear @ center_physical
+    comment = {"transform": transform, "parameters": parameters, "metadata": metadata, "matrix": array.tolist()}
+    values = [*linear.reshape(-1), *translation]
+    return "\n".join(
+        [
+            _ITK_HEADER,
+            _TIREG_COMMENT + " " + json.dumps(comment, allow_nan=False),
+            "#Transform 0",
+            "Transform: AffineTransform_double_2_2",
+            "Parameters: " + " ".join(_format(v) for v in values),
+            "FixedParameters: " + " ".join(_format(v) for v in center_physical),
+            "",
+        ]
+    )
+
+
+def _atomic_write(path: Path, text: str, overwrite: bool, caller: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then move it into place."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{caller}: folder {str(folder)!r} does not exist (for {str(path)!r})")
+    temporary = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    # os.open applies the umask, so the file gets the same mode as an ordinary new file.
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            _move_no_clobber(temporary, path, caller)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _move_no_clobber(temporary: Path, path: Path, caller: str) -> None:
+    """Move ``temporary`` to ``path`` unless ``path`` exists (atomically where links work)."""
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        raise FileExistsError(
+            f"{caller}: {str(path)!r} already exists; pass overwrite=True to replace it"
+        ) from None
+    except OSError:  # no hard links on this file system: check, then replace
+        if path.exists():
+            raise FileExistsError(
+                f"{caller}: {str(path)!r} already exists; pass overwrite=True to replace it"
+            ) from None
+        os.replace(temporary, path)
+        return
+    os.unlink(temporary)
+
+
+# ----------------------------------------------------------------------------
+# reading
+
+
+def load_transform(
+    path: PathLike,
+    *,
+    fixed_geometry: GeometryLike = None,
+    moving_geometry: GeometryLike = None,
+) -> TransformFile:
+    """Read a transform file as a fixed -> moving pixel matrix.
+
+    * ``.json``: tireg's document.  Its matrix is in pixel units and returned
+      as saved (``(3, 3)`` or ``(B, 3, 3)``).  Geometries given here must
+      match those recorded in the file (if any), else ``ValueError``.
+    * ``.tfm`` / ``.txt``: ITK's text format, written by tireg, ITK, SimpleITK
+      or 3D Slicer, in physical units: the pixel matrix is
+      ``A = P_moving^-1 A_physical P_fixed`` for the geometries given here
+      (``None``: pixel = physical).  2-D types read (``double`` or ``float``):
+
+      =================================  ==========================  ==================
+      type                               Parameters                  FixedParameters
+      =================================  ==========================  ==================
+      ``AffineTransform``                ``a00 a01 a10 a11 tx ty``   ``cx cy``
+      ``MatrixOffsetTransformBase``      ``a00 a01 a10 a11 tx ty``   ``cx cy``
+      ``CenteredAffineTransform``        ``a00 a01 a10 a11 cx cy tx ty``  (ignored)
+      ``Euler2DTransform``               ``angle tx ty``             ``cx cy``
+      ``Rigid2DTransform``               ``angle tx ty``             ``cx cy``
+      ``CenteredRigid2DTransform``       ``angle cx cy tx ty``       (ignored)
+      ``Similarity2DTransform``          ``scale angle tx ty``       ``cx cy``
+      ``CenteredSimilarity2DTransform``  ``scale angle cx cy tx ty``  (ignored)
+      ``ScaleTransform``                 ``sx sy``                   ``cx cy`` or none
+      ``TranslationTransform``           ``tx ty``                   none
+      ``IdentityTransform``              none                        none
+      ``CompositeTransform``             (header of the blocks that follow)
+      =================================  ==========================  ==================
+
+      with ``x_moving = L (x - c) + c + t`` and ITK's rotation
+      ``L = scale [[cos, -sin], [sin, cos]]``.  A ``CompositeTransform`` file
+      lists transforms ``T1 .. Tn`` in the order they were added; ITK applies
+      the **last** first, ``x_moving = T1(T2(... Tn(x)))``, so
+      ``A_physical = T1 @ T2 @ ... @ Tn``.
+
+      Stricter than ITK where ITK would silently misread: a block without a
+      ``FixedParameters:`` line (ITK then keeps the identity), several
+      transforms without a ``CompositeTransform`` header (SimpleITK keeps the
+      first), and unknown ``Name:`` entries are refused.  Comment lines are
+      skipped; a ``#tireg:`` comment written by :func:`save_transform` gives
+      back the kind, parameters and metadata when its recorded pixel matrix
+      equals the one read (same geometries, file not edited; metadata always).
+      Unknown keys in a JSON document are ignored.
+
+    Args:
+        path: the file; its suffix picks the format.
+        fixed_geometry, moving_geometry: :class:`ImageGeometry` or dict, for
+            ITK files (see above).
+
+    Returns:
+        A :class:`TransformFile`; ``matrix`` is float64 on the CPU.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unsupported suffix; malformed file, unsupported or 3-D
+            transform type, wrong parameter count, non-finite or non-affine
+            values -- naming the file and, for ITK files, the line.
+    """
+    caller = "load_transform()"
+    path = Path(os.fspath(path))
+    suffix = _suffix(path, caller)
+    fixed = _as_geometry(fixed_geometry, "fixed_geometry", caller)
+    moving = _as_geometry(moving_geometry, "moving_geometry", caller)
+    if not path.exists():
+        raise FileNotFoundError(f"{caller}: no such file: {str(path)!r}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{caller}: {str(path)!r} is a folder, not a transform file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"{caller}: {str(path)!r} is not a UTF-8 text file") from None
+    if suffix in JSON_SUFFIXES:
+        return _read_json(text, path, fixed, moving, caller)
+    return _read_itk(text, path, fixed, moving, caller)
+
+
+def _read_json(
+    text: str, path: Path, fixed: Optional[ImageGeometry], moving: Optional[ImageGeometry], caller: str
+) -> TransformFile:
+    where = f"{caller}: {str(path)!r}"
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not valid JSON: {error}") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
+        raise ValueError(f"{where} is not a tireg transform document (no \"format\": \"{FORMAT_NAME}\")")
+    version = document.get("version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{where} has version {version!r}; this tireg reads version {FORMAT_VERSION}")
+    if "matrix" not in document:
+        raise ValueError(f"{where} has no \"matrix\"")
+    try:
+        array = np.asarray(document["matrix"], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: \"matrix\" must be a 3 x 3 list of numbers (or a list of them)") from None
+    array = _check_matrix(array, f"{where}: \"matrix\"")
+    transform = document.get("transform")
+    if transform is not None and not isinstance(transform, str):
+        raise ValueError(f"{where}: \"transform\" must be a string or null; got {transform!r}")
+    parameters = document.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ValueError(f"{where}: \"parameters\" must be an object; got {parameters!r}")
+    metadata = document.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{where}: \"metadata\" must be an object; got {metadata!r}")
+    center = document.get("center")
+    if center is not None:
+        try:
+            center = np.asarray(center, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: \"center\" must be [cx, cy] (or one per matrix)") from None
+        shapes = [(2,)] if array.ndim == 2 else [(2,), (array.shape[0], 2)]
+        if center.shape not in shapes or not np.isfinite(center).all():
+            raise ValueError(
+                f"{where}: \"center\" must be finite with shape {' or '.join(map(str, shapes))}; "
+                f"got {center.tolist()}"
+            )
+    recorded = {}
+    for key, given in (("fixed_geometry", fixed), ("moving_geometry", moving)):
+        try:
+            stored = _as_geometry(document.get(key), key, where)
+        except (TypeError, ValueError) as error:
+            raise ValueError(str(error)) from None
+        if given is not None and stored is not None and given != stored:
+            raise ValueError(
+                f"{where}: its pixel matrix refers to {key} {stored}, not the {given} given; "
+                "a JSON matrix is in pixel units and is not converted"
+            )
+        recorded[key] = stored if stored is not None else given
+    return TransformFile(
+        matrix=torch.from_numpy(array),
+        transform=transform,
+        parameters=parameters,
+        center=None if center is None else torch.from_numpy(center),
+        metadata=metadata,
+        **recorded,
+    )
+
+
+# ITK types: name -> (number of parameters, allowed numbers of fixed parameters, builder).
+# A builder takes (parameters, fixed parameters) and returns (L, t, c or None) with
+# x_moving = L (x - c) + c + t, all in ITK's physical frame.
+
+
+def _itk_rotation(angle: float) -> np.ndarray:
+    """ITK's 2-D rotation ``[[cos, -sin], [sin, cos]]``."""
+    cos, sin = math.cos(angle), math.sin(angle)
+    return np.array([[cos, -sin], [sin, cos]])
+
+
+def _center_or_zero(fixed: np.ndarray) -> np.ndarray:
+    return fixed if fixed.size == 2 else np.zeros(2)
+
+
+_ITK_TYPES = {
+    "AffineTransform": (6, (2,), lambda p, f: (p[:4].reshape(2, 2), p[4:6], f)),
+    "MatrixOffsetTransformBase": (6, (2,), lambda p, f: (p[:4].reshape(2, 2), p[4:6], f)),
+    "CenteredAffineTransform": (8, (0, 2), lambda p, f: (p[:4].reshape(2, 2), p[6:8], p[4:6])),
+    "Euler2DTransform": (3, (2,), lambda p, f: (_itk_rotation(p[0]), p[1:3], f)),
+    "Rigid2DTransform": (3, (2,), lambda p, f: (_itk_rotation(p[0]), p[1:3], f)),
+    "CenteredRigid2DTransform": (5, (0, 2), lambda p, f: (_itk_rotation(p[0]), p[3:5], p[1:3])),
+    "Similarity2DTransform": (4, (2,), lambda p, f: (p[0] * _itk_rotation(p[1]), p[2:4], f)),
+    "CenteredSimilarity2DTransform": (6, (0, 2), lambda p, f: (p[0] * _itk_rotation(p[1]), p[4:6], p[2:4])),
+    "ScaleTransform": (2, (0, 2), lambda p, f: (np.diag(p), np.zeros(2), _center_or_zero(f))),
+    "TranslationTransform": (2, (0,), lambda p, f: (np.eye(2), p, None)),
+    "IdentityTransform": (0, (0,), lambda p, f: (np.eye(2), np.zeros(2), None)),
+}
+_COMPOSITE = "CompositeTransform"
+_TYPE_PATTERN = re.compile(r"^([A-Za-z][A-Za-z0-9]*)_(double|float)_(\d+)_(\d+)$")
+
+
+@dataclass
+class _Block:
+    type: str
+    line: int
+    parameters: Optional[np.ndarray] = None
+    fixed: Optional[np.ndarray] = None
+
+
+def _read_itk(
+    text: str, path: Path, fixed: Optional[ImageGeometry], moving: Optional[ImageGeometry], caller: str
+) -> TransformFile:
+    where = f"{caller}: {str(path)!r}"
+    blocks: list[_Block] = []
+    comment: Optional[dict] = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith(_TIREG_COMMENT):
+            try:
+                comment = json.loads(line[len(_TIREG_COMMENT):])
+            except json.JSONDecodeError:
+                comment = None  # a damaged comment only loses the provenance
+            continue
+        if line.startswith("#"):
+            continue
+        if line.startswith("("):
+            raise ValueError(
+                f"{where}, line {number}: looks like an elastix parameter file, not an ITK transform file "
+                f"({line[:60]!r})"
+            )
+        name, colon, value = line.partition(":")
+        name = name.strip()
+        if not colon:
+            raise ValueError(f"{where}, line {number}: expected 'Name: values'; got {line[:80]!r}")
+        if name == "Transform":
+            if not value.strip():
+                raise ValueError(f"{where}, line {number}: 'Transform:' names no type")
+            blocks.append(_Block(value.strip(), number))
+        elif name in ("Parameters", "FixedParameters"):
+            if not blocks:
+                raise ValueError(f"{where}, line {number}: '{name}:' before any 'Transform:' line")
+            attribute = "parameters" if name == "Parameters" else "fixed"
+            if getattr(blocks[-1], attribute) is not None:
+                raise ValueError(f"{where}, line {number}: a second '{name}:' line for one transform")
+            setattr(blocks[-1], attribute, _parse_numbers(value, f"{where}, line {number}"))
+        else:
+            raise ValueError(
+                f"{where}, line {number}: unknown entry {name!r}; expected 'Transform', 'Parameters' "
+                "or 'FixedParameters'"
+            )
+    if not blocks:
+        raise ValueError(f"{where} is not an ITK transform file: it has no 'Transform:' line")
+
+    kinds = [_split_type(block, where) for block in blocks]
+    if kinds[0] == _COMPOSITE:
+        for block in blocks[:1]:
+            if block.parameters is not None and block.parameters.size:
+                raise ValueError(f"{where}, line {block.line}: a CompositeTransform has no parameters of its own")
+        members = list(zip(blocks[1:], kinds[1:]))
+    elif len(blocks) > 1:
+        raise ValueError(
+            f"{where} holds {len(blocks)} transforms without a CompositeTransform header (line {blocks[1].line}); "
+            "ITK readers disagree on such files (SimpleITK uses only the first), so tireg refuses it"
+        )
+    else:
+        members = [(blocks[0], kinds[0])]
+
+    physical = np.eye(3)
+    center_physical: Optional[np.ndarray] = None
+    for block, kind in members:
+        if kind == _COMPOSITE:
+            raise ValueError(f"{where}, line {block.line}: a CompositeTransform can only be the first transform")
+        matrix, center_physical = _itk_block_matrix(block, kind, where)
+        physical = physical @ matrix  # T1 @ T2 @ ... : ITK applies the last-added transform first
+    if len(blocks) > 1 or kinds[0] == _COMPOSITE:
+        center_physical = None
+
+    fixed_matrix = _geometry_matrix(fixed)
+    array = np.linalg.solve(_geometry_matrix(moving), physical @ fixed_matrix)
+    array[2] = (0.0, 0.0, 1.0)
+    center = None
+    if center_physical is not None:
+        center = np.linalg.solve(fixed_matrix, np.append(center_physical, 1.0))[:2]
+
+    raw_blocks = [
+        {
+            "transform": block.type,
+            "parameters": [] if block.parameters is None else block.parameters.tolist(),
+            "fixed_parameters": [] if block.fixed is None else block.fixed.tolist(),
+        }
+        for block in blocks
+    ]
+    transform, parameters, metadata = blocks[0].type, {}, {"itk_transforms": raw_blocks}
+    if isinstance(comment, dict):
+        transform, parameters, metadata = _restore_comment(comment, array, (transform, parameters, metadata))
+    return TransformFile(
+        matrix=torch.from_numpy(array),
+        transform=transform,
+        parameters=parameters,
+        center=None if center is None else torch.from_numpy(center),
+        metadata=metadata,
+        fixed_geometry=fixed,
+        moving_geometry=moving,
+    )
+
+
+def _parse_numbers(value: str, where: str) -> np.ndarray:
+    try:
+        numbers = np.array([float(token) for token in value.split()], dtype=np.float64)
+    except ValueError:
+        raise ValueError(f"{where}: expected numbers; got {value.strip()[:80]!r}") from None
+    if not np.isfinite(numbers).all():
+        raise ValueError(f"{where}: NaN or Inf in {value.strip()[:80]!r}")
+    return numbers
+
+
+def _split_type(block: _Block, where: str) -> str:
+    """The class name of ``Name_double_2_2``; ``ValueError`` for 3-D or unsupported types."""
+    match = _TYPE_PATTERN.match(block.type)
+    if match is None:
+        raise ValueError(
+            f"{where}, line {block.line}: malformed transform type {block.type!r}; "
+            "expected e.g. 'AffineTransform_double_2_2'"
+        )
+    kind, _, input_dim, output_dim = match.groups()
+    if (input_dim, output_dim) != ("2", "2"):
+        raise ValueError(
+            f"{where}, line {block.line}: {block.type!r} is a {input_dim}-D -> {output_dim}-D transform; "
+            "tireg reads 2-D transforms only (type ..._2_2)"
+        )
+    if kind != _COMPOSITE and kind not in _ITK_TYPES:
+        raise ValueError(
+            f"{where}, line {block.line}: unsupported transform type {block.type!r}; tireg reads "
+            f"{', '.join([*_ITK_TYPES, _COMPOSITE])} (2-D, double or float)"
+        )
+    return kind
+
+
+def _itk_block_matrix(block: _Block, kind: str, where: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Physical ``3 x 3`` matrix and centre (or ``None``) of one ITK transform block."""
+    count, fixed_counts, build = _ITK_TYPES[kind]
+    at = f"{where}, line {block.line} ({block.type})"
+    # ITK applies the parameters only once it has read the FixedParameters line:
+    # a block without it silently becomes the identity in ITK, so it is refused here.
+    if block.parameters is None or block.fixed is None:
+        missing = "Parameters" if block.parameters is None else "FixedParameters"
+        raise ValueError(f"{at}: no '{missing}:' line")
+    if block.parameters.size != count:
+        raise ValueError(f"{at}: expected {count} parameters; got {block.parameters.size}")
+    if block.fixed.size not in fixed_counts:
+        expected = " or ".join(str(n) for n in fixed_counts)
+        raise ValueError(f"{at}: expected {expected} fixed parameters; got {block.fixed.size}")
+    linear, translation, center = build(block.parameters, block.fixed)
+    offset = translation if center is None else center + translation - linear @ center
+    matrix = np.eye(3)
+    matrix[:2, :2] = linear
+    matrix[:2, 2] = offset
+    return matrix, center
+
+
+def _restore_comment(comment: dict, array: np.ndarray, default: tuple) -> tuple:
+    """``(transform, parameters, metadata)`` from a ``#tireg:`` comment, if it still describes the file.
+
+    The comment records the pixel matrix it was written with.  Kind and
+    parameters are restored only when the matrix read from the ITK lines is
+    that matrix (same geometry, file not edited); metadata always.
+    """
+    metadata = comment.get("metadata")
+    metadata = metadata if isinstance(metadata, dict) else default[2]
+    try:
+        recorded = np.asarray(comment.get("matrix"), dtype=np.float64)
+    except (TypeError, ValueError):
+        return default[0], default[1], metadata
+    if recorded.shape != (3, 3) or not np.allclose(array, recorded, rtol=1e-9, atol=_COMMENT_ATOL):
+        return default[0], default[1], metadata
+    transform = comment.get("transform")
+    parameters = comment.get("parameters")
+    return (
+        transform if isinstance(transform, str) or transform is None else default[0],
+        parameters if isinstance(parameters, dict) else default[1],
+        metadata,
+    )

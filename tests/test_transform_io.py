@@ -1,0 +1,661 @@
+"""Transform files: tireg JSON round trips, ITK text files checked against SimpleITK, atomic writes, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tireg import transform_io
+from tireg.transform_io import ImageGeometry, TransformFile, load_transform, save_transform
+from tireg.transforms import affine_matrix, rigid_matrix, similarity_matrix
+
+sitk = pytest.importorskip("SimpleITK")
+
+HEADER = "#Insight Transform File V1.0\n#Transform 0\n"
+FIXED = ImageGeometry(spacing=(0.5, 2.0), origin=(3.0, -4.0), direction=(0.6, -0.8, 0.8, 0.6))
+MOVING = {"spacing": (1.5, 0.7), "origin": (-10.0, 20.0), "direction": ((0.0, 1.0), (1.0, 0.0))}
+
+
+# ----------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+def random_affine(rng: np.random.Generator) -> torch.Tensor:
+    linear = np.eye(2) + 0.3 * rng.standard_normal((2, 2))
+    params = torch.tensor([*linear.reshape(-1), *(5 * rng.standard_normal(2))], dtype=torch.float64)
+    return affine_matrix(params, (31.5, 23.5))
+
+
+def apply(matrix, points: np.ndarray) -> np.ndarray:
+    """``A (x, y, 1)`` for points ``(N, 2)``."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    return points @ matrix[:2, :2].T + matrix[:2, 2]
+
+
+def sitk_points(transform, points: np.ndarray) -> np.ndarray:
+    return np.array([transform.TransformPoint(tuple(map(float, p))) for p in points])
+
+
+def sitk_image(geometry) -> "sitk.Image":
+    geometry = geometry if isinstance(geometry, ImageGeometry) else ImageGeometry(**geometry)
+    image = sitk.Image(64, 48, sitk.sitkFloat32)
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(tuple(v for row in geometry.direction for v in row))
+    return image
+
+
+def sitk_pixel_points(transform, points, fixed, moving) -> np.ndarray:
+    """Fixed pixel -> physical -> ITK transform -> moving pixel, all by SimpleITK."""
+    fixed_image, moving_image = sitk_image(fixed), sitk_image(moving)
+    result = []
+    for p in points:
+        physical = fixed_image.TransformContinuousIndexToPhysicalPoint(tuple(map(float, p)))
+        result.append(moving_image.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(physical)))
+    return np.array(result)
+
+
+def write(path, text: str):
+    path.write_text(text)
+    return path
+
+
+# ----------------------------------------------------------------------------
+# JSON
+
+
+def test_json_round_trip_single(tmp_path, rng):
+    matrix = random_affine(rng)
+    path = tmp_path / "t.json"
+    returned = save_transform(
+        path, matrix, transform="affine", parameters={"a00": torch.tensor(1.5), "tx": 2},
+        center=(31.5, 23.5), metadata={"loss": "l2", "steps": [1, 2], "array": np.arange(3)},
+    )
+    assert returned == path
+    loaded = load_transform(path)
+    assert isinstance(loaded, TransformFile)
+    assert loaded.matrix.dtype == torch.float64 and loaded.matrix.shape == (3, 3)
+    assert torch.equal(loaded.matrix, matrix)  # bit-identical: floats written with repr
+    assert loaded.transform == "affine"
+    assert loaded.parameters == {"a00": 1.5, "tx": 2.0}
+    assert torch.equal(loaded.center, torch.tensor([31.5, 23.5], dtype=torch.float64))
+    assert loaded.metadata == {"loss": "l2", "steps": [1, 2], "array": [0, 1, 2]}
+    document = json.loads(path.read_text())
+    assert document["format"] == "tireg-transform" and document["version"] == 1
+    assert "fixed" in document["convention"] and "column" in document["convention"]
+
+
+def test_json_round_trip_batch(tmp_path, rng):
+    matrices = torch.stack([random_affine(rng) for _ in range(4)])
+    centers = torch.tensor(rng.standard_normal((4, 2)))
+    path = save_transform(tmp_path / "b.json", matrices, transform="rigid", center=centers,
+                          parameters={"angle": torch.arange(4.0)})
+    loaded = load_transform(path)
+    assert loaded.matrix.shape == (4, 3, 3) and torch.equal(loaded.matrix, matrices)
+    assert torch.equal(loaded.center, centers)
+    assert loaded.parameters == {"angle": [0.0, 1.0, 2.0, 3.0]}
+    single = load_transform(save_transform(tmp_path / "one.json", matrices[:1]))
+    assert single.matrix.shape == (1, 3, 3)  # JSON keeps the batch dimension
+    assert single.center is None and single.transform is None and single.parameters == {}
+
+
+def test_json_accepts_arrays_lists_and_float32(tmp_path, rng):
+    matrix = random_affine(rng)
+    cases = [
+        (matrix.numpy(), matrix),
+        (matrix.tolist(), matrix),
+        (matrix.float(), matrix.float().double()),
+        (matrix.clone().requires_grad_(), matrix),
+        (np.eye(3, dtype=np.int64), torch.eye(3, dtype=torch.float64)),
+    ]
+    for i, (given, expected) in enumerate(cases):
+        loaded = load_transform(save_transform(tmp_path / f"{i}.json", given))
+        assert torch.equal(loaded.matrix, expected), i
+
+
+def test_json_records_geometry_and_refuses_another(tmp_path):
+    path = save_transform(tmp_path / "g.json", torch.eye(3), fixed_geometry=FIXED, moving_geometry=MOVING)
+    loaded = load_transform(path)
+    assert loaded.fixed_geometry == FIXED and loaded.moving_geometry == ImageGeometry(**MOVING)
+    assert torch.equal(loaded.matrix, torch.eye(3, dtype=torch.float64))  # pixel units, never converted
+    assert load_transform(path, fixed_geometry=FIXED).fixed_geometry == FIXED
+    with pytest.raises(ValueError, match=r"load_transform\(\): .*refers to fixed_geometry"):
+        load_transform(path, fixed_geometry=ImageGeometry())
+
+
+# ----------------------------------------------------------------------------
+# ITK text written by tireg, read by SimpleITK
+
+
+def _rigid(rng):
+    return rigid_matrix(torch.tensor([0.4, 3.0, -2.0], dtype=torch.float64), (40.0, -12.5)), (40.0, -12.5)
+
+
+def _similarity(rng):
+    return similarity_matrix(torch.tensor([-1.1, 1.3, 0.5, 7.0], dtype=torch.float64), (5.0, 9.0)), (5.0, 9.0)
+
+
+def _affine(rng):
+    return random_affine(rng), (31.5, 23.5)
+
+
+def _affine_no_center(rng):
+    return random_affine(rng), None
+
+
+@pytest.mark.parametrize("make", [_rigid, _similarity, _affine, _affine_no_center])
+@pytest.mark.parametrize("geometry", [False, True], ids=["pixel", "geometry"])
+@pytest.mark.parametrize("suffix", [".tfm", ".txt"])
+def test_tfm_is_read_by_simpleitk(tmp_path, rng, make, geometry, suffix):
+    matrix, center = make(rng)
+    fixed, moving = (FIXED, MOVING) if geometry else (None, None)
+    path = save_transform(tmp_path / f"t{suffix}", matrix, center=center, transform="x",
+                          parameters={"p": 1.0}, metadata={"note": "ITK skips this comment"},
+                          fixed_geometry=fixed, moving_geometry=moving)
+    transform = sitk.ReadTransform(str(path))
+    assert transform.GetName() == "AffineTransform"
+    points = rng.uniform(-50, 150, size=(200, 2))
+    if geometry:
+        mapped = sitk_pixel_points(transform, points, FIXED, MOVING)
+    else:
+        mapped = sitk_points(transform, points)
+    np.testing.assert_allclose(mapped, apply(matrix, points), rtol=0, atol=1e-6)
+    # the centre is ITK's fixed parameter, in physical units
+    expected_center = (0.0, 0.0)  # ITK's default centre
+    if center is not None:
+        expected_center = sitk_image(fixed or ImageGeometry()).TransformContinuousIndexToPhysicalPoint(center)
+    np.testing.assert_allclose(transform.GetFixedParameters(), expected_center, atol=1e-12)
+    loaded = load_transform(path, fixed_geometry=fixed, moving_geometry=moving)
+    np.testing.assert_allclose(loaded.matrix.numpy(), matrix.numpy(), rtol=0, atol=1e-12)
+    if center is not None:
+        np.testing.assert_allclose(loaded.center.numpy(), center, atol=1e-12)
+
+
+def test_tireg_rigid_is_itk_euler_with_opposite_angle(tmp_path):
+    """tireg's rotation is OpenCV's (the transpose of ITK's): angle theta is ITK's -theta."""
+    theta, center, shift = 0.4, (40.0, -12.5), (3.0, -2.0)
+    matrix = rigid_matrix(torch.tensor([theta, *shift], dtype=torch.float64), center)
+    euler = sitk.Euler2DTransform(center, -theta, shift)
+    path = save_transform(tmp_path / "r.tfm", matrix, center=center)
+    written = sitk.ReadTransform(str(path))
+    points = np.random.default_rng(0).uniform(-20, 80, size=(50, 2))
+    np.testing.assert_allclose(sitk_points(written, points), sitk_points(euler, points), atol=1e-9)
+    np.testing.assert_allclose(written.GetParameters()[4:], shift, atol=1e-12)
+
+
+def test_tfm_floats_are_exact(tmp_path):
+    matrix = torch.tensor([[1 / 3, math.pi, 1e-20], [-2 / 7, 0.1, 123456.789], [0, 0, 1]], dtype=torch.float64)
+    path = save_transform(tmp_path / "p.tfm", matrix)
+    text = path.read_text()
+    assert "0.3333333333333333" in text and "3.141592653589793" in text and "1e-20" in text
+    assert torch.equal(load_transform(path).matrix, matrix)
+    assert sitk.ReadTransform(str(path)).GetParameters()[1] == math.pi
+
+
+def test_tfm_batch_of_one_is_written_batch_refused(tmp_path, rng):
+    matrix = random_affine(rng)
+    path = save_transform(tmp_path / "one.tfm", matrix[None], center=[[1.0, 2.0]])
+    loaded = load_transform(path)
+    assert loaded.matrix.shape == (3, 3)
+    np.testing.assert_allclose(loaded.center.numpy(), (1.0, 2.0))
+    with pytest.raises(ValueError, match=r"save_transform\(\): .*batch of 2 .*save each pair separately"):
+        save_transform(tmp_path / "two.tfm", torch.stack([matrix, matrix]))
+    assert not (tmp_path / "two.tfm").exists()
+
+
+def test_tfm_comment_restores_kind_only_when_it_still_describes_the_file(tmp_path):
+    matrix = rigid_matrix(torch.tensor([0.2, 1.0, 2.0], dtype=torch.float64), (4.0, 5.0))
+    kwargs = dict(transform="rigid", parameters={"angle": 0.2, "tx": 1.0, "ty": 2.0}, metadata={"run": 7})
+    path = save_transform(tmp_path / "r.tfm", matrix, center=(4.0, 5.0), **kwargs)
+    loaded = load_transform(path)
+    assert (loaded.transform, loaded.parameters, loaded.metadata) == ("rigid", kwargs["parameters"], {"run": 7})
+    # another geometry gives another pixel matrix: the pixel-unit parameters no longer apply
+    other = load_transform(path, fixed_geometry={"spacing": (2.0, 2.0)})
+    assert other.transform == "AffineTransform_double_2_2" and other.parameters == {}
+    assert other.metadata == {"run": 7}
+    np.testing.assert_allclose(other.center.numpy(), (2.0, 2.5))
+    # an edited file: the comment's matrix no longer matches
+    edited = path.read_text().replace("Parameters: ", "Parameters: 2", 1)
+    assert load_transform(write(tmp_path / "e.tfm", edited)).transform == "AffineTransform_double_2_2"
+    # a damaged comment is ignored, the transform still reads
+    damaged = path.read_text().replace('#tireg: {', "#tireg: {{")
+    plain = load_transform(write(tmp_path / "d.tfm", damaged))
+    assert plain.transform == "AffineTransform_double_2_2" and "itk_transforms" in plain.metadata
+    np.testing.assert_allclose(plain.matrix.numpy(), matrix.numpy(), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# ITK text written by SimpleITK / ITK, read by tireg
+
+
+def _sitk_transforms():
+    scale = sitk.ScaleTransform(2, (1.2, 0.8))
+    scale.SetCenter((5.0, -6.0))
+    return {
+        "affine": sitk.AffineTransform((1.1, 0.2, -0.3, 0.9), (3.0, 4.0), (5.0, 6.0)),
+        "euler": sitk.Euler2DTransform((5.0, 6.0), 0.3, (3.0, 4.0)),
+        "similarity": sitk.Similarity2DTransform(1.2, -0.7, (3.0, 4.0), (-5.0, 6.0)),
+        "translation": sitk.TranslationTransform(2, (3.0, -4.0)),
+        "scale": scale,
+        "scale_no_center": sitk.ScaleTransform(2, (0.5, 3.0)),
+        "identity": sitk.Transform(2, sitk.sitkIdentity),
+    }
+
+
+SITK_NAMES = list(_sitk_transforms())
+
+HAND_WRITTEN = {  # types SimpleITK reads but cannot create
+    "affine_float": "Transform: AffineTransform_float_2_2\nParameters: 1.1 0.2 -0.3 0.9 3 4\nFixedParameters: 5 6\n",
+    "rigid2d": "Transform: Rigid2DTransform_double_2_2\nParameters: 0.3 3 4\nFixedParameters: 5 6\n",
+    "centered_rigid2d": "Transform: CenteredRigid2DTransform_double_2_2\nParameters: -0.4 7.5 -3 2.5 1.5\n"
+    "FixedParameters: 1 1\n",
+    "matrix_offset": "Transform: MatrixOffsetTransformBase_double_2_2\nParameters: 1.1 0.2 -0.3 0.9 3 4\n"
+    "FixedParameters: 5 6\n",
+    "similarity_float": "Transform: Similarity2DTransform_float_2_2\nParameters: 1.2 0.3 3 4\nFixedParameters: 5 6\n",
+}
+
+
+@pytest.mark.parametrize("name", SITK_NAMES)
+def test_simpleitk_written_types_map_points_as_simpleitk(tmp_path, rng, name):
+    transform = _sitk_transforms()[name]
+    path = tmp_path / f"{name}.tfm"
+    sitk.WriteTransform(transform, str(path))
+    loaded = load_transform(path)
+    points = rng.uniform(-30, 80, size=(100, 2))
+    np.testing.assert_allclose(apply(loaded.matrix, points), sitk_points(transform, points), rtol=0, atol=1e-9)
+    assert loaded.transform == path.read_text().splitlines()[2].split(": ")[1]
+    assert loaded.metadata["itk_transforms"][0]["parameters"] == list(transform.GetParameters())
+
+
+@pytest.mark.parametrize("name", list(HAND_WRITTEN))
+def test_hand_written_types_map_points_as_simpleitk(tmp_path, rng, name):
+    path = write(tmp_path / f"{name}.tfm", HEADER + HAND_WRITTEN[name])
+    transform = sitk.ReadTransform(str(path))
+    loaded = load_transform(path)
+    points = rng.uniform(-30, 80, size=(100, 2))
+    np.testing.assert_allclose(apply(loaded.matrix, points), sitk_points(transform, points), rtol=0, atol=1e-9)
+
+
+# Types that SimpleITK cannot read: point images computed once with ITK 5.4's
+# Python wrapping (itk.transformread(path)[0].TransformPoint); ITK takes the
+# centre from the parameters, not from FixedParameters.
+ITK_ONLY = {
+    "CenteredSimilarity2DTransform": (
+        "Parameters: 1.25 -0.4 7.5 -3 2.5 1.5\nFixedParameters: 0 0\n",
+        [(2.825371964880392, 5.604775686654418), (5.3058048366195845, 1.8418044179897657),
+         (36.687867111608, 45.57316378822601)],
+    ),
+    "CenteredAffineTransform": (
+        "Parameters: 1.1 0.2 -0.3 0.9 7.5 -3 2.5 1.5\nFixedParameters: 1 1\n",
+        [(2.35, 3.45), (5.25, 0.75), (24.1, 35.7)],
+    ),
+    "CenteredRigid2DTransform": (
+        "Parameters: -0.4 7.5 -3 2.5 1.5\nFixedParameters: 1 1\n",
+        [(4.260297571904314, 4.183820549323534), (6.244643869295668, 1.1734435343918124),
+         (31.3502936892864, 36.158531030580804)],
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(ITK_ONLY))
+def test_centered_types_match_itk(tmp_path, kind):
+    lines, expected = ITK_ONLY[kind]
+    loaded = load_transform(write(tmp_path / "c.tfm", f"{HEADER}Transform: {kind}_double_2_2\n{lines}"))
+    points = np.array([(0.0, 0.0), (3.0, -2.0), (12.5, 40.0)])
+    np.testing.assert_allclose(apply(loaded.matrix, points), expected, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(loaded.center.numpy(), (7.5, -3.0))
+
+
+def test_simpleitk_file_with_geometry(tmp_path, rng):
+    transform = sitk.Similarity2DTransform(1.2, -0.7, (3.0, 4.0), (-5.0, 6.0))
+    path = tmp_path / "s.tfm"
+    sitk.WriteTransform(transform, str(path))
+    loaded = load_transform(path, fixed_geometry=FIXED, moving_geometry=MOVING)
+    points = rng.uniform(0, 60, size=(100, 2))
+    expected = sitk_pixel_points(transform, points, FIXED, MOVING)
+    np.testing.assert_allclose(apply(loaded.matrix, points), expected, rtol=0, atol=1e-9)
+    center = sitk_image(FIXED).TransformPhysicalPointToContinuousIndex((-5.0, 6.0))
+    np.testing.assert_allclose(loaded.center.numpy(), center, atol=1e-9)
+    assert loaded.fixed_geometry == FIXED
+
+
+def test_composite_applies_the_last_added_transform_first(tmp_path, rng):
+    parts = [
+        sitk.Euler2DTransform((5.0, 6.0), 0.3, (3.0, 4.0)),
+        sitk.TranslationTransform(2, (10.0, -20.0)),
+        sitk.AffineTransform((1.1, 0.2, -0.3, 0.9), (1.0, 2.0), (-4.0, 7.0)),
+    ]
+    composite = sitk.CompositeTransform(parts)
+    path = tmp_path / "c.tfm"
+    sitk.WriteTransform(composite, str(path))
+    loaded = load_transform(path)
+    points = rng.uniform(-30, 80, size=(100, 2))
+    np.testing.assert_allclose(apply(loaded.matrix, points), sitk_points(composite, points), rtol=0, atol=1e-9)
+    # the other order gives other points: the test can tell the two apart
+    by_part = [load_transform(write(tmp_path / f"{i}.tfm", HEADER + _block(p))).matrix for i, p in enumerate(parts)]
+    np.testing.assert_allclose(loaded.matrix, by_part[0] @ by_part[1] @ by_part[2], atol=1e-12)
+    assert not np.allclose(loaded.matrix, by_part[2] @ by_part[1] @ by_part[0], atol=1e-3)
+    assert loaded.transform == "CompositeTransform_double_2_2" and loaded.center is None
+    assert [b["transform"] for b in loaded.metadata["itk_transforms"]] == [
+        "CompositeTransform_double_2_2", "Euler2DTransform_double_2_2",
+        "TranslationTransform_double_2_2", "AffineTransform_double_2_2",
+    ]
+    empty = tmp_path / "empty.tfm"
+    sitk.WriteTransform(sitk.CompositeTransform(2), str(empty))
+    assert torch.equal(load_transform(empty).matrix, torch.eye(3, dtype=torch.float64))
+
+
+def _block(transform) -> str:
+    """One transform's ITK lines (as SimpleITK writes them), without the header."""
+    return (
+        f"Transform: {transform.GetName()}_double_2_2\n"
+        f"Parameters: {' '.join(map(repr, transform.GetParameters()))}\n"
+        f"FixedParameters: {' '.join(map(repr, transform.GetFixedParameters()))}\n"
+    ).replace("Transform: Transform_", "Transform: ")
+
+
+def test_itk_text_without_header_with_crlf(tmp_path):
+    text = "Transform: TranslationTransform_double_2_2\r\nParameters: 1 2\r\nFixedParameters:\r\n"
+    loaded = load_transform(write(tmp_path / "t.txt", text))
+    assert torch.equal(loaded.matrix, torch.tensor([[1.0, 0, 1], [0, 1, 2], [0, 0, 1]], dtype=torch.float64))
+    assert loaded.center is None
+
+
+# ----------------------------------------------------------------------------
+# geometry
+
+
+def test_image_geometry_matches_simpleitk(rng):
+    assert FIXED.direction == ((0.6, -0.8), (0.8, 0.6))  # flat, row by row, as SimpleITK gives it
+    image = sitk_image(FIXED)
+    assert ImageGeometry.from_sitk(image) == FIXED
+    points = rng.uniform(0, 40, size=(20, 2))
+    expected = np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(p)) for p in points])
+    np.testing.assert_allclose(apply(FIXED.physical_matrix(), points), expected, atol=1e-12)
+    assert torch.equal(ImageGeometry().physical_matrix(), torch.eye(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"from_sitk\(\): the image must be 2-D"):
+        ImageGeometry.from_sitk(sitk.Image(4, 4, 4, sitk.sitkUInt8))
+
+
+@pytest.mark.parametrize(
+    "geometry, error, match",
+    [
+        ({"spacing": (0.0, 1.0)}, ValueError, r"'spacing' must be positive"),
+        ({"spacing": (1.0,)}, ValueError, r"'spacing' must have 2 values"),
+        ({"origin": (0.0, math.nan)}, ValueError, r"'origin' contains NaN"),
+        ({"direction": ((1.0, 2.0), (2.0, 4.0))}, ValueError, r"'direction' must be invertible"),
+        ({"direction": (1.0, 0.0, 0.0)}, ValueError, r"'direction' must have shape \(2, 2\) or \(4,\)"),
+        ({"direction": ((1.0, math.inf), (0.0, 1.0))}, ValueError, r"'direction' contains NaN"),
+        ({"direction": "identity"}, TypeError, r"'direction' must be 2 x 2 numbers"),
+        ({"spacing": "1 1"}, TypeError, r"'spacing' must be numbers"),
+        ({"size": (3, 4)}, ValueError, r"'fixed_geometry' has unknown keys \['size'\]"),
+        ((1.0, 1.0), TypeError, r"'fixed_geometry' must be an ImageGeometry"),
+    ],
+)
+def test_geometry_errors(tmp_path, geometry, error, match):
+    with pytest.raises(error, match=r"save_transform\(\): .*" + match):
+        save_transform(tmp_path / "g.tfm", torch.eye(3), fixed_geometry=geometry)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------
+# atomic writes and overwrite
+
+
+@pytest.mark.parametrize("suffix", [".json", ".tfm"])
+def test_failed_replace_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch, suffix):
+    path = save_transform(tmp_path / f"t{suffix}", torch.eye(3))
+    before = path.read_bytes()
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(transform_io.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_transform(path, torch.diag(torch.tensor([2.0, 2.0, 1.0])))
+    with pytest.raises(OSError, match="disk full"):
+        save_transform(tmp_path / f"new{suffix}", torch.eye(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert path.read_bytes() == before
+
+
+def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
+    def fail(descriptor):
+        raise OSError("I/O error while writing")
+
+    monkeypatch.setattr(transform_io.os, "fsync", fail)
+    with pytest.raises(OSError, match="I/O error"):
+        save_transform(tmp_path / "t.json", torch.eye(3))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unserialisable_metadata_leaves_nothing(tmp_path):
+    with pytest.raises(TypeError, match=r"save_transform\(\): 'metadata'\['bad'\]\[1\] has type object"):
+        save_transform(tmp_path / "t.json", torch.eye(3), metadata={"ok": 1, "bad": [1, object()]})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_false_refuses_existing_file(tmp_path):
+    path = save_transform(tmp_path / "t.json", torch.eye(3), metadata={"first": True})
+    with pytest.raises(FileExistsError, match=r"save_transform\(\): .*t\.json' already exists"):
+        save_transform(path, torch.eye(3), overwrite=False)
+    assert load_transform(path).metadata == {"first": True}
+    save_transform(path, torch.eye(3), metadata={"second": True})  # overwrite=True is the default
+    assert load_transform(path).metadata == {"second": True}
+    new = save_transform(tmp_path / "new.tfm", torch.eye(3), overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.tfm", "t.json"] and new.exists()
+
+
+def test_overwrite_false_loses_no_race(tmp_path, monkeypatch):
+    """A file that appears while tireg writes is not replaced (hard link, or check without links)."""
+    path = tmp_path / "t.json"
+    real_fsync = os.fsync
+
+    def someone_else_writes(descriptor):
+        path.write_text("theirs")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(transform_io.os, "fsync", someone_else_writes)
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_transform(path, torch.eye(3), overwrite=False)
+    assert path.read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["t.json"]
+
+    def no_links(*args):
+        raise PermissionError("no hard links here")
+
+    monkeypatch.setattr(transform_io.os, "link", no_links)
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_transform(path, torch.eye(3), overwrite=False)
+    assert path.read_text() == "theirs"
+    monkeypatch.setattr(transform_io.os, "fsync", real_fsync)
+    other = save_transform(tmp_path / "other.json", torch.eye(3), overwrite=False)
+    assert torch.equal(load_transform(other).matrix, torch.eye(3, dtype=torch.float64))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.json", "t.json"]
+
+
+def test_singular_matrix_is_saved_with_a_warning(tmp_path):
+    singular = torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 5.0], [0.0, 0.0, 1.0]])
+    with pytest.warns(UserWarning, match=r"save_transform\(\): the matrix's linear part is singular"):
+        path = save_transform(tmp_path / "s.tfm", singular)
+    np.testing.assert_allclose(load_transform(path).matrix.numpy(), singular.numpy())
+    with pytest.warns(UserWarning, match=r"singular \(batch entries \[1\]\)"):
+        save_transform(tmp_path / "s.json", torch.stack([torch.eye(3), singular]))
+
+
+# ----------------------------------------------------------------------------
+# save errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(matrix=torch.eye(3)[:2]), ValueError, r"'matrix' must have shape \(3, 3\) or \(B, 3, 3\) .*got \(2, 3\)"),
+        (dict(matrix=torch.zeros(0, 3, 3)), ValueError, r"'matrix' must have shape .*got \(0, 3, 3\)"),
+        (dict(matrix=torch.eye(4)), ValueError, r"'matrix' must have shape .*got \(4, 4\)"),
+        (dict(matrix=torch.eye(3) * math.nan), ValueError, r"'matrix' contains NaN or Inf"),
+        (dict(matrix=[[1, 0, 0], [0, 1, 0], [0.1, 0, 1]]), ValueError,
+         r"'matrix' must be affine.*\[0\.1, 0\.0, 1\.0\]"),
+        (dict(matrix=torch.eye(3, dtype=torch.complex64)), TypeError, r"'matrix' must be real"),
+        (dict(matrix="eye"), TypeError, r"'matrix' must be numbers"),
+        (dict(matrix=[[1, 0], [0, 1, 0]]), TypeError, r"'matrix' must be a tensor, an array or nested lists"),
+        (dict(transform=3), TypeError, r"'transform' must be a string or None; got int"),
+        (dict(parameters=[1.0]), TypeError, r"'parameters' must be a dict"),
+        (dict(parameters={1: 1.0}), TypeError, r"'parameters' names must be strings; got 1"),
+        (dict(parameters={"a": math.inf}), ValueError, r"'parameters\['a'\]' contains NaN or Inf"),
+        (dict(parameters={"a": "x"}), TypeError, r"'parameters\['a'\]' must be numbers"),
+        (dict(center=(1.0, 2.0, 3.0)), ValueError, r"'center' must have shape \(2,\); got \(3,\)"),
+        (dict(center=(1.0, math.nan)), ValueError, r"'center' contains NaN or Inf"),
+        (dict(metadata=[("a", 1)]), TypeError, r"'metadata' must be a dict; got list"),
+        (dict(metadata={"a": math.nan}), ValueError, r"'metadata'\['a'\] is nan; JSON has no NaN"),
+        (dict(metadata={"a": {2: 1}}), TypeError, r"'metadata'\['a'\] has a key 2 that is not a string"),
+        (dict(metadata={"a": np.array(["x"])}), TypeError, r"'metadata'\['a'\] has dtype <U1"),
+    ],
+)
+@pytest.mark.parametrize("suffix", [".json", ".tfm"])
+def test_save_errors(tmp_path, kwargs, error, match, suffix):
+    kwargs = {"matrix": torch.eye(3), **kwargs}
+    with pytest.raises(error, match=r"^save_transform\(\): " + match):
+        save_transform(tmp_path / f"t{suffix}", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_batch_center_shape(tmp_path):
+    with pytest.raises(ValueError, match=r"'center' must have shape \(2,\) or \(3, 2\); got \(2, 2\)"):
+        save_transform(tmp_path / "b.json", torch.eye(3).expand(3, 3, 3), center=torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("t.h5", r"unsupported file suffix '\.h5' .*use one of \.json, \.tfm, \.txt \(convert it to text first"),
+        ("t.xml", r"unsupported file suffix '\.xml' .*use one of \.json, \.tfm, \.txt$"),
+        ("transform", r"unsupported file suffix '\(none\)'"),
+    ],
+)
+def test_unknown_suffix(tmp_path, name, match):
+    with pytest.raises(ValueError, match=r"save_transform\(\): " + match):
+        save_transform(tmp_path / name, torch.eye(3))
+    with pytest.raises(ValueError, match=r"load_transform\(\): " + match):
+        load_transform(tmp_path / name)
+
+
+def test_upper_case_suffix(tmp_path):
+    path = save_transform(tmp_path / "T.TFM", torch.eye(3))
+    assert path.read_text().startswith("#Insight Transform File V1.0")
+    assert torch.equal(load_transform(path).matrix, torch.eye(3, dtype=torch.float64))
+
+
+def test_save_into_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"save_transform\(\): folder .*nowhere' does not exist"):
+        save_transform(tmp_path / "nowhere" / "t.json", torch.eye(3))
+
+
+# ----------------------------------------------------------------------------
+# load errors
+
+
+def test_load_missing_file_and_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"load_transform\(\): no such file: .*missing\.tfm"):
+        load_transform(tmp_path / "missing.tfm")
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"load_transform\(\): .*dir\.json' is a folder"):
+        load_transform(tmp_path / "dir.json")
+
+
+def test_load_binary_file(tmp_path):
+    (tmp_path / "b.tfm").write_bytes(b"\x89HDF\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ValueError, match=r"load_transform\(\): .*b\.tfm' is not a UTF-8 text file"):
+        load_transform(tmp_path / "b.tfm")
+
+
+def _document(**changes) -> str:
+    document = {"format": "tireg-transform", "version": 1, "matrix": np.eye(3).tolist()}
+    document.update(changes)
+    return json.dumps({k: v for k, v in document.items() if v is not ...})
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("{not json", r"is not valid JSON: .*line 1 column 2"),
+        ("[1, 2]", r"is not a tireg transform document"),
+        (_document(format="other"), r"is not a tireg transform document"),
+        (_document(version=2), r"has version 2; this tireg reads version 1"),
+        (_document(matrix=...), r"has no \"matrix\""),
+        (_document(matrix=[[1, 0], [0, 1, 0]]), r"\"matrix\" must be a 3 x 3 list of numbers"),
+        (_document(matrix=[[1, 0], [0, 1]]), r"\"matrix\" must have shape \(3, 3\) or \(B, 3, 3\)"),
+        (_document(matrix=[[1, 0, 0], [0, 1, 0], [0, 0, 2]]), r"\"matrix\" must be affine"),
+        (_document(transform=1), r"\"transform\" must be a string or null"),
+        (_document(parameters=[1]), r"\"parameters\" must be an object"),
+        (_document(metadata="x"), r"\"metadata\" must be an object"),
+        (_document(center=[1, 2, 3]), r"\"center\" must be finite with shape \(2,\); got \[1\.0, 2\.0, 3\.0\]"),
+        (_document(center="c"), r"\"center\" must be"),
+        (_document(fixed_geometry={"spacing": [-1, 1]}),
+         r"'fixed_geometry': ImageGeometry\(\): 'spacing' must be positive"),
+    ],
+)
+def test_load_json_errors(tmp_path, text, match):
+    path = write(tmp_path / "t.json", text)
+    with pytest.raises(ValueError, match=r"^load_transform\(\): '.*t\.json'.*" + match):
+        load_transform(path)
+
+
+AFFINE = "Transform: AffineTransform_double_2_2\nParameters: 1 0 0 1 0 0\nFixedParameters: 0 0\n"
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("#Insight Transform File V1.0\n", r"is not an ITK transform file: it has no 'Transform:' line"),
+        ("(Transform \"AffineTransform\")\n", r"line 1: looks like an elastix parameter file"),
+        (HEADER + "Transform AffineTransform_double_2_2\n", r"line 3: expected 'Name: values'"),
+        (HEADER + AFFINE + "Foo: 1\n", r"line 6: unknown entry 'Foo'"),
+        ("Parameters: 1 2\n" + AFFINE, r"line 1: 'Parameters:' before any 'Transform:' line"),
+        (HEADER + AFFINE + "Parameters: 1 0 0 1 0 0\n", r"line 6: a second 'Parameters:' line"),
+        (HEADER + AFFINE.replace("1 0 0 1 0 0", "1 0 0 1 0 zero"), r"line 4: expected numbers; got '1 0 0 1 0 zero'"),
+        (HEADER + AFFINE.replace("1 0 0 1 0 0", "1 0 0 1 0 nan"), r"line 4: NaN or Inf"),
+        (HEADER + "Transform:\n", r"line 3: 'Transform:' names no type"),
+        (HEADER + "Transform: Affine\nParameters: 1\nFixedParameters: 1\n",
+         r"line 3: malformed transform type 'Affine'"),
+        (HEADER + "Transform: Euler3DTransform_double_3_3\nParameters: 0 0 0 0 0 0\nFixedParameters: 0 0 0 0\n",
+         r"line 3: 'Euler3DTransform_double_3_3' is a 3-D -> 3-D transform; tireg reads 2-D"),
+        (HEADER + "Transform: BSplineTransform_double_2_2\nParameters: 1\nFixedParameters: 1\n",
+         r"line 3: unsupported transform type 'BSplineTransform_double_2_2'; tireg reads AffineTransform, "),
+        (HEADER + AFFINE.replace("1 0 0 1 0 0", "1 0 0 1 0"),
+         r"line 3 \(AffineTransform_double_2_2\): expected 6 parameters; got 5"),
+        (HEADER + AFFINE.replace("FixedParameters: 0 0", "FixedParameters: 0"),
+         r"line 3 \(AffineTransform_double_2_2\): expected 2 fixed parameters; got 1"),
+        (HEADER + AFFINE.replace("FixedParameters: 0 0\n", ""),
+         r"line 3 \(AffineTransform_double_2_2\): no 'FixedParameters:' line"),
+        (HEADER + "Transform: IdentityTransform_double_2_2\nFixedParameters:\n", r"line 3 .*no 'Parameters:' line"),
+        (HEADER + "Transform: TranslationTransform_double_2_2\nParameters: 1 2\nFixedParameters: 0 0\n",
+         r"expected 0 fixed parameters; got 2"),
+        (HEADER + AFFINE + "#Transform 1\n" + AFFINE,
+         r"holds 2 transforms without a CompositeTransform header \(line 7\); .*SimpleITK uses only the first"),
+        (HEADER + "Transform: CompositeTransform_double_2_2\n" + AFFINE + "Transform: CompositeTransform_double_2_2\n",
+         r"line 7: a CompositeTransform can only be the first transform"),
+        (HEADER + "Transform: CompositeTransform_double_2_2\nParameters: 1\n" + AFFINE,
+         r"line 3: a CompositeTransform has no parameters of its own"),
+    ],
+)
+def test_load_itk_errors(tmp_path, text, match):
+    path = write(tmp_path / "t.tfm", text)
+    with pytest.raises(ValueError, match=r"^load_transform\(\): '.*t\.tfm'.*" + match):
+        load_transform(path)
+
+
+def test_load_geometry_argument_errors(tmp_path):
+    path = save_transform(tmp_path / "t.tfm", torch.eye(3))
+    match = r"load_transform\(\): 'moving_geometry': ImageGeometry\(\): 'spacing' must be positive"
+    with pytest.raises(ValueError, match=match):
+        load_transform(path, moving_geometry={"spacing": (1.0, -1.0)})
