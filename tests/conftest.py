@@ -34,3 +34,53 @@ def smooth_random_image(shape, generator, *, sigma: float = 2.0, dtype=torch.flo
     flat = torch.nn.functional.conv2d(flat, kernel.view(1, 1, 1, -1))
     flat = torch.nn.functional.conv2d(flat, kernel.view(1, 1, -1, 1))
     return flat.reshape(batch, channels, height, width)
+
+
+def registration_pair(
+    name: str,
+    kind: str,
+    params,
+    *,
+    margin: int = 24,
+    noise: float = 0.0,
+    gain: float = 1.0,
+    offset: float = 0.0,
+    seed: int = 0,
+):
+    """Fixed and moving crops of a bundled image, related by a known transform, with real content everywhere.
+
+    The fixed image is the scene cropped by ``margin`` pixels on every side;
+    the moving image samples the scene at ``A^-1 y`` on the same crop grid,
+    so ``moving(A x) = fixed(x)`` wherever that point stays in the scene.
+    Noise (Gaussian, std ``noise``) and a contrast change ``gain * I + offset``
+    apply to the moving image.
+
+    Returns:
+        ``fixed (h, w)``, ``moving (h, w)`` float32 and the true matrix ``A`` (float64, crop pixels).
+    """
+    import tireg
+    from tireg.data import load
+    from tireg.transforms import TRANSFORMS, translation_matrix
+
+    scene = load(name, dtype=torch.float64)
+    if scene.dim() == 3:
+        scene = scene.mean(0)
+    height, width = scene.shape[-2] - 2 * margin, scene.shape[-1] - 2 * margin
+    center = tireg.image_center(height, width)
+    truth = TRANSFORMS[kind].matrix(torch.as_tensor(params, dtype=torch.float64), center)
+    to_scene = translation_matrix(torch.tensor([float(margin), float(margin)], dtype=torch.float64))
+    scene = scene[None, None]
+    fixed = tireg.warp(scene, to_scene, size=(height, width))[0, 0]
+    moving = tireg.warp(scene, to_scene @ torch.linalg.inv(truth), size=(height, width), padding_mode="border")[0, 0]
+    generator = torch.Generator().manual_seed(seed)
+    moving = gain * moving + offset + noise * torch.randn(moving.shape, generator=generator, dtype=torch.float64)
+    return fixed.float(), moving.float(), truth
+
+
+def grid_error(matrix, truth, size) -> float:
+    """Mean distance in pixels between where two fixed -> moving matrices send every fixed pixel."""
+    from tireg.sampling import pixel_grid
+
+    points = pixel_grid(size, dtype=torch.float64)
+    difference = points @ (torch.as_tensor(matrix, dtype=torch.float64) - truth).transpose(-1, -2)
+    return float(difference[..., :2].norm(dim=-1).mean())

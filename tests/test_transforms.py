@@ -381,3 +381,26 @@ def test_integer_parameters_are_rejected(name, kind, dtype):
 def test_non_tensor_parameters_are_rejected(name, kind):
     identity = TRANSFORMS[name].identity
     _expect(_builder(name, kind), TypeError, list(identity))
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_from_matrix_inverts_matrix(name):
+    transform = TRANSFORMS[name]
+    generator = torch.Generator().manual_seed(3)
+    params = torch.tensor(transform.identity, dtype=torch.float64) + 0.1 * torch.randn(
+        4, transform.num_parameters, generator=generator, dtype=torch.float64
+    )
+    center = torch.tensor([30.0, 20.0], dtype=torch.float64)
+    recovered = transform.from_matrix(transform.matrix(params, center), center)
+    assert torch.allclose(recovered, params, atol=1e-12)
+
+
+def test_from_matrix_projects_onto_the_kind():
+    """An affine matrix projected on rigid keeps where the centre goes and the closest rotation."""
+    center = torch.tensor([30.0, 20.0], dtype=torch.float64)
+    affine = TRANSFORMS["affine"].matrix(torch.tensor([1.1, 0.2, -0.2, 0.9, 3.0, -1.0], dtype=torch.float64), center)
+    rigid = TRANSFORMS["rigid"].from_matrix(affine, center)
+    assert torch.isclose(rigid[0], torch.atan2(torch.tensor(0.2, dtype=torch.float64), torch.tensor(1.0)).double())
+    rebuilt = TRANSFORMS["rigid"].matrix(rigid, center)
+    centre_h = torch.tensor([30.0, 20.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(rebuilt @ centre_h, affine @ centre_h)

@@ -14,7 +14,7 @@ dot product of six numbers.  No per-parameter loop touches the pixels.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 

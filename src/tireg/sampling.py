@@ -38,6 +38,9 @@ __all__ = [
     "pixel_grid",
     "pixel_axes",
     "grid_moments",
+    "gaussian_blur",
+    "downsample",
+    "shrink_matrix",
     "sampling_grid",
     "sample",
     "warp",
@@ -81,21 +84,76 @@ def pixel_axes(
     return (torch.arange(height, dtype=dtype, device=device), torch.arange(width, dtype=dtype, device=device))
 
 
-def grid_moments(values: torch.Tensor, axes: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``sum_{x, y} v(x, y) (x, y, 1)`` for ``values (B, H, W, K)``: ``(B, K, 3)``.
+def grid_moments(
+    values: torch.Tensor,
+    axes: tuple[torch.Tensor, torch.Tensor],
+    *,
+    channel_dim: int = -1,
+    second_order: bool = False,
+) -> torch.Tensor:
+    """Moments ``sum_{x, y} v_k(x, y) m(x, y)`` of ``K`` value images over a regular pixel grid.
 
-    Computed as ``sum_x x * colsum(v)``, ``sum_y y * rowsum(v)`` and the total.
+    First order (default), ``m = (x, y, 1)``, gives ``G = sum v x~^T``;
+    second order, ``m = (x^2, x y, y^2, x, y, 1)``, gives the sums that a
+    Gauss-Newton normal matrix needs.  Computed from row sums, column sums
+    and one matrix-vector product: no per-pixel coordinate array.
+
+    Args:
+        values: ``(B, H, W, K)`` (``channel_dim=-1``) or ``(B, K, H, W)`` (``channel_dim=1``).
+        axes: :func:`pixel_axes` ``(ys, xs)`` of the grid.
+
+    Returns:
+        ``(B, K, 3)`` or, with ``second_order``, ``(B, K, 6)``.
     """
     ys, xs = axes
-    row_sums = values.sum(dim=2)  # (B, H, K)
-    column_sums = values.sum(dim=1)  # (B, W, K)
-    return torch.stack(
-        [
-            torch.einsum("bwk,w->bk", column_sums, xs),
-            torch.einsum("bhk,h->bk", row_sums, ys),
-            row_sums.sum(dim=1),
-        ],
-        dim=-1,
+    if channel_dim in (-1, 3):
+        values = values.movedim(-1, 1)  # a view: (B, K, H, W) with strides of the original
+    row_sums = values.sum(dim=3)  # (B, K, H)
+    column_sums = values.sum(dim=2)  # (B, K, W)
+    moments = [column_sums @ xs, row_sums @ ys, row_sums.sum(dim=2)]
+    if second_order:
+        xy = (values @ xs) @ ys  # sum_y y sum_x x v
+        moments = [column_sums @ (xs * xs), xy, row_sums @ (ys * ys)] + moments
+    return torch.stack(moments, dim=-1)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float, *, padding_mode: str = "border") -> torch.Tensor:
+    """Separable Gaussian smoothing of ``(B, C, H, W)`` with standard deviation ``sigma`` pixels.
+
+    The kernel is truncated at ``4 sigma``; outside values follow ``padding_mode``.
+    ``sigma <= 0`` returns the image unchanged.
+    """
+    if sigma <= 0:
+        return image
+    batch, channels, height, width = image.shape
+    smoothing, _ = _derivative_kernels("gaussian", float(sigma), image.dtype, image.device)
+    radius = smoothing.numel() // 2
+    extended = extend(image.reshape(batch * channels, 1, height, width), radius, padding_mode)
+    blurred = F.conv2d(F.conv2d(extended, smoothing.view(1, 1, 1, -1)), smoothing.view(1, 1, -1, 1))
+    return blurred.reshape(batch, channels, height, width)
+
+
+def downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """Area (box) downsampling by an integer ``factor``: each output pixel averages ``factor x factor`` pixels.
+
+    Convention: output pixel ``x`` covers input pixels ``f x .. f x + f - 1``,
+    so its centre is the input point ``f x + (f - 1) / 2``
+    (:func:`shrink_matrix`); trailing rows and columns that do not fill a
+    block are dropped.
+    """
+    return image if factor == 1 else F.avg_pool2d(image, kernel_size=factor, stride=factor)
+
+
+def shrink_matrix(
+    factor: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """``S`` with ``x_full = S x_level``: ``x_full = f x + (f - 1) / 2`` (:func:`downsample`'s convention).
+
+    A full-resolution transform ``A`` acts on level pixels as ``S^-1 A S``.
+    """
+    offset = (factor - 1) / 2.0
+    return torch.tensor(
+        [[float(factor), 0.0, offset], [0.0, float(factor), offset], [0.0, 0.0, 1.0]], dtype=dtype, device=device
     )
 
 

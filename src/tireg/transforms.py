@@ -57,6 +57,11 @@ __all__ = [
     "affine_jacobian",
     "anisotropic_similarity_matrix",
     "anisotropic_similarity_jacobian",
+    "translation_from_matrix",
+    "rigid_from_matrix",
+    "similarity_from_matrix",
+    "anisotropic_similarity_from_matrix",
+    "affine_from_matrix",
 ]
 
 #: ``align_corners`` used for every ``grid_sample`` call in tireg.
@@ -279,6 +284,72 @@ def affine_jacobian(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
     return torch.cat([d_linear.expand(*shape, 4, 3, 3), d_shift], dim=-3)
 
 
+def _center_shift(matrix: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """``t = A c - c``: where the matrix moves the centre.
+
+    Exact for a matrix of any kind (``A c = c + t``), and for a projection
+    onto a smaller kind it keeps the centre's image, where a registration
+    is most reliable.
+    """
+    return (matrix[..., :2, :2] @ center.unsqueeze(-1)).squeeze(-1) + matrix[..., :2, 2] - center
+
+
+def _closest_rotation(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Angle and scale of the similarity ``s R(theta)`` closest (Frobenius) to ``A[:2, :2]``.
+
+    With ``R = [[cos, sin], [-sin, cos]]``: ``s cos = (a00 + a11) / 2``, ``s sin = (a01 - a10) / 2``.
+    """
+    cosine = 0.5 * (matrix[..., 0, 0] + matrix[..., 1, 1])
+    sine = 0.5 * (matrix[..., 0, 1] - matrix[..., 1, 0])
+    return torch.atan2(sine, cosine), torch.hypot(cosine, sine)
+
+
+def translation_from_matrix(matrix: torch.Tensor, center: CenterLike | None = None) -> torch.Tensor:
+    """``(tx, ty) = A c - c``: where ``matrix`` moves the centre (``A[:2, 2]`` without a centre)."""
+    if center is None:
+        return matrix[..., :2, 2].clone()
+    return _center_shift(matrix, _as_center(center, matrix))
+
+
+def rigid_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
+    """``(theta, tx, ty)``: the closest rotation, and the shift that ``matrix`` gives the centre."""
+    center = _as_center(center, matrix)
+    angle, _ = _closest_rotation(matrix)
+    translation = _center_shift(matrix, center)
+    return torch.cat([angle.unsqueeze(-1), translation], dim=-1)
+
+
+def similarity_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
+    """``(theta, s, tx, ty)`` of the similarity closest to ``matrix`` about ``center``."""
+    center = _as_center(center, matrix)
+    angle, scale = _closest_rotation(matrix)
+    translation = _center_shift(matrix, center)
+    return torch.cat([angle.unsqueeze(-1), scale.unsqueeze(-1), translation], dim=-1)
+
+
+def anisotropic_similarity_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
+    """``(theta, sx, sy, tx, ty)`` with ``L = R(theta) diag(sx, sy)`` closest to ``A[:2, :2]``.
+
+    The angle is that of the closest rotation; ``sx, sy`` are the lengths of
+    ``L``'s columns projected on ``R``'s columns.
+    """
+    center = _as_center(center, matrix)
+    angle, _ = _closest_rotation(matrix)
+    rot = rotation(angle)
+    linear = matrix[..., :2, :2]
+    scales = (rot * linear).sum(dim=-2)  # column-wise dot products R[:, j] . L[:, j]
+    translation = _center_shift(matrix, center)
+    return torch.cat([angle.unsqueeze(-1), scales, translation], dim=-1)
+
+
+def affine_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
+    """``(a00, a01, a10, a11, tx, ty)`` of ``matrix`` about ``center`` (exact)."""
+    center = _as_center(center, matrix)
+    linear = matrix[..., :2, :2]
+    translation = _center_shift(matrix, center)
+    return torch.cat([linear.reshape(*linear.shape[:-2], 4), translation], dim=-1)
+
+
 @dataclass(frozen=True)
 class Transform:
     """A transform kind: named parameters, their identity values, ``A(p)`` and ``dA/dp``.
@@ -290,6 +361,9 @@ class Transform:
         identity: parameter values of the identity transform.
         matrix: ``(params (..., P), center (..., 2)) -> (..., 3, 3)``.
         jacobian: ``(params, center) -> (..., P, 3, 3)``.
+        from_matrix: ``(matrix (..., 3, 3), center) -> (..., P)``: the
+            parameters of the transform of this kind closest to a matrix
+            (exact when the matrix is of this kind).
     """
 
     name: str
@@ -297,6 +371,7 @@ class Transform:
     identity: tuple[float, ...]
     matrix: Callable[[torch.Tensor, CenterLike], torch.Tensor]
     jacobian: Callable[[torch.Tensor, CenterLike], torch.Tensor]
+    from_matrix: Callable[[torch.Tensor, CenterLike], torch.Tensor]
 
     @property
     def num_parameters(self) -> int:
@@ -307,10 +382,17 @@ class Transform:
 TRANSFORMS: dict[str, Transform] = {
     t.name: t
     for t in (
-        Transform("translation", ("tx", "ty"), (0.0, 0.0), translation_matrix, translation_jacobian),
-        Transform("rigid", ("angle", "tx", "ty"), (0.0, 0.0, 0.0), rigid_matrix, rigid_jacobian),
         Transform(
-            "similarity", ("angle", "scale", "tx", "ty"), (0.0, 1.0, 0.0, 0.0), similarity_matrix, similarity_jacobian
+            "translation", ("tx", "ty"), (0.0, 0.0), translation_matrix, translation_jacobian, translation_from_matrix
+        ),
+        Transform("rigid", ("angle", "tx", "ty"), (0.0, 0.0, 0.0), rigid_matrix, rigid_jacobian, rigid_from_matrix),
+        Transform(
+            "similarity",
+            ("angle", "scale", "tx", "ty"),
+            (0.0, 1.0, 0.0, 0.0),
+            similarity_matrix,
+            similarity_jacobian,
+            similarity_from_matrix,
         ),
         Transform(
             "anisotropic_similarity",
@@ -318,6 +400,7 @@ TRANSFORMS: dict[str, Transform] = {
             (0.0, 1.0, 1.0, 0.0, 0.0),
             anisotropic_similarity_matrix,
             anisotropic_similarity_jacobian,
+            anisotropic_similarity_from_matrix,
         ),
         Transform(
             "affine",
@@ -325,6 +408,7 @@ TRANSFORMS: dict[str, Transform] = {
             (1.0, 0.0, 0.0, 1.0, 0.0, 0.0),
             affine_matrix,
             affine_jacobian,
+            affine_from_matrix,
         ),
     )
 }

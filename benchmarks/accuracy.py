@@ -1,0 +1,850 @@
+"""Accuracy and speed of tireg against the registration tools users would otherwise pick.
+
+Every method registers the same pairs of 256 x 256 images cut from photographs
+that scikit-image ships (no download), with seeded random transforms of each
+kind, noise and a contrast change.  Per method and kind it prints the success
+rate (mean grid error < 0.5 px), the failures (> 5 px), the median error and
+the median wall-clock seconds per pair, as markdown tables.
+
+Cases:
+    A grey scene in [0, 1] (at least 512 pixels on its shorter side) is the
+    world.  ``fixed`` is a 256 x 256 crop of it at offset ``o``; ``moving`` is
+    the scene sampled at ``o + A^-1 y`` on the same 256 x 256 grid (cubic
+    spline, ``skimage.transform.warp``), so that ``moving(A x) = fixed(x)``
+    with ``A`` the true fixed -> moving pixel matrix.  The crop offset is drawn
+    so that the fixed crop and the moving image's footprint both lie inside
+    the scene: every pixel of both images is real content.  Transforms
+    (about the image centre ``c = (127.5, 127.5)``, ``A = [L | c + t - L c]``):
+
+    * translation ``t``: 10-20 % of the image size, in a random direction (every kind);
+    * rotation: +-(15..35) degrees (rigid, similarity, affine);
+    * scale 0.85-1.15 (similarity, affine);
+    * affine: ``L = s R(theta) (I + E)``, every entry of ``E`` in +-0.08.
+
+    Scenes are scaled so that their 1st and 99th percentiles are 0 and 1.
+    Both images get independent Gaussian noise (sigma 0.02 of that range); the moving image gets a contrast change ``gain * m + offset``
+    (gain 0.6-1.4, offset +-0.2) before its noise.  Case ``i`` of a kind uses
+    scene ``i mod 8``; the random numbers come from ``(seed, kind, i)``, so
+    every method sees identical pairs.
+
+Error:
+    the mean over all fixed pixels ``x`` of ``|A_est x - A_true x|`` in pixels
+    (a homography is divided by its third coordinate).  Success: < 0.5 px;
+    failure: > 5 px or an exception (recorded with its message).
+
+Methods (each result converted to tireg's fixed -> moving pixel matrix):
+    tireg      ``tireg.register(fixed, moving, transform=kind)``, defaults.
+    elastix    itk-elastix, ``GetDefaultParameterMap('translation' | 'rigid' |
+               'affine')``; similarity is the default rigid map with
+               ``Transform = SimilarityTransform``.
+    simpleitk  ``ImageRegistrationMethod`` as in SimpleITK's registration
+               notebooks: ``CenteredTransformInitializer`` (GEOMETRY), Mattes
+               MI (50 bins, 10 % random samples), gradient descent with
+               ``SetOptimizerScalesFromPhysicalShift``, shrink factors
+               (4, 2, 1), smoothing sigmas (2, 1, 0).
+    ecc        OpenCV ``findTransformECCMultiScale`` (OpenCV's own pyramid,
+               default ``ECCParameters``: 4 levels, 50 iterations);
+               similarity uses MOTION_AFFINE (ECC has no similarity model).
+    ecc-single OpenCV ``findTransformECC`` at full resolution with its
+               default criteria (50 iterations, eps 1e-3), the classic call.
+    kornia     ``kornia.geometry.ImageRegistrator`` with its defaults (5
+               pyramid levels, Adam, L1); 'translation', 'similarity' for
+               rigid and similarity, 'homography' for affine (it has no
+               rigid or affine model); images standardised first (L1 is not
+               contrast invariant; the others are, or normalise themselves).
+
+Convention checks (always run first; ``--check`` runs only them): for every
+method and kind, (1) the converted matrix must agree with the peer's own
+interpretation of its result (elastix: ``transformix_pointset``; SimpleITK:
+``TransformPoint``; ECC: ``warpAffine(..., WARP_INVERSE_MAP)``; kornia: its
+warper), and (2) it must recover a known easy transform (identity, a pure
+shift, a small rotation/scale/shear) within 0.5 px.  A method-kind pair that
+fails either is reported as "conversion unverified", never as merely
+inaccurate.
+
+Run:
+    python benchmarks/accuracy.py                      # full run, 8 cases per kind
+    python benchmarks/accuracy.py --quick              # 1 case per kind, smoke test
+    python benchmarks/accuracy.py --check              # convention checks only
+    python benchmarks/accuracy.py --methods tireg ecc --kinds rigid --cases 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from importlib import metadata
+from typing import Callable, Optional
+
+import numpy as np
+
+KINDS = ("translation", "rigid", "similarity", "affine")
+SIZE = 256
+CENTER = (SIZE - 1) / 2.0
+SUCCESS_PX = 0.5
+FAILURE_PX = 5.0
+NOISE_SIGMA = 0.02
+DEFAULT_SEED = 20260101
+
+# ----------------------------------------------------------------------------
+# scenes and cases
+
+
+def _scenes() -> list[tuple[str, np.ndarray]]:
+    """Grey float64 scenes in [0, 1], shorter side >= 512, from ``skimage.data`` (shipped, no download)."""
+    from skimage import color, data, transform
+
+    def grey(image):
+        """Luminance scaled so that its 1st and 99th percentiles are 0 and 1 (a robust range: no clipping)."""
+        image = np.asarray(image)
+        if image.ndim == 3:
+            image = color.rgb2gray(image[..., :3])
+        image = image.astype(np.float64)
+        low, high = np.percentile(image, [1, 99])
+        return (image - low) / (high - low)
+
+    def at_least_512(image):
+        short = min(image.shape)
+        if short >= 512:
+            return image
+        factor = 512 / short
+        shape = (max(512, round(image.shape[0] * factor)), max(512, round(image.shape[1] * factor)))
+        return transform.resize(image, shape, order=3, anti_aliasing=False)
+
+    names = ("camera", "astronaut", "coins", "brick", "gravel", "moon", "grass", "immunohistochemistry")
+    return [(name, at_least_512(grey(getattr(data, name)()))) for name in names]
+
+
+def rotation(theta: float) -> np.ndarray:
+    """OpenCV's / tireg's rotation: ``[[cos, sin], [-sin, cos]]`` (y down, theta > 0 counter-clockwise on screen)."""
+    c, s = math.cos(theta), math.sin(theta)
+    return np.array([[c, s], [-s, c]])
+
+
+def about_center(linear: np.ndarray, shift: np.ndarray, center: float = CENTER) -> np.ndarray:
+    """``A = [L | c + t - L c]``: ``L`` about the centre ``c``, then the shift ``t``."""
+    c = np.array([center, center])
+    matrix = np.eye(3)
+    matrix[:2, :2] = linear
+    matrix[:2, 2] = c + shift - linear @ c
+    return matrix
+
+
+@dataclasses.dataclass
+class Case:
+    kind: str
+    index: int
+    scene: str
+    truth: np.ndarray  # (3, 3) fixed -> moving pixels
+    fixed: np.ndarray  # (256, 256) float32
+    moving: np.ndarray
+    description: str
+
+
+def random_truth(rng: np.random.Generator, kind: str) -> tuple[np.ndarray, str]:
+    magnitude = rng.uniform(0.10, 0.20) * SIZE
+    direction = rng.uniform(0, 2 * math.pi)
+    shift = magnitude * np.array([math.cos(direction), math.sin(direction)])
+    angle = scale = 0.0
+    linear = np.eye(2)
+    extra = np.zeros((2, 2))
+    if kind != "translation":
+        angle = math.radians(rng.choice([-1.0, 1.0]) * rng.uniform(15.0, 35.0))
+    scale = rng.uniform(0.85, 1.15) if kind in ("similarity", "affine") else 1.0
+    if kind == "affine":
+        extra = rng.uniform(-0.08, 0.08, size=(2, 2))
+    linear = scale * rotation(angle) @ (np.eye(2) + extra)
+    text = f"t=({shift[0]:+.1f}, {shift[1]:+.1f}) px"
+    if kind != "translation":
+        text += f", angle {math.degrees(angle):+.1f} deg"
+    if kind in ("similarity", "affine"):
+        text += f", scale {scale:.3f}"
+    if kind == "affine":
+        text += f", E={np.round(extra, 3).tolist()}"
+    return about_center(linear, shift), text
+
+
+def make_pair(scene: np.ndarray, truth: np.ndarray, rng: np.random.Generator, *, contrast: bool = True,
+              noise: float = NOISE_SIGMA) -> tuple[np.ndarray, np.ndarray]:
+    """``fixed`` = crop of ``scene``; ``moving(y)`` = scene at ``o + truth^-1 y``; noise and contrast added."""
+    from skimage.transform import warp as sk_warp
+
+    inverse = np.linalg.inv(truth)
+    corners = np.array([[0, 0, 1], [SIZE - 1, 0, 1], [0, SIZE - 1, 1], [SIZE - 1, SIZE - 1, 1]], float).T
+    footprint = (inverse @ corners)[:2]  # moving image's corners, in crop coordinates
+    low = np.minimum(footprint.min(axis=1), 0.0)
+    high = np.maximum(footprint.max(axis=1), SIZE - 1.0)
+    margin = 3.0
+    height, width = scene.shape
+    room = np.array([width - 1.0, height - 1.0]) - margin - high  # offset o must satisfy margin - low <= o <= room
+    if np.any(room < margin - low):
+        raise RuntimeError("scene too small for this transform")
+    offset = np.array([rng.uniform(margin - low[i], room[i]) for i in range(2)])
+    crop = np.eye(3)
+    crop[:2, 2] = offset
+    fixed = sk_warp(scene, crop, output_shape=(SIZE, SIZE), order=3, mode="edge")
+    moving = sk_warp(scene, crop @ inverse, output_shape=(SIZE, SIZE), order=3, mode="edge")
+    check_construction(fixed, moving, truth)
+    if contrast:
+        gain, bias = rng.uniform(0.6, 1.4), rng.uniform(-0.2, 0.2)
+        moving = gain * moving + bias
+    fixed = fixed + rng.normal(0.0, noise, fixed.shape)
+    moving = moving + rng.normal(0.0, noise, moving.shape)
+    return fixed.astype(np.float32), moving.astype(np.float32)
+
+
+def make_cases(kinds, count: int, seed: int) -> list[Case]:
+    scenes = _scenes()
+    cases = []
+    for kind in kinds:
+        for index in range(count):
+            rng = np.random.default_rng([seed, KINDS.index(kind), index])
+            name, scene = scenes[index % len(scenes)]
+            truth, text = random_truth(rng, kind)
+            fixed, moving = make_pair(scene, truth, rng)
+            cases.append(Case(kind, index, name, truth, fixed, moving, text))
+    return cases
+
+
+# ----------------------------------------------------------------------------
+# error
+
+
+_GRID = np.stack(np.meshgrid(np.arange(SIZE, dtype=float), np.arange(SIZE, dtype=float), indexing="xy"), -1)
+_GRID_H = np.concatenate([_GRID.reshape(-1, 2), np.ones((SIZE * SIZE, 1))], axis=1)  # (N, 3) (x, y, 1)
+
+
+def apply(matrix: np.ndarray, points_h: np.ndarray) -> np.ndarray:
+    mapped = points_h @ np.asarray(matrix, float).T
+    return mapped[:, :2] / mapped[:, 2:3]
+
+
+def grid_error(estimate: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over all fixed pixels of ``|A_est x - A_true x|`` (pixels)."""
+    estimate = np.asarray(estimate, dtype=float)
+    if estimate.shape != (3, 3) or not np.all(np.isfinite(estimate)):
+        return math.inf
+    difference = apply(estimate, _GRID_H) - apply(truth, _GRID_H)
+    value = float(np.linalg.norm(difference, axis=1).mean())
+    return value if math.isfinite(value) else math.inf
+
+
+# ----------------------------------------------------------------------------
+# methods: each returns (matrix fixed -> moving in pixels, native result for the conversion check)
+
+
+class Method:
+    name = ""
+    kinds = KINDS
+    note = ""
+
+    def setup(self) -> None:
+        """Import the package (not timed)."""
+
+    def register(self, fixed: np.ndarray, moving: np.ndarray, kind: str):
+        raise NotImplementedError
+
+    def conversion_gap(self, fixed, moving, kind, matrix, native) -> float:
+        """How far the converted matrix is from the peer's own reading of its result (pixels or intensity)."""
+        return 0.0
+
+
+def _interior(matrix: np.ndarray, margin: float = 3.0) -> np.ndarray:
+    """Fixed pixels whose image under ``matrix`` lies ``margin`` inside the moving image, ``(256, 256)`` bool."""
+    mapped = apply(matrix, _GRID_H).reshape(SIZE, SIZE, 2)
+    return np.all((mapped >= margin) & (mapped <= SIZE - 1 - margin), axis=-1)
+
+
+def _tireg_warp(moving: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    import torch
+    import tireg
+
+    image = torch.from_numpy(np.asarray(moving, np.float64))[None, None]
+    warped = tireg.warp(image, torch.from_numpy(np.asarray(matrix, np.float64)), size=(SIZE, SIZE))
+    return warped[0, 0].numpy()
+
+
+class Tireg(Method):
+    name = "tireg"
+    note = "`tireg.register(fixed, moving, transform=kind)` with its defaults"
+
+    def setup(self):
+        import tireg  # noqa: F401
+
+    def register(self, fixed, moving, kind):
+        import tireg
+
+        result = tireg.register(fixed, moving, transform=kind)
+        return result.matrix.numpy(), result
+
+    def conversion_gap(self, fixed, moving, kind, matrix, native):
+        return float(np.abs(native.map_points(_GRID_H[:1000, :2]).numpy() - apply(matrix, _GRID_H[:1000])).max())
+
+
+class Elastix(Method):
+    name = "elastix"
+    note = ("itk-elastix `elastix_registration_method` with `GetDefaultParameterMap('translation'|'rigid'|'affine')` "
+            "(4 resolutions, Mattes MI, adaptive stochastic gradient descent, 256 iterations, 2048 random samples); "
+            "similarity: the default rigid map with `Transform = SimilarityTransform`")
+
+    def setup(self):
+        import itk
+
+        self.itk = itk
+        itk.ParameterObject.New()  # loads the module
+
+    def parameter_object(self, kind):
+        itk = self.itk
+        parameters = itk.ParameterObject.New()
+        name = {"translation": "translation", "rigid": "rigid", "similarity": "rigid", "affine": "affine"}[kind]
+        parameter_map = parameters.GetDefaultParameterMap(name)
+        if kind == "similarity":
+            parameter_map["Transform"] = ["SimilarityTransform"]
+        parameters.AddParameterMap(parameter_map)
+        return parameters
+
+    def register(self, fixed, moving, kind):
+        itk = self.itk
+        _, result = itk.elastix_registration_method(
+            itk.image_from_array(np.ascontiguousarray(fixed, np.float32)),
+            itk.image_from_array(np.ascontiguousarray(moving, np.float32)),
+            parameter_object=self.parameter_object(kind),
+            log_to_console=False,
+        )
+        return self.to_matrix(result.GetParameterMap(0)), result
+
+    @staticmethod
+    def to_matrix(parameter_map) -> np.ndarray:
+        """ITK's fixed -> moving physical map; spacing 1, origin 0, identity direction make it pixels (x = column).
+
+        ``T(x) = L (x - c) + c + t`` with ITK's rotation ``[[cos, -sin], [sin, cos]]`` and the parameter
+        orders Euler2D ``(angle, tx, ty)``, Similarity2D ``(scale, angle, tx, ty)``, Affine ``(a00, a01, a10, a11,
+        tx, ty)``, Translation ``(tx, ty)``.
+        """
+        for key, value in (("Spacing", 1.0), ("Origin", 0.0)):
+            if any(float(v) != value for v in parameter_map[key]):
+                raise ValueError(f"elastix: unexpected {key} {parameter_map[key]}")
+        kind = parameter_map["Transform"][0]
+        p = [float(v) for v in parameter_map["TransformParameters"]]
+        keys = set(parameter_map.keys())
+        center = np.array([float(v) for v in parameter_map["CenterOfRotationPoint"]]) if (
+            "CenterOfRotationPoint" in keys) else np.zeros(2)
+        if kind == "TranslationTransform":
+            linear, shift = np.eye(2), np.array(p[:2])
+        elif kind == "EulerTransform":
+            c, s = math.cos(p[0]), math.sin(p[0])
+            linear, shift = np.array([[c, -s], [s, c]]), np.array(p[1:3])
+        elif kind == "SimilarityTransform":
+            c, s = math.cos(p[1]), math.sin(p[1])
+            linear, shift = p[0] * np.array([[c, -s], [s, c]]), np.array(p[2:4])
+        elif kind == "AffineTransform":
+            linear, shift = np.array(p[:4]).reshape(2, 2), np.array(p[4:6])
+        else:
+            raise ValueError(f"elastix: unsupported transform {kind}")
+        matrix = np.eye(3)
+        matrix[:2, :2] = linear
+        matrix[:2, 2] = center + shift - linear @ center
+        return matrix
+
+    def conversion_gap(self, fixed, moving, kind, matrix, native):
+        """Max distance between transformix's own mapping of 50 points and the converted matrix."""
+        itk = self.itk
+        points = _GRID_H[np.random.default_rng(0).choice(len(_GRID_H), 50, replace=False)]
+        with tempfile.TemporaryDirectory() as folder:
+            name = os.path.join(folder, "points.txt")
+            with open(name, "w") as handle:
+                handle.write(f"point\n{len(points)}\n")
+                for x, y, _ in points:
+                    handle.write(f"{x:.6f} {y:.6f}\n")
+            itk.transformix_pointset(itk.image_from_array(np.ascontiguousarray(moving, np.float32)), native,
+                                     fixed_point_set_file_name=name, output_directory=folder)
+            with open(os.path.join(folder, "outputpoints.txt")) as handle:
+                text = handle.read()
+        mapped = np.array([[float(a), float(b)] for a, b in re.findall(
+            r"OutputPoint = \[ ([-0-9.eE+]+) ([-0-9.eE+]+) \]", text)])
+        return float(np.abs(mapped - apply(matrix, points)).max())
+
+
+class SimpleITK(Method):
+    name = "simpleitk"
+    metric = "correlation"  # or "mattes": Mattes mutual information, 50 bins, all pixels
+    note = ("`ImageRegistrationMethod` in the form of SimpleITK's registration notebooks and 2-D examples: "
+            "`CenteredTransformInitializer` (GEOMETRY), correlation metric (gain and offset invariant), linear "
+            "interpolation, `SetOptimizerAsRegularStepGradientDescent(learningRate=1, minStep=1e-4, "
+            "numberOfIterations=200)`, `SetOptimizerScalesFromPhysicalShift()`, shrink factors (4, 2, 1), "
+            "smoothing sigmas (2, 1, 0) px; TranslationTransform, Euler2DTransform, Similarity2DTransform, "
+            "AffineTransform")
+
+    def setup(self):
+        import SimpleITK as sitk
+
+        self.sitk = sitk
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "no valid points" warnings of diverged runs
+
+    def register(self, fixed, moving, kind):
+        sitk = self.sitk
+        fixed_image = sitk.GetImageFromArray(np.ascontiguousarray(fixed, np.float32))
+        moving_image = sitk.GetImageFromArray(np.ascontiguousarray(moving, np.float32))
+        if kind == "translation":
+            # CenteredTransformInitializer needs a centred transform; take its translation (GEOMETRY)
+            centered = sitk.CenteredTransformInitializer(
+                fixed_image, moving_image, sitk.Euler2DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY)
+            initial = sitk.TranslationTransform(2, sitk.Euler2DTransform(centered).GetTranslation())
+        else:
+            prototype = {"rigid": sitk.Euler2DTransform(), "similarity": sitk.Similarity2DTransform(),
+                         "affine": sitk.AffineTransform(2)}[kind]
+            initial = sitk.CenteredTransformInitializer(
+                fixed_image, moving_image, prototype, sitk.CenteredTransformInitializerFilter.GEOMETRY)
+        method = sitk.ImageRegistrationMethod()
+        if self.metric == "correlation":
+            method.SetMetricAsCorrelation()
+        else:
+            method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
+        method.SetInterpolator(sitk.sitkLinear)
+        method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=200)
+        method.SetOptimizerScalesFromPhysicalShift()
+        method.SetShrinkFactorsPerLevel(shrinkFactors=[4, 2, 1])
+        method.SetSmoothingSigmasPerLevel(smoothingSigmas=[2, 1, 0])
+        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+        method.SetInitialTransform(initial, inPlace=False)
+        final = method.Execute(fixed_image, moving_image)
+        # the final transform maps fixed physical points (= pixels here, x = column) to moving ones
+        origin = np.array(final.TransformPoint((0.0, 0.0)))
+        matrix = np.eye(3)
+        matrix[:2, 0] = np.array(final.TransformPoint((1.0, 0.0))) - origin
+        matrix[:2, 1] = np.array(final.TransformPoint((0.0, 1.0))) - origin
+        matrix[:2, 2] = origin
+        return matrix, final
+
+    def conversion_gap(self, fixed, moving, kind, matrix, native):
+        points = _GRID_H[::997]
+        mapped = np.array([native.TransformPoint((float(x), float(y))) for x, y, _ in points])
+        return float(np.abs(mapped - apply(matrix, points)).max())
+
+
+class _ECCBase(Method):
+    def setup(self):
+        import cv2
+
+        self.cv2 = cv2
+        self.motion = {"translation": cv2.MOTION_TRANSLATION, "rigid": cv2.MOTION_EUCLIDEAN,
+                       "similarity": cv2.MOTION_AFFINE, "affine": cv2.MOTION_AFFINE}
+
+    @staticmethod
+    def to_matrix(warp: np.ndarray) -> np.ndarray:
+        """The warp maps template (fixed) pixels to input (moving) pixels, x = column: tireg's ``A`` as it is."""
+        matrix = np.eye(3)
+        matrix[:2] = warp[:2]
+        return matrix
+
+    def conversion_gap(self, fixed, moving, kind, matrix, native):
+        """Mean |warpAffine(moving, W, WARP_INVERSE_MAP) - tireg.warp(moving, A)| inside, over the image's std."""
+        cv2 = self.cv2
+        theirs = cv2.warpAffine(np.asarray(moving, np.float32), native[:2].astype(np.float32), (SIZE, SIZE),
+                                flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+        ours = _tireg_warp(moving, matrix)
+        inside = _interior(matrix)
+        if inside.sum() < 100:
+            return math.inf
+        return float(np.abs(theirs - ours)[inside].mean() / moving.std())
+
+
+class ECC(_ECCBase):
+    name = "ecc"
+    note = ("OpenCV `findTransformECCMultiScale` (its own pyramid; default `ECCParameters`: 4 levels, 50 iterations "
+            "per level, eps 1e-6, Gaussian filter 5, linear interpolation) from the identity; MOTION_TRANSLATION, "
+            "MOTION_EUCLIDEAN, MOTION_AFFINE (also for similarity: ECC has no similarity model)")
+
+    def register(self, fixed, moving, kind):
+        cv2 = self.cv2
+        parameters = cv2.ECCParameters()
+        parameters.motionType = self.motion[kind]
+        warp = np.eye(2, 3, dtype=np.float32)
+        _, warp = cv2.findTransformECCMultiScale(np.asarray(fixed, np.float32), np.asarray(moving, np.float32),
+                                                 warp, parameters)
+        return self.to_matrix(warp), warp
+
+
+class ECCSingle(_ECCBase):
+    name = "ecc-single"
+    note = ("OpenCV `findTransformECC` at full resolution from the identity with its default criteria "
+            "(50 iterations, eps 1e-3) and Gaussian filter 5; motion types as for `ecc`")
+
+    def register(self, fixed, moving, kind):
+        cv2 = self.cv2
+        warp = np.eye(2, 3, dtype=np.float32)
+        criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 50, 1e-3)
+        _, warp = cv2.findTransformECC(np.asarray(fixed, np.float32), np.asarray(moving, np.float32), warp,
+                                       self.motion[kind], criteria, None, 5)
+        return self.to_matrix(warp), warp
+
+
+class Kornia(Method):
+    name = "kornia"
+    note = ("`kornia.geometry.ImageRegistrator` with its defaults (5 pyramid levels, Adam lr 1e-3, 100 iterations "
+            "per level, L1 loss, symmetric); model 'translation', 'similarity' (for rigid too: kornia has no rigid "
+            "model), 'homography' (for affine: no affine model); both images standardised (zero mean, unit "
+            "deviation) first, because L1 is not contrast invariant")
+
+    def setup(self):
+        import torch
+        import kornia  # noqa: F401
+
+        self.torch = torch
+        self.normalization = np.array([[2.0 / SIZE, 0, 1.0 / SIZE - 1], [0, 2.0 / SIZE, 1.0 / SIZE - 1], [0, 0, 1]])
+
+    def register(self, fixed, moving, kind):
+        torch = self.torch
+        from kornia.geometry import ImageRegistrator
+
+        def tensor(image):
+            image = np.asarray(image, np.float32)
+            return torch.from_numpy((image - image.mean()) / image.std())[None, None]
+
+        model = {"translation": "translation", "rigid": "similarity", "similarity": "similarity",
+                 "affine": "homography"}[kind]
+        registrator = ImageRegistrator(model)
+        # register(src, dst) returns src <- dst in normalised coordinates (align_corners=False):
+        # src = moving, dst = fixed gives the fixed -> moving map
+        normalized = registrator.register(tensor(moving), tensor(fixed)).detach()[0].double().numpy()
+        return self.to_matrix(normalized), registrator
+
+    def to_matrix(self, normalized: np.ndarray) -> np.ndarray:
+        """``A = N^-1 M N`` with ``N`` the pixel -> normalised map of ``align_corners=False``: ``u = (2x + 1)/W - 1``."""
+        matrix = np.linalg.inv(self.normalization) @ normalized @ self.normalization
+        return matrix / matrix[2, 2]
+
+    def conversion_gap(self, fixed, moving, kind, matrix, native):
+        """Mean |kornia's own warp of moving - tireg.warp(moving, A)| inside, over the image's std.
+
+        Checked for the registered model and again after adding a known rotation, scale and shift to its
+        parameters, so that a wrong sign or axis would show even where the registration barely moved.
+        """
+        torch = self.torch
+
+        def gap(model_matrix):
+            with torch.no_grad():
+                theirs = native.warp_src_into_dst(torch.from_numpy(np.asarray(moving, np.float32))[None, None])
+            theirs = theirs[0, 0].double().numpy()
+            inside = _interior(model_matrix)
+            if inside.sum() < 100:
+                return math.inf
+            return float(np.abs(theirs - _tireg_warp(moving, model_matrix))[inside].mean() / moving.std())
+
+        first = gap(matrix)
+        model = native.model
+        with torch.no_grad():
+            if hasattr(model, "rot"):
+                model.rot += 7.0  # degrees
+                model.scale *= 1.04
+                model.shift += torch.tensor([[[0.03], [-0.05]]])
+            else:
+                model.model += torch.tensor([[0.03, 0.05, 0.02], [-0.04, 0.02, -0.03], [0.0, 0.0, 0.0]])
+        perturbed = self.to_matrix(model().detach()[0].double().numpy())
+        return max(first, gap(perturbed))
+
+
+METHODS: dict[str, Callable[[], Method]] = {
+    "tireg": Tireg,
+    "elastix": Elastix,
+    "simpleitk": SimpleITK,
+    "ecc": ECC,
+    "ecc-single": ECCSingle,
+    "kornia": Kornia,
+}
+
+# ----------------------------------------------------------------------------
+# convention checks
+
+
+#: tolerance of the conversion gap: pixels for point maps, fraction of the image's std for resampling comparisons
+CONVERSION_TOLERANCE = {"tireg": 1e-6, "elastix": 1e-3, "simpleitk": 1e-6, "ecc": 0.02, "ecc-single": 0.02,
+                        "kornia": 0.02}
+
+
+def check_cases(seed: int) -> list[Case]:
+    """Easy known cases: identity, a pure shift, a small rotation, rotation + scale, rotation + scale + shear."""
+    scene = dict(_scenes())["camera"]
+    specs = [
+        ("translation", "identity", np.eye(3)),
+        ("translation", "shift (+6.5, -3.25)", about_center(np.eye(2), np.array([6.5, -3.25]))),
+        ("rigid", "rotation +6 deg, shift (+3, -2)", about_center(rotation(math.radians(6)), np.array([3.0, -2.0]))),
+        ("similarity", "rotation -5 deg, scale 1.05",
+         about_center(1.05 * rotation(math.radians(-5)), np.array([-2.0, 1.5]))),
+        ("affine", "rotation +4 deg, scale 0.97, shear 0.04",
+         about_center(0.97 * rotation(math.radians(4)) @ np.array([[1.0, 0.04], [0.0, 1.02]]), np.array([2.5, 2.0]))),
+    ]
+    cases = []
+    for index, (kind, text, truth) in enumerate(specs):
+        rng = np.random.default_rng([seed, 99, index])
+        fixed, moving = make_pair(scene, truth, rng, contrast=False, noise=0.005)
+        cases.append(Case(kind, index, "camera", truth, fixed, moving, text))
+    return cases
+
+
+def check_construction(fixed: np.ndarray, moving: np.ndarray, truth: np.ndarray) -> None:
+    """``moving(A x) = fixed(x)`` for a clean pair: tireg.warp of moving by the truth matches fixed.
+
+    The two differ only by interpolation (cubic spline here, bilinear in tireg.warp): up to 0.2 of the image's
+    standard deviation.  Warping by the inverse instead, or with x and y swapped, gives differences of the order
+    of the standard deviation.
+    """
+    inside = _interior(truth)
+    gap = float(np.abs(_tireg_warp(moving, truth) - fixed)[inside].mean() / fixed.std())
+    if gap > 0.3:
+        raise AssertionError(f"case construction: warped moving differs from fixed by {gap:.3f} std; "
+                             "the convention moving(A x) = fixed(x) is broken")
+
+
+def run_checks(methods: list[Method], kinds, seed: int) -> dict[tuple[str, str], str]:
+    """Returns ``{(method, kind): problem}`` for every pair whose conversion is not verified.
+
+    Verified means: on every check case of the kind, the converted matrix agrees with the peer's own reading of
+    its result (conversion gap within tolerance: the linear part, the centre and the signs), and the identity
+    and the pure shift are recovered within 0.5 px (the direction: fixed -> moving, not its inverse).  Missing
+    an easy rotation / scale / shear case is reported as inaccuracy, not as a conversion problem.
+    """
+    cases = [case for case in check_cases(seed) if case.kind in kinds]
+    if "translation" not in kinds:  # the direction check needs the shift case
+        cases = [case for case in check_cases(seed) if case.kind == "translation"] + cases
+    problems: dict[tuple[str, str], str] = {}
+    direction_ok: dict[str, bool] = {}
+    rows = []
+    for method in methods:
+        for case in cases:
+            if case.kind not in method.kinds:
+                continue
+            try:
+                matrix, native = method.register(case.fixed, case.moving, case.kind)
+                error = grid_error(matrix, case.truth)
+                inverse_error = grid_error(np.linalg.inv(matrix), case.truth)
+                gap = method.conversion_gap(case.fixed, case.moving, case.kind, matrix, native)
+            except Exception as exc:  # noqa: BLE001 - any crash makes the check fail
+                error = inverse_error = gap = math.inf
+                problems[(method.name, case.kind)] = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+            converted = gap <= CONVERSION_TOLERANCE[method.name]
+            recovered = error < SUCCESS_PX
+            if case.kind == "translation":
+                direction_ok[method.name] = direction_ok.get(method.name, True) and recovered
+            if not converted and (method.name, case.kind) not in problems:
+                problems[(method.name, case.kind)] = f"check '{case.description}': conversion gap {gap:.3g}"
+            verdict = ("ok" if recovered else "inaccurate (conversion ok)") if converted else "CONVERSION FAILED"
+            if case.kind == "translation" and not recovered:
+                verdict = "DIRECTION NOT VERIFIED"
+            rows.append(f"| {method.name} | {case.kind} | {case.description} | {error:.4f} | {inverse_error:.2f} | "
+                        f"{gap:.2e} | {verdict} |")
+        if not direction_ok.get(method.name, False):
+            for kind in kinds:
+                problems.setdefault((method.name, kind), "identity / pure shift not recovered: direction unverified")
+    print("## Convention checks\n")
+    print("Error of the converted matrix and of its inverse on easy known cases; conversion gap: the converted matrix "
+          "against the peer's own reading of its result (px for point maps, fraction of the image's std for "
+          "resampling).\n")
+    print("| method | kind | case | error (px) | error of inverse (px) | conversion gap | verdict |")
+    print("|---|---|---|---:|---:|---:|---|")
+    print("\n".join(rows))
+    print()
+    return {key: value for key, value in problems.items() if key[1] in kinds}
+
+
+# ----------------------------------------------------------------------------
+# run and report
+
+
+@dataclasses.dataclass
+class Record:
+    method: str
+    kind: str
+    index: int
+    scene: str
+    description: str
+    error: float
+    seconds: float
+    reason: str = ""
+
+
+def run_case(method: Method, case: Case) -> Record:
+    started = time.perf_counter()
+    try:
+        matrix, _ = method.register(case.fixed, case.moving, case.kind)
+        seconds = time.perf_counter() - started
+        error, reason = grid_error(matrix, case.truth), ""
+        if not math.isfinite(error):
+            reason = "non-finite matrix"
+    except Exception as exc:  # noqa: BLE001 - a crash is a failure with its reason, never the end of the run
+        seconds = time.perf_counter() - started
+        error, reason = math.inf, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+    return Record(method.name, case.kind, case.index, case.scene, case.description, error, seconds, reason)
+
+
+def summarize(records: list[Record]) -> dict:
+    errors = [r.error for r in records]
+    return {
+        "n": len(records),
+        "success": sum(e < SUCCESS_PX for e in errors),
+        "failures": sum(e > FAILURE_PX for e in errors),
+        "median_error": statistics.median(errors) if errors else math.nan,
+        "median_seconds": statistics.median(r.seconds for r in records) if records else math.nan,
+    }
+
+
+def _format_error(value: float) -> str:
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def tables(records: list[Record], methods: list[Method], kinds, problems) -> str:
+    lines = []
+    for kind in kinds:
+        lines.append(f"**{kind}**\n")
+        lines.append("| method | success (< 0.5 px) | failures (> 5 px) | median error (px) | median s / pair |")
+        lines.append("|---|---:|---:|---:|---:|")
+        for method in methods:
+            if kind not in method.kinds:
+                continue
+            if (method.name, kind) in problems:
+                lines.append(f"| {method.name} | conversion unverified | | | |")
+                continue
+            subset = [r for r in records if r.method == method.name and r.kind == kind]
+            if not subset:
+                continue
+            s = summarize(subset)
+            lines.append(f"| {method.name} | {s['success']}/{s['n']} ({100 * s['success'] / s['n']:.0f} %) | "
+                         f"{s['failures']}/{s['n']} | {_format_error(s['median_error'])} | "
+                         f"{s['median_seconds']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def environment() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    versions = []
+    for package in ("torch-image-registration", "torch", "numpy", "scikit-image", "SimpleITK",
+                    "opencv-python-headless", "itk-elastix", "kornia"):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{package} (not installed)")
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "src"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        commit += " (src/ with uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    threads = [f"torch {torch.get_num_threads()}"]
+    try:
+        import cv2
+
+        threads.append(f"OpenCV {cv2.getNumThreads()}")
+    except ImportError:
+        pass
+    try:
+        import SimpleITK as sitk
+
+        threads.append(f"SimpleITK {sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()}")
+    except ImportError:
+        pass
+    try:
+        import itk
+
+        threads.append(f"ITK/elastix {itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads()}")
+    except ImportError:
+        pass
+    return (f"- machine: {cpu}, {os.cpu_count()} logical CPUs, threads: {', '.join(threads)}; "
+            f"Python {platform.python_version()} on {platform.system()} {platform.release()}\n"
+            f"- versions: {', '.join(versions)}; tireg commit {commit}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", type=int, default=8, help="cases per kind (default 8: one per scene)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 case per kind")
+    parser.add_argument("--check", action="store_true", help="run only the convention checks")
+    parser.add_argument("--no-check", action="store_true", help="skip the convention checks (not for reporting)")
+    parser.add_argument("--json", help="write every per-case record to this file")
+    parser.add_argument("--verbose", action="store_true", help="print every case as it finishes")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.cases = 1
+    command = "python benchmarks/accuracy.py" + ("" if argv is None and len(sys.argv) == 1 else
+                                                 " " + " ".join(sys.argv[1:] if argv is None else argv))
+    methods = []
+    for name in args.methods:
+        method = METHODS[name]()
+        method.setup()
+        methods.append(method)
+    kinds = [kind for kind in KINDS if kind in args.kinds]
+
+    started = time.perf_counter()
+    if args.no_check:  # the checks warm every method up; without them, one untimed call each
+        problems = {}
+        warm = check_cases(args.seed)[1]
+        for method in methods:
+            run_case(method, warm)
+    else:
+        problems = run_checks(methods, kinds, args.seed)
+    for (name, kind), problem in problems.items():
+        print(f"CONVERSION UNVERIFIED: {name} / {kind}: {problem}")
+    if args.check:
+        return 1 if problems else 0
+
+    cases = make_cases(kinds, args.cases, args.seed)
+    records: list[Record] = []
+    # case-major order: load on a shared machine hits every method alike
+    for case in cases:
+        for method in methods:
+            if case.kind not in method.kinds:
+                continue
+            record = run_case(method, case)
+            records.append(record)
+            if args.verbose:
+                print(f"{record.method:>10} {record.kind:>11} #{record.index} {record.scene:>20}: "
+                      f"{record.error:9.3f} px {record.seconds:7.3f} s {record.reason}", flush=True)
+
+    print(f"## Results: {args.cases} cases per kind, seed {args.seed}\n")
+    print(tables(records, methods, kinds, problems))
+    print(environment())
+    print(f"- command: `{command}` ({time.perf_counter() - started:.0f} s in all)\n")
+    print("## Cases that were not a success (error >= 0.5 px)\n")
+    for record in sorted(records, key=lambda r: (r.method, KINDS.index(r.kind), r.index)):
+        if record.error >= SUCCESS_PX:
+            print(f"- {record.method} / {record.kind} #{record.index} ({record.scene}; {record.description}): "
+                  f"{_format_error(record.error)} px, {record.seconds:.2f} s {record.reason}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"command": command, "seed": args.seed, "problems": {f"{m}/{k}": v for (m, k), v in
+                                                                             problems.items()},
+                       "records": [dataclasses.asdict(r) for r in records]}, handle, indent=1,
+                      default=lambda value: None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

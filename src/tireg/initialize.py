@@ -1,0 +1,996 @@
+"""Initial transforms for registration: phase correlation, Fourier–Mellin, moments, search.
+
+A gradient-based registration converges only from a start inside its basin of
+attraction (typically a few degrees and a fraction of the image size).  The
+functions here give such a start without any iteration on the cost:
+
+* :func:`phase_correlation` — the translation, from the normalised
+  cross-power spectrum (Kuglin & Hines 1975);
+* :func:`fourier_mellin` — rotation and isotropic scale, from the phase
+  correlation of log-polar magnitude spectra (Reddy & Chatterji 1996);
+* :func:`center_of_mass` and :func:`moments` — centroids and principal axes of
+  the intensities (ITK's ``MOMENTS`` initialiser);
+* :func:`initialize` — one entry point that runs these (or a coarse batched
+  search over rotations and scales) on downsampled copies, scores the
+  candidates by normalised cross-correlation over their overlap, and returns a
+  matrix of the requested transform kind at full resolution.
+
+Convention:
+    Images are ``(B, C, H, W)`` (``(H, W)`` and ``(C, H, W)`` are promoted to a
+    batch of one); channels are averaged to one luminance channel first.  A
+    point is ``(x, y)`` = (column, row) with pixel centres at integers.  Every
+    returned matrix ``A`` maps a **fixed**-image point to a **moving**-image
+    point, ``warped(x) = M(A x)`` (:func:`tireg.warp`), and every returned
+    shift ``(tx, ty)`` is that of ``A = translation(tx, ty)``: if the moving
+    image is the fixed image moved right by 5 pixels, ``M(x) = F(x - 5)``,
+    then ``tx = +5``.  Angles are in radians with OpenCV's sign,
+    ``R(theta) = [[cos, sin], [-sin, cos]]``, about the image centre
+    ``((W-1)/2, (H-1)/2)`` unless stated otherwise.
+
+Everything is batched over ``B`` (no Python loop over images or pixels) and
+follows the input's dtype and device.  Nothing here is differentiable in a
+useful sense (peaks are found by ``argmax``); the functions run under
+``torch.no_grad()``.
+
+References:
+    C. D. Kuglin, D. C. Hines, "The phase correlation image alignment method",
+    Proc. IEEE Int. Conf. Cybernetics and Society, 1975.
+
+    B. S. Reddy, B. N. Chatterji, "An FFT-based technique for translation,
+    rotation, and scale-invariant image registration", IEEE Trans. Image
+    Processing 5(8):1266–1271, 1996.
+
+    M. Guizar-Sicairos, S. T. Thurman, J. R. Fienup, "Efficient subpixel image
+    registration algorithms", Optics Letters 33(2):156–158, 2008.
+
+    M. R. Teague, "Image analysis via the general theory of moments", J. Opt.
+    Soc. Am. 70(8):920–930, 1980.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from ._validation import check_image, check_option
+from .sampling import downsample, gaussian_blur, shrink_matrix, warp
+from .transforms import (
+    get_transform,
+    rigid_matrix,
+    similarity_matrix,
+    translation_matrix,
+)
+
+__all__ = [
+    "METHODS",
+    "AUTO_THRESHOLD",
+    "MIN_OVERLAP",
+    "phase_correlation",
+    "fourier_mellin",
+    "center_of_mass",
+    "moments",
+    "overlap_ncc",
+    "initialize",
+]
+
+#: Methods accepted by :func:`initialize`.
+METHODS = ("auto", "identity", "center", "moments", "phase", "fourier-mellin", "search")
+
+#: ``initialize(method="auto")`` accepts its best quick candidate when its
+#: overlap NCC (on images blurred with sigma = 1 working pixel) reaches this
+#: value; below it, it runs the search as well and keeps the best of all.
+#: Measured on crops of the bundled images (rotations 4–170 degrees, scales
+#: 0.9–1.2, Gaussian noise up to 0.15): correct alignments score 0.76–1.0
+#: (0.96 and above without noise); wrong candidates up to 0.62, and a pure
+#: shift for a 10-degree rotation up to 0.84.  A score below the threshold
+#: costs only the search's time, so it errs on the high side.
+AUTO_THRESHOLD = 0.8
+
+#: A candidate whose overlap covers less than this fraction of the fixed image
+#: scores -1 (an NCC over a sliver of pixels is not evidence).
+MIN_OVERLAP = 0.25
+
+#: Angles (degrees) and scales of the coarse search.
+SEARCH_ANGLE_STEP = 10.0
+SEARCH_SCALES = (0.8, 1.0, 1.25)
+
+_SCALED_KINDS = ("similarity", "anisotropic_similarity", "affine")
+
+CenterLike = Union[torch.Tensor, Sequence[float], None]
+
+
+# ----------------------------------------------------------------------------
+# input handling
+
+
+def _promote(image: torch.Tensor, name: str, caller: str) -> torch.Tensor:
+    """``(H, W)`` and ``(C, H, W)`` to ``(1, C, H, W)``; then the shared image checks."""
+    if isinstance(image, torch.Tensor) and image.dim() in (2, 3):
+        image = image.reshape(1, -1, *image.shape[-2:]) if image.dim() == 3 else image[None, None]
+    check_image(image, name, caller)
+    return image
+
+
+def _pair(fixed: torch.Tensor, moving: torch.Tensor, caller: str, *, same_size: bool = False):
+    """Checked luminance images ``(B, 1, H, W)`` of a fixed/moving pair (batch 1 broadcasts)."""
+    fixed = _promote(fixed, "fixed", caller)
+    moving = _promote(moving, "moving", caller)
+    if fixed.dtype != moving.dtype or fixed.device != moving.device:
+        raise ValueError(
+            f"{caller}: 'fixed' ({fixed.dtype}, {fixed.device}) and 'moving' ({moving.dtype}, {moving.device}) "
+            "must have the same dtype and device"
+        )
+    batch_f, batch_m = fixed.shape[0], moving.shape[0]
+    if batch_f != batch_m and 1 not in (batch_f, batch_m):
+        raise ValueError(f"{caller}: batch sizes differ: {batch_f} fixed and {batch_m} moving images")
+    if same_size and fixed.shape[-2:] != moving.shape[-2:]:
+        raise ValueError(
+            f"{caller}: 'fixed' and 'moving' must have the same size (H, W); got {tuple(fixed.shape[-2:])} "
+            f"and {tuple(moving.shape[-2:])} (resample one first, or use initialize())"
+        )
+    batch = max(batch_f, batch_m)
+    fixed = fixed.mean(dim=1, keepdim=True).expand(batch, 1, *fixed.shape[-2:])
+    moving = moving.mean(dim=1, keepdim=True).expand(batch, 1, *moving.shape[-2:])
+    return fixed, moving
+
+
+def _check_kind(transform: str, caller: str) -> str:
+    """``transform`` if it names a built-in kind; the transforms module's ``ValueError``, prefixed, otherwise."""
+    try:
+        get_transform(transform)
+    except ValueError as error:
+        raise ValueError(f"{caller}: {error}") from None
+    return transform
+
+
+def _hann(length: int, like: torch.Tensor) -> torch.Tensor:
+    """Symmetric Hann window ``w(n) = sin^2(pi n / (N - 1))`` (ones for ``N <= 2``)."""
+    if length <= 2:
+        return torch.ones(length, dtype=like.dtype, device=like.device)
+    return torch.hann_window(length, periodic=False, dtype=like.dtype, device=like.device)
+
+
+def _centred(image: torch.Tensor) -> torch.Tensor:
+    """Subtract each image's mean over its last two axes."""
+    return image - image.mean(dim=(-2, -1), keepdim=True)
+
+
+def _is_constant(image: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: luminance ``(B, 1, H, W)`` has (relatively) no variation."""
+    flat = image.flatten(1)
+    spread = flat.amax(dim=1) - flat.amin(dim=1)
+    scale = flat.abs().amax(dim=1)
+    return spread <= 1e-6 * scale + torch.finfo(image.dtype).tiny
+
+
+# ----------------------------------------------------------------------------
+# phase correlation
+
+
+def _correlation_surface(fixed: torch.Tensor, moving: torch.Tensor, window: Optional[torch.Tensor]) -> torch.Tensor:
+    """Tapered normalised cross-power spectrum ``R = M F* / |M F*| cos^2(pi xi) cos^2(pi eta)`` of ``(N, H, W)``.
+
+    The taper (``xi, eta`` in cycles per pixel) is the DFT of the 3-tap kernel
+    ``[1/4, 1/2, 1/4]`` along each axis: it smooths the correlation surface
+    slightly and down-weights the highest frequencies, whose phase aliasing and
+    interpolation distort most (it halves the sub-pixel bias on area-sampled
+    and bilinearly resampled real images, measured: 0.17 -> 0.11 px worst case).
+    """
+    fixed, moving = _centred(fixed), _centred(moving)
+    if window is not None:
+        fixed, moving = fixed * window, moving * window
+    cross = torch.fft.fft2(moving) * torch.fft.fft2(fixed).conj()
+    magnitude = cross.abs()
+    floor = 1e-9 * magnitude.flatten(1).amax(dim=1).view(-1, 1, 1) + torch.finfo(magnitude.dtype).tiny
+    height, width = fixed.shape[-2:]
+    real = magnitude.dtype
+    taper_y = torch.cos(math.pi * torch.fft.fftfreq(height, dtype=real, device=cross.device)) ** 2
+    taper_x = torch.cos(math.pi * torch.fft.fftfreq(width, dtype=real, device=cross.device)) ** 2
+    return cross / (magnitude + floor) * (taper_y[:, None] * taper_x)
+
+
+def _parabolic_offset(left: torch.Tensor, centre: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Vertex of the parabola through ``(-1, left), (0, centre), (1, right)``, clamped to ``[-0.5, 0.5]``."""
+    curvature = left - 2.0 * centre + right
+    offset = 0.5 * (left - right) / torch.where(curvature < 0, curvature, -torch.ones_like(curvature))
+    return torch.where(curvature < 0, offset, torch.zeros_like(offset)).clamp(-0.5, 0.5)
+
+
+def _peak_shift(spectrum: torch.Tensor, *, upsample: int = 10) -> torch.Tensor:
+    """Sub-pixel location ``(dx, dy)`` of the peak of ``ifft2(spectrum)`` for ``(N, H, W)``, wrapped to ``[-N/2, N/2)``.
+
+    The integer peak is refined by evaluating the band-limited interpolant of
+    the correlation surface (a matrix-multiply DFT, Guizar-Sicairos et al.
+    2008) on a grid of spacing ``1 / upsample`` within 1.5 pixels of it, then
+    by a parabolic fit through the best grid point and its neighbours.  With
+    ``upsample=1`` only the parabolic fit on the integer grid is used.
+    """
+    count, height, width = spectrum.shape
+    real = spectrum.real.dtype
+    surface = torch.fft.ifft2(spectrum).real
+    flat_index = surface.flatten(1).argmax(dim=1)
+    peak_y = torch.div(flat_index, width, rounding_mode="floor")
+    peak_x = flat_index - peak_y * width
+    if upsample <= 1:
+        rows = torch.arange(count, device=spectrum.device)
+        def at(dy: int, dx: int) -> torch.Tensor:
+            return surface[rows, (peak_y + dy) % height, (peak_x + dx) % width]
+
+        centre = at(0, 0)
+        sub_x = _parabolic_offset(at(0, -1), centre, at(0, 1))
+        sub_y = _parabolic_offset(at(-1, 0), centre, at(1, 0))
+        shift = torch.stack([peak_x.to(real) + sub_x, peak_y.to(real) + sub_y], dim=1)
+    else:
+        half = int(math.ceil(1.5 * upsample))
+        steps = torch.arange(-half, half + 1, device=spectrum.device, dtype=real) / upsample  # (K,)
+        pos_x = peak_x.to(real)[:, None] + steps  # (N, K)
+        pos_y = peak_y.to(real)[:, None] + steps
+        freq_x = torch.fft.fftfreq(width, device=spectrum.device, dtype=real)
+        freq_y = torch.fft.fftfreq(height, device=spectrum.device, dtype=real)
+        # r(p) = (1 / HW) sum_k R(k) exp(2 pi i k . p): rows, then columns
+        unit = torch.ones((), dtype=real, device=spectrum.device)
+        kernel_y = torch.polar(unit, 2 * math.pi * pos_y[:, :, None] * freq_y)  # (N, K, H)
+        kernel_x = torch.polar(unit, 2 * math.pi * freq_x[:, None] * pos_x[:, None, :])  # (N, W, K)
+        local = torch.bmm(torch.bmm(kernel_y, spectrum), kernel_x).real  # (N, K, K)
+        size = 2 * half + 1
+        best = local.flatten(1).argmax(dim=1)
+        best_y = torch.div(best, size, rounding_mode="floor")
+        best_x = best - best_y * size
+        rows = torch.arange(count, device=spectrum.device)
+        def at(dy: int, dx: int) -> torch.Tensor:
+            return local[rows, (best_y + dy).clamp(0, size - 1), (best_x + dx).clamp(0, size - 1)]
+
+        centre = at(0, 0)
+        inner_x = (best_x > 0) & (best_x < size - 1)
+        inner_y = (best_y > 0) & (best_y < size - 1)
+        sub_x = torch.where(inner_x, _parabolic_offset(at(0, -1), centre, at(0, 1)), torch.zeros_like(centre))
+        sub_y = torch.where(inner_y, _parabolic_offset(at(-1, 0), centre, at(1, 0)), torch.zeros_like(centre))
+        shift = torch.stack(
+            [
+                peak_x.to(real) + (best_x.to(real) - half + sub_x) / upsample,
+                peak_y.to(real) + (best_y.to(real) - half + sub_y) / upsample,
+            ],
+            dim=1,
+        )
+    # wrap-around: a peak beyond half the size is a negative shift; an axis of length 1 has no shift
+    sizes = torch.tensor([width, height], dtype=real, device=spectrum.device)
+    shift = shift - sizes * (shift >= sizes / 2).to(real)
+    shift = torch.where(sizes > 1, shift, torch.zeros_like(shift))
+    # a flat surface (a constant image: R = 0) has no peak: no shift
+    flat = surface.flatten(1).amax(dim=1) - surface.flatten(1).amin(dim=1) <= torch.finfo(real).tiny
+    return torch.where(flat[:, None], torch.zeros_like(shift), shift)
+
+
+def _phase_shift(fixed: torch.Tensor, moving: torch.Tensor, *, window: bool = True, upsample: int = 10) -> torch.Tensor:
+    """:func:`phase_correlation` on checked ``(N, 1, H, W)`` luminance images; ``(N, 2)``."""
+    height, width = fixed.shape[-2:]
+    hann = _hann(height, fixed)[:, None] * _hann(width, fixed) if window else None
+    spectrum = _correlation_surface(fixed[:, 0], moving[:, 0], hann)
+    return _peak_shift(spectrum, upsample=upsample)
+
+
+def phase_correlation(fixed: torch.Tensor, moving: torch.Tensor, *, window: bool = True) -> torch.Tensor:
+    """Translation between two images by phase correlation, with sub-pixel refinement.
+
+    With ``F`` and ``M`` the 2-D DFTs of the mean-subtracted (and, with
+    ``window=True``, Hann-windowed) luminance images, the normalised
+    cross-power spectrum and its inverse transform are::
+
+        R(k) = M(k) conj(F(k)) / |M(k) conj(F(k))|,     r = IDFT(R)
+
+    If ``moving(x) = fixed(x - d)`` then ``R(k) = exp(-2 pi i k . d)`` and
+    ``r`` is a unit impulse at ``d`` (Kuglin & Hines 1975).  ``R`` is tapered
+    by ``cos^2(pi xi) cos^2(pi eta)`` (``xi, eta`` in cycles per pixel), i.e.
+    ``r`` is smoothed by ``[1/4, 1/2, 1/4]`` along each axis, which
+    down-weights the aliased highest frequencies.  The integer peak
+    of ``r`` is refined by evaluating the band-limited interpolant of ``r``
+    on a ``1/10``-pixel grid around it (matrix-multiply DFT, Guizar-Sicairos
+    et al. 2008) and a parabolic fit there.  Shifts are circular: a peak
+    index ``>= N/2`` along an axis of length ``N`` means ``index - N``.  The
+    Hann window ``w(n) = sin^2(pi n / (N - 1))`` (separable) suppresses the
+    edge discontinuities of the periodic extension, which otherwise produce a
+    spurious peak at zero shift.
+
+    Args:
+        fixed: ``(B, C, H, W)`` reference image (``(H, W)``, ``(C, H, W)`` promoted).
+        moving: image of the same ``(H, W)``; a batch of 1 broadcasts.
+        window: apply the Hann window (default ``True``).
+
+    Returns:
+        ``(B, 2)`` shift ``(tx, ty)`` in pixels such that
+        ``A = translation_matrix((tx, ty))`` maps fixed to moving points:
+        ``moving(x + t) ≈ fixed(x)``.  Constant images give ``(0, 0)``.
+        The magnitude is below half the image size along each axis.
+
+    Raises:
+        ValueError: wrong dimensions, empty images, NaN/Inf, different sizes.
+    """
+    caller = "phase_correlation()"
+    fixed, moving = _pair(fixed, moving, caller, same_size=True)
+    with torch.no_grad():
+        return _phase_shift(fixed, moving, window=bool(window))
+
+
+# ----------------------------------------------------------------------------
+# Fourier–Mellin
+
+
+def _radial_window(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """Rotation-invariant Hann window ``cos^2(pi r / (2 R))`` for ``r < R``, ``R = min(H, W) / 2``, about the centre."""
+    ys = torch.arange(height, dtype=like.dtype, device=like.device) - (height - 1) / 2
+    xs = torch.arange(width, dtype=like.dtype, device=like.device) - (width - 1) / 2
+    radius = torch.sqrt(ys[:, None] ** 2 + xs**2) / (min(height, width) / 2.0)
+    return torch.where(radius < 1, torch.cos(0.5 * math.pi * radius) ** 2, torch.zeros_like(radius))
+
+
+def _log_polar_spectrum(
+    image: torch.Tensor, size: int, angles: int, radii: int, r_min: float, r_max: float
+) -> torch.Tensor:
+    """High-pass filtered magnitude spectrum of ``(N, 1, H, W)`` on a log-polar grid, ``(N, 1, angles, radii)``.
+
+    The image (mean removed, radial Hann window) is zero-padded to
+    ``size x size`` so that its frequency samples are isotropic; the magnitude
+    ``|DFT|`` is multiplied by Reddy & Chatterji's high-pass filter
+    ``H = (1 - X)(2 - X)``, ``X = cos(pi xi) cos(pi eta)`` (``xi, eta`` in cycles
+    per pixel, ``[-1/2, 1/2)``), and sampled bilinearly at
+    ``k = rho (cos phi, sin phi)`` for ``phi = pi j / angles`` (half a turn: the
+    magnitude of a real image's spectrum is centrally symmetric) and
+    ``rho = r_min (r_max / r_min)^(i / (radii - 1))``, in frequency-index units.
+    """
+    count, _, height, width = image.shape
+    windowed = _centred(image[:, 0]) * _radial_window(height, width, image)
+    magnitude = torch.fft.fftshift(torch.fft.fft2(windowed, s=(size, size)).abs(), dim=(-2, -1))
+    freq = torch.fft.fftshift(torch.fft.fftfreq(size, dtype=image.dtype, device=image.device))
+    cosines = torch.cos(math.pi * freq)
+    band = cosines[:, None] * cosines
+    magnitude = magnitude * (1.0 - band) * (2.0 - band)
+    phi = torch.arange(angles, dtype=image.dtype, device=image.device) * (math.pi / angles)
+    rho = r_min * torch.exp(
+        torch.arange(radii, dtype=image.dtype, device=image.device) * (math.log(r_max / r_min) / (radii - 1))
+    )
+    centre = size // 2  # zero frequency after fftshift
+    kx = centre + rho[None, :] * torch.cos(phi)[:, None]  # (angles, radii), index units
+    ky = centre + rho[None, :] * torch.sin(phi)[:, None]
+    grid = torch.stack([(2 * kx + 1) / size - 1, (2 * ky + 1) / size - 1], dim=-1)
+    grid = grid.expand(count, angles, radii, 2)
+    return F.grid_sample(magnitude[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _fourier_mellin(fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fourier_mellin` on checked ``(N, 1, H, W)`` luminance images."""
+    size = max(*fixed.shape[-2:], *moving.shape[-2:])
+    size += size % 2
+    if size < 8:  # no spectrum to speak of: no rotation, no scale
+        zeros = torch.zeros(fixed.shape[0], dtype=fixed.dtype, device=fixed.device)
+        return zeros, zeros + 1.0
+    angles = 360
+    radii = max(32, size // 2)
+    r_max = size / 2.0 - 1.0
+    r_min = max(1.0, size / 64.0)
+    polar_fixed = _log_polar_spectrum(fixed, size, angles, radii, r_min, r_max)
+    polar_moving = _log_polar_spectrum(moving, size, angles, radii, r_min, r_max)
+    # phi is periodic (no window); log rho is not (Hann along it)
+    window = _hann(radii, fixed).expand(angles, radii)
+    spectrum = _correlation_surface(polar_fixed[:, 0], polar_moving[:, 0], window)
+    shift = _peak_shift(spectrum)  # (d log-rho bins, d phi bins)
+    # |M^(k)| = s^2 |F^(s R(-theta) k)|: M's log-polar image is F's shifted by (-log s, -theta)
+    angle = -shift[:, 1] * (math.pi / angles)
+    scale = torch.exp(-shift[:, 0] * (math.log(r_max / r_min) / (radii - 1)))
+    # the peak wrap gives d_phi in [-angles/2, angles/2): angle in (-pi/2, pi/2]; map to [-pi/2, pi/2)
+    angle = torch.where(angle >= math.pi / 2, angle - math.pi, angle)
+    return angle, scale
+
+
+def fourier_mellin(fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation and isotropic scale between two images by the Fourier–Mellin transform.
+
+    If ``moving(A x) = fixed(x)`` with ``A x = s R(theta) (x - c) + c + t``,
+    the magnitudes of the spectra satisfy (translation drops out)::
+
+        |M^(k)| = s^2 |F^(s R(-theta) k)|,
+
+    so on a log-polar grid ``k = e^u (cos phi, sin phi)`` the moving magnitude
+    is the fixed one shifted by ``(delta phi, delta u) = (-theta, -log s)``,
+    which phase correlation finds (Reddy & Chatterji 1996).  Each image is
+    mean-subtracted, weighted by a radial Hann window (a disk of diameter
+    ``min(H, W)`` about its centre, so that rotating the content does not
+    rotate the window's own spectral footprint), zero-padded to a common
+    even square size ``N``, and its magnitude spectrum is high-pass filtered
+    by ``H = (1 - X)(2 - X)``, ``X = cos(pi xi) cos(pi eta)``, before the
+    log-polar resampling (360 angles over half a turn, ``max(32, N/2)`` radii
+    from ``max(1, N/64)`` to ``N/2 - 1`` frequency bins).  The two images may
+    differ in size.  A bin is 0.5 degree and ``log(r_max / r_min) / (radii - 1)``
+    in log-scale (5.5 % for ``N = 128``), refined to sub-bin accuracy; the
+    detectable scale range is ``(r_min / r_max)^(1/2) .. (r_max / r_min)^(1/2)``
+    (0.18 .. 5.6 for ``N = 128``), in practice narrower as the overlap of the
+    spectra shrinks.
+    Images whose larger side is below 8 pixels give ``(0, 1)``.
+
+    **180-degree ambiguity — left to the caller.**  The magnitude spectrum of
+    a real image is centrally symmetric, so ``theta`` and ``theta + pi`` give
+    the same data; the angle returned lies in ``[-pi/2, pi/2)``.
+    :func:`initialize` resolves it by trying both and scoring each by
+    normalised cross-correlation.
+
+    Args:
+        fixed: ``(B, C, H, W)`` reference image.
+        moving: ``(B, C, H', W')`` image (a batch of 1 broadcasts).
+
+    Returns:
+        ``(angle, scale)``, each ``(B,)``: angle in radians (tireg's/OpenCV's
+        sign, in ``[-pi/2, pi/2)``, modulo ``pi``) and scale ``s > 0`` of the
+        similarity ``A = similarity_matrix((angle, scale, tx, ty), centre)``
+        mapping fixed to moving points (``s > 1``: the moving image shows the
+        content enlarged).  The translation is not estimated (see
+        :func:`initialize`, method ``"fourier-mellin"``).  Constant images
+        give ``(0, 1)``.
+
+    Raises:
+        ValueError: wrong dimensions, empty images, NaN/Inf.
+    """
+    caller = "fourier_mellin()"
+    fixed, moving = _pair(fixed, moving, caller)
+    with torch.no_grad():
+        return _fourier_mellin(fixed, moving)
+
+
+# ----------------------------------------------------------------------------
+# moments
+
+
+def _centroid_and_covariance(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Intensity centroid ``(N, 2)``, covariance ``(N, 2, 2)``, mass ``(N,)`` and weights of ``(N, 1, H, W)``.
+
+    The weights are the luminance minus its minimum, ``w = I - min I``.
+    """
+    weights = image[:, 0] - image.flatten(1).amin(dim=1).view(-1, 1, 1)
+    height, width = weights.shape[-2:]
+    ys = torch.arange(height, dtype=image.dtype, device=image.device)
+    xs = torch.arange(width, dtype=image.dtype, device=image.device)
+    mass = weights.sum(dim=(1, 2))
+    safe = torch.where(mass > 0, mass, torch.ones_like(mass))
+    column_sums, row_sums = weights.sum(dim=1), weights.sum(dim=2)  # (N, W), (N, H)
+    mean_x = (column_sums * xs).sum(dim=1) / safe
+    mean_y = (row_sums * ys).sum(dim=1) / safe
+    dx = xs[None, :] - mean_x[:, None]  # (N, W)
+    dy = ys[None, :] - mean_y[:, None]  # (N, H)
+    cxx = (column_sums * dx**2).sum(dim=1) / safe
+    cyy = (row_sums * dy**2).sum(dim=1) / safe
+    cxy = torch.einsum("nhw,nh,nw->n", weights, dy, dx) / safe
+    centroid = torch.stack([mean_x, mean_y], dim=1)
+    geometric = torch.tensor([(width - 1) / 2.0, (height - 1) / 2.0], dtype=image.dtype, device=image.device)
+    centroid = torch.where((mass > 0)[:, None], centroid, geometric)
+    covariance = torch.stack([torch.stack([cxx, cxy], -1), torch.stack([cxy, cyy], -1)], -2)
+    return centroid, covariance, mass, weights
+
+
+def center_of_mass(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    """Translation that aligns the intensity centroids (ITK's ``MOMENTS`` initialiser, translation part).
+
+    With weights ``w(x) = I(x) - min I`` (so adding a constant to an image
+    changes nothing; for images with a zero background this is ITK's
+    centroid), the centroid is ``c = sum_x w(x) x / sum_x w(x)`` and::
+
+        A = [[1, 0, c_m,x - c_f,x], [0, 1, c_m,y - c_f,y], [0, 0, 1]]
+
+    maps the fixed centroid onto the moving one.  An image with no
+    variation has no centroid: its geometric centre ``((W-1)/2, (H-1)/2)`` is
+    used instead (two constant images of equal size give the identity).
+
+    Args:
+        fixed: ``(B, C, H, W)``; moving: ``(B, C, H', W')`` (sizes may differ;
+            a batch of 1 broadcasts).
+
+    Returns:
+        ``(B, 3, 3)`` fixed -> moving pixel matrix.
+    """
+    caller = "center_of_mass()"
+    fixed, moving = _pair(fixed, moving, caller)
+    with torch.no_grad():
+        centroid_f = _centroid_and_covariance(fixed)[0]
+        centroid_m = _centroid_and_covariance(moving)[0]
+        return translation_matrix(centroid_m - centroid_f)
+
+
+def _principal_axes(covariance: torch.Tensor, weights: torch.Tensor, centroid: torch.Tensor):
+    """Eigenvalues ``(N, 2)`` (descending) and proper-rotation eigenvectors ``(N, 2, 2)`` (columns).
+
+    Each axis' sign is chosen so that the third moment of the intensities
+    projected on it is non-negative; the second axis is then set so that the
+    determinant is +1.
+    """
+    values, vectors = torch.linalg.eigh(covariance)  # ascending
+    values, vectors = values.flip(-1), vectors.flip(-1)
+    height, width = weights.shape[-2:]
+    ys = torch.arange(height, dtype=weights.dtype, device=weights.device)
+    xs = torch.arange(width, dtype=weights.dtype, device=weights.device)
+    dx = xs[None, None, :] - centroid[:, 0, None, None]  # (N, 1, W)
+    dy = ys[None, :, None] - centroid[:, 1, None, None]  # (N, H, 1)
+    major = vectors[:, :, 0]  # (N, 2)
+    projection = major[:, 0, None, None] * dx + major[:, 1, None, None] * dy  # (N, H, W)
+    skew = (weights * projection**3).sum(dim=(1, 2))
+    sign = torch.where(skew < 0, -torch.ones_like(skew), torch.ones_like(skew))
+    major = major * sign[:, None]
+    minor = torch.stack([-major[:, 1], major[:, 0]], dim=1)  # det [major, minor] = +1
+    return values, torch.stack([major, minor], dim=2)
+
+
+def _moments(fixed: torch.Tensor, moving: torch.Tensor, kind: str) -> torch.Tensor:
+    """:func:`moments` on checked luminance images; ``(N, 3, 3)``."""
+    centroid_f, cov_f, mass_f, weights_f = _centroid_and_covariance(fixed)
+    centroid_m, cov_m, mass_m, weights_m = _centroid_and_covariance(moving)
+    eye = torch.eye(2, dtype=fixed.dtype, device=fixed.device).expand(fixed.shape[0], 2, 2)
+    if kind == "translation":
+        linear = eye
+    else:
+        values_f, axes_f = _principal_axes(cov_f, weights_f, centroid_f)
+        values_m, axes_m = _principal_axes(cov_m, weights_m, centroid_m)
+        tiny = torch.finfo(fixed.dtype).eps
+        valid = (values_f[:, 1] > tiny * values_f[:, 0].clamp_min(tiny)) & (
+            values_m[:, 1] > tiny * values_m[:, 0].clamp_min(tiny)
+        )
+        valid = valid & (mass_f > 0) & (mass_m > 0)
+        safe_f = torch.where(valid[:, None], values_f, torch.ones_like(values_f))
+        safe_m = torch.where(valid[:, None], values_m, torch.ones_like(values_m))
+        if kind == "affine":
+            stretch = torch.diag_embed(torch.sqrt(safe_m / safe_f))
+        elif kind == "rigid":
+            stretch = eye
+        else:  # similarity, anisotropic_similarity: isotropic scale sqrt(sqrt(det C_m / det C_f))
+            scale = (safe_m.prod(dim=1) / safe_f.prod(dim=1)) ** 0.25
+            stretch = scale[:, None, None] * eye
+        linear = axes_m @ stretch @ axes_f.transpose(1, 2)
+        linear = torch.where(valid[:, None, None], linear, eye)
+    offset = centroid_m - (linear @ centroid_f[:, :, None])[:, :, 0]
+    top = torch.cat([linear, offset[:, :, None]], dim=2)
+    bottom = torch.tensor([0.0, 0.0, 1.0], dtype=fixed.dtype, device=fixed.device).expand(fixed.shape[0], 1, 3)
+    return torch.cat([top, bottom], dim=1)
+
+
+def moments(fixed: torch.Tensor, moving: torch.Tensor, *, transform: str = "similarity") -> torch.Tensor:
+    """Centroids and principal axes of the intensities aligned (image moments).
+
+    With weights ``w = I - min I``, centroid ``c`` and covariance
+    ``C = sum_x w (x - c)(x - c)^T / sum_x w = V diag(l1, l2) V^T``
+    (``l1 >= l2``, ``V`` a proper rotation whose columns are the principal
+    axes), a point ``x`` of the fixed image corresponds to
+    ``L (x - c_f) + c_m`` in the moving image with::
+
+        rigid:       L = V_m V_f^T
+        similarity:  L = (l1_m l2_m / (l1_f l2_f))^(1/4) V_m V_f^T
+        affine:      L = V_m diag(sqrt(l1_m / l1_f), sqrt(l2_m / l2_f)) V_f^T
+
+    so that ``L C_f L^T = C_m`` (exactly for affine, up to the isotropic part
+    otherwise) (Teague 1980; ITK's ``ImageMomentsCalculator``).
+    ``"anisotropic_similarity"`` uses the similarity form and
+    ``"translation"`` the identity ``L`` (:func:`center_of_mass`).
+
+    **Sign ambiguity.**  An eigenvector is defined only up to its sign, so
+    the rotation is defined only modulo 180 degrees.  Here each major axis is
+    oriented so that the third moment (skewness) of the intensities along it
+    is non-negative, the minor axis completing a proper rotation.  For
+    content with little skewness along its major axis the result may be off
+    by 180 degrees (:func:`initialize` with ``method="moments"`` tries both);
+    for nearly isotropic content (``l1 ≈ l2``) the axes and the angle are
+    not determined at all.  Degenerate covariances (constant images, a
+    single bright pixel, a line) give ``L = I``.
+
+    Args:
+        fixed: ``(B, C, H, W)``; moving: ``(B, C, H', W')`` (sizes may differ).
+        transform: ``"translation"``, ``"rigid"``, ``"similarity"`` (default),
+            ``"anisotropic_similarity"`` or ``"affine"``.
+
+    Returns:
+        ``(B, 3, 3)`` fixed -> moving pixel matrix ``[L | c_m - L c_f]``.
+    """
+    caller = "moments()"
+    _check_kind(transform, caller)
+    fixed, moving = _pair(fixed, moving, caller)
+    with torch.no_grad():
+        return _moments(fixed, moving, transform)
+
+
+# ----------------------------------------------------------------------------
+# scoring
+
+
+def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tensor, min_overlap: float) -> torch.Tensor:
+    """Overlap NCC of fixed ``(B, 1, H, W)`` and moving ``(B, 1, h, w)`` for candidates ``(B, K, 3, 3)``: ``(B, K)``.
+
+    All ``B K`` warps run as one :func:`tireg.warp` call of a two-channel
+    image (the moving image and its coverage, ones warped with zero padding).
+    """
+    batch, count = matrices.shape[:2]
+    stacked = torch.cat([moving, torch.ones_like(moving)], dim=1)
+    stacked = stacked[:, None].expand(batch, count, *stacked.shape[1:]).reshape(batch * count, 2, *moving.shape[-2:])
+    warped = warp(stacked, matrices.reshape(batch * count, 3, 3), size=fixed.shape[-2:])
+    warped = warped.reshape(batch, count, 2, -1)
+    values, weight = warped[:, :, 0], (warped[:, :, 1] > 0.999).to(fixed.dtype)  # (B, K, P)
+    target = fixed.reshape(batch, 1, -1)
+    total = weight.sum(dim=-1)
+    safe_total = total.clamp_min(1.0)
+    mean_f = (weight * target).sum(-1) / safe_total
+    mean_m = (weight * values).sum(-1) / safe_total
+    dev_f = (target - mean_f[..., None]) * weight
+    dev_m = (values - mean_m[..., None]) * weight
+    cross = (dev_f * dev_m).sum(-1)
+    var_f, var_m = (dev_f**2).sum(-1), (dev_m**2).sum(-1)
+    # no variation (relative to the intensities' size, beyond round-off): NCC undefined, scored 0
+    varies = (var_f > 1e-10 * (weight * target**2).sum(-1)) & (var_m > 1e-10 * (weight * values**2).sum(-1))
+    varies = varies & (var_f > 0) & (var_m > 0)
+    denominator = torch.sqrt(torch.where(varies, var_f * var_m, torch.ones_like(var_f)))
+    ncc = torch.where(varies, cross / denominator, torch.zeros_like(cross)).clamp(-1.0, 1.0)
+    fraction = total / target.shape[-1]
+    return torch.where(fraction >= min_overlap, ncc, torch.full_like(ncc, -1.0))
+
+
+def overlap_ncc(
+    fixed: torch.Tensor, moving: torch.Tensor, matrix: torch.Tensor, *, min_overlap: float = MIN_OVERLAP
+) -> torch.Tensor:
+    """Normalised cross-correlation of ``fixed(x)`` and ``moving(A x)`` over their overlap.
+
+    With ``Omega = {x : A x inside the moving image}`` (bilinear support),::
+
+        NCC = sum_Omega (F - mean F)(M(A x) - mean M) / sqrt(sum_Omega (F - mean F)^2 sum_Omega (M(A x) - mean M)^2)
+
+    means taken over ``Omega``.  It is ``-1`` when ``Omega`` covers less than
+    ``min_overlap`` of the fixed image, and ``0`` when either side has no
+    variation on ``Omega``.  This is the score :func:`initialize` uses (there on
+    slightly blurred, downsampled copies).
+
+    Args:
+        fixed: ``(B, C, H, W)``; moving: ``(B, C, H', W')`` (luminance used).
+        matrix: ``(B, 3, 3)`` or ``(3, 3)`` fixed -> moving pixel matrices.
+        min_overlap: minimum fraction of fixed pixels in ``Omega``.
+
+    Returns:
+        ``(B,)`` scores in ``[-1, 1]``.
+    """
+    caller = "overlap_ncc()"
+    fixed, moving = _pair(fixed, moving, caller)
+    if not isinstance(matrix, torch.Tensor) or matrix.shape[-2:] != (3, 3) or matrix.dim() not in (2, 3):
+        raise ValueError(f"{caller}: 'matrix' must be a (B, 3, 3) or (3, 3) tensor")
+    matrix = matrix.to(fixed).reshape(-1, 3, 3).expand(fixed.shape[0], 3, 3)
+    with torch.no_grad():
+        return _ncc_scores(fixed, moving, matrix[:, None], float(min_overlap))[:, 0]
+
+
+# ----------------------------------------------------------------------------
+# initialize
+
+
+def _downsample_factor(sizes: Sequence[Sequence[int]], max_size: int) -> int:
+    """``ceil(largest side / max_size)``, but no more than the smallest side (every image keeps a pixel)."""
+    largest = max(max(int(s) for s in size) for size in sizes)
+    smallest = min(min(int(s) for s in size) for size in sizes)
+    return max(1, min(int(math.ceil(largest / max_size)), smallest))
+
+
+def _candidate(
+    fixed: torch.Tensor,
+    canvas: torch.Tensor,
+    base: torch.Tensor,
+    angle: torch.Tensor,
+    scale: torch.Tensor,
+    centre: torch.Tensor,
+    *,
+    upsample: int,
+) -> torch.Tensor:
+    """Candidate ``base S0 T(t)`` for a given rotation and scale, its shift by phase correlation.
+
+    ``S0`` is the similarity ``(angle, scale)`` about ``centre`` with zero
+    shift, and ``t`` the shift that phase correlation finds between ``fixed``
+    and the canvas resampled by ``S0``.
+
+    ``fixed`` ``(N, 1, H, W)``; ``canvas`` ``(N, 1, H, W)`` mean-free moving image
+    on the fixed grid (``canvas(x) = M(base x)``); ``angle``, ``scale`` ``(N,)``;
+    ``centre`` ``(N, 2)``; ``base`` ``(N, 3, 3)``.
+    """
+    zeros = torch.zeros_like(angle)
+    similarity = similarity_matrix(torch.stack([angle, scale, zeros, zeros], dim=1), centre)
+    turned = warp(canvas, similarity)
+    shift = _phase_shift(fixed, turned, upsample=upsample)
+    return base @ similarity @ translation_matrix(shift)
+
+
+def _project(matrix: torch.Tensor, kind: str, centre: torch.Tensor) -> torch.Tensor:
+    """The matrix of kind ``kind`` that agrees with ``matrix (N, 3, 3)`` at ``centre (N, 2)``.
+
+    translation: ``T(A c - c)``; rigid: the rotation ``R`` nearest to ``L``
+    (angle ``atan2(L01 - L10, L00 + L11)``) about ``c``, ``[R | A c - R c]``
+    (for a similarity, ``L / s``: the scale dropped, the centre kept in
+    place); other kinds: unchanged (every candidate is a similarity, or the
+    affine of ``moments``).
+    """
+    if kind not in ("translation", "rigid"):
+        return matrix
+    point = torch.cat([centre, torch.ones_like(centre[:, :1])], dim=1)[:, :, None]
+    target = (matrix @ point)[:, :2, 0]
+    if kind == "translation":
+        return translation_matrix(target - centre)
+    linear = matrix[:, :2, :2]
+    angle = torch.atan2(linear[:, 0, 1] - linear[:, 1, 0], linear[:, 0, 0] + linear[:, 1, 1])
+    return rigid_matrix(torch.stack([angle, target[:, 0] - centre[:, 0], target[:, 1] - centre[:, 1]], dim=1), centre)
+
+
+def _best(matrices: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per batch element, the candidate ``(B, K, 3, 3)`` with the highest score ``(B, K)`` (first on ties)."""
+    index = scores.argmax(dim=1)
+    rows = torch.arange(matrices.shape[0], device=matrices.device)
+    return matrices[rows, index], scores[rows, index]
+
+
+def _score_candidates(
+    fixed: torch.Tensor,
+    canvas: torch.Tensor,
+    base: torch.Tensor,
+    centre: torch.Tensor,
+    angles: torch.Tensor,
+    scales: torch.Tensor,
+    score_fixed: torch.Tensor,
+    score_moving: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates ``(B, K)`` angles and scales -> matrices ``(B, K, 3, 3)`` and overlap NCC ``(B, K)``, in one batch."""
+    batch, count = angles.shape
+    repeat = lambda t: t[:, None].expand(batch, count, *t.shape[1:]).reshape(batch * count, *t.shape[1:])  # noqa: E731
+    matrices = _candidate(
+        repeat(fixed), repeat(canvas), repeat(base), angles.reshape(-1), scales.reshape(-1), repeat(centre), upsample=1
+    ).reshape(batch, count, 3, 3)
+    return matrices, _ncc_scores(score_fixed, score_moving, matrices, MIN_OVERLAP)
+
+
+def _search(
+    fixed: torch.Tensor,
+    canvas: torch.Tensor,
+    base: torch.Tensor,
+    centre: torch.Tensor,
+    kind: str,
+    score_fixed: torch.Tensor,
+    score_moving: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coarse-to-fine batched search over rotation (and scale); returns the best ``(B, 3, 3)`` and its score ``(B,)``.
+
+    Stage 1: every 10 degrees, scales 0.8, 1, 1.25 for scaled kinds (36 or
+    108 candidates).  Stage 2: around each of the 4 best, angles +-2.5 and
+    +-5 degrees and scales times ``1.25^(+-1/2)``.  Stage 3: around the best,
+    +-1.25 degrees and ``1.25^(+-1/4)``.  Every candidate gets its shift from
+    phase correlation of the de-rotated moving image and is scored by overlap
+    NCC; refining several coarse winners guards against near-periodic content
+    (coins in rows, bricks) where a wrong coarse candidate can outscore the
+    right one by a hair.
+    """
+    batch = fixed.shape[0]
+    dtype, device = fixed.dtype, fixed.device
+    scaled = kind in _SCALED_KINDS
+    degree = math.pi / 180.0
+    step = 1.25
+
+    def grid(angle_offsets, scale_factors):
+        a = torch.tensor(angle_offsets, dtype=dtype, device=device) * degree
+        f = torch.tensor(scale_factors if scaled else (1.0,), dtype=dtype, device=device)
+        a, f = torch.meshgrid(a, f, indexing="ij")
+        return a.reshape(-1), f.reshape(-1)
+
+    def around(angles, scales, angle_offsets, scale_factors):  # (B, k) -> (B, k * n)
+        da, fs = grid(angle_offsets, scale_factors)
+        return (angles[:, :, None] + da).flatten(1), (scales[:, :, None] * fs).flatten(1)
+
+    evaluate = lambda a, s: _score_candidates(  # noqa: E731
+        fixed, canvas, base, centre, a, s, score_fixed, score_moving
+    )
+    coarse_a, coarse_s = grid(
+        [-180.0 + SEARCH_ANGLE_STEP * k for k in range(int(round(360 / SEARCH_ANGLE_STEP)))], SEARCH_SCALES
+    )
+    angles, scales = coarse_a.expand(batch, -1), coarse_s.expand(batch, -1)
+    matrices, scores = evaluate(angles, scales)
+    top = scores.topk(min(4, scores.shape[1]), dim=1).indices
+    angles, scales = angles.gather(1, top), scales.gather(1, top)
+    best_m, best_s = _best(matrices, scores)
+    for offsets, factors, keep in (
+        ((-5.0, -2.5, 0.0, 2.5, 5.0), (step**-0.5, 1.0, step**0.5), 1),
+        ((-1.25, 0.0, 1.25), (step**-0.25, 1.0, step**0.25), 1),
+    ):
+        angles, scales = around(angles, scales, offsets, factors)
+        matrices, scores = evaluate(angles, scales)
+        found_m, found_s = _best(matrices, scores)
+        better = found_s > best_s
+        best_m = torch.where(better[:, None, None], found_m, best_m)
+        best_s = torch.where(better, found_s, best_s)
+        top = scores.topk(keep, dim=1).indices
+        angles, scales = angles.gather(1, top), scales.gather(1, top)
+    return best_m, best_s
+
+
+def _as_centre(center: CenterLike, batch: int, height: int, width: int, like: torch.Tensor, caller: str):
+    if center is None:
+        centre = torch.tensor([(width - 1) / 2.0, (height - 1) / 2.0], dtype=like.dtype, device=like.device)
+    else:
+        try:
+            centre = torch.as_tensor(center, dtype=like.dtype, device=like.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{caller}: 'center' must be (x, y) or a (B, 2) tensor; got {center!r}") from None
+        if centre.shape not in ((2,), (1, 2), (batch, 2)) or not bool(torch.isfinite(centre).all()):
+            raise ValueError(
+                f"{caller}: 'center' must be finite with shape (2,) or ({batch}, 2); got shape {tuple(centre.shape)}"
+            )
+    return centre.reshape(-1, 2).expand(batch, 2)
+
+
+def initialize(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    transform: str,
+    *,
+    method: str = "auto",
+    center: CenterLike = None,
+    max_size: int = 128,
+) -> torch.Tensor:
+    """An initial fixed -> moving matrix for a registration with the given transform kind.
+
+    The work is done on luminance copies area-downsampled by an integer
+    factor ``s`` so that the larger side of either image is at most
+    ``max_size`` (``s`` is capped by the smallest side, so that no image
+    vanishes); a downsampled pixel ``x_small`` covers full-resolution pixels
+    ``s x_small .. s x_small + s - 1``, so ``x_full = S x_small`` with
+    ``S = [[s, 0, (s-1)/2], [0, s, (s-1)/2], [0, 0, 1]]`` and the matrix found
+    there is returned as ``A = S A_small S^-1``.  When the sizes differ, the
+    moving copy is first resampled onto the fixed grid with the geometric
+    centres aligned (``"center"``), and that shift is composed into ``A``.
+
+    Methods:
+        ``"identity"``: ``A = I``.
+        ``"center"``: the geometric centres aligned, ``A = T(c_moving - c_fixed)``
+        (the identity for images of one size).
+        ``"moments"``: :func:`moments` (:func:`center_of_mass` for
+        translation; the similarity form for anisotropic_similarity), trying
+        both 180-degree orientations of the axes and keeping the one with the
+        higher overlap NCC.
+        ``"phase"``: the geometric centres aligned, then :func:`phase_correlation`
+        (a translation for every kind).
+        ``"fourier-mellin"``: :func:`fourier_mellin` gives ``(theta, s)`` modulo
+        180 degrees; for ``theta`` and ``theta + pi`` the moving image is
+        resampled by the similarity ``S0 = similarity(theta, s, 0, 0)`` about
+        ``center``, phase correlation of the fixed image with it gives the
+        remaining shift ``t'``, and of the two candidates ``A = S0 T(t')`` the
+        one with the higher overlap NCC is kept (the 180-degree ambiguity is
+        resolved here).
+        ``"search"``: coarse to fine: every 10 degrees (and scales 0.8, 1,
+        1.25 for similarity, anisotropic_similarity, affine), then +-5 and
+        +-2.5 degrees (and ``1.25^(+-1/2)``) around the 4 best, then +-1.25
+        degrees (and ``1.25^(+-1/4)``) around the best; each candidate
+        de-rotated and phase-correlated as above, a whole stage in one batched
+        warp and one batched FFT; the highest overlap NCC wins.
+        ``"auto"``: the candidates identity (centres aligned), the phase
+        translation and Fourier–Mellin (both 180-degree options) are scored
+        by overlap NCC; if the best scores below :data:`AUTO_THRESHOLD`
+        (0.8) the search runs too (for those pairs only), and the best of all
+        is returned.
+        For ``"translation"``, ``"fourier-mellin"``, ``"search"`` and
+        ``"auto"`` all reduce to phase correlation, kept only where it scores
+        at least the identity's NCC.
+
+    The score is the NCC over the overlap (:func:`overlap_ncc`, at least
+    :data:`MIN_OVERLAP` of the fixed image) of the downsampled images blurred
+    with a Gaussian of sigma = 1 (working) pixel.  Pairs where either image is
+    constant get the ``"center"`` matrix (the identity for equal sizes) from
+    every method: nothing can be estimated, and this is not an error.
+
+    The result respects the kind: a candidate is projected onto it keeping
+    the image of ``center``: ``"translation"`` gives ``T(A c - c)``,
+    ``"rigid"`` the rotation nearest to ``A``'s linear part (scale 1) about
+    ``c`` with ``A c`` kept (the shift is found with the estimated scale,
+    which a scale mismatch would otherwise mislead), ``"similarity"`` and
+    ``"anisotropic_similarity"`` a similarity, ``"affine"`` a similarity
+    (or, with ``"moments"``, the principal-axes affine).
+
+    Args:
+        fixed: ``(B, C, H, W)`` fixed image (``(H, W)``, ``(C, H, W)`` promoted).
+        moving: ``(B, C, H', W')`` moving image (sizes may differ; a batch of 1
+            broadcasts).
+        transform: ``"translation"``, ``"rigid"``, ``"similarity"``,
+            ``"anisotropic_similarity"`` or ``"affine"``.
+        method: one of :data:`METHODS`.
+        center: ``(x, y)`` or ``(B, 2)`` in full-resolution fixed-image pixels,
+            the point about which candidate rotations and scalings are tried,
+            and whose image a projection onto a smaller kind keeps (default:
+            the fixed image centre).  The returned matrix has the same
+            meaning whatever the centre (it is not a parameter vector).
+        max_size: largest side of the working copies (``>= 8``).
+
+    Returns:
+        ``(B, 3, 3)`` fixed -> moving pixel matrix, dtype and device of ``fixed``.
+
+    Raises:
+        ValueError: unknown transform or method, bad ``max_size`` or ``center``,
+            wrong dimensions, empty images, NaN/Inf.
+    """
+    caller = "initialize()"
+    _check_kind(transform, caller)
+    check_option(method, METHODS, "method", caller)
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 8:
+        raise ValueError(f"{caller}: 'max_size' must be an integer >= 8; got {max_size!r}")
+    fixed, moving = _pair(fixed, moving, caller)
+    batch, (height, width) = fixed.shape[0], fixed.shape[-2:]
+    centre_full = _as_centre(center, batch, height, width, fixed, caller)
+    with torch.no_grad():
+        return _initialize(fixed, moving, transform, method, centre_full, max_size)
+
+
+def _initialize(
+    fixed: torch.Tensor, moving: torch.Tensor, kind: str, method: str, centre_full: torch.Tensor, max_size: int
+) -> torch.Tensor:
+    """:func:`initialize` on checked luminance images ``(B, 1, H, W)``, ``(B, 1, H', W')``."""
+    batch = fixed.shape[0]
+    dtype, device = fixed.dtype, fixed.device
+    (height, width), (height_m, width_m) = fixed.shape[-2:], moving.shape[-2:]
+    shift_centres = torch.tensor([(width_m - width) / 2.0, (height_m - height) / 2.0], dtype=dtype, device=device)
+    centred = translation_matrix(shift_centres.expand(batch, 2))  # "center": geometric centres aligned
+    if method == "identity":
+        return torch.eye(3, dtype=dtype, device=device).expand(batch, 3, 3).clone()
+    if method == "center":
+        return centred
+
+    factor = _downsample_factor([fixed.shape[-2:], moving.shape[-2:]], max_size)
+    scale_up = shrink_matrix(factor, dtype=fixed.dtype, device=fixed.device)
+    scale_down = torch.linalg.inv(scale_up)
+    small_f = downsample(fixed, factor)
+    small_m = downsample(moving, factor)
+    score_f = gaussian_blur(small_f, 1.0, padding_mode="reflection")
+    score_m = gaussian_blur(small_m, 1.0, padding_mode="reflection")
+    centre = (centre_full - (factor - 1) / 2.0) / factor  # working pixels
+    score = lambda options: _ncc_scores(score_f, score_m, options, MIN_OVERLAP)  # noqa: E731
+    base = scale_down @ centred @ scale_up
+
+    if method == "moments":
+        first = scale_down @ _moments(fixed, moving, kind) @ scale_up
+        # the 180-degree alternative: L -> -L about the fixed centroid (A c_f = c_m is kept)
+        centroid = (_centroid_and_covariance(fixed)[0] - (factor - 1) / 2.0) / factor
+        flip = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=dtype, device=device))
+        second = first @ translation_matrix(centroid) @ flip @ translation_matrix(-centroid)
+        options = torch.stack([first, second], dim=1) if kind != "translation" else first[:, None]
+        result = _best(options, score(options))[0]
+    else:
+        # the moving image on the fixed grid, centres aligned, mean-free so that the zero padding is neutral
+        if small_f.shape[-2:] == small_m.shape[-2:] and not bool(shift_centres.any()):
+            canvas = _centred(small_m)
+        else:
+            canvas = warp(_centred(small_m), base, size=small_f.shape[-2:])
+        phase = base @ translation_matrix(_phase_shift(small_f, canvas))
+        if method == "phase":
+            result = phase
+        elif kind == "translation":
+            # no angle to find: "fourier-mellin", "search" and "auto" are phase correlation,
+            # checked against the identity (centres aligned)
+            options = torch.stack([base, phase], dim=1)
+            result = _best(options, score(options))[0]
+        elif method == "search":
+            result = _search(small_f, canvas, base, centre, kind, score_f, score_m)[0]
+        else:
+            # Fourier–Mellin, both 180-degree options, batched.  For rigid, the shift is found with the
+            # estimated scale (a scale mismatch misleads phase correlation), then the scale is dropped
+            # keeping the centre's image in place.
+            angle, scale = _fourier_mellin(small_f, canvas)
+            two = lambda t: torch.cat([t, t], dim=0)  # noqa: E731
+            both = _candidate(
+                two(small_f), two(canvas), two(base), torch.cat([angle, angle + math.pi]), two(scale), two(centre),
+                upsample=10,
+            )
+            both = _project(both, kind, two(centre))
+            options = torch.stack([both[:batch], both[batch:]], dim=1)  # (B, 2, 3, 3)
+            if method == "auto":
+                options = torch.cat([base[:, None], phase[:, None], options], dim=1)
+            result, best_score = _best(options, score(options))
+            weak = best_score < AUTO_THRESHOLD
+            if method == "auto" and bool(weak.any()):
+                index = weak.nonzero()[:, 0]
+                found, found_score = _search(
+                    small_f[index], canvas[index], base[index], centre[index], kind, score_f[index], score_m[index]
+                )
+                better = (found_score > best_score[index])[:, None, None]
+                result = result.index_put((index,), torch.where(better, found, result[index]))
+    result = scale_up @ _project(result, kind, centre) @ scale_down
+    constant = _is_constant(fixed) | _is_constant(moving)
+    return torch.where(constant[:, None, None], centred, result)

@@ -1,0 +1,828 @@
+"""``register(fixed, moving)``: the transform that aligns two images, in one call.
+
+A registration is a composition (as in ITK): a **transform** kind
+(:data:`tireg.transforms.TRANSFORMS`), a **metric** (a per-pixel loss on
+intensity-normalised images), an **optimiser** (Gauss-Newton /
+Levenberg-Marquardt on the analytic Jacobian by default, or any
+``torch.optim`` optimiser), an **interpolator** (bilinear or bicubic) and a
+**pyramid** (coarse to fine), started from an **initialisation**
+(:mod:`tireg.initialize`).
+
+The state of the search is one parameter vector per image pair in natural,
+full-resolution units (angle in radians, scale, translation in pixels) about
+the fixed image's centre.  A pyramid level only changes the pixel grid: the
+level's matrix is ``S^-1 A(p) S`` and its Jacobian ``S^-1 dA/dp S``
+(:func:`tireg.sampling.shrink_matrix`), so nothing is converted between
+levels.
+
+Gauss-Newton / Levenberg-Marquardt.  With residuals ``r = M(A x) - F(x)``
+over the valid pixels (inside the fixed mask, sampling inside the moving
+image and its mask), per-pixel Jacobian rows ``j(x) = grad M(A x)^T dA/dp x~``
+and IRLS weights ``w = rho'(r) / r`` (2 for L2)::
+
+    g = sum rho'(r) j / n,    H = sum w j j^T / n,    (H + lambda diag H) dp = -g
+
+The sums are taken once in matrix space (a 2x3 gradient and a 6x6 normal
+matrix from image moments, :func:`tireg.sampling.grid_moments`) and mapped to
+the parameters by the transform's Jacobian.  A step is kept if it lowers the
+cost (then ``lambda`` shrinks), else ``lambda`` grows; every pair of a batch
+has its own ``lambda`` and stops on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ._validation import check_option
+from .losses import PerPixelLoss, get_loss
+from .sampling import (
+    downsample,
+    gaussian_blur,
+    grid_moments,
+    pixel_axes,
+    sample,
+    sample_with_gradient,
+    sampler_gradient,
+    pixel_scale,
+    sampling_grid,
+    shrink_matrix,
+    warp,
+)
+from .transforms import Transform, get_transform, image_center
+
+__all__ = ["register", "RegistrationResult", "LevelHistory", "Pyramid", "STOP_REASONS"]
+
+ImageLike = Union[torch.Tensor, np.ndarray]
+
+#: Why a pair stopped: ``stop_reason`` takes one of these keys.
+STOP_REASONS = {
+    "converged": "the largest displacement of a step fell below the tolerance at the finest level",
+    "max_iterations": "the iteration limit of the finest level was reached",
+    "stalled": "no step lowered the cost any more (Levenberg-Marquardt damping at its limit)",
+    "callback": "the callback raised StopIteration",
+}
+
+OPTIMIZERS = ("gauss-newton", "adam", "lbfgs", "sgd")
+
+
+@dataclass(frozen=True)
+class Pyramid:
+    """Multi-resolution schedule, coarse to fine.
+
+    Attributes:
+        shrink_factors: integer downsampling factor per level, e.g. ``(4, 2, 1)``;
+            ``None``: halve until the smaller side would drop below ``min_size``.
+        smoothing_sigmas: Gaussian sigma per level in full-resolution pixels
+            before downsampling; ``None``: ``factor / 2`` (0 at factor 1).
+        min_size: smallest side of the coarsest level for the automatic schedule.
+    """
+
+    shrink_factors: Optional[tuple[int, ...]] = None
+    smoothing_sigmas: Optional[tuple[float, ...]] = None
+    min_size: int = 32
+
+    def levels(self, size: Sequence[int]) -> list[tuple[int, float]]:
+        """``[(factor, sigma), ...]`` coarse to fine for an image of ``size = (H, W)``."""
+        factors = self.shrink_factors
+        if factors is None:
+            factors, factor = [1], 1
+            while min(size) // (2 * factor) >= self.min_size:
+                factor *= 2
+                factors.insert(0, factor)
+        factors = tuple(int(f) for f in factors)
+        if not factors or any(f < 1 for f in factors):
+            raise ValueError(f"register(): shrink factors must be positive integers; got {factors}")
+        if min(size) // factors[0] < 4:
+            raise ValueError(
+                f"register(): shrink factor {factors[0]} leaves fewer than 4 pixels of a {tuple(size)} image"
+            )
+        sigmas = self.smoothing_sigmas
+        if sigmas is None:
+            sigmas = tuple(f / 2.0 if f > 1 else 0.0 for f in factors)
+        if len(sigmas) != len(factors):
+            raise ValueError(
+                f"register(): {len(factors)} shrink factors but {len(sigmas)} smoothing sigmas; give one per level"
+            )
+        return list(zip(factors, (float(s) for s in sigmas)))
+
+
+@dataclass
+class LevelHistory:
+    """One pyramid level: its factor, size and the cost of every pair after each iteration ``(iterations, B)``."""
+
+    factor: int
+    size: tuple[int, int]
+    cost: torch.Tensor
+
+
+@dataclass
+class RegistrationResult:
+    """What :func:`register` found.  Every field is always present.
+
+    Attributes:
+        matrix: fixed -> moving pixel matrices, ``(B, 3, 3)``, or ``(3, 3)``
+            when single images (not a batch) were given; float64, CPU.
+        transform: the transform kind's name.
+        parameter_names: order of :attr:`parameter_values`' columns.
+        parameter_values: ``(B, P)`` in natural units (radians, scale, pixels)
+            about :attr:`center`.
+        center: the centre of rotation and scale, the fixed image's centre.
+        cost: ``(B,)`` final cost: mean per-pixel loss over the valid pixels
+            of the finest level.
+        iterations: ``(B,)`` iterations over all levels.
+        converged: ``(B,)`` bool; a pair that did not converge is a status, not an error.
+        stop_reason: per pair, a key of :data:`STOP_REASONS`.
+        history: per level, the cost of every pair after every iteration.
+        fixed_size, moving_size: ``(H, W)``.
+        batched: whether the inputs were ``(B, C, H, W)`` batches.
+        seconds: wall-clock time of the call.
+    """
+
+    matrix: torch.Tensor
+    transform: str
+    parameter_names: tuple[str, ...]
+    parameter_values: torch.Tensor
+    center: tuple[float, float]
+    cost: torch.Tensor
+    iterations: torch.Tensor
+    converged: torch.Tensor
+    stop_reason: list[str]
+    history: list[LevelHistory]
+    fixed_size: tuple[int, int]
+    moving_size: tuple[int, int]
+    batched: bool
+    seconds: float = 0.0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.stop_reason)
+
+    def __getitem__(self, index: int) -> "RegistrationResult":
+        """The result of pair ``index`` alone (not batched)."""
+        matrices = self.matrix.reshape(-1, 3, 3)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"RegistrationResult: pair {index} out of range for {len(self)} pairs")
+        pick = slice(index, index + 1 if index != -1 else None)
+        return replace(
+            self,
+            matrix=matrices[index],
+            parameter_values=self.parameter_values[pick],
+            cost=self.cost[pick],
+            iterations=self.iterations[pick],
+            converged=self.converged[pick],
+            stop_reason=[self.stop_reason[index]],
+            history=[replace(level, cost=level.cost[:, pick]) for level in self.history],
+            batched=False,
+        )
+
+    @property
+    def parameters(self) -> dict[str, Union[float, torch.Tensor]]:
+        """Parameters in natural units by name; angles also in degrees (``angle_deg``).
+
+        Floats for a single pair, ``(B,)`` tensors for a batch.
+        """
+        values = {name: self.parameter_values[:, i] for i, name in enumerate(self.parameter_names)}
+        if "angle" in values:
+            values["angle_deg"] = torch.rad2deg(values["angle"])
+        if not self.batched:
+            return {name: float(value[0]) for name, value in values.items()}
+        return values
+
+    def _matrices(self) -> torch.Tensor:
+        return self.matrix.reshape(-1, 3, 3)
+
+    def warp(
+        self,
+        moving: ImageLike,
+        *,
+        size: Optional[Sequence[int]] = None,
+        interpolation: str = "bilinear",
+        padding_mode: str = "zeros",
+    ) -> torch.Tensor:
+        """Resample ``moving`` onto the fixed grid with the found transform: ``M(A x)``.
+
+        ``moving`` as for :func:`register`; the result has its dimensions.
+        """
+        image, ndim = _as_image(moving, "moving", "RegistrationResult.warp()", finite=False)
+        matrix = self._matrices().to(image.dtype if image.is_floating_point() else torch.float32)
+        image = image.to(matrix.dtype)
+        size = self.fixed_size if size is None else size
+        warped = warp(image, matrix.to(image.device), size=size, interpolation=interpolation, padding_mode=padding_mode)
+        return _restore_dims(warped, ndim)
+
+    def map_points(self, points: Union[torch.Tensor, np.ndarray, Sequence]) -> torch.Tensor:
+        """Map fixed-image points ``(N, 2)`` (or ``(B, N, 2)``) ``(x, y)`` to the moving image: ``A x``."""
+        points = torch.as_tensor(np.asarray(points) if not isinstance(points, torch.Tensor) else points)
+        points = points.to(torch.float64)
+        if points.shape[-1] != 2 or points.dim() not in (2, 3):
+            raise ValueError(f"map_points(): 'points' must have shape (N, 2) or (B, N, 2); got {tuple(points.shape)}")
+        matrices = self._matrices()
+        mapped = points @ matrices[..., :2, :2].transpose(-1, -2) + matrices[..., None, :2, 2]
+        return mapped[0] if (points.dim() == 2 and not self.batched) else mapped
+
+    def inverse(self) -> "RegistrationResult":
+        """The transform from the moving image to the fixed one (matrices inverted, about the moving centre)."""
+        from .transforms import get_transform
+
+        inverse = torch.linalg.inv(self._matrices())
+        center = image_center(*self.moving_size)
+        values = get_transform(self.transform).from_matrix(inverse, center)
+        return replace(
+            self,
+            matrix=inverse if self.batched else inverse[0],
+            parameter_values=values,
+            center=center,
+            fixed_size=self.moving_size,
+            moving_size=self.fixed_size,
+        )
+
+    def save(self, path: str, **options: Any) -> None:
+        """Write the transform as tireg JSON (``.json``) or an ITK text transform (``.tfm``) that SimpleITK reads."""
+        from .transform_io import save_transform
+
+        parameters = {name: self.parameter_values[:, i].tolist() for i, name in enumerate(self.parameter_names)}
+        if not self.batched:
+            parameters = {name: value[0] for name, value in parameters.items()}
+        save_transform(
+            path,
+            self.matrix,
+            transform=self.transform,
+            parameters=parameters,
+            center=self.center,
+            metadata={"cost": self.cost.tolist(), "converged": self.converged.tolist(), "stop_reason": self.stop_reason},
+            **options,
+        )
+
+    def summary(self) -> str:
+        """A few lines for people: matrix, parameters, cost, iterations, time, status per pair."""
+        lines = []
+        for index in range(len(self)):
+            pair = self[index]
+            params = ", ".join(f"{name}={value:.6g}" for name, value in pair.parameters.items())
+            matrix = pair.matrix.tolist()
+            status = "converged" if bool(pair.converged[0]) else "not converged"
+            lines.append(f"pair {index}: {self.transform}: {params}")
+            lines.append(f"  matrix (fixed -> moving, pixels): {[[round(v, 6) for v in row] for row in matrix[:2]]}")
+            lines.append(
+                f"  cost {float(pair.cost[0]):.6g}, {int(pair.iterations[0])} iterations, {status} "
+                f"({pair.stop_reason[0]})"
+            )
+        lines.append(f"{self.seconds:.3f} s")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# input handling
+
+
+def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) -> tuple[torch.Tensor, int]:
+    """``(B, C, H, W)`` float tensor from a tensor or array of ``(H, W)``, ``(C, H, W)`` or ``(B, C, H, W)``."""
+    if isinstance(image, np.ndarray):
+        if image.dtype == object or not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
+            raise TypeError(f"{caller}: '{name}' must hold numbers; got dtype {image.dtype}")
+        image = torch.from_numpy(np.ascontiguousarray(image))
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"{caller}: '{name}' must be a torch.Tensor or numpy.ndarray; got {type(image).__name__}")
+    ndim = image.dim()
+    if ndim not in (2, 3, 4):
+        raise ValueError(
+            f"{caller}: '{name}' must be (H, W), (C, H, W) or (B, C, H, W); got shape {tuple(image.shape)}"
+        )
+    if image.numel() == 0 or min(image.shape[-2:]) < 1:
+        raise ValueError(f"{caller}: '{name}' is empty; got shape {tuple(image.shape)}")
+    if image.is_complex():
+        raise TypeError(f"{caller}: '{name}' must be real; got {image.dtype}")
+    if not image.is_floating_point():
+        image = image.to(torch.float32)
+    elif image.dtype not in (torch.float32, torch.float64):
+        image = image.to(torch.float32)
+    if finite and not bool(torch.isfinite(image).all()):
+        raise ValueError(f"{caller}: '{name}' contains NaN or Inf values")
+    while image.dim() < 4:
+        image = image.unsqueeze(0)
+    return image, ndim
+
+
+def _restore_dims(image: torch.Tensor, ndim: int) -> torch.Tensor:
+    while image.dim() > ndim:
+        image = image.squeeze(0)
+    return image
+
+
+def _as_mask(mask: Optional[ImageLike], image: torch.Tensor, name: str) -> Optional[torch.Tensor]:
+    """A ``(B, 1, H, W)`` float 0/1 mask matching ``image`` (or ``None``)."""
+    if mask is None:
+        return None
+    tensor, _ = _as_image(mask, name, "register()")
+    if tensor.shape[-2:] != image.shape[-2:]:
+        raise ValueError(
+            f"register(): '{name}' must have the image's size {tuple(image.shape[-2:])}; got {tuple(tensor.shape[-2:])}"
+        )
+    if tensor.shape[1] != 1:
+        raise ValueError(f"register(): '{name}' must have one channel; got {tensor.shape[1]}")
+    tensor = (tensor > 0).to(image.dtype).to(image.device)
+    if tensor.shape[0] not in (1, image.shape[0]):
+        raise ValueError(f"register(): '{name}' has {tensor.shape[0]} masks for {image.shape[0]} images")
+    if bool((tensor.flatten(1).sum(1) < 16).any()):
+        raise ValueError(f"register(): '{name}' selects fewer than 16 pixels")
+    return tensor.expand(image.shape[0], 1, *image.shape[-2:])
+
+
+def _normalize(image: torch.Tensor, mask: Optional[torch.Tensor], name: str) -> torch.Tensor:
+    """Zero mean, unit standard deviation per image and channel (over the mask): gain and offset drop out."""
+    weight = torch.ones_like(image[:, :1]) if mask is None else mask
+    count = weight.sum(dim=(2, 3), keepdim=True)
+    mean = (image * weight).sum(dim=(2, 3), keepdim=True) / count
+    variance = (((image - mean) ** 2) * weight).sum(dim=(2, 3), keepdim=True) / count
+    std = variance.sqrt()
+    if bool((std <= 1e-12 * (mean.abs() + 1)).any()):
+        raise ValueError(f"register(): '{name}' is constant (inside its mask); there is nothing to align")
+    return (image - mean) / std
+
+
+# ----------------------------------------------------------------------------
+# one level's problem
+
+
+@dataclass
+class _Level:
+    """The images of one pyramid level and what maps full-resolution parameters onto it."""
+
+    fixed: torch.Tensor  # (B, C, h, w) normalised
+    moving: torch.Tensor
+    fixed_weight: Optional[torch.Tensor]  # (B, 1, h, w) or None
+    moving_mask: Optional[torch.Tensor]
+    shrink: torch.Tensor  # S: level -> full-resolution pixels
+    shrink_inverse: torch.Tensor
+    axes: tuple[torch.Tensor, torch.Tensor]
+    factor: int
+
+
+@dataclass
+class _Evaluation:
+    cost: torch.Tensor  # (B,)
+    gradient: torch.Tensor  # (B, P): d cost / dp
+    hessian: Optional[torch.Tensor]  # (B, P, P) or None
+
+
+class _Problem:
+    """Cost, gradient and Gauss-Newton matrix of the parameters at one level."""
+
+    def __init__(self, kind: Transform, center: torch.Tensor, loss: PerPixelLoss, interpolation: str):
+        self.kind, self.center, self.loss, self.interpolation = kind, center, loss, interpolation
+
+    def matrices(self, params: torch.Tensor, level: _Level) -> tuple[torch.Tensor, torch.Tensor]:
+        """Level matrix ``S^-1 A S`` and Jacobian ``S^-1 dA/dp S``."""
+        matrix = self.kind.matrix(params, self.center)
+        jacobian = self.kind.jacobian(params, self.center)
+        return (
+            level.shrink_inverse @ matrix @ level.shrink,
+            level.shrink_inverse @ jacobian @ level.shrink,
+        )
+
+    def _valid(self, grid: torch.Tensor, level: _Level) -> torch.Tensor:
+        """1 where a fixed pixel counts: inside its mask, sampling inside the moving image and its mask."""
+        height, width = level.moving.shape[-2:]
+        # inside [0, W-1] x [0, H-1] in moving pixels <=> |u| <= 1 - 1/W
+        limit = torch.tensor([1.0 - 1.0 / width, 1.0 - 1.0 / height], dtype=grid.dtype, device=grid.device)
+        inside = (grid.abs() <= limit).all(dim=-1).unsqueeze(1).to(grid.dtype)  # (B, 1, h, w)
+        if level.fixed_weight is not None:
+            inside = inside * level.fixed_weight
+        if level.moving_mask is not None:
+            sampled = sample(level.moving_mask, grid, interpolation="bilinear", padding_mode="zeros")
+            inside = inside * (sampled > 0.5).to(grid.dtype)
+        return inside
+
+    def _irls_weight(self, residual: torch.Tensor, derivative: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """``rho'(r) / r``, with the limit ``rho'(eps) / eps`` near ``r = 0``."""
+        eps = 1e-3
+        _, at_eps = self.loss(fixed + eps, fixed, True)
+        small = residual.abs() < eps
+        safe = torch.where(small, torch.full_like(residual, eps), residual)
+        return torch.where(small, at_eps / eps, derivative / safe)
+
+    def evaluate(self, params: torch.Tensor, level: _Level, *, hessian: bool) -> _Evaluation:
+        matrix, jacobian = self.matrices(params, level)
+        grid = sampling_grid(matrix, level.fixed.shape[-2:], level.moving.shape[-2:], axes=level.axes)
+        valid = self._valid(grid, level)
+        count = valid.sum(dim=(1, 2, 3)).clamp_min(1.0) * level.fixed.shape[1]
+        batch, params_count = params.shape
+        flat_jacobian = jacobian[:, :, :2, :].reshape(batch, params_count, 6)
+        if hessian:
+            values, gradients = sample_with_gradient(
+                level.moving, grid, interpolation=self.interpolation, padding_mode="border"
+            )  # gradients (B, C, 2, h, w) in level pixels
+            per_pixel, derivative = self.loss(values, level.fixed, True)
+            weighted = derivative * valid
+            g_moments = grid_moments((weighted.unsqueeze(2) * gradients).sum(1), level.axes, channel_dim=1)
+            irls = self._irls_weight(values - level.fixed, derivative, level.fixed) * valid
+            gx, gy = gradients[:, :, 0], gradients[:, :, 1]
+            products = torch.stack([(irls * gx * gx).sum(1), (irls * gx * gy).sum(1), (irls * gy * gy).sum(1)], 1)
+            h_moments = grid_moments(products, level.axes, channel_dim=1, second_order=True)  # (B, 3, 6)
+            matrix_hessian = _assemble_hessian(h_moments)
+            hessian_p = flat_jacobian @ matrix_hessian @ flat_jacobian.transpose(1, 2) / count[:, None, None]
+        else:
+            values = sample(level.moving, grid, interpolation=self.interpolation, padding_mode="border")
+            per_pixel, derivative = self.loss(values, level.fixed, True)
+            weighted = derivative * valid
+            g_normalized = sampler_gradient(
+                weighted, level.moving, grid, interpolation=self.interpolation, padding_mode="border"
+            )
+            g_moments = grid_moments(g_normalized, level.axes) * pixel_scale(level.moving.shape[-2:], like=grid)[:, None]
+            hessian_p = None
+        cost = (per_pixel * valid).sum(dim=(1, 2, 3)) / count
+        gradient = (flat_jacobian @ g_moments.reshape(batch, 6, 1)).squeeze(-1) / count[:, None]
+        return _Evaluation(cost, gradient, hessian_p)
+
+
+# Hessian in matrix space: H[(i, a), (j, b)] = sum w g_i g_j m_a m_b, with gradient components
+# i, j in (x, y), coordinates a, b in (x, y, 1).  grid_moments' second order gives, per product
+# (gx gx, gx gy, gy gy), the monomials (xx, xy, yy, x, y, 1).
+_PRODUCT = [[0, 1], [1, 2]]
+_MONOMIAL = [[0, 1, 3], [1, 2, 4], [3, 4, 5]]
+_HESSIAN_PRODUCT = torch.tensor([_PRODUCT[i // 3][j // 3] for i in range(6) for j in range(6)])
+_HESSIAN_MONOMIAL = torch.tensor([_MONOMIAL[i % 3][j % 3] for i in range(6) for j in range(6)])
+
+
+def _assemble_hessian(moments: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, 6)`` product moments -> ``(B, 6, 6)`` normal matrix in ``vec(A[:2, :])`` order."""
+    batch = moments.shape[0]
+    return moments[:, _HESSIAN_PRODUCT, _HESSIAN_MONOMIAL].reshape(batch, 6, 6)
+
+
+# ----------------------------------------------------------------------------
+# optimisers
+
+
+@dataclass
+class IterationState:
+    """What a ``callback`` sees after every iteration; raise ``StopIteration`` to stop."""
+
+    level: int
+    factor: int
+    iteration: int
+    cost: torch.Tensor  # (B,)
+    matrix: torch.Tensor  # (B, 3, 3) full-resolution pixels
+    active: torch.Tensor  # (B,) pairs still moving at this level
+
+
+class _Stop(Exception):
+    """The callback asked to stop."""
+
+
+def _displacement(problem: _Problem, before: torch.Tensor, after: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+    """Largest distance in full-resolution pixels that a corner of the fixed image moves between two parameter sets."""
+    difference = problem.kind.matrix(after, problem.center) - problem.kind.matrix(before, problem.center)
+    return (corners @ difference[:, :2, :].transpose(1, 2)).norm(dim=-1).amax(dim=-1)
+
+
+def _notify(callback, level_index: int, level: _Level, iteration: int, cost, problem, params, active) -> None:
+    if callback is None:
+        return
+    state = IterationState(
+        level_index, level.factor, iteration, cost.detach(), problem.kind.matrix(params, problem.center), active.clone()
+    )
+    try:
+        callback(state)
+    except StopIteration:
+        raise _Stop() from None
+
+
+def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners, callback, level_index):
+    """Levenberg-Marquardt from ``params``; returns ``(params, iterations, reasons, costs)`` per pair."""
+    batch = params.shape[0]
+    active = torch.ones(batch, dtype=torch.bool, device=params.device)
+    reasons = ["max_iterations"] * batch
+    iterations = torch.zeros(batch, dtype=torch.long)
+    damping = torch.full((batch,), 1e-3, dtype=torch.float64, device=params.device)
+    current = problem.evaluate(params, level, hessian=True)
+    costs = [current.cost.detach().clone()]
+    for iteration in range(max_iterations):
+        hessian = current.hessian.to(torch.float64)
+        diagonal = hessian.diagonal(dim1=1, dim2=2)
+        floor = 1e-9 * diagonal.amax(dim=1, keepdim=True).clamp_min(1e-12)
+        damped = hessian + torch.diag_embed(damping[:, None] * diagonal + floor)
+        step = -torch.linalg.solve(damped, current.gradient.to(torch.float64)[..., None])[..., 0]
+        step = torch.where(active[:, None], step, torch.zeros_like(step)).to(params.dtype)
+        trial_params = params + step
+        trial = problem.evaluate(trial_params, level, hessian=True)
+        better = active & (trial.cost <= current.cost) & torch.isfinite(trial.cost)
+        moved = _displacement(problem, params, trial_params, corners)
+        params = torch.where(better[:, None], trial_params, params)
+        current = _Evaluation(
+            torch.where(better, trial.cost, current.cost),
+            torch.where(better[:, None], trial.gradient, current.gradient),
+            torch.where(better[:, None, None], trial.hessian, current.hessian),
+        )
+        damping = torch.where(better, (damping * 0.3).clamp_min(1e-9), damping * 10.0)
+        iterations += active.cpu().long()
+        converged = better & (moved < tolerance * level.factor)
+        stalled = active & ~better & (damping > 1e6)
+        for index in torch.nonzero(converged | stalled).flatten().tolist():
+            reasons[index] = "converged" if bool(converged[index]) else "stalled"
+        active = active & ~converged & ~stalled
+        costs.append(current.cost.detach().clone())
+        _notify(callback, level_index, level, iteration, current.cost, problem, params, active)
+        if not bool(active.any()):
+            break
+    return params, iterations, reasons, torch.stack(costs)
+
+
+_FIRST_ORDER_DEFAULTS = {
+    "adam": (torch.optim.Adam, dict(lr=0.1)),
+    "sgd": (torch.optim.SGD, dict(lr=0.5, momentum=0.5)),
+    # a few inner iterations per step: with one, the strong-Wolfe search stalls on the first step
+    "lbfgs": (torch.optim.LBFGS, dict(lr=1.0, max_iter=5, line_search_fn="strong_wolfe")),
+}
+
+
+def _autograd_evaluation(problem: _Problem, params: torch.Tensor, level: _Level) -> _Evaluation:
+    """The same cost as :meth:`_Problem.evaluate`, its gradient by ``backward()``."""
+    with torch.enable_grad():
+        params = params.detach().requires_grad_(True)
+        matrix, _ = problem.matrices(params, level)
+        grid = sampling_grid(matrix, level.fixed.shape[-2:], level.moving.shape[-2:], axes=level.axes)
+        valid = problem._valid(grid.detach(), level)
+        count = valid.sum(dim=(1, 2, 3)).clamp_min(1.0) * level.fixed.shape[1]
+        values = sample(level.moving, grid, interpolation=problem.interpolation, padding_mode="border")
+        cost = (problem.loss(values, level.fixed) * valid).sum(dim=(1, 2, 3)) / count
+        (gradient,) = torch.autograd.grad(cost.sum(), params)
+    return _Evaluation(cost.detach(), gradient, None)
+
+
+def _first_order(problem, level, params, *, name, options, gradients, max_iterations, tolerance, corners, callback,
+                 level_index):
+    """A ``torch.optim`` optimiser on scaled parameters ``p = p0 + D q`` (one unit of q ~ one level pixel)."""
+    batch = params.shape[0]
+    start = params.detach()
+    # D: parameter change that moves the farthest corner by one level pixel, per parameter
+    jacobian = problem.kind.jacobian(start, problem.center)  # full resolution
+    reach = (corners @ jacobian[:, :, :2, :].transpose(-1, -2)).norm(dim=-1).amax(dim=-1)  # (B, P) px per unit
+    scales = level.factor / reach.clamp_min(1e-12)
+    q = torch.zeros_like(start, requires_grad=True)
+    constructor, defaults = _FIRST_ORDER_DEFAULTS[name]
+    optim = constructor([q], **{**defaults, **(options or {})})
+    active = torch.ones(batch, dtype=torch.bool, device=params.device)
+    reasons = ["max_iterations"] * batch
+    iterations = torch.zeros(batch, dtype=torch.long)
+    evaluate = (lambda p: problem.evaluate(p, level, hessian=False)) if gradients == "analytic" else (
+        lambda p: _autograd_evaluation(problem, p, level))
+    last = {}
+
+    def closure():
+        optim.zero_grad()
+        evaluation = evaluate(start + q.detach() * scales)
+        q.grad = torch.where(active[:, None], evaluation.gradient * scales, torch.zeros_like(q))
+        last["cost"] = evaluation.cost
+        return (evaluation.cost * active).sum()
+
+    costs = [evaluate(start).cost]
+    quiet = torch.zeros(batch, dtype=torch.long)
+    for iteration in range(max_iterations):
+        before = start + q.detach() * scales
+        optim.step(closure)
+        with torch.no_grad():
+            q[~active] = (before[~active] - start[~active]) / scales[~active]
+        after = start + q.detach() * scales
+        moved = _displacement(problem, before, after, corners)
+        iterations += active.cpu().long()
+        quiet = torch.where((moved < tolerance * level.factor).cpu(), quiet + 1, torch.zeros_like(quiet))
+        converged = active & (quiet >= 3).to(active.device)
+        for index in torch.nonzero(converged).flatten().tolist():
+            reasons[index] = "converged"
+        active = active & ~converged
+        costs.append(last["cost"].detach().clone())
+        _notify(callback, level_index, level, iteration, last["cost"], problem, after, active)
+        if not bool(active.any()):
+            break
+    return (start + q.detach() * scales), iterations, reasons, torch.stack(costs)
+
+
+# ----------------------------------------------------------------------------
+# register
+
+
+def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str) -> torch.Tensor:
+    batch = fixed.shape[0]
+    if isinstance(init, (torch.Tensor, np.ndarray)):
+        matrix = torch.as_tensor(init).to(torch.float64)
+        if matrix.shape[-2:] != (3, 3) or matrix.dim() not in (2, 3) or matrix.reshape(-1, 3, 3).shape[0] not in (1, batch):
+            raise ValueError(f"{caller}: 'init' matrix must be (3, 3) or ({batch}, 3, 3); got {tuple(matrix.shape)}")
+        if not bool(torch.isfinite(matrix).all()):
+            raise ValueError(f"{caller}: 'init' matrix contains NaN or Inf")
+        return matrix.reshape(-1, 3, 3).expand(batch, 3, 3).to(fixed.device)
+    if not isinstance(init, str):
+        raise TypeError(f"{caller}: 'init' must be a method name or a (3, 3) matrix; got {type(init).__name__}")
+    from .initialize import initialize
+    from .transforms import TRANSFORMS
+
+    # a user's own kind starts from the best similarity, projected on the kind by from_matrix
+    name = kind.name if kind.name in TRANSFORMS else "similarity"
+    return initialize(fixed, moving, name, method=init, center=center).to(torch.float64)
+
+
+def register(
+    fixed: ImageLike,
+    moving: ImageLike,
+    *,
+    transform: Union[str, Transform, Any] = "affine",
+    metric: Union[str, PerPixelLoss] = "l2",
+    optimizer: str = "gauss-newton",
+    gradients: str = "analytic",
+    pyramid: Union[Pyramid, Sequence[int], None] = None,
+    mask: Optional[ImageLike] = None,
+    moving_mask: Optional[ImageLike] = None,
+    init: Union[str, torch.Tensor, np.ndarray] = "auto",
+    device: Union[str, torch.device, None] = None,
+    callback: Optional[Callable[[IterationState], None]] = None,
+    max_iterations: Optional[int] = None,
+    tolerance: float = 0.005,
+    interpolation: str = "bilinear",
+    normalize: bool = True,
+    optimizer_options: Optional[dict] = None,
+) -> RegistrationResult:
+    """Find the transform ``A`` with ``moving(A x) ~ fixed(x)``, coarse to fine.
+
+    Args:
+        fixed, moving: images as tensors or arrays, ``(H, W)``, ``(C, H, W)``
+            or ``(B, C, H, W)`` for ``B`` pairs (a batch of 1 is broadcast);
+            any real dtype; same channel count.  They may differ in size.
+        transform: ``"translation"``, ``"rigid"``, ``"similarity"``,
+            ``"anisotropic_similarity"``, ``"affine"``, a
+            :class:`~tireg.transforms.Transform`, or a ready-made model
+            (its transform kind and current parameters are used).
+        metric: a per-pixel loss by name (``"l2"``, ``"cauchy"``, ``"huber"``,
+            ...) or instance, applied to intensity-normalised images
+            (zero mean, unit deviation per image: gain and offset drop out).
+        optimizer: ``"gauss-newton"`` (Levenberg-Marquardt on the analytic
+            Jacobian, robust losses by IRLS; default), or ``"adam"``,
+            ``"lbfgs"``, ``"sgd"`` (``torch.optim``, on parameters scaled so
+            that a unit moves the image by about one pixel).
+        gradients: ``"analytic"`` (default) or ``"autograd"`` (first-order optimisers).
+        pyramid: a :class:`Pyramid`, a sequence of shrink factors such as
+            ``(4, 2, 1)``, or ``None`` for an automatic schedule.
+        mask, moving_mask: where the fixed / moving image counts (nonzero);
+            fixed pixels that sample outside the moving image or its mask do
+            not count, and the cost is the mean over those that do.
+        init: ``"auto"`` (default; see :func:`tireg.initialize.initialize`),
+            another method name there (``"identity"``, ``"center"``,
+            ``"moments"``, ``"phase"``, ``"fourier-mellin"``, ``"search"``),
+            or a ``(3, 3)`` / ``(B, 3, 3)`` fixed -> moving pixel matrix.
+        device: where to compute (default: the fixed image's device).
+        callback: called with an :class:`IterationState` after every
+            iteration; raising ``StopIteration`` stops (status ``"callback"``).
+        max_iterations: per level (default 50 for Gauss-Newton, 300 otherwise).
+        tolerance: a pair has converged at a level when a step moves no
+            corner of the image by more than ``tolerance * factor`` pixels.
+        interpolation: ``"bilinear"`` or ``"bicubic"``.
+
+    Returns:
+        :class:`RegistrationResult`; non-convergence is a status in it, never an exception.
+    """
+    caller = "register()"
+    started = time.perf_counter()
+    fixed_t, fixed_ndim = _as_image(fixed, "fixed", caller)
+    moving_t, _ = _as_image(moving, "moving", caller)
+    batched = fixed_ndim == 4 or (isinstance(moving, (torch.Tensor, np.ndarray)) and np.ndim(moving) == 4)
+    if fixed_t.shape[1] != moving_t.shape[1]:
+        raise ValueError(
+            f"{caller}: 'fixed' has {fixed_t.shape[1]} channels but 'moving' has {moving_t.shape[1]}; "
+            "convert both to grey (or the same channels) first"
+        )
+    if fixed_t.shape[0] != moving_t.shape[0] and 1 not in (fixed_t.shape[0], moving_t.shape[0]):
+        raise ValueError(f"{caller}: {fixed_t.shape[0]} fixed images but {moving_t.shape[0]} moving images")
+    batch = max(fixed_t.shape[0], moving_t.shape[0])
+    device = fixed_t.device if device is None else torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{caller}: device {str(device)!r} requested but CUDA is not available")
+    dtype = torch.float32
+    fixed_t = fixed_t.to(device=device, dtype=dtype).expand(batch, *fixed_t.shape[1:])
+    moving_t = moving_t.to(device=device, dtype=dtype).expand(batch, *moving_t.shape[1:])
+    if min(fixed_t.shape[-2:]) < 8 or min(moving_t.shape[-2:]) < 8:
+        raise ValueError(f"{caller}: images must be at least 8 x 8 pixels")
+
+    if isinstance(transform, str):
+        kind = get_transform(transform)
+        start_params = None
+    elif isinstance(transform, Transform):
+        kind, start_params = transform, None
+    elif hasattr(transform, "transform") and hasattr(transform, "parameter_values"):
+        kind = transform.transform
+        start_params = transform.parameter_values().detach().to(device=device, dtype=dtype)
+    else:
+        raise TypeError(f"{caller}: 'transform' must be a name, a Transform or a tireg model; got {type(transform).__name__}")
+    check_option(optimizer, OPTIMIZERS, "optimizer", caller)
+    check_option(gradients, ("analytic", "autograd"), "gradients", caller)
+    check_option(interpolation, ("bilinear", "bicubic"), "interpolation", caller)
+    if optimizer == "gauss-newton" and gradients == "autograd":
+        raise ValueError(f"{caller}: Gauss-Newton needs the analytic Jacobian; use gradients='analytic' "
+                         "or a first-order optimizer ('adam', 'lbfgs', 'sgd') with autograd")
+    loss = get_loss(metric)
+    if not tolerance > 0:
+        raise ValueError(f"{caller}: 'tolerance' must be positive; got {tolerance}")
+    if max_iterations is None:
+        max_iterations = 50 if optimizer == "gauss-newton" else 300
+    if int(max_iterations) < 1:
+        raise ValueError(f"{caller}: 'max_iterations' must be at least 1; got {max_iterations}")
+    if pyramid is None:
+        pyramid = Pyramid()
+    elif not isinstance(pyramid, Pyramid):
+        pyramid = Pyramid(shrink_factors=tuple(pyramid))
+    smaller = (min(fixed_t.shape[-2], moving_t.shape[-2]), min(fixed_t.shape[-1], moving_t.shape[-1]))
+    schedule = pyramid.levels(smaller)
+
+    fixed_mask = _as_mask(mask, fixed_t, "mask")
+    moving_mask_t = _as_mask(moving_mask, moving_t, "moving_mask")
+    fixed_n = _normalize(fixed_t, fixed_mask, "fixed") if normalize else fixed_t
+    moving_n = _normalize(moving_t, moving_mask_t, "moving") if normalize else moving_t
+
+    center = image_center(*fixed_t.shape[-2:])
+    center_t = torch.tensor(center, dtype=dtype, device=device)
+    if start_params is None:
+        start = _initial_matrix(init, fixed_n, moving_n, kind, center, caller).to(device=device, dtype=dtype)
+        params = kind.from_matrix(start, center_t)
+    else:
+        params = start_params.expand(batch, -1).clone()
+
+    problem = _Problem(kind, center_t, loss, interpolation)
+    height, width = fixed_t.shape[-2:]
+    corners = torch.tensor(
+        [[0.0, 0.0, 1.0], [width - 1.0, 0.0, 1.0], [0.0, height - 1.0, 1.0], [width - 1.0, height - 1.0, 1.0]],
+        dtype=dtype,
+        device=device,
+    )
+    history: list[LevelHistory] = []
+    total_iterations = torch.zeros(batch, dtype=torch.long)
+    reasons = ["max_iterations"] * batch
+    for level_index, (factor, sigma) in enumerate(schedule):
+        level = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, factor, sigma)
+        options = dict(
+            max_iterations=int(max_iterations),
+            tolerance=tolerance,
+            corners=corners,
+            callback=callback,
+            level_index=level_index,
+        )
+        try:
+            if optimizer == "gauss-newton":
+                params, iterations, reasons, costs = _gauss_newton(problem, level, params, **options)
+            else:
+                params, iterations, reasons, costs = _first_order(
+                    problem, level, params, name=optimizer, options=optimizer_options, gradients=gradients, **options
+                )
+        except _Stop:
+            reasons = ["callback"] * batch
+            break
+        total_iterations += iterations
+        history.append(LevelHistory(factor, tuple(level.fixed.shape[-2:]), costs.cpu()))
+
+    final_level = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, 0.0)
+    with torch.no_grad():
+        cost = problem.evaluate(params, final_level, hessian=False).cost
+    matrix = kind.matrix(params.detach().to(torch.float64), center_t.to(torch.float64)).cpu()
+    return RegistrationResult(
+        matrix=matrix if batched else matrix[0],
+        transform=kind.name,
+        parameter_names=kind.parameter_names,
+        parameter_values=params.detach().to(torch.float64).cpu(),
+        center=center,
+        cost=cost.detach().cpu().to(torch.float64),
+        iterations=total_iterations,
+        converged=torch.tensor([reason == "converged" for reason in reasons]),
+        stop_reason=list(reasons),
+        history=history,
+        fixed_size=tuple(fixed_t.shape[-2:]),
+        moving_size=tuple(moving_t.shape[-2:]),
+        batched=batched,
+        seconds=time.perf_counter() - started,
+        metadata={"metric": type(loss).__name__, "optimizer": optimizer, "gradients": gradients,
+                  "pyramid": [factor for factor, _ in schedule]},
+    )
+
+
+def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: float) -> _Level:
+    """Smooth, then area-downsample the images and masks of one level."""
+
+    def shrink(image):
+        return downsample(gaussian_blur(image, sigma), factor)
+
+    def shrink_mask(mask):
+        return None if mask is None else (downsample(mask, factor) >= 0.5).to(mask.dtype)
+
+    fixed_level, moving_level = shrink(fixed), shrink(moving)
+    scale = shrink_matrix(factor, dtype=fixed.dtype, device=fixed.device)
+    return _Level(
+        fixed=fixed_level,
+        moving=moving_level,
+        fixed_weight=shrink_mask(fixed_mask),
+        moving_mask=shrink_mask(moving_mask),
+        shrink=scale,
+        shrink_inverse=torch.linalg.inv(scale),
+        axes=pixel_axes(fixed_level.shape[-2:], dtype=fixed.dtype, device=fixed.device),
+        factor=factor,
+    )

@@ -1,0 +1,532 @@
+"""Initialisation: phase correlation, Fourier–Mellin, moments and initialize() on real images.
+
+Every pair is cut out of a bundled photograph or texture, so that both images
+hold real content everywhere: the fixed image is a crop ``fixed(x) = I(A_f x)``
+(an integer shift, no interpolation) and the moving image is sampled as
+``moving(y) = I(A_f A_true^-1 y)``, hence ``moving(A_true x) = fixed(x)``
+exactly; ``cut_pair`` asserts that the moving image's footprint lies inside
+the photograph.  Estimates are judged by the mean distance between
+``A_est x`` and ``A_true x`` over a 10 x 10 grid spanning the fixed image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tireg
+import tireg.initialize as init_module
+from tireg.data import load
+from tireg.initialize import (
+    AUTO_THRESHOLD,
+    METHODS,
+    center_of_mass,
+    fourier_mellin,
+    initialize,
+    moments,
+    overlap_ncc,
+    phase_correlation,
+)
+from tireg.transforms import TRANSFORMS, similarity_matrix, translation_matrix
+
+IMAGES = ["astronaut", "camera", "coins", "gravel"]
+SIZE = (96, 128)  # (H, W) of the similarity pairs: non-square on purpose
+DEGREE = math.pi / 180.0
+
+
+def cut_pair(name, truth, size, *, moving_size=None, dtype=torch.float32, channels=False):
+    """``fixed`` ``(B, C, h, w)`` cut from the centre of a bundled image, ``moving`` with ``moving(A x) = fixed(x)``.
+
+    ``truth``: ``(B, 3, 3)`` fixed -> moving pixel matrices.
+    """
+    image = load(name, dtype=torch.float64)
+    image = image[None] if image.dim() == 2 else image
+    if not channels:
+        image = image.mean(dim=0, keepdim=True)
+    height, width = image.shape[-2:]
+    batch = truth.shape[0]
+    big = image[None].expand(batch, *image.shape)
+    h, w = size
+    offset = torch.tensor([[round((width - w) / 2), round((height - h) / 2)]], dtype=torch.float64)
+    crop = translation_matrix(offset).expand(batch, 3, 3)
+    to_image = crop @ torch.linalg.inv(truth.double())
+    fixed = tireg.warp(big, crop, size=size)
+    hm, wm = moving_size or size
+    corners = torch.tensor([[0, 0, 1], [wm - 1, 0, 1], [0, hm - 1, 1], [wm - 1, hm - 1, 1]], dtype=torch.float64).T
+    footprint = to_image @ corners
+    assert footprint[:, 0].min() >= 0 and footprint[:, 0].max() <= width - 1, "moving image leaves the photograph"
+    assert footprint[:, 1].min() >= 0 and footprint[:, 1].max() <= height - 1, "moving image leaves the photograph"
+    moving = tireg.warp(big, to_image, size=(hm, wm))
+    return fixed.to(dtype), moving.to(dtype)
+
+
+def similarity(angle_deg, scale, tx, ty, size=SIZE, dtype=torch.float64):
+    """``(1, 3, 3)`` similarity about the centre of an image of ``size``."""
+    params = torch.tensor([[angle_deg * DEGREE, scale, tx, ty]], dtype=dtype)
+    return similarity_matrix(params, tireg.image_center(*size))
+
+
+def grid_error(estimate, truth, size):
+    """Mean distance ``|A_est x - A_true x|`` over a 10 x 10 grid of the fixed image, ``(B,)``."""
+    h, w = size
+    ys, xs = torch.meshgrid(torch.linspace(0, h - 1, 10), torch.linspace(0, w - 1, 10), indexing="ij")
+    points = torch.stack([xs.flatten(), ys.flatten(), torch.ones(100)]).double()
+    difference = (estimate.double().cpu() @ points - truth.double().cpu() @ points)[:, :2]
+    return difference.norm(dim=1).mean(dim=1)
+
+
+def decompose(matrix, size):
+    """Angle (degrees), isotropic scale and the shift ``A c - c`` of the centre, for ``(B, 3, 3)``."""
+    matrix = matrix.double().cpu()
+    linear = matrix[:, :2, :2]
+    angle = torch.atan2(linear[:, 0, 1], linear[:, 0, 0]) / DEGREE
+    scale = torch.sqrt(torch.det(linear))
+    centre = torch.tensor([*tireg.image_center(*size), 1.0], dtype=torch.float64)
+    shift = (matrix @ centre)[:, :2] - centre[:2]
+    return angle, scale, shift
+
+
+def angle_difference(a, b):
+    return (a - b + 180.0) % 360.0 - 180.0
+
+
+# ----------------------------------------------------------------------------
+# phase correlation
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_phase_correlation_recovers_20_percent_shifts_batched(name):
+    size = (128, 160)
+    # 20 % of the size, both signs, both axes, sub-pixel parts
+    shifts = torch.tensor([[32.3, 0.0], [0.0, -25.6], [-31.7, 25.2]], dtype=torch.float64)
+    fixed, moving = cut_pair(name, translation_matrix(shifts), size)
+    found = phase_correlation(fixed, moving)
+    assert found.shape == (3, 2) and found.dtype == torch.float32
+    error = (found.double() - shifts).norm(dim=1)
+    assert error.max() < 0.3, (found, error)
+
+
+def test_phase_correlation_sub_pixel_on_area_sampled_images():
+    """Shifts of thirds of a pixel, made exactly by area-averaging 3 x 3 blocks of integer-shifted crops."""
+    image = load("coins")[None, None]
+    factor, (h, w) = 3, (60, 80)
+    top, left = (image.shape[-2] - factor * h) // 2, (image.shape[-1] - factor * w) // 2
+    shifts = [(1, 0), (2, 0), (-1, 1), (-2, -2), (31, -22), (-29, 20)]
+    fixed = F.avg_pool2d(image[..., top : top + factor * h, left : left + factor * w], factor)
+    movings = [
+        F.avg_pool2d(image[..., top - dy : top - dy + factor * h, left - dx : left - dx + factor * w], factor)
+        for dx, dy in shifts
+    ]
+    found = phase_correlation(fixed, torch.cat(movings))
+    truth = torch.tensor(shifts, dtype=torch.float32) / factor
+    assert (found - truth).abs().max() < 0.2, (found, truth)
+
+
+@pytest.mark.parametrize("window", [True, False])
+def test_phase_correlation_wraps_shifts_beyond_half_the_size(window):
+    fixed = load("gravel")[None, None, :64, :80]
+    # a circular shift by 73 columns is one by -7; 3 rows down is +3
+    moving = torch.roll(fixed, shifts=(3, 73), dims=(-2, -1))
+    found = phase_correlation(fixed, moving, window=window)
+    assert torch.allclose(found, torch.tensor([[-7.0, 3.0]]), atol=0.05), found
+
+
+def test_phase_correlation_sign_matches_warp():
+    """The returned (tx, ty) is the A of tireg.warp: warp(moving, translation(t)) matches fixed."""
+    fixed, moving = cut_pair("camera", translation_matrix(torch.tensor([[9.0, -6.0]], dtype=torch.float64)), (96, 128))
+    shift = phase_correlation(fixed, moving)
+    warped = tireg.warp(moving, translation_matrix(shift))
+    inner = (slice(None), slice(None), slice(10, -10), slice(12, -12))
+    assert (warped - fixed)[inner].abs().max() < 0.02
+    assert (tireg.warp(moving, translation_matrix(-shift)) - fixed)[inner].abs().max() > 0.2
+
+
+# ----------------------------------------------------------------------------
+# Fourier–Mellin and initialize() on rotations and scales
+
+CASES = [(30.0, 1.2, 5.0, -4.0), (-45.0, 1.2, -6.0, 3.0)]
+
+
+@pytest.mark.parametrize("name", IMAGES)
+@pytest.mark.parametrize("case", CASES, ids=["30deg", "-45deg"])
+def test_fourier_mellin_recovers_angle_and_scale(name, case):
+    truth = similarity(*case)
+    fixed, moving = cut_pair(name, truth, SIZE)
+    angle, scale = fourier_mellin(fixed, moving)
+    assert angle.shape == (1,) and scale.shape == (1,)
+    assert abs(angle.item() / DEGREE - case[0]) < 2.0
+    assert abs(scale.item() / case[1] - 1.0) < 0.03
+
+
+def test_fourier_mellin_returns_angles_modulo_180_degrees():
+    truth = similarity(130.0, 1.0, 2.0, 2.0)
+    fixed, moving = cut_pair("coins", truth, SIZE)
+    angle, scale = fourier_mellin(fixed, moving)
+    assert -90.0 <= angle.item() / DEGREE < 90.0
+    assert abs(angle.item() / DEGREE - (130.0 - 180.0)) < 2.0
+    assert abs(scale.item() - 1.0) < 0.03
+
+
+@pytest.mark.parametrize("method", ["auto", "fourier-mellin"])
+@pytest.mark.parametrize("name", IMAGES)
+@pytest.mark.parametrize("case", CASES, ids=["30deg", "-45deg"])
+def test_initialize_recovers_rotation_scale_and_shift(method, name, case):
+    truth = similarity(*case)
+    fixed, moving = cut_pair(name, truth, SIZE)
+    found = initialize(fixed, moving, "similarity", method=method)
+    angle, scale, shift = decompose(found, SIZE)
+    assert abs(angle_difference(angle.item(), case[0])) < 2.0
+    assert abs(scale.item() / case[1] - 1.0) < 0.03
+    assert (shift - torch.tensor(case[2:], dtype=torch.float64)).norm() < 3.0
+    assert grid_error(found, truth, SIZE).item() < 1.5
+
+
+def test_initialize_resolves_the_180_degree_ambiguity():
+    truth = similarity(160.0, 1.0, 4.0, -3.0)
+    fixed, moving = cut_pair("astronaut", truth, SIZE)
+    for method in ("auto", "fourier-mellin"):
+        found = initialize(fixed, moving, "rigid", method=method)
+        assert grid_error(found, truth, SIZE).item() < 1.5, method
+
+
+def test_initialize_downsamples_and_converts_back():
+    """A 160 x 200 pair worked on at 80 x 100 (factor 2), and at 40 x 50 (factor 4)."""
+    size = (160, 200)
+    truth = similarity(-30.0, 1.15, 12.0, -9.0, size=size)
+    fixed, moving = cut_pair("coins", truth, size)
+    assert grid_error(initialize(fixed, moving, "similarity"), truth, size).item() < 1.5
+    assert grid_error(initialize(fixed, moving, "similarity", max_size=50), truth, size).item() < 3.0
+
+
+def test_downsampling_coordinate_map():
+    """x_full = s x_small + (s - 1) / 2: area-averaging a coordinate ramp gives exactly that."""
+    from tireg.sampling import downsample, shrink_matrix
+
+    for factor in (2, 3, 4):
+        ys, xs = torch.meshgrid(torch.arange(37.0), torch.arange(50.0), indexing="ij")
+        pooled = downsample(torch.stack([xs, ys])[None], factor)[0]
+        small = torch.stack(
+            torch.meshgrid(torch.arange(float(pooled.shape[1])), torch.arange(float(pooled.shape[2])), indexing="ij")[
+                ::-1
+            ]
+        )
+        scale = shrink_matrix(factor)
+        mapped = torch.einsum("ij,jhw->ihw", scale[:2, :2], small) + scale[:2, 2, None, None]
+        assert torch.allclose(mapped, pooled)
+
+
+def test_initialize_with_different_image_sizes():
+    truth = similarity(25.0, 1.1, 6.0, 8.0)
+    fixed, moving = cut_pair("coins", truth, SIZE, moving_size=(120, 150))
+    found = initialize(fixed, moving, "similarity")
+    assert grid_error(found, truth, SIZE).item() < 1.5
+    centred = initialize(fixed, moving, "similarity", method="center")
+    assert torch.allclose(centred[0, :2, 2], torch.tensor([11.0, 12.0]))  # ((150-128)/2, (120-96)/2)
+    shift_only = similarity(0.0, 1.0, 17.0, -6.0)
+    fixed, moving = cut_pair("camera", shift_only, SIZE, moving_size=(110, 140))
+    assert grid_error(initialize(fixed, moving, "translation", method="phase"), shift_only, SIZE).item() < 0.5
+
+
+def test_initialize_search_recovers_rotation_and_scale():
+    cases = [("gravel", similarity(75.0, 0.9, 10.0, -8.0)), ("coins", similarity(-45.0, 1.2, -6.0, 3.0))]
+    for name, truth in cases:
+        fixed, moving = cut_pair(name, truth, SIZE)
+        assert grid_error(initialize(fixed, moving, "similarity", method="search"), truth, SIZE).item() < 2.0, name
+
+
+def test_auto_falls_back_to_search_when_fourier_mellin_fails(monkeypatch):
+    truth = similarity(-45.0, 1.2, -6.0, 3.0)
+    fixed, moving = cut_pair("camera", truth, SIZE)
+    calls = []
+    search = init_module._search
+
+    def counting_search(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(init_module, "_search", counting_search)
+    assert grid_error(initialize(fixed, moving, "similarity"), truth, SIZE).item() < 1.5
+    assert calls == []  # a good Fourier–Mellin candidate: no search
+    # a broken Fourier–Mellin (angle off by 1 rad): the search must take over
+    broken = lambda f, m: (torch.ones(f.shape[0], dtype=f.dtype), torch.ones(f.shape[0], dtype=f.dtype))  # noqa: E731
+    monkeypatch.setattr(init_module, "_fourier_mellin", broken)
+    assert grid_error(initialize(fixed, moving, "similarity"), truth, SIZE).item() < 2.0
+    assert calls == [1]
+    assert 0.0 < AUTO_THRESHOLD < 1.0
+
+
+def test_initialize_center_argument_does_not_change_the_answer():
+    truth = similarity(30.0, 1.2, 5.0, -4.0)
+    fixed, moving = cut_pair("astronaut", truth, SIZE)
+    for center in [(20.0, 30.0), torch.tensor([[100.0, 70.0]])]:
+        found = initialize(fixed, moving, "similarity", center=center)
+        assert grid_error(found, truth, SIZE).item() < 1.5
+
+
+# ----------------------------------------------------------------------------
+# the kind is respected
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_result_respects_the_transform_kind(method):
+    truth = similarity(30.0, 1.2, 5.0, -4.0)
+    fixed, moving = cut_pair("coins", truth, SIZE)
+    for kind in TRANSFORMS:
+        found = initialize(fixed, moving, kind, method=method)
+        assert found.shape == (1, 3, 3) and torch.isfinite(found).all()
+        assert torch.equal(found[0, 2], torch.tensor([0.0, 0.0, 1.0]))
+        linear = found[0, :2, :2].double()
+        if kind == "translation":
+            assert torch.equal(linear, torch.eye(2, dtype=torch.float64)), (method, linear)
+        elif kind == "rigid":
+            assert torch.allclose(linear.T @ linear, torch.eye(2, dtype=torch.float64), atol=1e-5), (method, linear)
+            assert torch.det(linear) > 0
+        elif kind in ("similarity", "anisotropic_similarity"):
+            assert abs(linear[0, 0] - linear[1, 1]) < 1e-5 and abs(linear[0, 1] + linear[1, 0]) < 1e-5
+
+
+def test_rigid_recovers_a_rigid_truth_and_drops_scale_about_the_centre():
+    truth = similarity(-35.0, 1.0, -7.0, 5.0)
+    fixed, moving = cut_pair("camera", truth, SIZE)
+    assert grid_error(initialize(fixed, moving, "rigid"), truth, SIZE).item() < 1.5
+    scaled = similarity(-35.0, 1.2, -7.0, 5.0)
+    fixed, moving = cut_pair("camera", scaled, SIZE)
+    angle, scale, shift = decompose(initialize(fixed, moving, "rigid"), SIZE)
+    assert abs(angle.item() + 35.0) < 2.0 and abs(scale.item() - 1.0) < 1e-5
+    assert (shift - torch.tensor([-7.0, 5.0], dtype=torch.float64)).norm() < 3.0
+
+
+def test_translation_kind_recovers_a_shift():
+    truth = similarity(0.0, 1.0, -23.4, 14.8)
+    fixed, moving = cut_pair("gravel", truth, SIZE)
+    for method in ("auto", "phase", "fourier-mellin", "search"):
+        assert grid_error(initialize(fixed, moving, "translation", method=method), truth, SIZE).item() < 0.5
+
+
+# ----------------------------------------------------------------------------
+# batches, dtypes, devices
+
+
+def batch_of_pairs(dtype=torch.float32):
+    pairs = [
+        cut_pair("astronaut", similarity(30.0, 1.2, 5.0, -4.0), SIZE, dtype=dtype),
+        cut_pair("coins", similarity(-45.0, 1.2, -6.0, 3.0), SIZE, dtype=dtype),
+        cut_pair("gravel", similarity(12.0, 0.9, 15.0, 9.0), SIZE, dtype=dtype),
+    ]
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+
+@pytest.mark.parametrize("method", ["auto", "search", "moments", "phase"])
+def test_batch_equals_one_by_one(method):
+    fixed, moving = batch_of_pairs()
+    batched = initialize(fixed, moving, "similarity", method=method)
+    single = torch.cat([initialize(fixed[i : i + 1], moving[i : i + 1], "similarity", method=method) for i in range(3)])
+    assert torch.allclose(batched, single, atol=1e-3), (batched - single).abs().max()
+    if method == "auto":
+        angle, scale = fourier_mellin(fixed, moving)
+        for i in range(3):
+            one = fourier_mellin(fixed[i : i + 1], moving[i : i + 1])
+            assert torch.allclose(angle[i], one[0][0], atol=1e-4) and torch.allclose(scale[i], one[1][0], atol=1e-4)
+        assert torch.allclose(
+            phase_correlation(fixed, moving),
+            torch.cat([phase_correlation(fixed[i : i + 1], moving[i : i + 1]) for i in range(3)]),
+            atol=1e-3,
+        )
+
+
+def test_batch_of_one_moving_broadcasts():
+    fixed, moving = batch_of_pairs()
+    shared = initialize(fixed, moving[:1], "similarity")
+    assert shared.shape == (3, 3, 3)
+    assert torch.allclose(shared[0], initialize(fixed[:1], moving[:1], "similarity")[0], atol=1e-3)
+
+
+def test_float64_and_colour_and_unbatched_inputs():
+    truth = similarity(30.0, 1.2, 5.0, -4.0)
+    fixed, moving = cut_pair("astronaut", truth, SIZE, dtype=torch.float64)
+    found = initialize(fixed, moving, "similarity")
+    assert found.dtype == torch.float64
+    assert grid_error(found, truth, SIZE).item() < 1.5
+    assert phase_correlation(fixed, moving).dtype == torch.float64
+    # (H, W) and (C, H, W) are promoted to a batch of one; colour is averaged to luminance
+    assert torch.allclose(initialize(fixed[0, 0], moving[0, 0], "similarity"), found)
+    fixed_c, moving_c = cut_pair("immunohistochemistry", truth, SIZE, channels=True)
+    assert fixed_c.shape[1] == 3
+    assert grid_error(initialize(fixed_c[0], moving_c[0], "similarity"), truth, SIZE).item() < 1.5
+
+
+def test_inputs_are_not_modified():
+    fixed, moving = batch_of_pairs()
+    before = (fixed.clone(), moving.clone(), fixed._version, moving._version)
+    initialize(fixed, moving, "similarity")
+    assert torch.equal(fixed, before[0]) and torch.equal(moving, before[1])
+    assert (fixed._version, moving._version) == before[2:]
+
+
+def test_runs_on_device(device):
+    fixed, moving = batch_of_pairs()
+    on_cpu = initialize(fixed, moving, "similarity")
+    found = initialize(fixed.to(device), moving.to(device), "similarity")
+    assert found.device.type == torch.device(device).type and found.dtype == torch.float32
+    assert torch.allclose(found.cpu(), on_cpu, atol=0.05)
+    shifts = phase_correlation(fixed.to(device), moving.to(device))
+    assert shifts.device.type == torch.device(device).type
+    for function in (center_of_mass, moments):
+        assert function(fixed.to(device), moving.to(device)).device.type == torch.device(device).type
+
+
+# ----------------------------------------------------------------------------
+# moments
+
+
+def blobs(points: torch.Tensor) -> torch.Tensor:
+    """A skewed, elongated intensity pattern: an ellipse and a smaller offset blob, at points ``(..., 2)``."""
+    x, y = points[..., 0], points[..., 1]
+    ellipse = torch.exp(-0.5 * ((x / 8.0) ** 2 + (y / 3.5) ** 2))
+    side = 0.6 * torch.exp(-0.5 * (((x - 6.5) / 2.2) ** 2 + ((y - 1.5) / 1.8) ** 2))
+    return ellipse + side
+
+
+def render(matrix_to_pattern: torch.Tensor, size) -> torch.Tensor:
+    """``image(x) = blobs(P x)`` for ``P`` ``(3, 3)`` mapping image pixels to pattern coordinates."""
+    h, w = size
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    points = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1) @ matrix_to_pattern.T
+    return blobs(points[..., :2])[None, None]
+
+
+@pytest.mark.parametrize(
+    "kind, params", [("rigid", (30.0, 1.0)), ("rigid", (170.0, 1.0)), ("similarity", (-60.0, 1.2))]
+)
+def test_moments_recovers_rotation_and_scale_of_a_skewed_pattern(kind, params):
+    size = (80, 96)
+    to_pattern = translation_matrix(torch.tensor([-40.0, -35.0], dtype=torch.float64))  # pattern at (40, 35)
+    truth = similarity(params[0], params[1], 4.0, -3.0, size=size)
+    fixed = render(to_pattern, size)
+    moving = render(to_pattern @ torch.linalg.inv(truth[0]), size)  # moving(A x) = fixed(x)
+    found = moments(fixed, moving, transform=kind)
+    assert grid_error(found, truth, size).item() < 0.3, found
+    assert grid_error(initialize(fixed, moving, kind, method="moments"), truth, size).item() < 0.3
+
+
+def test_moments_affine_maps_the_covariances():
+    size = (80, 96)
+    to_pattern = translation_matrix(torch.tensor([-45.0, -40.0], dtype=torch.float64))
+    truth = torch.tensor([[[1.1, 0.25, 3.0], [-0.15, 0.9, -2.0], [0.0, 0.0, 1.0]]], dtype=torch.float64)
+    fixed = render(to_pattern, size)
+    moving = render(to_pattern @ torch.linalg.inv(truth[0]), size)
+    found = moments(fixed, moving, transform="affine")
+    _, cov_f, _, _ = init_module._centroid_and_covariance(fixed)
+    _, cov_m, _, _ = init_module._centroid_and_covariance(moving)
+    linear = found[:, :2, :2]
+    assert torch.allclose(linear @ cov_f @ linear.transpose(1, 2), cov_m, rtol=1e-6, atol=1e-8)
+    translation = moments(fixed, moving, transform="translation")
+    assert torch.equal(translation[0, :2, :2], torch.eye(2, dtype=torch.float64))
+
+
+def test_center_of_mass_aligns_centroids():
+    size = (70, 90)
+    shift = torch.tensor([7.25, -3.5], dtype=torch.float64)
+    to_pattern = translation_matrix(torch.tensor([-40.0, -35.0], dtype=torch.float64))
+    fixed = render(to_pattern, size)
+    moving = render(to_pattern @ translation_matrix(-shift), size)
+    found = center_of_mass(fixed, moving)
+    assert torch.allclose(found[0, :2, 2], shift, atol=1e-3)
+    assert torch.equal(found[0, :2, :2], torch.eye(2, dtype=torch.float64))
+    # adding a constant to an image changes nothing
+    assert torch.allclose(center_of_mass(fixed + 3.0, moving), found)
+
+
+# ----------------------------------------------------------------------------
+# degenerate input and errors
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_constant_images_give_the_identity(method):
+    generator = torch.Generator().manual_seed(0)
+    textured = torch.rand(1, 1, 40, 50, generator=generator)
+    for fixed, moving in [
+        (torch.full((1, 1, 40, 50), 0.5), textured),
+        (textured, torch.zeros(1, 1, 40, 50)),
+        (torch.ones(1, 1, 40, 50), torch.ones(1, 1, 40, 50)),
+    ]:
+        for kind in ("translation", "rigid", "affine"):
+            assert torch.equal(initialize(fixed, moving, kind, method=method), torch.eye(3)[None]), (method, kind)
+    if method == "identity":
+        return
+    # different sizes: the geometric centres aligned
+    found = initialize(torch.zeros(1, 1, 40, 50), torch.zeros(1, 1, 44, 60), "similarity", method=method)
+    assert torch.allclose(found[0, :2, 2], torch.tensor([5.0, 2.0])) and torch.equal(found[0, :2, :2], torch.eye(2))
+
+
+def test_constant_images_in_the_low_level_functions():
+    flat = torch.full((2, 1, 32, 40), 0.25)
+    assert torch.equal(phase_correlation(flat, flat), torch.zeros(2, 2))
+    angle, scale = fourier_mellin(flat, flat)
+    assert torch.equal(angle, torch.zeros(2)) and torch.equal(scale, torch.ones(2))
+    assert torch.equal(center_of_mass(flat, flat), torch.eye(3).expand(2, 3, 3))
+    assert torch.equal(moments(flat, flat), torch.eye(3).expand(2, 3, 3))
+    assert torch.equal(overlap_ncc(flat, flat, torch.eye(3)), torch.zeros(2))
+
+
+def test_overlap_ncc():
+    fixed, moving = cut_pair("camera", similarity(0.0, 1.0, 10.0, 0.0), SIZE)
+    assert overlap_ncc(fixed, fixed, torch.eye(3)).item() == pytest.approx(1.0, abs=1e-5)
+    assert overlap_ncc(fixed, moving, translation_matrix(torch.tensor([10.0, 0.0]))).item() > 0.999
+    assert overlap_ncc(fixed, -fixed, torch.eye(3)).item() == pytest.approx(-1.0, abs=1e-5)
+    far = translation_matrix(torch.tensor([110.0, 0.0]))  # 18 of 128 columns overlap: below MIN_OVERLAP
+    assert overlap_ncc(fixed, fixed, far).item() == -1.0
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda f, m: phase_correlation(f, m),
+        lambda f, m: fourier_mellin(f, m),
+        lambda f, m: center_of_mass(f, m),
+        lambda f, m: moments(f, m),
+        lambda f, m: initialize(f, m, "rigid"),
+    ],
+    ids=["phase_correlation", "fourier_mellin", "center_of_mass", "moments", "initialize"],
+)
+def test_invalid_images_are_rejected(call):
+    good = torch.rand(1, 1, 16, 20, generator=torch.Generator().manual_seed(1))
+    nan = good.clone()
+    nan[0, 0, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"\(\): 'moving' contains NaN"):
+        call(good, nan)
+    with pytest.raises(ValueError, match=r"'fixed' must have 4 dimensions"):
+        call(torch.rand(20), good)
+    with pytest.raises(ValueError, match=r"'fixed' must have 4 dimensions"):
+        call(torch.rand(1, 1, 1, 16, 20), good)
+    with pytest.raises(ValueError, match=r"'moving' is empty"):
+        call(good, torch.rand(1, 1, 0, 20))
+    with pytest.raises(TypeError, match=r"'fixed' must be float32 or float64"):
+        call(torch.ones(1, 1, 16, 20, dtype=torch.int64), good)
+    with pytest.raises(ValueError, match=r"batch sizes differ"):
+        call(good.expand(2, 1, 16, 20), good.expand(3, 1, 16, 20))
+    with pytest.raises(ValueError, match=r"same dtype and device"):
+        call(good, good.double())
+
+
+def test_invalid_options_are_rejected():
+    image = torch.rand(1, 1, 16, 20, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match=r"^initialize\(\): unknown transform 'projective'; choose one of"):
+        initialize(image, image, "projective")
+    with pytest.raises(ValueError, match=r"^initialize\(\): unknown method 'ransac'; choose one of 'auto'"):
+        initialize(image, image, "rigid", method="ransac")
+    for bad in (4, 100.0, True, "64"):
+        with pytest.raises(ValueError, match=r"^initialize\(\): 'max_size' must be an integer >= 8"):
+            initialize(image, image, "rigid", max_size=bad)
+    for bad in ((1.0, 2.0, 3.0), torch.zeros(2, 2), (float("nan"), 1.0), "centre"):
+        with pytest.raises(ValueError, match=r"^initialize\(\): 'center' must be"):
+            initialize(image, image, "rigid", center=bad)
+    with pytest.raises(ValueError, match=r"^phase_correlation\(\): 'fixed' and 'moving' must have the same size"):
+        phase_correlation(image, image[..., :15, :])
+    with pytest.raises(ValueError, match=r"^moments\(\): unknown transform 'shear'"):
+        moments(image, image, transform="shear")
+    with pytest.raises(ValueError, match=r"^overlap_ncc\(\): 'matrix' must be"):
+        overlap_ncc(image, image, torch.eye(2))

@@ -1,0 +1,273 @@
+"""register(): known transforms of bundled real images recovered, in one call, with defaults."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import grid_error, registration_pair
+
+import tireg
+from tireg.register import STOP_REASONS
+
+# (kind, true parameters): angles in radians, shifts in pixels, about the crop centre
+KNOWN = {
+    "translation": [7.5, -5.25],
+    "rigid": [0.15, 6.0, -4.0],
+    "similarity": [-0.12, 1.07, -5.0, 3.5],
+    "affine": [1.06, 0.07, -0.05, 0.94, 4.0, -6.0],
+}
+
+
+@pytest.mark.parametrize("image", ["astronaut", "camera", "coins"])
+@pytest.mark.parametrize("kind", sorted(KNOWN))
+def test_known_transform_recovered_with_noise(kind, image):
+    fixed, moving, truth = registration_pair(image, kind, KNOWN[kind], noise=0.03, seed=1)
+    result = tireg.register(fixed, moving, transform=kind)
+    assert result.transform == kind
+    assert bool(result.converged), result.stop_reason
+    assert grid_error(result.matrix, truth, fixed.shape) < 0.2
+
+
+@pytest.mark.parametrize("kind", ["rigid", "similarity", "affine"])
+def test_contrast_change_and_robust_metric(kind):
+    fixed, moving, truth = registration_pair("astronaut", kind, KNOWN[kind], noise=0.02, gain=0.6, offset=0.3)
+    for metric in ("l2", "cauchy", "huber"):
+        result = tireg.register(fixed, moving, transform=kind, metric=metric)
+        assert grid_error(result.matrix, truth, fixed.shape) < 0.2, metric
+
+
+def test_twenty_percent_translation_found_by_the_initialiser():
+    fixed, moving, _ = registration_pair("camera", "translation", [0, 0], margin=0)
+    height, width = fixed.shape
+    shift = [0.2 * width, -0.2 * height]
+    fixed, moving, truth = registration_pair("camera", "translation", shift, margin=0, noise=0.02)
+    result = tireg.register(fixed, moving, transform="translation")
+    assert grid_error(result.matrix, truth, fixed.shape) < 0.2
+    # the same from the identity: the pyramid alone does not get there
+    lost = tireg.register(fixed, moving, transform="translation", init="identity")
+    assert grid_error(lost.matrix, truth, fixed.shape) > 1.0
+
+
+@pytest.mark.parametrize("degrees", [30.0, -35.0])
+def test_thirty_degree_rotation_found_by_the_initialiser(degrees):
+    fixed, moving, truth = registration_pair("astronaut", "rigid", [math.radians(degrees), 5.0, -3.0], margin=0)
+    result = tireg.register(fixed, moving, transform="rigid", mask=_disc(fixed.shape))
+    assert abs(result.parameters["angle_deg"] - degrees) < 0.1
+    assert grid_error(result.matrix, truth, fixed.shape) < 0.2
+
+
+def _disc(shape):
+    """A centred disc: the part of a rotated frame that both images share."""
+    height, width = shape
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    radius = 0.5 * min(height, width)
+    return ((xs - (width - 1) / 2) ** 2 + (ys - (height - 1) / 2) ** 2) <= radius**2
+
+
+def test_periodic_texture():
+    """Brick: a shift of most of a brick, where the nearest local optimum is another brick."""
+    fixed, moving, truth = registration_pair("brick", "rigid", [0.05, 14.0, -9.0], noise=0.02)
+    result = tireg.register(fixed, moving, transform="rigid")
+    assert grid_error(result.matrix, truth, fixed.shape) < 0.2
+
+
+def test_batch_equals_one_by_one():
+    pairs = [registration_pair("astronaut", "similarity", p, noise=0.02, seed=i)
+             for i, p in enumerate([[0.1, 1.05, 3.0, -2.0], [-0.05, 0.97, -4.0, 1.0], [0.0, 1.0, 6.0, 5.0]])]
+    fixed = torch.stack([p[0] for p in pairs])[:, None]
+    moving = torch.stack([p[1] for p in pairs])[:, None]
+    batch = tireg.register(fixed, moving, transform="similarity")
+    assert batch.matrix.shape == (3, 3, 3) and batch.batched
+    for index, (single_fixed, single_moving, truth) in enumerate(pairs):
+        single = tireg.register(single_fixed, single_moving, transform="similarity")
+        assert single.matrix.shape == (3, 3)
+        assert grid_error(batch.matrix[index], single.matrix, single_fixed.shape) < 1e-3
+        assert grid_error(batch.matrix[index], truth, single_fixed.shape) < 0.2
+        assert batch.stop_reason[index] == single.stop_reason[0]
+
+
+def test_pairs_converge_on_their_own():
+    easy = registration_pair("astronaut", "translation", [0.0, 0.0])  # already aligned
+    hard = registration_pair("astronaut", "translation", [6.0, -7.0])
+    fixed = torch.stack([easy[0], hard[0]])[:, None]
+    moving = torch.stack([easy[1], hard[1]])[:, None]
+    result = tireg.register(fixed, moving, transform="translation", init="identity", pyramid=(1,))
+    assert bool(result.converged.all())
+    assert int(result.iterations[0]) < int(result.iterations[1])
+    # the converged pair's cost stops changing while the other goes on
+    costs = result.history[-1].cost[:, 0]
+    stop = int(result.iterations[0])
+    assert torch.all(costs[stop:] == costs[stop])
+
+
+def test_fixed_mask_excludes_an_occluder():
+    fixed, moving, truth = registration_pair("camera", "rigid", [0.08, 4.0, -3.0], noise=0.01)
+    occluded = fixed.clone()
+    occluded[20:110, 30:120] = torch.rand(90, 90, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(fixed, dtype=torch.bool)
+    mask[20:110, 30:120] = False
+    masked = tireg.register(occluded, moving, transform="rigid", mask=mask, init="identity")
+    assert grid_error(masked.matrix, truth, fixed.shape) < 0.2
+    unmasked = tireg.register(occluded, moving, transform="rigid", init="identity")
+    assert grid_error(unmasked.matrix, truth, fixed.shape) > grid_error(masked.matrix, truth, fixed.shape)
+
+
+def test_moving_mask_excludes_an_occluder():
+    fixed, moving, truth = registration_pair("camera", "rigid", [0.08, 4.0, -3.0], noise=0.01)
+    occluded = moving.clone()
+    occluded[60:150, 80:170] = 1.0
+    mask = torch.ones_like(moving, dtype=torch.bool)
+    mask[55:155, 75:175] = False
+    masked = tireg.register(fixed, occluded, transform="rigid", moving_mask=mask, init="identity")
+    assert grid_error(masked.matrix, truth, fixed.shape) < 0.2
+
+
+@pytest.mark.parametrize(
+    "optimizer, gradients", [("adam", "analytic"), ("adam", "autograd"), ("lbfgs", "analytic"), ("lbfgs", "autograd")]
+)
+def test_torch_optimisers(optimizer, gradients):
+    fixed, moving, truth = registration_pair("astronaut", "similarity", KNOWN["similarity"], noise=0.02)
+    result = tireg.register(fixed, moving, transform="similarity", optimizer=optimizer, gradients=gradients)
+    assert grid_error(result.matrix, truth, fixed.shape) < 0.2
+
+
+def test_numpy_integer_images():
+    fixed, moving, truth = registration_pair("coins", "rigid", KNOWN["rigid"])
+    to_uint16 = lambda image: np.round(image.numpy() * 65535).astype(np.uint16)  # noqa: E731
+    result = tireg.register(to_uint16(fixed), np.round(moving.numpy() * 255).astype(np.uint8), transform="rigid")
+    assert grid_error(result.matrix, truth, fixed.shape) < 0.2
+
+
+# -- the result ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rigid_result():
+    fixed, moving, truth = registration_pair("astronaut", "rigid", KNOWN["rigid"], noise=0.01)
+    return tireg.register(fixed, moving, transform="rigid"), fixed, moving, truth
+
+
+def test_result_fields(rigid_result):
+    result, fixed, _, _ = rigid_result
+    angle, tx, ty = KNOWN["rigid"]
+    parameters = result.parameters
+    assert set(parameters) == {"angle", "angle_deg", "tx", "ty"}
+    assert abs(parameters["angle"] - angle) < 1e-3 and abs(parameters["angle_deg"] - math.degrees(angle)) < 0.06
+    assert abs(parameters["tx"] - tx) < 0.1 and abs(parameters["ty"] - ty) < 0.1
+    assert result.matrix.shape == (3, 3) and result.matrix.dtype == torch.float64
+    assert result.stop_reason[0] in STOP_REASONS
+    assert result.center == tireg.image_center(*fixed.shape)
+    assert len(result.history) >= 2 and all(level.cost.shape[1] == 1 for level in result.history)
+    assert int(result.iterations[0]) == sum(level.cost.shape[0] - 1 for level in result.history)
+    for level in result.history:  # Levenberg-Marquardt never accepts a step that raises the cost
+        assert torch.all(level.cost[1:] <= level.cost[:-1])
+    assert torch.isclose(result.cost[0], result.history[-1].cost[-1, 0].double(), rtol=1e-4)
+    assert "rigid" in result.summary() and "converged" in result.summary()
+
+
+def test_result_warp_map_points_and_inverse(rigid_result):
+    result, fixed, moving, truth = rigid_result
+    warped = result.warp(moving)
+    assert warped.shape == fixed.shape
+    inner = (slice(30, -30), slice(30, -30))
+    assert (warped[inner] - fixed[inner]).abs().mean() < 0.02
+    points = torch.tensor([[10.0, 20.0], [100.0, 50.0]], dtype=torch.float64)
+    expected = points @ truth[:2, :2].T + truth[:2, 2]
+    assert torch.allclose(result.map_points(points), expected, atol=0.2)
+    inverse = result.inverse()
+    assert torch.allclose(inverse.matrix @ result.matrix, torch.eye(3, dtype=torch.float64), atol=1e-12)
+    assert abs(inverse.parameters["angle"] + result.parameters["angle"]) < 1e-9
+
+
+def test_result_saves_json_and_tfm(rigid_result, tmp_path):
+    from tireg.transform_io import load_transform
+
+    result, _, _, _ = rigid_result
+    result.save(str(tmp_path / "t.json"))
+    loaded = load_transform(str(tmp_path / "t.json"))
+    assert torch.allclose(loaded.matrix, result.matrix, atol=1e-15)
+    sitk = pytest.importorskip("SimpleITK")
+    result.save(str(tmp_path / "t.tfm"))
+    transform = sitk.ReadTransform(str(tmp_path / "t.tfm"))
+    for point in [(0.0, 0.0), (37.5, 101.25), (200.0, 140.0)]:
+        expected = result.map_points(torch.tensor([point], dtype=torch.float64))[0]
+        assert np.allclose(transform.TransformPoint(point), expected.numpy(), atol=1e-6)
+
+
+def test_non_convergence_is_a_status():
+    fixed, moving, _ = registration_pair("astronaut", "affine", KNOWN["affine"])
+    result = tireg.register(fixed, moving, transform="affine", max_iterations=1, init="identity")
+    assert not bool(result.converged[0]) and result.stop_reason == ["max_iterations"]
+
+
+def test_callback_sees_progress_and_can_stop():
+    fixed, moving, _ = registration_pair("astronaut", "rigid", KNOWN["rigid"])
+    seen = []
+
+    def callback(state):
+        seen.append((state.level, state.iteration, float(state.cost[0])))
+        assert state.matrix.shape == (1, 3, 3)
+        if len(seen) == 3:
+            raise StopIteration
+
+    result = tireg.register(fixed, moving, transform="rigid", callback=callback)
+    assert len(seen) == 3 and result.stop_reason == ["callback"] and not bool(result.converged[0])
+
+
+def test_pyramid_settings():
+    fixed, moving, truth = registration_pair("astronaut", "rigid", KNOWN["rigid"])
+    result = tireg.register(fixed, moving, transform="rigid", pyramid=tireg.Pyramid((4, 2, 1), (2.0, 1.0, 0.0)))
+    assert [level.factor for level in result.history] == [4, 2, 1]
+    assert result.history[0].size == (fixed.shape[0] // 4, fixed.shape[1] // 4)
+    assert grid_error(result.matrix, truth, fixed.shape) < 0.2
+
+
+def test_transform_from_a_model():
+    fixed, moving, truth = registration_pair("astronaut", "rigid", KNOWN["rigid"])
+    model = tireg.create_model("rigid", moving[None, None], gradients="analytic")
+    model.set_parameter(0, 0.1)
+    result = tireg.register(fixed, moving, transform=model)
+    assert result.transform == "rigid" and grid_error(result.matrix, truth, fixed.shape) < 0.2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_equals_cpu():
+    fixed, moving, truth = registration_pair("astronaut", "affine", KNOWN["affine"], noise=0.02)
+    cpu = tireg.register(fixed, moving, transform="affine")
+    cuda = tireg.register(fixed.cuda(), moving.cuda(), transform="affine")
+    assert grid_error(cuda.matrix, cpu.matrix, fixed.shape) < 1e-3
+    assert grid_error(cuda.matrix, truth, fixed.shape) < 0.2
+
+
+# -- bad input ----------------------------------------------------------------------
+
+
+def test_bad_input_is_named():
+    fixed, moving, _ = registration_pair("astronaut", "rigid", KNOWN["rigid"])
+    nan = moving.clone()
+    nan[3, 4] = float("nan")
+    cases = [
+        (dict(fixed=fixed, moving=nan), ValueError, "'moving' contains NaN"),
+        (dict(fixed=fixed[None, None, None], moving=moving), ValueError, "'fixed' must be"),
+        (dict(fixed=fixed[:0], moving=moving), ValueError, "'fixed' is empty"),
+        (dict(fixed=torch.ones_like(fixed), moving=moving), ValueError, "'fixed' is constant"),
+        (dict(fixed=fixed[None].expand(3, -1, -1), moving=moving), ValueError, "channels"),
+        (dict(fixed=fixed, moving=moving, transform="projective"), ValueError, "unknown transform 'projective'"),
+        (dict(fixed=fixed, moving=moving, metric="l3"), ValueError, "unknown loss"),
+        (dict(fixed=fixed, moving=moving, optimizer="newton"), ValueError, "unknown optimizer 'newton'"),
+        (dict(fixed=fixed, moving=moving, gradients="autograd"), ValueError, "Gauss-Newton needs the analytic"),
+        (dict(fixed=fixed, moving=moving, mask=torch.ones(5, 5)), ValueError, "'mask' must have the image's size"),
+        (dict(fixed=fixed, moving=moving, mask=torch.zeros_like(fixed)), ValueError, "fewer than 16 pixels"),
+        (dict(fixed=fixed, moving=moving, init=torch.eye(2)), ValueError, "'init' matrix"),
+        (dict(fixed=fixed, moving=moving, init="guess"), ValueError, "guess"),
+        (dict(fixed=fixed, moving=moving, pyramid=(64, 1)), ValueError, "fewer than 4 pixels"),
+        (dict(fixed=fixed, moving=moving, tolerance=0), ValueError, "'tolerance' must be positive"),
+        (dict(fixed=fixed[:4, :4], moving=moving[:4, :4]), ValueError, "at least 8 x 8"),
+        (dict(fixed="fixed.png", moving=moving), TypeError, "'fixed' must be a torch.Tensor or numpy.ndarray"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            tireg.register(kwargs.pop("fixed"), kwargs.pop("moving"), **kwargs)
