@@ -670,22 +670,24 @@ class Record:
     scene: str
     description: str
     error: float
-    seconds: float
+    seconds: float  # wall clock
+    cpu_seconds: float  # CPU time of this process (all its threads)
     reason: str = ""
 
 
 def run_case(method: Method, case: Case) -> Record:
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     try:
         matrix, _ = method.register(case.fixed, case.moving, case.kind)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - started_cpu
         error, reason = grid_error(matrix, case.truth), ""
         if not math.isfinite(error):
             reason = "non-finite matrix"
     except Exception as exc:  # noqa: BLE001 - a crash is a failure with its reason, never the end of the run
-        seconds = time.perf_counter() - started
-        error, reason = math.inf, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-    return Record(method.name, case.kind, case.index, case.scene, case.description, error, seconds, reason)
+        seconds, cpu = time.perf_counter() - started, time.process_time() - started_cpu
+        message = str(exc).strip().splitlines()
+        error, reason = math.inf, f"exception {type(exc).__name__}: {message[-1] if message else ''}"
+    return Record(method.name, case.kind, case.index, case.scene, case.description, error, seconds, cpu, reason)
 
 
 def summarize(records: list[Record]) -> dict:
@@ -695,7 +697,9 @@ def summarize(records: list[Record]) -> dict:
         "success": sum(e < SUCCESS_PX for e in errors),
         "failures": sum(e > FAILURE_PX for e in errors),
         "median_error": statistics.median(errors) if errors else math.nan,
+        "exceptions": sum(r.reason.startswith("exception") for r in records),
         "median_seconds": statistics.median(r.seconds for r in records) if records else math.nan,
+        "median_cpu": statistics.median(r.cpu_seconds for r in records) if records else math.nan,
     }
 
 
@@ -709,23 +713,41 @@ def tables(records: list[Record], methods: list[Method], kinds, problems) -> str
     lines = []
     for kind in kinds:
         lines.append(f"**{kind}**\n")
-        lines.append("| method | success (< 0.5 px) | failures (> 5 px) | median error (px) | median s / pair |")
-        lines.append("|---|---:|---:|---:|---:|")
+        lines.append("| method | success (< 0.5 px) | failures (> 5 px) | median error (px) | median CPU s / pair | "
+                     "median wall s / pair |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
         for method in methods:
             if kind not in method.kinds:
                 continue
             if (method.name, kind) in problems:
-                lines.append(f"| {method.name} | conversion unverified | | | |")
+                lines.append(f"| {method.name} | conversion unverified | | | | |")
                 continue
             subset = [r for r in records if r.method == method.name and r.kind == kind]
             if not subset:
                 continue
             s = summarize(subset)
+            crashed = f" ({s['exceptions']} exceptions)" if s["exceptions"] else ""
             lines.append(f"| {method.name} | {s['success']}/{s['n']} ({100 * s['success'] / s['n']:.0f} %) | "
-                         f"{s['failures']}/{s['n']} | {_format_error(s['median_error'])} | "
-                         f"{s['median_seconds']:.3f} |")
+                         f"{s['failures']}/{s['n']}{crashed} | {_format_error(s['median_error'])} | "
+                         f"{s['median_cpu']:.3f} | {s['median_seconds']:.3f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def set_threads(count: int) -> None:
+    """Give every library ``count`` threads (0: leave each library's default)."""
+    if count <= 0:
+        return
+    import torch
+
+    torch.set_num_threads(count)
+    for module, call in (("cv2", lambda m: m.setNumThreads(count)),
+                         ("SimpleITK", lambda m: m.ProcessObject.SetGlobalDefaultNumberOfThreads(count)),
+                         ("itk", lambda m: m.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(count))):
+        try:
+            call(__import__(module))
+        except ImportError:
+            pass
 
 
 def environment() -> str:
@@ -785,6 +807,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for every library (default 1: CPU time per pair, robust to a shared "
+                             "machine's load); 0 keeps each library's default")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 case per kind")
     parser.add_argument("--check", action="store_true", help="run only the convention checks")
     parser.add_argument("--no-check", action="store_true", help="skip the convention checks (not for reporting)")
@@ -795,6 +820,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.cases = 1
     command = "python benchmarks/accuracy.py" + ("" if argv is None and len(sys.argv) == 1 else
                                                  " " + " ".join(sys.argv[1:] if argv is None else argv))
+    set_threads(args.threads)
     methods = []
     for name in args.methods:
         method = METHODS[name]()
@@ -826,7 +852,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             records.append(record)
             if args.verbose:
                 print(f"{record.method:>10} {record.kind:>11} #{record.index} {record.scene:>20}: "
-                      f"{record.error:9.3f} px {record.seconds:7.3f} s {record.reason}", flush=True)
+                      f"{record.error:9.3f} px {record.cpu_seconds:7.3f} s CPU {record.seconds:7.3f} s "
+                      f"{record.reason}", flush=True)
 
     print(f"## Results: {args.cases} cases per kind, seed {args.seed}\n")
     print(tables(records, methods, kinds, problems))
@@ -836,7 +863,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for record in sorted(records, key=lambda r: (r.method, KINDS.index(r.kind), r.index)):
         if record.error >= SUCCESS_PX:
             print(f"- {record.method} / {record.kind} #{record.index} ({record.scene}; {record.description}): "
-                  f"{_format_error(record.error)} px, {record.seconds:.2f} s {record.reason}")
+                  f"{_format_error(record.error)} px, {record.cpu_seconds:.2f} s CPU {record.reason}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"command": command, "seed": args.seed, "problems": {f"{m}/{k}": v for (m, k), v in
