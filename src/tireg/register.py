@@ -361,6 +361,8 @@ class _Level:
     shrink_inverse: torch.Tensor
     axes: tuple[torch.Tensor, torch.Tensor]
     factor: int
+    inside_limit: torch.Tensor  # (1 - 1/W, 1 - 1/H): |u| within it samples inside the moving image
+    cache: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -387,10 +389,7 @@ class _Problem:
 
     def _valid(self, grid: torch.Tensor, level: _Level) -> torch.Tensor:
         """1 where a fixed pixel counts: inside its mask, sampling inside the moving image and its mask."""
-        height, width = level.moving.shape[-2:]
-        # inside [0, W-1] x [0, H-1] in moving pixels <=> |u| <= 1 - 1/W
-        limit = torch.tensor([1.0 - 1.0 / width, 1.0 - 1.0 / height], dtype=grid.dtype, device=grid.device)
-        inside = (grid.abs() <= limit).all(dim=-1).unsqueeze(1).to(grid.dtype)  # (B, 1, h, w)
+        inside = (grid.abs() <= level.inside_limit).all(dim=-1).unsqueeze(1).to(grid.dtype)  # (B, 1, h, w)
         if level.fixed_weight is not None:
             inside = inside * level.fixed_weight
         if level.moving_mask is not None:
@@ -398,13 +397,15 @@ class _Problem:
             inside = inside * (sampled > 0.5).to(grid.dtype)
         return inside
 
-    def _irls_weight(self, residual: torch.Tensor, derivative: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        """``rho'(r) / r``, with the limit ``rho'(eps) / eps`` near ``r = 0``."""
+    def _irls_weight(self, residual: torch.Tensor, derivative: torch.Tensor, level: _Level) -> torch.Tensor:
+        """``rho'(r) / r``, with the limit ``rho'(eps) / eps`` near ``r = 0`` (computed once per level)."""
         eps = 1e-3
-        _, at_eps = self.loss(fixed + eps, fixed, True)
+        if "irls_at_eps" not in level.cache:
+            _, at_eps = self.loss(level.fixed + eps, level.fixed, True)
+            level.cache["irls_at_eps"] = at_eps / eps
         small = residual.abs() < eps
         safe = torch.where(small, torch.full_like(residual, eps), residual)
-        return torch.where(small, at_eps / eps, derivative / safe)
+        return torch.where(small, level.cache["irls_at_eps"], derivative / safe)
 
     def evaluate(self, params: torch.Tensor, level: _Level, *, hessian: bool) -> _Evaluation:
         matrix, jacobian = self.matrices(params, level)
@@ -420,7 +421,7 @@ class _Problem:
             per_pixel, derivative = self.loss(values, level.fixed, True)
             weighted = derivative * valid
             g_moments = grid_moments((weighted.unsqueeze(2) * gradients).sum(1), level.axes, channel_dim=1)
-            irls = self._irls_weight(values - level.fixed, derivative, level.fixed) * valid
+            irls = self._irls_weight(values - level.fixed, derivative, level) * valid
             gx, gy = gradients[:, :, 0], gradients[:, :, 1]
             products = torch.stack([(irls * gx * gx).sum(1), (irls * gx * gy).sum(1), (irls * gy * gy).sum(1)], 1)
             h_moments = grid_moments(products, level.axes, channel_dim=1, second_order=True)  # (B, 3, 6)
@@ -521,8 +522,11 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         )
         damping = torch.where(better, (damping * 0.3).clamp_min(1e-9), damping * 10.0)
         iterations += active.cpu().long()
-        converged = better & (moved < tolerance * level.factor)
-        stalled = active & ~better & (damping > 1e6)
+        # A proposed step this small ends the level whether or not it was taken: near the
+        # optimum, noise decides the sign of a tiny cost change, and raising the damping
+        # through a run of rejections would only spend evaluations.
+        converged = active & (moved < tolerance * level.factor)
+        stalled = active & ~converged & ~better & (damping > 1e6)
         for index in torch.nonzero(converged | stalled).flatten().tolist():
             reasons[index] = "converged" if bool(converged[index]) else "stalled"
         active = active & ~converged & ~stalled
@@ -809,7 +813,11 @@ def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: floa
     """Smooth, then area-downsample the images and masks of one level."""
 
     def shrink(image):
-        return downsample(gaussian_blur(image, sigma), factor)
+        # Area-average first, then smooth at the level's resolution with the remaining
+        # sigma (variances add: the box filter already has about f^2 / 12): the same
+        # anti-aliasing for a fraction of the cost of blurring the full image.
+        residual = max(sigma**2 - (factor**2 - 1) / 12.0, 0.0) ** 0.5 / factor
+        return gaussian_blur(downsample(image, factor), residual)
 
     def shrink_mask(mask):
         return None if mask is None else (downsample(mask, factor) >= 0.5).to(mask.dtype)
@@ -825,4 +833,9 @@ def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: floa
         shrink_inverse=torch.linalg.inv(scale),
         axes=pixel_axes(fixed_level.shape[-2:], dtype=fixed.dtype, device=fixed.device),
         factor=factor,
+        # inside [0, W-1] x [0, H-1] in moving pixels <=> |u| <= 1 - 1/W, |v| <= 1 - 1/H
+        inside_limit=torch.tensor(
+            [1.0 - 1.0 / moving_level.shape[-1], 1.0 - 1.0 / moving_level.shape[-2]], dtype=fixed.dtype,
+            device=fixed.device,
+        ),
     )

@@ -327,7 +327,7 @@ def sample_with_gradient(
     values = sample(moving, grid, interpolation=interpolation, padding_mode=padding_mode)
     # One channel at a time: fold channels into the batch, weight 1.
     per_channel = moving.reshape(batch * channels, 1, *moving.shape[-2:])
-    channel_grid = grid.repeat_interleave(channels, dim=0)
+    channel_grid = grid if channels == 1 else grid.repeat_interleave(channels, dim=0)
     ones = torch.ones(batch * channels, 1, *grid.shape[1:3], dtype=grid.dtype, device=grid.device)
     gradients = warp_gradient(
         ones, per_channel, channel_grid, interpolation=interpolation, padding_mode=padding_mode
