@@ -785,9 +785,13 @@ def register(
         total_iterations += iterations
         history.append(LevelHistory(factor, tuple(level.fixed.shape[-2:]), costs.cpu()))
 
-    final_level = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, 0.0)
-    with torch.no_grad():
-        cost = problem.evaluate(params, final_level, hessian=False).cost
+    finished_at_full_resolution = len(history) == len(schedule) and schedule[-1] == (1, 0.0)
+    if optimizer == "gauss-newton" and finished_at_full_resolution:
+        cost = history[-1].cost[-1].to(device)  # Levenberg-Marquardt's last accepted cost is at these parameters
+    else:
+        final_level = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, 0.0)
+        with torch.no_grad():
+            cost = problem.evaluate(params, final_level, hessian=False).cost
     matrix = kind.matrix(params.detach().to(torch.float64), center_t.to(torch.float64)).cpu()
     return RegistrationResult(
         matrix=matrix if batched else matrix[0],
