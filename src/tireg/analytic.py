@@ -1,8 +1,10 @@
 """The analytic gradient in one reduction (the seed's forward chain rule).
 
-For a cost summed over the fixed image's pixels, ``L = sum_x C(F(x), M(A x))``,
-with ``g(x) = C'(F(x), M(A x)) * grad M(A x)`` (summed over channels, pixel
-units of the moving image) and ``x~ = (x, y, 1)``::
+For a cost of the warped image, e.g. summed over the fixed image's pixels,
+``L = sum_x C(F(x), M(A x))``, with ``C'`` its derivative with respect to each
+warped pixel (a per-pixel loss's ``rho'``, or any :mod:`tireg.metrics`
+metric's), ``g(x) = C'(x) * grad M(A x)`` (summed over channels, pixel units
+of the moving image) and ``x~ = (x, y, 1)``::
 
     dL/dA = sum_x g(x) x~^T = G          (a 2 x 3 matrix per image pair)
     dL/dp_k = < G, dA/dp_k >             (Frobenius product)
@@ -14,22 +16,24 @@ dot product of six numbers.  No per-parameter loop touches the pixels.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from .losses import PerPixelLoss
+from .metrics import Metric, PerPixelMetric
 from .sampling import grid_moments, pixel_axes, pixel_scale, sample, sampler_gradient, sampling_grid
 
-__all__ = ["per_pixel_cost_and_gradient", "parameter_gradient"]
+__all__ = ["cost_and_gradient", "per_pixel_cost_and_gradient", "parameter_gradient"]
 
 
-def per_pixel_cost_and_gradient(
+def cost_and_gradient(
     fixed: torch.Tensor,
     moving: torch.Tensor,
     matrix: torch.Tensor,
-    loss: PerPixelLoss,
+    metric: Union[Metric, PerPixelLoss],
     *,
+    weight: Optional[torch.Tensor] = None,
     interpolation: str = "bilinear",
     padding_mode: str = "zeros",
     moving_with_gradient: Optional[torch.Tensor] = None,
@@ -37,11 +41,18 @@ def per_pixel_cost_and_gradient(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Warp, cost and ``G = dL/dA`` in one pass, without autograd.
 
+    The metric gives the cost and its derivative with respect to every
+    warped pixel, ``C'``; the sampler's derivative kernel contracts ``C'``
+    with the moving image's gradient at the warped points, ``g = C' grad M``,
+    and ``G = sum_x g x~^T`` comes from row and column sums.
+
     Args:
         fixed: ``(B, C, H, W)``.
         moving: ``(B, C, Hm, Wm)``.
         matrix: ``(B, 3, 3)`` fixed -> moving pixel matrices.
-        loss: a per-pixel loss; ``loss(warped, fixed, True)`` gives ``(C, C')``.
+        metric: a :class:`~tireg.metrics.Metric`, or a per-pixel loss (its
+            plain sum over pixels and channels, the seed's cost).
+        weight: optional ``(B, 1, H, W)`` pixel weights passed to the metric.
         moving_with_gradient: ``None`` for the exact gradient of the
             interpolant (default); or ``[M, dM/dx, dM/dy]`` stacked as
             ``(B, 3C, Hm, Wm)`` (:func:`tireg.sampling.stack_with_gradient`) to
@@ -49,31 +60,35 @@ def per_pixel_cost_and_gradient(
         axes: optional cached :func:`~tireg.sampling.pixel_axes` of the fixed image.
 
     Returns:
-        ``warped (B, C, H, W)``, ``cost (B,)`` (sum over channels and pixels),
-        ``G (B, 2, 3)`` with ``G = sum_x g(x) x~^T``.
+        ``warped (B, C, H, W)``, ``cost (B,)``, ``G (B, 2, 3)`` with ``G = sum_x g(x) x~^T``.
     """
+    if isinstance(metric, PerPixelLoss):
+        metric = PerPixelMetric(metric, mean=False)
     batch, channels, height, width = fixed.shape
     if axes is None:
         axes = pixel_axes((height, width), dtype=matrix.dtype, device=matrix.device)
     grid = sampling_grid(matrix, (height, width), moving.shape[-2:], axes=axes)
     if moving_with_gradient is None:
         warped = sample(moving, grid, interpolation=interpolation, padding_mode=padding_mode)
-        per_pixel, derivative = loss(warped, fixed, True)
+        cost, derivative = metric(warped, fixed, weight, gradient=True)
         g = sampler_gradient(derivative, moving, grid, interpolation=interpolation, padding_mode=padding_mode)
         # normalised -> moving pixel units, applied to the 2 x 3 result rather than every pixel
-        g_scale = pixel_scale(moving.shape[-2:], like=grid)
+        matrix_gradient = grid_moments(g, axes) * pixel_scale(moving.shape[-2:], like=grid)[:, None]
     else:
         sampled = sample(moving_with_gradient, grid, interpolation=interpolation, padding_mode=padding_mode)
         warped = sampled[:, :channels]
-        per_pixel, derivative = loss(warped, fixed, True)
+        cost, derivative = metric(warped, fixed, weight, gradient=True)
         gradient = sampled[:, channels:].reshape(batch, channels, 2, height, width)
-        g = torch.einsum("bchw,bckhw->bhwk", derivative, gradient)  # (B, H, W, 2), pixel units
-        g_scale = None
-    cost = per_pixel.reshape(batch, -1).sum(1)
-    matrix_gradient = grid_moments(g, axes)
-    if g_scale is not None:
-        matrix_gradient = matrix_gradient * g_scale[:, None]
+        g = torch.einsum("bchw,bckhw->bkhw", derivative, gradient)  # (B, 2, H, W), pixel units
+        matrix_gradient = grid_moments(g, axes, channel_dim=1)
     return warped, cost, matrix_gradient
+
+
+def per_pixel_cost_and_gradient(
+    fixed: torch.Tensor, moving: torch.Tensor, matrix: torch.Tensor, loss: PerPixelLoss, **options
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`cost_and_gradient` for the seed's cost, the plain sum of a per-pixel loss."""
+    return cost_and_gradient(fixed, moving, matrix, loss, **options)
 
 
 def parameter_gradient(matrix_gradient: torch.Tensor, jacobian: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from ._validation import PADDING_MODES, FiniteCheckCache, check_image, check_option
-from .analytic import parameter_gradient, per_pixel_cost_and_gradient
+from .analytic import cost_and_gradient, parameter_gradient
 from .losses import L2Loss, PerPixelLoss, get_loss
+from .metrics import Metric, get_metric
 from .mappings import IdentityMapping, Mapping
 from .sampling import image_gradient as compute_image_gradient
 from .sampling import pixel_axes, stack_with_gradient, warp
@@ -250,7 +251,12 @@ class AffineModelAnalytic(TransformModel):
             ``sigma`` pixels) and sampled at the warped points: an approximation.
         sigma: standard deviation for ``image_gradient="gaussian"``.
         loss_func: per-pixel loss (default :class:`~tireg.losses.L2Loss`);
-            also settable as the attribute ``loss_func``.
+            also settable as the attribute ``loss_func``.  The cost is its
+            plain sum over pixels and channels, as in the seed.
+        metric: instead of ``loss_func``, any :mod:`tireg.metrics` metric
+            (``"ncc"``, ``"lncc"``, ``"mi"``, ``"nmi"``, or an instance); the
+            cost is then the metric's, summed over the pairs.  Also settable as
+            the attribute ``metric``.
     """
 
     def __init__(
@@ -264,6 +270,7 @@ class AffineModelAnalytic(TransformModel):
         image_gradient: str = "exact",
         sigma: float = 1.0,
         loss_func: Union[str, PerPixelLoss, None] = None,
+        metric: Union[str, Metric, None] = None,
         batch_size: int = 1,
     ):
         super().__init__(cx, cy, bordermode, interpolation=interpolation, batch_size=batch_size)
@@ -274,6 +281,7 @@ class AffineModelAnalytic(TransformModel):
             raise ValueError(f"{caller}: 'sigma' must be positive; got {sigma}")
         self.sigma = float(sigma)
         self.loss_func = L2Loss() if loss_func is None else get_loss(loss_func)
+        self.metric: Optional[Metric] = None if metric is None else get_metric(metric)
         self._moving_key: Optional[tuple] = None
         self.register_buffer("moving_with_gradient", None, persistent=False)
         self._pixel_axes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -320,11 +328,11 @@ class AffineModelAnalytic(TransformModel):
                     f"{source.dtype} on {source.device}; move the model with .to()"
                 )
             jacobian = self.parameter_jacobian()
-            warped, cost, matrix_gradient = per_pixel_cost_and_gradient(
+            warped, cost, matrix_gradient = cost_and_gradient(
                 target,
                 source,
                 matrix,
-                self.loss_func,
+                self.loss_func if self.metric is None else get_metric(self.metric),
                 interpolation=self.interpolation,
                 padding_mode=self.bordermode,
                 moving_with_gradient=stacked,
@@ -428,6 +436,7 @@ def create_model(
     padding_mode: str = "zeros",
     interpolation: str = "bilinear",
     loss: Union[str, PerPixelLoss] = "l2",
+    metric: Union[str, Metric, None] = None,
     image_gradient: str = "exact",
     sigma: float = 1.0,
 ) -> TransformModel:
@@ -440,6 +449,7 @@ def create_model(
         gradients: ``"analytic"`` or ``"autograd"``.
         loss: per-pixel loss for the analytic model (the autograd model's
             loss is whatever the caller sums).
+        metric: a :mod:`tireg.metrics` metric for the analytic model instead of ``loss``.
 
     Returns:
         A model on ``moving``'s device and dtype, at the identity transform.
@@ -453,7 +463,10 @@ def create_model(
     cls = _READY_MADE[(transform, gradients)]
     options = dict(interpolation=interpolation, batch_size=moving.shape[0])
     if gradients == "analytic":
-        model = cls(*center, padding_mode, moving, image_gradient=image_gradient, sigma=sigma, loss_func=loss, **options)
+        model = cls(
+            *center, padding_mode, moving, image_gradient=image_gradient, sigma=sigma, loss_func=loss, metric=metric,
+            **options,
+        )
     else:
         model = cls(*center, padding_mode, **options)
     return model.to(dtype=moving.dtype, device=moving.device)

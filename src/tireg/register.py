@@ -31,6 +31,8 @@ has its own ``lambda`` and stops on its own.
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence, Union
@@ -39,7 +41,8 @@ import numpy as np
 import torch
 
 from ._validation import check_option
-from .losses import PerPixelLoss, get_loss
+from .losses import PerPixelLoss
+from .metrics import Metric, PerPixelMetric, get_metric
 from .sampling import (
     downsample,
     gaussian_blur,
@@ -65,9 +68,13 @@ STOP_REASONS = {
     "max_iterations": "the iteration limit of the finest level was reached",
     "stalled": "no step lowered the cost any more (Levenberg-Marquardt damping at its limit)",
     "callback": "the callback raised StopIteration",
+    "no_overlap": "the images do not overlap (too few valid pixels) at the found transform",
 }
 
-OPTIMIZERS = ("gauss-newton", "adam", "lbfgs", "sgd")
+OPTIMIZERS = ("auto", "gauss-newton", "adam", "lbfgs", "sgd")
+
+#: Fewer valid (overlapping) pixels than this at a level count as no overlap.
+MIN_VALID_PIXELS = 16
 
 
 @dataclass(frozen=True)
@@ -375,8 +382,18 @@ class _Evaluation:
 class _Problem:
     """Cost, gradient and Gauss-Newton matrix of the parameters at one level."""
 
-    def __init__(self, kind: Transform, center: torch.Tensor, loss: PerPixelLoss, interpolation: str):
-        self.kind, self.center, self.loss, self.interpolation = kind, center, loss, interpolation
+    def __init__(self, kind: Transform, center: torch.Tensor, metric: Metric, interpolation: str):
+        self.kind, self.center, self.metric, self.interpolation = kind, center, metric, interpolation
+        self.loss = metric.loss if isinstance(metric, PerPixelMetric) else None  # Gauss-Newton's rho
+
+    def _level_metric(self, level: _Level) -> Metric:
+        """The metric, with histogram ranges taken from this level's whole images (fixed while it runs)."""
+        if hasattr(self.metric, "set_ranges"):
+            if "ranges" not in level.cache:
+                self.metric.set_ranges(level.moving, level.fixed)
+                level.cache["ranges"] = self.metric.ranges
+            self.metric.ranges = level.cache["ranges"]
+        return self.metric
 
     def matrices(self, params: torch.Tensor, level: _Level) -> tuple[torch.Tensor, torch.Tensor]:
         """Level matrix ``S^-1 A S`` and Jacobian ``S^-1 dA/dp S``."""
@@ -407,14 +424,38 @@ class _Problem:
         safe = torch.where(small, torch.full_like(residual, eps), residual)
         return torch.where(small, level.cache["irls_at_eps"], derivative / safe)
 
+    def grid(self, matrix: torch.Tensor, level: _Level) -> torch.Tensor:
+        """The sampling grid, with wild points (an optimiser's trial far off) pinned outside the image.
+
+        Points beyond ``|u| > 2`` are outside either way and do not count; pinning
+        them keeps the sampler's arithmetic finite.
+        """
+        grid = sampling_grid(matrix, level.fixed.shape[-2:], level.moving.shape[-2:], axes=level.axes)
+        return grid.nan_to_num(nan=2.0).clamp(-2.0, 2.0)
+
     def evaluate(self, params: torch.Tensor, level: _Level, *, hessian: bool) -> _Evaluation:
         matrix, jacobian = self.matrices(params, level)
-        grid = sampling_grid(matrix, level.fixed.shape[-2:], level.moving.shape[-2:], axes=level.axes)
+        grid = self.grid(matrix, level)
         valid = self._valid(grid, level)
-        count = valid.sum(dim=(1, 2, 3)).clamp_min(1.0) * level.fixed.shape[1]
         batch, params_count = params.shape
         flat_jacobian = jacobian[:, :, :2, :].reshape(batch, params_count, 6)
-        if hessian:
+        evaluation = self._evaluate(grid, valid, flat_jacobian, level, hessian)
+        # Too little overlap is no match at all: an infinite cost that no step is taken
+        # towards, never a small cost of a few pixels (or a NaN of none).
+        overlap = valid.sum(dim=(1, 2, 3)) >= MIN_VALID_PIXELS
+        if not bool(overlap.all()):
+            evaluation = _Evaluation(
+                torch.where(overlap, evaluation.cost, torch.full_like(evaluation.cost, float("inf"))),
+                torch.where(overlap[:, None], evaluation.gradient, torch.zeros_like(evaluation.gradient)),
+                None if evaluation.hessian is None else torch.where(
+                    overlap[:, None, None], evaluation.hessian, torch.zeros_like(evaluation.hessian)),
+            )
+        return evaluation
+
+    def _evaluate(self, grid, valid, flat_jacobian, level: _Level, hessian: bool) -> _Evaluation:
+        batch = grid.shape[0]
+        if hessian:  # Gauss-Newton: a per-pixel loss, its IRLS weights and the normal matrix
+            count = valid.sum(dim=(1, 2, 3)).clamp_min(1.0) * level.fixed.shape[1]
             values, gradients = sample_with_gradient(
                 level.moving, grid, interpolation=self.interpolation, padding_mode="border"
             )  # gradients (B, C, 2, h, w) in level pixels
@@ -427,18 +468,17 @@ class _Problem:
             h_moments = grid_moments(products, level.axes, channel_dim=1, second_order=True)  # (B, 3, 6)
             matrix_hessian = _assemble_hessian(h_moments)
             hessian_p = flat_jacobian @ matrix_hessian @ flat_jacobian.transpose(1, 2) / count[:, None, None]
-        else:
-            values = sample(level.moving, grid, interpolation=self.interpolation, padding_mode="border")
-            per_pixel, derivative = self.loss(values, level.fixed, True)
-            weighted = derivative * valid
-            g_normalized = sampler_gradient(
-                weighted, level.moving, grid, interpolation=self.interpolation, padding_mode="border"
-            )
-            g_moments = grid_moments(g_normalized, level.axes) * pixel_scale(level.moving.shape[-2:], like=grid)[:, None]
-            hessian_p = None
-        cost = (per_pixel * valid).sum(dim=(1, 2, 3)) / count
-        gradient = (flat_jacobian @ g_moments.reshape(batch, 6, 1)).squeeze(-1) / count[:, None]
-        return _Evaluation(cost, gradient, hessian_p)
+            cost = (per_pixel * valid).sum(dim=(1, 2, 3)) / count
+            gradient = (flat_jacobian @ g_moments.reshape(batch, 6, 1)).squeeze(-1) / count[:, None]
+            return _Evaluation(cost, gradient, hessian_p)
+        values = sample(level.moving, grid, interpolation=self.interpolation, padding_mode="border")
+        cost, derivative = self._level_metric(level)(values, level.fixed, valid, gradient=True)
+        g_normalized = sampler_gradient(
+            derivative, level.moving, grid, interpolation=self.interpolation, padding_mode="border"
+        )
+        g_moments = grid_moments(g_normalized, level.axes) * pixel_scale(level.moving.shape[-2:], like=grid)[:, None]
+        gradient = (flat_jacobian @ g_moments.reshape(batch, 6, 1)).squeeze(-1)
+        return _Evaluation(cost, gradient, None)
 
 
 # Hessian in matrix space: H[(i, a), (j, b)] = sum w g_i g_j m_a m_b, with gradient components
@@ -550,11 +590,10 @@ def _autograd_evaluation(problem: _Problem, params: torch.Tensor, level: _Level)
     with torch.enable_grad():
         params = params.detach().requires_grad_(True)
         matrix, _ = problem.matrices(params, level)
-        grid = sampling_grid(matrix, level.fixed.shape[-2:], level.moving.shape[-2:], axes=level.axes)
+        grid = problem.grid(matrix, level)
         valid = problem._valid(grid.detach(), level)
-        count = valid.sum(dim=(1, 2, 3)).clamp_min(1.0) * level.fixed.shape[1]
         values = sample(level.moving, grid, interpolation=problem.interpolation, padding_mode="border")
-        cost = (problem.loss(values, level.fixed) * valid).sum(dim=(1, 2, 3)) / count
+        cost = problem._level_metric(level)(values, level.fixed, valid)
         (gradient,) = torch.autograd.grad(cost.sum(), params)
     return _Evaluation(cost.detach(), gradient, None)
 
@@ -576,21 +615,37 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
     iterations = torch.zeros(batch, dtype=torch.long)
     evaluate = (lambda p: problem.evaluate(p, level, hessian=False)) if gradients == "analytic" else (
         lambda p: _autograd_evaluation(problem, p, level))
+    first = evaluate(start)
+    # The lowest cost seen per pair, and where: what the level returns, so that an optimiser's
+    # excursion (a line search far off, a step to NaN) never ends a pair worse than it began.
+    best = {"cost": first.cost.detach().clone(), "params": start.clone()}
     last = {}
 
     def closure():
         optim.zero_grad()
-        evaluation = evaluate(start + q.detach() * scales)
-        q.grad = torch.where(active[:, None], evaluation.gradient * scales, torch.zeros_like(q))
-        last["cost"] = evaluation.cost
-        return (evaluation.cost * active).sum()
+        trial = start + q.detach() * scales
+        evaluation = evaluate(trial)
+        cost = torch.where(torch.isfinite(evaluation.cost), evaluation.cost, torch.full_like(evaluation.cost, 1e30))
+        gradient = torch.nan_to_num(evaluation.gradient, nan=0.0, posinf=0.0, neginf=0.0)
+        improved = active & (cost < best["cost"]) & torch.isfinite(trial).all(dim=1)
+        best["cost"] = torch.where(improved, cost, best["cost"])
+        best["params"] = torch.where(improved[:, None], trial, best["params"])
+        q.grad = torch.where(active[:, None], gradient * scales, torch.zeros_like(q))
+        last["cost"] = cost
+        return (cost * active).sum()
 
-    costs = [evaluate(start).cost]
+    costs = [first.cost]
     quiet = torch.zeros(batch, dtype=torch.long)
     for iteration in range(max_iterations):
         before = start + q.detach() * scales
         optim.step(closure)
         with torch.no_grad():
+            broken = ~torch.isfinite(q).all(dim=1)
+            if bool(broken.any()):  # a pair left the finite numbers: back to its best, and stop it
+                q[broken] = (best["params"][broken] - start[broken]) / scales[broken]
+                for index in torch.nonzero(broken & active).flatten().tolist():
+                    reasons[index] = "stalled"
+                active = active & ~broken
             q[~active] = (before[~active] - start[~active]) / scales[~active]
         after = start + q.detach() * scales
         moved = _displacement(problem, before, after, corners)
@@ -600,11 +655,11 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
         for index in torch.nonzero(converged).flatten().tolist():
             reasons[index] = "converged"
         active = active & ~converged
-        costs.append(last["cost"].detach().clone())
-        _notify(callback, level_index, level, iteration, last["cost"], problem, after, active)
+        costs.append(best["cost"].detach().clone())
+        _notify(callback, level_index, level, iteration, best["cost"], problem, after, active)
         if not bool(active.any()):
             break
-    return (start + q.detach() * scales), iterations, reasons, torch.stack(costs)
+    return best["params"], iterations, reasons, torch.stack(costs)
 
 
 # ----------------------------------------------------------------------------
@@ -635,8 +690,8 @@ def register(
     moving: ImageLike,
     *,
     transform: Union[str, Transform, Any] = "affine",
-    metric: Union[str, PerPixelLoss] = "l2",
-    optimizer: str = "gauss-newton",
+    metric: Union[str, Metric, PerPixelLoss] = "l2",
+    optimizer: str = "auto",
     gradients: str = "analytic",
     pyramid: Union[Pyramid, Sequence[int], None] = None,
     mask: Optional[ImageLike] = None,
@@ -662,9 +717,14 @@ def register(
             (its transform kind and current parameters are used).
         metric: a per-pixel loss by name (``"l2"``, ``"cauchy"``, ``"huber"``,
             ...) or instance, applied to intensity-normalised images
-            (zero mean, unit deviation per image: gain and offset drop out).
-        optimizer: ``"gauss-newton"`` (Levenberg-Marquardt on the analytic
-            Jacobian, robust losses by IRLS; default), or ``"adam"``,
+            (zero mean, unit deviation per image: gain and offset drop out);
+            or a :mod:`tireg.metrics` metric for changed contrast and other
+            modalities: ``"ncc"`` (expects a positive correlation),
+            ``"ncc_any"`` (either sign: inverted contrast too), ``"lncc"``,
+            ``"mi"`` (Mattes), ``"nmi"`` (Studholme), or an instance.
+        optimizer: ``"auto"`` (default): Gauss-Newton for a per-pixel loss,
+            L-BFGS otherwise; ``"gauss-newton"`` (Levenberg-Marquardt on the
+            analytic Jacobian, robust losses by IRLS); or ``"adam"``,
             ``"lbfgs"``, ``"sgd"`` (``torch.optim``, on parameters scaled so
             that a unit moves the image by about one pixel).
         gradients: ``"analytic"`` (default) or ``"autograd"`` (first-order optimisers).
@@ -723,10 +783,16 @@ def register(
     check_option(optimizer, OPTIMIZERS, "optimizer", caller)
     check_option(gradients, ("analytic", "autograd"), "gradients", caller)
     check_option(interpolation, ("bilinear", "bicubic"), "interpolation", caller)
+    metric_object = copy.copy(get_metric(metric))  # a copy: register sets its histogram ranges per level
+    if optimizer == "auto":
+        per_pixel = metric_object.per_pixel and gradients == "analytic"
+        optimizer = "gauss-newton" if per_pixel else "lbfgs"
     if optimizer == "gauss-newton" and gradients == "autograd":
         raise ValueError(f"{caller}: Gauss-Newton needs the analytic Jacobian; use gradients='analytic' "
                          "or a first-order optimizer ('adam', 'lbfgs', 'sgd') with autograd")
-    loss = get_loss(metric)
+    if optimizer == "gauss-newton" and not metric_object.per_pixel:
+        raise ValueError(f"{caller}: Gauss-Newton needs a per-pixel metric (a loss such as 'l2'); "
+                         f"use optimizer='lbfgs' (the default for {metric!r}) or 'adam'")
     if not tolerance > 0:
         raise ValueError(f"{caller}: 'tolerance' must be positive; got {tolerance}")
     if max_iterations is None:
@@ -747,13 +813,23 @@ def register(
 
     center = image_center(*fixed_t.shape[-2:])
     center_t = torch.tensor(center, dtype=dtype, device=device)
+    problem = _Problem(kind, center_t, metric_object, interpolation)
     if start_params is None:
         start = _initial_matrix(init, fixed_n, moving_n, kind, center, caller).to(device=device, dtype=dtype)
         params = kind.from_matrix(start, center_t)
+        if isinstance(init, str) and init != "identity" and metric_object.any_contrast:
+            # Initialisers match intensities; for a metric that accepts inverted or other
+            # contrast, also start from what they find on the inverted image, and keep the
+            # start the metric itself prefers, pair by pair, at the coarsest level.
+            flipped = _initial_matrix(init, fixed_n, -moving_n, kind, center, caller).to(device=device, dtype=dtype)
+            flipped_params = kind.from_matrix(flipped, center_t)
+            coarse = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, *schedule[0])
+            with torch.no_grad():
+                costs = [problem.evaluate(p, coarse, hessian=False).cost for p in (params, flipped_params)]
+            params = torch.where((costs[1] < costs[0])[:, None], flipped_params, params)
     else:
         params = start_params.expand(batch, -1).clone()
 
-    problem = _Problem(kind, center_t, loss, interpolation)
     height, width = fixed_t.shape[-2:]
     corners = torch.tensor(
         [[0.0, 0.0, 1.0], [width - 1.0, 0.0, 1.0], [0.0, height - 1.0, 1.0], [width - 1.0, height - 1.0, 1.0]],
@@ -792,6 +868,7 @@ def register(
         final_level = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, 0.0)
         with torch.no_grad():
             cost = problem.evaluate(params, final_level, hessian=False).cost
+    reasons = ["no_overlap" if not math.isfinite(value) else reason for value, reason in zip(cost.tolist(), reasons)]
     matrix = kind.matrix(params.detach().to(torch.float64), center_t.to(torch.float64)).cpu()
     return RegistrationResult(
         matrix=matrix if batched else matrix[0],
@@ -808,7 +885,7 @@ def register(
         moving_size=tuple(moving_t.shape[-2:]),
         batched=batched,
         seconds=time.perf_counter() - started,
-        metadata={"metric": type(loss).__name__, "optimizer": optimizer, "gradients": gradients,
+        metadata={"metric": repr(metric_object), "optimizer": optimizer, "gradients": gradients,
                   "pyramid": [factor for factor, _ in schedule]},
     )
 

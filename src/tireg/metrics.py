@@ -1,0 +1,407 @@
+"""Image similarity metrics with their exact derivative with respect to the warped image.
+
+A metric compares the warped moving image ``x`` with the fixed image ``y``
+over weighted pixels (``weight``: 1 where a pixel counts, 0 where not) and
+returns a **cost per image pair** (lower is better)::
+
+    metric(x, y, weight)                 -> cost (B,)
+    metric(x, y, weight, gradient=True)  -> (cost (B,), d cost / d x  (B, C, H, W))
+
+The derivative is what the analytic path multiplies with the moving
+image's gradient: one sampler-derivative pass then gives ``dL/dA``
+(:func:`tireg.analytic.cost_and_gradient`).  The costs are written with
+plain differentiable tensor operations too, so autograd gives the same
+gradient; the tests hold the two to 1e-5 in float64.  The weight is taken as
+a constant (which fixed pixels count changes only by whole pixels).
+
+=================================  ==========================================================
+metric                             cost
+=================================  ==========================================================
+:class:`PerPixelMetric` (loss)     ``sum w rho(x - y) / sum w`` (or the plain sum)
+:class:`NCC`                       ``1 - ncc`` (``sign="positive"``) or ``1 - ncc^2`` (``"any"``)
+:class:`LocalNCC`                  the same per window of ``(2 r + 1)^2`` pixels, averaged
+:class:`MutualInformation`         ``-MI`` from a Parzen (cubic B-spline) joint histogram (Mattes)
+:class:`NormalizedMutualInformation`  ``-(H(F) + H(M)) / H(F, M)`` (Studholme)
+=================================  ==========================================================
+
+References: Evangelidis & Psarakis 2008 (ECC, NCC); Mattes et al. 2003
+(Parzen-window MI with B-splines, its derivative); Studholme et al. 1999 (NMI).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .losses import LOSSES, PerPixelLoss, get_loss
+
+__all__ = [
+    "Metric",
+    "PerPixelMetric",
+    "NCC",
+    "LocalNCC",
+    "MutualInformation",
+    "NormalizedMutualInformation",
+    "METRICS",
+    "get_metric",
+]
+
+MetricOutput = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+_TINY = 1e-12
+
+
+def _weight(weight: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, H, W)`` weights; all ones when ``None``."""
+    return torch.ones_like(x[:, :1]) if weight is None else weight
+
+
+class Metric:
+    """Base class: ``metric(x, y, weight=None, gradient=False)``; see the module docstring.
+
+    Attributes:
+        per_pixel: whether the cost is a (weighted) sum of per-pixel terms,
+            which Gauss-Newton needs.
+        any_contrast: whether a match may have any intensity relation
+            (inverted, or another modality): then ``register`` also tries
+            initialisations found on the inverted moving image.
+    """
+
+    per_pixel = False
+    any_contrast = False
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None, gradient: bool = False
+    ) -> MetricOutput:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class PerPixelMetric(Metric):
+    """A per-pixel loss as a metric: ``sum_c sum_x w rho(x - y)``, divided by ``C sum w`` when ``mean``.
+
+    ``mean=False`` gives the plain sum of the seed's models.
+    """
+
+    per_pixel = True
+
+    def __init__(self, loss: Union[str, PerPixelLoss] = "l2", *, mean: bool = True):
+        self.loss = get_loss(loss)
+        self.mean = bool(mean)
+
+    def __call__(self, x, y, weight=None, gradient=False):
+        if gradient:
+            per_pixel, derivative = self.loss(x, y, True)
+        else:
+            per_pixel, derivative = self.loss(x, y), None
+        if weight is not None:
+            per_pixel = per_pixel * weight
+            derivative = None if derivative is None else derivative * weight
+        cost = per_pixel.flatten(1).sum(1)
+        if self.mean:
+            count = (_weight(weight, x).flatten(1).sum(1) * x.shape[1]).clamp_min(1.0)
+            cost = cost / count
+            derivative = None if derivative is None else derivative / count[:, None, None, None]
+        return (cost, derivative) if gradient else cost
+
+    def __repr__(self) -> str:
+        return f"PerPixelMetric({type(self.loss).__name__}, mean={self.mean})"
+
+
+def _check_sign(sign: str, caller: str) -> str:
+    if sign not in ("positive", "any"):
+        raise ValueError(f"{caller}: unknown sign {sign!r}; choose 'positive' or 'any'")
+    return sign
+
+
+class NCC(Metric):
+    """Global normalised cross-correlation over the weighted pixels, invariant to gain and offset.
+
+    With weighted means removed, ``x~ = x - mean_w x`` and ``y~`` likewise,
+    over all channels and pixels of a pair::
+
+        ncc = sum w x~ y~ / sqrt(sum w x~^2  sum w y~^2)
+        d ncc / d x_i = w_i (y~_i - (cov / var_x) x~_i) / sqrt(var_x var_y)
+
+    ``sign="positive"`` (default) expects a positive correlation (same
+    contrast) and the cost is ``1 - ncc``; ``sign="any"`` accepts inverted
+    contrast too, cost ``1 - ncc^2``.  A pair with a flat image over its
+    valid pixels has ``ncc = 0``.
+    """
+
+    def __init__(self, sign: str = "positive"):
+        self.sign = _check_sign(sign, "NCC()")
+        self.any_contrast = self.sign == "any"
+
+    def __call__(self, x, y, weight=None, gradient=False):
+        w = _weight(weight, x)
+        dims = (1, 2, 3)
+        count = (w.sum(dims) * x.shape[1]).clamp_min(_TINY)
+        x_mean = (w * x).sum(dims) / count
+        y_mean = (w * y).sum(dims) / count
+        xc = x - x_mean[:, None, None, None]
+        yc = y - y_mean[:, None, None, None]
+        covariance = (w * xc * yc).sum(dims)
+        x_var = (w * xc * xc).sum(dims)
+        y_var = (w * yc * yc).sum(dims)
+        norm = torch.sqrt(x_var * y_var + _TINY)
+        ncc = covariance / norm
+        cost = 1.0 - ncc if self.sign == "positive" else 1.0 - ncc * ncc
+        if not gradient:
+            return cost
+        d_ncc = w * (yc - (covariance / x_var.clamp_min(_TINY))[:, None, None, None] * xc) / norm[:, None, None, None]
+        scale = -1.0 if self.sign == "positive" else -2.0 * ncc[:, None, None, None]
+        return cost, scale * d_ncc
+
+    def __repr__(self) -> str:
+        return f"NCC(sign={self.sign!r})"
+
+
+def _box_sum(image: torch.Tensor, radius: int) -> torch.Tensor:
+    """Sum over the ``(2r+1)^2`` window around every pixel, zeros outside; its own adjoint."""
+    size = 2 * radius + 1
+    return F.avg_pool2d(image, size, stride=1, padding=radius, count_include_pad=True) * (size * size)
+
+
+class LocalNCC(Metric):
+    """Local (windowed) normalised cross-correlation, averaged over the weighted pixels.
+
+    Per window ``W_i`` of ``(2 r + 1)^2`` pixels around pixel ``i`` (only
+    weighted pixels enter its sums), ``lncc_i = cov_i / sqrt(var_x,i var_y,i + eps)``;
+    the cost is ``1 - sum_i w_i lncc_i / sum w`` (``sign="positive"``) or with
+    ``lncc_i^2`` (``"any"``), per channel and averaged over channels.  Robust
+    to intensity changes that vary slowly across the image.  The derivative
+    flows back through the window sums, whose adjoint is the same box sum.
+    """
+
+    def __init__(self, radius: int = 4, sign: str = "positive", eps: float = 1e-4):
+        if int(radius) < 1:
+            raise ValueError(f"LocalNCC(): 'radius' must be at least 1; got {radius}")
+        self.radius = int(radius)
+        self.sign = _check_sign(sign, "LocalNCC()")
+        self.any_contrast = self.sign == "any"
+        self.eps = float(eps)
+
+    def _terms(self, x, y, w):
+        box = lambda image: _box_sum(image, self.radius)  # noqa: E731
+        sum_w = box(w).clamp_min(_TINY)
+        sum_x, sum_y = box(w * x), box(w * y)
+        sum_xy, sum_xx, sum_yy = box(w * x * y), box(w * x * x), box(w * y * y)
+        covariance = sum_xy - sum_x * sum_y / sum_w
+        x_var = sum_xx - sum_x * sum_x / sum_w
+        y_var = sum_yy - sum_y * sum_y / sum_w
+        denominator = torch.sqrt(x_var * y_var + self.eps)
+        return sum_w, sum_x, sum_y, covariance, y_var, denominator
+
+    def __call__(self, x, y, weight=None, gradient=False):
+        w = _weight(weight, x)
+        sum_w, sum_x, sum_y, covariance, y_var, denominator = self._terms(x, y, w)
+        lncc = covariance / denominator
+        count = (w.sum((1, 2, 3)) * x.shape[1]).clamp_min(_TINY)
+        score = lncc if self.sign == "positive" else lncc * lncc
+        cost = 1.0 - (w * score).sum((1, 2, 3)) / count
+        if not gradient:
+            return cost
+        # c_i = d cost / d lncc_i, then through cov_i, var_x,i (and the window sums) to x_j
+        c = -w / count[:, None, None, None]
+        if self.sign == "any":
+            c = c * 2.0 * lncc
+        # lncc = cov / sqrt(var_x var_y + eps): d lncc / d cov = 1 / D, d lncc / d var_x = -lncc var_y / (2 D^2)
+        d_cov = c / denominator
+        d_var = -c * lncc * y_var / (2.0 * denominator * denominator)
+        # cov = S_xy - S_x S_y / S_w ; var_x = S_xx - S_x^2 / S_w
+        d_sum_xy = d_cov
+        d_sum_xx = d_var
+        d_sum_x = -d_cov * sum_y / sum_w - 2.0 * d_var * sum_x / sum_w
+        box = lambda image: _box_sum(image, self.radius)  # noqa: E731
+        derivative = w * (box(d_sum_xy) * y + 2.0 * box(d_sum_xx) * x + box(d_sum_x))
+        return cost, derivative
+
+    def __repr__(self) -> str:
+        return f"LocalNCC(radius={self.radius}, sign={self.sign!r})"
+
+
+def _cubic_bspline(u: torch.Tensor) -> torch.Tensor:
+    """Cubic B-spline ``beta3(u)``, support ``|u| < 2``."""
+    a = u.abs()
+    inner = (4.0 - 6.0 * a * a + 3.0 * a * a * a) / 6.0
+    outer = (2.0 - a) ** 3 / 6.0
+    return torch.where(a < 1.0, inner, torch.where(a < 2.0, outer, torch.zeros_like(a)))
+
+
+def _cubic_bspline_derivative(u: torch.Tensor) -> torch.Tensor:
+    """``beta3'(u)``."""
+    a = u.abs()
+    inner = (-12.0 * a + 9.0 * a * a) / 6.0
+    outer = -0.5 * (2.0 - a) ** 2
+    return torch.sign(u) * torch.where(a < 1.0, inner, torch.where(a < 2.0, outer, torch.zeros_like(a)))
+
+
+class _JointHistogramMetric(Metric):
+    """Parzen-window joint histogram of fixed (box kernel) and moving (cubic B-spline) intensities.
+
+    Per pair and channel, intensities are mapped to bin coordinates with the
+    *images'* ranges (so the mapping does not change with the transform):
+    fixed ``s = (y - y_min) / (y_max - y_min) * bins`` to bin ``floor(s)``,
+    moving ``t = 1 + (x - x_min) / (x_max - x_min) * (bins - 3)`` spread
+    over bins ``floor(t) - 1 .. floor(t) + 2`` with weights ``beta3(t - l)``.
+    ``p(a, b) = sum_i w_i [a_i = a] beta3(t_i - b) / sum w``.  Histograms are
+    formed as one-hot matrix products (deterministic on every device).
+
+    The ranges come from :meth:`set_ranges` (``register`` sets them from the
+    whole images) or, if not set, from the inputs of each call.
+    """
+
+    any_contrast = True
+
+    def __init__(self, bins: int = 32):
+        if int(bins) < 8:
+            raise ValueError(f"{type(self).__name__}(): 'bins' must be at least 8; got {bins}")
+        self.bins = int(bins)
+        self.ranges: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def set_ranges(self, moving: Optional[torch.Tensor], fixed: Optional[torch.Tensor]) -> None:
+        """Fix the intensity ranges from whole images ``(B, C, H, W)`` (``None``: per call)."""
+        if moving is None or fixed is None:
+            self.ranges = None
+            return
+        self.ranges = (
+            torch.stack([moving.amin((2, 3)), moving.amax((2, 3))], -1).detach(),
+            torch.stack([fixed.amin((2, 3)), fixed.amax((2, 3))], -1).detach(),
+        )
+
+    def _histogram(self, x, y, w):
+        batch, channels = x.shape[:2]
+        bins = self.bins
+        if self.ranges is not None:
+            x_range, y_range = self.ranges
+        else:
+            x_range = torch.stack([x.detach().amin((2, 3)), x.detach().amax((2, 3))], -1)
+            y_range = torch.stack([y.detach().amin((2, 3)), y.detach().amax((2, 3))], -1)
+        x_span = (x_range[..., 1] - x_range[..., 0]).clamp_min(_TINY)[..., None, None]
+        y_span = (y_range[..., 1] - y_range[..., 0]).clamp_min(_TINY)[..., None, None]
+        t_scale = (bins - 3) / x_span  # dt / dx
+        t_raw = 1.0 + (x - x_range[..., 0, None, None]) * t_scale
+        t = t_raw.clamp(1.0, bins - 2.0 - 1e-6)  # bicubic overshoot stays inside the histogram
+        s = ((y - y_range[..., 0, None, None]) / y_span * bins).clamp(0.0, bins - 1e-6)
+        n = x.shape[-2] * x.shape[-1]
+        pairs = batch * channels
+        t_flat = t.reshape(pairs, n)
+        fixed_bin = s.detach().floor().long().reshape(pairs, n)
+        weights = w.expand(batch, channels, *w.shape[-2:]).reshape(pairs, n)
+        base = t_flat.detach().floor().long() - 1  # (P, N): first of the 4 moving bins
+        offsets = torch.arange(4, device=x.device)
+        moving_bins = base[..., None] + offsets  # (P, N, 4)
+        u = t_flat[..., None] - moving_bins.to(t_flat.dtype)
+        parzen = _cubic_bspline(u) * weights[..., None]  # (P, N, 4)
+        total = weights.sum(1).clamp_min(_TINY)  # (P,)
+        moving_matrix = torch.zeros(pairs, n, bins, dtype=x.dtype, device=x.device)
+        moving_matrix = moving_matrix.scatter(2, moving_bins, parzen)  # distinct columns per row
+        fixed_onehot = F.one_hot(fixed_bin, bins).to(x.dtype)  # (P, N, bins)
+        joint = fixed_onehot.transpose(1, 2) @ moving_matrix / total[:, None, None]  # (P, bins, bins)
+        return joint, dict(u=u, weights=weights, fixed_bin=fixed_bin, moving_bins=moving_bins, total=total,
+                           t_scale=t_scale, shape=x.shape, t_raw=t_raw.detach())
+
+    @staticmethod
+    def _entropies(joint):
+        fixed_marginal = joint.sum(2)
+        moving_marginal = joint.sum(1)
+        # p log p with log clamped: 0 at p = 0, and a finite autograd derivative there
+        entropy = lambda p: -(p * _safe_log(p)).flatten(1).sum(1)  # noqa: E731
+        return fixed_marginal, moving_marginal, entropy(fixed_marginal), entropy(moving_marginal), entropy(joint)
+
+    def _derivative(self, d_joint, parts):
+        """``d cost / d x_i = sum_l D[a_i, l] beta3'(t_i - l) w_i / N * dt/dx`` from ``D = d cost / d p``."""
+        pairs, n = parts["fixed_bin"].shape
+        rows = torch.gather(d_joint, 1, parts["fixed_bin"][..., None].expand(pairs, n, self.bins))  # D[a_i, :]
+        taps = torch.gather(rows, 2, parts["moving_bins"])  # (P, N, 4)
+        slope = _cubic_bspline_derivative(parts["u"]) * parts["weights"][..., None]
+        d_t = (taps * slope).sum(-1) / parts["total"][:, None]
+        batch, channels, height, width = parts["shape"]
+        t = parts["t_raw"]
+        inside = ((t >= 1.0) & (t <= self.bins - 2.0 - 1e-6)).to(t.dtype)  # the clamp's derivative (bounds included, as autograd)
+        return d_t.reshape(batch, channels, height, width) * parts["t_scale"] * inside
+
+
+def _safe_log(p: torch.Tensor) -> torch.Tensor:
+    return torch.log(p.clamp_min(_TINY))
+
+
+class MutualInformation(_JointHistogramMetric):
+    """Mattes mutual information, cost ``-MI``, ``MI = sum p log(p / (p_F p_M))``.
+
+    ``d MI / d p(a, b) = log(p / (p_F p_M)) - 1``; the constant drops out
+    because the B-spline weights of every pixel sum to one.  Averaged over
+    channels.
+    """
+
+    def __call__(self, x, y, weight=None, gradient=False):
+        joint, parts = self._histogram(x, y, _weight(weight, x))
+        fixed_marginal, moving_marginal, h_fixed, h_moving, h_joint = self._entropies(joint)
+        information = h_fixed + h_moving - h_joint
+        cost = -information.reshape(x.shape[0], x.shape[1]).mean(1)
+        if not gradient:
+            return cost
+        ratio = _safe_log(joint) - _safe_log(fixed_marginal)[:, :, None] - _safe_log(moving_marginal)[:, None, :]
+        d_joint = torch.where(joint > 0, -ratio, torch.zeros_like(ratio)) / x.shape[1]
+        return cost, self._derivative(d_joint, parts)
+
+    def __repr__(self) -> str:
+        return f"MutualInformation(bins={self.bins})"
+
+
+class NormalizedMutualInformation(_JointHistogramMetric):
+    """Studholme's normalised mutual information, cost ``-NMI``, ``NMI = (H(F) + H(M)) / H(F, M)``.
+
+    ``d NMI / d p(a, b) = (NMI log p - log p_F - log p_M) / H(F, M)`` up to a
+    constant that drops out.  Averaged over channels.
+    """
+
+    def __call__(self, x, y, weight=None, gradient=False):
+        joint, parts = self._histogram(x, y, _weight(weight, x))
+        fixed_marginal, moving_marginal, h_fixed, h_moving, h_joint = self._entropies(joint)
+        h_joint = h_joint.clamp_min(_TINY)
+        nmi = (h_fixed + h_moving) / h_joint
+        cost = -nmi.reshape(x.shape[0], x.shape[1]).mean(1)
+        if not gradient:
+            return cost
+        numerator = (
+            nmi[:, None, None] * _safe_log(joint)
+            - _safe_log(fixed_marginal)[:, :, None]
+            - _safe_log(moving_marginal)[:, None, :]
+        )
+        d_joint = torch.where(joint > 0, -numerator / h_joint[:, None, None], torch.zeros_like(numerator))
+        return cost, self._derivative(d_joint / x.shape[1], parts)
+
+    def __repr__(self) -> str:
+        return f"NormalizedMutualInformation(bins={self.bins})"
+
+
+METRICS: dict[str, type[Metric]] = {
+    "ncc": NCC,
+    "lncc": LocalNCC,
+    "mi": MutualInformation,
+    "nmi": NormalizedMutualInformation,
+}
+
+
+def get_metric(metric: Union[str, Metric, PerPixelLoss]) -> Metric:
+    """A metric from a name (``"ncc"``, ``"ncc_any"``, ``"lncc"``, ``"mi"``, ``"nmi"``, or a per-pixel
+    loss name such as ``"l2"``), a :class:`Metric`, or a :class:`~tireg.losses.PerPixelLoss`."""
+    if isinstance(metric, Metric):
+        return metric
+    if isinstance(metric, PerPixelLoss):
+        return PerPixelMetric(metric)
+    if isinstance(metric, str):
+        name = metric.lower()
+        if name in METRICS:
+            return METRICS[name]()
+        if name in ("ncc_any", "lncc_any"):
+            return METRICS[name[:-4]](sign="any")
+        if name in LOSSES:
+            return PerPixelMetric(name)
+    names = list(METRICS) + ["ncc_any", "lncc_any"] + list(LOSSES)
+    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(map(repr, names))}")
