@@ -290,7 +290,7 @@ class _JointHistogramMetric(Metric):
         n = x.shape[-2] * x.shape[-1]
         pairs = batch * channels
         t_flat = t.reshape(pairs, n)
-        fixed_bin = s.detach().floor().long().reshape(pairs, n)
+        fixed_bin, fixed_onehot = self._fixed_bins(y, y_range, s, pairs, n)
         weights = w.expand(batch, channels, *w.shape[-2:]).reshape(pairs, n)
         base = t_flat.detach().floor().long() - 1  # (P, N): first of the 4 moving bins
         offsets = torch.arange(4, device=x.device)
@@ -300,10 +300,22 @@ class _JointHistogramMetric(Metric):
         total = weights.sum(1).clamp_min(_TINY)  # (P,)
         moving_matrix = torch.zeros(pairs, n, bins, dtype=x.dtype, device=x.device)
         moving_matrix = moving_matrix.scatter(2, moving_bins, parzen)  # distinct columns per row
-        fixed_onehot = F.one_hot(fixed_bin, bins).to(x.dtype)  # (P, N, bins)
         joint = fixed_onehot.transpose(1, 2) @ moving_matrix / total[:, None, None]  # (P, bins, bins)
         return joint, dict(u=u, weights=weights, fixed_bin=fixed_bin, moving_bins=moving_bins, total=total,
                            t_scale=t_scale, shape=x.shape, t_raw=t_raw.detach())
+
+    def _fixed_bins(self, y, y_range, s, pairs: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed bins and their one-hot matrix ``(P, N, bins)``: the same on every call of a level, so kept.
+
+        Recomputed when the fixed image (object, in-place version, contents' sum) or its range changes.
+        """
+        key = (id(y), getattr(y, "_version", None), y.data_ptr(), tuple(y.shape), float(y.detach().sum()),
+               tuple(y_range.flatten().tolist()))
+        if getattr(self, "_fixed_key", None) != key:
+            fixed_bin = s.detach().floor().long().reshape(pairs, n)
+            self._fixed_key = key
+            self._fixed = (fixed_bin, F.one_hot(fixed_bin, self.bins).to(s.dtype))
+        return self._fixed
 
     @staticmethod
     def _entropies(joint):
@@ -316,8 +328,8 @@ class _JointHistogramMetric(Metric):
     def _derivative(self, d_joint, parts):
         """``d cost / d x_i = sum_l D[a_i, l] beta3'(t_i - l) w_i / N * dt/dx`` from ``D = d cost / d p``."""
         pairs, n = parts["fixed_bin"].shape
-        rows = torch.gather(d_joint, 1, parts["fixed_bin"][..., None].expand(pairs, n, self.bins))  # D[a_i, :]
-        taps = torch.gather(rows, 2, parts["moving_bins"])  # (P, N, 4)
+        flat_index = parts["fixed_bin"][..., None] * self.bins + parts["moving_bins"]  # (P, N, 4): (a_i, b_i + l)
+        taps = torch.gather(d_joint.reshape(pairs, -1), 1, flat_index.reshape(pairs, -1)).reshape(pairs, n, 4)
         slope = _cubic_bspline_derivative(parts["u"]) * parts["weights"][..., None]
         d_t = (taps * slope).sum(-1) / parts["total"][:, None]
         batch, channels, height, width = parts["shape"]

@@ -651,7 +651,8 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
         moved = _displacement(problem, before, after, corners)
         iterations += active.cpu().long()
         quiet = torch.where((moved < tolerance * level.factor).cpu(), quiet + 1, torch.zeros_like(quiet))
-        converged = active & (quiet >= 3).to(active.device)
+        # one L-BFGS step holds several inner iterations; stochastic-looking Adam/SGD steps need a run
+        converged = active & (quiet >= (1 if name == "lbfgs" else 3)).to(active.device)
         for index in torch.nonzero(converged).flatten().tolist():
             reasons[index] = "converged"
         active = active & ~converged
