@@ -85,8 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"tireg {tireg.__version__}, torch {torch.__version__}, {name}; one Adam step, L2 loss, float32")
-    print(f"| size | B | transform | analytic [ms] | autograd [ms] | analytic / autograd |")
-    print(f"|---|---|---|---|---|---|")
+    print("| size | B | transform | analytic [ms] | autograd [ms] | analytic / autograd |")
+    print("|---|---|---|---|---|---|")
     for size in args.sizes:
         for batch in args.batches:
             for transform in args.transforms:
