@@ -1,0 +1,598 @@
+"""Image files for the ``tireg`` command: read, convert, write back the same way.
+
+Formats, chosen by the file's suffix (case-insensitive):
+
+======================  =====================  ==========================================
+suffix                  read with              kept on writing
+======================  =====================  ==========================================
+``.png``                imageio (Pillow)       8 or 16 bit grey; 8 bit grey+alpha, RGB, RGBA
+``.jpg``, ``.jpeg``     imageio (Pillow)       8 bit grey or RGB (lossy)
+``.tif``, ``.tiff``     tifffile               any integer or float dtype, any channel count,
+                                               several pages (frames)
+``.npy``                NumPy                  any real dtype and shape
+======================  =====================  ==========================================
+
+Convention:
+    On disk an image is ``(H, W)`` or ``(H, W, C)`` (channels last), a stack
+    ``(N, H, W)`` or ``(N, H, W, C)``.  In memory every image read here is
+    ``frames``: ``(N, H, W, C)`` in the file's dtype, ``N = 1`` for a single
+    image, ``C = 1`` for grey.  tireg's tensors are ``(C, H, W)``:
+    :func:`to_chw` and :func:`from_chw` convert.
+
+What is needed to write a result back as the input was stored -- format,
+dtype, whether grey had a channel axis, TIFF photometric -- travels in an
+:class:`ImageFormat`.  Every write goes to a temporary file in the
+destination's folder and is moved into place with ``os.replace``, so a
+failed write leaves no file behind and never a half-written one
+(:func:`atomic_path`, :class:`OutputFiles`).
+
+The optional packages (``imageio``, ``tifffile``) are imported when a file
+needs them; a missing one raises :class:`MissingDependencyError` naming
+``pip install "torch-image-registration[cli]"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = [
+    "SUFFIXES",
+    "ImageFormat",
+    "ImageData",
+    "ImageError",
+    "MissingDependencyError",
+    "read_image",
+    "read_stack",
+    "write_image",
+    "write_frames",
+    "format_for_path",
+    "luminance",
+    "to_chw",
+    "from_chw",
+    "convert_dtype",
+    "atomic_path",
+    "OutputFiles",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Supported suffixes and the format each one means.
+SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff", ".npy": "npy"}
+_SUPPORTED = ".png, .jpg/.jpeg, .tif/.tiff, .npy"
+# ITU-R BT.601 luma weights, as Pillow's "L" conversion and OpenCV use.
+_LUMA = np.array([0.299, 0.587, 0.114])
+INSTALL_HINT = 'pip install "torch-image-registration[cli]"'
+
+
+class ImageError(ValueError):
+    """An image file that cannot be read, or an array that cannot be written in the asked format."""
+
+
+class MissingDependencyError(ImportError):
+    """An optional package (imageio, tifffile, matplotlib, tqdm) is not installed."""
+
+
+def require(module: str, purpose: str):
+    """Import ``module`` or raise :class:`MissingDependencyError` with the install command."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise MissingDependencyError(
+            f"{purpose} needs the package {package!r}, which is not installed; run: {INSTALL_HINT}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """How an image is stored, so that a result can be written back the same way.
+
+    Attributes:
+        kind: ``"png"``, ``"jpeg"``, ``"tiff"`` or ``"npy"``.
+        dtype: the pixel type, e.g. ``uint8``, ``uint16``, ``float32``.
+        channel_axis: whether the file has a channel axis (``(H, W, C)``);
+            ``False`` for grey ``(H, W)``.
+        photometric: TIFF only: ``"rgb"`` or ``"minisblack"``.
+    """
+
+    kind: str
+    dtype: np.dtype
+    channel_axis: bool = False
+    photometric: Optional[str] = None
+
+
+@dataclass
+class ImageData:
+    """Frames read from a file (or a folder), in the file's dtype.
+
+    Attributes:
+        frames: ``(N, H, W, C)``.
+        format: how the (first) file was stored.
+        path: where it was read from.
+        names: a name per frame (file names for a folder, ``page 0`` ... otherwise).
+        formats: per frame, for a folder of images (else every entry is ``format``).
+    """
+
+    frames: np.ndarray
+    format: ImageFormat
+    path: Path
+    names: list[str] = field(default_factory=list)
+    formats: list[ImageFormat] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return self.frames.shape[0]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(H, W)``."""
+        return self.frames.shape[1], self.frames.shape[2]
+
+    @property
+    def channels(self) -> int:
+        return self.frames.shape[3]
+
+    def describe(self) -> str:
+        """``'128 x 160, 3 channels, uint8'`` (W x H as image viewers show it)."""
+        channels = "grey" if self.channels == 1 else f"{self.channels} channels"
+        return f"{self.size[1]} x {self.size[0]}, {channels}, {self.frames.dtype}"
+
+
+# ----------------------------------------------------------------------------
+# conversions
+
+
+def to_chw(frame: np.ndarray) -> np.ndarray:
+    """``(H, W, C)`` -> ``(C, H, W)`` (a view)."""
+    return np.moveaxis(frame, -1, 0)
+
+
+def from_chw(image: np.ndarray) -> np.ndarray:
+    """``(C, H, W)`` -> ``(H, W, C)`` (a view)."""
+    return np.moveaxis(image, 0, -1)
+
+
+def luminance(frames: np.ndarray) -> np.ndarray:
+    """Grey values ``(..., H, W)`` float64 of ``(..., H, W, C)`` frames.
+
+    ``C = 1``: the channel; ``C = 2`` (grey + alpha): the first channel;
+    ``C = 3`` or ``4`` (RGB, RGBA): BT.601 luma ``0.299 R + 0.587 G + 0.114 B``
+    (alpha ignored); other ``C``: the mean of the channels.
+    """
+    frames = np.asarray(frames)
+    channels = frames.shape[-1]
+    if channels in (1, 2):
+        return frames[..., 0].astype(np.float64)
+    if channels in (3, 4):
+        return frames[..., :3].astype(np.float64) @ _LUMA
+    return frames.astype(np.float64).mean(axis=-1)
+
+
+def convert_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Float ``values`` as ``dtype``: integers rounded and clipped to the type's range; bool by ``> 0.5``."""
+    dtype = np.dtype(dtype)
+    values = np.asarray(values)
+    if dtype == np.bool_:
+        return values > 0.5
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return values.astype(dtype)
+
+
+# ----------------------------------------------------------------------------
+# reading
+
+
+def format_for_path(path: PathLike, *, what: str = "image") -> str:
+    """The format kind of ``path``'s suffix; :class:`ImageError` for an unsupported one."""
+    path = Path(path)
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        suffix = path.suffix or "(no suffix)"
+        raise ImageError(f"unsupported {what} format {suffix!r} for {str(path)!r}; use {_SUPPORTED}")
+    return kind
+
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {str(path)!r} ({what})")
+    if path.is_dir():
+        raise ImageError(f"{str(path)!r} is a folder, not an image file ({what})")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{str(path)!r} is an empty file (0 bytes) ({what})")
+
+
+def read_image(path: PathLike, *, what: str = "image", frames: bool = False) -> ImageData:
+    """Read one image file as ``(N, H, W, C)`` frames in its own dtype.
+
+    Args:
+        path: a ``.png``, ``.jpg``/``.jpeg``, ``.tif``/``.tiff`` or ``.npy`` file.
+        what: how error messages name the file, e.g. ``"fixed image"``.
+        frames: how a 3-D ``.npy`` array is read: ``False``: ``(H, W, C)``
+            with ``C <= 4``; ``True``: ``(N, H, W)`` (a stack).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ImageError: unsupported suffix, unreadable or corrupt file, an array
+            that is not an image, no pixels, non-numeric pixels.
+        MissingDependencyError: imageio / tifffile not installed.
+    """
+    path = Path(os.fspath(path))
+    kind = format_for_path(path, what=what)
+    _check_file(path, what)
+    reader = {"png": _read_pillow, "jpeg": _read_pillow, "tiff": _read_tiff, "npy": _read_npy}[kind]
+    data, image_format = reader(path, kind, what, frames)
+    if data.dtype.kind not in "biuf":
+        raise ImageError(f"{what} {str(path)!r} has pixels of type {data.dtype}; expected integers or floats")
+    if data.size == 0 or min(data.shape[1:3]) < 1:
+        raise ImageError(f"{what} {str(path)!r} is empty (shape {_disk_shape(data, image_format)})")
+    names = [path.name] if data.shape[0] == 1 else [f"{path.name} page {i}" for i in range(data.shape[0])]
+    return ImageData(data, image_format, path, names, [image_format] * data.shape[0])
+
+
+def _disk_shape(data: np.ndarray, image_format: ImageFormat) -> tuple[int, ...]:
+    shape = data.shape if image_format.channel_axis else data.shape[:3]
+    return shape[1:] if shape[0] == 1 else shape
+
+
+def _png_header(path: Path) -> tuple[int, int]:
+    """PNG ``(bit depth, colour type)`` from the IHDR chunk, or ``(0, 0)`` if not a PNG."""
+    with open(path, "rb") as handle:
+        head = handle.read(26)
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n":
+        return 0, 0
+    return head[24], head[25]
+
+
+def _read_pillow(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarray, ImageFormat]:
+    iio = require("imageio.v3", f"reading {kind.upper()} files")
+    if kind == "png":
+        depth, colour = _png_header(path)
+        if depth == 16 and colour in (2, 4, 6):
+            raise ImageError(
+                f"{what} {str(path)!r} is a 16-bit colour PNG, which Pillow reads as 8 bits; "
+                "save it as a 16-bit TIFF (or as grey) instead"
+            )
+    try:
+        array = np.asarray(iio.imread(path, extension=path.suffix.lower(), index=0))
+    except Exception as error:  # the readers raise anything from OSError to SyntaxError on a bad file
+        raise ImageError(f"cannot read {what} {str(path)!r} as {kind.upper()}: {_reason(error)}") from None
+    if array.ndim == 2:
+        return array[None, :, :, None], ImageFormat(kind, array.dtype, False)
+    if array.ndim == 3:
+        return array[None], ImageFormat(kind, array.dtype, True)
+    raise ImageError(f"{what} {str(path)!r} has shape {array.shape}; expected (H, W) or (H, W, C)")
+
+
+def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarray, ImageFormat]:
+    tifffile = require("tifffile", "reading TIFF files")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series
+            if not series:
+                raise ImageError(f"{what} {str(path)!r} holds no image")
+            axes = series[0].axes
+            if len(series) > 1 and all(s.shape == series[0].shape and s.axes == axes for s in series):
+                data = np.stack([s.asarray() for s in series])  # pages written one by one
+                axes = "Q" + axes
+            else:
+                data = series[0].asarray()
+            photometric = getattr(tif.pages[0], "photometric", None)
+    except ImageError:
+        raise
+    except Exception as error:
+        raise ImageError(f"cannot read {what} {str(path)!r} as TIFF: {_reason(error)}") from None
+    data = np.asarray(data)
+    photometric = "rgb" if getattr(photometric, "name", str(photometric)).upper().endswith("RGB") else "minisblack"
+    if "Y" not in axes or "X" not in axes or len(axes) != data.ndim:
+        raise ImageError(f"{what} {str(path)!r} has axes {axes!r}; expected rows (Y) and columns (X)")
+    channel_axes = [i for i, a in enumerate(axes) if a in "SC"]
+    if len(channel_axes) > 1:
+        # e.g. ImageJ hyperstack with RGB samples per channel: fold them into one channel axis
+        data = np.moveaxis(data, channel_axes, list(range(data.ndim - len(channel_axes), data.ndim)))
+        data = data.reshape(*data.shape[: data.ndim - len(channel_axes)], -1)
+        axes = "".join(a for a in axes if a not in "SC") + "S"
+        channel_axes = [len(axes) - 1]
+    rest = [i for i, a in enumerate(axes) if a not in "YXSC"]
+    order = rest + [axes.index("Y"), axes.index("X")] + channel_axes
+    data = np.transpose(data, order)
+    count = int(np.prod([data.shape[i] for i in range(len(rest))], dtype=np.int64)) if rest else 1
+    height, width = data.shape[len(rest)], data.shape[len(rest) + 1]
+    channels = data.shape[-1] if channel_axes else 1
+    data = data.reshape(count, height, width, channels)
+    return data, ImageFormat(kind, data.dtype, bool(channel_axes), photometric if channel_axes else "minisblack")
+
+
+def _read_npy(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarray, ImageFormat]:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as error:
+        raise ImageError(f"cannot read {what} {str(path)!r} as a NumPy .npy file: {_reason(error)}") from None
+    if not isinstance(array, np.ndarray):
+        raise ImageError(f"{what} {str(path)!r} holds no array")
+    if array.ndim == 2:
+        return array[None, :, :, None], ImageFormat(kind, array.dtype, False)
+    if array.ndim == 3 and frames:
+        return array[..., None], ImageFormat(kind, array.dtype, False)
+    if array.ndim == 3 and array.shape[-1] <= 4:
+        return array[None], ImageFormat(kind, array.dtype, True)
+    if array.ndim == 4 and frames:
+        return array, ImageFormat(kind, array.dtype, True)
+    expected = "(N, H, W) or (N, H, W, C)" if frames else "(H, W) or (H, W, C) with C <= 4"
+    hint = "" if frames else " (for a stack of frames use 'tireg stack')"
+    raise ImageError(f"{what} {str(path)!r} has shape {array.shape}; expected {expected}{hint}")
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of an exception's message, or its type name."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _natural_key(name: str) -> list:
+    """``frame2`` before ``frame10``."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def read_stack(path: PathLike, *, what: str = "stack") -> ImageData:
+    """Frames of a multi-page TIFF, a ``(N, H, W[, C])`` ``.npy`` array, or a folder of images.
+
+    A folder's files with a supported suffix are read in natural order
+    (``2.png`` before ``10.png``; hidden files skipped); they must share size
+    and channel count.
+    """
+    path = Path(os.fspath(path))
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {str(path)!r} ({what})")
+    if not path.is_dir():
+        return read_image(path, what=what, frames=True)
+    files = sorted(
+        (p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SUFFIXES),
+        key=lambda p: _natural_key(p.name),
+    )
+    if not files:
+        raise ImageError(f"folder {str(path)!r} holds no images ({_SUPPORTED})")
+    frames, names, formats = [], [], []
+    first: Optional[ImageData] = None
+    for file in files:
+        image = read_image(file, what=f"frame {file.name!r} of {what}")
+        if image.count != 1:
+            raise ImageError(f"{str(file)!r} has {image.count} pages; a folder of images must hold single images")
+        if first is None:
+            first = image
+        elif image.frames.shape[1:] != first.frames.shape[1:]:
+            raise ImageError(
+                f"frames differ in size: {file.name!r} is {image.describe()} but {first.path.name!r} is "
+                f"{first.describe()}"
+            )
+        frames.append(image.frames[0])
+        names.append(file.name)
+        formats.append(image.format)
+    dtype = np.result_type(*[f.dtype for f in formats])
+    stacked = np.stack([frame.astype(dtype, copy=False) for frame in frames])
+    return ImageData(stacked, replace(formats[0], dtype=dtype), path, names, formats)
+
+
+# ----------------------------------------------------------------------------
+# writing
+
+
+def _check_writable(kind: str, frames: np.ndarray, image_format: ImageFormat, path: Path) -> None:
+    """:class:`ImageError` if ``kind`` cannot hold these frames exactly as asked."""
+    dtype, count, channels = np.dtype(image_format.dtype), frames.shape[0], frames.shape[-1]
+    if kind in ("png", "jpeg") and count != 1:
+        raise ImageError(
+            f"{kind.upper()} holds one image, not {count} frames ({str(path)!r}); write .tif, .npy or a folder"
+        )
+    if kind == "png":
+        if not (dtype == np.uint8 or (dtype == np.uint16 and channels == 1) or dtype == np.bool_):
+            raise ImageError(
+                f"PNG cannot hold {channels}-channel {dtype} pixels ({str(path)!r}): it holds 8-bit images "
+                "and 16-bit grey; write .tif or .npy to keep the bit depth"
+            )
+        if channels not in (1, 2, 3, 4):
+            raise ImageError(f"PNG cannot hold {channels} channels ({str(path)!r}); write .tif or .npy")
+    if kind == "jpeg":
+        if dtype != np.uint8:
+            raise ImageError(f"JPEG holds 8-bit images, not {dtype} ({str(path)!r}); write .png, .tif or .npy")
+        if channels not in (1, 3):
+            raise ImageError(f"JPEG holds grey or RGB, not {channels} channels ({str(path)!r}); write .png or .tif")
+
+
+def check_writable(path: PathLike, frames_shape: Sequence[int], image_format: ImageFormat) -> str:
+    """The format kind for ``path``; :class:`ImageError` now (before any work) if it cannot hold the result."""
+    path = Path(os.fspath(path))
+    kind = format_for_path(path, what="output")
+    _check_writable(kind, np.empty((frames_shape[0], 0, 0, frames_shape[-1])), image_format, path)
+    return kind
+
+
+def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) -> Path:
+    """Write ``(N, H, W, C)`` frames to ``path`` as ``image_format`` says; the suffix picks the file format.
+
+    Float frames are converted to ``image_format.dtype`` (:func:`convert_dtype`).
+    Grey is written without a channel axis unless ``image_format.channel_axis``;
+    ``N = 1`` without a frame axis.  Written atomically (:func:`atomic_path`).
+    """
+    path = Path(os.fspath(path))
+    kind = format_for_path(path, what="output")
+    frames = np.asarray(frames)
+    if frames.ndim != 4:
+        raise ValueError(f"write_frames(): 'frames' must be (N, H, W, C); got shape {frames.shape}")
+    _check_writable(kind, frames, image_format, path)
+    data = convert_dtype(frames, image_format.dtype) if frames.dtype != image_format.dtype else frames
+    if data.dtype == np.bool_ and kind != "npy":
+        data = data.astype(np.uint8) * 255
+    if not image_format.channel_axis and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.shape[0] == 1:
+        data = data[0]
+    with atomic_path(path) as temporary:
+        if kind == "npy":
+            with open(temporary, "wb") as handle:
+                np.save(handle, np.ascontiguousarray(data), allow_pickle=False)
+        elif kind == "tiff":
+            tifffile = require("tifffile", "writing TIFF files")
+            has_channels = frames.shape[-1] > 1 or image_format.channel_axis
+            rgb = (
+                has_channels
+                and frames.shape[-1] in (3, 4)
+                and image_format.photometric in (None, "rgb")  # None: from PNG/JPEG/npy, colour is RGB
+                and data.dtype in (np.uint8, np.uint16)
+            )
+            options = dict(photometric="rgb" if rgb else "minisblack")
+            if has_channels:
+                options["planarconfig"] = "contig"
+            tifffile.imwrite(temporary, np.ascontiguousarray(data), **options)
+        else:
+            iio = require("imageio.v3", f"writing {kind.upper()} files")
+            extra = {"quality": 95} if kind == "jpeg" else {}
+            iio.imwrite(temporary, np.ascontiguousarray(data), extension=path.suffix.lower(), **extra)
+    return path
+
+
+def write_image(path: PathLike, image: np.ndarray, image_format: ImageFormat) -> Path:
+    """Write one ``(H, W, C)`` image (see :func:`write_frames`)."""
+    return write_frames(path, np.asarray(image)[None], image_format)
+
+
+# ----------------------------------------------------------------------------
+# atomic outputs
+
+
+def _temporary_name(path: Path) -> Path:
+    """A hidden name beside ``path`` that keeps its suffix (writers choose the format by it)."""
+    return path.parent / f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}"
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path``; on success it replaces ``path``, on error it is removed.
+
+    ``with atomic_path("out.png") as tmp: write(tmp)``: nothing named
+    ``out.png`` exists until the write has finished, and a failed write
+    leaves neither ``out.png`` nor the temporary file.
+    """
+    path = Path(os.fspath(path))
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist (for {str(path)!r})")
+    temporary = _temporary_name(path)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        _remove(temporary)
+        raise
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+class OutputExistsError(FileExistsError):
+    """An output exists and ``--force`` was not given."""
+
+
+class OutputFiles:
+    """A set of outputs written under temporary names and moved into place together.
+
+    ``check()`` refuses existing outputs (unless ``force``) before any work;
+    ``temporary(path)`` gives the name to write to (creating missing folders);
+    ``commit()`` moves every output into place; ``discard()`` (also on an
+    exception inside ``with``) removes the temporary files and the folders it
+    created.  A command that fails therefore leaves no output behind.
+    """
+
+    def __init__(self, *, force: bool = False) -> None:
+        self.force = force
+        self._pending: list[tuple[Path, Path]] = []
+        self._created: list[Path] = []
+
+    def __enter__(self) -> "OutputFiles":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            self.discard()
+        elif self._pending:
+            self.commit()
+
+    def check(self, *paths: PathLike, folders: Sequence[PathLike] = ()) -> None:
+        """Raise if an output exists (without ``force``) or a parent that must be a folder is a file."""
+        for path in map(Path, paths):
+            for parent in path.parents:
+                if parent.exists() and not parent.is_dir():
+                    raise NotADirectoryError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder")
+            if path.is_dir() and path not in map(Path, folders):
+                raise IsADirectoryError(f"cannot write {str(path)!r}: it is a folder")
+            if path.exists() and not self.force:
+                raise OutputExistsError(f"{str(path)!r} already exists; pass --force to overwrite it")
+
+    def _make_folder(self, folder: Path) -> None:
+        missing = []
+        for parent in [folder, *folder.parents]:
+            if parent.exists():
+                break
+            missing.append(parent)
+        for parent in reversed(missing):
+            parent.mkdir()
+            self._created.append(parent)
+
+    def temporary(self, path: PathLike) -> Path:
+        """Where to write ``path`` now; it is moved to ``path`` by :meth:`commit`."""
+        path = Path(os.fspath(path))
+        self._make_folder(path.parent)
+        temporary = _temporary_name(path)
+        self._pending.append((temporary, path))
+        return temporary
+
+    def commit(self) -> list[Path]:
+        """Move every temporary output into place; returns the final paths."""
+        done = []
+        for temporary, path in self._pending:
+            if not temporary.exists():
+                continue
+            if path.exists() and not self.force:
+                raise OutputExistsError(f"{str(path)!r} already exists; pass --force to overwrite it")
+            if temporary.is_dir() and path.is_dir():
+                # a folder replaces a folder: move the old one aside first, then remove it
+                old = _temporary_name(path)
+                os.replace(path, old)
+                os.replace(temporary, path)
+                _remove(old)
+            else:
+                os.replace(temporary, path)
+            done.append(path)
+        self._pending.clear()
+        self._created.clear()
+        return done
+
+    def discard(self) -> None:
+        """Remove every temporary output and the folders this set created."""
+        for temporary, _ in self._pending:
+            _remove(temporary)
+        self._pending.clear()
+        for folder in reversed(self._created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        self._created.clear()
