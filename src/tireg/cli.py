@@ -1,0 +1,876 @@
+"""The ``tireg`` command: ``register``, ``apply``, ``stack``, ``demo``.
+
+Run ``tireg COMMAND --help`` for each command's options and an example.
+
+Convention:
+    Every matrix printed or saved maps **fixed**-image pixels to **moving**-
+    image pixels, ``warped(x) = moving(A x)``, ``x`` = column, ``y`` = row,
+    pixel centres at integers (ITK's direction).  Images on disk are
+    ``(H, W)`` or ``(H, W, C)``; colour images are registered on their
+    luminance and every channel is warped.
+
+Errors in the input (a missing or unreadable file, an unsupported format,
+mismatched channels or sizes, an empty or constant image, NaN or Inf, an
+unknown option) print one line, ``tireg: error: ...``, to stderr and exit
+with status 2 (command line) or 1 (input), leaving no output file: every
+output is written under a temporary name and moved into place only when all
+of them are complete.  An existing output is replaced only with ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import inspect
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from .io import (
+    ImageData,
+    ImageError,
+    ImageFormat,
+    MissingDependencyError,
+    OutputFiles,
+    check_writable,
+    from_chw,
+    luminance,
+    read_image,
+    read_stack,
+    require,
+    to_chw,
+    write_frames,
+)
+
+__all__ = ["main", "build_parser"]
+
+PROG = "tireg"
+
+
+class UsageError(Exception):
+    """A wrong command line (exit status 2)."""
+
+
+class CommandError(Exception):
+    """Input the command cannot work with (exit status 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (raised, printed by :func:`main`)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's API
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the examples' line breaks; show defaults."""
+
+
+# ----------------------------------------------------------------------------
+# the command line
+
+
+def _register_defaults() -> dict[str, Any]:
+    """``register()``'s own defaults, so that the command follows the library."""
+    from .register import register
+
+    return {name: p.default for name, p in inspect.signature(register).parameters.items()}
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    """``"3"`` -> ``(4, 2, 1)``; ``"8,4,2,1"`` -> as given."""
+    try:
+        values = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of levels (e.g. 3) or shrink factors (e.g. 4,2,1); got {text!r}"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"levels must be positive integers; got {text!r}")
+    if len(values) == 1 and "," not in text:
+        return tuple(2**k for k in reversed(range(values[0])))
+    return tuple(values)
+
+
+def _device(text: str) -> str:
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r} requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; use cpu, cuda, cuda:N or auto")
+    return str(device)
+
+
+def _size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", text)
+    if not match or min(int(match[1]), int(match[2])) < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels, e.g. 480x640; got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}")
+    return value
+
+
+REGISTER_EXAMPLE = """\
+example:
+  tireg register fixed.png moving.png -o aligned --transform rigid
+
+writes into aligned/: warped.png (the moving image on the fixed grid, same
+format, bit depth and channels as moving.png), transform.json and
+transform.tfm (ITK: SimpleITK, 3D Slicer and ITK-SNAP read it),
+before_after.png (overlay and checkerboard, before and after) and
+convergence.png (cost per iteration).  The matrix maps fixed-image pixels to
+moving-image pixels (x = column, y = row), ITK's direction.
+"""
+
+APPLY_EXAMPLE = """\
+examples:
+  tireg apply aligned/transform.json moving_red.tif -o red_aligned.tif
+  tireg apply sitk_transform.tfm moving.png -o warped.png --reference fixed.png
+
+TRANSFORM is a tireg .json or an ITK .tfm/.txt (written by tireg, SimpleITK,
+ITK, 3D Slicer), read in pixel units (spacing 1, origin 0).  The output is
+IMAGE resampled onto the fixed grid, warped(x) = IMAGE(A x); its size is that
+of --reference, --size, the registration's fixed image when the .json records
+it, or else IMAGE's own.  Every page of a multi-page TIFF is resampled.
+"""
+
+STACK_EXAMPLE = """\
+examples:
+  tireg stack timelapse.tif -o aligned.tif
+  tireg stack frames/ -o aligned/ --reference previous --transform translation
+
+INPUT is a multi-page TIFF, a (N, H, W[, C]) .npy array or a folder of
+images (read in natural order: 2.png before 10.png).  OUTPUT is a .tif/.tiff,
+a .npy, or a folder (no suffix) with one file per frame.  A CSV of per-frame
+transforms goes beside it (OUTPUT with the suffix .csv, or --csv): each row's
+matrix maps the reference's pixels to the frame's pixels.  With --reference
+previous, frame k is registered to frame k-1 (A_k maps frame k-1 pixels to
+frame k pixels) and the matrices are chained so that every frame is aligned
+to the first: frame 0 -> frame k is A_k A_(k-1) ... A_1 (A_1 applied first).
+"""
+
+DEMO_EXAMPLE = """\
+example:
+  tireg demo
+  tireg register tireg-demo/fixed.png tireg-demo/moving.png -o tireg-demo/register --transform similarity
+
+registers a bundled photograph to a copy of itself turned, scaled and shifted
+by a known transform, prints the recovered and the true parameters, and
+writes fixed.png, moving.png, warped.png, before_after.png, convergence.png,
+transform.json and transform.tfm into the folder (default ./tireg-demo).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tireg`` argument parser with its four subcommands."""
+    from . import __version__
+    from .initialize import METHODS
+    from .losses import LOSSES
+    from .register import OPTIMIZERS
+    from .transforms import TRANSFORMS
+    from .data import IMAGES
+
+    defaults = _register_defaults()
+    parser = _Parser(
+        prog=PROG,
+        description="Align images from the terminal: register two images, apply a saved transform, "
+        "align a stack, or run the demo.",
+        epilog="examples:\n  tireg demo\n  tireg register fixed.png moving.png -o out\n"
+        "  tireg apply out/transform.tfm other.tif -o other_aligned.tif\n"
+        "  tireg stack movie.tif -o movie_aligned.tif\n\n"
+        "'tireg COMMAND --help' describes each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    common = _Parser(add_help=False)
+    common.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    common.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no progress bar)")
+    common.add_argument("--traceback", action="store_true", help=argparse.SUPPRESS)
+
+    def registration_options(sub: argparse.ArgumentParser, transform: str, mask_help: str) -> None:
+        group = sub.add_argument_group("registration")
+        group.add_argument("-t", "--transform", choices=list(TRANSFORMS), default=transform,
+                           help="transform to find")
+        group.add_argument("-m", "--metric", choices=list(LOSSES), default=defaults["metric"],
+                           help="per-pixel cost on intensity-normalised images (robust: cauchy, huber, ...)")
+        group.add_argument("--optimizer", choices=list(OPTIMIZERS), default=defaults["optimizer"],
+                           help="Levenberg-Marquardt (gauss-newton) or a torch.optim optimiser")
+        group.add_argument("--init", choices=list(METHODS), default=defaults["init"],
+                           help="initial transform: automatic search, or one method")
+        group.add_argument("--levels", type=_levels, default=None, metavar="N|F,F,..",
+                           help="pyramid: a number of levels (3 = shrink 4,2,1) or the shrink factors; "
+                           "default: halve down to about 32 pixels")
+        group.add_argument("--max-iterations", type=_positive_int, default=defaults["max_iterations"],
+                           metavar="N", help="iterations per level (default: 50 for gauss-newton, 300 otherwise)")
+        group.add_argument("--interpolation", choices=["bilinear", "bicubic"], default="bilinear",
+                           help="interpolation, for the registration and the warped output")
+        group.add_argument("--device", type=_device, default="cpu", metavar="DEVICE",
+                           help="cpu, cuda, cuda:N, or auto (cuda when available)")
+        group.add_argument("--mask", metavar="IMAGE", help=mask_help)
+
+    # register
+    sub = commands.add_parser(
+        "register", parents=[common], formatter_class=_Formatter, epilog=REGISTER_EXAMPLE,
+        help="find the transform that aligns MOVING to FIXED",
+        description="Find the transform A with moving(A x) ~ fixed(x) and write the warped moving image, "
+        "the transform (.json, .tfm) and pictures into OUTDIR.",
+    )
+    sub.add_argument("fixed", metavar="FIXED", help="reference image (.png, .jpg, .tif, .npy)")
+    sub.add_argument("moving", metavar="MOVING", help="image to align to FIXED")
+    sub.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the outputs (created)")
+    registration_options(sub, "affine", "where FIXED counts (nonzero pixels), same size as FIXED")
+    sub.add_argument("--moving-mask", metavar="IMAGE", help="where MOVING counts, same size as MOVING")
+    sub.set_defaults(handler=_cmd_register)
+
+    # apply
+    sub = commands.add_parser(
+        "apply", parents=[common], formatter_class=_Formatter, epilog=APPLY_EXAMPLE,
+        help="resample an image with a saved transform",
+        description="Resample IMAGE with the transform saved in TRANSFORM (a tireg .json or an ITK .tfm).",
+    )
+    sub.add_argument("transform", metavar="TRANSFORM", help="transform file: .json, .tfm or .txt")
+    sub.add_argument("image", metavar="IMAGE", help="image to resample")
+    sub.add_argument("-o", "--output", required=True, metavar="OUT",
+                     help="output image; its suffix picks the format, the bit depth is IMAGE's")
+    where = sub.add_mutually_exclusive_group()
+    where.add_argument("--reference", metavar="IMAGE", help="take the output size from this (fixed) image")
+    where.add_argument("--size", type=_size, metavar="HxW", help="output size in pixels, e.g. 480x640")
+    sub.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"], default="bilinear",
+                     help="interpolation (nearest for label images)")
+    sub.set_defaults(handler=_cmd_apply)
+
+    # stack
+    sub = commands.add_parser(
+        "stack", parents=[common], formatter_class=_Formatter, epilog=STACK_EXAMPLE,
+        help="align every frame of a stack (drift correction)",
+        description="Align every frame of a multi-page TIFF, a .npy stack or a folder of images to a "
+        "reference, in batches, and save the aligned stack and a CSV of per-frame transforms.",
+    )
+    sub.add_argument("input", metavar="INPUT", help="multi-page .tif, (N, H, W[, C]) .npy, or a folder of images")
+    sub.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+                     help="aligned stack: .tif/.tiff, .npy, or a folder")
+    sub.add_argument("-r", "--reference", choices=["first", "previous", "mean"], default="first",
+                     help="align to the first frame, to the previous one (chained), or to the mean of all")
+    sub.add_argument("--csv", metavar="PATH", help="per-frame transforms (default: OUTPUT with suffix .csv)")
+    sub.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
+                     help="frames registered together in one batched call")
+    registration_options(sub, "rigid", "where the reference counts (nonzero pixels), same size as the frames")
+    sub.set_defaults(handler=_cmd_stack)
+
+    # demo
+    sub = commands.add_parser(
+        "demo", parents=[common], formatter_class=_Formatter, epilog=DEMO_EXAMPLE,
+        help="register a bundled image to a known transform of itself",
+        description="Register bundled example images, print the recovered and the true transform, "
+        "and write the pictures to a folder.",
+    )
+    sub.add_argument("-o", "--output", default="tireg-demo", metavar="DIR", help="folder for the pictures")
+    sub.add_argument("--image", choices=list(IMAGES), default="camera", help="bundled image to use")
+    sub.set_defaults(
+        handler=_cmd_demo, transform="similarity", metric=defaults["metric"], optimizer=defaults["optimizer"],
+        init=defaults["init"], levels=None, max_iterations=defaults["max_iterations"], interpolation="bilinear",
+        device="cpu", mask=None,
+    )
+    return parser
+
+
+# ----------------------------------------------------------------------------
+# shared pieces
+
+
+def _say(args: argparse.Namespace, text: str = "") -> None:
+    if not args.quiet:
+        print(text, flush=True)
+
+
+class _Progress:
+    """A tqdm bar fed by ``register()``'s callback: level and iteration (shown after a second)."""
+
+    def __init__(self, args: argparse.Namespace, levels: int, *, total: Optional[int] = None, unit: str = "it"):
+        self.levels, self.bar = levels, None
+        if not args.quiet:
+            tqdm = require("tqdm", "the progress bar (or pass --quiet)")
+            if total is None:
+                layout = "{desc}{postfix} [{elapsed}]"
+            else:
+                layout = "{n_fmt}/{total_fmt} " + unit + "s |{bar}| {desc}{postfix} [{elapsed}<{remaining}]"
+            # shown on a terminal only, after a second: quick runs stay quiet
+            self.bar = tqdm.tqdm(total=total, unit=unit, delay=1.0, leave=False, dynamic_ncols=True,
+                                 file=sys.stderr, disable=None, bar_format=layout)
+        self.frames = total is not None
+
+    def __call__(self, state) -> None:
+        if self.bar is None:
+            return
+        cost = float(state.cost.float().mean())
+        resolution = "full" if state.factor == 1 else f"1/{state.factor}"
+        self.bar.set_description_str(f"level {state.level + 1}/{self.levels} ({resolution})", refresh=False)
+        self.bar.set_postfix_str(f"iteration {state.iteration + 1}, cost {cost:.4g}", refresh=False)
+        if self.frames:
+            self.bar.refresh()
+        else:
+            self.bar.update(1)
+
+    def advance(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _schedule(args: argparse.Namespace, size: tuple[int, int]) -> list[tuple[int, float]]:
+    from .register import Pyramid
+
+    pyramid = Pyramid() if args.levels is None else Pyramid(shrink_factors=args.levels)
+    return pyramid.levels(size)
+
+
+def _single(image: ImageData, what: str) -> ImageData:
+    if image.count != 1:
+        raise CommandError(
+            f"{what} {str(image.path)!r} has {image.count} pages; this command takes one image "
+            "(use 'tireg stack' for a stack of frames)"
+        )
+    return image
+
+
+def _check_finite(image: ImageData, what: str) -> None:
+    if image.frames.dtype.kind == "f":
+        finite = np.isfinite(image.frames).reshape(image.count, -1).all(axis=1)
+        if not finite.all():
+            frame = "" if image.count == 1 else f" (frame {image.names[int(np.argmin(finite))]!r})"
+            raise CommandError(f"{what} {str(image.path)!r} contains NaN or Inf values{frame}")
+
+
+def _check_grey(grey: np.ndarray, image: ImageData, what: str) -> None:
+    """``grey`` ``(N, H, W)``: each frame at least 8 x 8 and not constant."""
+    if min(grey.shape[-2:]) < 8:
+        raise CommandError(
+            f"{what} {str(image.path)!r} is {grey.shape[-1]} x {grey.shape[-2]} pixels; at least 8 x 8 are needed"
+        )
+    flat = grey.reshape(grey.shape[0], -1)
+    spread = flat.std(axis=1)
+    constant = spread <= 1e-12 * (np.abs(flat.mean(axis=1)) + 1.0)
+    if constant.any():
+        index = int(np.argmax(constant))
+        frame = "" if grey.shape[0] == 1 else f": frame {image.names[index]!r}"
+        value = float(flat[index, 0])
+        raise CommandError(f"{what} {str(image.path)!r} is constant (every pixel {value:g}){frame}; nothing to align")
+
+
+def _read_mask(path: Optional[str], size: tuple[int, int], what: str) -> Optional[np.ndarray]:
+    if path is None:
+        return None
+    mask = _single(read_image(path, what=what), what)
+    _check_finite(mask, what)
+    if mask.size != size:
+        raise CommandError(
+            f"{what} {str(mask.path)!r} is {mask.size[1]} x {mask.size[0]} pixels but must match the image's "
+            f"{size[1]} x {size[0]}"
+        )
+    selected = luminance(mask.frames[0]) != 0
+    if selected.sum() < 16:
+        raise CommandError(f"{what} {str(mask.path)!r} selects {int(selected.sum())} pixels; at least 16 are needed")
+    return selected.astype(np.float32)
+
+
+def _format_parameters(names: Sequence[str], values: Sequence[float]) -> str:
+    parts = []
+    for name, value in zip(names, values):
+        if name == "angle":
+            parts.append(f"angle {math.degrees(value):.4f} deg")
+        elif name in ("tx", "ty"):
+            parts.append(f"{name} {value:.4f} px")
+        else:
+            parts.append(f"{name} {value:.6f}")
+    return ", ".join(parts)
+
+
+def _format_matrix(matrix: np.ndarray, first: str, rest: Optional[str] = None) -> list[str]:
+    """The top two rows of a 3 x 3 matrix, aligned, each line prefixed (``first``, then ``rest``)."""
+    rows = [[f"{v:.6f}" for v in row] for row in np.asarray(matrix)[:2]]
+    width = max(len(v) for row in rows for v in row)
+    prefixes = [first, first if rest is None else rest]
+    return [prefix + "[" + "  ".join(v.rjust(width) for v in row) + "]" for prefix, row in zip(prefixes, rows)]
+
+
+def _summary(result, metric: str, schedule: list[tuple[int, float]]) -> list[str]:
+    """What ``tireg register`` prints: matrix, parameters in natural units, cost, iterations, time."""
+    pair = result[0] if result.batched else result
+    status = "converged" if bool(pair.converged[0]) else f"not converged ({pair.stop_reason[0]})"
+    resolutions = ", ".join("full" if f == 1 else f"1/{f}" for f, _ in schedule)
+    center = ", ".join(f"{c:g}" for c in pair.center)
+    return [
+        f"transform   {pair.transform}: fixed -> moving pixels (x = column, y = row)",
+        *_format_matrix(pair.matrix.numpy(), "matrix      ", "            "),
+        f"parameters  {_format_parameters(pair.parameter_names, pair.parameter_values[0].tolist())}"
+        f"  (about the centre ({center}))",
+        f"cost        {float(pair.cost[0]):.6g} ({metric}, normalised intensities)",
+        f"iterations  {int(pair.iterations[0])} over {len(schedule)} levels ({resolutions}), {status}",
+        f"time        {result.seconds:.2f} s",
+    ]
+
+
+def _history(result) -> list[tuple[int, np.ndarray]]:
+    return [(level.factor, level.cost.numpy()) for level in result.history]
+
+
+def _identity_before(moving_grey: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The moving image on the fixed grid without any transform (cropped or padded with zeros)."""
+    before = np.zeros(size, dtype=np.float64)
+    height, width = min(size[0], moving_grey.shape[0]), min(size[1], moving_grey.shape[1])
+    before[:height, :width] = moving_grey[:height, :width]
+    return before
+
+
+def _warp_frames(frames: np.ndarray, matrices: np.ndarray, size: tuple[int, int], interpolation: str,
+                 device: str = "cpu", batch: int = 32) -> np.ndarray:
+    """``(N, H, W, C)`` frames resampled by ``(N or 1, 3, 3)`` matrices onto ``size``: float64 ``(N, h, w, C)``."""
+    import torch
+
+    from .sampling import warp
+
+    count = frames.shape[0]
+    matrices = np.broadcast_to(matrices, (count, 3, 3))
+    out = np.empty((count, *size, frames.shape[-1]), dtype=np.float64)
+    for start in range(0, count, batch):
+        chunk = np.moveaxis(frames[start:start + batch], -1, 1).astype(np.float64)
+        image = torch.from_numpy(np.ascontiguousarray(chunk)).to(device)
+        matrix = torch.from_numpy(np.array(matrices[start:start + batch])).to(device)
+        warped = warp(image, matrix, size=size, interpolation=interpolation, padding_mode="zeros")
+        out[start:start + batch] = np.moveaxis(warped.cpu().numpy(), 1, -1)
+    return out
+
+
+def _names(paths: Sequence[Path]) -> str:
+    return ", ".join(str(p) for p in paths)
+
+
+# ----------------------------------------------------------------------------
+# register
+
+
+def _register_images(args, fixed_grey, moving_grey, *, mask=None, moving_mask=None, progress=None):
+    """``tireg.register`` on ``(H, W)`` or ``(B, 1, H, W)`` grey arrays with the command line's options."""
+    from .register import register
+
+    return register(
+        fixed_grey,
+        moving_grey,
+        transform=args.transform,
+        metric=args.metric,
+        optimizer=args.optimizer,
+        gradients="analytic",
+        pyramid=args.levels,
+        mask=mask,
+        moving_mask=moving_mask,
+        init=args.init,
+        device=args.device,
+        callback=progress,
+        max_iterations=args.max_iterations,
+        interpolation=args.interpolation,
+    )
+
+
+def _write_register_outputs(outputs: OutputFiles, paths: dict[str, Path], result, *, moving: ImageData,
+                            fixed_grey: np.ndarray, moving_grey: np.ndarray, title: str, args) -> None:
+    """Warped image, transform files and pictures, all under temporary names until committed."""
+    from . import viz
+
+    size = result.fixed_size
+    warped = _warp_frames(moving.frames, result.matrix.numpy()[None], size, args.interpolation)
+    write_frames(outputs.temporary(paths["warped"]), warped, moving.format)
+    result.save(outputs.temporary(paths["json"]))
+    result.save(outputs.temporary(paths["tfm"]))
+    after = _warp_frames(moving_grey[None, :, :, None], result.matrix.numpy()[None], size, args.interpolation)
+    viz.save_comparison(outputs.temporary(paths["picture"]), fixed_grey, _identity_before(moving_grey, size),
+                        after[0, :, :, 0], title=title)
+    viz.save_convergence(outputs.temporary(paths["plot"]), _history(result),
+                         title=f"{result.transform}, {args.metric}", metric=f"cost ({args.metric})")
+
+
+def _register_paths(folder: Path, moving_suffix: str) -> dict[str, Path]:
+    return {
+        "warped": folder / f"warped{moving_suffix}",
+        "json": folder / "transform.json",
+        "tfm": folder / "transform.tfm",
+        "picture": folder / "before_after.png",
+        "plot": folder / "convergence.png",
+    }
+
+
+def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
+    fixed = _single(read_image(args.fixed, what="fixed image"), "fixed image")
+    moving = _single(read_image(args.moving, what="moving image"), "moving image")
+    if fixed.channels != moving.channels:
+        raise CommandError(
+            f"fixed image {str(fixed.path)!r} has {fixed.channels} channel(s) but moving image "
+            f"{str(moving.path)!r} has {moving.channels}; give both in colour or both in grey"
+        )
+    for image, what in ((fixed, "fixed image"), (moving, "moving image")):
+        _check_finite(image, what)
+    fixed_grey, moving_grey = luminance(fixed.frames[0]), luminance(moving.frames[0])
+    _check_grey(fixed_grey[None], fixed, "fixed image")
+    _check_grey(moving_grey[None], moving, "moving image")
+    mask = _read_mask(args.mask, fixed.size, "mask")
+    moving_mask = _read_mask(args.moving_mask, moving.size, "moving mask")
+
+    folder = Path(args.output)
+    paths = _register_paths(folder, moving.path.suffix.lower())
+    outputs.check(*paths.values())
+    schedule = _schedule(args, (min(fixed.size[0], moving.size[0]), min(fixed.size[1], moving.size[1])))
+
+    progress = _Progress(args, len(schedule))
+    try:
+        result = _register_images(args, fixed_grey.astype(np.float32), moving_grey.astype(np.float32),
+                                  mask=mask, moving_mask=moving_mask, progress=progress)
+    finally:
+        progress.close()
+    title = f"{fixed.path.name} (fixed) and {moving.path.name} (moving): {result.transform}"
+    _write_register_outputs(outputs, paths, result, moving=moving, fixed_grey=fixed_grey,
+                            moving_grey=moving_grey, title=title, args=args)
+    written = outputs.commit()
+    for line in _summary(result, args.metric, schedule):
+        _say(args, line)
+    _say(args, f"wrote       {_names(written)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# apply
+
+
+def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
+    from .transform_io import load_transform
+
+    transform = load_transform(args.transform)
+    image = read_image(args.image, what="image")
+    _check_finite(image, "image")
+    matrices = transform.matrix.reshape(-1, 3, 3).numpy()
+    if matrices.shape[0] not in (1, image.count):
+        raise CommandError(
+            f"transform {args.transform!r} holds {matrices.shape[0]} matrices but image {args.image!r} has "
+            f"{image.count} frame(s); give one matrix, or one per frame"
+        )
+    if args.reference is not None:
+        size = _single(read_image(args.reference, what="reference image"), "reference image").size
+    elif args.size is not None:
+        size = args.size
+    elif isinstance(transform.metadata.get("fixed_size"), list) and len(transform.metadata["fixed_size"]) == 2:
+        size = tuple(int(v) for v in transform.metadata["fixed_size"])
+    else:
+        size = image.size
+    output = Path(args.output)
+    kind = check_writable(output, (image.count, image.channels), image.format)
+    outputs.check(output)
+    out_format = ImageFormat(kind, image.format.dtype, image.format.channel_axis, image.format.photometric)
+    warped = _warp_frames(image.frames, matrices, size, args.interpolation)
+    write_frames(outputs.temporary(output), warped, out_format)
+    written = outputs.commit()
+    _say(args, f"resampled {image.path.name} ({image.describe()}) onto {size[1]} x {size[0]} pixels with "
+               f"{Path(args.transform).name}")
+    for line in _format_matrix(matrices[0], "  "):
+        _say(args, line)
+    _say(args, f"wrote {_names(written)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# stack
+
+
+def _stack_output(path: Path) -> str:
+    """``"tiff"``, ``"npy"`` or ``"folder"``."""
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        return "tiff"
+    if suffix == ".npy":
+        return "npy"
+    if suffix == "" or path.is_dir():
+        return "folder"
+    raise CommandError(f"stack output {str(path)!r}: use a .tif/.tiff or .npy file, or a folder (no suffix)")
+
+
+def _register_stack(args, grey: np.ndarray, mask, progress: _Progress) -> dict[str, Any]:
+    """Batched registration of every frame to the reference; matrices map reference -> frame pixels."""
+    count = grey.shape[0]
+    frames = grey[:, None].astype(np.float32)  # (N, 1, H, W)
+    if args.reference == "first":
+        fixed_all, moving_index = frames[:1], list(range(1, count))
+    elif args.reference == "previous":
+        fixed_all, moving_index = frames[:-1], list(range(1, count))
+    else:
+        fixed_all, moving_index = frames.mean(axis=0, keepdims=True), list(range(count))
+    matrices = np.tile(np.eye(3), (count, 1, 1))
+    costs, iterations = np.zeros(count), np.zeros(count, dtype=np.int64)
+    converged, reasons = np.ones(count, dtype=bool), ["reference"] * count
+    pairs = np.eye(3)[None].repeat(count, axis=0)
+    histories = []
+    for start in range(0, len(moving_index), args.batch_size):
+        index = moving_index[start:start + args.batch_size]
+        if fixed_all.shape[0] == 1:
+            fixed = fixed_all
+        else:
+            fixed = fixed_all[[k - 1 for k in index]]
+        result = _register_images(args, fixed, frames[index], mask=mask, progress=progress)
+        pairs[index] = result.matrix.numpy().reshape(-1, 3, 3)
+        costs[index] = result.cost.numpy()
+        iterations[index] = result.iterations.numpy()
+        converged[index] = result.converged.numpy()
+        for k, reason in zip(index, result.stop_reason):
+            reasons[k] = reason
+        histories.append(result)
+        progress.advance(len(index))
+    if args.reference == "previous":
+        # A_k maps frame k-1 pixels to frame k pixels; frame 0 -> frame k is A_k A_(k-1) ... A_1.
+        for k in range(1, count):
+            matrices[k] = pairs[k] @ matrices[k - 1]
+    else:
+        matrices = pairs
+    return dict(matrices=matrices, costs=costs, iterations=iterations, converged=converged, reasons=reasons,
+                results=histories, center=histories[0].center, seconds=sum(r.seconds for r in histories))
+
+
+def _write_stack_csv(path: Path, stack: ImageData, found: dict[str, Any], kind_name: str) -> None:
+    import torch
+
+    from .transforms import get_transform
+
+    kind = get_transform(kind_name)
+    center = torch.tensor(found["center"], dtype=torch.float64)
+    values = kind.from_matrix(torch.from_numpy(found["matrices"]), center).numpy()
+    names = ["angle_deg" if n == "angle" else n for n in kind.parameter_names]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["frame", "source", *names, "a00", "a01", "a02", "a10", "a11", "a12",
+                         "cost", "iterations", "converged", "stop_reason"])
+        for k in range(stack.count):
+            params = [math.degrees(v) if n == "angle" else v for n, v in zip(kind.parameter_names, values[k])]
+            matrix = found["matrices"][k][:2].reshape(-1)
+            writer.writerow([k, stack.names[k], *(repr(float(v)) for v in params),
+                             *(repr(float(v)) for v in matrix), repr(float(found["costs"][k])),
+                             int(found["iterations"][k]), bool(found["converged"][k]), found["reasons"][k]])
+
+
+def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
+    stack = read_stack(args.input, what="stack")
+    if stack.count < 2:
+        raise CommandError(f"stack {args.input!r} has {stack.count} frame; at least 2 are needed")
+    _check_finite(stack, "stack")
+    grey = luminance(stack.frames)
+    _check_grey(grey, stack, "stack")
+    mask = _read_mask(args.mask, stack.size, "mask")
+
+    output = Path(args.output)
+    kind = _stack_output(output)
+    csv_path = Path(args.csv) if args.csv else (
+        output.parent / f"{output.name}.csv" if kind == "folder" else output.with_suffix(".csv"))
+    if csv_path.suffix.lower() != ".csv":
+        raise CommandError(f"the CSV file {str(csv_path)!r} must end in .csv")
+    outputs.check(output, csv_path, folders=[output] if kind == "folder" else [])
+    if kind != "folder":
+        check_writable(output, (stack.count, stack.channels), stack.format)
+    schedule = _schedule(args, stack.size)
+
+    progress = _Progress(args, len(schedule), total=stack.count - (args.reference != "mean"), unit="frame")
+    try:
+        found = _register_stack(args, grey, mask, progress)
+    finally:
+        progress.close()
+    aligned = _warp_frames(stack.frames, found["matrices"], stack.size, args.interpolation, batch=args.batch_size)
+
+    if kind == "folder":
+        folder = outputs.temporary(output)
+        folder.mkdir()
+        stem = "frame" if stack.path.is_file() else None
+        for k in range(stack.count):
+            name = stack.names[k] if stem is None else f"{stem}_{k:05d}{stack.path.suffix.lower()}"
+            write_frames(folder / name, aligned[k:k + 1], stack.formats[k])
+    else:
+        write_frames(outputs.temporary(output), aligned,
+                     ImageFormat(kind, stack.format.dtype, stack.format.channel_axis, stack.format.photometric))
+    _write_stack_csv(outputs.temporary(csv_path), stack, found, args.transform)
+    written = outputs.commit()
+
+    matrices = found["matrices"]
+    center = np.array([*found["center"], 1.0])
+    shifts = np.linalg.norm((matrices @ center)[:, :2] - center[:2], axis=1)
+    angles = np.degrees(np.arctan2(matrices[:, 0, 1] - matrices[:, 1, 0], matrices[:, 0, 0] + matrices[:, 1, 1]))
+    reference = {"first": "the first frame", "previous": "the previous frame, chained to the first",
+                 "mean": "the mean of all frames"}[args.reference]
+    _say(args, f"aligned {stack.count} frames of {stack.path.name} ({stack.describe()}) to {reference}: "
+               f"{args.transform}, {args.metric}")
+    _say(args, f"  largest shift of the centre {shifts.max():.3f} px (frame {int(shifts.argmax())}), "
+               f"largest rotation {np.abs(angles).max():.3f} deg")
+    moved = found["converged"]
+    _say(args, f"  mean cost {found['costs'].mean():.6g}, {int(found['iterations'].sum())} iterations, "
+               f"{int(moved.sum())}/{stack.count} converged, {found['seconds']:.2f} s")
+    if not moved.all():
+        _say(args, f"  not converged: frames {', '.join(str(k) for k in np.flatnonzero(~moved))}")
+    _say(args, f"wrote {_names(written)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# demo
+
+#: The demo's true transform: similarity about the fixed image's centre.
+DEMO_TRUTH = {"angle_deg": 10.0, "scale": 1.08, "tx": 9.0, "ty": -6.0}
+
+
+def _cmd_demo(args: argparse.Namespace, outputs: OutputFiles) -> int:
+    import torch
+
+    from .data import load
+    from .sampling import pixel_grid, warp
+    from .transforms import image_center, similarity_matrix, translation_matrix
+
+    folder = Path(args.output)
+    names = ["fixed.png", "moving.png", *(p.name for p in _register_paths(folder, ".png").values())]
+    paths = {name: folder / name for name in names}
+    outputs.check(*paths.values())
+
+    # fixed: the bundled photograph cropped by a margin; moving: the same scene seen through the
+    # true transform, moving(A x) = fixed(x), so that both have content everywhere.
+    scene = load(args.image, dtype=torch.float64)
+    if scene.dim() == 3:
+        scene = torch.from_numpy(luminance(np.moveaxis(scene.numpy(), 0, -1)))
+    margin = 24
+    height, width = scene.shape[0] - 2 * margin, scene.shape[1] - 2 * margin
+    truth_params = torch.tensor([math.radians(DEMO_TRUTH["angle_deg"]), DEMO_TRUTH["scale"], DEMO_TRUTH["tx"],
+                                 DEMO_TRUTH["ty"]], dtype=torch.float64)
+    truth = similarity_matrix(truth_params, image_center(height, width))
+    to_scene = translation_matrix(torch.tensor([float(margin), float(margin)], dtype=torch.float64))
+    fixed = warp(scene[None, None], to_scene, size=(height, width))[0, 0].numpy()
+    moving = warp(scene[None, None], to_scene @ torch.linalg.inv(truth), size=(height, width),
+                  padding_mode="border")[0, 0].numpy()
+    fixed_u8 = np.clip(np.rint(fixed * 255), 0, 255).astype(np.uint8)
+    moving_u8 = np.clip(np.rint(moving * 255), 0, 255).astype(np.uint8)
+
+    schedule = _schedule(args, (height, width))
+    progress = _Progress(args, len(schedule))
+    try:
+        result = _register_images(args, fixed_u8.astype(np.float32), moving_u8.astype(np.float32),
+                                  progress=progress)
+    finally:
+        progress.close()
+
+    png = ImageFormat("png", np.dtype(np.uint8))
+    write_frames(outputs.temporary(paths["fixed.png"]), fixed_u8[None, :, :, None], png)
+    write_frames(outputs.temporary(paths["moving.png"]), moving_u8[None, :, :, None], png)
+    moving_image = ImageData(moving_u8[None, :, :, None], png, paths["moving.png"], ["moving.png"], [png])
+    _write_register_outputs(outputs, _register_paths(folder, ".png"), result, moving=moving_image,
+                            fixed_grey=fixed_u8.astype(np.float64), moving_grey=moving_u8.astype(np.float64),
+                            title=f"tireg demo: {args.image}, similarity", args=args)
+    written = outputs.commit()
+
+    found = result.parameters
+    points = pixel_grid((height, width), dtype=torch.float64)
+    error = float((points @ (result.matrix - truth).T)[:, :2].norm(dim=-1).mean())
+    rows = [("angle (deg)", DEMO_TRUTH["angle_deg"], found["angle_deg"]),
+            ("scale", DEMO_TRUTH["scale"], found["scale"]),
+            ("tx (px)", DEMO_TRUTH["tx"], found["tx"]),
+            ("ty (px)", DEMO_TRUTH["ty"], found["ty"])]
+    _say(args, f"tireg demo: registered '{args.image}' ({width} x {height}) to a copy turned, scaled and shifted "
+               "by a known similarity transform")
+    _say(args, f"  {'parameter':<12}{'true':>10}{'recovered':>12}{'error':>10}")
+    for name, true, value in rows:
+        _say(args, f"  {name:<12}{true:>10.4f}{value:>12.4f}{value - true:>+10.4f}")
+    _say(args, f"  mean distance between true and recovered pixel positions: {error:.4f} px; "
+               f"cost {float(result.cost[0]):.4g}, {int(result.iterations[0])} iterations, {result.seconds:.2f} s")
+    _say(args, f"pictures in {folder}/: {', '.join(p.name for p in written if p.suffix == '.png')}")
+    _say(args, f"the same from the command line: tireg register {folder / 'fixed.png'} {folder / 'moving.png'} "
+               f"-o {folder / 'register'} --transform similarity")
+    if not error < 0.5:
+        raise CommandError(f"the demo did not recover the transform (mean error {error:.3f} px)")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# main
+
+
+_CALLER = re.compile(r"^[A-Za-z_][\w.]*\(\): ")
+
+
+def _one_line(error: BaseException) -> str:
+    """A one-line message for ``error``: no caller prefix (``register(): ``), no traceback."""
+    if isinstance(error, OSError) and error.strerror and error.filename and not isinstance(error, MissingDependencyError):
+        text = f"{error.filename!r}: {error.strerror}"
+    else:
+        text = str(error).strip()
+    text = " ".join(text.split())  # one line
+    return _CALLER.sub("", text) or type(error).__name__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``tireg`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    0: success; 1: the input could not be processed; 2: a wrong command line.
+    Errors print one line, ``tireg: error: ...``, to stderr and leave no output file.
+    """
+    args: Optional[argparse.Namespace] = None
+    try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            where = f"{PROG} {args.command}" if args.command else PROG
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see '{where} --help')")
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        with OutputFiles(force=args.force) as outputs:
+            return args.handler(args, outputs)
+    except SystemExit as exit:  # --help, --version
+        return exit.code if isinstance(exit.code, int) else 0
+    except UsageError as error:
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
+        return 130
+    except (CommandError, ImageError, MissingDependencyError, ValueError, TypeError, OSError, RuntimeError) as error:
+        if args is not None and getattr(args, "traceback", False):
+            raise
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
