@@ -1,0 +1,453 @@
+"""The ``tireg`` command, driven as a user drives it: subprocesses, files in, files out.
+
+Every run reads its outputs back: warped images (format, dtype, channels),
+transforms against the known truth (< 0.5 px mean over the fixed grid), the
+``.tfm`` through SimpleITK, pictures as PNG files.  Every bad input gives a
+non-zero exit, one line on stderr and no output file.  The images are crops
+of the bundled ones (about 128 x 160) so that the file runs in well under a
+minute, some checks call ``main(argv)`` -- the function the ``tireg`` script
+runs -- in this process: the format matrix, and every bad-input case (a
+few of those also as processes, run beside the other tests).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tireg
+from conftest import grid_error, registration_pair
+from tireg.cli import main
+from tireg.transforms import TRANSFORMS, translation_matrix
+
+imageio = pytest.importorskip("imageio.v3")
+tifffile = pytest.importorskip("tifffile")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+CLI = [sys.executable, "-m", "tireg.cli"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+AFFINE = [1.03, 0.04, -0.05, 0.98, 5.0, -4.0]  # a00 a01 a10 a11 tx ty about the centre
+
+
+def _env() -> dict:
+    # small images: one thread each is as fast, and runs side by side do not fight over the cores
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def run(*args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300, env=_env())
+
+
+def ok(process: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert process.returncode == 0, process.stderr
+    assert "Traceback" not in process.stderr
+    return process
+
+
+def assert_png(path: Path) -> np.ndarray:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    image = imageio.imread(path)
+    assert image.ndim in (2, 3) and min(image.shape[:2]) > 16
+    return image
+
+
+def matrix_of(row: dict) -> np.ndarray:
+    return np.array([[float(row["a00"]), float(row["a01"]), float(row["a02"])],
+                     [float(row["a10"]), float(row["a11"]), float(row["a12"])], [0.0, 0.0, 1.0]])
+
+
+def to_u8(image) -> np.ndarray:
+    return np.clip(np.rint(np.asarray(image) * 255), 0, 255).astype(np.uint8)
+
+
+def colour_pair(kind: str, params, margin: int = 32):
+    """The bundled colour image cropped, and the same scene through the true transform: moving(A x) = fixed(x)."""
+    from tireg.data import immunohistochemistry
+
+    scene = immunohistochemistry(dtype=torch.float64)[None]
+    height, width = scene.shape[-2] - 2 * margin, scene.shape[-1] - 2 * margin
+    truth = TRANSFORMS[kind].matrix(torch.tensor(params, dtype=torch.float64), tireg.image_center(height, width))
+    to_scene = translation_matrix(torch.tensor([float(margin)] * 2, dtype=torch.float64))
+    fixed = tireg.warp(scene, to_scene, size=(height, width))[0]
+    moving = tireg.warp(scene, to_scene @ torch.linalg.inv(truth), size=(height, width), padding_mode="border")[0]
+    return fixed.permute(1, 2, 0).numpy(), moving.permute(1, 2, 0).numpy(), truth
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    """Input files with known truth, in every supported format."""
+    folder = tmp_path_factory.mktemp("inputs")
+    fixed, moving, truth = registration_pair("camera", "affine", AFFINE, margin=48)  # 128 x 160
+    fixed, moving = fixed.numpy(), moving.numpy()
+    files = {"truth": truth.numpy(), "folder": folder, "size": fixed.shape}
+    imageio.imwrite(folder / "fixed.png", to_u8(fixed))
+    imageio.imwrite(folder / "moving.png", to_u8(moving))
+    tifffile.imwrite(folder / "fixed16.tif", np.rint(fixed * 65535).astype(np.uint16))
+    tifffile.imwrite(folder / "moving16.tif", np.rint(moving * 65535).astype(np.uint16))
+    tifffile.imwrite(folder / "fixed32.tif", fixed.astype(np.float32))
+    tifffile.imwrite(folder / "moving32.tif", moving.astype(np.float32))
+    np.save(folder / "fixed.npy", fixed.astype(np.float64))
+    np.save(folder / "moving.npy", moving.astype(np.float64))
+    colour_fixed, colour_moving, colour_truth = colour_pair("similarity", [0.08, 1.04, 4.0, -3.0])
+    imageio.imwrite(folder / "fixed_rgb.png", to_u8(colour_fixed))
+    imageio.imwrite(folder / "moving_rgb.jpg", to_u8(colour_moving), quality=95)
+    files["colour_truth"] = colour_truth.numpy()
+    files["colour_size"] = colour_fixed.shape[:2]
+    return files
+
+
+@pytest.fixture(scope="module")
+def registered(data, tmp_path_factory):
+    """``tireg register fixed.png moving.png -o out``: the run most tests read."""
+    cwd = tmp_path_factory.mktemp("register")
+    process = ok(run("register", data["folder"] / "fixed.png", data["folder"] / "moving.png", "-o", "out", cwd=cwd))
+    return process, cwd / "out"
+
+
+# ----------------------------------------------------------------------------
+# register
+
+
+def test_register_writes_every_output_and_recovers_the_truth(data, registered):
+    import SimpleITK as sitk
+
+    process, out = registered
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["warped.png", "transform.json", "transform.tfm", "before_after.png", "convergence.png"])
+    # the summary: matrix, parameters in natural units, cost, iterations, time
+    for word in ("matrix", "parameters", "tx", "px", "cost", "iterations", "time", "converged"):
+        assert word in process.stdout
+    # the warped image: same format, bit depth, channels as the moving image, on the fixed grid
+    warped = imageio.imread(out / "warped.png")
+    assert warped.dtype == np.uint8 and warped.shape == tuple(data["size"])
+    fixed = imageio.imread(data["folder"] / "fixed.png").astype(float)
+    moving = imageio.imread(data["folder"] / "moving.png").astype(float)
+    inside = (slice(12, -12), slice(12, -12))
+    after = np.abs(warped.astype(float) - fixed)[inside].mean()
+    assert after < 6.0 and after < 0.2 * np.abs(moving - fixed)[inside].mean()  # grey levels of 255
+    # the JSON transform
+    saved = tireg.transform_io.load_transform(out / "transform.json")
+    assert saved.transform == "affine"
+    assert grid_error(saved.matrix, torch.from_numpy(data["truth"]), data["size"]) < 0.5
+    # the .tfm, read by SimpleITK, maps fixed points within 0.5 px of the truth
+    transform = sitk.ReadTransform(str(out / "transform.tfm"))
+    height, width = data["size"]
+    points = [(float(x), float(y)) for x in np.linspace(0, width - 1, 7) for y in np.linspace(0, height - 1, 5)]
+    mapped = np.array([transform.TransformPoint(p) for p in points])
+    truth = np.array([(data["truth"] @ [x, y, 1.0])[:2] for x, y in points])
+    assert np.linalg.norm(mapped - truth, axis=1).max() < 0.5
+    # pictures
+    assert_png(out / "before_after.png")
+    assert_png(out / "convergence.png")
+
+
+@pytest.mark.parametrize(
+    "fixed, moving, dtype, channels",
+    [
+        ("fixed16.tif", "moving16.tif", np.uint16, 1),
+        ("fixed32.tif", "moving32.tif", np.float32, 1),
+        ("fixed.npy", "moving.npy", np.float64, 1),
+        ("fixed_rgb.png", "moving_rgb.jpg", np.uint8, 3),  # colour: registered on luminance, 3 channels warped
+    ],
+)
+def test_register_keeps_format_bit_depth_and_channels(data, tmp_path, fixed, moving, dtype, channels, capsys,
+                                                     monkeypatch):
+    colour = channels == 3
+    options = ["--transform", "similarity"] if colour else ["--transform", "affine", "--quiet"]
+    arguments = ["register", data["folder"] / fixed, data["folder"] / moving, "-o", "out", *options]
+    if colour:
+        ok(run(*arguments, cwd=tmp_path))
+    else:
+        # main(argv) in this process: the function the `tireg` script calls, without starting Python again
+        monkeypatch.chdir(tmp_path)
+        assert main(list(map(str, arguments))) == 0
+        assert capsys.readouterr().out == ""  # --quiet prints nothing
+    suffix = Path(moving).suffix
+    warped_path = tmp_path / "out" / f"warped{suffix}"
+    if suffix == ".npy":
+        warped = np.load(warped_path)
+    elif suffix == ".tif":
+        warped = tifffile.imread(warped_path)
+    else:
+        warped = imageio.imread(warped_path)
+    size = tuple(data["colour_size"] if colour else data["size"])
+    assert warped.dtype == dtype
+    assert warped.shape == (size + (3,) if colour else size)
+    truth = data["colour_truth"] if colour else data["truth"]
+    saved = tireg.transform_io.load_transform(tmp_path / "out" / "transform.json")
+    assert grid_error(saved.matrix, torch.from_numpy(truth), size) < 0.5
+
+
+# ----------------------------------------------------------------------------
+# apply
+
+
+def test_apply_a_saved_transform_reproduces_the_warped_image(data, registered, tmp_path, monkeypatch):
+    _, out = registered
+    ok(run("apply", out / "transform.json", data["folder"] / "moving.png", "-o", "again.png", cwd=tmp_path))
+    np.testing.assert_array_equal(imageio.imread(tmp_path / "again.png"), imageio.imread(out / "warped.png"))
+    # an existing output is replaced with --force (and only then: see the bad-input cases)
+    monkeypatch.chdir(tmp_path)
+    assert main(["apply", str(out / "transform.tfm"), str(data["folder"] / "moving.png"), "-o", "again.png",
+                 "--force", "--quiet"]) == 0
+    assert np.abs(imageio.imread(tmp_path / "again.png").astype(int)
+                  - imageio.imread(out / "warped.png").astype(int)).max() <= 1
+
+
+def test_apply_a_tfm_written_by_simpleitk_resamples_as_simpleitk_does(data, tmp_path):
+    import SimpleITK as sitk
+
+    image = np.load(data["folder"] / "moving.npy").astype(np.float32)
+    transform = sitk.Similarity2DTransform()
+    transform.SetCenter((70.0, 60.0))
+    transform.SetScale(1.05)
+    transform.SetAngle(0.1)
+    transform.SetTranslation((3.0, -2.0))
+    sitk.WriteTransform(transform, str(tmp_path / "sitk.tfm"))
+    np.save(tmp_path / "image.npy", image)
+    ok(run("apply", "sitk.tfm", "image.npy", "-o", "warped.npy", cwd=tmp_path))
+    warped = np.load(tmp_path / "warped.npy")
+    assert warped.dtype == np.float32 and warped.shape == image.shape
+
+    reference = sitk.GetImageFromArray(image)  # spacing 1, origin 0: physical = pixel coordinates
+    expected = sitk.GetArrayFromImage(sitk.Resample(reference, reference, transform, sitk.sitkLinear, 0.0))
+    height, width = image.shape
+    ys, xs = np.mgrid[0:height, 0:width]
+    mapped = np.array([transform.TransformPoint((float(x), float(y))) for x, y in zip(xs.ravel(), ys.ravel())])
+    mapped = mapped.reshape(height, width, 2)
+    inside = (mapped[..., 0] >= 1) & (mapped[..., 0] <= width - 2) & (mapped[..., 1] >= 1) & (mapped[..., 1] <= height - 2)
+    assert inside.mean() > 0.7
+    np.testing.assert_allclose(warped[inside], expected[inside], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# stack
+
+
+@pytest.fixture(scope="module")
+def drift(tmp_path_factory):
+    """Six frames of a scene drifting and turning: frame_k(T_k x) = frame_0(x); 16-bit multi-page TIFF."""
+    from tireg.data import coins
+
+    folder = tmp_path_factory.mktemp("stack")
+    scene = coins(dtype=torch.float64)[None, None]
+    height, width, margin = 128, 160, 40
+    center = tireg.image_center(height, width)
+    to_scene = translation_matrix(torch.tensor([float(margin)] * 2, dtype=torch.float64))
+    truths, frames = [], []
+    shifts = [(0, 0), (4, -2), (6, -5), (5, -9), (2, -10), (-2, -9)]  # turning drift: the chain's order matters
+    for k, (tx, ty) in enumerate(shifts):
+        truth = TRANSFORMS["rigid"].matrix(torch.tensor([0.05 * k, tx, ty], dtype=torch.float64), center)
+        truths.append(truth.numpy())
+        frames.append(tireg.warp(scene, to_scene @ torch.linalg.inv(truth), size=(height, width),
+                                 padding_mode="border")[0, 0].numpy())
+    frames = np.rint(np.stack(frames) * 65535).astype(np.uint16)
+    tifffile.imwrite(folder / "drift.tif", frames, photometric="minisblack")
+    # a folder of 8-bit PNGs jittering by a few pixels (a microscope's stage)
+    jitter = [(0, 0), (2, -1), (-1, 2), (3, 1), (1, -2), (-2, -1)]
+    pngs = folder / "frames"
+    pngs.mkdir()
+    jitter_truths = []
+    for k, shift in enumerate(jitter):
+        truth = translation_matrix(torch.tensor(shift, dtype=torch.float64))
+        jitter_truths.append(truth.numpy())
+        frame = tireg.warp(scene, to_scene @ torch.linalg.inv(truth), size=(height, width))[0, 0].numpy()
+        imageio.imwrite(pngs / f"t{k}.png", to_u8(frame))
+    return folder, np.stack(truths), frames, np.stack(jitter_truths)
+
+
+def _check_stack(csv_path: Path, truths: np.ndarray, size) -> list[dict]:
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [int(r["frame"]) for r in rows] == list(range(len(truths)))
+    for row, truth in zip(rows, truths):
+        assert grid_error(torch.from_numpy(matrix_of(row)), torch.from_numpy(truth), size) < 0.5, row
+    return rows
+
+
+@pytest.mark.parametrize("reference", ["first", "previous"])
+def test_stack_aligns_every_frame_to_the_first(drift, tmp_path, reference):
+    folder, truths, frames, _ = drift
+    process = ok(run("stack", folder / "drift.tif", "-o", "aligned.tif", "--reference", reference, cwd=tmp_path))
+    assert "aligned 6 frames" in process.stdout
+    aligned = tifffile.imread(tmp_path / "aligned.tif")
+    assert aligned.dtype == np.uint16 and aligned.shape == frames.shape
+    np.testing.assert_array_equal(aligned[0], frames[0])
+    inside = (slice(20, -20), slice(20, -20))
+    for frame, original in zip(aligned[1:], frames[1:]):
+        error = np.abs(frame.astype(float) - frames[0])[inside].mean()
+        assert error < 0.3 * np.abs(original.astype(float) - frames[0])[inside].mean()
+    rows = _check_stack(tmp_path / "aligned.csv", truths, frames.shape[1:])
+    assert float(rows[3]["angle_deg"]) == pytest.approx(np.degrees(0.15), abs=0.05)
+    if reference == "previous":
+        # The chain's order matters for this drift: frame 0 -> k is A_k ... A_1, and A_1 ... A_k is far off.
+        pairs = [np.eye(3)] + [truths[k] @ np.linalg.inv(truths[k - 1]) for k in range(1, 6)]
+        reversed_chain = pairs[1] @ pairs[2] @ pairs[3] @ pairs[4] @ pairs[5]
+        assert grid_error(torch.from_numpy(reversed_chain), torch.from_numpy(truths[5]), frames.shape[1:]) > 2.0
+
+
+def test_stack_of_a_folder_to_a_folder_against_the_mean(drift, tmp_path):
+    folder, _, frames, truths = drift
+    ok(run("stack", folder / "frames", "-o", "aligned", "--reference", "mean", "--transform", "translation",
+           "--quiet", cwd=tmp_path))
+    names = sorted(p.name for p in (tmp_path / "aligned").iterdir())
+    assert names == [f"t{k}.png" for k in range(6)]
+    assert imageio.imread(tmp_path / "aligned" / "t0.png").dtype == np.uint8
+    rows = list(csv.DictReader(open(tmp_path / "aligned.csv")))
+    assert [r["source"] for r in rows] == names
+    # against the mean every matrix is relative to it; frame 0 -> frame k is M_k M_0^-1
+    matrices = [matrix_of(r) for r in rows]
+    for k in range(1, 6):
+        relative = matrices[k] @ np.linalg.inv(matrices[0])
+        assert grid_error(torch.from_numpy(relative), torch.from_numpy(truths[k]), frames.shape[1:]) < 0.5
+
+
+# ----------------------------------------------------------------------------
+# demo and help
+
+
+def test_demo_prints_recovered_and_true_and_writes_pictures(tmp_path):
+    process = ok(run("demo", cwd=tmp_path))
+    assert "true" in process.stdout and "recovered" in process.stdout and "tireg-demo" in process.stdout
+    out = tmp_path / "tireg-demo"
+    for name in ("fixed.png", "moving.png", "warped.png", "before_after.png", "convergence.png"):
+        assert_png(out / name)
+    assert (out / "transform.tfm").is_file() and (out / "transform.json").is_file()
+
+
+@pytest.mark.parametrize("command", [[], ["register"], ["apply"], ["stack"], ["demo"]])
+def test_help_on_every_command_has_an_example(command, capsys):
+    assert main([*command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "usage: tireg" in text and "example" in text and "tireg " + " ".join(command) in text
+
+
+@pytest.mark.skipif(shutil.which("tireg") is None, reason="the tireg entry point is not on PATH")
+def test_the_installed_entry_point_runs():
+    process = subprocess.run(["tireg", "--version"], capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0 and process.stdout.startswith("tireg ")
+
+
+# ----------------------------------------------------------------------------
+# bad input: a non-zero exit, one line naming the problem, no output file
+
+BAD = {
+    # name: (arguments, exit status, words the message must contain)
+    "missing file": (["register", "{in}/absent.png", "{in}/moving.png", "-o", "out"], 1, "no such file"),
+    "empty file": (["register", "{in}/zero.png", "{in}/moving.png", "-o", "out"], 1, "empty"),
+    "corrupt file": (["register", "{in}/corrupt.png", "{in}/moving.png", "-o", "out"], 1, "cannot read"),
+    "unsupported suffix": (["register", "{in}/image.bmp", "{in}/moving.png", "-o", "out"], 1, "unsupported"),
+    "channel mismatch": (["register", "{in}/fixed_rgb.png", "{in}/moving.png", "-o", "out"], 1, "channel"),
+    "constant image": (["register", "{in}/constant.png", "{in}/moving.png", "-o", "out"], 1, "constant"),
+    "empty array": (["register", "{in}/empty.npy", "{in}/moving.png", "-o", "out"], 1, "empty"),
+    "NaN": (["register", "{in}/nan.npy", "{in}/moving.npy", "-o", "out"], 1, "NaN"),
+    "mask size": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "--mask", "{in}/small.png"], 1,
+                  "must match"),
+    "multi-page to register": (["register", "{in}/stack.tif", "{in}/moving.png", "-o", "out"], 1, "tireg stack"),
+    "unknown transform": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "-t", "wobble"], 2,
+                          "invalid choice"),
+    "unknown option": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "--wobble"], 2,
+                       "unrecognized"),
+    "unknown command": (["wobble"], 2, "invalid choice"),
+    "existing output": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out"], 1, "--force"),
+    "missing transform": (["apply", "{in}/absent.tfm", "{in}/moving.png", "-o", "out.png"], 1, "no such file"),
+    "corrupt transform": (["apply", "{in}/bad.tfm", "{in}/moving.png", "-o", "out.png"], 1, "bad.tfm"),
+    "float to PNG": (["apply", "{in}/good.tfm", "{in}/moving.npy", "-o", "out.png"], 1, "PNG"),
+    "one frame stack": (["stack", "{in}/moving.png", "-o", "out.tif"], 1, "at least 2"),
+    "frames differ": (["stack", "{in}/mixed", "-o", "out.tif"], 1, "differ"),
+    "stack to PNG": (["stack", "{in}/stack.tif", "-o", "out.png"], 1, ".tif"),
+}
+PREEXISTING = {"existing output": "out/transform.json"}
+# These also run as separate processes, to show the exit status and stderr a shell sees.
+IN_A_PROCESS = ["missing file", "corrupt file", "NaN", "unknown transform", "unknown option", "existing output"]
+
+
+def _bad_inputs(folder: Path) -> None:
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "corrupt.png").write_bytes(PNG_SIGNATURE + b"not really a png" * 20)
+    (folder / "image.bmp").write_bytes(b"BM" + bytes(100))
+    imageio.imwrite(folder / "constant.png", np.full((128, 160), 7, np.uint8))
+    imageio.imwrite(folder / "small.png", np.full((64, 80), 255, np.uint8))
+    np.save(folder / "empty.npy", np.zeros((0, 160)))
+    nan = np.load(folder / "fixed.npy")
+    nan[40, 50] = np.nan
+    np.save(folder / "nan.npy", nan)
+    tifffile.imwrite(folder / "stack.tif", np.zeros((3, 32, 32), np.uint8) + np.arange(32, dtype=np.uint8),
+                     photometric="minisblack")
+    (folder / "bad.tfm").write_text("#Insight Transform File V1.0\nTransform: AffineTransform_double_2_2\n"
+                                    "Parameters: 1 0 0 nonsense\n")
+    tireg.transform_io.save_transform(folder / "good.tfm", np.eye(3))
+    (folder / "mixed").mkdir(exist_ok=True)
+    imageio.imwrite(folder / "mixed" / "a.png", np.arange(64 * 80, dtype=np.uint8).reshape(64, 80))
+    imageio.imwrite(folder / "mixed" / "b.png", np.arange(64 * 64, dtype=np.uint8).reshape(64, 64))
+
+
+def _case(name: str, folder: Path, cwd: Path) -> tuple[list[str], list[str]]:
+    """The arguments of a bad-input case, and the files in ``cwd`` before it runs."""
+    if name in PREEXISTING:
+        existing = cwd / PREEXISTING[name]
+        existing.parent.mkdir(parents=True, exist_ok=True)
+        existing.write_text("keep me")
+    before = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*"))
+    return [a.replace("{in}", str(folder)) for a in BAD[name][0]], before
+
+
+def _check_failure(name: str, status: int, stderr: str, cwd: Path, before: list[str]) -> None:
+    _, expected_status, words = BAD[name]
+    assert status == expected_status, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tireg: error: "), stderr
+    assert "Traceback" not in stderr
+    assert words in lines[0], lines[0]
+    after = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*"))
+    assert after == before, f"{name} left files: {after}"
+    if name in PREEXISTING:
+        assert (cwd / PREEXISTING[name]).read_text() == "keep me"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bad_processes(data, tmp_path_factory):
+    """The :data:`IN_A_PROCESS` cases, started with the module's first test and run two at a time beside it.
+
+    Each only starts Python and fails; :func:`test_bad_input_in_a_process` collects them.
+    """
+    _bad_inputs(data["folder"])
+
+    def attempt(arguments, cwd):
+        process = run(*arguments, cwd=cwd)
+        return process.returncode, process.stderr
+
+    pool = ThreadPoolExecutor(max_workers=2)
+    runs = {}
+    for name in IN_A_PROCESS:
+        cwd = tmp_path_factory.mktemp("bad")
+        arguments, before = _case(name, data["folder"], cwd)
+        runs[name] = (pool.submit(attempt, arguments, cwd), cwd, before)
+    yield runs
+    pool.shutdown(wait=True)
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_fails_with_one_line_and_no_files(data, case, tmp_path, monkeypatch, capsys):
+    arguments, before = _case(case, data["folder"], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    status = main(arguments)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    _check_failure(case, status, captured.err, tmp_path, before)
+
+
+@pytest.mark.parametrize("case", IN_A_PROCESS)
+def test_bad_input_in_a_process(bad_processes, case):
+    future, cwd, before = bad_processes[case]
+    status, stderr = future.result(timeout=600)
+    _check_failure(case, status, stderr, cwd, before)
