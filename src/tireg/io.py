@@ -450,7 +450,6 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
                 has_channels
                 and frames.shape[-1] in (3, 4)
                 and image_format.photometric in (None, "rgb")  # None: from PNG/JPEG/npy, colour is RGB
-                and data.dtype in (np.uint8, np.uint16)
             )
             options = dict(photometric="rgb" if rgb else "minisblack")
             if has_channels:
