@@ -188,6 +188,19 @@ def test_register_keeps_format_bit_depth_and_channels(data, tmp_path, fixed, mov
     assert grid_error(saved.matrix, torch.from_numpy(truth), size) < 0.5
 
 
+def test_register_with_a_mask_and_levels(data, tmp_path, monkeypatch):
+    mask = np.zeros(data["size"], np.uint8)
+    mask[10:-10, 20:-20] = 255
+    imageio.imwrite(tmp_path / "mask.png", mask)
+    monkeypatch.chdir(tmp_path)
+    arguments = ["register", data["folder"] / "fixed.png", data["folder"] / "moving.png", "-o", "out",
+                 "--mask", "mask.png", "--levels", "2", "--metric", "cauchy", "-q"]
+    assert main(list(map(str, arguments))) == 0
+    saved = tireg.transform_io.load_transform(tmp_path / "out" / "transform.json")
+    assert saved.metadata["stop_reason"] == ["converged"]
+    assert grid_error(saved.matrix, torch.from_numpy(data["truth"]), data["size"]) < 0.5
+
+
 # ----------------------------------------------------------------------------
 # apply
 
@@ -329,6 +342,16 @@ def test_help_on_every_command_has_an_example(command, capsys):
     assert main([*command, "--help"]) == 0
     text = capsys.readouterr().out
     assert "usage: tireg" in text and "example" in text and "tireg " + " ".join(command) in text
+
+
+def test_readme_shows_the_register_picture_and_the_command_that_made_it():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    assert "tireg register tireg-demo/fixed.png tireg-demo/moving.png" in readme
+    picture = root / "docs" / "images" / "register_before_after.png"
+    assert f"]({picture.relative_to(root).as_posix()})" in readme
+    assert_png(picture)
+    assert picture.stat().st_size < 400_000
 
 
 @pytest.mark.skipif(shutil.which("tireg") is None, reason="the tireg entry point is not on PATH")

@@ -536,6 +536,7 @@ def _register_paths(folder: Path, moving_suffix: str) -> dict[str, Path]:
 
 
 def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
+    require("matplotlib", "drawing pictures")  # before the work, not after it
     fixed = _single(read_image(args.fixed, what="fixed image"), "fixed image")
     moving = _single(read_image(args.moving, what="moving image"), "moving image")
     if fixed.channels != moving.channels:
@@ -761,6 +762,7 @@ def _cmd_demo(args: argparse.Namespace, outputs: OutputFiles) -> int:
     from .sampling import pixel_grid, warp
     from .transforms import image_center, similarity_matrix, translation_matrix
 
+    require("matplotlib", "drawing pictures")
     folder = Path(args.output)
     names = ["fixed.png", "moving.png", *(p.name for p in _register_paths(folder, ".png").values())]
     paths = {name: folder / name for name in names}
