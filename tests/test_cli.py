@@ -238,7 +238,8 @@ def test_apply_a_tfm_written_by_simpleitk_resamples_as_simpleitk_does(data, tmp_
     ys, xs = np.mgrid[0:height, 0:width]
     mapped = np.array([transform.TransformPoint((float(x), float(y))) for x, y in zip(xs.ravel(), ys.ravel())])
     mapped = mapped.reshape(height, width, 2)
-    inside = (mapped[..., 0] >= 1) & (mapped[..., 0] <= width - 2) & (mapped[..., 1] >= 1) & (mapped[..., 1] <= height - 2)
+    inside = ((mapped[..., 0] >= 1) & (mapped[..., 0] <= width - 2)
+              & (mapped[..., 1] >= 1) & (mapped[..., 1] <= height - 2))
     assert inside.mean() > 0.7
     np.testing.assert_allclose(warped[inside], expected[inside], atol=1e-4)
 

@@ -23,12 +23,10 @@ import argparse
 import csv
 import inspect
 import math
-import os
 import re
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -39,12 +37,10 @@ from .io import (
     MissingDependencyError,
     OutputFiles,
     check_writable,
-    from_chw,
     luminance,
     read_image,
     read_stack,
     require,
-    to_chw,
     write_frames,
 )
 
@@ -339,10 +335,7 @@ class _Progress:
         resolution = "full" if state.factor == 1 else f"1/{state.factor}"
         self.bar.set_description_str(f"level {state.level + 1}/{self.levels} ({resolution})", refresh=False)
         self.bar.set_postfix_str(f"iteration {state.iteration + 1}, cost {cost:.4g}", refresh=False)
-        if self.frames:
-            self.bar.refresh()
-        else:
-            self.bar.update(1)
+        self.bar.update(0 if self.frames else 1)  # update() honours the delay; refresh() would not
 
     def advance(self, count: int) -> None:
         if self.bar is not None:
@@ -833,7 +826,7 @@ _CALLER = re.compile(r"^[A-Za-z_][\w.]*\(\): ")
 
 def _one_line(error: BaseException) -> str:
     """A one-line message for ``error``: no caller prefix (``register(): ``), no traceback."""
-    if isinstance(error, OSError) and error.strerror and error.filename and not isinstance(error, MissingDependencyError):
+    if isinstance(error, OSError) and error.strerror and error.filename:
         text = f"{error.filename!r}: {error.strerror}"
     else:
         text = str(error).strip()

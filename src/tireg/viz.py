@@ -63,7 +63,7 @@ def overlay(fixed: np.ndarray, other: np.ndarray) -> np.ndarray:
 
 
 def checkerboard(fixed: np.ndarray, other: np.ndarray, *, tiles: int = 8) -> np.ndarray:
-    """``(H, W)`` in ``[0, 1]``: squares of side ``min(H, W) / tiles`` taken alternately from ``fixed`` and ``other``."""
+    """``(H, W)`` in ``[0, 1]``: squares of side ``min(H, W) / tiles``, alternately from ``fixed`` and ``other``."""
     fixed, other = _check_pair(fixed, other, "checkerboard()")
     side = max(1, int(round(min(fixed.shape) / max(int(tiles), 1))))
     rows = (np.arange(fixed.shape[0]) // side)[:, None]
