@@ -23,6 +23,7 @@ import argparse
 import csv
 import inspect
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -857,6 +858,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as error:
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `tireg ... | head`: the reader left; the outputs are written
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output written", file=sys.stderr)
         return 130
