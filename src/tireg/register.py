@@ -261,7 +261,13 @@ class RegistrationResult:
             transform=self.transform,
             parameters=parameters,
             center=self.center,
-            metadata={"cost": self.cost.tolist(), "converged": self.converged.tolist(), "stop_reason": self.stop_reason},
+            metadata={
+                "cost": self.cost.tolist(),
+                "converged": self.converged.tolist(),
+                "stop_reason": self.stop_reason,
+                "fixed_size": list(self.fixed_size),
+                "moving_size": list(self.moving_size),
+            },
             **options,
         )
 

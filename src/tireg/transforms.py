@@ -123,12 +123,28 @@ def _as_center(center: CenterLike, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(center, dtype=like.dtype, device=like.device)
 
 
+def _broadcast_shape(*shapes: Sequence[int]) -> tuple[int, ...]:
+    """NumPy broadcasting of shapes, in plain Python.
+
+    ``torch.broadcast_shapes`` would do, but its first call imports a part of
+    torch that costs the command line almost half a second at start-up.
+    """
+    length = max(len(shape) for shape in shapes)
+    result = []
+    for sizes in zip(*[(1,) * (length - len(shape)) + tuple(shape) for shape in shapes]):
+        size = max(sizes)
+        if any(s not in (1, size) for s in sizes):
+            raise ValueError(f"shapes {[tuple(shape) for shape in shapes]} do not broadcast")
+        result.append(size)
+    return tuple(result)
+
+
 def _homogeneous(linear: torch.Tensor, offset: torch.Tensor, corner: float = 1.0) -> torch.Tensor:
     """``[[linear, offset], [0, 0, corner]]`` from ``(..., 2, 2)`` and ``(..., 2)``, broadcast.
 
     ``corner`` is 1 for a transform and 0 for a derivative of one.
     """
-    shape = torch.broadcast_shapes(linear.shape[:-2], offset.shape[:-1])
+    shape = _broadcast_shape(linear.shape[:-2], offset.shape[:-1])
     top = torch.cat([linear.expand(*shape, 2, 2), offset.expand(*shape, 2).unsqueeze(-1)], dim=-1)
     bottom = torch.tensor([0.0, 0.0, corner], dtype=top.dtype, device=top.device).expand(*shape, 1, 3)
     return torch.cat([top, bottom], dim=-2)
@@ -279,7 +295,7 @@ def affine_jacobian(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
     center = _as_center(center, params)
     units = torch.eye(4, dtype=params.dtype, device=params.device).reshape(4, 2, 2)
     d_linear = _linear_derivative(units, center.unsqueeze(-2))  # (..., 4, 3, 3)
-    shape = torch.broadcast_shapes(params.shape[:-1], d_linear.shape[:-3])
+    shape = _broadcast_shape(params.shape[:-1], d_linear.shape[:-3])
     d_shift = _translation_derivatives(shape, params)
     return torch.cat([d_linear.expand(*shape, 4, 3, 3), d_shift], dim=-3)
 
