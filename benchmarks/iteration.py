@@ -100,7 +100,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--transforms", nargs="+", default=["similarity", "affine"])
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per case")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"tireg {tireg.__version__}, torch {torch.__version__}, {name}; one Adam step, L2 loss, float32")
     print("| size | B | transform | analytic [ms] | autograd [ms] | plain autograd [ms] "
