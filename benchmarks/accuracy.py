@@ -30,6 +30,26 @@ Cases:
     immunohistochemistry); its random numbers come from ``(seed, kind, i)``,
     so every method sees identical pairs.
 
+Contrast suite (``--suite contrast``; ``--suite all`` runs both):
+    the same geometry generator (rigid, similarity, affine by default), but
+    the moving image's intensities differ by more than gain and offset:
+    ``invert`` (``1 - I``), ``gamma-0.4`` and ``gamma-2.5``
+    (``clip(I, 0, 1) ** gamma``) on the eight grey scenes, and ``channel``:
+    fixed from one channel, moving from another of the same shipped colour
+    photograph (immunohistochemistry red -> blue, haematoxylin -> DAB and
+    red -> DAB from ``skimage.color.rgb2hed``; astronaut, coffee, chelsea,
+    rocket and hubble_deep_field red -> blue).  Noise as above, no gain / offset change;
+    16 cases per kind and contrast type by default (two per scene), seeded
+    by ``(seed, 10 + contrast, kind, i)``.  Methods by default: tireg with
+    ``metric="mi"`` (Mattes mutual information), ``"nmi"`` (normalised MI),
+    ``"ncc_any"`` (NCC of either sign) and ``"ncc"`` (NCC expecting a
+    positive correlation), elastix with its default maps (Mattes MI),
+    SimpleITK with Mattes MI (``simpleitk-mi``) and with its correlation
+    metric (``simpleitk``: ITK's correlation is the negative *squared* NCC,
+    so it accepts either sign), and ECC (which maximises a positive
+    correlation).  kornia is left out: its registrator has no loss for
+    changed contrast (L1 / L2 on intensities).
+
 Error:
     the mean over all fixed pixels ``x`` of ``|A_est x - A_true x|`` in pixels
     (a homography is divided by its third coordinate).  Success: < 0.5 px;
@@ -51,6 +71,13 @@ each class's ``note`` for the exact configuration):
     ecc-single OpenCV ``findTransformECC`` at full resolution, default criteria.
     kornia     ``kornia.geometry.ImageRegistrator`` with its defaults;
                'similarity' for rigid, 'homography' for affine.
+    tireg-mi, tireg-nmi, tireg-ncc_any, tireg-ncc
+               ``tireg.register(fixed, moving, transform=kind, metric=...)``
+               with 'mi', 'nmi', 'ncc_any', 'ncc', other arguments default.
+    simpleitk-mi
+               as simpleitk, with ``SetMetricAsMattesMutualInformation(50)``
+               and RANDOM sampling of 10 % (SimpleITK's
+               ImageRegistrationMethod4 example), seeded.
 
 Convention checks (always run first; ``--check`` runs only them): for every
 method and kind, the converted matrix must agree with the peer's own reading
@@ -72,6 +99,8 @@ Run:
     python benchmarks/accuracy.py --quick              # 1 case per kind, smoke test
     python benchmarks/accuracy.py --check              # convention checks only
     python benchmarks/accuracy.py --methods tireg ecc --kinds rigid --cases 16
+    python benchmarks/accuracy.py --suite contrast     # contrast suite, 16 cases per kind and contrast (~10 min)
+    python benchmarks/accuracy.py --suite contrast --contrasts invert channel --kinds rigid
 """
 
 from __future__ import annotations
@@ -171,6 +200,7 @@ class Case:
     fixed: np.ndarray  # (256, 256) float32
     moving: np.ndarray
     description: str
+    contrast: str = "gain-offset"  # the standard suite's linear change; else one of CONTRASTS
 
 
 def random_truth(rng: np.random.Generator, kind: str) -> tuple[np.ndarray, str]:
@@ -197,8 +227,14 @@ def random_truth(rng: np.random.Generator, kind: str) -> tuple[np.ndarray, str]:
 
 
 def make_pair(scene: np.ndarray, truth: np.ndarray, rng: np.random.Generator, *, contrast: bool = True,
-              noise: float = NOISE_SIGMA) -> tuple[np.ndarray, np.ndarray]:
-    """``fixed`` = crop of ``scene``; ``moving(y)`` = scene at ``o + truth^-1 y``; noise and contrast added."""
+              noise: float = NOISE_SIGMA, moving_scene: Optional[np.ndarray] = None,
+              intensity: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """``fixed`` = crop of ``scene``; ``moving(y)`` = scene at ``o + truth^-1 y``; noise and contrast added.
+
+    ``moving_scene`` (same shape as ``scene``, e.g. another channel of the same photograph) is sampled for the
+    moving image instead of ``scene``; ``intensity`` maps the moving image's clean intensities (inversion, gamma)
+    before its noise.  Without them (the standard suite) the random numbers drawn are the same as before.
+    """
     from skimage.transform import warp as sk_warp
 
     inverse = np.linalg.inv(truth)
@@ -215,8 +251,14 @@ def make_pair(scene: np.ndarray, truth: np.ndarray, rng: np.random.Generator, *,
     crop = np.eye(3)
     crop[:2, 2] = offset
     fixed = sk_warp(scene, crop, output_shape=(SIZE, SIZE), order=3, mode="edge")
-    moving = sk_warp(scene, crop @ inverse, output_shape=(SIZE, SIZE), order=3, mode="edge")
-    check_construction(fixed, moving, truth)
+    source = scene if moving_scene is None else moving_scene
+    moving = sk_warp(source, crop @ inverse, output_shape=(SIZE, SIZE), order=3, mode="edge")
+    if moving_scene is None:
+        check_construction(fixed, moving, truth)
+    else:  # the geometry is checked on the moving channel's own crop (the channels differ in content)
+        check_construction(sk_warp(source, crop, output_shape=(SIZE, SIZE), order=3, mode="edge"), moving, truth)
+    if intensity is not None:
+        moving = intensity(moving)
     if contrast:
         gain, bias = rng.uniform(0.6, 1.4), rng.uniform(-0.2, 0.2)
         moving = gain * moving + bias
@@ -235,6 +277,99 @@ def make_cases(kinds, count: int, seed: int) -> list[Case]:
             truth, text = random_truth(rng, kind)
             fixed, moving = make_pair(scene, truth, rng)
             cases.append(Case(kind, index, name, truth, fixed, moving, text))
+    return cases
+
+
+# ----------------------------------------------------------------------------
+# the contrast suite: inverted, gamma-changed and other-channel moving images
+
+#: contrast types of the contrast suite (``--suite contrast``)
+CONTRASTS = ("invert", "gamma-0.4", "gamma-2.5", "channel")
+#: kinds of the contrast suite by default (translation can be selected with ``--kinds``)
+CONTRAST_KINDS = ("rigid", "similarity", "affine")
+
+
+def _robust_unit(image: np.ndarray) -> np.ndarray:
+    """Scaled so that the 1st and 99th percentiles are 0 and 1."""
+    image = np.asarray(image, np.float64)
+    low, high = np.percentile(image, [1, 99])
+    return (image - low) / (high - low)
+
+
+def _channel_scenes() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(name, fixed scene, moving scene)``: two channels of one shipped colour photograph, each at 1 / 99 %.
+
+    Shorter side >= 512 (enlarged as in the standard suite).  RGB channel 0 (red) against channel 2 (blue), and
+    for the immunohistochemistry slide also its colour-deconvolved stains (``skimage.color.rgb2hed``):
+    haematoxylin against DAB (almost uncorrelated: nuclei against the stained protein) and red against DAB
+    (negatively correlated: a stain's density is dark in the photograph).  Not retina: its red and blue channels
+    are offset from each other by up to about 9 px (registering same-geometry crops from the identity, tireg's MI
+    and NCC and elastix agree), so the geometric truth would not be the content's.  Inherent offsets that remain,
+    measured the same way: coffee 0.2-0.4 px, rocket and stereo_motorcycle about 0.2 px, the others below 0.1 px.
+    """
+    from skimage import color, data, transform
+
+    def at_least_512(image):
+        short = min(image.shape[:2])
+        if short >= 512:
+            return image
+        factor = 512 / short
+        shape = (max(512, round(image.shape[0] * factor)), max(512, round(image.shape[1] * factor)))
+        return transform.resize(image, shape, order=3, anti_aliasing=False)
+
+    def rgb_pair(image, first=0, second=2):
+        image = np.asarray(image)[..., :3].astype(np.float64)
+        return at_least_512(_robust_unit(image[..., first])), at_least_512(_robust_unit(image[..., second]))
+
+    ihc = data.immunohistochemistry()
+    hed = color.rgb2hed(ihc)
+    return [
+        ("immunohistochemistry R->B", *rgb_pair(ihc)),
+        ("immunohistochemistry H->DAB", _robust_unit(hed[..., 0]), _robust_unit(hed[..., 2])),
+        ("astronaut R->B", *rgb_pair(data.astronaut())),
+        ("coffee R->B", *rgb_pair(data.coffee())),
+        ("immunohistochemistry R->DAB", _robust_unit(ihc[..., 0]), _robust_unit(hed[..., 2])),
+        ("chelsea R->B", *rgb_pair(data.chelsea())),
+        ("rocket R->B", *rgb_pair(data.rocket())),
+        ("hubble_deep_field R->B", *rgb_pair(data.hubble_deep_field())),
+    ]
+
+
+def _intensity(contrast: str) -> Optional[Callable[[np.ndarray], np.ndarray]]:
+    """The moving image's intensity map of a contrast type (intensities at 1 / 99 % = 0 / 1)."""
+    if contrast == "invert":
+        return lambda image: 1.0 - image
+    if contrast.startswith("gamma-"):
+        gamma = float(contrast.split("-", 1)[1])
+        return lambda image: np.clip(image, 0.0, 1.0) ** gamma
+    return None
+
+
+def make_contrast_cases(kinds, contrasts, count: int, seed: int) -> list[Case]:
+    """Cases of the contrast suite: same geometry generator as the standard suite, other intensities.
+
+    ``invert``: ``moving = 1 - I``; ``gamma-0.4`` / ``gamma-2.5``: ``moving = clip(I, 0, 1) ** gamma``, on the
+    standard suite's eight grey scenes (case ``i`` uses scene ``i mod 8``); ``channel``: the fixed image from
+    one channel and the moving image from another of the same colour photograph (``_channel_scenes``, case
+    ``i`` uses pair ``i mod 8``).  No gain / offset change; noise as in the standard suite on both images.
+    Random numbers from ``(seed, 10 + contrast, kind, i)``: every method sees identical pairs, and no case
+    repeats a standard one.
+    """
+    grey = _scenes() if any(c != "channel" for c in contrasts) else []
+    channels = _channel_scenes() if "channel" in contrasts else []
+    cases = []
+    for kind in kinds:
+        for contrast in contrasts:
+            for index in range(count):
+                rng = np.random.default_rng([seed, 10 + CONTRASTS.index(contrast), KINDS.index(kind), index])
+                truth, text = random_truth(rng, kind)
+                if contrast == "channel":
+                    name, scene, other = channels[index % len(channels)]
+                    fixed, moving = make_pair(scene, truth, rng, contrast=False, moving_scene=other)
+                else:
+                    name, scene = grey[index % len(grey)]
+                    fixed, moving = make_pair(scene, truth, rng, contrast=False, intensity=_intensity(contrast))
+                cases.append(Case(kind, index, name, truth, fixed, moving, text, contrast))
     return cases
 
 
@@ -311,6 +446,21 @@ class Tireg(Method):
 
     def conversion_gap(self, fixed, moving, kind, matrix, native):
         return float(np.abs(native.map_points(_GRID_H[:1000, :2]).numpy() - apply(matrix, _GRID_H[:1000])).max())
+
+
+class TiregMetric(Tireg):
+    """tireg with a metric for changed contrast: ``register(fixed, moving, transform=kind, metric=metric)``."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+        self.name = f"tireg-{metric}"
+        self.note = f"`tireg.register(fixed, moving, transform=kind, metric={metric!r})`, other arguments at their defaults"
+
+    def register(self, fixed, moving, kind):
+        import tireg
+
+        result = tireg.register(fixed, moving, transform=kind, metric=self.metric)
+        return result.matrix.numpy(), result
 
 
 class Elastix(Method):
@@ -399,7 +549,8 @@ class Elastix(Method):
 
 class SimpleITK(Method):
     name = "simpleitk"
-    metric = "correlation"  # or "mattes": Mattes mutual information, 50 bins, all pixels
+    metric = "correlation"  # or "mattes": Mattes mutual information, 50 bins
+    sampling = None  # None: every pixel; a fraction: RANDOM sampling of that fraction with a fixed seed
     note = ("`ImageRegistrationMethod` in the form of SimpleITK's registration notebooks and 2-D examples: "
             "`CenteredTransformInitializer` (GEOMETRY), correlation metric (gain and offset invariant), linear "
             "interpolation, `SetOptimizerAsRegularStepGradientDescent(learningRate=1, minStep=1e-4, "
@@ -432,6 +583,9 @@ class SimpleITK(Method):
             method.SetMetricAsCorrelation()
         else:
             method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
+        if self.sampling is not None:
+            method.SetMetricSamplingStrategy(method.RANDOM)
+            method.SetMetricSamplingPercentage(self.sampling, 20260101)  # seeded: the same samples every run
         method.SetInterpolator(sitk.sitkLinear)
         method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=200)
         method.SetOptimizerScalesFromPhysicalShift()
@@ -452,6 +606,17 @@ class SimpleITK(Method):
         points = _GRID_H[::997]
         mapped = np.array([native.TransformPoint((float(x), float(y))) for x, y, _ in points])
         return float(np.abs(mapped - apply(matrix, points)).max())
+
+
+class SimpleITKMattes(SimpleITK):
+    name = "simpleitk-mi"
+    metric = "mattes"
+    sampling = 0.10
+    note = ("`ImageRegistrationMethod` as `simpleitk` but with `SetMetricAsMattesMutualInformation"
+            "(numberOfHistogramBins=50)` and the sampling of SimpleITK's ImageRegistrationMethod4 example (Mattes MI): "
+            "`SetMetricSamplingStrategy(RANDOM)`, `SetMetricSamplingPercentage(0.10, seed)`; "
+            "`CenteredTransformInitializer` (GEOMETRY), `RegularStepGradientDescent(learningRate=1, minStep=1e-4, "
+            "numberOfIterations=200)`, physical-shift scales, shrink factors (4, 2, 1), smoothing sigmas (2, 1, 0)")
 
 
 class _ECCBase(Method):
@@ -583,7 +748,15 @@ METHODS: dict[str, Callable[[], Method]] = {
     "ecc": ECC,
     "ecc-single": ECCSingle,
     "kornia": Kornia,
+    "tireg-mi": lambda: TiregMetric("mi"),
+    "tireg-nmi": lambda: TiregMetric("nmi"),
+    "tireg-ncc_any": lambda: TiregMetric("ncc_any"),
+    "tireg-ncc": lambda: TiregMetric("ncc"),
+    "simpleitk-mi": SimpleITKMattes,
 }
+#: methods of the standard suite and of the contrast suite when --methods is not given
+STANDARD_METHODS = ("tireg", "elastix", "simpleitk", "ecc", "ecc-single", "kornia")
+CONTRAST_METHODS = ("tireg-mi", "tireg-nmi", "tireg-ncc_any", "tireg-ncc", "elastix", "simpleitk-mi", "simpleitk", "ecc")
 
 # ----------------------------------------------------------------------------
 # convention checks
@@ -591,7 +764,8 @@ METHODS: dict[str, Callable[[], Method]] = {
 
 #: tolerance of the conversion gap: pixels for point maps, fraction of the image's std for resampling comparisons
 CONVERSION_TOLERANCE = {"tireg": 1e-6, "elastix": 1e-3, "simpleitk": 1e-6, "ecc": 0.02, "ecc-single": 0.02,
-                        "kornia": 0.02}
+                        "kornia": 0.02, "tireg-mi": 1e-6, "tireg-nmi": 1e-6, "tireg-ncc_any": 1e-6, "tireg-ncc": 1e-6,
+                        "simpleitk-mi": 1e-6}
 
 
 def check_cases(seed: int) -> list[Case]:
@@ -694,6 +868,7 @@ class Record:
     seconds: float  # wall clock
     cpu_seconds: float  # CPU time of this process (all its threads)
     reason: str = ""
+    contrast: str = "gain-offset"
 
 
 def run_case(method: Method, case: Case) -> Record:
@@ -708,7 +883,8 @@ def run_case(method: Method, case: Case) -> Record:
         seconds, cpu = time.perf_counter() - started, time.process_time() - started_cpu
         message = str(exc).strip().splitlines()
         error, reason = math.inf, f"exception {type(exc).__name__}: {message[-1] if message else ''}"
-    return Record(method.name, case.kind, case.index, case.scene, case.description, error, seconds, cpu, reason)
+    return Record(method.name, case.kind, case.index, case.scene, case.description, error, seconds, cpu, reason,
+                  case.contrast)
 
 
 def summarize(records: list[Record]) -> dict:
@@ -730,28 +906,42 @@ def _format_error(value: float) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
-def tables(records: list[Record], methods: list[Method], kinds, problems) -> str:
+def _table(title: str, kind: str, records: list[Record], methods: list[Method], problems) -> list[str]:
+    lines = [f"**{title}**\n",
+             "| method | success (< 0.5 px) | failures (> 5 px) | median error (px) | median CPU s / pair | "
+             "median wall s / pair |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for method in methods:
+        if kind not in method.kinds:
+            continue
+        if (method.name, kind) in problems:
+            lines.append(f"| {method.name} | conversion unverified | | | | |")
+            continue
+        subset = [r for r in records if r.method == method.name]
+        if not subset:
+            continue
+        s = summarize(subset)
+        crashed = f" ({s['exceptions']} exceptions)" if s["exceptions"] else ""
+        lines.append(f"| {method.name} | {s['success']}/{s['n']} ({100 * s['success'] / s['n']:.0f} %) | "
+                     f"{s['failures']}/{s['n']}{crashed} | {_format_error(s['median_error'])} | "
+                     f"{s['median_cpu']:.3f} | {s['median_seconds']:.3f} |")
+    lines.append("")
+    return lines
+
+
+def tables(records: list[Record], methods: list[Method], kinds, problems, contrasts=None) -> str:
+    """One table per kind (standard suite), or per kind and contrast type plus one per kind over all contrasts."""
     lines = []
     for kind in kinds:
-        lines.append(f"**{kind}**\n")
-        lines.append("| method | success (< 0.5 px) | failures (> 5 px) | median error (px) | median CPU s / pair | "
-                     "median wall s / pair |")
-        lines.append("|---|---:|---:|---:|---:|---:|")
-        for method in methods:
-            if kind not in method.kinds:
-                continue
-            if (method.name, kind) in problems:
-                lines.append(f"| {method.name} | conversion unverified | | | | |")
-                continue
-            subset = [r for r in records if r.method == method.name and r.kind == kind]
-            if not subset:
-                continue
-            s = summarize(subset)
-            crashed = f" ({s['exceptions']} exceptions)" if s["exceptions"] else ""
-            lines.append(f"| {method.name} | {s['success']}/{s['n']} ({100 * s['success'] / s['n']:.0f} %) | "
-                         f"{s['failures']}/{s['n']}{crashed} | {_format_error(s['median_error'])} | "
-                         f"{s['median_cpu']:.3f} | {s['median_seconds']:.3f} |")
-        lines.append("")
+        of_kind = [r for r in records if r.kind == kind]
+        if contrasts is None:
+            lines += _table(kind, kind, of_kind, methods, problems)
+            continue
+        for contrast in contrasts:
+            lines += _table(f"{kind}, {contrast}", kind, [r for r in of_kind if r.contrast == contrast], methods,
+                            problems)
+        if len(contrasts) > 1:
+            lines += _table(f"{kind}, all {len(contrasts)} contrast types", kind, of_kind, methods, problems)
     return "\n".join(lines)
 
 
@@ -771,7 +961,20 @@ def set_threads(count: int) -> None:
             pass
 
 
-def environment() -> str:
+def tireg_commit() -> str:
+    """The checkout's commit, and whether src/ has uncommitted changes to tracked files (taken when a run starts)."""
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", "src"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + (" (src/ with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(commit: Optional[str] = None) -> str:
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -788,15 +991,7 @@ def environment() -> str:
             versions.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:
             versions.append(f"{package} (not installed)")
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "src"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-        commit += " (src/ with uncommitted changes)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = tireg_commit() if commit is None else commit
     threads = [f"torch {torch.get_num_threads()}"]
     try:
         import cv2
@@ -821,70 +1016,118 @@ def environment() -> str:
             f"- versions: {', '.join(versions)}; tireg commit {commit}")
 
 
+def _failures(records: list[Record], kinds) -> list[str]:
+    order = {kind: index for index, kind in enumerate(KINDS)}
+    contrast_order = {name: index for index, name in enumerate(("gain-offset",) + CONTRASTS)}
+    lines = []
+    for record in sorted(records, key=lambda r: (r.method, order[r.kind], contrast_order[r.contrast], r.index)):
+        if record.error >= SUCCESS_PX:
+            contrast = "" if record.contrast == "gain-offset" else f" {record.contrast}"
+            lines.append(f"- {record.method} / {record.kind}{contrast} #{record.index} ({record.scene}; "
+                         f"{record.description}): {_format_error(record.error)} px, {record.cpu_seconds:.2f} s CPU "
+                         f"{record.reason}".rstrip())
+    return lines
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", type=int, default=32, help="cases per kind (default 32: four per scene)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    parser.add_argument("--suite", choices=("standard", "contrast", "all"), default="standard",
+                        help="standard (default): same contrast up to gain and offset; contrast: inverted, "
+                             "gamma-changed and other-channel moving images; all: both, one after the other")
+    parser.add_argument("--cases", type=int, default=None,
+                        help="cases per kind (standard, default 32: four per scene) or per kind and contrast type "
+                             "(contrast, default 16: two per scene)")
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                        help=f"default: {' '.join(STANDARD_METHODS)} (standard), {' '.join(CONTRAST_METHODS)} "
+                             "(contrast)")
+    parser.add_argument("--kinds", nargs="+", default=None, choices=list(KINDS),
+                        help=f"default: all four (standard), {' '.join(CONTRAST_KINDS)} (contrast)")
+    parser.add_argument("--contrasts", nargs="+", default=list(CONTRASTS), choices=list(CONTRASTS),
+                        help="contrast types of the contrast suite (default: all)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--threads", type=int, default=1,
                         help="threads for every library (default 1: CPU time per pair, robust to a shared "
                              "machine's load); 0 keeps each library's default")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 case per kind")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 case per kind (and contrast type)")
     parser.add_argument("--check", action="store_true", help="run only the convention checks")
     parser.add_argument("--no-check", action="store_true", help="skip the convention checks (not for reporting)")
     parser.add_argument("--json", help="write every per-case record to this file")
     parser.add_argument("--verbose", action="store_true", help="print every case as it finishes")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.cases = 1
     command = "python benchmarks/accuracy.py" + ("" if argv is None and len(sys.argv) == 1 else
                                                  " " + " ".join(sys.argv[1:] if argv is None else argv))
     set_threads(args.threads)
-    methods = []
-    for name in args.methods:
-        method = METHODS[name]()
-        method.setup()
-        methods.append(method)
-    kinds = [kind for kind in KINDS if kind in args.kinds]
+    commit = tireg_commit()  # at the start: the code that runs, whatever is committed meanwhile
+    suites = ["standard", "contrast"] if args.suite == "all" else [args.suite]
+    plan = {}  # suite -> (method names, kinds, cases per group)
+    for suite in suites:
+        names = args.methods or list(STANDARD_METHODS if suite == "standard" else CONTRAST_METHODS)
+        chosen = args.kinds or list(KINDS if suite == "standard" else CONTRAST_KINDS)
+        count = 1 if args.quick else (args.cases or (32 if suite == "standard" else 16))
+        plan[suite] = (names, [kind for kind in KINDS if kind in chosen], count)
+    contrasts = [contrast for contrast in CONTRASTS if contrast in args.contrasts]
+    methods: dict[str, Method] = {}
+    for names, _, _ in plan.values():
+        for name in names:
+            if name not in methods:
+                methods[name] = METHODS[name]()
+                methods[name].setup()
+    all_kinds = [kind for kind in KINDS if any(kind in kinds for _, kinds, _ in plan.values())]
 
     started = time.perf_counter()
     if args.no_check:  # the checks warm every method up; without them, one untimed call each
         problems = {}
         warm = check_cases(args.seed)[1]
-        for method in methods:
+        for method in methods.values():
             run_case(method, warm)
     else:
-        problems = run_checks(methods, kinds, args.seed)
+        problems = run_checks(list(methods.values()), all_kinds, args.seed)
     for (name, kind), problem in problems.items():
         print(f"CONVERSION UNVERIFIED: {name} / {kind}: {problem}")
     if args.check:
         return 1 if problems else 0
 
-    cases = make_cases(kinds, args.cases, args.seed)
     records: list[Record] = []
-    # case-major order: load on a shared machine hits every method alike
-    for case in cases:
-        for method in methods:
-            if case.kind not in method.kinds:
-                continue
-            record = run_case(method, case)
-            records.append(record)
-            if args.verbose:
-                print(f"{record.method:>10} {record.kind:>11} #{record.index} {record.scene:>20}: "
-                      f"{record.error:9.3f} px {record.cpu_seconds:7.3f} s CPU {record.seconds:7.3f} s "
-                      f"{record.reason}", flush=True)
+    reports = []
+    for suite, (names, kinds, count) in plan.items():
+        suite_started = time.perf_counter()
+        suite_methods = [methods[name] for name in names]
+        if suite == "standard":
+            cases = make_cases(kinds, count, args.seed)
+        else:
+            cases = make_contrast_cases(kinds, contrasts, count, args.seed)
+        suite_records: list[Record] = []
+        # case-major order: load on a shared machine hits every method alike
+        for case in cases:
+            for method in suite_methods:
+                if case.kind not in method.kinds:
+                    continue
+                record = run_case(method, case)
+                suite_records.append(record)
+                if args.verbose:
+                    print(f"{record.method:>13} {record.kind:>11} {record.contrast:>11} #{record.index} "
+                          f"{record.scene:>28}: {record.error:9.3f} px {record.cpu_seconds:7.3f} s CPU "
+                          f"{record.seconds:7.3f} s {record.reason}", flush=True)
+        records += suite_records
+        if suite == "standard":
+            heading = f"## Results: standard suite, {count} cases per kind, seed {args.seed}\n"
+            text = tables(suite_records, suite_methods, kinds, problems)
+        else:
+            heading = (f"## Results: contrast suite, {count} cases per kind and contrast type, seed {args.seed}\n")
+            text = tables(suite_records, suite_methods, kinds, problems, contrasts)
+        reports.append((suite, heading, text, suite_records, kinds, time.perf_counter() - suite_started))
 
-    print(f"## Results: {args.cases} cases per kind, seed {args.seed}\n")
-    print(tables(records, methods, kinds, problems))
-    print(environment())
-    print(f"- command: `{command}` ({time.perf_counter() - started:.0f} s in all)\n")
-    print("## Cases that were not a success (error >= 0.5 px)\n")
-    for record in sorted(records, key=lambda r: (r.method, KINDS.index(r.kind), r.index)):
-        if record.error >= SUCCESS_PX:
-            print(f"- {record.method} / {record.kind} #{record.index} ({record.scene}; {record.description}): "
-                  f"{_format_error(record.error)} px, {record.cpu_seconds:.2f} s CPU {record.reason}")
+    for suite, heading, text, suite_records, kinds, seconds in reports:
+        print(heading)
+        print(text)
+    print(environment(commit))
+    durations = ", ".join(f"{suite} {seconds:.0f} s" for suite, _, _, _, _, seconds in reports)
+    print(f"- command: `{command}` ({time.perf_counter() - started:.0f} s in all; {durations})\n")
+    for suite, _, _, suite_records, kinds, _ in reports:
+        print(f"## Cases that were not a success (error >= 0.5 px), {suite} suite\n")
+        print("\n".join(_failures(suite_records, kinds)))
+        print()
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"command": command, "seed": args.seed, "problems": {f"{m}/{k}": v for (m, k), v in
