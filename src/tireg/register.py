@@ -420,15 +420,18 @@ class _Problem:
             inside = inside * (sampled > 0.5).to(grid.dtype)
         return inside
 
-    def _irls_weight(self, residual: torch.Tensor, derivative: torch.Tensor, level: _Level) -> torch.Tensor:
-        """``rho'(r) / r``, with the limit ``rho'(eps) / eps`` near ``r = 0`` (computed once per level)."""
+    def _irls_weight(
+        self, residual: torch.Tensor, derivative: torch.Tensor, scale: torch.Tensor, level: _Level
+    ) -> torch.Tensor:
+        """IRLS weights ``derivative / r`` where ``derivative = scale rho'(r)``; near ``r = 0`` the
+        limit ``scale rho'(eps) / eps`` (``rho'(eps)`` computed once per level)."""
         eps = 1e-3
         if "irls_at_eps" not in level.cache:
             _, at_eps = self.loss(level.fixed + eps, level.fixed, True)
             level.cache["irls_at_eps"] = at_eps / eps
         small = residual.abs() < eps
         safe = torch.where(small, torch.full_like(residual, eps), residual)
-        return torch.where(small, level.cache["irls_at_eps"], derivative / safe)
+        return torch.where(small, level.cache["irls_at_eps"] * scale, derivative / safe)
 
     def grid(self, matrix: torch.Tensor, level: _Level) -> torch.Tensor:
         """The sampling grid, with wild points (an optimiser's trial far off) pinned outside the image.
@@ -460,22 +463,20 @@ class _Problem:
 
     def _evaluate(self, grid, valid, flat_jacobian, level: _Level, hessian: bool) -> _Evaluation:
         batch = grid.shape[0]
-        if hessian:  # Gauss-Newton: a per-pixel loss, its IRLS weights and the normal matrix
-            count = valid.sum(dim=(1, 2, 3)).clamp_min(1.0) * level.fixed.shape[1]
+        if hessian:  # Gauss-Newton: a per-pixel metric, its IRLS weights and the normal matrix
             values, gradients = sample_with_gradient(
                 level.moving, grid, interpolation=self.interpolation, padding_mode="border"
             )  # gradients (B, C, 2, h, w) in level pixels
-            per_pixel, derivative = self.loss(values, level.fixed, True)
-            weighted = derivative * valid
-            g_moments = grid_moments((weighted.unsqueeze(2) * gradients).sum(1), level.axes, channel_dim=1)
-            irls = self._irls_weight(values - level.fixed, derivative, level) * valid
+            # the metric's derivative is w rho'(r) / n; the IRLS weight w rho'(r) / (r n) follows
+            cost, derivative = self.metric(values, level.fixed, valid, gradient=True)
+            g_moments = grid_moments((derivative.unsqueeze(2) * gradients).sum(1), level.axes, channel_dim=1)
+            count = valid.sum(dim=(1, 2, 3)).clamp_min(1.0) * level.fixed.shape[1]
+            irls = self._irls_weight(values - level.fixed, derivative, valid / count[:, None, None, None], level)
             gx, gy = gradients[:, :, 0], gradients[:, :, 1]
             products = torch.stack([(irls * gx * gx).sum(1), (irls * gx * gy).sum(1), (irls * gy * gy).sum(1)], 1)
             h_moments = grid_moments(products, level.axes, channel_dim=1, second_order=True)  # (B, 3, 6)
-            matrix_hessian = _assemble_hessian(h_moments)
-            hessian_p = flat_jacobian @ matrix_hessian @ flat_jacobian.transpose(1, 2) / count[:, None, None]
-            cost = (per_pixel * valid).sum(dim=(1, 2, 3)) / count
-            gradient = (flat_jacobian @ g_moments.reshape(batch, 6, 1)).squeeze(-1) / count[:, None]
+            hessian_p = flat_jacobian @ _assemble_hessian(h_moments) @ flat_jacobian.transpose(1, 2)
+            gradient = (flat_jacobian @ g_moments.reshape(batch, 6, 1)).squeeze(-1)
             return _Evaluation(cost, gradient, hessian_p)
         values = sample(level.moving, grid, interpolation=self.interpolation, padding_mode="border")
         cost, derivative = self._level_metric(level)(values, level.fixed, valid, gradient=True)
