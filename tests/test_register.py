@@ -299,3 +299,19 @@ def test_level_matrix_transfers_the_transform(factor):
     naive = torch.diag(torch.tensor([float(factor), float(factor), 1.0], dtype=torch.float64))
     wrong = tireg.warp(downsample(image, factor), torch.linalg.inv(naive) @ matrix @ naive)
     assert (wrong[inner] - warp_then_coarse[inner]).abs().mean() > 0.05
+
+
+def test_fixed_and_moving_of_different_sizes():
+    """A small fixed view found inside a larger moving scene: matrices map fixed pixels to scene pixels."""
+    from tireg.data import load
+    from tireg.transforms import rigid_matrix, translation_matrix
+
+    scene = load("camera", dtype=torch.float64)
+    truth = translation_matrix(torch.tensor([40.0, 30.0], dtype=torch.float64)) @ rigid_matrix(
+        torch.tensor([0.15, 0.0, 0.0], dtype=torch.float64), tireg.image_center(150, 180)
+    )
+    fixed = tireg.warp(scene[None, None], truth, size=(150, 180))[0, 0]
+    result = tireg.register(fixed.float(), scene.float(), transform="rigid")
+    assert result.fixed_size == (150, 180) and result.moving_size == tuple(scene.shape)
+    assert grid_error(result.matrix, truth, (150, 180)) < 0.2
+    assert result.warp(scene).shape == (150, 180)
