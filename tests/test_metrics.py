@@ -191,3 +191,13 @@ def test_metric_registration_is_deterministic():
     first = tireg.register(fixed, moving, transform="similarity", metric="mi")
     second = tireg.register(fixed, moving, transform="similarity", metric="mi")
     assert torch.equal(first.matrix, second.matrix)
+
+
+@pytest.mark.parametrize("cls", [MutualInformation, NormalizedMutualInformation])
+def test_histogram_paths_agree(images, cls):
+    """The GPU's one-hot matrix product and the CPU's scatter-add build the same joint histogram."""
+    fixed, moving, weight = images
+    product = cls(16, use_matmul=True)(moving, fixed, weight, gradient=True)
+    scatter = cls(16, use_matmul=False)(moving, fixed, weight, gradient=True)
+    assert torch.allclose(product[0], scatter[0], rtol=1e-12)
+    assert torch.allclose(product[1], scatter[1], rtol=1e-10, atol=1e-14)

@@ -249,7 +249,8 @@ class _JointHistogramMetric(Metric):
     moving ``t = 1 + (x - x_min) / (x_max - x_min) * (bins - 3)`` spread
     over bins ``floor(t) - 1 .. floor(t) + 2`` with weights ``beta3(t - l)``.
     ``p(a, b) = sum_i w_i [a_i = a] beta3(t_i - b) / sum w``.  Histograms are
-    formed as one-hot matrix products (deterministic on every device).
+    a sequential scatter-add on the CPU and a one-hot matrix product on a GPU
+    (``use_matmul``), both deterministic.
 
     The ranges come from :meth:`set_ranges` (``register`` sets them from the
     whole images) or, if not set, from the inputs of each call.
@@ -257,10 +258,12 @@ class _JointHistogramMetric(Metric):
 
     any_contrast = True
 
-    def __init__(self, bins: int = 32):
+    def __init__(self, bins: int = 32, *, use_matmul: Optional[bool] = None):
         if int(bins) < 8:
             raise ValueError(f"{type(self).__name__}(): 'bins' must be at least 8; got {bins}")
         self.bins = int(bins)
+        # None: the one-hot matrix product on a GPU, a scatter-add on the CPU (both deterministic)
+        self.use_matmul = use_matmul
         self.ranges: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def set_ranges(self, moving: Optional[torch.Tensor], fixed: Optional[torch.Tensor]) -> None:
@@ -298,24 +301,39 @@ class _JointHistogramMetric(Metric):
         u = t_flat[..., None] - moving_bins.to(t_flat.dtype)
         parzen = _cubic_bspline(u) * weights[..., None]  # (P, N, 4)
         total = weights.sum(1).clamp_min(_TINY)  # (P,)
-        moving_matrix = torch.zeros(pairs, n, bins, dtype=x.dtype, device=x.device)
-        moving_matrix = moving_matrix.scatter(2, moving_bins, parzen)  # distinct columns per row
-        joint = fixed_onehot.transpose(1, 2) @ moving_matrix / total[:, None, None]  # (P, bins, bins)
+        if self.use_matmul if self.use_matmul is not None else x.is_cuda:
+            # one-hot matrix product: deterministic where scatter-adds are atomic (GPUs)
+            moving_matrix = torch.zeros(pairs, n, bins, dtype=x.dtype, device=x.device)
+            moving_matrix = moving_matrix.scatter(2, moving_bins, parzen)  # distinct columns per row
+            joint = fixed_onehot().transpose(1, 2) @ moving_matrix
+        else:
+            # a sequential scatter-add on the CPU: deterministic, and 4 N additions instead of
+            # the 2 N bins^2 operations of the matrix product
+            flat = (fixed_bin[..., None] * bins + moving_bins).reshape(pairs, 4 * n)
+            joint = torch.zeros(pairs, bins * bins, dtype=x.dtype, device=x.device)
+            joint = joint.scatter_add(1, flat, parzen.reshape(pairs, 4 * n)).reshape(pairs, bins, bins)
+        joint = joint / total[:, None, None]  # (P, bins, bins)
         return joint, dict(u=u, weights=weights, fixed_bin=fixed_bin, moving_bins=moving_bins, total=total,
                            t_scale=t_scale, shape=x.shape, t_raw=t_raw.detach())
 
-    def _fixed_bins(self, y, y_range, s, pairs: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fixed bins and their one-hot matrix ``(P, N, bins)``: the same on every call of a level, so kept.
+    def _fixed_bins(self, y, y_range, s, pairs: int, n: int):
+        """Fixed bins ``(P, N)`` and a maker of their one-hot matrix: the same on every call of a level, so kept.
 
         Recomputed when the fixed image (object, in-place version, contents' sum) or its range changes.
         """
         key = (id(y), getattr(y, "_version", None), y.data_ptr(), tuple(y.shape), float(y.detach().sum()),
                tuple(y_range.flatten().tolist()))
         if getattr(self, "_fixed_key", None) != key:
-            fixed_bin = s.detach().floor().long().reshape(pairs, n)
             self._fixed_key = key
-            self._fixed = (fixed_bin, F.one_hot(fixed_bin, self.bins).to(s.dtype))
-        return self._fixed
+            self._fixed_bin = s.detach().floor().long().reshape(pairs, n)
+            self._fixed_onehot = None
+
+        def onehot() -> torch.Tensor:
+            if self._fixed_onehot is None:
+                self._fixed_onehot = F.one_hot(self._fixed_bin, self.bins).to(s.dtype)
+            return self._fixed_onehot
+
+        return self._fixed_bin, onehot
 
     @staticmethod
     def _entropies(joint):
