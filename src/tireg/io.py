@@ -477,23 +477,45 @@ def _temporary_name(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
+def atomic_path(path: PathLike, *, overwrite: bool = True, caller: str = "") -> Iterator[Path]:
     """A temporary path beside ``path``; on success it replaces ``path``, on error it is removed.
 
     ``with atomic_path("out.png") as tmp: write(tmp)``: nothing named
     ``out.png`` exists until the write has finished, and a failed write
-    leaves neither ``out.png`` nor the temporary file.
+    leaves neither ``out.png`` nor the temporary file.  With
+    ``overwrite=False`` an existing ``path`` (even one that appears during
+    the write) is not replaced: ``FileExistsError``.  ``caller`` prefixes
+    the error messages.
     """
     path = Path(os.fspath(path))
+    prefix = f"{caller}: " if caller else ""
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist (for {str(path)!r})")
+        raise FileNotFoundError(f"{prefix}folder {str(path.parent)!r} does not exist (for {str(path)!r})")
     temporary = _temporary_name(path)
     try:
         yield temporary
-        os.replace(temporary, path)
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            _move_no_clobber(temporary, path, prefix)
     except BaseException:
         _remove(temporary)
         raise
+
+
+def _move_no_clobber(temporary: Path, path: Path, prefix: str) -> None:
+    """Move ``temporary`` to ``path`` unless ``path`` exists (atomically where hard links work)."""
+    message = f"{prefix}{str(path)!r} already exists; pass overwrite=True to replace it"
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        raise FileExistsError(message) from None
+    except OSError:  # no hard links on this file system: check, then replace
+        if path.exists():
+            raise FileExistsError(message) from None
+        os.replace(temporary, path)
+        return
+    os.unlink(temporary)
 
 
 def _remove(path: Path) -> None:

@@ -55,7 +55,6 @@ import json
 import math
 import os
 import re
-import secrets
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -514,46 +513,14 @@ def _itk_text(
 
 
 def _atomic_write(path: Path, text: str, overwrite: bool, caller: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then move it into place."""
-    folder = path.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{caller}: folder {str(folder)!r} does not exist (for {str(path)!r})")
-    temporary = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    # os.open applies the umask, so the file gets the same mode as an ordinary new file.
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as handle:
+    """Write ``text`` to a temporary file beside ``path``, flushed to disk, then move it into place."""
+    from .io import atomic_path  # light: image libraries load only when an image is read or written
+
+    with atomic_path(path, overwrite=overwrite, caller=caller) as temporary:
+        with open(temporary, "w", encoding="utf-8", newline="\n") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            _move_no_clobber(temporary, path, caller)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _move_no_clobber(temporary: Path, path: Path, caller: str) -> None:
-    """Move ``temporary`` to ``path`` unless ``path`` exists (atomically where links work)."""
-    try:
-        os.link(temporary, path)
-    except FileExistsError:
-        raise FileExistsError(
-            f"{caller}: {str(path)!r} already exists; pass overwrite=True to replace it"
-        ) from None
-    except OSError:  # no hard links on this file system: check, then replace
-        if path.exists():
-            raise FileExistsError(
-                f"{caller}: {str(path)!r} already exists; pass overwrite=True to replace it"
-            ) from None
-        os.replace(temporary, path)
-        return
-    os.unlink(temporary)
 
 
 # ----------------------------------------------------------------------------
