@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from ._validation import check_image, check_option
+from .metrics import NCC
 from .sampling import downsample, gaussian_blur, shrink_matrix, warp
 from .transforms import (
     get_transform,
@@ -609,21 +610,12 @@ def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tenso
     warped = warp(stacked, matrices.reshape(batch * count, 3, 3), size=fixed.shape[-2:])
     warped = warped.reshape(batch, count, 2, -1)
     values, weight = warped[:, :, 0], (warped[:, :, 1] > 0.999).to(fixed.dtype)  # (B, K, P)
-    target = fixed.reshape(batch, 1, -1)
-    total = weight.sum(dim=-1)
-    safe_total = total.clamp_min(1.0)
-    mean_f = (weight * target).sum(-1) / safe_total
-    mean_m = (weight * values).sum(-1) / safe_total
-    dev_f = (target - mean_f[..., None]) * weight
-    dev_m = (values - mean_m[..., None]) * weight
-    cross = (dev_f * dev_m).sum(-1)
-    var_f, var_m = (dev_f**2).sum(-1), (dev_m**2).sum(-1)
-    # no variation (relative to the intensities' size, beyond round-off): NCC undefined, scored 0
-    varies = (var_f > 1e-10 * (weight * target**2).sum(-1)) & (var_m > 1e-10 * (weight * values**2).sum(-1))
-    varies = varies & (var_f > 0) & (var_m > 0)
-    denominator = torch.sqrt(torch.where(varies, var_f * var_m, torch.ones_like(var_f)))
-    ncc = torch.where(varies, cross / denominator, torch.zeros_like(cross)).clamp(-1.0, 1.0)
-    fraction = total / target.shape[-1]
+    height, width = fixed.shape[-2:]
+    as_images = lambda t: t.reshape(batch * count, 1, height, width)  # noqa: E731
+    target = fixed.reshape(batch, 1, -1).expand(batch, count, -1)
+    ncc = 1.0 - NCC()(as_images(values), as_images(target), as_images(weight))  # cost 1 - ncc
+    ncc = ncc.reshape(batch, count).clamp(-1.0, 1.0)
+    fraction = weight.sum(dim=-1) / target.shape[-1]
     return torch.where(fraction >= min_overlap, ncc, torch.full_like(ncc, -1.0))
 
 
