@@ -2,11 +2,12 @@
 
 A registration is a composition (as in ITK): a **transform** kind
 (:data:`tireg.transforms.TRANSFORMS`), a **metric** (a per-pixel loss on
-intensity-normalised images), an **optimiser** (Gauss-Newton /
-Levenberg-Marquardt on the analytic Jacobian by default, or any
-``torch.optim`` optimiser), an **interpolator** (bilinear or bicubic) and a
-**pyramid** (coarse to fine), started from an **initialisation**
-(:mod:`tireg.initialize`).
+intensity-normalised images, or NCC / mutual information from
+:mod:`tireg.metrics`), an **optimiser** (Gauss-Newton / Levenberg-Marquardt
+on the analytic Jacobian for per-pixel losses, L-BFGS for the other
+metrics, or any of Adam, L-BFGS, SGD from ``torch.optim``), an
+**interpolator** (bilinear or bicubic) and a **pyramid** (coarse to fine),
+started from an **initialisation** (:mod:`tireg.initialize`).
 
 The state of the search is one parameter vector per image pair in natural,
 full-resolution units (angle in radians, scale, translation in pixels) about
