@@ -20,6 +20,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import fused
 from .losses import PerPixelLoss
 from .metrics import Metric, PerPixelMetric
 from .sampling import grid_moments, pixel_axes, pixel_scale, sample, sampler_gradient, sampling_grid
@@ -38,6 +39,8 @@ def cost_and_gradient(
     padding_mode: str = "zeros",
     moving_with_gradient: Optional[torch.Tensor] = None,
     axes: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    compile: bool = False,
+    padded_moving: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Warp, cost and ``G = dL/dA`` in one pass, without autograd.
 
@@ -58,12 +61,21 @@ def cost_and_gradient(
             ``(B, 3C, Hm, Wm)`` (:func:`tireg.sampling.stack_with_gradient`) to
             sample a precomputed gradient at the same points instead.
         axes: optional cached :func:`~tireg.sampling.pixel_axes` of the fixed image.
+        compile: use the compiled fused kernel (:mod:`tireg.fused`) where it
+            applies (bilinear, zeros or border padding, a per-pixel metric,
+            exact gradient); it gives the same result in one pass over the
+            pixels.  Elsewhere, or where compiling fails, the reference path.
+        padded_moving: optional cached :func:`tireg.fused.pad_moving` of ``moving``.
 
     Returns:
         ``warped (B, C, H, W)``, ``cost (B,)``, ``G (B, 2, 3)`` with ``G = sum_x g(x) x~^T``.
     """
     if isinstance(metric, PerPixelLoss):
         metric = PerPixelMetric(metric, mean=False)
+    if compile and moving_with_gradient is None:
+        result = _fused_cost_and_gradient(fixed, moving, matrix, metric, weight, interpolation, padding_mode, padded_moving)
+        if result is not None:
+            return result
     batch, channels, height, width = fixed.shape
     if axes is None:
         axes = pixel_axes((height, width), dtype=matrix.dtype, device=matrix.device)
@@ -82,6 +94,21 @@ def cost_and_gradient(
         g = torch.einsum("bchw,bckhw->bkhw", derivative, gradient)  # (B, 2, H, W), pixel units
         matrix_gradient = grid_moments(g, axes, channel_dim=1)
     return warped, cost, matrix_gradient
+
+
+def _fused_cost_and_gradient(fixed, moving, matrix, metric, weight, interpolation, padding_mode, padded_moving):
+    """:func:`cost_and_gradient` by the compiled kernel, or ``None`` where it does not apply or cannot compile."""
+    if not (isinstance(metric, PerPixelMetric) and fused.supports(interpolation, padding_mode, metric.loss)):
+        return None
+    padded = fused.pad_moving(moving, padding_mode) if padded_moving is None else padded_moving
+    result = fused.run_compiled(fixed, padded, matrix, metric.loss, padding_mode, weight, return_warped=True)
+    if result is None:
+        return None
+    cost, matrix_gradient = result.cost, result.matrix_gradient
+    if metric.mean:  # PerPixelMetric's mean: divided by C sum w
+        count = (result.count * fixed.shape[1]).clamp_min(1.0)
+        cost, matrix_gradient = cost / count, matrix_gradient / count[:, None, None]
+    return result.warped, cost, matrix_gradient
 
 
 def per_pixel_cost_and_gradient(

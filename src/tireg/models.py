@@ -29,6 +29,7 @@ from ._validation import PADDING_MODES, FiniteCheckCache, check_image, check_opt
 from .analytic import cost_and_gradient, parameter_gradient
 from .losses import L2Loss, PerPixelLoss, get_loss
 from .metrics import Metric, get_metric
+from .fused import FUSED_PADDING, pad_moving
 from .mappings import IdentityMapping, Mapping
 from .sampling import image_gradient as compute_image_gradient
 from .sampling import pixel_axes, stack_with_gradient, warp
@@ -257,6 +258,14 @@ class AffineModelAnalytic(TransformModel):
             (``"ncc"``, ``"lncc"``, ``"mi"``, ``"nmi"``, or an instance); the
             cost is then the metric's, summed over the pairs.  Also settable as
             the attribute ``metric``.
+        compile: compute each step with the compiled fused kernel
+            (:mod:`tireg.fused`: one pass over the pixels for the warped
+            image, cost and gradient; the same numbers as the reference
+            path).  It applies to bilinear interpolation, ``"zeros"`` or
+            ``"border"`` padding, a per-pixel loss and ``image_gradient="exact"``;
+            other settings use the reference path.  The first step compiles
+            (seconds); it pays in long loops and large images
+            (``benchmarks/speed.py``).  Also settable as the attribute.
     """
 
     def __init__(
@@ -272,6 +281,7 @@ class AffineModelAnalytic(TransformModel):
         loss_func: Union[str, PerPixelLoss, None] = None,
         metric: Union[str, Metric, None] = None,
         batch_size: int = 1,
+        compile: bool = False,
     ):
         super().__init__(cx, cy, bordermode, interpolation=interpolation, batch_size=batch_size)
         caller = f"{type(self).__name__}()"
@@ -285,6 +295,8 @@ class AffineModelAnalytic(TransformModel):
         self._moving_key: Optional[tuple] = None
         self.register_buffer("moving_with_gradient", None, persistent=False)
         self._pixel_axes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.compile = bool(compile)
+        self._padded: tuple[Optional[tuple], Optional[torch.Tensor]] = (None, None)
         if self.image_gradient != "exact":
             self._precompute(moving)
 
@@ -295,6 +307,15 @@ class AffineModelAnalytic(TransformModel):
         )
         self.moving_with_gradient = stack_with_gradient(moving, gradient)
         self._moving_key = (id(moving), moving._version, moving.device)
+
+    def _padded_moving(self, source: torch.Tensor) -> Optional[torch.Tensor]:
+        """The source extended for the fused kernel, kept while the same tensor is passed."""
+        if not self.compile or self.bordermode not in FUSED_PADDING:
+            return None
+        key = (id(source), source._version, source.device, source.dtype, self.bordermode)
+        if self._padded[0] != key:
+            self._padded = (key, pad_moving(source, self.bordermode))
+        return self._padded[1]
 
     def _axes(self, size: Sequence[int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (tuple(size), like.dtype, like.device)
@@ -337,6 +358,8 @@ class AffineModelAnalytic(TransformModel):
                 padding_mode=self.bordermode,
                 moving_with_gradient=stacked,
                 axes=self._axes(target.shape[-2:], matrix),
+                compile=self.compile,
+                padded_moving=self._padded_moving(source) if stacked is None else None,
             )
             gradient = parameter_gradient(matrix_gradient, jacobian)  # (B, P): dL/dp
             for i, (param, mapping) in enumerate(zip(self.p, self.m)):
@@ -439,6 +462,7 @@ def create_model(
     metric: Union[str, Metric, None] = None,
     image_gradient: str = "exact",
     sigma: float = 1.0,
+    compile: bool = False,
 ) -> TransformModel:
     """A ready-made model for a built-in transform, one parameter set per image pair of ``moving``.
 
@@ -450,6 +474,7 @@ def create_model(
         loss: per-pixel loss for the analytic model (the autograd model's
             loss is whatever the caller sums).
         metric: a :mod:`tireg.metrics` metric for the analytic model instead of ``loss``.
+        compile: the analytic model's compiled fast path (:class:`AffineModelAnalytic`).
 
     Returns:
         A model on ``moving``'s device and dtype, at the identity transform.
@@ -458,6 +483,8 @@ def create_model(
     get_transform(transform)
     check_option(gradients, ("analytic", "autograd"), "gradients", caller)
     check_image(moving, "moving", caller)
+    if compile and gradients != "analytic":
+        raise ValueError(f"{caller}: 'compile' applies to the analytic model; got gradients={gradients!r}")
     if center is None:
         center = image_center(*moving.shape[-2:])
     cls = _READY_MADE[(transform, gradients)]
@@ -465,7 +492,7 @@ def create_model(
     if gradients == "analytic":
         model = cls(
             *center, padding_mode, moving, image_gradient=image_gradient, sigma=sigma, loss_func=loss, metric=metric,
-            **options,
+            compile=compile, **options,
         )
     else:
         model = cls(*center, padding_mode, **options)

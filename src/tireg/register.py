@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import fused
 from ._validation import check_option
 from .losses import PerPixelLoss
 from .metrics import Metric, PerPixelMetric, get_metric
@@ -389,9 +390,16 @@ class _Evaluation:
 class _Problem:
     """Cost, gradient and Gauss-Newton matrix of the parameters at one level."""
 
-    def __init__(self, kind: Transform, center: torch.Tensor, metric: Metric, interpolation: str):
+    def __init__(
+        self, kind: Transform, center: torch.Tensor, metric: Metric, interpolation: str, compile: bool = False
+    ):
         self.kind, self.center, self.metric, self.interpolation = kind, center, metric, interpolation
         self.loss = metric.loss if isinstance(metric, PerPixelMetric) else None  # Gauss-Newton's rho
+        # the compiled kernel serves a per-pixel metric's mean, bilinear, without a moving mask
+        self.compile = (
+            bool(compile) and self.loss is not None and self.metric.mean
+            and fused.supports(interpolation, "border", self.loss)
+        )
 
     def _level_metric(self, level: _Level) -> Metric:
         """The metric, with histogram ranges taken from this level's whole images (fixed while it runs)."""
@@ -445,14 +453,19 @@ class _Problem:
 
     def evaluate(self, params: torch.Tensor, level: _Level, *, hessian: bool) -> _Evaluation:
         matrix, jacobian = self.matrices(params, level)
-        grid = self.grid(matrix, level)
-        valid = self._valid(grid, level)
         batch, params_count = params.shape
         flat_jacobian = jacobian[:, :, :2, :].reshape(batch, params_count, 6)
-        evaluation = self._evaluate(grid, valid, flat_jacobian, level, hessian)
+        fused_result = self._evaluate_fused(matrix, flat_jacobian, level, hessian) if self.compile else None
+        if fused_result is not None:
+            evaluation, valid_count = fused_result
+        else:
+            grid = self.grid(matrix, level)
+            valid = self._valid(grid, level)
+            evaluation = self._evaluate(grid, valid, flat_jacobian, level, hessian)
+            valid_count = valid.sum(dim=(1, 2, 3))
         # Too little overlap is no match at all: an infinite cost that no step is taken
         # towards, never a small cost of a few pixels (or a NaN of none).
-        overlap = valid.sum(dim=(1, 2, 3)) >= MIN_VALID_PIXELS
+        overlap = valid_count >= MIN_VALID_PIXELS
         if not bool(overlap.all()):
             evaluation = _Evaluation(
                 torch.where(overlap, evaluation.cost, torch.full_like(evaluation.cost, float("inf"))),
@@ -461,6 +474,31 @@ class _Problem:
                     overlap[:, None, None], evaluation.hessian, torch.zeros_like(evaluation.hessian)),
             )
         return evaluation
+
+    def _evaluate_fused(
+        self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, level: _Level, hessian: bool
+    ) -> Optional[tuple[_Evaluation, torch.Tensor]]:
+        """:meth:`_evaluate` by the compiled kernel (:mod:`tireg.fused`), or ``None`` where it cannot run."""
+        if level.moving_mask is not None:
+            return None
+        if "padded" not in level.cache:
+            level.cache["padded"] = fused.pad_moving(level.moving, "border")
+        result = fused.run_compiled(
+            level.fixed, level.cache["padded"], matrix, self.loss, "border", level.fixed_weight,
+            inside_only=True, hessian=hessian,
+        )
+        if result is None:
+            self.compile = False
+            return None
+        batch = matrix.shape[0]
+        count = (result.count * level.fixed.shape[1]).clamp_min(1.0)  # the metric's mean: C sum w
+        g_moments = result.matrix_gradient / count[:, None, None]
+        gradient = (flat_jacobian @ g_moments.reshape(batch, 6, 1)).squeeze(-1)
+        hessian_p = None
+        if hessian:
+            products = result.products / count[:, None, None]
+            hessian_p = flat_jacobian @ _assemble_hessian(products) @ flat_jacobian.transpose(1, 2)
+        return _Evaluation(result.cost / count, gradient, hessian_p), result.count
 
     def _evaluate(self, grid, valid, flat_jacobian, level: _Level, hessian: bool) -> _Evaluation:
         batch = grid.shape[0]
@@ -713,6 +751,7 @@ def register(
     interpolation: str = "bilinear",
     normalize: bool = True,
     optimizer_options: Optional[dict] = None,
+    compile: bool = False,
 ) -> RegistrationResult:
     """Find the transform ``A`` with ``moving(A x) ~ fixed(x)``, coarse to fine.
 
@@ -753,6 +792,14 @@ def register(
         tolerance: a pair has converged at a level when a step moves no
             corner of the image by more than ``tolerance * factor`` pixels.
         interpolation: ``"bilinear"`` or ``"bicubic"``.
+        compile: evaluate the cost, gradient and Gauss-Newton matrix with the
+            compiled fused kernel (:mod:`tireg.fused`), one pass over the
+            pixels instead of a dozen operations.  It applies to per-pixel
+            metrics with bilinear interpolation and no ``moving_mask``
+            (elsewhere the reference path runs) and gives the same
+            matrices.  Compiling costs seconds on first use in a process
+            (once per pyramid level size), so it pays for large images,
+            batches and stacks, not for one small pair (``benchmarks/speed.py``).
 
     Returns:
         :class:`RegistrationResult`; non-convergence is a status in it, never an exception.
@@ -822,7 +869,7 @@ def register(
 
     center = image_center(*fixed_t.shape[-2:])
     center_t = torch.tensor(center, dtype=dtype, device=device)
-    problem = _Problem(kind, center_t, metric_object, interpolation)
+    problem = _Problem(kind, center_t, metric_object, interpolation, compile=compile)
     if start_params is None:
         start = _initial_matrix(init, fixed_n, moving_n, kind, center, caller).to(device=device, dtype=dtype)
         params = kind.from_matrix(start, center_t)

@@ -1,0 +1,220 @@
+"""The compiled fast path: sample, exact gradient, per-pixel cost and moments in one pass.
+
+The reference analytic path (:mod:`tireg.analytic`) runs three heavy kernels
+per evaluation: ``grid_sample`` for ``M(A x)``, ``grid_sampler_2d_backward``
+for ``C' grad M(A x)``, and the row/column sums of the moments, with the
+sampling grid and the per-pixel cost as further passes over memory.  The
+two sampler kernels each find the same four neighbours of every point.
+PyTorch has no sampler that returns the value *and* its derivative from one
+gather, so this module writes the bilinear interpolant out by hand, in
+plain tensor operations that ``torch.compile`` fuses into one loop over the
+pixels (C++ on the CPU, Triton on a GPU)::
+
+    (x, y) = A (j, i, 1)          x0 = floor x, fx = x - x0 (likewise y)
+    a = m10 - m00,  b = m01 - m00,  c = m11 - m10 - m01 + m00
+    M(x, y)  = m00 + fx a + fy (b + fx c)
+    dM/dx    = a + fy c,          dM/dy = b + fx c
+
+``m00 .. m11`` are the four neighbours of the padding-extended image, so the
+value and the derivative are exactly those of ``grid_sample``'s bilinear
+interpolant and of its derivative kernel.  Where the interpolant has a kink
+(an integer coordinate) both take the right-hand derivative, except on the
+edge pixels themselves with ``"border"`` padding, where ``grid_sample``
+takes 0 and this path the inward one-sided derivative: a set of measure
+zero that never moves an optimum.  The same pass forms
+the per-pixel cost ``rho(r)``, ``rho'(r)`` and the sums a step needs::
+
+    G[k, :] = sum_x rho'(r) dM/dk (x, y, 1)                 (k in x, y)
+    H[kl, :] = sum_x w_irls dM/dk dM/dl (x^2, xy, y^2, x, y, 1)
+
+No ``(H, W, 2)`` grid and no per-pixel gradient image is stored.
+
+Eagerly these operations are slower than the reference kernels (each
+gather is its own pass), so the path is used only compiled; where
+``torch.compile`` cannot run (no C++ compiler, an unsupported device) the
+first call warns once and the reference path is used from then on.
+Supported: bilinear interpolation, ``"zeros"`` and ``"border"`` padding,
+per-pixel losses.  Anything else uses the reference path.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .losses import PerPixelLoss
+
+__all__ = ["FusedMoments", "FUSED_PADDING", "supports", "pad_moving", "bilinear_moments", "compiled_bilinear_moments"]
+
+#: Padding modes of the fused path and the pixels each adds on every side of the moving image.
+FUSED_PADDING = {"zeros": 2, "border": 2}
+MATRIX_BOUND = 1e6  # |matrix entries| beyond this are clamped: such a point is far outside either way
+IRLS_EPS = 1e-3  # |r| below this uses the IRLS weight's limit rho'(eps) / eps (as the reference path)
+
+
+@dataclass
+class FusedMoments:
+    """What one fused pass returns, per image pair (sums over the fixed pixels, weighted).
+
+    Attributes:
+        cost: ``(B,)`` ``sum_c sum_x w rho(r)``.
+        count: ``(B,)`` ``sum_x w``.
+        matrix_gradient: ``(B, 2, 3)`` ``G = sum_c sum_x w rho'(r) grad M(A x) (x, y, 1)``
+            in moving-image pixel units.
+        products: ``(B, 3, 6)`` or ``None``: for the products ``(gx gx, gx gy, gy gy)``
+            weighted by ``w rho'(r) / r``, the moments ``(x^2, xy, y^2, x, y, 1)``
+            (:func:`tireg.sampling.grid_moments`' second order).
+        warped: ``(B, C, H, W)`` ``M(A x)``, or ``None`` when not asked for.
+    """
+
+    cost: torch.Tensor
+    count: torch.Tensor
+    matrix_gradient: torch.Tensor
+    products: Optional[torch.Tensor]
+    warped: Optional[torch.Tensor]
+
+
+def supports(interpolation: str, padding_mode: str, loss: object) -> bool:
+    """Whether the fused path computes this configuration (otherwise use the reference path)."""
+    return interpolation == "bilinear" and padding_mode in FUSED_PADDING and isinstance(loss, PerPixelLoss)
+
+
+def pad_moving(moving: torch.Tensor, padding_mode: str) -> torch.Tensor:
+    """The moving image extended as :func:`bilinear_moments` expects, ``(B, C, Hm + 2p, Wm + 2p)``.
+
+    Two rows and columns on every side: zeros for ``"zeros"``, the repeated
+    edge for ``"border"``.  Compute it once per moving image.
+    """
+    pad = FUSED_PADDING[padding_mode]
+    return F.pad(moving, (pad, pad, pad, pad), mode="constant" if padding_mode == "zeros" else "replicate")
+
+
+def bilinear_moments(
+    fixed: torch.Tensor,
+    padded: torch.Tensor,
+    matrix: torch.Tensor,
+    loss: PerPixelLoss,
+    padding_mode: str,
+    weight: Optional[torch.Tensor] = None,
+    inside_only: bool = False,
+    hessian: bool = False,
+    return_warped: bool = False,
+) -> FusedMoments:
+    """One pass over the fixed pixels: warped value, exact gradient, cost and moments (see the module).
+
+    Args:
+        fixed: ``(B, C, H, W)``.
+        padded: :func:`pad_moving` of the moving image, ``(B, C, Hm + 2p, Wm + 2p)``.
+        matrix: ``(B, 3, 3)`` fixed -> moving pixel matrices.
+        loss: the per-pixel loss; ``loss(x, y, True)`` gives ``(rho, rho')``.
+        padding_mode: ``"zeros"`` or ``"border"``, as :func:`pad_moving` used.
+        weight: optional ``(B, 1, H, W)`` pixel weights ``w`` (default 1).
+        inside_only: also weight by whether ``A x`` lies inside the moving
+            image, ``0 <= x <= Wm - 1`` and ``0 <= y <= Hm - 1`` (what
+            :func:`tireg.register` counts).
+        hessian: also return the Gauss-Newton product moments.
+        return_warped: also return ``M(A x)``.
+    """
+    batch, channels, height, width = fixed.shape
+    pad = FUSED_PADDING[padding_mode]
+    padded_height, padded_width = padded.shape[-2:]
+    moving_height, moving_width = padded_height - 2 * pad, padded_width - 2 * pad
+    dtype, device = fixed.dtype, fixed.device
+    xs = torch.arange(width, dtype=dtype, device=device).view(1, 1, 1, width)
+    ys = torch.arange(height, dtype=dtype, device=device).view(1, 1, height, 1)
+    # A trial step far off may give a huge or NaN matrix: bounded entries keep every point
+    # finite (NaN-free), and such points land outside, where they count for nothing.
+    # (Sanitising the 6 entries is far cheaper than nan_to_num on every point.)
+    coefficients = torch.nan_to_num(matrix[:, :2, :].to(dtype), nan=MATRIX_BOUND).clamp(-MATRIX_BOUND, MATRIX_BOUND)
+    coefficients = coefficients.reshape(batch, 6, 1, 1, 1)
+    x = coefficients[:, 0] * xs + coefficients[:, 1] * ys + coefficients[:, 2]  # (B, 1, H, W)
+    y = coefficients[:, 3] * xs + coefficients[:, 4] * ys + coefficients[:, 5]
+    inside = (x >= 0) & (x <= moving_width - 1) & (y >= 0) & (y <= moving_height - 1)
+    # Two padding pixels a side: a point clamped into the outermost cell sees four equal
+    # neighbours (zeros, or the repeated edge), so its value is right and its derivative 0.
+    x_clamped, y_clamped = x.clamp(-2.0, float(moving_width)), y.clamp(-2.0, float(moving_height))
+    x0, y0 = x_clamped.floor(), y_clamped.floor()
+    fx, fy = x_clamped - x0, y_clamped - y0
+    # flat index of the top-left neighbour in (B, C, Hp, Wp): one gather base per point and channel
+    plane = torch.arange(batch * channels, device=device).view(batch, channels, 1, 1) * (padded_height * padded_width)
+    top_left = plane + (y0.long() + pad) * padded_width + (x0.long() + pad)  # (B, C, H, W)
+    flat = padded.reshape(-1)
+    m00, m10 = flat[top_left], flat[top_left + 1]
+    m01, m11 = flat[top_left + padded_width], flat[top_left + padded_width + 1]
+    slope_x, slope_y, twist = m10 - m00, m01 - m00, m11 - m10 - m01 + m00
+    gradient_y = slope_y + fx * twist
+    gradient_x = slope_x + fy * twist
+    warped = m00 + fx * slope_x + fy * gradient_y
+
+    pixel_weight = torch.ones_like(x) if weight is None else weight.to(dtype)
+    if inside_only:
+        pixel_weight = pixel_weight * inside.to(dtype)
+    rho, derivative = loss(warped, fixed, True)
+    cost = (pixel_weight * rho).sum(dim=(1, 2, 3))
+    count = pixel_weight.sum(dim=(1, 2, 3))
+    weighted = pixel_weight * derivative  # w rho'(r), (B, C, H, W)
+    pixels = (1, 2, 3)  # channels are summed with the pixels
+
+    def first_moments(values: torch.Tensor) -> torch.Tensor:
+        return torch.stack([(values * xs).sum(dim=pixels), (values * ys).sum(dim=pixels), values.sum(dim=pixels)], 1)
+
+    matrix_gradient = torch.stack([first_moments(weighted * gradient_x), first_moments(weighted * gradient_y)], dim=1)
+    products = None
+    if hessian:
+        residual = warped - fixed
+        small = residual.abs() < IRLS_EPS
+        _, at_eps = loss(fixed + IRLS_EPS, fixed, True)
+        safe = torch.where(small, torch.full_like(residual, IRLS_EPS), residual)
+        irls = pixel_weight * torch.where(small, at_eps / IRLS_EPS, derivative / safe)
+        monomials = (xs * xs, xs * ys, ys * ys, xs, ys, torch.ones_like(xs))
+        rows = []
+        for product in (irls * gradient_x * gradient_x, irls * gradient_x * gradient_y, irls * gradient_y * gradient_y):
+            rows.append(torch.stack([(product * monomial).sum(dim=pixels) for monomial in monomials], 1))
+        products = torch.stack(rows, dim=1)
+    return FusedMoments(cost, count, matrix_gradient, products, warped if return_warped else None)
+
+
+_compiled: dict[str, Callable] = {}
+_failed: set[str] = set()
+_lock = threading.Lock()
+
+
+def compiled_bilinear_moments(device: torch.device) -> Callable[..., FusedMoments]:
+    """:func:`bilinear_moments` compiled for ``device``'s type (built on the first call).
+
+    One compiled function per device type; ``torch.compile`` itself keeps
+    one specialisation per shape, dtype and option set (a pyramid level is
+    compiled once, on its first evaluation; later processes reuse
+    inductor's on-disk cache).
+    """
+    key = torch.device(device).type
+    with _lock:
+        if key not in _compiled:
+            _compiled[key] = torch.compile(bilinear_moments, fullgraph=True)
+        return _compiled[key]
+
+
+def run_compiled(*args, **kwargs) -> Optional[FusedMoments]:
+    """Call the compiled kernel; on a compile failure warn once, remember it, and return ``None``."""
+    fixed = args[0]
+    key = fixed.device.type
+    if key in _failed:
+        return None
+    try:
+        return compiled_bilinear_moments(fixed.device)(*args, **kwargs)
+    except Exception as error:  # torch.compile raises many types (BackendCompilerFailed, InductorError, ...)
+        with _lock:
+            _failed.add(key)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(
+            f"tireg: the compiled fast path is unavailable on {key} ({type(error).__name__}: {first_line}); "
+            "using the reference path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None

@@ -1,0 +1,197 @@
+"""The fused fast path (tireg.fused) against the reference path: same values, gradients, matrices.
+
+The formulation is checked eagerly in float64 (exact to rounding), and the
+compiled kernel once per use (model step, register) in float32; the compiled
+tests skip where torch.compile cannot build a kernel on this machine.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import grid_error, registration_pair, smooth_random_image
+
+import tireg
+from tireg import fused
+from tireg.analytic import cost_and_gradient
+from tireg.losses import get_loss
+from tireg.metrics import PerPixelMetric, get_metric
+from tireg.register import _make_level, _Problem
+from tireg.sampling import grid_moments, sample_with_gradient, sampling_grid
+from tireg.transforms import TRANSFORMS
+
+
+def _matrix(batch: int, dtype=torch.float64) -> torch.Tensor:
+    """A generic affine batch (no point lands exactly on a pixel, where the interpolant has a kink)."""
+    matrix = torch.eye(3, dtype=dtype).repeat(batch, 1, 1)
+    matrix[:, 0, 0], matrix[:, 0, 1], matrix[:, 1, 0], matrix[:, 1, 1] = 1.0213, 0.0513, -0.0417, 0.9871
+    matrix[:, 0, 2] = torch.tensor([3.31, -4.13, 10.07, 0.37], dtype=dtype)[:batch]
+    matrix[:, 1, 2] = torch.tensor([-2.71, 1.19, -0.43, 6.61], dtype=dtype)[:batch]
+    return matrix
+
+
+def _compiles() -> bool:
+    """Whether torch.compile builds a kernel here (it needs a C++ compiler on the CPU)."""
+    try:
+        torch.compile(lambda x: x * 2.0 + 1.0, fullgraph=True)(torch.ones(4))
+        return True
+    except Exception:
+        return False
+
+
+needs_compile = pytest.mark.skipif(not _compiles(), reason="torch.compile cannot build kernels on this machine")
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+@pytest.mark.parametrize("loss", ["l2", "cauchy", "huber", "geman_mcclure"])
+def test_formulation_equals_reference_cost_and_gradient(padding_mode, loss, generator):
+    fixed = smooth_random_image((3, 2, 37, 53), generator)
+    moving = smooth_random_image((3, 2, 41, 47), generator)  # another size than the fixed image
+    weight = (torch.rand(3, 1, 37, 53, generator=generator, dtype=torch.float64) > 0.3).double()
+    loss = get_loss(loss)
+    matrix = _matrix(3)
+    warped, cost, matrix_gradient = cost_and_gradient(
+        fixed, moving, matrix, PerPixelMetric(loss, mean=False), weight=weight, padding_mode=padding_mode
+    )
+    result = fused.bilinear_moments(
+        fixed, fused.pad_moving(moving, padding_mode), matrix, loss, padding_mode, weight, return_warped=True
+    )
+    torch.testing.assert_close(result.warped, warped, rtol=0, atol=1e-12)
+    torch.testing.assert_close(result.cost, cost, rtol=1e-12, atol=0)
+    torch.testing.assert_close(result.matrix_gradient, matrix_gradient, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(result.count, weight.sum(dim=(1, 2, 3)))
+
+
+def test_products_equal_the_gauss_newton_moments(generator):
+    fixed = smooth_random_image((2, 2, 30, 34), generator)
+    moving = smooth_random_image((2, 2, 30, 34), generator)
+    matrix = _matrix(2)
+    loss = tireg.L2Loss()
+    result = fused.bilinear_moments(fixed, fused.pad_moving(moving, "border"), matrix, loss, "border", hessian=True)
+    grid = sampling_grid(matrix, (30, 34), (30, 34))
+    _, gradients = sample_with_gradient(moving, grid, padding_mode="border")  # (B, C, 2, H, W)
+    gx, gy = gradients[:, :, 0], gradients[:, :, 1]
+    irls = 2.0  # L2: rho'(r) / r
+    products = torch.stack([(irls * gx * gx).sum(1), (irls * gx * gy).sum(1), (irls * gy * gy).sum(1)], 1)
+    expected = grid_moments(products, (torch.arange(30.0).double(), torch.arange(34.0).double()),
+                            channel_dim=1, second_order=True)
+    torch.testing.assert_close(result.products, expected, rtol=1e-10, atol=1e-9)
+
+
+def test_inside_only_counts_points_inside_the_moving_image(generator):
+    fixed = smooth_random_image((1, 1, 20, 20), generator)
+    moving = smooth_random_image((1, 1, 20, 20), generator)
+    shift = torch.eye(3, dtype=torch.float64)[None].clone()
+    shift[0, 0, 2] = 5.5  # columns 0..13 sample inside (x = 5.5 .. 18.5 <= 19)
+    result = fused.bilinear_moments(fixed, fused.pad_moving(moving, "border"), shift, tireg.L2Loss(), "border",
+                                    inside_only=True)
+    assert float(result.count) == 14 * 20
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_wild_matrices_stay_finite_and_count_nothing_outside(bad, generator):
+    fixed = smooth_random_image((2, 1, 16, 16), generator)
+    moving = smooth_random_image((2, 1, 16, 16), generator)
+    matrix = _matrix(2)
+    matrix[0, 0, 2] = bad
+    result = fused.bilinear_moments(fixed, fused.pad_moving(moving, "zeros"), matrix, tireg.L2Loss(), "zeros",
+                                    inside_only=True, hessian=True)
+    for value in (result.cost, result.matrix_gradient, result.products):
+        assert torch.isfinite(value).all()
+    assert float(result.count[0]) == 0.0 and float(result.count[1]) > 0
+
+
+def test_register_plumbing_with_the_formulation_equals_reference(monkeypatch, generator):
+    """register's fused evaluation (the formulation standing in for the compiled kernel) == its reference one."""
+    fixed = smooth_random_image((2, 1, 40, 44), generator)
+    moving = smooth_random_image((2, 1, 40, 44), generator)
+    weight = (torch.rand(2, 1, 40, 44, generator=generator, dtype=torch.float64) > 0.2).double()
+    monkeypatch.setattr(fused, "compiled_bilinear_moments", lambda device: fused.bilinear_moments)
+    kind = TRANSFORMS["affine"]
+    center = torch.tensor([21.5, 19.5], dtype=torch.float64)
+    params = kind.from_matrix(_matrix(2), center)
+    level = _make_level(fixed, moving, weight, None, 2, 1.0)
+    for loss in ("l2", "cauchy"):
+        reference = _Problem(kind, center, get_metric(loss), "bilinear")
+        fast = _Problem(kind, center, get_metric(loss), "bilinear", compile=True)
+        assert fast.compile
+        for hessian in (True, False):
+            expected = reference.evaluate(params, level, hessian=hessian)
+            got = fast.evaluate(params, level, hessian=hessian)
+            torch.testing.assert_close(got.cost, expected.cost, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(got.gradient, expected.gradient, rtol=1e-8, atol=1e-10)
+            if hessian:
+                torch.testing.assert_close(got.hessian, expected.hessian, rtol=1e-8, atol=1e-8)
+
+
+def test_unsupported_settings_use_the_reference_path():
+    for interpolation, padding, loss in [("bicubic", "zeros", tireg.L2Loss()), ("bilinear", "reflection", tireg.L2Loss()),
+                                         ("bilinear", "zeros", get_metric("ncc"))]:
+        assert not fused.supports(interpolation, padding, loss)
+    assert not _Problem(TRANSFORMS["rigid"], torch.zeros(2), get_metric("ncc"), "bilinear", compile=True).compile
+
+
+def test_a_compile_failure_warns_once_and_falls_back(monkeypatch, generator):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler\nmore detail")
+
+    monkeypatch.setattr(fused, "compiled_bilinear_moments", lambda device: broken)
+    monkeypatch.setattr(fused, "_failed", set())
+    fixed = smooth_random_image((1, 1, 24, 24), generator).float()
+    moving = smooth_random_image((1, 1, 24, 24), generator).float()
+    with pytest.warns(RuntimeWarning, match="compiled fast path is unavailable on cpu .*no compiler"):
+        assert fused.run_compiled(fixed, fused.pad_moving(moving, "zeros"), _matrix(1).float(), tireg.L2Loss(),
+                                  "zeros") is None
+    assert "cpu" in fused._failed
+    # the model still steps, by the reference path, with the reference numbers
+    model = tireg.create_model("affine", moving, compile=True)
+    reference = tireg.create_model("affine", moving)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, cost = model(moving, fixed)
+    _, expected = reference(moving, fixed)
+    assert float(cost) == float(expected)
+
+
+def test_compile_needs_the_analytic_model():
+    with pytest.raises(ValueError, match="'compile' applies to the analytic model"):
+        tireg.create_model("rigid", torch.rand(1, 1, 16, 16), gradients="autograd", compile=True)
+
+
+# -- the compiled kernel ------------------------------------------------------
+
+
+@needs_compile
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_compiled_model_step_equals_reference_step(padding_mode, device, generator):
+    fixed = smooth_random_image((2, 1, 48, 40), generator).float().to(device)
+    moving = smooth_random_image((2, 1, 48, 40), generator).float().to(device)
+    models = [tireg.create_model("similarity", moving, padding_mode=padding_mode, loss="cauchy", compile=flag)
+              for flag in (False, True)]
+    for model in models:
+        model.set_parameter(0, torch.tensor([0.031, -0.017]))
+        model.set_parameter(2, torch.tensor([2.37, -1.61]))
+        model.to(device)
+    (warped_ref, cost_ref), (warped, cost) = [model(moving, fixed) for model in models]
+    torch.testing.assert_close(warped, warped_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cost, cost_ref, rtol=1e-5, atol=0)
+    for reference, fast in zip(models[0].p, models[1].p):
+        torch.testing.assert_close(fast.grad, reference.grad, rtol=1e-3, atol=1e-3 * float(reference.grad.abs().max()))
+
+
+@needs_compile
+def test_compiled_register_gives_the_same_matrices(device):
+    pairs = [registration_pair("camera", "affine", params, noise=0.02, seed=seed)
+             for seed, params in enumerate([[1.05, 0.06, -0.04, 0.96, 5.0, -3.5], [0.97, -0.05, 0.03, 1.04, -6.0, 2.5]])]
+    fixed = torch.stack([pair[0] for pair in pairs])[:, None].to(device)
+    moving = torch.stack([pair[1] for pair in pairs])[:, None].to(device)
+    for metric in ("l2", "cauchy"):
+        reference = tireg.register(fixed, moving, transform="affine", metric=metric)
+        fast = tireg.register(fixed, moving, transform="affine", metric=metric, compile=True)
+        assert fast.stop_reason == reference.stop_reason == ["converged", "converged"]
+        for index, (_, _, truth) in enumerate(pairs):
+            size = fixed.shape[-2:]
+            assert grid_error(fast.matrix[index], reference.matrix[index], size) < 1e-3, metric
+            assert grid_error(fast.matrix[index], truth, size) < 0.2, metric
