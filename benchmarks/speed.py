@@ -1,0 +1,288 @@
+"""Speed: tireg's analytic step (reference and compiled) against autograd and kornia, and register() end to end.
+
+Three tables, measured in one run on one device, every figure a median of
+interleaved rounds (so that load on a shared machine hits all alike):
+
+1. **step**: one optimisation step (forward, gradient, Adam step) for the
+   same model, loss (L2) and data: tireg's analytic model (reference
+   kernels; and ``compile=True``, the fused kernel of :mod:`tireg.fused`),
+   tireg's autograd model (``backward()``), and the same step written with
+   kornia (``kornia.geometry.transform.warp_affine``, autograd).  Pair-
+   iterations per second and the ratios to the autograd step.
+2. **register**: ``tireg.register`` on 256 x 256 affine pairs of
+   ``benchmarks/accuracy.py`` (scenes, noise, contrast change), eager and
+   compiled (compiled after one warm-up call; the compile time is printed
+   apart), against OpenCV's ``findTransformECCMultiScale``, SimpleITK and
+   kornia's ``ImageRegistrator`` as ``accuracy.py`` runs them; plus tireg on
+   512 x 512 pairs.  Seconds per pair, success (< 0.5 px) and the ratio to ECC.
+3. **memory** (CUDA only): peak GPU memory of an analytic step over the
+   size of the step's input images.
+
+Run:
+    python benchmarks/speed.py                       # CPU, one thread (about 3 minutes)
+    python benchmarks/speed.py --device cuda --batches 1 1024
+    python benchmarks/speed.py --tables step         # one table
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+if __name__ == "__main__":  # before numpy and the peers start their thread pools (see accuracy.py)
+    _threads = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv[:-1] else "1"
+    for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+        if _threads != "0":
+            os.environ[_variable] = _threads
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import accuracy  # noqa: E402  (cases and peers, shared with the accuracy benchmark)
+import iteration  # noqa: E402  (the analytic and autograd steps)
+import tireg  # noqa: E402
+
+
+def kornia_step(moving: torch.Tensor, fixed: torch.Tensor, transform: str):
+    """The same step in kornia: a learnable pixel matrix, ``warp_affine``, L2, ``backward()``, Adam."""
+    from kornia.geometry.transform import warp_affine
+
+    size = moving.shape[-2:]
+    model = tireg.create_model(transform, moving, gradients="autograd")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # warp_affine maps source (moving) -> destination (fixed) pixels: the inverse of tireg's A
+    def step():
+        matrix = torch.linalg.inv(model.matrix(moving.shape[0]))[:, :2]
+        warped = warp_affine(moving, matrix, dsize=(int(size[0]), int(size[1])), align_corners=False)
+        ((warped - fixed) ** 2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def synchronizer(device: str):
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def median_rounds(steps: dict, budget: float, synchronize, repeats_for=None) -> dict[str, float]:
+    """Seconds per call of each step: medians over rounds that alternate the steps."""
+    for step in steps.values():  # warm-up (compiles the compiled step)
+        for _ in range(3):
+            step()
+    single = max(iteration.timed(step, 1, synchronize) for step in steps.values())
+    repeats = max(1, min(50, int(0.05 / max(single, 1e-6))))
+    samples = {name: [] for name in steps}
+    deadline = time.perf_counter() + budget
+    rounds = 0
+    while rounds < 5 or (time.perf_counter() < deadline and rounds < 200):
+        for name, step in steps.items():
+            samples[name].append(iteration.timed(step, repeats, synchronize))
+        rounds += 1
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+# ----------------------------------------------------------------------------
+# 1. the step
+
+
+def step_table(args) -> None:
+    device = args.device
+    print(f"\n### Step: one Adam step, L2 loss, float32, {args.transform}\n")
+    print("| size | B | analytic [ms] | analytic compiled [ms] | autograd [ms] | kornia [ms] "
+          "| compiled pair-it/s | analytic / autograd | compiled / autograd | compiled / kornia | compile [s] |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    loss = tireg.L2Loss()
+    for size in args.sizes:
+        for batch in args.batches:
+            generator = torch.Generator().manual_seed(0)
+            fixed = torch.rand(batch, 1, size, size, generator=generator).to(device)
+            moving = torch.rand(batch, 1, size, size, generator=generator).to(device)
+            steps = {}
+            compiled_model = tireg.create_model(args.transform, moving, loss=loss, compile=True)
+            started = time.perf_counter()
+            compiled_model(moving, fixed)  # the first call compiles
+            synchronizer(device)()
+            compile_seconds = time.perf_counter() - started
+            for name in ("analytic", "autograd"):
+                model = tireg.create_model(args.transform, moving, gradients=name, loss=loss)
+                steps[name] = iteration.make_step(model, moving, fixed, loss, name)
+            steps["compiled"] = iteration.make_step(compiled_model, moving, fixed, loss, "analytic")
+            try:
+                steps["kornia"] = kornia_step(moving, fixed, args.transform)
+            except ImportError:
+                pass
+            t = median_rounds(steps, args.budget, synchronizer(device))
+            kornia = t.get("kornia", math.nan)
+            print(f"| {size}² | {batch} | {t['analytic'] * 1e3:.3f} | {t['compiled'] * 1e3:.3f} "
+                  f"| {t['autograd'] * 1e3:.3f} | {kornia * 1e3:.3f} | {batch / t['compiled']:,.0f} "
+                  f"| {t['analytic'] / t['autograd']:.2f} | {t['compiled'] / t['autograd']:.2f} "
+                  f"| {t['compiled'] / kornia:.2f} | {compile_seconds:.1f} |", flush=True)
+
+
+# ----------------------------------------------------------------------------
+# 2. register end to end
+
+
+def _pairs_512(count: int, seed: int):
+    """512 x 512 affine pairs of the bundled astronaut: ``moving(A x) = fixed(x)`` up to the interpolation."""
+    from tireg.data import load
+
+    scene = load("astronaut", dtype=torch.float64)
+    scene = (scene.mean(0) if scene.dim() == 3 else scene)[None, None]
+    rng = np.random.default_rng(seed)
+    size = scene.shape[-1]
+    center = tireg.image_center(size, size)
+    pairs = []
+    for _ in range(count):
+        params = [1 + rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06),
+                  1 + rng.uniform(-0.06, 0.06), rng.uniform(-15, 15), rng.uniform(-15, 15)]
+        truth = tireg.transforms.TRANSFORMS["affine"].matrix(torch.tensor(params, dtype=torch.float64), center)
+        moving = tireg.warp(scene, torch.linalg.inv(truth), padding_mode="border")
+        noise = 0.02 * torch.randn(scene.shape, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))),
+                                   dtype=torch.float64)
+        pairs.append((scene[0, 0].float().numpy(), (moving + noise)[0, 0].float().numpy(), truth.numpy()))
+    return pairs
+
+
+def _run(register, pairs, device: str) -> tuple[list[float], list[float]]:
+    synchronize = synchronizer(device)
+    seconds, errors = [], []
+    for fixed, moving, truth in pairs:
+        synchronize()
+        started = time.perf_counter()
+        try:
+            matrix = register(fixed, moving)
+            synchronize()
+            seconds.append(time.perf_counter() - started)
+            errors.append(accuracy.grid_error(np.asarray(matrix, np.float64), truth)
+                          if fixed.shape[-1] == accuracy.SIZE else _grid_error_any(matrix, truth, fixed.shape))
+        except Exception:  # noqa: BLE001 - OpenCV's ECC throws when it does not converge: a failure
+            seconds.append(time.perf_counter() - started)
+            errors.append(math.inf)
+    return seconds, errors
+
+
+def _grid_error_any(matrix, truth, shape) -> float:
+    ys, xs = np.mgrid[0:shape[0], 0:shape[1]]
+    points = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)])
+    return float(np.linalg.norm(((np.asarray(matrix) - truth) @ points)[:2], axis=0).mean())
+
+
+def register_table(args) -> None:
+    device = args.device
+    cases = accuracy.make_cases(["affine"], args.cases, accuracy.DEFAULT_SEED)
+    pairs = [(case.fixed, case.moving, case.truth) for case in cases]
+
+    def tireg_method(compile: bool):
+        def run(fixed, moving):
+            return tireg.register(torch.from_numpy(fixed).to(device), torch.from_numpy(moving).to(device),
+                                  transform="affine", compile=compile).matrix.numpy()
+        return run
+
+    def peer(method_class):
+        method = method_class()
+        method.setup()
+        return lambda fixed, moving: method.register(fixed, moving, "affine")[0]
+
+    started = time.perf_counter()
+    tireg_method(True)(*pairs[0][:2])  # compiles every pyramid level's kernel
+    compile_seconds = time.perf_counter() - started
+    methods = {"tireg": tireg_method(False), "tireg compiled": tireg_method(True)}
+    if device == "cpu":
+        for name, method_class in (("ecc", accuracy.ECC), ("simpleitk", accuracy.SimpleITK),
+                                   ("kornia", accuracy.Kornia)):
+            try:
+                methods[name] = peer(method_class)
+            except ImportError:
+                pass
+    results = {name: ([], []) for name in methods}
+    for pair in pairs:  # pair by pair, every method in turn: load hits all alike
+        for name, method in methods.items():
+            seconds, errors = _run(method, [pair], device)
+            results[name][0].extend(seconds)
+            results[name][1].extend(errors)
+    ecc_solved = [e < accuracy.SUCCESS_PX for e in results["ecc"][1]] if "ecc" in results else None
+    print(f"\n### register(): {len(pairs)} affine pairs of 256² (accuracy.py's cases); "
+          f"tireg's compile on first use {compile_seconds:.1f} s\n")
+    print("| method | success (< 0.5 px) | median error [px] | median s / pair | median s / pair, ECC-solved pairs "
+          "| time / ECC's (ECC-solved pairs) |")
+    print("|---|---|---|---|---|---|")
+    ecc_median = statistics.median([s for s, ok in zip(results["ecc"][0], ecc_solved) if ok]) \
+        if ecc_solved and any(ecc_solved) else math.nan
+    for name, (seconds, errors) in results.items():
+        solved = sum(e < accuracy.SUCCESS_PX for e in errors)
+        on_ecc = [s for s, ok in zip(seconds, ecc_solved) if ok] if ecc_solved and any(ecc_solved) else []
+        on_ecc_median = statistics.median(on_ecc) if on_ecc else math.nan
+        print(f"| {name} | {solved}/{len(errors)} | {statistics.median(errors):.3f} | {statistics.median(seconds):.4f} "
+              f"| {on_ecc_median:.4f} | {on_ecc_median / ecc_median:.2f} |", flush=True)
+
+    pairs_512 = _pairs_512(max(2, args.cases // 2), accuracy.DEFAULT_SEED)
+    print(f"\n### register(): {len(pairs_512)} affine pairs of 512² (bundled astronaut, noise 0.02)\n")
+    print("| method | success (< 0.5 px) | median error [px] | median s / pair |")
+    print("|---|---|---|---|")
+    tireg_method(True)(*pairs_512[0][:2])  # the 512² levels compile here
+    for name in ("tireg", "tireg compiled"):
+        seconds, errors = _run(methods[name], pairs_512, device)
+        solved = sum(e < accuracy.SUCCESS_PX for e in errors)
+        print(f"| {name} | {solved}/{len(errors)} | {statistics.median(errors):.3f} "
+              f"| {statistics.median(seconds):.4f} |", flush=True)
+
+
+# ----------------------------------------------------------------------------
+# 3. memory
+
+
+def memory_table(args) -> None:
+    print("\n### Peak GPU memory of one analytic step / size of its input images\n")
+    if not args.device.startswith("cuda"):
+        print("(CUDA only: run with --device cuda)")
+        return
+    print("| size | B | input [MiB] | reference peak / input | compiled peak / input |")
+    print("|---|---|---|---|---|")
+    for size in args.sizes:
+        for batch in args.batches:
+            fixed = torch.rand(batch, 1, size, size, device=args.device)
+            moving = torch.rand(batch, 1, size, size, device=args.device)
+            input_bytes = fixed.nbytes + moving.nbytes
+            ratios = []
+            for compile in (False, True):
+                model = tireg.create_model(args.transform, moving, compile=compile)
+                model(moving, fixed)  # warm-up (and compile)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                baseline = torch.cuda.memory_allocated()
+                model(moving, fixed)
+                torch.cuda.synchronize()
+                ratios.append((torch.cuda.max_memory_allocated() - baseline + input_bytes) / input_bytes)
+            print(f"| {size}² | {batch} | {input_bytes / 2**20:.0f} | {ratios[0]:.2f} | {ratios[1]:.2f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--transform", default="affine")
+    parser.add_argument("--cases", type=int, default=8, help="256² register pairs (and half as many 512² pairs)")
+    parser.add_argument("--budget", type=float, default=2.0, help="seconds of timing per step case")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--tables", nargs="+", default=["step", "register", "memory"],
+                        choices=["step", "register", "memory"])
+    args = parser.parse_args()
+    accuracy.set_threads(args.threads)
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (
+        f"CPU ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s)")
+    print(f"tireg {tireg.__version__}, torch {torch.__version__}, {name}")
+    for table in args.tables:
+        {"step": step_table, "register": register_table, "memory": memory_table}[table](args)
+
+
+if __name__ == "__main__":
+    main()
