@@ -309,6 +309,17 @@ def test_stack_aligns_every_frame_to_the_first(drift, tmp_path, reference):
         assert grid_error(torch.from_numpy(reversed_chain), torch.from_numpy(truths[5]), frames.shape[1:]) > 2.0
 
 
+def test_stack_with_the_compiled_path_gives_the_same_transforms(drift, tmp_path):
+    folder = drift[0]
+    for name, extra in (("reference", []), ("compiled", ["--compile"])):
+        ok(run("stack", folder / "drift.tif", "-o", f"{name}.tif", *extra, cwd=tmp_path))
+    reference = [matrix_of(row) for row in csv.DictReader(open(tmp_path / "reference.csv"))]
+    compiled = [matrix_of(row) for row in csv.DictReader(open(tmp_path / "compiled.csv"))]
+    size = drift[2].shape[1:]
+    for ours, theirs in zip(compiled, reference):
+        assert grid_error(torch.from_numpy(ours), torch.from_numpy(theirs), size) < 1e-3
+
+
 def test_stack_of_a_folder_to_a_folder_against_the_mean(drift, tmp_path):
     folder, _, frames, truths = drift
     ok(run("stack", folder / "frames", "-o", "aligned", "--reference", "mean", "--transform", "translation",

@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--device", type=_device, default="cpu", metavar="DEVICE",
                            help="cpu, cuda, cuda:N, or auto (cuda when available)")
         group.add_argument("--mask", metavar="IMAGE", help=mask_help)
+        group.add_argument("--compile", action="store_true",
+                           help="compiled fast path (torch.compile): seconds to start, then faster; "
+                           "pays for large images and long stacks")
 
     # register
     sub = commands.add_parser(
@@ -299,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(
         handler=_cmd_demo, transform="similarity", metric=defaults["metric"], optimizer=defaults["optimizer"],
         init=defaults["init"], levels=None, max_iterations=defaults["max_iterations"], interpolation="bilinear",
-        device="cpu", mask=None,
+        device="cpu", mask=None, compile=False,
     )
     return parser
 
@@ -499,6 +502,7 @@ def _register_images(args, fixed_grey, moving_grey, *, mask=None, moving_mask=No
         callback=progress,
         max_iterations=args.max_iterations,
         interpolation=args.interpolation,
+        compile=args.compile,
     )
 
 
