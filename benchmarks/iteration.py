@@ -78,10 +78,15 @@ def measure(size: int, batch: int, transform: str, device: str, budget: float) -
         model = tireg.create_model(transform, moving, gradients=gradients, loss=loss)
         steps[name] = make_step(model, moving, fixed, loss, name)
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for step in steps.values():  # warm-up
+    return median_rounds(steps, budget, synchronize)
+
+
+def median_rounds(steps: dict, budget: float, synchronize) -> dict[str, float]:
+    """Seconds per call of each step: medians over rounds that alternate the steps (after a warm-up)."""
+    for step in steps.values():  # warm-up (a compiled step compiles here)
         for _ in range(3):
             step()
-    single = timed(steps["autograd"], 1, synchronize)
+    single = max(timed(step, 1, synchronize) for step in steps.values())
     repeats = max(1, min(50, int(0.05 / max(single, 1e-6))))
     samples = {name: [] for name in steps}
     deadline = time.perf_counter() + budget

@@ -71,23 +71,6 @@ def synchronizer(device: str):
     return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
-def median_rounds(steps: dict, budget: float, synchronize, repeats_for=None) -> dict[str, float]:
-    """Seconds per call of each step: medians over rounds that alternate the steps."""
-    for step in steps.values():  # warm-up (compiles the compiled step)
-        for _ in range(3):
-            step()
-    single = max(iteration.timed(step, 1, synchronize) for step in steps.values())
-    repeats = max(1, min(50, int(0.05 / max(single, 1e-6))))
-    samples = {name: [] for name in steps}
-    deadline = time.perf_counter() + budget
-    rounds = 0
-    while rounds < 5 or (time.perf_counter() < deadline and rounds < 200):
-        for name, step in steps.items():
-            samples[name].append(iteration.timed(step, repeats, synchronize))
-        rounds += 1
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 # ----------------------------------------------------------------------------
 # 1. the step
 
@@ -118,7 +101,7 @@ def step_table(args) -> None:
                 steps["kornia"] = kornia_step(moving, fixed, args.transform)
             except ImportError:
                 pass
-            t = median_rounds(steps, args.budget, synchronizer(device))
+            t = iteration.median_rounds(steps, args.budget, synchronizer(device))
             kornia = t.get("kornia", math.nan)
             print(f"| {size}² | {batch} | {t['analytic'] * 1e3:.3f} | {t['compiled'] * 1e3:.3f} "
                   f"| {t['autograd'] * 1e3:.3f} | {kornia * 1e3:.3f} | {batch / t['compiled']:,.0f} "
