@@ -104,11 +104,9 @@ def _fused_cost_and_gradient(fixed, moving, matrix, metric, weight, interpolatio
     result = fused.run_compiled(fixed, padded, matrix, metric.loss, padding_mode, weight, return_warped=True)
     if result is None:
         return None
-    cost, matrix_gradient = result.cost, result.matrix_gradient
-    if metric.mean:  # PerPixelMetric's mean: divided by C sum w
-        count = (result.count * fixed.shape[1]).clamp_min(1.0)
-        cost, matrix_gradient = cost / count, matrix_gradient / count[:, None, None]
-    return result.warped, cost, matrix_gradient
+    if metric.mean:
+        result = result.mean(fixed.shape[1])
+    return result.warped, result.cost, result.matrix_gradient
 
 
 def per_pixel_cost_and_gradient(

@@ -78,6 +78,17 @@ class FusedMoments:
     products: Optional[torch.Tensor]
     warped: Optional[torch.Tensor]
 
+    def mean(self, channels: int) -> "FusedMoments":
+        """The sums divided by ``C sum w`` (at least 1): a :class:`~tireg.metrics.PerPixelMetric`'s mean."""
+        scale = (self.count * channels).clamp_min(1.0)
+        return FusedMoments(
+            self.cost / scale,
+            self.count,
+            self.matrix_gradient / scale[:, None, None],
+            None if self.products is None else self.products / scale[:, None, None],
+            self.warped,
+        )
+
 
 def supports(interpolation: str, padding_mode: str, loss: object) -> bool:
     """Whether the fused path computes this configuration (otherwise use the reference path)."""

@@ -29,7 +29,7 @@ from ._validation import PADDING_MODES, FiniteCheckCache, check_image, check_opt
 from .analytic import cost_and_gradient, parameter_gradient
 from .losses import L2Loss, PerPixelLoss, get_loss
 from .metrics import Metric, get_metric
-from .fused import FUSED_PADDING, pad_moving
+from .fused import pad_moving, supports
 from .mappings import IdentityMapping, Mapping
 from .sampling import image_gradient as compute_image_gradient
 from .sampling import pixel_axes, stack_with_gradient, warp
@@ -310,8 +310,8 @@ class AffineModelAnalytic(TransformModel):
 
     def _padded_moving(self, source: torch.Tensor) -> Optional[torch.Tensor]:
         """The source extended for the fused kernel, kept while the same tensor is passed."""
-        if not self.compile or self.bordermode not in FUSED_PADDING:
-            return None
+        if not (self.compile and self.metric is None and supports(self.interpolation, self.bordermode, self.loss_func)):
+            return None  # the fused kernel does not apply: nothing to pad
         key = (id(source), source._version, source.device, source.dtype, self.bordermode)
         if self._padded[0] != key:
             self._padded = (key, pad_moving(source, self.bordermode))

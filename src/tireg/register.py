@@ -434,7 +434,7 @@ class _Problem:
     ) -> torch.Tensor:
         """IRLS weights ``derivative / r`` where ``derivative = scale rho'(r)``; near ``r = 0`` the
         limit ``scale rho'(eps) / eps`` (``rho'(eps)`` computed once per level)."""
-        eps = 1e-3
+        eps = fused.IRLS_EPS  # the same limit in the fused kernel
         if "irls_at_eps" not in level.cache:
             _, at_eps = self.loss(level.fixed + eps, level.fixed, True)
             level.cache["irls_at_eps"] = at_eps / eps
@@ -491,14 +491,12 @@ class _Problem:
             self.compile = False
             return None
         batch = matrix.shape[0]
-        count = (result.count * level.fixed.shape[1]).clamp_min(1.0)  # the metric's mean: C sum w
-        g_moments = result.matrix_gradient / count[:, None, None]
-        gradient = (flat_jacobian @ g_moments.reshape(batch, 6, 1)).squeeze(-1)
+        mean = result.mean(level.fixed.shape[1])  # the metric's mean over C sum w
+        gradient = (flat_jacobian @ mean.matrix_gradient.reshape(batch, 6, 1)).squeeze(-1)
         hessian_p = None
         if hessian:
-            products = result.products / count[:, None, None]
-            hessian_p = flat_jacobian @ _assemble_hessian(products) @ flat_jacobian.transpose(1, 2)
-        return _Evaluation(result.cost / count, gradient, hessian_p), result.count
+            hessian_p = flat_jacobian @ _assemble_hessian(mean.products) @ flat_jacobian.transpose(1, 2)
+        return _Evaluation(mean.cost, gradient, hessian_p), result.count
 
     def _evaluate(self, grid, valid, flat_jacobian, level: _Level, hessian: bool) -> _Evaluation:
         batch = grid.shape[0]
