@@ -105,14 +105,16 @@ def test_pairs_converge_on_their_own():
 
 def test_fixed_mask_excludes_an_occluder():
     fixed, moving, truth = registration_pair("camera", "rigid", [0.08, 4.0, -3.0], noise=0.01)
+    # the occluder: the moving image's own, unaligned pixels stuck over the fixed one (an
+    # overlay that does not move), which pulls an unmasked registration towards the identity
     occluded = fixed.clone()
-    occluded[20:110, 30:120] = torch.rand(90, 90, generator=torch.Generator().manual_seed(0))
+    occluded[20:110, 30:120] = moving[20:110, 30:120]
     mask = torch.ones_like(fixed, dtype=torch.bool)
     mask[20:110, 30:120] = False
     masked = tireg.register(occluded, moving, transform="rigid", mask=mask, init="identity")
-    assert grid_error(masked.matrix, truth, fixed.shape) < 0.2
+    assert grid_error(masked.matrix, truth, fixed.shape) < 0.1
     unmasked = tireg.register(occluded, moving, transform="rigid", init="identity")
-    assert grid_error(unmasked.matrix, truth, fixed.shape) > grid_error(masked.matrix, truth, fixed.shape)
+    assert grid_error(unmasked.matrix, truth, fixed.shape) > 2 * grid_error(masked.matrix, truth, fixed.shape)
 
 
 def test_moving_mask_excludes_an_occluder():
@@ -213,7 +215,7 @@ def test_callback_sees_progress_and_can_stop():
         if len(seen) == 3:
             raise StopIteration
 
-    result = tireg.register(fixed, moving, transform="rigid", callback=callback)
+    result = tireg.register(fixed, moving, transform="rigid", callback=callback, init="identity")
     assert len(seen) == 3 and result.stop_reason == ["callback"] and not bool(result.converged[0])
 
 

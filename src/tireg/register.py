@@ -599,12 +599,24 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         diagonal = hessian.diagonal(dim1=1, dim2=2)
         floor = 1e-9 * diagonal.amax(dim=1, keepdim=True).clamp_min(1e-12)
         damped = hessian + torch.diag_embed(damping[:, None] * diagonal + floor)
-        step = -torch.linalg.solve(damped, current.gradient.to(torch.float64)[..., None])[..., 0]
-        step = torch.where(active[:, None], step, torch.zeros_like(step)).to(params.dtype)
+        step = -torch.linalg.solve(damped, current.gradient.to(torch.float64)[..., None])[..., 0].to(params.dtype)
+        # A proposed step this small ends the level without the evaluation that would try it
+        # (the most expensive part of an iteration; near the optimum noise decides the sign of
+        # so tiny a cost change). On a coarse level the step is taken: the next level starts
+        # from it and judges it. On the finest it is left, so that the cost matches the result.
+        moved = _displacement(problem, params, params + step, corners)
+        converged = active & (moved < tolerance * level.factor)
+        for index in torch.nonzero(converged).flatten().tolist():
+            reasons[index] = "converged"
+        if level.factor > 1:
+            params = torch.where(converged[:, None], params + step, params)
+        active = active & ~converged
+        if not bool(active.any()):
+            break
+        step = torch.where(active[:, None], step, torch.zeros_like(step))
         trial_params = params + step
         trial = problem.evaluate(trial_params, level, hessian=True)
         better = active & (trial.cost <= current.cost) & torch.isfinite(trial.cost)
-        moved = _displacement(problem, params, trial_params, corners)
         params = torch.where(better[:, None], trial_params, params)
         current = _Evaluation(
             torch.where(better, trial.cost, current.cost),
@@ -613,14 +625,10 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         )
         damping = torch.where(better, (damping * 0.3).clamp_min(1e-9), damping * 10.0)
         iterations += active.cpu().long()
-        # A proposed step this small ends the level whether or not it was taken: near the
-        # optimum, noise decides the sign of a tiny cost change, and raising the damping
-        # through a run of rejections would only spend evaluations.
-        converged = active & (moved < tolerance * level.factor)
-        stalled = active & ~converged & ~better & (damping > 1e6)
-        for index in torch.nonzero(converged | stalled).flatten().tolist():
-            reasons[index] = "converged" if bool(converged[index]) else "stalled"
-        active = active & ~converged & ~stalled
+        stalled = active & ~better & (damping > 1e6)
+        for index in torch.nonzero(stalled).flatten().tolist():
+            reasons[index] = "stalled"
+        active = active & ~stalled
         costs.append(current.cost.detach().clone())
         _notify(callback, level_index, level, iteration, current.cost, problem, params, active)
         if not bool(active.any()):
