@@ -383,7 +383,7 @@ class _Level:
     shrink_inverse: torch.Tensor
     axes: tuple[torch.Tensor, torch.Tensor]
     factor: int
-    inside_limit: torch.Tensor  # (1 - 1/W, 1 - 1/H): |u| within it samples inside the moving image
+    inside_limit: tuple[float, float]  # (1 - 1/W, 1 - 1/H): |u|, |v| within it sample inside the moving image
     cache: dict = field(default_factory=dict)
 
 
@@ -428,7 +428,8 @@ class _Problem:
 
     def _valid(self, grid: torch.Tensor, level: _Level) -> torch.Tensor:
         """1 where a fixed pixel counts: inside its mask, sampling inside the moving image and its mask."""
-        inside = (grid.abs() <= level.inside_limit).all(dim=-1).unsqueeze(1).to(grid.dtype)  # (B, 1, h, w)
+        limit_u, limit_v = level.inside_limit  # one comparison per axis: 3x faster than all(dim=-1)
+        inside = ((grid[..., 0].abs() <= limit_u) & (grid[..., 1].abs() <= limit_v)).unsqueeze(1).to(grid.dtype)
         if level.fixed_weight is not None:
             inside = inside * level.fixed_weight
         if level.moving_mask is not None:
@@ -517,7 +518,8 @@ class _Problem:
             count = valid.sum(dim=(1, 2, 3)).clamp_min(1.0) * level.fixed.shape[1]
             irls = self._irls_weight(values - level.fixed, derivative, valid / count[:, None, None, None], level)
             gx, gy = gradients[:, :, 0], gradients[:, :, 1]
-            products = torch.stack([(irls * gx * gx).sum(1), (irls * gx * gy).sum(1), (irls * gy * gy).sum(1)], 1)
+            weighted_gx = irls * gx
+            products = torch.stack([(weighted_gx * gx).sum(1), (weighted_gx * gy).sum(1), (irls * gy * gy).sum(1)], 1)
             h_moments = grid_moments(products, level.axes, channel_dim=1, second_order=True)  # (B, 3, 6)
             hessian_p = flat_jacobian @ _assemble_hessian(h_moments) @ flat_jacobian.transpose(1, 2)
             gradient = (flat_jacobian @ g_moments.reshape(batch, 6, 1)).squeeze(-1)
@@ -569,7 +571,8 @@ class _Stop(Exception):
 
 def _displacement(problem: _Problem, before: torch.Tensor, after: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
     """Largest distance in full-resolution pixels that a corner of the fixed image moves between two parameter sets."""
-    difference = problem.kind.matrix(after, problem.center) - problem.kind.matrix(before, problem.center)
+    both = problem.kind.matrix(torch.cat([after, before]), problem.center)  # one call for the two
+    difference = both[: after.shape[0]] - both[after.shape[0]:]
     return (corners @ difference[:, :2, :].transpose(1, 2)).norm(dim=-1).amax(dim=-1)
 
 
@@ -742,7 +745,22 @@ def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str) -
 
     # a user's own kind starts from the best similarity, projected on the kind by from_matrix
     name = kind.name if kind.name in TRANSFORMS else "similarity"
-    return initialize(fixed, moving, name, method=init, center=center).to(torch.float64)
+    return initialize(fixed, moving, name, method=init, center=center, max_size=_init_size(fixed, moving)).to(
+        torch.float64
+    )
+
+
+#: The smaller side of the working copies that register()'s initialisation uses, about: twice
+#: the pyramid's coarsest level (32), whose capture range is all the start has to reach.
+#: (initialize()'s own default, 128, costs 40 % more on a 256 x 256 pair and 5x more where the
+#: search runs, for the same result on every accuracy.py case.)
+INIT_SIZE = 64
+
+
+def _init_size(fixed: torch.Tensor, moving: torch.Tensor) -> int:
+    """``max_size`` for :func:`~tireg.initialize.initialize` that keeps the smaller side near :data:`INIT_SIZE`."""
+    sides = [*fixed.shape[-2:], *moving.shape[-2:]]
+    return min(128, INIT_SIZE * math.ceil(max(sides) / min(sides)))
 
 
 def register(
@@ -986,8 +1004,5 @@ def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: floa
         axes=pixel_axes(fixed_level.shape[-2:], dtype=fixed.dtype, device=fixed.device),
         factor=factor,
         # inside [0, W-1] x [0, H-1] in moving pixels <=> |u| <= 1 - 1/W, |v| <= 1 - 1/H
-        inside_limit=torch.tensor(
-            [1.0 - 1.0 / moving_level.shape[-1], 1.0 - 1.0 / moving_level.shape[-2]], dtype=fixed.dtype,
-            device=fixed.device,
-        ),
+        inside_limit=(1.0 - 1.0 / moving_level.shape[-1], 1.0 - 1.0 / moving_level.shape[-2]),
     )
