@@ -320,6 +320,17 @@ def test_stack_with_the_compiled_path_gives_the_same_transforms(drift, tmp_path)
         assert grid_error(torch.from_numpy(ours), torch.from_numpy(theirs), size) < 1e-3
 
 
+def test_compile_option_maps_to_register():
+    from tireg.cli import build_parser
+
+    parser = build_parser()
+    base = ["stack", "frames.tif", "-o", "out.tif"]
+    assert parser.parse_args(base).compile == "auto"  # register()'s own default
+    assert parser.parse_args(base + ["--compile"]).compile is True
+    for text, value in (("on", True), ("off", False), ("auto", "auto")):
+        assert parser.parse_args(base + ["--compile", text]).compile == value
+
+
 def test_stack_of_a_folder_to_a_folder_against_the_mean(drift, tmp_path):
     folder, _, frames, truths = drift
     ok(run("stack", folder / "frames", "-o", "aligned", "--reference", "mean", "--transform", "translation",
@@ -393,6 +404,8 @@ BAD = {
     "unknown option": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "--wobble"], 2,
                        "unrecognized"),
     "unknown command": (["wobble"], 2, "invalid choice"),
+    "unknown compile choice": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "--compile", "fast"], 2,
+                               "expected auto, on or off"),
     "existing output": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out"], 1, "--force"),
     "missing transform": (["apply", "{in}/absent.tfm", "{in}/moving.png", "-o", "out.png"], 1, "no such file"),
     "corrupt transform": (["apply", "{in}/bad.tfm", "{in}/moving.png", "-o", "out.png"], 1, "bad.tfm"),

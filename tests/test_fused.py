@@ -7,6 +7,7 @@ tests skip where torch.compile cannot build a kernel on this machine.
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import pytest
@@ -155,6 +156,40 @@ def test_a_compile_failure_warns_once_and_falls_back(monkeypatch, generator):
     assert float(cost) == float(expected)
 
 
+def test_register_compiles_automatically_only_for_work_that_pays(monkeypatch):
+    """compile="auto": the fused kernel for a call of AUTO_COMPILE_PIXELS or more, the same matrices as without."""
+    register_module = importlib.import_module("tireg.register")
+    calls = []
+
+    def counting(device):
+        def kernel(*args, **kwargs):
+            calls.append(args[0].shape)
+            return fused.bilinear_moments(*args, **kwargs)  # the formulation stands in for the compiled kernel
+        return kernel
+
+    monkeypatch.setattr(fused, "compiled_bilinear_moments", counting)
+    fixed, moving, truth = registration_pair("camera", "similarity", [0.06, 1.04, 4.0, -3.0], noise=0.02)
+    batch_pixels = fixed.numel()
+    assert batch_pixels < register_module.AUTO_COMPILE_PIXELS  # a small pair: the reference path
+    reference = tireg.register(fixed, moving, transform="similarity")
+    assert calls == []
+    monkeypatch.setattr(register_module, "AUTO_COMPILE_PIXELS", batch_pixels)  # now it is "large"
+    fast = tireg.register(fixed, moving, transform="similarity")
+    assert calls and calls[-1][-2:] == fixed.shape[-2:]
+    assert grid_error(fast.matrix, reference.matrix, fixed.shape) < 1e-3
+    assert grid_error(fast.matrix, truth, fixed.shape) < 0.2
+    calls.clear()
+    tireg.register(fixed, moving, transform="similarity", compile=False)
+    assert calls == []
+
+
+@pytest.mark.parametrize("bad, error", [("fast", ValueError), (1, TypeError), (None, TypeError)])
+def test_register_names_a_bad_compile_option(bad, error):
+    fixed = torch.rand(32, 32)
+    with pytest.raises(error, match="register\\(\\): 'compile' must be True, False or 'auto'"):
+        tireg.register(fixed, fixed, compile=bad)
+
+
 def test_compile_needs_the_analytic_model():
     with pytest.raises(ValueError, match="'compile' applies to the analytic model"):
         tireg.create_model("rigid", torch.rand(1, 1, 16, 16), gradients="autograd", compile=True)
@@ -188,7 +223,7 @@ def test_compiled_register_gives_the_same_matrices(device):
     fixed = torch.stack([pair[0] for pair in pairs])[:, None].to(device)
     moving = torch.stack([pair[1] for pair in pairs])[:, None].to(device)
     for metric in ("l2", "cauchy"):
-        reference = tireg.register(fixed, moving, transform="affine", metric=metric)
+        reference = tireg.register(fixed, moving, transform="affine", metric=metric, compile=False)
         fast = tireg.register(fixed, moving, transform="affine", metric=metric, compile=True)
         assert fast.stop_reason == reference.stop_reason == ["converged", "converged"]
         for index, (_, _, truth) in enumerate(pairs):

@@ -128,6 +128,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _compile_choice(text: str):
+    """``--compile auto|on|off`` -> ``register(compile="auto" | True | False)``."""
+    choices = {"auto": "auto", "on": True, "off": False}
+    if text not in choices:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off; got {text!r}")
+    return choices[text]
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -237,9 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--device", type=_device, default="cpu", metavar="DEVICE",
                            help="cpu, cuda, cuda:N, or auto (cuda when available)")
         group.add_argument("--mask", metavar="IMAGE", help=mask_help)
-        group.add_argument("--compile", action="store_true",
+        group.add_argument("--compile", type=_compile_choice, nargs="?", const=True, default=defaults["compile"],
+                           metavar="auto|on|off",
                            help="compiled fast path (torch.compile): seconds to start, then faster; "
-                           "pays for large images and long stacks")
+                           "pays for large images and long stacks. auto: when one batch has "
+                           "64 Mpx or more; --compile alone: on")
 
     # register
     sub = commands.add_parser(
@@ -302,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(
         handler=_cmd_demo, transform="similarity", metric=defaults["metric"], optimizer=defaults["optimizer"],
         init=defaults["init"], levels=None, max_iterations=defaults["max_iterations"], interpolation="bilinear",
-        device="cpu", mask=None, compile=False,
+        device="cpu", mask=None, compile=defaults["compile"],
     )
     return parser
 

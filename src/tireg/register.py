@@ -78,6 +78,26 @@ OPTIMIZERS = ("auto", "gauss-newton", "adam", "lbfgs", "sgd")
 #: Fewer valid (overlapping) pixels than this at a level count as no overlap.
 MIN_VALID_PIXELS = 16
 
+#: ``register(compile="auto")`` compiles when one call registers at least this many fixed
+#: pixels (batch x height x width): 64 pairs of 1024 x 1024, 1024 of 256 x 256.  Measured on
+#: the CPU (one thread): the compiled kernel saves about 0.14 s per 1024 x 1024 pair while the
+#: first compile in a process costs 2-7 s with inductor's cache warm and up to 15 s cold, so
+#: below this a call would not win back its compile.
+AUTO_COMPILE_PIXELS = 1 << 26
+
+
+def _use_compiled(compile: Union[bool, str], fixed: torch.Tensor, caller: str) -> bool:
+    """Resolve ``compile`` (``True``, ``False`` or ``"auto"``) for a ``(B, C, H, W)`` fixed batch."""
+    if isinstance(compile, str):
+        if compile != "auto":
+            raise ValueError(f"{caller}: 'compile' must be True, False or 'auto'; got {compile!r}")
+        batch, _, height, width = fixed.shape
+        return batch * height * width >= AUTO_COMPILE_PIXELS
+    if not isinstance(compile, bool):
+        raise TypeError(f"{caller}: 'compile' must be True, False or 'auto'; got {type(compile).__name__}")
+    return compile
+
+
 #: Convergence tolerance of a coarse level (``factor > 1``) in its own pixels, at
 #: least: it need only hand the next level a start well inside its capture range,
 #: and iterating it to the final tolerance cost half the Gauss-Newton steps with
@@ -782,7 +802,7 @@ def register(
     interpolation: str = "bilinear",
     normalize: bool = True,
     optimizer_options: Optional[dict] = None,
-    compile: bool = False,
+    compile: Union[bool, str] = "auto",
 ) -> RegistrationResult:
     """Find the transform ``A`` with ``moving(A x) ~ fixed(x)``, coarse to fine.
 
@@ -825,14 +845,17 @@ def register(
             (at a coarse level, ``factor > 1``, at least
             :data:`COARSE_TOLERANCE` level pixels: the next level refines it).
         interpolation: ``"bilinear"`` or ``"bicubic"``.
-        compile: evaluate the cost, gradient and Gauss-Newton matrix with the
-            compiled fused kernel (:mod:`tireg.fused`), one pass over the
-            pixels instead of a dozen operations.  It applies to per-pixel
-            metrics with bilinear interpolation and no ``moving_mask``
-            (elsewhere the reference path runs) and gives the same
-            matrices.  Compiling costs seconds on first use in a process
-            (once per pyramid level size), so it pays for large images,
-            batches and stacks, not for one small pair (``benchmarks/speed.py``).
+        compile: ``True``: evaluate the cost, gradient and Gauss-Newton
+            matrix with the compiled fused kernel (:mod:`tireg.fused`), one
+            pass over the pixels instead of a dozen operations; it applies
+            to per-pixel metrics with bilinear interpolation and no
+            ``moving_mask`` (elsewhere the reference path runs) and gives
+            the same matrices.  Compiling costs seconds on first use in a
+            process (once per pyramid level size), so it pays for large
+            images, batches and stacks, not for one small pair
+            (``benchmarks/speed.py``).  ``"auto"`` (default): compile when
+            this call's work alone pays for it, ``B H W >=``
+            :data:`AUTO_COMPILE_PIXELS` fixed pixels.  ``False``: never.
 
     Returns:
         :class:`RegistrationResult`; non-convergence is a status in it, never an exception.
@@ -902,7 +925,7 @@ def register(
 
     center = image_center(*fixed_t.shape[-2:])
     center_t = torch.tensor(center, dtype=dtype, device=device)
-    problem = _Problem(kind, center_t, metric_object, interpolation, compile=compile)
+    problem = _Problem(kind, center_t, metric_object, interpolation, compile=_use_compiled(compile, fixed_t, caller))
     if start_params is None:
         start = _initial_matrix(init, fixed_n, moving_n, kind, center, caller).to(device=device, dtype=dtype)
         params = kind.from_matrix(start, center_t)
