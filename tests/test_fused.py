@@ -190,6 +190,25 @@ def test_register_names_a_bad_compile_option(bad, error):
         tireg.register(fixed, fixed, compile=bad)
 
 
+@needs_compile
+def test_many_settings_in_one_process_keep_the_compiled_path(monkeypatch):
+    """Past dynamo's 8 specialisations of one function the kernel still compiles (no fallback warning)."""
+
+    def toy(fixed, padded, matrix, loss, padding_mode, weight=None):
+        return fixed * int(padding_mode[5:]) + matrix.sum()  # a string: one specialisation per value
+
+    compiled = torch.compile(toy, fullgraph=True)
+    monkeypatch.setattr(fused, "compiled_bilinear_moments", lambda device: compiled)
+    monkeypatch.setattr(fused, "_failed", set())
+    fixed = torch.ones(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for scale in range(10):  # dynamo's default limit is 8
+            result = fused.run_compiled(fixed, None, torch.zeros(3), None, f"scale{scale}")
+            torch.testing.assert_close(result, fixed * scale)
+    assert fused._failed == set()
+
+
 def test_compile_needs_the_analytic_model():
     with pytest.raises(ValueError, match="'compile' applies to the analytic model"):
         tireg.create_model("rigid", torch.rand(1, 1, 16, 16), gradients="autograd", compile=True)

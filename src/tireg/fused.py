@@ -210,14 +210,32 @@ def compiled_bilinear_moments(device: torch.device) -> Callable[..., FusedMoment
         return _compiled[key]
 
 
+#: Specialisations of the kernel allowed per process.  Each combination of loss, padding,
+#: weights and flags is one (and each new image size at most one more, before dynamic shapes
+#: take over); dynamo's default limit of 8 per function would end the fast path for a process
+#: that tries a few losses with and without masks.
+RECOMPILE_LIMIT = 64
+
+
 def run_compiled(*args, **kwargs) -> Optional[FusedMoments]:
     """Call the compiled kernel; on a compile failure warn once, remember it, and return ``None``."""
     fixed = args[0]
     key = fixed.device.type
     if key in _failed:
         return None
+    kernel = compiled_bilinear_moments(fixed.device)
     try:
-        return compiled_bilinear_moments(fixed.device)(*args, **kwargs)
+        try:
+            return kernel(*args, **kwargs)
+        except Exception as error:
+            if type(error).__name__ != "FailOnRecompileLimitHit":
+                raise
+            # Raised only where a new specialisation is needed past dynamo's limit: raise the
+            # limit then (patching it on every call would cost 30 us a call).
+            import torch._dynamo
+
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return kernel(*args, **kwargs)
     except Exception as error:  # torch.compile raises many types (BackendCompilerFailed, InductorError, ...)
         with _lock:
             _failed.add(key)
