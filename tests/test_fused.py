@@ -109,7 +109,7 @@ def test_register_plumbing_with_the_formulation_equals_reference(monkeypatch, ge
     fixed = smooth_random_image((2, 1, 40, 44), generator)
     moving = smooth_random_image((2, 1, 40, 44), generator)
     weight = (torch.rand(2, 1, 40, 44, generator=generator, dtype=torch.float64) > 0.2).double()
-    monkeypatch.setattr(fused, "compiled_bilinear_moments", lambda device: fused.bilinear_moments)
+    monkeypatch.setattr(fused, "compiled_bilinear_moments", lambda device, **options: fused.bilinear_moments)
     kind = TRANSFORMS["affine"]
     center = torch.tensor([21.5, 19.5], dtype=torch.float64)
     params = kind.from_matrix(_matrix(2), center)
@@ -138,7 +138,7 @@ def test_a_compile_failure_warns_once_and_falls_back(monkeypatch, generator):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler\nmore detail")
 
-    monkeypatch.setattr(fused, "compiled_bilinear_moments", lambda device: broken)
+    monkeypatch.setattr(fused, "compiled_bilinear_moments", lambda device, **options: broken)
     monkeypatch.setattr(fused, "_failed", set())
     fixed = smooth_random_image((1, 1, 24, 24), generator).float()
     moving = smooth_random_image((1, 1, 24, 24), generator).float()
@@ -161,7 +161,7 @@ def test_register_compiles_automatically_only_for_work_that_pays(monkeypatch):
     register_module = importlib.import_module("tireg.register")
     calls = []
 
-    def counting(device):
+    def counting(device, **options):
         def kernel(*args, **kwargs):
             calls.append(args[0].shape)
             return fused.bilinear_moments(*args, **kwargs)  # the formulation stands in for the compiled kernel
@@ -198,7 +198,7 @@ def test_many_settings_in_one_process_keep_the_compiled_path(monkeypatch):
         return fixed * int(padding_mode[5:]) + matrix.sum()  # a string: one specialisation per value
 
     compiled = torch.compile(toy, fullgraph=True)
-    monkeypatch.setattr(fused, "compiled_bilinear_moments", lambda device: compiled)
+    monkeypatch.setattr(fused, "compiled_bilinear_moments", lambda device, **options: compiled)
     monkeypatch.setattr(fused, "_failed", set())
     fixed = torch.ones(4)
     with warnings.catch_warnings():
@@ -207,6 +207,67 @@ def test_many_settings_in_one_process_keep_the_compiled_path(monkeypatch):
             result = fused.run_compiled(fixed, None, torch.zeros(3), None, f"scale{scale}")
             torch.testing.assert_close(result, fixed * scale)
     assert fused._failed == set()
+
+
+def _mapped_similarity(moving: torch.Tensor, compile: bool) -> tireg.models.AffineModelAnalytic:
+    """A batch-of-2 similarity model with a bounded angle, a positive scale and a shared shift."""
+    model = tireg.create_model("similarity", moving, loss="cauchy", padding_mode="border", compile=compile)
+    model.set_parameter(0, torch.tensor([0.031, -0.017]), tireg.mappings.SigmoidMapping(-0.5, 0.5))
+    model.set_parameter(1, torch.tensor([1.02, 0.97]), tireg.mappings.ExpMapping())
+    model.p[2] = torch.nn.Parameter(torch.tensor([2.37], dtype=moving.dtype))  # one shift shared by both pairs
+    model.set_parameter(3, torch.tensor([-1.61, 0.83]))
+    return model
+
+
+def _assert_same_step(models, moving, fixed, rtol=1e-9):
+    (warped_ref, cost_ref), (warped, cost) = [model(moving, fixed) for model in models]
+    torch.testing.assert_close(warped, warped_ref, rtol=rtol, atol=rtol)
+    torch.testing.assert_close(cost, cost_ref, rtol=rtol, atol=0)
+    for reference, fast in zip(models[0].p, models[1].p):
+        assert fast.grad.shape == reference.grad.shape
+        torch.testing.assert_close(fast.grad, reference.grad, rtol=rtol, atol=rtol * float(reference.grad.abs().max()))
+
+
+def test_whole_compiled_step_equals_reference_step(monkeypatch, generator):
+    """The ready-made model's one-graph step (run eagerly here) == the reference step, mappings and sharing included."""
+    monkeypatch.setattr(fused, "compiled", lambda function, device, **options: function)
+    fixed = smooth_random_image((2, 1, 36, 40), generator)
+    moving = smooth_random_image((2, 1, 36, 40), generator)
+    models = [_mapped_similarity(moving, compile) for compile in (False, True)]
+    assert models[1]._compiled_step_applies() and not models[0]._compiled_step_applies()
+    _assert_same_step(models, moving, fixed)
+    _assert_same_step(models, moving, fixed)  # a second step accumulates into param.grad, as backward() would
+
+
+class _OwnMatrix(tireg.FullAffineModelAnalytic):
+    """A subclass with its own get_matrix/get_derva (the seed's way): no whole compiled step."""
+
+    def get_matrix(self):
+        return super().get_matrix()
+
+    def get_derva(self, i):
+        return TRANSFORMS["affine"].jacobian(self._transform_parameters(), self._center_tensor())[:, i]
+
+
+class _OwnMapping(tireg.mappings.IdentityMapping):
+    pass
+
+
+def test_own_math_runs_eagerly_around_the_kernel(monkeypatch, generator):
+    monkeypatch.setattr(fused, "compiled", lambda function, device, **options: function)
+    fixed = smooth_random_image((1, 1, 30, 34), generator)
+    moving = smooth_random_image((1, 1, 30, 34), generator)
+    own = _OwnMatrix(16.5, 14.5, "zeros", moving, compile=True).double()
+    mapped = tireg.create_model("affine", moving, compile=True)
+    mapped.set_parameter(4, 1.5, _OwnMapping())
+    assert not own._compiled_step_applies() and not mapped._compiled_step_applies()
+    for model in (own, mapped):
+        for i, value in enumerate((1.0213, 0.0513, -0.0417, 0.9871, 3.31, -2.71)):  # no point on a pixel (a kink)
+            model.set_parameter(i, value)
+        reference = tireg.create_model("affine", moving)
+        for i in range(6):
+            reference.set_parameter(i, model.get(i))
+        _assert_same_step([reference, model], moving, fixed)
 
 
 def test_compile_needs_the_analytic_model():
@@ -225,9 +286,10 @@ def test_compiled_model_step_equals_reference_step(padding_mode, device, generat
     models = [tireg.create_model("similarity", moving, padding_mode=padding_mode, loss="cauchy", compile=flag)
               for flag in (False, True)]
     for model in models:
-        model.set_parameter(0, torch.tensor([0.031, -0.017]))
+        model.set_parameter(0, torch.tensor([0.031, -0.017]), tireg.mappings.SigmoidMapping(-0.5, 0.5))
         model.set_parameter(2, torch.tensor([2.37, -1.61]))
         model.to(device)
+    assert models[1]._compiled_step_applies()  # the whole step in one compiled graph
     (warped_ref, cost_ref), (warped, cost) = [model(moving, fixed) for model in models]
     torch.testing.assert_close(warped, warped_ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(cost, cost_ref, rtol=1e-5, atol=0)

@@ -29,8 +29,9 @@ from ._validation import PADDING_MODES, FiniteCheckCache, check_image, check_opt
 from .analytic import cost_and_gradient, parameter_gradient
 from .losses import L2Loss, PerPixelLoss, get_loss
 from .metrics import Metric, get_metric
+from . import fused
 from .fused import pad_moving, supports
-from .mappings import IdentityMapping, Mapping
+from .mappings import ExpMapping, IdentityMapping, Mapping, SigmoidMapping
 from .sampling import image_gradient as compute_image_gradient
 from .sampling import pixel_axes, stack_with_gradient, warp
 from .transforms import TRANSFORMS, Transform, get_transform, image_center
@@ -54,6 +55,22 @@ __all__ = [
 
 MODEL_INTERPOLATIONS = ("bilinear", "bicubic")
 IMAGE_GRADIENTS = ("exact", "central", "gaussian")
+
+
+def _parameter_values(raw: Sequence[torch.Tensor], mappings: Sequence[Mapping]) -> torch.Tensor:
+    """``m_i(r_i)`` for every parameter, broadcast and stacked: ``(B, P)`` (``B = 1`` when all are shared)."""
+    return torch.stack(torch.broadcast_tensors(*[mapping(value) for value, mapping in zip(raw, mappings)]), dim=-1)
+
+
+def _raw_gradients(
+    gradient: torch.Tensor, raw: Sequence[torch.Tensor], mappings: Sequence[Mapping]
+) -> list[torch.Tensor]:
+    """``dL/dr_i = dL/dp_i * m_i'(r_i)`` from ``gradient = dL/dp`` ``(B, P)``; a shared ``(1,)`` parameter sums over pairs."""
+    result = []
+    for i, (value, mapping) in enumerate(zip(raw, mappings)):
+        raw_gradient = gradient[:, i] * mapping.derivative(value)
+        result.append(raw_gradient.sum().reshape(value.shape) if value.numel() == 1 else raw_gradient)
+    return result
 
 
 class TransformModel(nn.Module):
@@ -150,7 +167,7 @@ class TransformModel(nn.Module):
 
     def parameter_values(self) -> torch.Tensor:
         """All parameter values ``m_i(p_i)`` as ``(B, P)`` (``B = 1`` when all are shared)."""
-        return torch.stack(torch.broadcast_tensors(*[self.get(i) for i in range(len(self.p))]), dim=-1)
+        return _parameter_values(list(self.p), self.m)
 
     def _transform_parameters(self) -> torch.Tensor:
         values = self.parameter_values()
@@ -190,8 +207,12 @@ class TransformModel(nn.Module):
                 "the analytic model needs get_derva(i) to return dA/dp_i"
             )
         jacobian = self.transform.jacobian(self._transform_parameters(), self._center_tensor())
-        order = [self._slots().index(i) for i in range(len(self.p))]
-        return jacobian[..., order, :, :]
+        return jacobian[..., self._jacobian_order(), :, :]
+
+    def _jacobian_order(self) -> list[int]:
+        """For each model parameter, its position among the transform's parameters."""
+        slots = self._slots()
+        return [slots.index(i) for i in range(len(slots))]
 
     def _center_tensor(self) -> torch.Tensor:
         reference = self.p[0]
@@ -202,14 +223,17 @@ class TransformModel(nn.Module):
         matrix = self.get_matrix()
         matrix = matrix.reshape(-1, 3, 3)
         if batch_size is not None and matrix.shape[0] != batch_size:
-            if matrix.shape[0] != 1:
-                raise ValueError(
-                    f"{type(self).__name__}: the model holds {matrix.shape[0]} parameter sets "
-                    f"but {batch_size} image pairs were given; use batch_size={batch_size} or set_parameter() "
-                    "with one value per pair"
-                )
+            self._check_batch(matrix.shape[0], batch_size)
             matrix = matrix.expand(batch_size, 3, 3)
         return matrix
+
+    def _check_batch(self, sets: int, batch_size: int) -> None:
+        if sets not in (1, batch_size):
+            raise ValueError(
+                f"{type(self).__name__}: the model holds {sets} parameter sets "
+                f"but {batch_size} image pairs were given; use batch_size={batch_size} or set_parameter() "
+                "with one value per pair"
+            )
 
     def extra_repr(self) -> str:
         values = ", ".join(f"{v:.4g}" for v in self.parameter_values()[0].tolist())
@@ -310,12 +334,19 @@ class AffineModelAnalytic(TransformModel):
 
     def _padded_moving(self, source: torch.Tensor) -> Optional[torch.Tensor]:
         """The source extended for the fused kernel, kept while the same tensor is passed."""
-        if not (self.compile and self.metric is None and supports(self.interpolation, self.bordermode, self.loss_func)):
+        if not self._padded_moving_applies():
             return None  # the fused kernel does not apply: nothing to pad
         key = (id(source), source._version, source.device, source.dtype, self.bordermode)
         if self._padded[0] != key:
             self._padded = (key, pad_moving(source, self.bordermode))
         return self._padded[1]
+
+    def _padded_moving_applies(self) -> bool:
+        """Whether the compiled fused kernel computes this model's step."""
+        return (
+            self.compile and self.metric is None and self.image_gradient == "exact"
+            and supports(self.interpolation, self.bordermode, self.loss_func)
+        )
 
     def _axes(self, size: Sequence[int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (tuple(size), like.dtype, like.device)
@@ -342,6 +373,10 @@ class AffineModelAnalytic(TransformModel):
             stacked = self.moving_with_gradient
         batch = source.shape[0]
         with torch.no_grad():
+            if stacked is None and self._compiled_step_applies():
+                result = self._compiled_step(source, target, caller)
+                if result is not None:
+                    return result
             matrix = self.matrix(batch)
             if matrix.dtype != source.dtype or matrix.device != source.device:
                 raise ValueError(
@@ -362,15 +397,86 @@ class AffineModelAnalytic(TransformModel):
                 padded_moving=self._padded_moving(source) if stacked is None else None,
             )
             gradient = parameter_gradient(matrix_gradient, jacobian)  # (B, P): dL/dp
-            for i, (param, mapping) in enumerate(zip(self.p, self.m)):
-                raw_gradient = gradient[:, i] * mapping.derivative(param)  # chain rule through m(r)
-                if param.numel() == 1:
-                    raw_gradient = raw_gradient.sum().reshape(param.shape)
-                if param.grad is None:
-                    param.grad = raw_gradient.clone()
-                else:
-                    param.grad += raw_gradient
+            params = list(self.p)
+            _accumulate(params, _raw_gradients(gradient, params, self.m))  # chain rule through m(r)
         return warped, cost.sum()
+    def _compiled_step_applies(self) -> bool:
+        """Whether one compiled graph can take the whole step (:func:`_fused_step`).
+
+        It can for a ready-made model (the transform's own matrix and
+        Jacobian) with built-in mappings, where the fused kernel applies; a
+        subclass's own ``get_matrix``/``get_derva``, or a mapping of its own,
+        runs eagerly around the compiled kernel instead.
+        """
+        cls = type(self)
+        own_math = any(getattr(cls, name) is not getattr(TransformModel, name) for name in _MODEL_MATH)
+        return (
+            not own_math
+            and all(type(mapping) in _BUILT_IN_MAPPINGS for mapping in self.m)
+            and self._padded_moving_applies()
+        )
+
+    def _compiled_step(self, source: torch.Tensor, target: torch.Tensor, caller: str):
+        """The step by the compiled :func:`_fused_step`, or ``None`` where it cannot compile."""
+        params = list(self.p)  # once: each ParameterList lookup costs microseconds
+        reference = params[0]
+        if reference.dtype != source.dtype or reference.device != source.device:
+            raise ValueError(
+                f"{caller}: the model's parameters are {reference.dtype} on {reference.device} but the images are "
+                f"{source.dtype} on {source.device}; move the model with .to()"
+            )
+        self._check_batch(max(param.shape[0] for param in params), source.shape[0])
+        padded = self._padded_moving(source)
+        step = fused.compiled(_fused_step, source.device, small=fused.fits_32_bit(target, padded))
+        result = fused.call_compiled(
+            step, source.device, params, list(self.m), self.transform, self._slots(), self._jacobian_order(),
+            self._center_tensor(), target, padded, self.loss_func, self.bordermode,
+        )
+        if result is None:
+            return None
+        warped, cost, raw_gradients = result
+        _accumulate(params, raw_gradients)
+        return warped, cost
+
+
+def _accumulate(params: Sequence[torch.Tensor], raw_gradients: Sequence[torch.Tensor]) -> None:
+    """Add ``dL/dr`` into every ``param.grad``, as ``backward()`` would."""
+    for param, raw_gradient in zip(params, raw_gradients):
+        if param.grad is None:
+            param.grad = raw_gradient.clone()
+        else:
+            param.grad += raw_gradient
+
+
+#: Methods that define a model's matrix and Jacobian; a subclass that overrides one has its own math.
+_MODEL_MATH = ("get", "get_matrix", "get_derva", "parameter_jacobian", "parameter_values", "_transform_parameters")
+_BUILT_IN_MAPPINGS = (IdentityMapping, SigmoidMapping, ExpMapping)
+
+
+def _fused_step(
+    raw: list[torch.Tensor],
+    mappings: list[Mapping],
+    transform: Transform,
+    slots: tuple[int, ...],
+    order: list[int],
+    center: torch.Tensor,
+    fixed: torch.Tensor,
+    padded: torch.Tensor,
+    loss: PerPixelLoss,
+    padding_mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """A ready-made analytic model's whole step, for one compiled graph: values ``m(r)``, ``A``
+    and ``dA/dp``, the fused kernel's warped image, cost and ``G``, and ``dL/dr`` (the seed's
+    chain rule ``<G, dA/dp_i> m_i'(r_i)``).  The eager model's own pieces, composed: at 256 x 256
+    their Python around the kernel costs more than the kernel, and here it compiles away.
+    """
+    values = _parameter_values(raw, mappings)[..., list(slots)]
+    batch = fixed.shape[0]
+    matrix = transform.matrix(values, center).reshape(-1, 3, 3).expand(batch, 3, 3)
+    jacobian = transform.jacobian(values, center)[..., order, :, :].reshape(-1, len(raw), 3, 3)
+    moments = fused.bilinear_moments(fixed, padded, matrix, loss, padding_mode, return_warped=True)
+    gradient = parameter_gradient(moments.matrix_gradient, jacobian)
+    return moments.warped, moments.cost.sum(), _raw_gradients(gradient, raw, mappings)
 
 
 # -- ready-made models for the built-in transforms --------------------------------
