@@ -298,6 +298,22 @@ def test_compiled_model_step_equals_reference_step(padding_mode, device, generat
 
 
 @needs_compile
+@pytest.mark.parametrize("kind", ["translation", "rigid", "anisotropic_similarity", "affine"])
+def test_every_ready_made_model_compiles_its_whole_step(kind, generator):
+    """Each transform's matrix and Jacobian trace into the one graph (no fallback), with the reference numbers."""
+    fixed = smooth_random_image((2, 1, 40, 48), generator).float()
+    moving = smooth_random_image((2, 1, 40, 48), generator).float()
+    models = [tireg.create_model(kind, moving, padding_mode="border", compile=flag) for flag in (False, True)]
+    for model in models:
+        count = model.num_parameters
+        model.set_parameter(count - 2, 0.37)
+        model.set_parameter(count - 1, -0.21)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
+        _assert_same_step(models, moving, fixed, rtol=1e-4)
+
+
+@needs_compile
 def test_compiled_register_gives_the_same_matrices(device):
     pairs = [registration_pair("camera", "affine", params, noise=0.02, seed=seed)
              for seed, params in enumerate([[1.05, 0.06, -0.04, 0.96, 5.0, -3.5], [0.97, -0.05, 0.03, 1.04, -6.0, 2.5]])]
