@@ -287,9 +287,12 @@ class AffineModelAnalytic(TransformModel):
             image, cost and gradient; the same numbers as the reference
             path).  It applies to bilinear interpolation, ``"zeros"`` or
             ``"border"`` padding, a per-pixel loss and ``image_gradient="exact"``;
-            other settings use the reference path.  The first step compiles
-            (seconds); it pays in long loops and large images
-            (``benchmarks/speed.py``).  Also settable as the attribute.
+            other settings use the reference path.  A ready-made model with
+            built-in mappings compiles its whole step (values, matrix,
+            Jacobian, kernel, gradients) into one graph; a subclass's own
+            ``get_matrix``/``get_derva`` runs eagerly around the kernel.  The
+            first step compiles (seconds); it pays in long loops and large
+            images (``benchmarks/speed.py``).  Also settable as the attribute.
     """
 
     def __init__(
