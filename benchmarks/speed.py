@@ -19,7 +19,7 @@ interleaved rounds (so that load on a shared machine hits all alike):
    size of the step's input images.
 
 Run:
-    python benchmarks/speed.py                       # CPU, one thread (about 3 minutes)
+    python benchmarks/speed.py                       # CPU, one thread (about 1.5 minutes)
     python benchmarks/speed.py --device cuda --batches 1 1024
     python benchmarks/speed.py --tables step         # one table
 """
@@ -252,7 +252,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--transform", default="affine")
-    parser.add_argument("--cases", type=int, default=8, help="256² register pairs (and half as many 512² pairs)")
+    parser.add_argument("--cases", type=int, default=32,
+                        help="256² register pairs, accuracy.py's affine cases (and half as many 512² pairs)")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timing per step case")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--tables", nargs="+", default=["step", "register", "memory"],
