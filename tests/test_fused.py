@@ -270,6 +270,13 @@ def test_own_math_runs_eagerly_around_the_kernel(monkeypatch, generator):
         _assert_same_step([reference, model], moving, fixed)
 
 
+def test_inductor_options_unknown_to_this_torch_are_left_out(monkeypatch):
+    monkeypatch.setattr(fused, "_OPTIONS_32_BIT", {**fused._OPTIONS_32_BIT, "no_such_option_in_any_torch": 1})
+    options = fused._known_options(small=True)
+    assert "no_such_option_in_any_torch" not in options
+    assert options.get("assert_indirect_indexing") is False  # this torch (2.13) has it
+
+
 def test_compile_needs_the_analytic_model():
     with pytest.raises(ValueError, match="'compile' applies to the analytic model"):
         tireg.create_model("rigid", torch.rand(1, 1, 16, 16), gradients="autograd", compile=True)

@@ -218,8 +218,16 @@ def compiled(function: Callable, device: torch.device, *, small: bool = False) -
     key = (function, torch.device(device).type, small)
     with _lock:
         if key not in _compiled:
-            _compiled[key] = torch.compile(function, fullgraph=True, options=_OPTIONS_32_BIT if small else _OPTIONS)
+            _compiled[key] = torch.compile(function, fullgraph=True, options=_known_options(small))
         return _compiled[key]
+
+
+def _known_options(small: bool) -> dict:
+    """The inductor options that this torch has (an older one lacks some, and would reject them)."""
+    import torch._inductor.config as inductor_config
+
+    options = _OPTIONS_32_BIT if small else _OPTIONS
+    return {name: value for name, value in options.items() if hasattr(inductor_config, name)}
 
 
 def fits_32_bit(*tensors: Optional[torch.Tensor]) -> bool:
