@@ -263,13 +263,14 @@ def call_compiled(kernel: Callable, device: torch.device, *args, **kwargs):
         try:
             return kernel(*args, **kwargs)
         except Exception as error:
-            if type(error).__name__ != "FailOnRecompileLimitHit":
+            if type(error).__name__ not in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit"):  # older: Cache
                 raise
             # Raised only where a new specialisation is needed past dynamo's limit: raise the
             # limit then (patching it on every call would cost 30 us a call).
             import torch._dynamo as dynamo
 
-            with dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            name = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
+            with dynamo.config.patch(**{name: RECOMPILE_LIMIT}):
                 return kernel(*args, **kwargs)
     except Exception as error:  # torch.compile raises many types (BackendCompilerFailed, InductorError, ...)
         with _lock:
