@@ -765,22 +765,7 @@ def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str) -
 
     # a user's own kind starts from the best similarity, projected on the kind by from_matrix
     name = kind.name if kind.name in TRANSFORMS else "similarity"
-    return initialize(fixed, moving, name, method=init, center=center, max_size=_init_size(fixed, moving)).to(
-        torch.float64
-    )
-
-
-#: The smaller side of the working copies that register()'s initialisation uses, about: twice
-#: the pyramid's coarsest level (32), whose capture range is all the start has to reach.
-#: (initialize()'s own default, 128, costs 40 % more on a 256 x 256 pair and 5x more where the
-#: search runs, for the same result on every accuracy.py case.)
-INIT_SIZE = 64
-
-
-def _init_size(fixed: torch.Tensor, moving: torch.Tensor) -> int:
-    """``max_size`` for :func:`~tireg.initialize.initialize` that keeps the smaller side near :data:`INIT_SIZE`."""
-    sides = [*fixed.shape[-2:], *moving.shape[-2:]]
-    return min(128, INIT_SIZE * math.ceil(max(sides) / min(sides)))
+    return initialize(fixed, moving, name, method=init, center=center).to(torch.float64)
 
 
 def register(
