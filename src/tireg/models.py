@@ -57,9 +57,9 @@ MODEL_INTERPOLATIONS = ("bilinear", "bicubic")
 IMAGE_GRADIENTS = ("exact", "central", "gaussian")
 
 
-def _parameter_values(raw: Sequence[torch.Tensor], mappings: Sequence[Mapping]) -> torch.Tensor:
-    """``m_i(r_i)`` for every parameter, broadcast and stacked: ``(B, P)`` (``B = 1`` when all are shared)."""
-    return torch.stack(torch.broadcast_tensors(*[mapping(value) for value, mapping in zip(raw, mappings)]), dim=-1)
+def _stack_values(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Parameter values ``(B,)`` or ``(1,)``, broadcast and stacked: ``(B, P)`` (``B = 1`` when all are shared)."""
+    return torch.stack(torch.broadcast_tensors(*values), dim=-1)
 
 
 def _raw_gradients(
@@ -167,7 +167,7 @@ class TransformModel(nn.Module):
 
     def parameter_values(self) -> torch.Tensor:
         """All parameter values ``m_i(p_i)`` as ``(B, P)`` (``B = 1`` when all are shared)."""
-        return _parameter_values(list(self.p), self.m)
+        return _stack_values([self.get(i) for i in range(len(self.p))])
 
     def _transform_parameters(self) -> torch.Tensor:
         values = self.parameter_values()
@@ -337,14 +337,14 @@ class AffineModelAnalytic(TransformModel):
 
     def _padded_moving(self, source: torch.Tensor) -> Optional[torch.Tensor]:
         """The source extended for the fused kernel, kept while the same tensor is passed."""
-        if not self._padded_moving_applies():
+        if not self._fused_kernel_applies():
             return None  # the fused kernel does not apply: nothing to pad
         key = (id(source), source._version, source.device, source.dtype, self.bordermode)
         if self._padded[0] != key:
             self._padded = (key, pad_moving(source, self.bordermode))
         return self._padded[1]
 
-    def _padded_moving_applies(self) -> bool:
+    def _fused_kernel_applies(self) -> bool:
         """Whether the compiled fused kernel computes this model's step."""
         return (
             self.compile and self.metric is None and self.image_gradient == "exact"
@@ -381,11 +381,7 @@ class AffineModelAnalytic(TransformModel):
                 if result is not None:
                     return result
             matrix = self.matrix(batch)
-            if matrix.dtype != source.dtype or matrix.device != source.device:
-                raise ValueError(
-                    f"{caller}: the model's parameters are {matrix.dtype} on {matrix.device} but the images are "
-                    f"{source.dtype} on {source.device}; move the model with .to()"
-                )
+            _check_like(matrix, source, caller)
             jacobian = self.parameter_jacobian()
             warped, cost, matrix_gradient = cost_and_gradient(
                 target,
@@ -416,18 +412,13 @@ class AffineModelAnalytic(TransformModel):
         return (
             not own_math
             and all(type(mapping) in _BUILT_IN_MAPPINGS for mapping in self.m)
-            and self._padded_moving_applies()
+            and self._fused_kernel_applies()
         )
 
     def _compiled_step(self, source: torch.Tensor, target: torch.Tensor, caller: str):
         """The step by the compiled :func:`_fused_step`, or ``None`` where it cannot compile."""
         params = list(self.p)  # once: each ParameterList lookup costs microseconds
-        reference = params[0]
-        if reference.dtype != source.dtype or reference.device != source.device:
-            raise ValueError(
-                f"{caller}: the model's parameters are {reference.dtype} on {reference.device} but the images are "
-                f"{source.dtype} on {source.device}; move the model with .to()"
-            )
+        _check_like(params[0], source, caller)
         self._check_batch(max(param.shape[0] for param in params), source.shape[0])
         padded = self._padded_moving(source)
         step = fused.compiled(_fused_step, source.device, small=fused.fits_32_bit(target, padded))
@@ -440,6 +431,15 @@ class AffineModelAnalytic(TransformModel):
         warped, cost, raw_gradients = result
         _accumulate(params, raw_gradients)
         return warped, cost
+
+
+def _check_like(model_tensor: torch.Tensor, source: torch.Tensor, caller: str) -> None:
+    """The model's parameters (or its matrix) must have the images' dtype and device."""
+    if model_tensor.dtype != source.dtype or model_tensor.device != source.device:
+        raise ValueError(
+            f"{caller}: the model's parameters are {model_tensor.dtype} on {model_tensor.device} but the images are "
+            f"{source.dtype} on {source.device}; move the model with .to()"
+        )
 
 
 def _accumulate(params: Sequence[torch.Tensor], raw_gradients: Sequence[torch.Tensor]) -> None:
@@ -473,7 +473,7 @@ def _fused_step(
     chain rule ``<G, dA/dp_i> m_i'(r_i)``).  The eager model's own pieces, composed: at 256 x 256
     their Python around the kernel costs more than the kernel, and here it compiles away.
     """
-    values = _parameter_values(raw, mappings)[..., list(slots)]
+    values = _stack_values([mapping(value) for value, mapping in zip(raw, mappings)])[..., list(slots)]
     batch = fixed.shape[0]
     matrix = transform.matrix(values, center).reshape(-1, 3, 3).expand(batch, 3, 3)
     jacobian = transform.jacobian(values, center)[..., order, :, :].reshape(-1, len(raw), 3, 3)
