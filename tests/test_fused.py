@@ -104,6 +104,24 @@ def test_wild_matrices_stay_finite_and_count_nothing_outside(bad, generator):
     assert float(result.count[0]) == 0.0 and float(result.count[1]) > 0
 
 
+def test_stored_coordinates_give_the_same_moments(generator):
+    """coordinate_grids (stored x = j, y = i) in place of the broadcast axes: the same numbers."""
+    fixed = smooth_random_image((2, 2, 18, 23), generator)
+    moving = smooth_random_image((2, 2, 21, 17), generator)
+    coordinates = fused.coordinate_grids(fixed)
+    xs, ys = coordinates
+    assert xs.shape == ys.shape == (1, 1, 18, 23) and xs.dtype == torch.float64
+    assert xs[0, 0, 5, 7] == 7 and ys[0, 0, 5, 7] == 5
+    padded = fused.pad_moving(moving, "border")
+    options = dict(inside_only=True, hessian=True, return_warped=True)
+    expected = fused.bilinear_moments(fixed, padded, _matrix(2), tireg.CauchyLoss(), "border", **options)
+    got = fused.bilinear_moments(fixed, padded, _matrix(2), tireg.CauchyLoss(), "border", coordinates=coordinates,
+                                 **options)
+    for name in ("cost", "count", "matrix_gradient", "products", "warped"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=1e-12, atol=1e-12)
+    assert fused.coordinate_grids(torch.zeros(1, 1, 4, 4, device="meta")) is None  # a GPU kernel needs none
+
+
 def test_register_plumbing_with_the_formulation_equals_reference(monkeypatch, generator):
     """register's fused evaluation (the formulation standing in for the compiled kernel) == its reference one."""
     fixed = smooth_random_image((2, 1, 40, 44), generator)
@@ -318,6 +336,24 @@ def test_every_ready_made_model_compiles_its_whole_step(kind, generator):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
         _assert_same_step(models, moving, fixed, rtol=1e-4)
+
+
+@needs_compile
+def test_compiled_kernel_keeps_wild_matrices_finite(generator):
+    """A NaN, infinite or huge shift sends every point to the padding (fmin/fmax): finite sums,
+    nothing counted, and no gather outside the image's memory."""
+    fixed = smooth_random_image((4, 1, 24, 20), generator).float()
+    moving = smooth_random_image((4, 1, 24, 20), generator).float()
+    padded = fused.pad_moving(moving, "zeros")
+    matrix = _matrix(4, torch.float32)
+    matrix[0, 0, 2], matrix[1, 1, 2], matrix[2, 0, 2] = float("nan"), float("inf"), -1e30
+    result = fused.run_compiled(fixed, padded, matrix, tireg.L2Loss(), "zeros", inside_only=True, hessian=True,
+                                coordinates=fused.coordinate_grids(fixed))
+    for value in (result.cost, result.matrix_gradient, result.products):
+        assert torch.isfinite(value).all()
+    assert result.count[:3].tolist() == [0.0, 0.0, 0.0] and float(result.count[3]) > 0
+    expected = fused.bilinear_moments(fixed[3:], padded[3:], matrix[3:], tireg.L2Loss(), "zeros", inside_only=True)
+    torch.testing.assert_close(result.matrix_gradient[3:], expected.matrix_gradient, rtol=1e-4, atol=1e-4)
 
 
 @needs_compile

@@ -41,6 +41,7 @@ def cost_and_gradient(
     axes: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     compile: bool = False,
     padded_moving: Optional[torch.Tensor] = None,
+    coordinates: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Warp, cost and ``G = dL/dA`` in one pass, without autograd.
 
@@ -66,6 +67,7 @@ def cost_and_gradient(
             exact gradient); it gives the same result in one pass over the
             pixels.  Elsewhere, or where compiling fails, the reference path.
         padded_moving: optional cached :func:`tireg.fused.pad_moving` of ``moving``.
+        coordinates: optional cached :func:`tireg.fused.coordinate_grids` of ``fixed``.
 
     Returns:
         ``warped (B, C, H, W)``, ``cost (B,)``, ``G (B, 2, 3)`` with ``G = sum_x g(x) x~^T``.
@@ -73,7 +75,9 @@ def cost_and_gradient(
     if isinstance(metric, PerPixelLoss):
         metric = PerPixelMetric(metric, mean=False)
     if compile and moving_with_gradient is None:
-        result = _fused_cost_and_gradient(fixed, moving, matrix, metric, weight, interpolation, padding_mode, padded_moving)
+        result = _fused_cost_and_gradient(
+            fixed, moving, matrix, metric, weight, interpolation, padding_mode, padded_moving, coordinates
+        )
         if result is not None:
             return result
     batch, channels, height, width = fixed.shape
@@ -96,12 +100,16 @@ def cost_and_gradient(
     return warped, cost, matrix_gradient
 
 
-def _fused_cost_and_gradient(fixed, moving, matrix, metric, weight, interpolation, padding_mode, padded_moving):
+def _fused_cost_and_gradient(
+    fixed, moving, matrix, metric, weight, interpolation, padding_mode, padded_moving, coordinates
+):
     """:func:`cost_and_gradient` by the compiled kernel, or ``None`` where it does not apply or cannot compile."""
     if not (isinstance(metric, PerPixelMetric) and fused.supports(interpolation, padding_mode, metric.loss)):
         return None
     padded = fused.pad_moving(moving, padding_mode) if padded_moving is None else padded_moving
-    result = fused.run_compiled(fixed, padded, matrix, metric.loss, padding_mode, weight, return_warped=True)
+    result = fused.run_compiled(
+        fixed, padded, matrix, metric.loss, padding_mode, weight, return_warped=True, coordinates=coordinates
+    )
     if result is None:
         return None
     if metric.mean:

@@ -324,6 +324,7 @@ class AffineModelAnalytic(TransformModel):
         self._pixel_axes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.compile = bool(compile)
         self._padded: tuple[Optional[tuple], Optional[torch.Tensor]] = (None, None)
+        self._coordinates: tuple[Optional[tuple], Optional[tuple[torch.Tensor, torch.Tensor]]] = (None, None)
         if self.image_gradient != "exact":
             self._precompute(moving)
 
@@ -343,6 +344,13 @@ class AffineModelAnalytic(TransformModel):
         if self._padded[0] != key:
             self._padded = (key, pad_moving(source, self.bordermode))
         return self._padded[1]
+
+    def _coordinate_grids(self, target: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """:func:`tireg.fused.coordinate_grids` of the target's grid, kept while its size stays."""
+        key = (tuple(target.shape[-2:]), target.dtype, target.device)
+        if self._coordinates[0] != key:
+            self._coordinates = (key, fused.coordinate_grids(target))
+        return self._coordinates[1]
 
     def _fused_kernel_applies(self) -> bool:
         """Whether the compiled fused kernel computes this model's step."""
@@ -394,6 +402,7 @@ class AffineModelAnalytic(TransformModel):
                 axes=self._axes(target.shape[-2:], matrix),
                 compile=self.compile,
                 padded_moving=self._padded_moving(source) if stacked is None else None,
+                coordinates=self._coordinate_grids(target) if self._fused_kernel_applies() else None,
             )
             gradient = parameter_gradient(matrix_gradient, jacobian)  # (B, P): dL/dp
             params = list(self.p)
@@ -424,7 +433,7 @@ class AffineModelAnalytic(TransformModel):
         step = fused.compiled(_fused_step, source.device, small=fused.fits_32_bit(target, padded))
         result = fused.call_compiled(
             step, source.device, params, list(self.m), self.transform, self._slots(), self._jacobian_order(),
-            self._center_tensor(), target, padded, self.loss_func, self.bordermode,
+            self._center_tensor(), target, padded, self.loss_func, self.bordermode, self._coordinate_grids(target),
         )
         if result is None:
             return None
@@ -467,6 +476,7 @@ def _fused_step(
     padded: torch.Tensor,
     loss: PerPixelLoss,
     padding_mode: str,
+    coordinates: Optional[tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """A ready-made analytic model's whole step, for one compiled graph: values ``m(r)``, ``A``
     and ``dA/dp``, the fused kernel's warped image, cost and ``G``, and ``dL/dr`` (the seed's
@@ -477,7 +487,9 @@ def _fused_step(
     batch = fixed.shape[0]
     matrix = transform.matrix(values, center).reshape(-1, 3, 3).expand(batch, 3, 3)
     jacobian = transform.jacobian(values, center)[..., order, :, :].reshape(-1, len(raw), 3, 3)
-    moments = fused.bilinear_moments(fixed, padded, matrix, loss, padding_mode, return_warped=True)
+    moments = fused.bilinear_moments(
+        fixed, padded, matrix, loss, padding_mode, return_warped=True, coordinates=coordinates
+    )
     gradient = parameter_gradient(moments.matrix_gradient, jacobian)
     return moments.warped, moments.cost.sum(), _raw_gradients(gradient, raw, mappings)
 

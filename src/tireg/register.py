@@ -511,9 +511,10 @@ class _Problem:
             return None
         if "padded" not in level.cache:
             level.cache["padded"] = fused.pad_moving(level.moving, "border")
+            level.cache["coordinates"] = fused.coordinate_grids(level.fixed)
         result = fused.run_compiled(
             level.fixed, level.cache["padded"], matrix, self.loss, "border", level.fixed_weight,
-            inside_only=True, hessian=hessian,
+            inside_only=True, hessian=hessian, coordinates=level.cache["coordinates"],
         )
         if result is None:
             self.compile = False
