@@ -288,6 +288,31 @@ def test_gradients_accumulate_like_backward(images):
     assert torch.allclose(gradients(model), 2 * once)
 
 
+def test_each_parameter_gets_a_gradient_of_its_own(images):
+    """A first gradient is stored without a copy: no two parameters may share its memory."""
+    fixed, moving = images
+    model = tireg.create_model("affine", moving, gradients="analytic")
+    model(moving, fixed)
+    pointers = {param.grad.data_ptr() for param in model.p}
+    assert len(pointers) == model.num_parameters
+
+
+def test_the_model_follows_a_changed_center_and_parameter_list(images):
+    """The cached centre tensor and parameter list follow what the user changes, as the seed's users do."""
+    _, moving = images
+    model = tireg.create_model("rigid", moving, gradients="analytic")
+    model.set_parameter(0, 0.2)
+    before = model.get_matrix()
+    model.cx, model.cy = model.cx + 3.0, model.cy - 2.0
+    expected = tireg.TRANSFORMS["rigid"].matrix(model.parameter_values(), torch.tensor([model.cx, model.cy]))
+    torch.testing.assert_close(model.get_matrix(), expected.to(before.dtype))
+    assert not torch.allclose(model.get_matrix(), before)
+    model.p[1] = torch.nn.Parameter(torch.full((3,), 4.0, dtype=torch.float64))
+    assert model._parameter_list() == list(model.p) and model.get(1)[0] == 4.0
+    model.float()
+    assert model._center_tensor().dtype == torch.float32
+
+
 def test_set_parameter_keeps_the_parameter_object_for_the_optimiser(images):
     _, moving = images
     model = tireg.create_model("rigid", moving, gradients="autograd")

@@ -116,6 +116,7 @@ class TransformModel(nn.Module):
             initial[index] = self.transform.identity[position]
         self.p = nn.ParameterList(nn.Parameter(torch.full((int(batch_size),), value)) for value in initial)
         self.m: list[Mapping] = [IdentityMapping() for _ in initial]
+        self._center: tuple[Optional[tuple], Optional[torch.Tensor]] = (None, None)
         self._finite = FiniteCheckCache()
 
     # -- parameters -----------------------------------------------------------
@@ -215,8 +216,15 @@ class TransformModel(nn.Module):
         return [slots.index(i) for i in range(len(slots))]
 
     def _center_tensor(self) -> torch.Tensor:
-        reference = self.p[0]
-        return torch.tensor([self.cx, self.cy], dtype=reference.dtype, device=reference.device)
+        reference = self._parameter_list()[0]
+        key = (self.cx, self.cy, reference.dtype, reference.device)
+        if self._center[0] != key:  # kept: a tensor from floats costs 5 us a step
+            self._center = (key, torch.tensor([self.cx, self.cy], dtype=reference.dtype, device=reference.device))
+        return self._center[1]
+
+    def _parameter_list(self) -> list[nn.Parameter]:
+        """``list(self.p)`` from the ParameterList's own dict: ``__getitem__`` costs 1.5 us a parameter."""
+        return list(self.p._parameters.values())
 
     def matrix(self, batch_size: Optional[int] = None) -> torch.Tensor:
         """:meth:`get_matrix` as ``(B, 3, 3)``, expanded to ``batch_size`` pairs if given."""
@@ -405,7 +413,7 @@ class AffineModelAnalytic(TransformModel):
                 coordinates=self._coordinate_grids(target) if self._fused_kernel_applies() else None,
             )
             gradient = parameter_gradient(matrix_gradient, jacobian)  # (B, P): dL/dp
-            params = list(self.p)
+            params = self._parameter_list()
             _accumulate(params, _raw_gradients(gradient, params, self.m))  # chain rule through m(r)
         return warped, cost.sum()
     def _compiled_step_applies(self) -> bool:
@@ -426,7 +434,7 @@ class AffineModelAnalytic(TransformModel):
 
     def _compiled_step(self, source: torch.Tensor, target: torch.Tensor, caller: str):
         """The step by the compiled :func:`_fused_step`, or ``None`` where it cannot compile."""
-        params = list(self.p)  # once: each ParameterList lookup costs microseconds
+        params = self._parameter_list()
         _check_like(params[0], source, caller)
         self._check_batch(max(param.shape[0] for param in params), source.shape[0])
         padded = self._padded_moving(source)
@@ -452,10 +460,14 @@ def _check_like(model_tensor: torch.Tensor, source: torch.Tensor, caller: str) -
 
 
 def _accumulate(params: Sequence[torch.Tensor], raw_gradients: Sequence[torch.Tensor]) -> None:
-    """Add ``dL/dr`` into every ``param.grad``, as ``backward()`` would."""
+    """Add ``dL/dr`` into every ``param.grad``, as ``backward()`` would.
+
+    Every ``raw_gradient`` is a tensor of its own (:func:`_raw_gradients` computes each), so
+    a first gradient is taken as it is, without a copy.
+    """
     for param, raw_gradient in zip(params, raw_gradients):
         if param.grad is None:
-            param.grad = raw_gradient.clone()
+            param.grad = raw_gradient
         else:
             param.grad += raw_gradient
 
