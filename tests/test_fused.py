@@ -122,6 +122,36 @@ def test_stored_coordinates_give_the_same_moments(generator):
     assert fused.coordinate_grids(torch.zeros(1, 1, 4, 4, device="meta")) is None  # a GPU kernel needs none
 
 
+def test_packed_pairs_hold_both_neighbours_bit_for_bit(generator):
+    padded = torch.randn(2, 3, 5, 7, generator=generator)
+    padded[0, 0, 0, :5] = torch.tensor([-0.0, float("inf"), float("nan"), 1e-40, -float("inf")])  # subnormal too
+    packed = fused.pack_pairs(padded)
+    assert packed.dtype == torch.int64 and packed.shape == (2, 3, 5, 6)
+    low, high = fused._unpack_pairs(packed)
+    assert torch.equal(low.view(torch.int32), padded[..., :-1].contiguous().view(torch.int32))
+    assert torch.equal(high.view(torch.int32), padded[..., 1:].contiguous().view(torch.int32))
+    with pytest.raises(ValueError, match="float32"):
+        fused.pack_pairs(padded.double())
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_packed_moving_gives_the_same_moments(padding_mode, generator):
+    """prepare_moving packs a float32 CPU image; the kernel's two gathers give what its four give."""
+    fixed = smooth_random_image((2, 2, 18, 23), generator).float()
+    moving = smooth_random_image((2, 2, 21, 17), generator).float()
+    prepared = fused.prepare_moving(moving, padding_mode)
+    assert prepared.dtype == torch.int64
+    assert fused.prepare_moving(moving.double(), padding_mode).dtype == torch.float64  # nothing to pack into
+    matrix = _matrix(2, torch.float32)
+    matrix[1, 0, 2] = 40.0  # some points outside, on the padding
+    options = dict(weight=None, inside_only=True, hessian=True, return_warped=True)
+    expected = fused.bilinear_moments(fixed, fused.pad_moving(moving, padding_mode), matrix, tireg.CauchyLoss(),
+                                      padding_mode, **options)
+    got = fused.bilinear_moments(fixed, prepared, matrix, tireg.CauchyLoss(), padding_mode, **options)
+    for name in ("cost", "count", "matrix_gradient", "products", "warped"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=0, atol=0)
+
+
 def test_register_plumbing_with_the_formulation_equals_reference(monkeypatch, generator):
     """register's fused evaluation (the formulation standing in for the compiled kernel) == its reference one."""
     fixed = smooth_random_image((2, 1, 40, 44), generator)
@@ -339,12 +369,13 @@ def test_every_ready_made_model_compiles_its_whole_step(kind, generator):
 
 
 @needs_compile
-def test_compiled_kernel_keeps_wild_matrices_finite(generator):
+@pytest.mark.parametrize("prepare", [fused.pad_moving, fused.prepare_moving], ids=["padded", "packed"])
+def test_compiled_kernel_keeps_wild_matrices_finite(prepare, generator):
     """A NaN, infinite or huge shift sends every point to the padding (fmin/fmax): finite sums,
     nothing counted, and no gather outside the image's memory."""
     fixed = smooth_random_image((4, 1, 24, 20), generator).float()
     moving = smooth_random_image((4, 1, 24, 20), generator).float()
-    padded = fused.pad_moving(moving, "zeros")
+    padded = prepare(moving, "zeros")
     matrix = _matrix(4, torch.float32)
     matrix[0, 0, 2], matrix[1, 1, 2], matrix[2, 0, 2] = float("nan"), float("inf"), -1e30
     result = fused.run_compiled(fixed, padded, matrix, tireg.L2Loss(), "zeros", inside_only=True, hessian=True,

@@ -66,7 +66,7 @@ def cost_and_gradient(
             applies (bilinear, zeros or border padding, a per-pixel metric,
             exact gradient); it gives the same result in one pass over the
             pixels.  Elsewhere, or where compiling fails, the reference path.
-        padded_moving: optional cached :func:`tireg.fused.pad_moving` of ``moving``.
+        padded_moving: optional cached :func:`tireg.fused.prepare_moving` of ``moving``.
         coordinates: optional cached :func:`tireg.fused.coordinate_grids` of ``fixed``.
 
     Returns:
@@ -106,7 +106,7 @@ def _fused_cost_and_gradient(
     """:func:`cost_and_gradient` by the compiled kernel, or ``None`` where it does not apply or cannot compile."""
     if not (isinstance(metric, PerPixelMetric) and fused.supports(interpolation, padding_mode, metric.loss)):
         return None
-    padded = fused.pad_moving(moving, padding_mode) if padded_moving is None else padded_moving
+    padded = fused.prepare_moving(moving, padding_mode) if padded_moving is None else padded_moving
     result = fused.run_compiled(
         fixed, padded, matrix, metric.loss, padding_mode, weight, return_warped=True, coordinates=coordinates
     )

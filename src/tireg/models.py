@@ -30,7 +30,7 @@ from .analytic import cost_and_gradient, parameter_gradient
 from .losses import L2Loss, PerPixelLoss, get_loss
 from .metrics import Metric, get_metric
 from . import fused
-from .fused import pad_moving, supports
+from .fused import prepare_moving, supports
 from .mappings import ExpMapping, IdentityMapping, Mapping, SigmoidMapping
 from .sampling import image_gradient as compute_image_gradient
 from .sampling import pixel_axes, stack_with_gradient, warp
@@ -350,7 +350,7 @@ class AffineModelAnalytic(TransformModel):
             return None  # the fused kernel does not apply: nothing to pad
         key = (id(source), source._version, source.device, source.dtype, self.bordermode)
         if self._padded[0] != key:
-            self._padded = (key, pad_moving(source, self.bordermode))
+            self._padded = (key, prepare_moving(source, self.bordermode))
         return self._padded[1]
 
     def _coordinate_grids(self, target: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

@@ -510,7 +510,7 @@ class _Problem:
         if level.moving_mask is not None:
             return None
         if "padded" not in level.cache:
-            level.cache["padded"] = fused.pad_moving(level.moving, "border")
+            level.cache["padded"] = fused.prepare_moving(level.moving, "border")
             level.cache["coordinates"] = fused.coordinate_grids(level.fixed)
         result = fused.run_compiled(
             level.fixed, level.cache["padded"], matrix, self.loss, "border", level.fixed_weight,
