@@ -336,8 +336,8 @@ def test_compile_needs_the_analytic_model():
 @needs_compile
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
 def test_compiled_model_step_equals_reference_step(padding_mode, device, generator):
-    fixed = smooth_random_image((2, 1, 48, 40), generator).float().to(device)
-    moving = smooth_random_image((2, 1, 48, 40), generator).float().to(device)
+    fixed = smooth_random_image((2, 2, 48, 40), generator).float().to(device)  # two channels,
+    moving = smooth_random_image((2, 2, 44, 52), generator).float().to(device)  # another size
     models = [tireg.create_model("similarity", moving, padding_mode=padding_mode, loss="cauchy", compile=flag)
               for flag in (False, True)]
     for model in models:
