@@ -75,7 +75,7 @@ def measure(size: int, batch: int, transform: str, device: str, budget: float) -
     steps = {}
     for name in ("analytic", "autograd", "plain autograd"):
         gradients = "analytic" if name == "analytic" else "autograd"
-        model = tireg.create_model(transform, moving, gradients=gradients, loss=loss)
+        model = tireg.create_model(transform, moving, gradients=gradients, loss=loss, compile=False)
         steps[name] = make_step(model, moving, fixed, loss, name)
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     return median_rounds(steps, budget, synchronize)

@@ -94,7 +94,7 @@ def step_table(args) -> None:
             synchronizer(device)()
             compile_seconds = time.perf_counter() - started
             for name in ("analytic", "autograd"):
-                model = tireg.create_model(args.transform, moving, gradients=name, loss=loss)
+                model = tireg.create_model(args.transform, moving, gradients=name, loss=loss, compile=False)
                 steps[name] = iteration.make_step(model, moving, fixed, loss, name)
             steps["compiled"] = iteration.make_step(compiled_model, moving, fixed, loss, "analytic")
             try:

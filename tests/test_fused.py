@@ -236,6 +236,12 @@ def test_register_names_a_bad_compile_option(bad, error):
     fixed = torch.rand(32, 32)
     with pytest.raises(error, match="register\\(\\): 'compile' must be True, False or 'auto'"):
         tireg.register(fixed, fixed, compile=bad)
+    moving = torch.rand(1, 1, 16, 16)
+    with pytest.raises(error, match="create_model\\(\\): 'compile' must be True, False or 'auto'"):
+        tireg.create_model("rigid", moving, compile=bad)
+    model = tireg.create_model("rigid", moving)
+    with pytest.raises(error, match="RigidModelAnalytic\\(\\): 'compile' must be True, False or 'auto'"):
+        model.compile = bad
 
 
 @needs_compile
@@ -257,7 +263,7 @@ def test_many_settings_in_one_process_keep_the_compiled_path(monkeypatch):
     assert fused._failed == set()
 
 
-def _mapped_similarity(moving: torch.Tensor, compile: bool) -> tireg.models.AffineModelAnalytic:
+def _mapped_similarity(moving: torch.Tensor, compile: "bool | str") -> tireg.models.AffineModelAnalytic:
     """A batch-of-2 similarity model with a bounded angle, a positive scale and a shared shift."""
     model = tireg.create_model("similarity", moving, loss="cauchy", padding_mode="border", compile=compile)
     model.set_parameter(0, torch.tensor([0.031, -0.017]), tireg.mappings.SigmoidMapping(-0.5, 0.5))
@@ -328,6 +334,38 @@ def test_inductor_options_unknown_to_this_torch_are_left_out(monkeypatch):
 def test_compile_needs_the_analytic_model():
     with pytest.raises(ValueError, match="'compile' applies to the analytic model"):
         tireg.create_model("rigid", torch.rand(1, 1, 16, 16), gradients="autograd", compile=True)
+    assert isinstance(tireg.create_model("rigid", torch.rand(1, 1, 16, 16), gradients="autograd"), tireg.RigidModel)
+
+
+def test_model_compiles_automatically_once_its_eager_steps_have_paid(monkeypatch, generator):
+    """compile="auto", the default: eager steps until they have taken AUTO_COMPILE_SECONDS, then
+    the compiled step (run eagerly here), with the reference numbers."""
+    models_module = importlib.import_module("tireg.models")
+    calls = []
+
+    def counting(function, device, **options):
+        def run(*args, **kwargs):
+            calls.append(function.__name__)
+            return function(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(fused, "compiled", counting)
+    fixed = smooth_random_image((2, 1, 36, 40), generator)
+    moving = smooth_random_image((2, 1, 36, 40), generator)
+    assert tireg.create_model("similarity", moving).compile == "auto"
+    reference, auto = _mapped_similarity(moving, False), _mapped_similarity(moving, "auto")
+    for _ in range(3):
+        _assert_same_step([reference, auto], moving, fixed)
+    assert calls == [] and 0 < auto._eager_seconds < models_module.AUTO_COMPILE_SECONDS  # far from paying
+    monkeypatch.setattr(models_module, "AUTO_COMPILE_SECONDS", auto._eager_seconds)  # now it has paid
+    _assert_same_step([reference, auto], moving, fixed)
+    assert calls == ["_fused_step"]
+    auto.compile = "auto"  # setting it starts the clock again
+    _assert_same_step([reference, auto], moving, fixed)
+    assert calls == ["_fused_step"]
+    monkeypatch.setattr(models_module, "AUTO_COMPILE_SECONDS", 0.0)
+    _assert_same_step([reference, auto], moving, fixed)
+    assert calls == ["_fused_step"] * 2 and reference.compile is False  # False never compiles
 
 
 # -- the compiled kernel ------------------------------------------------------

@@ -7,7 +7,7 @@ function's name and names the offending argument, e.g.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 
@@ -74,6 +74,17 @@ def check_option(value: str, options: Sequence[str], name: str, caller: str) -> 
     """Return ``value`` if it is one of ``options``; raise a ``ValueError`` listing them otherwise."""
     if value not in options:
         raise ValueError(f"{caller}: unknown {name} {value!r}; choose one of {', '.join(map(repr, options))}")
+    return value
+
+
+def check_compile_option(value: object, caller: str) -> Union[bool, str]:
+    """``compile`` must be ``True``, ``False`` or ``"auto"``: return it, or raise naming the option."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"{caller}: 'compile' must be True, False or 'auto'; got {value!r}")
+        return value
+    if not isinstance(value, bool):
+        raise TypeError(f"{caller}: 'compile' must be True, False or 'auto'; got {type(value).__name__}")
     return value
 
 

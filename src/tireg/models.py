@@ -20,12 +20,13 @@ of shape ``(1,)`` is shared by all pairs (its gradient sums over them).
 
 from __future__ import annotations
 
+import time
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ._validation import PADDING_MODES, FiniteCheckCache, check_image, check_option
+from ._validation import PADDING_MODES, FiniteCheckCache, check_compile_option, check_image, check_option
 from .analytic import cost_and_gradient, parameter_gradient
 from .losses import L2Loss, PerPixelLoss, get_loss
 from .metrics import Metric, get_metric
@@ -54,6 +55,13 @@ __all__ = [
 ]
 
 MODEL_INTERPOLATIONS = ("bilinear", "bicubic")
+
+#: ``compile="auto"``: an analytic model takes the compiled path once its eager steps have
+#: taken this many seconds in all, about what a first compile takes (2-7 s with inductor's
+#: cache warm, up to 15 s cold).  The rent-or-buy rule: a loop too short to pay for the
+#: compile never compiles, and a long one never spends more than twice the time of the
+#: better of the two paths chosen in advance (the compile plus the faster steps).
+AUTO_COMPILE_SECONDS = 10.0
 IMAGE_GRADIENTS = ("exact", "central", "gaussian")
 
 
@@ -290,17 +298,22 @@ class AffineModelAnalytic(TransformModel):
             (``"ncc"``, ``"lncc"``, ``"mi"``, ``"nmi"``, or an instance); the
             cost is then the metric's, summed over the pairs.  Also settable as
             the attribute ``metric``.
-        compile: compute each step with the compiled fused kernel
+        compile: ``True``: compute each step with the compiled fused kernel
             (:mod:`tireg.fused`: one pass over the pixels for the warped
             image, cost and gradient; the same numbers as the reference
-            path).  It applies to bilinear interpolation, ``"zeros"`` or
-            ``"border"`` padding, a per-pixel loss and ``image_gradient="exact"``;
-            other settings use the reference path.  A ready-made model with
-            built-in mappings compiles its whole step (values, matrix,
-            Jacobian, kernel, gradients) into one graph; a subclass's own
+            path).  ``"auto"`` (default): the reference path until this
+            model's eager steps have taken :data:`AUTO_COMPILE_SECONDS` in
+            all, then the compiled one (a short loop never pays for a
+            compile).  ``False``: never.  It applies to bilinear
+            interpolation, ``"zeros"`` or ``"border"`` padding, a per-pixel
+            loss and ``image_gradient="exact"``; other settings use the
+            reference path.  A ready-made model with built-in mappings
+            compiles its whole step (values, matrix, Jacobian, kernel,
+            gradients) into one graph; a subclass's own
             ``get_matrix``/``get_derva`` runs eagerly around the kernel.  The
-            first step compiles (seconds); it pays in long loops and large
-            images (``benchmarks/speed.py``).  Also settable as the attribute.
+            first compiled step compiles (seconds); it pays in long loops and
+            large images (``benchmarks/speed.py``).  Also settable as the
+            attribute (setting it starts the ``"auto"`` clock again).
     """
 
     def __init__(
@@ -316,7 +329,7 @@ class AffineModelAnalytic(TransformModel):
         loss_func: Union[str, PerPixelLoss, None] = None,
         metric: Union[str, Metric, None] = None,
         batch_size: int = 1,
-        compile: bool = False,
+        compile: Union[bool, str] = "auto",
     ):
         super().__init__(cx, cy, bordermode, interpolation=interpolation, batch_size=batch_size)
         caller = f"{type(self).__name__}()"
@@ -330,7 +343,7 @@ class AffineModelAnalytic(TransformModel):
         self._moving_key: Optional[tuple] = None
         self.register_buffer("moving_with_gradient", None, persistent=False)
         self._pixel_axes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.compile = bool(compile)
+        self.compile = compile
         self._padded: tuple[Optional[tuple], Optional[torch.Tensor]] = (None, None)
         self._coordinates: tuple[Optional[tuple], Optional[tuple[torch.Tensor, torch.Tensor]]] = (None, None)
         if self.image_gradient != "exact":
@@ -360,10 +373,26 @@ class AffineModelAnalytic(TransformModel):
             self._coordinates = (key, fused.coordinate_grids(target))
         return self._coordinates[1]
 
+    @property
+    def compile(self) -> Union[bool, str]:
+        """``True``, ``False`` or ``"auto"`` (see the class)."""
+        return self._compile
+
+    @compile.setter
+    def compile(self, value: Union[bool, str]) -> None:
+        self._compile = check_compile_option(value, f"{type(self).__name__}()")
+        self._eager_seconds = 0.0  # the "auto" clock
+
+    def _compile_now(self) -> bool:
+        """Whether this step may take the compiled path: ``compile=True``, or ``"auto"`` once due."""
+        if self._compile == "auto":
+            return self._eager_seconds >= AUTO_COMPILE_SECONDS
+        return self._compile
+
     def _fused_kernel_applies(self) -> bool:
         """Whether the compiled fused kernel computes this model's step."""
         return (
-            self.compile and self.metric is None and self.image_gradient == "exact"
+            self._compile_now() and self.metric is None and self.image_gradient == "exact"
             and supports(self.interpolation, self.bordermode, self.loss_func)
         )
 
@@ -396,6 +425,8 @@ class AffineModelAnalytic(TransformModel):
                 result = self._compiled_step(source, target, caller)
                 if result is not None:
                     return result
+            timed = self._compile == "auto" and not self._compile_now()
+            started = time.perf_counter() if timed else 0.0
             matrix = self.matrix(batch)
             _check_like(matrix, source, caller)
             jacobian = self.parameter_jacobian()
@@ -408,13 +439,15 @@ class AffineModelAnalytic(TransformModel):
                 padding_mode=self.bordermode,
                 moving_with_gradient=stacked,
                 axes=self._axes(target.shape[-2:], matrix),
-                compile=self.compile,
+                compile=self._compile_now(),
                 padded_moving=self._padded_moving(source) if stacked is None else None,
                 coordinates=self._coordinate_grids(target) if self._fused_kernel_applies() else None,
             )
             gradient = parameter_gradient(matrix_gradient, jacobian)  # (B, P): dL/dp
             params = self._parameter_list()
             _accumulate(params, _raw_gradients(gradient, params, self.m))  # chain rule through m(r)
+            if timed:
+                self._eager_seconds += time.perf_counter() - started
         return warped, cost.sum()
     def _compiled_step_applies(self) -> bool:
         """Whether one compiled graph can take the whole step (:func:`_fused_step`).
@@ -595,7 +628,7 @@ def create_model(
     metric: Union[str, Metric, None] = None,
     image_gradient: str = "exact",
     sigma: float = 1.0,
-    compile: bool = False,
+    compile: Union[bool, str] = "auto",
 ) -> TransformModel:
     """A ready-made model for a built-in transform, one parameter set per image pair of ``moving``.
 
@@ -607,7 +640,9 @@ def create_model(
         loss: per-pixel loss for the analytic model (the autograd model's
             loss is whatever the caller sums).
         metric: a :mod:`tireg.metrics` metric for the analytic model instead of ``loss``.
-        compile: the analytic model's compiled fast path (:class:`AffineModelAnalytic`).
+        compile: the analytic model's compiled fast path: ``"auto"`` (default),
+            ``True`` or ``False`` (:class:`AffineModelAnalytic`); an autograd
+            model takes only ``"auto"`` or ``False``.
 
     Returns:
         A model on ``moving``'s device and dtype, at the identity transform.
@@ -616,7 +651,8 @@ def create_model(
     get_transform(transform)
     check_option(gradients, ("analytic", "autograd"), "gradients", caller)
     check_image(moving, "moving", caller)
-    if compile and gradients != "analytic":
+    check_compile_option(compile, caller)
+    if compile is True and gradients != "analytic":
         raise ValueError(f"{caller}: 'compile' applies to the analytic model; got gradients={gradients!r}")
     if center is None:
         center = image_center(*moving.shape[-2:])

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from . import fused
-from ._validation import check_option
+from ._validation import check_compile_option, check_option
 from .losses import PerPixelLoss
 from .metrics import Metric, PerPixelMetric, get_metric
 from .sampling import (
@@ -88,13 +88,9 @@ AUTO_COMPILE_PIXELS = 1 << 26
 
 def _use_compiled(compile: Union[bool, str], fixed: torch.Tensor, caller: str) -> bool:
     """Resolve ``compile`` (``True``, ``False`` or ``"auto"``) for a ``(B, C, H, W)`` fixed batch."""
-    if isinstance(compile, str):
-        if compile != "auto":
-            raise ValueError(f"{caller}: 'compile' must be True, False or 'auto'; got {compile!r}")
+    if check_compile_option(compile, caller) == "auto":
         batch, _, height, width = fixed.shape
         return batch * height * width >= AUTO_COMPILE_PIXELS
-    if not isinstance(compile, bool):
-        raise TypeError(f"{caller}: 'compile' must be True, False or 'auto'; got {type(compile).__name__}")
     return compile
 
 
