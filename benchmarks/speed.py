@@ -14,12 +14,13 @@ interleaved rounds (so that load on a shared machine hits all alike):
    compiled (compiled after one warm-up call; the compile time is printed
    apart), against OpenCV's ``findTransformECCMultiScale``, SimpleITK and
    kornia's ``ImageRegistrator`` as ``accuracy.py`` runs them; plus tireg on
-   512 x 512 pairs.  Seconds per pair, success (< 0.5 px) and the ratio to ECC.
+   512 x 512 pairs.  Seconds per pair (the median of ``--repeats`` runs, pair
+   by pair and method by method in turn), success (< 0.5 px) and the ratio to ECC.
 3. **memory** (CUDA only): peak GPU memory of an analytic step over the
    size of the step's input images.
 
 Run:
-    python benchmarks/speed.py                       # CPU, one thread (about 1.5 minutes)
+    python benchmarks/speed.py                       # CPU, one thread (about 2 minutes)
     python benchmarks/speed.py --device cuda --batches 1 1024
     python benchmarks/speed.py --tables step         # one table
 """
@@ -157,6 +158,32 @@ def _grid_error(matrix, truth, shape) -> float:
     return float(np.linalg.norm((points @ (np.asarray(matrix, np.float64) - truth).T)[:, :2], axis=1).mean())
 
 
+#: A method slower than this a pair (SimpleITK, kornia) runs each pair once, not --repeats times.
+SLOW_SECONDS = 0.25
+
+
+def _interleaved(methods: dict, pairs, repeats: int, device: str) -> dict[str, tuple[list[float], list[float]]]:
+    """Seconds (the median of ``repeats`` runs) and error of every method on every pair.
+
+    Pair by pair, every method in turn, ``repeats`` rounds: load on a shared machine hits
+    all alike.  The error is the first run's (the methods are deterministic).
+    """
+    results = {name: ([], []) for name in methods}
+    for pair in pairs:
+        times = {name: [] for name in methods}
+        for round_ in range(repeats):
+            for name, method in methods.items():
+                if round_ and times[name][0] > SLOW_SECONDS:
+                    continue  # far slower than the rest: noise can not change its ratio, and it would take minutes
+                seconds, errors = _run(method, [pair], device)
+                times[name].extend(seconds)
+                if not round_:
+                    results[name][1].extend(errors)
+        for name in methods:
+            results[name][0].append(statistics.median(times[name]))
+    return results
+
+
 def register_table(args) -> None:
     device = args.device
     cases = accuracy.make_cases(["affine"], args.cases, accuracy.DEFAULT_SEED)
@@ -184,15 +211,10 @@ def register_table(args) -> None:
                 methods[name] = peer(method_class)
             except ImportError:
                 pass
-    results = {name: ([], []) for name in methods}
-    for pair in pairs:  # pair by pair, every method in turn: load hits all alike
-        for name, method in methods.items():
-            seconds, errors = _run(method, [pair], device)
-            results[name][0].extend(seconds)
-            results[name][1].extend(errors)
+    results = _interleaved(methods, pairs, args.repeats, device)
     ecc_solved = [e < accuracy.SUCCESS_PX for e in results["ecc"][1]] if "ecc" in results else None
-    print(f"\n### register(): {len(pairs)} affine pairs of 256² (accuracy.py's cases); "
-          f"tireg's compile on first use {compile_seconds:.1f} s\n")
+    print(f"\n### register(): {len(pairs)} affine pairs of 256² (accuracy.py's cases), median of {args.repeats} "
+          f"runs a pair; tireg's compile on first use {compile_seconds:.1f} s\n")
     print("| method | success (< 0.5 px) | median error [px] | median s / pair | median s / pair, ECC-solved pairs "
           "| time / ECC's (ECC-solved pairs) |")
     print("|---|---|---|---|---|---|")
@@ -206,12 +228,13 @@ def register_table(args) -> None:
               f"| {on_ecc_median:.4f} | {on_ecc_median / ecc_median:.2f} |", flush=True)
 
     pairs_512 = _pairs_512(max(2, args.cases // 2), accuracy.DEFAULT_SEED)
-    print(f"\n### register(): {len(pairs_512)} affine pairs of 512² (bundled astronaut, noise 0.02)\n")
+    print(f"\n### register(): {len(pairs_512)} affine pairs of 512² (bundled astronaut, noise 0.02), "
+          f"median of {args.repeats} runs a pair\n")
     print("| method | success (< 0.5 px) | median error [px] | median s / pair |")
     print("|---|---|---|---|")
     tireg_method(True)(*pairs_512[0][:2])  # the 512² levels compile here
-    for name in ("tireg", "tireg compiled"):
-        seconds, errors = _run(methods[name], pairs_512, device)
+    tireg_methods = {name: methods[name] for name in ("tireg", "tireg compiled")}
+    for name, (seconds, errors) in _interleaved(tireg_methods, pairs_512, args.repeats, device).items():
         solved = sum(e < accuracy.SUCCESS_PX for e in errors)
         print(f"| {name} | {solved}/{len(errors)} | {statistics.median(errors):.3f} "
               f"| {statistics.median(seconds):.4f} |", flush=True)
@@ -255,6 +278,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=32,
                         help="256² register pairs, accuracy.py's affine cases (and half as many 512² pairs)")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timing per step case")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="register table: runs of each method on each pair (the median counts)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--tables", nargs="+", default=["step", "register", "memory"],
                         choices=["step", "register", "memory"])
