@@ -404,6 +404,8 @@ def test_every_ready_made_model_compiles_its_whole_step(kind, generator):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
         _assert_same_step(models, moving, fixed, rtol=1e-4)
+        _assert_same_step(models, moving, fixed, rtol=1e-4)  # accumulates: no two gradients share memory
+    assert len({param.grad.data_ptr() for param in models[1].p}) == models[1].num_parameters
 
 
 @needs_compile

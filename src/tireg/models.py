@@ -55,14 +55,14 @@ __all__ = [
 ]
 
 MODEL_INTERPOLATIONS = ("bilinear", "bicubic")
+IMAGE_GRADIENTS = ("exact", "central", "gaussian")
 
 #: ``compile="auto"``: an analytic model takes the compiled path once its eager steps have
 #: taken this many seconds in all, about what a first compile takes (2-7 s with inductor's
 #: cache warm, up to 15 s cold).  The rent-or-buy rule: a loop too short to pay for the
-#: compile never compiles, and a long one never spends more than twice the time of the
-#: better of the two paths chosen in advance (the compile plus the faster steps).
+#: compile never compiles, and a long one spends at most about twice the time of the
+#: better of the two paths chosen in advance (docs/design.md).
 AUTO_COMPILE_SECONDS = 10.0
-IMAGE_GRADIENTS = ("exact", "central", "gaussian")
 
 
 def _stack_values(values: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -449,6 +449,7 @@ class AffineModelAnalytic(TransformModel):
             if timed:
                 self._eager_seconds += time.perf_counter() - started
         return warped, cost.sum()
+
     def _compiled_step_applies(self) -> bool:
         """Whether one compiled graph can take the whole step (:func:`_fused_step`).
 
