@@ -125,6 +125,30 @@ def test_phase_correlation_sub_pixel_on_area_sampled_images():
     assert (found - truth).abs().max() < 0.2, (found, truth)
 
 
+@pytest.mark.parametrize("height, width", [(48, 64), (45, 63), (50, 33)])
+def test_band_limited_interpolant_from_the_half_spectrum_equals_the_full_one(height, width):
+    """The Hermitian half (rfft2) gives the interpolant that the full spectrum gives, at any point,
+    for even widths (a Nyquist column) and odd ones; the spectrum tapered as _correlation_surface's."""
+    generator = torch.Generator().manual_seed(5)
+    surface = torch.randn(2, height, width, generator=generator, dtype=torch.float64)
+    freq_y = torch.fft.fftfreq(height, dtype=torch.float64)[:, None]
+    freq_x = torch.fft.fftfreq(width, dtype=torch.float64)
+    taper = torch.cos(math.pi * freq_y) ** 2 * torch.cos(math.pi * freq_x) ** 2
+    full = torch.fft.fft2(surface) * taper
+    half = full[..., : width // 2 + 1]
+    rows = torch.rand(2, 5, generator=generator, dtype=torch.float64) * height
+    columns = torch.rand(2, 5, generator=generator, dtype=torch.float64) * width
+    got = init_module._band_limited(half, width, rows, columns)
+    one = torch.ones((), dtype=torch.float64)
+    phase_y = torch.polar(one, 2 * math.pi * rows[:, :, None] * freq_y[:, 0])  # (N, K, H)
+    phase_x = torch.polar(one, 2 * math.pi * freq_x[:, None] * columns[:, None, :])  # (N, W, K)
+    expected = (phase_y @ full @ phase_x).real
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+    on_grid = init_module._band_limited(half, width, torch.arange(height)[None].double().expand(2, -1),
+                                        torch.arange(width)[None].double().expand(2, -1))
+    torch.testing.assert_close(on_grid / (height * width), torch.fft.irfft2(half, s=(height, width)))
+
+
 @pytest.mark.parametrize("window", [True, False])
 def test_phase_correlation_wraps_shifts_beyond_half_the_size(window):
     fixed = load("gravel")[None, None, :64, :80]

@@ -179,18 +179,25 @@ def _correlation_surface(fixed: torch.Tensor, moving: torch.Tensor, window: Opti
     slightly and down-weights the highest frequencies, whose phase aliasing and
     interpolation distort most (it halves the sub-pixel bias on area-sampled
     and bilinearly resampled real images, measured: 0.17 -> 0.11 px worst case).
+
+    Returns the half spectrum of ``torch.fft.rfft2``, ``(N, H, W // 2 + 1)``:
+    the images are real, so ``R`` is Hermitian and the other half adds nothing
+    (and the real transforms cost a quarter of the complex ones: 108 candidate
+    pairs of 128 x 128, 131 -> about 50 ms).
     """
     fixed, moving = _centred(fixed), _centred(moving)
     if window is not None:
         fixed, moving = fixed * window, moving * window
-    cross = torch.fft.fft2(moving) * torch.fft.fft2(fixed).conj()
+    cross = torch.fft.rfft2(moving) * torch.fft.rfft2(fixed).conj()
     magnitude = cross.abs()
     floor = 1e-9 * magnitude.flatten(1).amax(dim=1).view(-1, 1, 1) + torch.finfo(magnitude.dtype).tiny
     height, width = fixed.shape[-2:]
     real = magnitude.dtype
     taper_y = torch.cos(math.pi * torch.fft.fftfreq(height, dtype=real, device=cross.device)) ** 2
-    taper_x = torch.cos(math.pi * torch.fft.fftfreq(width, dtype=real, device=cross.device)) ** 2
-    return cross / (magnitude + floor) * (taper_y[:, None] * taper_x)
+    taper_x = torch.cos(math.pi * torch.fft.rfftfreq(width, dtype=real, device=cross.device)) ** 2
+    # scale the real and imaginary parts by one real factor: a complex division costs twice as much
+    scale = (taper_y[:, None] * taper_x) / (magnitude + floor)
+    return torch.view_as_complex(torch.view_as_real(cross) * scale[..., None])
 
 
 def _parabolic_offset(left: torch.Tensor, centre: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -200,18 +207,45 @@ def _parabolic_offset(left: torch.Tensor, centre: torch.Tensor, right: torch.Ten
     return torch.where(curvature < 0, offset, torch.zeros_like(offset)).clamp(-0.5, 0.5)
 
 
-def _peak_shift(spectrum: torch.Tensor, *, upsample: int = 10) -> torch.Tensor:
-    """Sub-pixel location ``(dx, dy)`` of the peak of ``ifft2(spectrum)`` for ``(N, H, W)``, wrapped to ``[-N/2, N/2)``.
+def _band_limited(spectrum: torch.Tensor, width: int, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``H W r(y, x)`` on the grid ``rows x columns`` ``(N, K)`` each: ``(N, K, K)``, where
+    ``r(p) = (1 / HW) sum_k R(k) exp(2 pi i k . p)`` is the band-limited interpolant of the
+    real surface whose Hermitian spectrum's rfft2 half is ``spectrum`` ``(N, H, width // 2 + 1)``.
 
-    The integer peak is refined by evaluating the band-limited interpolant of
-    the correlation surface (a matrix-multiply DFT, Guizar-Sicairos et al.
-    2008) on a grid of spacing ``1 / upsample`` within 1.5 pixels of it, then
-    by a parabolic fit through the best grid point and its neighbours.  With
-    ``upsample=1`` only the parabolic fit on the integer grid is used.
+    Rows, then columns, as two batched matrix products (Guizar-Sicairos et al. 2008).  The
+    columns ``-k_x`` hold the complex conjugates of the columns ``k_x``: the half spectrum is
+    summed with the columns that have a partner counted twice, and the real part taken
+    (exact up to the Nyquist row and column, which the taper of :func:`_correlation_surface`
+    sets to zero).
     """
-    count, height, width = spectrum.shape
+    height, half_width = spectrum.shape[-2:]
     real = spectrum.real.dtype
-    surface = torch.fft.ifft2(spectrum).real
+    freq_x = torch.fft.fftfreq(width, device=spectrum.device, dtype=real)[:half_width]
+    freq_y = torch.fft.fftfreq(height, device=spectrum.device, dtype=real)
+    weight = torch.full((half_width,), 2.0, dtype=real, device=spectrum.device)
+    weight[0] = 1.0
+    if width % 2 == 0:
+        weight[-1] = 1.0  # the Nyquist column is its own partner
+    unit = torch.ones((), dtype=real, device=spectrum.device)
+    kernel_y = torch.polar(unit, 2 * math.pi * rows[:, :, None] * freq_y)  # (N, K, H)
+    kernel_x = torch.polar(weight[:, None], 2 * math.pi * freq_x[:, None] * columns[:, None, :])  # (N, W', K)
+    return torch.bmm(torch.bmm(kernel_y, spectrum), kernel_x).real
+
+
+def _peak_shift(spectrum: torch.Tensor, width: int, *, upsample: int = 10) -> torch.Tensor:
+    """Sub-pixel location ``(dx, dy)`` of the peak of ``irfft2(spectrum)``, wrapped to ``[-N/2, N/2)``.
+
+    ``spectrum`` is a Hermitian spectrum's half, ``(N, H, width // 2 + 1)``
+    (:func:`_correlation_surface`).  The integer peak is refined by evaluating
+    the band-limited interpolant of the correlation surface (a matrix-multiply
+    DFT, Guizar-Sicairos et al. 2008) on a grid of spacing ``1 / upsample``
+    within 1.5 pixels of it, then by a parabolic fit through the best grid
+    point and its neighbours.  With ``upsample=1`` only the parabolic fit on
+    the integer grid is used.
+    """
+    count, height = spectrum.shape[:2]
+    real = spectrum.real.dtype
+    surface = torch.fft.irfft2(spectrum, s=(height, width))
     flat_index = surface.flatten(1).argmax(dim=1)
     peak_y = torch.div(flat_index, width, rounding_mode="floor")
     peak_x = flat_index - peak_y * width
@@ -229,13 +263,7 @@ def _peak_shift(spectrum: torch.Tensor, *, upsample: int = 10) -> torch.Tensor:
         steps = torch.arange(-half, half + 1, device=spectrum.device, dtype=real) / upsample  # (K,)
         pos_x = peak_x.to(real)[:, None] + steps  # (N, K)
         pos_y = peak_y.to(real)[:, None] + steps
-        freq_x = torch.fft.fftfreq(width, device=spectrum.device, dtype=real)
-        freq_y = torch.fft.fftfreq(height, device=spectrum.device, dtype=real)
-        # r(p) = (1 / HW) sum_k R(k) exp(2 pi i k . p): rows, then columns
-        unit = torch.ones((), dtype=real, device=spectrum.device)
-        kernel_y = torch.polar(unit, 2 * math.pi * pos_y[:, :, None] * freq_y)  # (N, K, H)
-        kernel_x = torch.polar(unit, 2 * math.pi * freq_x[:, None] * pos_x[:, None, :])  # (N, W, K)
-        local = torch.bmm(torch.bmm(kernel_y, spectrum), kernel_x).real  # (N, K, K)
+        local = _band_limited(spectrum, width, pos_y, pos_x)  # (N, K, K)
         size = 2 * half + 1
         best = local.flatten(1).argmax(dim=1)
         best_y = torch.div(best, size, rounding_mode="floor")
@@ -270,7 +298,7 @@ def _phase_shift(fixed: torch.Tensor, moving: torch.Tensor, *, window: bool = Tr
     height, width = fixed.shape[-2:]
     hann = _hann(height, fixed)[:, None] * _hann(width, fixed) if window else None
     spectrum = _correlation_surface(fixed[:, 0], moving[:, 0], hann)
-    return _peak_shift(spectrum, upsample=upsample)
+    return _peak_shift(spectrum, width, upsample=upsample)
 
 
 def phase_correlation(fixed: torch.Tensor, moving: torch.Tensor, *, window: bool = True) -> torch.Tensor:
@@ -376,7 +404,7 @@ def _fourier_mellin(fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Te
     # phi is periodic (no window); log rho is not (Hann along it)
     window = _hann(radii, fixed).expand(angles, radii)
     spectrum = _correlation_surface(polar_fixed[:, 0], polar_moving[:, 0], window)
-    shift = _peak_shift(spectrum)  # (d log-rho bins, d phi bins)
+    shift = _peak_shift(spectrum, polar_fixed.shape[-1])  # (d log-rho bins, d phi bins)
     # |M^(k)| = s^2 |F^(s R(-theta) k)|: M's log-polar image is F's shifted by (-log s, -theta)
     angle = -shift[:, 1] * (math.pi / angles)
     scale = torch.exp(-shift[:, 0] * (math.log(r_max / r_min) / (radii - 1)))
