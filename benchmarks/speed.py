@@ -14,8 +14,9 @@ interleaved rounds (so that load on a shared machine hits all alike):
    compiled (compiled after one warm-up call; the compile time is printed
    apart), against OpenCV's ``findTransformECCMultiScale``, SimpleITK and
    kornia's ``ImageRegistrator`` as ``accuracy.py`` runs them; plus tireg on
-   512 x 512 pairs.  Seconds per pair (the median of ``--repeats`` runs, pair
-   by pair and method by method in turn), success (< 0.5 px) and the ratio to ECC.
+   512 x 512 pairs.  Seconds per pair (CPU time on the CPU, wall time on a GPU;
+   the median of ``--repeats`` runs, pair by pair and method by method in
+   turn), success (< 0.5 px) and the ratio to ECC.
 3. **memory** (CUDA only): peak GPU memory of an analytic step over the
    size of the step's input images.
 
@@ -135,19 +136,26 @@ def _pairs_512(count: int, seed: int):
     return pairs
 
 
+def _clock(device: str):
+    """The clock of the register tables: CPU time on the CPU (as accuracy.py: every method runs
+    single-threaded, and the CPU time of a pair is robust to other load on a shared machine;
+    wall times moved tireg's ratio to ECC by 0.3 between runs), wall time on a GPU."""
+    return time.process_time if device == "cpu" else time.perf_counter
+
+
 def _run(register, pairs, device: str) -> tuple[list[float], list[float]]:
-    synchronize = synchronizer(device)
+    synchronize, clock = synchronizer(device), _clock(device)
     seconds, errors = [], []
     for fixed, moving, truth in pairs:
         synchronize()
-        started = time.perf_counter()
+        started = clock()
         try:
             matrix = register(fixed, moving)
             synchronize()
-            seconds.append(time.perf_counter() - started)
+            seconds.append(clock() - started)
             errors.append(_grid_error(matrix, truth, fixed.shape))
         except Exception:  # noqa: BLE001 - OpenCV's ECC throws when it does not converge: a failure
-            seconds.append(time.perf_counter() - started)
+            seconds.append(clock() - started)
             errors.append(math.inf)
     return seconds, errors
 
@@ -215,7 +223,8 @@ def register_table(args) -> None:
     ecc_solved = [e < accuracy.SUCCESS_PX for e in results["ecc"][1]] if "ecc" in results else None
     print(f"\n### register(): {len(pairs)} affine pairs of 256² (accuracy.py's cases), median of {args.repeats} "
           f"runs a pair; tireg's compile on first use {compile_seconds:.1f} s\n")
-    print("| method | success (< 0.5 px) | median error [px] | median s / pair | median s / pair, ECC-solved pairs "
+    unit = "CPU s" if device == "cpu" else "s"
+    print(f"| method | success (< 0.5 px) | median error [px] | median {unit} / pair | median {unit} / pair, ECC-solved pairs "
           "| time / ECC's (ECC-solved pairs) |")
     print("|---|---|---|---|---|---|")
     ecc_median = statistics.median([s for s, ok in zip(results["ecc"][0], ecc_solved) if ok]) \
@@ -230,7 +239,7 @@ def register_table(args) -> None:
     pairs_512 = _pairs_512(max(2, args.cases // 2), accuracy.DEFAULT_SEED)
     print(f"\n### register(): {len(pairs_512)} affine pairs of 512² (bundled astronaut, noise 0.02), "
           f"median of {args.repeats} runs a pair\n")
-    print("| method | success (< 0.5 px) | median error [px] | median s / pair |")
+    print(f"| method | success (< 0.5 px) | median error [px] | median {unit} / pair |")
     print("|---|---|---|---|")
     tireg_method(True)(*pairs_512[0][:2])  # the 512² levels compile here
     tireg_methods = {name: methods[name] for name in ("tireg", "tireg compiled")}
