@@ -515,16 +515,10 @@ class _Problem:
         if result is None:
             self.compile = False
             return None
-        batch = matrix.shape[0]
         mean = result.mean(level.fixed.shape[1])  # the metric's mean over C sum w
-        gradient = (flat_jacobian @ mean.matrix_gradient.reshape(batch, 6, 1)).squeeze(-1)
-        hessian_p = None
-        if hessian:
-            hessian_p = flat_jacobian @ _assemble_hessian(mean.products) @ flat_jacobian.transpose(1, 2)
-        return _Evaluation(mean.cost, gradient, hessian_p), result.count
+        return _in_parameters(mean.cost, flat_jacobian, mean.matrix_gradient, mean.products), result.count
 
     def _evaluate(self, grid, valid, flat_jacobian, level: _Level, hessian: bool) -> _Evaluation:
-        batch = grid.shape[0]
         if hessian:  # Gauss-Newton: a per-pixel metric, its IRLS weights and the normal matrix
             values, gradients = sample_with_gradient(
                 level.moving, grid, interpolation=self.interpolation, padding_mode="border"
@@ -538,17 +532,14 @@ class _Problem:
             weighted_gx = irls * gx
             products = torch.stack([(weighted_gx * gx).sum(1), (weighted_gx * gy).sum(1), (irls * gy * gy).sum(1)], 1)
             h_moments = grid_moments(products, level.axes, channel_dim=1, second_order=True)  # (B, 3, 6)
-            hessian_p = flat_jacobian @ _assemble_hessian(h_moments) @ flat_jacobian.transpose(1, 2)
-            gradient = (flat_jacobian @ g_moments.reshape(batch, 6, 1)).squeeze(-1)
-            return _Evaluation(cost, gradient, hessian_p)
+            return _in_parameters(cost, flat_jacobian, g_moments, h_moments)
         values = sample(level.moving, grid, interpolation=self.interpolation, padding_mode="border")
         cost, derivative = self._level_metric(level)(values, level.fixed, valid, gradient=True)
         g_normalized = sampler_gradient(
             derivative, level.moving, grid, interpolation=self.interpolation, padding_mode="border"
         )
         g_moments = grid_moments(g_normalized, level.axes) * pixel_scale(level.moving.shape[-2:], like=grid)[:, None]
-        gradient = (flat_jacobian @ g_moments.reshape(batch, 6, 1)).squeeze(-1)
-        return _Evaluation(cost, gradient, None)
+        return _in_parameters(cost, flat_jacobian, g_moments, None)
 
 
 # Hessian in matrix space: H[(i, a), (j, b)] = sum w g_i g_j m_a m_b, with gradient components
@@ -558,6 +549,18 @@ _PRODUCT = [[0, 1], [1, 2]]
 _MONOMIAL = [[0, 1, 3], [1, 2, 4], [3, 4, 5]]
 _HESSIAN_PRODUCT = torch.tensor([_PRODUCT[i // 3][j // 3] for i in range(6) for j in range(6)])
 _HESSIAN_MONOMIAL = torch.tensor([_MONOMIAL[i % 3][j % 3] for i in range(6) for j in range(6)])
+
+
+def _in_parameters(
+    cost: torch.Tensor, flat_jacobian: torch.Tensor, matrix_gradient: torch.Tensor, products: Optional[torch.Tensor]
+) -> _Evaluation:
+    """Matrix-space moments -> parameter space: ``g = J vec(G)`` and ``H = J H_A J^T``, with ``J``
+    the ``(B, P, 6)`` flat Jacobian, ``G`` ``(B, 2, 3)`` and ``products`` ``(B, 3, 6)`` or ``None``."""
+    batch = flat_jacobian.shape[0]
+    gradient = (flat_jacobian @ matrix_gradient.reshape(batch, 6, 1)).squeeze(-1)
+    if products is None:
+        return _Evaluation(cost, gradient, None)
+    return _Evaluation(cost, gradient, flat_jacobian @ _assemble_hessian(products) @ flat_jacobian.transpose(1, 2))
 
 
 def _assemble_hessian(moments: torch.Tensor) -> torch.Tensor:
