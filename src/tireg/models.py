@@ -357,10 +357,9 @@ class AffineModelAnalytic(TransformModel):
         self.moving_with_gradient = stack_with_gradient(moving, gradient)
         self._moving_key = (id(moving), moving._version, moving.device)
 
-    def _padded_moving(self, source: torch.Tensor) -> Optional[torch.Tensor]:
-        """The source extended for the fused kernel, kept while the same tensor is passed."""
-        if not self._fused_kernel_applies():
-            return None  # the fused kernel does not apply: nothing to pad
+    def _padded_moving(self, source: torch.Tensor) -> torch.Tensor:
+        """The source prepared for the fused kernel (:func:`tireg.fused.prepare_moving`), kept while
+        the same tensor is passed."""
         key = (id(source), source._version, source.device, source.dtype, self.bordermode)
         if self._padded[0] != key:
             self._padded = (key, prepare_moving(source, self.bordermode))
@@ -427,6 +426,7 @@ class AffineModelAnalytic(TransformModel):
                     return result
             timed = self._compile == "auto" and not self._compile_now()
             started = time.perf_counter() if timed else 0.0
+            kernel = stacked is None and self._fused_kernel_applies()
             matrix = self.matrix(batch)
             _check_like(matrix, source, caller)
             jacobian = self.parameter_jacobian()
@@ -440,8 +440,8 @@ class AffineModelAnalytic(TransformModel):
                 moving_with_gradient=stacked,
                 axes=self._axes(target.shape[-2:], matrix),
                 compile=self._compile_now(),
-                padded_moving=self._padded_moving(source) if stacked is None else None,
-                coordinates=self._coordinate_grids(target) if self._fused_kernel_applies() else None,
+                padded_moving=self._padded_moving(source) if kernel else None,
+                coordinates=self._coordinate_grids(target) if kernel else None,
             )
             gradient = parameter_gradient(matrix_gradient, jacobian)  # (B, P): dL/dp
             params = self._parameter_list()
