@@ -77,8 +77,12 @@ def measure(size: int, batch: int, transform: str, device: str, budget: float) -
         gradients = "analytic" if name == "analytic" else "autograd"
         model = tireg.create_model(transform, moving, gradients=gradients, loss=loss, compile=False)
         steps[name] = make_step(model, moving, fixed, loss, name)
-    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    return median_rounds(steps, budget, synchronize)
+    return median_rounds(steps, budget, synchronizer(device))
+
+
+def synchronizer(device: str):
+    """``torch.cuda.synchronize`` on a GPU (timings must wait for the device), else nothing."""
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
 def median_rounds(steps: dict, budget: float, synchronize) -> dict[str, float]:

@@ -69,10 +69,6 @@ def kornia_step(moving: torch.Tensor, fixed: torch.Tensor, transform: str):
     return step
 
 
-def synchronizer(device: str):
-    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-
 # ----------------------------------------------------------------------------
 # 1. the step
 
@@ -93,7 +89,7 @@ def step_table(args) -> None:
             compiled_model = tireg.create_model(args.transform, moving, loss=loss, compile=True)
             started = time.perf_counter()
             compiled_model(moving, fixed)  # the first call compiles
-            synchronizer(device)()
+            iteration.synchronizer(device)()
             compile_seconds = time.perf_counter() - started
             for name in ("analytic", "autograd"):
                 model = tireg.create_model(args.transform, moving, gradients=name, loss=loss, compile=False)
@@ -103,7 +99,7 @@ def step_table(args) -> None:
                 steps["kornia"] = kornia_step(moving, fixed, args.transform)
             except ImportError:
                 pass
-            t = iteration.median_rounds(steps, args.budget, synchronizer(device))
+            t = iteration.median_rounds(steps, args.budget, iteration.synchronizer(device))
             kornia = t.get("kornia", math.nan)
             print(f"| {size}² | {batch} | {t['analytic'] * 1e3:.3f} | {t['compiled'] * 1e3:.3f} "
                   f"| {t['autograd'] * 1e3:.3f} | {kornia * 1e3:.3f} | {batch / t['compiled']:,.0f} "
@@ -144,7 +140,7 @@ def _clock(device: str):
 
 
 def _run(register, pairs, device: str) -> tuple[list[float], list[float]]:
-    synchronize, clock = synchronizer(device), _clock(device)
+    synchronize, clock = iteration.synchronizer(device), _clock(device)
     seconds, errors = [], []
     for fixed, moving, truth in pairs:
         synchronize()

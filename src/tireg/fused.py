@@ -273,7 +273,7 @@ def coordinate_grids(fixed: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.
     return xs.reshape(1, 1, height, width).contiguous(), ys.reshape(1, 1, height, width).contiguous()
 
 
-_compiled: dict[tuple[Callable, str], Callable] = {}
+_compiled: dict[tuple[Callable, str, bool], Callable] = {}
 _failed: set[str] = set()
 _lock = threading.Lock()
 
