@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -317,3 +319,84 @@ def test_fixed_and_moving_of_different_sizes():
     assert result.fixed_size == (150, 180) and result.moving_size == tuple(scene.shape)
     assert grid_error(result.matrix, truth, (150, 180)) < 0.2
     assert result.warp(scene).shape == (150, 180)
+
+
+# ----------------------------------------------------------------------------
+# convergence checked on the device: the host looks every few iterations on a GPU
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the tensor operations that make the host wait for a GPU (reads of values,
+    boolean-mask indexing, copies to the host); on the CPU they run, and are counted, alike."""
+
+    READS = {"__bool__", "__int__", "__float__", "item", "tolist", "nonzero", "cpu", "numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        masked = name in ("__getitem__", "__setitem__") and isinstance(args[1], torch.Tensor) \
+            and args[1].dtype == torch.bool
+        # torch.optim's step counter of a non-capturable optimiser lives on the host even
+        # beside CUDA parameters: its .item() in _get_value waits for nothing
+        counter = sys._getframe(1).f_code.co_name == "_get_value"
+        if (name in self.READS or masked) and not counter:
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def _as_on_a_gpu(monkeypatch, interval: int) -> None:
+    """Run register's loops as on a GPU (reads are not free), looking every ``interval`` iterations."""
+    module = importlib.import_module("tireg.register")  # the module; tireg.register is the function
+    monkeypatch.setattr(module, "_looks_are_free", lambda device: False)
+    monkeypatch.setattr(module, "DEVICE_CHECK_INTERVAL", interval)
+
+
+def _mixed_batch():
+    """Three pairs that stop after different numbers of iterations (one of them never moves)."""
+    pairs = [registration_pair("camera", "rigid", params, noise=0.02, seed=seed)
+             for seed, params in enumerate([[0.08, 3.0, -2.0], [0.0, 0.0, 0.0], [-0.2, -6.0, 4.5]])]
+    return torch.stack([f[None] for f, _, _ in pairs]), torch.stack([m[None] for _, m, _ in pairs])
+
+
+@pytest.mark.parametrize("optimizer", ["gauss-newton", "adam", "lbfgs"])
+def test_looking_every_few_iterations_gives_the_same_result(monkeypatch, optimizer):
+    fixed, moving = _mixed_batch()
+    options = dict(transform="rigid", optimizer=optimizer, init="identity", compile=False,
+                   max_iterations=None if optimizer == "gauss-newton" else 60)
+    every = tireg.register(fixed, moving, **options)
+    assert len(set(every.iterations.tolist())) > 1  # the pairs stop apart: a late look matters
+    for interval in (3, 1000):
+        _as_on_a_gpu(monkeypatch, interval)
+        late = tireg.register(fixed, moving, **options)
+        assert torch.equal(late.parameter_values, every.parameter_values), interval
+        assert torch.equal(late.iterations, every.iterations)
+        assert late.stop_reason == every.stop_reason
+        assert torch.equal(late.cost, every.cost)
+        for ours, theirs in zip(late.history, every.history):
+            assert torch.equal(ours.cost, theirs.cost), interval
+
+
+@pytest.mark.parametrize("optimizer", ["gauss-newton", "adam"])
+def test_no_host_reads_inside_the_loop_between_looks(monkeypatch, optimizer):
+    # The pair cannot converge (tolerance 0), so every level runs all its iterations; with the
+    # host never looking, the reads of a call must not grow with the iteration count.
+    fixed, moving, _ = registration_pair("camera", "rigid", [0.05, 2.0, -1.0], noise=0.02)
+    _as_on_a_gpu(monkeypatch, 10**6)
+    counts = {}
+    for iterations in (4, 12):
+        with _HostReads() as reads:
+            result = tireg.register(fixed, moving, transform="rigid", optimizer=optimizer, compile=False,
+                                    init="identity", tolerance=1e-300, max_iterations=iterations)
+        counts[iterations] = reads.count
+        assert result.stop_reason == ["max_iterations"] or optimizer == "gauss-newton"
+    assert counts[4] == counts[12], counts
+    # while looking every iteration (the CPU's way) reads grow with the iterations: the count sees them
+    monkeypatch.setattr(importlib.import_module("tireg.register"), "_looks_are_free", lambda device: True)
+    with _HostReads() as reads:
+        tireg.register(fixed, moving, transform="rigid", optimizer=optimizer, compile=False,
+                       init="identity", tolerance=1e-300, max_iterations=12)
+    assert reads.count > counts[12]

@@ -490,7 +490,8 @@ class _Problem:
         # Too little overlap is no match at all: an infinite cost that no step is taken
         # towards, never a small cost of a few pixels (or a NaN of none).
         overlap = valid_count >= MIN_VALID_PIXELS
-        if not bool(overlap.all()):
+        # on the CPU a look is free and saves the masking; on a GPU it would wait for the device
+        if not _looks_are_free(overlap.device) or not bool(overlap.all()):
             evaluation = _Evaluation(
                 torch.where(overlap, evaluation.cost, torch.full_like(evaluation.cost, float("inf"))),
                 torch.where(overlap[:, None], evaluation.gradient, torch.zeros_like(evaluation.gradient)),
@@ -596,6 +597,44 @@ def _displacement(problem: _Problem, before: torch.Tensor, after: torch.Tensor, 
     return (corners @ difference[:, :2, :].transpose(1, 2)).norm(dim=-1).amax(dim=-1)
 
 
+#: On a GPU, how many iterations run between the host's looks at the pairs' convergence flags.
+#: Each look (``bool(active.any())``) waits for all queued work, a host synchronisation that
+#: leaves the GPU idle while the next launches are queued; between looks the flags, stop reasons
+#: and iteration counts stay on the device, and a pass after every pair has stopped changes
+#: nothing.  On the CPU a look costs nothing and a wasted pass a full evaluation: it looks every time.
+DEVICE_CHECK_INTERVAL = 4
+
+# stop reasons as device codes while a level runs (one host transfer at its end)
+_MAX_ITERATIONS, _CONVERGED, _STALLED = 0, 1, 2
+_REASON_NAMES = ("max_iterations", "converged", "stalled")
+
+
+def _looks_are_free(device: torch.device) -> bool:
+    """Whether the host reads a device value at no cost (the CPU), or waits for queued work (a GPU)."""
+    return device.type == "cpu"
+
+
+def _check_interval(device: torch.device, callback) -> int:
+    """Iterations between host looks at the convergence flags (:data:`DEVICE_CHECK_INTERVAL`)."""
+    return 1 if _looks_are_free(device) or callback is not None else DEVICE_CHECK_INTERVAL
+
+
+def _should_look(iteration: int, interval: int) -> bool:
+    return (iteration + 1) % interval == 0
+
+
+def _level_outcome(status: torch.Tensor, iterations: torch.Tensor, costs: list, passes: list) -> tuple:
+    """Device state of a finished level -> ``(iterations, reasons, costs)`` on the host.
+
+    ``passes`` holds, per loop pass after the first cost, whether any pair was still active in
+    it; passes after the last such one (run only because the host had not looked) are dropped
+    from the cost history, which then equals that of a loop looking every iteration.
+    """
+    kept = 1 + (int(torch.stack(passes).sum()) if passes else 0)
+    reasons = [_REASON_NAMES[code] for code in status.tolist()]
+    return iterations.cpu(), reasons, torch.stack(costs[:kept])
+
+
 def _notify(callback, level_index: int, level: _Level, iteration: int, cost, problem, params, active) -> None:
     if callback is None:
         return
@@ -609,33 +648,41 @@ def _notify(callback, level_index: int, level: _Level, iteration: int, cost, pro
 
 
 def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners, callback, level_index):
-    """Levenberg-Marquardt from ``params``; returns ``(params, iterations, reasons, costs)`` per pair."""
-    batch = params.shape[0]
-    active = torch.ones(batch, dtype=torch.bool, device=params.device)
-    reasons = ["max_iterations"] * batch
-    iterations = torch.zeros(batch, dtype=torch.long)
-    damping = torch.full((batch,), 1e-3, dtype=torch.float64, device=params.device)
+    """Levenberg-Marquardt from ``params``; returns ``(params, iterations, reasons, costs)`` per pair.
+
+    Nothing inside the loop waits for the device but a look at the convergence flags every
+    :func:`_check_interval` iterations (and a callback's).
+    """
+    batch, device = params.shape[0], params.device
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    status = torch.full((batch,), _MAX_ITERATIONS, dtype=torch.int8, device=device)
+    iterations = torch.zeros(batch, dtype=torch.long, device=device)
+    damping = torch.full((batch,), 1e-3, dtype=torch.float64, device=device)
+    interval = _check_interval(device, callback)
     current = problem.evaluate(params, level, hessian=True)
-    costs = [current.cost.detach().clone()]
+    costs, passes = [current.cost.detach().clone()], []
     for iteration in range(max_iterations):
         hessian = current.hessian.to(torch.float64)
         diagonal = hessian.diagonal(dim1=1, dim2=2)
         floor = 1e-9 * diagonal.amax(dim=1, keepdim=True).clamp_min(1e-12)
         damped = hessian + torch.diag_embed(damping[:, None] * diagonal + floor)
-        step = -torch.linalg.solve(damped, current.gradient.to(torch.float64)[..., None])[..., 0].to(params.dtype)
+        # solve_ex: linalg.solve would wait for the device to check for a singular matrix; a
+        # singular one gives a non-finite step here, whose trial is rejected like any worse one
+        solution, _ = torch.linalg.solve_ex(damped, current.gradient.to(torch.float64)[..., None])
+        step = -solution[..., 0].to(params.dtype)
         # A proposed step this small ends the level without the evaluation that would try it
         # (the most expensive part of an iteration; near the optimum noise decides the sign of
         # so tiny a cost change). On a coarse level the step is taken: the next level starts
         # from it and judges it. On the finest it is left, so that the cost matches the result.
         moved = _displacement(problem, params, params + step, corners)
         converged = active & (moved < tolerance * level.factor)
-        for index in torch.nonzero(converged).flatten().tolist():
-            reasons[index] = "converged"
+        status = torch.where(converged, _CONVERGED, status)
         if level.factor > 1:
             params = torch.where(converged[:, None], params + step, params)
         active = active & ~converged
-        if not bool(active.any()):
+        if interval == 1 and not bool(active.any()):
             break
+        passes.append(active.any())
         step = torch.where(active[:, None], step, torch.zeros_like(step))
         trial_params = params + step
         trial = problem.evaluate(trial_params, level, hessian=True)
@@ -647,16 +694,15 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
             torch.where(better[:, None, None], trial.hessian, current.hessian),
         )
         damping = torch.where(better, (damping * 0.3).clamp_min(1e-9), damping * 10.0)
-        iterations += active.cpu().long()
+        iterations += active
         stalled = active & ~better & (damping > 1e6)
-        for index in torch.nonzero(stalled).flatten().tolist():
-            reasons[index] = "stalled"
+        status = torch.where(stalled, _STALLED, status)
         active = active & ~stalled
         costs.append(current.cost.detach().clone())
         _notify(callback, level_index, level, iteration, current.cost, problem, params, active)
-        if not bool(active.any()):
+        if _should_look(iteration, interval) and not bool(active.any()):
             break
-    return params, iterations, reasons, torch.stack(costs)
+    return (params, *_level_outcome(status, iterations, costs, passes))
 
 
 _FIRST_ORDER_DEFAULTS = {
@@ -683,7 +729,7 @@ def _autograd_evaluation(problem: _Problem, params: torch.Tensor, level: _Level)
 def _first_order(problem, level, params, *, name, options, gradients, max_iterations, tolerance, corners, callback,
                  level_index):
     """A ``torch.optim`` optimiser on scaled parameters ``p = p0 + D q`` (one unit of q ~ one level pixel)."""
-    batch = params.shape[0]
+    batch, device = params.shape[0], params.device
     start = params.detach()
     # D: parameter change that moves the farthest corner by one level pixel, per parameter
     jacobian = problem.kind.jacobian(start, problem.center)  # full resolution
@@ -692,16 +738,16 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
     q = torch.zeros_like(start, requires_grad=True)
     constructor, defaults = _FIRST_ORDER_DEFAULTS[name]
     optim = constructor([q], **{**defaults, **(options or {})})
-    active = torch.ones(batch, dtype=torch.bool, device=params.device)
-    reasons = ["max_iterations"] * batch
-    iterations = torch.zeros(batch, dtype=torch.long)
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    status = torch.full((batch,), _MAX_ITERATIONS, dtype=torch.int8, device=device)
+    iterations = torch.zeros(batch, dtype=torch.long, device=device)
+    interval = _check_interval(device, callback)
     evaluate = (lambda p: problem.evaluate(p, level, hessian=False)) if gradients == "analytic" else (
         lambda p: _autograd_evaluation(problem, p, level))
     first = evaluate(start)
     # The lowest cost seen per pair, and where: what the level returns, so that an optimiser's
     # excursion (a line search far off, a step to NaN) never ends a pair worse than it began.
     best = {"cost": first.cost.detach().clone(), "params": start.clone()}
-    last = {}
 
     def closure():
         optim.zero_grad()
@@ -713,36 +759,33 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
         best["cost"] = torch.where(improved, cost, best["cost"])
         best["params"] = torch.where(improved[:, None], trial, best["params"])
         q.grad = torch.where(active[:, None], gradient * scales, torch.zeros_like(q))
-        last["cost"] = cost
         return (cost * active).sum()
 
-    costs = [first.cost]
-    quiet = torch.zeros(batch, dtype=torch.long)
+    costs, passes = [first.cost], []
+    quiet = torch.zeros(batch, dtype=torch.long, device=device)
     for iteration in range(max_iterations):
+        passes.append(active.any())
         before = start + q.detach() * scales
         optim.step(closure)
         with torch.no_grad():
+            # a pair that left the finite numbers stops where this step began (its best is kept)
             broken = ~torch.isfinite(q).all(dim=1)
-            if bool(broken.any()):  # a pair left the finite numbers: back to its best, and stop it
-                q[broken] = (best["params"][broken] - start[broken]) / scales[broken]
-                for index in torch.nonzero(broken & active).flatten().tolist():
-                    reasons[index] = "stalled"
-                active = active & ~broken
-            q[~active] = (before[~active] - start[~active]) / scales[~active]
+            status = torch.where(broken & active, _STALLED, status)
+            active = active & ~broken
+            q.copy_(torch.where(active[:, None], q, (before - start) / scales))
         after = start + q.detach() * scales
         moved = _displacement(problem, before, after, corners)
-        iterations += active.cpu().long()
-        quiet = torch.where((moved < tolerance * level.factor).cpu(), quiet + 1, torch.zeros_like(quiet))
+        iterations += active
+        quiet = torch.where(moved < tolerance * level.factor, quiet + 1, torch.zeros_like(quiet))
         # one L-BFGS step holds several inner iterations; stochastic-looking Adam/SGD steps need a run
-        converged = active & (quiet >= (1 if name == "lbfgs" else 3)).to(active.device)
-        for index in torch.nonzero(converged).flatten().tolist():
-            reasons[index] = "converged"
+        converged = active & (quiet >= (1 if name == "lbfgs" else 3))
+        status = torch.where(converged, _CONVERGED, status)
         active = active & ~converged
         costs.append(best["cost"].detach().clone())
         _notify(callback, level_index, level, iteration, best["cost"], problem, after, active)
-        if not bool(active.any()):
+        if _should_look(iteration, interval) and not bool(active.any()):
             break
-    return best["params"], iterations, reasons, torch.stack(costs)
+    return (best["params"], *_level_outcome(status, iterations, costs, passes))
 
 
 # ----------------------------------------------------------------------------
