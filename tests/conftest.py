@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -90,3 +92,26 @@ def grid_error(matrix, truth, size) -> float:
     points = pixel_grid(size, dtype=torch.float64)
     difference = points @ (torch.as_tensor(matrix, dtype=torch.float64) - truth).transpose(-1, -2)
     return float(difference[..., :2].norm(dim=-1).mean())
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the tensor operations that make the host wait for a GPU (reads of values,
+    boolean-mask indexing, copies to the host); on the CPU they run, and are counted, alike."""
+
+    READS = {"__bool__", "__int__", "__float__", "item", "tolist", "nonzero", "cpu", "numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        masked = name in ("__getitem__", "__setitem__") and isinstance(args[1], torch.Tensor) \
+            and args[1].dtype == torch.bool
+        # torch.optim's step counter of a non-capturable optimiser lives on the host even
+        # beside CUDA parameters: its .item() in _get_value waits for nothing
+        counter = sys._getframe(1).f_code.co_name == "_get_value"
+        if (name in self.READS or masked) and not counter:
+            self.count += 1
+        return func(*args, **kwargs)

@@ -7,7 +7,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import smooth_random_image
+from conftest import HostReads, smooth_random_image
 
 import tireg
 from tireg.losses import LOSSES
@@ -286,6 +286,29 @@ def test_gradients_accumulate_like_backward(images):
     once = gradients(model).clone()
     model(moving, fixed)
     assert torch.allclose(gradients(model), 2 * once)
+
+
+@pytest.mark.parametrize("kind", ["similarity", "affine"])
+@pytest.mark.parametrize("loss", ["l2", "cauchy"])
+def test_a_training_step_reads_nothing_back_from_the_device(images, kind, loss):
+    """On a GPU every read of a value on the host waits for the queued work: a step must have none.
+
+    The compiled step is one graph (``fullgraph``), where a read could not stand; the eager one is
+    counted here (a count on the CPU, where the same operations run).
+    """
+    fixed, moving = images
+    model = tireg.create_model(kind, moving, loss=loss, compile=False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(moving, fixed)  # the first step checks the images for NaN once (a read, by design)
+    with HostReads() as reads:
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(moving, fixed)
+            optimizer.step()
+    assert reads.count == 0
+    with HostReads() as reads:  # and the count sees a read where there is one
+        model(moving.clone(), fixed)
+    assert reads.count > 0
 
 
 def test_each_parameter_gets_a_gradient_of_its_own(images):

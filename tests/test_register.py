@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import importlib
 import math
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import grid_error, registration_pair
+from conftest import HostReads, grid_error, registration_pair
 
 import tireg
 from tireg.register import STOP_REASONS
@@ -325,29 +324,6 @@ def test_fixed_and_moving_of_different_sizes():
 # convergence checked on the device: the host looks every few iterations on a GPU
 
 
-class _HostReads(torch.overrides.TorchFunctionMode):
-    """Counts the tensor operations that make the host wait for a GPU (reads of values,
-    boolean-mask indexing, copies to the host); on the CPU they run, and are counted, alike."""
-
-    READS = {"__bool__", "__int__", "__float__", "item", "tolist", "nonzero", "cpu", "numpy"}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        masked = name in ("__getitem__", "__setitem__") and isinstance(args[1], torch.Tensor) \
-            and args[1].dtype == torch.bool
-        # torch.optim's step counter of a non-capturable optimiser lives on the host even
-        # beside CUDA parameters: its .item() in _get_value waits for nothing
-        counter = sys._getframe(1).f_code.co_name == "_get_value"
-        if (name in self.READS or masked) and not counter:
-            self.count += 1
-        return func(*args, **kwargs)
-
-
 def _as_on_a_gpu(monkeypatch, interval: int) -> None:
     """Run register's loops as on a GPU (reads are not free), looking every ``interval`` iterations."""
     module = importlib.import_module("tireg.register")  # the module; tireg.register is the function
@@ -388,7 +364,7 @@ def test_no_host_reads_inside_the_loop_between_looks(monkeypatch, optimizer):
     _as_on_a_gpu(monkeypatch, 10**6)
     counts = {}
     for iterations in (4, 12):
-        with _HostReads() as reads:
+        with HostReads() as reads:
             result = tireg.register(fixed, moving, transform="rigid", optimizer=optimizer, compile=False,
                                     init="identity", tolerance=1e-300, max_iterations=iterations)
         counts[iterations] = reads.count
@@ -396,7 +372,7 @@ def test_no_host_reads_inside_the_loop_between_looks(monkeypatch, optimizer):
     assert counts[4] == counts[12], counts
     # while looking every iteration (the CPU's way) reads grow with the iterations: the count sees them
     monkeypatch.setattr(importlib.import_module("tireg.register"), "_looks_are_free", lambda device: True)
-    with _HostReads() as reads:
+    with HostReads() as reads:
         tireg.register(fixed, moving, transform="rigid", optimizer=optimizer, compile=False,
                        init="identity", tolerance=1e-300, max_iterations=12)
     assert reads.count > counts[12]
