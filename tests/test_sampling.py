@@ -481,3 +481,32 @@ def test_gradient_functions_name_themselves_in_errors():
         image_gradient(image, padding_mode="wrap")
     with pytest.raises(ValueError, match=r"^sample_with_gradient\(\): unknown interpolation 'cubic'"):
         sample_with_gradient(image, torch.zeros(1, 2, 2, 2), interpolation="cubic")
+
+
+@pytest.mark.parametrize("lengths", [(9, 9), (3, 7), (1, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_separable_correlation_equals_conv2d(lengths, dtype, device, generator):
+    from tireg.sampling import _correlate_separable
+
+    row_kernel = torch.randn(lengths[0], generator=generator, dtype=dtype).to(device)  # asymmetric
+    column_kernel = torch.randn(lengths[1], generator=generator, dtype=dtype).to(device)
+    extended = torch.randn(3, 1, 20 + lengths[1] - 1, 30 + lengths[0] - 1, generator=generator, dtype=dtype).to(device)
+    result = _correlate_separable(extended, row_kernel, column_kernel)
+    reference = F.conv2d(F.conv2d(extended, row_kernel.view(1, 1, 1, -1)), column_kernel.view(1, 1, -1, 1))
+    assert result.shape == (3, 1, 20, 30)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(result, reference, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("sigma", [0.7, 1.0, 2.5])
+@pytest.mark.parametrize("padding_mode, scipy_mode", [("border", "nearest"), ("reflection", "reflect")])
+def test_gaussian_blur_matches_scipy(sigma, padding_mode, scipy_mode, generator):
+    ndimage = pytest.importorskip("scipy.ndimage")
+    from tireg.sampling import gaussian_blur
+
+    image = torch.rand(2, 2, 40, 50, generator=generator, dtype=torch.float64)
+    blurred = gaussian_blur(image, sigma, padding_mode=padding_mode)
+    for b in range(2):
+        for c in range(2):
+            reference = ndimage.gaussian_filter(image[b, c].numpy(), sigma, mode=scipy_mode, truncate=4.0)
+            assert np.abs(blurred[b, c].numpy() - reference).max() < 1e-12
