@@ -376,3 +376,19 @@ def test_no_host_reads_inside_the_loop_between_looks(monkeypatch, optimizer):
         tireg.register(fixed, moving, transform="rigid", optimizer=optimizer, compile=False,
                        init="identity", tolerance=1e-300, max_iterations=12)
     assert reads.count > counts[12]
+
+
+def test_intensity_normalisation_per_image_and_channel(generator):
+    from tireg.register import _normalize
+
+    image = 3.0 + 2.0 * torch.rand(2, 3, 20, 30, generator=generator)
+    normalized = _normalize(image, None, "fixed")
+    assert torch.allclose(normalized.mean(dim=(2, 3)), torch.zeros(2, 3), atol=1e-5)
+    assert torch.allclose(normalized.std(dim=(2, 3), correction=0), torch.ones(2, 3), atol=1e-5)
+    mask = torch.zeros(2, 1, 20, 30)
+    mask[:, :, 5:15, 10:25] = 1.0
+    masked = _normalize(image, mask, "fixed")[:, :, 5:15, 10:25]  # statistics over the mask only
+    assert torch.allclose(masked.mean(dim=(2, 3)), torch.zeros(2, 3), atol=1e-5)
+    assert torch.allclose(masked.std(dim=(2, 3), correction=0), torch.ones(2, 3), atol=1e-5)
+    with pytest.raises(ValueError, match="'moving' is constant"):
+        _normalize(torch.ones(1, 1, 8, 8), None, "moving")

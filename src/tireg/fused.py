@@ -43,6 +43,7 @@ per-pixel losses.  Anything else uses the reference path.
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -115,8 +116,8 @@ def pack_pairs(padded: torch.Tensor) -> torch.Tensor:
     """Each float32 pixel with its right-hand neighbour, packed into one int64: ``(B, C, Hp, Wp - 1)``.
 
     ``packed[..., i, j]`` holds the bits of ``padded[..., i, j]`` in its low and
-    of ``padded[..., i, j + 1]`` in its high 32 bits (by arithmetic, whatever
-    the byte order), so one gather fetches two of a point's four bilinear
+    of ``padded[..., i, j + 1]`` in its high 32 bits (whatever the byte order;
+    :func:`_unpack_pairs` splits them by arithmetic), so one gather fetches two of a point's four bilinear
     neighbours and :func:`bilinear_moments` gathers twice per point instead of
     four times.  Why by hand: inductor's C++ backend gathers lane by lane
     (one scalar load and store each), so halving the gathers took 13-15 % off
@@ -124,8 +125,15 @@ def pack_pairs(padded: torch.Tensor) -> torch.Tensor:
     """
     if padded.dtype != torch.float32:
         raise ValueError(f"pack_pairs(): the image must be float32; got {padded.dtype}")
-    bits = padded.contiguous().view(torch.int32).to(torch.int64)  # sign-extended
-    return (bits[..., :-1] & 0xFFFFFFFF) | (bits[..., 1:] << 32)
+    words = padded.contiguous().view(torch.int32)
+    packed = torch.empty((*padded.shape[:-1], padded.shape[-1] - 1), dtype=torch.int64, device=padded.device)
+    # written as two int32 halves, low or high word first as this machine orders them: no
+    # int64 temporaries (a batch's peak memory counts every image-sized copy)
+    halves = packed.view(torch.int32).unflatten(-1, (-1, 2))
+    low, high = (0, 1) if sys.byteorder == "little" else (1, 0)
+    halves[..., low] = words[..., :-1]
+    halves[..., high] = words[..., 1:]
+    return packed
 
 
 def _unpack_pairs(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -372,15 +372,20 @@ def _as_mask(mask: Optional[ImageLike], image: torch.Tensor, name: str) -> Optio
 
 
 def _normalize(image: torch.Tensor, mask: Optional[torch.Tensor], name: str) -> torch.Tensor:
-    """Zero mean, unit standard deviation per image and channel (over the mask): gain and offset drop out."""
-    weight = torch.ones_like(image[:, :1]) if mask is None else mask
-    count = weight.sum(dim=(2, 3), keepdim=True)
-    mean = (image * weight).sum(dim=(2, 3), keepdim=True) / count
-    variance = (((image - mean) ** 2) * weight).sum(dim=(2, 3), keepdim=True) / count
-    std = variance.sqrt()
+    """Zero mean, unit standard deviation per image and channel (over the mask): gain and offset drop out.
+
+    One image-sized result and, without a mask, no image-sized temporaries: a batch's
+    peak memory counts every copy of its images.
+    """
+    if mask is None:
+        std, mean = torch.std_mean(image, dim=(2, 3), correction=0, keepdim=True)
+    else:
+        count = mask.sum(dim=(2, 3), keepdim=True)
+        mean = (image * mask).sum(dim=(2, 3), keepdim=True) / count
+        std = (((image - mean) ** 2) * mask).sum(dim=(2, 3), keepdim=True).div(count).sqrt()
     if bool((std <= 1e-12 * (mean.abs() + 1)).any()):
         raise ValueError(f"register(): '{name}' is constant (inside its mask); there is nothing to align")
-    return (image - mean) / std
+    return (image - mean).div_(std)
 
 
 # ----------------------------------------------------------------------------
