@@ -282,6 +282,27 @@ def test_auto_falls_back_to_search_when_fourier_mellin_fails(monkeypatch):
     assert 0.0 < AUTO_THRESHOLD < 1.0
 
 
+@pytest.mark.parametrize("method", ["search", "auto"])
+def test_candidates_scored_in_chunks_give_the_same_answer(monkeypatch, method):
+    """Chunking bounds the memory of scoring many candidates; it must not change a result."""
+    truths = [similarity(75.0, 0.9, 10.0, -8.0), similarity(-45.0, 1.2, -6.0, 3.0)]
+    pairs = [cut_pair(name, truth, SIZE) for name, truth in zip(("gravel", "coins"), truths)]
+    fixed, moving = torch.cat([f for f, _ in pairs]), torch.cat([m for _, m in pairs])
+    calls = []
+    chunks = init_module._chunks
+    monkeypatch.setattr(init_module, "_chunks", lambda *args: calls.append(chunks(*args)) or calls[-1])
+    monkeypatch.setattr(init_module, "CHUNK_PIXELS", 1 << 40)  # every candidate at once
+    at_once = initialize(fixed, moving, "similarity", method=method)
+    assert all(len(parts) == 1 for parts in calls)
+    calls.clear()
+    monkeypatch.setattr(init_module, "CHUNK_PIXELS", 1)  # one candidate at a time
+    one_by_one = initialize(fixed, moving, "similarity", method=method)
+    assert any(len(parts) > 1 for parts in calls)
+    assert torch.equal(one_by_one, at_once)
+    for found, truth in zip(at_once, truths):
+        assert grid_error(found[None], truth, SIZE).item() < 2.0
+
+
 def test_initialize_center_argument_does_not_change_the_answer():
     truth = similarity(30.0, 1.2, 5.0, -4.0)
     fixed, moving = cut_pair("astronaut", truth, SIZE)

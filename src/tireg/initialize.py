@@ -94,6 +94,12 @@ AUTO_THRESHOLD = 0.8
 #: scores -1 (an NCC over a sliver of pixels is not evidence).
 MIN_OVERLAP = 0.25
 
+#: Candidates are scored in chunks of at most this many working pixels (pairs x candidates x
+#: pixels): a chunk's warps, spectra and sums are a few arrays of that size, so scoring holds
+#: tens of megabytes whatever the batch and the candidate count (108 search candidates at
+#: 128 x 128 held about 70 MB per pair at once; a batch's peak memory counts them all).
+CHUNK_PIXELS = 1 << 20
+
 #: Angles (degrees) and scales of the coarse search.
 SEARCH_ANGLE_STEP = 10.0
 SEARCH_SCALES = (0.8, 1.0, 1.25)
@@ -626,12 +632,22 @@ def moments(fixed: torch.Tensor, moving: torch.Tensor, *, transform: str = "simi
 # scoring
 
 
+def _chunks(batch: int, count: int, pixels: int) -> list[slice]:
+    """Slices of ``count`` candidates with at most :data:`CHUNK_PIXELS` ``batch x pixels`` each (at least one)."""
+    size = max(1, CHUNK_PIXELS // max(1, batch * pixels))
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
+
 def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tensor, min_overlap: float) -> torch.Tensor:
     """Overlap NCC of fixed ``(B, 1, H, W)`` and moving ``(B, 1, h, w)`` for candidates ``(B, K, 3, 3)``: ``(B, K)``.
 
-    All ``B K`` warps run as one :func:`tireg.warp` call of a two-channel
-    image (the moving image and its coverage, ones warped with zero padding).
+    The ``B K`` warps of a chunk of candidates (:func:`_chunks`) run as one
+    :func:`tireg.warp` call of a two-channel image (the moving image and its
+    coverage, ones warped with zero padding).
     """
+    parts = _chunks(matrices.shape[0], matrices.shape[1], fixed.shape[-2] * fixed.shape[-1])
+    if len(parts) > 1:
+        return torch.cat([_ncc_scores(fixed, moving, matrices[:, part], min_overlap) for part in parts], dim=1)
     batch, count = matrices.shape[:2]
     stacked = torch.cat([moving, torch.ones_like(moving)], dim=1)
     stacked = stacked[:, None].expand(batch, count, *stacked.shape[1:]).reshape(batch * count, 2, *moving.shape[-2:])
@@ -753,12 +769,18 @@ def _score_candidates(
     score_fixed: torch.Tensor,
     score_moving: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidates ``(B, K)`` angles and scales -> matrices ``(B, K, 3, 3)`` and overlap NCC ``(B, K)``, in one batch."""
-    batch, count = angles.shape
-    repeat = lambda t: t[:, None].expand(batch, count, *t.shape[1:]).reshape(batch * count, *t.shape[1:])  # noqa: E731
-    matrices = _candidate(
-        repeat(fixed), repeat(canvas), repeat(base), angles.reshape(-1), scales.reshape(-1), repeat(centre), upsample=1
-    ).reshape(batch, count, 3, 3)
+    """Candidates ``(B, K)`` angles and scales -> matrices ``(B, K, 3, 3)`` and overlap NCC ``(B, K)``,
+    a chunk of candidates (:func:`_chunks`) at a time."""
+    batch = angles.shape[0]
+    matrices = []
+    for part in _chunks(batch, angles.shape[1], fixed.shape[-2] * fixed.shape[-1]):
+        count = part.stop - part.start
+        repeat = lambda t: t[:, None].expand(batch, count, *t.shape[1:]).reshape(batch * count, *t.shape[1:])  # noqa: E731
+        matrices.append(_candidate(
+            repeat(fixed), repeat(canvas), repeat(base), angles[:, part].reshape(-1), scales[:, part].reshape(-1),
+            repeat(centre), upsample=1,
+        ).reshape(batch, count, 3, 3))
+    matrices = torch.cat(matrices, dim=1)
     return matrices, _ncc_scores(score_fixed, score_moving, matrices, MIN_OVERLAP)
 
 
