@@ -17,8 +17,10 @@ interleaved rounds (so that load on a shared machine hits all alike):
    512 x 512 pairs.  Seconds per pair (CPU time on the CPU, wall time on a GPU;
    the median of ``--repeats`` runs, pair by pair and method by method in
    turn), success (< 0.5 px) and the ratio to ECC.
-3. **memory** (CUDA only): peak GPU memory of an analytic step over the
-   size of the step's input images.
+3. **memory**: peak memory of an analytic step and of a ``register`` call
+   (eager and compiled) over the size of their input images: on a GPU the
+   allocator's peak; on the CPU (Linux) the peak resident size, each cell in
+   a fresh process (256² x 128 and 1024² x 8 pairs, 64 MiB of input each).
 
 Run:
     python benchmarks/speed.py                       # CPU, one thread (about 2 minutes)
@@ -29,9 +31,11 @@ Run:
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -249,29 +253,89 @@ def register_table(args) -> None:
 # 3. memory
 
 
+#: Memory rows: (size, batch) large enough that the images, not the interpreter, set the peak.
+MEMORY_CASES = ((256, 128), (1024, 8))
+
+
+def _memory_run(what: str, compile: bool, size: int, batch: int, device: str):
+    """``(run, input bytes)``: one analytic step or one ``register`` call on random pairs."""
+    generator = torch.Generator().manual_seed(0)
+    fixed = torch.rand(batch, 1, size, size, generator=generator).to(device)
+    moving = torch.roll(fixed, shifts=(3, -2), dims=(-2, -1))  # a solvable pair: no fallback search
+    if what == "step":
+        model = tireg.create_model("affine", moving, compile=compile)
+        run = lambda: model(moving, fixed)  # noqa: E731
+    else:
+        run = lambda: tireg.register(fixed, moving, compile=compile)  # noqa: E731
+    return run, fixed.nbytes + moving.nbytes
+
+
+def _resident(key: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def memory_probe(what: str, compile: bool, size: int, batch: int) -> float:
+    """Peak resident memory of one call over its input, ``(peak - before + input) / input``, on the CPU.
+
+    Run in a fresh process started with ``MALLOC_MMAP_THRESHOLD_`` low, so that every
+    image-sized block is mapped and returned on free and the resident size follows the live
+    tensors; the high-water mark is reset (``/proc/self/clear_refs``) after two warm-up calls.
+    """
+    run, input_bytes = _memory_run(what, compile, size, batch, "cpu")
+    run(), run()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = _resident("VmRSS")
+    run()
+    return (_resident("VmHWM") - before + input_bytes) / input_bytes
+
+
+def _cpu_peak(what: str, compile: bool, size: int, batch: int, threads: int) -> float:
+    command = [sys.executable, os.path.abspath(__file__), "--threads", str(threads),
+               "--memory-probe", what, str(int(compile)), str(size), str(batch)]
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def _cuda_peak(what: str, compile: bool, size: int, batch: int, device: str) -> float:
+    run, input_bytes = _memory_run(what, compile, size, batch, device)
+    run()  # warm-up (and compile)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - baseline + input_bytes) / input_bytes
+
+
 def memory_table(args) -> None:
-    print("\n### Peak GPU memory of one analytic step / size of its input images\n")
-    if not args.device.startswith("cuda"):
-        print("(CUDA only: run with --device cuda)")
+    cuda = args.device.startswith("cuda")
+    kind = "GPU memory (allocated tensors)" if cuda else "resident memory (a fresh process per cell)"
+    print(f"\n### Peak {kind} / size of the input images, affine, float32\n")
+    if not cuda and not os.path.exists("/proc/self/clear_refs"):
+        print("(on the CPU this table needs Linux's /proc/self/clear_refs)")
         return
-    print("| size | B | input [MiB] | reference peak / input | compiled peak / input |")
-    print("|---|---|---|---|---|")
-    for size in args.sizes:
-        for batch in args.batches:
-            fixed = torch.rand(batch, 1, size, size, device=args.device)
-            moving = torch.rand(batch, 1, size, size, device=args.device)
-            input_bytes = fixed.nbytes + moving.nbytes
-            ratios = []
+    print("| size | B | input [MiB] | step | step compiled | register | register compiled |")
+    print("|---|---|---|---|---|---|---|")
+    cases = [(size, batch) for size in args.sizes for batch in args.batches] if cuda else MEMORY_CASES
+    for size, batch in cases:
+        cells = []
+        for what in ("step", "register"):
             for compile in (False, True):
-                model = tireg.create_model(args.transform, moving, compile=compile)
-                model(moving, fixed)  # warm-up (and compile)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                baseline = torch.cuda.memory_allocated()
-                model(moving, fixed)
-                torch.cuda.synchronize()
-                ratios.append((torch.cuda.max_memory_allocated() - baseline + input_bytes) / input_bytes)
-            print(f"| {size}² | {batch} | {input_bytes / 2**20:.0f} | {ratios[0]:.2f} | {ratios[1]:.2f} |", flush=True)
+                if cuda:
+                    cells.append(_cuda_peak(what, compile, size, batch, args.device))
+                else:
+                    cells.append(_cpu_peak(what, compile, size, batch, args.threads))
+        input_mib = 2 * batch * size * size * 4 / 2**20
+        print(f"| {size}² | {batch} | {input_mib:.0f} | " + " | ".join(f"{cell:.2f}" for cell in cells) + " |",
+              flush=True)
 
 
 def main() -> None:
@@ -288,8 +352,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--tables", nargs="+", default=["step", "register", "memory"],
                         choices=["step", "register", "memory"])
+    parser.add_argument("--memory-probe", nargs=4, metavar=("WHAT", "COMPILE", "SIZE", "BATCH"),
+                        help=argparse.SUPPRESS)  # one cell of the CPU memory table, in its own process
     args = parser.parse_args()
     accuracy.set_threads(args.threads)
+    if args.memory_probe:
+        what, compile, size, batch = args.memory_probe
+        print(memory_probe(what, compile == "1", int(size), int(batch)))
+        return
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (
         f"CPU ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s)")
     print(f"tireg {tireg.__version__}, torch {torch.__version__}, {name}")
