@@ -510,3 +510,12 @@ def test_gaussian_blur_matches_scipy(sigma, padding_mode, scipy_mode, generator)
         for c in range(2):
             reference = ndimage.gaussian_filter(image[b, c].numpy(), sigma, mode=scipy_mode, truncate=4.0)
             assert np.abs(blurred[b, c].numpy() - reference).max() < 1e-12
+
+
+def test_blur_and_gaussian_gradient_stay_differentiable(generator):
+    """The in-place sums of the CPU filters must keep autograd's gradient right."""
+    from tireg.sampling import gaussian_blur
+
+    image = torch.rand(1, 1, 9, 11, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: gaussian_blur(t, 1.0), (image,))
+    assert torch.autograd.gradcheck(lambda t: image_gradient(t, method="gaussian", sigma=1.0), (image,))
