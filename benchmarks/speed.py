@@ -23,7 +23,7 @@ interleaved rounds (so that load on a shared machine hits all alike):
    a fresh process (256² x 128 and 1024² x 8 pairs, 64 MiB of input each).
 
 Run:
-    python benchmarks/speed.py                       # CPU, one thread (about 2 minutes)
+    python benchmarks/speed.py                       # CPU, one thread (about 4 minutes)
     python benchmarks/speed.py --device cuda --batches 1 1024
     python benchmarks/speed.py --tables step         # one table
 """
