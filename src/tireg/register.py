@@ -462,14 +462,18 @@ class _Problem:
         self, residual: torch.Tensor, derivative: torch.Tensor, scale: torch.Tensor, level: _Level
     ) -> torch.Tensor:
         """IRLS weights ``derivative / r`` where ``derivative = scale rho'(r)``; near ``r = 0`` the
-        limit ``scale rho'(eps) / eps`` (``rho'(eps)`` computed once per level)."""
+        limit ``scale rho'(eps) / eps`` (``rho'(eps)`` computed once per level).
+
+        ``residual`` is overwritten (the caller's temporary): one image-sized result and
+        one temporary, where each image counts in a batch's peak memory.
+        """
         eps = fused.IRLS_EPS  # the same limit in the fused kernel
         if "irls_at_eps" not in level.cache:
             _, at_eps = self.loss(level.fixed + eps, level.fixed, True)
             level.cache["irls_at_eps"] = at_eps / eps
         small = residual.abs() < eps
-        safe = torch.where(small, torch.full_like(residual, eps), residual)
-        return torch.where(small, level.cache["irls_at_eps"] * scale, derivative / safe)
+        weight = derivative / residual.masked_fill_(small, eps)
+        return torch.where(small, level.cache["irls_at_eps"] * scale, weight, out=weight)
 
     def grid(self, matrix: torch.Tensor, level: _Level) -> torch.Tensor:
         """The sampling grid, with wild points (an optimiser's trial far off) pinned outside the image.
@@ -478,7 +482,9 @@ class _Problem:
         them keeps the sampler's arithmetic finite.
         """
         grid = sampling_grid(matrix, level.fixed.shape[-2:], level.moving.shape[-2:], axes=level.axes)
-        return grid.nan_to_num(nan=2.0).clamp(-2.0, 2.0)
+        if grid.requires_grad:  # the autograd path differentiates through it
+            return grid.nan_to_num(nan=2.0).clamp(-2.0, 2.0)
+        return grid.nan_to_num_(nan=2.0).clamp_(-2.0, 2.0)  # in place: no image-sized temporaries
 
     def evaluate(self, params: torch.Tensor, level: _Level, *, hessian: bool) -> _Evaluation:
         matrix, jacobian = self.matrices(params, level)
@@ -534,9 +540,13 @@ class _Problem:
             g_moments = grid_moments((derivative.unsqueeze(2) * gradients).sum(1), level.axes, channel_dim=1)
             count = valid.sum(dim=(1, 2, 3)).clamp_min(1.0) * level.fixed.shape[1]
             irls = self._irls_weight(values - level.fixed, derivative, valid / count[:, None, None, None], level)
+            del values, derivative  # no longer needed: a batch's peak memory counts every image
             gx, gy = gradients[:, :, 0], gradients[:, :, 1]
             weighted_gx = irls * gx
-            products = torch.stack([(weighted_gx * gx).sum(1), (weighted_gx * gy).sum(1), (irls * gy * gy).sum(1)], 1)
+            products = gx.new_empty(gx.shape[0], 3, *gx.shape[2:])  # (B, 3, h, w): summed over channels
+            torch.sum(weighted_gx * gx, 1, out=products[:, 0])
+            torch.sum(weighted_gx.mul_(gy), 1, out=products[:, 1])
+            torch.sum(irls.mul_(gy).mul_(gy), 1, out=products[:, 2])
             h_moments = grid_moments(products, level.axes, channel_dim=1, second_order=True)  # (B, 3, 6)
             return _in_parameters(cost, flat_jacobian, g_moments, h_moments)
         values = sample(level.moving, grid, interpolation=self.interpolation, padding_mode="border")
