@@ -22,6 +22,9 @@ interleaved rounds (so that load on a shared machine hits all alike):
    allocator's peak; on the CPU (Linux) the peak resident size, each cell in
    a fresh process (256² x 128 and 1024² x 8 pairs, 64 MiB of input each).
 
+A method that runs out of GPU memory on a large batch shows ``nan`` (or a
+row "out of memory") instead of ending the run.
+
 Run:
     python benchmarks/speed.py                       # CPU, one thread (about 4 minutes)
     python benchmarks/speed.py --device cuda --batches 1 1024
@@ -77,6 +80,29 @@ def kornia_step(moving: torch.Tensor, fixed: torch.Tensor, transform: str):
 # 1. the step
 
 
+#: What a GPU raises when a batch does not fit (older torch: only the CUDA name).
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _release(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def _runnable(steps: dict, device: str) -> dict:
+    """The steps that run once without running out of memory: on a GPU a large batch may fit one
+    method and not another, and a row should report the others rather than end the run."""
+    kept = {}
+    for name, step in steps.items():
+        try:
+            step()
+            iteration.synchronizer(device)()
+            kept[name] = step
+        except OUT_OF_MEMORY:
+            _release(device)
+    return kept
+
+
 def step_table(args) -> None:
     device = args.device
     print(f"\n### Step: one Adam step, L2 loss, float32, {args.transform}\n")
@@ -86,29 +112,44 @@ def step_table(args) -> None:
     loss = tireg.L2Loss()
     for size in args.sizes:
         for batch in args.batches:
-            generator = torch.Generator().manual_seed(0)
-            fixed = torch.rand(batch, 1, size, size, generator=generator).to(device)
-            moving = torch.rand(batch, 1, size, size, generator=generator).to(device)
-            steps = {}
-            compiled_model = tireg.create_model(args.transform, moving, loss=loss, compile=True)
-            started = time.perf_counter()
-            compiled_model(moving, fixed)  # the first call compiles
-            iteration.synchronizer(device)()
-            compile_seconds = time.perf_counter() - started
-            for name in ("analytic", "autograd"):
-                model = tireg.create_model(args.transform, moving, gradients=name, loss=loss, compile=False)
-                steps[name] = iteration.make_step(model, moving, fixed, loss, name)
-            steps["compiled"] = iteration.make_step(compiled_model, moving, fixed, loss, "analytic")
             try:
-                steps["kornia"] = kornia_step(moving, fixed, args.transform)
-            except ImportError:
-                pass
-            t = iteration.median_rounds(steps, args.budget, iteration.synchronizer(device))
-            kornia = t.get("kornia", math.nan)
-            print(f"| {size}² | {batch} | {t['analytic'] * 1e3:.3f} | {t['compiled'] * 1e3:.3f} "
-                  f"| {t['autograd'] * 1e3:.3f} | {kornia * 1e3:.3f} | {batch / t['compiled']:,.0f} "
-                  f"| {t['analytic'] / t['autograd']:.2f} | {t['compiled'] / t['autograd']:.2f} "
-                  f"| {t['compiled'] / kornia:.2f} | {compile_seconds:.1f} |", flush=True)
+                row = _step_row(args, loss, size, batch)
+            except OUT_OF_MEMORY:  # the images themselves, or every method
+                _release(device)
+                row = " ".join(["out of memory |"] * 9)
+            print(f"| {size}² | {batch} | {row}", flush=True)
+
+
+def _step_row(args, loss, size: int, batch: int) -> str:
+    """One row of the step table (a cell is nan where its method ran out of memory)."""
+    device = args.device
+    generator = torch.Generator().manual_seed(0)
+    fixed = torch.rand(batch, 1, size, size, generator=generator).to(device)
+    moving = torch.rand(batch, 1, size, size, generator=generator).to(device)
+    steps = {}
+    compile_seconds = math.nan
+    compiled_model = tireg.create_model(args.transform, moving, loss=loss, compile=True)
+    try:
+        started = time.perf_counter()
+        compiled_model(moving, fixed)  # the first call compiles
+        iteration.synchronizer(device)()
+        compile_seconds = time.perf_counter() - started
+        steps["compiled"] = iteration.make_step(compiled_model, moving, fixed, loss, "analytic")
+    except OUT_OF_MEMORY:
+        _release(device)
+    for name in ("analytic", "autograd"):
+        model = tireg.create_model(args.transform, moving, gradients=name, loss=loss, compile=False)
+        steps[name] = iteration.make_step(model, moving, fixed, loss, name)
+    try:
+        steps["kornia"] = kornia_step(moving, fixed, args.transform)
+    except ImportError:
+        pass
+    steps = _runnable(steps, device)
+    t = iteration.median_rounds(steps, args.budget, iteration.synchronizer(device)) if steps else {}
+    analytic, compiled, autograd, kornia = (t.get(name, math.nan) for name in ("analytic", "compiled", "autograd", "kornia"))
+    return (f"{analytic * 1e3:.3f} | {compiled * 1e3:.3f} | {autograd * 1e3:.3f} | {kornia * 1e3:.3f} "
+            f"| {batch / compiled:,.0f} | {analytic / autograd:.2f} | {compiled / autograd:.2f} "
+            f"| {compiled / kornia:.2f} | {compile_seconds:.1f} |")
 
 
 # ----------------------------------------------------------------------------
@@ -330,7 +371,11 @@ def memory_table(args) -> None:
         for what in ("step", "register"):
             for compile in (False, True):
                 if cuda:
-                    cells.append(_cuda_peak(what, compile, size, batch, args.device))
+                    try:
+                        cells.append(_cuda_peak(what, compile, size, batch, args.device))
+                    except OUT_OF_MEMORY:
+                        _release(args.device)
+                        cells.append(math.nan)
                 else:
                     cells.append(_cpu_peak(what, compile, size, batch, args.threads))
         input_mib = 2 * batch * size * size * 4 / 2**20
