@@ -459,3 +459,27 @@ def test_errors_name_the_problem(images):
         tireg.create_model("rigid", moving, loss="l3")
     with pytest.raises(ValueError, match="batch_size"):
         tireg.RigidModel(0, 0, batch_size=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_training_step_never_synchronises_on_cuda(compile):
+    """torch's sync debug mode raises on any host synchronisation: none in an analytic step."""
+    generator = torch.Generator().manual_seed(0)
+    fixed = smooth_random_image((2, 1, 64, 64), generator).float().cuda()
+    moving = smooth_random_image((2, 1, 64, 64), generator).float().cuda()
+    model = tireg.create_model("similarity", moving, compile=compile)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(2):  # warm-up: the NaN check, the compile
+        optimizer.zero_grad()
+        model(moving, fixed)
+        optimizer.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(moving, fixed)
+            optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

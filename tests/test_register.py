@@ -392,3 +392,29 @@ def test_intensity_normalisation_per_image_and_channel(generator):
     assert torch.allclose(masked.std(dim=(2, 3), correction=0), torch.ones(2, 3), atol=1e-5)
     with pytest.raises(ValueError, match="'moving' is constant"):
         _normalize(torch.ones(1, 1, 8, 8), None, "moving")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_the_gauss_newton_loop_synchronises_only_when_it_looks_on_cuda():
+    """On a real GPU, the loop's synchronisations (counted by torch's sync debug mode) grow only
+    with the looks every DEVICE_CHECK_INTERVAL iterations, not with every iteration."""
+    import warnings
+
+    module = importlib.import_module("tireg.register")
+    fixed, moving, _ = registration_pair("camera", "rigid", [0.05, 2.0, -1.0], noise=0.02)
+    fixed, moving = fixed.cuda(), moving.cuda()
+    options = dict(transform="rigid", compile=False, init="identity", tolerance=1e-300, pyramid=(1,))
+    counts = {}
+    for iterations in (4, 4 + 8 * module.DEVICE_CHECK_INTERVAL):
+        tireg.register(fixed, moving, max_iterations=iterations, **options)  # warm-up
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                result = tireg.register(fixed, moving, max_iterations=iterations, **options)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[iterations] = sum("synchroniz" in str(warning.message) for warning in caught)
+        assert int(result.iterations) > 0
+    # eight more looks at most (fewer if the pair stalled), where each iteration would add several
+    assert counts[4 + 8 * module.DEVICE_CHECK_INTERVAL] - counts[4] <= 8, counts
