@@ -427,6 +427,33 @@ def test_compiled_kernel_keeps_wild_matrices_finite(prepare, generator):
     torch.testing.assert_close(result.matrix_gradient[3:], expected.matrix_gradient, rtol=1e-4, atol=1e-4)
 
 
+def test_batches_on_the_cpu_compile_with_every_size_symbolic():
+    """fused.dynamic_shapes: a batch of pairs on the CPU gets dynamic=True, one pair (or another device) torch's default."""
+    assert fused.dynamic_shapes(torch.zeros(2, 1, 8, 8)) is True
+    assert fused.dynamic_shapes(torch.zeros(1, 3, 8, 8)) is None
+    assert fused.dynamic_shapes(torch.zeros(4, 1, 8, 8, device="meta")) is None
+
+
+@needs_compile
+def test_one_kernel_serves_every_batch_and_level_size(monkeypatch, generator):
+    """A batch's kernel is compiled once for all batch sizes and pyramid level sizes, with the formulation's sums."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(fused, "_compiled", {})
+    torch._dynamo.reset()
+    counters.clear()
+    for shape in [(2, 1, 24, 20), (3, 1, 30, 28), (4, 1, 40, 36)]:
+        fixed = smooth_random_image(shape, generator).float()
+        moving = smooth_random_image(shape, generator).float()
+        padded, matrix = fused.prepare_moving(moving, "border"), _matrix(shape[0], torch.float32)
+        options = dict(inside_only=True, hessian=True, coordinates=fused.coordinate_grids(fixed))
+        result = fused.run_compiled(fixed, padded, matrix, tireg.CauchyLoss(), "border", **options)
+        expected = fused.bilinear_moments(fixed, padded, matrix, tireg.CauchyLoss(), "border", **options)
+        for name in ("cost", "count", "matrix_gradient", "products"):
+            torch.testing.assert_close(getattr(result, name), getattr(expected, name), rtol=1e-4, atol=1e-3)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @needs_compile
 def test_compiled_register_gives_the_same_matrices(device):
     pairs = [registration_pair("camera", "affine", params, noise=0.02, seed=seed)

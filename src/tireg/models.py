@@ -472,7 +472,8 @@ class AffineModelAnalytic(TransformModel):
         _check_like(params[0], source, caller)
         self._check_batch(max(param.shape[0] for param in params), source.shape[0])
         padded = self._padded_moving(source)
-        step = fused.compiled(_fused_step, source.device, small=fused.fits_32_bit(target, padded))
+        step = fused.compiled(_fused_step, source.device, small=fused.fits_32_bit(target, padded),
+                              dynamic=fused.dynamic_shapes(target))
         result = fused.call_compiled(
             step, source.device, params, list(self.m), self.transform, self._slots(), self._jacobian_order(),
             self._center_tensor(), target, padded, self.loss_func, self.bordermode, self._coordinate_grids(target),
