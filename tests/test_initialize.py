@@ -303,6 +303,35 @@ def test_candidates_scored_in_chunks_give_the_same_answer(monkeypatch, method):
         assert grid_error(found[None], truth, SIZE).item() < 2.0
 
 
+@pytest.mark.parametrize("method", ["moments", "phase", "search", "auto"])
+def test_pairs_initialised_in_chunks_give_the_same_answer(monkeypatch, method):
+    """Chunks of pairs bound the initialiser's memory for a large batch; each pair's answer is unchanged."""
+    truths = [similarity(75.0, 0.9, 10.0, -8.0), similarity(-45.0, 1.2, -6.0, 3.0), similarity(5.0, 1.0, 3.0, 2.0)]
+    pairs = [cut_pair(name, truth, SIZE) for name, truth in zip(("gravel", "coins", "astronaut"), truths)]
+    fixed, moving = torch.cat([f for f, _ in pairs]), torch.cat([m for _, m in pairs])
+    calls = []
+    chunks = init_module._chunks
+    monkeypatch.setattr(init_module, "_chunks", lambda *args: calls.append(chunks(*args)) or calls[-1])
+    together = initialize(fixed, moving, "similarity", method=method)
+    assert len(calls[0]) == 1  # the pairs: all in one chunk
+    calls.clear()
+    monkeypatch.setattr(init_module, "PAIR_CHUNK_PIXELS", 1)  # one pair at a time
+    one_by_one = initialize(fixed, moving, "similarity", method=method)
+    assert calls[0] == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    assert torch.equal(one_by_one, together)
+    one_moving = initialize(fixed, moving[:1], "similarity", method=method)  # a batch of 1 broadcasts
+    torch.testing.assert_close(one_moving[0], together[0], rtol=0, atol=1e-9)
+
+
+def test_one_channel_is_its_own_luminance():
+    """No copy of a one-channel image (a batch's peak memory counts every copy); channels are averaged."""
+    image = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    fixed, moving = init_module._pair(image, image[:1], "initialize()")
+    assert fixed.data_ptr() == image.data_ptr() and moving.data_ptr() == image.data_ptr()
+    colour = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(init_module._pair(colour, colour, "initialize()")[0], colour.mean(1, keepdim=True))
+
+
 def test_initialize_center_argument_does_not_change_the_answer():
     truth = similarity(30.0, 1.2, 5.0, -4.0)
     fixed, moving = cut_pair("astronaut", truth, SIZE)
