@@ -135,6 +135,24 @@ def test_packed_pairs_hold_both_neighbours_bit_for_bit(generator):
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1, 1, 1), (1, 2, 1, 6), (3, 1, 8, 1)])
+def test_moving_packed_without_a_padded_copy_is_bit_for_bit_the_same(padding_mode, shape, generator):
+    moving = torch.randn(*shape, generator=generator)
+    moving.view(-1)[:3] = torch.tensor([-0.0, float("nan"), 1e-40])[: moving.numel()]
+    expected = fused.pack_pairs(fused.pad_moving(moving, padding_mode))
+    got = fused.prepare_moving(moving, padding_mode)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+    padded = fused.prepare_moving(moving.double(), padding_mode)  # float64: padded, not packed
+    torch.testing.assert_close(padded, fused.pad_moving(moving.double(), padding_mode), rtol=0, atol=0, equal_nan=True)
+    # the moving image is a view inside either, bit for bit
+    for prepared, original in ((got, moving), (padded, moving.double())):
+        inside = fused.prepared_image(prepared, padding_mode)
+        assert inside.dtype == original.dtype and inside.shape == original.shape
+        assert inside.untyped_storage().data_ptr() == prepared.untyped_storage().data_ptr()
+        torch.testing.assert_close(inside, original, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
 def test_packed_moving_gives_the_same_moments(padding_mode, generator):
     """prepare_moving packs a float32 CPU image; the kernel's two gathers give what its four give."""
     fixed = smooth_random_image((2, 2, 18, 23), generator).float()

@@ -57,7 +57,7 @@ from .losses import PerPixelLoss
 __all__ = [
     "FusedMoments", "FUSED_PADDING", "supports", "pad_moving", "bilinear_moments", "compiled",
     "compiled_bilinear_moments", "run_compiled", "call_compiled", "coordinate_grids", "pack_pairs", "prepare_moving",
-    "dynamic_shapes",
+    "dynamic_shapes", "prepared_image",
 ]
 
 #: Padding modes of the fused path and the pixels each adds on every side of the moving image.
@@ -150,10 +150,44 @@ def prepare_moving(moving: torch.Tensor, padding_mode: str) -> torch.Tensor:
 
     Compute it once per moving image.
     """
-    padded = pad_moving(moving, padding_mode)
-    if padded.device.type == "cpu" and padded.dtype == torch.float32:
-        return pack_pairs(padded)
-    return padded
+    if moving.device.type == "cpu" and moving.dtype == torch.float32:
+        return _pack_padded(moving, padding_mode)
+    return pad_moving(moving, padding_mode)
+
+
+def prepared_image(prepared: torch.Tensor, padding_mode: str) -> torch.Tensor:
+    """The moving image inside :func:`prepare_moving`'s result, as a view: the same pixels, no copy.
+
+    A caller that keeps the prepared image can drop its own copy of the moving image.
+    """
+    pad = FUSED_PADDING[padding_mode]
+    packed = prepared.dtype == torch.int64
+    # a packed pixel's low word is the padded image's pixel j (its high word pixel j + 1)
+    low = 0 if sys.byteorder == "little" else 1
+    plane = prepared.view(torch.float32)[..., low::2] if packed else prepared
+    height, width = plane.shape[-2] - 2 * pad, plane.shape[-1] + int(packed) - 2 * pad
+    return plane[..., pad:pad + height, pad:pad + width]
+
+
+def _pack_padded(moving: torch.Tensor, padding_mode: str) -> torch.Tensor:
+    """``pack_pairs(pad_moving(moving, padding_mode))``, bit for bit, written straight from ``moving``:
+    no padded image in between (a batch's peak memory counts every image-sized copy)."""
+    pad = FUSED_PADDING[padding_mode]
+    border = padding_mode == "border"
+    batch, channels, height, width = moving.shape
+    words = moving.contiguous().view(torch.int32)
+    packed = torch.empty((batch, channels, height + 2 * pad, width + 2 * pad - 1), dtype=torch.int64)
+    halves = packed.view(torch.int32).unflatten(-1, (-1, 2))
+    for half, shift in zip((0, 1) if sys.byteorder == "little" else (1, 0), (0, 1)):
+        target = halves[..., half]  # column j holds padded column j + shift
+        rows = target[..., pad:pad + height, :]
+        first = pad - shift  # the column holding the moving image's column 0
+        rows[..., first:first + width] = words
+        rows[..., :first] = words[..., :1] if border else 0  # int32 0: the bits of 0.0
+        rows[..., first + width:] = words[..., -1:] if border else 0
+        target[..., :pad, :] = target[..., pad:pad + 1, :] if border else 0
+        target[..., pad + height:, :] = target[..., pad + height - 1:pad + height, :] if border else 0
+    return packed
 
 
 def bilinear_moments(

@@ -520,6 +520,9 @@ class _Problem:
         if "padded" not in level.cache:
             level.cache["padded"] = fused.prepare_moving(level.moving, "border")
             level.cache["coordinates"] = fused.coordinate_grids(level.fixed)
+            # the same pixels inside the kernel's copy: the level's own can go (register drops its
+            # reference at full resolution; a batch's peak memory counts every image)
+            level.moving = fused.prepared_image(level.cache["padded"], "border")
         result = fused.run_compiled(
             level.fixed, level.cache["padded"], matrix, self.loss, "border", level.fixed_weight,
             inside_only=True, hessian=hessian, coordinates=level.cache["coordinates"],
@@ -994,8 +997,12 @@ def register(
     history: list[LevelHistory] = []
     total_iterations = torch.zeros(batch, dtype=torch.long)
     reasons = ["max_iterations"] * batch
+    full_resolution = None  # the level at factor 1 without smoothing, once built
     for level_index, (factor, sigma) in enumerate(schedule):
         level = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, factor, sigma)
+        if (factor, sigma) == (1, 0.0):
+            # the level holds the image from here on (the compiled path only inside its kernel's copy)
+            full_resolution, moving_n = level, None
         options = dict(
             max_iterations=int(max_iterations),
             tolerance=tolerance if factor == 1 else max(tolerance, COARSE_TOLERANCE),
@@ -1020,7 +1027,7 @@ def register(
     if optimizer == "gauss-newton" and finished_at_full_resolution:
         cost = history[-1].cost[-1].to(device)  # Levenberg-Marquardt's last accepted cost is at these parameters
     else:
-        final_level = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, 0.0)
+        final_level = full_resolution or _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, 0.0)
         with torch.no_grad():
             cost = problem.evaluate(params, final_level, hessian=False).cost
     reasons = ["no_overlap" if not math.isfinite(value) else reason for value, reason in zip(cost.tolist(), reasons)]
