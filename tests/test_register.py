@@ -228,6 +228,17 @@ def test_pyramid_settings():
     assert grid_error(result.matrix, truth, fixed.shape) < 0.2
 
 
+@pytest.mark.parametrize("factors", [(1, 2, 1), (2, 1, 1), (1, 1)])
+@pytest.mark.parametrize("optimizer", ["gauss-newton", "lbfgs"])
+def test_full_resolution_levels_anywhere_in_the_pyramid(factors, optimizer):
+    """register releases its full-resolution moving copy once only full-resolution levels remain:
+    a schedule that returns to a coarse level or repeats the finest one still runs."""
+    fixed, moving, truth = registration_pair("astronaut", "rigid", KNOWN["rigid"])
+    result = tireg.register(fixed, moving, transform="rigid", pyramid=factors, optimizer=optimizer)
+    assert [level.factor for level in result.history] == list(factors)
+    assert grid_error(result.matrix, truth, fixed.shape) < 0.2 and bool(torch.isfinite(result.cost).all())
+
+
 def test_transform_from_a_model():
     fixed, moving, truth = registration_pair("astronaut", "rigid", KNOWN["rigid"])
     model = tireg.create_model("rigid", moving[None, None], gradients="analytic")

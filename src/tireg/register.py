@@ -997,12 +997,17 @@ def register(
     history: list[LevelHistory] = []
     total_iterations = torch.zeros(batch, dtype=torch.long)
     reasons = ["max_iterations"] * batch
-    full_resolution = None  # the level at factor 1 without smoothing, once built
+    full_resolution = None  # the level at factor 1 without smoothing, once no other level follows
     for level_index, (factor, sigma) in enumerate(schedule):
-        level = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, factor, sigma)
-        if (factor, sigma) == (1, 0.0):
-            # the level holds the image from here on (the compiled path only inside its kernel's copy)
-            full_resolution, moving_n = level, None
+        if all(entry == (1, 0.0) for entry in schedule[level_index:]):
+            if full_resolution is None:
+                full_resolution = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, 0.0)
+                # the level holds the image from here on (the compiled path only inside its
+                # kernel's copy, a batch's peak memory counting every image)
+                moving_n = None
+            level = full_resolution
+        else:
+            level = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, factor, sigma)
         options = dict(
             max_iterations=int(max_iterations),
             tolerance=tolerance if factor == 1 else max(tolerance, COARSE_TOLERANCE),
@@ -1027,7 +1032,9 @@ def register(
     if optimizer == "gauss-newton" and finished_at_full_resolution:
         cost = history[-1].cost[-1].to(device)  # Levenberg-Marquardt's last accepted cost is at these parameters
     else:
-        final_level = full_resolution or _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, 0.0)
+        final_level = full_resolution
+        if final_level is None:
+            final_level = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, 0.0)
         with torch.no_grad():
             cost = problem.evaluate(params, final_level, hessian=False).cost
     reasons = ["no_overlap" if not math.isfinite(value) else reason for value, reason in zip(cost.tolist(), reasons)]
