@@ -239,6 +239,40 @@ def test_full_resolution_levels_anywhere_in_the_pyramid(factors, optimizer):
     assert grid_error(result.matrix, truth, fixed.shape) < 0.2 and bool(torch.isfinite(result.cost).all())
 
 
+@pytest.mark.parametrize("optimizer", ["gauss-newton", "adam"])
+def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, optimizer):
+    """EAGER_CHUNK_PIXELS bounds the reference path's memory for a batch; the result is unchanged,
+    masks included, and a metric that pools the batch (histogram ranges) is never split."""
+    register_module = importlib.import_module("tireg.register")
+    pairs = [registration_pair("camera", "similarity", params, noise=0.02, seed=seed)
+             for seed, params in enumerate([[0.06, 1.04, 4.0, -3.0], [-0.04, 0.97, -5.0, 2.0], [0.02, 1.0, 1.0, 1.0]])]
+    fixed = torch.stack([pair[0] for pair in pairs])[:, None]
+    moving = torch.stack([pair[1] for pair in pairs])[:, None]
+    mask = torch.ones_like(fixed)
+    mask[1, :, :20] = 0.0  # a different mask per pair: the chunks must take their own
+    options = dict(transform="similarity", optimizer=optimizer, mask=mask, moving_mask=mask.flip(-1),
+                   compile=False, max_iterations=30)
+    split = []
+    pairs_of = register_module._Level.pairs
+    monkeypatch.setattr(register_module._Level, "pairs", lambda level, part: split.append(part) or pairs_of(level, part))
+    whole = tireg.register(fixed, moving, **options)
+    assert split == []  # three pairs of 128 x 128: one chunk
+    monkeypatch.setattr(register_module, "EAGER_CHUNK_PIXELS", fixed[0].numel())  # one pair a chunk
+    chunked = tireg.register(fixed, moving, **options)
+    assert slice(2, 3) in split
+    assert torch.equal(chunked.iterations, whole.iterations) and chunked.stop_reason == whole.stop_reason
+    if optimizer == "gauss-newton":  # bit for bit: every sum of a pair is formed alike
+        assert torch.equal(chunked.matrix, whole.matrix) and torch.equal(chunked.cost, whole.cost)
+    else:  # Adam's steps carry the rounding of the batched gradient sums
+        assert grid_error(chunked.matrix, whole.matrix, fixed.shape[-2:]) < 1e-2
+        torch.testing.assert_close(chunked.cost, whole.cost, rtol=1e-4, atol=0)
+    for index, (_, _, truth) in enumerate(pairs):
+        assert grid_error(chunked.matrix[index], truth, fixed.shape[-2:]) < 0.3
+    split.clear()
+    tireg.register(fixed, moving, transform="similarity", metric="mi", compile=False, max_iterations=5)
+    assert split == []
+
+
 def test_transform_from_a_model():
     fixed, moving, truth = registration_pair("astronaut", "rigid", KNOWN["rigid"])
     model = tireg.create_model("rigid", moving[None, None], gradients="analytic")
