@@ -152,6 +152,21 @@ def test_moving_packed_without_a_padded_copy_is_bit_for_bit_the_same(padding_mod
         torch.testing.assert_close(inside, original, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["packed", "padded"])
+def test_moving_normalised_while_prepared_is_bit_for_bit_the_same(dtype, generator):
+    """prepare_moving(raw, normalization=(mean, std)) == prepare_moving((raw - mean) / std), with no normalised copy;
+    an expanded batch stays a view."""
+    raw = (3.0 * torch.randn(3, 2, 9, 11, generator=generator) + 5.0).to(dtype)
+    std, mean = torch.std_mean(raw, dim=(2, 3), correction=0, keepdim=True)
+    expected = fused.prepare_moving((raw - mean).div_(std), "border")
+    got = fused.prepare_moving(raw, "border", normalization=(mean, std))
+    assert torch.equal(got, expected)
+    one = raw[:1].expand(3, -1, -1, -1)
+    assert torch.equal(fused.prepare_moving(one, "border"), fused.prepare_moving(one.contiguous(), "border"))
+    with pytest.raises(ValueError, match="normalization needs 'border' padding"):
+        fused.prepare_moving(raw, "zeros", normalization=(mean, std))
+
+
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
 def test_packed_moving_gives_the_same_moments(padding_mode, generator):
     """prepare_moving packs a float32 CPU image; the kernel's two gathers give what its four give."""

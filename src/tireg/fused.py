@@ -144,15 +144,27 @@ def _unpack_pairs(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return low.view(torch.float32), high.view(torch.float32)
 
 
-def prepare_moving(moving: torch.Tensor, padding_mode: str) -> torch.Tensor:
+def prepare_moving(
+    moving: torch.Tensor, padding_mode: str, normalization: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+) -> torch.Tensor:
     """The moving image as :func:`bilinear_moments` reads it: :func:`pad_moving`, and on the CPU
     in float32 also :func:`pack_pairs` (the GPU kernel keeps four plain gathers: unmeasured there).
 
-    Compute it once per moving image.
+    ``normalization``: ``(mean, std)``, each broadcastable to ``(B, C, 1, 1)``: prepare
+    ``(moving - mean) / std`` instead, bit for bit, without that image as a copy of its own
+    (``"border"`` padding only: a zero pad would not stay zero).  Compute it once per moving image.
     """
     if moving.device.type == "cpu" and moving.dtype == torch.float32:
-        return _pack_padded(moving, padding_mode)
-    return pad_moving(moving, padding_mode)
+        prepared = _pack_padded(moving, padding_mode)
+    else:
+        prepared = pad_moving(moving, padding_mode)
+    if normalization is not None:
+        if padding_mode != "border":
+            raise ValueError(f"prepare_moving(): normalization needs 'border' padding; got {padding_mode!r}")
+        mean, std = normalization
+        # a packed pixel is two float32 values: the same arithmetic on each, in place
+        prepared.view(moving.dtype).sub_(mean).div_(std)
+    return prepared
 
 
 def prepared_image(prepared: torch.Tensor, padding_mode: str) -> torch.Tensor:
@@ -175,7 +187,7 @@ def _pack_padded(moving: torch.Tensor, padding_mode: str) -> torch.Tensor:
     pad = FUSED_PADDING[padding_mode]
     border = padding_mode == "border"
     batch, channels, height, width = moving.shape
-    words = moving.contiguous().view(torch.int32)
+    words = moving.view(torch.int32)  # any strides (an expanded batch stays a view)
     packed = torch.empty((batch, channels, height + 2 * pad, width + 2 * pad - 1), dtype=torch.int64)
     halves = packed.view(torch.int32).unflatten(-1, (-1, 2))
     for half, shift in zip((0, 1) if sys.byteorder == "little" else (1, 0), (0, 1)):

@@ -386,6 +386,12 @@ def _normalize(image: torch.Tensor, mask: Optional[torch.Tensor], name: str) -> 
     One image-sized result and, without a mask, no image-sized temporaries: a batch's
     peak memory counts every copy of its images.
     """
+    mean, std = _normalization(image, mask, name)
+    return (image - mean).div_(std)
+
+
+def _normalization(image: torch.Tensor, mask: Optional[torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, std)`` of :func:`_normalize`, each ``(B, C, 1, 1)``."""
     if mask is None:
         std, mean = torch.std_mean(image, dim=(2, 3), correction=0, keepdim=True)
     else:
@@ -394,7 +400,7 @@ def _normalize(image: torch.Tensor, mask: Optional[torch.Tensor], name: str) -> 
         std = (((image - mean) ** 2) * mask).sum(dim=(2, 3), keepdim=True).div(count).sqrt()
     if bool((std <= 1e-12 * (mean.abs() + 1)).any()):
         raise ValueError(f"register(): '{name}' is constant (inside its mask); there is nothing to align")
-    return (image - mean).div_(std)
+    return mean, std
 
 
 # ----------------------------------------------------------------------------
@@ -415,12 +421,15 @@ class _Level:
     factor: int
     inside_limit: tuple[float, float]  # (1 - 1/W, 1 - 1/H): |u|, |v| within it sample inside the moving image
     cache: dict = field(default_factory=dict)
+    # the full-resolution level's (unnormalised moving image, mean, std): the compiled path builds its
+    # packed image from it and drops ``moving`` first (a batch's peak memory counts every copy)
+    source: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     def pairs(self, part: slice) -> "_Level":
         """The level of the pairs ``part`` (views of its images, a cache of its own)."""
         pick = lambda tensor: None if tensor is None else tensor[part]  # noqa: E731
         return replace(self, fixed=self.fixed[part], moving=self.moving[part], fixed_weight=pick(self.fixed_weight),
-                       moving_mask=pick(self.moving_mask), cache={})
+                       moving_mask=pick(self.moving_mask), cache={}, source=None)
 
 
 @dataclass
@@ -530,7 +539,12 @@ class _Problem:
         if level.moving_mask is not None:
             return None
         if "padded" not in level.cache:
-            level.cache["padded"] = fused.prepare_moving(level.moving, "border")
+            if level.source is not None:  # normalised while packed: the level's copy goes first
+                raw, mean, std = level.source
+                level.moving = level.source = None
+                level.cache["padded"] = fused.prepare_moving(raw, "border", normalization=(mean, std))
+            else:
+                level.cache["padded"] = fused.prepare_moving(level.moving, "border")
             level.cache["coordinates"] = fused.coordinate_grids(level.fixed)
             # the same pixels inside the kernel's copy: the level's own can go (register drops its
             # reference at full resolution; a batch's peak memory counts every image)
@@ -1012,7 +1026,8 @@ def register(
     fixed_mask = _as_mask(mask, fixed_t, "mask")
     moving_mask_t = _as_mask(moving_mask, moving_t, "moving_mask")
     fixed_n = _normalize(fixed_t, fixed_mask, "fixed") if normalize else fixed_t
-    moving_n = _normalize(moving_t, moving_mask_t, "moving") if normalize else moving_t
+    moving_stats = _normalization(moving_t, moving_mask_t, "moving") if normalize else None
+    moving_n = (moving_t - moving_stats[0]).div_(moving_stats[1]) if normalize else moving_t
 
     center = image_center(*fixed_t.shape[-2:])
     center_t = torch.tensor(center, dtype=dtype, device=device)
@@ -1048,7 +1063,10 @@ def register(
             if full_resolution is None:
                 full_resolution = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, 0.0)
                 # the level holds the image from here on (the compiled path only inside its
-                # kernel's copy, a batch's peak memory counting every image)
+                # kernel's copy, made from the unnormalised one: a batch's peak memory counts
+                # every image)
+                if moving_stats is not None:
+                    full_resolution.source = (moving_t, *moving_stats)
                 moving_n = None
             level = full_resolution
         else:
