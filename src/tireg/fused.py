@@ -376,10 +376,10 @@ def dynamic_shapes(fixed: torch.Tensor) -> Optional[bool]:
     reads them back.  Measured on the CPU with one thread: 128 pairs of
     256 x 256 at 49 ms a pass, against 89 ms static and 150 ms with only the
     image size symbolic, and a registration of 8 pairs of 1024 x 1024
-    peaks at 3.7x its input instead of 6.6x.  One pair gains nothing from it (0.4 ms static, 0.6 ms
-    symbolic at 256 x 256).  A model's step over 16 pairs: 4.3-5.2 against
-    5.2-5.8 ms at 256 x 256, 101 against 126-133 ms at 1024 x 1024.  GPU
-    kernels keep torch's default: unmeasured.
+    peaks at 3.7x its input instead of 6.6x.  One pair gains nothing from
+    it (0.4 ms static, 0.6 ms symbolic at 256 x 256).  A model's step over
+    16 pairs: 4.3-5.2 against 5.2-5.8 ms at 256 x 256, 101 against
+    126-133 ms at 1024 x 1024.  GPU kernels keep torch's default: unmeasured.
     """
     return True if fixed.device.type == "cpu" and fixed.shape[0] > 1 else None
 

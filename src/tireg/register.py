@@ -386,7 +386,12 @@ def _normalize(image: torch.Tensor, mask: Optional[torch.Tensor], name: str) -> 
     One image-sized result and, without a mask, no image-sized temporaries: a batch's
     peak memory counts every copy of its images.
     """
-    mean, std = _normalization(image, mask, name)
+    return _normalized(image, _normalization(image, mask, name))
+
+
+def _normalized(image: torch.Tensor, statistics: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``(image - mean) / std``: one image-sized result."""
+    mean, std = statistics
     return (image - mean).div_(std)
 
 
@@ -1027,7 +1032,7 @@ def register(
     moving_mask_t = _as_mask(moving_mask, moving_t, "moving_mask")
     fixed_n = _normalize(fixed_t, fixed_mask, "fixed") if normalize else fixed_t
     moving_stats = _normalization(moving_t, moving_mask_t, "moving") if normalize else None
-    moving_n = (moving_t - moving_stats[0]).div_(moving_stats[1]) if normalize else moving_t
+    moving_n = _normalized(moving_t, moving_stats) if normalize else moving_t
 
     center = image_center(*fixed_t.shape[-2:])
     center_t = torch.tensor(center, dtype=dtype, device=device)
