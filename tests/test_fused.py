@@ -488,6 +488,41 @@ def test_one_kernel_serves_every_batch_and_level_size(monkeypatch, generator):
 
 
 @needs_compile
+@pytest.mark.parametrize("batch", [1, 3])
+def test_kernel_in_bands_of_rows_gives_the_same_sums(monkeypatch, batch, generator):
+    """run_compiled_in_bands: bands of rows (the last one shorter) add up to one call's sums, weights included."""
+    fixed = smooth_random_image((batch, 1, 37, 23), generator).float()
+    moving = smooth_random_image((batch, 1, 33, 29), generator).float()
+    weight = (torch.rand(batch, 1, 37, 23, generator=generator) > 0.2).float()
+    padded, matrix = fused.prepare_moving(moving, "border"), _matrix(batch, torch.float32)
+    options = dict(inside_only=True, hessian=True, coordinates=fused.coordinate_grids(fixed))
+    whole = fused.run_compiled(fixed, padded, matrix, tireg.CauchyLoss(), "border", weight, **options)
+    calls = []
+    run = fused.run_compiled
+    monkeypatch.setattr(fused, "run_compiled", lambda *args, **kwargs: calls.append(args[0].shape) or run(*args, **kwargs))
+    monkeypatch.setattr(fused, "BAND_PIXELS", 10 * 23)  # ten rows a band
+    banded = fused.run_compiled_in_bands(fixed, padded, matrix, tireg.CauchyLoss(), "border", weight, **options)
+    assert [shape[-2] for shape in calls] == [10, 10, 10, 7]
+    for name in ("cost", "count", "matrix_gradient", "products"):
+        torch.testing.assert_close(getattr(banded, name), getattr(whole, name), rtol=1e-5, atol=1e-4)
+    calls.clear()
+    options["coordinates"] = None  # a GPU's kernel (no stored coordinates): one call
+    fused.run_compiled_in_bands(fixed, padded, matrix, tireg.CauchyLoss(), "border", weight, **options)
+    assert [shape[-2] for shape in calls] == [37]
+
+
+@needs_compile
+def test_compiled_register_in_bands_gives_the_same_matrices(monkeypatch):
+    fixed, moving, truth = registration_pair("camera", "similarity", [0.06, 1.04, 4.0, -3.0], noise=0.02)
+    whole = tireg.register(fixed, moving, transform="similarity", compile=True)
+    monkeypatch.setattr(fused, "BAND_PIXELS", 40 * fixed.shape[-1])  # bands of 40 rows at full resolution
+    banded = tireg.register(fixed, moving, transform="similarity", compile=True)
+    assert banded.stop_reason == whole.stop_reason == ["converged"]
+    assert grid_error(banded.matrix, whole.matrix, fixed.shape) < 1e-3
+    assert grid_error(banded.matrix, truth, fixed.shape) < 0.2
+
+
+@needs_compile
 def test_compiled_register_gives_the_same_matrices(device):
     pairs = [registration_pair("camera", "affine", params, noise=0.02, seed=seed)
              for seed, params in enumerate([[1.05, 0.06, -0.04, 0.96, 5.0, -3.5], [0.97, -0.05, 0.03, 1.04, -6.0, 2.5]])]

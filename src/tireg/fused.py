@@ -57,7 +57,7 @@ from .losses import PerPixelLoss
 __all__ = [
     "FusedMoments", "FUSED_PADDING", "supports", "pad_moving", "bilinear_moments", "compiled",
     "compiled_bilinear_moments", "run_compiled", "call_compiled", "coordinate_grids", "pack_pairs", "prepare_moving",
-    "dynamic_shapes", "prepared_image",
+    "dynamic_shapes", "prepared_image", "run_compiled_in_bands", "BAND_PIXELS",
 ]
 
 #: Padding modes of the fused path and the pixels each adds on every side of the moving image.
@@ -418,6 +418,51 @@ def run_compiled(*args, **kwargs) -> Optional[FusedMoments]:
     small = fits_32_bit(*[value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)])
     kernel = compiled_bilinear_moments(fixed.device, small=small, dynamic=dynamic_shapes(fixed))
     return call_compiled(kernel, fixed.device, *args, **kwargs)
+
+
+#: On the CPU, :func:`run_compiled_in_bands` runs a fixed image of more pixels than this in bands of rows.
+BAND_PIXELS = 1 << 20
+
+
+def run_compiled_in_bands(
+    fixed: torch.Tensor,
+    padded: torch.Tensor,
+    matrix: torch.Tensor,
+    loss: PerPixelLoss,
+    padding_mode: str,
+    weight: Optional[torch.Tensor] = None,
+    *,
+    coordinates: Optional[tuple[torch.Tensor, torch.Tensor]],
+    **options,
+) -> Optional[FusedMoments]:
+    """:func:`run_compiled` over bands of at most :data:`BAND_PIXELS` fixed pixels a pair, the sums added.
+
+    Every field of :class:`FusedMoments` but ``warped`` is a sum over the fixed pixels, and a
+    band is the same kernel on some rows of ``fixed``, its weights and its stored
+    :func:`coordinate_grids` (which carry the rows' own ``y``).  Why: the kernel keeps some
+    intermediate images between its loops (a pair's plane, or one image per pair where
+    its sizes are specialised), so a large image held several more images of its size;
+    a band holds them for its rows only.  Bands need the stored coordinates (the CPU) and
+    no warped image; otherwise, or for an image within one band, this is :func:`run_compiled`.
+    The sums are those of one call up to the order of addition.
+    """
+    height, width = fixed.shape[-2:]
+    rows = max(1, BAND_PIXELS // width)
+    if coordinates is None or rows >= height or options.get("return_warped"):
+        return run_compiled(fixed, padded, matrix, loss, padding_mode, weight, coordinates=coordinates, **options)
+    results = []
+    for start in range(0, height, rows):
+        band = slice(start, min(start + rows, height))
+        result = run_compiled(
+            fixed[..., band, :], padded, matrix, loss, padding_mode, None if weight is None else weight[..., band, :],
+            coordinates=(coordinates[0][..., band, :], coordinates[1][..., band, :]), **options,
+        )
+        if result is None:
+            return None
+        results.append(result)
+    total = lambda name: torch.stack([getattr(result, name) for result in results]).sum(0)  # noqa: E731
+    products = None if results[0].products is None else total("products")
+    return FusedMoments(total("cost"), total("count"), total("matrix_gradient"), products, None)
 
 
 def call_compiled(kernel: Callable, device: torch.device, *args, **kwargs):

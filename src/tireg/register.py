@@ -554,7 +554,7 @@ class _Problem:
             # the same pixels inside the kernel's copy: the level's own can go (register drops its
             # reference at full resolution; a batch's peak memory counts every image)
             level.moving = fused.prepared_image(level.cache["padded"], "border")
-        result = fused.run_compiled(
+        result = fused.run_compiled_in_bands(
             level.fixed, level.cache["padded"], matrix, self.loss, "border", level.fixed_weight,
             inside_only=True, hessian=hessian, coordinates=level.cache["coordinates"],
         )
