@@ -20,7 +20,8 @@ interleaved rounds (so that load on a shared machine hits all alike):
 3. **memory**: peak memory of an analytic step and of a ``register`` call
    (eager and compiled) over the size of their input images: on a GPU the
    allocator's peak; on the CPU (Linux) the peak resident size, each cell in
-   a fresh process (256² x 128 and 1024² x 8 pairs, 64 MiB of input each).
+   a fresh process (256² x 128 and 1024² x 8 pairs, 64 MiB of input each, and one
+   4096² pair, 128 MiB: one large image, which chunks of pairs cannot split).
 
 A method that runs out of GPU memory on a large batch shows ``nan`` (or a
 row "out of memory") instead of ending the run.
@@ -295,7 +296,7 @@ def register_table(args) -> None:
 
 
 #: Memory rows: (size, batch) large enough that the images, not the interpreter, set the peak.
-MEMORY_CASES = ((256, 128), (1024, 8))
+MEMORY_CASES = ((256, 128), (1024, 8), (4096, 1))
 
 
 def _memory_run(what: str, compile: bool, size: int, batch: int, device: str):

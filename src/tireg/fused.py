@@ -57,7 +57,7 @@ from .losses import PerPixelLoss
 __all__ = [
     "FusedMoments", "FUSED_PADDING", "supports", "pad_moving", "bilinear_moments", "compiled",
     "compiled_bilinear_moments", "run_compiled", "call_compiled", "coordinate_grids", "pack_pairs", "prepare_moving",
-    "dynamic_shapes", "prepared_image", "run_compiled_in_bands", "BAND_PIXELS",
+    "dynamic_shapes", "prepared_image", "run_compiled_in_bands", "BAND_PIXELS", "band_rows",
 ]
 
 #: Padding modes of the fused path and the pixels each adds on every side of the moving image.
@@ -424,6 +424,11 @@ def run_compiled(*args, **kwargs) -> Optional[FusedMoments]:
 BAND_PIXELS = 1 << 20
 
 
+def band_rows(height: int, width: int) -> int:
+    """Rows of one band of :func:`run_compiled_in_bands` (``height`` where one band takes the whole image)."""
+    return min(height, max(1, BAND_PIXELS // width))
+
+
 def run_compiled_in_bands(
     fixed: torch.Tensor,
     padded: torch.Tensor,
@@ -435,34 +440,56 @@ def run_compiled_in_bands(
     coordinates: Optional[tuple[torch.Tensor, torch.Tensor]],
     **options,
 ) -> Optional[FusedMoments]:
-    """:func:`run_compiled` over bands of at most :data:`BAND_PIXELS` fixed pixels a pair, the sums added.
+    """:func:`run_compiled` over bands of :func:`band_rows` rows, the sums added.
 
-    Every field of :class:`FusedMoments` but ``warped`` is a sum over the fixed pixels, and a
-    band is the same kernel on some rows of ``fixed``, its weights and its stored
-    :func:`coordinate_grids` (which carry the rows' own ``y``).  Why: the kernel keeps some
-    intermediate images between its loops (a pair's plane, or one image per pair where
-    its sizes are specialised), so a large image held several more images of its size;
-    a band holds them for its rows only.  Bands need the stored coordinates (the CPU) and
-    no warped image; otherwise, or for an image within one band, this is :func:`run_compiled`.
-    The sums are those of one call up to the order of addition.
+    Every field of :class:`FusedMoments` but ``warped`` is a sum over the fixed pixels.  A
+    band starting at row ``r0`` is the kernel on those rows in its own coordinates
+    ``(x, y')``, ``y = y' + r0``: with the matrix ``A T(0, r0)`` it samples the same points,
+    and its moments are shifted back, ``y -> y' + r0`` in ``(x, y, 1)`` and
+    ``(x^2, xy, y^2, x, y, 1)``.  So ``coordinates`` need only cover one band
+    (:func:`coordinate_grids` of the first :func:`band_rows` rows; a taller grid is cut).
+    Why: the kernel keeps some intermediate images between its loops (a pair's plane, or
+    whole images where its sizes are specialised), so a large image held several more
+    images of its size; a band holds them for its rows only, and so does the stored grid.
+    Bands need the stored coordinates (the CPU) and no warped image; otherwise, or for an
+    image within one band, this is :func:`run_compiled`.  The sums are those of one call up
+    to rounding.
     """
     height, width = fixed.shape[-2:]
-    rows = max(1, BAND_PIXELS // width)
+    rows = band_rows(height, width)
     if coordinates is None or rows >= height or options.get("return_warped"):
         return run_compiled(fixed, padded, matrix, loss, padding_mode, weight, coordinates=coordinates, **options)
     results = []
     for start in range(0, height, rows):
         band = slice(start, min(start + rows, height))
+        count = band.stop - band.start
+        shift = torch.eye(3, dtype=matrix.dtype, device=matrix.device)
+        shift[1, 2] = start
         result = run_compiled(
-            fixed[..., band, :], padded, matrix, loss, padding_mode, None if weight is None else weight[..., band, :],
-            coordinates=(coordinates[0][..., band, :], coordinates[1][..., band, :]), **options,
+            fixed[..., band, :], padded, matrix @ shift, loss, padding_mode,
+            None if weight is None else weight[..., band, :],
+            coordinates=(coordinates[0][..., :count, :], coordinates[1][..., :count, :]), **options,
         )
         if result is None:
             return None
-        results.append(result)
+        results.append(_shifted_moments(result, float(start)))
     total = lambda name: torch.stack([getattr(result, name) for result in results]).sum(0)  # noqa: E731
     products = None if results[0].products is None else total("products")
     return FusedMoments(total("cost"), total("count"), total("matrix_gradient"), products, None)
+
+
+def _shifted_moments(result: FusedMoments, offset: float) -> FusedMoments:
+    """Moments over ``(x, y')`` as moments over ``(x, y' + offset)`` (see :func:`run_compiled_in_bands`)."""
+    gradient = result.matrix_gradient.clone()  # (B, 2, 3) over (x, y, 1)
+    gradient[..., 1] += offset * result.matrix_gradient[..., 2]
+    products = result.products
+    if products is not None:  # (B, 3, 6) over (x^2, xy, y^2, x, y, 1)
+        local = products
+        products = local.clone()
+        products[..., 1] += offset * local[..., 3]
+        products[..., 2] += 2.0 * offset * local[..., 4] + offset * offset * local[..., 5]
+        products[..., 4] += offset * local[..., 5]
+    return FusedMoments(result.cost, result.count, gradient, products, None)
 
 
 def call_compiled(kernel: Callable, device: torch.device, *args, **kwargs):

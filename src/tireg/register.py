@@ -550,7 +550,9 @@ class _Problem:
                 level.cache["padded"] = fused.prepare_moving(raw, "border", normalization=(mean, std))
             else:
                 level.cache["padded"] = fused.prepare_moving(level.moving, "border")
-            level.cache["coordinates"] = fused.coordinate_grids(level.fixed)
+            # one band's grid (fused.run_compiled_in_bands): a large image's would be two images
+            band = fused.band_rows(*level.fixed.shape[-2:])
+            level.cache["coordinates"] = fused.coordinate_grids(level.fixed[..., :band, :])
             # the same pixels inside the kernel's copy: the level's own can go (register drops its
             # reference at full resolution; a batch's peak memory counts every image)
             level.moving = fused.prepared_image(level.cache["padded"], "border")
