@@ -273,6 +273,44 @@ def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, 
     assert split == []
 
 
+def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monkeypatch):
+    """One pair above EAGER_CHUNK_PIXELS runs in bands of rows, each band's mean weighted by its count:
+    the same cost, gradient and Gauss-Newton matrix (float64), with a fixed mask that empties whole
+    bands, a moving mask and three channels; and the same registration."""
+    register_module = importlib.import_module("tireg.register")
+    fixed, moving, truth = registration_pair("astronaut", "similarity", [0.06, 1.04, 4.0, -3.0], noise=0.02)
+    fixed = torch.stack([fixed, 0.5 * fixed, fixed.flip(-1)])  # three channels
+    moving = torch.stack([moving, 0.5 * moving, moving.flip(-1)])
+    mask = torch.ones(fixed.shape[-2:], dtype=fixed.dtype)
+    mask[:40] = 0.0  # the first band (and more) counts nothing
+    moving_mask = torch.ones(moving.shape[-2:], dtype=moving.dtype)
+    moving_mask[:, -10:] = 0.0
+    as_batch = lambda image: image.reshape(1, -1, *image.shape[-2:]).double()  # noqa: E731
+    kind = tireg.transforms.TRANSFORMS["similarity"]
+    center = torch.tensor(tireg.transforms.image_center(*fixed.shape[-2:]), dtype=torch.float64)
+    problem = register_module._Problem(kind, center, tireg.metrics.get_metric("l2"), "bilinear")
+    params = torch.tensor([[0.05, 1.03, 3.5, -2.5]], dtype=torch.float64)
+    level = lambda: register_module._make_level(  # noqa: E731
+        as_batch(fixed), as_batch(moving), as_batch(mask), as_batch(moving_mask), 1, 0.0)
+    whole = [problem.evaluate(params, level(), hessian=hessian) for hessian in (False, True)]
+    monkeypatch.setattr(register_module, "EAGER_CHUNK_PIXELS", 3 * 30 * fixed.shape[-1])  # 30 rows a band
+    banded_level = level()
+    banded = [problem.evaluate(params, banded_level, hessian=hessian) for hessian in (False, True)]
+    assert len(banded_level.cache["bands"]) == 5  # 144 rows: 4 bands of 30 and one of 24
+    for expected, got in zip(whole, banded):
+        torch.testing.assert_close(got.cost, expected.cost, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got.gradient, expected.gradient, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(banded[1].hessian, whole[1].hessian, rtol=1e-12, atol=1e-12)
+    options = dict(transform="similarity", mask=mask, moving_mask=moving_mask, compile=False)
+    monkeypatch.setattr(register_module, "EAGER_CHUNK_PIXELS", 1 << 40)
+    reference = tireg.register(fixed, moving, **options)
+    monkeypatch.setattr(register_module, "EAGER_CHUNK_PIXELS", 3 * 30 * fixed.shape[-1])
+    result = tireg.register(fixed, moving, **options)
+    assert result.stop_reason == reference.stop_reason
+    assert grid_error(result.matrix, reference.matrix, fixed.shape[-2:]) < 1e-3
+    assert grid_error(result.matrix, truth, fixed.shape[-2:]) < 0.3
+
+
 def test_transform_from_a_model():
     fixed, moving, truth = registration_pair("astronaut", "rigid", KNOWN["rigid"])
     model = tireg.create_model("rigid", moving[None, None], gradients="analytic")

@@ -436,6 +436,12 @@ class _Level:
         return replace(self, fixed=self.fixed[part], moving=self.moving[part], fixed_weight=pick(self.fixed_weight),
                        moving_mask=pick(self.moving_mask), cache={}, source=None)
 
+    def rows(self, part: slice) -> "_Level":
+        """The level of the fixed rows ``part`` (views; the moving image whole, a cache of its own)."""
+        weight = None if self.fixed_weight is None else self.fixed_weight[..., part, :]
+        return replace(self, fixed=self.fixed[..., part, :], fixed_weight=weight,
+                       axes=(self.axes[0][part], self.axes[1]), cache={}, source=None)
+
 
 @dataclass
 class _Evaluation:
@@ -581,6 +587,8 @@ class _Problem:
         pair_pixels = level.fixed.shape[-2] * level.fixed.shape[-1] * level.fixed.shape[1]
         budget = EAGER_CHUNK_PIXELS if level.fixed.device.type == "cpu" else EAGER_CHUNK_PIXELS_ACCELERATOR
         size = max(1, budget // pair_pixels)
+        if self.loss is not None and batch == 1 and pair_pixels > budget:
+            return self._evaluate_in_bands(matrix, flat_jacobian, level, hessian, budget)
         if self.loss is None or size >= batch:
             grid = self.grid(matrix, level)
             valid = self._valid(grid, level)
@@ -598,6 +606,41 @@ class _Problem:
             None if not hessian else torch.cat([evaluation.hessian for evaluation in evaluations]),
         )
         return evaluation, torch.cat([count for _, count in results])
+
+    def _evaluate_in_bands(
+        self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, level: _Level, hessian: bool, budget: int
+    ) -> tuple[_Evaluation, torch.Tensor]:
+        """:meth:`_evaluate` of one pair larger than ``budget`` fixed pixels, in bands of rows.
+
+        A band's cost, gradient and Gauss-Newton matrix are its sums divided by its own
+        count ``n_b = C sum w`` (the metric's mean); the level's are
+        ``sum_b n_b (band's) / n``, with ``n`` the whole level's count (both at least 1, as
+        the metric's).
+        """
+        height, width = level.fixed.shape[-2:]
+        rows = max(1, budget // (width * level.fixed.shape[1]))
+        if level.cache.get("band rows") != rows:
+            level.cache["band rows"] = rows
+            level.cache["bands"] = [level.rows(slice(start, min(start + rows, height)))
+                                    for start in range(0, height, rows)]
+        evaluations, counts = [], []
+        for band in level.cache["bands"]:
+            grid = self.grid(matrix, band)
+            valid = self._valid(grid, band)
+            evaluations.append(self._evaluate(grid, valid, flat_jacobian, band, hessian))
+            counts.append(valid.sum(dim=(1, 2, 3)))
+        channels = level.fixed.shape[1]
+        band_counts = (torch.stack(counts) * channels).clamp_min(1.0)  # (bands, B)
+        total = (torch.stack(counts).sum(0) * channels).clamp_min(1.0)  # (B,)
+        fractions = band_counts / total
+        combined = lambda values: sum(fraction.view(-1, *[1] * (value.dim() - 1)) * value  # noqa: E731
+                                      for fraction, value in zip(fractions, values))
+        evaluation = _Evaluation(
+            combined([evaluation.cost for evaluation in evaluations]),
+            combined([evaluation.gradient for evaluation in evaluations]),
+            None if not hessian else combined([evaluation.hessian for evaluation in evaluations]),
+        )
+        return evaluation, torch.stack(counts).sum(0)
 
     def _evaluate(self, grid, valid, flat_jacobian, level: _Level, hessian: bool) -> _Evaluation:
         if hessian:  # Gauss-Newton: a per-pixel metric, its IRLS weights and the normal matrix
