@@ -590,13 +590,10 @@ class _Problem:
         if self.loss is not None and batch == 1 and pair_pixels > budget:
             return self._evaluate_in_bands(matrix, flat_jacobian, level, hessian, budget)
         if self.loss is None or size >= batch:
-            grid = self.grid(matrix, level)
-            valid = self._valid(grid, level)
-            return self._evaluate(grid, valid, flat_jacobian, level, hessian), valid.sum(dim=(1, 2, 3))
+            return self._evaluate_whole(matrix, flat_jacobian, level, hessian)
         if level.cache.get("chunk size") != size:
             level.cache["chunk size"] = size
-            level.cache["chunks"] = [(part, level.pairs(part)) for part in
-                                     (slice(start, min(start + size, batch)) for start in range(0, batch, size))]
+            level.cache["chunks"] = [(part, level.pairs(part)) for part in _slices(batch, size)]
         results = [self._evaluate_eager(matrix[part], flat_jacobian[part], pairs, hessian)
                    for part, pairs in level.cache["chunks"]]
         evaluations = [evaluation for evaluation, _ in results]
@@ -621,18 +618,13 @@ class _Problem:
         rows = max(1, budget // (width * level.fixed.shape[1]))
         if level.cache.get("band rows") != rows:
             level.cache["band rows"] = rows
-            level.cache["bands"] = [level.rows(slice(start, min(start + rows, height)))
-                                    for start in range(0, height, rows)]
-        evaluations, counts = [], []
-        for band in level.cache["bands"]:
-            grid = self.grid(matrix, band)
-            valid = self._valid(grid, band)
-            evaluations.append(self._evaluate(grid, valid, flat_jacobian, band, hessian))
-            counts.append(valid.sum(dim=(1, 2, 3)))
+            level.cache["bands"] = [level.rows(part) for part in _slices(height, rows)]
+        results = [self._evaluate_whole(matrix, flat_jacobian, band, hessian) for band in level.cache["bands"]]
+        evaluations = [evaluation for evaluation, _ in results]
+        counts = torch.stack([count for _, count in results])  # (bands, B)
         channels = level.fixed.shape[1]
-        band_counts = (torch.stack(counts) * channels).clamp_min(1.0)  # (bands, B)
-        total = (torch.stack(counts).sum(0) * channels).clamp_min(1.0)  # (B,)
-        fractions = band_counts / total
+        total = (counts.sum(0) * channels).clamp_min(1.0)  # (B,)
+        fractions = (counts * channels).clamp_min(1.0) / total
         combined = lambda values: sum(fraction.view(-1, *[1] * (value.dim() - 1)) * value  # noqa: E731
                                       for fraction, value in zip(fractions, values))
         evaluation = _Evaluation(
@@ -640,7 +632,15 @@ class _Problem:
             combined([evaluation.gradient for evaluation in evaluations]),
             None if not hessian else combined([evaluation.hessian for evaluation in evaluations]),
         )
-        return evaluation, torch.stack(counts).sum(0)
+        return evaluation, counts.sum(0)
+
+    def _evaluate_whole(
+        self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, level: _Level, hessian: bool
+    ) -> tuple[_Evaluation, torch.Tensor]:
+        """:meth:`_evaluate` of the whole ``level`` at once, and its count of valid pixels per pair."""
+        grid = self.grid(matrix, level)
+        valid = self._valid(grid, level)
+        return self._evaluate(grid, valid, flat_jacobian, level, hessian), valid.sum(dim=(1, 2, 3))
 
     def _evaluate(self, grid, valid, flat_jacobian, level: _Level, hessian: bool) -> _Evaluation:
         if hessian:  # Gauss-Newton: a per-pixel metric, its IRLS weights and the normal matrix
@@ -677,6 +677,11 @@ _PRODUCT = [[0, 1], [1, 2]]
 _MONOMIAL = [[0, 1, 3], [1, 2, 4], [3, 4, 5]]
 _HESSIAN_PRODUCT = torch.tensor([_PRODUCT[i // 3][j // 3] for i in range(6) for j in range(6)])
 _HESSIAN_MONOMIAL = torch.tensor([_MONOMIAL[i % 3][j % 3] for i in range(6) for j in range(6)])
+
+
+def _slices(count: int, size: int) -> list[slice]:
+    """``0 .. count`` in consecutive slices of ``size`` (the last one shorter)."""
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 def _in_parameters(
