@@ -255,6 +255,7 @@ def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, 
     split = []
     pairs_of = register_module._Level.pairs
     monkeypatch.setattr(register_module._Level, "pairs", lambda level, part: split.append(part) or pairs_of(level, part))
+    monkeypatch.setattr(register_module, "EAGER_CHUNK_PIXELS", 1 << 40)
     whole = tireg.register(fixed, moving, **options)
     assert split == []  # three pairs of 128 x 128: one chunk
     monkeypatch.setattr(register_module, "EAGER_CHUNK_PIXELS", fixed[0].numel())  # one pair a chunk

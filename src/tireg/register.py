@@ -89,8 +89,10 @@ AUTO_COMPILE_PIXELS = 1 << 26
 #: many fixed pixels (x channels) each on the CPU: its per-pixel quantities are images, and a
 #: batch's peak memory counts every one (:meth:`_Problem._evaluate_eager`).  Measured on the CPU
 #: (one thread) against the whole batch at once: 9.1x -> 3.3x the input at 128 x 256^2 and
-#: 8 x 1024^2, and 1.4-1.8x faster (a chunk's images stay in cache).
-EAGER_CHUNK_PIXELS = 1 << 20
+#: 8 x 1024^2 with 2^20, and 1.4-1.8x faster (a chunk's images stay in cache); 2^16 (one 256^2
+#: pair, a larger one in bands) takes the same time and 2.9x there, and one 1024^2 pair
+#: 9.1x -> 2.9x.
+EAGER_CHUNK_PIXELS = 1 << 16
 #: The same on other devices, larger: every chunk costs its kernel launches (unmeasured: no GPU lent).
 EAGER_CHUNK_PIXELS_ACCELERATOR = 1 << 24
 
