@@ -289,8 +289,8 @@ def test_candidates_scored_in_chunks_give_the_same_answer(monkeypatch, method):
     pairs = [cut_pair(name, truth, SIZE) for name, truth in zip(("gravel", "coins"), truths)]
     fixed, moving = torch.cat([f for f, _ in pairs]), torch.cat([m for _, m in pairs])
     calls = []
-    chunks = init_module._chunks
-    monkeypatch.setattr(init_module, "_chunks", lambda *args: calls.append(chunks(*args)) or calls[-1])
+    chunks = init_module.chunk_slices
+    monkeypatch.setattr(init_module, "chunk_slices", lambda *args: calls.append(chunks(*args)) or calls[-1])
     monkeypatch.setattr(init_module, "CHUNK_PIXELS", 1 << 40)  # every candidate at once
     at_once = initialize(fixed, moving, "similarity", method=method)
     assert all(len(parts) == 1 for parts in calls)
@@ -310,8 +310,8 @@ def test_pairs_initialised_in_chunks_give_the_same_answer(monkeypatch, method):
     pairs = [cut_pair(name, truth, SIZE) for name, truth in zip(("gravel", "coins", "astronaut"), truths)]
     fixed, moving = torch.cat([f for f, _ in pairs]), torch.cat([m for _, m in pairs])
     calls = []
-    chunks = init_module._chunks
-    monkeypatch.setattr(init_module, "_chunks", lambda *args: calls.append(chunks(*args)) or calls[-1])
+    chunks = init_module.chunk_slices
+    monkeypatch.setattr(init_module, "chunk_slices", lambda *args: calls.append(chunks(*args)) or calls[-1])
     together = initialize(fixed, moving, "similarity", method=method)
     assert len(calls[0]) == 1  # the pairs: all in one chunk
     calls.clear()

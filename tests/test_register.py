@@ -11,6 +11,7 @@ import torch
 from conftest import HostReads, grid_error, registration_pair
 
 import tireg
+import tireg._chunks as chunks_module
 from tireg.register import STOP_REASONS
 
 # (kind, true parameters): angles in radians, shifts in pixels, about the crop centre
@@ -255,10 +256,10 @@ def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, 
     split = []
     pairs_of = register_module._Level.pairs
     monkeypatch.setattr(register_module._Level, "pairs", lambda level, part: split.append(part) or pairs_of(level, part))
-    monkeypatch.setattr(register_module, "EAGER_CHUNK_PIXELS", 1 << 40)
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
     whole = tireg.register(fixed, moving, **options)
     assert split == []  # three pairs of 128 x 128: one chunk
-    monkeypatch.setattr(register_module, "EAGER_CHUNK_PIXELS", fixed[0].numel())  # one pair a chunk
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", fixed[0].numel())  # one pair a chunk
     chunked = tireg.register(fixed, moving, **options)
     assert slice(2, 3) in split
     assert torch.equal(chunked.iterations, whole.iterations) and chunked.stop_reason == whole.stop_reason
@@ -293,8 +294,11 @@ def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monke
     params = torch.tensor([[0.05, 1.03, 3.5, -2.5]], dtype=torch.float64)
     level = lambda: register_module._make_level(  # noqa: E731
         as_batch(fixed), as_batch(moving), as_batch(mask), as_batch(moving_mask), 1, 0.0)
-    whole = [problem.evaluate(params, level(), hessian=hessian) for hessian in (False, True)]
-    monkeypatch.setattr(register_module, "EAGER_CHUNK_PIXELS", 3 * 30 * fixed.shape[-1])  # 30 rows a band
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
+    whole_level = level()
+    whole = [problem.evaluate(params, whole_level, hessian=hessian) for hessian in (False, True)]
+    assert "bands" not in whole_level.cache
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 3 * 30 * fixed.shape[-1])  # 30 rows a band
     banded_level = level()
     banded = [problem.evaluate(params, banded_level, hessian=hessian) for hessian in (False, True)]
     assert len(banded_level.cache["bands"]) == 5  # 144 rows: 4 bands of 30 and one of 24
@@ -303,9 +307,9 @@ def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monke
         torch.testing.assert_close(got.gradient, expected.gradient, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(banded[1].hessian, whole[1].hessian, rtol=1e-12, atol=1e-12)
     options = dict(transform="similarity", mask=mask, moving_mask=moving_mask, compile=False)
-    monkeypatch.setattr(register_module, "EAGER_CHUNK_PIXELS", 1 << 40)
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
     reference = tireg.register(fixed, moving, **options)
-    monkeypatch.setattr(register_module, "EAGER_CHUNK_PIXELS", 3 * 30 * fixed.shape[-1])
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 3 * 30 * fixed.shape[-1])
     result = tireg.register(fixed, moving, **options)
     assert result.stop_reason == reference.stop_reason
     assert grid_error(result.matrix, reference.matrix, fixed.shape[-2:]) < 1e-3

@@ -20,7 +20,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import fused
+from . import _chunks, fused
 from .losses import PerPixelLoss
 from .metrics import Metric, PerPixelMetric
 from .sampling import grid_moments, pixel_axes, pixel_scale, sample, sampler_gradient, sampling_grid
@@ -80,9 +80,19 @@ def cost_and_gradient(
         )
         if result is not None:
             return result
-    batch, channels, height, width = fixed.shape
     if axes is None:
-        axes = pixel_axes((height, width), dtype=matrix.dtype, device=matrix.device)
+        axes = pixel_axes(fixed.shape[-2:], dtype=matrix.dtype, device=matrix.device)
+    chunks = _chunks.pair_and_row_chunks(fixed.shape, _chunks.eager_budget(fixed.device))
+    if len(chunks) == 1 or not isinstance(metric, PerPixelMetric):  # other metrics pool a pair's pixels
+        return _reference(fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes)
+    return _reference_in_chunks(
+        chunks, fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes
+    )
+
+
+def _reference(fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes):
+    """:func:`cost_and_gradient` by the reference kernels, all pixels at once."""
+    batch, channels, height, width = fixed.shape
     grid = sampling_grid(matrix, (height, width), moving.shape[-2:], axes=axes)
     if moving_with_gradient is None:
         warped = sample(moving, grid, interpolation=interpolation, padding_mode=padding_mode)
@@ -97,6 +107,43 @@ def cost_and_gradient(
         gradient = sampled[:, channels:].reshape(batch, channels, 2, height, width)
         g = torch.einsum("bchw,bckhw->bkhw", derivative, gradient)  # (B, 2, H, W), pixel units
         matrix_gradient = grid_moments(g, axes, channel_dim=1)
+    return warped, cost, matrix_gradient
+
+
+def _reference_in_chunks(
+    chunks, fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes
+):
+    """:func:`_reference` of a per-pixel metric over ``(pairs, rows)`` chunks (:mod:`tireg._chunks`).
+
+    Each per-pixel quantity is an image (grid, warped, derivative, sampler gradient), so a
+    batch at once held several images as large as its fixed images; a chunk holds them for
+    its pixels only, and they stay in cache.  The sums ``sum w rho`` and ``G`` of a pair are
+    its chunks' sums (a band's axes are its own rows of the fixed grid, so its ``G`` needs no
+    shift); a mean metric divides them by ``C sum w`` afterwards.
+    """
+    sums = PerPixelMetric(metric.loss, mean=False)
+    ys, xs = axes
+    batch = fixed.shape[0]
+    weight_pairs = lambda pairs: pairs if weight.shape[0] == batch else slice(None)  # noqa: E731 (a shared weight)
+    warped = cost = matrix_gradient = None
+    for pairs, rows in chunks:
+        part_warped, part_cost, part_gradient = _reference(
+            fixed[pairs, :, rows], moving[pairs], matrix[pairs], sums,
+            None if weight is None else weight[weight_pairs(pairs), :, rows], interpolation, padding_mode,
+            None if moving_with_gradient is None else moving_with_gradient[pairs], (ys[rows], xs),
+        )
+        if warped is None:
+            warped = part_warped.new_empty(batch, *part_warped.shape[1:2], *fixed.shape[-2:])
+            cost = part_cost.new_zeros(batch)
+            matrix_gradient = part_gradient.new_zeros(batch, *part_gradient.shape[1:])
+        warped[pairs, :, rows] = part_warped
+        cost[pairs] += part_cost
+        matrix_gradient[pairs] += part_gradient
+    if metric.mean:  # the metric's count, C sum w, at least 1
+        pixels = fixed.shape[-2] * fixed.shape[-1] if weight is None else weight.flatten(1).sum(1)
+        count = torch.as_tensor(pixels * fixed.shape[1], dtype=cost.dtype, device=cost.device).clamp_min(1.0)
+        cost = cost / count
+        matrix_gradient = matrix_gradient / count.reshape(-1, 1, 1)
     return warped, cost, matrix_gradient
 
 

@@ -52,6 +52,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ._chunks import chunk_slices
 from .losses import PerPixelLoss
 
 __all__ = [
@@ -463,9 +464,8 @@ def run_compiled_in_bands(
     if coordinates is None or rows >= height or options.get("return_warped"):
         return run_compiled(fixed, padded, matrix, loss, padding_mode, weight, coordinates=coordinates, **options)
     results = []
-    for start in range(0, height, rows):
-        band = slice(start, min(start + rows, height))
-        count = band.stop - band.start
+    for band in chunk_slices(height, width, BAND_PIXELS):
+        start, count = band.start, band.stop - band.start
         shift = torch.eye(3, dtype=matrix.dtype, device=matrix.device)
         shift[1, 2] = start
         result = run_compiled(

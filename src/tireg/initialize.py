@@ -55,6 +55,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from ._chunks import chunk_slices
 from ._validation import check_image, check_option
 from .metrics import NCC
 from .sampling import downsample, gaussian_blur, shrink_matrix, warp
@@ -640,21 +641,14 @@ def moments(fixed: torch.Tensor, moving: torch.Tensor, *, transform: str = "simi
 # scoring
 
 
-def _chunks(batch: int, count: int, pixels: int, budget: Optional[int] = None) -> list[slice]:
-    """Slices of ``count`` items (candidates, or pairs with ``batch`` 1) with at most ``budget``
-    (default :data:`CHUNK_PIXELS`) ``batch x pixels`` each (at least one item)."""
-    size = max(1, (CHUNK_PIXELS if budget is None else budget) // max(1, batch * pixels))
-    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
-
-
 def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tensor, min_overlap: float) -> torch.Tensor:
     """Overlap NCC of fixed ``(B, 1, H, W)`` and moving ``(B, 1, h, w)`` for candidates ``(B, K, 3, 3)``: ``(B, K)``.
 
-    The ``B K`` warps of a chunk of candidates (:func:`_chunks`) run as one
+    The ``B K`` warps of a chunk of candidates (:func:`tireg._chunks.chunk_slices`) run as one
     :func:`tireg.warp` call of a two-channel image (the moving image and its
     coverage, ones warped with zero padding).
     """
-    parts = _chunks(matrices.shape[0], matrices.shape[1], fixed.shape[-2] * fixed.shape[-1])
+    parts = chunk_slices(matrices.shape[1], matrices.shape[0] * fixed.shape[-2] * fixed.shape[-1], CHUNK_PIXELS)
     if len(parts) > 1:
         return torch.cat([_ncc_scores(fixed, moving, matrices[:, part], min_overlap) for part in parts], dim=1)
     batch, count = matrices.shape[:2]
@@ -779,10 +773,10 @@ def _score_candidates(
     score_moving: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates ``(B, K)`` angles and scales -> matrices ``(B, K, 3, 3)`` and overlap NCC ``(B, K)``,
-    a chunk of candidates (:func:`_chunks`) at a time."""
+    a chunk of candidates (:func:`tireg._chunks.chunk_slices`) at a time."""
     batch = angles.shape[0]
     matrices = []
-    for part in _chunks(batch, angles.shape[1], fixed.shape[-2] * fixed.shape[-1]):
+    for part in chunk_slices(angles.shape[1], batch * fixed.shape[-2] * fixed.shape[-1], CHUNK_PIXELS):
         count = part.stop - part.start
         repeat = lambda t: t[:, None].expand(batch, count, *t.shape[1:]).reshape(batch * count, *t.shape[1:])  # noqa: E731
         matrices.append(_candidate(
@@ -971,7 +965,7 @@ def initialize(
     with torch.no_grad():
         found = [
             _initialize(fixed[part], moving[part], transform, method, centre_full[part], max_size)
-            for part in _chunks(1, batch, working, PAIR_CHUNK_PIXELS)
+            for part in chunk_slices(batch, working, PAIR_CHUNK_PIXELS)
         ]
     return found[0] if len(found) == 1 else torch.cat(found)
 

@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from . import fused
+from . import _chunks, fused
 from ._validation import check_compile_option, check_option
 from .losses import PerPixelLoss
 from .metrics import Metric, PerPixelMetric, get_metric
@@ -85,16 +85,6 @@ MIN_VALID_PIXELS = 16
 #: below this a call would not win back its compile.
 AUTO_COMPILE_PIXELS = 1 << 26
 
-#: The reference (eager) evaluation of a per-pixel metric runs in chunks of pairs with at most this
-#: many fixed pixels (x channels) each on the CPU: its per-pixel quantities are images, and a
-#: batch's peak memory counts every one (:meth:`_Problem._evaluate_eager`).  Measured on the CPU
-#: (one thread) against the whole batch at once: 9.1x -> 3.3x the input at 128 x 256^2 and
-#: 8 x 1024^2 with 2^20, and 1.4-1.8x faster (a chunk's images stay in cache); 2^16 (one 256^2
-#: pair, a larger one in bands) takes the same time and 2.9x there, and one 1024^2 pair
-#: 9.1x -> 2.9x.
-EAGER_CHUNK_PIXELS = 1 << 16
-#: The same on other devices, larger: every chunk costs its kernel launches (unmeasured: no GPU lent).
-EAGER_CHUNK_PIXELS_ACCELERATOR = 1 << 24
 
 
 def _use_compiled(compile: Union[bool, str], fixed: torch.Tensor, caller: str) -> bool:
@@ -578,7 +568,7 @@ class _Problem:
         self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, level: _Level, hessian: bool
     ) -> tuple[_Evaluation, torch.Tensor]:
         """:meth:`_evaluate` by the reference kernels; for a per-pixel metric in chunks of pairs
-        of at most :data:`EAGER_CHUNK_PIXELS` fixed pixels on the CPU.
+        of at most :func:`tireg._chunks.eager_budget` fixed pixels.
 
         Each per-pixel quantity of an evaluation is an image (about nine in all), so a whole
         batch at once held about 9x its input images; a chunk holds them for its pairs only.
@@ -587,15 +577,15 @@ class _Problem:
         """
         batch = level.fixed.shape[0]
         pair_pixels = level.fixed.shape[-2] * level.fixed.shape[-1] * level.fixed.shape[1]
-        budget = EAGER_CHUNK_PIXELS if level.fixed.device.type == "cpu" else EAGER_CHUNK_PIXELS_ACCELERATOR
-        size = max(1, budget // pair_pixels)
+        budget = _chunks.eager_budget(level.fixed.device)
         if self.loss is not None and batch == 1 and pair_pixels > budget:
             return self._evaluate_in_bands(matrix, flat_jacobian, level, hessian, budget)
-        if self.loss is None or size >= batch:
+        parts = _chunks.chunk_slices(batch, pair_pixels, budget)
+        if self.loss is None or len(parts) == 1:
             return self._evaluate_whole(matrix, flat_jacobian, level, hessian)
-        if level.cache.get("chunk size") != size:
-            level.cache["chunk size"] = size
-            level.cache["chunks"] = [(part, level.pairs(part)) for part in _slices(batch, size)]
+        if level.cache.get("chunk budget") != budget:
+            level.cache["chunk budget"] = budget
+            level.cache["chunks"] = [(part, level.pairs(part)) for part in parts]
         results = [self._evaluate_eager(matrix[part], flat_jacobian[part], pairs, hessian)
                    for part, pairs in level.cache["chunks"]]
         evaluations = [evaluation for evaluation, _ in results]
@@ -616,15 +606,13 @@ class _Problem:
         ``sum_b n_b (band's) / n``, with ``n`` the whole level's count (both at least 1, as
         the metric's).
         """
-        height, width = level.fixed.shape[-2:]
-        rows = max(1, budget // (width * level.fixed.shape[1]))
-        if level.cache.get("band rows") != rows:
-            level.cache["band rows"] = rows
-            level.cache["bands"] = [level.rows(part) for part in _slices(height, rows)]
+        channels, height, width = level.fixed.shape[1:]
+        if level.cache.get("band budget") != budget:
+            level.cache["band budget"] = budget
+            level.cache["bands"] = [level.rows(part) for part in _chunks.chunk_slices(height, width * channels, budget)]
         results = [self._evaluate_whole(matrix, flat_jacobian, band, hessian) for band in level.cache["bands"]]
         evaluations = [evaluation for evaluation, _ in results]
         counts = torch.stack([count for _, count in results])  # (bands, B)
-        channels = level.fixed.shape[1]
         total = (counts.sum(0) * channels).clamp_min(1.0)  # (B,)
         fractions = (counts * channels).clamp_min(1.0) / total
         combined = lambda values: sum(fraction.view(-1, *[1] * (value.dim() - 1)) * value  # noqa: E731
@@ -679,11 +667,6 @@ _PRODUCT = [[0, 1], [1, 2]]
 _MONOMIAL = [[0, 1, 3], [1, 2, 4], [3, 4, 5]]
 _HESSIAN_PRODUCT = torch.tensor([_PRODUCT[i // 3][j // 3] for i in range(6) for j in range(6)])
 _HESSIAN_MONOMIAL = torch.tensor([_MONOMIAL[i % 3][j % 3] for i in range(6) for j in range(6)])
-
-
-def _slices(count: int, size: int) -> list[slice]:
-    """``0 .. count`` in consecutive slices of ``size`` (the last one shorter)."""
-    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 def _in_parameters(

@@ -1,0 +1,112 @@
+"""Per-pixel work in chunks under a pixel budget (tireg._chunks): the same numbers as all at once."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import tireg
+import tireg._chunks as chunks_module
+from tireg._chunks import chunk_slices, pair_and_row_chunks
+from tireg.analytic import cost_and_gradient
+from tireg.metrics import PerPixelMetric
+from tireg.sampling import image_gradient, stack_with_gradient
+
+analytic_module = importlib.import_module("tireg.analytic")
+
+
+def test_chunk_slices_cover_every_item_once_within_the_budget():
+    assert chunk_slices(10, 3, 9) == [slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 10)]
+    assert chunk_slices(4, 100, 10) == [slice(i, i + 1) for i in range(4)]  # one item larger than the budget
+    assert chunk_slices(5, 1, 1 << 40) == [slice(0, 5)]
+    assert chunk_slices(0, 3, 9) == []
+
+
+def test_pairs_fit_or_go_one_at_a_time_in_bands_of_rows():
+    shape = torch.Size((5, 2, 10, 7))  # 140 pixels a pair, 14 a row
+    assert pair_and_row_chunks(shape, 300) == [(slice(0, 2), slice(None)), (slice(2, 4), slice(None)),
+                                               (slice(4, 5), slice(None))]
+    bands = pair_and_row_chunks(shape, 50)  # 3 rows a band: 4 bands a pair
+    assert len(bands) == 5 * 4
+    assert bands[:4] == [(slice(0, 1), slice(0, 3)), (slice(0, 1), slice(3, 6)), (slice(0, 1), slice(6, 9)),
+                         (slice(0, 1), slice(9, 10))]
+
+
+def _problem(shape, generator):
+    fixed = torch.rand(*shape, generator=generator, dtype=torch.float64)
+    moving = torch.rand(*shape, generator=generator, dtype=torch.float64)
+    matrix = torch.eye(3, dtype=torch.float64).repeat(shape[0], 1, 1)
+    matrix[:, :2] += 0.05 * torch.randn(shape[0], 2, 3, generator=generator, dtype=torch.float64)
+    matrix[:, :2, 2] += 3.0 * torch.randn(shape[0], 2, generator=generator, dtype=torch.float64)  # some points outside
+    return fixed, moving, matrix
+
+
+@pytest.mark.parametrize("weighted", ["none", "per pair", "shared"])
+@pytest.mark.parametrize("metric", [tireg.L2Loss(), PerPixelMetric("huber", mean=True), PerPixelMetric("l1", mean=False)])
+@pytest.mark.parametrize("shape, budget", [((5, 2, 23, 31), 2 * 2 * 23 * 31), ((2, 1, 47, 29), 5 * 29)],
+                         ids=["chunks of pairs", "bands of rows"])
+@pytest.mark.parametrize("gradient", ["exact", "central"])
+def test_reference_in_chunks_equals_all_at_once(monkeypatch, shape, budget, metric, weighted, gradient):
+    """The reference path of cost_and_gradient in chunks of pairs or bands of rows: the warped image
+    bit for bit, cost and G to rounding (float64), with weights of each pair or shared, a mean or a
+    sum, and a precomputed gradient."""
+    generator = torch.Generator().manual_seed(3)
+    fixed, moving, matrix = _problem(shape, generator)
+    weight = None
+    if weighted != "none":
+        weight = (torch.rand(shape[0] if weighted == "per pair" else 1, 1, *shape[2:], generator=generator) > 0.3)
+        weight = weight.double()
+    stacked = None
+    if gradient != "exact":
+        stacked = stack_with_gradient(moving, image_gradient(moving, method=gradient, padding_mode="border"))
+    options = dict(weight=weight, padding_mode="border", moving_with_gradient=stacked)
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
+    expected = cost_and_gradient(fixed, moving, matrix, metric, **options)
+    calls = []
+    reference = analytic_module._reference
+    monkeypatch.setattr(analytic_module, "_reference", lambda *args: calls.append(1) or reference(*args))
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", budget)
+    warped, cost, matrix_gradient = cost_and_gradient(fixed, moving, matrix, metric, **options)
+    assert len(calls) == len(pair_and_row_chunks(fixed.shape, budget)) > 2
+    assert torch.equal(warped, expected[0])
+    torch.testing.assert_close(cost, expected[1], rtol=1e-12, atol=0)
+    assert expected[2].abs().max() > 0
+    torch.testing.assert_close(matrix_gradient, expected[2], rtol=1e-12, atol=1e-12 * expected[2].abs().max().item())
+
+
+def test_a_metric_that_pools_a_pair_runs_whole(monkeypatch):
+    fixed, moving, matrix = _problem((3, 1, 20, 20), torch.Generator().manual_seed(4))
+    calls = []
+    reference = analytic_module._reference
+    monkeypatch.setattr(analytic_module, "_reference", lambda *args: calls.append(1) or reference(*args))
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 50)
+    cost_and_gradient(fixed, moving, matrix, tireg.metrics.get_metric("ncc"))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("budget", [2 * 37 * 53 * 2, 2 * 53 * 6], ids=["chunks of pairs", "bands of rows"])
+def test_an_analytic_step_in_chunks_equals_autograd(monkeypatch, budget):
+    """A model's reference step over chunks writes autograd's gradient and returns its warped image."""
+    generator = torch.Generator().manual_seed(5)
+    fixed, moving, _ = _problem((3, 2, 37, 53), generator)
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", budget)
+    autograd = tireg.create_model("affine", moving, gradients="autograd")
+    analytic = tireg.create_model("affine", moving, gradients="analytic", compile=False)
+    values = torch.tensor([1.02, 0.03, -0.04, 0.97, 1.5, -2.0], dtype=torch.float64)
+    for index, value in enumerate(values):
+        per_pair = value + 0.01 * torch.randn(3, generator=generator, dtype=torch.float64)
+        for model in (autograd, analytic):
+            model.set_parameter(index, per_pair)
+    total = tireg.L2Loss()(autograd(moving), fixed).sum()
+    total.backward()
+    calls = []
+    reference = analytic_module._reference
+    monkeypatch.setattr(analytic_module, "_reference", lambda *args: calls.append(1) or reference(*args))
+    warped, cost = analytic(moving, fixed)
+    assert len(calls) > 1
+    assert torch.equal(warped, autograd(moving).detach())
+    torch.testing.assert_close(cost, total.detach(), rtol=1e-12, atol=0)
+    for analytic_parameter, autograd_parameter in zip(analytic.p, autograd.p):
+        torch.testing.assert_close(analytic_parameter.grad, autograd_parameter.grad, rtol=1e-9, atol=1e-9)
