@@ -296,7 +296,7 @@ def register_table(args) -> None:
 
 
 #: Memory rows: (size, batch) large enough that the images, not the interpreter, set the peak.
-MEMORY_CASES = ((256, 128), (1024, 8), (4096, 1))
+MEMORY_CASES = ((256, 128), (1024, 8), (1024, 1), (4096, 1))
 
 
 def _memory_run(what: str, compile: bool, size: int, batch: int, device: str):
