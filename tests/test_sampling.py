@@ -526,3 +526,23 @@ def test_blur_and_gaussian_gradient_stay_differentiable(generator):
     image = torch.rand(1, 1, 9, 11, generator=generator, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: gaussian_blur(t, 1.0), (image,))
     assert torch.autograd.gradcheck(lambda t: image_gradient(t, method="gaussian", sigma=1.0), (image,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_finite_by_a_sum_agrees_with_the_elementwise_test(dtype):
+    """The sum shortcut: any NaN or +-Inf (also both infinities, whose sum is NaN) is found, and
+    finite values whose sum overflows are still finite."""
+    import tireg
+    from tireg._validation import all_finite
+
+    image = torch.rand(3, 2, 17, 19, dtype=dtype)
+    assert all_finite(image)
+    for bad in ([float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")]):
+        broken = image.clone()
+        broken.view(-1)[torch.tensor([5, 700][: len(bad)])] = torch.tensor(bad, dtype=dtype)
+        assert not all_finite(broken) and not bool(torch.isfinite(broken).all())
+    huge = torch.full((4, 1, 8, 8), torch.finfo(dtype).max / 2, dtype=dtype)
+    assert not bool(torch.isfinite(huge.sum())) and all_finite(huge)
+    with pytest.raises(ValueError, match=r"register\(\): 'fixed' contains NaN or Inf"):
+        tireg.register(torch.where(image[:1, :1] > 0.5, image[:1, :1], torch.tensor(float("inf"), dtype=dtype)),
+                       image[:1, :1])

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from . import _chunks, fused
-from ._validation import check_compile_option, check_option
+from ._validation import all_finite, check_compile_option, check_option
 from .losses import PerPixelLoss
 from .metrics import Metric, PerPixelMetric, get_metric
 from .sampling import (
@@ -340,7 +340,7 @@ def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) 
         image = image.to(torch.float32)
     elif image.dtype not in (torch.float32, torch.float64):
         image = image.to(torch.float32)
-    if finite and not bool(torch.isfinite(image).all()):
+    if finite and not all_finite(image):
         raise ValueError(f"{caller}: '{name}' contains NaN or Inf values")
     while image.dim() < 4:
         image = image.unsqueeze(0)
