@@ -506,3 +506,19 @@ def test_the_gauss_newton_loop_synchronises_only_when_it_looks_on_cuda():
         assert int(result.iterations) > 0
     # eight more looks at most (fewer if the pair stalled), where each iteration would add several
     assert counts[4 + 8 * module.DEVICE_CHECK_INTERVAL] - counts[4] <= 8, counts
+
+
+@pytest.mark.parametrize("shape, budget", [((5, 2, 30, 40), 1 << 40), ((5, 2, 30, 40), 2 * 30 * 40 * 2),
+                                           ((2, 3, 50, 20), 3 * 20 * 7)], ids=["whole", "pairs", "bands"])
+def test_mean_and_deviation_in_chunks_equal_std_mean(monkeypatch, shape, budget):
+    """The normalisation's statistics in two chunked passes: torch.std_mean's, to float32 rounding,
+    also for an image far from zero mean."""
+    register_module = importlib.import_module("tireg.register")
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", budget)
+    image = 1000.0 + 3.0 * torch.rand(*shape, generator=torch.Generator().manual_seed(2))
+    image[1] *= 0.01  # pairs of different scales
+    mean, std = register_module._mean_and_deviation(image)
+    expected_std, expected_mean = torch.std_mean(image.double(), dim=(2, 3), correction=0, keepdim=True)
+    assert mean.shape == std.shape == (*shape[:2], 1, 1) and std.dtype == image.dtype
+    torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(std.double(), expected_std, rtol=1e-5, atol=0)
