@@ -110,3 +110,18 @@ def test_an_analytic_step_in_chunks_equals_autograd(monkeypatch, budget):
     torch.testing.assert_close(cost, total.detach(), rtol=1e-12, atol=0)
     for analytic_parameter, autograd_parameter in zip(analytic.p, autograd.p):
         torch.testing.assert_close(analytic_parameter.grad, autograd_parameter.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_bands_of_a_fixed_image_with_a_moving_image_of_another_size(monkeypatch):
+    generator = torch.Generator().manual_seed(6)
+    fixed = torch.rand(2, 1, 45, 31, generator=generator, dtype=torch.float64)
+    moving = torch.rand(2, 1, 38, 52, generator=generator, dtype=torch.float64)
+    matrix = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1)
+    matrix[:, :2, 2] = torch.tensor([[4.0, -2.5], [-1.5, 3.0]], dtype=torch.float64)
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
+    expected = cost_and_gradient(fixed, moving, matrix, tireg.L2Loss())
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 31 * 4)  # bands of 4 rows
+    got = cost_and_gradient(fixed, moving, matrix, tireg.L2Loss())
+    assert torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=0)
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-12, atol=1e-9)
