@@ -124,12 +124,13 @@ def _reference_in_chunks(
     sums = PerPixelMetric(metric.loss, mean=False)
     ys, xs = axes
     batch = fixed.shape[0]
-    weight_pairs = lambda pairs: pairs if weight.shape[0] == batch else slice(None)  # noqa: E731 (a shared weight)
+    shared_weight = weight is not None and weight.shape[0] != batch  # one weight image for every pair
     warped = cost = matrix_gradient = None
     for pairs, rows in chunks:
         part_warped, part_cost, part_gradient = _reference(
             fixed[pairs, :, rows], moving[pairs], matrix[pairs], sums,
-            None if weight is None else weight[weight_pairs(pairs), :, rows], interpolation, padding_mode,
+            None if weight is None else weight[slice(None) if shared_weight else pairs, :, rows],
+            interpolation, padding_mode,
             None if moving_with_gradient is None else moving_with_gradient[pairs], (ys[rows], xs),
         )
         if warped is None:
