@@ -243,6 +243,30 @@ class TransformModel(nn.Module):
             matrix = matrix.expand(batch_size, 3, 3)
         return matrix
 
+    def _has_own_math(self) -> bool:
+        """Whether a subclass overrides how values, ``A`` or ``dA/dp`` are formed (``_MODEL_MATH``)."""
+        cls = type(self)
+        return any(getattr(cls, name) is not getattr(TransformModel, name) for name in _MODEL_MATH)
+
+    def _matrix_and_jacobian(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`matrix` ``(B, 3, 3)`` and :meth:`parameter_jacobian` together.
+
+        A ready-made model forms its parameter values once for both
+        (:func:`_transform_matrix_and_jacobian`, as the compiled step does): the two public
+        methods each form them, twice 12 small operations a step; a subclass's own math is
+        called as the seed's users wrote it.
+        """
+        if self._has_own_math():
+            return self.matrix(batch_size), self.parameter_jacobian()
+        values = _stack_values([mapping(raw) for raw, mapping in zip(self._parameter_list(), self.m)])
+        matrix, jacobian = _transform_matrix_and_jacobian(
+            self.transform, values[..., list(self._slots())], self._center_tensor(), self._jacobian_order()
+        )
+        if matrix.shape[0] != batch_size:
+            self._check_batch(matrix.shape[0], batch_size)
+            matrix = matrix.expand(batch_size, 3, 3)
+        return matrix, jacobian
+
     def _check_batch(self, sets: int, batch_size: int) -> None:
         if sets not in (1, batch_size):
             raise ValueError(
@@ -427,9 +451,8 @@ class AffineModelAnalytic(TransformModel):
             timed = self._compile == "auto" and not self._compile_now()
             started = time.perf_counter() if timed else 0.0
             kernel = stacked is None and self._fused_kernel_applies()
-            matrix = self.matrix(batch)
+            matrix, jacobian = self._matrix_and_jacobian(batch)
             _check_like(matrix, source, caller)
-            jacobian = self.parameter_jacobian()
             warped, cost, matrix_gradient = cost_and_gradient(
                 target,
                 source,
@@ -458,10 +481,8 @@ class AffineModelAnalytic(TransformModel):
         subclass's own ``get_matrix``/``get_derva``, or a mapping of its own,
         runs eagerly around the compiled kernel instead.
         """
-        cls = type(self)
-        own_math = any(getattr(cls, name) is not getattr(TransformModel, name) for name in _MODEL_MATH)
         return (
-            not own_math
+            not self._has_own_math()
             and all(type(mapping) in _BUILT_IN_MAPPINGS for mapping in self.m)
             and self._fused_kernel_applies()
         )
@@ -512,6 +533,16 @@ _MODEL_MATH = ("get", "get_matrix", "get_derva", "parameter_jacobian", "paramete
 _BUILT_IN_MAPPINGS = (IdentityMapping, SigmoidMapping, ExpMapping)
 
 
+def _transform_matrix_and_jacobian(
+    transform: Transform, values: torch.Tensor, center: torch.Tensor, order: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ready-made model's ``A`` ``(B, 3, 3)`` and ``dA/dp`` ``(B, P, 3, 3)`` in the model's parameter
+    order, from the transform's values ``(B, P)`` (``B = 1`` when all are shared)."""
+    matrix = transform.matrix(values, center).reshape(-1, 3, 3)
+    jacobian = transform.jacobian(values, center)[..., list(order), :, :].reshape(-1, len(order), 3, 3)
+    return matrix, jacobian
+
+
 def _fused_step(
     raw: list[torch.Tensor],
     mappings: list[Mapping],
@@ -531,9 +562,8 @@ def _fused_step(
     their Python around the kernel costs more than the kernel, and here it compiles away.
     """
     values = _stack_values([mapping(value) for value, mapping in zip(raw, mappings)])[..., list(slots)]
-    batch = fixed.shape[0]
-    matrix = transform.matrix(values, center).reshape(-1, 3, 3).expand(batch, 3, 3)
-    jacobian = transform.jacobian(values, center)[..., order, :, :].reshape(-1, len(raw), 3, 3)
+    matrix, jacobian = _transform_matrix_and_jacobian(transform, values, center, order)
+    matrix = matrix.expand(fixed.shape[0], 3, 3)
     moments = fused.bilinear_moments(
         fixed, padded, matrix, loss, padding_mode, return_warped=True, coordinates=coordinates
     )
