@@ -18,8 +18,9 @@ import torch
 #: values, derivatives, products) is an image, about nine in all.  Measured on the CPU, one
 #: thread: ``register`` of 128 x 256^2 and 8 x 1024^2 peaked at 9.1x its input images whole,
 #: 3.3x in chunks of 2^20 and 2.9x in chunks of 2^16, in the same time or less (a chunk's
-#: images stay in cache); an analytic model's reference step of 16 x 1024^2 took 200 instead
-#: of 385 ms (``docs/design.md``, "Memory").
+#: images stay in cache); the reference ``cost_and_gradient`` of 16 x 1024^2 took 200 instead
+#: of 385 ms, an analytic model's whole eager step 240-255 instead of 400 ms
+#: (``docs/design.md``, "Memory").
 EAGER_CHUNK_PIXELS = 1 << 16
 
 #: The same on other devices, larger: every chunk costs its kernel launches (unmeasured: no GPU lent).
