@@ -459,12 +459,11 @@ def run_compiled_in_bands(
     image within one band, this is :func:`run_compiled`.  The sums are those of one call up
     to rounding.
     """
-    height, width = fixed.shape[-2:]
-    rows = band_rows(height, width)
-    if coordinates is None or rows >= height or options.get("return_warped"):
+    bands = chunk_slices(*fixed.shape[-2:], BAND_PIXELS)  # bands of band_rows() rows
+    if coordinates is None or len(bands) == 1 or options.get("return_warped"):
         return run_compiled(fixed, padded, matrix, loss, padding_mode, weight, coordinates=coordinates, **options)
     results = []
-    for band in chunk_slices(height, width, BAND_PIXELS):
+    for band in bands:
         start, count = band.start, band.stop - band.start
         shift = torch.eye(3, dtype=matrix.dtype, device=matrix.device)
         shift[1, 2] = start

@@ -86,7 +86,6 @@ MIN_VALID_PIXELS = 16
 AUTO_COMPILE_PIXELS = 1 << 26
 
 
-
 def _use_compiled(compile: Union[bool, str], fixed: torch.Tensor, caller: str) -> bool:
     """Resolve ``compile`` (``True``, ``False`` or ``"auto"``) for a ``(B, C, H, W)`` fixed batch."""
     if check_compile_option(compile, caller) == "auto":
