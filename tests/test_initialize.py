@@ -318,9 +318,12 @@ def test_pairs_initialised_in_chunks_give_the_same_answer(monkeypatch, method):
     monkeypatch.setattr(init_module, "PAIR_CHUNK_PIXELS", 1)  # one pair at a time
     one_by_one = initialize(fixed, moving, "similarity", method=method)
     assert calls[0] == [slice(0, 1), slice(1, 2), slice(2, 3)]
-    assert torch.equal(one_by_one, together)
+    # Equal to rounding, not bit for bit: a batched product (einsum, matmul) of one pair may take
+    # another BLAS kernel than that of three (MKL on Intel CPUs), and the moments' eigenvectors
+    # carry that rounding (2e-5 px measured); a pair mixed up with another would be pixels off.
+    assert bool((grid_error(one_by_one, together, SIZE) < 1e-3).all())
     one_moving = initialize(fixed, moving[:1], "similarity", method=method)  # a batch of 1 broadcasts
-    torch.testing.assert_close(one_moving[0], together[0], rtol=0, atol=1e-9)
+    assert grid_error(one_moving[:1], together[:1], SIZE).item() < 1e-3
 
 
 def test_one_channel_is_its_own_luminance():

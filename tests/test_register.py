@@ -263,8 +263,9 @@ def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, 
     chunked = tireg.register(fixed, moving, **options)
     assert slice(2, 3) in split
     assert torch.equal(chunked.iterations, whole.iterations) and chunked.stop_reason == whole.stop_reason
-    if optimizer == "gauss-newton":  # bit for bit: every sum of a pair is formed alike
-        assert torch.equal(chunked.matrix, whole.matrix) and torch.equal(chunked.cost, whole.cost)
+    if optimizer == "gauss-newton":  # to rounding: a batched sum of one pair may take another BLAS kernel
+        assert grid_error(chunked.matrix, whole.matrix, fixed.shape[-2:]) < 1e-5  # 4e-8 px measured
+        torch.testing.assert_close(chunked.cost, whole.cost, rtol=1e-6, atol=0)
     else:  # Adam's steps carry the rounding of the batched gradient sums
         assert grid_error(chunked.matrix, whole.matrix, fixed.shape[-2:]) < 1e-2
         torch.testing.assert_close(chunked.cost, whole.cost, rtol=1e-4, atol=0)

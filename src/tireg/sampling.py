@@ -202,15 +202,18 @@ def sampling_grid(
     Returns:
         ``(B, H, W, 2)`` normalised coordinates ``theta (x, y, 1)`` with
         ``theta = (N_moving A)[:2]``: a column term ``theta[:, 0] x + theta[:, 2]``
-        plus ``y`` times ``theta[:, 1]``, one ``baddbmm`` (an outer product
-        over rows; a broadcast add of the two terms is 3x slower on CPU).
+        plus ``y`` times ``theta[:, 1]``, one broadcast ``addcmul`` over rows.
+        Elementwise, so each pair's grid is the same bit for bit whatever the
+        batch around it (``baddbmm``, used before, was not on Intel CPUs with
+        MKL, where a batch of one takes another kernel), and faster on the CPU
+        (one 1024^2 pair 0.40 against 0.75 ms, 16 x 256^2 0.46 against 0.85 ms).
     """
     ys, xs = pixel_axes(fixed_size, dtype=matrix.dtype, device=matrix.device) if axes is None else axes
     theta = pixel_to_normalized(matrix, moving_size)  # (B, 2, 3)
     batch, height, width = theta.shape[0], ys.shape[0], xs.shape[0]
     column_term = (xs[None, :, None] * theta[:, None, :, 0] + theta[:, None, :, 2]).reshape(batch, 1, 2 * width)
     row_slope = theta[:, :, 1].repeat(1, width).reshape(batch, 1, 2 * width)
-    grid = torch.baddbmm(column_term, ys.view(1, height, 1).expand(batch, height, 1), row_slope)
+    grid = torch.addcmul(column_term, ys.view(1, height, 1), row_slope)
     return grid.view(batch, height, width, 2)
 
 
