@@ -36,16 +36,17 @@ register_module = importlib.import_module("tireg.register")
 PHASES = {"initialise": "_initial_matrix", "pyramid levels": "_make_level"}
 EVALUATE = "evaluate"  # _Problem.evaluate
 
-#: aten operations that move no data (views, metadata, reads of a scalar): not counted as work.
-NOT_WORK = {
+#: aten operations that launch nothing themselves (views, metadata, allocation, a scalar read, and
+#: wrappers such as ``to`` or ``contiguous`` whose copy, where there is one, is an operation of its own).
+TRANSPARENT = {
     "aten::view", "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::reshape", "aten::slice",
     "aten::expand", "aten::narrow", "aten::transpose", "aten::permute", "aten::flatten", "aten::unflatten",
     "aten::detach", "aten::detach_", "aten::lift_fresh", "aten::diagonal", "aten::t", "aten::alias",
     "aten::as_strided", "aten::movedim", "aten::resolve_conj", "aten::resolve_neg", "aten::is_nonzero",
     "aten::item", "aten::_local_scalar_dense", "aten::unbind", "aten::split", "aten::split_with_sizes",
     "aten::chunk", "aten::view_as", "aten::expand_as", "aten::_reshape_alias", "aten::contiguous",
-    "aten::to", "aten::_to_copy", "aten::empty", "aten::empty_like", "aten::new_empty",
-    "aten::empty_strided", "aten::result_type", "aten::real", "aten::view_as_real", "aten::view_as_complex",
+    "aten::to", "aten::empty", "aten::empty_like", "aten::new_empty", "aten::empty_strided",
+    "aten::result_type", "aten::real", "aten::view_as_real", "aten::view_as_complex",
 }
 
 
@@ -74,11 +75,23 @@ def _is_launch(event) -> bool:
 
 
 def _work(events, cuda: bool) -> list:
-    """The events that do work: kernel launches (CUDA), or aten operations that are not views (CPU)."""
+    """The events that do work: kernel launches (CUDA); on the CPU the outermost aten operations
+    that are not :data:`TRANSPARENT` (an operation inside a counted one is part of it)."""
     if cuda:
         return [event for event in events if _is_launch(event)]
-    return [event for event in events if event.name.startswith("aten::") and event.name not in NOT_WORK
-            and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))]
+
+    def counts(event) -> bool:
+        return event.name.startswith("aten::") and event.name not in TRANSPARENT
+
+    def inside_counted(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if counts(parent):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    return [event for event in events if counts(event) and not inside_counted(event)]
 
 
 def _phase_of(event, labels: set[str]) -> str:
@@ -127,7 +140,7 @@ def main() -> None:
     register_module._Problem.evaluate = _labelled(register_module._Problem.evaluate, EVALUATE)
     synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} thread(s)"
-    unit = "kernel launches" if args.device.startswith("cuda") else "aten ops (not views)"
+    unit = "kernel launches" if args.device.startswith("cuda") else "aten ops that do work"
     print(f"tireg {tireg.__version__}, torch {torch.__version__}, {name}; register(transform={args.transform!r}, "
           f"compile={compile!r})\n")
     print(f"| size | wall ms (median) | iterations | {unit}: total | initialise | pyramid levels "
