@@ -28,6 +28,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+import iteration  # benchmarks/iteration.py: the device synchroniser of the step timings
 import tireg
 
 register_module = importlib.import_module("tireg.register")
@@ -74,6 +75,14 @@ def _is_launch(event) -> bool:
     return name.startswith(("cudaLaunch", "cuLaunch", "cudaMemcpy", "cudaMemset", "cudaGraphLaunch"))
 
 
+def _ancestors(event):
+    """The profiler events that enclose ``event``, innermost first."""
+    parent = event.cpu_parent
+    while parent is not None:
+        yield parent
+        parent = parent.cpu_parent
+
+
 def _work(events, cuda: bool) -> list:
     """The events that do work: kernel launches (CUDA); on the CPU the outermost aten operations
     that are not :data:`TRANSPARENT` (an operation inside a counted one is part of it)."""
@@ -83,24 +92,11 @@ def _work(events, cuda: bool) -> list:
     def counts(event) -> bool:
         return event.name.startswith("aten::") and event.name not in TRANSPARENT
 
-    def inside_counted(event) -> bool:
-        parent = event.cpu_parent
-        while parent is not None:
-            if counts(parent):
-                return True
-            parent = parent.cpu_parent
-        return False
-
-    return [event for event in events if counts(event) and not inside_counted(event)]
+    return [event for event in events if counts(event) and not any(map(counts, _ancestors(event)))]
 
 
 def _phase_of(event, labels: set[str]) -> str:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name in labels:
-            return parent.name
-        parent = parent.cpu_parent
-    return "other"
+    return next((parent.name for parent in _ancestors(event) if parent.name in labels), "other")
 
 
 def profile_once(fixed, moving, options: dict, device: str) -> tuple[dict, dict, int, int]:
@@ -138,7 +134,7 @@ def main() -> None:
     for label, name in PHASES.items():
         setattr(register_module, name, _labelled(getattr(register_module, name), label))
     register_module._Problem.evaluate = _labelled(register_module._Problem.evaluate, EVALUATE)
-    synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    synchronize = iteration.synchronizer(args.device)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} thread(s)"
     unit = "kernel launches" if args.device.startswith("cuda") else "aten ops that do work"
     print(f"tireg {tireg.__version__}, torch {torch.__version__}, {name}; register(transform={args.transform!r}, "

@@ -95,11 +95,7 @@ def test_sampling_grid_equals_pixel_grid_times_theta(generator):
 def test_a_pairs_sampling_grid_does_not_depend_on_the_batch_around_it(dtype, device):
     """Bit for bit: a batched matrix product (the former baddbmm) took another kernel for a batch
     of one than for five on an Intel CPU with MKL, so chunks of pairs differed from the whole."""
-    generator = torch.Generator().manual_seed(7)
-    matrix = torch.eye(3, dtype=torch.float64).repeat(5, 1, 1)
-    matrix[:, :2] += 0.05 * torch.randn(5, 2, 3, generator=generator, dtype=torch.float64)
-    matrix[:, :2, 2] += 3.0 * torch.randn(5, 2, generator=generator, dtype=torch.float64)
-    matrix = matrix.to(dtype=dtype, device=device)
+    matrix = random_affine(torch.Generator().manual_seed(7), batch=5, dtype=dtype).to(device)
     for fixed_size in [(23, 31), (256, 256)]:
         whole = sampling_grid(matrix, fixed_size, (40, 50))
         for pairs in [slice(index, index + 1) for index in range(5)] + [slice(1, 4)]:
