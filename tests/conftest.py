@@ -94,11 +94,15 @@ def grid_error(matrix, truth, size) -> float:
     return float(difference[..., :2].norm(dim=-1).mean())
 
 
-class HostReads(torch.overrides.TorchFunctionMode):
-    """Counts the tensor operations that make the host wait for a GPU (reads of values,
-    boolean-mask indexing, copies to the host); on the CPU they run, and are counted, alike."""
+class HostSyncs(torch.overrides.TorchFunctionMode):
+    """Counts the tensor operations that make the host wait for a GPU: reads of values,
+    boolean-mask indexing and copies to the host, and tensors made from host data (PyTorch
+    waits for a copy from pageable host memory, and for the work queued before it:
+    ``torch.tensor(numbers, device=...)``, ``as_tensor(numbers, device=...)``, ``new_tensor``, an index
+    given as a list or as a tensor on another device).  On the CPU they run, and are counted, alike."""
 
     READS = {"__bool__", "__int__", "__float__", "item", "tolist", "nonzero", "cpu", "numpy"}
+    FROM_HOST = {"tensor", "as_tensor", "new_tensor"}
 
     def __init__(self):
         super().__init__()
@@ -107,11 +111,44 @@ class HostReads(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        masked = name in ("__getitem__", "__setitem__") and isinstance(args[1], torch.Tensor) \
-            and args[1].dtype == torch.bool
-        # torch.optim's step counter of a non-capturable optimiser lives on the host even
-        # beside CUDA parameters: its .item() in _get_value waits for nothing
-        counter = sys._getframe(1).f_code.co_name == "_get_value"
-        if (name in self.READS or masked) and not counter:
+        indexing = name in ("__getitem__", "__setitem__")
+        masked = indexing and isinstance(args[1], torch.Tensor) and args[1].dtype == torch.bool
+        # torch.optim keeps a non-capturable optimiser's step counter on the host even beside
+        # CUDA parameters (made by torch.tensor(0.0, device="cpu"), read by .item()): no wait
+        optimizer = "torch/optim/" in sys._getframe(1).f_code.co_filename.replace("\\", "/")
+        data = args[1] if name == "new_tensor" else (args[0] if args else kwargs.get("data"))
+        # made for a device: another tensor's, or one named (without one, a host tensor by intent)
+        for_device = name == "new_tensor" or kwargs.get("device") is not None
+        from_host = name in self.FROM_HOST and for_device and not isinstance(data, torch.Tensor)
+        host_index = indexing and _copied_index(args[0], args[1])
+        if (name in self.READS or masked or from_host or host_index) and not optimizer:
             self.count += 1
         return func(*args, **kwargs)
+
+
+def _copied_index(tensor: torch.Tensor, index) -> bool:
+    """Whether indexing ``tensor`` by ``index`` first copies an index from the host: a list, or a
+    tensor on another device, at any place of the index."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(part, list) or (isinstance(part, torch.Tensor) and part.dim() > 0
+                                          and part.device != tensor.device) for part in parts)
+
+
+class CudaSynchronisations:
+    """On a CUDA device, fails an operation that synchronises with the host while :meth:`on`
+    (``torch.cuda.set_sync_debug_mode("error")``: PyTorch's own account, complete where
+    :class:`HostSyncs` counts what it can see on the CPU); :meth:`off` lets them run again."""
+
+    def on(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+
+    def off(self) -> None:
+        torch.cuda.set_sync_debug_mode(0)
+
+    def __enter__(self) -> "CudaSynchronisations":
+        self.on()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.off()

@@ -201,3 +201,50 @@ def test_histogram_paths_agree(images, cls):
     scatter = cls(16, use_matmul=False)(moving, fixed, weight, gradient=True)
     assert torch.allclose(product[0], scatter[0], rtol=1e-12)
     assert torch.allclose(product[1], scatter[1], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [MutualInformation, NormalizedMutualInformation])
+@pytest.mark.parametrize("ranges", [False, True])
+def test_kept_fixed_bins_follow_the_fixed_image(images, cls, ranges):
+    """The fixed image's bins are kept between calls without reading the image back (a GPU would
+    wait for that); a change in place, another image or other ranges still count."""
+    fixed, moving, _ = images
+
+    def fresh(fixed_image):  # a new metric: nothing kept
+        metric = cls(16)
+        if ranges:
+            metric.set_ranges(moving, fixed_image)
+        return metric(moving, fixed_image)
+
+    metric = cls(16)
+    if ranges:
+        metric.set_ranges(moving, fixed)
+    assert torch.equal(metric(moving, fixed), fresh(fixed))
+    kept = metric._fixed_bin
+    assert torch.equal(metric(moving, fixed), fresh(fixed)) and metric._fixed_bin is kept  # kept, not redone
+    changed = fixed.clone()
+    if ranges:
+        metric.set_ranges(moving, changed)
+    metric(moving, changed)
+    changed[:, :, :10] = changed[:, :, :10].flip(-1)  # in place: the same object, another version
+    expected = fresh(changed)
+    assert not torch.equal(expected, fresh(fixed))
+    assert torch.equal(metric(moving, changed), expected)
+    other = fixed.roll(3, -1)  # another tensor
+    if ranges:
+        metric.set_ranges(moving, other)
+    assert torch.equal(metric(moving, other), fresh(other))
+    if ranges:  # the same image under other ranges
+        metric.set_ranges(moving, fixed)
+        metric(moving, fixed)
+        metric.set_ranges(moving, 2.0 * fixed)
+        expected = cls(16)
+        expected.set_ranges(moving, 2.0 * fixed)
+        assert torch.equal(metric(moving, fixed), expected(moving, fixed))
+    with torch.inference_mode():  # inference tensors keep no version counter: keyed by contents
+        frozen = fixed.clone()
+        if ranges:
+            metric.set_ranges(moving, frozen)
+        metric(moving, frozen)
+        frozen[:, :, :10] = frozen[:, :, :10].flip(-1)
+        assert torch.equal(metric(moving, frozen), fresh(frozen))

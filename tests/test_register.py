@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import HostReads, grid_error, registration_pair
+from conftest import CUDA, CudaSynchronisations, HostSyncs, grid_error, registration_pair
 
 import tireg
 import tireg._chunks as chunks_module
@@ -445,26 +445,70 @@ def test_looking_every_few_iterations_gives_the_same_result(monkeypatch, optimiz
             assert torch.equal(ours.cost, theirs.cost), interval
 
 
-@pytest.mark.parametrize("optimizer", ["gauss-newton", "adam"])
-def test_no_host_reads_inside_the_loop_between_looks(monkeypatch, optimizer):
+@pytest.mark.parametrize("optimizer, metric, masked", [
+    ("gauss-newton", "l2", False), ("gauss-newton", "cauchy", True), ("adam", "l2", False), ("adam", "mi", True),
+    ("sgd", "ncc", False),
+])
+def test_no_host_syncs_inside_the_loop_between_looks(monkeypatch, optimizer, metric, masked):
     # The pair cannot converge (tolerance 0), so every level runs all its iterations; with the
-    # host never looking, the reads of a call must not grow with the iteration count.
+    # host never looking, the operations that wait for a GPU (reads of values, tensors made from
+    # host data) must not grow with the iteration count.
     fixed, moving, _ = registration_pair("camera", "rigid", [0.05, 2.0, -1.0], noise=0.02)
     _as_on_a_gpu(monkeypatch, 10**6)
+    mask = torch.ones_like(fixed)
+    mask[:8] = 0.0
+    options = dict(transform="rigid", optimizer=optimizer, metric=metric, compile=False, init="identity",
+                   tolerance=1e-300, mask=mask if masked else None, moving_mask=mask if masked else None)
+    tireg.register(fixed, moving, **options, max_iterations=2)  # small constants are made on first use, once
     counts = {}
     for iterations in (4, 12):
-        with HostReads() as reads:
-            result = tireg.register(fixed, moving, transform="rigid", optimizer=optimizer, compile=False,
-                                    init="identity", tolerance=1e-300, max_iterations=iterations)
-        counts[iterations] = reads.count
+        with HostSyncs() as syncs:
+            result = tireg.register(fixed, moving, **options, max_iterations=iterations)
+        counts[iterations] = syncs.count
         assert result.stop_reason == ["max_iterations"] or optimizer == "gauss-newton"
     assert counts[4] == counts[12], counts
-    # while looking every iteration (the CPU's way) reads grow with the iterations: the count sees them
+    # while looking every iteration (the CPU's way) the waits grow with the iterations: the count sees them
     monkeypatch.setattr(importlib.import_module("tireg.register"), "_looks_are_free", lambda device: True)
-    with HostReads() as reads:
-        tireg.register(fixed, moving, transform="rigid", optimizer=optimizer, compile=False,
-                       init="identity", tolerance=1e-300, max_iterations=12)
-    assert reads.count > counts[12]
+    with HostSyncs() as syncs:
+        tireg.register(fixed, moving, **options, max_iterations=12)
+    assert syncs.count > counts[12]
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("optimizer, metric, masked", [
+    ("gauss-newton", "l2", False), ("gauss-newton", "cauchy", True), ("adam", "l2", False), ("adam", "mi", True),
+])
+def test_on_cuda_a_level_never_synchronises_between_looks(monkeypatch, optimizer, metric, masked):
+    # A level's loop from its first evaluation to its outcome, with the looks turned off: any
+    # operation that waits for the GPU fails (PyTorch's sync debug mode), not just those counted
+    # on the CPU by the test above.
+    fixed, moving, truth = registration_pair("camera", "rigid", [0.05, 2.0, -1.0], noise=0.02)
+    mask = torch.ones_like(fixed)
+    mask[:8] = 0.0
+    module = importlib.import_module("tireg.register")
+    options = dict(transform="rigid", optimizer=optimizer, metric=metric, compile=False, device="cuda",
+                   mask=mask if masked else None, moving_mask=mask if masked else None)
+    tireg.register(fixed, moving, **options)  # small constants are made on first use, once
+    monkeypatch.setattr(module, "_should_look", lambda iteration, interval: False)
+    guard = CudaSynchronisations()
+    level_outcome = module._level_outcome
+    optimise = module._gauss_newton if optimizer == "gauss-newton" else module._first_order
+
+    def guarded(*args, **kwargs):
+        guard.on()
+        try:
+            return optimise(*args, **kwargs)
+        finally:
+            guard.off()
+
+    def outcome(*args):
+        guard.off()  # the level's one read of its outcome
+        return level_outcome(*args)
+
+    monkeypatch.setattr(module, "_gauss_newton" if optimizer == "gauss-newton" else "_first_order", guarded)
+    monkeypatch.setattr(module, "_level_outcome", outcome)
+    result = tireg.register(fixed, moving, **options, max_iterations=12)
+    assert grid_error(result.matrix, truth, fixed.shape) < 0.5
 
 
 def test_intensity_normalisation_per_image_and_channel(generator):

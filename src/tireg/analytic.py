@@ -23,7 +23,7 @@ import torch
 from . import _chunks, fused
 from .losses import PerPixelLoss
 from .metrics import Metric, PerPixelMetric
-from .sampling import grid_moments, pixel_axes, pixel_scale, sample, sampler_gradient, sampling_grid
+from .sampling import grid_moments, pixel_axes, sample, sampler_gradient, sampling_grid, shared_pixel_scale
 
 __all__ = ["cost_and_gradient", "per_pixel_cost_and_gradient", "parameter_gradient"]
 
@@ -99,7 +99,7 @@ def _reference(fixed, moving, matrix, metric, weight, interpolation, padding_mod
         cost, derivative = metric(warped, fixed, weight, gradient=True)
         g = sampler_gradient(derivative, moving, grid, interpolation=interpolation, padding_mode=padding_mode)
         # normalised -> moving pixel units, applied to the 2 x 3 result rather than every pixel
-        matrix_gradient = grid_moments(g, axes) * pixel_scale(moving.shape[-2:], like=grid)[:, None]
+        matrix_gradient = grid_moments(g, axes) * shared_pixel_scale(moving.shape[-2:], like=grid)[:, None]
     else:
         sampled = sample(moving_with_gradient, grid, interpolation=interpolation, padding_mode=padding_mode)
         warped = sampled[:, :channels]
@@ -141,10 +141,12 @@ def _reference_in_chunks(
         cost[pairs] += part_cost
         matrix_gradient[pairs] += part_gradient
     if metric.mean:  # the metric's count, C sum w, at least 1
-        pixels = fixed.shape[-2] * fixed.shape[-1] if weight is None else weight.flatten(1).sum(1)
-        count = torch.as_tensor(pixels * fixed.shape[1], dtype=cost.dtype, device=cost.device).clamp_min(1.0)
-        cost = cost / count
-        matrix_gradient = matrix_gradient / count.reshape(-1, 1, 1)
+        if weight is None:  # a number: no tensor made on the host and copied to the device
+            count = float(fixed.shape[-2] * fixed.shape[-1] * fixed.shape[1])
+            cost, matrix_gradient = cost / count, matrix_gradient / count
+        else:
+            count = (weight.flatten(1).sum(1) * fixed.shape[1]).clamp_min(1.0)
+            cost, matrix_gradient = cost / count, matrix_gradient / count.reshape(-1, 1, 1)
     return warped, cost, matrix_gradient
 
 

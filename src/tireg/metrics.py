@@ -240,6 +240,13 @@ def _cubic_bspline_derivative(u: torch.Tensor) -> torch.Tensor:
     return torch.sign(u) * torch.where(a < 1.0, inner, torch.where(a < 2.0, outer, torch.zeros_like(a)))
 
 
+def _same_key(held: Optional[tuple], key: tuple) -> bool:
+    """Whether two cache keys are equal: tensors by identity, everything else by value."""
+    return held is not None and len(held) == len(key) and all(
+        a is b if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a == b for a, b in zip(held, key)
+    )
+
+
 class _JointHistogramMetric(Metric):
     """Parzen-window joint histogram of fixed (box kernel) and moving (cubic B-spline) intensities.
 
@@ -319,11 +326,18 @@ class _JointHistogramMetric(Metric):
     def _fixed_bins(self, y, y_range, s, pairs: int, n: int):
         """Fixed bins ``(P, N)`` and a maker of their one-hot matrix: the same on every call of a level, so kept.
 
-        Recomputed when the fixed image (object, in-place version, contents' sum) or its range changes.
+        Recomputed when the fixed image or its range changes: another tensor object, or the same one
+        changed in place (its version counter).  The key holds the tensors themselves, so that a
+        freed image's id cannot come back as another's; nothing is read back from the device (on
+        a GPU a read waits for all queued work).  An inference tensor keeps no version counter: for
+        one, the key is its contents (their sum, and the range's values), read back.
         """
-        key = (id(y), getattr(y, "_version", None), y.data_ptr(), tuple(y.shape), float(y.detach().sum()),
-               tuple(y_range.flatten().tolist()))
-        if getattr(self, "_fixed_key", None) != key:
+        source = None if self.ranges is None else self.ranges[1]  # None: the range is y's own
+        try:
+            key = ("tensors", y, source, y._version, None if source is None else source._version)
+        except RuntimeError:  # an inference tensor keeps no version counter
+            key = ("contents", id(y), tuple(y.shape), float(y.detach().sum()), tuple(y_range.flatten().tolist()))
+        if not _same_key(getattr(self, "_fixed_key", None), key):
             self._fixed_key = key
             self._fixed_bin = s.detach().floor().long().reshape(pairs, n)
             self._fixed_onehot = None

@@ -26,6 +26,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ._device import constant
 from ._validation import PADDING_MODES, FiniteCheckCache, check_compile_option, check_image, check_option
 from .analytic import cost_and_gradient, parameter_gradient
 from .losses import L2Loss, PerPixelLoss, get_loss
@@ -180,7 +181,7 @@ class TransformModel(nn.Module):
 
     def _transform_parameters(self) -> torch.Tensor:
         values = self.parameter_values()
-        return values[..., list(self._slots())]
+        return _select(values, -1, self._slots())
 
     @property
     def center(self) -> tuple[float, float]:
@@ -216,7 +217,7 @@ class TransformModel(nn.Module):
                 "the analytic model needs get_derva(i) to return dA/dp_i"
             )
         jacobian = self.transform.jacobian(self._transform_parameters(), self._center_tensor())
-        return jacobian[..., self._jacobian_order(), :, :]
+        return _select(jacobian, -3, self._jacobian_order())
 
     def _jacobian_order(self) -> list[int]:
         """For each model parameter, its position among the transform's parameters."""
@@ -260,7 +261,7 @@ class TransformModel(nn.Module):
             return self.matrix(batch_size), self.parameter_jacobian()
         values = _stack_values([mapping(raw) for raw, mapping in zip(self._parameter_list(), self.m)])
         matrix, jacobian = _transform_matrix_and_jacobian(
-            self.transform, values[..., list(self._slots())], self._center_tensor(), self._jacobian_order()
+            self.transform, _select(values, -1, self._slots()), self._center_tensor(), self._jacobian_order()
         )
         if matrix.shape[0] != batch_size:
             self._check_batch(matrix.shape[0], batch_size)
@@ -533,13 +534,19 @@ _MODEL_MATH = ("get", "get_matrix", "get_derva", "parameter_jacobian", "paramete
 _BUILT_IN_MAPPINGS = (IdentityMapping, SigmoidMapping, ExpMapping)
 
 
+def _select(tensor: torch.Tensor, dim: int, order: Sequence[int]) -> torch.Tensor:
+    """``tensor``'s entries ``order`` along ``dim``, by an index made once on its device
+    (:func:`tireg._device.constant`; a Python list would be copied from the host every step)."""
+    return tensor.index_select(dim, constant(tuple(order), like=tensor, dtype=torch.long))
+
+
 def _transform_matrix_and_jacobian(
     transform: Transform, values: torch.Tensor, center: torch.Tensor, order: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A ready-made model's ``A`` ``(B, 3, 3)`` and ``dA/dp`` ``(B, P, 3, 3)`` in the model's parameter
     order, from the transform's values ``(B, P)`` (``B = 1`` when all are shared)."""
     matrix = transform.matrix(values, center).reshape(-1, 3, 3)
-    jacobian = transform.jacobian(values, center)[..., list(order), :, :].reshape(-1, len(order), 3, 3)
+    jacobian = _select(transform.jacobian(values, center), -3, order).reshape(-1, len(order), 3, 3)
     return matrix, jacobian
 
 
@@ -561,7 +568,7 @@ def _fused_step(
     chain rule ``<G, dA/dp_i> m_i'(r_i)``).  The eager model's own pieces, composed: at 256 x 256
     their Python around the kernel costs more than the kernel, and here it compiles away.
     """
-    values = _stack_values([mapping(value) for value, mapping in zip(raw, mappings)])[..., list(slots)]
+    values = _select(_stack_values([mapping(value) for value, mapping in zip(raw, mappings)]), -1, slots)
     matrix, jacobian = _transform_matrix_and_jacobian(transform, values, center, order)
     matrix = matrix.expand(fixed.shape[0], 3, 3)
     moments = fused.bilinear_moments(

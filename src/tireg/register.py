@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from . import _chunks, fused
+from ._device import constant
 from ._validation import all_finite, check_compile_option, check_option
 from .losses import PerPixelLoss
 from .metrics import Metric, PerPixelMetric, get_metric
@@ -53,8 +54,8 @@ from .sampling import (
     sample,
     sample_with_gradient,
     sampler_gradient,
-    pixel_scale,
     sampling_grid,
+    shared_pixel_scale,
     shrink_matrix,
     warp,
 )
@@ -670,7 +671,8 @@ class _Problem:
         g_normalized = sampler_gradient(
             derivative, level.moving, grid, interpolation=self.interpolation, padding_mode="border"
         )
-        g_moments = grid_moments(g_normalized, level.axes) * pixel_scale(level.moving.shape[-2:], like=grid)[:, None]
+        scale = shared_pixel_scale(level.moving.shape[-2:], like=grid)
+        g_moments = grid_moments(g_normalized, level.axes) * scale[:, None]
         return _in_parameters(cost, flat_jacobian, g_moments, None)
 
 
@@ -679,8 +681,8 @@ class _Problem:
 # (gx gx, gx gy, gy gy), the monomials (xx, xy, yy, x, y, 1).
 _PRODUCT = [[0, 1], [1, 2]]
 _MONOMIAL = [[0, 1, 3], [1, 2, 4], [3, 4, 5]]
-_HESSIAN_PRODUCT = torch.tensor([_PRODUCT[i // 3][j // 3] for i in range(6) for j in range(6)])
-_HESSIAN_MONOMIAL = torch.tensor([_MONOMIAL[i % 3][j % 3] for i in range(6) for j in range(6)])
+_HESSIAN_PRODUCT = tuple(_PRODUCT[i // 3][j // 3] for i in range(6) for j in range(6))
+_HESSIAN_MONOMIAL = tuple(_MONOMIAL[i % 3][j % 3] for i in range(6) for j in range(6))
 
 
 def _in_parameters(
@@ -698,7 +700,10 @@ def _in_parameters(
 def _assemble_hessian(moments: torch.Tensor) -> torch.Tensor:
     """``(B, 3, 6)`` product moments -> ``(B, 6, 6)`` normal matrix in ``vec(A[:2, :])`` order."""
     batch = moments.shape[0]
-    return moments[:, _HESSIAN_PRODUCT, _HESSIAN_MONOMIAL].reshape(batch, 6, 6)
+    # index tables on the moments' device (a CPU index would be copied over in every call)
+    products = constant(_HESSIAN_PRODUCT, like=moments, dtype=torch.long)
+    monomials = constant(_HESSIAN_MONOMIAL, like=moments, dtype=torch.long)
+    return moments[:, products, monomials].reshape(batch, 6, 6)
 
 
 # ----------------------------------------------------------------------------

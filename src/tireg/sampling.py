@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from ._validation import INTERPOLATIONS, PADDING_MODES, check_image, check_matrix, check_option
-from .transforms import ALIGN_CORNERS, normalization_matrix, pixel_to_normalized
+from ._device import constant
+from .transforms import ALIGN_CORNERS, pixel_to_normalized
 
 __all__ = [
     "pixel_grid",
@@ -300,7 +301,7 @@ def warp_gradient(
         ``(B, H, W, 2)``: ``(d/dx, d/dy)`` at every fixed pixel.
     """
     gradient = sampler_gradient(weight, moving, grid, interpolation=interpolation, padding_mode=padding_mode)
-    return gradient * pixel_scale(moving.shape[-2:], like=grid)
+    return gradient * shared_pixel_scale(moving.shape[-2:], like=grid)
 
 
 def sampler_gradient(
@@ -325,7 +326,14 @@ def sampler_gradient(
 
 def pixel_scale(moving_size: Sequence[int], *, like: torch.Tensor) -> torch.Tensor:
     """``(du/dx, dv/dy) = (2 / W, 2 / H)``: turns ``d/d(u, v)`` into ``d/d(x, y)`` in moving pixels."""
-    return normalization_matrix(moving_size, dtype=like.dtype, device=like.device).diagonal()[:2]
+    return shared_pixel_scale(moving_size, like=like).clone()
+
+
+def shared_pixel_scale(moving_size: Sequence[int], *, like: torch.Tensor) -> torch.Tensor:
+    """:func:`pixel_scale` as a shared constant (:func:`tireg._device.constant`: no host copy in a
+    loop); an operand only, never modified in place."""
+    height, width = int(moving_size[0]), int(moving_size[1])
+    return constant((2.0 / width, 2.0 / height), like=like)
 
 
 def sample_with_gradient(

@@ -34,7 +34,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
+from ._device import constant
 from ._validation import FLOAT_DTYPES
 
 __all__ = [
@@ -89,12 +91,13 @@ def normalization_matrix(
     Returns:
         ``(3, 3)`` tensor.
     """
+    return torch.tensor(_normalization_values(size), dtype=dtype, device=device)
+
+
+def _normalization_values(size: Sequence[int]) -> tuple:
+    """:func:`normalization_matrix`'s entries, row by row."""
     height, width = int(size[0]), int(size[1])
-    return torch.tensor(
-        [[2.0 / width, 0.0, 1.0 / width - 1.0], [0.0, 2.0 / height, 1.0 / height - 1.0], [0.0, 0.0, 1.0]],
-        dtype=dtype,
-        device=device,
-    )
+    return ((2.0 / width, 0.0, 1.0 / width - 1.0), (0.0, 2.0 / height, 1.0 / height - 1.0), (0.0, 0.0, 1.0))
 
 
 def pixel_to_normalized(matrix: torch.Tensor, moving_size: Sequence[int]) -> torch.Tensor:
@@ -110,7 +113,7 @@ def pixel_to_normalized(matrix: torch.Tensor, moving_size: Sequence[int]) -> tor
     Returns:
         ``(..., 2, 3)``.
     """
-    norm = normalization_matrix(moving_size, dtype=matrix.dtype, device=matrix.device)
+    norm = constant(_normalization_values(moving_size), like=matrix)  # made once: no host copy per call
     return (norm @ matrix)[..., :2, :]
 
 
@@ -146,7 +149,7 @@ def _homogeneous(linear: torch.Tensor, offset: torch.Tensor, corner: float = 1.0
     """
     shape = _broadcast_shape(linear.shape[:-2], offset.shape[:-1])
     top = torch.cat([linear.expand(*shape, 2, 2), offset.expand(*shape, 2).unsqueeze(-1)], dim=-1)
-    bottom = torch.tensor([0.0, 0.0, corner], dtype=top.dtype, device=top.device).expand(*shape, 1, 3)
+    bottom = constant((0.0, 0.0, corner), like=top).expand(*shape, 1, 3)
     return torch.cat([top, bottom], dim=-2)
 
 
@@ -172,9 +175,8 @@ def _linear_derivative(d_linear: torch.Tensor, center: torch.Tensor) -> torch.Te
 
 def _translation_derivatives(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
     """``dA/dtx, dA/dty`` as ``(*shape, 2, 3, 3)``."""
-    basis = torch.zeros(2, 3, 3, dtype=like.dtype, device=like.device)
-    basis[0, 0, 2] = 1.0
-    basis[1, 1, 2] = 1.0
+    # unit vectors e_k as column 2 of zero matrices (made on the device: no host copy)
+    basis = F.pad(torch.eye(2, dtype=like.dtype, device=like.device).unsqueeze(-1), (2, 0, 0, 1))
     return basis.expand(*shape, 2, 3, 3)
 
 
@@ -276,10 +278,9 @@ def anisotropic_similarity_jacobian(params: torch.Tensor, center: CenterLike) ->
     center = _as_center(center, params)
     angle, scales = params[..., 0], params[..., None, 1:3]
     rot = rotation(angle)
-    column_0 = torch.tensor([1.0, 0.0], dtype=params.dtype, device=params.device)
     d_angle = _linear_derivative(rotation_derivative(angle) * scales, center)
-    d_scale_x = _linear_derivative(rot * column_0, center)
-    d_scale_y = _linear_derivative(rot * (1.0 - column_0), center)
+    d_scale_x = _linear_derivative(F.pad(rot[..., :1], (0, 1)), center)  # R's column 0, column 1 zero
+    d_scale_y = _linear_derivative(F.pad(rot[..., 1:], (1, 0)), center)
     d_angle, d_scale_x, d_scale_y = torch.broadcast_tensors(d_angle, d_scale_x, d_scale_y)
     d_shift = _translation_derivatives(d_angle.shape[:-2], params)
     derivatives = [d.unsqueeze(-3) for d in (d_angle, d_scale_x, d_scale_y)]

@@ -1,0 +1,55 @@
+"""Small constant tensors, made once per device, so that a loop never copies from the host.
+
+``torch.tensor(values, device="cuda")`` copies from pageable host memory, and
+PyTorch waits for that copy, and with it for all the work queued on the
+stream: a host synchronisation (pytorch/pytorch#120996;
+``torch.cuda.set_sync_debug_mode`` reports it).  So does indexing a GPU
+tensor with a CPU index tensor, which is copied over first.  In an
+optimisation loop one such constant per evaluation (a normalisation matrix,
+the bottom row of a homogeneous matrix, an index table) leaves the GPU idle
+while the host queues the next launches, however rarely the loop itself
+looks at the device.  :func:`constant` makes each one once per
+``(values, dtype, device)`` and hands out the same tensor from then on.
+
+The tensors are shared: callers use them as operands and never modify them
+in place, nor return them to users (a public function returns a copy).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence, Union
+
+import torch
+
+__all__ = ["constant"]
+
+Values = Union[float, int, Sequence]
+
+
+def _frozen(values: Values) -> Union[float, int, tuple]:
+    """``values`` as nested tuples (a cache key); numbers stay numbers."""
+    if isinstance(values, (list, tuple)):
+        return tuple(_frozen(value) for value in values)
+    return values
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached(values: Union[float, int, tuple], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # a normal tensor even when first asked for under torch.inference_mode(): an inference
+    # tensor cannot be saved for backward, and the constant may later meet an autograd graph
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+
+def constant(values: Values, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The tensor of ``values`` with ``like``'s device (and dtype, unless ``dtype`` is given).
+
+    Made on the first call for these values, dtype and device, and the same tensor from then
+    on: the one host-to-device copy happens once, not in every iteration.  Inside code that
+    ``torch.compile`` traces it is a plain ``torch.tensor``, a constant of the compiled graph.
+    """
+    dtype = like.dtype if dtype is None else dtype
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=like.device)
+    return _cached(_frozen(values), dtype, like.device)
