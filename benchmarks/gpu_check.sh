@@ -80,7 +80,7 @@ for name in "${PARTS[@]}"; do
             part tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_chunks.py
         else
             # the CUDA cases, the most telling files first (a part cut by its limit keeps what ran)
-            part tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_register.py \
+            part tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_device.py tests/test_register.py \
                 tests/test_fused.py tests/test_models.py tests/test_sampling.py tests/test_metrics.py \
                 tests/test_losses.py tests/test_transforms.py tests/test_mappings.py tests/test_initialize.py \
                 tests/test_compat.py

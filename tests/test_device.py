@@ -1,0 +1,48 @@
+"""Small constants made once per device (tireg._device), and public functions that stay fresh."""
+
+from __future__ import annotations
+
+import torch
+
+from tireg._device import constant
+from tireg.sampling import pixel_scale, sampling_grid
+from tireg.transforms import normalization_matrix, pixel_to_normalized, translation_jacobian
+
+
+def test_a_constant_is_made_once_per_values_dtype_and_device(device):
+    like = torch.zeros(2, device=device)
+    first = constant(((1.0, 2.0), (3.0, 4.5)), like=like)
+    assert torch.equal(first.cpu(), torch.tensor([[1.0, 2.0], [3.0, 4.5]]))
+    assert first.dtype == like.dtype and first.device == like.device
+    assert constant([[1.0, 2.0], [3.0, 4.5]], like=like) is first  # lists and tuples alike
+    assert constant(((1.0, 2.0), (3.0, 4.5)), like=like.double()) is not first
+    assert constant(((1.0, 2.0), (3.0, 4.0)), like=like) is not first
+    index = constant((2, 0, 1), like=like, dtype=torch.long)
+    assert index.dtype == torch.long and index.tolist() == [2, 0, 1]
+
+
+def test_a_constant_first_made_under_inference_mode_serves_autograd_later():
+    matrix = torch.eye(3, dtype=torch.float64)[None]
+    size = (17, 29)  # a size no other test uses: the constant is made here, under inference mode
+    with torch.inference_mode():
+        expected = pixel_to_normalized(matrix, size)
+    matrix = matrix.clone().requires_grad_(True)
+    normalized = pixel_to_normalized(matrix, size)  # the same constant, now in an autograd graph
+    normalized.sum().backward()
+    assert torch.equal(normalized.detach(), expected)
+    # d/dA sum((N A)[:2]) = N[:2]^T 1: row i of the gradient is the sum of N[:2]'s column i
+    norm = normalization_matrix(size, dtype=torch.float64)
+    assert torch.allclose(matrix.grad[0], norm[:2].sum(0)[:, None].expand(3, 3))
+
+
+def test_public_functions_return_tensors_of_their_own():
+    size = (8, 10)
+    for make in (lambda: normalization_matrix(size), lambda: pixel_scale(size, like=torch.zeros(1)),
+                 lambda: translation_jacobian(torch.zeros(2))):
+        first = make()
+        expected = first.clone()
+        first.add_(1.0)  # a caller's change in place
+        assert torch.equal(make(), expected)
+    # and the sampling grid, which uses the shared normalisation, is unchanged by the above
+    grid = sampling_grid(torch.eye(3)[None], size, size)
+    assert torch.allclose(grid[0, 0, 0], torch.tensor([-1 + 1 / 10, -1 + 1 / 8]))
