@@ -13,6 +13,8 @@
 #   profile  one register() of 512^2 and 256^2: wall time, kernel launches by phase
 #   step     one analytic step (reference, compiled) against autograd and kornia:
 #            256^2 and 1024^2, 1 and 1024 pairs (pair-iterations/s, the 0.03 ms target)
+#   graph    the same step captured as one CUDA graph and replayed (eager and compiled
+#            kernels), 256^2, 1 and 1024 pairs, with its difference from the eager step
 #   register register() end to end, 256^2 (accuracy.py's cases) and 512^2 (the 20 ms target)
 #   memory   peak GPU memory over the input images (the 3x target)
 #
@@ -24,7 +26,7 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl kornia==0.9.0 kornia_rs==0.2.0
 # then call the device tool's run with command "bash benchmarks/gpu_check.sh",
-# carry [".whl"] and timeout_s 600 (the parts' limits add up to 560 s). (.whl/ is in .gitignore.)
+# carry [".whl"] and timeout_s 600 (the parts' limits add up to 575 s). (.whl/ is in .gitignore.)
 #
 # GPU_CHECK_DEVICE=cpu runs the same parts on the CPU, to try the script here.
 set -uo pipefail
@@ -65,11 +67,11 @@ if device.startswith("cuda"):
 EOF
 
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests profile step register memory)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests profile step graph register memory)
 for name in "${PARTS[@]}"; do
     case $name in
-    tests | profile | step | register | memory) ;;
-    *) echo "gpu_check: unknown part '$name' (tests, profile, step, register, memory)" >&2; exit 2 ;;
+    tests | profile | step | graph | register | memory) ;;
+    *) echo "gpu_check: unknown part '$name' (tests, profile, step, graph, register, memory)" >&2; exit 2 ;;
     esac
 done
 : >"$OUT/parts.txt"
@@ -80,17 +82,19 @@ for name in "${PARTS[@]}"; do
             part tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_chunks.py
         else
             # the CUDA cases, the most telling files first (a part cut by its limit keeps what ran)
-            part tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_device.py tests/test_register.py \
+            part tests 140 "$PYTHON" -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_device.py tests/test_register.py \
                 tests/test_fused.py tests/test_models.py tests/test_sampling.py tests/test_metrics.py \
                 tests/test_losses.py tests/test_transforms.py tests/test_mappings.py tests/test_initialize.py \
                 tests/test_compat.py
         fi ;;
     profile) part profile 50 "$PYTHON" benchmarks/profile_register.py --device "$DEVICE" --size 512 256 --repeats 10 ;;
-    step) part step 170 "$PYTHON" benchmarks/speed.py --device "$DEVICE" --tables step --sizes 256 1024 \
+    step) part step 160 "$PYTHON" benchmarks/speed.py --device "$DEVICE" --tables step --sizes 256 1024 \
+        --batches 1 1024 --budget 1 ;;
+    graph) part graph 45 "$PYTHON" benchmarks/speed.py --device "$DEVICE" --tables graph --sizes 256 \
         --batches 1 1024 --budget 1 ;;
     register) part register 100 "$PYTHON" benchmarks/speed.py --device "$DEVICE" --tables register --cases 16 \
         --repeats 3 ;;
-    memory) part memory 90 "$PYTHON" benchmarks/speed.py --device "$DEVICE" --tables memory --sizes 256 1024 \
+    memory) part memory 80 "$PYTHON" benchmarks/speed.py --device "$DEVICE" --tables memory --sizes 256 1024 \
         --batches 8 1024 ;;
     esac
 done

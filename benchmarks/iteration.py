@@ -58,6 +58,59 @@ def make_step(model, moving, fixed, loss, kind: str):
     return {"analytic": analytic_step, "autograd": autograd_step, "plain autograd": plain_autograd_step}[kind]
 
 
+def captured_step(model, moving, fixed):
+    """The analytic step (forward writing the gradients, Adam step) captured as one CUDA graph.
+
+    PyTorch's whole-network capture: Adam with ``capturable=True`` (its step count on the
+    device), three warm-up steps on a side stream, the gradients set to ``None`` so that the
+    captured forward assigns them, then one capture; each call replays it, one launch.  Capture
+    fails if anything in the step waits for the device (tests/test_models.py checks there is
+    nothing).  Returns ``(replay, check)``; ``check()`` replays once and takes the same step
+    eagerly from the same state, and returns the largest difference of the parameters (the
+    state is put back after each).
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+
+    def step():
+        model(moving, fixed)
+        optimizer.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    optimizer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    params = list(model.parameters())
+
+    def state() -> list[torch.Tensor]:
+        tensors = [param.detach() for param in params]
+        for param in params:
+            tensors += [value for value in optimizer.state[param].values() if isinstance(value, torch.Tensor)]
+        return tensors
+
+    def check() -> float:
+        saved = [tensor.clone() for tensor in state()]
+        graph.replay()
+        replayed = [param.detach().clone() for param in params]
+        for tensor, value in zip(state(), saved):
+            tensor.copy_(value)
+        for param in params:  # the graph's gradients, zeroed in place: the eager step adds to them
+            param.grad.zero_()
+        step()
+        difference = max(float((param.detach() - value).abs().max()) for param, value in zip(params, replayed))
+        for tensor, value in zip(state(), saved):
+            tensor.copy_(value)
+        return difference
+
+    return graph.replay, check
+
+
 def timed(step, repeats: int, synchronize) -> float:
     synchronize()
     start = time.perf_counter()

@@ -153,6 +153,47 @@ def _step_row(args, loss, size: int, batch: int) -> str:
             f"| {compiled / kornia:.2f} | {compile_seconds:.1f} |")
 
 
+def graph_table(args) -> None:
+    """The analytic step (eager kernels; and compiled) replayed as one CUDA graph, against the
+    same step launched op by op: issue 6's 0.03 ms for one 256² pair is below what launching a
+    step's kernels one by one costs.  A library path would follow what this measures."""
+    device = args.device
+    print(f"\n### Step replayed as a CUDA graph: one Adam step (capturable), L2 loss, float32, {args.transform}\n")
+    if not device.startswith("cuda"):
+        print("(CUDA graphs need a CUDA device: no rows here)")
+        return
+    print("| size | B | analytic [ms] | analytic graph [ms] | compiled graph [ms] | graph pair-it/s (best) "
+          "| graph / analytic | max |Δp| graph vs eager |")
+    print("|---|---|---|---|---|---|---|---|")
+    loss = tireg.L2Loss()
+    for size in args.sizes:
+        for batch in args.batches:
+            generator = torch.Generator().manual_seed(0)
+            fixed = torch.rand(batch, 1, size, size, generator=generator).to(device)
+            moving = torch.rand(batch, 1, size, size, generator=generator).to(device)
+            steps, notes, differences = {}, [], []
+            eager = tireg.create_model(args.transform, moving, loss=loss, compile=False)
+            steps["analytic"] = iteration.make_step(eager, moving, fixed, loss, "analytic")
+            for name, compile in (("analytic graph", False), ("compiled graph", True)):
+                try:
+                    model = tireg.create_model(args.transform, moving, loss=loss, compile=compile)
+                    replay, check = iteration.captured_step(model, moving, fixed)
+                    differences.append(check())
+                    steps[name] = replay
+                except Exception as error:  # noqa: BLE001 - a capture that fails is a finding, not the end of the run
+                    _release(device)
+                    notes.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+            steps = _runnable(steps, device)
+            t = iteration.median_rounds(steps, args.budget, iteration.synchronizer(device)) if steps else {}
+            analytic, plain, compiled = (t.get(name, math.nan) for name in ("analytic", "analytic graph", "compiled graph"))
+            best = min((value for value in (plain, compiled) if not math.isnan(value)), default=math.nan)
+            difference = max(differences) if differences else math.nan
+            print(f"| {size}² | {batch} | {analytic * 1e3:.4f} | {plain * 1e3:.4f} | {compiled * 1e3:.4f} "
+                  f"| {batch / best:,.0f} | {best / analytic:.2f} | {difference:.1e} |", flush=True)
+            for note in notes:
+                print(f"  - {size}² × {batch}: {note}")
+
+
 # ----------------------------------------------------------------------------
 # 2. register end to end
 
@@ -396,8 +437,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="register table: runs of each method on each pair (the median counts)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--tables", nargs="+", default=["step", "register", "memory"],
-                        choices=["step", "register", "memory"])
+    parser.add_argument("--tables", nargs="+", default=["step", "graph", "register", "memory"],
+                        choices=["step", "graph", "register", "memory"])
     parser.add_argument("--memory-probe", nargs=4, metavar=("WHAT", "COMPILE", "SIZE", "BATCH"),
                         help=argparse.SUPPRESS)  # one cell of the CPU memory table, in its own process
     args = parser.parse_args()
@@ -410,7 +451,7 @@ def main() -> None:
         f"CPU ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s)")
     print(f"tireg {tireg.__version__}, torch {torch.__version__}, {name}")
     for table in args.tables:
-        {"step": step_table, "register": register_table, "memory": memory_table}[table](args)
+        {"step": step_table, "graph": graph_table, "register": register_table, "memory": memory_table}[table](args)
 
 
 if __name__ == "__main__":
