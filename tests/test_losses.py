@@ -16,6 +16,7 @@ from tireg.losses import (
     L1Loss,
     L2Loss,
     PerPixelLoss,
+    constant_irls_weight,
     get_loss,
 )
 
@@ -282,3 +283,35 @@ def test_get_loss_unknown_lists_the_names(bad):
         get_loss(bad)
     for name in LOSSES:
         assert repr(name) in str(info.value)
+
+
+@pytest.mark.parametrize("name, kwargs", CONFIGS, ids=IDS)
+def test_constant_irls_weight_is_rho_prime_over_r(name, kwargs):
+    """Where the IRLS weight ``rho'(r) / r`` is one number, Gauss-Newton uses it without dividing:
+    it must be that number for every residual (L2 only), and ``None`` for every other loss."""
+    loss = get_loss(name) if not kwargs else type(get_loss(name))(**kwargs)
+    r = torch.tensor([-3.0, -0.7, -1e-4, 2e-3, 0.4, 5.0], dtype=torch.float64)
+    _, derivative = loss(r, torch.zeros_like(r), True)
+    ratios = derivative / r
+    constant = constant_irls_weight(loss)
+    assert (constant is not None) == (name == "l2")
+    assert (constant is not None) == bool(torch.allclose(ratios, ratios[:1].expand_as(ratios)))
+    if constant is not None:
+        assert torch.allclose(ratios, torch.full_like(ratios, constant))
+
+
+def test_a_subclass_that_changes_l2_has_no_constant_irls_weight():
+    class Scaled(L2Loss):
+        def residual(self, r, gradient=False):
+            loss = 3.0 * r * r
+            return (loss, 6.0 * r) if gradient else loss
+
+    class Shifted(L2Loss):
+        def forward(self, x, y, gradient=False):
+            return super().forward(x, y + 0.1, gradient)
+
+    class Named(L2Loss):  # a subclass that only renames keeps L2's rho
+        pass
+
+    assert constant_irls_weight(Scaled()) is None and constant_irls_weight(Shifted()) is None
+    assert constant_irls_weight(Named()) == 2.0

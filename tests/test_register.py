@@ -567,3 +567,38 @@ def test_mean_and_deviation_in_chunks_equal_std_mean(monkeypatch, shape, budget)
     assert mean.shape == std.shape == (*shape[:2], 1, 1) and std.dtype == image.dtype
     torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-6, atol=0)
     torch.testing.assert_close(std.double(), expected_std, rtol=1e-5, atol=0)
+
+
+class _L2ByDivision(tireg.L2Loss):
+    """L2 itself, written out: its IRLS weight is found by dividing rho'(r) by r, per pixel."""
+
+    def residual(self, r, gradient=False):
+        loss = r * r
+        return (loss, 2.0 * r) if gradient else loss
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_l2s_constant_irls_weight_gives_the_divided_ones_result(channels):
+    fixed, moving, truth = registration_pair("astronaut", "affine", KNOWN["affine"], noise=0.02)
+    # channels: the image and two others made from it (a per-pixel weight shared by the channels)
+    fixed = torch.stack([fixed * (1.0 + 0.2 * c) + 0.1 * c for c in range(channels)])
+    moving = torch.stack([moving * (1.0 + 0.2 * c) + 0.1 * c for c in range(channels)])
+    options = dict(transform="affine", compile=False)
+    constant = tireg.register(fixed, moving, metric="l2", **options)
+    divided = tireg.register(fixed, moving, metric=_L2ByDivision(), **options)
+    assert grid_error(constant.matrix, divided.matrix, fixed.shape[-2:]) < 1e-3
+    assert grid_error(constant.matrix, truth, fixed.shape[-2:]) < 0.1
+    assert constant.stop_reason == divided.stop_reason == ["converged"]
+
+
+@pytest.mark.parametrize("name", ["translation", "affine"])
+def test_a_linear_kinds_matrices_from_its_parts_give_the_generic_result(name):
+    import dataclasses
+
+    kind = tireg.transforms.TRANSFORMS[name]
+    fixed, moving, truth = registration_pair("camera", name, KNOWN[name], noise=0.02)
+    parts = tireg.register(fixed, moving, transform=kind, compile=False)
+    generic = tireg.register(fixed, moving, transform=dataclasses.replace(kind, linear=False), compile=False)
+    assert grid_error(parts.matrix, generic.matrix, fixed.shape) < 1e-3
+    assert grid_error(parts.matrix, truth, fixed.shape) < 0.1
+    assert torch.equal(parts.iterations, generic.iterations)

@@ -211,6 +211,21 @@ def test_matrix_is_differentiable_in_the_centre(name, generator):
 # known geometry
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_linear_kinds_are_their_parts(name, generator):
+    """``Transform.linear`` is set exactly where ``A(p) = A(0) + sum_k p_k dA/dp_k`` holds (register
+    builds those kinds' matrices from the two parts)."""
+    kind = TRANSFORMS[name]
+    params, center = random_params(kind, generator), random_center(generator)
+    zeros = torch.zeros(1, kind.num_parameters, dtype=torch.float64)
+    offset, jacobian = kind.matrix(zeros, center), kind.jacobian(zeros, center)
+    from_parts = offset + (params[:, :, None, None] * jacobian).sum(1)
+    holds = torch.allclose(from_parts, kind.matrix(params, center), atol=1e-12) and torch.allclose(
+        kind.jacobian(params, center), jacobian.expand(BATCH, -1, -1, -1), atol=1e-12)
+    assert holds == kind.linear
+    assert kind.linear == (name in ("translation", "affine"))
+
+
 def test_translation_matrix_is_a_pure_shift():
     matrix = translation_matrix(torch.tensor([3.0, -2.0], dtype=torch.float64))
     expected = torch.tensor([[1.0, 0.0, 3.0], [0.0, 1.0, -2.0], [0.0, 0.0, 1.0]], dtype=torch.float64)

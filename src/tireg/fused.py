@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from ._chunks import chunk_slices
-from .losses import PerPixelLoss
+from .losses import PerPixelLoss, constant_irls_weight
 
 __all__ = [
     "FusedMoments", "FUSED_PADDING", "supports", "pad_moving", "bilinear_moments", "compiled",
@@ -290,11 +290,15 @@ def bilinear_moments(
     matrix_gradient = torch.stack([first_moments(weighted * gradient_x), first_moments(weighted * gradient_y)], dim=1)
     products = None
     if hessian:
-        residual = warped - fixed
-        small = residual.abs() < IRLS_EPS
-        _, at_eps = loss(fixed + IRLS_EPS, fixed, True)
-        safe = torch.where(small, torch.full_like(residual, IRLS_EPS), residual)
-        irls = pixel_weight * torch.where(small, at_eps / IRLS_EPS, derivative / safe)
+        constant = constant_irls_weight(loss)  # L2: 2 everywhere, no division by the residual
+        if constant is not None:
+            irls = pixel_weight * constant
+        else:
+            residual = warped - fixed
+            small = residual.abs() < IRLS_EPS
+            _, at_eps = loss(fixed + IRLS_EPS, fixed, True)
+            safe = torch.where(small, torch.full_like(residual, IRLS_EPS), residual)
+            irls = pixel_weight * torch.where(small, at_eps / IRLS_EPS, derivative / safe)
         monomials = (xs * xs, xs * ys, ys * ys, xs, ys, torch.ones_like(xs))
         rows = []
         for product in (irls * gradient_x * gradient_x, irls * gradient_x * gradient_y, irls * gradient_y * gradient_y):

@@ -25,7 +25,7 @@ GemanMcClureLoss   r^2 / (r^2 + c^2)                       2 r c^2 / (r^2 + c^2)
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -74,6 +74,19 @@ class L2Loss(PerPixelLoss):
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
         loss = r * r
         return (loss, 2.0 * r) if gradient else loss
+
+
+def constant_irls_weight(loss: PerPixelLoss) -> Optional[float]:
+    """The IRLS weight ``rho'(r) / r`` where it is one number for every ``r`` (L2: 2), else ``None``.
+
+    Gauss-Newton's normal matrix weighs each pixel by it; where it is constant the weight
+    image is the pixel weight times that number, with no division by the residual.  Only
+    L2's own ``forward`` and ``residual`` qualify (a subclass that changes them changes rho).
+    """
+    kind = type(loss)
+    if isinstance(loss, L2Loss) and kind.forward is PerPixelLoss.forward and kind.residual is L2Loss.residual:
+        return 2.0
+    return None
 
 
 class CauchyLoss(PerPixelLoss):

@@ -44,7 +44,7 @@ import torch
 from . import _chunks, fused
 from ._device import constant
 from ._validation import all_finite, check_compile_option, check_option
-from .losses import PerPixelLoss
+from .losses import PerPixelLoss, constant_irls_weight
 from .metrics import Metric, PerPixelMetric, get_metric
 from .sampling import (
     downsample,
@@ -464,7 +464,11 @@ class _Problem:
         self, kind: Transform, center: torch.Tensor, metric: Metric, interpolation: str, compile: bool = False
     ):
         self.kind, self.center, self.metric, self.interpolation = kind, center, metric, interpolation
+        if kind.linear:  # A(p) = A(0) + sum_k p_k J_k: both parts once (full resolution)
+            zeros = center.new_zeros(1, kind.num_parameters)
+            self.linear_parts = (kind.matrix(zeros, center)[0], kind.jacobian(zeros, center)[0])
         self.loss = metric.loss if isinstance(metric, PerPixelMetric) else None  # Gauss-Newton's rho
+        self.irls_constant = None if self.loss is None else constant_irls_weight(self.loss)
         # the compiled kernel serves a per-pixel metric's mean, bilinear, without a moving mask
         self.compile = (
             bool(compile) and self.loss is not None and self.metric.mean
@@ -481,7 +485,20 @@ class _Problem:
         return self.metric
 
     def matrices(self, params: torch.Tensor, level: _Level) -> tuple[torch.Tensor, torch.Tensor]:
-        """Level matrix ``S^-1 A S`` and Jacobian ``S^-1 dA/dp S``."""
+        """Level matrix ``S^-1 A S`` and Jacobian ``S^-1 dA/dp S``.
+
+        For a linear kind (:attr:`Transform.linear`) from the level's parts, made once:
+        ``S^-1 A(0) S + sum_k p_k S^-1 J_k S`` (elementwise, so that a pair's matrix does not
+        depend on the batch around it), and the constant Jacobian.
+        """
+        if self.kind.linear:
+            if "linear parts" not in level.cache:
+                offset, jacobian = self.linear_parts
+                level.cache["linear parts"] = (level.shrink_inverse @ offset @ level.shrink,
+                                               level.shrink_inverse @ jacobian @ level.shrink)
+            offset, jacobian = level.cache["linear parts"]
+            matrix = offset + (params[:, :, None, None] * jacobian).sum(1)
+            return matrix, jacobian.expand(params.shape[0], -1, -1, -1)
         matrix = self.kind.matrix(params, self.center)
         jacobian = self.kind.jacobian(params, self.center)
         return (
@@ -653,17 +670,23 @@ class _Problem:
                 level.moving, grid, interpolation=self.interpolation, padding_mode="border"
             )  # gradients (B, C, 2, h, w) in level pixels
             # the metric's derivative is w rho'(r) / n; the IRLS weight w rho'(r) / (r n) follows
+            # (for L2 it is 2 w / n: no division by the residual)
             cost, derivative = self.metric(values, level.fixed, valid, gradient=True)
             g_moments = grid_moments((derivative.unsqueeze(2) * gradients).sum(1), level.axes, channel_dim=1)
             count = valid.sum(dim=(1, 2, 3)).clamp_min(1.0) * level.fixed.shape[1]
-            irls = self._irls_weight(values - level.fixed, derivative, valid / count[:, None, None, None], level)
+            scale = valid / count[:, None, None, None]
+            irls = scale * self.irls_constant if self.irls_constant is not None else self._irls_weight(
+                values - level.fixed, derivative, scale, level)
             del values, derivative  # no longer needed: a batch's peak memory counts every image
             gx, gy = gradients[:, :, 0], gradients[:, :, 1]
             weighted_gx = irls * gx
             products = gx.new_empty(gx.shape[0], 3, *gx.shape[2:])  # (B, 3, h, w): summed over channels
             torch.sum(weighted_gx * gx, 1, out=products[:, 0])
             torch.sum(weighted_gx.mul_(gy), 1, out=products[:, 1])
-            torch.sum(irls.mul_(gy).mul_(gy), 1, out=products[:, 2])
+            # in place where the weights are an image of the channels' shape (a constant IRLS weight
+            # gives one per pixel, (B, 1, h, w), shared by the channels)
+            weighted_gy = irls.mul_(gy) if irls.shape == gy.shape else irls * gy
+            torch.sum(weighted_gy.mul_(gy), 1, out=products[:, 2])
             h_moments = grid_moments(products, level.axes, channel_dim=1, second_order=True)  # (B, 3, 6)
             return _in_parameters(cost, flat_jacobian, g_moments, h_moments)
         values = sample(level.moving, grid, interpolation=self.interpolation, padding_mode="border")
@@ -728,8 +751,11 @@ class _Stop(Exception):
 
 def _displacement(problem: _Problem, before: torch.Tensor, after: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
     """Largest distance in full-resolution pixels that a corner of the fixed image moves between two parameter sets."""
-    both = problem.kind.matrix(torch.cat([after, before]), problem.center)  # one call for the two
-    difference = both[: after.shape[0]] - both[after.shape[0]:]
+    if problem.kind.linear:  # A(after) - A(before) = sum_k (after - before)_k J_k
+        difference = ((after - before)[:, :, None, None] * problem.linear_parts[1]).sum(1)
+    else:
+        both = problem.kind.matrix(torch.cat([after, before]), problem.center)  # one call for the two
+        difference = both[: after.shape[0]] - both[after.shape[0]:]
     return (corners @ difference[:, :2, :].transpose(1, 2)).norm(dim=-1).amax(dim=-1)
 
 

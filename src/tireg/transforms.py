@@ -390,6 +390,12 @@ class Transform:
         from_matrix: ``(matrix (..., 3, 3), center) -> (..., P)``: the
             parameters of the transform of this kind closest to a matrix
             (exact when the matrix is of this kind).
+        linear: ``A(p)`` is affine in ``p`` (its Jacobian does not depend on
+            ``p``): ``A(p) = A(0) + sum_k p_k dA/dp_k``.  True for
+            translation and affine; ``register`` then forms a level's matrix
+            from precomputed parts in three operations instead of building
+            ``A`` and ``dA/dp`` at every evaluation.  Leave it ``False``
+            unless that identity holds.
     """
 
     name: str
@@ -398,6 +404,7 @@ class Transform:
     matrix: Callable[[torch.Tensor, CenterLike], torch.Tensor]
     jacobian: Callable[[torch.Tensor, CenterLike], torch.Tensor]
     from_matrix: Callable[[torch.Tensor, CenterLike], torch.Tensor]
+    linear: bool = False
 
     @property
     def num_parameters(self) -> int:
@@ -409,7 +416,8 @@ TRANSFORMS: dict[str, Transform] = {
     t.name: t
     for t in (
         Transform(
-            "translation", ("tx", "ty"), (0.0, 0.0), translation_matrix, translation_jacobian, translation_from_matrix
+            "translation", ("tx", "ty"), (0.0, 0.0), translation_matrix, translation_jacobian, translation_from_matrix,
+            linear=True,
         ),
         Transform("rigid", ("angle", "tx", "ty"), (0.0, 0.0, 0.0), rigid_matrix, rigid_jacobian, rigid_from_matrix),
         Transform(
@@ -435,6 +443,7 @@ TRANSFORMS: dict[str, Transform] = {
             affine_matrix,
             affine_jacobian,
             affine_from_matrix,
+            linear=True,
         ),
     )
 }
