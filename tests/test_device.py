@@ -46,3 +46,44 @@ def test_public_functions_return_tensors_of_their_own():
     # and the sampling grid, which uses the shared normalisation, is unchanged by the above
     grid = sampling_grid(torch.eye(3)[None], size, size)
     assert torch.allclose(grid[0, 0, 0], torch.tensor([-1 + 1 / 10, -1 + 1 / 8]))
+
+
+def test_cached_makes_once_per_key_dtype_and_device_and_keeps_a_bounded_number(monkeypatch):
+    import tireg._device as device_module
+
+    calls = []
+
+    def make():
+        calls.append(1)
+        return torch.arange(4.0)
+
+    first = device_module.cached(("test ramp", 4), torch.float32, "cpu", make)
+    assert device_module.cached(("test ramp", 4), torch.float32, "cpu", make) is first and len(calls) == 1
+    assert device_module.cached(("test ramp", 5), torch.float32, "cpu", make) is not first  # another key
+    assert device_module.cached(("test ramp", 4), torch.float64, "cpu", make) is not first  # another dtype
+    assert len(calls) == 3
+    monkeypatch.setattr(device_module, "CACHED_ENTRIES", 2)
+    for size in range(10):
+        device_module.cached(("test bound", size), torch.float32, "cpu", make)
+    assert len(device_module._cache) == 2  # the least recently used went first
+    with torch.inference_mode():  # made under inference mode, still a normal tensor
+        made = device_module.cached(("test inference",), torch.float32, "cpu", make)
+    assert not made.is_inference()
+
+
+def test_no_caller_changes_a_kept_tensor():
+    """The initialiser's windows, the blur kernels and the padding indices are kept: the first call
+    makes them, the second takes them from the cache and gives the first call's result bit for bit
+    (a caller that changed one in place would show here)."""
+    import tireg
+    import tireg._device as device_module
+    from tireg.sampling import gaussian_blur
+
+    device_module._cache.clear()
+
+    generator = torch.Generator().manual_seed(3)
+    fixed = torch.rand(1, 1, 80, 96, generator=generator)
+    moving = torch.roll(fixed, (3, -5), (-2, -1))
+    first = (tireg.initialize.initialize(fixed, moving, "similarity"), gaussian_blur(fixed, 1.5))
+    second = (tireg.initialize.initialize(fixed, moving, "similarity"), gaussian_blur(fixed, 1.5))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -1,4 +1,4 @@
-"""Small constant tensors, made once per device, so that a loop never copies from the host.
+"""Constant tensors, made once per device, so that a loop never copies from the host.
 
 ``torch.tensor(values, device="cuda")`` copies from pageable host memory, and
 PyTorch waits for that copy, and with it for all the work queued on the
@@ -11,6 +11,10 @@ while the host queues the next launches, however rarely the loop itself
 looks at the device.  :func:`constant` makes each one once per
 ``(values, dtype, device)`` and hands out the same tensor from then on.
 
+:func:`cached` keeps, the same way, tensors that are computed on the device
+but depend only on a size (a window, a filter, a sampling grid, a kernel):
+each was a dozen operations a call, every one a launch on a GPU.
+
 The tensors are shared: callers use them as operands and never modify them
 in place, nor return them to users (a public function returns a copy).
 """
@@ -18,11 +22,13 @@ in place, nor return them to users (a public function returns a copy).
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Union
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["constant"]
+__all__ = ["constant", "cached"]
 
 Values = Union[float, int, Sequence]
 
@@ -53,3 +59,34 @@ def constant(values: Values, like: torch.Tensor, dtype: Optional[torch.dtype] = 
     if torch.compiler.is_compiling():
         return torch.tensor(values, dtype=dtype, device=like.device)
     return _cached(_frozen(values), dtype, like.device)
+
+
+#: How many :func:`cached` entries are kept (the least recently used go first): a registration
+#: uses a few per pyramid level and initialiser size.
+CACHED_ENTRIES = 64
+_cache: "OrderedDict[tuple, Any]" = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def cached(key: tuple, dtype: torch.dtype, device: Union[torch.device, str], make: Callable[[], Any]) -> Any:
+    """What ``make()`` returns (tensors on ``device`` in ``dtype``, made by device operations),
+    kept under ``(key, dtype, device)``: made on the first call, the same object afterwards.
+
+    ``key`` must name everything the result depends on besides dtype and device (a size, a
+    sigma).  Made outside autograd and inference mode (the result may meet either later);
+    inside code that ``torch.compile`` traces, ``make()`` itself.
+    """
+    if torch.compiler.is_compiling():
+        return make()
+    full_key = (key, dtype, torch.device(device))
+    with _cache_lock:
+        if full_key in _cache:
+            _cache.move_to_end(full_key)
+            return _cache[full_key]
+    with torch.inference_mode(False), torch.no_grad():
+        value = make()
+    with _cache_lock:
+        _cache[full_key] = value
+        while len(_cache) > CACHED_ENTRIES:
+            _cache.popitem(last=False)
+    return value

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from ._chunks import chunk_slices
+from ._device import cached, constant
 from ._validation import check_image, check_option
 from .metrics import NCC
 from .sampling import downsample, gaussian_blur, shrink_matrix, warp
@@ -209,19 +210,47 @@ def _correlation_surface(fixed: torch.Tensor, moving: torch.Tensor, window: Opti
     magnitude = cross.abs()
     floor = 1e-9 * magnitude.flatten(1).amax(dim=1).view(-1, 1, 1) + torch.finfo(magnitude.dtype).tiny
     height, width = fixed.shape[-2:]
-    real = magnitude.dtype
-    taper_y = torch.cos(math.pi * torch.fft.fftfreq(height, dtype=real, device=cross.device)) ** 2
-    taper_x = torch.cos(math.pi * torch.fft.rfftfreq(width, dtype=real, device=cross.device)) ** 2
+    taper = cached(("taper", height, width), magnitude.dtype, cross.device, lambda: _taper(height, width, magnitude))
     # scale the real and imaginary parts by one real factor: a complex division costs twice as much
-    scale = (taper_y[:, None] * taper_x) / (magnitude + floor)
+    scale = taper / (magnitude + floor)
     return torch.view_as_complex(torch.view_as_real(cross) * scale[..., None])
+
+
+def _taper(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """:func:`_correlation_surface`'s ``cos^2(pi xi) cos^2(pi eta)`` on the rfft2 half grid, ``(H, W // 2 + 1)``."""
+    taper_y = torch.cos(math.pi * torch.fft.fftfreq(height, dtype=like.dtype, device=like.device)) ** 2
+    taper_x = torch.cos(math.pi * torch.fft.rfftfreq(width, dtype=like.dtype, device=like.device)) ** 2
+    return taper_y[:, None] * taper_x
 
 
 def _parabolic_offset(left: torch.Tensor, centre: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """Vertex of the parabola through ``(-1, left), (0, centre), (1, right)``, clamped to ``[-0.5, 0.5]``."""
     curvature = left - 2.0 * centre + right
-    offset = 0.5 * (left - right) / torch.where(curvature < 0, curvature, -torch.ones_like(curvature))
-    return torch.where(curvature < 0, offset, torch.zeros_like(offset)).clamp(-0.5, 0.5)
+    concave = curvature < 0
+    offset = 0.5 * (left - right) / torch.where(concave, curvature, -1.0)
+    return torch.where(concave, offset, 0.0).clamp(-0.5, 0.5)
+
+
+def _neighbourhood(values: torch.Tensor, y: torch.Tensor, x: torch.Tensor, *, wrap: bool) -> torch.Tensor:
+    """``values`` ``(N, H, W)`` at each item's ``(y, x)`` and its four neighbours, wrapped around
+    (``wrap``) or clamped at the edges: ``(N, 5)`` in the order centre, left, up, right, down.
+
+    One gather for the five: picked one by one they were five index computations each.
+    """
+    height, width = values.shape[-2:]
+    rows = y[:, None] + constant((0, 0, -1, 0, 1), like=y)
+    columns = x[:, None] + constant((0, -1, 0, 1, 0), like=x)
+    if wrap:
+        rows, columns = rows % height, columns % width
+    else:
+        rows, columns = rows.clamp(0, height - 1), columns.clamp(0, width - 1)
+    items = torch.arange(values.shape[0], device=values.device)[:, None]
+    return values[items, rows, columns]
+
+
+def _parabolic_offsets(neighbourhood: torch.Tensor) -> torch.Tensor:
+    """:func:`_parabolic_offset` along ``x`` and ``y`` at once: ``(N, 5)`` of :func:`_neighbourhood` -> ``(N, 2)``."""
+    return _parabolic_offset(neighbourhood[:, 1:3], neighbourhood[:, :1], neighbourhood[:, 3:5])
 
 
 def _band_limited(spectrum: torch.Tensor, width: int, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -239,11 +268,12 @@ def _band_limited(spectrum: torch.Tensor, width: int, rows: torch.Tensor, column
     real = spectrum.real.dtype
     freq_x = torch.fft.fftfreq(width, device=spectrum.device, dtype=real)[:half_width]
     freq_y = torch.fft.fftfreq(height, device=spectrum.device, dtype=real)
-    weight = torch.full((half_width,), 2.0, dtype=real, device=spectrum.device)
-    weight[0] = 1.0
+    weights = [2.0] * half_width
+    weights[0] = 1.0
     if width % 2 == 0:
-        weight[-1] = 1.0  # the Nyquist column is its own partner
-    unit = torch.ones((), dtype=real, device=spectrum.device)
+        weights[-1] = 1.0  # the Nyquist column is its own partner
+    weight = constant(tuple(weights), like=freq_x)  # made once a size: no host copy a call
+    unit = constant(1.0, like=freq_x)
     kernel_y = torch.polar(unit, 2 * math.pi * rows[:, :, None] * freq_y)  # (N, K, H)
     kernel_x = torch.polar(weight[:, None], 2 * math.pi * freq_x[:, None] * columns[:, None, :])  # (N, W', K)
     return torch.bmm(torch.bmm(kernel_y, spectrum), kernel_x).real
@@ -260,60 +290,43 @@ def _peak_shift(spectrum: torch.Tensor, width: int, *, upsample: int = 10) -> to
     point and its neighbours.  With ``upsample=1`` only the parabolic fit on
     the integer grid is used.
     """
-    count, height = spectrum.shape[:2]
+    height = spectrum.shape[1]
     real = spectrum.real.dtype
     surface = torch.fft.irfft2(spectrum, s=(height, width))
     flat_index = surface.flatten(1).argmax(dim=1)
     peak_y = torch.div(flat_index, width, rounding_mode="floor")
     peak_x = flat_index - peak_y * width
+    peak = torch.stack([peak_x, peak_y], dim=1).to(real)
     if upsample <= 1:
-        rows = torch.arange(count, device=spectrum.device)
-        def at(dy: int, dx: int) -> torch.Tensor:
-            return surface[rows, (peak_y + dy) % height, (peak_x + dx) % width]
-
-        centre = at(0, 0)
-        sub_x = _parabolic_offset(at(0, -1), centre, at(0, 1))
-        sub_y = _parabolic_offset(at(-1, 0), centre, at(1, 0))
-        shift = torch.stack([peak_x.to(real) + sub_x, peak_y.to(real) + sub_y], dim=1)
+        shift = peak + _parabolic_offsets(_neighbourhood(surface, peak_y, peak_x, wrap=True))
     else:
         half = int(math.ceil(1.5 * upsample))
         steps = torch.arange(-half, half + 1, device=spectrum.device, dtype=real) / upsample  # (K,)
-        pos_x = peak_x.to(real)[:, None] + steps  # (N, K)
-        pos_y = peak_y.to(real)[:, None] + steps
-        local = _band_limited(spectrum, width, pos_y, pos_x)  # (N, K, K)
+        local = _band_limited(spectrum, width, peak[:, 1:] + steps, peak[:, :1] + steps)  # (N, K, K)
         size = 2 * half + 1
         best = local.flatten(1).argmax(dim=1)
         best_y = torch.div(best, size, rounding_mode="floor")
         best_x = best - best_y * size
-        rows = torch.arange(count, device=spectrum.device)
-        def at(dy: int, dx: int) -> torch.Tensor:
-            return local[rows, (best_y + dy).clamp(0, size - 1), (best_x + dx).clamp(0, size - 1)]
-
-        centre = at(0, 0)
-        inner_x = (best_x > 0) & (best_x < size - 1)
-        inner_y = (best_y > 0) & (best_y < size - 1)
-        sub_x = torch.where(inner_x, _parabolic_offset(at(0, -1), centre, at(0, 1)), torch.zeros_like(centre))
-        sub_y = torch.where(inner_y, _parabolic_offset(at(-1, 0), centre, at(1, 0)), torch.zeros_like(centre))
-        shift = torch.stack(
-            [
-                peak_x.to(real) + (best_x.to(real) - half + sub_x) / upsample,
-                peak_y.to(real) + (best_y.to(real) - half + sub_y) / upsample,
-            ],
-            dim=1,
-        )
+        best_xy = torch.stack([best_x, best_y], dim=1)
+        # the parabola only inside the grid: at its edge the peak lies beyond (the grid spans 1.5 pixels)
+        inner = (best_xy > 0) & (best_xy < size - 1)
+        offsets = torch.where(inner, _parabolic_offsets(_neighbourhood(local, best_y, best_x, wrap=False)), 0.0)
+        shift = peak + (best_xy.to(real) - half + offsets) / upsample
     # wrap-around: a peak beyond half the size is a negative shift; an axis of length 1 has no shift
-    sizes = torch.tensor([width, height], dtype=real, device=spectrum.device)
+    sizes = constant((float(width), float(height)), like=shift)
     shift = shift - sizes * (shift >= sizes / 2).to(real)
-    shift = torch.where(sizes > 1, shift, torch.zeros_like(shift))
+    if min(width, height) <= 1:
+        shift = torch.where(sizes > 1, shift, 0.0)
     # a flat surface (a constant image: R = 0) has no peak: no shift
     flat = surface.flatten(1).amax(dim=1) - surface.flatten(1).amin(dim=1) <= torch.finfo(real).tiny
-    return torch.where(flat[:, None], torch.zeros_like(shift), shift)
+    return torch.where(flat[:, None], 0.0, shift)
 
 
 def _phase_shift(fixed: torch.Tensor, moving: torch.Tensor, *, window: bool = True, upsample: int = 10) -> torch.Tensor:
     """:func:`phase_correlation` on checked ``(N, 1, H, W)`` luminance images; ``(N, 2)``."""
     height, width = fixed.shape[-2:]
-    hann = _hann(height, fixed)[:, None] * _hann(width, fixed) if window else None
+    hann = cached(("hann", height, width), fixed.dtype, fixed.device,
+                  lambda: _hann(height, fixed)[:, None] * _hann(width, fixed)) if window else None
     spectrum = _correlation_surface(fixed[:, 0], moving[:, 0], hann)
     return _peak_shift(spectrum, width, upsample=upsample)
 
@@ -387,22 +400,35 @@ def _log_polar_spectrum(
     ``rho = r_min (r_max / r_min)^(i / (radii - 1))``, in frequency-index units.
     """
     count, _, height, width = image.shape
-    windowed = _centred(image[:, 0]) * _radial_window(height, width, image)
+    dtype, device = image.dtype, image.device
+    window = cached(("radial window", height, width), dtype, device, lambda: _radial_window(height, width, image))
+    windowed = _centred(image[:, 0]) * window
     magnitude = torch.fft.fftshift(torch.fft.fft2(windowed, s=(size, size)).abs(), dim=(-2, -1))
-    freq = torch.fft.fftshift(torch.fft.fftfreq(size, dtype=image.dtype, device=image.device))
+    high_pass = cached(("high-pass", size), dtype, device, lambda: _high_pass(size, image))
+    grid = cached(("log-polar grid", size, angles, radii, r_min, r_max), dtype, device,
+                  lambda: _log_polar_grid(size, angles, radii, r_min, r_max, image))
+    return F.grid_sample((magnitude * high_pass)[:, None], grid.expand(count, angles, radii, 2), mode="bilinear",
+                         padding_mode="zeros", align_corners=False)
+
+
+def _high_pass(size: int, like: torch.Tensor) -> torch.Tensor:
+    """Reddy & Chatterji's ``H = (1 - X)(2 - X)``, ``X = cos(pi xi) cos(pi eta)``, on the fftshifted ``size^2`` grid."""
+    freq = torch.fft.fftshift(torch.fft.fftfreq(size, dtype=like.dtype, device=like.device))
     cosines = torch.cos(math.pi * freq)
     band = cosines[:, None] * cosines
-    magnitude = magnitude * (1.0 - band) * (2.0 - band)
-    phi = torch.arange(angles, dtype=image.dtype, device=image.device) * (math.pi / angles)
+    return (1.0 - band) * (2.0 - band)
+
+
+def _log_polar_grid(size: int, angles: int, radii: int, r_min: float, r_max: float, like: torch.Tensor) -> torch.Tensor:
+    """``grid_sample`` points of :func:`_log_polar_spectrum`'s samples, ``(1, angles, radii, 2)``."""
+    phi = torch.arange(angles, dtype=like.dtype, device=like.device) * (math.pi / angles)
     rho = r_min * torch.exp(
-        torch.arange(radii, dtype=image.dtype, device=image.device) * (math.log(r_max / r_min) / (radii - 1))
+        torch.arange(radii, dtype=like.dtype, device=like.device) * (math.log(r_max / r_min) / (radii - 1))
     )
     centre = size // 2  # zero frequency after fftshift
     kx = centre + rho[None, :] * torch.cos(phi)[:, None]  # (angles, radii), index units
     ky = centre + rho[None, :] * torch.sin(phi)[:, None]
-    grid = torch.stack([(2 * kx + 1) / size - 1, (2 * ky + 1) / size - 1], dim=-1)
-    grid = grid.expand(count, angles, radii, 2)
-    return F.grid_sample(magnitude[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return torch.stack([(2 * kx + 1) / size - 1, (2 * ky + 1) / size - 1], dim=-1)[None]
 
 
 def _fourier_mellin(fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

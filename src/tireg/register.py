@@ -560,10 +560,9 @@ class _Problem:
         # on the CPU a look is free and saves the masking; on a GPU it would wait for the device
         if not _looks_are_free(overlap.device) or not bool(overlap.all()):
             evaluation = _Evaluation(
-                torch.where(overlap, evaluation.cost, torch.full_like(evaluation.cost, float("inf"))),
-                torch.where(overlap[:, None], evaluation.gradient, torch.zeros_like(evaluation.gradient)),
-                None if evaluation.hessian is None else torch.where(
-                    overlap[:, None, None], evaluation.hessian, torch.zeros_like(evaluation.hessian)),
+                torch.where(overlap, evaluation.cost, float("inf")),
+                torch.where(overlap[:, None], evaluation.gradient, 0.0),
+                None if evaluation.hessian is None else torch.where(overlap[:, None, None], evaluation.hessian, 0.0),
             )
         return evaluation
 
@@ -841,11 +840,11 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         status = torch.where(converged, _CONVERGED, status)
         if level.factor > 1:
             params = torch.where(converged[:, None], params + step, params)
-        active = active & ~converged
+        active = active ^ converged  # active & ~converged (converged pairs are active ones): one operation
         if interval == 1 and not bool(active.any()):
             break
         passes.append(active.any())
-        step = torch.where(active[:, None], step, torch.zeros_like(step))
+        step = torch.where(active[:, None], step, 0.0)
         trial_params = params + step
         trial = problem.evaluate(trial_params, level, hessian=True)
         better = active & (trial.cost <= current.cost) & torch.isfinite(trial.cost)
@@ -857,9 +856,9 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         )
         damping = torch.where(better, (damping * 0.3).clamp_min(1e-9), damping * 10.0)
         iterations += active
-        stalled = active & ~better & (damping > 1e6)
+        stalled = (active ^ better) & (damping > 1e6)  # better pairs are active ones
         status = torch.where(stalled, _STALLED, status)
-        active = active & ~stalled
+        active = active ^ stalled
         costs.append(current.cost.detach().clone())
         _notify(callback, level_index, level, iteration, current.cost, problem, params, active)
         if _should_look(iteration, interval) and not bool(active.any()):

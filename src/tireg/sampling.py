@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ._validation import INTERPOLATIONS, PADDING_MODES, check_image, check_matrix, check_option
-from ._device import constant
+from ._device import cached, constant
 from .transforms import ALIGN_CORNERS, pixel_to_normalized
 
 __all__ = [
@@ -381,7 +381,13 @@ def stack_with_gradient(moving: torch.Tensor, gradient: torch.Tensor) -> torch.T
 
 
 def _extension_index(length: int, pad: int, padding_mode: str, device: torch.device) -> torch.Tensor:
-    """Source index of each of ``length + 2 pad`` positions of the extended axis."""
+    """Source index of each of ``length + 2 pad`` positions of the extended axis (made once per
+    length, pad, mode and device: :func:`tireg._device.cached`)."""
+    return cached(("extension index", length, pad, padding_mode), torch.long, device,
+                  lambda: _make_extension_index(length, pad, padding_mode, device))
+
+
+def _make_extension_index(length: int, pad: int, padding_mode: str, device: torch.device) -> torch.Tensor:
     index = torch.arange(-pad, length + pad, device=device)
     if padding_mode == "border":
         return index.clamp(0, length - 1)
@@ -405,7 +411,13 @@ def extend(image: torch.Tensor, pad: int, padding_mode: str) -> torch.Tensor:
 
 
 def _derivative_kernels(method: str, sigma: float, dtype: torch.dtype, device: torch.device):
-    """1-D ``(smoothing, derivative)`` correlation kernels with ``sum_k derivative(k) * k = 1``."""
+    """1-D ``(smoothing, derivative)`` correlation kernels with ``sum_k derivative(k) * k = 1``
+    (made once per method, sigma, dtype and device: :func:`tireg._device.cached`)."""
+    return cached(("derivative kernels", method, float(sigma)), dtype, device,
+                  lambda: _make_derivative_kernels(method, float(sigma), dtype, device))
+
+
+def _make_derivative_kernels(method: str, sigma: float, dtype: torch.dtype, device: torch.device):
     if method == "central":
         smoothing = torch.tensor([0.0, 1.0, 0.0], dtype=dtype, device=device)
         derivative = torch.tensor([-0.5, 0.0, 0.5], dtype=dtype, device=device)
