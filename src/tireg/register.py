@@ -464,7 +464,8 @@ class _Problem:
         self, kind: Transform, center: torch.Tensor, metric: Metric, interpolation: str, compile: bool = False
     ):
         self.kind, self.center, self.metric, self.interpolation = kind, center, metric, interpolation
-        if kind.linear:  # A(p) = A(0) + sum_k p_k J_k: both parts once (full resolution)
+        self.linear_parts = None  # for a linear kind, A(0) and J (A(p) = A(0) + sum_k p_k J_k), once
+        if kind.linear:
             zeros = center.new_zeros(1, kind.num_parameters)
             self.linear_parts = (kind.matrix(zeros, center)[0], kind.jacobian(zeros, center)[0])
         self.loss = metric.loss if isinstance(metric, PerPixelMetric) else None  # Gauss-Newton's rho
