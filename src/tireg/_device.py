@@ -21,7 +21,6 @@ in place, nor return them to users (a public function returns a copy).
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections import OrderedDict
 from typing import Any, Callable, Optional, Sequence, Union
@@ -40,30 +39,22 @@ def _frozen(values: Values) -> Union[float, int, tuple]:
     return values
 
 
-@functools.lru_cache(maxsize=1024)
-def _cached(values: Union[float, int, tuple], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # a normal tensor even when first asked for under torch.inference_mode(): an inference
-    # tensor cannot be saved for backward, and the constant may later meet an autograd graph
-    with torch.inference_mode(False):
-        return torch.tensor(values, dtype=dtype, device=device)
-
-
 def constant(values: Values, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The tensor of ``values`` with ``like``'s device (and dtype, unless ``dtype`` is given).
 
     Made on the first call for these values, dtype and device, and the same tensor from then
-    on: the one host-to-device copy happens once, not in every iteration.  Inside code that
-    ``torch.compile`` traces it is a plain ``torch.tensor``, a constant of the compiled graph.
+    on (:func:`cached`): the one host-to-device copy happens once, not in every iteration.
+    Inside code that ``torch.compile`` traces it is a plain ``torch.tensor``, a constant of the
+    compiled graph.
     """
     dtype = like.dtype if dtype is None else dtype
-    if torch.compiler.is_compiling():
-        return torch.tensor(values, dtype=dtype, device=like.device)
-    return _cached(_frozen(values), dtype, like.device)
+    return cached(("constant", _frozen(values)), dtype, like.device,
+                  lambda: torch.tensor(values, dtype=dtype, device=like.device))
 
 
-#: How many :func:`cached` entries are kept (the least recently used go first): a registration
-#: uses a few per pyramid level and initialiser size.
-CACHED_ENTRIES = 64
+#: How many :func:`cached` entries (constants included) are kept, the least recently used
+#: going first: a registration uses a few dozen (some per pyramid level and initialiser size).
+CACHED_ENTRIES = 256
 _cache: "OrderedDict[tuple, Any]" = OrderedDict()
 _cache_lock = threading.Lock()
 
