@@ -81,6 +81,15 @@ def test_products_equal_the_gauss_newton_moments(generator):
     torch.testing.assert_close(result.products, expected, rtol=1e-10, atol=1e-9)
 
 
+@needs_compile
+def test_grid_moments_trace_under_compile(generator):
+    """grid_moments inside a torch.compile graph (its power tables made in the graph, nothing kept)."""
+    values = torch.randn(2, 9, 11, 3, generator=generator, dtype=torch.float64)
+    axes = (torch.arange(9.0).double() + 4.0, torch.arange(11.0).double())
+    traced = torch.compile(lambda v, ys, xs: grid_moments(v, (ys, xs), second_order=True), fullgraph=True)
+    torch.testing.assert_close(traced(values, *axes), grid_moments(values, axes, second_order=True))
+
+
 def test_inside_only_counts_points_inside_the_moving_image(generator):
     fixed = smooth_random_image((1, 1, 20, 20), generator)
     moving = smooth_random_image((1, 1, 20, 20), generator)

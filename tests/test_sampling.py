@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from conftest import smooth_random_image
 from tireg.sampling import (
     extend,
+    grid_moments,
     image_gradient,
+    pixel_axes,
     pixel_grid,
     sample,
     sample_with_gradient,
@@ -557,3 +559,52 @@ def test_all_finite_by_a_sum_agrees_with_the_elementwise_test(dtype):
     with pytest.raises(ValueError, match=r"register\(\): 'fixed' contains NaN or Inf"):
         tireg.register(torch.where(image[:1, :1] > 0.5, image[:1, :1], torch.tensor(float("inf"), dtype=dtype)),
                        image[:1, :1])
+
+
+def _moments_per_pixel(values: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, second_order: bool) -> torch.Tensor:
+    """Reference: a per-pixel coordinate array, ``(B, K, H, W)`` values -> ``(B, K, 3 or 6)``."""
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    monomials = [x, y, torch.ones_like(x)]
+    if second_order:
+        monomials = [x * x, x * y, y * y] + monomials
+    return torch.stack([(values * m).sum(dim=(-2, -1)) for m in monomials], dim=-1)
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("channel_dim", [1, -1])
+def test_grid_moments_equal_the_per_pixel_sums(second_order, channels, channel_dim, generator):
+    """Both layouts, both orders, one and several channels, axes that start anywhere (a band's rows)."""
+    values = torch.randn(2, channels, HEIGHT, WIDTH, generator=generator, dtype=torch.float64)
+    ys = torch.arange(HEIGHT, dtype=torch.float64) + 11.0  # rows 11.. of a taller image
+    xs = torch.arange(WIDTH, dtype=torch.float64) - 3.5
+    expected = _moments_per_pixel(values, ys, xs, second_order)
+    laid_out = values if channel_dim == 1 else values.permute(0, 2, 3, 1).contiguous()
+    moments = grid_moments(laid_out, (ys, xs), channel_dim=channel_dim, second_order=second_order)
+    assert moments.shape == (2, channels, 6 if second_order else 3)
+    torch.testing.assert_close(moments, expected, rtol=1e-12, atol=1e-9)
+
+
+def test_grid_moments_follow_axes_changed_in_place(generator):
+    """The axes' power tables are kept per tensor: changing the tensor in place must not reuse stale ones."""
+    values = torch.randn(1, 2, HEIGHT, WIDTH, generator=generator, dtype=torch.float64)
+    ys, xs = pixel_axes((HEIGHT, WIDTH), dtype=torch.float64)
+    before = grid_moments(values, (ys, xs), channel_dim=1, second_order=True)
+    torch.testing.assert_close(before, _moments_per_pixel(values, ys, xs, True))
+    xs.add_(2.0)
+    ys.mul_(0.5)
+    after = grid_moments(values, (ys, xs), channel_dim=1, second_order=True)
+    torch.testing.assert_close(after, _moments_per_pixel(values, ys, xs, True))
+    assert not torch.allclose(after, before)
+
+
+def test_grid_moments_take_inference_mode_axes(generator):
+    """Axes made under ``torch.inference_mode`` (no version counter) work inside and outside it."""
+    values = torch.randn(2, HEIGHT, WIDTH, 2, generator=generator, dtype=torch.float64)
+    with torch.inference_mode():
+        axes = pixel_axes((HEIGHT, WIDTH), dtype=torch.float64)
+        inside = grid_moments(values, axes)
+    outside = grid_moments(values, axes)
+    expected = _moments_per_pixel(values.movedim(-1, 1), *axes, second_order=False)
+    torch.testing.assert_close(inside, expected)
+    torch.testing.assert_close(outside, expected)
