@@ -672,22 +672,24 @@ class _Problem:
             # the metric's derivative is w rho'(r) / n; the IRLS weight w rho'(r) / (r n) follows
             # (for L2 it is 2 w / n: no division by the residual)
             cost, derivative = self.metric(values, level.fixed, valid, gradient=True)
-            g_moments = grid_moments((derivative.unsqueeze(2) * gradients).sum(1), level.axes, channel_dim=1)
+            # the per-pixel images whose moments a step needs, in one buffer for one grid_moments
+            # call: the metric's gradient (gx, gy) summed over channels, then the products
+            # (gx gx, gx gy, gy gy) weighted by the IRLS weight, summed over channels
+            pixels = gradients.new_empty(gradients.shape[0], 5, *gradients.shape[3:])  # (B, 5, h, w)
+            _channel_sum(derivative.unsqueeze(2), gradients, out=pixels[:, :2])
             count = valid.sum(dim=(1, 2, 3)).clamp_min(1.0) * level.fixed.shape[1]
             scale = valid / count[:, None, None, None]
             irls = scale * self.irls_constant if self.irls_constant is not None else self._irls_weight(
                 values - level.fixed, derivative, scale, level)
             del values, derivative  # no longer needed: a batch's peak memory counts every image
             gx, gy = gradients[:, :, 0], gradients[:, :, 1]
-            weighted_gx = irls * gx
-            products = gx.new_empty(gx.shape[0], 3, *gx.shape[2:])  # (B, 3, h, w): summed over channels
-            torch.sum(weighted_gx * gx, 1, out=products[:, 0])
-            torch.sum(weighted_gx.mul_(gy), 1, out=products[:, 1])
+            _channel_sum((irls * gx).unsqueeze(2), gradients, out=pixels[:, 2:4])  # w gx (gx, gy)
             # in place where the weights are an image of the channels' shape (a constant IRLS weight
             # gives one per pixel, (B, 1, h, w), shared by the channels)
-            weighted_gy = irls.mul_(gy) if irls.shape == gy.shape else irls * gy
-            torch.sum(weighted_gy.mul_(gy), 1, out=products[:, 2])
-            h_moments = grid_moments(products, level.axes, channel_dim=1, second_order=True)  # (B, 3, 6)
+            _channel_sum(irls.mul_(gy) if irls.shape == gy.shape else irls * gy, gy, out=pixels[:, 4])
+            # (B, 5, 6): moments (x^2, xy, y^2, x, y, 1); the gradient's are its last three
+            moments = grid_moments(pixels, level.axes, channel_dim=1, second_order=True)
+            g_moments, h_moments = moments[:, :2, 3:], moments[:, 2:]
             return _in_parameters(cost, flat_jacobian, g_moments, h_moments)
         values = sample(level.moving, grid, interpolation=self.interpolation, padding_mode="border")
         cost, derivative = self._level_metric(level)(values, level.fixed, valid, gradient=True)
@@ -697,6 +699,14 @@ class _Problem:
         scale = shared_pixel_scale(level.moving.shape[-2:], like=grid)
         g_moments = grid_moments(g_normalized, level.axes) * scale[:, None]
         return _in_parameters(cost, flat_jacobian, g_moments, None)
+
+
+def _channel_sum(first: torch.Tensor, second: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+    """``out = sum_c first * second`` over dimension 1 (the channels), broadcasting the rest;
+    with one channel a single product written straight into ``out``."""
+    if first.shape[1] == 1 and second.shape[1] == 1:
+        return torch.mul(first[:, 0], second[:, 0], out=out)
+    return torch.sum(first * second, 1, out=out)
 
 
 # Hessian in matrix space: H[(i, a), (j, b)] = sum w g_i g_j m_a m_b, with gradient components
