@@ -82,6 +82,25 @@ def test_analytic_model_with_metric_equals_autograd(images, name, transform, dev
     assert (found - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+@pytest.mark.parametrize("mean", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_per_pixel_metric_is_the_weighted_sum_or_mean_of_its_loss(images, mean, weighted):
+    """cost = sum_c sum_x w rho(x - y), divided by C sum w with ``mean``; the derivative w rho' / that;
+    and scaled() with pixel_scale()'s factor (register's Gauss-Newton path) gives the same."""
+    fixed, moving, weight = images
+    weight = weight if weighted else None
+    metric = PerPixelMetric("cauchy", mean=mean)
+    rho, rho_prime = tireg.CauchyLoss()(moving, fixed, True)
+    w = torch.ones_like(fixed[:, :1]) if weight is None else weight
+    divisor = (w.sum(dim=(1, 2, 3)) * fixed.shape[1])[:, None, None, None] if mean else 1.0
+    expected_cost = (w * rho / divisor).sum(dim=(1, 2, 3))
+    expected_derivative = (w * rho_prime / divisor).expand_as(moving)
+    for cost, derivative in (metric(moving, fixed, weight, gradient=True),
+                             metric.scaled(moving, fixed, metric.pixel_scale(fixed, weight), gradient=True)):
+        torch.testing.assert_close(cost, expected_cost, rtol=1e-12, atol=0)
+        torch.testing.assert_close(derivative, expected_derivative, rtol=1e-12, atol=0)
+
+
 def test_ncc_is_invariant_to_gain_and_offset(images):
     fixed, moving, weight = images
     assert torch.allclose(NCC()(3.0 * moving + 2.0, fixed, weight), NCC()(moving, fixed, weight))

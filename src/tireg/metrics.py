@@ -93,18 +93,43 @@ class PerPixelMetric(Metric):
         self.mean = bool(mean)
 
     def __call__(self, x, y, weight=None, gradient=False):
+        return self.scaled(x, y, self.pixel_scale(x, weight), gradient)
+
+    def pixel_scale(
+        self, x: torch.Tensor, weight: Optional[torch.Tensor] = None
+    ) -> Union[torch.Tensor, float, None]:
+        """The factor ``s`` of each pixel's term in the cost, ``cost = sum_c sum_x s rho(x - y)``.
+
+        With ``mean``, ``s = w / (C sum w)`` (the count at least 1), ``(B, 1, H, W)``, or
+        ``1 / (C H W)`` as a number without weights; otherwise ``w`` (``None``: 1).
+        """
+        if not self.mean:
+            return weight
+        if weight is None:  # a number: no tensor made on the host and copied to the device
+            return 1.0 / (x.shape[1] * x.shape[-2] * x.shape[-1])
+        count = (weight.flatten(1).sum(1) * x.shape[1]).clamp_min(1.0)
+        return weight / count[:, None, None, None]
+
+    def scaled(
+        self, x: torch.Tensor, y: torch.Tensor, scale: Union[torch.Tensor, float, None], gradient: bool = False
+    ) -> MetricOutput:
+        """``cost = sum_c sum_x s rho(x - y)`` and, with ``gradient``, ``d cost / d x = s rho'(x - y)``.
+
+        ``scale`` is :meth:`pixel_scale`'s ``s``: an image ``(B, 1, H, W)``, a number or ``None``
+        (1).  A caller that needs ``s`` itself (register's Gauss-Newton weights) makes it once and
+        passes it here: one product per image instead of a weight and a division.
+        """
         if gradient:
             per_pixel, derivative = self.loss(x, y, True)
         else:
             per_pixel, derivative = self.loss(x, y), None
-        if weight is not None:
-            per_pixel = per_pixel * weight
-            derivative = None if derivative is None else derivative * weight
+        if isinstance(scale, torch.Tensor):
+            per_pixel = per_pixel * scale
         cost = per_pixel.flatten(1).sum(1)
-        if self.mean:
-            count = (_weight(weight, x).flatten(1).sum(1) * x.shape[1]).clamp_min(1.0)
-            cost = cost / count
-            derivative = None if derivative is None else derivative / count[:, None, None, None]
+        if scale is not None and not isinstance(scale, torch.Tensor):
+            cost = cost * scale
+        if derivative is not None and scale is not None:
+            derivative = derivative * scale
         return (cost, derivative) if gradient else cost
 
     def __repr__(self) -> str:

@@ -669,16 +669,15 @@ class _Problem:
             values, gradients = sample_with_gradient(
                 level.moving, grid, interpolation=self.interpolation, padding_mode="border"
             )  # gradients (B, C, 2, h, w) in level pixels
-            # the metric's derivative is w rho'(r) / n; the IRLS weight w rho'(r) / (r n) follows
-            # (for L2 it is 2 w / n: no division by the residual)
-            cost, derivative = self.metric(values, level.fixed, valid, gradient=True)
+            # each pixel's factor s = w / n (the metric's mean), made once: the metric's derivative
+            # is s rho'(r), the IRLS weight s rho'(r) / r (for L2 the number 2 s)
+            scale = self.metric.pixel_scale(level.fixed, valid)
+            cost, derivative = self.metric.scaled(values, level.fixed, scale, gradient=True)
             # the per-pixel images whose moments a step needs, in one buffer for one grid_moments
             # call: the metric's gradient (gx, gy) summed over channels, then the products
             # (gx gx, gx gy, gy gy) weighted by the IRLS weight, summed over channels
             pixels = gradients.new_empty(gradients.shape[0], 5, *gradients.shape[3:])  # (B, 5, h, w)
             _channel_sum(derivative.unsqueeze(2), gradients, out=pixels[:, :2])
-            count = valid.sum(dim=(1, 2, 3)).clamp_min(1.0) * level.fixed.shape[1]
-            scale = valid / count[:, None, None, None]
             irls = scale * self.irls_constant if self.irls_constant is not None else self._irls_weight(
                 values - level.fixed, derivative, scale, level)
             del values, derivative  # no longer needed: a batch's peak memory counts every image
