@@ -758,13 +758,14 @@ class _Stop(Exception):
     """The callback asked to stop."""
 
 
-def _displacement(problem: _Problem, before: torch.Tensor, after: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
-    """Largest distance in full-resolution pixels that a corner of the fixed image moves between two parameter sets."""
-    if problem.kind.linear:  # A(after) - A(before) = sum_k (after - before)_k J_k
-        difference = ((after - before)[:, :, None, None] * problem.linear_parts[1]).sum(1)
+def _displacement(problem: _Problem, before: torch.Tensor, step: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+    """Largest distance in full-resolution pixels that a corner of the fixed image moves from
+    parameters ``before`` to ``before + step``."""
+    if problem.kind.linear:  # A(before + step) - A(before) = sum_k step_k J_k
+        difference = (step[:, :, None, None] * problem.linear_parts[1]).sum(1)
     else:
-        both = problem.kind.matrix(torch.cat([after, before]), problem.center)  # one call for the two
-        difference = both[: after.shape[0]] - both[after.shape[0]:]
+        both = problem.kind.matrix(torch.cat([before + step, before]), problem.center)  # one call for the two
+        difference = both[: before.shape[0]] - both[before.shape[0]:]
     return (corners @ difference[:, :2, :].transpose(1, 2)).norm(dim=-1).amax(dim=-1)
 
 
@@ -810,7 +811,8 @@ def _notify(callback, level_index: int, level: _Level, iteration: int, cost, pro
     if callback is None:
         return
     state = IterationState(
-        level_index, level.factor, iteration, cost.detach(), problem.kind.matrix(params, problem.center), active.clone()
+        level_index, level.factor, iteration, cost.detach().clone(), problem.kind.matrix(params, problem.center),
+        active.clone(),
     )
     try:
         callback(state)
@@ -831,33 +833,42 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
     damping = torch.full((batch,), 1e-3, dtype=torch.float64, device=device)
     interval = _check_interval(device, callback)
     current = problem.evaluate(params, level, hessian=True)
-    costs, passes = [current.cost.detach().clone()], []
+    # the costs kept as they are: every evaluation's are new tensors, never changed in place
+    costs, passes = [current.cost], []
+    largest = torch.finfo(current.cost.dtype).max
     for iteration in range(max_iterations):
-        hessian = current.hessian.to(torch.float64)
-        diagonal = hessian.diagonal(dim1=1, dim2=2)
-        floor = 1e-9 * diagonal.amax(dim=1, keepdim=True).clamp_min(1e-12)
-        damped = hessian + torch.diag_embed(damping[:, None] * diagonal + floor)
+        # (H + damping diag(H) + floor I) step = -g, in float64: the damping and the floor on
+        # the diagonal of a copy
+        damped = current.hessian.to(torch.float64, copy=True)
+        diagonal = damped.diagonal(dim1=1, dim2=2)
+        floor = diagonal.amax(dim=1, keepdim=True).mul_(1e-9).clamp_min_(1e-21)
+        diagonal.mul_(damping[:, None] + 1.0).add_(floor)
+        negative_gradient = current.gradient.to(torch.float64).neg()
         # solve_ex: linalg.solve would wait for the device to check for a singular matrix; a
         # singular one gives a non-finite step here, whose trial is rejected like any worse one
-        solution, _ = torch.linalg.solve_ex(damped, current.gradient.to(torch.float64)[..., None])
-        step = -solution[..., 0].to(params.dtype)
+        solution, _ = torch.linalg.solve_ex(damped, negative_gradient[..., None])
+        step = solution[..., 0].to(params.dtype)
         # A proposed step this small ends the level without the evaluation that would try it
         # (the most expensive part of an iteration; near the optimum noise decides the sign of
         # so tiny a cost change). On a coarse level the step is taken: the next level starts
         # from it and judges it. On the finest it is left, so that the cost matches the result.
-        moved = _displacement(problem, params, params + step, corners)
+        moved = _displacement(problem, params, step, corners)
         converged = active & (moved < tolerance * level.factor)
         status = torch.where(converged, _CONVERGED, status)
         if level.factor > 1:
             params = torch.where(converged[:, None], params + step, params)
         active = active ^ converged  # active & ~converged (converged pairs are active ones): one operation
-        if interval == 1 and not bool(active.any()):
+        any_active = active.any()
+        if interval == 1 and not bool(any_active):
             break
-        passes.append(active.any())
+        passes.append(any_active)
         step = torch.where(active[:, None], step, 0.0)
         trial_params = params + step
         trial = problem.evaluate(trial_params, level, hessian=True)
-        better = active & (trial.cost <= current.cost) & torch.isfinite(trial.cost)
+        # better: a finite trial cost no higher than the current one; comparing with the current
+        # cost capped at the largest finite number rejects an infinite or NaN trial cost
+        # (isfinite is four operations)
+        better = active & (trial.cost <= current.cost.clamp_max(largest))
         params = torch.where(better[:, None], trial_params, params)
         current = _Evaluation(
             torch.where(better, trial.cost, current.cost),
@@ -869,7 +880,7 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         stalled = (active ^ better) & (damping > 1e6)  # better pairs are active ones
         status = torch.where(stalled, _STALLED, status)
         active = active ^ stalled
-        costs.append(current.cost.detach().clone())
+        costs.append(current.cost)
         _notify(callback, level_index, level, iteration, current.cost, problem, params, active)
         if _should_look(iteration, interval) and not bool(active.any()):
             break
@@ -945,7 +956,7 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
             active = active & ~broken
             q.copy_(torch.where(active[:, None], q, (before - start) / scales))
         after = start + q.detach() * scales
-        moved = _displacement(problem, before, after, corners)
+        moved = _displacement(problem, before, after - before, corners)
         iterations += active
         quiet = torch.where(moved < tolerance * level.factor, quiet + 1, torch.zeros_like(quiet))
         # one L-BFGS step holds several inner iterations; stochastic-looking Adam/SGD steps need a run
