@@ -224,28 +224,38 @@ def _taper(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def _parabolic_offset(left: torch.Tensor, centre: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Vertex of the parabola through ``(-1, left), (0, centre), (1, right)``, clamped to ``[-0.5, 0.5]``."""
-    curvature = left - 2.0 * centre + right
+    """Vertex of the parabola through ``(-1, left), (0, centre), (1, right)``, clamped to ``[-0.5, 0.5]``:
+    ``(left - right) / (2 c)`` with the curvature ``c = left + right - 2 centre`` where ``c < 0``, else 0."""
+    curvature = torch.add(left + right, centre, alpha=-2.0)
     concave = curvature < 0
-    offset = 0.5 * (left - right) / torch.where(concave, curvature, -1.0)
+    offset = torch.addcdiv(constant(0.0, like=curvature), left - right, torch.where(concave, curvature, -1.0),
+                           value=0.5)
     return torch.where(concave, offset, 0.0).clamp(-0.5, 0.5)
 
 
-def _neighbourhood(values: torch.Tensor, y: torch.Tensor, x: torch.Tensor, *, wrap: bool) -> torch.Tensor:
-    """``values`` ``(N, H, W)`` at each item's ``(y, x)`` and its four neighbours, wrapped around
-    (``wrap``) or clamped at the edges: ``(N, 5)`` in the order centre, left, up, right, down.
+def _unravel(flat_index: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Flat indices ``y W + x`` ``(N,)`` of ``(H, W)`` planes -> ``(N, 2)`` integer ``(x, y)``:
+    ``(i // (1, W)) % (W, H)``, two operations."""
+    divisors = constant((1, width), like=flat_index)
+    return torch.div(flat_index[:, None], divisors, rounding_mode="floor") % constant((width, height), like=flat_index)
+
+
+def _neighbourhood(values: torch.Tensor, xy: torch.Tensor, *, wrap: bool) -> torch.Tensor:
+    """``values`` ``(N, H, W)`` at each item's integer ``xy`` ``(N, 2)`` and its four neighbours,
+    wrapped around (``wrap``) or clamped at the edges: ``(N, 5)`` in the order centre, left, up,
+    right, down.
 
     One gather for the five: picked one by one they were five index computations each.
     """
-    height, width = values.shape[-2:]
-    rows = y[:, None] + constant((0, 0, -1, 0, 1), like=y)
-    columns = x[:, None] + constant((0, -1, 0, 1, 0), like=x)
+    count, height, width = values.shape
+    # (N, 2, 5): the five points' columns, then their rows
+    points = xy[:, :, None] + constant(((0, -1, 0, 1, 0), (0, 0, -1, 0, 1)), like=xy)
     if wrap:
-        rows, columns = rows % height, columns % width
+        points = points % constant(((width,), (height,)), like=xy)
     else:
-        rows, columns = rows.clamp(0, height - 1), columns.clamp(0, width - 1)
-    items = torch.arange(values.shape[0], device=values.device)[:, None]
-    return values[items, rows, columns]
+        points = points.clamp_(min=constant(0, like=xy), max=constant(((width - 1,), (height - 1,)), like=xy))
+    items = cached(("items", count), xy.dtype, xy.device, lambda: torch.arange(count, device=xy.device)[:, None])
+    return values[items, points[:, 1], points[:, 0]]
 
 
 def _parabolic_offsets(neighbourhood: torch.Tensor) -> torch.Tensor:
@@ -266,16 +276,19 @@ def _band_limited(spectrum: torch.Tensor, width: int, rows: torch.Tensor, column
     """
     height, half_width = spectrum.shape[-2:]
     real = spectrum.real.dtype
-    freq_x = torch.fft.fftfreq(width, device=spectrum.device, dtype=real)[:half_width]
-    freq_y = torch.fft.fftfreq(height, device=spectrum.device, dtype=real)
     weights = [2.0] * half_width
     weights[0] = 1.0
     if width % 2 == 0:
         weights[-1] = 1.0  # the Nyquist column is its own partner
-    weight = constant(tuple(weights), like=freq_x)  # made once a size: no host copy a call
-    unit = constant(1.0, like=freq_x)
-    kernel_y = torch.polar(unit, 2 * math.pi * rows[:, :, None] * freq_y)  # (N, K, H)
-    kernel_x = torch.polar(weight[:, None], 2 * math.pi * freq_x[:, None] * columns[:, None, :])  # (N, W', K)
+    # made once a size: no host copy, and no operation, a call
+    weight = constant(tuple(weights), like=rows)
+    unit = constant(1.0, like=rows)
+    angular_x = cached(("angular frequencies", width), real, spectrum.device,
+                       lambda: 2 * math.pi * torch.fft.fftfreq(width, device=spectrum.device, dtype=real))
+    angular_y = cached(("angular frequencies", height), real, spectrum.device,
+                       lambda: 2 * math.pi * torch.fft.fftfreq(height, device=spectrum.device, dtype=real))
+    kernel_y = torch.polar(unit, rows[:, :, None] * angular_y)  # (N, K, H)
+    kernel_x = torch.polar(weight[:, None], angular_x[:half_width, None] * columns[:, None, :])  # (N, W', K)
     return torch.bmm(torch.bmm(kernel_y, spectrum), kernel_x).real
 
 
@@ -293,33 +306,31 @@ def _peak_shift(spectrum: torch.Tensor, width: int, *, upsample: int = 10) -> to
     height = spectrum.shape[1]
     real = spectrum.real.dtype
     surface = torch.fft.irfft2(spectrum, s=(height, width))
-    flat_index = surface.flatten(1).argmax(dim=1)
-    peak_y = torch.div(flat_index, width, rounding_mode="floor")
-    peak_x = flat_index - peak_y * width
-    peak = torch.stack([peak_x, peak_y], dim=1).to(real)
+    peak_xy = _unravel(surface.flatten(1).argmax(dim=1), width, height)  # (N, 2) integer
+    peak = peak_xy.to(real)
     if upsample <= 1:
-        shift = peak + _parabolic_offsets(_neighbourhood(surface, peak_y, peak_x, wrap=True))
+        shift = peak + _parabolic_offsets(_neighbourhood(surface, peak_xy, wrap=True))
     else:
         half = int(math.ceil(1.5 * upsample))
-        steps = torch.arange(-half, half + 1, device=spectrum.device, dtype=real) / upsample  # (K,)
-        local = _band_limited(spectrum, width, peak[:, 1:] + steps, peak[:, :1] + steps)  # (N, K, K)
         size = 2 * half + 1
-        best = local.flatten(1).argmax(dim=1)
-        best_y = torch.div(best, size, rounding_mode="floor")
-        best_x = best - best_y * size
-        best_xy = torch.stack([best_x, best_y], dim=1)
+        # the local grid: point k of an axis at corner + k / upsample, k = 0 .. 2 half
+        corner = peak - half / upsample  # (N, 2)
+        steps = cached(("grid steps", size, upsample), real, spectrum.device,
+                       lambda: torch.arange(size, device=spectrum.device, dtype=real) / upsample)  # (K,)
+        local = _band_limited(spectrum, width, corner[:, 1:] + steps, corner[:, :1] + steps)  # (N, K, K)
+        best_xy = _unravel(local.flatten(1).argmax(dim=1), size, size)
         # the parabola only inside the grid: at its edge the peak lies beyond (the grid spans 1.5 pixels)
         inner = (best_xy > 0) & (best_xy < size - 1)
-        offsets = torch.where(inner, _parabolic_offsets(_neighbourhood(local, best_y, best_x, wrap=False)), 0.0)
-        shift = peak + (best_xy.to(real) - half + offsets) / upsample
+        offsets = torch.where(inner, _parabolic_offsets(_neighbourhood(local, best_xy, wrap=False)), 0.0)
+        shift = torch.add(corner, offsets + best_xy, alpha=1.0 / upsample)
     # wrap-around: a peak beyond half the size is a negative shift; an axis of length 1 has no shift
     sizes = constant((float(width), float(height)), like=shift)
-    shift = shift - sizes * (shift >= sizes / 2).to(real)
+    shift = shift - sizes * (shift >= constant((width / 2, height / 2), like=shift))
     if min(width, height) <= 1:
         shift = torch.where(sizes > 1, shift, 0.0)
     # a flat surface (a constant image: R = 0) has no peak: no shift
-    flat = surface.flatten(1).amax(dim=1) - surface.flatten(1).amin(dim=1) <= torch.finfo(real).tiny
-    return torch.where(flat[:, None], 0.0, shift)
+    lowest, highest = torch.aminmax(surface.flatten(1), dim=1)
+    return torch.where((highest - lowest <= torch.finfo(real).tiny)[:, None], 0.0, shift)
 
 
 def _phase_shift(fixed: torch.Tensor, moving: torch.Tensor, *, window: bool = True, upsample: int = 10) -> torch.Tensor:
