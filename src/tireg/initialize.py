@@ -179,10 +179,9 @@ def _centred(image: torch.Tensor) -> torch.Tensor:
 
 def _is_constant(image: torch.Tensor) -> torch.Tensor:
     """``(B,)`` bool: luminance ``(B, 1, H, W)`` has (relatively) no variation."""
-    flat = image.flatten(1)
-    spread = flat.amax(dim=1) - flat.amin(dim=1)
-    scale = flat.abs().amax(dim=1)
-    return spread <= 1e-6 * scale + torch.finfo(image.dtype).tiny
+    lowest, highest = torch.aminmax(image.flatten(1), dim=1)
+    scale = torch.maximum(highest, lowest.neg())  # max |x|
+    return highest - lowest <= torch.add(constant(torch.finfo(image.dtype).tiny, like=scale), scale, alpha=1e-6)
 
 
 # ----------------------------------------------------------------------------
@@ -203,10 +202,13 @@ def _correlation_surface(fixed: torch.Tensor, moving: torch.Tensor, window: Opti
     (and the real transforms cost a quarter of the complex ones: 108 candidate
     pairs of 128 x 128, 131 -> about 50 ms).
     """
-    fixed, moving = _centred(fixed), _centred(moving)
+    # the two images centred side by side: one window product and one transform for both
+    both = torch.stack([moving, fixed])  # (2, N, H, W)
+    both = both.sub_(both.mean(dim=(-2, -1), keepdim=True))
     if window is not None:
-        fixed, moving = fixed * window, moving * window
-    cross = torch.fft.rfft2(moving) * torch.fft.rfft2(fixed).conj()
+        both = both.mul_(window)
+    spectra = torch.fft.rfft2(both)
+    cross = spectra[0] * spectra[1].conj_physical()  # a conjugate view would be copied first
     magnitude = cross.abs()
     floor = 1e-9 * magnitude.flatten(1).amax(dim=1).view(-1, 1, 1) + torch.finfo(magnitude.dtype).tiny
     height, width = fixed.shape[-2:]
