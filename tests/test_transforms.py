@@ -226,6 +226,22 @@ def test_linear_kinds_are_their_parts(name, generator):
     assert kind.linear == (name in ("translation", "affine"))
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("batch_shape", [(), (1,), (3,)])
+def test_results_are_the_callers_own_tensors(name, batch_shape, generator):
+    """Matrices and Jacobians are built partly from kept constant tensors: changing a result in
+    place must not change the next call's."""
+    kind = TRANSFORMS[name]
+    params = random_params(kind, generator)[0].expand(*batch_shape, -1).clone()
+    center = random_center(generator)
+    first_matrix, first_jacobian = kind.matrix(params, center), kind.jacobian(params, center)
+    expected_matrix, expected_jacobian = first_matrix.clone(), first_jacobian.clone()
+    first_matrix.fill_(7.0)
+    first_jacobian.fill_(7.0)
+    torch.testing.assert_close(kind.matrix(params, center), expected_matrix, rtol=0, atol=0)
+    torch.testing.assert_close(kind.jacobian(params, center), expected_jacobian, rtol=0, atol=0)
+
+
 def test_translation_matrix_is_a_pure_shift():
     matrix = translation_matrix(torch.tensor([3.0, -2.0], dtype=torch.float64))
     expected = torch.tensor([[1.0, 0.0, 3.0], [0.0, 1.0, -2.0], [0.0, 0.0, 1.0]], dtype=torch.float64)

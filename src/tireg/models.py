@@ -74,10 +74,21 @@ def _stack_values(values: Sequence[torch.Tensor]) -> torch.Tensor:
 def _raw_gradients(
     gradient: torch.Tensor, raw: Sequence[torch.Tensor], mappings: Sequence[Mapping]
 ) -> list[torch.Tensor]:
-    """``dL/dr_i = dL/dp_i * m_i'(r_i)`` from ``gradient = dL/dp`` ``(B, P)``; a shared ``(1,)`` parameter sums over pairs."""
+    """``dL/dr_i = dL/dp_i * m_i'(r_i)`` from ``gradient = dL/dp`` ``(B, P)``; a shared ``(1,)`` parameter sums over pairs.
+
+    An identity mapping's ``m' = 1`` is not applied, and the sums of all identity-mapped shared
+    parameters (the seed's model: every parameter) come from one reduction, ``sum_b dL/dp``:
+    one operation for them all, where each had taken three.  Those results are views of it.
+    """
     result = []
+    totals = None
     for i, (value, mapping) in enumerate(zip(raw, mappings)):
-        raw_gradient = gradient[:, i] * mapping.derivative(value)
+        identity = type(mapping) is IdentityMapping
+        if identity and value.numel() == 1:
+            totals = gradient.sum(0) if totals is None else totals
+            result.append(totals[i].reshape(value.shape))
+            continue
+        raw_gradient = gradient[:, i] if identity else gradient[:, i] * mapping.derivative(value)
         result.append(raw_gradient.sum().reshape(value.shape) if value.numel() == 1 else raw_gradient)
     return result
 
@@ -519,8 +530,8 @@ def _check_like(model_tensor: torch.Tensor, source: torch.Tensor, caller: str) -
 def _accumulate(params: Sequence[torch.Tensor], raw_gradients: Sequence[torch.Tensor]) -> None:
     """Add ``dL/dr`` into every ``param.grad``, as ``backward()`` would.
 
-    Every ``raw_gradient`` is a tensor of its own (:func:`_raw_gradients` computes each), so
-    a first gradient is taken as it is, without a copy.
+    Every ``raw_gradient`` is new (:func:`_raw_gradients` computes them; some are views of one
+    new tensor, each its own elements), so a first gradient is taken as it is, without a copy.
     """
     for param, raw_gradient in zip(params, raw_gradients):
         if param.grad is None:

@@ -174,9 +174,11 @@ def _linear_derivative(d_linear: torch.Tensor, center: torch.Tensor) -> torch.Te
 
 
 def _translation_derivatives(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
-    """``dA/dtx, dA/dty`` as ``(*shape, 2, 3, 3)``."""
-    # unit vectors e_k as column 2 of zero matrices (made on the device: no host copy)
-    basis = F.pad(torch.eye(2, dtype=like.dtype, device=like.device).unsqueeze(-1), (2, 0, 0, 1))
+    """``dA/dtx, dA/dty`` as ``(*shape, 2, 3, 3)``: an expanded view of one kept tensor (callers
+    that hand it out copy it)."""
+    # unit vectors e_k as column 2 of zero matrices, made once per dtype and device
+    basis = constant((((0.0, 0.0, 1.0), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+                      ((0.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.0, 0.0, 0.0))), like=like)
     return basis.expand(*shape, 2, 3, 3)
 
 
@@ -212,14 +214,14 @@ def translation_matrix(params: torch.Tensor, center: CenterLike | None = None) -
     ``center`` is accepted for a uniform signature and has no effect.
     """
     params = _check_params(params, 2, "translation_matrix()")
-    eye = torch.eye(2, dtype=params.dtype, device=params.device).expand(*params.shape[:-1], 2, 2)
+    eye = constant(((1.0, 0.0), (0.0, 1.0)), like=params).expand(*params.shape[:-1], 2, 2)
     return _homogeneous(eye, params)
 
 
 def translation_jacobian(params: torch.Tensor, center: CenterLike | None = None) -> torch.Tensor:
     """``dA/d(tx, ty)``: constant unit matrices, ``(..., 2, 3, 3)``."""
     params = _check_params(params, 2, "translation_jacobian()")
-    return _translation_derivatives(params.shape[:-1], params)
+    return _translation_derivatives(params.shape[:-1], params).clone()  # the caller's own tensor
 
 
 def rigid_matrix(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
@@ -303,7 +305,8 @@ def affine_jacobian(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """``dA/d(a00, a01, a10, a11, tx, ty)``: ``[E_ij | -E_ij c]`` and unit shifts; constant, ``(..., 6, 3, 3)``."""
     params = _check_params(params, 6, "affine_jacobian()")
     center = _as_center(center, params)
-    units = torch.eye(4, dtype=params.dtype, device=params.device).reshape(4, 2, 2)
+    units = constant((((1.0, 0.0), (0.0, 0.0)), ((0.0, 1.0), (0.0, 0.0)),
+                      ((0.0, 0.0), (1.0, 0.0)), ((0.0, 0.0), (0.0, 1.0))), like=params)  # E_00, E_01, E_10, E_11
     d_linear = _linear_derivative(units, center.unsqueeze(-2))  # (..., 4, 3, 3)
     shape = _broadcast_shape(params.shape[:-1], d_linear.shape[:-3])
     d_shift = _translation_derivatives(shape, params)
