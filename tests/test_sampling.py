@@ -598,6 +598,23 @@ def test_grid_moments_follow_axes_changed_in_place(generator):
     assert not torch.allclose(after, before)
 
 
+def test_grid_moments_keep_one_table_for_every_view_of_the_same_rows(generator):
+    """A band's axis ``ys[rows]`` is a new view in every call: its power table is found again
+    (the cache does not grow with the calls), and it is the band's own."""
+    from tireg import _device
+
+    values = torch.randn(1, 1, 12, WIDTH, generator=generator, dtype=torch.float64)
+    ys, xs = pixel_axes((HEIGHT, WIDTH), dtype=torch.float64)
+    grid_moments(values, (ys[5:17], xs), channel_dim=1, second_order=True)
+    entries = len(_device._cache)
+    for _ in range(5):
+        moments = grid_moments(values, (ys[5:17], xs), channel_dim=1, second_order=True)
+    assert len(_device._cache) == entries
+    torch.testing.assert_close(moments, _moments_per_pixel(values, ys[5:17], xs, True))
+    other = grid_moments(values, (ys[10:22], xs), channel_dim=1, second_order=True)  # other rows
+    torch.testing.assert_close(other, _moments_per_pixel(values, ys[10:22], xs, True))
+
+
 def test_grid_moments_take_inference_mode_axes(generator):
     """Axes made under ``torch.inference_mode`` (no version counter) work inside and outside it."""
     values = torch.randn(2, HEIGHT, WIDTH, 2, generator=generator, dtype=torch.float64)

@@ -135,13 +135,16 @@ _MOMENT_ENTRIES = {1: (1, 2, 0), 2: (2, 4, 6, 1, 3, 0)}
 def _axis_powers(axis: torch.Tensor, degree: int, channels: int = 1) -> torch.Tensor:
     """``(n K, (degree + 1) K)``: entry ``[(i, k), (b, k')] = axis[i]^b`` where ``k = k'``, else 0.
 
-    With one channel the columns ``axis^0 .. axis^degree``.  Kept per axis tensor
-    (:func:`~tireg._device.cached`), keyed by its identity and version counter (an inference
-    tensor has none: identity alone); the entry holds the tensor, so that identity is not
-    reused while the entry lives.  Products, not ``pow``: exact for integer coordinates.
+    With one channel the columns ``axis^0 .. axis^degree``.  Products, not ``pow``: exact for
+    integer coordinates.  Kept (:func:`~tireg._device.cached`) per piece of memory the axis
+    views (storage, offset, length, stride) and its version counter, so that every view of
+    the same rows (a band's ``ys[rows]``, made anew in each call) finds the same table, and a
+    change in place makes a new one.  The entry holds the axis, so that its memory is not
+    reused while the entry lives.  An inference tensor has no version counter: its table is
+    made each call, as it is while ``torch.compile`` traces.
     """
 
-    def make() -> tuple[torch.Tensor, torch.Tensor]:
+    def make() -> torch.Tensor:
         columns = [torch.ones_like(axis), axis]
         for _ in range(degree - 1):
             columns.append(columns[-1] * axis)
@@ -149,14 +152,13 @@ def _axis_powers(axis: torch.Tensor, degree: int, channels: int = 1) -> torch.Te
         if channels > 1:
             unit = torch.eye(channels, dtype=axis.dtype, device=axis.device)
             powers = (powers[:, None, :, None] * unit[None, :, None, :]).reshape(len(axis) * channels, -1)
-        return axis, powers
+        return powers
 
-    if torch.compiler.is_compiling():  # traced: the table is part of the graph, nothing kept
-        return make()[1]
-    version = None if axis.is_inference() else axis._version  # an inference tensor has no counter
-    held, powers = cached(("axis powers", id(axis), version, degree, channels), axis.dtype, axis.device, make)
-    if held is not axis:  # cannot happen while the entry holds the tensor; never return another's table
-        raise RuntimeError("grid_moments(): a cached power table belongs to another axis tensor")
+    if torch.compiler.is_compiling() or axis.is_inference():
+        return make()
+    memory = (axis.untyped_storage().data_ptr(), axis.storage_offset(), axis.shape[0], axis.stride(0))
+    key = ("axis powers", memory, axis._version, degree, channels)
+    _, powers = cached(key, axis.dtype, axis.device, lambda: (axis, make()))
     return powers
 
 
