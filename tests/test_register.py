@@ -602,3 +602,51 @@ def test_a_linear_kinds_matrices_from_its_parts_give_the_generic_result(name):
     assert grid_error(parts.matrix, generic.matrix, fixed.shape) < 1e-3
     assert grid_error(parts.matrix, truth, fixed.shape) < 0.1
     assert torch.equal(parts.iterations, generic.iterations)
+
+
+@pytest.mark.parametrize("loss", ["l2", "cauchy"])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("mean", [True, False])
+def test_gauss_newton_evaluation_equals_autograd_and_the_per_pixel_jacobian(loss, channels, mean, generator):
+    """One Gauss-Newton evaluation against first principles: its gradient is autograd's of the same
+    cost, and its normal matrix is ``sum s w (dM/dp)(dM/dp)^T`` over channels and pixels, with
+    ``dM/dp`` every warped value's Jacobian by autograd, ``s`` the metric's pixel factor (the
+    valid pixels, over their count with ``mean``) and ``w = rho'(r) / r`` the IRLS weight."""
+    from conftest import smooth_random_image
+    from tireg.metrics import PerPixelMetric
+    from tireg.register import _autograd_evaluation, _make_level, _Problem
+    from tireg.sampling import sample
+
+    shape = (2, channels, 20, 24)
+    fixed, moving = smooth_random_image(shape, generator), smooth_random_image(shape, generator)
+    weight = (torch.rand(2, 1, 20, 24, generator=generator, dtype=torch.float64) > 0.2).double()
+    level = _make_level(fixed, moving, weight, None, 1, 0.0)
+    metric = PerPixelMetric(loss, mean=mean)
+    problem = _Problem(tireg.transforms.TRANSFORMS["affine"], torch.tensor([11.5, 9.5], dtype=torch.float64),
+                       metric, "bilinear")
+    params = torch.tensor([[1.02, 0.03, -0.02, 0.98, 1.3, -0.7], [0.97, -0.04, 0.05, 1.01, -2.1, 3.9]],
+                          dtype=torch.float64)  # the second pair partly outside the moving image
+    found = problem.evaluate(params, level, hessian=True)
+    expected = _autograd_evaluation(problem, params, level)
+    torch.testing.assert_close(found.cost, expected.cost, rtol=1e-12, atol=0)
+    torch.testing.assert_close(found.gradient, expected.gradient, rtol=1e-9, atol=1e-12)
+
+    def warped(p):
+        return sample(level.moving, problem.grid(problem.matrices(p, level)[0], level), interpolation="bilinear",
+                      padding_mode="border")
+
+    values = warped(params)
+    jacobian = torch.autograd.functional.jacobian(warped, params)  # (B, C, H, W, B, P)
+    valid = problem._valid(problem.grid(problem.matrices(params, level)[0], level), level)
+    assert 0 < float(valid[1].mean()) < float(valid[0].mean())  # some pixels of pair 1 do not count
+    residual = values - level.fixed
+    _, derivative = metric.loss(values, level.fixed, True)
+    # below |r| = eps the weight's limit rho'(eps) / eps, as register takes it
+    eps = tireg.fused.IRLS_EPS
+    _, at_eps = metric.loss(level.fixed + eps, level.fixed, True)
+    irls_weight = torch.where(residual.abs() < eps, at_eps / eps, derivative / residual)
+    pixel_weight = metric.pixel_scale(level.fixed, valid) * irls_weight  # (B, C, H, W)
+    for b in range(2):
+        per_value = jacobian[b, ..., b, :].reshape(-1, 6)  # (C H W, P)
+        normal = per_value.T @ (pixel_weight[b].reshape(-1, 1) * per_value)
+        torch.testing.assert_close(found.hessian[b], normal, rtol=1e-9, atol=1e-12)
