@@ -48,7 +48,7 @@ def cost_and_gradient(
     The metric gives the cost and its derivative with respect to every
     warped pixel, ``C'``; the sampler's derivative kernel contracts ``C'``
     with the moving image's gradient at the warped points, ``g = C' grad M``,
-    and ``G = sum_x g x~^T`` comes from row and column sums.
+    and ``G = sum_x g x~^T`` from a sum over rows of sums over columns (:func:`~tireg.sampling.grid_moments`).
 
     Args:
         fixed: ``(B, C, H, W)``.
