@@ -86,7 +86,7 @@ def test_analytic_model_with_metric_equals_autograd(images, name, transform, dev
 @pytest.mark.parametrize("weighted", [False, True])
 def test_per_pixel_metric_is_the_weighted_sum_or_mean_of_its_loss(images, mean, weighted):
     """cost = sum_c sum_x w rho(x - y), divided by C sum w with ``mean``; the derivative w rho' / that;
-    and scaled() with pixel_scale()'s factor (register's Gauss-Newton path) gives the same."""
+    and weighted() with term_weights()' s (register's Gauss-Newton path) gives the same."""
     fixed, moving, weight = images
     weight = weight if weighted else None
     metric = PerPixelMetric("cauchy", mean=mean)
@@ -96,7 +96,10 @@ def test_per_pixel_metric_is_the_weighted_sum_or_mean_of_its_loss(images, mean, 
     expected_cost = (w * rho / divisor).sum(dim=(1, 2, 3))
     expected_derivative = (w * rho_prime / divisor).expand_as(moving)
     for cost, derivative in (metric(moving, fixed, weight, gradient=True),
-                             metric.scaled(moving, fixed, metric.pixel_scale(fixed, weight), gradient=True)):
+                             metric.weighted(moving, fixed, metric.term_weights(fixed, weight), gradient=True),
+                             metric.weighted(moving, fixed, metric.term_weights(
+                                 fixed, weight, weight_sum=None if weight is None else weight.sum(dim=(1, 2, 3))),
+                                 gradient=True)):
         torch.testing.assert_close(cost, expected_cost, rtol=1e-12, atol=0)
         torch.testing.assert_close(derivative, expected_derivative, rtol=1e-12, atol=0)
 

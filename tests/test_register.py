@@ -645,7 +645,7 @@ def test_gauss_newton_evaluation_equals_autograd_and_the_per_pixel_jacobian(loss
     eps = tireg.fused.IRLS_EPS
     _, at_eps = metric.loss(level.fixed + eps, level.fixed, True)
     irls_weight = torch.where(residual.abs() < eps, at_eps / eps, derivative / residual)
-    pixel_weight = metric.pixel_scale(level.fixed, valid) * irls_weight  # (B, C, H, W)
+    pixel_weight = metric.term_weights(level.fixed, valid) * irls_weight  # (B, C, H, W)
     for b in range(2):
         per_value = jacobian[b, ..., b, :].reshape(-1, 6)  # (C H W, P)
         normal = per_value.T @ (pixel_weight[b].reshape(-1, 1) * per_value)

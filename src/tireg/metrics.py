@@ -93,43 +93,45 @@ class PerPixelMetric(Metric):
         self.mean = bool(mean)
 
     def __call__(self, x, y, weight=None, gradient=False):
-        return self.scaled(x, y, self.pixel_scale(x, weight), gradient)
+        return self.weighted(x, y, self.term_weights(x, weight), gradient)
 
-    def pixel_scale(
-        self, x: torch.Tensor, weight: Optional[torch.Tensor] = None
+    def term_weights(
+        self, x: torch.Tensor, weight: Optional[torch.Tensor] = None, *, weight_sum: Optional[torch.Tensor] = None
     ) -> Union[torch.Tensor, float, None]:
-        """The factor ``s`` of each pixel's term in the cost, ``cost = sum_c sum_x s rho(x - y)``.
+        """The weight ``s`` of each pixel's term in the cost, ``cost = sum_c sum_x s rho(x - y)``.
 
         With ``mean``, ``s = w / (C sum w)`` (the count at least 1), ``(B, 1, H, W)``, or
         ``1 / (C H W)`` as a number without weights; otherwise ``w`` (``None``: 1).
+        ``weight_sum``: ``sum w`` per pair ``(B,)`` where the caller has it already.
         """
         if not self.mean:
             return weight
         if weight is None:  # a number: no tensor made on the host and copied to the device
             return 1.0 / (x.shape[1] * x.shape[-2] * x.shape[-1])
-        count = (weight.flatten(1).sum(1) * x.shape[1]).clamp_min(1.0)
+        weight_sum = weight.flatten(1).sum(1) if weight_sum is None else weight_sum
+        count = (weight_sum * x.shape[1]).clamp_min(1.0)
         return weight / count[:, None, None, None]
 
-    def scaled(
-        self, x: torch.Tensor, y: torch.Tensor, scale: Union[torch.Tensor, float, None], gradient: bool = False
+    def weighted(
+        self, x: torch.Tensor, y: torch.Tensor, term_weights: Union[torch.Tensor, float, None], gradient: bool = False
     ) -> MetricOutput:
         """``cost = sum_c sum_x s rho(x - y)`` and, with ``gradient``, ``d cost / d x = s rho'(x - y)``.
 
-        ``scale`` is :meth:`pixel_scale`'s ``s``: an image ``(B, 1, H, W)``, a number or ``None``
-        (1).  A caller that needs ``s`` itself (register's Gauss-Newton weights) makes it once and
-        passes it here: one product per image instead of a weight and a division.
+        ``term_weights`` is :meth:`term_weights`' ``s``: an image ``(B, 1, H, W)``, a number or
+        ``None`` (1).  A caller that needs ``s`` itself (register's Gauss-Newton weights) makes
+        it once and passes it here: one product per image instead of a weight and a division.
         """
         if gradient:
             per_pixel, derivative = self.loss(x, y, True)
         else:
             per_pixel, derivative = self.loss(x, y), None
-        if isinstance(scale, torch.Tensor):
-            per_pixel = per_pixel * scale
+        if isinstance(term_weights, torch.Tensor):
+            per_pixel = per_pixel * term_weights
         cost = per_pixel.flatten(1).sum(1)
-        if scale is not None and not isinstance(scale, torch.Tensor):
-            cost = cost * scale
-        if derivative is not None and scale is not None:
-            derivative = derivative * scale
+        if term_weights is not None and not isinstance(term_weights, torch.Tensor):
+            cost = cost * term_weights
+        if derivative is not None and term_weights is not None:
+            derivative = derivative * term_weights
         return (cost, derivative) if gradient else cost
 
     def __repr__(self) -> str:

@@ -662,17 +662,18 @@ class _Problem:
         """:meth:`_evaluate` of the whole ``level`` at once, and its count of valid pixels per pair."""
         grid = self.grid(matrix, level)
         valid = self._valid(grid, level)
-        return self._evaluate(grid, valid, flat_jacobian, level, hessian), valid.sum(dim=(1, 2, 3))
+        valid_count = valid.sum(dim=(1, 2, 3))
+        return self._evaluate(grid, valid, valid_count, flat_jacobian, level, hessian), valid_count
 
-    def _evaluate(self, grid, valid, flat_jacobian, level: _Level, hessian: bool) -> _Evaluation:
+    def _evaluate(self, grid, valid, valid_count, flat_jacobian, level: _Level, hessian: bool) -> _Evaluation:
         if hessian:  # Gauss-Newton: a per-pixel metric, its IRLS weights and the normal matrix
             values, gradients = sample_with_gradient(
                 level.moving, grid, interpolation=self.interpolation, padding_mode="border"
             )  # gradients (B, C, 2, h, w) in level pixels
-            # each pixel's factor s = w / n (the metric's mean), made once: the metric's derivative
+            # each pixel's weight s = w / n (the metric's mean), made once: the metric's derivative
             # is s rho'(r), the IRLS weight s rho'(r) / r (for L2 the number 2 s)
-            scale = self.metric.pixel_scale(level.fixed, valid)
-            cost, derivative = self.metric.scaled(values, level.fixed, scale, gradient=True)
+            scale = self.metric.term_weights(level.fixed, valid, weight_sum=valid_count)
+            cost, derivative = self.metric.weighted(values, level.fixed, scale, gradient=True)
             # the per-pixel images whose moments a step needs, in one buffer for one grid_moments
             # call: the metric's gradient (gx, gy) summed over channels, then the products
             # (gx gx, gx gy, gy gy) weighted by the IRLS weight, summed over channels
