@@ -176,18 +176,13 @@ def _linear_derivative(d_linear: torch.Tensor, center: torch.Tensor) -> torch.Te
 def _translation_derivatives(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
     """``dA/dtx, dA/dty`` as ``(*shape, 2, 3, 3)``: an expanded view of one kept tensor (callers
     that hand it out copy it)."""
-    # unit vectors e_k as column 2 of zero matrices
-    basis = _kept(("translation basis",), like,
-                  lambda: F.pad(torch.eye(2, dtype=like.dtype, device=like.device).unsqueeze(-1), (2, 0, 0, 1)))
+    # Unit vectors e_k as column 2 of zero matrices.  The unit matrices here are built by device
+    # operations and kept (cached: no operation in an eager call; inside a compiled step they are
+    # built there, as before).  Not literals (constant): those had made inductor's step kernel
+    # 20 % slower (1024^2 x 16, CPU), measured.
+    basis = cached(("translation basis",), like.dtype, like.device,
+                   lambda: F.pad(torch.eye(2, dtype=like.dtype, device=like.device).unsqueeze(-1), (2, 0, 0, 1)))
     return basis.expand(*shape, 2, 3, 3)
-
-
-def _kept(key: tuple, like: torch.Tensor, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """A constant tensor that ``make()`` builds by device operations, kept per dtype and device
-    (:func:`~tireg._device.cached`): no operation in an eager call.  Inside a compiled step it is
-    ``make()`` itself, as before: the same tensor as a literal (``constant``) had made inductor's
-    step kernel 20 % slower (1024^2 x 16, CPU), measured."""
-    return cached(key, like.dtype, like.device, make)
 
 
 def rotation(angle: torch.Tensor) -> torch.Tensor:
@@ -222,7 +217,8 @@ def translation_matrix(params: torch.Tensor, center: CenterLike | None = None) -
     ``center`` is accepted for a uniform signature and has no effect.
     """
     params = _check_params(params, 2, "translation_matrix()")
-    eye = _kept(("identity", 2), params, lambda: torch.eye(2, dtype=params.dtype, device=params.device))
+    eye = cached(("identity", 2), params.dtype, params.device,  # kept: see _translation_derivatives
+                 lambda: torch.eye(2, dtype=params.dtype, device=params.device))
     eye = eye.expand(*params.shape[:-1], 2, 2)
     return _homogeneous(eye, params)
 
@@ -314,8 +310,8 @@ def affine_jacobian(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """``dA/d(a00, a01, a10, a11, tx, ty)``: ``[E_ij | -E_ij c]`` and unit shifts; constant, ``(..., 6, 3, 3)``."""
     params = _check_params(params, 6, "affine_jacobian()")
     center = _as_center(center, params)
-    units = _kept(("affine units",), params,  # E_00, E_01, E_10, E_11
-                  lambda: torch.eye(4, dtype=params.dtype, device=params.device).reshape(4, 2, 2))
+    units = cached(("affine units",), params.dtype, params.device,  # E_00 .. E_11, kept as the translation basis
+                   lambda: torch.eye(4, dtype=params.dtype, device=params.device).reshape(4, 2, 2))
     d_linear = _linear_derivative(units, center.unsqueeze(-2))  # (..., 4, 3, 3)
     shape = _broadcast_shape(params.shape[:-1], d_linear.shape[:-3])
     d_shift = _translation_derivatives(shape, params)
