@@ -253,6 +253,22 @@ def test_sample_with_gradient_exact_matches_autograd(interpolation, padding_mode
         expected = autograd_point_gradient(moving, points, weight, interpolation, padding_mode)  # (B, h, w, 2)
         torch.testing.assert_close(gradients[:, channel], expected.permute(0, 3, 1, 2), rtol=1e-12, atol=1e-12)
 
+    assert gradients.is_contiguous()  # the products that use it read plain images
+
+
+def test_sample_with_gradient_keeps_autograd(generator):
+    """With a grid that requires grad, the gradients stay differentiable (out= takes no autograd)
+    and equal the plain call's; their derivative by the points is the sampler's second derivative."""
+    size = (9, 12)
+    moving = random_image(generator, shape=(2, 3, *size))
+    grid = to_grid(random_points(generator, size=size), size)
+    _, plain = sample_with_gradient(moving, grid)
+    tracked = grid.clone().requires_grad_()
+    _, gradients = sample_with_gradient(moving, tracked, padding_mode="zeros")
+    torch.testing.assert_close(gradients, plain, rtol=0, atol=0)
+    (gradients * torch.randn(gradients.shape, generator=generator, dtype=gradients.dtype)).sum().backward()
+    assert tracked.grad is not None and torch.isfinite(tracked.grad).all()
+
 
 @pytest.mark.parametrize("method, sigma", [("central", 1.0), ("gaussian", 0.7)])
 @pytest.mark.parametrize(

@@ -410,10 +410,18 @@ def sample_with_gradient(
     per_channel = moving.reshape(batch * channels, 1, *moving.shape[-2:])
     channel_grid = grid if channels == 1 else grid.repeat_interleave(channels, dim=0)
     ones = torch.ones(batch * channels, 1, *grid.shape[1:3], dtype=grid.dtype, device=grid.device)
-    gradients = warp_gradient(
+    normalized = sampler_gradient(
         ones, per_channel, channel_grid, interpolation=interpolation, padding_mode=padding_mode
-    )  # (B*C, H, W, 2)
-    return values, gradients.reshape(batch, channels, *grid.shape[1:3], 2).permute(0, 1, 4, 2, 3)
+    ).permute(0, 3, 1, 2)  # (B*C, 2, H, W), a view of (B*C, H, W, 2)
+    scale = shared_pixel_scale(moving.shape[-2:], like=grid).view(2, 1, 1)
+    if torch.is_grad_enabled() and normalized.requires_grad:  # out= takes no autograd
+        gradients = normalized * scale
+    else:
+        # To pixel units and written channel-first in one pass: every product of the
+        # components that follows (a Gauss-Newton step takes five) then reads contiguous
+        # images; as the view, each was a strided loop (2.3x slower at 256 x 256 on the CPU).
+        gradients = torch.mul(normalized, scale, out=normalized.new_empty(normalized.shape))
+    return values, gradients.view(batch, channels, 2, *grid.shape[1:3])
 
 
 def stack_with_gradient(moving: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
