@@ -15,6 +15,7 @@ def test_a_constant_is_made_once_per_values_dtype_and_device(device):
     assert torch.equal(first.cpu(), torch.tensor([[1.0, 2.0], [3.0, 4.5]]))
     assert first.dtype == like.dtype and first.device == like.device
     assert constant([[1.0, 2.0], [3.0, 4.5]], like=like) is first  # lists and tuples alike
+    assert constant(((1.0, 2.0), [3.0, 4.5]), like=like) is first  # a tuple that holds a list too
     assert constant(((1.0, 2.0), (3.0, 4.5)), like=like.double()) is not first
     assert constant(((1.0, 2.0), (3.0, 4.0)), like=like) is not first
     index = constant((2, 0, 1), like=like, dtype=torch.long)

@@ -255,8 +255,11 @@ def sampling_grid(
     ys, xs = pixel_axes(fixed_size, dtype=matrix.dtype, device=matrix.device) if axes is None else axes
     theta = pixel_to_normalized(matrix, moving_size)  # (B, 2, 3)
     batch, height, width = theta.shape[0], ys.shape[0], xs.shape[0]
-    column_term = (xs[None, :, None] * theta[:, None, :, 0] + theta[:, None, :, 2]).reshape(batch, 1, 2 * width)
-    row_slope = theta[:, :, 1].repeat(1, width).reshape(batch, 1, 2 * width)
+    # the columns of theta by one unbind: tensor indexing such as theta[:, None, :, 0] costs
+    # several microseconds of Python each, and repeat() 20 us, as much as the grid of 64^2
+    slope_x, slope_y, offset = theta.unsqueeze(1).unbind(-1)  # each (B, 1, 2)
+    column_term = (xs.view(1, width, 1) * slope_x + offset).view(batch, 1, 2 * width)
+    row_slope = slope_y.expand(batch, width, 2).reshape(batch, 1, 2 * width)  # (u, v) slopes per column
     grid = torch.addcmul(column_term, ys.view(1, height, 1), row_slope)
     return grid.view(batch, height, width, 2)
 
