@@ -45,7 +45,7 @@ TRANSPARENT = {
     "aten::detach", "aten::detach_", "aten::lift_fresh", "aten::diagonal", "aten::t", "aten::alias",
     "aten::as_strided", "aten::movedim", "aten::resolve_conj", "aten::resolve_neg", "aten::is_nonzero",
     "aten::item", "aten::_local_scalar_dense", "aten::unbind", "aten::split", "aten::split_with_sizes",
-    "aten::chunk", "aten::view_as", "aten::expand_as", "aten::_reshape_alias", "aten::contiguous",
+    "aten::chunk", "aten::view_as", "aten::expand_as", "aten::_reshape_alias", "aten::_unsafe_view", "aten::contiguous",
     "aten::to", "aten::empty", "aten::empty_like", "aten::new_empty", "aten::empty_strided",
     "aten::result_type", "aten::real", "aten::view_as_real", "aten::view_as_complex",
 }
