@@ -325,6 +325,42 @@ def test_transform_from_a_model():
     assert result.transform == "rigid" and grid_error(result.matrix, truth, fixed.shape) < 0.2
 
 
+def test_a_model_as_transform_starts_from_its_own_matrix():
+    """The seed's AffineModel keeps (angle, dx, dy, scale) about its own centre; register starts
+    from its matrix (a one-level call that converges at once returns the start unchanged)."""
+    fixed, moving, truth = registration_pair("astronaut", "similarity", KNOWN["similarity"])
+    seed = tireg.AffineModel(3.0, 5.0, "zeros")
+    for index, value in enumerate([-0.1, -4.0, 3.0, 1.05]):
+        seed.set_parameter(index, value)
+    start = seed.get_matrix().detach().reshape(3, 3).double()
+    result = tireg.register(fixed, moving, transform=seed, tolerance=float("inf"), pyramid=(1,))
+    assert result.transform == "similarity"
+    torch.testing.assert_close(result.matrix.double(), start, rtol=0, atol=1e-4)
+    assert grid_error(tireg.register(fixed, moving, transform=seed).matrix, truth, fixed.shape) < 0.2
+    rigid = tireg.create_model("rigid", moving[None, None], center=(0.0, 0.0))
+    rigid.set_parameter(0, 0.15)
+    result = tireg.register(fixed, moving, transform=rigid, tolerance=float("inf"), pyramid=(1,))
+    torch.testing.assert_close(result.matrix.double(), rigid.get_matrix().detach().reshape(3, 3).double(),
+                               rtol=0, atol=1e-4)
+
+
+def test_a_model_as_transform_that_register_cannot_use_is_named():
+    fixed, moving, _ = registration_pair("astronaut", "rigid", KNOWN["rigid"])
+
+    class OwnMatrix(tireg.AffineModel):
+        def get_matrix(self):
+            return super().get_matrix()
+
+    with pytest.raises(ValueError, match=r"^register\(\): 'transform' is a OwnMatrix with its own matrix"):
+        tireg.register(fixed, moving, transform=OwnMatrix(10.0, 10.0, "zeros"))
+    model = tireg.create_model("rigid", moving[None, None])
+    with pytest.raises(ValueError, match=r"^register\(\): a model as 'transform' gives the start itself"):
+        tireg.register(fixed, moving, transform=model, init="identity")
+    two = tireg.create_model("rigid", moving[None, None].expand(2, 1, -1, -1))
+    with pytest.raises(ValueError, match=r"holds 2 parameter sets but there are 1 image pairs"):
+        tireg.register(fixed, moving, transform=two)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_equals_cpu():
     fixed, moving, truth = registration_pair("astronaut", "affine", KNOWN["affine"], noise=0.02)
@@ -358,6 +394,17 @@ def test_bad_input_is_named():
         (dict(fixed=fixed, moving=moving, init=torch.eye(2)), ValueError, "'init' matrix"),
         (dict(fixed=fixed, moving=moving, init="guess"), ValueError, "guess"),
         (dict(fixed=fixed, moving=moving, pyramid=(64, 1)), ValueError, "fewer than 4 pixels"),
+        (dict(fixed=fixed, moving=moving, pyramid=(2.5, 1)), ValueError, "shrink factors must be positive integers"),
+        (dict(fixed=fixed, moving=moving, pyramid=tireg.Pyramid(min_size=0)), ValueError,
+         "min_size must be an integer of at least 1; got 0"),  # it halved forever
+        (dict(fixed=fixed, moving=moving, pyramid=tireg.Pyramid((2, 1), (-1.0, 0.0))), ValueError,
+         "smoothing sigmas must be finite numbers of at least 0"),
+        (dict(fixed=fixed, moving=moving, init=torch.diag(torch.tensor([1.0, 1.0, 2.0]))), ValueError,
+         r"'init' must be affine, with last row \(0, 0, 1\); got \[0.0, 0.0, 2.0\]"),
+        (dict(fixed=fixed, moving=moving, init=torch.zeros(3, 3) + torch.eye(3)[2]), ValueError,
+         "'init' matrix is singular"),
+        (dict(fixed=fixed, moving=moving, transform="similarity", init=torch.diag(torch.tensor([-1.0, 1.0, 1.0]))),
+         ValueError, "mirrors the image .negative determinant., which a similarity transform cannot"),
         (dict(fixed=fixed, moving=moving, tolerance=0), ValueError, "'tolerance' must be positive"),
         (dict(fixed=fixed[:4, :4], moving=moving[:4, :4]), ValueError, "at least 8 x 8"),
         (dict(fixed="fixed.png", moving=moving), TypeError, "'fixed' must be a torch.Tensor or numpy.ndarray"),
@@ -365,6 +412,19 @@ def test_bad_input_is_named():
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
             tireg.register(kwargs.pop("fixed"), kwargs.pop("moving"), **kwargs)
+
+
+def test_inputs_that_once_failed_silently():
+    """Intensities whose squares overflow float32 normalise in float64 (they gave the identity,
+    'converged'); images and an init that require grad are taken as values (autograd's out= error)."""
+    fixed, moving, truth = registration_pair("astronaut", "rigid", KNOWN["rigid"])
+    reference = tireg.register(fixed, moving, transform="rigid")
+    huge = tireg.register(fixed * 1e19, moving * 1e19, transform="rigid")
+    assert huge.stop_reason == reference.stop_reason
+    assert grid_error(huge.matrix, reference.matrix, fixed.shape) < 1e-3
+    tracked = tireg.register(fixed.clone().requires_grad_(), moving.clone().requires_grad_(), transform="rigid",
+                             init=torch.eye(3, dtype=torch.float64).requires_grad_())
+    assert grid_error(tracked.matrix, truth, fixed.shape) < 0.2
 
 
 @pytest.mark.parametrize("factor", [2, 3, 4])

@@ -430,6 +430,10 @@ def _image(dtype=torch.float64):
         (_image(torch.float32), torch.eye(3), {"interpolation": "cubic"}, ValueError, r"unknown interpolation 'cubic'"),
         (_image(torch.float64), torch.eye(3), {}, ValueError, r"same dtype"),
         (_image(torch.float32), torch.eye(3).expand(3, 3, 3), {}, ValueError, r"3 matrices for 2 images"),
+        (_image(torch.float32), torch.diag(torch.tensor([1.0, 1.0, 2.0])), {}, ValueError,
+         r"'matrix' must be affine, with last row \(0, 0, 1\); got \[0.0, 0.0, 2.0\]"),
+        (_image(torch.float32), torch.eye(3), {"size": (-5, 10)}, ValueError, r"'size' must be \(H, W\), two positive"),
+        (_image(torch.float32), torch.eye(3), {"size": 5}, ValueError, r"'size' must be \(H, W\)"),
     ],
     ids=[
         "2d-image",
@@ -447,6 +451,9 @@ def _image(dtype=torch.float64):
         "interpolation",
         "dtype-mismatch",
         "batch-mismatch",
+        "projective",
+        "negative-size",
+        "number-size",
     ],
 )
 def test_warp_rejects(moving, matrix, kwargs, error, pattern):

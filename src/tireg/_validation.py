@@ -73,6 +73,41 @@ def check_matrix(matrix: torch.Tensor, caller: str) -> torch.Tensor:
     return matrix
 
 
+def check_affine(matrix: torch.Tensor, caller: str, name: str = "matrix") -> None:
+    """Raise ``ValueError`` unless every ``(3, 3)`` matrix has the last row ``(0, 0, 1)``
+    (to 1e-6: an inverse computed in float32 is affine to rounding).  Reads the values back."""
+    if matrix.numel() == 0:
+        return
+    last = matrix.detach()[..., 2, :].reshape(-1, 3)
+    unit = torch.zeros(3, dtype=last.dtype, device=last.device)
+    unit[2] = 1.0
+    error = (last - unit).abs().amax(dim=1)
+    worst = int(error.argmax())
+    if not float(error[worst]) <= 1e-6:  # NaN too
+        raise ValueError(
+            f"{caller}: '{name}' must be affine, with last row (0, 0, 1); got {last[worst].tolist()} "
+            "(a projective matrix is not supported)"
+        )
+
+
+def is_whole(value) -> bool:
+    """A whole number (an ``int``, or a float or NumPy number equal to one), not a ``bool``."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return float(value).is_integer()
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def check_size(size: Sequence[int], caller: str, name: str = "size") -> tuple[int, int]:
+    """``(H, W)`` as two ints; raise a ``ValueError`` unless ``size`` holds two positive whole numbers."""
+    values = tuple(size) if isinstance(size, (tuple, list, torch.Size)) else None
+    if values is None or len(values) != 2 or not all(is_whole(value) and value >= 1 for value in values):
+        raise ValueError(f"{caller}: '{name}' must be (H, W), two positive whole numbers; got {size!r}")
+    return int(values[0]), int(values[1])
+
+
 def check_batch(matrix_batch: int, image_batch: int, caller: str) -> int:
     """Return the common batch size of a matrix batch and an image batch (1 broadcasts)."""
     if matrix_batch == image_batch or matrix_batch == 1 or image_batch == 1:

@@ -59,7 +59,7 @@ from ._chunks import chunk_slices
 from ._device import cached, constant
 from ._validation import check_image, check_option
 from .metrics import NCC
-from .sampling import downsample, gaussian_blur, shrink_matrix, warp
+from .sampling import checked_warp, downsample, gaussian_blur, shrink_matrix
 from .transforms import (
     get_transform,
     rigid_matrix,
@@ -122,6 +122,11 @@ CenterLike = Union[torch.Tensor, Sequence[float], None]
 # ----------------------------------------------------------------------------
 # input handling
 
+
+
+def _warp(image: torch.Tensor, matrix: torch.Tensor, size) -> torch.Tensor:
+    """:func:`~tireg.sampling.warp` of matrices made here (affine by construction: no read of their last rows)."""
+    return checked_warp(image, matrix, size, "bilinear", "zeros", "initialize()", affine=False)
 
 def _promote(image: torch.Tensor, name: str, caller: str) -> torch.Tensor:
     """``(H, W)`` and ``(C, H, W)`` to ``(1, C, H, W)``; then the shared image checks."""
@@ -695,7 +700,7 @@ def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tenso
     batch, count = matrices.shape[:2]
     stacked = torch.cat([moving, torch.ones_like(moving)], dim=1)
     stacked = stacked[:, None].expand(batch, count, *stacked.shape[1:]).reshape(batch * count, 2, *moving.shape[-2:])
-    warped = warp(stacked, matrices.reshape(batch * count, 3, 3), size=fixed.shape[-2:])
+    warped = _warp(stacked, matrices.reshape(batch * count, 3, 3), fixed.shape[-2:])
     warped = warped.reshape(batch, count, 2, -1)
     values, weight = warped[:, :, 0], (warped[:, :, 1] > 0.999).to(fixed.dtype)  # (B, K, P)
     height, width = fixed.shape[-2:]
@@ -771,7 +776,7 @@ def _candidate(
     """
     zeros = torch.zeros_like(angle)
     similarity = similarity_matrix(torch.stack([angle, scale, zeros, zeros], dim=1), centre)
-    turned = warp(canvas, similarity)
+    turned = _warp(canvas, similarity, None)
     shift = _phase_shift(fixed, turned, upsample=upsample)
     return base @ similarity @ translation_matrix(shift)
 
@@ -1049,7 +1054,7 @@ def _initialize(
         if small_f.shape[-2:] == small_m.shape[-2:] and not bool(shift_centres.any()):
             canvas = _centred(small_m)
         else:
-            canvas = warp(_centred(small_m), base, size=small_f.shape[-2:])
+            canvas = _warp(_centred(small_m), base, small_f.shape[-2:])
         phase = base @ translation_matrix(_phase_shift(small_f, canvas))
         if method == "phase":
             result = phase

@@ -35,7 +35,7 @@ from . import fused
 from .fused import prepare_moving, supports
 from .mappings import ExpMapping, IdentityMapping, Mapping, SigmoidMapping
 from .sampling import image_gradient as compute_image_gradient
-from .sampling import pixel_axes, stack_with_gradient, warp
+from .sampling import checked_warp, pixel_axes, stack_with_gradient
 from .transforms import TRANSFORMS, Transform, get_transform, image_center
 
 __all__ = [
@@ -307,7 +307,8 @@ class AffineModel(TransformModel):
         caller = f"{type(self).__name__}.forward()"
         source = self._finite.check(source, "source", caller)
         matrix = self.matrix(source.shape[0])
-        return warp(source, matrix, size=size, interpolation=self.interpolation, padding_mode=self.bordermode)
+        # no check of the last row (a read of values, a wait per step on a GPU): the model's matrix is affine
+        return checked_warp(source, matrix, size, self.interpolation, self.bordermode, caller, affine=False)
 
 
 class AffineModelAnalytic(TransformModel):

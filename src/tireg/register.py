@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence, Union
@@ -43,10 +44,11 @@ import torch
 
 from . import _chunks, fused
 from ._device import constant
-from ._validation import all_finite, check_compile_option, check_option
+from ._validation import all_finite, check_affine, check_compile_option, check_option, is_whole
 from .losses import PerPixelLoss, constant_irls_weight
 from .metrics import Metric, PerPixelMetric, get_metric
 from .sampling import (
+    checked_warp,
     downsample,
     gaussian_blur,
     grid_moments,
@@ -57,7 +59,6 @@ from .sampling import (
     sampling_grid,
     shared_pixel_scale,
     shrink_matrix,
-    warp,
 )
 from .transforms import Transform, get_transform, image_center
 
@@ -123,13 +124,16 @@ class Pyramid:
         """``[(factor, sigma), ...]`` coarse to fine for an image of ``size = (H, W)``."""
         factors = self.shrink_factors
         if factors is None:
+            if not (is_whole(self.min_size) and self.min_size >= 1):
+                raise ValueError(f"register(): the pyramid's min_size must be an integer of at least 1; got {self.min_size!r}")
             factors, factor = [1], 1
             while min(size) // (2 * factor) >= self.min_size:
                 factor *= 2
                 factors.insert(0, factor)
-        factors = tuple(int(f) for f in factors)
-        if not factors or any(f < 1 for f in factors):
+        factors = tuple(factors)
+        if not factors or not all(is_whole(f) and f >= 1 for f in factors):
             raise ValueError(f"register(): shrink factors must be positive integers; got {factors}")
+        factors = tuple(int(f) for f in factors)
         if min(size) // factors[0] < 4:
             raise ValueError(
                 f"register(): shrink factor {factors[0]} leaves fewer than 4 pixels of a {tuple(size)} image"
@@ -141,6 +145,9 @@ class Pyramid:
             raise ValueError(
                 f"register(): {len(factors)} shrink factors but {len(sigmas)} smoothing sigmas; give one per level"
             )
+        if not all(isinstance(sigma, numbers.Real) and not isinstance(sigma, bool) and math.isfinite(sigma)
+                   and sigma >= 0 for sigma in sigmas):
+            raise ValueError(f"register(): smoothing sigmas must be finite numbers of at least 0; got {tuple(sigmas)}")
         return list(zip(factors, (float(s) for s in sigmas)))
 
 
@@ -245,7 +252,8 @@ class RegistrationResult:
         matrix = self._matrices().to(image.dtype if image.is_floating_point() else torch.float32)
         image = image.to(matrix.dtype)
         size = self.fixed_size if size is None else size
-        warped = warp(image, matrix.to(image.device), size=size, interpolation=interpolation, padding_mode=padding_mode)
+        warped = checked_warp(image, matrix.to(image.device), size, interpolation, padding_mode,
+                              "RegistrationResult.warp()", affine=False)  # register's matrices are affine
         return _restore_dims(warped, ndim)
 
     def map_points(self, points: Union[torch.Tensor, np.ndarray, Sequence]) -> torch.Tensor:
@@ -395,6 +403,9 @@ def _normalization(image: torch.Tensor, mask: Optional[torch.Tensor], name: str)
         count = mask.sum(dim=(2, 3), keepdim=True)
         mean = (image * mask).sum(dim=(2, 3), keepdim=True) / count
         std = (((image - mean) ** 2) * mask).sum(dim=(2, 3), keepdim=True).div(count).sqrt()
+    if not bool(torch.isfinite(std).all()):  # squares beyond the dtype's range: the statistics in float64
+        wide = _normalization(image.double(), None if mask is None else mask.double(), name)
+        return wide[0].to(image.dtype), wide[1].to(image.dtype)
     if bool((std <= 1e-12 * (mean.abs() + 1)).any()):
         raise ValueError(f"register(): '{name}' is constant (inside its mask); there is nothing to align")
     return mean, std
@@ -975,14 +986,25 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
 # register
 
 
+#: Kinds whose matrices never mirror: an ``init`` with a negative determinant has no parameters there.
+_ORIENTATION_KEEPING = ("translation", "rigid", "similarity")
+
+
 def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str) -> torch.Tensor:
     batch = fixed.shape[0]
     if isinstance(init, (torch.Tensor, np.ndarray)):
-        matrix = torch.as_tensor(init).to(torch.float64)
+        matrix = torch.as_tensor(init).detach().to(torch.float64)
         if matrix.shape[-2:] != (3, 3) or matrix.dim() not in (2, 3) or matrix.reshape(-1, 3, 3).shape[0] not in (1, batch):
             raise ValueError(f"{caller}: 'init' matrix must be (3, 3) or ({batch}, 3, 3); got {tuple(matrix.shape)}")
         if not bool(torch.isfinite(matrix).all()):
             raise ValueError(f"{caller}: 'init' matrix contains NaN or Inf")
+        check_affine(matrix, caller, "init")
+        determinant = torch.linalg.det(matrix[..., :2, :2]).reshape(-1)
+        if not bool((determinant.abs() > 1e-9).all()):
+            raise ValueError(f"{caller}: 'init' matrix is singular (its 2 x 2 part has determinant 0)")
+        if kind.name in _ORIENTATION_KEEPING and not bool((determinant > 0).all()):
+            raise ValueError(f"{caller}: 'init' matrix mirrors the image (negative determinant), "
+                             f"which a {kind.name} transform cannot; use transform='affine'")
         return matrix.reshape(-1, 3, 3).expand(batch, 3, 3).to(fixed.device)
     if not isinstance(init, str):
         raise TypeError(f"{caller}: 'init' must be a method name or a (3, 3) matrix; got {type(init).__name__}")
@@ -992,6 +1014,32 @@ def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str) -
     # a user's own kind starts from the best similarity, projected on the kind by from_matrix
     name = kind.name if kind.name in TRANSFORMS else "similarity"
     return initialize(fixed, moving, name, method=init, center=center).to(torch.float64)
+
+
+def _model_start(model, init, batch: int, caller: str) -> torch.Tensor:
+    """A ready-made model's matrix ``(B, 3, 3)`` as the start of :func:`register`.
+
+    The matrix, not the raw parameter values: a model's parameters may come in its own
+    order (the seed's ``AffineModel``: angle, dx, dy, scale) about its own centre, while
+    register's are its kind's about the fixed image's centre.  A model with its own
+    ``get_matrix`` has a parameterisation that register cannot optimise.
+    """
+    name = type(model).__name__
+    if getattr(model, "_has_own_math", lambda: False)():
+        raise ValueError(
+            f"{caller}: 'transform' is a {name} with its own matrix or Jacobian, which register() cannot "
+            "optimise; pass a transform kind and the model's matrix as the start, e.g. "
+            "transform='affine', init=model.get_matrix().detach()"
+        )
+    if not (isinstance(init, str) and init == "auto"):
+        raise ValueError(f"{caller}: a model as 'transform' gives the start itself; 'init' must be left out")
+    with torch.no_grad():
+        matrix = model.matrix().detach().to(torch.float64)
+    if matrix.shape[0] not in (1, batch):
+        raise ValueError(f"{caller}: the {name} holds {matrix.shape[0]} parameter sets but there are {batch} image pairs")
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError(f"{caller}: the {name}'s matrix contains NaN or Inf")
+    return matrix.expand(batch, 3, 3)
 
 
 def register(
@@ -1024,7 +1072,7 @@ def register(
         transform: ``"translation"``, ``"rigid"``, ``"similarity"``,
             ``"anisotropic_similarity"``, ``"affine"``, a
             :class:`~tireg.transforms.Transform`, or a ready-made model
-            (its transform kind and current parameters are used).
+            (its transform kind, and its current matrix as the start).
         metric: a per-pixel loss by name (``"l2"``, ``"cauchy"``, ``"huber"``,
             ...) or instance, applied to intensity-normalised images
             (zero mean, unit deviation per image: gain and offset drop out);
@@ -1088,8 +1136,10 @@ def register(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{caller}: device {str(device)!r} requested but CUDA is not available")
     dtype = torch.float32
-    fixed_t = fixed_t.to(device=device, dtype=dtype).expand(batch, *fixed_t.shape[1:])
-    moving_t = moving_t.to(device=device, dtype=dtype).expand(batch, *moving_t.shape[1:])
+    # detached: register differentiates its parameters only (an image that requires grad would
+    # carry autograd into every operation, and the in-place and out= ones refuse it)
+    fixed_t = fixed_t.detach().to(device=device, dtype=dtype).expand(batch, *fixed_t.shape[1:])
+    moving_t = moving_t.detach().to(device=device, dtype=dtype).expand(batch, *moving_t.shape[1:])
     if min(fixed_t.shape[-2:]) < 8 or min(moving_t.shape[-2:]) < 8:
         raise ValueError(f"{caller}: images must be at least 8 x 8 pixels")
 
@@ -1099,8 +1149,7 @@ def register(
     elif isinstance(transform, Transform):
         kind, start_params = transform, None
     elif hasattr(transform, "transform") and hasattr(transform, "parameter_values"):
-        kind = transform.transform
-        start_params = transform.parameter_values().detach().to(device=device, dtype=dtype)
+        kind, start_params = transform.transform, _model_start(transform, init, batch, caller)
     else:
         raise TypeError(f"{caller}: 'transform' must be a name, a Transform or a tireg model; got {type(transform).__name__}")
     check_option(optimizer, OPTIMIZERS, "optimizer", caller)
@@ -1151,8 +1200,8 @@ def register(
             with torch.no_grad():
                 costs = [problem.evaluate(p, coarse, hessian=False).cost for p in (params, flipped_params)]
             params = torch.where((costs[1] < costs[0])[:, None], flipped_params, params)
-    else:
-        params = start_params.expand(batch, -1).clone()
+    else:  # the model's own matrix (its centre and parameter order), as this call's parameters
+        params = kind.from_matrix(start_params.to(device=device, dtype=dtype), center_t)
 
     height, width = fixed_t.shape[-2:]
     corners = torch.tensor(

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._validation import INTERPOLATIONS, PADDING_MODES, check_image, check_matrix, check_option
+from ._validation import INTERPOLATIONS, PADDING_MODES, check_affine, check_image, check_matrix, check_option, check_size
 from ._device import cached, constant
 from .transforms import ALIGN_CORNERS, pixel_to_normalized
 
@@ -291,7 +291,10 @@ def warp(
     Args:
         moving: ``(B, C, H, W)`` image.
         matrix: ``(B, 3, 3)`` or ``(3, 3)`` fixed -> moving pixel matrix (a
-            single matrix, or a batch of 1, is applied to every image).
+            single matrix, or a batch of 1, is applied to every image);
+            affine, its last row ``(0, 0, 1)`` (a projective matrix raises:
+            on a GPU that check reads the last rows back, one wait a call; a
+            model's ``forward``, made for loops, does not check).
         size: ``(H, W)`` of the output (fixed) grid; default: the moving image's.
         interpolation: ``"bilinear"`` (default), ``"bicubic"`` or ``"nearest"``.
         padding_mode: ``"zeros"`` (default), ``"border"`` or ``"reflection"``.
@@ -299,10 +302,25 @@ def warp(
     Returns:
         ``(B, C, H, W)`` warped image, differentiable with respect to both inputs.
     """
-    caller = "warp()"
+    return checked_warp(moving, matrix, size, interpolation, padding_mode, "warp()", affine=True)
+
+
+def checked_warp(
+    moving: torch.Tensor,
+    matrix: torch.Tensor,
+    size: Optional[Sequence[int]],
+    interpolation: str,
+    padding_mode: str,
+    caller: str,
+    *,
+    affine: bool,
+) -> torch.Tensor:
+    """:func:`warp` for ``caller``; ``affine``: also check the matrices' last rows (a read of values)."""
     _modes(interpolation, padding_mode, caller)
     check_image(moving, "moving", caller, finite=False)
     matrix = check_matrix(matrix, caller)
+    if affine:
+        check_affine(matrix, caller)
     if matrix.dtype != moving.dtype or matrix.device != moving.device:
         raise ValueError(
             f"{caller}: 'matrix' ({matrix.dtype}, {matrix.device}) and 'moving' ({moving.dtype}, {moving.device}) "
@@ -316,7 +334,7 @@ def warp(
         batch = max(matrix.shape[0], moving.shape[0])
         matrix = matrix.expand(batch, 3, 3)
         moving = moving.expand(batch, *moving.shape[1:])
-    size = tuple(moving.shape[-2:]) if size is None else tuple(int(s) for s in size)
+    size = tuple(moving.shape[-2:]) if size is None else check_size(size, caller)
     grid = sampling_grid(matrix, size, moving.shape[-2:])
     return sample(moving, grid, interpolation=interpolation, padding_mode=padding_mode)
 
