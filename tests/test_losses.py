@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,7 +186,7 @@ def test_cauchy_derivative_is_twice_the_seeds():
     "cls, parameter",
     [(CauchyLoss, "scale"), (GemanMcClureLoss, "scale"), (CharbonnierLoss, "eps"), (HuberLoss, "delta")],
 )
-@pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
 def test_non_positive_setting_is_rejected(cls, parameter, value):
     with pytest.raises(ValueError, match=rf"{cls.__name__}\(\).*'{parameter}' must be positive"):
         cls(**{parameter: value})
@@ -315,3 +316,13 @@ def test_a_subclass_that_changes_l2_has_no_constant_irls_weight():
 
     assert constant_irls_weight(Scaled()) is None and constant_irls_weight(Shifted()) is None
     assert constant_irls_weight(Named()) == 2.0
+
+
+@pytest.mark.parametrize("loss", [L2Loss(), CauchyLoss(), L1Loss(), HuberLoss()], ids=lambda loss: type(loss).__name__)
+def test_integer_and_non_tensor_inputs_are_rejected(loss):
+    """uint8 0 - 1 wraps to 255: L2 gave a derivative of 510 instead of -2."""
+    name = type(loss).__name__
+    with pytest.raises(TypeError, match=rf"^{name}\(\): x and y must be floating point; got torch.uint8"):
+        loss(torch.tensor([0], dtype=torch.uint8), torch.tensor([1], dtype=torch.uint8), gradient=True)
+    with pytest.raises(TypeError, match=rf"^{name}\(\): x and y must be tensors; got ndarray"):
+        loss(np.zeros(3), torch.zeros(3))

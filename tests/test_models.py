@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from conftest import CUDA, CudaSynchronisations, HostSyncs, smooth_random_image
@@ -491,6 +492,34 @@ def test_errors_name_the_problem(images):
         tireg.create_model("rigid", moving, loss="l3")
     with pytest.raises(ValueError, match="batch_size"):
         tireg.RigidModel(0, 0, batch_size=0)
+    with pytest.raises(ValueError, match="'batch_size' must be a whole number"):
+        tireg.RigidModel(0, 0, batch_size=2.7)
+    with pytest.raises(ValueError, match=r"^AffineModel\(\): 'cx' must be finite; got nan"):
+        tireg.AffineModel(float("nan"), 1.0, "zeros")
+    with pytest.raises(TypeError, match=r"'source' must be a torch.Tensor; got ndarray"):
+        model(moving.numpy(), fixed.numpy())
+    with pytest.raises(ValueError, match=r"RigidModelAnalytic.interpolation: unknown interpolation 'nearest'"):
+        model.interpolation = "nearest"  # the constructor's check, also when set later
+    with pytest.raises(ValueError, match=r"RigidModelAnalytic.bordermode: unknown border mode 'mirror'"):
+        model.bordermode = "mirror"
+    with pytest.raises(ValueError, match="gives a NaN or infinite parameter"):
+        model.set_parameter(0, float("nan"))
+    with pytest.raises(TypeError, match="'value' must be a number"):
+        model.set_parameter(0, "0.1")
+    with pytest.raises(TypeError, match="parameter index must be an integer; got float"):
+        model.get(1.0)
+
+
+def test_a_failed_set_parameter_changes_nothing(images):
+    """The mapping is taken only once its value solves (an ExpMapping of 0 raises)."""
+    _, moving = images
+    model = tireg.create_model("similarity", moving)
+    before = model.get(1).detach().clone()
+    with pytest.raises(ValueError, match="must be positive"):
+        model.set_parameter(1, 0.0, ExpMapping())
+    assert torch.equal(model.get(1), before) and type(model.m[1]) is not ExpMapping
+    model.set_parameter(np.int64(1), 1.5)  # a NumPy index is an index
+    assert torch.allclose(model.get(1), torch.tensor(1.5, dtype=before.dtype))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -7,6 +7,7 @@ function's name and names the offending argument, e.g.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence, Union
 
 import torch
@@ -90,6 +91,19 @@ def check_affine(matrix: torch.Tensor, caller: str, name: str = "matrix") -> Non
         )
 
 
+def finite_number(value, name: str, caller: str) -> float:
+    """``value`` as a finite ``float``; raise a ``TypeError`` for a non-number, a ``ValueError`` for NaN or Inf."""
+    if isinstance(value, (bool, str)):
+        raise TypeError(f"{caller}: '{name}' must be a number; got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{caller}: '{name}' must be a number; got {type(value).__name__}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{caller}: '{name}' must be finite; got {number}")
+    return number
+
+
 def is_whole(value) -> bool:
     """A whole number (an ``int``, or a float or NumPy number equal to one), not a ``bool``."""
     if isinstance(value, bool):
@@ -149,6 +163,8 @@ class FiniteCheckCache:
         self._seen: dict[str, tuple] = {}
 
     def check(self, image: torch.Tensor, name: str, caller: str) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"{caller}: '{name}' must be a torch.Tensor; got {type(image).__name__}")
         key = (id(image), getattr(image, "_version", None), image.data_ptr(), tuple(image.shape))
         if self._seen.get(name) != key:
             check_image(image, name, caller)

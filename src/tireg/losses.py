@@ -25,6 +25,7 @@ GemanMcClureLoss   r^2 / (r^2 + c^2)                       2 r c^2 / (r^2 + c^2)
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -54,6 +55,10 @@ class PerPixelLoss(nn.Module):
     """
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, gradient: bool = False) -> LossOutput:
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+            raise TypeError(f"{type(self).__name__}(): x and y must be tensors; got {type(x).__name__} and {type(y).__name__}")
+        if not (x.is_floating_point() and y.is_floating_point()):  # an integer x - y wraps around
+            raise TypeError(f"{type(self).__name__}(): x and y must be floating point; got {x.dtype} and {y.dtype}")
         return self.residual(x - y, gradient)
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
@@ -63,8 +68,8 @@ class PerPixelLoss(nn.Module):
 
 def _positive(value: float, name: str, caller: str) -> float:
     value = float(value)
-    if not value > 0:
-        raise ValueError(f"{caller}: '{name}' must be positive; got {value}")
+    if not 0 < value < math.inf:  # an infinite scale gives NaN losses or derivatives
+        raise ValueError(f"{caller}: '{name}' must be positive and finite; got {value}")
     return value
 
 

@@ -20,14 +20,25 @@ of shape ``(1,)`` is shared by all pairs (its gradient sums over them).
 
 from __future__ import annotations
 
+import numbers
+import operator
 import time
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 
 from ._device import constant
-from ._validation import PADDING_MODES, FiniteCheckCache, check_compile_option, check_image, check_option
+from ._validation import (
+    PADDING_MODES,
+    FiniteCheckCache,
+    check_compile_option,
+    check_image,
+    check_option,
+    finite_number,
+    is_whole,
+)
 from .analytic import cost_and_gradient, parameter_gradient
 from .losses import L2Loss, PerPixelLoss, get_loss
 from .metrics import Metric, get_metric
@@ -125,11 +136,11 @@ class TransformModel(nn.Module):
     ):
         super().__init__()
         caller = f"{type(self).__name__}()"
-        self.cx, self.cy = float(cx), float(cy)
-        self.bordermode = check_option(bordermode, tuple(PADDING_MODES), "border mode", caller)
-        self.interpolation = check_option(interpolation, MODEL_INTERPOLATIONS, "interpolation", caller)
-        if int(batch_size) < 1:
-            raise ValueError(f"{caller}: 'batch_size' must be at least 1; got {batch_size}")
+        self.cx, self.cy = finite_number(cx, "cx", caller), finite_number(cy, "cy", caller)
+        self.bordermode = bordermode  # checked by the properties
+        self.interpolation = interpolation
+        if not (is_whole(batch_size) and batch_size >= 1):
+            raise ValueError(f"{caller}: 'batch_size' must be a whole number of at least 1; got {batch_size!r}")
         slots = self._slots()
         initial = [0.0] * len(slots)
         for position, index in enumerate(slots):
@@ -138,6 +149,24 @@ class TransformModel(nn.Module):
         self.m: list[Mapping] = [IdentityMapping() for _ in initial]
         self._center: tuple[Optional[tuple], Optional[torch.Tensor]] = (None, None)
         self._finite = FiniteCheckCache()
+
+    @property
+    def interpolation(self) -> str:
+        """``"bilinear"`` or ``"bicubic"``; checked when set, as in the constructor."""
+        return self._interpolation
+
+    @interpolation.setter
+    def interpolation(self, value: str) -> None:
+        self._interpolation = check_option(value, MODEL_INTERPOLATIONS, "interpolation", f"{type(self).__name__}.interpolation")
+
+    @property
+    def bordermode(self) -> str:
+        """Padding mode: ``"zeros"``, ``"border"`` or ``"reflection"``; checked when set."""
+        return self._bordermode
+
+    @bordermode.setter
+    def bordermode(self, value: str) -> None:
+        self._bordermode = check_option(value, tuple(PADDING_MODES), "border mode", f"{type(self).__name__}.bordermode")
 
     # -- parameters -----------------------------------------------------------
 
@@ -150,16 +179,21 @@ class TransformModel(nn.Module):
         return len(self.p)
 
     def _check_index(self, i: int, caller: str) -> int:
-        if not isinstance(i, int) or not 0 <= i < len(self.p):
+        """``i`` as an ``int`` (a NumPy integer too); raise unless it indexes a parameter."""
+        try:
+            index = operator.index(i)
+        except TypeError:
+            raise TypeError(f"{caller}: parameter index must be an integer; got {type(i).__name__}") from None
+        if isinstance(i, bool) or not 0 <= index < len(self.p):
             raise IndexError(
                 f"{caller}: parameter index {i!r} is out of range; "
                 f"{type(self).__name__} has {len(self.p)} parameters (0..{len(self.p) - 1})"
             )
-        return i
+        return index
 
     def get(self, i: int) -> torch.Tensor:
         """Value of parameter ``i``: ``m_i(p_i)``, shape ``(B,)`` or ``(1,)``."""
-        self._check_index(i, "get()")
+        i = self._check_index(i, "get()")
         return self.m[i](self.p[i])
 
     def set_parameter(self, i: int, value: Union[float, Sequence[float], torch.Tensor], mapping: Optional[Mapping] = None) -> None:
@@ -171,17 +205,21 @@ class TransformModel(nn.Module):
         optimiser built before still updates it.
         """
         caller = "set_parameter()"
-        self._check_index(i, caller)
-        if mapping is not None:
-            if not isinstance(mapping, Mapping):
-                raise TypeError(f"{caller}: 'mapping' must be a tireg Mapping; got {type(mapping).__name__}")
-            self.m[i] = mapping
+        i = self._check_index(i, caller)
+        if mapping is not None and not isinstance(mapping, Mapping):
+            raise TypeError(f"{caller}: 'mapping' must be a tireg Mapping; got {type(mapping).__name__}")
+        mapping = self.m[i] if mapping is None else mapping
+        if isinstance(value, str) or not isinstance(value, (numbers.Real, Sequence, torch.Tensor, np.ndarray)):
+            raise TypeError(f"{caller}: 'value' must be a number, a sequence or a tensor; got {type(value).__name__}")
         param = self.p[i]
-        raw = self.m[i].solve(value).to(dtype=param.dtype, device=param.device)
+        raw = mapping.solve(value).to(dtype=param.dtype, device=param.device)  # raises before anything changes
         if raw.dim() == 0 or raw.numel() == 1:
             raw = raw.reshape(1).expand(param.shape).clone()
         elif raw.dim() != 1:
             raise ValueError(f"{caller}: 'value' must be a scalar or a 1-D tensor of B values; got {tuple(raw.shape)}")
+        if not bool(torch.isfinite(raw).all()):
+            raise ValueError(f"{caller}: 'value' {value!r} gives a NaN or infinite parameter")
+        self.m[i] = mapping
         with torch.no_grad():
             param.data = raw
         param.grad = None
@@ -207,7 +245,7 @@ class TransformModel(nn.Module):
 
     def get_derva(self, i: int) -> torch.Tensor:
         """``dA/dp_i``, the derivative of :meth:`get_matrix` with respect to the value of parameter ``i``."""
-        self._check_index(i, "get_derva()")
+        i = self._check_index(i, "get_derva()")
         return self.parameter_jacobian()[:, i]
 
     def parameter_jacobian(self) -> torch.Tensor:

@@ -920,6 +920,30 @@ def _autograd_evaluation(problem: _Problem, params: torch.Tensor, level: _Level)
     return _Evaluation(cost.detach(), gradient, None)
 
 
+def _check_optimizer_options(optimizer: str, options: Optional[dict], caller: str) -> None:
+    """``optimizer_options`` go to a ``torch.optim`` optimiser: raise here, naming them, if
+    Gauss-Newton would ignore them or the optimiser rejects them (tried on a dummy parameter)."""
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise TypeError(f"{caller}: 'optimizer_options' must be a dict; got {type(options).__name__}")
+    if optimizer == "gauss-newton":
+        if options:
+            raise ValueError(f"{caller}: 'optimizer_options' {options!r} apply to 'adam', 'lbfgs' and 'sgd'; "
+                             "Gauss-Newton takes none")
+        return
+    constructor, defaults = _FIRST_ORDER_DEFAULTS[optimizer]
+    if optimizer == "lbfgs" and options.get("line_search_fn", None) not in (None, "strong_wolfe"):
+        # torch.optim.LBFGS takes any value and fails only in its first step
+        raise ValueError(f"{caller}: 'optimizer_options' line_search_fn must be None or 'strong_wolfe'; "
+                         f"got {options['line_search_fn']!r}")
+    try:
+        constructor([torch.zeros(1, requires_grad=True)], **{**defaults, **options})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{caller}: 'optimizer_options' {options!r} rejected by torch.optim.{constructor.__name__}: "
+                         f"{error}") from None
+
+
 def _first_order(problem, level, params, *, name, options, gradients, max_iterations, tolerance, corners, callback,
                  level_index):
     """A ``torch.optim`` optimiser on scaled parameters ``p = p0 + D q`` (one unit of q ~ one level pixel)."""
@@ -1165,12 +1189,17 @@ def register(
     if optimizer == "gauss-newton" and not metric_object.per_pixel:
         raise ValueError(f"{caller}: Gauss-Newton needs a per-pixel metric (a loss such as 'l2'); "
                          f"use optimizer='lbfgs' (the default for {metric!r}) or 'adam'")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real):
+        raise TypeError(f"{caller}: 'tolerance' must be a number; got {type(tolerance).__name__}")
     if not tolerance > 0:
         raise ValueError(f"{caller}: 'tolerance' must be positive; got {tolerance}")
     if max_iterations is None:
         max_iterations = 50 if optimizer == "gauss-newton" else 300
-    if int(max_iterations) < 1:
-        raise ValueError(f"{caller}: 'max_iterations' must be at least 1; got {max_iterations}")
+    if not (is_whole(max_iterations) and max_iterations >= 1):
+        raise ValueError(f"{caller}: 'max_iterations' must be a whole number of at least 1; got {max_iterations!r}")
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise TypeError(f"{caller}: 'normalize' must be True or False; got {normalize!r}")
+    _check_optimizer_options(optimizer, optimizer_options, caller)
     if pyramid is None:
         pyramid = Pyramid()
     elif not isinstance(pyramid, Pyramid):
