@@ -373,6 +373,13 @@ def test_cuda_equals_cpu():
 # -- bad input ----------------------------------------------------------------------
 
 
+class _SummedDerivative(tireg.L2Loss):
+    """A loss of one's own that returns its derivative summed (it converged to a wrong answer)."""
+
+    def residual(self, r, gradient=False):
+        return (r * r, (2.0 * r).sum()) if gradient else r * r
+
+
 def test_bad_input_is_named():
     fixed, moving, _ = registration_pair("astronaut", "rigid", KNOWN["rigid"])
     nan = moving.clone()
@@ -416,6 +423,15 @@ def test_bad_input_is_named():
         (dict(fixed=fixed, moving=moving, optimizer="lbfgs", optimizer_options={"line_search_fn": "armijo"}),
          ValueError, "line_search_fn must be None or 'strong_wolfe'"),
         (dict(fixed=fixed[:4, :4], moving=moving[:4, :4]), ValueError, "at least 8 x 8"),
+        (dict(fixed=torch.stack([fixed] * 3, -1), moving=torch.stack([moving] * 3, -1)), ValueError,
+         r"at least 8 x 8 pixels; got 'fixed' \(H, W\) = \(\d+, 3\).*read as \(C, H, W\)"),  # (H, W, C) arrays
+        (dict(fixed=torch.stack([fixed, torch.zeros_like(fixed)]), moving=torch.stack([moving] * 2)), ValueError,
+         "'fixed' is constant .inside its mask. in channel 1 of 2: there is nothing to align; pass the channels"),
+        (dict(fixed=fixed, moving=moving, pyramid=4), TypeError, "'pyramid' must be a Pyramid or a sequence"),
+        (dict(fixed=fixed, moving=moving, device="gpu"), ValueError, "'device' must name a torch device"),
+        (dict(fixed=fixed, moving=moving, callback=5), TypeError, "'callback' must be callable; got int"),
+        (dict(fixed=fixed, moving=moving, metric=_SummedDerivative()), ValueError,
+         r"_SummedDerivative.forward\(x, y, gradient=True\) must return the loss and its derivative per pixel"),
         (dict(fixed="fixed.png", moving=moving), TypeError, "'fixed' must be a torch.Tensor or numpy.ndarray"),
     ]
     for kwargs, error, message in cases:

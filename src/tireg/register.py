@@ -406,8 +406,16 @@ def _normalization(image: torch.Tensor, mask: Optional[torch.Tensor], name: str)
     if not bool(torch.isfinite(std).all()):  # squares beyond the dtype's range: the statistics in float64
         wide = _normalization(image.double(), None if mask is None else mask.double(), name)
         return wide[0].to(image.dtype), wide[1].to(image.dtype)
-    if bool((std <= 1e-12 * (mean.abs() + 1)).any()):
-        raise ValueError(f"register(): '{name}' is constant (inside its mask); there is nothing to align")
+    flat = (std <= 1e-12 * (mean.abs() + 1)).reshape(std.shape[:2])
+    if bool(flat.any()):
+        pair, channel = (int(index) for index in flat.nonzero()[0])
+        where, advice = "", ""
+        if flat.shape[0] > 1:
+            where = f" in pair {pair}"
+        if flat.shape[1] > 1:
+            where += f"{',' if where else ' in'} channel {channel} of {flat.shape[1]}"
+            advice = "; pass the channels that hold the image, or register on one"
+        raise ValueError(f"register(): '{name}' is constant (inside its mask){where}: there is nothing to align{advice}")
     return mean, std
 
 
@@ -1146,7 +1154,7 @@ def register(
     caller = "register()"
     started = time.perf_counter()
     fixed_t, fixed_ndim = _as_image(fixed, "fixed", caller)
-    moving_t, _ = _as_image(moving, "moving", caller)
+    moving_t, moving_ndim = _as_image(moving, "moving", caller)
     batched = fixed_ndim == 4 or (isinstance(moving, (torch.Tensor, np.ndarray)) and np.ndim(moving) == 4)
     if fixed_t.shape[1] != moving_t.shape[1]:
         raise ValueError(
@@ -1156,7 +1164,14 @@ def register(
     if fixed_t.shape[0] != moving_t.shape[0] and 1 not in (fixed_t.shape[0], moving_t.shape[0]):
         raise ValueError(f"{caller}: {fixed_t.shape[0]} fixed images but {moving_t.shape[0]} moving images")
     batch = max(fixed_t.shape[0], moving_t.shape[0])
-    device = fixed_t.device if device is None else torch.device(device)
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"{caller}: 'device' must name a torch device such as 'cpu' or 'cuda'; got {device!r}") from None
+    device = fixed_t.device if device is None else device
+    if callback is not None and not callable(callback):
+        raise TypeError(f"{caller}: 'callback' must be callable; got {type(callback).__name__}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{caller}: device {str(device)!r} requested but CUDA is not available")
     dtype = torch.float32
@@ -1165,7 +1180,12 @@ def register(
     fixed_t = fixed_t.detach().to(device=device, dtype=dtype).expand(batch, *fixed_t.shape[1:])
     moving_t = moving_t.detach().to(device=device, dtype=dtype).expand(batch, *moving_t.shape[1:])
     if min(fixed_t.shape[-2:]) < 8 or min(moving_t.shape[-2:]) < 8:
-        raise ValueError(f"{caller}: images must be at least 8 x 8 pixels")
+        layout = ""
+        if fixed_ndim == 3 or moving_ndim == 3:
+            layout = ("; a 3-D image is read as (C, H, W), channels first (an (H, W, C) array needs "
+                      "np.moveaxis(image, -1, 0) or tensor.permute(2, 0, 1))")
+        raise ValueError(f"{caller}: images must be at least 8 x 8 pixels; got 'fixed' (H, W) = "
+                         f"{tuple(fixed_t.shape[-2:])} and 'moving' {tuple(moving_t.shape[-2:])}{layout}")
 
     if isinstance(transform, str):
         kind = get_transform(transform)
@@ -1203,6 +1223,9 @@ def register(
     if pyramid is None:
         pyramid = Pyramid()
     elif not isinstance(pyramid, Pyramid):
+        if not isinstance(pyramid, (tuple, list)):
+            raise TypeError(f"{caller}: 'pyramid' must be a Pyramid or a sequence of shrink factors such as (4, 2, 1); "
+                            f"got {type(pyramid).__name__}")
         pyramid = Pyramid(shrink_factors=tuple(pyramid))
     smaller = (min(fixed_t.shape[-2], moving_t.shape[-2]), min(fixed_t.shape[-1], moving_t.shape[-1]))
     schedule = pyramid.levels(smaller)
