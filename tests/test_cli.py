@@ -347,6 +347,34 @@ def test_stack_of_a_folder_to_a_folder_against_the_mean(drift, tmp_path):
         assert grid_error(torch.from_numpy(relative), torch.from_numpy(truths[k]), frames.shape[1:]) < 0.5
 
 
+def test_stack_into_an_existing_folder_replaces_only_its_own_files(drift, tmp_path, monkeypatch):
+    """--force replaced the whole folder (the user's other files went); a CSV inside the output
+    folder was refused as 'already exists', or dropped with --force."""
+    folder = drift[0]
+    out = tmp_path / "aligned"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("keep me")
+    (out / "t0.png").write_text("old")
+    monkeypatch.chdir(tmp_path)
+    options = ["--transform", "translation", "--quiet"]
+    assert main(["stack", str(folder / "frames"), "-o", "aligned", "--force", "--csv", "aligned/drift.csv", *options]) == 0
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "sub").is_dir()
+    assert sorted(p.name for p in out.glob("t*.png")) == [f"t{k}.png" for k in range(6)]
+    assert imageio.imread(out / "t0.png").dtype == np.uint8  # the old t0.png replaced
+    assert len(list(csv.DictReader(open(out / "drift.csv")))) == 6
+    assert main(["stack", str(folder / "frames"), "-o", "fresh", "--csv", "fresh/drift.csv", *options]) == 0
+    assert len(list(csv.DictReader(open(tmp_path / "fresh" / "drift.csv")))) == 6
+    assert not [p for p in tmp_path.rglob(".*tmp*")]  # no temporary left
+
+
+def test_a_file_name_with_dollars_is_plain_text_in_the_picture(data, tmp_path, monkeypatch):
+    """matplotlib read 'm$_$.png' in the picture's title as mathematics and failed after the work."""
+    shutil.copy(data["folder"] / "moving.png", tmp_path / "m$_$.png")
+    monkeypatch.chdir(tmp_path)
+    assert main(["register", str(data["folder"] / "fixed.png"), "m$_$.png", "-o", "out", "-t", "translation", "-q"]) == 0
+    assert (tmp_path / "out" / "before_after.png").stat().st_size > 0
+
+
 # ----------------------------------------------------------------------------
 # demo and help
 
@@ -404,11 +432,17 @@ BAD = {
     "unknown option": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "--wobble"], 2,
                        "unrecognized"),
     "unknown command": (["wobble"], 2, "invalid choice"),
+    "masks apart": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "--mask", "{in}/corner_tl.png",
+                     "--moving-mask", "{in}/corner_br.png", "--init", "identity"], 1, "do not overlap"),
+    "too many levels": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "--levels", "10" * 10], 2,
+                        "at most 16 levels"),  # 2**k of a huge k grew memory without end
     "unknown compile choice": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "--compile", "fast"], 2,
                                "expected auto, on or off"),
     "existing output": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out"], 1, "--force"),
     "missing transform": (["apply", "{in}/absent.tfm", "{in}/moving.png", "-o", "out.png"], 1, "no such file"),
     "corrupt transform": (["apply", "{in}/bad.tfm", "{in}/moving.png", "-o", "out.png"], 1, "bad.tfm"),
+    "bad stored size": (["apply", "{in}/sized.json", "{in}/moving.png", "-o", "out.png"], 1,
+                        '"metadata.fixed_size" must be two positive integers'),  # it wrote a 1 x 2 image
     "float to PNG": (["apply", "{in}/good.tfm", "{in}/moving.npy", "-o", "out.png"], 1, "PNG"),
     "one frame stack": (["stack", "{in}/moving.png", "-o", "out.tif"], 1, "at least 2"),
     "frames differ": (["stack", "{in}/mixed", "-o", "out.tif"], 1, "differ"),
@@ -434,6 +468,11 @@ def _bad_inputs(folder: Path) -> None:
     (folder / "bad.tfm").write_text("#Insight Transform File V1.0\nTransform: AffineTransform_double_2_2\n"
                                     "Parameters: 1 0 0 nonsense\n")
     tireg.transform_io.save_transform(folder / "good.tfm", np.eye(3))
+    tireg.transform_io.save_transform(folder / "sized.json", np.eye(3), metadata={"fixed_size": [1.7, 2.2]})
+    corner = np.zeros((128, 160), np.uint8)
+    corner[:10, :10] = 255
+    imageio.imwrite(folder / "corner_tl.png", corner)
+    imageio.imwrite(folder / "corner_br.png", corner[::-1, ::-1])
     (folder / "mixed").mkdir(exist_ok=True)
     imageio.imwrite(folder / "mixed" / "a.png", np.arange(64 * 80, dtype=np.uint8).reshape(64, 80))
     imageio.imwrite(folder / "mixed" / "b.png", np.arange(64 * 64, dtype=np.uint8).reshape(64, 64))

@@ -31,6 +31,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ._validation import is_whole
 from .io import (
     ImageData,
     ImageError,
@@ -80,6 +81,10 @@ def _register_defaults() -> dict[str, Any]:
     return {name: p.default for name, p in inspect.signature(register).parameters.items()}
 
 
+#: Most levels ``--levels N`` takes: a factor of 2^15 already leaves 4 pixels of a 131072-pixel side.
+MAX_LEVELS = 16
+
+
 def _levels(text: str) -> tuple[int, ...]:
     """``"3"`` -> ``(4, 2, 1)``; ``"8,4,2,1"`` -> as given."""
     try:
@@ -91,6 +96,9 @@ def _levels(text: str) -> tuple[int, ...]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"levels must be positive integers; got {text!r}")
     if len(values) == 1 and "," not in text:
+        if values[0] > MAX_LEVELS:  # 2**k for a huge k ran out of memory before any check
+            raise argparse.ArgumentTypeError(
+                f"at most {MAX_LEVELS} levels (a shrink factor of {2 ** (MAX_LEVELS - 1)}); got {text!r}")
         return tuple(2**k for k in reversed(range(values[0])))
     return tuple(values)
 
@@ -106,6 +114,8 @@ def _device(text: str) -> str:
         raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"device {text!r} requested but CUDA is not available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r} requested but MPS is not available")
     if device.type not in ("cpu", "cuda", "mps"):
         raise argparse.ArgumentTypeError(f"unsupported device {text!r}; use cpu, cuda, cuda:N or auto")
     return str(device)
@@ -543,6 +553,13 @@ def _register_paths(folder: Path, moving_suffix: str) -> dict[str, Path]:
     }
 
 
+def _plain(name: str) -> str:
+    """A file name as plain text for a picture's title: matplotlib reads ``$...$`` as mathematics
+    (``m$_$.png`` raised a parse error after the work), and a name that is not UTF-8 (its bytes
+    kept as surrogates) cannot be drawn."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace").replace("$", r"\$")
+
+
 def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
     require("matplotlib", "drawing pictures")  # before the work, not after it
     fixed = _single(read_image(args.fixed, what="fixed image"), "fixed image")
@@ -571,7 +588,12 @@ def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
                                   mask=mask, moving_mask=moving_mask, progress=progress)
     finally:
         progress.close()
-    title = f"{fixed.path.name} (fixed) and {moving.path.name} (moving): {result.transform}"
+    if result.stop_reason[0] == "no_overlap":  # an infinite cost, and nothing a transform file could say
+        raise CommandError(
+            "the images do not overlap at the found transform (too few pixels inside both images"
+            + (" and their masks" if args.mask or args.moving_mask else "") + "); there is nothing to compare"
+        )
+    title = f"{_plain(fixed.path.name)} (fixed) and {_plain(moving.path.name)} (moving): {result.transform}"
     _write_register_outputs(outputs, paths, result, moving=moving, fixed_grey=fixed_grey,
                             moving_grey=moving_grey, title=title, args=args)
     written = outputs.commit()
@@ -601,8 +623,12 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
         size = _single(read_image(args.reference, what="reference image"), "reference image").size
     elif args.size is not None:
         size = args.size
-    elif isinstance(transform.metadata.get("fixed_size"), list) and len(transform.metadata["fixed_size"]) == 2:
-        size = tuple(int(v) for v in transform.metadata["fixed_size"])
+    elif transform.metadata.get("fixed_size") is not None:
+        stored = transform.metadata["fixed_size"]
+        if not (isinstance(stored, list) and len(stored) == 2 and all(is_whole(v) and v >= 1 for v in stored)):
+            raise CommandError(f"transform {args.transform!r}: \"metadata.fixed_size\" must be two positive integers "
+                               f"[height, width]; got {stored!r} (or give --size or --reference)")
+        size = (int(stored[0]), int(stored[1]))
     else:
         size = image.size
     output = Path(args.output)
@@ -882,9 +908,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output written", file=sys.stderr)
         return 130
+    except MemoryError:  # numpy's _ArrayMemoryError too
+        if args is not None and getattr(args, "traceback", False):
+            raise
+        print(f"{PROG}: error: out of memory (an image or its result is too large for this machine); "
+              "no output written", file=sys.stderr)
+        return 1
     except (CommandError, ImageError, MissingDependencyError, ValueError, TypeError, OSError, RuntimeError) as error:
         if args is not None and getattr(args, "traceback", False):
             raise
+        if isinstance(error, RuntimeError) and "can't allocate memory" in str(error):  # torch's CPU allocator
+            print(f"{PROG}: error: out of memory (an image or its result is too large for this machine); "
+                  "no output written", file=sys.stderr)
+            return 1
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 1
 

@@ -588,17 +588,22 @@ class OutputFiles:
     def commit(self) -> list[Path]:
         """Move every temporary output into place; returns the final paths."""
         done = []
+        created = set(self._created)  # folders made for this set's own outputs (a CSV inside a folder output)
         for temporary, path in self._pending:
             if not temporary.exists():
                 continue
-            if path.exists() and not self.force:
+            if path.exists() and not self.force and path not in created:
                 raise OutputExistsError(f"{str(path)!r} already exists; pass --force to overwrite it")
             if temporary.is_dir() and path.is_dir():
-                # a folder replaces a folder: move the old one aside first, then remove it
-                old = _temporary_name(path)
-                os.replace(path, old)
-                os.replace(temporary, path)
-                _remove(old)
+                # A folder of outputs goes into the existing folder file by file: only the files
+                # this command wrote replace their namesakes, and nothing else the folder holds
+                # is touched (replacing the whole folder deleted the user's other files).
+                for item in sorted(temporary.iterdir()):
+                    target = path / item.name
+                    if target.is_dir() and not item.is_dir():
+                        raise IsADirectoryError(f"cannot write {str(target)!r}: it is a folder")
+                    os.replace(item, target)
+                temporary.rmdir()
             else:
                 os.replace(temporary, path)
             done.append(path)
