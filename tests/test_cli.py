@@ -375,6 +375,26 @@ def test_a_file_name_with_dollars_is_plain_text_in_the_picture(data, tmp_path, m
     assert (tmp_path / "out" / "before_after.png").stat().st_size > 0
 
 
+def test_colour_spaces_and_orientation_are_read_as_viewers_show_them(tmp_path):
+    """A CMYK JPEG was four channels taken as RGBA; an EXIF orientation was ignored; an LZW TIFF
+    (ImageJ's default) needed a codec package that the cli extra lacked."""
+    from PIL import Image
+
+    from tireg.io import read_image
+
+    pixels = (np.arange(40 * 60) % 200).astype(np.uint8).reshape(40, 60)
+    rgb = np.stack([pixels, pixels[::-1], 255 - pixels], -1)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    cmyk = read_image(tmp_path / "cmyk.jpg", what="image")
+    assert cmyk.channels == 3 and np.abs(cmyk.frames[0].astype(float) - rgb).mean() < 4
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    Image.fromarray(pixels).save(tmp_path / "turned.jpg", exif=exif, quality=100)
+    assert read_image(tmp_path / "turned.jpg", what="image").size == (60, 40)
+    tifffile.imwrite(tmp_path / "lzw.tif", pixels, compression="lzw")
+    np.testing.assert_array_equal(read_image(tmp_path / "lzw.tif", what="image").frames[0, :, :, 0], pixels)
+
+
 # ----------------------------------------------------------------------------
 # demo and help
 
@@ -441,6 +461,10 @@ BAD = {
     "existing output": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out"], 1, "--force"),
     "missing transform": (["apply", "{in}/absent.tfm", "{in}/moving.png", "-o", "out.png"], 1, "no such file"),
     "corrupt transform": (["apply", "{in}/bad.tfm", "{in}/moving.png", "-o", "out.png"], 1, "bad.tfm"),
+    "palette TIFF": (["register", "{in}/fixed.png", "{in}/palette.tif", "-o", "out"], 1,
+                     "photometric PALETTE (indices into a colour table)"),  # registered on its indices
+    "text as PNG": (["register", "{in}/fixed.png", "{in}/text.png", "-o", "out"], 1,
+                    "as PNG: cannot identify image file"),  # imageio's SimpleITK fallback spoke
     "bad stored size": (["apply", "{in}/sized.json", "{in}/moving.png", "-o", "out.png"], 1,
                         '"metadata.fixed_size" must be two positive integers'),  # it wrote a 1 x 2 image
     "float to PNG": (["apply", "{in}/good.tfm", "{in}/moving.npy", "-o", "out.png"], 1, "PNG"),
@@ -469,6 +493,10 @@ def _bad_inputs(folder: Path) -> None:
                                     "Parameters: 1 0 0 nonsense\n")
     tireg.transform_io.save_transform(folder / "good.tfm", np.eye(3))
     tireg.transform_io.save_transform(folder / "sized.json", np.eye(3), metadata={"fixed_size": [1.7, 2.2]})
+    from PIL import Image
+
+    Image.fromarray(imageio.imread(folder / "moving.png")).convert("P").save(folder / "palette.tif")
+    (folder / "text.png").write_text("hello")
     corner = np.zeros((128, 160), np.uint8)
     corner[:10, :10] = 255
     imageio.imwrite(folder / "corner_tl.png", corner)

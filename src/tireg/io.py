@@ -266,7 +266,15 @@ def _read_pillow(path: Path, kind: str, what: str, frames: bool) -> tuple[np.nda
                 "save it as a 16-bit TIFF (or as grey) instead"
             )
     try:
-        array = np.asarray(iio.imread(path, extension=path.suffix.lower(), index=0))
+        from PIL import Image  # imageio's own reader of PNG and JPEG
+
+        with Image.open(path) as opened:
+            mode = opened.mode
+        # Pillow only (imageio tried other plugins on a bad file and reported theirs); the EXIF
+        # orientation applied, as viewers show the image; CMYK, Lab and YCbCr as RGB (their four
+        # or three samples are not RGB(A): a CMYK JPEG registered as RGBA)
+        options = dict(mode="RGB") if mode in ("CMYK", "LAB", "YCbCr", "HSV") else {}
+        array = np.asarray(iio.imread(path, plugin="pillow", index=0, rotate=True, **options))
     except Exception as error:  # the readers raise anything from OSError to SyntaxError on a bad file
         raise ImageError(f"cannot read {what} {str(path)!r} as {kind.upper()}: {_reason(error)}") from None
     if array.ndim == 2:
@@ -274,6 +282,19 @@ def _read_pillow(path: Path, kind: str, what: str, frames: bool) -> tuple[np.nda
     if array.ndim == 3:
         return array[None], ImageFormat(kind, array.dtype, True)
     raise ImageError(f"{what} {str(path)!r} has shape {array.shape}; expected (H, W) or (H, W, C)")
+
+
+#: What the TIFF photometric interpretations that tireg refuses hold.
+_PHOTOMETRIC = {
+    "PALETTE": "indices into a colour table",
+    "MINISWHITE": "grey with 0 as white",
+    "SEPARATED": "CMYK or other ink separations",
+    "CIELAB": "Lab colour",
+    "ICCLAB": "Lab colour",
+    "ITULAB": "Lab colour",
+    "CFA": "a raw colour filter array",
+    "MASK": "a transparency mask",
+}
 
 
 def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarray, ImageFormat]:
@@ -295,7 +316,13 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
     except Exception as error:
         raise ImageError(f"cannot read {what} {str(path)!r} as TIFF: {_reason(error)}") from None
     data = np.asarray(data)
-    photometric = "rgb" if getattr(photometric, "name", str(photometric)).upper().endswith("RGB") else "minisblack"
+    name = getattr(photometric, "name", str(photometric)).upper()
+    if photometric is not None and name not in ("MINISBLACK", "RGB", "YCBCR"):
+        # a palette image holds colour-table indices, CMYK and Lab other colour spaces, and a
+        # min-is-white one inverted grey: registered as they lie they were silently wrong
+        raise ImageError(f"{what} {str(path)!r} is a TIFF of photometric {name} ({_PHOTOMETRIC.get(name, 'not grey or RGB')}); "
+                         "convert it to grey or RGB first")
+    photometric = "rgb" if name.endswith("RGB") or name == "YCBCR" else "minisblack"
     if "Y" not in axes or "X" not in axes or len(axes) != data.ndim:
         raise ImageError(f"{what} {str(path)!r} has axes {axes!r}; expected rows (Y) and columns (X)")
     channel_axes = [i for i, a in enumerate(axes) if a in "SC"]
