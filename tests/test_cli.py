@@ -395,6 +395,35 @@ def test_colour_spaces_and_orientation_are_read_as_viewers_show_them(tmp_path):
     np.testing.assert_array_equal(read_image(tmp_path / "lzw.tif", what="image").frames[0, :, :, 0], pixels)
 
 
+@pytest.mark.parametrize("scale", [1e305, 1e-320])
+def test_float_files_at_the_ends_of_float64_register(data, tmp_path, monkeypatch, scale):
+    """Values near float64's limits overflowed a deviation ('constant', with numpy warnings) or
+    became inf or 0 in float32; they are scaled by a power of two first, and written as they were."""
+    folder = data["folder"]
+    for name in ("fixed", "moving"):
+        np.save(tmp_path / f"{name}.npy", np.load(folder / f"{name}.npy") * scale)
+    monkeypatch.chdir(tmp_path)
+    assert main(["register", "fixed.npy", "moving.npy", "-o", "out", "-q"]) == 0
+    saved = tireg.transform_io.load_transform(tmp_path / "out" / "transform.json")
+    assert grid_error(saved.matrix.reshape(3, 3), torch.from_numpy(data["truth"]), data["size"]) < 0.5
+    warped = np.load(tmp_path / "out" / "warped.npy")
+    assert np.isfinite(warped).all() and 0.1 * scale < np.abs(warped).max() < 10 * scale
+
+
+def test_an_output_folder_that_takes_no_files_is_named_before_the_work(tmp_path, monkeypatch):
+    """A read-only folder failed after the work, naming a doubly temporary file.  (The check asks
+    os.access, which a root user passes; it is stubbed here as a user's read-only folder.)"""
+    from tireg.io import OutputFiles
+
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr("tireg.io.os.access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    with pytest.raises(PermissionError, match=r"cannot write '.*ro/sub/w.png': the folder '.*ro' is not writable"):
+        OutputFiles().check(locked / "sub" / "w.png")
+    OutputFiles().check(tmp_path / "elsewhere" / "w.png")  # a writable parent: no error
+
+
 # ----------------------------------------------------------------------------
 # demo and help
 
@@ -465,6 +494,8 @@ BAD = {
                      "photometric PALETTE (indices into a colour table)"),  # registered on its indices
     "text as PNG": (["register", "{in}/fixed.png", "{in}/text.png", "-o", "out"], 1,
                     "as PNG: cannot identify image file"),  # imageio's SimpleITK fallback spoke
+    "singular transform": (["apply", "{in}/flat.json", "{in}/moving.png", "-o", "out.png"], 1,
+                           "is singular"),  # it wrote a blank image, exit 0
     "bad stored size": (["apply", "{in}/sized.json", "{in}/moving.png", "-o", "out.png"], 1,
                         '"metadata.fixed_size" must be two positive integers'),  # it wrote a 1 x 2 image
     "float to PNG": (["apply", "{in}/good.tfm", "{in}/moving.npy", "-o", "out.png"], 1, "PNG"),
@@ -493,6 +524,8 @@ def _bad_inputs(folder: Path) -> None:
                                     "Parameters: 1 0 0 nonsense\n")
     tireg.transform_io.save_transform(folder / "good.tfm", np.eye(3))
     tireg.transform_io.save_transform(folder / "sized.json", np.eye(3), metadata={"fixed_size": [1.7, 2.2]})
+    with pytest.warns(UserWarning, match="singular"):  # saving warns; applying refuses
+        tireg.transform_io.save_transform(folder / "flat.json", np.diag([0.0, 0.0, 1.0]))
     from PIL import Image
 
     Image.fromarray(imageio.imread(folder / "moving.png")).convert("P").save(folder / "palette.tif")

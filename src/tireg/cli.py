@@ -395,6 +395,16 @@ def _check_finite(image: ImageData, what: str) -> None:
             raise CommandError(f"{what} {str(image.path)!r} contains NaN or Inf values{frame}")
 
 
+def _float32(grey: np.ndarray) -> np.ndarray:
+    """Grey values as float32 for :func:`tireg.register`.  Values beyond float32's range (|x| up
+    to 1e308 in a float64 file, or all below 1e-30) are first scaled by a power of two, exactly:
+    float32 would make them infinite or zero, and registration normalises each image anyway."""
+    peak = float(np.abs(grey).max()) if grey.size else 0.0
+    if peak > 1e30 or 0.0 < peak < 1e-30:
+        grey = np.ldexp(grey, -math.frexp(peak)[1])
+    return grey.astype(np.float32)
+
+
 def _check_grey(grey: np.ndarray, image: ImageData, what: str) -> None:
     """``grey`` ``(N, H, W)``: each frame at least 8 x 8 and not constant."""
     if min(grey.shape[-2:]) < 8:
@@ -402,8 +412,7 @@ def _check_grey(grey: np.ndarray, image: ImageData, what: str) -> None:
             f"{what} {str(image.path)!r} is {grey.shape[-1]} x {grey.shape[-2]} pixels; at least 8 x 8 are needed"
         )
     flat = grey.reshape(grey.shape[0], -1)
-    spread = flat.std(axis=1)
-    constant = spread <= 1e-12 * (np.abs(flat.mean(axis=1)) + 1.0)
+    constant = flat.max(axis=1) == flat.min(axis=1)  # not a deviation: it overflowed at 1e305 and said constant
     if constant.any():
         index = int(np.argmax(constant))
         frame = "" if grey.shape[0] == 1 else f": frame {image.names[index]!r}"
@@ -584,7 +593,7 @@ def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
 
     progress = _Progress(args, len(schedule))
     try:
-        result = _register_images(args, fixed_grey.astype(np.float32), moving_grey.astype(np.float32),
+        result = _register_images(args, _float32(fixed_grey), _float32(moving_grey),
                                   mask=mask, moving_mask=moving_mask, progress=progress)
     finally:
         progress.close()
@@ -614,6 +623,10 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
     image = read_image(args.image, what="image")
     _check_finite(image, "image")
     matrices = transform.matrix.reshape(-1, 3, 3).numpy()
+    determinants = np.linalg.det(matrices[:, :2, :2])
+    if not (np.abs(determinants) > 1e-12).all():  # every output pixel would sample one line
+        raise CommandError(f"transform {args.transform!r} is singular (its 2 x 2 part has determinant 0); "
+                           "it maps the image onto a line")
     if matrices.shape[0] not in (1, image.count):
         raise CommandError(
             f"transform {args.transform!r} holds {matrices.shape[0]} matrices but image {args.image!r} has "
@@ -665,7 +678,7 @@ def _stack_output(path: Path) -> str:
 def _register_stack(args, grey: np.ndarray, mask, progress: _Progress) -> dict[str, Any]:
     """Batched registration of every frame to the reference; matrices map reference -> frame pixels."""
     count = grey.shape[0]
-    frames = grey[:, None].astype(np.float32)  # (N, 1, H, W)
+    frames = _float32(grey[:, None])  # (N, 1, H, W)
     if args.reference == "first":
         fixed_all, moving_index = frames[:1], list(range(1, count))
     elif args.reference == "previous":

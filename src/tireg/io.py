@@ -593,6 +593,11 @@ class OutputFiles:
                 raise IsADirectoryError(f"cannot write {str(path)!r}: it is a folder")
             if path.exists() and not self.force:
                 raise OutputExistsError(f"{str(path)!r} already exists; pass --force to overwrite it")
+            # the nearest existing folder must take new files (else the write fails after the
+            # work, naming a temporary file)
+            folder = next((parent for parent in [path, *path.parents] if parent.is_dir()), Path("."))
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(f"cannot write {str(path)!r}: the folder {str(folder)!r} is not writable")
 
     def _make_folder(self, folder: Path) -> None:
         missing = []
