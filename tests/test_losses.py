@@ -326,3 +326,13 @@ def test_integer_and_non_tensor_inputs_are_rejected(loss):
         loss(torch.tensor([0], dtype=torch.uint8), torch.tensor([1], dtype=torch.uint8), gradient=True)
     with pytest.raises(TypeError, match=rf"^{name}\(\): x and y must be tensors; got ndarray"):
         loss(np.zeros(3), torch.zeros(3))
+
+
+def test_y_must_have_or_broadcast_to_x_shape():
+    """L2Loss()(x, x.expand(3, ...)) broadcast x and returned three images for one."""
+    x = torch.rand(1, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"^L2Loss\(\): y \(3, 1, 8, 8\) must have x's shape \(1, 1, 8, 8\)"):
+        L2Loss()(x, x.expand(3, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"must have x's shape"):
+        CauchyLoss()(x, torch.rand(1, 1, 8, 7), gradient=True)
+    assert L2Loss()(x.expand(3, 1, 8, 8), x).shape == (3, 1, 8, 8)  # y broadcast to x: as documented

@@ -544,3 +544,25 @@ def test_a_training_step_never_synchronises_on_cuda(compile):
             optimizer.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_state_dict_keeps_the_mappings(images, tmp_path):
+    """Raw values mean nothing without their mappings: a sigmoid's 0.3 came back as 0.62."""
+    _, moving = images
+    saved = tireg.create_model("similarity", moving)
+    saved.set_parameter(0, 0.3, SigmoidMapping(-1.0, 1.0))
+    saved.set_parameter(1, 1.1, ExpMapping())
+    torch.save(saved.state_dict(), tmp_path / "model.pt")
+    loaded = tireg.create_model("similarity", moving)
+    loaded.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))  # plain data only
+    assert isinstance(loaded.m[0], SigmoidMapping) and (loaded.m[0].lo, loaded.m[0].hi) == (-1.0, 1.0)
+    assert isinstance(loaded.m[1], ExpMapping) and isinstance(loaded.m[2], IdentityMapping)
+    torch.testing.assert_close(loaded.parameter_values(), saved.parameter_values())
+
+    class Halved(IdentityMapping):  # a mapping of one's own is not saved: the loading model keeps its own
+        def forward(self, raw):
+            return raw / 2
+
+    saved.m[2] = Halved()
+    loaded.load_state_dict(saved.state_dict())
+    assert type(loaded.m[2]) is IdentityMapping

@@ -59,11 +59,21 @@ class PerPixelLoss(nn.Module):
             raise TypeError(f"{type(self).__name__}(): x and y must be tensors; got {type(x).__name__} and {type(y).__name__}")
         if not (x.is_floating_point() and y.is_floating_point()):  # an integer x - y wraps around
             raise TypeError(f"{type(self).__name__}(): x and y must be floating point; got {x.dtype} and {y.dtype}")
+        if x.shape != y.shape and not _broadcasts_to(y.shape, x.shape):  # the result has x's shape
+            raise ValueError(f"{type(self).__name__}(): y {tuple(y.shape)} must have x's shape {tuple(x.shape)} "
+                             "(or broadcast to it)")
         return self.residual(x - y, gradient)
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
         """``rho(r)``, or ``(rho(r), rho'(r))`` when ``gradient``."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward() or residual()")
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
 
 
 def _positive(value: float, name: str, caller: str) -> float:

@@ -10,7 +10,7 @@ are plain callables on tensors of any shape, dtype and device.
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -116,3 +116,25 @@ class ExpMapping(Mapping):
         if not bool((value > 0).all()):
             raise ValueError(f"ExpMapping.solve(): value {value.tolist()} must be positive")
         return torch.log(value)
+
+
+def mapping_state(mapping: Mapping) -> Optional[tuple]:
+    """A built-in mapping as plain data for a state dict, ``(name, *arguments)``; ``None`` for a
+    mapping of one's own (an arbitrary object would not load with ``weights_only=True``)."""
+    kind = type(mapping)
+    if kind is IdentityMapping:
+        return ("identity",)
+    if kind is ExpMapping:
+        return ("exp",)
+    if kind is SigmoidMapping:
+        return ("sigmoid", mapping.lo, mapping.hi)
+    return None
+
+
+def mapping_from_state(state: Sequence) -> Mapping:
+    """The mapping that :func:`mapping_state` described."""
+    name, *arguments = state
+    makers = {"identity": IdentityMapping, "exp": ExpMapping, "sigmoid": SigmoidMapping}
+    if name not in makers:
+        raise ValueError(f"unknown mapping {name!r} in a saved state; expected one of {sorted(makers)}")
+    return makers[name](*arguments)

@@ -44,7 +44,7 @@ from .losses import L2Loss, PerPixelLoss, get_loss
 from .metrics import Metric, get_metric
 from . import fused
 from .fused import prepare_moving, supports
-from .mappings import ExpMapping, IdentityMapping, Mapping, SigmoidMapping
+from .mappings import ExpMapping, IdentityMapping, Mapping, SigmoidMapping, mapping_from_state, mapping_state
 from .sampling import image_gradient as compute_image_gradient
 from .sampling import checked_warp, pixel_axes, stack_with_gradient
 from .transforms import TRANSFORMS, Transform, get_transform, image_center
@@ -224,6 +224,22 @@ class TransformModel(nn.Module):
             param.data = raw
         param.grad = None
 
+    def get_extra_state(self) -> dict:
+        """The parameter mappings, which are not tensors: a raw value means nothing without its
+        mapping (a sigmoid's 0.3 came back as 0.62 after ``load_state_dict``).  Built-in mappings
+        as plain data (``weights_only``-safe); one of one's own as ``None``: the loading model
+        keeps its own there."""
+        return {"mappings": [mapping_state(mapping) for mapping in self.m]}
+
+    def set_extra_state(self, state: dict) -> None:
+        mappings = state.get("mappings") if isinstance(state, dict) else None
+        if not isinstance(mappings, (list, tuple)) or len(mappings) != len(self.m):
+            raise ValueError(f"{type(self).__name__}.load_state_dict(): the saved mappings {mappings!r} do not fit "
+                             f"this model's {len(self.m)} parameters")
+        for index, entry in enumerate(mappings):
+            if entry is not None:
+                self.m[index] = mapping_from_state(entry)
+
     def parameter_values(self) -> torch.Tensor:
         """All parameter values ``m_i(p_i)`` as ``(B, P)`` (``B = 1`` when all are shared)."""
         return _stack_values([self.get(i) for i in range(len(self.p))])
@@ -257,7 +273,8 @@ class TransformModel(nn.Module):
         """
         cls = type(self)
         if cls.get_derva is not TransformModel.get_derva:
-            derivatives = [torch.as_tensor(self.get_derva(i)) for i in range(len(self.p))]
+            derivatives = [_own_result(self.get_derva(i), f"{cls.__name__}.get_derva({i})", "dA/dp_i", self)
+                           for i in range(len(self.p))]
             derivatives = torch.broadcast_tensors(*derivatives)
             return torch.stack(derivatives, dim=-3).reshape(-1, len(self.p), 3, 3)
         if cls.get_matrix is not TransformModel.get_matrix:
@@ -287,6 +304,8 @@ class TransformModel(nn.Module):
     def matrix(self, batch_size: Optional[int] = None) -> torch.Tensor:
         """:meth:`get_matrix` as ``(B, 3, 3)``, expanded to ``batch_size`` pairs if given."""
         matrix = self.get_matrix()
+        if type(self).get_matrix is not TransformModel.get_matrix:  # a subclass's own: say what it returned
+            matrix = _own_result(matrix, f"{type(self).__name__}.get_matrix()", "A", self)
         matrix = matrix.reshape(-1, 3, 3)
         if batch_size is not None and matrix.shape[0] != batch_size:
             self._check_batch(matrix.shape[0], batch_size)
@@ -555,6 +574,23 @@ class AffineModelAnalytic(TransformModel):
         warped, cost, raw_gradients = result
         _accumulate(params, raw_gradients)
         return warped, cost
+
+
+def _own_result(value, where: str, what: str, model: "TransformModel") -> torch.Tensor:
+    """What a subclass's ``get_matrix``/``get_derva`` returned, checked: a float tensor of
+    ``(3, 3)`` or ``(B, 3, 3)`` matrices in the parameters' dtype (a mistake there otherwise
+    surfaced as a reshape, expand or dtype error deep inside)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{where} must return {what} as a torch.Tensor of shape (B, 3, 3) or (3, 3); "
+                        f"got {type(value).__name__}")
+    if value.dim() not in (2, 3) or value.shape[-2:] != (3, 3):
+        raise ValueError(f"{where} must return {what} of shape (B, 3, 3) or (3, 3) (homogeneous, last row "
+                         f"(0, 0, 1) for A, 0 for a derivative); got {tuple(value.shape)}")
+    dtype = model.p[0].dtype if len(model.p) else value.dtype
+    if value.dtype != dtype:
+        raise ValueError(f"{where} returned {value.dtype}, but the model's parameters are {dtype}; "
+                         "build it from the parameters (self.get(i)) so that it follows .to()")
+    return value
 
 
 def _check_like(model_tensor: torch.Tensor, source: torch.Tensor, caller: str) -> None:
