@@ -270,3 +270,27 @@ def test_kept_fixed_bins_follow_the_fixed_image(images, cls, ranges):
         metric(moving, frozen)
         frozen[:, :, :10] = frozen[:, :, :10].flip(-1)
         assert torch.equal(metric(moving, frozen), fresh(frozen))
+
+
+@pytest.mark.parametrize("metric", [NCC(), LocalNCC(), MutualInformation(), NormalizedMutualInformation()],
+                         ids=lambda metric: type(metric).__name__)
+def test_pooling_metrics_name_bad_input(metric):
+    """Mismatched shapes, a wrong weight, 2-D or integer images surfaced as reshape, broadcast or
+    scatter errors deep inside."""
+    name = type(metric).__name__
+    x = torch.rand(2, 1, 16, 16)
+    with pytest.raises(ValueError, match=rf"^{name}\(\): 'x' and 'y' must have the same shape"):
+        metric(x, x[:, :, :8])
+    with pytest.raises(ValueError, match=rf"^{name}\(\): 'weight' must be \(B, 1, H, W\)"):
+        metric(x, x, torch.ones(2, 1, 8, 8))
+    with pytest.raises(ValueError, match=rf"^{name}\(\): 'x' must be a float tensor \(B, C, H, W\); got \(16, 16\)"):
+        metric(x[0, 0], x[0, 0])
+    with pytest.raises(ValueError, match=r"'y' must be a float tensor .* torch.int64"):
+        metric(x, (x * 10).long())
+
+
+def test_histogram_bins_are_bounded():
+    with pytest.raises(ValueError, match="'bins' must be a whole number from 8 to 1024; got 100000"):
+        MutualInformation(bins=10**5)  # its joint histogram would have been 40 GB
+    with pytest.raises(ValueError, match="got 31.5"):
+        NormalizedMutualInformation(bins=31.5)

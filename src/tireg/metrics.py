@@ -35,6 +35,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from ._validation import is_whole
 from .losses import LOSSES, PerPixelLoss, get_loss
 
 __all__ = [
@@ -55,6 +56,25 @@ _TINY = 1e-12
 def _weight(weight: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``(B, 1, H, W)`` weights; all ones when ``None``."""
     return torch.ones_like(x[:, :1]) if weight is None else weight
+
+
+def _inputs(metric: "Metric", x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """Check a pooling metric's ``x``, ``y`` (float ``(B, C, H, W)`` of one shape) and ``weight``
+    (``(B, 1, H, W)`` or ``(1, 1, H, W)``), and return the weights (:func:`_weight`).  A mistake
+    surfaced as a reshape, broadcast or scatter error deep inside."""
+    name = f"{type(metric).__name__}()"
+    for label, tensor in (("x", x), ("y", y)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4 or not tensor.is_floating_point():
+            raise ValueError(f"{name}: '{label}' must be a float tensor (B, C, H, W); got "
+                             f"{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__}"
+                             f"{'' if not isinstance(tensor, torch.Tensor) else ' ' + str(tensor.dtype)}")
+    if x.shape != y.shape:
+        raise ValueError(f"{name}: 'x' and 'y' must have the same shape; got {tuple(x.shape)} and {tuple(y.shape)}")
+    if weight is not None and (weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[-2:] != x.shape[-2:]
+                               or weight.shape[0] not in (1, x.shape[0])):
+        raise ValueError(f"{name}: 'weight' must be (B, 1, H, W) or (1, 1, H, W) for images {tuple(x.shape)}; "
+                         f"got {tuple(weight.shape)}")
+    return _weight(weight, x)
 
 
 class Metric:
@@ -179,7 +199,7 @@ class NCC(Metric):
         self.any_contrast = self.sign == "any"
 
     def __call__(self, x, y, weight=None, gradient=False):
-        w = _weight(weight, x)
+        w = _inputs(self, x, y, weight)
         dims = (1, 2, 3)
         count = (w.sum(dims) * x.shape[1]).clamp_min(_TINY)
         x_mean = (w * x).sum(dims) / count
@@ -239,7 +259,7 @@ class LocalNCC(Metric):
         return sum_w, sum_x, sum_y, covariance, y_var, denominator
 
     def __call__(self, x, y, weight=None, gradient=False):
-        w = _weight(weight, x)
+        w = _inputs(self, x, y, weight)
         sum_w, sum_x, sum_y, covariance, y_var, denominator = self._terms(x, y, w)
         lncc = covariance / denominator
         count = (w.sum((1, 2, 3)) * x.shape[1]).clamp_min(_TINY)
@@ -308,8 +328,8 @@ class _JointHistogramMetric(Metric):
     any_contrast = True
 
     def __init__(self, bins: int = 32, *, use_matmul: Optional[bool] = None):
-        if int(bins) < 8:
-            raise ValueError(f"{type(self).__name__}(): 'bins' must be at least 8; got {bins}")
+        if not (is_whole(bins) and 8 <= bins <= 1024):  # the joint histogram is bins^2 per pair
+            raise ValueError(f"{type(self).__name__}(): 'bins' must be a whole number from 8 to 1024; got {bins!r}")
         self.bins = int(bins)
         # None: the one-hot matrix product on a GPU, a scatter-add on the CPU (both deterministic)
         self.use_matmul = use_matmul
@@ -425,7 +445,7 @@ class MutualInformation(_JointHistogramMetric):
     """
 
     def __call__(self, x, y, weight=None, gradient=False):
-        joint, parts = self._histogram(x, y, _weight(weight, x))
+        joint, parts = self._histogram(x, y, _inputs(self, x, y, weight))
         fixed_marginal, moving_marginal, h_fixed, h_moving, h_joint = self._entropies(joint)
         information = h_fixed + h_moving - h_joint
         cost = -information.reshape(x.shape[0], x.shape[1]).mean(1)
@@ -447,7 +467,7 @@ class NormalizedMutualInformation(_JointHistogramMetric):
     """
 
     def __call__(self, x, y, weight=None, gradient=False):
-        joint, parts = self._histogram(x, y, _weight(weight, x))
+        joint, parts = self._histogram(x, y, _inputs(self, x, y, weight))
         fixed_marginal, moving_marginal, h_fixed, h_moving, h_joint = self._entropies(joint)
         h_joint = h_joint.clamp_min(_TINY)
         nmi = (h_fixed + h_moving) / h_joint
