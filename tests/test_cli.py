@@ -357,12 +357,13 @@ def test_stack_into_an_existing_folder_replaces_only_its_own_files(drift, tmp_pa
     (out / "t0.png").write_text("old")
     monkeypatch.chdir(tmp_path)
     options = ["--transform", "translation", "--quiet"]
-    assert main(["stack", str(folder / "frames"), "-o", "aligned", "--force", "--csv", "aligned/drift.csv", *options]) == 0
+    frames = str(folder / "frames")
+    assert main(["stack", frames, "-o", "aligned", "--force", "--csv", "aligned/drift.csv", *options]) == 0
     assert (out / "notes.txt").read_text() == "keep me" and (out / "sub").is_dir()
     assert sorted(p.name for p in out.glob("t*.png")) == [f"t{k}.png" for k in range(6)]
     assert imageio.imread(out / "t0.png").dtype == np.uint8  # the old t0.png replaced
     assert len(list(csv.DictReader(open(out / "drift.csv")))) == 6
-    assert main(["stack", str(folder / "frames"), "-o", "fresh", "--csv", "fresh/drift.csv", *options]) == 0
+    assert main(["stack", frames, "-o", "fresh", "--csv", "fresh/drift.csv", *options]) == 0
     assert len(list(csv.DictReader(open(tmp_path / "fresh" / "drift.csv")))) == 6
     assert not [p for p in tmp_path.rglob(".*tmp*")]  # no temporary left
 
@@ -371,7 +372,8 @@ def test_a_file_name_with_dollars_is_plain_text_in_the_picture(data, tmp_path, m
     """matplotlib read 'm$_$.png' in the picture's title as mathematics and failed after the work."""
     shutil.copy(data["folder"] / "moving.png", tmp_path / "m$_$.png")
     monkeypatch.chdir(tmp_path)
-    assert main(["register", str(data["folder"] / "fixed.png"), "m$_$.png", "-o", "out", "-t", "translation", "-q"]) == 0
+    fixed = str(data["folder"] / "fixed.png")
+    assert main(["register", fixed, "m$_$.png", "-o", "out", "-t", "translation", "-q"]) == 0
     assert (tmp_path / "out" / "before_after.png").stat().st_size > 0
 
 

@@ -508,6 +508,12 @@ def test_errors_name_the_problem(images):
         model.set_parameter(0, "0.1")
     with pytest.raises(TypeError, match="parameter index must be an integer; got float"):
         model.get(1.0)
+    with pytest.raises(ValueError, match=r"'center' must be \(cx, cy\) in pixels; got \(1, 2, 3\)"):
+        tireg.create_model("rigid", moving, center=(1, 2, 3))
+    with pytest.raises(ValueError, match="'metric' and 'image_gradient' apply to the analytic model"):
+        tireg.create_model("rigid", moving, gradients="autograd", metric="ncc")
+    with pytest.raises(ValueError, match="give a 'loss' or a 'metric', not both"):
+        tireg.create_model("rigid", moving, loss="cauchy", metric="ncc")
 
 
 def test_a_failed_set_parameter_changes_nothing(images):

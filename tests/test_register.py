@@ -428,6 +428,8 @@ def test_bad_input_is_named():
         (dict(fixed=torch.stack([fixed, torch.zeros_like(fixed)]), moving=torch.stack([moving] * 2)), ValueError,
          "'fixed' is constant .inside its mask. in channel 1 of 2: there is nothing to align; pass the channels"),
         (dict(fixed=fixed, moving=moving, pyramid=4), TypeError, "'pyramid' must be a Pyramid or a sequence"),
+        (dict(fixed=fixed.double() * 1e300, moving=moving), ValueError,
+         "'fixed' has values beyond float32's range"),  # it said initialize() found NaN or Inf
         (dict(fixed=fixed, moving=moving, device="gpu"), ValueError, "'device' must name a torch device"),
         (dict(fixed=fixed, moving=moving, callback=5), TypeError, "'callback' must be callable; got int"),
         (dict(fixed=fixed, moving=moving, metric=_SummedDerivative()), ValueError,

@@ -320,7 +320,8 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
     if photometric is not None and name not in ("MINISBLACK", "RGB", "YCBCR"):
         # a palette image holds colour-table indices, CMYK and Lab other colour spaces, and a
         # min-is-white one inverted grey: registered as they lie they were silently wrong
-        raise ImageError(f"{what} {str(path)!r} is a TIFF of photometric {name} ({_PHOTOMETRIC.get(name, 'not grey or RGB')}); "
+        holds = _PHOTOMETRIC.get(name, "not grey or RGB")
+        raise ImageError(f"{what} {str(path)!r} is a TIFF of photometric {name} ({holds}); "
                          "convert it to grey or RGB first")
     photometric = "rgb" if name.endswith("RGB") or name == "YCBCR" else "minisblack"
     if "Y" not in axes or "X" not in axes or len(axes) != data.ndim:

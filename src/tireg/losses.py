@@ -56,7 +56,8 @@ class PerPixelLoss(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, gradient: bool = False) -> LossOutput:
         if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
-            raise TypeError(f"{type(self).__name__}(): x and y must be tensors; got {type(x).__name__} and {type(y).__name__}")
+            raise TypeError(
+                f"{type(self).__name__}(): x and y must be tensors; got {type(x).__name__} and {type(y).__name__}")
         if not (x.is_floating_point() and y.is_floating_point()):  # an integer x - y wraps around
             raise TypeError(f"{type(self).__name__}(): x and y must be floating point; got {x.dtype} and {y.dtype}")
         if x.shape != y.shape and not _broadcasts_to(y.shape, x.shape):  # the result has x's shape

@@ -157,7 +157,8 @@ class TransformModel(nn.Module):
 
     @interpolation.setter
     def interpolation(self, value: str) -> None:
-        self._interpolation = check_option(value, MODEL_INTERPOLATIONS, "interpolation", f"{type(self).__name__}.interpolation")
+        caller = f"{type(self).__name__}.interpolation"
+        self._interpolation = check_option(value, MODEL_INTERPOLATIONS, "interpolation", caller)
 
     @property
     def bordermode(self) -> str:
@@ -781,6 +782,16 @@ def create_model(
         raise ValueError(f"{caller}: 'compile' applies to the analytic model; got gradients={gradients!r}")
     if center is None:
         center = image_center(*moving.shape[-2:])
+    elif isinstance(center, (str, bytes)) or not isinstance(center, (Sequence, np.ndarray, torch.Tensor)) \
+            or len(center) != 2:
+        raise ValueError(f"{caller}: 'center' must be (cx, cy) in pixels; got {center!r}")
+    if gradients == "autograd" and (metric is not None or image_gradient != "exact"):
+        # the autograd model warps only, and the caller applies the cost (they were silently ignored)
+        raise ValueError(f"{caller}: 'metric' and 'image_gradient' apply to the analytic model; the autograd "
+                         "model returns the warped image and the caller applies the cost")
+    if metric is not None and not (isinstance(loss, str) and loss == "l2"):
+        raise ValueError(f"{caller}: give a 'loss' or a 'metric', not both (the metric replaces the loss); "
+                         f"got loss={loss!r} and metric={metric!r}")
     cls = _READY_MADE[(transform, gradients)]
     options = dict(interpolation=interpolation, batch_size=moving.shape[0])
     if gradients == "analytic":

@@ -125,7 +125,8 @@ class Pyramid:
         factors = self.shrink_factors
         if factors is None:
             if not (is_whole(self.min_size) and self.min_size >= 1):
-                raise ValueError(f"register(): the pyramid's min_size must be an integer of at least 1; got {self.min_size!r}")
+                raise ValueError(
+                    f"register(): the pyramid's min_size must be an integer of at least 1; got {self.min_size!r}")
             factors, factor = [1], 1
             while min(size) // (2 * factor) >= self.min_size:
                 factor *= 2
@@ -353,6 +354,18 @@ def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) 
     while image.dim() < 4:
         image = image.unsqueeze(0)
     return image, ndim
+
+
+def _float32(image: torch.Tensor, name: str, device: torch.device, caller: str) -> torch.Tensor:
+    """``image`` (finite, checked) as float32 on ``device``, detached: register differentiates
+    its parameters only (an image that requires grad would carry autograd into every operation,
+    and the in-place and out= ones refuse it).  float64 values beyond float32's range raise (they
+    became Inf and surfaced as the initialiser's NaN error)."""
+    converted = image.detach().to(device=device, dtype=torch.float32)
+    if image.dtype == torch.float64 and not all_finite(converted):
+        raise ValueError(f"{caller}: '{name}' has values beyond float32's range (|x| up to "
+                         f"{float(image.abs().max()):.3g}), which register computes in; scale it first")
+    return converted
 
 
 def _restore_dims(image: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -1068,7 +1081,8 @@ def _model_start(model, init, batch: int, caller: str) -> torch.Tensor:
     with torch.no_grad():
         matrix = model.matrix().detach().to(torch.float64)
     if matrix.shape[0] not in (1, batch):
-        raise ValueError(f"{caller}: the {name} holds {matrix.shape[0]} parameter sets but there are {batch} image pairs")
+        raise ValueError(
+            f"{caller}: the {name} holds {matrix.shape[0]} parameter sets but there are {batch} image pairs")
     if not bool(torch.isfinite(matrix).all()):
         raise ValueError(f"{caller}: the {name}'s matrix contains NaN or Inf")
     return matrix.expand(batch, 3, 3)
@@ -1168,17 +1182,16 @@ def register(
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError):
-            raise ValueError(f"{caller}: 'device' must name a torch device such as 'cpu' or 'cuda'; got {device!r}") from None
+            raise ValueError(
+                f"{caller}: 'device' must name a torch device such as 'cpu' or 'cuda'; got {device!r}") from None
     device = fixed_t.device if device is None else device
     if callback is not None and not callable(callback):
         raise TypeError(f"{caller}: 'callback' must be callable; got {type(callback).__name__}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{caller}: device {str(device)!r} requested but CUDA is not available")
     dtype = torch.float32
-    # detached: register differentiates its parameters only (an image that requires grad would
-    # carry autograd into every operation, and the in-place and out= ones refuse it)
-    fixed_t = fixed_t.detach().to(device=device, dtype=dtype).expand(batch, *fixed_t.shape[1:])
-    moving_t = moving_t.detach().to(device=device, dtype=dtype).expand(batch, *moving_t.shape[1:])
+    fixed_t, moving_t = (_float32(image, name, device, caller).expand(batch, *image.shape[1:])
+                         for image, name in ((fixed_t, "fixed"), (moving_t, "moving")))
     if min(fixed_t.shape[-2:]) < 8 or min(moving_t.shape[-2:]) < 8:
         layout = ""
         if fixed_ndim == 3 or moving_ndim == 3:

@@ -31,7 +31,15 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._validation import INTERPOLATIONS, PADDING_MODES, check_affine, check_image, check_matrix, check_option, check_size
+from ._validation import (
+    INTERPOLATIONS,
+    PADDING_MODES,
+    check_affine,
+    check_image,
+    check_matrix,
+    check_option,
+    check_size,
+)
 from ._device import cached, constant
 from .transforms import ALIGN_CORNERS, pixel_to_normalized
 
