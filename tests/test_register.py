@@ -184,6 +184,12 @@ def test_result_warp_map_points_and_inverse(rigid_result):
     inverse = result.inverse()
     assert torch.allclose(inverse.matrix @ result.matrix, torch.eye(3, dtype=torch.float64), atol=1e-12)
     assert abs(inverse.parameters["angle"] + result.parameters["angle"]) < 1e-9
+    with pytest.raises(ValueError, match=r"'size' must be \(H, W\), two positive whole numbers; got \(-5, 10\)"):
+        result.warp(moving, size=(-5, 10))
+    with pytest.raises(ValueError, match="3 point sets for 1 pairs"):
+        result.map_points(torch.zeros(3, 4, 2))
+    with pytest.raises(TypeError, match="picked by an integer index; got slice"):
+        result[0:1]
 
 
 def test_result_saves_json_and_tfm(rigid_result, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -435,3 +436,21 @@ def test_from_matrix_projects_onto_the_kind():
     rebuilt = TRANSFORMS["rigid"].matrix(rigid, center)
     centre_h = torch.tensor([30.0, 20.0, 1.0], dtype=torch.float64)
     assert torch.allclose(rebuilt @ centre_h, affine @ centre_h)
+
+
+def test_transform_functions_name_a_bad_centre_or_matrix():
+    """These surfaced as broadcast, index or dtype errors inside torch."""
+    from tireg import transforms
+
+    params = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"^rigid_matrix\(\): 'center' must be \(cx, cy\) or \(..., 2\) in pixels; "
+                                         r"got shape \(3,\)"):
+        transforms.rigid_matrix(params, (1.0, 2.0, 3.0))
+    with pytest.raises(TypeError, match=r"^rigid_jacobian\(\): 'center' must be \(cx, cy\) in pixels; got None"):
+        transforms.rigid_jacobian(params, None)
+    with pytest.raises(ValueError, match=r"^similarity_from_matrix\(\): 'matrix' must have shape \(..., 3, 3\)"):
+        transforms.similarity_from_matrix(torch.eye(2), (0.0, 0.0))
+    with pytest.raises(TypeError, match=r"^affine_from_matrix\(\): 'matrix' must be a torch.Tensor; got ndarray"):
+        transforms.affine_from_matrix(np.eye(3), (0.0, 0.0))
+    with pytest.raises(ValueError, match=r"^normalization_matrix\(\): 'size' must be \(H, W\)"):
+        transforms.normalization_matrix((0, 0))

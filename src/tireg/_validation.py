@@ -52,6 +52,22 @@ def check_image(image: torch.Tensor, name: str, caller: str, *, finite: bool = T
     return image
 
 
+def broadcast_shape(*shapes: Sequence[int]) -> tuple[int, ...]:
+    """NumPy broadcasting of shapes, in plain Python.
+
+    ``torch.broadcast_shapes`` would do, but its first call imports a part of
+    torch that costs the command line almost half a second at start-up.
+    """
+    length = max(len(shape) for shape in shapes)
+    result = []
+    for sizes in zip(*[(1,) * (length - len(shape)) + tuple(shape) for shape in shapes]):
+        size = max(sizes)
+        if any(s not in (1, size) for s in sizes):
+            raise ValueError(f"shapes {[tuple(shape) for shape in shapes]} do not broadcast")
+        result.append(size)
+    return tuple(result)
+
+
 def check_same_shape(first: torch.Tensor, second: torch.Tensor, names: Sequence[str], caller: str) -> None:
     """Raise ``ValueError`` unless the two tensors have identical shapes."""
     if first.shape != second.shape:

@@ -31,6 +31,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ._validation import broadcast_shape
+
 __all__ = [
     "PerPixelLoss",
     "L2Loss",
@@ -72,8 +74,8 @@ class PerPixelLoss(nn.Module):
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
     try:
-        return torch.broadcast_shapes(shape, target) == target
-    except RuntimeError:
+        return broadcast_shape(shape, target) == tuple(target)
+    except ValueError:
         return False
 
 

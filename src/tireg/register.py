@@ -206,6 +206,9 @@ class RegistrationResult:
     def __getitem__(self, index: int) -> "RegistrationResult":
         """The result of pair ``index`` alone (not batched)."""
         matrices = self.matrix.reshape(-1, 3, 3)
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"RegistrationResult: a pair is picked by an integer index; got {type(index).__name__}")
+        index = int(index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"RegistrationResult: pair {index} out of range for {len(self)} pairs")
         pick = slice(index, index + 1 if index != -1 else None)
@@ -264,6 +267,9 @@ class RegistrationResult:
         if points.shape[-1] != 2 or points.dim() not in (2, 3):
             raise ValueError(f"map_points(): 'points' must have shape (N, 2) or (B, N, 2); got {tuple(points.shape)}")
         matrices = self._matrices()
+        if points.dim() == 3 and points.shape[0] not in (1, matrices.shape[0]):
+            raise ValueError(f"map_points(): {points.shape[0]} point sets for {matrices.shape[0]} pairs; "
+                             "give (N, 2) points for every pair, or (B, N, 2) with one set per pair")
         mapped = points @ matrices[..., :2, :2].transpose(-1, -2) + matrices[..., None, :2, 2]
         return mapped[0] if (points.dim() == 2 and not self.batched) else mapped
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ._device import cached, constant
-from ._validation import FLOAT_DTYPES
+from ._validation import FLOAT_DTYPES, broadcast_shape, check_size
 
 __all__ = [
     "ALIGN_CORNERS",
@@ -91,7 +91,7 @@ def normalization_matrix(
     Returns:
         ``(3, 3)`` tensor.
     """
-    return torch.tensor(_normalization_values(size), dtype=dtype, device=device)
+    return torch.tensor(_normalization_values(check_size(size, "normalization_matrix()")), dtype=dtype, device=device)
 
 
 def _normalization_values(size: Sequence[int]) -> tuple:
@@ -121,25 +121,29 @@ def pixel_to_normalized(matrix: torch.Tensor, moving_size: Sequence[int]) -> tor
 # building blocks
 
 
-def _as_center(center: CenterLike, like: torch.Tensor) -> torch.Tensor:
-    """Centre as a ``(..., 2)`` tensor with ``like``'s dtype and device."""
-    return torch.as_tensor(center, dtype=like.dtype, device=like.device)
+def _as_center(center: CenterLike, like: torch.Tensor, caller: str) -> torch.Tensor:
+    """Centre as a ``(..., 2)`` tensor with ``like``'s dtype and device (its shape checked; its
+    values are not read: no wait for a GPU)."""
+    if center is None or isinstance(center, (str, bytes)):
+        raise TypeError(f"{caller}: 'center' must be (cx, cy) in pixels; got {center!r}")
+    try:
+        tensor = torch.as_tensor(center, dtype=like.dtype, device=like.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{caller}: 'center' must be (cx, cy) in pixels; got {center!r}") from None
+    if tensor.dim() == 0 or tensor.shape[-1] != 2:
+        raise ValueError(f"{caller}: 'center' must be (cx, cy) or (..., 2) in pixels; got shape {tuple(tensor.shape)}")
+    return tensor
 
 
-def _broadcast_shape(*shapes: Sequence[int]) -> tuple[int, ...]:
-    """NumPy broadcasting of shapes, in plain Python.
-
-    ``torch.broadcast_shapes`` would do, but its first call imports a part of
-    torch that costs the command line almost half a second at start-up.
-    """
-    length = max(len(shape) for shape in shapes)
-    result = []
-    for sizes in zip(*[(1,) * (length - len(shape)) + tuple(shape) for shape in shapes]):
-        size = max(sizes)
-        if any(s not in (1, size) for s in sizes):
-            raise ValueError(f"shapes {[tuple(shape) for shape in shapes]} do not broadcast")
-        result.append(size)
-    return tuple(result)
+def _check_matrix_argument(matrix: torch.Tensor, caller: str) -> torch.Tensor:
+    """A float tensor of ``(..., 3, 3)`` matrices, or raise naming the problem."""
+    if not isinstance(matrix, torch.Tensor):
+        raise TypeError(f"{caller}: 'matrix' must be a torch.Tensor; got {type(matrix).__name__}")
+    if matrix.dim() < 2 or matrix.shape[-2:] != (3, 3):
+        raise ValueError(f"{caller}: 'matrix' must have shape (..., 3, 3); got {tuple(matrix.shape)}")
+    if matrix.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{caller}: 'matrix' must be float32 or float64; got {matrix.dtype}")
+    return matrix
 
 
 def _homogeneous(linear: torch.Tensor, offset: torch.Tensor, corner: float = 1.0) -> torch.Tensor:
@@ -147,7 +151,7 @@ def _homogeneous(linear: torch.Tensor, offset: torch.Tensor, corner: float = 1.0
 
     ``corner`` is 1 for a transform and 0 for a derivative of one.
     """
-    shape = _broadcast_shape(linear.shape[:-2], offset.shape[:-1])
+    shape = broadcast_shape(linear.shape[:-2], offset.shape[:-1])
     top = torch.cat([linear.expand(*shape, 2, 2), offset.expand(*shape, 2).unsqueeze(-1)], dim=-1)
     bottom = constant((0.0, 0.0, corner), like=top).expand(*shape, 1, 3)
     return torch.cat([top, bottom], dim=-2)
@@ -232,14 +236,14 @@ def translation_jacobian(params: torch.Tensor, center: CenterLike | None = None)
 def rigid_matrix(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """Rigid ``A = [R(theta) | c + t - R(theta) c]``; params ``(..., 3) = (theta [rad], tx, ty)``."""
     params = _check_params(params, 3, "rigid_matrix()")
-    center = _as_center(center, params)
+    center = _as_center(center, params, "rigid_matrix()")
     return _about_center(rotation(params[..., 0]), params[..., 1:3], center)
 
 
 def rigid_jacobian(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """``dA/d(theta, tx, ty)`` with ``dA/dtheta = [R' | -R' c]``; ``(..., 3, 3, 3)``."""
     params = _check_params(params, 3, "rigid_jacobian()")
-    center = _as_center(center, params)
+    center = _as_center(center, params, "rigid_jacobian()")
     d_angle = _linear_derivative(rotation_derivative(params[..., 0]), center)
     d_shift = _translation_derivatives(d_angle.shape[:-2], params)
     return torch.cat([d_angle.unsqueeze(-3), d_shift], dim=-3)
@@ -248,7 +252,7 @@ def rigid_jacobian(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
 def similarity_matrix(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """Similarity ``A = [s R(theta) | c + t - s R c]``; params ``(..., 4) = (theta [rad], s, tx, ty)``."""
     params = _check_params(params, 4, "similarity_matrix()")
-    center = _as_center(center, params)
+    center = _as_center(center, params, "similarity_matrix()")
     linear = params[..., 1, None, None] * rotation(params[..., 0])
     return _about_center(linear, params[..., 2:4], center)
 
@@ -256,7 +260,7 @@ def similarity_matrix(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
 def similarity_jacobian(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """``dA/d(theta, s, tx, ty)``: ``[s R' | -s R' c]``, ``[R | -R c]``, unit shifts; ``(..., 4, 3, 3)``."""
     params = _check_params(params, 4, "similarity_jacobian()")
-    center = _as_center(center, params)
+    center = _as_center(center, params, "similarity_jacobian()")
     angle, scale = params[..., 0], params[..., 1, None, None]
     d_angle = _linear_derivative(scale * rotation_derivative(angle), center)
     d_scale = _linear_derivative(rotation(angle), center)
@@ -274,7 +278,7 @@ def anisotropic_similarity_matrix(params: torch.Tensor, center: CenterLike) -> t
     OpenCV's ``getRotationMatrix2D(c, theta, s)`` plus the shift ``t``.
     """
     params = _check_params(params, 5, "anisotropic_similarity_matrix()")
-    center = _as_center(center, params)
+    center = _as_center(center, params, "anisotropic_similarity_matrix()")
     linear = rotation(params[..., 0]) * params[..., None, 1:3]  # R @ diag(sx, sy): scales columns
     return _about_center(linear, params[..., 3:5], center)
 
@@ -282,7 +286,7 @@ def anisotropic_similarity_matrix(params: torch.Tensor, center: CenterLike) -> t
 def anisotropic_similarity_jacobian(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """``dA/d(theta, sx, sy, tx, ty)``; ``dA/dsx`` keeps column 0 of ``R``, ``dA/dsy`` column 1."""
     params = _check_params(params, 5, "anisotropic_similarity_jacobian()")
-    center = _as_center(center, params)
+    center = _as_center(center, params, "anisotropic_similarity_jacobian()")
     angle, scales = params[..., 0], params[..., None, 1:3]
     rot = rotation(angle)
     d_angle = _linear_derivative(rotation_derivative(angle) * scales, center)
@@ -301,7 +305,7 @@ def affine_matrix(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
     (ITK's order: matrix row by row, then translation); identity is ``(1, 0, 0, 1, 0, 0)``.
     """
     params = _check_params(params, 6, "affine_matrix()")
-    center = _as_center(center, params)
+    center = _as_center(center, params, "affine_matrix()")
     linear = params[..., :4].reshape(*params.shape[:-1], 2, 2)
     return _about_center(linear, params[..., 4:6], center)
 
@@ -309,11 +313,11 @@ def affine_matrix(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
 def affine_jacobian(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """``dA/d(a00, a01, a10, a11, tx, ty)``: ``[E_ij | -E_ij c]`` and unit shifts; constant, ``(..., 6, 3, 3)``."""
     params = _check_params(params, 6, "affine_jacobian()")
-    center = _as_center(center, params)
+    center = _as_center(center, params, "affine_jacobian()")
     units = cached(("affine units",), params.dtype, params.device,  # E_00 .. E_11, kept as the translation basis
                    lambda: torch.eye(4, dtype=params.dtype, device=params.device).reshape(4, 2, 2))
     d_linear = _linear_derivative(units, center.unsqueeze(-2))  # (..., 4, 3, 3)
-    shape = _broadcast_shape(params.shape[:-1], d_linear.shape[:-3])
+    shape = broadcast_shape(params.shape[:-1], d_linear.shape[:-3])
     d_shift = _translation_derivatives(shape, params)
     return torch.cat([d_linear.expand(*shape, 4, 3, 3), d_shift], dim=-3)
 
@@ -340,14 +344,16 @@ def _closest_rotation(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def translation_from_matrix(matrix: torch.Tensor, center: CenterLike | None = None) -> torch.Tensor:
     """``(tx, ty) = A c - c``: where ``matrix`` moves the centre (``A[:2, 2]`` without a centre)."""
+    matrix = _check_matrix_argument(matrix, "translation_from_matrix()")
     if center is None:
         return matrix[..., :2, 2].clone()
-    return _center_shift(matrix, _as_center(center, matrix))
+    return _center_shift(matrix, _as_center(center, matrix, "translation_from_matrix()"))
 
 
 def rigid_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """``(theta, tx, ty)``: the closest rotation, and the shift that ``matrix`` gives the centre."""
-    center = _as_center(center, matrix)
+    matrix = _check_matrix_argument(matrix, "rigid_from_matrix()")
+    center = _as_center(center, matrix, "rigid_from_matrix()")
     angle, _ = _closest_rotation(matrix)
     translation = _center_shift(matrix, center)
     return torch.cat([angle.unsqueeze(-1), translation], dim=-1)
@@ -355,7 +361,8 @@ def rigid_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
 
 def similarity_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """``(theta, s, tx, ty)`` of the similarity closest to ``matrix`` about ``center``."""
-    center = _as_center(center, matrix)
+    matrix = _check_matrix_argument(matrix, "similarity_from_matrix()")
+    center = _as_center(center, matrix, "similarity_from_matrix()")
     angle, scale = _closest_rotation(matrix)
     translation = _center_shift(matrix, center)
     return torch.cat([angle.unsqueeze(-1), scale.unsqueeze(-1), translation], dim=-1)
@@ -367,7 +374,8 @@ def anisotropic_similarity_from_matrix(matrix: torch.Tensor, center: CenterLike)
     The angle is that of the closest rotation; ``sx, sy`` are the lengths of
     ``L``'s columns projected on ``R``'s columns.
     """
-    center = _as_center(center, matrix)
+    matrix = _check_matrix_argument(matrix, "anisotropic_similarity_from_matrix()")
+    center = _as_center(center, matrix, "anisotropic_similarity_from_matrix()")
     angle, _ = _closest_rotation(matrix)
     rot = rotation(angle)
     linear = matrix[..., :2, :2]
@@ -378,7 +386,8 @@ def anisotropic_similarity_from_matrix(matrix: torch.Tensor, center: CenterLike)
 
 def affine_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """``(a00, a01, a10, a11, tx, ty)`` of ``matrix`` about ``center`` (exact)."""
-    center = _as_center(center, matrix)
+    matrix = _check_matrix_argument(matrix, "affine_from_matrix()")
+    center = _as_center(center, matrix, "affine_from_matrix()")
     linear = matrix[..., :2, :2]
     translation = _center_shift(matrix, center)
     return torch.cat([linear.reshape(*linear.shape[:-2], 4), translation], dim=-1)
