@@ -498,6 +498,10 @@ BAD = {
                     "as PNG: cannot identify image file"),  # imageio's SimpleITK fallback spoke
     "singular transform": (["apply", "{in}/flat.json", "{in}/moving.png", "-o", "out.png"], 1,
                            "is singular"),  # it wrote a blank image, exit 0
+    "image name as folder": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "aligned.png"], 1,
+                             "writes a folder of outputs"),  # it made a folder named aligned.png
+    "folder as transform": (["apply", "{in}/mixed", "{in}/moving.png", "-o", "out.png"], 1,
+                            "is a folder, not a transform file"),  # it said: unsupported suffix '(none)'
     "bad stored size": (["apply", "{in}/sized.json", "{in}/moving.png", "-o", "out.png"], 1,
                         '"metadata.fixed_size" must be two positive integers'),  # it wrote a 1 x 2 image
     "float to PNG": (["apply", "{in}/good.tfm", "{in}/moving.npy", "-o", "out.png"], 1, "PNG"),

@@ -552,6 +552,10 @@ def _write_register_outputs(outputs: OutputFiles, paths: dict[str, Path], result
                          title=f"{result.transform}, {args.metric}", metric=f"cost ({args.metric})")
 
 
+#: Suffixes of image files: an output folder so named is a mistake for an output file.
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
+
+
 def _register_paths(folder: Path, moving_suffix: str) -> dict[str, Path]:
     return {
         "warped": folder / f"warped{moving_suffix}",
@@ -587,6 +591,9 @@ def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
     moving_mask = _read_mask(args.moving_mask, moving.size, "moving mask")
 
     folder = Path(args.output)
+    if folder.suffix.lower() in _IMAGE_SUFFIXES and not folder.is_dir():
+        raise CommandError(f"-o {str(folder)!r}: 'tireg register' writes a folder of outputs (the warped image, "
+                           f"the transform, pictures); give a folder name such as {str(folder.with_suffix(''))!r}")
     paths = _register_paths(folder, moving.path.suffix.lower())
     outputs.check(*paths.values())
     schedule = _schedule(args, (min(fixed.size[0], moving.size[0]), min(fixed.size[1], moving.size[1])))

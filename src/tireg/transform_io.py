@@ -591,13 +591,13 @@ def load_transform(
     """
     caller = "load_transform()"
     path = Path(os.fspath(path))
+    if path.is_dir():  # before the suffix: a folder has none, and that message misled
+        raise IsADirectoryError(f"{caller}: {str(path)!r} is a folder, not a transform file")
     suffix = _suffix(path, caller)
     fixed = _as_geometry(fixed_geometry, "fixed_geometry", caller)
     moving = _as_geometry(moving_geometry, "moving_geometry", caller)
     if not path.exists():
         raise FileNotFoundError(f"{caller}: no such file: {str(path)!r}")
-    if path.is_dir():
-        raise IsADirectoryError(f"{caller}: {str(path)!r} is a folder, not a transform file")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
