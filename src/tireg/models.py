@@ -385,6 +385,11 @@ class AffineModelAnalytic(TransformModel):
             or ``"gaussian"``: gradient images precomputed once from
             ``moving`` (central differences, or derivative of Gaussian of
             ``sigma`` pixels) and sampled at the warped points: an approximation.
+            They are made again when ``forward`` gets another tensor or one
+            changed in place (its version counter); a write that bypasses
+            the counter (through a NumPy view of the tensor, or ``.data``)
+            is not seen, nor by the NaN check: pass a new tensor, or a
+            ``torch.from_numpy`` made after the write.
         sigma: standard deviation for ``image_gradient="gaussian"``.
         loss_func: per-pixel loss (default :class:`~tireg.losses.L2Loss`);
             also settable as the attribute ``loss_func``.  The cost is its
