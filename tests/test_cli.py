@@ -483,6 +483,7 @@ BAD = {
     "unknown option": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "--wobble"], 2,
                        "unrecognized"),
     "unknown command": (["wobble"], 2, "invalid choice"),
+    "unknown option alone": (["register", "--wobble"], 2, "unrecognized arguments: --wobble"),  # said: MOVING required
     "masks apart": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "--mask", "{in}/corner_tl.png",
                      "--moving-mask", "{in}/corner_br.png", "--init", "identity"], 1, "do not overlap"),
     "too many levels": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "--levels", "10" * 10], 2,

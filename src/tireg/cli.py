@@ -62,7 +62,18 @@ class CommandError(Exception):
 class _Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line (raised, printed by :func:`main`)."""
 
+    def parse_known_args(self, args=None, namespace=None):
+        self._arguments = list(sys.argv[1:] if args is None else args)  # for error(), below
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str):  # noqa: D401 - argparse's API
+        if message.startswith("the following arguments are required"):
+            # a mistyped option (--wobble) took a required argument's place: name it, not what is missing
+            unknown = [argument for argument in getattr(self, "_arguments", [])
+                       if argument.startswith("-") and len(argument) > 1 and not argument[1].isdigit()
+                       and argument.split("=")[0] not in self._option_string_actions]
+            if unknown:
+                message = f"unrecognized arguments: {' '.join(unknown)}"
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
