@@ -503,6 +503,9 @@ BAD = {
                              "writes a folder of outputs"),  # it made a folder named aligned.png
     "folder as transform": (["apply", "{in}/mixed", "{in}/moving.png", "-o", "out.png"], 1,
                             "is a folder, not a transform file"),  # it said: unsupported suffix '(none)'
+    "animated PNG": (["register", "{in}/fixed.png", "{in}/animated.png", "-o", "out"], 1,
+                     "is an animation of 2 frames"),  # its first frame was taken silently
+    "frames differ in channels": (["stack", "{in}/grey_and_rgb", "-o", "out.tif"], 1, "frames differ in channels"),
     "bad stored size": (["apply", "{in}/sized.json", "{in}/moving.png", "-o", "out.png"], 1,
                         '"metadata.fixed_size" must be two positive integers'),  # it wrote a 1 x 2 image
     "float to PNG": (["apply", "{in}/good.tfm", "{in}/moving.npy", "-o", "out.png"], 1, "PNG"),
@@ -537,6 +540,11 @@ def _bad_inputs(folder: Path) -> None:
 
     Image.fromarray(imageio.imread(folder / "moving.png")).convert("P").save(folder / "palette.tif")
     (folder / "text.png").write_text("hello")
+    still = imageio.imread(folder / "moving.png")
+    Image.fromarray(still).save(folder / "animated.png", save_all=True, append_images=[Image.fromarray(still[::-1])])
+    (folder / "grey_and_rgb").mkdir(exist_ok=True)
+    imageio.imwrite(folder / "grey_and_rgb" / "a.png", still)
+    imageio.imwrite(folder / "grey_and_rgb" / "b.png", np.stack([still] * 3, -1))
     corner = np.zeros((128, 160), np.uint8)
     corner[:10, :10] = 255
     imageio.imwrite(folder / "corner_tl.png", corner)

@@ -269,12 +269,17 @@ def _read_pillow(path: Path, kind: str, what: str, frames: bool) -> tuple[np.nda
         from PIL import Image  # imageio's own reader of PNG and JPEG
 
         with Image.open(path) as opened:
-            mode = opened.mode
+            mode, count = opened.mode, getattr(opened, "n_frames", 1)
+        if count > 1:  # an animated PNG: its first frame was taken silently
+            raise ImageError(f"{what} {str(path)!r} is an animation of {count} frames; tireg reads one image from a "
+                             f"{kind.upper()} (save the frames as a multi-page TIFF or a folder for 'tireg stack')")
         # Pillow only (imageio tried other plugins on a bad file and reported theirs); the EXIF
         # orientation applied, as viewers show the image; CMYK, Lab and YCbCr as RGB (their four
         # or three samples are not RGB(A): a CMYK JPEG registered as RGBA)
         options = dict(mode="RGB") if mode in ("CMYK", "LAB", "YCbCr", "HSV") else {}
         array = np.asarray(iio.imread(path, plugin="pillow", index=0, rotate=True, **options))
+    except ImageError:
+        raise
     except Exception as error:  # the readers raise anything from OSError to SyntaxError on a bad file
         raise ImageError(f"cannot read {what} {str(path)!r} as {kind.upper()}: {_reason(error)}") from None
     if array.ndim == 2:
@@ -401,8 +406,9 @@ def read_stack(path: PathLike, *, what: str = "stack") -> ImageData:
         if first is None:
             first = image
         elif image.frames.shape[1:] != first.frames.shape[1:]:
+            what_differs = "size" if image.size != first.size else "channels"
             raise ImageError(
-                f"frames differ in size: {file.name!r} is {image.describe()} but {first.path.name!r} is "
+                f"frames differ in {what_differs}: {file.name!r} is {image.describe()} but {first.path.name!r} is "
                 f"{first.describe()}"
             )
         frames.append(image.frames[0])
