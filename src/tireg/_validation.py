@@ -12,6 +12,8 @@ from typing import Sequence, Union
 
 import torch
 
+from ._device import constant
+
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 INTERPOLATIONS = {"bilinear": 0, "nearest": 1, "bicubic": 2}
@@ -96,9 +98,7 @@ def check_affine(matrix: torch.Tensor, caller: str, name: str = "matrix") -> Non
     if matrix.numel() == 0:
         return
     last = matrix.detach()[..., 2, :].reshape(-1, 3)
-    unit = torch.zeros(3, dtype=last.dtype, device=last.device)
-    unit[2] = 1.0
-    error = (last - unit).abs().amax(dim=1)
+    error = (last - constant((0.0, 0.0, 1.0), like=last)).abs().amax(dim=1)
     worst = int(error.argmax())
     if not float(error[worst]) <= 1e-6:  # NaN too
         raise ValueError(

@@ -422,7 +422,7 @@ def _normalization(image: torch.Tensor, mask: Optional[torch.Tensor], name: str)
         count = mask.sum(dim=(2, 3), keepdim=True)
         mean = (image * mask).sum(dim=(2, 3), keepdim=True) / count
         std = (((image - mean) ** 2) * mask).sum(dim=(2, 3), keepdim=True).div(count).sqrt()
-    if not bool(torch.isfinite(std).all()):  # squares beyond the dtype's range: the statistics in float64
+    if image.dtype != torch.float64 and not bool(torch.isfinite(std).all()):  # squares beyond float32: in float64
         wide = _normalization(image.double(), None if mask is None else mask.double(), name)
         return wide[0].to(image.dtype), wide[1].to(image.dtype)
     flat = (std <= 1e-12 * (mean.abs() + 1)).reshape(std.shape[:2])
