@@ -368,6 +368,29 @@ def test_stack_into_an_existing_folder_replaces_only_its_own_files(drift, tmp_pa
     assert not [p for p in tmp_path.rglob(".*tmp*")]  # no temporary left
 
 
+def test_a_jpeg_with_a_second_picture_reads_its_main_one(tmp_path):
+    """A camera's MPO JPEG (a preview after the main picture) is not an animation."""
+    from PIL import Image
+
+    from tireg.io import read_image
+
+    pixels = (np.indices((48, 64)).sum(0) * 2).astype(np.uint8)
+    rgb = np.dstack([pixels, pixels[::-1], 255 - pixels])
+    Image.fromarray(rgb).save(tmp_path / "mpo.jpg", format="MPO", save_all=True,
+                              append_images=[Image.fromarray(rgb[::4, ::4].copy())], quality=100)
+    image = read_image(tmp_path / "mpo.jpg", what="image")
+    assert image.size == (48, 64) and np.abs(image.frames[0].astype(float) - rgb).mean() < 3
+
+
+def test_a_stack_with_a_name_that_is_not_utf8_writes_its_csv(drift, tmp_path, monkeypatch):
+    """The CSV's 'source' column failed to encode such a name, after the work."""
+    name = os.fsdecode(b"drift\xff.tif")
+    shutil.copy(drift[0] / "drift.tif", tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    assert main(["stack", name, "-o", "aligned.tif", "-q", "--transform", "translation"]) == 0
+    assert len(list(csv.DictReader(open(tmp_path / "aligned.csv", encoding="utf-8", errors="surrogateescape")))) == 6
+
+
 def test_a_file_name_with_dollars_is_plain_text_in_the_picture(data, tmp_path, monkeypatch):
     """matplotlib read 'm$_$.png' in the picture's title as mathematics and failed after the work."""
     shutil.copy(data["folder"] / "moving.png", tmp_path / "m$_$.png")
@@ -484,6 +507,8 @@ BAD = {
                        "unrecognized"),
     "unknown command": (["wobble"], 2, "invalid choice"),
     "unknown option alone": (["register", "--wobble"], 2, "unrecognized arguments: --wobble"),  # said: MOVING required
+    "abbreviation, MOVING missing": (["register", "{in}/fixed.png", "--trans", "affine", "-o", "out"], 2,
+                                     "required: MOVING"),  # --trans is --transform, not unknown
     "masks apart": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "--mask", "{in}/corner_tl.png",
                      "--moving-mask", "{in}/corner_br.png", "--init", "identity"], 1, "do not overlap"),
     "too many levels": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "--levels", "10" * 10], 2,
@@ -503,6 +528,10 @@ BAD = {
                              "writes a folder of outputs"),  # it made a folder named aligned.png
     "folder as transform": (["apply", "{in}/mixed", "{in}/moving.png", "-o", "out.png"], 1,
                             "is a folder, not a transform file"),  # it said: unsupported suffix '(none)'
+    "raw YCbCr TIFF": (["register", "{in}/fixed_rgb.png", "{in}/ycbcr.tif", "-o", "out"], 1,
+                       "photometric YCBCR without JPEG compression"),  # its Y, Cb, Cr were taken as RGB
+    "frame name is a folder": (["stack", "{in}/stack.tif", "-o", "{in}/clash", "--force"], 1,
+                               "frame_00001.tif': it is a folder"),  # found after the work, half merged
     "animated PNG": (["register", "{in}/fixed.png", "{in}/animated.png", "-o", "out"], 1,
                      "is an animation of 2 frames"),  # its first frame was taken silently
     "frames differ in channels": (["stack", "{in}/grey_and_rgb", "-o", "out.tif"], 1, "frames differ in channels"),
@@ -542,6 +571,9 @@ def _bad_inputs(folder: Path) -> None:
     (folder / "text.png").write_text("hello")
     still = imageio.imread(folder / "moving.png")
     Image.fromarray(still).save(folder / "animated.png", save_all=True, append_images=[Image.fromarray(still[::-1])])
+    rgb = imageio.imread(folder / "fixed_rgb.png")
+    tifffile.imwrite(folder / "ycbcr.tif", rgb, photometric="ycbcr", subsampling=(1, 1))
+    (folder / "clash" / "frame_00001.tif").mkdir(parents=True, exist_ok=True)  # a folder where a frame goes
     (folder / "grey_and_rgb").mkdir(exist_ok=True)
     imageio.imwrite(folder / "grey_and_rgb" / "a.png", still)
     imageio.imwrite(folder / "grey_and_rgb" / "b.png", np.stack([still] * 3, -1))

@@ -434,6 +434,8 @@ def test_bad_input_is_named():
         (dict(fixed=torch.stack([fixed, torch.zeros_like(fixed)]), moving=torch.stack([moving] * 2)), ValueError,
          "'fixed' is constant .inside its mask. in channel 1 of 2: there is nothing to align; pass the channels"),
         (dict(fixed=fixed, moving=moving, pyramid=4), TypeError, "'pyramid' must be a Pyramid or a sequence"),
+        (dict(fixed=torch.where(fixed > 0.5, 0.7, fixed), moving=moving, mask=fixed > 0.5), ValueError,
+         "'fixed' is constant .inside its mask."),
         (dict(fixed=fixed.double() * 1e300, moving=moving), ValueError,
          "'fixed' has values beyond float32's range"),  # it said initialize() found NaN or Inf
         (dict(fixed=fixed, moving=moving, device="gpu"), ValueError, "'device' must name a torch device"),
@@ -448,13 +450,15 @@ def test_bad_input_is_named():
 
 
 def test_inputs_that_once_failed_silently():
-    """Intensities whose squares overflow float32 normalise in float64 (they gave the identity,
-    'converged'); images and an init that require grad are taken as values (autograd's out= error)."""
+    """Intensities whose squares leave float32's range normalise in float64 (near 1e19 they gave the
+    identity, 'converged'; near 1e-20 the image was called constant); images and an init that
+    require grad are taken as values (autograd's out= error)."""
     fixed, moving, truth = registration_pair("astronaut", "rigid", KNOWN["rigid"])
     reference = tireg.register(fixed, moving, transform="rigid")
-    huge = tireg.register(fixed * 1e19, moving * 1e19, transform="rigid")
-    assert huge.stop_reason == reference.stop_reason
-    assert grid_error(huge.matrix, reference.matrix, fixed.shape) < 1e-3
+    for scale in (1e19, 1e-20, 1e-31):  # squares beyond float32's range, a deviation 'constant' by a threshold
+        scaled = tireg.register(fixed * scale, moving * scale, transform="rigid")
+        assert scaled.stop_reason == reference.stop_reason
+        assert grid_error(scaled.matrix, reference.matrix, fixed.shape) < 1e-3
     tracked = tireg.register(fixed.clone().requires_grad_(), moving.clone().requires_grad_(), transform="rigid",
                              init=torch.eye(3, dtype=torch.float64).requires_grad_())
     assert grid_error(tracked.matrix, truth, fixed.shape) < 0.2

@@ -59,6 +59,11 @@ class CommandError(Exception):
     """Input the command cannot work with (exit status 1)."""
 
 
+def _before_separator(arguments: list[str]) -> list[str]:
+    """The arguments before ``--`` (after it, every argument is positional)."""
+    return arguments[: arguments.index("--")] if "--" in arguments else arguments
+
+
 class _Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line (raised, printed by :func:`main`)."""
 
@@ -69,12 +74,22 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse's API
         if message.startswith("the following arguments are required"):
             # a mistyped option (--wobble) took a required argument's place: name it, not what is missing
-            unknown = [argument for argument in getattr(self, "_arguments", [])
+            unknown = [argument for argument in _before_separator(getattr(self, "_arguments", []))
                        if argument.startswith("-") and len(argument) > 1 and not argument[1].isdigit()
-                       and argument.split("=")[0] not in self._option_string_actions]
+                       and not self._known_option(argument)]
             if unknown:
                 message = f"unrecognized arguments: {' '.join(unknown)}"
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def _known_option(self, argument: str) -> bool:
+        """Whether argparse would take ``argument`` as one of this parser's options: exact, a unique
+        prefix of a long one (``--trans``), or a short one with its value attached (``-oOUT``)."""
+        name = argument.split("=")[0]
+        if name in self._option_string_actions:
+            return True
+        if name.startswith("--"):
+            return any(option.startswith(name) for option in self._option_string_actions)
+        return argument[:2] in self._option_string_actions
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -641,10 +656,14 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
     image = read_image(args.image, what="image")
     _check_finite(image, "image")
     matrices = transform.matrix.reshape(-1, 3, 3).numpy()
-    determinants = np.linalg.det(matrices[:, :2, :2])
-    if not (np.abs(determinants) > 1e-12).all():  # every output pixel would sample one line
-        raise CommandError(f"transform {args.transform!r} is singular (its 2 x 2 part has determinant 0); "
-                           "it maps the image onto a line")
+    with np.errstate(all="ignore"):  # entries near 1e308 overflow the determinant: refused below
+        determinants = np.linalg.det(matrices[:, :2, :2])
+    if not np.isfinite(determinants).all() or not np.isfinite(matrices).all():
+        raise CommandError(f"transform {args.transform!r} has entries too large to apply (its determinant "
+                           "overflows)")
+    if not (np.abs(determinants) > 1e-12).all():  # every output pixel would sample one line or point
+        raise CommandError(f"transform {args.transform!r} is singular or nearly so (its 2 x 2 part has "
+                           f"determinant {float(np.abs(determinants).min()):.3g}); it maps the image onto a line")
     if matrices.shape[0] not in (1, image.count):
         raise CommandError(
             f"transform {args.transform!r} holds {matrices.shape[0]} matrices but image {args.image!r} has "
@@ -742,7 +761,8 @@ def _write_stack_csv(path: Path, stack: ImageData, found: dict[str, Any], kind_n
     center = torch.tensor(found["center"], dtype=torch.float64)
     values = kind.from_matrix(torch.from_numpy(found["matrices"]), center).numpy()
     names = ["angle_deg" if n == "angle" else n for n in kind.parameter_names]
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    # a file name that is not UTF-8 (its bytes kept as surrogates by Python) is written back as its bytes
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["frame", "source", *names, "a00", "a01", "a02", "a10", "a11", "a12",
                          "cost", "iterations", "converged", "stop_reason"])
@@ -752,6 +772,14 @@ def _write_stack_csv(path: Path, stack: ImageData, found: dict[str, Any], kind_n
             writer.writerow([k, stack.names[k], *(repr(float(v)) for v in params),
                              *(repr(float(v)) for v in matrix), repr(float(found["costs"][k])),
                              int(found["iterations"][k]), bool(found["converged"][k]), found["reasons"][k]])
+
+
+def _frame_names(stack: ImageData) -> list[str]:
+    """The file names of a stack's aligned frames in a folder output: a folder's own names, or
+    ``frame_00000.tif`` ... for the pages of one file."""
+    if not stack.path.is_file():
+        return list(stack.names)
+    return [f"frame_{k:05d}{stack.path.suffix.lower()}" for k in range(stack.count)]
 
 
 def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
@@ -772,6 +800,10 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
     outputs.check(output, csv_path, folders=[output] if kind == "folder" else [])
     if kind != "folder":
         check_writable(output, (stack.count, stack.channels), stack.format)
+    else:  # the frames go into the folder by name: a folder of one of those names would stop that halfway
+        for name in _frame_names(stack):
+            if (output / name).is_dir():
+                raise CommandError(f"cannot write {str(output / name)!r}: it is a folder")
     schedule = _schedule(args, stack.size)
 
     progress = _Progress(args, len(schedule), total=stack.count - (args.reference != "mean"), unit="frame")
@@ -784,9 +816,7 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
     if kind == "folder":
         folder = outputs.temporary(output)
         folder.mkdir()
-        stem = "frame" if stack.path.is_file() else None
-        for k in range(stack.count):
-            name = stack.names[k] if stem is None else f"{stem}_{k:05d}{stack.path.suffix.lower()}"
+        for k, name in enumerate(_frame_names(stack)):
             write_frames(folder / name, aligned[k:k + 1], stack.formats[k])
     else:
         write_frames(outputs.temporary(output), aligned,

@@ -270,7 +270,8 @@ def _read_pillow(path: Path, kind: str, what: str, frames: bool) -> tuple[np.nda
 
         with Image.open(path) as opened:
             mode, count = opened.mode, getattr(opened, "n_frames", 1)
-        if count > 1:  # an animated PNG: its first frame was taken silently
+        if count > 1 and kind == "png":  # an animated PNG: its first frame was taken silently (a JPEG
+            # with several pictures, MPO, holds a preview or depth map after its main one: frame 0 is right)
             raise ImageError(f"{what} {str(path)!r} is an animation of {count} frames; tireg reads one image from a "
                              f"{kind.upper()} (save the frames as a multi-page TIFF or a folder for 'tireg stack')")
         # Pillow only (imageio tried other plugins on a bad file and reported theirs); the EXIF
@@ -316,12 +317,17 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
             else:
                 data = series[0].asarray()
             photometric = getattr(tif.pages[0], "photometric", None)
+            compression = getattr(getattr(tif.pages[0], "compression", None), "name", "")
     except ImageError:
         raise
     except Exception as error:
         raise ImageError(f"cannot read {what} {str(path)!r} as TIFF: {_reason(error)}") from None
     data = np.asarray(data)
     name = getattr(photometric, "name", str(photometric)).upper()
+    if name == "YCBCR" and not compression.startswith("JPEG"):
+        # tifffile turns YCbCr into RGB only when decoding JPEG; other YCbCr files come as raw Y, Cb, Cr
+        raise ImageError(f"{what} {str(path)!r} is a TIFF of photometric YCBCR without JPEG compression (its samples "
+                         "are Y, Cb, Cr, not RGB); convert it to RGB first")
     if photometric is not None and name not in ("MINISBLACK", "RGB", "YCBCR"):
         # a palette image holds colour-table indices, CMYK and Lab other colour spaces, and a
         # min-is-white one inverted grey: registered as they lie they were silently wrong
@@ -637,11 +643,12 @@ class OutputFiles:
                 # A folder of outputs goes into the existing folder file by file: only the files
                 # this command wrote replace their namesakes, and nothing else the folder holds
                 # is touched (replacing the whole folder deleted the user's other files).
-                for item in sorted(temporary.iterdir()):
-                    target = path / item.name
-                    if target.is_dir() and not item.is_dir():
-                        raise IsADirectoryError(f"cannot write {str(target)!r}: it is a folder")
-                    os.replace(item, target)
+                items = sorted(temporary.iterdir())
+                for item in items:  # all or nothing: every clash found before any file moves
+                    if (path / item.name).is_dir() and not item.is_dir():
+                        raise IsADirectoryError(f"cannot write {str(path / item.name)!r}: it is a folder")
+                for item in items:
+                    os.replace(item, path / item.name)
                 temporary.rmdir()
             else:
                 os.replace(temporary, path)

@@ -422,10 +422,7 @@ def _normalization(image: torch.Tensor, mask: Optional[torch.Tensor], name: str)
         count = mask.sum(dim=(2, 3), keepdim=True)
         mean = (image * mask).sum(dim=(2, 3), keepdim=True) / count
         std = (((image - mean) ** 2) * mask).sum(dim=(2, 3), keepdim=True).div(count).sqrt()
-    if image.dtype != torch.float64 and not bool(torch.isfinite(std).all()):  # squares beyond float32: in float64
-        wide = _normalization(image.double(), None if mask is None else mask.double(), name)
-        return wide[0].to(image.dtype), wide[1].to(image.dtype)
-    flat = (std <= 1e-12 * (mean.abs() + 1)).reshape(std.shape[:2])
+    flat = _constant_planes(image, mask)
     if bool(flat.any()):
         pair, channel = (int(index) for index in flat.nonzero()[0])
         where, advice = "", ""
@@ -435,7 +432,27 @@ def _normalization(image: torch.Tensor, mask: Optional[torch.Tensor], name: str)
             where += f"{',' if where else ' in'} channel {channel} of {flat.shape[1]}"
             advice = "; pass the channels that hold the image, or register on one"
         raise ValueError(f"register(): '{name}' is constant (inside its mask){where}: there is nothing to align{advice}")
+    if image.dtype != torch.float64 and not bool((std > 0).all() & torch.isfinite(std).all()):
+        # squares beyond float32's range (values near 1e19), or below it (near 1e-31): in float64
+        wide = _normalization(image.double(), None if mask is None else mask.double(), name)
+        return wide[0].to(image.dtype), wide[1].to(image.dtype)
     return mean, std
+
+
+def _constant_planes(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(B, C)``: whether each image plane holds one value (inside its mask), exactly.
+
+    Not by its deviation: a threshold on it either depends on the values' scale (an image of
+    values near 1e-20 was called constant) or on the rounding of the mean.  Without a mask, the
+    largest equals the smallest value; with one, every masked pixel equals the first masked one.
+    """
+    values = image.flatten(2)
+    if mask is None:
+        low, high = torch.aminmax(values, dim=-1)
+        return high == low
+    weights = mask.flatten(2)  # (B, 1, N) of 0 and 1
+    first = weights.argmax(dim=-1, keepdim=True).expand(-1, values.shape[1], -1)  # first masked pixel
+    return ((values - values.gather(-1, first)).abs_() * weights).amax(dim=-1) == 0
 
 
 def _mean_and_deviation(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
