@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+import tireg
+
 from tireg.losses import (
     LOSSES,
     CauchyLoss,
@@ -186,7 +188,7 @@ def test_cauchy_derivative_is_twice_the_seeds():
     "cls, parameter",
     [(CauchyLoss, "scale"), (GemanMcClureLoss, "scale"), (CharbonnierLoss, "eps"), (HuberLoss, "delta")],
 )
-@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf"), 1e20, 1e-30])  # squares leave float32
 def test_non_positive_setting_is_rejected(cls, parameter, value):
     with pytest.raises(ValueError, match=rf"{cls.__name__}\(\).*'{parameter}' must be positive"):
         cls(**{parameter: value})
@@ -336,3 +338,19 @@ def test_y_must_have_or_broadcast_to_x_shape():
     with pytest.raises(ValueError, match=r"must have x's shape"):
         CauchyLoss()(x, torch.rand(1, 1, 8, 7), gradient=True)
     assert L2Loss()(x.expand(3, 1, 8, 8), x).shape == (3, 1, 8, 8)  # y broadcast to x: as documented
+
+
+def test_a_loss_of_ones_own_is_tried_before_the_compiled_kernel_uses_it():
+    """Inside the compiled kernel a summed derivative broadcast without a word (the eager path raised)."""
+    from tireg.losses import verified
+
+    class Summed(tireg.PerPixelLoss):
+        def forward(self, x, y, gradient=False):
+            r = x - y
+            return (r * r, (2 * r).sum()) if gradient else r * r
+
+    moving = torch.rand(1, 1, 32, 32)
+    model = tireg.create_model("similarity", moving, loss=Summed(), compile=True)
+    with pytest.raises(ValueError, match=r"Summed.forward\(x, y, gradient=True\) must return the loss and its derivative"):
+        model(moving, moving.roll(1, -1))  # raised before any compile
+    assert verified(CauchyLoss()) is not None  # built-in losses need no trial

@@ -494,8 +494,13 @@ def test_errors_name_the_problem(images):
         tireg.RigidModel(0, 0, batch_size=0)
     with pytest.raises(ValueError, match="'batch_size' must be a whole number"):
         tireg.RigidModel(0, 0, batch_size=2.7)
-    with pytest.raises(ValueError, match=r"^AffineModel\(\): 'cx' must be finite; got nan"):
+    with pytest.raises(ValueError, match=r"^AffineModel.cx: 'cx' must be finite; got nan"):
         tireg.AffineModel(float("nan"), 1.0, "zeros")
+    with pytest.raises(ValueError, match=r"^RigidModelAnalytic.cy: 'cy' must be finite; got inf"):
+        model.cy = float("inf")  # also when set later (a NaN centre made every matrix NaN)
+    pairs = moving.shape[0]
+    with pytest.raises(ValueError, match=rf"{pairs + 1} values for a model of {pairs} image pairs"):
+        model.set_parameter(0, [0.1] * (pairs + 1))  # it was taken, and every later step failed
     with pytest.raises(TypeError, match=r"'source' must be a torch.Tensor; got ndarray"):
         model(moving.numpy(), fixed.numpy())
     with pytest.raises(ValueError, match=r"RigidModelAnalytic.interpolation: unknown interpolation 'nearest'"):
@@ -512,7 +517,7 @@ def test_errors_name_the_problem(images):
         tireg.create_model("rigid", moving, center=(1, 2, 3))
     with pytest.raises(ValueError, match="'metric' and 'image_gradient' apply to the analytic model"):
         tireg.create_model("rigid", moving, gradients="autograd", metric="ncc")
-    with pytest.raises(ValueError, match="give a 'loss' or a 'metric', not both"):
+    with pytest.raises(ValueError, match="give a loss or a metric, not both"):
         tireg.create_model("rigid", moving, loss="cauchy", metric="ncc")
 
 

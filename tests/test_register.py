@@ -362,6 +362,10 @@ def test_a_model_as_transform_that_register_cannot_use_is_named():
     model = tireg.create_model("rigid", moving[None, None])
     with pytest.raises(ValueError, match=r"^register\(\): a model as 'transform' gives the start itself"):
         tireg.register(fixed, moving, transform=model, init="identity")
+    flat = tireg.create_model("similarity", moving[None, None])
+    flat.set_parameter(1, 0.0)  # scale 0: as singular a start as init=zeros, which raises
+    with pytest.raises(ValueError, match=r"'transform' matrix is singular"):
+        tireg.register(fixed, moving, transform=flat)
     two = tireg.create_model("rigid", moving[None, None].expand(2, 1, -1, -1))
     with pytest.raises(ValueError, match=r"holds 2 parameter sets but there are 1 image pairs"):
         tireg.register(fixed, moving, transform=two)
@@ -436,7 +440,7 @@ def test_bad_input_is_named():
         (dict(fixed=fixed, moving=moving, pyramid=4), TypeError, "'pyramid' must be a Pyramid or a sequence"),
         (dict(fixed=torch.where(fixed > 0.5, 0.7, fixed), moving=moving, mask=fixed > 0.5), ValueError,
          "'fixed' is constant .inside its mask."),
-        (dict(fixed=fixed.double() * 1e300, moving=moving), ValueError,
+        (dict(fixed=fixed.double() * 1e300, moving=moving, normalize=False), ValueError,
          "'fixed' has values beyond float32's range"),  # it said initialize() found NaN or Inf
         (dict(fixed=fixed, moving=moving, device="gpu"), ValueError, "'device' must name a torch device"),
         (dict(fixed=fixed, moving=moving, callback=5), TypeError, "'callback' must be callable; got int"),
@@ -459,6 +463,9 @@ def test_inputs_that_once_failed_silently():
         scaled = tireg.register(fixed * scale, moving * scale, transform="rigid")
         assert scaled.stop_reason == reference.stop_reason
         assert grid_error(scaled.matrix, reference.matrix, fixed.shape) < 1e-3
+    for offset, scale in ((1e8, 1.0), (0.0, 1e300)):  # float64 detail that a cast to float32 lost, or overflowed
+        wide = tireg.register(fixed.double() * scale + offset, moving.double() * scale + offset, transform="rigid")
+        assert grid_error(wide.matrix, reference.matrix, fixed.shape) < 1e-3
     tracked = tireg.register(fixed.clone().requires_grad_(), moving.clone().requires_grad_(), transform="rigid",
                              init=torch.eye(3, dtype=torch.float64).requires_grad_())
     assert grid_error(tracked.matrix, truth, fixed.shape) < 0.2

@@ -121,18 +121,19 @@ def finite_number(value, name: str, caller: str) -> float:
 
 
 def is_whole(value) -> bool:
-    """A whole number (an ``int``, or a float or NumPy number equal to one), not a ``bool``."""
-    if isinstance(value, bool):
+    """A whole number (an ``int``, or a float, NumPy number or 0-d tensor equal to one), not a
+    ``bool`` nor a string (``float("3")`` would take it)."""
+    if isinstance(value, (bool, str, bytes)):
         return False
     try:
         return float(value).is_integer()
-    except (TypeError, ValueError, OverflowError):
+    except (TypeError, ValueError, OverflowError, RuntimeError):
         return False
 
 
 def check_size(size: Sequence[int], caller: str, name: str = "size") -> tuple[int, int]:
     """``(H, W)`` as two ints; raise a ``ValueError`` unless ``size`` holds two positive whole numbers."""
-    values = tuple(size) if isinstance(size, (tuple, list, torch.Size)) else None
+    values = None if isinstance(size, (str, bytes)) or not hasattr(size, "__iter__") else tuple(size)  # arrays too
     if values is None or len(values) != 2 or not all(is_whole(value) and value >= 1 for value in values):
         raise ValueError(f"{caller}: '{name}' must be (H, W), two positive whole numbers; got {size!r}")
     return int(values[0]), int(values[1])

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from ._chunks import chunk_slices
-from .losses import PerPixelLoss, constant_irls_weight
+from .losses import PerPixelLoss, constant_irls_weight, verified
 
 __all__ = [
     "FusedMoments", "FUSED_PADDING", "supports", "pad_moving", "bilinear_moments", "compiled",
@@ -100,8 +100,15 @@ class FusedMoments:
 
 
 def supports(interpolation: str, padding_mode: str, loss: object) -> bool:
-    """Whether the fused path computes this configuration (otherwise use the reference path)."""
-    return interpolation == "bilinear" and padding_mode in FUSED_PADDING and isinstance(loss, PerPixelLoss)
+    """Whether the fused path computes this configuration (otherwise use the reference path).
+
+    A loss of one's own is tried once first (:func:`tireg.losses.verified`): inside the kernel a
+    derivative of the wrong shape would broadcast without a word.
+    """
+    if not (interpolation == "bilinear" and padding_mode in FUSED_PADDING and isinstance(loss, PerPixelLoss)):
+        return False
+    verified(loss)
+    return True
 
 
 def pad_moving(moving: torch.Tensor, padding_mode: str) -> torch.Tensor:

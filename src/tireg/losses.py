@@ -25,7 +25,7 @@ GemanMcClureLoss   r^2 / (r^2 + c^2)                       2 r c^2 / (r^2 + c^2)
 
 from __future__ import annotations
 
-import math
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -79,10 +79,43 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
         return False
 
 
+def loss_and_derivative(loss: PerPixelLoss, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``loss(x, y, True)``, checked: a loss of one's own must return ``(rho, rho')``, both of ``x``'s
+    shape (a summed derivative broadcast silently, and register converged to a wrong answer)."""
+    result = loss(x, y, True)
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise TypeError(f"{type(loss).__name__}.forward(x, y, gradient=True) must return (loss, derivative); "
+                        f"got {type(result).__name__}")
+    per_pixel, derivative = result
+    if per_pixel.shape != x.shape or derivative.shape != x.shape:
+        raise ValueError(f"{type(loss).__name__}.forward(x, y, gradient=True) must return the loss and its "
+                         f"derivative per pixel, of x's shape {tuple(x.shape)}; got {tuple(per_pixel.shape)} "
+                         f"and {tuple(derivative.shape)}")
+    return per_pixel, derivative
+
+
+
+_VERIFIED: "weakref.WeakSet[PerPixelLoss]" = weakref.WeakSet()
+
+
+def verified(loss: PerPixelLoss) -> PerPixelLoss:
+    """``loss``, its ``(rho, rho')`` contract tried once on a small image (:func:`loss_and_derivative`).
+
+    For a path that calls the loss where the check cannot run (the compiled kernel, which took a
+    summed derivative without a word); a built-in loss needs no trial.
+    """
+    if type(loss) in _BUILT_IN or loss in _VERIFIED:
+        return loss
+    probe = torch.linspace(0.0, 1.0, 4).reshape(1, 1, 2, 2)
+    loss_and_derivative(loss, probe, probe.flip(-1))
+    _VERIFIED.add(loss)
+    return loss
+
+
 def _positive(value: float, name: str, caller: str) -> float:
     value = float(value)
-    if not 0 < value < math.inf:  # an infinite scale gives NaN losses or derivatives
-        raise ValueError(f"{caller}: '{name}' must be positive and finite; got {value}")
+    if not 1e-15 <= value <= 1e15:  # its square must stay inside float32: beyond, NaN losses or derivatives
+        raise ValueError(f"{caller}: '{name}' must be positive and finite, from 1e-15 to 1e15; got {value}")
     return value
 
 
@@ -181,6 +214,8 @@ LOSSES: dict[str, type[PerPixelLoss]] = {
     "huber": HuberLoss,
     "geman_mcclure": GemanMcClureLoss,
 }
+#: The built-in losses: their derivative's shape needs no trial (:func:`verified`).
+_BUILT_IN = frozenset(LOSSES.values())
 
 
 def get_loss(loss: Union[str, PerPixelLoss]) -> PerPixelLoss:

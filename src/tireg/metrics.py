@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ._validation import is_whole
-from .losses import LOSSES, PerPixelLoss, get_loss
+from .losses import LOSSES, PerPixelLoss, get_loss, loss_and_derivative
 
 __all__ = [
     "Metric",
@@ -100,21 +100,6 @@ class Metric:
         return f"{type(self).__name__}()"
 
 
-def _loss_and_derivative(loss: PerPixelLoss, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``loss(x, y, True)``, checked: a loss of one's own must return ``(rho, rho')``, both of ``x``'s
-    shape (a summed derivative broadcast silently, and register converged to a wrong answer)."""
-    result = loss(x, y, True)
-    if not (isinstance(result, tuple) and len(result) == 2):
-        raise TypeError(f"{type(loss).__name__}.forward(x, y, gradient=True) must return (loss, derivative); "
-                        f"got {type(result).__name__}")
-    per_pixel, derivative = result
-    if per_pixel.shape != x.shape or derivative.shape != x.shape:
-        raise ValueError(f"{type(loss).__name__}.forward(x, y, gradient=True) must return the loss and its "
-                         f"derivative per pixel, of x's shape {tuple(x.shape)}; got {tuple(per_pixel.shape)} "
-                         f"and {tuple(derivative.shape)}")
-    return per_pixel, derivative
-
-
 class PerPixelMetric(Metric):
     """A per-pixel loss as a metric: ``sum_c sum_x w rho(x - y)``, divided by ``C sum w`` when ``mean``.
 
@@ -157,7 +142,7 @@ class PerPixelMetric(Metric):
         it once and passes it here: one product per image instead of a weight and a division.
         """
         if gradient:
-            per_pixel, derivative = _loss_and_derivative(self.loss, x, y)
+            per_pixel, derivative = loss_and_derivative(self.loss, x, y)
         else:
             per_pixel, derivative = self.loss(x, y), None
         if isinstance(term_weights, torch.Tensor):

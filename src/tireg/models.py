@@ -136,7 +136,7 @@ class TransformModel(nn.Module):
     ):
         super().__init__()
         caller = f"{type(self).__name__}()"
-        self.cx, self.cy = finite_number(cx, "cx", caller), finite_number(cy, "cy", caller)
+        self.cx, self.cy = cx, cy  # checked by the properties
         self.bordermode = bordermode  # checked by the properties
         self.interpolation = interpolation
         if not (is_whole(batch_size) and batch_size >= 1):
@@ -149,6 +149,24 @@ class TransformModel(nn.Module):
         self.m: list[Mapping] = [IdentityMapping() for _ in initial]
         self._center: tuple[Optional[tuple], Optional[torch.Tensor]] = (None, None)
         self._finite = FiniteCheckCache()
+
+    @property
+    def cx(self) -> float:
+        """Centre x in pixels; checked when set (a NaN centre made every matrix NaN)."""
+        return self._cx
+
+    @cx.setter
+    def cx(self, value: float) -> None:
+        self._cx = finite_number(value, "cx", f"{type(self).__name__}.cx")
+
+    @property
+    def cy(self) -> float:
+        """Centre y in pixels; checked when set."""
+        return self._cy
+
+    @cy.setter
+    def cy(self, value: float) -> None:
+        self._cy = finite_number(value, "cy", f"{type(self).__name__}.cy")
 
     @property
     def interpolation(self) -> str:
@@ -218,6 +236,11 @@ class TransformModel(nn.Module):
             raw = raw.reshape(1).expand(param.shape).clone()
         elif raw.dim() != 1:
             raise ValueError(f"{caller}: 'value' must be a scalar or a 1-D tensor of B values; got {tuple(raw.shape)}")
+        else:  # one value per pair: as many as the other parameters' pairs (a shared one, 1, fits any)
+            others = {int(other.shape[0]) for index, other in enumerate(self.p) if index != i} - {1}
+            if others and raw.shape[0] not in others:
+                raise ValueError(f"{caller}: {raw.shape[0]} values for a model of {max(others)} image pairs; "
+                                 "give one value, or one per pair")
         if not bool(torch.isfinite(raw).all()):
             raise ValueError(f"{caller}: 'value' {value!r} gives a NaN or infinite parameter")
         self.m[i] = mapping
@@ -237,9 +260,17 @@ class TransformModel(nn.Module):
         if not isinstance(mappings, (list, tuple)) or len(mappings) != len(self.m):
             raise ValueError(f"{type(self).__name__}.load_state_dict(): the saved mappings {mappings!r} do not fit "
                              f"this model's {len(self.m)} parameters")
-        for index, entry in enumerate(mappings):
-            if entry is not None:
-                self.m[index] = mapping_from_state(entry)
+        restored = [current if entry is None else mapping_from_state(entry) for current, entry in zip(self.m, mappings)]
+        self.m[:] = restored  # all or nothing: a bad entry raises above, before any mapping changes
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # a state dict saved before the mappings were kept has none: the model keeps its own
+        key = prefix + "_extra_state"
+        if key in missing_keys:
+            missing_keys.remove(key)
 
     def parameter_values(self) -> torch.Tensor:
         """All parameter values ``m_i(p_i)`` as ``(B, P)`` (``B = 1`` when all are shared)."""
@@ -439,6 +470,9 @@ class AffineModelAnalytic(TransformModel):
             raise ValueError(f"{caller}: 'sigma' must be positive; got {sigma}")
         self.sigma = float(sigma)
         self.loss_func = L2Loss() if loss_func is None else get_loss(loss_func)
+        if metric is not None and type(self.loss_func) is not L2Loss:  # the metric replaces the loss
+            raise ValueError(f"{caller}: give a loss or a metric, not both (the metric replaces the loss); "
+                             f"got loss {loss_func!r} and metric {metric!r}")
         self.metric: Optional[Metric] = None if metric is None else get_metric(metric)
         self._moving_key: Optional[tuple] = None
         self.register_buffer("moving_with_gradient", None, persistent=False)
@@ -794,9 +828,6 @@ def create_model(
         # the autograd model warps only, and the caller applies the cost (they were silently ignored)
         raise ValueError(f"{caller}: 'metric' and 'image_gradient' apply to the analytic model; the autograd "
                          "model returns the warped image and the caller applies the cost")
-    if metric is not None and not (isinstance(loss, str) and loss == "l2"):
-        raise ValueError(f"{caller}: give a 'loss' or a 'metric', not both (the metric replaces the loss); "
-                         f"got loss={loss!r} and metric={metric!r}")
     cls = _READY_MADE[(transform, gradients)]
     options = dict(interpolation=interpolation, batch_size=moving.shape[0])
     if gradients == "analytic":

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
+import operator
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence, Union
@@ -146,10 +146,20 @@ class Pyramid:
             raise ValueError(
                 f"register(): {len(factors)} shrink factors but {len(sigmas)} smoothing sigmas; give one per level"
             )
-        if not all(isinstance(sigma, numbers.Real) and not isinstance(sigma, bool) and math.isfinite(sigma)
-                   and sigma >= 0 for sigma in sigmas):
+        values = [_real(sigma) for sigma in sigmas]  # numbers, NumPy numbers, 0-d tensors
+        if not all(value is not None and math.isfinite(value) and value >= 0 for value in values):
             raise ValueError(f"register(): smoothing sigmas must be finite numbers of at least 0; got {tuple(sigmas)}")
-        return list(zip(factors, (float(s) for s in sigmas)))
+        return list(zip(factors, values))
+
+
+def _real(value: Any) -> Optional[float]:
+    """``value`` as a float if it is a real number (a NumPy number, a 0-d tensor), else ``None``."""
+    if isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 @dataclass
@@ -206,9 +216,11 @@ class RegistrationResult:
     def __getitem__(self, index: int) -> "RegistrationResult":
         """The result of pair ``index`` alone (not batched)."""
         matrices = self.matrix.reshape(-1, 3, 3)
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"RegistrationResult: a pair is picked by an integer index; got {type(index).__name__}")
-        index = int(index)
+        try:
+            index = operator.index(index)  # an int, a NumPy integer, a 0-d integer tensor
+        except TypeError:
+            raise TypeError(
+                f"RegistrationResult: a pair is picked by an integer index; got {type(index).__name__}") from None
         if not -len(self) <= index < len(self):
             raise IndexError(f"RegistrationResult: pair {index} out of range for {len(self)} pairs")
         pick = slice(index, index + 1 if index != -1 else None)
@@ -362,12 +374,24 @@ def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) 
     return image, ndim
 
 
-def _float32(image: torch.Tensor, name: str, device: torch.device, caller: str) -> torch.Tensor:
+def _float32(image: torch.Tensor, name: str, device: torch.device, caller: str, *, centred: bool) -> torch.Tensor:
     """``image`` (finite, checked) as float32 on ``device``, detached: register differentiates
     its parameters only (an image that requires grad would carry autograd into every operation,
     and the in-place and out= ones refuse it).  float64 values beyond float32's range raise (they
-    became Inf and surfaced as the initialiser's NaN error)."""
-    converted = image.detach().to(device=device, dtype=torch.float32)
+    became Inf and surfaced as the initialiser's NaN error).
+
+    ``centred`` (register normalises the images anyway): a float64 image is first made zero-mean
+    and unit-deviation per plane in float64, so that float32 keeps its detail (an image of
+    ``1e8 + camera`` lost it all in the cast, and was called constant; one of 1e300 overflowed).
+    Any change of gain and offset leaves the registration as it is.
+    """
+    image = image.detach()
+    if centred and image.dtype == torch.float64:
+        peak = image.abs().amax(dim=(2, 3), keepdim=True)  # first into [-1, 1]: squares of 1e300 overflow
+        image = image / torch.where(peak > 0, peak, torch.ones_like(peak))
+        mean, deviation = _mean_and_deviation(image)
+        image = (image - mean) / torch.where(deviation > 0, deviation, torch.ones_like(deviation))
+    converted = image.to(device=device, dtype=torch.float32)
     if image.dtype == torch.float64 and not all_finite(converted):
         raise ValueError(f"{caller}: '{name}' has values beyond float32's range (|x| up to "
                          f"{float(image.abs().max()):.3g}), which register computes in; scale it first")
@@ -375,6 +399,10 @@ def _float32(image: torch.Tensor, name: str, device: torch.device, caller: str) 
 
 
 def _restore_dims(image: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``(B, C, H, W)`` back to the caller's ``ndim`` dimensions; a batch of several results keeps
+    its batch dimension (``(B, H, W)`` for a 2-D image; squeezing it looped forever)."""
+    if image.shape[0] > 1:
+        return image[:, 0] if ndim == 2 and image.shape[1] == 1 else image
     while image.dim() > ndim:
         image = image.squeeze(0)
     return image
@@ -431,7 +459,8 @@ def _normalization(image: torch.Tensor, mask: Optional[torch.Tensor], name: str)
         if flat.shape[1] > 1:
             where += f"{',' if where else ' in'} channel {channel} of {flat.shape[1]}"
             advice = "; pass the channels that hold the image, or register on one"
-        raise ValueError(f"register(): '{name}' is constant (inside its mask){where}: there is nothing to align{advice}")
+        raise ValueError(
+            f"register(): '{name}' is constant (inside its mask){where}: there is nothing to align{advice}")
     if image.dtype != torch.float64 and not bool((std > 0).all() & torch.isfinite(std).all()):
         # squares beyond float32's range (values near 1e19), or below it (near 1e-31): in float64
         wide = _normalization(image.double(), None if mask is None else mask.double(), name)
@@ -1058,21 +1087,28 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
 _ORIENTATION_KEEPING = ("translation", "rigid", "similarity")
 
 
+def _check_start(matrix: torch.Tensor, kind: Transform, caller: str, name: str) -> None:
+    """A start matrix (``init``, or the matrix of a model given as ``transform``) must be finite,
+    affine, not singular and, for a kind that never mirrors, not mirroring: otherwise the kind's
+    parameters of it are meaningless."""
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError(f"{caller}: '{name}' matrix contains NaN or Inf")
+    check_affine(matrix, caller, name)
+    determinant = torch.linalg.det(matrix[..., :2, :2]).reshape(-1)
+    if not bool((determinant.abs() > 1e-9).all()):
+        raise ValueError(f"{caller}: '{name}' matrix is singular (its 2 x 2 part has determinant 0)")
+    if kind.name in _ORIENTATION_KEEPING and not bool((determinant > 0).all()):
+        raise ValueError(f"{caller}: '{name}' matrix mirrors the image (negative determinant), "
+                         f"which a {kind.name} transform cannot; use transform='affine'")
+
+
 def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str) -> torch.Tensor:
     batch = fixed.shape[0]
     if isinstance(init, (torch.Tensor, np.ndarray)):
         matrix = torch.as_tensor(init).detach().to(torch.float64)
         if matrix.shape[-2:] != (3, 3) or matrix.dim() not in (2, 3) or matrix.reshape(-1, 3, 3).shape[0] not in (1, batch):
             raise ValueError(f"{caller}: 'init' matrix must be (3, 3) or ({batch}, 3, 3); got {tuple(matrix.shape)}")
-        if not bool(torch.isfinite(matrix).all()):
-            raise ValueError(f"{caller}: 'init' matrix contains NaN or Inf")
-        check_affine(matrix, caller, "init")
-        determinant = torch.linalg.det(matrix[..., :2, :2]).reshape(-1)
-        if not bool((determinant.abs() > 1e-9).all()):
-            raise ValueError(f"{caller}: 'init' matrix is singular (its 2 x 2 part has determinant 0)")
-        if kind.name in _ORIENTATION_KEEPING and not bool((determinant > 0).all()):
-            raise ValueError(f"{caller}: 'init' matrix mirrors the image (negative determinant), "
-                             f"which a {kind.name} transform cannot; use transform='affine'")
+        _check_start(matrix, kind, caller, "init")
         return matrix.reshape(-1, 3, 3).expand(batch, 3, 3).to(fixed.device)
     if not isinstance(init, str):
         raise TypeError(f"{caller}: 'init' must be a method name or a (3, 3) matrix; got {type(init).__name__}")
@@ -1106,8 +1142,7 @@ def _model_start(model, init, batch: int, caller: str) -> torch.Tensor:
     if matrix.shape[0] not in (1, batch):
         raise ValueError(
             f"{caller}: the {name} holds {matrix.shape[0]} parameter sets but there are {batch} image pairs")
-    if not bool(torch.isfinite(matrix).all()):
-        raise ValueError(f"{caller}: the {name}'s matrix contains NaN or Inf")
+    _check_start(matrix, model.transform, caller, "transform")
     return matrix.expand(batch, 3, 3)
 
 
@@ -1212,8 +1247,12 @@ def register(
         raise TypeError(f"{caller}: 'callback' must be callable; got {type(callback).__name__}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{caller}: device {str(device)!r} requested but CUDA is not available")
+    if not (isinstance(normalize, (bool, np.bool_))
+            or isinstance(normalize, torch.Tensor) and normalize.dtype == torch.bool and normalize.numel() == 1):
+        raise TypeError(f"{caller}: 'normalize' must be True or False; got {normalize!r}")
+    normalize = bool(normalize)
     dtype = torch.float32
-    fixed_t, moving_t = (_float32(image, name, device, caller).expand(batch, *image.shape[1:])
+    fixed_t, moving_t = (_float32(image, name, device, caller, centred=normalize).expand(batch, *image.shape[1:])
                          for image, name in ((fixed_t, "fixed"), (moving_t, "moving")))
     if min(fixed_t.shape[-2:]) < 8 or min(moving_t.shape[-2:]) < 8:
         layout = ""
@@ -1245,24 +1284,23 @@ def register(
     if optimizer == "gauss-newton" and not metric_object.per_pixel:
         raise ValueError(f"{caller}: Gauss-Newton needs a per-pixel metric (a loss such as 'l2'); "
                          f"use optimizer='lbfgs' (the default for {metric!r}) or 'adam'")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real):
+    if _real(tolerance) is None:
         raise TypeError(f"{caller}: 'tolerance' must be a number; got {type(tolerance).__name__}")
+    tolerance = _real(tolerance)
     if not tolerance > 0:
         raise ValueError(f"{caller}: 'tolerance' must be positive; got {tolerance}")
     if max_iterations is None:
         max_iterations = 50 if optimizer == "gauss-newton" else 300
     if not (is_whole(max_iterations) and max_iterations >= 1):
         raise ValueError(f"{caller}: 'max_iterations' must be a whole number of at least 1; got {max_iterations!r}")
-    if not isinstance(normalize, (bool, np.bool_)):
-        raise TypeError(f"{caller}: 'normalize' must be True or False; got {normalize!r}")
     _check_optimizer_options(optimizer, optimizer_options, caller)
     if pyramid is None:
         pyramid = Pyramid()
     elif not isinstance(pyramid, Pyramid):
-        if not isinstance(pyramid, (tuple, list)):
+        if isinstance(pyramid, (str, bytes)) or not hasattr(pyramid, "__iter__"):
             raise TypeError(f"{caller}: 'pyramid' must be a Pyramid or a sequence of shrink factors such as (4, 2, 1); "
                             f"got {type(pyramid).__name__}")
-        pyramid = Pyramid(shrink_factors=tuple(pyramid))
+        pyramid = Pyramid(shrink_factors=tuple(pyramid))  # a list, a range, an array or a tensor of factors
     smaller = (min(fixed_t.shape[-2], moving_t.shape[-2]), min(fixed_t.shape[-1], moving_t.shape[-1]))
     schedule = pyramid.levels(smaller)
 
