@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import grid_error, registration_pair
@@ -272,8 +273,8 @@ def test_kept_fixed_bins_follow_the_fixed_image(images, cls, ranges):
         assert torch.equal(metric(moving, frozen), fresh(frozen))
 
 
-@pytest.mark.parametrize("metric", [NCC(), LocalNCC(), MutualInformation(), NormalizedMutualInformation()],
-                         ids=lambda metric: type(metric).__name__)
+@pytest.mark.parametrize("metric", [NCC(), LocalNCC(), MutualInformation(), NormalizedMutualInformation(),
+                                    PerPixelMetric("l2")], ids=lambda metric: type(metric).__name__)
 def test_pooling_metrics_name_bad_input(metric):
     """Mismatched shapes, a wrong weight, 2-D or integer images surfaced as reshape, broadcast or
     scatter errors deep inside."""
@@ -287,6 +288,10 @@ def test_pooling_metrics_name_bad_input(metric):
         metric(x[0, 0], x[0, 0])
     with pytest.raises(ValueError, match=r"'y' must be a float tensor .* torch.int64"):
         metric(x, (x * 10).long())
+    with pytest.raises(TypeError, match=rf"^{name}\(\): 'weight' must be a torch.Tensor; got ndarray"):
+        metric(x, x, np.ones((2, 1, 16, 16)))
+    weight = torch.rand(2, 1, 16, 16) > 0.3  # a bool or float64 mask is taken in x's dtype (MI's scatter refused it)
+    torch.testing.assert_close(metric(x, x.flip(-1), weight.double()), metric(x, x.flip(-1), weight.float()))
 
 
 def test_histogram_bins_are_bounded():

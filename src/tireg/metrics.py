@@ -59,9 +59,17 @@ def _weight(weight: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 
 
 def _inputs(metric: "Metric", x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
-    """Check a pooling metric's ``x``, ``y`` (float ``(B, C, H, W)`` of one shape) and ``weight``
-    (``(B, 1, H, W)`` or ``(1, 1, H, W)``), and return the weights (:func:`_weight`).  A mistake
-    surfaced as a reshape, broadcast or scatter error deep inside."""
+    """:func:`_checked_weight`, all ones where there is none (:func:`_weight`)."""
+    return _weight(_checked_weight(metric, x, y, weight), x)
+
+
+def _checked_weight(
+    metric: "Metric", x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor]
+) -> Optional[torch.Tensor]:
+    """Check a metric's ``x``, ``y`` (float ``(B, C, H, W)`` of one shape) and ``weight``
+    (``(B, 1, H, W)`` or ``(1, 1, H, W)``, converted to ``x``'s dtype); return the weight.  A
+    mistake surfaced as a reshape, broadcast or scatter error deep inside.  Shapes only: no value
+    is read (a wait on a GPU in a loop)."""
     name = f"{type(metric).__name__}()"
     for label, tensor in (("x", x), ("y", y)):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4 or not tensor.is_floating_point():
@@ -70,11 +78,15 @@ def _inputs(metric: "Metric", x: torch.Tensor, y: torch.Tensor, weight: Optional
                              f"{'' if not isinstance(tensor, torch.Tensor) else ' ' + str(tensor.dtype)}")
     if x.shape != y.shape:
         raise ValueError(f"{name}: 'x' and 'y' must have the same shape; got {tuple(x.shape)} and {tuple(y.shape)}")
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}: 'weight' must be a torch.Tensor; got {type(weight).__name__}")
     if weight is not None and (weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[-2:] != x.shape[-2:]
                                or weight.shape[0] not in (1, x.shape[0])):
         raise ValueError(f"{name}: 'weight' must be (B, 1, H, W) or (1, 1, H, W) for images {tuple(x.shape)}; "
                          f"got {tuple(weight.shape)}")
-    return _weight(weight, x)
+    if weight is not None and weight.dtype != x.dtype:  # a bool or float64 mask with float32 images
+        weight = weight.to(x.dtype)
+    return weight
 
 
 class Metric:
@@ -113,6 +125,7 @@ class PerPixelMetric(Metric):
         self.mean = bool(mean)
 
     def __call__(self, x, y, weight=None, gradient=False):
+        weight = _checked_weight(self, x, y, weight)  # the shapes, as the other metrics (no ones image)
         return self.weighted(x, y, self.term_weights(x, weight), gradient)
 
     def term_weights(
