@@ -447,6 +447,9 @@ def test_an_output_folder_that_takes_no_files_is_named_before_the_work(tmp_path,
     with pytest.raises(PermissionError, match=r"cannot write '.*ro/sub/w.png': the folder '.*ro' is not writable"):
         OutputFiles().check(locked / "sub" / "w.png")
     OutputFiles().check(tmp_path / "elsewhere" / "w.png")  # a writable parent: no error
+    existing = tmp_path / "frames"
+    existing.mkdir()  # an existing output folder takes its temporary inside it: its parent may be read-only
+    assert OutputFiles().temporary(existing).parent == existing
 
 
 # ----------------------------------------------------------------------------

@@ -626,7 +626,9 @@ class OutputFiles:
         """Where to write ``path`` now; it is moved to ``path`` by :meth:`commit`."""
         path = Path(os.fspath(path))
         self._make_folder(path.parent)
-        temporary = _temporary_name(path)
+        # an existing folder takes its new files inside it (merged by commit()): its parent may not be
+        # writable, where the temporary would otherwise go
+        temporary = path / _temporary_name(path).name if path.is_dir() else _temporary_name(path)
         self._pending.append((temporary, path))
         return temporary
 
