@@ -79,13 +79,18 @@ def check_same_shape(first: torch.Tensor, second: torch.Tensor, names: Sequence[
         )
 
 
-def check_matrix(matrix: torch.Tensor, caller: str) -> torch.Tensor:
-    """Return ``matrix`` as ``(B, 3, 3)``; accepts ``(3, 3)``; raise otherwise."""
+def check_matrix(matrix: torch.Tensor, caller: str, *, any_batch: bool = False) -> torch.Tensor:
+    """Return ``matrix`` as ``(B, 3, 3)``; accepts ``(3, 3)``; raise otherwise.
+
+    ``any_batch``: any number of leading dimensions, ``(..., 3, 3)``, returned as it is.
+    """
     if not isinstance(matrix, torch.Tensor):
         raise TypeError(f"{caller}: 'matrix' must be a torch.Tensor; got {type(matrix).__name__}")
-    if matrix.dim() not in (2, 3) or matrix.shape[-2:] != (3, 3):
-        raise ValueError(f"{caller}: 'matrix' must have shape (B, 3, 3) or (3, 3); got {tuple(matrix.shape)}")
-    if matrix.dim() == 2:
+    shape_ok = matrix.dim() >= 2 if any_batch else matrix.dim() in (2, 3)
+    if not shape_ok or matrix.shape[-2:] != (3, 3):
+        expected = "(..., 3, 3)" if any_batch else "(B, 3, 3) or (3, 3)"
+        raise ValueError(f"{caller}: 'matrix' must have shape {expected}; got {tuple(matrix.shape)}")
+    if matrix.dim() == 2 and not any_batch:
         matrix = matrix.unsqueeze(0)
     if matrix.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{caller}: 'matrix' must be float32 or float64; got {matrix.dtype}")

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ._device import cached, constant
-from ._validation import FLOAT_DTYPES, broadcast_shape, check_size
+from ._validation import FLOAT_DTYPES, broadcast_shape, check_matrix, check_size
 
 __all__ = [
     "ALIGN_CORNERS",
@@ -133,17 +133,6 @@ def _as_center(center: CenterLike, like: torch.Tensor, caller: str) -> torch.Ten
     if tensor.dim() == 0 or tensor.shape[-1] != 2:
         raise ValueError(f"{caller}: 'center' must be (cx, cy) or (..., 2) in pixels; got shape {tuple(tensor.shape)}")
     return tensor
-
-
-def _check_matrix_argument(matrix: torch.Tensor, caller: str) -> torch.Tensor:
-    """A float tensor of ``(..., 3, 3)`` matrices, or raise naming the problem."""
-    if not isinstance(matrix, torch.Tensor):
-        raise TypeError(f"{caller}: 'matrix' must be a torch.Tensor; got {type(matrix).__name__}")
-    if matrix.dim() < 2 or matrix.shape[-2:] != (3, 3):
-        raise ValueError(f"{caller}: 'matrix' must have shape (..., 3, 3); got {tuple(matrix.shape)}")
-    if matrix.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{caller}: 'matrix' must be float32 or float64; got {matrix.dtype}")
-    return matrix
 
 
 def _homogeneous(linear: torch.Tensor, offset: torch.Tensor, corner: float = 1.0) -> torch.Tensor:
@@ -344,7 +333,7 @@ def _closest_rotation(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def translation_from_matrix(matrix: torch.Tensor, center: CenterLike | None = None) -> torch.Tensor:
     """``(tx, ty) = A c - c``: where ``matrix`` moves the centre (``A[:2, 2]`` without a centre)."""
-    matrix = _check_matrix_argument(matrix, "translation_from_matrix()")
+    matrix = check_matrix(matrix, "translation_from_matrix()", any_batch=True)
     if center is None:
         return matrix[..., :2, 2].clone()
     return _center_shift(matrix, _as_center(center, matrix, "translation_from_matrix()"))
@@ -352,7 +341,7 @@ def translation_from_matrix(matrix: torch.Tensor, center: CenterLike | None = No
 
 def rigid_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """``(theta, tx, ty)``: the closest rotation, and the shift that ``matrix`` gives the centre."""
-    matrix = _check_matrix_argument(matrix, "rigid_from_matrix()")
+    matrix = check_matrix(matrix, "rigid_from_matrix()", any_batch=True)
     center = _as_center(center, matrix, "rigid_from_matrix()")
     angle, _ = _closest_rotation(matrix)
     translation = _center_shift(matrix, center)
@@ -361,7 +350,7 @@ def rigid_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
 
 def similarity_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """``(theta, s, tx, ty)`` of the similarity closest to ``matrix`` about ``center``."""
-    matrix = _check_matrix_argument(matrix, "similarity_from_matrix()")
+    matrix = check_matrix(matrix, "similarity_from_matrix()", any_batch=True)
     center = _as_center(center, matrix, "similarity_from_matrix()")
     angle, scale = _closest_rotation(matrix)
     translation = _center_shift(matrix, center)
@@ -374,7 +363,7 @@ def anisotropic_similarity_from_matrix(matrix: torch.Tensor, center: CenterLike)
     The angle is that of the closest rotation; ``sx, sy`` are the lengths of
     ``L``'s columns projected on ``R``'s columns.
     """
-    matrix = _check_matrix_argument(matrix, "anisotropic_similarity_from_matrix()")
+    matrix = check_matrix(matrix, "anisotropic_similarity_from_matrix()", any_batch=True)
     center = _as_center(center, matrix, "anisotropic_similarity_from_matrix()")
     angle, _ = _closest_rotation(matrix)
     rot = rotation(angle)
@@ -386,7 +375,7 @@ def anisotropic_similarity_from_matrix(matrix: torch.Tensor, center: CenterLike)
 
 def affine_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """``(a00, a01, a10, a11, tx, ty)`` of ``matrix`` about ``center`` (exact)."""
-    matrix = _check_matrix_argument(matrix, "affine_from_matrix()")
+    matrix = check_matrix(matrix, "affine_from_matrix()", any_batch=True)
     center = _as_center(center, matrix, "affine_from_matrix()")
     linear = matrix[..., :2, :2]
     translation = _center_shift(matrix, center)
