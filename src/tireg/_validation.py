@@ -8,7 +8,7 @@ function's name and names the offending argument, e.g.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -112,14 +112,23 @@ def check_affine(matrix: torch.Tensor, caller: str, name: str = "matrix") -> Non
         )
 
 
+def real_number(value) -> Optional[float]:
+    """``value`` as a ``float`` if it is a real number (a NumPy number, a 0-d tensor too), else ``None``;
+    a ``bool`` or a string is not one (``float("3")`` would take it)."""
+    if isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
 def finite_number(value, name: str, caller: str) -> float:
     """``value`` as a finite ``float``; raise a ``TypeError`` for a non-number, a ``ValueError`` for NaN or Inf."""
-    if isinstance(value, (bool, str)):
-        raise TypeError(f"{caller}: '{name}' must be a number; got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{caller}: '{name}' must be a number; got {type(value).__name__}") from None
+    number = real_number(value)
+    if number is None:
+        shown = repr(value) if isinstance(value, (bool, str)) else type(value).__name__
+        raise TypeError(f"{caller}: '{name}' must be a number; got {shown}")
     if not math.isfinite(number):
         raise ValueError(f"{caller}: '{name}' must be finite; got {number}")
     return number

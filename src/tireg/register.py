@@ -44,7 +44,7 @@ import torch
 
 from . import _chunks, fused
 from ._device import constant
-from ._validation import all_finite, check_affine, check_compile_option, check_option, is_whole
+from ._validation import all_finite, check_affine, check_compile_option, check_option, is_whole, real_number
 from .losses import PerPixelLoss, constant_irls_weight
 from .metrics import Metric, PerPixelMetric, get_metric
 from .sampling import (
@@ -146,20 +146,10 @@ class Pyramid:
             raise ValueError(
                 f"register(): {len(factors)} shrink factors but {len(sigmas)} smoothing sigmas; give one per level"
             )
-        values = [_real(sigma) for sigma in sigmas]  # numbers, NumPy numbers, 0-d tensors
+        values = [real_number(sigma) for sigma in sigmas]  # numbers, NumPy numbers, 0-d tensors
         if not all(value is not None and math.isfinite(value) and value >= 0 for value in values):
             raise ValueError(f"register(): smoothing sigmas must be finite numbers of at least 0; got {tuple(sigmas)}")
         return list(zip(factors, values))
-
-
-def _real(value: Any) -> Optional[float]:
-    """``value`` as a float if it is a real number (a NumPy number, a 0-d tensor), else ``None``."""
-    if isinstance(value, (bool, str, bytes)):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError, RuntimeError):
-        return None
 
 
 @dataclass
@@ -1284,9 +1274,9 @@ def register(
     if optimizer == "gauss-newton" and not metric_object.per_pixel:
         raise ValueError(f"{caller}: Gauss-Newton needs a per-pixel metric (a loss such as 'l2'); "
                          f"use optimizer='lbfgs' (the default for {metric!r}) or 'adam'")
-    if _real(tolerance) is None:
+    if real_number(tolerance) is None:
         raise TypeError(f"{caller}: 'tolerance' must be a number; got {type(tolerance).__name__}")
-    tolerance = _real(tolerance)
+    tolerance = real_number(tolerance)
     if not tolerance > 0:
         raise ValueError(f"{caller}: 'tolerance' must be positive; got {tolerance}")
     if max_iterations is None:
