@@ -23,7 +23,7 @@ from __future__ import annotations
 import numbers
 import operator
 import time
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -104,6 +104,26 @@ def _raw_gradients(
     return result
 
 
+class _Checked:
+    """A model setting checked whenever it is set, in the constructor and after (a NaN centre made
+    every matrix NaN; ``interpolation = "nearest"`` set later gave zero gradients).
+
+    ``check(value, caller)`` returns the value to keep; ``caller`` is ``"ClassName.name"``.
+    """
+
+    def __init__(self, check: Callable, doc: str):
+        self.check, self.__doc__ = check, f"{doc} Checked when set."
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.slot = name, f"_{name}"
+
+    def __get__(self, model, owner=None):
+        return self if model is None else getattr(model, self.slot)
+
+    def __set__(self, model, value) -> None:
+        setattr(model, self.slot, self.check(value, f"{type(model).__name__}.{self.name}"))
+
+
 class TransformModel(nn.Module):
     """Parameters, mappings and the matrix ``A(p)`` with its Jacobian; the base of both models.
 
@@ -150,42 +170,12 @@ class TransformModel(nn.Module):
         self._center: tuple[Optional[tuple], Optional[torch.Tensor]] = (None, None)
         self._finite = FiniteCheckCache()
 
-    @property
-    def cx(self) -> float:
-        """Centre x in pixels; checked when set (a NaN centre made every matrix NaN)."""
-        return self._cx
-
-    @cx.setter
-    def cx(self, value: float) -> None:
-        self._cx = finite_number(value, "cx", f"{type(self).__name__}.cx")
-
-    @property
-    def cy(self) -> float:
-        """Centre y in pixels; checked when set."""
-        return self._cy
-
-    @cy.setter
-    def cy(self, value: float) -> None:
-        self._cy = finite_number(value, "cy", f"{type(self).__name__}.cy")
-
-    @property
-    def interpolation(self) -> str:
-        """``"bilinear"`` or ``"bicubic"``; checked when set, as in the constructor."""
-        return self._interpolation
-
-    @interpolation.setter
-    def interpolation(self, value: str) -> None:
-        caller = f"{type(self).__name__}.interpolation"
-        self._interpolation = check_option(value, MODEL_INTERPOLATIONS, "interpolation", caller)
-
-    @property
-    def bordermode(self) -> str:
-        """Padding mode: ``"zeros"``, ``"border"`` or ``"reflection"``; checked when set."""
-        return self._bordermode
-
-    @bordermode.setter
-    def bordermode(self, value: str) -> None:
-        self._bordermode = check_option(value, tuple(PADDING_MODES), "border mode", f"{type(self).__name__}.bordermode")
+    cx = _Checked(lambda value, caller: finite_number(value, "cx", caller), "Centre x in pixels.")
+    cy = _Checked(lambda value, caller: finite_number(value, "cy", caller), "Centre y in pixels.")
+    interpolation = _Checked(lambda value, caller: check_option(value, MODEL_INTERPOLATIONS, "interpolation", caller),
+                             '``"bilinear"`` or ``"bicubic"``.')
+    bordermode = _Checked(lambda value, caller: check_option(value, tuple(PADDING_MODES), "border mode", caller),
+                          'Padding mode: ``"zeros"``, ``"border"`` or ``"reflection"``.')
 
     # -- parameters -----------------------------------------------------------
 
