@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ._validation import is_whole
+from ._validation import check_size
 from .io import (
     ImageData,
     ImageError,
@@ -675,10 +675,11 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
         size = args.size
     elif transform.metadata.get("fixed_size") is not None:
         stored = transform.metadata["fixed_size"]
-        if not (isinstance(stored, list) and len(stored) == 2 and all(is_whole(v) and v >= 1 for v in stored)):
+        try:
+            size = check_size(stored, "apply")
+        except ValueError:
             raise CommandError(f"transform {args.transform!r}: \"metadata.fixed_size\" must be two positive integers "
-                               f"[height, width]; got {stored!r} (or give --size or --reference)")
-        size = (int(stored[0]), int(stored[1]))
+                               f"[height, width]; got {stored!r} (or give --size or --reference)") from None
     else:
         size = image.size
     output = Path(args.output)
@@ -969,20 +970,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output written", file=sys.stderr)
         return 130
-    except MemoryError:  # numpy's _ArrayMemoryError too
+    except (CommandError, ImageError, MissingDependencyError, ValueError, TypeError, OSError, RuntimeError,
+            MemoryError) as error:
         if args is not None and getattr(args, "traceback", False):
             raise
-        print(f"{PROG}: error: out of memory (an image or its result is too large for this machine); "
-              "no output written", file=sys.stderr)
-        return 1
-    except (CommandError, ImageError, MissingDependencyError, ValueError, TypeError, OSError, RuntimeError) as error:
-        if args is not None and getattr(args, "traceback", False):
-            raise
-        if isinstance(error, RuntimeError) and "can't allocate memory" in str(error):  # torch's CPU allocator
-            print(f"{PROG}: error: out of memory (an image or its result is too large for this machine); "
-                  "no output written", file=sys.stderr)
-            return 1
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        # numpy's _ArrayMemoryError is a MemoryError; torch's CPU allocator raises a RuntimeError
+        if isinstance(error, MemoryError) or isinstance(error, RuntimeError) and "can't allocate memory" in str(error):
+            message = "out of memory (an image or its result is too large for this machine); no output written"
+        else:
+            message = _one_line(error)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
 
 

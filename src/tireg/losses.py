@@ -94,7 +94,6 @@ def loss_and_derivative(loss: PerPixelLoss, x: torch.Tensor, y: torch.Tensor) ->
     return per_pixel, derivative
 
 
-
 _VERIFIED: "weakref.WeakSet[PerPixelLoss]" = weakref.WeakSet()
 
 
