@@ -447,6 +447,13 @@ def test_bad_input_is_named():
         (dict(fixed=fixed, moving=moving, metric=_SummedDerivative()), ValueError,
          r"_SummedDerivative.forward\(x, y, gradient=True\) must return the loss and its derivative per pixel"),
         (dict(fixed="fixed.png", moving=moving), TypeError, "'fixed' must be a torch.Tensor or numpy.ndarray"),
+        # these three came from deep inside torch (Tensor.item() on a meta tensor), or ran on lr=inf
+        (dict(fixed=fixed, moving=moving, device="meta"), ValueError, "device 'meta' holds no values"),
+        (dict(fixed=fixed, moving=moving.to("meta"), device="cpu"), ValueError, "'moving' is a meta tensor"),
+        (dict(fixed=fixed, moving=moving, optimizer="adam", optimizer_options={"lr": float("inf")}), ValueError,
+         "'optimizer_options' lr=inf must be finite"),
+        (dict(fixed=fixed, moving=moving, optimizer="adam", optimizer_options={"betas": (0.9, float("nan"))}),
+         ValueError, r"'optimizer_options' betas=\(0.9, nan\) must be finite"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):

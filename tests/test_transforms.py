@@ -454,3 +454,17 @@ def test_transform_functions_name_a_bad_centre_or_matrix():
         transforms.affine_from_matrix(np.eye(3), (0.0, 0.0))
     with pytest.raises(ValueError, match=r"^normalization_matrix\(\): 'size' must be \(H, W\)"):
         transforms.normalization_matrix((0, 0))
+    with pytest.raises(ValueError, match=r"^pixel_to_normalized\(\): 'moving_size' must be \(H, W\), two positive"):
+        transforms.pixel_to_normalized(torch.eye(3), (0, 32))  # was a ZeroDivisionError
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_from_matrix_refuses_a_projective_matrix(name):
+    """The parameters describe the top two rows: a projective last row was dropped without a word."""
+    homography = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1)
+    homography[1, 2, 0] = 1e-3
+    with pytest.raises(ValueError, match=r"_from_matrix\(\): 'matrix' must be affine, with last row \(0, 0, 1\); "
+                                         r"got \[0.001, 0.0, 1.0\]"):
+        TRANSFORMS[name].from_matrix(homography, (3.0, 4.0))
+    float32_inverse = torch.linalg.inv(TRANSFORMS[name].matrix(torch.tensor(TRANSFORMS[name].identity), (3.0, 4.0)))
+    TRANSFORMS[name].from_matrix(float32_inverse, (3.0, 4.0))  # affine to rounding is affine

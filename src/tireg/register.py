@@ -344,6 +344,8 @@ def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) 
         image = torch.from_numpy(np.ascontiguousarray(image))
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{caller}: '{name}' must be a torch.Tensor or numpy.ndarray; got {type(image).__name__}")
+    if image.is_meta:  # no values: the first one read failed deep inside
+        raise ValueError(f"{caller}: '{name}' is a meta tensor, which holds no values")
     ndim = image.dim()
     if ndim not in (2, 3, 4):
         raise ValueError(
@@ -995,6 +997,10 @@ def _check_optimizer_options(optimizer: str, options: Optional[dict], caller: st
             raise ValueError(f"{caller}: 'optimizer_options' {options!r} apply to 'adam', 'lbfgs' and 'sgd'; "
                              "Gauss-Newton takes none")
         return
+    for key, value in options.items():  # torch.optim takes lr=inf, and the first step makes every parameter NaN
+        numbers = value if isinstance(value, (tuple, list)) else (value,)
+        if any(real_number(number) is not None and not math.isfinite(real_number(number)) for number in numbers):
+            raise ValueError(f"{caller}: 'optimizer_options' {key}={value!r} must be finite")
     constructor, defaults = _FIRST_ORDER_DEFAULTS[optimizer]
     if optimizer == "lbfgs" and options.get("line_search_fn", None) not in (None, "strong_wolfe"):
         # torch.optim.LBFGS takes any value and fails only in its first step
@@ -1233,6 +1239,8 @@ def register(
             raise ValueError(
                 f"{caller}: 'device' must name a torch device such as 'cpu' or 'cuda'; got {device!r}") from None
     device = fixed_t.device if device is None else device
+    if device.type == "meta":  # meta tensors hold no values: the first value read fails deep inside
+        raise ValueError(f"{caller}: device 'meta' holds no values; register on 'cpu' or 'cuda'")
     if callback is not None and not callable(callback):
         raise TypeError(f"{caller}: 'callback' must be callable; got {type(callback).__name__}")
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ._device import cached, constant
-from ._validation import FLOAT_DTYPES, broadcast_shape, check_matrix, check_size
+from ._validation import FLOAT_DTYPES, broadcast_shape, check_affine, check_matrix, check_size
 
 __all__ = [
     "ALIGN_CORNERS",
@@ -113,7 +113,8 @@ def pixel_to_normalized(matrix: torch.Tensor, moving_size: Sequence[int]) -> tor
     Returns:
         ``(..., 2, 3)``.
     """
-    norm = constant(_normalization_values(moving_size), like=matrix)  # made once: no host copy per call
+    size = check_size(moving_size, "pixel_to_normalized()", "moving_size")  # Python ints: no value read
+    norm = constant(_normalization_values(size), like=matrix)  # made once: no host copy per call
     return (norm @ matrix)[..., :2, :]
 
 
@@ -331,9 +332,18 @@ def _closest_rotation(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return torch.atan2(sine, cosine), torch.hypot(cosine, sine)
 
 
+def _checked_affine(matrix: torch.Tensor, caller: str) -> torch.Tensor:
+    """``matrix`` as ``(..., 3, 3)``, refused unless affine: a kind's parameters describe the top
+    two rows, and a projective last row would be dropped without a word (reads the values back:
+    for use outside loops)."""
+    matrix = check_matrix(matrix, caller, any_batch=True)
+    check_affine(matrix, caller)
+    return matrix
+
+
 def translation_from_matrix(matrix: torch.Tensor, center: CenterLike | None = None) -> torch.Tensor:
     """``(tx, ty) = A c - c``: where ``matrix`` moves the centre (``A[:2, 2]`` without a centre)."""
-    matrix = check_matrix(matrix, "translation_from_matrix()", any_batch=True)
+    matrix = _checked_affine(matrix, "translation_from_matrix()")
     if center is None:
         return matrix[..., :2, 2].clone()
     return _center_shift(matrix, _as_center(center, matrix, "translation_from_matrix()"))
@@ -341,7 +351,7 @@ def translation_from_matrix(matrix: torch.Tensor, center: CenterLike | None = No
 
 def rigid_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """``(theta, tx, ty)``: the closest rotation, and the shift that ``matrix`` gives the centre."""
-    matrix = check_matrix(matrix, "rigid_from_matrix()", any_batch=True)
+    matrix = _checked_affine(matrix, "rigid_from_matrix()")
     center = _as_center(center, matrix, "rigid_from_matrix()")
     angle, _ = _closest_rotation(matrix)
     translation = _center_shift(matrix, center)
@@ -350,7 +360,7 @@ def rigid_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
 
 def similarity_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """``(theta, s, tx, ty)`` of the similarity closest to ``matrix`` about ``center``."""
-    matrix = check_matrix(matrix, "similarity_from_matrix()", any_batch=True)
+    matrix = _checked_affine(matrix, "similarity_from_matrix()")
     center = _as_center(center, matrix, "similarity_from_matrix()")
     angle, scale = _closest_rotation(matrix)
     translation = _center_shift(matrix, center)
@@ -363,7 +373,7 @@ def anisotropic_similarity_from_matrix(matrix: torch.Tensor, center: CenterLike)
     The angle is that of the closest rotation; ``sx, sy`` are the lengths of
     ``L``'s columns projected on ``R``'s columns.
     """
-    matrix = check_matrix(matrix, "anisotropic_similarity_from_matrix()", any_batch=True)
+    matrix = _checked_affine(matrix, "anisotropic_similarity_from_matrix()")
     center = _as_center(center, matrix, "anisotropic_similarity_from_matrix()")
     angle, _ = _closest_rotation(matrix)
     rot = rotation(angle)
@@ -375,7 +385,7 @@ def anisotropic_similarity_from_matrix(matrix: torch.Tensor, center: CenterLike)
 
 def affine_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """``(a00, a01, a10, a11, tx, ty)`` of ``matrix`` about ``center`` (exact)."""
-    matrix = check_matrix(matrix, "affine_from_matrix()", any_batch=True)
+    matrix = _checked_affine(matrix, "affine_from_matrix()")
     center = _as_center(center, matrix, "affine_from_matrix()")
     linear = matrix[..., :2, :2]
     translation = _center_shift(matrix, center)
