@@ -396,8 +396,14 @@ def test_image_geometry_matches_simpleitk(rng):
         ({"direction": ((1.0, 2.0), (2.0, 4.0))}, ValueError, r"'direction' must be invertible"),
         ({"direction": (1.0, 0.0, 0.0)}, ValueError, r"'direction' must have shape \(2, 2\) or \(4,\)"),
         ({"direction": ((1.0, math.inf), (0.0, 1.0))}, ValueError, r"'direction' contains NaN"),
-        ({"direction": "identity"}, TypeError, r"'direction' must be 2 x 2 numbers"),
-        ({"spacing": "1 1"}, TypeError, r"'spacing' must be numbers"),
+        ({"direction": "identity"}, TypeError, r"'direction' must be a tensor, an array or nested lists of real"),
+        ({"spacing": "1 1"}, TypeError, r"'spacing' must be a tensor, an array or nested lists of real numbers"),
+        # these were taken (strings and booleans as numbers, an imaginary part dropped), or failed deep inside
+        ({"direction": ("1", "0", "0", "1")}, TypeError, r"'direction' must be .* real numbers; got tuple of <U1"),
+        ({"direction": ((True, False), (False, True))}, TypeError, r"'direction' must be .*; got tuple of bool"),
+        ({"direction": np.eye(2) + 1j}, TypeError, r"'direction' must be .*; got ndarray of complex128"),
+        ({"direction": ((10 ** 400, 0), (0, 1))}, ValueError, r"'direction' has a value beyond float64's range"),
+        ({"spacing": (1e-320, 1.0)}, ValueError, r"'spacing' must be positive; got \(1e-320, 1.0\)"),
         ({"size": (3, 4)}, ValueError, r"'fixed_geometry' has unknown keys \['size'\]"),
         ((1.0, 1.0), TypeError, r"'fixed_geometry' must be an ImageGeometry"),
     ],
@@ -506,13 +512,13 @@ def test_singular_matrix_is_saved_with_a_warning(tmp_path):
         (dict(matrix=[[1, 0, 0], [0, 1, 0], [0.1, 0, 1]]), ValueError,
          r"'matrix' must be affine.*\[0\.1, 0\.0, 1\.0\]"),
         (dict(matrix=torch.eye(3, dtype=torch.complex64)), TypeError, r"'matrix' must be real"),
-        (dict(matrix="eye"), TypeError, r"'matrix' must be numbers"),
+        (dict(matrix="eye"), TypeError, r"'matrix' must be a tensor, an array or nested lists of real .*; got str"),
         (dict(matrix=[[1, 0], [0, 1, 0]]), TypeError, r"'matrix' must be a tensor, an array or nested lists"),
         (dict(transform=3), TypeError, r"'transform' must be a string or None; got int"),
         (dict(parameters=[1.0]), TypeError, r"'parameters' must be a dict"),
         (dict(parameters={1: 1.0}), TypeError, r"'parameters' names must be strings; got 1"),
         (dict(parameters={"a": math.inf}), ValueError, r"'parameters\['a'\]' contains NaN or Inf"),
-        (dict(parameters={"a": "x"}), TypeError, r"'parameters\['a'\]' must be numbers"),
+        (dict(parameters={"a": "x"}), TypeError, r"'parameters\['a'\]' must be a tensor, an array or nested lists"),
         (dict(center=(1.0, 2.0, 3.0)), ValueError, r"'center' must have shape \(2,\); got \(3,\)"),
         (dict(center=(1.0, math.nan)), ValueError, r"'center' contains NaN or Inf"),
         (dict(metadata=[("a", 1)]), TypeError, r"'metadata' must be a dict; got list"),
@@ -602,6 +608,26 @@ def _document(**changes) -> str:
         (_document(center="c"), r"\"center\" must be"),
         (_document(fixed_geometry={"spacing": [-1, 1]}),
          r"'fixed_geometry': ImageGeometry\(\): 'spacing' must be positive"),
+        # these were taken: strings and booleans as numbers, a version of true or 1.0, [] / "" / 0 as {}
+        (_document(matrix=[["1", "0", "0"], ["0", "1", "0"], ["0", "0", "1"]]),
+         r"\"matrix\" must be a 3 x 3 list of numbers .*; got \[\[\"1\""),
+        (_document(matrix=np.eye(3, dtype=bool).tolist()), r"\"matrix\" must be a 3 x 3 list of numbers"),
+        (_document(center=["1", "2"]), r"\"center\" must be \[cx, cy\] \(or one per matrix\); got \[\"1\", \"2\"\]"),
+        (_document(version=True), r"has version True; this tireg reads version 1"),
+        (_document(version=1.0), r"has version 1.0; this tireg reads version 1"),
+        (_document(parameters=[]), r"\"parameters\" must be an object; got \[\]"),
+        (_document(parameters=0), r"\"parameters\" must be an object; got 0"),
+        (_document(metadata=""), r"\"metadata\" must be an object; got ''"),
+        (_document(parameters={"angle": "abc"}), r"'parameters\['angle'\]' must be a tensor, an array or nested"),
+        # NaN and Infinity are no JSON, though Python's reader takes them
+        (_document(parameters={"angle": math.nan}), r"is not valid JSON: NaN is not a JSON number"),
+        (_document(metadata={"x": math.inf}), r"is not valid JSON: Infinity is not a JSON number"),
+        # these came from deep inside: OverflowError, json's digit limit, RecursionError
+        (_document(matrix=...)[:-1] + ', "matrix": [[1%s, 0, 0], [0, 1, 0], [0, 0, 1]]}' % ("0" * 400),
+         r"\"matrix\" must be a 3 x 3 list of numbers"),
+        (_document(matrix=...)[:-1] + ', "matrix": [[1%s, 0, 0], [0, 1, 0], [0, 0, 1]]}' % ("0" * 5000),
+         r"is not valid JSON: Exceeds the limit \(4300 digits\)"),
+        (_document()[:-1] + ', "metadata": {"x": %s}}' % ("[" * 100000 + "]" * 100000), r"is not valid JSON: nested"),
     ],
 )
 def test_load_json_errors(tmp_path, text, match):
@@ -659,3 +685,78 @@ def test_load_geometry_argument_errors(tmp_path):
     match = r"load_transform\(\): 'moving_geometry': ImageGeometry\(\): 'spacing' must be positive"
     with pytest.raises(ValueError, match=match):
         load_transform(path, moving_geometry={"spacing": (1.0, -1.0)})
+
+
+def test_strict_numbers_still_take_what_they_took(tmp_path):
+    """Integers beyond int64 (10**30 went through NumPy's object arrays and was called 'not real
+    numbers'), float16 arrays and tensors that require grad are numbers."""
+    matrix = [[10 ** 30, 0, 0], [0, 1, 0], [0, 0, 1]]
+    with pytest.warns(UserWarning, match="singular"):
+        path = save_transform(tmp_path / "big.json", matrix)
+    assert load_transform(path).matrix[0, 0] == 1e30
+    geometry = ImageGeometry(spacing=np.array([2, 3], dtype=np.float16), direction=torch.eye(2, requires_grad=True))
+    assert geometry.spacing == (2.0, 3.0) and geometry.direction == ((1.0, 0.0), (0.0, 1.0))
+    with pytest.raises(TypeError, match=r"^ImageGeometry.from_sitk\(\): expected a SimpleITK image; got ndarray"):
+        ImageGeometry.from_sitk(np.zeros((3, 3)))  # was an AttributeError
+
+
+def test_a_conversion_that_overflows_is_refused_and_leaves_the_file(tmp_path):
+    """A matrix that overflowed in physical units was written as 'Parameters: inf nan ...' over a
+    good file; read with such a geometry, a file gave a NaN matrix with only NumPy warnings."""
+    path = save_transform(tmp_path / "t.tfm", torch.eye(3))
+    before = path.read_text()
+    with pytest.raises(ValueError, match=r"^save_transform\(\): the matrix in physical units .* beyond float64's "
+                                         r"range; nothing was written"):
+        save_transform(path, [[1e308, 0, 0], [0, 1e308, 0], [0, 0, 1]], moving_geometry={"spacing": (10, 10)})
+    assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["t.tfm"]
+    large = save_transform(tmp_path / "large.tfm", [[1e300, 0, 0], [0, 1e300, 0], [0, 0, 1]])
+    with pytest.raises(ValueError, match=r"^load_transform\(\): '.*large.tfm': the transform in pixel units .* "
+                                         r"beyond float64's range"):
+        load_transform(large, moving_geometry={"spacing": (1e-300, 1.0)})
+
+
+def test_itk_round_trip_is_bit_identical_with_a_centre_and_geometry(tmp_path):
+    """The pixel matrix through physical units and back differed in the last bits (up to 5e-14); the
+    comment's record is returned while it still describes the file."""
+    generator = np.random.default_rng(5)
+    geometry = {"spacing": (0.3, 0.7), "origin": (-4.1, 2.9), "direction": ((0.6, -0.8), (0.8, 0.6))}
+    for index in range(20):
+        matrix = np.eye(3)
+        matrix[:2] += generator.normal(size=(2, 3)) * (0.2, 0.2, 9.0)
+        center = generator.normal(size=2) * 30
+        path = save_transform(tmp_path / f"t{index}.tfm", matrix, center=center, fixed_geometry=geometry,
+                              moving_geometry=geometry)
+        loaded = load_transform(path, fixed_geometry=geometry, moving_geometry=geometry)
+        assert np.array_equal(loaded.matrix.numpy(), matrix) and np.array_equal(loaded.center.numpy(), center)
+    other = load_transform(path)  # another geometry: the ITK lines' matrix, converted, not the record
+    assert not np.allclose(other.matrix.numpy(), matrix)
+    # no centre recorded: ITK's (0, 0) as read, and the kind still restored
+    plain = load_transform(save_transform(tmp_path / "plain.tfm", matrix, transform="affine", parameters={"p": 1.0}))
+    assert np.array_equal(plain.matrix.numpy(), matrix) and plain.transform == "affine"
+    assert plain.parameters == {"p": 1.0} and plain.center.tolist() == [0.0, 0.0]
+
+
+def test_damaged_comment_only_loses_the_provenance(tmp_path):
+    path = save_transform(tmp_path / "t.tfm", torch.eye(3), transform="rigid", parameters={"angle": 0.0})
+    text = path.read_text()
+    for damage in ('{"matrix": [[1%s, 0, 0]]}' % ("0" * 5000), '{"metadata": %s}' % ("[" * 100000 + "]" * 100000),
+                   '{"matrix": [[1e999, 0, 0], [0, 1, 0], [0, 0, 1]], "transform": "x"}'):
+        damaged = write(tmp_path / "d.tfm", "\n".join(
+            "#tireg: " + damage if line.startswith("#tireg:") else line for line in text.splitlines()))
+        loaded = load_transform(damaged)
+        assert torch.equal(loaded.matrix, torch.eye(3, dtype=torch.float64))
+        assert loaded.transform == "AffineTransform_double_2_2" and loaded.parameters == {}
+
+
+def test_metadata_that_json_cannot_write_is_named(tmp_path):
+    looped: dict = {}
+    looped["self"] = looped
+    cases = [
+        (looped, ValueError, r"'metadata' is nested too deeply, or contains itself"),
+        ({"n": 10 ** 5000}, ValueError, r"'metadata'\['n'\] is an integer of more than 4300 digits"),
+        ({"t": torch.zeros(2, device="meta")}, TypeError, r"'metadata'\['t'\] is a meta tensor"),
+    ]
+    for metadata, error, match in cases:
+        with pytest.raises(error, match=r"^save_transform\(\): " + match):
+            save_transform(tmp_path / "m.json", torch.eye(3), metadata=metadata)
+    assert list(tmp_path.iterdir()) == []

@@ -45,7 +45,9 @@ Formats, chosen by the file's suffix:
   ITK skips.
 
 Floats are written with Python's shortest round-trip ``repr`` (what ITK's
-own writer does), so a value read back is bit-identical.  Files are written
+own writer does), so a value read back is bit-identical; a pixel matrix
+that went through physical units comes back from the ``#tireg:`` comment's
+record, also bit-identical, while the ITK lines still give it.  Files are written
 atomically: to a temporary file in the same folder, then ``os.replace``.
 """
 
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import warnings
@@ -125,10 +128,7 @@ class ImageGeometry:
         caller = "ImageGeometry()"
         spacing = _float_vector(self.spacing, 2, "spacing", caller)
         origin = _float_vector(self.origin, 2, "origin", caller)
-        try:
-            direction = np.asarray(self.direction, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise TypeError(f"{caller}: 'direction' must be 2 x 2 numbers; got {self.direction!r}") from None
+        direction = _as_float_array(self.direction, "direction", caller)  # the checks spacing and origin get
         if direction.shape == (4,):
             direction = direction.reshape(2, 2)
         if direction.shape != (2, 2):
@@ -137,7 +137,8 @@ class ImageGeometry:
             )
         if not np.isfinite(direction).all():
             raise ValueError(f"{caller}: 'direction' contains NaN or Inf values")
-        if not (spacing > 0).all():
+        # a subnormal spacing has no finite inverse: pixel <-> physical conversions gave NaN and Inf
+        if not (spacing >= np.finfo(np.float64).tiny).all():
             raise ValueError(f"{caller}: 'spacing' must be positive; got {tuple(spacing.tolist())}")
         if abs(np.linalg.det(direction)) < 1e-12:
             raise ValueError(f"{caller}: 'direction' must be invertible; got {direction.tolist()}")
@@ -148,6 +149,8 @@ class ImageGeometry:
     @classmethod
     def from_sitk(cls, image: Any) -> "ImageGeometry":
         """Geometry of a 2-D SimpleITK image (``GetSpacing``, ``GetOrigin``, ``GetDirection``)."""
+        if not all(hasattr(image, name) for name in ("GetSpacing", "GetOrigin", "GetDirection")):
+            raise TypeError(f"ImageGeometry.from_sitk(): expected a SimpleITK image; got {type(image).__name__}")
         spacing = tuple(image.GetSpacing())
         if len(spacing) != 2:
             raise ValueError(f"ImageGeometry.from_sitk(): the image must be 2-D; got {len(spacing)} dimensions")
@@ -247,23 +250,37 @@ def _float_vector(value: Any, size: int, name: str, caller: str) -> np.ndarray:
 
 
 def _as_float_array(value: Any, name: str, caller: str) -> np.ndarray:
-    """A tensor, array or nested list of real numbers as a float64 NumPy array."""
+    """A tensor, array or nested list of real numbers as a float64 NumPy array.
+
+    Strict where NumPy is lenient: strings (``"1"``), booleans and complex numbers are refused,
+    not converted; a Python integer beyond float64's range is a ``ValueError``, not an
+    ``OverflowError`` from deep inside.
+    """
     if isinstance(value, torch.Tensor):
-        if value.is_complex():
-            raise TypeError(f"{caller}: '{name}' must be real; got {value.dtype}")
+        if value.is_meta:
+            raise TypeError(f"{caller}: '{name}' is a meta tensor, which holds no values")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{caller}: '{name}' must be real numbers; got {value.dtype}")
         return value.detach().to(device="cpu", dtype=torch.float64).numpy()
+    expected = f"{caller}: '{name}' must be a tensor, an array or nested lists of real numbers"
     if isinstance(value, (str, bytes)):
-        raise TypeError(f"{caller}: '{name}' must be numbers; got {type(value).__name__}")
+        raise TypeError(f"{expected}; got {type(value).__name__}")
     try:
         array = np.asarray(value)
-        if array.dtype.kind not in "biuf":
-            raise TypeError
-        return array.astype(np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"{caller}: '{name}' must be a tensor, an array or nested lists of real numbers; "
-            f"got {type(value).__name__}"
-        ) from None
+    except (TypeError, ValueError):  # ragged lists
+        raise TypeError(f"{expected}, all rows of one length; got {type(value).__name__}") from None
+    if array.dtype == object:  # Python integers beyond int64, or entries that are not numbers
+        odd = next((item for item in array.reshape(-1)
+                    if not isinstance(item, numbers.Real) or isinstance(item, bool)), None)
+        if odd is not None:
+            raise TypeError(f"{expected}; got an entry {odd!r}")
+        try:
+            return array.astype(np.float64)
+        except OverflowError:
+            raise ValueError(f"{caller}: '{name}' has a value beyond float64's range") from None
+    if array.dtype.kind not in "iuf":
+        raise TypeError(f"{expected}; got {type(value).__name__} of {array.dtype}")
+    return array.astype(np.float64)
 
 
 def _check_matrix(array: np.ndarray, prefix: str) -> np.ndarray:
@@ -309,6 +326,10 @@ def _jsonable(value: Any, where: str, caller: str) -> Any:
     if value is None or isinstance(value, (str, bool)):
         return value
     if isinstance(value, int):
+        try:
+            str(value)  # what json.dumps does; Python refuses more than 4300 digits
+        except ValueError:
+            raise ValueError(f"{caller}: {where} is an integer of more than 4300 digits") from None
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -316,6 +337,8 @@ def _jsonable(value: Any, where: str, caller: str) -> Any:
         return value
     if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
         if isinstance(value, torch.Tensor):
+            if value.is_meta:
+                raise TypeError(f"{caller}: {where} is a meta tensor, which holds no values")
             value = value.detach().cpu().numpy()
         array = np.asarray(value)
         if array.dtype.kind in "biuf":
@@ -446,7 +469,10 @@ def save_transform(
     center_array = _check_center(center, array.shape[0] if array.ndim == 3 else None, caller)
     if metadata is not None and not isinstance(metadata, Mapping):
         raise TypeError(f"{caller}: 'metadata' must be a dict; got {type(metadata).__name__}")
-    meta = _jsonable(dict(metadata or {}), "'metadata'", caller)
+    try:
+        meta = _jsonable(dict(metadata or {}), "'metadata'", caller)
+    except RecursionError:
+        raise ValueError(f"{caller}: 'metadata' is nested too deeply, or contains itself") from None
     fixed = _as_geometry(fixed_geometry, "fixed_geometry", caller)
     moving = _as_geometry(moving_geometry, "moving_geometry", caller)
     if not overwrite and path.exists():
@@ -477,7 +503,7 @@ def save_transform(
             array = array[0]
             if center_array is not None and center_array.ndim == 2:
                 center_array = center_array[0]
-        text = _itk_text(array, center_array, fixed, moving, transform, params, meta)
+        text = _itk_text(array, center_array, fixed, moving, transform, params, meta, caller)
     _atomic_write(path, text, overwrite, caller)
     return path
 
@@ -490,15 +516,22 @@ def _itk_text(
     transform: Optional[str],
     parameters: dict[str, Any],
     metadata: dict[str, Any],
+    caller: str,
 ) -> str:
-    """ITK text for one pixel matrix, in physical units, with a ``#tireg:`` comment."""
+    """ITK text for one pixel matrix, in physical units, with a ``#tireg:`` comment that records
+    the pixel matrix and centre as given (read back bit for bit while they still describe the file)."""
     fixed_matrix = _geometry_matrix(fixed)
-    physical = _geometry_matrix(moving) @ array @ np.linalg.inv(fixed_matrix)
-    linear, offset = physical[:2, :2], physical[:2, 2]
-    center_physical = np.zeros(2) if center is None else (fixed_matrix @ np.append(center, 1.0))[:2]
-    translation = offset - center_physical + linear @ center_physical
-    comment = {"transform": transform, "parameters": parameters, "metadata": metadata, "matrix": array.tolist()}
+    with np.errstate(all="ignore"):  # an overflow is refused below, by name
+        physical = _geometry_matrix(moving) @ array @ np.linalg.inv(fixed_matrix)
+        linear, offset = physical[:2, :2], physical[:2, 2]
+        center_physical = np.zeros(2) if center is None else (fixed_matrix @ np.append(center, 1.0))[:2]
+        translation = offset - center_physical + linear @ center_physical
     values = [*linear.reshape(-1), *translation]
+    if not np.isfinite([*values, *center_physical]).all():
+        raise ValueError(f"{caller}: the matrix in physical units (the geometries' spacing and origin applied) "
+                         "is beyond float64's range; nothing was written")
+    comment = {"transform": transform, "parameters": parameters, "metadata": metadata, "matrix": array.tolist(),
+               "center": None if center is None else center.tolist()}
     return "\n".join(
         [
             _ITK_HEADER,
@@ -612,36 +645,29 @@ def _read_json(
 ) -> TransformFile:
     where = f"{caller}: {str(path)!r}"
     try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
+        document = _parse_json(text)
+    except ValueError as error:  # JSONDecodeError, NaN or Infinity, an integer of over 4300 digits
         raise ValueError(f"{where} is not valid JSON: {error}") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
         raise ValueError(f"{where} is not a tireg transform document (no \"format\": \"{FORMAT_NAME}\")")
     version = document.get("version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # not true, not 1.0
         raise ValueError(f"{where} has version {version!r}; this tireg reads version {FORMAT_VERSION}")
     if "matrix" not in document:
         raise ValueError(f"{where} has no \"matrix\"")
-    try:
-        array = np.asarray(document["matrix"], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: \"matrix\" must be a 3 x 3 list of numbers (or a list of them)") from None
-    array = _check_matrix(array, f"{where}: \"matrix\"")
+    array = _check_matrix(_json_numbers(document["matrix"], "matrix", "a 3 x 3 list of numbers (or a list of them)",
+                                        where), f"{where}: \"matrix\"")
     transform = document.get("transform")
     if transform is not None and not isinstance(transform, str):
         raise ValueError(f"{where}: \"transform\" must be a string or null; got {transform!r}")
-    parameters = document.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise ValueError(f"{where}: \"parameters\" must be an object; got {parameters!r}")
-    metadata = document.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        raise ValueError(f"{where}: \"metadata\" must be an object; got {metadata!r}")
+    parameters, metadata = (_json_object(document, key, where) for key in ("parameters", "metadata"))
+    try:
+        parameters = _check_parameters(parameters, where)
+    except (TypeError, ValueError) as error:
+        raise ValueError(str(error)) from None
     center = document.get("center")
     if center is not None:
-        try:
-            center = np.asarray(center, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: \"center\" must be [cx, cy] (or one per matrix)") from None
+        center = _json_numbers(center, "center", "[cx, cy] (or one per matrix)", where)
         shapes = [(2,)] if array.ndim == 2 else [(2,), (array.shape[0], 2)]
         if center.shape not in shapes or not np.isfinite(center).all():
             raise ValueError(
@@ -668,6 +694,36 @@ def _read_json(
         metadata=metadata,
         **recorded,
     )
+
+
+def _parse_json(text: str) -> Any:
+    """``json.loads``, refusing what Python's reader takes but JSON has not (NaN, Infinity) and
+    turning a ``RecursionError`` (arrays nested thousands deep) into a ``ValueError``."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not a JSON number")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _json_numbers(value: Any, key: str, expected: str, where: str) -> np.ndarray:
+    """A document's numbers (``"matrix"``, ``"center"``) as float64; strings and booleans refused."""
+    try:
+        return _as_float_array(value, key, where)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: \"{key}\" must be {expected}; got {json.dumps(value)[:80]}") from None
+
+
+def _json_object(document: dict, key: str, where: str) -> dict:
+    """``document[key]``: an object, or ``{}`` where it is absent or null (``[]``, ``""``, ``0`` are refused)."""
+    value = document.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: \"{key}\" must be an object; got {value!r}")
+    return value
 
 
 # ITK types: name -> (number of parameters, allowed numbers of fixed parameters, builder).
@@ -722,8 +778,8 @@ def _read_itk(
             continue
         if line.startswith(_TIREG_COMMENT):
             try:
-                comment = json.loads(line[len(_TIREG_COMMENT):])
-            except json.JSONDecodeError:
+                comment = _parse_json(line[len(_TIREG_COMMENT):])
+            except ValueError:
                 comment = None  # a damaged comment only loses the provenance
             continue
         if line.startswith("#"):
@@ -781,11 +837,15 @@ def _read_itk(
         center_physical = None
 
     fixed_matrix = _geometry_matrix(fixed)
-    array = np.linalg.solve(_geometry_matrix(moving), physical @ fixed_matrix)
-    array[2] = (0.0, 0.0, 1.0)
-    center = None
-    if center_physical is not None:
-        center = np.linalg.solve(fixed_matrix, np.append(center_physical, 1.0))[:2]
+    with np.errstate(all="ignore"):  # an overflow is refused below, by name
+        array = np.linalg.solve(_geometry_matrix(moving), physical @ fixed_matrix)
+        array[2] = (0.0, 0.0, 1.0)
+        center = None
+        if center_physical is not None:
+            center = np.linalg.solve(fixed_matrix, np.append(center_physical, 1.0))[:2]
+    if not np.isfinite(array).all() or (center is not None and not np.isfinite(center).all()):
+        raise ValueError(f"{where}: the transform in pixel units (the geometries' spacing and origin applied) "
+                         "is beyond float64's range")
 
     raw_blocks = [
         {
@@ -797,7 +857,8 @@ def _read_itk(
     ]
     transform, parameters, metadata = blocks[0].type, {}, {"itk_transforms": raw_blocks}
     if isinstance(comment, dict):
-        transform, parameters, metadata = _restore_comment(comment, array, (transform, parameters, metadata))
+        transform, parameters, metadata, array, center = _restore_comment(
+            comment, (transform, parameters, metadata, array, center))
     return TransformFile(
         matrix=torch.from_numpy(array),
         transform=transform,
@@ -863,25 +924,39 @@ def _itk_block_matrix(block: _Block, kind: str, where: str) -> tuple[np.ndarray,
     return matrix, center
 
 
-def _restore_comment(comment: dict, array: np.ndarray, default: tuple) -> tuple:
-    """``(transform, parameters, metadata)`` from a ``#tireg:`` comment, if it still describes the file.
+def _restore_comment(comment: dict, read: tuple) -> tuple:
+    """``(transform, parameters, metadata, matrix, center)`` from a ``#tireg:`` comment where it
+    still describes the file, else ``read``'s (what the ITK lines gave).
 
-    The comment records the pixel matrix it was written with.  Kind and
-    parameters are restored only when the matrix read from the ITK lines is
-    that matrix (same geometry, file not edited); metadata always.
+    The comment records the pixel matrix (and centre) it was written with.  Where the matrix
+    read from the ITK lines is that matrix to rounding (same geometry, file not edited), the
+    recorded matrix and centre are returned, bit for bit as saved (the round trip through
+    physical units differs in the last bits), with the kind and parameters; metadata always.
     """
-    metadata = comment.get("metadata")
-    metadata = metadata if isinstance(metadata, dict) else default[2]
+    transform, parameters, metadata, array, center = read
+    if isinstance(comment.get("metadata"), dict):
+        metadata = comment["metadata"]
+    recorded = _recorded(comment.get("matrix"), (3, 3), array)
+    if recorded is None:
+        return transform, parameters, metadata, array, center
+    if center is not None and comment.get("center") is not None:  # none recorded: ITK's (0, 0) as read
+        recorded_center = _recorded(comment["center"], (2,), center)
+        center = center if recorded_center is None else recorded_center
+    recorded_kind = comment.get("transform")
     try:
-        recorded = np.asarray(comment.get("matrix"), dtype=np.float64)
+        recorded_parameters = _check_parameters(comment.get("parameters"), "")
     except (TypeError, ValueError):
-        return default[0], default[1], metadata
-    if recorded.shape != (3, 3) or not np.allclose(array, recorded, rtol=1e-9, atol=_COMMENT_ATOL):
-        return default[0], default[1], metadata
-    transform = comment.get("transform")
-    parameters = comment.get("parameters")
-    return (
-        transform if isinstance(transform, str) or transform is None else default[0],
-        parameters if isinstance(parameters, dict) else default[1],
-        metadata,
-    )
+        recorded_parameters = parameters
+    return (recorded_kind if isinstance(recorded_kind, str) or recorded_kind is None else transform,
+            recorded_parameters, metadata, recorded, center)
+
+
+def _recorded(value: Any, shape: tuple, read: np.ndarray) -> Optional[np.ndarray]:
+    """A ``#tireg:`` comment's ``value`` as float64 of ``shape`` if it equals ``read`` to rounding, else ``None``."""
+    try:
+        recorded = _as_float_array(value, "", "")
+    except (TypeError, ValueError):
+        return None
+    if recorded.shape != shape or not np.isfinite(recorded).all():
+        return None
+    return recorded if np.allclose(read, recorded, rtol=1e-9, atol=_COMMENT_ATOL) else None
