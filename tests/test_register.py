@@ -115,6 +115,9 @@ def test_fixed_mask_excludes_an_occluder():
     mask[20:110, 30:120] = False
     masked = tireg.register(occluded, moving, transform="rigid", mask=mask, init="identity")
     assert grid_error(masked.matrix, truth, fixed.shape) < 0.1
+    # nonzero counts, as documented and as the CLI reads mask files (a value of -2 was outside)
+    negative = tireg.register(occluded, moving, transform="rigid", mask=mask * -2.0, init="identity")
+    assert torch.equal(negative.matrix, masked.matrix)
     unmasked = tireg.register(occluded, moving, transform="rigid", init="identity")
     assert grid_error(unmasked.matrix, truth, fixed.shape) > 2 * grid_error(masked.matrix, truth, fixed.shape)
 

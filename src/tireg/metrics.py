@@ -17,7 +17,7 @@ a constant (which fixed pixels count changes only by whole pixels).
 =================================  ==========================================================
 metric                             cost
 =================================  ==========================================================
-:class:`PerPixelMetric` (loss)     ``sum w rho(x - y) / sum w`` (or the plain sum)
+:class:`PerPixelMetric` (loss)     ``sum_c sum w rho(x - y) / (C sum w)`` (or the plain sum)
 :class:`NCC`                       ``1 - ncc`` (``sign="positive"``) or ``1 - ncc^2`` (``"any"``)
 :class:`LocalNCC`                  the same per window of ``(2 r + 1)^2`` pixels, averaged
 :class:`MutualInformation`         ``-MI`` from a Parzen (cubic B-spline) joint histogram (Mattes)

@@ -221,6 +221,11 @@ class TransformModel(nn.Module):
         if isinstance(value, str) or not isinstance(value, (numbers.Real, Sequence, torch.Tensor, np.ndarray)):
             raise TypeError(f"{caller}: 'value' must be a number, a sequence or a tensor; got {type(value).__name__}")
         param = self.p[i]
+        if not isinstance(value, torch.Tensor):  # solved in float64: as float32 first, 0.1 on a float64
+            try:                                   # model was off by 1.5e-9 (4e-8 through a sigmoid)
+                value = torch.as_tensor(value, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"{caller}: 'value' must be numbers; got {value!r}") from None
         raw = mapping.solve(value).to(dtype=param.dtype, device=param.device)  # raises before anything changes
         if raw.dim() == 0 or raw.numel() == 1:
             raw = raw.reshape(1).expand(param.shape).clone()
@@ -792,9 +797,15 @@ def create_model(
         moving: ``(B, C, H, W)``; sets the batch size, dtype, device and
             default centre ``((W-1)/2, (H-1)/2)``.
         gradients: ``"analytic"`` or ``"autograd"``.
+        center: ``(cx, cy)`` in pixels, the centre of rotation and scale
+            (default: ``moving``'s centre).
+        padding_mode, interpolation: as :class:`TransformModel`'s
+            ``bordermode`` and ``interpolation``.
         loss: per-pixel loss for the analytic model (the autograd model's
             loss is whatever the caller sums).
         metric: a :mod:`tireg.metrics` metric for the analytic model instead of ``loss``.
+        image_gradient, sigma: the analytic model's moving-image gradient
+            (:class:`AffineModelAnalytic`).
         compile: the analytic model's compiled fast path: ``"auto"`` (default),
             ``True`` or ``False`` (:class:`AffineModelAnalytic`); an autograd
             model takes only ``"auto"`` or ``False``.

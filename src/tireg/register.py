@@ -173,8 +173,8 @@ class RegistrationResult:
         parameter_values: ``(B, P)`` in natural units (radians, scale, pixels)
             about :attr:`center`.
         center: the centre of rotation and scale, the fixed image's centre.
-        cost: ``(B,)`` final cost: mean per-pixel loss over the valid pixels
-            of the finest level.
+        cost: ``(B,)`` final cost at the finest level: the mean per-pixel loss
+            over the valid pixels, or the metric's cost (``1 - NCC``, ``-MI``, ...).
         iterations: ``(B,)`` iterations over all levels.
         converged: ``(B,)`` bool; a pair that did not converge is a status, not an error.
         stop_reason: per pair, a key of :data:`STOP_REASONS`.
@@ -411,7 +411,7 @@ def _as_mask(mask: Optional[ImageLike], image: torch.Tensor, name: str) -> Optio
         )
     if tensor.shape[1] != 1:
         raise ValueError(f"register(): '{name}' must have one channel; got {tensor.shape[1]}")
-    tensor = (tensor > 0).to(image.dtype).to(image.device)
+    tensor = (tensor != 0).to(image.dtype).to(image.device)  # nonzero, as documented and as the CLI reads masks
     if tensor.shape[0] not in (1, image.shape[0]):
         raise ValueError(f"register(): '{name}' has {tensor.shape[0]} masks for {image.shape[0]} images")
     if bool((tensor.flatten(1).sum(1) < 16).any()):
@@ -1180,8 +1180,8 @@ def register(
             modalities: ``"ncc"`` (expects a positive correlation),
             ``"ncc_any"`` (either sign: inverted contrast too), ``"lncc"``,
             ``"mi"`` (Mattes), ``"nmi"`` (Studholme), or an instance.
-        optimizer: ``"auto"`` (default): Gauss-Newton for a per-pixel loss,
-            L-BFGS otherwise; ``"gauss-newton"`` (Levenberg-Marquardt on the
+        optimizer: ``"auto"`` (default): Gauss-Newton for a per-pixel loss
+            with analytic gradients, L-BFGS otherwise; ``"gauss-newton"`` (Levenberg-Marquardt on the
             analytic Jacobian, robust losses by IRLS); or ``"adam"``,
             ``"lbfgs"``, ``"sgd"`` (``torch.optim``, on parameters scaled so
             that a unit moves the image by about one pixel).
@@ -1196,6 +1196,8 @@ def register(
             ``"moments"``, ``"phase"``, ``"fourier-mellin"``, ``"search"``),
             or a ``(3, 3)`` / ``(B, 3, 3)`` fixed -> moving pixel matrix.
         device: where to compute (default: the fixed image's device).
+            When ``transform`` is a model, leave ``init`` out: the model's
+            matrix is the start.
         callback: called with an :class:`IterationState` after every
             iteration; raising ``StopIteration`` stops (status ``"callback"``).
         max_iterations: per level (default 50 for Gauss-Newton, 300 otherwise).
@@ -1204,6 +1206,14 @@ def register(
             (at a coarse level, ``factor > 1``, at least
             :data:`COARSE_TOLERANCE` level pixels: the next level refines it).
         interpolation: ``"bilinear"`` or ``"bicubic"``.
+        normalize: ``True`` (default): each image and channel is brought to
+            zero mean and unit deviation (over its mask) before a per-pixel
+            loss compares them, so gain and offset drop out; ``False``
+            compares the intensities as given (the metrics are invariant
+            either way).
+        optimizer_options: keyword arguments of the ``torch.optim``
+            optimiser (``"adam"``, ``"lbfgs"``, ``"sgd"``), e.g.
+            ``{"lr": 0.05}``, over tireg's defaults; Gauss-Newton takes none.
         compile: ``True``: evaluate the cost, gradient and Gauss-Newton
             matrix with the compiled fused kernel (:mod:`tireg.fused`), one
             pass over the pixels instead of a dozen operations; it applies
