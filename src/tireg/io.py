@@ -1,6 +1,7 @@
 """Image files for the ``tireg`` command: read, convert, write back the same way.
 
-Formats, chosen by the file's suffix (case-insensitive):
+Formats, chosen by the file's suffix (case-insensitive); a PNG or JPEG file is
+checked as what its content is (a PNG named ``.jpg`` is read as a PNG):
 
 ======================  =====================  ==========================================
 suffix                  read with              kept on writing
@@ -24,7 +25,8 @@ dtype, whether grey had a channel axis, TIFF photometric -- travels in an
 :class:`ImageFormat`.  Every write goes to a temporary file in the
 destination's folder and is moved into place with ``os.replace``, so a
 failed write leaves no file behind and never a half-written one
-(:func:`atomic_path`, :class:`OutputFiles`).
+(:func:`atomic_path`, :class:`OutputFiles`); data no file holds as it is (NaN,
+Inf, complex, no pixels) is refused before anything is written.
 
 The optional packages (``imageio``, ``tifffile``) are imported when a file
 needs them; a missing one raises :class:`MissingDependencyError` naming
@@ -256,24 +258,30 @@ def _png_header(path: Path) -> tuple[int, int]:
     return head[24], head[25]
 
 
+#: tireg's format kind of what Pillow's ``Image.format`` detects.
+_PILLOW_KINDS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg"}
+
+
 def _read_pillow(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarray, ImageFormat]:
     iio = require("imageio.v3", f"reading {kind.upper()} files")
-    if kind == "png":
-        depth, colour = _png_header(path)
-        if depth == 16 and colour in (2, 4, 6):
-            raise ImageError(
-                f"{what} {str(path)!r} is a 16-bit colour PNG, which Pillow reads as 8 bits; "
-                "save it as a 16-bit TIFF (or as grey) instead"
-            )
+    # Pillow reads a file by its content, whatever its suffix: so do these checks (a 16-bit PNG or an
+    # animated GIF named .jpg was read as 8 bits, or as its first frame, silently)
+    depth, colour = _png_header(path)
+    if depth == 16 and colour in (2, 4, 6):
+        raise ImageError(
+            f"{what} {str(path)!r} is a 16-bit colour PNG, which Pillow reads as 8 bits; "
+            "save it as a 16-bit TIFF (or as grey) instead"
+        )
     try:
         from PIL import Image  # imageio's own reader of PNG and JPEG
 
         with Image.open(path) as opened:
-            mode, count = opened.mode, getattr(opened, "n_frames", 1)
-        if count > 1 and kind == "png":  # an animated PNG: its first frame was taken silently (a JPEG
-            # with several pictures, MPO, holds a preview or depth map after its main one: frame 0 is right)
-            raise ImageError(f"{what} {str(path)!r} is an animation of {count} frames; tireg reads one image from a "
-                             f"{kind.upper()} (save the frames as a multi-page TIFF or a folder for 'tireg stack')")
+            mode, count, content = opened.mode, getattr(opened, "n_frames", 1), opened.format
+        if count > 1 and content != "MPO":  # an animated PNG, GIF or WebP: its first frame was taken silently
+            # (a JPEG with several pictures, MPO, holds a preview or depth map after its main one: frame 0 is right)
+            raise ImageError(f"{what} {str(path)!r} is an animation of {count} frames ({content}); tireg reads one "
+                             "image from it (save the frames as a multi-page TIFF or a folder for 'tireg stack')")
+        kind = _PILLOW_KINDS.get(content, kind)
         # Pillow only (imageio tried other plugins on a bad file and reported theirs); the EXIF
         # orientation applied, as viewers show the image; CMYK, Lab and YCbCr as RGB (their four
         # or three samples are not RGB(A): a CMYK JPEG registered as RGBA)
@@ -310,12 +318,10 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
             series = tif.series
             if not series:
                 raise ImageError(f"{what} {str(path)!r} holds no image")
-            axes = series[0].axes
-            if len(series) > 1 and all(s.shape == series[0].shape and s.axes == axes for s in series):
-                data = np.stack([s.asarray() for s in series])  # pages written one by one
-                axes = "Q" + axes
+            if len(series) == 1:
+                data, axes = series[0].asarray(), series[0].axes
             else:
-                data = series[0].asarray()
+                data, axes = _tiff_pages(tif, path, what)
             photometric = getattr(tif.pages[0], "photometric", None)
             compression = getattr(getattr(tif.pages[0], "compression", None), "name", "")
     except ImageError:
@@ -352,6 +358,31 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
     channels = data.shape[-1] if channel_axes else 1
     data = data.reshape(count, height, width, channels)
     return data, ImageFormat(kind, data.dtype, bool(channel_axes), photometric if channel_axes else "minisblack")
+
+
+def _tiff_pages(tif, path: Path, what: str) -> tuple[np.ndarray, str]:
+    """Every page of a TIFF that tifffile splits into several series, in page order, as frames.
+
+    tifffile makes a series of each run of pages written one by one, and groups pages that differ
+    (in size or dtype) into series by kind, not by order: reading its first series lost pages.
+    """
+    # a reduced page is a thumbnail or a pyramid level of another page, not a frame
+    pages = [page for page in tif.pages if not getattr(page, "is_reduced", False)]
+    first = pages[0]
+    for page in pages:
+        if (page.shape, page.axes) != (first.shape, first.axes):
+            raise ImageError(
+                f"{what} {str(path)!r} has pages of different sizes: page {page.index} is {_page_size(page)}, "
+                f"page {first.index} is {_page_size(first)}; tireg reads the pages of a TIFF as frames of one size"
+            )
+    return np.stack([page.asarray() for page in pages]), "Q" + first.axes
+
+
+def _page_size(page) -> str:
+    """``'48 x 48'`` or ``'48 x 48 with 3 samples'`` (W x H) of a TIFF page."""
+    size = dict(zip(page.axes, page.shape))
+    samples = size.get("S", 1)
+    return f"{size.get('X')} x {size.get('Y')}" + (f" with {samples} samples" if samples > 1 else "")
 
 
 def _read_npy(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarray, ImageFormat]:
@@ -465,14 +496,26 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
     Float frames are converted to ``image_format.dtype`` (:func:`convert_dtype`).
     Grey is written without a channel axis unless ``image_format.channel_axis``;
     ``N = 1`` without a frame axis.  Written atomically (:func:`atomic_path`).
+
+    Raises:
+        ImageError: before anything is written, naming ``path``: an unsupported
+            suffix, NaN, Inf or complex values, no pixels, values beyond the
+            range of a float ``image_format.dtype``, or frames the format
+            cannot hold.
+        OSError: a destination that cannot be written (:func:`atomic_path`).
     """
     path = Path(os.fspath(path))
     kind = format_for_path(path, what="output")
     frames = np.asarray(frames)
     if frames.ndim != 4:
         raise ValueError(f"write_frames(): 'frames' must be (N, H, W, C); got shape {frames.shape}")
+    _check_values(frames, path)
     _check_writable(kind, frames, image_format, path)
-    data = convert_dtype(frames, image_format.dtype) if frames.dtype != image_format.dtype else frames
+    with np.errstate(over="ignore"):  # reported below, naming the file
+        data = convert_dtype(frames, image_format.dtype) if frames.dtype != image_format.dtype else frames
+    if data is not frames and data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise ImageError(f"cannot write {str(path)!r}: the image holds values beyond the range of {data.dtype} "
+                         f"(+-{np.finfo(data.dtype).max:.4g}); write a wider float type")
     if data.dtype == np.bool_ and kind != "npy":
         data = data.astype(np.uint8) * 255
     if not image_format.channel_axis and data.shape[-1] == 1:
@@ -502,9 +545,29 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
     return path
 
 
+def _check_values(frames: np.ndarray, path: Path) -> None:
+    """:class:`ImageError` for frames that no file holds as they are (a cast hid these: NaN became 0,
+    Inf the type's end, complex its real part; an empty array made an unreadable file)."""
+    if frames.dtype.kind == "c":
+        raise ImageError(f"cannot write {str(path)!r}: the image holds complex values; write their real part "
+                         "or magnitude")
+    if frames.dtype.kind not in "biuf":
+        raise ImageError(f"cannot write {str(path)!r}: the image holds values of type {frames.dtype}; "
+                         "expected integers or floats")
+    count, height, width, channels = frames.shape
+    if frames.size == 0:
+        raise ImageError(f"cannot write {str(path)!r}: the image is empty ({width} x {height} pixels, "
+                         f"{channels} channel(s), {count} frame(s))")
+    if frames.dtype.kind == "f" and not np.isfinite(frames).all():
+        raise ImageError(f"cannot write {str(path)!r}: the image holds NaN or Inf values")
+
+
 def write_image(path: PathLike, image: np.ndarray, image_format: ImageFormat) -> Path:
     """Write one ``(H, W, C)`` image (see :func:`write_frames`)."""
-    return write_frames(path, np.asarray(image)[None], image_format)
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise ValueError(f"write_image(): 'image' must be (H, W, C); got shape {image.shape}")
+    return write_frames(path, image[None], image_format)
 
 
 # ----------------------------------------------------------------------------
@@ -512,8 +575,37 @@ def write_image(path: PathLike, image: np.ndarray, image_format: ImageFormat) ->
 
 
 def _temporary_name(path: Path) -> Path:
-    """A hidden name beside ``path`` that keeps its suffix (writers choose the format by it)."""
-    return path.parent / f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}"
+    """A hidden name beside ``path`` that keeps its suffix (writers may choose the format by it).
+
+    Its length does not grow with ``path``'s name: the name of a file that may be written can be
+    as long as the file system allows (the stem with 14 characters added was too long).
+    """
+    return path.parent / f".tireg-{secrets.token_hex(4)}.tmp{path.suffix}"
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name, in bytes, that ``folder`` takes."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or no answer
+        return 255
+
+
+def _check_destination(path: Path, prefix: str = "", *, folder: bool = False) -> None:
+    """Raise, naming ``path``, for a destination that the final move would refuse naming a temporary file.
+
+    A parent that is a file, a name too long, or (unless ``folder``) an existing folder at ``path``.
+    """
+    nearest = next((parent for parent in path.parents if parent.exists()), None)
+    if nearest is not None and not nearest.is_dir():
+        raise NotADirectoryError(f"{prefix}cannot write {str(path)!r}: {str(nearest)!r} is a file, not a folder")
+    limit = _name_max(nearest or Path("."))
+    length = len(os.fsencode(path.name))
+    if length > limit:  # checked before is_dir(), which raises on such a name
+        raise OSError(f"{prefix}cannot write {str(path)!r}: its name is {length} bytes long, the file system "
+                      f"takes at most {limit}")
+    if not folder and path.is_dir():
+        raise IsADirectoryError(f"{prefix}cannot write {str(path)!r}: it is a folder")
 
 
 @contextlib.contextmanager
@@ -526,9 +618,15 @@ def atomic_path(path: PathLike, *, overwrite: bool = True, caller: str = "") -> 
     ``overwrite=False`` an existing ``path`` (even one that appears during
     the write) is not replaced: ``FileExistsError``.  ``caller`` prefixes
     the error messages.
+
+    Raises, naming ``path``, before the temporary is handed out:
+    ``IsADirectoryError`` (``path`` is a folder), ``NotADirectoryError`` (a
+    parent is a file), ``FileNotFoundError`` (no such folder), ``OSError``
+    (a name longer than the file system takes).
     """
     path = Path(os.fspath(path))
     prefix = f"{caller}: " if caller else ""
+    _check_destination(path, prefix)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{prefix}folder {str(path.parent)!r} does not exist (for {str(path)!r})")
     temporary = _temporary_name(path)
@@ -599,11 +697,7 @@ class OutputFiles:
     def check(self, *paths: PathLike, folders: Sequence[PathLike] = ()) -> None:
         """Raise if an output exists (without ``force``) or a parent that must be a folder is a file."""
         for path in map(Path, paths):
-            for parent in path.parents:
-                if parent.exists() and not parent.is_dir():
-                    raise NotADirectoryError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder")
-            if path.is_dir() and path not in map(Path, folders):
-                raise IsADirectoryError(f"cannot write {str(path)!r}: it is a folder")
+            _check_destination(path, folder=path in map(Path, folders))
             if path.exists() and not self.force:
                 raise OutputExistsError(f"{str(path)!r} already exists; pass --force to overwrite it")
             # the nearest existing folder must take new files (else the write fails after the
@@ -633,28 +727,38 @@ class OutputFiles:
         return temporary
 
     def commit(self) -> list[Path]:
-        """Move every temporary output into place; returns the final paths."""
-        done = []
+        """Move every temporary output into place; returns the final paths.
+
+        Every destination is checked before any output moves (one that appeared during the work
+        moved the outputs before it, then stopped); if one is refused or a move fails, every
+        temporary output is removed (:meth:`discard`).
+        """
         created = set(self._created)  # folders made for this set's own outputs (a CSV inside a folder output)
-        for temporary, path in self._pending:
-            if not temporary.exists():
-                continue
-            if path.exists() and not self.force and path not in created:
-                raise OutputExistsError(f"{str(path)!r} already exists; pass --force to overwrite it")
-            if temporary.is_dir() and path.is_dir():
-                # A folder of outputs goes into the existing folder file by file: only the files
-                # this command wrote replace their namesakes, and nothing else the folder holds
-                # is touched (replacing the whole folder deleted the user's other files).
-                items = sorted(temporary.iterdir())
-                for item in items:  # all or nothing: every clash found before any file moves
-                    if (path / item.name).is_dir() and not item.is_dir():
-                        raise IsADirectoryError(f"cannot write {str(path / item.name)!r}: it is a folder")
-                for item in items:
-                    os.replace(item, path / item.name)
-                temporary.rmdir()
-            else:
-                os.replace(temporary, path)
-            done.append(path)
+        pending = [(temporary, path) for temporary, path in self._pending if temporary.exists()]
+        try:
+            for temporary, path in pending:
+                if path.exists() and not self.force and path not in created:
+                    raise OutputExistsError(f"{str(path)!r} already exists; pass --force to overwrite it")
+                merge = temporary.is_dir() and path.is_dir()
+                moves = [(item, path / item.name) for item in temporary.iterdir()] if merge else [(temporary, path)]
+                for source, target in moves:  # a folder where a file goes: os.replace failed naming the temporary
+                    if target.is_dir() and not source.is_dir():
+                        raise IsADirectoryError(f"cannot write {str(target)!r}: it is a folder")
+            done = []
+            for temporary, path in pending:
+                if temporary.is_dir() and path.is_dir():
+                    # A folder of outputs goes into the existing folder file by file: only the files
+                    # this command wrote replace their namesakes, and nothing else the folder holds
+                    # is touched (replacing the whole folder deleted the user's other files).
+                    for item in sorted(temporary.iterdir()):
+                        os.replace(item, path / item.name)
+                    temporary.rmdir()
+                else:
+                    os.replace(temporary, path)
+                done.append(path)
+        except BaseException:
+            self.discard()
+            raise
         self._pending.clear()
         self._created.clear()
         return done

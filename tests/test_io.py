@@ -1,0 +1,267 @@
+"""tireg.io: image files read as their content says, and writes that refuse bad data before touching the file."""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tireg.io import ImageError, ImageFormat, OutputExistsError, OutputFiles, read_image, read_stack, write_frames
+from tireg.io import write_image
+
+tifffile = pytest.importorskip("tifffile")
+Image = pytest.importorskip("PIL.Image")
+pytest.importorskip("imageio.v3")
+
+U8_PNG = ImageFormat("png", np.dtype(np.uint8))
+
+
+def files(folder: Path) -> list[str]:
+    """Every name under ``folder``, hidden ones (the temporaries) included."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def frame(value: int, size: int = 64) -> np.ndarray:
+    return np.full((size, size), value, np.uint8)
+
+
+# ----------------------------------------------------------------------------
+# 1. TIFF pages: every page a frame, or an error naming the page that differs
+
+
+def test_tiff_pages_written_one_by_one_are_all_frames(tmp_path):
+    """tifffile makes a series of each page appended; every one is a frame, in order."""
+    path = tmp_path / "appended.tif"
+    for k in range(5):
+        tifffile.imwrite(path, frame(10 * k), append=k > 0)
+    stack = read_stack(path)
+    assert stack.count == 5 and stack.size == (64, 64)
+    assert stack.frames[:, 0, 0, 0].tolist() == [0, 10, 20, 30, 40]
+    assert stack.names == [f"appended.tif page {k}" for k in range(5)]
+
+
+def test_tiff_pages_of_one_size_but_two_dtypes_are_read_in_page_order(tmp_path):
+    """tifffile groups such pages into series by dtype (pages 0, 2 then 1): frames kept page order."""
+    pages = [Image.fromarray(np.full((8, 8), 1, np.uint8)), Image.fromarray(np.full((8, 8), 300, np.uint16)),
+             Image.fromarray(np.full((8, 8), 2, np.uint8))]
+    pages[0].save(tmp_path / "mixed.tif", save_all=True, append_images=pages[1:])
+    stack = read_stack(tmp_path / "mixed.tif")
+    assert stack.frames.dtype == np.uint16 and stack.frames[:, 0, 0, 0].tolist() == [1, 300, 2]
+
+
+@pytest.mark.parametrize("writer", ["pillow", "tifffile"])
+def test_tiff_pages_of_different_sizes_are_refused_naming_the_page(tmp_path, writer):
+    """The 48 x 48 page split the file into two series and read_stack silently read 4 frames of 5."""
+    images = [frame(k) for k in range(5)]
+    images[2] = images[2][:48, :48]
+    path = tmp_path / "cropped.tif"
+    if writer == "pillow":
+        pil = [Image.fromarray(image) for image in images]
+        pil[0].save(path, save_all=True, append_images=pil[1:])
+    else:
+        for k, image in enumerate(images):
+            tifffile.imwrite(path, image, append=k > 0)
+    expected = re.escape(f"'{path}' has pages of different sizes: page 2 is 48 x 48, page 0 is 64 x 64")
+    with pytest.raises(ImageError, match=expected):
+        read_stack(path)
+    with pytest.raises(ImageError, match=expected):  # not page 0 alone, silently
+        read_image(path)
+
+
+def test_a_thumbnail_page_is_not_a_frame(tmp_path):
+    """A reduced-resolution page (NewSubfileType 1) shows another page smaller: neither a frame nor an error."""
+    with tifffile.TiffWriter(tmp_path / "thumb.tif") as writer:
+        writer.write(frame(1), metadata=None)
+        writer.write(frame(2), metadata=None)
+        writer.write(frame(3, 16), subfiletype=1, metadata=None)
+    assert read_stack(tmp_path / "thumb.tif").frames[:, 0, 0, 0].tolist() == [1, 2]
+
+
+def test_tireg_stack_of_pages_of_different_sizes_fails_with_one_line(tmp_path, monkeypatch, capsys):
+    """It aligned 4 of the 5 pages, and the CSV's labels named the wrong pages."""
+    from tireg.cli import main
+
+    pictures = [Image.fromarray(frame(k)) for k in range(4)]
+    pictures[1] = pictures[1].crop((0, 0, 48, 48))
+    pictures[0].save(tmp_path / "pages.tif", save_all=True, append_images=pictures[1:])
+    monkeypatch.chdir(tmp_path)
+    assert main(["stack", "pages.tif", "-o", "aligned.tif"]) == 1
+    assert capsys.readouterr().err == ("tireg: error: stack 'pages.tif' has pages of different sizes: page 1 is "
+                                       "48 x 48, page 0 is 64 x 64; tireg reads the pages of a TIFF as frames of "
+                                       "one size\n")
+    assert files(tmp_path) == ["pages.tif"]
+
+
+def test_tiff_pages_of_different_channels_are_refused(tmp_path):
+    with tifffile.TiffWriter(tmp_path / "grey_rgb.tif") as writer:
+        writer.write(frame(1, 32), metadata=None)
+        writer.write(np.zeros((32, 32, 3), np.uint8), photometric="rgb", metadata=None)
+    with pytest.raises(ImageError, match="page 1 is 32 x 32 with 3 samples, page 0 is 32 x 32"):
+        read_stack(tmp_path / "grey_rgb.tif")
+
+
+# ----------------------------------------------------------------------------
+# 2, 3, 9. writing: bad values or shapes refused before anything is written
+
+
+BAD_WRITES = {
+    "NaN": (np.full((1, 4, 4, 1), np.nan), U8_PNG, ".png", "the image holds NaN or Inf values"),
+    "-Inf": (np.full((1, 4, 4, 1), -np.inf), ImageFormat("tiff", np.dtype(np.uint16)), ".tif",
+             "the image holds NaN or Inf values"),
+    "NaN to float": (np.full((2, 4, 4, 1), np.nan, np.float32), ImageFormat("npy", np.dtype(np.float32)), ".npy",
+                     "the image holds NaN or Inf values"),
+    "complex": (np.ones((1, 4, 4, 1)) * 1j, ImageFormat("npy", np.dtype(np.float32)), ".npy", "complex values"),
+    "beyond float32": (np.full((1, 4, 4, 1), 1e300), ImageFormat("tiff", np.dtype(np.float32)), ".tif",
+                       "values beyond the range of float32"),
+    "beyond float16": (np.full((1, 4, 4, 1), 65535, np.uint16), ImageFormat("npy", np.dtype(np.float16)), ".npy",
+                       "values beyond the range of float16"),
+    "no rows": (np.zeros((1, 0, 4, 1), np.uint8), U8_PNG, ".png", "the image is empty (4 x 0 pixels"),
+    "no frames": (np.zeros((0, 4, 4, 1), np.uint8), ImageFormat("tiff", np.dtype(np.uint8)), ".tif",
+                  "the image is empty (4 x 4 pixels, 1 channel(s), 0 frame(s))"),
+    "no channels": (np.zeros((1, 4, 4, 0), np.uint8), ImageFormat("npy", np.dtype(np.uint8)), ".npy",
+                    "the image is empty (4 x 4 pixels, 0 channel(s)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_WRITES))
+def test_a_bad_write_names_the_file_and_leaves_the_old_one(tmp_path, case):
+    """NaN became 0, Inf the type's end, 1e300 inf, complex its real part; an empty array replaced
+    an existing .npy or .tif with an unreadable file."""
+    frames, image_format, suffix, message = BAD_WRITES[case]
+    path = tmp_path / f"out{suffix}"
+    write_frames(path, np.full((1, 4, 4, 1), 7, np.uint8), ImageFormat(image_format.kind, np.dtype(np.uint8)))
+    before = path.read_bytes()
+    with pytest.raises(ImageError, match=f"^cannot write {re.escape(repr(str(path)))}: .*{re.escape(message)}"):
+        write_frames(path, frames, image_format)
+    assert path.read_bytes() == before
+    assert files(tmp_path) == [path.name]
+
+
+def test_write_image_names_itself_and_the_shape_given():
+    """It said: "write_frames(): 'frames' must be (N, H, W, C); got shape (1, 4, 4)"."""
+    with pytest.raises(ValueError, match=r"^write_image\(\): 'image' must be \(H, W, C\); got shape \(4, 4\)$"):
+        write_image("x.png", np.zeros((4, 4), np.uint8), U8_PNG)
+
+
+# ----------------------------------------------------------------------------
+# 4. PNG and JPEG checked by content, not suffix
+
+
+def _png_16bit_rgb(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit RGB PNG, which Pillow cannot write."""
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def test_a_16bit_colour_png_named_jpg_is_refused(tmp_path):
+    """It was read as 8 bits, silently."""
+    _png_16bit_rgb(tmp_path / "deep.jpg", np.random.default_rng(0).integers(0, 65535, (16, 20, 3)))
+    with pytest.raises(ImageError, match="deep.jpg' is a 16-bit colour PNG, which Pillow reads as 8 bits"):
+        read_image(tmp_path / "deep.jpg")
+
+
+@pytest.mark.parametrize("content", ["GIF", "PNG"])
+def test_an_animation_named_jpg_is_refused(tmp_path, content):
+    """An animated GIF or APNG named .jpg gave its first frame, silently."""
+    pictures = [Image.fromarray(frame(value, 12)) for value in (10, 200)]
+    pictures[0].save(tmp_path / "moving.jpg", format=content, save_all=True, append_images=pictures[1:])
+    with pytest.raises(ImageError, match=rf"moving.jpg' is an animation of 2 frames \({content}\)"):
+        read_image(tmp_path / "moving.jpg")
+
+
+def test_a_png_named_jpg_is_read_as_png(tmp_path):
+    pixels = (np.arange(16 * 20) * 200).astype(np.uint16).reshape(16, 20)
+    Image.fromarray(pixels).save(tmp_path / "grey16.jpg", format="PNG")
+    image = read_image(tmp_path / "grey16.jpg")
+    assert image.format.kind == "png" and image.frames.dtype == np.uint16
+    np.testing.assert_array_equal(image.frames[0, :, :, 0], pixels)
+
+
+# ----------------------------------------------------------------------------
+# 5. OutputFiles: all or nothing
+
+
+def test_an_output_that_appears_during_the_work_stops_every_move(tmp_path):
+    """commit() moved a.json into place, refused b.png, and left b.png's temporary behind."""
+    outputs = OutputFiles()
+    outputs.check(tmp_path / "a.json", tmp_path / "sub" / "b.png")
+    outputs.temporary(tmp_path / "a.json").write_text("new a")
+    outputs.temporary(tmp_path / "sub" / "b.png").write_text("new b")
+    (tmp_path / "sub" / "b.png").write_text("someone else's")  # appears while the work runs
+    with pytest.raises(OutputExistsError, match="b.png' already exists"):
+        outputs.commit()
+    assert files(tmp_path) == ["sub", "sub/b.png"]  # no a.json, no temporary
+    assert (tmp_path / "sub" / "b.png").read_text() == "someone else's"
+
+
+def test_a_folder_that_appears_where_an_output_goes_stops_every_move(tmp_path):
+    outputs = OutputFiles(force=True)
+    outputs.temporary(tmp_path / "a.json").write_text("new a")
+    outputs.temporary(tmp_path / "b.png").write_text("new b")
+    (tmp_path / "b.png").mkdir()
+    with pytest.raises(IsADirectoryError, match="cannot write '.*b.png': it is a folder"):
+        outputs.commit()
+    assert files(tmp_path) == ["b.png"]
+
+
+# ----------------------------------------------------------------------------
+# 6, 7, 8. destinations: named, never the temporary
+
+
+def test_a_folder_as_destination_is_named(tmp_path):
+    """It said: IsADirectoryError: ... '.adir.f448e6ba.tmp.json' -> 'adir.json'."""
+    from tireg.transform_io import save_transform
+
+    for name in ("adir.png", "adir.json"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(IsADirectoryError, match=f"^cannot write {re.escape(repr(str(tmp_path / 'adir.png')))}: "
+                                                "it is a folder$"):
+        write_frames(tmp_path / "adir.png", np.zeros((1, 4, 4, 1), np.uint8), U8_PNG)
+    with pytest.raises(IsADirectoryError, match=r"^save_transform\(\): cannot write "
+                                                f"{re.escape(repr(str(tmp_path / 'adir.json')))}: it is a folder$"):
+        save_transform(tmp_path / "adir.json", np.eye(3))
+    assert files(tmp_path) == ["adir.json", "adir.png"]
+
+
+@pytest.mark.parametrize("under", ["afile", "afile/sub"])
+def test_a_file_as_parent_folder_is_named(tmp_path, under):
+    """It said: folder 'afile' does not exist."""
+    (tmp_path / "afile").write_text("keep")
+    target = tmp_path / under / "x.png"
+    message = re.escape(f"cannot write '{target}': '{tmp_path / 'afile'}' is a file, not a folder")
+    with pytest.raises(NotADirectoryError, match=f"^{message}$"):
+        write_frames(target, np.zeros((1, 4, 4, 1), np.uint8), U8_PNG)
+    with pytest.raises(NotADirectoryError, match=f"^{message}$"):
+        OutputFiles().check(target)
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_names_as_long_as_the_file_system_takes_are_written(tmp_path):
+    """The temporary's name added 14 characters: names of 242 to 255 could not be written."""
+    from tireg.transform_io import load_transform, save_transform
+
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    image = tmp_path / ("a" * (limit - 4) + ".png")
+    write_frames(image, np.full((1, 4, 4, 1), 9, np.uint8), U8_PNG)
+    assert read_image(image).frames.max() == 9
+    transform = tmp_path / ("t" * (limit - 5) + ".json")
+    assert load_transform(save_transform(transform, np.eye(3))).matrix.shape == (3, 3)
+    assert files(tmp_path) == sorted([image.name, transform.name])
+    too_long = tmp_path / ("a" * (limit - 3) + ".png")
+    with pytest.raises(OSError, match=f"its name is {limit + 1} bytes long, the file system takes at most {limit}"):
+        write_frames(too_long, np.zeros((1, 4, 4, 1), np.uint8), U8_PNG)
+    with pytest.raises(OSError, match=f"its name is {limit + 1} bytes long"):
+        OutputFiles().check(too_long)
+    assert files(tmp_path) == sorted([image.name, transform.name])
