@@ -201,6 +201,20 @@ def test_register_with_a_mask_and_levels(data, tmp_path, monkeypatch):
     assert grid_error(saved.matrix, torch.from_numpy(data["truth"]), data["size"]) < 0.5
 
 
+@pytest.mark.parametrize("metric", ["mi", "ncc_any"])
+def test_register_with_an_image_level_metric_aligns_inverted_contrast(tmp_path, monkeypatch, capsys, metric):
+    """The command offered the per-pixel losses only, which cannot align an inverted contrast."""
+    fixed, moving, truth = registration_pair("camera", "similarity", [0.1, 1.04, 4.0, -3.0], gain=-1.0, offset=1.0)
+    np.save(tmp_path / "fixed.npy", fixed.numpy())
+    np.save(tmp_path / "moving.npy", moving.numpy())
+    monkeypatch.chdir(tmp_path)
+    assert main(["register", "fixed.npy", "moving.npy", "-o", "out", "-t", "similarity", "--metric", metric]) == 0
+    cost_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("cost"))
+    assert cost_line.endswith(f"({metric})")  # not "normalised intensities": the metric's own cost
+    saved = tireg.transform_io.load_transform(tmp_path / "out" / "transform.json")
+    assert grid_error(saved.matrix, truth, tuple(fixed.shape)) < 0.1
+
+
 # ----------------------------------------------------------------------------
 # apply
 

@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .initialize import METHODS
     from .losses import LOSSES
+    from .metrics import METRIC_NAMES
     from .register import OPTIMIZERS
     from .transforms import TRANSFORMS
     from .data import IMAGES
@@ -265,8 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         group = sub.add_argument_group("registration")
         group.add_argument("-t", "--transform", choices=list(TRANSFORMS), default=transform,
                            help="transform to find")
-        group.add_argument("-m", "--metric", choices=list(LOSSES), default=defaults["metric"],
-                           help="per-pixel cost on intensity-normalised images (robust: cauchy, huber, ...)")
+        # the per-pixel losses first (the default among them), then the image-level metrics
+        group.add_argument("-m", "--metric", choices=[*LOSSES, *(n for n in METRIC_NAMES if n not in LOSSES)],
+                           default=defaults["metric"],
+                           help="cost: a per-pixel loss on intensity-normalised images (robust: cauchy, huber, ...), "
+                                "or for changed contrast and other modalities ncc (ncc_any: inverted contrast too), "
+                                "lncc (uneven illumination), mi or nmi (any intensity mapping)")
         group.add_argument("--optimizer", choices=list(OPTIMIZERS), default=defaults["optimizer"],
                            help="Levenberg-Marquardt (gauss-newton) or a torch.optim optimiser")
         group.add_argument("--init", choices=list(METHODS), default=defaults["init"],
@@ -484,6 +489,7 @@ def _format_matrix(matrix: np.ndarray, first: str, rest: Optional[str] = None) -
 
 def _summary(result, metric: str, schedule: list[tuple[int, float]]) -> list[str]:
     """What ``tireg register`` prints: matrix, parameters in natural units, cost, iterations, time."""
+    from .losses import LOSSES
     pair = result[0] if result.batched else result
     status = "converged" if bool(pair.converged[0]) else f"not converged ({pair.stop_reason[0]})"
     resolutions = ", ".join("full" if f == 1 else f"1/{f}" for f, _ in schedule)
@@ -493,7 +499,7 @@ def _summary(result, metric: str, schedule: list[tuple[int, float]]) -> list[str
         *_format_matrix(pair.matrix.numpy(), "matrix      ", "            "),
         f"parameters  {_format_parameters(pair.parameter_names, pair.parameter_values[0].tolist())}"
         f"  (about the centre ({center}))",
-        f"cost        {float(pair.cost[0]):.6g} ({metric}, normalised intensities)",
+        f"cost        {float(pair.cost[0]):.6g} ({metric}{', normalised intensities' if metric in LOSSES else ''})",
         f"iterations  {int(pair.iterations[0])} over {len(schedule)} levels ({resolutions}), {status}",
         f"time        {result.seconds:.2f} s",
     ]

@@ -46,6 +46,7 @@ __all__ = [
     "MutualInformation",
     "NormalizedMutualInformation",
     "METRICS",
+    "METRIC_NAMES",
     "get_metric",
 ]
 
@@ -492,6 +493,10 @@ METRICS: dict[str, type[Metric]] = {
 }
 
 
+#: Every name :func:`get_metric` takes: the metrics, their either-sign forms, then the per-pixel losses.
+METRIC_NAMES = (*METRICS, "ncc_any", "lncc_any", *LOSSES)
+
+
 def get_metric(metric: Union[str, Metric, PerPixelLoss]) -> Metric:
     """A metric from a name (``"ncc"``, ``"ncc_any"``, ``"lncc"``, ``"mi"``, ``"nmi"``, or a per-pixel
     loss name such as ``"l2"``), a :class:`Metric`, or a :class:`~tireg.losses.PerPixelLoss`."""
@@ -507,5 +512,4 @@ def get_metric(metric: Union[str, Metric, PerPixelLoss]) -> Metric:
             return METRICS[name[:-4]](sign="any")
         if name in LOSSES:
             return PerPixelMetric(name)
-    names = list(METRICS) + ["ncc_any", "lncc_any"] + list(LOSSES)
-    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(map(repr, names))}")
+    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(map(repr, METRIC_NAMES))}")
