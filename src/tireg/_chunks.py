@@ -20,7 +20,8 @@ import torch
 #: 3.3x in chunks of 2^20 and 2.9x in chunks of 2^16, in the same time or less (a chunk's
 #: images stay in cache); the reference ``cost_and_gradient`` of 16 x 1024^2 took 200 instead
 #: of 385 ms, an analytic model's whole eager step 240-255 instead of 400 ms
-#: (``docs/design.md``, "Memory").
+#: (``docs/design.md``, "Memory").  2^17 was 10-13 % faster but took one 1024^2 pair's
+#: ``register`` from 2.66x to 2.99x its input (EPYC, ``speed.py --tables memory``).
 EAGER_CHUNK_PIXELS = 1 << 16
 
 #: The same on other devices, larger: every chunk costs its kernel launches (unmeasured: no GPU lent).
