@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -461,6 +462,22 @@ def test_bad_input_is_named():
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
             tireg.register(kwargs.pop("fixed"), kwargs.pop("moving"), **kwargs)
+
+
+def test_an_hwc_array_of_many_channels_is_registered_with_a_warning():
+    """(H, W, C) with 8 to 16 channels passed the size check as (C, H, W) = H channels of W columns."""
+    fixed, moving, _ = registration_pair("astronaut", "translation", KNOWN["translation"])
+    hwc = np.repeat(fixed.numpy()[:64, :64, None], 10, axis=2)
+    with pytest.warns(UserWarning) as caught:
+        tireg.register(hwc, hwc, transform="translation", init="identity")
+    assert [str(warning.message) for warning in caught] == [
+        f"register(): '{name}' of shape (64, 64, 10) is read as (C, H, W): 64 channels of 64 x 10 pixels; if it is "
+        "(H, W, C), pass np.moveaxis(image, -1, 0) or tensor.permute(2, 0, 1)" for name in ("fixed", "moving")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # channels first, hyperspectral bands too: no warning
+        for shape in ((10, 64, 64), (40, 24, 24)):
+            chw = np.broadcast_to(fixed.numpy()[None, :shape[1], :shape[2]], shape)
+            tireg.register(chw, chw, transform="translation", init="identity", max_iterations=2)
 
 
 def test_inputs_that_once_failed_silently():

@@ -36,6 +36,7 @@ import copy
 import math
 import operator
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -353,6 +354,13 @@ def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) 
         )
     if image.numel() == 0 or min(image.shape[-2:]) < 1:
         raise ValueError(f"{caller}: '{name}' is empty; got shape {tuple(image.shape)}")
+    channels, _, width = image.shape if ndim == 3 else (0, 0, 0)
+    if 8 <= width <= 16 and channels >= 4 * width:  # an (H, W, C) array of 8 to 16 channels read as
+        # (C, H, W): registered as a few columns of many channels, without a word (fewer columns than 8 are
+        # refused by the size check, with the same hint)
+        warnings.warn(f"{caller}: '{name}' of shape {tuple(image.shape)} is read as (C, H, W): {channels} channels "
+                      f"of {image.shape[1]} x {width} pixels; if it is (H, W, C), pass np.moveaxis(image, -1, 0) "
+                      "or tensor.permute(2, 0, 1)", UserWarning, stacklevel=3)
     if image.is_complex():
         raise TypeError(f"{caller}: '{name}' must be real; got {image.dtype}")
     if not image.is_floating_point():
