@@ -426,16 +426,6 @@ def _check_finite(image: ImageData, what: str) -> None:
             raise CommandError(f"{what} {str(image.path)!r} contains NaN or Inf values{frame}")
 
 
-def _float32(grey: np.ndarray) -> np.ndarray:
-    """Grey values as float32 for :func:`tireg.register`.  Values beyond float32's range (|x| up
-    to 1e308 in a float64 file, or all below 1e-30) are first scaled by a power of two, exactly:
-    float32 would make them infinite or zero, and registration normalises each image anyway."""
-    peak = float(np.abs(grey).max()) if grey.size else 0.0
-    if peak > 1e30 or 0.0 < peak < 1e-30:
-        grey = np.ldexp(grey, -math.frexp(peak)[1])
-    return grey.astype(np.float32)
-
-
 def _check_grey(grey: np.ndarray, image: ImageData, what: str) -> None:
     """``grey`` ``(N, H, W)``: each frame at least 8 x 8 and not constant."""
     if min(grey.shape[-2:]) < 8:
@@ -632,8 +622,10 @@ def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
 
     progress = _Progress(args, len(schedule))
     try:
-        result = _register_images(args, _float32(fixed_grey), _float32(moving_grey),
-                                  mask=mask, moving_mask=moving_mask, progress=progress)
+        # float64 as luminance() made it: register() normalises it in float64 before its float32 cast
+        # (cast here first, 1e8 + detail lost the detail and was 'constant'; 1e300 overflowed)
+        result = _register_images(args, fixed_grey, moving_grey, mask=mask, moving_mask=moving_mask,
+                                  progress=progress)
     finally:
         progress.close()
     if result.stop_reason[0] == "no_overlap":  # an infinite cost, and nothing a transform file could say
@@ -722,7 +714,7 @@ def _stack_output(path: Path) -> str:
 def _register_stack(args, grey: np.ndarray, mask, progress: _Progress) -> dict[str, Any]:
     """Batched registration of every frame to the reference; matrices map reference -> frame pixels."""
     count = grey.shape[0]
-    frames = _float32(grey[:, None])  # (N, 1, H, W)
+    frames = grey[:, None]  # (N, 1, H, W) float64: normalised in float64 by register() (see _cmd_register)
     if args.reference == "first":
         fixed_all, moving_index = frames[:1], list(range(1, count))
     elif args.reference == "previous":
