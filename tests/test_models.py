@@ -591,3 +591,92 @@ def test_the_state_dict_keeps_the_mappings(images, tmp_path):
     saved.m[2] = Halved()
     loaded.load_state_dict(saved.state_dict())
     assert type(loaded.m[2]) is IdentityMapping
+
+
+# ----------------------------------------------------------------------------
+# the analytic model as the nn.Module a PyTorch user expects
+
+
+def test_a_fresh_tensor_each_step_is_the_image_warped():
+    """The precomputed gradient images were kept by (id, version): a new frame.clone() made where
+    the previous one had been freed matched, and the model warped the previous frame."""
+    fixed = smooth_random_image((1, 1, 64, 64), torch.Generator().manual_seed(3))
+    frames = [torch.roll(fixed, 3 * k, -1) for k in range(4)]
+    expected = [tireg.create_model("translation", fixed, image_gradient="central")(frame, fixed)[1]
+                for frame in frames]
+    model = tireg.create_model("translation", fixed, image_gradient="central")
+    costs = []
+    for frame in frames:
+        fresh = frame.clone()
+        costs.append(model(fresh, fixed)[1])
+        del fresh  # freed: the next clone may take its id and its memory
+    assert all(torch.equal(cost, truth) for cost, truth in zip(costs, expected))
+
+
+def test_a_tensor_stamp_matches_only_the_same_live_unchanged_tensor():
+    from tireg._validation import TensorStamp, matches
+
+    image = torch.zeros(4, 4)
+    stamp = TensorStamp(image, "border")
+    assert stamp.matches(image, "border") and not stamp.matches(image, "zeros") and not matches(None, image)
+    assert not stamp.matches(image.clone(), "border")
+    image.add_(1.0)  # in place: the version counter moves
+    assert not stamp.matches(image, "border")
+    with torch.inference_mode():
+        inference = torch.zeros(4, 4)
+    assert not TensorStamp(inference).matches(inference)  # no version counter: never trusted
+    stamp = TensorStamp(torch.ones(3))  # its tensor freed at once: nothing made later is it
+    assert not any(stamp.matches(torch.ones(3)) for _ in range(100))
+
+
+def test_analytic_gradients_are_laid_out_for_fused_optimisers(images):
+    """Each per-pair gradient was a strided column of one (B, P) tensor; Adam/SGD(fused=True) read a
+    .grad as laid out like its parameter, and pair 1 took pair 0's ty gradient as its tx."""
+    fixed, moving = images[0][:2], images[1][:2]
+    models = {kind: tireg.create_model("translation", moving, gradients=kind) for kind in ("analytic", "autograd")}
+    for model in models.values():
+        set_values([model], torch.tensor([[1.0, -0.5], [0.5, 2.0]], dtype=torch.float64), [IdentityMapping()] * 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, fused=True)
+        if model is models["analytic"]:
+            model(moving, fixed)
+        else:
+            tireg.losses.L2Loss()(model(moving), fixed).sum().backward()
+        assert all(param.grad.is_contiguous() and param.grad.stride() == param.stride() for param in model.p)
+        optimizer.step()
+    torch.testing.assert_close(models["analytic"].parameter_values(), models["autograd"].parameter_values(),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_frozen_parameters_and_no_grad_get_no_gradient(images):
+    """The analytic model wrote param.grad for a parameter that does not require grad (Adam then
+    moved it) and under no_grad()/inference_mode() (a validation forward doubled the gradient)."""
+    fixed, moving = images
+    model = tireg.create_model("rigid", moving)
+    model.p[0].requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(moving, fixed)
+    assert model.p[0].grad is None and model.p[1].grad is not None
+    once = [param.grad.clone() for param in model.p[1:]]
+    with torch.no_grad():
+        model(moving, fixed)
+    with torch.inference_mode():
+        model(moving, fixed)
+    assert all(torch.equal(param.grad, grad) for param, grad in zip(model.p[1:], once))
+    optimizer.step()
+    assert bool((model.get(0) == 0.0).all()) and bool((model.get(1) != 0.0).all())
+
+
+def test_inference_tensors_meta_models_and_a_dtype_mismatch_are_handled(images):
+    """An inference tensor raised inside the NaN check's cache (it keeps no version counter);
+    printing a model on 'meta' read its values; the autograd model named a 'matrix' never passed."""
+    fixed, moving = images
+    with torch.inference_mode():
+        frozen_fixed, frozen_moving = fixed.clone(), moving.clone()
+    model = tireg.create_model("translation", moving)
+    _, cost = model(frozen_moving, frozen_fixed)
+    assert torch.isfinite(cost) and model.p[0].grad is not None
+    assert "values on 'meta'" in repr(tireg.create_model("rigid", moving).to("meta"))
+    autograd = tireg.create_model("rigid", moving.float(), gradients="autograd")
+    with pytest.raises(ValueError, match=r"forward\(\): the model's parameters are torch.float32 on cpu but the "
+                                         r"images are torch.float64"):
+        autograd(moving)

@@ -8,7 +8,8 @@ function's name and names the offending argument, e.g.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+import weakref
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -181,23 +182,60 @@ def check_compile_option(value: object, caller: str) -> Union[bool, str]:
     return value
 
 
+class TensorStamp:
+    """A tensor as it is now, for caches of what is derived from it: the same live object, not
+    changed in place since (its version counter), with the same ``settings``.
+
+    The object is held by a weak reference: a key of ``id()`` (and even the data pointer and the
+    shape) matched a *new* tensor made where a freed one had been, as a loop that passes a fresh
+    ``frame.clone()`` every step does, and a model warped the previous frame.  An inference
+    tensor keeps no version counter: its stamp matches nothing, and what derives from it is
+    made again on every use.  A write that bypasses the counter (``.data``, a NumPy view) is not
+    seen.
+    """
+
+    __slots__ = ("_tensor", "_version", "_settings")
+
+    def __init__(self, tensor: torch.Tensor, *settings: Any) -> None:
+        self._tensor = weakref.ref(tensor)
+        self._version = _version(tensor)
+        self._settings = settings
+
+    def matches(self, tensor: torch.Tensor, *settings: Any) -> bool:
+        """Whether ``tensor`` is the stamped object, unchanged, with the same ``settings``."""
+        return (self._version is not None and self._tensor() is tensor and _version(tensor) == self._version
+                and self._settings == settings)
+
+
+def _version(tensor: torch.Tensor) -> Optional[int]:
+    """The version counter, or ``None`` for an inference tensor (it keeps none, and says so by raising)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+def matches(stamp: Optional[TensorStamp], tensor: torch.Tensor, *settings: Any) -> bool:
+    """:meth:`TensorStamp.matches`, false where there is no stamp yet."""
+    return stamp is not None and stamp.matches(tensor, *settings)
+
+
 class FiniteCheckCache:
     """Remembers which tensors already passed :func:`check_image`.
 
     A training loop passes the same image tensors every step; checking them
     for NaN each time costs a pass over the data (and, on a GPU, a host
-    synchronisation).  A tensor is checked again only when it is another
-    object or has been modified in place (its version counter moved).
+    synchronisation).  A tensor is checked again unless it is the same object,
+    not modified in place since (:class:`TensorStamp`).
     """
 
     def __init__(self) -> None:
-        self._seen: dict[str, tuple] = {}
+        self._seen: dict[str, TensorStamp] = {}
 
     def check(self, image: torch.Tensor, name: str, caller: str) -> torch.Tensor:
         if not isinstance(image, torch.Tensor):
             raise TypeError(f"{caller}: '{name}' must be a torch.Tensor; got {type(image).__name__}")
-        key = (id(image), getattr(image, "_version", None), image.data_ptr(), tuple(image.shape))
-        if self._seen.get(name) != key:
+        if not matches(self._seen.get(name), image):
             check_image(image, name, caller)
-            self._seen[name] = key
+            self._seen[name] = TensorStamp(image)
         return image

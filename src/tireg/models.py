@@ -33,11 +33,13 @@ from ._device import constant
 from ._validation import (
     PADDING_MODES,
     FiniteCheckCache,
+    TensorStamp,
     check_compile_option,
     check_image,
     check_option,
     finite_number,
     is_whole,
+    matches,
 )
 from .analytic import cost_and_gradient, parameter_gradient
 from .losses import L2Loss, PerPixelLoss, get_loss
@@ -92,14 +94,19 @@ def _raw_gradients(
     one operation for them all, where each had taken three.  Those results are views of it.
     """
     result = []
-    totals = None
+    totals = by_parameter = None
     for i, (value, mapping) in enumerate(zip(raw, mappings)):
         identity = type(mapping) is IdentityMapping
         if identity and value.numel() == 1:
             totals = gradient.sum(0) if totals is None else totals
             result.append(totals[i].reshape(value.shape))
             continue
-        raw_gradient = gradient[:, i] if identity else gradient[:, i] * mapping.derivative(value)
+        if identity:  # a row of dL/dp transposed once: gradient[:, i] is strided, and fused optimisers
+            # (Adam(fused=True), ...) read a .grad as laid out like its parameter: pair 1 took pair 0's ty
+            by_parameter = gradient.t().contiguous() if by_parameter is None else by_parameter
+            raw_gradient = by_parameter[i]
+        else:
+            raw_gradient = gradient[:, i] * mapping.derivative(value)  # a new, contiguous tensor
         result.append(raw_gradient.sum().reshape(value.shape) if value.numel() == 1 else raw_gradient)
     return result
 
@@ -372,6 +379,8 @@ class TransformModel(nn.Module):
             )
 
     def extra_repr(self) -> str:
+        if any(param.is_meta for param in self.p):  # no values to show (reading them raised)
+            return f"center=({self.cx:g}, {self.cy:g}), bordermode={self.bordermode!r}, values on 'meta'"
         values = ", ".join(f"{v:.4g}" for v in self.parameter_values()[0].tolist())
         return f"center=({self.cx:g}, {self.cy:g}), bordermode={self.bordermode!r}, values[0]=({values})"
 
@@ -390,6 +399,8 @@ class AffineModel(TransformModel):
         """``warped(x) = M(A x)`` on a grid of ``size = (H, W)`` (default: the source's), ``(B, C, H, W)``."""
         caller = f"{type(self).__name__}.forward()"
         source = self._finite.check(source, "source", caller)
+        if len(self.p):  # named as the analytic model names it (warp() named a 'matrix' the user never passed)
+            _check_like(self.p[0], source, caller)
         matrix = self.matrix(source.shape[0])
         # no check of the last row (a read of values, a wait per step on a GPU): the model's matrix is affine
         return checked_warp(source, matrix, size, self.interpolation, self.bordermode, caller, affine=False)
@@ -401,7 +412,14 @@ class AffineModelAnalytic(TransformModel):
     The gradient is the seed's chain rule ``C'(F, M(Ax)) * grad M(Ax) * dA/dp * m'(r)``
     as one reduction over the pixels (:mod:`tireg.analytic`).  Gradients are
     *accumulated* into ``param.grad`` as ``backward()`` would; call
-    ``optimizer.zero_grad()`` between steps.
+    ``optimizer.zero_grad()`` between steps.  As with ``backward()``, nothing
+    is written under ``torch.no_grad()`` or ``torch.inference_mode()``, nor
+    into a parameter that does not require grad, and each ``.grad`` is laid
+    out like its parameter (fused optimisers read it so).  Unlike
+    ``backward()``, no autograd graph is involved: the outputs are detached,
+    and hooks on the parameters (``register_hook``, post-accumulate hooks,
+    and so ``DistributedDataParallel``'s gradient reduction) do not run;
+    change ``param.grad`` after ``forward`` instead, or use the autograd model.
 
     Args:
         cx, cy, bordermode, interpolation, batch_size: as :class:`TransformModel`.
@@ -469,11 +487,11 @@ class AffineModelAnalytic(TransformModel):
             raise ValueError(f"{caller}: give a loss or a metric, not both (the metric replaces the loss); "
                              f"got loss {loss_func!r} and metric {metric!r}")
         self.metric: Optional[Metric] = None if metric is None else get_metric(metric)
-        self._moving_key: Optional[tuple] = None
+        self._moving_stamp: Optional[TensorStamp] = None  # the source moving_with_gradient was made from
         self.register_buffer("moving_with_gradient", None, persistent=False)
         self._pixel_axes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.compile = compile
-        self._padded: tuple[Optional[tuple], Optional[torch.Tensor]] = (None, None)
+        self._padded: tuple[Optional[TensorStamp], Optional[torch.Tensor]] = (None, None)
         self._coordinates: tuple[Optional[tuple], Optional[tuple[torch.Tensor, torch.Tensor]]] = (None, None)
         if self.image_gradient != "exact":
             self._precompute(moving)
@@ -484,14 +502,13 @@ class AffineModelAnalytic(TransformModel):
             moving, method=self.image_gradient, sigma=self.sigma, padding_mode=self.bordermode
         )
         self.moving_with_gradient = stack_with_gradient(moving, gradient)
-        self._moving_key = (id(moving), moving._version, moving.device)
+        self._moving_stamp = TensorStamp(moving)
 
     def _padded_moving(self, source: torch.Tensor) -> torch.Tensor:
         """The source prepared for the fused kernel (:func:`tireg.fused.prepare_moving`), kept while
         the same tensor is passed."""
-        key = (id(source), source._version, source.device, source.dtype, self.bordermode)
-        if self._padded[0] != key:
-            self._padded = (key, prepare_moving(source, self.bordermode))
+        if not matches(self._padded[0], source, self.bordermode):
+            self._padded = (TensorStamp(source, self.bordermode), prepare_moving(source, self.bordermode))
         return self._padded[1]
 
     def _coordinate_grids(self, target: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -542,15 +559,18 @@ class AffineModelAnalytic(TransformModel):
             )
         if source.dtype != target.dtype:
             raise ValueError(f"{caller}: 'source' is {source.dtype} but 'target' is {target.dtype}")
+        # as backward() would: nothing accumulates under no_grad() or inference_mode() (a validation
+        # forward between a step's forward and optimizer.step() doubled its gradient)
+        write_gradients = torch.is_grad_enabled()
         stacked = None
         if self.image_gradient != "exact":
-            if self._moving_key != (id(source), source._version, source.device):
+            if not matches(self._moving_stamp, source):
                 self._precompute(source)
             stacked = self.moving_with_gradient
         batch = source.shape[0]
         with torch.no_grad():
             if stacked is None and self._compiled_step_applies():
-                result = self._compiled_step(source, target, caller)
+                result = self._compiled_step(source, target, caller, write_gradients)
                 if result is not None:
                     return result
             timed = self._compile == "auto" and not self._compile_now()
@@ -573,7 +593,8 @@ class AffineModelAnalytic(TransformModel):
             )
             gradient = parameter_gradient(matrix_gradient, jacobian)  # (B, P): dL/dp
             params = self._parameter_list()
-            _accumulate(params, _raw_gradients(gradient, params, self.m))  # chain rule through m(r)
+            if write_gradients:
+                _accumulate(params, _raw_gradients(gradient, params, self.m))  # chain rule through m(r)
             if timed:
                 self._eager_seconds += time.perf_counter() - started
         return warped, cost.sum()
@@ -592,7 +613,7 @@ class AffineModelAnalytic(TransformModel):
             and self._fused_kernel_applies()
         )
 
-    def _compiled_step(self, source: torch.Tensor, target: torch.Tensor, caller: str):
+    def _compiled_step(self, source: torch.Tensor, target: torch.Tensor, caller: str, write_gradients: bool):
         """The step by the compiled :func:`_fused_step`, or ``None`` where it cannot compile."""
         params = self._parameter_list()
         _check_like(params[0], source, caller)
@@ -607,7 +628,8 @@ class AffineModelAnalytic(TransformModel):
         if result is None:
             return None
         warped, cost, raw_gradients = result
-        _accumulate(params, raw_gradients)
+        if write_gradients:
+            _accumulate(params, raw_gradients)
         return warped, cost
 
 
@@ -638,12 +660,15 @@ def _check_like(model_tensor: torch.Tensor, source: torch.Tensor, caller: str) -
 
 
 def _accumulate(params: Sequence[torch.Tensor], raw_gradients: Sequence[torch.Tensor]) -> None:
-    """Add ``dL/dr`` into every ``param.grad``, as ``backward()`` would.
+    """Add ``dL/dr`` into every ``param.grad``, as ``backward()`` would: not into a parameter that
+    does not require grad (a frozen one; an optimiser updates any parameter that has a ``.grad``).
 
     Every ``raw_gradient`` is new (:func:`_raw_gradients` computes them; some are views of one
     new tensor, each its own elements), so a first gradient is taken as it is, without a copy.
     """
     for param, raw_gradient in zip(params, raw_gradients):
+        if not param.requires_grad:
+            continue
         if param.grad is None:
             param.grad = raw_gradient
         else:
