@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from pathlib import Path
 
@@ -109,3 +110,72 @@ def test_every_seed_snippet_appears_verbatim_in_the_example():
         for line in block:
             assert line in example_lines[position:], f"seed line not found in order: {line!r}"
             position = example_lines.index(line, position) + 1
+
+
+def _reference(values, dtype=torch.float64):
+    """``anisotropic_similarity_matrix`` from ``(angle, sx, sy, dx, dy, cx, cy)`` converted once to ``dtype``."""
+    numbers = [float(v) for v in values]
+    return anisotropic_similarity_matrix(torch.tensor(numbers[:5], dtype=dtype), torch.tensor(numbers[5:], dtype=dtype))
+
+
+def test_affy_float64_centre_makes_the_whole_matrix_float64():
+    # The dtype had come from the parameters alone: float32 here, the centre rounded.
+    matrix = Affy.get_matrix(0.1, 1, 1, 0, 0, torch.tensor(1000.1, dtype=torch.float64), 2000.3)
+    assert matrix.dtype == torch.float64
+    assert torch.equal(matrix, _reference((0.1, 1, 1, 0, 0, 1000.1, 2000.3)))
+
+
+def test_affy_python_float_centre_is_converted_in_float64_not_through_float32():
+    # A float64 angle with a Python-float centre had used a float32 centre: 5e-6 px off at 1000 px.
+    matrix = Affy.get_matrix(torch.tensor(0.1, dtype=torch.float64), 1, 1, 0, 0, 1000.1, 2000.3)
+    assert matrix.dtype == torch.float64
+    assert torch.equal(matrix, _reference((0.1, 1, 1, 0, 0, 1000.1, 2000.3)))
+    derivative = Affy.da(torch.tensor(0.1, dtype=torch.float64), 1, 1, 0, 0, 1000.1, 2000.3)
+    assert derivative.dtype == torch.float64
+    assert derivative[0, 2].item() == pytest.approx(-(-math.sin(0.1) * 1000.1 + math.cos(0.1) * 2000.3), abs=1e-12)
+
+
+@pytest.mark.parametrize("values, dtype", [
+    ((torch.tensor(0.3), torch.tensor(1.0, dtype=torch.float64), 1, 0, 0, 0, 0), torch.float64),
+    ((0.3, 1, 1, 0, 0, 5.0, torch.tensor([5.0], dtype=torch.float64)), torch.float64),
+    ((torch.tensor(0.3, dtype=torch.float16), torch.tensor(1.0), 1, 0, 0, 0, 0), torch.float32),
+    ((torch.tensor([1, 2]), 1, 1, 0, 0, 0, 0), torch.float32),  # integers: the default dtype
+    ((0.3, 1, 1, 0, 0, 5.0, 5.0), torch.float32),
+])
+def test_affy_result_dtype_is_torch_promotion_over_all_tensor_arguments(values, dtype):
+    for function in (Affy.get_matrix, Affy.da, Affy.dsx, Affy.dy):
+        assert function(*values).dtype == dtype
+    assert Affy.ds(values[0], values[1], *values[3:]).dtype == dtype
+
+
+def test_affy_zero_dimensional_cpu_tensor_goes_with_a_batch_on_any_device(device):
+    angles = torch.tensor([0.0, 0.1], device=device)
+    matrices = Affy.get_matrix(angles, 1, 1, 0, 0, torch.tensor(5.0, dtype=torch.float64), 5.0)
+    assert matrices.device.type == device and matrices.dtype == torch.float64 and matrices.shape == (2, 3, 3)
+
+
+@pytest.mark.parametrize("position, value, error, message", [
+    (0, None, TypeError, r"'angle' must be a number, an array of numbers or a real tensor; got NoneType$"),
+    (0, "0.3", TypeError, r"'angle' must be a number, an array of numbers or a real tensor; got '0.3'$"),
+    (1, True, TypeError, r"'scalex' must be a number, an array of numbers or a real tensor; got True$"),
+    (6, [[1.0], [2.0, 3.0]], TypeError, r"'cy' must be a number, an array of numbers or a real tensor; got list$"),
+    (5, float("nan"), ValueError, r"'cx' must be finite; got nan$"),
+    (3, [0.0, float("inf")], ValueError, r"'dx' holds NaN or Inf values$"),
+    (0, torch.zeros(2, dtype=torch.complex64), TypeError, r"'angle' must hold real numbers; got a tensor of "
+                                                          r"torch.complex64$"),
+    (4, torch.zeros(2, dtype=torch.float16), TypeError, r"'dy' must be float32 or float64; got torch.float16$"),
+    (2, torch.ones(2), ValueError, r"the shapes of 'angle' \(3,\) and 'scaley' \(2,\) do not broadcast$"),
+])
+def test_affy_refuses_bad_arguments_naming_them(position, value, error, message):
+    values = [torch.arange(3), 1, 1, 0, 0, 0, 0]  # integers: no float dtype of their own
+    values[position] = value
+    with pytest.raises(error, match=r"^Affy.get_matrix\(\): " + message):
+        Affy.get_matrix(*values)
+    with pytest.raises(error, match=r"^Affy.dsy\(\): " + message):
+        Affy.dsy(*values)
+
+
+def test_affy_ds_names_its_scale_argument():
+    with pytest.raises(ValueError, match=r"^Affy.ds\(\): the shapes of 'angle' \(3,\) and 'scale' \(2,\) do not "
+                                         r"broadcast$"):
+        Affy.ds(torch.zeros(3), torch.ones(2), 0, 0, 0, 0)

@@ -9,70 +9,161 @@ use those (:mod:`tireg.transforms`, :mod:`tireg.models`, ...).
 
 from __future__ import annotations
 
+from functools import reduce
 from types import SimpleNamespace
 from typing import Union
 
+import numpy as np
 import torch
 
 from . import losses as _losses
 from . import mappings as _mappings
 from . import models as _models
+from ._validation import FLOAT_DTYPES, broadcast_shape, finite_number
 from .transforms import anisotropic_similarity_jacobian, anisotropic_similarity_matrix
 
 __all__ = ["PerPixelLoss", "AffyModel", "AffyModelAnal", "Affy", "Mapping"]
 
-Scalar = Union[float, torch.Tensor]
+#: A number (Python or NumPy), an array of numbers, or a real tensor.
+Scalar = Union[float, np.ndarray, torch.Tensor]
 
 
-def _stack(*values: Scalar) -> torch.Tensor:
-    """Broadcast scalars and tensors to one ``(..., n)`` float tensor on the tensors' device."""
-    reference = next((v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
-    dtype = reference.dtype if reference is not None else torch.get_default_dtype()
-    device = reference.device if reference is not None else None
-    tensors = [torch.as_tensor(v, dtype=dtype, device=device) for v in values]
-    return torch.stack(torch.broadcast_tensors(*tensors), dim=-1)
+def _as_number_array(value, name: str, caller: str) -> np.ndarray:
+    """A non-tensor argument as a finite real NumPy array (float64 where it was a Python float:
+    converted once, to the result dtype, never through float32)."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):  # a ragged list
+        array = None
+    if array is None or array.dtype.kind not in "iuf":  # not bool: True is no angle
+        shown = repr(value) if isinstance(value, (bool, np.bool_, str, bytes)) else type(value).__name__
+        raise TypeError(f"{caller}: '{name}' must be a number, an array of numbers or a real tensor; got {shown}")
+    if array.ndim == 0:
+        finite_number(array, name, caller)
+    elif not np.isfinite(array).all():
+        raise ValueError(f"{caller}: '{name}' holds NaN or Inf values")
+    return array
 
 
-def get_matrix(angle: Scalar, scalex: Scalar, scaley: Scalar, dx: Scalar, dy: Scalar, cx: Scalar, cy: Scalar) -> torch.Tensor:
+def _arguments(caller: str, **values: Scalar) -> dict[str, torch.Tensor]:
+    """The arguments as tensors of one dtype, on one device, broadcast to one shape.
+
+    The dtype is that of the floating-point tensor arguments, promoted as torch does (float64 if
+    any is float64); with none, the default dtype.  Numbers and arrays are converted straight into
+    it: a float64 angle with a Python-float centre had gone through a float32 centre (5e-6 px off
+    at 1000 px), and a float64 centre with Python-float parameters had given a float32 matrix.
+    Tensor values are not read (no wait for a GPU); a number's are.  Called in every step of a
+    seed-style model (its matrix and each derivative): the common case, tensors and Python
+    numbers, takes no NumPy round trip.
+    """
+    floats = []
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor):
+            if value.dtype == torch.bool or value.is_complex():
+                raise TypeError(f"{caller}: '{name}' must hold real numbers; got a tensor of {value.dtype}")
+            if value.is_floating_point():
+                floats.append(value.dtype)
+    dtype = reduce(torch.promote_types, floats) if floats else torch.get_default_dtype()
+    if dtype not in FLOAT_DTYPES:  # float16 or bfloat16 alone: no tireg function computes in those
+        name = next((name for name, value in values.items() if isinstance(value, torch.Tensor)
+                     and value.dtype == dtype), None)
+        subject = f"'{name}'" if name else "the default dtype"
+        raise TypeError(f"{caller}: {subject} must be float32 or float64; got {dtype}")
+
+    # A 0-d CPU tensor goes with a tensor on any device, as in torch's own arithmetic.
+    placed = {name: value.device for name, value in values.items()
+              if isinstance(value, torch.Tensor) and (value.dim() > 0 or value.device.type != "cpu")}
+    device = next(iter(placed.values()), None)
+    for name, where in placed.items():
+        if where != device:
+            first = next(iter(placed))
+            raise ValueError(f"{caller}: '{name}' is on {where} but '{first}' is on {device}; "
+                             "give all tensors on one device")
+
+    converted = []
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor):
+            converted.append(value.to(dtype=dtype, device=device))  # the same tensor where nothing changes
+        elif type(value) in (int, float):  # the common case: no NumPy round trip
+            converted.append(torch.tensor(finite_number(value, name, caller), dtype=dtype, device=device))
+        else:
+            converted.append(torch.as_tensor(_as_number_array(value, name, caller), dtype=dtype, device=device))
+    try:
+        return dict(zip(values, torch.broadcast_tensors(*converted)))
+    except RuntimeError:  # name the two arguments whose shapes do not broadcast
+        shapes = {name: tuple(tensor.shape) for name, tensor in zip(values, converted)}
+        for index, (name, shape) in enumerate(shapes.items()):
+            for other in list(shapes)[:index]:
+                try:
+                    broadcast_shape(shapes[other], shape)
+                except ValueError:
+                    raise ValueError(f"{caller}: the shapes of '{other}' {shapes[other]} and '{name}' {shape} "
+                                     "do not broadcast") from None
+        raise
+
+
+def _params_and_center(caller: str, angle, scalex, scaley, dx, dy, cx, cy) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(..., 5)`` parameters and ``(..., 2)`` centre, of one dtype and device."""
+    tensors = _arguments(caller, angle=angle, scalex=scalex, scaley=scaley, dx=dx, dy=dy, cx=cx, cy=cy)
+    values = list(tensors.values())
+    return torch.stack(values[:5], dim=-1), torch.stack(values[5:], dim=-1)
+
+
+def get_matrix(
+    angle: Scalar, scalex: Scalar, scaley: Scalar, dx: Scalar, dy: Scalar, cx: Scalar, cy: Scalar
+) -> torch.Tensor:
     """The seed's ``Affy.get_matrix``: OpenCV's ``getRotationMatrix2D`` about ``(cx, cy)``
     (angle in radians, per-axis scale) plus the shift ``(dx, dy)``;
-    :func:`tireg.transforms.anisotropic_similarity_matrix`."""
-    return anisotropic_similarity_matrix(_stack(angle, scalex, scaley, dx, dy), _stack(cx, cy))
+    :func:`tireg.transforms.anisotropic_similarity_matrix`.
+
+    Each argument is a number, an array or a real tensor; they broadcast to a batch ``(...)`` and
+    the result is ``(..., 3, 3)``, float64 if any tensor argument is float64, else float32 (the
+    default dtype), on the tensors' device.
+
+    Raises:
+        TypeError: an argument that is not a real number, array or tensor (naming it), or float16 alone.
+        ValueError: a NaN or infinite number, shapes that do not broadcast, tensors on two devices.
+    """
+    params, center = _params_and_center("Affy.get_matrix()", angle, scalex, scaley, dx, dy, cx, cy)
+    return anisotropic_similarity_matrix(params, center)
 
 
-def _derivative(index: int, angle, scalex, scaley, dx, dy, cx, cy) -> torch.Tensor:
-    params = _stack(angle, scalex, scaley, dx, dy)
-    return anisotropic_similarity_jacobian(params, _stack(cx, cy))[..., index, :, :]
+def _derivative(index: int, caller: str, angle, scalex, scaley, dx, dy, cx, cy) -> torch.Tensor:
+    params, center = _params_and_center(caller, angle, scalex, scaley, dx, dy, cx, cy)
+    return anisotropic_similarity_jacobian(params, center)[..., index, :, :]
 
 
 def da(angle, scalex, scaley, dx, dy, cx, cy) -> torch.Tensor:
     """``dA/d angle`` of :func:`get_matrix`."""
-    return _derivative(0, angle, scalex, scaley, dx, dy, cx, cy)
+    return _derivative(0, "Affy.da()", angle, scalex, scaley, dx, dy, cx, cy)
 
 
 def dsx(angle, scalex, scaley, dx, dy, cx, cy) -> torch.Tensor:
     """``dA/d scalex`` of :func:`get_matrix`."""
-    return _derivative(1, angle, scalex, scaley, dx, dy, cx, cy)
+    return _derivative(1, "Affy.dsx()", angle, scalex, scaley, dx, dy, cx, cy)
 
 
 def dsy(angle, scalex, scaley, dx, dy, cx, cy) -> torch.Tensor:
     """``dA/d scaley`` of :func:`get_matrix`."""
-    return _derivative(2, angle, scalex, scaley, dx, dy, cx, cy)
+    return _derivative(2, "Affy.dsy()", angle, scalex, scaley, dx, dy, cx, cy)
 
 
 def dx(angle, scalex, scaley, dx, dy, cx, cy) -> torch.Tensor:  # noqa: D417 - the seed's names
     """``dA/d dx`` of :func:`get_matrix`."""
-    return _derivative(3, angle, scalex, scaley, dx, dy, cx, cy)
+    return _derivative(3, "Affy.dx()", angle, scalex, scaley, dx, dy, cx, cy)
 
 
 def dy(angle, scalex, scaley, dx, dy, cx, cy) -> torch.Tensor:
     """``dA/d dy`` of :func:`get_matrix`."""
-    return _derivative(4, angle, scalex, scaley, dx, dy, cx, cy)
+    return _derivative(4, "Affy.dy()", angle, scalex, scaley, dx, dy, cx, cy)
 
 
 def ds(angle, scale, dx, dy, cx, cy) -> torch.Tensor:
     """``dA/d scale`` of ``get_matrix(angle, scale, scale, dx, dy, cx, cy)``: ``dsx + dsy`` at ``scalex = scaley``."""
-    jacobian = anisotropic_similarity_jacobian(_stack(angle, scale, scale, dx, dy), _stack(cx, cy))
+    tensors = _arguments("Affy.ds()", angle=angle, scale=scale, dx=dx, dy=dy, cx=cx, cy=cy)
+    angle, scale, dx, dy, cx, cy = tensors.values()
+    params, center = torch.stack([angle, scale, scale, dx, dy], dim=-1), torch.stack([cx, cy], dim=-1)
+    jacobian = anisotropic_similarity_jacobian(params, center)
     return jacobian[..., 1, :, :] + jacobian[..., 2, :, :]
 
 

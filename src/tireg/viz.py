@@ -25,6 +25,9 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+import torch
+
+from ._validation import is_whole, real_number
 from .io import atomic_path, require
 
 __all__ = ["overlay", "checkerboard", "save_comparison", "save_convergence", "normalize"]
@@ -32,9 +35,73 @@ __all__ = ["overlay", "checkerboard", "save_comparison", "save_convergence", "no
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _real_array(value, label: str, caller: str) -> np.ndarray:
+    """``value`` (an array, a nested list or a tensor) as a NumPy array of real numbers; raise otherwise.
+
+    A tensor is detached and copied to the CPU first (``.numpy()`` refused one that requires grad);
+    complex values are refused, not cast (the cast dropped the imaginary part without a word).
+    ``label`` names the value in the message: ``"'fixed'"``.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.is_complex():
+            raise TypeError(f"{caller}: {label} holds complex values; pass their real part or magnitude")
+        value = value.detach().to("cpu", torch.float64).numpy()  # float64: NumPy has no bfloat16
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):  # a ragged list
+        raise TypeError(f"{caller}: {label} must be an array of numbers; got {type(value).__name__}") from None
+    if array.dtype.kind == "c":
+        raise TypeError(f"{caller}: {label} holds complex values; pass their real part or magnitude")
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{caller}: {label} must hold real numbers; got {type(value).__name__} of {array.dtype}")
+    return array
+
+
+def _image(value, name: str, caller: str) -> np.ndarray:
+    """``value`` as a non-empty ``(H, W)`` array of real numbers; raise, naming ``name``, otherwise."""
+    image = _real_array(value, f"'{name}'", caller)
+    if image.ndim != 2:
+        raise ValueError(f"{caller}: '{name}' must be an (H, W) image; got shape {image.shape}")
+    if image.size == 0:
+        raise ValueError(f"{caller}: '{name}' is empty; got shape {image.shape}")
+    return image
+
+
+def _pair(first, second, names: tuple[str, str], caller: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two images of one shape (see :func:`_image`)."""
+    first, second = _image(first, names[0], caller), _image(second, names[1], caller)
+    if first.shape != second.shape:
+        raise ValueError(f"{caller}: '{names[0]}' and '{names[1]}' must have the same shape (H, W); "
+                         f"got {first.shape} and {second.shape}")
+    return first, second
+
+
+def _positive_whole(value, label: str, caller: str) -> int:
+    """``value`` as an ``int`` if it is a whole number >= 1 (``8.0`` too); raise, saying ``label``
+    (``"'tiles'"``), otherwise: ``int()`` had failed on NaN and truncated 2.7, and 0 or -3 passed."""
+    if real_number(value) is None:  # "8", True, None
+        shown = repr(value) if isinstance(value, (bool, str, bytes)) else type(value).__name__
+        raise TypeError(f"{caller}: {label} must be a positive whole number; got {shown}")
+    if not (is_whole(value) and value >= 1):  # NaN, Inf, 0, -3, 2.7
+        raise ValueError(f"{caller}: {label} must be a positive whole number; got {value!r}")
+    return int(value)
+
+
+def _check_path(path: PathLike, caller: str) -> Path:
+    """``path`` as a :class:`Path`, refused before the drawing if it is no path at all."""
+    try:
+        return Path(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"{caller}: 'path' must be a str or os.PathLike; got {type(path).__name__}") from None
+
+
 def normalize(image: np.ndarray) -> np.ndarray:
-    """``image`` scaled to ``[0, 1]`` between its 0.5th and 99.5th percentiles (finite values)."""
-    image = np.asarray(image, dtype=np.float64)
+    """``image`` scaled to ``[0, 1]`` between its 0.5th and 99.5th percentiles (finite values).
+
+    ``image`` is any array of real numbers (a tensor too, detached); NaN becomes 0, +-Inf the ends.
+    Raises ``TypeError`` for complex or non-numeric values.
+    """
+    image = _real_array(image, "'image'", "normalize()").astype(np.float64)
     finite = image[np.isfinite(image)]
     if finite.size == 0:
         return np.zeros_like(image)
@@ -43,29 +110,39 @@ def normalize(image: np.ndarray) -> np.ndarray:
         low, high = float(finite.min()), float(finite.max())
     if high <= low:
         return np.zeros_like(image)
-    return np.clip((np.nan_to_num(image, nan=low) - low) / (high - low), 0.0, 1.0)
-
-
-def _check_pair(first: np.ndarray, second: np.ndarray, caller: str) -> tuple[np.ndarray, np.ndarray]:
-    first, second = np.asarray(first), np.asarray(second)
-    if first.ndim != 2 or first.shape != second.shape:
-        raise ValueError(
-            f"{caller}: the images must be (H, W) arrays of one shape; got {first.shape} and {second.shape}"
-        )
-    return first, second
+    # Inf to the ends directly: nan_to_num's default, the largest float, overflowed the division.
+    image = np.nan_to_num(image, nan=low, posinf=high, neginf=low)
+    return np.clip((image - low) / (high - low), 0.0, 1.0)
 
 
 def overlay(fixed: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """``(H, W, 3)`` RGB in ``[0, 1]``: red = blue = ``other``, green = ``fixed`` (both normalised)."""
-    fixed, other = _check_pair(fixed, other, "overlay()")
+    """``(H, W, 3)`` RGB in ``[0, 1]``: red = blue = ``other``, green = ``fixed`` (both normalised).
+
+    Raises:
+        TypeError: an image of complex or non-numeric values.
+        ValueError: an image that is not ``(H, W)``, is empty, or differs in shape from the other.
+    """
+    return _overlay(*_pair(fixed, other, ("fixed", "other"), "overlay()"))
+
+
+def _overlay(fixed: np.ndarray, other: np.ndarray) -> np.ndarray:
     fixed, other = normalize(fixed), normalize(other)
     return np.stack([other, fixed, other], axis=-1)
 
 
 def checkerboard(fixed: np.ndarray, other: np.ndarray, *, tiles: int = 8) -> np.ndarray:
-    """``(H, W)`` in ``[0, 1]``: squares of side ``min(H, W) / tiles``, alternately from ``fixed`` and ``other``."""
-    fixed, other = _check_pair(fixed, other, "checkerboard()")
-    side = max(1, int(round(min(fixed.shape) / max(int(tiles), 1))))
+    """``(H, W)`` in ``[0, 1]``: squares of side ``min(H, W) / tiles``, alternately from ``fixed`` and ``other``.
+
+    Raises:
+        TypeError: an image as for :func:`overlay`, or a ``tiles`` that is not a number.
+        ValueError: an image as for :func:`overlay`, or a ``tiles`` that is not a positive whole number.
+    """
+    fixed, other = _pair(fixed, other, ("fixed", "other"), "checkerboard()")
+    return _checkerboard(fixed, other, _positive_whole(tiles, "'tiles'", "checkerboard()"))
+
+
+def _checkerboard(fixed: np.ndarray, other: np.ndarray, tiles: int) -> np.ndarray:
+    side = max(1, int(round(min(fixed.shape) / tiles)))  # more tiles than pixels: one-pixel squares
     rows = (np.arange(fixed.shape[0]) // side)[:, None]
     columns = (np.arange(fixed.shape[1]) // side)[None, :]
     return np.where((rows + columns) % 2 == 0, normalize(fixed), normalize(other))
@@ -81,8 +158,8 @@ def _figure(width_inches: float, height_inches: float):
     return figure
 
 
-def _save(figure, path: PathLike, dpi: float) -> Path:
-    path = Path(os.fspath(path))
+def _save(figure, path: Path, dpi: float) -> Path:
+    # A temporary file renamed when complete: a failed or interrupted draw leaves no half-written PNG.
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=dpi)
     return path
@@ -101,15 +178,25 @@ def save_comparison(
     """Write a PNG with the overlay (top) and checkerboard (bottom) of ``fixed`` against ``before`` and ``after``.
 
     Args:
-        path: the ``.png`` to write.
+        path: the ``.png`` to write (atomically: a temporary file, then renamed).
         fixed: ``(H, W)`` fixed image.
         before: ``(H, W)`` moving image on the fixed grid, untransformed.
         after: ``(H, W)`` moving image warped onto the fixed grid.
         title: a line above the panels.
-        panel_width: width of one panel in pixels (the PNG is about twice that wide).
+        tiles: checkerboard squares along the shorter side, a positive whole number.
+        panel_width: width of one panel in pixels, a positive whole number (the PNG is about twice that wide).
+
+    Raises:
+        TypeError, ValueError: before anything is drawn or written, naming the argument: images as
+            for :func:`overlay` (``before`` and ``after`` of ``fixed``'s shape), ``tiles`` or
+            ``panel_width`` not a positive whole number, ``path`` not a path.
     """
-    fixed, before = _check_pair(fixed, before, "save_comparison()")
-    _check_pair(fixed, after, "save_comparison()")
+    caller = "save_comparison()"
+    path = _check_path(path, caller)
+    fixed, before = _pair(fixed, before, ("fixed", "before"), caller)
+    fixed, after = _pair(fixed, after, ("fixed", "after"), caller)
+    tiles = _positive_whole(tiles, "'tiles'", caller)
+    panel_width = _positive_whole(panel_width, "'panel_width'", caller)
     height, width = fixed.shape
     dpi = 100.0
     panel_w = panel_width / dpi
@@ -117,10 +204,10 @@ def save_comparison(
     figure = _figure(2 * panel_w + 0.3, 2 * panel_h + 0.9 + (0.3 if title else 0.0))
     axes = figure.subplots(2, 2)
     panels = [
-        (overlay(fixed, before), "before: fixed green, moving magenta"),
-        (overlay(fixed, after), "after: fixed green, warped magenta"),
-        (checkerboard(fixed, before, tiles=tiles), "before: checkerboard"),
-        (checkerboard(fixed, after, tiles=tiles), "after: checkerboard"),
+        (_overlay(fixed, before), "before: fixed green, moving magenta"),
+        (_overlay(fixed, after), "after: fixed green, warped magenta"),
+        (_checkerboard(fixed, before, tiles), "before: checkerboard"),
+        (_checkerboard(fixed, after, tiles), "after: checkerboard"),
     ]
     for axis, (picture, label) in zip(axes.flat, panels):
         axis.imshow(picture, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
@@ -130,6 +217,32 @@ def save_comparison(
         figure.suptitle(title, fontsize=9)
     figure.tight_layout(pad=0.4)
     return _save(figure, path, dpi)
+
+
+def _levels(levels, caller: str) -> list[tuple[int, np.ndarray]]:
+    """``levels`` as a list of ``(factor, costs)``, ``costs`` float64 ``(iterations + 1, B)``; raise,
+    naming ``levels[i]``, for anything else (all checked before a figure is made)."""
+    if isinstance(levels, (str, bytes)) or not hasattr(levels, "__iter__"):
+        raise TypeError(f"{caller}: 'levels' must be a sequence of (shrink factor, costs); "
+                        f"got {type(levels).__name__}")
+    checked = []
+    for index, level in enumerate(levels):  # a generator too: read once, here
+        name = f"levels[{index}]"
+        if isinstance(level, (str, bytes)) or not hasattr(level, "__len__") or len(level) != 2:
+            shape = f" of shape {np.shape(level)}" if hasattr(level, "shape") else ""
+            raise TypeError(f"{caller}: '{name}' must be a pair (shrink factor, costs); "
+                            f"got {type(level).__name__}{shape}")
+        factor, costs = level
+        factor = _positive_whole(factor, f"the shrink factor of '{name}'", caller)
+        costs = _real_array(costs, f"the cost array of '{name}'", caller).astype(np.float64)
+        shape = costs.shape
+        if costs.ndim == 1:
+            costs = costs[:, None]
+        if costs.ndim != 2 or costs.size == 0:  # a scalar had raised IndexError, 3-D was drawn flattened
+            raise ValueError(f"{caller}: the cost array of '{name}' must have shape (iterations + 1,) or "
+                             f"(iterations + 1, B), at least one cost; got shape {shape}")
+        checked.append((factor, costs))
+    return checked
 
 
 def save_convergence(
@@ -142,23 +255,29 @@ def save_convergence(
     """Write a PNG of the cost against the iteration, one colour per pyramid level.
 
     Args:
-        path: the ``.png`` to write.
-        levels: coarse to fine, ``(shrink factor, costs)`` with ``costs`` of
-            shape ``(iterations + 1, B)`` (the start, then after each
-            iteration), as in :attr:`tireg.RegistrationResult.history`.  With
-            ``B > 1`` pairs the median is drawn and every pair thinly (up to 50).
+        path: the ``.png`` to write (atomically: a temporary file, then renamed).
+        levels: coarse to fine, ``(shrink factor, costs)`` with a positive whole shrink factor and
+            ``costs`` of shape ``(iterations + 1, B)`` or ``(iterations + 1,)`` (the start, then
+            after each iteration), as in
+            :attr:`tireg.RegistrationResult.history`.  With ``B > 1`` pairs the median is drawn
+            and every pair thinly (up to 50).
         title: the plot's title.
         metric: the y axis label.
+
+    Raises:
+        TypeError, ValueError: before anything is drawn or written, naming ``levels[i]``: not a
+            pair, a shrink factor that is not a positive whole number, costs that are not real
+            numbers of one of those shapes or hold none; ``path`` not a path.
     """
+    caller = "save_convergence()"
+    path = _check_path(path, caller)
+    levels = _levels(levels, caller)
     figure = _figure(6.0, 3.6)
     axis = figure.subplots()
     start = 0
     low, high = math.inf, 0.0
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
     for index, (factor, costs) in enumerate(levels):
-        costs = np.asarray(costs, dtype=np.float64)
-        if costs.ndim == 1:
-            costs = costs[:, None]
         steps = np.arange(start, start + costs.shape[0])
         colour = colours[index % len(colours)]
         if costs.shape[1] > 1:

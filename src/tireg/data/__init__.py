@@ -1,9 +1,10 @@
 """Bundled example images (see ``README.md`` in this folder for sources and licences).
 
-Each loader returns a float tensor with values in ``[0, 1]``: grey images as
-``(H, W)``, colour images as ``(3, H, W)``.  They are small (about 200 x 250
-pixels), non-square, real photographs and textures, stored as ``.npz`` so
-that loading needs nothing beyond NumPy.
+Each loader returns a float tensor (float32, or float64 with ``dtype=torch.float64``)
+with values in ``[0, 1]``: grey images as ``(H, W)``, colour images as
+``(3, H, W)``.  They are small (about 200 x 250 pixels), non-square, real
+photographs and textures, stored as ``.npz`` so that loading needs nothing
+beyond NumPy.
 """
 
 from __future__ import annotations
@@ -13,16 +14,34 @@ from importlib import resources
 import numpy as np
 import torch
 
+from .._validation import FLOAT_DTYPES, check_option
+
 __all__ = ["IMAGES", "load", "astronaut", "camera", "coins", "brick", "gravel", "immunohistochemistry"]
 
 #: Names of the bundled images.
 IMAGES = ("astronaut", "camera", "coins", "brick", "gravel", "immunohistochemistry")
 
 
-def load(name: str, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A bundled image by name, values in ``[0, 1]``: ``(H, W)`` grey or ``(3, H, W)`` colour."""
-    if name not in IMAGES:
-        raise ValueError(f"unknown bundled image {name!r}; choose one of {', '.join(map(repr, IMAGES))}")
+def _check_dtype(dtype: torch.dtype, caller: str) -> torch.dtype:
+    """``dtype`` if it is one that tireg computes in (float32, float64); raise otherwise.
+
+    An integer or bool dtype truncated the ``[0, 1]`` values to 0 and 1, and a string reached
+    ``Tensor.to`` as a device name.  float16 and bfloat16 are refused too: no tireg function takes them.
+    """
+    if not isinstance(dtype, torch.dtype):
+        shown = f"the string {dtype!r}" if isinstance(dtype, str) else type(dtype).__name__
+        raise TypeError(f"{caller}: 'dtype' must be torch.float32 or torch.float64; got {shown}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{caller}: 'dtype' must be torch.float32 or torch.float64; got {dtype}")
+    return dtype
+
+
+def _load(name: str, dtype: torch.dtype, caller: str) -> torch.Tensor:
+    if not isinstance(name, str):
+        raise TypeError(f"{caller}: 'name' must be a string, one of {', '.join(map(repr, IMAGES))}; "
+                        f"got {type(name).__name__}")
+    check_option(name, IMAGES, "bundled image", caller)
+    dtype = _check_dtype(dtype, caller)
     with resources.files(__name__).joinpath(f"{name}.npz").open("rb") as handle:
         image = np.load(handle)["image"]
     if image.ndim == 3:
@@ -30,31 +49,45 @@ def load(name: str, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.from_numpy(image.astype(np.float64) / 255.0).to(dtype)
 
 
+def load(name: str, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A bundled image by name, values in ``[0, 1]``: ``(H, W)`` grey or ``(3, H, W)`` colour.
+
+    Args:
+        name: one of :data:`IMAGES`.
+        dtype: ``torch.float32`` or ``torch.float64``.
+
+    Raises:
+        ValueError: an unknown ``name``.
+        TypeError: a ``name`` that is not a string, or another ``dtype``.
+    """
+    return _load(name, dtype, "load()")
+
+
 def astronaut(*, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Eileen Collins, NASA portrait (public domain), grey ``(192, 256)``."""
-    return load("astronaut", dtype=dtype)
+    return _load("astronaut", dtype, "astronaut()")
 
 
 def camera(*, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Photographer with camera, Lav Varshney (CC0), grey ``(224, 256)``."""
-    return load("camera", dtype=dtype)
+    return _load("camera", dtype, "camera()")
 
 
 def coins(*, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Greek coins from Pompeii (no known copyright restrictions), grey ``(303, 384)``."""
-    return load("coins", dtype=dtype)
+    return _load("coins", dtype, "coins()")
 
 
 def brick(*, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Brick wall texture, CC0Textures Bricks25 (CC0), grey ``(192, 256)``: a periodic pattern."""
-    return load("brick", dtype=dtype)
+    return _load("brick", dtype, "brick()")
 
 
 def gravel(*, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Gravel texture, CC0Textures Gravel04 (CC0), grey ``(192, 256)``."""
-    return load("gravel", dtype=dtype)
+    return _load("gravel", dtype, "gravel()")
 
 
 def immunohistochemistry(*, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Immunohistochemistry (IHC) stained tissue (no known copyright restrictions), colour ``(3, 192, 256)``."""
-    return load("immunohistochemistry", dtype=dtype)
+    return _load("immunohistochemistry", dtype, "immunohistochemistry()")

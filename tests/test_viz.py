@@ -1,0 +1,137 @@
+"""Pictures of a registration: clear errors before anything is drawn or written."""
+
+from __future__ import annotations
+
+import struct
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from tireg import viz
+
+RNG = np.random.default_rng(0)
+FIXED, MOVING = RNG.random((20, 30)), RNG.random((20, 30))
+
+
+def png_size(path) -> tuple[int, int]:
+    """``(width, height)`` from a PNG's header."""
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", header[16:24])
+
+
+def test_tensors_that_require_grad_are_drawn_detached():
+    # ``.numpy()`` had refused them: "Can't call numpy() on Tensor that requires grad".
+    fixed = torch.tensor(FIXED, requires_grad=True)
+    moving = torch.tensor(MOVING, dtype=torch.float32, requires_grad=True)
+    assert np.array_equal(viz.normalize(fixed), viz.normalize(FIXED))
+    assert np.array_equal(viz.overlay(fixed, moving), viz.overlay(FIXED, moving.detach().numpy()))
+    assert np.array_equal(viz.checkerboard(fixed, moving, tiles=4),
+                          viz.checkerboard(FIXED, moving.detach().numpy(), tiles=4))
+
+
+@pytest.mark.parametrize("other", [MOVING + 1j, torch.tensor(MOVING, dtype=torch.complex64)])
+def test_overlay_refuses_complex_values(other):
+    # The imaginary part had been dropped with only a ComplexWarning.
+    with pytest.raises(TypeError, match=r"^overlay\(\): 'other' holds complex values; pass their real part or "
+                                        r"magnitude$"):
+        viz.overlay(FIXED, other)
+
+
+def test_images_are_named_when_refused():
+    with pytest.raises(TypeError, match=r"^overlay\(\): 'fixed' must hold real numbers; got ndarray of <U1$"):
+        viz.overlay(np.array([["a", "b"]]), FIXED)
+    with pytest.raises(ValueError, match=r"^overlay\(\): 'fixed' and 'other' must have the same shape \(H, W\); "
+                                         r"got \(20, 30\) and \(10, 30\)$"):
+        viz.overlay(FIXED, MOVING[:10])
+    with pytest.raises(ValueError, match=r"^checkerboard\(\): 'other' is empty; got shape \(0, 3\)$"):
+        viz.checkerboard(FIXED[:, :3], np.zeros((0, 3)))
+
+
+def test_normalize_maps_infinities_to_the_ends_without_overflow():
+    image = FIXED.copy()
+    image[0, 0], image[0, 1] = np.inf, -np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "overflow encountered in divide" before
+        result = viz.normalize(image)
+    assert (result[0, 0], result[0, 1]) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("tiles, error", [
+    (float("nan"), ValueError), (0, ValueError), (-3, ValueError), (2.7, ValueError), ("8", TypeError),
+    (True, TypeError),
+])
+def test_checkerboard_tiles_must_be_a_positive_whole_number(tiles, error):
+    with pytest.raises(error, match=r"^checkerboard\(\): 'tiles' must be a positive whole number; got "):
+        viz.checkerboard(FIXED, MOVING, tiles=tiles)
+
+
+def test_checkerboard_takes_a_whole_float_and_tiles_alternately():
+    board = viz.checkerboard(FIXED, MOVING, tiles=2.0)  # side min(20, 30) / 2 = 10
+    assert np.array_equal(board, viz.checkerboard(FIXED, MOVING, tiles=2))
+    assert np.array_equal(board[:10, :10], viz.normalize(FIXED)[:10, :10])
+    assert np.array_equal(board[:10, 10:20], viz.normalize(MOVING)[:10, 10:20])
+
+
+def test_save_comparison_writes_a_png_of_the_panel_width(tmp_path):
+    path = viz.save_comparison(tmp_path / "c.png", torch.tensor(FIXED, requires_grad=True), MOVING, FIXED,
+                               panel_width=100, tiles=4)
+    assert path == tmp_path / "c.png"
+    width, height = png_size(path)  # two panels and margins at 100 dpi: 2.3 x (2 x 2/3 + 0.9) inches
+    assert width == 230 and height in (223, 224)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.png"]
+
+
+@pytest.mark.parametrize("arguments, options, error, message", [
+    ((np.zeros((3, 0)),) * 3, {}, ValueError, r"'fixed' is empty; got shape \(3, 0\)$"),
+    ((FIXED, MOVING, MOVING[:5]), {}, ValueError, r"'fixed' and 'after' must have the same shape"),
+    ((FIXED, MOVING, MOVING + 1j), {}, TypeError, r"'after' holds complex values"),
+    ((FIXED, MOVING, MOVING), {"panel_width": 0}, ValueError, r"'panel_width' must be a positive whole number; "
+                                                              r"got 0$"),
+    ((FIXED, MOVING, MOVING), {"panel_width": -5}, ValueError, r"'panel_width' must be a positive whole number"),
+    ((FIXED, MOVING, MOVING), {"panel_width": 320.5}, ValueError, r"'panel_width' must be a positive whole number"),
+    ((FIXED, MOVING, MOVING), {"tiles": float("nan")}, ValueError, r"'tiles' must be a positive whole number"),
+])
+def test_save_comparison_refuses_bad_input_before_writing(tmp_path, arguments, options, error, message):
+    with pytest.raises(error, match=r"^save_comparison\(\): " + message):
+        viz.save_comparison(tmp_path / "c.png", *arguments, **options)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_comparison_refuses_a_path_that_is_no_path():
+    with pytest.raises(TypeError, match=r"^save_comparison\(\): 'path' must be a str or os.PathLike; got NoneType$"):
+        viz.save_comparison(None, FIXED, MOVING, MOVING)
+
+
+def test_a_failed_drawing_leaves_no_file(tmp_path):
+    pytest.importorskip("matplotlib")
+    with pytest.raises(ValueError):  # matplotlib cannot parse the mathematics
+        viz.save_comparison(tmp_path / "c.png", FIXED, MOVING, MOVING, title=r"$\frac$")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_convergence_draws_tensors_generators_and_one_pair(tmp_path):
+    levels = ((factor, costs) for factor, costs in [(4, torch.rand(5, 3, requires_grad=True)), (1.0, np.ones(4))])
+    path = viz.save_convergence(tmp_path / "v.png", levels, title="t")
+    assert png_size(path) == (600, 360)
+
+
+@pytest.mark.parametrize("levels, error, message", [
+    (5, TypeError, r"'levels' must be a sequence of \(shrink factor, costs\); got int$"),
+    ([np.ones(5)], TypeError, r"'levels\[0\]' must be a pair \(shrink factor, costs\); got ndarray of shape \(5,\)$"),
+    ([(2, np.ones(3)), ("2", np.ones(3))], TypeError, r"the shrink factor of 'levels\[1\]' must be a positive whole "
+                                                      r"number; got '2'$"),
+    ([(0.5, np.ones(3))], ValueError, r"the shrink factor of 'levels\[0\]' must be a positive whole number; got 0.5$"),
+    ([(2, 1.0)], ValueError, r"the cost array of 'levels\[0\]' must have shape \(iterations \+ 1,\) or "
+                             r"\(iterations \+ 1, B\), at least one cost; got shape \(\)$"),
+    ([(2, np.ones((3, 3, 3)))], ValueError, r"the cost array of 'levels\[0\]' must have shape .*; "
+                                            r"got shape \(3, 3, 3\)$"),
+    ([(2, np.zeros((0, 3)))], ValueError, r"the cost array of 'levels\[0\]' must have shape .*; got shape \(0, 3\)$"),
+    ([(2, np.ones(3) * 1j)], TypeError, r"the cost array of 'levels\[0\]' holds complex values"),
+])
+def test_save_convergence_refuses_bad_levels_before_writing(tmp_path, levels, error, message):
+    with pytest.raises(error, match=r"^save_convergence\(\): " + message):
+        viz.save_convergence(tmp_path / "v.png", levels)
+    assert list(tmp_path.iterdir()) == []
