@@ -605,5 +605,158 @@ def test_invalid_options_are_rejected():
         phase_correlation(image, image[..., :15, :])
     with pytest.raises(ValueError, match=r"^moments\(\): unknown transform 'shear'"):
         moments(image, image, transform="shear")
-    with pytest.raises(ValueError, match=r"^overlap_ncc\(\): 'matrix' must be"):
+    with pytest.raises(ValueError, match=r"^overlap_ncc\(\): 'matrix' must have shape \(B, 3, 3\) or \(3, 3\)"):
         overlap_ncc(image, image, torch.eye(2))
+
+
+# ----------------------------------------------------------------------------
+# audit: short axes, strips, gain invariance, checks
+
+
+def _strip_pair():
+    """A 32 x 2000 strip and its copy moved by (5, 3) px: ``moving(x) = fixed(x - (5, 3))``, truth ``t = (5, 3)``."""
+    generator = torch.Generator().manual_seed(0)
+    big = tireg.sampling.gaussian_blur(torch.rand(1, 1, 80, 2100, generator=generator), 3.0, padding_mode="reflection")
+    return big[..., 10:42, 50:2050], big[..., 7:39, 45:2045]
+
+
+@pytest.mark.parametrize("window", [True, False])
+def test_phase_correlation_finds_no_shift_along_an_axis_of_two(window):
+    """The taper zeroes an axis of 2's only non-zero frequency: the surface is flat there, no shift
+    (it gave -1.5 px, the first point of the refining grid, even for identical images)."""
+    image = torch.rand(2, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(phase_correlation(image, image, window=window)[:, 1], torch.zeros(1, dtype=torch.float64))
+    assert phase_correlation(image, image, window=window).abs().max().item() < 1e-9
+    columns = phase_correlation(image.mT, image.mT, window=window)  # (9, 2): the axis of 2 is x
+    assert torch.equal(columns[:, 0], torch.zeros(1, dtype=torch.float64))
+    # the long axis still carries its shift
+    generator = torch.Generator().manual_seed(1)
+    row = tireg.sampling.gaussian_blur(torch.rand(1, 1, 2, 300, generator=generator, dtype=torch.float64), 2.0)
+    shift = phase_correlation(row[..., 50:250], row[..., 45:245], window=window)[0]
+    assert shift[1].item() == 0.0 and shift[0].item() == pytest.approx(5.0, abs=0.5)
+
+
+@pytest.mark.parametrize("method", ["phase", "auto"])
+def test_initialize_finds_the_shift_of_a_wide_strip(method):
+    """A 32 x 2000 strip was reduced to 2 x 125 (factor 16 for max_size 128): "phase" gave
+    ty = -24 px and "auto" the identity.  The working copy now keeps 16 rows (factor 2)."""
+    fixed, moving = _strip_pair()
+    found = initialize(fixed, moving, "translation", method=method)
+    assert torch.allclose(found[0, :2, :2], torch.eye(2))
+    assert (found[0, :2, 2] - torch.tensor([5.0, 3.0])).abs().max().item() < 1.0
+
+
+def test_working_copies_keep_the_smaller_side():
+    factor = init_module._downsample_factor
+    assert factor([(32, 2000)], 128) == 2  # 16 x 1000, not 2 x 125
+    assert factor([(24, 2000)], 128) == 1
+    assert factor([(2000, 32), (32, 2000)], 128) == 2
+    assert factor([(256, 256)], 128) == 2 and factor([(96, 128)], 128) == 1  # square images as before
+    assert factor([(160, 200)], 50) == 4
+    assert factor([(128, 128)], 8) == 16  # max_size below MIN_WORKING_SIDE: the smaller side keeps max_size
+    assert factor([(5, 7)], 8) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_overlap_ncc_is_gain_invariant(dtype):
+    """An absolute 1e-12 under the root scored an aligned pair 1.0 at gain 1, 0.96 at 1e-4 and 0.03 at 1e-5."""
+    fixed, moving = cut_pair("camera", similarity(0.0, 1.0, 6.0, -3.0), SIZE, dtype=dtype)
+    shift = translation_matrix(torch.tensor([6.0, -3.0]))
+    wrong = translation_matrix(torch.tensor([-4.0, 7.0]))
+    reference = [overlap_ncc(fixed, moving, matrix).item() for matrix in (shift, wrong, torch.eye(3))]
+    assert reference[0] > 0.999 and reference[1] < 0.9
+    for gain in (1e-5, 1e-8, 1e8):
+        scores = [overlap_ncc(fixed * gain, moving * gain, matrix).item() for matrix in (shift, wrong, torch.eye(3))]
+        assert scores == pytest.approx(reference, abs=1e-5), gain
+
+
+def test_overlap_ncc_of_a_flat_side_is_zero_at_any_gain():
+    """No variation on the overlap scores 0, also where the mean is not exact in float32 (rounding
+    is not variation) and whatever the gain."""
+    textured = torch.rand(1, 1, 40, 50, generator=torch.Generator().manual_seed(3))
+    for gain in (1.0, 1e-8, 1e8):
+        flat = torch.full((1, 1, 40, 50), 0.1 * gain)
+        shifted = translation_matrix(torch.tensor([0.37, -0.61]))  # interpolated: rounding in every pixel
+        assert overlap_ncc(textured * gain, flat, shifted).item() == 0.0
+        assert overlap_ncc(flat, textured * gain, shifted).item() == 0.0
+
+
+@pytest.mark.parametrize("gain", [1e-4, 1e-8, 1e6])
+def test_initialize_does_not_depend_on_the_gain(gain):
+    """float32 images around 1e-8 returned the identity for a 6.7 px shift (the NCC's absolute constant)."""
+    truth = similarity(0.0, 1.0, 6.0, -3.0)
+    fixed, moving = cut_pair("camera", truth, SIZE)
+    assert grid_error(initialize(fixed * gain, moving * gain, "translation"), truth, SIZE).item() < 0.5
+    assert grid_error(initialize(fixed * gain, moving * gain, "rigid"), truth, SIZE).item() < 0.5
+
+
+def test_overlap_ncc_broadcasts_matrices_and_images():
+    fixed, moving = cut_pair("camera", similarity(0.0, 1.0, 6.0, -3.0), SIZE)
+    matrices = translation_matrix(torch.tensor([[6.0, -3.0], [0.0, 0.0], [-4.0, 7.0]]))
+    scores = overlap_ncc(fixed, moving, matrices)
+    assert scores.shape == (3,)
+    for index in range(3):
+        assert scores[index].item() == pytest.approx(overlap_ncc(fixed, moving, matrices[index]).item(), abs=1e-6)
+    assert overlap_ncc(fixed.expand(3, 1, *SIZE), moving, matrices[:1]).shape == (3,)
+    assert overlap_ncc(fixed, moving, torch.eye(3, dtype=torch.float64)).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "matrix, options, error, pattern",
+    [
+        (torch.diag(torch.tensor([1.0, 1.0, 2.0])), {}, ValueError, r"'matrix' must be affine, with last row"),
+        (torch.full((3, 3), float("nan")), {}, ValueError, r"'matrix' contains NaN or Inf"),
+        (torch.tensor([[1.0, 0.0, float("inf")], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), {}, ValueError,
+         r"'matrix' contains NaN or Inf"),
+        (torch.eye(3).expand(3, 3, 3), {}, ValueError, r"batch sizes differ: 3 transforms for 2 images"),
+        (torch.zeros(0, 3, 3), {}, ValueError, r"'matrix' holds no matrix"),
+        (torch.eye(3, dtype=torch.int64), {}, TypeError, r"'matrix' must be float32 or float64"),
+        (torch.eye(3).tolist(), {}, TypeError, r"'matrix' must be a torch.Tensor"),
+        (torch.eye(3), {"min_overlap": float("nan")}, ValueError, r"'min_overlap' must be finite"),
+        (torch.eye(3), {"min_overlap": 1.5}, ValueError, r"'min_overlap' must be a fraction in \[0, 1\]; got 1.5"),
+        (torch.eye(3), {"min_overlap": -0.1}, ValueError, r"'min_overlap' must be a fraction in \[0, 1\]"),
+        (torch.eye(3), {"min_overlap": "a"}, TypeError, r"'min_overlap' must be a number; got 'a'"),
+    ],
+    ids=["projective", "nan", "inf", "batch", "empty", "int", "list", "overlap-nan", "overlap-above-1",
+         "overlap-negative", "overlap-str"],
+)
+def test_overlap_ncc_rejects(matrix, options, error, pattern):
+    images = torch.rand(2, 1, 16, 20, generator=torch.Generator().manual_seed(4))
+    with pytest.raises(error, match=r"^overlap_ncc\(\): " + pattern):
+        overlap_ncc(images, images, matrix, **options)
+
+
+def test_max_size_takes_numpy_integers():
+    np = pytest.importorskip("numpy")
+    fixed, moving = cut_pair("camera", similarity(0.0, 1.0, 6.0, -3.0), SIZE)
+    expected = initialize(fixed, moving, "rigid", max_size=64)
+    for size in (np.int64(64), np.int32(64), torch.tensor(64)):
+        assert torch.equal(initialize(fixed, moving, "rigid", max_size=size), expected)
+    for bad in (np.float64(64.0), np.int64(4), torch.tensor(64.0)):
+        with pytest.raises(ValueError, match=r"^initialize\(\): 'max_size' must be an integer >= 8"):
+            initialize(fixed, moving, "rigid", max_size=bad)
+
+
+@pytest.mark.parametrize("window", ["no", 1, None])
+def test_phase_correlation_window_must_be_a_bool(window):
+    image = torch.rand(1, 1, 16, 20, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(TypeError, match=r"^phase_correlation\(\): 'window' must be True or False"):
+        phase_correlation(image, image, window=window)
+
+
+def test_fourier_mellin_angle_stays_in_its_range_in_float32():
+    """-pi/2 rounded to float32 lies below -pi/2: a 90-degree turn returned it, outside [-pi/2, pi/2)."""
+    for dtype in (torch.float32, torch.float64):
+        fixed, moving = cut_pair("camera", similarity(-90.0, 1.0, 0.0, 0.0, size=(128, 128)), (128, 128), dtype=dtype)
+        angle = fourier_mellin(fixed, moving)[0].item()
+        assert -math.pi / 2 <= angle < math.pi / 2
+        assert abs(abs(angle) - math.pi / 2) < 1 * DEGREE
+
+
+def test_translation_keeps_the_phase_shift_on_a_tie(monkeypatch):
+    """The docstring: phase correlation is kept where it scores at least the identity."""
+    truth = similarity(0.0, 1.0, 6.0, -3.0)
+    fixed, moving = cut_pair("camera", truth, SIZE)
+    monkeypatch.setattr(init_module, "_ncc_scores", lambda f, m, matrices, overlap: torch.zeros(matrices.shape[:2]))
+    for method in ("auto", "search", "fourier-mellin"):
+        assert grid_error(initialize(fixed, moving, "translation", method=method), truth, SIZE).item() < 0.5, method

@@ -12,14 +12,18 @@ import torch.nn.functional as F
 
 from conftest import smooth_random_image
 from tireg.sampling import (
+    downsample,
     extend,
+    gaussian_blur,
     grid_moments,
     image_gradient,
     pixel_axes,
     pixel_grid,
     sample,
     sample_with_gradient,
+    sampler_gradient,
     sampling_grid,
+    shrink_matrix,
     warp,
     warp_gradient,
 )
@@ -501,7 +505,7 @@ def test_image_gradient_rejects_unknown_method():
 
 @pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan")])
 def test_image_gradient_rejects_non_positive_sigma(sigma):
-    with pytest.raises(ValueError, match=r"image_gradient\(\): 'sigma' must be positive"):
+    with pytest.raises(ValueError, match=r"image_gradient\(\): 'sigma' must be (positive|finite)"):
         image_gradient(torch.zeros(1, 1, 4, 5), method="gaussian", sigma=sigma)
 
 
@@ -648,3 +652,184 @@ def test_grid_moments_take_inference_mode_axes(generator):
     expected = _moments_per_pixel(values.movedim(-1, 1), *axes, second_order=False)
     torch.testing.assert_close(inside, expected)
     torch.testing.assert_close(outside, expected)
+
+
+# ----------------------------------------------------------------------------
+# audit: shapes checked before the kernels, named errors
+
+
+def _gradient_case():
+    moving = torch.rand(2, 1, 16, 20, generator=torch.Generator().manual_seed(0))
+    grid = sampling_grid(torch.eye(3).expand(2, 3, 3), (16, 20), (16, 20))
+    return moving, grid
+
+
+@pytest.mark.parametrize("function", [warp_gradient, sampler_gradient])
+@pytest.mark.parametrize("shape", [(1, 1, 16, 20), (2, 1, 5, 5), (2, 3, 16, 20), (2, 1, 16, 1), (3, 1, 16, 20),
+                                   (16, 20)])
+def test_warp_gradient_rejects_a_weight_of_another_shape(function, shape):
+    """The sampler's backward kernel reads the weight as (B, C, H, W) whatever its shape: a smaller one
+    gave garbage, inf or NaN read from outside it, a larger one was silently cut."""
+    moving, grid = _gradient_case()
+    name = function.__name__
+    with pytest.raises(ValueError, match=rf"^{name}\(\): 'weight' must have shape \(B, C, H, W\) = \(2, 1, 16, 20\)"):
+        function(torch.ones(shape), moving, grid)
+
+
+@pytest.mark.parametrize(
+    "weight, moving, grid, error, pattern",
+    [
+        (np.ones((2, 1, 16, 20)), None, None, TypeError, r"'weight' must be a torch.Tensor"),
+        (torch.ones(2, 1, 16, 20, dtype=torch.float64), None, None, ValueError,
+         r"'weight' \(torch.float64.*same dtype"),
+        (None, torch.rand(1, 16, 20), None, ValueError, r"'moving' must have 4 dimensions"),
+        (None, torch.ones(2, 1, 16, 20, dtype=torch.int64), None, TypeError, r"'moving' must be float32 or float64"),
+        (None, None, torch.zeros(16, 20, 2), ValueError, r"'grid' must be \(B, H, W, 2\) with B = 2"),
+        (None, None, torch.zeros(2, 16, 20, 3), ValueError, r"'grid' must be \(B, H, W, 2\)"),
+        (None, None, torch.zeros(3, 16, 20, 2), ValueError, r"'grid' must be \(B, H, W, 2\) with B = 2"),
+        (None, None, torch.zeros(2, 16, 20, 2, dtype=torch.float64), ValueError, r"'grid' \(torch.float64.*same dtype"),
+    ],
+    ids=["numpy-weight", "weight-dtype", "3d-moving", "int-moving", "3d-grid", "grid-last-3", "grid-batch",
+         "grid-dtype"],
+)
+def test_warp_gradient_rejects(weight, moving, grid, error, pattern):
+    good_moving, good_grid = _gradient_case()
+    weight = torch.ones(2, 1, 16, 20) if weight is None else weight
+    with pytest.raises(error, match=r"^warp_gradient\(\): " + pattern):
+        warp_gradient(weight, good_moving if moving is None else moving, good_grid if grid is None else grid)
+
+
+@pytest.mark.parametrize(
+    "moving, grid, gradient, error, pattern",
+    [
+        (torch.rand(1, 16, 20), None, None, ValueError, r"'moving' must have 4 dimensions"),
+        (torch.ones(2, 1, 16, 20, dtype=torch.int64), None, None, TypeError, r"'moving' must be float32 or float64"),
+        (None, torch.zeros(2, 16, 20, 3), None, ValueError, r"'grid' must be \(B, H, W, 2\)"),
+        (None, torch.zeros(3, 16, 20, 2), None, ValueError, r"'grid' must be \(B, H, W, 2\) with B = 2"),
+        (None, torch.zeros(2, 16, 20, 2, dtype=torch.float64), None, ValueError, r"'grid' \(torch.float64.*same dtype"),
+        (None, None, torch.zeros(2, 1, 16, 20), ValueError,
+         r"'gradient' must have shape \(B, C, 2, Hm, Wm\) = \(2, 1, 2, 16, 20\)"),
+        (None, None, torch.zeros(2, 1, 2, 8, 10), ValueError, r"'gradient' must have shape"),
+        (None, None, torch.zeros(2, 1, 2, 16, 20, dtype=torch.float64), ValueError, r"'gradient' \(torch.float64"),
+        (None, None, np.zeros((2, 1, 2, 16, 20)), TypeError, r"'gradient' must be a torch.Tensor"),
+    ],
+    ids=["3d-moving", "int-moving", "grid-last-3", "grid-batch", "mixed-dtypes", "gradient-4d", "gradient-size",
+         "gradient-dtype", "gradient-numpy"],
+)
+def test_sample_with_gradient_rejects(moving, grid, gradient, error, pattern):
+    good_moving, good_grid = _gradient_case()
+    with pytest.raises(error, match=r"^sample_with_gradient\(\): " + pattern):
+        sample_with_gradient(good_moving if moving is None else moving, good_grid if grid is None else grid,
+                             gradient=gradient)
+
+
+def test_sampling_checks_read_no_value():
+    """The functions a registration calls every evaluation check shapes only: they run on meta
+    tensors, which have no values to read (a read waits for a GPU)."""
+    meta = dict(device="meta")
+    moving, grid = torch.empty(2, 1, 16, 20, **meta), torch.empty(2, 16, 20, 2, **meta)
+    weight = torch.empty(2, 1, 16, 20, **meta)
+    assert warp_gradient(weight, moving, grid).shape == (2, 16, 20, 2)
+    assert sampler_gradient(weight, moving, grid).shape == (2, 16, 20, 2)
+    assert sample_with_gradient(moving, grid)[1].shape == (2, 1, 2, 16, 20)
+    assert sample_with_gradient(moving, grid, gradient=torch.empty(2, 1, 2, 16, 20, **meta))[1].shape == (
+        2, 1, 2, 16, 20)
+    assert grid_moments(torch.empty(2, 16, 20, 2, **meta), pixel_axes((16, 20), **meta)).shape == (2, 2, 3)
+    assert gaussian_blur(moving, 1.0).shape == moving.shape
+    assert downsample(moving, 2).shape == (2, 1, 8, 10)
+
+
+@pytest.mark.parametrize(
+    "call, error, pattern",
+    [
+        (lambda: gaussian_blur(torch.rand(16, 20), 1.0), ValueError, r"^gaussian_blur\(\): 'image' must have 4 dim"),
+        (lambda: gaussian_blur(torch.rand(1, 16, 20), 1.0), ValueError, r"^gaussian_blur\(\): 'image' must have 4"),
+        (lambda: gaussian_blur(torch.rand(1, 1, 0, 5), 1.0), ValueError, r"^gaussian_blur\(\): 'image' is empty"),
+        (lambda: gaussian_blur(np.zeros((1, 1, 4, 4)), 1.0), TypeError, r"^gaussian_blur\(\): 'image' must be a torch"),
+        (lambda: gaussian_blur(torch.rand(1, 1, 4, 4), float("nan")), ValueError,
+         r"^gaussian_blur\(\): 'sigma' must be finite"),
+        (lambda: gaussian_blur(torch.rand(1, 1, 4, 4), float("inf")), ValueError, r"'sigma' must be finite"),
+        (lambda: gaussian_blur(torch.rand(1, 1, 4, 4), "1"), TypeError,
+         r"^gaussian_blur\(\): 'sigma' must be a number"),
+        (lambda: gaussian_blur(torch.rand(1, 1, 4, 4), None), TypeError, r"'sigma' must be a number; got NoneType"),
+        (lambda: gaussian_blur(torch.rand(1, 1, 4, 4), 1.0, padding_mode="wrap"), ValueError,
+         r"^gaussian_blur\(\): unknown padding mode 'wrap'"),
+        (lambda: downsample(torch.rand(1, 1, 4, 4), 0), ValueError,
+         r"^downsample\(\): 'factor' must be a positive whole number; got 0"),
+        (lambda: downsample(torch.rand(1, 1, 4, 4), -2), ValueError, r"'factor' must be a positive whole number"),
+        (lambda: downsample(torch.rand(1, 1, 4, 4), 2.5), ValueError, r"'factor' must be a positive whole number"),
+        (lambda: downsample(torch.rand(1, 1, 4, 4), True), ValueError, r"'factor' must be a positive whole number"),
+        (lambda: downsample(torch.rand(1, 1, 4, 4), "2"), ValueError, r"'factor' must be a positive whole number"),
+        (lambda: downsample(torch.rand(1, 1, 16, 20), 17), ValueError,
+         r"^downsample\(\): 'factor' 17 is larger than the image \(16, 20\)"),
+        (lambda: downsample(torch.rand(16, 20), 2), ValueError, r"^downsample\(\): 'image' must have 4 dimensions"),
+        (lambda: downsample(np.zeros((1, 1, 4, 4)), 2), TypeError, r"^downsample\(\): 'image' must be a torch.Tensor"),
+        (lambda: shrink_matrix(0), ValueError, r"^shrink_matrix\(\): 'factor' must be a positive whole number"),
+        (lambda: shrink_matrix(1.5), ValueError, r"^shrink_matrix\(\): 'factor' must be a positive whole number"),
+        (lambda: grid_moments(torch.rand(16, 20, 2), pixel_axes((16, 20))), ValueError,
+         r"^grid_moments\(\): 'values' must have 4 dimensions"),
+        (lambda: grid_moments(torch.rand(1, 16, 20, 2), pixel_axes((10, 20))), ValueError,
+         r"^grid_moments\(\): 'axes' have 10 rows and 20 columns"),
+        (lambda: grid_moments(torch.rand(1, 2, 16, 20), pixel_axes((16, 20)), channel_dim=0), ValueError,
+         r"^grid_moments\(\): 'channel_dim' must be 1 \(B, K, H, W\) or -1 \(B, H, W, K\); got 0"),
+        (lambda: grid_moments(torch.rand(1, 16, 2, 20), pixel_axes((16, 20)), channel_dim=2), ValueError,
+         r"'channel_dim' must be 1"),
+        (lambda: grid_moments(torch.rand(1, 16, 20, 2, dtype=torch.float64), pixel_axes((16, 20))), ValueError,
+         r"^grid_moments\(\): 'axes' \(torch.float32, torch.float32\) and 'values' \(torch.float64\)"),
+        (lambda: grid_moments(torch.rand(1, 16, 20, 2), torch.arange(16.0)), ValueError,
+         r"^grid_moments\(\): 'axes' must be two 1-D tensors"),
+        (lambda: grid_moments(torch.ones(1, 16, 20, 2, dtype=torch.long), pixel_axes((16, 20), dtype=torch.long)),
+         TypeError, r"^grid_moments\(\): 'values' must be a float tensor"),
+        (lambda: image_gradient(torch.rand(1, 1, 4, 5), method="gaussian", sigma="1"), TypeError,
+         r"^image_gradient\(\): 'sigma' must be a number"),
+        (lambda: image_gradient(torch.rand(1, 1, 4, 5), method="gaussian", sigma=None), TypeError,
+         r"^image_gradient\(\): 'sigma' must be a number"),
+        (lambda: image_gradient(torch.rand(1, 1, 4, 5), method="gaussian", sigma=float("inf")), ValueError,
+         r"^image_gradient\(\): 'sigma' must be finite"),
+        (lambda: warp(torch.rand(1, 1, 4, 5), torch.zeros(0, 3, 3)), ValueError,
+         r"^warp\(\): 'matrix' holds no matrix; got shape \(0, 3, 3\)"),
+    ],
+    ids=["blur-2d", "blur-3d", "blur-empty", "blur-numpy", "blur-sigma-nan", "blur-sigma-inf", "blur-sigma-str",
+         "blur-sigma-none", "blur-padding", "down-0", "down-negative", "down-2.5", "down-true", "down-str",
+         "down-too-large", "down-2d", "down-numpy", "shrink-0", "shrink-1.5", "moments-3d", "moments-axes",
+         "moments-channel-0", "moments-channel-2", "moments-dtypes", "moments-one-axis", "moments-int",
+         "gradient-sigma-str", "gradient-sigma-none", "gradient-sigma-inf", "warp-empty-matrix-batch"],
+)
+def test_sampling_functions_reject(call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call()
+
+
+def test_downsample_takes_whole_numbers_of_any_type():
+    image = torch.rand(1, 2, 9, 12, generator=torch.Generator().manual_seed(1))
+    expected = downsample(image, 2)
+    assert expected.shape == (1, 2, 4, 6)
+    for factor in (2.0, np.int64(2), np.float32(2.0), torch.tensor(2)):
+        assert torch.equal(downsample(image, factor), expected)
+        assert torch.equal(shrink_matrix(factor), shrink_matrix(2))
+    assert downsample(image, 1) is image and downsample(image, 9).shape == (1, 2, 1, 1)
+
+
+def test_gaussian_blur_takes_any_real_sigma():
+    image = torch.rand(1, 1, 9, 12, generator=torch.Generator().manual_seed(2))
+    expected = gaussian_blur(image, 1.5)
+    for sigma in (np.float64(1.5), torch.tensor(1.5)):
+        assert torch.equal(gaussian_blur(image, sigma), expected)
+    assert gaussian_blur(image, 0) is image and gaussian_blur(image, -1.0) is image
+
+
+def test_central_image_gradient_ignores_sigma():
+    """Central differences do not use sigma: sigma=0 (or any value) is not an error there."""
+    image = torch.rand(1, 1, 9, 12, generator=torch.Generator().manual_seed(3))
+    expected = image_gradient(image)
+    for sigma in (0, -1.0, None, "x"):
+        assert torch.equal(image_gradient(image, method="central", sigma=sigma), expected)
+
+
+@pytest.mark.parametrize("first, last", [(1, -1), (-3, 3)])
+def test_grid_moments_name_a_layout_by_either_index(first, last, generator):
+    values = torch.rand(2, 3, 7, 9, generator=generator, dtype=torch.float64)
+    axes = pixel_axes((7, 9), dtype=torch.float64)
+    expected = grid_moments(values, axes, channel_dim=1)
+    assert torch.allclose(grid_moments(values, axes, channel_dim=first), expected)
+    assert torch.allclose(grid_moments(values.permute(0, 2, 3, 1).contiguous(), axes, channel_dim=last), expected)

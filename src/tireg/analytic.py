@@ -21,9 +21,10 @@ from typing import Optional, Union
 import torch
 
 from . import _chunks, fused
+from ._validation import INTERPOLATIONS, PADDING_MODES, check_affine, check_image, check_option
 from .losses import PerPixelLoss
 from .metrics import Metric, PerPixelMetric
-from .sampling import grid_moments, pixel_axes, sample, sampler_gradient, sampling_grid, shared_pixel_scale
+from .sampling import _grid_moments, _sampler_gradient, pixel_axes, sample, sampling_grid, shared_pixel_scale
 
 __all__ = ["cost_and_gradient", "per_pixel_cost_and_gradient", "parameter_gradient"]
 
@@ -71,7 +72,118 @@ def cost_and_gradient(
 
     Returns:
         ``warped (B, C, H, W)``, ``cost (B,)``, ``G (B, 2, 3)`` with ``G = sum_x g(x) x~^T``.
+
+    Raises:
+        TypeError, ValueError: naming the argument: images not float ``(B, C, H, W)``
+            tensors of one batch, channels, dtype and device; ``matrix`` not ``(B, 3, 3)``
+            (one per pair: no broadcasting); a ``metric`` that is neither a metric nor a
+            per-pixel loss; ``weight``, ``moving_with_gradient`` or ``axes`` of the wrong
+            shape; unknown modes; a ``matrix`` whose last row is not ``(0, 0, 1)``, as
+            :func:`~tireg.sampling.warp` (that check reads the matrix back, a wait on a
+            GPU; the models call the unchecked function, their matrices affine by
+            construction).  NaNs in the images are not looked for.
     """
+    _check_inputs(fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes)
+    check_affine(matrix, "cost_and_gradient()")
+    return _cost_and_gradient(
+        fixed, moving, matrix, metric, weight=weight, interpolation=interpolation, padding_mode=padding_mode,
+        moving_with_gradient=moving_with_gradient, axes=axes, compile=compile, padded_moving=padded_moving,
+        coordinates=coordinates,
+    )
+
+
+def _check_inputs(fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes):
+    """:func:`cost_and_gradient`'s checks: shapes, types, dtypes, devices and options (Python
+    only, a few microseconds; no value is read)."""
+    caller = "cost_and_gradient()"
+    if not isinstance(metric, (Metric, PerPixelLoss)):
+        raise TypeError(
+            f"{caller}: 'metric' must be a tireg.metrics.Metric or a per-pixel loss (tireg.losses.PerPixelLoss); "
+            f"got {type(metric).__name__} (a name such as 'l2' or 'ncc': tireg.metrics.get_metric(name))"
+        )
+    check_option(interpolation, tuple(INTERPOLATIONS), "interpolation", caller)
+    check_option(padding_mode, tuple(PADDING_MODES), "padding mode", caller)
+    check_image(fixed, "fixed", caller, finite=False)
+    check_image(moving, "moving", caller, finite=False)
+    batch, channels, height, width = fixed.shape
+    if moving.shape[:2] != fixed.shape[:2]:
+        raise ValueError(
+            f"{caller}: 'moving' must have the batch and channels of 'fixed' {tuple(fixed.shape)} (one moving "
+            f"image per pair: no broadcasting); got {tuple(moving.shape)}"
+        )
+    like = (fixed.dtype, fixed.device)
+    if (moving.dtype, moving.device) != like:
+        raise ValueError(
+            f"{caller}: 'fixed' ({fixed.dtype}, {fixed.device}) and 'moving' ({moving.dtype}, {moving.device}) "
+            "must have the same dtype and device"
+        )
+    if not isinstance(matrix, torch.Tensor):
+        raise TypeError(f"{caller}: 'matrix' must be a torch.Tensor; got {type(matrix).__name__}")
+    if matrix.shape != (batch, 3, 3):
+        raise ValueError(
+            f"{caller}: 'matrix' must have shape (B, 3, 3) = ({batch}, 3, 3), one per pair (no broadcasting); "
+            f"got {tuple(matrix.shape)}"
+        )
+    if (matrix.dtype, matrix.device) != like:
+        raise ValueError(
+            f"{caller}: 'matrix' ({matrix.dtype}, {matrix.device}) and the images ({fixed.dtype}, {fixed.device}) "
+            "must have the same dtype and device"
+        )
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{caller}: 'weight' must be a torch.Tensor or None; got {type(weight).__name__}")
+        if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[0] not in (1, batch) or (
+            weight.shape[-2:] != fixed.shape[-2:]
+        ):
+            raise ValueError(
+                f"{caller}: 'weight' must have shape ({batch}, 1, {height}, {width}) or (1, 1, {height}, {width}); "
+                f"got {tuple(weight.shape)}"
+            )
+        if weight.device != fixed.device:
+            raise ValueError(f"{caller}: 'weight' is on {weight.device} but the images on {fixed.device}")
+    if moving_with_gradient is not None:
+        if not isinstance(moving_with_gradient, torch.Tensor):
+            raise TypeError(
+                f"{caller}: 'moving_with_gradient' must be a torch.Tensor or None; "
+                f"got {type(moving_with_gradient).__name__}"
+            )
+        expected = (batch, 3 * channels, *moving.shape[-2:])
+        if moving_with_gradient.shape != expected:
+            raise ValueError(
+                f"{caller}: 'moving_with_gradient' must be [M, dM/dx, dM/dy] of 'moving' (stack_with_gradient()), "
+                f"shape {expected}; got {tuple(moving_with_gradient.shape)}"
+            )
+        if (moving_with_gradient.dtype, moving_with_gradient.device) != like:
+            raise ValueError(
+                f"{caller}: 'moving_with_gradient' ({moving_with_gradient.dtype}, {moving_with_gradient.device}) "
+                f"and the images ({fixed.dtype}, {fixed.device}) must have the same dtype and device"
+            )
+    if axes is not None:
+        if not isinstance(axes, (tuple, list)) or len(axes) != 2 or not all(
+            isinstance(axis, torch.Tensor) and axis.dim() == 1 and (axis.dtype, axis.device) == like for axis in axes
+        ) or (axes[0].shape[0], axes[1].shape[0]) != (height, width):
+            raise ValueError(
+                f"{caller}: 'axes' must be pixel_axes(({height}, {width})) of 'fixed', two 1-D tensors of "
+                f"{height} and {width} points, its dtype and device"
+            )
+
+
+def _cost_and_gradient(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    matrix: torch.Tensor,
+    metric: Union[Metric, PerPixelLoss],
+    *,
+    weight: Optional[torch.Tensor] = None,
+    interpolation: str = "bilinear",
+    padding_mode: str = "zeros",
+    moving_with_gradient: Optional[torch.Tensor] = None,
+    axes: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    compile: bool = False,
+    padded_moving: Optional[torch.Tensor] = None,
+    coordinates: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`cost_and_gradient` without its checks, for a caller whose inputs are right by construction."""
     if isinstance(metric, PerPixelLoss):
         metric = PerPixelMetric(metric, mean=False)
     if compile and moving_with_gradient is None:
@@ -84,7 +196,9 @@ def cost_and_gradient(
         axes = pixel_axes(fixed.shape[-2:], dtype=matrix.dtype, device=matrix.device)
     chunks = _chunks.pair_and_row_chunks(fixed.shape, _chunks.eager_budget(fixed.device))
     if len(chunks) == 1 or not isinstance(metric, PerPixelMetric):  # other metrics pool a pair's pixels
-        return _reference(fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes)
+        return _reference(
+            fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes
+        )
     return _reference_in_chunks(
         chunks, fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes
     )
@@ -97,16 +211,17 @@ def _reference(fixed, moving, matrix, metric, weight, interpolation, padding_mod
     if moving_with_gradient is None:
         warped = sample(moving, grid, interpolation=interpolation, padding_mode=padding_mode)
         cost, derivative = metric(warped, fixed, weight, gradient=True)
-        g = sampler_gradient(derivative, moving, grid, interpolation=interpolation, padding_mode=padding_mode)
+        g = _sampler_gradient(derivative, moving, grid, INTERPOLATIONS[interpolation], PADDING_MODES[padding_mode])
         # normalised -> moving pixel units, applied to the 2 x 3 result rather than every pixel
-        matrix_gradient = grid_moments(g, axes) * shared_pixel_scale(moving.shape[-2:], like=grid)[:, None]
+        scale = shared_pixel_scale(moving.shape[-2:], like=grid)
+        matrix_gradient = _grid_moments(g, axes, True, False) * scale[:, None]
     else:
         sampled = sample(moving_with_gradient, grid, interpolation=interpolation, padding_mode=padding_mode)
         warped = sampled[:, :channels]
         cost, derivative = metric(warped, fixed, weight, gradient=True)
         gradient = sampled[:, channels:].reshape(batch, channels, 2, height, width)
         g = torch.einsum("bchw,bckhw->bkhw", derivative, gradient)  # (B, 2, H, W), pixel units
-        matrix_gradient = grid_moments(g, axes, channel_dim=1)
+        matrix_gradient = _grid_moments(g, axes, False, False)
     return warped, cost, matrix_gradient
 
 
@@ -183,6 +298,35 @@ def parameter_gradient(matrix_gradient: torch.Tensor, jacobian: torch.Tensor) ->
 
     Returns:
         ``(B, P)``.
+
+    Raises:
+        TypeError, ValueError: naming the argument, for shapes, dtypes or devices that do not
+            fit together (checked outside a ``torch.compile`` trace; no value is read).
     """
+    if not torch.compiler.is_compiling():
+        _check_parameter_gradient(matrix_gradient, jacobian)
     jacobian = jacobian[:, :, :2, :].expand(matrix_gradient.shape[0], -1, -1, -1)
     return torch.einsum("bij,bpij->bp", matrix_gradient[:, :2, :], jacobian)
+
+
+def _check_parameter_gradient(matrix_gradient: torch.Tensor, jacobian: torch.Tensor) -> None:
+    """:func:`parameter_gradient`'s checks: shapes, dtypes and devices only."""
+    caller = "parameter_gradient()"
+    for name, tensor in (("matrix_gradient", matrix_gradient), ("jacobian", jacobian)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{caller}: '{name}' must be a torch.Tensor; got {type(tensor).__name__}")
+    if matrix_gradient.dim() != 3 or matrix_gradient.shape[1:] not in ((2, 3), (3, 3)):
+        raise ValueError(
+            f"{caller}: 'matrix_gradient' must have shape (B, 2, 3) or (B, 3, 3); got {tuple(matrix_gradient.shape)}"
+        )
+    batch = matrix_gradient.shape[0]
+    if jacobian.dim() != 4 or jacobian.shape[-2:] != (3, 3) or jacobian.shape[0] not in (1, batch):
+        raise ValueError(
+            f"{caller}: 'jacobian' must have shape (B, P, 3, 3) or (1, P, 3, 3) with B = {batch}; "
+            f"got {tuple(jacobian.shape)}"
+        )
+    if jacobian.dtype != matrix_gradient.dtype or jacobian.device != matrix_gradient.device:
+        raise ValueError(
+            f"{caller}: 'jacobian' ({jacobian.dtype}, {jacobian.device}) and 'matrix_gradient' "
+            f"({matrix_gradient.dtype}, {matrix_gradient.device}) must have the same dtype and device"
+        )

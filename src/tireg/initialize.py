@@ -50,6 +50,7 @@ References:
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -57,8 +58,15 @@ import torch.nn.functional as F
 
 from ._chunks import chunk_slices
 from ._device import cached, constant
-from ._validation import check_image, check_option
-from .metrics import NCC
+from ._validation import (
+    all_finite,
+    check_affine,
+    check_batch,
+    check_image,
+    check_matrix,
+    check_option,
+    finite_number,
+)
 from .sampling import checked_warp, downsample, gaussian_blur, shrink_matrix
 from .transforms import (
     get_transform,
@@ -109,6 +117,14 @@ CHUNK_PIXELS = 1 << 18
 #: spectra, candidate warps); for all 128 pairs of 256 x 256 at once that was 3.9x the input
 #: images, the peak of a whole compiled registration.
 PAIR_CHUNK_PIXELS = 1 << 18
+
+#: The working copies keep at least this many pixels on their smaller side (or ``max_size``, if
+#: smaller; or the image's own, if smaller still): :func:`initialize` reduces a wide strip by the
+#: factor its smaller side allows, not by the one its long side asks for.  A 32 x 2000 strip
+#: reduced to ``max_size`` 128 along its length kept 2 rows, where phase correlation has no
+#: information across them (the taper leaves only the zero frequency of an axis of 2): its
+#: (5, 3) px shift was lost.  16 rows keep it (factor 2: 16 x 1000 working pixels).
+MIN_WORKING_SIDE = 16
 
 #: Angles (degrees) and scales of the coarse search.
 SEARCH_ANGLE_STEP = 10.0
@@ -330,11 +346,14 @@ def _peak_shift(spectrum: torch.Tensor, width: int, *, upsample: int = 10) -> to
         inner = (best_xy > 0) & (best_xy < size - 1)
         offsets = torch.where(inner, _parabolic_offsets(_neighbourhood(local, best_xy, wrap=False)), 0.0)
         shift = torch.add(corner, offsets + best_xy, alpha=1.0 / upsample)
-    # wrap-around: a peak beyond half the size is a negative shift; an axis of length 1 has no shift
+    # wrap-around: a peak beyond half the size is a negative shift.  An axis of length 1 or 2 has
+    # no shift to find: the taper of _correlation_surface, cos^2(pi xi), is zero at the Nyquist
+    # frequency (xi = 1/2), the only non-zero one of an axis of 2, so the surface is flat along
+    # it and its argmax meaningless (it gave -1.5, the local grid's first point)
     sizes = constant((float(width), float(height)), like=shift)
     shift = shift - sizes * (shift >= constant((width / 2, height / 2), like=shift))
-    if min(width, height) <= 1:
-        shift = torch.where(sizes > 1, shift, 0.0)
+    if min(width, height) <= 2:
+        shift = torch.where(sizes > 2, shift, 0.0)
     # a flat surface (a constant image: R = 0) has no peak: no shift
     lowest, highest = torch.aminmax(surface.flatten(1), dim=1)
     return torch.where((highest - lowest <= torch.finfo(real).tiny)[:, None], 0.0, shift)
@@ -374,21 +393,25 @@ def phase_correlation(fixed: torch.Tensor, moving: torch.Tensor, *, window: bool
     Args:
         fixed: ``(B, C, H, W)`` reference image (``(H, W)``, ``(C, H, W)`` promoted).
         moving: image of the same ``(H, W)``; a batch of 1 broadcasts.
-        window: apply the Hann window (default ``True``).
+        window: apply the Hann window (``True``, default, or ``False``).
 
     Returns:
         ``(B, 2)`` shift ``(tx, ty)`` in pixels such that
         ``A = translation_matrix((tx, ty))`` maps fixed to moving points:
         ``moving(x + t) ≈ fixed(x)``.  Constant images give ``(0, 0)``.
-        The magnitude is below half the image size along each axis.
+        The magnitude is below half the image size along each axis; an axis
+        of length 1 or 2 gives 0 (it carries no shift: see above, the taper).
 
     Raises:
         ValueError: wrong dimensions, empty images, NaN/Inf, different sizes.
+        TypeError: ``window`` not a bool.
     """
     caller = "phase_correlation()"
+    if not isinstance(window, bool):
+        raise TypeError(f"{caller}: 'window' must be True or False; got {window!r}")
     fixed, moving = _pair(fixed, moving, caller, same_size=True)
     with torch.no_grad():
-        return _phase_shift(fixed, moving, window=bool(window))
+        return _phase_shift(fixed, moving, window=window)
 
 
 # ----------------------------------------------------------------------------
@@ -524,7 +547,17 @@ def fourier_mellin(fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Ten
     caller = "fourier_mellin()"
     fixed, moving = _pair(fixed, moving, caller)
     with torch.no_grad():
-        return _fourier_mellin(fixed, moving)
+        angle, scale = _fourier_mellin(fixed, moving)
+        # -pi/2 rounded to float32 lies below -pi/2: the least value of the dtype in [-pi/2, pi/2)
+        return angle.clamp_min(_least_angle(angle.dtype)), scale
+
+
+def _least_angle(dtype: torch.dtype) -> float:
+    """The least value of ``dtype`` that is at least ``-pi/2``."""
+    value = torch.tensor(-math.pi / 2, dtype=dtype)
+    if float(value) < -math.pi / 2:
+        value = torch.nextafter(value, torch.zeros_like(value))
+    return float(value)
 
 
 # ----------------------------------------------------------------------------
@@ -693,6 +726,14 @@ def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tenso
     The ``B K`` warps of a chunk of candidates (:func:`tireg._chunks.chunk_slices`) run as one
     :func:`tireg.warp` call of a two-channel image (the moving image and its
     coverage, ones warped with zero padding).
+
+    Gain invariant: no absolute constant.  The two sides' centred values are summed as they
+    are and ``cov / (sqrt(var_f) sqrt(var_m))`` taken as a product of two reciprocal roots
+    (the product ``var_f var_m`` overflows float32 for images of about 1e8, and underflows
+    near 1e-10).  A side is flat on the overlap (the score 0) where its variance is within
+    rounding of its mean, ``var <= n (64 eps mean)^2``: relative to the values, so the same
+    whatever their gain (an absolute 1e-12 under the root scored an aligned pair 1 at gain 1
+    and 0.03 at 1e-5).
     """
     parts = chunk_slices(matrices.shape[1], matrices.shape[0] * fixed.shape[-2] * fixed.shape[-1], CHUNK_PIXELS)
     if len(parts) > 1:
@@ -701,15 +742,19 @@ def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tenso
     stacked = torch.cat([moving, torch.ones_like(moving)], dim=1)
     stacked = stacked[:, None].expand(batch, count, *stacked.shape[1:]).reshape(batch * count, 2, *moving.shape[-2:])
     warped = _warp(stacked, matrices.reshape(batch * count, 3, 3), fixed.shape[-2:])
-    warped = warped.reshape(batch, count, 2, -1)
-    values, weight = warped[:, :, 0], (warped[:, :, 1] > 0.999).to(fixed.dtype)  # (B, K, P)
-    height, width = fixed.shape[-2:]
-    as_images = lambda t: t.reshape(batch * count, 1, height, width)  # noqa: E731
-    target = fixed.reshape(batch, 1, -1).expand(batch, count, -1)
-    ncc = 1.0 - NCC()(as_images(values), as_images(target), as_images(weight))  # cost 1 - ncc
-    ncc = ncc.reshape(batch, count).clamp(-1.0, 1.0)
-    fraction = weight.sum(dim=-1) / target.shape[-1]
-    return torch.where(fraction >= min_overlap, ncc, torch.full_like(ncc, -1.0))
+    pairs = warped.reshape(batch, count, 2, -1)  # (B, K, 2, P): the warped moving image, then its coverage
+    inside = (pairs[:, :, 1:] > 0.999).to(fixed.dtype)  # (B, K, 1, P): the overlap
+    pairs[:, :, 1] = fixed.reshape(batch, 1, -1)  # the coverage read: the fixed image in its place
+    overlap = inside.sum(-1)  # (B, K, 1): n
+    means = (pairs * inside).sum(-1) / overlap.clamp_min(1.0)  # (B, K, 2)
+    centred = (pairs - means[..., None]).mul_(inside)
+    variances = centred.square().sum(-1)  # (B, K, 2)
+    covariance = (centred[:, :, 0] * centred[:, :, 1]).sum(-1)
+    ncc = (covariance * variances.rsqrt().prod(-1)).clamp(-1.0, 1.0)
+    tolerance = (64.0 * torch.finfo(fixed.dtype).eps) ** 2
+    flat = (variances <= means.square() * (overlap * tolerance)).any(-1)  # a flat side: NaN or noise above
+    ncc = torch.where(flat, 0.0, ncc)
+    return torch.where(overlap[..., 0] >= min_overlap * pairs.shape[-1], ncc, -1.0)
 
 
 def overlap_ncc(
@@ -723,24 +768,44 @@ def overlap_ncc(
 
     means taken over ``Omega``.  It is ``-1`` when ``Omega`` covers less than
     ``min_overlap`` of the fixed image, and ``0`` when either side has no
-    variation on ``Omega``.  This is the score :func:`initialize` uses (there on
+    variation on ``Omega`` (within rounding of its values: ``sum_Omega (F - mean F)^2
+    <= |Omega| (64 eps mean F)^2``).  It is the same for images of any gain: no absolute
+    constant enters.  This is the score :func:`initialize` uses (there on
     slightly blurred, downsampled copies).
 
     Args:
-        fixed: ``(B, C, H, W)``; moving: ``(B, C, H', W')`` (luminance used).
-        matrix: ``(B, 3, 3)`` or ``(3, 3)`` fixed -> moving pixel matrices.
-        min_overlap: minimum fraction of fixed pixels in ``Omega``.
+        fixed: ``(B, C, H, W)``; moving: ``(B, C, H', W')`` (luminance used; a batch of 1
+            broadcasts).
+        matrix: ``(B, 3, 3)`` or ``(3, 3)`` fixed -> moving pixel matrices, finite and affine
+            (last row ``(0, 0, 1)``); a single matrix, or a batch of 1, applies to every pair.
+        min_overlap: minimum fraction of fixed pixels in ``Omega``, in ``[0, 1]``.
 
     Returns:
         ``(B,)`` scores in ``[-1, 1]``.
+
+    Raises:
+        TypeError: a matrix that is not a float tensor, a ``min_overlap`` that is not a number.
+        ValueError: the images' checks (:func:`initialize`'s); a matrix of another shape, not
+            finite or not affine; batches that differ (other than 1); ``min_overlap`` outside
+            ``[0, 1]`` or NaN.
     """
     caller = "overlap_ncc()"
     fixed, moving = _pair(fixed, moving, caller)
-    if not isinstance(matrix, torch.Tensor) or matrix.shape[-2:] != (3, 3) or matrix.dim() not in (2, 3):
-        raise ValueError(f"{caller}: 'matrix' must be a (B, 3, 3) or (3, 3) tensor")
-    matrix = matrix.to(fixed).reshape(-1, 3, 3).expand(fixed.shape[0], 3, 3)
+    matrix = check_matrix(matrix, caller)
+    if matrix.shape[0] == 0:
+        raise ValueError(f"{caller}: 'matrix' holds no matrix; got shape {tuple(matrix.shape)}")
+    if not all_finite(matrix):
+        raise ValueError(f"{caller}: 'matrix' contains NaN or Inf values")
+    check_affine(matrix, caller)
+    min_overlap = finite_number(min_overlap, "min_overlap", caller)
+    if not 0.0 <= min_overlap <= 1.0:
+        raise ValueError(f"{caller}: 'min_overlap' must be a fraction in [0, 1]; got {min_overlap}")
+    batch = check_batch(matrix.shape[0], fixed.shape[0], caller)
+    fixed = fixed.expand(batch, *fixed.shape[1:])
+    moving = moving.expand(batch, *moving.shape[1:])
+    matrix = matrix.to(fixed).expand(batch, 3, 3)
     with torch.no_grad():
-        return _ncc_scores(fixed, moving, matrix[:, None], float(min_overlap))[:, 0]
+        return _ncc_scores(fixed, moving, matrix[:, None], min_overlap)[:, 0]
 
 
 # ----------------------------------------------------------------------------
@@ -748,10 +813,11 @@ def overlap_ncc(
 
 
 def _downsample_factor(sizes: Sequence[Sequence[int]], max_size: int) -> int:
-    """``ceil(largest side / max_size)``, but no more than the smallest side (every image keeps a pixel)."""
+    """``ceil(largest side / max_size)``, but no more than keeps ``min(MIN_WORKING_SIDE, max_size)``
+    pixels on the smallest side (:data:`MIN_WORKING_SIDE`: a strip keeps rows to correlate), and at least 1."""
     largest = max(max(int(s) for s in size) for size in sizes)
     smallest = min(min(int(s) for s in size) for size in sizes)
-    return max(1, min(int(math.ceil(largest / max_size)), smallest))
+    return max(1, min(int(math.ceil(largest / max_size)), smallest // min(MIN_WORKING_SIDE, max_size)))
 
 
 def _candidate(
@@ -923,8 +989,11 @@ def initialize(
 
     The work is done on luminance copies area-downsampled by an integer
     factor ``s`` so that the larger side of either image is at most
-    ``max_size`` (``s`` is capped by the smallest side, so that no image
-    vanishes); a downsampled pixel ``x_small`` covers full-resolution pixels
+    ``max_size``, except that ``s`` never leaves the smaller side of either
+    image below ``min(16, max_size)`` pixels (:data:`MIN_WORKING_SIDE`; an
+    image with fewer is not reduced): a wide strip keeps enough rows for
+    its shift across them, and works on more than ``max_size`` pixels
+    along its length; a downsampled pixel ``x_small`` covers full-resolution pixels
     ``s x_small .. s x_small + s - 1``, so ``x_full = S x_small`` with
     ``S = [[s, 0, (s-1)/2], [0, s, (s-1)/2], [0, 0, 1]]`` and the matrix found
     there is returned as ``A = S A_small S^-1``.  When the sizes differ, the
@@ -961,7 +1030,7 @@ def initialize(
         is returned.
         For ``"translation"``, ``"fourier-mellin"``, ``"search"`` and
         ``"auto"`` all reduce to phase correlation, kept only where it scores
-        at least the identity's NCC.
+        at least the identity's NCC (on a tie, the phase translation).
 
     The score is the NCC over the overlap (:func:`overlap_ncc`, at least
     :data:`MIN_OVERLAP` of the fixed image) of the downsampled images blurred
@@ -989,7 +1058,8 @@ def initialize(
             and whose image a projection onto a smaller kind keeps (default:
             the fixed image centre).  The returned matrix has the same
             meaning whatever the centre (it is not a parameter vector).
-        max_size: largest side of the working copies (``>= 8``).
+        max_size: largest side of the working copies (an integer ``>= 8``; see
+            above for a strip).
 
     Returns:
         ``(B, 3, 3)`` fixed -> moving pixel matrix, dtype and device of ``fixed``.
@@ -1001,8 +1071,7 @@ def initialize(
     caller = "initialize()"
     _check_kind(transform, caller)
     check_option(method, METHODS, "method", caller)
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 8:
-        raise ValueError(f"{caller}: 'max_size' must be an integer >= 8; got {max_size!r}")
+    max_size = _check_max_size(max_size, caller)
     fixed, moving = _pair(fixed, moving, caller)
     batch, (height, width) = fixed.shape[0], fixed.shape[-2:]
     centre_full = _as_centre(center, batch, height, width, fixed, caller)
@@ -1014,6 +1083,17 @@ def initialize(
             for part in chunk_slices(batch, working, PAIR_CHUNK_PIXELS)
         ]
     return found[0] if len(found) == 1 else torch.cat(found)
+
+
+def _check_max_size(max_size, caller: str) -> int:
+    """``max_size`` as an ``int`` if it is an integer (a NumPy integer too, not a bool nor a float) ``>= 8``."""
+    try:
+        value = None if isinstance(max_size, bool) else operator.index(max_size)
+    except TypeError:
+        value = None
+    if value is None or value < 8:
+        raise ValueError(f"{caller}: 'max_size' must be an integer >= 8; got {max_size!r}")
+    return value
 
 
 def _initialize(
@@ -1061,7 +1141,7 @@ def _initialize(
         elif kind == "translation":
             # no angle to find: "fourier-mellin", "search" and "auto" are phase correlation,
             # checked against the identity (centres aligned)
-            options = torch.stack([base, phase], dim=1)
+            options = torch.stack([phase, base], dim=1)  # phase first: kept on a tie (_best takes the first)
             result = _best(options, score(options))[0]
         elif method == "search":
             result = _search(small_f, canvas, base, centre, kind, score_f, score_m)[0]

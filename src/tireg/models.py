@@ -41,7 +41,7 @@ from ._validation import (
     is_whole,
     matches,
 )
-from .analytic import cost_and_gradient, parameter_gradient
+from .analytic import _cost_and_gradient, parameter_gradient
 from .losses import L2Loss, PerPixelLoss, get_loss
 from .metrics import Metric, get_metric
 from . import fused
@@ -578,7 +578,8 @@ class AffineModelAnalytic(TransformModel):
             kernel = stacked is None and self._fused_kernel_applies()
             matrix, jacobian = self._matrix_and_jacobian(batch)
             _check_like(matrix, source, caller)
-            warped, cost, matrix_gradient = cost_and_gradient(
+            # unchecked (no read of the matrix's last row, a wait per step on a GPU): built here, affine
+            warped, cost, matrix_gradient = _cost_and_gradient(
                 target,
                 source,
                 matrix,

@@ -39,6 +39,8 @@ from ._validation import (
     check_matrix,
     check_option,
     check_size,
+    finite_number,
+    is_whole,
 )
 from ._device import cached, constant
 from .transforms import ALIGN_CORNERS, pixel_to_normalized
@@ -123,18 +125,74 @@ def grid_moments(
 
     Returns:
         ``(B, K, 3)`` or, with ``second_order``, ``(B, K, 6)``.
+
+    Raises:
+        ValueError: ``values`` not 4-D, ``channel_dim`` other than ``1`` or ``-1``
+            (``-3``, ``3``), ``axes`` not two 1-D tensors of the grid's ``H`` and ``W``
+            points, dtypes that differ.  Shapes only: no value is read (a step of
+            :func:`tireg.register` calls this every evaluation).
     """
+    return _grid_moments(values, axes, _check_moments_inputs(values, axes, channel_dim), second_order)
+
+
+def _grid_moments(
+    values: torch.Tensor, axes: tuple[torch.Tensor, torch.Tensor], channels_last: bool, second_order: bool
+) -> torch.Tensor:
+    """:func:`grid_moments` of checked inputs (``channels_last``: ``(B, H, W, K)``)."""
     ys, xs = axes
     degree = 2 if second_order else 1
     picked = constant(_MOMENT_ENTRIES[degree], like=values, dtype=torch.long)
     y_powers, x_powers = _axis_powers(ys, degree).mT, _axis_powers(xs, degree)
-    if channel_dim in (-1, 3):  # (B, H, W, K): each pixel's K values side by side, taken as they lie
+    if channels_last:  # (B, H, W, K): each pixel's K values side by side, taken as they lie
         batch, height, width, channels = values.shape
         columns = (y_powers @ values.reshape(batch, height, width * channels)).view(batch, -1, width, channels)
         sums = columns.mT @ x_powers  # (B, d + 1, K, d + 1): [a, k, b]
         return sums.transpose(1, 2).flatten(-2).index_select(-1, picked)
     sums = (y_powers @ values) @ x_powers  # (B, K, d + 1, d + 1)
     return sums.flatten(-2).index_select(-1, picked)
+
+
+def _check_moments_inputs(values: torch.Tensor, axes, channel_dim: int) -> bool:
+    """:func:`grid_moments`' checks (shapes and dtypes: Python only, no value read); whether the
+    values are channels-last."""
+    caller = "grid_moments()"
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"{caller}: 'values' must be a torch.Tensor; got {type(values).__name__}")
+    if isinstance(channel_dim, bool) or channel_dim not in (1, -3, -1, 3):
+        raise ValueError(f"{caller}: 'channel_dim' must be 1 (B, K, H, W) or -1 (B, H, W, K); got {channel_dim!r}")
+    channels_last = channel_dim in (-1, 3)
+    layout = "(B, H, W, K)" if channels_last else "(B, K, H, W)"
+    if values.dim() != 4:
+        raise ValueError(f"{caller}: 'values' must have 4 dimensions {layout}; got shape {tuple(values.shape)}")
+    if not values.is_floating_point():
+        raise TypeError(f"{caller}: 'values' must be a float tensor; got {values.dtype}")
+    height, width = values.shape[1:3] if channels_last else values.shape[2:]
+    if not isinstance(axes, (tuple, list)) or len(axes) != 2 or not all(
+        isinstance(axis, torch.Tensor) and axis.dim() == 1 for axis in axes
+    ):
+        raise ValueError(f"{caller}: 'axes' must be two 1-D tensors (ys, xs) (pixel_axes()); got {_describe(axes)}")
+    ys, xs = axes
+    if ys.shape[0] != height or xs.shape[0] != width:
+        raise ValueError(
+            f"{caller}: 'axes' have {ys.shape[0]} rows and {xs.shape[0]} columns but 'values' {layout} "
+            f"{tuple(values.shape)} has {height} and {width}"
+        )
+    if ys.dtype != values.dtype or xs.dtype != values.dtype:
+        raise ValueError(
+            f"{caller}: 'axes' ({ys.dtype}, {xs.dtype}) and 'values' ({values.dtype}) must have the same dtype"
+        )
+    return channels_last
+
+
+def _describe(value) -> str:
+    """A short description of an argument for an error message: a tensor's shape, else its type."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__} of " + ", ".join(
+            str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__ for v in value
+        ) if value else f"an empty {type(value).__name__}"
+    return type(value).__name__
 
 
 #: Per order ``d``, where ``x, y, 1`` (first) or ``x^2, xy, y^2, x, y, 1`` (second) lie in the
@@ -171,9 +229,18 @@ def _axis_powers(axis: torch.Tensor, degree: int) -> torch.Tensor:
 def gaussian_blur(image: torch.Tensor, sigma: float, *, padding_mode: str = "border") -> torch.Tensor:
     """Separable Gaussian smoothing of ``(B, C, H, W)`` with standard deviation ``sigma`` pixels.
 
-    The kernel is truncated at ``4 sigma``; outside values follow ``padding_mode``.
-    ``sigma <= 0`` returns the image unchanged.
+    The kernel is truncated at ``4 sigma``; outside values follow ``padding_mode``
+    (``"border"``, ``"reflection"`` or ``"zeros"``).  ``sigma <= 0`` returns the image unchanged.
+
+    Raises:
+        TypeError: ``image`` not a float32/float64 tensor, ``sigma`` not a number.
+        ValueError: ``image`` not ``(B, C, H, W)`` or empty, ``sigma`` NaN or infinite, an
+            unknown padding mode.
     """
+    caller = "gaussian_blur()"
+    check_image(image, "image", caller, finite=False)
+    sigma = finite_number(sigma, "sigma", caller)
+    check_option(padding_mode, tuple(PADDING_MODES), "padding mode", caller)
     if sigma <= 0:
         return image
     batch, channels, height, width = image.shape
@@ -218,8 +285,33 @@ def downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
     so its centre is the input point ``f x + (f - 1) / 2``
     (:func:`shrink_matrix`); trailing rows and columns that do not fill a
     block are dropped.
+
+    Args:
+        image: ``(B, C, H, W)`` float image.
+        factor: a positive whole number (``2`` or ``2.0``; not ``2.5`` nor ``True``), at most
+            the image's smaller side.
+
+    Raises:
+        TypeError: ``image`` not a float32/float64 tensor.
+        ValueError: ``image`` not ``(B, C, H, W)`` or empty; ``factor`` not a positive whole
+            number, or larger than the image (no block would be whole).
     """
+    caller = "downsample()"
+    check_image(image, "image", caller, finite=False)
+    factor = _check_factor(factor, caller)
+    if factor > min(image.shape[-2:]):
+        raise ValueError(
+            f"{caller}: 'factor' {factor} is larger than the image {tuple(image.shape[-2:])}: "
+            "no block of factor x factor pixels fits"
+        )
     return image if factor == 1 else F.avg_pool2d(image, kernel_size=factor, stride=factor)
+
+
+def _check_factor(factor, caller: str) -> int:
+    """``factor`` as an ``int`` if it is a positive whole number (``2``, ``2.0``, a NumPy integer); raise otherwise."""
+    if not is_whole(factor) or factor < 1:
+        raise ValueError(f"{caller}: 'factor' must be a positive whole number; got {factor!r}")
+    return int(factor)
 
 
 def shrink_matrix(
@@ -227,8 +319,10 @@ def shrink_matrix(
 ) -> torch.Tensor:
     """``S`` with ``x_full = S x_level``: ``x_full = f x + (f - 1) / 2`` (:func:`downsample`'s convention).
 
-    A full-resolution transform ``A`` acts on level pixels as ``S^-1 A S``.
+    A full-resolution transform ``A`` acts on level pixels as ``S^-1 A S``.  ``factor``: a
+    positive whole number (:func:`downsample`'s); anything else raises a ``ValueError``.
     """
+    factor = _check_factor(factor, "shrink_matrix()")
     offset = (factor - 1) / 2.0
     return torch.tensor(
         [[float(factor), 0.0, offset], [0.0, float(factor), offset], [0.0, 0.0, 1.0]], dtype=dtype, device=device
@@ -327,6 +421,8 @@ def checked_warp(
     _modes(interpolation, padding_mode, caller)
     check_image(moving, "moving", caller, finite=False)
     matrix = check_matrix(matrix, caller)
+    if matrix.shape[0] == 0:
+        raise ValueError(f"{caller}: 'matrix' holds no matrix; got shape {tuple(matrix.shape)}")
     if affine:
         check_affine(matrix, caller)
     if matrix.dtype != moving.dtype or matrix.device != moving.device:
@@ -370,8 +466,15 @@ def warp_gradient(
 
     Returns:
         ``(B, H, W, 2)``: ``(d/dx, d/dy)`` at every fixed pixel.
+
+    Raises:
+        ValueError: shapes that do not fit together (``weight`` must be exactly
+            ``(B, C, H, W)``: the sampler's kernel does not broadcast, and read outside a
+            smaller tensor), dtypes or devices that differ, unknown modes.  Shapes only:
+            no value is read.
     """
-    gradient = sampler_gradient(weight, moving, grid, interpolation=interpolation, padding_mode=padding_mode)
+    modes = _gradient_inputs(weight, moving, grid, interpolation, padding_mode, "warp_gradient()")
+    gradient = _sampler_gradient(weight, moving, grid, *modes)
     return gradient * shared_pixel_scale(moving.shape[-2:], like=grid)
 
 
@@ -386,13 +489,60 @@ def sampler_gradient(
     """:func:`warp_gradient` in ``grid_sample``'s normalised units: ``sum_c weight_c * dM_c/d(u, v)``.
 
     Multiply by :func:`pixel_scale` for pixel units (the analytic path does
-    that on the reduced ``2 x 3`` matrix instead of on every pixel).
+    that on the reduced ``2 x 3`` matrix instead of on every pixel).  The same
+    checks as :func:`warp_gradient` (shapes only, a few microseconds of Python).
     """
-    interp, padding = _modes(interpolation, padding_mode, "warp_gradient()")
+    modes = _gradient_inputs(weight, moving, grid, interpolation, padding_mode, "sampler_gradient()")
+    return _sampler_gradient(weight, moving, grid, *modes)
+
+
+def _sampler_gradient(
+    weight: torch.Tensor, moving: torch.Tensor, grid: torch.Tensor, interpolation: int, padding_mode: int
+) -> torch.Tensor:
+    """:func:`sampler_gradient` of checked inputs, the modes as the kernel's codes (:func:`_modes`)."""
     _, grid_gradient = torch.ops.aten.grid_sampler_2d_backward(
-        weight, moving, grid, interp, padding, ALIGN_CORNERS, [False, True]
+        weight, moving, grid, interpolation, padding_mode, ALIGN_CORNERS, [False, True]
     )
     return grid_gradient
+
+
+def _check_moving_and_grid(moving: torch.Tensor, grid: torch.Tensor, caller: str) -> None:
+    """``moving`` a float ``(B, C, Hm, Wm)`` and ``grid`` a ``(B, H, W, 2)`` of its dtype and device,
+    or raise naming them.  Shapes, dtypes and devices only: no value is read."""
+    check_image(moving, "moving", caller, finite=False)
+    if not isinstance(grid, torch.Tensor):
+        raise TypeError(f"{caller}: 'grid' must be a torch.Tensor; got {type(grid).__name__}")
+    if grid.dim() != 4 or grid.shape[-1] != 2 or grid.shape[0] != moving.shape[0]:
+        raise ValueError(
+            f"{caller}: 'grid' must be (B, H, W, 2) with B = {moving.shape[0]}, the batch of 'moving' "
+            f"{tuple(moving.shape)}; got {tuple(grid.shape)}"
+        )
+    if grid.dtype != moving.dtype or grid.device != moving.device:
+        raise ValueError(
+            f"{caller}: 'grid' ({grid.dtype}, {grid.device}) and 'moving' ({moving.dtype}, {moving.device}) "
+            "must have the same dtype and device"
+        )
+
+
+def _gradient_inputs(weight, moving, grid, interpolation: str, padding_mode: str, caller: str) -> tuple[int, int]:
+    """Check the inputs of :func:`warp_gradient` (exactly matching shapes: the kernel reads
+    ``weight`` as ``(B, C, H, W)`` whatever its shape); return the modes' kernel codes."""
+    modes = _modes(interpolation, padding_mode, caller)
+    _check_moving_and_grid(moving, grid, caller)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{caller}: 'weight' must be a torch.Tensor; got {type(weight).__name__}")
+    expected = (moving.shape[0], moving.shape[1], grid.shape[1], grid.shape[2])
+    if weight.shape != expected:
+        raise ValueError(
+            f"{caller}: 'weight' must have shape (B, C, H, W) = {expected}: the batch and channels of 'moving' "
+            f"{tuple(moving.shape)}, the size of 'grid' {tuple(grid.shape)}; got {tuple(weight.shape)}"
+        )
+    if weight.dtype != moving.dtype or weight.device != moving.device:
+        raise ValueError(
+            f"{caller}: 'weight' ({weight.dtype}, {weight.device}) and 'moving' ({moving.dtype}, {moving.device}) "
+            "must have the same dtype and device"
+        )
+    return modes
 
 
 def pixel_scale(moving_size: Sequence[int], *, like: torch.Tensor) -> torch.Tensor:
@@ -426,10 +576,19 @@ def sample_with_gradient(
 
     Returns:
         ``values (B, C, H, W)`` and ``gradients (B, C, 2, H, W)`` in pixel units.
+
+    Raises:
+        TypeError, ValueError: shapes that do not fit together (``moving`` 4-D, ``grid``
+            ``(B, H, W, 2)`` of the same batch, ``gradient`` ``(B, C, 2, Hm, Wm)``), an
+            integer image, dtypes or devices that differ, unknown modes.  Shapes only: no
+            value is read (:func:`tireg.register` calls this every Gauss-Newton step).
     """
-    _modes(interpolation, padding_mode, "sample_with_gradient()")
+    caller = "sample_with_gradient()"
+    modes = _modes(interpolation, padding_mode, caller)
+    _check_moving_and_grid(moving, grid, caller)
     batch, channels = moving.shape[:2]
     if gradient is not None:
+        _check_gradient_images(gradient, moving, caller)
         stacked = stack_with_gradient(moving, gradient)
         sampled = sample(stacked, grid, interpolation=interpolation, padding_mode=padding_mode)
         values, gradients = sampled[:, :channels], sampled[:, channels:]
@@ -439,9 +598,8 @@ def sample_with_gradient(
     per_channel = moving.reshape(batch * channels, 1, *moving.shape[-2:])
     channel_grid = grid if channels == 1 else grid.repeat_interleave(channels, dim=0)
     ones = torch.ones(batch * channels, 1, *grid.shape[1:3], dtype=grid.dtype, device=grid.device)
-    normalized = sampler_gradient(
-        ones, per_channel, channel_grid, interpolation=interpolation, padding_mode=padding_mode
-    ).permute(0, 3, 1, 2)  # (B*C, 2, H, W), a view of (B*C, H, W, 2)
+    normalized = _sampler_gradient(ones, per_channel, channel_grid, *modes).permute(0, 3, 1, 2)
+    # (B*C, 2, H, W), a view of (B*C, H, W, 2)
     scale = shared_pixel_scale(moving.shape[-2:], like=grid).view(2, 1, 1)
     if torch.is_grad_enabled() and normalized.requires_grad:  # out= takes no autograd
         gradients = normalized * scale
@@ -451,6 +609,23 @@ def sample_with_gradient(
         # images; as the view, each was a strided loop (2.3x slower at 256 x 256 on the CPU).
         gradients = torch.mul(normalized, scale, out=normalized.new_empty(normalized.shape))
     return values, gradients.view(batch, channels, 2, *grid.shape[1:3])
+
+
+def _check_gradient_images(gradient: torch.Tensor, moving: torch.Tensor, caller: str) -> None:
+    """``gradient`` must be :func:`image_gradient`'s ``(B, C, 2, Hm, Wm)`` of ``moving``, its dtype and device."""
+    if not isinstance(gradient, torch.Tensor):
+        raise TypeError(f"{caller}: 'gradient' must be a torch.Tensor; got {type(gradient).__name__}")
+    expected = (moving.shape[0], moving.shape[1], 2, moving.shape[2], moving.shape[3])
+    if gradient.shape != expected:
+        raise ValueError(
+            f"{caller}: 'gradient' must have shape (B, C, 2, Hm, Wm) = {expected} (image_gradient() of 'moving' "
+            f"{tuple(moving.shape)}); got {tuple(gradient.shape)}"
+        )
+    if gradient.dtype != moving.dtype or gradient.device != moving.device:
+        raise ValueError(
+            f"{caller}: 'gradient' ({gradient.dtype}, {gradient.device}) and 'moving' ({moving.dtype}, "
+            f"{moving.device}) must have the same dtype and device"
+        )
 
 
 def stack_with_gradient(moving: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
@@ -522,6 +697,7 @@ def image_gradient(
 
     Args:
         image: ``(B, C, H, W)``.
+        sigma: a positive finite number, for ``method="gaussian"`` (ignored by ``"central"``).
 
     Returns:
         ``(B, C, 2, H, W)``.
@@ -530,10 +706,14 @@ def image_gradient(
     check_image(image, "image", caller)
     check_option(method, ("central", "gaussian"), "gradient method", caller)
     check_option(padding_mode, tuple(PADDING_MODES), "padding mode", caller)
-    if not sigma > 0:
-        raise ValueError(f"{caller}: 'sigma' must be positive; got {sigma}")
+    if method == "gaussian":
+        sigma = finite_number(sigma, "sigma", caller)
+        if not sigma > 0:
+            raise ValueError(f"{caller}: 'sigma' must be positive; got {sigma}")
+    else:
+        sigma = 0.0  # not used by central differences (one cached kernel whatever was passed)
     batch, channels, height, width = image.shape
-    smoothing, derivative = _derivative_kernels(method, float(sigma), image.dtype, image.device)
+    smoothing, derivative = _derivative_kernels(method, sigma, image.dtype, image.device)
     radius = smoothing.numel() // 2
     extended = extend(image.reshape(batch * channels, 1, height, width), radius, padding_mode)
     d_x = _correlate_separable(extended, derivative, smoothing)

@@ -1,0 +1,128 @@
+"""Input checks of :mod:`tireg.analytic` (its results are tested against autograd in test_models,
+test_chunks and test_fused)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tireg.analytic import cost_and_gradient, parameter_gradient
+from tireg.losses import L2Loss
+from tireg.metrics import NCC
+from tireg.sampling import image_gradient, pixel_axes, stack_with_gradient
+
+BATCH, CHANNELS = 2, 2
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(0)
+    fixed = torch.rand(BATCH, CHANNELS, 13, 17, generator=generator, dtype=torch.float64)
+    moving = torch.rand(BATCH, CHANNELS, 11, 19, generator=generator, dtype=torch.float64)
+    matrix = torch.tensor([[[1.05, 0.1, 0.7], [-0.08, 0.95, -0.4], [0.0, 0.0, 1.0]],
+                           [[0.9, -0.2, 1.3], [0.1, 1.1, 0.2], [0.0, 0.0, 1.0]]], dtype=torch.float64)
+    return fixed, moving, matrix
+
+
+def test_cost_and_gradient_accepts_its_documented_inputs():
+    fixed, moving, matrix = _inputs()
+    warped, cost, gradient = cost_and_gradient(fixed, moving, matrix, L2Loss())
+    assert warped.shape == fixed.shape and cost.shape == (BATCH,) and gradient.shape == (BATCH, 2, 3)
+    stacked = stack_with_gradient(moving, image_gradient(moving))
+    options = dict(weight=torch.ones(1, 1, 13, 17, dtype=torch.float64), moving_with_gradient=stacked,
+                   axes=pixel_axes((13, 17), dtype=torch.float64))
+    assert cost_and_gradient(fixed, moving, matrix, NCC(), **options)[2].shape == (BATCH, 2, 3)
+
+
+@pytest.mark.parametrize(
+    "change, error, pattern",
+    [
+        (dict(matrix=lambda m: m[0]), ValueError, r"'matrix' must have shape \(B, 3, 3\) = \(2, 3, 3\).*got \(3, 3\)"),
+        (dict(matrix=lambda m: m[:1]), ValueError, r"'matrix' must have shape \(B, 3, 3\) = \(2, 3, 3\)"),
+        (dict(matrix=lambda m: m.float()), ValueError, r"'matrix' \(torch.float32, cpu\).*same dtype"),
+        (dict(matrix=lambda m: m.tolist()), TypeError, r"'matrix' must be a torch.Tensor; got list"),
+        (dict(moving=lambda m: m[:1]), ValueError, r"'moving' must have the batch and channels of 'fixed'"),
+        (dict(moving=lambda m: m[:, :1]), ValueError, r"'moving' must have the batch and channels of 'fixed'"),
+        (dict(moving=lambda m: m.float()), ValueError, r"'fixed' \(torch.float64, cpu\) and 'moving' \(torch.float32"),
+        (dict(moving=lambda m: m[0]), ValueError, r"'moving' must have 4 dimensions"),
+        (dict(fixed=lambda f: f[0]), ValueError, r"'fixed' must have 4 dimensions"),
+        (dict(fixed=lambda f: f.numpy()), TypeError, r"'fixed' must be a torch.Tensor"),
+        (dict(fixed=lambda f: f.long()), TypeError, r"'fixed' must be float32 or float64"),
+        (dict(metric="l2"), TypeError, r"'metric' must be a tireg.metrics.Metric or a per-pixel loss.*got str"),
+        (dict(metric=None), TypeError, r"'metric' must be a tireg.metrics.Metric"),
+        (dict(interpolation="cubic"), ValueError, r"unknown interpolation 'cubic'"),
+        (dict(padding_mode="wrap"), ValueError, r"unknown padding mode 'wrap'"),
+        (dict(weight=torch.ones(2, 1, 5, 5)), ValueError, r"'weight' must have shape \(2, 1, 13, 17\) or \(1, 1, 13"),
+        (dict(weight=torch.ones(2, 2, 13, 17)), ValueError, r"'weight' must have shape"),
+        (dict(weight=[1.0]), TypeError, r"'weight' must be a torch.Tensor or None"),
+        (dict(moving_with_gradient=lambda m: m), ValueError,
+         r"'moving_with_gradient' must be \[M, dM/dx, dM/dy\].*\(2, 6, 11, 19\); got \(2, 2, 11, 19\)"),
+        (dict(moving_with_gradient=lambda m: torch.cat([m, m, m], 1).float()), ValueError,
+         r"'moving_with_gradient' \(torch.float32.*same dtype"),
+        (dict(axes=pixel_axes((11, 19), dtype=torch.float64)), ValueError, r"'axes' must be pixel_axes\(\(13, 17\)\)"),
+        (dict(axes=pixel_axes((13, 17))), ValueError, r"'axes' must be pixel_axes"),
+    ],
+    ids=["matrix-unbatched", "matrix-batch-1", "matrix-dtype", "matrix-list", "moving-batch-1", "channels",
+         "moving-dtype", "moving-3d", "fixed-3d", "fixed-numpy", "fixed-int", "metric-str", "metric-none",
+         "interpolation", "padding", "weight-size", "weight-channels", "weight-list", "moving-with-gradient-shape",
+         "moving-with-gradient-dtype", "axes-size", "axes-dtype"],
+)
+def test_cost_and_gradient_rejects(change, error, pattern):
+    """Each mistake was an error from deep inside (an expand, a reshape, "'str' object is not callable")."""
+    fixed, moving, matrix = _inputs()
+    arguments = dict(fixed=fixed, moving=moving, matrix=matrix, metric=L2Loss())
+    for name in ("fixed", "moving", "matrix"):
+        if name in change:
+            arguments[name] = change.pop(name)(arguments[name])
+    if "metric" in change:
+        arguments["metric"] = change.pop("metric")
+    if callable(change.get("moving_with_gradient")):
+        change["moving_with_gradient"] = change["moving_with_gradient"](moving)
+    with pytest.raises(error, match=r"^cost_and_gradient\(\): " + pattern):
+        cost_and_gradient(**arguments, **change)
+
+
+def test_cost_and_gradient_refuses_a_projective_matrix_and_the_models_path_reads_no_value():
+    """The public function checks the last row as warp() does (a value read); the models call the
+    unchecked one every step, which runs on meta tensors (no values to read)."""
+    from tireg.analytic import _cost_and_gradient
+
+    fixed, moving, matrix = _inputs()
+    projective = matrix.clone()
+    projective[:, 2, 0] = 1e-3
+    with pytest.raises(ValueError, match=r"^cost_and_gradient\(\): 'matrix' must be affine, with last row"):
+        cost_and_gradient(fixed, moving, projective, L2Loss())
+    fixed, moving, matrix = (tensor.to("meta") for tensor in (fixed, moving, matrix))
+    warped, cost, gradient = _cost_and_gradient(fixed, moving, matrix, L2Loss())
+    assert warped.shape == fixed.shape and gradient.shape == (BATCH, 2, 3)
+    jacobian = torch.empty(1, 6, 3, 3, dtype=gradient.dtype, device="meta")
+    assert parameter_gradient(gradient, jacobian).shape == (BATCH, 6)
+
+
+def test_parameter_gradient():
+    generator = torch.Generator().manual_seed(1)
+    gradient = torch.rand(2, 2, 3, generator=generator, dtype=torch.float64)
+    jacobian = torch.rand(2, 4, 3, 3, generator=generator, dtype=torch.float64)
+    expected = torch.einsum("bij,bpij->bp", gradient, jacobian[:, :, :2])
+    assert torch.allclose(parameter_gradient(gradient, jacobian), expected)
+    shared = torch.einsum("bij,pij->bp", gradient, jacobian[0, :, :2])  # one Jacobian for every pair
+    assert torch.allclose(parameter_gradient(gradient, jacobian[:1]), shared)
+    padded = torch.cat([gradient, torch.zeros(2, 1, 3, dtype=torch.float64)], 1)  # (B, 3, 3): last row ignored
+    assert torch.allclose(parameter_gradient(padded, jacobian), expected)
+
+
+@pytest.mark.parametrize(
+    "gradient, jacobian, error, pattern",
+    [
+        (torch.rand(2, 2, 3), torch.rand(3, 4, 3, 3), ValueError,
+         r"'jacobian' must have shape \(B, P, 3, 3\) or \(1, P, 3, 3\) with B = 2; got \(3, 4, 3, 3\)"),
+        (torch.rand(2, 2, 3), torch.rand(4, 3, 3), ValueError, r"'jacobian' must have shape"),
+        (torch.rand(2, 6), torch.rand(2, 4, 3, 3), ValueError, r"'matrix_gradient' must have shape \(B, 2, 3\)"),
+        (torch.rand(2, 2, 3), torch.rand(2, 4, 3, 3, dtype=torch.float64), ValueError,
+         r"'jacobian' \(torch.float64, cpu\) and 'matrix_gradient' \(torch.float32, cpu\) must have the same dtype"),
+        (torch.rand(2, 2, 3).tolist(), torch.rand(2, 4, 3, 3), TypeError, r"'matrix_gradient' must be a torch.Tensor"),
+    ],
+    ids=["jacobian-batch", "jacobian-3d", "gradient-flat", "dtypes", "list"],
+)
+def test_parameter_gradient_rejects(gradient, jacobian, error, pattern):
+    with pytest.raises(error, match=r"^parameter_gradient\(\): " + pattern):
+        parameter_gradient(gradient, jacobian)
