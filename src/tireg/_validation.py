@@ -154,6 +154,21 @@ def check_size(size: Sequence[int], caller: str, name: str = "size") -> tuple[in
     return int(values[0]), int(values[1])
 
 
+def check_same_kind(tensor: torch.Tensor, name: str, reference: torch.Tensor, reference_name: str,
+                    caller: str) -> None:
+    """Raise a ``ValueError`` unless ``tensor`` has ``reference``'s dtype and device (operations
+    that mix them failed deep inside, or promoted without a word); both named as in the message
+    ``"'grid' (torch.float64, cpu) and 'moving' (torch.float32, cpu) must have the same dtype and device"``."""
+    if tensor.dtype != reference.dtype or tensor.device != reference.device:
+        raise ValueError(f"{caller}: {_label(name)} ({tensor.dtype}, {tensor.device}) and {_label(reference_name)} "
+                         f"({reference.dtype}, {reference.device}) must have the same dtype and device")
+
+
+def _label(name: str) -> str:
+    """An argument's name quoted (``'moving'``), a description as it is (``the images``)."""
+    return name if " " in name else f"'{name}'"
+
+
 def check_batch(matrix_batch: int, image_batch: int, caller: str) -> int:
     """Return the common batch size of a matrix batch and an image batch (1 broadcasts)."""
     if matrix_batch == image_batch or matrix_batch == 1 or image_batch == 1:

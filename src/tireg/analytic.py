@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 
 from . import _chunks, fused
-from ._validation import INTERPOLATIONS, PADDING_MODES, check_affine, check_image, check_option
+from ._validation import INTERPOLATIONS, PADDING_MODES, check_affine, check_image, check_option, check_same_kind
 from .losses import PerPixelLoss
 from .metrics import Metric, PerPixelMetric
 from .sampling import _grid_moments, _sampler_gradient, pixel_axes, sample, sampling_grid, shared_pixel_scale
@@ -112,11 +112,7 @@ def _check_inputs(fixed, moving, matrix, metric, weight, interpolation, padding_
             f"image per pair: no broadcasting); got {tuple(moving.shape)}"
         )
     like = (fixed.dtype, fixed.device)
-    if (moving.dtype, moving.device) != like:
-        raise ValueError(
-            f"{caller}: 'fixed' ({fixed.dtype}, {fixed.device}) and 'moving' ({moving.dtype}, {moving.device}) "
-            "must have the same dtype and device"
-        )
+    check_same_kind(fixed, "fixed", moving, "moving", caller)
     if not isinstance(matrix, torch.Tensor):
         raise TypeError(f"{caller}: 'matrix' must be a torch.Tensor; got {type(matrix).__name__}")
     if matrix.shape != (batch, 3, 3):
@@ -124,11 +120,7 @@ def _check_inputs(fixed, moving, matrix, metric, weight, interpolation, padding_
             f"{caller}: 'matrix' must have shape (B, 3, 3) = ({batch}, 3, 3), one per pair (no broadcasting); "
             f"got {tuple(matrix.shape)}"
         )
-    if (matrix.dtype, matrix.device) != like:
-        raise ValueError(
-            f"{caller}: 'matrix' ({matrix.dtype}, {matrix.device}) and the images ({fixed.dtype}, {fixed.device}) "
-            "must have the same dtype and device"
-        )
+    check_same_kind(matrix, "matrix", fixed, "the images", caller)
     if weight is not None:
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"{caller}: 'weight' must be a torch.Tensor or None; got {type(weight).__name__}")
@@ -153,11 +145,7 @@ def _check_inputs(fixed, moving, matrix, metric, weight, interpolation, padding_
                 f"{caller}: 'moving_with_gradient' must be [M, dM/dx, dM/dy] of 'moving' (stack_with_gradient()), "
                 f"shape {expected}; got {tuple(moving_with_gradient.shape)}"
             )
-        if (moving_with_gradient.dtype, moving_with_gradient.device) != like:
-            raise ValueError(
-                f"{caller}: 'moving_with_gradient' ({moving_with_gradient.dtype}, {moving_with_gradient.device}) "
-                f"and the images ({fixed.dtype}, {fixed.device}) must have the same dtype and device"
-            )
+        check_same_kind(moving_with_gradient, "moving_with_gradient", fixed, "the images", caller)
     if axes is not None:
         if not isinstance(axes, (tuple, list)) or len(axes) != 2 or not all(
             isinstance(axis, torch.Tensor) and axis.dim() == 1 and (axis.dtype, axis.device) == like for axis in axes
@@ -325,8 +313,4 @@ def _check_parameter_gradient(matrix_gradient: torch.Tensor, jacobian: torch.Ten
             f"{caller}: 'jacobian' must have shape (B, P, 3, 3) or (1, P, 3, 3) with B = {batch}; "
             f"got {tuple(jacobian.shape)}"
         )
-    if jacobian.dtype != matrix_gradient.dtype or jacobian.device != matrix_gradient.device:
-        raise ValueError(
-            f"{caller}: 'jacobian' ({jacobian.dtype}, {jacobian.device}) and 'matrix_gradient' "
-            f"({matrix_gradient.dtype}, {matrix_gradient.device}) must have the same dtype and device"
-        )
+    check_same_kind(jacobian, "jacobian", matrix_gradient, "matrix_gradient", caller)

@@ -65,6 +65,7 @@ from ._validation import (
     check_image,
     check_matrix,
     check_option,
+    check_same_kind,
     finite_number,
 )
 from .sampling import checked_warp, downsample, gaussian_blur, shrink_matrix
@@ -156,11 +157,7 @@ def _pair(fixed: torch.Tensor, moving: torch.Tensor, caller: str, *, same_size: 
     """Checked luminance images ``(B, 1, H, W)`` of a fixed/moving pair (batch 1 broadcasts)."""
     fixed = _promote(fixed, "fixed", caller)
     moving = _promote(moving, "moving", caller)
-    if fixed.dtype != moving.dtype or fixed.device != moving.device:
-        raise ValueError(
-            f"{caller}: 'fixed' ({fixed.dtype}, {fixed.device}) and 'moving' ({moving.dtype}, {moving.device}) "
-            "must have the same dtype and device"
-        )
+    check_same_kind(fixed, "fixed", moving, "moving", caller)
     batch_f, batch_m = fixed.shape[0], moving.shape[0]
     if batch_f != batch_m and 1 not in (batch_f, batch_m):
         raise ValueError(f"{caller}: batch sizes differ: {batch_f} fixed and {batch_m} moving images")

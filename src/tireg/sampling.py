@@ -38,6 +38,7 @@ from ._validation import (
     check_image,
     check_matrix,
     check_option,
+    check_same_kind,
     check_size,
     finite_number,
     is_whole,
@@ -425,11 +426,7 @@ def checked_warp(
         raise ValueError(f"{caller}: 'matrix' holds no matrix; got shape {tuple(matrix.shape)}")
     if affine:
         check_affine(matrix, caller)
-    if matrix.dtype != moving.dtype or matrix.device != moving.device:
-        raise ValueError(
-            f"{caller}: 'matrix' ({matrix.dtype}, {matrix.device}) and 'moving' ({moving.dtype}, {moving.device}) "
-            "must have the same dtype and device"
-        )
+    check_same_kind(matrix, "matrix", moving, "moving", caller)
     if matrix.shape[0] != moving.shape[0]:
         if matrix.shape[0] != 1 and moving.shape[0] != 1:
             raise ValueError(
@@ -517,11 +514,7 @@ def _check_moving_and_grid(moving: torch.Tensor, grid: torch.Tensor, caller: str
             f"{caller}: 'grid' must be (B, H, W, 2) with B = {moving.shape[0]}, the batch of 'moving' "
             f"{tuple(moving.shape)}; got {tuple(grid.shape)}"
         )
-    if grid.dtype != moving.dtype or grid.device != moving.device:
-        raise ValueError(
-            f"{caller}: 'grid' ({grid.dtype}, {grid.device}) and 'moving' ({moving.dtype}, {moving.device}) "
-            "must have the same dtype and device"
-        )
+    check_same_kind(grid, "grid", moving, "moving", caller)
 
 
 def _gradient_inputs(weight, moving, grid, interpolation: str, padding_mode: str, caller: str) -> tuple[int, int]:
@@ -537,11 +530,7 @@ def _gradient_inputs(weight, moving, grid, interpolation: str, padding_mode: str
             f"{caller}: 'weight' must have shape (B, C, H, W) = {expected}: the batch and channels of 'moving' "
             f"{tuple(moving.shape)}, the size of 'grid' {tuple(grid.shape)}; got {tuple(weight.shape)}"
         )
-    if weight.dtype != moving.dtype or weight.device != moving.device:
-        raise ValueError(
-            f"{caller}: 'weight' ({weight.dtype}, {weight.device}) and 'moving' ({moving.dtype}, {moving.device}) "
-            "must have the same dtype and device"
-        )
+    check_same_kind(weight, "weight", moving, "moving", caller)
     return modes
 
 
@@ -621,11 +610,7 @@ def _check_gradient_images(gradient: torch.Tensor, moving: torch.Tensor, caller:
             f"{caller}: 'gradient' must have shape (B, C, 2, Hm, Wm) = {expected} (image_gradient() of 'moving' "
             f"{tuple(moving.shape)}); got {tuple(gradient.shape)}"
         )
-    if gradient.dtype != moving.dtype or gradient.device != moving.device:
-        raise ValueError(
-            f"{caller}: 'gradient' ({gradient.dtype}, {gradient.device}) and 'moving' ({moving.dtype}, "
-            f"{moving.device}) must have the same dtype and device"
-        )
+    check_same_kind(gradient, "gradient", moving, "moving", caller)
 
 
 def stack_with_gradient(moving: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
