@@ -690,6 +690,17 @@ def test_initialize_does_not_depend_on_the_gain(gain):
     assert grid_error(initialize(fixed * gain, moving * gain, "rigid"), truth, SIZE).item() < 0.5
 
 
+@pytest.mark.parametrize("offset", [1000.0, 5000.0])
+def test_initialize_does_not_depend_on_an_offset(offset):
+    """A flatness rule of 64 eps |mean| called float32 detail of deviation 0.0076 on an offset of
+    1000 flat: the overlap NCC was 0 everywhere and 'auto' returned the identity (a re-audit)."""
+    truth = similarity(25.0, 1.0, 6.0, -4.0)
+    fixed, moving = cut_pair("camera", truth, SIZE)
+    fixed, moving = fixed * 0.02 + offset, moving * 0.02 + offset
+    assert grid_error(initialize(fixed, moving, "rigid"), truth, SIZE).item() < 1.0
+    assert overlap_ncc(fixed, moving, truth).item() > 0.2  # 0 before; float32 keeps 80 (1000) or 10 levels
+
+
 def test_overlap_ncc_broadcasts_matrices_and_images():
     fixed, moving = cut_pair("camera", similarity(0.0, 1.0, 6.0, -3.0), SIZE)
     matrices = translation_matrix(torch.tensor([[6.0, -3.0], [0.0, 0.0], [-4.0, 7.0]]))

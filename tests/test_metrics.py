@@ -299,3 +299,66 @@ def test_histogram_bins_are_bounded():
         MutualInformation(bins=10**5)  # its joint histogram would have been 40 GB
     with pytest.raises(ValueError, match="got 31.5"):
         NormalizedMutualInformation(bins=31.5)
+
+
+def test_local_ncc_of_a_flat_patch_is_finite_and_as_in_float64():
+    """S_xx - S_x^2 / S_w cancelled to a small negative number in a flat window: the root gave NaN
+    (float32 in [0, 1], float64 in 0..255), or a cost of -5.5 at values of 1000."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.rand(1, 1, 32, 32, generator=generator, dtype=torch.float64)
+    x[..., 8:24, 8:24] = 0.37
+    y = torch.rand(1, 1, 32, 32, generator=generator, dtype=torch.float64)
+    reference, reference_derivative = LocalNCC()(x, y, gradient=True)
+    for gain, offset, dtype in ((1.0, 0.0, torch.float32), (255.0, 0.0, torch.float64), (1.0, 10.0, torch.float32)):
+        cost, derivative = LocalNCC()((gain * x + offset).to(dtype), (gain * y + offset).to(dtype), gradient=True)
+        assert bool(torch.isfinite(derivative).all()) and 0.0 <= float(cost) <= 2.0
+        if gain == 1.0:  # eps = 1e-4 under the root is absolute: the same cost only at the same gain
+            torch.testing.assert_close(cost.double(), reference, rtol=2e-5, atol=0)
+            # float32 box sums around a flat window cancel: a few per cent of the largest derivative
+            torch.testing.assert_close(derivative.double(), reference_derivative, rtol=0,
+                                       atol=0.06 * float(reference_derivative.abs().max()))
+
+
+@pytest.mark.parametrize("gain", [1e-4, 1e-8, 1e6])
+def test_ncc_is_gain_invariant_at_any_scale_and_keeps_its_exact_derivative(images, gain):
+    """An absolute 1e-12 under the root scored 0.64 at gain 1e-4 for 0.30 at gain 1, and the
+    derivative (with cov / var_x) no longer matched autograd (0.73 relative)."""
+    fixed, moving, weight = images
+    for metric in (NCC(), NCC("any")):
+        cost, derivative = metric(gain * moving, gain * fixed, weight, gradient=True)
+        torch.testing.assert_close(cost, metric(moving, fixed, weight), rtol=1e-10, atol=1e-12)
+        warped = (gain * moving).requires_grad_(True)
+        (expected,) = torch.autograd.grad(metric(warped, gain * fixed, weight).sum(), warped)
+        assert (derivative - expected).abs().max() <= 1e-10 * expected.abs().max()
+    flat = torch.full_like(fixed, 0.37 * gain)  # a flat side, its centred values rounding noise: ncc 0
+    cost, derivative = NCC()(flat, gain * fixed, weight, gradient=True)
+    assert torch.equal(cost, torch.ones_like(cost)) and not bool(derivative.any())
+
+
+@pytest.mark.parametrize("bins", [33, 37, 64, 1024])
+@pytest.mark.parametrize("matmul", [False, True])
+def test_histograms_of_many_bins_in_float32(images, bins, matmul):
+    """The clamp bound bins - 2 - 1e-6 is bins - 2 itself in float32 from 33 bins: the image's
+    maximum fell one bin past the end ('index out of bounds'), also in register()."""
+    fixed, moving, weight = (tensor.float() for tensor in images)
+    for cls in (MutualInformation, NormalizedMutualInformation):
+        metric = cls(bins)
+        metric.use_matmul = matmul
+        cost, derivative = metric(moving, fixed, weight, gradient=True)
+        reference = cls(bins)(moving.double(), fixed.double(), weight.double())
+        assert bool(torch.isfinite(derivative).all())
+        torch.testing.assert_close(cost.double(), reference, rtol=1e-3, atol=1e-4)
+
+
+def test_histogram_bins_of_inference_tensors_are_not_kept(images):
+    """Under inference_mode the fixed bins were kept by (id, shape, sum): an image and its flip
+    have one sum, and the next call reused the first image's bins."""
+    fixed, moving, _ = images
+    for cls in (MutualInformation, NormalizedMutualInformation):
+        metric = cls(16)
+        with torch.inference_mode():
+            target = fixed.clone()
+            metric(moving, target)
+            target.copy_(fixed.flip(-1))
+            kept = metric(moving, target)
+        torch.testing.assert_close(kept, cls(16)(moving, fixed.flip(-1)), rtol=1e-12, atol=0)

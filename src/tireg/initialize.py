@@ -68,6 +68,7 @@ from ._validation import (
     check_same_kind,
     finite_number,
 )
+from .metrics import _flat_variance
 from .sampling import checked_warp, downsample, gaussian_blur, shrink_matrix
 from .transforms import (
     get_transform,
@@ -728,9 +729,9 @@ def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tenso
     are and ``cov / (sqrt(var_f) sqrt(var_m))`` taken as a product of two reciprocal roots
     (the product ``var_f var_m`` overflows float32 for images of about 1e8, and underflows
     near 1e-10).  A side is flat on the overlap (the score 0) where its variance is within
-    rounding of its mean, ``var <= n (64 eps mean)^2``: relative to the values, so the same
-    whatever their gain (an absolute 1e-12 under the root scored an aligned pair 1 at gain 1
-    and 0.03 at 1e-5).
+    rounding of its mean (:func:`tireg.metrics._flat_variance`): relative to the values, so
+    the same whatever their gain (an absolute 1e-12 under the root scored an aligned pair 1
+    at gain 1 and 0.03 at 1e-5).
     """
     parts = chunk_slices(matrices.shape[1], matrices.shape[0] * fixed.shape[-2] * fixed.shape[-1], CHUNK_PIXELS)
     if len(parts) > 1:
@@ -748,8 +749,7 @@ def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tenso
     variances = centred.square().sum(-1)  # (B, K, 2)
     covariance = (centred[:, :, 0] * centred[:, :, 1]).sum(-1)
     ncc = (covariance * variances.rsqrt().prod(-1)).clamp(-1.0, 1.0)
-    tolerance = (64.0 * torch.finfo(fixed.dtype).eps) ** 2
-    flat = (variances <= means.square() * (overlap * tolerance)).any(-1)  # a flat side: NaN or noise above
+    flat = _flat_variance(variances, means, overlap).any(-1)  # a flat side: NaN or noise above
     ncc = torch.where(flat, 0.0, ncc)
     return torch.where(overlap[..., 0] >= min_overlap * pairs.shape[-1], ncc, -1.0)
 
@@ -766,7 +766,7 @@ def overlap_ncc(
     means taken over ``Omega``.  It is ``-1`` when ``Omega`` covers less than
     ``min_overlap`` of the fixed image, and ``0`` when either side has no
     variation on ``Omega`` (within rounding of its values: ``sum_Omega (F - mean F)^2
-    <= |Omega| (64 eps mean F)^2``).  It is the same for images of any gain: no absolute
+    <= |Omega| (4 eps mean F)^2``).  It is the same for images of any gain: no absolute
     constant enters.  This is the score :func:`initialize` uses (there on
     slightly blurred, downsampled copies).
 
