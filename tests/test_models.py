@@ -627,6 +627,26 @@ def test_a_tensor_stamp_matches_only_the_same_live_unchanged_tensor():
     assert not TensorStamp(inference).matches(inference)  # no version counter: never trusted
     stamp = TensorStamp(torch.ones(3))  # its tensor freed at once: nothing made later is it
     assert not any(stamp.matches(torch.ones(3)) for _ in range(100))
+    stack = torch.rand(3, 1, 8, 8)
+    stamp = TensorStamp(stack[:1])  # a view, a new object each time: stamped by its base and place
+    assert stamp.matches(stack[:1]) and stamp.matches(stack.narrow(0, 0, 1))
+    assert not stamp.matches(stack[1:2]) and not stamp.matches(stack[:1].clone())
+    stack[2].zero_()  # views share the base's version counter: any write counts
+    assert not stamp.matches(stack[:1])
+
+
+def test_a_view_passed_each_step_keeps_the_models_caches():
+    """Stamped by object, a view made anew each step (stack[:1]) missed every cache: the NaN check
+    (a wait on a GPU) and the gradient images were made again each step (1.2 -> 2.0 ms at 256^2)."""
+    stack = smooth_random_image((3, 1, 48, 48), torch.Generator().manual_seed(5))
+    model = tireg.create_model("translation", stack[:1], image_gradient="gaussian")
+    model(stack[:1], stack[1:2])
+    kept = model.moving_with_gradient
+    model(stack[:1], stack[1:2])
+    assert model.moving_with_gradient is kept
+    stack[0].mul_(2.0)  # a write through the base: made again
+    model(stack[:1], stack[1:2])
+    assert model.moving_with_gradient is not kept
 
 
 def test_analytic_gradients_are_laid_out_for_fused_optimisers(images):

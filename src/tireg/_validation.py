@@ -203,23 +203,35 @@ class TensorStamp:
 
     The object is held by a weak reference: a key of ``id()`` (and even the data pointer and the
     shape) matched a *new* tensor made where a freed one had been, as a loop that passes a fresh
-    ``frame.clone()`` every step does, and a model warped the previous frame.  An inference
-    tensor keeps no version counter: its stamp matches nothing, and what derives from it is
-    made again on every use.  A write that bypasses the counter (``.data``, a NumPy view) is not
-    seen.
+    ``frame.clone()`` every step does, and a model warped the previous frame.  A view (a new
+    object each time: ``stack[:1]``, ``x.unsqueeze(0)``) is stamped by its base, held weakly,
+    and where it lies in the base's memory (offset, shape, strides, dtype); views share their
+    base's version counter.  An inference tensor keeps no version counter: its stamp matches
+    nothing, and what derives from it is made again on every use.  A write that bypasses the
+    counter (``.data``, a NumPy view) is not seen.
     """
 
-    __slots__ = ("_tensor", "_version", "_settings")
+    __slots__ = ("_tensor", "_layout", "_version", "_settings")
 
     def __init__(self, tensor: torch.Tensor, *settings: Any) -> None:
-        self._tensor = weakref.ref(tensor)
+        base, self._layout = _base_and_layout(tensor)
+        self._tensor = weakref.ref(base)
         self._version = _version(tensor)
         self._settings = settings
 
     def matches(self, tensor: torch.Tensor, *settings: Any) -> bool:
-        """Whether ``tensor`` is the stamped object, unchanged, with the same ``settings``."""
-        return (self._version is not None and self._tensor() is tensor and _version(tensor) == self._version
-                and self._settings == settings)
+        """Whether ``tensor`` is the stamped object (or the same view of the same base), unchanged,
+        with the same ``settings``."""
+        if self._version is None or self._settings != settings:
+            return False
+        base, layout = _base_and_layout(tensor)
+        return self._tensor() is base and layout == self._layout and _version(tensor) == self._version
+
+
+def _base_and_layout(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """The tensor a view looks into (itself if it is none) and where in its memory the view lies."""
+    base = tensor if tensor._base is None else tensor._base
+    return base, (tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
 
 
 def _version(tensor: torch.Tensor) -> Optional[int]:
