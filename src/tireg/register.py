@@ -45,18 +45,27 @@ import torch
 
 from . import _chunks, fused
 from ._device import constant
-from ._validation import all_finite, check_affine, check_compile_option, check_option, is_whole, real_number
+from ._validation import (
+    INTERPOLATIONS,
+    PADDING_MODES,
+    all_finite,
+    check_affine,
+    check_compile_option,
+    check_option,
+    is_whole,
+    real_number,
+)
 from .losses import PerPixelLoss, constant_irls_weight
 from .metrics import Metric, PerPixelMetric, get_metric
 from .sampling import (
+    _grid_moments,
+    _sampler_gradient,
     checked_warp,
     downsample,
     gaussian_blur,
-    grid_moments,
     pixel_axes,
     sample,
     sample_with_gradient,
-    sampler_gradient,
     sampling_grid,
     shared_pixel_scale,
     shrink_matrix,
@@ -772,16 +781,17 @@ class _Problem:
             # gives one per pixel, (B, 1, h, w), shared by the channels)
             _channel_sum(irls.mul_(gy) if irls.shape == gy.shape else irls * gy, gy, out=pixels[:, 4])
             # (B, 5, 6): moments (x^2, xy, y^2, x, y, 1); the gradient's are its last three
-            moments = grid_moments(pixels, level.axes, channel_dim=1, second_order=True)
+            # the unchecked forms on this per-evaluation path: the inputs are made here (the public
+            # functions' shape checks cost a few microseconds each, most of a small level's time)
+            moments = _grid_moments(pixels, level.axes, False, True)
             g_moments, h_moments = moments[:, :2, 3:], moments[:, 2:]
             return _in_parameters(cost, flat_jacobian, g_moments, h_moments)
         values = sample(level.moving, grid, interpolation=self.interpolation, padding_mode="border")
         cost, derivative = self._level_metric(level)(values, level.fixed, valid, gradient=True)
-        g_normalized = sampler_gradient(
-            derivative, level.moving, grid, interpolation=self.interpolation, padding_mode="border"
-        )
+        g_normalized = _sampler_gradient(derivative, level.moving, grid, INTERPOLATIONS[self.interpolation],
+                                         PADDING_MODES["border"])
         scale = shared_pixel_scale(level.moving.shape[-2:], like=grid)
-        g_moments = grid_moments(g_normalized, level.axes) * scale[:, None]
+        g_moments = _grid_moments(g_normalized, level.axes, True, False) * scale[:, None]
         return _in_parameters(cost, flat_jacobian, g_moments, None)
 
 
