@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -753,6 +754,13 @@ def test_phase_correlation_window_must_be_a_bool(window):
     image = torch.rand(1, 1, 16, 20, generator=torch.Generator().manual_seed(5))
     with pytest.raises(TypeError, match=r"^phase_correlation\(\): 'window' must be True or False"):
         phase_correlation(image, image, window=window)
+
+
+def test_phase_correlation_takes_a_numpy_bool():
+    image = torch.rand(1, 1, 16, 20, generator=torch.Generator().manual_seed(5))
+    for window in (np.True_, np.False_):
+        assert torch.equal(phase_correlation(image, image, window=window),
+                           phase_correlation(image, image, window=bool(window)))
 
 
 def test_fourier_mellin_angle_stays_in_its_range_in_float32():

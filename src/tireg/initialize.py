@@ -53,6 +53,7 @@ import math
 import operator
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -405,8 +406,9 @@ def phase_correlation(fixed: torch.Tensor, moving: torch.Tensor, *, window: bool
         TypeError: ``window`` not a bool.
     """
     caller = "phase_correlation()"
-    if not isinstance(window, bool):
+    if not isinstance(window, (bool, np.bool_)):  # a NumPy bool too (1 or "no" are no answer)
         raise TypeError(f"{caller}: 'window' must be True or False; got {window!r}")
+    window = bool(window)
     fixed, moving = _pair(fixed, moving, caller, same_size=True)
     with torch.no_grad():
         return _phase_shift(fixed, moving, window=window)
