@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tireg import fused
 from tireg.analytic import cost_and_gradient, parameter_gradient
 from tireg.losses import L2Loss
 from tireg.metrics import NCC
@@ -79,6 +80,59 @@ def test_cost_and_gradient_rejects(change, error, pattern):
         change["moving_with_gradient"] = change["moving_with_gradient"](moving)
     with pytest.raises(error, match=r"^cost_and_gradient\(\): " + pattern):
         cost_and_gradient(**arguments, **change)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cost_and_gradient_accepts_a_prepared_moving_image_and_coordinate_grids(dtype):
+    """prepare_moving() packs float32 pairs into int64 on the CPU; pad_moving()'s plain image is read too."""
+    fixed, moving, matrix = (tensor.to(dtype) for tensor in _inputs())
+    expected = cost_and_gradient(fixed, moving, matrix, L2Loss(), padding_mode="border")
+    assert fused.prepare_moving(moving, "border").dtype == (torch.int64 if dtype == torch.float32 else dtype)
+    for padded in (fused.prepare_moving(moving, "border"), fused.pad_moving(moving, "border")):
+        got = cost_and_gradient(fixed, moving, matrix, L2Loss(), padding_mode="border", padded_moving=padded,
+                                coordinates=fused.coordinate_grids(fixed))
+        assert torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize(
+    "dtype, change, error, pattern",
+    [
+        (torch.float64, dict(padded_moving=lambda f, m: fused.prepare_moving(m[..., :8, :8], "zeros")), ValueError,
+         r"'padded_moving' must be tireg.fused.prepare_moving\(moving, 'zeros'\) of 'moving' \(2, 2, 11, 19\): "
+         r"shape \(2, 2, 15, 23\), torch.float64 on cpu; got \(2, 2, 12, 12\), torch.float64 on cpu"),
+        (torch.float32, dict(padded_moving=lambda f, m: fused.prepare_moving(m[..., :8, :8], "zeros")), ValueError,
+         r"'padded_moving' must be .*: shape \(2, 2, 15, 22\), torch.int64 on cpu; got \(2, 2, 12, 11\)"),
+        (torch.float32, dict(padded_moving=lambda f, m: fused.prepare_moving(m[:1], "zeros")), ValueError,
+         r"'padded_moving' must be .*; got \(1, 2, 15, 22\), torch.int64"),
+        (torch.float64, dict(padded_moving=lambda f, m: fused.prepare_moving(m.float(), "zeros")), ValueError,
+         r"'padded_moving' must be .*torch.float64 on cpu; got \(2, 2, 15, 22\), torch.int64 on cpu"),
+        (torch.float32, dict(padded_moving=lambda f, m: fused.prepare_moving(m, "border"), padding_mode="zeros"),
+         None, None),  # the same shape for both modes: values are not looked at
+        (torch.float32, dict(padded_moving=lambda f, m: [0.0]), TypeError,
+         r"'padded_moving' must be a torch.Tensor or None; got list"),
+        (torch.float32, dict(coordinates=lambda f, m: fused.coordinate_grids(m)), ValueError,
+         r"'coordinates' must be tireg.fused.coordinate_grids\(fixed\): two \(1, 1, 13, 17\) tensors of "
+         r"torch.float32 on cpu; got \(1, 1, 11, 19\) torch.float32 on cpu, \(1, 1, 11, 19\)"),
+        (torch.float32, dict(coordinates=lambda f, m: fused.coordinate_grids(f.double())), ValueError,
+         r"'coordinates' must be .*; got \(1, 1, 13, 17\) torch.float64 on cpu"),
+        (torch.float32, dict(coordinates=lambda f, m: fused.coordinate_grids(f)[0]), ValueError,
+         r"'coordinates' must be .*; got Tensor$"),
+        (torch.float32, dict(coordinates=lambda f, m: fused.coordinate_grids(f)[:1]), ValueError,
+         r"'coordinates' must be .*; got \(1, 1, 13, 17\) torch.float32 on cpu$"),
+    ],
+    ids=["padded-size", "packed-size", "padded-batch", "padded-dtype", "other-mode-same-shape", "padded-list",
+         "coordinates-size", "coordinates-dtype", "coordinates-tensor", "coordinates-one"],
+)
+def test_cost_and_gradient_checks_the_prepared_moving_image_and_coordinate_grids(dtype, change, error, pattern):
+    """The compiled kernel does no bounds checks: a prepared image of an 8 x 8 moving image for a
+    64 x 64 one gave a cost of 1331 for 687 and a garbage gradient (the checks come before compiling)."""
+    fixed, moving, matrix = (tensor.to(dtype) for tensor in _inputs())
+    options = {name: value(fixed, moving) if callable(value) else value for name, value in change.items()}
+    if error is None:
+        cost_and_gradient(fixed, moving, matrix, L2Loss(), **options)
+        return
+    with pytest.raises(error, match=r"^cost_and_gradient\(\): " + pattern):
+        cost_and_gradient(fixed, moving, matrix, L2Loss(), compile=True, **options)
 
 
 def test_cost_and_gradient_refuses_a_projective_matrix_and_the_models_path_reads_no_value():

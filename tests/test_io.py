@@ -105,6 +105,79 @@ def test_tiff_pages_of_different_channels_are_refused(tmp_path):
         read_stack(tmp_path / "grey_rgb.tif")
 
 
+def test_ome_tiff_images_of_one_shape_are_frames_keeping_their_channels(tmp_path):
+    """Two (3, 32, 40) CYX images: 2 frames of 3 channels, not 6 frames of one (the pages stacked)."""
+    images = np.arange(2 * 3 * 32 * 40, dtype=np.uint16).reshape(2, 3, 32, 40)
+    with tifffile.TiffWriter(tmp_path / "two.ome.tif", ome=True) as writer:
+        for image in images:
+            writer.write(image, metadata={"axes": "CYX"})
+    stack = read_stack(tmp_path / "two.ome.tif")
+    assert stack.frames.shape == (2, 32, 40, 3) and stack.format.channel_axis
+    np.testing.assert_array_equal(stack.frames, np.moveaxis(images, 1, -1))
+
+
+def test_tiff_series_appended_one_at_a_time_are_frames_keeping_their_channels(tmp_path):
+    path = tmp_path / "appended.tif"
+    images = np.arange(2 * 2 * 16 * 20, dtype=np.uint16).reshape(2, 2, 16, 20)
+    for k, image in enumerate(images):
+        tifffile.imwrite(path, image, append=k > 0, metadata={"axes": "CYX"})
+    stack = read_stack(path)
+    assert stack.frames.shape == (2, 16, 20, 2) and stack.format.channel_axis
+    np.testing.assert_array_equal(stack.frames, np.moveaxis(images, 1, -1))
+
+
+def test_tiff_images_of_different_channel_counts_are_refused(tmp_path):
+    """Their pages are all of one size: stacking them turned 2 + 3 channels into 5 frames."""
+    with tifffile.TiffWriter(tmp_path / "c2_c3.ome.tif", ome=True) as writer:
+        writer.write(np.zeros((2, 16, 16), np.uint8), metadata={"axes": "CYX"})
+        writer.write(np.zeros((3, 16, 16), np.uint8), metadata={"axes": "CYX"})
+    with pytest.raises(ImageError, match=r"holds images of different shapes \(series 0 is \(2, 16, 16\) CYX"):
+        read_stack(tmp_path / "c2_c3.ome.tif")
+
+
+@pytest.mark.parametrize("case", ["untagged thumbnail", "OME label", "appended frames and thumbnail"])
+def test_trailing_pages_of_another_size_are_left_out_with_a_warning(tmp_path, case):
+    """A thumbnail or label after the image was refused; its image is read, the file and the count named."""
+    path = tmp_path / "main.tif"
+    if case == "untagged thumbnail":  # no NewSubfileType: not a reduced page
+        with tifffile.TiffWriter(path) as writer:
+            writer.write(frame(1))
+            writer.write(frame(1)[::4, ::4])
+        expected, ignored = [1], "1 trailing page of another size"
+    elif case == "OME label":
+        with tifffile.TiffWriter(path, ome=True) as writer:
+            writer.write(np.stack([frame(1), frame(2)]), metadata={"axes": "CYX"})
+            writer.write(frame(9, 8), metadata={"axes": "YX"})
+            writer.write(frame(9, 12), metadata={"axes": "YX"})
+        expected, ignored = [[1, 2]], "2 trailing pages of other sizes"
+    else:
+        for k, image in enumerate([frame(1), frame(2), frame(3), frame(9, 16)]):
+            tifffile.imwrite(path, image, append=k > 0)
+        expected, ignored = [1, 2, 3], "1 trailing page of another size"
+    for read in (read_stack, read_image):
+        with pytest.warns(UserWarning, match=re.escape(f"'{path}': ignored {ignored} than its frames (64 x 64)")):
+            data = read(path)
+        values = data.frames[:, 0, 0, :].tolist() if data.format.channel_axis else data.frames[:, 0, 0, 0].tolist()
+        assert values == expected
+
+
+@pytest.mark.parametrize("writer", ["pillow", "tifffile"])
+def test_a_page_of_another_size_among_the_frames_is_refused_even_with_a_thumbnail_after_them(tmp_path, writer):
+    """Pages [64, 64, 48, 64, 64, 16]: the 48 x 48 page lies among the frames; reading the first series
+    would drop a frame and shift the labels of the others."""
+    images = [frame(k) for k in range(5)] + [frame(9, 16)]
+    images[2] = images[2][:48, :48]
+    path = tmp_path / "interleaved.tif"
+    if writer == "pillow":
+        pil = [Image.fromarray(image) for image in images]
+        pil[0].save(path, save_all=True, append_images=pil[1:])
+    else:
+        for k, image in enumerate(images):
+            tifffile.imwrite(path, image, append=k > 0)
+    with pytest.raises(ImageError, match=re.escape("page 2 is 48 x 48, page 0 is 64 x 64")):
+        read_stack(path)
+
+
 # ----------------------------------------------------------------------------
 # 2, 3, 9. writing: bad values or shapes refused before anything is written
 

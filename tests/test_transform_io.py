@@ -403,7 +403,13 @@ def test_image_geometry_matches_simpleitk(rng):
         ({"direction": ((True, False), (False, True))}, TypeError, r"'direction' must be .*; got tuple of bool"),
         ({"direction": np.eye(2) + 1j}, TypeError, r"'direction' must be .*; got ndarray of complex128"),
         ({"direction": ((10 ** 400, 0), (0, 1))}, ValueError, r"'direction' has a value beyond float64's range"),
-        ({"spacing": (1e-320, 1.0)}, ValueError, r"'spacing' must be positive; got \(1e-320, 1.0\)"),
+        ({"spacing": (1e-320, 1.0)}, ValueError, r"'spacing' must be positive and at least 2.2e-308, float64's "
+         r"smallest normal number \(a smaller, subnormal spacing has no finite or no accurate inverse\); "
+         r"got \(1e-320, 1.0\)"),
+        ({"spacing": (1.0, 5e-324)}, ValueError, r"'spacing' must be positive and at least 2.2e-308.*; "
+         r"got \(1.0, 5e-324\)"),
+        ({"spacing": (-1.0, 1.0)}, ValueError, r"'spacing' must be positive and at least 2.2e-308.*; "
+         r"got \(-1.0, 1.0\)"),
         ({"size": (3, 4)}, ValueError, r"'fixed_geometry' has unknown keys \['size'\]"),
         ((1.0, 1.0), TypeError, r"'fixed_geometry' must be an ImageGeometry"),
     ],

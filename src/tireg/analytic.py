@@ -67,8 +67,10 @@ def cost_and_gradient(
             applies (bilinear, zeros or border padding, a per-pixel metric,
             exact gradient); it gives the same result in one pass over the
             pixels.  Elsewhere, or where compiling fails, the reference path.
-        padded_moving: optional cached :func:`tireg.fused.prepare_moving` of ``moving``.
-        coordinates: optional cached :func:`tireg.fused.coordinate_grids` of ``fixed``.
+        padded_moving: optional cached :func:`tireg.fused.prepare_moving` of ``moving``
+            (its shape, dtype and device are checked, not its values).
+        coordinates: optional cached :func:`tireg.fused.coordinate_grids` of ``fixed``
+            (likewise).
 
     Returns:
         ``warped (B, C, H, W)``, ``cost (B,)``, ``G (B, 2, 3)`` with ``G = sum_x g(x) x~^T``.
@@ -77,13 +79,15 @@ def cost_and_gradient(
         TypeError, ValueError: naming the argument: images not float ``(B, C, H, W)``
             tensors of one batch, channels, dtype and device; ``matrix`` not ``(B, 3, 3)``
             (one per pair: no broadcasting); a ``metric`` that is neither a metric nor a
-            per-pixel loss; ``weight``, ``moving_with_gradient`` or ``axes`` of the wrong
-            shape; unknown modes; a ``matrix`` whose last row is not ``(0, 0, 1)``, as
+            per-pixel loss; ``weight``, ``moving_with_gradient``, ``axes``, ``padded_moving``
+            or ``coordinates`` of the wrong shape, dtype or device (the compiled kernel
+            does no bounds checks); unknown modes; a ``matrix`` whose last row is not ``(0, 0, 1)``, as
             :func:`~tireg.sampling.warp` (that check reads the matrix back, a wait on a
             GPU; the models call the unchecked function, their matrices affine by
             construction).  NaNs in the images are not looked for.
     """
-    _check_inputs(fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes)
+    _check_inputs(fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes,
+                  padded_moving, coordinates)
     check_affine(matrix, "cost_and_gradient()")
     return _cost_and_gradient(
         fixed, moving, matrix, metric, weight=weight, interpolation=interpolation, padding_mode=padding_mode,
@@ -92,7 +96,8 @@ def cost_and_gradient(
     )
 
 
-def _check_inputs(fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes):
+def _check_inputs(fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes,
+                  padded_moving=None, coordinates=None):
     """:func:`cost_and_gradient`'s checks: shapes, types, dtypes, devices and options (Python
     only, a few microseconds; no value is read)."""
     caller = "cost_and_gradient()"
@@ -154,6 +159,54 @@ def _check_inputs(fixed, moving, matrix, metric, weight, interpolation, padding_
                 f"{caller}: 'axes' must be pixel_axes(({height}, {width})) of 'fixed', two 1-D tensors of "
                 f"{height} and {width} points, its dtype and device"
             )
+    # the compiled kernel does no bounds checks: a prepared image or grid of another size was read
+    # out of its bounds (a wrong cost and gradient, or a crash), so their shapes are checked here
+    if padded_moving is not None:
+        _check_padded_moving(padded_moving, moving, padding_mode, caller)
+    if coordinates is not None:
+        expected = (1, 1, height, width)
+        if not isinstance(coordinates, (tuple, list)) or len(coordinates) != 2 or not all(
+            isinstance(grid, torch.Tensor) and grid.shape == expected and (grid.dtype, grid.device) == like
+            for grid in coordinates
+        ):
+            got = (", ".join(map(_describe, coordinates)) if isinstance(coordinates, (tuple, list))
+                   else type(coordinates).__name__)
+            raise ValueError(
+                f"{caller}: 'coordinates' must be tireg.fused.coordinate_grids(fixed): two {expected} tensors "
+                f"of {fixed.dtype} on {fixed.device}; got {got}"
+            )
+
+
+def _describe(value) -> str:
+    """``'(1, 1, 8, 8) torch.float32 on cpu'`` for a tensor, its type's name otherwise."""
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)} {value.dtype} on {value.device}"
+    return type(value).__name__
+
+
+def _check_padded_moving(padded_moving, moving, padding_mode, caller):
+    """``padded_moving`` of :func:`tireg.fused.prepare_moving`'s shape, dtype and device for ``moving``
+    (or :func:`tireg.fused.pad_moving`'s, which the kernel reads too); unused, so unchecked, for a
+    padding mode of the reference path alone."""
+    if not isinstance(padded_moving, torch.Tensor):
+        raise TypeError(f"{caller}: 'padded_moving' must be a torch.Tensor or None; got {type(padded_moving).__name__}")
+    if padding_mode not in fused.FUSED_PADDING:
+        return
+    pad = 2 * fused.FUSED_PADDING[padding_mode]
+    padded_shape = (*moving.shape[:2], moving.shape[2] + pad, moving.shape[3] + pad)
+    packed_shape = (*padded_shape[:3], padded_shape[3] - 1)
+    kinds = {(padded_shape, moving.dtype)}  # pad_moving()
+    if moving.dtype == torch.float32:  # pack_pairs(): each pixel and its right-hand neighbour in one int64
+        kinds.add((packed_shape, torch.int64))
+    if (tuple(padded_moving.shape), padded_moving.dtype) in kinds and padded_moving.device == moving.device:
+        return
+    packs = moving.device.type == "cpu" and moving.dtype == torch.float32
+    shape, dtype = (packed_shape, torch.int64) if packs else (padded_shape, moving.dtype)
+    raise ValueError(
+        f"{caller}: 'padded_moving' must be tireg.fused.prepare_moving(moving, {padding_mode!r}) of 'moving' "
+        f"{tuple(moving.shape)}: shape {shape}, {dtype} on {moving.device}; got {tuple(padded_moving.shape)}, "
+        f"{padded_moving.dtype} on {padded_moving.device}"
+    )
 
 
 def _cost_and_gradient(

@@ -40,6 +40,7 @@ import os
 import re
 import secrets
 import shutil
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -318,16 +319,15 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
             series = tif.series
             if not series:
                 raise ImageError(f"{what} {str(path)!r} holds no image")
-            if len(series) == 1:
-                data, axes = series[0].asarray(), series[0].axes
-            else:
-                data, axes = _tiff_pages(tif, path, what)
+            data, axes, ignored = _tiff_series(tif, path, what)
             photometric = getattr(tif.pages[0], "photometric", None)
             compression = getattr(getattr(tif.pages[0], "compression", None), "name", "")
     except ImageError:
         raise
     except Exception as error:
         raise ImageError(f"cannot read {what} {str(path)!r} as TIFF: {_reason(error)}") from None
+    if ignored:  # warned here, not in the try above: a warning made an error would read as a corrupt file
+        warnings.warn(ignored, UserWarning, stacklevel=3)
     data = np.asarray(data)
     name = getattr(photometric, "name", str(photometric)).upper()
     if name == "YCBCR" and not compression.startswith("JPEG"):
@@ -360,22 +360,68 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
     return data, ImageFormat(kind, data.dtype, bool(channel_axes), photometric if channel_axes else "minisblack")
 
 
-def _tiff_pages(tif, path: Path, what: str) -> tuple[np.ndarray, str]:
-    """Every page of a TIFF that tifffile splits into several series, in page order, as frames.
+def _tiff_series(tif, path: Path, what: str) -> tuple[np.ndarray, str, str]:
+    """The frames of a TIFF as ``(data, axes, warning)``; ``warning`` is ``""`` unless pages were left out.
 
-    tifffile makes a series of each run of pages written one by one, and groups pages that differ
-    (in size or dtype) into series by kind, not by order: reading its first series lost pages.
+    tifffile splits a file into series: the images of an OME-TIFF, each write appended by tifffile,
+    or, for a file written page by page (Pillow), the pages grouped by kind (size, dtype), not by
+    order. So:
+
+    * one series, or series all of one shape and axes: the series (stacked, each keeping its axes:
+      the channels of an OME-TIFF's images stay channels);
+    * series that differ but pages all of one size (e.g. pages of two dtypes): every page a frame,
+      in page order;
+    * the first series (with the series of its shape that follow it) and then only pages of other
+      sizes -- a thumbnail, a label or macro image: the first series, and a warning naming how many
+      pages were left out;
+    * anything else -- a page of another size or channel count among the frames -- is refused:
+      reading the first series would silently lose frames and shift the labels of the others.
+
+    Reduced-resolution pages (NewSubfileType 1: thumbnails, pyramid levels) are never frames.
     """
-    # a reduced page is a thumbnail or a pyramid level of another page, not a frame
-    pages = [page for page in tif.pages if not getattr(page, "is_reduced", False)]
-    first = pages[0]
-    for page in pages:
-        if (page.shape, page.axes) != (first.shape, first.axes):
-            raise ImageError(
-                f"{what} {str(path)!r} has pages of different sizes: page {page.index} is {_page_size(page)}, "
-                f"page {first.index} is {_page_size(first)}; tireg reads the pages of a TIFF as frames of one size"
-            )
-    return np.stack([page.asarray() for page in pages]), "Q" + first.axes
+    series = tif.series
+    first = series[0]
+    if len(series) == 1:
+        return first.asarray(), first.axes, ""
+    if all((s.shape, s.axes) == (first.shape, first.axes) for s in series):  # e.g. several OME images
+        return np.stack([s.asarray() for s in series]), "Q" + first.axes, ""
+    pages = [page for page in tif.pages if not getattr(page, "is_reduced", False)] or list(tif.pages)
+    page0 = pages[0]
+    if all((page.shape, page.axes) == (page0.shape, page0.axes) for page in pages):
+        if any("C" in s.axes for s in series):  # images of different channel counts: channels are not frames
+            shapes = ", ".join(f"series {k} is {s.shape} {s.axes}" for k, s in enumerate(series[:3]))
+            raise ImageError(f"{what} {str(path)!r} holds images of different shapes ({shapes}); tireg reads "
+                             "the images of a TIFF as frames of one shape")
+        return np.stack([page.asarray() for page in pages]), "Q" + page0.axes, ""
+    # the first series and the series of its shape and axes that follow it are the frames
+    count = 1
+    while count < len(series) and (series[count].shape, series[count].axes) == (first.shape, first.axes):
+        count += 1
+    frames = [page.index for s in series[:count] for page in s.pages if page is not None]
+    last = max(frames, default=-1)
+    taken = set(frames)
+    rest = [page for page in pages if page.index not in taken]
+    size = _yx(page0)
+    if any(page.index < last or _yx(page) == size for page in rest):
+        odd = next(page for page in pages if (page.shape, page.axes) != (page0.shape, page0.axes))
+        raise ImageError(
+            f"{what} {str(path)!r} has pages of different sizes: page {odd.index} is {_page_size(odd)}, "
+            f"page {page0.index} is {_page_size(page0)}; tireg reads the pages of a TIFF as frames of one size"
+        )
+    data = first.asarray() if count == 1 else np.stack([s.asarray() for s in series[:count]])
+    axes = first.axes if count == 1 else "Q" + first.axes
+    if not rest:
+        return data, axes, ""
+    several = f"{len(rest)} trailing pages of other sizes" if len(rest) > 1 else "1 trailing page of another size"
+    ignored = (f"{what} {str(path)!r}: ignored {several} than its frames ({_page_size(page0)}), taken for a "
+               f"thumbnail, label or macro image: page {rest[0].index} is {_page_size(rest[0])}")
+    return data, axes, ignored
+
+
+def _yx(page) -> tuple:
+    """``(height, width)`` of a TIFF page."""
+    size = dict(zip(page.axes, page.shape))
+    return size.get("Y"), size.get("X")
 
 
 def _page_size(page) -> str:

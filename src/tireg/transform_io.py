@@ -137,9 +137,14 @@ class ImageGeometry:
             )
         if not np.isfinite(direction).all():
             raise ValueError(f"{caller}: 'direction' contains NaN or Inf values")
-        # a subnormal spacing has no finite inverse: pixel <-> physical conversions gave NaN and Inf
-        if not (spacing >= np.finfo(np.float64).tiny).all():
-            raise ValueError(f"{caller}: 'spacing' must be positive; got {tuple(spacing.tolist())}")
+        # a subnormal spacing has no finite (or no accurate) inverse: pixel <-> physical conversions gave
+        # NaN and Inf; the message says so, as a spacing of 5e-324 is positive
+        tiny = np.finfo(np.float64).tiny
+        if not (spacing >= tiny).all():
+            raise ValueError(
+                f"{caller}: 'spacing' must be positive and at least {tiny:.2g}, float64's smallest normal number "
+                f"(a smaller, subnormal spacing has no finite or no accurate inverse); got {tuple(spacing.tolist())}"
+            )
         if abs(np.linalg.det(direction)) < 1e-12:
             raise ValueError(f"{caller}: 'direction' must be invertible; got {direction.tolist()}")
         object.__setattr__(self, "spacing", tuple(spacing.tolist()))
