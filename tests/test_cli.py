@@ -665,3 +665,19 @@ def test_bad_input_in_a_process(bad_processes, case):
     future, cwd, before = bad_processes[case]
     status, stderr = future.result(timeout=600)
     _check_failure(case, status, stderr, cwd, before)
+
+
+def test_a_library_warning_is_one_line_of_the_command(tmp_path, monkeypatch, capsys):
+    """Python's default showed io.py's file name, line number and source line before the message."""
+    frames = (np.random.default_rng(0).random((3, 64, 64)) * 255).astype(np.uint8)
+    with tifffile.TiffWriter(tmp_path / "thumb.tif") as writer:
+        for frame in frames:
+            writer.write(frame, contiguous=False)
+        writer.write(frames[0, ::4, ::4])  # an untagged thumbnail after the frames
+    monkeypatch.chdir(tmp_path)
+    assert main(["stack", "thumb.tif", "-o", "aligned.tif", "-t", "translation", "-q"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "tireg: warning: stack 'thumb.tif': ignored 1 trailing page of another size than its frames (64 x 64), "
+        "taken for a thumbnail, label or macro image: page 3 is 16 x 16"]
+    import warnings
+    assert warnings.showwarning.__module__ == "warnings"  # main() put Python's back

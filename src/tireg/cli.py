@@ -26,6 +26,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = _Parser(add_help=False)
     common.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    common.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no progress bar)")
+    common.add_argument("-q", "--quiet", action="store_true", help="print nothing but warnings and errors (no progress bar)")
     common.add_argument("--traceback", action="store_true", help=argparse.SUPPRESS)
 
     def registration_options(sub: argparse.ArgumentParser, transform: str, mask_help: str) -> None:
@@ -941,6 +942,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     0: success; 1: the input could not be processed; 2: a wrong command line.
     Errors print one line, ``tireg: error: ...``, to stderr and leave no output file.
     """
+    with warnings.catch_warnings():  # restored on return: main() may be called from a program
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library warning as the command's own line, ``tireg: warning: ...`` (Python's default
+    prefixed it with a source file and line of tireg's code)."""
+    print(f"{PROG}: warning: {_one_line(message if isinstance(message, Warning) else Warning(message))}",
+          file=sys.stderr if file is None else file)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     args: Optional[argparse.Namespace] = None
     try:
         parser = build_parser()
