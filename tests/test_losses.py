@@ -181,6 +181,133 @@ def test_cauchy_derivative_is_twice_the_seeds():
 
 
 # ----------------------------------------------------------------------------
+# precision at the ends of the ranges (exact rational references)
+
+F32_TINY = float(torch.finfo(torch.float32).tiny)
+
+
+def _residuals(dtype):
+    """0 and +-r over the dtype's finite range, with the audit's cases (1e-12, 1e10, 1.8e19)."""
+    top = 38 if dtype == torch.float32 else 300
+    sizes = [10.0 ** k for k in range(-top, top + 1, 3)] + [1e-12, 3e-3, 1.0, 1e10, 1.8e19, 1e20, 3e38]
+    if dtype == torch.float32:
+        sizes = [v for v in sizes if v <= 3.4e38]
+    values = [0.0] + sizes + [-v for v in sizes]
+    return torch.tensor(values, dtype=torch.float64).to(dtype)
+
+
+def _assert_close_to(got: torch.Tensor, exact: list, dtype, rtol: float):
+    """``got`` finite and within ``rtol`` of the exact values (rounded to float64), or, for those below
+    the dtype's normal range, within its smallest normal value (gradual underflow)."""
+    tiny = float(torch.finfo(dtype).tiny)
+    assert bool(torch.isfinite(got).all()), got
+    for value, want in zip(got.tolist(), exact):
+        assert abs(value - want) <= rtol * abs(want) + tiny, (value, want)
+
+
+SCALES = [1e-15, 1e-12, 1e-6, 1.0, 10.0, 1e6, 1e15]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", SCALES)
+def test_geman_mcclure_is_finite_and_accurate_for_every_scale(scale, dtype):
+    """(r^2 + c^2)^2 scales as c^4 and underflowed: GemanMcClureLoss(1e-12) gave NaN derivatives at
+    r = 0 and inf at r = 1e-12 in float32, r^2 overflowed into inf / inf = NaN from r = 1.8e19, and
+    scale 1e15 gave a NaN derivative at r = 1e10."""
+    from fractions import Fraction
+
+    r = _residuals(dtype)
+    loss, derivative = GemanMcClureLoss(scale)(r, torch.zeros_like(r), gradient=True)
+    c2 = Fraction(torch.tensor(scale, dtype=dtype).item()) ** 2  # c as the dtype holds it
+    exact_loss, exact_derivative = [], []
+    for value in r.tolist():
+        r2 = Fraction(value) ** 2
+        exact_loss.append(float(r2 / (r2 + c2)))
+        exact_derivative.append(float(2 * Fraction(value) * c2 / (r2 + c2) ** 2))
+    rtol = 1e-6 if dtype == torch.float32 else 1e-14
+    finfo = torch.finfo(dtype)
+    # where r^2 underflows (rho < tiny / c^2, below 1.2e-8 in float32) rho is as close as r^2 is
+    squares = r.double() ** 2
+    keep = squares >= finfo.tiny
+    _assert_close_to(loss[keep], [v for v, k in zip(exact_loss, keep) if k], dtype, rtol)
+    underflow = torch.tensor([v for v, k in zip(exact_loss, keep) if not k], dtype=torch.float64)
+    assert bool(((loss[~keep].double() - underflow).abs() <= finfo.tiny / float(c2) + finfo.tiny).all())
+    # beyond B = sqrt(max) / 2, r is capped at +-B: rho is 1, rho' its value at B, at most 2 c^2 / B^3
+    limit = finfo.max ** 0.5 / 2
+    keep = r.abs() <= limit
+    _assert_close_to(derivative[keep], [v for v, k in zip(exact_derivative, keep) if k], dtype, rtol)
+    beyond = ~keep
+    assert beyond.sum() > 0 and bool((loss[beyond] == 1).all())
+    capped = r[beyond].sign() * limit
+    _, at_limit = GemanMcClureLoss(scale)(capped, torch.zeros_like(capped), gradient=True)
+    assert derivative[beyond].tolist() == at_limit.tolist()
+    bound = float(2 * c2 / Fraction(limit) ** 3) * (1 + rtol) + finfo.tiny
+    assert bool((derivative[beyond].abs() <= bound).all())
+    assert GemanMcClureLoss(scale)(r.new_tensor([float("nan")]), r.new_zeros(1)).isnan().all()  # NaN is kept
+
+
+def test_geman_mcclure_audit_cases():
+    z = torch.zeros(1, 1, 2, 2)
+    assert GemanMcClureLoss(1e-12)(z, z, True)[1].tolist() == z.tolist()  # was NaN
+    _, derivative = GemanMcClureLoss(1e-12)(torch.tensor([1e-12]), torch.zeros(1), True)
+    assert derivative.item() == pytest.approx(2e-12 * 1e-24 / (2e-24) ** 2, rel=1e-5)  # was inf
+    assert GemanMcClureLoss(1.0)(torch.tensor([1.8e19, 3e38]), torch.zeros(2)).tolist() == [1.0, 1.0]  # was NaN
+    _, derivative = GemanMcClureLoss(1e15)(torch.tensor([1e10]), torch.zeros(1), True)
+    assert derivative.item() == pytest.approx(2e10 * 1e30 / (1e30 + 1e20) ** 2, rel=1e-5)  # was NaN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", SCALES)
+def test_cauchy_keeps_its_precision_for_small_residuals(scale, dtype):
+    """log((c^2 + r^2) / c^2) was 0 for r <= 1e-3 at scale 10 in float32 (32 % off at 3e-3); the
+    derivative 2 r / (c^2 + r^2) was NaN where 2 r overflowed."""
+    from fractions import Fraction
+
+    r = _residuals(dtype)
+    ratio = r.abs() / scale
+    r = r[ratio < (1e19 if dtype == torch.float32 else 1e150)]  # beyond, (r / c)^2 overflows: rho = inf
+    loss, derivative = CauchyLoss(scale)(r, torch.zeros_like(r), gradient=True)
+    c = Fraction(torch.tensor(scale, dtype=dtype).item())
+    exact_loss = [math.log1p(float((Fraction(value) / c) ** 2)) for value in r.tolist()]
+    exact_derivative = [float(2 * Fraction(value) / (c * c + Fraction(value) ** 2)) for value in r.tolist()]
+    rtol = 1e-6 if dtype == torch.float32 else 1e-14
+    _assert_close_to(loss, exact_loss, dtype, rtol)
+    _assert_close_to(derivative, exact_derivative, dtype, rtol)
+    # every finite r has a finite derivative
+    huge = torch.tensor([3e38, -3e38], dtype=dtype)
+    assert bool(torch.isfinite(CauchyLoss(scale)(huge, torch.zeros_like(huge), True)[1]).all())
+
+
+def test_cauchy_audit_case():
+    r = torch.tensor([1e-3, 3e-3, 1e-5])
+    loss = CauchyLoss(10.0)(r, torch.zeros_like(r))
+    expected = torch.log1p((r.double() / 10) ** 2)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)  # was 0, 32 % off, 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("delta", [1e-3, 1.0, 1e3, 1e6, 1e15])
+def test_huber_autograd_derivative_is_the_clamp(delta, dtype):
+    """delta (|r| - |clipped|) cancelled: autograd gave 0.0 instead of 0.01 at delta = 1e6 in float32.
+    The values stay the documented formula's."""
+    sizes = [1e-30, 1e-8, 0.01, 0.3, 1.0, 2.5, 1e3, 1e6, 1e7, 1e15, 1e16]
+    r = torch.tensor([0.0] + sizes + [-v for v in sizes], dtype=dtype)
+    leaf = r.clone().requires_grad_(True)
+    loss = HuberLoss(delta)(leaf, torch.zeros_like(r))
+    (autograd,) = torch.autograd.grad(loss.sum(), leaf)
+    _, analytic = HuberLoss(delta)(r, torch.zeros_like(r), gradient=True)
+    assert analytic.tolist() == r.clamp(-delta, delta).tolist()
+    torch.testing.assert_close(autograd, analytic, rtol=1e-7 if dtype == torch.float32 else 1e-15, atol=0)
+    d = torch.tensor(delta, dtype=dtype).item()  # the documented formula, step by step in the dtype
+    documented = [v * v / 2 if abs(v) <= d else d * (abs(v) - d / 2) for v in r.tolist()]
+    if dtype == torch.float64:
+        assert loss.tolist() == documented
+    else:
+        torch.testing.assert_close(loss.detach().double(), torch.tensor(documented, dtype=torch.float64),
+                                   rtol=3e-7, atol=F32_TINY)
+
+
+# ----------------------------------------------------------------------------
 # settings
 
 
@@ -351,6 +478,7 @@ def test_a_loss_of_ones_own_is_tried_before_the_compiled_kernel_uses_it():
 
     moving = torch.rand(1, 1, 32, 32)
     model = tireg.create_model("similarity", moving, loss=Summed(), compile=True)
-    with pytest.raises(ValueError, match=r"Summed.forward\(x, y, gradient=True\) must return the loss and its derivative"):
+    with pytest.raises(ValueError,
+                       match=r"Summed.forward\(x, y, gradient=True\) must return the loss and its derivative"):
         model(moving, moving.roll(1, -1))  # raised before any compile
     assert verified(CauchyLoss()) is not None  # built-in losses need no trial

@@ -44,7 +44,8 @@ def parameter_values(mapping, generator, dtype=torch.float64):
 def test_forward_formulas():
     raw = torch.tensor([-1.0, 0.0, 2.0], dtype=torch.float64)
     torch.testing.assert_close(IdentityMapping().forward(raw), raw)
-    torch.testing.assert_close(ExpMapping().forward(raw), torch.tensor([math.exp(-1), 1.0, math.exp(2)], dtype=torch.float64))
+    exp = torch.tensor([math.exp(-1), 1.0, math.exp(2)], dtype=torch.float64)
+    torch.testing.assert_close(ExpMapping().forward(raw), exp)
     sigmoid = SigmoidMapping(-2.0, 3.0)
     expected = torch.tensor([-2 + 5 / (1 + math.exp(1)), 0.5, -2 + 5 / (1 + math.exp(-2))], dtype=torch.float64)
     torch.testing.assert_close(sigmoid.forward(raw), expected, rtol=0, atol=1e-14)
@@ -165,3 +166,84 @@ def test_base_mapping_is_abstract():
 def test_repr():
     assert repr(SigmoidMapping(-2, 3)) == "SigmoidMapping(-2.0, 3.0)"
     assert repr(ExpMapping()) == "ExpMapping()"
+
+
+# ----------------------------------------------------------------------------
+# the ends of the ranges
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lo, hi", [(-2.0, 3.0), (0.0, 1.0), (0.1, 0.7), (100.0, 100.001), (-1e-3, 1e-3)])
+def test_sigmoid_forward_stays_inside_and_solves_back_when_it_saturates(lo, hi, dtype):
+    """forward returned hi exactly from raw ~ 17 (float32) / 37 (float64), lo for large negative raw
+    with lo != 0, and solve(forward(raw)) raised: forward now stops at the dtype's neighbours of the
+    bounds, inside the open range, and what it gives solves back to a raw value with the same value."""
+    mapping = SigmoidMapping(lo, hi)
+    raw = torch.cat([torch.linspace(-200, 200, 801, dtype=dtype),
+                     torch.tensor([-1e30, 1e30, -float("inf"), float("inf")], dtype=dtype)])
+    values = mapping(raw)
+    # inside both in the dtype (as solve compares) and in exact arithmetic
+    assert bool((values > lo).all()) and bool((values < hi).all())
+    assert bool((values.double() > lo).all()) and bool((values.double() < hi).all())
+    again = mapping(mapping.solve(values))
+    assert bool(torch.isfinite(mapping.solve(values)).all())
+    torch.testing.assert_close(again, values, rtol=0, atol=4 * (hi - lo) * torch.finfo(dtype).eps)
+    # saturated: the dtype's values next to the bounds
+    bounds = torch.tensor([lo, hi], dtype=dtype)
+    assert values[-1].item() == torch.nextafter(bounds[1], bounds[0]).item()
+    assert values[-2].item() == torch.nextafter(bounds[0], bounds[1]).item()
+    # not saturated: the formula, unchanged
+    middle = raw.abs() < 5
+    expected = lo + (hi - lo) * torch.sigmoid(raw[middle].double())
+    atol = 2 * (hi + abs(lo)) * torch.finfo(dtype).eps
+    torch.testing.assert_close(values[middle].double(), expected, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sigmoid_derivative_is_accurate_on_both_sides(dtype):
+    """s (1 - s) was exactly 0 from raw ~ 17 in float32 and off by 4.6e-4 at raw = 10."""
+    mapping = SigmoidMapping(-2.0, 3.0)
+    top = 80 if dtype == torch.float32 else 700  # beyond, e^-|r| leaves the dtype's normal range
+    raw = torch.linspace(-top, top, 2 * top + 1, dtype=dtype)
+    derivative = mapping.derivative(raw)
+    exact = [5.0 * math.exp(-abs(r)) / (1.0 + math.exp(-abs(r))) ** 2 for r in raw.tolist()]
+    rtol = 1e-6 if dtype == torch.float32 else 1e-14
+    torch.testing.assert_close(derivative.double(), torch.tensor(exact, dtype=torch.float64), rtol=rtol, atol=0)
+    at_ten = 5 * math.exp(-10) / (1 + math.exp(-10)) ** 2
+    assert mapping.derivative(torch.tensor([10.0])).item() == pytest.approx(at_ten, rel=1e-6)
+
+
+def test_python_numbers_are_solved_in_float64():
+    """As float32 first: solve(1 - 1e-9) raised 'outside the open range', (100, 100.001).solve(100.0005)
+    gave 0.014, ExpMapping().solve(1e39) inf and solve(1e-50) raised 'must be positive'."""
+    unit = SigmoidMapping(0.0, 1.0)
+    raw = unit.solve(1 - 1e-9)
+    assert raw.dtype == torch.float64
+    assert raw.item() == pytest.approx(math.log((1 - 1e-9) / 1e-9), rel=1e-7)
+    assert unit.solve(1e-300).item() == pytest.approx(math.log(1e-300), rel=1e-12)
+    assert SigmoidMapping(100.0, 100.001).solve(100.0005).item() == pytest.approx(0.0, abs=1e-9)
+    assert ExpMapping().solve(1e39).item() == pytest.approx(math.log(1e39), rel=1e-15)
+    assert ExpMapping().solve(1e-50).item() == pytest.approx(math.log(1e-50), rel=1e-15)
+    assert ExpMapping().solve([1e-50, 1e39]).dtype == torch.float64
+    assert IdentityMapping().solve(0.1).item() == 0.1 and IdentityMapping().solve(0.1).dtype == torch.float64
+    assert ExpMapping().solve(torch.tensor([1, 2])).dtype == torch.float64  # an integer tensor too
+    # a floating-point tensor keeps its dtype
+    assert unit.solve(torch.tensor(0.25)).dtype == torch.float32
+    assert unit.solve(torch.tensor(0.25, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_sigmoid_solve_is_accurate_next_to_the_bounds():
+    """log(q) - log1p(-q) rounded 1 - q; the differences to the bounds are exact there."""
+    mapping = SigmoidMapping(-2.0, 3.0)
+    for gap in (1e-3, 1e-9, 1e-14):
+        value = 3.0 - gap
+        exact_gap = 3.0 - value  # exact (Sterbenz): the gap the float value has
+        assert mapping.solve(value).item() == pytest.approx(math.log((5.0 - exact_gap) / exact_gap), rel=1e-14)
+    values = torch.tensor([-2.0, 3.0], dtype=torch.float32)
+    inside = torch.nextafter(values, values.flip(0))
+    assert bool(torch.isfinite(mapping.solve(inside)).all())  # the float32 neighbours of the bounds
+
+
+def test_exp_forward_overflow_is_documented():
+    assert "88.7" in ExpMapping.__doc__
+    assert ExpMapping()(torch.tensor([88.0])).isfinite().all() and ExpMapping()(torch.tensor([89.0])).isinf().all()

@@ -110,7 +110,8 @@ def _finite_difference_jacobian(transform, params, center, step=1e-5):
     for k in range(params.shape[-1]):
         delta = torch.zeros_like(params)
         delta[..., k] = step
-        columns.append((transform.matrix(params + delta, center) - transform.matrix(params - delta, center)) / (2 * step))
+        difference = transform.matrix(params + delta, center) - transform.matrix(params - delta, center)
+        columns.append(difference / (2 * step))
     return torch.stack(columns, dim=-3)
 
 
@@ -468,3 +469,90 @@ def test_from_matrix_refuses_a_projective_matrix(name):
         TRANSFORMS[name].from_matrix(homography, (3.0, 4.0))
     float32_inverse = torch.linalg.inv(TRANSFORMS[name].matrix(torch.tensor(TRANSFORMS[name].identity), (3.0, 4.0)))
     TRANSFORMS[name].from_matrix(float32_inverse, (3.0, 4.0))  # affine to rounding is affine
+
+
+def _mirrored_anisotropic_params(count, generator, dtype=torch.float64):
+    """``(count, 5)`` anisotropic similarities that mirror (``sx sy < 0``): any angle, scales of either
+    sign from 0.2 to 3 in size, shifts of +-20 px; the first have ``sx = -sy`` (the closest rotation
+    to them is undefined)."""
+    angle = (torch.rand(count, generator=generator, dtype=dtype) * 2 - 1) * math.pi
+    size = 0.2 + 2.8 * torch.rand(count, 2, generator=generator, dtype=dtype)
+    size[: count // 4, 1] = size[: count // 4, 0]  # |sx| = |sy|: sx = -sy
+    signs = torch.where(torch.rand(count, generator=generator) < 0.5, -1.0, 1.0).to(dtype)
+    scales = size * torch.stack([signs, -signs], -1)
+    shift = (torch.rand(count, 2, generator=generator, dtype=dtype) * 2 - 1) * 20
+    return torch.cat([angle[:, None], scales, shift], -1)
+
+
+def test_anisotropic_similarity_from_matrix_recovers_mirrors_exactly():
+    """A mirror of the kind (sx sy < 0) came back as another matrix: for sx = -sy the angle was
+    atan2(0, 0) = 0, (0.4, -1, 1) -> (0, -0.92, 0.92), 39 px off."""
+    kind = TRANSFORMS["anisotropic_similarity"]
+    generator = torch.Generator().manual_seed(11)
+    params = _mirrored_anisotropic_params(400, generator)
+    params[0] = torch.tensor([0.4, -1.0, 1.0, 0.0, 0.0], dtype=torch.float64)  # the audit's case
+    center = torch.tensor([100.0, 100.0], dtype=torch.float64)
+    matrices = kind.matrix(params, center)
+    recovered = kind.from_matrix(matrices, center)
+    corners = torch.tensor([[0.0, 0.0, 1.0], [199.0, 0.0, 1.0], [0.0, 199.0, 1.0], [199.0, 199.0, 1.0]],
+                           dtype=torch.float64)
+    error = ((kind.matrix(recovered, center) - matrices) @ corners.T).abs().max().item()
+    assert error < 1e-9  # px, at the corners of a 200 x 200 image (was 39 px)
+    # the documented convention: sx > 0, sy < 0 for a mirror; the same matrix as (theta + pi, -sx, -sy)
+    assert bool((recovered[:, 1] > 0).all()) and bool((recovered[:, 2] < 0).all())
+    assert torch.allclose(recovered[:, 1:3].abs(), params[:, 1:3].abs(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(recovered[:, 3:], params[:, 3:], rtol=0, atol=1e-12)
+    assert recovered[0, 0].item() == pytest.approx(0.4 - math.pi, abs=1e-14)
+    # float32: exact to float32 rounding as well
+    recovered32 = kind.from_matrix(matrices.float(), center.float())
+    assert (kind.matrix(recovered32.double(), center) - matrices).abs().max().item() < 1e-4
+
+
+def test_anisotropic_similarity_from_matrix_is_well_conditioned_near_a_mirror():
+    """Near sx = -sy a 1e-4 perturbation of the matrix moved the recovered angle by radians (a 4 px
+    error for (0.4, -1, 0.9)): the projection of a perturbed matrix now stays that close."""
+    kind = TRANSFORMS["anisotropic_similarity"]
+    center = torch.tensor([100.0, 100.0], dtype=torch.float64)
+    noise = torch.zeros(3, 3, dtype=torch.float64)
+    noise[0, 1] = 1e-4
+    for p in ([0.4, -1.0, 1.0, 0.0, 0.0], [0.4, -1.0, 0.9, 0.0, 0.0], [-2.0, 0.5, -0.5, 3.0, 1.0]):
+        matrix = kind.matrix(torch.tensor(p, dtype=torch.float64), center)
+        projected = kind.matrix(kind.from_matrix(matrix + noise, center), center)
+        assert (projected - matrix).abs().max().item() < 0.02  # px: the perturbation's size times the centre
+
+
+def test_anisotropic_similarity_from_matrix_keeps_orientation_keeping_parameters():
+    """Without a mirror the parameters are as before: both scales positive, the angle unchanged."""
+    kind = TRANSFORMS["anisotropic_similarity"]
+    generator = torch.Generator().manual_seed(12)
+    params = _mirrored_anisotropic_params(100, generator)
+    params[:, 1:3] = params[:, 1:3].abs()
+    params[:, 0] = params[:, 0] / 2  # |theta| < pi / 2: the closest rotation's own angle
+    center = torch.tensor([30.0, -7.0], dtype=torch.float64)
+    torch.testing.assert_close(kind.from_matrix(kind.matrix(params, center), center), params, rtol=0, atol=1e-12)
+    # both negative: the same matrix as (theta + pi, |sx|, |sy|)
+    flipped = params.clone()
+    flipped[:, 1:3] = -flipped[:, 1:3]
+    recovered = kind.from_matrix(kind.matrix(flipped, center), center)
+    torch.testing.assert_close(recovered[:, 1:], params[:, 1:], rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.remainder(recovered[:, 0] - params[:, 0], 2 * math.pi),
+                               torch.full_like(params[:, 0], math.pi), rtol=0, atol=1e-12)
+
+
+def test_similarity_and_rigid_projections_of_a_reflection_are_documented():
+    """A mirror has no similarity: the closest s R(theta) has s = (sigma_1 - sigma_2) / 2, and a pure
+    reflection s R diag(1, -1) projects to s = 0, theta = 0 (as documented)."""
+    center = torch.tensor([10.0, 20.0], dtype=torch.float64)
+    reflection = TRANSFORMS["anisotropic_similarity"].matrix(
+        torch.tensor([0.7, 1.5, -1.5, 2.0, -1.0], dtype=torch.float64), center)
+    similarity = TRANSFORMS["similarity"].from_matrix(reflection, center)
+    assert similarity[:2].abs().max().item() < 1e-15  # theta = 0, s = 0
+    torch.testing.assert_close(similarity[2:], torch.tensor([2.0, -1.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    rigid = TRANSFORMS["rigid"].from_matrix(reflection, center)
+    assert abs(rigid[0].item()) < 1e-15
+    torch.testing.assert_close(rigid[1:], torch.tensor([2.0, -1.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    # a general mirror: the scale is half the difference of the singular values
+    mirror = TRANSFORMS["affine"].matrix(torch.tensor([1.2, 0.3, 0.5, -0.8, 0.0, 0.0], dtype=torch.float64), center)
+    sigma = torch.linalg.svdvals(mirror[:2, :2])
+    scale = TRANSFORMS["similarity"].from_matrix(mirror, center)[1].item()
+    assert scale == pytest.approx(((sigma[0] - sigma[1]) / 2).item(), abs=1e-14)

@@ -21,6 +21,11 @@ HuberLoss(delta)   r^2/2 if |r| <= delta,                  clamp(r, -delta, delt
                    delta (|r| - delta/2) otherwise
 GemanMcClureLoss   r^2 / (r^2 + c^2)                       2 r c^2 / (r^2 + c^2)^2
 =================  ======================================  ==========================================
+
+Cauchy, Huber and Geman-McClure are evaluated in forms chosen for floating point (their
+docstrings say which, and where a value still overflows): precise for small ``r``, with
+derivatives (analytic, and Huber's through autograd) finite for every finite ``r`` over the
+settings' whole accepted range, in float32 too.
 """
 
 from __future__ import annotations
@@ -144,6 +149,12 @@ class CauchyLoss(PerPixelLoss):
 
     At ``scale = 1`` this is the seed's loss, whose derivative the seed
     wrote as ``r / (1 + r^2)``, half the true value.
+
+    Evaluated with ``u = r / c`` as ``rho = log1p(u^2)`` (``log((c^2 + r^2) / c^2)`` was 0 for
+    ``|r| <= 1e-3 c`` in float32) and ``rho' = r / (1 + u^2) * (2 / c^2)``, which is finite for
+    every finite ``r`` (``2 r / (c^2 + r^2)`` was NaN where ``2 r`` overflowed, and 0 where
+    ``c^2 + r^2`` did).  Where ``u^2`` overflows (``|r / c| > 1.8e19`` in float32) ``rho`` is
+    ``inf`` and ``rho'`` 0.
     """
 
     def __init__(self, scale: float = 1.0):
@@ -151,10 +162,10 @@ class CauchyLoss(PerPixelLoss):
         self.scale = _positive(scale, "scale", "CauchyLoss()")
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
-        c2 = self.scale * self.scale
-        denominator = c2 + r * r
-        loss = torch.log(denominator / c2)
-        return (loss, 2.0 * r / denominator) if gradient else loss
+        u = r / self.scale
+        square = u * u
+        loss = torch.log1p(square)
+        return (loss, r / (1.0 + square) * (2.0 / (self.scale * self.scale))) if gradient else loss
 
 
 class L1Loss(PerPixelLoss):
@@ -178,7 +189,14 @@ class CharbonnierLoss(PerPixelLoss):
 
 
 class HuberLoss(PerPixelLoss):
-    """``rho(r) = r^2 / 2`` for ``|r| <= delta``, else ``delta (|r| - delta / 2)``; ``rho' = clamp(r, -delta, delta)``."""
+    """``rho(r) = r^2 / 2`` for ``|r| <= delta``, else ``delta (|r| - delta / 2)``; ``rho' = clamp(r, -delta, delta)``.
+
+    Evaluated with ``k = clamp(r, -delta, delta)`` as ``rho = k (r - k / 2)``: the documented
+    branches to the last bit (``r (r - r/2) = r^2 / 2`` inside, ``delta (|r| - delta/2)`` outside),
+    and autograd through it gives ``k`` with no cancellation.  ``k^2 / 2 + delta (|r| - |k|)``
+    had cancelled: autograd's derivative was 0 instead of 0.01 at ``r = 0.01``, ``delta = 1e6`` in
+    float32.
+    """
 
     def __init__(self, delta: float = 1.0):
         super().__init__()
@@ -186,13 +204,21 @@ class HuberLoss(PerPixelLoss):
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
         clipped = r.clamp(-self.delta, self.delta)
-        # 0.5 c^2 + delta (|r| - |c|) equals both branches: |c| = |r| inside, = delta outside.
-        loss = clipped * (0.5 * clipped) + self.delta * (r.abs() - clipped.abs())
+        loss = clipped * (r - 0.5 * clipped)
         return (loss, clipped) if gradient else loss
 
 
 class GemanMcClureLoss(PerPixelLoss):
-    """``rho(r) = r^2 / (r^2 + c^2)``, ``rho'(r) = 2 r c^2 / (r^2 + c^2)^2``: bounded, ignores outliers."""
+    """``rho(r) = r^2 / (r^2 + c^2)``, ``rho'(r) = 2 r c^2 / (r^2 + c^2)^2``: bounded, ignores outliers.
+
+    Evaluated with ``d = r^2 + c^2`` as ``rho = r^2 / d`` and ``rho' = (r / d) 2 c^2 / d``, in that
+    order: ``|r / d| <= 1 / (2 c)`` and ``(r / d) 2 c^2 = rho' d`` stay in range, where ``d^2``
+    scales as ``c^4`` and under- or overflowed (NaN or inf derivatives in float32 for a small or
+    large ``c``).  ``r`` is capped at ``+-B``, half the square root of the dtype's largest value
+    (``B = 9.2e18`` in float32), so that ``d`` stays finite: beyond, ``rho`` is 1 to rounding (it
+    was ``inf / inf = NaN`` from ``|r| = 1.8e19`` in float32) and ``rho'`` keeps its value at
+    ``B``, at most ``2 c^2 / B^3`` (``4e-12`` of its peak ``0.65 / c`` at ``c = 1e15``).
+    """
 
     def __init__(self, scale: float = 1.0):
         super().__init__()
@@ -200,9 +226,18 @@ class GemanMcClureLoss(PerPixelLoss):
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
         c2 = self.scale * self.scale
-        denominator = r * r + c2
-        loss = r * r / denominator
-        return (loss, 2.0 * c2 * r / (denominator * denominator)) if gradient else loss
+        limit = _root_limit(r.dtype)
+        r = r.clamp(-limit, limit)  # r^2 + c^2 finite; NaN stays NaN
+        square = r * r
+        denominator = square + c2
+        loss = square / denominator
+        return (loss, r / denominator * (2.0 * c2) / denominator) if gradient else loss
+
+
+def _root_limit(dtype: torch.dtype) -> float:
+    """``B``, half the square root of ``dtype``'s largest value: ``B^2 + c^2`` is finite for every accepted
+    ``c`` (up to ``1e15``) in float32 and float64."""
+    return torch.finfo(dtype).max ** 0.5 / 2
 
 
 LOSSES: dict[str, type[PerPixelLoss]] = {

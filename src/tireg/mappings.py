@@ -5,6 +5,13 @@ Each mapping gives the value ``m(r)``, the derivative ``m'(r)`` (which the
 analytic gradient multiplies in by the chain rule, ``dL/dr = dL/dp * m'(r)``)
 and the inverse ``r = m^{-1}(p)`` (the seed calls it ``solve``).  Mappings
 are plain callables on tensors of any shape, dtype and device.
+
+``forward`` and ``derivative`` keep the raw tensor's dtype.  ``solve`` keeps a
+floating-point tensor's dtype; anything else (a Python number or sequence, an
+integer tensor) is solved in float64 and comes back as float64: as float32
+first, ``SigmoidMapping(0, 1).solve(1 - 1e-9)`` rounded onto the bound and
+``ExpMapping().solve(1e39)`` overflowed.  Cast the result where needed (a model's
+``set_parameter`` casts it to the parameter's dtype).
 """
 
 from __future__ import annotations
@@ -46,8 +53,11 @@ class Mapping:
 
 
 def _as_float_tensor(value: Number) -> torch.Tensor:
-    value = torch.as_tensor(value)
-    return value if value.is_floating_point() else value.to(torch.get_default_dtype())
+    """A floating-point tensor as it is; anything else (Python numbers, sequences, integer tensors) as
+    float64, so that no value is rounded to float32 before it is solved."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value
+    return torch.as_tensor(value, dtype=torch.float64)
 
 
 class IdentityMapping(Mapping):
@@ -66,9 +76,22 @@ class IdentityMapping(Mapping):
 class SigmoidMapping(Mapping):
     """A bounded parameter: ``p = lo + (hi - lo) * sigmoid(r)`` in the open range ``(lo, hi)``.
 
-    ``m'(r) = (hi - lo) * sigmoid(r) * (1 - sigmoid(r))`` and
-    ``m^{-1}(p) = log(q / (1 - q))`` with ``q = (p - lo) / (hi - lo)``; a value
-    outside ``(lo, hi)`` has no inverse and raises ``ValueError``.
+    ``m'(r) = (hi - lo) * sigmoid(r) * sigmoid(-r)`` and
+    ``m^{-1}(p) = log((p - lo) / (hi - p))``; a value outside ``(lo, hi)`` has
+    no inverse and raises ``ValueError``.
+
+    Saturation: in floating point ``sigmoid(r)`` rounds to 1 from ``r ~ 17``
+    (float32; 37 in float64), and ``lo + (hi - lo) sigmoid(r)`` onto ``lo`` or ``hi``
+    for large ``|r|``, where :meth:`solve` of the result raised.  ``forward``
+    therefore clamps its value to the dtype's values strictly inside
+    ``(lo, hi)``: at saturation it gives the representable value next to the
+    bound, so it stays in the open range for every raw value, and
+    ``solve(forward(r))`` is a raw value with the same ``forward`` (not ``r``
+    itself, which no longer changes the value).  ``derivative`` is the exact
+    mapping's, accurate on both sides (about ``(hi - lo) e^{-|r|}``, 0 only
+    where that underflows), not the clamp's 0.  (Where a dtype has no value
+    strictly between ``lo`` and ``hi``, as float16 may for a narrow range,
+    nothing can stay inside.)
     """
 
     def __init__(self, lo: float, hi: float):
@@ -76,13 +99,19 @@ class SigmoidMapping(Mapping):
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"SigmoidMapping(): need finite lo < hi; got lo={lo}, hi={hi}")
         self.lo, self.hi = lo, hi
+        # the dtype's values next to lo and hi, strictly inside: forward's clamp (Python floats,
+        # exact in their dtype: nothing for a compiled step to copy or trace)
+        self._inside = {dtype: _open_range(lo, hi, dtype)
+                        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        return self.lo + (self.hi - self.lo) * torch.sigmoid(raw)
+        value = self.lo + (self.hi - self.lo) * torch.sigmoid(raw)
+        inside = self._inside.get(value.dtype)
+        return value if inside is None else value.clamp(*inside)
 
     def derivative(self, raw: torch.Tensor) -> torch.Tensor:
-        s = torch.sigmoid(raw)
-        return (self.hi - self.lo) * s * (1.0 - s)
+        # sigmoid(r) sigmoid(-r): s (1 - s) was 0 from r = 17 in float32 (off by 4.6e-4 at r = 10)
+        return (self.hi - self.lo) * torch.sigmoid(raw) * torch.sigmoid(-raw)
 
     def solve(self, value: Number) -> torch.Tensor:
         value = _as_float_tensor(value)
@@ -91,8 +120,8 @@ class SigmoidMapping(Mapping):
                 f"SigmoidMapping.solve(): value {value.tolist()} is outside the open range "
                 f"({self.lo}, {self.hi}); widen the range or choose another start value"
             )
-        fraction = (value - self.lo) / (self.hi - self.lo)
-        return torch.log(fraction) - torch.log1p(-fraction)
+        # both differences are exact next to their bound and positive inside (no 1 - q to round)
+        return torch.log(value - self.lo) - torch.log(self.hi - value)
 
     def __repr__(self) -> str:
         return f"SigmoidMapping({self.lo}, {self.hi})"
@@ -102,7 +131,10 @@ class ExpMapping(Mapping):
     """A positive parameter such as a scale: ``p = exp(r)``, ``m'(r) = exp(r)``, ``m^{-1}(p) = log p``.
 
     Gives equal steps in ``r`` equal *relative* changes of ``p``; a value
-    ``p <= 0`` raises ``ValueError``.
+    ``p <= 0`` raises ``ValueError``.  ``forward`` and ``derivative`` are not
+    guarded: they overflow to ``inf`` above ``r ~ 88.7`` in float32 (709.8 in
+    float64) and underflow to 0 below ``r ~ -103`` (-745), where an optimiser
+    has long diverged.
     """
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
@@ -116,6 +148,15 @@ class ExpMapping(Mapping):
         if not bool((value > 0).all()):
             raise ValueError(f"ExpMapping.solve(): value {value.tolist()} must be positive")
         return torch.log(value)
+
+
+def _open_range(lo: float, hi: float, dtype: torch.dtype) -> tuple[float, float]:
+    """The smallest and the largest value of ``dtype`` strictly inside ``(lo, hi)``: the neighbours
+    of ``lo`` and ``hi`` rounded to ``dtype``, towards each other (strictly inside in exact arithmetic
+    too: a bound rounded outward has the bound itself between it and its neighbour)."""
+    bounds = torch.tensor([lo, hi], dtype=dtype)
+    lower, upper = torch.nextafter(bounds, bounds.flip(0)).tolist()
+    return lower, upper
 
 
 def mapping_state(mapping: Mapping) -> Optional[tuple]:

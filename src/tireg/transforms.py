@@ -323,9 +323,11 @@ def _center_shift(matrix: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
 
 
 def _closest_rotation(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Angle and scale of the similarity ``s R(theta)`` closest (Frobenius) to ``A[:2, :2]``.
+    """Angle and scale of the similarity ``s R(theta)`` closest (Frobenius) to ``A[:2, :2]``
+    (``matrix`` may be ``(..., 2, 2)`` or ``(..., 3, 3)``).
 
-    With ``R = [[cos, sin], [-sin, cos]]``: ``s cos = (a00 + a11) / 2``, ``s sin = (a01 - a10) / 2``.
+    With ``R = [[cos, sin], [-sin, cos]]``: ``s cos = (a00 + a11) / 2``, ``s sin = (a01 - a10) / 2``;
+    both vanish for a pure reflection, whose angle is then ``atan2(0, 0) = 0``.
     """
     cosine = 0.5 * (matrix[..., 0, 0] + matrix[..., 1, 1])
     sine = 0.5 * (matrix[..., 0, 1] - matrix[..., 1, 0])
@@ -350,7 +352,13 @@ def translation_from_matrix(matrix: torch.Tensor, center: CenterLike | None = No
 
 
 def rigid_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
-    """``(theta, tx, ty)``: the closest rotation, and the shift that ``matrix`` gives the centre."""
+    """``(theta, tx, ty)``: the closest rotation, and the shift that ``matrix`` gives the centre.
+
+    A mirror (``det A[:2, :2] < 0``) has no rotation: the angle is still that of the closest
+    similarity (:func:`similarity_from_matrix`), and 0 for a pure reflection ``s R diag(1, -1)``,
+    whose closest similarity is the zero matrix.  ``register`` refuses a mirrored start for this
+    kind before it projects one.
+    """
     matrix = _checked_affine(matrix, "rigid_from_matrix()")
     center = _as_center(center, matrix, "rigid_from_matrix()")
     angle, _ = _closest_rotation(matrix)
@@ -359,7 +367,14 @@ def rigid_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
 
 
 def similarity_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
-    """``(theta, s, tx, ty)`` of the similarity closest to ``matrix`` about ``center``."""
+    """``(theta, s, tx, ty)`` of the similarity closest to ``matrix`` about ``center``.
+
+    ``s R(theta)`` is the Frobenius-closest similarity to ``L = A[:2, :2]``: ``s = (sigma_1 + sigma_2) / 2``
+    for ``L``'s singular values when ``det L > 0``.  A mirror (``det L < 0``) has no similarity; its
+    projection has the smaller ``s = (sigma_1 - sigma_2) / 2``, and for a pure reflection
+    ``s R diag(1, -1)`` it is ``s = 0`` with ``theta = 0`` (the zero matrix).  ``register`` refuses a
+    mirrored start for this kind before it projects one.
+    """
     matrix = _checked_affine(matrix, "similarity_from_matrix()")
     center = _as_center(center, matrix, "similarity_from_matrix()")
     angle, scale = _closest_rotation(matrix)
@@ -368,17 +383,26 @@ def similarity_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Te
 
 
 def anisotropic_similarity_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
-    """``(theta, sx, sy, tx, ty)`` with ``L = R(theta) diag(sx, sy)`` closest to ``A[:2, :2]``.
+    """``(theta, sx, sy, tx, ty)`` with ``L = R(theta) diag(sx, sy)`` close to ``A[:2, :2]``; exact for
+    a matrix of this kind, mirrors included.
 
-    The angle is that of the closest rotation; ``sx, sy`` are the lengths of
-    ``L``'s columns projected on ``R``'s columns.
+    The kind mirrors when ``sx sy < 0``.  With ``sign = sign(det L)`` (``+1`` for ``det L = 0``), the
+    angle is that of the rotation closest to ``L diag(1, sign)`` (a mirror's column 1 negated:
+    orientation-keeping, so the angle is well defined and well conditioned), and ``sx, sy`` are
+    ``L``'s columns projected on ``R(theta)``'s.  The convention, for a matrix of the kind:
+    ``sx > 0``, and ``sy`` has the sign of ``det L`` (a mirror flips the fixed image's y axis,
+    then rotates).  ``(theta + pi, -sx, -sy)`` gives the same matrix.
     """
     matrix = _checked_affine(matrix, "anisotropic_similarity_from_matrix()")
     center = _as_center(center, matrix, "anisotropic_similarity_from_matrix()")
-    angle, _ = _closest_rotation(matrix)
-    rot = rotation(angle)
     linear = matrix[..., :2, :2]
-    scales = (rot * linear).sum(dim=-2)  # column-wise dot products R[:, j] . L[:, j]
+    determinant = linear[..., 0, 0] * linear[..., 1, 1] - linear[..., 0, 1] * linear[..., 1, 0]
+    # (1, sign) per matrix: the closest rotation to a mirror (sx = -sy) was atan2(0, 0) = 0
+    one = torch.ones_like(determinant)
+    sign = torch.stack([one, torch.where(determinant < 0, -one, one)], -1)
+    kept = linear * sign.unsqueeze(-2)  # L diag(1, sign): column 1 negated for a mirror
+    angle, _ = _closest_rotation(kept)
+    scales = (rotation(angle) * linear).sum(dim=-2)  # column-wise dot products R[:, j] . L[:, j]
     translation = _center_shift(matrix, center)
     return torch.cat([angle.unsqueeze(-1), scales, translation], dim=-1)
 
