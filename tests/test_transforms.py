@@ -460,6 +460,16 @@ def test_transform_functions_name_a_bad_centre_or_matrix():
 
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_from_matrix_runs_under_vmap(name):
+    """The affine check reads values (.item()), which vmap refuses: it is skipped there."""
+    params = torch.tensor(TRANSFORMS[name].identity, dtype=torch.float64) + 0.05 * torch.arange(
+        TRANSFORMS[name].num_parameters, dtype=torch.float64)
+    matrices = TRANSFORMS[name].matrix(params.repeat(4, 1), (3.0, 4.0))
+    batched = torch.func.vmap(lambda matrix: TRANSFORMS[name].from_matrix(matrix, (3.0, 4.0)))(matrices)
+    torch.testing.assert_close(batched, TRANSFORMS[name].from_matrix(matrices, (3.0, 4.0)))
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
 def test_from_matrix_refuses_a_projective_matrix(name):
     """The parameters describe the top two rows: a projective last row was dropped without a word."""
     homography = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1)
