@@ -833,3 +833,12 @@ def test_grid_moments_name_a_layout_by_either_index(first, last, generator):
     expected = grid_moments(values, axes, channel_dim=1)
     assert torch.allclose(grid_moments(values, axes, channel_dim=first), expected)
     assert torch.allclose(grid_moments(values.permute(0, 2, 3, 1).contiguous(), axes, channel_dim=last), expected)
+
+
+def test_grid_moments_points_to_the_layout_that_fits(generator):
+    """(B, K, H, W) values with the default channel_dim=-1 were reported as mismatched axes only."""
+    values = torch.rand(2, 5, 12, 16, generator=generator)
+    with pytest.raises(ValueError, match=r"has 5 and 12; as \(B, K, H, W\) they match: pass channel_dim=1$"):
+        grid_moments(values, pixel_axes((12, 16)))
+    with pytest.raises(ValueError, match=r"has 5 and 12$"):  # no layout fits: no hint
+        grid_moments(values, pixel_axes((11, 16)))

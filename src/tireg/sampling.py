@@ -174,9 +174,12 @@ def _check_moments_inputs(values: torch.Tensor, axes, channel_dim: int) -> bool:
         raise ValueError(f"{caller}: 'axes' must be two 1-D tensors (ys, xs) (pixel_axes()); got {_describe(axes)}")
     ys, xs = axes
     if ys.shape[0] != height or xs.shape[0] != width:
+        other = (values.shape[2:] if channels_last else values.shape[1:3]) == (ys.shape[0], xs.shape[0])
+        hint = f"; as {'(B, K, H, W)' if channels_last else '(B, H, W, K)'} they match: pass channel_dim=" \
+               f"{1 if channels_last else -1}" if other else ""
         raise ValueError(
             f"{caller}: 'axes' have {ys.shape[0]} rows and {xs.shape[0]} columns but 'values' {layout} "
-            f"{tuple(values.shape)} has {height} and {width}"
+            f"{tuple(values.shape)} has {height} and {width}{hint}"
         )
     if ys.dtype != values.dtype or xs.dtype != values.dtype:
         raise ValueError(
