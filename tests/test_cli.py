@@ -681,3 +681,8 @@ def test_a_library_warning_is_one_line_of_the_command(tmp_path, monkeypatch, cap
         "taken for a thumbnail, label or macro image: page 3 is 16 x 16"]
     import warnings
     assert warnings.showwarning.__module__ == "warnings"  # main() put Python's back
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # python -W error: one error line, not a traceback
+        assert main(["stack", "thumb.tif", "-o", "again.tif", "-t", "translation", "-q"]) == 1
+    assert capsys.readouterr().err.startswith("tireg: error: stack 'thumb.tif': ignored 1 trailing page")
+    assert not (tmp_path / "again.tif").exists()

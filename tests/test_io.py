@@ -338,3 +338,15 @@ def test_names_as_long_as_the_file_system_takes_are_written(tmp_path):
     with pytest.raises(OSError, match=f"its name is {limit + 1} bytes long"):
         OutputFiles().check(too_long)
     assert files(tmp_path) == sorted([image.name, transform.name])
+
+
+@pytest.mark.parametrize("sizes", [[(8, 10), (32, 40), (32, 40)], [(32, 40), (40, 32)], [(32, 40), (32, 40), (40, 32)]])
+def test_a_larger_or_turned_page_after_the_frames_is_refused_not_left_out(tmp_path, sizes):
+    """Left out as a 'thumbnail' were pages of the data: an 8 x 10 page then two of 32 x 40 read as
+    the one 8 x 10 page (a re-audit)."""
+    path = tmp_path / "pages.tif"
+    with tifffile.TiffWriter(path) as writer:
+        for height, width in sizes:
+            writer.write(np.zeros((height, width), np.uint8))
+    with pytest.raises(ImageError, match="has pages of different sizes"):
+        read_stack(path)

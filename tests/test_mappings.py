@@ -218,15 +218,17 @@ def test_python_numbers_are_solved_in_float64():
     gave 0.014, ExpMapping().solve(1e39) inf and solve(1e-50) raised 'must be positive'."""
     unit = SigmoidMapping(0.0, 1.0)
     raw = unit.solve(1 - 1e-9)
-    assert raw.dtype == torch.float64
+    assert raw.dtype == torch.get_default_dtype()  # solved in float64, rounded once at the end
     assert raw.item() == pytest.approx(math.log((1 - 1e-9) / 1e-9), rel=1e-7)
-    assert unit.solve(1e-300).item() == pytest.approx(math.log(1e-300), rel=1e-12)
+    assert unit.solve(1e-300).item() == pytest.approx(math.log(1e-300), rel=1e-7)
     assert SigmoidMapping(100.0, 100.001).solve(100.0005).item() == pytest.approx(0.0, abs=1e-9)
-    assert ExpMapping().solve(1e39).item() == pytest.approx(math.log(1e39), rel=1e-15)
-    assert ExpMapping().solve(1e-50).item() == pytest.approx(math.log(1e-50), rel=1e-15)
-    assert ExpMapping().solve([1e-50, 1e39]).dtype == torch.float64
-    assert IdentityMapping().solve(0.1).item() == 0.1 and IdentityMapping().solve(0.1).dtype == torch.float64
-    assert ExpMapping().solve(torch.tensor([1, 2])).dtype == torch.float64  # an integer tensor too
+    assert ExpMapping().solve(1e39).item() == pytest.approx(math.log(1e39), rel=1e-7)
+    assert ExpMapping().solve(1e-50).item() == pytest.approx(math.log(1e-50), rel=1e-7)
+    assert ExpMapping().solve([1e-50, 1e39]).dtype == torch.get_default_dtype()
+    assert IdentityMapping().solve(0.1).dtype == torch.get_default_dtype()
+    assert ExpMapping().solve(torch.tensor([1, 2])).dtype == torch.get_default_dtype()  # an integer tensor too
+    # as a float64 tensor (what set_parameter passes), the float64 result as it is
+    assert IdentityMapping().solve(torch.tensor(0.1, dtype=torch.float64)).item() == 0.1
     # a floating-point tensor keeps its dtype
     assert unit.solve(torch.tensor(0.25)).dtype == torch.float32
     assert unit.solve(torch.tensor(0.25, dtype=torch.float64)).dtype == torch.float64
@@ -238,7 +240,8 @@ def test_sigmoid_solve_is_accurate_next_to_the_bounds():
     for gap in (1e-3, 1e-9, 1e-14):
         value = 3.0 - gap
         exact_gap = 3.0 - value  # exact (Sterbenz): the gap the float value has
-        assert mapping.solve(value).item() == pytest.approx(math.log((5.0 - exact_gap) / exact_gap), rel=1e-14)
+        solved = mapping.solve(torch.tensor(value, dtype=torch.float64))
+        assert solved.item() == pytest.approx(math.log((5.0 - exact_gap) / exact_gap), rel=1e-14)
     values = torch.tensor([-2.0, 3.0], dtype=torch.float32)
     inside = torch.nextafter(values, values.flip(0))
     assert bool(torch.isfinite(mapping.solve(inside)).all())  # the float32 neighbours of the bounds
@@ -247,3 +250,11 @@ def test_sigmoid_solve_is_accurate_next_to_the_bounds():
 def test_exp_forward_overflow_is_documented():
     assert "88.7" in ExpMapping.__doc__
     assert ExpMapping()(torch.tensor([88.0])).isfinite().all() and ExpMapping()(torch.tensor([89.0])).isinf().all()
+
+
+def test_sigmoid_bounds_are_read_only():
+    """forward's clamp is made from lo and hi once: a range changed later gave values clamped to the old one."""
+    mapping = SigmoidMapping(0.0, 1.0)
+    with pytest.raises(AttributeError):
+        mapping.hi = 2.0
+    assert (mapping.lo, mapping.hi) == (0.0, 1.0)

@@ -983,7 +983,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         print(f"{PROG}: interrupted; no output written", file=sys.stderr)
         return 130
     except (CommandError, ImageError, MissingDependencyError, ValueError, TypeError, OSError, RuntimeError,
-            MemoryError) as error:
+            MemoryError, Warning) as error:  # a Warning: raised under python -W error
         if args is not None and getattr(args, "traceback", False):
             raise
         # numpy's _ArrayMemoryError is a MemoryError; torch's CPU allocator raises a RuntimeError

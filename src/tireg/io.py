@@ -371,11 +371,12 @@ def _tiff_series(tif, path: Path, what: str) -> tuple[np.ndarray, str, str]:
       the channels of an OME-TIFF's images stay channels);
     * series that differ but pages all of one size (e.g. pages of two dtypes): every page a frame,
       in page order;
-    * the first series (with the series of its shape that follow it) and then only pages of other
-      sizes -- a thumbnail, a label or macro image: the first series, and a warning naming how many
-      pages were left out;
-    * anything else -- a page of another size or channel count among the frames -- is refused:
-      reading the first series would silently lose frames and shift the labels of the others.
+    * the first series (with the series of its shape that follow it) and then only pages smaller
+      than its frames -- a thumbnail, a label or macro image: the first series, and a warning naming
+      how many pages were left out;
+    * anything else -- a page of another size or channel count among the frames, a larger or
+      turned page after them -- is refused: reading the first series would silently lose frames
+      (and shift the labels of the others), or keep a thumbnail and drop the data.
 
     Reduced-resolution pages (NewSubfileType 1: thumbnails, pyramid levels) are never frames.
     """
@@ -402,7 +403,9 @@ def _tiff_series(tif, path: Path, what: str) -> tuple[np.ndarray, str, str]:
     taken = set(frames)
     rest = [page for page in pages if page.index not in taken]
     size = _yx(page0)
-    if any(page.index < last or _yx(page) == size for page in rest):
+    # left out only if smaller than the frames (a thumbnail, a label): a larger or turned page after
+    # small ones is data (an 8 x 10 page, then two of 32 x 40, gave the 8 x 10 page 'as the frames')
+    if any(page.index < last or not _smaller(_yx(page), size) for page in rest):
         odd = next(page for page in pages if (page.shape, page.axes) != (page0.shape, page0.axes))
         raise ImageError(
             f"{what} {str(path)!r} has pages of different sizes: page {odd.index} is {_page_size(odd)}, "
@@ -416,6 +419,11 @@ def _tiff_series(tif, path: Path, what: str) -> tuple[np.ndarray, str, str]:
     ignored = (f"{what} {str(path)!r}: ignored {several} than its frames ({_page_size(page0)}), taken for a "
                f"thumbnail, label or macro image: page {rest[0].index} is {_page_size(rest[0])}")
     return data, axes, ignored
+
+
+def _smaller(size: tuple, frame: tuple) -> bool:
+    """Whether a ``(height, width)`` fits inside the frames' and is not theirs."""
+    return size != frame and all(a is not None and b is not None and a <= b for a, b in zip(size, frame))
 
 
 def _yx(page) -> tuple:

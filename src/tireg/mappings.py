@@ -8,10 +8,10 @@ are plain callables on tensors of any shape, dtype and device.
 
 ``forward`` and ``derivative`` keep the raw tensor's dtype.  ``solve`` keeps a
 floating-point tensor's dtype; anything else (a Python number or sequence, an
-integer tensor) is solved in float64 and comes back as float64: as float32
-first, ``SigmoidMapping(0, 1).solve(1 - 1e-9)`` rounded onto the bound and
-``ExpMapping().solve(1e39)`` overflowed.  Cast the result where needed (a model's
-``set_parameter`` casts it to the parameter's dtype).
+integer tensor) is solved in float64 and comes back in torch's default dtype,
+rounded once at the end: rounded to float32 first, ``SigmoidMapping(0, 1).solve(1 - 1e-9)``
+fell onto the bound and ``ExpMapping().solve(1e39)`` overflowed.  (A model's
+``set_parameter`` passes float64 and casts the result to the parameter's dtype.)
 """
 
 from __future__ import annotations
@@ -52,12 +52,13 @@ class Mapping:
         return f"{type(self).__name__}()"
 
 
-def _as_float_tensor(value: Number) -> torch.Tensor:
-    """A floating-point tensor as it is; anything else (Python numbers, sequences, integer tensors) as
-    float64, so that no value is rounded to float32 before it is solved."""
+def _as_float_tensor(value: Number) -> tuple[torch.Tensor, torch.dtype]:
+    """``(value to solve, dtype of the result)``: a floating-point tensor as it is, in its dtype;
+    anything else (Python numbers, sequences, integer tensors) as float64, so that no value is
+    rounded before it is solved, with the default dtype for the result (what ``solve`` gave)."""
     if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value
-    return torch.as_tensor(value, dtype=torch.float64)
+        return value, value.dtype
+    return torch.as_tensor(value, dtype=torch.float64), torch.get_default_dtype()
 
 
 class IdentityMapping(Mapping):
@@ -70,7 +71,8 @@ class IdentityMapping(Mapping):
         return torch.ones_like(raw)
 
     def solve(self, value: Number) -> torch.Tensor:
-        return _as_float_tensor(value).clone()
+        value, dtype = _as_float_tensor(value)
+        return value.to(dtype, copy=True)
 
 
 class SigmoidMapping(Mapping):
@@ -86,8 +88,8 @@ class SigmoidMapping(Mapping):
     therefore clamps its value to the dtype's values strictly inside
     ``(lo, hi)``: at saturation it gives the representable value next to the
     bound, so it stays in the open range for every raw value, and
-    ``solve(forward(r))`` is a raw value with the same ``forward`` (not ``r``
-    itself, which no longer changes the value).  ``derivative`` is the exact
+    ``solve(forward(r))`` is a raw value whose ``forward`` is that value to one
+    unit in the last place (not ``r`` itself, which no longer changes the value).  ``derivative`` is the exact
     mapping's, accurate on both sides (about ``(hi - lo) e^{-|r|}``, 0 only
     where that underflows), not the clamp's 0.  (Where a dtype has no value
     strictly between ``lo`` and ``hi``, as float16 may for a narrow range,
@@ -98,11 +100,16 @@ class SigmoidMapping(Mapping):
         lo, hi = float(lo), float(hi)
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"SigmoidMapping(): need finite lo < hi; got lo={lo}, hi={hi}")
-        self.lo, self.hi = lo, hi
+        self._lo, self._hi = lo, hi
         # the dtype's values next to lo and hi, strictly inside: forward's clamp (Python floats,
         # exact in their dtype: nothing for a compiled step to copy or trace)
         self._inside = {dtype: _open_range(lo, hi, dtype)
                         for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+    # read-only: forward's clamp is made from them once (a range changed later gave values clamped
+    # to the old one); a new range is a new mapping, set_parameter(i, value, SigmoidMapping(lo, hi))
+    lo = property(lambda self: self._lo, doc="Lower bound (read-only).")
+    hi = property(lambda self: self._hi, doc="Upper bound (read-only).")
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         value = self.lo + (self.hi - self.lo) * torch.sigmoid(raw)
@@ -114,14 +121,14 @@ class SigmoidMapping(Mapping):
         return (self.hi - self.lo) * torch.sigmoid(raw) * torch.sigmoid(-raw)
 
     def solve(self, value: Number) -> torch.Tensor:
-        value = _as_float_tensor(value)
+        value, dtype = _as_float_tensor(value)
         if not bool(((value > self.lo) & (value < self.hi)).all()):
             raise ValueError(
                 f"SigmoidMapping.solve(): value {value.tolist()} is outside the open range "
                 f"({self.lo}, {self.hi}); widen the range or choose another start value"
             )
         # both differences are exact next to their bound and positive inside (no 1 - q to round)
-        return torch.log(value - self.lo) - torch.log(self.hi - value)
+        return (torch.log(value - self.lo) - torch.log(self.hi - value)).to(dtype)
 
     def __repr__(self) -> str:
         return f"SigmoidMapping({self.lo}, {self.hi})"
@@ -144,10 +151,10 @@ class ExpMapping(Mapping):
         return torch.exp(raw)
 
     def solve(self, value: Number) -> torch.Tensor:
-        value = _as_float_tensor(value)
+        value, dtype = _as_float_tensor(value)
         if not bool((value > 0).all()):
             raise ValueError(f"ExpMapping.solve(): value {value.tolist()} must be positive")
-        return torch.log(value)
+        return torch.log(value).to(dtype)
 
 
 def _open_range(lo: float, hi: float, dtype: torch.dtype) -> tuple[float, float]:
