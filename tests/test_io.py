@@ -54,18 +54,23 @@ def test_tiff_pages_of_one_size_but_two_dtypes_are_read_in_page_order(tmp_path):
     assert stack.frames.dtype == np.uint16 and stack.frames[:, 0, 0, 0].tolist() == [1, 300, 2]
 
 
-@pytest.mark.parametrize("writer", ["pillow", "tifffile"])
-def test_tiff_pages_of_different_sizes_are_refused_naming_the_page(tmp_path, writer):
-    """The 48 x 48 page split the file into two series and read_stack silently read 4 frames of 5."""
-    images = [frame(k) for k in range(5)]
-    images[2] = images[2][:48, :48]
-    path = tmp_path / "cropped.tif"
+def _write_pages(path: Path, images: list, writer: str) -> None:
+    """A multi-page TIFF of ``images`` written page by page by Pillow or tifffile."""
     if writer == "pillow":
         pil = [Image.fromarray(image) for image in images]
         pil[0].save(path, save_all=True, append_images=pil[1:])
     else:
         for k, image in enumerate(images):
             tifffile.imwrite(path, image, append=k > 0)
+
+
+@pytest.mark.parametrize("writer", ["pillow", "tifffile"])
+def test_tiff_pages_of_different_sizes_are_refused_naming_the_page(tmp_path, writer):
+    """The 48 x 48 page split the file into two series and read_stack silently read 4 frames of 5."""
+    images = [frame(k) for k in range(5)]
+    images[2] = images[2][:48, :48]
+    path = tmp_path / "cropped.tif"
+    _write_pages(path, images, writer)
     expected = re.escape(f"'{path}' has pages of different sizes: page 2 is 48 x 48, page 0 is 64 x 64")
     with pytest.raises(ImageError, match=expected):
         read_stack(path)
@@ -168,12 +173,7 @@ def test_a_page_of_another_size_among_the_frames_is_refused_even_with_a_thumbnai
     images = [frame(k) for k in range(5)] + [frame(9, 16)]
     images[2] = images[2][:48, :48]
     path = tmp_path / "interleaved.tif"
-    if writer == "pillow":
-        pil = [Image.fromarray(image) for image in images]
-        pil[0].save(path, save_all=True, append_images=pil[1:])
-    else:
-        for k, image in enumerate(images):
-            tifffile.imwrite(path, image, append=k > 0)
+    _write_pages(path, images, writer)
     with pytest.raises(ImageError, match=re.escape("page 2 is 48 x 48, page 0 is 64 x 64")):
         read_stack(path)
 
