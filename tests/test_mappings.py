@@ -258,3 +258,14 @@ def test_sigmoid_bounds_are_read_only():
     with pytest.raises(AttributeError):
         mapping.hi = 2.0
     assert (mapping.lo, mapping.hi) == (0.0, 1.0)
+
+
+def test_a_sigmoid_mapping_pickled_before_its_bounds_were_read_only_loads():
+    import pickle
+
+    mapping = SigmoidMapping(-1.0, 2.0)
+    old = SigmoidMapping.__new__(SigmoidMapping)
+    old.__dict__.update(lo=-1.0, hi=2.0)  # the attributes an earlier version pickled
+    for loaded in (pickle.loads(pickle.dumps(mapping)), pickle.loads(pickle.dumps(old))):
+        assert (loaded.lo, loaded.hi) == (-1.0, 2.0)
+        assert torch.equal(loaded(torch.tensor([30.0])), mapping(torch.tensor([30.0])))

@@ -111,6 +111,10 @@ class SigmoidMapping(Mapping):
     lo = property(lambda self: self._lo, doc="Lower bound (read-only).")
     hi = property(lambda self: self._hi, doc="Upper bound (read-only).")
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling: the bounds, also from a mapping pickled before they were read-only (``lo``, ``hi``)."""
+        self.__init__(state.get("_lo", state.get("lo")), state.get("_hi", state.get("hi")))
+
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         value = self.lo + (self.hi - self.lo) * torch.sigmoid(raw)
         inside = self._inside.get(value.dtype)
