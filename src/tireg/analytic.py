@@ -21,10 +21,10 @@ from typing import Optional, Union
 import torch
 
 from . import _chunks, fused
-from ._validation import INTERPOLATIONS, PADDING_MODES, check_affine, check_image, check_option, check_same_kind
+from ._validation import INTERPOLATIONS, PADDING_MODES, check_affine, check_image, check_same_kind
 from .losses import PerPixelLoss
 from .metrics import Metric, PerPixelMetric
-from .sampling import _grid_moments, _sampler_gradient, pixel_axes, sample, sampling_grid, shared_pixel_scale
+from .sampling import _grid_moments, _modes, _sampler_gradient, pixel_axes, sample, sampling_grid, shared_pixel_scale
 
 __all__ = ["cost_and_gradient", "per_pixel_cost_and_gradient", "parameter_gradient"]
 
@@ -106,8 +106,7 @@ def _check_inputs(fixed, moving, matrix, metric, weight, interpolation, padding_
             f"{caller}: 'metric' must be a tireg.metrics.Metric or a per-pixel loss (tireg.losses.PerPixelLoss); "
             f"got {type(metric).__name__} (a name such as 'l2' or 'ncc': tireg.metrics.get_metric(name))"
         )
-    check_option(interpolation, tuple(INTERPOLATIONS), "interpolation", caller)
-    check_option(padding_mode, tuple(PADDING_MODES), "padding mode", caller)
+    _modes(interpolation, padding_mode, caller)
     check_image(fixed, "fixed", caller, finite=False)
     check_image(moving, "moving", caller, finite=False)
     batch, channels, height, width = fixed.shape

@@ -1016,8 +1016,8 @@ def _check_optimizer_options(optimizer: str, options: Optional[dict], caller: st
                              "Gauss-Newton takes none")
         return
     for key, value in options.items():  # torch.optim takes lr=inf, and the first step makes every parameter NaN
-        numbers = value if isinstance(value, (tuple, list)) else (value,)
-        if any(real_number(number) is not None and not math.isfinite(real_number(number)) for number in numbers):
+        numbers = [real_number(number) for number in (value if isinstance(value, (tuple, list)) else (value,))]
+        if any(number is not None and not math.isfinite(number) for number in numbers):
             raise ValueError(f"{caller}: 'optimizer_options' {key}={value!r} must be finite")
     constructor, defaults = _FIRST_ORDER_DEFAULTS[optimizer]
     if optimizer == "lbfgs" and options.get("line_search_fn", None) not in (None, "strong_wolfe"):
