@@ -551,6 +551,8 @@ BAD = {
                        "photometric YCBCR without JPEG compression"),  # its Y, Cb, Cr were taken as RGB
     "frame name is a folder": (["stack", "{in}/stack.tif", "-o", "{in}/clash", "--force"], 1,
                                "frame_00001.tif': it is a folder"),  # found after the work, half merged
+    "file named as a folder": (["stack", "{in}/stack.tif", "-o", "{in}/plainfile", "--force"], 1,
+                               "plainfile': it is a file"),  # failed after the work, naming a temporary folder
     "animated PNG": (["register", "{in}/fixed.png", "{in}/animated.png", "-o", "out"], 1,
                      "is an animation of 2 frames"),  # its first frame was taken silently
     "frames differ in channels": (["stack", "{in}/grey_and_rgb", "-o", "out.tif"], 1, "frames differ in channels"),
@@ -588,6 +590,7 @@ def _bad_inputs(folder: Path) -> None:
 
     Image.fromarray(imageio.imread(folder / "moving.png")).convert("P").save(folder / "palette.tif")
     (folder / "text.png").write_text("hello")
+    (folder / "plainfile").write_text("not a folder")
     still = imageio.imread(folder / "moving.png")
     Image.fromarray(still).save(folder / "animated.png", save_all=True, append_images=[Image.fromarray(still[::-1])])
     rgb = imageio.imread(folder / "fixed_rgb.png")

@@ -648,7 +648,8 @@ def _name_max(folder: Path) -> int:
 def _check_destination(path: Path, prefix: str = "", *, folder: bool = False) -> None:
     """Raise, naming ``path``, for a destination that the final move would refuse naming a temporary file.
 
-    A parent that is a file, a name too long, or (unless ``folder``) an existing folder at ``path``.
+    A parent that is a file, a name too long, an existing folder at ``path`` (unless ``folder``), or an
+    existing file at ``path`` where a folder goes (``folder``: ``--force`` does not turn a file into a folder).
     """
     nearest = next((parent for parent in path.parents if parent.exists()), None)
     if nearest is not None and not nearest.is_dir():
@@ -660,6 +661,8 @@ def _check_destination(path: Path, prefix: str = "", *, folder: bool = False) ->
                       f"takes at most {limit}")
     if not folder and path.is_dir():
         raise IsADirectoryError(f"{prefix}cannot write {str(path)!r}: it is a folder")
+    if folder and path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{prefix}cannot write the folder {str(path)!r}: it is a file")
 
 
 @contextlib.contextmanager
