@@ -449,6 +449,10 @@ def test_transform_functions_name_a_bad_centre_or_matrix():
         transforms.rigid_matrix(params, (1.0, 2.0, 3.0))
     with pytest.raises(TypeError, match=r"^rigid_jacobian\(\): 'center' must be \(cx, cy\) in pixels; got None"):
         transforms.rigid_jacobian(params, None)
+    with pytest.raises(ValueError, match=r"^similarity_matrix\(\): 'center' \(3, 2\) does not broadcast with the "
+                                         r"parameters \(2, 4\)"):
+        transforms.similarity_matrix(torch.zeros(2, 4), torch.zeros(3, 2))  # torch's "size of tensor a (3)"
+    assert transforms.similarity_jacobian(torch.zeros(2, 4), torch.zeros(1, 2)).shape == (2, 4, 3, 3)
     with pytest.raises(ValueError, match=r"^similarity_from_matrix\(\): 'matrix' must have shape \(..., 3, 3\)"):
         transforms.similarity_from_matrix(torch.eye(2), (0.0, 0.0))
     with pytest.raises(TypeError, match=r"^affine_from_matrix\(\): 'matrix' must be a torch.Tensor; got ndarray"):

@@ -133,6 +133,13 @@ def _as_center(center: CenterLike, like: torch.Tensor, caller: str) -> torch.Ten
         raise TypeError(f"{caller}: 'center' must be (cx, cy) in pixels; got {center!r}") from None
     if tensor.dim() == 0 or tensor.shape[-1] != 2:
         raise ValueError(f"{caller}: 'center' must be (cx, cy) or (..., 2) in pixels; got shape {tuple(tensor.shape)}")
+    if tensor.dim() > 1:  # one centre per parameter set: their batch shapes must broadcast
+        try:
+            broadcast_shape(tensor.shape[:-1], like.shape[:-1])
+        except ValueError:
+            raise ValueError(f"{caller}: 'center' {tuple(tensor.shape)} does not broadcast with the parameters "
+                             f"{tuple(like.shape)} (batch shapes {tuple(tensor.shape[:-1])} and "
+                             f"{tuple(like.shape[:-1])})") from None
     return tensor
 
 
