@@ -781,3 +781,19 @@ def test_gauss_newton_evaluation_equals_autograd_and_the_per_pixel_jacobian(loss
         per_value = jacobian[b, ..., b, :].reshape(-1, 6)  # (C H W, P)
         normal = per_value.T @ (pixel_weight[b].reshape(-1, 1) * per_value)
         torch.testing.assert_close(found.hessian[b], normal, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_autograd_gradients_under_inference_mode(optimizer):
+    """backward() cannot run in inference mode: register(gradients="autograd") under
+    torch.inference_mode() failed deep inside torch ("element 0 of tensors does not require grad")."""
+    fixed, moving, truth = registration_pair("camera", "rigid", KNOWN["rigid"], noise=0.02, seed=3)
+    with torch.no_grad():
+        expected = tireg.register(fixed, moving, transform="rigid", optimizer=optimizer, gradients="autograd")
+    with torch.inference_mode():
+        frozen_fixed, frozen_moving = fixed.clone(), moving.clone()
+        result = tireg.register(frozen_fixed, frozen_moving, transform="rigid", optimizer=optimizer,
+                                gradients="autograd")
+    assert torch.equal(result.matrix, expected.matrix)
+    assert grid_error(result.matrix, truth, fixed.shape) < 0.2
+    assert not result.matrix.is_inference()

@@ -21,15 +21,25 @@ INTERPOLATIONS = {"bilinear": 0, "nearest": 1, "bicubic": 2}
 PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
 
 
+def values_readable(tensor: torch.Tensor) -> bool:
+    """Whether a check may read ``tensor``'s values back: not while ``torch.compile`` traces (a graph
+    break, an error with ``fullgraph=True``), not in a ``torch.func`` transform such as ``vmap`` (an
+    error: data-dependent control flow), not for a meta tensor (it holds no values).  Checks that read
+    values are skipped there, as :func:`torch.nn.functional.grid_sample` checks no values either."""
+    return not (torch.compiler.is_compiling() or tensor.is_meta
+                or torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether no element of ``tensor`` is NaN or +-Inf.
+    """Whether no element of ``tensor`` is NaN or +-Inf (``True`` where no value can be read:
+    :func:`values_readable`).
 
     A sum is NaN or infinite as soon as one term is, so a finite sum proves every element finite
     in one reduction; ``isfinite(x).all()`` writes a boolean image first and took 40x longer
     (128 x 256^2 float32: 32 against 0.8 ms, one thread).  Only a non-finite sum (or one that
     overflowed) needs the elementwise test.
     """
-    if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
+    if tensor.numel() == 0 or not values_readable(tensor) or bool(torch.isfinite(tensor.sum())):
         return True
     return bool(torch.isfinite(tensor).all())
 
@@ -100,8 +110,9 @@ def check_matrix(matrix: torch.Tensor, caller: str, *, any_batch: bool = False) 
 
 def check_affine(matrix: torch.Tensor, caller: str, name: str = "matrix") -> None:
     """Raise ``ValueError`` unless every ``(3, 3)`` matrix has the last row ``(0, 0, 1)``
-    (to 1e-6: an inverse computed in float32 is affine to rounding).  Reads the values back."""
-    if matrix.numel() == 0:
+    (to 1e-6: an inverse computed in float32 is affine to rounding).  Reads the values back
+    (not checked where none can be read: :func:`values_readable`)."""
+    if matrix.numel() == 0 or not values_readable(matrix):
         return
     last = matrix.detach()[..., 2, :].reshape(-1, 3)
     error = (last - constant((0.0, 0.0, 1.0), like=last)).abs().amax(dim=1)
@@ -213,6 +224,11 @@ class TensorStamp:
 
     __slots__ = ("_tensor", "_layout", "_version", "_settings")
 
+    def __reduce__(self):
+        # a copy (pickle, torch.save, a process pool) cannot hold a weak reference: it matches nothing,
+        # so that what was derived from the tensor is made again on its first use
+        return (_expired_stamp, ())
+
     def __init__(self, tensor: torch.Tensor, *settings: Any) -> None:
         base, self._layout = _base_and_layout(tensor)
         self._tensor = weakref.ref(base)
@@ -226,6 +242,13 @@ class TensorStamp:
             return False
         base, layout = _base_and_layout(tensor)
         return self._tensor() is base and layout == self._layout and _version(tensor) == self._version
+
+
+def _expired_stamp() -> TensorStamp:
+    """A stamp that matches no tensor (what a pickled stamp becomes)."""
+    stamp = TensorStamp.__new__(TensorStamp)
+    stamp._tensor, stamp._layout, stamp._version, stamp._settings = None, None, None, ()
+    return stamp
 
 
 def _base_and_layout(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple]:

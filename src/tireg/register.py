@@ -33,6 +33,7 @@ has its own ``lambda`` and stops on its own.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import operator
 import time
@@ -1160,6 +1161,26 @@ def _model_start(model, init, batch: int, caller: str) -> torch.Tensor:
     return matrix.expand(batch, 3, 3)
 
 
+def _outside_inference_mode(function: Callable) -> Callable:
+    """``function`` run with ``torch.inference_mode(False)`` when called under inference mode.
+
+    The autograd evaluation's ``backward()`` cannot run in inference mode (``enable_grad()`` does
+    not leave it), nor on images made there (inference tensors are not saved for backward): under
+    ``inference_mode()`` a registration with ``gradients="autograd"`` failed deep inside torch.
+    Outside it, everything the registration makes is an ordinary tensor; its results hold no graph.
+    """
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return function(*args, **kwargs)
+        with torch.inference_mode(False), torch.no_grad():
+            return function(*args, **kwargs)
+
+    return run
+
+
+@_outside_inference_mode
 def register(
     fixed: ImageLike,
     moving: ImageLike,

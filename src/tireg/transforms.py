@@ -345,10 +345,9 @@ def _checked_affine(matrix: torch.Tensor, caller: str) -> torch.Tensor:
     """``matrix`` as ``(..., 3, 3)``, refused unless affine: a kind's parameters describe the top
     two rows, and a projective last row would be dropped without a word (reads the values back:
     for use outside loops).  Not checked where no value can be read: inside ``torch.compile``
-    (a graph break) or ``torch.func`` transforms such as ``vmap`` (an error)."""
+    (a graph break) or ``torch.func`` transforms such as ``vmap`` (an error; ``values_readable``)."""
     matrix = check_matrix(matrix, caller, any_batch=True)
-    if not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(matrix):
-        check_affine(matrix, caller)
+    check_affine(matrix, caller)
     return matrix
 
 
