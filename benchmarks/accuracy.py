@@ -203,8 +203,9 @@ class Case:
     contrast: str = "gain-offset"  # the standard suite's linear change; else one of CONTRASTS
 
 
-def random_truth(rng: np.random.Generator, kind: str) -> tuple[np.ndarray, str]:
-    magnitude = rng.uniform(0.10, 0.20) * SIZE
+def random_truth(rng: np.random.Generator, kind: str, size: int = SIZE) -> tuple[np.ndarray, str]:
+    """A random ``kind`` about the centre of a ``size``-pixel crop: shifts of 10-20 % of ``size``."""
+    magnitude = rng.uniform(0.10, 0.20) * size
     direction = rng.uniform(0, 2 * math.pi)
     shift = magnitude * np.array([math.cos(direction), math.sin(direction)])
     angle = scale = 0.0
@@ -223,12 +224,13 @@ def random_truth(rng: np.random.Generator, kind: str) -> tuple[np.ndarray, str]:
         text += f", scale {scale:.3f}"
     if kind == "affine":
         text += f", E={np.round(extra, 3).tolist()}"
-    return about_center(linear, shift), text
+    return about_center(linear, shift, (size - 1) / 2.0), text
 
 
 def make_pair(scene: np.ndarray, truth: np.ndarray, rng: np.random.Generator, *, contrast: bool = True,
               noise: float = NOISE_SIGMA, moving_scene: Optional[np.ndarray] = None,
-              intensity: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> tuple[np.ndarray, np.ndarray]:
+              intensity: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+              size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
     """``fixed`` = crop of ``scene``; ``moving(y)`` = scene at ``o + truth^-1 y``; noise and contrast added.
 
     ``moving_scene`` (same shape as ``scene``, e.g. another channel of the same photograph) is sampled for the
@@ -238,10 +240,10 @@ def make_pair(scene: np.ndarray, truth: np.ndarray, rng: np.random.Generator, *,
     from skimage.transform import warp as sk_warp
 
     inverse = np.linalg.inv(truth)
-    corners = np.array([[0, 0, 1], [SIZE - 1, 0, 1], [0, SIZE - 1, 1], [SIZE - 1, SIZE - 1, 1]], float).T
+    corners = np.array([[0, 0, 1], [size - 1, 0, 1], [0, size - 1, 1], [size - 1, size - 1, 1]], float).T
     footprint = (inverse @ corners)[:2]  # moving image's corners, in crop coordinates
     low = np.minimum(footprint.min(axis=1), 0.0)
-    high = np.maximum(footprint.max(axis=1), SIZE - 1.0)
+    high = np.maximum(footprint.max(axis=1), size - 1.0)
     margin = 3.0
     height, width = scene.shape
     room = np.array([width - 1.0, height - 1.0]) - margin - high  # offset o must satisfy margin - low <= o <= room
@@ -250,13 +252,13 @@ def make_pair(scene: np.ndarray, truth: np.ndarray, rng: np.random.Generator, *,
     offset = np.array([rng.uniform(margin - low[i], room[i]) for i in range(2)])
     crop = np.eye(3)
     crop[:2, 2] = offset
-    fixed = sk_warp(scene, crop, output_shape=(SIZE, SIZE), order=3, mode="edge")
+    fixed = sk_warp(scene, crop, output_shape=(size, size), order=3, mode="edge")
     source = scene if moving_scene is None else moving_scene
-    moving = sk_warp(source, crop @ inverse, output_shape=(SIZE, SIZE), order=3, mode="edge")
+    moving = sk_warp(source, crop @ inverse, output_shape=(size, size), order=3, mode="edge")
     if moving_scene is None:
         check_construction(fixed, moving, truth)
     else:  # the geometry is checked on the moving channel's own crop (the channels differ in content)
-        check_construction(sk_warp(source, crop, output_shape=(SIZE, SIZE), order=3, mode="edge"), moving, truth)
+        check_construction(sk_warp(source, crop, output_shape=(size, size), order=3, mode="edge"), moving, truth)
     if intensity is not None:
         moving = intensity(moving)
     if contrast:
@@ -267,15 +269,22 @@ def make_pair(scene: np.ndarray, truth: np.ndarray, rng: np.random.Generator, *,
     return fixed.astype(np.float32), moving.astype(np.float32)
 
 
-def make_cases(kinds, count: int, seed: int) -> list[Case]:
+def make_cases(kinds, count: int, seed: int, size: int = SIZE) -> list[Case]:
+    """``count`` cases of each kind, ``size`` pixels square.  Another size than 256 draws the same
+    transforms (shifts in proportion) from the scenes resampled by ``size / 256`` (cubic), so that a
+    512² case is its 256² namesake at twice the resolution."""
     scenes = _scenes()
+    if size != SIZE:
+        from skimage.transform import rescale
+
+        scenes = [(name, rescale(scene, size / SIZE, order=3, anti_aliasing=size < SIZE)) for name, scene in scenes]
     cases = []
     for kind in kinds:
         for index in range(count):
             rng = np.random.default_rng([seed, KINDS.index(kind), index])
             name, scene = scenes[index % len(scenes)]
-            truth, text = random_truth(rng, kind)
-            fixed, moving = make_pair(scene, truth, rng)
+            truth, text = random_truth(rng, kind, size)
+            fixed, moving = make_pair(scene, truth, rng, size=size)
             cases.append(Case(kind, index, name, truth, fixed, moving, text))
     return cases
 
@@ -386,12 +395,22 @@ def apply(matrix: np.ndarray, points_h: np.ndarray) -> np.ndarray:
     return mapped[:, :2] / mapped[:, 2:3]
 
 
-def grid_error(estimate: np.ndarray, truth: np.ndarray) -> float:
-    """Mean over all fixed pixels of ``|A_est x - A_true x|`` (pixels)."""
+def pixel_points(size: int) -> np.ndarray:
+    """Every pixel of a ``size`` x ``size`` image as ``(x, y, 1)`` rows, ``(size^2, 3)``."""
+    if size == SIZE:
+        return _GRID_H
+    x, y = np.meshgrid(np.arange(size, dtype=float), np.arange(size, dtype=float), indexing="xy")
+    return np.stack([x.reshape(-1), y.reshape(-1), np.ones(size * size)], axis=1)
+
+
+def grid_error(estimate: np.ndarray, truth: np.ndarray, size: int = SIZE) -> float:
+    """Mean over all fixed pixels of ``|A_est x - A_true x|`` (pixels; a homography divided out;
+    ``inf`` for a non-finite estimate)."""
     estimate = np.asarray(estimate, dtype=float)
     if estimate.shape != (3, 3) or not np.all(np.isfinite(estimate)):
         return math.inf
-    difference = apply(estimate, _GRID_H) - apply(truth, _GRID_H)
+    points = pixel_points(size)
+    difference = apply(estimate, points) - apply(truth, points)
     value = float(np.linalg.norm(difference, axis=1).mean())
     return value if math.isfinite(value) else math.inf
 
@@ -416,18 +435,27 @@ class Method:
         return 0.0
 
 
-def _interior(matrix: np.ndarray, margin: float = 3.0) -> np.ndarray:
-    """Fixed pixels whose image under ``matrix`` lies ``margin`` inside the moving image, ``(256, 256)`` bool."""
-    mapped = apply(matrix, _GRID_H).reshape(SIZE, SIZE, 2)
-    return np.all((mapped >= margin) & (mapped <= SIZE - 1 - margin), axis=-1)
+def _interior(matrix: np.ndarray, margin: float = 3.0, size: int = SIZE) -> np.ndarray:
+    """Fixed pixels whose image under ``matrix`` lies ``margin`` inside the moving image, ``(size, size)`` bool."""
+    mapped = apply(matrix, pixel_points(size)).reshape(size, size, 2)
+    return np.all((mapped >= margin) & (mapped <= size - 1 - margin), axis=-1)
 
 
 def _tireg_warp(moving: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """``moving(A x)`` on moving's grid: ``tireg.warp``, or for a homography (kornia's result for
+    affine; tireg warps affine matrices only) OpenCV's ``warpPerspective`` of the same map."""
     import torch
     import tireg
 
+    matrix = np.asarray(matrix, np.float64)
+    if np.abs(matrix[2] - (0.0, 0.0, 1.0)).max() > 1e-9:
+        import cv2
+
+        height, width = np.shape(moving)
+        return cv2.warpPerspective(np.asarray(moving, np.float64), matrix, (width, height),
+                                   flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT)
     image = torch.from_numpy(np.asarray(moving, np.float64))[None, None]
-    warped = tireg.warp(image, torch.from_numpy(np.asarray(matrix, np.float64)), size=(SIZE, SIZE))
+    warped = tireg.warp(image, torch.from_numpy(np.asarray(matrix, np.float64)), size=tuple(image.shape[-2:]))
     return warped[0, 0].numpy()
 
 
@@ -795,7 +823,7 @@ def check_construction(fixed: np.ndarray, moving: np.ndarray, truth: np.ndarray)
     standard deviation.  Warping by the inverse instead, or with x and y swapped, gives differences of the order
     of the standard deviation.
     """
-    inside = _interior(truth)
+    inside = _interior(truth, size=fixed.shape[-1])
     gap = float(np.abs(_tireg_warp(moving, truth) - fixed)[inside].mean() / fixed.std())
     if gap > 0.3:
         raise AssertionError(f"case construction: warped moving differs from fixed by {gap:.3f} std; "

@@ -7,21 +7,31 @@ interleaved rounds (so that load on a shared machine hits all alike):
    same model, loss (L2) and data: tireg's analytic model (reference
    kernels; and ``compile=True``, the fused kernel of :mod:`tireg.fused`),
    tireg's autograd model (``backward()``), and the same step written with
-   kornia (``kornia.geometry.transform.warp_affine``, autograd).  Pair-
-   iterations per second and the ratios to the autograd step.
+   kornia (``kornia.geometry.transform.warp_affine``, autograd, learning
+   kornia's own source -> destination matrix), and tireg's autograd step
+   under ``torch.compile`` (what compiling alone buys).  Pair-iterations per
+   second and the ratios to the autograd step.  A compiled cell whose
+   compile failed or ran out of memory (tireg then falls back to the
+   reference path) shows ``nan``, not the reference path's time.
 2. **register**: ``tireg.register`` on 256 x 256 affine pairs of
    ``benchmarks/accuracy.py`` (scenes, noise, contrast change), eager and
    compiled (compiled after one warm-up call; the compile time is printed
    apart), against OpenCV's ``findTransformECCMultiScale``, SimpleITK and
    kornia's ``ImageRegistrator`` as ``accuracy.py`` runs them; plus tireg on
-   512 x 512 pairs.  Seconds per pair (CPU time on the CPU, wall time on a GPU;
-   the median of ``--repeats`` runs, pair by pair and method by method in
-   turn), success (< 0.5 px) and the ratio to ECC.
-3. **memory**: peak memory of an analytic step and of a ``register`` call
-   (eager and compiled) over the size of their input images: on a GPU the
-   allocator's peak; on the CPU (Linux) the peak resident size, each cell in
-   a fresh process (256² x 128 and 1024² x 8 pairs, 64 MiB of input each, and one
-   4096² pair, 128 MiB: one large image, which chunks of pairs cannot split).
+   512 x 512 pairs (the same cases at twice the resolution).  Seconds per pair
+   (CPU time on the CPU, wall time on a GPU; after one untimed call of each
+   method, the median of ``--repeats`` runs, pair by pair and method by method
+   in turn; a method slower than 0.25 s a pair runs each pair once), success
+   (< 0.5 px, ``accuracy.grid_error``) and the ratio to ECC.
+3. **memory**: peak memory of two analytic steps of a new model, and of a
+   ``register`` call (eager and compiled), from just before the model or
+   call is made, over the size of the input images: so what a model keeps
+   between steps (the padded moving image, coordinate grids) counts, and
+   the compile does not (it runs first on other tensors of the same shape).
+   On a GPU the allocator's peak; on the CPU (Linux) the peak resident
+   size, each cell in a fresh process (256² x 128 and 1024² x 8 pairs, 64
+   MiB of input each, one 1024² pair, and one 4096² pair, 128 MiB: one
+   large image, which chunks of pairs cannot split; ``--memory-cases``).
 
 A method that runs out of GPU memory on a large batch shows ``nan`` (or a
 row "out of memory") instead of ending the run.
@@ -60,21 +70,52 @@ import tireg  # noqa: E402
 
 
 def kornia_step(moving: torch.Tensor, fixed: torch.Tensor, transform: str):
-    """The same step in kornia: a learnable pixel matrix, ``warp_affine``, L2, ``backward()``, Adam."""
+    """The same step as a kornia user writes it: kornia's own source (moving) -> destination (fixed)
+    ``(B, 2, 3)`` pixel matrix learnt directly (for ``"affine"``; another kind the same matrix, as
+    kornia has no parametrised kinds here), ``warp_affine``, L2, ``backward()``, Adam."""
     from kornia.geometry.transform import warp_affine
 
     size = moving.shape[-2:]
-    model = tireg.create_model(transform, moving, gradients="autograd")
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    # warp_affine maps source (moving) -> destination (fixed) pixels: the inverse of tireg's A
+    matrix = torch.eye(3, dtype=moving.dtype, device=moving.device)[:2].repeat(moving.shape[0], 1, 1)
+    matrix.requires_grad_(True)
+    optimizer = torch.optim.Adam([matrix], lr=1e-3)
+
     def step():
-        matrix = torch.linalg.inv(model.matrix(moving.shape[0]))[:, :2]
         warped = warp_affine(moving, matrix, dsize=(int(size[0]), int(size[1])), align_corners=False)
         ((warped - fixed) ** 2).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
 
     return step
+
+
+def compiled_autograd_step(moving: torch.Tensor, fixed: torch.Tensor, transform: str, loss):
+    """tireg's autograd step with its forward and loss under ``torch.compile`` (backward through
+    the compiled graph): what compiling the autograd path alone gives."""
+    model = tireg.create_model(transform, moving, gradients="autograd", loss=loss)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    total = torch.compile(lambda: loss(model(moving), fixed).sum())
+
+    def step():
+        total().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def random_images(batch: int, size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fixed, moving)``, uniform random, made on ``device`` by its own generator (on a GPU a
+    CPU generator and a copy took seconds for a 1024 x 1024² batch)."""
+    generator = torch.Generator(device).manual_seed(0)
+    fixed = torch.rand(batch, 1, size, size, generator=generator, device=device)
+    return fixed, torch.rand(batch, 1, size, size, generator=generator, device=device)
+
+
+def fell_back(device: str) -> bool:
+    """Whether tireg's compiled path failed on ``device`` in this process (compile error or out of
+    memory): tireg then runs the reference path, which a "compiled" cell must not report."""
+    return torch.device(device).type in tireg.fused._failed
 
 
 # ----------------------------------------------------------------------------
@@ -107,9 +148,10 @@ def _runnable(steps: dict, device: str) -> dict:
 def step_table(args) -> None:
     device = args.device
     print(f"\n### Step: one Adam step, L2 loss, float32, {args.transform}\n")
-    print("| size | B | analytic [ms] | analytic compiled [ms] | autograd [ms] | kornia [ms] "
-          "| compiled pair-it/s | analytic / autograd | compiled / autograd | compiled / kornia | compile [s] |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| size | B | analytic [ms] | analytic compiled [ms] | autograd [ms] | autograd compiled [ms] | kornia [ms] "
+          "| compiled pair-it/s | analytic / autograd | compiled / autograd | compiled / autograd compiled "
+          "| compiled / kornia | compile [s] |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     loss = tireg.L2Loss()
     for size in args.sizes:
         for batch in args.batches:
@@ -117,16 +159,14 @@ def step_table(args) -> None:
                 row = _step_row(args, loss, size, batch)
             except OUT_OF_MEMORY:  # the images themselves, or every method
                 _release(device)
-                row = " ".join(["out of memory |"] * 9)
+                row = " ".join(["out of memory |"] * 11)
             print(f"| {size}² | {batch} | {row}", flush=True)
 
 
 def _step_row(args, loss, size: int, batch: int) -> str:
     """One row of the step table (a cell is nan where its method ran out of memory)."""
     device = args.device
-    generator = torch.Generator().manual_seed(0)
-    fixed = torch.rand(batch, 1, size, size, generator=generator).to(device)
-    moving = torch.rand(batch, 1, size, size, generator=generator).to(device)
+    fixed, moving = random_images(batch, size, device)
     steps = {}
     compile_seconds = math.nan
     compiled_model = tireg.create_model(args.transform, moving, loss=loss, compile=True)
@@ -141,16 +181,22 @@ def _step_row(args, loss, size: int, batch: int) -> str:
     for name in ("analytic", "autograd"):
         model = tireg.create_model(args.transform, moving, gradients=name, loss=loss, compile=False)
         steps[name] = iteration.make_step(model, moving, fixed, loss, name)
+    if args.compiled_autograd:
+        steps["autograd compiled"] = compiled_autograd_step(moving, fixed, args.transform, loss)
     try:
         steps["kornia"] = kornia_step(moving, fixed, args.transform)
     except ImportError:
         pass
-    steps = _runnable(steps, device)
+    steps = _runnable(steps, device)  # the first call compiles the compiled autograd step
     t = iteration.median_rounds(steps, args.budget, iteration.synchronizer(device)) if steps else {}
-    analytic, compiled, autograd, kornia = (t.get(name, math.nan) for name in ("analytic", "compiled", "autograd", "kornia"))
-    return (f"{analytic * 1e3:.3f} | {compiled * 1e3:.3f} | {autograd * 1e3:.3f} | {kornia * 1e3:.3f} "
-            f"| {batch / compiled:,.0f} | {analytic / autograd:.2f} | {compiled / autograd:.2f} "
-            f"| {compiled / kornia:.2f} | {compile_seconds:.1f} |")
+    if fell_back(device):  # its time is the reference path's
+        t.pop("compiled", None)
+        print(f"  - {size}² × {batch}: tireg's compiled path failed and fell back (see the warning): compiled nan")
+    analytic, compiled, autograd, autograd_compiled, kornia = (
+        t.get(name, math.nan) for name in ("analytic", "compiled", "autograd", "autograd compiled", "kornia"))
+    return (f"{analytic * 1e3:.3f} | {compiled * 1e3:.3f} | {autograd * 1e3:.3f} | {autograd_compiled * 1e3:.3f} "
+            f"| {kornia * 1e3:.3f} | {batch / compiled:,.0f} | {analytic / autograd:.2f} | {compiled / autograd:.2f} "
+            f"| {compiled / autograd_compiled:.2f} | {compiled / kornia:.2f} | {compile_seconds:.1f} |")
 
 
 def graph_table(args) -> None:
@@ -168,9 +214,7 @@ def graph_table(args) -> None:
     loss = tireg.L2Loss()
     for size in args.sizes:
         for batch in args.batches:
-            generator = torch.Generator().manual_seed(0)
-            fixed = torch.rand(batch, 1, size, size, generator=generator).to(device)
-            moving = torch.rand(batch, 1, size, size, generator=generator).to(device)
+            fixed, moving = random_images(batch, size, device)
             steps, notes, differences = {}, [], []
             eager = tireg.create_model(args.transform, moving, loss=loss, compile=False)
             steps["analytic"] = iteration.make_step(eager, moving, fixed, loss, "analytic")
@@ -185,6 +229,9 @@ def graph_table(args) -> None:
                     notes.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
             steps = _runnable(steps, device)
             t = iteration.median_rounds(steps, args.budget, iteration.synchronizer(device)) if steps else {}
+            if fell_back(device):  # captured the reference path
+                t.pop("compiled graph", None)
+                notes.append("compiled graph: tireg's compiled path failed and fell back (see the warning)")
             analytic, plain, compiled = (t.get(name, math.nan) for name in ("analytic", "analytic graph", "compiled graph"))
             best = min((value for value in (plain, compiled) if not math.isnan(value)), default=math.nan)
             difference = max(differences) if differences else math.nan
@@ -198,25 +245,12 @@ def graph_table(args) -> None:
 # 2. register end to end
 
 
-def _pairs_512(count: int, seed: int):
-    """512 x 512 affine pairs of the bundled astronaut: ``moving(A x) = fixed(x)`` up to the interpolation."""
-    from tireg.data import load
-
-    scene = load("astronaut", dtype=torch.float64)
-    scene = (scene.mean(0) if scene.dim() == 3 else scene)[None, None]
-    rng = np.random.default_rng(seed)
-    size = scene.shape[-1]
-    center = tireg.image_center(size, size)
-    pairs = []
-    for _ in range(count):
-        params = [1 + rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06),
-                  1 + rng.uniform(-0.06, 0.06), rng.uniform(-15, 15), rng.uniform(-15, 15)]
-        truth = tireg.transforms.TRANSFORMS["affine"].matrix(torch.tensor(params, dtype=torch.float64), center)
-        moving = tireg.warp(scene, torch.linalg.inv(truth), padding_mode="border")
-        noise = 0.02 * torch.randn(scene.shape, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))),
-                                   dtype=torch.float64)
-        pairs.append((scene[0, 0].float().numpy(), (moving + noise)[0, 0].float().numpy(), truth.numpy()))
-    return pairs
+def _pairs(count: int, size: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``accuracy.py``'s affine cases, ``size`` pixels square: ``(fixed, moving, truth)``, made as
+    that benchmark makes them (cubic resampling of real scenes, noise, a gain and offset), so that
+    no pair is made by the interpolation tireg registers with."""
+    cases = accuracy.make_cases(["affine"], count, accuracy.DEFAULT_SEED, size=size)
+    return [(case.fixed, case.moving, case.truth) for case in cases]
 
 
 def _clock(device: str):
@@ -236,17 +270,11 @@ def _run(register, pairs, device: str) -> tuple[list[float], list[float]]:
             matrix = register(fixed, moving)
             synchronize()
             seconds.append(clock() - started)
-            errors.append(_grid_error(matrix, truth, fixed.shape))
+            errors.append(accuracy.grid_error(matrix, truth, fixed.shape[-1]))
         except Exception:  # noqa: BLE001 - OpenCV's ECC throws when it does not converge: a failure
             seconds.append(clock() - started)
             errors.append(math.inf)
     return seconds, errors
-
-
-def _grid_error(matrix, truth, shape) -> float:
-    """Mean distance over every fixed pixel between the two matrices' images (accuracy.py's error, any size)."""
-    points = tireg.sampling.pixel_grid(shape, dtype=torch.float64).numpy()
-    return float(np.linalg.norm((points @ (np.asarray(matrix, np.float64) - truth).T)[:, :2], axis=1).mean())
 
 
 #: A method slower than this a pair (SimpleITK, kornia) runs each pair once, not --repeats times.
@@ -257,8 +285,11 @@ def _interleaved(methods: dict, pairs, repeats: int, device: str) -> dict[str, t
     """Seconds (the median of ``repeats`` runs) and error of every method on every pair.
 
     Pair by pair, every method in turn, ``repeats`` rounds: load on a shared machine hits
-    all alike.  The error is the first run's (the methods are deterministic).
+    all alike.  The error is the first run's (the methods are deterministic).  Each method
+    first runs once on the first pair untimed (imports, a GPU's kernel modules, caches).
     """
+    for method in methods.values():
+        _run(method, pairs[:1], device)
     results = {name: ([], []) for name in methods}
     for pair in pairs:
         times = {name: [] for name in methods}
@@ -277,10 +308,9 @@ def _interleaved(methods: dict, pairs, repeats: int, device: str) -> dict[str, t
 
 def register_table(args) -> None:
     device = args.device
-    cases = accuracy.make_cases(["affine"], args.cases, accuracy.DEFAULT_SEED)
-    pairs = [(case.fixed, case.moving, case.truth) for case in cases]
+    pairs = _pairs(args.cases, accuracy.SIZE)
 
-    def tireg_method(compile: bool):
+    def tireg_method(compile):
         def run(fixed, moving):
             return tireg.register(torch.from_numpy(fixed).to(device), torch.from_numpy(moving).to(device),
                                   transform="affine", compile=compile).matrix.numpy()
@@ -294,7 +324,7 @@ def register_table(args) -> None:
     started = time.perf_counter()
     tireg_method(True)(*pairs[0][:2])  # compiles every pyramid level's kernel
     compile_seconds = time.perf_counter() - started
-    methods = {"tireg": tireg_method(False), "tireg compiled": tireg_method(True)}
+    methods = {"tireg": tireg_method("auto"), "tireg compiled": tireg_method(True)}
     if device == "cpu":
         for name, method_class in (("ecc", accuracy.ECC), ("simpleitk", accuracy.SimpleITK),
                                    ("kornia", accuracy.Kornia)):
@@ -319,14 +349,17 @@ def register_table(args) -> None:
         print(f"| {name} | {solved}/{len(errors)} | {statistics.median(errors):.3f} | {statistics.median(seconds):.4f} "
               f"| {on_ecc_median:.4f} | {on_ecc_median / ecc_median:.2f} |", flush=True)
 
-    pairs_512 = _pairs_512(max(2, args.cases // 2), accuracy.DEFAULT_SEED)
-    print(f"\n### register(): {len(pairs_512)} affine pairs of 512² (bundled astronaut, noise 0.02), "
-          f"median of {args.repeats} runs a pair\n")
+    pairs_512 = _pairs(max(2, args.cases // 2), 512)
+    print(f"\n### register(): {len(pairs_512)} affine pairs of 512² (accuracy.py's first cases at twice the "
+          f"resolution), median of {args.repeats} runs a pair\n")
     print(f"| method | success (< 0.5 px) | median error [px] | median {unit} / pair |")
     print("|---|---|---|---|")
     tireg_method(True)(*pairs_512[0][:2])  # the 512² levels compile here
     tireg_methods = {name: methods[name] for name in ("tireg", "tireg compiled")}
-    for name, (seconds, errors) in _interleaved(tireg_methods, pairs_512, args.repeats, device).items():
+    results_512 = _interleaved(tireg_methods, pairs_512, args.repeats, device)
+    if fell_back(device):
+        print("  - tireg's compiled path failed and fell back (see the warning): its rows are the reference path")
+    for name, (seconds, errors) in results_512.items():
         solved = sum(e < accuracy.SUCCESS_PX for e in errors)
         print(f"| {name} | {solved}/{len(errors)} | {statistics.median(errors):.3f} "
               f"| {statistics.median(seconds):.4f} |", flush=True)
@@ -340,17 +373,27 @@ def register_table(args) -> None:
 MEMORY_CASES = ((256, 128), (1024, 8), (1024, 1), (4096, 1))
 
 
-def _memory_run(what: str, compile: bool, size: int, batch: int, device: str):
-    """``(run, input bytes)``: one analytic step or one ``register`` call on random pairs."""
-    generator = torch.Generator().manual_seed(0)
-    fixed = torch.rand(batch, 1, size, size, generator=generator).to(device)
-    moving = torch.roll(fixed, shifts=(3, -2), dims=(-2, -1))  # a solvable pair: no fallback search
+def _memory_inputs(size: int, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A solvable pair (no fallback search): random ``fixed``, ``moving`` its roll."""
+    fixed, _ = random_images(batch, size, device)
+    return fixed, torch.roll(fixed, shifts=(3, -2), dims=(-2, -1))
+
+
+def _memory_call(what: str, compile: bool, fixed: torch.Tensor, moving: torch.Tensor) -> None:
+    """Two steps of a new analytic model (what it keeps between steps counts), or one ``register``."""
     if what == "step":
         model = tireg.create_model("affine", moving, compile=compile)
-        run = lambda: model(moving, fixed)  # noqa: E731
+        model(moving, fixed)
+        model(moving, fixed)
     else:
-        run = lambda: tireg.register(fixed, moving, compile=compile)  # noqa: E731
-    return run, fixed.nbytes + moving.nbytes
+        tireg.register(fixed, moving, compile=compile)
+
+
+def _warm_up(what: str, compile: bool, size: int, batch: int, device: str) -> None:
+    """The call on other tensors of the same shape, then freed: the compile and one-off state stay
+    out of the measured peak, and nothing the measured call keeps was made before its baseline."""
+    _memory_call(what, compile, *_memory_inputs(size, batch, device))
+    gc.collect()
 
 
 def _resident(key: str) -> int:
@@ -367,15 +410,17 @@ def memory_probe(what: str, compile: bool, size: int, batch: int) -> float:
 
     Run in a fresh process started with ``MALLOC_MMAP_THRESHOLD_`` low, so that every
     image-sized block is mapped and returned on free and the resident size follows the live
-    tensors; the high-water mark is reset (``/proc/self/clear_refs``) after two warm-up calls.
+    tensors; the high-water mark is reset (``/proc/self/clear_refs``) after a warm-up on other
+    tensors (:func:`_warm_up`), with the inputs made and before the model or call.
     """
-    run, input_bytes = _memory_run(what, compile, size, batch, "cpu")
-    run(), run()
+    _warm_up(what, compile, size, batch, "cpu")
+    fixed, moving = _memory_inputs(size, batch, "cpu")
+    input_bytes = fixed.nbytes + moving.nbytes
     gc.collect()
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
     before = _resident("VmRSS")
-    run()
+    _memory_call(what, compile, fixed, moving)
     return (_resident("VmHWM") - before + input_bytes) / input_bytes
 
 
@@ -388,12 +433,16 @@ def _cpu_peak(what: str, compile: bool, size: int, batch: int, threads: int) -> 
 
 
 def _cuda_peak(what: str, compile: bool, size: int, batch: int, device: str) -> float:
-    run, input_bytes = _memory_run(what, compile, size, batch, device)
-    run()  # warm-up (and compile)
+    """As :func:`memory_probe`, with the allocator's counters (allocated tensors, not its cache)."""
+    _warm_up(what, compile, size, batch, device)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    fixed, moving = _memory_inputs(size, batch, device)
+    input_bytes = fixed.nbytes + moving.nbytes
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated()
-    run()
+    _memory_call(what, compile, fixed, moving)
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - baseline + input_bytes) / input_bytes
 
@@ -407,7 +456,7 @@ def memory_table(args) -> None:
         return
     print("| size | B | input [MiB] | step | step compiled | register | register compiled |")
     print("|---|---|---|---|---|---|---|")
-    cases = [(size, batch) for size in args.sizes for batch in args.batches] if cuda else MEMORY_CASES
+    cases = args.memory_cases or MEMORY_CASES
     for size, batch in cases:
         cells = []
         for what in ("step", "register"):
@@ -418,11 +467,21 @@ def memory_table(args) -> None:
                     except OUT_OF_MEMORY:
                         _release(args.device)
                         cells.append(math.nan)
+                    if compile and fell_back(args.device):
+                        cells[-1] = math.nan
                 else:
                     cells.append(_cpu_peak(what, compile, size, batch, args.threads))
         input_mib = 2 * batch * size * size * 4 / 2**20
         print(f"| {size}² | {batch} | {input_mib:.0f} | " + " | ".join(f"{cell:.2f}" for cell in cells) + " |",
               flush=True)
+
+
+def _size_by_batch(text: str) -> tuple[int, int]:
+    size, _, batch = text.partition("x")
+    try:
+        return int(size), int(batch)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SIZExBATCH such as 256x128; got {text!r}") from None
 
 
 def main() -> None:
@@ -437,6 +496,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="register table: runs of each method on each pair (the median counts)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--memory-cases", nargs="+", type=_size_by_batch, metavar="SIZExBATCH",
+                        help="memory table rows, e.g. 256x128 4096x1 (default: "
+                             + " ".join(f"{s}x{b}" for s, b in MEMORY_CASES) + ")")
+    parser.add_argument("--compiled-autograd", action=argparse.BooleanOptionalAction, default=True,
+                        help="step table: also time tireg's autograd step under torch.compile")
     parser.add_argument("--tables", nargs="+", default=["step", "graph", "register", "memory"],
                         choices=["step", "graph", "register", "memory"])
     parser.add_argument("--memory-probe", nargs=4, metavar=("WHAT", "COMPILE", "SIZE", "BATCH"),

@@ -246,6 +246,25 @@ def test_a_compile_failure_warns_once_and_falls_back(monkeypatch, generator):
     assert float(cost) == float(expected)
 
 
+def test_running_out_of_memory_is_raised_not_taken_for_a_compile_failure(monkeypatch, generator):
+    """An out-of-memory error turned the compiled path off for the process, and the next call ran the
+    reference path (which needs more memory) under the compiled path's name."""
+    out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+    def too_large(*args, **kwargs):
+        raise out_of_memory("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(fused, "compiled_bilinear_moments", lambda device, **options: too_large)
+    monkeypatch.setattr(fused, "_failed", set())
+    fixed = smooth_random_image((1, 1, 24, 24), generator).float()
+    moving = smooth_random_image((1, 1, 24, 24), generator).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(out_of_memory, match="Tried to allocate"):
+            fused.run_compiled(fixed, fused.pad_moving(moving, "zeros"), _matrix(1).float(), tireg.L2Loss(), "zeros")
+    assert fused._failed == set()
+
+
 def test_register_compiles_automatically_only_for_work_that_pays(monkeypatch):
     """compile="auto": the fused kernel for a call of AUTO_COMPILE_PIXELS or more, the same matrices as without."""
     register_module = importlib.import_module("tireg.register")

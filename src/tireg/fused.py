@@ -342,6 +342,8 @@ def coordinate_grids(fixed: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.
 
 _compiled: dict[tuple[Callable, str, bool], Callable] = {}
 _failed: set[str] = set()
+#: What running out of device memory raises (torch.cuda's name in older torch).
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 _lock = threading.Lock()
 
 
@@ -506,13 +508,19 @@ def _shifted_moments(result: FusedMoments, offset: float) -> FusedMoments:
 
 
 def call_compiled(kernel: Callable, device: torch.device, *args, **kwargs):
-    """Call a compiled function; on a compile failure warn once per device type, remember it, return ``None``."""
+    """Call a compiled function; on a compile failure warn once per device type, remember it, return ``None``.
+
+    Running out of memory is raised, not taken for a compile failure: the work does not fit,
+    and the reference path for the rest of the process would not make it fit (it needs more).
+    """
     key = torch.device(device).type
     if key in _failed:
         return None
     try:
         try:
             return kernel(*args, **kwargs)
+        except _OUT_OF_MEMORY:
+            raise
         except Exception as error:
             if type(error).__name__ not in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit"):  # older: Cache
                 raise
@@ -523,6 +531,8 @@ def call_compiled(kernel: Callable, device: torch.device, *args, **kwargs):
             name = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
             with dynamo.config.patch(**{name: RECOMPILE_LIMIT}):
                 return kernel(*args, **kwargs)
+    except _OUT_OF_MEMORY:
+        raise
     except Exception as error:  # torch.compile raises many types (BackendCompilerFailed, InductorError, ...)
         with _lock:
             _failed.add(key)
