@@ -482,3 +482,33 @@ def test_a_loss_of_ones_own_is_tried_before_the_compiled_kernel_uses_it():
                        match=r"Summed.forward\(x, y, gradient=True\) must return the loss and its derivative"):
         model(moving, moving.roll(1, -1))  # raised before any compile
     assert verified(CauchyLoss()) is not None  # built-in losses need no trial
+
+
+def test_a_derivative_pooled_over_pairs_or_of_another_dtype_is_refused_by_both_paths():
+    """A derivative reduced over the pairs passed the 2 x 2 trial and the compiled kernel broadcast it
+    (register() 'converged' on a wrong gradient); a float64 one failed the trace, turned the compiled
+    path off for the process, and the eager path raised from the sampler's kernel."""
+    from tireg import fused
+    from tireg.analytic import cost_and_gradient
+
+    class Pooled(tireg.PerPixelLoss):
+        def residual(self, r, gradient=False):
+            return (r * r, (2 * r).mean(0, keepdim=True)) if gradient else r * r
+
+    class Float64(tireg.PerPixelLoss):
+        def residual(self, r, gradient=False):
+            return (r * r, (2 * r).double()) if gradient else r * r
+
+    generator = torch.Generator().manual_seed(0)
+    fixed, moving = torch.rand(3, 1, 30, 34, generator=generator), torch.rand(3, 1, 30, 34, generator=generator)
+    matrix = torch.eye(3).repeat(3, 1, 1)
+    failed = set(fused._failed)
+    for compile in (False, True):  # the trial runs before any compile
+        with pytest.raises(ValueError, match=r"Pooled.forward\(x, y, gradient=True\) must return the loss and its "
+                                             r"derivative per pixel"):
+            cost_and_gradient(fixed, moving, matrix, Pooled(), compile=compile)
+        with pytest.raises(TypeError, match=r"Float64.forward\(x, y, gradient=True\) must return the loss and its "
+                                            r"derivative in x's dtype torch.float32; got torch.float32 and "
+                                            r"torch.float64"):
+            cost_and_gradient(fixed, moving, matrix, Float64(), compile=compile)
+    assert fused._failed == failed

@@ -797,3 +797,4 @@ def test_autograd_gradients_under_inference_mode(optimizer):
     assert torch.equal(result.matrix, expected.matrix)
     assert grid_error(result.matrix, truth, fixed.shape) < 0.2
     assert not result.matrix.is_inference()
+

@@ -20,10 +20,13 @@ value and the derivative are exactly those of ``grid_sample``'s bilinear
 interpolant and of its derivative kernel.  (On the CPU each pixel is stored
 packed with its right-hand neighbour, :func:`pack_pairs`, so that two
 gathers fetch all four.)  Where the interpolant has a kink
-(an integer coordinate) both take the right-hand derivative, except on the
-edge pixels themselves with ``"border"`` padding, where ``grid_sample``
-takes 0 and this path the inward one-sided derivative: a set of measure
-zero that never moves an optimum.  The same pass forms
+(an integer coordinate) this path takes the right-hand derivative;
+``grid_sample`` gets its point back from normalised coordinates within
+rounding of the integer on either side, so it takes the left-hand one at
+some pixels (and 0 on the edge pixels with ``"border"`` padding, where this
+path takes the inward one): a set of measure zero, but one a registration
+can start on (the identity), and then the first steps differ
+(``docs/design.md``, "Same numbers").  The same pass forms
 the per-pixel cost ``rho(r)``, ``rho'(r)`` and the sums a step needs::
 
     G[k, :] = sum_x rho'(r) dM/dk (x, y, 1)                 (k in x, y)
@@ -99,15 +102,16 @@ class FusedMoments:
         )
 
 
-def supports(interpolation: str, padding_mode: str, loss: object) -> bool:
+def supports(interpolation: str, padding_mode: str, loss: object, dtype: torch.dtype = torch.float32) -> bool:
     """Whether the fused path computes this configuration (otherwise use the reference path).
 
-    A loss of one's own is tried once first (:func:`tireg.losses.verified`): inside the kernel a
-    derivative of the wrong shape would broadcast without a word.
+    A loss of one's own is tried once first, in the images' ``dtype`` (:func:`tireg.losses.verified`):
+    inside the kernel a derivative of the wrong shape would broadcast without a word, and one of
+    another dtype failed the trace, which turned the compiled path off for the whole process.
     """
     if not (interpolation == "bilinear" and padding_mode in FUSED_PADDING and isinstance(loss, PerPixelLoss)):
         return False
-    verified(loss)
+    verified(loss, dtype)
     return True
 
 

@@ -92,27 +92,35 @@ def loss_and_derivative(loss: PerPixelLoss, x: torch.Tensor, y: torch.Tensor) ->
         raise TypeError(f"{type(loss).__name__}.forward(x, y, gradient=True) must return (loss, derivative); "
                         f"got {type(result).__name__}")
     per_pixel, derivative = result
+    if not (isinstance(per_pixel, torch.Tensor) and isinstance(derivative, torch.Tensor)):
+        raise TypeError(f"{type(loss).__name__}.forward(x, y, gradient=True) must return two tensors; "
+                        f"got {type(per_pixel).__name__} and {type(derivative).__name__}")
     if per_pixel.shape != x.shape or derivative.shape != x.shape:
         raise ValueError(f"{type(loss).__name__}.forward(x, y, gradient=True) must return the loss and its "
                          f"derivative per pixel, of x's shape {tuple(x.shape)}; got {tuple(per_pixel.shape)} "
                          f"and {tuple(derivative.shape)}")
+    if per_pixel.dtype != x.dtype or derivative.dtype != x.dtype:  # the sampler's kernel raised on a mix
+        raise TypeError(f"{type(loss).__name__}.forward(x, y, gradient=True) must return the loss and its "
+                        f"derivative in x's dtype {x.dtype}; got {per_pixel.dtype} and {derivative.dtype}")
     return per_pixel, derivative
 
 
-_VERIFIED: "weakref.WeakSet[PerPixelLoss]" = weakref.WeakSet()
+_VERIFIED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # a loss -> the dtypes it passed in
 
 
-def verified(loss: PerPixelLoss) -> PerPixelLoss:
-    """``loss``, its ``(rho, rho')`` contract tried once on a small image (:func:`loss_and_derivative`).
+def verified(loss: PerPixelLoss, dtype: torch.dtype = torch.float32) -> PerPixelLoss:
+    """``loss``, its ``(rho, rho')`` contract tried once a dtype on a small image (:func:`loss_and_derivative`).
 
     For a path that calls the loss where the check cannot run (the compiled kernel, which took a
-    summed derivative without a word); a built-in loss needs no trial.
+    summed derivative without a word); a built-in loss needs no trial.  The probe has two pairs
+    and two channels, so that a derivative reduced over either (``mean(0, keepdim=True)``) is
+    refused too, and the images' dtype, so that a derivative in another one is.
     """
-    if type(loss) in _BUILT_IN or loss in _VERIFIED:
+    if type(loss) in _BUILT_IN or dtype in _VERIFIED.get(loss, ()):
         return loss
-    probe = torch.linspace(0.0, 1.0, 4).reshape(1, 1, 2, 2)
+    probe = torch.linspace(0.0, 1.0, 16, dtype=dtype).reshape(2, 2, 2, 2)
     loss_and_derivative(loss, probe, probe.flip(-1))
-    _VERIFIED.add(loss)
+    _VERIFIED.setdefault(loss, set()).add(dtype)
     return loss
 
 

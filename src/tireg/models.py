@@ -569,7 +569,8 @@ class AffineModelAnalytic(TransformModel):
         """Whether the compiled fused kernel computes this model's step."""
         return (
             self._compile_now() and self.metric is None and self.image_gradient == "exact"
-            and supports(self.interpolation, self.bordermode, self.loss_func)
+            and supports(self.interpolation, self.bordermode, self.loss_func,
+                         self.p[0].dtype if len(self.p) else torch.float32)
         )
 
     def _axes(self, size: Sequence[int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

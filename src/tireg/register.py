@@ -567,7 +567,7 @@ class _Problem:
         # the compiled kernel serves a per-pixel metric's mean, bilinear, without a moving mask
         self.compile = (
             bool(compile) and self.loss is not None and self.metric.mean
-            and fused.supports(interpolation, "border", self.loss)
+            and fused.supports(interpolation, "border", self.loss, center.dtype)
         )
 
     def _level_metric(self, level: _Level) -> Metric:
@@ -1474,6 +1474,8 @@ def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: floa
         shrink_inverse=torch.linalg.inv(scale),
         axes=pixel_axes(fixed_level.shape[-2:], dtype=fixed.dtype, device=fixed.device),
         factor=factor,
-        # inside [0, W-1] x [0, H-1] in moving pixels <=> |u| <= 1 - 1/W, |v| <= 1 - 1/H
+        # inside [0, W-1] x [0, H-1] in moving pixels <=> |u| <= 1 - 1/W, |v| <= 1 - 1/H; no rounding to
+        # spare, on purpose: a point u rounds one unit above the limit has x a little past W - 1, where
+        # grid_sample's border padding gives it a zero derivative (docs/design.md, "Same numbers")
         inside_limit=(1.0 - 1.0 / moving_level.shape[-1], 1.0 - 1.0 / moving_level.shape[-2]),
     )
