@@ -62,8 +62,8 @@ def assert_png(path: Path) -> np.ndarray:
 
 
 def matrix_of(row: dict) -> np.ndarray:
-    return np.array([[float(row["a00"]), float(row["a01"]), float(row["a02"])],
-                     [float(row["a10"]), float(row["a11"]), float(row["a12"])], [0.0, 0.0, 1.0]])
+    return np.array([[float(row["m00"]), float(row["m01"]), float(row["m02"])],
+                     [float(row["m10"]), float(row["m11"]), float(row["m12"])], [0.0, 0.0, 1.0]])
 
 
 def to_u8(image) -> np.ndarray:
@@ -382,6 +382,90 @@ def test_stack_into_an_existing_folder_replaces_only_its_own_files(drift, tmp_pa
     assert not [p for p in tmp_path.rglob(".*tmp*")]  # no temporary left
 
 
+def test_stack_into_an_existing_empty_folder_and_a_frame_that_exists(drift, tmp_path, monkeypatch):
+    """An existing (empty) output folder was refused as 'already exists' (register's -o took it): it
+    takes the frames; a frame file already there still needs --force, named before the work."""
+    frames = str(drift[0] / "frames")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "aligned").mkdir()
+    options = ["--transform", "translation", "--quiet"]
+    assert main(["stack", frames, "-o", "aligned/", *options]) == 0
+    assert sorted(p.name for p in (tmp_path / "aligned").iterdir()) == [f"t{k}.png" for k in range(6)]
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "t3.png").write_text("keep me")
+    assert main(["stack", frames, "-o", "again", *options]) == 1
+    assert (tmp_path / "again" / "t3.png").read_text() == "keep me"
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["t3.png"]
+
+
+def test_outputs_take_the_format_their_content_is_in(data, tmp_path, monkeypatch, capsys):
+    """A 16-bit PNG named .jpg (Pillow reads by content) failed after the work: JPEG cannot hold 16
+    bits, named by a temporary file.  Now warped and aligned frames take the content's suffix; a
+    float TIFF named .png is refused before the work, naming warped.png."""
+    monkeypatch.chdir(tmp_path)
+    source = data["folder"]
+    wide = np.rint(imageio.imread(source / "moving.png").astype(np.float64) * 257).astype(np.uint16)
+    imageio.imwrite(tmp_path / "moving16.png", wide)
+    os.replace(tmp_path / "moving16.png", tmp_path / "moving16.jpg")
+    imageio.imwrite(tmp_path / "fixed16.png", np.rint(imageio.imread(source / "fixed.png") * 257.0).astype(np.uint16))
+    assert main(["register", "fixed16.png", "moving16.jpg", "-o", "out", "-t", "translation", "-q"]) == 0
+    assert imageio.imread(tmp_path / "out" / "warped.png").dtype == np.uint16
+    assert not (tmp_path / "out" / "warped.jpg").exists()
+    (tmp_path / "frames").mkdir()
+    for k in range(2):
+        shutil.copy(tmp_path / "moving16.jpg", tmp_path / "frames" / f"f{k}.jpg")
+    assert main(["stack", "frames", "-o", "aligned", "-t", "translation", "-q"]) == 0
+    assert sorted(p.name for p in (tmp_path / "aligned").iterdir()) == ["f0.png", "f1.png"]
+    shutil.copy(source / "moving32.tif", tmp_path / "float.png")  # a float32 TIFF named .png
+    capsys.readouterr()
+    assert main(["register", "fixed16.png", "float.png", "-o", "bad", "-t", "translation", "-q"]) == 1
+    error = capsys.readouterr().err
+    assert "bad/warped.png" in error and ".tmp" not in error and not (tmp_path / "bad").exists()
+
+
+def test_a_failed_write_names_the_output_not_its_temporary(data, registered, tmp_path, monkeypatch, capsys):
+    """A full disk said "tireg: error: 294912 requested and 102272 written", or named a hidden temporary."""
+    monkeypatch.chdir(tmp_path)
+
+    def short_write(*args, **kwargs):
+        raise OSError("294912 requested and 102272 written")
+
+    monkeypatch.setattr(tireg.io, "_write_data", short_write)
+    assert main(["apply", str(registered[1] / "transform.json"), str(data["folder"] / "moving.png"),
+                 "-o", "out.png"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error == ("tireg: error: 'out.png': 294912 requested and 102272 written (a short write: is the disk "
+                     "full?)"), error
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_stack_csv_names_each_column_once_and_applies_to_another_channel(drift, tmp_path, monkeypatch):
+    """The affine kind's parameters a00 .. a11 and the matrix's a00 .. a12 shared names; no command
+    could apply a stack's matrices to another file (a second channel of the same frames)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["stack", str(drift[0] / "drift.tif"), "-o", "out.tif", "-t", "affine", "-q"]) == 0
+    header = next(csv.reader(open(tmp_path / "out.csv")))
+    assert len(header) == len(set(header)) and header[header.index("m00"):header.index("m12") + 1] == [
+        "m00", "m01", "m02", "m10", "m11", "m12"]
+    # "another channel" of the same frames: the stack's own file, page k by matrix k, as stack wrote it
+    assert main(["apply", "out.csv", str(drift[0] / "drift.tif"), "-o", "again.tif", "-q"]) == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "again.tif"), tifffile.imread(tmp_path / "out.tif"))
+    (tmp_path / "odd.csv").write_text("frame,a00\n0,1\n")
+    assert main(["apply", "odd.csv", str(drift[0] / "drift.tif"), "-o", "x.tif", "-q"]) == 1
+    assert not (tmp_path / "x.tif").exists()
+
+
+def test_levels_that_end_coarse_warn_and_help_shows_only_real_defaults(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    folder = data["folder"]
+    assert main(["register", str(folder / "fixed.png"), str(folder / "moving.png"), "-o", "out", "-q",
+                 "-t", "translation", "--levels", "1,2"]) == 0
+    assert "tireg: warning: --levels 1,2 ends at shrink factor 2, not its finest 1" in capsys.readouterr().err
+    assert main(["register", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "otherwise) (default" not in text and "(default: affine)" in text
+
+
 def test_a_jpeg_with_a_second_picture_reads_its_main_one(tmp_path):
     """A camera's MPO JPEG (a preview after the main picture) is not an animation."""
     from PIL import Image
@@ -555,6 +639,10 @@ BAD = {
                                "plainfile': it is a file"),  # failed after the work, naming a temporary folder
     "animated PNG": (["register", "{in}/fixed.png", "{in}/animated.png", "-o", "out"], 1,
                      "is an animation of 2 frames"),  # its first frame was taken silently
+    "folder as image": (["register", "{in}/mixed", "{in}/moving.png", "-o", "out"], 1,
+                        "mixed' is a folder, not an image file (fixed image)"),  # said: format '(no suffix)'
+    "stack as mask": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "--mask", "{in}/stack.tif"],
+                      1, "has 3 pages; this command takes one image"),
     "frames differ in channels": (["stack", "{in}/grey_and_rgb", "-o", "out.tif"], 1, "frames differ in channels"),
     "bad stored size": (["apply", "{in}/sized.json", "{in}/moving.png", "-o", "out.png"], 1,
                         '"metadata.fixed_size" must be two positive integers'),  # it wrote a 1 x 2 image

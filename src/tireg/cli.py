@@ -39,6 +39,7 @@ from .io import (
     ImageFormat,
     MissingDependencyError,
     OutputFiles,
+    SUFFIXES,
     check_writable,
     luminance,
     read_image,
@@ -94,7 +95,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep the examples' line breaks; show defaults."""
+    """Keep the examples' line breaks; show defaults, except where there is none to show (``None``,
+    a required option, a flag) or the help already says it ("(default: None)" had followed them)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.required or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 # ----------------------------------------------------------------------------
@@ -199,12 +207,14 @@ APPLY_EXAMPLE = """\
 examples:
   tireg apply aligned/transform.json moving_red.tif -o red_aligned.tif
   tireg apply sitk_transform.tfm moving.png -o warped.png --reference fixed.png
+  tireg apply green_aligned.csv red.tif -o red_aligned.tif    # a stack's drift, on another channel
 
 TRANSFORM is a tireg .json or an ITK .tfm/.txt (written by tireg, SimpleITK,
-ITK, 3D Slicer), read in pixel units (spacing 1, origin 0).  The output is
-IMAGE resampled onto the fixed grid, warped(x) = IMAGE(A x); its size is that
-of --reference, --size, the registration's fixed image when the .json records
-it, or else IMAGE's own.  Every page of a multi-page TIFF is resampled.
+ITK, 3D Slicer), read in pixel units (spacing 1, origin 0), or the .csv of
+'tireg stack' (one matrix per page).  The output is IMAGE resampled onto the
+fixed grid, warped(x) = IMAGE(A x); its size is that of --reference, --size,
+the registration's fixed image when the .json records it, or else IMAGE's
+own.  Every page of a multi-page TIFF is resampled.
 """
 
 STACK_EXAMPLE = """\
@@ -313,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="resample an image with a saved transform",
         description="Resample IMAGE with the transform saved in TRANSFORM (a tireg .json or an ITK .tfm).",
     )
-    sub.add_argument("transform", metavar="TRANSFORM", help="transform file: .json, .tfm or .txt")
+    sub.add_argument("transform", metavar="TRANSFORM", help="transform file: .json, .tfm or .txt, or the .csv of tireg stack (a matrix per page)")
     sub.add_argument("image", metavar="IMAGE", help="image to resample")
     sub.add_argument("-o", "--output", required=True, metavar="OUT",
                      help="output image; its suffix picks the format, the bit depth is IMAGE's")
@@ -407,14 +417,18 @@ def _schedule(args: argparse.Namespace, size: tuple[int, int]) -> list[tuple[int
     from .register import Pyramid
 
     pyramid = Pyramid() if args.levels is None else Pyramid(shrink_factors=args.levels)
+    if args.levels is not None and args.levels[-1] != min(args.levels):  # "1,2,4": coarse to fine reversed
+        warnings.warn(f"--levels {','.join(map(str, args.levels))} ends at shrink factor {args.levels[-1]}, not "
+                      f"its finest {min(args.levels)}: the result is found at 1/{args.levels[-1]} of the resolution "
+                      "(factors go from coarse to fine, e.g. 4,2,1)", UserWarning, stacklevel=2)
     return pyramid.levels(size)
 
 
 def _single(image: ImageData, what: str) -> ImageData:
     if image.count != 1:
+        hint = " (use 'tireg stack' for a stack of frames)" if what in ("fixed image", "moving image") else ""
         raise CommandError(
-            f"{what} {str(image.path)!r} has {image.count} pages; this command takes one image "
-            "(use 'tireg stack' for a stack of frames)"
+            f"{what} {str(image.path)!r} has {image.count} pages; this command takes one image{hint}"
         )
     return image
 
@@ -491,7 +505,7 @@ def _summary(result, metric: str, schedule: list[tuple[int, float]]) -> list[str
         f"parameters  {_format_parameters(pair.parameter_names, pair.parameter_values[0].tolist())}"
         f"  (about the centre ({center}))",
         f"cost        {float(pair.cost[0]):.6g} ({metric}{', normalised intensities' if metric in LOSSES else ''})",
-        f"iterations  {int(pair.iterations[0])} over {len(schedule)} levels ({resolutions}), {status}",
+        f"iterations  {int(pair.iterations[0])} over {len(schedule)} level{'s' if len(schedule) != 1 else ''} ({resolutions}), {status}",
         f"time        {result.seconds:.2f} s",
     ]
 
@@ -579,6 +593,20 @@ def _write_register_outputs(outputs: OutputFiles, paths: dict[str, Path], result
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
 
 
+#: The suffix tireg writes a format with, where an input's own suffix names another format.
+_FORMAT_SUFFIX = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "npy": ".npy"}
+
+
+def _output_name(name: str, image_format: ImageFormat) -> str:
+    """``name`` for an output written in ``image_format``: its suffix kept where it names that
+    format, else the format's own (a 16-bit PNG named ``.jpg`` is written back as ``.png``: as
+    ``.jpg`` the write failed after the work, naming a temporary file)."""
+    path = Path(name)
+    if SUFFIXES.get(path.suffix.lower()) == image_format.kind:
+        return name
+    return path.stem + _FORMAT_SUFFIX[image_format.kind]
+
+
 def _register_paths(folder: Path, moving_suffix: str) -> dict[str, Path]:
     return {
         "warped": folder / f"warped{moving_suffix}",
@@ -617,8 +645,9 @@ def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
     if folder.suffix.lower() in _IMAGE_SUFFIXES and not folder.is_dir():
         raise CommandError(f"-o {str(folder)!r}: 'tireg register' writes a folder of outputs (the warped image, "
                            f"the transform, pictures); give a folder name such as {str(folder.with_suffix(''))!r}")
-    paths = _register_paths(folder, moving.path.suffix.lower())
+    paths = _register_paths(folder, Path(_output_name(moving.path.name.lower(), moving.format)).suffix)
     outputs.check(*paths.values())
+    check_writable(paths["warped"], (1, moving.channels), moving.format)  # before the work, not after it
     schedule = _schedule(args, (min(fixed.size[0], moving.size[0]), min(fixed.size[1], moving.size[1])))
 
     progress = _Progress(args, len(schedule))
@@ -648,10 +677,45 @@ def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
 # apply
 
 
+#: The matrix columns of ``tireg stack``'s CSV.
+_MATRIX_COLUMNS = ("m00", "m01", "m02", "m10", "m11", "m12")
+
+
+def _load_stack_csv(path: str):
+    """The per-frame matrices of a ``tireg stack`` CSV as a :class:`~tireg.transform_io.TransformFile`."""
+    import torch
+
+    from .transform_io import TransformFile
+
+    try:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            rows = list(csv.DictReader(handle))
+    except FileNotFoundError:
+        raise CommandError(f"no such file: {path!r} (transform)") from None
+    except (OSError, csv.Error, UnicodeError) as error:
+        raise CommandError(f"cannot read transform {path!r} as a tireg stack CSV: {error}") from None
+    if not rows or any(column not in rows[0] for column in _MATRIX_COLUMNS):
+        raise CommandError(f"transform {path!r} is not a CSV written by 'tireg stack' (it needs one row per frame "
+                           f"with the columns {', '.join(_MATRIX_COLUMNS)})")
+    matrices = np.tile(np.eye(3), (len(rows), 1, 1))
+    for k, row in enumerate(rows):
+        try:
+            values = [float(row[column]) for column in _MATRIX_COLUMNS]
+        except (TypeError, ValueError):
+            raise CommandError(f"transform {path!r}: row {k + 1} holds a matrix entry that is not a number") from None
+        if not all(math.isfinite(value) for value in values):
+            raise CommandError(f"transform {path!r}: row {k + 1} holds a matrix entry that is NaN or infinite")
+        matrices[k, :2] = np.reshape(values, (2, 3))
+    return TransformFile(matrix=torch.from_numpy(matrices))
+
+
 def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
     from .transform_io import load_transform
 
-    transform = load_transform(args.transform)
+    if Path(args.transform).suffix.lower() == ".csv":  # a stack's per-frame matrices
+        transform = _load_stack_csv(args.transform)
+    else:
+        transform = load_transform(args.transform)
     image = read_image(args.image, what="image")
     _check_finite(image, "image")
     matrices = transform.matrix.reshape(-1, 3, 3).numpy()
@@ -764,7 +828,9 @@ def _write_stack_csv(path: Path, stack: ImageData, found: dict[str, Any], kind_n
     # a file name that is not UTF-8 (its bytes kept as surrogates by Python) is written back as its bytes
     with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["frame", "source", *names, "a00", "a01", "a02", "a10", "a11", "a12",
+        # the matrix as m00 .. m12: the affine kind's own parameters are named a00 .. a11 (two columns
+        # of one name broke readers that index by name)
+        writer.writerow(["frame", "source", *names, "m00", "m01", "m02", "m10", "m11", "m12",
                          "cost", "iterations", "converged", "stop_reason"])
         for k in range(stack.count):
             params = [math.degrees(v) if n == "angle" else v for n, v in zip(kind.parameter_names, values[k])]
@@ -776,10 +842,11 @@ def _write_stack_csv(path: Path, stack: ImageData, found: dict[str, Any], kind_n
 
 def _frame_names(stack: ImageData) -> list[str]:
     """The file names of a stack's aligned frames in a folder output: a folder's own names, or
-    ``frame_00000.tif`` ... for the pages of one file."""
+    ``frame_00000.tif`` ... for the pages of one file (a name's suffix that names another format
+    than the frame's content takes the content's: :func:`_output_name`)."""
     if not stack.path.is_file():
-        return list(stack.names)
-    return [f"frame_{k:05d}{stack.path.suffix.lower()}" for k in range(stack.count)]
+        return [_output_name(name, image_format) for name, image_format in zip(stack.names, stack.formats)]
+    return [_output_name(f"frame_{k:05d}{stack.path.suffix.lower()}", stack.format) for k in range(stack.count)]
 
 
 def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
@@ -797,13 +864,16 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
         output.parent / f"{output.name}.csv" if kind == "folder" else output.with_suffix(".csv"))
     if csv_path.suffix.lower() != ".csv":
         raise CommandError(f"the CSV file {str(csv_path)!r} must end in .csv")
-    outputs.check(output, csv_path, folders=[output] if kind == "folder" else [])
     if kind != "folder":
+        outputs.check(output, csv_path)
         check_writable(output, (stack.count, stack.channels), stack.format)
-    else:  # the frames go into the folder by name: a folder of one of those names would stop that halfway
-        for name in _frame_names(stack):
-            if (output / name).is_dir():
+    else:  # the frames go into the folder by name, an existing folder too (as register's -o), each checked
+        outputs.check(output, csv_path, folders=[output], exist_ok=[output])
+        for name, image_format in zip(_frame_names(stack), stack.formats):
+            if (output / name).is_dir():  # a folder of one of those names would stop the merge halfway
                 raise CommandError(f"cannot write {str(output / name)!r}: it is a folder")
+            outputs.check(output / name)
+            check_writable(output / name, (1, stack.channels), image_format)
     schedule = _schedule(args, stack.size)
 
     progress = _Progress(args, len(schedule), total=stack.count - (args.reference != "mean"), unit="frame")
@@ -930,6 +1000,8 @@ def _one_line(error: BaseException) -> str:
     """A one-line message for ``error``: no caller prefix (``register(): ``), no traceback."""
     if isinstance(error, OSError) and error.strerror and error.filename:
         text = f"{error.filename!r}: {error.strerror}"
+    elif isinstance(error, OSError) and error.strerror:  # "No space left on device", not "[Errno 28] ..."
+        text = error.strerror
     else:
         text = str(error).strip()
     text = " ".join(text.split())  # one line
@@ -956,6 +1028,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args: Optional[argparse.Namespace] = None
+    outputs: Optional[OutputFiles] = None
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -965,7 +1038,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
-        with OutputFiles(force=args.force) as outputs:
+        outputs = OutputFiles(force=args.force)
+        with outputs:
             return args.handler(args, outputs)
     except SystemExit as exit:  # --help, --version
         return exit.code if isinstance(exit.code, int) else 0
@@ -991,6 +1065,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             message = "out of memory (an image or its result is too large for this machine); no output written"
         else:
             message = _one_line(error)
+        if outputs is not None:  # a write that failed names the output, not its temporary name
+            message = outputs.final_names(message)
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
 

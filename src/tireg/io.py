@@ -233,6 +233,8 @@ def read_image(path: PathLike, *, what: str = "image", frames: bool = False) -> 
         MissingDependencyError: imageio / tifffile not installed.
     """
     path = Path(os.fspath(path))
+    if path.is_dir():  # said first: its "unsupported format '(no suffix)'" hid what it is
+        raise ImageError(f"{str(path)!r} is a folder, not an image file ({what})")
     kind = format_for_path(path, what=what)
     _check_file(path, what)
     reader = {"png": _read_pillow, "jpeg": _read_pillow, "tiff": _read_tiff, "npy": _read_npy}[kind]
@@ -519,7 +521,7 @@ def _check_writable(kind: str, frames: np.ndarray, image_format: ImageFormat, pa
     dtype, count, channels = np.dtype(image_format.dtype), frames.shape[0], frames.shape[-1]
     if kind in ("png", "jpeg") and count != 1:
         raise ImageError(
-            f"{kind.upper()} holds one image, not {count} frames ({str(path)!r}); write .tif, .npy or a folder"
+            f"{kind.upper()} holds one image, not {count} frames ({str(path)!r}); write .tif or .npy"
         )
     if kind == "png":
         if not (dtype == np.uint8 or (dtype == np.uint16 and channels == 1) or dtype == np.bool_):
@@ -577,26 +579,38 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
     if data.shape[0] == 1:
         data = data[0]
     with atomic_path(path) as temporary:
-        if kind == "npy":
-            with open(temporary, "wb") as handle:
-                np.save(handle, np.ascontiguousarray(data), allow_pickle=False)
-        elif kind == "tiff":
-            tifffile = require("tifffile", "writing TIFF files")
-            has_channels = frames.shape[-1] > 1 or image_format.channel_axis
-            rgb = (
-                has_channels
-                and frames.shape[-1] in (3, 4)
-                and image_format.photometric in (None, "rgb")  # None: from PNG/JPEG/npy, colour is RGB
-            )
-            options = dict(photometric="rgb" if rgb else "minisblack")
-            if has_channels:
-                options["planarconfig"] = "contig"
-            tifffile.imwrite(temporary, np.ascontiguousarray(data), **options)
-        else:
-            iio = require("imageio.v3", f"writing {kind.upper()} files")
-            extra = {"quality": 95} if kind == "jpeg" else {}
-            iio.imwrite(temporary, np.ascontiguousarray(data), extension=path.suffix.lower(), **extra)
+        try:
+            _write_data(temporary, data, kind, frames.shape[-1], image_format, path.suffix.lower())
+        except OSError as error:  # named by the destination: a full disk said "294912 requested and 102272 written"
+            reason = error.strerror or str(error)
+            if error.errno is None and "written" in reason:
+                reason += " (a short write: is the disk full?)"
+            raise OSError(error.errno or 0, reason, str(path)) from None
     return path
+
+
+def _write_data(temporary: Path, data: np.ndarray, kind: str, channels: int, image_format: ImageFormat,
+                suffix: str) -> None:
+    """Write ``data`` (as :func:`write_frames` shaped it) to ``temporary`` in the format ``kind``."""
+    if kind == "npy":
+        with open(temporary, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(data), allow_pickle=False)
+    elif kind == "tiff":
+        tifffile = require("tifffile", "writing TIFF files")
+        has_channels = channels > 1 or image_format.channel_axis
+        rgb = (
+            has_channels
+            and channels in (3, 4)
+            and image_format.photometric in (None, "rgb")  # None: from PNG/JPEG/npy, colour is RGB
+        )
+        options = dict(photometric="rgb" if rgb else "minisblack")
+        if has_channels:
+            options["planarconfig"] = "contig"
+        tifffile.imwrite(temporary, np.ascontiguousarray(data), **options)
+    else:
+        iio = require("imageio.v3", f"writing {kind.upper()} files")
+        extra = {"quality": 95} if kind == "jpeg" else {}
+        iio.imwrite(temporary, np.ascontiguousarray(data), extension=suffix, **extra)
 
 
 def _check_values(frames: np.ndarray, path: Path) -> None:
@@ -741,6 +755,8 @@ class OutputFiles:
         self.force = force
         self._pending: list[tuple[Path, Path]] = []
         self._created: list[Path] = []
+        self._merged: set[Path] = set()  # existing folders that take new files without --force
+        self._names: dict[str, str] = {}  # temporary -> final path, kept after a discard for messages
 
     def __enter__(self) -> "OutputFiles":
         return self
@@ -751,11 +767,18 @@ class OutputFiles:
         elif self._pending:
             self.commit()
 
-    def check(self, *paths: PathLike, folders: Sequence[PathLike] = ()) -> None:
-        """Raise if an output exists (without ``force``) or a parent that must be a folder is a file."""
+    def check(self, *paths: PathLike, folders: Sequence[PathLike] = (), exist_ok: Sequence[PathLike] = ()) -> None:
+        """Raise if an output exists (without ``force``) or a parent that must be a folder is a file.
+
+        ``folders`` are outputs that are folders; those also in ``exist_ok`` may exist already: the
+        files written into them are merged, each refused if it exists (check them too) unless ``force``.
+        """
+        merged = {Path(path) for path in exist_ok if Path(path) in map(Path, folders)}
         for path in map(Path, paths):
             _check_destination(path, folder=path in map(Path, folders))
-            if path.exists() and not self.force:
+            if path in merged and path.is_dir():
+                self._merged.add(path)
+            elif path.exists() and not self.force:
                 raise OutputExistsError(f"{str(path)!r} already exists; pass --force to overwrite it")
             # the nearest existing folder must take new files (else the write fails after the
             # work, naming a temporary file)
@@ -781,7 +804,14 @@ class OutputFiles:
         # writable, where the temporary would otherwise go
         temporary = path / _temporary_name(path).name if path.is_dir() else _temporary_name(path)
         self._pending.append((temporary, path))
+        self._names[str(temporary)] = str(path)  # a temporary folder's files go into path by name
         return temporary
+
+    def final_names(self, text: str) -> str:
+        """``text`` (an error message) with each temporary name replaced by the output it stands for."""
+        for temporary, path in sorted(self._names.items(), key=lambda item: -len(item[0])):
+            text = text.replace(temporary, path)
+        return text
 
     def commit(self) -> list[Path]:
         """Move every temporary output into place; returns the final paths.
@@ -794,13 +824,15 @@ class OutputFiles:
         pending = [(temporary, path) for temporary, path in self._pending if temporary.exists()]
         try:
             for temporary, path in pending:
-                if path.exists() and not self.force and path not in created:
-                    raise OutputExistsError(f"{str(path)!r} already exists; pass --force to overwrite it")
                 merge = temporary.is_dir() and path.is_dir()
+                if path.exists() and not self.force and path not in created and not (merge and path in self._merged):
+                    raise OutputExistsError(f"{str(path)!r} already exists; pass --force to overwrite it")
                 moves = [(item, path / item.name) for item in temporary.iterdir()] if merge else [(temporary, path)]
                 for source, target in moves:  # a folder where a file goes: os.replace failed naming the temporary
                     if target.is_dir() and not source.is_dir():
                         raise IsADirectoryError(f"cannot write {str(target)!r}: it is a folder")
+                    if merge and path in self._merged and target.exists() and not self.force:
+                        raise OutputExistsError(f"{str(target)!r} already exists; pass --force to overwrite it")
             done = []
             for temporary, path in pending:
                 if temporary.is_dir() and path.is_dir():
@@ -818,6 +850,7 @@ class OutputFiles:
             raise
         self._pending.clear()
         self._created.clear()
+        self._merged.clear()
         return done
 
     def discard(self) -> None:

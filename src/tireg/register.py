@@ -332,12 +332,13 @@ class RegistrationResult:
             pair = self[index]
             params = ", ".join(f"{name}={value:.6g}" for name, value in pair.parameters.items())
             matrix = pair.matrix.tolist()
-            status = "converged" if bool(pair.converged[0]) else "not converged"
+            reason = pair.stop_reason[0]
+            status = ("converged" if bool(pair.converged[0]) else "not converged") + (
+                "" if reason == "converged" else f" ({reason})")  # not "converged (converged)"
             lines.append(f"pair {index}: {self.transform}: {params}")
             lines.append(f"  matrix (fixed -> moving, pixels): {[[round(v, 6) for v in row] for row in matrix[:2]]}")
             lines.append(
-                f"  cost {float(pair.cost[0]):.6g}, {int(pair.iterations[0])} iterations, {status} "
-                f"({pair.stop_reason[0]})"
+                f"  cost {float(pair.cost[0]):.6g}, {int(pair.iterations[0])} iterations, {status}"
             )
         lines.append(f"{self.seconds:.3f} s")
         return "\n".join(lines)
