@@ -224,14 +224,19 @@ def test_unsupported_settings_use_the_reference_path():
     assert not _Problem(TRANSFORMS["rigid"], torch.zeros(2), get_metric("ncc"), "bilinear", compile=True).compile
 
 
-def test_a_compile_failure_warns_once_and_falls_back(monkeypatch, generator):
-    def broken(*args, **kwargs):
-        raise RuntimeError("no compiler\nmore detail")
+def _kernel_that_raises(monkeypatch, generator, error: Exception):
+    """A compiled kernel that raises ``error``, no failure remembered yet, and a pair of 24² images."""
+    def kernel(*args, **kwargs):
+        raise error
 
-    monkeypatch.setattr(fused, "compiled_bilinear_moments", lambda device, **options: broken)
+    monkeypatch.setattr(fused, "compiled_bilinear_moments", lambda device, **options: kernel)
     monkeypatch.setattr(fused, "_failed", set())
-    fixed = smooth_random_image((1, 1, 24, 24), generator).float()
-    moving = smooth_random_image((1, 1, 24, 24), generator).float()
+    return (smooth_random_image((1, 1, 24, 24), generator).float(),
+            smooth_random_image((1, 1, 24, 24), generator).float())
+
+
+def test_a_compile_failure_warns_once_and_falls_back(monkeypatch, generator):
+    fixed, moving = _kernel_that_raises(monkeypatch, generator, RuntimeError("no compiler\nmore detail"))
     with pytest.warns(RuntimeWarning, match="compiled fast path is unavailable on cpu .*no compiler"):
         assert fused.run_compiled(fixed, fused.pad_moving(moving, "zeros"), _matrix(1).float(), tireg.L2Loss(),
                                   "zeros") is None
@@ -250,14 +255,8 @@ def test_running_out_of_memory_is_raised_not_taken_for_a_compile_failure(monkeyp
     """An out-of-memory error turned the compiled path off for the process, and the next call ran the
     reference path (which needs more memory) under the compiled path's name."""
     out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-
-    def too_large(*args, **kwargs):
-        raise out_of_memory("CUDA out of memory. Tried to allocate 8.00 GiB")
-
-    monkeypatch.setattr(fused, "compiled_bilinear_moments", lambda device, **options: too_large)
-    monkeypatch.setattr(fused, "_failed", set())
-    fixed = smooth_random_image((1, 1, 24, 24), generator).float()
-    moving = smooth_random_image((1, 1, 24, 24), generator).float()
+    fixed, moving = _kernel_that_raises(monkeypatch, generator,
+                                        out_of_memory("CUDA out of memory. Tried to allocate 8.00 GiB"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(out_of_memory, match="Tried to allocate"):
