@@ -323,6 +323,20 @@ def test_stack_aligns_every_frame_to_the_first(drift, tmp_path, reference):
         assert grid_error(torch.from_numpy(reversed_chain), torch.from_numpy(truths[5]), frames.shape[1:]) > 2.0
 
 
+def test_stack_against_the_mean_follows_a_drift(drift, tmp_path, monkeypatch):
+    """One pass against the mean of the unaligned frames left each frame on its own faint copy in the
+    mean, near the identity and 'converged' (frames 2 px apart came out 0.15 px apart); now the mean
+    is of the frames aligned by a chained pass, on frame 0's grid, and every frame is registered to it."""
+    folder, truths, frames, _ = drift
+    monkeypatch.chdir(tmp_path)
+    assert main(["stack", str(folder / "drift.tif"), "-o", "mean.tif", "--reference", "mean", "-q"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "mean.csv")))
+    matrices = [matrix_of(row) for row in rows]
+    assert all(row["converged"] == "True" for row in rows)
+    for k in range(6):  # the mean lies on frame 0's grid: mean -> frame k is frame 0 -> frame k
+        assert grid_error(torch.from_numpy(matrices[k]), torch.from_numpy(truths[k]), frames.shape[1:]) < 0.5, k
+
+
 def test_stack_with_the_compiled_path_gives_the_same_transforms(drift, tmp_path):
     folder = drift[0]
     for name, extra in (("reference", []), ("compiled", ["--compile"])):

@@ -230,6 +230,8 @@ matrix maps the reference's pixels to the frame's pixels.  With --reference
 previous, frame k is registered to frame k-1 (A_k maps frame k-1 pixels to
 frame k pixels) and the matrices are chained so that every frame is aligned
 to the first: frame 0 -> frame k is A_k A_(k-1) ... A_1 (A_1 applied first).
+With --reference mean, the frames so aligned are averaged on frame 0's grid and
+every frame is registered again to that mean (two passes).
 """
 
 DEMO_EXAMPLE = """\
@@ -345,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-o", "--output", required=True, metavar="OUTPUT",
                      help="aligned stack: .tif/.tiff, .npy, or a folder")
     sub.add_argument("-r", "--reference", choices=["first", "previous", "mean"], default="first",
-                     help="align to the first frame, to the previous one (chained), or to the mean of all")
+                     help="align to the first frame, to the previous one (chained), or to the mean of the frames "
+                          "(aligned to the first by a chained pass, then every frame to it)")
     sub.add_argument("--csv", metavar="PATH", help="per-frame transforms (default: OUTPUT with suffix .csv)")
     sub.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
                      help="frames registered together in one batched call")
@@ -549,8 +552,9 @@ def _names(paths: Sequence[Path]) -> str:
 # register
 
 
-def _register_images(args, fixed_grey, moving_grey, *, mask=None, moving_mask=None, progress=None):
-    """``tireg.register`` on ``(H, W)`` or ``(B, 1, H, W)`` grey arrays with the command line's options."""
+def _register_images(args, fixed_grey, moving_grey, *, mask=None, moving_mask=None, progress=None, init=None):
+    """``tireg.register`` on ``(H, W)`` or ``(B, 1, H, W)`` grey arrays with the command line's options
+    (``init``: start matrices in place of ``--init``)."""
     from .register import register
 
     return register(
@@ -563,7 +567,7 @@ def _register_images(args, fixed_grey, moving_grey, *, mask=None, moving_mask=No
         pyramid=args.levels,
         mask=mask,
         moving_mask=moving_mask,
-        init=args.init,
+        init=args.init if init is None else init,
         device=args.device,
         callback=progress,
         max_iterations=args.max_iterations,
@@ -780,24 +784,38 @@ def _register_stack(args, grey: np.ndarray, mask, progress: _Progress) -> dict[s
     """Batched registration of every frame to the reference; matrices map reference -> frame pixels."""
     count = grey.shape[0]
     frames = grey[:, None]  # (N, 1, H, W) float64: normalised in float64 by register() (see _cmd_register)
+    if args.reference == "mean":
+        return _register_to_mean(args, grey, mask, progress)
     if args.reference == "first":
         fixed_all, moving_index = frames[:1], list(range(1, count))
-    elif args.reference == "previous":
+    else:  # previous
         fixed_all, moving_index = frames[:-1], list(range(1, count))
-    else:
-        fixed_all, moving_index = frames.mean(axis=0, keepdims=True), list(range(count))
-    matrices = np.tile(np.eye(3), (count, 1, 1))
+    found = _register_frames(args, fixed_all, frames, moving_index, mask, progress)
+    if args.reference == "previous":
+        # A_k maps frame k-1 pixels to frame k pixels; frame 0 -> frame k is A_k A_(k-1) ... A_1.
+        pairs, matrices = found["matrices"], np.tile(np.eye(3), (count, 1, 1))
+        for k in range(1, count):
+            matrices[k] = pairs[k] @ matrices[k - 1]
+        found["matrices"] = matrices
+    return found
+
+
+def _register_frames(args, fixed_all: np.ndarray, frames: np.ndarray, moving_index: list[int], mask,
+                     progress: _Progress, init: Optional[np.ndarray] = None) -> dict[str, Any]:
+    """Frames ``moving_index`` registered in batches to ``fixed_all`` (one reference, or frame ``k``'s
+    at ``k - 1``), from ``init[k]`` where given; the other frames keep the identity ("reference")."""
+    import torch
+
+    count = frames.shape[0]
     costs, iterations = np.zeros(count), np.zeros(count, dtype=np.int64)
     converged, reasons = np.ones(count, dtype=bool), ["reference"] * count
     pairs = np.eye(3)[None].repeat(count, axis=0)
     histories = []
     for start in range(0, len(moving_index), args.batch_size):
         index = moving_index[start:start + args.batch_size]
-        if fixed_all.shape[0] == 1:
-            fixed = fixed_all
-        else:
-            fixed = fixed_all[[k - 1 for k in index]]
-        result = _register_images(args, fixed, frames[index], mask=mask, progress=progress)
+        fixed = fixed_all if fixed_all.shape[0] == 1 else fixed_all[[k - 1 for k in index]]
+        start_matrices = None if init is None else torch.from_numpy(np.ascontiguousarray(init[index]))
+        result = _register_images(args, fixed, frames[index], mask=mask, progress=progress, init=start_matrices)
         pairs[index] = result.matrix.numpy().reshape(-1, 3, 3)
         costs[index] = result.cost.numpy()
         iterations[index] = result.iterations.numpy()
@@ -806,14 +824,33 @@ def _register_stack(args, grey: np.ndarray, mask, progress: _Progress) -> dict[s
             reasons[k] = reason
         histories.append(result)
         progress.advance(len(index))
-    if args.reference == "previous":
-        # A_k maps frame k-1 pixels to frame k pixels; frame 0 -> frame k is A_k A_(k-1) ... A_1.
-        for k in range(1, count):
-            matrices[k] = pairs[k] @ matrices[k - 1]
-    else:
-        matrices = pairs
-    return dict(matrices=matrices, costs=costs, iterations=iterations, converged=converged, reasons=reasons,
+    return dict(matrices=pairs, costs=costs, iterations=iterations, converged=converged, reasons=reasons,
                 results=histories, center=histories[0].center, seconds=sum(r.seconds for r in histories))
+
+
+def _register_to_mean(args, grey: np.ndarray, mask, progress: _Progress) -> dict[str, Any]:
+    """``--reference mean`` in two passes: the frames aligned to frame 0 by a chained first pass
+    (as ``previous``), their mean on frame 0's grid (each pixel over the frames that cover it), then
+    every frame registered to that mean from its first-pass matrix.
+
+    One pass against the mean of the *unaligned* frames failed under drift: each frame left a faint
+    copy of itself in that mean, settled on it and stayed near the identity, 'converged' (frames
+    2 px apart came out 0.15 px apart).
+    """
+    count, height, width = grey.shape
+    chained = _register_stack(argparse.Namespace(**{**vars(args), "reference": "previous"}), grey, mask, progress)
+    first = chained["matrices"]  # frame 0 -> frame k
+    values = _warp_frames(grey[..., None], first, (height, width), "bilinear")[..., 0]
+    ones = np.broadcast_to(np.ones((1, height, width, 1)), (count, height, width, 1))
+    cover = _warp_frames(ones, first, (height, width), "bilinear")[..., 0]
+    covered = cover.sum(axis=0)
+    template = np.where(covered > 0.5, values.sum(axis=0) / np.maximum(covered, 1e-12), 0.0)
+    found = _register_frames(args, template[None, None], grey[:, None], list(range(count)), mask, progress,
+                             init=first)
+    found["iterations"] = found["iterations"] + chained["iterations"]
+    found["results"] = chained["results"] + found["results"]
+    found["seconds"] += chained["seconds"]
+    return found
 
 
 def _write_stack_csv(path: Path, stack: ImageData, found: dict[str, Any], kind_name: str) -> None:
@@ -876,7 +913,9 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
             check_writable(output / name, (1, stack.channels), image_format)
     schedule = _schedule(args, stack.size)
 
-    progress = _Progress(args, len(schedule), total=stack.count - (args.reference != "mean"), unit="frame")
+    # mean: a chained pass of count - 1 frames, then every frame to the mean of the aligned frames
+    total = 2 * stack.count - 1 if args.reference == "mean" else stack.count - 1
+    progress = _Progress(args, len(schedule), total=total, unit="frame")
     try:
         found = _register_stack(args, grey, mask, progress)
     finally:
@@ -899,7 +938,7 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
     shifts = np.linalg.norm((matrices @ center)[:, :2] - center[:2], axis=1)
     angles = np.degrees(np.arctan2(matrices[:, 0, 1] - matrices[:, 1, 0], matrices[:, 0, 0] + matrices[:, 1, 1]))
     reference = {"first": "the first frame", "previous": "the previous frame, chained to the first",
-                 "mean": "the mean of all frames"}[args.reference]
+                 "mean": "the mean of the aligned frames"}[args.reference]
     _say(args, f"aligned {stack.count} frames of {stack.path.name} ({stack.describe()}) to {reference}: "
                f"{args.transform}, {args.metric}")
     _say(args, f"  largest shift of the centre {shifts.max():.3f} px (frame {int(shifts.argmax())}), "
