@@ -791,3 +791,14 @@ def test_a_library_warning_is_one_line_of_the_command(tmp_path, monkeypatch, cap
         assert main(["stack", "thumb.tif", "-o", "again.tif", "-t", "translation", "-q"]) == 1
     assert capsys.readouterr().err.startswith("tireg: error: stack 'thumb.tif': ignored 1 trailing page")
     assert not (tmp_path / "again.tif").exists()
+
+
+def test_two_frames_written_under_one_name_are_refused(data, tmp_path, monkeypatch, capsys):
+    """t0.png and a PNG named t0.jpg were both written as t0.png: one aligned frame lost, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "frames").mkdir()
+    shutil.copy(data["folder"] / "moving.png", tmp_path / "frames" / "t0.png")
+    shutil.copy(data["folder"] / "moving.png", tmp_path / "frames" / "t0.jpg")
+    shutil.copy(data["folder"] / "fixed.png", tmp_path / "frames" / "t1.png")
+    assert main(["stack", "frames", "-o", "aligned", "-t", "translation", "-q"]) == 1
+    assert "would both be written as" in capsys.readouterr().err and not (tmp_path / "aligned").exists()

@@ -563,3 +563,12 @@ def test_compiled_register_gives_the_same_matrices(device):
             size = fixed.shape[-2:]
             assert grid_error(fast.matrix[index], reference.matrix[index], size) < 1e-3, metric
             assert grid_error(fast.matrix[index], truth, size) < 0.2, metric
+
+
+def test_the_cpu_allocator_running_out_is_raised_too(monkeypatch, generator):
+    """The CPU's allocator raises a RuntimeError, which was taken for a compile failure."""
+    fixed, moving = _kernel_that_raises(monkeypatch, generator,
+                                        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 8 GB"))
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        fused.run_compiled(fixed, fused.pad_moving(moving, "zeros"), _matrix(1).float(), tireg.L2Loss(), "zeros")
+    assert fused._failed == set()

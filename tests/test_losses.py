@@ -512,3 +512,26 @@ def test_a_derivative_pooled_over_pairs_or_of_another_dtype_is_refused_by_both_p
                                             r"torch.float64"):
             cost_and_gradient(fixed, moving, matrix, Float64(), compile=compile)
     assert fused._failed == failed
+
+
+def test_a_loss_written_for_grey_images_runs_compiled_on_grey_images():
+    """The trial on two channels refused a loss that works on the images it is given (one channel)."""
+    from tireg import fused
+    from tireg.analytic import cost_and_gradient
+
+    class Grey(tireg.PerPixelLoss):
+        def forward(self, x, y, gradient=False):
+            r = (x - y)[:, 0]
+            return ((r * r)[:, None], (2 * r)[:, None]) if gradient else (r * r)[:, None]
+
+    assert fused.supports("bilinear", "zeros", Grey(), torch.float32, 1)
+    assert not fused.supports("bilinear", "zeros", Grey(), torch.float32, 2)  # the reference path names it
+    generator = torch.Generator().manual_seed(0)
+    fixed, moving = torch.rand(2, 1, 20, 24, generator=generator), torch.rand(2, 1, 20, 24, generator=generator)
+    matrix = torch.eye(3).repeat(2, 1, 1)
+    matrix[:, 0, 2] = 0.3
+    for compile in (False, True):
+        _, cost, gradient = cost_and_gradient(fixed, moving, matrix, Grey(), compile=compile)
+        _, expected_cost, expected = cost_and_gradient(fixed, moving, matrix, L2Loss(), compile=compile)
+        torch.testing.assert_close(cost, expected_cost)
+        torch.testing.assert_close(gradient, expected)

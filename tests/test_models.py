@@ -723,12 +723,32 @@ def test_a_histogram_metric_gradient_is_the_derivative_of_its_cost(metric):
             param[0] = values[0, i]
             expected[0, i] = (costs[0] - costs[1]) / 2e-6
     assert torch.allclose(gradients(model), expected, rtol=1e-4, atol=1e-7), (gradients(model), expected)
-    assert model.metric.ranges is not None  # the whole images'
+    assert model.metric.ranges is None  # the model's copy holds the whole images' ranges, not the metric
     own = tireg.metrics.get_metric(metric)
     own.set_ranges(moving * 2, fixed)
     model.metric = own
     model(moving, fixed)
     assert torch.equal(own.ranges[0], torch.stack([(moving * 2).amin((2, 3)), (moving * 2).amax((2, 3))], -1))
+
+
+def test_a_histogram_metric_shared_or_copied_follows_each_models_images():
+    """The model set its images' ranges on the metric itself: a copy of the model, or a second model
+    sharing the metric, then costed other images with stale ranges (-1e-5, zero gradients)."""
+    import copy
+
+    generator = torch.Generator().manual_seed(12)
+    first = [smooth_random_image((1, 1, 48, 48), generator, sigma=2.0) for _ in range(2)]
+    second = [3.0 + 5.0 * smooth_random_image((1, 1, 48, 48), generator, sigma=2.0) for _ in range(2)]
+    shared = tireg.metrics.get_metric("mi")
+    model = tireg.create_model("rigid", first[0], metric=shared, compile=False)
+    model(*first)
+    fresh = tireg.create_model("rigid", second[0], metric="mi", compile=False)
+    _, expected = fresh(*second)
+    for other in (copy.deepcopy(model), tireg.create_model("rigid", second[0], metric=shared, compile=False)):
+        other.zero_grad()
+        _, cost = other(*second)
+        assert torch.allclose(cost, expected) and torch.equal(gradients(other), gradients(fresh))
+    assert shared.ranges is None
 
 
 def test_a_used_model_pickles_without_its_image_caches(images, tmp_path):

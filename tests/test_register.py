@@ -798,3 +798,17 @@ def test_autograd_gradients_under_inference_mode(optimizer):
     assert grid_error(result.matrix, truth, fixed.shape) < 0.2
     assert not result.matrix.is_inference()
 
+
+
+def test_a_callback_under_inference_mode_writes_into_inference_tensors():
+    """register() left inference mode for every path: a callback writing into a tensor made under
+    inference_mode() failed ("Inplace update to inference tensor outside InferenceMode")."""
+    fixed, moving, truth = registration_pair("camera", "translation", [2.5, -1.5], noise=0.02)
+    with torch.inference_mode():
+        log = torch.zeros(500)
+
+        def record(state):
+            log[state.iteration] = float(state.cost.sum())
+
+        result = tireg.register(fixed, moving, transform="translation", callback=record)
+    assert grid_error(result.matrix, truth, fixed.shape) < 0.2 and bool((log != 0).any())

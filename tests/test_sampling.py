@@ -842,3 +842,19 @@ def test_grid_moments_points_to_the_layout_that_fits(generator):
         grid_moments(values, pixel_axes((12, 16)))
     with pytest.raises(ValueError, match=r"has 5 and 12$"):  # no layout fits: no hint
         grid_moments(values, pixel_axes((11, 16)))
+
+
+def test_checks_that_read_values_still_run_under_torch_func_grad():
+    """Skipped for every torch.func transform, grad let a projective matrix through; only vmap
+    (which cannot read values) skips them."""
+    image = torch.rand(1, 1, 16, 16)
+    projective = torch.eye(3)
+    projective[2, 0] = 0.01
+
+    def warped_sum(shift):
+        matrix = projective.clone()
+        matrix[0, 2] = shift
+        return warp(image, matrix).sum()
+
+    with pytest.raises(ValueError, match="must be affine"):
+        torch.func.grad(warped_sum)(torch.tensor(0.3))

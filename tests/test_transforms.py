@@ -453,6 +453,11 @@ def test_transform_functions_name_a_bad_centre_or_matrix():
                                          r"parameters \(2, 4\)"):
         transforms.similarity_matrix(torch.zeros(2, 4), torch.zeros(3, 2))  # torch's "size of tensor a (3)"
     assert transforms.similarity_jacobian(torch.zeros(2, 4), torch.zeros(1, 2)).shape == (2, 4, 3, 3)
+    centres = torch.tensor([[10.0, 20.0]] * 4)  # one centre per matrix (the check first compared (4,) to (4, 3))
+    matrices = transforms.rigid_matrix(torch.tensor([[0.1, 1.0, 2.0]] * 4), centres)
+    assert torch.allclose(transforms.rigid_from_matrix(matrices, centres), torch.tensor([[0.1, 1.0, 2.0]] * 4))
+    with pytest.raises(ValueError, match=r"'center' \(3, 2\) does not broadcast with the matrices \(4, 3, 3\)"):
+        transforms.affine_from_matrix(matrices, centres[:3])
     with pytest.raises(ValueError, match=r"^similarity_from_matrix\(\): 'matrix' must have shape \(..., 3, 3\)"):
         transforms.similarity_from_matrix(torch.eye(2), (0.0, 0.0))
     with pytest.raises(TypeError, match=r"^affine_from_matrix\(\): 'matrix' must be a torch.Tensor; got ndarray"):

@@ -23,11 +23,20 @@ PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
 
 def values_readable(tensor: torch.Tensor) -> bool:
     """Whether a check may read ``tensor``'s values back: not while ``torch.compile`` traces (a graph
-    break, an error with ``fullgraph=True``), not in a ``torch.func`` transform such as ``vmap`` (an
-    error: data-dependent control flow), not for a meta tensor (it holds no values).  Checks that read
-    values are skipped there, as :func:`torch.nn.functional.grid_sample` checks no values either."""
-    return not (torch.compiler.is_compiling() or tensor.is_meta
-                or torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+    break, an error with ``fullgraph=True``), not inside ``torch.vmap`` (an error: data-dependent
+    control flow; ``torch.func.grad`` reads them), not for a meta tensor (it holds no values).  Checks
+    that read values are skipped there, as :func:`torch.nn.functional.grid_sample` checks none."""
+    return not (torch.compiler.is_compiling() or tensor.is_meta or _vmapped(tensor))
+
+
+def _vmapped(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is batched by ``vmap`` at any of its ``torch.func`` levels."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            return True
+        tensor = functorch.get_unwrapped(tensor)
+    return False
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

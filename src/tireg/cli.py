@@ -698,13 +698,17 @@ def _load_stack_csv(path: str):
         raise CommandError(f"no such file: {path!r} (transform)") from None
     except (OSError, csv.Error, UnicodeError) as error:
         raise CommandError(f"cannot read transform {path!r} as a tireg stack CSV: {error}") from None
-    if not rows or any(column not in rows[0] for column in _MATRIX_COLUMNS):
+    # before m00 .. m12 the matrix columns were a00 .. a12 (DictReader keeps the last of a repeated
+    # name: the matrix's, after the affine kind's parameters of the same names)
+    columns = next((names for names in (_MATRIX_COLUMNS, tuple("a" + name[1:] for name in _MATRIX_COLUMNS))
+                    if rows and all(column in rows[0] for column in names)), None)
+    if columns is None:
         raise CommandError(f"transform {path!r} is not a CSV written by 'tireg stack' (it needs one row per frame "
                            f"with the columns {', '.join(_MATRIX_COLUMNS)})")
     matrices = np.tile(np.eye(3), (len(rows), 1, 1))
     for k, row in enumerate(rows):
         try:
-            values = [float(row[column]) for column in _MATRIX_COLUMNS]
+            values = [float(row[column]) for column in columns]
         except (TypeError, ValueError):
             raise CommandError(f"transform {path!r}: row {k + 1} holds a matrix entry that is not a number") from None
         if not all(math.isfinite(value) for value in values):
@@ -906,7 +910,15 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
         check_writable(output, (stack.count, stack.channels), stack.format)
     else:  # the frames go into the folder by name, an existing folder too (as register's -o), each checked
         outputs.check(output, csv_path, folders=[output], exist_ok=[output])
-        for name, image_format in zip(_frame_names(stack), stack.formats):
+        names = _frame_names(stack)
+        seen: dict[str, int] = {}
+        for k, name in enumerate(names):  # t0.png and a PNG named t0.jpg would both be written as t0.png
+            first = seen.setdefault(name.lower(), k)
+            if first != k:
+                raise CommandError(f"frames {stack.names[first]!r} and {stack.names[k]!r} would both be written as "
+                                   f"{str(output / name)!r} (a frame is written in the format its content is); "
+                                   "rename one of them")
+        for name, image_format in zip(names, stack.formats):
             if (output / name).is_dir():  # a folder of one of those names would stop the merge halfway
                 raise CommandError(f"cannot write {str(output / name)!r}: it is a folder")
             outputs.check(output / name)

@@ -102,16 +102,22 @@ class FusedMoments:
         )
 
 
-def supports(interpolation: str, padding_mode: str, loss: object, dtype: torch.dtype = torch.float32) -> bool:
+def supports(interpolation: str, padding_mode: str, loss: object, dtype: torch.dtype = torch.float32,
+             channels: int = 1) -> bool:
     """Whether the fused path computes this configuration (otherwise use the reference path).
 
-    A loss of one's own is tried once first, in the images' ``dtype`` (:func:`tireg.losses.verified`):
-    inside the kernel a derivative of the wrong shape would broadcast without a word, and one of
-    another dtype failed the trace, which turned the compiled path off for the whole process.
+    A loss of one's own is tried once first on two pairs of the images' ``channels`` and ``dtype``
+    (:func:`tireg.losses.verified`): inside the kernel a derivative of the wrong shape would
+    broadcast without a word, and one of another dtype failed the trace, which turned the compiled
+    path off for the whole process.  A loss that fails the trial is not supported: the reference
+    path, which checks the loss on the real images, runs it (or names its mistake).
     """
     if not (interpolation == "bilinear" and padding_mode in FUSED_PADDING and isinstance(loss, PerPixelLoss)):
         return False
-    verified(loss, dtype)
+    try:
+        verified(loss, dtype, channels)
+    except (TypeError, ValueError):
+        return False
     return True
 
 
@@ -348,6 +354,12 @@ _compiled: dict[tuple[Callable, str, bool], Callable] = {}
 _failed: set[str] = set()
 #: What running out of device memory raises (torch.cuda's name in older torch).
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is running out of memory: a GPU's, or the CPU allocator's ``RuntimeError``."""
+    return (isinstance(error, (_OUT_OF_MEMORY, MemoryError))
+            or isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 _lock = threading.Lock()
 
 
@@ -523,8 +535,6 @@ def call_compiled(kernel: Callable, device: torch.device, *args, **kwargs):
     try:
         try:
             return kernel(*args, **kwargs)
-        except _OUT_OF_MEMORY:
-            raise
         except Exception as error:
             if type(error).__name__ not in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit"):  # older: Cache
                 raise
@@ -535,9 +545,9 @@ def call_compiled(kernel: Callable, device: torch.device, *args, **kwargs):
             name = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
             with dynamo.config.patch(**{name: RECOMPILE_LIMIT}):
                 return kernel(*args, **kwargs)
-    except _OUT_OF_MEMORY:
-        raise
     except Exception as error:  # torch.compile raises many types (BackendCompilerFailed, InductorError, ...)
+        if _out_of_memory(error):
+            raise
         with _lock:
             _failed.add(key)
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -585,7 +585,7 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
             reason = error.strerror or str(error)
             if error.errno is None and "written" in reason:
                 reason += " (a short write: is the disk full?)"
-            raise OSError(error.errno or 0, reason, str(path)) from None
+            raise OSError(error.errno or 0, reason, str(path)) from error
     return path
 
 

@@ -105,22 +105,25 @@ def loss_and_derivative(loss: PerPixelLoss, x: torch.Tensor, y: torch.Tensor) ->
     return per_pixel, derivative
 
 
-_VERIFIED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # a loss -> the dtypes it passed in
+_VERIFIED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # a loss -> the (dtype, channels) it passed
 
 
-def verified(loss: PerPixelLoss, dtype: torch.dtype = torch.float32) -> PerPixelLoss:
-    """``loss``, its ``(rho, rho')`` contract tried once a dtype on a small image (:func:`loss_and_derivative`).
+def verified(loss: PerPixelLoss, dtype: torch.dtype = torch.float32, channels: int = 1) -> PerPixelLoss:
+    """``loss``, its ``(rho, rho')`` contract tried once (a dtype and channel count) on two small
+    images of ``channels`` channels (:func:`loss_and_derivative`).
 
     For a path that calls the loss where the check cannot run (the compiled kernel, which took a
-    summed derivative without a word); a built-in loss needs no trial.  The probe has two pairs
-    and two channels, so that a derivative reduced over either (``mean(0, keepdim=True)``) is
-    refused too, and the images' dtype, so that a derivative in another one is.
+    summed derivative without a word); a built-in loss needs no trial.  Two pairs, so that a
+    derivative reduced over the pairs (``mean(0, keepdim=True)``) is refused too; the images'
+    channels (a loss written for grey images works on them) and dtype (a derivative in another
+    one is refused).
     """
-    if type(loss) in _BUILT_IN or dtype in _VERIFIED.get(loss, ()):
+    key = (dtype, int(channels))
+    if type(loss) in _BUILT_IN or key in _VERIFIED.get(loss, ()):
         return loss
-    probe = torch.linspace(0.0, 1.0, 16, dtype=dtype).reshape(2, 2, 2, 2)
+    probe = torch.linspace(0.0, 1.0, 8 * key[1], dtype=dtype).reshape(2, key[1], 2, 2)
     loss_and_derivative(loss, probe, probe.flip(-1))
-    _VERIFIED.setdefault(loss, set()).add(dtype)
+    _VERIFIED.setdefault(loss, set()).add(key)
     return loss
 
 

@@ -20,6 +20,7 @@ of shape ``(1,)`` is shared by all pairs (its gradient sums over them).
 
 from __future__ import annotations
 
+import copy
 import numbers
 import operator
 import time
@@ -501,7 +502,8 @@ class AffineModelAnalytic(TransformModel):
         self.compile = compile
         self._padded: tuple[Optional[TensorStamp], Optional[torch.Tensor]] = (None, None)
         self._coordinates: tuple[Optional[tuple], Optional[tuple[torch.Tensor, torch.Tensor]]] = (None, None)
-        self._ranges: tuple[Optional[tuple], Optional[tuple]] = (None, None)  # (stamps, ranges it set)
+        # (stamps of the images, the metric, its copy with their ranges): see _metric_for
+        self._ranges: tuple[tuple, Optional[Metric], Optional[Metric]] = ((None, None), None, None)
         if self.image_gradient != "exact":
             self._precompute(moving)
 
@@ -511,21 +513,23 @@ class AffineModelAnalytic(TransformModel):
         gradient images): the copy makes them again on its first forward."""
         state = super().__getstate__()
         state.update(_padded=(None, None), _coordinates=(None, None), _pixel_axes={}, _moving_stamp=None,
-                     _ranges=(None, None), _buffers=dict(state["_buffers"], moving_with_gradient=None))
+                     _ranges=((None, None), None, None), _buffers=dict(state["_buffers"], moving_with_gradient=None))
         return state
 
     def _metric_for(self, source: torch.Tensor, target: torch.Tensor) -> Metric:
-        """The metric, a histogram metric's ranges set from the whole images unless set by the user."""
+        """The metric; a histogram metric without ranges of its own as a copy the model keeps, with the
+        whole images' ranges (made again when either image changes).  The metric itself is not
+        changed: ranges set on it went stale for the next images, a copy of the model or another
+        model sharing it (a cost of -1e-5 and zero gradients)."""
         metric = get_metric(self.metric)
-        if not hasattr(metric, "set_ranges"):
+        if not hasattr(metric, "set_ranges") or metric.ranges is not None:  # per pixel, or the user's ranges
             return metric
-        stamps, ranges = self._ranges
-        if metric.ranges is not None and metric.ranges is not ranges:  # the user's own
-            return metric
-        if metric.ranges is None or not (matches(stamps[0], source) and matches(stamps[1], target)):
-            metric.set_ranges(source, target)
-            self._ranges = ((TensorStamp(source), TensorStamp(target)), metric.ranges)
-        return metric
+        (source_stamp, target_stamp), original, ranged = self._ranges
+        if original is not metric or not (matches(source_stamp, source) and matches(target_stamp, target)):
+            ranged = copy.copy(metric)
+            ranged.set_ranges(source, target)
+            self._ranges = ((TensorStamp(source), TensorStamp(target)), metric, ranged)
+        return ranged
 
     def _precompute(self, moving: torch.Tensor) -> None:
         """Stack ``[M, dM/dx, dM/dy]`` once, so that one ``grid_sample`` samples all three."""
@@ -565,12 +569,12 @@ class AffineModelAnalytic(TransformModel):
             return self._eager_seconds >= AUTO_COMPILE_SECONDS
         return self._compile
 
-    def _fused_kernel_applies(self) -> bool:
+    def _fused_kernel_applies(self, channels: int = 1) -> bool:
         """Whether the compiled fused kernel computes this model's step."""
         return (
             self._compile_now() and self.metric is None and self.image_gradient == "exact"
             and supports(self.interpolation, self.bordermode, self.loss_func,
-                         self.p[0].dtype if len(self.p) else torch.float32)
+                         self.p[0].dtype if len(self.p) else torch.float32, channels)
         )
 
     def _axes(self, size: Sequence[int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -601,13 +605,13 @@ class AffineModelAnalytic(TransformModel):
             stacked = self.moving_with_gradient
         batch = source.shape[0]
         with torch.no_grad():
-            if stacked is None and self._compiled_step_applies():
+            if stacked is None and self._compiled_step_applies(source.shape[1]):
                 result = self._compiled_step(source, target, caller, write_gradients)
                 if result is not None:
                     return result
             timed = self._compile == "auto" and not self._compile_now()
             started = time.perf_counter() if timed else 0.0
-            kernel = stacked is None and self._fused_kernel_applies()
+            kernel = stacked is None and self._fused_kernel_applies(source.shape[1])
             matrix, jacobian = self._matrix_and_jacobian(batch)
             _check_like(matrix, source, caller)
             # unchecked (no read of the matrix's last row, a wait per step on a GPU): built here, affine
@@ -632,7 +636,7 @@ class AffineModelAnalytic(TransformModel):
                 self._eager_seconds += time.perf_counter() - started
         return warped, cost.sum()
 
-    def _compiled_step_applies(self) -> bool:
+    def _compiled_step_applies(self, channels: int = 1) -> bool:
         """Whether one compiled graph can take the whole step (:func:`_fused_step`).
 
         It can for a ready-made model (the transform's own matrix and
@@ -643,7 +647,7 @@ class AffineModelAnalytic(TransformModel):
         return (
             not self._has_own_math()
             and all(type(mapping) in _BUILT_IN_MAPPINGS for mapping in self.m)
-            and self._fused_kernel_applies()
+            and self._fused_kernel_applies(channels)
         )
 
     def _compiled_step(self, source: torch.Tensor, target: torch.Tensor, caller: str, write_gradients: bool):

@@ -556,7 +556,8 @@ class _Problem:
     """Cost, gradient and Gauss-Newton matrix of the parameters at one level."""
 
     def __init__(
-        self, kind: Transform, center: torch.Tensor, metric: Metric, interpolation: str, compile: bool = False
+        self, kind: Transform, center: torch.Tensor, metric: Metric, interpolation: str, compile: bool = False,
+        channels: int = 1,
     ):
         self.kind, self.center, self.metric, self.interpolation = kind, center, metric, interpolation
         self.linear_parts = None  # for a linear kind, A(0) and J (A(p) = A(0) + sum_k p_k J_k), once
@@ -568,7 +569,7 @@ class _Problem:
         # the compiled kernel serves a per-pixel metric's mean, bilinear, without a moving mask
         self.compile = (
             bool(compile) and self.loss is not None and self.metric.mean
-            and fused.supports(interpolation, "border", self.loss, center.dtype)
+            and fused.supports(interpolation, "border", self.loss, center.dtype, channels)
         )
 
     def _level_metric(self, level: _Level) -> Metric:
@@ -1163,17 +1164,19 @@ def _model_start(model, init, batch: int, caller: str) -> torch.Tensor:
 
 
 def _outside_inference_mode(function: Callable) -> Callable:
-    """``function`` run with ``torch.inference_mode(False)`` when called under inference mode.
+    """``function`` run with ``torch.inference_mode(False)`` when called under inference mode with
+    ``gradients="autograd"``.
 
     The autograd evaluation's ``backward()`` cannot run in inference mode (``enable_grad()`` does
     not leave it), nor on images made there (inference tensors are not saved for backward): under
     ``inference_mode()`` a registration with ``gradients="autograd"`` failed deep inside torch.
     Outside it, everything the registration makes is an ordinary tensor; its results hold no graph.
+    The analytic path stays in inference mode, where a callback may write into inference tensors.
     """
 
     @functools.wraps(function)
     def run(*args, **kwargs):
-        if not torch.is_inference_mode_enabled():
+        if not (torch.is_inference_mode_enabled() and kwargs.get("gradients") == "autograd"):
             return function(*args, **kwargs)
         with torch.inference_mode(False), torch.no_grad():
             return function(*args, **kwargs)
@@ -1360,7 +1363,8 @@ def register(
 
     center = image_center(*fixed_t.shape[-2:])
     center_t = torch.tensor(center, dtype=dtype, device=device)
-    problem = _Problem(kind, center_t, metric_object, interpolation, compile=_use_compiled(compile, fixed_t, caller))
+    problem = _Problem(kind, center_t, metric_object, interpolation, compile=_use_compiled(compile, fixed_t, caller),
+                       channels=fixed_t.shape[1])
     if start_params is None:
         start = _initial_matrix(init, fixed_n, moving_n, kind, center, caller).to(device=device, dtype=dtype)
         params = kind.from_matrix(start, center_t)

@@ -122,7 +122,7 @@ def pixel_to_normalized(matrix: torch.Tensor, moving_size: Sequence[int]) -> tor
 # building blocks
 
 
-def _as_center(center: CenterLike, like: torch.Tensor, caller: str) -> torch.Tensor:
+def _as_center(center: CenterLike, like: torch.Tensor, caller: str, *, matrix: bool = False) -> torch.Tensor:
     """Centre as a ``(..., 2)`` tensor with ``like``'s dtype and device (its shape checked; its
     values are not read: no wait for a GPU)."""
     if center is None or isinstance(center, (str, bytes)):
@@ -133,13 +133,14 @@ def _as_center(center: CenterLike, like: torch.Tensor, caller: str) -> torch.Ten
         raise TypeError(f"{caller}: 'center' must be (cx, cy) in pixels; got {center!r}") from None
     if tensor.dim() == 0 or tensor.shape[-1] != 2:
         raise ValueError(f"{caller}: 'center' must be (cx, cy) or (..., 2) in pixels; got shape {tuple(tensor.shape)}")
-    if tensor.dim() > 1:  # one centre per parameter set: their batch shapes must broadcast
+    if tensor.dim() > 1:  # one centre per parameter set (or matrix): their batch shapes must broadcast
+        batch = like.shape[:-2] if matrix else like.shape[:-1]
         try:
-            broadcast_shape(tensor.shape[:-1], like.shape[:-1])
+            broadcast_shape(tensor.shape[:-1], batch)
         except ValueError:
-            raise ValueError(f"{caller}: 'center' {tuple(tensor.shape)} does not broadcast with the parameters "
-                             f"{tuple(like.shape)} (batch shapes {tuple(tensor.shape[:-1])} and "
-                             f"{tuple(like.shape[:-1])})") from None
+            raise ValueError(f"{caller}: 'center' {tuple(tensor.shape)} does not broadcast with the "
+                             f"{'matrices' if matrix else 'parameters'} {tuple(like.shape)} (batch shapes "
+                             f"{tuple(tensor.shape[:-1])} and {tuple(batch)})") from None
     return tensor
 
 
@@ -356,7 +357,7 @@ def translation_from_matrix(matrix: torch.Tensor, center: CenterLike | None = No
     matrix = _checked_affine(matrix, "translation_from_matrix()")
     if center is None:
         return matrix[..., :2, 2].clone()
-    return _center_shift(matrix, _as_center(center, matrix, "translation_from_matrix()"))
+    return _center_shift(matrix, _as_center(center, matrix, "translation_from_matrix()", matrix=True))
 
 
 def rigid_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
@@ -368,7 +369,7 @@ def rigid_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
     kind before it projects one.
     """
     matrix = _checked_affine(matrix, "rigid_from_matrix()")
-    center = _as_center(center, matrix, "rigid_from_matrix()")
+    center = _as_center(center, matrix, "rigid_from_matrix()", matrix=True)
     angle, _ = _closest_rotation(matrix)
     translation = _center_shift(matrix, center)
     return torch.cat([angle.unsqueeze(-1), translation], dim=-1)
@@ -384,7 +385,7 @@ def similarity_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Te
     mirrored start for this kind before it projects one.
     """
     matrix = _checked_affine(matrix, "similarity_from_matrix()")
-    center = _as_center(center, matrix, "similarity_from_matrix()")
+    center = _as_center(center, matrix, "similarity_from_matrix()", matrix=True)
     angle, scale = _closest_rotation(matrix)
     translation = _center_shift(matrix, center)
     return torch.cat([angle.unsqueeze(-1), scale.unsqueeze(-1), translation], dim=-1)
@@ -402,7 +403,7 @@ def anisotropic_similarity_from_matrix(matrix: torch.Tensor, center: CenterLike)
     then rotates).  ``(theta + pi, -sx, -sy)`` gives the same matrix.
     """
     matrix = _checked_affine(matrix, "anisotropic_similarity_from_matrix()")
-    center = _as_center(center, matrix, "anisotropic_similarity_from_matrix()")
+    center = _as_center(center, matrix, "anisotropic_similarity_from_matrix()", matrix=True)
     linear = matrix[..., :2, :2]
     determinant = linear[..., 0, 0] * linear[..., 1, 1] - linear[..., 0, 1] * linear[..., 1, 0]
     # (1, sign) per matrix: the closest rotation to a mirror (sx = -sy) was atan2(0, 0) = 0
@@ -418,7 +419,7 @@ def anisotropic_similarity_from_matrix(matrix: torch.Tensor, center: CenterLike)
 def affine_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """``(a00, a01, a10, a11, tx, ty)`` of ``matrix`` about ``center`` (exact)."""
     matrix = _checked_affine(matrix, "affine_from_matrix()")
-    center = _as_center(center, matrix, "affine_from_matrix()")
+    center = _as_center(center, matrix, "affine_from_matrix()", matrix=True)
     linear = matrix[..., :2, :2]
     translation = _center_shift(matrix, center)
     return torch.cat([linear.reshape(*linear.shape[:-2], 4), translation], dim=-1)
