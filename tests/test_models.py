@@ -795,3 +795,14 @@ def test_the_autograd_model_runs_under_vmap_and_on_meta(images):
     assert torch.equal(batched, torch.cat([model(image[None]) for image in moving]))
     on_meta = model.to("meta")(moving[:1].to("meta"))
     assert on_meta.is_meta and on_meta.shape == moving[:1].shape
+
+
+def test_torch_func_on_the_analytic_model_is_refused_with_a_message(images):
+    """torch.func.grad of an analytic model raised from inside the sampler, or (after one forward)
+    returned zero gradients without a word."""
+    fixed, moving = images
+    model = tireg.create_model("rigid", moving, compile=False)
+    model(moving, fixed)
+    parameters = dict(model.named_parameters())
+    with pytest.raises(RuntimeError, match=r"torch.func transforms .* cannot run an analytic model"):
+        torch.func.grad(lambda p: torch.func.functional_call(model, p, (moving, fixed))[1])(parameters)

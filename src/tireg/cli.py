@@ -760,8 +760,8 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
     warped = _warp_frames(image.frames, matrices, size, args.interpolation)
     write_frames(outputs.temporary(output), warped, out_format)
     written = outputs.commit()
-    _say(args, f"resampled {image.path.name} ({image.describe()}) onto {size[1]} x {size[0]} pixels with "
-               f"{Path(args.transform).name}")
+    _say(args, f"resampled {image.path.name} ({image.describe()}) onto {size[0]} x {size[1]} pixels "
+               f"(height x width, as --size takes them) with {Path(args.transform).name}")
     for line in _format_matrix(matrices[0], "  "):
         _say(args, line)
     _say(args, f"wrote {_names(written)}")

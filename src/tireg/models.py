@@ -586,6 +586,10 @@ class AffineModelAnalytic(TransformModel):
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Warp ``source`` onto ``target``'s grid, return ``(warped, sum of per-pixel loss)``, write gradients."""
         caller = f"{type(self).__name__}.forward()"
+        if torch._C._functorch.maybe_current_level() is not None:  # raised deep inside, or gave zero gradients
+            raise RuntimeError(f"{caller}: torch.func transforms (grad, vmap, jacrev, ...) cannot run an analytic "
+                               "model: it writes param.grad in forward and its outputs hold no graph; use the "
+                               "autograd model (create_model(..., gradients='autograd'))")
         source = self._finite.check(source, "source", caller)
         target = self._finite.check(target, "target", caller)
         if source.shape[:2] != target.shape[:2]:
