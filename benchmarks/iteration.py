@@ -86,6 +86,9 @@ def captured_step(model, moving, fixed):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
+    # the graph reads tireg's cached constants by address: keep every one alive with it (the cache
+    # drops its oldest entries, and freed memory reused under a replay gives silently wrong steps)
+    kept = list(tireg._device._cache.values())
     params = list(model.parameters())
 
     def state() -> list[torch.Tensor]:
@@ -108,7 +111,11 @@ def captured_step(model, moving, fixed):
             tensor.copy_(value)
         return difference
 
-    return graph.replay, check
+    def replay() -> None:
+        graph.replay()
+
+    replay.kept = kept  # held as long as the replay function is
+    return replay, check
 
 
 def timed(step, repeats: int, synchronize) -> float:

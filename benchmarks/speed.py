@@ -260,7 +260,10 @@ def _clock(device: str):
     return time.process_time if device == "cpu" else time.perf_counter
 
 
-def _run(register, pairs, device: str) -> tuple[list[float], list[float]]:
+def _run(register, pairs, device: str, strict: bool = False) -> tuple[list[float], list[float]]:
+    """Seconds and error of ``register`` on each pair; an exception is a failure (OpenCV's ECC throws
+    when it does not converge), except with ``strict`` (tireg: an exception is a bug, e.g. on a GPU,
+    which a row of failures would hide)."""
     synchronize, clock = iteration.synchronizer(device), _clock(device)
     seconds, errors = [], []
     for fixed, moving, truth in pairs:
@@ -272,6 +275,8 @@ def _run(register, pairs, device: str) -> tuple[list[float], list[float]]:
             seconds.append(clock() - started)
             errors.append(accuracy.grid_error(matrix, truth, fixed.shape[-1]))
         except Exception:  # noqa: BLE001 - OpenCV's ECC throws when it does not converge: a failure
+            if strict:
+                raise
             seconds.append(clock() - started)
             errors.append(math.inf)
     return seconds, errors
@@ -288,8 +293,8 @@ def _interleaved(methods: dict, pairs, repeats: int, device: str) -> dict[str, t
     all alike.  The error is the first run's (the methods are deterministic).  Each method
     first runs once on the first pair untimed (imports, a GPU's kernel modules, caches).
     """
-    for method in methods.values():
-        _run(method, pairs[:1], device)
+    for name, method in methods.items():
+        _run(method, pairs[:1], device, strict=name.startswith("tireg"))
     results = {name: ([], []) for name in methods}
     for pair in pairs:
         times = {name: [] for name in methods}
@@ -297,7 +302,7 @@ def _interleaved(methods: dict, pairs, repeats: int, device: str) -> dict[str, t
             for name, method in methods.items():
                 if round_ and times[name][0] > SLOW_SECONDS:
                     continue  # far slower than the rest: noise can not change its ratio, and it would take minutes
-                seconds, errors = _run(method, [pair], device)
+                seconds, errors = _run(method, [pair], device, strict=name.startswith("tireg"))
                 times[name].extend(seconds)
                 if not round_:
                     results[name][1].extend(errors)

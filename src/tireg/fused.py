@@ -116,7 +116,7 @@ def supports(interpolation: str, padding_mode: str, loss: object, dtype: torch.d
         return False
     try:
         verified(loss, dtype, channels)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: e.g. a loss that holds CUDA tensors
         return False
     return True
 

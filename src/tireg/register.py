@@ -279,7 +279,7 @@ class RegistrationResult:
         points = points.to(torch.float64)
         if points.shape[-1] != 2 or points.dim() not in (2, 3):
             raise ValueError(f"map_points(): 'points' must have shape (N, 2) or (B, N, 2); got {tuple(points.shape)}")
-        matrices = self._matrices()
+        matrices = self._matrices().to(points.device)  # the result's matrices are on the CPU
         if points.dim() == 3 and points.shape[0] not in (1, matrices.shape[0]):
             raise ValueError(f"map_points(): {points.shape[0]} point sets for {matrices.shape[0]} pairs; "
                              "give (N, 2) points for every pair, or (B, N, 2) with one set per pair")

@@ -114,8 +114,13 @@ def pixel_to_normalized(matrix: torch.Tensor, moving_size: Sequence[int]) -> tor
         ``(..., 2, 3)``.
     """
     size = check_size(moving_size, "pixel_to_normalized()", "moving_size")  # Python ints: no value read
-    norm = constant(_normalization_values(size), like=matrix)  # made once: no host copy per call
-    return (norm @ matrix)[..., :2, :]
+    (scale_x, _, offset_x), (_, scale_y, offset_y), _ = _normalization_values(size)
+    scale = constant(((scale_x,), (scale_y,)), like=matrix)  # made once: no host copy per call
+    offset = constant(((offset_x,), (offset_y,)), like=matrix)
+    # row i of N A is s_i A_i + o_i A_2, elementwise: a batched matrix product may take another
+    # kernel (and rounding) for one matrix than for several (MKL on Intel CPUs did, cuBLAS may),
+    # and a pair's sampling grid must not depend on the pairs beside it
+    return matrix[..., :2, :] * scale + offset * matrix[..., 2:, :]
 
 
 # ----------------------------------------------------------------------------
