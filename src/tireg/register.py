@@ -1476,7 +1476,7 @@ def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: floa
         fixed_weight=shrink_mask(fixed_mask),
         moving_mask=shrink_mask(moving_mask),
         shrink=scale,
-        shrink_inverse=torch.linalg.inv(scale),
+        shrink_inverse=torch.linalg.inv_ex(scale).inverse,  # inv checks for errors: a wait on a GPU
         axes=pixel_axes(fixed_level.shape[-2:], dtype=fixed.dtype, device=fixed.device),
         factor=factor,
         # inside [0, W-1] x [0, H-1] in moving pixels <=> |u| <= 1 - 1/W, |v| <= 1 - 1/H; no rounding to
