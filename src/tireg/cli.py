@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="resample an image with a saved transform",
         description="Resample IMAGE with the transform saved in TRANSFORM (a tireg .json or an ITK .tfm).",
     )
-    sub.add_argument("transform", metavar="TRANSFORM", help="transform file: .json, .tfm or .txt, or the .csv of tireg stack (a matrix per page)")
+    sub.add_argument("transform", metavar="TRANSFORM",
+                     help="transform file: .json, .tfm or .txt, or the .csv of tireg stack (a matrix per page)")
     sub.add_argument("image", metavar="IMAGE", help="image to resample")
     sub.add_argument("-o", "--output", required=True, metavar="OUT",
                      help="output image; its suffix picks the format, the bit depth is IMAGE's")
@@ -508,7 +509,8 @@ def _summary(result, metric: str, schedule: list[tuple[int, float]]) -> list[str
         f"parameters  {_format_parameters(pair.parameter_names, pair.parameter_values[0].tolist())}"
         f"  (about the centre ({center}))",
         f"cost        {float(pair.cost[0]):.6g} ({metric}{', normalised intensities' if metric in LOSSES else ''})",
-        f"iterations  {int(pair.iterations[0])} over {len(schedule)} level{'s' if len(schedule) != 1 else ''} ({resolutions}), {status}",
+        f"iterations  {int(pair.iterations[0])} over {len(schedule)} level{'s' if len(schedule) != 1 else ''} "
+        f"({resolutions}), {status}",
         f"time        {result.seconds:.2f} s",
     ]
 
