@@ -447,10 +447,11 @@ class AffineModelAnalytic(TransformModel):
             (``"ncc"``, ``"lncc"``, ``"mi"``, ``"nmi"``, or an instance); the
             cost is then the metric's, summed over the pairs.  Also settable as
             the attribute ``metric``.  A histogram metric (``"mi"``, ``"nmi"``)
-            whose ranges were not set (``set_ranges``) gets the whole source's
-            and target's, as ``register()`` gives it: ranges of each warped
-            image would change with the transform, and the gradient would not
-            be the derivative of the cost (3 % off on a test).
+            whose ranges were not set (``set_ranges``) runs as a copy the model
+            keeps, with the whole source's and target's ranges, as
+            ``register()`` gives them (the metric itself is not changed): ranges
+            of each warped image would change with the transform, and the
+            gradient would not be the derivative of the cost (3 % off on a test).
         compile: ``True``: compute each step with the compiled fused kernel
             (:mod:`tireg.fused`: one pass over the pixels for the warped
             image, cost and gradient; the same numbers as the reference
