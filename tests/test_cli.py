@@ -630,6 +630,8 @@ BAD = {
                      "--moving-mask", "{in}/corner_br.png", "--init", "identity"], 1, "do not overlap"),
     "too many levels": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "--levels", "10" * 10], 2,
                         "at most 16 levels"),  # 2**k of a huge k grew memory without end
+    "compile before the images": (["register", "--compile", "{in}/fixed.png", "{in}/moving.png", "-o", "out"], 2,
+                                  "put it after the images"),  # said only: expected auto, on or off
     "unknown compile choice": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "--compile", "fast"], 2,
                                "expected auto, on or off"),
     "existing output": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out"], 1, "--force"),

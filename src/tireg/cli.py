@@ -177,7 +177,10 @@ def _compile_choice(text: str):
     """``--compile auto|on|off`` -> ``register(compile="auto" | True | False)``."""
     choices = {"auto": "auto", "on": True, "off": False}
     if text not in choices:
-        raise argparse.ArgumentTypeError(f"expected auto, on or off; got {text!r}")
+        # "--compile a.png b.png": the option's optional value took the first image
+        hint = " (--compile alone takes the next argument as its value: put it after the images)" \
+            if Path(text).suffix.lower() in _IMAGE_SUFFIXES or os.sep in text else ""
+        raise argparse.ArgumentTypeError(f"expected auto, on or off; got {text!r}{hint}")
     return choices[text]
 
 
