@@ -69,7 +69,7 @@ from .sampling import (
     sample_with_gradient,
     sampling_grid,
     shared_pixel_scale,
-    shrink_matrix,
+    _shrink_values,
 )
 from .transforms import Transform, get_transform, image_center
 
@@ -1469,14 +1469,15 @@ def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: floa
         return None if mask is None else (downsample(mask, factor) >= 0.5).to(mask.dtype)
 
     fixed_level, moving_level = shrink(fixed), shrink(moving)
-    scale = shrink_matrix(factor, dtype=fixed.dtype, device=fixed.device)
+    # made once a factor per device (constant()): a tensor from host data is a waiting copy on a GPU
+    scale = constant(_shrink_values(factor), like=fixed)
     return _Level(
         fixed=fixed_level,
         moving=moving_level,
         fixed_weight=shrink_mask(fixed_mask),
         moving_mask=shrink_mask(moving_mask),
         shrink=scale,
-        shrink_inverse=torch.linalg.inv_ex(scale).inverse,  # inv checks for errors: a wait on a GPU
+        shrink_inverse=constant(_shrink_values(1.0 / factor), like=fixed),  # linalg.inv's error check waits on a GPU
         axes=pixel_axes(fixed_level.shape[-2:], dtype=fixed.dtype, device=fixed.device),
         factor=factor,
         # inside [0, W-1] x [0, H-1] in moving pixels <=> |u| <= 1 - 1/W, |v| <= 1 - 1/H; no rounding to

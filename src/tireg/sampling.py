@@ -327,10 +327,14 @@ def shrink_matrix(
     positive whole number (:func:`downsample`'s); anything else raises a ``ValueError``.
     """
     factor = _check_factor(factor, "shrink_matrix()")
+    return torch.tensor(_shrink_values(factor), dtype=dtype, device=device)
+
+
+def _shrink_values(factor: float) -> tuple:
+    """:func:`shrink_matrix`'s entries, row by row; ``1 / f`` gives its inverse
+    (``x = x_full / f - (f - 1) / (2 f)``)."""
     offset = (factor - 1) / 2.0
-    return torch.tensor(
-        [[float(factor), 0.0, offset], [0.0, float(factor), offset], [0.0, 0.0, 1.0]], dtype=dtype, device=device
-    )
+    return ((float(factor), 0.0, offset), (0.0, float(factor), offset), (0.0, 0.0, 1.0))
 
 
 def sampling_grid(
