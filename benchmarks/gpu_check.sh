@@ -36,7 +36,7 @@
 # carry [".whl"] and timeout_s 480, and give the machine back after (or rerun a
 # part at once: "bash benchmarks/gpu_check.sh register"). (.whl/ is in .gitignore.)
 #
-# GPU_CHECK_DEVICE=cpu runs every part on the CPU at small sizes (about 3 minutes),
+# GPU_CHECK_DEVICE=cpu runs every part on the CPU at small sizes (about 2 minutes),
 # to try the script here; its numbers mean nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."

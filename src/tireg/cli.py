@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser(
         "apply", parents=[common], formatter_class=_Formatter, epilog=APPLY_EXAMPLE,
         help="resample an image with a saved transform",
-        description="Resample IMAGE with the transform saved in TRANSFORM (a tireg .json or an ITK .tfm).",
+        description="Resample IMAGE with the transform saved in TRANSFORM (a tireg .json, an ITK .tfm, or "
+        "the .csv of tireg stack).",
     )
     sub.add_argument("transform", metavar="TRANSFORM",
                      help="transform file: .json, .tfm or .txt, or the .csv of tireg stack (a matrix per page)")
@@ -424,10 +425,10 @@ def _schedule(args: argparse.Namespace, size: tuple[int, int]) -> list[tuple[int
     from .register import Pyramid
 
     pyramid = Pyramid() if args.levels is None else Pyramid(shrink_factors=args.levels)
-    if args.levels is not None and args.levels[-1] != min(args.levels):  # "1,2,4": coarse to fine reversed
-        warnings.warn(f"--levels {','.join(map(str, args.levels))} ends at shrink factor {args.levels[-1]}, not "
-                      f"its finest {min(args.levels)}: the result is found at 1/{args.levels[-1]} of the resolution "
-                      "(factors go from coarse to fine, e.g. 4,2,1)", UserWarning, stacklevel=2)
+    if args.levels is not None and args.levels[-1] != 1:  # "1,2,4": coarse to fine reversed; "4,2": no full level
+        warnings.warn(f"--levels {','.join(map(str, args.levels))} ends at shrink factor {args.levels[-1]}: the "
+                      f"result is found at 1/{args.levels[-1]} of the resolution (factors go from coarse to fine "
+                      "and end with 1 for full resolution, e.g. 4,2,1)", UserWarning, stacklevel=2)
     return pyramid.levels(size)
 
 
@@ -765,8 +766,11 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
     warped = _warp_frames(image.frames, matrices, size, args.interpolation)
     write_frames(outputs.temporary(output), warped, out_format)
     written = outputs.commit()
-    _say(args, f"resampled {image.path.name} ({image.describe()}) onto {size[0]} x {size[1]} pixels "
-               f"(height x width, as --size takes them) with {Path(args.transform).name}")
+    # sizes as width x height, as describe() gives them (--size takes height x width: said so)
+    _say(args, f"resampled {image.path.name} ({image.describe()}) onto {size[1]} x {size[0]} pixels "
+               f"(width x height) with {Path(args.transform).name}")
+    if matrices.shape[0] > 1:
+        _say(args, f"  {matrices.shape[0]} matrices, one per page; the first:")
     for line in _format_matrix(matrices[0], "  "):
         _say(args, line)
     _say(args, f"wrote {_names(written)}")
