@@ -453,6 +453,26 @@ def test_a_failed_write_names_the_output_not_its_temporary(data, registered, tmp
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("where", ["os.fsync", "tireg.viz._save"])  # fsync: the transform files' last step
+def test_a_full_disk_names_the_transform_or_picture_it_stopped(data, tmp_path, monkeypatch, capsys, where):
+    """A transform file or a picture that failed for a full disk said only "No space left on device"."""
+    import errno
+
+    monkeypatch.chdir(tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    module, _, name = where.rpartition(".")
+    monkeypatch.setattr(__import__("importlib").import_module(module), name, full)
+    folder = data["folder"]
+    assert main(["register", str(folder / "fixed.png"), str(folder / "moving.png"), "-o", "out", "-q",
+                 "-t", "translation"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("tireg: error: 'out/") and error.endswith("': No space left on device"), error
+    assert ".tmp" not in error and not (tmp_path / "out").exists()
+
+
 def test_the_stack_csv_names_each_column_once_and_applies_to_another_channel(drift, tmp_path, monkeypatch):
     """The affine kind's parameters a00 .. a11 and the matrix's a00 .. a12 shared names; no command
     could apply a stack's matrices to another file (a second channel of the same frames)."""

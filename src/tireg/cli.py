@@ -589,14 +589,17 @@ def _write_register_outputs(outputs: OutputFiles, paths: dict[str, Path], result
 
     size = result.fixed_size
     warped = _warp_frames(moving.frames, result.matrix.numpy()[None], size, args.interpolation)
-    write_frames(outputs.temporary(paths["warped"]), warped, moving.format)
-    result.save(outputs.temporary(paths["json"]))
-    result.save(outputs.temporary(paths["tfm"]))
+    with outputs.writing(paths["warped"]) as temporary:
+        write_frames(temporary, warped, moving.format)
+    for name in ("json", "tfm"):
+        with outputs.writing(paths[name]) as temporary:
+            result.save(temporary)
     after = _warp_frames(moving_grey[None, :, :, None], result.matrix.numpy()[None], size, args.interpolation)
-    viz.save_comparison(outputs.temporary(paths["picture"]), fixed_grey, _identity_before(moving_grey, size),
-                        after[0, :, :, 0], title=title)
-    viz.save_convergence(outputs.temporary(paths["plot"]), _history(result),
-                         title=f"{result.transform}, {args.metric}", metric=f"cost ({args.metric})")
+    with outputs.writing(paths["picture"]) as temporary:
+        viz.save_comparison(temporary, fixed_grey, _identity_before(moving_grey, size), after[0, :, :, 0], title=title)
+    with outputs.writing(paths["plot"]) as temporary:
+        viz.save_convergence(temporary, _history(result), title=f"{result.transform}, {args.metric}",
+                             metric=f"cost ({args.metric})")
 
 
 #: Suffixes of image files: an output folder so named is a mistake for an output file.
@@ -764,7 +767,8 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
     outputs.check(output)
     out_format = ImageFormat(kind, image.format.dtype, image.format.channel_axis, image.format.photometric)
     warped = _warp_frames(image.frames, matrices, size, args.interpolation)
-    write_frames(outputs.temporary(output), warped, out_format)
+    with outputs.writing(output) as temporary:
+        write_frames(temporary, warped, out_format)
     written = outputs.commit()
     # sizes as width x height, as describe() gives them (--size takes height x width: said so)
     _say(args, f"resampled {image.path.name} ({image.describe()}) onto {size[1]} x {size[0]} pixels "
@@ -947,11 +951,16 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
         folder = outputs.temporary(output)
         folder.mkdir()
         for k, name in enumerate(_frame_names(stack)):
-            write_frames(folder / name, aligned[k:k + 1], stack.formats[k])
+            try:
+                write_frames(folder / name, aligned[k:k + 1], stack.formats[k])
+            except OSError as error:  # named by the frame's output, not the temporary folder
+                raise OSError(error.errno or 0, error.strerror or str(error), str(output / name)) from error
     else:
-        write_frames(outputs.temporary(output), aligned,
-                     ImageFormat(kind, stack.format.dtype, stack.format.channel_axis, stack.format.photometric))
-    _write_stack_csv(outputs.temporary(csv_path), stack, found, args.transform)
+        with outputs.writing(output) as temporary:
+            write_frames(temporary, aligned,
+                         ImageFormat(kind, stack.format.dtype, stack.format.channel_axis, stack.format.photometric))
+    with outputs.writing(csv_path) as temporary:
+        _write_stack_csv(temporary, stack, found, args.transform)
     written = outputs.commit()
 
     matrices = found["matrices"]
@@ -1019,8 +1028,9 @@ def _cmd_demo(args: argparse.Namespace, outputs: OutputFiles) -> int:
         progress.close()
 
     png = ImageFormat("png", np.dtype(np.uint8))
-    write_frames(outputs.temporary(paths["fixed.png"]), fixed_u8[None, :, :, None], png)
-    write_frames(outputs.temporary(paths["moving.png"]), moving_u8[None, :, :, None], png)
+    for name, image in (("fixed.png", fixed_u8), ("moving.png", moving_u8)):
+        with outputs.writing(paths[name]) as temporary:
+            write_frames(temporary, image[None, :, :, None], png)
     moving_image = ImageData(moving_u8[None, :, :, None], png, paths["moving.png"], ["moving.png"], [png])
     _write_register_outputs(outputs, _register_paths(folder, ".png"), result, moving=moving_image,
                             fixed_grey=fixed_u8.astype(np.float64), moving_grey=moving_u8.astype(np.float64),

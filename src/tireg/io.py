@@ -807,6 +807,17 @@ class OutputFiles:
         self._names[str(temporary)] = str(path)  # a temporary folder's files go into path by name
         return temporary
 
+    @contextlib.contextmanager
+    def writing(self, path: PathLike) -> Iterator[Path]:
+        """:meth:`temporary` for ``path``; an ``OSError`` while writing it is named by ``path`` (a full
+        disk said only "No space left on device", or named a temporary file)."""
+        path = Path(os.fspath(path))
+        temporary = self.temporary(path)
+        try:
+            yield temporary
+        except OSError as error:
+            raise OSError(error.errno or 0, error.strerror or str(error), str(path)) from error
+
     def final_names(self, text: str) -> str:
         """``text`` (an error message) with each temporary name replaced by the output it stands for."""
         for temporary, path in sorted(self._names.items(), key=lambda item: -len(item[0])):
