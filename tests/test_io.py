@@ -350,3 +350,14 @@ def test_a_larger_or_turned_page_after_the_frames_is_refused_not_left_out(tmp_pa
             writer.write(np.zeros((height, width), np.uint8))
     with pytest.raises(ImageError, match="has pages of different sizes"):
         read_stack(path)
+
+
+def test_frames_of_a_hyperstack_and_an_npy_stack_are_named_frames_not_pages(tmp_path):
+    """Frame 1 of a 2-channel ImageJ hyperstack (pages 2 and 3) was named 'page 1' in the stack CSV."""
+    frames = np.arange(3 * 2 * 16 * 16, dtype=np.uint16).reshape(3, 2, 16, 16)
+    tifffile.imwrite(tmp_path / "hyper.tif", frames, imagej=True, metadata={"axes": "TCYX"})
+    stack = read_stack(tmp_path / "hyper.tif")
+    assert stack.count == 3 and stack.channels == 2
+    assert stack.names == [f"hyper.tif frame {k}" for k in range(3)]
+    np.save(tmp_path / "stack.npy", frames[:, 0])
+    assert read_stack(tmp_path / "stack.npy").names == [f"stack.npy frame {k}" for k in range(3)]

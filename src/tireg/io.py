@@ -243,8 +243,20 @@ def read_image(path: PathLike, *, what: str = "image", frames: bool = False) -> 
         raise ImageError(f"{what} {str(path)!r} has pixels of type {data.dtype}; expected integers or floats")
     if data.size == 0 or min(data.shape[1:3]) < 1:
         raise ImageError(f"{what} {str(path)!r} is empty (shape {_disk_shape(data, image_format)})")
-    names = [path.name] if data.shape[0] == 1 else [f"{path.name} page {i}" for i in range(data.shape[0])]
-    return ImageData(data, image_format, path, names, [image_format] * data.shape[0])
+    count = data.shape[0]
+    # "page k" where frame k is page k; else "frame k" (an .npy stack; a TIFF whose pages are also
+    # channels, where frame 1 of a 2-channel hyperstack is pages 2 and 3)
+    unit = "page" if kind == "tiff" and _tiff_page_count(path) == count else "frame"
+    names = [path.name] if count == 1 else [f"{path.name} {unit} {i}" for i in range(count)]
+    return ImageData(data, image_format, path, names, [image_format] * count)
+
+
+def _tiff_page_count(path: Path) -> int:
+    """How many pages a (readable) TIFF holds, reduced-resolution ones left out."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        return sum(1 for page in tif.pages if not getattr(page, "is_reduced", False))
 
 
 def _disk_shape(data: np.ndarray, image_format: ImageFormat) -> tuple[int, ...]:
