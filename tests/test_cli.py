@@ -494,7 +494,8 @@ def test_levels_that_end_coarse_warn_and_help_shows_only_real_defaults(data, tmp
     folder = data["folder"]
     assert main(["register", str(folder / "fixed.png"), str(folder / "moving.png"), "-o", "out", "-q",
                  "-t", "translation", "--levels", "1,2"]) == 0
-    assert "tireg: warning: --levels 1,2 ends at shrink factor 2: the result is found at 1/2" in capsys.readouterr().err
+    assert "tireg: warning: the pyramid (1, 2) ends at shrink factor 2: the result is found at 1/2" in (
+        capsys.readouterr().err)
     assert main(["register", "--help"]) == 0
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "otherwise) (default" not in text and "(default: affine)" in text

@@ -231,12 +231,43 @@ def test_callback_sees_progress_and_can_stop():
     assert len(seen) == 3 and result.stop_reason == ["callback"] and not bool(result.converged[0])
 
 
+@pytest.mark.parametrize("optimizer", ["gauss-newton", "adam"])
+def test_stopping_from_the_callback_keeps_the_progress_it_saw(optimizer):
+    """A stop threw the interrupted level away: the result was the previous level's matrix (the
+    identity at level 0, 0 iterations), and that level was missing from the history."""
+    fixed, moving, _ = registration_pair("astronaut", "rigid", KNOWN["rigid"])
+    seen = []
+
+    def callback(state):
+        seen.append(state)
+        if state.level == 1 and state.iteration == 2:
+            raise StopIteration
+
+    result = tireg.register(fixed, moving, transform="rigid", callback=callback, init="identity",
+                            optimizer=optimizer)
+    assert len(result.history) == 2 and int(result.iterations) >= 3
+    if optimizer == "gauss-newton":  # its state's matrix is its parameters
+        torch.testing.assert_close(result.matrix, seen[-1].matrix[0].to(result.matrix.dtype), rtol=0, atol=1e-5)
+    else:  # Adam keeps the best of its level, which is not the identity
+        assert not torch.allclose(result.matrix, torch.eye(3, dtype=result.matrix.dtype))
+
+
 def test_pyramid_settings():
     fixed, moving, truth = registration_pair("astronaut", "rigid", KNOWN["rigid"])
     result = tireg.register(fixed, moving, transform="rigid", pyramid=tireg.Pyramid((4, 2, 1), (2.0, 1.0, 0.0)))
     assert [level.factor for level in result.history] == [4, 2, 1]
     assert result.history[0].size == (fixed.shape[0] // 4, fixed.shape[1] // 4)
     assert grid_error(result.matrix, truth, fixed.shape) < 0.2
+
+
+@pytest.mark.parametrize("factors", [(4,), (1, 2)])
+def test_a_pyramid_that_does_not_end_at_full_resolution_warns(factors):
+    """(4,) or a reversed schedule gave a result at a coarse level's resolution, 'converged', silently."""
+    fixed, moving, _ = registration_pair("astronaut", "rigid", KNOWN["rigid"])
+    with pytest.warns(UserWarning, match=rf"ends at shrink factor {factors[-1]}: the result is found at "
+                                         rf"1/{factors[-1]} of the resolution") as caught:
+        tireg.register(fixed, moving, transform="rigid", pyramid=factors)
+    assert caught[0].filename == __file__  # the warning points at the caller
 
 
 @pytest.mark.parametrize("factors", [(1, 2, 1), (2, 1, 1), (1, 1)])
@@ -438,7 +469,8 @@ def test_bad_input_is_named():
          ValueError, "line_search_fn must be None or 'strong_wolfe'"),
         (dict(fixed=fixed[:4, :4], moving=moving[:4, :4]), ValueError, "at least 8 x 8"),
         (dict(fixed=torch.stack([fixed] * 3, -1), moving=torch.stack([moving] * 3, -1)), ValueError,
-         r"at least 8 x 8 pixels; got 'fixed' \(H, W\) = \(\d+, 3\).*read as \(C, H, W\)"),  # (H, W, C) arrays
+         r"'fixed' of shape \(\d+, \d+, 3\) is read as \(C, H, W\): \d+ channels of \d+ x 3 pixels; if it is "
+         r"\(H, W, C\), pass np.moveaxis"),  # (H, W, C) arrays
         (dict(fixed=torch.stack([fixed, torch.zeros_like(fixed)]), moving=torch.stack([moving] * 2)), ValueError,
          "'fixed' is constant .inside its mask. in channel 1 of 2: there is nothing to align; pass the channels"),
         (dict(fixed=fixed, moving=moving, pyramid=4), TypeError, "'pyramid' must be a Pyramid or a sequence"),
@@ -812,3 +844,13 @@ def test_a_callback_under_inference_mode_writes_into_inference_tensors():
 
         result = tireg.register(fixed, moving, transform="translation", callback=record)
     assert grid_error(result.matrix, truth, fixed.shape) < 0.2 and bool((log != 0).any())
+
+
+def test_warping_an_hwc_array_with_the_result_is_refused_with_the_fix(rigid_result):
+    """RegistrationResult.warp resampled a (192, 256, 3) RGB array as 192 channels of 256 x 3 pixels."""
+    result = rigid_result[0]
+    rgb = np.zeros((*result.fixed_size, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"RegistrationResult.warp\(\): 'moving' of shape \(\d+, \d+, 3\) is read "
+                                         r"as \(C, H, W\).*np.moveaxis\(image, -1, 0\)"):
+        result.warp(rgb)
+    assert result.warp(np.moveaxis(rgb, -1, 0)).shape == (3, *result.fixed_size)

@@ -7,7 +7,7 @@ Conventions (see ``docs/design.md``): images ``(B, C, H, W)``; points
 """
 
 from . import analytic, initialize, losses, mappings, models, sampling, transform_io, transforms
-from .register import Pyramid, RegistrationResult, register
+from .register import STOP_REASONS, IterationState, Pyramid, RegistrationResult, register
 from .losses import (
     CauchyLoss,
     CharbonnierLoss,
@@ -42,6 +42,8 @@ __version__ = "0.1.0"
 __all__ = [
     "register",
     "RegistrationResult",
+    "IterationState",
+    "STOP_REASONS",
     "Pyramid",
     "warp",
     "image_gradient",

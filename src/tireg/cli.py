@@ -425,11 +425,7 @@ def _schedule(args: argparse.Namespace, size: tuple[int, int]) -> list[tuple[int
     from .register import Pyramid
 
     pyramid = Pyramid() if args.levels is None else Pyramid(shrink_factors=args.levels)
-    if args.levels is not None and args.levels[-1] != 1:  # "1,2,4": coarse to fine reversed; "4,2": no full level
-        warnings.warn(f"--levels {','.join(map(str, args.levels))} ends at shrink factor {args.levels[-1]}: the "
-                      f"result is found at 1/{args.levels[-1]} of the resolution (factors go from coarse to fine "
-                      "and end with 1 for full resolution, e.g. 4,2,1)", UserWarning, stacklevel=2)
-    return pyramid.levels(size)
+    return pyramid.levels(size)  # register() warns about factors that do not end with 1
 
 
 def _single(image: ImageData, what: str) -> ImageData:

@@ -73,7 +73,7 @@ from .sampling import (
 )
 from .transforms import Transform, get_transform, image_center
 
-__all__ = ["register", "RegistrationResult", "LevelHistory", "Pyramid", "STOP_REASONS"]
+__all__ = ["register", "RegistrationResult", "LevelHistory", "IterationState", "Pyramid", "STOP_REASONS"]
 
 ImageLike = Union[torch.Tensor, np.ndarray]
 
@@ -366,6 +366,12 @@ def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) 
     if image.numel() == 0 or min(image.shape[-2:]) < 1:
         raise ValueError(f"{caller}: '{name}' is empty; got shape {tuple(image.shape)}")
     channels, _, width = image.shape if ndim == 3 else (0, 0, 0)
+    if width < 8 and channels >= 4 * width and channels > 4:  # (H, W, C) with C <= 4 read as (C, H, W)
+        # register() refuses images under 8 x 8 with the same hint; RegistrationResult.warp() resampled
+        # a (192, 256, 3) RGB array as 192 channels of 256 x 3 pixels without a word
+        raise ValueError(f"{caller}: '{name}' of shape {tuple(image.shape)} is read as (C, H, W): {channels} "
+                         f"channels of {image.shape[1]} x {width} pixels; if it is (H, W, C), pass "
+                         "np.moveaxis(image, -1, 0) or tensor.permute(2, 0, 1)")
     if 8 <= width <= 16 and channels >= 4 * width:  # an (H, W, C) array of 8 to 16 channels read as
         # (C, H, W): registered as a few columns of many channels, without a word (fewer columns than 8 are
         # refused by the size check, with the same hint)
@@ -842,18 +848,30 @@ def _assemble_hessian(moments: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class IterationState:
-    """What a ``callback`` sees after every iteration; raise ``StopIteration`` to stop."""
+    """What a ``callback`` of :func:`register` sees after every iteration; raise ``StopIteration`` to stop.
+
+    Attributes:
+        level: the pyramid level's index, 0 for the coarsest.
+        factor: its shrink factor (1: full resolution).
+        iteration: the iteration within the level, from 0.
+        cost: ``(B,)``, each pair's cost at the level's resolution.
+        matrix: ``(B, 3, 3)``, each pair's current matrix, fixed -> moving in full-resolution pixels.
+        active: ``(B,)`` bool, the pairs still moving at this level.
+    """
 
     level: int
     factor: int
     iteration: int
-    cost: torch.Tensor  # (B,)
-    matrix: torch.Tensor  # (B, 3, 3) full-resolution pixels
-    active: torch.Tensor  # (B,) pairs still moving at this level
+    cost: torch.Tensor
+    matrix: torch.Tensor
+    active: torch.Tensor
 
 
 class _Stop(Exception):
-    """The callback asked to stop."""
+    """The callback asked to stop; ``outcome`` is the interrupted level's, as the level returns it
+    (``(params, iterations, reasons, costs)``): the result keeps the progress the callback saw."""
+
+    outcome: Optional[tuple] = None
 
 
 def _displacement(problem: _Problem, before: torch.Tensor, step: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
@@ -979,7 +997,11 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         status = torch.where(stalled, _STALLED, status)
         active = active ^ stalled
         costs.append(current.cost)
-        _notify(callback, level_index, level, iteration, current.cost, problem, params, active)
+        try:
+            _notify(callback, level_index, level, iteration, current.cost, problem, params, active)
+        except _Stop as stop:
+            stop.outcome = (params, *_level_outcome(status, iterations, costs, passes))
+            raise
         if _should_look(iteration, interval) and not bool(active.any()):
             break
     return (params, *_level_outcome(status, iterations, costs, passes))
@@ -1090,7 +1112,11 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
         status = torch.where(converged, _CONVERGED, status)
         active = active & ~converged
         costs.append(best["cost"].detach().clone())
-        _notify(callback, level_index, level, iteration, best["cost"], problem, after, active)
+        try:
+            _notify(callback, level_index, level, iteration, best["cost"], problem, after, active)
+        except _Stop as stop:
+            stop.outcome = (best["params"], *_level_outcome(status, iterations, costs, passes))
+            raise
         if _should_look(iteration, interval) and not bool(active.any()):
             break
     return (best["params"], *_level_outcome(status, iterations, costs, passes))
@@ -1211,7 +1237,11 @@ def register(
     Args:
         fixed, moving: images as tensors or arrays, ``(H, W)``, ``(C, H, W)``
             or ``(B, C, H, W)`` for ``B`` pairs (a batch of 1 is broadcast);
-            any real dtype; same channel count.  They may differ in size.
+            any real dtype; same channel count.  They may differ in size: the
+            automatic start aligns their centres and searches about them, so a
+            fixed image that is a small part of the moving one far from its
+            centre (a template) needs a start near it (``init``, e.g. from
+            ``cv2.matchTemplate``), or it ends elsewhere and reports converged.
         transform: ``"translation"``, ``"rigid"``, ``"similarity"``,
             ``"anisotropic_similarity"``, ``"affine"``, a
             :class:`~tireg.transforms.Transform`, or a ready-made model
@@ -1242,7 +1272,9 @@ def register(
             When ``transform`` is a model, leave ``init`` out: the model's
             matrix is the start.
         callback: called with an :class:`IterationState` after every
-            iteration; raising ``StopIteration`` stops (status ``"callback"``).
+            iteration; raising ``StopIteration`` stops (status ``"callback"``)
+            with the parameters reached so far (Gauss-Newton's: the state's
+            matrix; a first-order optimiser's: the best of its level).
         max_iterations: per level (default 50 for Gauss-Newton, 300 otherwise).
         tolerance: a pair has converged at a level when a step moves no
             corner of the image by more than ``tolerance * factor`` pixels
@@ -1354,6 +1386,11 @@ def register(
         pyramid = Pyramid(shrink_factors=tuple(pyramid))  # a list, a range, an array or a tensor of factors
     smaller = (min(fixed_t.shape[-2], moving_t.shape[-2]), min(fixed_t.shape[-1], moving_t.shape[-1]))
     schedule = pyramid.levels(smaller)
+    if schedule[-1][0] != 1:  # (4,) or (1, 2, 4): a coarse result, reported 'converged' without a word
+        factors = tuple(factor for factor, _ in schedule)
+        warnings.warn(f"{caller}: the pyramid {factors} ends at shrink factor {factors[-1]}: the result is found at "
+                      f"1/{factors[-1]} of the resolution (shrink factors go from coarse to fine and end with 1 for "
+                      "full resolution, e.g. (4, 2, 1))", UserWarning, stacklevel=3)
 
     fixed_mask = _as_mask(mask, fixed_t, "mask")
     moving_mask_t = _as_mask(moving_mask, moving_t, "moving_mask")
@@ -1418,8 +1455,12 @@ def register(
                 params, iterations, reasons, costs = _first_order(
                     problem, level, params, name=optimizer, options=optimizer_options, gradients=gradients, **options
                 )
-        except _Stop:
+        except _Stop as stop:  # the interrupted level's progress is kept, as far as the callback saw it
             reasons = ["callback"] * batch
+            if stop.outcome is not None:
+                params, iterations, _, costs = stop.outcome
+                total_iterations += iterations
+                history.append(LevelHistory(factor, tuple(level.fixed.shape[-2:]), costs.cpu()))
             break
         total_iterations += iterations
         history.append(LevelHistory(factor, tuple(level.fixed.shape[-2:]), costs.cpu()))
