@@ -220,7 +220,8 @@ def test_tfm_comment_restores_kind_only_when_it_still_describes_the_file(tmp_pat
     loaded = load_transform(path)
     assert (loaded.transform, loaded.parameters, loaded.metadata) == ("rigid", kwargs["parameters"], {"run": 7})
     # another geometry gives another pixel matrix: the pixel-unit parameters no longer apply
-    other = load_transform(path, fixed_geometry={"spacing": (2.0, 2.0)})
+    with pytest.warns(UserWarning, match="was saved with fixed_geometry None but is read with ImageGeometry"):
+        other = load_transform(path, fixed_geometry={"spacing": (2.0, 2.0)})
     assert other.transform == "AffineTransform_double_2_2" and other.parameters == {}
     assert other.metadata == {"run": 7}
     np.testing.assert_allclose(other.center.numpy(), (2.0, 2.5))
@@ -734,7 +735,8 @@ def test_itk_round_trip_is_bit_identical_with_a_centre_and_geometry(tmp_path):
                               moving_geometry=geometry)
         loaded = load_transform(path, fixed_geometry=geometry, moving_geometry=geometry)
         assert np.array_equal(loaded.matrix.numpy(), matrix) and np.array_equal(loaded.center.numpy(), center)
-    other = load_transform(path)  # another geometry: the ITK lines' matrix, converted, not the record
+    with pytest.warns(UserWarning, match="is read with None"):  # another geometry: the ITK lines' matrix,
+        other = load_transform(path)                             # converted, not the record
     assert not np.allclose(other.matrix.numpy(), matrix)
     # no centre recorded: ITK's (0, 0) as read, and the kind still restored
     plain = load_transform(save_transform(tmp_path / "plain.tfm", matrix, transform="affine", parameters={"p": 1.0}))
@@ -766,3 +768,25 @@ def test_metadata_that_json_cannot_write_is_named(tmp_path):
         with pytest.raises(error, match=r"^save_transform\(\): " + match):
             save_transform(tmp_path / "m.json", torch.eye(3), metadata=metadata)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tfm_saved_with_geometries_and_read_without_them_warns(tmp_path):
+    """Its ITK lines are in physical units: read without the geometries it was saved with, it gave
+    another pixel matrix (3 px off on an audit's case) without a word."""
+    import warnings
+
+    from tireg.transform_io import ImageGeometry, load_transform, save_transform
+
+    matrix = np.eye(3)
+    matrix[0, 1], matrix[0, 2] = 0.05, 3.0
+    geometry = ImageGeometry(spacing=(0.5, 0.5), origin=(10.0, -3.0))
+    save_transform(tmp_path / "g.tfm", matrix, fixed_geometry=geometry, moving_geometry=geometry)
+    with pytest.warns(UserWarning, match=r"was saved with fixed_geometry ImageGeometry\(spacing=\(0.5, 0.5\).*but is "
+                                         r"read with None"):
+        load_transform(tmp_path / "g.tfm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = load_transform(tmp_path / "g.tfm", fixed_geometry=geometry, moving_geometry=geometry)
+        save_transform(tmp_path / "p.tfm", matrix)
+        plain = load_transform(tmp_path / "p.tfm")
+    assert np.array_equal(again.matrix.numpy(), matrix) and np.array_equal(plain.matrix.numpy(), matrix)

@@ -536,7 +536,9 @@ def _itk_text(
         raise ValueError(f"{caller}: the matrix in physical units (the geometries' spacing and origin applied) "
                          "is beyond float64's range; nothing was written")
     comment = {"transform": transform, "parameters": parameters, "metadata": metadata, "matrix": array.tolist(),
-               "center": None if center is None else center.tolist()}
+               "center": None if center is None else center.tolist(),
+               "fixed_geometry": None if fixed is None else fixed.to_dict(),
+               "moving_geometry": None if moving is None else moving.to_dict()}
     return "\n".join(
         [
             _ITK_HEADER,
@@ -862,6 +864,7 @@ def _read_itk(
     ]
     transform, parameters, metadata = blocks[0].type, {}, {"itk_transforms": raw_blocks}
     if isinstance(comment, dict):
+        _warn_other_geometries(comment, fixed, moving, path)
         transform, parameters, metadata, array, center = _restore_comment(
             comment, (transform, parameters, metadata, array, center))
     return TransformFile(
@@ -927,6 +930,26 @@ def _itk_block_matrix(block: _Block, kind: str, where: str) -> tuple[np.ndarray,
     matrix[:2, :2] = linear
     matrix[:2, 2] = offset
     return matrix, center
+
+
+def _warn_other_geometries(comment: dict, fixed: Optional[ImageGeometry], moving: Optional[ImageGeometry],
+                           path: Path) -> None:
+    """Warn where a ``#tireg:`` comment records geometries other than those given: the ITK lines are in
+    physical units, and read with other geometries they give another pixel matrix (3 px off on a test,
+    silently, where the file was saved with the images' spacing and origin and loaded without)."""
+    differences = []
+    for key, given in (("fixed_geometry", fixed), ("moving_geometry", moving)):
+        if key not in comment:  # written before the geometries were recorded
+            continue
+        try:
+            stored = _as_geometry(comment[key], key, "")
+        except (TypeError, ValueError):
+            continue
+        if (stored or ImageGeometry()) != (given or ImageGeometry()):
+            differences.append(f"{key} {stored} but is read with {given}")
+    if differences:
+        warnings.warn(f"load_transform(): {str(path)!r} was saved with {'; and with '.join(differences)}: its pixel "
+                      "matrix is not the one saved (pass the geometries as when saving)", UserWarning, stacklevel=4)
 
 
 def _restore_comment(comment: dict, read: tuple) -> tuple:
