@@ -1268,9 +1268,9 @@ def register(
             another method name there (``"identity"``, ``"center"``,
             ``"moments"``, ``"phase"``, ``"fourier-mellin"``, ``"search"``),
             or a ``(3, 3)`` / ``(B, 3, 3)`` fixed -> moving pixel matrix.
-        device: where to compute (default: the fixed image's device).
             When ``transform`` is a model, leave ``init`` out: the model's
-            matrix is the start.
+            matrix is the start (the model itself is not changed).
+        device: where to compute (default: the fixed image's device).
         callback: called with an :class:`IterationState` after every
             iteration; raising ``StopIteration`` stops (status ``"callback"``)
             with the parameters reached so far (Gauss-Newton's: the state's

@@ -402,8 +402,11 @@ def _suffix(path: Path, caller: str) -> str:
     if suffix in JSON_SUFFIXES + ITK_SUFFIXES:
         return suffix
     hint = ""
-    if suffix in (".h5", ".hdf5", ".mat", ".xfm"):
+    if suffix in (".h5", ".hdf5", ".mat", ".xfm") and caller.startswith("load"):
         hint = " (convert it to text first, e.g. sitk.WriteTransform(sitk.ReadTransform(path), 'out.tfm'))"
+    elif suffix in (".h5", ".hdf5", ".mat", ".xfm"):  # writing: the reading hint misled
+        hint = " (tireg writes text transforms; SimpleITK converts one: sitk.WriteTransform(sitk.ReadTransform(" \
+               "'t.tfm'), 'out" + suffix + "'))"
     raise ValueError(
         f"{caller}: unsupported file suffix {suffix or '(none)'!r} in {str(path)!r}; "
         f"use one of {', '.join(JSON_SUFFIXES + ITK_SUFFIXES)}{hint}"
