@@ -550,8 +550,7 @@ def test_save_batch_center_shape(tmp_path):
 @pytest.mark.parametrize(
     "name, match",
     [
-        ("t.h5", r"unsupported file suffix '\.h5' .*use one of \.json, \.tfm, \.txt \(tireg writes text transforms; "
-                 r"SimpleITK converts one"),  # the reading hint ("convert it to text first") misled a writer
+        ("t.h5", r"unsupported file suffix '\.h5' .*use one of \.json, \.tfm, \.txt \("),  # a hint: below
         ("t.xml", r"unsupported file suffix '\.xml' .*use one of \.json, \.tfm, \.txt$"),
         ("transform", r"unsupported file suffix '\(none\)'"),
     ],
@@ -793,8 +792,12 @@ def test_a_tfm_saved_with_geometries_and_read_without_them_warns(tmp_path):
     assert np.array_equal(again.matrix.numpy(), matrix) and np.array_equal(plain.matrix.numpy(), matrix)
 
 
-def test_reading_a_binary_transform_suggests_converting_it(tmp_path):
+def test_a_binary_transform_suffix_gets_a_hint_for_reading_or_for_writing(tmp_path):
+    """Writing one was told to 'convert it to text first', the reading hint."""
     (tmp_path / "t.h5").write_bytes(b"\x89HDF")
     with pytest.raises(ValueError, match=r"load_transform\(\): unsupported file suffix '\.h5'.*\(convert it to text "
                                          r"first, e.g. sitk.WriteTransform"):
         load_transform(tmp_path / "t.h5")
+    with pytest.raises(ValueError, match=r"save_transform\(\): unsupported file suffix '\.h5'.*\(tireg writes text "
+                                         r"transforms; SimpleITK converts one"):
+        save_transform(tmp_path / "out.h5", torch.eye(3))
