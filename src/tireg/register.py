@@ -1149,8 +1149,13 @@ def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str) -
     batch = fixed.shape[0]
     if isinstance(init, (torch.Tensor, np.ndarray)):
         matrix = torch.as_tensor(init).detach().to(torch.float64)
+        if matrix.dim() in (2, 3) and matrix.shape[-2:] == (2, 3):  # OpenCV's affine matrix (warpAffine,
+            # findTransformECC): its top two rows, the same fixed -> moving map (README, "Conventions")
+            bottom = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(*matrix.shape[:-2], 1, 3)
+            matrix = torch.cat([matrix, bottom], dim=-2)
         if matrix.shape[-2:] != (3, 3) or matrix.dim() not in (2, 3) or matrix.reshape(-1, 3, 3).shape[0] not in (1, batch):
-            raise ValueError(f"{caller}: 'init' matrix must be (3, 3) or ({batch}, 3, 3); got {tuple(matrix.shape)}")
+            raise ValueError(f"{caller}: 'init' matrix must be (3, 3), (2, 3) (OpenCV's) or ({batch}, 3, 3); "
+                             f"got {tuple(matrix.shape)}")
         _check_start(matrix, kind, caller, "init")
         return matrix.reshape(-1, 3, 3).expand(batch, 3, 3).to(fixed.device)
     if not isinstance(init, str):
@@ -1267,7 +1272,9 @@ def register(
         init: ``"auto"`` (default; see :func:`tireg.initialize.initialize`),
             another method name there (``"identity"``, ``"center"``,
             ``"moments"``, ``"phase"``, ``"fourier-mellin"``, ``"search"``),
-            or a ``(3, 3)`` / ``(B, 3, 3)`` fixed -> moving pixel matrix.
+            or a ``(3, 3)`` / ``(B, 3, 3)`` fixed -> moving pixel matrix (or
+            its top two rows, ``(2, 3)``: OpenCV's ``warpAffine`` /
+            ``findTransformECC`` matrix is that map, README "Conventions").
             When ``transform`` is a model, leave ``init`` out: the model's
             matrix is the start (the model itself is not changed).
         device: where to compute (default: the fixed image's device).
