@@ -41,6 +41,7 @@ from .io import (
     OutputFiles,
     SUFFIXES,
     check_writable,
+    errors_named_by,
     luminance,
     read_image,
     read_stack,
@@ -947,10 +948,8 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
         folder = outputs.temporary(output)
         folder.mkdir()
         for k, name in enumerate(_frame_names(stack)):
-            try:
+            with errors_named_by(output / name):  # the frame's output, not the temporary folder
                 write_frames(folder / name, aligned[k:k + 1], stack.formats[k])
-            except OSError as error:  # named by the frame's output, not the temporary folder
-                raise OSError(error.errno or 0, error.strerror or str(error), str(output / name)) from error
     else:
         with outputs.writing(output) as temporary:
             write_frames(temporary, aligned,

@@ -57,6 +57,7 @@ __all__ = [
     "read_stack",
     "write_image",
     "write_frames",
+    "errors_named_by",
     "format_for_path",
     "luminance",
     "to_chw",
@@ -590,15 +591,23 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
         data = data[..., 0]
     if data.shape[0] == 1:
         data = data[0]
-    with atomic_path(path) as temporary:
-        try:
-            _write_data(temporary, data, kind, frames.shape[-1], image_format, path.suffix.lower())
-        except OSError as error:  # named by the destination: a full disk said "294912 requested and 102272 written"
-            reason = error.strerror or str(error)
-            if error.errno is None and "written" in reason:
-                reason += " (a short write: is the disk full?)"
-            raise OSError(error.errno or 0, reason, str(path)) from error
+    with atomic_path(path) as temporary, errors_named_by(path):
+        _write_data(temporary, data, kind, frames.shape[-1], image_format, path.suffix.lower())
     return path
+
+
+@contextlib.contextmanager
+def errors_named_by(path: PathLike) -> Iterator[None]:
+    """An ``OSError`` inside is raised again naming ``path``, the output it was writing (its cause
+    kept): a full disk said "294912 requested and 102272 written", or only "No space left on
+    device", or named a temporary file; a short write says it may be a full disk."""
+    try:
+        yield
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if error.errno is None and "written" in reason:
+            reason += " (a short write: is the disk full?)"
+        raise OSError(error.errno or 0, reason, str(path)) from error
 
 
 def _write_data(temporary: Path, data: np.ndarray, kind: str, channels: int, image_format: ImageFormat,
@@ -821,14 +830,12 @@ class OutputFiles:
 
     @contextlib.contextmanager
     def writing(self, path: PathLike) -> Iterator[Path]:
-        """:meth:`temporary` for ``path``; an ``OSError`` while writing it is named by ``path`` (a full
-        disk said only "No space left on device", or named a temporary file)."""
+        """:meth:`temporary` for ``path``; an ``OSError`` while writing it is named by ``path``
+        (:func:`errors_named_by`)."""
         path = Path(os.fspath(path))
         temporary = self.temporary(path)
-        try:
+        with errors_named_by(path):
             yield temporary
-        except OSError as error:
-            raise OSError(error.errno or 0, error.strerror or str(error), str(path)) from error
 
     def final_names(self, text: str) -> str:
         """``text`` (an error message) with each temporary name replaced by the output it stands for."""
