@@ -104,12 +104,11 @@ def compiled_autograd_step(moving: torch.Tensor, fixed: torch.Tensor, transform:
     return step
 
 
-def random_images(batch: int, size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(fixed, moving)``, uniform random, made on ``device`` by its own generator (on a GPU a
-    CPU generator and a copy took seconds for a 1024 x 1024² batch)."""
+def random_images(batch: int, size: int, device: str, count: int = 2) -> tuple[torch.Tensor, ...]:
+    """``count`` images (``(fixed, moving)`` by default), uniform random, made on ``device`` by its own
+    generator (on a GPU a CPU generator and a copy took seconds for a 1024 x 1024² batch)."""
     generator = torch.Generator(device).manual_seed(0)
-    fixed = torch.rand(batch, 1, size, size, generator=generator, device=device)
-    return fixed, torch.rand(batch, 1, size, size, generator=generator, device=device)
+    return tuple(torch.rand(batch, 1, size, size, generator=generator, device=device) for _ in range(count))
 
 
 def fell_back(device: str) -> bool:
@@ -380,7 +379,7 @@ MEMORY_CASES = ((256, 128), (1024, 8), (1024, 1), (4096, 1))
 
 def _memory_inputs(size: int, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A solvable pair (no fallback search): random ``fixed``, ``moving`` its roll."""
-    fixed, _ = random_images(batch, size, device)
+    (fixed,) = random_images(batch, size, device, count=1)  # the moving image is its roll, not a second draw
     return fixed, torch.roll(fixed, shifts=(3, -2), dims=(-2, -1))
 
 
