@@ -576,11 +576,13 @@ def test_fixed_and_moving_of_different_sizes():
 # convergence checked on the device: the host looks every few iterations on a GPU
 
 
-def _as_on_a_gpu(monkeypatch, interval: int) -> None:
-    """Run register's loops as on a GPU (reads are not free), looking every ``interval`` iterations."""
+def _as_on_a_gpu(monkeypatch, interval: int, early: int = 8) -> None:
+    """Run register's loops as on a GPU (reads are not free), looking at each of a level's first
+    ``early`` iterations and then every ``interval``."""
     module = importlib.import_module("tireg.register")  # the module; tireg.register is the function
     monkeypatch.setattr(module, "_looks_are_free", lambda device: False)
     monkeypatch.setattr(module, "DEVICE_CHECK_INTERVAL", interval)
+    monkeypatch.setattr(module, "EARLY_LOOKS", early)
 
 
 def _mixed_batch():
@@ -597,8 +599,8 @@ def test_looking_every_few_iterations_gives_the_same_result(monkeypatch, optimiz
                    max_iterations=None if optimizer == "gauss-newton" else 60)
     every = tireg.register(fixed, moving, **options)
     assert len(set(every.iterations.tolist())) > 1  # the pairs stop apart: a late look matters
-    for interval in (3, 1000):
-        _as_on_a_gpu(monkeypatch, interval)
+    for interval, early in [(3, 0), (1000, 0), (1000, 2), (3, 8)]:
+        _as_on_a_gpu(monkeypatch, interval, early)
         late = tireg.register(fixed, moving, **options)
         assert torch.equal(late.parameter_values, every.parameter_values), interval
         assert torch.equal(late.iterations, every.iterations)
@@ -606,6 +608,30 @@ def test_looking_every_few_iterations_gives_the_same_result(monkeypatch, optimiz
         assert torch.equal(late.cost, every.cost)
         for ours, theirs in zip(late.history, every.history):
             assert torch.equal(ours.cost, theirs.cost), interval
+
+
+def test_as_on_a_gpu_levels_that_end_early_run_no_extra_evaluations(monkeypatch):
+    # Gauss-Newton levels mostly end within a few iterations. Looking only every few iterations
+    # ran passes after such a level had ended, each a whole evaluation (one 512^2 pair's register
+    # ran 25 evaluations instead of 9); the host looks at a level's first iterations.
+    module = importlib.import_module("tireg.register")
+    fixed, moving = _mixed_batch()
+    evaluations = []
+    evaluate = module._Problem.evaluate
+
+    def counted(self, params, level, *, hessian):
+        evaluations.append(level.factor)
+        return evaluate(self, params, level, hessian=hessian)
+
+    monkeypatch.setattr(module._Problem, "evaluate", counted)
+    options = dict(transform="rigid", init="identity", compile=False)
+    every = tireg.register(fixed, moving, **options)
+    on_the_cpu, evaluations[:] = list(evaluations), []
+    assert max(len(level.cost) - 1 for level in every.history) <= module.EARLY_LOOKS  # every level ends early
+    _as_on_a_gpu(monkeypatch, 4)
+    late = tireg.register(fixed, moving, **options)
+    assert evaluations == on_the_cpu
+    assert torch.equal(late.matrix, every.matrix)
 
 
 @pytest.mark.parametrize("optimizer, metric, masked", [
@@ -624,17 +650,19 @@ def test_no_host_syncs_inside_the_loop_between_looks(monkeypatch, optimizer, met
                    tolerance=1e-300, mask=mask if masked else None, moving_mask=mask if masked else None)
     tireg.register(fixed, moving, **options, max_iterations=2)  # small constants are made on first use, once
     counts = {}
-    for iterations in (4, 12):
+    early = importlib.import_module("tireg.register").EARLY_LOOKS  # the looks at a level's first iterations
+    for iterations in (early, early + 8):
         with HostSyncs() as syncs:
             result = tireg.register(fixed, moving, **options, max_iterations=iterations)
         counts[iterations] = syncs.count
         assert result.stop_reason == ["max_iterations"] or optimizer == "gauss-newton"
-    assert counts[4] == counts[12], counts
+    # (fewer where a level ends early: a pair that stops within the first looks is seen to)
+    assert counts[early + 8] <= counts[early], counts
     # while looking every iteration (the CPU's way) the waits grow with the iterations: the count sees them
     monkeypatch.setattr(importlib.import_module("tireg.register"), "_looks_are_free", lambda device: True)
     with HostSyncs() as syncs:
-        tireg.register(fixed, moving, **options, max_iterations=12)
-    assert syncs.count > counts[12]
+        tireg.register(fixed, moving, **options, max_iterations=early + 8)
+    assert syncs.count > counts[early + 8]
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
@@ -693,7 +721,8 @@ def test_intensity_normalisation_per_image_and_channel(generator):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_the_gauss_newton_loop_synchronises_only_when_it_looks_on_cuda():
     """On a real GPU, the loop's synchronisations (counted by torch's sync debug mode) grow only
-    with the looks every DEVICE_CHECK_INTERVAL iterations, not with every iteration."""
+    with the looks every DEVICE_CHECK_INTERVAL iterations after the first EARLY_LOOKS, not with
+    every iteration."""
     import warnings
 
     module = importlib.import_module("tireg.register")
@@ -701,7 +730,8 @@ def test_the_gauss_newton_loop_synchronises_only_when_it_looks_on_cuda():
     fixed, moving = fixed.cuda(), moving.cuda()
     options = dict(transform="rigid", compile=False, init="identity", tolerance=1e-300, pyramid=(1,))
     counts = {}
-    for iterations in (4, 4 + 8 * module.DEVICE_CHECK_INTERVAL):
+    first, last = module.EARLY_LOOKS, module.EARLY_LOOKS + 8 * module.DEVICE_CHECK_INTERVAL
+    for iterations in (first, last):
         tireg.register(fixed, moving, max_iterations=iterations, **options)  # warm-up
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -713,7 +743,7 @@ def test_the_gauss_newton_loop_synchronises_only_when_it_looks_on_cuda():
         counts[iterations] = sum("synchroniz" in str(warning.message) for warning in caught)
         assert int(result.iterations) > 0
     # eight more looks at most (fewer if the pair stalled), where each iteration would add several
-    assert counts[4 + 8 * module.DEVICE_CHECK_INTERVAL] - counts[4] <= 8, counts
+    assert counts[last] - counts[first] <= 8, counts
 
 
 @pytest.mark.parametrize("shape, budget", [((5, 2, 30, 40), 1 << 40), ((5, 2, 30, 40), 2 * 30 * 40 * 2),

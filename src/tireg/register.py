@@ -885,12 +885,22 @@ def _displacement(problem: _Problem, before: torch.Tensor, step: torch.Tensor, c
     return (corners @ difference[:, :2, :].transpose(1, 2)).norm(dim=-1).amax(dim=-1)
 
 
-#: On a GPU, how many iterations run between the host's looks at the pairs' convergence flags.
-#: Each look (``bool(active.any())``) waits for all queued work, a host synchronisation that
-#: leaves the GPU idle while the next launches are queued; between looks the flags, stop reasons
-#: and iteration counts stay on the device, and a pass after every pair has stopped changes
-#: nothing.  On the CPU a look costs nothing and a wasted pass a full evaluation: it looks every time.
+#: On a GPU, how many iterations run between the host's looks at the pairs' convergence flags,
+#: after a level's first :data:`EARLY_LOOKS`.  Each look (``bool(active.any())``) waits for all
+#: queued work, a host synchronisation that leaves the GPU idle while the next launches are
+#: queued; between looks the flags, stop reasons and iteration counts stay on the device, and a
+#: pass after every pair has stopped changes nothing.  On the CPU a look costs nothing and a
+#: wasted pass a full evaluation: it looks every time.
 DEVICE_CHECK_INTERVAL = 4
+
+#: On a GPU, the host also looks at each of a level's first iterations: most Gauss-Newton levels
+#: end within a few (a pyramid hands each level a start near its optimum; 125 of the 128 levels of
+#: ``accuracy.py``'s 32 cases at 256 x 256 ended within 8), and looking only every
+#: :data:`DEVICE_CHECK_INTERVAL` iterations ran up to three passes after such a level had ended,
+#: each a full evaluation: one 512 x 512 pair's ``register`` ran 25 evaluations instead of 9 (as
+#: on a GPU, on the CPU).  A look costs the GPU a pause of about one launch, where a wasted pass
+#: costs a whole evaluation's launches or kernels.
+EARLY_LOOKS = 8
 
 # stop reasons as device codes while a level runs (one host transfer at its end)
 _MAX_ITERATIONS, _CONVERGED, _STALLED = 0, 1, 2
@@ -908,7 +918,9 @@ def _check_interval(device: torch.device, callback) -> int:
 
 
 def _should_look(iteration: int, interval: int) -> bool:
-    return (iteration + 1) % interval == 0
+    """Whether the host looks at the flags in ``iteration``: each of the first :data:`EARLY_LOOKS`,
+    then every ``interval``."""
+    return iteration < EARLY_LOOKS or (iteration + 1) % interval == 0
 
 
 def _level_outcome(status: torch.Tensor, iterations: torch.Tensor, costs: list, passes: list) -> tuple:
@@ -939,8 +951,8 @@ def _notify(callback, level_index: int, level: _Level, iteration: int, cost, pro
 def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners, callback, level_index):
     """Levenberg-Marquardt from ``params``; returns ``(params, iterations, reasons, costs)`` per pair.
 
-    Nothing inside the loop waits for the device but a look at the convergence flags every
-    :func:`_check_interval` iterations (and a callback's).
+    Nothing inside the loop waits for the device but a look at the convergence flags in the
+    iterations :func:`_should_look` names (and a callback's).
     """
     batch, device = params.shape[0], params.device
     active = torch.ones(batch, dtype=torch.bool, device=device)
@@ -975,7 +987,8 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
             params = torch.where(converged[:, None], params + step, params)
         active = active ^ converged  # active & ~converged (converged pairs are active ones): one operation
         any_active = active.any()
-        if interval == 1 and not bool(any_active):
+        # the look that saves an evaluation: before the trial, after the convergence test
+        if _should_look(iteration, interval) and not bool(any_active):
             break
         passes.append(any_active)
         step = torch.where(active[:, None], step, 0.0)
@@ -1002,7 +1015,9 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         except _Stop as stop:
             stop.outcome = (params, *_level_outcome(status, iterations, costs, passes))
             raise
-        if _should_look(iteration, interval) and not bool(active.any()):
+        # where looks are free, a stalled level also ends without the next solve (on a GPU the
+        # next iteration's look, before its trial, ends it)
+        if interval == 1 and not bool(active.any()):
             break
     return (params, *_level_outcome(status, iterations, costs, passes))
 
