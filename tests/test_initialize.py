@@ -550,6 +550,15 @@ def test_constant_images_in_the_low_level_functions():
     assert torch.equal(overlap_ncc(flat, flat, torch.eye(3)), torch.zeros(2))
 
 
+def test_fourier_mellin_gives_no_rotation_nor_scale_below_8_pixels(generator):
+    # as documented: a larger side below 8 pixels has no spectrum to speak of (a 7 x 7 pair was
+    # rounded up to 8 before the test, and gave an angle of -90 degrees)
+    for shape in [(7, 7), (5, 7), (6, 6)]:
+        fixed, moving = torch.rand(2, 1, 1, *shape, generator=generator)
+        angle, scale = fourier_mellin(fixed, moving)
+        assert torch.equal(angle, torch.zeros(1)) and torch.equal(scale, torch.ones(1)), shape
+
+
 def test_overlap_ncc():
     fixed, moving = cut_pair("camera", similarity(0.0, 1.0, 10.0, 0.0), SIZE)
     assert overlap_ncc(fixed, fixed, torch.eye(3)).item() == pytest.approx(1.0, abs=1e-5)

@@ -475,10 +475,10 @@ def _log_polar_grid(size: int, angles: int, radii: int, r_min: float, r_max: flo
 def _fourier_mellin(fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fourier_mellin` on checked ``(N, 1, H, W)`` luminance images."""
     size = max(*fixed.shape[-2:], *moving.shape[-2:])
-    size += size % 2
-    if size < 8:  # no spectrum to speak of: no rotation, no scale
+    if size < 8:  # no spectrum to speak of: no rotation, no scale (tested before the rounding to even)
         zeros = torch.zeros(fixed.shape[0], dtype=fixed.dtype, device=fixed.device)
         return zeros, zeros + 1.0
+    size += size % 2
     angles = 360
     radii = max(32, size // 2)
     r_max = size / 2.0 - 1.0
