@@ -133,33 +133,45 @@ def _derivative(index: int, caller: str, angle, scalex, scaley, dx, dy, cx, cy) 
     return anisotropic_similarity_jacobian(params, center)[..., index, :, :]
 
 
-def da(angle, scalex, scaley, dx, dy, cx, cy) -> torch.Tensor:
-    """``dA/d angle`` of :func:`get_matrix`."""
+def da(
+    angle: Scalar, scalex: Scalar, scaley: Scalar, dx: Scalar, dy: Scalar, cx: Scalar, cy: Scalar
+) -> torch.Tensor:
+    """``dA/d angle`` of :func:`get_matrix`: ``[R'(angle) S | -R'(angle) S c]``, ``R'`` the rotation's
+    derivative, ``S = diag(scalex, scaley)``, ``c = (cx, cy)``; bottom row 0."""
     return _derivative(0, "Affy.da()", angle, scalex, scaley, dx, dy, cx, cy)
 
 
-def dsx(angle, scalex, scaley, dx, dy, cx, cy) -> torch.Tensor:
-    """``dA/d scalex`` of :func:`get_matrix`."""
+def dsx(
+    angle: Scalar, scalex: Scalar, scaley: Scalar, dx: Scalar, dy: Scalar, cx: Scalar, cy: Scalar
+) -> torch.Tensor:
+    """``dA/d scalex`` of :func:`get_matrix`: ``[r0 0 | -r0 cx]``, ``r0`` the rotation's column 0; bottom row 0."""
     return _derivative(1, "Affy.dsx()", angle, scalex, scaley, dx, dy, cx, cy)
 
 
-def dsy(angle, scalex, scaley, dx, dy, cx, cy) -> torch.Tensor:
-    """``dA/d scaley`` of :func:`get_matrix`."""
+def dsy(
+    angle: Scalar, scalex: Scalar, scaley: Scalar, dx: Scalar, dy: Scalar, cx: Scalar, cy: Scalar
+) -> torch.Tensor:
+    """``dA/d scaley`` of :func:`get_matrix`: ``[0 r1 | -r1 cy]``, ``r1`` the rotation's column 1; bottom row 0."""
     return _derivative(2, "Affy.dsy()", angle, scalex, scaley, dx, dy, cx, cy)
 
 
-def dx(angle, scalex, scaley, dx, dy, cx, cy) -> torch.Tensor:  # noqa: D417 - the seed's names
-    """``dA/d dx`` of :func:`get_matrix`."""
+def dx(
+    angle: Scalar, scalex: Scalar, scaley: Scalar, dx: Scalar, dy: Scalar, cx: Scalar, cy: Scalar
+) -> torch.Tensor:  # noqa: D417 - the seed's names
+    """``dA/d dx`` of :func:`get_matrix`: 1 at ``(0, 2)``, 0 elsewhere."""
     return _derivative(3, "Affy.dx()", angle, scalex, scaley, dx, dy, cx, cy)
 
 
-def dy(angle, scalex, scaley, dx, dy, cx, cy) -> torch.Tensor:
-    """``dA/d dy`` of :func:`get_matrix`."""
+def dy(
+    angle: Scalar, scalex: Scalar, scaley: Scalar, dx: Scalar, dy: Scalar, cx: Scalar, cy: Scalar
+) -> torch.Tensor:
+    """``dA/d dy`` of :func:`get_matrix`: 1 at ``(1, 2)``, 0 elsewhere."""
     return _derivative(4, "Affy.dy()", angle, scalex, scaley, dx, dy, cx, cy)
 
 
-def ds(angle, scale, dx, dy, cx, cy) -> torch.Tensor:
-    """``dA/d scale`` of ``get_matrix(angle, scale, scale, dx, dy, cx, cy)``: ``dsx + dsy`` at ``scalex = scaley``."""
+def ds(angle: Scalar, scale: Scalar, dx: Scalar, dy: Scalar, cx: Scalar, cy: Scalar) -> torch.Tensor:
+    """``dA/d scale`` of ``get_matrix(angle, scale, scale, dx, dy, cx, cy)``: ``dsx + dsy`` at
+    ``scalex = scaley``, ``[R | -R c]`` (bottom row 0)."""
     tensors = _arguments("Affy.ds()", angle=angle, scale=scale, dx=dx, dy=dy, cx=cx, cy=cy)
     angle, scale, dx, dy, cx, cy = tensors.values()
     params, center = torch.stack([angle, scale, scale, dx, dy], dim=-1), torch.stack([cx, cy], dim=-1)

@@ -50,7 +50,7 @@ import sys
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -523,7 +523,7 @@ def _shifted_moments(result: FusedMoments, offset: float) -> FusedMoments:
     return FusedMoments(result.cost, result.count, gradient, products, None)
 
 
-def call_compiled(kernel: Callable, device: torch.device, *args, **kwargs):
+def call_compiled(kernel: Callable, device: torch.device, *args: Any, **kwargs: Any) -> Optional[Any]:
     """Call a compiled function; on a compile failure warn once per device type, remember it, return ``None``.
 
     Running out of memory is raised, not taken for a compile failure: the work does not fit,

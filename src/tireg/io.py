@@ -43,6 +43,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -85,7 +86,7 @@ class MissingDependencyError(ImportError):
     """An optional package (imageio, tifffile, matplotlib, tqdm) is not installed."""
 
 
-def require(module: str, purpose: str):
+def require(module: str, purpose: str) -> ModuleType:
     """Import ``module`` or raise :class:`MissingDependencyError` with the install command."""
     import importlib
 
@@ -136,6 +137,7 @@ class ImageData:
 
     @property
     def count(self) -> int:
+        """Number of frames (pages), ``N``."""
         return self.frames.shape[0]
 
     @property
@@ -145,6 +147,7 @@ class ImageData:
 
     @property
     def channels(self) -> int:
+        """Number of channels, ``C`` (1 grey, 2 grey + alpha, 3 RGB, 4 RGBA, or as many as the file holds)."""
         return self.frames.shape[3]
 
     def describe(self) -> str:
@@ -571,6 +574,7 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
             suffix, NaN, Inf or complex values, no pixels, values beyond the
             range of a float ``image_format.dtype``, or frames the format
             cannot hold.
+        ValueError: ``frames`` not 4-D (a caller's mistake, not the file's).
         OSError: a destination that cannot be written (:func:`atomic_path`).
     """
     path = Path(os.fspath(path))

@@ -4,8 +4,10 @@ A per-pixel loss compares the warped moving image ``x`` with the fixed image
 ``y`` pixel by pixel.  ``forward(x, y)`` returns the per-pixel loss (same
 shape as ``x``), and ``forward(x, y, gradient=True)`` returns
 ``(loss, dloss/dx)``: the derivative that the analytic gradient path
-multiplies with the moving image's gradient (the seed's ``C'``).  The
-registration cost is the sum over pixels (and channels).
+multiplies with the moving image's gradient (the seed's ``C'``).  A model's
+cost (and :func:`tireg.analytic.cost_and_gradient`'s) is the sum over pixels
+and channels; :func:`tireg.register`'s is the mean over the valid pixels and
+channels.
 
 Write your own by subclassing :class:`PerPixelLoss` and implementing
 ``forward(x, y, gradient=False)``, as in the seed.  With ``r = x - y``:

@@ -254,7 +254,10 @@ class LocalNCC(Metric):
     """Local (windowed) normalised cross-correlation, averaged over the weighted pixels.
 
     Per window ``W_i`` of ``(2 r + 1)^2`` pixels around pixel ``i`` (only
-    weighted pixels enter its sums), ``lncc_i = cov_i / sqrt(var_x,i var_y,i + eps)``;
+    weighted pixels enter its sums), ``lncc_i = cov_i / sqrt(var_x,i var_y,i + eps)``
+    with the window sums ``cov_i = S_xy - S_x S_y / S_w`` and
+    ``var_x,i = S_xx - S_x^2 / S_w`` (``S_xy = sum_{j in W_i} w_j x_j y_j``, ...:
+    ``n_i`` times the window's covariance and variances, ``n_i = S_w``);
     the cost is ``1 - sum_i w_i lncc_i / sum w`` (``sign="positive"``) or with
     ``lncc_i^2`` (``"any"``), per channel and averaged over channels.  Robust
     to intensity changes that vary slowly across the image.  The derivative
@@ -266,7 +269,8 @@ class LocalNCC(Metric):
     Shifting each image by its mean or its minimum first made registrations
     of normalised images less precise (0.03 → 0.1 px), so none is taken.
     ``eps`` is absolute: the cost is the same for any offset, and for any gain
-    only where ``var_x var_y`` is large against ``eps``.
+    only where the product of the window sums ``var_x var_y`` (``n_i^2`` times
+    the variances' product) is large against ``eps``.
     """
 
     def __init__(self, radius: int = 4, sign: str = "positive", eps: float = 1e-4):

@@ -122,8 +122,13 @@ class Pyramid:
     Attributes:
         shrink_factors: integer downsampling factor per level, e.g. ``(4, 2, 1)``;
             ``None``: halve until the smaller side would drop below ``min_size``.
-        smoothing_sigmas: Gaussian sigma per level in full-resolution pixels
-            before downsampling; ``None``: ``factor / 2`` (0 at factor 1).
+        smoothing_sigmas: per level, the total Gaussian smoothing in
+            full-resolution pixels, the block average's own included: a level
+            is the ``factor x factor`` block average (variance
+            ``(factor^2 - 1) / 12``), blurred by the rest,
+            ``sqrt(sigma^2 - (factor^2 - 1) / 12) / factor`` level pixels
+            (none where the average already has ``sigma``); ``None``:
+            ``factor / 2`` (0 at factor 1).
         min_size: smallest side of the coarsest level for the automatic schedule.
     """
 
@@ -165,7 +170,8 @@ class Pyramid:
 
 @dataclass
 class LevelHistory:
-    """One pyramid level: its factor, size and the cost of every pair after each iteration ``(iterations, B)``."""
+    """One pyramid level: its factor, size and ``cost``, ``(iterations + 1, B)``: every pair's cost at
+    the level's start, then after each iteration."""
 
     factor: int
     size: tuple[int, int]
@@ -189,7 +195,8 @@ class RegistrationResult:
         iterations: ``(B,)`` iterations over all levels.
         converged: ``(B,)`` bool; a pair that did not converge is a status, not an error.
         stop_reason: per pair, a key of :data:`STOP_REASONS`.
-        history: per level, the cost of every pair after every iteration.
+        history: per level (:class:`LevelHistory`), the cost of every pair at
+            its start and after every iteration.
         fixed_size, moving_size: ``(H, W)``.
         batched: whether the inputs were ``(B, C, H, W)`` batches.
         seconds: wall-clock time of the call.
@@ -1306,8 +1313,9 @@ def register(
         normalize: ``True`` (default): each image and channel is brought to
             zero mean and unit deviation (over its mask) before a per-pixel
             loss compares them, so gain and offset drop out; ``False``
-            compares the intensities as given (the metrics are invariant
-            either way).
+            compares the intensities as given (NCC, MI and NMI are invariant
+            either way; ``"lncc"`` only to offset: its ``eps`` is absolute,
+            and at a gain of 0.01 it is no longer invariant).
         optimizer_options: keyword arguments of the ``torch.optim``
             optimiser (``"adam"``, ``"lbfgs"``, ``"sgd"``), e.g.
             ``{"lr": 0.05}``, over tireg's defaults; Gauss-Newton takes none.

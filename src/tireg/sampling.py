@@ -128,6 +128,7 @@ def grid_moments(
         ``(B, K, 3)`` or, with ``second_order``, ``(B, K, 6)``.
 
     Raises:
+        TypeError: ``values`` not a float tensor.
         ValueError: ``values`` not 4-D, ``channel_dim`` other than ``1`` or ``-1``
             (``-3``, ``3``), ``axes`` not two 1-D tensors of the grid's ``H`` and ``W``
             points, dtypes that differ.  Shapes only: no value is read (a step of

@@ -628,6 +628,7 @@ def load_transform(
 
     Raises:
         FileNotFoundError: no such file.
+        IsADirectoryError: ``path`` is a folder.
         ValueError: unsupported suffix; malformed file, unsupported or 3-D
             transform type, wrong parameter count, non-finite or non-affine
             values -- naming the file and, for ITK files, the line.
