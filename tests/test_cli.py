@@ -231,6 +231,24 @@ def test_apply_a_saved_transform_reproduces_the_warped_image(data, registered, t
                   - imageio.imread(out / "warped.png").astype(int)).max() <= 1
 
 
+def test_apply_one_transform_to_every_page_of_a_stack(data, registered, tmp_path, monkeypatch):
+    # one matrix for all pages (docs/cli.md): it was broadcast over the pages into a copy whose
+    # batch dimension is innermost in memory, and the sampling grid's view() of it failed
+    _, out = registered
+    pages = np.stack([imageio.imread(data["folder"] / "moving.png")] * 2 + [imageio.imread(data["folder"] / "fixed.png")])
+    tifffile.imwrite(tmp_path / "pages.tif", pages, photometric="minisblack")
+    for index, page in enumerate(pages):
+        imageio.imwrite(tmp_path / f"page{index}.png", page)
+    monkeypatch.chdir(tmp_path)
+    assert main(["apply", str(out / "transform.json"), "pages.tif", "-o", "warped.tif", "--quiet"]) == 0
+    warped = tifffile.imread(tmp_path / "warped.tif")
+    assert warped.shape == pages.shape and warped.dtype == pages.dtype
+    for index in range(len(pages)):
+        assert main(["apply", str(out / "transform.json"), f"page{index}.png", "-o", f"one{index}.png", "--quiet"]) == 0
+        np.testing.assert_array_equal(warped[index], imageio.imread(tmp_path / f"one{index}.png"))
+    np.testing.assert_array_equal(warped[0], imageio.imread(out / "warped.png"))
+
+
 def test_apply_a_tfm_written_by_simpleitk_resamples_as_simpleitk_does(data, tmp_path):
     import SimpleITK as sitk
 

@@ -186,6 +186,16 @@ def test_single_image_broadcasts_over_matrices(generator):
         torch.testing.assert_close(out[b : b + 1], warp(image, matrices[b]), rtol=0, atol=1e-14)
 
 
+def test_warp_takes_matrices_in_any_memory_layout(generator):
+    # a (B, 3, 3) batch whose batch dimension is innermost in memory (a permuted or broadcast
+    # copy): the sampling grid's view() failed with torch's "view size is not compatible"
+    image = random_image(generator, shape=(4, 1, HEIGHT, WIDTH))
+    matrices = random_affine(generator, batch=4)
+    permuted = matrices.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    assert torch.equal(permuted, matrices) and not permuted.is_contiguous()
+    torch.testing.assert_close(warp(image, permuted), warp(image, matrices), rtol=0, atol=0)
+
+
 def test_warp_is_differentiable_in_the_matrix(generator):
     image = smooth_random_image((1, 1, 9, 12), generator)
     params = torch.tensor([1.05, 0.1, -0.05, 0.95, 0.3, -0.2], dtype=torch.float64, requires_grad=True)

@@ -369,10 +369,12 @@ def sampling_grid(
     # the columns of theta by one unbind: tensor indexing such as theta[:, None, :, 0] costs
     # several microseconds of Python each, and repeat() 20 us, as much as the grid of 64^2
     slope_x, slope_y, offset = theta.unsqueeze(1).unbind(-1)  # each (B, 1, 2)
-    column_term = (xs.view(1, width, 1) * slope_x + offset).view(batch, 1, 2 * width)
+    # reshape, not view: a product's layout follows its inputs', and a matrix batch whose batch
+    # dimension is not the outermost in memory (a permuted or broadcast copy) made it another
+    column_term = (xs.view(1, width, 1) * slope_x + offset).reshape(batch, 1, 2 * width)
     row_slope = slope_y.expand(batch, width, 2).reshape(batch, 1, 2 * width)  # (u, v) slopes per column
     grid = torch.addcmul(column_term, ys.view(1, height, 1), row_slope)
-    return grid.view(batch, height, width, 2)
+    return grid.reshape(batch, height, width, 2)
 
 
 def _modes(interpolation: str, padding_mode: str, caller: str) -> tuple[int, int]:
