@@ -133,6 +133,31 @@ def test_moving_mask_excludes_an_occluder():
     assert grid_error(masked.matrix, truth, fixed.shape) < 0.2
 
 
+def _no_data_pair():
+    """The camera (fixed) and its similarity-warped copy with 0 where the copy falls outside the
+    camera (no data), the moving mask of the pixels holding no no-data, and the truth."""
+    from tireg.data import camera
+    from tireg.transforms import similarity_matrix
+
+    fixed = camera(dtype=torch.float64)[:192, :224]
+    truth = similarity_matrix(torch.tensor([0.12, 1.05, 9.3, -6.6], dtype=torch.float64),
+                              tireg.image_center(*fixed.shape))
+    moving = tireg.warp(fixed[None, None], torch.linalg.inv(truth), padding_mode="zeros")[0, 0]
+    ones = torch.ones_like(fixed)[None, None]
+    footprint = tireg.warp(ones, torch.linalg.inv(truth), padding_mode="zeros")[0, 0] > 1 - 1e-9
+    return fixed.float(), (moving * footprint).float(), footprint, truth
+
+
+def test_a_moving_mask_of_the_exact_footprint_keeps_the_no_data_out():
+    # A point sampled up to half a pixel into the masked no-data counted ("> 0.5" of the sampled
+    # mask), its value blended with the zeros: the exact footprint gave 0.57 px, as no mask (0.61).
+    fixed, moving, footprint, truth = _no_data_pair()
+    options = dict(transform="similarity", normalize=False)
+    masked = tireg.register(fixed, moving, moving_mask=footprint, **options)
+    assert grid_error(masked.matrix, truth, fixed.shape) < 0.05
+    assert grid_error(tireg.register(fixed, moving, **options).matrix, truth, fixed.shape) > 0.2
+
+
 @pytest.mark.parametrize(
     "optimizer, gradients", [("adam", "analytic"), ("adam", "autograd"), ("lbfgs", "analytic"), ("lbfgs", "autograd")]
 )
