@@ -158,6 +158,51 @@ def test_a_moving_mask_of_the_exact_footprint_keeps_the_no_data_out():
     assert grid_error(tireg.register(fixed, moving, **options).matrix, truth, fixed.shape) > 0.2
 
 
+def test_images_of_different_areas_are_normalised_over_their_overlap():
+    # Normalised over each whole image, two windows of one scene got different gains and offsets,
+    # which L2 does not forgive: the default registration of 128^2 windows 40 and 30 px apart was
+    # off by (0.15, 0.19) px, a template (an exact crop) by 0.2 px. Over the same pixels an exact
+    # gain and offset drop out.
+    from tireg.data import camera
+
+    scene = camera()
+    fixed, moving = scene[60:188, 60:188], scene[90:218, 100:228]
+    result = tireg.register(fixed, 2.0 * moving + 3.0, transform="translation")
+    assert result.parameters["tx"] == pytest.approx(-40.0, abs=0.01)
+    assert result.parameters["ty"] == pytest.approx(-30.0, abs=0.01)
+    template = scene[100:164, 90:170]  # fixed: a template inside the moving image
+    found = tireg.register(template, scene, transform="rigid", init=tireg.transforms.translation_matrix(
+        torch.tensor([88.0, 101.0], dtype=torch.float64)))
+    truth = tireg.transforms.translation_matrix(torch.tensor([90.0, 100.0], dtype=torch.float64))
+    assert grid_error(found.matrix, truth, template.shape) < 0.01
+    # a no-data border masked out: the moving image covers part of the fixed one
+    fixed, moving, footprint, truth = _no_data_pair()
+    masked = tireg.register(fixed, moving, transform="similarity", moving_mask=footprint)
+    assert grid_error(masked.matrix, truth, fixed.shape) < 0.05
+
+
+def test_a_flat_overlap_keeps_the_whole_image_normalisation():
+    # a pair whose overlap at the start is flat in one image: dividing by its deviation would give
+    # NaN or magnify noise; the plane keeps its whole-image statistics and registers as before
+    from tireg.register import _Problem, _normalize_over_overlap, _normalization, _normalized
+    from tireg.metrics import get_metric
+
+    fixed = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    moving = fixed.clone()
+    moving[..., :, 16:] = 0.5  # flat on the right half
+    mask = torch.zeros_like(moving)
+    mask[..., :, 16:] = 1.0  # only the flat half counts
+    problem = _Problem(tireg.transforms.get_transform("translation"), torch.tensor([15.5, 15.5]),
+                       get_metric("l2"), "bilinear")
+    fixed_stats, moving_stats = _normalization(fixed, None, "fixed"), _normalization(moving, None, "moving")
+    fixed_n, moving_n = _normalized(fixed, fixed_stats), _normalized(moving, moving_stats)
+    new_fixed, new_moving = _normalize_over_overlap(problem, torch.zeros(1, 2), (fixed, fixed_n, fixed_stats),
+                                                    (moving, moving_n, moving_stats), None, mask)
+    for new, old in [(new_fixed, fixed_stats), (new_moving, moving_stats)]:
+        assert torch.equal(new[0], old[0]) and torch.equal(new[1], old[1])
+    assert torch.isfinite(fixed_n).all() and torch.isfinite(moving_n).all()
+
+
 @pytest.mark.parametrize(
     "optimizer, gradients", [("adam", "analytic"), ("adam", "autograd"), ("lbfgs", "analytic"), ("lbfgs", "autograd")]
 )
@@ -727,9 +772,13 @@ def test_on_cuda_a_level_never_synchronises_between_looks(monkeypatch, optimizer
     assert grid_error(result.matrix, truth, fixed.shape) < 0.5
 
 
-def test_intensity_normalisation_per_image_and_channel(generator):
-    from tireg.register import _normalize
+def _normalize(image, mask, name):
+    from tireg.register import _normalization, _normalized
 
+    return _normalized(image, _normalization(image, mask, name))
+
+
+def test_intensity_normalisation_per_image_and_channel(generator):
     image = 3.0 + 2.0 * torch.rand(2, 3, 20, 30, generator=generator)
     normalized = _normalize(image, None, "fixed")
     assert torch.allclose(normalized.mean(dim=(2, 3)), torch.zeros(2, 3), atol=1e-5)

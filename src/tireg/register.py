@@ -455,17 +455,10 @@ def _as_mask(mask: Optional[ImageLike], image: torch.Tensor, name: str) -> Optio
     return tensor.expand(image.shape[0], 1, *image.shape[-2:])
 
 
-def _normalize(image: torch.Tensor, mask: Optional[torch.Tensor], name: str) -> torch.Tensor:
-    """Zero mean, unit standard deviation per image and channel (over the mask): gain and offset drop out.
-
-    One image-sized result and, without a mask, no image-sized temporaries: a batch's
-    peak memory counts every copy of its images.
-    """
-    return _normalized(image, _normalization(image, mask, name))
-
-
 def _normalized(image: torch.Tensor, statistics: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``(image - mean) / std``: one image-sized result."""
+    """``(image - mean) / std``: one image-sized result (a batch's peak memory counts every copy of
+    its images); with :func:`_normalization`'s statistics, zero mean and unit deviation per image and
+    channel (over the mask)."""
     mean, std = statistics
     return (image - mean).div_(std)
 
@@ -494,6 +487,88 @@ def _normalization(image: torch.Tensor, mask: Optional[torch.Tensor], name: str)
         wide = _normalization(image.double(), None if mask is None else mask.double(), name)
         return wide[0].to(image.dtype), wide[1].to(image.dtype)
     return mean, std
+
+
+#: The overlap's statistics (:func:`_normalize_over_overlap`) are taken on a grid of fixed pixels
+#: strided to about this many points per pair: both images are sampled at the same points, so an
+#: exact gain and offset between them is found exactly on any subset.
+OVERLAP_SAMPLES = 1 << 14
+
+#: Normalised over the whole image, a plane whose deviation over the overlap is below this keeps
+#: its whole-image normalisation (a flat overlap: dividing by it would magnify its noise).
+_MIN_OVERLAP_DEVIATION = 1e-3
+
+
+def _overlap_statistics(
+    problem: "_Problem", params: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor,
+    fixed_mask: Optional[torch.Tensor], moving_mask: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, ...]:
+    """``(count, fixed mean, fixed std, moving mean, moving std)`` over the pixels the cost counts at
+    ``params`` (inside the fixed mask, sampling inside the moving image and its mask), the moving
+    image resampled there; count ``(B, 1)``, the others ``(B, C)``, float64.
+
+    On fixed pixels strided to about :data:`OVERLAP_SAMPLES` per pair, in chunks of pairs
+    (:mod:`tireg._chunks`), summed in float64.
+    """
+    height, width = fixed.shape[-2:]
+    stride = max(1, math.isqrt(height * width // OVERLAP_SAMPLES))
+    whole = _make_level(fixed, moving, fixed_mask, moving_mask, 1, 0.0)  # views, at factor 1
+    ys, xs = whole.axes
+    points = (slice(None), slice(None), slice(None, None, stride), slice(None, None, stride))
+    level = replace(whole, fixed=fixed[points], axes=(ys[::stride], xs[::stride]),
+                    fixed_weight=None if fixed_mask is None else fixed_mask[points])
+    pair_pixels = level.fixed.shape[1] * level.fixed.shape[2] * level.fixed.shape[3]
+    sums = []
+    parts = _chunks.chunk_slices(fixed.shape[0], pair_pixels, _chunks.eager_budget(fixed.device))
+    for part in parts:
+        pairs = level if len(parts) == 1 else level.pairs(part)
+        grid = problem.grid(problem.matrices(params[part], pairs)[0], pairs)
+        valid = problem._valid(grid, pairs)  # (b, 1, h, w)
+        values = sample(pairs.moving, grid, interpolation=problem.interpolation, padding_mode="border")
+        planes = [pairs.fixed, pairs.fixed * pairs.fixed, values, values * values]
+        sums.append(torch.stack([valid.sum(dim=(2, 3), dtype=torch.float64).expand(-1, fixed.shape[1]),
+                                 *[(valid * plane).sum(dim=(2, 3), dtype=torch.float64) for plane in planes]]))
+    count, fixed_sum, fixed_squares, moving_sum, moving_squares = torch.cat(sums, dim=1)  # each (B, C)
+    safe = count.clamp_min(1.0)
+    fixed_mean, moving_mean = fixed_sum / safe, moving_sum / safe
+    fixed_std = (fixed_squares / safe - fixed_mean**2).clamp_min(0.0).sqrt()
+    moving_std = (moving_squares / safe - moving_mean**2).clamp_min(0.0).sqrt()
+    return count[:, :1], fixed_mean, fixed_std, moving_mean, moving_std
+
+
+def _normalize_over_overlap(
+    problem: "_Problem", params: torch.Tensor, fixed: tuple, moving: tuple,
+    fixed_mask: Optional[torch.Tensor], moving_mask: Optional[torch.Tensor],
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Normalise both images again, to zero mean and unit deviation over the pixels the cost
+    counts at ``params`` (:func:`_overlap_statistics`), in place; returns the new ``(mean, std)``
+    of the unnormalised fixed and moving images.
+
+    ``fixed`` and ``moving``: ``(image, normalised image, (mean, std))`` each.  Why: normalised
+    over each whole image, two images showing different areas of one scene (a template, a partial
+    overlap, a no-data border) get different gains and offsets, which L2 does not forgive: an exact
+    crop registered 0.16 px off and a 128^2 pair shifted by (40, 30) 0.25 px; over the same pixels,
+    an exact gain and offset between the images drops out.  A pair with fewer than
+    :data:`MIN_VALID_PIXELS` such pixels, or a plane nearly flat there, keeps its whole-image
+    normalisation.
+    """
+    fixed_t, fixed_n, fixed_stats = fixed
+    moving_t, moving_n, moving_stats = moving
+    count, fixed_mean, fixed_std, moving_mean, moving_std = _overlap_statistics(
+        problem, params, fixed_n, moving_n, fixed_mask, moving_mask)
+    usable = ((count >= MIN_VALID_PIXELS) & (fixed_std > _MIN_OVERLAP_DEVIATION)
+              & (moving_std > _MIN_OVERLAP_DEVIATION))  # (B, C)
+    updated = []
+    for image, normalized, (mean, std), (overlap_mean, overlap_std) in (
+            (fixed_t, fixed_n, fixed_stats, (fixed_mean, fixed_std)),
+            (moving_t, moving_n, moving_stats, (moving_mean, moving_std))):
+        # normalized = (image - mean) / std, normalised again over the overlap: (image - m') / s'
+        overlap_mean = torch.where(usable, overlap_mean, 0.0).to(mean.dtype)[..., None, None]
+        overlap_std = torch.where(usable, overlap_std, 1.0).to(std.dtype)[..., None, None]
+        mean, std = mean + overlap_mean * std, std * overlap_std
+        torch.sub(image, mean, out=normalized).div_(std)  # as _normalized, into the same memory
+        updated.append((mean, std))
+    return updated[0], updated[1]
 
 
 def _constant_planes(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -1321,7 +1396,9 @@ def register(
         interpolation: ``"bilinear"`` or ``"bicubic"``.
         normalize: ``True`` (default): each image and channel is brought to
             zero mean and unit deviation (over its mask) before a per-pixel
-            loss compares them, so gain and offset drop out; ``False``
+            loss compares them, and again over the pixels the cost counts
+            (the overlap, at the start and before the full-resolution
+            level), so gain and offset drop out; ``False``
             compares the intensities as given (NCC, MI and NMI are invariant
             either way; ``"lncc"`` only to offset: its ``eps`` is absolute,
             and at a gain of 0.01 it is no longer invariant).
@@ -1433,7 +1510,8 @@ def register(
 
     fixed_mask = _as_mask(mask, fixed_t, "mask")
     moving_mask_t = _as_mask(moving_mask, moving_t, "moving_mask")
-    fixed_n = _normalize(fixed_t, fixed_mask, "fixed") if normalize else fixed_t
+    fixed_stats = _normalization(fixed_t, fixed_mask, "fixed") if normalize else None
+    fixed_n = _normalized(fixed_t, fixed_stats) if normalize else fixed_t
     moving_stats = _normalization(moving_t, moving_mask_t, "moving") if normalize else None
     moving_n = _normalized(moving_t, moving_stats) if normalize else moving_t
 
@@ -1456,6 +1534,12 @@ def register(
             params = torch.where((costs[1] < costs[0])[:, None], flipped_params, params)
     else:  # the model's own matrix (its centre and parameter order), as this call's parameters
         params = kind.from_matrix(start_params.to(device=device, dtype=dtype), center_t)
+    # a per-pixel loss compares intensities: both images normalised over the pixels the cost counts
+    overlap_normalization = normalize and problem.loss is not None
+    if overlap_normalization:
+        fixed_stats, moving_stats = _normalize_over_overlap(
+            problem, params, (fixed_t, fixed_n, fixed_stats), (moving_t, moving_n, moving_stats),
+            fixed_mask, moving_mask_t)
 
     height, width = fixed_t.shape[-2:]
     corners = torch.tensor(
@@ -1470,6 +1554,10 @@ def register(
     for level_index, (factor, sigma) in enumerate(schedule):
         if all(entry == (1, 0.0) for entry in schedule[level_index:]):
             if full_resolution is None:
+                if overlap_normalization and level_index > 0:  # again, over the overlap the levels found
+                    fixed_stats, moving_stats = _normalize_over_overlap(
+                        problem, params, (fixed_t, fixed_n, fixed_stats), (moving_t, moving_n, moving_stats),
+                        fixed_mask, moving_mask_t)
                 full_resolution = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, 0.0)
                 # the level holds the image from here on (the compiled path only inside its
                 # kernel's copy, made from the unnormalised one: a batch's peak memory counts
