@@ -504,6 +504,10 @@ def test_bad_input_is_named():
         (dict(fixed=fixed[None, None, None], moving=moving), ValueError, "'fixed' must be"),
         (dict(fixed=fixed[:0], moving=moving), ValueError, "'fixed' is empty"),
         (dict(fixed=torch.ones_like(fixed), moving=moving), ValueError, "'fixed' is constant"),
+        # whether or not the images are normalised (unnormalised, it was registered and 'converged')
+        (dict(fixed=torch.full_like(fixed, 0.5), moving=moving, normalize=False), ValueError, "'fixed' is constant"),
+        (dict(fixed=fixed, moving=torch.full_like(moving, 0.5), normalize=False, metric="mi"), ValueError,
+         "'moving' is constant"),
         (dict(fixed=fixed[None].expand(3, -1, -1), moving=moving), ValueError, "channels"),
         (dict(fixed=fixed, moving=moving, transform="projective"), ValueError, "unknown transform 'projective'"),
         (dict(fixed=fixed, moving=moving, metric="l3"), ValueError, "unknown metric .l3.; choose one of .ncc."),

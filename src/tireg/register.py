@@ -471,17 +471,7 @@ def _normalization(image: torch.Tensor, mask: Optional[torch.Tensor], name: str)
         count = mask.sum(dim=(2, 3), keepdim=True)
         mean = (image * mask).sum(dim=(2, 3), keepdim=True) / count
         std = (((image - mean) ** 2) * mask).sum(dim=(2, 3), keepdim=True).div(count).sqrt()
-    flat = _constant_planes(image, mask)
-    if bool(flat.any()):
-        pair, channel = (int(index) for index in flat.nonzero()[0])
-        where, advice = "", ""
-        if flat.shape[0] > 1:
-            where = f" in pair {pair}"
-        if flat.shape[1] > 1:
-            where += f"{',' if where else ' in'} channel {channel} of {flat.shape[1]}"
-            advice = "; pass the channels that hold the image, or register on one"
-        raise ValueError(
-            f"register(): '{name}' is constant (inside its mask){where}: there is nothing to align{advice}")
+    _refuse_constant(image, mask, name)
     if image.dtype != torch.float64 and not bool((std > 0).all() & torch.isfinite(std).all()):
         # squares beyond float32's range (values near 1e19), or below it (near 1e-31): in float64
         wide = _normalization(image.double(), None if mask is None else mask.double(), name)
@@ -569,6 +559,22 @@ def _normalize_over_overlap(
         torch.sub(image, mean, out=normalized).div_(std)  # as _normalized, into the same memory
         updated.append((mean, std))
     return updated[0], updated[1]
+
+
+def _refuse_constant(image: torch.Tensor, mask: Optional[torch.Tensor], name: str) -> None:
+    """Raise ``ValueError`` naming the pair and channel where a plane of ``image`` is constant (inside
+    its mask): there is nothing to align, whether or not the images are normalised."""
+    flat = _constant_planes(image, mask)
+    if bool(flat.any()):
+        pair, channel = (int(index) for index in flat.nonzero()[0])
+        where, advice = "", ""
+        if flat.shape[0] > 1:
+            where = f" in pair {pair}"
+        if flat.shape[1] > 1:
+            where += f"{',' if where else ' in'} channel {channel} of {flat.shape[1]}"
+            advice = "; pass the channels that hold the image, or register on one"
+        raise ValueError(
+            f"register(): '{name}' is constant (inside its mask){where}: there is nothing to align{advice}")
 
 
 def _constant_planes(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -1510,6 +1516,9 @@ def register(
 
     fixed_mask = _as_mask(mask, fixed_t, "mask")
     moving_mask_t = _as_mask(moving_mask, moving_t, "moving_mask")
+    if not normalize:  # (_normalization refuses them too)
+        _refuse_constant(fixed_t, fixed_mask, "fixed")
+        _refuse_constant(moving_t, moving_mask_t, "moving")
     fixed_stats = _normalization(fixed_t, fixed_mask, "fixed") if normalize else None
     fixed_n = _normalized(fixed_t, fixed_stats) if normalize else fixed_t
     moving_stats = _normalization(moving_t, moving_mask_t, "moving") if normalize else None
