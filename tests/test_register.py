@@ -217,6 +217,12 @@ def test_numpy_integer_images():
     to_uint16 = lambda image: np.round(image.numpy() * 65535).astype(np.uint16)  # noqa: E731
     result = tireg.register(to_uint16(fixed), np.round(moving.numpy() * 255).astype(np.uint8), transform="rigid")
     assert grid_error(result.matrix, truth, fixed.shape) < 0.2
+    # integers beyond float32's 24 bits: counts on a large offset (float32 rounded them all to one
+    # value, and the image was called constant)
+    counts = lambda image: torch.round(image * 1000).long() + 3 * 10**10  # noqa: E731
+    wide = tireg.register(counts(fixed), counts(moving).numpy(), transform="rigid")
+    assert grid_error(wide.matrix, truth, fixed.shape) < 0.2
+    assert wide.warp(counts(moving)).dtype == torch.float64  # resampled without rounding them either
 
 
 # -- the result ---------------------------------------------------------------------

@@ -392,7 +392,10 @@ def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) 
     if image.is_complex():
         raise TypeError(f"{caller}: '{name}' must be real; got {image.dtype}")
     if not image.is_floating_point():
-        image = image.to(torch.float32)
+        # integers of more than 24 bits in float64 (float32 rounds them: an image of 3e10 + counts
+        # was called constant); register then centres them in float64 (_float32), as float64 images
+        wide = image.dtype != torch.bool and torch.iinfo(image.dtype).bits > 16
+        image = image.to(torch.float64 if wide else torch.float32)
     elif image.dtype not in (torch.float32, torch.float64):
         image = image.to(torch.float32)
     if finite and not all_finite(image):
