@@ -212,6 +212,19 @@ def test_torch_optimisers(optimizer, gradients):
     assert grid_error(result.matrix, truth, fixed.shape) < 0.2
 
 
+def test_a_nan_cost_is_not_called_no_overlap():
+    # unnormalised intensities near 1e30: their squares leave float32's range and the cost is
+    # NaN; the images overlap fully, and "no_overlap" (an infinite cost) said otherwise
+    fixed, moving, _ = registration_pair("camera", "translation", [2.0, -3.0])
+    result = tireg.register(fixed * 1e30, moving * 1e30, transform="translation", normalize=False)
+    assert math.isnan(float(result.cost)) and result.stop_reason == ["not_finite"]
+    assert not bool(result.converged) and "not_finite" in STOP_REASONS
+    # an infinite cost is still no overlap
+    far = tireg.transforms.translation_matrix(torch.tensor([1000.0, 0.0], dtype=torch.float64))
+    apart = tireg.register(fixed, moving, transform="translation", init=far)
+    assert math.isinf(float(apart.cost)) and apart.stop_reason == ["no_overlap"]
+
+
 def test_numpy_integer_images():
     fixed, moving, truth = registration_pair("coins", "rigid", KNOWN["rigid"])
     to_uint16 = lambda image: np.round(image.numpy() * 65535).astype(np.uint16)  # noqa: E731

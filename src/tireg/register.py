@@ -84,6 +84,8 @@ STOP_REASONS = {
     "stalled": "no step lowered the cost any more (Levenberg-Marquardt damping at its limit)",
     "callback": "the callback raised StopIteration",
     "no_overlap": "the images do not overlap (too few valid pixels) at the found transform",
+    "not_finite": "the cost is NaN at the found transform: intensities whose squares or sums leave "
+                  "float32's range (keep normalize=True, or scale the images)",
 }
 
 OPTIMIZERS = ("auto", "gauss-newton", "adam", "lbfgs", "sgd")
@@ -1613,7 +1615,9 @@ def register(
             final_level = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, 0.0)
         with torch.no_grad():
             cost = problem.evaluate(params, final_level, hessian=False).cost
-    reasons = ["no_overlap" if not math.isfinite(value) else reason for value, reason in zip(cost.tolist(), reasons)]
+    # no overlap is an infinite cost (_Problem.evaluate); a NaN is arithmetic gone wrong, not that
+    reasons = ["not_finite" if math.isnan(value) else "no_overlap" if math.isinf(value) else reason
+               for value, reason in zip(cost.tolist(), reasons)]
     matrix = kind.matrix(params.detach().to(torch.float64), center_t.to(torch.float64)).cpu()
     return RegistrationResult(
         matrix=matrix if batched else matrix[0],
