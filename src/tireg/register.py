@@ -1173,52 +1173,78 @@ def _check_optimizer_options(optimizer: str, options: Optional[dict], caller: st
 
 def _first_order(problem, level, params, *, name, options, gradients, max_iterations, tolerance, corners, callback,
                  level_index):
-    """A ``torch.optim`` optimiser on scaled parameters ``p = p0 + D q`` (one unit of q ~ one level pixel)."""
+    """A ``torch.optim`` optimiser on scaled parameters ``p = p0 + D q`` (one unit of q ~ one level pixel).
+
+    Adam and SGD update each parameter on its own, so one optimiser serves the batch.  L-BFGS does
+    not: its line search takes one step length for the whole vector and its curvature pairs are
+    inner products over it, so over a batch each pair's result depended on the others (a pair of a
+    batch of two ended 0.2 px from where it ended alone).  It runs one optimiser per pair, each
+    evaluating its own pair, in the same loop.
+    """
     batch, device = params.shape[0], params.device
     start = params.detach()
     # D: parameter change that moves the farthest corner by one level pixel, per parameter
     jacobian = problem.kind.jacobian(start, problem.center)  # full resolution
     reach = (corners @ jacobian[:, :, :2, :].transpose(-1, -2)).norm(dim=-1).amax(dim=-1)  # (B, P) px per unit
     scales = level.factor / reach.clamp_min(1e-12)
-    q = torch.zeros_like(start, requires_grad=True)
     constructor, defaults = _FIRST_ORDER_DEFAULTS[name]
-    optim = constructor([q], **{**defaults, **(options or {})})
+    # the pairs each optimiser serves, and the level of its pairs
+    groups = [slice(None)] if name != "lbfgs" or batch == 1 else [slice(index, index + 1) for index in range(batch)]
+    group_levels = [level if group == slice(None) else level.pairs(group) for group in groups]
+    qs = [torch.zeros_like(start[group], requires_grad=True) for group in groups]
+    optims = [constructor([q], **{**defaults, **(options or {})}) for q in qs]
     active = torch.ones(batch, dtype=torch.bool, device=device)
     status = torch.full((batch,), _MAX_ITERATIONS, dtype=torch.int8, device=device)
     iterations = torch.zeros(batch, dtype=torch.long, device=device)
     interval = _check_interval(device, callback)
-    evaluate = (lambda p: problem.evaluate(p, level, hessian=False)) if gradients == "analytic" else (
-        lambda p: _autograd_evaluation(problem, p, level))
-    first = evaluate(start)
+
+    def evaluate(p, at_level):
+        if gradients == "analytic":
+            return problem.evaluate(p, at_level, hessian=False)
+        return _autograd_evaluation(problem, p, at_level)
+
+    first = evaluate(start, level)
     # The lowest cost seen per pair, and where: what the level returns, so that an optimiser's
     # excursion (a line search far off, a step to NaN) never ends a pair worse than it began.
     best = {"cost": first.cost.detach().clone(), "params": start.clone()}
 
-    def closure():
-        optim.zero_grad()
-        trial = start + q.detach() * scales
-        evaluation = evaluate(trial)
-        cost = torch.where(torch.isfinite(evaluation.cost), evaluation.cost, torch.full_like(evaluation.cost, 1e30))
-        gradient = torch.nan_to_num(evaluation.gradient, nan=0.0, posinf=0.0, neginf=0.0)
-        improved = active & (cost < best["cost"]) & torch.isfinite(trial).all(dim=1)
-        best["cost"] = torch.where(improved, cost, best["cost"])
-        best["params"] = torch.where(improved[:, None], trial, best["params"])
-        q.grad = torch.where(active[:, None], gradient * scales, torch.zeros_like(q))
-        return (cost * active).sum()
+    def closure_of(group, q, optim, at_level):
+        def closure():
+            optim.zero_grad()
+            trial = start[group] + q.detach() * scales[group]
+            evaluation = evaluate(trial, at_level)
+            cost = torch.where(torch.isfinite(evaluation.cost), evaluation.cost,
+                               torch.full_like(evaluation.cost, 1e30))
+            gradient = torch.nan_to_num(evaluation.gradient, nan=0.0, posinf=0.0, neginf=0.0)
+            moving = active[group]
+            improved = moving & (cost < best["cost"][group]) & torch.isfinite(trial).all(dim=1)
+            best["cost"][group] = torch.where(improved, cost, best["cost"][group])
+            best["params"][group] = torch.where(improved[:, None], trial, best["params"][group])
+            q.grad = torch.where(moving[:, None], gradient * scales[group], torch.zeros_like(q))
+            return (cost * moving).sum()
+        return closure
 
+    closures = [closure_of(*parts) for parts in zip(groups, qs, optims, group_levels)]
+    # (a pair's optimiser is stepped while it is active: a step of a stopped pair changes nothing)
+    step_all = len(groups) == 1 or not _looks_are_free(device)
     costs, passes = [first.cost], []
     quiet = torch.zeros(batch, dtype=torch.long, device=device)
     for iteration in range(max_iterations):
         passes.append(active.any())
-        before = start + q.detach() * scales
-        optim.step(closure)
+        before = start + torch.cat([q.detach() for q in qs]) * scales
+        for group, optim, closure in zip(groups, optims, closures):
+            if step_all or bool(active[group].any()):
+                optim.step(closure)
         with torch.no_grad():
+            q = torch.cat(qs) if len(qs) > 1 else qs[0]
             # a pair that left the finite numbers stops where this step began (its best is kept)
             broken = ~torch.isfinite(q).all(dim=1)
             status = torch.where(broken & active, _STALLED, status)
             active = active & ~broken
-            q.copy_(torch.where(active[:, None], q, (before - start) / scales))
-        after = start + q.detach() * scales
+            kept = torch.where(active[:, None], q, (before - start) / scales)
+            for group, group_q in zip(groups, qs):
+                group_q.copy_(kept[group])
+        after = start + kept * scales
         moved = _displacement(problem, before, after - before, corners)
         iterations += active
         quiet = torch.where(moved < tolerance * level.factor, quiet + 1, torch.zeros_like(quiet))
