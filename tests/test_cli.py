@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 
 import tireg
 from conftest import grid_error, registration_pair
+from tireg import transform_io
 from tireg.cli import main
 from tireg.transforms import TRANSFORMS, translation_matrix
 
@@ -247,6 +249,21 @@ def test_apply_one_transform_to_every_page_of_a_stack(data, registered, tmp_path
         assert main(["apply", str(out / "transform.json"), f"page{index}.png", "-o", f"one{index}.png", "--quiet"]) == 0
         np.testing.assert_array_equal(warped[index], imageio.imread(tmp_path / f"one{index}.png"))
     np.testing.assert_array_equal(warped[0], imageio.imread(out / "warped.png"))
+
+
+def test_apply_a_tfm_saved_with_geometries_as_saved(data, registered, tmp_path, monkeypatch):
+    # saved in physical units with the images' spacing and origin, it was read as pixel = physical
+    # (another matrix) with a warning to pass geometries, which apply has no option for
+    _, out = registered
+    saved = transform_io.load_transform(out / "transform.json")
+    geometry = {"spacing": (0.25, 0.5), "origin": (12.0, -7.0)}
+    transform_io.save_transform(tmp_path / "physical.tfm", saved.matrix, fixed_geometry=geometry, moving_geometry=geometry)
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["apply", "physical.tfm", str(data["folder"] / "moving.png"), "-o", "again.png", "--quiet"]) == 0
+    assert np.abs(imageio.imread(tmp_path / "again.png").astype(int)
+                  - imageio.imread(out / "warped.png").astype(int)).max() <= 1
 
 
 def test_apply_a_tfm_written_by_simpleitk_resamples_as_simpleitk_does(data, tmp_path):

@@ -735,8 +735,10 @@ def test_itk_round_trip_is_bit_identical_with_a_centre_and_geometry(tmp_path):
                               moving_geometry=geometry)
         loaded = load_transform(path, fixed_geometry=geometry, moving_geometry=geometry)
         assert np.array_equal(loaded.matrix.numpy(), matrix) and np.array_equal(loaded.center.numpy(), center)
-    with pytest.warns(UserWarning, match="is read with None"):  # another geometry: the ITK lines' matrix,
-        other = load_transform(path)                             # converted, not the record
+    # read without geometries: the recorded ones, and the record (as a JSON document)
+    assert np.array_equal(load_transform(path).matrix.numpy(), matrix)
+    with pytest.warns(UserWarning, match=r"is read with ImageGeometry\(spacing=\(1.0, 1.0\)"):  # another geometry:
+        other = load_transform(path, fixed_geometry=ImageGeometry())  # the ITK lines' matrix, converted
     assert not np.allclose(other.matrix.numpy(), matrix)
     # no centre recorded: ITK's (0, 0) as read, and the kind still restored
     plain = load_transform(save_transform(tmp_path / "plain.tfm", matrix, transform="affine", parameters={"p": 1.0}))
@@ -770,9 +772,11 @@ def test_metadata_that_json_cannot_write_is_named(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_tfm_saved_with_geometries_and_read_without_them_warns(tmp_path):
+def test_a_tfm_saved_with_geometries_reads_back_with_them_and_warns_for_others(tmp_path):
     """Its ITK lines are in physical units: read without the geometries it was saved with, it gave
-    another pixel matrix (3 px off on an audit's case) without a word."""
+    another pixel matrix (3 px off on an audit's case), then a warning that `tireg apply` could not
+    act on. Read without geometries it takes those it records, as a JSON document; read with other
+    geometries it warns."""
     import warnings
 
     from tireg.transform_io import ImageGeometry, load_transform, save_transform
@@ -781,15 +785,19 @@ def test_a_tfm_saved_with_geometries_and_read_without_them_warns(tmp_path):
     matrix[0, 1], matrix[0, 2] = 0.05, 3.0
     geometry = ImageGeometry(spacing=(0.5, 0.5), origin=(10.0, -3.0))
     save_transform(tmp_path / "g.tfm", matrix, fixed_geometry=geometry, moving_geometry=geometry)
-    with pytest.warns(UserWarning, match=r"was saved with fixed_geometry ImageGeometry\(spacing=\(0.5, 0.5\).*but is "
-                                         r"read with None"):
-        load_transform(tmp_path / "g.tfm")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        recorded = load_transform(tmp_path / "g.tfm")
         again = load_transform(tmp_path / "g.tfm", fixed_geometry=geometry, moving_geometry=geometry)
         save_transform(tmp_path / "p.tfm", matrix)
         plain = load_transform(tmp_path / "p.tfm")
-    assert np.array_equal(again.matrix.numpy(), matrix) and np.array_equal(plain.matrix.numpy(), matrix)
+    for loaded in (recorded, again, plain):
+        np.testing.assert_allclose(loaded.matrix.numpy(), matrix, rtol=0, atol=1e-12)
+    assert recorded.fixed_geometry == geometry and recorded.moving_geometry == geometry
+    with pytest.warns(UserWarning, match=r"was saved with fixed_geometry ImageGeometry\(spacing=\(0.5, 0.5\).*but is "
+                                         r"read with ImageGeometry\(spacing=\(1.0, 1.0\)"):
+        other = load_transform(tmp_path / "g.tfm", fixed_geometry=ImageGeometry())
+    assert not np.allclose(other.matrix.numpy(), matrix)
 
 
 def test_a_binary_transform_suffix_gets_a_hint_for_reading_or_for_writing(tmp_path):

@@ -541,7 +541,7 @@ def _warp_frames(frames: np.ndarray, matrices: np.ndarray, size: tuple[int, int]
     for start in range(0, count, batch):
         chunk = np.moveaxis(frames[start:start + batch], -1, 1).astype(np.float64)
         image = torch.from_numpy(np.ascontiguousarray(chunk)).to(device)
-        matrix = torch.from_numpy(np.ascontiguousarray(matrices[start:start + batch])).to(device)
+        matrix = torch.from_numpy(np.array(matrices[start:start + batch], order="C")).to(device)  # a writable copy
         warped = warp(image, matrix, size=size, interpolation=interpolation, padding_mode="zeros")
         out[start:start + batch] = np.moveaxis(warped.cpu().numpy(), 1, -1)
     return out

@@ -584,7 +584,8 @@ def load_transform(
     * ``.tfm`` / ``.txt``: ITK's text format, written by tireg, ITK, SimpleITK
       or 3D Slicer, in physical units: the pixel matrix is
       ``A = P_moving^-1 A_physical P_fixed`` for the geometries given here
-      (``None``: pixel = physical).  2-D types read (``double`` or ``float``):
+      (``None``: those a file written by :func:`save_transform` records in
+      its ``#tireg:`` comment, as a JSON document's; else pixel = physical).  2-D types read (``double`` or ``float``):
 
       =================================  ==========================  ==================
       type                               Parameters                  FixedParameters
@@ -847,6 +848,10 @@ def _read_itk(
     if len(blocks) > 1 or kinds[0] == _COMPOSITE:
         center_physical = None
 
+    if isinstance(comment, dict):  # written by tireg: geometries not given are those recorded, as in JSON
+        given = (fixed, moving)
+        fixed, moving = (geometry if geometry is not None else _recorded_geometry(comment, key)
+                         for geometry, key in ((fixed, "fixed_geometry"), (moving, "moving_geometry")))
     fixed_matrix = _geometry_matrix(fixed)
     with np.errstate(all="ignore"):  # an overflow is refused below, by name
         array = np.linalg.solve(_geometry_matrix(moving), physical @ fixed_matrix)
@@ -868,7 +873,7 @@ def _read_itk(
     ]
     transform, parameters, metadata = blocks[0].type, {}, {"itk_transforms": raw_blocks}
     if isinstance(comment, dict):
-        _warn_other_geometries(comment, fixed, moving, path)
+        _warn_other_geometries(comment, *given, path)
         transform, parameters, metadata, array, center = _restore_comment(
             comment, (transform, parameters, metadata, array, center))
     return TransformFile(
@@ -936,20 +941,25 @@ def _itk_block_matrix(block: _Block, kind: str, where: str) -> tuple[np.ndarray,
     return matrix, center
 
 
+def _recorded_geometry(comment: dict, key: str) -> Optional[ImageGeometry]:
+    """The geometry a ``#tireg:`` comment records under ``key`` (``None``: none, or unreadable)."""
+    try:
+        return _as_geometry(comment.get(key), key, "")
+    except (TypeError, ValueError):  # a damaged comment only loses the provenance
+        return None
+
+
 def _warn_other_geometries(comment: dict, fixed: Optional[ImageGeometry], moving: Optional[ImageGeometry],
                            path: Path) -> None:
-    """Warn where a ``#tireg:`` comment records geometries other than those given: the ITK lines are in
-    physical units, and read with other geometries they give another pixel matrix (3 px off on a test,
-    silently, where the file was saved with the images' spacing and origin and loaded without)."""
+    """Warn where a ``#tireg:`` comment records geometries other than those given (``None``: not given,
+    the recorded ones are used): the ITK lines are in physical units, and read with other geometries
+    they give another pixel matrix (3 px off on a test, silently)."""
     differences = []
     for key, given in (("fixed_geometry", fixed), ("moving_geometry", moving)):
-        if key not in comment:  # written before the geometries were recorded
+        if key not in comment or given is None:  # written before geometries were recorded; or not given
             continue
-        try:
-            stored = _as_geometry(comment[key], key, "")
-        except (TypeError, ValueError):
-            continue
-        if (stored or ImageGeometry()) != (given or ImageGeometry()):
+        stored = _recorded_geometry(comment, key)
+        if (stored or ImageGeometry()) != given:
             differences.append(f"{key} {stored} but is read with {given}")
     if differences:
         warnings.warn(f"load_transform(): {str(path)!r} was saved with {'; and with '.join(differences)}: its pixel "
