@@ -703,6 +703,13 @@ BAD = {
                              "writes a folder of outputs"),  # it made a folder named aligned.png
     "folder as transform": (["apply", "{in}/mixed", "{in}/moving.png", "-o", "out.png"], 1,
                             "is a folder, not a transform file"),  # it said: unsupported suffix '(none)'
+    # load_transform's message left out the stack's .csv and named no argument
+    "spreadsheet as transform": (["apply", "{in}/drift.xls", "{in}/moving.png", "-o", "out.png"], 1,
+                                 "drift.xls': unsupported suffix '.xls'; apply reads a transform file "
+                                 "(.json, .tfm, .txt) or a stack's per-frame .csv"),
+    "arguments swapped": (["apply", "{in}/moving.png", "{in}/flat.json", "-o", "out.png"], 1,
+                          "looks like an image: the transform comes first"),
+    "binary transform": (["apply", "{in}/t.h5", "{in}/moving.png", "-o", "out.png"], 1, "convert it to text first"),
     "raw YCbCr TIFF": (["register", "{in}/fixed_rgb.png", "{in}/ycbcr.tif", "-o", "out"], 1,
                        "photometric YCBCR without JPEG compression"),  # its Y, Cb, Cr were taken as RGB
     "frame name is a folder": (["stack", "{in}/stack.tif", "-o", "{in}/clash", "--force"], 1,

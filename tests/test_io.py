@@ -361,3 +361,12 @@ def test_frames_of_a_hyperstack_and_an_npy_stack_are_named_frames_not_pages(tmp_
     assert stack.names == [f"hyper.tif frame {k}" for k in range(3)]
     np.save(tmp_path / "stack.npy", frames[:, 0])
     assert read_stack(tmp_path / "stack.npy").names == [f"stack.npy frame {k}" for k in range(3)]
+
+
+def test_a_bad_frame_of_a_folder_names_the_folder_and_the_frame(tmp_path):
+    # the stack was named as its frame's path: "frame '0.png' of stack 'frames/0.png'"
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / "0.png").write_bytes(b"not a png")
+    with pytest.raises(ImageError, match=r"stack '.*frames', frame '.*frames/0\.png'"):
+        read_stack(folder)

@@ -724,9 +724,19 @@ def _load_stack_csv(path: str):
 
 
 def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
-    from .transform_io import load_transform
+    from .transform_io import BINARY_SUFFIXES, ITK_SUFFIXES, JSON_SUFFIXES, load_transform
 
-    if Path(args.transform).suffix.lower() == ".csv":  # a stack's per-frame matrices
+    suffix = Path(args.transform).suffix.lower()
+    known = (*JSON_SUFFIXES, *ITK_SUFFIXES, *BINARY_SUFFIXES, ".csv")  # load_transform names the binary ones
+    if suffix not in known and not Path(args.transform).is_dir():
+        # load_transform's own message listed its suffixes only, without the stack's .csv, and did
+        # not say which argument was wrong (TRANSFORM and IMAGE swapped: an image first)
+        swapped = (" - it looks like an image: the transform comes first, tireg apply TRANSFORM IMAGE -o OUTPUT"
+                   if suffix in SUFFIXES else "")
+        raise CommandError(f"transform {args.transform!r}: unsupported suffix {suffix or '(none)'!r}; apply reads a "
+                           f"transform file ({', '.join((*JSON_SUFFIXES, *ITK_SUFFIXES))}) or a stack's per-frame "
+                           f".csv{swapped}")
+    if suffix == ".csv":  # a stack's per-frame matrices
         transform = _load_stack_csv(args.transform)
     else:
         transform = load_transform(args.transform)

@@ -509,7 +509,9 @@ def read_stack(path: PathLike, *, what: str = "stack") -> ImageData:
     frames, names, formats = [], [], []
     first: Optional[ImageData] = None
     for file in files:
-        image = read_image(file, what=f"frame {file.name!r} of {what}")
+        # messages read "{what} {path!r}": "stack 'frames', frame 'frames/0.png' is ..." (the stack was named
+        # as its frame's path: "frame '0.png' of stack 'frames/0.png'")
+        image = read_image(file, what=f"{what} {str(path)!r}, frame")
         if image.count != 1:
             raise ImageError(f"{str(file)!r} has {image.count} pages; a folder of images must hold single images")
         if first is None:

@@ -80,6 +80,8 @@ __all__ = [
 JSON_SUFFIXES = (".json",)
 #: Suffixes written and read as ITK's text transform format.
 ITK_SUFFIXES = (".tfm", ".txt")
+#: ITK's binary transform files: not read, with a hint to convert them to text.
+BINARY_SUFFIXES = (".h5", ".hdf5", ".mat", ".xfm")
 
 FORMAT_NAME = "tireg-transform"
 FORMAT_VERSION = 1
@@ -402,9 +404,9 @@ def _suffix(path: Path, caller: str) -> str:
     if suffix in JSON_SUFFIXES + ITK_SUFFIXES:
         return suffix
     hint = ""
-    if suffix in (".h5", ".hdf5", ".mat", ".xfm") and caller.startswith("load"):
+    if suffix in BINARY_SUFFIXES and caller.startswith("load"):
         hint = " (convert it to text first, e.g. sitk.WriteTransform(sitk.ReadTransform(path), 'out.tfm'))"
-    elif suffix in (".h5", ".hdf5", ".mat", ".xfm"):  # writing: the reading hint misled
+    elif suffix in BINARY_SUFFIXES:  # writing: the reading hint misled
         hint = " (tireg writes text transforms; SimpleITK converts one: sitk.WriteTransform(sitk.ReadTransform(" \
                "'t.tfm'), 'out" + suffix + "'))"
     raise ValueError(
