@@ -219,6 +219,22 @@ def test_torch_optimisers(optimizer, gradients):
     assert grid_error(result.matrix, truth, fixed.shape) < 0.2
 
 
+def test_read_only_arrays_are_taken_without_a_warning():
+    # np.asarray of a PIL image, a broadcast view or a read-only memory map: torch warned that the
+    # array "is not writable" (an error under python -W error)
+    fixed, moving, truth = registration_pair("camera", "translation", [2.0, -3.0])
+    arrays = [fixed.numpy().copy(), moving.numpy().copy()]
+    for array in arrays:
+        array.flags.writeable = False
+    init = np.broadcast_to(np.eye(3), (3, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = tireg.register(*arrays, transform="translation", init=init)
+        result.map_points(np.broadcast_to(np.zeros(2), (4, 2)))
+        tireg.transforms.rigid_matrix(torch.zeros(3), np.broadcast_to(np.zeros(2), (2,)))
+    assert grid_error(result.matrix, truth, fixed.shape) < 0.1
+
+
 def test_a_nan_cost_is_not_called_no_overlap():
     # unnormalised intensities near 1e30: their squares leave float32's range and the cost is
     # NaN; the images overlap fully, and "no_overlap" (an infinite cost) said otherwise

@@ -11,6 +11,7 @@ import math
 import weakref
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from ._device import constant
@@ -19,6 +20,16 @@ FLOAT_DTYPES = (torch.float32, torch.float64)
 
 INTERPOLATIONS = {"bilinear": 0, "nearest": 1, "bicubic": 2}
 PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
+
+
+def writable(value: Any) -> Any:
+    """``value``, or a copy where it is a read-only NumPy array (``np.asarray`` of a PIL image, a
+    ``np.broadcast_to`` view, a read-only memory map): ``torch.from_numpy`` and ``torch.as_tensor``
+    share an array's memory and warn that a read-only one may be written ("The given NumPy array is
+    not writable", an error under ``python -W error``)."""
+    if isinstance(value, np.ndarray) and not value.flags.writeable:
+        return value.copy()
+    return value
 
 
 def values_readable(tensor: torch.Tensor) -> bool:

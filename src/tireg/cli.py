@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ._validation import check_size
+from ._validation import check_size, writable
 from .io import (
     ImageData,
     ImageError,
@@ -540,7 +540,7 @@ def _warp_frames(frames: np.ndarray, matrices: np.ndarray, size: tuple[int, int]
     out = np.empty((count, *size, frames.shape[-1]), dtype=np.float64)
     for start in range(0, count, batch):
         chunk = np.moveaxis(frames[start:start + batch], -1, 1).astype(np.float64)
-        image = torch.from_numpy(np.ascontiguousarray(chunk)).to(device)
+        image = torch.from_numpy(np.ascontiguousarray(writable(chunk))).to(device)
         matrix = torch.from_numpy(np.array(matrices[start:start + batch], order="C")).to(device)  # a writable copy
         warped = warp(image, matrix, size=size, interpolation=interpolation, padding_mode="zeros")
         out[start:start + batch] = np.moveaxis(warped.cpu().numpy(), 1, -1)
@@ -838,7 +838,7 @@ def _register_frames(args, fixed_all: np.ndarray, frames: np.ndarray, moving_ind
     for start in range(0, len(moving_index), args.batch_size):
         index = moving_index[start:start + args.batch_size]
         fixed = fixed_all if fixed_all.shape[0] == 1 else fixed_all[[k - 1 for k in index]]
-        start_matrices = None if init is None else torch.from_numpy(np.ascontiguousarray(init[index]))
+        start_matrices = None if init is None else torch.from_numpy(np.ascontiguousarray(writable(init[index])))
         result = _register_images(args, fixed, frames[index], mask=mask, progress=progress, init=start_matrices)
         pairs[index] = result.matrix.numpy().reshape(-1, 3, 3)
         costs[index] = result.cost.numpy()

@@ -68,6 +68,7 @@ from ._validation import (
     check_option,
     check_same_kind,
     finite_number,
+    writable,
 )
 from .metrics import _flat_variance
 from .sampling import checked_warp, downsample, gaussian_blur, shrink_matrix
@@ -965,7 +966,7 @@ def _as_centre(center: CenterLike, batch: int, height: int, width: int, like: to
         centre = torch.tensor([(width - 1) / 2.0, (height - 1) / 2.0], dtype=like.dtype, device=like.device)
     else:
         try:
-            centre = torch.as_tensor(center, dtype=like.dtype, device=like.device)
+            centre = torch.as_tensor(writable(center), dtype=like.dtype, device=like.device)
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"{caller}: 'center' must be (x, y) or a (B, 2) tensor; got {center!r}") from None
         if centre.shape not in ((2,), (1, 2), (batch, 2)) or not bool(torch.isfinite(centre).all()):

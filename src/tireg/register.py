@@ -55,6 +55,7 @@ from ._validation import (
     check_option,
     is_whole,
     real_number,
+    writable,
 )
 from .losses import PerPixelLoss, constant_irls_weight
 from .metrics import Metric, PerPixelMetric, get_metric
@@ -288,7 +289,7 @@ class RegistrationResult:
 
     def map_points(self, points: Union[torch.Tensor, np.ndarray, Sequence]) -> torch.Tensor:
         """Map fixed-image points ``(N, 2)`` (or ``(B, N, 2)``) ``(x, y)`` to the moving image: ``A x``."""
-        points = torch.as_tensor(np.asarray(points) if not isinstance(points, torch.Tensor) else points)
+        points = torch.as_tensor(writable(np.asarray(points)) if not isinstance(points, torch.Tensor) else points)
         points = points.to(torch.float64)
         if points.shape[-1] != 2 or points.dim() not in (2, 3):
             raise ValueError(f"map_points(): 'points' must have shape (N, 2) or (B, N, 2); got {tuple(points.shape)}")
@@ -366,7 +367,7 @@ def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) 
     if isinstance(image, np.ndarray):
         if image.dtype == object or not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
             raise TypeError(f"{caller}: '{name}' must hold numbers; got dtype {image.dtype}")
-        image = torch.from_numpy(np.ascontiguousarray(image))
+        image = torch.from_numpy(np.ascontiguousarray(writable(image)))
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{caller}: '{name}' must be a torch.Tensor or numpy.ndarray; got {type(image).__name__}")
     if image.is_meta:  # no values: the first one read failed deep inside
@@ -1289,7 +1290,7 @@ def _check_start(matrix: torch.Tensor, kind: Transform, caller: str, name: str) 
 def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str) -> torch.Tensor:
     batch = fixed.shape[0]
     if isinstance(init, (torch.Tensor, np.ndarray)):
-        matrix = torch.as_tensor(init).detach().to(torch.float64)
+        matrix = torch.as_tensor(writable(init)).detach().to(torch.float64)
         if matrix.dim() in (2, 3) and matrix.shape[-2:] == (2, 3):  # OpenCV's affine matrix (warpAffine,
             # findTransformECC): its top two rows, the same fixed -> moving map (README, "Conventions")
             bottom = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(*matrix.shape[:-2], 1, 3)

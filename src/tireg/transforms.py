@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ._device import cached, constant
-from ._validation import FLOAT_DTYPES, broadcast_shape, check_affine, check_matrix, check_size
+from ._validation import FLOAT_DTYPES, broadcast_shape, check_affine, check_matrix, check_size, writable
 
 __all__ = [
     "ALIGN_CORNERS",
@@ -133,7 +133,7 @@ def _as_center(center: CenterLike, like: torch.Tensor, caller: str, *, matrix: b
     if center is None or isinstance(center, (str, bytes)):
         raise TypeError(f"{caller}: 'center' must be (cx, cy) in pixels; got {center!r}")
     try:
-        tensor = torch.as_tensor(center, dtype=like.dtype, device=like.device)
+        tensor = torch.as_tensor(writable(center), dtype=like.dtype, device=like.device)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{caller}: 'center' must be (cx, cy) in pixels; got {center!r}") from None
     if tensor.dim() == 0 or tensor.shape[-1] != 2:
