@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
+import pytest
 import torch
 
 from tireg._device import constant
@@ -88,3 +93,30 @@ def test_no_caller_changes_a_kept_tensor():
     first = (tireg.initialize.initialize(fixed, moving, "similarity"), gaussian_blur(fixed, 1.5))
     second = (tireg.initialize.initialize(fixed, moving, "similarity"), gaussian_blur(fixed, 1.5))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_never_waits_on_a_lock_its_parent_held():
+    # fork copies a lock as it is: held by another thread of the parent (a registration in a worker
+    # thread), the child, where that thread does not exist, waited on it forever
+    from tireg import _device, fused
+
+    with _device._cache_lock, fused._lock:  # held while forking, as by another thread
+        child = os.fork()
+        if child == 0:  # the child: take both locks, or hang
+            try:
+                _device.cached(("forked child",), torch.float32, "cpu", lambda: 1)
+                with fused._lock:
+                    pass
+            finally:
+                os._exit(0)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        finished, status = os.waitpid(child, os.WNOHANG)
+        if finished:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    pytest.fail("the forked child hung on a lock its parent held")

@@ -21,6 +21,7 @@ in place, nor return them to users (a public function returns a copy).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from typing import Any, Callable, Optional, Sequence, Union
@@ -67,6 +68,17 @@ def constant(values: Values, like: torch.Tensor, dtype: Optional[torch.dtype] = 
 CACHED_ENTRIES = 256
 _cache: "OrderedDict[tuple, Any]" = OrderedDict()
 _cache_lock = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    """A child process made by ``fork`` while another thread held the lock would wait on it forever
+    (only the forking thread lives on in the child): it gets a new one."""
+    global _cache_lock
+    _cache_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def cached(key: tuple, dtype: torch.dtype, device: Union[torch.device, str], make: Callable[[], Any]) -> Any:
