@@ -731,8 +731,12 @@ def test_a_histogram_metric_gradient_is_the_derivative_of_its_cost(metric):
     own = tireg.metrics.get_metric(metric)
     own.set_ranges(moving * 2, fixed)
     model.metric = own
+    before = dict(vars(own))
     model(moving, fixed)
     assert torch.equal(own.ranges[0], torch.stack([(moving * 2).amin((2, 3)), (moving * 2).amax((2, 3))], -1))
+    # the user's ranges are used, and the user's metric is left as it was: it kept the fixed bins
+    # (and the fixed image) of the model's step, shared by every model and thread using it
+    assert vars(own).keys() == before.keys() and all(vars(own)[key] is value for key, value in before.items())
 
 
 def test_a_histogram_metric_shared_or_copied_follows_each_models_images():

@@ -30,12 +30,13 @@ References: Evangelidis & Psarakis 2008 (ECC, NCC); Mattes et al. 2003
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from ._validation import is_whole
+from ._validation import TensorStamp, is_whole, matches
 from .losses import LOSSES, PerPixelLoss, get_loss, loss_and_derivative
 
 __all__ = [
@@ -338,11 +339,15 @@ def _cubic_bspline_derivative(u: torch.Tensor) -> torch.Tensor:
     return torch.sign(u) * torch.where(a < 1.0, inner, torch.where(a < 2.0, outer, torch.zeros_like(a)))
 
 
-def _same_key(held: Optional[tuple], key: tuple) -> bool:
-    """Whether two cache keys are equal: tensors by identity, everything else by value."""
-    return held is not None and len(held) == len(key) and all(
-        a is b if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a == b for a, b in zip(held, key)
-    )
+@dataclass
+class _FixedBins:
+    """A histogram metric's fixed bins ``(P, N)`` (and their one-hot matrix, made on first use), with
+    the fixed image and ranges they were made from (:class:`TensorStamp`: held weakly)."""
+
+    fixed: TensorStamp
+    ranges: Optional[TensorStamp]
+    bins: torch.Tensor
+    onehot: Optional[torch.Tensor] = None
 
 
 class _JointHistogramMetric(Metric):
@@ -374,6 +379,12 @@ class _JointHistogramMetric(Metric):
         # None: the one-hot matrix product on a GPU, a scatter-add on the CPU (both deterministic)
         self.use_matmul = use_matmul
         self.ranges: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._fixed_cache: Optional[_FixedBins] = None
+
+    def __getstate__(self) -> dict:
+        # a copy (pickle, copy.copy, a model's torch.save) leaves the fixed bins out: they are made
+        # again on first use (kept, they made a pickled model of a 256^2 pair 0.8 MB instead of 3 KB)
+        return {**self.__dict__, "_fixed_cache": None}
 
     def set_ranges(self, moving: Optional[torch.Tensor], fixed: Optional[torch.Tensor]) -> None:
         """Fix the intensity ranges from whole images ``(B, C, H, W)`` (``None``: per call)."""
@@ -431,27 +442,27 @@ class _JointHistogramMetric(Metric):
         """Fixed bins ``(P, N)`` and a maker of their one-hot matrix: the same on every call of a level, so kept.
 
         Recomputed when the fixed image or its range changes: another tensor object, or the same one
-        changed in place (its version counter).  The key holds the tensors themselves, so that a
-        freed image's id cannot come back as another's; nothing is read back from the device (on
-        a GPU a read waits for all queued work).  An inference tensor keeps no version counter:
-        its bins are made on every call.
+        changed in place (its version counter), by :class:`TensorStamp` (held weakly: the metric
+        keeps no image alive); nothing is read back from the device (on a GPU a read waits for all
+        queued work).  An inference tensor keeps no version counter: its bins are made on every
+        call.
         """
         source = None if self.ranges is None else self.ranges[1]  # None: the range is y's own
-        try:
-            key = ("tensors", y, source, y._version, None if source is None else source._version)
-        except RuntimeError:  # an inference tensor keeps no version counter: made again each call (a
-            key = None        # key of its sum matched an image and its flip, or a new image at a freed id)
-        if key is None or not _same_key(getattr(self, "_fixed_key", None), key):
-            self._fixed_key = key
-            self._fixed_bin = s.detach().floor().long().clamp_max_(self.bins - 1).reshape(pairs, n)
-            self._fixed_onehot = None
+        cache = getattr(self, "_fixed_cache", None)  # (a metric pickled before it had one)
+        if not (cache is not None and matches(cache.fixed, y, pairs, n, self.bins)
+                and (source is None if cache.ranges is None else matches(cache.ranges, source))):
+            # one record, replaced whole: a thread reads a record's bins with its own key (two threads
+            # sharing one metric read each other's bins when key and bins were two attributes)
+            cache = _FixedBins(TensorStamp(y, pairs, n, self.bins), None if source is None else TensorStamp(source),
+                               s.detach().floor().long().clamp_max_(self.bins - 1).reshape(pairs, n))
+            self._fixed_cache = cache
 
         def onehot() -> torch.Tensor:
-            if self._fixed_onehot is None:
-                self._fixed_onehot = F.one_hot(self._fixed_bin, self.bins).to(s.dtype)
-            return self._fixed_onehot
+            if cache.onehot is None:
+                cache.onehot = F.one_hot(cache.bins, self.bins).to(s.dtype)
+            return cache.onehot
 
-        return self._fixed_bin, onehot
+        return cache.bins, onehot
 
     @staticmethod
     def _entropies(joint):

@@ -447,11 +447,12 @@ class AffineModelAnalytic(TransformModel):
             (``"ncc"``, ``"lncc"``, ``"mi"``, ``"nmi"``, or an instance); the
             cost is then the metric's, summed over the pairs.  Also settable as
             the attribute ``metric``.  A histogram metric (``"mi"``, ``"nmi"``)
-            whose ranges were not set (``set_ranges``) runs as a copy the model
-            keeps, with the whole source's and target's ranges, as
-            ``register()`` gives them (the metric itself is not changed): ranges
-            of each warped image would change with the transform, and the
-            gradient would not be the derivative of the cost (3 % off on a test).
+            runs as a copy the model keeps (the metric itself is never changed,
+            and may be shared by models and threads): with its ranges where
+            they were set (``set_ranges``), else with the whole source's and
+            target's ranges, as ``register()`` gives them: ranges of each warped
+            image would change with the transform, and the gradient would not
+            be the derivative of the cost (3 % off on a test).
         compile: ``True``: compute each step with the compiled fused kernel
             (:mod:`tireg.fused`: one pass over the pixels for the warped
             image, cost and gradient; the same numbers as the reference
@@ -518,14 +519,20 @@ class AffineModelAnalytic(TransformModel):
         return state
 
     def _metric_for(self, source: torch.Tensor, target: torch.Tensor) -> Metric:
-        """The metric; a histogram metric without ranges of its own as a copy the model keeps, with the
-        whole images' ranges (made again when either image changes).  The metric itself is not
-        changed: ranges set on it went stale for the next images, a copy of the model or another
-        model sharing it (a cost of -1e-5 and zero gradients)."""
+        """The metric; a histogram metric as a copy the model keeps: with the user's ranges where they
+        set them, else with the whole images' ranges (made again when either image changes).  The
+        metric itself is never changed: ranges set on it went stale for the next images, a copy of the
+        model or another model sharing it (a cost of -1e-5 and zero gradients); and the fixed image's
+        bins it keeps made a metric shared by two models in two threads give each the other's bins."""
         metric = get_metric(self.metric)
-        if not hasattr(metric, "set_ranges") or metric.ranges is not None:  # per pixel, or the user's ranges
+        if not hasattr(metric, "set_ranges"):  # per pixel: no state
             return metric
         (source_stamp, target_stamp), original, ranged = self._ranges
+        if metric.ranges is not None:  # the user's ranges, as they are now
+            if original is not metric or ranged is None or ranged.ranges is not metric.ranges:
+                ranged = copy.copy(metric)
+                self._ranges = ((None, None), metric, ranged)
+            return ranged
         if original is not metric or not (matches(source_stamp, source) and matches(target_stamp, target)):
             ranged = copy.copy(metric)
             ranged.set_ranges(source, target)
