@@ -264,6 +264,21 @@ def test_running_out_of_memory_is_raised_not_taken_for_a_compile_failure(monkeyp
     assert fused._failed == set()
 
 
+def test_one_variant_past_the_recompile_limit_runs_the_reference_path_and_no_other(monkeypatch, generator):
+    """Past tireg's recompile limit the device was marked failed: every compiled path of the process,
+    variants compiled before included, ran the reference path from then on (a long-running program
+    that made models of ever new mapping bounds)."""
+    class FailOnRecompileLimitHit(Exception):  # dynamo's, by name
+        pass
+
+    fixed, moving = _kernel_that_raises(monkeypatch, generator, FailOnRecompileLimitHit("recompile_limit reached"))
+    with pytest.warns(RuntimeWarning, match="over 64 compiled variants of one kernel"):
+        assert fused.run_compiled(fixed, fused.pad_moving(moving, "zeros"), _matrix(1).float(), tireg.L2Loss(),
+                                  "zeros") is None
+    assert fused._failed == set()
+    assert fused.call_compiled(lambda value: value + 1, torch.device("cpu"), 1) == 2  # the others still run
+
+
 def test_register_compiles_automatically_only_for_work_that_pays(monkeypatch):
     """compile="auto": the fused kernel for a call of AUTO_COMPILE_PIXELS or more, the same matrices as without."""
     register_module = importlib.import_module("tireg.register")

@@ -535,6 +535,11 @@ def _shifted_moments(result: FusedMoments, offset: float) -> FusedMoments:
     return FusedMoments(result.cost, result.count, gradient, products, None)
 
 
+def _past_recompile_limit(error: BaseException) -> bool:
+    """Whether ``error`` is dynamo's refusal of one more specialisation (older torch: a cache limit)."""
+    return type(error).__name__ in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+
+
 def call_compiled(kernel: Callable, device: torch.device, *args: Any, **kwargs: Any) -> Optional[Any]:
     """Call a compiled function; on a compile failure warn once per device type, remember it, return ``None``.
 
@@ -548,7 +553,7 @@ def call_compiled(kernel: Callable, device: torch.device, *args: Any, **kwargs: 
         try:
             return kernel(*args, **kwargs)
         except Exception as error:
-            if type(error).__name__ not in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit"):  # older: Cache
+            if not _past_recompile_limit(error):
                 raise
             # Raised only where a new specialisation is needed past dynamo's limit: raise the
             # limit then (patching it on every call would cost 30 us a call).
@@ -558,6 +563,13 @@ def call_compiled(kernel: Callable, device: torch.device, *args: Any, **kwargs: 
             with dynamo.config.patch(**{name: RECOMPILE_LIMIT}):
                 return kernel(*args, **kwargs)
     except Exception as error:  # torch.compile raises many types (BackendCompilerFailed, InductorError, ...)
+        if _past_recompile_limit(error):
+            # past tireg's own limit too: this variant runs on the reference path; those compiled so
+            # far still run compiled (marking the device failed ended the fast path for the process:
+            # a long-running program that made models of ever new mapping bounds)
+            warnings.warn(f"tireg: over {RECOMPILE_LIMIT} compiled variants of one kernel in this process; this "
+                          "one runs on the reference path", RuntimeWarning, stacklevel=3)
+            return None
         if _out_of_memory(error):
             raise
         with _lock:
