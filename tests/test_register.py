@@ -276,6 +276,10 @@ def test_numpy_integer_images():
     wide = tireg.register(counts(fixed), counts(moving).numpy(), transform="rigid")
     assert grid_error(wide.matrix, truth, fixed.shape) < 0.2
     assert wide.warp(counts(moving)).dtype == torch.float64  # resampled without rounding them either
+    assert tireg.register(fixed, moving).warp(counts(moving) - 3 * 10**10).dtype == torch.float32  # small: float32
+    with pytest.raises(ValueError, match=r"'fixed' is constant .*its values reach 3e\+10, where float32 .* keep "
+                                         r"normalize=True"):
+        tireg.register(counts(fixed), counts(moving), transform="rigid", normalize=False)
 
 
 # -- the result ---------------------------------------------------------------------

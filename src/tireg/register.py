@@ -395,9 +395,12 @@ def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) 
     if image.is_complex():
         raise TypeError(f"{caller}: '{name}' must be real; got {image.dtype}")
     if not image.is_floating_point():
-        # integers of more than 24 bits in float64 (float32 rounds them: an image of 3e10 + counts
-        # was called constant); register then centres them in float64 (_float32), as float64 images
-        wide = image.dtype != torch.bool and torch.iinfo(image.dtype).bits > 16
+        # integers beyond float32's 24 bits in float64 (float32 rounded them: an image of 3e10 + counts
+        # was called constant); register then centres them in float64 (_float32), as float64 images.
+        # By value, not by type: int32 and int64 images of small values are common (astype(int), PIL's
+        # "I" mode), and float64 doubled their copies (a batch's peak memory 3x)
+        wide = (image.dtype != torch.bool and torch.iinfo(image.dtype).bits > 16
+                and bool(((image.amax() > 1 << 24) | (image.amin() < -(1 << 24))).item()))
         image = image.to(torch.float64 if wide else torch.float32)
     elif image.dtype not in (torch.float32, torch.float64):
         image = image.to(torch.float32)
@@ -579,6 +582,10 @@ def _refuse_constant(image: torch.Tensor, mask: Optional[torch.Tensor], name: st
         if flat.shape[1] > 1:
             where += f"{',' if where else ' in'} channel {channel} of {flat.shape[1]}"
             advice = "; pass the channels that hold the image, or register on one"
+        if image.dtype == torch.float32 and float(image.abs().amax()) >= 1 << 24:  # rounded to one value?
+            advice += (f"; its values reach {float(image.abs().amax()):.3g}, where float32 (register's arithmetic) "
+                       "steps by 1 or more: keep normalize=True, which centres them in float64 first, or subtract "
+                       "an offset")
         raise ValueError(
             f"register(): '{name}' is constant (inside its mask){where}: there is nothing to align{advice}")
 

@@ -229,8 +229,9 @@ class TransformFile:
             ``{"itk_transforms": [{"transform", "parameters",
             "fixed_parameters"}, ...]}``, the raw blocks in file order.
         fixed_geometry, moving_geometry: the geometries the pixel matrix
-            refers to (recorded in JSON, or those passed to
-            :func:`load_transform` for ITK files); ``None`` for pixel = physical.
+            refers to: those passed to :func:`load_transform`, else those the
+            file records (a JSON document, or an ITK file written by
+            :func:`save_transform`); ``None`` for pixel = physical.
     """
 
     matrix: torch.Tensor
