@@ -99,6 +99,57 @@ def test_batch_equals_one_by_one(options):
         assert int(batch.iterations[index]) == int(single.iterations[0])
 
 
+def _rosenbrock(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair's ``scale (100 (y - x^2)^2 + (1 - x)^2)`` and its gradient."""
+    a, b = x[:, 0], x[:, 1]
+    cost = scale * (100.0 * (b - a * a) ** 2 + (1.0 - a) ** 2)
+    gradient = torch.stack([-400.0 * a * (b - a * a) - 2.0 * (1.0 - a), 200.0 * (b - a * a)], dim=1)
+    return cost, gradient * scale[:, None]
+
+
+@pytest.mark.parametrize("line_search", ["strong_wolfe", None])
+def test_the_batched_lbfgs_solves_each_problem_as_alone(line_search):
+    # torch.optim.LBFGS over a batch shares one step length and one curvature history; the batched
+    # one gives each pair its own, so that a pair's path does not depend on the others
+    from tireg.register import _BatchedLBFGS
+
+    starts = torch.tensor([[-1.2, 1.0], [0.5, -0.3], [2.0, 2.5]], dtype=torch.float64)
+    scales = torch.tensor([1.0, 1e3, 1e-2], dtype=torch.float64)  # one pair's gradients dwarf the others'
+    options = dict(lr=1.0 if line_search else 1e-3, max_iter=5, line_search_fn=line_search)
+
+    def solve(x, scale, steps):
+        optimizer = _BatchedLBFGS(x, **options)
+        active = torch.ones(x.shape[0], dtype=torch.bool)
+        for _ in range(steps):
+            x = optimizer.step(lambda point: _rosenbrock(point, scale), x, active)
+        return x
+
+    together = solve(starts, scales, 60)
+    for index in range(3):
+        alone = solve(starts[index:index + 1], scales[index:index + 1], 60)
+        assert torch.equal(together[index], alone[0]), index
+    if line_search:  # to the minimum at (1, 1)
+        torch.testing.assert_close(together, torch.ones(3, 2, dtype=torch.float64), rtol=0, atol=1e-4)
+
+
+def test_the_batched_lbfgs_leaves_inactive_pairs_and_keeps_each_pairs_evaluation_budget():
+    from tireg.register import _BatchedLBFGS
+
+    starts = torch.tensor([[-1.2, 1.0], [0.5, -0.3]], dtype=torch.float64)
+    scale = torch.ones(2, dtype=torch.float64)
+    optimizer = _BatchedLBFGS(starts, max_iter=50, max_eval=7, line_search_fn="strong_wolfe")
+    trials = []
+
+    def counted(point):
+        trials.append(point.clone())
+        return _rosenbrock(point, scale)
+
+    moved = optimizer.step(counted, starts, torch.tensor([True, False]))
+    assert torch.equal(moved[1], starts[1])  # an inactive pair stays
+    changes = [int((later[0] != earlier[0]).any()) for earlier, later in zip(trials, trials[1:])]
+    assert 1 <= sum(changes) <= 6 and len(trials) <= 7  # its budget of max_eval evaluations, the first included
+
+
 def test_pairs_converge_on_their_own():
     easy = registration_pair("astronaut", "translation", [0.0, 0.0])  # already aligned
     hard = registration_pair("astronaut", "translation", [6.0, -7.0])
@@ -445,9 +496,8 @@ def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, 
         torch.testing.assert_close(chunked.cost, whole.cost, rtol=1e-4, atol=0)
     for index, (_, _, truth) in enumerate(pairs):
         assert grid_error(chunked.matrix[index], truth, fixed.shape[-2:]) < 0.3
-    split.clear()  # (Adam: L-BFGS runs one optimiser a pair, each on its pair's level)
-    tireg.register(fixed, moving, transform="similarity", metric="mi", optimizer="adam", compile=False,
-                   max_iterations=5)
+    split.clear()
+    tireg.register(fixed, moving, transform="similarity", metric="mi", compile=False, max_iterations=5)
     assert split == []
 
 
