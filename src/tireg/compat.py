@@ -20,7 +20,7 @@ from . import losses as _losses
 from . import mappings as _mappings
 from . import models as _models
 from ._validation import FLOAT_DTYPES, broadcast_shape, finite_number
-from .transforms import anisotropic_similarity_jacobian, anisotropic_similarity_matrix
+from .transforms import _anisotropic_similarity_derivative, anisotropic_similarity_matrix
 
 __all__ = ["PerPixelLoss", "AffyModel", "AffyModelAnal", "Affy", "Mapping"]
 
@@ -130,7 +130,7 @@ def get_matrix(
 
 def _derivative(index: int, caller: str, angle, scalex, scaley, dx, dy, cx, cy) -> torch.Tensor:
     params, center = _params_and_center(caller, angle, scalex, scaley, dx, dy, cx, cy)
-    return anisotropic_similarity_jacobian(params, center)[..., index, :, :]
+    return _anisotropic_similarity_derivative(params, center, index)  # the one asked for, not all five
 
 
 def da(
@@ -175,8 +175,7 @@ def ds(angle: Scalar, scale: Scalar, dx: Scalar, dy: Scalar, cx: Scalar, cy: Sca
     tensors = _arguments("Affy.ds()", angle=angle, scale=scale, dx=dx, dy=dy, cx=cx, cy=cy)
     angle, scale, dx, dy, cx, cy = tensors.values()
     params, center = torch.stack([angle, scale, scale, dx, dy], dim=-1), torch.stack([cx, cy], dim=-1)
-    jacobian = anisotropic_similarity_jacobian(params, center)
-    return jacobian[..., 1, :, :] + jacobian[..., 2, :, :]
+    return _anisotropic_similarity_derivative(params, center, 5)
 
 
 Affy = SimpleNamespace(get_matrix=get_matrix, da=da, dx=dx, dy=dy, ds=ds, dsx=dsx, dsy=dsy)
