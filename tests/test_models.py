@@ -162,6 +162,38 @@ def test_precomputed_gradient_approximates_finite_differences(method, sigma, tol
     assert relative.max() < tolerance, relative
 
 
+def _difference_of_gaussians(moving: torch.Tensor) -> torch.Tensor:
+    """A user's moving-image gradient (the seed: "a custom method, e.g., difference of Gaussian"):
+    central differences of the image blurred by 0.7 px, as (B, C, 2, H, W)."""
+    blurred = tireg.sampling.gaussian_blur(moving, 0.7, padding_mode="border")
+    return tireg.sampling.image_gradient(blurred, method="central", padding_mode="border")
+
+
+def test_a_custom_image_gradient_function_is_sampled_and_trains_to_the_truth():
+    # the seed's "precalculated using a custom method": only 'exact', 'central' and 'gaussian' were
+    # accepted
+    generator = torch.Generator().manual_seed(5)
+    fixed = smooth_random_image((1, 1, 40, 56), generator, sigma=3.0)
+    truth = torch.tensor([[0.06, 1.02, 1.5, -1.0]], dtype=torch.float64)
+    moving = tireg.warp(fixed, torch.linalg.inv(TRANSFORMS["similarity"].matrix(truth, tireg.image_center(40, 56))),
+                        padding_mode="border")
+    model = tireg.create_model("similarity", moving, image_gradient=_difference_of_gaussians, padding_mode="border")
+    stacked = model.moving_with_gradient  # the image, then its two gradient images, per channel
+    assert torch.equal(stacked[:, 1:].reshape(1, 1, 2, 40, 56), _difference_of_gaussians(moving))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(300):
+        optimizer.zero_grad()
+        model(moving, fixed)
+        optimizer.step()
+    # an approximate gradient stops where it vanishes, near the truth (as 'gaussian': ty -1.106 for -1)
+    torch.testing.assert_close(model.parameter_values().detach().double(), truth, rtol=0, atol=0.15)
+    # a function that returns something else is named
+    for wrong in (lambda image: image, lambda image: "gradient"):
+        with pytest.raises(ValueError, match=r"the image_gradient function must return the moving image's gradient "
+                                             r"images \(B, C, 2, H, W\) = \(1, 1, 2, 40, 56\)"):
+            tireg.create_model("similarity", moving, image_gradient=wrong)
+
+
 def test_exact_gradient_matches_finite_differences():
     generator = torch.Generator().manual_seed(6)
     fixed = smooth_random_image((2, 1, 40, 56), generator)

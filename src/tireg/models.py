@@ -434,7 +434,11 @@ class AffineModelAnalytic(TransformModel):
             or ``"gaussian"``: gradient images precomputed once from
             ``moving`` (central differences, or derivative of Gaussian of
             ``sigma`` pixels) and sampled at the warped points: an approximation.
-            They are made again when ``forward`` gets another tensor or one
+            Or a function of the moving image ``(B, C, H, W)`` returning its
+            gradient images ``(B, C, 2, H, W)`` (``d/dx`` then ``d/dy``, per
+            pixel), the seed's "custom method, e.g., difference of Gaussian",
+            sampled the same way (a module-level function, so that the model
+            pickles).  They are made again when ``forward`` gets another tensor or one
             changed in place (its version counter); a write that bypasses
             the counter (through a NumPy view of the tensor, or ``.data``)
             is not seen, nor by the NaN check: pass a new tensor, or a
@@ -479,7 +483,7 @@ class AffineModelAnalytic(TransformModel):
         moving: torch.Tensor,
         *,
         interpolation: str = "bilinear",
-        image_gradient: str = "exact",
+        image_gradient: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "exact",
         sigma: float = 1.0,
         loss_func: Union[str, PerPixelLoss, None] = None,
         metric: Union[str, Metric, None] = None,
@@ -489,7 +493,8 @@ class AffineModelAnalytic(TransformModel):
         super().__init__(cx, cy, bordermode, interpolation=interpolation, batch_size=batch_size)
         caller = f"{type(self).__name__}()"
         check_image(moving, "moving", caller)
-        self.image_gradient = check_option(image_gradient, IMAGE_GRADIENTS, "image gradient", caller)
+        self.image_gradient = image_gradient if callable(image_gradient) else check_option(
+            image_gradient, IMAGE_GRADIENTS, "image gradient", caller)
         if not sigma > 0:
             raise ValueError(f"{caller}: 'sigma' must be positive; got {sigma}")
         self.sigma = float(sigma)
@@ -541,9 +546,23 @@ class AffineModelAnalytic(TransformModel):
 
     def _precompute(self, moving: torch.Tensor) -> None:
         """Stack ``[M, dM/dx, dM/dy]`` once, so that one ``grid_sample`` samples all three."""
-        gradient = compute_image_gradient(
-            moving, method=self.image_gradient, sigma=self.sigma, padding_mode=self.bordermode
-        )
+        if callable(self.image_gradient):  # the user's own: checked, as it goes into every step
+            with torch.no_grad():
+                gradient = self.image_gradient(moving)
+            expected = (*moving.shape[:2], 2, *moving.shape[2:])
+            if (not isinstance(gradient, torch.Tensor) or tuple(gradient.shape) != expected
+                    or gradient.device != moving.device):
+                got = (f"{tuple(gradient.shape)} on {gradient.device}" if isinstance(gradient, torch.Tensor)
+                       else type(gradient).__name__)
+                raise ValueError(f"{type(self).__name__}: the image_gradient function must return the moving "
+                                 f"image's gradient images (B, C, 2, H, W) = {expected} on {moving.device}; "
+                                 f"got {got}")
+            gradient = check_image(gradient.flatten(1, 2), "the image_gradient function's result",
+                                   type(self).__name__).to(moving.dtype).view(expected)
+        else:
+            gradient = compute_image_gradient(
+                moving, method=self.image_gradient, sigma=self.sigma, padding_mode=self.bordermode
+            )
         self.moving_with_gradient = stack_with_gradient(moving, gradient)
         self._moving_stamp = TensorStamp(moving)
 
@@ -860,7 +879,7 @@ def create_model(
     interpolation: str = "bilinear",
     loss: Union[str, PerPixelLoss] = "l2",
     metric: Union[str, Metric, None] = None,
-    image_gradient: str = "exact",
+    image_gradient: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "exact",
     sigma: float = 1.0,
     compile: Union[bool, str] = "auto",
 ) -> TransformModel:
