@@ -1194,9 +1194,10 @@ class _BatchedLBFGS:
     Algorithm 7.4): the direction ``d = -H g`` by the two-loop recursion over the pair's last
     ``history_size`` pairs ``(s, y)`` with ``s'y > 1e-10``, ``H0 = s'y / y'y``; its first iteration
     ``d = -g``, step ``min(1, 1 / |g|_1) lr``, later ones ``lr``.  The line search
-    (``line_search_fn="strong_wolfe"``, tireg's default) is a backtracking one here: the step is
-    halved until ``f(x + t d) <= f(x) + 1e-4 t g'd`` (Armijo), at most 25 times; ``None``: the step
-    ``t`` as it is.  A pair's inner loop stops, as torch's, when ``max |g| <= tolerance_grad``,
+    (``line_search_fn="strong_wolfe"``, tireg's default) is a backtracking one here: until
+    ``f(x + t d) <= f(x) + 1e-4 t g'd`` (Armijo), at most 25 trials, each step the minimum of the
+    quadratic through ``f(0)``, ``f'(0)`` and the last trial, within ``[0.1 t, 0.5 t]`` (a strong-Wolfe
+    zoom per pair does not vectorise); ``None``: the step ``t`` as it is.  A pair's inner loop stops, as torch's, when ``max |g| <= tolerance_grad``,
     ``max |t d| <= tolerance_change`` or its cost changes by less than ``tolerance_change``; a step
     holds at most ``max_iter`` iterations and ``max_eval`` evaluations.  Adds the batch's host reads
     once per iteration and trial, not once per pair.
@@ -1226,7 +1227,8 @@ class _BatchedLBFGS:
 
     def _remember(self, useful: torch.Tensor, step: torch.Tensor, change: torch.Tensor, rho: torch.Tensor) -> None:
         """Add ``(s, y, 1 / s'y)`` to the rings of the ``useful`` pairs."""
-        slot = useful[:, None] & (torch.arange(self.memory, device=useful.device) == (self.position % self.memory)[:, None])
+        slots = torch.arange(self.memory, device=useful.device)
+        slot = useful[:, None] & (slots == (self.position % self.memory)[:, None])
         self.steps = torch.where(slot[..., None], step[:, None, :], self.steps)
         self.changes = torch.where(slot[..., None], change[:, None, :], self.changes)
         self.rho = torch.where(slot, rho[:, None], self.rho)
