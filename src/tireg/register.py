@@ -363,6 +363,10 @@ class RegistrationResult:
 # input handling
 
 
+#: Unsigned integer dtypes of more than 16 bits (torch 2.3 and later), which torch's amax/amin refuse.
+_UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint32", "uint64") if hasattr(torch, name))
+
+
 def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) -> tuple[torch.Tensor, int]:
     """``(B, C, H, W)`` float tensor from a tensor or array of ``(H, W)``, ``(C, H, W)`` or ``(B, C, H, W)``."""
     if isinstance(image, np.ndarray):
@@ -400,8 +404,10 @@ def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) 
         # was called constant); register then centres them in float64 (_float32), as float64 images.
         # By value, not by type: int32 and int64 images of small values are common (astype(int), PIL's
         # "I" mode), and float64 doubled their copies (a batch's peak memory 3x)
+        # (the range of an unsigned 32- or 64-bit image in float64: torch has no amax for them)
+        probe = image.to(torch.float64) if image.dtype in _UNSIGNED_WIDE else image
         wide = (image.dtype != torch.bool and torch.iinfo(image.dtype).bits > 16
-                and bool(((image.amax() > 1 << 24) | (image.amin() < -(1 << 24))).item()))
+                and bool(((probe.amax() > 1 << 24) | (probe.amin() < -(1 << 24))).item()))
         image = image.to(torch.float64 if wide else torch.float32)
     elif image.dtype not in (torch.float32, torch.float64):
         image = image.to(torch.float32)
