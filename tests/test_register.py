@@ -120,8 +120,9 @@ def test_the_batched_lbfgs_solves_each_problem_as_alone(line_search):
     def solve(x, scale, steps):
         optimizer = _BatchedLBFGS(x, **options)
         active = torch.ones(x.shape[0], dtype=torch.bool)
+        current = None
         for _ in range(steps):
-            x = optimizer.step(lambda point: _rosenbrock(point, scale), x, active)
+            x, *current = optimizer.step(lambda point: _rosenbrock(point, scale), x, active, current)
         return x
 
     together = solve(starts, scales, 60)
@@ -144,7 +145,8 @@ def test_the_batched_lbfgs_leaves_inactive_pairs_and_keeps_each_pairs_evaluation
         trials.append(point.clone())
         return _rosenbrock(point, scale)
 
-    moved = optimizer.step(counted, starts, torch.tensor([True, False]))
+    moved, cost, gradient = optimizer.step(counted, starts, torch.tensor([True, False]))
+    torch.testing.assert_close((cost, gradient), _rosenbrock(moved, scale))  # where it ended
     assert torch.equal(moved[1], starts[1])  # an inactive pair stays
     changes = [int((later[0] != earlier[0]).any()) for earlier, later in zip(trials, trials[1:])]
     assert 1 <= sum(changes) <= 6 and len(trials) <= 7  # its budget of max_eval evaluations, the first included

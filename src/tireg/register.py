@@ -1225,6 +1225,7 @@ class _BatchedLBFGS:
         self.rho = x.new_zeros(batch, self.memory)
         self.position = torch.zeros(batch, dtype=torch.long, device=x.device)
         self.count = torch.zeros(batch, dtype=torch.long, device=x.device)
+        self.filled = 0  # the most any pair holds, bounded on the host (a read of count would wait on a GPU)
         self.scale = x.new_ones(batch)  # H0 per pair
         self.last_step = torch.zeros_like(x)  # each pair's s = t d of its last iteration
         self.last_gradient = torch.zeros_like(x)  # and its gradient before it
@@ -1240,12 +1241,13 @@ class _BatchedLBFGS:
         self.rho = torch.where(slot, rho[:, None], self.rho)
         self.position = self.position + useful
         self.count = (self.count + useful).clamp_max(self.memory)
+        self.filled = min(self.filled + 1, self.memory)
 
     def _direction(self, gradient: torch.Tensor) -> torch.Tensor:
-        """``-H g`` per pair by the two-loop recursion over its own ring, newest first."""
-        newest = int(self.count.max())
+        """``-H g`` per pair by the two-loop recursion over its own ring, newest first (a pair's slots
+        past its count have ``rho = 0`` and zero ``s``, ``y``: they change nothing)."""
         entries = []
-        for k in range(newest):
+        for k in range(self.filled):
             slot = ((self.position - 1 - k) % self.memory)[:, None]
             rho = torch.where(k < self.count, self.rho.gather(1, slot)[:, 0], 0.0)  # 0: the pair has no k-th
             index = slot[..., None].expand(-1, 1, gradient.shape[1])
@@ -1263,10 +1265,13 @@ class _BatchedLBFGS:
         return r
 
     def step(self, evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor,
-             active: torch.Tensor) -> torch.Tensor:
+             active: torch.Tensor, current: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Up to ``max_iter`` iterations from ``x`` of the ``active`` pairs; ``evaluate(x)`` gives every
-        pair's ``(cost (B,), gradient (B, P))``.  Returns the new ``x``."""
-        cost, gradient = evaluate(x)
+        pair's ``(cost (B,), gradient (B, P))``, and ``current`` is that at ``x`` where known (the
+        last step's end: not evaluated again, but counted, as torch's first evaluation of a step).
+        Returns ``(x, cost, gradient)`` at the end."""
+        cost, gradient = evaluate(x) if current is None else current
         evaluations = torch.ones_like(self.count)  # per pair: its own budget of max_eval
         running = active & (gradient.abs().amax(dim=1) > self.tolerance_grad)
         for _ in range(self.max_iter):
@@ -1319,7 +1324,7 @@ class _BatchedLBFGS:
                     | (evaluations >= self.max_eval))
             x, cost, gradient = new_x, new_cost, new_gradient
             running = moved & ~done
-        return x
+        return x, cost, gradient
 
 
 def _first_order(problem, level, params, *, name, options, gradients, max_iterations, tolerance, corners, callback,
@@ -1366,12 +1371,16 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
 
     costs, passes = [first.cost], []
     quiet = torch.zeros(batch, dtype=torch.long, device=device)
+    # L-BFGS starts a step where the last one ended, already evaluated (the first: at q = 0, `first`)
+    current = (torch.where(torch.isfinite(first.cost), first.cost, torch.full_like(first.cost, 1e30)),
+               torch.nan_to_num(first.gradient, nan=0.0, posinf=0.0, neginf=0.0) * scales)
     for iteration in range(max_iterations):
         passes.append(active.any())
         before = start + q.detach() * scales
         if name == "lbfgs":
             with torch.no_grad():
-                q.copy_(optim.step(cost_and_gradient, q, active))
+                found, *current = optim.step(cost_and_gradient, q, active, tuple(current))
+                q.copy_(found)
         else:
             optim.step(closure)
         with torch.no_grad():
