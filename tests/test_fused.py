@@ -272,11 +272,27 @@ def test_one_variant_past_the_recompile_limit_runs_the_reference_path_and_no_oth
         pass
 
     fixed, moving = _kernel_that_raises(monkeypatch, generator, FailOnRecompileLimitHit("recompile_limit reached"))
+    monkeypatch.setattr(fused, "_refused", set())
     with pytest.warns(RuntimeWarning, match="over 64 compiled variants of one kernel"):
         assert fused.run_compiled(fixed, fused.pad_moving(moving, "zeros"), _matrix(1).float(), tireg.L2Loss(),
                                   "zeros") is None
     assert fused._failed == set()
     assert fused.call_compiled(lambda value: value + 1, torch.device("cpu"), 1) == 2  # the others still run
+    # the refused variant is not tried again (two failed dynamo attempts and two logged warnings a call)
+    attempts = []
+
+    def refusing(*args):
+        attempts.append(args)
+        raise FailOnRecompileLimitHit("recompile_limit reached")
+
+    with pytest.warns(RuntimeWarning, match="over 64 compiled variants"):
+        assert fused.call_compiled(refusing, torch.device("cpu"), fixed) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fused.call_compiled(refusing, torch.device("cpu"), fixed) is None
+    assert len(attempts) == 2  # the first call's two attempts, none after
+    with pytest.warns(RuntimeWarning, match="over 64 compiled variants"):  # another shape: another variant
+        assert fused.call_compiled(refusing, torch.device("cpu"), fixed[..., :8]) is None
 
 
 def test_register_compiles_automatically_only_for_work_that_pays(monkeypatch):

@@ -535,6 +535,27 @@ def _shifted_moments(result: FusedMoments, offset: float) -> FusedMoments:
     return FusedMoments(result.cost, result.count, gradient, products, None)
 
 
+#: Variants refused past :data:`RECOMPILE_LIMIT` (:func:`_variant`): not tried again.  Each try of
+#: one costs two failed dynamo attempts (about 3 ms of host time) and two logged warnings, every
+#: call (a model steps through its compiled path on every forward).
+_refused: set = set()
+
+
+def _variant(kernel: Callable, args: tuple, kwargs: dict) -> tuple:
+    """A call's key for :data:`_refused`: the kernel, each tensor's shape, dtype and device, and every
+    other argument by identity (a model's own loss and mappings; a freed object's id taken by a new
+    one can only send that one to the reference path: the same numbers, slower)."""
+    def key(value):
+        if isinstance(value, torch.Tensor):
+            return (tuple(value.shape), value.dtype, value.device)
+        if isinstance(value, (list, tuple)):
+            return tuple(key(item) for item in value)
+        if isinstance(value, (bool, int, float, str, type(None))):
+            return value
+        return id(value)
+    return (id(kernel), key(args), tuple(sorted((name, key(value)) for name, value in kwargs.items())))
+
+
 def _past_recompile_limit(error: BaseException) -> bool:
     """Whether ``error`` is dynamo's refusal of one more specialisation (older torch: a cache limit)."""
     return type(error).__name__ in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
@@ -547,7 +568,7 @@ def call_compiled(kernel: Callable, device: torch.device, *args: Any, **kwargs: 
     and the reference path for the rest of the process would not make it fit (it needs more).
     """
     key = torch.device(device).type
-    if key in _failed:
+    if key in _failed or (_refused and _variant(kernel, args, kwargs) in _refused):
         return None
     try:
         try:
@@ -569,6 +590,8 @@ def call_compiled(kernel: Callable, device: torch.device, *args: Any, **kwargs: 
             # a long-running program that made models of ever new mapping bounds)
             warnings.warn(f"tireg: over {RECOMPILE_LIMIT} compiled variants of one kernel in this process; this "
                           "one runs on the reference path", RuntimeWarning, stacklevel=3)
+            with _lock:
+                _refused.add(_variant(kernel, args, kwargs))
             return None
         if _out_of_memory(error):
             raise
