@@ -1205,13 +1205,16 @@ class _BatchedLBFGS:
     quadratic through ``f(0)``, ``f'(0)`` and the last trial, within ``[0.1 t, 0.5 t]`` (a strong-Wolfe
     zoom per pair does not vectorise); ``None``: the step ``t`` as it is.  A pair's inner loop stops, as torch's, when ``max |g| <= tolerance_grad``,
     ``max |t d| <= tolerance_change`` or its cost changes by less than ``tolerance_change``; a step
-    holds at most ``max_iter`` iterations and ``max_eval`` evaluations.  Adds the batch's host reads
+    holds at most ``max_iter`` iterations and ``max_eval`` evaluations, but each iteration tries
+    its step at least once, and a pair whose search the budget cut off before it moved at all goes
+    on searching in its next step (``searching``: not converged) while its next trial would move it
+    by ``min_search`` or more (``max_iter=1`` gives ``max_eval`` 1, spent by the step's start).  Adds the batch's host reads
     once per iteration and trial, not once per pair.
     """
 
     def __init__(self, x: torch.Tensor, *, lr: float = 1.0, max_iter: int = 20, max_eval: Optional[int] = None,
                  tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, history_size: int = 100,
-                 line_search_fn: Optional[str] = None):
+                 line_search_fn: Optional[str] = None, min_search: float = 0.0):
         self.lr, self.max_iter = float(lr), int(max_iter)
         self.max_eval = int(max_eval) if max_eval is not None else self.max_iter * 5 // 4
         self.tolerance_grad, self.tolerance_change = float(tolerance_grad), float(tolerance_change)
@@ -1231,6 +1234,12 @@ class _BatchedLBFGS:
         self.last_gradient = torch.zeros_like(x)  # and its gradient before it
         self.has_last = torch.zeros(batch, dtype=torch.bool, device=x.device)
         self.started = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        # a pair whose line search the budget cut off before it moved at all in a step: the step length
+        # it would have tried next, which its next step starts from (NaN: none), and whether it is
+        # searching still (not converged), while that trial would move it by min_search or more
+        self.retry = torch.full((batch,), math.nan, dtype=x.dtype, device=x.device)
+        self.searching = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        self.min_search = float(min_search)
 
     def _remember(self, useful: torch.Tensor, step: torch.Tensor, change: torch.Tensor, rho: torch.Tensor) -> None:
         """Add ``(s, y, 1 / s'y)`` to the rings of the ``useful`` pairs."""
@@ -1273,6 +1282,7 @@ class _BatchedLBFGS:
         Returns ``(x, cost, gradient)`` at the end."""
         cost, gradient = evaluate(x) if current is None else current
         evaluations = torch.ones_like(self.count)  # per pair: its own budget of max_eval
+        still = torch.ones_like(active)  # pairs that have not moved in this step
         running = active & (gradient.abs().amax(dim=1) > self.tolerance_grad)
         for _ in range(self.max_iter):
             if not bool(running.any()):
@@ -1287,14 +1297,23 @@ class _BatchedLBFGS:
             direction = torch.where(first[:, None], -gradient, self._direction(gradient))
             step = torch.where(first, (1.0 / gradient.abs().sum(1).clamp_min(1e-300)).clamp_max(1.0) * self.lr,
                                torch.full_like(cost, self.lr))
+            step = torch.where(running & torch.isfinite(self.retry), self.retry, step)  # a search cut off goes on
             slope = (gradient * direction).sum(1)
             running = running & (slope <= -self.tolerance_change)  # not a descent direction: stop
             self.started = self.started | running
             # the line search, the whole batch at every trial; pairs not pending stay where they are
             pending, new_x, new_cost, new_gradient = running, x, cost, gradient
             accepted_step = torch.zeros_like(step)
-            for _ in range(25 if self.line_search else 1):
-                pending = pending & (evaluations < self.max_eval)
+            blocked = torch.zeros_like(running)
+            # an iteration's first trial whatever the budget, later ones within it: checked before every
+            # trial, max_iter=1 (max_eval 1, spent by the step's start) let nothing move, and register
+            # called the start converged.  Unlike torch's search, which takes up to 25 trials and meets
+            # the budget after: in lockstep every pair would wait for the slowest (64 x 64^2, ncc: 140
+            # evaluations instead of 33)
+            for trial in range(25 if self.line_search else 1):
+                if trial:
+                    blocked = blocked | (pending & (evaluations >= self.max_eval))
+                    pending = pending & (evaluations < self.max_eval)
                 if not bool(pending.any()):
                     break
                 trial_x = torch.where(pending[:, None], x + step[:, None] * direction, new_x)
@@ -1313,7 +1332,13 @@ class _BatchedLBFGS:
                 rise = (trial_cost - cost - slope * step).clamp_min(1e-300)
                 quadratic = (-slope * step * step / (2.0 * rise)).nan_to_num(nan=0.0, posinf=0.0)  # a NaN trial: 0.1 t
                 step = torch.where(pending, torch.minimum(torch.maximum(quadratic, 0.1 * step), 0.5 * step), step)
+            # a search the budget cut off goes on in the next step, from the step length it reached (so
+            # that max_iter=1 still gets there); one that ran out of trials has nowhere to go
             moved = running & (accepted_step > 0)  # a pair no step of which was accepted stops here
+            cut = blocked & still & ((step[:, None] * direction).abs().amax(dim=1) >= self.min_search)
+            self.retry = torch.where(running, torch.where(cut, step, math.nan), self.retry)
+            self.searching = torch.where(running, cut, self.searching)
+            still = still & ~moved
             taken = accepted_step[:, None] * direction
             self.last_step = torch.where(moved[:, None], taken, self.last_step)
             self.last_gradient = torch.where(moved[:, None], gradient, self.last_gradient)
@@ -1341,7 +1366,9 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
     constructor, defaults = _FIRST_ORDER_DEFAULTS[name]
     q = torch.zeros_like(start, requires_grad=name != "lbfgs")
     settings = {**defaults, **(options or {})}
-    optim = _BatchedLBFGS(q, **settings) if name == "lbfgs" else constructor([q], **settings)
+    # (L-BFGS: a line search cut off by max_eval goes on in the next step while its trial would move
+    # the image by the tolerance or more: one unit of q is about one level pixel)
+    optim = _BatchedLBFGS(q, **settings, min_search=tolerance) if name == "lbfgs" else constructor([q], **settings)
     active = torch.ones(batch, dtype=torch.bool, device=device)
     status = torch.full((batch,), _MAX_ITERATIONS, dtype=torch.int8, device=device)
     iterations = torch.zeros(batch, dtype=torch.long, device=device)
@@ -1392,7 +1419,10 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
         after = start + q.detach() * scales
         moved = _displacement(problem, before, after - before, corners)
         iterations += active
-        quiet = torch.where(moved < tolerance * level.factor, quiet + 1, torch.zeros_like(quiet))
+        small = moved < tolerance * level.factor
+        if name == "lbfgs":  # a pair whose line search the budget cut off has not converged: it goes on
+            small = small & ~optim.searching
+        quiet = torch.where(small, quiet + 1, torch.zeros_like(quiet))
         # one L-BFGS step holds several inner iterations; stochastic-looking Adam/SGD steps need a run
         converged = active & (quiet >= (1 if name == "lbfgs" else 3))
         status = torch.where(converged, _CONVERGED, status)
