@@ -180,7 +180,7 @@ def _compile_choice(text: str):
     if text not in choices:
         # "--compile a.png b.png": the option's optional value took the first image
         hint = " (--compile alone takes the next argument as its value: put it after the images)" \
-            if Path(text).suffix.lower() in _IMAGE_SUFFIXES or os.sep in text else ""
+            if Path(text).suffix.lower() in SUFFIXES or os.sep in text else ""
         raise argparse.ArgumentTypeError(f"expected auto, on or off; got {text!r}{hint}")
     return choices[text]
 
@@ -599,10 +599,6 @@ def _write_register_outputs(outputs: OutputFiles, paths: dict[str, Path], result
                              metric=f"cost ({args.metric})")
 
 
-#: Suffixes of image files: an output folder so named is a mistake for an output file.
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
-
-
 #: The suffix tireg writes a format with, where an input's own suffix names another format.
 _FORMAT_SUFFIX = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "npy": ".npy"}
 
@@ -652,7 +648,7 @@ def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
     moving_mask = _read_mask(args.moving_mask, moving.size, "moving mask")
 
     folder = Path(args.output)
-    if folder.suffix.lower() in _IMAGE_SUFFIXES and not folder.is_dir():
+    if folder.suffix.lower() in SUFFIXES and not folder.is_dir():  # an image's name for an output folder
         raise CommandError(f"-o {str(folder)!r}: 'tireg register' writes a folder of outputs (the warped image, "
                            f"the transform, pictures); give a folder name such as {str(folder.with_suffix(''))!r}")
     paths = _register_paths(folder, Path(_output_name(moving.path.name.lower(), moving.format)).suffix)
