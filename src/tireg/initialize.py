@@ -73,6 +73,7 @@ from ._validation import (
 from .metrics import _flat_variance
 from .sampling import checked_warp, downsample, gaussian_blur, shrink_matrix
 from .transforms import (
+    _determinant,
     get_transform,
     rigid_matrix,
     similarity_matrix,
@@ -763,8 +764,7 @@ def _least_overlap(matrices: torch.Tensor, moving: torch.Tensor, fixed_pixels: i
     the moving image's footprint on it (``h w / |det A|`` fixed pixels), and at least ``min_overlap / 4``
     of the fixed image.  Of the fixed image alone, a moving image zoomed 2x or more into part of the
     fixed one (its footprint a quarter of it at most) had its right candidate refused."""
-    linear = matrices[..., :2, :2]
-    determinant = (linear[..., 0, 0] * linear[..., 1, 1] - linear[..., 0, 1] * linear[..., 1, 0]).abs()
+    determinant = _determinant(matrices[..., :2, :2]).abs()
     footprint = (moving.shape[-2] * moving.shape[-1]) / determinant.clamp_min(1e-12)
     return (min_overlap * footprint.clamp_max(float(fixed_pixels))).clamp_min(min_overlap / 4 * fixed_pixels)
 

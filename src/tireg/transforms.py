@@ -31,7 +31,7 @@ the only setting used in tireg), applied by :func:`pixel_to_normalized`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +192,12 @@ def _translation_derivatives(shape: torch.Size, like: torch.Tensor) -> torch.Ten
     return basis.expand(*shape, 2, 3, 3)
 
 
+def _determinant(linear: torch.Tensor) -> torch.Tensor:
+    """``det L`` of ``(..., 2, 2)`` matrices, written out: elementwise (no LU factorisation, no
+    error check that waits for a GPU)."""
+    return linear[..., 0, 0] * linear[..., 1, 1] - linear[..., 0, 1] * linear[..., 1, 0]
+
+
 def rotation(angle: torch.Tensor) -> torch.Tensor:
     """``R(theta) = [[cos, sin], [-sin, cos]]`` (OpenCV's sign), ``(...) -> (..., 2, 2)``."""
     cos, sin = torch.cos(angle), torch.sin(angle)
@@ -292,13 +298,26 @@ def anisotropic_similarity_jacobian(params: torch.Tensor, center: CenterLike) ->
     center = _as_center(center, params, "anisotropic_similarity_jacobian()")
     angle, scales = params[..., 0], params[..., None, 1:3]
     rot = rotation(angle)
-    d_angle = _linear_derivative(rotation_derivative(angle) * scales, center)
-    d_scale_x = _linear_derivative(F.pad(rot[..., :1], (0, 1)), center)  # R's column 0, column 1 zero
-    d_scale_y = _linear_derivative(F.pad(rot[..., 1:], (1, 0)), center)
+    d_angle, d_scale_x, d_scale_y = (
+        _linear_derivative(_anisotropic_linear_derivative(angle, scales, index, rot), center) for index in range(3))
     d_angle, d_scale_x, d_scale_y = torch.broadcast_tensors(d_angle, d_scale_x, d_scale_y)
     d_shift = _translation_derivatives(d_angle.shape[:-2], params)
     derivatives = [d.unsqueeze(-3) for d in (d_angle, d_scale_x, d_scale_y)]
     return torch.cat([*derivatives, d_shift], dim=-3)
+
+
+def _anisotropic_linear_derivative(
+    angle: torch.Tensor, scales: torch.Tensor, index: int, rot: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``d(R S)/dp_index``, the linear part's derivative: ``R' S`` (0, theta), ``R``'s column 0 with
+    column 1 zero (1, sx), column 1 with column 0 zero (2, sy), or ``R`` (5: both scales at once);
+    ``rot``: ``R(angle)`` where already made."""
+    if index == 0:
+        return rotation_derivative(angle) * scales
+    rot = rotation(angle) if rot is None else rot
+    if index == 5:
+        return rot
+    return F.pad(rot[..., index - 1:index], (0, 1) if index == 1 else (1, 0))
 
 
 def _anisotropic_similarity_derivative(params: torch.Tensor, center: torch.Tensor, index: int) -> torch.Tensor:
@@ -307,16 +326,10 @@ def _anisotropic_similarity_derivative(params: torch.Tensor, center: torch.Tenso
     Jacobian for each made a seed-style analytic model's step 1.5x as slow as autograd's.
     ``index`` 5: ``dA/dsx + dA/dsy = [R | -R c]``, the derivative along one scale for both axes."""
     angle, scales = params[..., 0], params[..., None, 1:3]
-    if index >= 3 and index != 5:  # a shift: a unit matrix, the same for every angle and scale
+    if index in (3, 4):  # a shift: a unit matrix, the same for every angle and scale
         shape = torch.broadcast_shapes(angle.shape, center.shape[:-1])
         return _translation_derivatives(shape, params)[..., index - 3, :, :].clone()
-    if index == 0:
-        linear = rotation_derivative(angle) * scales
-    elif index == 5:
-        linear = rotation(angle)
-    else:  # R's column 0 (sx) or 1 (sy), the other zero
-        linear = F.pad(rotation(angle)[..., index - 1:index], (0, 1) if index == 1 else (1, 0))
-    return _linear_derivative(linear, center)
+    return _linear_derivative(_anisotropic_linear_derivative(angle, scales, index), center)
 
 
 def affine_matrix(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
@@ -428,7 +441,7 @@ def anisotropic_similarity_from_matrix(matrix: torch.Tensor, center: CenterLike)
     matrix = _checked_affine(matrix, "anisotropic_similarity_from_matrix()")
     center = _as_center(center, matrix, "anisotropic_similarity_from_matrix()", matrix=True)
     linear = matrix[..., :2, :2]
-    determinant = linear[..., 0, 0] * linear[..., 1, 1] - linear[..., 0, 1] * linear[..., 1, 0]
+    determinant = _determinant(linear)
     # (1, sign) per matrix: the closest rotation to a mirror (sx = -sy) was atan2(0, 0) = 0
     one = torch.ones_like(determinant)
     sign = torch.stack([one, torch.where(determinant < 0, -one, one)], -1)
