@@ -1399,8 +1399,9 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
     costs, passes = [first.cost], []
     quiet = torch.zeros(batch, dtype=torch.long, device=device)
     # L-BFGS starts a step where the last one ended, already evaluated (the first: at q = 0, `first`)
-    current = (torch.where(torch.isfinite(first.cost), first.cost, torch.full_like(first.cost, 1e30)),
-               torch.nan_to_num(first.gradient, nan=0.0, posinf=0.0, neginf=0.0) * scales)
+    current = None if name != "lbfgs" else (
+        torch.where(torch.isfinite(first.cost), first.cost, torch.full_like(first.cost, 1e30)),
+        torch.nan_to_num(first.gradient, nan=0.0, posinf=0.0, neginf=0.0) * scales)
     for iteration in range(max_iterations):
         passes.append(active.any())
         before = start + q.detach() * scales
