@@ -66,19 +66,29 @@ def constant(values: Values, like: torch.Tensor, dtype: Optional[torch.dtype] = 
 #: How many :func:`cached` entries (constants included) are kept, the least recently used
 #: going first: a registration uses a few dozen (some per pyramid level and initialiser size).
 CACHED_ENTRIES = 256
+class ForkSafeLock:
+    """A :class:`threading.Lock` (``with lock: ...``) that a child process made by ``fork`` gets anew:
+    ``fork`` copies a lock as it is, and one that another thread of the parent held would be held
+    forever in the child, where only the forking thread lives on.  For process-wide locks (each
+    registers a handler with :func:`os.register_at_fork` for the life of the process)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        if hasattr(os, "register_at_fork"):  # POSIX
+            os.register_at_fork(after_in_child=self._renew)
+
+    def _renew(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> bool:
+        return self._lock.__enter__()
+
+    def __exit__(self, *exception: Any) -> None:
+        self._lock.__exit__(*exception)
+
+
 _cache: "OrderedDict[tuple, Any]" = OrderedDict()
-_cache_lock = threading.Lock()
-
-
-def _new_lock_after_fork() -> None:
-    """A child process made by ``fork`` while another thread held the lock would wait on it forever
-    (only the forking thread lives on in the child): it gets a new one."""
-    global _cache_lock
-    _cache_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_new_lock_after_fork)
+_cache_lock = ForkSafeLock()
 
 
 def cached(key: tuple, dtype: torch.dtype, device: Union[torch.device, str], make: Callable[[], Any]) -> Any:

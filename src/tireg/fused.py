@@ -46,9 +46,7 @@ per-pixel losses.  Anything else uses the reference path.
 
 from __future__ import annotations
 
-import os
 import sys
-import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -57,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from ._chunks import chunk_slices
+from ._device import ForkSafeLock
 from .losses import PerPixelLoss, constant_irls_weight, verified
 
 __all__ = [
@@ -361,18 +360,7 @@ def _out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is running out of memory: a GPU's, or the CPU allocator's ``RuntimeError``."""
     return (isinstance(error, (_OUT_OF_MEMORY, MemoryError))
             or isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
-_lock = threading.Lock()
-
-
-def _new_lock_after_fork() -> None:
-    """As :func:`tireg._device._new_lock_after_fork`: a forked child never waits on a lock another
-    thread of its parent held."""
-    global _lock
-    _lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_new_lock_after_fork)
+_lock = ForkSafeLock()
 
 
 #: Inductor options of the compiled kernels: every gather index is in range by construction (the
