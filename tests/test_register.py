@@ -24,6 +24,43 @@ KNOWN = {
 }
 
 
+def _fourier_shifted(scene: np.ndarray, shift) -> np.ndarray:
+    """``scene(x - shift)``, resampled exactly for band-limited content (periodic; crop away the edges)."""
+    frequency_y = np.fft.fftfreq(scene.shape[0])[:, None]
+    frequency_x = np.fft.fftfreq(scene.shape[1])[None, :]
+    phase = np.exp(-2j * np.pi * (frequency_x * shift[0] + frequency_y * shift[1]))
+    return np.real(np.fft.ifft2(np.fft.fft2(scene) * phase))
+
+
+@pytest.mark.parametrize("name", ["camera", "coins"])
+def test_noise_does_not_pull_a_shift_towards_half_pixels(name):
+    # Bilinear resampling averages the moving image's noise, most at half-pixel positions, so the
+    # unsmoothed cost is lowest near them: these shifts (noise 5 % of the range, exact sub-pixel
+    # shifts, no interpolation in the data) ended 0.08-0.13 px off. The full-resolution level is
+    # smoothed now (register.FINEST_SMOOTHING); without it, as before, they still do.
+    from tireg.data import load
+
+    scene = load(name, dtype=torch.float64).numpy()
+    scene = (scene - scene.min()) / (scene.max() - scene.min())
+    margin = 48
+    inside = (slice(margin, -margin), slice(margin, -margin))
+    errors, unsmoothed = [], []
+    for seed, shift in enumerate([(3.25, -2.25), (-6.75, 4.25), (10.2, 7.8)]):
+        rng = np.random.default_rng(seed)
+        fixed = scene[inside] + rng.normal(0.0, 0.05, scene[inside].shape)
+        moving = _fourier_shifted(scene, shift)[inside] + rng.normal(0.0, 0.05, fixed.shape)
+        fixed, moving = fixed.astype(np.float32), moving.astype(np.float32)
+        result = tireg.register(fixed, moving, transform="translation")
+        errors.append(math.dist(result.matrix[:2, 2].tolist(), shift))
+        levels = len(result.history)
+        plain = tireg.Pyramid(tuple(2 ** k for k in reversed(range(levels))),
+                              tuple([2.0 ** k / 2 for k in reversed(range(1, levels))] + [0.0]))
+        result = tireg.register(fixed, moving, transform="translation", pyramid=plain)
+        unsmoothed.append(math.dist(result.matrix[:2, 2].tolist(), shift))
+    assert max(errors) < 0.05, errors
+    assert min(unsmoothed) > 0.07, unsmoothed
+
+
 @pytest.mark.parametrize("image", ["astronaut", "camera", "coins"])
 @pytest.mark.parametrize("kind", sorted(KNOWN))
 def test_known_transform_recovered_with_noise(kind, image):
@@ -228,8 +265,54 @@ def test_a_moving_mask_of_the_exact_footprint_keeps_the_no_data_out():
     fixed, moving, footprint, truth = _no_data_pair()
     options = dict(transform="similarity", normalize=False)
     masked = tireg.register(fixed, moving, moving_mask=footprint, **options)
-    assert grid_error(masked.matrix, truth, fixed.shape) < 0.05
-    assert grid_error(tireg.register(fixed, moving, **options).matrix, truth, fixed.shape) > 0.2
+    assert grid_error(masked.matrix, truth, fixed.shape) < 0.02
+    assert grid_error(tireg.register(fixed, moving, **options).matrix, truth, fixed.shape) > 0.1
+
+
+def test_the_full_resolution_smoothing_follows_the_metric():
+    # 1 px for metrics that take the intensities as linearly related; none for mi and nmi, where
+    # smoothing does not commute with the intensity relation; a given schedule as given
+    fixed, moving, _ = registration_pair("camera", "translation", [2.0, -1.0], noise=0.01)
+    smoothing = {metric: tireg.register(fixed, moving, transform="translation", metric=metric,
+                                        max_iterations=2).metadata["smoothing"]
+                 for metric in ("l2", "huber", "ncc", "ncc_any", "lncc", "mi", "nmi")}
+    assert smoothing["l2"] == [2.0, 1.0, 1.0]  # factors 4, 2, 1 for this size
+    for metric in ("huber", "ncc", "ncc_any", "lncc"):
+        assert smoothing[metric][-1] == importlib.import_module("tireg.register").FINEST_SMOOTHING == 1.0, metric
+    assert smoothing["mi"][-1] == smoothing["nmi"][-1] == 0.0
+    given = tireg.register(fixed, moving, transform="translation", max_iterations=2,
+                           pyramid=tireg.Pyramid((2, 1), (1.5, 0.0)))
+    assert given.metadata["smoothing"] == [1.5, 0.0]
+    assert tireg.Pyramid().levels((64, 64)) == [(2, 1.0), (1, 1.0)]
+    assert tireg.Pyramid().levels((64, 64), finest=0.0) == [(2, 1.0), (1, 0.0)]
+
+
+def test_full_resolution_smoothing_keeps_masked_out_values_out():
+    # The full-resolution level is smoothed (register.FINEST_SMOOTHING); with a mask, a counted pixel is
+    # smoothed over counted pixels only, so what lies beyond the mask (no-data, a hole) cannot bleed in;
+    # far from the mask's edge it is the plain Gaussian. The moving image's sigma follows the pair's scale.
+    from tireg.register import _make_level
+    from tireg.sampling import gaussian_blur
+
+    generator = torch.Generator().manual_seed(0)
+    fixed = torch.rand(2, 1, 48, 64, generator=generator, dtype=torch.float64)
+    moving = torch.rand(2, 1, 48, 64, generator=generator, dtype=torch.float64)
+    mask = torch.ones(1, 1, 48, 64, dtype=torch.float64)
+    mask[..., 20:30, 10:40] = 0.0
+    masks = mask.expand(2, 1, 48, 64)
+    level = _make_level(fixed, moving, masks, masks, 1, 1.0, [1.0, 2.0])
+    changed = _make_level(fixed + 1e3 * (1 - mask), moving - 1e3 * (1 - mask), masks, masks, 1, 1.0, [1.0, 2.0])
+    inside = mask.bool().expand(2, 1, 48, 64)
+    torch.testing.assert_close(changed.fixed[inside], level.fixed[inside])
+    torch.testing.assert_close(changed.moving[inside], level.moving[inside])
+    far = (slice(None), slice(None), slice(36, 40), slice(50, 54))  # 6 px (3 sigma at scale 2) from the mask's edge
+    torch.testing.assert_close(level.fixed[far], gaussian_blur(fixed, 1.0)[far], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(level.moving[0][far[1:]], gaussian_blur(moving[:1], 1.0)[0][far[1:]], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(level.moving[1][far[1:]], gaussian_blur(moving[1:], 2.0)[0][far[1:]], rtol=1e-3, atol=1e-3)
+    # the fixed pixels whose smoothing reaches beyond the image do not count (a band of 1 px at sigma 1)
+    weight = level.fixed_weight[0, 0]
+    assert not weight[0].any() and not weight[:, 0].any() and not weight[-1].any() and not weight[:, -1].any()
+    assert weight[1:-1, 1:-1].sum() == mask[0, 0, 1:-1, 1:-1].sum()
 
 
 @pytest.mark.parametrize("which, holes", [("mask", 0.3), ("moving_mask", 0.05)])
@@ -527,8 +610,8 @@ def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monke
     bands, a moving mask and three channels; and the same registration."""
     register_module = importlib.import_module("tireg.register")
     fixed, moving, truth = registration_pair("astronaut", "similarity", [0.06, 1.04, 4.0, -3.0], noise=0.02)
-    fixed = torch.stack([fixed, 0.5 * fixed, fixed.flip(-1)])  # three channels
-    moving = torch.stack([moving, 0.5 * moving, moving.flip(-1)])
+    fixed = torch.stack([fixed, 0.5 * fixed, fixed.square()])  # three channels
+    moving = torch.stack([moving, 0.5 * moving, moving.square()])
     mask = torch.ones(fixed.shape[-2:], dtype=fixed.dtype)
     mask[:40] = 0.0  # the first band (and more) counts nothing
     moving_mask = torch.ones(moving.shape[-2:], dtype=moving.dtype)
@@ -559,7 +642,7 @@ def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monke
     result = tireg.register(fixed, moving, **options)
     assert result.stop_reason == reference.stop_reason
     assert grid_error(result.matrix, reference.matrix, fixed.shape[-2:]) < 1e-3
-    assert grid_error(result.matrix, truth, fixed.shape[-2:]) < 0.3
+    assert grid_error(result.matrix, truth, fixed.shape[-2:]) < 0.05
 
 
 def test_transform_from_a_model():

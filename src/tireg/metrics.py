@@ -100,10 +100,20 @@ class Metric:
         any_contrast: whether a match may have any intensity relation
             (inverted, or another modality): then ``register`` also tries
             initialisations found on the inverted moving image.
+        linear_intensity: whether the metric takes the moving image's
+            intensities for a linear function of the fixed image's
+            (``a F + b``, ``a`` of either sign; ``lncc``: window by window).
+            Smoothing commutes with
+            such a relation, so ``register`` smooths its full-resolution
+            level for these metrics by default
+            (:data:`tireg.register.FINEST_SMOOTHING`); with another relation
+            (a gamma, another channel) it does not, and smoothing moved the
+            optimum (docs/design.md, "Smoothing at full resolution").
     """
 
     per_pixel = False
     any_contrast = False
+    linear_intensity = False
 
     def __call__(
         self, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None, gradient: bool = False
@@ -121,6 +131,7 @@ class PerPixelMetric(Metric):
     """
 
     per_pixel = True
+    linear_intensity = True
 
     def __init__(self, loss: Union[str, PerPixelLoss] = "l2", *, mean: bool = True):
         self.loss = get_loss(loss)
@@ -212,6 +223,8 @@ class NCC(Metric):
     gain 1 and 0.64 at gain 1e-4).
     """
 
+    linear_intensity = True
+
     def __init__(self, sign: str = "positive"):
         self.sign = _check_sign(sign, "NCC()")
         self.any_contrast = self.sign == "any"
@@ -273,6 +286,8 @@ class LocalNCC(Metric):
     only where the product of the window sums ``var_x var_y`` (``n_i^2`` times
     the variances' product) is large against ``eps``.
     """
+
+    linear_intensity = True  # window by window
 
     def __init__(self, radius: int = 4, sign: str = "positive", eps: float = 1e-4):
         if int(radius) < 1:
