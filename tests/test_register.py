@@ -269,6 +269,29 @@ def test_a_moving_mask_of_the_exact_footprint_keeps_the_no_data_out():
     assert grid_error(tireg.register(fixed, moving, **options).matrix, truth, fixed.shape) > 0.1
 
 
+def test_a_step_shrunk_by_rejections_alone_is_stalled_not_converged(monkeypatch):
+    # Levenberg-Marquardt raises the damping after each rejected step, so the proposed step shrinks
+    # below the tolerance even where the pair is nowhere near an optimum; that was "converged".
+    # Here every move away from the start costs more than the gradient and Gauss-Newton matrix
+    # predict (a cost surface the local model does not describe): the pair stays at the start,
+    # 3.6 px off, and says so.
+    register_module = importlib.import_module("tireg.register")
+    fixed, moving, truth = registration_pair("camera", "translation", [3.0, -2.0], noise=0.01)
+    options = dict(transform="translation", init="identity", pyramid=(1,))
+    assert tireg.register(fixed, moving, **options).stop_reason == ["converged"]
+    evaluate = register_module._Problem.evaluate
+
+    def penalised(self, params, level, *, hessian):
+        result = evaluate(self, params, level, hessian=hessian)
+        return register_module._Evaluation(result.cost + 1e3 * params.square().sum(1), result.gradient,
+                                           result.hessian)
+
+    monkeypatch.setattr(register_module._Problem, "evaluate", penalised)
+    stuck = tireg.register(fixed, moving, **options)
+    assert grid_error(stuck.matrix, torch.eye(3, dtype=torch.float64), fixed.shape) == 0.0
+    assert stuck.stop_reason == ["stalled"] and not bool(stuck.converged[0])
+
+
 def test_the_full_resolution_smoothing_follows_the_metric():
     # 1 px for metrics that take the intensities as linearly related; none for mi and nmi, where
     # smoothing does not commute with the intensity relation; a given schedule as given

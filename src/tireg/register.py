@@ -83,7 +83,8 @@ ImageLike = Union[torch.Tensor, np.ndarray]
 STOP_REASONS = {
     "converged": "the largest displacement of a step fell below the tolerance at the finest level",
     "max_iterations": "the iteration limit of the finest level was reached",
-    "stalled": "no step lowered the cost any more (Levenberg-Marquardt damping at its limit)",
+    "stalled": "no step lowered the cost any more (Levenberg-Marquardt damping at its limit, or rejected steps "
+               "shrank the step below the tolerance while the undamped step was still large)",
     "callback": "the callback raised StopIteration",
     "no_overlap": "the images do not overlap (too few valid pixels) at the found transform",
     "not_finite": "the cost is NaN at the found transform: intensities whose squares or sums leave "
@@ -113,6 +114,13 @@ def _use_compiled(compile: Union[bool, str], fixed: torch.Tensor, caller: str) -
         batch, _, height, width = fixed.shape
         return batch * height * width >= AUTO_COMPILE_PIXELS
     return compile
+
+
+#: Levenberg-Marquardt's step falls below the tolerance also where rejected steps raised the
+#: damping: a pair whose undamped step would still move a corner by this many tolerances is
+#: "stalled" there, not "converged".  Near an optimum the undamped step is about the distance to
+#: it (noise: a few hundredths of a pixel), so this errs towards "converged".
+STALL_FACTOR = 10.0
 
 
 #: Convergence tolerance of a coarse level (``factor > 1``) in its own pixels, at
@@ -1098,6 +1106,7 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
     status = torch.full((batch,), _MAX_ITERATIONS, dtype=torch.int8, device=device)
     iterations = torch.zeros(batch, dtype=torch.long, device=device)
     damping = torch.full((batch,), 1e-3, dtype=torch.float64, device=device)
+    first_damping = damping.clone()
     interval = _check_interval(device, callback)
     current = problem.evaluate(params, level, hessian=True)
     # the costs kept as they are: every evaluation's are new tensors, never changed in place
@@ -1106,25 +1115,31 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
     for iteration in range(max_iterations):
         # (H + damping diag(H) + floor I) step = -g, in float64: the damping and the floor on
         # the diagonal of a copy
-        damped = current.hessian.to(torch.float64, copy=True)
-        diagonal = damped.diagonal(dim1=1, dim2=2)
-        floor = diagonal.amax(dim=1, keepdim=True).mul_(1e-9).clamp_min_(1e-21)
-        diagonal.mul_(damping[:, None] + 1.0).add_(floor)
+        # with the pair's damping and, for the stop test below, the first damping, in one solve
+        damped = current.hessian.to(torch.float64)[None].repeat(2, 1, 1, 1)
+        diagonal = damped.diagonal(dim1=-2, dim2=-1)
+        floor = diagonal[0].amax(dim=1, keepdim=True).mul_(1e-9).clamp_min_(1e-21)
+        diagonal.mul_(torch.stack([damping, first_damping])[..., None] + 1.0).add_(floor)
         negative_gradient = current.gradient.to(torch.float64).neg()
         # solve_ex: linalg.solve would wait for the device to check for a singular matrix; a
         # singular one gives a non-finite step here, whose trial is rejected like any worse one
-        solution, _ = torch.linalg.solve_ex(damped, negative_gradient[..., None])
-        step = solution[..., 0].to(params.dtype)
+        solution, _ = torch.linalg.solve_ex(damped, negative_gradient[..., None].expand(2, -1, -1, 1))
+        step, free_step = solution[..., 0].to(params.dtype)
         # A proposed step this small ends the level without the evaluation that would try it
         # (the most expensive part of an iteration; near the optimum noise decides the sign of
         # so tiny a cost change). On a coarse level the step is taken: the next level starts
         # from it and judges it. On the finest it is left, so that the cost matches the result.
-        moved = _displacement(problem, params, step, corners)
-        converged = active & (moved < tolerance * level.factor)
-        status = torch.where(converged, _CONVERGED, status)
+        # The step is small, too, where rejected steps raised the damping: that is convergence
+        # only if the undamped (Gauss-Newton) step is small as well; else the pair is stuck
+        # ("stalled") where the model does not predict the cost (docs/design.md, "Convergence").
+        limit = tolerance * level.factor
+        small = active & (_displacement(problem, params, step, corners) < limit)
+        stuck = small & (_displacement(problem, params, free_step, corners) >= STALL_FACTOR * limit)
+        converged = small ^ stuck
+        status = torch.where(converged, _CONVERGED, torch.where(stuck, _STALLED, status))
         if level.factor > 1:
             params = torch.where(converged[:, None], params + step, params)
-        active = active ^ converged  # active & ~converged (converged pairs are active ones): one operation
+        active = active ^ small  # active & ~small (small pairs are active ones): one operation
         any_active = active.any()
         # the look that saves an evaluation: before the trial, after the convergence test
         if _should_look(iteration, interval) and not bool(any_active):
