@@ -292,6 +292,21 @@ def test_a_step_shrunk_by_rejections_alone_is_stalled_not_converged(monkeypatch)
     assert stuck.stop_reason == ["stalled"] and not bool(stuck.converged[0])
 
 
+def test_full_resolution_smoothing_with_a_thin_fixed_mask_or_a_degenerate_start():
+    # The fixed border band that smoothing leaves out is not applied with a fixed mask: a mask of one
+    # row (the bottom one) had no pixels left and read "no_overlap". A start whose determinant is not
+    # finite in float32 crashed choosing the moving image's sigma; it is no overlap.
+    fixed, moving, truth = registration_pair("camera", "translation", [2.0, -1.0], noise=0.01)
+    mask = torch.zeros(fixed.shape)
+    mask[-1] = 1.0  # it samples inside the moving image: the shift is (2, -1)
+    result = tireg.register(fixed, moving, transform="translation", mask=mask, pyramid=(1,), init=truth)
+    assert result.stop_reason != ["no_overlap"] and math.isfinite(float(result.cost[0]))
+    assert grid_error(result.matrix, truth, fixed.shape) < 0.5
+    huge = torch.tensor([[1e20, 1e20, 0.0], [1e20, 2e20, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    degenerate = tireg.register(fixed, moving, transform="affine", init=huge, pyramid=(1,))
+    assert degenerate.stop_reason == ["no_overlap"]
+
+
 def test_the_full_resolution_smoothing_follows_the_metric():
     # 1 px for metrics that take the intensities as linearly related; none for mi and nmi, where
     # smoothing does not commute with the intensity relation; a given schedule as given
@@ -303,6 +318,8 @@ def test_the_full_resolution_smoothing_follows_the_metric():
     for metric in ("huber", "ncc", "ncc_any", "lncc"):
         assert smoothing[metric][-1] == importlib.import_module("tireg.register").FINEST_SMOOTHING == 1.0, metric
     assert smoothing["mi"][-1] == smoothing["nmi"][-1] == 0.0
+    sgd = tireg.register(fixed, moving, transform="translation", optimizer="sgd", max_iterations=2)
+    assert sgd.metadata["smoothing"][-1] == 0.0  # its fixed steps stopped early on the smoothed level
     given = tireg.register(fixed, moving, transform="translation", max_iterations=2,
                            pyramid=tireg.Pyramid((2, 1), (1.5, 0.0)))
     assert given.metadata["smoothing"] == [1.5, 0.0]
@@ -332,10 +349,12 @@ def test_full_resolution_smoothing_keeps_masked_out_values_out():
     torch.testing.assert_close(level.fixed[far], gaussian_blur(fixed, 1.0)[far], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(level.moving[0][far[1:]], gaussian_blur(moving[:1], 1.0)[0][far[1:]], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(level.moving[1][far[1:]], gaussian_blur(moving[1:], 2.0)[0][far[1:]], rtol=1e-3, atol=1e-3)
-    # the fixed pixels whose smoothing reaches beyond the image do not count (a band of 1 px at sigma 1)
-    weight = level.fixed_weight[0, 0]
+    # without a fixed mask, the fixed pixels nearest the border do not count (a band of 1 px at sigma 1);
+    # with one (it may hold little more than the band), its pixels count as they are
+    weight = _make_level(fixed, moving, None, None, 1, 1.0).fixed_weight[0, 0]
     assert not weight[0].any() and not weight[:, 0].any() and not weight[-1].any() and not weight[:, -1].any()
-    assert weight[1:-1, 1:-1].sum() == mask[0, 0, 1:-1, 1:-1].sum()
+    assert weight[1:-1, 1:-1].all()
+    torch.testing.assert_close(level.fixed_weight, masks)
 
 
 @pytest.mark.parametrize("which, holes", [("mask", 0.3), ("moving_mask", 0.05)])

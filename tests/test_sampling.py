@@ -868,3 +868,15 @@ def test_checks_that_read_values_still_run_under_torch_func_grad():
 
     with pytest.raises(ValueError, match="must be affine"):
         torch.func.grad(warped_sum)(torch.tensor(0.3))
+
+
+@pytest.mark.parametrize("sigma, band", [(1.0, 64), (1.0, 5), (2.5, 7), (0.6, 1)])
+def test_gaussian_blur_in_place_equals_the_blur(sigma, band):
+    # register smooths its own normalised copies in themselves, band by band (an image-sized copy less)
+    from tireg.sampling import gaussian_blur, gaussian_blur_in_place
+
+    image = torch.rand(2, 3, 37, 29, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = gaussian_blur(image, sigma)
+    target = image.clone()
+    assert gaussian_blur_in_place(target, sigma, band=band) is target
+    torch.testing.assert_close(target, expected, rtol=1e-12, atol=1e-12)

@@ -66,6 +66,7 @@ from .sampling import (
     checked_warp,
     downsample,
     gaussian_blur,
+    gaussian_blur_in_place,
     pixel_axes,
     sample,
     sample_with_gradient,
@@ -139,8 +140,8 @@ COARSE_TOLERANCE = 0.1
 #: (sigma 0.02).  Smoothed first, the noise left is small and correlated between
 #: neighbours, and the bilinear kernel's own bias on sharp content shrinks with it:
 #: 0.024 and 0.013 px.  accuracy.py's standard suite: medians 0.052 / 0.028 / 0.025 /
-#: 0.029 -> 0.012 / 0.008 / 0.012 / 0.012 px, no case worse; ncc and mi alike (0.03 ->
-#: 0.01).  0.7 px left twice the error, 1.5 px no less.  Not for mi and nmi: smoothing
+#: 0.029 -> 0.012 / 0.008 / 0.012 / 0.012 px, no case worse; ncc alike (0.03 -> 0.01).
+#: 0.7 px left twice the error, 1.5 px no less.  Not for mi and nmi: smoothing
 #: does not commute with a non-linear intensity relation, and on gamma-changed and
 #: other-channel pairs their medians grew by 1.4x and 2x (docs/design.md, "Smoothing at
 #: full resolution").  OpenCV's ECC smooths both images by default too.
@@ -164,8 +165,8 @@ class Pyramid:
             :func:`register` gives :data:`FINEST_SMOOTHING` (1 px) for a
             metric that takes the intensities as linearly related
             (:attr:`tireg.metrics.Metric.linear_intensity`: per-pixel losses,
-            ``ncc``, ``ncc_any``, ``lncc``), 0 for the others (``mi``,
-            ``nmi``).  The last level's sigma is that of the images the
+            ``ncc``, ``ncc_any``, ``lncc``, ``lncc_any``), 0 for the others
+            (``mi``, ``nmi``) and with ``optimizer="sgd"``.  The last level's sigma is that of the images the
             result is fitted on: give it 0 to fit the unsmoothed images.
         min_size: smallest side of the coarsest level for the automatic schedule.
     """
@@ -1757,7 +1758,10 @@ def register(
                             f"got {type(pyramid).__name__}")
         pyramid = Pyramid(shrink_factors=tuple(pyramid))  # a list, a range, an array or a tensor of factors
     smaller = (min(fixed_t.shape[-2], moving_t.shape[-2]), min(fixed_t.shape[-1], moving_t.shape[-1]))
-    schedule = pyramid.levels(smaller, finest=FINEST_SMOOTHING if metric_object.linear_intensity else 0.0)
+    # not for SGD: smoothing shrinks the gradient, and its fixed learning rate's steps then met the
+    # stop test early (2.5-4x the error, "converged")
+    smoothed = metric_object.linear_intensity and optimizer != "sgd"
+    schedule = pyramid.levels(smaller, finest=FINEST_SMOOTHING if smoothed else 0.0)
     if schedule[-1][0] != 1:  # (4,) or (1, 2, 4): a coarse result, reported 'converged' without a word
         factors = tuple(factor for factor, _ in schedule)
         warnings.warn(f"{caller}: the pyramid {factors} ends at shrink factor {factors[-1]}: the result is found at "
@@ -1821,7 +1825,9 @@ def register(
                 if sigma > 0:  # the moving image smoothed as the fixed one, in the fixed image's frame
                     linear = kind.matrix(params.detach(), center_t)[:, :2, :2]
                     moving_scale = _determinant(linear).abs().sqrt().tolist()
-                full_resolution = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, sigma, moving_scale)
+                # normalised, the images are this call's own copies, smoothed in themselves
+                full_resolution = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, sigma, moving_scale,
+                                              in_place=normalize)
                 # the level holds the image from here on (the compiled path only inside its
                 # kernel's copy, made from the unnormalised one: a batch's peak memory counts
                 # every image)
@@ -1889,13 +1895,15 @@ def register(
 
 
 def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: float,
-                moving_scale: Optional[list[float]] = None) -> _Level:
+                moving_scale: Optional[list[float]] = None, *, in_place: bool = False) -> _Level:
     """Smooth, then area-downsample the images and masks of one level.
 
     At factor 1 with ``sigma > 0`` (:func:`_smooth_full_resolution`), ``moving_scale`` (per pair, the
     current transform's ``sqrt|det L|``, moving pixels per fixed pixel) scales the moving image's sigma,
-    so that both images are smoothed alike in the fixed image's frame; the fixed pixels whose smoothing
-    reaches beyond the image (a band of ``ceil(sigma)``) do not count.
+    so that both images are smoothed alike in the fixed image's frame; without a fixed mask, the fixed
+    pixels nearest the border (a band of ``ceil(sigma)``), whose smoothing took the most made-up
+    values beyond it, do not count.  ``in_place``: the images are the caller's own copies,
+    which the smoothing may overwrite.
     """
     residual = max(sigma**2 - (factor**2 - 1) / 12.0, 0.0) ** 0.5 / factor
 
@@ -1908,10 +1916,12 @@ def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: floa
 
     fixed_weight = shrink_mask(fixed_mask)
     if factor == 1 and residual > 0:
-        fixed_level = _smooth_full_resolution(fixed, fixed_mask, residual)
-        moving_level = _smooth_full_resolution(moving, moving_mask, residual, moving_scale)
+        fixed_level = _smooth_full_resolution(fixed, fixed_mask, residual, in_place=in_place)
+        moving_level = _smooth_full_resolution(moving, moving_mask, residual, moving_scale, in_place=in_place)
         band = math.ceil(residual)
-        if min(fixed.shape[-2:]) >= 8 * band:  # a fixed pixel near the border was smoothed with made-up values
+        # a fixed pixel near the border was smoothed with made-up values; not with a fixed mask, which
+        # may hold little more than the band (a row of pixels became "no overlap")
+        if fixed_mask is None and min(fixed.shape[-2:]) >= 8 * band:
             interior = torch.zeros_like(fixed_level[:1, :1])
             interior[..., band:-band, band:-band] = 1.0
             interior = interior.expand(fixed.shape[0], 1, *fixed.shape[-2:])  # one image for the batch
@@ -1945,18 +1955,21 @@ _SCALE_STEP = 0.05
 
 
 def _smooth_full_resolution(image: torch.Tensor, mask: Optional[torch.Tensor], sigma: float,
-                            scales: Optional[list[float]] = None) -> torch.Tensor:
+                            scales: Optional[list[float]] = None, *, in_place: bool = False) -> torch.Tensor:
     """``image`` ``(B, C, H, W)`` smoothed by a Gaussian of ``sigma * scales[b]`` pixels per pair.
 
     With a ``mask``, by normalised convolution, ``G * (I m) / G * m``: a counted pixel is smoothed over
     counted pixels only, or the no-data beyond a mask's edge (a border, a hole) bleeds 2-3 sigma into
     the pixels that decide the result.  The scales are rounded to multiples of :data:`_SCALE_STEP`
-    (within ``[1/8, 8]``), and pairs of one rounded scale are smoothed in one call.
+    (within ``[1/8, 8]``), and pairs of one rounded scale are smoothed in one call.  ``in_place``:
+    ``image`` is the caller's own copy; without a mask and with one scale it is smoothed in itself
+    (an image-sized copy less at the peak).
     """
     if scales is None:
         scales = [1.0] * image.shape[0]
     groups: dict[float, list[int]] = {}
     for index, scale in enumerate(scales):
+        scale = scale if math.isfinite(scale) else 1.0  # a degenerate start: its cost says no overlap
         rounded = round(min(max(scale, 0.125), 8.0) / _SCALE_STEP) * _SCALE_STEP
         groups.setdefault(rounded, []).append(index)
 
@@ -1970,6 +1983,8 @@ def _smooth_full_resolution(image: torch.Tensor, mask: Optional[torch.Tensor], s
 
     if len(groups) == 1:
         (scale,) = groups
+        if in_place and mask is None and image.is_contiguous():
+            return gaussian_blur_in_place(image, sigma * scale)
         return smooth(image, mask, sigma * scale)
     result = torch.empty_like(image)
     for scale, indices in groups.items():
