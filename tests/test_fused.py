@@ -314,7 +314,8 @@ def test_register_compiles_automatically_only_for_work_that_pays(monkeypatch):
     assert calls == []
     monkeypatch.setattr(register_module, "AUTO_COMPILE_PIXELS", batch_pixels)  # now it is "large"
     fast = tireg.register(fixed, moving, transform="similarity")
-    assert calls and calls[-1][-2:] == fixed.shape[-2:]
+    height, width = fixed.shape[-2:]
+    assert calls and calls[-1][-2:] == (height - 2, width - 2)  # full resolution, without the smoothed 1-px band
     assert grid_error(fast.matrix, reference.matrix, fixed.shape) < 1e-3
     assert grid_error(fast.matrix, truth, fixed.shape) < 0.2
     calls.clear()
@@ -609,3 +610,19 @@ def test_the_cpu_allocator_running_out_is_raised_too(monkeypatch, generator):
     with pytest.raises(RuntimeError, match="can't allocate memory"):
         fused.run_compiled(fixed, fused.pad_moving(moving, "zeros"), _matrix(1).float(), tireg.L2Loss(), "zeros")
     assert fused._failed == set()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prepare_moving_smooths_inside_the_prepared_copy(dtype):
+    # register's full-resolution level is smoothed (register.FINEST_SMOOTHING); the compiled path packs
+    # the moving image from the unnormalised one, normalised and smoothed inside the packed copy (no
+    # image-sized copy of its own): bit for bit the packing of the normalised, smoothed image
+    from tireg.sampling import gaussian_blur
+
+    moving = 5.0 * torch.rand(2, 3, 21, 17, generator=torch.Generator().manual_seed(0), dtype=dtype) + 1.0
+    mean, std = moving.mean((2, 3), keepdim=True), moving.std(dim=(2, 3), keepdim=True)
+    prepared = fused.prepare_moving(moving, "border", normalization=(mean, std), smoothing=1.0)
+    expected = fused.prepare_moving(gaussian_blur((moving - mean) / std, 1.0), "border")
+    assert prepared.dtype == expected.dtype and torch.equal(prepared, expected)
+    with pytest.raises(ValueError, match="smoothing needs 'border' padding"):
+        fused.prepare_moving(moving, "zeros", smoothing=1.0)

@@ -349,11 +349,15 @@ def test_full_resolution_smoothing_keeps_masked_out_values_out():
     torch.testing.assert_close(level.fixed[far], gaussian_blur(fixed, 1.0)[far], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(level.moving[0][far[1:]], gaussian_blur(moving[:1], 1.0)[0][far[1:]], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(level.moving[1][far[1:]], gaussian_blur(moving[1:], 2.0)[0][far[1:]], rtol=1e-3, atol=1e-3)
-    # without a fixed mask, the fixed pixels nearest the border do not count (a band of 1 px at sigma 1);
-    # with one (it may hold little more than the band), its pixels count as they are
-    weight = _make_level(fixed, moving, None, None, 1, 1.0).fixed_weight[0, 0]
-    assert not weight[0].any() and not weight[:, 0].any() and not weight[-1].any() and not weight[:, -1].any()
-    assert weight[1:-1, 1:-1].all()
+    # without a fixed mask, the fixed pixels nearest the border are left out (a band of 1 px at sigma 1):
+    # the level is the interior, its pixel x the full-resolution pixel x + 1; with a mask (it may hold
+    # little more than the band), the whole image and the mask as they are
+    plain = _make_level(fixed, moving, None, None, 1, 1.0)
+    assert plain.fixed_weight is None and plain.fixed.shape[-2:] == (46, 62)
+    torch.testing.assert_close(plain.fixed, gaussian_blur(fixed, 1.0)[..., 1:-1, 1:-1])
+    torch.testing.assert_close(plain.shrink @ torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64),
+                               torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64))
+    assert level.fixed.shape[-2:] == (48, 64)
     torch.testing.assert_close(level.fixed_weight, masks)
 
 

@@ -880,3 +880,19 @@ def test_gaussian_blur_in_place_equals_the_blur(sigma, band):
     target = image.clone()
     assert gaussian_blur_in_place(target, sigma, band=band) is target
     torch.testing.assert_close(target, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_gaussian_blur_in_place_of_a_view():
+    # a view into a larger tensor (the moving image inside the fused path's padded copy) is smoothed
+    # in itself; what lies around it is left as it was
+    from tireg.sampling import gaussian_blur, gaussian_blur_in_place
+
+    outer = torch.rand(2, 1, 30, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    original = outer.clone()
+    view = outer[..., 3:25, 5:33:2]  # strided too
+    expected = gaussian_blur(view.clone(), 1.3)
+    gaussian_blur_in_place(view, 1.3, band=4)
+    torch.testing.assert_close(outer[..., 3:25, 5:33:2], expected, rtol=1e-12, atol=1e-12)
+    untouched = torch.ones_like(outer, dtype=torch.bool)
+    untouched[..., 3:25, 5:33:2] = False
+    assert torch.equal(outer[untouched], original[untouched])

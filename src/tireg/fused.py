@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from ._chunks import chunk_slices
 from ._device import ForkSafeLock
 from .losses import PerPixelLoss, constant_irls_weight, verified
+from .sampling import gaussian_blur_in_place
 
 __all__ = [
     "FusedMoments", "FUSED_PADDING", "supports", "pad_moving", "bilinear_moments", "compiled",
@@ -163,14 +164,17 @@ def _unpack_pairs(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def prepare_moving(
-    moving: torch.Tensor, padding_mode: str, normalization: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    moving: torch.Tensor, padding_mode: str, normalization: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    smoothing: float = 0.0,
 ) -> torch.Tensor:
     """The moving image as :func:`bilinear_moments` reads it: :func:`pad_moving`, and on the CPU
     in float32 also :func:`pack_pairs` (the GPU kernel keeps four plain gathers: unmeasured there).
 
     ``normalization``: ``(mean, std)``, each broadcastable to ``(B, C, 1, 1)``: prepare
     ``(moving - mean) / std`` instead, bit for bit, without that image as a copy of its own
-    (``"border"`` padding only: a zero pad would not stay zero).  Compute it once per moving image.
+    (``"border"`` padding only: a zero pad would not stay zero).  ``smoothing``: then a Gaussian of
+    this sigma (:func:`tireg.sampling.gaussian_blur_in_place`, border padding), inside the prepared
+    copy, ``"border"`` only.  Compute it once per moving image.
     """
     if moving.device.type == "cpu" and moving.dtype == torch.float32:
         prepared = _pack_padded(moving, padding_mode)
@@ -182,7 +186,33 @@ def prepare_moving(
         mean, std = normalization
         # a packed pixel is two float32 values: the same arithmetic on each, in place
         prepared.view(moving.dtype).sub_(mean).div_(std)
+    if smoothing > 0:
+        if padding_mode != "border":
+            raise ValueError(f"prepare_moving(): smoothing needs 'border' padding; got {padding_mode!r}")
+        _smooth_prepared(prepared, smoothing)
     return prepared
+
+
+def _smooth_prepared(prepared: torch.Tensor, sigma: float) -> None:
+    """Smooth the moving image inside :func:`prepare_moving`'s ``"border"`` result, in place, then
+    write its padding ring again (and, packed, the high words: padded column ``j + 1``)."""
+    pad = FUSED_PADDING["border"]
+    image = gaussian_blur_in_place(prepared_image(prepared, "border"), sigma)
+    height, width = image.shape[-2:]
+    packed = prepared.dtype == torch.int64
+    low = 0 if sys.byteorder == "little" else 1
+    plane = prepared.view(torch.float32)[..., low::2] if packed else prepared
+    plane[..., pad:pad + height, :pad] = image[..., :1]
+    plane[..., pad:pad + height, pad + width:] = image[..., -1:]
+    plane[..., :pad, :] = plane[..., pad:pad + 1, :]
+    plane[..., pad + height:, :] = plane[..., pad + height - 1:pad + height, :]
+    if packed:  # column j's high word is padded column j + 1; the last is the border's edge value again
+        high = prepared.view(torch.float32)[..., 1 - low::2]
+        # in bands of rows: the two views share memory, so torch copies the source whole first
+        for start in range(0, high.shape[-2], 64):
+            rows = slice(start, start + 64)
+            high[..., rows, :-1] = plane[..., rows, 1:]
+            high[..., rows, -1:] = plane[..., rows, -1:]
 
 
 def prepared_image(prepared: torch.Tensor, padding_mode: str) -> torch.Tensor:

@@ -210,8 +210,8 @@ class Pyramid:
 
 @dataclass
 class LevelHistory:
-    """One pyramid level: its factor, size and ``cost``, ``(iterations + 1, B)``: every pair's cost at
-    the level's start, then after each iteration."""
+    """One pyramid level: its factor, size (the fixed image's, ``(H // factor, W // factor)``) and
+    ``cost``, ``(iterations + 1, B)``: every pair's cost at the level's start, then after each iteration."""
 
     factor: int
     size: tuple[int, int]
@@ -673,15 +673,15 @@ class _Level:
     moving: torch.Tensor
     fixed_weight: Optional[torch.Tensor]  # (B, 1, h, w) or None
     moving_mask: Optional[torch.Tensor]
-    shrink: torch.Tensor  # S: level -> full-resolution pixels
-    shrink_inverse: torch.Tensor
+    shrink: torch.Tensor  # S_f: level -> full-resolution pixels of the fixed image (its crop included)
+    shrink_inverse: torch.Tensor  # S_m^-1: full-resolution -> level pixels of the moving image (never cropped)
     axes: tuple[torch.Tensor, torch.Tensor]
     factor: int
     inside_limit: tuple[float, float]  # (1 - 1/W, 1 - 1/H): |u|, |v| within it sample inside the moving image
     cache: dict = field(default_factory=dict)
     # the full-resolution level's (unnormalised moving image, mean, std): the compiled path builds its
     # packed image from it and drops ``moving`` first (a batch's peak memory counts every copy)
-    source: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+    source: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = None  # (raw, mean, std, sigma)
 
     def pairs(self, part: slice) -> "_Level":
         """The level of the pairs ``part`` (views of its images, a cache of its own)."""
@@ -825,9 +825,10 @@ class _Problem:
             return None
         if "padded" not in level.cache:
             if level.source is not None:  # normalised while packed: the level's copy goes first
-                raw, mean, std = level.source
+                raw, mean, std, smoothing = level.source
                 level.moving = level.source = None
-                level.cache["padded"] = fused.prepare_moving(raw, "border", normalization=(mean, std))
+                level.cache["padded"] = fused.prepare_moving(raw, "border", normalization=(mean, std),
+                                                             smoothing=smoothing)
             else:
                 level.cache["padded"] = fused.prepare_moving(level.moving, "border")
             # one band's grid (fused.run_compiled_in_bands): a large image's would be two images
@@ -1831,9 +1832,12 @@ def register(
                 # the level holds the image from here on (the compiled path only inside its
                 # kernel's copy, made from the unnormalised one: a batch's peak memory counts
                 # every image)
-                if moving_stats is not None and sigma == 0:
-                    full_resolution.source = (moving_t, *moving_stats)
-                moving_n = None
+                groups = _scale_groups(moving_scale, moving_t.shape[0])
+                if moving_stats is not None and moving_mask_t is None and len(groups) == 1:
+                    # the compiled path packs it again from the unnormalised image, normalised and smoothed
+                    # inside the packed copy: the level's own copy goes first
+                    full_resolution.source = (moving_t, *moving_stats, sigma * next(iter(groups)))
+                moving_n = fixed_n = None  # the level holds them (or its crop of the fixed one) from here on
             level = full_resolution
         else:
             level = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, factor, sigma)
@@ -1856,10 +1860,10 @@ def register(
             if stop.outcome is not None:
                 params, iterations, _, costs = stop.outcome
                 total_iterations += iterations
-                history.append(LevelHistory(factor, tuple(level.fixed.shape[-2:]), costs.cpu()))
+                history.append(LevelHistory(factor, (height // factor, width // factor), costs.cpu()))
             break
         total_iterations += iterations
-        history.append(LevelHistory(factor, tuple(level.fixed.shape[-2:]), costs.cpu()))
+        history.append(LevelHistory(factor, (height // factor, width // factor), costs.cpu()))
 
     finished_at_full_resolution = len(history) == len(schedule) and schedule[-1][0] == 1
     if optimizer == "gauss-newton" and finished_at_full_resolution:
@@ -1902,8 +1906,9 @@ def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: floa
     current transform's ``sqrt|det L|``, moving pixels per fixed pixel) scales the moving image's sigma,
     so that both images are smoothed alike in the fixed image's frame; without a fixed mask, the fixed
     pixels nearest the border (a band of ``ceil(sigma)``), whose smoothing took the most made-up
-    values beyond it, do not count.  ``in_place``: the images are the caller's own copies,
-    which the smoothing may overwrite.
+    values beyond it, are left out: the level's fixed image is the interior, its pixel ``x`` the
+    full-resolution pixel ``x + band`` (``shrink``).  ``in_place``: the images are the caller's own
+    copies, which the smoothing may overwrite.
     """
     residual = max(sigma**2 - (factor**2 - 1) / 12.0, 0.0) ** 0.5 / factor
 
@@ -1915,31 +1920,37 @@ def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: floa
         return None if mask is None else (downsample(mask, factor) >= 0.5).to(mask.dtype)
 
     fixed_weight = shrink_mask(fixed_mask)
+    cropped = False
     if factor == 1 and residual > 0:
         fixed_level = _smooth_full_resolution(fixed, fixed_mask, residual, in_place=in_place)
         moving_level = _smooth_full_resolution(moving, moving_mask, residual, moving_scale, in_place=in_place)
         band = math.ceil(residual)
-        # a fixed pixel near the border was smoothed with made-up values; not with a fixed mask, which
-        # may hold little more than the band (a row of pixels became "no overlap")
+        # a fixed pixel near the border was smoothed with made-up values: the level is the fixed image
+        # without that band (a crop, not a weight image: no image-sized weight, fewer pixels).  Not
+        # with a fixed mask, which may hold little more than the band (a row became "no overlap")
         if fixed_mask is None and min(fixed.shape[-2:]) >= 8 * band:
-            interior = torch.zeros_like(fixed_level[:1, :1])
-            interior[..., band:-band, band:-band] = 1.0
-            interior = interior.expand(fixed.shape[0], 1, *fixed.shape[-2:])  # one image for the batch
-            fixed_weight = interior if fixed_weight is None else fixed_weight * interior
+            fixed_level = fixed_level[..., band:-band, band:-band].contiguous()
+            cropped, offset = True, float(band)
     else:
         # Area-average first, then smooth at the level's resolution with the remaining
         # sigma (variances add: the box filter already has about f^2 / 12): the same
         # anti-aliasing for a fraction of the cost of blurring the full image.
         fixed_level, moving_level = (gaussian_blur(downsample(image, factor), residual) for image in (fixed, moving))
-    # made once a factor per device (constant()): a tensor from host data is a waiting copy on a GPU
-    scale = constant(_shrink_values(factor), like=fixed)
+    # level -> full-resolution pixels, made once per value and device (constant()): a tensor from host
+    # data is a waiting copy on a GPU; the inverse written out, as linalg.inv's error check waits on a GPU
+    if cropped:  # fixed: x_full = x + band; the moving image is whole (factor 1: no change)
+        scale = constant(((1.0, 0.0, offset), (0.0, 1.0, offset), (0.0, 0.0, 1.0)), like=fixed)
+        inverse = constant(_shrink_values(1.0), like=fixed)
+    else:  # x_full = f x + (f - 1) / 2
+        scale = constant(_shrink_values(factor), like=fixed)
+        inverse = constant(_shrink_values(1.0 / factor), like=fixed)
     return _Level(
         fixed=fixed_level,
         moving=moving_level,
         fixed_weight=fixed_weight,
         moving_mask=shrink_mask(moving_mask),
         shrink=scale,
-        shrink_inverse=constant(_shrink_values(1.0 / factor), like=fixed),  # linalg.inv's error check waits on a GPU
+        shrink_inverse=inverse,
         axes=pixel_axes(fixed_level.shape[-2:], dtype=fixed.dtype, device=fixed.device),
         factor=factor,
         # inside [0, W-1] x [0, H-1] in moving pixels <=> |u| <= 1 - 1/W, |v| <= 1 - 1/H; no rounding to
@@ -1954,6 +1965,17 @@ def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: floa
 _SCALE_STEP = 0.05
 
 
+def _scale_groups(scales: Optional[list[float]], batch: int) -> dict[float, list[int]]:
+    """The pairs (indices) of each moving-image scale, rounded to multiples of :data:`_SCALE_STEP`
+    within ``[1/8, 8]``; ``None``: every pair at scale 1."""
+    groups: dict[float, list[int]] = {}
+    for index, scale in enumerate([1.0] * batch if scales is None else scales):
+        scale = scale if math.isfinite(scale) else 1.0  # a degenerate start: its cost says no overlap
+        rounded = round(min(max(scale, 0.125), 8.0) / _SCALE_STEP) * _SCALE_STEP
+        groups.setdefault(rounded, []).append(index)
+    return groups
+
+
 def _smooth_full_resolution(image: torch.Tensor, mask: Optional[torch.Tensor], sigma: float,
                             scales: Optional[list[float]] = None, *, in_place: bool = False) -> torch.Tensor:
     """``image`` ``(B, C, H, W)`` smoothed by a Gaussian of ``sigma * scales[b]`` pixels per pair.
@@ -1965,13 +1987,7 @@ def _smooth_full_resolution(image: torch.Tensor, mask: Optional[torch.Tensor], s
     ``image`` is the caller's own copy; without a mask and with one scale it is smoothed in itself
     (an image-sized copy less at the peak).
     """
-    if scales is None:
-        scales = [1.0] * image.shape[0]
-    groups: dict[float, list[int]] = {}
-    for index, scale in enumerate(scales):
-        scale = scale if math.isfinite(scale) else 1.0  # a degenerate start: its cost says no overlap
-        rounded = round(min(max(scale, 0.125), 8.0) / _SCALE_STEP) * _SCALE_STEP
-        groups.setdefault(rounded, []).append(index)
+    groups = _scale_groups(scales, image.shape[0])
 
     def smooth(part: torch.Tensor, part_mask: Optional[torch.Tensor], part_sigma: float) -> torch.Tensor:
         if part_mask is None:

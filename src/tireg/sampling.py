@@ -256,34 +256,36 @@ def gaussian_blur(image: torch.Tensor, sigma: float, *, padding_mode: str = "bor
 
 
 def gaussian_blur_in_place(image: torch.Tensor, sigma: float, *, band: int = 64) -> torch.Tensor:
-    """:func:`gaussian_blur` with border padding, written into ``image`` itself (contiguous
-    ``(B, C, H, W)``), which it returns: along ``x`` in bands of ``band`` rows, then along ``y`` in
-    bands of ``band`` columns, so that the extra memory is a band's, not an image's (the blur
-    along one axis of a band of the other needs nothing outside it).  For copies that are one's
-    own: a registration's normalised images, where an image-sized copy raised a batch's peak."""
+    """:func:`gaussian_blur` with border padding, written into ``image`` itself (``(B, C, H, W)``,
+    any strides: a view into a larger tensor too), which it returns: along ``x`` in bands of
+    ``band`` rows, then along ``y`` in bands of ``band`` columns, so that the extra memory is a
+    band's, not an image's (the blur along one axis of a band of the other needs nothing outside
+    it).  For copies that are one's own: a registration's normalised images, where an image-sized
+    copy raised a batch's peak."""
     if sigma <= 0:
         return image
-    batch, channels, height, width = image.shape
+    height, width = image.shape[-2:]
     smoothing, _ = _derivative_kernels("gaussian", float(sigma), image.dtype, image.device)
     radius = smoothing.numel() // 2
-    flat = image.view(batch * channels, 1, height, width)
     columns = _extension_index(width, radius, "border", image.device)
     rows = _extension_index(height, radius, "border", image.device)
     for start in range(0, height, band):
-        part = flat[..., start:start + band, :]
+        part = image[..., start:start + band, :]
         part.copy_(_correlate_1d(part.index_select(-1, columns), smoothing, dim=-1))
     for start in range(0, width, band):
-        part = flat[..., start:start + band]
+        part = image[..., start:start + band]
         part.copy_(_correlate_1d(part.index_select(-2, rows), smoothing, dim=-2))
     return image
 
 
 def _correlate_1d(extended: torch.Tensor, kernel: torch.Tensor, dim: int) -> torch.Tensor:
-    """Valid cross-correlation of ``(N, 1, h, w)`` along ``dim`` (-1 or -2); see :func:`_correlate_separable`."""
+    """Valid cross-correlation of ``(B, C, h, w)`` along ``dim`` (-1 or -2); see :func:`_correlate_separable`."""
     if extended.device.type == "cpu":
         return _shifted_sum(extended, kernel, dim=dim)
+    batch, channels, height, width = extended.shape
     shape = (1, 1, 1, -1) if dim == -1 else (1, 1, -1, 1)
-    return F.conv2d(extended, kernel.view(shape))
+    result = F.conv2d(extended.reshape(batch * channels, 1, height, width), kernel.view(shape))
+    return result.reshape(batch, channels, *result.shape[-2:])
 
 
 def _correlate_separable(extended: torch.Tensor, row_kernel: torch.Tensor, column_kernel: torch.Tensor) -> torch.Tensor:
