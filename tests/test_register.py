@@ -307,6 +307,21 @@ def test_full_resolution_smoothing_with_a_thin_fixed_mask_or_a_degenerate_start(
     assert degenerate.stop_reason == ["no_overlap"]
 
 
+def test_the_cost_of_a_run_stopped_early_is_on_the_finished_runs_images():
+    # result.cost is on the finest level's (smoothed) images; a callback that stopped a run at a coarse
+    # level got the cost of the unsmoothed images instead, eight times a finished run's at the same place
+    fixed, moving, truth = registration_pair("camera", "rigid", [0.02, 1.5, -0.5], noise=0.05)
+
+    def stop(state):
+        raise StopIteration
+
+    options = dict(transform="rigid", optimizer="adam", init=truth)
+    finished = tireg.register(fixed, moving, **options)
+    stopped = tireg.register(fixed, moving, callback=stop, **options)
+    assert stopped.stop_reason == ["callback"] and len(stopped.history) == 1
+    assert float(stopped.cost[0]) == pytest.approx(float(finished.cost[0]), rel=0.3)
+
+
 def test_the_full_resolution_smoothing_follows_the_metric():
     # 1 px for metrics that take the intensities as linearly related; none for mi and nmi, where
     # smoothing does not commute with the intensity relation; a given schedule as given

@@ -1822,10 +1822,8 @@ def register(
                     fixed_stats, moving_stats = _normalize_over_overlap(
                         problem, params, (fixed_t, fixed_n, fixed_stats), (moving_t, moving_n, moving_stats),
                         fixed_mask, moving_mask_t)
-                moving_scale = None
-                if sigma > 0:  # the moving image smoothed as the fixed one, in the fixed image's frame
-                    linear = kind.matrix(params.detach(), center_t)[:, :2, :2]
-                    moving_scale = _determinant(linear).abs().sqrt().tolist()
+                # the moving image smoothed as the fixed one, in the fixed image's frame
+                moving_scale = _moving_scale(kind, params, center_t) if sigma > 0 else None
                 # normalised, the images are this call's own copies, smoothed in themselves
                 full_resolution = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, sigma, moving_scale,
                                               in_place=normalize)
@@ -1870,8 +1868,10 @@ def register(
         cost = history[-1].cost[-1].to(device)  # Levenberg-Marquardt's last accepted cost is at these parameters
     else:
         final_level = full_resolution
-        if final_level is None:
-            final_level = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, 0.0)
+        if final_level is None:  # a callback stopped before it, or the pyramid ends above factor 1
+            sigma = schedule[-1][1] if schedule[-1][0] == 1 else 0.0  # the cost a finished run reports
+            final_level = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, sigma,
+                                      _moving_scale(kind, params, center_t) if sigma > 0 else None)
         with torch.no_grad():
             cost = problem.evaluate(params, final_level, hessian=False).cost
     # no overlap is an infinite cost (_Problem.evaluate); a NaN is arithmetic gone wrong, not that
@@ -1896,6 +1896,12 @@ def register(
         metadata={"metric": repr(metric_object), "optimizer": optimizer, "gradients": gradients,
                   "pyramid": [factor for factor, _ in schedule], "smoothing": [sigma for _, sigma in schedule]},
     )
+
+
+def _moving_scale(kind: Transform, params: torch.Tensor, center: torch.Tensor) -> list[float]:
+    """Per pair, ``sqrt|det L|`` of the transform at ``params``: moving pixels per fixed pixel."""
+    linear = kind.matrix(params.detach(), center)[:, :2, :2]
+    return _determinant(linear).abs().sqrt().tolist()
 
 
 def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: float,
