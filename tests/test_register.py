@@ -52,10 +52,7 @@ def test_noise_does_not_pull_a_shift_towards_half_pixels(name):
         fixed, moving = fixed.astype(np.float32), moving.astype(np.float32)
         result = tireg.register(fixed, moving, transform="translation")
         errors.append(math.dist(result.matrix[:2, 2].tolist(), shift))
-        levels = len(result.history)
-        plain = tireg.Pyramid(tuple(2 ** k for k in reversed(range(levels))),
-                              tuple([2.0 ** k / 2 for k in reversed(range(1, levels))] + [0.0]))
-        result = tireg.register(fixed, moving, transform="translation", pyramid=plain)
+        result = tireg.register(fixed, moving, transform="translation", pyramid=tireg.Pyramid(finest_smoothing=0))
         unsmoothed.append(math.dist(result.matrix[:2, 2].tolist(), shift))
     assert max(errors) < 0.05, errors
     assert min(unsmoothed) > 0.07, unsmoothed
@@ -340,6 +337,14 @@ def test_the_full_resolution_smoothing_follows_the_metric():
     assert given.metadata["smoothing"] == [1.5, 0.0]
     assert tireg.Pyramid().levels((64, 64)) == [(2, 1.0), (1, 1.0)]
     assert tireg.Pyramid().levels((64, 64), finest=0.0) == [(2, 1.0), (1, 0.0)]
+    # the switch for the last level alone, whatever the metric
+    for metric in ("l2", "mi"):
+        chosen = tireg.register(fixed, moving, transform="translation", metric=metric, max_iterations=2,
+                                pyramid=tireg.Pyramid(finest_smoothing=0.5))
+        assert chosen.metadata["smoothing"] == [2.0, 1.0, 0.5], metric
+    assert tireg.Pyramid((2, 1), finest_smoothing=0).levels((64, 64)) == [(2, 1.0), (1, 0.0)]
+    with pytest.raises(ValueError, match="finest_smoothing must be a finite number of at least 0; got -1"):
+        tireg.register(fixed, moving, pyramid=tireg.Pyramid(finest_smoothing=-1))
 
 
 def test_full_resolution_smoothing_keeps_masked_out_values_out():

@@ -161,23 +161,27 @@ class Pyramid:
             ``(factor^2 - 1) / 12``), blurred by the rest,
             ``sqrt(sigma^2 - (factor^2 - 1) / 12) / factor`` level pixels
             (none where the average already has ``sigma``); ``None``:
-            ``factor / 2``, and at factor 1 ``finest`` (:meth:`levels`):
-            :func:`register` gives :data:`FINEST_SMOOTHING` (1 px) for a
+            ``factor / 2``, and at factor 1 ``finest_smoothing``.
+        finest_smoothing: the sigma at factor 1 when ``smoothing_sigmas`` is
+            ``None``; ``None``: :func:`register`'s choice (the ``finest``
+            argument of :meth:`levels`), :data:`FINEST_SMOOTHING` (1 px) for a
             metric that takes the intensities as linearly related
             (:attr:`tireg.metrics.Metric.linear_intensity`: per-pixel losses,
             ``ncc``, ``ncc_any``, ``lncc``, ``lncc_any``), 0 for the others
-            (``mi``, ``nmi``) and with ``optimizer="sgd"``.  The last level's sigma is that of the images the
-            result is fitted on: give it 0 to fit the unsmoothed images.
+            (``mi``, ``nmi``) and with ``optimizer="sgd"``.  The last level's
+            sigma is that of the images the result is fitted on:
+            ``Pyramid(finest_smoothing=0)`` fits the unsmoothed images.
         min_size: smallest side of the coarsest level for the automatic schedule.
     """
 
     shrink_factors: Optional[tuple[int, ...]] = None
     smoothing_sigmas: Optional[tuple[float, ...]] = None
     min_size: int = 32
+    finest_smoothing: Optional[float] = None
 
     def levels(self, size: Sequence[int], finest: float = FINEST_SMOOTHING) -> list[tuple[int, float]]:
         """``[(factor, sigma), ...]`` coarse to fine for an image of ``size = (H, W)``; without
-        ``smoothing_sigmas``, ``finest`` is the sigma at factor 1."""
+        ``smoothing_sigmas`` and ``finest_smoothing``, ``finest`` is the sigma at factor 1."""
         factors = self.shrink_factors
         if factors is None:
             if not (is_whole(self.min_size) and self.min_size >= 1):
@@ -197,6 +201,11 @@ class Pyramid:
             )
         sigmas = self.smoothing_sigmas
         if sigmas is None:
+            if self.finest_smoothing is not None:
+                finest = real_number(self.finest_smoothing)
+                if finest is None or not (math.isfinite(finest) and finest >= 0):
+                    raise ValueError("register(): the pyramid's finest_smoothing must be a finite number of at "
+                                     f"least 0; got {self.finest_smoothing!r}")
             sigmas = tuple(f / 2.0 if f > 1 else finest for f in factors)
         if len(sigmas) != len(factors):
             raise ValueError(
