@@ -13,6 +13,8 @@ few of those also as processes, run beside the other tests).
 from __future__ import annotations
 
 import csv
+import functools
+import importlib
 import os
 import shutil
 import subprocess
@@ -201,6 +203,30 @@ def test_register_with_a_mask_and_levels(data, tmp_path, monkeypatch):
     saved = tireg.transform_io.load_transform(tmp_path / "out" / "transform.json")
     assert saved.metadata["stop_reason"] == ["converged"]
     assert grid_error(saved.matrix, torch.from_numpy(data["truth"]), data["size"]) < 0.5
+
+
+def test_register_smoothing_option(data, tmp_path, monkeypatch, capsys):
+    # --smoothing: the full-resolution level's sigma (register's Pyramid(finest_smoothing=)); a bad one
+    # is named, before any work
+    register_module = importlib.import_module("tireg.register")
+    seen = []
+    original = register_module.register
+
+    @functools.wraps(original)  # the command reads register()'s defaults from its signature
+    def spy(*args, **kwargs):
+        seen.append(kwargs["pyramid"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(register_module, "register", spy)
+    monkeypatch.chdir(tmp_path)
+    arguments = ["register", str(data["folder"] / "fixed.png"), str(data["folder"] / "moving.png"), "-q"]
+    assert main([*arguments, "-o", "a", "--smoothing", "0"]) == 0
+    assert main([*arguments, "-o", "b"]) == 0
+    assert seen[0].finest_smoothing == 0.0 and seen[1].finest_smoothing is None
+    assert seen[0].levels(data["size"])[-1] == (1, 0.0)
+    assert main([*arguments, "-o", "c", "--smoothing", "-1"]) == 2
+    assert "--smoothing: expected a number of pixels of at least 0; got '-1'" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize("metric", ["mi", "ncc_any"])

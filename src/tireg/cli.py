@@ -185,6 +185,16 @@ def _compile_choice(text: str):
     return choices[text]
 
 
+def _sigma(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels of at least 0; got {text!r}") from None
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number of pixels of at least 0; got {text!r}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -296,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--levels", type=_levels, default=None, metavar="N|F,F,..",
                            help="pyramid: a number of levels (3 = shrink 4,2,1) or the shrink factors; "
                            "default: halve down to about 32 pixels")
+        group.add_argument("--smoothing", type=_sigma, default=None, metavar="SIGMA",
+                           help="Gaussian smoothing of the full-resolution level, in pixels (default: 1 for the "
+                           "per-pixel losses, ncc and lncc, against noise; 0 for mi and nmi)")
         group.add_argument("--max-iterations", type=_positive_int, default=defaults["max_iterations"],
                            metavar="N", help="iterations per level (default: 50 for gauss-newton, 300 otherwise)")
         group.add_argument("--interpolation", choices=["bilinear", "bicubic"], default="bilinear",
@@ -372,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--image", choices=list(IMAGES), default="camera", help="bundled image to use")
     sub.set_defaults(
         handler=_cmd_demo, transform="similarity", metric=defaults["metric"], optimizer=defaults["optimizer"],
-        init=defaults["init"], levels=None, max_iterations=defaults["max_iterations"], interpolation="bilinear",
+        init=defaults["init"], levels=None, smoothing=None, max_iterations=defaults["max_iterations"],
+        interpolation="bilinear",
         device="cpu", mask=None, compile=defaults["compile"],
     )
     return parser
@@ -423,10 +437,14 @@ class _Progress:
 
 
 def _schedule(args: argparse.Namespace, size: tuple[int, int]) -> list[tuple[int, float]]:
+    return _pyramid(args).levels(size)  # register() warns about factors that do not end with 1
+
+
+def _pyramid(args: argparse.Namespace):
+    """The ``register()`` pyramid of ``--levels`` and ``--smoothing``."""
     from .register import Pyramid
 
-    pyramid = Pyramid() if args.levels is None else Pyramid(shrink_factors=args.levels)
-    return pyramid.levels(size)  # register() warns about factors that do not end with 1
+    return Pyramid(shrink_factors=args.levels, finest_smoothing=args.smoothing)
 
 
 def _single(image: ImageData, what: str) -> ImageData:
@@ -567,7 +585,7 @@ def _register_images(args, fixed_grey, moving_grey, *, mask=None, moving_mask=No
         metric=args.metric,
         optimizer=args.optimizer,
         gradients="analytic",
-        pyramid=args.levels,
+        pyramid=_pyramid(args),
         mask=mask,
         moving_mask=moving_mask,
         init=args.init if init is None else init,
