@@ -255,25 +255,29 @@ def gaussian_blur(image: torch.Tensor, sigma: float, *, padding_mode: str = "bor
     return _correlate_separable(extended, smoothing, smoothing).reshape(batch, channels, height, width)
 
 
-def gaussian_blur_in_place(image: torch.Tensor, sigma: float, *, band: int = 64) -> torch.Tensor:
+def gaussian_blur_in_place(image: torch.Tensor, sigma: float, *, band: Optional[int] = None) -> torch.Tensor:
     """:func:`gaussian_blur` with border padding, written into ``image`` itself (``(B, C, H, W)``,
     any strides: a view into a larger tensor too), which it returns: along ``x`` in bands of
     ``band`` rows, then along ``y`` in bands of ``band`` columns, so that the extra memory is a
     band's, not an image's (the blur along one axis of a band of the other needs nothing outside
     it).  For copies that are one's own: a registration's normalised images, where an image-sized
-    copy raised a batch's peak."""
+    copy raised a batch's peak.  ``None``: bands of about 2^16 pixels a plane, which measured
+    fastest (one thread, sigma 1: 256^2 0.29 ms, 512^2 1.4, 1024^2 6.2; 64-pixel bands 0.57, 1.8,
+    7.4; whole planes 0.29, 2.9, 14.7)."""
     if sigma <= 0:
         return image
     height, width = image.shape[-2:]
+    row_band = band if band is not None else max(8, (1 << 16) // width)
+    column_band = band if band is not None else max(8, (1 << 16) // height)
     smoothing, _ = _derivative_kernels("gaussian", float(sigma), image.dtype, image.device)
     radius = smoothing.numel() // 2
     columns = _extension_index(width, radius, "border", image.device)
     rows = _extension_index(height, radius, "border", image.device)
-    for start in range(0, height, band):
-        part = image[..., start:start + band, :]
+    for start in range(0, height, row_band):
+        part = image[..., start:start + row_band, :]
         part.copy_(_correlate_1d(part.index_select(-1, columns), smoothing, dim=-1))
-    for start in range(0, width, band):
-        part = image[..., start:start + band]
+    for start in range(0, width, column_band):
+        part = image[..., start:start + column_band]
         part.copy_(_correlate_1d(part.index_select(-2, rows), smoothing, dim=-2))
     return image
 
