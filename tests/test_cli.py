@@ -863,6 +863,47 @@ def test_bad_input_in_a_process(bad_processes, case):
     _check_failure(case, status, stderr, cwd, before)
 
 
+def test_main_in_two_threads_puts_pythons_warning_display_back(monkeypatch, capsys):
+    # main() swapped warnings.showwarning under catch_warnings(), which restores what it found: with
+    # two calls in two threads, the one that ended last restored tireg's display for good. A warning
+    # of a thread outside main() keeps Python's display meanwhile.
+    import threading
+    import warnings
+
+    import tireg.cli as cli
+
+    original = warnings.showwarning
+    first_inside, second_inside, first_done = threading.Event(), threading.Event(), threading.Event()
+
+    def command(argv):
+        if argv == ["first"]:
+            first_inside.set()
+            second_inside.wait(10)
+        else:
+            second_inside.set()
+            first_done.wait(10)
+        warnings.warn(f"from {argv[0]}", UserWarning)
+        return 0
+
+    monkeypatch.setattr(cli, "_main", command)
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *rest, **options: shown.append(str(message)))
+    original = warnings.showwarning
+    first = threading.Thread(target=lambda: main(["first"]))
+    first.start()
+    first_inside.wait(10)
+    second = threading.Thread(target=lambda: main(["second"]))
+    second.start()
+    first.join(10)
+    warnings.warn("from outside", UserWarning)  # this thread is not running main()
+    first_done.set()
+    second.join(10)
+    assert warnings.showwarning is original
+    err = capsys.readouterr().err.splitlines()
+    assert sorted(err) == ["tireg: warning: from first", "tireg: warning: from second"]
+    assert shown == ["from outside"]
+
+
 def test_a_library_warning_is_one_line_of_the_command(tmp_path, monkeypatch, capsys):
     """Python's default showed io.py's file name, line number and source line before the message."""
     frames = (np.random.default_rng(0).random((3, 64, 64)) * 255).astype(np.uint8)

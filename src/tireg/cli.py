@@ -26,6 +26,7 @@ import math
 import os
 import re
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -1103,16 +1104,60 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     0: success; 1: the input could not be processed; 2: a wrong command line.
     Errors print one line, ``tireg: error: ...``, to stderr and leave no output file.
     """
-    with warnings.catch_warnings():  # restored on return: main() may be called from a program
-        warnings.showwarning = _show_warning
+    _CommandWarnings.enter()
+    try:
         return _main(argv)
+    finally:
+        _CommandWarnings.leave()
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A library warning as the command's own line, ``tireg: warning: ...`` (Python's default
-    prefixed it with a source file and line of tireg's code)."""
-    print(f"{PROG}: warning: {_one_line(message if isinstance(message, Warning) else Warning(message))}",
-          file=sys.stderr if file is None else file)
+_PYTHON_SHOWWARNING = warnings.showwarning  # what a thread's warning falls back to
+
+
+class _CommandWarnings:
+    """Warnings shown as the command's own lines, ``tireg: warning: ...``, while :func:`main` runs
+    (Python's default prefixed them with a source file and line of tireg's code), and Python's
+    display everywhere else.
+
+    Why not ``warnings.catch_warnings()`` around each call: it swaps process-wide state and puts
+    back what it found, so two calls in two threads could leave tireg's display installed for
+    good (the first to end restores Python's, the second then restores tireg's).  Here one
+    display is installed while any call runs, chosen per thread, and the one found before the
+    first call is put back after the last.
+    """
+
+    _lock = threading.Lock()
+    _calls = 0
+    _saved: Any = None
+    _installed: Any = None
+    _local = threading.local()
+
+    @classmethod
+    def enter(cls) -> None:
+        with cls._lock:
+            if cls._calls == 0:
+                cls._saved = warnings.showwarning
+                cls._installed = warnings.showwarning = cls._show  # a bound method: one object, kept
+            cls._calls += 1
+        cls._local.depth = getattr(cls._local, "depth", 0) + 1
+
+    @classmethod
+    def leave(cls) -> None:
+        cls._local.depth -= 1
+        with cls._lock:
+            cls._calls -= 1
+            if cls._calls == 0:
+                if warnings.showwarning is cls._installed:  # unless the program replaced it meanwhile
+                    warnings.showwarning = cls._saved
+                cls._saved = cls._installed = None
+
+    @classmethod
+    def _show(cls, message, category, filename, lineno, file=None, line=None) -> None:
+        if getattr(cls._local, "depth", 0) == 0:  # another thread's warning, not the command's
+            (cls._saved or _PYTHON_SHOWWARNING)(message, category, filename, lineno, file, line)
+            return
+        print(f"{PROG}: warning: {_one_line(message if isinstance(message, Warning) else Warning(message))}",
+              file=sys.stderr if file is None else file)
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
