@@ -118,10 +118,15 @@ def _use_compiled(compile: Union[bool, str], fixed: torch.Tensor, caller: str) -
 
 
 #: Levenberg-Marquardt's step falls below the tolerance also where rejected steps raised the
-#: damping: a pair whose undamped step would still move a corner by this many tolerances is
-#: "stalled" there, not "converged".  Near an optimum the undamped step is about the distance to
-#: it (noise: a few hundredths of a pixel), so this errs towards "converged".
+#: damping: a pair whose undamped step would still move a corner by this many tolerances, and by
+#: :data:`STALL_FLOOR` pixels or more, is "stalled" there, not "converged".  Near an optimum the
+#: undamped step is about the distance to it, so this errs towards "converged".
 STALL_FACTOR = 10.0
+
+#: ... and at least this many pixels (times the level's factor): on small images the cost is not
+#: smooth at the last hundredths of a pixel (pixels enter and leave the valid set), and ordinary
+#: pairs 0.02-0.07 px from the truth had undamped steps of 0.1 px (a 64 x 128 crop: 3 of 160).
+STALL_FLOOR = 0.25
 
 
 #: Convergence tolerance of a coarse level (``factor > 1``) in its own pixels, at
@@ -200,6 +205,9 @@ class Pyramid:
                 f"register(): shrink factor {factors[0]} leaves fewer than 4 pixels of a {tuple(size)} image"
             )
         sigmas = self.smoothing_sigmas
+        if sigmas is not None and self.finest_smoothing is not None:
+            raise ValueError("register(): give the pyramid smoothing_sigmas or finest_smoothing, not both; got "
+                             f"{tuple(sigmas)} and {self.finest_smoothing!r}")
         if sigmas is None:
             if self.finest_smoothing is not None:
                 finest = real_number(self.finest_smoothing)
@@ -214,6 +222,9 @@ class Pyramid:
         values = [real_number(sigma) for sigma in sigmas]  # numbers, NumPy numbers, 0-d tensors
         if not all(value is not None and math.isfinite(value) and value >= 0 for value in values):
             raise ValueError(f"register(): smoothing sigmas must be finite numbers of at least 0; got {tuple(sigmas)}")
+        if max(values) > min(size) / 2:  # the image would be a blur (and the kernel 8 sigma long)
+            raise ValueError(f"register(): a smoothing sigma of {max(values):g} px leaves nothing of a "
+                             f"{tuple(size)} image to align; give at most {min(size) / 2:g}")
         return list(zip(factors, values))
 
 
@@ -1145,7 +1156,8 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         # ("stalled") where the model does not predict the cost (docs/design.md, "Convergence").
         limit = tolerance * level.factor
         small = active & (_displacement(problem, params, step, corners) < limit)
-        stuck = small & (_displacement(problem, params, free_step, corners) >= STALL_FACTOR * limit)
+        free_limit = max(STALL_FACTOR * limit, STALL_FLOOR * level.factor)
+        stuck = small & (_displacement(problem, params, free_step, corners) >= free_limit)
         converged = small ^ stuck
         status = torch.where(converged, _CONVERGED, torch.where(stuck, _STALLED, status))
         if level.factor > 1:
@@ -1659,6 +1671,10 @@ def register(
             corner of the image by more than ``tolerance * factor`` pixels
             (at a coarse level, ``factor > 1``, at least
             :data:`COARSE_TOLERANCE` level pixels: the next level refines it).
+            Levenberg-Marquardt's step shrinks with rejected steps too: a small
+            step counts only if the undamped one is small as well (below
+            :data:`STALL_FACTOR` tolerances or :data:`STALL_FLOOR` px); else
+            the pair is ``"stalled"``.
         interpolation: ``"bilinear"`` or ``"bicubic"``.
         normalize: ``True`` (default): each image and channel is brought to
             zero mean and unit deviation (over its mask) before a per-pixel
@@ -1878,7 +1894,10 @@ def register(
     else:
         final_level = full_resolution
         if final_level is None:  # a callback stopped before it, or the pyramid ends above factor 1
-            sigma = schedule[-1][1] if schedule[-1][0] == 1 else 0.0  # the cost a finished run reports
+            if overlap_normalization:  # the cost a finished run reports: normalised over this overlap
+                _normalize_over_overlap(problem, params, (fixed_t, fixed_n, fixed_stats),
+                                        (moving_t, moving_n, moving_stats), fixed_mask, moving_mask_t)
+            sigma = schedule[-1][1] if schedule[-1][0] == 1 else 0.0  # on its images
             final_level = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, sigma,
                                       _moving_scale(kind, params, center_t) if sigma > 0 else None)
         with torch.no_grad():
