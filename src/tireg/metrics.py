@@ -102,10 +102,10 @@ class Metric:
             initialisations found on the inverted moving image.
         linear_intensity: whether the metric takes the moving image's
             intensities for a linear function of the fixed image's
-            (``a F + b``, ``a`` of either sign; ``lncc``: window by window).
-            Smoothing commutes with
+            (``a F + b``, ``a > 0``; ``a < 0`` too for ``ncc_any`` and
+            ``lncc_any``; ``lncc``: window by window).  Smoothing commutes with
             such a relation, so ``register`` smooths its full-resolution
-            level for these metrics by default
+            level for these metrics by default (not with ``optimizer="sgd"``)
             (:data:`tireg.register.FINEST_SMOOTHING`); with another relation
             (a gamma, another channel) it does not, and smoothing moved the
             optimum (docs/design.md, "Smoothing at full resolution").

@@ -82,7 +82,8 @@ ImageLike = Union[torch.Tensor, np.ndarray]
 
 #: Why a pair stopped: ``stop_reason`` takes one of these keys.
 STOP_REASONS = {
-    "converged": "the largest displacement of a step fell below the tolerance at the finest level",
+    "converged": "the largest displacement of a step fell below the tolerance at the finest level (Levenberg-"
+                 "Marquardt: its nearly undamped step too, below STALL_FACTOR tolerances or STALL_FLOOR px)",
     "max_iterations": "the iteration limit of the finest level was reached",
     "stalled": "no step lowered the cost any more (Levenberg-Marquardt damping at its limit, or rejected steps "
                "shrank the step below the tolerance while the undamped step was still large)",
@@ -141,15 +142,13 @@ COARSE_TOLERANCE = 0.1
 #: metric that takes the intensities as linearly related (``Metric.linear_intensity``).
 #: Bilinear resampling averages the moving image's noise, least at whole-pixel positions
 #: and most at half pixels, so the unsmoothed cost is lowest near half-pixel offsets:
-#: translations ended 0.14 px off (median, noise sigma 0.05 of the range) and 0.07 px
-#: (sigma 0.02).  Smoothed first, the noise left is small and correlated between
-#: neighbours, and the bilinear kernel's own bias on sharp content shrinks with it:
-#: 0.024 and 0.013 px.  accuracy.py's standard suite: medians 0.052 / 0.028 / 0.025 /
-#: 0.029 -> 0.012 / 0.008 / 0.012 / 0.012 px, no case worse; ncc alike (0.03 -> 0.01).
-#: 0.7 px left twice the error, 1.5 px no less.  Not for mi and nmi: smoothing
-#: does not commute with a non-linear intensity relation, and on gamma-changed and
-#: other-channel pairs their medians grew by 1.4x and 2x (docs/design.md, "Smoothing at
-#: full resolution").  OpenCV's ECC smooths both images by default too.
+#: exact sub-pixel shifts (noise 5 % of the range) ended 0.08-0.13 px off, smoothed
+#: 0.01-0.05 px.  accuracy.py's standard suite: medians 0.052 / 0.028 / 0.025 / 0.029 ->
+#: 0.012 / 0.008 / 0.012 / 0.011 px, no case worse by 0.01 px; ncc alike (0.03 -> 0.01).
+#: 0.7 px left twice the error, 1.5 px no less.  Not for mi and nmi: smoothing does not
+#: commute with a non-linear intensity relation, and on gamma-changed and other-channel
+#: pairs mi's medians grew 1.4x and 2.2x (docs/design.md, "Smoothing at full
+#: resolution").  OpenCV's ECC smooths both images by default too.
 FINEST_SMOOTHING = 1.0
 
 
@@ -175,7 +174,13 @@ class Pyramid:
             ``ncc``, ``ncc_any``, ``lncc``, ``lncc_any``), 0 for the others
             (``mi``, ``nmi``) and with ``optimizer="sgd"``.  The last level's
             sigma is that of the images the result is fitted on:
-            ``Pyramid(finest_smoothing=0)`` fits the unsmoothed images.
+            ``Pyramid(finest_smoothing=0)`` fits the unsmoothed images.  Not
+            together with ``smoothing_sigmas``; every sigma at most half the
+            image's smaller side.  A sigma above 0 at factor 1 also scales the
+            moving image's sigma by the transform's ``sqrt|det L|``, crops the
+            fixed image's ``ceil(sigma)`` border band (without a fixed mask)
+            and smooths masked images by normalised convolution
+            (docs/design.md, "Smoothing at full resolution").
         min_size: smallest side of the coarsest level for the automatic schedule.
     """
 
@@ -250,9 +255,11 @@ class RegistrationResult:
         parameter_values: ``(B, P)`` in natural units (radians, scale, pixels)
             about :attr:`center`.
         center: the centre of rotation and scale, the fixed image's centre.
-        cost: ``(B,)`` final cost at the finest level, on its images (smoothed
-            as :class:`Pyramid` says): the mean per-pixel loss over the valid
-            pixels, or the metric's cost (``1 - NCC``, ``-MI``, ...).
+        cost: ``(B,)`` final cost at full resolution, on the images of the
+            pyramid's level at factor 1 (smoothed as :class:`Pyramid` says;
+            unsmoothed if the pyramid ends above factor 1): the mean per-pixel
+            loss over the valid pixels, or the metric's cost (``1 - NCC``,
+            ``-MI``, ...).
         iterations: ``(B,)`` iterations over all levels.
         converged: ``(B,)`` bool; a pair that did not converge is a status, not an error.
         stop_reason: per pair, a key of :data:`STOP_REASONS`.
@@ -1671,11 +1678,16 @@ def register(
             by about one pixel.
         gradients: ``"analytic"`` (default) or ``"autograd"`` (first-order optimisers).
         pyramid: a :class:`Pyramid`, a sequence of shrink factors such as
-            ``(4, 2, 1)``, or ``None`` for an automatic schedule.
+            ``(4, 2, 1)``, or ``None`` for an automatic schedule; its
+            full-resolution level is smoothed as
+            :attr:`Pyramid.finest_smoothing` says (1 px for intensity-matching
+            metrics).
         mask, moving_mask: where the fixed / moving image counts (nonzero);
             fixed pixels that sample outside the moving image or its mask (any
             of the four pixels around the sample point outside it) do not
-            count, and the cost is the mean over those that do.  A coarse
+            count, and the cost is the mean over those that do (without a
+            fixed mask, neither does the ``ceil(sigma)`` border band of a
+            smoothed full-resolution level).  A coarse
             level's pixel counts where at least half its block is in the mask.
         init: ``"auto"`` (default; see :func:`tireg.initialize.initialize`),
             another method name there (``"identity"``, ``"center"``,
@@ -1696,9 +1708,10 @@ def register(
             (at a coarse level, ``factor > 1``, at least
             :data:`COARSE_TOLERANCE` level pixels: the next level refines it).
             Levenberg-Marquardt's step shrinks with rejected steps too: a small
-            step counts only if the undamped one is small as well (below
-            :data:`STALL_FACTOR` tolerances or :data:`STALL_FLOOR` px); else
-            the pair is ``"stalled"``.
+            step counts only if the nearly undamped one (the first damping,
+            1e-3) is small as well, below :data:`STALL_FACTOR` tolerances or
+            :data:`STALL_FLOOR` px (times the factor; with the default
+            tolerance the floor decides); else the pair is ``"stalled"``.
         interpolation: ``"bilinear"`` or ``"bicubic"``.
         normalize: ``True`` (default): each image and channel is brought to
             zero mean and unit deviation (over its mask) before a per-pixel
