@@ -1150,6 +1150,7 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
     current = problem.evaluate(params, level, hessian=True)
     # the costs kept as they are: every evaluation's are new tensors, never changed in place
     costs, passes = [current.cost], []
+    subsets: dict = {}  # _evaluate_active's levels of the pairs still active
     largest = torch.finfo(current.cost.dtype).max
     for iteration in range(max_iterations):
         # (H + damping diag(H) + floor I) step = -g, in float64: the damping and the floor on
@@ -1187,7 +1188,7 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         passes.append(any_active)
         step = torch.where(active[:, None], step, 0.0)
         trial_params = params + step
-        trial = problem.evaluate(trial_params, level, hessian=True)
+        trial = _evaluate_active(problem, trial_params, level, active, subsets)
         # better: a finite trial cost no higher than the current one; comparing with the current
         # cost capped at the largest finite number rejects an infinite or NaN trial cost
         # (isfinite is four operations)
@@ -1214,6 +1215,40 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         if interval == 1 and not bool(active.any()):
             break
     return (params, *_level_outcome(status, iterations, costs, passes))
+
+
+#: On the CPU a Gauss-Newton trial evaluates only the pairs still active once they are at most this
+#: fraction of the batch (their images are copied for it: two image passes against an
+#: evaluation's ten or so, worth it only when enough pairs have stopped).
+COMPACT_FRACTION = 0.75
+
+
+def _evaluate_active(problem: "_Problem", params: torch.Tensor, level: _Level, active: torch.Tensor,
+                     subsets: dict) -> _Evaluation:
+    """:meth:`_Problem.evaluate` with the Gauss-Newton matrix of every pair, or on the CPU (where a look
+    at ``active`` is free) of the ``active`` pairs only, once they are at most :data:`COMPACT_FRACTION`
+    of the batch: the others read an infinite cost (never better) and zero derivatives.  Pairs finish
+    a level at different iterations (32 affine pairs of 128^2: 2-10 iterations in all, the batch's
+    full-resolution level 8 evaluations).  ``subsets`` keeps the pairs' level while they stay active.
+    Each pair's values are those it has alone (batch invariance)."""
+    batch = params.shape[0]
+    if not _looks_are_free(params.device) or batch == 1:
+        return problem.evaluate(params, level, hessian=True)
+    count = int(active.sum())
+    if count == 0 or count > COMPACT_FRACTION * batch:
+        return problem.evaluate(params, level, hessian=True)
+    index = active.nonzero()[:, 0]
+    key = tuple(index.tolist())
+    if key not in subsets:
+        subsets.clear()  # the active set only shrinks: an earlier one is not needed again
+        subsets[key] = level.select(index)
+    part = problem.evaluate(params[index], subsets[key], hessian=True)
+    size = params.shape[1]
+    return _Evaluation(
+        part.cost.new_full((batch,), math.inf).index_copy(0, index, part.cost),
+        part.gradient.new_zeros(batch, size).index_copy(0, index, part.gradient),
+        part.hessian.new_zeros(batch, size, size).index_copy(0, index, part.hessian),
+    )
 
 
 _FIRST_ORDER_DEFAULTS = {
