@@ -1188,7 +1188,8 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         passes.append(any_active)
         step = torch.where(active[:, None], step, 0.0)
         trial_params = params + step
-        trial = _evaluate_active(problem, trial_params, level, active, subsets)
+        trial = _evaluate_active(lambda p, on: problem.evaluate(p, on, hessian=True), trial_params, level, active,
+                                 subsets)
         # better: a finite trial cost no higher than the current one; comparing with the current
         # cost capped at the largest finite number rejects an infinite or NaN trial cost
         # (isfinite is four operations)
@@ -1223,31 +1224,33 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
 COMPACT_FRACTION = 0.75
 
 
-def _evaluate_active(problem: "_Problem", params: torch.Tensor, level: _Level, active: torch.Tensor,
-                     subsets: dict) -> _Evaluation:
-    """:meth:`_Problem.evaluate` with the Gauss-Newton matrix of every pair, or on the CPU (where a look
-    at ``active`` is free) of the ``active`` pairs only, once they are at most :data:`COMPACT_FRACTION`
-    of the batch: the others read an infinite cost (never better) and zero derivatives.  Pairs finish
-    a level at different iterations (32 affine pairs of 128^2: 2-10 iterations in all, the batch's
-    full-resolution level 8 evaluations).  ``subsets`` keeps the pairs' level while they stay active.
-    Each pair's values are those it has alone (batch invariance)."""
+def _evaluate_active(evaluate: Callable[[torch.Tensor, _Level], _Evaluation], params: torch.Tensor,
+                     level: _Level, active: Optional[torch.Tensor], subsets: dict, *,
+                     always: bool = False) -> _Evaluation:
+    """``evaluate(params, level)`` of every pair, or of the ``active`` pairs only where that pays: on
+    the CPU (where a look at ``active`` is free; ``always``: anywhere, for a caller that looks
+    already) once they are at most :data:`COMPACT_FRACTION` of the batch.  The others read an
+    infinite cost (never better) and zero derivatives.  Pairs finish a level at different
+    iterations (32 affine pairs of 128^2: 2-10 iterations in all, the batch's full-resolution level
+    8 evaluations).  ``subsets`` keeps the pairs' level (:meth:`_Level.select`) while they stay the
+    same.  Each pair's values are those it has alone (batch invariance)."""
     batch = params.shape[0]
-    if not _looks_are_free(params.device) or batch == 1:
-        return problem.evaluate(params, level, hessian=True)
+    if active is None or batch == 1 or not (always or _looks_are_free(params.device)):
+        return evaluate(params, level)
     count = int(active.sum())
     if count == 0 or count > COMPACT_FRACTION * batch:
-        return problem.evaluate(params, level, hessian=True)
+        return evaluate(params, level)
     index = active.nonzero()[:, 0]
     key = tuple(index.tolist())
     if key not in subsets:
-        subsets.clear()  # the active set only shrinks: an earlier one is not needed again
+        subsets.clear()  # one set at a time: the level of the last one is all that is kept
         subsets[key] = level.select(index)
-    part = problem.evaluate(params[index], subsets[key], hessian=True)
+    part = evaluate(params[index], subsets[key])
     size = params.shape[1]
     return _Evaluation(
         part.cost.new_full((batch,), math.inf).index_copy(0, index, part.cost),
-        part.gradient.new_zeros(batch, size).index_copy(0, index, part.gradient),
-        part.hessian.new_zeros(batch, size, size).index_copy(0, index, part.hessian),
+        part.gradient.new_zeros(batch, size).index_copy(0, index, part.gradient.to(part.cost.dtype)),
+        None if part.hessian is None else part.hessian.new_zeros(batch, size, size).index_copy(0, index, part.hessian),
     )
 
 
@@ -1490,8 +1493,8 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
     interval = _check_interval(device, callback)
     evaluate_on = (lambda p, on: problem.evaluate(p, on, hessian=False)) if gradients == "analytic" else (
         lambda p, on: _autograd_evaluation(problem, p, on))
-    evaluate = lambda p: evaluate_on(p, level)  # noqa: E731
-    first = evaluate(start)
+    subsets: dict = {}  # _evaluate_active's level of the pairs evaluated last
+    first = evaluate_on(start, level)
     # The lowest cost seen per pair, and where: what the level returns, so that an optimiser's
     # excursion (a line search far off, a step to NaN) never ends a pair worse than it began.
     best = {"cost": first.cost.detach().clone(), "params": start.clone()}
@@ -1504,14 +1507,9 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
         kept): a batched L-BFGS trial of a few pairs evaluated them all, 33 batch evaluations where a
         pair alone took about 20 (ncc, 64 x 64^2).  Each pair's result is its own either way."""
         trial = start + scaled.detach() * scales
-        if pending is None or bool(pending.all()):
-            evaluation = evaluate(trial)
-            cost, gradient = evaluation.cost, evaluation.gradient
-        else:
-            index = pending.nonzero()[:, 0]
-            part = evaluate_on(trial[index], level.select(index))
-            cost = torch.full_like(best["cost"], math.inf).index_copy(0, index, part.cost)
-            gradient = torch.zeros_like(trial).index_copy(0, index, part.gradient.to(trial.dtype))
+        # L-BFGS looks at its pending pairs anyway (always=True); Adam and SGD on the CPU
+        evaluation = _evaluate_active(evaluate_on, trial, level, pending, subsets, always=name == "lbfgs")
+        cost, gradient = evaluation.cost, evaluation.gradient.to(trial.dtype)
         cost = torch.where(torch.isfinite(cost), cost, torch.full_like(cost, 1e30))
         gradient = torch.nan_to_num(gradient, nan=0.0, posinf=0.0, neginf=0.0)
         improved = active & (cost < best["cost"]) & torch.isfinite(trial).all(dim=1)
@@ -1521,7 +1519,7 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
 
     def closure():
         optim.zero_grad()
-        cost, q.grad = cost_and_gradient(q)
+        cost, q.grad = cost_and_gradient(q, active)  # a stopped pair's gradient is 0 either way
         return (cost * active).sum()
 
     costs, passes = [first.cost], []
