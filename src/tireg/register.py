@@ -718,7 +718,8 @@ class _Level:
 
     def select(self, index: torch.Tensor) -> "_Level":
         """The level of the pairs ``index`` (copies of their images, a cache of its own but for the
-        histogram ranges, which are per pair): a batched L-BFGS trial evaluates its pending pairs only."""
+        histogram ranges, which are per pair): a trial of the pairs still running
+        (:func:`_evaluate_active`)."""
         pick = lambda tensor: None if tensor is None else tensor[index]  # noqa: E731
         cache = {}
         if "ranges" in self.cache:
@@ -1170,7 +1171,7 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         # so tiny a cost change). On a coarse level the step is taken: the next level starts
         # from it and judges it. On the finest it is left, so that the cost matches the result.
         # The step is small, too, where rejected steps raised the damping: that is convergence
-        # only if the undamped (Gauss-Newton) step is small as well; else the pair is stuck
+        # only if the nearly undamped step (the first damping) is small as well; else the pair is stuck
         # ("stalled") where the model does not predict the cost (docs/design.md, "Convergence").
         limit = tolerance * level.factor
         small = active & (_displacement(problem, params, step, corners) < limit)
