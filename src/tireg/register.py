@@ -1910,19 +1910,25 @@ def register(
     history: list[LevelHistory] = []
     total_iterations = torch.zeros(batch, dtype=torch.long)
     reasons = ["max_iterations"] * batch
+    def full_resolution_level(sigma: float, normalize_again: bool, in_place: bool) -> tuple[_Level, Optional[list]]:
+        """The level at factor 1 at the current parameters, and the moving image's scale it used: for
+        a per-pixel loss the images normalised again over the overlap there first; the moving image
+        smoothed as the fixed one, in the fixed image's frame."""
+        nonlocal fixed_stats, moving_stats
+        if overlap_normalization and normalize_again:
+            fixed_stats, moving_stats = _normalize_over_overlap(
+                problem, params, (fixed_t, fixed_n, fixed_stats), (moving_t, moving_n, moving_stats),
+                fixed_mask, moving_mask_t)
+        scale = _moving_scale(kind, params, center_t) if sigma > 0 else None
+        return _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, sigma, scale, in_place=in_place), scale
+
     full_resolution = None  # the level at factor 1, once no other level follows
     for level_index, (factor, sigma) in enumerate(schedule):
         if factor == 1 and all(entry == schedule[-1] for entry in schedule[level_index:]):
             if full_resolution is None:
-                if overlap_normalization and level_index > 0:  # again, over the overlap the levels found
-                    fixed_stats, moving_stats = _normalize_over_overlap(
-                        problem, params, (fixed_t, fixed_n, fixed_stats), (moving_t, moving_n, moving_stats),
-                        fixed_mask, moving_mask_t)
-                # the moving image smoothed as the fixed one, in the fixed image's frame
-                moving_scale = _moving_scale(kind, params, center_t) if sigma > 0 else None
-                # normalised, the images are this call's own copies, smoothed in themselves
-                full_resolution = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, sigma, moving_scale,
-                                              in_place=normalize)
+                # normalised again over the overlap the levels found (level 0: as at the start); normalised,
+                # the images are this call's own copies, smoothed in themselves
+                full_resolution, moving_scale = full_resolution_level(sigma, level_index > 0, in_place=normalize)
                 # the level holds the image from here on (the compiled path only inside its
                 # kernel's copy, made from the unnormalised one: a batch's peak memory counts
                 # every image)
@@ -1965,12 +1971,9 @@ def register(
     else:
         final_level = full_resolution
         if final_level is None:  # a callback stopped before it, or the pyramid ends above factor 1
-            if overlap_normalization:  # the cost a finished run reports: normalised over this overlap
-                _normalize_over_overlap(problem, params, (fixed_t, fixed_n, fixed_stats),
-                                        (moving_t, moving_n, moving_stats), fixed_mask, moving_mask_t)
-            sigma = schedule[-1][1] if schedule[-1][0] == 1 else 0.0  # on its images
-            final_level = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, sigma,
-                                      _moving_scale(kind, params, center_t) if sigma > 0 else None)
+            # the cost a finished run reports: normalised over this overlap, on its level's images
+            sigma = schedule[-1][1] if schedule[-1][0] == 1 else 0.0
+            final_level, _ = full_resolution_level(sigma, True, in_place=False)
         with torch.no_grad():
             cost = problem.evaluate(params, final_level, hessian=False).cost
     # no overlap is an infinite cost (_Problem.evaluate); a NaN is arithmetic gone wrong, not that
