@@ -29,7 +29,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -186,24 +186,23 @@ def _compile_choice(text: str):
     return choices[text]
 
 
-def _sigma(text: str) -> float:
+def _finite_number(text: str, accepted: Callable[[float], bool], expected: str) -> float:
+    """``float(text)`` if finite and ``accepted``; else argparse's error, ``expected ...; got ...``."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of pixels of at least 0; got {text!r}") from None
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a number of pixels of at least 0; got {text!r}")
+        value = math.nan
+    if not (math.isfinite(value) and accepted(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
     return value
+
+
+def _sigma(text: str) -> float:
+    return _finite_number(text, lambda value: value >= 0, "a number of pixels of at least 0")
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}")
-    return value
+    return _finite_number(text, lambda value: value > 0, "a positive number")
 
 
 REGISTER_EXAMPLE = """\
