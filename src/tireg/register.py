@@ -666,8 +666,7 @@ def _constant_planes(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch
     """
     values = image.flatten(2)
     if mask is None:
-        low, high = torch.aminmax(values, dim=-1)
-        return high == low
+        return values.amax(dim=-1) == values.amin(dim=-1)  # torch.aminmax(dim=) is 10x slower on the CPU
     weights = mask.flatten(2)  # (B, 1, N) of 0 and 1
     first = weights.argmax(dim=-1, keepdim=True).expand(-1, values.shape[1], -1)  # first masked pixel
     return ((values - values.gather(-1, first)).abs_() * weights).amax(dim=-1) == 0
