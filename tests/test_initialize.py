@@ -129,7 +129,7 @@ def test_phase_correlation_sub_pixel_on_area_sampled_images():
 @pytest.mark.parametrize("height, width", [(48, 64), (45, 63), (50, 33)])
 def test_band_limited_interpolant_from_the_half_spectrum_equals_the_full_one(height, width):
     """The Hermitian half (rfft2) gives the interpolant that the full spectrum gives, at any point,
-    for even widths (a Nyquist column) and odd ones; the spectrum tapered as _correlation_surface's."""
+    for even widths (a Nyquist column) and odd ones; the spectrum tapered as _cross_power's."""
     generator = torch.Generator().manual_seed(5)
     surface = torch.randn(2, height, width, generator=generator, dtype=torch.float64)
     freq_y = torch.fft.fftfreq(height, dtype=torch.float64)[:, None]
@@ -413,6 +413,26 @@ def test_batch_equals_one_by_one(method):
             torch.cat([phase_correlation(fixed[i : i + 1], moving[i : i + 1]) for i in range(3)]),
             atol=1e-3,
         )
+
+
+@pytest.mark.parametrize("height", [29, 120])
+def test_a_narrow_pair_is_initialised_alone_as_in_a_batch_bit_for_bit(height):
+    """A 16-pixel-wide plane's spectrum depended on the batch it was transformed in (pocketfft rounds
+    a batch's last lines otherwise), so a pair's shift did too; the spectra are now transformed with
+    zero planes after them (_SPECTRUM_TAIL_LINES)."""
+    camera = load("camera", dtype=torch.float32)
+    fixed = torch.stack([camera[7 * i : 7 * i + height, 5 * i : 5 * i + 16] for i in range(4)])[:, None]
+    moving = torch.stack([camera[7 * i + 3 : 7 * i + 3 + height, 5 * i + 2 : 5 * i + 18] for i in range(4)])[:, None]
+    for method in ("phase", "auto"):
+        batch = initialize(fixed, moving, "similarity", method=method)
+        for index in range(4):
+            alone = initialize(fixed[index : index + 1], moving[index : index + 1], "similarity", method=method)
+            assert torch.equal(alone[0], batch[index]), (method, index)
+    planes = torch.randn(8, height, 16, generator=torch.Generator().manual_seed(3))
+    spectra = init_module._centred_spectra(planes, None)
+    for index in range(8):
+        assert torch.equal(init_module._centred_spectra(planes[index : index + 1], None)[0], spectra[index])
+    torch.testing.assert_close(spectra, torch.fft.rfft2(planes - planes.mean(dim=(-2, -1), keepdim=True)))
 
 
 def test_batch_of_one_moving_broadcasts():

@@ -202,7 +202,8 @@ def _centred(image: torch.Tensor) -> torch.Tensor:
 
 def _is_constant(image: torch.Tensor) -> torch.Tensor:
     """``(B,)`` bool: luminance ``(B, 1, H, W)`` has (relatively) no variation."""
-    lowest, highest = torch.aminmax(image.flatten(1), dim=1)
+    flat = image.flatten(1)
+    lowest, highest = flat.amin(dim=1), flat.amax(dim=1)  # torch.aminmax(dim=) is 10x slower on the CPU
     scale = torch.maximum(highest, lowest.neg())  # max |x|
     return highest - lowest <= torch.add(constant(torch.finfo(image.dtype).tiny, like=scale), scale, alpha=1e-6)
 
@@ -211,30 +212,51 @@ def _is_constant(image: torch.Tensor) -> torch.Tensor:
 # phase correlation
 
 
-def _correlation_surface(fixed: torch.Tensor, moving: torch.Tensor, window: Optional[torch.Tensor]) -> torch.Tensor:
-    """Tapered normalised cross-power spectrum ``R = M F* / |M F*| cos^2(pi xi) cos^2(pi eta)`` of ``(N, H, W)``.
+#: Lines (rows, then columns of the half spectrum) past the images' own that :func:`_centred_spectra`
+#: transforms with them: pocketfft takes a batch's lines in SIMD groups of up to 16 and the remainder
+#: one by one, rounded otherwise for some lengths (16-pixel-wide planes: measured), so an image at the
+#: end of a batch of 1 and inside a batch of 8 had other spectra.  Zero planes at the end hold the
+#: remainder, and each image's spectrum is the one it has in any batch, bit for bit.
+_SPECTRUM_TAIL_LINES = 16
+
+
+def _centred_spectra(images: torch.Tensor, window: Optional[torch.Tensor]) -> torch.Tensor:
+    """``rfft2`` of ``(N, H, W)`` images less their means, times ``window`` if given: ``(N, H, W // 2 + 1)``.
+
+    Half spectra: the images are real, so their spectra (and ``R`` of
+    :func:`_cross_power`) are Hermitian and the other half adds nothing (the
+    real transforms cost a quarter of the complex ones: 108 candidate pairs of
+    128 x 128, 131 -> about 50 ms).  Transformed with zero planes after them
+    (:data:`_SPECTRUM_TAIL_LINES`).
+    """
+    count, height, width = images.shape
+    lines = min(height, width // 2 + 1)
+    padded = images.new_zeros(count + -(-_SPECTRUM_TAIL_LINES // lines), height, width)
+    centred = torch.sub(images, images.mean(dim=(-2, -1), keepdim=True), out=padded[:count])
+    if window is not None:
+        centred.mul_(window)
+    return torch.fft.rfft2(padded)[:count]
+
+
+def _cross_power(moving_spectra: torch.Tensor, fixed_spectra: torch.Tensor, width: int) -> torch.Tensor:
+    """Tapered normalised cross-power spectrum ``R = M F* / |M F*| cos^2(pi xi) cos^2(pi eta)``.
+
+    ``M`` and ``F`` are :func:`_centred_spectra`'s half spectra of images ``width``
+    pixels wide, of shapes that broadcast, ``(..., H, width // 2 + 1)``: a fixed
+    image's spectrum is taken once and shared by all the candidates it is
+    correlated with (:func:`_candidates`; the search transformed it for each of
+    its 177).
 
     The taper (``xi, eta`` in cycles per pixel) is the DFT of the 3-tap kernel
     ``[1/4, 1/2, 1/4]`` along each axis: it smooths the correlation surface
     slightly and down-weights the highest frequencies, whose phase aliasing and
     interpolation distort most (it halves the sub-pixel bias on area-sampled
     and bilinearly resampled real images, measured: 0.17 -> 0.11 px worst case).
-
-    Returns the half spectrum of ``torch.fft.rfft2``, ``(N, H, W // 2 + 1)``:
-    the images are real, so ``R`` is Hermitian and the other half adds nothing
-    (and the real transforms cost a quarter of the complex ones: 108 candidate
-    pairs of 128 x 128, 131 -> about 50 ms).
     """
-    # the two images centred side by side: one window product and one transform for both
-    both = torch.stack([moving, fixed])  # (2, N, H, W)
-    both = both.sub_(both.mean(dim=(-2, -1), keepdim=True))
-    if window is not None:
-        both = both.mul_(window)
-    spectra = torch.fft.rfft2(both)
-    cross = spectra[0] * spectra[1].conj_physical()  # a conjugate view would be copied first
+    cross = moving_spectra * fixed_spectra.conj_physical()  # a conjugate view would be copied first
     magnitude = cross.abs()
-    floor = 1e-9 * magnitude.flatten(1).amax(dim=1).view(-1, 1, 1) + torch.finfo(magnitude.dtype).tiny
-    height, width = fixed.shape[-2:]
+    floor = 1e-9 * magnitude.amax(dim=(-2, -1), keepdim=True) + torch.finfo(magnitude.dtype).tiny
+    height = cross.shape[-2]
     taper = cached(("taper", height, width), magnitude.dtype, cross.device, lambda: _taper(height, width, magnitude))
     # scale the real and imaginary parts by one real factor: a complex division costs twice as much
     scale = taper / (magnitude + floor)
@@ -242,7 +264,7 @@ def _correlation_surface(fixed: torch.Tensor, moving: torch.Tensor, window: Opti
 
 
 def _taper(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
-    """:func:`_correlation_surface`'s ``cos^2(pi xi) cos^2(pi eta)`` on the rfft2 half grid, ``(H, W // 2 + 1)``."""
+    """:func:`_cross_power`'s ``cos^2(pi xi) cos^2(pi eta)`` on the rfft2 half grid, ``(H, W // 2 + 1)``."""
     taper_y = torch.cos(math.pi * torch.fft.fftfreq(height, dtype=like.dtype, device=like.device)) ** 2
     taper_x = torch.cos(math.pi * torch.fft.rfftfreq(width, dtype=like.dtype, device=like.device)) ** 2
     return taper_y[:, None] * taper_x
@@ -296,7 +318,7 @@ def _band_limited(spectrum: torch.Tensor, width: int, rows: torch.Tensor, column
     Rows, then columns, as two batched matrix products (Guizar-Sicairos et al. 2008).  The
     columns ``-k_x`` hold the complex conjugates of the columns ``k_x``: the half spectrum is
     summed with the columns that have a partner counted twice, and the real part taken
-    (exact up to the Nyquist row and column, which the taper of :func:`_correlation_surface`
+    (exact up to the Nyquist row and column, which the taper of :func:`_cross_power`
     sets to zero).
     """
     height, half_width = spectrum.shape[-2:]
@@ -321,7 +343,7 @@ def _peak_shift(spectrum: torch.Tensor, width: int, *, upsample: int = 10) -> to
     """Sub-pixel location ``(dx, dy)`` of the peak of ``irfft2(spectrum)``, wrapped to ``[-N/2, N/2)``.
 
     ``spectrum`` is a Hermitian spectrum's half, ``(N, H, width // 2 + 1)``
-    (:func:`_correlation_surface`).  The integer peak is refined by evaluating
+    (:func:`_cross_power`).  The integer peak is refined by evaluating
     the band-limited interpolant of the correlation surface (a matrix-multiply
     DFT, Guizar-Sicairos et al. 2008) on a grid of spacing ``1 / upsample``
     within 1.5 pixels of it, then by a parabolic fit through the best grid
@@ -349,7 +371,7 @@ def _peak_shift(spectrum: torch.Tensor, width: int, *, upsample: int = 10) -> to
         offsets = torch.where(inner, _parabolic_offsets(_neighbourhood(local, best_xy, wrap=False)), 0.0)
         shift = torch.add(corner, offsets + best_xy, alpha=1.0 / upsample)
     # wrap-around: a peak beyond half the size is a negative shift.  An axis of length 1 or 2 has
-    # no shift to find: the taper of _correlation_surface, cos^2(pi xi), is zero at the Nyquist
+    # no shift to find: the taper of _cross_power, cos^2(pi xi), is zero at the Nyquist
     # frequency (xi = 1/2), the only non-zero one of an axis of 2, so the surface is flat along
     # it and its argmax meaningless (it gave -1.5, the local grid's first point)
     sizes = constant((float(width), float(height)), like=shift)
@@ -357,17 +379,32 @@ def _peak_shift(spectrum: torch.Tensor, width: int, *, upsample: int = 10) -> to
     if min(width, height) <= 2:
         shift = torch.where(sizes > 2, shift, 0.0)
     # a flat surface (a constant image: R = 0) has no peak: no shift
-    lowest, highest = torch.aminmax(surface.flatten(1), dim=1)
+    flat = surface.flatten(1)
+    lowest, highest = flat.amin(dim=1), flat.amax(dim=1)  # torch.aminmax(dim=) is 10x slower on the CPU
     return torch.where((highest - lowest <= torch.finfo(real).tiny)[:, None], 0.0, shift)
+
+
+def _spectra(images: torch.Tensor, *, window: bool = True) -> torch.Tensor:
+    """:func:`_centred_spectra` of checked ``(N, 1, H, W)`` luminance images, Hann-windowed if ``window``."""
+    height, width = images.shape[-2:]
+    hann = cached(("hann", height, width), images.dtype, images.device,
+                  lambda: _hann(height, images)[:, None] * _hann(width, images)) if window else None
+    return _centred_spectra(images[:, 0], hann)
+
+
+def _shifts(fixed_spectra: torch.Tensor, moving: torch.Tensor, *, window: bool = True, upsample: int = 10) -> torch.Tensor:
+    """Phase correlation shifts ``(B K, 2)`` of ``B K`` moving images ``(B K, 1, H, W)`` (``K`` for each
+    pair, pair-major) against their pair's fixed image, given as its :func:`_spectra` ``(B, H, W // 2 + 1)``."""
+    width = moving.shape[-1]
+    moving_spectra = _spectra(moving, window=window)
+    moving_spectra = moving_spectra.view(fixed_spectra.shape[0], -1, *moving_spectra.shape[1:])
+    return _peak_shift(_cross_power(moving_spectra, fixed_spectra[:, None], width).flatten(0, 1), width,
+                       upsample=upsample)
 
 
 def _phase_shift(fixed: torch.Tensor, moving: torch.Tensor, *, window: bool = True, upsample: int = 10) -> torch.Tensor:
     """:func:`phase_correlation` on checked ``(N, 1, H, W)`` luminance images; ``(N, 2)``."""
-    height, width = fixed.shape[-2:]
-    hann = cached(("hann", height, width), fixed.dtype, fixed.device,
-                  lambda: _hann(height, fixed)[:, None] * _hann(width, fixed)) if window else None
-    spectrum = _correlation_surface(fixed[:, 0], moving[:, 0], hann)
-    return _peak_shift(spectrum, width, upsample=upsample)
+    return _shifts(_spectra(fixed, window=window), moving, window=window, upsample=upsample)
 
 
 def phase_correlation(fixed: torch.Tensor, moving: torch.Tensor, *, window: bool = True) -> torch.Tensor:
@@ -490,7 +527,8 @@ def _fourier_mellin(fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Te
     polar_moving = _log_polar_spectrum(moving, size, angles, radii, r_min, r_max)
     # phi is periodic (no window); log rho is not (Hann along it)
     window = _hann(radii, fixed).expand(angles, radii)
-    spectrum = _correlation_surface(polar_fixed[:, 0], polar_moving[:, 0], window)
+    spectrum = _cross_power(_centred_spectra(polar_moving[:, 0], window), _centred_spectra(polar_fixed[:, 0], window),
+                            radii)
     shift = _peak_shift(spectrum, polar_fixed.shape[-1])  # (d log-rho bins, d phi bins)
     # |M^(k)| = s^2 |F^(s R(-theta) k)|: M's log-polar image is F's shifted by (-log s, -theta)
     angle = -shift[:, 1] * (math.pi / angles)
@@ -835,31 +873,34 @@ def _downsample_factor(sizes: Sequence[Sequence[int]], max_size: int) -> int:
     return max(1, min(int(math.ceil(largest / max_size)), smallest // min(MIN_WORKING_SIDE, max_size)))
 
 
-def _candidate(
-    fixed: torch.Tensor,
+def _candidates(
+    fixed_spectra: torch.Tensor,
     canvas: torch.Tensor,
     base: torch.Tensor,
-    angle: torch.Tensor,
-    scale: torch.Tensor,
+    angles: torch.Tensor,
+    scales: torch.Tensor,
     centre: torch.Tensor,
     *,
     upsample: int,
 ) -> torch.Tensor:
-    """Candidate ``base S0 T(t)`` for a given rotation and scale, its shift by phase correlation.
+    """Candidates ``base S0 T(t)`` for given rotations and scales, their shifts by phase correlation.
 
     ``S0`` is the similarity ``(angle, scale)`` about ``centre`` with zero
-    shift, and ``t`` the shift that phase correlation finds between ``fixed``
-    and the canvas resampled by ``S0``.
+    shift, and ``t`` the shift that phase correlation finds between the fixed
+    image and the canvas resampled by ``S0``.
 
-    ``fixed`` ``(N, 1, H, W)``; ``canvas`` ``(N, 1, H, W)`` mean-free moving image
-    on the fixed grid (``canvas(x) = M(base x)``); ``angle``, ``scale`` ``(N,)``;
-    ``centre`` ``(N, 2)``; ``base`` ``(N, 3, 3)``.
+    ``fixed_spectra`` ``(B, H, W // 2 + 1)``: the fixed images' windowed
+    :func:`_spectra`; ``canvas`` ``(B, 1, H, W)`` mean-free moving image on the
+    fixed grid (``canvas(x) = M(base x)``); ``base`` ``(B, 3, 3)``; ``angles``,
+    ``scales`` ``(B, K)``; ``centre`` ``(B, 2)``.  Returns ``(B, K, 3, 3)``.
     """
-    zeros = torch.zeros_like(angle)
-    similarity = similarity_matrix(torch.stack([angle, scale, zeros, zeros], dim=1), centre)
-    turned = _warp(canvas, similarity, None)
-    shift = _phase_shift(fixed, turned, upsample=upsample)
-    return base @ similarity @ translation_matrix(shift)
+    batch, count = angles.shape
+    repeat = lambda t: t[:, None].expand(batch, count, *t.shape[1:]).reshape(batch * count, *t.shape[1:])  # noqa: E731
+    zeros = torch.zeros_like(angles)
+    similarity = similarity_matrix(torch.stack([angles, scales, zeros, zeros], dim=-1).reshape(-1, 4), repeat(centre))
+    turned = _warp(repeat(canvas), similarity, None)
+    shift = _shifts(fixed_spectra, turned, upsample=upsample)
+    return (repeat(base) @ similarity @ translation_matrix(shift)).view(batch, count, 3, 3)
 
 
 def _project(matrix: torch.Tensor, kind: str, centre: torch.Tensor) -> torch.Tensor:
@@ -890,7 +931,7 @@ def _best(matrices: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _score_candidates(
-    fixed: torch.Tensor,
+    fixed_spectra: torch.Tensor,
     canvas: torch.Tensor,
     base: torch.Tensor,
     centre: torch.Tensor,
@@ -902,20 +943,16 @@ def _score_candidates(
     """Candidates ``(B, K)`` angles and scales -> matrices ``(B, K, 3, 3)`` and overlap NCC ``(B, K)``,
     a chunk of candidates (:func:`tireg._chunks.chunk_slices`) at a time."""
     batch = angles.shape[0]
-    matrices = []
-    for part in chunk_slices(angles.shape[1], batch * fixed.shape[-2] * fixed.shape[-1], CHUNK_PIXELS):
-        count = part.stop - part.start
-        repeat = lambda t: t[:, None].expand(batch, count, *t.shape[1:]).reshape(batch * count, *t.shape[1:])  # noqa: E731
-        matrices.append(_candidate(
-            repeat(fixed), repeat(canvas), repeat(base), angles[:, part].reshape(-1), scales[:, part].reshape(-1),
-            repeat(centre), upsample=1,
-        ).reshape(batch, count, 3, 3))
-    matrices = torch.cat(matrices, dim=1)
+    pixels = batch * canvas.shape[-2] * canvas.shape[-1]
+    matrices = torch.cat([
+        _candidates(fixed_spectra, canvas, base, angles[:, part], scales[:, part], centre, upsample=1)
+        for part in chunk_slices(angles.shape[1], pixels, CHUNK_PIXELS)
+    ], dim=1)
     return matrices, _ncc_scores(score_fixed, score_moving, matrices, MIN_OVERLAP)
 
 
 def _search(
-    fixed: torch.Tensor,
+    fixed_spectra: torch.Tensor,
     canvas: torch.Tensor,
     base: torch.Tensor,
     centre: torch.Tensor,
@@ -934,8 +971,8 @@ def _search(
     (coins in rows, bricks) where a wrong coarse candidate can outscore the
     right one by a hair.
     """
-    batch = fixed.shape[0]
-    dtype, device = fixed.dtype, fixed.device
+    batch = canvas.shape[0]
+    dtype, device = canvas.dtype, canvas.device
     scaled = kind in _SCALED_KINDS
     degree = math.pi / 180.0
     step = 1.25
@@ -951,7 +988,7 @@ def _search(
         return (angles[:, :, None] + da).flatten(1), (scales[:, :, None] * fs).flatten(1)
 
     evaluate = lambda a, s: _score_candidates(  # noqa: E731
-        fixed, canvas, base, centre, a, s, score_fixed, score_moving
+        fixed_spectra, canvas, base, centre, a, s, score_fixed, score_moving
     )
     coarse_a, coarse_s = grid(
         [-180.0 + SEARCH_ANGLE_STEP * k for k in range(int(round(360 / SEARCH_ANGLE_STEP)))], SEARCH_SCALES
@@ -1150,7 +1187,8 @@ def _initialize(
             canvas = _centred(small_m)
         else:
             canvas = _warp(_centred(small_m), base, small_f.shape[-2:])
-        phase = base @ translation_matrix(_phase_shift(small_f, canvas))
+        fixed_spectra = _spectra(small_f)  # windowed, shared by every candidate's phase correlation
+        phase = base @ translation_matrix(_shifts(fixed_spectra, canvas))
         # and without the window: a large shift (30-60 % overlap) puts the overlap at the images' edges,
         # which the window suppresses (17 of 80 such pairs failed with the window alone, none without)
         unwindowed = lambda: base @ translation_matrix(_phase_shift(small_f, canvas, window=False))  # noqa: E731
@@ -1162,19 +1200,15 @@ def _initialize(
             options = torch.stack([phase, unwindowed(), base], dim=1)  # phase first: kept on a tie (_best)
             result = _best(options, score(options))[0]
         elif method == "search":
-            result = _search(small_f, canvas, base, centre, kind, score_f, score_m)[0]
+            result = _search(fixed_spectra, canvas, base, centre, kind, score_f, score_m)[0]
         else:
             # Fourier–Mellin, both 180-degree options, batched.  For rigid, the shift is found with the
             # estimated scale (a scale mismatch misleads phase correlation), then the scale is dropped
             # keeping the centre's image in place.
             angle, scale = _fourier_mellin(small_f, canvas)
-            two = lambda t: torch.cat([t, t], dim=0)  # noqa: E731
-            both = _candidate(
-                two(small_f), two(canvas), two(base), torch.cat([angle, angle + math.pi]), two(scale), two(centre),
-                upsample=10,
-            )
-            both = _project(both, kind, two(centre))
-            options = torch.stack([both[:batch], both[batch:]], dim=1)  # (B, 2, 3, 3)
+            options = _candidates(fixed_spectra, canvas, base, torch.stack([angle, angle + math.pi], dim=1),
+                                  torch.stack([scale, scale], dim=1), centre, upsample=10)  # (B, 2, 3, 3)
+            options = _project(options.flatten(0, 1), kind, centre.repeat_interleave(2, dim=0)).view(batch, 2, 3, 3)
             if method == "auto":
                 options = torch.cat([base[:, None], phase[:, None], unwindowed()[:, None], options], dim=1)
             result, best_score = _best(options, score(options))
@@ -1182,7 +1216,8 @@ def _initialize(
             if method == "auto" and bool(weak.any()):
                 index = weak.nonzero()[:, 0]
                 found, found_score = _search(
-                    small_f[index], canvas[index], base[index], centre[index], kind, score_f[index], score_m[index]
+                    fixed_spectra[index], canvas[index], base[index], centre[index], kind, score_f[index],
+                    score_m[index],
                 )
                 better = (found_score > best_score[index])[:, None, None]
                 result = result.index_put((index,), torch.where(better, found, result[index]))
