@@ -262,6 +262,29 @@ def test_initialize_search_recovers_rotation_and_scale():
         assert grid_error(initialize(fixed, moving, "similarity", method="search"), truth, SIZE).item() < 2.0, name
 
 
+@pytest.mark.parametrize("size, halved", [(SIZE, (48, 64)), ((64, 64), None)])
+def test_the_search_ranks_its_first_stage_on_halved_images(monkeypatch, size, halved):
+    """The first stage (108 of 177 candidates) only ranks the angles and scales to refine: it runs on
+    the working images halved where their smaller side keeps SEARCH_HALVED_MIN_SIDE pixels (a quarter
+    of its time), and the refined answer is still the truth, on textures and near-periodic content."""
+    sizes = []
+    score = init_module._score_candidates
+
+    def recording(fixed_spectra, canvas, *args):
+        sizes.append((tuple(canvas.shape[-2:]), args[-3].shape[1]))  # (working size, candidates)
+        return score(fixed_spectra, canvas, *args)
+
+    monkeypatch.setattr(init_module, "_score_candidates", recording)
+    cases = [("gravel", similarity(75.0, 0.9, 10.0, -8.0, size)), ("coins", similarity(-135.0, 1.15, -6.0, 3.0, size)),
+             ("brick", similarity(160.0, 0.85, 4.0, 5.0, size))]
+    for name, truth in cases:
+        sizes.clear()
+        fixed, moving = cut_pair(name, truth, size)
+        found = initialize(fixed, moving, "similarity", method="search")
+        assert sizes[0] == ((halved or size), 108) and sizes[1:] == [(size, 60), (size, 9)], sizes
+        assert grid_error(found, truth, size).item() < 2.0, name
+
+
 def test_auto_falls_back_to_search_when_fourier_mellin_fails(monkeypatch):
     truth = similarity(-45.0, 1.2, -6.0, 3.0)
     fixed, moving = cut_pair("camera", truth, SIZE)
