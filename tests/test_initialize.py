@@ -285,6 +285,28 @@ def test_the_search_ranks_its_first_stage_on_halved_images(monkeypatch, size, ha
         assert grid_error(found, truth, size).item() < 2.0, name
 
 
+def test_each_start_comes_with_the_score_auto_compares_with_its_threshold():
+    """register() asks for the inverted start only where the start scores below AUTO_THRESHOLD
+    (_scored_initialize); the score is the overlap NCC of the start on the blurred working images."""
+    truth = similarity(-45.0, 1.2, -6.0, 3.0)
+    fixed, moving = cut_pair("camera", truth, SIZE)
+    pair_f, pair_m = torch.cat([fixed, fixed]), torch.cat([moving, 1.0 - moving])
+    for method in ("auto", "search", "moments", "fourier-mellin", "identity", "center", "phase"):
+        matrix, score = init_module._scored_initialize(pair_f, pair_m, "similarity", method=method)
+        assert torch.equal(matrix, initialize(pair_f, pair_m, "similarity", method=method)), method
+        if method in ("identity", "center", "phase"):
+            assert bool(score.isnan().all()), method  # no candidate scored
+            continue
+        # SIZE is within max_size: the working images are the images themselves, blurred by 1 pixel to score
+        blurred = [tireg.sampling.gaussian_blur(image, 1.0, padding_mode="reflection") for image in (pair_f, pair_m)]
+        expected = init_module._ncc_scores(*blurred, matrix[:, None], init_module.MIN_OVERLAP)[:, 0]
+        torch.testing.assert_close(score, expected, atol=1e-5, rtol=0), method
+        if method in ("auto", "search"):
+            assert bool(score[0] >= AUTO_THRESHOLD) and bool(score[1] < AUTO_THRESHOLD), (method, score)
+    constant = init_module._scored_initialize(fixed, torch.ones_like(moving), "similarity")[1]
+    assert bool(constant.isnan().all())
+
+
 def test_auto_falls_back_to_search_when_fourier_mellin_fails(monkeypatch):
     truth = similarity(-45.0, 1.2, -6.0, 3.0)
     fixed, moving = cut_pair("camera", truth, SIZE)

@@ -1151,7 +1151,18 @@ def initialize(
         ValueError: unknown transform or method, bad ``max_size`` or ``center``,
             wrong dimensions, empty images, NaN/Inf.
     """
-    caller = "initialize()"
+    return _scored_initialize(fixed, moving, transform, method=method, center=center, max_size=max_size,
+                              caller="initialize()")[0]
+
+
+def _scored_initialize(
+    fixed: torch.Tensor, moving: torch.Tensor, transform: str, *, method: str = "auto", center: CenterLike = None,
+    max_size: int = 128, caller: str = "initialize()", search: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`initialize`, and each pair's score ``(B,)``: the overlap NCC of its start on the working
+    images (the one ``auto`` compares with :data:`AUTO_THRESHOLD`), NaN where no candidate is scored
+    (``identity``, ``center``, ``phase`` other than for translation, constant images).  ``search``
+    ``(B,)`` bool: the pairs that ``auto`` may run its search for (default all)."""
     _check_kind(transform, caller)
     check_option(method, METHODS, "method", caller)
     max_size = _check_max_size(max_size, caller)
@@ -1162,10 +1173,11 @@ def initialize(
     working = max((size[0] // factor) * (size[1] // factor) for size in (fixed.shape[-2:], moving.shape[-2:]))
     with torch.no_grad():
         found = [
-            _initialize(fixed[part], moving[part], transform, method, centre_full[part], max_size)
+            _initialize(fixed[part], moving[part], transform, method, centre_full[part], max_size,
+                        None if search is None else search[part])
             for part in chunk_slices(batch, working, PAIR_CHUNK_PIXELS)
         ]
-    return found[0] if len(found) == 1 else torch.cat(found)
+    return tuple(torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*found))
 
 
 def _check_max_size(max_size, caller: str) -> int:
@@ -1180,18 +1192,22 @@ def _check_max_size(max_size, caller: str) -> int:
 
 
 def _initialize(
-    fixed: torch.Tensor, moving: torch.Tensor, kind: str, method: str, centre_full: torch.Tensor, max_size: int
-) -> torch.Tensor:
-    """:func:`initialize` on checked luminance images ``(B, 1, H, W)``, ``(B, 1, H', W')``."""
+    fixed: torch.Tensor, moving: torch.Tensor, kind: str, method: str, centre_full: torch.Tensor, max_size: int,
+    search: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`initialize` on checked luminance images ``(B, 1, H, W)``, ``(B, 1, H', W')``, and the
+    overlap NCC ``(B,)`` of each pair's start (:func:`_scored_initialize`); ``search`` ``(B,)`` bool:
+    the pairs ``auto`` may run its search for (all if ``None``)."""
     batch = fixed.shape[0]
     dtype, device = fixed.dtype, fixed.device
     (height, width), (height_m, width_m) = fixed.shape[-2:], moving.shape[-2:]
     shift_centres = torch.tensor([(width_m - width) / 2.0, (height_m - height) / 2.0], dtype=dtype, device=device)
     centred = translation_matrix(shift_centres.expand(batch, 2))  # "center": geometric centres aligned
+    unscored = torch.full((batch,), math.nan, dtype=dtype, device=device)
     if method == "identity":
-        return torch.eye(3, dtype=dtype, device=device).expand(batch, 3, 3).clone()
+        return torch.eye(3, dtype=dtype, device=device).expand(batch, 3, 3).clone(), unscored
     if method == "center":
-        return centred
+        return centred, unscored
 
     factor = _downsample_factor([fixed.shape[-2:], moving.shape[-2:]], max_size)
     scale_up = shrink_matrix(factor, dtype=fixed.dtype, device=fixed.device)
@@ -1211,7 +1227,7 @@ def _initialize(
         flip = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=dtype, device=device))
         second = first @ translation_matrix(centroid) @ flip @ translation_matrix(-centroid)
         options = torch.stack([first, second], dim=1) if kind != "translation" else first[:, None]
-        result = _best(options, score(options))[0]
+        result, best_score = _best(options, score(options))
     else:
         # the moving image on the fixed grid, centres aligned, mean-free so that the zero padding is neutral
         if small_f.shape[-2:] == small_m.shape[-2:] and not bool(shift_centres.any()):
@@ -1224,14 +1240,14 @@ def _initialize(
         # which the window suppresses (17 of 80 such pairs failed with the window alone, none without)
         unwindowed = lambda: base @ translation_matrix(_phase_shift(small_f, canvas, window=False))  # noqa: E731
         if method == "phase":
-            result = phase
+            result, best_score = phase, unscored
         elif kind == "translation":
             # no angle to find: "fourier-mellin", "search" and "auto" are phase correlation,
             # checked against the identity (centres aligned)
             options = torch.stack([phase, unwindowed(), base], dim=1)  # phase first: kept on a tie (_best)
-            result = _best(options, score(options))[0]
+            result, best_score = _best(options, score(options))
         elif method == "search":
-            result = _search(small_f, fixed_spectra, canvas, base, centre, kind, score_f, score_m)[0]
+            result, best_score = _search(small_f, fixed_spectra, canvas, base, centre, kind, score_f, score_m)
         else:
             # Fourier–Mellin, both 180-degree options, batched.  For rigid, the shift is found with the
             # estimated scale (a scale mismatch misleads phase correlation), then the scale is dropped
@@ -1244,14 +1260,17 @@ def _initialize(
                 options = torch.cat([base[:, None], phase[:, None], unwindowed()[:, None], options], dim=1)
             result, best_score = _best(options, score(options))
             weak = best_score < AUTO_THRESHOLD
+            if search is not None:
+                weak &= search
             if method == "auto" and bool(weak.any()):
                 index = weak.nonzero()[:, 0]
                 found, found_score = _search(
                     small_f[index], fixed_spectra[index], canvas[index], base[index], centre[index], kind,
                     score_f[index], score_m[index],
                 )
-                better = (found_score > best_score[index])[:, None, None]
-                result = result.index_put((index,), torch.where(better, found, result[index]))
+                better = found_score > best_score[index]
+                result = result.index_put((index,), torch.where(better[:, None, None], found, result[index]))
+                best_score = best_score.index_put((index,), torch.where(better, found_score, best_score[index]))
     result = scale_up @ _project(result, kind, centre) @ scale_down
     constant = _is_constant(fixed) | _is_constant(moving)
-    return torch.where(constant[:, None, None], centred, result)
+    return torch.where(constant[:, None, None], centred, result), torch.where(constant, math.nan, best_score)

@@ -99,7 +99,9 @@ class Metric:
             which Gauss-Newton needs.
         any_contrast: whether a match may have any intensity relation
             (inverted, or another modality): then ``register`` also tries
-            initialisations found on the inverted moving image.
+            initialisations found on the inverted moving image (with the
+            search of ``init="auto"`` only for the pairs whose own start
+            scores below ``initialize.AUTO_THRESHOLD``).
         linear_intensity: whether the metric takes the moving image's
             intensities for a linear function of the fixed image's
             (``a F + b``, ``a > 0``; ``a < 0`` too for ``ncc_any`` and

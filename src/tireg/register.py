@@ -1588,7 +1588,11 @@ def _check_start(matrix: torch.Tensor, kind: Transform, caller: str, name: str) 
                          f"which a {kind.name} transform cannot; use transform='affine'")
 
 
-def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str) -> torch.Tensor:
+def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str,
+                    search: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The start ``(B, 3, 3)`` float64 that ``init`` names or gives, and each pair's initialiser score ``(B,)``
+    (:func:`tireg.initialize._scored_initialize`, ``search`` its pairs that may search; NaN for a given
+    matrix)."""
     batch = fixed.shape[0]
     if isinstance(init, (torch.Tensor, np.ndarray)):
         matrix = torch.as_tensor(writable(init)).detach().to(torch.float64)
@@ -1600,15 +1604,17 @@ def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str) -
             raise ValueError(f"{caller}: 'init' matrix must be (3, 3), (2, 3) (OpenCV's) or ({batch}, 3, 3); "
                              f"got {tuple(matrix.shape)}")
         _check_start(matrix, kind, caller, "init")
-        return matrix.reshape(-1, 3, 3).expand(batch, 3, 3).to(fixed.device)
+        return matrix.reshape(-1, 3, 3).expand(batch, 3, 3).to(fixed.device), torch.full((batch,), math.nan)
     if not isinstance(init, str):
         raise TypeError(f"{caller}: 'init' must be a method name or a (3, 3) matrix; got {type(init).__name__}")
-    from .initialize import initialize
+    from .initialize import _scored_initialize
     from .transforms import TRANSFORMS
 
     # a user's own kind starts from the best similarity, projected on the kind by from_matrix
     name = kind.name if kind.name in TRANSFORMS else "similarity"
-    return initialize(fixed, moving, name, method=init, center=center).to(torch.float64)
+    matrix, score = _scored_initialize(fixed, moving, name, method=init, center=center, caller="initialize()",
+                                       search=search)
+    return matrix.to(torch.float64), score
 
 
 def _model_start(model, init, batch: int, caller: str) -> torch.Tensor:
@@ -1879,14 +1885,21 @@ def register(
     problem = _Problem(kind, center_t, metric_object, interpolation, compile=_use_compiled(compile, fixed_t, caller),
                        channels=fixed_t.shape[1])
     if start_params is None:
-        start = _initial_matrix(init, fixed_n, moving_n, kind, center, caller).to(device=device, dtype=dtype)
-        params = kind.from_matrix(start, center_t)
+        start, score = _initial_matrix(init, fixed_n, moving_n, kind, center, caller)
+        params = kind.from_matrix(start.to(device=device, dtype=dtype), center_t)
         if isinstance(init, str) and init != "identity" and metric_object.any_contrast:
             # Initialisers match intensities; for a metric that accepts inverted or other
             # contrast, also start from what they find on the inverted image, and keep the
-            # start the metric itself prefers, pair by pair, at the coarsest level.
-            flipped = _initial_matrix(init, fixed_n, -moving_n, kind, center, caller).to(device=device, dtype=dtype)
-            flipped_params = kind.from_matrix(flipped, center_t)
+            # start the metric itself prefers, pair by pair, at the coarsest level.  Without
+            # the search for a pair whose own start scores AUTO_THRESHOLD or more: on its
+            # inverted image every candidate scored low, and the search ran for nothing (35 ms
+            # of a 110 ms ncc_any call at 256^2).  Its quick candidates stay: an inverted camera
+            # image turned by 180 degrees matched the fixed one at 0.8 and more.
+            from .initialize import AUTO_THRESHOLD
+
+            flipped, _ = _initial_matrix(init, fixed_n, -moving_n, kind, center, caller,
+                                         search=~(score >= AUTO_THRESHOLD))  # NaN (not scored): search
+            flipped_params = kind.from_matrix(flipped.to(device=device, dtype=dtype), center_t)
             coarse = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, *schedule[0])
             with torch.no_grad():
                 costs = [problem.evaluate(p, coarse, hessian=False).cost for p in (params, flipped_params)]
