@@ -149,6 +149,25 @@ def test_get_metric_names():
         NCC(sign="negative")
 
 
+def test_the_histogram_taps_are_the_cubic_bspline_and_its_derivative():
+    """The Parzen window's four taps in closed form (one pass each, not beta3 piece by piece) are
+    beta3(f + 1 - l), they sum to one, and their slopes are their derivatives."""
+    from tireg.metrics import _cubic_bspline_tap_slopes, _cubic_bspline_taps
+
+    def beta3(u):  # the textbook pieces
+        a = u.abs()
+        return torch.where(a < 1, (4 - 6 * a**2 + 3 * a**3) / 6, torch.where(a < 2, (2 - a) ** 3 / 6, 0.0))
+
+    f = torch.cat([torch.linspace(0.0, 1.0, 101, dtype=torch.float64), torch.tensor([1e-9, 1 - 1e-9])])
+    taps = _cubic_bspline_taps(f)
+    expected = torch.stack([beta3(f + 1 - tap) for tap in range(4)], dim=-1)
+    torch.testing.assert_close(taps, expected, rtol=0, atol=1e-15)
+    torch.testing.assert_close(taps.sum(-1), torch.ones_like(f), rtol=0, atol=1e-15)
+    point = f.clone().requires_grad_(True)
+    slopes = torch.stack([torch.autograd.grad(_cubic_bspline_taps(point)[:, tap].sum(), point)[0] for tap in range(4)], -1)
+    torch.testing.assert_close(_cubic_bspline_tap_slopes(f), slopes, rtol=0, atol=1e-15)
+
+
 # -- register() across contrasts ----------------------------------------------------
 
 
