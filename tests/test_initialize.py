@@ -462,9 +462,9 @@ def test_batch_equals_one_by_one(method):
 
 @pytest.mark.parametrize("height", [29, 120])
 def test_a_narrow_pair_is_initialised_alone_as_in_a_batch_bit_for_bit(height):
-    """A 16-pixel-wide plane's spectrum depended on the batch it was transformed in (pocketfft rounds
-    a batch's last lines otherwise), so a pair's shift did too; the spectra are now transformed with
-    zero planes after them (_SPECTRUM_TAIL_LINES)."""
+    """A 16-pixel-wide plane's spectrum depended on the batch it was transformed in (torch's CPU FFT
+    transforms a batch of one otherwise), so a pair's shift did too once the fixed spectrum was taken
+    on its own; a single small plane is now transformed with a zero plane after it (initialize._fft)."""
     camera = load("camera", dtype=torch.float32)
     fixed = torch.stack([camera[7 * i : 7 * i + height, 5 * i : 5 * i + 16] for i in range(4)])[:, None]
     moving = torch.stack([camera[7 * i + 3 : 7 * i + 3 + height, 5 * i + 2 : 5 * i + 18] for i in range(4)])[:, None]
@@ -478,6 +478,10 @@ def test_a_narrow_pair_is_initialised_alone_as_in_a_batch_bit_for_bit(height):
     for index in range(8):
         assert torch.equal(init_module._centred_spectra(planes[index : index + 1], None)[0], spectra[index])
     torch.testing.assert_close(spectra, torch.fft.rfft2(planes - planes.mean(dim=(-2, -1), keepdim=True)))
+    surfaces = init_module._fft(torch.fft.irfft2, spectra, s=(height, 15))  # an odd width: the inverse too
+    for index in range(8):
+        alone = init_module._fft(torch.fft.irfft2, spectra[index : index + 1], s=(height, 15))
+        assert torch.equal(alone[0], surfaces[index])
 
 
 def test_batch_of_one_moving_broadcasts():

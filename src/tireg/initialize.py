@@ -135,7 +135,7 @@ MIN_WORKING_SIDE = 16
 #: The search's first stage (every 10 degrees, 108 of its 177 candidates) runs on the working images
 #: halved where their smaller side keeps this many pixels halved (96 working pixels, and the default
 #: ``max_size`` 128 gives up to 128): it only ranks the angles and scales that the next stages refine
-#: on the working images.  One 256^2 affine pair's search took 90-120 ms, now 50-60 (one thread).
+#: on the working images.  One 256^2 affine pair's search took 90-130 ms, now 40-60 (one thread).
 #: 32 (64^2 working images halved) solved one of 57 random 64^2 similarity pairs fewer.
 SEARCH_HALVED_MIN_SIDE = 48
 
@@ -219,12 +219,21 @@ def _is_constant(image: torch.Tensor) -> torch.Tensor:
 # phase correlation
 
 
-#: Lines (rows, then columns of the half spectrum) past the images' own that :func:`_centred_spectra`
-#: transforms with them: pocketfft takes a batch's lines in SIMD groups of up to 16 and the remainder
-#: one by one, rounded otherwise for some lengths (16-pixel-wide planes: measured), so an image at the
-#: end of a batch of 1 and inside a batch of 8 had other spectra.  Zero planes at the end hold the
-#: remainder, and each image's spectrum is the one it has in any batch, bit for bit.
-_SPECTRUM_TAIL_LINES = 16
+#: A batch of one plane of at most this many pixels is transformed with a zero plane after it.
+#: torch's CPU FFT (Intel MKL) transforms a batch of one otherwise than a batch of two or more, and
+#: rounds otherwise (measured on an AMD EPYC: 15 of 212 plane sizes forward, 65 inverse; batches of
+#: 2, 3, 8 and 17 agreed on every one), so a pair's start depended on the batch it came in: a
+#: 16-pixel-wide pair was initialised differently alone (tested).  Larger planes are left alone: a
+#: second plane costs 2-6x there (the initialiser's working planes are at most 128 x 128).
+_PADDED_PLANE_PIXELS = 1 << 16
+
+
+def _fft(transform, planes: torch.Tensor, **options) -> torch.Tensor:
+    """``transform`` (``torch.fft.rfft2`` or ``irfft2``) of ``(N, H, W)`` planes, a single small plane
+    with a zero plane after it (:data:`_PADDED_PLANE_PIXELS`)."""
+    if planes.shape[0] != 1 or planes.shape[-2] * planes.shape[-1] > _PADDED_PLANE_PIXELS:
+        return transform(planes, **options)
+    return transform(torch.cat([planes, torch.zeros_like(planes)]), **options)[:1]
 
 
 def _centred_spectra(images: torch.Tensor, window: Optional[torch.Tensor]) -> torch.Tensor:
@@ -233,16 +242,12 @@ def _centred_spectra(images: torch.Tensor, window: Optional[torch.Tensor]) -> to
     Half spectra: the images are real, so their spectra (and ``R`` of
     :func:`_cross_power`) are Hermitian and the other half adds nothing (the
     real transforms cost a quarter of the complex ones: 108 candidate pairs of
-    128 x 128, 131 -> about 50 ms).  Transformed with zero planes after them
-    (:data:`_SPECTRUM_TAIL_LINES`).
+    128 x 128, 131 -> about 50 ms).
     """
-    count, height, width = images.shape
-    lines = min(height, width // 2 + 1)
-    padded = images.new_zeros(count + -(-_SPECTRUM_TAIL_LINES // lines), height, width)
-    centred = torch.sub(images, images.mean(dim=(-2, -1), keepdim=True), out=padded[:count])
+    centred = images - images.mean(dim=(-2, -1), keepdim=True)
     if window is not None:
-        centred.mul_(window)
-    return torch.fft.rfft2(padded)[:count]
+        centred = centred.mul_(window)
+    return _fft(torch.fft.rfft2, centred)
 
 
 def _cross_power(moving_spectra: torch.Tensor, fixed_spectra: torch.Tensor, width: int) -> torch.Tensor:
@@ -359,7 +364,7 @@ def _peak_shift(spectrum: torch.Tensor, width: int, *, upsample: int = 10) -> to
     """
     height = spectrum.shape[1]
     real = spectrum.real.dtype
-    surface = torch.fft.irfft2(spectrum, s=(height, width))
+    surface = _fft(torch.fft.irfft2, spectrum, s=(height, width))
     peak_xy = _unravel(surface.flatten(1).argmax(dim=1), width, height)  # (N, 2) integer
     peak = peak_xy.to(real)
     if upsample <= 1:
@@ -411,7 +416,10 @@ def _shifts(fixed_spectra: torch.Tensor, moving: torch.Tensor, *, window: bool =
 
 def _phase_shift(fixed: torch.Tensor, moving: torch.Tensor, *, window: bool = True, upsample: int = 10) -> torch.Tensor:
     """:func:`phase_correlation` on checked ``(N, 1, H, W)`` luminance images; ``(N, 2)``."""
-    return _shifts(_spectra(fixed, window=window), moving, window=window, upsample=upsample)
+    # both in one transform: one call, and no zero plane for a single pair (_fft)
+    spectra = _spectra(torch.cat([moving, fixed]), window=window)
+    count, width = fixed.shape[0], fixed.shape[-1]
+    return _peak_shift(_cross_power(spectra[:count], spectra[count:], width), width, upsample=upsample)
 
 
 def phase_correlation(fixed: torch.Tensor, moving: torch.Tensor, *, window: bool = True) -> torch.Tensor:
@@ -534,8 +542,8 @@ def _fourier_mellin(fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Te
     polar_moving = _log_polar_spectrum(moving, size, angles, radii, r_min, r_max)
     # phi is periodic (no window); log rho is not (Hann along it)
     window = _hann(radii, fixed).expand(angles, radii)
-    spectrum = _cross_power(_centred_spectra(polar_moving[:, 0], window), _centred_spectra(polar_fixed[:, 0], window),
-                            radii)
+    spectra = _centred_spectra(torch.cat([polar_moving[:, 0], polar_fixed[:, 0]]), window)  # one transform
+    spectrum = _cross_power(spectra[: fixed.shape[0]], spectra[fixed.shape[0]:], radii)
     shift = _peak_shift(spectrum, polar_fixed.shape[-1])  # (d log-rho bins, d phi bins)
     # |M^(k)| = s^2 |F^(s R(-theta) k)|: M's log-polar image is F's shifted by (-log s, -theta)
     angle = -shift[:, 1] * (math.pi / angles)
