@@ -224,14 +224,16 @@ def _is_constant(image: torch.Tensor) -> torch.Tensor:
 #: rounds otherwise (measured on an AMD EPYC: 15 of 212 plane sizes forward, 65 inverse; batches of
 #: 2, 3, 8 and 17 agreed on every one), so a pair's start depended on the batch it came in: a
 #: 16-pixel-wide pair was initialised differently alone (tested).  Larger planes are left alone: a
-#: second plane costs 2-6x there (the initialiser's working planes are at most 128 x 128).
+#: second plane costs 2-6x there (the initialiser's working planes are at most 128 x 128).  On the
+#: CPU only: MKL's behaviour is what was measured, and a GPU's call counts its operations.
 _PADDED_PLANE_PIXELS = 1 << 16
 
 
 def _fft(transform, planes: torch.Tensor, **options) -> torch.Tensor:
-    """``transform`` (``torch.fft.rfft2`` or ``irfft2``) of ``(N, H, W)`` planes, a single small plane
-    with a zero plane after it (:data:`_PADDED_PLANE_PIXELS`)."""
-    if planes.shape[0] != 1 or planes.shape[-2] * planes.shape[-1] > _PADDED_PLANE_PIXELS:
+    """``transform`` (``torch.fft.rfft2`` or ``irfft2``) of ``(N, H, W)`` planes, on the CPU a single
+    small plane with a zero plane after it (:data:`_PADDED_PLANE_PIXELS`)."""
+    if (planes.shape[0] != 1 or planes.shape[-2] * planes.shape[-1] > _PADDED_PLANE_PIXELS
+            or planes.device.type != "cpu"):
         return transform(planes, **options)
     return transform(torch.cat([planes, torch.zeros_like(planes)]), **options)[:1]
 
