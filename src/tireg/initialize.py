@@ -132,11 +132,13 @@ PAIR_CHUNK_PIXELS = 1 << 18
 #: (5, 3) px shift was lost.  16 rows keep it (factor 2: 16 x 1000 working pixels).
 MIN_WORKING_SIDE = 16
 
-#: The search's first stage (every 10 degrees, 108 of its 177 candidates) runs on the working images
-#: halved where their smaller side keeps this many pixels halved (96 working pixels, and the default
-#: ``max_size`` 128 gives up to 128): it only ranks the angles and scales that the next stages refine
-#: on the working images.  One 256^2 affine pair's search took 90-130 ms, now 40-60 (one thread).
-#: 32 (64^2 working images halved) solved one of 57 random 64^2 similarity pairs fewer.
+#: The search's first two stages (every 10 degrees, then around the 4 best: 168 of its 177
+#: candidates) run on the working images halved where their smaller side keeps this many pixels
+#: halved (96 working pixels, and the default ``max_size`` 128 gives up to 128): they only rank
+#: the angles and scales that the last stage refines on the working images (around the 2 best).
+#: One 256^2 affine pair's search took 90-130 ms, 40-60 with the first stage halved, 25-40 with
+#: both.  32 (64^2 working images halved, first stage) solved one of 57 random 64^2 similarity
+#: pairs fewer.
 SEARCH_HALVED_MIN_SIDE = 48
 
 #: Angles (degrees) and scales of the coarse search.
@@ -981,11 +983,13 @@ def _search(
     """Coarse-to-fine batched search over rotation (and scale); returns the best ``(B, 3, 3)`` and its score ``(B,)``.
 
     Stage 1: every 10 degrees, scales 0.8, 1, 1.25 for scaled kinds (36 or
-    108 candidates), on the images halved where their smaller side keeps
-    :data:`SEARCH_HALVED_MIN_SIDE` pixels (a quarter of the time; it only ranks).
-    Stage 2: around each of the 4 best, angles +-2.5 and
+    108 candidates).  Stage 2: around each of the 4 best, angles +-2.5 and
     +-5 degrees and scales times ``1.25^(+-1/2)``.  Stage 3: around the best,
-    +-1.25 degrees and ``1.25^(+-1/4)``.  Every candidate gets its shift from
+    +-1.25 degrees and ``1.25^(+-1/4)``.  The best of all three wins.  Where the
+    images' smaller side keeps :data:`SEARCH_HALVED_MIN_SIDE` pixels halved,
+    stages 1 and 2 only rank, on the halved images (a quarter of the time
+    each), and stage 3 refines the 2 best of stage 2 on the working images,
+    whose best wins.  Every candidate gets its shift from
     phase correlation of the de-rotated moving image and is scored by overlap
     NCC; refining several coarse winners guards against near-periodic content
     (coins in rows, bricks) where a wrong coarse candidate can outscore the
@@ -1011,43 +1015,42 @@ def _search(
         da, fs = grid(angle_offsets, scale_factors)
         return (angles[:, :, None] + da).flatten(1), (scales[:, :, None] * fs).flatten(1)
 
+    def keep(angles, scales, scores, count):  # the angles and scales of the `count` best candidates
+        top = scores.topk(min(count, scores.shape[1]), dim=1).indices
+        return angles.gather(1, top), scales.gather(1, top)
+
     evaluate = lambda a, s: _score_candidates(  # noqa: E731
         fixed_spectra, canvas, base, centre, a, s, score_fixed, score_moving
     )
+    refine = (((-5.0, -2.5, 0.0, 2.5, 5.0), (step**-0.5, 1.0, step**0.5)),  # stage 2
+              ((-1.25, 0.0, 1.25), (step**-0.25, 1.0, step**0.25)))  # stage 3
     coarse_a, coarse_s = grid(
         [-180.0 + SEARCH_ANGLE_STEP * k for k in range(int(round(360 / SEARCH_ANGLE_STEP)))], SEARCH_SCALES
     )
     angles, scales = coarse_a.expand(batch, -1), coarse_s.expand(batch, -1)
-    halved = min(*fixed.shape[-2:], *score_moving.shape[-2:]) // 2 >= SEARCH_HALVED_MIN_SIDE
-    if halved:
-        # pixel x of a halved image is the point 2 x + 1/2 of the working one (downsample, shrink_matrix)
+    if min(*fixed.shape[-2:], *score_moving.shape[-2:]) // 2 >= SEARCH_HALVED_MIN_SIDE:
+        # stages 1 and 2 only rank, on the images halved: pixel x of a halved image is the point
+        # 2 x + 1/2 of the working one (downsample, shrink_matrix); stage 3 refines the two best
+        # on the working images and takes the best of its candidates
         shrink = shrink_matrix(2, dtype=dtype, device=device)
         half = lambda image: downsample(image, 2)  # noqa: E731
-        scores = _score_candidates(
-            _spectra(half(fixed)), half(canvas), torch.linalg.inv(shrink) @ base @ shrink, (centre - 0.5) / 2,
-            angles, scales, half(score_fixed), half(score_moving),
-        )[1]
-        best_m = best_s = None  # the halved images' scores rank only: the best is taken from stage 2 on
-    else:
-        matrices, scores = evaluate(angles, scales)
-        best_m, best_s = _best(matrices, scores)
-    top = scores.topk(min(4, scores.shape[1]), dim=1).indices
-    angles, scales = angles.gather(1, top), scales.gather(1, top)
-    for offsets, factors, keep in (
-        ((-5.0, -2.5, 0.0, 2.5, 5.0), (step**-0.5, 1.0, step**0.5), 1),
-        ((-1.25, 0.0, 1.25), (step**-0.25, 1.0, step**0.25), 1),
-    ):
+        halved = (_spectra(half(fixed)), half(canvas), torch.linalg.inv(shrink) @ base @ shrink, (centre - 0.5) / 2)
+        rank = lambda a, s: _score_candidates(*halved, a, s, half(score_fixed), half(score_moving))[1]  # noqa: E731
+        angles, scales = keep(angles, scales, rank(angles, scales), 4)
+        angles, scales = around(angles, scales, *refine[0])
+        angles, scales = keep(angles, scales, rank(angles, scales), 2)
+        return _best(*evaluate(*around(angles, scales, *refine[1])))
+    matrices, scores = evaluate(angles, scales)
+    best_m, best_s = _best(matrices, scores)
+    angles, scales = keep(angles, scales, scores, 4)
+    for offsets, factors in refine:
         angles, scales = around(angles, scales, offsets, factors)
         matrices, scores = evaluate(angles, scales)
         found_m, found_s = _best(matrices, scores)
-        if best_s is None:
-            best_m, best_s = found_m, found_s
-        else:
-            better = found_s > best_s
-            best_m = torch.where(better[:, None, None], found_m, best_m)
-            best_s = torch.where(better, found_s, best_s)
-        top = scores.topk(keep, dim=1).indices
-        angles, scales = angles.gather(1, top), scales.gather(1, top)
+        better = found_s > best_s
+        best_m = torch.where(better[:, None, None], found_m, best_m)
+        best_s = torch.where(better, found_s, best_s)
+        angles, scales = keep(angles, scales, scores, 1)
     return best_m, best_s
 
 
@@ -1108,14 +1111,14 @@ def initialize(
         one with the higher overlap NCC is kept (the 180-degree ambiguity is
         resolved here).
         ``"search"``: coarse to fine: every 10 degrees (and scales 0.8, 1,
-        1.25 for similarity, anisotropic_similarity, affine), on the working
-        images halved where their smaller side is at least 96 pixels
-        (:data:`SEARCH_HALVED_MIN_SIDE`), then +-5 and
+        1.25 for similarity, anisotropic_similarity, affine), then +-5 and
         +-2.5 degrees (and ``1.25^(+-1/2)``) around the 4 best, then +-1.25
         degrees (and ``1.25^(+-1/4)``) around the best; each candidate
         de-rotated and phase-correlated as above, in batched warps and FFTs;
-        the highest overlap NCC of the last two stages wins (of all three
-        where the first is not halved).
+        the highest overlap NCC wins.  Where the working images' smaller
+        side is at least 96 pixels (:data:`SEARCH_HALVED_MIN_SIDE`), the
+        first two stages rank on the images halved, and the last refines
+        their 2 best on the working images.
         ``"auto"``: the candidates identity (centres aligned), the phase
         translation and Fourier–Mellin (both 180-degree options) are scored
         by overlap NCC; if the best scores below :data:`AUTO_THRESHOLD`
