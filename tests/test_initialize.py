@@ -309,6 +309,21 @@ def test_each_start_comes_with_the_score_auto_compares_with_its_threshold():
     assert bool(constant.isnan().all())
 
 
+def test_the_last_stage_refines_two_distinct_candidates():
+    """Stage 2's neighbourhoods of coarse winners 10 degrees apart overlap, and its two best were
+    often one candidate twice (75 and 75 degrees): the second is the best one unlike the first, by
+    angle modulo a turn or by scale."""
+    degree = math.pi / 180
+    angles = torch.tensor([[75.0, 75.0 + 1e-5, 77.5, 75.0], [-185.0, 175.0, 170.0, 175.0]], dtype=torch.float64) * degree
+    scales = torch.tensor([[0.9, 0.9, 0.9, 1.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    scores = torch.tensor([[0.9, 0.89, 0.5, 0.6], [0.8, 0.79, 0.3, 0.7]], dtype=torch.float64)
+    two_angles, two_scales = init_module._two_distinct(angles, scales, scores)
+    assert torch.equal(two_angles[0], angles[0, [0, 3]]) and torch.equal(two_scales[0], scales[0, [0, 3]])
+    assert torch.equal(two_angles[1], angles[1, [0, 2]])  # -185 and 175 degrees are one angle
+    alike = init_module._two_distinct(angles[:, :2], scales[:, :2], scores[:, :2])[0]
+    assert torch.equal(alike[0], angles[0, [0, 0]])  # nothing unlike the first: the first again
+
+
 def test_auto_falls_back_to_search_when_fourier_mellin_fails(monkeypatch):
     truth = similarity(-45.0, 1.2, -6.0, 3.0)
     fixed, moving = cut_pair("camera", truth, SIZE)

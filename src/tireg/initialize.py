@@ -989,7 +989,7 @@ def _search(
     images' smaller side keeps :data:`SEARCH_HALVED_MIN_SIDE` pixels halved,
     stages 1 and 2 only rank, on the halved images (a quarter of the time
     each), and stage 3 refines the 2 best of stage 2 on the working images,
-    whose best wins.  Every candidate gets its shift from
+    whose best wins (2 distinct ones: :func:`_two_distinct`).  Every candidate gets its shift from
     phase correlation of the de-rotated moving image and is scored by overlap
     NCC; refining several coarse winners guards against near-periodic content
     (coins in rows, bricks) where a wrong coarse candidate can outscore the
@@ -1038,7 +1038,7 @@ def _search(
         rank = lambda a, s: _score_candidates(*halved, a, s, half(score_fixed), half(score_moving))[1]  # noqa: E731
         angles, scales = keep(angles, scales, rank(angles, scales), 4)
         angles, scales = around(angles, scales, *refine[0])
-        angles, scales = keep(angles, scales, rank(angles, scales), 2)
+        angles, scales = _two_distinct(angles, scales, rank(angles, scales))
         return _best(*evaluate(*around(angles, scales, *refine[1])))
     matrices, scores = evaluate(angles, scales)
     best_m, best_s = _best(matrices, scores)
@@ -1052,6 +1052,18 @@ def _search(
         best_s = torch.where(better, found_s, best_s)
         angles, scales = keep(angles, scales, scores, 1)
     return best_m, best_s
+
+
+def _two_distinct(angles: torch.Tensor, scales: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best candidate ``(B, K)`` and the best one that differs from it (by 0.5 degree or 2 % in
+    scale), ``(B, 2)`` each.  Stage 2's neighbourhoods of coarse winners 10 degrees apart overlap
+    (``a + 5 = (a + 10) - 5``), and its two best were often one candidate twice."""
+    first = scores.argmax(dim=1, keepdim=True)
+    turn = torch.remainder(angles - angles.gather(1, first) + math.pi, 2 * math.pi) - math.pi
+    same = (turn.abs() < math.radians(0.5)) & ((scales / scales.gather(1, first)).log().abs() < math.log(1.02))
+    second = scores.masked_fill(same, -math.inf).argmax(dim=1, keepdim=True)  # all alike: the first again
+    index = torch.cat([first, second], dim=1)
+    return angles.gather(1, index), scales.gather(1, index)
 
 
 def _as_centre(center: CenterLike, batch: int, height: int, width: int, like: torch.Tensor, caller: str):
