@@ -1035,7 +1035,8 @@ def _search(
         shrink = shrink_matrix(2, dtype=dtype, device=device)
         half = lambda image: downsample(image, 2)  # noqa: E731
         halved = (_spectra(half(fixed)), half(canvas), torch.linalg.inv(shrink) @ base @ shrink, (centre - 0.5) / 2)
-        rank = lambda a, s: _score_candidates(*halved, a, s, half(score_fixed), half(score_moving))[1]  # noqa: E731
+        halved_scoring = (half(score_fixed), half(score_moving))  # once for both stages
+        rank = lambda a, s: _score_candidates(*halved, a, s, *halved_scoring)[1]  # noqa: E731
         angles, scales = keep(angles, scales, rank(angles, scales), 4)
         angles, scales = around(angles, scales, *refine[0])
         angles, scales = _two_distinct(angles, scales, rank(angles, scales))
