@@ -388,6 +388,113 @@ def test_ncc_is_gain_invariant_at_any_scale_and_keeps_its_exact_derivative(image
     assert torch.equal(cost, torch.ones_like(cost)) and not bool(derivative.any())
 
 
+def _ncc_system(metric: NCC, x, y, weight, rows):
+    """:meth:`NCC.ecc_system` for values whose Jacobian rows are ``rows`` ``(B, C, H, W, K)``."""
+    terms = metric.normal_terms(x, y, weight)
+    flat_rows = rows.flatten(1, -2)  # (B, N, K)
+    w, unit, d_ncc = (factor.expand_as(x).flatten(1) for factor in (terms.weight, terms.unit, terms.d_ncc))
+    second = torch.einsum("bn,bnk,bnl->bkl", w, flat_rows, flat_rows)
+    sums = [torch.einsum("bn,bnk->bk", factor, flat_rows) for factor in (w, unit, d_ncc)]
+    return terms, metric.ecc_system(terms, second, *sums)
+
+
+def _linear_values(images, count: int, seed: int):
+    """Warped values linear in ``count`` parameters, ``x(p) = x0 + rows p``: the moving image and its rows."""
+    _, moving, _ = images
+    rows = torch.randn(*moving.shape, count, generator=torch.Generator().manual_seed(seed), dtype=moving.dtype)
+    return rows, lambda p: moving + (rows * p[:, None, None, None, :]).sum(-1)
+
+
+@pytest.mark.parametrize("sign", ["positive", "any"])
+def test_ncc_gauss_newton_in_any_parameters_equals_autograd(images, sign):
+    """Values linear in K parameters: the gradient is autograd's of the cost, the matrix
+    ``c J^T J`` (``J`` by central differences) of the residual ``sqrt(w) (x^ - t y^)`` whose
+    squared norm times ``c / 2`` is the cost (``t = 1``, ``c = 1`` for ``1 - ncc``; ``t = ncc``,
+    ``c = 2`` for ``1 - ncc^2``)."""
+    fixed, moving, weight = images
+    metric = NCC(sign)
+    rows, values = _linear_values(images, 3, 3)
+    _, system = _ncc_system(metric, moving, fixed, weight, rows)
+    gradient, normal = metric.normal_equations(system)
+    zero = torch.zeros(moving.shape[0], 3, dtype=moving.dtype)
+    (expected,) = torch.autograd.grad(metric(values(zero.requires_grad_(True)), fixed, weight).sum(), zero)
+    torch.testing.assert_close(gradient, expected, rtol=1e-10, atol=1e-12)
+    w = weight.expand_as(moving)
+
+    def residuals(p):
+        out = []
+        for b in range(moving.shape[0]):
+            x, y = values(p)[b], fixed[b]
+            x_unit, y_unit = ((v - (w[b] * v).sum() / w[b].sum()) for v in (x, y))
+            x_unit, y_unit = (v / (w[b] * v * v).sum().sqrt() for v in (x_unit, y_unit))
+            t = 1.0 if sign == "positive" else (w[b] * x_unit * y_unit).sum()
+            out.append((w[b].sqrt() * (x_unit - t * y_unit)).flatten())
+        return torch.stack(out)
+
+    # by central differences (pairs are independent, each moved by its own parameters): K columns
+    step = 1e-5
+    steps = step * torch.eye(3, dtype=moving.dtype)
+    jacobian = torch.stack([(residuals(zero.detach() + e) - residuals(zero.detach() - e)) / (2 * step)
+                            for e in steps], dim=-1)  # (B, N, K)
+    expected_normal = jacobian.mT @ jacobian * (1.0 if sign == "positive" else 2.0)
+    torch.testing.assert_close(normal, expected_normal, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("sign", ["positive", "any"])
+def test_the_ecc_step_maximises_the_correlation_of_values_linear_in_the_parameters(images, sign):
+    """For values linear in the parameters the ECC model is no approximation: its correlation
+    ``(ncc + template' dp) / sqrt(1 + 2 image' dp + dp' H dp)`` is ``ncc(x0 + rows dp)``, and ECC's
+    step (``H dp = -gradient``) is where that is largest (``any``: its magnitude), 1 in one step where
+    the values can reach the target."""
+    fixed, moving, weight = images
+    metric = NCC(sign)
+    target = 0.6 * moving + 0.4 * fixed  # correlated with the values, negatively for "any"
+    target = -target if sign == "any" else target
+    rows, values = _linear_values(images, 4, 5)
+    # the first row leads to the target (its negative for "any") at dp_0 = 1: |ncc| = 1 can be reached
+    rows[..., 0] = (target if sign == "positive" else -target) - moving
+    terms, system = _ncc_system(metric, moving, target, weight, rows)
+    assert bool((terms.ncc > 0.2).all()) if sign == "positive" else bool((terms.ncc < -0.2).all())
+    ncc_of = lambda p: 1.0 - metric(values(p), target, weight) if sign == "positive" else (  # noqa: E731
+        (1.0 - metric(values(p), target, weight)).sqrt())  # |ncc|
+    generator = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        dp = 0.3 * torch.randn(moving.shape[0], 4, generator=generator, dtype=moving.dtype)
+        numerator = system.ncc.abs() + (system.template * dp).sum(1) * system.ncc.sign()
+        square = 1.0 + 2.0 * (system.image * dp).sum(1) + torch.einsum("bk,bkl,bl->b", dp, system.centred, dp)
+        torch.testing.assert_close(numerator / square.sqrt(), ncc_of(dp), rtol=1e-10, atol=1e-12)
+    gradient, ok = metric.ecc_gradient(system, system.centred)
+    assert bool(ok.all())
+    step = torch.linalg.solve(system.centred, -gradient)
+    best = ncc_of(step)
+    torch.testing.assert_close(best, torch.ones_like(best), rtol=0, atol=1e-9)
+    at_step = step.clone().requires_grad_(True)
+    (slope,) = torch.autograd.grad(ncc_of(at_step).sum(), at_step)
+    assert float(slope.abs().max()) < 1e-8
+    for _ in range(5):
+        nearby = step + 0.05 * torch.randn(step.shape, generator=generator, dtype=step.dtype)
+        assert bool((ncc_of(nearby) < best).all())
+
+
+@pytest.mark.parametrize("sign", ["positive", "any"])
+def test_ncc_steps_of_a_flat_pair_are_none(images, sign):
+    """A flat warped image (or fixed one) has no correlation to improve: the system is zeros,
+    Gauss-Newton's gradient and matrix too, and ECC's step does not exist (not the rounding noise
+    of the centred values over their tiny norm)."""
+    fixed, moving, weight = images
+    metric = NCC(sign)
+    rows, _ = _linear_values(images, 4, 2)
+    for x, y in ((torch.full_like(moving, 0.37), fixed), (moving, torch.full_like(fixed, 2.5))):
+        terms, system = _ncc_system(metric, x, y, weight, rows)
+        assert torch.equal(terms.cost, torch.ones_like(terms.cost))
+        gradient, normal = metric.normal_equations(system)
+        assert not bool(gradient.any()) and not bool(normal.any())
+        assert not bool(metric.ecc_gradient(system, system.centred)[1].any())
+    _, system = _ncc_system(metric, moving, fixed, weight, rows)  # not flat: a real step
+    gradient, normal = metric.normal_equations(system)
+    assert bool(gradient.abs().gt(0).all()) and bool((torch.linalg.eigvalsh(normal) > 0).all())
+
+
 @pytest.mark.parametrize("bins", [33, 37, 64, 1024])
 @pytest.mark.parametrize("matmul", [False, True])
 def test_histograms_of_many_bins_in_float32(images, bins, matmul):

@@ -111,9 +111,10 @@ def test_periodic_texture():
     assert grid_error(result.matrix, truth, fixed.shape) < 0.2
 
 
-@pytest.mark.parametrize("options", [{}, dict(metric="ncc"), dict(optimizer="lbfgs", normalize=False),
-                                     dict(optimizer="adam", metric="mi"), dict(metric="mi")],
-                         ids=["gauss-newton", "ncc-lbfgs", "l2-lbfgs", "mi-adam", "mi-lbfgs"])
+@pytest.mark.parametrize("options", [{}, dict(metric="ncc"), dict(metric="ncc", optimizer="lbfgs"),
+                                     dict(optimizer="lbfgs", normalize=False), dict(optimizer="adam", metric="mi"),
+                                     dict(metric="mi")],
+                         ids=["gauss-newton", "ncc-gauss-newton", "ncc-lbfgs", "l2-lbfgs", "mi-adam", "mi-lbfgs"])
 def test_batch_equals_one_by_one(options):
     # L-BFGS over the batch shared one line search and one curvature history: a pair's result
     # depended on the others (0.2 px for pairs of different contrast); it runs one optimiser a pair
@@ -249,7 +250,7 @@ def test_the_batched_lbfgs_takes_a_step_with_a_budget_of_one_evaluation():
     # allowed, nothing moved, and register reported the start "converged"
     fixed, moving, truth = registration_pair("camera", "rigid", [0.04, 2.0, -1.5], noise=0.01)
     for options in (dict(max_iter=1), dict(max_iter=5, max_eval=1)):
-        result = tireg.register(fixed, moving, transform="rigid", metric="ncc", init="identity",
+        result = tireg.register(fixed, moving, transform="rigid", metric="ncc", init="identity", optimizer="lbfgs",
                                 optimizer_options=options)
         assert grid_error(result.matrix, truth, fixed.shape) < 0.2, options
 
@@ -1093,7 +1094,7 @@ def test_as_on_a_gpu_levels_that_end_early_run_no_extra_evaluations(monkeypatch)
 
 @pytest.mark.parametrize("optimizer, metric, masked", [
     ("gauss-newton", "l2", False), ("gauss-newton", "cauchy", True), ("adam", "l2", False), ("adam", "mi", True),
-    ("sgd", "ncc", False),
+    ("sgd", "ncc", False), ("gauss-newton", "ncc_any", True),
 ])
 def test_no_host_syncs_inside_the_loop_between_looks(monkeypatch, optimizer, metric, masked):
     # The pair cannot converge (tolerance 0), so every level runs all its iterations; with the
@@ -1125,6 +1126,7 @@ def test_no_host_syncs_inside_the_loop_between_looks(monkeypatch, optimizer, met
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("optimizer, metric, masked", [
     ("gauss-newton", "l2", False), ("gauss-newton", "cauchy", True), ("adam", "l2", False), ("adam", "mi", True),
+    ("gauss-newton", "ncc_any", True),
 ])
 def test_on_cuda_a_level_never_synchronises_between_looks(monkeypatch, optimizer, metric, masked):
     # A level's loop from its first evaluation to its outcome, with the looks turned off: any
@@ -1304,6 +1306,107 @@ def test_gauss_newton_evaluation_equals_autograd_and_the_per_pixel_jacobian(loss
         per_value = jacobian[b, ..., b, :].reshape(-1, 6)  # (C H W, P)
         normal = per_value.T @ (pixel_weight[b].reshape(-1, 1) * per_value)
         torch.testing.assert_close(found.hessian[b], normal, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("sign", ["positive", "any"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_ncc_gauss_newton_evaluation_equals_autograd_and_the_projected_jacobian(sign, channels, generator):
+    """The ECC step's evaluation against first principles: its gradient is autograd's of the NCC
+    cost, and its matrix is ``J^T J`` of the least-squares residual whose squared norm the cost is,
+    with ``J`` by autograd: ``sqrt(w) (x^ - y^)`` (``1 - ncc``, half its squared norm) or
+    ``sqrt(w) (x^ - ncc y^)`` (``1 - ncc^2``, its squared norm), ``x^`` the warped values centred
+    and scaled to unit weighted norm over channels and valid pixels."""
+    from conftest import smooth_random_image
+    from tireg.metrics import NCC
+    from tireg.register import _autograd_evaluation, _make_level, _Problem
+    from tireg.sampling import sample
+
+    shape = (2, channels, 20, 24)
+    fixed, moving = smooth_random_image(shape, generator), smooth_random_image(shape, generator)
+    weight = (torch.rand(2, 1, 20, 24, generator=generator, dtype=torch.float64) > 0.2).double()
+    level = _make_level(fixed, moving, weight, None, 1, 0.0)
+    problem = _Problem(tireg.transforms.TRANSFORMS["affine"], torch.tensor([11.5, 9.5], dtype=torch.float64),
+                       NCC(sign), "bilinear")
+    params = torch.tensor([[1.02, 0.03, -0.02, 0.98, 1.3, -0.7], [0.97, -0.04, 0.05, 1.01, -2.1, 3.9]],
+                          dtype=torch.float64)  # the second pair partly outside the moving image
+    found = problem.evaluate(params, level, hessian=True)
+    expected = _autograd_evaluation(problem, params, level)
+    torch.testing.assert_close(found.cost, expected.cost, rtol=1e-12, atol=0)
+    torch.testing.assert_close(found.gradient, expected.gradient, rtol=1e-9, atol=1e-12)
+    valid = problem._valid(problem.grid(problem.matrices(params, level)[0], level), level)
+    assert 0 < float(valid[1].mean()) < float(valid[0].mean())  # some pixels of pair 1 do not count
+
+    def unit(values, weights):
+        centred = values - (weights * values).sum() / weights.sum()
+        return centred / (weights * centred * centred).sum().sqrt()
+
+    def residuals(p):
+        warped = sample(level.moving, problem.grid(problem.matrices(p, level)[0], level), interpolation="bilinear",
+                        padding_mode="border")
+        rows = []
+        for b in range(2):
+            weights = valid[b].expand_as(warped[b])
+            x_unit, y_unit = unit(warped[b], weights), unit(level.fixed[b], weights)
+            ncc = (weights * x_unit * y_unit).sum()
+            rows.append((weights.sqrt() * (x_unit - (y_unit if sign == "positive" else ncc * y_unit))).flatten())
+        return torch.stack(rows)
+
+    jacobian = torch.autograd.functional.jacobian(residuals, params)  # (B, N, B, P)
+    for b in range(2):
+        rows = jacobian[b, :, b, :]
+        normal = rows.T @ rows * (1.0 if sign == "positive" else 2.0)
+        torch.testing.assert_close(found.hessian[b], normal, rtol=1e-9, atol=1e-12)
+        assert torch.linalg.eigvalsh(found.hessian[b]).min() > -1e-12  # positive semi-definite
+
+
+def test_ncc_registers_by_levenberg_marquardt_as_lbfgs_does():
+    """``ncc`` and ``ncc_any`` take the ECC step (Gauss-Newton on the analytic Jacobian) by default,
+    to the optimum L-BFGS finds; the other image-level metrics keep L-BFGS and refuse Gauss-Newton."""
+    fixed, moving, truth = registration_pair("camera", "affine", KNOWN["affine"], noise=0.02, seed=1)
+    for metric, image in (("ncc", 0.3 + 2.0 * moving), ("ncc_any", 1.0 - moving)):
+        step = tireg.register(fixed, image, transform="affine", metric=metric)
+        lbfgs = tireg.register(fixed, image, transform="affine", metric=metric, optimizer="lbfgs")
+        assert step.metadata["optimizer"] == "gauss-newton" and lbfgs.metadata["optimizer"] == "lbfgs"
+        assert step.stop_reason == ["converged"], metric
+        assert grid_error(step.matrix, truth, fixed.shape) < 0.02, metric
+        assert grid_error(step.matrix, lbfgs.matrix, fixed.shape) < 0.02, metric
+        assert float(step.cost) <= float(lbfgs.cost) + 1e-5, metric
+    assert tireg.metrics.NCC("any").gauss_newton is True  # a flag, not shadowed by a method
+    for metric in ("lncc", "mi"):
+        assert tireg.register(fixed, moving, transform="rigid", metric=metric,
+                              max_iterations=1).metadata["optimizer"] == "lbfgs"
+        with pytest.raises(ValueError, match="Gauss-Newton needs a per-pixel metric .* or 'ncc'"):
+            tireg.register(fixed, moving, metric=metric, optimizer="gauss-newton")
+    autograd = tireg.register(fixed, moving, transform="rigid", metric="ncc", gradients="autograd", max_iterations=1)
+    assert autograd.metadata["optimizer"] == "lbfgs"
+
+
+def test_ncc_takes_the_ecc_step_capped_at_a_level_pixel(monkeypatch):
+    """ECC's step (its scale grows as the correlation falls) goes further than Gauss-Newton's from
+    a poor start, but uncapped it jumped to another brick; capped at ECC_RADIUS level pixels it
+    converges as Gauss-Newton does, in fewer iterations."""
+    module = importlib.import_module("tireg.register")
+    # a brick texture (periodic: other bricks are other local optima), the moving image in gamma 0.4
+    fixed, moving, truth = registration_pair("brick", "affine", [0.85, -0.45, 0.39, 0.77, 6.0, -4.0], noise=0.02)
+    moving = moving.clamp(0, 1) ** 0.4
+    to_start = tireg.transforms.translation_matrix(torch.tensor([4.0, 4.0], dtype=torch.float64))
+    options = dict(transform="affine", metric="ncc", init=truth @ to_start)
+    capped = tireg.register(fixed, moving, **options)
+    assert grid_error(capped.matrix, truth, fixed.shape) < 0.05 and capped.stop_reason == ["converged"]
+    monkeypatch.setattr(module, "ECC_RADIUS", math.inf)
+    assert grid_error(tireg.register(fixed, moving, **options).matrix, truth, fixed.shape) > 20.0
+    monkeypatch.undo()
+    fixed, moving, truth = registration_pair("brick", "affine", [1.05, 0.08, -0.06, 0.93, 6.0, -4.2], noise=0.02)
+    moving = moving.clamp(0, 1) ** 0.4
+    options = dict(transform="affine", metric="ncc", init="identity")
+    ecc = tireg.register(fixed, moving, **options)
+    checked = tireg.metrics.NCC.ecc_gradient
+    monkeypatch.setattr(tireg.metrics.NCC, "ecc_gradient",
+                        lambda self, *args: (checked(self, *args)[0], torch.zeros(1, dtype=torch.bool)))
+    gauss_newton = tireg.register(fixed, moving, **options)  # every step Gauss-Newton's
+    for result in (ecc, gauss_newton):
+        assert grid_error(result.matrix, truth, fixed.shape) < 0.05 and result.stop_reason == ["converged"]
+    assert int(ecc.iterations) < 0.6 * int(gauss_newton.iterations), (ecc.iterations, gauss_newton.iterations)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])

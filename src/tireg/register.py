@@ -4,7 +4,7 @@ A registration is a composition (as in ITK): a **transform** kind
 (:data:`tireg.transforms.TRANSFORMS`), a **metric** (a per-pixel loss on
 intensity-normalised images, or NCC / mutual information from
 :mod:`tireg.metrics`), an **optimiser** (Gauss-Newton / Levenberg-Marquardt
-on the analytic Jacobian for per-pixel losses, L-BFGS for the other
+on the analytic Jacobian for per-pixel losses and NCC, L-BFGS for the other
 metrics (batched: every pair its own history and line search), or Adam or
 SGD from ``torch.optim``), an
 **interpolator** (bilinear or bicubic) and a **pyramid** (coarse to fine),
@@ -28,7 +28,8 @@ The sums are taken once in matrix space (a 2x3 gradient and a 6x6 normal
 matrix from image moments, :func:`tireg.sampling.grid_moments`) and mapped to
 the parameters by the transform's Jacobian.  A step is kept if it lowers the
 cost (then ``lambda`` shrinks), else ``lambda`` grows; every pair of a batch
-has its own ``lambda`` and stops on its own.
+has its own ``lambda`` and stops on its own.  NCC takes ECC's step in the same
+loop (:meth:`tireg.metrics.NCC.ecc_gradient`; docs/design.md, "NCC's step").
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from ._validation import (
     writable,
 )
 from .losses import PerPixelLoss, constant_irls_weight
-from .metrics import Metric, PerPixelMetric, get_metric
+from .metrics import ECCSystem, Metric, PerPixelMetric, get_metric
 from .sampling import (
     _grid_moments,
     _sampler_gradient,
@@ -129,6 +130,13 @@ STALL_FACTOR = 10.0
 #: pairs 0.02-0.07 px from the truth had undamped steps of 0.1 px (a 64 x 128 crop: 3 of 160).
 STALL_FLOOR = 0.25
 
+
+#: NCC's ECC step goes at most this many pixels of its level (the largest corner displacement;
+#: scaled down to it, the damped steps too): the linearised image it maximises the correlation of
+#: holds within about a pixel of the level, while the step's scale (``lambda``) grows as the
+#: correlation falls.  Uncapped, a brick texture 5.7 px off at a coarse level jumped about 30 of
+#: its pixels to another brick (118 px at full resolution; 0.01 px capped at 1 or 2 pixels).
+ECC_RADIUS = 1.0
 
 #: Convergence tolerance of a coarse level (``factor > 1``) in its own pixels, at
 #: least: it need only hand the next level a start well inside its capture range,
@@ -738,6 +746,15 @@ class _Evaluation:
     cost: torch.Tensor  # (B,)
     gradient: torch.Tensor  # (B, P): d cost / dp
     hessian: Optional[torch.Tensor]  # (B, P, P) or None
+    ecc: Optional[ECCSystem] = None  # NCC's: Levenberg-Marquardt takes the ECC step where it can
+
+    def where(self, keep: torch.Tensor, other: "_Evaluation") -> "_Evaluation":
+        """Pair by pair, this evaluation where ``keep`` (``(B,)`` bool), else ``other``."""
+        pick = lambda mine, theirs: None if mine is None else torch.where(  # noqa: E731
+            keep.view(-1, *[1] * (mine.dim() - 1)), mine, theirs)
+        ecc = None if self.ecc is None else ECCSystem(*map(pick, self.ecc, other.ecc))
+        return _Evaluation(pick(self.cost, other.cost), pick(self.gradient, other.gradient),
+                           pick(self.hessian, other.hessian), ecc)
 
 
 class _Problem:
@@ -847,11 +864,10 @@ class _Problem:
         overlap = valid_count >= MIN_VALID_PIXELS
         # on the CPU a look is free and saves the masking; on a GPU it would wait for the device
         if not _looks_are_free(overlap.device) or not bool(overlap.all()):
-            evaluation = _Evaluation(
-                torch.where(overlap, evaluation.cost, float("inf")),
-                torch.where(overlap[:, None], evaluation.gradient, 0.0),
-                None if evaluation.hessian is None else torch.where(overlap[:, None, None], evaluation.hessian, 0.0),
-            )
+            evaluation = evaluation.where(overlap, _Evaluation(
+                torch.full_like(evaluation.cost, math.inf), torch.zeros_like(evaluation.gradient),
+                None if evaluation.hessian is None else torch.zeros_like(evaluation.hessian),
+                None if evaluation.ecc is None else ECCSystem(*map(torch.zeros_like, evaluation.ecc))))
         return evaluation
 
     def _evaluate_fused(
@@ -954,6 +970,8 @@ class _Problem:
         return self._evaluate(grid, valid, valid_count, flat_jacobian, level, hessian), valid_count
 
     def _evaluate(self, grid, valid, valid_count, flat_jacobian, level: _Level, hessian: bool) -> _Evaluation:
+        if hessian and self.loss is None:
+            return self._evaluate_ncc(grid, valid, flat_jacobian, level)
         if hessian:  # Gauss-Newton: a per-pixel metric, its IRLS weights and the normal matrix
             values, gradients = sample_with_gradient(
                 level.moving, grid, interpolation=self.interpolation, padding_mode="border"
@@ -989,6 +1007,32 @@ class _Problem:
         g_moments = _grid_moments(g_normalized, level.axes, True, False) * scale[:, None]
         return _in_parameters(cost, flat_jacobian, g_moments, None)
 
+    def _evaluate_ncc(self, grid, valid, flat_jacobian, level: _Level) -> _Evaluation:
+        """Cost, gradient and Gauss-Newton matrix of :class:`~tireg.metrics.NCC` (the ECC step,
+        :meth:`~tireg.metrics.NCC.ecc_gradient`), from the moments of one buffer of per-pixel
+        images: ``(d ncc / d x, w, w x^)`` times the moving image's gradient ``(gx, gy)``, then
+        ``w (gx gx, gx gy, gy gy)``, each summed over channels.  In matrix space a value's Jacobian
+        row is ``a = vec(grad M x~^T)`` (``x~ = (x, y, 1)``), so a sum ``sum c a`` is the first-order
+        moments of ``c grad M`` and ``sum w a a^T`` the per-pixel path's normal matrix of weight ``w``."""
+        values, gradients = sample_with_gradient(level.moving, grid, interpolation=self.interpolation,
+                                                 padding_mode="border")  # gradients (B, C, 2, h, w)
+        terms = self.metric.normal_terms(values, level.fixed, valid)
+        del values
+        batch = gradients.shape[0]
+        pixels = gradients.new_empty(batch, 9, *gradients.shape[3:])  # (B, 9, h, w)
+        for index, factor in enumerate((terms.d_ncc, terms.weight, terms.unit)):
+            _channel_sum(factor.unsqueeze(2), gradients, out=pixels[:, 2 * index:2 * index + 2])
+        gx, gy = gradients[:, :, 0], gradients[:, :, 1]
+        _channel_sum((terms.weight * gx).unsqueeze(2), gradients, out=pixels[:, 6:8])  # w gx (gx, gy)
+        _channel_sum(terms.weight * gy, gy, out=pixels[:, 8])
+        moments = _grid_moments(pixels, level.axes, False, True)  # (B, 9, 6): (x^2, xy, y^2, x, y, 1)
+        along_d_ncc, total, along_unit = moments[:, :6, 3:].reshape(batch, 3, 6).unbind(1)
+        system = self.metric.ecc_system(terms, _assemble_hessian(moments[:, 6:]), total, along_unit, along_d_ncc)
+        vector = lambda matrix_space: (flat_jacobian @ matrix_space[..., None])[..., 0]  # noqa: E731
+        system = ECCSystem(flat_jacobian @ system.centred @ flat_jacobian.transpose(1, 2), vector(system.image),
+                           vector(system.template), system.ncc)  # in the parameters
+        return _Evaluation(terms.cost, *self.metric.normal_equations(system), ecc=system)
+
 
 def _channel_sum(first: torch.Tensor, second: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
     """``out = sum_c first * second`` over dimension 1 (the channels), broadcasting the rest;
@@ -1012,11 +1056,18 @@ def _in_parameters(
 ) -> _Evaluation:
     """Matrix-space moments -> parameter space: ``g = J vec(G)`` and ``H = J H_A J^T``, with ``J``
     the ``(B, P, 6)`` flat Jacobian, ``G`` ``(B, 2, 3)`` and ``products`` ``(B, 3, 6)`` or ``None``."""
+    return _mapped(cost, flat_jacobian, matrix_gradient, None if products is None else _assemble_hessian(products))
+
+
+def _mapped(cost: torch.Tensor, flat_jacobian: torch.Tensor, matrix_gradient: torch.Tensor,
+            normal: Optional[torch.Tensor]) -> _Evaluation:
+    """``g = J vec(G)`` and ``H = J H_A J^T`` from the matrix-space gradient ``G`` (``(B, 2, 3)`` or
+    ``(B, 6)``) and normal matrix ``H_A`` (``(B, 6, 6)`` or ``None``)."""
     batch = flat_jacobian.shape[0]
     gradient = (flat_jacobian @ matrix_gradient.reshape(batch, 6, 1)).squeeze(-1)
-    if products is None:
+    if normal is None:
         return _Evaluation(cost, gradient, None)
-    return _Evaluation(cost, gradient, flat_jacobian @ _assemble_hessian(products) @ flat_jacobian.transpose(1, 2))
+    return _Evaluation(cost, gradient, flat_jacobian @ normal @ flat_jacobian.transpose(1, 2))
 
 
 def _assemble_hessian(moments: torch.Tensor) -> torch.Tensor:
@@ -1156,15 +1207,22 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         # (H + damping diag(H) + floor I) step = -g, in float64: the damping and the floor on
         # the diagonal of a copy
         # with the pair's damping and, for the stop test below, the first damping, in one solve
-        damped = current.hessian.to(torch.float64)[None].repeat(2, 1, 1, 1)
-        diagonal = damped.diagonal(dim1=-2, dim2=-1)
-        floor = diagonal[0].amax(dim=1, keepdim=True).mul_(1e-9).clamp_min_(1e-21)
-        diagonal.mul_(torch.stack([damping, first_damping])[..., None] + 1.0).add_(floor)
-        negative_gradient = current.gradient.to(torch.float64).neg()
+        dampings = torch.stack([damping, first_damping])
+        gradient, damped = current.gradient.to(torch.float64), _damped(current.hessian, dampings)
+        if current.ecc is not None:  # NCC: ECC's least-squares problem where its step exists
+            system = ECCSystem(*(part.to(torch.float64) for part in current.ecc))
+            centred = _damped(system.centred, dampings)
+            ecc_gradient, ok = problem.metric.ecc_gradient(system, centred[1])
+            gradient = torch.where(ok[:, None], ecc_gradient, gradient)
+            damped = torch.where(ok[:, None, None], centred, damped)
         # solve_ex: linalg.solve would wait for the device to check for a singular matrix; a
         # singular one gives a non-finite step here, whose trial is rejected like any worse one
-        solution, _ = torch.linalg.solve_ex(damped, negative_gradient[..., None].expand(2, -1, -1, 1))
+        solution, _ = torch.linalg.solve_ex(damped, gradient.neg()[..., None].expand(2, -1, -1, 1))
         step, free_step = solution[..., 0].to(params.dtype)
+        if current.ecc is not None:  # ECC's steps capped at ECC_RADIUS level pixels
+            radius = ECC_RADIUS * level.factor
+            step, free_step = (torch.where(ok[:, None], proposal * (radius / _displacement(
+                problem, params, proposal, corners)).clamp(max=1.0)[:, None], proposal) for proposal in (step, free_step))
         # A proposed step this small ends the level without the evaluation that would try it
         # (the most expensive part of an iteration; near the optimum noise decides the sign of
         # so tiny a cost change). On a coarse level the step is taken: the next level starts
@@ -1195,11 +1253,7 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         # (isfinite is four operations)
         better = active & (trial.cost <= current.cost.clamp_max(largest))
         params = torch.where(better[:, None], trial_params, params)
-        current = _Evaluation(
-            torch.where(better, trial.cost, current.cost),
-            torch.where(better[:, None], trial.gradient, current.gradient),
-            torch.where(better[:, None, None], trial.hessian, current.hessian),
-        )
+        current = trial.where(better, current)
         damping = torch.where(better, (damping * 0.3).clamp_min(1e-9), damping * 10.0)
         iterations += active
         stalled = (active ^ better) & (damping > 1e6)  # better pairs are active ones
@@ -1216,6 +1270,16 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         if interval == 1 and not bool(active.any()):
             break
     return (params, *_level_outcome(status, iterations, costs, passes))
+
+
+def _damped(matrix: torch.Tensor, dampings: torch.Tensor) -> torch.Tensor:
+    """``H + damping diag(H) + floor I`` in float64 for each of ``dampings`` ``(D, B)``: ``(D, B, P, P)``,
+    the floor ``1e-9`` of the largest diagonal entry (at least ``1e-21``)."""
+    damped = matrix.to(torch.float64)[None].repeat(dampings.shape[0], 1, 1, 1)
+    diagonal = damped.diagonal(dim1=-2, dim2=-1)
+    floor = diagonal[0].amax(dim=1, keepdim=True).mul_(1e-9).clamp_min_(1e-21)
+    diagonal.mul_(dampings[..., None] + 1.0).add_(floor)
+    return damped
 
 
 #: On the CPU a Gauss-Newton trial evaluates only the pairs still active once they are at most this
@@ -1246,11 +1310,13 @@ def _evaluate_active(evaluate: Callable[[torch.Tensor, _Level], _Evaluation], pa
         subsets.clear()  # one set at a time: the level of the last one is all that is kept
         subsets[key] = level.select(index)
     part = evaluate(params[index], subsets[key])
-    size = params.shape[1]
+    spread = lambda values: None if values is None else values.new_zeros(  # noqa: E731
+        batch, *values.shape[1:]).index_copy(0, index, values)
     return _Evaluation(
         part.cost.new_full((batch,), math.inf).index_copy(0, index, part.cost),
-        part.gradient.new_zeros(batch, size).index_copy(0, index, part.gradient.to(part.cost.dtype)),
-        None if part.hessian is None else part.hessian.new_zeros(batch, size, size).index_copy(0, index, part.hessian),
+        spread(part.gradient.to(part.cost.dtype)),
+        spread(part.hessian),
+        None if part.ecc is None else ECCSystem(*map(spread, part.ecc)),
     )
 
 
@@ -1707,9 +1773,10 @@ def register(
             modalities: ``"ncc"`` (expects a positive correlation),
             ``"ncc_any"`` (either sign: inverted contrast too), ``"lncc"``,
             ``"mi"`` (Mattes), ``"nmi"`` (Studholme), or an instance.
-        optimizer: ``"auto"`` (default): Gauss-Newton for a per-pixel loss
-            with analytic gradients, L-BFGS otherwise; ``"gauss-newton"`` (Levenberg-Marquardt on the
-            analytic Jacobian, robust losses by IRLS); or ``"adam"``, ``"sgd"``
+        optimizer: ``"auto"`` (default): Gauss-Newton for a per-pixel loss and
+            for ``"ncc"`` / ``"ncc_any"`` with analytic gradients, L-BFGS otherwise;
+            ``"gauss-newton"`` (Levenberg-Marquardt on the analytic Jacobian, robust
+            losses by IRLS, NCC by the ECC step of :meth:`tireg.metrics.NCC.ecc_gradient`); or ``"adam"``, ``"sgd"``
             (``torch.optim``), ``"lbfgs"`` (``torch.optim.LBFGS``'s algorithm
             and options, batched: each pair its own curvature history and a
             backtracking line search, so that a pair's result does not depend
@@ -1834,13 +1901,12 @@ def register(
     check_option(interpolation, ("bilinear", "bicubic"), "interpolation", caller)
     metric_object = copy.copy(get_metric(metric))  # a copy: register sets its histogram ranges per level
     if optimizer == "auto":
-        per_pixel = metric_object.per_pixel and gradients == "analytic"
-        optimizer = "gauss-newton" if per_pixel else "lbfgs"
+        optimizer = "gauss-newton" if metric_object.gauss_newton and gradients == "analytic" else "lbfgs"
     if optimizer == "gauss-newton" and gradients == "autograd":
         raise ValueError(f"{caller}: Gauss-Newton needs the analytic Jacobian; use gradients='analytic' "
                          "or a first-order optimizer ('adam', 'lbfgs', 'sgd') with autograd")
-    if optimizer == "gauss-newton" and not metric_object.per_pixel:
-        raise ValueError(f"{caller}: Gauss-Newton needs a per-pixel metric (a loss such as 'l2'); "
+    if optimizer == "gauss-newton" and not metric_object.gauss_newton:
+        raise ValueError(f"{caller}: Gauss-Newton needs a per-pixel metric (a loss such as 'l2') or 'ncc'; "
                          f"use optimizer='lbfgs' (the default for {metric!r}) or 'adam'")
     if real_number(tolerance) is None:
         raise TypeError(f"{caller}: 'tolerance' must be a number; got {type(tolerance).__name__}")
