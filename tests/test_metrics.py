@@ -353,6 +353,27 @@ def test_histogram_bins_are_bounded():
         NormalizedMutualInformation(bins=31.5)
 
 
+@pytest.mark.parametrize("radius", [1, 4, 6])
+def test_the_box_sum_is_every_window_summed_and_its_own_adjoint(radius):
+    """Local NCC's window sums against a loop over the windows (zeros outside the image, windows
+    wider than the image too), and ``<box(a), b> = <a, box(b)>``, which its derivative relies on."""
+    from tireg.metrics import _box_sum
+
+    generator = torch.Generator().manual_seed(radius)
+    image = torch.randn(2, 3, 9, 11, generator=generator, dtype=torch.float64)
+    padded = torch.nn.functional.pad(image, (radius,) * 4)
+    expected = torch.zeros_like(image)
+    for row in range(image.shape[-2]):
+        for column in range(image.shape[-1]):
+            expected[..., row, column] = padded[..., row:row + 2 * radius + 1, column:column + 2 * radius + 1].sum((-2, -1))
+    torch.testing.assert_close(_box_sum(image, radius), expected, rtol=1e-12, atol=1e-12)
+    other = torch.randn(image.shape, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close((_box_sum(image, radius) * other).sum(), (image * _box_sum(other, radius)).sum(),
+                               rtol=1e-12, atol=1e-12)
+    single = image.float()  # float32, as register runs it: the same sums to rounding
+    torch.testing.assert_close(_box_sum(single, radius), expected.float(), rtol=1e-5, atol=1e-5)
+
+
 def test_local_ncc_of_a_flat_patch_is_finite_and_as_in_float64():
     """S_xx - S_x^2 / S_w cancelled to a small negative number in a flat window: the root gave NaN
     (float32 in [0, 1], float64 in 0..255), or a cost of -5.5 at values of 1000."""
