@@ -1371,7 +1371,21 @@ def test_ncc_registers_by_levenberg_marquardt_as_lbfgs_does():
         assert grid_error(step.matrix, truth, fixed.shape) < 0.02, metric
         assert grid_error(step.matrix, lbfgs.matrix, fixed.shape) < 0.02, metric
         assert float(step.cost) <= float(lbfgs.cost) + 1e-5, metric
-    assert tireg.metrics.NCC("any").gauss_newton is True  # a flag, not shadowed by a method
+    class Scaled(tireg.metrics.NCC):  # another cost: the ECC system would not describe it
+        def __call__(self, x, y, weight=None, gradient=False):
+            out = super().__call__(x, y, weight, gradient)
+            return tuple(10.0 * part for part in out) if gradient else 10.0 * out
+
+    class Named(tireg.metrics.NCC):  # NCC's own cost
+        pass
+
+    scaled = tireg.register(fixed, moving, transform="rigid", metric=Scaled())
+    assert scaled.metadata["optimizer"] == "lbfgs"
+    plain = tireg.register(fixed, moving, transform="rigid", metric="ncc", optimizer="lbfgs")
+    torch.testing.assert_close(scaled.cost, 10.0 * plain.cost, rtol=1e-2, atol=0)  # its cost, not NCC's
+    assert tireg.register(fixed, moving, transform="rigid", metric=Named()).metadata["optimizer"] == "gauss-newton"
+    with pytest.raises(ValueError, match="Gauss-Newton needs a per-pixel metric"):
+        tireg.register(fixed, moving, metric=Scaled(), optimizer="gauss-newton")
     for metric in ("lncc", "mi"):
         assert tireg.register(fixed, moving, transform="rigid", metric=metric,
                               max_iterations=1).metadata["optimizer"] == "lbfgs"

@@ -95,10 +95,8 @@ class Metric:
     """Base class: ``metric(x, y, weight=None, gradient=False)``; see the module docstring.
 
     Attributes:
-        per_pixel: whether the cost is a (weighted) sum of per-pixel terms.
-        gauss_newton: whether ``register`` can minimise it by Levenberg-Marquardt:
-            :class:`PerPixelMetric` (by its loss) and :class:`NCC` (by
-            :meth:`NCC.ecc_system`, its subclasses too); others, L-BFGS.
+        per_pixel: whether the cost is a (weighted) sum of per-pixel terms,
+            which Gauss-Newton needs (``register`` also runs it for :class:`NCC`).
         any_contrast: whether a match may have any intensity relation
             (inverted, or another modality): then ``register`` also tries
             initialisations found on the inverted moving image (with the
@@ -116,7 +114,6 @@ class Metric:
     """
 
     per_pixel = False
-    gauss_newton = False
     any_contrast = False
     linear_intensity = False
 
@@ -136,7 +133,6 @@ class PerPixelMetric(Metric):
     """
 
     per_pixel = True
-    gauss_newton = True
     linear_intensity = True
 
     def __init__(self, loss: Union[str, PerPixelLoss] = "l2", *, mean: bool = True):
@@ -217,7 +213,7 @@ class NCCTerms(NamedTuple):
     cost: torch.Tensor  # (B,)
     ncc: torch.Tensor  # (B,)
     d_ncc: Optional[torch.Tensor] = None  # (B, C, H, W): d ncc / d x
-    weight: Optional[torch.Tensor] = None  # (B, 1, H, W) or (B, C, H, W): w
+    weight: Optional[torch.Tensor] = None  # (B or 1, 1, H, W): w
     unit: Optional[torch.Tensor] = None  # (B, C, H, W): w x^, the centred warped image over its norm
     count: Optional[torch.Tensor] = None  # (B,): n = C sum w
     inverse_variance: Optional[torch.Tensor] = None  # (B,): 1 / sum w x~^2, 0 for a flat pair
@@ -251,26 +247,27 @@ class NCC(Metric):
     """
 
     linear_intensity = True
-    gauss_newton = True
 
     def __init__(self, sign: str = "positive"):
         self.sign = _check_sign(sign, "NCC()")
         self.any_contrast = self.sign == "any"
 
     def __call__(self, x, y, weight=None, gradient=False):
-        terms = self.normal_terms(x, y, weight, gradient=gradient)
+        terms = self.normal_terms(x, y, weight, gradient=gradient, unit=False)
         if not gradient:
             return terms.cost
         scale = -1.0 if self.sign == "positive" else -2.0 * terms.ncc[:, None, None, None]
         return terms.cost, scale * terms.d_ncc
 
     def normal_terms(
-        self, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None, *, gradient: bool = True
+        self, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None, *, gradient: bool = True,
+        unit: bool = True,
     ) -> "NCCTerms":
         """The cost and the per-pixel images from whose sums :meth:`ecc_system` makes a
         step's system: ``d ncc / d x``, the weights ``w`` and ``w x^``, with
         ``x^ = x~ / sqrt(sum w x~^2)`` the warped image centred and scaled to unit norm
-        (:class:`NCCTerms`).  Without ``gradient`` only the cost and ``ncc``."""
+        (:class:`NCCTerms`).  Without ``gradient`` only the cost and ``ncc``; without ``unit``
+        no ``w x^`` (the metric's own call)."""
         w = _inputs(self, x, y, weight)
         dims = (1, 2, 3)
         count = (w.sum(dims) * x.shape[1]).clamp_min(_TINY)
@@ -293,8 +290,8 @@ class NCC(Metric):
         slope = covariance / torch.where(flat, 1.0, x_var)
         d_ncc = w * (yc - slope[:, None, None, None] * xc) * inverse_norm[:, None, None, None]
         x_scale = torch.where(flat, 0.0, x_root)  # 1 / sd_x, 0 for a flat pair (no step)
-        unit = w * xc * x_scale[:, None, None, None]
-        return NCCTerms(cost, ncc, d_ncc, w, unit, count, x_scale * x_scale)
+        unit_image = w * xc * x_scale[:, None, None, None] if unit else None
+        return NCCTerms(cost, ncc, d_ncc, w, unit_image, count, x_scale * x_scale)
 
     def ecc_system(
         self, terms: NCCTerms, second: torch.Tensor, total: torch.Tensor, along_unit: torch.Tensor,

@@ -60,7 +60,7 @@ from ._validation import (
     writable,
 )
 from .losses import PerPixelLoss, constant_irls_weight
-from .metrics import ECCSystem, Metric, PerPixelMetric, get_metric
+from .metrics import ECCSystem, Metric, NCC, PerPixelMetric, get_metric
 from .sampling import (
     _grid_moments,
     _sampler_gradient,
@@ -970,7 +970,7 @@ class _Problem:
         return self._evaluate(grid, valid, valid_count, flat_jacobian, level, hessian), valid_count
 
     def _evaluate(self, grid, valid, valid_count, flat_jacobian, level: _Level, hessian: bool) -> _Evaluation:
-        if hessian and self.loss is None:
+        if hessian and isinstance(self.metric, NCC):
             return self._evaluate_ncc(grid, valid, flat_jacobian, level)
         if hessian:  # Gauss-Newton: a per-pixel metric, its IRLS weights and the normal matrix
             values, gradients = sample_with_gradient(
@@ -1219,10 +1219,12 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         # singular one gives a non-finite step here, whose trial is rejected like any worse one
         solution, _ = torch.linalg.solve_ex(damped, gradient.neg()[..., None].expand(2, -1, -1, 1))
         step, free_step = solution[..., 0].to(params.dtype)
-        if current.ecc is not None:  # ECC's steps capped at ECC_RADIUS level pixels
-            radius = ECC_RADIUS * level.factor
-            step, free_step = (torch.where(ok[:, None], proposal * (radius / _displacement(
-                problem, params, proposal, corners)).clamp(max=1.0)[:, None], proposal) for proposal in (step, free_step))
+        displacement = _displacement(problem, params, step, corners)
+        if current.ecc is not None:  # ECC's trial steps capped at ECC_RADIUS level pixels
+            # (not the free step of the stall test below: capped, it tied with the coarse levels'
+            # stall limit, which is the same level pixel)
+            shrink = torch.where(ok, (ECC_RADIUS * level.factor / displacement).clamp(max=1.0), 1.0)
+            step, displacement = step * shrink[:, None], displacement * shrink
         # A proposed step this small ends the level without the evaluation that would try it
         # (the most expensive part of an iteration; near the optimum noise decides the sign of
         # so tiny a cost change). On a coarse level the step is taken: the next level starts
@@ -1231,7 +1233,7 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         # only if the nearly undamped step (the first damping) is small as well; else the pair is stuck
         # ("stalled") where the model does not predict the cost (docs/design.md, "Convergence").
         limit = tolerance * level.factor
-        small = active & (_displacement(problem, params, step, corners) < limit)
+        small = active & (displacement < limit)
         free_limit = max(STALL_FACTOR * limit, STALL_FLOOR * level.factor)
         stuck = small & (_displacement(problem, params, free_step, corners) >= free_limit)
         converged = small ^ stuck
@@ -1900,12 +1902,16 @@ def register(
     check_option(gradients, ("analytic", "autograd"), "gradients", caller)
     check_option(interpolation, ("bilinear", "bicubic"), "interpolation", caller)
     metric_object = copy.copy(get_metric(metric))  # a copy: register sets its histogram ranges per level
+    # Levenberg-Marquardt for a per-pixel metric, and for NCC by its own cost (a subclass that
+    # changes the cost, its __call__, is not what the ECC system describes: L-BFGS)
+    stepped = metric_object.per_pixel or (isinstance(metric_object, NCC)
+                                          and type(metric_object).__call__ is NCC.__call__)
     if optimizer == "auto":
-        optimizer = "gauss-newton" if metric_object.gauss_newton and gradients == "analytic" else "lbfgs"
+        optimizer = "gauss-newton" if stepped and gradients == "analytic" else "lbfgs"
     if optimizer == "gauss-newton" and gradients == "autograd":
         raise ValueError(f"{caller}: Gauss-Newton needs the analytic Jacobian; use gradients='analytic' "
                          "or a first-order optimizer ('adam', 'lbfgs', 'sgd') with autograd")
-    if optimizer == "gauss-newton" and not metric_object.gauss_newton:
+    if optimizer == "gauss-newton" and not stepped:
         raise ValueError(f"{caller}: Gauss-Newton needs a per-pixel metric (a loss such as 'l2') or 'ncc'; "
                          f"use optimizer='lbfgs' (the default for {metric!r}) or 'adam'")
     if real_number(tolerance) is None:
