@@ -1260,6 +1260,28 @@ def test_a_linear_kinds_matrices_from_its_parts_give_the_generic_result(name):
     assert torch.equal(parts.iterations, generic.iterations)
 
 
+def _evaluation_equal_to_autograd(metric, channels: int, generator):
+    """A Gauss-Newton evaluation of ``metric`` for two affine pairs of smooth random images in
+    float64 (a fixed mask; the second pair partly outside the moving image), its cost and
+    gradient checked against autograd's; returns ``(problem, level, params, evaluation)``."""
+    from conftest import smooth_random_image
+    from tireg.register import _autograd_evaluation, _make_level, _Problem
+
+    shape = (2, channels, 20, 24)
+    fixed, moving = smooth_random_image(shape, generator), smooth_random_image(shape, generator)
+    weight = (torch.rand(2, 1, 20, 24, generator=generator, dtype=torch.float64) > 0.2).double()
+    level = _make_level(fixed, moving, weight, None, 1, 0.0)
+    problem = _Problem(tireg.transforms.TRANSFORMS["affine"], torch.tensor([11.5, 9.5], dtype=torch.float64),
+                       metric, "bilinear")
+    params = torch.tensor([[1.02, 0.03, -0.02, 0.98, 1.3, -0.7], [0.97, -0.04, 0.05, 1.01, -2.1, 3.9]],
+                          dtype=torch.float64)
+    found = problem.evaluate(params, level, hessian=True)
+    expected = _autograd_evaluation(problem, params, level)
+    torch.testing.assert_close(found.cost, expected.cost, rtol=1e-12, atol=0)
+    torch.testing.assert_close(found.gradient, expected.gradient, rtol=1e-9, atol=1e-12)
+    return problem, level, params, found
+
+
 @pytest.mark.parametrize("loss", ["l2", "cauchy"])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("mean", [True, False])
@@ -1268,24 +1290,11 @@ def test_gauss_newton_evaluation_equals_autograd_and_the_per_pixel_jacobian(loss
     cost, and its normal matrix is ``sum s w (dM/dp)(dM/dp)^T`` over channels and pixels, with
     ``dM/dp`` every warped value's Jacobian by autograd, ``s`` the metric's pixel factor (the
     valid pixels, over their count with ``mean``) and ``w = rho'(r) / r`` the IRLS weight."""
-    from conftest import smooth_random_image
     from tireg.metrics import PerPixelMetric
-    from tireg.register import _autograd_evaluation, _make_level, _Problem
     from tireg.sampling import sample
 
-    shape = (2, channels, 20, 24)
-    fixed, moving = smooth_random_image(shape, generator), smooth_random_image(shape, generator)
-    weight = (torch.rand(2, 1, 20, 24, generator=generator, dtype=torch.float64) > 0.2).double()
-    level = _make_level(fixed, moving, weight, None, 1, 0.0)
     metric = PerPixelMetric(loss, mean=mean)
-    problem = _Problem(tireg.transforms.TRANSFORMS["affine"], torch.tensor([11.5, 9.5], dtype=torch.float64),
-                       metric, "bilinear")
-    params = torch.tensor([[1.02, 0.03, -0.02, 0.98, 1.3, -0.7], [0.97, -0.04, 0.05, 1.01, -2.1, 3.9]],
-                          dtype=torch.float64)  # the second pair partly outside the moving image
-    found = problem.evaluate(params, level, hessian=True)
-    expected = _autograd_evaluation(problem, params, level)
-    torch.testing.assert_close(found.cost, expected.cost, rtol=1e-12, atol=0)
-    torch.testing.assert_close(found.gradient, expected.gradient, rtol=1e-9, atol=1e-12)
+    problem, level, params, found = _evaluation_equal_to_autograd(metric, channels, generator)
 
     def warped(p):
         return sample(level.moving, problem.grid(problem.matrices(p, level)[0], level), interpolation="bilinear",
@@ -1316,23 +1325,10 @@ def test_ncc_gauss_newton_evaluation_equals_autograd_and_the_projected_jacobian(
     with ``J`` by autograd: ``sqrt(w) (x^ - y^)`` (``1 - ncc``, half its squared norm) or
     ``sqrt(w) (x^ - ncc y^)`` (``1 - ncc^2``, its squared norm), ``x^`` the warped values centred
     and scaled to unit weighted norm over channels and valid pixels."""
-    from conftest import smooth_random_image
     from tireg.metrics import NCC
-    from tireg.register import _autograd_evaluation, _make_level, _Problem
     from tireg.sampling import sample
 
-    shape = (2, channels, 20, 24)
-    fixed, moving = smooth_random_image(shape, generator), smooth_random_image(shape, generator)
-    weight = (torch.rand(2, 1, 20, 24, generator=generator, dtype=torch.float64) > 0.2).double()
-    level = _make_level(fixed, moving, weight, None, 1, 0.0)
-    problem = _Problem(tireg.transforms.TRANSFORMS["affine"], torch.tensor([11.5, 9.5], dtype=torch.float64),
-                       NCC(sign), "bilinear")
-    params = torch.tensor([[1.02, 0.03, -0.02, 0.98, 1.3, -0.7], [0.97, -0.04, 0.05, 1.01, -2.1, 3.9]],
-                          dtype=torch.float64)  # the second pair partly outside the moving image
-    found = problem.evaluate(params, level, hessian=True)
-    expected = _autograd_evaluation(problem, params, level)
-    torch.testing.assert_close(found.cost, expected.cost, rtol=1e-12, atol=0)
-    torch.testing.assert_close(found.gradient, expected.gradient, rtol=1e-9, atol=1e-12)
+    problem, level, params, found = _evaluation_equal_to_autograd(NCC(sign), channels, generator)
     valid = problem._valid(problem.grid(problem.matrices(params, level)[0], level), level)
     assert 0 < float(valid[1].mean()) < float(valid[0].mean())  # some pixels of pair 1 do not count
 
