@@ -132,7 +132,8 @@ STALL_FLOOR = 0.25
 
 
 #: NCC's ECC step goes at most this many pixels of its level (the largest corner displacement;
-#: scaled down to it, the damped steps too): the linearised image it maximises the correlation of
+#: every trial step, damped or not, scaled down to it; not the stall test's free step, whose limit
+#: on a coarse level is this same pixel): the linearised image it maximises the correlation of
 #: holds within about a pixel of the level, while the step's scale (``lambda``) grows as the
 #: correlation falls.  Uncapped, a brick texture 5.7 px off at a coarse level jumped about 30 of
 #: its pixels to another brick (118 px at full resolution; 0.01 px capped at 1 or 2 pixels).
@@ -1072,18 +1073,11 @@ def _in_parameters(
 ) -> _Evaluation:
     """Matrix-space moments -> parameter space: ``g = J vec(G)`` and ``H = J H_A J^T``, with ``J``
     the ``(B, P, 6)`` flat Jacobian, ``G`` ``(B, 2, 3)`` and ``products`` ``(B, 3, 6)`` or ``None``."""
-    return _mapped(cost, flat_jacobian, matrix_gradient, None if products is None else _assemble_hessian(products))
-
-
-def _mapped(cost: torch.Tensor, flat_jacobian: torch.Tensor, matrix_gradient: torch.Tensor,
-            normal: Optional[torch.Tensor]) -> _Evaluation:
-    """``g = J vec(G)`` and ``H = J H_A J^T`` from the matrix-space gradient ``G`` (``(B, 2, 3)`` or
-    ``(B, 6)``) and normal matrix ``H_A`` (``(B, 6, 6)`` or ``None``)."""
     batch = flat_jacobian.shape[0]
     gradient = (flat_jacobian @ matrix_gradient.reshape(batch, 6, 1)).squeeze(-1)
-    if normal is None:
+    if products is None:
         return _Evaluation(cost, gradient, None)
-    return _Evaluation(cost, gradient, flat_jacobian @ normal @ flat_jacobian.transpose(1, 2))
+    return _Evaluation(cost, gradient, flat_jacobian @ _assemble_hessian(products) @ flat_jacobian.transpose(1, 2))
 
 
 def _assemble_hessian(moments: torch.Tensor) -> torch.Tensor:
