@@ -1382,6 +1382,18 @@ def test_ncc_registers_by_levenberg_marquardt_as_lbfgs_does():
     assert tireg.register(fixed, moving, transform="rigid", metric=Named()).metadata["optimizer"] == "gauss-newton"
     with pytest.raises(ValueError, match="Gauss-Newton needs a per-pixel metric"):
         tireg.register(fixed, moving, metric=Scaled(), optimizer="gauss-newton")
+
+    class Squares(tireg.metrics.Metric):  # a per-pixel cost of one's own: no loss or term weights to step by
+        per_pixel = True
+
+        def __call__(self, x, y, weight=None, gradient=False):
+            weight = torch.ones_like(x[:, :1]) if weight is None else weight
+            count = weight.sum((1, 2, 3)) * x.shape[1]
+            cost = (weight * (x - y) ** 2).sum((1, 2, 3)) / count
+            return (cost, 2.0 * weight * (x - y) / count[:, None, None, None]) if gradient else cost
+
+    own = tireg.register(fixed, moving, transform="affine", metric=Squares())  # it failed inside Gauss-Newton
+    assert own.metadata["optimizer"] == "lbfgs" and grid_error(own.matrix, truth, fixed.shape) < 0.05
     for metric in ("lncc", "mi"):
         assert tireg.register(fixed, moving, transform="rigid", metric=metric,
                               max_iterations=1).metadata["optimizer"] == "lbfgs"
@@ -1389,6 +1401,16 @@ def test_ncc_registers_by_levenberg_marquardt_as_lbfgs_does():
             tireg.register(fixed, moving, metric=metric, optimizer="gauss-newton")
     autograd = tireg.register(fixed, moving, transform="rigid", metric="ncc", gradients="autograd", max_iterations=1)
     assert autograd.metadata["optimizer"] == "lbfgs"
+
+
+def test_ncc_steps_grow_from_a_level_pixel_while_they_lower_the_cost():
+    """A 20-degree turn at one level from the identity moves the corners 40 px: with every ECC step
+    capped at a pixel it ended at max_iterations 2 px off; doubling the cap after each capped step
+    that lowers the cost converges."""
+    fixed, moving, truth = registration_pair("astronaut", "rigid", [math.radians(20.0), 3.0, -2.0], noise=0.02)
+    result = tireg.register(fixed, moving, transform="rigid", metric="ncc", pyramid=(1,), init="identity")
+    assert result.stop_reason == ["converged"] and int(result.iterations) < 40
+    assert grid_error(result.matrix, truth, fixed.shape) < 0.05
 
 
 def test_ncc_takes_the_ecc_step_capped_at_a_level_pixel(monkeypatch):

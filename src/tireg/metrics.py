@@ -95,8 +95,10 @@ class Metric:
     """Base class: ``metric(x, y, weight=None, gradient=False)``; see the module docstring.
 
     Attributes:
-        per_pixel: whether the cost is a (weighted) sum of per-pixel terms,
-            which Gauss-Newton needs (``register`` also runs it for :class:`NCC`).
+        per_pixel: whether the cost is a (weighted) sum of per-pixel terms.
+            ``register`` runs Levenberg-Marquardt for :class:`PerPixelMetric`
+            (its loss) and :class:`NCC` (and a subclass that keeps its
+            ``__call__``, its cost), L-BFGS for the others.
         any_contrast: whether a match may have any intensity relation
             (inverted, or another modality): then ``register`` also tries
             initialisations found on the inverted moving image (with the

@@ -131,12 +131,13 @@ STALL_FACTOR = 10.0
 STALL_FLOOR = 0.25
 
 
-#: NCC's ECC step goes at most this many pixels of its level (the largest corner displacement;
-#: every trial step, damped or not, scaled down to it; not the stall test's free step, whose limit
-#: on a coarse level is this same pixel): the linearised image it maximises the correlation of
-#: holds within about a pixel of the level, while the step's scale (``lambda``) grows as the
-#: correlation falls.  Uncapped, a brick texture 5.7 px off at a coarse level jumped about 30 of
-#: its pixels to another brick (118 px at full resolution; 0.01 px capped at 1 or 2 pixels).
+#: NCC's ECC step goes at most this many pixels of its level at first (the largest corner
+#: displacement; every trial step, damped or not, scaled down to it; not the stall test's free
+#: step, whose limit on a coarse level is this same pixel), twice as far after each capped step
+#: that lowered the cost, and this far again after a rejected one: the linearised image it
+#: maximises the correlation of holds within about a pixel of the level, while the step's scale
+#: (``lambda``) grows as the correlation falls.  Uncapped, a brick texture 5.7 px off at a coarse
+#: level jumped about 30 of its pixels to another brick (118 px at full resolution; 0.01 px capped).
 ECC_RADIUS = 1.0
 
 #: Convergence tolerance of a coarse level (``factor > 1``) in its own pixels, at
@@ -1207,6 +1208,8 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
     iterations = torch.zeros(batch, dtype=torch.long, device=device)
     damping = torch.full((batch,), 1e-3, dtype=torch.float64, device=device)
     first_damping = damping.clone()
+    # NCC: how far ECC's next trial step may go, per pair (full-resolution pixels)
+    radius = torch.full((batch,), ECC_RADIUS * level.factor, dtype=params.dtype, device=device)
     interval = _check_interval(device, callback)
     current = problem.evaluate(params, level, hessian=True)
     # the costs kept as they are: every evaluation's are new tensors, never changed in place
@@ -1230,10 +1233,12 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         solution, _ = torch.linalg.solve_ex(damped, gradient.neg()[..., None].expand(2, -1, -1, 1))
         step, free_step = solution[..., 0].to(params.dtype)
         displacement = _displacement(problem, params, step, corners)
-        if current.ecc is not None:  # ECC's trial steps capped at ECC_RADIUS level pixels
+        capped = torch.zeros_like(active)
+        if current.ecc is not None:  # ECC's trial steps capped at the pair's radius (ECC_RADIUS)
             # (not the free step of the stall test below: capped, it tied with the coarse levels'
             # stall limit, which is the same level pixel)
-            shrink = torch.where(ok, (ECC_RADIUS * level.factor / displacement).clamp(max=1.0), 1.0)
+            capped = ok & (displacement > radius)
+            shrink = torch.where(capped, radius / displacement, 1.0)
             step, displacement = step * shrink[:, None], displacement * shrink
         # A proposed step this small ends the level without the evaluation that would try it
         # (the most expensive part of an iteration; near the optimum noise decides the sign of
@@ -1267,6 +1272,10 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         params = torch.where(better[:, None], trial_params, params)
         current = trial.where(better, current)
         damping = torch.where(better, (damping * 0.3).clamp_min(1e-9), damping * 10.0)
+        # a capped step that lowered the cost: the next may go twice as far; a rejected one: back to
+        # ECC_RADIUS (a trust region's rule; with a fixed pixel a step, a 20-degree turn at one level
+        # took over 50 iterations)
+        radius = torch.where(better, torch.where(capped, 2.0 * radius, radius), ECC_RADIUS * level.factor)
         iterations += active
         stalled = (active ^ better) & (damping > 1e6)  # better pairs are active ones
         status = torch.where(stalled, _STALLED, status)
@@ -1912,10 +1921,11 @@ def register(
     check_option(gradients, ("analytic", "autograd"), "gradients", caller)
     check_option(interpolation, ("bilinear", "bicubic"), "interpolation", caller)
     metric_object = copy.copy(get_metric(metric))  # a copy: register sets its histogram ranges per level
-    # Levenberg-Marquardt for a per-pixel metric, and for NCC by its own cost (a subclass that
-    # changes the cost, its __call__, is not what the ECC system describes: L-BFGS)
-    stepped = metric_object.per_pixel or (isinstance(metric_object, NCC)
-                                          and type(metric_object).__call__ is NCC.__call__)
+    # Levenberg-Marquardt for a per-pixel metric (its loss and term weights) and for NCC by its own
+    # cost (a subclass that changes the cost, its __call__, is not what the ECC system describes);
+    # L-BFGS for other metrics, one of one's own that says per_pixel too
+    stepped = isinstance(metric_object, PerPixelMetric) or (isinstance(metric_object, NCC)
+                                                            and type(metric_object).__call__ is NCC.__call__)
     if optimizer == "auto":
         optimizer = "gauss-newton" if stepped and gradients == "analytic" else "lbfgs"
     if optimizer == "gauss-newton" and gradients == "autograd":
