@@ -895,7 +895,7 @@ def test_bad_input_is_named():
         (dict(fixed=fixed[None].expand(3, -1, -1), moving=moving), ValueError, "channels"),
         (dict(fixed=fixed, moving=moving, transform="projective"), ValueError, "unknown transform 'projective'"),
         (dict(fixed=fixed, moving=moving, metric="l3"), ValueError, "unknown metric .l3.; choose one of .ncc."),
-        (dict(fixed=fixed, moving=moving, metric="mi", optimizer="gauss-newton"), ValueError, "per-pixel metric"),
+        (dict(fixed=fixed, moving=moving, metric="mi", optimizer="gauss-newton"), ValueError, "per-pixel loss"),
         (dict(fixed=fixed, moving=moving, optimizer="newton"), ValueError, "unknown optimizer 'newton'"),
         (dict(fixed=fixed, moving=moving, optimizer="gauss-newton", gradients="autograd"), ValueError,
          "Gauss-Newton needs the analytic"),
@@ -1380,7 +1380,7 @@ def test_ncc_registers_by_levenberg_marquardt_as_lbfgs_does():
     plain = tireg.register(fixed, moving, transform="rigid", metric="ncc", optimizer="lbfgs")
     torch.testing.assert_close(scaled.cost, 10.0 * plain.cost, rtol=1e-2, atol=0)  # its cost, not NCC's
     assert tireg.register(fixed, moving, transform="rigid", metric=Named()).metadata["optimizer"] == "gauss-newton"
-    with pytest.raises(ValueError, match="Gauss-Newton needs a per-pixel metric"):
+    with pytest.raises(ValueError, match="Gauss-Newton needs a per-pixel loss"):
         tireg.register(fixed, moving, metric=Scaled(), optimizer="gauss-newton")
 
     class Squares(tireg.metrics.Metric):  # a per-pixel cost of one's own: no loss or term weights to step by
@@ -1394,10 +1394,19 @@ def test_ncc_registers_by_levenberg_marquardt_as_lbfgs_does():
 
     own = tireg.register(fixed, moving, transform="affine", metric=Squares())  # it failed inside Gauss-Newton
     assert own.metadata["optimizer"] == "lbfgs" and grid_error(own.matrix, truth, fixed.shape) < 0.05
+
+    class Shifted(tireg.metrics.PerPixelMetric):  # a loss's metric whose cost is another: not its loss's steps
+        def __call__(self, x, y, weight=None, gradient=False):
+            return super().__call__(x, torch.roll(y, 2, -1), weight, gradient)
+
+    assert tireg.register(fixed, moving, transform="rigid", metric=Shifted(),
+                          max_iterations=1).metadata["optimizer"] == "lbfgs"
+    with pytest.raises(ValueError, match="Gauss-Newton needs a per-pixel loss .* tireg's own PerPixelMetric or NCC"):
+        tireg.register(fixed, moving, metric=Squares(), optimizer="gauss-newton")
     for metric in ("lncc", "mi"):
         assert tireg.register(fixed, moving, transform="rigid", metric=metric,
                               max_iterations=1).metadata["optimizer"] == "lbfgs"
-        with pytest.raises(ValueError, match="Gauss-Newton needs a per-pixel metric .* or 'ncc'"):
+        with pytest.raises(ValueError, match="Gauss-Newton needs a per-pixel loss .* or 'ncc'"):
             tireg.register(fixed, moving, metric=metric, optimizer="gauss-newton")
     autograd = tireg.register(fixed, moving, transform="rigid", metric="ncc", gradients="autograd", max_iterations=1)
     assert autograd.metadata["optimizer"] == "lbfgs"
@@ -1413,9 +1422,9 @@ def test_ncc_steps_grow_from_a_level_pixel_while_they_lower_the_cost():
     assert grid_error(result.matrix, truth, fixed.shape) < 0.05
 
 
-def test_ncc_takes_the_ecc_step_capped_at_a_level_pixel(monkeypatch):
+def test_ncc_takes_the_ecc_step_capped_from_a_level_pixel(monkeypatch):
     """ECC's step (its scale grows as the correlation falls) goes further than Gauss-Newton's from
-    a poor start, but uncapped it jumped to another brick; capped at ECC_RADIUS level pixels it
+    a poor start, but uncapped it jumped to another brick; capped from ECC_RADIUS level pixels it
     converges as Gauss-Newton does, in fewer iterations."""
     module = importlib.import_module("tireg.register")
     # a brick texture (periodic: other bricks are other local optima), the moving image in gamma 0.4

@@ -97,8 +97,8 @@ class Metric:
     Attributes:
         per_pixel: whether the cost is a (weighted) sum of per-pixel terms.
             ``register`` runs Levenberg-Marquardt for :class:`PerPixelMetric`
-            (its loss) and :class:`NCC` (and a subclass that keeps its
-            ``__call__``, its cost), L-BFGS for the others.
+            (its loss) and :class:`NCC`, and their subclasses that keep the
+            class's ``__call__`` (its cost); L-BFGS for the others.
         any_contrast: whether a match may have any intensity relation
             (inverted, or another modality): then ``register`` also tries
             initialisations found on the inverted moving image (with the

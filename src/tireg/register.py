@@ -134,7 +134,7 @@ STALL_FLOOR = 0.25
 #: NCC's ECC step goes at most this many pixels of its level at first (the largest corner
 #: displacement; every trial step, damped or not, scaled down to it; not the stall test's free
 #: step, whose limit on a coarse level is this same pixel), twice as far after each capped step
-#: that lowered the cost, and this far again after a rejected one: the linearised image it
+#: that did not raise the cost, and this far again after a rejected one: the linearised image it
 #: maximises the correlation of holds within about a pixel of the level, while the step's scale
 #: (``lambda``) grows as the correlation falls.  Uncapped, a brick texture 5.7 px off at a coarse
 #: level jumped about 30 of its pixels to another brick (118 px at full resolution; 0.01 px capped).
@@ -1272,7 +1272,7 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         params = torch.where(better[:, None], trial_params, params)
         current = trial.where(better, current)
         damping = torch.where(better, (damping * 0.3).clamp_min(1e-9), damping * 10.0)
-        # a capped step that lowered the cost: the next may go twice as far; a rejected one: back to
+        # a capped step that did not raise the cost: the next may go twice as far; a rejected one: back to
         # ECC_RADIUS (a trust region's rule; with a fixed pixel a step, a 20-degree turn at one level
         # took over 50 iterations)
         radius = torch.where(better, torch.where(capped, 2.0 * radius, radius), ECC_RADIUS * level.factor)
@@ -1921,19 +1921,20 @@ def register(
     check_option(gradients, ("analytic", "autograd"), "gradients", caller)
     check_option(interpolation, ("bilinear", "bicubic"), "interpolation", caller)
     metric_object = copy.copy(get_metric(metric))  # a copy: register sets its histogram ranges per level
-    # Levenberg-Marquardt for a per-pixel metric (its loss and term weights) and for NCC by its own
-    # cost (a subclass that changes the cost, its __call__, is not what the ECC system describes);
-    # L-BFGS for other metrics, one of one's own that says per_pixel too
-    stepped = isinstance(metric_object, PerPixelMetric) or (isinstance(metric_object, NCC)
-                                                            and type(metric_object).__call__ is NCC.__call__)
+    # Levenberg-Marquardt for a per-pixel loss (PerPixelMetric: its loss and term weights) and for NCC
+    # (its ECC system), each by the class's own cost: a subclass that changes the cost (its __call__)
+    # is not what those describe.  L-BFGS for the others, one of one's own that says per_pixel too.
+    stepped = any(isinstance(metric_object, base) and type(metric_object).__call__ is base.__call__
+                  for base in (PerPixelMetric, NCC))
     if optimizer == "auto":
         optimizer = "gauss-newton" if stepped and gradients == "analytic" else "lbfgs"
     if optimizer == "gauss-newton" and gradients == "autograd":
         raise ValueError(f"{caller}: Gauss-Newton needs the analytic Jacobian; use gradients='analytic' "
                          "or a first-order optimizer ('adam', 'lbfgs', 'sgd') with autograd")
     if optimizer == "gauss-newton" and not stepped:
-        raise ValueError(f"{caller}: Gauss-Newton needs a per-pixel metric (a loss such as 'l2') or 'ncc'; "
-                         f"use optimizer='lbfgs' (the default for {metric!r}) or 'adam'")
+        raise ValueError(f"{caller}: Gauss-Newton needs a per-pixel loss (such as 'l2') or 'ncc', with the cost "
+                         f"of tireg's own PerPixelMetric or NCC; use optimizer='lbfgs' (the default for {metric!r}) "
+                         "or 'adam'")
     if real_number(tolerance) is None:
         raise TypeError(f"{caller}: 'tolerance' must be a number; got {type(tolerance).__name__}")
     tolerance = real_number(tolerance)
