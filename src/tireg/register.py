@@ -1932,9 +1932,9 @@ def register(
         raise ValueError(f"{caller}: Gauss-Newton needs the analytic Jacobian; use gradients='analytic' "
                          "or a first-order optimizer ('adam', 'lbfgs', 'sgd') with autograd")
     if optimizer == "gauss-newton" and not stepped:
-        raise ValueError(f"{caller}: Gauss-Newton needs a per-pixel loss (such as 'l2') or 'ncc', with the cost "
-                         f"of tireg's own PerPixelMetric or NCC; use optimizer='lbfgs' (the default for {metric!r}) "
-                         "or 'adam'")
+        raise ValueError(f"{caller}: Gauss-Newton needs a per-pixel loss (such as 'l2') or 'ncc' / 'ncc_any', "
+                         f"with the cost of tireg's own PerPixelMetric or NCC; use optimizer='lbfgs' (the default "
+                         f"for {metric!r}) or 'adam'")
     if real_number(tolerance) is None:
         raise TypeError(f"{caller}: 'tolerance' must be a number; got {type(tolerance).__name__}")
     tolerance = real_number(tolerance)
