@@ -1208,10 +1208,13 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
     iterations = torch.zeros(batch, dtype=torch.long, device=device)
     damping = torch.full((batch,), 1e-3, dtype=torch.float64, device=device)
     first_damping = damping.clone()
-    # NCC: how far ECC's next trial step may go, per pair (full-resolution pixels)
-    radius = torch.full((batch,), ECC_RADIUS * level.factor, dtype=params.dtype, device=device)
+    # NCC (its evaluations carry the ECC system): how far ECC's next trial step may go, per pair
+    # (full-resolution pixels); none for the per-pixel losses, whose loop keeps its operations
+    radius = None
     interval = _check_interval(device, callback)
     current = problem.evaluate(params, level, hessian=True)
+    if current.ecc is not None:
+        radius = torch.full((batch,), ECC_RADIUS * level.factor, dtype=params.dtype, device=device)
     # the costs kept as they are: every evaluation's are new tensors, never changed in place
     costs, passes = [current.cost], []
     subsets: dict = {}  # _evaluate_active's levels of the pairs still active
@@ -1233,8 +1236,7 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         solution, _ = torch.linalg.solve_ex(damped, gradient.neg()[..., None].expand(2, -1, -1, 1))
         step, free_step = solution[..., 0].to(params.dtype)
         displacement = _displacement(problem, params, step, corners)
-        capped = torch.zeros_like(active)
-        if current.ecc is not None:  # ECC's trial steps capped at the pair's radius (ECC_RADIUS)
+        if radius is not None:  # ECC's trial steps capped at the pair's radius (ECC_RADIUS)
             # (not the free step of the stall test below: capped, it tied with the coarse levels'
             # stall limit, which is the same level pixel)
             capped = ok & (displacement > radius)
@@ -1275,7 +1277,8 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         # a capped step that did not raise the cost: the next may go twice as far; a rejected one: back to
         # ECC_RADIUS (a trust region's rule; with a fixed pixel a step, a 20-degree turn at one level
         # took over 50 iterations)
-        radius = torch.where(better, torch.where(capped, 2.0 * radius, radius), ECC_RADIUS * level.factor)
+        if radius is not None:
+            radius = torch.where(better, torch.where(capped, 2.0 * radius, radius), ECC_RADIUS * level.factor)
         iterations += active
         stalled = (active ^ better) & (damping > 1e6)  # better pairs are active ones
         status = torch.where(stalled, _STALLED, status)
