@@ -735,10 +735,11 @@ def test_full_resolution_levels_anywhere_in_the_pyramid(factors, optimizer):
     assert grid_error(result.matrix, truth, fixed.shape) < 0.2 and bool(torch.isfinite(result.cost).all())
 
 
-@pytest.mark.parametrize("optimizer", ["gauss-newton", "adam"])
-def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, optimizer):
-    """EAGER_CHUNK_PIXELS bounds the reference path's memory for a batch; the result is unchanged,
-    masks included, and a metric that pools the batch (histogram ranges) is never split."""
+@pytest.mark.parametrize("optimizer, metric", [("gauss-newton", "l2"), ("adam", "l2"), ("gauss-newton", "ncc")])
+def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, optimizer, metric):
+    """EAGER_CHUNK_PIXELS bounds the reference path's memory for a batch (NCC's ECC system too);
+    the result is unchanged, masks included, and a metric that pools the batch (histogram ranges)
+    is never split."""
     register_module = importlib.import_module("tireg.register")
     pairs = [registration_pair("camera", "similarity", params, noise=0.02, seed=seed)
              for seed, params in enumerate([[0.06, 1.04, 4.0, -3.0], [-0.04, 0.97, -5.0, 2.0], [0.02, 1.0, 1.0, 1.0]])]
@@ -746,7 +747,7 @@ def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, 
     moving = torch.stack([pair[1] for pair in pairs])[:, None]
     mask = torch.ones_like(fixed)
     mask[1, :, :20] = 0.0  # a different mask per pair: the chunks must take their own
-    options = dict(transform="similarity", optimizer=optimizer, mask=mask, moving_mask=mask.flip(-1),
+    options = dict(transform="similarity", optimizer=optimizer, metric=metric, mask=mask, moving_mask=mask.flip(-1),
                    compile=False, max_iterations=30)
     split = []
     pairs_of = register_module._Level.pairs
@@ -771,9 +772,11 @@ def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, 
     assert split == []
 
 
-def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monkeypatch):
-    """One pair above EAGER_CHUNK_PIXELS runs in bands of rows, each band's mean weighted by its count:
-    the same cost, gradient and Gauss-Newton matrix (float64), with a fixed mask that empties whole
+@pytest.mark.parametrize("metric", ["l2", "ncc", "ncc_any"])
+def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monkeypatch, metric):
+    """One pair above EAGER_CHUNK_PIXELS runs in bands of rows, each band's mean weighted by its count
+    (NCC's sums: each band's deviations from its own means, moved to the pair's): the same cost,
+    gradient, Gauss-Newton matrix and ECC system (float64), with a fixed mask that empties whole
     bands, a moving mask and three channels; and the same registration."""
     register_module = importlib.import_module("tireg.register")
     fixed, moving, truth = registration_pair("astronaut", "similarity", [0.06, 1.04, 4.0, -3.0], noise=0.02)
@@ -786,7 +789,7 @@ def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monke
     as_batch = lambda image: image.reshape(1, -1, *image.shape[-2:]).double()  # noqa: E731
     kind = tireg.transforms.TRANSFORMS["similarity"]
     center = torch.tensor(tireg.transforms.image_center(*fixed.shape[-2:]), dtype=torch.float64)
-    problem = register_module._Problem(kind, center, tireg.metrics.get_metric("l2"), "bilinear")
+    problem = register_module._Problem(kind, center, tireg.metrics.get_metric(metric), "bilinear")
     params = torch.tensor([[0.05, 1.03, 3.5, -2.5]], dtype=torch.float64)
     level = lambda: register_module._make_level(  # noqa: E731
         as_batch(fixed), as_batch(moving), as_batch(mask), as_batch(moving_mask), 1, 0.0)
@@ -802,7 +805,10 @@ def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monke
         torch.testing.assert_close(got.cost, expected.cost, rtol=1e-12, atol=0)
         torch.testing.assert_close(got.gradient, expected.gradient, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(banded[1].hessian, whole[1].hessian, rtol=1e-12, atol=1e-12)
-    options = dict(transform="similarity", mask=mask, moving_mask=moving_mask, compile=False)
+    assert (whole[1].ecc is None) == (metric == "l2")
+    for expected, got in zip(whole[1].ecc or (), banded[1].ecc or ()):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    options = dict(transform="similarity", metric=metric, mask=mask, moving_mask=moving_mask, compile=False)
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
     reference = tireg.register(fixed, moving, **options)
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 3 * 30 * fixed.shape[-1])

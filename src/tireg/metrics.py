@@ -31,7 +31,7 @@ References: Evangelidis & Psarakis 2008 (ECC, NCC); Mattes et al. 2003
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -209,16 +209,44 @@ def _check_sign(sign: str, caller: str) -> str:
     return sign
 
 
-class NCCTerms(NamedTuple):
-    """:meth:`NCC.normal_terms`: the cost, ``ncc`` and the per-pixel images of the Gauss-Newton step."""
+class NCCStatistics(NamedTuple):
+    """:meth:`NCC.deviations`' sums over the weighted pixels of each pair (or of a part of it, such
+    as a band of rows; :meth:`merged` adds parts up), all ``(B,)``."""
 
-    cost: torch.Tensor  # (B,)
-    ncc: torch.Tensor  # (B,)
-    d_ncc: Optional[torch.Tensor] = None  # (B, C, H, W): d ncc / d x
-    weight: Optional[torch.Tensor] = None  # (B or 1, 1, H, W): w
-    unit: Optional[torch.Tensor] = None  # (B, C, H, W): w x^, the centred warped image over its norm
-    count: Optional[torch.Tensor] = None  # (B,): n = C sum w
-    inverse_variance: Optional[torch.Tensor] = None  # (B,): 1 / sum w x~^2, 0 for a flat pair
+    count: torch.Tensor  # n = C sum w
+    x_mean: torch.Tensor  # sum w x / n
+    y_mean: torch.Tensor
+    x_variance: torch.Tensor  # sum w x~^2 (x~ = x - x_mean): n times the variance
+    y_variance: torch.Tensor
+    covariance: torch.Tensor  # sum w x~ y~
+
+    @staticmethod
+    def merged(parts: Sequence["NCCStatistics"]) -> "NCCStatistics":
+        """The sums of the union of disjoint ``parts``, each centred on its own means (Chan, Golub &
+        LeVeque 1983): with ``d_b = mean_b - mean``, ``sum w x~^2 = sum_b (sum_b w x~_b^2 + n_b d_b^2)``
+        and ``sum w x~ y~ = sum_b (sum_b w x~_b y~_b + n_b d_b^x d_b^y)``.  No part's sums lose the
+        digits that raw sums ``sum w x^2 - n mean^2`` cancel."""
+        if len(parts) == 1:
+            return parts[0]
+        counts = torch.stack([part.count for part in parts])  # (parts, B)
+        count = counts.sum(0)
+        share = counts / count.clamp_min(_TINY)
+        x_means, y_means = (torch.stack([getattr(part, name) for part in parts]) for name in ("x_mean", "y_mean"))
+        x_mean, y_mean = (share * x_means).sum(0), (share * y_means).sum(0)
+        x_shift, y_shift = x_means - x_mean, y_means - y_mean
+        total = lambda name: torch.stack([getattr(part, name) for part in parts]).sum(0)  # noqa: E731
+        return NCCStatistics(count, x_mean, y_mean, total("x_variance") + (counts * x_shift * x_shift).sum(0),
+                             total("y_variance") + (counts * y_shift * y_shift).sum(0),
+                             total("covariance") + (counts * x_shift * y_shift).sum(0))
+
+
+class NCCDeviations(NamedTuple):
+    """:meth:`NCC.deviations`: the sums and the weighted deviations from the means, images ``(B, C, H, W)``."""
+
+    statistics: NCCStatistics
+    x: torch.Tensor  # w x~
+    y: torch.Tensor  # w y~
+    weight: torch.Tensor  # (B or 1, 1, H, W): w
 
 
 class ECCSystem(NamedTuple):
@@ -255,65 +283,80 @@ class NCC(Metric):
         self.any_contrast = self.sign == "any"
 
     def __call__(self, x, y, weight=None, gradient=False):
-        terms = self.normal_terms(x, y, weight, gradient=gradient, unit=False)
+        deviations = self.deviations(x, y, weight)
+        statistics = deviations.statistics
+        x_scale, y_scale = self.inverse_deviations(statistics)
+        inverse_norm = x_scale * y_scale
+        ncc = statistics.covariance * inverse_norm
+        cost = self.cost_of(ncc)
         if not gradient:
-            return terms.cost
-        scale = -1.0 if self.sign == "positive" else -2.0 * terms.ncc[:, None, None, None]
-        return terms.cost, scale * terms.d_ncc
+            return cost
+        # d ncc / d x = (w y~ - (cov / var_x) w x~) / (sd_x sd_y); a flat pair's is 0 (its var_x as 1)
+        slope = statistics.covariance / torch.where(x_scale > 0, statistics.x_variance, 1.0)
+        d_ncc = (deviations.y - slope[:, None, None, None] * deviations.x) * inverse_norm[:, None, None, None]
+        scale = -1.0 if self.sign == "positive" else -2.0 * ncc[:, None, None, None]
+        return cost, scale * d_ncc
 
-    def normal_terms(
-        self, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None, *, gradient: bool = True,
-        unit: bool = True,
-    ) -> "NCCTerms":
-        """The cost and the per-pixel images from whose sums :meth:`ecc_system` makes a
-        step's system: ``d ncc / d x``, the weights ``w`` and ``w x^``, with
-        ``x^ = x~ / sqrt(sum w x~^2)`` the warped image centred and scaled to unit norm
-        (:class:`NCCTerms`).  Without ``gradient`` only the cost and ``ncc``; without ``unit``
-        no ``w x^`` (the metric's own call)."""
+    def cost_of(self, ncc: torch.Tensor) -> torch.Tensor:
+        """The cost of a correlation: ``1 - ncc`` (``sign="positive"``) or ``1 - ncc^2`` (``"any"``)."""
+        return 1.0 - ncc if self.sign == "positive" else 1.0 - ncc * ncc
+
+    def deviations(self, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> NCCDeviations:
+        """The weighted means, centred sums and deviations ``w x~``, ``w y~`` of each pair
+        (:class:`NCCDeviations`): what the cost, its derivative and :meth:`ecc_system` are made of.
+
+        Sums of a part of the pixels (a band of rows) are centred on that part's means;
+        :meth:`NCCStatistics.merged` adds parts up.
+        """
         w = _inputs(self, x, y, weight)
         dims = (1, 2, 3)
-        count = (w.sum(dims) * x.shape[1]).clamp_min(_TINY)
-        x_mean = (w * x).sum(dims) / count
-        y_mean = (w * y).sum(dims) / count
-        xc = x - x_mean[:, None, None, None]
-        yc = y - y_mean[:, None, None, None]
-        covariance = (w * xc * yc).sum(dims)
-        x_var = (w * xc * xc).sum(dims)
-        y_var = (w * yc * yc).sum(dims)
-        flat = _flat_variance(x_var, x_mean, count) | _flat_variance(y_var, y_mean, count)
-        # 1 / (sd_x sd_y) as two roots: the product x_var y_var leaves float32 for values near
-        # 1e10 or 1e-10; a flat side's 1 where it is not used (no NaN for autograd to meet)
-        x_root, y_root = torch.where(flat, 1.0, x_var).rsqrt(), torch.where(flat, 1.0, y_var).rsqrt()
-        inverse_norm = torch.where(flat, 0.0, x_root * y_root)
-        ncc = covariance * inverse_norm
-        cost = 1.0 - ncc if self.sign == "positive" else 1.0 - ncc * ncc
-        if not gradient:
-            return NCCTerms(cost, ncc)
-        slope = covariance / torch.where(flat, 1.0, x_var)
-        d_ncc = w * (yc - slope[:, None, None, None] * xc) * inverse_norm[:, None, None, None]
-        x_scale = torch.where(flat, 0.0, x_root)  # 1 / sd_x, 0 for a flat pair (no step)
-        unit_image = w * xc * x_scale[:, None, None, None] if unit else None
-        return NCCTerms(cost, ncc, d_ncc, w, unit_image, count, x_scale * x_scale)
+        count = w.sum(dims) * x.shape[1]
+        divisor = count.clamp_min(_TINY)
+        x_mean = (w * x).sum(dims) / divisor
+        y_mean = (w * y).sum(dims) / divisor
+        x_centred = x - x_mean[:, None, None, None]
+        y_centred = y - y_mean[:, None, None, None]
+        x_deviation, y_deviation = w * x_centred, w * y_centred
+        statistics = NCCStatistics(count, x_mean, y_mean, (x_deviation * x_centred).sum(dims),
+                                   (y_deviation * y_centred).sum(dims), (x_deviation * y_centred).sum(dims))
+        return NCCDeviations(statistics, x_deviation, y_deviation, w)
+
+    @staticmethod
+    def inverse_deviations(statistics: NCCStatistics) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(1 / sd_x, 1 / sd_y)`` with ``sd_x^2 = sum w x~^2``, both 0 for a pair with a flat side.
+
+        Two roots, not one of the product: ``var_x var_y`` leaves float32 for values near 1e10 or
+        1e-10; a flat side's root is taken of 1 (no NaN for autograd to meet where it is not used).
+        """
+        flat = (_flat_variance(statistics.x_variance, statistics.x_mean, statistics.count)
+                | _flat_variance(statistics.y_variance, statistics.y_mean, statistics.count))
+        x_root = torch.where(flat, 1.0, statistics.x_variance).rsqrt()
+        y_root = torch.where(flat, 1.0, statistics.y_variance).rsqrt()
+        return torch.where(flat, 0.0, x_root), torch.where(flat, 0.0, y_root)
 
     def ecc_system(
-        self, terms: NCCTerms, second: torch.Tensor, total: torch.Tensor, along_unit: torch.Tensor,
-        along_d_ncc: torch.Tensor,
+        self, statistics: NCCStatistics, second: torch.Tensor, total: torch.Tensor, along_x: torch.Tensor,
+        along_y: torch.Tensor,
     ) -> "ECCSystem":
         """The step's system in any ``K`` parameters, from sums over the weighted values of their
         Jacobian rows ``a_i = d x_i / dp`` (``(B, K)`` and ``(B, K, K)``)::
 
-            second = sum w a a^T,  total s = sum w a,  along_unit b = sum w x^ a,  along_d_ncc v = sum (d ncc / d x) a
+            second = sum w a a^T,  total s = sum w a,  along_x = sum w x~ a,  along_y = sum w y~ a
 
-        In the units of ``x^`` (the warped image over its norm ``sd_x``), with ``a~ = a - s / n``
-        (``n = C sum w``) and ``y^`` as ``x^``: ``centred = sum w a~ a~^T / sd_x^2 = (second - s s^T / n) / sd_x^2``,
-        ``image = sum w x^ a~ / sd_x = b / sd_x``, ``template = sum w y^ a~ / sd_x = v + ncc image``
-        (``d ncc / d x = w (y^ - ncc x^) / sd_x``).  Linear in the rows: ``J``-mapped sums give the
-        system in other parameters.  A flat pair's is zeros.
+        In the units of ``x^ = x~ / sd_x`` (the warped image centred and scaled to unit norm,
+        ``sd_x^2 = sum w x~^2``), with ``a~ = a - s / n`` (``n = C sum w``) and ``y^`` as ``x^``:
+        ``centred = sum w a~ a~^T / sd_x^2 = (second - s s^T / n) / sd_x^2``,
+        ``image = sum w x^ a~ / sd_x = along_x / sd_x^2`` and
+        ``template = sum w y^ a~ / sd_x = along_y / (sd_x sd_y)`` (``sum w x~ = sum w y~ = 0``).
+        Linear in the rows: ``J``-mapped sums give the system in other parameters.  A flat pair's
+        is zeros.
         """
+        x_scale, y_scale = self.inverse_deviations(statistics)
+        inverse_variance = x_scale * x_scale
         outer = total[:, :, None] * total[:, None, :]
-        centred = (second - outer / terms.count[:, None, None]) * terms.inverse_variance[:, None, None]
-        image = along_unit * terms.inverse_variance.sqrt()[:, None]
-        return ECCSystem(centred, image, along_d_ncc + terms.ncc[:, None] * image, terms.ncc)
+        centred = (second - outer / statistics.count.clamp_min(_TINY)[:, None, None]) * inverse_variance[:, None, None]
+        ncc = statistics.covariance * (x_scale * y_scale)
+        return ECCSystem(centred, along_x * inverse_variance[:, None], along_y * (x_scale * y_scale)[:, None], ncc)
 
     def normal_equations(self, system: "ECCSystem") -> tuple[torch.Tensor, torch.Tensor]:
         """The cost's gradient and Gauss-Newton matrix from :meth:`ecc_system`'s ``system``.

@@ -60,7 +60,7 @@ from ._validation import (
     writable,
 )
 from .losses import PerPixelLoss, constant_irls_weight
-from .metrics import ECCSystem, Metric, NCC, PerPixelMetric, get_metric
+from .metrics import ECCSystem, Metric, NCC, NCCStatistics, PerPixelMetric, get_metric
 from .sampling import (
     _grid_moments,
     _sampler_gradient,
@@ -905,8 +905,8 @@ class _Problem:
     def _evaluate_eager(
         self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, level: _Level, hessian: bool
     ) -> tuple[_Evaluation, torch.Tensor]:
-        """:meth:`_evaluate` by the reference kernels; for a per-pixel metric in chunks of pairs
-        of at most :func:`tireg._chunks.eager_budget` fixed pixels.
+        """:meth:`_evaluate` by the reference kernels; for a per-pixel metric, and NCC's system, in
+        chunks of pairs of at most :func:`tireg._chunks.eager_budget` fixed pixels.
 
         Each per-pixel quantity of an evaluation is an image (about nine in all), so a whole
         batch at once held about 9x its input images; a chunk holds them for its pairs only.
@@ -916,10 +916,14 @@ class _Problem:
         batch = level.fixed.shape[0]
         pair_pixels = level.fixed.shape[-2] * level.fixed.shape[-1] * level.fixed.shape[1]
         budget = _chunks.eager_budget(level.fixed.device)
-        if self.loss is not None and batch == 1 and pair_pixels > budget:
+        ncc = hessian and isinstance(self.metric, NCC)
+        by_pair = self.loss is not None or ncc
+        if by_pair and batch == 1 and pair_pixels > budget:
+            if ncc:
+                return self._evaluate_ncc(matrix, flat_jacobian, self._bands(level, budget))
             return self._evaluate_in_bands(matrix, flat_jacobian, level, hessian, budget)
         parts = _chunks.chunk_slices(batch, pair_pixels, budget)
-        if self.loss is None or len(parts) == 1:
+        if not by_pair or len(parts) == 1:
             return self._evaluate_whole(matrix, flat_jacobian, level, hessian)
         if level.cache.get("chunk budget") != budget:
             level.cache["chunk budget"] = budget
@@ -927,12 +931,21 @@ class _Problem:
         results = [self._evaluate_eager(matrix[part], flat_jacobian[part], pairs, hessian)
                    for part, pairs in level.cache["chunks"]]
         evaluations = [evaluation for evaluation, _ in results]
+        joined = lambda parts: None if parts[0] is None else torch.cat(parts)  # noqa: E731
         evaluation = _Evaluation(
-            torch.cat([evaluation.cost for evaluation in evaluations]),
-            torch.cat([evaluation.gradient for evaluation in evaluations]),
-            None if not hessian else torch.cat([evaluation.hessian for evaluation in evaluations]),
+            *(joined([getattr(evaluation, name) for evaluation in evaluations]) for name in ("cost", "gradient", "hessian")),
+            None if evaluations[0].ecc is None else ECCSystem(*map(torch.cat, zip(*[e.ecc for e in evaluations]))),
         )
         return evaluation, torch.cat([count for _, count in results])
+
+    @staticmethod
+    def _bands(level: _Level, budget: int) -> list[_Level]:
+        """The level of one pair in bands of rows of at most ``budget`` fixed pixels, made once."""
+        channels, height, width = level.fixed.shape[1:]
+        if level.cache.get("band budget") != budget:
+            level.cache["band budget"] = budget
+            level.cache["bands"] = [level.rows(part) for part in _chunks.chunk_slices(height, width * channels, budget)]
+        return level.cache["bands"]
 
     def _evaluate_in_bands(
         self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, level: _Level, hessian: bool, budget: int
@@ -944,11 +957,8 @@ class _Problem:
         ``sum_b n_b (band's) / n``, with ``n`` the whole level's count (both at least 1, as
         the metric's).
         """
-        channels, height, width = level.fixed.shape[1:]
-        if level.cache.get("band budget") != budget:
-            level.cache["band budget"] = budget
-            level.cache["bands"] = [level.rows(part) for part in _chunks.chunk_slices(height, width * channels, budget)]
-        results = [self._evaluate_whole(matrix, flat_jacobian, band, hessian) for band in level.cache["bands"]]
+        channels = level.fixed.shape[1]
+        results = [self._evaluate_whole(matrix, flat_jacobian, band, hessian) for band in self._bands(level, budget)]
         evaluations = [evaluation for evaluation, _ in results]
         counts = torch.stack([count for _, count in results])  # (bands, B)
         total = (counts.sum(0) * channels).clamp_min(1.0)  # (B,)
@@ -966,14 +976,14 @@ class _Problem:
         self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, level: _Level, hessian: bool
     ) -> tuple[_Evaluation, torch.Tensor]:
         """:meth:`_evaluate` of the whole ``level`` at once, and its count of valid pixels per pair."""
+        if hessian and isinstance(self.metric, NCC):
+            return self._evaluate_ncc(matrix, flat_jacobian, [level])
         grid = self.grid(matrix, level)
         valid = self._valid(grid, level)
         valid_count = valid.sum(dim=(1, 2, 3))
         return self._evaluate(grid, valid, valid_count, flat_jacobian, level, hessian), valid_count
 
     def _evaluate(self, grid, valid, valid_count, flat_jacobian, level: _Level, hessian: bool) -> _Evaluation:
-        if hessian and isinstance(self.metric, NCC):
-            return self._evaluate_ncc(grid, valid, flat_jacobian, level)
         if hessian:  # Gauss-Newton: a per-pixel metric, its IRLS weights and the normal matrix
             values, gradients = sample_with_gradient(
                 level.moving, grid, interpolation=self.interpolation, padding_mode="border"
@@ -1009,47 +1019,65 @@ class _Problem:
         g_moments = _grid_moments(g_normalized, level.axes, True, False) * scale[:, None]
         return _in_parameters(cost, flat_jacobian, g_moments, None)
 
-    def _evaluate_ncc(self, grid, valid, flat_jacobian, level: _Level) -> _Evaluation:
+    def _evaluate_ncc(
+        self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, bands: list[_Level]
+    ) -> tuple[_Evaluation, torch.Tensor]:
         """Cost, gradient and Gauss-Newton matrix of :class:`~tireg.metrics.NCC` (the ECC step,
-        :meth:`~tireg.metrics.NCC.ecc_gradient`), from moments of per-pixel images:
-        ``(d ncc / d x, w, w x^)`` times the moving image's gradient ``(gx, gy)``, then
-        ``w (gx gx, gx gy, gy gy)``, each summed over channels.  In matrix space a value's Jacobian
-        row is ``a = vec(grad M x~^T)`` (``x~ = (x, y, 1)``), so a sum ``sum c a`` is the first-order
-        moments of ``c grad M`` and ``sum w a a^T`` the per-pixel path's normal matrix of weight ``w``.
+        :meth:`~tireg.metrics.NCC.ecc_gradient`), and the count of valid pixels, from sums over
+        ``bands`` (a level whole, or one pair's bands of rows).
 
-        The nine images go through one buffer of three, in turn, and ``d ncc / d x`` and ``w x^``
-        are let go once used: all nine at once held a 2048^2 pair's peak at 19 images over its
-        start, against 10 for the L-BFGS path."""
-        values, gradients = sample_with_gradient(level.moving, grid, interpolation=self.interpolation,
-                                                 padding_mode="border")  # gradients (B, C, 2, h, w)
-        terms = self.metric.normal_terms(values, level.fixed, valid)
-        del values
-        batch, weight = gradients.shape[0], terms.weight
-        gx, gy = gradients[:, :, 0], gradients[:, :, 1]
-        buffer = gradients.new_empty(batch, 3, *gradients.shape[3:])
-
-        def moments() -> torch.Tensor:  # (B, 3, 6): (x^2, xy, y^2, x, y, 1) of the buffer's images
-            return _grid_moments(buffer, level.axes, False, True)
-
-        _channel_sum(terms.d_ncc.unsqueeze(2), gradients, out=buffer[:, :2])
-        _channel_sum(weight, gx, out=buffer[:, 2])
-        first = moments()  # d_ncc (gx, gy), w gx
-        terms = terms._replace(d_ncc=None)
-        _channel_sum(weight, gy, out=buffer[:, 0])
-        _channel_sum(terms.unit.unsqueeze(2), gradients, out=buffer[:, 1:])
-        second = moments()  # w gy, w x^ (gx, gy)
-        terms = terms._replace(unit=None)
-        _channel_sum((weight * gx).unsqueeze(2), gradients, out=buffer[:, :2])  # w gx (gx, gy)
-        _channel_sum(weight * gy, gy, out=buffer[:, 2])
-        products = moments()
-        along_d_ncc = first[:, :2, 3:].reshape(batch, 6)
-        total = torch.cat([first[:, 2, 3:], second[:, 0, 3:]], 1)
-        along_unit = second[:, 1:, 3:].reshape(batch, 6)
-        system = self.metric.ecc_system(terms, _assemble_hessian(products), total, along_unit, along_d_ncc)
+        In matrix space a value's Jacobian row is ``a = vec(grad M q^T)`` (``q = (x, y, 1)`` its pixel), so
+        :meth:`~tireg.metrics.NCC.ecc_system`'s sums ``sum c a`` are the first-order moments of
+        ``c grad M`` (``c`` one of ``w``, ``w x~``, ``w y~``) and ``sum w a a^T`` the per-pixel
+        path's normal matrix of weight ``w``: nine images, each summed over channels, through one
+        buffer of three in turn.  A band's deviations are from its own means; with ``d_b`` its
+        mean's offset from the pair's, ``sum w x~ a = sum_b (sum_b w x~_b a + d_b sum_b w a)``
+        (:meth:`~tireg.metrics.NCCStatistics.merged` for the scalar sums).  One 2048^2 pair's peak
+        over its start was 19 images with all nine at once, 13 with the buffer, 3.0 in bands (l2's).
+        """
+        statistics, first, middle, products, counts = [], [], [], [], []
+        for band in bands:
+            grid = self.grid(matrix, band)
+            valid = self._valid(grid, band)
+            counts.append(valid.sum(dim=(1, 2, 3)))
+            values, gradients = sample_with_gradient(band.moving, grid, interpolation=self.interpolation,
+                                                     padding_mode="border")  # gradients (B, C, 2, h, w)
+            del grid
+            deviations = self.metric.deviations(values, band.fixed, valid)
+            del values, valid
+            weight, gx, gy = deviations.weight, gradients[:, :, 0], gradients[:, :, 1]
+            buffer = gradients.new_empty(gradients.shape[0], 3, *gradients.shape[3:])
+            # (B, 3, 6): the moments (x^2, xy, y^2, x, y, 1) of the buffer's three images
+            moments = lambda: _grid_moments(buffer, band.axes, False, True)  # noqa: E731, B023
+            _channel_sum(weight, gx, out=buffer[:, 0])
+            _channel_sum(weight, gy, out=buffer[:, 1])
+            _channel_sum(deviations.x, gx, out=buffer[:, 2])
+            first.append(moments())  # w (gx, gy), w x~ gx
+            _channel_sum(deviations.x, gy, out=buffer[:, 0])
+            _channel_sum(deviations.y.unsqueeze(2), gradients, out=buffer[:, 1:])
+            middle.append(moments())  # w x~ gy, w y~ (gx, gy)
+            statistics.append(deviations.statistics)
+            deviations = None  # its images go before the products are made
+            _channel_sum((weight * gx).unsqueeze(2), gradients, out=buffer[:, :2])  # w gx (gx, gy)
+            _channel_sum(weight * gy, gy, out=buffer[:, 2])
+            products.append(moments())
+        merged = NCCStatistics.merged(statistics)
+        batch = matrix.shape[0]
+        total = [part[:, :2, 3:].reshape(batch, 6) for part in first]
+        along_x = [torch.cat([head[:, 2, 3:], tail[:, 0, 3:]], 1) for head, tail in zip(first, middle)]
+        along_y = [part[:, 1:, 3:].reshape(batch, 6) for part in middle]
+        if len(bands) > 1:  # each band's deviations to the pair's means
+            along_x = [part + (own.x_mean - merged.x_mean)[:, None] * own_total
+                       for part, own, own_total in zip(along_x, statistics, total)]
+            along_y = [part + (own.y_mean - merged.y_mean)[:, None] * own_total
+                       for part, own, own_total in zip(along_y, statistics, total)]
+        added = lambda parts: parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)  # noqa: E731
+        system = self.metric.ecc_system(merged, _assemble_hessian(added(products)), added(total), added(along_x),
+                                        added(along_y))
         vector = lambda matrix_space: (flat_jacobian @ matrix_space[..., None])[..., 0]  # noqa: E731
         system = ECCSystem(flat_jacobian @ system.centred @ flat_jacobian.transpose(1, 2), vector(system.image),
                            vector(system.template), system.ncc)  # in the parameters
-        return _Evaluation(terms.cost, *self.metric.normal_equations(system), ecc=system)
+        return _Evaluation(self.metric.cost_of(system.ncc), *self.metric.normal_equations(system), ecc=system), added(counts)
 
 
 def _channel_sum(first: torch.Tensor, second: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
