@@ -24,7 +24,8 @@ interleaved rounds (so that load on a shared machine hits all alike):
    in turn; a method slower than 0.25 s a pair runs each pair once), success
    (< 0.5 px, ``accuracy.grid_error``) and the ratio to ECC.
 3. **memory**: peak memory of two analytic steps of a new model, and of a
-   ``register`` call (eager and compiled), from just before the model or
+   ``register`` call (eager and compiled; and with ``metric="ncc"``,
+   which has no compiled kernel), from just before the model or
    call is made, over the size of the input images: so what a model keeps
    between steps (the padded moving image, coordinate grids) counts, and
    the compile does not (it runs first on other tensors of the same shape).
@@ -386,12 +387,18 @@ def _memory_inputs(size: int, batch: int, device: str) -> tuple[torch.Tensor, to
     return fixed, torch.roll(fixed, shifts=(3, -2), dims=(-2, -1))
 
 
+#: The memory table's columns: (what, compile), "register ncc" being ``register(metric="ncc")``.
+MEMORY_COLUMNS = (("step", False), ("step", True), ("register", False), ("register", True), ("register ncc", False))
+
+
 def _memory_call(what: str, compile: bool, fixed: torch.Tensor, moving: torch.Tensor) -> None:
     """Two steps of a new analytic model (what it keeps between steps counts), or one ``register``."""
     if what == "step":
         model = tireg.create_model("affine", moving, compile=compile)
         model(moving, fixed)
         model(moving, fixed)
+    elif what == "register ncc":
+        tireg.register(fixed, moving, metric="ncc", compile=compile)
     else:
         tireg.register(fixed, moving, compile=compile)
 
@@ -461,23 +468,22 @@ def memory_table(args) -> None:
     if not cuda and not os.path.exists("/proc/self/clear_refs"):
         print("(on the CPU this table needs Linux's /proc/self/clear_refs)")
         return
-    print("| size | B | input [MiB] | step | step compiled | register | register compiled |")
-    print("|---|---|---|---|---|---|---|")
+    print("| size | B | input [MiB] | step | step compiled | register | register compiled | register ncc |")
+    print("|---|---|---|---|---|---|---|---|")
     cases = args.memory_cases or MEMORY_CASES
     for size, batch in cases:
         cells = []
-        for what in ("step", "register"):
-            for compile in (False, True):
-                if cuda:
-                    try:
-                        cells.append(_cuda_peak(what, compile, size, batch, args.device))
-                    except OUT_OF_MEMORY:
-                        _release(args.device)
-                        cells.append(math.nan)
-                    if compile and fell_back(args.device):
-                        cells[-1] = math.nan
-                else:
-                    cells.append(_cpu_peak(what, compile, size, batch, args.threads))
+        for what, compile in MEMORY_COLUMNS:
+            if cuda:
+                try:
+                    cells.append(_cuda_peak(what, compile, size, batch, args.device))
+                except OUT_OF_MEMORY:
+                    _release(args.device)
+                    cells.append(math.nan)
+                if compile and fell_back(args.device):
+                    cells[-1] = math.nan
+            else:
+                cells.append(_cpu_peak(what, compile, size, batch, args.threads))
         input_mib = 2 * batch * size * size * 4 / 2**20
         print(f"| {size}² | {batch} | {input_mib:.0f} | " + " | ".join(f"{cell:.2f}" for cell in cells) + " |",
               flush=True)
