@@ -587,7 +587,8 @@ def test_compiled_register_in_bands_gives_the_same_matrices(monkeypatch):
 @needs_compile
 def test_compiled_trials_of_the_active_pairs_share_the_packed_image(monkeypatch):
     """Once pairs have stopped, a compiled trial evaluates the active ones as runs of consecutive
-    pairs, views of the level that share its packed moving image: copies of their images (the
+    pairs, views of the level that share its packed moving image, where the runs' kernel calls cost
+    less than the stopped pairs (``RUN_PIXELS``), else the whole batch: copies of their images (the
     reference path's ``_Level.select``) had raised the peak of 128 pairs of 256^2 from 2.9x to 3.9x
     their input.  Each pair's result is still the one it has alone, bit for bit."""
     register_module = importlib.import_module("tireg.register")
@@ -613,8 +614,14 @@ def test_compiled_trials_of_the_active_pairs_share_the_packed_image(monkeypatch)
     monkeypatch.setattr(register_module._Problem, "evaluate", counting)
     monkeypatch.setattr(register_module._Level, "pairs", viewed)
     monkeypatch.setattr(register_module._Level, "select", lambda *args: pytest.fail("copied the active pairs"))
+    monkeypatch.setattr(register_module, "RUN_PIXELS", 1)  # runs pay (96^2 pairs: a call costs more)
     batch = tireg.register(fixed, moving, transform="affine", compile=True)
     assert min(sizes) < 8 and runs, sizes
+    sizes.clear(), runs.clear()
+    monkeypatch.setattr(register_module, "RUN_PIXELS", 1 << 30)  # they do not: the whole batch
+    again = tireg.register(fixed, moving, transform="affine", compile=True)
+    assert set(sizes) == {8} and not runs, sizes
+    assert torch.equal(again.matrix, batch.matrix)
     monkeypatch.undo()
     for index in (0, 3, 6):
         alone = tireg.register(fixed[index], moving[index], transform="affine", compile=True)

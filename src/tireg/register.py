@@ -1085,7 +1085,8 @@ class _Problem:
         vector = lambda matrix_space: (flat_jacobian @ matrix_space[..., None])[..., 0]  # noqa: E731
         system = ECCSystem(flat_jacobian @ system.centred @ flat_jacobian.transpose(1, 2), vector(system.image),
                            vector(system.template), system.ncc)  # in the parameters
-        return _Evaluation(self.metric.cost_of(system.ncc), *self.metric.normal_equations(system), ecc=system), added(counts)
+        evaluation = _Evaluation(self.metric.cost_of(system.ncc), *self.metric.normal_equations(system), ecc=system)
+        return evaluation, added(counts)
 
 
 def _channel_sum(first: torch.Tensor, second: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
@@ -1342,6 +1343,12 @@ def _damped(matrix: torch.Tensor, dampings: torch.Tensor) -> torch.Tensor:
     return damped
 
 
+#: A compiled kernel call costs about as much as evaluating this many pixels (EPYC, one thread: about
+#: 0.23 ms, 5.5 ns a pixel): a trial of the active pairs as runs of consecutive pairs, a call each,
+#: pays where the stopped pairs it skips hold more (a batch of 128 x 64^2, every other pair active:
+#: 64 runs 16.1 ms, the whole batch 2.8 ms; 16 x 256^2, 8 runs: 4.4 against 5.9 ms).
+RUN_PIXELS = 1 << 16
+
 #: On the CPU a Gauss-Newton trial evaluates only the pairs still active once they are at most this
 #: fraction of the batch (the reference path copies their images for it: two image passes against
 #: an evaluation's ten or so, worth it only when enough pairs have stopped; the compiled kernel
@@ -1357,8 +1364,9 @@ def _evaluate_active(evaluate: Callable[[torch.Tensor, _Level], _Evaluation], pa
     already) once they are at most :data:`COMPACT_FRACTION` of the batch.  The others read an
     infinite cost (never better) and zero derivatives.  Pairs finish a level at different
     iterations (32 affine pairs of 128^2: 2-10 iterations in all, the batch's full-resolution level
-    8 evaluations).  ``subsets`` keeps the pairs' level (:meth:`_Level.select`) while they stay the
-    same.  Each pair's values are those it has alone (batch invariance)."""
+    8 evaluations).  ``subsets`` keeps the pairs' levels (:meth:`_Level.select`'s copies, or the
+    compiled kernel's runs of views, :data:`RUN_PIXELS`) while they stay the same.  Each pair's
+    values are those it has alone (batch invariance)."""
     batch = params.shape[0]
     if active is None or batch == 1 or not (always or _looks_are_free(params.device)):
         return evaluate(params, level)
@@ -1369,11 +1377,18 @@ def _evaluate_active(evaluate: Callable[[torch.Tensor, _Level], _Evaluation], pa
     key = tuple(index.tolist())
     if key not in subsets:
         subsets.clear()  # one set at a time: the levels of the last one are all that is kept
-        # the compiled kernel's level: runs of consecutive pairs as views, which share its packed
-        # moving image (copies of the active pairs' images had raised the peak of a batch of
-        # 128 x 256^2 from 2.9x to 3.9x its input); the reference path's: one level of copies
-        subsets[key] = ([(run, level.pairs(run)) for run in _runs(key)] if "padded" in level.cache
-                        else [(index, level.select(index))])
+        if "padded" not in level.cache:
+            subsets[key] = [(index, level.select(index))]
+        else:
+            # the compiled kernel's level: runs of consecutive pairs as views, which share its packed
+            # moving image (copies of the active pairs' images had raised the peak of a batch of
+            # 128 x 256^2 from 2.9x to 3.9x its input), where their calls cost less than the
+            # stopped pairs would; otherwise the whole batch (None)
+            runs = _runs(key)
+            saved = (batch - count) * level.fixed[0].numel()
+            subsets[key] = [(run, level.pairs(run)) for run in runs] if len(runs) * RUN_PIXELS <= saved else None
+    if subsets[key] is None:
+        return evaluate(params, level)
     part = _Evaluation.joined([evaluate(params[pairs], subset) for pairs, subset in subsets[key]])
     spread = lambda values: None if values is None else values.new_zeros(  # noqa: E731
         batch, *values.shape[1:]).index_copy(0, index, values)
