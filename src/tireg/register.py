@@ -60,7 +60,7 @@ from ._validation import (
     writable,
 )
 from .losses import PerPixelLoss, constant_irls_weight
-from .metrics import ECCSystem, Metric, NCC, NCCStatistics, PerPixelMetric, get_metric
+from .metrics import ECCSystem, LocalNCC, Metric, NCC, NCCStatistics, PerPixelMetric, get_metric
 from .sampling import (
     _grid_moments,
     _sampler_gradient,
@@ -787,6 +787,9 @@ class _Problem:
             self.linear_parts = (kind.matrix(zeros, center)[0], kind.jacobian(zeros, center)[0])
         self.loss = metric.loss if isinstance(metric, PerPixelMetric) else None  # Gauss-Newton's rho
         self.irls_constant = None if self.loss is None else constant_irls_weight(self.loss)
+        # whether each pair's cost is its own (no statistic pooled over the batch): then a batch is
+        # evaluated in chunks of pairs (a metric of one's own may pool, and runs whole)
+        self.by_pair = self.loss is not None or _own_cost(metric, (NCC, LocalNCC))
         # the compiled kernel serves a per-pixel metric's mean, bilinear, without a moving mask
         self.compile = (
             bool(compile) and self.loss is not None and self.metric.mean
@@ -919,25 +922,27 @@ class _Problem:
     def _evaluate_eager(
         self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, level: _Level, hessian: bool
     ) -> tuple[_Evaluation, torch.Tensor]:
-        """:meth:`_evaluate` by the reference kernels; for a per-pixel metric, and NCC's system, in
-        chunks of pairs of at most :func:`tireg._chunks.eager_budget` fixed pixels.
+        """:meth:`_evaluate` by the reference kernels; for a metric whose pairs are independent
+        (:attr:`by_pair`: a per-pixel loss, NCC, local NCC) in chunks of pairs of at most
+        :func:`tireg._chunks.eager_budget` fixed pixels, and one larger pair in bands of rows where
+        the evaluation is a sum over pixels (a per-pixel loss, NCC's Gauss-Newton system).
 
-        Each per-pixel quantity of an evaluation is an image (about nine in all), so a whole
-        batch at once held about 9x its input images; a chunk holds them for its pairs only.
-        (Pairs are independent; other metrics may pool statistics over the batch, such as
-        histogram ranges, and run whole.)
+        Each per-pixel quantity of an evaluation is an image (about nine in all; local NCC's
+        window sums twenty), so a whole batch at once held about 9x its input images; a chunk
+        holds them for its pairs only.  Mutual information keeps its fixed image's bins for the
+        batch as one record, and a metric of one's own may pool statistics over the batch: they
+        run whole.
         """
         batch = level.fixed.shape[0]
         pair_pixels = level.fixed.shape[-2] * level.fixed.shape[-1] * level.fixed.shape[1]
         budget = _chunks.eager_budget(level.fixed.device)
-        ncc = hessian and isinstance(self.metric, NCC)
-        by_pair = self.loss is not None or ncc
-        if by_pair and batch == 1 and pair_pixels > budget:
+        ncc = hessian and isinstance(self.metric, NCC)  # its Gauss-Newton system: sums over pixels
+        if batch == 1 and pair_pixels > budget and (self.loss is not None or ncc):
             if ncc:
                 return self._evaluate_ncc(matrix, flat_jacobian, self._bands(level, budget))
             return self._evaluate_in_bands(matrix, flat_jacobian, level, hessian, budget)
         parts = _chunks.chunk_slices(batch, pair_pixels, budget)
-        if not by_pair or len(parts) == 1:
+        if not self.by_pair or len(parts) == 1:
             return self._evaluate_whole(matrix, flat_jacobian, level, hessian)
         if level.cache.get("chunk budget") != budget:
             level.cache["chunk budget"] = budget
@@ -1087,6 +1092,11 @@ class _Problem:
                            vector(system.template), system.ncc)  # in the parameters
         evaluation = _Evaluation(self.metric.cost_of(system.ncc), *self.metric.normal_equations(system), ecc=system)
         return evaluation, added(counts)
+
+
+def _own_cost(metric: Metric, bases: tuple[type, ...]) -> bool:
+    """Whether ``metric`` is one of ``bases`` with that class's own cost (its ``__call__``)."""
+    return any(isinstance(metric, base) and type(metric).__call__ is base.__call__ for base in bases)
 
 
 def _channel_sum(first: torch.Tensor, second: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
@@ -1993,8 +2003,7 @@ def register(
     # Levenberg-Marquardt for a per-pixel loss (PerPixelMetric: its loss and term weights) and for NCC
     # (its ECC system), each by the class's own cost: a subclass that changes the cost (its __call__)
     # is not what those describe.  L-BFGS for the others, one of one's own that says per_pixel too.
-    stepped = any(isinstance(metric_object, base) and type(metric_object).__call__ is base.__call__
-                  for base in (PerPixelMetric, NCC))
+    stepped = _own_cost(metric_object, (PerPixelMetric, NCC))
     if optimizer == "auto":
         optimizer = "gauss-newton" if stepped and gradients == "analytic" else "lbfgs"
     if optimizer == "gauss-newton" and gradients == "autograd":
