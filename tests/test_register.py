@@ -736,11 +736,13 @@ def test_full_resolution_levels_anywhere_in_the_pyramid(factors, optimizer):
 
 
 @pytest.mark.parametrize("optimizer, metric", [("gauss-newton", "l2"), ("adam", "l2"), ("gauss-newton", "ncc"),
-                                               ("lbfgs", "ncc"), ("auto", "lncc")])
+                                               ("lbfgs", "ncc"), ("auto", "lncc"), ("auto", "mi")])
 def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, optimizer, metric):
     """EAGER_CHUNK_PIXELS bounds the reference path's memory for a batch of a metric whose pairs are
-    independent (a per-pixel loss, NCC and its ECC system, local NCC); the result is unchanged,
-    masks included, and mutual information (its fixed bins one record for the batch) is never split."""
+    independent (a per-pixel loss, NCC and its ECC system, local NCC, mutual information with the
+    CPU's histogram); the result is unchanged, masks included, and mutual information by the
+    one-hot matrix product (a GPU's: its fixed one-hot matrix would be made again per chunk) and a
+    metric of one's own (it may pool the batch) are never split."""
     register_module = importlib.import_module("tireg.register")
     pairs = [registration_pair("camera", "similarity", params, noise=0.02, seed=seed)
              for seed, params in enumerate([[0.06, 1.04, 4.0, -3.0], [-0.04, 0.97, -5.0, 2.0], [0.02, 1.0, 1.0, 1.0]])]
@@ -769,7 +771,14 @@ def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, 
     for index, (_, _, truth) in enumerate(pairs):
         assert grid_error(chunked.matrix[index], truth, fixed.shape[-2:]) < 0.3
     split.clear()
-    tireg.register(fixed, moving, transform="similarity", metric="mi", compile=False, max_iterations=5)
+    tireg.register(fixed, moving, transform="similarity", metric=tireg.metrics.MutualInformation(use_matmul=True),
+                   compile=False, max_iterations=5)
+
+    class Pooled(tireg.metrics.NCC):  # its own cost: it may pool the batch
+        def __call__(self, x, y, weight=None, gradient=False):
+            return super().__call__(x, y, weight, gradient)
+
+    tireg.register(fixed, moving, transform="similarity", metric=Pooled(), compile=False, max_iterations=5)
     assert split == []
 
 

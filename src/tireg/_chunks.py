@@ -5,7 +5,7 @@ sum over pixels, or independent per pair, runs on consecutive chunks of pairs
 (or, for one pair above the budget, bands of rows) of at most a budget of
 pixels each, and its sums are added.  Users: the initialiser's candidates and
 pairs (:mod:`tireg.initialize`), the reference evaluation of ``register``
-(a per-pixel loss's, NCC's system, NCC's and local NCC's calls) and of the analytic models
+(a per-pixel loss's, NCC's system, the image-level metrics' calls) and of the analytic models
 (:mod:`tireg.register`, :mod:`tireg.analytic`), and the fused kernel's bands
 (:mod:`tireg.fused`).
 """

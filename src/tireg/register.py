@@ -60,7 +60,17 @@ from ._validation import (
     writable,
 )
 from .losses import PerPixelLoss, constant_irls_weight
-from .metrics import ECCSystem, LocalNCC, Metric, NCC, NCCStatistics, PerPixelMetric, get_metric
+from .metrics import (
+    ECCSystem,
+    LocalNCC,
+    Metric,
+    MutualInformation,
+    NCC,
+    NCCStatistics,
+    NormalizedMutualInformation,
+    PerPixelMetric,
+    get_metric,
+)
 from .sampling import (
     _grid_moments,
     _sampler_gradient,
@@ -721,11 +731,13 @@ class _Level:
 
     def pairs(self, part: slice) -> "_Level":
         """The level of the pairs ``part`` (views of its images, a cache of its own but for the
-        compiled kernel's packed moving image and coordinates, views too)."""
+        compiled kernel's packed moving image and coordinates, views too, and the histogram ranges)."""
         pick = lambda tensor: None if tensor is None else tensor[part]  # noqa: E731
         cache = {}
         if "padded" in self.cache:
             cache = {"padded": self.cache["padded"][part], "coordinates": self.cache["coordinates"]}
+        if "ranges" in self.cache:  # the histogram ranges, per pair
+            cache["ranges"] = tuple(ranges[part] for ranges in self.cache["ranges"])
         return replace(self, fixed=self.fixed[part], moving=self.moving[part], fixed_weight=pick(self.fixed_weight),
                        moving_mask=pick(self.moving_mask), cache=cache, source=None)
 
@@ -788,8 +800,13 @@ class _Problem:
         self.loss = metric.loss if isinstance(metric, PerPixelMetric) else None  # Gauss-Newton's rho
         self.irls_constant = None if self.loss is None else constant_irls_weight(self.loss)
         # whether each pair's cost is its own (no statistic pooled over the batch): then a batch is
-        # evaluated in chunks of pairs (a metric of one's own may pool, and runs whole)
-        self.by_pair = self.loss is not None or _own_cost(metric, (NCC, LocalNCC))
+        # evaluated in chunks of pairs (a metric of one's own may pool, and runs whole).  Mutual
+        # information keeps one record of its fixed image's bins, made again for each chunk: cheap
+        # beside its CPU histogram (a scatter-add); a GPU's one-hot matrix product would make its
+        # fixed one-hot matrix again each time (unmeasured), so it runs whole there
+        histogram_on_cpu = center.device.type == "cpu" and not getattr(metric, "use_matmul", None)
+        self.by_pair = self.loss is not None or _own_cost(metric, (NCC, LocalNCC)) or (
+            histogram_on_cpu and _own_cost(metric, (MutualInformation, NormalizedMutualInformation)))
         # the compiled kernel serves a per-pixel metric's mean, bilinear, without a moving mask
         self.compile = (
             bool(compile) and self.loss is not None and self.metric.mean
@@ -923,15 +940,15 @@ class _Problem:
         self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, level: _Level, hessian: bool
     ) -> tuple[_Evaluation, torch.Tensor]:
         """:meth:`_evaluate` by the reference kernels; for a metric whose pairs are independent
-        (:attr:`by_pair`: a per-pixel loss, NCC, local NCC) in chunks of pairs of at most
+        (:attr:`by_pair`: a per-pixel loss, NCC, local NCC, mutual information and NMI with the
+        CPU's histogram) in chunks of pairs of at most
         :func:`tireg._chunks.eager_budget` fixed pixels, and one larger pair in bands of rows where
         the evaluation is a sum over pixels (a per-pixel loss, NCC's Gauss-Newton system).
 
         Each per-pixel quantity of an evaluation is an image (about nine in all; local NCC's
-        window sums twenty), so a whole batch at once held about 9x its input images; a chunk
-        holds them for its pairs only.  Mutual information keeps its fixed image's bins for the
-        batch as one record, and a metric of one's own may pool statistics over the batch: they
-        run whole.
+        window sums twenty, mutual information's Parzen taps thirty), so a whole batch at once held
+        9-17x its input images; a chunk holds them for its pairs only.  A metric of one's own may
+        pool statistics over the batch, and runs whole.
         """
         batch = level.fixed.shape[0]
         pair_pixels = level.fixed.shape[-2] * level.fixed.shape[-1] * level.fixed.shape[1]
