@@ -24,8 +24,8 @@ interleaved rounds (so that load on a shared machine hits all alike):
    in turn; a method slower than 0.25 s a pair runs each pair once), success
    (< 0.5 px, ``accuracy.grid_error``) and the ratio to ECC.
 3. **memory**: peak memory of two analytic steps of a new model, and of a
-   ``register`` call (eager and compiled; and with ``metric="ncc"``,
-   which has no compiled kernel), from just before the model or
+   ``register`` call (eager and compiled; and eager with ``metric="ncc"``,
+   or the metrics of ``--memory-metrics``), from just before the model or
    call is made, over the size of the input images: so what a model keeps
    between steps (the padded moving image, coordinate grids) counts, and
    the compile does not (it runs first on other tensors of the same shape).
@@ -387,8 +387,9 @@ def _memory_inputs(size: int, batch: int, device: str) -> tuple[torch.Tensor, to
     return fixed, torch.roll(fixed, shifts=(3, -2), dims=(-2, -1))
 
 
-#: The memory table's columns: (what, compile), "register ncc" being ``register(metric="ncc")``.
-MEMORY_COLUMNS = (("step", False), ("step", True), ("register", False), ("register", True), ("register ncc", False))
+#: The memory table's columns: (what, compile); ``--memory-metrics`` adds one "register METRIC" column
+#: each, ``register(metric=METRIC)`` eager (default: ncc).
+MEMORY_COLUMNS = (("step", False), ("step", True), ("register", False), ("register", True))
 
 
 def _memory_call(what: str, compile: bool, fixed: torch.Tensor, moving: torch.Tensor) -> None:
@@ -397,8 +398,8 @@ def _memory_call(what: str, compile: bool, fixed: torch.Tensor, moving: torch.Te
         model = tireg.create_model("affine", moving, compile=compile)
         model(moving, fixed)
         model(moving, fixed)
-    elif what == "register ncc":
-        tireg.register(fixed, moving, metric="ncc", compile=compile)
+    elif what.startswith("register "):
+        tireg.register(fixed, moving, metric=what.split()[1], compile=compile)
     else:
         tireg.register(fixed, moving, compile=compile)
 
@@ -468,12 +469,13 @@ def memory_table(args) -> None:
     if not cuda and not os.path.exists("/proc/self/clear_refs"):
         print("(on the CPU this table needs Linux's /proc/self/clear_refs)")
         return
-    print("| size | B | input [MiB] | step | step compiled | register | register compiled | register ncc |")
-    print("|---|---|---|---|---|---|---|---|")
+    columns = MEMORY_COLUMNS + tuple((f"register {metric}", False) for metric in args.memory_metrics)
+    print("| size | B | input [MiB] | " + " | ".join(what + " compiled" * compile for what, compile in columns) + " |")
+    print("|---|---|---|" + "---|" * len(columns))
     cases = args.memory_cases or MEMORY_CASES
     for size, batch in cases:
         cells = []
-        for what, compile in MEMORY_COLUMNS:
+        for what, compile in columns:
             if cuda:
                 try:
                     cells.append(_cuda_peak(what, compile, size, batch, args.device))
@@ -512,6 +514,8 @@ def main() -> None:
     parser.add_argument("--memory-cases", nargs="+", type=_size_by_batch, metavar="SIZExBATCH",
                         help="memory table rows, e.g. 256x128 4096x1 (default: "
                              + " ".join(f"{s}x{b}" for s, b in MEMORY_CASES) + ")")
+    parser.add_argument("--memory-metrics", nargs="*", default=["ncc"], choices=tireg.metrics.METRIC_NAMES,
+                        metavar="METRIC", help="memory table: a 'register METRIC' column each (default: ncc)")
     parser.add_argument("--compiled-autograd", action=argparse.BooleanOptionalAction, default=True,
                         help="step table: also time tireg's autograd step under torch.compile")
     parser.add_argument("--tables", nargs="+", default=["step", "graph", "register", "memory"],
