@@ -752,15 +752,17 @@ def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, 
     mask[1, :, :20] = 0.0  # a different mask per pair: the chunks must take their own
     options = dict(transform="similarity", optimizer=optimizer, metric=metric, mask=mask, moving_mask=mask.flip(-1),
                    compile=False, max_iterations=30)
-    split = []
+    split, ranged = [], []
     pairs_of = register_module._Level.pairs
-    monkeypatch.setattr(register_module._Level, "pairs", lambda level, part: split.append(part) or pairs_of(level, part))
+    monkeypatch.setattr(register_module._Level, "pairs", lambda level, part: split.append(part)
+                        or ranged.append("ranges" in level.cache) or pairs_of(level, part))
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
     whole = tireg.register(fixed, moving, **options)
     assert split == []  # three pairs of 128 x 128: one chunk
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", fixed[0].numel())  # one pair a chunk
     chunked = tireg.register(fixed, moving, **options)
     assert slice(2, 3) in split
+    assert all(ranged) == (metric == "mi")  # the histogram ranges come from the level, per pair
     assert torch.equal(chunked.iterations, whole.iterations) and chunked.stop_reason == whole.stop_reason
     if optimizer != "adam":  # to rounding: a batched sum of one pair may take another BLAS kernel
         assert grid_error(chunked.matrix, whole.matrix, fixed.shape[-2:]) < 1e-5  # 4e-8 px measured
@@ -778,7 +780,12 @@ def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, 
         def __call__(self, x, y, weight=None, gradient=False):
             return super().__call__(x, y, weight, gradient)
 
-    tireg.register(fixed, moving, transform="similarity", metric=Pooled(), compile=False, max_iterations=5)
+    class PooledRanges(tireg.metrics.MutualInformation):  # its own ranges: they may pool the batch
+        def set_ranges(self, moving, fixed):
+            super().set_ranges(moving, fixed)
+
+    for own in (Pooled(), PooledRanges()):
+        tireg.register(fixed, moving, transform="similarity", metric=own, compile=False, max_iterations=5)
     assert split == []
 
 

@@ -800,11 +800,13 @@ class _Problem:
         self.loss = metric.loss if isinstance(metric, PerPixelMetric) else None  # Gauss-Newton's rho
         self.irls_constant = None if self.loss is None else constant_irls_weight(self.loss)
         # whether each pair's cost is its own (no statistic pooled over the batch): then a batch is
-        # evaluated in chunks of pairs (a metric of one's own may pool, and runs whole).  Mutual
-        # information keeps one record of its fixed image's bins, made again for each chunk: cheap
-        # beside its CPU histogram (a scatter-add); a GPU's one-hot matrix product would make its
-        # fixed one-hot matrix again each time (unmeasured), so it runs whole there
-        histogram_on_cpu = center.device.type == "cpu" and not getattr(metric, "use_matmul", None)
+        # evaluated in chunks of pairs.  A per-pixel loss's pairs are; another metric of one's own
+        # (its own cost or, for mutual information, its own ranges) may pool, and runs whole.
+        # Mutual information keeps one record of its fixed image's bins, made again for each chunk:
+        # cheap beside its CPU histogram (a scatter-add); a GPU's one-hot matrix product would make
+        # its fixed one-hot matrix again each time (unmeasured), so it runs whole there
+        histogram_on_cpu = (center.device.type == "cpu" and not getattr(metric, "use_matmul", None)
+                            and getattr(type(metric), "set_ranges", None) is MutualInformation.set_ranges)
         self.by_pair = self.loss is not None or _own_cost(metric, (NCC, LocalNCC)) or (
             histogram_on_cpu and _own_cost(metric, (MutualInformation, NormalizedMutualInformation)))
         # the compiled kernel serves a per-pixel metric's mean, bilinear, without a moving mask
@@ -947,8 +949,8 @@ class _Problem:
 
         Each per-pixel quantity of an evaluation is an image (about nine in all; local NCC's
         window sums twenty, mutual information's Parzen taps thirty), so a whole batch at once held
-        9-17x its input images; a chunk holds them for its pairs only.  A metric of one's own may
-        pool statistics over the batch, and runs whole.
+        9-17x its input images; a chunk holds them for its pairs only.  A metric of one's own but
+        a per-pixel loss's may pool statistics over the batch, and runs whole.
         """
         batch = level.fixed.shape[0]
         pair_pixels = level.fixed.shape[-2] * level.fixed.shape[-1] * level.fixed.shape[1]
@@ -962,6 +964,7 @@ class _Problem:
         if not self.by_pair or len(parts) == 1:
             return self._evaluate_whole(matrix, flat_jacobian, level, hessian)
         if level.cache.get("chunk budget") != budget:
+            self._level_metric(level)  # the histogram ranges, from the level's whole images, for its chunks
             level.cache["chunk budget"] = budget
             level.cache["chunks"] = [(part, level.pairs(part)) for part in parts]
         results = [self._evaluate_eager(matrix[part], flat_jacobian[part], pairs, hessian)
