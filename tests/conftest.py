@@ -94,6 +94,33 @@ def grid_error(matrix, truth, size) -> float:
     return float(difference[..., :2].norm(dim=-1).mean())
 
 
+def staggered_affine_batch(count: int = 8, size: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` affine pairs ``(count, 1, size, size)`` of camera and coins crops, different
+    enough that they finish a level at different iterations (the pairs still active then vary)."""
+    pairs = [registration_pair(["camera", "coins"][i % 2], "affine",
+                               [1.0 + 0.01 * (i % 5), 0.02 * (i % 3), -0.01 * (i % 4), 0.98 + 0.01 * (i % 6),
+                                2.0 - 0.3 * (i % 5), -1.0 + 0.2 * (i % 7)], noise=0.02, seed=i) for i in range(count)]
+    fixed = torch.stack([f[:size, :size] for f, _, _ in pairs])[:, None]
+    moving = torch.stack([m[:size, :size] for _, m, _ in pairs])[:, None]
+    return fixed, moving
+
+
+def count_evaluated_pairs(monkeypatch) -> list:
+    """The number of pairs of every evaluation register makes from here on (a list that grows)."""
+    import importlib
+
+    register_module = importlib.import_module("tireg.register")
+    sizes = []
+    evaluate = register_module._Problem.evaluate
+
+    def counting(self, params, level, *, hessian):
+        sizes.append(params.shape[0])
+        return evaluate(self, params, level, hessian=hessian)
+
+    monkeypatch.setattr(register_module._Problem, "evaluate", counting)
+    return sizes
+
+
 class HostSyncs(torch.overrides.TorchFunctionMode):
     """Counts the tensor operations that make the host wait for a GPU: reads of values,
     boolean-mask indexing and copies to the host, and tensors made from host data (PyTorch

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import grid_error, registration_pair, smooth_random_image
+from conftest import count_evaluated_pairs, grid_error, registration_pair, smooth_random_image, staggered_affine_batch
 
 import tireg
 from tireg import fused
@@ -592,17 +592,9 @@ def test_compiled_trials_of_the_active_pairs_share_the_packed_image(monkeypatch)
     reference path's ``_Level.select``) had raised the peak of 128 pairs of 256^2 from 2.9x to 3.9x
     their input.  Each pair's result is still the one it has alone, bit for bit."""
     register_module = importlib.import_module("tireg.register")
-    pairs = [registration_pair(["camera", "coins"][i % 2], "affine",
-                               [1.0 + 0.01 * (i % 5), 0.02 * (i % 3), -0.01 * (i % 4), 0.98 + 0.01 * (i % 6),
-                                2.0 - 0.3 * (i % 5), -1.0 + 0.2 * (i % 7)], noise=0.02, seed=i) for i in range(8)]
-    fixed = torch.stack([f[:96, :96] for f, _, _ in pairs])[:, None]
-    moving = torch.stack([m[:96, :96] for _, m, _ in pairs])[:, None]
-    sizes, runs = [], []
-    evaluate, pairs_of = register_module._Problem.evaluate, register_module._Level.pairs
-
-    def counting(self, params, level, *, hessian):
-        sizes.append(params.shape[0])
-        return evaluate(self, params, level, hessian=hessian)
+    fixed, moving = staggered_affine_batch()
+    sizes, runs = count_evaluated_pairs(monkeypatch), []
+    pairs_of = register_module._Level.pairs
 
     def viewed(level, part):
         view = pairs_of(level, part)
@@ -611,7 +603,6 @@ def test_compiled_trials_of_the_active_pairs_share_the_packed_image(monkeypatch)
             assert view.cache["padded"].data_ptr() == level.cache["padded"][part].data_ptr()  # a view, not a copy
         return view
 
-    monkeypatch.setattr(register_module._Problem, "evaluate", counting)
     monkeypatch.setattr(register_module._Level, "pairs", viewed)
     monkeypatch.setattr(register_module._Level, "select", lambda *args: pytest.fail("copied the active pairs"))
     monkeypatch.setattr(register_module, "RUN_PIXELS", 1)  # runs pay (96^2 pairs: a call costs more)

@@ -9,7 +9,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import CUDA, CudaSynchronisations, HostSyncs, grid_error, registration_pair
+from conftest import (
+    CUDA,
+    CudaSynchronisations,
+    HostSyncs,
+    count_evaluated_pairs,
+    grid_error,
+    registration_pair,
+    staggered_affine_batch,
+)
 
 import tireg
 import tireg._chunks as chunks_module
@@ -137,30 +145,12 @@ def test_batch_equals_one_by_one(options):
         assert int(batch.iterations[index]) == int(single.iterations[0])
 
 
-def _count_evaluated_pairs(monkeypatch) -> list:
-    """The number of pairs of every evaluation register makes from here on (a list that grows)."""
-    register_module = importlib.import_module("tireg.register")
-    sizes = []
-    evaluate = register_module._Problem.evaluate
-
-    def counting(self, params, level, *, hessian):
-        sizes.append(params.shape[0])
-        return evaluate(self, params, level, hessian=hessian)
-
-    monkeypatch.setattr(register_module._Problem, "evaluate", counting)
-    return sizes
-
-
 def test_a_gauss_newton_trial_on_the_cpu_evaluates_the_active_pairs_only(monkeypatch):
     # pairs finish a level at different iterations, and every trial evaluated the whole batch: 32 affine
     # pairs of 128^2 took 448 pair evaluations (0.38 s); the active ones only once they are at most
     # COMPACT_FRACTION of the batch, 219 (0.28 s). Each pair's result is its own, bit for bit
-    pairs = [registration_pair(["camera", "coins"][i % 2], "affine",
-                               [1.0 + 0.01 * (i % 5), 0.02 * (i % 3), -0.01 * (i % 4), 0.98 + 0.01 * (i % 6),
-                                2.0 - 0.3 * (i % 5), -1.0 + 0.2 * (i % 7)], noise=0.02, seed=i) for i in range(8)]
-    fixed = torch.stack([f[:96, :96] for f, _, _ in pairs])[:, None]
-    moving = torch.stack([m[:96, :96] for _, m, _ in pairs])[:, None]
-    sizes = _count_evaluated_pairs(monkeypatch)
+    fixed, moving = staggered_affine_batch()
+    sizes = count_evaluated_pairs(monkeypatch)
     batch = tireg.register(fixed, moving, transform="affine")
     assert min(sizes) < 8 and sum(sizes) < 0.8 * 8 * len(sizes), sizes
     for index in range(8):
@@ -178,7 +168,7 @@ def test_a_batched_lbfgs_trial_evaluates_its_pending_pairs_only(monkeypatch):
              for i in range(8)]
     fixed = torch.stack([f[40:104, 40:104] for f, _, _ in pairs])[:, None]
     moving = torch.stack([m[40:104, 40:104] for _, m, _ in pairs])[:, None]
-    sizes = _count_evaluated_pairs(monkeypatch)
+    sizes = count_evaluated_pairs(monkeypatch)
     for optimizer in ("lbfgs", "adam"):  # Adam (and SGD) on the CPU too: a stopped pair's gradient is 0
         sizes.clear()
         batch = tireg.register(fixed, moving, transform="rigid", metric="mi", optimizer=optimizer)
