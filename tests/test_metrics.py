@@ -547,6 +547,31 @@ def test_ncc_sums_of_bands_merge_into_the_sums_of_the_whole(images):
             4.0 * float((ncc(whole).double() - ncc(exact)).abs().max()), 1e-14)
 
 
+@pytest.mark.parametrize("name", ["ncc", "ncc_any", "mi", "nmi"])
+def test_sums_of_bands_give_the_cost_and_derivative_of_the_whole(images, name):
+    """The two passes of one large pair (``register``'s bands): each band's ``sums``, merged, give
+    the pair's cost; each band's ``derivative`` with the merged sums is the whole derivative's band;
+    a band with no weighted pixel adds nothing (float64, two channels, a batch of three)."""
+    fixed, moving, weight = images
+    weight = weight.clone()
+    weight[..., :3, :] = 0.0  # the first band counts nothing
+    metric = ALL[name]()
+    if hasattr(metric, "set_ranges"):  # a band's own ranges differ: the whole images' (as register)
+        metric.set_ranges(moving, fixed)
+    cost, derivative = metric(moving, fixed, weight, gradient=True)
+    rows = [slice(0, 3), slice(3, 4), slice(4, 20), slice(20, None)]
+    band = lambda image, part: image[..., part, :]  # noqa: E731
+    sums = metric.merged_sums([metric.sums(band(moving, part), band(fixed, part), band(weight, part))
+                               for part in rows])
+    torch.testing.assert_close(metric.cost_of_sums(sums), cost, rtol=1e-12, atol=1e-14)
+    banded = torch.cat([metric.derivative(band(moving, part), band(fixed, part), band(weight, part), sums)
+                        for part in rows], dim=-2)
+    scale = float(derivative.abs().max())
+    assert scale > 0.0
+    torch.testing.assert_close(banded, derivative, rtol=1e-10, atol=1e-12 * scale)
+    assert metric.merged_sums([sums]) is sums
+
+
 @pytest.mark.parametrize("bins", [33, 37, 64, 1024])
 @pytest.mark.parametrize("matmul", [False, True])
 def test_histograms_of_many_bins_in_float32(images, bins, matmul):

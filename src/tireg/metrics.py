@@ -24,6 +24,20 @@ metric                             cost
 :class:`NormalizedMutualInformation`  ``-(H(F) + H(M)) / H(F, M)`` (Studholme)
 =================================  ==========================================================
 
+Sums of parts.  :class:`NCC`, :class:`MutualInformation` and
+:class:`NormalizedMutualInformation` are functions of sums over pixels
+(NCC's means and centred sums, the joint histogram's counts), so one pair
+can be evaluated part by part (``register`` does, in bands of rows of one
+large pair, to keep its memory to a band's) in two passes::
+
+    sums = metric.merged_sums([metric.sums(x_b, y_b, w_b) for each part b])
+    cost = metric.cost_of_sums(sums)
+    d cost / d x_b = metric.derivative(x_b, y_b, w_b, sums)
+
+The same cost and derivative as ``metric(x, y, w, gradient=True)``, to
+rounding.  Mutual information's parts need the whole images' ranges
+(:meth:`MutualInformation.set_ranges`).
+
 References: Evangelidis & Psarakis 2008 (ECC, NCC); Mattes et al. 2003
 (Parzen-window MI with B-splines, its derivative); Studholme et al. 1999 (NMI).
 """
@@ -293,18 +307,46 @@ class NCC(Metric):
 
     def __call__(self, x, y, weight=None, gradient=False):
         deviations = self.deviations(x, y, weight)
-        statistics = deviations.statistics
-        flat, x_root, y_root = self._roots(statistics)
-        inverse_norm = torch.where(flat, 0.0, x_root * y_root)  # 1 / (sd_x sd_y), 0 for a flat pair
-        ncc = statistics.cross * inverse_norm
-        cost = self.cost_of(ncc)
+        cost = self.cost_of_sums(deviations.statistics)
         if not gradient:
             return cost
+        return cost, self._derivative(deviations.x, deviations.y, deviations.statistics)
+
+    # sums of parts (module docstring): NCCStatistics.merged adds parts up
+    merged_sums = staticmethod(NCCStatistics.merged)
+
+    def sums(self, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> NCCStatistics:
+        """:class:`NCCStatistics` of the pixels given (a part of each pair: a band of rows), which
+        :meth:`merged_sums` adds up and :meth:`cost_of_sums` and :meth:`derivative` take."""
+        return self.deviations(x, y, weight).statistics
+
+    def _ncc(self, statistics: NCCStatistics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ncc, 1 / (sd_x sd_y), flat)``, the norm 0 for a pair with a flat side."""
+        flat, x_root, y_root = self._roots(statistics)
+        inverse_norm = torch.where(flat, 0.0, x_root * y_root)
+        return statistics.cross * inverse_norm, inverse_norm, flat
+
+    def cost_of_sums(self, statistics: NCCStatistics) -> torch.Tensor:
+        """The cost of a pair from its sums (:meth:`sums`, :meth:`merged_sums`): :meth:`cost_of` its ``ncc``."""
+        return self.cost_of(self._ncc(statistics)[0])
+
+    def derivative(self, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor],
+                   statistics: NCCStatistics) -> torch.Tensor:
+        """``d cost / d x`` at the pixels given (a part of each pair), of the pair whose sums over
+        all its pixels are ``statistics``: the deviations are from the pair's means."""
+        w = _inputs(self, x, y, weight)
+        centred = lambda values, mean: w * (values - mean[:, None, None, None])  # noqa: E731
+        return self._derivative(centred(x, statistics.x_mean), centred(y, statistics.y_mean), statistics)
+
+    def _derivative(self, x_deviation: torch.Tensor, y_deviation: torch.Tensor,
+                    statistics: NCCStatistics) -> torch.Tensor:
+        """``d cost / d x`` from the deviations ``w x~``, ``w y~`` and the pair's sums."""
+        ncc, inverse_norm, flat = self._ncc(statistics)
         # d ncc / d x = (w y~ - (cov / var_x) w x~) / (sd_x sd_y); a flat pair's is 0 (its var_x as 1)
         slope = statistics.cross / torch.where(flat, 1.0, statistics.x_scatter)
-        d_ncc = (deviations.y - slope[:, None, None, None] * deviations.x) * inverse_norm[:, None, None, None]
+        d_ncc = (y_deviation - slope[:, None, None, None] * x_deviation) * inverse_norm[:, None, None, None]
         scale = -1.0 if self.sign == "positive" else -2.0 * ncc[:, None, None, None]
-        return cost, scale * d_ncc
+        return scale * d_ncc
 
     def cost_of(self, ncc: torch.Tensor) -> torch.Tensor:
         """The cost of a correlation: ``1 - ncc`` (``sign="positive"``) or ``1 - ncc^2`` (``"any"``)."""
@@ -546,6 +588,14 @@ def _cubic_bspline_tap_slopes(f: torch.Tensor) -> torch.Tensor:
     return torch.stack([rest * rest / -2.0, 1.5 * square - 2.0 * f, f - 1.5 * square + 0.5, square / 2.0], dim=-2)
 
 
+class HistogramSums(NamedTuple):
+    """:meth:`MutualInformation.sums` (and NMI's) of each pair and channel: the joint histogram's
+    counts before they are divided by the weight."""
+
+    counts: torch.Tensor  # (B, C, bins, bins): sum_i w_i [a_i = a] beta3(t_i - b)
+    weight: torch.Tensor  # (B, C): sum w
+
+
 @dataclass
 class _FixedBins:
     """A histogram metric's fixed bins ``(P, N)`` (and their one-hot matrix, made on first use), with
@@ -603,7 +653,9 @@ class _JointHistogramMetric(Metric):
             torch.stack([fixed.amin((2, 3)), fixed.amax((2, 3))], -1).detach(),
         )
 
-    def _histogram(self, x, y, w):
+    def _histogram(self, x, y, w, *, counts: bool = True):
+        """The joint histogram's counts ``sum_i w_i [a_i = a] beta3(t_i - b)`` ``(B C, bins, bins)``
+        (``None`` without ``counts``) and what the derivative takes of each pixel (its taps)."""
         batch, channels = x.shape[:2]
         bins = self.bins
         if self.ranges is not None:
@@ -628,10 +680,14 @@ class _JointHistogramMetric(Metric):
         offsets = torch.arange(4, device=x.device)
         # t past the second of its taps, in [0, 1] (1 where the integer clamp moved the taps)
         past = t_flat - (base + 1).to(t_flat.dtype)
-        parzen = _cubic_bspline_taps(past) * weights[:, None]  # (P, 4, N)
         total = weights.sum(1).clamp_min(_TINY)  # (P,)
         # joint-histogram cell (a_i, b_i + l) of each tap, flat: used again by the derivative
         cells = (fixed_bin * bins + base)[:, None] + offsets[:, None]  # (P, 4, N)
+        parts = dict(past=past.detach(), weights=weights, cells=cells, total=total,
+                     t_scale=t_scale, shape=x.shape, t_raw=t_raw.detach())
+        if not counts:
+            return None, parts
+        parzen = _cubic_bspline_taps(past) * weights[:, None]  # (P, 4, N)
         if self.use_matmul if self.use_matmul is not None else x.is_cuda:
             # one-hot matrix product: deterministic where scatter-adds are atomic (GPUs)
             moving_matrix = torch.zeros(pairs, n, bins, dtype=x.dtype, device=x.device)
@@ -644,9 +700,49 @@ class _JointHistogramMetric(Metric):
             joint = torch.zeros(pairs, bins * bins, dtype=x.dtype, device=x.device)
             joint = joint.scatter_add(1, cells.reshape(pairs, 4 * n), parzen.reshape(pairs, 4 * n))
             joint = joint.reshape(pairs, bins, bins)
-        joint = joint / total[:, None, None]  # (P, bins, bins)
-        return joint, dict(past=past.detach(), weights=weights, cells=cells, total=total,
-                           t_scale=t_scale, shape=x.shape, t_raw=t_raw.detach())
+        return joint, parts
+
+    def __call__(self, x, y, weight=None, gradient=False):
+        counts, parts = self._histogram(x, y, _inputs(self, x, y, weight))
+        cost, d_joint = self._scores(counts / parts["total"][:, None, None], x.shape[1], gradient)
+        return (cost, self._derivative(d_joint, parts)) if gradient else cost
+
+    def _scores(self, joint: torch.Tensor, channels: int, gradient: bool
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The cost ``(B,)`` of the joint histograms ``p`` ``(B C, bins, bins)`` and, with
+        ``gradient``, ``d cost / d p``: the subclass's score."""
+        raise NotImplementedError
+
+    def sums(self, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> HistogramSums:
+        """:class:`HistogramSums` of the pixels given (a part of each pair: a band of rows), which
+        :meth:`merged_sums` adds up and :meth:`cost_of_sums` and :meth:`derivative` take.  Set the
+        ranges from the whole images first (:meth:`set_ranges`): a part's own differ."""
+        counts, parts = self._histogram(x, y, _inputs(self, x, y, weight))
+        weights = parts["weights"].sum(1)  # the count before the clamp: an empty part adds nothing
+        return HistogramSums(counts.reshape(*x.shape[:2], *counts.shape[1:]), weights.reshape(x.shape[:2]))
+
+    @staticmethod
+    def merged_sums(parts: Sequence[HistogramSums]) -> HistogramSums:
+        """The sums of the union of disjoint ``parts``: the counts and weights added up."""
+        if len(parts) == 1:
+            return parts[0]
+        return HistogramSums(*(torch.stack(values).sum(0) for values in zip(*parts)))
+
+    def _joint(self, sums: HistogramSums) -> torch.Tensor:
+        """``p`` ``(B C, bins, bins)`` from the sums."""
+        return sums.counts.flatten(0, 1) / sums.weight.flatten().clamp_min(_TINY)[:, None, None]
+
+    def cost_of_sums(self, sums: HistogramSums) -> torch.Tensor:
+        """The cost of a pair from its sums (:meth:`sums`, :meth:`merged_sums`)."""
+        return self._scores(self._joint(sums), sums.counts.shape[1], False)[0]
+
+    def derivative(self, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor],
+                   sums: HistogramSums) -> torch.Tensor:
+        """``d cost / d x`` at the pixels given (a part of each pair), of the pair whose sums over
+        all its pixels are ``sums``."""
+        _, parts = self._histogram(x, y, _inputs(self, x, y, weight), counts=False)
+        parts["total"] = sums.weight.flatten().clamp_min(_TINY)
+        return self._derivative(self._scores(self._joint(sums), x.shape[1], True)[1], parts)
 
     def _fixed_bins(self, y, y_range, s, pairs: int, n: int):
         """Fixed bins ``(P, N)`` and a maker of their one-hot matrix: the same on every call of a level, so kept.
@@ -707,16 +803,14 @@ class MutualInformation(_JointHistogramMetric):
     channels.
     """
 
-    def __call__(self, x, y, weight=None, gradient=False):
-        joint, parts = self._histogram(x, y, _inputs(self, x, y, weight))
+    def _scores(self, joint, channels, gradient):
         fixed_marginal, moving_marginal, h_fixed, h_moving, h_joint = self._entropies(joint)
         information = h_fixed + h_moving - h_joint
-        cost = -information.reshape(x.shape[0], x.shape[1]).mean(1)
+        cost = -information.reshape(-1, channels).mean(1)
         if not gradient:
-            return cost
+            return cost, None
         ratio = _safe_log(joint) - _safe_log(fixed_marginal)[:, :, None] - _safe_log(moving_marginal)[:, None, :]
-        d_joint = torch.where(joint > 0, -ratio, torch.zeros_like(ratio)) / x.shape[1]
-        return cost, self._derivative(d_joint, parts)
+        return cost, torch.where(joint > 0, -ratio, torch.zeros_like(ratio)) / channels
 
     def __repr__(self) -> str:
         return f"MutualInformation(bins={self.bins})"
@@ -729,21 +823,20 @@ class NormalizedMutualInformation(_JointHistogramMetric):
     constant that drops out.  Averaged over channels.
     """
 
-    def __call__(self, x, y, weight=None, gradient=False):
-        joint, parts = self._histogram(x, y, _inputs(self, x, y, weight))
+    def _scores(self, joint, channels, gradient):
         fixed_marginal, moving_marginal, h_fixed, h_moving, h_joint = self._entropies(joint)
         h_joint = h_joint.clamp_min(_TINY)
         nmi = (h_fixed + h_moving) / h_joint
-        cost = -nmi.reshape(x.shape[0], x.shape[1]).mean(1)
+        cost = -nmi.reshape(-1, channels).mean(1)
         if not gradient:
-            return cost
+            return cost, None
         numerator = (
             nmi[:, None, None] * _safe_log(joint)
             - _safe_log(fixed_marginal)[:, :, None]
             - _safe_log(moving_marginal)[:, None, :]
         )
         d_joint = torch.where(joint > 0, -numerator / h_joint[:, None, None], torch.zeros_like(numerator))
-        return cost, self._derivative(d_joint / x.shape[1], parts)
+        return cost, d_joint / channels
 
     def __repr__(self) -> str:
         return f"NormalizedMutualInformation(bins={self.bins})"
