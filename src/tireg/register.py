@@ -809,6 +809,9 @@ class _Problem:
                             and getattr(type(metric), "set_ranges", None) is MutualInformation.set_ranges)
         self.by_pair = self.loss is not None or _own_cost(metric, (NCC, LocalNCC)) or (
             histogram_on_cpu and _own_cost(metric, (MutualInformation, NormalizedMutualInformation)))
+        # of those, the metrics whose cost is a function of sums over pixels (tireg.metrics, "Sums of
+        # parts"): one large pair's first-order evaluation runs in two passes over bands of rows
+        self.two_pass = self.by_pair and isinstance(metric, (NCC, MutualInformation, NormalizedMutualInformation))
         # the compiled kernel serves a per-pixel metric's mean, bilinear, without a moving mask
         self.compile = (
             bool(compile) and self.loss is not None and self.metric.mean
@@ -945,7 +948,9 @@ class _Problem:
         (:attr:`by_pair`: a per-pixel loss, NCC, local NCC, mutual information and NMI with the
         CPU's histogram) in chunks of pairs of at most
         :func:`tireg._chunks.eager_budget` fixed pixels, and one larger pair in bands of rows where
-        the evaluation is a sum over pixels (a per-pixel loss, NCC's Gauss-Newton system).
+        the evaluation is a sum over pixels (a per-pixel loss, NCC's Gauss-Newton system) or a
+        function of such sums (NCC's, mutual information's and NMI's first-order evaluation: two
+        passes, :meth:`_evaluate_in_two_passes`).
 
         Each per-pixel quantity of an evaluation is an image (about nine in all; local NCC's
         window sums twenty, mutual information's Parzen taps thirty), so a whole batch at once held
@@ -955,11 +960,13 @@ class _Problem:
         batch = level.fixed.shape[0]
         pair_pixels = level.fixed.shape[-2] * level.fixed.shape[-1] * level.fixed.shape[1]
         budget = _chunks.eager_budget(level.fixed.device)
-        ncc = hessian and isinstance(self.metric, NCC)  # its Gauss-Newton system: sums over pixels
-        if batch == 1 and pair_pixels > budget and (self.loss is not None or ncc):
-            if ncc:
+        if batch == 1 and pair_pixels > budget:
+            if hessian and isinstance(self.metric, NCC):  # its Gauss-Newton system: sums over pixels
                 return self._evaluate_ncc(matrix, flat_jacobian, self._bands(level, budget))
-            return self._evaluate_in_bands(matrix, flat_jacobian, level, hessian, budget)
+            if self.loss is not None:
+                return self._evaluate_in_bands(matrix, flat_jacobian, level, hessian, budget)
+            if self.two_pass and not hessian:
+                return self._evaluate_in_two_passes(matrix, flat_jacobian, level, budget)
         parts = _chunks.chunk_slices(batch, pair_pixels, budget)
         if not self.by_pair or len(parts) == 1:
             return self._evaluate_whole(matrix, flat_jacobian, level, hessian)
@@ -1046,11 +1053,54 @@ class _Problem:
             return _in_parameters(cost, flat_jacobian, g_moments, h_moments)
         values = sample(level.moving, grid, interpolation=self.interpolation, padding_mode="border")
         cost, derivative = self._level_metric(level)(values, level.fixed, valid, gradient=True)
+        del values  # before the sampler's derivative: a batch's peak memory counts every image
+        return _in_parameters(cost, flat_jacobian, self._gradient_moments(derivative, grid, level), None)
+
+    def _gradient_moments(self, derivative: torch.Tensor, grid: torch.Tensor, level: _Level) -> torch.Tensor:
+        """``d cost / d A`` ``(B, 2, 3)`` in the level's pixels from the metric's derivative with
+        respect to the warped values: through the sampler to the grid (its normalised
+        coordinates), then the first-order moments ``sum g (x, y, 1)`` over the level's axes."""
         g_normalized = _sampler_gradient(derivative, level.moving, grid, INTERPOLATIONS[self.interpolation],
                                          PADDING_MODES["border"])
         scale = shared_pixel_scale(level.moving.shape[-2:], like=grid)
-        g_moments = _grid_moments(g_normalized, level.axes, True, False) * scale[:, None]
-        return _in_parameters(cost, flat_jacobian, g_moments, None)
+        return _grid_moments(g_normalized, level.axes, True, False) * scale[:, None]
+
+    def _evaluate_in_two_passes(
+        self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, level: _Level, budget: int
+    ) -> tuple[_Evaluation, torch.Tensor]:
+        """The first-order :meth:`_evaluate` of one pair larger than ``budget`` fixed pixels, for a
+        metric whose cost is a function of sums over pixels (:attr:`two_pass`: NCC, mutual
+        information, NMI), in bands of rows.
+
+        Its derivative at a pixel needs the whole pair's sums (NCC's means and norms, the joint
+        histogram), so two passes: each band's ``sums``, merged (:meth:`~tireg.metrics.NCC.merged_sums`),
+        give the cost; then each band's derivative with the pair's sums gives its part of the
+        gradient's moments, which add up.  The second pass samples again rather than keep the
+        warped image: one image less at the peak (a 1024^2 pair's was 4.6x its input whole).
+        The histogram ranges are the level's (its whole images), as for the whole pair.
+        """
+        metric = self._level_metric(level)
+        bands = self._bands(level, budget)
+
+        def sampled(band: _Level) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            grid = self.grid(matrix, band)
+            valid = self._valid(grid, band)
+            return grid, valid, sample(band.moving, grid, interpolation=self.interpolation, padding_mode="border")
+
+        parts, counts = [], []
+        for band in bands:
+            _, valid, values = sampled(band)
+            counts.append(valid.sum(dim=(1, 2, 3)))
+            parts.append(metric.sums(values, band.fixed, valid))
+        sums = metric.merged_sums(parts)
+        moments = []
+        for band in bands:
+            grid, valid, values = sampled(band)
+            derivative = metric.derivative(values, band.fixed, valid, sums)
+            del values, valid
+            moments.append(self._gradient_moments(derivative, grid, band))
+        gradient = _in_parameters(metric.cost_of_sums(sums), flat_jacobian, torch.stack(moments).sum(0), None)
+        return gradient, torch.stack(counts).sum(0)
 
     def _evaluate_ncc(
         self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, bands: list[_Level]
