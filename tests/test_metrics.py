@@ -572,6 +572,37 @@ def test_sums_of_bands_give_the_cost_and_derivative_of_the_whole(images, name):
     assert metric.merged_sums([sums]) is sums
 
 
+@pytest.mark.parametrize("name", ["lncc", "lncc_any"])
+def test_local_ncc_in_bands_with_margins_gives_the_cost_and_derivative_of_the_whole(images, name):
+    """:meth:`LocalNCC.part`: bands of rows, each with a margin of ``2 r`` rows (cut at the image's
+    edges), give the whole pair's cost ``1 - sum S_b / sum n_b`` and derivative ``D_b / n``; a
+    margin of ``2 r - 1`` rows does not (the test can tell)."""
+    fixed, moving, weight = images
+    metric = ALL[name]()
+    cost, derivative = metric(moving, fixed, weight, gradient=True)
+    height = moving.shape[-2]
+
+    def banded(margin):
+        scores, counts, derivatives = [], [], []
+        for rows in (slice(0, 5), slice(5, 6), slice(6, 20), slice(20, height)):
+            start, stop = max(0, rows.start - margin), min(height, rows.stop + margin)
+            part = lambda image: image[..., start:stop, :]  # noqa: E731, B023
+            score, count, band = metric.part(part(moving), part(fixed), part(weight),
+                                             slice(rows.start - start, rows.stop - start))
+            scores.append(score)
+            counts.append(count)
+            derivatives.append(band)
+        count = sum(counts)
+        return metric.cost_of_sums(sum(scores), count), torch.cat(derivatives, -2) / count[:, None, None, None]
+
+    got_cost, got_derivative = banded(metric.margin)
+    torch.testing.assert_close(got_cost, cost, rtol=1e-12, atol=1e-14)
+    scale = float(derivative.abs().max())
+    torch.testing.assert_close(got_derivative, derivative, rtol=1e-10, atol=1e-12 * scale)
+    _, short = banded(metric.margin - 1)
+    assert float((short - derivative).abs().max()) > 1e-6 * scale
+
+
 @pytest.mark.parametrize("bins", [33, 37, 64, 1024])
 @pytest.mark.parametrize("matmul", [False, True])
 def test_histograms_of_many_bins_in_float32(images, bins, matmul):

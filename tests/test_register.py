@@ -779,11 +779,12 @@ def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, 
     assert split == []
 
 
-@pytest.mark.parametrize("metric", ["l2", "ncc", "ncc_any", "mi", "nmi"])
+@pytest.mark.parametrize("metric", ["l2", "ncc", "ncc_any", "mi", "nmi", "lncc", "lncc_any"])
 def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monkeypatch, metric):
     """One pair above EAGER_CHUNK_PIXELS runs in bands of rows, each band's mean weighted by its count
     (NCC's sums: each band's deviations from its own means, moved to the pair's; NCC's, MI's and
-    NMI's first-order evaluation in two passes, the sums then each band's derivative): the same cost,
+    NMI's first-order evaluation in two passes, the sums then each band's derivative; local NCC's
+    bands with a margin of twice the window's radius): the same cost,
     gradient, Gauss-Newton matrix and ECC system (float64), with a fixed mask that empties whole
     bands, a moving mask and three channels; and the same registration."""
     register_module = importlib.import_module("tireg.register")
@@ -803,7 +804,8 @@ def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monke
         as_batch(fixed), as_batch(moving), as_batch(mask), as_batch(moving_mask), 1, 0.0)
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
     whole_level = level()
-    first_order = metric in ("mi", "nmi")  # no Gauss-Newton matrix
+    first_order = metric in ("mi", "nmi", "lncc", "lncc_any")  # no Gauss-Newton matrix
+    bands = "window band levels" if metric.startswith("lncc") else "bands"
     hessians = (False,) if first_order else (False, True)
     whole = [problem.evaluate(params, whole_level, hessian=hessian) for hessian in hessians]
     assert "bands" not in whole_level.cache
@@ -812,7 +814,7 @@ def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monke
     banded = []
     for hessian in hessians:  # the first-order evaluation in bands too
         banded.append(problem.evaluate(params, banded_level, hessian=hessian))
-        assert len(banded_level.cache.get("bands", ())) == 5  # 144 rows: 4 bands of 30 and one of 24
+        assert len(banded_level.cache.get(bands, ())) == 5  # 144 rows: 4 bands of 30 and one of 24
     assert float(whole[0].gradient.abs().max()) > 1e-6
     for expected, got in zip(whole, banded):
         torch.testing.assert_close(got.cost, expected.cost, rtol=1e-12, atol=0)
@@ -828,7 +830,9 @@ def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monke
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 3 * 30 * fixed.shape[-1])
     result = tireg.register(fixed, moving, **options)
     assert result.stop_reason == reference.stop_reason
-    assert grid_error(result.matrix, reference.matrix, fixed.shape[-2:]) < 1e-3
+    # float32 sums in another order: L-BFGS stops on local NCC's flat optimum 1-3e-3 px apart
+    close = 5e-3 if metric.startswith("lncc") else 1e-3
+    assert grid_error(result.matrix, reference.matrix, fixed.shape[-2:]) < close
     assert grid_error(result.matrix, truth, fixed.shape[-2:]) < 0.05
 
 

@@ -538,13 +538,47 @@ class LocalNCC(Metric):
 
     def __call__(self, x, y, weight=None, gradient=False):
         w = _inputs(self, x, y, weight)
+        count = (w.sum((1, 2, 3)) * x.shape[1]).clamp_min(_TINY)
+        score, derivative = self._scores(x, y, w, count, gradient)
+        cost = self.cost_of_sums((w * score).sum((1, 2, 3)), count)
+        return (cost, derivative) if gradient else cost
+
+    @staticmethod
+    def cost_of_sums(score: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """``1 - S / n``: the cost of a pair from its score sum ``S = sum_i w_i s_i`` and count
+        ``n = C sum w`` (:meth:`part`'s, added over bands)."""
+        return 1.0 - score / count.clamp_min(_TINY)
+
+    @property
+    def margin(self) -> int:
+        """Rows of context a band needs on each side (:meth:`part`): ``2 r``, a window's reach
+        and that of the windows it enters."""
+        return 2 * self.radius
+
+    def part(self, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor], rows: slice
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One band of a pair's rows (``register`` splits one large pair so), ``(S, n, D)``.
+
+        ``x``, ``y``, ``weight`` are the band's rows ``rows`` with a margin of :attr:`margin`
+        rows each side (fewer at the image's edge, where the windows stop anyway): the windows
+        about the band's pixels, and those about the pixels they reach, are then whole.  Over the
+        band's rows ``S = sum_i w_i s_i`` (``s_i`` the window's score, ``lncc_i`` or its square)
+        and ``n = C sum w`` ``(B,)``, and ``D = n d cost / d x`` at them, ``(B, C, rows, W)``.  The
+        pair's cost is ``1 - sum_b S_b / n`` and its derivative ``D_b / n`` with ``n = sum_b n_b``.
+        """
+        w = _inputs(self, x, y, weight)
+        score, derivative = self._scores(x, y, w, w.new_ones(x.shape[0]), True)
+        band = lambda image: image[..., rows, :]  # noqa: E731
+        return ((band(w) * band(score)).sum((1, 2, 3)), band(w).sum((1, 2, 3)) * x.shape[1], band(derivative))
+
+    def _scores(self, x, y, w, count: torch.Tensor, gradient: bool):
+        """Each window's score ``s_i`` and, with ``gradient``, ``d cost / d x`` for a cost of
+        ``1 - sum_i w_i s_i / count``."""
         sum_w, sum_x, sum_y, covariance, y_var, denominator = self._terms(x, y, w)
         lncc = covariance / denominator
-        count = (w.sum((1, 2, 3)) * x.shape[1]).clamp_min(_TINY)
         score = lncc if self.sign == "positive" else lncc * lncc
-        cost = 1.0 - (w * score).sum((1, 2, 3)) / count
         if not gradient:
-            return cost
+            return score, None
         # c_i = d cost / d lncc_i, then through cov_i, var_x,i (and the window sums) to x_j
         c = -w / count[:, None, None, None]
         if self.sign == "any":
@@ -557,8 +591,7 @@ class LocalNCC(Metric):
         d_sum_xx = d_var
         d_sum_x = -d_cov * sum_y / sum_w - 2.0 * d_var * sum_x / sum_w
         box = lambda image: _box_sum(image, self.radius)  # noqa: E731
-        derivative = w * (box(d_sum_xy) * y + 2.0 * box(d_sum_xx) * x + box(d_sum_x))
-        return cost, derivative
+        return score, w * (box(d_sum_xy) * y + 2.0 * box(d_sum_xx) * x + box(d_sum_x))
 
     def __repr__(self) -> str:
         return f"LocalNCC(radius={self.radius}, sign={self.sign!r})"
