@@ -725,12 +725,15 @@ def test_full_resolution_levels_anywhere_in_the_pyramid(factors, optimizer):
     assert grid_error(result.matrix, truth, fixed.shape) < 0.2 and bool(torch.isfinite(result.cost).all())
 
 
-@pytest.mark.parametrize("optimizer, metric", [("gauss-newton", "l2"), ("adam", "l2"), ("gauss-newton", "ncc"),
-                                               ("lbfgs", "ncc"), ("auto", "lncc"), ("auto", "mi")])
-def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, optimizer, metric):
+@pytest.mark.parametrize("optimizer, metric, gradients", [
+    ("gauss-newton", "l2", "analytic"), ("adam", "l2", "analytic"), ("gauss-newton", "ncc", "analytic"),
+    ("lbfgs", "ncc", "analytic"), ("auto", "lncc", "analytic"), ("auto", "mi", "analytic"),
+    ("lbfgs", "l2", "autograd"), ("lbfgs", "ncc", "autograd"), ("auto", "mi", "autograd")])
+def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, optimizer, metric, gradients):
     """EAGER_CHUNK_PIXELS bounds the reference path's memory for a batch of a metric whose pairs are
     independent (a per-pixel loss, NCC and its ECC system, local NCC, mutual information with the
-    CPU's histogram); the result is unchanged, masks included, and mutual information by the
+    CPU's histogram), with ``gradients="autograd"`` too (a graph a chunk); the result is unchanged,
+    masks included, and mutual information by the
     one-hot matrix product (a GPU's: its fixed one-hot matrix would be made again per chunk) and a
     metric of one's own (it may pool the batch) are never split."""
     register_module = importlib.import_module("tireg.register")
@@ -741,17 +744,25 @@ def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, 
     mask = torch.ones_like(fixed)
     mask[1, :, :20] = 0.0  # a different mask per pair: the chunks must take their own
     options = dict(transform="similarity", optimizer=optimizer, metric=metric, mask=mask, moving_mask=mask.flip(-1),
-                   compile=False, max_iterations=30)
+                   compile=False, max_iterations=30, gradients=gradients)
     split, ranged = [], []
     pairs_of = register_module._Level.pairs
     monkeypatch.setattr(register_module._Level, "pairs", lambda level, part: split.append(part)
                         or ranged.append("ranges" in level.cache) or pairs_of(level, part))
+    graphs = []  # the pairs in each autograd graph's sampling at full resolution (a coarse level's fit a chunk)
+    sample = register_module.sample
+    monkeypatch.setattr(register_module, "sample", lambda moving, grid, **kw: (
+        graphs.append(grid.shape[0]) if grid.requires_grad and grid[0, ..., 0].numel() > fixed[0].numel() // 2
+        else None) or sample(moving, grid, **kw))
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
     whole = tireg.register(fixed, moving, **options)
     assert split == []  # three pairs of 128 x 128: one chunk
+    assert (3 in graphs) == (gradients == "autograd")
+    graphs.clear()
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", fixed[0].numel())  # one pair a chunk
     chunked = tireg.register(fixed, moving, **options)
     assert slice(2, 3) in split
+    assert set(graphs) == ({1} if gradients == "autograd" else set())
     assert all(ranged) == (metric == "mi")  # the histogram ranges come from the level, per pair
     assert torch.equal(chunked.iterations, whole.iterations) and chunked.stop_reason == whole.stop_reason
     if optimizer != "adam":  # to rounding: a batched sum of one pair may take another BLAS kernel
