@@ -821,9 +821,9 @@ def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monke
     whole = [problem.evaluate(params, whole_level, hessian=hessian) for hessian in hessians]
     assert "bands" not in whole_level.cache
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 3 * 30 * fixed.shape[-1])  # 30 rows a band
-    banded_level = level()
     banded = []
-    for hessian in hessians:  # the first-order evaluation in bands too
+    for hessian in hessians:  # the first-order evaluation in bands too, each on a level of its own
+        banded_level = level()
         banded.append(problem.evaluate(params, banded_level, hessian=hessian))
         assert len(banded_level.cache.get(bands, ())) == 5  # 144 rows: 4 bands of 30 and one of 24
     assert float(whole[0].gradient.abs().max()) > 1e-6
@@ -845,6 +845,33 @@ def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monke
     close = 5e-3 if metric.startswith("lncc") else 1e-3
     assert grid_error(result.matrix, reference.matrix, fixed.shape[-2:]) < close
     assert grid_error(result.matrix, truth, fixed.shape[-2:]) < 0.05
+
+
+def test_an_ncc_with_deviations_of_its_own_is_not_split_in_two_passes(monkeypatch):
+    """NCC's two passes take its derivative from the pair's means and the weight as given; a
+    subclass whose own ``deviations`` weight otherwise keeps NCC's cost and runs whole (in bands it
+    got NCC's derivative with its cost: 40 % off in an audit)."""
+    register_module = importlib.import_module("tireg.register")
+
+    class Reweighted(tireg.metrics.NCC):
+        def deviations(self, x, y, weight=None):
+            weight = torch.ones_like(x[:, :1]) if weight is None else weight
+            return super().deviations(x, y, weight * (0.5 + 0.5 * (x[:, :1] > 0).to(x.dtype)))
+
+    fixed, moving, _ = registration_pair("astronaut", "similarity", [0.06, 1.04, 4.0, -3.0], noise=0.02)
+    kind = tireg.transforms.TRANSFORMS["similarity"]
+    center = torch.tensor(tireg.transforms.image_center(*fixed.shape[-2:]), dtype=torch.float64)
+    problem = register_module._Problem(kind, center, Reweighted(), "bilinear")
+    assert problem.by_pair and not problem.two_pass
+    params = torch.tensor([[0.05, 1.03, 3.5, -2.5]], dtype=torch.float64)
+    as_batch = lambda image: image[None, None].double()  # noqa: E731
+    evaluations = []
+    for budget in (1 << 40, 30 * fixed.shape[-1]):
+        monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", budget)
+        level = register_module._make_level(as_batch(fixed), as_batch(moving), None, None, 1, 0.0)
+        evaluations.append(problem.evaluate(params, level, hessian=False))
+    assert float(evaluations[0].gradient.abs().max()) > 0.0
+    torch.testing.assert_close(evaluations[1].gradient, evaluations[0].gradient, rtol=1e-12, atol=0)
 
 
 def test_transform_from_a_model():

@@ -31,8 +31,8 @@ can be evaluated part by part (``register`` does, in bands of rows of one
 large pair, to keep its memory to a band's) in two passes::
 
     sums = metric.merged_sums([metric.sums(x_b, y_b, w_b) for each part b])
-    cost = metric.cost_of_sums(sums)
-    d cost / d x_b = metric.derivative(x_b, y_b, w_b, sums)
+    cost, terms = metric.cost_of_sums(sums, gradient=True)
+    d cost / d x_b = metric.derivative(x_b, y_b, w_b, terms)
 
 The same cost and derivative as ``metric(x, y, w, gradient=True)``, to
 rounding.  Mutual information's parts need the whole images' ranges
@@ -326,14 +326,18 @@ class NCC(Metric):
         inverse_norm = torch.where(flat, 0.0, x_root * y_root)
         return statistics.cross * inverse_norm, inverse_norm, flat
 
-    def cost_of_sums(self, statistics: NCCStatistics) -> torch.Tensor:
-        """The cost of a pair from its sums (:meth:`sums`, :meth:`merged_sums`): :meth:`cost_of` its ``ncc``."""
-        return self.cost_of(self._ncc(statistics)[0])
+    def cost_of_sums(self, statistics: NCCStatistics, gradient: bool = False
+                     ) -> Union[torch.Tensor, tuple[torch.Tensor, NCCStatistics]]:
+        """The cost of a pair from its sums (:meth:`sums`, :meth:`merged_sums`): :meth:`cost_of` its
+        ``ncc``; with ``gradient`` also what :meth:`derivative` takes (the sums themselves)."""
+        cost = self.cost_of(self._ncc(statistics)[0])
+        return (cost, statistics) if gradient else cost
 
     def derivative(self, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor],
                    statistics: NCCStatistics) -> torch.Tensor:
         """``d cost / d x`` at the pixels given (a part of each pair), of the pair whose sums over
-        all its pixels are ``statistics``: the deviations are from the pair's means."""
+        all its pixels are ``statistics``: the deviations are from the pair's means (the weight
+        as given: a subclass whose :meth:`deviations` weights otherwise is not served here)."""
         w = _inputs(self, x, y, weight)
         centred = lambda values, mean: w * (values - mean[:, None, None, None])  # noqa: E731
         return self._derivative(centred(x, statistics.x_mean), centred(y, statistics.y_mean), statistics)
@@ -629,6 +633,13 @@ class HistogramSums(NamedTuple):
     weight: torch.Tensor  # (B, C): sum w
 
 
+class HistogramSlopes(NamedTuple):
+    """:meth:`MutualInformation.cost_of_sums`' terms of the derivative, per pair and channel."""
+
+    joint: torch.Tensor  # (B C, bins, bins): d cost / d p
+    weight: torch.Tensor  # (B C,): sum w (at least a tiny number)
+
+
 @dataclass
 class _FixedBins:
     """A histogram metric's fixed bins ``(P, N)`` (and their one-hot matrix, made on first use), with
@@ -761,21 +772,22 @@ class _JointHistogramMetric(Metric):
             return parts[0]
         return HistogramSums(*(torch.stack(values).sum(0) for values in zip(*parts)))
 
-    def _joint(self, sums: HistogramSums) -> torch.Tensor:
-        """``p`` ``(B C, bins, bins)`` from the sums."""
-        return sums.counts.flatten(0, 1) / sums.weight.flatten().clamp_min(_TINY)[:, None, None]
-
-    def cost_of_sums(self, sums: HistogramSums) -> torch.Tensor:
-        """The cost of a pair from its sums (:meth:`sums`, :meth:`merged_sums`)."""
-        return self._scores(self._joint(sums), sums.counts.shape[1], False)[0]
+    def cost_of_sums(self, sums: HistogramSums, gradient: bool = False
+                     ) -> Union[torch.Tensor, tuple[torch.Tensor, HistogramSlopes]]:
+        """The cost of a pair from its sums (:meth:`sums`, :meth:`merged_sums`); with ``gradient``
+        also what :meth:`derivative` takes: ``d cost / d p`` and the weight, made once."""
+        weight = sums.weight.flatten().clamp_min(_TINY)
+        cost, d_joint = self._scores(sums.counts.flatten(0, 1) / weight[:, None, None], sums.counts.shape[1],
+                                     gradient)
+        return (cost, HistogramSlopes(d_joint, weight)) if gradient else cost
 
     def derivative(self, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor],
-                   sums: HistogramSums) -> torch.Tensor:
-        """``d cost / d x`` at the pixels given (a part of each pair), of the pair whose sums over
-        all its pixels are ``sums``."""
+                   slopes: HistogramSlopes) -> torch.Tensor:
+        """``d cost / d x`` at the pixels given (a part of each pair), of the pair whose
+        :meth:`cost_of_sums` gave ``slopes``."""
         _, parts = self._histogram(x, y, _inputs(self, x, y, weight), counts=False)
-        parts["total"] = sums.weight.flatten().clamp_min(_TINY)
-        return self._derivative(self._scores(self._joint(sums), x.shape[1], True)[1], parts)
+        parts["total"] = slopes.weight
+        return self._derivative(slopes.joint, parts)
 
     def _fixed_bins(self, y, y_range, s, pairs: int, n: int):
         """Fixed bins ``(P, N)`` and a maker of their one-hot matrix: the same on every call of a level, so kept.
