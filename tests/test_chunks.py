@@ -76,14 +76,63 @@ def test_reference_in_chunks_equals_all_at_once(monkeypatch, shape, budget, metr
     torch.testing.assert_close(matrix_gradient, expected[2], rtol=1e-12, atol=1e-12 * expected[2].abs().max().item())
 
 
-def test_a_metric_that_pools_a_pair_runs_whole(monkeypatch):
+def test_a_metric_that_pools_a_pair_runs_in_chunks_of_pairs_and_one_of_ones_own_whole(monkeypatch):
+    """NCC pools a pair's pixels: a budget below one pair gives chunks of one pair, never bands; a
+    metric of one's own (its own cost: it may pool the batch) runs whole."""
     fixed, moving, matrix = _problem((3, 1, 20, 20), torch.Generator().manual_seed(4))
     calls = []
     reference = analytic_module._reference
-    monkeypatch.setattr(analytic_module, "_reference", lambda *args: calls.append(1) or reference(*args))
+    monkeypatch.setattr(analytic_module, "_reference", lambda *args: calls.append(args[0].shape) or reference(*args))
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 50)
     cost_and_gradient(fixed, moving, matrix, tireg.metrics.get_metric("ncc"))
-    assert calls == [1]
+    assert calls == [(1, 1, 20, 20)] * 3
+
+    class Pooled(tireg.metrics.NCC):
+        def __call__(self, x, y, weight=None, gradient=False):
+            return super().__call__(x, y, weight, gradient)
+
+    calls.clear()
+    cost_and_gradient(fixed, moving, matrix, Pooled())
+    assert calls == [(3, 1, 20, 20)]
+
+
+@pytest.mark.parametrize("weighted", ["none", "per pair", "shared"])
+@pytest.mark.parametrize("name", ["ncc_any", "lncc", "mi", "mi ranged", "nmi"])
+@pytest.mark.parametrize("gradient", ["exact", "central"])
+def test_image_level_metrics_in_chunks_of_pairs_equal_all_at_once(monkeypatch, name, weighted, gradient):
+    """cost_and_gradient of NCC, local NCC and mutual information (an analytic model's step) in
+    chunks of pairs: the warped image bit for bit, cost and G to rounding (float64), with weights
+    of each pair or shared, a precomputed gradient, and ranges set on the metric, which each
+    chunk takes its pairs' of and which stay as they were (batch-pooled ranges would differ)."""
+    generator = torch.Generator().manual_seed(6)
+    shape = (5, 2, 23, 31)
+    fixed, moving, matrix = _problem(shape, generator)
+    moving = moving * torch.arange(1.0, 6.0, dtype=torch.float64).view(-1, 1, 1, 1)  # ranges per pair
+    metric = tireg.metrics.get_metric(name.split()[0])
+    if name.endswith("ranged"):
+        metric.set_ranges(moving, fixed)
+    ranges = getattr(metric, "ranges", None)
+    weight = None
+    if weighted != "none":
+        weight = (torch.rand(shape[0] if weighted == "per pair" else 1, 1, *shape[2:], generator=generator) > 0.3)
+        weight = weight.double()
+    stacked = None
+    if gradient != "exact":
+        stacked = stack_with_gradient(moving, image_gradient(moving, method=gradient, padding_mode="border"))
+    options = dict(weight=weight, padding_mode="border", moving_with_gradient=stacked)
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
+    expected = cost_and_gradient(fixed, moving, matrix, metric, **options)
+    calls = []
+    reference = analytic_module._reference
+    monkeypatch.setattr(analytic_module, "_reference", lambda *args: calls.append(args[0].shape[0]) or reference(*args))
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 2 * 2 * 23 * 31)  # two pairs a chunk
+    warped, cost, matrix_gradient = cost_and_gradient(fixed, moving, matrix, metric, **options)
+    assert calls == [2, 2, 1]
+    assert getattr(metric, "ranges", None) is ranges
+    assert torch.equal(warped, expected[0])
+    torch.testing.assert_close(cost, expected[1], rtol=1e-12, atol=0)
+    assert expected[2].abs().max() > 0
+    torch.testing.assert_close(matrix_gradient, expected[2], rtol=1e-10, atol=1e-12 * expected[2].abs().max().item())
 
 
 @pytest.mark.parametrize("budget", [2 * 37 * 53 * 2, 2 * 53 * 6], ids=["chunks of pairs", "bands of rows"])

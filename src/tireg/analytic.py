@@ -16,6 +16,7 @@ dot product of six numbers.  No per-parameter loop touches the pixels.
 
 from __future__ import annotations
 
+import copy
 from typing import Optional, Union
 
 import torch
@@ -23,7 +24,7 @@ import torch
 from . import _chunks, fused
 from ._validation import INTERPOLATIONS, PADDING_MODES, check_affine, check_image, check_same_kind
 from .losses import PerPixelLoss
-from .metrics import Metric, PerPixelMetric
+from .metrics import Metric, PerPixelMetric, _independent_pairs
 from .sampling import _grid_moments, _modes, _sampler_gradient, pixel_axes, sample, sampling_grid, shared_pixel_scale
 
 __all__ = ["cost_and_gradient", "per_pixel_cost_and_gradient", "parameter_gradient"]
@@ -234,14 +235,15 @@ def _cost_and_gradient(
             return result
     if axes is None:
         axes = pixel_axes(fixed.shape[-2:], dtype=matrix.dtype, device=matrix.device)
-    chunks = _chunks.pair_and_row_chunks(fixed.shape, _chunks.eager_budget(fixed.device))
-    if len(chunks) == 1 or not isinstance(metric, PerPixelMetric):  # other metrics pool a pair's pixels
-        return _reference(
-            fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes
-        )
-    return _reference_in_chunks(
-        chunks, fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes
-    )
+    budget = _chunks.eager_budget(fixed.device)
+    chunks = _chunks.pair_and_row_chunks(fixed.shape, budget)
+    options = (interpolation, padding_mode, moving_with_gradient, axes)
+    if len(chunks) > 1 and isinstance(metric, PerPixelMetric):
+        return _reference_in_chunks(chunks, fixed, moving, matrix, metric, weight, *options)
+    pairs = _chunks.chunk_slices(fixed.shape[0], fixed[0].numel(), budget)
+    if len(pairs) > 1 and _independent_pairs(metric, fixed.device):  # other metrics pool a pair's pixels
+        return _reference_by_pair(pairs, fixed, moving, matrix, metric, weight, *options)
+    return _reference(fixed, moving, matrix, metric, weight, *options)
 
 
 def _reference(fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes):
@@ -303,6 +305,39 @@ def _reference_in_chunks(
             count = (weight.flatten(1).sum(1) * fixed.shape[1]).clamp_min(1.0)
             cost, matrix_gradient = cost / count, matrix_gradient / count.reshape(-1, 1, 1)
     return warped, cost, matrix_gradient
+
+
+def _reference_by_pair(
+    parts, fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes
+):
+    """:func:`_reference` of a metric whose pairs are independent (:func:`~tireg.metrics._independent_pairs`:
+    NCC, local NCC, mutual information on the CPU) over chunks of pairs ``parts``.
+
+    An image-level metric's evaluation holds ten to thirty images' worth of per-pixel
+    tensors (local NCC's window sums, mutual information's Parzen taps), so a batch at once
+    held 11-17x its input images; a chunk holds them for its pairs only.  Histogram ranges set
+    on the metric (per pair) go with each chunk's copy of it.
+    """
+    batch = fixed.shape[0]
+    shared_weight = weight is not None and weight.shape[0] != batch
+    ranges = getattr(metric, "ranges", None)
+    warped, costs, gradients = None, [], []
+    for pairs in parts:
+        chunk_metric = metric
+        if ranges is not None:  # a copy: the caller's metric is never changed (it may be shared)
+            chunk_metric = copy.copy(metric)
+            chunk_metric.ranges = tuple(values[pairs] for values in ranges)
+        part_warped, part_cost, part_gradient = _reference(
+            fixed[pairs], moving[pairs], matrix[pairs], chunk_metric,
+            weight if weight is None or shared_weight else weight[pairs], interpolation, padding_mode,
+            None if moving_with_gradient is None else moving_with_gradient[pairs], axes,
+        )
+        if warped is None:
+            warped = part_warped.new_empty(batch, *part_warped.shape[1:])
+        warped[pairs] = part_warped
+        costs.append(part_cost)
+        gradients.append(part_gradient)
+    return warped, torch.cat(costs), torch.cat(gradients)
 
 
 def _fused_cost_and_gradient(

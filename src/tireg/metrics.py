@@ -887,6 +887,30 @@ class NormalizedMutualInformation(_JointHistogramMetric):
         return f"NormalizedMutualInformation(bins={self.bins})"
 
 
+def _own_cost(metric: Metric, bases: tuple[type, ...]) -> bool:
+    """Whether ``metric`` is one of ``bases`` with that class's own cost (its ``__call__``)."""
+    return any(isinstance(metric, base) and type(metric).__call__ is base.__call__ for base in bases)
+
+
+def _independent_pairs(metric: Metric, device: Union[str, torch.device]) -> bool:
+    """Whether each pair's cost and derivative are its own, no statistic pooled over the batch, so
+    that ``register`` and the analytic models may evaluate a batch in chunks of pairs on ``device``.
+
+    A per-pixel loss's pairs are (any :class:`PerPixelMetric`); tireg's :class:`NCC`,
+    :class:`LocalNCC`, and on the CPU :class:`MutualInformation` and
+    :class:`NormalizedMutualInformation` (their scatter-add histogram), where the class's own
+    cost and, for the histograms, ranges are kept.  Another metric of one's own may pool the
+    batch, and runs whole.  Mutual information keeps one record of its fixed image's bins, made
+    again for each chunk: cheap beside its CPU histogram; the one-hot matrix product (a GPU's, or
+    ``use_matmul=True``) would make its fixed one-hot matrix again each time, so it runs whole.
+    """
+    if isinstance(metric, PerPixelMetric) or _own_cost(metric, (NCC, LocalNCC)):
+        return True
+    histogram_on_cpu = (torch.device(device).type == "cpu" and not getattr(metric, "use_matmul", None)
+                        and getattr(type(metric), "set_ranges", None) is _JointHistogramMetric.set_ranges)
+    return histogram_on_cpu and _own_cost(metric, (MutualInformation, NormalizedMutualInformation))
+
+
 METRICS: dict[str, type[Metric]] = {
     "ncc": NCC,
     "lncc": LocalNCC,

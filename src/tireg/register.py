@@ -69,6 +69,8 @@ from .metrics import (
     NCCStatistics,
     NormalizedMutualInformation,
     PerPixelMetric,
+    _independent_pairs,
+    _own_cost,
     get_metric,
 )
 from .sampling import (
@@ -799,16 +801,7 @@ class _Problem:
             self.linear_parts = (kind.matrix(zeros, center)[0], kind.jacobian(zeros, center)[0])
         self.loss = metric.loss if isinstance(metric, PerPixelMetric) else None  # Gauss-Newton's rho
         self.irls_constant = None if self.loss is None else constant_irls_weight(self.loss)
-        # whether each pair's cost is its own (no statistic pooled over the batch): then a batch is
-        # evaluated in chunks of pairs.  A per-pixel loss's pairs are; another metric of one's own
-        # (its own cost or, for mutual information, its own ranges) may pool, and runs whole.
-        # Mutual information keeps one record of its fixed image's bins, made again for each chunk:
-        # cheap beside its CPU histogram (a scatter-add); a GPU's one-hot matrix product would make
-        # its fixed one-hot matrix again each time (unmeasured), so it runs whole there
-        histogram_on_cpu = (center.device.type == "cpu" and not getattr(metric, "use_matmul", None)
-                            and getattr(type(metric), "set_ranges", None) is MutualInformation.set_ranges)
-        self.by_pair = self.loss is not None or _own_cost(metric, (NCC, LocalNCC)) or (
-            histogram_on_cpu and _own_cost(metric, (MutualInformation, NormalizedMutualInformation)))
+        self.by_pair = _independent_pairs(metric, center.device)  # then a batch runs in chunks of pairs
         # of those, the metrics whose cost is a function of sums over pixels (tireg.metrics, "Sums of
         # parts"): one large pair's first-order evaluation runs in two passes over bands of rows
         # (an NCC whose own deviations weight otherwise would get NCC's derivative: it runs whole)
@@ -1218,11 +1211,6 @@ class _Problem:
                            vector(system.template), system.ncc)  # in the parameters
         evaluation = _Evaluation(self.metric.cost_of(system.ncc), *self.metric.normal_equations(system), ecc=system)
         return evaluation, added(counts)
-
-
-def _own_cost(metric: Metric, bases: tuple[type, ...]) -> bool:
-    """Whether ``metric`` is one of ``bases`` with that class's own cost (its ``__call__``)."""
-    return any(isinstance(metric, base) and type(metric).__call__ is base.__call__ for base in bases)
 
 
 def _channel_sum(first: torch.Tensor, second: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
