@@ -77,15 +77,22 @@ def test_reference_in_chunks_equals_all_at_once(monkeypatch, shape, budget, metr
 
 
 def test_a_metric_that_pools_a_pair_runs_in_chunks_of_pairs_and_one_of_ones_own_whole(monkeypatch):
-    """NCC pools a pair's pixels: a budget below one pair gives chunks of one pair, never bands; a
-    metric of one's own (its own cost: it may pool the batch) runs whole."""
+    """NCC pools a pair's pixels: a budget of one pair gives chunks of one pair, each whole, and a
+    smaller one each pair in passes over its bands; a metric of one's own (its own cost: it may pool
+    the batch) runs whole."""
     fixed, moving, matrix = _problem((3, 1, 20, 20), torch.Generator().manual_seed(4))
     calls = []
-    reference = analytic_module._reference
-    monkeypatch.setattr(analytic_module, "_reference", lambda *args: calls.append(args[0].shape) or reference(*args))
+    for name in ("_reference", "_reference_in_passes"):
+        function = getattr(analytic_module, name)
+        monkeypatch.setattr(analytic_module, name, lambda *args, name=name, function=function: calls.append(
+            (name, args[0].shape[0])) or function(*args))
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 400)
+    cost_and_gradient(fixed, moving, matrix, tireg.metrics.get_metric("ncc"))
+    assert calls == [("_reference", 1)] * 3
+    calls.clear()
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 50)
     cost_and_gradient(fixed, moving, matrix, tireg.metrics.get_metric("ncc"))
-    assert calls == [(1, 1, 20, 20)] * 3
+    assert calls == [("_reference_in_passes", 1)] * 3
 
     class Pooled(tireg.metrics.NCC):
         def __call__(self, x, y, weight=None, gradient=False):
@@ -93,17 +100,19 @@ def test_a_metric_that_pools_a_pair_runs_in_chunks_of_pairs_and_one_of_ones_own_
 
     calls.clear()
     cost_and_gradient(fixed, moving, matrix, Pooled())
-    assert calls == [(3, 1, 20, 20)]
+    assert calls == [("_reference", 3)]
 
 
 @pytest.mark.parametrize("weighted", ["none", "per pair", "shared"])
 @pytest.mark.parametrize("name", ["ncc_any", "lncc", "mi", "mi ranged", "nmi"])
 @pytest.mark.parametrize("gradient", ["exact", "central"])
-def test_image_level_metrics_in_chunks_of_pairs_equal_all_at_once(monkeypatch, name, weighted, gradient):
+@pytest.mark.parametrize("split", ["pairs", "bands"])
+def test_image_level_metrics_in_chunks_of_pairs_equal_all_at_once(monkeypatch, name, weighted, gradient, split):
     """cost_and_gradient of NCC, local NCC and mutual information (an analytic model's step) in
-    chunks of pairs: the warped image bit for bit, cost and G to rounding (float64), with weights
-    of each pair or shared, a precomputed gradient, and ranges set on the metric, which each
-    chunk takes its pairs' of and which stay as they were (batch-pooled ranges would differ)."""
+    chunks of pairs, or each pair in passes over bands of 5 rows (local NCC's margins of 8): the
+    warped image bit for bit, cost and G to rounding (float64), with weights of each pair or
+    shared, a precomputed gradient, and ranges set on the metric, which each chunk takes its
+    pairs' of and which stay as they were (batch-pooled ranges would differ)."""
     generator = torch.Generator().manual_seed(6)
     shape = (5, 2, 23, 31)
     fixed, moving, matrix = _problem(shape, generator)
@@ -123,11 +132,16 @@ def test_image_level_metrics_in_chunks_of_pairs_equal_all_at_once(monkeypatch, n
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
     expected = cost_and_gradient(fixed, moving, matrix, metric, **options)
     calls = []
-    reference = analytic_module._reference
-    monkeypatch.setattr(analytic_module, "_reference", lambda *args: calls.append(args[0].shape[0]) or reference(*args))
-    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 2 * 2 * 23 * 31)  # two pairs a chunk
+    for function_name in ("_reference", "_reference_in_passes"):
+        function = getattr(analytic_module, function_name)
+        monkeypatch.setattr(analytic_module, function_name, lambda *args, called=function_name, function=function: (
+            calls.append((called, args[0].shape[0])) or function(*args)))
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 2 * 2 * 23 * 31 if split == "pairs" else 2 * 31 * 5)
     warped, cost, matrix_gradient = cost_and_gradient(fixed, moving, matrix, metric, **options)
-    assert calls == [2, 2, 1]
+    if split == "pairs":  # two pairs a chunk
+        assert calls == [("_reference", 2), ("_reference", 2), ("_reference", 1)]
+    else:
+        assert calls == [("_reference_in_passes", 1)] * 5
     assert getattr(metric, "ranges", None) is ranges
     assert torch.equal(warped, expected[0])
     torch.testing.assert_close(cost, expected[1], rtol=1e-12, atol=0)
@@ -159,6 +173,33 @@ def test_an_analytic_step_in_chunks_equals_autograd(monkeypatch, budget):
     torch.testing.assert_close(cost, total.detach(), rtol=1e-12, atol=0)
     for analytic_parameter, autograd_parameter in zip(analytic.p, autograd.p):
         torch.testing.assert_close(analytic_parameter.grad, autograd_parameter.grad, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("metric", ["ncc", "lncc", "mi"])
+def test_an_image_level_metric_step_of_one_large_pair_in_bands_equals_whole(monkeypatch, metric):
+    """An analytic model's step of one pair above the budget, in passes over bands of 6 rows: the
+    same warped image, cost and parameter gradients as the step whole (float64)."""
+    generator = torch.Generator().manual_seed(7)
+    fixed, moving, _ = _problem((1, 1, 47, 53), generator)
+    values = torch.tensor([1.02, 0.03, -0.04, 0.97, 1.5, -2.0], dtype=torch.float64)
+    calls = []
+    passes = analytic_module._reference_in_passes
+    monkeypatch.setattr(analytic_module, "_reference_in_passes", lambda *args: calls.append(1) or passes(*args))
+    steps = []
+    for budget in (1 << 40, 6 * 53):
+        monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", budget)
+        model = tireg.create_model("affine", moving, gradients="analytic", compile=False, metric=metric)
+        for index, value in enumerate(values):
+            model.set_parameter(index, value.reshape(1))
+        warped, cost = model(moving, fixed)
+        steps.append((warped, cost, [parameter.grad.clone() for parameter in model.p]))
+    (whole_warped, whole_cost, whole_grads), (warped, cost, grads) = steps
+    assert calls == [1]  # the banded step only
+    assert torch.equal(warped, whole_warped)
+    torch.testing.assert_close(cost, whole_cost, rtol=1e-12, atol=0)
+    assert max(float(grad.abs().max()) for grad in whole_grads) > 0
+    for got, expected in zip(grads, whole_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_bands_of_a_fixed_image_with_a_moving_image_of_another_size(monkeypatch):

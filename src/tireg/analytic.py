@@ -24,7 +24,7 @@ import torch
 from . import _chunks, fused
 from ._validation import INTERPOLATIONS, PADDING_MODES, check_affine, check_image, check_same_kind
 from .losses import PerPixelLoss
-from .metrics import Metric, PerPixelMetric, _independent_pairs
+from .metrics import LocalNCC, Metric, PerPixelMetric, _independent_pairs, _sums_of_parts
 from .sampling import _grid_moments, _modes, _sampler_gradient, pixel_axes, sample, sampling_grid, shared_pixel_scale
 
 __all__ = ["cost_and_gradient", "per_pixel_cost_and_gradient", "parameter_gradient"]
@@ -241,29 +241,96 @@ def _cost_and_gradient(
     if len(chunks) > 1 and isinstance(metric, PerPixelMetric):
         return _reference_in_chunks(chunks, fixed, moving, matrix, metric, weight, *options)
     pairs = _chunks.chunk_slices(fixed.shape[0], fixed[0].numel(), budget)
-    if len(pairs) > 1 and _independent_pairs(metric, fixed.device):  # other metrics pool a pair's pixels
-        return _reference_by_pair(pairs, fixed, moving, matrix, metric, weight, *options)
+    # other metrics pool a pair's pixels: a metric whose pairs are independent runs in chunks of
+    # pairs, and one pair above the budget of NCC, local NCC or mutual information in passes
+    passes = fixed[0].numel() > budget and (isinstance(metric, LocalNCC) or _sums_of_parts(metric))
+    if (len(pairs) > 1 or passes) and _independent_pairs(metric, fixed.device):
+        return _reference_by_pair(pairs, fixed, moving, matrix, metric, weight, *options, passes=passes)
     return _reference(fixed, moving, matrix, metric, weight, *options)
 
 
 def _reference(fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes):
     """:func:`cost_and_gradient` by the reference kernels, all pixels at once."""
-    batch, channels, height, width = fixed.shape
-    grid = sampling_grid(matrix, (height, width), moving.shape[-2:], axes=axes)
+    grid = sampling_grid(matrix, fixed.shape[-2:], moving.shape[-2:], axes=axes)
+    warped, gradient = _sampled(moving, moving_with_gradient, grid, fixed.shape[1], interpolation, padding_mode)
+    cost, derivative = metric(warped, fixed, weight, gradient=True)
+    matrix_gradient = _matrix_gradient(derivative, moving, grid, gradient, axes, interpolation, padding_mode)
+    return warped, cost, matrix_gradient
+
+
+def _sampled(moving, moving_with_gradient, grid, channels, interpolation, padding_mode):
+    """The warped image, and the moving image's gradient sampled at the same points where it is
+    precomputed (``moving_with_gradient``; else ``None``)."""
     if moving_with_gradient is None:
-        warped = sample(moving, grid, interpolation=interpolation, padding_mode=padding_mode)
-        cost, derivative = metric(warped, fixed, weight, gradient=True)
+        return sample(moving, grid, interpolation=interpolation, padding_mode=padding_mode), None
+    sampled = sample(moving_with_gradient, grid, interpolation=interpolation, padding_mode=padding_mode)
+    return sampled[:, :channels], sampled[:, channels:].unflatten(1, (channels, 2))
+
+
+def _matrix_gradient(derivative, moving, grid, gradient, axes, interpolation, padding_mode):
+    """``G = sum_x g x~^T`` with ``g = C' grad M``: through the sampler's derivative kernel, or
+    from the sampled precomputed ``gradient`` ``(B, C, 2, H, W)``."""
+    if gradient is None:
         g = _sampler_gradient(derivative, moving, grid, INTERPOLATIONS[interpolation], PADDING_MODES[padding_mode])
         # normalised -> moving pixel units, applied to the 2 x 3 result rather than every pixel
         scale = shared_pixel_scale(moving.shape[-2:], like=grid)
-        matrix_gradient = _grid_moments(g, axes, True, False) * scale[:, None]
-    else:
-        sampled = sample(moving_with_gradient, grid, interpolation=interpolation, padding_mode=padding_mode)
-        warped = sampled[:, :channels]
-        cost, derivative = metric(warped, fixed, weight, gradient=True)
-        gradient = sampled[:, channels:].reshape(batch, channels, 2, height, width)
-        g = torch.einsum("bchw,bckhw->bkhw", derivative, gradient)  # (B, 2, H, W), pixel units
-        matrix_gradient = _grid_moments(g, axes, False, False)
+        return _grid_moments(g, axes, True, False) * scale[:, None]
+    g = torch.einsum("bchw,bckhw->bkhw", derivative, gradient)  # (B, 2, H, W), pixel units
+    return _grid_moments(g, axes, False, False)
+
+
+def _reference_in_passes(fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient,
+                         axes):
+    """:func:`_reference` of one pair above the budget in bands of rows, for NCC, mutual
+    information or NMI (two passes over sums of parts: :mod:`tireg.metrics`) or local NCC (bands
+    with a margin of :attr:`~tireg.metrics.LocalNCC.margin` rows: :meth:`~tireg.metrics.LocalNCC.part`).
+
+    The warped image is the step's output and is kept: it is sampled band by band first; then
+    the metric's sums are added up over its bands (mutual information's ranges, where none are
+    set, those of the whole warped and fixed images, as in one call); then each band's
+    derivative is taken from it, and ``G`` through the sampler's derivative kernel (or the
+    precomputed gradient, sampled again).
+    """
+    channels, height, width = fixed.shape[1:]
+    bands = _chunks.chunk_slices(height, width * channels, _chunks.eager_budget(fixed.device))
+    ys, xs = axes
+    rows_of = lambda image, rows: None if image is None else image[..., rows, :]  # noqa: E731
+    grid_of = lambda rows: sampling_grid(matrix, (rows.stop - rows.start, width), moving.shape[-2:],  # noqa: E731
+                                         axes=(ys[rows], xs))
+    warped = None
+    for rows in bands:
+        band, _ = _sampled(moving, moving_with_gradient, grid_of(rows), channels, interpolation, padding_mode)
+        if warped is None:
+            warped = band.new_empty(*band.shape[:2], height, width)
+        warped[..., rows, :] = band
+    windows = isinstance(metric, LocalNCC)
+    if not windows:
+        if getattr(metric, "ranges", False) is None:  # per call: the whole warped image's, as whole
+            metric = copy.copy(metric)
+            metric.set_ranges(warped, fixed)
+        sums = None
+        for rows in bands:  # a running merge: mutual information's sums are a histogram a pair
+            part = metric.sums(rows_of(warped, rows), rows_of(fixed, rows), rows_of(weight, rows))
+            sums = part if sums is None else metric.merged_sums([sums, part])
+        cost, terms = metric.cost_of_sums(sums, gradient=True)
+    score = count = matrix_gradient = 0
+    for rows in bands:
+        if windows:
+            around = slice(max(0, rows.start - metric.margin), min(height, rows.stop + metric.margin))
+            band_score, band_count, derivative = metric.part(
+                rows_of(warped, around), rows_of(fixed, around), rows_of(weight, around),
+                slice(rows.start - around.start, rows.stop - around.start))
+            score, count = score + band_score, count + band_count
+        else:
+            derivative = metric.derivative(rows_of(warped, rows), rows_of(fixed, rows), rows_of(weight, rows), terms)
+        grid = grid_of(rows)
+        gradient = None if moving_with_gradient is None else _sampled(
+            moving, moving_with_gradient, grid, channels, interpolation, padding_mode)[1]
+        matrix_gradient = matrix_gradient + _matrix_gradient(derivative, moving, grid, gradient, (ys[rows], xs),
+                                                             interpolation, padding_mode)
+    if windows:
+        cost, inverse_count = metric.cost_of_sums(score, count, gradient=True)
+        matrix_gradient = matrix_gradient * inverse_count[:, None, None]
     return warped, cost, matrix_gradient
 
 
@@ -308,10 +375,12 @@ def _reference_in_chunks(
 
 
 def _reference_by_pair(
-    parts, fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes
+    parts, fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes, *,
+    passes: bool = False,
 ):
     """:func:`_reference` of a metric whose pairs are independent (:func:`~tireg.metrics._independent_pairs`:
-    NCC, local NCC, mutual information on the CPU) over chunks of pairs ``parts``.
+    NCC, local NCC, mutual information on the CPU) over chunks of pairs ``parts``; with
+    ``passes``, chunks of one pair above the budget, each by :func:`_reference_in_passes`.
 
     An image-level metric's evaluation holds ten to thirty images' worth of per-pixel
     tensors (local NCC's window sums, mutual information's Parzen taps), so a batch at once
@@ -327,7 +396,7 @@ def _reference_by_pair(
         if ranges is not None:  # a copy: the caller's metric is never changed (it may be shared)
             chunk_metric = copy.copy(metric)
             chunk_metric.ranges = tuple(values[pairs] for values in ranges)
-        part_warped, part_cost, part_gradient = _reference(
+        part_warped, part_cost, part_gradient = (_reference_in_passes if passes else _reference)(
             fixed[pairs], moving[pairs], matrix[pairs], chunk_metric,
             weight if weight is None or shared_weight else weight[pairs], interpolation, padding_mode,
             None if moving_with_gradient is None else moving_with_gradient[pairs], axes,

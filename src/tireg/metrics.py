@@ -548,10 +548,14 @@ class LocalNCC(Metric):
         return (cost, derivative) if gradient else cost
 
     @staticmethod
-    def cost_of_sums(score: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    def cost_of_sums(score: torch.Tensor, count: torch.Tensor, gradient: bool = False
+                     ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """``1 - S / n``: the cost of a pair from its score sum ``S = sum_i w_i s_i`` and count
-        ``n = C sum w`` (:meth:`part`'s, added over bands)."""
-        return 1.0 - score / count.clamp_min(_TINY)
+        ``n = C sum w`` (:meth:`part`'s, added over bands); with ``gradient`` also ``1 / n``, which
+        turns a band's ``D_b`` into its derivative."""
+        count = count.clamp_min(_TINY)
+        cost = 1.0 - score / count
+        return (cost, 1.0 / count) if gradient else cost
 
     @property
     def margin(self) -> int:
@@ -890,6 +894,15 @@ class NormalizedMutualInformation(_JointHistogramMetric):
 def _own_cost(metric: Metric, bases: tuple[type, ...]) -> bool:
     """Whether ``metric`` is one of ``bases`` with that class's own cost (its ``__call__``)."""
     return any(isinstance(metric, base) and type(metric).__call__ is base.__call__ for base in bases)
+
+
+def _sums_of_parts(metric: Metric) -> bool:
+    """Whether ``metric``'s evaluation of one pair can be split in parts in two passes (module
+    docstring, "Sums of parts"): mutual information, NMI, and NCC with NCC's own ``deviations``
+    (its derivative takes the pair's means and the weight as given; a subclass's own weighting,
+    in bands, got a gradient 40 % off).  Local NCC splits by :meth:`LocalNCC.part` instead."""
+    return isinstance(metric, (MutualInformation, NormalizedMutualInformation)) or (
+        isinstance(metric, NCC) and type(metric).deviations is NCC.deviations)
 
 
 def _independent_pairs(metric: Metric, device: Union[str, torch.device]) -> bool:

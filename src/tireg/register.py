@@ -64,13 +64,12 @@ from .metrics import (
     ECCSystem,
     LocalNCC,
     Metric,
-    MutualInformation,
     NCC,
     NCCStatistics,
-    NormalizedMutualInformation,
     PerPixelMetric,
     _independent_pairs,
     _own_cost,
+    _sums_of_parts,
     get_metric,
 )
 from .sampling import (
@@ -804,9 +803,7 @@ class _Problem:
         self.by_pair = _independent_pairs(metric, center.device)  # then a batch runs in chunks of pairs
         # of those, the metrics whose cost is a function of sums over pixels (tireg.metrics, "Sums of
         # parts"): one large pair's first-order evaluation runs in two passes over bands of rows
-        # (an NCC whose own deviations weight otherwise would get NCC's derivative: it runs whole)
-        self.two_pass = self.by_pair and (isinstance(metric, (MutualInformation, NormalizedMutualInformation)) or (
-            isinstance(metric, NCC) and type(metric).deviations is NCC.deviations))
+        self.two_pass = self.by_pair and _sums_of_parts(metric)
         # the compiled kernel serves a per-pixel metric's mean, bilinear, without a moving mask
         self.compile = (
             bool(compile) and self.loss is not None and self.metric.mean
@@ -1030,9 +1027,8 @@ class _Problem:
             counts.append(count)
             moments.append(self._gradient_moments(derivative, grid[:, own], own_level))
         count = torch.stack(counts).sum(0)
-        # moments of zeros where nothing counts (evaluate's overlap rule makes that cost infinite)
-        g_moments = torch.stack(moments).sum(0) / count.clamp_min(1.0)[:, None, None]
-        cost = metric.cost_of_sums(torch.stack(scores).sum(0), count)
+        cost, inverse_count = metric.cost_of_sums(torch.stack(scores).sum(0), count, gradient=True)
+        g_moments = torch.stack(moments).sum(0) * inverse_count[:, None, None]
         return _in_parameters(cost, flat_jacobian, g_moments, None), count / channels
 
     def _evaluate_in_bands(
