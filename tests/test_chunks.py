@@ -98,9 +98,30 @@ def test_a_metric_that_pools_a_pair_runs_in_chunks_of_pairs_and_one_of_ones_own_
         def __call__(self, x, y, weight=None, gradient=False):
             return super().__call__(x, y, weight, gradient)
 
-    calls.clear()
-    cost_and_gradient(fixed, moving, matrix, Pooled())
-    assert calls == [("_reference", 3)]
+    class PooledWeights(tireg.metrics.NCC):  # NCC's cost, its own deviations (an audit's: batch-pooled)
+        def deviations(self, x, y, weight=None):
+            weight = torch.ones_like(x[:, :1]) if weight is None else weight
+            return super().deviations(x, y, weight * (y[:, :1] > y.mean()).to(x.dtype))
+
+    for metric in (Pooled(), PooledWeights()):
+        calls.clear()
+        cost_and_gradient(fixed, moving, matrix, metric)
+        assert calls == [("_reference", 3)]
+
+
+@pytest.mark.parametrize("name", ["mi", "nmi"])
+def test_ranges_of_one_pair_hold_for_every_chunk(monkeypatch, name):
+    """Histogram ranges set from one pair broadcast over the batch (as whole): each chunk takes them
+    as they are (sliced per pair, every chunk after the first had none: an audit's error)."""
+    fixed, moving, matrix = _problem((4, 1, 40, 40), torch.Generator().manual_seed(8))
+    metric = tireg.metrics.get_metric(name)
+    metric.set_ranges(moving[:1], fixed[:1])
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
+    expected = cost_and_gradient(fixed, moving, matrix, metric)
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 2 * 40 * 40)
+    got = cost_and_gradient(fixed, moving, matrix, metric)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=0)
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-10, atol=1e-12 * float(expected[2].abs().max()))
 
 
 @pytest.mark.parametrize("weighted", ["none", "per pair", "shared"])

@@ -816,16 +816,16 @@ def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monke
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
     whole_level = level()
     first_order = metric in ("mi", "nmi", "lncc", "lncc_any")  # no Gauss-Newton matrix
-    bands = "window band levels" if metric.startswith("lncc") else "bands"
+    bands = "windows" if metric.startswith("lncc") else "bands"
     hessians = (False,) if first_order else (False, True)
     whole = [problem.evaluate(params, whole_level, hessian=hessian) for hessian in hessians]
-    assert "bands" not in whole_level.cache
+    assert "parts" not in whole_level.cache
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 3 * 30 * fixed.shape[-1])  # 30 rows a band
     banded = []
     for hessian in hessians:  # the first-order evaluation in bands too, each on a level of its own
         banded_level = level()
         banded.append(problem.evaluate(params, banded_level, hessian=hessian))
-        assert len(banded_level.cache.get(bands, ())) == 5  # 144 rows: 4 bands of 30 and one of 24
+        assert len(banded_level.cache["parts"][bands][1]) == 5  # 144 rows: 4 bands of 30 and one of 24
     assert float(whole[0].gradient.abs().max()) > 1e-6
     for expected, got in zip(whole, banded):
         torch.testing.assert_close(got.cost, expected.cost, rtol=1e-12, atol=0)
@@ -847,10 +847,12 @@ def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monke
     assert grid_error(result.matrix, truth, fixed.shape[-2:]) < 0.05
 
 
-def test_an_ncc_with_deviations_of_its_own_is_not_split_in_two_passes(monkeypatch):
-    """NCC's two passes take its derivative from the pair's means and the weight as given; a
-    subclass whose own ``deviations`` weight otherwise keeps NCC's cost and runs whole (in bands it
-    got NCC's derivative with its cost: 40 % off in an audit)."""
+def test_an_ncc_with_deviations_of_its_own_is_not_split(monkeypatch):
+    """NCC's two passes take its derivative from the pair's means and the weight as given, and its
+    bands merge sums of the weights as given; a subclass whose own ``deviations`` weight otherwise
+    (a public hook: it may pool the batch or the pair) keeps NCC's cost and runs whole, its
+    first-order evaluation (in bands it got NCC's derivative with its cost: 40 % off in an audit)
+    and its Gauss-Newton system alike."""
     register_module = importlib.import_module("tireg.register")
 
     class Reweighted(tireg.metrics.NCC):
@@ -862,16 +864,41 @@ def test_an_ncc_with_deviations_of_its_own_is_not_split_in_two_passes(monkeypatc
     kind = tireg.transforms.TRANSFORMS["similarity"]
     center = torch.tensor(tireg.transforms.image_center(*fixed.shape[-2:]), dtype=torch.float64)
     problem = register_module._Problem(kind, center, Reweighted(), "bilinear")
-    assert problem.by_pair and not problem.two_pass
+    assert not problem.by_pair and not problem.two_pass
     params = torch.tensor([[0.05, 1.03, 3.5, -2.5]], dtype=torch.float64)
     as_batch = lambda image: image[None, None].double()  # noqa: E731
-    evaluations = []
-    for budget in (1 << 40, 30 * fixed.shape[-1]):
-        monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", budget)
-        level = register_module._make_level(as_batch(fixed), as_batch(moving), None, None, 1, 0.0)
-        evaluations.append(problem.evaluate(params, level, hessian=False))
-    assert float(evaluations[0].gradient.abs().max()) > 0.0
-    torch.testing.assert_close(evaluations[1].gradient, evaluations[0].gradient, rtol=1e-12, atol=0)
+    for hessian in (False, True):
+        evaluations = []
+        for budget in (1 << 40, 30 * fixed.shape[-1]):
+            monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", budget)
+            level = register_module._make_level(as_batch(fixed), as_batch(moving), None, None, 1, 0.0)
+            evaluations.append(problem.evaluate(params, level, hessian=hessian))
+            assert "parts" not in level.cache
+        assert float(evaluations[0].gradient.abs().max()) > 0.0
+        torch.testing.assert_close(evaluations[1].gradient, evaluations[0].gradient, rtol=1e-12, atol=0)
+
+
+def test_the_compiled_path_drops_the_parts_that_view_the_moving_image_it_drops(monkeypatch):
+    """Once the compiled path packs the moving image, the level's own copy goes; the levels of its
+    chunks and bands that eager evaluations made before (an autograd loop's, a fallback's) hold
+    it too, and go with it (an audit's finding: one image more at the final evaluation)."""
+    register_module = importlib.import_module("tireg.register")
+    fixed, moving, _ = registration_pair("astronaut", "similarity", [0.06, 1.04, 4.0, -3.0], noise=0.02)
+    kind = tireg.transforms.TRANSFORMS["similarity"]
+    center = torch.tensor(tireg.transforms.image_center(*fixed.shape[-2:]))
+    problem = register_module._Problem(kind, center, tireg.metrics.get_metric("l2"), "bilinear", compile=True)
+    if not problem.compile:
+        pytest.skip("the compiled kernel does not serve this setting here")
+    level = register_module._make_level(fixed[None, None], moving[None, None], None, None, 1, 0.0)
+    params = torch.tensor([[0.05, 1.03, 3.5, -2.5]])
+    matrix, jacobian = problem.matrices(params, level)
+    problem._bands(level, 30 * fixed.shape[-1])
+    old_moving = level.moving
+    assert level.cache["parts"]["bands"][1][0].moving is old_moving
+    monkeypatch.setattr(register_module.fused, "run_compiled_in_bands", lambda *args, **kwargs: None)  # no compile
+    flat_jacobian = jacobian[:, :, :2, :].reshape(1, kind.num_parameters, 6)
+    assert problem._evaluate_fused(matrix, flat_jacobian, level, False) is None
+    assert level.moving is not old_moving and "parts" not in level.cache
 
 
 def test_transform_from_a_model():

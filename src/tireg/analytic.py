@@ -394,8 +394,8 @@ def _reference_by_pair(
     for pairs in parts:
         chunk_metric = metric
         if ranges is not None:  # a copy: the caller's metric is never changed (it may be shared)
-            chunk_metric = copy.copy(metric)
-            chunk_metric.ranges = tuple(values[pairs] for values in ranges)
+            chunk_metric = copy.copy(metric)  # (ranges of one pair hold for every pair)
+            chunk_metric.ranges = tuple(values[pairs] if values.shape[0] == batch else values for values in ranges)
         part_warped, part_cost, part_gradient = (_reference_in_passes if passes else _reference)(
             fixed[pairs], moving[pairs], matrix[pairs], chunk_metric,
             weight if weight is None or shared_weight else weight[pairs], interpolation, padding_mode,

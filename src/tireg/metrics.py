@@ -577,7 +577,8 @@ class LocalNCC(Metric):
         w = _inputs(self, x, y, weight)
         score, derivative = self._scores(x, y, w, w.new_ones(x.shape[0]), True)
         band = lambda image: image[..., rows, :]  # noqa: E731
-        return ((band(w) * band(score)).sum((1, 2, 3)), band(w).sum((1, 2, 3)) * x.shape[1], band(derivative))
+        count = (band(w).sum((1, 2, 3)) * x.shape[1]).expand(x.shape[0])  # (B,): a shared weight's too
+        return (band(w) * band(score)).sum((1, 2, 3)), count, band(derivative)
 
     def _scores(self, x, y, w, count: torch.Tensor, gradient: bool):
         """Each window's score ``s_i`` and, with ``gradient``, ``d cost / d x`` for a cost of
@@ -902,7 +903,7 @@ def _sums_of_parts(metric: Metric) -> bool:
     (its derivative takes the pair's means and the weight as given; a subclass's own weighting,
     in bands, got a gradient 40 % off).  Local NCC splits by :meth:`LocalNCC.part` instead."""
     return isinstance(metric, (MutualInformation, NormalizedMutualInformation)) or (
-        isinstance(metric, NCC) and type(metric).deviations is NCC.deviations)
+        isinstance(metric, NCC) and type(metric).deviations is NCC.deviations)  # (and its Gauss-Newton system)
 
 
 def _independent_pairs(metric: Metric, device: Union[str, torch.device]) -> bool:
@@ -912,13 +913,15 @@ def _independent_pairs(metric: Metric, device: Union[str, torch.device]) -> bool
     A per-pixel loss's pairs are (any :class:`PerPixelMetric`); tireg's :class:`NCC`,
     :class:`LocalNCC`, and on the CPU :class:`MutualInformation` and
     :class:`NormalizedMutualInformation` (their scatter-add histogram), where the class's own
-    cost and, for the histograms, ranges are kept.  Another metric of one's own may pool the
-    batch, and runs whole.  Mutual information keeps one record of its fixed image's bins, made
+    cost and, for NCC its deviations and for the histograms its ranges, are kept.  Another
+    metric of one's own may pool the batch, and runs whole.  Mutual information keeps one record of its fixed image's bins, made
     again for each chunk: cheap beside its CPU histogram; the one-hot matrix product (a GPU's, or
     ``use_matmul=True``) would make its fixed one-hot matrix again each time, so it runs whole.
     """
-    if isinstance(metric, PerPixelMetric) or _own_cost(metric, (NCC, LocalNCC)):
+    if isinstance(metric, PerPixelMetric) or _own_cost(metric, (LocalNCC,)):
         return True
+    if _own_cost(metric, (NCC,)):  # and its own deviations, a public hook (one may pool the batch)
+        return type(metric).deviations is NCC.deviations
     histogram_on_cpu = (torch.device(device).type == "cpu" and not getattr(metric, "use_matmul", None)
                         and getattr(type(metric), "set_ranges", None) is _JointHistogramMetric.set_ranges)
     return histogram_on_cpu and _own_cost(metric, (MutualInformation, NormalizedMutualInformation))

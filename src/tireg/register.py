@@ -803,6 +803,7 @@ class _Problem:
         self.by_pair = _independent_pairs(metric, center.device)  # then a batch runs in chunks of pairs
         # of those, the metrics whose cost is a function of sums over pixels (tireg.metrics, "Sums of
         # parts"): one large pair's first-order evaluation runs in two passes over bands of rows
+        # (NCC's Gauss-Newton system in bands too, on the same condition)
         self.two_pass = self.by_pair and _sums_of_parts(metric)
         # the compiled kernel serves a per-pixel metric's mean, bilinear, without a moving mask
         self.compile = (
@@ -923,6 +924,7 @@ class _Problem:
             # the same pixels inside the kernel's copy: the level's own can go (register drops its
             # reference at full resolution; a batch's peak memory counts every image)
             level.moving = fused.prepared_image(level.cache["padded"], "border")
+            level.cache.pop("parts", None)  # its parts' levels (eager evaluations') hold the image that went
         result = fused.run_compiled_in_bands(
             level.fixed, level.cache["padded"], matrix, self.loss, "border", level.fixed_weight,
             inside_only=True, hessian=hessian, coordinates=level.cache["coordinates"],
@@ -954,7 +956,7 @@ class _Problem:
         pair_pixels = level.fixed.shape[-2] * level.fixed.shape[-1] * level.fixed.shape[1]
         budget = _chunks.eager_budget(level.fixed.device)
         if batch == 1 and pair_pixels > budget:
-            if hessian and isinstance(self.metric, NCC):  # its Gauss-Newton system: sums over pixels
+            if hessian and isinstance(self.metric, NCC) and self.two_pass:  # its system: sums over pixels
                 return self._evaluate_ncc(matrix, flat_jacobian, self._bands(level, budget))
             if self.loss is not None:
                 return self._evaluate_in_bands(matrix, flat_jacobian, level, hessian, budget)
@@ -977,20 +979,29 @@ class _Problem:
         parts = _chunks.chunk_slices(batch, level.fixed[0].numel(), budget)
         if not self.by_pair or len(parts) == 1:
             return None
-        if level.cache.get("chunk budget") != budget:
-            self._level_metric(level)
-            level.cache["chunk budget"] = budget
-            level.cache["chunks"] = [(part, level.pairs(part)) for part in parts]
-        return level.cache["chunks"]
+
+        def make() -> list[tuple[slice, _Level]]:
+            self._level_metric(level)  # the ranges go with the pairs' levels
+            return [(part, level.pairs(part)) for part in parts]
+
+        return self._parts(level, "chunks", budget, make)
+
+    @staticmethod
+    def _parts(level: _Level, kind: str, key: Any, make: Callable[[], list]) -> list:
+        """The levels of ``level``'s parts of one ``kind`` (chunks of pairs, bands of rows), made
+        once for each ``key`` (the budget).  One entry of its cache holds them all: they view its
+        moving image, and go with it when the compiled path drops it (:meth:`_evaluate_fused`)."""
+        parts = level.cache.setdefault("parts", {})
+        if kind not in parts or parts[kind][0] != key:
+            parts[kind] = (key, make())
+        return parts[kind][1]
 
     @staticmethod
     def _bands(level: _Level, budget: int) -> list[_Level]:
         """The level of one pair in bands of rows of at most ``budget`` fixed pixels, made once."""
         channels, height, width = level.fixed.shape[1:]
-        if level.cache.get("band budget") != budget:
-            level.cache["band budget"] = budget
-            level.cache["bands"] = [level.rows(part) for part in _chunks.chunk_slices(height, width * channels, budget)]
-        return level.cache["bands"]
+        return _Problem._parts(level, "bands", budget, lambda: [
+            level.rows(part) for part in _chunks.chunk_slices(height, width * channels, budget)])
 
     def _evaluate_windows_in_bands(
         self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, level: _Level, budget: int
@@ -1009,15 +1020,13 @@ class _Problem:
         metric = self.metric
         channels, height, width = level.fixed.shape[1:]
         margin = metric.margin
-        if level.cache.get("window bands") != (budget, margin):
-            level.cache["window bands"] = (budget, margin)
-            level.cache["window band levels"] = [
-                (level.rows(slice(max(0, rows.start - margin), min(height, rows.stop + margin))),
-                 slice(rows.start - max(0, rows.start - margin), rows.stop - max(0, rows.start - margin)),
-                 level.rows(rows))
-                for rows in _chunks.chunk_slices(height, width * channels, budget)]
+        bands = self._parts(level, "windows", (budget, margin), lambda: [
+            (level.rows(slice(max(0, rows.start - margin), min(height, rows.stop + margin))),
+             slice(rows.start - max(0, rows.start - margin), rows.stop - max(0, rows.start - margin)),
+             level.rows(rows))
+            for rows in _chunks.chunk_slices(height, width * channels, budget)])
         scores, counts, moments = [], [], []
-        for band, own, own_level in level.cache["window band levels"]:
+        for band, own, own_level in bands:
             grid = self.grid(matrix, band)
             valid = self._valid(grid, band)
             values = sample(band.moving, grid, interpolation=self.interpolation, padding_mode="border")
