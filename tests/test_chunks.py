@@ -43,6 +43,29 @@ def _problem(shape, generator):
     return fixed, moving, matrix
 
 
+def _options(moving, weighted: str, gradient: str, generator) -> dict:
+    """cost_and_gradient's options: weights of each pair, shared or none; a precomputed gradient or none."""
+    shape = moving.shape
+    weight = None
+    if weighted != "none":
+        weight = (torch.rand(shape[0] if weighted == "per pair" else 1, 1, *shape[2:], generator=generator) > 0.3)
+        weight = weight.double()
+    stacked = None
+    if gradient != "exact":
+        stacked = stack_with_gradient(moving, image_gradient(moving, method=gradient, padding_mode="border"))
+    return dict(weight=weight, padding_mode="border", moving_with_gradient=stacked)
+
+
+def _spy(monkeypatch, *names: str) -> list:
+    """Record ``(name, pairs)`` of each call of the analytic module's functions ``names``."""
+    calls = []
+    for name in names:
+        function = getattr(analytic_module, name)
+        monkeypatch.setattr(analytic_module, name, lambda *args, name=name, function=function: (
+            calls.append((name, args[0].shape[0])) or function(*args)))
+    return calls
+
+
 @pytest.mark.parametrize("weighted", ["none", "per pair", "shared"])
 @pytest.mark.parametrize("metric", [tireg.L2Loss(), PerPixelMetric("huber", mean=True), PerPixelMetric("l1", mean=False)])
 @pytest.mark.parametrize("shape, budget", [((5, 2, 23, 31), 2 * 2 * 23 * 31), ((2, 1, 47, 29), 5 * 29)],
@@ -54,14 +77,7 @@ def test_reference_in_chunks_equals_all_at_once(monkeypatch, shape, budget, metr
     sum, and a precomputed gradient."""
     generator = torch.Generator().manual_seed(3)
     fixed, moving, matrix = _problem(shape, generator)
-    weight = None
-    if weighted != "none":
-        weight = (torch.rand(shape[0] if weighted == "per pair" else 1, 1, *shape[2:], generator=generator) > 0.3)
-        weight = weight.double()
-    stacked = None
-    if gradient != "exact":
-        stacked = stack_with_gradient(moving, image_gradient(moving, method=gradient, padding_mode="border"))
-    options = dict(weight=weight, padding_mode="border", moving_with_gradient=stacked)
+    options = _options(moving, weighted, gradient, generator)
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
     expected = cost_and_gradient(fixed, moving, matrix, metric, **options)
     calls = []
@@ -81,11 +97,7 @@ def test_a_metric_that_pools_a_pair_runs_in_chunks_of_pairs_and_one_of_ones_own_
     smaller one each pair in passes over its bands; a metric of one's own (its own cost: it may pool
     the batch) runs whole."""
     fixed, moving, matrix = _problem((3, 1, 20, 20), torch.Generator().manual_seed(4))
-    calls = []
-    for name in ("_reference", "_reference_in_passes"):
-        function = getattr(analytic_module, name)
-        monkeypatch.setattr(analytic_module, name, lambda *args, name=name, function=function: calls.append(
-            (name, args[0].shape[0])) or function(*args))
+    calls = _spy(monkeypatch, "_reference", "_reference_in_passes")
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 400)
     cost_and_gradient(fixed, moving, matrix, tireg.metrics.get_metric("ncc"))
     assert calls == [("_reference", 1)] * 3
@@ -142,21 +154,10 @@ def test_image_level_metrics_in_chunks_of_pairs_equal_all_at_once(monkeypatch, n
     if name.endswith("ranged"):
         metric.set_ranges(moving, fixed)
     ranges = getattr(metric, "ranges", None)
-    weight = None
-    if weighted != "none":
-        weight = (torch.rand(shape[0] if weighted == "per pair" else 1, 1, *shape[2:], generator=generator) > 0.3)
-        weight = weight.double()
-    stacked = None
-    if gradient != "exact":
-        stacked = stack_with_gradient(moving, image_gradient(moving, method=gradient, padding_mode="border"))
-    options = dict(weight=weight, padding_mode="border", moving_with_gradient=stacked)
+    options = _options(moving, weighted, gradient, generator)
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
     expected = cost_and_gradient(fixed, moving, matrix, metric, **options)
-    calls = []
-    for function_name in ("_reference", "_reference_in_passes"):
-        function = getattr(analytic_module, function_name)
-        monkeypatch.setattr(analytic_module, function_name, lambda *args, called=function_name, function=function: (
-            calls.append((called, args[0].shape[0])) or function(*args)))
+    calls = _spy(monkeypatch, "_reference", "_reference_in_passes")
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 2 * 2 * 23 * 31 if split == "pairs" else 2 * 31 * 5)
     warped, cost, matrix_gradient = cost_and_gradient(fixed, moving, matrix, metric, **options)
     if split == "pairs":  # two pairs a chunk
