@@ -25,7 +25,8 @@ interleaved rounds (so that load on a shared machine hits all alike):
    (< 0.5 px, ``accuracy.grid_error``) and the ratio to ECC.
 3. **memory**: peak memory of two analytic steps of a new model, and of a
    ``register`` call (eager and compiled; and eager with ``metric="ncc"``,
-   or the metrics of ``--memory-metrics``), from just before the model or
+   or the metrics of ``--memory-metrics``, each also in a model's steps),
+   from just before the model or
    call is made, over the size of the input images: so what a model keeps
    between steps (the padded moving image, coordinate grids) counts, and
    the compile does not (it runs first on other tensors of the same shape).
@@ -68,6 +69,7 @@ import torch  # noqa: E402
 import accuracy  # noqa: E402  (cases and peers, shared with the accuracy benchmark)
 import iteration  # noqa: E402  (the analytic and autograd steps)
 import tireg  # noqa: E402
+from tireg.register import OPTIMIZERS  # noqa: E402
 
 
 def kornia_step(moving: torch.Tensor, fixed: torch.Tensor, transform: str):
@@ -387,21 +389,33 @@ def _memory_inputs(size: int, batch: int, device: str) -> tuple[torch.Tensor, to
     return fixed, torch.roll(fixed, shifts=(3, -2), dims=(-2, -1))
 
 
-#: The memory table's columns: (what, compile); ``--memory-metrics`` adds one "register METRIC" column
-#: each, ``register(metric=METRIC)`` eager (default: ncc).
+#: The memory table's columns: (what, compile); ``--memory-metrics`` adds a "register METRIC" and a
+#: "step METRIC" column each, ``register(metric=METRIC)`` and a model's steps with it, eager (default:
+#: ncc); "METRIC:OPTIMIZER" a register column with that optimizer.
 MEMORY_COLUMNS = (("step", False), ("step", True), ("register", False), ("register", True))
 
 
 def _memory_call(what: str, compile: bool, fixed: torch.Tensor, moving: torch.Tensor) -> None:
-    """Two steps of a new analytic model (what it keeps between steps counts), or one ``register``."""
-    if what == "step":
-        model = tireg.create_model("affine", moving, compile=compile)
+    """Two steps of a new analytic model (what it keeps between steps counts), or one ``register``;
+    ``"step METRIC"``, ``"register METRIC"`` or ``"register METRIC:OPTIMIZER"`` with that metric."""
+    kind, _, spec = what.partition(" ")
+    metric, _, optimizer = spec.partition(":")
+    options = {"metric": metric} if metric else {}
+    if kind == "step":
+        model = tireg.create_model("affine", moving, compile=compile, **options)
         model(moving, fixed)
         model(moving, fixed)
-    elif what.startswith("register "):
-        tireg.register(fixed, moving, metric=what.split()[1], compile=compile)
     else:
-        tireg.register(fixed, moving, compile=compile)
+        tireg.register(fixed, moving, compile=compile, **options, **({"optimizer": optimizer} if optimizer else {}))
+
+
+def _metric_spec(text: str) -> str:
+    """``METRIC`` or ``METRIC:OPTIMIZER`` for ``--memory-metrics``, checked."""
+    metric, _, optimizer = text.partition(":")
+    if metric not in tireg.metrics.METRIC_NAMES or optimizer not in ("", *OPTIMIZERS):
+        raise argparse.ArgumentTypeError(f"{text!r}: a metric of {', '.join(tireg.metrics.METRIC_NAMES)}, "
+                                         f"optionally ':' and an optimizer")
+    return text
 
 
 def _warm_up(what: str, compile: bool, size: int, batch: int, device: str) -> None:
@@ -469,7 +483,8 @@ def memory_table(args) -> None:
     if not cuda and not os.path.exists("/proc/self/clear_refs"):
         print("(on the CPU this table needs Linux's /proc/self/clear_refs)")
         return
-    columns = MEMORY_COLUMNS + tuple((f"register {metric}", False) for metric in args.memory_metrics)
+    columns = MEMORY_COLUMNS + tuple((f"{what} {metric}", False) for metric in args.memory_metrics
+                                     for what in ("register", "step") if what == "register" or ":" not in metric)
     print("| size | B | input [MiB] | " + " | ".join(what + " compiled" * compile for what, compile in columns) + " |")
     print("|---|---|---|" + "---|" * len(columns))
     cases = args.memory_cases or MEMORY_CASES
@@ -514,8 +529,10 @@ def main() -> None:
     parser.add_argument("--memory-cases", nargs="+", type=_size_by_batch, metavar="SIZExBATCH",
                         help="memory table rows, e.g. 256x128 4096x1 (default: "
                              + " ".join(f"{s}x{b}" for s, b in MEMORY_CASES) + ")")
-    parser.add_argument("--memory-metrics", nargs="*", default=["ncc"], choices=tireg.metrics.METRIC_NAMES,
-                        metavar="METRIC", help="memory table: a 'register METRIC' column each (default: ncc)")
+    parser.add_argument("--memory-metrics", nargs="*", default=["ncc"], type=_metric_spec,
+                        metavar="METRIC[:OPTIMIZER]",
+                        help="memory table: a 'register METRIC' and a 'step METRIC' column each (an optimizer "
+                             "given: register only; default: ncc)")
     parser.add_argument("--compiled-autograd", action=argparse.BooleanOptionalAction, default=True,
                         help="step table: also time tireg's autograd step under torch.compile")
     parser.add_argument("--tables", nargs="+", default=["step", "graph", "register", "memory"],
