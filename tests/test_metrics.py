@@ -160,13 +160,14 @@ def test_the_histogram_taps_are_the_cubic_bspline_and_its_derivative():
         return torch.where(a < 1, (4 - 6 * a**2 + 3 * a**3) / 6, torch.where(a < 2, (2 - a) ** 3 / 6, 0.0))
 
     f = torch.cat([torch.linspace(0.0, 1.0, 101, dtype=torch.float64), torch.tensor([1e-9, 1 - 1e-9])])
-    taps = _cubic_bspline_taps(f)  # (4, N): tap by tap
+    taps = torch.stack(list(_cubic_bspline_taps(f)))  # (4, N): made tap by tap
     expected = torch.stack([beta3(f + 1 - tap) for tap in range(4)])
     torch.testing.assert_close(taps, expected, rtol=0, atol=1e-15)
     torch.testing.assert_close(taps.sum(0), torch.ones_like(f), rtol=0, atol=1e-15)
     point = f.clone().requires_grad_(True)
-    slopes = torch.stack([torch.autograd.grad(_cubic_bspline_taps(point)[tap].sum(), point)[0] for tap in range(4)])
-    torch.testing.assert_close(_cubic_bspline_tap_slopes(f), slopes, rtol=0, atol=1e-15)
+    slopes = torch.stack([torch.autograd.grad(list(_cubic_bspline_taps(point))[tap].sum(), point)[0]
+                          for tap in range(4)])
+    torch.testing.assert_close(torch.stack(list(_cubic_bspline_tap_slopes(f))), slopes, rtol=0, atol=1e-15)
 
 
 # -- register() across contrasts ----------------------------------------------------

@@ -45,7 +45,7 @@ References: Evangelidis & Psarakis 2008 (ECC, NCC); Mattes et al. 2003
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -606,10 +606,10 @@ class LocalNCC(Metric):
         return f"LocalNCC(radius={self.radius}, sign={self.sign!r})"
 
 
-def _cubic_bspline_taps(f: torch.Tensor) -> torch.Tensor:
+def _cubic_bspline_taps(f: torch.Tensor) -> Iterator[torch.Tensor]:
     """Cubic B-spline weights ``beta3(f + 1 - l)``, ``l = 0 .. 3``, of points ``f`` ``(..., N)`` in ``[0, 1]``
-    past their second tap: ``((1 - f)^3, 3 f^3 - 6 f^2 + 4, -3 f^3 + 3 f^2 + 3 f + 1, f^3) / 6``, ``(..., 4, N)``
-    (tap by tap: stacked along the last axis, the interleaving copy was a quarter of the metric's time).
+    past their second tap: ``((1 - f)^3, 3 f^3 - 6 f^2 + 4, -3 f^3 + 3 f^2 + 3 f + 1, f^3) / 6``, four
+    images, each made when it is asked for (a caller that takes them one by one holds one at a time).
 
     The four pieces of ``beta3`` written for the four taps at once: evaluated as ``beta3(u)`` of
     ``u = t - l`` with ``|u|`` and two ``where``s, each tap cost about fifteen passes over ``4 N``
@@ -618,16 +618,21 @@ def _cubic_bspline_taps(f: torch.Tensor) -> torch.Tensor:
     square = f * f
     cube = square * f
     rest = 1.0 - f
-    return torch.stack([rest * rest * rest / 6.0, cube / 2.0 - square + 2.0 / 3.0,
-                        (f + square - cube) / 2.0 + 1.0 / 6.0, cube / 6.0], dim=-2)
+    yield rest * rest * rest / 6.0
+    yield cube / 2.0 - square + 2.0 / 3.0
+    yield (f + square - cube) / 2.0 + 1.0 / 6.0
+    yield cube / 6.0
 
 
-def _cubic_bspline_tap_slopes(f: torch.Tensor) -> torch.Tensor:
+def _cubic_bspline_tap_slopes(f: torch.Tensor) -> Iterator[torch.Tensor]:
     """``d/df`` of :func:`_cubic_bspline_taps`: ``(-(1 - f)^2 / 2, 3 f^2 / 2 - 2 f, -3 f^2 / 2 + f + 1/2, f^2 / 2)``,
-    ``(..., 4, N)``."""
+    made one by one as well."""
     square = f * f
     rest = 1.0 - f
-    return torch.stack([rest * rest / -2.0, 1.5 * square - 2.0 * f, f - 1.5 * square + 0.5, square / 2.0], dim=-2)
+    yield rest * rest / -2.0
+    yield 1.5 * square - 2.0 * f
+    yield f - 1.5 * square + 0.5
+    yield square / 2.0
 
 
 class HistogramSums(NamedTuple):
@@ -726,30 +731,31 @@ class _JointHistogramMetric(Metric):
         # (P, N): first of the 4 moving bins; clamped as integers too: the float clamp's bound
         # bins - 2 - 1e-6 is bins - 2 itself in float32 from 33 bins, one bin past the end
         base = (t_flat.detach().floor().long() - 1).clamp_max_(bins - 4)
-        offsets = torch.arange(4, device=x.device)
         # t past the second of its taps, in [0, 1] (1 where the integer clamp moved the taps)
         past = t_flat - (base + 1).to(t_flat.dtype)
         total = weights.sum(1).clamp_min(_TINY)  # (P,)
-        # joint-histogram cell (a_i, b_i + l) of each tap, flat: used again by the derivative
-        cells = (fixed_bin * bins + base)[:, None] + offsets[:, None]  # (P, 4, N)
-        parts = dict(past=past.detach(), weights=weights, cells=cells, total=total,
+        # joint-histogram cell (a_i, b_i) of each pixel's first tap, flat (its tap l's is cell + l):
+        # used again by the derivative.  The four taps go one by one, each an index image made
+        # when it is used: all four at once were 22 images' worth a pixel at the derivative's peak
+        cell = fixed_bin * bins + base  # (P, N)
+        parts = dict(past=past.detach(), weights=weights, cell=cell, total=total,
                      t_scale=t_scale, shape=x.shape, t_raw=t_raw.detach())
         if not counts:
             return None, parts
-        parzen = _cubic_bspline_taps(past) * weights[:, None]  # (P, 4, N)
-        if self.use_matmul if self.use_matmul is not None else x.is_cuda:
-            # one-hot matrix product: deterministic where scatter-adds are atomic (GPUs)
+        matmul = self.use_matmul if self.use_matmul is not None else x.is_cuda
+        if matmul:  # one-hot matrix product: deterministic where scatter-adds are atomic (GPUs)
             moving_matrix = torch.zeros(pairs, n, bins, dtype=x.dtype, device=x.device)
-            moving_bins = base[:, :, None] + offsets  # (P, N, 4): distinct columns per row
-            moving_matrix = moving_matrix.scatter(2, moving_bins, parzen.transpose(1, 2))
-            joint = fixed_onehot().transpose(1, 2) @ moving_matrix
-        else:
-            # a sequential scatter-add on the CPU: deterministic, and 4 N additions instead of
-            # the 2 N bins^2 operations of the matrix product
+        else:  # a sequential scatter-add on the CPU: deterministic, 4 N additions, not 2 N bins^2
             joint = torch.zeros(pairs, bins * bins, dtype=x.dtype, device=x.device)
-            joint = joint.scatter_add(1, cells.reshape(pairs, 4 * n), parzen.reshape(pairs, 4 * n))
-            joint = joint.reshape(pairs, bins, bins)
-        return joint, parts
+        for tap, weight_of_tap in enumerate(_cubic_bspline_taps(past)):  # tap by tap: the order of the additions
+            parzen = weight_of_tap * weights  # (P, N)
+            if matmul:  # distinct columns per row
+                moving_matrix = moving_matrix.scatter(2, (base + tap)[..., None], parzen[..., None])
+            else:
+                joint = joint.scatter_add(1, cell + tap, parzen)
+        if matmul:
+            return fixed_onehot().transpose(1, 2) @ moving_matrix, parts
+        return joint.reshape(pairs, bins, bins), parts
 
     def __call__(self, x, y, weight=None, gradient=False):
         counts, parts = self._histogram(x, y, _inputs(self, x, y, weight))
@@ -831,10 +837,12 @@ class _JointHistogramMetric(Metric):
     def _derivative(self, d_joint, parts):
         """``d cost / d x_i = sum_l D[a_i, l] beta3'(t_i - l) w_i / N * dt/dx`` from ``D = d cost / d p``."""
         pairs, n = parts["weights"].shape
-        cells = parts["cells"]  # (P, 4, N): (a_i, b_i + l)
-        taps = torch.gather(d_joint.reshape(pairs, -1), 1, cells.reshape(pairs, -1)).reshape(pairs, 4, n)
-        slope = _cubic_bspline_tap_slopes(parts["past"]).mul_(parts["weights"][:, None])
-        d_t = (taps * slope).sum(1) / parts["total"][:, None]
+        d_joint = d_joint.reshape(pairs, -1)
+        d_t = None
+        for tap, slope in enumerate(_cubic_bspline_tap_slopes(parts["past"])):  # tap by tap: one at a time
+            term = torch.gather(d_joint, 1, parts["cell"] + tap).mul_(slope.mul_(parts["weights"]))
+            d_t = term if d_t is None else d_t.add_(term)
+        d_t = d_t / parts["total"][:, None]
         batch, channels, height, width = parts["shape"]
         t = parts["t_raw"]
         inside = ((t >= 1.0) & (t <= self.bins - 2.0 - 1e-6)).to(t.dtype)  # the clamp's derivative (bounds included, as autograd)
