@@ -605,6 +605,17 @@ def test_local_ncc_in_bands_with_margins_gives_the_cost_and_derivative_of_the_wh
     assert float((short - derivative).abs().max()) > 1e-6 * scale
 
 
+def test_local_ncc_part_counts_each_pair_with_a_shared_weight(images):
+    """:meth:`LocalNCC.part`'s count is ``(B,)``, ``C sum w`` over the band's rows, with one weight
+    image for every pair too (it was ``(1,)``, right only by broadcasting)."""
+    fixed, moving, weight = images
+    shared = weight[:1]
+    score, count, derivative = LocalNCC(2).part(moving, fixed, shared, slice(3, 20))
+    assert count.shape == score.shape == (SHAPE[0],)
+    torch.testing.assert_close(count, shared[..., 3:20, :].sum().expand(SHAPE[0]) * SHAPE[1], rtol=0, atol=0)
+    assert derivative.shape == (*SHAPE[:2], 17, SHAPE[-1])
+
+
 @pytest.mark.parametrize("bins", [33, 37, 64, 1024])
 @pytest.mark.parametrize("matmul", [False, True])
 def test_histograms_of_many_bins_in_float32(images, bins, matmul):

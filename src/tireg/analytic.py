@@ -297,12 +297,15 @@ def _reference_in_passes(fixed, moving, matrix, metric, weight, interpolation, p
     rows_of = lambda image, rows: None if image is None else image[..., rows, :]  # noqa: E731
     grid_of = lambda rows: sampling_grid(matrix, (rows.stop - rows.start, width), moving.shape[-2:],  # noqa: E731
                                          axes=(ys[rows], xs))
+    # the warped image only: a precomputed stack's first C channels (the moving image's values)
+    values = moving if moving_with_gradient is None else moving_with_gradient[:, :channels]
     warped = None
     for rows in bands:
-        band, _ = _sampled(moving, moving_with_gradient, grid_of(rows), channels, interpolation, padding_mode)
+        band = sample(values, grid_of(rows), interpolation=interpolation, padding_mode=padding_mode)
         if warped is None:
             warped = band.new_empty(*band.shape[:2], height, width)
         warped[..., rows, :] = band
+        del band
     windows = isinstance(metric, LocalNCC)
     if not windows:
         if getattr(metric, "ranges", False) is None:  # per call: the whole warped image's, as whole
@@ -328,6 +331,7 @@ def _reference_in_passes(fixed, moving, matrix, metric, weight, interpolation, p
             moving, moving_with_gradient, grid, channels, interpolation, padding_mode)[1]
         matrix_gradient = matrix_gradient + _matrix_gradient(derivative, moving, grid, gradient, (ys[rows], xs),
                                                              interpolation, padding_mode)
+        del derivative, grid, gradient  # before the next band's are made
     if windows:
         cost, inverse_count = metric.cost_of_sums(score, count, gradient=True)
         matrix_gradient = matrix_gradient * inverse_count[:, None, None]
@@ -403,6 +407,8 @@ def _reference_by_pair(
         )
         if warped is None:
             warped = part_warped.new_empty(batch, *part_warped.shape[1:])
+        if len(parts) == 1:  # one pair in passes: its warped image as it is, not a copy
+            return part_warped, part_cost, part_gradient
         warped[pairs] = part_warped
         costs.append(part_cost)
         gradients.append(part_gradient)

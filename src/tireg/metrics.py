@@ -747,10 +747,11 @@ class _JointHistogramMetric(Metric):
             moving_matrix = torch.zeros(pairs, n, bins, dtype=x.dtype, device=x.device)
         else:  # a sequential scatter-add on the CPU: deterministic, 4 N additions, not 2 N bins^2
             joint = torch.zeros(pairs, bins * bins, dtype=x.dtype, device=x.device)
+            del base  # (the matrix product's only)
         for tap, weight_of_tap in enumerate(_cubic_bspline_taps(past)):  # tap by tap: the order of the additions
             parzen = weight_of_tap * weights  # (P, N)
-            if matmul:  # distinct columns per row
-                moving_matrix = moving_matrix.scatter(2, (base + tap)[..., None], parzen[..., None])
+            if matmul:  # distinct columns per row; in place: the matrix is the largest tensor here
+                moving_matrix.scatter_(2, (base + tap)[..., None], parzen[..., None])
             else:
                 joint = joint.scatter_add(1, cell + tap, parzen)
         if matmul:
