@@ -531,12 +531,12 @@ class LocalNCC(Metric):
         box = lambda image: _box_sum(image, self.radius)  # noqa: E731
         sum_w = box(w).clamp_min(_TINY)
         sum_x, sum_y = box(w * x), box(w * y)
-        sum_xy, sum_xx, sum_yy = box(w * x * y), box(w * x * x), box(w * y * y)
-        covariance = sum_xy - sum_x * sum_y / sum_w
+        # each second-order window sum used as soon as it is made (a band's peak memory counts them)
+        covariance = box(w * x * y) - sum_x * sum_y / sum_w
         # S_xx - S_x^2 / S_w cancels to a small negative number in a flat window, and the root
         # of var_x var_y + eps was NaN: clamped at 0 (a flat window's lncc is then 0)
-        x_var = (sum_xx - sum_x * sum_x / sum_w).clamp_min(0.0)
-        y_var = (sum_yy - sum_y * sum_y / sum_w).clamp_min(0.0)
+        x_var = (box(w * x * x) - sum_x * sum_x / sum_w).clamp_min(0.0)
+        y_var = (box(w * y * y) - sum_y * sum_y / sum_w).clamp_min(0.0)
         denominator = torch.sqrt(x_var * y_var + self.eps)
         return sum_w, sum_x, sum_y, covariance, y_var, denominator
 
@@ -595,12 +595,16 @@ class LocalNCC(Metric):
         # lncc = cov / sqrt(var_x var_y + eps): d lncc / d cov = 1 / D, d lncc / d var_x = -lncc var_y / (2 D^2)
         d_cov = c / denominator
         d_var = -c * lncc * y_var / (2.0 * denominator * denominator)
-        # cov = S_xy - S_x S_y / S_w ; var_x = S_xx - S_x^2 / S_w
-        d_sum_xy = d_cov
-        d_sum_xx = d_var
+        del c, lncc, covariance, y_var, denominator  # each image goes once used (``score`` keeps lncc)
+        # cov = S_xy - S_x S_y / S_w ; var_x = S_xx - S_x^2 / S_w: d S_xy = d_cov, d S_xx = d_var
         d_sum_x = -d_cov * sum_y / sum_w - 2.0 * d_var * sum_x / sum_w
+        del sum_w, sum_x, sum_y
         box = lambda image: _box_sum(image, self.radius)  # noqa: E731
-        return score, w * (box(d_sum_xy) * y + 2.0 * box(d_sum_xx) * x + box(d_sum_x))
+        derivative = box(d_cov).mul_(y)
+        del d_cov
+        derivative = derivative.add_(2.0 * box(d_var) * x)
+        del d_var
+        return score, w * derivative.add_(box(d_sum_x))
 
     def __repr__(self) -> str:
         return f"LocalNCC(radius={self.radius}, sign={self.sign!r})"
