@@ -27,8 +27,9 @@ metric                             cost
 Sums of parts.  :class:`NCC`, :class:`MutualInformation` and
 :class:`NormalizedMutualInformation` are functions of sums over pixels
 (NCC's means and centred sums, the joint histogram's counts), so one pair
-can be evaluated part by part (``register`` does, in bands of rows of one
-large pair, to keep its memory to a band's) in two passes::
+can be evaluated part by part (``register`` and the analytic models do, in
+bands of rows of one large pair, to keep its memory to a band's) in two
+passes::
 
     sums = metric.merged_sums([metric.sums(x_b, y_b, w_b) for each part b])
     cost, terms = metric.cost_of_sums(sums, gradient=True)
@@ -36,7 +37,9 @@ large pair, to keep its memory to a band's) in two passes::
 
 The same cost and derivative as ``metric(x, y, w, gradient=True)``, to
 rounding.  Mutual information's parts need the whole images' ranges
-(:meth:`MutualInformation.set_ranges`).
+(:meth:`MutualInformation.set_ranges`).  :class:`LocalNCC`'s windows cross
+parts by their radius instead: :meth:`LocalNCC.part` takes a band with a
+margin of :attr:`LocalNCC.margin` rows, in one pass.
 
 References: Evangelidis & Psarakis 2008 (ECC, NCC); Mattes et al. 2003
 (Parzen-window MI with B-splines, its derivative); Studholme et al. 1999 (NMI).
