@@ -405,10 +405,10 @@ def _reference_by_pair(
             weight if weight is None or shared_weight else weight[pairs], interpolation, padding_mode,
             None if moving_with_gradient is None else moving_with_gradient[pairs], axes,
         )
+        if len(parts) == 1:  # one pair in passes: its warped image as it is, no batch buffer
+            return part_warped, part_cost, part_gradient
         if warped is None:
             warped = part_warped.new_empty(batch, *part_warped.shape[1:])
-        if len(parts) == 1:  # one pair in passes: its warped image as it is, not a copy
-            return part_warped, part_cost, part_gradient
         warped[pairs] = part_warped
         costs.append(part_cost)
         gradients.append(part_gradient)
