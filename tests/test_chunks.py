@@ -9,7 +9,7 @@ import torch
 
 import tireg
 import tireg._chunks as chunks_module
-from tireg._chunks import chunk_slices, pair_and_row_chunks
+from tireg._chunks import bands_with_margins, chunk_slices, pair_and_row_chunks
 from tireg.analytic import cost_and_gradient
 from tireg.metrics import PerPixelMetric
 from tireg.sampling import image_gradient, stack_with_gradient
@@ -32,6 +32,14 @@ def test_pairs_fit_or_go_one_at_a_time_in_bands_of_rows():
     assert len(bands) == 5 * 4
     assert bands[:4] == [(slice(0, 1), slice(0, 3)), (slice(0, 1), slice(3, 6)), (slice(0, 1), slice(6, 9)),
                          (slice(0, 1), slice(9, 10))]
+
+
+def test_bands_with_margins_cover_every_row_once_with_their_margins_cut_at_the_edges():
+    bands = bands_with_margins(10, 7, 21, 2)  # 3 rows a band, 2 of margin each side
+    assert bands == [(slice(0, 5), slice(0, 3)), (slice(1, 8), slice(2, 5)), (slice(4, 10), slice(2, 5)),
+                     (slice(7, 10), slice(2, 3))]
+    own_rows = [row for around, own in bands for row in range(around.start + own.start, around.start + own.stop)]
+    assert own_rows == list(range(10))
 
 
 def _problem(shape, generator):

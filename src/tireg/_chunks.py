@@ -55,3 +55,14 @@ def pair_and_row_chunks(shape: torch.Size, budget: int) -> list[tuple[slice, sli
         return [(pairs, slice(None)) for pairs in chunk_slices(batch, channels * height * width, budget)]
     bands = chunk_slices(height, channels * width, budget)
     return [(slice(index, index + 1), rows) for index in range(batch) for rows in bands]
+
+
+def bands_with_margins(height: int, row_pixels: int, budget: int, margin: int) -> list[tuple[slice, slice]]:
+    """Bands of rows of :func:`chunk_slices` (``row_pixels`` a row), each as ``(around, own)``: its
+    rows with ``margin`` more on each side (cut at the image's edges), and its own rows within
+    those.  Local NCC's windows reach across bands by their radius (:meth:`tireg.metrics.LocalNCC.part`)."""
+    bands = []
+    for rows in chunk_slices(height, row_pixels, budget):
+        around = slice(max(0, rows.start - margin), min(height, rows.stop + margin))
+        bands.append((around, slice(rows.start - around.start, rows.stop - around.start)))
+    return bands

@@ -292,7 +292,8 @@ def _reference_in_passes(fixed, moving, matrix, metric, weight, interpolation, p
     precomputed gradient, sampled again).
     """
     channels, height, width = fixed.shape[1:]
-    bands = _chunks.chunk_slices(height, width * channels, _chunks.eager_budget(fixed.device))
+    budget = _chunks.eager_budget(fixed.device)
+    bands = _chunks.chunk_slices(height, width * channels, budget)
     ys, xs = axes
     rows_of = lambda image, rows: None if image is None else image[..., rows, :]  # noqa: E731
     grid_of = lambda rows: sampling_grid(matrix, (rows.stop - rows.start, width), moving.shape[-2:],  # noqa: E731
@@ -317,12 +318,12 @@ def _reference_in_passes(fixed, moving, matrix, metric, weight, interpolation, p
             sums = part if sums is None else metric.merged_sums([sums, part])
         cost, terms = metric.cost_of_sums(sums, gradient=True)
     score = count = matrix_gradient = 0
-    for rows in bands:
+    margins = _chunks.bands_with_margins(height, width * channels, budget, metric.margin) if windows else None
+    for index, rows in enumerate(bands):
         if windows:
-            around = slice(max(0, rows.start - metric.margin), min(height, rows.stop + metric.margin))
+            around, own = margins[index]
             band_score, band_count, derivative = metric.part(
-                rows_of(warped, around), rows_of(fixed, around), rows_of(weight, around),
-                slice(rows.start - around.start, rows.stop - around.start))
+                rows_of(warped, around), rows_of(fixed, around), rows_of(weight, around), own)
             score, count = score + band_score, count + band_count
         else:
             derivative = metric.derivative(rows_of(warped, rows), rows_of(fixed, rows), rows_of(weight, rows), terms)

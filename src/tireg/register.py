@@ -1021,10 +1021,8 @@ class _Problem:
         channels, height, width = level.fixed.shape[1:]
         margin = metric.margin
         bands = self._parts(level, "windows", (budget, margin), lambda: [
-            (level.rows(slice(max(0, rows.start - margin), min(height, rows.stop + margin))),
-             slice(rows.start - max(0, rows.start - margin), rows.stop - max(0, rows.start - margin)),
-             level.rows(rows))
-            for rows in _chunks.chunk_slices(height, width * channels, budget)])
+            (level.rows(around), own, level.rows(slice(around.start + own.start, around.start + own.stop)))
+            for around, own in _chunks.bands_with_margins(height, width * channels, budget, margin)])
         scores, counts, moments = [], [], []
         for band, own, own_level in bands:
             grid = self.grid(matrix, band)
