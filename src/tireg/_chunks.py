@@ -6,8 +6,8 @@ sum over pixels, or independent per pair, runs on consecutive chunks of pairs
 pixels each, and its sums are added.  Users: the initialiser's candidates and
 pairs (:mod:`tireg.initialize`), the reference evaluation of ``register``
 (a per-pixel loss's, NCC's system, the image-level metrics' calls) and of the analytic models
-(:mod:`tireg.register`, :mod:`tireg.analytic`), and the fused kernel's bands
-(:mod:`tireg.fused`).
+(:mod:`tireg.register`, :mod:`tireg.analytic`; local NCC's bands with margins,
+:func:`bands_with_margins`), and the fused kernel's bands (:mod:`tireg.fused`).
 """
 
 from __future__ import annotations
