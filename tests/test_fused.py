@@ -486,6 +486,32 @@ def test_compiled_model_step_equals_reference_step(padding_mode, device, generat
 
 
 @needs_compile
+@pytest.mark.parametrize("batch", [1, 2])
+def test_compiled_model_step_of_a_large_image_runs_in_bands(monkeypatch, batch, generator):
+    """An image beyond one band of a warped image's step (fused.step_in_bands, made small here):
+    the kernel in bands around the eager chain rule, the model keeping one band's coordinates,
+    not the whole image's (8 bytes a pixel: for one pair as much as its input images); the
+    reference step's numbers."""
+    monkeypatch.setattr(fused, "STEP_BAND_PIXELS", 12 * 40)  # four bands of twelve rows
+    fixed = smooth_random_image((batch, 1, 48, 40), generator).float()
+    moving = smooth_random_image((batch, 1, 44, 52), generator).float()
+    models = [tireg.create_model("similarity", moving, padding_mode="border", loss="cauchy", compile=flag)
+              for flag in (False, True)]
+    for model in models:
+        model.set_parameter(0, 0.031, tireg.mappings.SigmoidMapping(-0.5, 0.5))
+        model.set_parameter(2, 2.37)
+    calls = []
+    run = fused.run_compiled
+    monkeypatch.setattr(fused, "run_compiled", lambda *args, **kwargs: calls.append(args[0].shape[-2]) or run(*args, **kwargs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
+        _assert_same_step(models, moving, fixed, rtol=1e-4)
+        _assert_same_step(models, moving, fixed, rtol=1e-4)
+    assert calls == [12] * 8  # no whole compiled step: four bands a step
+    assert [tuple(grid.shape) for grid in models[1]._coordinates[1]] == [(1, 1, 12, 40)] * 2
+
+
+@needs_compile
 @pytest.mark.parametrize("kind", ["translation", "rigid", "anisotropic_similarity", "affine"])
 def test_every_ready_made_model_compiles_its_whole_step(kind, generator):
     """Each transform's matrix and Jacobian trace into the one graph (no fallback), with the reference numbers."""
@@ -571,6 +597,55 @@ def test_kernel_in_bands_of_rows_gives_the_same_sums(monkeypatch, batch, generat
     options["coordinates"] = None  # a GPU's kernel (no stored coordinates): one call
     fused.run_compiled_in_bands(fixed, padded, matrix, tireg.CauchyLoss(), "border", weight, **options)
     assert [shape[-2] for shape in calls] == [37]
+
+
+@needs_compile
+@pytest.mark.parametrize("batch", [1, 3])
+def test_kernel_in_bands_writes_the_warped_image_band_by_band(monkeypatch, batch, generator):
+    """run_compiled_in_bands(return_warped=True): each band's pass stores its rows into one output
+    image (warped_into), which equals one call's warped image; the sums as one call's."""
+    fixed = smooth_random_image((batch, 2, 37, 23), generator).float()
+    moving = smooth_random_image((batch, 2, 33, 29), generator).float()
+    padded, matrix = fused.prepare_moving(moving, "border"), _matrix(batch, torch.float32)
+    whole = fused.run_compiled(fixed, padded, matrix, tireg.L2Loss(), "border", return_warped=True,
+                               coordinates=fused.coordinate_grids(fixed))
+    calls = []
+    run = fused.run_compiled
+    monkeypatch.setattr(fused, "run_compiled", lambda *args, **kwargs: calls.append(kwargs) or run(*args, **kwargs))
+    band_grid = fused.coordinate_grids(fixed[..., :10, :])  # one band's coordinates are enough
+    banded = fused.run_compiled_in_bands(fixed, padded, matrix, tireg.L2Loss(), "border", return_warped=True,
+                                         coordinates=band_grid, rows=10)
+    assert len(calls) == 4 and all(call["warped_into"] is not None and "return_warped" not in call for call in calls)
+    assert banded.warped.shape == fixed.shape
+    torch.testing.assert_close(banded.warped, whole.warped, rtol=1e-5, atol=1e-5)
+    for name in ("cost", "count", "matrix_gradient"):
+        torch.testing.assert_close(getattr(banded, name), getattr(whole, name), rtol=1e-5, atol=1e-4)
+
+
+def test_bilinear_moments_writes_the_warped_image_into_a_given_tensor(generator):
+    """bilinear_moments(warped_into=...): M(A x) stored into a view of a taller image, nothing returned."""
+    fixed = smooth_random_image((2, 1, 12, 10), generator)
+    moving = smooth_random_image((2, 1, 11, 13), generator)
+    padded, matrix = fused.pad_moving(moving, "zeros"), _matrix(2, torch.float64)
+    expected = fused.bilinear_moments(fixed, padded, matrix, tireg.L2Loss(), "zeros", return_warped=True)
+    image = torch.full((2, 1, 20, 10), -7.0, dtype=torch.float64)
+    result = fused.bilinear_moments(fixed, padded, matrix, tireg.L2Loss(), "zeros", warped_into=image[:, :, 5:17])
+    assert result.warped is None
+    assert torch.equal(image[:, :, 5:17], expected.warped)
+    assert (image[:, :, :5] == -7.0).all() and (image[:, :, 17:] == -7.0).all()
+    torch.testing.assert_close(result.matrix_gradient, expected.matrix_gradient, rtol=0, atol=0)
+
+
+def test_a_warped_images_step_runs_in_bands_only_where_they_pay():
+    """step_band_rows: bands of at least STEP_BAND_PIXELS pixels, at most STEP_BANDS of them; an
+    image within one band (one 1024^2 pair) runs whole, and a GPU (no stored coordinates) whole."""
+    assert fused.STEP_BAND_PIXELS == 1 << 20 and fused.STEP_BANDS == 8
+    assert fused.step_band_rows(1024, 1024) == 1024 and not fused.step_in_bands(torch.empty(8, 1, 1024, 1024))
+    assert fused.step_band_rows(2048, 2048) == 512  # four bands of 2^20 pixels
+    assert fused.step_band_rows(4096, 4096) == 512  # eight bands: the stored coordinates an eighth of a plane
+    assert fused.step_band_rows(3000, 5000) == 375
+    assert fused.step_in_bands(torch.empty(1, 1, 2048, 2048))
+    assert not fused.step_in_bands(torch.empty(1, 1, 2048, 2048, device="meta"))
 
 
 @needs_compile

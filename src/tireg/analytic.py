@@ -424,8 +424,9 @@ def _fused_cost_and_gradient(
                                                                    fixed.shape[1])):
         return None
     padded = fused.prepare_moving(moving, padding_mode) if padded_moving is None else padded_moving
-    result = fused.run_compiled(
-        fixed, padded, matrix, metric.loss, padding_mode, weight, return_warped=True, coordinates=coordinates
+    result = fused.run_compiled_in_bands(
+        fixed, padded, matrix, metric.loss, padding_mode, weight, return_warped=True, coordinates=coordinates,
+        rows=fused.step_band_rows(*fixed.shape[-2:]),
     )
     if result is None:
         return None

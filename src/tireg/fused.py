@@ -62,7 +62,8 @@ from .sampling import gaussian_blur_in_place
 __all__ = [
     "FusedMoments", "FUSED_PADDING", "supports", "pad_moving", "bilinear_moments", "compiled",
     "compiled_bilinear_moments", "run_compiled", "call_compiled", "coordinate_grids", "pack_pairs", "prepare_moving",
-    "dynamic_shapes", "prepared_image", "run_compiled_in_bands", "BAND_PIXELS", "band_rows",
+    "dynamic_shapes", "prepared_image", "run_compiled_in_bands", "BAND_PIXELS", "band_rows", "STEP_BAND_PIXELS",
+    "STEP_BANDS", "step_band_rows", "step_in_bands",
 ]
 
 #: Padding modes of the fused path and the pixels each adds on every side of the moving image.
@@ -261,6 +262,7 @@ def bilinear_moments(
     hessian: bool = False,
     return_warped: bool = False,
     coordinates: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    warped_into: Optional[torch.Tensor] = None,
 ) -> FusedMoments:
     """One pass over the fixed pixels: warped value, exact gradient, cost and moments (see the module).
 
@@ -278,6 +280,9 @@ def bilinear_moments(
             :func:`tireg.register` counts).
         hessian: also return the Gauss-Newton product moments.
         return_warped: also return ``M(A x)``.
+        warped_into: optional ``(B, C, H, W)`` tensor (a view of a taller image's rows) that
+            ``M(A x)`` is written into instead (its ``warped`` is then ``None``): compiled,
+            the pass stores it there, with no copy (:func:`run_compiled_in_bands`).
         coordinates: optional :func:`coordinate_grids` ``(x, y)`` of the fixed
             grid (default: broadcast ``arange`` rows and columns).
     """
@@ -351,6 +356,8 @@ def bilinear_moments(
         for product in (irls * gradient_x * gradient_x, irls * gradient_x * gradient_y, irls * gradient_y * gradient_y):
             rows.append(torch.stack([(product * monomial).sum(dim=pixels) for monomial in monomials], 1))
         products = torch.stack(rows, dim=1)
+    if warped_into is not None:
+        warped_into.copy_(warped)
     return FusedMoments(cost, count, matrix_gradient, products, warped if return_warped else None)
 
 
@@ -487,9 +494,30 @@ def run_compiled(*args, **kwargs) -> Optional[FusedMoments]:
 BAND_PIXELS = 1 << 16
 
 
+#: A warped image's step (an analytic model's, :func:`tireg.analytic.cost_and_gradient`) on the CPU
+#: runs in at most :data:`STEP_BANDS` bands of at least this many pixels; an image within one runs
+#: whole.  Its kernel keeps no image between its loops, so a band is for the stored coordinates
+#: (:func:`coordinate_grids`, 8 bytes a pixel: for one pair as much as its two input images), and
+#: its call costs what a whole image's does plus about 0.1 ms (one thread).
+STEP_BAND_PIXELS = 1 << 20
+STEP_BANDS = 8
+
+
 def band_rows(height: int, width: int) -> int:
     """Rows of one band of :func:`run_compiled_in_bands` (``height`` where one band takes the whole image)."""
     return min(height, max(1, BAND_PIXELS // width))
+
+
+def step_band_rows(height: int, width: int) -> int:
+    """Rows of one band of a warped image's step (:data:`STEP_BAND_PIXELS`, :data:`STEP_BANDS`):
+    ``height`` where one band takes the whole image."""
+    return min(height, max(STEP_BAND_PIXELS // width, -(-height // STEP_BANDS)))
+
+
+def step_in_bands(fixed: torch.Tensor) -> bool:
+    """Whether a warped image's step on ``fixed`` runs in bands (:func:`step_band_rows`): on the CPU
+    (the stored coordinates), for an image beyond one band."""
+    return fixed.device.type == "cpu" and step_band_rows(*fixed.shape[-2:]) < fixed.shape[-2]
 
 
 def run_compiled_in_bands(
@@ -501,56 +529,67 @@ def run_compiled_in_bands(
     weight: Optional[torch.Tensor] = None,
     *,
     coordinates: Optional[tuple[torch.Tensor, torch.Tensor]],
+    rows: Optional[int] = None,
     **options,
 ) -> Optional[FusedMoments]:
-    """:func:`run_compiled` over bands of :func:`band_rows` rows, the sums added.
+    """:func:`run_compiled` over bands of ``rows`` rows (default :func:`band_rows`), the sums added.
 
     Every field of :class:`FusedMoments` but ``warped`` is a sum over the fixed pixels.  A
     band starting at row ``r0`` is the kernel on those rows in its own coordinates
     ``(x, y')``, ``y = y' + r0``: with the matrix ``A T(0, r0)`` it samples the same points,
     and its moments are shifted back, ``y -> y' + r0`` in ``(x, y, 1)`` and
     ``(x^2, xy, y^2, x, y, 1)``.  So ``coordinates`` need only cover one band
-    (:func:`coordinate_grids` of the first :func:`band_rows` rows; a taller grid is cut).
+    (:func:`coordinate_grids` of the first ``rows`` rows; a taller grid is cut).
     Why: the kernel keeps some intermediate images between its loops (a pair's plane, or
     whole images where its sizes are specialised), so a large image held several more
     images of its size; a band holds them for its rows only, and so does the stored grid.
-    Bands need the stored coordinates (the CPU) and no warped image; otherwise, or for an
-    image within one band, this is :func:`run_compiled`.  The sums are those of one call up
-    to rounding.
+    The warped image (``return_warped``) is one output image, each band's rows stored into it
+    by the band's own pass (``warped_into``): a copy of it after each band took a quarter as
+    long as the pass (one 2048^2 pair).
+    Bands need the stored coordinates (the CPU); without them, or for an image within one
+    band, this is :func:`run_compiled`.  The sums are those of one call up to rounding.
     """
-    bands = chunk_slices(*fixed.shape[-2:], BAND_PIXELS)  # bands of band_rows() rows
-    if coordinates is None or len(bands) == 1 or options.get("return_warped"):
+    height, width = fixed.shape[-2:]
+    bands = chunk_slices(height, 1, band_rows(height, width) if rows is None else rows)
+    if coordinates is None or len(bands) == 1:
         return run_compiled(fixed, padded, matrix, loss, padding_mode, weight, coordinates=coordinates, **options)
+    # A T(0, r0) of every band at once: A's third column plus r0 times its second
+    offsets = torch.tensor([float(band.start) for band in bands], dtype=matrix.dtype, device=matrix.device)
+    shifted = matrix.expand(len(bands), *matrix.shape).clone()
+    shifted[..., 2].add_(offsets.view(-1, 1, 1) * matrix[..., 1])
+    warped = fixed.new_empty(fixed.shape) if options.pop("return_warped", False) else None
     results = []
-    for band in bands:
-        start, count = band.start, band.stop - band.start
-        shift = torch.eye(3, dtype=matrix.dtype, device=matrix.device)
-        shift[1, 2] = start
+    for band, band_matrix in zip(bands, shifted):
+        count = band.stop - band.start
         result = run_compiled(
-            fixed[..., band, :], padded, matrix @ shift, loss, padding_mode,
+            fixed[..., band, :], padded, band_matrix, loss, padding_mode,
             None if weight is None else weight[..., band, :],
-            coordinates=(coordinates[0][..., :count, :], coordinates[1][..., :count, :]), **options,
+            coordinates=(coordinates[0][..., :count, :], coordinates[1][..., :count, :]),
+            warped_into=None if warped is None else warped[..., band, :], **options,
         )
         if result is None:
             return None
-        results.append(_shifted_moments(result, float(start)))
-    total = lambda name: torch.stack([getattr(result, name) for result in results]).sum(0)  # noqa: E731
-    products = None if results[0].products is None else total("products")
-    return FusedMoments(total("cost"), total("count"), total("matrix_gradient"), products, None)
+        results.append(result)
+    return _shifted_sums(results, offsets, warped)
 
 
-def _shifted_moments(result: FusedMoments, offset: float) -> FusedMoments:
-    """Moments over ``(x, y')`` as moments over ``(x, y' + offset)`` (see :func:`run_compiled_in_bands`)."""
-    gradient = result.matrix_gradient.clone()  # (B, 2, 3) over (x, y, 1)
-    gradient[..., 1] += offset * result.matrix_gradient[..., 2]
-    products = result.products
-    if products is not None:  # (B, 3, 6) over (x^2, xy, y^2, x, y, 1)
-        local = products
-        products = local.clone()
-        products[..., 1] += offset * local[..., 3]
-        products[..., 2] += 2.0 * offset * local[..., 4] + offset * offset * local[..., 5]
-        products[..., 4] += offset * local[..., 5]
-    return FusedMoments(result.cost, result.count, gradient, products, None)
+def _shifted_sums(results: list[FusedMoments], offsets: torch.Tensor, warped: Optional[torch.Tensor]) -> FusedMoments:
+    """The bands' sums added, each band's moments over ``(x, y')`` taken as moments over
+    ``(x, y' + r0)`` with its ``offsets`` ``r0`` (see :func:`run_compiled_in_bands`):
+    ``y = y' + r0`` in ``(x, y, 1)``, and ``xy``, ``y^2``, ``y`` in ``(x^2, xy, y^2, x, y, 1)``."""
+    total = lambda name: torch.stack([getattr(result, name) for result in results])  # noqa: E731
+    offset = offsets.view(-1, 1, 1)
+    local = total("matrix_gradient")  # (bands, B, 2, 3) over (x, y', 1)
+    gradient = local.sum(0)
+    gradient[..., 1] += (offset * local[..., 2]).sum(0)
+    products = None
+    if results[0].products is not None:  # (bands, B, 3, 6) over (x^2, xy', y'^2, x, y', 1)
+        local = total("products")
+        products = local.sum(0)
+        products[..., 1] += (offset * local[..., 3]).sum(0)
+        products[..., 2] += (2.0 * offset * local[..., 4] + offset * offset * local[..., 5]).sum(0)
+        products[..., 4] += (offset * local[..., 5]).sum(0)
+    return FusedMoments(total("cost").sum(0), total("count").sum(0), gradient, products, warped)
 
 
 #: Variants refused past :data:`RECOMPILE_LIMIT` (:func:`_variant`): not tried again.  Each try of

@@ -574,10 +574,13 @@ class AffineModelAnalytic(TransformModel):
         return self._padded[1]
 
     def _coordinate_grids(self, target: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """:func:`tireg.fused.coordinate_grids` of the target's grid, kept while its size stays."""
+        """:func:`tireg.fused.coordinate_grids` of the target's grid, kept while its size stays: of its
+        first :func:`tireg.fused.step_band_rows` rows, where the step runs in bands (an image
+        beyond one band, :func:`tireg.fused.step_in_bands`), else all of them."""
         key = (tuple(target.shape[-2:]), target.dtype, target.device)
         if self._coordinates[0] != key:
-            self._coordinates = (key, fused.coordinate_grids(target))
+            rows = fused.step_band_rows(*target.shape[-2:])  # one band's: the step runs in bands
+            self._coordinates = (key, fused.coordinate_grids(target[..., :rows, :]))
         return self._coordinates[1]
 
     @property
@@ -636,7 +639,9 @@ class AffineModelAnalytic(TransformModel):
             stacked = self.moving_with_gradient
         batch = source.shape[0]
         with torch.no_grad():
-            if stacked is None and self._compiled_step_applies(source.shape[1]):
+            # the one-graph step, but for an image beyond one band (fused.step_in_bands): its kernel
+            # then runs in bands, around the eager chain rule below, with one band's coordinates kept
+            if stacked is None and self._compiled_step_applies(source.shape[1]) and not fused.step_in_bands(target):
                 result = self._compiled_step(source, target, caller, write_gradients)
                 if result is not None:
                     return result
