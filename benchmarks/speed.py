@@ -397,24 +397,29 @@ MEMORY_COLUMNS = (("step", False), ("step", True), ("register", False), ("regist
 
 def _memory_call(what: str, compile: bool, fixed: torch.Tensor, moving: torch.Tensor) -> None:
     """Two steps of a new analytic model (what it keeps between steps counts), or one ``register``;
-    ``"step METRIC"``, ``"register METRIC"`` or ``"register METRIC:OPTIMIZER"`` with that metric."""
+    ``"step METRIC"``, ``"register METRIC"``, ``"register METRIC:OPTIMIZER"`` with that metric,
+    or ``"register METRIC:OPTIMIZER:autograd"`` with ``gradients="autograd"`` too."""
     kind, _, spec = what.partition(" ")
     metric, _, optimizer = spec.partition(":")
+    optimizer, _, gradients = optimizer.partition(":")
     options = {"metric": metric} if metric else {}
     if kind == "step":
         model = tireg.create_model("affine", moving, compile=compile, **options)
         model(moving, fixed)
         model(moving, fixed)
     else:
-        tireg.register(fixed, moving, compile=compile, **options, **({"optimizer": optimizer} if optimizer else {}))
+        tireg.register(fixed, moving, compile=compile, **options, **({"optimizer": optimizer} if optimizer else {}),
+                       **({"gradients": gradients} if gradients else {}))
 
 
 def _metric_spec(text: str) -> str:
-    """``METRIC`` or ``METRIC:OPTIMIZER`` for ``--memory-metrics``, checked."""
+    """``METRIC``, ``METRIC:OPTIMIZER`` or ``METRIC:OPTIMIZER:autograd`` for ``--memory-metrics``, checked."""
     metric, _, optimizer = text.partition(":")
-    if metric not in tireg.metrics.METRIC_NAMES or optimizer not in ("", *OPTIMIZERS):
+    optimizer, _, gradients = optimizer.partition(":")
+    if (metric not in tireg.metrics.METRIC_NAMES or optimizer not in ("", *OPTIMIZERS)
+            or gradients not in ("", "autograd") or gradients and optimizer in ("", "gauss-newton")):
         raise argparse.ArgumentTypeError(f"{text!r}: a metric of {', '.join(tireg.metrics.METRIC_NAMES)}, "
-                                         f"optionally ':' and an optimizer")
+                                         f"optionally ':' and an optimizer, then ':autograd' (not with gauss-newton)")
     return text
 
 
@@ -530,9 +535,9 @@ def main() -> None:
                         help="memory table rows, e.g. 256x128 4096x1 (default: "
                              + " ".join(f"{s}x{b}" for s, b in MEMORY_CASES) + ")")
     parser.add_argument("--memory-metrics", nargs="*", default=["ncc"], type=_metric_spec,
-                        metavar="METRIC[:OPTIMIZER]",
+                        metavar="METRIC[:OPTIMIZER[:autograd]]",
                         help="memory table: a 'register METRIC' and a 'step METRIC' column each (an optimizer "
-                             "given: register only; default: ncc)")
+                             "given: register only, ':autograd' with gradients='autograd'; default: ncc)")
     parser.add_argument("--compiled-autograd", action=argparse.BooleanOptionalAction, default=True,
                         help="step table: also time tireg's autograd step under torch.compile")
     parser.add_argument("--tables", nargs="+", default=["step", "graph", "register", "memory"],

@@ -847,6 +847,51 @@ def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monke
     assert grid_error(result.matrix, truth, fixed.shape[-2:]) < 0.05
 
 
+@pytest.mark.parametrize("metric", ["l2", "cauchy", "ncc", "ncc_any", "mi", "nmi", "lncc", "lncc_any"])
+def test_autograd_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monkeypatch, metric):
+    """gradients="autograd" of one pair above EAGER_CHUNK_PIXELS: backward() band by band, each
+    band's graph from the level matrix freed before the next (a per-pixel mean weighted by the
+    bands' counts; NCC's, MI's and NMI's sums first, then each band's sums differentiated with
+    d cost / d sums, through NCC's merge; local NCC's bands with margins): the whole pair's cost
+    and gradient (float64), with a fixed mask that empties whole bands, a moving mask and three
+    channels; and the analytic evaluation's."""
+    register_module = importlib.import_module("tireg.register")
+    fixed, moving, _ = registration_pair("astronaut", "similarity", [0.06, 1.04, 4.0, -3.0], noise=0.02)
+    fixed = torch.stack([fixed, 0.5 * fixed, fixed.square()])
+    moving = torch.stack([moving, 0.5 * moving, moving.square()])
+    mask = torch.ones(fixed.shape[-2:], dtype=fixed.dtype)
+    mask[:40] = 0.0
+    moving_mask = torch.ones(moving.shape[-2:], dtype=moving.dtype)
+    moving_mask[:, -10:] = 0.0
+    as_batch = lambda image: image.reshape(1, -1, *image.shape[-2:]).double()  # noqa: E731
+    kind = tireg.transforms.TRANSFORMS["similarity"]
+    center = torch.tensor(tireg.transforms.image_center(*fixed.shape[-2:]), dtype=torch.float64)
+    problem = register_module._Problem(kind, center, tireg.metrics.get_metric(metric), "bilinear")
+    params = torch.tensor([[0.05, 1.03, 3.5, -2.5]], dtype=torch.float64)
+    level = lambda: register_module._make_level(  # noqa: E731
+        as_batch(fixed), as_batch(moving), as_batch(mask), as_batch(moving_mask), 1, 0.0)
+    banded_calls = []
+    in_bands = register_module._autograd_in_bands
+    monkeypatch.setattr(register_module, "_autograd_in_bands",
+                        lambda *args: banded_calls.append(args[-1]) or in_bands(*args))
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
+    whole = register_module._autograd_evaluation(problem, params, level())
+    assert banded_calls == []
+    budget = 3 * 30 * fixed.shape[-1]  # 30 rows a band: 144 rows, five bands
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", budget)
+    banded_level = level()
+    banded = register_module._autograd_evaluation(problem, params, banded_level)
+    heavy = metric in ("mi", "nmi", "lncc", "lncc_any")  # graphs of more images a pixel: smaller bands
+    assert banded_calls == [budget // register_module.AUTOGRAD_BAND_DIVISOR if heavy else budget]
+    bands = banded_level.cache["parts"]["windows" if metric.startswith("lncc") else "bands"][1]
+    assert len(bands) == (10 if heavy else 5)  # 144 rows in bands of 30 rows (15)
+    analytic = problem.evaluate(params, banded_level, hessian=False)
+    assert float(whole.gradient.abs().max()) > 1e-6
+    for expected in (whole, analytic):
+        torch.testing.assert_close(banded.cost, expected.cost, rtol=1e-12, atol=0)
+        torch.testing.assert_close(banded.gradient, expected.gradient, rtol=1e-9, atol=1e-12)
+
+
 def test_an_ncc_with_deviations_of_its_own_is_not_split(monkeypatch):
     """NCC's two passes take its derivative from the pair's means and the weight as given, and its
     bands merge sums of the weights as given; a subclass whose own ``deviations`` weight otherwise

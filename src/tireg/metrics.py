@@ -37,7 +37,12 @@ passes::
 
 The same cost and derivative as ``metric(x, y, w, gradient=True)``, to
 rounding.  Mutual information's parts need the whole images' ranges
-(:meth:`MutualInformation.set_ranges`).  :class:`LocalNCC`'s windows cross
+(:meth:`MutualInformation.set_ranges`).  Where ``additive_sums`` (the
+histograms' counts) ``merged_sums`` adds the parts elementwise, so
+``d cost / d sums_b`` is ``d cost / d sums`` for every part and a running
+sum is all a caller keeps; NCC's parts, each centred on its own means,
+merge otherwise (``register``'s autograd path differentiates through
+:meth:`NCCStatistics.merged`, keeping every part's eight numbers).  :class:`LocalNCC`'s windows cross
 parts by their radius instead: :meth:`LocalNCC.part` takes a band with a
 margin of :attr:`LocalNCC.margin` rows, in one pass.
 
@@ -315,8 +320,9 @@ class NCC(Metric):
             return cost
         return cost, self._derivative(deviations.x, deviations.y, deviations.statistics)
 
-    # sums of parts (module docstring): NCCStatistics.merged adds parts up
+    # sums of parts (module docstring): NCCStatistics.merged adds parts up, each on its own means
     merged_sums = staticmethod(NCCStatistics.merged)
+    additive_sums = False
 
     def sums(self, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> NCCStatistics:
         """:class:`NCCStatistics` of the pixels given (a part of each pair: a band of rows), which
@@ -566,8 +572,8 @@ class LocalNCC(Metric):
         and that of the windows it enters."""
         return 2 * self.radius
 
-    def part(self, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor], rows: slice
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def part(self, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor], rows: slice,
+             gradient: bool = True) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """One band of a pair's rows (``register`` splits one large pair so), ``(S, n, D)``.
 
         ``x``, ``y``, ``weight`` are the band's rows ``rows`` with a margin of :attr:`margin`
@@ -576,12 +582,13 @@ class LocalNCC(Metric):
         band's rows ``S = sum_i w_i s_i`` (``s_i`` the window's score, ``lncc_i`` or its square)
         and ``n = C sum w`` ``(B,)``, and ``D = n d cost / d x`` at them, ``(B, C, rows, W)``.  The
         pair's cost is ``1 - sum_b S_b / n`` and its derivative ``D_b / n`` with ``n = sum_b n_b``.
+        Without ``gradient``, ``D`` is ``None`` (and ``S`` differentiable by autograd).
         """
         w = _inputs(self, x, y, weight)
-        score, derivative = self._scores(x, y, w, w.new_ones(x.shape[0]), True)
+        score, derivative = self._scores(x, y, w, w.new_ones(x.shape[0]), gradient)
         band = lambda image: image[..., rows, :]  # noqa: E731
         count = (band(w).sum((1, 2, 3)) * x.shape[1]).expand(x.shape[0])  # (B,): a shared weight's too
-        return (band(w) * band(score)).sum((1, 2, 3)), count, band(derivative)
+        return (band(w) * band(score)).sum((1, 2, 3)), count, None if derivative is None else band(derivative)
 
     def _scores(self, x, y, w, count: torch.Tensor, gradient: bool):
         """Each window's score ``s_i`` and, with ``gradient``, ``d cost / d x`` for a cost of
@@ -783,6 +790,8 @@ class _JointHistogramMetric(Metric):
         counts, parts = self._histogram(x, y, _inputs(self, x, y, weight))
         weights = parts["weights"].sum(1)  # the count before the clamp: an empty part adds nothing
         return HistogramSums(counts.reshape(*x.shape[:2], *counts.shape[1:]), weights.reshape(x.shape[:2]))
+
+    additive_sums = True  # merged_sums adds them (module docstring, "Sums of parts")
 
     @staticmethod
     def merged_sums(parts: Sequence[HistogramSums]) -> HistogramSums:

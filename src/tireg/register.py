@@ -1018,13 +1018,9 @@ class _Problem:
         16 of margin).
         """
         metric = self.metric
-        channels, height, width = level.fixed.shape[1:]
-        margin = metric.margin
-        bands = self._parts(level, "windows", (budget, margin), lambda: [
-            (level.rows(around), own, level.rows(slice(around.start + own.start, around.start + own.stop)))
-            for around, own in _chunks.bands_with_margins(height, width * channels, budget, margin)])
+        channels = level.fixed.shape[1]
         scores, counts, moments = [], [], []
-        for band, own, own_level in bands:
+        for band, own, own_level in self._window_bands(level, budget):
             grid = self.grid(matrix, band)
             valid = self._valid(grid, band)
             values = sample(band.moving, grid, interpolation=self.interpolation, padding_mode="border")
@@ -1038,6 +1034,15 @@ class _Problem:
         g_moments = torch.stack(moments).sum(0) * inverse_count[:, None, None]
         return _in_parameters(cost, flat_jacobian, g_moments, None), count / channels
 
+    def _window_bands(self, level: _Level, budget: int) -> list[tuple[_Level, slice, _Level]]:
+        """Local NCC's bands of one pair (:meth:`_evaluate_windows_in_bands`), made once: each as
+        ``(its rows with the margins, its own rows within them, the level of its own rows)``."""
+        channels, height, width = level.fixed.shape[1:]
+        margin = self.metric.margin
+        return self._parts(level, "windows", (budget, margin), lambda: [
+            (level.rows(around), own, level.rows(slice(around.start + own.start, around.start + own.stop)))
+            for around, own in _chunks.bands_with_margins(height, width * channels, budget, margin)])
+
     def _evaluate_in_bands(
         self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, level: _Level, hessian: bool, budget: int
     ) -> tuple[_Evaluation, torch.Tensor]:
@@ -1048,14 +1053,10 @@ class _Problem:
         ``sum_b n_b (band's) / n``, with ``n`` the whole level's count (both at least 1, as
         the metric's).
         """
-        channels = level.fixed.shape[1]
         results = [self._evaluate_whole(matrix, flat_jacobian, band, hessian) for band in self._bands(level, budget)]
         evaluations = [evaluation for evaluation, _ in results]
         counts = torch.stack([count for _, count in results])  # (bands, B)
-        total = (counts.sum(0) * channels).clamp_min(1.0)  # (B,)
-        fractions = (counts * channels).clamp_min(1.0) / total
-        combined = lambda values: sum(fraction.view(-1, *[1] * (value.dim() - 1)) * value  # noqa: E731
-                                      for fraction, value in zip(fractions, values))
+        combined = functools.partial(_count_weighted, counts=counts, channels=level.fixed.shape[1])
         evaluation = _Evaluation(
             combined([evaluation.cost for evaluation in evaluations]),
             combined([evaluation.gradient for evaluation in evaluations]),
@@ -1284,6 +1285,15 @@ class _Stop(Exception):
     (``(params, iterations, reasons, costs)``): the result keeps the progress the callback saw."""
 
     outcome: Optional[tuple] = None
+
+
+def _count_weighted(values: Sequence[torch.Tensor], counts: torch.Tensor, channels: int) -> torch.Tensor:
+    """A per-pixel metric's value (a mean) of one pair from its bands' ``values`` (each over its own
+    count ``n_b = C sum w``): ``sum_b n_b value_b / n``, ``n = sum_b n_b``, both at least 1 as the
+    metric's (``counts`` ``(bands, B)``, the valid pixels ``sum w``)."""
+    total = (counts.sum(0) * channels).clamp_min(1.0)  # (B,)
+    fractions = (counts * channels).clamp_min(1.0) / total
+    return sum(fraction.view(-1, *[1] * (value.dim() - 1)) * value for fraction, value in zip(fractions, values))
 
 
 def _displacement(problem: _Problem, before: torch.Tensor, step: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
@@ -1545,14 +1555,36 @@ _FIRST_ORDER_DEFAULTS = {
 }
 
 
+#: One pair's autograd bands (:func:`_autograd_in_bands`) of mutual information, NMI and local NCC
+#: take this fraction of the eager budget: a band's graph of theirs holds three to four times the
+#: images of a per-pixel loss's or NCC's (one 1024^2 pair, L-BFGS, peak over input at the eager
+#: budget / half / a quarter: mi 3.29 / 3.05 / 3.00x, the analytic path 2.95x; local NCC 3.10 / 2.73
+#: / 2.72x; l2 and ncc 2.76x and 2.79x at the eager budget).  Each halving costs a tenth to a
+#: quarter of the evaluation's time (bands, and local NCC's margins, more often).
+AUTOGRAD_BAND_DIVISOR = 2
+
+
 def _autograd_evaluation(problem: _Problem, params: torch.Tensor, level: _Level) -> _Evaluation:
     """The same cost as :meth:`_Problem.evaluate`, its gradient by ``backward()``; in the
     analytic path's chunks of pairs (:meth:`_Problem.chunks`), each with its own graph, freed
     before the next is built (a graph holds its images: 64 x 256^2 with l2 peaked at 8.4x its
-    input whole, 2.7x in chunks)."""
-    chunks = problem.chunks(level, _chunks.eager_budget(level.fixed.device))
+    input whole, 2.7x in chunks), and one larger pair in bands of rows
+    (:func:`_autograd_in_bands`)."""
+    budget = _chunks.eager_budget(level.fixed.device)
+    chunks = problem.chunks(level, budget)
     if chunks is not None:
         return _Evaluation.joined([_autograd_evaluation(problem, params[part], pairs) for part, pairs in chunks])
+    if level.fixed.shape[0] == 1 and level.fixed[0].numel() > budget and problem.by_pair:
+        graph_heavy = problem.loss is None and not isinstance(problem.metric, NCC)  # mi, nmi, lncc
+        matrix_gradient = _autograd_in_bands(problem, params, level,
+                                             budget // AUTOGRAD_BAND_DIVISOR if graph_heavy else budget)
+        if matrix_gradient is not None:
+            cost, gradient_of_matrix = matrix_gradient
+            with torch.enable_grad():
+                params = params.detach().requires_grad_(True)
+                matrix, _ = problem.matrices(params, level)
+                (gradient,) = torch.autograd.grad(matrix, params, gradient_of_matrix)
+            return _Evaluation(cost, gradient, None)
     with torch.enable_grad():
         params = params.detach().requires_grad_(True)
         matrix, _ = problem.matrices(params, level)
@@ -1562,6 +1594,95 @@ def _autograd_evaluation(problem: _Problem, params: torch.Tensor, level: _Level)
         cost = problem._level_metric(level)(values, level.fixed, valid)
         (gradient,) = torch.autograd.grad(cost.sum(), params)
     return _Evaluation(cost.detach(), gradient, None)
+
+
+def _autograd_in_bands(problem: _Problem, params: torch.Tensor, level: _Level, budget: int
+                       ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The cost ``(1,)`` of one pair larger than ``budget`` fixed pixels and its gradient with
+    respect to the level matrix ``A`` ``(1, 3, 3)`` by ``backward()``, in the bands of rows of the
+    analytic path, each band's graph (from the matrix, a leaf) freed before the next; ``None``
+    for a metric that cannot be split (the pair then runs whole).  One 1024^2 pair whole held
+    its graph: images of every intermediate (l2 about 8x its input, mutual information 18x).
+
+    - A per-pixel metric (a mean): the pair's cost and gradient are its bands'
+      weighted by their counts, ``sum_b n_b c_b / n`` (:func:`_count_weighted`).
+    - A function of sums over pixels (:attr:`_Problem.two_pass`: NCC, mutual information, NMI):
+      first each band's ``sums``, without a graph; then ``d cost / d sums_b`` by autograd
+      through ``cost_of_sums(merged_sums(...))`` (for additive sums, the histograms' counts, once
+      for all bands; NCC's eight numbers a band through their merge); then each band again, its
+      sums differentiated with those as their gradients (a vector-Jacobian product).
+    - Local NCC: each band with its margins (:meth:`_Problem._window_bands`), ``1 - sum_b S_b / n``
+      with ``S_b`` its own rows' score sum.
+    """
+    metric = problem._level_metric(level)
+    with torch.no_grad():
+        matrix = problem.matrices(params, level)[0]
+
+    def sampled(band: _Level, leaf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grid = problem.grid(leaf, band)
+        valid = problem._valid(grid.detach(), band)
+        return sample(band.moving, grid, interpolation=problem.interpolation, padding_mode="border"), valid
+
+    def band_gradient(band: _Level, outputs: Callable[[torch.Tensor, torch.Tensor, _Level], tuple]
+                      ) -> torch.Tensor:
+        """``d <outputs, their gradients> / d A`` of one band (``outputs(values, valid, band)``
+        gives ``(tensors, gradients)``), its graph freed on return."""
+        with torch.enable_grad():
+            leaf = matrix.detach().requires_grad_(True)
+            values, valid = sampled(band, leaf)
+            tensors, gradients = outputs(values, valid, band)
+            (gradient,) = torch.autograd.grad(tensors, leaf, gradients, allow_unused=True)
+        return torch.zeros_like(matrix) if gradient is None else gradient
+
+    if problem.loss is not None:
+        costs, counts, gradients = [], [], []
+        for band in problem._bands(level, budget):
+            def mean(values, valid, band):
+                cost = metric(values, band.fixed, valid)
+                costs.append(cost.detach())
+                counts.append(valid.sum(dim=(1, 2, 3)))
+                return (cost,), (torch.ones_like(cost),)
+            gradients.append(band_gradient(band, mean))
+        counts = torch.stack(counts)
+        combined = functools.partial(_count_weighted, counts=counts, channels=level.fixed.shape[1])
+        return combined(costs), combined(gradients)
+    if problem.two_pass:
+        bands = problem._bands(level, budget)
+        with torch.no_grad():
+            parts = []
+            for band in bands:  # mutual information's: a running sum (a histogram a band at 1024 bins is 4 MiB)
+                values, valid = sampled(band, matrix)
+                part = metric.sums(values, band.fixed, valid)
+                parts = [metric.merged_sums([*parts, part])] if metric.additive_sums else [*parts, part]
+        with torch.enable_grad():
+            leaves = [type(part)(*(value.detach().requires_grad_(True) for value in part)) for part in parts]
+            cost = metric.cost_of_sums(metric.merged_sums(leaves))
+            flat = [value for part in leaves for value in part]
+            adjoints = torch.autograd.grad(cost.sum(), flat, allow_unused=True)
+        fields = len(parts[0])
+        adjoints = [adjoints[index * fields:(index + 1) * fields] for index in range(len(parts))]
+        gradient = torch.zeros_like(matrix)
+        for index, band in enumerate(bands):
+            adjoint = adjoints[0 if metric.additive_sums else index]
+
+            def sums(values, valid, band, adjoint=adjoint):
+                pairs = [(value, slope) for value, slope in zip(metric.sums(values, band.fixed, valid), adjoint)
+                         if slope is not None and value.requires_grad]
+                return tuple(value for value, _ in pairs), tuple(slope for _, slope in pairs)
+            gradient = gradient + band_gradient(band, sums)
+        return cost.detach(), gradient
+    if isinstance(metric, LocalNCC):
+        scores, counts, gradient = [], [], torch.zeros_like(matrix)
+        for band, own, _ in problem._window_bands(level, budget):
+            def score(values, valid, band, own=own):
+                total, count, _ = metric.part(values, band.fixed, valid, own, gradient=False)
+                scores.append(total.detach())
+                counts.append(count)
+                return (total,), (torch.ones_like(total),)
+            gradient = gradient + band_gradient(band, score)
+        cost, inverse_count = metric.cost_of_sums(torch.stack(scores).sum(0), torch.stack(counts).sum(0), gradient=True)
+        return cost, gradient * -inverse_count[:, None, None]
+    return None
 
 
 def _check_optimizer_options(optimizer: str, options: Optional[dict], caller: str) -> None:
