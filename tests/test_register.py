@@ -790,14 +790,11 @@ def test_eager_evaluation_in_chunks_of_pairs_gives_the_same_result(monkeypatch, 
     assert split == []
 
 
-@pytest.mark.parametrize("metric", ["l2", "ncc", "ncc_any", "mi", "nmi", "lncc", "lncc_any"])
-def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monkeypatch, metric):
-    """One pair above EAGER_CHUNK_PIXELS runs in bands of rows, each band's mean weighted by its count
-    (NCC's sums: each band's deviations from its own means, moved to the pair's; NCC's, MI's and
-    NMI's first-order evaluation in two passes, the sums then each band's derivative; local NCC's
-    bands with a margin of twice the window's radius): the same cost,
-    gradient, Gauss-Newton matrix and ECC system (float64), with a fixed mask that empties whole
-    bands, a moving mask and three channels; and the same registration."""
+def _large_three_channel_pair(metric: str):
+    """A similarity pair of three channels, with a fixed mask whose first 40 rows count nothing
+    (the first band and more) and a moving mask without its last 10 columns; ``register``'s
+    problem of ``metric`` for it, parameters near the truth, and a maker of its float64 level:
+    ``(fixed, moving, truth, mask, moving_mask, problem, params, level)``."""
     register_module = importlib.import_module("tireg.register")
     fixed, moving, truth = registration_pair("astronaut", "similarity", [0.06, 1.04, 4.0, -3.0], noise=0.02)
     fixed = torch.stack([fixed, 0.5 * fixed, fixed.square()])  # three channels
@@ -813,6 +810,18 @@ def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monke
     params = torch.tensor([[0.05, 1.03, 3.5, -2.5]], dtype=torch.float64)
     level = lambda: register_module._make_level(  # noqa: E731
         as_batch(fixed), as_batch(moving), as_batch(mask), as_batch(moving_mask), 1, 0.0)
+    return fixed, moving, truth, mask, moving_mask, problem, params, level
+
+
+@pytest.mark.parametrize("metric", ["l2", "ncc", "ncc_any", "mi", "nmi", "lncc", "lncc_any"])
+def test_eager_evaluation_of_one_large_pair_in_bands_gives_the_same_result(monkeypatch, metric):
+    """One pair above EAGER_CHUNK_PIXELS runs in bands of rows, each band's mean weighted by its count
+    (NCC's sums: each band's deviations from its own means, moved to the pair's; NCC's, MI's and
+    NMI's first-order evaluation in two passes, the sums then each band's derivative; local NCC's
+    bands with a margin of twice the window's radius): the same cost,
+    gradient, Gauss-Newton matrix and ECC system (float64), with a fixed mask that empties whole
+    bands, a moving mask and three channels; and the same registration."""
+    fixed, moving, truth, mask, moving_mask, problem, params, level = _large_three_channel_pair(metric)
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
     whole_level = level()
     first_order = metric in ("mi", "nmi", "lncc", "lncc_any")  # no Gauss-Newton matrix
@@ -856,20 +865,7 @@ def test_autograd_evaluation_of_one_large_pair_in_bands_gives_the_same_result(mo
     and gradient (float64), with a fixed mask that empties whole bands, a moving mask and three
     channels; and the analytic evaluation's."""
     register_module = importlib.import_module("tireg.register")
-    fixed, moving, _ = registration_pair("astronaut", "similarity", [0.06, 1.04, 4.0, -3.0], noise=0.02)
-    fixed = torch.stack([fixed, 0.5 * fixed, fixed.square()])
-    moving = torch.stack([moving, 0.5 * moving, moving.square()])
-    mask = torch.ones(fixed.shape[-2:], dtype=fixed.dtype)
-    mask[:40] = 0.0
-    moving_mask = torch.ones(moving.shape[-2:], dtype=moving.dtype)
-    moving_mask[:, -10:] = 0.0
-    as_batch = lambda image: image.reshape(1, -1, *image.shape[-2:]).double()  # noqa: E731
-    kind = tireg.transforms.TRANSFORMS["similarity"]
-    center = torch.tensor(tireg.transforms.image_center(*fixed.shape[-2:]), dtype=torch.float64)
-    problem = register_module._Problem(kind, center, tireg.metrics.get_metric(metric), "bilinear")
-    params = torch.tensor([[0.05, 1.03, 3.5, -2.5]], dtype=torch.float64)
-    level = lambda: register_module._make_level(  # noqa: E731
-        as_batch(fixed), as_batch(moving), as_batch(mask), as_batch(moving_mask), 1, 0.0)
+    fixed, moving, _, mask, moving_mask, problem, params, level = _large_three_channel_pair(metric)
     banded_calls = []
     in_bands = register_module._autograd_in_bands
     monkeypatch.setattr(register_module, "_autograd_in_bands",
