@@ -309,6 +309,21 @@ def test_each_start_comes_with_the_score_auto_compares_with_its_threshold():
     assert bool(constant.isnan().all())
 
 
+@pytest.mark.parametrize("size", [SIZE, (150, 180)])  # within max_size (the working images are the images), and beyond
+def test_a_start_on_the_inverted_moving_image_negates_the_working_copies_only(size):
+    """_scored_initialize(negate_moving=True), register's start on the inverted image for a metric
+    of any contrast: every method's start and score are those of ``-moving``, bit for bit (box
+    downsampling and blurs are odd functions), without a negated copy of the images."""
+    truth = similarity(-12.0, 1.05, -6.0, 3.0, size)
+    fixed, moving = cut_pair("camera", truth, size)
+    pair_f, pair_m = torch.cat([fixed, fixed]), torch.cat([1.0 - moving, moving])
+    for method in ("auto", "search", "moments", "fourier-mellin", "identity", "center", "phase"):
+        expected = init_module._scored_initialize(pair_f, -pair_m, "similarity", method=method)
+        found = init_module._scored_initialize(pair_f, pair_m, "similarity", method=method, negate_moving=True)
+        assert torch.equal(found[0], expected[0]), method
+        assert torch.equal(found[1].nan_to_num(-9.0), expected[1].nan_to_num(-9.0)), method
+
+
 def test_the_last_stage_refines_two_distinct_candidates():
     """Stage 2's neighbourhoods of coarse winners 10 degrees apart overlap, and its two best were
     often one candidate twice (75 and 75 degrees): the second is the best one unlike the first, by

@@ -1184,11 +1184,14 @@ def initialize(
 def _scored_initialize(
     fixed: torch.Tensor, moving: torch.Tensor, transform: str, *, method: str = "auto", center: CenterLike = None,
     max_size: int = 128, caller: str = "initialize()", search: Optional[torch.Tensor] = None,
+    negate_moving: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`initialize`, and each pair's score ``(B,)``: the overlap NCC of its start on the working
     images (the one ``auto`` compares with :data:`AUTO_THRESHOLD`), NaN where no candidate is scored
     (``identity``, ``center``, ``phase`` other than for translation, constant images).  ``search``
-    ``(B,)`` bool: the pairs that ``auto`` may run its search for (default all)."""
+    ``(B,)`` bool: the pairs that ``auto`` may run its search for (default all).  ``negate_moving``:
+    the same as for ``-moving`` (``register``'s start on the inverted image), the working copies
+    negated, not the image (a copy of a batch's moving images was half its input again)."""
     _check_kind(transform, caller)
     check_option(method, METHODS, "method", caller)
     max_size = _check_max_size(max_size, caller)
@@ -1200,7 +1203,7 @@ def _scored_initialize(
     with torch.no_grad():
         found = [
             _initialize(fixed[part], moving[part], transform, method, centre_full[part], max_size,
-                        None if search is None else search[part])
+                        None if search is None else search[part], negate_moving)
             for part in chunk_slices(batch, working, PAIR_CHUNK_PIXELS)
         ]
     return tuple(torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*found))
@@ -1219,11 +1222,12 @@ def _check_max_size(max_size, caller: str) -> int:
 
 def _initialize(
     fixed: torch.Tensor, moving: torch.Tensor, kind: str, method: str, centre_full: torch.Tensor, max_size: int,
-    search: Optional[torch.Tensor] = None,
+    search: Optional[torch.Tensor] = None, negate_moving: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`initialize` on checked luminance images ``(B, 1, H, W)``, ``(B, 1, H', W')``, and the
     overlap NCC ``(B,)`` of each pair's start (:func:`_scored_initialize`); ``search`` ``(B,)`` bool:
-    the pairs ``auto`` may run its search for (all if ``None``)."""
+    the pairs ``auto`` may run its search for (all if ``None``); ``negate_moving``: as for ``-moving``,
+    bit for bit (box downsampling and blurs are odd functions; only ``moments`` negates the image)."""
     batch = fixed.shape[0]
     dtype, device = fixed.dtype, fixed.device
     (height, width), (height_m, width_m) = fixed.shape[-2:], moving.shape[-2:]
@@ -1240,6 +1244,8 @@ def _initialize(
     scale_down = torch.linalg.inv(scale_up)
     small_f = downsample(fixed, factor)
     small_m = downsample(moving, factor)
+    if negate_moving:
+        small_m = -small_m  # a working copy; downsample(-m) is -downsample(m), bit for bit
     score_f = gaussian_blur(small_f, 1.0, padding_mode="reflection")
     score_m = gaussian_blur(small_m, 1.0, padding_mode="reflection")
     centre = (centre_full - (factor - 1) / 2.0) / factor  # working pixels
@@ -1247,7 +1253,7 @@ def _initialize(
     base = scale_down @ centred @ scale_up
 
     if method == "moments":
-        first = scale_down @ _moments(fixed, moving, kind) @ scale_up
+        first = scale_down @ _moments(fixed, -moving if negate_moving else moving, kind) @ scale_up
         # the 180-degree alternative: L -> -L about the fixed centroid (A c_f = c_m is kept)
         centroid = (_centroid_and_covariance(fixed)[0] - (factor - 1) / 2.0) / factor
         flip = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=dtype, device=device))

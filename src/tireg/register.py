@@ -1999,10 +1999,11 @@ def _check_start(matrix: torch.Tensor, kind: Transform, caller: str, name: str) 
 
 
 def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str,
-                    search: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    search: Optional[torch.Tensor] = None, negate_moving: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The start ``(B, 3, 3)`` float64 that ``init`` names or gives, and each pair's initialiser score ``(B,)``
-    (:func:`tireg.initialize._scored_initialize`, ``search`` its pairs that may search; NaN for a given
-    matrix)."""
+    (:func:`tireg.initialize._scored_initialize`, ``search`` its pairs that may search, ``negate_moving``
+    for ``-moving``; NaN for a given matrix)."""
     batch = fixed.shape[0]
     if isinstance(init, (torch.Tensor, np.ndarray)):
         matrix = torch.as_tensor(writable(init)).detach().to(torch.float64)
@@ -2023,7 +2024,7 @@ def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str,
     # a user's own kind starts from the best similarity, projected on the kind by from_matrix
     name = kind.name if kind.name in TRANSFORMS else "similarity"
     matrix, score = _scored_initialize(fixed, moving, name, method=init, center=center, caller="initialize()",
-                                       search=search)
+                                       search=search, negate_moving=negate_moving)
     return matrix.to(torch.float64), score
 
 
@@ -2312,8 +2313,9 @@ def register(
             # image turned by 180 degrees matched the fixed one at 0.8 and more.
             from .initialize import AUTO_THRESHOLD
 
-            flipped, _ = _initial_matrix(init, fixed_n, -moving_n, kind, center, caller,
-                                         search=~(score >= AUTO_THRESHOLD))  # NaN (not scored): search
+            # (on the inverted image: its working copies negated, not a copy of the batch's images)
+            flipped, _ = _initial_matrix(init, fixed_n, moving_n, kind, center, caller,
+                                         search=~(score >= AUTO_THRESHOLD), negate_moving=True)  # NaN: search
             flipped_params = kind.from_matrix(flipped.to(device=device, dtype=dtype), center_t)
             coarse = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, *schedule[0])
             with torch.no_grad():
