@@ -637,13 +637,20 @@ def test_bilinear_moments_writes_the_warped_image_into_a_given_tensor(generator)
 
 
 def test_a_warped_images_step_runs_in_bands_only_where_they_pay():
-    """step_band_rows: bands of at least STEP_BAND_PIXELS pixels, at most STEP_BANDS of them; an
-    image within one band (one 1024^2 pair) runs whole, and a GPU (no stored coordinates) whole."""
+    """step_band_rows: bands of about STEP_BAND_PIXELS pixels or more, at most STEP_BANDS of them,
+    the last short by fewer rows than there are bands; an image of less than two bands' pixels
+    (one 1024^2 pair) runs whole, and a GPU (no stored coordinates) whole."""
     assert fused.STEP_BAND_PIXELS == 1 << 20 and fused.STEP_BANDS == 8
     assert fused.step_band_rows(1024, 1024) == 1024 and not fused.step_in_bands(torch.empty(8, 1, 1024, 1024))
     assert fused.step_band_rows(2048, 2048) == 512  # four bands of 2^20 pixels
     assert fused.step_band_rows(4096, 4096) == 512  # eight bands: the stored coordinates an eighth of a plane
     assert fused.step_band_rows(3000, 5000) == 375
+    assert fused.step_band_rows(1025, 1024) == 1025  # not 1024 rows and one (an audit's)
+    assert fused.step_band_rows(2049, 1024) == 1025  # two bands, 1025 and 1024 rows, not three
+    for height, width in ((1100, 1000), (2049, 1024), (5000, 3001), (4097, 4096)):
+        rows = fused.step_band_rows(height, width)
+        bands = -(-height // rows)
+        assert bands <= fused.STEP_BANDS and height - (bands - 1) * rows > rows - bands
     assert fused.step_in_bands(torch.empty(1, 1, 2048, 2048))
     assert not fused.step_in_bands(torch.empty(1, 1, 2048, 2048, device="meta"))
 

@@ -281,8 +281,8 @@ def bilinear_moments(
         hessian: also return the Gauss-Newton product moments.
         return_warped: also return ``M(A x)``.
         warped_into: optional ``(B, C, H, W)`` tensor (a view of a taller image's rows) that
-            ``M(A x)`` is written into instead (its ``warped`` is then ``None``): compiled,
-            the pass stores it there, with no copy (:func:`run_compiled_in_bands`).
+            ``M(A x)`` is written into (returned as ``warped`` only with ``return_warped``):
+            compiled, the pass stores it there, with no copy (:func:`run_compiled_in_bands`).
         coordinates: optional :func:`coordinate_grids` ``(x, y)`` of the fixed
             grid (default: broadcast ``arange`` rows and columns).
     """
@@ -494,9 +494,9 @@ def run_compiled(*args, **kwargs) -> Optional[FusedMoments]:
 BAND_PIXELS = 1 << 16
 
 
-#: A warped image's step (an analytic model's, :func:`tireg.analytic.cost_and_gradient`) on the CPU
-#: runs in at most :data:`STEP_BANDS` bands of at least this many pixels; an image within one runs
-#: whole.  Its kernel keeps no image between its loops, so a band is for the stored coordinates
+#: A warped image's step (an analytic model's, or :func:`tireg.analytic.cost_and_gradient`'s given
+#: stored ``coordinates``) on the CPU runs in at most :data:`STEP_BANDS` bands of about at least this
+#: many pixels (:func:`step_band_rows`); an image of less than twice as many runs whole.  Its kernel keeps no image between its loops, so a band is for the stored coordinates
 #: (:func:`coordinate_grids`, 8 bytes a pixel: for one pair as much as its two input images), and
 #: its call costs what a whole image's does plus about 0.1 ms (one thread).
 STEP_BAND_PIXELS = 1 << 20
@@ -509,9 +509,12 @@ def band_rows(height: int, width: int) -> int:
 
 
 def step_band_rows(height: int, width: int) -> int:
-    """Rows of one band of a warped image's step (:data:`STEP_BAND_PIXELS`, :data:`STEP_BANDS`):
+    """Rows of one band of a warped image's step: ``n = H W // STEP_BAND_PIXELS`` bands, at most
+    :data:`STEP_BANDS` and at least one, of ``ceil(H / n)`` rows, so that the last band is short by
+    fewer than ``n`` rows (a remainder band of one row was a compiled variant of its own);
     ``height`` where one band takes the whole image."""
-    return min(height, max(STEP_BAND_PIXELS // width, -(-height // STEP_BANDS)))
+    bands = min(STEP_BANDS, max(1, height * width // STEP_BAND_PIXELS))
+    return -(-height // bands)
 
 
 def step_in_bands(fixed: torch.Tensor) -> bool:
