@@ -129,6 +129,37 @@ def test_a_metric_that_pools_a_pair_runs_in_chunks_of_pairs_and_one_of_ones_own_
         assert calls == [("_reference", 3)]
 
 
+class _OwnPerPixelCost(PerPixelMetric):
+    """A per-pixel loss's mean plus a tenth of the warped image's mean: a cost of one's own that
+    pools a pair's pixels, which no band of it gives."""
+
+    def __call__(self, x, y, weight=None, gradient=False):
+        result = super().__call__(x, y, weight, gradient)
+        extra = 0.1 * x.mean(dim=(1, 2, 3))
+        if not gradient:
+            return result + extra
+        return result[0] + extra, result[1] + 0.1 / x[0].numel()
+
+
+def test_a_per_pixel_metric_of_ones_own_cost_runs_each_pair_whole(monkeypatch):
+    """A PerPixelMetric subclass with its own __call__ may pool a pair's pixels: in chunks of pairs
+    each pair whole, never in bands of rows (whose sums stood in for its cost: the base class's, in
+    an audit), with the cost and G of the whole batch at once."""
+    fixed, moving, matrix = _problem((3, 1, 20, 20), torch.Generator().manual_seed(4))
+    metric = _OwnPerPixelCost("l2")
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
+    expected = cost_and_gradient(fixed, moving, matrix, metric)
+    calls = _spy(monkeypatch, "_reference", "_reference_in_chunks")
+    for budget, pairs in ((400, [1, 1, 1]), (50, [1, 1, 1])):  # one pair a chunk; below one pair, still whole
+        calls.clear()
+        monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", budget)
+        warped, cost, matrix_gradient = cost_and_gradient(fixed, moving, matrix, metric)
+        assert calls == [("_reference", count) for count in pairs]
+        assert torch.equal(warped, expected[0])
+        torch.testing.assert_close(cost, expected[1], rtol=1e-12, atol=0)
+        torch.testing.assert_close(matrix_gradient, expected[2], rtol=1e-12, atol=1e-15)
+
+
 def test_one_pair_in_passes_returns_its_warped_image_not_a_copy(monkeypatch):
     """The warped image of one pair in passes is the step's output as it is: a copy into a batch
     buffer was a second image at the step's end (an audit's: 2.00 -> 1.78x for ncc)."""

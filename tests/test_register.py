@@ -888,6 +888,61 @@ def test_autograd_evaluation_of_one_large_pair_in_bands_gives_the_same_result(mo
         torch.testing.assert_close(banded.gradient, expected.gradient, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("metric", ["l2", "ncc", "mi", "lncc"])
+@pytest.mark.parametrize("budget", [1 << 40, 3 * 30 * 144], ids=["whole", "bands"])
+def test_autograd_evaluation_keeps_the_overlap_rule(monkeypatch, metric, budget):
+    """gradients="autograd" scores a pair with too little overlap (fewer than MIN_VALID_PIXELS
+    valid pixels) as the analytic evaluation does: an infinite cost and no gradient, whole or in
+    bands. It had no rule: no overlap read l2 0.0 (better than any match), ncc 1.0, mi -0.0 (an
+    audit's)."""
+    register_module = importlib.import_module("tireg.register")
+    _, _, _, _, _, problem, params, level = _large_three_channel_pair(metric)
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", budget)
+    far = params.clone()
+    far[:, 2] = 500.0  # the moving image wholly outside
+    for shift, overlapping in ((params, True), (far, False)):
+        autograd = register_module._autograd_evaluation(problem, shift, level())
+        analytic = problem.evaluate(shift, level(), hessian=False)
+        assert bool(torch.isfinite(autograd.cost).all()) == overlapping
+        assert torch.equal(torch.isinf(autograd.cost), torch.isinf(analytic.cost))
+        if not overlapping:
+            assert torch.equal(autograd.gradient, torch.zeros_like(autograd.gradient))
+
+
+class _OwnPerPixelCost(tireg.metrics.PerPixelMetric):
+    """l2's mean plus a tenth of the warped image's mean: a per-pixel metric of one's own cost."""
+
+    def __call__(self, x, y, weight=None, gradient=False):
+        result = super().__call__(x, y, weight, gradient)
+        extra = 0.1 * x.mean(dim=(1, 2, 3))
+        if not gradient:
+            return result + extra
+        return result[0] + extra, result[1] + 0.1 / x[0].numel()
+
+
+@pytest.mark.parametrize("metric", [tireg.metrics.PerPixelMetric("l2", mean=False), _OwnPerPixelCost("l2")],
+                         ids=["sum", "own cost"])
+def test_one_large_pair_of_a_per_pixel_sum_or_of_ones_own_cost(monkeypatch, metric):
+    """One pair above EAGER_CHUNK_PIXELS with a per-pixel metric that is not a mean of tireg's: a
+    sum (mean=False) adds its bands (weighted as a mean, a band of 23.7 had read 3.0 in an audit);
+    one of its own cost runs whole. Eager, Gauss-Newton and autograd evaluations as the whole
+    pair's (float64)."""
+    register_module = importlib.import_module("tireg.register")
+    _, _, _, _, _, problem, params, level = _large_three_channel_pair("l2")
+    problem = register_module._Problem(problem.kind, problem.center, metric, "bilinear")
+    assert problem.pixel_parts == (type(metric) is tireg.metrics.PerPixelMetric)
+    evaluations = lambda: [problem.evaluate(params, level(), hessian=False),  # noqa: E731
+                           problem.evaluate(params, level(), hessian=True),
+                           register_module._autograd_evaluation(problem, params, level())]
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
+    whole = evaluations()
+    monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 3 * 30 * level().fixed.shape[-1])
+    for expected, got in zip(whole, evaluations()):
+        torch.testing.assert_close(got.cost, expected.cost, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got.gradient, expected.gradient, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(whole[2].gradient, whole[0].gradient, rtol=1e-9, atol=1e-12)  # autograd's
+
+
 def test_an_ncc_with_deviations_of_its_own_is_not_split(monkeypatch):
     """NCC's two passes take its derivative from the pair's means and the weight as given, and its
     bands merge sums of the weights as given; a subclass whose own ``deviations`` weight otherwise

@@ -24,7 +24,7 @@ import torch
 from . import _chunks, fused
 from ._validation import INTERPOLATIONS, PADDING_MODES, check_affine, check_image, check_same_kind
 from .losses import PerPixelLoss
-from .metrics import LocalNCC, Metric, PerPixelMetric, _independent_pairs, _sums_of_parts
+from .metrics import LocalNCC, Metric, PerPixelMetric, _independent_pairs, _pixel_parts, _sums_of_parts
 from .sampling import _grid_moments, _modes, _sampler_gradient, pixel_axes, sample, sampling_grid, shared_pixel_scale
 
 __all__ = ["cost_and_gradient", "per_pixel_cost_and_gradient", "parameter_gradient"]
@@ -238,7 +238,7 @@ def _cost_and_gradient(
     budget = _chunks.eager_budget(fixed.device)
     chunks = _chunks.pair_and_row_chunks(fixed.shape, budget)
     options = (interpolation, padding_mode, moving_with_gradient, axes)
-    if len(chunks) > 1 and isinstance(metric, PerPixelMetric):
+    if len(chunks) > 1 and _pixel_parts(metric):  # (one of one's own pools the pair: by pair, below)
         return _reference_in_chunks(chunks, fixed, moving, matrix, metric, weight, *options)
     pairs = _chunks.chunk_slices(fixed.shape[0], fixed[0].numel(), budget)
     # other metrics pool a pair's pixels: a metric whose pairs are independent runs in chunks of

@@ -922,6 +922,15 @@ def _own_cost(metric: Metric, bases: tuple[type, ...]) -> bool:
     return any(isinstance(metric, base) and type(metric).__call__ is base.__call__ for base in bases)
 
 
+def _pixel_parts(metric: Metric) -> bool:
+    """Whether ``metric`` is a per-pixel metric whose cost is :class:`PerPixelMetric`'s own,
+    ``sum_c sum_x s rho``, with its own term weights ``s`` (a mean's ``w / (C sum w)``, or ``w``):
+    then one pair's parts (bands of rows) add up, their sums, or their means weighted by their
+    counts.  A subclass's own ``__call__`` or ``term_weights`` may pool a pair's pixels otherwise
+    (a band of ``mean=False``'s sum weighted as a mean read 3.0 for 23.7), and runs whole."""
+    return _own_cost(metric, (PerPixelMetric,)) and type(metric).term_weights is PerPixelMetric.term_weights
+
+
 def _sums_of_parts(metric: Metric) -> bool:
     """Whether ``metric``'s evaluation of one pair can be split in parts in two passes (module
     docstring, "Sums of parts"): mutual information, NMI, and NCC with NCC's own ``deviations``

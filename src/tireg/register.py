@@ -69,6 +69,7 @@ from .metrics import (
     PerPixelMetric,
     _independent_pairs,
     _own_cost,
+    _pixel_parts,
     _sums_of_parts,
     get_metric,
 )
@@ -801,6 +802,8 @@ class _Problem:
         self.loss = metric.loss if isinstance(metric, PerPixelMetric) else None  # Gauss-Newton's rho
         self.irls_constant = None if self.loss is None else constant_irls_weight(self.loss)
         self.by_pair = _independent_pairs(metric, center.device)  # then a batch runs in chunks of pairs
+        # a per-pixel metric of PerPixelMetric's own cost: one large pair in bands of rows, added up
+        self.pixel_parts = _pixel_parts(metric)
         # of those, the metrics whose cost is a function of sums over pixels (tireg.metrics, "Sums of
         # parts"): one large pair's first-order evaluation runs in two passes over bands of rows
         # (NCC's Gauss-Newton system in bands too, on the same condition)
@@ -893,16 +896,7 @@ class _Problem:
             evaluation, valid_count = fused_result
         else:
             evaluation, valid_count = self._evaluate_eager(matrix, flat_jacobian, level, hessian)
-        # Too little overlap is no match at all: an infinite cost that no step is taken
-        # towards, never a small cost of a few pixels (or a NaN of none).
-        overlap = valid_count >= MIN_VALID_PIXELS
-        # on the CPU a look is free and saves the masking; on a GPU it would wait for the device
-        if not _looks_are_free(overlap.device) or not bool(overlap.all()):
-            evaluation = evaluation.where(overlap, _Evaluation(
-                torch.full_like(evaluation.cost, math.inf), torch.zeros_like(evaluation.gradient),
-                None if evaluation.hessian is None else torch.zeros_like(evaluation.hessian),
-                None if evaluation.ecc is None else ECCSystem(*map(torch.zeros_like, evaluation.ecc))))
-        return evaluation
+        return _with_overlap(evaluation, valid_count)
 
     def _evaluate_fused(
         self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, level: _Level, hessian: bool
@@ -958,7 +952,7 @@ class _Problem:
         if batch == 1 and pair_pixels > budget:
             if hessian and isinstance(self.metric, NCC) and self.two_pass:  # its system: sums over pixels
                 return self._evaluate_ncc(matrix, flat_jacobian, self._bands(level, budget))
-            if self.loss is not None:
+            if self.pixel_parts:
                 return self._evaluate_in_bands(matrix, flat_jacobian, level, hessian, budget)
             if self.two_pass and not hessian:
                 return self._evaluate_in_two_passes(matrix, flat_jacobian, level, budget)
@@ -1046,17 +1040,19 @@ class _Problem:
     def _evaluate_in_bands(
         self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, level: _Level, hessian: bool, budget: int
     ) -> tuple[_Evaluation, torch.Tensor]:
-        """:meth:`_evaluate` of one pair larger than ``budget`` fixed pixels, in bands of rows.
+        """:meth:`_evaluate` of one pair larger than ``budget`` fixed pixels, in bands of rows
+        (:attr:`pixel_parts`: a per-pixel metric's own cost).
 
         A band's cost, gradient and Gauss-Newton matrix are its sums divided by its own
         count ``n_b = C sum w`` (the metric's mean); the level's are
         ``sum_b n_b (band's) / n``, with ``n`` the whole level's count (both at least 1, as
-        the metric's).
+        the metric's); a sum's (``mean=False``) add up (:func:`_bands_combined`).
         """
         results = [self._evaluate_whole(matrix, flat_jacobian, band, hessian) for band in self._bands(level, budget)]
         evaluations = [evaluation for evaluation, _ in results]
         counts = torch.stack([count for _, count in results])  # (bands, B)
-        combined = functools.partial(_count_weighted, counts=counts, channels=level.fixed.shape[1])
+        combined = functools.partial(_bands_combined, counts=counts, channels=level.fixed.shape[1],
+                                     mean=self.metric.mean)
         evaluation = _Evaluation(
             combined([evaluation.cost for evaluation in evaluations]),
             combined([evaluation.gradient for evaluation in evaluations]),
@@ -1287,10 +1283,29 @@ class _Stop(Exception):
     outcome: Optional[tuple] = None
 
 
-def _count_weighted(values: Sequence[torch.Tensor], counts: torch.Tensor, channels: int) -> torch.Tensor:
-    """A per-pixel metric's value (a mean) of one pair from its bands' ``values`` (each over its own
-    count ``n_b = C sum w``): ``sum_b n_b value_b / n``, ``n = sum_b n_b``, both at least 1 as the
-    metric's (``counts`` ``(bands, B)``, the valid pixels ``sum w``)."""
+def _with_overlap(evaluation: _Evaluation, valid_count: torch.Tensor) -> _Evaluation:
+    """``evaluation`` where a pair has :data:`MIN_VALID_PIXELS` valid pixels (``valid_count``
+    ``(B,)``) or more; elsewhere an infinite cost and zero derivatives.  Too little overlap is no
+    match at all: an infinite cost that no step is taken towards, never a small cost of a few
+    pixels (or a NaN of none; l2 of no overlap read 0, better than any match)."""
+    overlap = valid_count >= MIN_VALID_PIXELS
+    # on the CPU a look is free and saves the masking; on a GPU it would wait for the device
+    if _looks_are_free(overlap.device) and bool(overlap.all()):
+        return evaluation
+    return evaluation.where(overlap, _Evaluation(
+        torch.full_like(evaluation.cost, math.inf), torch.zeros_like(evaluation.gradient),
+        None if evaluation.hessian is None else torch.zeros_like(evaluation.hessian),
+        None if evaluation.ecc is None else ECCSystem(*map(torch.zeros_like, evaluation.ecc))))
+
+
+def _bands_combined(values: Sequence[torch.Tensor], counts: torch.Tensor, channels: int, mean: bool
+                    ) -> torch.Tensor:
+    """A per-pixel metric's value of one pair from its bands' ``values``: for a mean (each band's
+    over its own count ``n_b = C sum w``) ``sum_b n_b value_b / n``, ``n = sum_b n_b``, both at
+    least 1 as the metric's (``counts`` ``(bands, B)``, the valid pixels ``sum w``); for a sum
+    (``mean=False``) the sum of the bands'."""
+    if not mean:
+        return sum(values)
     total = (counts.sum(0) * channels).clamp_min(1.0)  # (B,)
     fractions = (counts * channels).clamp_min(1.0) / total
     return sum(fraction.view(-1, *[1] * (value.dim() - 1)) * value for fraction, value in zip(fractions, values))
@@ -1576,15 +1591,15 @@ def _autograd_evaluation(problem: _Problem, params: torch.Tensor, level: _Level)
         return _Evaluation.joined([_autograd_evaluation(problem, params[part], pairs) for part, pairs in chunks])
     if level.fixed.shape[0] == 1 and level.fixed[0].numel() > budget and problem.by_pair:
         graph_heavy = problem.loss is None and not isinstance(problem.metric, NCC)  # mi, nmi, lncc
-        matrix_gradient = _autograd_in_bands(problem, params, level,
-                                             budget // AUTOGRAD_BAND_DIVISOR if graph_heavy else budget)
-        if matrix_gradient is not None:
-            cost, gradient_of_matrix = matrix_gradient
+        banded = _autograd_in_bands(problem, params, level,
+                                    budget // AUTOGRAD_BAND_DIVISOR if graph_heavy else budget)
+        if banded is not None:
+            cost, gradient_of_matrix, valid_count = banded
             with torch.enable_grad():
                 params = params.detach().requires_grad_(True)
                 matrix, _ = problem.matrices(params, level)
                 (gradient,) = torch.autograd.grad(matrix, params, gradient_of_matrix)
-            return _Evaluation(cost, gradient, None)
+            return _with_overlap(_Evaluation(cost, gradient, None), valid_count)
     with torch.enable_grad():
         params = params.detach().requires_grad_(True)
         matrix, _ = problem.matrices(params, level)
@@ -1593,19 +1608,21 @@ def _autograd_evaluation(problem: _Problem, params: torch.Tensor, level: _Level)
         values = sample(level.moving, grid, interpolation=problem.interpolation, padding_mode="border")
         cost = problem._level_metric(level)(values, level.fixed, valid)
         (gradient,) = torch.autograd.grad(cost.sum(), params)
-    return _Evaluation(cost.detach(), gradient, None)
+    return _with_overlap(_Evaluation(cost.detach(), gradient, None), valid.sum(dim=(1, 2, 3)))
 
 
 def _autograd_in_bands(problem: _Problem, params: torch.Tensor, level: _Level, budget: int
-                       ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """The cost ``(1,)`` of one pair larger than ``budget`` fixed pixels and its gradient with
-    respect to the level matrix ``A`` ``(1, 3, 3)`` by ``backward()``, in the bands of rows of the
+                       ) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The cost ``(1,)`` of one pair larger than ``budget`` fixed pixels, its gradient with
+    respect to the level matrix ``A`` ``(1, 3, 3)`` by ``backward()`` and its count of valid pixels
+    ``(1,)`` (for :func:`_with_overlap`), in the bands of rows of the
     analytic path, each band's graph (from the matrix, a leaf) freed before the next; ``None``
     for a metric that cannot be split (the pair then runs whole).  One 1024^2 pair whole held
     its graph: images of every intermediate (l2 about 8x its input, mutual information 18x).
 
-    - A per-pixel metric (a mean): the pair's cost and gradient are its bands'
-      weighted by their counts, ``sum_b n_b c_b / n`` (:func:`_count_weighted`).
+    - A per-pixel metric of its own cost (:attr:`_Problem.pixel_parts`): the pair's cost and
+      gradient are its bands' weighted by their counts, ``sum_b n_b c_b / n``, or their sums
+      (:func:`_bands_combined`).
     - A function of sums over pixels (:attr:`_Problem.two_pass`: NCC, mutual information, NMI):
       first each band's ``sums``, without a graph; then ``d cost / d sums_b`` by autograd
       through ``cost_of_sums(merged_sums(...))`` (for additive sums, the histograms' counts, once
@@ -1634,7 +1651,7 @@ def _autograd_in_bands(problem: _Problem, params: torch.Tensor, level: _Level, b
             (gradient,) = torch.autograd.grad(tensors, leaf, gradients, allow_unused=True)
         return torch.zeros_like(matrix) if gradient is None else gradient
 
-    if problem.loss is not None:
+    if problem.pixel_parts:
         costs, counts, gradients = [], [], []
         for band in problem._bands(level, budget):
             def mean(values, valid, band):
@@ -1644,14 +1661,15 @@ def _autograd_in_bands(problem: _Problem, params: torch.Tensor, level: _Level, b
                 return (cost,), (torch.ones_like(cost),)
             gradients.append(band_gradient(band, mean))
         counts = torch.stack(counts)
-        combined = functools.partial(_count_weighted, counts=counts, channels=level.fixed.shape[1])
-        return combined(costs), combined(gradients)
+        combined = functools.partial(_bands_combined, counts=counts, channels=level.fixed.shape[1], mean=metric.mean)
+        return combined(costs), combined(gradients), counts.sum(0)
     if problem.two_pass:
         bands = problem._bands(level, budget)
         with torch.no_grad():
-            parts = []
+            parts, count = [], 0
             for band in bands:  # mutual information's: a running sum (a histogram a band at 1024 bins is 4 MiB)
                 values, valid = sampled(band, matrix)
+                count = count + valid.sum(dim=(1, 2, 3))
                 part = metric.sums(values, band.fixed, valid)
                 parts = [metric.merged_sums([*parts, part])] if metric.additive_sums else [*parts, part]
         with torch.enable_grad():
@@ -1670,7 +1688,7 @@ def _autograd_in_bands(problem: _Problem, params: torch.Tensor, level: _Level, b
                          if slope is not None and value.requires_grad]
                 return tuple(value for value, _ in pairs), tuple(slope for _, slope in pairs)
             gradient = gradient + band_gradient(band, sums)
-        return cost.detach(), gradient
+        return cost.detach(), gradient, count
     if isinstance(metric, LocalNCC):
         scores, counts, gradient = [], [], torch.zeros_like(matrix)
         for band, own, _ in problem._window_bands(level, budget):
@@ -1680,8 +1698,9 @@ def _autograd_in_bands(problem: _Problem, params: torch.Tensor, level: _Level, b
                 counts.append(count)
                 return (total,), (torch.ones_like(total),)
             gradient = gradient + band_gradient(band, score)
-        cost, inverse_count = metric.cost_of_sums(torch.stack(scores).sum(0), torch.stack(counts).sum(0), gradient=True)
-        return cost, gradient * -inverse_count[:, None, None]
+        count = torch.stack(counts).sum(0)  # C sum w
+        cost, inverse_count = metric.cost_of_sums(torch.stack(scores).sum(0), count, gradient=True)
+        return cost, gradient * -inverse_count[:, None, None], count / level.fixed.shape[1]
     return None
 
 
