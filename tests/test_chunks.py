@@ -141,12 +141,22 @@ class _OwnPerPixelCost(PerPixelMetric):
         return result[0] + extra, result[1] + 0.1 / x[0].numel()
 
 
-def test_a_per_pixel_metric_of_ones_own_cost_runs_each_pair_whole(monkeypatch):
-    """A PerPixelMetric subclass with its own __call__ may pool a pair's pixels: in chunks of pairs
-    each pair whole, never in bands of rows (whose sums stood in for its cost: the base class's, in
-    an audit), with the cost and G of the whole batch at once."""
+class _OwnWeighted(PerPixelMetric):
+    """The square of a per-pixel loss's mean, by its own ``weighted`` (which ``__call__`` uses)."""
+
+    def weighted(self, x, y, term_weights, gradient=False):
+        result = super().weighted(x, y, term_weights, gradient)
+        if not gradient:
+            return result.square()
+        return result[0].square(), 2.0 * result[0][:, None, None, None] * result[1]
+
+
+@pytest.mark.parametrize("metric", [_OwnPerPixelCost("l2"), _OwnWeighted("l2")], ids=["own __call__", "own weighted"])
+def test_a_per_pixel_metric_of_ones_own_cost_runs_each_pair_whole(monkeypatch, metric):
+    """A PerPixelMetric subclass with its own __call__ or weighted may pool a pair's pixels: in chunks
+    of pairs each pair whole, never in bands of rows (whose sums stood in for its cost: the base
+    class's, in two audits), with the cost and G of the whole batch at once."""
     fixed, moving, matrix = _problem((3, 1, 20, 20), torch.Generator().manual_seed(4))
-    metric = _OwnPerPixelCost("l2")
     monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 1 << 40)
     expected = cost_and_gradient(fixed, moving, matrix, metric)
     calls = _spy(monkeypatch, "_reference", "_reference_in_chunks")

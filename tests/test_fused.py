@@ -511,6 +511,37 @@ def test_compiled_model_step_of_a_large_image_runs_in_bands(monkeypatch, batch, 
     assert [tuple(grid.shape) for grid in models[1]._coordinates[1]] == [(1, 1, 12, 40)] * 2
 
 
+class _OwnPerPixelCost(tireg.metrics.PerPixelMetric):
+    """l2's mean plus a tenth of the warped image's mean: a per-pixel metric of one's own cost."""
+
+    def __call__(self, x, y, weight=None, gradient=False):
+        result = super().__call__(x, y, weight, gradient)
+        extra = 0.1 * x.mean(dim=(1, 2, 3))
+        if not gradient:
+            return result + extra
+        return result[0] + extra, result[1] + 0.1 / x[0].numel()
+
+
+@needs_compile
+def test_the_compiled_kernel_serves_no_per_pixel_cost_of_ones_own(generator):
+    """The kernel writes sum w rho itself: a PerPixelMetric subclass with its own cost runs the
+    reference path, in cost_and_gradient(compile=True) and register(compile=True) (both had taken
+    the kernel and given the base class's cost, in an audit)."""
+    register_module = importlib.import_module("tireg.register")
+    fixed = smooth_random_image((2, 1, 40, 36), generator).float()
+    moving = smooth_random_image((2, 1, 40, 36), generator).float()
+    matrix = _matrix(2, torch.float32)
+    metric = _OwnPerPixelCost("l2")
+    expected = tireg.analytic.cost_and_gradient(fixed, moving, matrix, metric)
+    compiled = tireg.analytic.cost_and_gradient(fixed, moving, matrix, metric, compile=True)
+    for want, got in zip(expected, compiled):
+        assert torch.equal(got, want)
+    center = torch.tensor(tireg.transforms.image_center(40, 36))
+    kind = tireg.transforms.TRANSFORMS["affine"]
+    assert not register_module._Problem(kind, center, metric, "bilinear", compile=True).compile
+    assert register_module._Problem(kind, center, tireg.metrics.PerPixelMetric("l2"), "bilinear", compile=True).compile
+
+
 @needs_compile
 @pytest.mark.parametrize("kind", ["translation", "rigid", "anisotropic_similarity", "affine"])
 def test_every_ready_made_model_compiles_its_whole_step(kind, generator):

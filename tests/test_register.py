@@ -920,8 +920,18 @@ class _OwnPerPixelCost(tireg.metrics.PerPixelMetric):
         return result[0] + extra, result[1] + 0.1 / x[0].numel()
 
 
-@pytest.mark.parametrize("metric", [tireg.metrics.PerPixelMetric("l2", mean=False), _OwnPerPixelCost("l2")],
-                         ids=["sum", "own cost"])
+class _OwnWeighted(tireg.metrics.PerPixelMetric):
+    """The square of l2's mean, by its own ``weighted`` (which ``__call__`` and Gauss-Newton use)."""
+
+    def weighted(self, x, y, term_weights, gradient=False):
+        result = super().weighted(x, y, term_weights, gradient)
+        if not gradient:
+            return result.square()
+        return result[0].square(), 2.0 * result[0][:, None, None, None] * result[1]
+
+
+@pytest.mark.parametrize("metric", [tireg.metrics.PerPixelMetric("l2", mean=False), _OwnPerPixelCost("l2"),
+                                    _OwnWeighted("l2")], ids=["sum", "own cost", "own weighted"])
 def test_one_large_pair_of_a_per_pixel_sum_or_of_ones_own_cost(monkeypatch, metric):
     """One pair above EAGER_CHUNK_PIXELS with a per-pixel metric that is not a mean of tireg's: a
     sum (mean=False) adds its bands (weighted as a mean, a band of 23.7 had read 3.0 in an audit);

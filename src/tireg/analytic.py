@@ -420,8 +420,9 @@ def _fused_cost_and_gradient(
     fixed, moving, matrix, metric, weight, interpolation, padding_mode, padded_moving, coordinates
 ):
     """:func:`cost_and_gradient` by the compiled kernel, or ``None`` where it does not apply or cannot compile."""
-    if not (isinstance(metric, PerPixelMetric) and fused.supports(interpolation, padding_mode, metric.loss, fixed.dtype,
-                                                                   fixed.shape[1])):
+    # the kernel writes sum w rho itself: PerPixelMetric's own cost only (not a subclass's own)
+    if not (_pixel_parts(metric) and fused.supports(interpolation, padding_mode, metric.loss, fixed.dtype,
+                                                    fixed.shape[1])):
         return None
     padded = fused.prepare_moving(moving, padding_mode) if padded_moving is None else padded_moving
     result = fused.run_compiled_in_bands(

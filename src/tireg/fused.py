@@ -511,8 +511,8 @@ def band_rows(height: int, width: int) -> int:
 def step_band_rows(height: int, width: int) -> int:
     """Rows of one band of a warped image's step: ``n = H W // STEP_BAND_PIXELS`` bands, at most
     :data:`STEP_BANDS` and at least one, of ``ceil(H / n)`` rows, so that the last band is short by
-    fewer than ``n`` rows (a remainder band of one row was a compiled variant of its own);
-    ``height`` where one band takes the whole image."""
+    fewer than ``n`` rows (not a remainder of one row; a shorter last band is still one more
+    compiled variant, once per image size); ``height`` where one band takes the whole image."""
     bands = min(STEP_BANDS, max(1, height * width // STEP_BAND_PIXELS))
     return -(-height // bands)
 

@@ -927,8 +927,11 @@ def _pixel_parts(metric: Metric) -> bool:
     ``sum_c sum_x s rho``, with its own term weights ``s`` (a mean's ``w / (C sum w)``, or ``w``):
     then one pair's parts (bands of rows) add up, their sums, or their means weighted by their
     counts.  A subclass's own ``__call__`` or ``term_weights`` may pool a pair's pixels otherwise
-    (a band of ``mean=False``'s sum weighted as a mean read 3.0 for 23.7), and runs whole."""
-    return _own_cost(metric, (PerPixelMetric,)) and type(metric).term_weights is PerPixelMetric.term_weights
+    (a band of ``mean=False``'s sum weighted as a mean read 3.0 for 23.7), and runs whole; so does
+    one with its own ``weighted``, which ``__call__`` computes the cost with.  The compiled kernel,
+    which writes ``sum w rho`` itself, serves only these too."""
+    return _own_cost(metric, (PerPixelMetric,)) and all(
+        getattr(type(metric), name) is getattr(PerPixelMetric, name) for name in ("term_weights", "weighted"))
 
 
 def _sums_of_parts(metric: Metric) -> bool:

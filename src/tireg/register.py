@@ -808,9 +808,10 @@ class _Problem:
         # parts"): one large pair's first-order evaluation runs in two passes over bands of rows
         # (NCC's Gauss-Newton system in bands too, on the same condition)
         self.two_pass = self.by_pair and _sums_of_parts(metric)
-        # the compiled kernel serves a per-pixel metric's mean, bilinear, without a moving mask
+        # the compiled kernel serves a per-pixel metric's mean (of PerPixelMetric's own cost: it
+        # writes sum w rho itself), bilinear, without a moving mask
         self.compile = (
-            bool(compile) and self.loss is not None and self.metric.mean
+            bool(compile) and self.pixel_parts and self.metric.mean
             and fused.supports(interpolation, "border", self.loss, center.dtype, channels)
         )
 
