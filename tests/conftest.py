@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+from tireg.metrics import PerPixelMetric
+
 # The tests use small images, on which torch's intra-op threads gain little, and on a
 # shared machine they lose a lot: with another process on a core, every parallel region
 # waits for it (a metric registration measured 0.3 s single-threaded, 22 s with two
@@ -179,3 +181,26 @@ class CudaSynchronisations:
 
     def __exit__(self, *exc_info) -> None:
         self.off()
+
+
+class OwnPerPixelCost(PerPixelMetric):
+    """A per-pixel loss's mean plus a tenth of the warped image's mean: a PerPixelMetric subclass
+    with its own cost (``__call__``), which pools a pair's pixels as no band of it does."""
+
+    def __call__(self, x, y, weight=None, gradient=False):
+        result = super().__call__(x, y, weight, gradient)
+        extra = 0.1 * x.mean(dim=(1, 2, 3))
+        if not gradient:
+            return result + extra
+        return result[0] + extra, result[1] + 0.1 / x[0].numel()
+
+
+class OwnWeightedCost(PerPixelMetric):
+    """The square of a per-pixel loss's mean, by its own ``weighted`` (which ``__call__`` and
+    Gauss-Newton compute the cost with)."""
+
+    def weighted(self, x, y, term_weights, gradient=False):
+        result = super().weighted(x, y, term_weights, gradient)
+        if not gradient:
+            return result.square()
+        return result[0].square(), 2.0 * result[0][:, None, None, None] * result[1]

@@ -7,6 +7,8 @@ import importlib
 import pytest
 import torch
 
+from conftest import OwnPerPixelCost, OwnWeightedCost
+
 import tireg
 import tireg._chunks as chunks_module
 from tireg._chunks import bands_with_margins, chunk_slices, pair_and_row_chunks
@@ -129,29 +131,9 @@ def test_a_metric_that_pools_a_pair_runs_in_chunks_of_pairs_and_one_of_ones_own_
         assert calls == [("_reference", 3)]
 
 
-class _OwnPerPixelCost(PerPixelMetric):
-    """A per-pixel loss's mean plus a tenth of the warped image's mean: a cost of one's own that
-    pools a pair's pixels, which no band of it gives."""
-
-    def __call__(self, x, y, weight=None, gradient=False):
-        result = super().__call__(x, y, weight, gradient)
-        extra = 0.1 * x.mean(dim=(1, 2, 3))
-        if not gradient:
-            return result + extra
-        return result[0] + extra, result[1] + 0.1 / x[0].numel()
 
 
-class _OwnWeighted(PerPixelMetric):
-    """The square of a per-pixel loss's mean, by its own ``weighted`` (which ``__call__`` uses)."""
-
-    def weighted(self, x, y, term_weights, gradient=False):
-        result = super().weighted(x, y, term_weights, gradient)
-        if not gradient:
-            return result.square()
-        return result[0].square(), 2.0 * result[0][:, None, None, None] * result[1]
-
-
-@pytest.mark.parametrize("metric", [_OwnPerPixelCost("l2"), _OwnWeighted("l2")], ids=["own __call__", "own weighted"])
+@pytest.mark.parametrize("metric", [OwnPerPixelCost("l2"), OwnWeightedCost("l2")], ids=["own __call__", "own weighted"])
 def test_a_per_pixel_metric_of_ones_own_cost_runs_each_pair_whole(monkeypatch, metric):
     """A PerPixelMetric subclass with its own __call__ or weighted may pool a pair's pixels: in chunks
     of pairs each pair whole, never in bands of rows (whose sums stood in for its cost: the base

@@ -12,7 +12,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import count_evaluated_pairs, grid_error, registration_pair, smooth_random_image, staggered_affine_batch
+from conftest import (
+    OwnPerPixelCost,
+    count_evaluated_pairs,
+    grid_error,
+    registration_pair,
+    smooth_random_image,
+    staggered_affine_batch,
+)
 
 import tireg
 from tireg import fused
@@ -511,16 +518,6 @@ def test_compiled_model_step_of_a_large_image_runs_in_bands(monkeypatch, batch, 
     assert [tuple(grid.shape) for grid in models[1]._coordinates[1]] == [(1, 1, 12, 40)] * 2
 
 
-class _OwnPerPixelCost(tireg.metrics.PerPixelMetric):
-    """l2's mean plus a tenth of the warped image's mean: a per-pixel metric of one's own cost."""
-
-    def __call__(self, x, y, weight=None, gradient=False):
-        result = super().__call__(x, y, weight, gradient)
-        extra = 0.1 * x.mean(dim=(1, 2, 3))
-        if not gradient:
-            return result + extra
-        return result[0] + extra, result[1] + 0.1 / x[0].numel()
-
 
 @needs_compile
 def test_the_compiled_kernel_serves_no_per_pixel_cost_of_ones_own(generator):
@@ -531,7 +528,7 @@ def test_the_compiled_kernel_serves_no_per_pixel_cost_of_ones_own(generator):
     fixed = smooth_random_image((2, 1, 40, 36), generator).float()
     moving = smooth_random_image((2, 1, 40, 36), generator).float()
     matrix = _matrix(2, torch.float32)
-    metric = _OwnPerPixelCost("l2")
+    metric = OwnPerPixelCost("l2")
     expected = tireg.analytic.cost_and_gradient(fixed, moving, matrix, metric)
     compiled = tireg.analytic.cost_and_gradient(fixed, moving, matrix, metric, compile=True)
     for want, got in zip(expected, compiled):

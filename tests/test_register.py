@@ -13,6 +13,8 @@ from conftest import (
     CUDA,
     CudaSynchronisations,
     HostSyncs,
+    OwnPerPixelCost,
+    OwnWeightedCost,
     count_evaluated_pairs,
     grid_error,
     registration_pair,
@@ -909,29 +911,10 @@ def test_autograd_evaluation_keeps_the_overlap_rule(monkeypatch, metric, budget)
             assert torch.equal(autograd.gradient, torch.zeros_like(autograd.gradient))
 
 
-class _OwnPerPixelCost(tireg.metrics.PerPixelMetric):
-    """l2's mean plus a tenth of the warped image's mean: a per-pixel metric of one's own cost."""
-
-    def __call__(self, x, y, weight=None, gradient=False):
-        result = super().__call__(x, y, weight, gradient)
-        extra = 0.1 * x.mean(dim=(1, 2, 3))
-        if not gradient:
-            return result + extra
-        return result[0] + extra, result[1] + 0.1 / x[0].numel()
 
 
-class _OwnWeighted(tireg.metrics.PerPixelMetric):
-    """The square of l2's mean, by its own ``weighted`` (which ``__call__`` and Gauss-Newton use)."""
-
-    def weighted(self, x, y, term_weights, gradient=False):
-        result = super().weighted(x, y, term_weights, gradient)
-        if not gradient:
-            return result.square()
-        return result[0].square(), 2.0 * result[0][:, None, None, None] * result[1]
-
-
-@pytest.mark.parametrize("metric", [tireg.metrics.PerPixelMetric("l2", mean=False), _OwnPerPixelCost("l2"),
-                                    _OwnWeighted("l2")], ids=["sum", "own cost", "own weighted"])
+@pytest.mark.parametrize("metric", [tireg.metrics.PerPixelMetric("l2", mean=False), OwnPerPixelCost("l2"),
+                                    OwnWeightedCost("l2")], ids=["sum", "own cost", "own weighted"])
 def test_one_large_pair_of_a_per_pixel_sum_or_of_ones_own_cost(monkeypatch, metric):
     """One pair above EAGER_CHUNK_PIXELS with a per-pixel metric that is not a mean of tireg's: a
     sum (mean=False) adds its bands (weighted as a mean, a band of 23.7 had read 3.0 in an audit);
