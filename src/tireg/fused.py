@@ -496,9 +496,10 @@ BAND_PIXELS = 1 << 16
 
 #: A warped image's step (an analytic model's, or :func:`tireg.analytic.cost_and_gradient`'s given
 #: stored ``coordinates``) on the CPU runs in at most :data:`STEP_BANDS` bands of about at least this
-#: many pixels (:func:`step_band_rows`); an image of less than twice as many runs whole.  Its kernel keeps no image between its loops, so a band is for the stored coordinates
-#: (:func:`coordinate_grids`, 8 bytes a pixel: for one pair as much as its two input images), and
-#: its call costs what a whole image's does plus about 0.1 ms (one thread).
+#: many pixels (:func:`step_band_rows`); an image of less than twice as many runs whole.  Its kernel
+#: keeps no image between its loops, so a band is for the stored coordinates (:func:`coordinate_grids`,
+#: 8 bytes a pixel: for one pair as much as its two input images), and its call costs what a whole
+#: image's does plus about 0.1 ms (one thread).
 STEP_BAND_PIXELS = 1 << 20
 STEP_BANDS = 8
 

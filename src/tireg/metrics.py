@@ -42,9 +42,10 @@ histograms' counts) ``merged_sums`` adds the parts elementwise, so
 ``d cost / d sums_b`` is ``d cost / d sums`` for every part and a running
 sum is all a caller keeps; NCC's parts, each centred on its own means,
 merge otherwise (``register``'s autograd path differentiates through
-:meth:`NCCStatistics.merged`, keeping every part's eight numbers).  :class:`LocalNCC`'s windows cross
-parts by their radius instead: :meth:`LocalNCC.part` takes a band with a
-margin of :attr:`LocalNCC.margin` rows, in one pass.
+:meth:`NCCStatistics.merged`, keeping every part's eight numbers).
+:class:`LocalNCC`'s windows cross parts by their radius instead:
+:meth:`LocalNCC.part` takes a band with a margin of :attr:`LocalNCC.margin`
+rows, in one pass.
 
 References: Evangelidis & Psarakis 2008 (ECC, NCC); Mattes et al. 2003
 (Parzen-window MI with B-splines, its derivative); Studholme et al. 1999 (NMI).
