@@ -1016,9 +1016,7 @@ class _Problem:
         channels = level.fixed.shape[1]
         scores, counts, moments = [], [], []
         for band, own, own_level in self._window_bands(level, budget):
-            grid = self.grid(matrix, band)
-            valid = self._valid(grid, band)
-            values = sample(band.moving, grid, interpolation=self.interpolation, padding_mode="border")
+            grid, valid, values = self._sampled(matrix, band)
             score, count, derivative = metric.part(values, band.fixed, valid, own)
             del values, valid
             scores.append(score)
@@ -1114,6 +1112,29 @@ class _Problem:
         scale = shared_pixel_scale(level.moving.shape[-2:], like=grid)
         return _grid_moments(g_normalized, level.axes, True, False) * scale[:, None]
 
+    def _sampled(self, matrix: torch.Tensor, level: _Level) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(grid, valid, values)`` of ``level`` at ``matrix``: the sampling grid, the valid pixels
+        (:meth:`_valid`, of the grid's values: no graph) and the warped moving image, both through
+        autograd where ``matrix`` requires grad."""
+        grid = self.grid(matrix, level)
+        valid = self._valid(grid.detach(), level)
+        return grid, valid, sample(level.moving, grid, interpolation=self.interpolation, padding_mode="border")
+
+    def _band_sums(self, matrix: torch.Tensor, bands: list[_Level], metric: Metric, *, merge: bool = True
+                   ) -> tuple[list, torch.Tensor]:
+        """The first pass over one pair's ``bands`` (without a graph): each band's ``metric.sums``
+        and the pair's count of valid pixels ``(B,)``.  The sums as one merged part (a running
+        merge: mutual information's are a histogram a band, 4 MiB at 1024 bins), or with
+        ``merge=False`` one part a band (what differentiating NCC's merge needs)."""
+        parts, count = [], 0
+        with torch.no_grad():
+            for band in bands:
+                _, valid, values = self._sampled(matrix, band)
+                count = count + valid.sum(dim=(1, 2, 3))
+                part = metric.sums(values, band.fixed, valid)
+                parts = [metric.merged_sums([*parts, part])] if merge else [*parts, part]
+        return parts, count
+
     def _evaluate_in_two_passes(
         self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, level: _Level, budget: int
     ) -> tuple[_Evaluation, torch.Tensor]:
@@ -1131,22 +1152,11 @@ class _Problem:
         """
         metric = self._level_metric(level)
         bands = self._bands(level, budget)
-
-        def sampled(band: _Level) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            grid = self.grid(matrix, band)
-            valid = self._valid(grid, band)
-            return grid, valid, sample(band.moving, grid, interpolation=self.interpolation, padding_mode="border")
-
-        sums, count = None, 0
-        for band in bands:  # a running merge: mutual information's sums are a histogram a pair
-            _, valid, values = sampled(band)
-            count = count + valid.sum(dim=(1, 2, 3))
-            part = metric.sums(values, band.fixed, valid)
-            sums = part if sums is None else metric.merged_sums([sums, part])
+        (sums,), count = self._band_sums(matrix, bands, metric)
         cost, terms = metric.cost_of_sums(sums, gradient=True)  # the derivative's terms, made once
         moments = 0
         for band in bands:
-            grid, valid, values = sampled(band)
+            grid, valid, values = self._sampled(matrix, band)
             derivative = metric.derivative(values, band.fixed, valid, terms)
             del values, valid
             moments = moments + self._gradient_moments(derivative, grid, band)
@@ -1604,9 +1614,7 @@ def _autograd_evaluation(problem: _Problem, params: torch.Tensor, level: _Level)
     with torch.enable_grad():
         params = params.detach().requires_grad_(True)
         matrix, _ = problem.matrices(params, level)
-        grid = problem.grid(matrix, level)
-        valid = problem._valid(grid.detach(), level)
-        values = sample(level.moving, grid, interpolation=problem.interpolation, padding_mode="border")
+        _, valid, values = problem._sampled(matrix, level)
         cost = problem._level_metric(level)(values, level.fixed, valid)
         (gradient,) = torch.autograd.grad(cost.sum(), params)
     return _with_overlap(_Evaluation(cost.detach(), gradient, None), valid.sum(dim=(1, 2, 3)))
@@ -1636,18 +1644,13 @@ def _autograd_in_bands(problem: _Problem, params: torch.Tensor, level: _Level, b
     with torch.no_grad():
         matrix = problem.matrices(params, level)[0]
 
-    def sampled(band: _Level, leaf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grid = problem.grid(leaf, band)
-        valid = problem._valid(grid.detach(), band)
-        return sample(band.moving, grid, interpolation=problem.interpolation, padding_mode="border"), valid
-
     def band_gradient(band: _Level, outputs: Callable[[torch.Tensor, torch.Tensor, _Level], tuple]
                       ) -> torch.Tensor:
         """``d <outputs, their gradients> / d A`` of one band (``outputs(values, valid, band)``
         gives ``(tensors, gradients)``), its graph freed on return."""
         with torch.enable_grad():
             leaf = matrix.detach().requires_grad_(True)
-            values, valid = sampled(band, leaf)
+            _, valid, values = problem._sampled(leaf, band)
             tensors, gradients = outputs(values, valid, band)
             (gradient,) = torch.autograd.grad(tensors, leaf, gradients, allow_unused=True)
         return torch.zeros_like(matrix) if gradient is None else gradient
@@ -1666,13 +1669,7 @@ def _autograd_in_bands(problem: _Problem, params: torch.Tensor, level: _Level, b
         return combined(costs), combined(gradients), counts.sum(0)
     if problem.two_pass:
         bands = problem._bands(level, budget)
-        with torch.no_grad():
-            parts, count = [], 0
-            for band in bands:  # mutual information's: a running sum (a histogram a band at 1024 bins is 4 MiB)
-                values, valid = sampled(band, matrix)
-                count = count + valid.sum(dim=(1, 2, 3))
-                part = metric.sums(values, band.fixed, valid)
-                parts = [metric.merged_sums([*parts, part])] if metric.additive_sums else [*parts, part]
+        parts, count = problem._band_sums(matrix, bands, metric, merge=metric.additive_sums)
         with torch.enable_grad():
             leaves = [type(part)(*(value.detach().requires_grad_(True) for value in part)) for part in parts]
             cost = metric.cost_of_sums(metric.merged_sums(leaves))
