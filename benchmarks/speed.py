@@ -400,8 +400,7 @@ def _memory_call(what: str, compile: bool, fixed: torch.Tensor, moving: torch.Te
     ``"step METRIC"``, ``"register METRIC"``, ``"register METRIC:OPTIMIZER"`` with that metric,
     or ``"register METRIC:OPTIMIZER:autograd"`` with ``gradients="autograd"`` too."""
     kind, _, spec = what.partition(" ")
-    metric, _, optimizer = spec.partition(":")
-    optimizer, _, gradients = optimizer.partition(":")
+    metric, optimizer, gradients = _spec_parts(spec)
     options = {"metric": metric} if metric else {}
     if kind == "step":
         model = tireg.create_model("affine", moving, compile=compile, **options)
@@ -412,10 +411,16 @@ def _memory_call(what: str, compile: bool, fixed: torch.Tensor, moving: torch.Te
                        **({"gradients": gradients} if gradients else {}))
 
 
+def _spec_parts(spec: str) -> tuple[str, str, str]:
+    """``METRIC[:OPTIMIZER[:GRADIENTS]]`` as its three parts, ``""`` for each one left out."""
+    metric, _, rest = spec.partition(":")
+    optimizer, _, gradients = rest.partition(":")
+    return metric, optimizer, gradients
+
+
 def _metric_spec(text: str) -> str:
     """``METRIC``, ``METRIC:OPTIMIZER`` or ``METRIC:OPTIMIZER:autograd`` for ``--memory-metrics``, checked."""
-    metric, _, optimizer = text.partition(":")
-    optimizer, _, gradients = optimizer.partition(":")
+    metric, optimizer, gradients = _spec_parts(text)
     if (metric not in tireg.metrics.METRIC_NAMES or optimizer not in ("", *OPTIMIZERS)
             or gradients not in ("", "autograd") or gradients and optimizer in ("", "gauss-newton")):
         raise argparse.ArgumentTypeError(f"{text!r}: a metric of {', '.join(tireg.metrics.METRIC_NAMES)}, "
