@@ -4,7 +4,7 @@
 # A session lent a GPU has 15 minutes of device time in all, the machine's start
 # (a minute or two) included, no machine starts with under 4 minutes left, and one
 # command may run 10 minutes. So this runs every check in one call of about 7
-# minutes at most (the parts' limits add up to 415 s), leaving time to rerun a
+# minutes at most (the parts' limits add up to 430 s), leaving time to rerun a
 # part on the warm machine: correctness first (the CUDA tests that compile
 # nothing), then the parts that answer the issue's targets, each part under its
 # own time limit (a part that overruns is cut and the next one runs). Everything
@@ -23,7 +23,7 @@
 #   tests-compiled  the CUDA cases of the compiled path (each compiles with Triton)
 #   profile         one register() of 512^2 and 256^2: wall time, kernel launches by phase
 #   memory          peak GPU memory over the input images (the 3x target): 256^2 x 1 and
-#                   x 1024, 1024^2 x 8, 4096^2 x 1
+#                   x 1024, 1024^2 x 8, 4096^2 x 1; ncc and mi (the one-hot product's slices)
 #
 # Usage: bash benchmarks/gpu_check.sh [PART ...]      (default: every part, in the order above)
 #
@@ -128,7 +128,7 @@ for name in "${PARTS[@]}"; do
     tests-compiled) part tests-compiled 60 "${PYTEST[@]}" "${TESTS_COMPILED[@]}" ;;
     profile) part profile 20 "$PYTHON" benchmarks/profile_register.py --device "$DEVICE" --size "${PROFILE_SIZES[@]}" \
         --repeats 10 ;;
-    memory) part memory 35 "${SPEED[@]}" --tables memory --memory-cases "${MEMORY_CASES[@]}" ;;
+    memory) part memory 50 "${SPEED[@]}" --tables memory --memory-cases "${MEMORY_CASES[@]}" --memory-metrics ncc mi ;;
     esac
 done
 echo "=== parts (name, exit status, seconds):" | tee -a "$OUT/log.txt"

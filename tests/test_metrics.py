@@ -271,13 +271,50 @@ def test_metric_registration_is_deterministic():
 
 
 @pytest.mark.parametrize("cls", [MutualInformation, NormalizedMutualInformation])
-def test_histogram_paths_agree(images, cls):
-    """The GPU's one-hot matrix product and the CPU's scatter-add build the same joint histogram."""
+@pytest.mark.parametrize("budget, products", [(None, 3), (16 * 700, 18), (16 * 4000, 3), (16 * 40, 300)])
+def test_histogram_paths_agree(monkeypatch, images, cls, budget, products):
+    """The GPU's one-hot matrix product and the CPU's scatter-add build the same joint histogram,
+    cost, derivative and autograd gradient, in ``products`` one-hot matrix products of at most the
+    budget's values a matrix (16 bins: the default 2^16, and 16 x 4000, take two whole pairs of
+    37 x 53 at a time; 16 x 700 three slices a pair, the last shorter; 16 x 40 fifty).  Kept whole,
+    the fixed one-hot matrix alone was ``bins`` values a pixel (``register`` at 74x its input images)."""
+    if budget is not None:
+        monkeypatch.setattr(tireg._chunks, "EAGER_CHUNK_PIXELS", budget)
     fixed, moving, weight = images
+    made = []
+    zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *size, **options: made.append(math.prod(
+        size[0] if len(size) == 1 and not isinstance(size[0], int) else size)) or zeros(*size, **options))
     product = cls(16, use_matmul=True)(moving, fixed, weight, gradient=True)
+    assert len(made) == products and max(made) <= (budget or tireg._chunks.EAGER_CHUNK_PIXELS)
     scatter = cls(16, use_matmul=False)(moving, fixed, weight, gradient=True)
     assert torch.allclose(product[0], scatter[0], rtol=1e-12)
     assert torch.allclose(product[1], scatter[1], rtol=1e-10, atol=1e-14)
+    gradients = []
+    for matmul in (True, False):
+        warped = moving.clone().requires_grad_(True)
+        cls(16, use_matmul=matmul)(warped, fixed, weight).sum().backward()
+        gradients.append(warped.grad)
+    torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(gradients[0], product[1], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("cls", [MutualInformation, NormalizedMutualInformation])
+@pytest.mark.parametrize("budget", [None, 16 * 700])
+def test_cuda_histogram_equals_the_cpus_and_repeats_bit_for_bit(monkeypatch, images, cls, budget):
+    """A GPU's histogram is the one-hot matrix product (its scatter-add is atomic, in no set
+    order), whole pairs or in slices of pixels: the CPU's scatter-add's cost and derivative, and
+    the same bits on every call."""
+    if budget is not None:
+        monkeypatch.setattr(tireg._chunks, "EAGER_CHUNK_PIXELS_ACCELERATOR", budget)
+    fixed, moving, weight = images
+    cpu = cls(16)(moving, fixed, weight, gradient=True)
+    metric = cls(16)
+    first, second = (metric(moving.cuda(), fixed.cuda(), weight.cuda(), gradient=True) for _ in range(2))
+    assert all(torch.equal(one, other) for one, other in zip(first, second))
+    torch.testing.assert_close(first[0].cpu(), cpu[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(first[1].cpu(), cpu[1], rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("cls", [MutualInformation, NormalizedMutualInformation])

@@ -244,7 +244,7 @@ def _cost_and_gradient(
     # other metrics pool a pair's pixels: a metric whose pairs are independent runs in chunks of
     # pairs, and one pair above the budget of NCC, local NCC or mutual information in passes
     passes = fixed[0].numel() > budget and (isinstance(metric, LocalNCC) or _sums_of_parts(metric))
-    if (len(pairs) > 1 or passes) and _independent_pairs(metric, fixed.device):
+    if (len(pairs) > 1 or passes) and _independent_pairs(metric):
         return _reference_by_pair(pairs, fixed, moving, matrix, metric, weight, *options, passes=passes)
     return _reference(fixed, moving, matrix, metric, weight, *options)
 

@@ -59,6 +59,7 @@ from typing import Iterator, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from . import _chunks
 from ._validation import TensorStamp, is_whole, matches
 from .losses import LOSSES, PerPixelLoss, get_loss, loss_and_derivative
 
@@ -667,13 +668,55 @@ class HistogramSlopes(NamedTuple):
 
 @dataclass
 class _FixedBins:
-    """A histogram metric's fixed bins ``(P, N)`` (and their one-hot matrix, made on first use), with
-    the fixed image and ranges they were made from (:class:`TensorStamp`: held weakly)."""
+    """A histogram metric's fixed bins ``(P, N)``, with the fixed image and ranges they were made
+    from (:class:`TensorStamp`: held weakly)."""
 
     fixed: TensorStamp
     ranges: Optional[TensorStamp]
     bins: torch.Tensor
-    onehot: Optional[torch.Tensor] = None
+
+
+def _one_hot_product(fixed_bin: torch.Tensor, base: torch.Tensor, past: torch.Tensor, weights: torch.Tensor,
+                     bins: int) -> torch.Tensor:
+    """A joint histogram ``(P, bins, bins)`` as a sum of one-hot matrix products over slices of pixels.
+
+    ``p[a, b] = sum_i [a_i = a] w_i beta3(t_i - b) = (E^T M)[a, b]``, with ``E`` the fixed bins'
+    one-hot matrix ``(N, bins)`` and ``M`` the moving intensities' Parzen weights ``(N, bins)``,
+    four nonzero a row (columns ``base_i .. base_i + 3``).  A matrix product adds in an order of its
+    own, the same on every call, where a GPU's scatter-add adds atomically in the order its threads
+    come.  Both matrices are ``bins`` values a pixel (32 x the image at 32 bins), so they are made
+    and multiplied a slice at a time, at most :func:`tireg._chunks.eager_budget` values each: a
+    pair's slices of ``budget // bins`` pixels (one pair's slicing whatever the batch, so a pair's
+    sum does not depend on it), groups of pairs of slices together up to the budget.  Kept whole,
+    for a level, the fixed one-hot matrix alone was 64 x the input images (``register``'s peak with
+    it 74 x, on the CPU with ``use_matmul=True``).
+
+    Args: ``fixed_bin`` ``(P, N)`` (long), the first of the four moving bins ``base`` ``(P, N)``
+    (long), ``past`` ``(P, N)`` the moving bin coordinate past ``base + 1``, in ``[0, 1]``
+    (differentiable: autograd goes through ``M``), ``weights`` ``(P, N)``.
+    """
+    pairs, n = fixed_bin.shape
+    budget = _chunks.eager_budget(fixed_bin.device)
+    width = min(n, max(1, budget // bins))
+    groups = _chunks.chunk_slices(pairs, width * bins, budget)
+    joints = []
+    for group in groups:
+        joint = None
+        for start in range(0, n, width):
+            pixels = slice(start, min(start + width, n))
+            slice_bins = fixed_bin[group, pixels, None]
+            fixed_matrix = torch.zeros(*slice_bins.shape[:2], bins, dtype=past.dtype, device=past.device)
+            fixed_matrix.scatter_(2, slice_bins, 1.0)
+            moving_matrix = torch.zeros_like(fixed_matrix)
+            first = base[group, pixels]
+            taps = _cubic_bspline_taps(past[group, pixels])
+            for tap, weight_of_tap in enumerate(taps):  # distinct columns a row; in place: the largest tensor
+                moving_matrix.scatter_(2, (first + tap)[..., None], (weight_of_tap * weights[group, pixels])[..., None])
+            product = fixed_matrix.mT @ moving_matrix
+            joint = product if joint is None else joint + product
+            del fixed_matrix, moving_matrix
+        joints.append(joint)
+    return joints[0] if len(joints) == 1 else torch.cat(joints)
 
 
 class _JointHistogramMetric(Metric):
@@ -741,7 +784,7 @@ class _JointHistogramMetric(Metric):
         n = x.shape[-2] * x.shape[-1]
         pairs = batch * channels
         t_flat = t.reshape(pairs, n)
-        fixed_bin, fixed_onehot = self._fixed_bins(y, y_range, s, pairs, n)
+        fixed_bin = self._fixed_bins(y, s, pairs, n)
         weights = w.expand(batch, channels, *w.shape[-2:]).reshape(pairs, n)
         # (P, N): first of the 4 moving bins; clamped as integers too: the float clamp's bound
         # bins - 2 - 1e-6 is bins - 2 itself in float32 from 33 bins, one bin past the end
@@ -757,20 +800,14 @@ class _JointHistogramMetric(Metric):
                      t_scale=t_scale, shape=x.shape, t_raw=t_raw.detach())
         if not counts:
             return None, parts
-        matmul = self.use_matmul if self.use_matmul is not None else x.is_cuda
-        if matmul:  # one-hot matrix product: deterministic where scatter-adds are atomic (GPUs)
-            moving_matrix = torch.zeros(pairs, n, bins, dtype=x.dtype, device=x.device)
-        else:  # a sequential scatter-add on the CPU: deterministic, 4 N additions, not 2 N bins^2
-            joint = torch.zeros(pairs, bins * bins, dtype=x.dtype, device=x.device)
-            del base  # (the matrix product's only)
+        if self.use_matmul if self.use_matmul is not None else x.is_cuda:
+            # deterministic where scatter-adds are atomic and their order varies (GPUs)
+            return _one_hot_product(fixed_bin, base, past, weights, bins), parts
+        # a sequential scatter-add on the CPU: deterministic, 4 N additions, not 2 N bins^2
+        del base  # (the matrix product's only)
+        joint = torch.zeros(pairs, bins * bins, dtype=x.dtype, device=x.device)
         for tap, weight_of_tap in enumerate(_cubic_bspline_taps(past)):  # tap by tap: the order of the additions
-            parzen = weight_of_tap * weights  # (P, N)
-            if matmul:  # distinct columns per row; in place: the matrix is the largest tensor here
-                moving_matrix.scatter_(2, (base + tap)[..., None], parzen[..., None])
-            else:
-                joint = joint.scatter_add(1, cell + tap, parzen)
-        if matmul:
-            return fixed_onehot().transpose(1, 2) @ moving_matrix, parts
+            joint = joint.scatter_add(1, cell + tap, weight_of_tap * weights)
         return joint.reshape(pairs, bins, bins), parts
 
     def __call__(self, x, y, weight=None, gradient=False):
@@ -818,8 +855,8 @@ class _JointHistogramMetric(Metric):
         parts["total"] = slopes.weight
         return self._derivative(slopes.joint, parts)
 
-    def _fixed_bins(self, y, y_range, s, pairs: int, n: int):
-        """Fixed bins ``(P, N)`` and a maker of their one-hot matrix: the same on every call of a level, so kept.
+    def _fixed_bins(self, y: torch.Tensor, s: torch.Tensor, pairs: int, n: int) -> torch.Tensor:
+        """Fixed bins ``(P, N)``: the same on every call of a level, so kept.
 
         Recomputed when the fixed image or its range changes: another tensor object, or the same one
         changed in place (its version counter), by :class:`TensorStamp` (held weakly: the metric
@@ -836,13 +873,7 @@ class _JointHistogramMetric(Metric):
             cache = _FixedBins(TensorStamp(y, pairs, n, self.bins), None if source is None else TensorStamp(source),
                                s.detach().floor().long().clamp_max_(self.bins - 1).reshape(pairs, n))
             self._fixed_cache = cache
-
-        def onehot() -> torch.Tensor:
-            if cache.onehot is None:
-                cache.onehot = F.one_hot(cache.bins, self.bins).to(s.dtype)
-            return cache.onehot
-
-        return cache.bins, onehot
+        return cache.bins
 
     @staticmethod
     def _entropies(joint):
@@ -944,25 +975,22 @@ def _sums_of_parts(metric: Metric) -> bool:
         isinstance(metric, NCC) and type(metric).deviations is NCC.deviations)  # (and its Gauss-Newton system)
 
 
-def _independent_pairs(metric: Metric, device: Union[str, torch.device]) -> bool:
+def _independent_pairs(metric: Metric) -> bool:
     """Whether each pair's cost and derivative are its own, no statistic pooled over the batch, so
-    that ``register`` and the analytic models may evaluate a batch in chunks of pairs on ``device``.
+    that ``register`` and the analytic models may evaluate a batch in chunks of pairs.
 
     A per-pixel loss's pairs are (any :class:`PerPixelMetric`); tireg's :class:`NCC`,
-    :class:`LocalNCC`, and on the CPU :class:`MutualInformation` and
-    :class:`NormalizedMutualInformation` (their scatter-add histogram), where the class's own
-    cost and, for NCC its deviations and for the histograms its ranges, are kept.  Another
-    metric of one's own may pool the batch, and runs whole.  Mutual information keeps one record of its fixed image's bins, made
-    again for each chunk: cheap beside its CPU histogram; the one-hot matrix product (a GPU's, or
-    ``use_matmul=True``) would make its fixed one-hot matrix again each time, so it runs whole.
+    :class:`LocalNCC`, :class:`MutualInformation` and :class:`NormalizedMutualInformation`, where
+    the class's own cost and, for NCC its deviations and for the histograms its ranges, are kept.
+    Another metric of one's own may pool the batch, and runs whole.  Mutual information keeps one
+    record of its fixed image's bins, made again for each chunk: cheap beside its histogram.
     """
     if isinstance(metric, PerPixelMetric) or _own_cost(metric, (LocalNCC,)):
         return True
     if _own_cost(metric, (NCC,)):  # and its own deviations, a public hook (one may pool the batch)
         return type(metric).deviations is NCC.deviations
-    histogram_on_cpu = (torch.device(device).type == "cpu" and not getattr(metric, "use_matmul", None)
-                        and getattr(type(metric), "set_ranges", None) is _JointHistogramMetric.set_ranges)
-    return histogram_on_cpu and _own_cost(metric, (MutualInformation, NormalizedMutualInformation))
+    own_ranges = getattr(type(metric), "set_ranges", None) is not _JointHistogramMetric.set_ranges
+    return not own_ranges and _own_cost(metric, (MutualInformation, NormalizedMutualInformation))
 
 
 METRICS: dict[str, type[Metric]] = {

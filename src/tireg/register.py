@@ -801,7 +801,7 @@ class _Problem:
             self.linear_parts = (kind.matrix(zeros, center)[0], kind.jacobian(zeros, center)[0])
         self.loss = metric.loss if isinstance(metric, PerPixelMetric) else None  # Gauss-Newton's rho
         self.irls_constant = None if self.loss is None else constant_irls_weight(self.loss)
-        self.by_pair = _independent_pairs(metric, center.device)  # then a batch runs in chunks of pairs
+        self.by_pair = _independent_pairs(metric)  # then a batch runs in chunks of pairs
         # a per-pixel metric of PerPixelMetric's own cost: one large pair in bands of rows, added up
         self.pixel_parts = _pixel_parts(metric)
         # of those, the metrics whose cost is a function of sums over pixels (tireg.metrics, "Sums of
