@@ -685,11 +685,13 @@ def _one_hot_product(fixed_bin: torch.Tensor, base: torch.Tensor, past: torch.Te
     four nonzero a row (columns ``base_i .. base_i + 3``).  A matrix product adds in an order of its
     own, the same on every call, where a GPU's scatter-add adds atomically in the order its threads
     come.  Both matrices are ``bins`` values a pixel (32 x the image at 32 bins), so they are made
-    and multiplied a slice at a time, at most :func:`tireg._chunks.eager_budget` values each: a
-    pair's slices of ``budget // bins`` pixels (one pair's slicing whatever the batch, so a pair's
-    sum does not depend on it), groups of pairs of slices together up to the budget.  Kept whole,
-    for a level, the fixed one-hot matrix alone was 64 x the input images (``register``'s peak with
-    it 74 x, on the CPU with ``use_matmul=True``).
+    and multiplied a slice at a time, at most :func:`tireg._chunks.eager_budget` values each (or
+    ``bins``, one pixel, where the budget is smaller): a pair's slices of ``budget // bins`` pixels
+    (one pair's slicing whatever the batch), groups of pairs of slices together up to the budget.
+    Kept whole for a level, the fixed one-hot matrix was 16 x the input images (fixed and moving,
+    float32, 32 bins; 32 x while ``F.one_hot`` made it in int64), and ``register``'s peak with it
+    74 x (on the CPU with ``use_matmul=True``).  Under autograd the graph still keeps each slice's
+    fixed one-hot matrix for the backward pass (``register``'s chunks of pairs bound it).
 
     Args: ``fixed_bin`` ``(P, N)`` (long), the first of the four moving bins ``base`` ``(P, N)``
     (long), ``past`` ``(P, N)`` the moving bin coordinate past ``base + 1``, in ``[0, 1]``
