@@ -145,6 +145,11 @@ def test_cost_and_gradient_refuses_a_projective_matrix_and_the_models_path_reads
     projective[:, 2, 0] = 1e-3
     with pytest.raises(ValueError, match=r"^cost_and_gradient\(\): 'matrix' must be affine, with last row"):
         cost_and_gradient(fixed, moving, projective, L2Loss())
+    with pytest.raises(ValueError, match=r"^cost_and_gradient\(\): 'matrix' contains NaN or Inf$"):
+        cost_and_gradient(fixed, moving, matrix.clone().fill_(float("inf")), L2Loss())
+    # nearest's derivative is 0 almost everywhere: its G was 0, as the models refuse it
+    with pytest.raises(ValueError, match=r"^cost_and_gradient\(\): interpolation 'nearest' has no gradient"):
+        cost_and_gradient(fixed, moving, matrix, L2Loss(), interpolation="nearest")
     fixed, moving, matrix = (tensor.to("meta") for tensor in (fixed, moving, matrix))
     warped, cost, gradient = _cost_and_gradient(fixed, moving, matrix, L2Loss())
     assert warped.shape == fixed.shape and gradient.shape == (BATCH, 2, 3)

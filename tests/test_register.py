@@ -1128,6 +1128,11 @@ def test_bad_input_is_named():
         (dict(fixed=fixed, moving=moving.to("meta"), device="cpu"), ValueError, "'moving' is a meta tensor"),
         (dict(fixed=fixed, moving=moving, optimizer="adam", optimizer_options={"lr": float("inf")}), ValueError,
          "'optimizer_options' lr=inf must be finite"),
+        # lr=0 and max_iter=0 left every pair where it began, reported converged
+        (dict(fixed=fixed, moving=moving, optimizer="sgd", optimizer_options={"lr": 0.0}), ValueError,
+         "'optimizer_options' lr must be a number above 0; got 0.0"),
+        (dict(fixed=fixed, moving=moving, optimizer="lbfgs", optimizer_options={"max_iter": 0}), ValueError,
+         "'optimizer_options' max_iter must be a number above 0; got 0"),
         (dict(fixed=fixed, moving=moving, optimizer="adam", optimizer_options={"betas": (0.9, float("nan"))}),
          ValueError, r"'optimizer_options' betas=\(0.9, nan\) must be finite"),
     ]

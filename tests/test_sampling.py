@@ -446,6 +446,8 @@ def _image(dtype=torch.float64):
         (_image(torch.float32), torch.eye(3).expand(3, 3, 3), {}, ValueError, r"3 matrices for 2 images"),
         (_image(torch.float32), torch.diag(torch.tensor([1.0, 1.0, 2.0])), {}, ValueError,
          r"'matrix' must be affine, with last row \(0, 0, 1\); got \[0.0, 0.0, 2.0\]"),
+        (_image(torch.float32), torch.tensor([[1.0, 0.0, float("nan")], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), {},
+         ValueError, r"^warp\(\): 'matrix' contains NaN or Inf$"),  # (it gave an image of NaN)
         (_image(torch.float32), torch.eye(3), {"size": (-5, 10)}, ValueError, r"'size' must be \(H, W\), two positive"),
         (_image(torch.float32), torch.eye(3), {"size": 5}, ValueError, r"'size' must be \(H, W\)"),
     ],
@@ -466,6 +468,7 @@ def _image(dtype=torch.float64):
         "dtype-mismatch",
         "batch-mismatch",
         "projective",
+        "nan-matrix",
         "negative-size",
         "number-size",
     ],

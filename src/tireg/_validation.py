@@ -19,6 +19,8 @@ from ._device import constant
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 INTERPOLATIONS = {"bilinear": 0, "nearest": 1, "bicubic": 2}
+#: The interpolations a gradient can be taken through: nearest's derivative is 0 almost everywhere.
+GRADIENT_INTERPOLATIONS = ("bilinear", "bicubic")
 PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
 
 
@@ -129,11 +131,13 @@ def check_matrix(matrix: torch.Tensor, caller: str, *, any_batch: bool = False) 
 
 
 def check_affine(matrix: torch.Tensor, caller: str, name: str = "matrix") -> None:
-    """Raise ``ValueError`` unless every ``(3, 3)`` matrix has the last row ``(0, 0, 1)``
+    """Raise ``ValueError`` unless every ``(3, 3)`` matrix is finite and has the last row ``(0, 0, 1)``
     (to 1e-6: an inverse computed in float32 is affine to rounding).  Reads the values back
     (not checked where none can be read: :func:`values_readable`)."""
     if matrix.numel() == 0 or not values_readable(matrix):
         return
+    if not bool(torch.isfinite(matrix.detach()).all()):  # (a warp by it was an image of NaN)
+        raise ValueError(f"{caller}: '{name}' contains NaN or Inf")
     last = matrix.detach()[..., 2, :].reshape(-1, 3)
     error = (last - constant((0.0, 0.0, 1.0), like=last)).abs().amax(dim=1)
     worst = int(error.argmax())

@@ -22,7 +22,9 @@ from typing import Optional, Union
 import torch
 
 from . import _chunks, fused
-from ._validation import INTERPOLATIONS, PADDING_MODES, check_affine, check_image, check_same_kind
+from ._validation import (
+    GRADIENT_INTERPOLATIONS, INTERPOLATIONS, PADDING_MODES, check_affine, check_image, check_same_kind,
+)
 from .losses import PerPixelLoss
 from .metrics import LocalNCC, Metric, PerPixelMetric, _independent_pairs, _pixel_parts, _sums_of_parts
 from .sampling import _grid_moments, _modes, _sampler_gradient, pixel_axes, sample, sampling_grid, shared_pixel_scale
@@ -108,6 +110,9 @@ def _check_inputs(fixed, moving, matrix, metric, weight, interpolation, padding_
             f"got {type(metric).__name__} (a name such as 'l2' or 'ncc': tireg.metrics.get_metric(name))"
         )
     _modes(interpolation, padding_mode, caller)
+    if interpolation not in GRADIENT_INTERPOLATIONS:  # nearest: its G was 0
+        raise ValueError(f"{caller}: interpolation {interpolation!r} has no gradient (its derivative is 0 almost "
+                         f"everywhere); choose one of {', '.join(map(repr, GRADIENT_INTERPOLATIONS))}")
     check_image(fixed, "fixed", caller, finite=False)
     check_image(moving, "moving", caller, finite=False)
     batch, channels, height, width = fixed.shape

@@ -32,6 +32,7 @@ from torch import nn
 
 from ._device import constant
 from ._validation import (
+    GRADIENT_INTERPOLATIONS,
     PADDING_MODES,
     FiniteCheckCache,
     TensorStamp,
@@ -69,7 +70,7 @@ __all__ = [
     "create_model",
 ]
 
-MODEL_INTERPOLATIONS = ("bilinear", "bicubic")
+MODEL_INTERPOLATIONS = GRADIENT_INTERPOLATIONS
 IMAGE_GRADIENTS = ("exact", "central", "gaussian")
 
 #: ``compile="auto"``: an analytic model takes the compiled path once its eager steps have

@@ -49,6 +49,7 @@ import torch
 from . import _chunks, fused
 from ._device import constant
 from ._validation import (
+    GRADIENT_INTERPOLATIONS,
     INTERPOLATIONS,
     PADDING_MODES,
     all_finite,
@@ -1718,6 +1719,11 @@ def _check_optimizer_options(optimizer: str, options: Optional[dict], caller: st
         numbers = [real_number(number) for number in (value if isinstance(value, (tuple, list)) else (value,))]
         if any(number is not None and not math.isfinite(number) for number in numbers):
             raise ValueError(f"{caller}: 'optimizer_options' {key}={value!r} must be finite")
+    # torch.optim takes lr=0 and L-BFGS max_iter=0, and every parameter then stays where it began,
+    # its step "below the tolerance": the level reported converged at the start
+    for key in ("lr", "max_iter"):
+        if key in options and (real_number(options[key]) is None or not real_number(options[key]) > 0):
+            raise ValueError(f"{caller}: 'optimizer_options' {key} must be a number above 0; got {options[key]!r}")
     constructor, defaults = _FIRST_ORDER_DEFAULTS[optimizer]
     if optimizer == "lbfgs" and options.get("line_search_fn", None) not in (None, "strong_wolfe"):
         # torch.optim.LBFGS takes any value and fails only in its first step
@@ -2260,7 +2266,7 @@ def register(
         raise TypeError(f"{caller}: 'transform' must be a name, a Transform or a tireg model; got {type(transform).__name__}")
     check_option(optimizer, OPTIMIZERS, "optimizer", caller)
     check_option(gradients, ("analytic", "autograd"), "gradients", caller)
-    check_option(interpolation, ("bilinear", "bicubic"), "interpolation", caller)
+    check_option(interpolation, GRADIENT_INTERPOLATIONS, "interpolation", caller)
     metric_object = copy.copy(get_metric(metric))  # a copy: register sets its histogram ranges per level
     # Levenberg-Marquardt for a per-pixel loss (PerPixelMetric: its loss and term weights) and for NCC
     # (its ECC system), each by the class's own cost: a subclass that changes the cost (its __call__)
