@@ -550,6 +550,35 @@ def test_the_stack_csv_names_each_column_once_and_applies_to_another_channel(dri
     assert not (tmp_path / "x.tif").exists()
 
 
+def test_apply_puts_a_stack_csv_row_on_its_frame(drift, tmp_path, monkeypatch, capsys):
+    """The rows were applied by position: sorted or edited by hand, each matrix went to another
+    page without a word.  The frame column decides; a duplicate, a gap or a non-number is refused."""
+    monkeypatch.chdir(tmp_path)
+    stack = str(drift[0] / "drift.tif")
+    assert main(["stack", stack, "-o", "out.tif", "-t", "translation", "-q"]) == 0
+    header, *rows = list(csv.reader(open(tmp_path / "out.csv")))
+    assert len(rows) > 2
+
+    def written(name, rows):
+        with open(tmp_path / name, "w", newline="") as handle:
+            csv.writer(handle).writerows([header, *rows])
+        return name
+
+    assert main(["apply", written("reversed.csv", rows[::-1]), stack, "-o", "reversed.tif", "-q"]) == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "reversed.tif"), tifffile.imread(tmp_path / "out.tif"))
+    frame = header.index("frame")
+    for name, edit, message in [
+        ("twice.csv", lambda r: r[1].__setitem__(frame, r[0][frame]), "frame 0 is in rows 1 and 2"),
+        ("past.csv", lambda r: r[1].__setitem__(frame, str(len(r))), f"row 2 has frame '{len(rows)}'"),
+        ("word.csv", lambda r: r[1].__setitem__(frame, "x"), "row 2 has frame 'x'"),
+    ]:
+        edited = [list(row) for row in rows]
+        edit(edited)
+        capsys.readouterr()
+        assert main(["apply", written(name, edited), stack, "-o", "bad.tif", "-q"]) == 1
+        assert message in capsys.readouterr().err and not (tmp_path / "bad.tif").exists()
+
+
 def test_levels_that_end_coarse_warn_and_help_shows_only_real_defaults(data, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     folder = data["folder"]

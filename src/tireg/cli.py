@@ -225,7 +225,8 @@ examples:
 
 TRANSFORM is a tireg .json or an ITK .tfm/.txt (written by tireg, SimpleITK,
 ITK, 3D Slicer), read in pixel units (spacing 1, origin 0), or the .csv of
-'tireg stack' (one matrix per page).  The output is IMAGE resampled onto the
+'tireg stack' (one matrix per page: a row's frame column names its page, the
+rows in any order).  The output is IMAGE resampled onto the
 fixed grid, warped(x) = IMAGE(A x); its size is that of --reference, --size,
 the registration's fixed image when the .json records it, or else IMAGE's
 own.  Every page of a multi-page TIFF is resampled.
@@ -726,6 +727,7 @@ def _load_stack_csv(path: str):
         raise CommandError(f"transform {path!r} is not a CSV written by 'tireg stack' (it needs one row per frame "
                            f"with the columns {', '.join(_MATRIX_COLUMNS)})")
     matrices = np.tile(np.eye(3), (len(rows), 1, 1))
+    frames = _stack_csv_frames(path, rows)
     for k, row in enumerate(rows):
         try:
             values = [float(row[column]) for column in columns]
@@ -733,8 +735,27 @@ def _load_stack_csv(path: str):
             raise CommandError(f"transform {path!r}: row {k + 1} holds a matrix entry that is not a number") from None
         if not all(math.isfinite(value) for value in values):
             raise CommandError(f"transform {path!r}: row {k + 1} holds a matrix entry that is NaN or infinite")
-        matrices[k, :2] = np.reshape(values, (2, 3))
+        matrices[frames[k], :2] = np.reshape(values, (2, 3))
     return TransformFile(matrix=torch.from_numpy(matrices))
+
+
+def _stack_csv_frames(path: str, rows: list[dict]) -> list[int]:
+    """Each row's frame: its ``frame`` column, which must number the rows' frames 0 .. n - 1 once
+    each, in any order (rows sorted or edited by hand were applied by position, each matrix to
+    another page, without a word); the row's position where there is no such column."""
+    if "frame" not in rows[0]:
+        return list(range(len(rows)))
+    frames = []
+    for k, row in enumerate(rows):
+        text = (row.get("frame") or "").strip()
+        if not (text.isascii() and text.isdigit() and int(text) < len(rows)):
+            raise CommandError(f"transform {path!r}: row {k + 1} has frame {text!r}; the frames of its {len(rows)} "
+                               f"rows must be the numbers 0 to {len(rows) - 1}")
+        if int(text) in frames:
+            raise CommandError(f"transform {path!r}: frame {int(text)} is in rows {frames.index(int(text)) + 1} "
+                               f"and {k + 1}; each frame must have one row")
+        frames.append(int(text))
+    return frames
 
 
 def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
