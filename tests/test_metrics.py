@@ -375,10 +375,14 @@ def test_pooling_metrics_name_bad_input(metric):
         metric(x, x[:, :, :8])
     with pytest.raises(ValueError, match=rf"^{name}\(\): 'weight' must be \(B, 1, H, W\)"):
         metric(x, x, torch.ones(2, 1, 8, 8))
-    with pytest.raises(ValueError, match=rf"^{name}\(\): 'x' must be a float tensor \(B, C, H, W\); got \(16, 16\)"):
+    with pytest.raises(ValueError, match=rf"^{name}\(\): 'x' must be a float32 or float64 tensor \(B, C, H, W\); "
+                                         r"got \(16, 16\)"):
         metric(x[0, 0], x[0, 0])
-    with pytest.raises(ValueError, match=r"'y' must be a float tensor .* torch.int64"):
+    with pytest.raises(ValueError, match=r"'y' must be a float32 or float64 tensor .* torch.int64"):
         metric(x, (x * 10).long())
+    for half in (torch.float16, torch.bfloat16):  # local NCC read 2.83 for 0.83, mutual information NaN
+        with pytest.raises(ValueError, match=rf"^{name}\(\): 'x' must be a float32 or float64 tensor .* {half}$"):
+            metric(x.to(half), x.to(half))
     with pytest.raises(TypeError, match=rf"^{name}\(\): 'weight' must be a torch.Tensor; got ndarray"):
         metric(x, x, np.ones((2, 1, 16, 16)))
     weight = torch.rand(2, 1, 16, 16) > 0.3  # a bool or float64 mask is taken in x's dtype (MI's scatter refused it)
