@@ -694,8 +694,9 @@ def _one_hot_product(fixed_bin: torch.Tensor, base: torch.Tensor, past: torch.Te
     (one pair's slicing whatever the batch), groups of pairs of slices together up to the budget.
     Kept whole for a level, the fixed one-hot matrix was 16 x the input images (fixed and moving,
     float32, 32 bins; 32 x while ``F.one_hot`` made it in int64), and ``register``'s peak with it
-    74 x (on the CPU with ``use_matmul=True``).  Under autograd the graph still keeps each slice's
-    fixed one-hot matrix for the backward pass (``register``'s chunks of pairs bound it).
+    74 x (on the CPU with ``use_matmul=True``).  It runs without a graph: autograd takes the counts'
+    gradient back by :class:`_ParzenCounts` (through the product it kept every slice's one-hot
+    matrices for the backward pass).
 
     Args: ``fixed_bin`` ``(P, N)`` (long), the first of the four moving bins ``base`` ``(P, N)``
     (long), ``past`` ``(P, N)`` the moving bin coordinate past ``base + 1``, in ``[0, 1]``
