@@ -2051,6 +2051,32 @@ def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str,
     return matrix.to(torch.float64), score
 
 
+#: A given start further than this from its kind's closest transform (pixels, at the fixed image's
+#: corners) draws a warning: the kind cannot represent it, and the registration starts elsewhere.
+PROJECTED_START_PIXELS = 0.5
+
+
+def _warn_if_projected(start: torch.Tensor, projected: torch.Tensor, kind: Transform, size, caller: str) -> None:
+    """Warn where a given ``init`` matrix is not of the transform's kind: its closest one of the kind
+    (``from_matrix``) moves the fixed image's corners by more than :data:`PROJECTED_START_PIXELS`.
+    A scale of 2 given to a rigid registration was dropped without a word, and the registration,
+    started 60 px off, reported 'converged' there."""
+    height, width = size
+    corners = torch.tensor([[0.0, 0.0, 1.0], [width - 1.0, 0.0, 1.0], [0.0, height - 1.0, 1.0],
+                            [width - 1.0, height - 1.0, 1.0]], dtype=torch.float64, device=start.device)
+    start = start.to(torch.float64)
+    difference = (projected.to(torch.float64) - start)[..., :2, :] @ corners.T  # (B, 2, 4)
+    distance = float(difference.norm(dim=-2).amax())
+    # and beyond the rounding of the parameters' dtype (an affine start of 1e20 in float32 came back
+    # 1e15 px off, and an affine kind holds every affine matrix)
+    rounding = 1e3 * torch.finfo(projected.dtype).eps * float((start[..., :2, :].abs() @ corners.abs().T).amax())
+    if not distance <= PROJECTED_START_PIXELS + rounding:
+        warnings.warn(f"{caller}: 'init' is not of the transform kind {kind.name!r}: the closest {kind.name} "
+                      f"transform, where the registration starts, moves the fixed image's corners by up to "
+                      f"{distance:.3g} px from it (a kind that can hold it, such as transform='affine', starts "
+                      "from it whole)", UserWarning, stacklevel=4)
+
+
 def _model_start(model, init, batch: int, caller: str) -> torch.Tensor:
     """A ready-made model's matrix ``(B, 3, 3)`` as the start of :func:`register`.
 
@@ -2326,6 +2352,8 @@ def register(
     if start_params is None:
         start, score = _initial_matrix(init, fixed_n, moving_n, kind, center, caller)
         params = kind.from_matrix(start.to(device=device, dtype=dtype), center_t)
+        if not isinstance(init, str):
+            _warn_if_projected(start, kind.matrix(params, center_t), kind, fixed_t.shape[-2:], caller)
         if isinstance(init, str) and init != "identity" and metric_object.any_contrast:
             # Initialisers match intensities; for a metric that accepts inverted or other
             # contrast, also start from what they find on the inverted image, and keep the
