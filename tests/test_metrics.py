@@ -146,6 +146,18 @@ def test_get_metric_names():
         MutualInformation(bins=4)
     with pytest.raises(ValueError, match="radius"):
         LocalNCC(radius=0)
+    # radius 2.9 was cut to 2 and "2" taken; eps -1 or NaN ended a registration 'not_finite'
+    for radius in (2.9, "2"):
+        with pytest.raises(ValueError, match=rf"^LocalNCC\(\): 'radius' must be a whole number of at least 1; "
+                                             rf"got {radius!r}$"):
+            LocalNCC(radius=radius)
+    with pytest.raises(ValueError, match=r"^LocalNCC\(\): 'eps' must be above 0; got -1$"):
+        LocalNCC(eps=-1)
+    with pytest.raises(ValueError, match=r"^LocalNCC\(\): 'eps' must be finite; got nan$"):
+        LocalNCC(eps=float("nan"))
+    with pytest.raises(TypeError, match=r"^LocalNCC\(\): 'eps' must be a number; got 'a'$"):
+        LocalNCC(eps="a")
+    assert LocalNCC(radius=3.0).radius == 3
     with pytest.raises(ValueError, match="sign"):
         NCC(sign="negative")
 

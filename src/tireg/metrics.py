@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _chunks
-from ._validation import TensorStamp, is_whole, matches
+from ._validation import TensorStamp, finite_number, is_whole, matches
 from .losses import LOSSES, PerPixelLoss, get_loss, loss_and_derivative
 
 __all__ = [
@@ -535,12 +535,15 @@ class LocalNCC(Metric):
     linear_intensity = True  # window by window
 
     def __init__(self, radius: int = 4, sign: str = "positive", eps: float = 1e-4):
-        if int(radius) < 1:
-            raise ValueError(f"LocalNCC(): 'radius' must be at least 1; got {radius}")
+        # radius=2.9 was cut to 2 and "2" taken; eps=-1 or NaN ended a registration 'not_finite'
+        if not (is_whole(radius) and float(radius) >= 1):
+            raise ValueError(f"LocalNCC(): 'radius' must be a whole number of at least 1; got {radius!r}")
         self.radius = int(radius)
         self.sign = _check_sign(sign, "LocalNCC()")
         self.any_contrast = self.sign == "any"
-        self.eps = float(eps)
+        self.eps = finite_number(eps, "eps", "LocalNCC()")
+        if not self.eps > 0:
+            raise ValueError(f"LocalNCC(): 'eps' must be above 0; got {eps!r}")
 
     def _terms(self, x, y, w):
         box = lambda image: _box_sum(image, self.radius)  # noqa: E731
