@@ -105,6 +105,17 @@ def test_save_comparison_refuses_a_path_that_is_no_path():
         viz.save_comparison(None, FIXED, MOVING, MOVING)
 
 
+def test_a_picture_is_written_only_under_a_png_name(tmp_path):
+    """PNG data was written under any name (c.jpg, plot.txt)."""
+    for name in ("c.jpg", "plot.txt", "noname"):
+        with pytest.raises(ValueError, match=rf"^save_comparison\(\): 'path' must end in .png .*{name}'$"):
+            viz.save_comparison(tmp_path / name, FIXED, MOVING, MOVING)
+        with pytest.raises(ValueError, match=r"^save_convergence\(\): 'path' must end in .png"):
+            viz.save_convergence(tmp_path / name, [(1, [1.0, 0.5])])
+    assert list(tmp_path.iterdir()) == []
+    assert viz.save_comparison(tmp_path / "c.PNG", FIXED, MOVING, MOVING).read_bytes()[:4] == b"\x89PNG"
+
+
 def test_a_failed_drawing_leaves_no_file(tmp_path):
     pytest.importorskip("matplotlib")
     with pytest.raises(ValueError):  # matplotlib cannot parse the mathematics

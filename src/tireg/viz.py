@@ -88,11 +88,15 @@ def _positive_whole(value, label: str, caller: str) -> int:
 
 
 def _check_path(path: PathLike, caller: str) -> Path:
-    """``path`` as a :class:`Path`, refused before the drawing if it is no path at all."""
+    """``path`` as a :class:`Path`, refused before the drawing if it is no path at all or does not
+    end in ``.png`` (PNG data was written under any name: ``c.jpg``, ``plot.txt``)."""
     try:
-        return Path(os.fspath(path))
+        path = Path(os.fspath(path))
     except TypeError:
         raise TypeError(f"{caller}: 'path' must be a str or os.PathLike; got {type(path).__name__}") from None
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{caller}: 'path' must end in .png (the picture is a PNG); got {str(path)!r}")
+    return path
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
