@@ -402,6 +402,7 @@ def test_image_geometry_matches_simpleitk(rng):
         # these were taken (strings and booleans as numbers, an imaginary part dropped), or failed deep inside
         ({"direction": ("1", "0", "0", "1")}, TypeError, r"'direction' must be .* real numbers; got tuple of <U1"),
         ({"direction": ((True, False), (False, True))}, TypeError, r"'direction' must be .*; got tuple of bool"),
+        ({"direction": ((True, 0), (0, 1))}, TypeError, r"'direction' must be .*; got an entry True"),
         ({"direction": np.eye(2) + 1j}, TypeError, r"'direction' must be .*; got ndarray of complex128"),
         ({"direction": ((10 ** 400, 0), (0, 1))}, ValueError, r"'direction' has a value beyond float64's range"),
         ({"spacing": (1e-320, 1.0)}, ValueError, r"'spacing' must be positive and at least 2.2e-308, float64's "
@@ -619,6 +620,10 @@ def _document(**changes) -> str:
         (_document(matrix=[["1", "0", "0"], ["0", "1", "0"], ["0", "0", "1"]]),
          r"\"matrix\" must be a 3 x 3 list of numbers .*; got \[\[\"1\""),
         (_document(matrix=np.eye(3, dtype=bool).tolist()), r"\"matrix\" must be a 3 x 3 list of numbers"),
+        # a boolean among numbers: NumPy made the list integers, true read 1.0
+        (_document(matrix=[[True, 0, 0], [0, 1, 0], [0, 0, 1]]), r"\"matrix\" must be a 3 x 3 list of numbers"),
+        (_document(matrix=[[1.0, 0.0, 0.0], [0.0, True, 0.0], [0.0, 0.0, 1.0]]),
+         r"\"matrix\" must be a 3 x 3 list of numbers"),
         (_document(center=["1", "2"]), r"\"center\" must be \[cx, cy\] \(or one per matrix\); got \[\"1\", \"2\"\]"),
         (_document(version=True), r"has version True; this tireg reads version 1"),
         (_document(version=1.0), r"has version 1.0; this tireg reads version 1"),

@@ -277,6 +277,11 @@ def _as_float_array(value: Any, name: str, caller: str) -> np.ndarray:
         array = np.asarray(value)
     except (TypeError, ValueError):  # ragged lists
         raise TypeError(f"{expected}, all rows of one length; got {type(value).__name__}") from None
+    if not isinstance(value, np.ndarray) and array.dtype.kind in "iuf":  # lists: NumPy made [True, 0] numbers
+        boolean = next((item for item in np.asarray(value, dtype=object).reshape(-1)
+                        if isinstance(item, (bool, np.bool_))), None)
+        if boolean is not None:
+            raise TypeError(f"{expected}; got an entry {boolean!r}")
     if array.dtype == object:  # Python integers beyond int64, or entries that are not numbers
         odd = next((item for item in array.reshape(-1)
                     if not isinstance(item, numbers.Real) or isinstance(item, bool)), None)
