@@ -629,6 +629,27 @@ def test_the_state_dict_keeps_the_mappings(images, tmp_path):
     assert type(loaded.m[2]) is IdentityMapping
 
 
+@pytest.mark.parametrize("gradients", ["analytic", "autograd"])
+def test_a_state_dict_with_nan_parameters_is_refused_whole(images, gradients):
+    """set_parameter refuses NaN; load_state_dict took it, and every later cost was NaN.  Refused
+    before any parameter of the model is loaded, inside another module too."""
+    _, moving = images
+    model = tireg.create_model("similarity", moving, gradients=gradients)
+    model.set_parameter(1, 1.1)
+    before = model.parameter_values().clone()
+    state = model.state_dict()
+    state["p.0"], state["p.2"] = torch.tensor([0.2]), torch.tensor([float("inf")])
+    name = type(model).__name__
+    with pytest.raises(ValueError, match=rf"^{name}.load_state_dict\(\): 'p.2' contains NaN or Inf; nothing of "
+                                         r"this model was loaded$"):
+        model.load_state_dict(state)
+    assert torch.equal(model.parameter_values(), before)
+    outer = torch.nn.Sequential(model)
+    with pytest.raises(ValueError, match=r"'0.p.2' contains NaN or Inf"):
+        outer.load_state_dict({f"0.{key}": value for key, value in state.items()})
+    assert torch.equal(model.parameter_values(), before)
+
+
 # ----------------------------------------------------------------------------
 # the analytic model as the nn.Module a PyTorch user expects
 

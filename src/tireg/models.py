@@ -269,6 +269,13 @@ class TransformModel(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # as set_parameter refuses them: a NaN parameter made every later cost NaN without a word.
+        # Raised before the parameters' own list loads (torch loads a module, then its children)
+        bad = [key for key in state_dict if key.startswith(prefix + "p.") and isinstance(state_dict[key], torch.Tensor)
+               and state_dict[key].is_floating_point() and not bool(torch.isfinite(state_dict[key]).all())]
+        if bad:
+            raise ValueError(f"{type(self).__name__}.load_state_dict(): {', '.join(repr(key) for key in bad)} "
+                             "contains NaN or Inf; nothing of this model was loaded")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         # a state dict saved before the mappings were kept has none: the model keeps its own
