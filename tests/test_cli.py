@@ -550,6 +550,19 @@ def test_the_stack_csv_names_each_column_once_and_applies_to_another_channel(dri
     assert not (tmp_path / "x.tif").exists()
 
 
+def test_an_output_without_a_name_is_refused(data, drift, tmp_path, monkeypatch, capsys):
+    """-o "" wrote every output of register into the current folder; a stack's frames into '.' or
+    '..' named their CSV '.csv' ('must end in .csv') or '...csv'."""
+    monkeypatch.chdir(tmp_path)
+    folder = data["folder"]
+    assert main(["register", str(folder / "fixed.png"), str(folder / "moving.png"), "-o", ""]) == 2
+    assert "argument -o/--output: expected a path; got ''" in capsys.readouterr().err
+    for output in (".", ".."):
+        assert main(["stack", str(drift[0] / "drift.tif"), "-o", output, "-q"]) == 1
+        assert f"-o '{output}': the frames' folder has no name of its own for the CSV" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_apply_puts_a_stack_csv_row_on_its_frame(drift, tmp_path, monkeypatch, capsys):
     """The rows were applied by position: sorted or edited by hand, each matrix went to another
     page without a word.  The frame column decides; a duplicate, a gap or a non-number is refused."""

@@ -165,6 +165,13 @@ def _size(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def _output(text: str) -> str:
+    """An output path: not empty (``-o ""`` wrote every output into the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path; got {text!r}")
+    return text
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -332,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("fixed", metavar="FIXED", help="reference image (.png, .jpg, .tif, .npy)")
     sub.add_argument("moving", metavar="MOVING", help="image to align to FIXED")
-    sub.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the outputs (created)")
+    sub.add_argument("-o", "--output", type=_output, required=True, metavar="OUTDIR", help="folder for the outputs (created)")
     registration_options(sub, "affine", "where FIXED counts (nonzero pixels), same size as FIXED")
     sub.add_argument("--moving-mask", metavar="IMAGE", help="where MOVING counts, same size as MOVING")
     sub.set_defaults(handler=_cmd_register)
@@ -347,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("transform", metavar="TRANSFORM",
                      help="transform file: .json, .tfm or .txt, or the .csv of tireg stack (a matrix per page)")
     sub.add_argument("image", metavar="IMAGE", help="image to resample")
-    sub.add_argument("-o", "--output", required=True, metavar="OUT",
+    sub.add_argument("-o", "--output", type=_output, required=True, metavar="OUT",
                      help="output image; its suffix picks the format, the bit depth is IMAGE's")
     where = sub.add_mutually_exclusive_group()
     where.add_argument("--reference", metavar="IMAGE", help="take the output size from this (fixed) image")
@@ -364,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reference, in batches, and save the aligned stack and a CSV of per-frame transforms.",
     )
     sub.add_argument("input", metavar="INPUT", help="multi-page .tif, (N, H, W[, C]) .npy, or a folder of images")
-    sub.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+    sub.add_argument("-o", "--output", type=_output, required=True, metavar="OUTPUT",
                      help="aligned stack: .tif/.tiff, .npy, or a folder")
     sub.add_argument("-r", "--reference", choices=["first", "previous", "mean"], default="first",
                      help="align to the first frame, to the previous one (chained), or to the mean of the frames "
@@ -382,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Register bundled example images, print the recovered and the true transform, "
         "and write the pictures to a folder.",
     )
-    sub.add_argument("-o", "--output", default="tireg-demo", metavar="DIR", help="folder for the pictures")
+    sub.add_argument("-o", "--output", type=_output, default="tireg-demo", metavar="DIR", help="folder for the pictures")
     sub.add_argument("--image", choices=list(IMAGES), default="camera", help="bundled image to use")
     sub.set_defaults(
         handler=_cmd_demo, transform="similarity", metric=defaults["metric"], optimizer=defaults["optimizer"],
@@ -956,6 +963,10 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
 
     output = Path(args.output)
     kind = _stack_output(output)
+    if kind == "folder" and not args.csv and output.name in ("", ".."):
+        # '.' or '..' gave the CSV the name '.csv' ('... must end in .csv') or '...csv'
+        raise CommandError(f"-o {args.output!r}: the frames' folder has no name of its own for the CSV beside it; "
+                           "give the CSV's path (--csv drift.csv) or a new folder's name (-o aligned)")
     csv_path = Path(args.csv) if args.csv else (
         output.parent / f"{output.name}.csv" if kind == "folder" else output.with_suffix(".csv"))
     if csv_path.suffix.lower() != ".csv":
