@@ -8,6 +8,7 @@ tests skip where torch.compile cannot build a kernel on this machine.
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 
 import pytest
@@ -772,3 +773,23 @@ def test_prepare_moving_smooths_inside_the_prepared_copy(dtype):
     assert prepared.dtype == expected.dtype and torch.equal(prepared, expected)
     with pytest.raises(ValueError, match="smoothing needs 'border' padding"):
         fused.prepare_moving(moving, "zeros", smoothing=1.0)
+
+
+def test_dynamo_s_recompile_limit_warning_about_tireg_s_own_kernels_is_dropped():
+    """call_compiled raises the limit for a tireg kernel past dynamo's eighth variant and runs it
+    compiled; dynamo's nine-line warning of a fallback that did not happen got past -q (a log
+    record).  Its warning about any other function stays."""
+    import logging
+
+    fused.compiled(fused.bilinear_moments, torch.device("cpu"))
+    fused.compiled(fused.bilinear_moments, torch.device("cpu"), small=True)
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    assert sum(isinstance(existing, fused._OwnRecompileLimit) for existing in logger.filters) == 1
+
+    def record(path: str) -> logging.LogRecord:
+        return logging.LogRecord(logger.name, logging.WARNING, "convert_frame.py", 1,
+                                 "torch._dynamo hit config.recompile_limit (8)\n   function: 'f' (%s:254)", (path,), None)
+
+    own = os.path.join(os.path.dirname(fused.__file__), "fused.py")
+    assert not logger.filter(record(own))
+    assert logger.filter(record(os.path.join(os.getcwd(), "users_model.py")))

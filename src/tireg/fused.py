@@ -46,6 +46,8 @@ per-pixel losses.  Anything else uses the reference path.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -426,8 +428,29 @@ def compiled(
     key = (function, torch.device(device).type, small, dynamic)
     with _lock:
         if key not in _compiled:
+            _quiet_own_recompile_limit()
             _compiled[key] = torch.compile(function, fullgraph=True, dynamic=dynamic, options=_known_options(small))
         return _compiled[key]
+
+
+class _OwnRecompileLimit(logging.Filter):
+    """Drops dynamo's warning that a function of tireg's hit its recompile limit: :func:`call_compiled`
+    raises the limit for that call (:data:`RECOMPILE_LIMIT`) and runs it compiled, so the warning
+    (nine lines a new variant past the eighth, past ``-q`` too: a log record, not a Python
+    warning) told of a fallback that did not happen.  The warning about any other function stays."""
+
+    _package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("recompile_limit" in message and self._package in message)
+
+
+def _quiet_own_recompile_limit() -> None:
+    """Install :class:`_OwnRecompileLimit` on dynamo's logger, once per process."""
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    if not any(isinstance(existing, _OwnRecompileLimit) for existing in logger.filters):
+        logger.addFilter(_OwnRecompileLimit())
 
 
 def dynamic_shapes(fixed: torch.Tensor) -> Optional[bool]:
