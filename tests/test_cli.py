@@ -550,6 +550,19 @@ def test_the_stack_csv_names_each_column_once_and_applies_to_another_channel(dri
     assert not (tmp_path / "x.tif").exists()
 
 
+def test_a_blank_frame_of_a_stack_is_named_as_a_frame(drift, tmp_path, monkeypatch, capsys):
+    """'stack 'x.tif' is constant (every pixel 0): frame 3' read as if the whole stack were constant."""
+    monkeypatch.chdir(tmp_path)
+    frames = tifffile.imread(drift[0] / "drift.tif")
+    frames[2] = 0
+    frames[4] = 0
+    tifffile.imwrite(tmp_path / "blank.tif", frames)
+    assert main(["stack", "blank.tif", "-o", "out.tif", "-q"]) == 1
+    assert ("stack 'blank.tif': its frame 'blank.tif page 2' is constant (every pixel 0) (1 more frame too); "
+            "nothing to align it by (leave it out of the stack)") in capsys.readouterr().err
+    assert not (tmp_path / "out.tif").exists()
+
+
 def test_an_output_without_a_name_is_refused(data, drift, tmp_path, monkeypatch, capsys):
     """-o "" wrote every output of register into the current folder; a stack's frames into '.' or
     '..' named their CSV '.csv' ('must end in .csv') or '...csv'."""

@@ -482,9 +482,14 @@ def _check_grey(grey: np.ndarray, image: ImageData, what: str) -> None:
     constant = flat.max(axis=1) == flat.min(axis=1)  # not a deviation: it overflowed at 1e305 and said constant
     if constant.any():
         index = int(np.argmax(constant))
-        frame = "" if grey.shape[0] == 1 else f": frame {image.names[index]!r}"
         value = float(flat[index, 0])
-        raise CommandError(f"{what} {str(image.path)!r} is constant (every pixel {value:g}){frame}; nothing to align")
+        if grey.shape[0] == 1:
+            raise CommandError(f"{what} {str(image.path)!r} is constant (every pixel {value:g}); nothing to align")
+        # "stack 'x.tif' is constant ...: frame 3" read as if the whole stack were
+        others = int(constant.sum()) - 1
+        more = f" ({others} more frame{'s' if others > 1 else ''} too)" if others else ""
+        raise CommandError(f"{what} {str(image.path)!r}: its frame {image.names[index]!r} is constant (every pixel "
+                           f"{value:g}){more}; nothing to align it by (leave it out of the stack)")
 
 
 def _read_mask(path: Optional[str], size: tuple[int, int], what: str) -> Optional[np.ndarray]:
