@@ -867,3 +867,37 @@ def test_torch_func_on_the_analytic_model_is_refused_with_a_message(images):
     parameters = dict(model.named_parameters())
     with pytest.raises(RuntimeError, match=r"torch.func transforms .* cannot run an analytic model"):
         torch.func.grad(lambda p: torch.func.functional_call(model, p, (moving, fixed))[1])(parameters)
+
+
+def test_a_loss_or_metric_set_after_construction_is_taken_by_name_and_checked(images):
+    """model.loss_func = "cauchy" raised torch's "cannot assign 'str' as child module", and
+    model.metric = 3 was taken until the next forward failed."""
+    fixed, moving = images
+    model = tireg.create_model("rigid", moving)
+    model.loss_func = "cauchy"
+    assert isinstance(model.loss_func, tireg.CauchyLoss) and "loss_func" in dict(model.named_children())
+    model.metric = "ncc"
+    assert isinstance(model.metric, tireg.metrics.NCC)
+    name = type(model).__name__
+    with pytest.raises(ValueError, match=rf"^{name}.metric: unknown metric 3"):
+        model.metric = 3
+    with pytest.raises(ValueError, match=rf"^{name}.loss_func: unknown loss 'bar'"):
+        model.loss_func = "bar"
+    assert isinstance(model.metric, tireg.metrics.NCC) and isinstance(model.loss_func, tireg.CauchyLoss)
+    model.metric = None
+    model(moving, fixed)
+
+
+def test_sigma_and_sigmoid_bounds_are_named_when_wrong(images):
+    """create_model(sigma="1") raised "'>' not supported"; sigma=1e6 ran out of memory inside torch;
+    SigmoidMapping("a", 1) said only "could not convert string to float" (and took "1")."""
+    _, moving = images
+    with pytest.raises(TypeError, match=r"^RigidModelAnalytic\(\): 'sigma' must be a number; got '1'$"):
+        tireg.create_model("rigid", moving, image_gradient="gaussian", sigma="1")
+    with pytest.raises(ValueError, match=r"'sigma' must be above 0 and at most half the image's smaller side "
+                                         r"\([\d.]+ px\); got 1e\+06$"):
+        tireg.create_model("rigid", moving, image_gradient="gaussian", sigma=1e6)
+    for lo, hi in (("a", 1), (0, "1"), (None, 1.0)):
+        with pytest.raises(TypeError, match=r"^SigmoidMapping\(\): 'lo' and 'hi' must be numbers"):
+            SigmoidMapping(lo, hi)
+    assert SigmoidMapping(np.float32(-1), torch.tensor(2.0)).hi == 2.0

@@ -21,6 +21,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ._validation import real_number
+
 __all__ = ["Mapping", "IdentityMapping", "SigmoidMapping", "ExpMapping"]
 
 Number = Union[float, torch.Tensor]
@@ -97,7 +99,10 @@ class SigmoidMapping(Mapping):
     """
 
     def __init__(self, lo: float, hi: float):
-        lo, hi = float(lo), float(hi)
+        numbers = real_number(lo), real_number(hi)
+        if None in numbers:  # float("a") said only "could not convert string to float"; float("1") took it
+            raise TypeError(f"SigmoidMapping(): 'lo' and 'hi' must be numbers; got lo={lo!r}, hi={hi!r}")
+        lo, hi = numbers
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"SigmoidMapping(): need finite lo < hi; got lo={lo}, hi={hi}")
         self._lo, self._hi = lo, hi

@@ -503,9 +503,12 @@ class AffineModelAnalytic(TransformModel):
         check_image(moving, "moving", caller)
         self.image_gradient = image_gradient if callable(image_gradient) else check_option(
             image_gradient, IMAGE_GRADIENTS, "image gradient", caller)
-        if not sigma > 0:
-            raise ValueError(f"{caller}: 'sigma' must be positive; got {sigma}")
-        self.sigma = float(sigma)
+        # a text sigma raised "'>' not supported"; 1e6 ran out of memory inside torch (a kernel 8 sigma long)
+        sigma = finite_number(sigma, "sigma", caller)
+        if not 0 < sigma <= min(moving.shape[-2:]) / 2:
+            raise ValueError(f"{caller}: 'sigma' must be above 0 and at most half the image's smaller side "
+                             f"({min(moving.shape[-2:]) / 2:g} px); got {sigma:g}")
+        self.sigma = sigma
         self.loss_func = L2Loss() if loss_func is None else get_loss(loss_func)
         if metric is not None and type(self.loss_func) is not L2Loss:  # the metric replaces the loss
             raise ValueError(f"{caller}: give a loss or a metric, not both (the metric replaces the loss); "
@@ -521,6 +524,17 @@ class AffineModelAnalytic(TransformModel):
         self._ranges: tuple[tuple, Optional[Metric], Optional[Metric]] = ((None, None), None, None)
         if self.image_gradient != "exact":
             self._precompute(moving)
+
+    def __setattr__(self, name: str, value) -> None:
+        # as the constructor takes them: a loss or metric by name, checked when set (model.loss_func =
+        # "cauchy" raised torch's "cannot assign 'str' as child module"; model.metric = 3 waited for
+        # the next forward)
+        if name == "loss_func" or (name == "metric" and value is not None):
+            try:
+                value = get_loss(value) if name == "loss_func" else get_metric(value)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{type(self).__name__}.{name}: {error}") from None
+        super().__setattr__(name, value)
 
     def __getstate__(self) -> dict:
         """A copy (pickle, ``torch.save``, ``deepcopy``, a process pool) leaves out what was derived

@@ -41,7 +41,7 @@ import operator
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -224,6 +224,9 @@ class Pyramid:
             while min(size) // (2 * factor) >= self.min_size:
                 factor *= 2
                 factors.insert(0, factor)
+        if isinstance(factors, (str, bytes)) or not isinstance(factors, Iterable):  # 5: "'int' is not iterable"
+            raise ValueError(f"register(): shrink factors must be a sequence of positive integers, e.g. (4, 2, 1); "
+                             f"got {factors!r}")
         factors = tuple(factors)
         if not factors or not all(is_whole(f) and f >= 1 for f in factors):
             raise ValueError(f"register(): shrink factors must be positive integers; got {factors}")
@@ -243,6 +246,10 @@ class Pyramid:
                     raise ValueError("register(): the pyramid's finest_smoothing must be a finite number of at "
                                      f"least 0; got {self.finest_smoothing!r}")
             sigmas = tuple(f / 2.0 if f > 1 else finest for f in factors)
+        if isinstance(sigmas, (str, bytes)) or not isinstance(sigmas, Iterable):  # 3.0: "float has no len()"
+            raise ValueError(f"register(): smoothing sigmas must be a sequence of numbers, one per level; got "
+                             f"{sigmas!r}")
+        sigmas = tuple(sigmas)
         if len(sigmas) != len(factors):
             raise ValueError(
                 f"register(): {len(factors)} shrink factors but {len(sigmas)} smoothing sigmas; give one per level"
@@ -2086,6 +2093,9 @@ def _model_start(model, init, batch: int, caller: str) -> torch.Tensor:
     ``get_matrix`` has a parameterisation that register cannot optimise.
     """
     name = type(model).__name__
+    if isinstance(model, type):  # the class: "_has_own_math() missing 1 required positional argument"
+        raise TypeError(f"{caller}: 'transform' is the class {model.__name__}; pass a model, "
+                        f"{model.__name__}(...), or a kind's name such as 'rigid'")
     if getattr(model, "_has_own_math", lambda: False)():
         raise ValueError(
             f"{caller}: 'transform' is a {name} with its own matrix or Jacobian, which register() cannot "
