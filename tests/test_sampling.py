@@ -899,3 +899,27 @@ def test_gaussian_blur_in_place_of_a_view():
     untouched = torch.ones_like(outer, dtype=torch.bool)
     untouched[..., 3:25, 5:33:2] = False
     assert torch.equal(outer[untouched], original[untouched])
+
+
+def test_sample_sampling_grid_and_pixel_to_normalized_name_what_does_not_fit():
+    """A grid of three coordinates, of another batch or dtype failed inside grid_sample; a (3, 3)
+    matrix in sampling_grid and a (2, 2) one in pixel_to_normalized in a broadcast ("the size of
+    tensor a must match"); an int64 matrix gave an int64 grid."""
+    image = torch.rand(1, 1, 8, 8)
+    for grid, message in [(torch.zeros(1, 4, 4, 3), r"'grid' must be \(B, H, W, 2\) with B = 1"),
+                          (torch.zeros(2, 4, 4, 2), r"'grid' must be \(B, H, W, 2\) with B = 1"),
+                          (torch.zeros(1, 4, 4, 2, dtype=torch.float64), r"'grid' .*float64.*'image'")]:
+        with pytest.raises((TypeError, ValueError), match=rf"^sample\(\): {message}"):
+            sample(image, grid)
+    with pytest.raises(ValueError, match=r"^sample\(\): 'image' must"):
+        sample(image[0], torch.zeros(1, 4, 4, 2))
+    grid = sampling_grid(torch.eye(3), (4, 5), (8, 8))  # one matrix: a batch of one
+    assert grid.shape == (1, 4, 5, 2) and grid.dtype == torch.float32
+    torch.testing.assert_close(grid, sampling_grid(torch.eye(3)[None], (4, 5), (8, 8)), rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"^sampling_grid\(\): 'matrix' must be float32 or float64; got torch.int64"):
+        sampling_grid(torch.eye(3, dtype=torch.int64), (4, 5), (8, 8))
+    with pytest.raises(ValueError, match=r"^sampling_grid\(\): 'fixed_size' must be \(H, W\)"):
+        sampling_grid(torch.eye(3), 4, (8, 8))
+    with pytest.raises(ValueError, match=r"^pixel_to_normalized\(\): 'matrix' must have shape \(\.\.\., 3, 3\); "
+                                         r"got \(2, 2\)"):
+        pixel_to_normalized(torch.eye(2), (4, 4))
