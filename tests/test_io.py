@@ -370,3 +370,21 @@ def test_a_bad_frame_of_a_folder_names_the_folder_and_the_frame(tmp_path):
     (folder / "0.png").write_bytes(b"not a png")
     with pytest.raises(ImageError, match=r"stack '.*frames', frame '.*frames/0\.png'"):
         read_stack(folder)
+
+
+def test_a_path_that_is_no_path_is_named():
+    """os.fspath's "expected str, bytes or os.PathLike object, not int" named no argument."""
+    with pytest.raises(TypeError, match=r"^read_image\(\): 'path' must be a str or os.PathLike; got int$"):
+        read_image(3)
+    with pytest.raises(TypeError, match=r"^read_stack\(\): 'path' must be a str or os.PathLike; got float$"):
+        read_stack(3.0)
+
+
+def test_luminance_refuses_what_is_not_real_numbers():
+    """A complex image's imaginary part was dropped with only NumPy's ComplexWarning."""
+    from tireg.io import luminance
+
+    with pytest.raises(TypeError, match=r"^luminance\(\): 'frames' must be \(\.\.\., H, W, C\) real numbers; got "
+                                        r"complex128"):
+        luminance(np.ones((4, 4, 3), complex))
+    np.testing.assert_allclose(luminance(np.ones((4, 4, 3), np.uint8)), np.ones((4, 4)), rtol=1e-12)

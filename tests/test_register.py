@@ -1139,6 +1139,10 @@ def test_bad_input_is_named():
          "smoothing sigmas must be a sequence of numbers, one per level; got 3.0"),
         (dict(fixed=fixed, moving=moving, pyramid=tireg.Pyramid(shrink_factors=5)), ValueError,
          r"shrink factors must be a sequence of positive integers, e.g. \(4, 2, 1\); got 5"),
+        (dict(fixed=fixed, moving=moving, init=torch.eye(3, device="meta")), TypeError,
+         "'init' is a meta tensor, which holds no values"),
+        (dict(fixed=fixed, moving=moving, init=torch.eye(3, dtype=torch.complex64)), TypeError,
+         "'init' matrix must be real numbers; got torch.complex64"),  # its imaginary part was dropped
         (dict(fixed=fixed, moving=moving, transform=tireg.RigidModel), TypeError,
          r"'transform' is the class RigidModel; pass a model, RigidModel\(...\), or a kind's name"),
         (dict(fixed=torch.where(fixed > 0.5, 0.7, fixed), moving=moving, mask=fixed > 0.5), ValueError,

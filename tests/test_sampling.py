@@ -923,3 +923,14 @@ def test_sample_sampling_grid_and_pixel_to_normalized_name_what_does_not_fit():
     with pytest.raises(ValueError, match=r"^pixel_to_normalized\(\): 'matrix' must have shape \(\.\.\., 3, 3\); "
                                          r"got \(2, 2\)"):
         pixel_to_normalized(torch.eye(2), (4, 4))
+
+
+def test_a_gaussian_wider_than_the_image_is_refused():
+    """Its kernel, 8 sigma long, padded the image by 4 sigma a side: sigma 1e5 asked for 2.5 TB."""
+    image = torch.rand(1, 1, 16, 12)
+    with pytest.raises(ValueError, match=r"^gaussian_blur\(\): 'sigma' 100000 px is wider than the 16 x 12 image; "
+                                         r"give at most 16$"):
+        gaussian_blur(image, 1e5)
+    with pytest.raises(ValueError, match=r"^image_gradient\(\): 'sigma' 17 px is wider than the 16 x 12 image"):
+        image_gradient(image, method="gaussian", sigma=17)
+    assert gaussian_blur(image, 16).shape == image.shape

@@ -575,3 +575,12 @@ def test_similarity_and_rigid_projections_of_a_reflection_are_documented():
     sigma = torch.linalg.svdvals(mirror[:2, :2])
     scale = TRANSFORMS["similarity"].from_matrix(mirror, center)[1].item()
     assert scale == pytest.approx(((sigma[0] - sigma[1]) / 2).item(), abs=1e-14)
+
+
+def test_image_center_takes_whole_sizes_only():
+    """A string raised "unsupported operand type(s) for -"; a tensor size gave a tensor centre."""
+    assert image_center(np.int64(5), torch.tensor(3)) == (1.0, 2.0)
+    for height, width in (("5", 3), (0, 4), (2.5, 4)):
+        with pytest.raises(ValueError, match=r"^image_center\(\): '\(height, width\)' must be \(H, W\), two "
+                                             r"positive whole numbers"):
+            image_center(height, width)

@@ -92,6 +92,9 @@ def test_save_comparison_writes_a_png_of_the_panel_width(tmp_path):
                                                               r"got 0$"),
     ((FIXED, MOVING, MOVING), {"panel_width": -5}, ValueError, r"'panel_width' must be a positive whole number"),
     ((FIXED, MOVING, MOVING), {"panel_width": 320.5}, ValueError, r"'panel_width' must be a positive whole number"),
+    # out of memory inside matplotlib
+    ((FIXED, MOVING, MOVING), {"panel_width": 10**6}, ValueError, r"'panel_width' must be at most 8192 pixels; "
+     r"got 1000000$"),
     ((FIXED, MOVING, MOVING), {"tiles": float("nan")}, ValueError, r"'tiles' must be a positive whole number"),
 ])
 def test_save_comparison_refuses_bad_input_before_writing(tmp_path, arguments, options, error, message):

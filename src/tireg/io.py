@@ -175,9 +175,13 @@ def luminance(frames: np.ndarray) -> np.ndarray:
 
     ``C = 1``: the channel; ``C = 2`` (grey + alpha): the first channel;
     ``C = 3`` or ``4`` (RGB, RGBA): BT.601 luma ``0.299 R + 0.587 G + 0.114 B``
-    (alpha ignored); other ``C``: the mean of the channels.
+    (alpha ignored); other ``C``: the mean of the channels.  Raises ``TypeError`` for values that
+    are not real numbers (a complex image's imaginary part was dropped) or an array of no dimension.
     """
     frames = np.asarray(frames)
+    if frames.dtype.kind not in "biuf" or frames.ndim < 1:
+        raise TypeError(f"luminance(): 'frames' must be (..., H, W, C) real numbers; got {frames.dtype} of shape "
+                        f"{frames.shape}")
     channels = frames.shape[-1]
     if channels in (1, 2):
         return frames[..., 0].astype(np.float64)
@@ -235,8 +239,9 @@ def read_image(path: PathLike, *, what: str = "image", frames: bool = False) -> 
         ImageError: unsupported suffix, unreadable or corrupt file, an array
             that is not an image, no pixels, non-numeric pixels.
         MissingDependencyError: imageio / tifffile not installed.
+        TypeError: ``path`` not a path.
     """
-    path = Path(os.fspath(path))
+    path = _as_path(path, "read_image()")
     if path.is_dir():  # said first: its "unsupported format '(no suffix)'" hid what it is
         raise ImageError(f"{str(path)!r} is a folder, not an image file ({what})")
     kind = format_for_path(path, what=what)
@@ -483,6 +488,15 @@ def _reason(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
+def _as_path(path: PathLike, caller: str) -> Path:
+    """``path`` as a :class:`Path`, or a ``TypeError`` naming it (``os.fspath``'s "expected str, bytes or
+    os.PathLike object, not int" named no argument)."""
+    try:
+        return Path(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"{caller}: 'path' must be a str or os.PathLike; got {type(path).__name__}") from None
+
+
 def _natural_key(name: str) -> list:
     """``frame2`` before ``frame10``."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
@@ -495,7 +509,7 @@ def read_stack(path: PathLike, *, what: str = "stack") -> ImageData:
     (``2.png`` before ``10.png``; hidden files skipped); they must share size
     and channel count.
     """
-    path = Path(os.fspath(path))
+    path = _as_path(path, "read_stack()")
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {str(path)!r} ({what})")
     if not path.is_dir():

@@ -2035,7 +2035,11 @@ def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str,
     (:func:`tireg.initialize._scored_initialize`, ``search`` its pairs that may search, ``negate_moving``
     for ``-moving``; NaN for a given matrix)."""
     batch = fixed.shape[0]
+    if isinstance(init, torch.Tensor) and init.is_meta:  # Tensor.item() raised inside
+        raise TypeError(f"{caller}: 'init' is a meta tensor, which holds no values")
     if isinstance(init, (torch.Tensor, np.ndarray)):
+        if np.iscomplexobj(init) if isinstance(init, np.ndarray) else init.is_complex():  # imaginary part dropped
+            raise TypeError(f"{caller}: 'init' matrix must be real numbers; got {init.dtype}")
         matrix = torch.as_tensor(writable(init)).detach().to(torch.float64)
         if matrix.dim() in (2, 3) and matrix.shape[-2:] == (2, 3):  # OpenCV's affine matrix (warpAffine,
             # findTransformECC): its top two rows, the same fixed -> moving map (README, "Conventions")

@@ -73,7 +73,11 @@ CenterLike = Union[torch.Tensor, Sequence[float]]
 
 
 def image_center(height: int, width: int) -> tuple[float, float]:
-    """Centre of an ``height x width`` image in pixel units: ``((W-1)/2, (H-1)/2)``."""
+    """Centre of an ``height x width`` image in pixel units: ``((W-1)/2, (H-1)/2)``.
+
+    Raises ``ValueError`` unless ``height`` and ``width`` are positive whole numbers (a string
+    raised "unsupported operand type(s) for -")."""
+    height, width = check_size((height, width), "image_center()", "(height, width)")
     return ((width - 1) / 2.0, (height - 1) / 2.0)
 
 

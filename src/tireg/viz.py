@@ -76,6 +76,10 @@ def _pair(first, second, names: tuple[str, str], caller: str) -> tuple[np.ndarra
     return first, second
 
 
+#: The widest panel :func:`save_comparison` draws, in pixels (the PNG is about twice as wide).
+MAX_PANEL_WIDTH = 8192
+
+
 def _positive_whole(value, label: str, caller: str) -> int:
     """``value`` as an ``int`` if it is a whole number >= 1 (``8.0`` too); raise, saying ``label``
     (``"'tiles'"``), otherwise: ``int()`` had failed on NaN and truncated 2.7, and 0 or -3 passed."""
@@ -188,7 +192,8 @@ def save_comparison(
         after: ``(H, W)`` moving image warped onto the fixed grid.
         title: a line above the panels.
         tiles: checkerboard squares along the shorter side, a positive whole number.
-        panel_width: width of one panel in pixels, a positive whole number (the PNG is about twice that wide).
+        panel_width: width of one panel in pixels, a whole number from 1 to :data:`MAX_PANEL_WIDTH`
+            (the PNG is about twice that wide).
 
     Raises:
         TypeError, ValueError: before anything is drawn or written, naming the argument: images as
@@ -201,6 +206,8 @@ def save_comparison(
     fixed, after = _pair(fixed, after, ("fixed", "after"), caller)
     tiles = _positive_whole(tiles, "'tiles'", caller)
     panel_width = _positive_whole(panel_width, "'panel_width'", caller)
+    if panel_width > MAX_PANEL_WIDTH:  # 10^6 ran out of memory inside matplotlib
+        raise ValueError(f"{caller}: 'panel_width' must be at most {MAX_PANEL_WIDTH} pixels; got {panel_width}")
     height, width = fixed.shape
     dpi = 100.0
     panel_w = panel_width / dpi
