@@ -100,10 +100,13 @@ def _checked_weight(
     mistake surfaced as a reshape, broadcast or scatter error deep inside.  Shapes only: no value
     is read (a wait on a GPU in a loop)."""
     name = f"{type(metric).__name__}()"
+    # float16 and bfloat16 lose a pooling metric's sums (local NCC read 2.83 for 0.83, mutual
+    # information NaN); a per-pixel loss keeps them (mixed precision)
+    floats = "a float" if isinstance(metric, PerPixelMetric) else "a float32 or float64"
     for label, tensor in (("x", x), ("y", y)):
-        # float16 and bfloat16 lose the sums (local NCC read 2.83 for 0.83, mutual information NaN)
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4 or tensor.dtype not in _FLOATS:
-            raise ValueError(f"{name}: '{label}' must be a float32 or float64 tensor (B, C, H, W); got "
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4 or not (
+                tensor.dtype in _FLOATS or tensor.is_floating_point() and isinstance(metric, PerPixelMetric)):
+            raise ValueError(f"{name}: '{label}' must be {floats} tensor (B, C, H, W); got "
                              f"{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__}"
                              f"{'' if not isinstance(tensor, torch.Tensor) else ' ' + str(tensor.dtype)}")
     if x.shape != y.shape:
@@ -702,8 +705,9 @@ def _one_hot_product(fixed_bin: torch.Tensor, base: torch.Tensor, past: torch.Te
     matrices for the backward pass).
 
     Args: ``fixed_bin`` ``(P, N)`` (long), the first of the four moving bins ``base`` ``(P, N)``
-    (long), ``past`` ``(P, N)`` the moving bin coordinate past ``base + 1``, in ``[0, 1]``
-    (differentiable: autograd goes through ``M``), ``weights`` ``(P, N)``.
+    (long), ``past`` ``(P, N)`` the moving bin coordinate past ``base + 1``, in ``[0, 1]``,
+    ``weights`` ``(P, N)``.  Differentiable through ``M`` (torch.func's transforms take this way);
+    reverse-mode autograd takes :class:`_ParzenCounts`' own backward pass, which keeps no ``M``.
     """
     pairs, n = fixed_bin.shape
     budget = _chunks.eager_budget(fixed_bin.device)
@@ -733,8 +737,8 @@ def _scatter_counts(past: torch.Tensor, weights: torch.Tensor, cell: torch.Tenso
     """A joint histogram ``(P, bins, bins)`` by a sequential scatter-add (the CPU's): deterministic,
     ``4 N`` additions, not ``2 N bins^2``; tap by tap, in the order of the additions."""
     joint = torch.zeros(past.shape[0], bins * bins, dtype=past.dtype, device=past.device)
-    for tap, weight_of_tap in enumerate(_cubic_bspline_taps(past)):
-        joint.scatter_add_(1, cell + tap, weight_of_tap * weights)
+    for tap, weight_of_tap in enumerate(_cubic_bspline_taps(past)):  # (out of place: vmap takes it)
+        joint = joint.scatter_add(1, cell + tap, weight_of_tap * weights)
     return joint.reshape(-1, bins, bins)
 
 
@@ -742,12 +746,22 @@ def _gathered_taps(d_joint: torch.Tensor, cell: torch.Tensor, past: torch.Tensor
                    pieces: Callable[[torch.Tensor], Iterator[torch.Tensor]]) -> torch.Tensor:
     """``sum_l D[cell_i + l] piece_l(past_i)`` ``(P, N)`` over the four taps ``l``, from ``D`` ``(P,
     bins^2)``: ``pieces`` :func:`_cubic_bspline_tap_slopes` gives ``d/d past`` of the counts'
-    ``sum D p``, :func:`_cubic_bspline_taps` ``d/d w``.  Tap by tap: one index image at a time."""
+    ``sum D p``, :func:`_cubic_bspline_taps` ``d/d w``.  Tap by tap: one index image at a time; in
+    place but where a graph is recorded (a second derivative through :class:`_ParzenCounts`)."""
+    graph = torch.is_grad_enabled() and (d_joint.requires_grad or past.requires_grad)
     total = None
     for tap, piece in enumerate(pieces(past)):
-        term = torch.gather(d_joint, 1, cell + tap).mul_(piece)
-        total = term if total is None else total.add_(term)
+        term = torch.gather(d_joint, 1, cell + tap)
+        term = term * piece if graph else term.mul_(piece)
+        total = term if total is None else (total + term if graph else total.add_(term))
     return total
+
+
+def _reverse_mode_only(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is outside torch.func's transforms and forward-mode AD (a dual tensor):
+    :class:`_ParzenCounts` has a backward pass of its own, no vmap rule and no jvp."""
+    return (torch._C._functorch.maybe_current_level() is None
+            and torch.autograd.forward_ad.unpack_dual(tensor).tangent is None)
 
 
 class _ParzenCounts(torch.autograd.Function):
@@ -763,7 +777,10 @@ class _ParzenCounts(torch.autograd.Function):
     bytes a pixel for the backward pass, and ``register`` of one 1024^2 pair with ``mi`` and
     ``gradients="autograd"`` peaked at 3.69x its input with the product.  This saves ``past``, ``w``
     and the cells (20 bytes a pixel in all, with the clamp's own).  The counts are
-    :func:`_scatter_counts` or, with ``matmul``, :func:`_one_hot_product`.
+    :func:`_scatter_counts` or, with ``matmul``, :func:`_one_hot_product`.  The backward pass is
+    made of differentiable operations: a second derivative (``create_graph``) goes through it.
+    Under torch.func's transforms and forward-mode AD the histogram goes through the operations
+    themselves instead (:func:`_reverse_mode_only`).
     """
 
     @staticmethod
@@ -778,13 +795,12 @@ class _ParzenCounts(torch.autograd.Function):
         ctx.save_for_backward(past, weights, cell)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, d_counts):
         past, weights, cell = ctx.saved_tensors
         d_joint = d_counts.reshape(past.shape[0], -1)
         d_past = d_weights = None
         if ctx.needs_input_grad[0]:
-            d_past = _gathered_taps(d_joint, cell, past, _cubic_bspline_tap_slopes).mul_(weights)
+            d_past = _gathered_taps(d_joint, cell, past, _cubic_bspline_tap_slopes) * weights
         if ctx.needs_input_grad[1]:
             d_weights = _gathered_taps(d_joint, cell, past, _cubic_bspline_taps)
         return d_past, d_weights, None, None, None, None, None
@@ -872,7 +888,12 @@ class _JointHistogramMetric(Metric):
         if not counts:
             return None, parts
         matmul = self.use_matmul if self.use_matmul is not None else x.is_cuda
-        return _ParzenCounts.apply(past, weights, cell, fixed_bin, base, bins, matmul), parts
+        if _reverse_mode_only(past):
+            return _ParzenCounts.apply(past, weights, cell, fixed_bin, base, bins, matmul), parts
+        # torch.func's transforms (vmap, jacfwd) and forward-mode AD: through the operations themselves
+        counts = _one_hot_product(fixed_bin, base, past, weights, bins) if matmul else _scatter_counts(
+            past, weights, cell, bins)
+        return counts, parts
 
     def __call__(self, x, y, weight=None, gradient=False):
         counts, parts = self._histogram(x, y, _inputs(self, x, y, weight))
