@@ -233,7 +233,8 @@ examples:
 TRANSFORM is a tireg .json or an ITK .tfm/.txt (written by tireg, SimpleITK,
 ITK, 3D Slicer), read in pixel units (spacing 1, origin 0), or the .csv of
 'tireg stack' (one matrix per page: a row's frame column names its page, the
-rows in any order).  The output is IMAGE resampled onto the
+rows in any order; frames numbered 0 to n - 1 for the n rows, so a CSV cut
+to some frames is renumbered first).  The output is IMAGE resampled onto the
 fixed grid, warped(x) = IMAGE(A x); its size is that of --reference, --size,
 the registration's fixed image when the .json records it, or else IMAGE's
 own.  Every page of a multi-page TIFF is resampled.

@@ -503,11 +503,10 @@ class AffineModelAnalytic(TransformModel):
         check_image(moving, "moving", caller)
         self.image_gradient = image_gradient if callable(image_gradient) else check_option(
             image_gradient, IMAGE_GRADIENTS, "image gradient", caller)
-        # a text sigma raised "'>' not supported"; 1e6 ran out of memory inside torch (a kernel 8 sigma long)
+        # a text sigma raised "'>' not supported" (one too wide for the image: image_gradient's check)
         sigma = finite_number(sigma, "sigma", caller)
-        if not 0 < sigma <= min(moving.shape[-2:]) / 2:
-            raise ValueError(f"{caller}: 'sigma' must be above 0 and at most half the image's smaller side "
-                             f"({min(moving.shape[-2:]) / 2:g} px); got {sigma:g}")
+        if not sigma > 0:
+            raise ValueError(f"{caller}: 'sigma' must be positive; got {sigma:g}")
         self.sigma = sigma
         self.loss_func = L2Loss() if loss_func is None else get_loss(loss_func)
         if metric is not None and type(self.loss_func) is not L2Loss:  # the metric replaces the loss
@@ -530,8 +529,8 @@ class AffineModelAnalytic(TransformModel):
         # "cauchy" raised torch's "cannot assign 'str' as child module"; model.metric = 3 waited for
         # the next forward)
         if name == "loss_func" or (name == "metric" and value is not None):
-            try:
-                value = get_loss(value) if name == "loss_func" else get_metric(value)
+            try:  # (a loss of None is L2, as in the constructor)
+                value = (L2Loss() if value is None else get_loss(value)) if name == "loss_func" else get_metric(value)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"{type(self).__name__}.{name}: {error}") from None
         super().__setattr__(name, value)

@@ -266,13 +266,19 @@ def gaussian_blur(image: torch.Tensor, sigma: float, *, padding_mode: str = "bor
     return _correlate_separable(extended, smoothing, smoothing).reshape(batch, channels, height, width)
 
 
+#: A Gaussian's sigma may be at most this many times the image's longer side.
+MAX_SIGMA_PER_SIDE = 4
+
+
 def _check_blur_width(sigma: float, image: torch.Tensor, caller: str) -> None:
-    """A Gaussian wider than the image is refused: its kernel, ``8 sigma`` long, padded the image by
-    ``4 sigma`` a side (sigma 1e5 asked for 2.5 TB, "can't allocate memory" inside torch)."""
+    """A Gaussian far wider than the image is refused: its kernel, ``8 sigma`` long, padded the image
+    by ``4 sigma`` a side (sigma 1e5 asked for 2.5 TB, "can't allocate memory" inside torch).  Up to
+    :data:`MAX_SIGMA_PER_SIDE` times the longer side is taken (``register`` blurs a moving mask by
+    its level's sigma times the start's scale: 76 px for a 64 x 64 image)."""
     height, width = image.shape[-2:]
-    if sigma > max(height, width):
+    if sigma > MAX_SIGMA_PER_SIDE * max(height, width):
         raise ValueError(f"{caller}: 'sigma' {sigma:g} px is wider than the {height} x {width} image; give at most "
-                         f"{max(height, width)}")
+                         f"{MAX_SIGMA_PER_SIDE * max(height, width)}")
 
 
 def gaussian_blur_in_place(image: torch.Tensor, sigma: float, *, band: Optional[int] = None) -> torch.Tensor:
@@ -421,7 +427,7 @@ def sampling_grid(
         (Intel Xeon, one thread: one 1024^2 pair 0.40 against 0.75 ms,
         16 x 256^2 0.46 against 0.85 ms).
     """
-    matrix = check_matrix(matrix, "sampling_grid()")  # (3, 3) said "the size of tensor a must match"
+    matrix = check_matrix(matrix, "sampling_grid()", floats="any")  # (3, 3): "the size of tensor a must match"
     check_size(fixed_size, "sampling_grid()", "fixed_size")
     ys, xs = pixel_axes(fixed_size, dtype=matrix.dtype, device=matrix.device) if axes is None else axes
     theta = pixel_to_normalized(matrix, moving_size)  # (B, 2, 3)
@@ -452,7 +458,7 @@ def sample(
     not fit (a grid of 3 coordinates, another batch or float64 failed inside ``grid_sample``):
     Python only, no value read."""
     _modes(interpolation, padding_mode, "sample()")
-    _check_moving_and_grid(image, grid, "sample()", "image")
+    _check_sample_inputs(image, grid)
     return F.grid_sample(image, grid, mode=interpolation, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
 
 
@@ -578,18 +584,34 @@ def _sampler_gradient(
     return grid_gradient
 
 
-def _check_moving_and_grid(moving: torch.Tensor, grid: torch.Tensor, caller: str, name: str = "moving") -> None:
+def _check_moving_and_grid(moving: torch.Tensor, grid: torch.Tensor, caller: str) -> None:
     """``moving`` a float ``(B, C, Hm, Wm)`` and ``grid`` a ``(B, H, W, 2)`` of its dtype and device,
-    or raise naming them (``moving`` as ``name``).  Shapes, dtypes and devices only: no value is read."""
-    check_image(moving, name, caller, finite=False)
+    or raise naming them.  Shapes, dtypes and devices only: no value is read."""
+    check_image(moving, "moving", caller, finite=False)
+    _check_grid(grid, moving, "moving", caller)
+
+
+def _check_grid(grid: torch.Tensor, image: torch.Tensor, name: str, caller: str) -> None:
+    """``grid`` ``(B, H, W, 2)`` (``(B, D, H, W, 3)`` for a volume) of ``image``'s batch, dtype and device."""
     if not isinstance(grid, torch.Tensor):
         raise TypeError(f"{caller}: 'grid' must be a torch.Tensor; got {type(grid).__name__}")
-    if grid.dim() != 4 or grid.shape[-1] != 2 or grid.shape[0] != moving.shape[0]:
-        raise ValueError(
-            f"{caller}: 'grid' must be (B, H, W, 2) with B = {moving.shape[0]}, the batch of '{name}' "
-            f"{tuple(moving.shape)}; got {tuple(grid.shape)}"
-        )
-    check_same_kind(grid, "grid", moving, name, caller)
+    axes = image.dim() - 2
+    if grid.dim() != image.dim() or grid.shape[-1] != axes or grid.shape[0] != image.shape[0]:
+        layout = "(B, H, W, 2)" if axes == 2 else "(B, D, H, W, 3)"
+        raise ValueError(f"{caller}: 'grid' must be {layout} with B = {image.shape[0]}, the batch of '{name}' "
+                         f"{tuple(image.shape)}; got {tuple(grid.shape)}")
+    check_same_kind(grid, "grid", image, name, caller)
+
+
+def _check_sample_inputs(image: torch.Tensor, grid: torch.Tensor) -> None:
+    """:func:`sample`'s: any float ``image`` ``(B, C, H, W)`` or a volume ``(B, C, D, H, W)`` (as
+    ``grid_sample`` takes), and its grid."""
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"sample(): 'image' must be a torch.Tensor; got {type(image).__name__}")
+    if image.dim() not in (4, 5) or not image.is_floating_point():
+        raise ValueError(f"sample(): 'image' must be a float (B, C, H, W) or (B, C, D, H, W) tensor; got "
+                         f"{tuple(image.shape)} {image.dtype}")
+    _check_grid(grid, image, "image", "sample()")
 
 
 def _gradient_inputs(weight, moving, grid, interpolation: str, padding_mode: str, caller: str) -> tuple[int, int]:
