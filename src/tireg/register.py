@@ -2209,6 +2209,9 @@ def register(
             or a ``(3, 3)`` / ``(B, 3, 3)`` fixed -> moving pixel matrix (or
             its top two rows, ``(2, 3)``: OpenCV's ``warpAffine`` /
             ``findTransformECC`` matrix is that map, README "Conventions").
+            A matrix the transform kind cannot hold starts from the kind's
+            closest one (``from_matrix``), with a ``UserWarning`` where that
+            moves the fixed image's corners by more than half a pixel.
             When ``transform`` is a model, leave ``init`` out: the model's
             matrix is the start (the model itself is not changed).
         device: where to compute (default: the fixed image's device).
