@@ -269,3 +269,11 @@ def test_a_sigmoid_mapping_pickled_before_its_bounds_were_read_only_loads():
     for loaded in (pickle.loads(pickle.dumps(mapping)), pickle.loads(pickle.dumps(old))):
         assert (loaded.lo, loaded.hi) == (-1.0, 2.0)
         assert torch.equal(loaded(torch.tensor([30.0])), mapping(torch.tensor([30.0])))
+
+
+def test_solve_names_a_value_that_is_no_number():
+    """torch said only "new(): invalid data type 'str'"."""
+    for mapping in (IdentityMapping(), SigmoidMapping(0.0, 1.0), ExpMapping()):
+        with pytest.raises(TypeError, match=r"^solve\(\): 'value' must be a number, a sequence of numbers or a "
+                                            r"tensor; got 'a'$"):
+            mapping.solve("a")

@@ -60,7 +60,11 @@ def _as_float_tensor(value: Number) -> tuple[torch.Tensor, torch.dtype]:
     rounded before it is solved, with the default dtype for the result (what ``solve`` gave)."""
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value, value.dtype
-    return torch.as_tensor(value, dtype=torch.float64), torch.get_default_dtype()
+    try:
+        return torch.as_tensor(value, dtype=torch.float64), torch.get_default_dtype()
+    except (TypeError, ValueError, RuntimeError):  # "new(): invalid data type 'str'"
+        raise TypeError(f"solve(): 'value' must be a number, a sequence of numbers or a tensor; got "
+                        f"{value!r}") from None
 
 
 class IdentityMapping(Mapping):
