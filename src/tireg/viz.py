@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ._validation import is_whole, real_number
-from .io import atomic_path, require
+from .io import _as_path, atomic_path, require
 
 __all__ = ["overlay", "checkerboard", "save_comparison", "save_convergence", "normalize"]
 
@@ -94,10 +94,7 @@ def _positive_whole(value, label: str, caller: str) -> int:
 def _check_path(path: PathLike, caller: str) -> Path:
     """``path`` as a :class:`Path`, refused before the drawing if it is no path at all or does not
     end in ``.png`` (PNG data was written under any name: ``c.jpg``, ``plot.txt``)."""
-    try:
-        path = Path(os.fspath(path))
-    except TypeError:
-        raise TypeError(f"{caller}: 'path' must be a str or os.PathLike; got {type(path).__name__}") from None
+    path = _as_path(path, caller)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{caller}: 'path' must end in .png (the picture is a PNG); got {str(path)!r}")
     return path
