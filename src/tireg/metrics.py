@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _chunks
-from ._validation import TensorStamp, finite_number, is_whole, matches
+from ._validation import FLOAT_DTYPES, TensorStamp, finite_number, is_whole, matches
 from .losses import LOSSES, PerPixelLoss, get_loss, loss_and_derivative
 
 __all__ = [
@@ -84,9 +84,6 @@ def _weight(weight: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(x[:, :1]) if weight is None else weight
 
 
-_FLOATS = (torch.float32, torch.float64)
-
-
 def _inputs(metric: "Metric", x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
     """:func:`_checked_weight`, all ones where there is none (:func:`_weight`)."""
     return _weight(_checked_weight(metric, x, y, weight), x)
@@ -105,7 +102,7 @@ def _checked_weight(
     floats = "a float" if isinstance(metric, PerPixelMetric) else "a float32 or float64"
     for label, tensor in (("x", x), ("y", y)):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4 or not (
-                tensor.dtype in _FLOATS or tensor.is_floating_point() and isinstance(metric, PerPixelMetric)):
+                tensor.dtype in FLOAT_DTYPES or tensor.is_floating_point() and isinstance(metric, PerPixelMetric)):
             raise ValueError(f"{name}: '{label}' must be {floats} tensor (B, C, H, W); got "
                              f"{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__}"
                              f"{'' if not isinstance(tensor, torch.Tensor) else ' ' + str(tensor.dtype)}")
@@ -757,6 +754,16 @@ def _gathered_taps(d_joint: torch.Tensor, cell: torch.Tensor, past: torch.Tensor
     return total
 
 
+def _parzen_counts(past: torch.Tensor, weights: torch.Tensor, cell: torch.Tensor, fixed_bin: torch.Tensor,
+                   base: torch.Tensor, bins: int, matmul: bool) -> torch.Tensor:
+    """The joint histogram's counts ``(P, bins, bins)``: :func:`_one_hot_product` with ``matmul``
+    (deterministic where scatter-adds are atomic and their order varies: GPUs), else
+    :func:`_scatter_counts`."""
+    if matmul:
+        return _one_hot_product(fixed_bin, base, past, weights, bins)
+    return _scatter_counts(past, weights, cell, bins)
+
+
 def _reverse_mode_only(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is outside torch.func's transforms and forward-mode AD (a dual tensor):
     :class:`_ParzenCounts` has a backward pass of its own, no vmap rule and no jvp."""
@@ -783,11 +790,7 @@ class _ParzenCounts(torch.autograd.Function):
     themselves instead (:func:`_reverse_mode_only`).
     """
 
-    @staticmethod
-    def forward(past, weights, cell, fixed_bin, base, bins: int, matmul: bool):
-        if matmul:  # deterministic where scatter-adds are atomic and their order varies (GPUs)
-            return _one_hot_product(fixed_bin, base, past, weights, bins)
-        return _scatter_counts(past, weights, cell, bins)
+    forward = staticmethod(_parzen_counts)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -888,12 +891,9 @@ class _JointHistogramMetric(Metric):
         if not counts:
             return None, parts
         matmul = self.use_matmul if self.use_matmul is not None else x.is_cuda
-        if _reverse_mode_only(past):
-            return _ParzenCounts.apply(past, weights, cell, fixed_bin, base, bins, matmul), parts
         # torch.func's transforms (vmap, jacfwd) and forward-mode AD: through the operations themselves
-        counts = _one_hot_product(fixed_bin, base, past, weights, bins) if matmul else _scatter_counts(
-            past, weights, cell, bins)
-        return counts, parts
+        counts = _ParzenCounts.apply if _reverse_mode_only(past) else _parzen_counts
+        return counts(past, weights, cell, fixed_bin, base, bins, matmul), parts
 
     def __call__(self, x, y, weight=None, gradient=False):
         counts, parts = self._histogram(x, y, _inputs(self, x, y, weight))
