@@ -113,12 +113,12 @@ def check_same_shape(first: torch.Tensor, second: torch.Tensor, names: Sequence[
 
 
 def check_matrix(
-    matrix: torch.Tensor, caller: str, *, any_batch: bool = False, floats: str = "32/64"
+    matrix: torch.Tensor, caller: str, *, any_batch: bool = False, any_float: bool = False
 ) -> torch.Tensor:
     """Return ``matrix`` as ``(B, 3, 3)``; accepts ``(3, 3)``; raise otherwise.
 
     ``any_batch``: any number of leading dimensions, ``(..., 3, 3)``, returned as it is.
-    ``floats``: ``"32/64"`` float32 or float64 only, ``"any"`` any float dtype (half precision too).
+    ``any_float``: any float dtype (half precision too), not float32 or float64 only.
     """
     if not isinstance(matrix, torch.Tensor):
         raise TypeError(f"{caller}: 'matrix' must be a torch.Tensor; got {type(matrix).__name__}")
@@ -128,9 +128,9 @@ def check_matrix(
         raise ValueError(f"{caller}: 'matrix' must have shape {expected}; got {tuple(matrix.shape)}")
     if matrix.dim() == 2 and not any_batch:
         matrix = matrix.unsqueeze(0)
-    if floats == "any" and not matrix.is_floating_point():
+    if any_float and not matrix.is_floating_point():
         raise TypeError(f"{caller}: 'matrix' must be a float tensor; got {matrix.dtype}")
-    if floats != "any" and matrix.dtype not in FLOAT_DTYPES:
+    if not any_float and matrix.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{caller}: 'matrix' must be float32 or float64; got {matrix.dtype}")
     return matrix
 

@@ -427,7 +427,7 @@ def sampling_grid(
         (Intel Xeon, one thread: one 1024^2 pair 0.40 against 0.75 ms,
         16 x 256^2 0.46 against 0.85 ms).
     """
-    matrix = check_matrix(matrix, "sampling_grid()", floats="any")  # (3, 3): "the size of tensor a must match"
+    matrix = check_matrix(matrix, "sampling_grid()", any_float=True)  # (3, 3): "the size of tensor a must match"
     check_size(fixed_size, "sampling_grid()", "fixed_size")
     ys, xs = pixel_axes(fixed_size, dtype=matrix.dtype, device=matrix.device) if axes is None else axes
     theta = pixel_to_normalized(matrix, moving_size)  # (B, 2, 3)

@@ -118,7 +118,7 @@ def pixel_to_normalized(matrix: torch.Tensor, moving_size: Sequence[int]) -> tor
         ``(..., 2, 3)``.
     """
     size = check_size(moving_size, "pixel_to_normalized()", "moving_size")  # Python ints: no value read
-    check_matrix(matrix, "pixel_to_normalized()", any_batch=True, floats="any")  # a (2, 2) failed in a broadcast
+    check_matrix(matrix, "pixel_to_normalized()", any_batch=True, any_float=True)  # a (2, 2) failed in a broadcast
     (scale_x, _, offset_x), (_, scale_y, offset_y), _ = _normalization_values(size)
     scale = constant(((scale_x,), (scale_y,)), like=matrix)  # made once: no host copy per call
     offset = constant(((offset_x,), (offset_y,)), like=matrix)
