@@ -508,11 +508,11 @@ class AffineModelAnalytic(TransformModel):
         if not sigma > 0:
             raise ValueError(f"{caller}: 'sigma' must be positive; got {sigma:g}")
         self.sigma = sigma
-        self.loss_func = L2Loss() if loss_func is None else get_loss(loss_func)
+        self.loss_func = loss_func  # by name or None (L2): __setattr__ makes and checks it
         if metric is not None and type(self.loss_func) is not L2Loss:  # the metric replaces the loss
             raise ValueError(f"{caller}: give a loss or a metric, not both (the metric replaces the loss); "
                              f"got loss {loss_func!r} and metric {metric!r}")
-        self.metric: Optional[Metric] = None if metric is None else get_metric(metric)
+        self.metric: Optional[Metric] = metric
         self._moving_stamp: Optional[TensorStamp] = None  # the source moving_with_gradient was made from
         self.register_buffer("moving_with_gradient", None, persistent=False)
         self._pixel_axes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -525,12 +525,13 @@ class AffineModelAnalytic(TransformModel):
             self._precompute(moving)
 
     def __setattr__(self, name: str, value) -> None:
-        # as the constructor takes them: a loss or metric by name, checked when set (model.loss_func =
-        # "cauchy" raised torch's "cannot assign 'str' as child module"; model.metric = 3 waited for
-        # the next forward)
-        if name == "loss_func" or (name == "metric" and value is not None):
-            try:  # (a loss of None is L2, as in the constructor)
-                value = (L2Loss() if value is None else get_loss(value)) if name == "loss_func" else get_metric(value)
+        # a loss or metric by name (None: L2, no metric), checked whenever set, the constructor's too
+        # (model.loss_func = "cauchy" raised torch's "cannot assign 'str' as child module";
+        # model.metric = 3 waited for the next forward)
+        made = _BY_NAME.get(name)
+        if made is not None:
+            try:
+                value = made(value)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"{type(self).__name__}.{name}: {error}") from None
         super().__setattr__(name, value)
@@ -725,6 +726,13 @@ class AffineModelAnalytic(TransformModel):
         if write_gradients:
             _accumulate(params, raw_gradients)
         return warped, cost
+
+
+#: An analytic model's settings taken by name (:meth:`AffineModelAnalytic.__setattr__`).
+_BY_NAME: dict[str, Callable] = {
+    "loss_func": lambda value: L2Loss() if value is None else get_loss(value),
+    "metric": lambda value: None if value is None else get_metric(value),
+}
 
 
 def _own_result(value, where: str, what: str, model: "TransformModel") -> torch.Tensor:
