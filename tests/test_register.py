@@ -410,6 +410,23 @@ def test_an_ordinary_pair_whose_last_hundredths_are_not_smooth_is_converged():
     assert result.stop_reason == ["converged"]
 
 
+def test_a_step_held_back_by_a_small_learning_rate_is_not_convergence():
+    # Adam's steps are about lr (one unit of the scaled parameters ~ one level pixel): with torch's
+    # default lr=1e-3 each was below the tolerance (0.005 px) and every level stopped "converged" after
+    # three steps, 2.7 px from the truth; SGD with lr=0.05 alike. A step is small only against the
+    # largest the pair took at the level (FIRST_ORDER_STEP_FRACTION) too.
+    fixed, moving, truth = registration_pair("camera", "affine", [1.03, 0.02, -0.03, 0.98, 3.0, -2.0], noise=0.02)
+    for optimizer, lr in (("adam", 1e-3), ("sgd", 0.05)):
+        slow = tireg.register(fixed, moving, transform="affine", optimizer=optimizer, optimizer_options={"lr": lr},
+                              max_iterations=60)
+        assert grid_error(slow.matrix, truth, fixed.shape) > 0.5, optimizer  # too slow to get there ...
+        assert slow.stop_reason == ["max_iterations"], optimizer  # ... and it says so
+        assert slow.iterations.tolist() == [180], optimizer
+    # the defaults still converge, to the truth
+    adam = tireg.register(fixed, moving, transform="affine", optimizer="adam")
+    assert adam.stop_reason == ["converged"] and grid_error(adam.matrix, truth, fixed.shape) < 0.05
+
+
 def test_the_full_resolution_smoothing_follows_the_metric():
     # 1 px for metrics that take the intensities as linearly related; none for mi and nmi, where
     # smoothing does not commute with the intensity relation; a given schedule as given
