@@ -1744,7 +1744,8 @@ def _check_optimizer_options(optimizer: str, options: Optional[dict], caller: st
     # torch.optim takes lr=0 and L-BFGS max_iter=0, and every parameter then stays where it began,
     # its step "below the tolerance": the level reported converged at the start
     for key in ("lr", "max_iter"):
-        if key in options and (real_number(options[key]) is None or not real_number(options[key]) > 0):
+        number = real_number(options[key]) if key in options else 1.0
+        if number is None or not number > 0:
             raise ValueError(f"{caller}: 'optimizer_options' {key} must be a number above 0; got {options[key]!r}")
     constructor, defaults = _FIRST_ORDER_DEFAULTS[optimizer]
     if optimizer == "lbfgs" and options.get("line_search_fn", None) not in (None, "strong_wolfe"):
