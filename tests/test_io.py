@@ -262,6 +262,34 @@ def test_a_png_named_jpg_is_read_as_png(tmp_path):
     np.testing.assert_array_equal(image.frames[0, :, :, 0], pixels)
 
 
+def test_a_tiff_named_png_is_refused(tmp_path):
+    """Pillow read a 16-bit RGB TIFF named .png as 8 bits (65534 as 255), silently."""
+    tifffile = pytest.importorskip("tifffile")
+    pixels = np.random.default_rng(0).integers(0, 65535, (16, 20, 3)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "deep.png", pixels, photometric="rgb")
+    with pytest.raises(ImageError, match="deep.png' is a TIFF file under a '.png' name; name it .tif"):
+        read_image(tmp_path / "deep.png")
+
+
+@pytest.mark.parametrize("mode, transparency, expected", [("P", 0, 4), ("L", 7, 2), ("RGB", (1, 2, 3), 4)])
+def test_a_transparent_entry_is_read_as_alpha(tmp_path, mode, transparency, expected):
+    """A palette PNG's transparent index (PNG's tRNS) was read as its colour, opaque."""
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (16, 20, 3)).astype(np.uint8)
+    pixels[:4] = (1, 2, 3)
+    picture = Image.fromarray(pixels)
+    picture = picture.quantize(8) if mode == "P" else picture.convert("L") if mode == "L" else picture
+    if mode == "L":
+        picture.putpixel((0, 0), 7)
+    transparent = (np.asarray(picture) == (transparency if mode != "RGB" else np.uint8(transparency)))
+    transparent = transparent.all(-1) if transparent.ndim == 3 else transparent
+    picture.save(tmp_path / "see-through.png", transparency=transparency)
+    image = read_image(tmp_path / "see-through.png")
+    assert image.frames.shape == (1, 16, 20, expected)
+    alpha = image.frames[0, :, :, -1]
+    assert transparent.any() and np.array_equal(alpha == 0, transparent) and (alpha[~transparent] == 255).all()
+
+
 # ----------------------------------------------------------------------------
 # 5. OutputFiles: all or nothing
 

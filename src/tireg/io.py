@@ -285,6 +285,10 @@ def _png_header(path: Path) -> tuple[int, int]:
 #: tireg's format kind of what Pillow's ``Image.format`` detects.
 _PILLOW_KINDS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg"}
 
+#: The mode with alpha that a Pillow image of a mode with a transparent entry (PNG's ``tRNS``: a
+#: palette index or a colour) is read in.
+_WITH_ALPHA = {"P": "RGBA", "L": "LA", "RGB": "RGBA"}
+
 
 def _read_pillow(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarray, ImageFormat]:
     iio = require("imageio.v3", f"reading {kind.upper()} files")
@@ -301,6 +305,10 @@ def _read_pillow(path: Path, kind: str, what: str, frames: bool) -> tuple[np.nda
 
         with Image.open(path) as opened:
             mode, count, content = opened.mode, getattr(opened, "n_frames", 1), opened.format
+            transparent = "transparency" in opened.info  # a palette's or a colour's tRNS entry
+        if content == "TIFF":  # Pillow read a 16-bit RGB TIFF named .png as 8 bits, and one page of many
+            raise ImageError(f"{what} {str(path)!r} is a TIFF file under a {path.suffix!r} name; name it .tif "
+                             "(tireg reads TIFFs with tifffile, which keeps their bit depth, channels and pages)")
         if count > 1 and content != "MPO":  # an animated PNG, GIF or WebP: its first frame was taken silently
             # (a JPEG with several pictures, MPO, holds a preview or depth map after its main one: frame 0 is right)
             raise ImageError(f"{what} {str(path)!r} is an animation of {count} frames ({content}); tireg reads one "
@@ -310,6 +318,8 @@ def _read_pillow(path: Path, kind: str, what: str, frames: bool) -> tuple[np.nda
         # orientation applied, as viewers show the image; CMYK, Lab and YCbCr as RGB (their four
         # or three samples are not RGB(A): a CMYK JPEG registered as RGBA)
         options = dict(mode="RGB") if mode in ("CMYK", "LAB", "YCbCr", "HSV") else {}
+        if transparent and mode in _WITH_ALPHA:  # as a viewer shows it: a palette's transparent entries
+            options = dict(mode=_WITH_ALPHA[mode])  # were read as their colour, opaque
         array = np.asarray(iio.imread(path, plugin="pillow", index=0, rotate=True, **options))
     except ImageError:
         raise
