@@ -668,6 +668,8 @@ def test_result_saves_json_and_tfm(rigid_result, tmp_path):
     result.save(str(tmp_path / "t.json"))
     loaded = load_transform(str(tmp_path / "t.json"))
     assert torch.allclose(loaded.matrix, result.matrix, atol=1e-15)
+    # the interpolation that reproduces the registration's warp (`tireg apply`'s default)
+    assert result.metadata["interpolation"] == loaded.metadata["interpolation"] == "bilinear"
     sitk = pytest.importorskip("SimpleITK")
     result.save(str(tmp_path / "t.tfm"))
     transform = sitk.ReadTransform(str(tmp_path / "t.tfm"))

@@ -441,6 +441,8 @@ class RegistrationResult:
                 "stop_reason": self.stop_reason,
                 "fixed_size": list(self.fixed_size),
                 "moving_size": list(self.moving_size),
+                # what resampling reproduces the registration's warped image (`tireg apply`'s default)
+                **({"interpolation": self.metadata["interpolation"]} if "interpolation" in self.metadata else {}),
             },
             **options,
         )
@@ -2513,7 +2515,8 @@ def register(
         batched=batched,
         seconds=time.perf_counter() - started,
         metadata={"metric": repr(metric_object), "optimizer": optimizer, "gradients": gradients,
-                  "pyramid": [factor for factor, _ in schedule], "smoothing": [sigma for _, sigma in schedule]},
+                  "pyramid": [factor for factor, _ in schedule], "smoothing": [sigma for _, sigma in schedule],
+                  "interpolation": interpolation},
     )
 
 
