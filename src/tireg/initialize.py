@@ -633,12 +633,19 @@ def _least_angle(dtype: torch.dtype) -> float:
 # moments
 
 
-def _centroid_and_covariance(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _centroid_and_covariance(image: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Intensity centroid ``(N, 2)``, covariance ``(N, 2, 2)``, mass ``(N,)`` and weights of ``(N, 1, H, W)``.
 
-    The weights are the luminance minus its minimum, ``w = I - min I``.
+    The weights are the luminance minus its minimum, ``w = I - min I``; with a 0/1 ``mask``
+    ``(N, 1, H, W)``, ``w = (I - min_mask I) mask``: only the masked pixels carry mass.
     """
-    weights = image[:, 0] - image.flatten(1).amin(dim=1).view(-1, 1, 1)
+    if mask is None:
+        weights = image[:, 0] - image.flatten(1).amin(dim=1).view(-1, 1, 1)
+    else:
+        inside = mask[:, 0] > 0
+        lowest = torch.where(inside, image[:, 0], math.inf).flatten(1).amin(dim=1).view(-1, 1, 1)
+        weights = torch.where(inside, image[:, 0] - lowest, 0.0)
     height, width = weights.shape[-2:]
     ys = torch.arange(height, dtype=image.dtype, device=image.device)
     xs = torch.arange(width, dtype=image.dtype, device=image.device)
@@ -710,10 +717,11 @@ def _principal_axes(covariance: torch.Tensor, weights: torch.Tensor, centroid: t
     return values, torch.stack([major, minor], dim=2)
 
 
-def _moments(fixed: torch.Tensor, moving: torch.Tensor, kind: str) -> torch.Tensor:
-    """:func:`moments` on checked luminance images; ``(N, 3, 3)``."""
-    centroid_f, cov_f, mass_f, weights_f = _centroid_and_covariance(fixed)
-    centroid_m, cov_m, mass_m, weights_m = _centroid_and_covariance(moving)
+def _moments(fixed: torch.Tensor, moving: torch.Tensor, kind: str, fixed_mask: Optional[torch.Tensor] = None,
+             moving_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`moments` on checked luminance images (of their masked pixels, where masks are given); ``(N, 3, 3)``."""
+    centroid_f, cov_f, mass_f, weights_f = _centroid_and_covariance(fixed, fixed_mask)
+    centroid_m, cov_m, mass_m, weights_m = _centroid_and_covariance(moving, moving_mask)
     eye = torch.eye(2, dtype=fixed.dtype, device=fixed.device).expand(fixed.shape[0], 2, 2)
     if kind == "translation":
         linear = eye
@@ -794,7 +802,10 @@ def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tenso
 
     The ``B K`` warps of a chunk of candidates (:func:`tireg._chunks.chunk_slices`) run as one
     :func:`tireg.warp` call of a two-channel image (the moving image and its
-    coverage, ones warped with zero padding).
+    coverage, ones warped with zero padding).  A side of two channels brings its mask as the
+    second (:func:`_with_mask`: 0 to 1, a downsampled mask's fraction; a pixel counts where it
+    exceeds 0.999): the overlap is then also inside both masks, and the overlap a candidate needs
+    is counted in masked pixels.
 
     Gain invariant: no absolute constant.  The two sides' centred values are summed as they
     are and ``cov / (sqrt(var_f) sqrt(var_m))`` taken as a product of two reciprocal roots
@@ -808,12 +819,19 @@ def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tenso
     if len(parts) > 1:
         return torch.cat([_ncc_scores(fixed, moving, matrices[:, part], min_overlap) for part in parts], dim=1)
     batch, count = matrices.shape[:2]
-    stacked = torch.cat([moving, torch.ones_like(moving)], dim=1)
+    stacked = moving if moving.shape[1] == 2 else torch.cat([moving, torch.ones_like(moving)], dim=1)
     stacked = stacked[:, None].expand(batch, count, *stacked.shape[1:]).reshape(batch * count, 2, *moving.shape[-2:])
     warped = _warp(stacked, matrices.reshape(batch * count, 3, 3), fixed.shape[-2:])
     pairs = warped.reshape(batch, count, 2, -1)  # (B, K, 2, P): the warped moving image, then its coverage
     inside = (pairs[:, :, 1:] > 0.999).to(fixed.dtype)  # (B, K, 1, P): the overlap
-    pairs[:, :, 1] = fixed.reshape(batch, 1, -1)  # the coverage read: the fixed image in its place
+    fixed_pixels, moving_pixels = fixed.shape[-2] * fixed.shape[-1], moving.shape[-2] * moving.shape[-1]
+    if fixed.shape[1] == 2:  # and inside the fixed mask
+        fixed_inside = (fixed[:, 1:] > 0.999).to(fixed.dtype).reshape(batch, 1, 1, -1)
+        inside = inside.mul_(fixed_inside)
+        fixed_pixels = fixed_inside.sum((-1, -2))  # (B, 1)
+    if moving.shape[1] == 2:
+        moving_pixels = (moving[:, 1:] > 0.999).sum((-1, -2, -3)).to(fixed.dtype)[:, None]  # (B, 1)
+    pairs[:, :, 1] = fixed[:, :1].reshape(batch, 1, -1)  # the coverage read: the fixed image in its place
     overlap = inside.sum(-1)  # (B, K, 1): n
     means = (pairs * inside).sum(-1) / overlap.clamp_min(1.0)  # (B, K, 2)
     centred = (pairs - means[..., None]).mul_(inside)
@@ -822,17 +840,20 @@ def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tenso
     ncc = (covariance * variances.rsqrt().prod(-1)).clamp(-1.0, 1.0)
     flat = _flat_variance(variances, means, overlap).any(-1)  # a flat side: NaN or noise above
     ncc = torch.where(flat, 0.0, ncc)
-    return torch.where(overlap[..., 0] >= _least_overlap(matrices, moving, pairs.shape[-1], min_overlap), ncc, -1.0)
+    least = _least_overlap(matrices, moving_pixels, fixed_pixels, min_overlap)
+    return torch.where(overlap[..., 0] >= least, ncc, -1.0)
 
 
-def _least_overlap(matrices: torch.Tensor, moving: torch.Tensor, fixed_pixels: int, min_overlap: float) -> torch.Tensor:
+def _least_overlap(matrices: torch.Tensor, moving_pixels, fixed_pixels, min_overlap: float) -> torch.Tensor:
     """``(B, K)``: the overlap a candidate needs, ``min_overlap`` of the smaller of the fixed image and
-    the moving image's footprint on it (``h w / |det A|`` fixed pixels), and at least ``min_overlap / 4``
-    of the fixed image.  Of the fixed image alone, a moving image zoomed 2x or more into part of the
-    fixed one (its footprint a quarter of it at most) had its right candidate refused."""
+    the moving image's footprint on it (``moving_pixels / |det A|`` fixed pixels), and at least
+    ``min_overlap / 4`` of the fixed image.  Of the fixed image alone, a moving image zoomed 2x or
+    more into part of the fixed one (its footprint a quarter of it at most) had its right candidate
+    refused.  The pixel counts are numbers, or ``(B, 1)`` counts inside each pair's masks."""
     determinant = _determinant(matrices[..., :2, :2]).abs()
-    footprint = (moving.shape[-2] * moving.shape[-1]) / determinant.clamp_min(1e-12)
-    return (min_overlap * footprint.clamp_max(float(fixed_pixels))).clamp_min(min_overlap / 4 * fixed_pixels)
+    footprint = moving_pixels / determinant.clamp_min(1e-12)
+    fixed_pixels = torch.as_tensor(fixed_pixels, dtype=footprint.dtype, device=footprint.device)
+    return torch.minimum(footprint, fixed_pixels).mul(min_overlap).maximum(fixed_pixels * (min_overlap / 4))
 
 
 def overlap_ncc(
@@ -1193,14 +1214,16 @@ def initialize(
 def _scored_initialize(
     fixed: torch.Tensor, moving: torch.Tensor, transform: str, *, method: str = "auto", center: CenterLike = None,
     max_size: int = 128, caller: str = "initialize()", search: Optional[torch.Tensor] = None,
-    negate_moving: bool = False,
+    negate_moving: bool = False, fixed_mask: Optional[torch.Tensor] = None, moving_mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`initialize`, and each pair's score ``(B,)``: the overlap NCC of its start on the working
     images (the one ``auto`` compares with :data:`AUTO_THRESHOLD`), NaN where no candidate is scored
     (``identity``, ``center``, ``phase`` other than for translation, constant images).  ``search``
     ``(B,)`` bool: the pairs that ``auto`` may run its search for (default all).  ``negate_moving``:
     the same as for ``-moving`` (``register``'s start on the inverted image), the working copies
-    negated, not the image (a copy of a batch's moving images was half its input again)."""
+    negated, not the image (a copy of a batch's moving images was half its input again).
+    ``fixed_mask``, ``moving_mask``: ``register``'s checked 0/1 masks ``(B or 1, 1, H, W)``, or
+    ``None`` (:func:`_initialize`)."""
     _check_kind(transform, caller)
     check_option(method, METHODS, "method", caller)
     max_size = _check_max_size(max_size, caller)
@@ -1209,13 +1232,36 @@ def _scored_initialize(
     centre_full = _as_centre(center, batch, height, width, fixed, caller)
     factor = _downsample_factor([fixed.shape[-2:], moving.shape[-2:]], max_size)
     working = max((size[0] // factor) * (size[1] // factor) for size in (fixed.shape[-2:], moving.shape[-2:]))
+    masks = [None if mask is None else mask.expand(batch, *mask.shape[1:]) for mask in (fixed_mask, moving_mask)]
     with torch.no_grad():
         found = [
             _initialize(fixed[part], moving[part], transform, method, centre_full[part], max_size,
-                        None if search is None else search[part], negate_moving)
+                        None if search is None else search[part], negate_moving,
+                        *(None if mask is None else mask[part] for mask in masks))
             for part in chunk_slices(batch, working, _pair_chunk_budget(batch, working))
         ]
     return tuple(torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*found))
+
+
+def _with_mask(small: torch.Tensor, mask: Optional[torch.Tensor], factor: int
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A working image ``(B, 1, h, w)`` with what lies outside ``mask`` (full resolution, 0/1, or
+    ``None``) set to the mean inside it, and the mask downsampled alike (a working pixel inside
+    where all of its pixels are): the same image and ``None`` without a mask.  Mean-filled, the
+    outside is flat, so that phase correlation and Fourier-Mellin, which take the whole mean-free
+    image, see only the masked content; the scores leave it out (:func:`_scoring_image`)."""
+    if mask is None:
+        return small, None
+    inside = (downsample(mask, factor) > 0.999).to(small.dtype)
+    mean = (small * inside).sum((-1, -2), keepdim=True) / inside.sum((-1, -2), keepdim=True).clamp_min(1.0)
+    return torch.where(inside > 0, small, mean), inside
+
+
+def _scoring_image(small: torch.Tensor, inside: Optional[torch.Tensor]) -> torch.Tensor:
+    """What scores the candidates (:func:`_ncc_scores`): the working image blurred with sigma 1, and
+    its mask as a second channel, where one is given."""
+    blurred = gaussian_blur(small, 1.0, padding_mode="reflection")
+    return blurred if inside is None else torch.cat([blurred, inside], dim=1)
 
 
 def _pair_chunk_budget(batch: int, working: int) -> int:
@@ -1238,12 +1284,18 @@ def _check_max_size(max_size, caller: str) -> int:
 
 def _initialize(
     fixed: torch.Tensor, moving: torch.Tensor, kind: str, method: str, centre_full: torch.Tensor, max_size: int,
-    search: Optional[torch.Tensor] = None, negate_moving: bool = False,
+    search: Optional[torch.Tensor] = None, negate_moving: bool = False, fixed_mask: Optional[torch.Tensor] = None,
+    moving_mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`initialize` on checked luminance images ``(B, 1, H, W)``, ``(B, 1, H', W')``, and the
     overlap NCC ``(B,)`` of each pair's start (:func:`_scored_initialize`); ``search`` ``(B,)`` bool:
     the pairs ``auto`` may run its search for (all if ``None``); ``negate_moving``: as for ``-moving``,
-    bit for bit (box downsampling and blurs are odd functions; only ``moments`` negates the image)."""
+    bit for bit (box downsampling and blurs are odd functions; only ``moments`` negates the image).
+
+    Masks (0/1, ``(B, 1, H, W)`` and ``(B, 1, H', W')``, or ``None``): what lies outside one is
+    left out (:func:`_with_mask`).  ``register`` with a mask over no-data (zeros beyond a
+    field of view) had started every metric 116-169 px off from ``"auto"``: the candidates matched
+    the mask's edge, and the identity had scored on the no-data."""
     batch = fixed.shape[0]
     dtype, device = fixed.dtype, fixed.device
     (height, width), (height_m, width_m) = fixed.shape[-2:], moving.shape[-2:]
@@ -1258,20 +1310,21 @@ def _initialize(
     factor = _downsample_factor([fixed.shape[-2:], moving.shape[-2:]], max_size)
     scale_up = shrink_matrix(factor, dtype=fixed.dtype, device=fixed.device)
     scale_down = torch.linalg.inv(scale_up)
-    small_f = downsample(fixed, factor)
-    small_m = downsample(moving, factor)
+    small_f, small_fixed_mask = _with_mask(downsample(fixed, factor), fixed_mask, factor)
+    small_m, small_moving_mask = _with_mask(downsample(moving, factor), moving_mask, factor)
     if negate_moving:
         small_m = -small_m  # a working copy; downsample(-m) is -downsample(m), bit for bit
-    score_f = gaussian_blur(small_f, 1.0, padding_mode="reflection")
-    score_m = gaussian_blur(small_m, 1.0, padding_mode="reflection")
+    score_f = _scoring_image(small_f, small_fixed_mask)
+    score_m = _scoring_image(small_m, small_moving_mask)
     centre = (centre_full - (factor - 1) / 2.0) / factor  # working pixels
     score = lambda options: _ncc_scores(score_f, score_m, options, MIN_OVERLAP)  # noqa: E731
     base = scale_down @ centred @ scale_up
 
     if method == "moments":
-        first = scale_down @ _moments(fixed, -moving if negate_moving else moving, kind) @ scale_up
+        first = scale_down @ _moments(fixed, -moving if negate_moving else moving, kind, fixed_mask,
+                                      moving_mask) @ scale_up
         # the 180-degree alternative: L -> -L about the fixed centroid (A c_f = c_m is kept)
-        centroid = (_centroid_and_covariance(fixed)[0] - (factor - 1) / 2.0) / factor
+        centroid = (_centroid_and_covariance(fixed, fixed_mask)[0] - (factor - 1) / 2.0) / factor
         flip = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=dtype, device=device))
         second = first @ translation_matrix(centroid) @ flip @ translation_matrix(-centroid)
         options = torch.stack([first, second], dim=1) if kind != "translation" else first[:, None]
