@@ -534,6 +534,69 @@ def test_a_full_disk_names_the_transform_or_picture_it_stopped(data, tmp_path, m
     assert ".tmp" not in error and not (tmp_path / "out").exists()
 
 
+#: Runs the command with a SIGTERM sent to itself once the first output (the warped image) lies
+#: written under its temporary name, inside the folders the command created.
+SIGTERM_SCRIPT = """\
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+import tireg.cli as cli
+written = cli.write_frames
+def write_then_terminate(*args, **kwargs):
+    path = written(*args, **kwargs)
+    print("written", os.path.basename(path), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return path
+cli.write_frames = write_then_terminate
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_leaves_no_temporary_file_and_no_created_folder(data, tmp_path):
+    """SIGTERM (kill, a scheduler's time limit) ended the process at once: the hidden temporaries
+    and the folders the command had created stayed behind; Ctrl-C alone was cleaned up."""
+    script, work = tmp_path / "terminate.py", tmp_path / "work"
+    script.write_text(SIGTERM_SCRIPT)
+    work.mkdir()
+    folder = data["folder"]
+    process = subprocess.run([sys.executable, str(script), "register", str(folder / "fixed.png"),
+                              str(folder / "moving.png"), "-o", "out/deeper", "-t", "translation", "-q"],
+                             cwd=work, capture_output=True, text=True, timeout=300, env=_env())
+    assert process.stdout.startswith("written .tireg-"), process.stdout  # the signal came mid-write
+    assert process.returncode == 143, process.stderr
+    assert process.stderr.strip() == "tireg: terminated; no output written", process.stderr
+    assert not list(work.iterdir())  # no out/, no out/deeper/, no .tireg-*.tmp.png
+
+
+def test_sigterm_handler_is_put_back_and_a_programs_own_is_kept(data, tmp_path, monkeypatch):
+    """main() handles SIGTERM only over the default, and only while it runs."""
+    import signal
+
+    import tireg.cli as cli
+
+    seen = []
+    reading = cli.read_image
+
+    def read_and_look(*args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return reading(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "read_image", read_and_look)
+    monkeypatch.chdir(tmp_path)
+    transform_io.save_transform(tmp_path / "identity.json", torch.eye(3, dtype=torch.float64))
+    argv = ["apply", "identity.json", str(data["folder"] / "moving.png"), "-o", "out.png", "-q"]
+    own = lambda signum, frame: None  # noqa: E731 - a host program's handler
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        assert main(argv) == 0
+        assert seen[-1] is cli._raise_terminated and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        signal.signal(signal.SIGTERM, own)
+        assert main([*argv, "--force"]) == 0
+        assert seen[-1] is own and signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_the_stack_csv_names_each_column_once_and_applies_to_another_channel(drift, tmp_path, monkeypatch):
     """The affine kind's parameters a00 .. a11 and the matrix's a00 .. a12 shared names; no command
     could apply a stack's matrices to another file (a second channel of the same frames)."""

@@ -14,22 +14,25 @@ mismatched channels or sizes, an empty or constant image, NaN or Inf, an
 unknown option) print one line, ``tireg: error: ...``, to stderr and exit
 with status 2 (command line) or 1 (input), leaving no output file: every
 output is written under a temporary name and moved into place only when all
-of them are complete.  An existing output is replaced only with ``--force``.
+of them are complete.  Ctrl-C (status 130) and SIGTERM (143) leave none either.
+An existing output is replaced only with ``--force``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import inspect
 import math
 import os
 import re
+import signal
 import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -61,6 +64,15 @@ class UsageError(Exception):
 
 class CommandError(Exception):
     """Input the command cannot work with (exit status 1)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM while :func:`main` runs (exit status 143, 128 + 15).
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is: code that catches ``Exception`` on the way
+    does not swallow it, and the outputs' ``with`` block discards the temporary files and the
+    folders the command created.
+    """
 
 
 def _before_separator(arguments: list[str]) -> list[str]:
@@ -1138,14 +1150,45 @@ def _one_line(error: BaseException) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``tireg`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
-    0: success; 1: the input could not be processed; 2: a wrong command line.
-    Errors print one line, ``tireg: error: ...``, to stderr and leave no output file.
+    0: success; 1: the input could not be processed; 2: a wrong command line; 130: Ctrl-C;
+    143: SIGTERM (handled while this runs in the main thread, where SIGTERM has its default handler).
+    Errors print one line, ``tireg: error: ...``, to stderr and leave no output file; so do Ctrl-C and SIGTERM.
     """
     _CommandWarnings.enter()
     try:
-        return _main(argv)
+        with _terminate_as_exception():
+            return _main(argv)
     finally:
         _CommandWarnings.leave()
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """SIGTERM raised as :class:`Terminated` inside ``with``; the handler found is put back after it.
+
+    Python's default for SIGTERM ends the process at once: the hidden temporary files
+    (``.tireg-*.tmp.*``) and the folders the command had created stayed behind, where Ctrl-C
+    (``KeyboardInterrupt``) left nothing.  Installed only where it can be and is wanted: in the
+    main thread (the only one that may set a handler) and over the default, ``SIG_DFL``; a host
+    program's own handler (or one ignoring SIGTERM) is left alone.
+    """
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        try:
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        except (ValueError, OSError, AttributeError):  # no SIGTERM to handle here
+            previous = None
+    try:
+        yield
+    finally:
+        # unless the program replaced it meanwhile
+        if previous is not None and signal.getsignal(signal.SIGTERM) is _raise_terminated:
+            signal.signal(signal.SIGTERM, previous)
 
 
 _PYTHON_SHOWWARNING = warnings.showwarning  # what a thread's warning falls back to
@@ -1227,6 +1270,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output written", file=sys.stderr)
         return 130
+    except Terminated:  # SIGTERM (kill, a job scheduler's time limit): the outputs were discarded as for Ctrl-C
+        print(f"{PROG}: terminated; no output written", file=sys.stderr)
+        return 128 + int(signal.SIGTERM)
     except (CommandError, ImageError, MissingDependencyError, ValueError, TypeError, OSError, RuntimeError,
             MemoryError, Warning) as error:  # a Warning: raised under python -W error
         if args is not None and getattr(args, "traceback", False):
