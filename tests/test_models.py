@@ -275,6 +275,66 @@ def test_user_subclass_with_get_derva_equals_autograd(images):
     assert torch.allclose(gradients(analytic), expected, rtol=1e-9, atol=1e-12)
 
 
+def test_a_subclass_forming_its_own_values_gets_their_gradient(images):
+    """``get(i)`` overridden: the analytic gradient took it as ``m_i(p_i)`` and chained ``m_i'``, and an
+    angle stored in degrees had 180 / pi times autograd's gradient. It goes through the subclass's own
+    values by autograd now: a get() in degrees, a parameter_values() where one value feeds another,
+    per pair and shared, and with the seed's own get_derva (dA/d get(i))."""
+    fixed, moving = images
+
+    def in_degrees(model, i):
+        value = model.m[i](model.p[i])
+        return value * (math.pi / 180) if i == 0 else value
+
+    def coupled(model):  # the scale follows the angle: s = m_1(p_1) + 0.5 angle
+        values = [model.m[i](model.p[i]) for i in range(len(model.p))]
+        values[1] = values[1] + 0.5 * values[0]
+        return torch.stack(torch.broadcast_tensors(*values), dim=-1)
+
+    kinds = {"degrees": dict(get=in_degrees), "coupled": dict(parameter_values=coupled)}
+    for name, methods in kinds.items():
+        for shared in (False, True):
+            autograd_class = type("Own", (tireg.SimilarityModel,), methods)
+            analytic_class = type("OwnAnalytic", (tireg.SimilarityModelAnalytic,), methods)
+            autograd = autograd_class(26.0, 18.0, "zeros").double()
+            analytic = analytic_class(26.0, 18.0, "zeros", moving, loss_func="l2").double()
+            values = (3.0, 1.02, 1.5, -0.7) if shared else ((3.0, -2.0, 1.0), 1.02, (1.5, 0.2, -1.0), -0.7)
+            for model in (autograd, analytic):
+                for i, value in enumerate(values):
+                    model.set_parameter(i, torch.tensor(value, dtype=torch.float64),
+                                        SigmoidMapping(0.5, 1.5) if i == 1 else None)
+            tireg.L2Loss()(autograd(moving), fixed).sum().backward()
+            analytic(moving, fixed)
+            for mine, theirs in zip(analytic.p, autograd.p):
+                assert torch.allclose(mine.grad, theirs.grad, rtol=1e-10, atol=1e-12), (name, shared)
+
+    class SeedStyle(tireg.AffineModelAnalytic):  # the seed's own A and dA/d get(i), get() in degrees
+        get = in_degrees
+
+        def get_matrix(self):
+            return tireg.transforms.translation_matrix(torch.stack([self.get(0), self.get(1)], -1))
+
+        def get_derva(self, i):
+            unit = torch.zeros(3, 3, dtype=torch.float64)
+            unit[i, 2] = 1.0
+            return unit
+
+    class SeedStyleAutograd(tireg.AffineModel):
+        get = in_degrees
+        get_matrix = SeedStyle.get_matrix
+
+    from torch import nn
+
+    autograd, analytic = SeedStyleAutograd(0, 0, "zeros"), SeedStyle(0, 0, "zeros", moving)
+    for model in (autograd, analytic):
+        model.p = nn.ParameterList(torch.tensor([v], dtype=torch.float64) for v in (60.0, 0.5))
+        model.m = [IdentityMapping(), IdentityMapping()]
+    _, expected = autograd_gradient(autograd, moving, fixed, tireg.L2Loss())
+    analytic(moving, fixed)
+    assert torch.allclose(gradients(analytic), expected, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(expected[0], expected[0] * 180 / math.pi)
+
+
 def test_subclass_without_get_derva_is_refused_by_the_analytic_path(images):
     fixed, moving = images
 

@@ -688,11 +688,41 @@ class AffineModelAnalytic(TransformModel):
             )
             gradient = parameter_gradient(matrix_gradient, jacobian)  # (B, P): dL/dp
             params = self._parameter_list()
-            if write_gradients:
-                _accumulate(params, _raw_gradients(gradient, params, self.m))  # chain rule through m(r)
+            if write_gradients:  # chain rule through m(r), or through a subclass's own values
+                _accumulate(params, self._through_own_values(gradient, params) if self._has_own_values()
+                            else _raw_gradients(gradient, params, self.m))
             if timed:
                 self._eager_seconds += time.perf_counter() - started
         return warped, cost.sum()
+
+    def _has_own_values(self) -> bool:
+        """Whether a subclass forms the parameter values its own way (``_VALUE_MATH``), not as ``m_i(p_i)``."""
+        cls = type(self)
+        return any(getattr(cls, name) is not getattr(TransformModel, name) for name in _VALUE_MATH)
+
+    def _through_own_values(self, gradient: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``dL/dr`` from ``gradient`` ``(B, P)`` by autograd through the subclass's own values, the vector-
+        Jacobian product ``gradient . dv/dr`` of a few scalar operations.
+
+        ``gradient`` is ``dL/dv`` for ``v_i = get(i)`` where ``dA/dp`` is the subclass's own
+        (``get_derva``, ``parameter_jacobian``), else for the transform's parameters
+        (``_transform_parameters``, the values in the transform's order).  The chain rule through
+        ``m_i'(r_i)`` assumed ``get(i) = m_i(p_i)``: a ``get`` that stored an angle in degrees had its
+        gradient 180 / pi times autograd's.
+        """
+        cls = type(self)
+        with torch.enable_grad():
+            if any(getattr(cls, name) is not getattr(TransformModel, name)
+                   for name in ("get_matrix", "get_derva", "parameter_jacobian")):
+                values, outputs = _stack_values([self.get(i) for i in range(len(params))]), gradient
+            else:
+                values, outputs = self._transform_parameters(), _select(gradient, -1, self._slots())
+            if values.shape[0] != outputs.shape[0]:  # every value shared by the pairs
+                outputs = outputs.sum(0, keepdim=True)
+            wanted = [param for param in params if param.requires_grad]
+            found = iter(torch.autograd.grad(values, wanted, outputs.to(values.dtype), allow_unused=True)
+                         if values.requires_grad and wanted else [None] * len(wanted))
+        return [next(found) if param.requires_grad else None for param in params]
 
     def _compiled_step_applies(self, channels: int = 1) -> bool:
         """Whether one compiled graph can take the whole step (:func:`_fused_step`).
@@ -769,7 +799,7 @@ def _accumulate(params: Sequence[torch.Tensor], raw_gradients: Sequence[torch.Te
     new tensor, each its own elements), so a first gradient is taken as it is, without a copy.
     """
     for param, raw_gradient in zip(params, raw_gradients):
-        if not param.requires_grad:
+        if not param.requires_grad or raw_gradient is None:  # frozen, or not among the values
             continue
         if param.grad is None:
             param.grad = raw_gradient
@@ -779,6 +809,9 @@ def _accumulate(params: Sequence[torch.Tensor], raw_gradients: Sequence[torch.Te
 
 #: Methods that define a model's matrix and Jacobian; a subclass that overrides one has its own math.
 _MODEL_MATH = ("get", "get_matrix", "get_derva", "parameter_jacobian", "parameter_values", "_transform_parameters")
+#: ... and those of them that form the parameter values (the analytic gradient then goes through
+#: them by autograd, :meth:`AffineModelAnalytic._through_own_values`).
+_VALUE_MATH = ("get", "parameter_values", "_transform_parameters")
 _BUILT_IN_MAPPINGS = (IdentityMapping, SigmoidMapping, ExpMapping)
 
 
