@@ -55,7 +55,7 @@ def test_metric_derivative_equals_autograd(images, name, weighted):
     (expected,) = torch.autograd.grad(reference.sum(), warped)
     assert cost.shape == (SHAPE[0],) and torch.allclose(cost, reference.detach())
     assert expected.abs().max() > 0
-    assert (derivative - expected).abs().max() <= 1e-10 * expected.abs().max()
+    assert (derivative - expected).abs().max() <= 1e-12 * expected.abs().max()
 
 
 @pytest.mark.parametrize("name", ["ncc", "ncc_any", "lncc", "mi", "nmi"])
@@ -83,7 +83,7 @@ def test_analytic_model_with_metric_equals_autograd(images, name, transform, dev
     expected = torch.stack([p.grad for p in autograd.p], -1)
     found = torch.stack([p.grad for p in analytic.p], -1)
     assert torch.allclose(analytic_total, total.detach())
-    assert (found - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert (found - expected).abs().max() <= 1e-11 * expected.abs().max()  # exact: MI once 2.6e-7 (log clamped at 1e-12)
 
 
 @pytest.mark.parametrize("mean", [True, False])

@@ -981,7 +981,13 @@ class _JointHistogramMetric(Metric):
 
 
 def _safe_log(p: torch.Tensor) -> torch.Tensor:
-    return torch.log(p.clamp_min(_TINY))
+    """``log p``, and a finite ``log tiny`` at ``p = 0`` (so that ``p log p`` is 0 there with a finite
+    autograd derivative).  Clamped at the dtype's smallest normal number, below any nonzero cell of
+    a histogram (a cubic B-spline weight is at least about 1e-21 in float32, 1e-46 in float64):
+    clamped at 1e-12, cells between 0 and 1e-12 took ``log 1e-12`` where the analytic derivative
+    takes ``log p + 1`` with its constant dropped, and MI's gradient was 2.6e-7 off autograd's in
+    float64 instead of 1e-16 (an audit, 2026-12-07)."""
+    return torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
 
 
 class MutualInformation(_JointHistogramMetric):
