@@ -259,6 +259,24 @@ def test_apply_a_saved_transform_reproduces_the_warped_image(data, registered, t
                   - imageio.imread(out / "warped.png").astype(int)).max() <= 1
 
 
+def test_apply_resamples_as_the_registration_did(data, tmp_path, monkeypatch, capsys):
+    """apply resampled with bilinear whatever register had used: a bicubic registration's warped
+    image and apply's output differed by 25 grey levels.  The transform file records it now; an
+    explicit --interpolation still wins."""
+    monkeypatch.chdir(tmp_path)
+    folder = data["folder"]
+    assert main(["register", str(folder / "fixed.png"), str(folder / "moving.png"), "-o", "out", "-q",
+                 "-t", "translation", "--interpolation", "bicubic"]) == 0
+    warped = imageio.imread(tmp_path / "out" / "warped.png")
+    for name in ("transform.json", "transform.tfm"):
+        assert main(["apply", str(tmp_path / "out" / name), str(folder / "moving.png"), "-o", f"{name}.png"]) == 0
+        np.testing.assert_array_equal(imageio.imread(tmp_path / f"{name}.png"), warped)
+        assert f"bicubic interpolation (as {name} records)" in capsys.readouterr().out
+    assert main(["apply", str(tmp_path / "out" / "transform.json"), str(folder / "moving.png"), "-o", "bilinear.png",
+                 "--interpolation", "bilinear", "-q"]) == 0
+    assert np.abs(imageio.imread(tmp_path / "bilinear.png").astype(int) - warped.astype(int)).max() > 1
+
+
 def test_apply_one_transform_to_every_page_of_a_stack(data, registered, tmp_path, monkeypatch):
     # one matrix for all pages (docs/cli.md): it was broadcast over the pages into a copy whose
     # batch dimension is innermost in memory, and the sampling grid's view() of it failed

@@ -372,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     where = sub.add_mutually_exclusive_group()
     where.add_argument("--reference", metavar="IMAGE", help="take the output size from this (fixed) image")
     where.add_argument("--size", type=_size, metavar="HxW", help="output size in pixels, e.g. 480x640")
-    sub.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"], default="bilinear",
-                     help="interpolation (nearest for label images)")
+    sub.add_argument("--interpolation", choices=list(APPLY_INTERPOLATIONS), default=None,
+                     help="interpolation (nearest for label images); default: the one the registration used, "
+                     "as TRANSFORM records it (tireg's .json and .tfm), else bilinear")
     sub.set_defaults(handler=_cmd_apply)
 
     # stack
@@ -727,6 +728,25 @@ def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
 # apply
 
 
+#: ``tireg apply``'s interpolations.
+APPLY_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def _apply_interpolation(args: argparse.Namespace, transform) -> tuple[str, str]:
+    """``(interpolation, why)``: ``--interpolation`` where given, else the one the transform file
+    records (``metadata.interpolation``, written by ``RegistrationResult.save``), else bilinear.
+
+    Bilinear whatever the registration had used made ``tireg apply`` differ from the warped image
+    of ``tireg register --interpolation bicubic`` (by 25 grey levels).
+    """
+    if args.interpolation is not None:
+        return args.interpolation, ""
+    recorded = transform.metadata.get("interpolation")
+    if isinstance(recorded, str) and recorded in APPLY_INTERPOLATIONS:
+        return recorded, f" (as {Path(args.transform).name} records)"
+    return "bilinear", ""
+
+
 #: The matrix columns of ``tireg stack``'s CSV.
 _MATRIX_COLUMNS = ("m00", "m01", "m02", "m10", "m11", "m12")
 
@@ -833,13 +853,14 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
     kind = check_writable(output, (image.count, image.channels), image.format)
     outputs.check(output)
     out_format = ImageFormat(kind, image.format.dtype, image.format.channel_axis, image.format.photometric)
-    warped = _warp_frames(image.frames, matrices, size, args.interpolation)
+    interpolation, why = _apply_interpolation(args, transform)
+    warped = _warp_frames(image.frames, matrices, size, interpolation)
     with outputs.writing(output) as temporary:
         write_frames(temporary, warped, out_format)
     written = outputs.commit()
     # sizes as width x height, as describe() gives them (--size takes height x width: said so)
     _say(args, f"resampled {image.path.name} ({image.describe()}) onto {size[1]} x {size[0]} pixels "
-               f"(width x height) with {Path(args.transform).name}")
+               f"(width x height) with {Path(args.transform).name}, {interpolation} interpolation{why}")
     if matrices.shape[0] > 1:
         _say(args, f"  {matrices.shape[0]} matrices, one per page; the first:")
     for line in _format_matrix(matrices[0], "  "):
