@@ -192,6 +192,28 @@ def test_register_keeps_format_bit_depth_and_channels(data, tmp_path, fixed, mov
     assert grid_error(saved.matrix, torch.from_numpy(truth), size) < 0.5
 
 
+@pytest.mark.parametrize("fixed, moving", [("fixed.png", "moving.png"), ("fixed_rgb.png", "moving_rgb.jpg")])
+def test_an_alpha_channel_does_not_stop_a_registration(data, tmp_path, monkeypatch, capsys, fixed, moving):
+    """RGB against RGBA (grey against grey + alpha) was refused, advising to give "both in colour or
+    both in grey", which they were.  Alpha does not enter the luminance: the same matrix as without
+    it, and the warped image keeps the moving image's own channels."""
+    monkeypatch.chdir(tmp_path)
+    folder = data["folder"]
+    image = imageio.imread(folder / moving)
+    colour = image.ndim == 3 and image.shape[-1] == 3
+    alpha = np.tile(np.linspace(0, 255, image.shape[1]).astype(np.uint8), (image.shape[0], 1))  # not all opaque
+    imageio.imwrite(tmp_path / "plain.png", image)
+    imageio.imwrite(tmp_path / "alpha.png", np.dstack([image, alpha]))
+    matrices = {}
+    for name in ("plain", "alpha"):
+        assert main(["register", str(folder / fixed), f"{name}.png", "-o", name, "-t", "translation", "-q"]) == 0
+        matrices[name] = transform_io.load_transform(tmp_path / name / "transform.json").matrix.numpy()
+    assert capsys.readouterr().err == ""
+    np.testing.assert_array_equal(matrices["alpha"], matrices["plain"])
+    warped = imageio.imread(tmp_path / "alpha" / "warped.png")
+    assert warped.shape == (*imageio.imread(folder / fixed).shape[:2], 4 if colour else 2)
+
+
 def test_register_with_a_mask_and_levels(data, tmp_path, monkeypatch):
     mask = np.zeros(data["size"], np.uint8)
     mask[10:-10, 20:-20] = 255

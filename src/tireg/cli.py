@@ -679,7 +679,11 @@ def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
     require("matplotlib", "drawing pictures")  # before the work, not after it
     fixed = _single(read_image(args.fixed, what="fixed image"), "fixed image")
     moving = _single(read_image(args.moving, what="moving image"), "moving image")
-    if fixed.channels != moving.channels:
+    # an alpha channel does not enter the luminance registered on (grey + alpha: the grey channel;
+    # RGBA: the RGB luma), so RGB against RGBA and grey against grey + alpha are the same images to
+    # register; the warped output keeps MOVING's own channels (they were refused, with the advice to
+    # give "both in colour or both in grey", which they were)
+    if fixed.channels != moving.channels and {fixed.channels, moving.channels} not in ({1, 2}, {3, 4}):
         raise CommandError(
             f"fixed image {str(fixed.path)!r} has {fixed.channels} channel(s) but moving image "
             f"{str(moving.path)!r} has {moving.channels}; give both in colour or both in grey"
