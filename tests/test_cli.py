@@ -299,6 +299,19 @@ def test_apply_resamples_as_the_registration_did(data, tmp_path, monkeypatch, ca
     assert np.abs(imageio.imread(tmp_path / "bilinear.png").astype(int) - warped.astype(int)).max() > 1
 
 
+def test_apply_keeps_grey_and_alpha_as_alpha_in_a_tiff(data, registered, tmp_path, monkeypatch):
+    """A grey + alpha PNG applied to a .tif had its alpha written as an UNSPECIFIED sample: Pillow
+    opened the output as plain grey (RGBA came out as RGBA)."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    grey = imageio.imread(data["folder"] / "moving.png")
+    Image.fromarray(np.dstack([grey, np.full_like(grey, 200)]), "LA").save(tmp_path / "moving_la.png")
+    assert main(["apply", str(registered[1] / "transform.json"), "moving_la.png", "-o", "warped.tif", "-q"]) == 0
+    with Image.open(tmp_path / "warped.tif") as warped:
+        assert warped.mode == "LA"
+
+
 def test_apply_one_transform_to_every_page_of_a_stack(data, registered, tmp_path, monkeypatch):
     # one matrix for all pages (docs/cli.md): it was broadcast over the pages into a copy whose
     # batch dimension is innermost in memory, and the sampling grid's view() of it failed

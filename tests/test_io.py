@@ -290,6 +290,48 @@ def test_a_transparent_entry_is_read_as_alpha(tmp_path, mode, transparency, expe
     assert transparent.any() and np.array_equal(alpha == 0, transparent) and (alpha[~transparent] == 255).all()
 
 
+def _extrasamples(path: Path) -> tuple[int, ...]:
+    with tifffile.TiffFile(path) as tif:
+        return tuple(int(value) for value in tif.pages[0].extrasamples)
+
+
+@pytest.mark.parametrize("source", ["LA png", "UNASSALPHA tif", "ASSOCALPHA tif", "ASSOCALPHA RGBA tif"])
+def test_alpha_written_to_tiff_stays_alpha(tmp_path, source):
+    """Grey + alpha written to TIFF had its second sample tagged UNSPECIFIED: Pillow opened it as
+    plain grey.  Alpha stays alpha, associated (premultiplied) alpha too."""
+    rng = np.random.default_rng(2)
+    channels = 4 if "RGBA" in source else 2
+    pixels = rng.integers(0, 256, (16, 20, channels)).astype(np.uint8)
+    if source == "LA png":
+        Image.fromarray(pixels, "LA").save(tmp_path / "input.png")
+        path, expected, mode = tmp_path / "input.png", 2, "LA"
+    else:
+        tag = 1 if source.startswith("ASSOC") else 2
+        path, expected = tmp_path / "input.tif", tag
+        tifffile.imwrite(path, pixels, photometric="rgb" if channels == 4 else "minisblack", planarconfig="contig",
+                         extrasamples=[tag])
+        mode = {(2, 2): "LA", (1, 2): "La", (1, 4): "RGBA"}[tag, channels]
+    image = read_image(path)
+    write_frames(tmp_path / "out.tif", image.frames, image.format)
+    assert _extrasamples(tmp_path / "out.tif") == (expected,)
+    with Image.open(tmp_path / "out.tif") as written:
+        assert written.mode == mode
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), pixels)
+
+
+def test_two_channels_of_a_tiff_that_are_not_alpha_are_not_written_as_alpha(tmp_path):
+    """Two fluorescence channels (the extra sample UNSPECIFIED, or a hyperstack's C axis) stay two channels."""
+    pixels = np.random.default_rng(3).integers(0, 4096, (16, 20, 2)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "samples.tif", pixels, photometric="minisblack", planarconfig="contig")
+    tifffile.imwrite(tmp_path / "hyperstack.tif", np.moveaxis(pixels, -1, 0), imagej=True, metadata={"axes": "CYX"})
+    np.save(tmp_path / "array.npy", pixels)
+    for name in ("samples.tif", "hyperstack.tif", "array.npy"):
+        image = read_image(tmp_path / name)
+        assert image.channels == 2 and image.format.alpha is None, name
+        write_frames(tmp_path / f"out-{name}.tif", image.frames, image.format)
+        assert _extrasamples(tmp_path / f"out-{name}.tif") == (0,), name
+
+
 # ----------------------------------------------------------------------------
 # 5. OutputFiles: all or nothing
 

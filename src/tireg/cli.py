@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -856,7 +857,7 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
     output = Path(args.output)
     kind = check_writable(output, (image.count, image.channels), image.format)
     outputs.check(output)
-    out_format = ImageFormat(kind, image.format.dtype, image.format.channel_axis, image.format.photometric)
+    out_format = replace(image.format, kind=kind)  # its dtype, channel axis, photometric and alpha
     interpolation, why = _apply_interpolation(args, transform)
     warped = _warp_frames(image.frames, matrices, size, interpolation)
     with outputs.writing(output) as temporary:
@@ -1051,8 +1052,7 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
                 write_frames(folder / name, aligned[k:k + 1], stack.formats[k])
     else:
         with outputs.writing(output) as temporary:
-            write_frames(temporary, aligned,
-                         ImageFormat(kind, stack.format.dtype, stack.format.channel_axis, stack.format.photometric))
+            write_frames(temporary, aligned, replace(stack.format, kind=kind))  # its alpha too
     with outputs.writing(csv_path) as temporary:
         _write_stack_csv(temporary, stack, found, args.transform)
     written = outputs.commit()

@@ -109,12 +109,17 @@ class ImageFormat:
         channel_axis: whether the file has a channel axis (``(H, W, C)``);
             ``False`` for grey ``(H, W)``.
         photometric: TIFF only: ``"rgb"`` or ``"minisblack"``.
+        alpha: whether the last channel of grey + alpha or RGBA was alpha in the file:
+            ``"unassociated"`` (a PNG's; a TIFF's ExtraSamples UNASSALPHA), ``"associated"``
+            (premultiplied: ASSOCALPHA), or ``None`` where the file did not say so (an ``.npy``;
+            a TIFF of two fluorescence channels, whose extra sample is UNSPECIFIED).
     """
 
     kind: str
     dtype: np.dtype
     channel_axis: bool = False
     photometric: Optional[str] = None
+    alpha: Optional[str] = None
 
 
 @dataclass
@@ -328,7 +333,9 @@ def _read_pillow(path: Path, kind: str, what: str, frames: bool) -> tuple[np.nda
     if array.ndim == 2:
         return array[None, :, :, None], ImageFormat(kind, array.dtype, False)
     if array.ndim == 3:
-        return array[None], ImageFormat(kind, array.dtype, True)
+        # Pillow's two and four channels are LA and RGBA (CMYK was read as RGB, above)
+        alpha = "unassociated" if array.shape[-1] in (2, 4) else None
+        return array[None], ImageFormat(kind, array.dtype, True, alpha=alpha)
     raise ImageError(f"{what} {str(path)!r} has shape {array.shape}; expected (H, W) or (H, W, C)")
 
 
@@ -355,6 +362,7 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
             data, axes, ignored = _tiff_series(tif, path, what)
             photometric = getattr(tif.pages[0], "photometric", None)
             compression = getattr(getattr(tif.pages[0], "compression", None), "name", "")
+            extrasamples = tuple(int(value) for value in getattr(tif.pages[0], "extrasamples", ()) or ())
     except ImageError:
         raise
     except Exception as error:
@@ -377,6 +385,7 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
     if "Y" not in axes or "X" not in axes or len(axes) != data.ndim:
         raise ImageError(f"{what} {str(path)!r} has axes {axes!r}; expected rows (Y) and columns (X)")
     channel_axes = [i for i, a in enumerate(axes) if a in "SC"]
+    samples_only = [axes[i] for i in channel_axes] == ["S"]  # the channels are the page's samples
     if len(channel_axes) > 1:
         # e.g. ImageJ hyperstack with RGB samples per channel: fold them into one channel axis
         data = np.moveaxis(data, channel_axes, list(range(data.ndim - len(channel_axes), data.ndim)))
@@ -390,7 +399,17 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
     height, width = data.shape[len(rest)], data.shape[len(rest) + 1]
     channels = data.shape[-1] if channel_axes else 1
     data = data.reshape(count, height, width, channels)
-    return data, ImageFormat(kind, data.dtype, bool(channel_axes), photometric if channel_axes else "minisblack")
+    # alpha only where the page's own samples say so: grey or RGB and one extra sample tagged alpha
+    # (an UNSPECIFIED one -- a second fluorescence channel -- or a hyperstack's C axis is not alpha)
+    alpha = None
+    if samples_only and len(extrasamples) == 1 and channels == (4 if photometric == "rgb" else 2):
+        alpha = _TIFF_ALPHA.get(extrasamples[0])
+    return data, ImageFormat(kind, data.dtype, bool(channel_axes), photometric if channel_axes else "minisblack",
+                             alpha)
+
+
+#: The alpha of a TIFF's ExtraSamples value (1: ASSOCALPHA, 2: UNASSALPHA; 0, UNSPECIFIED, is not alpha).
+_TIFF_ALPHA = {1: "associated", 2: "unassociated"}
 
 
 def _tiff_series(tif, path: Path, what: str) -> tuple[np.ndarray, str, str]:
@@ -657,6 +676,12 @@ def _write_data(temporary: Path, data: np.ndarray, kind: str, channels: int, ima
         options = dict(photometric="rgb" if rgb else "minisblack")
         if has_channels:
             options["planarconfig"] = "contig"
+        if image_format.alpha is not None and channels == (4 if rgb else 2):
+            # tifffile tags a second grey sample UNSPECIFIED (Pillow then opened grey + alpha as plain
+            # grey) and a fourth RGB one UNASSALPHA (premultiplied alpha lost that); a sample that was
+            # not alpha in the input (alpha None: two fluorescence channels) keeps tifffile's tag
+            options["extrasamples"] = [next(value for value, alpha in _TIFF_ALPHA.items()
+                                            if alpha == image_format.alpha)]
         tifffile.imwrite(temporary, np.ascontiguousarray(data), **options)
     else:
         iio = require("imageio.v3", f"writing {kind.upper()} files")
