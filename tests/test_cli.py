@@ -726,11 +726,54 @@ def test_levels_that_end_coarse_warn_and_help_shows_only_real_defaults(data, tmp
     folder = data["folder"]
     assert main(["register", str(folder / "fixed.png"), str(folder / "moving.png"), "-o", "out", "-q",
                  "-t", "translation", "--levels", "1,2"]) == 0
-    assert "tireg: warning: the pyramid (1, 2) ends at shrink factor 2: the result is found at 1/2" in (
-        capsys.readouterr().err)
+    # in the command's words: it said "the pyramid (1, 2) ... e.g. (4, 2, 1)", register()'s Python ones
+    assert capsys.readouterr().err.splitlines() == [
+        "tireg: warning: --levels 1,2 ends at shrink factor 2: the result is found at 1/2 of the resolution "
+        "(shrink factors go from coarse to fine and end with 1 for full resolution, e.g. --levels 4,2,1)"]
     assert main(["register", "--help"]) == 0
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "otherwise) (default" not in text and "(default: affine)" in text
+
+
+def test_gauss_newton_with_a_metric_it_cannot_serve_is_refused_in_the_commands_words(data, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """--metric mi --optimizer gauss-newton printed register()'s "use optimizer='lbfgs' (the default for
+    'mi') or 'adam'", after reading the images."""
+    monkeypatch.chdir(tmp_path)
+    folder = data["folder"]
+    for command in (["register", str(folder / "fixed.png"), str(folder / "moving.png"), "-o", "out"],
+                    ["stack", "missing.tif", "-o", "aligned.tif"]):
+        assert main([*command, "--metric", "mi", "--optimizer", "gauss-newton"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            "tireg: error: --optimizer gauss-newton needs a per-pixel loss (--metric l2, cauchy, ...) or --metric ncc "
+            "or ncc_any; for --metric mi use --optimizer lbfgs (what the default, --optimizer auto, picks for it) or "
+            f"adam (see 'tireg {command[0]} --help')")
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_commands_optimizer_check_is_register_s_rule():
+    """The command refuses --optimizer gauss-newton for exactly the metrics register() refuses it for."""
+    import argparse
+
+    import tireg.cli as cli
+    from tireg.losses import LOSSES
+    from tireg.metrics import METRIC_NAMES
+
+    image = torch.rand(16, 16, generator=torch.Generator().manual_seed(0))
+    for metric in dict.fromkeys([*LOSSES, *METRIC_NAMES]):  # --metric's choices
+        try:
+            tireg.register(image, image, metric=metric, optimizer="gauss-newton", gradients="analytic",
+                           pyramid=(1,), init="identity", max_iterations=1)
+            refused = False
+        except ValueError as error:
+            assert "Gauss-Newton needs" in str(error)
+            refused = True
+        try:
+            cli._check_optimizer(argparse.Namespace(metric=metric, optimizer="gauss-newton", command="register"))
+        except cli.UsageError:
+            assert refused, metric
+        else:
+            assert not refused, metric
 
 
 def test_a_jpeg_with_a_second_picture_reads_its_main_one(tmp_path):

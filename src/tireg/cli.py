@@ -601,6 +601,23 @@ def _names(paths: Sequence[Path]) -> str:
 # register
 
 
+def _check_optimizer(args: argparse.Namespace) -> None:
+    """:class:`UsageError` for ``--optimizer gauss-newton`` with a metric it cannot serve, before any work.
+
+    ``register()`` refused it too, in its Python words ("use optimizer='lbfgs' (the default for
+    'mi') or 'adam'"); this is its rule (the command always passes ``gradients="analytic"``):
+    Levenberg-Marquardt needs a per-pixel loss or NCC, with that class's own cost.
+    """
+    from .metrics import NCC, PerPixelMetric, _own_cost, get_metric
+
+    if args.optimizer == "gauss-newton" and not _own_cost(get_metric(args.metric), (PerPixelMetric, NCC)):
+        raise UsageError(
+            f"--optimizer gauss-newton needs a per-pixel loss (--metric l2, cauchy, ...) or --metric ncc or "
+            f"ncc_any; for --metric {args.metric} use --optimizer lbfgs (what the default, --optimizer auto, "
+            f"picks for it) or adam (see '{PROG} {args.command} --help')"
+        )
+
+
 def _register_images(args, fixed_grey, moving_grey, *, mask=None, moving_mask=None, progress=None, init=None):
     """``tireg.register`` on ``(H, W)`` or ``(B, 1, H, W)`` grey arrays with the command line's options
     (``init``: start matrices in place of ``--init``)."""
@@ -1261,8 +1278,23 @@ class _CommandWarnings:
         if getattr(cls._local, "depth", 0) == 0:  # another thread's warning, not the command's
             (cls._saved or _PYTHON_SHOWWARNING)(message, category, filename, lineno, file, line)
             return
-        print(f"{PROG}: warning: {_one_line(message if isinstance(message, Warning) else Warning(message))}",
-              file=sys.stderr if file is None else file)
+        text = _one_line(message if isinstance(message, Warning) else Warning(message))
+        print(f"{PROG}: warning: {_command_words(text)}", file=sys.stderr if file is None else file)
+
+
+#: ``register()``'s Python words in its warnings, and the command line's for them (the pyramid's
+#: ``(1, 2)`` and ``e.g. (4, 2, 1)`` are ``--levels 1,2`` and ``--levels 4,2,1`` here).
+_COMMAND_WORDS = [
+    (re.compile(r"\bthe pyramid \(([\d, ]+?),?\)"), lambda match: f"--levels {match[1].replace(' ', '')}"),
+    (re.compile(r"\be\.g\. \((\d+(?:, \d+)+)\)"), lambda match: f"e.g. --levels {match[1].replace(' ', '')}"),
+]
+
+
+def _command_words(text: str) -> str:
+    """``text`` (a library warning) with the Python wording of options replaced by the command's."""
+    for pattern, words in _COMMAND_WORDS:
+        text = pattern.sub(words, text)
+    return text
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
@@ -1277,6 +1309,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
+        if hasattr(args, "optimizer"):
+            _check_optimizer(args)
         outputs = OutputFiles(force=args.force)
         with outputs:
             return args.handler(args, outputs)
