@@ -605,12 +605,13 @@ def _check_optimizer(args: argparse.Namespace) -> None:
     """:class:`UsageError` for ``--optimizer gauss-newton`` with a metric it cannot serve, before any work.
 
     ``register()`` refused it too, in its Python words ("use optimizer='lbfgs' (the default for
-    'mi') or 'adam'"); this is its rule (the command always passes ``gradients="analytic"``):
-    Levenberg-Marquardt needs a per-pixel loss or NCC, with that class's own cost.
+    'mi') or 'adam'"), after the images were read; its rule, ``register._gauss_newton_serves``
+    (the command always passes ``gradients="analytic"``).
     """
-    from .metrics import NCC, PerPixelMetric, _own_cost, get_metric
+    from .metrics import get_metric
+    from .register import _gauss_newton_serves
 
-    if args.optimizer == "gauss-newton" and not _own_cost(get_metric(args.metric), (PerPixelMetric, NCC)):
+    if args.optimizer == "gauss-newton" and not _gauss_newton_serves(get_metric(args.metric)):
         raise UsageError(
             f"--optimizer gauss-newton needs a per-pixel loss (--metric l2, cauchy, ...) or --metric ncc or "
             f"ncc_any; for --metric {args.metric} use --optimizer lbfgs (what the default, --optimizer auto, "

@@ -1727,6 +1727,15 @@ def _autograd_in_bands(problem: _Problem, params: torch.Tensor, level: _Level, b
     return None
 
 
+def _gauss_newton_serves(metric: Metric) -> bool:
+    """Whether Levenberg-Marquardt can minimise ``metric`` (with analytic gradients): a per-pixel loss
+    (:class:`PerPixelMetric`: its loss and term weights) or NCC (its ECC system), each by the class's
+    own cost: a subclass that changes the cost (its ``__call__``) is not what those describe.  L-BFGS
+    for the others, one of one's own that says ``per_pixel`` too.  (The command line checks its
+    options by this rule before it reads an image.)"""
+    return _own_cost(metric, (PerPixelMetric, NCC))
+
+
 def _check_optimizer_options(optimizer: str, options: Optional[dict], caller: str) -> None:
     """``optimizer_options`` go to a ``torch.optim`` optimiser: raise here, naming them, if
     Gauss-Newton would ignore them or the optimiser rejects them (tried on a dummy parameter)."""
@@ -2338,10 +2347,7 @@ def register(
     check_option(gradients, ("analytic", "autograd"), "gradients", caller)
     check_option(interpolation, GRADIENT_INTERPOLATIONS, "interpolation", caller)
     metric_object = copy.copy(get_metric(metric))  # a copy: register sets its histogram ranges per level
-    # Levenberg-Marquardt for a per-pixel loss (PerPixelMetric: its loss and term weights) and for NCC
-    # (its ECC system), each by the class's own cost: a subclass that changes the cost (its __call__)
-    # is not what those describe.  L-BFGS for the others, one of one's own that says per_pixel too.
-    stepped = _own_cost(metric_object, (PerPixelMetric, NCC))
+    stepped = _gauss_newton_serves(metric_object)
     if optimizer == "auto":
         optimizer = "gauss-newton" if stepped and gradients == "analytic" else "lbfgs"
     if optimizer == "gauss-newton" and gradients == "autograd":
