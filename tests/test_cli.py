@@ -662,6 +662,11 @@ def test_the_stack_csv_names_each_column_once_and_applies_to_another_channel(dri
     # "another channel" of the same frames: the stack's own file, page k by matrix k, as stack wrote it
     assert main(["apply", "out.csv", str(drift[0] / "drift.tif"), "-o", "again.tif", "-q"]) == 0
     assert np.array_equal(tifffile.imread(tmp_path / "again.tif"), tifffile.imread(tmp_path / "out.tif"))
+    # resampled as the stack was: its CSV records the interpolation (apply had taken bilinear)
+    assert main(["stack", str(drift[0] / "drift.tif"), "-o", "cubic.tif", "--interpolation", "bicubic", "-q"]) == 0
+    assert {row["interpolation"] for row in csv.DictReader(open(tmp_path / "cubic.csv"))} == {"bicubic"}
+    assert main(["apply", "cubic.csv", str(drift[0] / "drift.tif"), "-o", "again_cubic.tif", "-q"]) == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "again_cubic.tif"), tifffile.imread(tmp_path / "cubic.tif"))
     (tmp_path / "odd.csv").write_text("frame,a00\n0,1\n")
     assert main(["apply", "odd.csv", str(drift[0] / "drift.tif"), "-o", "x.tif", "-q"]) == 1
     assert not (tmp_path / "x.tif").exists()

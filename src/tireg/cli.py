@@ -757,7 +757,8 @@ APPLY_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 def _apply_interpolation(args: argparse.Namespace, transform) -> tuple[str, str]:
     """``(interpolation, why)``: ``--interpolation`` where given, else the one the transform file
-    records (``metadata.interpolation``, written by ``RegistrationResult.save``), else bilinear.
+    records (``metadata.interpolation``, written by ``RegistrationResult.save``; a stack CSV's
+    ``interpolation`` column), else bilinear.
 
     Bilinear whatever the registration had used made ``tireg apply`` differ from the warped image
     of ``tireg register --interpolation bicubic`` (by 25 grey levels).
@@ -804,7 +805,10 @@ def _load_stack_csv(path: str):
         if not all(math.isfinite(value) for value in values):
             raise CommandError(f"transform {path!r}: row {k + 1} holds a matrix entry that is NaN or infinite")
         matrices[frames[k], :2] = np.reshape(values, (2, 3))
-    return TransformFile(matrix=torch.from_numpy(matrices))
+    # the interpolation the stack was resampled with (apply's default), where every row names the same
+    recorded = {row.get("interpolation") for row in rows}
+    metadata = {"interpolation": recorded.pop()} if len(recorded) == 1 and None not in recorded else {}
+    return TransformFile(matrix=torch.from_numpy(matrices), metadata=metadata)
 
 
 def _stack_csv_frames(path: str, rows: list[dict]) -> list[int]:
@@ -981,7 +985,7 @@ def _register_to_mean(args, grey: np.ndarray, mask, progress: _Progress) -> dict
     return found
 
 
-def _write_stack_csv(path: Path, stack: ImageData, found: dict[str, Any], kind_name: str) -> None:
+def _write_stack_csv(path: Path, stack: ImageData, found: dict[str, Any], kind_name: str, interpolation: str) -> None:
     import torch
 
     from .transforms import get_transform
@@ -996,13 +1000,14 @@ def _write_stack_csv(path: Path, stack: ImageData, found: dict[str, Any], kind_n
         # the matrix as m00 .. m12: the affine kind's own parameters are named a00 .. a11 (two columns
         # of one name broke readers that index by name)
         writer.writerow(["frame", "source", *names, "m00", "m01", "m02", "m10", "m11", "m12",
-                         "cost", "iterations", "converged", "stop_reason"])
+                         "cost", "iterations", "converged", "stop_reason", "interpolation"])
         for k in range(stack.count):
             params = [math.degrees(v) if n == "angle" else v for n, v in zip(kind.parameter_names, values[k])]
             matrix = found["matrices"][k][:2].reshape(-1)
             writer.writerow([k, stack.names[k], *(repr(float(v)) for v in params),
                              *(repr(float(v)) for v in matrix), repr(float(found["costs"][k])),
-                             int(found["iterations"][k]), bool(found["converged"][k]), found["reasons"][k]])
+                             int(found["iterations"][k]), bool(found["converged"][k]), found["reasons"][k],
+                             interpolation])
 
 
 def _frame_names(stack: ImageData) -> list[str]:
@@ -1072,7 +1077,7 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
         with outputs.writing(output) as temporary:
             write_frames(temporary, aligned, replace(stack.format, kind=kind))  # its alpha too
     with outputs.writing(csv_path) as temporary:
-        _write_stack_csv(temporary, stack, found, args.transform)
+        _write_stack_csv(temporary, stack, found, args.transform, args.interpolation)
     written = outputs.commit()
 
     matrices = found["matrices"]
