@@ -803,9 +803,10 @@ def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tenso
     The ``B K`` warps of a chunk of candidates (:func:`tireg._chunks.chunk_slices`) run as one
     :func:`tireg.warp` call of a two-channel image (the moving image and its
     coverage, ones warped with zero padding).  A side of two channels brings its mask as the
-    second (:func:`_with_mask`: 0 to 1, a downsampled mask's fraction; a pixel counts where it
-    exceeds 0.999): the overlap is then also inside both masks, and the overlap a candidate needs
-    is counted in masked pixels.
+    second (0/1, :func:`_working_image`; halved for the search's first stages, a pixel counts
+    where at least half of its block does, :func:`_halved_scoring`): the overlap is then also
+    inside both masks (the moving mask warped, all four of a point's neighbours inside), and the
+    overlap a candidate needs is counted in masked pixels.
 
     Gain invariant: no absolute constant.  The two sides' centred values are summed as they
     are and ``cov / (sqrt(var_f) sqrt(var_m))`` taken as a product of two reciprocal roots
@@ -826,11 +827,11 @@ def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tenso
     inside = (pairs[:, :, 1:] > 0.999).to(fixed.dtype)  # (B, K, 1, P): the overlap
     fixed_pixels, moving_pixels = fixed.shape[-2] * fixed.shape[-1], moving.shape[-2] * moving.shape[-1]
     if fixed.shape[1] == 2:  # and inside the fixed mask
-        fixed_inside = (fixed[:, 1:] > 0.999).to(fixed.dtype).reshape(batch, 1, 1, -1)
+        fixed_inside = fixed[:, 1:].reshape(batch, 1, 1, -1)
         inside = inside.mul_(fixed_inside)
         fixed_pixels = fixed_inside.sum((-1, -2))  # (B, 1)
     if moving.shape[1] == 2:
-        moving_pixels = (moving[:, 1:] > 0.999).sum((-1, -2, -3)).to(fixed.dtype)[:, None]  # (B, 1)
+        moving_pixels = moving[:, 1:].sum((-1, -2, -3))[:, None]  # (B, 1)
     pairs[:, :, 1] = fixed[:, :1].reshape(batch, 1, -1)  # the coverage read: the fixed image in its place
     overlap = inside.sum(-1)  # (B, K, 1): n
     means = (pairs * inside).sum(-1) / overlap.clamp_min(1.0)  # (B, K, 2)
@@ -1065,7 +1066,7 @@ def _search(
         shrink = shrink_matrix(2, dtype=dtype, device=device)
         half = lambda image: downsample(image, 2)  # noqa: E731
         halved = (_spectra(half(fixed)), half(canvas), torch.linalg.inv(shrink) @ base @ shrink, (centre - 0.5) / 2)
-        halved_scoring = (half(score_fixed), half(score_moving))  # once for both stages
+        halved_scoring = (_halved_scoring(score_fixed), _halved_scoring(score_moving))  # once for both stages
         rank = lambda a, s: _score_candidates(*halved, a, s, *halved_scoring)[1]  # noqa: E731
         angles, scales = keep(angles, scales, rank(angles, scales), 4)
         angles, scales = around(angles, scales, *refine[0])
@@ -1243,18 +1244,26 @@ def _scored_initialize(
     return tuple(torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*found))
 
 
-def _with_mask(small: torch.Tensor, mask: Optional[torch.Tensor], factor: int
-               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """A working image ``(B, 1, h, w)`` with what lies outside ``mask`` (full resolution, 0/1, or
-    ``None``) set to the mean inside it, and the mask downsampled alike (a working pixel inside
-    where all of its pixels are): the same image and ``None`` without a mask.  Mean-filled, the
-    outside is flat, so that phase correlation and Fourier-Mellin, which take the whole mean-free
-    image, see only the masked content; the scores leave it out (:func:`_scoring_image`)."""
+def _working_image(image: torch.Tensor, mask: Optional[torch.Tensor], factor: int
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The working copy ``(B, 1, h, w)`` of a full-resolution ``image`` (:func:`downsample`), and its
+    0/1 mask there (``None`` without ``mask``).
+
+    With a 0/1 ``mask``: a working pixel is inside where at least half of its block is (as
+    ``register``'s coarse levels count them; where all of it had to be, a mask with 10 % of
+    scattered holes left no working pixel inside, and a rotated pair started, and ended, 200 px
+    off), its value the average of the block's pixels inside, and the pixels outside are the
+    mean inside: flat, so that phase correlation and Fourier-Mellin, which take the whole
+    mean-free image, see only the masked content; the scores leave them out
+    (:func:`_scoring_image`)."""
     if mask is None:
-        return small, None
-    inside = (downsample(mask, factor) > 0.999).to(small.dtype)
-    mean = (small * inside).sum((-1, -2), keepdim=True) / inside.sum((-1, -2), keepdim=True).clamp_min(1.0)
-    return torch.where(inside > 0, small, mean), inside
+        return downsample(image, factor), None
+    fraction = downsample(mask, factor)
+    inside = fraction >= 0.5
+    small = downsample(image * mask, factor) / fraction.clamp_min(0.5)
+    inside_count = inside.sum((-1, -2), keepdim=True).clamp_min(1)
+    mean = torch.where(inside, small, 0.0).sum((-1, -2), keepdim=True) / inside_count
+    return torch.where(inside, small, mean), inside.to(small.dtype)
 
 
 def _scoring_image(small: torch.Tensor, inside: Optional[torch.Tensor]) -> torch.Tensor:
@@ -1262,6 +1271,15 @@ def _scoring_image(small: torch.Tensor, inside: Optional[torch.Tensor]) -> torch
     its mask as a second channel, where one is given."""
     blurred = gaussian_blur(small, 1.0, padding_mode="reflection")
     return blurred if inside is None else torch.cat([blurred, inside], dim=1)
+
+
+def _halved_scoring(image: torch.Tensor) -> torch.Tensor:
+    """A :func:`_scoring_image` halved (:func:`downsample`), its mask channel, where it has one, 0/1
+    again: inside where at least half of a block is (:func:`_working_image`'s rule)."""
+    halved = downsample(image, 2)
+    if image.shape[1] == 2:
+        halved[:, 1] = (halved[:, 1] >= 0.5).to(halved.dtype)
+    return halved
 
 
 def _pair_chunk_budget(batch: int, working: int) -> int:
@@ -1293,7 +1311,7 @@ def _initialize(
     bit for bit (box downsampling and blurs are odd functions; only ``moments`` negates the image).
 
     Masks (0/1, ``(B, 1, H, W)`` and ``(B, 1, H', W')``, or ``None``): what lies outside one is
-    left out (:func:`_with_mask`).  ``register`` with a mask over no-data (zeros beyond a
+    left out (:func:`_working_image`).  ``register`` with a mask over no-data (zeros beyond a
     field of view) had started every metric 116-169 px off from ``"auto"``: the candidates matched
     the mask's edge, and the identity had scored on the no-data."""
     batch = fixed.shape[0]
@@ -1310,8 +1328,8 @@ def _initialize(
     factor = _downsample_factor([fixed.shape[-2:], moving.shape[-2:]], max_size)
     scale_up = shrink_matrix(factor, dtype=fixed.dtype, device=fixed.device)
     scale_down = torch.linalg.inv(scale_up)
-    small_f, small_fixed_mask = _with_mask(downsample(fixed, factor), fixed_mask, factor)
-    small_m, small_moving_mask = _with_mask(downsample(moving, factor), moving_mask, factor)
+    small_f, small_fixed_mask = _working_image(fixed, fixed_mask, factor)
+    small_m, small_moving_mask = _working_image(moving, moving_mask, factor)
     if negate_moving:
         small_m = -small_m  # a working copy; downsample(-m) is -downsample(m), bit for bit
     score_f = _scoring_image(small_f, small_fixed_mask)
