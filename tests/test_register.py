@@ -327,6 +327,22 @@ def test_the_initialiser_leaves_out_what_lies_outside_the_masks():
     assert grid_error(result.matrix, truth, fixed.shape) < 0.05
 
 
+def test_the_initialiser_keeps_a_mask_with_scattered_holes():
+    # a working pixel of the initialiser is inside a mask where half of its block is (as register's
+    # coarse levels): where all of it had to be, 10 % of dead pixels left no working pixel inside,
+    # and a pair turned by 69 degrees started, and ended "converged", 213 px off
+    from tireg.data import camera
+
+    fixed = camera()
+    height, width = fixed.shape
+    turn = tireg.transforms.rigid_matrix(torch.tensor([1.2, 5.0, -3.0], dtype=torch.float64),
+                                         tireg.image_center(height, width))
+    moving = tireg.warp(fixed[None, None], torch.linalg.inv(turn).float())[0, 0]
+    dead = torch.rand(height, width, generator=torch.Generator().manual_seed(1)) < 0.1
+    result = tireg.register(fixed, moving.masked_fill(dead, 0.0), transform="rigid", moving_mask=~dead)
+    assert grid_error(result.matrix, turn, fixed.shape) < 0.2
+
+
 def test_a_mask_through_the_content_does_not_pull_the_smoothed_result():
     # The fixed image is smoothed inside its mask only, the moving image whole: along a mask's edge
     # they differed (a one-sided against a whole Gaussian) and pulled the result 0.05 px; the mask
@@ -453,6 +469,14 @@ def test_a_step_held_back_by_a_small_learning_rate_is_not_convergence():
     # the defaults still converge, to the truth
     adam = tireg.register(fixed, moving, transform="affine", optimizer="adam")
     assert adam.stop_reason == ["converged"] and grid_error(adam.matrix, truth, fixed.shape) < 0.05
+    # and a pair at its optimum from the start, whose steps are all 0 (0 < 0.25 x 0 had run it to
+    # max_iterations at every level)
+    from tireg.data import camera
+
+    image = camera()[:128, :128]
+    for optimizer in ("adam", "sgd"):
+        still = tireg.register(image, image, optimizer=optimizer, init="identity", pyramid=(1,))
+        assert still.stop_reason == ["converged"] and still.iterations.tolist() == [3], optimizer
 
 
 def test_the_full_resolution_smoothing_follows_the_metric():

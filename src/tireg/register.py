@@ -2019,7 +2019,9 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
             small = small & ~optim.searching
         else:  # short against the level's largest step: near the minimum, not held back by lr
             largest = torch.maximum(largest, torch.where(active, moved, torch.zeros_like(moved)))
-            small = small & (moved < FIRST_ORDER_STEP_FRACTION * largest)
+            # (<=: a pair that never moves, at its optimum from the start, converges; 0 < 0 ran it
+            # to max_iterations at every level, 900 steps for 9)
+            small = small & (moved <= FIRST_ORDER_STEP_FRACTION * largest)
         quiet = torch.where(small, quiet + 1, torch.zeros_like(quiet))
         # one L-BFGS step holds several inner iterations; stochastic-looking Adam/SGD steps need a run
         converged = active & (quiet >= (1 if name == "lbfgs" else 3))
@@ -2265,6 +2267,9 @@ def register(
             1e-3) is small as well, below :data:`STALL_FACTOR` tolerances or
             :data:`STALL_FLOOR` px (times the factor; with the default
             tolerance the floor decides); else the pair is ``"stalled"``.
+            Adam and SGD: three steps running below it and below
+            :data:`FIRST_ORDER_STEP_FRACTION` of the pair's largest at the
+            level (a step held back by the learning rate is no convergence).
         interpolation: ``"bilinear"`` or ``"bicubic"``.
         normalize: ``True`` (default): each image and channel is brought to
             zero mean and unit deviation (over its mask) before a per-pixel
@@ -2547,8 +2552,9 @@ def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: floa
     so that both images are smoothed alike in the fixed image's frame; without a fixed mask, the fixed
     pixels nearest the border (a band of ``ceil(sigma)``), whose smoothing took the most made-up
     values beyond it, are left out: the level's fixed image is the interior, its pixel ``x`` the
-    full-resolution pixel ``x + band`` (``shrink``).  ``in_place``: the images are the caller's own
-    copies, which the smoothing may overwrite.
+    full-resolution pixel ``x + band`` (``shrink``); with one, the mask's pixels within
+    :data:`MASK_EDGE_BANDS` bands of its edge or the border (:func:`_without_edge_band`).
+    ``in_place``: the images are the caller's own copies, which the smoothing may overwrite.
     """
     residual = max(sigma**2 - (factor**2 - 1) / 12.0, 0.0) ** 0.5 / factor
 
@@ -2566,8 +2572,9 @@ def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: floa
         moving_level = _smooth_full_resolution(moving, moving_mask, residual, moving_scale, in_place=in_place)
         band = math.ceil(residual)
         # a fixed pixel near the border was smoothed with made-up values: the level is the fixed image
-        # without that band (a crop, not a weight image: no image-sized weight, fewer pixels).  Not
-        # with a fixed mask, which may hold little more than the band (a row became "no overlap")
+        # without that band (a crop, not a weight image: no image-sized weight, fewer pixels).  With a
+        # fixed mask, which may hold little more than the band (a row became "no overlap"), the mask
+        # loses its edge bands instead, where enough of it is left
         if fixed_mask is None and min(fixed.shape[-2:]) >= 8 * band:
             fixed_level = fixed_level[..., band:-band, band:-band].contiguous()
             cropped, offset = True, float(band)
