@@ -17,6 +17,7 @@ import functools
 import importlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -28,7 +29,7 @@ import pytest
 import torch
 
 import tireg
-from conftest import grid_error, registration_pair
+from conftest import CUDA, grid_error, registration_pair
 from tireg import transform_io
 from tireg.cli import main
 from tireg.transforms import TRANSFORMS, translation_matrix
@@ -602,7 +603,8 @@ def write_then_terminate(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)
     return path
 cli.write_frames = write_then_terminate
-sys.exit(cli.main(sys.argv[1:]))
+status = cli.main(sys.argv[1:])
+print("the program went on", status, flush=True)
 """
 
 
@@ -617,15 +619,15 @@ def test_sigterm_leaves_no_temporary_file_and_no_created_folder(data, tmp_path):
                               str(folder / "moving.png"), "-o", "out/deeper", "-t", "translation", "-q"],
                              cwd=work, capture_output=True, text=True, timeout=300, env=_env())
     assert process.stdout.startswith("written .tireg-"), process.stdout  # the signal came mid-write
-    assert process.returncode == 143, process.stderr
+    # then the process ends by SIGTERM, as it would have without tireg (143 in a shell): a program
+    # calling main() had gone on, with main() returning 143
+    assert process.returncode == -signal.SIGTERM and "went on" not in process.stdout, process.stderr
     assert process.stderr.strip() == "tireg: terminated; no output written", process.stderr
     assert not list(work.iterdir())  # no out/, no out/deeper/, no .tireg-*.tmp.png
 
 
 def test_sigterm_handler_is_put_back_and_a_programs_own_is_kept(data, tmp_path, monkeypatch):
     """main() handles SIGTERM only over the default, and only while it runs."""
-    import signal
-
     import tireg.cli as cli
 
     seen = []
@@ -736,6 +738,10 @@ def test_levels_that_end_coarse_warn_and_help_shows_only_real_defaults(data, tmp
     assert capsys.readouterr().err.splitlines() == [
         "tireg: warning: --levels 1,2 ends at shrink factor 2: the result is found at 1/2 of the resolution "
         "(shrink factors go from coarse to fine and end with 1 for full resolution, e.g. --levels 4,2,1)"]
+    # one level keeps its comma: '--levels 4' is four levels (8, 4, 2, 1)
+    assert main(["register", str(folder / "fixed.png"), str(folder / "moving.png"), "-o", "out4", "-q",
+                 "-t", "translation", "--levels", "4,"]) == 0
+    assert capsys.readouterr().err.startswith("tireg: warning: --levels 4, ends at shrink factor 4:")
     assert main(["register", "--help"]) == 0
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "otherwise) (default" not in text and "(default: affine)" in text
@@ -1154,3 +1160,26 @@ def test_two_frames_written_under_one_name_are_refused(data, tmp_path, monkeypat
     shutil.copy(data["folder"] / "fixed.png", tmp_path / "frames" / "t1.png")
     assert main(["stack", "frames", "-o", "aligned", "-t", "translation", "-q"]) == 1
     assert "would both be written as" in capsys.readouterr().err and not (tmp_path / "aligned").exists()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_with_device_cuda_the_outputs_are_warped_on_the_device(data, drift, tmp_path, monkeypatch):
+    """The registration ran on --device cuda, the warped image, the picture and a stack's frames (and
+    the mean reference) on the host."""
+    import tireg.sampling
+
+    devices = []
+    warp = tireg.sampling.warp
+
+    def spy(image, matrix, *args, **kwargs):
+        devices.append(image.device.type)
+        return warp(image, matrix, *args, **kwargs)
+
+    monkeypatch.setattr(tireg.sampling, "warp", spy)
+    monkeypatch.chdir(tmp_path)
+    folder = data["folder"]
+    assert main(["register", str(folder / "fixed.png"), str(folder / "moving.png"), "-o", "out",
+                 "--device", "cuda", "-q"]) == 0
+    assert main(["stack", str(drift[0] / "drift.tif"), "-o", "aligned.tif", "-r", "mean", "--device", "cuda",
+                 "-q"]) == 0
+    assert devices and set(devices) == {"cuda"}

@@ -68,7 +68,7 @@ class CommandError(Exception):
 
 
 class Terminated(BaseException):
-    """SIGTERM while :func:`main` runs (exit status 143, 128 + 15).
+    """SIGTERM while :func:`main` runs (then the process ends by SIGTERM: status 143, 128 + 15, in a shell).
 
     A ``BaseException``, as ``KeyboardInterrupt`` is: code that catches ``Exception`` on the way
     does not swallow it, and the outputs' ``with`` block discards the temporary files and the
@@ -576,7 +576,8 @@ def _identity_before(moving_grey: np.ndarray, size: tuple[int, int]) -> np.ndarr
 
 def _warp_frames(frames: np.ndarray, matrices: np.ndarray, size: tuple[int, int], interpolation: str,
                  device: str = "cpu", batch: int = 32) -> np.ndarray:
-    """``(N, H, W, C)`` frames resampled by ``(N or 1, 3, 3)`` matrices onto ``size``: float64 ``(N, h, w, C)``."""
+    """``(N, H, W, C)`` frames resampled by ``(N or 1, 3, 3)`` matrices onto ``size``: float64 ``(N, h, w, C)``,
+    computed on ``device`` (``--device``: with ``cuda`` the outputs were warped on the host)."""
     import torch
 
     from .sampling import warp
@@ -649,13 +650,14 @@ def _write_register_outputs(outputs: OutputFiles, paths: dict[str, Path], result
     from . import viz
 
     size = result.fixed_size
-    warped = _warp_frames(moving.frames, result.matrix.numpy()[None], size, args.interpolation)
+    warped = _warp_frames(moving.frames, result.matrix.numpy()[None], size, args.interpolation, args.device)
     with outputs.writing(paths["warped"]) as temporary:
         write_frames(temporary, warped, moving.format)
     for name in ("json", "tfm"):
         with outputs.writing(paths[name]) as temporary:
             result.save(temporary)
-    after = _warp_frames(moving_grey[None, :, :, None], result.matrix.numpy()[None], size, args.interpolation)
+    after = _warp_frames(moving_grey[None, :, :, None], result.matrix.numpy()[None], size, args.interpolation,
+                         args.device)
     with outputs.writing(paths["picture"]) as temporary:
         viz.save_comparison(temporary, fixed_grey, _identity_before(moving_grey, size), after[0, :, :, 0], title=title)
     with outputs.writing(paths["plot"]) as temporary:
@@ -972,9 +974,9 @@ def _register_to_mean(args, grey: np.ndarray, mask, progress: _Progress) -> dict
     count, height, width = grey.shape
     chained = _register_stack(argparse.Namespace(**{**vars(args), "reference": "previous"}), grey, mask, progress)
     first = chained["matrices"]  # frame 0 -> frame k
-    values = _warp_frames(grey[..., None], first, (height, width), "bilinear")[..., 0]
+    values = _warp_frames(grey[..., None], first, (height, width), "bilinear", args.device)[..., 0]
     ones = np.broadcast_to(np.ones((1, height, width, 1)), (count, height, width, 1))
-    cover = _warp_frames(ones, first, (height, width), "bilinear")[..., 0]
+    cover = _warp_frames(ones, first, (height, width), "bilinear", args.device)[..., 0]
     covered = cover.sum(axis=0)
     template = np.where(covered > 0.5, values.sum(axis=0) / np.maximum(covered, 1e-12), 0.0)
     found = _register_frames(args, template[None, None], grey[:, None], list(range(count)), mask, progress,
@@ -1065,7 +1067,8 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
         found = _register_stack(args, grey, mask, progress)
     finally:
         progress.close()
-    aligned = _warp_frames(stack.frames, found["matrices"], stack.size, args.interpolation, batch=args.batch_size)
+    aligned = _warp_frames(stack.frames, found["matrices"], stack.size, args.interpolation, args.device,
+                           batch=args.batch_size)
 
     if kind == "folder":
         folder = outputs.temporary(output)
@@ -1198,8 +1201,9 @@ def _one_line(error: BaseException) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``tireg`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
-    0: success; 1: the input could not be processed; 2: a wrong command line; 130: Ctrl-C;
-    143: SIGTERM (handled while this runs in the main thread, where SIGTERM has its default handler).
+    0: success; 1: the input could not be processed; 2: a wrong command line; 130: Ctrl-C.
+    SIGTERM, while this runs in the main thread and SIGTERM has its default handler: the outputs
+    discarded, then the process ends by the signal's default action (143 in a shell).
     Errors print one line, ``tireg: error: ...``, to stderr and leave no output file; so do Ctrl-C and SIGTERM.
     """
     _CommandWarnings.enter()
@@ -1210,7 +1214,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _CommandWarnings.leave()
 
 
+#: Set when SIGTERM arrived while :func:`main` ran: once the outputs are discarded, the process ends
+#: by SIGTERM's default action after all.
+_TERMINATED = threading.Event()
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    _TERMINATED.set()
     raise Terminated()
 
 
@@ -1222,7 +1232,10 @@ def _terminate_as_exception() -> Iterator[None]:
     (``.tireg-*.tmp.*``) and the folders the command had created stayed behind, where Ctrl-C
     (``KeyboardInterrupt``) left nothing.  Installed only where it can be and is wanted: in the
     main thread (the only one that may set a handler) and over the default, ``SIG_DFL``; a host
-    program's own handler (or one ignoring SIGTERM) is left alone.
+    program's own handler (or one ignoring SIGTERM) is left alone.  Once the outputs are discarded,
+    SIGTERM is sent again under the default, which ends the process as it would have without
+    tireg (status 143 in a shell): a program that calls :func:`main` and had not chosen to handle
+    SIGTERM went on running, with a signal that may have interrupted an import half-way.
     """
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -1237,6 +1250,10 @@ def _terminate_as_exception() -> Iterator[None]:
         # unless the program replaced it meanwhile
         if previous is not None and signal.getsignal(signal.SIGTERM) is _raise_terminated:
             signal.signal(signal.SIGTERM, previous)
+            if _TERMINATED.is_set():
+                _TERMINATED.clear()
+                sys.stderr.flush()
+                os.kill(os.getpid(), signal.SIGTERM)
 
 
 _PYTHON_SHOWWARNING = warnings.showwarning  # what a thread's warning falls back to
@@ -1291,7 +1308,8 @@ class _CommandWarnings:
 #: ``register()``'s Python words in its warnings, and the command line's for them (the pyramid's
 #: ``(1, 2)`` and ``e.g. (4, 2, 1)`` are ``--levels 1,2`` and ``--levels 4,2,1`` here).
 _COMMAND_WORDS = [
-    (re.compile(r"\bthe pyramid \(([\d, ]+?),?\)"), lambda match: f"--levels {match[1].replace(' ', '')}"),
+    # a pyramid of one level keeps its comma: on the command line '--levels 4' is four levels
+    (re.compile(r"\bthe pyramid \(([\d, ]+?)(,?)\)"), lambda match: f"--levels {match[1].replace(' ', '')}{match[2]}"),
     (re.compile(r"\be\.g\. \((\d+(?:, \d+)+)\)"), lambda match: f"e.g. --levels {match[1].replace(' ', '')}"),
 ]
 
