@@ -239,7 +239,8 @@ def _pack_padded(moving: torch.Tensor, padding_mode: str) -> torch.Tensor:
     border = padding_mode == "border"
     batch, channels, height, width = moving.shape
     words = moving.view(torch.int32)  # any strides (an expanded batch stays a view)
-    packed = torch.empty((batch, channels, height + 2 * pad, width + 2 * pad - 1), dtype=torch.int64)
+    packed = torch.empty((batch, channels, height + 2 * pad, width + 2 * pad - 1), dtype=torch.int64,
+                         device=moving.device)  # (packed on the CPU only, :func:`prepare_moving`)
     halves = packed.view(torch.int32).unflatten(-1, (-1, 2))
     for half, shift in zip((0, 1) if sys.byteorder == "little" else (1, 0), (0, 1)):
         target = halves[..., half]  # column j holds padded column j + shift
