@@ -295,6 +295,15 @@ _PILLOW_KINDS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg"}
 _WITH_ALPHA = {"P": "RGBA", "L": "LA", "RGB": "RGBA"}
 
 
+def _with_transparent_value(grey: np.ndarray, value) -> np.ndarray:
+    """A grey ``(H, W)`` image of a mode Pillow gives no alpha for (1-bit, 16-bit) and its ``tRNS``
+    grey ``value`` as ``(H, W, 2)``: the grey and an alpha, 0 where the pixel is ``value``, else
+    the type's full scale (1-bit: ``True``; 16-bit: 65535).  They were read opaque."""
+    if grey.dtype == bool:
+        return np.stack([grey, grey != bool(value)], axis=-1)
+    return np.stack([grey, np.where(grey == value, 0, 65535).astype(grey.dtype)], axis=-1)
+
+
 def _read_pillow(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarray, ImageFormat]:
     iio = require("imageio.v3", f"reading {kind.upper()} files")
     # Pillow reads a file by its content, whatever its suffix: so do these checks (a 16-bit PNG or an
@@ -310,7 +319,7 @@ def _read_pillow(path: Path, kind: str, what: str, frames: bool) -> tuple[np.nda
 
         with Image.open(path) as opened:
             mode, count, content = opened.mode, getattr(opened, "n_frames", 1), opened.format
-            transparent = "transparency" in opened.info  # a palette's or a colour's tRNS entry
+            transparent = opened.info.get("transparency")  # a palette's, a grey's or a colour's tRNS entry
         if content == "TIFF":  # Pillow read a 16-bit RGB TIFF named .png as 8 bits, and one page of many
             raise ImageError(f"{what} {str(path)!r} is a TIFF file under a {path.suffix!r} name; name it .tif "
                              "(tireg reads TIFFs with tifffile, which keeps their bit depth, channels and pages)")
@@ -323,13 +332,15 @@ def _read_pillow(path: Path, kind: str, what: str, frames: bool) -> tuple[np.nda
         # orientation applied, as viewers show the image; CMYK, Lab and YCbCr as RGB (their four
         # or three samples are not RGB(A): a CMYK JPEG registered as RGBA)
         options = dict(mode="RGB") if mode in ("CMYK", "LAB", "YCbCr", "HSV") else {}
-        if transparent and mode in _WITH_ALPHA:  # as a viewer shows it: a palette's transparent entries
-            options = dict(mode=_WITH_ALPHA[mode])  # were read as their colour, opaque
+        if transparent is not None and mode in _WITH_ALPHA:  # as a viewer shows it: a palette's transparent
+            options = dict(mode=_WITH_ALPHA[mode])  # entries were read as their colour, opaque
         array = np.asarray(iio.imread(path, plugin="pillow", index=0, rotate=True, **options))
     except ImageError:
         raise
     except Exception as error:  # the readers raise anything from OSError to SyntaxError on a bad file
         raise ImageError(f"cannot read {what} {str(path)!r} as {kind.upper()}: {_reason(error)}") from None
+    if transparent is not None and mode not in _WITH_ALPHA and array.ndim == 2:
+        array = _with_transparent_value(array, transparent)
     if array.ndim == 2:
         return array[None, :, :, None], ImageFormat(kind, array.dtype, False)
     if array.ndim == 3:
