@@ -1427,11 +1427,13 @@ def test_no_host_syncs_inside_the_loop_between_looks(monkeypatch, optimizer, met
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
-@pytest.mark.parametrize("optimizer, metric, masked", [
-    ("gauss-newton", "l2", False), ("gauss-newton", "cauchy", True), ("adam", "l2", False), ("adam", "mi", True),
-    ("gauss-newton", "ncc_any", True),
+@pytest.mark.parametrize("optimizer, metric, masked, compiled", [
+    ("gauss-newton", "l2", False, False), ("gauss-newton", "cauchy", True, False), ("adam", "l2", False, False),
+    ("adam", "mi", True, False), ("gauss-newton", "ncc_any", True, False),
+    # the compiled kernel's loop too (a GPU-readiness review: only the model's compiled step was held to it)
+    ("gauss-newton", "l2", True, True), ("adam", "cauchy", False, True),
 ])
-def test_on_cuda_a_level_never_synchronises_between_looks(monkeypatch, optimizer, metric, masked):
+def test_on_cuda_a_level_never_synchronises_between_looks(monkeypatch, optimizer, metric, masked, compiled):
     # A level's loop from its first evaluation to its outcome, with the looks turned off: any
     # operation that waits for the GPU fails (PyTorch's sync debug mode), not just those counted
     # on the CPU by the test above.
@@ -1439,9 +1441,9 @@ def test_on_cuda_a_level_never_synchronises_between_looks(monkeypatch, optimizer
     mask = torch.ones_like(fixed)
     mask[:8] = 0.0
     module = importlib.import_module("tireg.register")
-    options = dict(transform="rigid", optimizer=optimizer, metric=metric, compile=False, device="cuda",
+    options = dict(transform="rigid", optimizer=optimizer, metric=metric, compile=compiled, device="cuda",
                    mask=mask if masked else None, moving_mask=mask if masked else None)
-    tireg.register(fixed, moving, **options)  # small constants are made on first use, once
+    tireg.register(fixed, moving, **options)  # small constants are made on first use, once (and the compile)
     monkeypatch.setattr(module, "_should_look", lambda iteration, interval: False)
     guard = CudaSynchronisations()
     level_outcome = module._level_outcome
