@@ -632,6 +632,22 @@ def test_moments_affine_maps_the_covariances():
     assert torch.equal(translation[0, :2, :2], torch.eye(2, dtype=torch.float64))
 
 
+def test_masked_moments_weigh_only_the_masked_pixels():
+    """register's masks reach the initialiser: a mask's moments are those of its pixels alone,
+    measured from their own minimum (what lies outside, no-data or another pattern, weighs nothing)."""
+    size = (80, 96)
+    to_pattern = translation_matrix(torch.tensor([-30.0, -35.0], dtype=torch.float64))
+    image = render(to_pattern, size)
+    mask = torch.zeros_like(image)
+    mask[..., :, :60] = 1.0
+    cluttered = torch.where(mask > 0, image, 7.0 + image.flip(-1))  # something else beyond the mask
+    expected = init_module._centroid_and_covariance(image[..., :, :60])
+    found = init_module._centroid_and_covariance(cluttered, mask)
+    for mine, theirs in zip(found[:3], expected[:3]):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+    assert torch.equal(found[3][..., 60:], torch.zeros_like(found[3][..., 60:]))
+
+
 def test_center_of_mass_aligns_centroids():
     size = (70, 90)
     shift = torch.tensor([7.25, -3.5], dtype=torch.float64)
