@@ -807,3 +807,81 @@ def test_a_histogram_metric_pickles_without_its_fixed_bins_and_holds_no_image():
     del fixed
     gc.collect()
     assert held() is None  # the kept bins do not keep the fixed image alive
+
+
+def test_a_per_pixel_metric_in_half_precision_sums_in_float32():
+    """65,536 weights of 1 summed in float16 are inf (its largest is 65,504): the mean read 0, and
+    without weights a mean of 1.84 read inf (an audit of the public metrics)."""
+    generator = torch.Generator().manual_seed(3)
+    x, y = (torch.rand(1, 1, 256, 256, generator=generator) for _ in range(2))
+    mask = torch.ones(1, 1, 256, 256, dtype=torch.bool)
+    for scale, weight in ((1.0, mask), (3.0, None)):
+        expected = PerPixelMetric()(scale * x, y, weight)
+        cost, derivative = PerPixelMetric()((scale * x).half(), y.half(), weight, gradient=True)
+        assert cost.dtype == derivative.dtype == torch.float16
+        torch.testing.assert_close(cost.float(), expected, rtol=2e-3, atol=0.0)
+        _, exact = PerPixelMetric()(scale * x, y, weight, gradient=True)
+        torch.testing.assert_close(derivative.float(), exact, rtol=1e-2, atol=1e-7)
+
+
+def test_a_per_pixel_mean_does_not_depend_on_the_weights_scale():
+    """The count was clamped at 1: weights summing below 1 (normalised, or a scaled mask) gave
+    0.0071 for a mean of 0.0136. NCC and MI never depended on it."""
+    generator = torch.Generator().manual_seed(4)
+    x, y, weight = (torch.rand(2, 3, 32, 32, generator=generator, dtype=torch.float64) for _ in range(3))
+    weight = weight[:, :1]
+    metric = PerPixelMetric("cauchy")
+    for scale in (1e-3, 1e-6):
+        torch.testing.assert_close(metric(x, y, scale * weight), metric(x, y, weight), rtol=1e-12, atol=0.0)
+    cost, derivative = metric(x, y, 0 * weight, gradient=True)  # an empty pair counts nothing
+    assert torch.equal(cost, torch.zeros(2, dtype=torch.float64)) and not derivative.any()
+    with pytest.raises(TypeError, match="'mean' must be True or False; got 'no'"):
+        PerPixelMetric(mean="no")
+
+
+@pytest.mark.parametrize("name", ["mi", "nmi"])
+@pytest.mark.parametrize("use_matmul", [False, True])
+def test_a_histogram_metric_of_an_image_with_nan_is_nan(name, use_matmul):
+    """A NaN became the least int64 as a bin: the fixed image's was counted in bin 0, a plausible
+    finite cost, and with 33 bins or the one-hot product an index error; every other metric
+    returns NaN. Only the pair that holds it, with set ranges or each call's own."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.rand(2, 1, 32, 32, generator=generator, dtype=torch.float64)
+    y = 0.5 * x + 0.5 * torch.rand(2, 1, 32, 32, generator=generator, dtype=torch.float64)
+    clean = get_metric(name)(x, y)
+    for ranges in (False, True):
+        metric = {"mi": MutualInformation, "nmi": NormalizedMutualInformation}[name](33, use_matmul=use_matmul)
+        if ranges:
+            metric.set_ranges(x, y)
+        for moving, fixed, pair in ((x, y.clone(), 0), (x.clone(), y, 1)):
+            (fixed if pair == 0 else moving)[pair, 0, 3, 3] = float("nan")
+            cost, derivative = metric(moving, fixed, gradient=True)
+            assert torch.isnan(cost[pair]) and torch.isfinite(cost[1 - pair]), (ranges, pair)
+            if ranges:  # the other pair's own ranges: its cost and derivative as before
+                torch.testing.assert_close(cost[1 - pair], metric(x, y)[1 - pair])
+                assert torch.isfinite(derivative[1 - pair]).all()
+    assert torch.isfinite(clean).all()
+
+
+def test_histogram_ranges_are_checked_against_the_images_and_can_be_unset():
+    """Ranges set for one channel were applied to three silently; for two pairs, to one, as a reshape
+    error; set_ranges(None, None) after a call raised AttributeError on every later call; a span
+    below 1e-12 fell into one bin (MI 0 where NCC saw the same images)."""
+    generator = torch.Generator().manual_seed(6)
+    x = torch.rand(2, 1, 32, 32, generator=generator, dtype=torch.float64)
+    y = 0.5 * x + 0.5 * torch.rand(2, 1, 32, 32, generator=generator, dtype=torch.float64)
+    metric = MutualInformation()
+    metric.set_ranges(x, y)
+    expected = metric(x, y)
+    with pytest.raises(ValueError, match=r"ranges \(set_ranges\) are for 2 pair\(s\) of 1 channel\(s\); got "
+                                         r"images \(2, 3, 32, 32\)"):
+        metric(x.expand(2, 3, 32, 32), y.expand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="are for 2 pair"):
+        metric(x[:1].expand(3, 1, 32, 32), y[:1].expand(3, 1, 32, 32))
+    metric.set_ranges(None, None)
+    torch.testing.assert_close(metric(x, y), expected)  # each call's own ranges: these images' own
+    with pytest.raises(TypeError, match="set_ranges\\(\\): 'moving' must be a float tensor .B, C, H, W.; got ndarray"):
+        metric.set_ranges(x.numpy(), y)
+    torch.testing.assert_close(MutualInformation()(1e-13 * x, 1e-13 * y), expected, rtol=1e-9, atol=0.0)
+    with pytest.raises(TypeError, match="'use_matmul' must be None, True or False; got 'no'"):
+        MutualInformation(use_matmul="no")

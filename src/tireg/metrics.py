@@ -11,8 +11,12 @@ The derivative is what the analytic path multiplies with the moving
 image's gradient: one sampler-derivative pass then gives ``dL/dA``
 (:func:`tireg.analytic.cost_and_gradient`).  The costs are written with
 plain differentiable tensor operations too, so autograd gives the same
-gradient; the tests hold the two to 1e-5 in float64.  The weight is taken as
-a constant (which fixed pixels count changes only by whole pixels).
+gradient; the tests hold the two to 1e-11 in float64.  The weight is taken as
+a constant (which fixed pixels count changes only by whole pixels).  Weights
+are at least 0 (not checked: a check reads the values, a wait on a GPU), and
+only their ratios count (a mean's ``sum w``; local NCC's ``eps`` is absolute).
+A NaN in ``x`` or ``y`` makes its pair's cost NaN, as in any sum, where its
+weight is 0 too (``0 x NaN``); ``register`` refuses NaN and Inf in its images.
 
 =================================  ==========================================================
 metric                             cost
@@ -87,6 +91,13 @@ def _weight(weight: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 def _inputs(metric: "Metric", x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
     """:func:`_checked_weight`, all ones where there is none (:func:`_weight`)."""
     return _weight(_checked_weight(metric, x, y, weight), x)
+
+
+def _accumulated(x: torch.Tensor) -> Optional[torch.dtype]:
+    """float32 for float16 and bfloat16 ``x``, whose sums over an image leave their range or
+    precision (65,536 weights of 1 are beyond float16's 65,504: a mean of 0 or inf); else ``None``
+    (``x``'s own dtype)."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
 
 
 def _checked_weight(
@@ -167,6 +178,8 @@ class PerPixelMetric(Metric):
 
     def __init__(self, loss: Union[str, PerPixelLoss] = "l2", *, mean: bool = True):
         self.loss = get_loss(loss)
+        if not isinstance(mean, bool):  # mean="no" was taken, and truthy
+            raise TypeError(f"PerPixelMetric(): 'mean' must be True or False; got {mean!r}")
         self.mean = bool(mean)
 
     def __call__(self, x, y, weight=None, gradient=False):
@@ -178,16 +191,19 @@ class PerPixelMetric(Metric):
     ) -> Union[torch.Tensor, float, None]:
         """The weight ``s`` of each pixel's term in the cost, ``cost = sum_c sum_x s rho(x - y)``.
 
-        With ``mean``, ``s = w / (C sum w)`` (the count at least 1), ``(B, 1, H, W)``, or
+        With ``mean``, ``s = w / (C sum w)`` (0 where ``sum w = 0``), ``(B, 1, H, W)``, or
         ``1 / (C H W)`` as a number without weights; otherwise ``w`` (``None``: 1).
-        ``weight_sum``: ``sum w`` per pair ``(B,)`` where the caller has it already.
+        ``weight_sum``: ``sum w`` per pair ``(B,)`` where the caller has it already.  float16 and
+        bfloat16 sum in float32 (65,536 pixels' weights are beyond float16's range).
         """
         if not self.mean:
             return weight
         if weight is None:  # a number: no tensor made on the host and copied to the device
             return 1.0 / (x.shape[1] * x.shape[-2] * x.shape[-1])
-        weight_sum = weight.flatten(1).sum(1) if weight_sum is None else weight_sum
-        count = (weight_sum * x.shape[1]).clamp_min(1.0)
+        weight_sum = weight.flatten(1).sum(1, dtype=_accumulated(x)) if weight_sum is None else weight_sum
+        # the count clamped at the smallest normal number (an empty pair's s is 0), not at 1: weights
+        # of a sum below 1 (normalised ones, a scaled mask) were no longer a mean (0.0071 for 0.0136)
+        count = (weight_sum * x.shape[1]).clamp_min(torch.finfo(weight_sum.dtype).tiny)
         return weight / count[:, None, None, None]
 
     def weighted(
@@ -205,11 +221,13 @@ class PerPixelMetric(Metric):
             per_pixel, derivative = self.loss(x, y), None
         if isinstance(term_weights, torch.Tensor):
             per_pixel = per_pixel * term_weights
-        cost = per_pixel.flatten(1).sum(1)
+        cost = per_pixel.flatten(1).sum(1, dtype=_accumulated(x))
         if term_weights is not None and not isinstance(term_weights, torch.Tensor):
             cost = cost * term_weights
         if derivative is not None and term_weights is not None:
             derivative = derivative * term_weights
+        if _accumulated(x) is not None:  # float16 / bfloat16: summed in float32, returned in x's dtype
+            cost, derivative = cost.to(x.dtype), None if derivative is None else derivative.to(x.dtype)
         return (cost, derivative) if gradient else cost
 
     def __repr__(self) -> str:
@@ -681,6 +699,7 @@ class _FixedBins:
     fixed: TensorStamp
     ranges: Optional[TensorStamp]
     bins: torch.Tensor
+    not_a_number: torch.Tensor  # (P,) bool: a pair whose fixed image holds NaN
 
 
 def _one_hot_product(fixed_bin: torch.Tensor, base: torch.Tensor, past: torch.Tensor, weights: torch.Tensor,
@@ -836,6 +855,8 @@ class _JointHistogramMetric(Metric):
             raise ValueError(f"{type(self).__name__}(): 'bins' must be a whole number from 8 to 1024; got {bins!r}")
         self.bins = int(bins)
         # None: the one-hot matrix product on a GPU, a scatter-add on the CPU (both deterministic)
+        if use_matmul is not None and not isinstance(use_matmul, bool):  # "no" was taken, and truthy
+            raise TypeError(f"{type(self).__name__}(): 'use_matmul' must be None, True or False; got {use_matmul!r}")
         self.use_matmul = use_matmul
         self.ranges: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._fixed_cache: Optional[_FixedBins] = None
@@ -846,10 +867,15 @@ class _JointHistogramMetric(Metric):
         return {**self.__dict__, "_fixed_cache": None}
 
     def set_ranges(self, moving: Optional[torch.Tensor], fixed: Optional[torch.Tensor]) -> None:
-        """Fix the intensity ranges from whole images ``(B, C, H, W)`` (``None``: per call)."""
+        """Fix the intensity ranges from whole images ``(B, C, H, W)`` (``None``: per call).  A later
+        call's images must have their channels and their batch (or ranges of one pair serve every pair)."""
         if moving is None or fixed is None:
             self.ranges = None
             return
+        for label, image in (("moving", moving), ("fixed", fixed)):
+            if not isinstance(image, torch.Tensor) or image.dim() != 4 or not image.is_floating_point():
+                raise TypeError(f"{type(self).__name__}.set_ranges(): {label!r} must be a float tensor (B, C, H, W); "
+                                f"got {tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
         self.ranges = (
             torch.stack([moving.amin((2, 3)), moving.amax((2, 3))], -1).detach(),
             torch.stack([fixed.amin((2, 3)), fixed.amax((2, 3))], -1).detach(),
@@ -862,11 +888,21 @@ class _JointHistogramMetric(Metric):
         bins = self.bins
         if self.ranges is not None:
             x_range, y_range = self.ranges
+            for ranges in (x_range, y_range):  # a mismatch broadcast one channel's range over three, silently
+                if ranges.dim() != 3 or ranges.shape[0] not in (1, batch) or ranges.shape[1] != channels:
+                    raise ValueError(
+                        f"{type(self).__name__}(): its ranges (set_ranges) are for {ranges.shape[0]} pair(s) of "
+                        f"{ranges.shape[1]} channel(s); got images {tuple(x.shape)} (set_ranges() from these "
+                        "images, or set_ranges(None, None) for each call's own)")
         else:
             x_range = torch.stack([x.detach().amin((2, 3)), x.detach().amax((2, 3))], -1)
             y_range = torch.stack([y.detach().amin((2, 3)), y.detach().amax((2, 3))], -1)
-        x_span = (x_range[..., 1] - x_range[..., 0]).clamp_min(_TINY)[..., None, None]
-        y_span = (y_range[..., 1] - y_range[..., 0]).clamp_min(_TINY)[..., None, None]
+        # a span clamped near the dtype's smallest normal (times bins: bins / span stays finite, and a
+        # flat image's 0 x bins / span is 0), not at an absolute 1e-12: images of a span below that
+        # (values ~1e-13) fell into one bin, MI 0 where NCC saw the same images
+        tiny = torch.finfo(x.dtype).tiny * bins
+        x_span = (x_range[..., 1] - x_range[..., 0]).clamp_min(tiny)[..., None, None]
+        y_span = (y_range[..., 1] - y_range[..., 0]).clamp_min(tiny)[..., None, None]
         t_scale = (bins - 3) / x_span  # dt / dx
         t_raw = 1.0 + (x - x_range[..., 0, None, None]) * t_scale
         t = t_raw.clamp(1.0, bins - 2.0 - 1e-6)  # bicubic overshoot stays inside the histogram
@@ -874,14 +910,17 @@ class _JointHistogramMetric(Metric):
         n = x.shape[-2] * x.shape[-1]
         pairs = batch * channels
         t_flat = t.reshape(pairs, n)
-        fixed_bin = self._fixed_bins(y, s, pairs, n)
+        fixed_bin, fixed_nan = self._fixed_bins(y, s, pairs, n)
         weights = w.expand(batch, channels, *w.shape[-2:]).reshape(pairs, n)
         # (P, N): first of the 4 moving bins; clamped as integers too: the float clamp's bound
-        # bins - 2 - 1e-6 is bins - 2 itself in float32 from 33 bins, one bin past the end
-        base = (t_flat.detach().floor().long() - 1).clamp_max_(bins - 4)
+        # bins - 2 - 1e-6 is bins - 2 itself in float32 from 33 bins, one bin past the end; and
+        # below, where a NaN became the least int64 (its taps' weights stay NaN, and so the cost)
+        base = (t_flat.detach().floor().long() - 1).clamp_(0, bins - 4)
         # t past the second of its taps, in [0, 1] (1 where the integer clamp moved the taps)
         past = t_flat - (base + 1).to(t_flat.dtype)
         total = weights.sum(1).clamp_min(_TINY)  # (P,)
+        # a NaN in the fixed image: the pair's cost NaN, as every other metric's (its bin had been 0)
+        total = torch.where(fixed_nan, torch.nan, total)
         # joint-histogram cell (a_i, b_i) of each pixel's first tap, flat (its tap l's is cell + l):
         # used again by the derivative.  The four taps go one by one, each an index image made
         # when it is used: all four at once were 22 images' worth a pixel at the derivative's peak
@@ -940,8 +979,9 @@ class _JointHistogramMetric(Metric):
         parts["total"] = slopes.weight
         return self._derivative(slopes.joint, parts)
 
-    def _fixed_bins(self, y: torch.Tensor, s: torch.Tensor, pairs: int, n: int) -> torch.Tensor:
-        """Fixed bins ``(P, N)``: the same on every call of a level, so kept.
+    def _fixed_bins(self, y: torch.Tensor, s: torch.Tensor, pairs: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed bins ``(P, N)``, and which pairs' fixed images hold NaN ``(P,)``: the same on every
+        call of a level, so kept.
 
         Recomputed when the fixed image or its range changes: another tensor object, or the same one
         changed in place (its version counter), by :class:`TensorStamp` (held weakly: the metric
@@ -952,13 +992,16 @@ class _JointHistogramMetric(Metric):
         source = None if self.ranges is None else self.ranges[1]  # None: the range is y's own
         cache = getattr(self, "_fixed_cache", None)  # (a metric pickled before it had one)
         if not (cache is not None and matches(cache.fixed, y, pairs, n, self.bins)
-                and (source is None if cache.ranges is None else matches(cache.ranges, source))):
+                and (source is None if cache.ranges is None
+                     else source is not None and matches(cache.ranges, source))):
             # one record, replaced whole: a thread reads a record's bins with its own key (two threads
             # sharing one metric read each other's bins when key and bins were two attributes)
+            # (NaN: the least int64, clamped to bin 0; its pair is marked, and its cost NaN)
             cache = _FixedBins(TensorStamp(y, pairs, n, self.bins), None if source is None else TensorStamp(source),
-                               s.detach().floor().long().clamp_max_(self.bins - 1).reshape(pairs, n))
+                               s.detach().floor().long().clamp_(0, self.bins - 1).reshape(pairs, n),
+                               s.detach().reshape(pairs, n).isnan().any(1))
             self._fixed_cache = cache
-        return cache.bins
+        return cache.bins, cache.not_a_number
 
     @staticmethod
     def _entropies(joint):
