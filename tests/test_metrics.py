@@ -885,3 +885,13 @@ def test_histogram_ranges_are_checked_against_the_images_and_can_be_unset():
     torch.testing.assert_close(MutualInformation()(1e-13 * x, 1e-13 * y), expected, rtol=1e-9, atol=0.0)
     with pytest.raises(TypeError, match="'use_matmul' must be None, True or False; got 'no'"):
         MutualInformation(use_matmul="no")
+
+
+def test_images_of_another_dtype_or_device_are_named():
+    """float32 x with float64 y gave NCC's derivative in float64, and a per-pixel loss's own check
+    blamed the loss ("L2Loss.forward(...) must return ... in x's dtype")."""
+    x = torch.rand(1, 1, 8, 8)
+    for metric in ALL.values():
+        with pytest.raises(ValueError, match=r"'y' \(torch.float64, cpu\) and 'x' \(torch.float32, cpu\) must have "
+                                             "the same dtype and device"):
+            metric()(x, x.double())

@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _chunks
-from ._validation import FLOAT_DTYPES, TensorStamp, finite_number, is_whole, matches
+from ._validation import FLOAT_DTYPES, TensorStamp, check_same_kind, finite_number, is_whole, matches
 from .losses import LOSSES, PerPixelLoss, get_loss, loss_and_derivative
 
 __all__ = [
@@ -119,6 +119,8 @@ def _checked_weight(
                              f"{'' if not isinstance(tensor, torch.Tensor) else ' ' + str(tensor.dtype)}")
     if x.shape != y.shape:
         raise ValueError(f"{name}: 'x' and 'y' must have the same shape; got {tuple(x.shape)} and {tuple(y.shape)}")
+    # float32 with float64 gave NCC's derivative in float64, and a per-pixel loss's check blamed the loss
+    check_same_kind(y, "y", x, "x", name)
     if weight is not None and not isinstance(weight, torch.Tensor):
         raise TypeError(f"{name}: 'weight' must be a torch.Tensor; got {type(weight).__name__}")
     if weight is not None and (weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[-2:] != x.shape[-2:]
