@@ -479,6 +479,19 @@ def test_a_step_held_back_by_a_small_learning_rate_is_not_convergence():
         assert still.stop_reason == ["converged"] and still.iterations.tolist() == [3], optimizer
 
 
+@pytest.mark.parametrize("metric", ["lncc", "lncc_any"])
+def test_local_ncc_of_images_on_a_large_offset_without_normalising(metric):
+    # its float32 window sums of the values as they are cancel on an offset it is invariant to:
+    # normalize=False on an offset of 100 ended 424 px off, "converged", its cost -36 (of [0, 2])
+    fixed, moving, truth = registration_pair("camera", "similarity", [0.35, 1.1, 7.3, -4.6])
+    plain = tireg.register(fixed, moving, transform="similarity", metric=metric, normalize=False)
+    for offset in (100.0, 1000.0):
+        shifted = tireg.register(fixed + offset, moving + offset, transform="similarity", metric=metric,
+                                 normalize=False)
+        assert grid_error(shifted.matrix, truth, fixed.shape) < 0.1, offset
+        assert abs(float(shifted.cost[0]) - float(plain.cost[0])) < 1e-3, offset
+
+
 def test_the_full_resolution_smoothing_follows_the_metric():
     # 1 px for metrics that take the intensities as linearly related; none for mi and nmi, where
     # smoothing does not commute with the intensity relation; a given schedule as given

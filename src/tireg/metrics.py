@@ -543,10 +543,12 @@ class LocalNCC(Metric):
     flows back through the window sums, whose adjoint is the same box sum.
     A window's variances are clamped at 0 (a flat window's difference of sums
     rounds below zero: the root was NaN).  The sums are of the values as they
-    are: in float32, images on a large offset lose precision in them (0.6 %
-    of the cost at an offset of 10; ``register`` normalises its images first).
-    Shifting each image by its mean or its minimum first made registrations
-    of normalised images less precise (0.03 → 0.1 px), so none is taken.
+    are: in float32, images on a large offset lose precision in them (an
+    image against itself, 224 × 256: a cost of 0.269 at offset 0, 0.297 at 10,
+    2.33 at 100): give them without it (``register`` normalises its images, or
+    with ``normalize=False`` takes each one's mean off).  Shifting each image
+    by its mean or its minimum here, at every call, made registrations of
+    normalised images less precise (0.03 → 0.1 px), so none is taken.
     ``eps`` is absolute: the cost is the same for any offset, and for any gain
     only where the product of the window sums ``var_x var_y`` (``n_i^2`` times
     the variances' product) is large against ``eps``.
