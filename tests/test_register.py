@@ -740,6 +740,22 @@ def test_result_warp_map_points_and_inverse(rigid_result):
         result[0:1]
 
 
+def test_the_inverse_of_an_anisotropic_similarity_is_an_affine():
+    # (R S)^-1 = S^-1 R^-1 is no anisotropic similarity: its parameters as one, printed by summary()
+    # and saved beside the right matrix, rebuilt a matrix 6-13 px from it
+    fixed, moving, truth = registration_pair("camera", "anisotropic_similarity", [0.35, 1.15, 0.9, 4.0, -3.0])
+    result = tireg.register(fixed, moving, transform="anisotropic_similarity")
+    inverse = result.inverse()
+    affine = tireg.transforms.TRANSFORMS["affine"]
+    assert inverse.transform == "affine" and inverse.parameter_names == affine.parameter_names
+    rebuilt = affine.matrix(inverse.parameter_values, torch.tensor(inverse.center, dtype=torch.float64))
+    torch.testing.assert_close(rebuilt[0], inverse.matrix, rtol=0.0, atol=1e-9)
+    torch.testing.assert_close(inverse.matrix, torch.linalg.inv(result.matrix))
+    assert result.inverse().inverse().transform == "affine"  # an affine's inverse: an affine
+    rigid = tireg.register(fixed, moving, transform="rigid", max_iterations=2).inverse()
+    assert rigid.transform == "rigid"  # a kind that holds every inverse keeps its own
+
+
 def test_result_saves_json_and_tfm(rigid_result, tmp_path):
     from tireg.transform_io import load_transform
 

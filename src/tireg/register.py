@@ -407,15 +407,30 @@ class RegistrationResult:
         return mapped[0] if (points.dim() == 2 and not self.batched) else mapped
 
     def inverse(self) -> "RegistrationResult":
-        """The transform from the moving image to the fixed one (matrices inverted, about the moving centre)."""
+        """The transform from the moving image to the fixed one (matrices inverted, about the moving centre).
+
+        Its kind is this one's where that holds every inverse (translation, rigid, similarity,
+        affine), else affine: the inverse of an anisotropic similarity ``R S`` is ``S^-1 R^-1``, whose
+        parameters as an anisotropic similarity had rebuilt a matrix 6-13 px from it."""
         from .transforms import get_transform
 
         inverse = torch.linalg.inv(self._matrices())
         center = image_center(*self.moving_size)
-        values = get_transform(self.transform).from_matrix(inverse, center)
+        kind = get_transform(self.transform)
+        values = kind.from_matrix(inverse, center)
+        height, width = self.moving_size
+        corners = torch.tensor([[0.0, 0.0, 1.0], [width - 1.0, 0.0, 1.0], [0.0, height - 1.0, 1.0],
+                                [width - 1.0, height - 1.0, 1.0]], dtype=inverse.dtype).T
+        rebuilt = kind.matrix(values, torch.tensor(center, dtype=inverse.dtype))
+        distance = ((rebuilt - inverse)[..., :2, :] @ corners).norm(dim=-2).amax()
+        if not bool(distance <= 1e-6 * (1.0 + (inverse[..., :2, :].abs() @ corners.abs()).amax())):
+            kind = get_transform("affine")
+            values = kind.from_matrix(inverse, center)
         return replace(
             self,
             matrix=inverse if self.batched else inverse[0],
+            transform=kind.name,
+            parameter_names=kind.parameter_names,
             parameter_values=values,
             center=center,
             fixed_size=self.moving_size,
