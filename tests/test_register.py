@@ -1199,7 +1199,12 @@ def test_bad_input_is_named():
     nan = moving.clone()
     nan[3, 4] = float("nan")
     cases = [
-        (dict(fixed=fixed, moving=nan), ValueError, "'moving' contains NaN"),
+        (dict(fixed=fixed, moving=nan), ValueError, "'moving' contains NaN or Inf values .where a mask leaves them "
+                                                     "out too: fill them, e.g. with 0, and the mask keeps them out."),
+        (dict(fixed=fixed, moving=moving, device="mps"), ValueError,
+         "device 'mps' is not available in this PyTorch build"),  # torch's 60-line dispatcher error, deep inside
+        (dict(fixed=fixed, moving=moving, pyramid=(2, 64, 1)), ValueError,
+         "shrink factor 64 leaves fewer than 4 pixels"),  # only the first was checked: a 3 x 4 level
         (dict(fixed=fixed[None, None, None], moving=moving), ValueError, "'fixed' must be"),
         (dict(fixed=fixed[:0], moving=moving), ValueError, "'fixed' is empty"),
         (dict(fixed=torch.ones_like(fixed), moving=moving), ValueError, "'fixed' is constant"),

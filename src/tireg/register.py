@@ -246,9 +246,9 @@ class Pyramid:
         if not factors or not all(is_whole(f) and f >= 1 for f in factors):
             raise ValueError(f"register(): shrink factors must be positive integers; got {factors}")
         factors = tuple(int(f) for f in factors)
-        if min(size) // factors[0] < 4:
+        if min(size) // max(factors) < 4:  # any of them: (2, 64, 1) made a 3 x 4 level without a word
             raise ValueError(
-                f"register(): shrink factor {factors[0]} leaves fewer than 4 pixels of a {tuple(size)} image"
+                f"register(): shrink factor {max(factors)} leaves fewer than 4 pixels of a {tuple(size)} image"
             )
         sigmas = self.smoothing_sigmas
         if sigmas is not None and self.finest_smoothing is not None:
@@ -533,8 +533,9 @@ def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) 
         image = image.to(torch.float64 if wide else torch.float32)
     elif image.dtype not in (torch.float32, torch.float64):
         image = image.to(torch.float32)
-    if finite and not all_finite(image):
-        raise ValueError(f"{caller}: '{name}' contains NaN or Inf values")
+    if finite and not all_finite(image):  # (a NaN under a mask, too: said, with what to do)
+        raise ValueError(f"{caller}: '{name}' contains NaN or Inf values (where a mask leaves them out too: "
+                         "fill them, e.g. with 0, and the mask keeps them out)")
     while image.dim() < 4:
         image = image.unsqueeze(0)
     return image, ndim
@@ -2348,6 +2349,10 @@ def register(
         raise TypeError(f"{caller}: 'callback' must be callable; got {type(callback).__name__}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{caller}: device {str(device)!r} requested but CUDA is not available")
+    try:  # another backend missing from this build ("mps" on Linux) raised torch's error deep inside
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):
+        raise ValueError(f"{caller}: device {str(device)!r} is not available in this PyTorch build") from None
     if not (isinstance(normalize, (bool, np.bool_))
             or isinstance(normalize, torch.Tensor) and normalize.dtype == torch.bool and normalize.numel() == 1):
         raise TypeError(f"{caller}: 'normalize' must be True or False; got {normalize!r}")
