@@ -105,8 +105,9 @@ STOP_REASONS = {
                "shrank the step below the tolerance while the undamped step was still large)",
     "callback": "the callback raised StopIteration",
     "no_overlap": "the images do not overlap (too few valid pixels) at the found transform",
-    "not_finite": "the cost is NaN at the found transform: intensities whose squares or sums leave "
-                  "float32's range (keep normalize=True, or scale the images)",
+    "not_finite": "the cost is NaN at the found transform, or infinite where the images overlap: "
+                  "intensities whose squares or sums leave float32's range (keep normalize=True, or scale "
+                  "the images)",
 }
 
 OPTIMIZERS = ("auto", "gauss-newton", "adam", "lbfgs", "sgd")
@@ -947,6 +948,14 @@ class _Problem:
         else:
             evaluation, valid_count = self._evaluate_eager(matrix, flat_jacobian, level, hessian)
         return _with_overlap(evaluation, valid_count)
+
+    def overlaps(self, params: torch.Tensor, level: _Level) -> torch.Tensor:
+        """``(B,)`` bool: whether each pair has :data:`MIN_VALID_PIXELS` valid pixels at ``params``
+        (:meth:`evaluate`'s cost is infinite both without them and where it overflows)."""
+        matrix, jacobian = self.matrices(params, level)
+        flat_jacobian = jacobian[:, :, :2, :].reshape(*params.shape, 6)
+        _, valid_count = self._evaluate_eager(matrix, flat_jacobian, level, False)
+        return valid_count >= MIN_VALID_PIXELS
 
     def _evaluate_fused(
         self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, level: _Level, hessian: bool
@@ -2537,6 +2546,7 @@ def register(
     finished_at_full_resolution = len(history) == len(schedule) and schedule[-1][0] == 1
     if optimizer == "gauss-newton" and finished_at_full_resolution:
         cost = history[-1].cost[-1].to(device)  # Levenberg-Marquardt's last accepted cost is at these parameters
+        final_level = full_resolution
     else:
         final_level = full_resolution
         if final_level is None:  # a callback stopped before it, or the pyramid ends above factor 1
@@ -2545,9 +2555,17 @@ def register(
             final_level, _ = full_resolution_level(sigma, True, in_place=False)
         with torch.no_grad():
             cost = problem.evaluate(params, final_level, hessian=False).cost
-    # no overlap is an infinite cost (_Problem.evaluate); a NaN is arithmetic gone wrong, not that
-    reasons = ["not_finite" if math.isnan(value) else "no_overlap" if math.isinf(value) else reason
-               for value, reason in zip(cost.tolist(), reasons)]
+    # no overlap is an infinite cost (_Problem.evaluate); a NaN is arithmetic gone wrong, not that, and
+    # so is an infinite cost of pairs that overlap (squares beyond float32: intensities of 1e20 had
+    # read "no_overlap")
+    values = cost.tolist()
+    overlapping = [True] * batch
+    if any(math.isinf(value) for value in values):
+        with torch.no_grad():
+            overlapping = problem.overlaps(params, final_level).tolist()
+    reasons = ["not_finite" if math.isnan(value) or math.isinf(value) and overlaps else
+               "no_overlap" if math.isinf(value) else reason
+               for value, overlaps, reason in zip(values, overlapping, reasons)]
     matrix = kind.matrix(params.detach().to(torch.float64), center_t.to(torch.float64)).cpu()
     return RegistrationResult(
         matrix=matrix if batched else matrix[0],
