@@ -535,3 +535,17 @@ def test_a_loss_written_for_grey_images_runs_compiled_on_grey_images():
         _, expected_cost, expected = cost_and_gradient(fixed, moving, matrix, L2Loss(), compile=compile)
         torch.testing.assert_close(cost, expected_cost)
         torch.testing.assert_close(gradient, expected)
+
+
+def test_a_loss_says_its_settings_and_names_a_setting_that_is_no_number():
+    """repr(CauchyLoss(0.3)) read 'CauchyLoss()', as every metric of it; CauchyLoss("abc") raised
+    float()'s own message (an audit of the public metrics)."""
+    from tireg.metrics import LocalNCC, MutualInformation, PerPixelMetric
+
+    assert repr(tireg.CauchyLoss(0.3)) == "CauchyLoss(scale=0.3)"
+    assert repr(PerPixelMetric(tireg.CauchyLoss(0.3))) == "PerPixelMetric(CauchyLoss(scale=0.3), mean=True)"
+    assert repr(LocalNCC(3, eps=1e-3)) == "LocalNCC(radius=3, sign='positive', eps=0.001)"
+    assert repr(MutualInformation(16, use_matmul=True)) == "MutualInformation(bins=16, use_matmul=True)"
+    assert repr(MutualInformation(16)) == "MutualInformation(bins=16)"
+    with pytest.raises(TypeError, match="CauchyLoss\\(\\): 'scale' must be a number; got 'abc'"):
+        tireg.CauchyLoss("abc")

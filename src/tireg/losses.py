@@ -130,7 +130,10 @@ def verified(loss: PerPixelLoss, dtype: torch.dtype = torch.float32, channels: i
 
 
 def _positive(value: float, name: str, caller: str) -> float:
-    value = float(value)
+    try:  # CauchyLoss("abc") raised float()'s own message, which named neither
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{caller}: '{name}' must be a number; got {value!r}") from None
     if not 1e-15 <= value <= 1e15:  # its square must stay inside float32: beyond, NaN losses or derivatives
         raise ValueError(f"{caller}: '{name}' must be positive and finite, from 1e-15 to 1e15; got {value}")
     return value
@@ -174,6 +177,9 @@ class CauchyLoss(PerPixelLoss):
         super().__init__()
         self.scale = _positive(scale, "scale", "CauchyLoss()")
 
+    def extra_repr(self) -> str:  # CauchyLoss(scale=0.3), not CauchyLoss()
+        return f"scale={self.scale}"
+
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
         u = r / self.scale
         square = u * u
@@ -196,6 +202,9 @@ class CharbonnierLoss(PerPixelLoss):
         super().__init__()
         self.eps = _positive(eps, "eps", "CharbonnierLoss()")
 
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
         loss = torch.sqrt(r * r + self.eps * self.eps)
         return (loss, r / loss) if gradient else loss
@@ -214,6 +223,9 @@ class HuberLoss(PerPixelLoss):
     def __init__(self, delta: float = 1.0):
         super().__init__()
         self.delta = _positive(delta, "delta", "HuberLoss()")
+
+    def extra_repr(self) -> str:
+        return f"delta={self.delta}"
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
         clipped = r.clamp(-self.delta, self.delta)
@@ -236,6 +248,9 @@ class GemanMcClureLoss(PerPixelLoss):
     def __init__(self, scale: float = 1.0):
         super().__init__()
         self.scale = _positive(scale, "scale", "GemanMcClureLoss()")
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
         c2 = self.scale * self.scale

@@ -233,7 +233,7 @@ class PerPixelMetric(Metric):
         return (cost, derivative) if gradient else cost
 
     def __repr__(self) -> str:
-        return f"PerPixelMetric({type(self.loss).__name__}, mean={self.mean})"
+        return f"PerPixelMetric({self.loss!r}, mean={self.mean})"
 
 
 def _flat_variance(variance: torch.Tensor, mean: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -648,7 +648,7 @@ class LocalNCC(Metric):
         return score, w * derivative.add_(box(d_sum_x))
 
     def __repr__(self) -> str:
-        return f"LocalNCC(radius={self.radius}, sign={self.sign!r})"
+        return f"LocalNCC(radius={self.radius}, sign={self.sign!r}, eps={self.eps})"
 
 
 def _cubic_bspline_taps(f: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -1027,6 +1027,11 @@ class _JointHistogramMetric(Metric):
         return d_t.reshape(batch, channels, height, width) * parts["t_scale"] * inside
 
 
+def _matmul_repr(metric: "_JointHistogramMetric") -> str:
+    """``, use_matmul=...`` where it is set (``None``, the device's choice, is the default)."""
+    return "" if metric.use_matmul is None else f", use_matmul={metric.use_matmul}"
+
+
 def _safe_log(p: torch.Tensor) -> torch.Tensor:
     """``log p``, and a finite ``log tiny`` at ``p = 0`` (so that ``p log p`` is 0 there with a finite
     autograd derivative).  Clamped at the dtype's smallest normal number, below any nonzero cell of
@@ -1055,7 +1060,7 @@ class MutualInformation(_JointHistogramMetric):
         return cost, torch.where(joint > 0, -ratio, torch.zeros_like(ratio)) / channels
 
     def __repr__(self) -> str:
-        return f"MutualInformation(bins={self.bins})"
+        return f"MutualInformation(bins={self.bins}{_matmul_repr(self)})"
 
 
 class NormalizedMutualInformation(_JointHistogramMetric):
@@ -1081,7 +1086,7 @@ class NormalizedMutualInformation(_JointHistogramMetric):
         return cost, d_joint / channels
 
     def __repr__(self) -> str:
-        return f"NormalizedMutualInformation(bins={self.bins})"
+        return f"NormalizedMutualInformation(bins={self.bins}{_matmul_repr(self)})"
 
 
 def _own_cost(metric: Metric, bases: tuple[type, ...]) -> bool:
