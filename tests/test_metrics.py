@@ -895,3 +895,14 @@ def test_images_of_another_dtype_or_device_are_named():
         with pytest.raises(ValueError, match=r"'y' \(torch.float64, cpu\) and 'x' \(torch.float32, cpu\) must have "
                                              "the same dtype and device"):
             metric()(x, x.double())
+
+
+def test_images_without_pixels_are_refused_and_no_pairs_give_no_costs():
+    """MI with no pairs and a gradient raised a reshape error; images without pixels gave a
+    ZeroDivisionError, an IndexError from amin, or NCC's cost of 1."""
+    for metric in ALL.values():
+        cost, derivative = metric()(torch.rand(0, 1, 8, 8), torch.rand(0, 1, 8, 8), gradient=True)
+        assert cost.shape == (0,) and derivative.shape == (0, 1, 8, 8), metric()
+        for shape in ((1, 0, 8, 8), (1, 1, 0, 8)):
+            with pytest.raises(ValueError, match=r"'x' and 'y' have no pixels; got shape"):
+                metric()(torch.rand(shape), torch.rand(shape))

@@ -119,6 +119,8 @@ def _checked_weight(
                              f"{'' if not isinstance(tensor, torch.Tensor) else ' ' + str(tensor.dtype)}")
     if x.shape != y.shape:
         raise ValueError(f"{name}: 'x' and 'y' must have the same shape; got {tuple(x.shape)} and {tuple(y.shape)}")
+    if 0 in x.shape[1:]:  # a ZeroDivisionError, an IndexError from amin, or a cost of 1 (no batch: no costs)
+        raise ValueError(f"{name}: 'x' and 'y' have no pixels; got shape {tuple(x.shape)}")
     # float32 with float64 gave NCC's derivative in float64, and a per-pixel loss's check blamed the loss
     check_same_kind(y, "y", x, "x", name)
     if weight is not None and not isinstance(weight, torch.Tensor):
@@ -1018,7 +1020,7 @@ class _JointHistogramMetric(Metric):
     def _derivative(self, d_joint, parts):
         """``d cost / d x_i = sum_l D[a_i, l] beta3'(t_i - l) w_i / N * dt/dx`` from ``D = d cost / d p``."""
         pairs, n = parts["weights"].shape
-        d_joint = d_joint.reshape(pairs, -1)
+        d_joint = d_joint.reshape(pairs, self.bins * self.bins)  # (-1 is ambiguous for no pairs)
         d_t = _gathered_taps(d_joint, parts["cell"], parts["past"], _cubic_bspline_tap_slopes).mul_(parts["weights"])
         d_t = d_t / parts["total"][:, None]
         batch, channels, height, width = parts["shape"]
