@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--size", type=_size, metavar="HxW", help="output size in pixels, e.g. 480x640")
     sub.add_argument("--interpolation", choices=list(APPLY_INTERPOLATIONS), default=None,
                      help="interpolation (nearest for label images); default: the one the registration used, "
-                     "as TRANSFORM records it (tireg's .json and .tfm), else bilinear")
+                     "as TRANSFORM records it (tireg's .json and .tfm, a stack's .csv), else bilinear")
     sub.set_defaults(handler=_cmd_apply)
 
     # stack
