@@ -906,3 +906,30 @@ def test_images_without_pixels_are_refused_and_no_pairs_give_no_costs():
         for shape in ((1, 0, 8, 8), (1, 1, 0, 8)):
             with pytest.raises(ValueError, match=r"'x' and 'y' have no pixels; got shape"):
                 metric()(torch.rand(shape), torch.rand(shape))
+
+
+def test_a_mean_of_weights_summing_below_one_is_the_same_whole_and_in_chunks(monkeypatch):
+    """The metric's count had been clamped at 1 and then at the smallest normal number, but the
+    chunked evaluation (an image beyond one chunk) and the fused kernel still clamped at 1: half the
+    cost and gradient, for weights summing to 0.5 (an audit of this session's commits)."""
+    from tireg import _chunks
+    from tireg.analytic import cost_and_gradient
+
+    generator = torch.Generator().manual_seed(8)
+    fixed, moving, weight = (torch.rand(1, 1, 64, 64, generator=generator, dtype=torch.float64) for _ in range(3))
+    weight = weight / weight.sum() * 0.5
+    matrix = torch.eye(3, dtype=torch.float64)[None]
+    metric = PerPixelMetric("l2")
+    _, cost, gradient = cost_and_gradient(fixed, moving, matrix, metric, weight=weight)
+    monkeypatch.setattr(_chunks, "EAGER_CHUNK_PIXELS", 1024)
+    _, chunked_cost, chunked_gradient = cost_and_gradient(fixed, moving, matrix, metric, weight=weight)
+    torch.testing.assert_close(cost, metric(moving, fixed, weight), rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(chunked_cost, cost, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(chunked_gradient, gradient, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["mi", "nmi"])
+def test_a_histogram_metric_of_no_pairs_backpropagates(name):
+    x = torch.rand(0, 1, 16, 16, requires_grad=True)
+    get_metric(name)(x, torch.rand(0, 1, 16, 16)).sum().backward()
+    assert x.grad.shape == (0, 1, 16, 16)

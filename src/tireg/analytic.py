@@ -26,7 +26,7 @@ from ._validation import (
     GRADIENT_INTERPOLATIONS, INTERPOLATIONS, PADDING_MODES, check_affine, check_image, check_same_kind,
 )
 from .losses import PerPixelLoss
-from .metrics import LocalNCC, Metric, PerPixelMetric, _independent_pairs, _pixel_parts, _sums_of_parts
+from .metrics import LocalNCC, Metric, PerPixelMetric, _independent_pairs, _pixel_parts, _sums_of_parts, _mean_count
 from .sampling import _grid_moments, _modes, _sampler_gradient, pixel_axes, sample, sampling_grid, shared_pixel_scale
 
 __all__ = ["cost_and_gradient", "per_pixel_cost_and_gradient", "parameter_gradient"]
@@ -374,12 +374,12 @@ def _reference_in_chunks(
         warped[pairs, :, rows] = part_warped
         cost[pairs] += part_cost
         matrix_gradient[pairs] += part_gradient
-    if metric.mean:  # the metric's count, C sum w, at least 1
+    if metric.mean:  # the metric's count, C sum w (metrics._mean_count)
         if weight is None:  # a number: no tensor made on the host and copied to the device
             count = float(fixed.shape[-2] * fixed.shape[-1] * fixed.shape[1])
             cost, matrix_gradient = cost / count, matrix_gradient / count
         else:
-            count = (weight.flatten(1).sum(1) * fixed.shape[1]).clamp_min(1.0)
+            count = _mean_count(weight.flatten(1).sum(1), fixed.shape[1])
             cost, matrix_gradient = cost / count, matrix_gradient / count.reshape(-1, 1, 1)
     return warped, cost, matrix_gradient
 

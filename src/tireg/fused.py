@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from ._chunks import chunk_slices
 from ._device import ForkSafeLock
 from .losses import PerPixelLoss, constant_irls_weight, verified
+from .metrics import _mean_count
 from .sampling import gaussian_blur_in_place
 
 __all__ = [
@@ -95,8 +96,8 @@ class FusedMoments:
     warped: Optional[torch.Tensor]
 
     def mean(self, channels: int) -> "FusedMoments":
-        """The sums divided by ``C sum w`` (at least 1): a :class:`~tireg.metrics.PerPixelMetric`'s mean."""
-        scale = (self.count * channels).clamp_min(1.0)
+        """The sums divided by ``C sum w`` (:func:`tireg.metrics._mean_count`): a :class:`~tireg.metrics.PerPixelMetric`'s mean."""
+        scale = _mean_count(self.count, channels)
         return FusedMoments(
             self.cost / scale,
             self.count,

@@ -93,6 +93,14 @@ def _inputs(metric: "Metric", x: torch.Tensor, y: torch.Tensor, weight: Optional
     return _weight(_checked_weight(metric, x, y, weight), x)
 
 
+def _mean_count(weight_sum: torch.Tensor, channels: int) -> torch.Tensor:
+    """A per-pixel mean's divisor ``C sum w`` ``(B,)``, clamped at the smallest normal number (an
+    empty pair's mean is 0): one rule for :class:`PerPixelMetric` and the paths that sum its terms
+    themselves (chunks, bands, the fused kernel).  Clamped at 1, weights summing below 1 (normalised,
+    or a scaled mask) were no mean (0.0071 for 0.0136), and chunked sums another mean than whole."""
+    return (weight_sum * channels).clamp_min(torch.finfo(weight_sum.dtype).tiny)
+
+
 def _accumulated(x: torch.Tensor) -> Optional[torch.dtype]:
     """float32 for float16 and bfloat16 ``x``, whose sums over an image leave their range or
     precision (65,536 weights of 1 are beyond float16's 65,504: a mean of 0 or inf); else ``None``
@@ -205,10 +213,7 @@ class PerPixelMetric(Metric):
         if weight is None:  # a number: no tensor made on the host and copied to the device
             return 1.0 / (x.shape[1] * x.shape[-2] * x.shape[-1])
         weight_sum = weight.flatten(1).sum(1, dtype=_accumulated(x)) if weight_sum is None else weight_sum
-        # the count clamped at the smallest normal number (an empty pair's s is 0), not at 1: weights
-        # of a sum below 1 (normalised ones, a scaled mask) were no longer a mean (0.0071 for 0.0136)
-        count = (weight_sum * x.shape[1]).clamp_min(torch.finfo(weight_sum.dtype).tiny)
-        return weight / count[:, None, None, None]
+        return weight / _mean_count(weight_sum, x.shape[1])[:, None, None, None]
 
     def weighted(
         self, x: torch.Tensor, y: torch.Tensor, term_weights: Union[torch.Tensor, float, None], gradient: bool = False
@@ -825,7 +830,7 @@ class _ParzenCounts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_counts):
         past, weights, cell = ctx.saved_tensors
-        d_joint = d_counts.reshape(past.shape[0], -1)
+        d_joint = d_counts.reshape(past.shape[0], d_counts.shape[-2] * d_counts.shape[-1])  # (no pairs: -1 fails)
         d_past = d_weights = None
         if ctx.needs_input_grad[0]:
             d_past = _gathered_taps(d_joint, cell, past, _cubic_bspline_tap_slopes) * weights

@@ -69,6 +69,7 @@ from .metrics import (
     NCCStatistics,
     PerPixelMetric,
     _independent_pairs,
+    _mean_count,
     _own_cost,
     _pixel_parts,
     _sums_of_parts,
@@ -1370,13 +1371,14 @@ def _with_overlap(evaluation: _Evaluation, valid_count: torch.Tensor) -> _Evalua
 def _bands_combined(values: Sequence[torch.Tensor], counts: torch.Tensor, channels: int, mean: bool
                     ) -> torch.Tensor:
     """A per-pixel metric's value of one pair from its bands' ``values``: for a mean (each band's
-    over its own count ``n_b = C sum w``) ``sum_b n_b value_b / n``, ``n = sum_b n_b``, both at
-    least 1 as the metric's (``counts`` ``(bands, B)``, the valid pixels ``sum w``); for a sum
+    over its own count ``n_b = C sum w``) ``sum_b n_b value_b / n``, ``n = sum_b n_b``, both clamped
+    as the metric's (:func:`tireg.metrics._mean_count`; ``counts`` ``(bands, B)``, the valid pixels
+    ``sum w``); for a sum
     (``mean=False``) the sum of the bands'."""
     if not mean:
         return sum(values)
-    total = (counts.sum(0) * channels).clamp_min(1.0)  # (B,)
-    fractions = (counts * channels).clamp_min(1.0) / total
+    total = _mean_count(counts.sum(0), channels)  # (B,)
+    fractions = _mean_count(counts, channels) / total
     return sum(fraction.view(-1, *[1] * (value.dim() - 1)) * value for fraction, value in zip(fractions, values))
 
 
@@ -2437,7 +2439,7 @@ def register(
     fixed_n = _normalized(fixed_t, fixed_stats) if normalize else fixed_t
     moving_stats = _normalization(moving_t, moving_mask_t, "moving") if normalize else None
     moving_n = _normalized(moving_t, moving_stats) if normalize else moving_t
-    if not normalize and isinstance(metric_object, LocalNCC):
+    if not normalize and _own_cost(metric_object, (LocalNCC,)):  # (a subclass's own cost may see offsets)
         # its window sums of the values as they are cancel in float32 on a large offset, to which
         # it is invariant: 16-bit images on an offset of 1000 ended 424 px off, "converged"
         fixed_n, moving_n = _without_offset(fixed_t, fixed_mask), _without_offset(moving_t, moving_mask_t)
