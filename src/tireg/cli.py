@@ -584,6 +584,8 @@ def _warp_frames(frames: np.ndarray, matrices: np.ndarray, size: tuple[int, int]
 
     count = frames.shape[0]
     matrices = np.broadcast_to(matrices, (count, 3, 3))
+    if torch.device(device).type == "mps":  # (no float64 there: the host's)
+        device = "cpu"
     out = np.empty((count, *size, frames.shape[-1]), dtype=np.float64)
     for start in range(0, count, batch):
         chunk = np.moveaxis(frames[start:start + batch], -1, 1).astype(np.float64)

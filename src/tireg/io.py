@@ -296,12 +296,11 @@ _WITH_ALPHA = {"P": "RGBA", "L": "LA", "RGB": "RGBA"}
 
 
 def _with_transparent_value(grey: np.ndarray, value) -> np.ndarray:
-    """A grey ``(H, W)`` image of a mode Pillow gives no alpha for (1-bit, 16-bit) and its ``tRNS``
-    grey ``value`` as ``(H, W, 2)``: the grey and an alpha, 0 where the pixel is ``value``, else
-    the type's full scale (1-bit: ``True``; 16-bit: 65535).  They were read opaque."""
-    if grey.dtype == bool:
-        return np.stack([grey, grey != bool(value)], axis=-1)
-    return np.stack([grey, np.where(grey == value, 0, 65535).astype(grey.dtype)], axis=-1)
+    """A 1-bit grey ``(H, W)`` image (Pillow gives it no alpha mode) and its ``tRNS`` ``value`` as
+    ``(H, W, 2)``: the grey and an alpha, ``False`` where the pixel is ``value``; it was read opaque.
+    A 16-bit grey one stays opaque: PNG's writer holds no 16-bit grey + alpha, and its outputs, in
+    its input's format, could then not be written at all (``tireg register`` of two of them)."""
+    return np.stack([grey, grey != bool(value)], axis=-1)
 
 
 def _read_pillow(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarray, ImageFormat]:
@@ -339,7 +338,7 @@ def _read_pillow(path: Path, kind: str, what: str, frames: bool) -> tuple[np.nda
         raise
     except Exception as error:  # the readers raise anything from OSError to SyntaxError on a bad file
         raise ImageError(f"cannot read {what} {str(path)!r} as {kind.upper()}: {_reason(error)}") from None
-    if transparent is not None and mode not in _WITH_ALPHA and array.ndim == 2:
+    if transparent is not None and mode == "1" and array.ndim == 2:
         array = _with_transparent_value(array, transparent)
     if array.ndim == 2:
         return array[None, :, :, None], ImageFormat(kind, array.dtype, False)
