@@ -420,12 +420,9 @@ class RegistrationResult:
         center = image_center(*self.moving_size)
         kind = get_transform(self.transform)
         values = kind.from_matrix(inverse, center)
-        height, width = self.moving_size
-        corners = torch.tensor([[0.0, 0.0, 1.0], [width - 1.0, 0.0, 1.0], [0.0, height - 1.0, 1.0],
-                                [width - 1.0, height - 1.0, 1.0]], dtype=inverse.dtype).T
+        corners = _image_corners(self.moving_size, inverse.dtype)
         rebuilt = kind.matrix(values, torch.tensor(center, dtype=inverse.dtype))
-        distance = ((rebuilt - inverse)[..., :2, :] @ corners).norm(dim=-2).amax()
-        if not bool(distance <= 1e-6 * (1.0 + (inverse[..., :2, :].abs() @ corners.abs()).amax())):
+        if not bool(_corner_distance(rebuilt, inverse, corners) <= 1e-6 * (1.0 + _corner_reach(inverse, corners))):
             kind = get_transform("affine")
             values = kind.from_matrix(inverse, center)
         return replace(
@@ -940,9 +937,7 @@ class _Problem:
         return grid.nan_to_num_(nan=2.0).clamp_(-2.0, 2.0)  # in place: no image-sized temporaries
 
     def evaluate(self, params: torch.Tensor, level: _Level, *, hessian: bool) -> _Evaluation:
-        matrix, jacobian = self.matrices(params, level)
-        batch, params_count = params.shape
-        flat_jacobian = jacobian[:, :, :2, :].reshape(batch, params_count, 6)
+        matrix, flat_jacobian = self._matrix_and_flat_jacobian(params, level)
         fused_result = self._evaluate_fused(matrix, flat_jacobian, level, hessian) if self.compile else None
         if fused_result is not None:
             evaluation, valid_count = fused_result
@@ -953,10 +948,13 @@ class _Problem:
     def overlaps(self, params: torch.Tensor, level: _Level) -> torch.Tensor:
         """``(B,)`` bool: whether each pair has :data:`MIN_VALID_PIXELS` valid pixels at ``params``
         (:meth:`evaluate`'s cost is infinite both without them and where it overflows)."""
-        matrix, jacobian = self.matrices(params, level)
-        flat_jacobian = jacobian[:, :, :2, :].reshape(*params.shape, 6)
-        _, valid_count = self._evaluate_eager(matrix, flat_jacobian, level, False)
+        _, valid_count = self._evaluate_eager(*self._matrix_and_flat_jacobian(params, level), level, False)
         return valid_count >= MIN_VALID_PIXELS
+
+    def _matrix_and_flat_jacobian(self, params: torch.Tensor, level: _Level) -> tuple[torch.Tensor, torch.Tensor]:
+        """The level's matrices ``(B, 3, 3)`` (:meth:`matrices`) and ``dA/dp``'s top rows ``(B, P, 6)``."""
+        matrix, jacobian = self.matrices(params, level)
+        return matrix, jacobian[:, :, :2, :].reshape(*params.shape, 6)
 
     def _evaluate_fused(
         self, matrix: torch.Tensor, flat_jacobian: torch.Tensor, level: _Level, hessian: bool
@@ -1380,6 +1378,26 @@ def _bands_combined(values: Sequence[torch.Tensor], counts: torch.Tensor, channe
     total = _mean_count(counts.sum(0), channels)  # (B,)
     fractions = _mean_count(counts, channels) / total
     return sum(fraction.view(-1, *[1] * (value.dim() - 1)) * value for fraction, value in zip(fractions, values))
+
+
+def _image_corners(size: Sequence[int], dtype: torch.dtype, device: Optional[torch.device] = None) -> torch.Tensor:
+    """The corner pixels of an ``(H, W)`` image as homogeneous points ``(4, 3)``: where the
+    convergence tests and the start's and the inverse's checks measure how far a matrix moves it."""
+    height, width = size
+    return torch.tensor([[0.0, 0.0, 1.0], [width - 1.0, 0.0, 1.0], [0.0, height - 1.0, 1.0],
+                         [width - 1.0, height - 1.0, 1.0]], dtype=dtype, device=device)
+
+
+def _corner_distance(first: torch.Tensor, second: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+    """The largest distance (pixels) between where matrices ``first`` and ``second`` ``(..., 3, 3)``
+    send the ``corners`` ``(4, 3)`` (:func:`_image_corners`), over them all."""
+    return ((first - second)[..., :2, :] @ corners.T).norm(dim=-2).amax()
+
+
+def _corner_reach(matrix: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+    """The largest ``|A| |x|`` over the ``corners`` (the scale against which rounding of ``matrix``
+    moves them)."""
+    return (matrix[..., :2, :].abs() @ corners.abs().T).amax()
 
 
 def _displacement(problem: _Problem, before: torch.Tensor, step: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
@@ -2142,15 +2160,12 @@ def _warn_if_projected(start: torch.Tensor, projected: torch.Tensor, kind: Trans
     (``from_matrix``) moves the fixed image's corners by more than :data:`PROJECTED_START_PIXELS`.
     A scale of 2 given to a rigid registration was dropped without a word, and the registration,
     started 60 px off, reported 'converged' there."""
-    height, width = size
-    corners = torch.tensor([[0.0, 0.0, 1.0], [width - 1.0, 0.0, 1.0], [0.0, height - 1.0, 1.0],
-                            [width - 1.0, height - 1.0, 1.0]], dtype=torch.float64, device=start.device)
+    corners = _image_corners(size, torch.float64, start.device)
     start = start.to(torch.float64)
-    difference = (projected.to(torch.float64) - start)[..., :2, :] @ corners.T  # (B, 2, 4)
-    distance = float(difference.norm(dim=-2).amax())
+    distance = float(_corner_distance(projected.to(torch.float64), start, corners))
     # and beyond the rounding of the parameters' dtype (an affine start of 1e20 in float32 came back
     # 1e15 px off, and an affine kind holds every affine matrix)
-    rounding = 1e3 * torch.finfo(projected.dtype).eps * float((start[..., :2, :].abs() @ corners.abs().T).amax())
+    rounding = 1e3 * torch.finfo(projected.dtype).eps * float(_corner_reach(start, corners))
     if not distance <= PROJECTED_START_PIXELS + rounding:
         warnings.warn(f"{caller}: 'init' is not of the transform kind {kind.name!r}: the closest {kind.name} "
                       f"transform, where the registration starts, moves the fixed image's corners by up to "
@@ -2482,11 +2497,7 @@ def register(
             fixed_mask, moving_mask_t)
 
     height, width = fixed_t.shape[-2:]
-    corners = torch.tensor(
-        [[0.0, 0.0, 1.0], [width - 1.0, 0.0, 1.0], [0.0, height - 1.0, 1.0], [width - 1.0, height - 1.0, 1.0]],
-        dtype=dtype,
-        device=device,
-    )
+    corners = _image_corners((height, width), dtype, device)
     history: list[LevelHistory] = []
     total_iterations = torch.zeros(batch, dtype=torch.long)
     reasons = ["max_iterations"] * batch
@@ -2546,11 +2557,10 @@ def register(
         history.append(LevelHistory(factor, (height // factor, width // factor), costs.cpu()))
 
     finished_at_full_resolution = len(history) == len(schedule) and schedule[-1][0] == 1
+    final_level = full_resolution
     if optimizer == "gauss-newton" and finished_at_full_resolution:
         cost = history[-1].cost[-1].to(device)  # Levenberg-Marquardt's last accepted cost is at these parameters
-        final_level = full_resolution
     else:
-        final_level = full_resolution
         if final_level is None:  # a callback stopped before it, or the pyramid ends above factor 1
             # the cost a finished run reports: normalised over this overlap, on its level's images
             sigma = schedule[-1][1] if schedule[-1][0] == 1 else 0.0
