@@ -359,10 +359,14 @@ class TransformModel(nn.Module):
             matrix = matrix.expand(batch_size, 3, 3)
         return matrix
 
+    def _overrides(self, names: Sequence[str]) -> bool:
+        """Whether this model's class overrides any of :class:`TransformModel`'s methods ``names``."""
+        cls = type(self)
+        return any(getattr(cls, name) is not getattr(TransformModel, name) for name in names)
+
     def _has_own_math(self) -> bool:
         """Whether a subclass overrides how values, ``A`` or ``dA/dp`` are formed (``_MODEL_MATH``)."""
-        cls = type(self)
-        return any(getattr(cls, name) is not getattr(TransformModel, name) for name in _MODEL_MATH)
+        return self._overrides(_MODEL_MATH)
 
     def _matrix_and_jacobian(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`matrix` ``(B, 3, 3)`` and :meth:`parameter_jacobian` together.
@@ -697,8 +701,7 @@ class AffineModelAnalytic(TransformModel):
 
     def _has_own_values(self) -> bool:
         """Whether a subclass forms the parameter values its own way (``_VALUE_MATH``), not as ``m_i(p_i)``."""
-        cls = type(self)
-        return any(getattr(cls, name) is not getattr(TransformModel, name) for name in _VALUE_MATH)
+        return self._overrides(_VALUE_MATH)
 
     def _through_own_values(self, gradient: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``dL/dr`` from ``gradient`` ``(B, P)`` by autograd through the subclass's own values, the vector-
@@ -710,10 +713,8 @@ class AffineModelAnalytic(TransformModel):
         ``m_i'(r_i)`` assumed ``get(i) = m_i(p_i)``: a ``get`` that stored an angle in degrees had its
         gradient 180 / pi times autograd's.
         """
-        cls = type(self)
         with torch.enable_grad():
-            if any(getattr(cls, name) is not getattr(TransformModel, name)
-                   for name in ("get_matrix", "get_derva", "parameter_jacobian")):
+            if self._overrides(("get_matrix", "get_derva", "parameter_jacobian")):
                 values, outputs = _stack_values([self.get(i) for i in range(len(params))]), gradient
             else:
                 values, outputs = self._transform_parameters(), _select(gradient, -1, self._slots())
