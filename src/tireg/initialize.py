@@ -71,7 +71,7 @@ from ._validation import (
     writable,
 )
 from .metrics import _flat_variance
-from .sampling import checked_warp, downsample, gaussian_blur, shrink_matrix
+from .sampling import MASK_BLOCK_INSIDE, checked_warp, downsample, gaussian_blur, shrink_matrix
 from .transforms import (
     _determinant,
     get_transform,
@@ -1249,18 +1249,17 @@ def _working_image(image: torch.Tensor, mask: Optional[torch.Tensor], factor: in
     """The working copy ``(B, 1, h, w)`` of a full-resolution ``image`` (:func:`downsample`), and its
     0/1 mask there (``None`` without ``mask``).
 
-    With a 0/1 ``mask``: a working pixel is inside where at least half of its block is (as
-    ``register``'s coarse levels count them; where all of it had to be, a mask with 10 % of
-    scattered holes left no working pixel inside, and a rotated pair started, and ended, 200 px
-    off), its value the average of the block's pixels inside, and the pixels outside are the
+    With a 0/1 ``mask``: a working pixel is inside where enough of its block is
+    (:data:`tireg.sampling.MASK_BLOCK_INSIDE`, as ``register``'s coarse levels count them), its
+    value the average of the block's pixels inside, and the pixels outside are the
     mean inside: flat, so that phase correlation and Fourier-Mellin, which take the whole
     mean-free image, see only the masked content; the scores leave them out
     (:func:`_scoring_image`)."""
     if mask is None:
         return downsample(image, factor), None
     fraction = downsample(mask, factor)
-    inside = fraction >= 0.5
-    small = downsample(image * mask, factor) / fraction.clamp_min(0.5)
+    inside = fraction >= MASK_BLOCK_INSIDE
+    small = downsample(image * mask, factor) / fraction.clamp_min(MASK_BLOCK_INSIDE)
     inside_count = inside.sum((-1, -2), keepdim=True).clamp_min(1)
     mean = torch.where(inside, small, 0.0).sum((-1, -2), keepdim=True) / inside_count
     return torch.where(inside, small, mean), inside.to(small.dtype)
@@ -1275,10 +1274,10 @@ def _scoring_image(small: torch.Tensor, inside: Optional[torch.Tensor]) -> torch
 
 def _halved_scoring(image: torch.Tensor) -> torch.Tensor:
     """A :func:`_scoring_image` halved (:func:`downsample`), its mask channel, where it has one, 0/1
-    again: inside where at least half of a block is (:func:`_working_image`'s rule)."""
+    again (:data:`tireg.sampling.MASK_BLOCK_INSIDE`)."""
     halved = downsample(image, 2)
     if image.shape[1] == 2:
-        halved[:, 1] = (halved[:, 1] >= 0.5).to(halved.dtype)
+        halved[:, 1] = (halved[:, 1] >= MASK_BLOCK_INSIDE).to(halved.dtype)
     return halved
 
 

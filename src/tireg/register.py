@@ -76,6 +76,7 @@ from .metrics import (
     get_metric,
 )
 from .sampling import (
+    MASK_BLOCK_INSIDE,
     _grid_moments,
     _sampler_gradient,
     checked_warp,
@@ -2622,11 +2623,9 @@ def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: floa
     residual = max(sigma**2 - (factor**2 - 1) / 12.0, 0.0) ** 0.5 / factor
 
     def shrink_mask(mask):
-        # a level pixel counts where at least half its block does.  Where its whole block must (so that
-        # no value blends in a no-data pixel), a mask with scattered holes (5 % of the pixels) left the
-        # coarse levels all but empty, and registrations from the identity ended 9-17 px off, reported
-        # converged; the full-resolution level, which decides the result, has no blocks
-        return None if mask is None else (downsample(mask, factor) >= 0.5).to(mask.dtype)
+        # a level pixel counts where enough of its block does (MASK_BLOCK_INSIDE); the full-resolution
+        # level, which decides the result, has no blocks
+        return None if mask is None else (downsample(mask, factor) >= MASK_BLOCK_INSIDE).to(mask.dtype)
 
     fixed_weight = shrink_mask(fixed_mask)
     cropped = False
