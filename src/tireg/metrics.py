@@ -192,7 +192,7 @@ class PerPixelMetric(Metric):
         self.loss = get_loss(loss)
         if not isinstance(mean, bool):  # mean="no" was taken, and truthy
             raise TypeError(f"PerPixelMetric(): 'mean' must be True or False; got {mean!r}")
-        self.mean = bool(mean)
+        self.mean = mean
 
     def __call__(self, x, y, weight=None, gradient=False):
         weight = _checked_weight(self, x, y, weight)  # the shapes, as the other metrics (no ones image)
@@ -230,12 +230,13 @@ class PerPixelMetric(Metric):
             per_pixel, derivative = self.loss(x, y), None
         if isinstance(term_weights, torch.Tensor):
             per_pixel = per_pixel * term_weights
-        cost = per_pixel.flatten(1).sum(1, dtype=_accumulated(x))
+        accumulated = _accumulated(x)
+        cost = per_pixel.flatten(1).sum(1, dtype=accumulated)
         if term_weights is not None and not isinstance(term_weights, torch.Tensor):
             cost = cost * term_weights
         if derivative is not None and term_weights is not None:
             derivative = derivative * term_weights
-        if _accumulated(x) is not None:  # float16 / bfloat16: summed in float32, returned in x's dtype
+        if accumulated is not None:  # float16 / bfloat16: summed in float32, returned in x's dtype
             cost, derivative = cost.to(x.dtype), None if derivative is None else derivative.to(x.dtype)
         return (cost, derivative) if gradient else cost
 
@@ -1008,9 +1009,9 @@ class _JointHistogramMetric(Metric):
             # one record, replaced whole: a thread reads a record's bins with its own key (two threads
             # sharing one metric read each other's bins when key and bins were two attributes)
             # (NaN: the least int64, clamped to bin 0; its pair is marked, and its cost NaN)
+            s = s.detach().reshape(pairs, n)
             cache = _FixedBins(TensorStamp(y, pairs, n, self.bins), None if source is None else TensorStamp(source),
-                               s.detach().floor().long().clamp_(0, self.bins - 1).reshape(pairs, n),
-                               s.detach().reshape(pairs, n).isnan().any(1))
+                               s.floor().long().clamp_(0, self.bins - 1), s.isnan().any(1))
             self._fixed_cache = cache
         return cache.bins, cache.not_a_number
 
