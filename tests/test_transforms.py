@@ -469,6 +469,46 @@ def test_transform_functions_name_a_bad_centre_or_matrix():
 
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
+@pytest.mark.parametrize("matrix_batch, center_batch, expected",
+                         [((), (4,), (4,)), ((5, 1), (4,), (5, 4)), ((4,), (1,), (4,)), ((1,), (4,), (4,))])
+def test_from_matrix_broadcasts_a_batched_centre_as_the_builders(name, matrix_batch, center_batch, expected):
+    # a centre batched where the matrix was not: the angle (the matrix's batch shape) and the shift
+    # (the matrix's and the centre's) were concatenated unbroadcast, "Tensors must have same number
+    # of dimensions" from inside torch, where translation_from_matrix and the *_matrix builders broadcast
+    kind = TRANSFORMS[name]
+    generator = torch.Generator().manual_seed(5)
+    params = torch.tensor(kind.identity, dtype=torch.float64) + 0.1 * torch.randn(
+        *matrix_batch, kind.num_parameters, generator=generator, dtype=torch.float64)
+    centers = random_center(generator, (*center_batch, 2))
+    matrices = kind.matrix(params, centers[(0,) * len(center_batch)])  # one centre: the matrices' batch shape
+    recovered = kind.from_matrix(matrices, centers)
+    assert recovered.shape == (*expected, kind.num_parameters)
+    torch.testing.assert_close(kind.matrix(recovered, centers), matrices.expand(*expected, 3, 3),
+                               rtol=0.0, atol=1e-12)  # exact for a matrix of the kind, about any centre
+
+
+@pytest.mark.parametrize("params_batch, center_batch, expected",
+                         [((), (4,), (4,)), ((5, 1), (4,), (5, 4)), ((3,), (), (3,)), ((3,), (1,), (3,))])
+def test_translation_broadcasts_the_centre_as_every_kind(params_batch, center_batch, expected):
+    # translation_matrix((2,), centres (4, 2)) was one (3, 3) matrix where rigid_matrix gives (4, 3, 3):
+    # the module's rule (parameters and centre broadcast) held for every kind but this one
+    params = torch.arange(2.0, dtype=torch.float64).expand(*params_batch, 2)
+    centers = torch.zeros(*center_batch, 2, dtype=torch.float64)
+    matrices = translation_matrix(params, centers)
+    assert matrices.shape == (*expected, 3, 3)
+    assert (matrices == translation_matrix(params).expand(*expected, 3, 3)).all()
+    rigid = TRANSFORMS["rigid"].matrix(torch.zeros(*params_batch, 3, dtype=torch.float64), centers)
+    assert matrices.shape == rigid.shape
+    jacobian = TRANSFORMS["translation"].jacobian(params, centers)
+    assert jacobian.shape == (*expected, 2, 3, 3)
+    with pytest.raises(ValueError, match=r"^translation_matrix\(\): 'center' \(3, 2\) does not broadcast with the "
+                                         r"parameters \(2, 2\)"):
+        translation_matrix(torch.zeros(2, 2), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"^translation_jacobian\(\): 'center' must be \(cx, cy\)"):
+        TRANSFORMS["translation"].jacobian(torch.zeros(2), (1.0, 2.0, 3.0))
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
 def test_from_matrix_runs_under_vmap(name):
     """The affine check reads values (.item()), which vmap refuses: it is skipped there."""
     params = torch.tensor(TRANSFORMS[name].identity, dtype=torch.float64) + 0.05 * torch.arange(

@@ -229,22 +229,33 @@ def _check_params(params: torch.Tensor, count: int, caller: str) -> torch.Tensor
 # the transform kinds
 
 
+def _translation_batch(params: torch.Tensor, center: CenterLike | None, caller: str) -> tuple[int, ...]:
+    """The batch shape of a translation's matrices: ``params``' and ``center``'s broadcast, as for
+    every other kind (the centre's values do not enter a translation; its shape does)."""
+    if center is None:
+        return tuple(params.shape[:-1])
+    return broadcast_shape(params.shape[:-1], _as_center(center, params, caller).shape[:-1])
+
+
 def translation_matrix(params: torch.Tensor, center: CenterLike | None = None) -> torch.Tensor:
     """Translation ``A = [[1, 0, tx], [0, 1, ty], [0, 0, 1]]``; params ``(..., 2) = (tx, ty)`` in pixels.
 
-    ``center`` is accepted for a uniform signature and has no effect.
+    ``center`` (optional) has no effect on the values, but its batch shape broadcasts with the
+    parameters' as for every kind: params ``(2,)`` and centres ``(4, 2)`` give ``(4, 3, 3)``.
     """
     params = _check_params(params, 2, "translation_matrix()")
+    shape = _translation_batch(params, center, "translation_matrix()")
     eye = cached(("identity", 2), params.dtype, params.device,  # kept: see _translation_derivatives
                  lambda: torch.eye(2, dtype=params.dtype, device=params.device))
-    eye = eye.expand(*params.shape[:-1], 2, 2)
-    return _homogeneous(eye, params)
+    return _homogeneous(eye.expand(*shape, 2, 2), params)
 
 
 def translation_jacobian(params: torch.Tensor, center: CenterLike | None = None) -> torch.Tensor:
-    """``dA/d(tx, ty)``: constant unit matrices, ``(..., 2, 3, 3)``."""
+    """``dA/d(tx, ty)``: constant unit matrices, ``(..., 2, 3, 3)``, ``...`` the batch shape of
+    ``params`` and ``center`` broadcast (see :func:`translation_matrix`)."""
     params = _check_params(params, 2, "translation_jacobian()")
-    return _translation_derivatives(params.shape[:-1], params).clone()  # the caller's own tensor
+    shape = _translation_batch(params, center, "translation_jacobian()")
+    return _translation_derivatives(shape, params).clone()  # the caller's own tensor
 
 
 def rigid_matrix(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
@@ -383,6 +394,14 @@ def _closest_rotation(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return torch.atan2(sine, cosine), torch.hypot(cosine, sine)
 
 
+def _joined(*parts: torch.Tensor) -> torch.Tensor:
+    """``parts`` ``(..., k_i)`` concatenated along the last dimension, their batch shapes broadcast
+    first: an angle has the matrices' batch shape, a shift the matrices' and the centre's together
+    (a centre ``(4, 2)`` for one matrix gives four parameter sets, as the ``*_matrix`` builders)."""
+    shape = broadcast_shape(*(part.shape[:-1] for part in parts))
+    return torch.cat([part.expand(*shape, part.shape[-1]) for part in parts], dim=-1)
+
+
 def _checked_affine(matrix: torch.Tensor, caller: str) -> torch.Tensor:
     """``matrix`` as ``(..., 3, 3)``, refused unless affine: a kind's parameters describe the top
     two rows, and a projective last row would be dropped without a word (reads the values back:
@@ -413,7 +432,7 @@ def rigid_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
     center = _as_center(center, matrix, "rigid_from_matrix()", matrix=True)
     angle, _ = _closest_rotation(matrix)
     translation = _center_shift(matrix, center)
-    return torch.cat([angle.unsqueeze(-1), translation], dim=-1)
+    return _joined(angle.unsqueeze(-1), translation)
 
 
 def similarity_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
@@ -429,7 +448,7 @@ def similarity_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Te
     center = _as_center(center, matrix, "similarity_from_matrix()", matrix=True)
     angle, scale = _closest_rotation(matrix)
     translation = _center_shift(matrix, center)
-    return torch.cat([angle.unsqueeze(-1), scale.unsqueeze(-1), translation], dim=-1)
+    return _joined(angle.unsqueeze(-1), scale.unsqueeze(-1), translation)
 
 
 def anisotropic_similarity_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
@@ -454,7 +473,7 @@ def anisotropic_similarity_from_matrix(matrix: torch.Tensor, center: CenterLike)
     angle, _ = _closest_rotation(kept)
     scales = (rotation(angle) * linear).sum(dim=-2)  # column-wise dot products R[:, j] . L[:, j]
     translation = _center_shift(matrix, center)
-    return torch.cat([angle.unsqueeze(-1), scales, translation], dim=-1)
+    return _joined(angle.unsqueeze(-1), scales, translation)
 
 
 def affine_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor:
@@ -463,7 +482,7 @@ def affine_from_matrix(matrix: torch.Tensor, center: CenterLike) -> torch.Tensor
     center = _as_center(center, matrix, "affine_from_matrix()", matrix=True)
     linear = matrix[..., :2, :2]
     translation = _center_shift(matrix, center)
-    return torch.cat([linear.reshape(*linear.shape[:-2], 4), translation], dim=-1)
+    return _joined(linear.reshape(*linear.shape[:-2], 4), translation)
 
 
 @dataclass(frozen=True)
