@@ -692,6 +692,31 @@ def test_load_itk_errors(tmp_path, text, match):
         load_transform(path)
 
 
+@pytest.mark.parametrize("token", ["1_0", "\u0661\u0660", "\uff11\uff10", "1\u00a00", "0x1p3", "1e", "--1", "1.2.3"])
+def test_load_itk_refuses_numbers_only_python_reads(tmp_path, token):
+    # Python's float() read "1_0" as 10, Arabic-Indic and full-width digits as digits and split on
+    # non-ASCII spaces: ITK and SimpleITK read such a file otherwise, or not at all
+    path = tmp_path / "t.tfm"
+    path.write_text(HEADER + AFFINE.replace("1 0 0 1 0 0", f"1 0 0 1 {token} 2"), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"^load_transform\(\): '.*t\.tfm', line 4: expected numbers; got '1 0 0 1 "
+                                         r".*is not a decimal number"):
+        load_transform(path)
+
+
+@pytest.mark.parametrize("token", ["infinity", "-Infinity", "inf", "NaN", "1e999"])
+def test_load_itk_names_nan_and_inf(tmp_path, token):
+    path = write(tmp_path / "t.tfm", HEADER + AFFINE.replace("1 0 0 1 0 0", f"1 0 0 1 {token} 2"))
+    with pytest.raises(ValueError, match=r"^load_transform\(\): '.*t\.tfm', line 4: NaN or Inf in"):
+        load_transform(path)
+
+
+@pytest.mark.parametrize("tokens, tx", [("1 0 0 1 +10 2", 10.0), ("1. 0 0 1 .5e1 2", 5.0), ("1 0 0 1 -2.5E-1 2", -0.25),
+                                        ("  1\t0 0 1 1e2   2\r", 100.0)])
+def test_load_itk_reads_plain_decimal_numbers(tmp_path, tokens, tx):
+    path = write(tmp_path / "t.tfm", HEADER + AFFINE.replace("1 0 0 1 0 0", tokens))
+    assert float(load_transform(path).matrix[0, 2]) == tx
+
+
 def test_load_geometry_argument_errors(tmp_path):
     path = save_transform(tmp_path / "t.tfm", torch.eye(3))
     match = r"load_transform\(\): 'moving_geometry': ImageGeometry\(\): 'spacing' must be positive"

@@ -621,7 +621,10 @@ def load_transform(
       Stricter than ITK where ITK would silently misread: a block without a
       ``FixedParameters:`` line (ITK then keeps the identity), several
       transforms without a ``CompositeTransform`` header (SimpleITK keeps the
-      first), and unknown ``Name:`` entries are refused.  Comment lines are
+      first), and unknown ``Name:`` entries are refused; so are numbers that
+      only Python's ``float()`` reads (``1_0``, non-ASCII digits,
+      ``infinity``): a number is a plain decimal such as ``-1.5`` or
+      ``2.5e-3``, separated by ASCII white space.  Comment lines are
       skipped; a ``#tireg:`` comment written by :func:`save_transform` gives
       back the kind, parameters and metadata when its recorded pixel matrix
       equals the one read (same geometries, file not edited; metadata always).
@@ -895,12 +898,26 @@ def _read_itk(
     )
 
 
+# A number as ITK's text reader takes one (a C++ stream's extraction): ASCII digits, a sign, a point
+# and exponent.  Python's float() takes more, read otherwise or not at all by ITK and SimpleITK:
+# "1_0" (10 to Python), non-ASCII digits ("١٠", "１０"), "infinity".
+_ITK_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_ITK_NOT_FINITE = re.compile(r"[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
+_ASCII_SPACE = re.compile(r"[ \t\n\r\f\v]+")
+
+
 def _parse_numbers(value: str, where: str) -> np.ndarray:
-    try:
-        numbers = np.array([float(token) for token in value.split()], dtype=np.float64)
-    except ValueError:
-        raise ValueError(f"{where}: expected numbers; got {value.strip()[:80]!r}") from None
-    if not np.isfinite(numbers).all():
+    """The numbers of a ``Parameters:`` or ``FixedParameters:`` line: plain decimal or scientific
+    tokens (:data:`_ITK_NUMBER`) separated by ASCII white space; NaN and Inf refused by name."""
+    tokens = [token for token in _ASCII_SPACE.split(value) if token]
+    if any(_ITK_NOT_FINITE.fullmatch(token) for token in tokens):
+        raise ValueError(f"{where}: NaN or Inf in {value.strip()[:80]!r}")
+    odd = next((token for token in tokens if not _ITK_NUMBER.fullmatch(token)), None)
+    if odd is not None:
+        raise ValueError(f"{where}: expected numbers; got {value.strip()[:80]!r} ({odd[:40]!r} is not a "
+                         "decimal number such as -1.5 or 2.5e-3)")
+    numbers = np.array([float(token) for token in tokens], dtype=np.float64)
+    if not np.isfinite(numbers).all():  # beyond float64's range, e.g. 1e999
         raise ValueError(f"{where}: NaN or Inf in {value.strip()[:80]!r}")
     return numbers
 
