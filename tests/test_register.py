@@ -777,6 +777,45 @@ def test_result_saves_json_and_tfm(rigid_result, tmp_path):
         assert np.allclose(transform.TransformPoint(point), expected.numpy(), atol=1e-6)
 
 
+def _pair_without_overlap() -> "tireg.RegistrationResult":
+    """Two translation pairs; the second starts 500 px off, so it ends with no overlap (cost inf)."""
+    y, x = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    image = torch.exp(-((x - 30) ** 2 + (y - 34) ** 2) / 80) + 0.5 * torch.exp(-((x - 40) ** 2 + (y - 20) ** 2) / 30)
+    fixed = image.expand(2, 1, 64, 64).clone()
+    moving = torch.roll(image, (2, 3), (0, 1)).expand(2, 1, 64, 64).clone()
+    init = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1)
+    init[1, 0, 2] = 500.0
+    return tireg.register(fixed, moving, transform="translation", init=init, max_iterations=10, pyramid=(1,))
+
+
+def test_a_result_with_a_cost_that_is_not_finite_is_saved(tmp_path):
+    # 'no_overlap' and 'not_finite' are statuses, but their inf / NaN cost made save() raise
+    # "'metadata'['cost'][1] is inf; JSON has no NaN or Inf": one such pair blocked a whole batch
+    from dataclasses import replace
+
+    from tireg.transform_io import load_transform
+
+    result = _pair_without_overlap()
+    assert result.stop_reason[1] == "no_overlap" and math.isinf(result.cost[1])
+    result.save(str(tmp_path / "b.json"))
+    loaded = load_transform(tmp_path / "b.json")
+    assert torch.equal(loaded.matrix, result.matrix)  # the matrices exactly, the bad pair's too
+    assert loaded.metadata["cost"] == [float(result.cost[0]), "inf"]
+    assert loaded.metadata["stop_reason"] == result.stop_reason
+    assert [float(value) for value in loaded.metadata["cost"]] == result.cost.tolist()
+    odd = replace(result, cost=torch.tensor([math.nan, -math.inf], dtype=torch.float64))
+    odd.save(str(tmp_path / "odd.json"))
+    assert load_transform(tmp_path / "odd.json").metadata["cost"] == ["nan", "-inf"]
+    result[1].save(str(tmp_path / "b.tfm"))  # ITK's file: one pair, the cost in its #tireg comment
+    loaded = load_transform(tmp_path / "b.tfm")
+    assert loaded.metadata["cost"] == ["inf"] and torch.equal(loaded.matrix, result.matrix[1])
+    # the leniency is the result's cost alone: a matrix or parameter that is not finite is refused
+    broken = replace(result, parameter_values=result.parameter_values.clone().fill_(math.nan))
+    with pytest.raises(ValueError, match=r"^save_transform\(\): 'parameters\['tx'\]' contains NaN or Inf"):
+        broken.save(str(tmp_path / "c.json"))
+    assert not (tmp_path / "c.json").exists()
+
+
 def test_non_convergence_is_a_status():
     fixed, moving, _ = registration_pair("astronaut", "affine", KNOWN["affine"])
     result = tireg.register(fixed, moving, transform="affine", max_iterations=1, init="identity")

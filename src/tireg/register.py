@@ -438,7 +438,14 @@ class RegistrationResult:
         )
 
     def save(self, path: str, **options: Any) -> None:
-        """Write the transform as tireg JSON (``.json``) or an ITK text transform (``.tfm``) that SimpleITK reads."""
+        """Write the transform as tireg JSON (``.json``) or an ITK text transform (``.tfm``) that SimpleITK reads.
+
+        The metadata records ``cost``, ``converged``, ``stop_reason``, the sizes and the interpolation.
+        A cost that is not finite (``stop_reason`` ``"no_overlap"`` or ``"not_finite"``, statuses, not
+        errors) is recorded as the string ``"inf"``, ``"-inf"`` or ``"nan"``, which JSON can hold and
+        ``float()`` reads back: one such pair does not stop a batch from being saved.  The matrices
+        and parameters are written exactly, and must be finite (``save_transform`` checks them).
+        """
         from .transform_io import save_transform
 
         parameters = {name: self.parameter_values[:, i].tolist() for i, name in enumerate(self.parameter_names)}
@@ -451,7 +458,7 @@ class RegistrationResult:
             parameters=parameters,
             center=self.center,
             metadata={
-                "cost": self.cost.tolist(),
+                "cost": [value if math.isfinite(value) else repr(value) for value in self.cost.tolist()],
                 "converged": self.converged.tolist(),
                 "stop_reason": self.stop_reason,
                 "fixed_size": list(self.fixed_size),

@@ -44,6 +44,12 @@ Formats, chosen by the file's suffix:
   parameters and metadata go into one ``#tireg: {...}`` comment line, which
   ITK skips.
 
+JSON has no NaN or Inf, and :func:`save_transform` refuses them everywhere.  The
+metadata written by :meth:`tireg.RegistrationResult.save` records a cost that is
+not finite (a pair whose images do not overlap, ``stop_reason`` ``"no_overlap"``
+or ``"not_finite"``) as the string ``"inf"``, ``"-inf"`` or ``"nan"``, which
+``float()`` reads back; its matrices and parameters are always finite numbers.
+
 Floats are written with Python's shortest round-trip ``repr`` (what ITK's
 own writer does), so a value read back is bit-identical; a pixel matrix
 that went through physical units comes back from the ``#tireg:`` comment's
