@@ -760,6 +760,36 @@ def test_the_inverse_of_an_anisotropic_similarity_is_an_affine():
     assert rigid.transform == "rigid"  # a kind that holds every inverse keeps its own
 
 
+def _scale_shift() -> "tireg.transforms.Transform":
+    """A kind of one's own: isotropic scale and shift, ``(s, tx, ty)``, about the centre."""
+    from tireg import transforms
+
+    def full(params):  # as a similarity of angle 0
+        return torch.cat([torch.zeros_like(params[..., :1]), params], dim=-1)
+
+    return transforms.Transform(
+        "scale_shift", ("scale", "tx", "ty"), (1.0, 0.0, 0.0),
+        lambda params, center: transforms.similarity_matrix(full(params), center),
+        lambda params, center: transforms.similarity_jacobian(full(params), center)[..., 1:, :, :],
+        lambda matrix, center: transforms.similarity_from_matrix(matrix, center)[..., 1:],
+    )
+
+
+def test_the_inverse_of_a_kind_of_ones_own_is_an_affine():
+    # register() takes a Transform of one's own, but the result keeps only its name, and inverse()
+    # looked that up among the built-in kinds: "unknown transform 'scale_shift'"
+    fixed, moving, _ = registration_pair("camera", "similarity", [0.0, 1.05, 3.0, -2.0])
+    result = tireg.register(fixed, moving, transform=_scale_shift(), max_iterations=3)
+    assert result.transform == "scale_shift"
+    inverse = result.inverse()
+    affine = tireg.transforms.TRANSFORMS["affine"]
+    assert inverse.transform == "affine" and inverse.parameter_names == affine.parameter_names
+    torch.testing.assert_close(inverse.matrix, torch.linalg.inv(result.matrix))
+    rebuilt = affine.matrix(inverse.parameter_values, torch.tensor(inverse.center, dtype=torch.float64))
+    torch.testing.assert_close(rebuilt[0], inverse.matrix, rtol=0.0, atol=1e-9)
+    assert inverse.inverse().transform == "affine"
+
+
 def test_result_saves_json_and_tfm(rigid_result, tmp_path):
     from tireg.transform_io import load_transform
 

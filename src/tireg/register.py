@@ -414,17 +414,22 @@ class RegistrationResult:
 
         Its kind is this one's where that holds every inverse (translation, rigid, similarity,
         affine), else affine: the inverse of an anisotropic similarity ``R S`` is ``S^-1 R^-1``, whose
-        parameters as an anisotropic similarity had rebuilt a matrix 6-13 px from it."""
-        from .transforms import get_transform
+        parameters as an anisotropic similarity had rebuilt a matrix 6-13 px from it.  A kind that
+        is not built in (a :class:`tireg.transforms.Transform` of one's own given to
+        :func:`register`; the result keeps its name only) has an affine inverse too."""
+        from .transforms import TRANSFORMS
 
         inverse = torch.linalg.inv(self._matrices())
         center = image_center(*self.moving_size)
-        kind = get_transform(self.transform)
+        affine = TRANSFORMS["affine"]
+        kind = TRANSFORMS.get(self.transform)
+        if kind is None or kind.parameter_names != tuple(self.parameter_names):  # a kind of one's own
+            kind = affine
         values = kind.from_matrix(inverse, center)
         corners = _image_corners(self.moving_size, inverse.dtype)
         rebuilt = kind.matrix(values, torch.tensor(center, dtype=inverse.dtype))
         if not bool(_corner_distance(rebuilt, inverse, corners) <= 1e-6 * (1.0 + _corner_reach(inverse, corners))):
-            kind = get_transform("affine")
+            kind = affine
             values = kind.from_matrix(inverse, center)
         return replace(
             self,
