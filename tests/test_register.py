@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 import warnings
 
 import numpy as np
@@ -788,6 +789,33 @@ def test_the_inverse_of_a_kind_of_ones_own_is_an_affine():
     rebuilt = affine.matrix(inverse.parameter_values, torch.tensor(inverse.center, dtype=torch.float64))
     torch.testing.assert_close(rebuilt[0], inverse.matrix, rtol=0.0, atol=1e-9)
     assert inverse.inverse().transform == "affine"
+
+
+def test_the_inverse_of_a_matrix_without_one_names_the_pair(rigid_result):
+    # a singular matrix raised torch's LinAlgError from deep inside, a near-singular one gave an
+    # inverse of rounding noise, and a NaN matrix's error came from rigid_from_matrix()
+    from dataclasses import replace
+
+    result = rigid_result[0]
+    batch = replace(result, matrix=result.matrix.repeat(3, 1, 1), parameter_values=result.parameter_values.repeat(3, 1),
+                    cost=result.cost.repeat(3), batched=True)
+    singular = torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 5.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    near = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0 + 2.3e-16, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    tiny = torch.diag(torch.tensor([1e-310, 1e-310, 1.0], dtype=torch.float64))  # cond 1; inverse 1e310
+    prefix = r"^RegistrationResult\.inverse\(\): the matrix of "
+    for matrix, pairs in [(singular, [1]), (near, [0, 2])]:
+        matrices = batch.matrix.clone()
+        matrices[pairs] = matrix
+        with pytest.raises(ValueError, match=prefix + re.escape(f"pair {pairs[0]}" if len(pairs) == 1 else
+                                                                f"pairs {pairs}") + " is not invertible: its linear part is singular"):
+            replace(batch, matrix=matrices).inverse()
+    with pytest.raises(ValueError, match=prefix + r"pair 0 is not invertible in float64: its inverse is beyond"):
+        replace(result, matrix=tiny).inverse()
+    matrices = batch.matrix.clone()
+    matrices[2, 0, 0] = math.nan
+    with pytest.raises(ValueError, match=prefix + r"pair 2 is not finite \(NaN or Inf\); it has no inverse"):
+        replace(batch, matrix=matrices).inverse()
+    torch.testing.assert_close(batch.inverse().matrix[1], result.inverse().matrix, rtol=0.0, atol=0.0)
 
 
 def test_result_saves_json_and_tfm(rigid_result, tmp_path):

@@ -416,10 +416,13 @@ class RegistrationResult:
         affine), else affine: the inverse of an anisotropic similarity ``R S`` is ``S^-1 R^-1``, whose
         parameters as an anisotropic similarity had rebuilt a matrix 6-13 px from it.  A kind that
         is not built in (a :class:`tireg.transforms.Transform` of one's own given to
-        :func:`register`; the result keeps its name only) has an affine inverse too."""
+        :func:`register`; the result keeps its name only) has an affine inverse too.
+
+        Raises ``ValueError`` naming the pairs whose matrix is not finite or not invertible (a
+        linear part singular to rounding: condition number above ``1 / eps``)."""
         from .transforms import TRANSFORMS
 
-        inverse = torch.linalg.inv(self._matrices())
+        inverse = _checked_inverse(self._matrices(), "RegistrationResult.inverse()")
         center = image_center(*self.moving_size)
         affine = TRANSFORMS["affine"]
         kind = TRANSFORMS.get(self.transform)
@@ -491,6 +494,34 @@ class RegistrationResult:
             )
         lines.append(f"{self.seconds:.3f} s")
         return "\n".join(lines)
+
+
+def _checked_inverse(matrices: torch.Tensor, caller: str) -> torch.Tensor:
+    """``inv(A)`` of float64 ``(B, 3, 3)`` affine matrices; ``ValueError`` naming the pairs whose
+    matrix is not finite, or not invertible: a linear part whose condition number is above
+    ``1 / eps`` (singular to rounding, as :func:`tireg.transform_io.save_transform` warns), or whose
+    inverse leaves float64's range.  torch's ``LinAlgError`` from deep inside (or a NaN matrix's
+    error from the kind's ``from_matrix``) named neither the caller nor the pair."""
+    def pairs(indices: list[int]) -> str:
+        return f"pair {indices[0]}" if len(indices) == 1 else f"pairs {indices}"
+
+    finite = torch.isfinite(matrices).flatten(1).all(1).tolist()
+    bad = [index for index, ok in enumerate(finite) if not ok]
+    if bad:
+        raise ValueError(f"{caller}: the matrix of {pairs(bad)} is not finite (NaN or Inf); it has no inverse")
+    limit = 1.0 / torch.finfo(matrices.dtype).eps
+    condition = torch.linalg.cond(matrices[:, :2, :2]).tolist()
+    bad = [index for index, value in enumerate(condition) if not value <= limit]
+    if bad:
+        raise ValueError(f"{caller}: the matrix of {pairs(bad)} is not invertible: its linear part is singular "
+                         f"(condition number {condition[bad[0]]:.3g}, above 1/eps = {limit:.3g}); it maps the "
+                         "fixed image onto a line or a point")
+    inverse = torch.linalg.inv(matrices)
+    bad = [index for index, ok in enumerate(torch.isfinite(inverse).flatten(1).all(1).tolist()) if not ok]
+    if bad:
+        raise ValueError(f"{caller}: the matrix of {pairs(bad)} is not invertible in float64: its inverse is "
+                         "beyond float64's range")
+    return inverse
 
 
 # ----------------------------------------------------------------------------
