@@ -745,6 +745,36 @@ def test_result_warp_map_points_and_inverse(rigid_result):
         result[0:1]
 
 
+@pytest.mark.parametrize(
+    "points, error, message",
+    [
+        ("10 20", TypeError, r"nested lists of real numbers; got str"),  # torch's TypeError from inside
+        ([[1.0, 2.0], [3.0]], TypeError, r"all rows of one length; got list"),  # NumPy's "inhomogeneous shape"
+        (np.array([[1.0 + 2.0j, 3.0]]), TypeError, r"real numbers; got ndarray of complex128"),  # 2j dropped
+        ([[1.0 + 2.0j, 3.0]], TypeError, r"real numbers; got list of complex128"),
+        (torch.tensor([[1.0 + 2.0j, 3.0]]), TypeError, r"must be real numbers; got torch.complex64"),
+        ([[1.0, None]], TypeError, r"got an entry None"),  # read as NaN
+        ([[True, False]], TypeError, r"got list of bool"),
+        ([[1, True]], TypeError, r"got an entry True"),
+        (torch.zeros(4, 3), ValueError, r"must have shape \(N, 2\) or \(B, N, 2\); got \(4, 3\)"),
+        ([1.0, 2.0], ValueError, r"must have shape \(N, 2\) or \(B, N, 2\); got \(2,\)"),
+    ],
+)
+def test_map_points_names_what_it_refuses(rigid_result, points, error, message):
+    with pytest.raises(error, match=r"^RegistrationResult\.map_points\(\): 'points' .*" + message):
+        rigid_result[0].map_points(points)
+
+
+def test_map_points_takes_lists_arrays_and_tensors_alike(rigid_result):
+    result = rigid_result[0]
+    expected = result.map_points(torch.tensor([[10.0, 20.0], [3.0, 4.0]], dtype=torch.float64))
+    for points in ([[10, 20], [3, 4]], np.array([[10.0, 20.0], [3.0, 4.0]], dtype=np.float32),
+                   torch.tensor([[10, 20], [3, 4]]), [(10.0, 20.0), (3.0, 4.0)]):
+        mapped = result.map_points(points)
+        assert mapped.dtype == torch.float64
+        torch.testing.assert_close(mapped, expected, rtol=0.0, atol=0.0)
+
+
 def test_the_inverse_of_an_anisotropic_similarity_is_an_affine():
     # (R S)^-1 = S^-1 R^-1 is no anisotropic similarity: its parameters as one, printed by summary()
     # and saved beside the right matrix, rebuilt a matrix 6-13 px from it

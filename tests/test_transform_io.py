@@ -522,6 +522,7 @@ def test_singular_matrix_is_saved_with_a_warning(tmp_path):
         (dict(matrix=torch.eye(3, dtype=torch.complex64)), TypeError, r"'matrix' must be real"),
         (dict(matrix="eye"), TypeError, r"'matrix' must be a tensor, an array or nested lists of real .*; got str"),
         (dict(matrix=[[1, 0], [0, 1, 0]]), TypeError, r"'matrix' must be a tensor, an array or nested lists"),
+        (dict(center=(1.0, None)), TypeError, r"'center' must be a tensor, .*; got an entry None"),  # was NaN
         (dict(transform=3), TypeError, r"'transform' must be a string or None; got int"),
         (dict(parameters=[1.0]), TypeError, r"'parameters' must be a dict"),
         (dict(parameters={1: 1.0}), TypeError, r"'parameters' names must be strings; got 1"),

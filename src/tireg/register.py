@@ -397,14 +397,25 @@ class RegistrationResult:
         return _restore_dims(warped, ndim)
 
     def map_points(self, points: Union[torch.Tensor, np.ndarray, Sequence]) -> torch.Tensor:
-        """Map fixed-image points ``(N, 2)`` (or ``(B, N, 2)``) ``(x, y)`` to the moving image: ``A x``."""
-        points = torch.as_tensor(writable(np.asarray(points)) if not isinstance(points, torch.Tensor) else points)
+        """Map fixed-image points ``(N, 2)`` (or ``(B, N, 2)``) ``(x, y)`` to the moving image: ``A x``.
+
+        ``points``: a tensor, array or nested lists of real numbers (float64 result; a tensor's
+        device kept).  Strings, booleans, complex numbers and ragged lists are refused (``TypeError``),
+        as are other shapes (``ValueError``)."""
+        caller = "RegistrationResult.map_points()"
+        if isinstance(points, torch.Tensor):
+            if points.is_complex() or points.dtype == torch.bool:  # a complex's imaginary part was dropped
+                raise TypeError(f"{caller}: 'points' must be real numbers; got {points.dtype}")
+        else:
+            from .transform_io import _as_float_array  # strings, ragged lists, complex numbers refused by name
+
+            points = torch.from_numpy(writable(_as_float_array(points, "points", caller)))
         points = points.to(torch.float64)
-        if points.shape[-1] != 2 or points.dim() not in (2, 3):
-            raise ValueError(f"map_points(): 'points' must have shape (N, 2) or (B, N, 2); got {tuple(points.shape)}")
+        if points.dim() not in (2, 3) or points.shape[-1] != 2:
+            raise ValueError(f"{caller}: 'points' must have shape (N, 2) or (B, N, 2); got {tuple(points.shape)}")
         matrices = self._matrices().to(points.device)  # the result's matrices are on the CPU
         if points.dim() == 3 and points.shape[0] not in (1, matrices.shape[0]):
-            raise ValueError(f"map_points(): {points.shape[0]} point sets for {matrices.shape[0]} pairs; "
+            raise ValueError(f"{caller}: {points.shape[0]} point sets for {matrices.shape[0]} pairs; "
                              "give (N, 2) points for every pair, or (B, N, 2) with one set per pair")
         mapped = points @ matrices[..., :2, :2].transpose(-1, -2) + matrices[..., None, :2, 2]
         return mapped[0] if (points.dim() == 2 and not self.batched) else mapped

@@ -289,10 +289,9 @@ def _as_float_array(value: Any, name: str, caller: str) -> np.ndarray:
         if boolean is not None:
             raise TypeError(f"{expected}; got an entry {boolean!r}")
     if array.dtype == object:  # Python integers beyond int64, or entries that are not numbers
-        odd = next((item for item in array.reshape(-1)
-                    if not isinstance(item, numbers.Real) or isinstance(item, bool)), None)
-        if odd is not None:
-            raise TypeError(f"{expected}; got an entry {odd!r}")
+        odd = [item for item in array.reshape(-1) if not isinstance(item, numbers.Real) or isinstance(item, bool)]
+        if odd:  # a list, not next(..., None): an entry None was taken for "none found", and read as NaN
+            raise TypeError(f"{expected}; got an entry {odd[0]!r}")
         try:
             return array.astype(np.float64)
         except OverflowError:
