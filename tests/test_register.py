@@ -480,6 +480,32 @@ def test_a_step_held_back_by_a_small_learning_rate_is_not_convergence():
         assert still.stop_reason == ["converged"] and still.iterations.tolist() == [3], optimizer
 
 
+def test_a_first_order_pair_that_never_gets_anywhere_is_not_converged():
+    # With lr=1e-6 (Adam) or 1e-5 (SGD) the float32 parameters rounded each step to nothing or to
+    # noise, the step measured on them passed the stop test (0 <= 0.25 x 0) and the pair read
+    # "converged" at the start, 12 px from the truth; the step is measured in float64 now, and such
+    # a pair runs to max_iterations. With lr=100 Adam ran off the images, where the gradient is 0
+    # and its momentum only carries it further: its steps died away, "converged", while the level
+    # returned the best point it saw, the start. Such a pair is "stalled" there.
+    from tireg.data import camera
+
+    fixed = camera()[:128, :128]
+    truth = tireg.transforms.similarity_matrix(torch.tensor([0.1, 1.03, 2.5, -1.5]), tireg.image_center(128, 128))
+    moving = tireg.warp(fixed[None, None], torch.linalg.inv(truth), padding_mode="border")[0, 0]
+    options = dict(transform="similarity", init="identity", pyramid=(1,), max_iterations=150)
+    for optimizer, lr, reason in [("sgd", 1e-5, "max_iterations"), ("adam", 1e-6, "max_iterations"),
+                                  ("adam", 100.0, "stalled")]:
+        result = tireg.register(fixed, moving, optimizer=optimizer, optimizer_options={"lr": lr}, **options)
+        assert grid_error(result.matrix, truth, fixed.shape) > 5.0, (optimizer, lr)  # never got anywhere ...
+        assert result.stop_reason == [reason], (optimizer, lr)  # ... and says so
+        assert not bool(result.converged), (optimizer, lr)
+    # a pair started at the truth, whose steps are short from the first, still converges
+    for optimizer in ("adam", "sgd"):
+        there = tireg.register(fixed, moving, transform="similarity", init=truth, optimizer=optimizer)
+        assert there.stop_reason == ["converged"], optimizer
+        assert grid_error(there.matrix, truth, fixed.shape) < 0.05, optimizer
+
+
 @pytest.mark.parametrize("metric", ["lncc", "lncc_any"])
 def test_local_ncc_of_images_on_a_large_offset_without_normalising(metric):
     # its float32 window sums of the values as they are cancel on an offset it is invariant to:

@@ -104,7 +104,9 @@ STOP_REASONS = {
                  "largest too)",
     "max_iterations": "the iteration limit of the finest level was reached",
     "stalled": "no step lowered the cost any more (Levenberg-Marquardt damping at its limit, or rejected steps "
-               "shrank the step below the tolerance while the undamped step was still large)",
+               "shrank the step below the tolerance while the undamped step was still large; Adam and SGD: a "
+               "step began where the cost is not finite, off the images' overlap, where no gradient leads back, "
+               "or left the finite numbers: the level keeps the best point it saw)",
     "callback": "the callback raised StopIteration",
     "no_overlap": "the images do not overlap (too few valid pixels) at the found transform",
     "not_finite": "the cost is NaN at the found transform, or infinite where the images overlap: "
@@ -1457,13 +1459,14 @@ def _corner_reach(matrix: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
 
 def _displacement(problem: _Problem, before: torch.Tensor, step: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
     """Largest distance in full-resolution pixels that a corner of the fixed image moves from
-    parameters ``before`` to ``before + step``."""
+    parameters ``before`` to ``before + step`` (in their dtype: float64 measures a step that
+    float32 parameters would round away)."""
     if problem.kind.linear:  # A(before + step) - A(before) = sum_k step_k J_k
-        difference = (step[:, :, None, None] * problem.linear_parts[1]).sum(1)
-    else:
-        both = problem.kind.matrix(torch.cat([before + step, before]), problem.center)  # one call for the two
+        difference = (step[:, :, None, None] * problem.linear_parts[1].to(step.dtype)).sum(1)
+    else:  # one call for the two
+        both = problem.kind.matrix(torch.cat([before + step, before]), problem.center.to(before.dtype))
         difference = both[: before.shape[0]] - both[before.shape[0]:]
-    return (corners @ difference[:, :2, :].transpose(1, 2)).norm(dim=-1).amax(dim=-1)
+    return (corners.to(difference.dtype) @ difference[:, :2, :].transpose(1, 2)).norm(dim=-1).amax(dim=-1)
 
 
 #: On a GPU, how many iterations run between the host's looks at the pairs' convergence flags,
@@ -2071,8 +2074,9 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
     subsets: dict = {}  # _evaluate_active's level of the pairs evaluated last
     first = evaluate_on(start, level)
     # The lowest cost seen per pair, and where: what the level returns, so that an optimiser's
-    # excursion (a line search far off, a step to NaN) never ends a pair worse than it began.
-    best = {"cost": first.cost.detach().clone(), "params": start.clone()}
+    # excursion (a line search far off, a step to NaN) never ends a pair worse than it began;
+    # and whether the last evaluation's cost was finite (Adam's and SGD's: at the step's start).
+    best = {"cost": first.cost.detach().clone(), "params": start.clone(), "finite": torch.isfinite(first.cost)}
 
     def cost_and_gradient(scaled: torch.Tensor, pending: Optional[torch.Tensor] = None,
                           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2085,6 +2089,7 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
         # L-BFGS looks at its pending pairs anyway (always=True); Adam and SGD on the CPU
         evaluation = _evaluate_active(evaluate_on, trial, level, pending, subsets, always=name == "lbfgs")
         cost, gradient = evaluation.cost, evaluation.gradient.to(trial.dtype)
+        best["finite"] = torch.isfinite(cost)
         cost = torch.where(torch.isfinite(cost), cost, torch.full_like(cost, 1e30))
         gradient = torch.nan_to_num(gradient, nan=0.0, posinf=0.0, neginf=0.0)
         improved = active & (cost < best["cost"]) & torch.isfinite(trial).all(dim=1)
@@ -2099,14 +2104,16 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
 
     costs, passes = [first.cost], []
     quiet = torch.zeros(batch, dtype=torch.long, device=device)
-    largest = torch.zeros(batch, dtype=start.dtype, device=device)  # Adam's and SGD's longest step so far
+    largest = torch.zeros(batch, dtype=torch.float64, device=device)  # Adam's and SGD's longest step so far
+    wide = start.to(torch.float64), scales.to(torch.float64)  # where a step is measured
     # L-BFGS starts a step where the last one ended, already evaluated (the first: at q = 0, `first`)
     current = None if name != "lbfgs" else (
         torch.where(torch.isfinite(first.cost), first.cost, torch.full_like(first.cost, 1e30)),
         torch.nan_to_num(first.gradient, nan=0.0, posinf=0.0, neginf=0.0) * scales)
     for iteration in range(max_iterations):
         passes.append(active.any())
-        before = start + q.detach() * scales
+        before_q = q.detach().clone()
+        before = start + before_q * scales
         if name == "lbfgs":
             with torch.no_grad():
                 found, *current = optim.step(cost_and_gradient, q, active, tuple(current))
@@ -2114,13 +2121,20 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
         else:
             optim.step(closure)
         with torch.no_grad():
-            # a pair that left the finite numbers stops where this step began (its best is kept)
+            # a pair that left the finite numbers stops where this step began (its best is kept);
+            # so does an Adam or SGD pair whose step began where the cost is not finite (off the
+            # images' overlap: its gradient there is 0, and its momentum only carries it further)
             broken = ~torch.isfinite(q).all(dim=1)
+            if name != "lbfgs":
+                broken = broken | ~best["finite"]
             status = torch.where(broken & active, _STALLED, status)
             active = active & ~broken
             q.copy_(torch.where(active[:, None], q, (before - start) / scales))
         after = start + q.detach() * scales
-        moved = _displacement(problem, before, after - before, corners)
+        # the step the optimiser took, measured in float64: the float32 parameters round a short one
+        # (lr=1e-6) to nothing or to noise, which read as a pair at rest ("converged" at the start)
+        moved = _displacement(problem, wide[0] + before_q.to(torch.float64) * wide[1],
+                              (q.detach() - before_q).to(torch.float64) * wide[1], corners)
         iterations += active
         small = moved < tolerance * level.factor
         if name == "lbfgs":  # a pair whose line search the budget cut off has not converged: it goes on
@@ -2128,7 +2142,8 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
         else:  # short against the level's largest step: near the minimum, not held back by lr
             largest = torch.maximum(largest, torch.where(active, moved, torch.zeros_like(moved)))
             # (<=: a pair that never moves, at its optimum from the start, converges; 0 < 0 ran it
-            # to max_iterations at every level, 900 steps for 9)
+            # to max_iterations at every level, 900 steps for 9.  Measured in float64 a step is 0
+            # only where the gradient is: lr > 0 is required)
             small = small & (moved <= FIRST_ORDER_STEP_FRACTION * largest)
         quiet = torch.where(small, quiet + 1, torch.zeros_like(quiet))
         # one L-BFGS step holds several inner iterations; stochastic-looking Adam/SGD steps need a run
@@ -2374,7 +2389,11 @@ def register(
             tolerance the floor decides); else the pair is ``"stalled"``.
             Adam and SGD: three steps running below it and below
             :data:`FIRST_ORDER_STEP_FRACTION` of the pair's largest at the
-            level (a step held back by the learning rate is no convergence).
+            level (a step held back by the learning rate is no convergence:
+            such a pair runs to ``max_iterations``; steps are measured in
+            float64, so one that float32 parameters round away still
+            counts), and a pair whose step begins off the images' overlap
+            is ``"stalled"``.
         interpolation: ``"bilinear"`` or ``"bicubic"``.
         normalize: ``True`` (default): each image and channel is brought to
             zero mean and unit deviation (over its mask) before a per-pixel
