@@ -703,6 +703,41 @@ def test_a_nan_cost_is_not_called_no_overlap():
     assert math.isinf(float(apart.cost)) and apart.stop_reason == ["no_overlap"]
 
 
+def test_without_normalising_an_offset_is_taken_off_in_the_images_precision():
+    # normalize=False cast float64 and wide integer images to float32 before anything else: on a large
+    # offset little of them was left, and NCC (cost 1.0), MI and L2 ended at the start or off it, all
+    # "converged". A per-pixel loss sees x - y only and local NCC each image's offset not at all: one
+    # offset common to both (the fixed image's mean), or each image's own, is taken off in float64
+    # first. NCC, MI and NMI see neither gain nor offset and run on the normalised images.
+    from tireg.data import camera
+
+    fixed = camera(dtype=torch.float64)[:128, :128]
+    truth = tireg.transforms.similarity_matrix(torch.tensor([0.1, 1.03, 2.5, -1.5], dtype=torch.float64),
+                                               tireg.image_center(128, 128))
+    moving = tireg.warp(fixed[None, None], torch.linalg.inv(truth), padding_mode="border")[0, 0]
+    options = dict(transform="similarity", normalize=False)
+    for metric, offset in [("ncc", 1e6), ("mi", 3e6), ("l2", 1e6), ("huber", 1e6), ("lncc", 1e6)]:
+        shifted = tireg.register(offset + fixed, offset + moving, metric=metric, **options)
+        plain = tireg.register(fixed, moving, metric=metric, **options)
+        assert grid_error(shifted.matrix, truth, fixed.shape) < 0.2, metric
+        assert shifted.stop_reason == ["converged"], metric
+        assert abs(float(shifted.cost[0]) - float(plain.cost[0])) <= 1e-3 * (1.0 + abs(float(plain.cost[0]))), metric
+    # 16-bit counts on 1e9 (int64): 0.9 px off with L2
+    counts = lambda image: (torch.round(1000 * image) + 10**9).long()  # noqa: E731
+    wide = tireg.register(counts(fixed), counts(moving), **options)
+    assert grid_error(wide.matrix, truth, fixed.shape) < 0.05
+    # NCC of images of 1e-25 (their squares 0 in float32) stayed at the start, "converged"; normalised, exact
+    tiny = tireg.register(1e-25 * fixed.float(), 1e-25 * moving.float(), metric="ncc", **options)
+    assert grid_error(tiny.matrix, truth, fixed.shape) < 0.05
+    # a per-pixel loss cannot be scaled without changing its cost (its scales are on x - y): refused, by name
+    with pytest.raises(ValueError, match=r"^register\(\): 'fixed' holds values of at most 5.93e-26 about its "
+                                         r"offset, whose squares are below float32's smallest number"):
+        tireg.register(1e-25 * fixed.float(), 1e-25 * moving.float(), **options)
+    # one offset for both: a batch of one fixed image and several moving ones keeps the fixed image whole
+    batch = tireg.register(1e6 + fixed, (1e6 + moving).expand(2, 1, 128, 128), **options)
+    assert grid_error(batch.matrix[1], truth, fixed.shape) < 0.05
+
+
 def test_numpy_integer_images():
     fixed, moving, truth = registration_pair("coins", "rigid", KNOWN["rigid"])
     to_uint16 = lambda image: np.round(image.numpy() * 65535).astype(np.uint16)  # noqa: E731
@@ -719,9 +754,13 @@ def test_numpy_integer_images():
     for dtype in (np.uint32, np.uint64):
         unsigned = tireg.register(to_uint16(fixed).astype(dtype), to_uint16(moving).astype(dtype), transform="rigid")
         assert grid_error(unsigned.matrix, truth, fixed.shape) < 0.2
+    # normalize=False takes the offset off in float64 too (it had called them constant)
+    plain = tireg.register(counts(fixed), counts(moving), transform="rigid", normalize=False)
+    assert grid_error(plain.matrix, truth, fixed.shape) < 0.2
+    # a metric of one's own gets them as given, which float32 rounds to one value, and says so
     with pytest.raises(ValueError, match=r"'fixed' is constant .*its values reach 3e\+10, where float32 .* keep "
                                          r"normalize=True"):
-        tireg.register(counts(fixed), counts(moving), transform="rigid", normalize=False)
+        tireg.register(counts(fixed), counts(moving), transform="rigid", normalize=False, metric=OwnPerPixelCost())
 
 
 # -- the result ---------------------------------------------------------------------

@@ -65,8 +65,10 @@ from .metrics import (
     ECCSystem,
     LocalNCC,
     Metric,
+    MutualInformation,
     NCC,
     NCCStatistics,
+    NormalizedMutualInformation,
     PerPixelMetric,
     _independent_pairs,
     _mean_count,
@@ -631,8 +633,9 @@ def _restore_dims(image: torch.Tensor, ndim: int) -> torch.Tensor:
     return image
 
 
-def _as_mask(mask: Optional[ImageLike], image: torch.Tensor, name: str) -> Optional[torch.Tensor]:
-    """A ``(B, 1, H, W)`` float 0/1 mask matching ``image`` (or ``None``)."""
+def _as_mask(mask: Optional[ImageLike], image: torch.Tensor, name: str,
+             device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
+    """A ``(B, 1, H, W)`` float32 0/1 mask matching ``image`` (or ``None``), on ``device`` (default: the image's)."""
     if mask is None:
         return None
     tensor, _ = _as_image(mask, name, "register()")
@@ -642,7 +645,8 @@ def _as_mask(mask: Optional[ImageLike], image: torch.Tensor, name: str) -> Optio
         )
     if tensor.shape[1] != 1:
         raise ValueError(f"register(): '{name}' must have one channel; got {tensor.shape[1]}")
-    tensor = (tensor != 0).to(image.dtype).to(image.device)  # nonzero, as documented and as the CLI reads masks
+    # nonzero, as documented and as the CLI reads masks
+    tensor = (tensor != 0).to(torch.float32).to(image.device if device is None else device)
     if tensor.shape[0] not in (1, image.shape[0]):
         raise ValueError(f"register(): '{name}' has {tensor.shape[0]} masks for {image.shape[0]} images")
     if bool((tensor.flatten(1).sum(1) < 16).any()):
@@ -791,12 +795,102 @@ def _constant_planes(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch
     return ((values - values.gather(-1, first)).abs_() * weights).amax(dim=-1) == 0
 
 
-def _without_offset(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """``image`` less its mean per pair and channel (over ``mask``): a copy, for a metric that does not
-    see a constant offset but whose sums lose precision on one (local NCC)."""
+#: Metrics whose cost sees neither the gain nor the offset of either image (with their class's own
+#: cost): ``register(normalize=False)`` computes them on the normalised images all the same.
+_GAIN_INVARIANT = (NCC, MutualInformation, NormalizedMutualInformation)
+
+
+def _offset_kind(metric: Metric) -> Optional[str]:
+    """Which offset ``register(normalize=False)`` takes off the images for ``metric``: ``"common"``,
+    one for both, for a per-pixel metric of PerPixelMetric's own cost whose loss is a function of
+    ``x - y`` (PerPixelLoss's own ``forward``: every built-in loss, their scales on ``x - y`` too);
+    ``"each"``, each image its own, for local NCC (its own cost: invariant to each image's offset,
+    not to its gain); ``None`` for a metric of one's own, which gets the intensities as given."""
+    if _pixel_parts(metric) and type(metric.loss).forward is PerPixelLoss.forward:
+        return "common"
+    if _own_cost(metric, (LocalNCC,)):
+        return "each"
+    return None
+
+
+def _plane_mean(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The mean of ``image`` ``(b, C, H, W)`` per pair and channel, over ``mask`` (``(B, 1, H, W)``,
+    ``b`` 1 or ``B``), summed in float64: ``(b, C, 1, 1)``, or ``(B, C, 1, 1)`` where one image has a
+    mask per pair.  A mask shared by the pairs (a broadcast one) counts once."""
     if mask is None:
-        return image - image.mean(dim=(2, 3), keepdim=True)
-    return image - (image * mask).sum(dim=(2, 3), keepdim=True) / mask.sum(dim=(2, 3), keepdim=True)
+        return image.sum(dim=(2, 3), keepdim=True, dtype=torch.float64) / (image.shape[-2] * image.shape[-1])
+    mask = mask.to(image.device)
+    if image.shape[0] == 1 and (mask.shape[0] == 1 or mask.stride(0) == 0):
+        mask = mask[:1]
+    count = mask.sum(dim=(2, 3), keepdim=True, dtype=torch.float64)
+    return (image * mask.to(image.dtype)).sum(dim=(2, 3), keepdim=True, dtype=torch.float64) / count
+
+
+def _without_offsets(
+    fixed: torch.Tensor, moving: torch.Tensor, fixed_mask: Optional[torch.Tensor],
+    moving_mask: Optional[torch.Tensor], metric: Metric, batch: int, device: torch.device, caller: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``register(normalize=False)``'s working images: ``fixed`` and ``moving`` ``(b, C, H, W)`` (``b``
+    1 or ``batch``, as given: float32, or float64 for float64 and wide integer images) less the offset
+    that ``metric`` does not see (:func:`_offset_kind`), taken off in their own precision, then as
+    float32 on ``device`` (:func:`_float32`), ``(batch, C, H, W)``.
+
+    Why: register computes in float32, and a cast first kept little of an image on a large offset
+    (``1e6 + camera`` in float64: NCC read 1.0 and MI ended 12 px off, "converged"; 16-bit counts on
+    ``1e9``, L2, 0.9 px).  ``"common"``: the mean (over its mask) of the image with fewer pairs, the
+    fixed one on a tie (neither then grows to the batch), per pair and channel, rounded to float32
+    where either image is float32, so that both lose exactly the same number.  ``"each"``: each
+    image its own mean.
+    """
+    kind = _offset_kind(metric)
+    if kind == "common":
+        source, mask = (fixed, fixed_mask) if fixed.shape[0] <= moving.shape[0] else (moving, moving_mask)
+        offset = _plane_mean(source, mask)
+        if torch.float32 in (fixed.dtype, moving.dtype):
+            offset = offset.to(torch.float32).to(torch.float64)
+        offsets = (offset, offset)
+    elif kind == "each":
+        offsets = (_plane_mean(fixed, fixed_mask), _plane_mean(moving, moving_mask))
+    else:
+        offsets = (None, None)
+    images = []
+    for image, offset, name in zip((fixed, moving), offsets, ("fixed", "moving")):
+        image = image.detach()
+        if offset is not None:
+            image = image - offset.to(device=image.device, dtype=image.dtype)
+        images.append(_float32(image, name, device, caller, centred=False).expand(batch, *image.shape[1:]))
+    return images[0], images[1]
+
+
+#: ``register(normalize=False)`` refuses a per-pixel loss or local NCC on an image plane whose values
+#: (less the offset) are all below this: the square root of float32's smallest normal number, so that
+#: every square and product of them, which their cost and gradient are made of, is 0 or subnormal.
+_UNDERFLOW = torch.finfo(torch.float32).tiny ** 0.5
+
+
+def _refuse_underflow(image: torch.Tensor, mask: Optional[torch.Tensor], name: str) -> None:
+    """Raise ``ValueError`` naming the pair and channel where a plane of ``image`` (float32, less its
+    offset) holds no value of size :data:`_UNDERFLOW` or more (inside its mask): its squares are 0 in
+    float32, the cost and gradient 0 everywhere, and the start read "converged"."""
+    values = image.abs() if mask is None else image.abs() * mask
+    peak = values.amax(dim=(2, 3))  # (B, C)
+    small = peak < _UNDERFLOW
+    if bool(small.any()):
+        pair, channel = (int(index) for index in small.nonzero()[0])
+        raise ValueError(
+            f"register(): '{name}'{_plane_location(small, pair, channel)} holds values of at most "
+            f"{float(peak[pair, channel]):.3g} about its offset, whose squares are below float32's smallest "
+            f"number ({torch.finfo(torch.float32).tiny:.3g}), which register computes in: the cost and its "
+            "gradient would be 0 everywhere; keep normalize=True, or scale both images")
+
+
+def _plane_location(flags: torch.Tensor, pair: int, channel: int) -> str:
+    """`` in pair 1``, `` in pair 1, channel 0 of 3``, `` in channel 0 of 3`` or nothing: where in a
+    ``(B, C)`` set of planes (``flags``) the one at ``(pair, channel)`` is, as much as there is to say."""
+    where = f" in pair {pair}" if flags.shape[0] > 1 else ""
+    if flags.shape[1] > 1:
+        where += f"{',' if where else ' in'} channel {channel} of {flags.shape[1]}"
+    return where
 
 
 def _mean_and_deviation(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2400,10 +2494,21 @@ def register(
             loss compares them, and again over the pixels the cost counts
             (the overlap, at the start and before the full-resolution
             level), so gain and offset drop out; ``False``
-            compares the intensities as given (NCC, MI and NMI are invariant
-            either way; ``"lncc"`` only to offset, which is taken off each
-            image first, as its float32 window sums lose it: its ``eps`` is
-            absolute, and at a gain of 0.01 it is no longer invariant).
+            compares the intensities as given, less an offset the metric
+            does not see, taken off in the images' own precision (float64
+            for float64 and wide integer images) before register's float32,
+            which would keep little of an image on a large offset: a
+            per-pixel loss (a function of ``x - y``, its scale too) one
+            offset common to both images (the fixed image's mean per pair
+            and channel, over its mask); ``"lncc"`` each image its own (it
+            is invariant to offset only: its ``eps`` is absolute, and at a
+            gain of 0.01 it is no longer invariant).  ``"ncc"``,
+            ``"ncc_any"``, ``"mi"`` and ``"nmi"`` see neither gain nor
+            offset and run on the normalised images either way.  A per-pixel
+            loss or ``"lncc"`` on an image whose values (less the offset)
+            are all below about 1e-19 raises ``ValueError``: their squares
+            are 0 in float32.  A metric of one's own gets the images as
+            given.
         optimizer_options: keyword arguments of the ``torch.optim``
             optimiser (``"adam"``, ``"lbfgs"``, ``"sgd"``; ``torch.optim.LBFGS``'s
             for the batched L-BFGS), e.g. ``{"lr": 0.05}``, over tireg's
@@ -2458,8 +2563,6 @@ def register(
         raise TypeError(f"{caller}: 'normalize' must be True or False; got {normalize!r}")
     normalize = bool(normalize)
     dtype = torch.float32
-    fixed_t, moving_t = (_float32(image, name, device, caller, centred=normalize).expand(batch, *image.shape[1:])
-                         for image, name in ((fixed_t, "fixed"), (moving_t, "moving")))
     if min(fixed_t.shape[-2:]) < 8 or min(moving_t.shape[-2:]) < 8:
         layout = ""
         if fixed_ndim == 3 or moving_ndim == 3:
@@ -2519,19 +2622,29 @@ def register(
                       f"1/{factors[-1]} of the resolution (shrink factors go from coarse to fine and end with 1 for "
                       "full resolution, e.g. (4, 2, 1))", UserWarning, stacklevel=3)
 
-    fixed_mask = _as_mask(mask, fixed_t, "mask")
-    moving_mask_t = _as_mask(moving_mask, moving_t, "moving_mask")
-    if not normalize:  # (_normalization refuses them too)
+    # ncc, ncc_any, mi and nmi see neither gain nor offset: on the normalised images their cost is the
+    # same, and float32 keeps their detail whatever the range (1e-25 x an image: NCC read 1.0 at the start)
+    normalize = normalize or _own_cost(metric_object, _GAIN_INVARIANT)
+    if normalize:
+        fixed_t, moving_t = (_float32(image, name, device, caller, centred=True).expand(batch, *image.shape[1:])
+                             for image, name in ((fixed_t, "fixed"), (moving_t, "moving")))
+        fixed_mask = _as_mask(mask, fixed_t, "mask")
+        moving_mask_t = _as_mask(moving_mask, moving_t, "moving_mask")
+    else:  # in the images' own precision until the offset their metric does not see is off
+        fixed_mask = _as_mask(mask, fixed_t.expand(batch, *fixed_t.shape[1:]), "mask", device)
+        moving_mask_t = _as_mask(moving_mask, moving_t.expand(batch, *moving_t.shape[1:]), "moving_mask", device)
+        fixed_t, moving_t = _without_offsets(fixed_t, moving_t, fixed_mask, moving_mask_t, metric_object, batch,
+                                             device, caller)
+        # (_normalization refuses constant images too)
         _refuse_constant(fixed_t, fixed_mask, "fixed")
         _refuse_constant(moving_t, moving_mask_t, "moving")
+        if _offset_kind(metric_object) is not None:
+            _refuse_underflow(fixed_t, fixed_mask, "fixed")
+            _refuse_underflow(moving_t, moving_mask_t, "moving")
     fixed_stats = _normalization(fixed_t, fixed_mask, "fixed") if normalize else None
     fixed_n = _normalized(fixed_t, fixed_stats) if normalize else fixed_t
     moving_stats = _normalization(moving_t, moving_mask_t, "moving") if normalize else None
     moving_n = _normalized(moving_t, moving_stats) if normalize else moving_t
-    if not normalize and _own_cost(metric_object, (LocalNCC,)):  # (a subclass's own cost may see offsets)
-        # its window sums of the values as they are cancel in float32 on a large offset, to which
-        # it is invariant: 16-bit images on an offset of 1000 ended 424 px off, "converged"
-        fixed_n, moving_n = _without_offset(fixed_t, fixed_mask), _without_offset(moving_t, moving_mask_t)
 
     center = image_center(*fixed_t.shape[-2:])
     center_t = torch.tensor(center, dtype=dtype, device=device)
