@@ -1390,6 +1390,49 @@ class _SummedDerivative(tireg.L2Loss):
         return (r * r, (2.0 * r).sum()) if gradient else r * r
 
 
+def test_an_input_error_of_a_batch_names_its_pairs():
+    # A NaN in one moving image of three, or a mask of one pair that selects nothing, raised without
+    # saying which pair (the constant image's error did): in a batch of hundreds the user had to search.
+    fixed, moving, _ = registration_pair("camera", "similarity", [0.1, 1.03, 2.5, -1.5])
+    fixed, moving = fixed[:64, :64].expand(3, 1, 64, 64), moving[:64, :64].expand(3, 1, 64, 64).clone()
+    nan = moving.clone()
+    nan[1, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"^register\(\): 'moving' contains NaN or Inf values in pair 1 \(where"):
+        tireg.register(fixed, nan)
+    nan[2, 0, 7, 7] = float("inf")
+    with pytest.raises(ValueError, match=r"'moving' contains NaN or Inf values in pairs \[1, 2\] \(where"):
+        tireg.register(fixed, nan)
+    mask = torch.ones(3, 1, 64, 64)
+    mask[1] = 0
+    with pytest.raises(ValueError, match=r"^register\(\): 'mask' selects fewer than 16 pixels in pair 1$"):
+        tireg.register(fixed, moving, mask=mask)
+    with pytest.raises(ValueError, match=r"'moving_mask' selects fewer than 16 pixels in pair 1$"):
+        tireg.register(fixed, moving, moving_mask=mask)
+    wide = (1e300 * fixed.double()).clone()
+    wide[0] = fixed[0]
+    with pytest.raises(ValueError, match=r"'fixed' has values beyond float32's range in pairs \[1, 2\]"):
+        tireg.register(wide, moving, normalize=False)
+    starts = torch.eye(3).repeat(3, 1, 1)
+    starts[2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^register\(\): 'init' matrix of pair 2 contains NaN or Inf$"):
+        tireg.register(fixed, moving, init=starts)
+    starts[2] = torch.eye(3)
+    starts[0, :2, :2] = 0.0
+    with pytest.raises(ValueError, match=r"'init' matrix of pair 0 is singular"):
+        tireg.register(fixed, moving, init=starts)
+    starts[0] = torch.diag(torch.tensor([-1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"'init' matrix of pair 0 mirrors the image"):
+        tireg.register(fixed, moving, transform="similarity", init=starts)
+    starts[0] = torch.eye(3)
+    starts[1, 2, 2] = 2.0
+    with pytest.raises(ValueError, match=r"'init' of pair 1 must be affine, with last row \(0, 0, 1\); got "
+                                         r"\[0.0, 0.0, 2.0\]"):
+        tireg.register(fixed, moving, init=starts)
+    # one input for every pair names none (it is every pair's)
+    with pytest.raises(ValueError, match=r"'mask' selects fewer than 16 pixels$"):
+        tireg.register(fixed, moving, mask=torch.zeros(64, 64))
+
+
 def test_bad_input_is_named():
     fixed, moving, _ = registration_pair("astronaut", "rigid", KNOWN["rigid"])
     nan = moving.clone()

@@ -511,15 +511,27 @@ class RegistrationResult:
         return "\n".join(lines)
 
 
+def _pair_names(indices: Sequence[int]) -> str:
+    """``pair 2`` or ``pairs [0, 2]``: the pairs of a batch that an error is about."""
+    return f"pair {indices[0]}" if len(indices) == 1 else f"pairs {list(indices)}"
+
+
+def _of_pairs(bad: Union[torch.Tensor, Sequence[bool]], preposition: str = "in") -> str:
+    """`` in pair 2`` or `` in pairs [0, 2]`` (``preposition`` first) for the true entries of ``bad``,
+    one flag per entry of an input's batch; nothing for an input of one entry (it serves every pair,
+    or is the only one)."""
+    flags = bad.tolist() if isinstance(bad, torch.Tensor) else list(bad)
+    indices = [index for index, flag in enumerate(flags) if flag]
+    return f" {preposition} {_pair_names(indices)}" if len(flags) > 1 and indices else ""
+
+
 def _checked_inverse(matrices: torch.Tensor, caller: str) -> torch.Tensor:
     """``inv(A)`` of float64 ``(B, 3, 3)`` affine matrices; ``ValueError`` naming the pairs whose
     matrix is not finite, or not invertible: a linear part whose condition number is above
     ``1 / eps`` (singular to rounding, as :func:`tireg.transform_io.save_transform` warns), or whose
     inverse leaves float64's range.  torch's ``LinAlgError`` from deep inside (or a NaN matrix's
     error from the kind's ``from_matrix``) named neither the caller nor the pair."""
-    def pairs(indices: list[int]) -> str:
-        return f"pair {indices[0]}" if len(indices) == 1 else f"pairs {indices}"
-
+    pairs = _pair_names
     finite = torch.isfinite(matrices).flatten(1).all(1).tolist()
     bad = [index for index, ok in enumerate(finite) if not ok]
     if bad:
@@ -592,7 +604,9 @@ def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) 
     elif image.dtype not in (torch.float32, torch.float64):
         image = image.to(torch.float32)
     if finite and not all_finite(image):  # (a NaN under a mask, too: said, with what to do)
-        raise ValueError(f"{caller}: '{name}' contains NaN or Inf values (where a mask leaves them out too: "
+        # in a batch, which pairs (pair by pair: no image-sized flags)
+        where = _of_pairs([not all_finite(pair) for pair in image]) if ndim == 4 else ""
+        raise ValueError(f"{caller}: '{name}' contains NaN or Inf values{where} (where a mask leaves them out too: "
                          "fill them, e.g. with 0, and the mask keeps them out)")
     while image.dim() < 4:
         image = image.unsqueeze(0)
@@ -618,7 +632,8 @@ def _float32(image: torch.Tensor, name: str, device: torch.device, caller: str, 
         image = (image - mean) / torch.where(deviation > 0, deviation, torch.ones_like(deviation))
     converted = image.to(device=device, dtype=torch.float32)
     if image.dtype == torch.float64 and not all_finite(converted):
-        raise ValueError(f"{caller}: '{name}' has values beyond float32's range (|x| up to "
+        where = _of_pairs([not all_finite(pair) for pair in converted])
+        raise ValueError(f"{caller}: '{name}' has values beyond float32's range{where} (|x| up to "
                          f"{float(image.abs().max()):.3g}), which register computes in; scale it first")
     return converted
 
@@ -649,8 +664,9 @@ def _as_mask(mask: Optional[ImageLike], image: torch.Tensor, name: str,
     tensor = (tensor != 0).to(torch.float32).to(image.device if device is None else device)
     if tensor.shape[0] not in (1, image.shape[0]):
         raise ValueError(f"register(): '{name}' has {tensor.shape[0]} masks for {image.shape[0]} images")
-    if bool((tensor.flatten(1).sum(1) < 16).any()):
-        raise ValueError(f"register(): '{name}' selects fewer than 16 pixels")
+    few = tensor.flatten(1).sum(1) < 16
+    if bool(few.any()):
+        raise ValueError(f"register(): '{name}' selects fewer than 16 pixels{_of_pairs(few)}")
     return tensor.expand(image.shape[0], 1, *image.shape[-2:])
 
 
@@ -766,11 +782,8 @@ def _refuse_constant(image: torch.Tensor, mask: Optional[torch.Tensor], name: st
     flat = _constant_planes(image, mask)
     if bool(flat.any()):
         pair, channel = (int(index) for index in flat.nonzero()[0])
-        where, advice = "", ""
-        if flat.shape[0] > 1:
-            where = f" in pair {pair}"
+        where, advice = _plane_location(flat, pair, channel), ""
         if flat.shape[1] > 1:
-            where += f"{',' if where else ' in'} channel {channel} of {flat.shape[1]}"
             advice = "; pass the channels that hold the image, or register on one"
         if image.dtype == torch.float32 and float(image.abs().amax()) >= 1 << 24:  # rounded to one value?
             advice += (f"; its values reach {float(image.abs().amax()):.3g}, where float32 (register's arithmetic) "
@@ -2266,16 +2279,27 @@ _ORIENTATION_KEEPING = ("translation", "rigid", "similarity")
 def _check_start(matrix: torch.Tensor, kind: Transform, caller: str, name: str) -> None:
     """A start matrix (``init``, or the matrix of a model given as ``transform``) must be finite,
     affine, not singular and, for a kind that never mirrors, not mirroring: otherwise the kind's
-    parameters of it are meaningless."""
-    if not bool(torch.isfinite(matrix).all()):
-        raise ValueError(f"{caller}: '{name}' matrix contains NaN or Inf")
+    parameters of it are meaningless.  Of a batch of matrices ``(B, 3, 3)``, the error names the pairs."""
+    matrices = matrix.reshape(-1, 3, 3)
+    finite = torch.isfinite(matrices).flatten(1).all(1)
+    if not bool(finite.all()):
+        raise ValueError(f"{caller}: '{name}' matrix{_of_pairs(~finite, 'of')} contains NaN or Inf")
+    last = matrices[:, 2, :] - constant((0.0, 0.0, 1.0), like=matrices)
+    projective = ~(last.abs().amax(dim=1) <= 1e-6)
+    if matrices.shape[0] > 1 and bool(projective.any()):  # (one matrix: check_affine's own words)
+        row = matrices[int(projective.nonzero()[0]), 2].tolist()
+        raise ValueError(f"{caller}: '{name}'{_of_pairs(projective, 'of')} must be affine, with last row (0, 0, 1); "
+                         f"got {row} (a projective matrix is not supported)")
     check_affine(matrix, caller, name)
-    determinant = torch.linalg.det(matrix[..., :2, :2]).reshape(-1)
-    if not bool((determinant.abs() > 1e-9).all()):
-        raise ValueError(f"{caller}: '{name}' matrix is singular (its 2 x 2 part has determinant 0)")
-    if kind.name in _ORIENTATION_KEEPING and not bool((determinant > 0).all()):
-        raise ValueError(f"{caller}: '{name}' matrix mirrors the image (negative determinant), "
-                         f"which a {kind.name} transform cannot; use transform='affine'")
+    determinant = torch.linalg.det(matrices[:, :2, :2])
+    singular = ~(determinant.abs() > 1e-9)
+    if bool(singular.any()):
+        raise ValueError(f"{caller}: '{name}' matrix{_of_pairs(singular, 'of')} is singular (its 2 x 2 part has "
+                         "determinant 0)")
+    mirrors = ~(determinant > 0)
+    if kind.name in _ORIENTATION_KEEPING and bool(mirrors.any()):
+        raise ValueError(f"{caller}: '{name}' matrix{_of_pairs(mirrors, 'of')} mirrors the image (negative "
+                         f"determinant), which a {kind.name} transform cannot; use transform='affine'")
 
 
 def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str,
