@@ -1010,6 +1010,32 @@ def test_stopping_from_the_callback_keeps_the_progress_it_saw(optimizer):
         assert not torch.allclose(result.matrix, torch.eye(3, dtype=result.matrix.dtype))
 
 
+def test_a_callback_stop_leaves_the_pairs_that_had_stopped_their_own_status():
+    # StopIteration overwrote every pair's status with "callback": pair 0, started at the truth, had
+    # converged at its first iteration and read "callback", not converged, with pair 1 that it stopped.
+    from tireg.data import camera
+
+    fixed = camera()[:128, :128]
+    truth = tireg.transforms.similarity_matrix(torch.tensor([0.1, 1.03, 2.5, -1.5]), tireg.image_center(128, 128))
+    moving = tireg.warp(fixed[None, None], torch.linalg.inv(truth), padding_mode="border")[0, 0]
+    batch = dict(fixed=fixed.expand(2, 1, 128, 128), moving=moving.expand(2, 1, 128, 128), transform="similarity",
+                 init=torch.stack([truth, torch.eye(3)]))
+
+    def stop_at(level):
+        def callback(state):
+            if state.level == level and state.iteration >= 2:
+                raise StopIteration
+        return callback
+
+    result = tireg.register(**batch, pyramid=(1,), callback=stop_at(0))
+    assert result.stop_reason == ["converged", "callback"]
+    assert result.converged.tolist() == [True, False]
+    assert int(result.iterations[0]) < int(result.iterations[1]) == 3
+    # stopped at a coarser level, every pair had a level to go: all "callback"
+    coarse = tireg.register(**batch, pyramid=(2, 1), callback=stop_at(0))
+    assert coarse.stop_reason == ["callback", "callback"] and not bool(coarse.converged.any())
+
+
 def test_pyramid_settings():
     fixed, moving, truth = registration_pair("astronaut", "rigid", KNOWN["rigid"])
     result = tireg.register(fixed, moving, transform="rigid", pyramid=tireg.Pyramid((4, 2, 1), (2.0, 1.0, 0.0)))

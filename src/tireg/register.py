@@ -109,7 +109,8 @@ STOP_REASONS = {
                "shrank the step below the tolerance while the undamped step was still large; Adam and SGD: a "
                "step began where the cost is not finite, off the images' overlap, where no gradient leads back, "
                "or left the finite numbers: the level keeps the best point it saw)",
-    "callback": "the callback raised StopIteration",
+    "callback": "the callback raised StopIteration while the pair was running (a pair that had stopped at the "
+                "last level keeps its own reason)",
     "no_overlap": "the images do not overlap (too few valid pixels) at the found transform",
     "not_finite": "the cost is NaN at the found transform, or infinite where the images overlap: "
                   "intensities whose squares or sums leave float32's range (keep normalize=True, or scale "
@@ -1510,9 +1511,11 @@ class IterationState:
 
 class _Stop(Exception):
     """The callback asked to stop; ``outcome`` is the interrupted level's, as the level returns it
-    (``(params, iterations, reasons, costs)``): the result keeps the progress the callback saw."""
+    (``(params, iterations, reasons, costs)``): the result keeps the progress the callback saw;
+    ``active`` ``(B,)``, the pairs it interrupted (the others had stopped at the level)."""
 
     outcome: Optional[tuple] = None
+    active: Optional[torch.Tensor] = None
 
 
 def _with_overlap(evaluation: _Evaluation, valid_count: torch.Tensor) -> _Evaluation:
@@ -1731,6 +1734,7 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
             _notify(callback, level_index, level, iteration, current.cost, problem, params, active)
         except _Stop as stop:
             stop.outcome = (params, *_level_outcome(status, iterations, costs, passes))
+            stop.active = active
             raise
         # where looks are free, a stalled level also ends without the next solve (on a GPU the
         # next iteration's look, before its trial, ends it)
@@ -2262,6 +2266,7 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
             _notify(callback, level_index, level, iteration, best["cost"], problem, after, active)
         except _Stop as stop:
             stop.outcome = (best["params"], *_level_outcome(status, iterations, costs, passes))
+            stop.active = active
             raise
         if _should_look(iteration, interval) and not bool(active.any()):
             break
@@ -2494,7 +2499,9 @@ def register(
         callback: called with an :class:`IterationState` after every
             iteration; raising ``StopIteration`` stops (status ``"callback"``)
             with the parameters reached so far (Gauss-Newton's: the state's
-            matrix; a first-order optimiser's: the best of its level).
+            matrix; a first-order optimiser's: the best of its level).  At
+            the last level a pair that had already stopped (not
+            ``state.active``) keeps its own status and ``converged`` flag.
         max_iterations: per level (default 50 for Gauss-Newton, 300 otherwise).
         tolerance: a pair has converged at a level when a step moves no
             corner of the image by more than ``tolerance * factor`` pixels
@@ -2760,7 +2767,13 @@ def register(
         except _Stop as stop:  # the interrupted level's progress is kept, as far as the callback saw it
             reasons = ["callback"] * batch
             if stop.outcome is not None:
-                params, iterations, _, costs = stop.outcome
+                params, iterations, level_reasons, costs = stop.outcome
+                if level_index == len(schedule) - 1 and stop.active is not None:
+                    # at the last level a pair that had stopped keeps its own reason ("converged" at
+                    # iteration 1 had read "callback" with the others); at a coarser one every pair
+                    # had a level to go
+                    reasons = ["callback" if running else reason
+                               for running, reason in zip(stop.active.tolist(), level_reasons)]
                 total_iterations += iterations
                 history.append(LevelHistory(factor, (height // factor, width // factor), costs.cpu()))
             break
