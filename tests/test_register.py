@@ -1036,6 +1036,26 @@ def test_a_callback_stop_leaves_the_pairs_that_had_stopped_their_own_status():
     assert coarse.stop_reason == ["callback", "callback"] and not bool(coarse.converged.any())
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "lbfgs"])
+def test_a_first_order_history_shows_a_cost_that_is_not_finite_as_inf(optimizer):
+    # the first-order optimisers take a non-finite cost as 1e30 for their arithmetic, and the history
+    # showed it: a pair started off the image read 1.0000000150474662e+30 there, inf in r.cost and in
+    # Gauss-Newton's history
+    from tireg.data import camera
+
+    fixed = camera()[:128, :128]
+    truth = tireg.transforms.similarity_matrix(torch.tensor([0.1, 1.03, 2.5, -1.5]), tireg.image_center(128, 128))
+    moving = tireg.warp(fixed[None, None], torch.linalg.inv(truth), padding_mode="border")[0, 0]
+    far = torch.eye(3)
+    far[0, 2] = 500.0
+    result = tireg.register(fixed.expand(3, 1, 128, 128), moving.expand(3, 1, 128, 128), transform="similarity",
+                            init=torch.stack([truth, far, truth]), optimizer=optimizer, max_iterations=8)
+    assert result.stop_reason[1] == "no_overlap" and math.isinf(float(result.cost[1]))
+    for level in result.history:
+        assert torch.isinf(level.cost[:, 1]).all(), level.cost[:, 1]
+        assert torch.isfinite(level.cost[:, 0::2]).all()
+
+
 def test_pyramid_settings():
     fixed, moving, truth = registration_pair("astronaut", "rigid", KNOWN["rigid"])
     result = tireg.register(fixed, moving, transform="rigid", pyramid=tireg.Pyramid((4, 2, 1), (2.0, 1.0, 0.0)))

@@ -289,7 +289,9 @@ class Pyramid:
 @dataclass
 class LevelHistory:
     """One pyramid level: its factor, size (the fixed image's, ``(H // factor, W // factor)``) and
-    ``cost``, ``(iterations + 1, B)``: every pair's cost at the level's start, then after each iteration."""
+    ``cost``, ``(iterations + 1, B)``: every pair's cost at the level's start, then after each iteration
+    (a first-order optimiser's: the lowest it has seen at the level).  A cost that is not finite (no
+    overlap) reads ``inf``, as :attr:`RegistrationResult.cost` does, with every optimiser."""
 
     factor: int
     size: tuple[int, int]
@@ -2191,7 +2193,8 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
 
     def cost_and_gradient(scaled: torch.Tensor, pending: Optional[torch.Tensor] = None,
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every pair's cost (a non-finite one as 1e30) and gradient in ``q`` at ``scaled``; the best kept.
+        """Every pair's cost (a non-finite one as 1e30, for the optimiser's arithmetic) and gradient in
+        ``q`` at ``scaled``; the best kept, with its cost as it is (inf in the history, not 1e30).
 
         ``pending``: only these pairs are evaluated (the others read cost 1e30, gradient 0, and are not
         kept): a batched L-BFGS trial of a few pairs evaluated them all, 33 batch evaluations where a
@@ -2199,12 +2202,13 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
         trial = start + scaled.detach() * scales
         # L-BFGS looks at its pending pairs anyway (always=True); Adam and SGD on the CPU
         evaluation = _evaluate_active(evaluate_on, trial, level, pending, subsets, always=name == "lbfgs")
-        cost, gradient = evaluation.cost, evaluation.gradient.to(trial.dtype)
-        best["finite"] = torch.isfinite(cost)
-        cost = torch.where(torch.isfinite(cost), cost, torch.full_like(cost, 1e30))
+        found, gradient = evaluation.cost, evaluation.gradient.to(trial.dtype)
+        best["finite"] = torch.isfinite(found)
+        cost = torch.where(best["finite"], found, torch.full_like(found, 1e30))
         gradient = torch.nan_to_num(gradient, nan=0.0, posinf=0.0, neginf=0.0)
-        improved = active & (cost < best["cost"]) & torch.isfinite(trial).all(dim=1)
-        best["cost"] = torch.where(improved, cost, best["cost"])
+        # (an infinite or NaN cost is never lower: the best cost stays inf where no finite one was seen)
+        improved = active & (found < best["cost"]) & torch.isfinite(trial).all(dim=1)
+        best["cost"] = torch.where(improved, found, best["cost"])
         best["params"] = torch.where(improved[:, None], trial, best["params"])
         return cost, torch.where(active[:, None], gradient * scales, torch.zeros_like(gradient))
 
