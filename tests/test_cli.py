@@ -981,6 +981,8 @@ BAD = {
     "one frame stack": (["stack", "{in}/moving.png", "-o", "out.tif"], 1, "at least 2"),
     "frames differ": (["stack", "{in}/mixed", "-o", "out.tif"], 1, "differ"),
     "stack to PNG": (["stack", "{in}/stack.tif", "-o", "out.png"], 1, ".tif"),
+    "truncated stack": (["stack", "{in}/cut.tif", "-o", "out.tif"], 1,
+                        "cut.tif' is truncated or corrupt: its page 4 cannot be read"),  # 4 frames, exit 0
 }
 PREEXISTING = {"existing output": "out/transform.json"}
 # These also run as separate processes, to show the exit status and stderr a shell sees.
@@ -999,6 +1001,12 @@ def _bad_inputs(folder: Path) -> None:
     np.save(folder / "nan.npy", nan)
     tifffile.imwrite(folder / "stack.tif", np.zeros((3, 32, 32), np.uint8) + np.arange(32, dtype=np.uint8),
                      photometric="minisblack")
+    with tifffile.TiffWriter(folder / "six.tif") as writer:  # 6 pages, cut right after page 3's pixels
+        for k in range(6):
+            writer.write(np.roll(imageio.imread(folder / "moving.png"), 3 * k, axis=1), contiguous=False)
+    with tifffile.TiffFile(folder / "six.tif") as tif:
+        end = tif.pages[3].dataoffsets[-1] + tif.pages[3].databytecounts[-1]
+    (folder / "cut.tif").write_bytes((folder / "six.tif").read_bytes()[:end])
     (folder / "bad.tfm").write_text("#Insight Transform File V1.0\nTransform: AffineTransform_double_2_2\n"
                                     "Parameters: 1 0 0 nonsense\n")
     tireg.transform_io.save_transform(folder / "good.tfm", np.eye(3))

@@ -178,6 +178,31 @@ def test_a_page_of_another_size_among_the_frames_is_refused_even_with_a_thumbnai
         read_stack(path)
 
 
+def _six_pages() -> np.ndarray:
+    return np.stack([np.roll(np.arange(64 * 80, dtype=np.uint16).reshape(64, 80) * 13, 7 * k) for k in range(6)])
+
+
+@pytest.mark.parametrize("layout", ["pages", "zlib", "imagej"])
+def test_a_truncated_tiff_is_refused_not_read_as_its_first_pages(tmp_path, layout, capsys):
+    """A 6-page file cut short was read as the pages before the cut (4 frames, exit 0; a compressed or
+    ImageJ one as 1 frame), with only tifffile's log line '<tifffile.TiffPages @8> invalid page offset'."""
+    path = tmp_path / "whole.tif"
+    if layout == "pages":  # cut right after page 3's pixels: pages 0 to 3 are whole
+        with tifffile.TiffWriter(path) as writer:
+            for page in _six_pages():
+                writer.write(page, contiguous=False)
+        with tifffile.TiffFile(path) as tif:
+            end = tif.pages[3].dataoffsets[-1] + tif.pages[3].databytecounts[-1]
+    else:
+        options = {"compression": "zlib"} if layout == "zlib" else {"imagej": True, "metadata": {"axes": "TYX"}}
+        tifffile.imwrite(path, _six_pages(), **options)
+        end = int(path.stat().st_size * 0.6)
+    (tmp_path / "cut.tif").write_bytes(path.read_bytes()[:end])
+    with pytest.raises(ImageError, match=r"^stack '.*cut\.tif' is truncated or corrupt: its page \d cannot be read"):
+        read_stack(tmp_path / "cut.tif")
+    assert capsys.readouterr().err == ""  # tifffile's own lines were not printed
+
+
 # ----------------------------------------------------------------------------
 # 2, 3, 9. writing: bad values or shapes refused before anything is written
 

@@ -36,10 +36,12 @@ needs them; a missing one raises :class:`MissingDependencyError` naming
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import secrets
 import shutil
+import threading
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -269,7 +271,7 @@ def _tiff_page_count(path: Path) -> int:
     """How many pages a (readable) TIFF holds, reduced-resolution ones left out."""
     import tifffile
 
-    with tifffile.TiffFile(path) as tif:
+    with _tifffile_messages(), tifffile.TiffFile(path) as tif:  # its messages were the read's
         return sum(1 for page in tif.pages if not getattr(page, "is_reduced", False))
 
 
@@ -362,10 +364,83 @@ _PHOTOMETRIC = {
 }
 
 
+class _TifffileMessages(logging.Filter):
+    """tifffile's log records (warning level and above) from the thread that reads a file, kept for
+    the reader instead of printed: Python's last-resort display wrote them to stderr as
+    ``<tifffile.TiffPages @8> invalid page offset 82896``, past ``-q`` too, beside the command's own
+    lines.  Other threads' records, and lower levels, go on as they would have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or threading.get_ident() != self.thread:
+            return True
+        # without the object's repr: '<tifffile.TiffPages @8> invalid page offset 82896'
+        self.messages.append(re.sub(r"^<[^>]*> ", "", record.getMessage()))
+        return False
+
+
+@contextlib.contextmanager
+def _tifffile_messages() -> Iterator[list[str]]:
+    """The messages tifffile logs inside ``with`` (:class:`_TifffileMessages`), in order."""
+    logger = logging.getLogger("tifffile")
+    kept = _TifffileMessages()
+    logger.addFilter(kept)
+    try:
+        yield kept.messages
+    finally:
+        logger.removeFilter(kept)
+
+
+#: tifffile's messages that the chain of pages breaks off before its end -- a file cut short (a copy
+#: or a transfer that stopped), or damaged -- which it logs, reading the pages before as the file;
+#: each with the page (counted from the pages it kept) that cannot be read, and why.
+_TIFF_BROKEN = [
+    (re.compile(r"invalid page offset (\d+)"), 0, "the link to it points to byte {0} of a file of {size} bytes"),
+    (re.compile(r"invalid offset to page"), -1, "the file ends inside its list of tags"),  # a page kept
+    (re.compile(r"corrupted tag list of page"), 0, "its list of tags is damaged"),
+    (re.compile(r"invalid circular reference to IFD (\d+)"), 0, "the link to it leads back to page {0}"),
+    # a tag whose value lies past the end: an OME-TIFF's description, at the end, cut off left its
+    # channels read as frames
+    (re.compile(r"TiffTag (\d+) @\d+> invalid value offset (\d+)"), None,
+     "the value of its tag {0}, at byte {1}, does not fit in the file of {size} bytes"),
+]
+
+
+def _check_tiff_pages(messages: list[str], count: int, path: Path, what: str) -> None:
+    """:class:`ImageError` if tifffile found the chain of ``count`` pages broken before its end.
+
+    Read as the shorter stack it was, a cut file gave fewer frames than the acquisition, exit 0,
+    and a CSV that did not match it; or, a stack cut to one readable page, an image where a stack
+    was.
+    """
+    for message in messages:
+        for pattern, shift, why in _TIFF_BROKEN:
+            found = pattern.search(message)
+            if not found:
+                continue
+            why = why.format(*found.groups(), size=path.stat().st_size)
+            if shift is None:
+                raise ImageError(f"{what} {str(path)!r} is truncated or corrupt: {why}")
+            page = max(count + shift, 0)
+            readable = "" if page == 0 else "; page 0 can be read" if page == 1 else \
+                f"; pages 0 to {page - 1} can be read"
+            raise ImageError(f"{what} {str(path)!r} is truncated or corrupt: its page {page} cannot be read "
+                             f"({why}{readable})")
+
+
 def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarray, ImageFormat]:
     tifffile = require("tifffile", "reading TIFF files")
+    count = 0
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _tifffile_messages() as messages, tifffile.TiffFile(path) as tif:
+            # every page's link followed first: a cut chain is logged (not raised) and its first
+            # pages were then the file
+            count = len(tif.pages)
+            _check_tiff_pages(messages, count, path, what)
             series = tif.series
             if not series:
                 raise ImageError(f"{what} {str(path)!r} holds no image")
@@ -373,11 +448,16 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
             photometric = getattr(tif.pages[0], "photometric", None)
             compression = getattr(getattr(tif.pages[0], "compression", None), "name", "")
             extrasamples = tuple(int(value) for value in getattr(tif.pages[0], "extrasamples", ()) or ())
+            _check_tiff_pages(messages, count, path, what)  # and the tags of the pages read since
     except ImageError:
         raise
     except Exception as error:
+        _check_tiff_pages(messages, count, path, what)  # the damage, rather than what it led to
         raise ImageError(f"cannot read {what} {str(path)!r} as TIFF: {_reason(error)}") from None
-    if ignored:  # warned here, not in the try above: a warning made an error would read as a corrupt file
+    # warned here, not in the try above: a warning made an error would read as a corrupt file
+    for message in dict.fromkeys(messages):  # tifffile's other remarks on the file, each once
+        warnings.warn(f"{what} {str(path)!r}: tifffile: {message}", UserWarning, stacklevel=3)
+    if ignored:
         warnings.warn(ignored, UserWarning, stacklevel=3)
     data = np.asarray(data)
     name = getattr(photometric, "name", str(photometric)).upper()
