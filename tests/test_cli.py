@@ -983,6 +983,14 @@ BAD = {
     "stack to PNG": (["stack", "{in}/stack.tif", "-o", "out.png"], 1, ".tif"),
     "truncated stack": (["stack", "{in}/cut.tif", "-o", "out.tif"], 1,
                         "cut.tif' is truncated or corrupt: its page 4 cannot be read"),  # 4 frames, exit 0
+    # tifffile's line '<tifffile.TiffPages @...> invalid offset to first page', then 'holds no image'
+    "TIFF header and garbage": (["register", "{in}/garbage.tif", "{in}/moving.png", "-o", "out"], 1,
+                                "garbage.tif' is truncated or corrupt: its page 0 cannot be read"),
+    # read as its 6 pages, exit 0, with tifffile's line 'ImageJ series metadata invalid or corrupted file'
+    "ImageJ header of more frames": (["stack", "{in}/imagej9.tif", "-o", "out.tif"], 1,
+                                     "its ImageJ header (images=9, frames=9) describes other images than its 6 pages"),
+    "OME header of more frames": (["stack", "{in}/ome9.tif", "-o", "out.tif"], 1,
+                                  "ome9.tif' is truncated or corrupt: OME series is missing 3 frames"),  # zeroed
 }
 PREEXISTING = {"existing output": "out/transform.json"}
 # These also run as separate processes, to show the exit status and stderr a shell sees.
@@ -1001,12 +1009,21 @@ def _bad_inputs(folder: Path) -> None:
     np.save(folder / "nan.npy", nan)
     tifffile.imwrite(folder / "stack.tif", np.zeros((3, 32, 32), np.uint8) + np.arange(32, dtype=np.uint8),
                      photometric="minisblack")
+    six = np.stack([np.roll(imageio.imread(folder / "moving.png"), 3 * k, axis=1) for k in range(6)])
     with tifffile.TiffWriter(folder / "six.tif") as writer:  # 6 pages, cut right after page 3's pixels
-        for k in range(6):
-            writer.write(np.roll(imageio.imread(folder / "moving.png"), 3 * k, axis=1), contiguous=False)
+        for page in six:
+            writer.write(page, contiguous=False)
     with tifffile.TiffFile(folder / "six.tif") as tif:
         end = tif.pages[3].dataoffsets[-1] + tif.pages[3].databytecounts[-1]
     (folder / "cut.tif").write_bytes((folder / "six.tif").read_bytes()[:end])
+    (folder / "garbage.tif").write_bytes(b"II*\0garbage")
+    tifffile.imwrite(folder / "imagej9.tif", six, imagej=True, metadata={"axes": "TYX"})
+    tifffile.imwrite(folder / "ome9.tif", six, ome=True, metadata={"axes": "TYX"})
+    for name, six_frames, nine_frames in [("imagej9.tif", b"images=6\nframes=6", b"images=9\nframes=9"),
+                                          ("ome9.tif", b'SizeT="6"', b'SizeT="9"')]:  # the header, not the pages
+        content = (folder / name).read_bytes()
+        assert content.count(six_frames) == 1
+        (folder / name).write_bytes(content.replace(six_frames, nine_frames))
     (folder / "bad.tfm").write_text("#Insight Transform File V1.0\nTransform: AffineTransform_double_2_2\n"
                                     "Parameters: 1 0 0 nonsense\n")
     tireg.transform_io.save_transform(folder / "good.tfm", np.eye(3))

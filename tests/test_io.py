@@ -203,6 +203,18 @@ def test_a_truncated_tiff_is_refused_not_read_as_its_first_pages(tmp_path, layou
     assert capsys.readouterr().err == ""  # tifffile's own lines were not printed
 
 
+def test_tifffiles_remarks_on_a_readable_file_are_warnings_not_log_lines(tmp_path, capsys):
+    """tifffile's log line '<tifffile.TiffFile 'order.tif'> ImageJ series of unknown order' reached stderr
+    as it was (past -q, beside 'tireg: ...' lines); it is a warning naming the file, and the file is read."""
+    path = tmp_path / "order.tif"
+    tifffile.imwrite(path, np.stack([frame(1), frame(2)]), description="ImageJ=1.53t\nimages=2\nframes=2\norder=wxyz\n",
+                     metadata=None)
+    with pytest.warns(UserWarning, match=re.escape(f"stack '{path}': tifffile: ImageJ series of unknown order 'wxyz'")):
+        stack = read_stack(path)
+    assert stack.frames[:, 0, 0, 0].tolist() == [1, 2]
+    assert capsys.readouterr().err == ""
+
+
 # ----------------------------------------------------------------------------
 # 2, 3, 9. writing: bad values or shapes refused before anything is written
 

@@ -399,6 +399,8 @@ def _tifffile_messages() -> Iterator[list[str]]:
 #: or a transfer that stopped), or damaged -- which it logs, reading the pages before as the file;
 #: each with the page (counted from the pages it kept) that cannot be read, and why.
 _TIFF_BROKEN = [
+    # the first page's link: it said 'holds no image' of a file that is no TIFF but for its first bytes
+    (re.compile(r"invalid offset to first page (\d+)"), 0, "the link to it points to byte {0} of a file of {size} bytes"),
     (re.compile(r"invalid page offset (\d+)"), 0, "the link to it points to byte {0} of a file of {size} bytes"),
     (re.compile(r"invalid offset to page"), -1, "the file ends inside its list of tags"),  # a page kept
     (re.compile(r"corrupted tag list of page"), 0, "its list of tags is damaged"),
@@ -432,6 +434,36 @@ def _check_tiff_pages(messages: list[str], count: int, path: Path, what: str) ->
                              f"({why}{readable})")
 
 
+#: tifffile's messages that the file's own header (ImageJ's, tifffile's shaped description, OME's,
+#: Micro-Manager's, an LSM file's) describes other images than its pages hold; it logs them and reads
+#: the pages as they come.
+_TIFF_HEADER = re.compile(r"ImageJ series metadata invalid|shaped series failed to reshape|OME series expected"
+                          r"|OME series is missing|MMStack is missing|LSM file incompletely written")
+
+
+def _check_tiff_header(messages: list[str], tif, count: int, path: Path, what: str) -> None:
+    """:class:`ImageError` if the header of ``tif`` does not describe its ``count`` pages.
+
+    An ImageJ header of 9 frames over 6 pages was read as 6 frames, exit 0, with tifffile's line
+    'ImageJ series metadata invalid or corrupted file' on stderr: the file had lost images.
+    """
+    found = next((match for match in map(_TIFF_HEADER.search, messages) if match), None)
+    if found is None:
+        return
+    if found[0].startswith("ImageJ"):
+        header = tif.imagej_metadata or {}
+        words = ", ".join(f"{key}={header[key]}" for key in ("images", "channels", "slices", "frames") if key in header)
+        header = f"ImageJ header ({words})"
+    elif found[0].startswith("shaped"):
+        shape = next(iter(tif.shaped_metadata or ()), {}).get("shape")
+        header = f"header (shape {tuple(shape)})" if shape else "header"
+    else:  # tifffile's words, without what it does about it: 'OME series is missing 3 frames. Missing data are zeroed'
+        raise ImageError(f"{what} {str(path)!r} is truncated or corrupt: {found.string.split('. ')[0].rstrip('.')}")
+    pages = "1 page" if count == 1 else f"{count} pages"
+    raise ImageError(f"{what} {str(path)!r} is truncated or corrupt: its {header} describes other images than "
+                     f"its {pages} of {_page_size(tif.pages.first)}")
+
+
 def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarray, ImageFormat]:
     tifffile = require("tifffile", "reading TIFF files")
     count = 0
@@ -442,6 +474,7 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
             count = len(tif.pages)
             _check_tiff_pages(messages, count, path, what)
             series = tif.series
+            _check_tiff_header(messages, tif, count, path, what)
             if not series:
                 raise ImageError(f"{what} {str(path)!r} holds no image")
             data, axes, ignored = _tiff_series(tif, path, what)
