@@ -327,16 +327,38 @@ def test_a_start_on_the_inverted_moving_image_negates_the_working_copies_only(si
 def test_the_last_stage_refines_two_distinct_candidates():
     """Stage 2's neighbourhoods of coarse winners 10 degrees apart overlap, and its two best were
     often one candidate twice (75 and 75 degrees): the second is the best one unlike the first, by
-    angle modulo a turn or by scale."""
+    angle modulo a turn, by scale, or by stretch."""
     degree = math.pi / 180
     angles = torch.tensor([[75.0, 75.0 + 1e-5, 77.5, 75.0], [-185.0, 175.0, 170.0, 175.0]], dtype=torch.float64) * degree
     scales = torch.tensor([[0.9, 0.9, 0.9, 1.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
     scores = torch.tensor([[0.9, 0.89, 0.5, 0.6], [0.8, 0.79, 0.3, 0.7]], dtype=torch.float64)
-    two_angles, two_scales = init_module._two_distinct(angles, scales, scores)
-    assert torch.equal(two_angles[0], angles[0, [0, 3]]) and torch.equal(two_scales[0], scales[0, [0, 3]])
-    assert torch.equal(two_angles[1], angles[1, [0, 2]])  # -185 and 175 degrees are one angle
-    alike = init_module._two_distinct(angles[:, :2], scales[:, :2], scores[:, :2])[0]
-    assert torch.equal(alike[0], angles[0, [0, 0]])  # nothing unlike the first: the first again
+    params = init_module._similarity_params(angles, scales)
+    two = init_module._two_distinct(params, scores)
+    assert torch.equal(two[0], params[0, [0, 3]])
+    assert torch.equal(two[1], params[1, [0, 2]])  # -185 and 175 degrees are one angle
+    alike = init_module._two_distinct(params[:, :2], scores[:, :2])
+    assert torch.equal(alike[0], params[0, [0, 0]])  # nothing unlike the first: the first again
+    # the same similarity stretched by 1.2 along 0 or 90 degrees differs; the axis of no stretch does not
+    stretched = params[:1, :1].repeat(1, 4, 1)
+    stretched[0, 1, 3] = math.log(1.2)
+    stretched[0, 2, 2:] = torch.tensor([math.pi / 2, math.log(1.2)])
+    stretched[0, 3, 2] = math.pi / 4  # no stretch: the axis is moot
+    order = torch.tensor([[0.9, 0.5, 0.6, 0.89]], dtype=torch.float64)
+    assert torch.equal(init_module._two_distinct(stretched, order)[0], stretched[0, [0, 2]])
+
+
+def test_candidate_linear_parts():
+    """``s R(theta) R(phi) diag(r, 1/r) R(phi)^T``: a similarity for ``r = 1``; determinant ``s^2``;
+    the stretch's axis ``phi`` is an eigenvector of the symmetric part with eigenvalue ``r``."""
+    params = torch.tensor([[0.3, math.log(1.1), 0.7, math.log(1.3)], [0.3, math.log(1.1), 0.7, 0.0]],
+                          dtype=torch.float64)
+    linear = init_module._candidate_linear(params)
+    assert torch.allclose(linear[1], 1.1 * tireg.transforms.rotation(torch.tensor(0.3, dtype=torch.float64)))
+    assert torch.allclose(torch.linalg.det(linear), torch.full((2,), 1.21, dtype=torch.float64))
+    symmetric = tireg.transforms.rotation(torch.tensor(-0.3, dtype=torch.float64)) @ linear[0] / 1.1
+    assert torch.allclose(symmetric, symmetric.T)
+    axis = tireg.transforms.rotation(torch.tensor(0.7, dtype=torch.float64))[:, 0]
+    assert torch.allclose(symmetric @ axis, 1.3 * axis)
 
 
 def test_auto_falls_back_to_search_when_fourier_mellin_fails(monkeypatch):
@@ -358,6 +380,40 @@ def test_auto_falls_back_to_search_when_fourier_mellin_fails(monkeypatch):
     assert grid_error(initialize(fixed, moving, "similarity"), truth, SIZE).item() < 2.0
     assert calls == [1]
     assert 0.0 < AUTO_THRESHOLD < 1.0
+
+
+def stretched(angle_deg, scale_x, scale_y, tx, ty, size=SIZE):
+    """``(1, 3, 3)``: ``R(theta) diag(sx, sy)`` about the centre of an image of ``size``, then ``(tx, ty)``."""
+    linear = tireg.transforms.rotation(torch.tensor(angle_deg * DEGREE, dtype=torch.float64)) @ torch.diag(
+        torch.tensor([scale_x, scale_y], dtype=torch.float64))
+    centre = torch.tensor(tireg.image_center(*size), dtype=torch.float64)
+    return tireg.transforms._about_center(linear, torch.tensor([tx, ty], dtype=torch.float64), centre)[None]
+
+
+def test_affine_search_tries_stretched_candidates(monkeypatch):
+    """An aspect change of 1.4-1.5 (scales 1.25 and 0.85 along an axis turned by 20-25 degrees):
+    similarity candidates alone started these pairs 8-12 px off, and ``register`` ended two of them
+    8 and 12 px off.  The affine search stretches its candidates where similarities score low;
+    other kinds, and pairs a similarity fits, do not pay for it."""
+    truths = torch.cat([stretched(20.0, 1.25, 0.85, 6.0, -4.0), stretched(-25.0, 0.85, 1.2, 6.0, -4.0)])
+    calls = []
+    stages = init_module._search_stages
+    monkeypatch.setattr(init_module, "_search_stages",
+                        lambda *args, **kwargs: calls.append(kwargs.get("stretched", False)) or stages(*args, **kwargs))
+    for name in ("brick", "gravel"):
+        fixed, moving = cut_pair(name, truths, SIZE)
+        assert (grid_error(initialize(fixed, moving, "affine"), truths, SIZE) < 2.0).all(), name
+        result = tireg.register(fixed, moving, transform="affine")
+        assert (grid_error(result.matrix, truths, SIZE) < 0.05).all(), name
+    assert calls.count(True) >= 2
+    calls.clear()
+    initialize(fixed, moving, "similarity")  # not an affine: similarities only
+    assert True not in calls
+    calls.clear()
+    truth = similarity(-45.0, 1.2, -6.0, 3.0)
+    fixed, moving = cut_pair("camera", truth, SIZE)
+    assert grid_error(initialize(fixed, moving, "affine", method="search"), truth, SIZE).item() < 1.5
+    assert calls == [False]  # a similarity fits: no stretched search
 
 
 @pytest.mark.parametrize("method", ["search", "auto"])
