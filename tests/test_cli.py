@@ -32,6 +32,7 @@ import tireg
 from conftest import CUDA, grid_error, registration_pair
 from tireg import transform_io
 from tireg.cli import main
+from tireg.io import read_stack
 from tireg.transforms import TRANSFORMS, translation_matrix
 
 imageio = pytest.importorskip("imageio.v3")
@@ -1185,6 +1186,35 @@ def test_two_frames_written_under_one_name_are_refused(data, tmp_path, monkeypat
     shutil.copy(data["folder"] / "fixed.png", tmp_path / "frames" / "t1.png")
     assert main(["stack", "frames", "-o", "aligned", "-t", "translation", "-q"]) == 1
     assert "would both be written as" in capsys.readouterr().err and not (tmp_path / "aligned").exists()
+
+
+def test_frames_named_apart_by_case_are_written_where_the_file_system_keeps_case(data, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """A.png and a.png were refused as 'both written as outc/a.png' (false on a case-sensitive file
+    system), and read in the order the folder listed them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "frames").mkdir()
+    shutil.copy(data["folder"] / "moving.png", tmp_path / "frames" / "a.png")
+    shutil.copy(data["folder"] / "fixed.png", tmp_path / "frames" / "A.png")
+    if (tmp_path / "frames" / "A.png").samefile(tmp_path / "frames" / "a.png"):
+        pytest.skip("this file system ignores case")
+    listed = Path.iterdir
+    for order in (sorted, functools.partial(sorted, reverse=True)):  # the listing's order does not matter
+        monkeypatch.setattr(Path, "iterdir", lambda folder: iter(order(listed(folder))))
+        assert read_stack("frames").names == ["A.png", "a.png"]
+    assert main(["stack", "frames", "-o", "outc", "-t", "translation", "-q"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "outc").iterdir()) == ["A.png", "a.png"]
+    with open(tmp_path / "outc.csv", newline="") as handle:
+        assert [row["source"] for row in csv.DictReader(handle)] == ["A.png", "a.png"]
+    for ignores_case, where in [(True, "the file system of 'again', which ignores case"),
+                                (None, "a file system that ignores case (macOS's and Windows's by default)")]:
+        monkeypatch.setattr("tireg.cli._ignores_case", lambda folder: ignores_case)
+        assert main(["stack", "frames", "-o", "again", "-t", "translation", "-q"]) == 1
+        assert capsys.readouterr().err == (f"tireg: error: frames 'A.png' and 'a.png' would be written as "
+                                           f"'again/A.png' and 'again/a.png': one file on {where}"
+                                           + ("" if ignores_case else ", as that of 'again' may")
+                                           + "; rename one of them\n")
+        assert not (tmp_path / "again").exists()
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

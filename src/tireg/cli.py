@@ -29,6 +29,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import warnings
 from dataclasses import replace
@@ -259,7 +260,7 @@ examples:
   tireg stack frames/ -o aligned/ --reference previous --transform translation
 
 INPUT is a multi-page TIFF, a (N, H, W[, C]) .npy array or a folder of
-images (read in natural order: 2.png before 10.png).  OUTPUT is a .tif/.tiff,
+images (read in natural order: 2.png before 10.png, A.png before a.png).  OUTPUT is a .tif/.tiff,
 a .npy, or a folder (no suffix) with one file per frame.  A CSV of per-frame
 transforms goes beside it (OUTPUT with the suffix .csv, or --csv): each row's
 matrix maps the reference's pixels to the frame's pixels.  With --reference
@@ -1023,6 +1024,19 @@ def _frame_names(stack: ImageData) -> list[str]:
     return [_output_name(f"frame_{k:05d}{stack.path.suffix.lower()}", stack.format) for k in range(stack.count)]
 
 
+def _ignores_case(folder: Path) -> Optional[bool]:
+    """Whether the file system where ``folder`` goes takes ``A.png`` and ``a.png`` for one file (macOS
+    and Windows by default), as a hidden file made in it, or in its nearest existing parent, tells:
+    looked up in capitals, it is found or not.  ``None`` where no such file can be made."""
+    nearest = next((parent for parent in [folder, *folder.parents] if parent.is_dir()), Path("."))
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".tireg-case-", dir=nearest) as probe:
+            name = os.path.basename(probe.name)
+            return os.path.exists(os.path.join(os.path.dirname(probe.name), name.upper()))
+    except OSError:
+        return None
+
+
 def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
     stack = read_stack(args.input, what="stack")
     if stack.count < 2:
@@ -1048,13 +1062,23 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
     else:  # the frames go into the folder by name, an existing folder too (as register's -o), each checked
         outputs.check(output, csv_path, folders=[output], exist_ok=[output])
         names = _frame_names(stack)
+        ignores_case = _ignores_case(output)
         seen: dict[str, int] = {}
         for k, name in enumerate(names):  # t0.png and a PNG named t0.jpg would both be written as t0.png
-            first = seen.setdefault(name.lower(), k)
-            if first != k:
+            first = seen.setdefault(name if ignores_case is False else name.casefold(), k)
+            if first == k:
+                continue
+            if names[first] == name:
                 raise CommandError(f"frames {stack.names[first]!r} and {stack.names[k]!r} would both be written as "
                                    f"{str(output / name)!r} (a frame is written in the format its content is); "
                                    "rename one of them")
+            # A.png and a.png: two files, but one where the file system takes them for one name
+            where = (f"the file system of {str(output)!r}, which ignores case" if ignores_case else
+                     f"a file system that ignores case (macOS's and Windows's by default), as that of {str(output)!r} "
+                     "may")
+            raise CommandError(f"frames {stack.names[first]!r} and {stack.names[k]!r} would be written as "
+                               f"{str(output / names[first])!r} and {str(output / name)!r}: one file on {where}; "
+                               "rename one of them")
         for name, image_format in zip(names, stack.formats):
             if (output / name).is_dir():  # a folder of one of those names would stop the merge halfway
                 raise CommandError(f"cannot write {str(output / name)!r}: it is a folder")

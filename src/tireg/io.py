@@ -649,17 +649,19 @@ def _as_path(path: PathLike, caller: str) -> Path:
         raise TypeError(f"{caller}: 'path' must be a str or os.PathLike; got {type(path).__name__}") from None
 
 
-def _natural_key(name: str) -> list:
-    """``frame2`` before ``frame10``."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+def _natural_key(name: str) -> tuple:
+    """``frame2`` before ``frame10``; names equal but for case (or leading zeros) by the name itself,
+    ``A.png`` before ``a.png`` (they were in the order the folder listed them: not the same on every
+    machine)."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)], name
 
 
 def read_stack(path: PathLike, *, what: str = "stack") -> ImageData:
     """Frames of a multi-page TIFF, a ``(N, H, W[, C])`` ``.npy`` array, or a folder of images.
 
     A folder's files with a supported suffix are read in natural order
-    (``2.png`` before ``10.png``; hidden files skipped); they must share size
-    and channel count.
+    (``2.png`` before ``10.png``, ``A.png`` before ``a.png``; hidden files skipped); they must share
+    size and channel count.
     """
     path = _as_path(path, "read_stack()")
     if not path.exists():
