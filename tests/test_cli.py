@@ -992,6 +992,8 @@ BAD = {
                                      "its ImageJ header (images=9, frames=9) describes other images than its 6 pages"),
     "OME header of more frames": (["stack", "{in}/ome9.tif", "-o", "out.tif"], 1,
                                   "ome9.tif' is truncated or corrupt: OME series is missing 3 frames"),  # zeroed
+    "npy stack to apply": (["apply", "{in}/good.tfm", "{in}/stack.npy", "-o", "out.npy"], 1,
+                           "'tireg apply' resamples a stack saved as a multi-page TIFF"),  # said: use 'tireg stack'
 }
 PREEXISTING = {"existing output": "out/transform.json"}
 # These also run as separate processes, to show the exit status and stderr a shell sees.
@@ -1018,6 +1020,7 @@ def _bad_inputs(folder: Path) -> None:
         end = tif.pages[3].dataoffsets[-1] + tif.pages[3].databytecounts[-1]
     (folder / "cut.tif").write_bytes((folder / "six.tif").read_bytes()[:end])
     (folder / "garbage.tif").write_bytes(b"II*\0garbage")
+    np.save(folder / "stack.npy", np.zeros((5, 32, 32), np.float32) + np.arange(32, dtype=np.float32))
     tifffile.imwrite(folder / "imagej9.tif", six, imagej=True, metadata={"axes": "TYX"})
     tifffile.imwrite(folder / "ome9.tif", six, ome=True, metadata={"axes": "TYX"})
     for name, six_frames, nine_frames in [("imagej9.tif", b"images=6\nframes=6", b"images=9\nframes=9"),

@@ -630,7 +630,9 @@ def _read_npy(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarra
     if array.ndim == 4 and frames:
         return array, ImageFormat(kind, array.dtype, True)
     expected = "(N, H, W) or (N, H, W, C)" if frames else "(H, W) or (H, W, C) with C <= 4"
-    hint = "" if frames else " (for a stack of frames use 'tireg stack')"
+    # 'tireg apply' of an (N, H, W) .npy was told to use 'tireg stack', which aligns, not applies
+    hint = "" if frames else (" (for a stack of frames use 'tireg stack'; 'tireg apply' resamples a stack saved "
+                              "as a multi-page TIFF)")
     raise ImageError(f"{what} {str(path)!r} has shape {array.shape}; expected {expected}{hint}")
 
 
