@@ -16,6 +16,7 @@ import csv
 import functools
 import importlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -652,6 +653,47 @@ def test_sigterm_handler_is_put_back_and_a_programs_own_is_kept(data, tmp_path, 
         assert seen[-1] is own and signal.getsignal(signal.SIGTERM) is own
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+#: The ``tireg`` script's entry point (``{module}:{function}``, from pyproject.toml) run as the script
+#: runs it, with ``import torch`` held until Ctrl-C comes: it announces itself, then waits.
+HELD_IMPORT_SCRIPT = """\
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, where the tests' SIGINT may be ignored
+
+class HeldImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            print("importing torch", flush=True)
+            time.sleep(60)
+        return None
+
+sys.meta_path.insert(0, HeldImport())
+from {module} import {function}
+sys.exit({function}())
+"""
+
+
+def test_ctrl_c_while_the_command_imports_torch_is_its_interrupt_not_a_traceback(tmp_path):
+    """Ctrl-C in the first ~2.5 s, while tireg's package imported torch before main() handled it,
+    printed Python's KeyboardInterrupt traceback instead of the command's line and status 130."""
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    module, function = re.search(r'^tireg = "([\w.]+):(\w+)"', text, re.MULTILINE).groups()
+    script = HELD_IMPORT_SCRIPT.format(module=module, function=function)
+    process = subprocess.Popen([sys.executable, "-c", script, "stack", "in.tif", "-o", "out.tif"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert process.stdout.readline() == "importing torch\n"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert (process.returncode, out, err) == (130, "", "tireg: interrupted; no output written\n")
+    assert not list(tmp_path.iterdir())
+    # and run to its end, it is the command
+    process = subprocess.run([sys.executable, "-c", f"import sys\nfrom {module} import {function}\nsys.exit({function}())",
+                              "--version"], capture_output=True, text=True, timeout=120, env=_env())
+    assert process.returncode == 0 and process.stdout.startswith("tireg "), process.stderr
 
 
 def test_the_stack_csv_names_each_column_once_and_applies_to_another_channel(drift, tmp_path, monkeypatch):
