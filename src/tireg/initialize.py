@@ -1125,8 +1125,6 @@ def _search_stages(
     dtype, device = canvas.dtype, canvas.device
     degree = math.pi / 180.0
     log_step = math.log(1.25) if kind in _SCALED_KINDS else 0.0
-    log_stretch = math.log(SEARCH_STRETCH) if stretched else 0.0
-    axis_step = math.pi / SEARCH_STRETCH_AXES if stretched else 0.0
 
     def grid(angles, log_scales, axes, log_ratios):  # every combination, (K, 4)
         values = [torch.tensor(sorted(set(v)), dtype=dtype, device=device)
@@ -1143,10 +1141,9 @@ def _search_stages(
                 torch.linalg.inv(shrink) @ base @ shrink, (centre - (factor - 1) / 2.0) / factor,
                 _shrunk_scoring(score_fixed, factor), _shrunk_scoring(score_moving, factor))
 
-    refine = [grid([-5.0 * degree, -2.5 * degree, 0.0, 2.5 * degree, 5.0 * degree], [-log_step / 2, 0.0, log_step / 2],
-                   [-axis_step / 2, 0.0, axis_step / 2], [-log_stretch / 2, 0.0, log_stretch / 2]),  # stage 2
-              grid([-1.25 * degree, 0.0, 1.25 * degree], [-log_step / 4, 0.0, log_step / 4],
-                   [-axis_step / 4, 0.0, axis_step / 4], [-log_stretch / 4, 0.0, log_stretch / 4])]  # stage 3
+    def moves(*steps):  # each parameter by -step, 0 and +step, (81, 4)
+        return grid(*[(-step, 0.0, step) for step in steps])
+
     angles = [(-180.0 + SEARCH_ANGLE_STEP * k) * degree for k in range(int(round(360 / SEARCH_ANGLE_STEP)))]
     scales = [math.log(s) for s in SEARCH_SCALES] if log_step else [0.0]
     coarse = grid(angles, scales, [0.0], [0.0])
@@ -1154,8 +1151,11 @@ def _search_stages(
     halved = side // 2 >= SEARCH_HALVED_MIN_SIDE
     working = (fixed_spectra, canvas, base, centre, score_fixed, score_moving)
     ranking = shrunk(2) if halved else working  # stage 2's images (and stage 1's, unstretched)
+    evaluate = lambda p: _score_candidates(*working[:4], p, *working[4:])  # noqa: E731
+    rank = lambda p: _score_candidates(*ranking[:4], p, *ranking[4:])[1]  # noqa: E731
     if stretched:
         # stage 1: similarities and stretched ones, ranked together; the pairs a stretch does not help stop
+        log_stretch, axis_step = math.log(SEARCH_STRETCH), math.pi / SEARCH_STRETCH_AXES
         count = coarse.shape[0]
         params = torch.cat([coarse, grid(angles, scales, [axis_step * k for k in range(SEARCH_STRETCH_AXES)],
                                          [log_stretch])]).expand(batch, -1, -1)
@@ -1166,40 +1166,31 @@ def _search_stages(
         index = promising.nonzero()[:, 0]
         found = base.clone(), torch.full((batch,), -math.inf, dtype=dtype, device=device)
         if index.numel():
-            # stages 2 and 3 rank (axis and stretch moved too: 81 candidates around each of 4, then of
-            # 2), and the 2 best are scored on the working images: the registration refines the
-            # start, which need only lie in its basin (stage 3 on the working images, as for the
-            # similarities, took three times the similarity search)
-            pick = lambda part: part[index]  # noqa: E731
-            working, ranking = tuple(map(pick, working)), tuple(map(pick, ranking))
+            # stages 2 and 3 rank (81 moves around each of 4, then of 2), and the 2 best are scored on the
+            # working images: the registration refines the start, which need only lie in its basin
+            # (stage 3 on the working images, as for the similarities, took three times the similarity search)
+            working, ranking = (tuple(part[index] for part in images) for images in (working, ranking))
             params = keep(params[index, count:], scores[index, count:], 4)
-            for offsets in (grid(*[(-step, 0.0, step) for step in (5.0 * degree, log_step / 2, axis_step / 2,
-                                                                      log_stretch / 2)]),
-                            grid(*[(-step, 0.0, step) for step in (2.5 * degree, log_step / 4, axis_step / 4,
-                                                                      log_stretch / 4)])):
+            for offsets in (moves(5.0 * degree, log_step / 2, axis_step / 2, log_stretch / 2),
+                            moves(2.5 * degree, log_step / 4, axis_step / 4, log_stretch / 4)):
                 params = _around(params, offsets)
-                params = _two_distinct(params, _score_candidates(*ranking[:4], params, *ranking[4:])[1])
-            found = _improved(*found, index, *_best(*_score_candidates(*working[:4], params, *working[4:])))
+                params = _two_distinct(params, rank(params))
+            found = _improved(*found, index, *_best(*evaluate(params)))
         return found
+    refine = (grid([-5.0 * degree, -2.5 * degree, 0.0, 2.5 * degree, 5.0 * degree],
+                   [-log_step / 2, 0.0, log_step / 2], [0.0], [0.0]),  # stage 2
+              moves(1.25 * degree, log_step / 4, 0.0, 0.0))  # stage 3
     params = coarse.expand(batch, -1, -1)
-    matrices, scores = _score_candidates(*ranking[:4], params, *ranking[4:])
-    first = None if halved else _best(matrices, scores)  # stage 1 on the working images: its best counts
-    return _refined(working, ranking, keep(params, scores, 4), refine, halved, first)
-
-
-def _refined(working: tuple, ranking: tuple, params: torch.Tensor, refine: list, halved: bool,
-             first: Optional[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stages 2 and 3 of :func:`_search_stages` from stage 1's 4 best ``params (B, 4, 4)``:
-    ``working`` and ``ranking`` are ``(spectra, canvas, base, centre, scoring fixed, scoring
-    moving)`` on the working images and on those that rank stage 2; ``refine`` the two stages'
-    offsets; ``first`` stage 1's best matrix and score where it was taken on the working images
-    (not ``halved``), which the later stages must beat."""
-    evaluate = lambda p: _score_candidates(*working[:4], p, *working[4:])  # noqa: E731
     if halved:
-        params = _around(params, refine[0])
-        params = _two_distinct(params, _score_candidates(*ranking[:4], params, *ranking[4:])[1])
+        # stages 1 and 2 only rank, on the images halved: pixel x of a halved image is the point
+        # 2 x + 1/2 of the working one (downsample, shrink_matrix); stage 3 refines the two best
+        # on the working images and takes the best of its candidates
+        params = _around(keep(params, rank(params), 4), refine[0])
+        params = _two_distinct(params, rank(params))
         return _best(*evaluate(_around(params, refine[1])))
-    best_m, best_s = first
+    matrices, scores = evaluate(params)
+    best_m, best_s = _best(matrices, scores)
+    params = keep(params, scores, 4)
     for offsets in refine:
         params = _around(params, offsets)
         matrices, scores = evaluate(params)
@@ -1207,8 +1198,7 @@ def _refined(working: tuple, ranking: tuple, params: torch.Tensor, refine: list,
         better = found_s > best_s
         best_m = torch.where(better[:, None, None], found_m, best_m)
         best_s = torch.where(better, found_s, best_s)
-        top = scores.argmax(dim=1, keepdim=True)
-        params = params.gather(1, top[..., None].expand(-1, -1, 4))
+        params = keep(params, scores, 1)
     return best_m, best_s
 
 
