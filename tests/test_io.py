@@ -182,6 +182,23 @@ def _six_pages() -> np.ndarray:
     return np.stack([np.roll(np.arange(64 * 80, dtype=np.uint16).reshape(64, 80) * 13, 7 * k) for k in range(6)])
 
 
+def test_an_ome_header_of_fewer_frames_than_pages_reads_the_frames_it_describes(tmp_path):
+    """'OME series expected 3 frames, got 6' is a file with pages beyond its OME header (microscope
+    software writes them; tifffile names one): every described image is there. It was refused as
+    'truncated or corrupt'; the described frames are read, as before, with tifffile's remark a warning."""
+    tifffile = pytest.importorskip("tifffile")
+    frames = _six_pages()
+    path = tmp_path / "extra.ome.tif"
+    tifffile.imwrite(path, frames, ome=True, metadata={"axes": "TYX"})
+    with tifffile.TiffFile(path) as tif:
+        xml = tif.ome_metadata
+    xml = re.sub(r"<TiffData[^>]*/>", "<TiffData/>", xml.replace('SizeT="6"', 'SizeT="3"'))
+    tifffile.imwrite(path, frames, description=xml, metadata=None)
+    with pytest.warns(UserWarning, match="expected 3 frames, got 6"):
+        stack = read_stack(path)
+    assert np.array_equal(stack.frames[..., 0], frames[:3])
+
+
 @pytest.mark.parametrize("layout", ["pages", "zlib", "imagej"])
 def test_a_truncated_tiff_is_refused_not_read_as_its_first_pages(tmp_path, layout, capsys):
     """A 6-page file cut short was read as the pages before the cut (4 frames, exit 0; a compressed or

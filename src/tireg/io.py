@@ -441,13 +441,26 @@ _TIFF_HEADER = re.compile(r"ImageJ series metadata invalid|shaped series failed 
                           r"|OME series is missing|MMStack is missing|LSM file incompletely written")
 
 
+def _header_damage(message: str) -> Optional[re.Match]:
+    """The :data:`_TIFF_HEADER` match of one of tifffile's messages, ``None`` for an OME header that
+    describes fewer frames than the file's pages hold ('OME series expected 3 frames, got 6'):
+    every image it describes is there, and microscope software writes such files (tifffile's
+    source names one); tifffile reads the described frames, and its message stays a warning."""
+    found = _TIFF_HEADER.search(message)
+    if found is not None and found[0] == "OME series expected":
+        counts = re.search(r"expected (\d+) frames?, got (\d+)", message)
+        if counts is not None and int(counts[2]) > int(counts[1]):
+            return None
+    return found
+
+
 def _check_tiff_header(messages: list[str], tif, count: int, path: Path, what: str) -> None:
     """:class:`ImageError` if the header of ``tif`` does not describe its ``count`` pages.
 
     An ImageJ header of 9 frames over 6 pages was read as 6 frames, exit 0, with tifffile's line
     'ImageJ series metadata invalid or corrupted file' on stderr: the file had lost images.
     """
-    found = next((match for match in map(_TIFF_HEADER.search, messages) if match), None)
+    found = next((match for match in map(_header_damage, messages) if match), None)
     if found is None:
         return
     if found[0].startswith("ImageJ"):
