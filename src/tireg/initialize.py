@@ -158,7 +158,7 @@ SEARCH_SCALES = (0.8, 1.0, 1.25)
 #: The stretch of the affine search's anisotropic candidates: lengths times ``r`` along an axis and
 #: ``1 / r`` across it (an aspect ratio of ``r^2``), axes every ``180 / SEARCH_STRETCH_AXES`` degrees.
 #: Similarity candidates alone had left pairs with an aspect change of 1.4-1.5 (scales 1.25 and
-#: 0.85 along a turned axis) 14-222 px off in 22 of 72 cases; see :func:`_search`.
+#: 0.85 along a turned axis) 14-222 px off in 21 of 72 cases; see :func:`_search`.
 SEARCH_STRETCH = 1.2
 SEARCH_STRETCH_AXES = 4
 #: How much the stretched search's best first-stage candidate must outscore the best similarity

@@ -720,7 +720,7 @@ def _overlap_statistics(
     """
     height, width = fixed.shape[-2:]
     stride = max(1, math.isqrt(height * width // OVERLAP_SAMPLES))
-    whole = _make_level(fixed, moving, fixed_mask, moving_mask, 1, 0.0)  # views, at factor 1
+    whole = _make_level(fixed, moving, fixed_mask, moving_mask, 1, 0.0)  # factor 1: views (masked: the images inside their masks)
     ys, xs = whole.axes
     points = (slice(None), slice(None), slice(None, None, stride), slice(None, None, stride))
     level = replace(whole, fixed=fixed[points], axes=(ys[::stride], xs[::stride]),
