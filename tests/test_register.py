@@ -635,6 +635,26 @@ def test_coarse_levels_keep_masked_out_values_out():
         assert result.converged.all() and grid_error(result.matrix, truth, (128, 128)) < 0.1, init
 
 
+def test_a_float64_field_of_view_far_from_zero_keeps_its_detail():
+    # A float64 image is centred in float64 before the cast to float32; centred on the whole image's
+    # mean, a field of view of 1e6 + data (range 1) over zeros kept its data 0.44e6 from 0, rounded to
+    # steps of 0.03: 0.1 px off where 1e3 + data gave 0.05. It is centred over its mask.
+    from tireg.data import camera
+
+    image = camera()[:128, :128].double()
+    truth = tireg.transforms.similarity_matrix(torch.tensor([0.1, 1.03, 2.5, -1.5], dtype=torch.float64),
+                                               tireg.image_center(128, 128))
+    moving = tireg.warp(image[None, None], torch.linalg.inv(truth), padding_mode="border")[0, 0]
+    view = torch.zeros(128, 128)
+    view[16:112, 16:112] = 1.0
+    errors = []
+    for offset in (1e3, 1e6):
+        fixed = torch.where(view > 0, image + offset, torch.zeros_like(image))
+        result = tireg.register(fixed, moving + offset, transform="similarity", mask=view)
+        errors.append(float(grid_error(result.matrix, truth, (128, 128))))
+    assert errors[1] < 1.2 * errors[0] + 1e-3, errors
+
+
 @pytest.mark.parametrize("which, holes", [("mask", 0.3), ("moving_mask", 0.05)])
 def test_masks_with_scattered_holes_keep_the_coarse_levels(which, holes):
     # A coarse level's pixel had to have its whole block in the mask: 5 % of scattered holes left

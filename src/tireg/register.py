@@ -616,7 +616,8 @@ def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) 
     return image, ndim
 
 
-def _float32(image: torch.Tensor, name: str, device: torch.device, caller: str, *, centred: bool) -> torch.Tensor:
+def _float32(image: torch.Tensor, name: str, device: torch.device, caller: str, *, centred: bool,
+             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``image`` (finite, checked) as float32 on ``device``, detached: register differentiates
     its parameters only (an image that requires grad would carry autograd into every operation,
     and the in-place and out= ones refuse it).  float64 values beyond float32's range raise (they
@@ -625,13 +626,24 @@ def _float32(image: torch.Tensor, name: str, device: torch.device, caller: str, 
     ``centred`` (register normalises the images anyway): a float64 image is first made zero-mean
     and unit-deviation per plane in float64, so that float32 keeps its detail (an image of
     ``1e8 + camera`` lost it all in the cast, and was called constant; one of 1e300 overflowed).
-    Any change of gain and offset leaves the registration as it is.
+    Any change of gain and offset leaves the registration as it is.  With a ``mask`` (``(B, 1, H, W)``
+    0/1) of one batch with the image's, or shared by every pair, over the pixels inside it: a field
+    of view of ``1e6 +`` data over zeros, centred on the whole image's mean, kept its data 0.44e6
+    from 0 and lost it to float32's rounding (0.1 px off where ``1e3 +`` gave 0.05).
     """
     image = image.detach()
     if centred and image.dtype == torch.float64:
         peak = image.abs().amax(dim=(2, 3), keepdim=True)  # first into [-1, 1]: squares of 1e300 overflow
         image = image / torch.where(peak > 0, peak, torch.ones_like(peak))
-        mean, deviation = _mean_and_deviation(image)
+        if mask is not None and mask.shape[0] > 1 and mask.stride(0) == 0:
+            mask = mask[:1]  # one mask for every pair
+        if mask is not None and mask.shape[0] == image.shape[0]:
+            weight = mask.to(device=image.device, dtype=torch.float64)
+            count = weight.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+            mean = (image * weight).sum(dim=(2, 3), keepdim=True) / count
+            deviation = ((image - mean).square() * weight).sum(dim=(2, 3), keepdim=True).div(count).sqrt()
+        else:  # a mask per pair for a shared image: centring per pair would copy the image per pair
+            mean, deviation = _mean_and_deviation(image)
         image = (image - mean) / torch.where(deviation > 0, deviation, torch.ones_like(deviation))
     converted = image.to(device=device, dtype=torch.float32)
     if image.dtype == torch.float64 and not all_finite(converted):
@@ -2661,10 +2673,12 @@ def register(
     # same, and float32 keeps their detail whatever the range (1e-25 x an image: NCC read 1.0 at the start)
     normalize = normalize or _own_cost(metric_object, _GAIN_INVARIANT)
     if normalize:
-        fixed_t, moving_t = (_float32(image, name, device, caller, centred=True).expand(batch, *image.shape[1:])
-                             for image, name in ((fixed_t, "fixed"), (moving_t, "moving")))
-        fixed_mask = _as_mask(mask, fixed_t, "mask")
-        moving_mask_t = _as_mask(moving_mask, moving_t, "moving_mask")
+        fixed_mask = _as_mask(mask, fixed_t.expand(batch, *fixed_t.shape[1:]), "mask", device)
+        moving_mask_t = _as_mask(moving_mask, moving_t.expand(batch, *moving_t.shape[1:]), "moving_mask", device)
+        fixed_t, moving_t = (_float32(image, name, device, caller, centred=True, mask=image_mask)
+                             .expand(batch, *image.shape[1:])
+                             for image, name, image_mask in ((fixed_t, "fixed", fixed_mask),
+                                                             (moving_t, "moving", moving_mask_t)))
     else:  # in the images' own precision until the offset their metric does not see is off
         fixed_mask = _as_mask(mask, fixed_t.expand(batch, *fixed_t.shape[1:]), "mask", device)
         moving_mask_t = _as_mask(moving_mask, moving_t.expand(batch, *moving_t.shape[1:]), "moving_mask", device)
