@@ -638,10 +638,7 @@ def _float32(image: torch.Tensor, name: str, device: torch.device, caller: str, 
         if mask is not None and mask.shape[0] > 1 and mask.stride(0) == 0:
             mask = mask[:1]  # one mask for every pair
         if mask is not None and mask.shape[0] == image.shape[0]:
-            weight = mask.to(device=image.device, dtype=torch.float64)
-            count = weight.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
-            mean = (image * weight).sum(dim=(2, 3), keepdim=True) / count
-            deviation = ((image - mean).square() * weight).sum(dim=(2, 3), keepdim=True).div(count).sqrt()
+            mean, deviation = _masked_mean_and_deviation(image, mask)
         else:  # a mask per pair for a shared image: centring per pair would copy the image per pair
             mean, deviation = _mean_and_deviation(image)
         image = (image - mean) / torch.where(deviation > 0, deviation, torch.ones_like(deviation))
@@ -695,12 +692,7 @@ def _normalized(image: torch.Tensor, statistics: tuple[torch.Tensor, torch.Tenso
 
 def _normalization(image: torch.Tensor, mask: Optional[torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean, std)`` of :func:`_normalize`, each ``(B, C, 1, 1)``."""
-    if mask is None:
-        mean, std = _mean_and_deviation(image)
-    else:
-        count = mask.sum(dim=(2, 3), keepdim=True)
-        mean = (image * mask).sum(dim=(2, 3), keepdim=True) / count
-        std = (((image - mean) ** 2) * mask).sum(dim=(2, 3), keepdim=True).div(count).sqrt()
+    mean, std = _mean_and_deviation(image) if mask is None else _masked_mean_and_deviation(image, mask)
     _refuse_constant(image, mask, name)
     if image.dtype != torch.float64 and not bool((std > 0).all() & torch.isfinite(std).all()):
         # squares beyond float32's range (values near 1e19), or below it (near 1e-31): in float64
@@ -732,7 +724,7 @@ def _overlap_statistics(
     """
     height, width = fixed.shape[-2:]
     stride = max(1, math.isqrt(height * width // OVERLAP_SAMPLES))
-    whole = _make_level(fixed, moving, fixed_mask, moving_mask, 1, 0.0)  # factor 1: views (masked: the images inside their masks)
+    whole = _make_level(fixed, moving, fixed_mask, moving_mask, 1, 0.0)  # views, at factor 1
     ys, xs = whole.axes
     points = (slice(None), slice(None), slice(None, None, stride), slice(None, None, stride))
     level = replace(whole, fixed=fixed[points], axes=(ys[::stride], xs[::stride]),
@@ -919,6 +911,16 @@ def _plane_location(flags: torch.Tensor, pair: int, channel: int) -> str:
     if flags.shape[1] > 1:
         where += f"{',' if where else ' in'} channel {channel} of {flags.shape[1]}"
     return where
+
+
+def _masked_mean_and_deviation(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population standard deviation per image and channel over a 0/1 ``mask``
+    ``(B or 1, 1, H, W)`` (at least one pixel), each ``(B, C, 1, 1)``, in ``image``'s dtype and on
+    its device."""
+    mask = mask.to(device=image.device, dtype=image.dtype)
+    count = mask.sum(dim=(2, 3), keepdim=True)
+    mean = (image * mask).sum(dim=(2, 3), keepdim=True) / count
+    return mean, (((image - mean) ** 2) * mask).sum(dim=(2, 3), keepdim=True).div(count).sqrt()
 
 
 def _mean_and_deviation(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2672,16 +2674,14 @@ def register(
     # ncc, ncc_any, mi and nmi see neither gain nor offset: on the normalised images their cost is the
     # same, and float32 keeps their detail whatever the range (1e-25 x an image: NCC read 1.0 at the start)
     normalize = normalize or _own_cost(metric_object, _GAIN_INVARIANT)
+    fixed_mask = _as_mask(mask, fixed_t.expand(batch, *fixed_t.shape[1:]), "mask", device)
+    moving_mask_t = _as_mask(moving_mask, moving_t.expand(batch, *moving_t.shape[1:]), "moving_mask", device)
     if normalize:
-        fixed_mask = _as_mask(mask, fixed_t.expand(batch, *fixed_t.shape[1:]), "mask", device)
-        moving_mask_t = _as_mask(moving_mask, moving_t.expand(batch, *moving_t.shape[1:]), "moving_mask", device)
         fixed_t, moving_t = (_float32(image, name, device, caller, centred=True, mask=image_mask)
                              .expand(batch, *image.shape[1:])
                              for image, name, image_mask in ((fixed_t, "fixed", fixed_mask),
                                                              (moving_t, "moving", moving_mask_t)))
     else:  # in the images' own precision until the offset their metric does not see is off
-        fixed_mask = _as_mask(mask, fixed_t.expand(batch, *fixed_t.shape[1:]), "mask", device)
-        moving_mask_t = _as_mask(moving_mask, moving_t.expand(batch, *moving_t.shape[1:]), "moving_mask", device)
         fixed_t, moving_t = _without_offsets(fixed_t, moving_t, fixed_mask, moving_mask_t, metric_object, batch,
                                              device, caller)
         # (_normalization refuses constant images too)
@@ -2970,8 +2970,9 @@ def _coarse_image(image: torch.Tensor, mask: Optional[torch.Tensor], factor: int
     (:func:`_normalized_blur`).  The plain average had mixed what lies beyond a mask into the level
     pixels along its edge, which still count where half their block is inside
     (:data:`tireg.sampling.MASK_BLOCK_INSIDE`): data of about 1000 masked over zeros made an edge of
-    500 along the mask that the coarse levels aligned, 190-380 px off, reported stalled."""
-    if mask is None:
+    500 along the mask that the coarse levels aligned, 190-380 px off, reported stalled.  At factor 1
+    without smoothing nothing mixes: the image itself (a view, no copy)."""
+    if mask is None or (factor == 1 and sigma <= 0):
         return gaussian_blur(downsample(image, factor), sigma)
     return _normalized_blur(downsample(image * mask, factor), downsample(mask, factor), sigma)
 
