@@ -551,6 +551,17 @@ def test_the_full_resolution_smoothing_follows_the_metric():
         tireg.register(fixed, moving, pyramid=tireg.Pyramid(finest_smoothing=1000))
 
 
+def _random_pair_and_hole():
+    """Two pairs of random 48 x 64 float64 images and a mask ``(1, 1, 48, 64)`` with a hole in rows
+    20-29, columns 10-39."""
+    generator = torch.Generator().manual_seed(0)
+    fixed = torch.rand(2, 1, 48, 64, generator=generator, dtype=torch.float64)
+    moving = torch.rand(2, 1, 48, 64, generator=generator, dtype=torch.float64)
+    mask = torch.ones(1, 1, 48, 64, dtype=torch.float64)
+    mask[..., 20:30, 10:40] = 0.0
+    return fixed, moving, mask
+
+
 def test_full_resolution_smoothing_keeps_masked_out_values_out():
     # The full-resolution level is smoothed (register.FINEST_SMOOTHING); with a mask, a counted pixel is
     # smoothed over counted pixels only, so what lies beyond the mask (no-data, a hole) cannot bleed in;
@@ -558,11 +569,7 @@ def test_full_resolution_smoothing_keeps_masked_out_values_out():
     from tireg.register import _make_level
     from tireg.sampling import gaussian_blur
 
-    generator = torch.Generator().manual_seed(0)
-    fixed = torch.rand(2, 1, 48, 64, generator=generator, dtype=torch.float64)
-    moving = torch.rand(2, 1, 48, 64, generator=generator, dtype=torch.float64)
-    mask = torch.ones(1, 1, 48, 64, dtype=torch.float64)
-    mask[..., 20:30, 10:40] = 0.0
+    fixed, moving, mask = _random_pair_and_hole()
     masks = mask.expand(2, 1, 48, 64)
     level = _make_level(fixed, moving, masks, masks, 1, 1.0, [1.0, 2.0])
     changed = _make_level(fixed + 1e3 * (1 - mask), moving - 1e3 * (1 - mask), masks, masks, 1, 1.0, [1.0, 2.0])
@@ -608,11 +615,7 @@ def test_coarse_levels_keep_masked_out_values_out():
     from tireg.data import camera
     from tireg.register import _make_level
 
-    generator = torch.Generator().manual_seed(0)
-    fixed = torch.rand(2, 1, 48, 64, generator=generator, dtype=torch.float64)
-    moving = torch.rand(2, 1, 48, 64, generator=generator, dtype=torch.float64)
-    mask = torch.ones(1, 1, 48, 64, dtype=torch.float64)
-    mask[..., 20:31, 10:41] = 0.0
+    fixed, moving, mask = _random_pair_and_hole()
     kept = mask.clone()
     for factor, sigma in ((4, 2.0), (2, 0.0), (1, 0.0)):
         level = _make_level(fixed, moving, mask, mask, factor, sigma)
