@@ -71,7 +71,7 @@ from ._validation import (
     writable,
 )
 from .metrics import _flat_variance
-from .sampling import MASK_BLOCK_INSIDE, checked_warp, downsample, gaussian_blur, shrink_matrix
+from .sampling import MASK_BLOCK_INSIDE, _coarse_image, checked_warp, downsample, gaussian_blur, shrink_matrix
 from .transforms import (
     _about_center,
     _determinant,
@@ -1388,9 +1388,8 @@ def _working_image(image: torch.Tensor, mask: Optional[torch.Tensor], factor: in
     (:func:`_scoring_image`)."""
     if mask is None:
         return downsample(image, factor), None
-    fraction = downsample(mask, factor)
-    inside = fraction >= MASK_BLOCK_INSIDE
-    small = downsample(image * mask, factor) / fraction.clamp_min(MASK_BLOCK_INSIDE)
+    inside = downsample(mask, factor) >= MASK_BLOCK_INSIDE
+    small = _coarse_image(image, mask, factor, 0.0)  # the block means inside, as register's coarse levels
     inside_count = inside.sum((-1, -2), keepdim=True).clamp_min(1)
     mean = torch.where(inside, small, 0.0).sum((-1, -2), keepdim=True) / inside_count
     return torch.where(inside, small, mean), inside.to(small.dtype)
