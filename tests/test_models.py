@@ -954,7 +954,7 @@ def test_sigma_and_sigmoid_bounds_are_named_when_wrong(images):
     """create_model(sigma="1") raised "'>' not supported"; sigma=1e6 ran out of memory inside torch;
     SigmoidMapping("a", 1) said only "could not convert string to float" (and took "1")."""
     _, moving = images
-    with pytest.raises(TypeError, match=r"^RigidModelAnalytic\(\): 'sigma' must be a number; got '1'$"):
+    with pytest.raises(TypeError, match=r"^RigidModelAnalytic.sigma: 'sigma' must be a number; got '1'$"):
         tireg.create_model("rigid", moving, image_gradient="gaussian", sigma="1")
     with pytest.raises(ValueError, match=r"^image_gradient\(\): 'sigma' 1e\+06 px is wider than the"):
         tireg.create_model("rigid", moving, image_gradient="gaussian", sigma=1e6)
@@ -963,3 +963,40 @@ def test_sigma_and_sigmoid_bounds_are_named_when_wrong(images):
         with pytest.raises(TypeError, match=r"^SigmoidMapping\(\): 'lo' and 'hi' must be numbers"):
             SigmoidMapping(lo, hi)
     assert SigmoidMapping(np.float32(-1), torch.tensor(2.0)).hi == 2.0
+
+
+def test_image_gradient_and_sigma_set_after_construction_are_checked(images):
+    """The constructor refused an unknown image gradient and a sigma <= 0, but both were taken
+    without a word when set later, and the model ran on (bordermode and interpolation are checked)."""
+    _, moving = images
+    model = tireg.create_model("rigid", moving, image_gradient="central", compile=False)
+    with pytest.raises(ValueError, match=r"^RigidModelAnalytic.image_gradient: unknown image gradient 'bogus'; "
+                                         r"choose one of 'exact', 'central', 'gaussian'$"):
+        model.image_gradient = "bogus"
+    with pytest.raises(ValueError, match=r"^RigidModelAnalytic.sigma: 'sigma' must be positive; got -1$"):
+        model.sigma = -1.0
+    with pytest.raises(TypeError, match=r"^RigidModelAnalytic.sigma: 'sigma' must be a number; got 'x'$"):
+        model.sigma = "x"
+    assert model.image_gradient == "central" and model.sigma == 1.0  # a refused value changes nothing
+    model.image_gradient, model.sigma = "gaussian", 2
+    assert model.image_gradient == "gaussian" and model.sigma == 2.0
+
+
+class _CentralGradient(torch.nn.Module):
+    """An image gradient of one's own that is a module (checked as a callable, kept as a child)."""
+
+    def forward(self, image):
+        return tireg.image_gradient(image, method="central")
+
+
+def test_an_image_gradient_module_is_kept_as_a_child_and_can_be_replaced(images):
+    """A module set as the image gradient moves with the model (a child); a name set after it is
+    taken (torch had refused it: "cannot assign 'str' as child module")."""
+    fixed, moving = images
+    gradient = _CentralGradient()
+    model = tireg.create_model("rigid", moving, image_gradient=gradient, compile=False)
+    assert model.image_gradient is gradient and any(child is gradient for child in model.children())
+    model(moving, fixed)
+    model.image_gradient = "exact"
+    assert model.image_gradient == "exact" and not any(child is gradient for child in model.children())
+    model(moving, fixed)

@@ -125,12 +125,28 @@ class _Checked:
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name, self.slot = name, f"_{name}"
+        _CHECKED_NAMES.add(name)
 
     def __get__(self, model, owner=None):
         return self if model is None else getattr(model, self.slot)
 
     def __set__(self, model, value) -> None:
-        setattr(model, self.slot, self.check(value, f"{type(model).__name__}.{self.name}"))
+        value = self.check(value, f"{type(model).__name__}.{self.name}")
+        model._modules.pop(self.slot, None)  # a module kept before (an image_gradient of one's own)
+        setattr(model, self.slot, value)  # a module is kept as a child under the slot: it moves with .to()
+
+
+#: The names of the models' checked settings (:class:`_Checked`), filled as they are defined.
+_CHECKED_NAMES: set[str] = set()
+
+
+def _positive_sigma(value, caller: str) -> float:
+    """``sigma`` as a positive finite ``float``; raise naming it otherwise (a text sigma raised
+    "'>' not supported"; one too wide for the image is :func:`tireg.sampling.image_gradient`'s check)."""
+    sigma = finite_number(value, "sigma", caller)
+    if not sigma > 0:
+        raise ValueError(f"{caller}: 'sigma' must be positive; got {sigma:g}")
+    return sigma
 
 
 class TransformModel(nn.Module):
@@ -185,6 +201,15 @@ class TransformModel(nn.Module):
                              '``"bilinear"`` or ``"bicubic"``.')
     bordermode = _Checked(lambda value, caller: check_option(value, tuple(PADDING_MODES), "border mode", caller),
                           'Padding mode: ``"zeros"``, ``"border"`` or ``"reflection"``.')
+
+    def __setattr__(self, name: str, value) -> None:
+        # a checked setting is checked whatever its value: nn.Module's own __setattr__ registered a
+        # module (or a parameter) under the setting's name, past the check
+        checked = getattr(type(self), name, None) if name in _CHECKED_NAMES else None
+        if isinstance(checked, _Checked):
+            checked.__set__(self, value)
+        else:
+            super().__setattr__(name, value)
 
     # -- parameters -----------------------------------------------------------
 
@@ -455,7 +480,9 @@ class AffineModelAnalytic(TransformModel):
             the counter (through a NumPy view of the tensor, or ``.data``)
             is not seen, nor by the NaN check: pass a new tensor, or a
             ``torch.from_numpy`` made after the write.
-        sigma: standard deviation for ``image_gradient="gaussian"``.
+        sigma: standard deviation for ``image_gradient="gaussian"``.  Both
+            ``image_gradient`` and ``sigma`` are also settable as attributes,
+            checked when set as in the constructor.
         loss_func: per-pixel loss (default :class:`~tireg.losses.L2Loss`);
             also settable as the attribute ``loss_func``.  The cost is its
             plain sum over pixels and channels, as in the seed.
@@ -505,12 +532,7 @@ class AffineModelAnalytic(TransformModel):
         super().__init__(cx, cy, bordermode, interpolation=interpolation, batch_size=batch_size)
         caller = f"{type(self).__name__}()"
         check_image(moving, "moving", caller)
-        self.image_gradient = image_gradient if callable(image_gradient) else check_option(
-            image_gradient, IMAGE_GRADIENTS, "image gradient", caller)
-        # a text sigma raised "'>' not supported" (one too wide for the image: image_gradient's check)
-        sigma = finite_number(sigma, "sigma", caller)
-        if not sigma > 0:
-            raise ValueError(f"{caller}: 'sigma' must be positive; got {sigma:g}")
+        self.image_gradient = image_gradient  # checked by the properties
         self.sigma = sigma
         self.loss_func = loss_func  # by name or None (L2): __setattr__ makes and checks it
         if metric is not None and type(self.loss_func) is not L2Loss:  # the metric replaces the loss
@@ -527,6 +549,10 @@ class AffineModelAnalytic(TransformModel):
         self._ranges: tuple[tuple, Optional[Metric], Optional[Metric]] = ((None, None), None, None)
         if self.image_gradient != "exact":
             self._precompute(moving)
+
+    image_gradient = _Checked(lambda value, caller: value if callable(value) else check_option(
+        value, IMAGE_GRADIENTS, "image gradient", caller), '``"exact"``, ``"central"``, ``"gaussian"`` or a function.')
+    sigma = _Checked(_positive_sigma, 'Standard deviation in pixels for ``image_gradient="gaussian"``.')
 
     def __setattr__(self, name: str, value) -> None:
         # a loss or metric by name (None: L2, no metric), checked whenever set, the constructor's too
