@@ -1000,3 +1000,33 @@ def test_an_image_gradient_module_is_kept_as_a_child_and_can_be_replaced(images)
     model.image_gradient = "exact"
     assert model.image_gradient == "exact" and not any(child is gradient for child in model.children())
     model(moving, fixed)
+
+
+@pytest.mark.parametrize("built, changed", [
+    (dict(image_gradient="central", padding_mode="zeros"), dict(bordermode="border")),
+    (dict(image_gradient="gaussian", sigma=1.0), dict(sigma=3.0)),
+    (dict(image_gradient="central"), dict(image_gradient="gaussian")),
+])
+def test_a_changed_setting_makes_the_gradient_images_again(built, changed):
+    """The precomputed gradient images were made again only for another source tensor: after
+    ``bordermode = "border"`` the model sampled gradients made with zero padding (and a new sigma
+    or method was not used).  A changed setting gives the gradients of a model built with it."""
+    generator = torch.Generator().manual_seed(0)
+    moving = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 36, 44, generator=generator, dtype=torch.float64), 5, 1)
+    fixed = torch.roll(moving, (1, 2), (2, 3))
+
+    def gradient_of(model):
+        model.set_parameter(1, 2.5)
+        model.set_parameter(2, -1.5)
+        model.zero_grad()
+        model(moving, fixed)
+        return gradients(model)
+
+    model = tireg.create_model("rigid", moving, compile=False, **built)
+    before = gradient_of(model)  # the gradient images made with the first settings
+    for name, value in changed.items():
+        setattr(model, name, value)
+    options = dict(built, **{"padding_mode" if name == "bordermode" else name: value for name, value in changed.items()})
+    expected = gradient_of(tireg.create_model("rigid", moving, compile=False, **options))
+    assert not torch.allclose(before, expected)
+    torch.testing.assert_close(gradient_of(model), expected, rtol=1e-12, atol=1e-12)

@@ -476,7 +476,8 @@ class AffineModelAnalytic(TransformModel):
             pixel), the seed's "custom method, e.g., difference of Gaussian",
             sampled the same way (a module-level function, so that the model
             pickles).  They are made again when ``forward`` gets another tensor or one
-            changed in place (its version counter); a write that bypasses
+            changed in place (its version counter), or after ``bordermode``,
+            ``image_gradient`` or ``sigma`` changed; a write that bypasses
             the counter (through a NumPy view of the tensor, or ``.data``)
             is not seen, nor by the NaN check: pass a new tensor, or a
             ``torch.from_numpy`` made after the write.
@@ -539,7 +540,8 @@ class AffineModelAnalytic(TransformModel):
             raise ValueError(f"{caller}: give a loss or a metric, not both (the metric replaces the loss); "
                              f"got loss {loss_func!r} and metric {metric!r}")
         self.metric: Optional[Metric] = metric
-        self._moving_stamp: Optional[TensorStamp] = None  # the source moving_with_gradient was made from
+        # the source moving_with_gradient was made from, with the settings it was made with
+        self._moving_stamp: Optional[TensorStamp] = None
         self.register_buffer("moving_with_gradient", None, persistent=False)
         self._pixel_axes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.compile = compile
@@ -616,7 +618,13 @@ class AffineModelAnalytic(TransformModel):
                 moving, method=self.image_gradient, sigma=self.sigma, padding_mode=self.bordermode
             )
         self.moving_with_gradient = stack_with_gradient(moving, gradient)
-        self._moving_stamp = TensorStamp(moving)
+        self._moving_stamp = TensorStamp(moving, *self._gradient_settings())
+
+    def _gradient_settings(self) -> tuple:
+        """The settings the gradient images depend on, part of their key: ``bordermode`` (their
+        padding), ``image_gradient`` and ``sigma``.  One changed after construction had left them
+        as they were, and a model set to ``"border"`` sampled gradients made with zero padding."""
+        return (self.bordermode, self.image_gradient, self.sigma)
 
     def _padded_moving(self, source: torch.Tensor) -> torch.Tensor:
         """The source prepared for the fused kernel (:func:`tireg.fused.prepare_moving`), kept while
@@ -686,7 +694,7 @@ class AffineModelAnalytic(TransformModel):
         write_gradients = torch.is_grad_enabled()
         stacked = None
         if self.image_gradient != "exact":
-            if not matches(self._moving_stamp, source):
+            if not matches(self._moving_stamp, source, *self._gradient_settings()):
                 self._precompute(source)
             stacked = self.moving_with_gradient
         batch = source.shape[0]
