@@ -1347,6 +1347,7 @@ def _scored_initialize(
     fixed: torch.Tensor, moving: torch.Tensor, transform: str, *, method: str = "auto", center: CenterLike = None,
     max_size: int = 128, caller: str = "initialize()", search: Optional[torch.Tensor] = None,
     negate_moving: bool = False, fixed_mask: Optional[torch.Tensor] = None, moving_mask: Optional[torch.Tensor] = None,
+    pairs: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`initialize`, and each pair's score ``(B,)``: the overlap NCC of its start on the working
     images (the one ``auto`` compares with :data:`AUTO_THRESHOLD`), NaN where no candidate is scored
@@ -1355,7 +1356,8 @@ def _scored_initialize(
     the same as for ``-moving`` (``register``'s start on the inverted image), the working copies
     negated, not the image (a copy of a batch's moving images was half its input again).
     ``fixed_mask``, ``moving_mask``: ``register``'s checked 0/1 masks ``(B or 1, 1, H, W)``, or
-    ``None`` (:func:`_initialize`)."""
+    ``None`` (:func:`_initialize`).  ``pairs``: the indices of the pairs to initialise (default all), taken
+    chunk by chunk, so that no copy of the batch's selected images is made; the results are theirs."""
     _check_kind(transform, caller)
     check_option(method, METHODS, "method", caller)
     max_size = _check_max_size(max_size, caller)
@@ -1365,13 +1367,14 @@ def _scored_initialize(
     factor = _downsample_factor([fixed.shape[-2:], moving.shape[-2:]], max_size)
     working = max((size[0] // factor) * (size[1] // factor) for size in (fixed.shape[-2:], moving.shape[-2:]))
     masks = [None if mask is None else mask.expand(batch, *mask.shape[1:]) for mask in (fixed_mask, moving_mask)]
+    count = batch if pairs is None else pairs.numel()
     with torch.no_grad():
-        found = [
-            _initialize(fixed[part], moving[part], transform, method, centre_full[part], max_size,
-                        None if search is None else search[part], negate_moving,
-                        *(None if mask is None else mask[part] for mask in masks))
-            for part in chunk_slices(batch, working, _pair_chunk_budget(batch, working))
-        ]
+        found = []
+        for part in chunk_slices(count, working, _pair_chunk_budget(count, working)):
+            part = part if pairs is None else pairs[part]
+            found.append(_initialize(fixed[part], moving[part], transform, method, centre_full[part], max_size,
+                                     None if search is None else search[part], negate_moving,
+                                     *(None if mask is None else mask[part] for mask in masks)))
     return tuple(torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*found))
 
 

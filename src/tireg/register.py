@@ -2330,10 +2330,11 @@ def _check_start(matrix: torch.Tensor, kind: Transform, caller: str, name: str) 
 def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str,
                     search: Optional[torch.Tensor] = None, negate_moving: bool = False,
                     masks: tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    pairs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The start ``(B, 3, 3)`` float64 that ``init`` names or gives, and each pair's initialiser score ``(B,)``
     (:func:`tireg.initialize._scored_initialize`, ``search`` its pairs that may search, ``negate_moving``
-    for ``-moving``, ``masks`` the fixed and the moving mask; NaN for a given matrix)."""
+    for ``-moving``, ``masks`` the fixed and the moving mask, ``pairs`` the indices of the pairs to
+    start (all by default; only for a method's name); NaN for a given matrix)."""
     batch = fixed.shape[0]
     if isinstance(init, torch.Tensor) and init.is_meta:  # Tensor.item() raised inside
         raise TypeError(f"{caller}: 'init' is a meta tensor, which holds no values")
@@ -2359,8 +2360,46 @@ def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str,
     name = kind.name if kind.name in TRANSFORMS else "similarity"
     matrix, score = _scored_initialize(fixed, moving, name, method=init, center=center, caller="initialize()",
                                        search=search, negate_moving=negate_moving, fixed_mask=masks[0],
-                                       moving_mask=masks[1])
+                                       moving_mask=masks[1], pairs=pairs)
     return matrix.to(torch.float64), score
+
+
+def _either_contrast_starts(init: str, fixed: torch.Tensor, moving: torch.Tensor, kind: Transform, center,
+                            caller: str, masks: tuple[Optional[torch.Tensor], Optional[torch.Tensor]],
+                            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The starts ``init`` finds for a contrast-agnostic metric on the moving image and on the inverted
+    one: ``[(matrix (B, 3, 3), score (B,)), (the same, inverted)]`` (:func:`_initial_matrix`).
+
+    For ``"auto"``, each pair's quick candidates are found in both contrasts first; the contrast whose
+    start scores higher searches first where that start scores below ``AUTO_THRESHOLD``, and the other
+    contrast searches only where the first still scores below it.  The image's own contrast used to
+    search first, whichever matched: an inverted pair searched its own contrast for nothing, the
+    stretched affine stages included (0.14 s of an ``ncc_any`` affine call of 0.3 s at 256^2).  Every
+    quick candidate stays, because a high score is no proof: an inverted camera image turned by 180
+    degrees scored 0.8 and more against the fixed one.
+    """
+    from .initialize import AUTO_THRESHOLD
+
+    if init != "auto":  # the other methods search for every pair or none
+        return [_initial_matrix(init, fixed, moving, kind, center, caller, masks=masks, negate_moving=negate)
+                for negate in (False, True)]
+    quick = torch.zeros(fixed.shape[0], dtype=torch.bool, device=fixed.device)
+    starts = [_initial_matrix(init, fixed, moving, kind, center, caller, masks=masks, search=quick,
+                              negate_moving=negate) for negate in (False, True)]
+    inverted_first = starts[1][1] > starts[0][1]
+    for turn in ("first", "second"):
+        for negate in (False, True):
+            matrix, score = starts[negate]
+            need = (inverted_first == negate) if turn == "first" else (inverted_first != negate)
+            need &= score < AUTO_THRESHOLD  # NaN (constant images): nothing to search
+            if turn == "second":
+                need &= ~(starts[not negate][1] >= AUTO_THRESHOLD)
+            if bool(need.any()):
+                index = need.nonzero()[:, 0]
+                found, found_score = _initial_matrix(init, fixed, moving, kind, center, caller, masks=masks,
+                                                     negate_moving=negate, pairs=index)
+                starts[negate] = (matrix.index_put((index,), found), score.index_put((index,), found_score))
+    return starts
 
 
 #: A given start further than this from its kind's closest transform (pixels, at the fixed image's
@@ -2703,23 +2742,19 @@ def register(
                        channels=fixed_t.shape[1])
     if start_params is None:
         masks = (fixed_mask, moving_mask_t)
-        start, score = _initial_matrix(init, fixed_n, moving_n, kind, center, caller, masks=masks)
+        either_contrast = isinstance(init, str) and init != "identity" and metric_object.any_contrast
+        if either_contrast:
+            # Initialisers match intensities; for a metric that accepts inverted or other
+            # contrast, also start from what they find on the inverted image (its working copies
+            # negated, not a copy of the batch's images), and keep the start the metric itself
+            # prefers, pair by pair, at the coarsest level
+            (start, _), (flipped, _) = _either_contrast_starts(init, fixed_n, moving_n, kind, center, caller, masks)
+        else:
+            start, _ = _initial_matrix(init, fixed_n, moving_n, kind, center, caller, masks=masks)
         params = kind.from_matrix(start.to(device=device, dtype=dtype), center_t)
         if not isinstance(init, str):
             _warn_if_projected(start, kind.matrix(params, center_t), kind, fixed_t.shape[-2:], caller)
-        if isinstance(init, str) and init != "identity" and metric_object.any_contrast:
-            # Initialisers match intensities; for a metric that accepts inverted or other
-            # contrast, also start from what they find on the inverted image, and keep the
-            # start the metric itself prefers, pair by pair, at the coarsest level.  Without
-            # the search for a pair whose own start scores AUTO_THRESHOLD or more: on its
-            # inverted image every candidate scored low, and the search ran for nothing (35 ms
-            # of a 110 ms ncc_any call at 256^2).  Its quick candidates stay: an inverted camera
-            # image turned by 180 degrees matched the fixed one at 0.8 and more.
-            from .initialize import AUTO_THRESHOLD
-
-            # (on the inverted image: its working copies negated, not a copy of the batch's images)
-            flipped, _ = _initial_matrix(init, fixed_n, moving_n, kind, center, caller, masks=masks,
-                                         search=~(score >= AUTO_THRESHOLD), negate_moving=True)  # NaN: search
+        if either_contrast:
             flipped_params = kind.from_matrix(flipped.to(device=device, dtype=dtype), center_t)
             coarse = _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, *schedule[0])
             with torch.no_grad():
