@@ -296,8 +296,9 @@ def test_a_subclass_forming_its_own_values_gets_their_gradient(images):
         for shared in (False, True):
             autograd_class = type("Own", (tireg.SimilarityModel,), methods)
             analytic_class = type("OwnAnalytic", (tireg.SimilarityModelAnalytic,), methods)
-            autograd = autograd_class(26.0, 18.0, "zeros").double()
-            analytic = analytic_class(26.0, 18.0, "zeros", moving, loss_func="l2").double()
+            pairs = 1 if shared else moving.shape[0]
+            autograd = autograd_class(26.0, 18.0, "zeros", batch_size=pairs).double()
+            analytic = analytic_class(26.0, 18.0, "zeros", moving, loss_func="l2", batch_size=pairs).double()
             values = (3.0, 1.02, 1.5, -0.7) if shared else ((3.0, -2.0, 1.0), 1.02, (1.5, 0.2, -1.0), -0.7)
             for model in (autograd, analytic):
                 for i, value in enumerate(values):
@@ -1030,3 +1031,32 @@ def test_a_changed_setting_makes_the_gradient_images_again(built, changed):
     expected = gradient_of(tireg.create_model("rigid", moving, compile=False, **options))
     assert not torch.allclose(before, expected)
     torch.testing.assert_close(gradient_of(model), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda params: torch.optim.Adam(params, lr=0.01),
+    lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
+])
+def test_set_parameter_refuses_a_change_of_shape_an_optimiser_cannot_follow(images, optimizer):
+    """One value per pair on a shared (1,) parameter replaced its data by a (B,) tensor: the
+    optimiser built before kept (1,) state, and its next step failed inside torch.optim
+    ("output with shape [1] doesn't match the broadcast shape [3]")."""
+    fixed, moving = images
+    model = tireg.RigidModelAnalytic(*tireg.image_center(*SHAPE[-2:]), "zeros", moving).double()  # shared (1,)
+    step = optimizer(model.parameters())
+    model(moving, fixed)
+    step.step()
+    step.zero_grad()
+    before = model.get(1).detach().clone()
+    with pytest.raises(ValueError, match=r"^set_parameter\(\): parameter 1 has shape \(1,\); 3 values change its "
+                                         r"shape, which an optimiser built before cannot follow: build the model "
+                                         r"with batch_size=3"):
+        model.set_parameter(1, torch.tensor([0.5, 1.0, 1.5]))
+    assert torch.equal(model.get(1), before)
+    model.set_parameter(1, 0.5)  # one value keeps the shape
+    model(moving, fixed)
+    step.step()
+    assert model.p[1].shape == (1,)
+    per_pair = tireg.create_model("rigid", moving)  # what the message says: one parameter set per pair
+    per_pair.set_parameter(1, torch.tensor([0.5, 1.0, 1.5]))
+    assert per_pair.get(1).tolist() == [0.5, 1.0, 1.5]

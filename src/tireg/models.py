@@ -244,8 +244,12 @@ class TransformModel(nn.Module):
 
         The raw value stored is ``mapping.solve(value)``.  A scalar fills
         the parameter's current shape; a tensor of ``B`` values gives one
-        value per image pair.  The ``nn.Parameter`` object is kept, so an
-        optimiser built before still updates it.
+        value per image pair to a parameter that holds ``B``.  The
+        ``nn.Parameter`` object and its shape are kept, so an optimiser built
+        before still updates it: ``B`` values for a shared ``(1,)`` parameter
+        are refused (an optimiser's state kept its old shape, and its next
+        step failed inside ``torch.optim``).  For one parameter set per pair,
+        build the model with ``batch_size=B`` (:func:`create_model` does).
         """
         caller = "set_parameter()"
         i = self._check_index(i, caller)
@@ -270,6 +274,12 @@ class TransformModel(nn.Module):
             if others and raw.shape[0] not in others:
                 raise ValueError(f"{caller}: {raw.shape[0]} values for a model of {max(others)} image pairs; "
                                  "give one value, or one per pair")
+            if raw.shape != param.shape:
+                raise ValueError(
+                    f"{caller}: parameter {i} has shape {tuple(param.shape)}; {raw.shape[0]} values change its "
+                    "shape, which an optimiser built before cannot follow: build the model with "
+                    f"batch_size={raw.shape[0]} for one parameter set per pair"
+                )
         if not bool(torch.isfinite(raw).all()):
             raise ValueError(f"{caller}: 'value' {value!r} gives a NaN or infinite parameter")
         self.m[i] = mapping
@@ -416,8 +426,8 @@ class TransformModel(nn.Module):
         if sets not in (1, batch_size):
             raise ValueError(
                 f"{type(self).__name__}: the model holds {sets} parameter sets "
-                f"but {batch_size} image pairs were given; use batch_size={batch_size} or set_parameter() "
-                "with one value per pair"
+                f"but {batch_size} image pairs were given; build the model with batch_size={batch_size}, "
+                "or with one shared parameter set (batch_size=1)"
             )
 
     def extra_repr(self) -> str:
