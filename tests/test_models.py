@@ -609,7 +609,7 @@ def test_errors_name_the_problem(images):
         model.get(1.0)
     with pytest.raises(ValueError, match=r"'center' must be \(cx, cy\) in pixels; got \(1, 2, 3\)"):
         tireg.create_model("rigid", moving, center=(1, 2, 3))
-    with pytest.raises(ValueError, match="'metric' and 'image_gradient' apply to the analytic model"):
+    with pytest.raises(ValueError, match="'metric' applies to the analytic model"):
         tireg.create_model("rigid", moving, gradients="autograd", metric="ncc")
     with pytest.raises(ValueError, match="give a loss or a metric, not both"):
         tireg.create_model("rigid", moving, loss="cauchy", metric="ncc")
@@ -1060,3 +1060,21 @@ def test_set_parameter_refuses_a_change_of_shape_an_optimiser_cannot_follow(imag
     per_pair = tireg.create_model("rigid", moving)  # what the message says: one parameter set per pair
     per_pair.set_parameter(1, torch.tensor([0.5, 1.0, 1.5]))
     assert per_pair.get(1).tolist() == [0.5, 1.0, 1.5]
+
+
+def test_the_autograd_model_refuses_a_loss_or_sigma_it_would_ignore(images):
+    """metric and image_gradient were refused for gradients="autograd", but loss and sigma were
+    neither refused nor checked: loss="bogus", loss=3, sigma=-5 and sigma="x" all gave a model."""
+    _, moving = images
+    for loss in ("bogus", 3):
+        with pytest.raises(ValueError, match=rf"^create_model\(\): unknown loss {loss!r}; choose one of 'l2'"):
+            tireg.create_model("rigid", moving, gradients="autograd", loss=loss)
+    for sigma in (-5.0, "x", 2.0):
+        with pytest.raises(ValueError, match=rf"^create_model\(\): 'sigma' applies to the analytic model; got "
+                                             rf"sigma={sigma!r} with gradients='autograd'"):
+            tireg.create_model("rigid", moving, gradients="autograd", sigma=sigma)
+    with pytest.raises(ValueError, match=r"^create_model\(\): 'loss', 'metric' and 'sigma' apply to the analytic "
+                                         r"model; got loss='cauchy', metric='ncc', sigma=2 with"):
+        tireg.create_model("rigid", moving, gradients="autograd", loss="cauchy", metric="ncc", sigma=2)
+    for options in (dict(loss="l2", sigma=1), dict(loss=tireg.L2Loss()), dict(loss=None)):  # the defaults' own
+        assert type(tireg.create_model("rigid", moving, gradients="autograd", **options)) is tireg.RigidModel

@@ -41,6 +41,7 @@ from ._validation import (
     check_option,
     finite_number,
     is_whole,
+    real_number,
     matches,
 )
 from .analytic import _cost_and_gradient, parameter_gradient
@@ -1011,6 +1012,10 @@ def create_model(
         metric: a :mod:`tireg.metrics` metric for the analytic model instead of ``loss``.
         image_gradient, sigma: the analytic model's moving-image gradient
             (:class:`AffineModelAnalytic`).
+
+            The autograd model ignores ``loss``, ``metric``, ``image_gradient``
+            and ``sigma``: any but their defaults (an L2 loss, no metric,
+            ``"exact"``, 1) is refused with ``gradients="autograd"``.
         compile: the analytic model's compiled fast path: ``"auto"`` (default),
             ``True`` or ``False`` (:class:`AffineModelAnalytic`); an autograd
             model takes only ``"auto"`` or ``False``.
@@ -1030,10 +1035,23 @@ def create_model(
     elif isinstance(center, (str, bytes)) or not isinstance(center, (Sequence, np.ndarray, torch.Tensor)) \
             or len(center) != 2:
         raise ValueError(f"{caller}: 'center' must be (cx, cy) in pixels; got {center!r}")
-    if gradients == "autograd" and (metric is not None or image_gradient != "exact"):
-        # the autograd model warps only, and the caller applies the cost (they were silently ignored)
-        raise ValueError(f"{caller}: 'metric' and 'image_gradient' apply to the analytic model; the autograd "
-                         "model returns the warped image and the caller applies the cost")
+    if gradients == "autograd":
+        # the autograd model warps only, and the caller applies the cost: what it would ignore is refused
+        # (metric and image_gradient were silently ignored, and so were loss="bogus" and sigma=-5)
+        try:
+            l2 = loss is None or isinstance(get_loss(loss), L2Loss)  # None: L2, as for the analytic model
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{caller}: {error}") from None
+        given = {name: value for name, value, default in (
+            ("loss", loss, l2), ("metric", metric, metric is None),
+            ("image_gradient", image_gradient, isinstance(image_gradient, str) and image_gradient == "exact"),
+            ("sigma", sigma, real_number(sigma) == 1.0)) if not default}
+        if given:
+            names = " and ".join(", ".join(f"'{name}'" for name in given).rsplit(", ", 1))
+            shown = ", ".join(f"{name}={value!r}" for name, value in given.items())
+            raise ValueError(f"{caller}: {names} {'applies' if len(given) == 1 else 'apply'} to the analytic model; "
+                             f"got {shown} with gradients='autograd': the autograd model returns the warped image "
+                             "and the caller applies the cost")
     cls = _READY_MADE[(transform, gradients)]
     options = dict(interpolation=interpolation, batch_size=moving.shape[0])
     if gradients == "analytic":
