@@ -159,8 +159,32 @@ def test_exp_solve_of_non_positive_value_raises(value):
 def test_base_mapping_is_abstract():
     base = Mapping()
     for method in (base.forward, base.derivative, base.solve):
-        with pytest.raises(NotImplementedError):
+        with pytest.raises(NotImplementedError, match=rf"^Mapping\.{method.__name__}\(\): .*implement "
+                                                      rf"{method.__name__}\(\)"):
             method(torch.zeros(2))
+
+
+def test_a_mapping_without_derivative_is_named_by_the_analytic_model():
+    """A mapping of one's own with forward and solve works with set_parameter and the autograd
+    model; the analytic model's first step raised a NotImplementedError with no message."""
+    import tireg
+
+    class Tanh(Mapping):
+        def forward(self, raw):
+            return 0.3 * torch.tanh(raw)
+
+        def solve(self, value):
+            return torch.atanh(torch.as_tensor(value, dtype=torch.float64) / 0.3)
+
+    moving = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    autograd = tireg.create_model("rigid", moving, gradients="autograd")
+    autograd.set_parameter(0, 0.1, Tanh())
+    autograd(moving).sum().backward()
+    model = tireg.create_model("rigid", moving, compile=False)
+    model.set_parameter(0, 0.1, Tanh())
+    with pytest.raises(NotImplementedError, match=r"^Tanh\.derivative\(\): the analytic model needs m'\(r\) of "
+                                                  r"every mapping .*implement derivative\(\) or use the autograd"):
+        model(moving, moving)
 
 
 def test_repr():

@@ -29,19 +29,29 @@ Number = Union[float, torch.Tensor]
 
 
 class Mapping:
-    """Base class: ``p = forward(r)``, ``derivative(r) = dp/dr``, ``solve(p) = r``."""
+    """Base class: ``p = forward(r)``, ``derivative(r) = dp/dr``, ``solve(p) = r``.
+
+    A mapping of one's own implements all three: ``forward`` for every model,
+    ``solve`` for ``set_parameter``, ``derivative`` for the analytic model.
+    One that lacks one raises a ``NotImplementedError`` that names it and what needs it.
+    """
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         """Parameter value ``p = m(r)``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}.forward(): every model needs the parameter value "
+                                  "p = m(r) of every mapping; implement forward()")
 
     def derivative(self, raw: torch.Tensor) -> torch.Tensor:
         """``dp/dr = m'(r)``."""
-        raise NotImplementedError
+        # a bare NotImplementedError had surfaced from deep inside the analytic model's first step
+        raise NotImplementedError(f"{type(self).__name__}.derivative(): the analytic model needs m'(r) of every "
+                                  "mapping (dL/dr = dL/dp * m'(r)); implement derivative() or use the autograd "
+                                  "model")
 
     def solve(self, value: Number) -> torch.Tensor:
         """Raw value ``r`` with ``m(r) = value`` (the inverse mapping)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}.solve(): set_parameter() needs the raw value r with "
+                                  "m(r) = value (the inverse mapping); implement solve()")
 
     def inverse(self, value: Number) -> torch.Tensor:
         """Alias of :meth:`solve`."""
