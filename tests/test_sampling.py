@@ -365,6 +365,31 @@ def test_gaussian_gradient_of_a_ramp(sigma):
     torch.testing.assert_close(inside[:, :, 1], torch.full_like(inside[:, :, 1], b), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype, sigma", [(torch.float32, 0.05), (torch.float32, 0.06), (torch.float64, 0.01),
+                                          (torch.float64, 1e-6)])
+def test_gaussian_gradient_of_a_small_sigma_is_the_central_difference(dtype, sigma, generator):
+    """Every tap off the centre underflows for a small sigma: the kernel was 0 / 0, NaN gradient
+    images without a word; its limit is the central difference."""
+    image = random_image(generator, shape=(1, 2, 9, 11), dtype=dtype)
+    gaussian = image_gradient(image, method="gaussian", sigma=sigma, padding_mode="reflection")
+    central = image_gradient(image, method="central", padding_mode="reflection")
+    torch.testing.assert_close(gaussian, central, rtol=0, atol=4 * torch.finfo(dtype).eps)
+
+
+def test_gaussian_gradient_is_continuous_towards_a_small_sigma(generator):
+    """Between the limit and the usual sigmas the kernel is the normalised derivative of Gaussian
+    itself: sigma 0.3 against the formula in float64, by hand."""
+    image = random_image(generator, shape=(1, 1, 9, 11))
+    sigma = 0.3
+    offsets = torch.arange(-2.0, 3.0, dtype=torch.float64)
+    g = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    derivative, smoothing = offsets * g / (offsets * offsets * g).sum(), g / g.sum()
+    padded = F.pad(image, (2, 2, 2, 2))
+    expected = sum(derivative[k] * smoothing[m] * padded[..., m:m + 9, k:k + 11] for k in range(5) for m in range(5))
+    gradient = image_gradient(image, method="gaussian", sigma=sigma, padding_mode="zeros")
+    torch.testing.assert_close(gradient[:, :, 0], expected, rtol=0, atol=1e-14)
+
+
 def test_gaussian_gradient_smooths(generator):
     """On noise, derivative of Gaussian is smaller than central differences (it is not the same filter)."""
     image = random_image(generator, shape=(1, 1, 20, 24))

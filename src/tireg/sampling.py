@@ -798,12 +798,21 @@ def _make_derivative_kernels(method: str, sigma: float, dtype: torch.dtype, devi
         smoothing = torch.tensor([0.0, 1.0, 0.0], dtype=dtype, device=device)
         derivative = torch.tensor([-0.5, 0.0, 0.5], dtype=dtype, device=device)
         return smoothing, derivative
+    # In float64 on the host, each Gaussian taken relative to its largest tap: the smoothing's at
+    # 0, the derivative's (whose tap 0 is 0) at +-1, so that neither sum underflows.  Taken as
+    # they were, exp(-k^2 / (2 sigma^2)) over the image's dtype, every tap off the centre was 0
+    # for a small sigma (below 0.07 in float32, 0.03 in float64) and the derivative 0 / 0, NaN
+    # gradient images and a NaN model gradient without a word.  As sigma -> 0 the kernels tend to
+    # the central difference's, [0, 1, 0] and [-1/2, 0, 1/2], which they are wherever the outer
+    # taps underflow.
     radius = max(1, int(math.ceil(4.0 * sigma)))
-    offsets = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
-    gaussian = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    squares = offsets * offsets
+    gaussian = torch.exp(-0.5 * squares / sigma**2)
     smoothing = gaussian / gaussian.sum()
-    derivative = offsets * gaussian / (offsets * offsets * gaussian).sum()
-    return smoothing, derivative
+    beside = offsets * torch.exp(-0.5 * (squares - 1.0).clamp_min(0.0) / sigma**2)  # k g(k) / g(1)
+    derivative = beside / (offsets * beside).sum()
+    return smoothing.to(dtype=dtype, device=device), derivative.to(dtype=dtype, device=device)
 
 
 def image_gradient(
@@ -820,6 +829,8 @@ def image_gradient(
     Args:
         image: ``(B, C, H, W)``.
         sigma: a positive finite number, for ``method="gaussian"`` (ignored by ``"central"``).
+            As ``sigma`` goes to 0 the derivative of Gaussian tends to the central difference,
+            which it is (to rounding) below about 0.2 pixels.
 
     Returns:
         ``(B, C, 2, H, W)``.
