@@ -1078,3 +1078,31 @@ def test_the_autograd_model_refuses_a_loss_or_sigma_it_would_ignore(images):
         tireg.create_model("rigid", moving, gradients="autograd", loss="cauchy", metric="ncc", sigma=2)
     for options in (dict(loss="l2", sigma=1), dict(loss=tireg.L2Loss()), dict(loss=None)):  # the defaults' own
         assert type(tireg.create_model("rigid", moving, gradients="autograd", **options)) is tireg.RigidModel
+
+
+def test_a_subclass_setting_only_its_transform_takes_the_transforms_order(images):
+    """The base's transform_slots are the seed's (0, 3, 1, 2): a subclass that set only ``transform``
+    inherited them, and its constructor raised an IndexError (rigid) or its model had four parameters
+    and failed at the first forward (affine).  It takes the transform's own order now, and slots that
+    are no permutation of the transform's parameters are refused when the class is defined."""
+    fixed, moving = images
+    for name in ("rigid", "affine"):
+        for base in (tireg.AffineModel, tireg.AffineModelAnalytic):
+            mine = type(f"My{name}", (base,), {"transform": TRANSFORMS[name]})
+            arguments = (26.0, 18.0, "zeros") + ((moving,) if base is tireg.AffineModelAnalytic else ())
+            model = mine(*arguments, batch_size=SHAPE[0]).double()
+            ready = tireg.create_model(name, moving, gradients="autograd", center=(26.0, 18.0))
+            assert model.num_parameters == TRANSFORMS[name].num_parameters
+            values = random_values(name, SHAPE[0], torch.Generator().manual_seed(5))
+            set_values([model, ready], values, [IdentityMapping()] * values.shape[1])
+            torch.testing.assert_close(model.get_matrix(), ready.get_matrix(), rtol=0, atol=0)
+            if base is tireg.AffineModelAnalytic:
+                model(moving, fixed)
+    for slots in ((0, 3, 1, 2), (0, 1, 1), (0, 1), "012", (0, 1.0, 2)):
+        with pytest.raises(ValueError, match=r"^MyRigid: 'transform_slots' must be None or a permutation of "
+                                             r"range\(3\), .* \(set transform_slots = None for the transform's own"):
+            type("MyRigid", (tireg.AffineModelAnalytic,), {"transform": TRANSFORMS["rigid"], "transform_slots": slots})
+    with pytest.raises(TypeError, match=r"^Mine: 'transform' must be a tireg Transform \(tireg.TRANSFORMS\); got str"):
+        type("Mine", (tireg.AffineModel,), {"transform": "rigid"})
+    seed = type("Seed", (tireg.AffineModel,), {"transform_slots": (0, 1, 2, 3)})(0.0, 0.0)  # base's transform
+    assert seed.num_parameters == 4

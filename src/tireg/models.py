@@ -150,6 +150,22 @@ def _positive_sigma(value, caller: str) -> float:
     return sigma
 
 
+def _check_slots(cls: type) -> None:
+    """Raise unless ``cls.transform`` is a :class:`~tireg.transforms.Transform` and ``cls.transform_slots``
+    is ``None`` or a permutation of its parameters' indices."""
+    transform, slots = cls.transform, cls.transform_slots
+    if not isinstance(transform, Transform):
+        raise TypeError(f"{cls.__name__}: 'transform' must be a tireg Transform (tireg.TRANSFORMS); "
+                        f"got {type(transform).__name__}")
+    count = transform.num_parameters
+    if slots is not None and (isinstance(slots, (str, bytes)) or not isinstance(slots, Sequence)
+                              or not all(isinstance(slot, int) and not isinstance(slot, bool) for slot in slots)
+                              or sorted(slots) != list(range(count))):
+        raise ValueError(f"{cls.__name__}: 'transform_slots' must be None or a permutation of range({count}), "
+                         f"the model parameter for each of the {transform.name!r} transform's {count} parameters; "
+                         f"got {slots!r} (set transform_slots = None for the transform's own order)")
+
+
 class TransformModel(nn.Module):
     """Parameters, mappings and the matrix ``A(p)`` with its Jacobian; the base of both models.
 
@@ -157,7 +173,11 @@ class TransformModel(nn.Module):
         transform: the :class:`~tireg.transforms.Transform` that builds
             ``A`` and ``dA/dp`` unless a subclass overrides ``get_matrix``.
         transform_slots: for each of the transform's parameters, the index
-            ``i`` of the model parameter that supplies it (``None``: same order).
+            ``i`` of the model parameter that supplies it (``None``: same order),
+            a permutation of ``range(transform.num_parameters)``.  The base's is
+            the seed's order ``(0, 3, 1, 2)``; a subclass that sets ``transform``
+            without ``transform_slots`` takes the transform's own order (``None``).
+            Checked when the subclass is defined.
 
     Args:
         cx, cy: centre of rotation and scaling, pixels (usually
@@ -202,6 +222,14 @@ class TransformModel(nn.Module):
                              '``"bilinear"`` or ``"bicubic"``.')
     bordermode = _Checked(lambda value, caller: check_option(value, tuple(PADDING_MODES), "border mode", caller),
                           'Padding mode: ``"zeros"``, ``"border"`` or ``"reflection"``.')
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # the base's slots are the seed's order for its similarity: a subclass that set only its own
+        # transform had inherited them (an IndexError for a rigid, four parameters fed to an affine)
+        if "transform" in cls.__dict__ and "transform_slots" not in cls.__dict__:
+            cls.transform_slots = None
+        _check_slots(cls)
 
     def __setattr__(self, name: str, value) -> None:
         # a checked setting is checked whatever its value: nn.Module's own __setattr__ registered a
