@@ -24,6 +24,7 @@ from tireg.sampling import (
     sampler_gradient,
     sampling_grid,
     shrink_matrix,
+    stack_with_gradient,
     warp,
     warp_gradient,
 )
@@ -436,6 +437,37 @@ def test_extend_border_and_zeros():
     assert border.tolist() == [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]
     zeros = extend(image, 1, "zeros")[0, 0]
     assert zeros.tolist() == [[0, 0, 0, 0], [0, 1, 2, 0], [0, 3, 4, 0], [0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda image: extend(image, -1, "zeros"), ValueError, r"extend\(\): 'pad' must be a non-negative whole number; got -1"),
+        (lambda image: extend(image, -1, "border"), ValueError, r"extend\(\): 'pad' .* got -1"),
+        (lambda image: extend(image, 1.5, "border"), ValueError, r"extend\(\): 'pad' .* got 1.5"),
+        (lambda image: extend(image, True, "zeros"), ValueError, r"extend\(\): 'pad'"),
+        (lambda image: extend(image[0], 1, "zeros"), ValueError, r"extend\(\): 'image' must have 4 dimensions"),
+        (lambda image: stack_with_gradient(image, torch.rand(1, 1, 8, 9, dtype=image.dtype)), ValueError,
+         r"stack_with_gradient\(\): 'gradient' must have shape \(B, C, 2, Hm, Wm\) = \(1, 1, 2, 8, 9\)"),
+        (lambda image: stack_with_gradient(image, image_gradient(image).float()), ValueError,
+         r"stack_with_gradient\(\): 'gradient' \(torch.float32, cpu\) and 'moving'"),
+        (lambda image: stack_with_gradient(image, None), TypeError, r"stack_with_gradient\(\): 'gradient' must be a torch.Tensor"),
+        (lambda image: pixel_grid((-1, 3)), ValueError, r"pixel_grid\(\): 'size' must be \(H, W\), two positive whole numbers"),
+        (lambda image: pixel_grid((2.5, 3)), ValueError, r"pixel_grid\(\): 'size'"),
+        (lambda image: pixel_axes((0, 3)), ValueError, r"pixel_axes\(\): 'size'"),
+    ],
+)
+def test_public_helpers_name_a_bad_argument(call, error, message):
+    """A negative pad cropped the image without a word, and the rest failed with raw torch errors."""
+    image = torch.rand(1, 1, 8, 9, dtype=torch.float64)
+    with pytest.raises(error, match=message):
+        call(image)
+
+
+def test_extend_takes_a_whole_float_pad():
+    image = torch.rand(1, 1, 3, 4, dtype=torch.float64)
+    torch.testing.assert_close(extend(image, 2.0, "reflection"), extend(image, 2, "reflection"), rtol=0, atol=0)
+    assert extend(image, 0, "border").shape == image.shape
 
 
 def test_extend_unknown_mode():

@@ -73,9 +73,12 @@ def pixel_grid(
 
     Returns:
         ``(H * W, 3)``; row ``i * W + j`` is ``(j, i, 1)``.
+
+    Raises:
+        ValueError: ``size`` not two positive whole numbers.
     """
-    height, width = int(size[0]), int(size[1])
-    ys, xs = pixel_axes(size, dtype=dtype, device=device)
+    height, width = check_size(size, "pixel_grid()")
+    ys, xs = _pixel_axes((height, width), dtype, device)
     grid = torch.ones(height, width, 3, dtype=dtype, device=device)
     grid[..., 0] = xs
     grid[..., 1] = ys.unsqueeze(1)
@@ -90,9 +93,15 @@ def pixel_axes(
     The grid is regular, so a matrix acts on it by broadcasting,
     ``A (x, y, 1) = A[:, 0] x + A[:, 1] y + A[:, 2]``, and a sum
     ``sum_x g(x) (x, y, 1)`` reduces rows and columns separately
-    (:func:`grid_moments`): no ``(H W, 3)`` coordinate array is needed.
+    (:func:`grid_moments`): no ``(H W, 3)`` coordinate array is needed.  ``size`` must be two
+    positive whole numbers (a ``ValueError`` otherwise).
     """
-    height, width = int(size[0]), int(size[1])
+    return _pixel_axes(check_size(size, "pixel_axes()"), dtype, device)
+
+
+def _pixel_axes(size: tuple[int, int], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pixel_axes` of a checked ``(H, W)``."""
+    height, width = size
     return (torch.arange(height, dtype=dtype, device=device), torch.arange(width, dtype=dtype, device=device))
 
 
@@ -266,7 +275,7 @@ def gaussian_blur(image: torch.Tensor, sigma: float, *, padding_mode: str = "bor
     batch, channels, height, width = image.shape
     smoothing, _ = _derivative_kernels("gaussian", float(sigma), image.dtype, image.device)
     radius = smoothing.numel() // 2
-    extended = extend(image.reshape(batch * channels, 1, height, width), radius, padding_mode)
+    extended = _extend(image.reshape(batch * channels, 1, height, width), radius, padding_mode)
     return _correlate_separable(extended, smoothing, smoothing).reshape(batch, channels, height, width)
 
 
@@ -468,8 +477,8 @@ def sampling_grid(
         16 x 256^2 0.46 against 0.85 ms).
     """
     matrix = check_matrix(matrix, "sampling_grid()", any_float=True)  # (3, 3): "the size of tensor a must match"
-    check_size(fixed_size, "sampling_grid()", "fixed_size")
-    ys, xs = pixel_axes(fixed_size, dtype=matrix.dtype, device=matrix.device) if axes is None else axes
+    fixed_size = check_size(fixed_size, "sampling_grid()", "fixed_size")
+    ys, xs = _pixel_axes(fixed_size, matrix.dtype, matrix.device) if axes is None else axes
     theta = pixel_to_normalized(matrix, moving_size)  # (B, 2, 3)
     batch, height, width = theta.shape[0], ys.shape[0], xs.shape[0]
     # the columns of theta by one unbind: tensor indexing such as theta[:, None, :, 0] costs
@@ -715,7 +724,7 @@ def sample_with_gradient(
     batch, channels = moving.shape[:2]
     if gradient is not None:
         _check_gradient_images(gradient, moving, caller)
-        stacked = stack_with_gradient(moving, gradient)
+        stacked = _stack_with_gradient(moving, gradient)
         sampled = sample(stacked, grid, interpolation=interpolation, padding_mode=padding_mode)
         values, gradients = sampled[:, :channels], sampled[:, channels:]
         return values, gradients.reshape(batch, channels, 2, *grid.shape[1:3])
@@ -751,7 +760,21 @@ def _check_gradient_images(gradient: torch.Tensor, moving: torch.Tensor, caller:
 
 
 def stack_with_gradient(moving: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-    """``[M, dM/dx, dM/dy]`` as one ``(B, 3C, H, W)`` image, so that one ``grid_sample`` samples all three."""
+    """``[M, dM/dx, dM/dy]`` as one ``(B, 3C, H, W)`` image, so that one ``grid_sample`` samples all three.
+
+    Raises:
+        TypeError, ValueError: ``moving`` not a float ``(B, C, H, W)`` tensor, ``gradient`` not
+            its :func:`image_gradient` ``(B, C, 2, H, W)`` of the same dtype and device.  Shapes
+            only: no value is read.
+    """
+    caller = "stack_with_gradient()"
+    check_image(moving, "moving", caller, finite=False)
+    _check_gradient_images(gradient, moving, caller)
+    return _stack_with_gradient(moving, gradient)
+
+
+def _stack_with_gradient(moving: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """:func:`stack_with_gradient` of checked inputs."""
     batch, channels = moving.shape[:2]
     return torch.cat([moving, gradient.reshape(batch, 2 * channels, *moving.shape[-2:])], dim=1)
 
@@ -777,8 +800,21 @@ def extend(image: torch.Tensor, pad: int, padding_mode: str) -> torch.Tensor:
 
     ``"zeros"``: 0; ``"border"``: the nearest edge pixel; ``"reflection"``:
     mirrored about the outer pixel edges (``M(-1) = M(0)``, ``M(-2) = M(1)``).
+
+    Raises:
+        TypeError, ValueError: ``image`` not a float ``(B, C, H, W)`` tensor, ``pad`` not a
+            non-negative whole number (a negative one had cropped the image), an unknown padding mode.
     """
-    check_option(padding_mode, tuple(PADDING_MODES), "padding mode", "extend()")
+    caller = "extend()"
+    check_image(image, "image", caller, finite=False)
+    if not is_whole(pad) or pad < 0:
+        raise ValueError(f"{caller}: 'pad' must be a non-negative whole number; got {pad!r}")
+    check_option(padding_mode, tuple(PADDING_MODES), "padding mode", caller)
+    return _extend(image, int(pad), padding_mode)
+
+
+def _extend(image: torch.Tensor, pad: int, padding_mode: str) -> torch.Tensor:
+    """:func:`extend` of checked inputs."""
     if padding_mode == "zeros":
         return F.pad(image, (pad, pad, pad, pad))
     rows = _extension_index(image.shape[-2], pad, padding_mode, image.device)
@@ -849,7 +885,7 @@ def image_gradient(
     batch, channels, height, width = image.shape
     smoothing, derivative = _derivative_kernels(method, sigma, image.dtype, image.device)
     radius = smoothing.numel() // 2
-    extended = extend(image.reshape(batch * channels, 1, height, width), radius, padding_mode)
+    extended = _extend(image.reshape(batch * channels, 1, height, width), radius, padding_mode)
     d_x = _correlate_separable(extended, derivative, smoothing)
     d_y = _correlate_separable(extended, smoothing, derivative)
     return torch.stack([d_x, d_y], dim=1).reshape(batch, channels, 2, height, width)
