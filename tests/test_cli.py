@@ -1283,3 +1283,32 @@ def test_with_device_cuda_the_outputs_are_warped_on_the_device(data, drift, tmp_
     assert main(["stack", str(drift[0] / "drift.tif"), "-o", "aligned.tif", "-r", "mean", "--device", "cuda",
                  "-q"]) == 0
     assert devices and set(devices) == {"cuda"}
+
+
+# ----------------------------------------------------------------------------
+# audit io: outputs of grey with a channel axis, alpha, byte order
+
+
+def _shift(path: Path, dx: float = 0.0) -> str:
+    matrix = torch.eye(3, dtype=torch.float64)
+    matrix[0, 2] = dx
+    transform_io.save_transform(path, matrix, overwrite=True)
+    return str(path)
+
+
+def test_grey_with_a_channel_axis_is_applied_and_stacked_into_png_jpeg_and_tiff(tmp_path, monkeypatch, capsys):
+    """An (H, W, 1) .npy applied to a .png or .jpg, and an (N, H, W, 1) one stacked into a .tif, failed after
+    the work: 'Can't write images with one color channel', '<PLANARCONFIG.CONTIG: 1> does not match ...'."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (12, 14, 1), dtype=np.uint8)
+    np.save("g1.npy", pixels)
+    identity = _shift(tmp_path / "identity.json")
+    for name in ("out.png", "out.jpg"):
+        assert main(["apply", identity, "g1.npy", "-o", name, "-q"]) == 0, capsys.readouterr().err
+    np.testing.assert_array_equal(imageio.imread("out.png"), pixels[..., 0])
+    assert imageio.imread("out.jpg").shape == (12, 14)
+    scene = np.kron(rng.random((6, 6)), np.ones((6, 6)))  # 36 x 36, blocky: a translation finds 0
+    np.save("stack.npy", np.stack([scene, scene])[..., None].astype(np.float32))
+    assert main(["stack", "stack.npy", "-o", "out.tif", "-t", "translation", "-q"]) == 0, capsys.readouterr().err
+    assert tifffile.imread("out.tif").shape == (2, 36, 36)

@@ -531,3 +531,30 @@ def test_luminance_refuses_what_is_not_real_numbers():
                                         r"complex128"):
         luminance(np.ones((4, 4, 3), complex))
     np.testing.assert_allclose(luminance(np.ones((4, 4, 3), np.uint8)), np.ones((4, 4)), rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# audit io: grey with a channel axis, alpha, byte order, 1-bit
+
+
+def test_grey_with_a_channel_axis_is_written_as_grey_to_png_jpeg_and_tiff(tmp_path):
+    """An (H, W, 1) .npy (and an (N, H, W, 1) stack) was refused by imageio ("one color channel") and
+    by tifffile (planarconfig 'contig' for one sample), after the work and naming no file."""
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 1), dtype=np.uint8)
+    np.save(tmp_path / "g1.npy", pixels)
+    image = read_image(tmp_path / "g1.npy")
+    assert image.format.channel_axis and image.channels == 1
+    for name in ("g1.png", "g1.tif"):
+        write_frames(tmp_path / name, image.frames, image.format)
+        np.testing.assert_array_equal(read_image(tmp_path / name).frames, image.frames)
+    with Image.open(tmp_path / "g1.png") as png:
+        assert png.mode == "L"
+    write_frames(tmp_path / "g1.jpg", image.frames, image.format)
+    with Image.open(tmp_path / "g1.jpg") as jpeg:
+        assert jpeg.mode == "L" and jpeg.size == (7, 5)
+    assert np.abs(read_image(tmp_path / "g1.jpg").frames.astype(int) - image.frames).max() <= 8  # lossy
+    stack = np.random.default_rng(1).random((3, 5, 7, 1)).astype(np.float32)
+    write_frames(tmp_path / "stack.tif", stack, ImageFormat("npy", stack.dtype, True))
+    np.testing.assert_array_equal(read_stack(tmp_path / "stack.tif").frames, stack)
+    write_frames(tmp_path / "again.npy", image.frames, image.format)  # an .npy keeps its channel axis
+    assert np.load(tmp_path / "again.npy").shape == (5, 7, 1)

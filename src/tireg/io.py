@@ -751,7 +751,7 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
     """Write ``(N, H, W, C)`` frames to ``path`` as ``image_format`` says; the suffix picks the file format.
 
     Float frames are converted to ``image_format.dtype`` (:func:`convert_dtype`).
-    Grey is written without a channel axis unless ``image_format.channel_axis``;
+    Grey is written without a channel axis, except to an ``.npy`` where ``image_format.channel_axis``;
     ``N = 1`` without a frame axis.  Written atomically (:func:`atomic_path`).
 
     Raises:
@@ -776,7 +776,9 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
                          f"(+-{np.finfo(data.dtype).max:.4g}); write a wider float type")
     if data.dtype == np.bool_ and kind != "npy":
         data = data.astype(np.uint8) * 255
-    if not image_format.channel_axis and data.shape[-1] == 1:
+    if data.shape[-1] == 1 and (kind != "npy" or not image_format.channel_axis):
+        # grey: PNG and JPEG take it as (H, W) only, TIFF as one sample a pixel; an .npy keeps its
+        # channel axis where the input had one
         data = data[..., 0]
     if data.shape[0] == 1:
         data = data[0]
@@ -807,7 +809,7 @@ def _write_data(temporary: Path, data: np.ndarray, kind: str, channels: int, ima
             np.save(handle, np.ascontiguousarray(data), allow_pickle=False)
     elif kind == "tiff":
         tifffile = require("tifffile", "writing TIFF files")
-        has_channels = channels > 1 or image_format.channel_axis
+        has_channels = channels > 1  # one sample: no planarconfig (tifffile refused 'contig' for it)
         rgb = (
             has_channels
             and channels in (3, 4)
