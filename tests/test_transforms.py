@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -624,3 +625,31 @@ def test_image_center_takes_whole_sizes_only():
         with pytest.raises(ValueError, match=r"^image_center\(\): '\(height, width\)' must be \(H, W\), two "
                                              r"positive whole numbers"):
             image_center(height, width)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.float16])
+def test_normalization_matrix_refuses_a_dtype_tireg_does_not_compute_in(dtype):
+    """An integer dtype truncated every entry but the corner to 0 without a word."""
+    with pytest.raises(TypeError, match=rf"^normalization_matrix\(\): 'dtype' must be torch.float32 or "
+                                        rf"torch.float64; got {dtype}$"):
+        normalization_matrix((5, 6), dtype=dtype)
+
+
+@pytest.mark.parametrize("center, shown", [
+    ((True, False), r"\(True, False\), torch.bool values"),
+    (np.array([True, False]), r"array\(\[ True, False\]\), torch.bool values"),
+    (torch.tensor([True, False]), "a tensor of torch.bool"),
+    (torch.tensor([3 + 4j, 2]), "a tensor of torch.complex64"),
+    ([3 + 4j, 2], r"\[\(3\+4j\), 2\], torch.complex"),
+])
+def test_a_bool_or_complex_centre_is_refused(center, shown):
+    """A bool centre (True, False) was taken as (1, 0), and a complex one lost its imaginary part with
+    only torch's warning: matrices about centres the caller did not mean.  The seed's Affy and the
+    models' cx, cy refused both already."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "discards the imaginary part" on the way
+        with pytest.raises(TypeError, match=rf"^rigid_matrix\(\): 'center' must be \(cx, cy\), real numbers in "
+                                            rf"pixels; got {shown}"):
+            rigid_matrix(torch.tensor([0.1, 0.0, 0.0]), center)
+    assert torch.equal(rigid_matrix(torch.tensor([0.1, 0.0, 0.0]), (3, 2)),  # whole numbers are real numbers
+                       rigid_matrix(torch.tensor([0.1, 0.0, 0.0]), (3.0, 2.0)))

@@ -219,6 +219,21 @@ def check_batch(matrix_batch: int, image_batch: int, caller: str) -> int:
     )
 
 
+def check_dtype(dtype: torch.dtype, caller: str) -> torch.dtype:
+    """``dtype`` if it is one that tireg computes in (float32, float64); raise otherwise.
+
+    An integer or bool dtype truncated values (a bundled image's ``[0, 1]`` to 0 and 1, the
+    normalisation matrix's entries to 0), and a string reached ``Tensor.to`` as a device name.
+    float16 and bfloat16 are refused too: no tireg function takes them.
+    """
+    if not isinstance(dtype, torch.dtype):
+        shown = f"the string {dtype!r}" if isinstance(dtype, str) else type(dtype).__name__
+        raise TypeError(f"{caller}: 'dtype' must be torch.float32 or torch.float64; got {shown}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{caller}: 'dtype' must be torch.float32 or torch.float64; got {dtype}")
+    return dtype
+
+
 def check_option(value: str, options: Sequence[str], name: str, caller: str) -> str:
     """Return ``value`` if it is one of ``options``; raise a ``ValueError`` listing them otherwise."""
     if value not in options:

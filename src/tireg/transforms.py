@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ._device import cached, constant
-from ._validation import FLOAT_DTYPES, broadcast_shape, check_affine, check_matrix, check_size, writable
+from ._validation import FLOAT_DTYPES, broadcast_shape, check_affine, check_dtype, check_matrix, check_size, writable
 
 __all__ = [
     "ALIGN_CORNERS",
@@ -93,9 +93,11 @@ def normalization_matrix(
     so pixel ``x = -0.5`` maps to ``u = -1`` and ``x = W - 0.5`` to ``u = 1``.
 
     Returns:
-        ``(3, 3)`` tensor.
+        ``(3, 3)`` tensor of ``dtype``, float32 or float64 (an integer dtype truncated the entries to 0).
     """
-    return torch.tensor(_normalization_values(check_size(size, "normalization_matrix()")), dtype=dtype, device=device)
+    caller = "normalization_matrix()"
+    return torch.tensor(_normalization_values(check_size(size, caller)), dtype=check_dtype(dtype, caller),
+                        device=device)
 
 
 def _normalization_values(size: Sequence[int]) -> tuple:
@@ -133,14 +135,23 @@ def pixel_to_normalized(matrix: torch.Tensor, moving_size: Sequence[int]) -> tor
 
 
 def _as_center(center: CenterLike, like: torch.Tensor, caller: str, *, matrix: bool = False) -> torch.Tensor:
-    """Centre as a ``(..., 2)`` tensor with ``like``'s dtype and device (its shape checked; its
-    values are not read: no wait for a GPU)."""
+    """Centre as a ``(..., 2)`` tensor with ``like``'s dtype and device (its shape and kind checked;
+    its values are not read: no wait for a GPU).  Real numbers only: a bool centre ``(True, False)``
+    had been taken as ``(1, 0)``, and a complex one had lost its imaginary part with only a warning."""
     if center is None or isinstance(center, (str, bytes)):
         raise TypeError(f"{caller}: 'center' must be (cx, cy) in pixels; got {center!r}")
-    try:
-        tensor = torch.as_tensor(writable(center), dtype=like.dtype, device=like.device)
+    center, unreadable = writable(center), f"{caller}: 'center' must be (cx, cy) in pixels; got {center!r}"
+    try:  # the kind of the values as given (a tensor's own dtype)
+        kind = center.dtype if isinstance(center, torch.Tensor) else torch.as_tensor(center).dtype
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{caller}: 'center' must be (cx, cy) in pixels; got {center!r}") from None
+        raise TypeError(unreadable) from None
+    if kind == torch.bool or kind.is_complex:
+        shown = f"a tensor of {kind}" if isinstance(center, torch.Tensor) else f"{center!r}, {kind} values"
+        raise TypeError(f"{caller}: 'center' must be (cx, cy), real numbers in pixels; got {shown}")
+    try:  # straight to like's dtype (the probe above made Python floats float32)
+        tensor = torch.as_tensor(center, dtype=like.dtype, device=like.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(unreadable) from None
     if tensor.dim() == 0 or tensor.shape[-1] != 2:
         raise ValueError(f"{caller}: 'center' must be (cx, cy) or (..., 2) in pixels; got shape {tuple(tensor.shape)}")
     if tensor.dim() > 1:  # one centre per parameter set (or matrix): their batch shapes must broadcast

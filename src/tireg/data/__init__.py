@@ -14,7 +14,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-from .._validation import FLOAT_DTYPES, check_option
+from .._validation import check_dtype, check_option
 
 __all__ = ["IMAGES", "load", "astronaut", "camera", "coins", "brick", "gravel", "immunohistochemistry"]
 
@@ -22,26 +22,12 @@ __all__ = ["IMAGES", "load", "astronaut", "camera", "coins", "brick", "gravel", 
 IMAGES = ("astronaut", "camera", "coins", "brick", "gravel", "immunohistochemistry")
 
 
-def _check_dtype(dtype: torch.dtype, caller: str) -> torch.dtype:
-    """``dtype`` if it is one that tireg computes in (float32, float64); raise otherwise.
-
-    An integer or bool dtype truncated the ``[0, 1]`` values to 0 and 1, and a string reached
-    ``Tensor.to`` as a device name.  float16 and bfloat16 are refused too: no tireg function takes them.
-    """
-    if not isinstance(dtype, torch.dtype):
-        shown = f"the string {dtype!r}" if isinstance(dtype, str) else type(dtype).__name__
-        raise TypeError(f"{caller}: 'dtype' must be torch.float32 or torch.float64; got {shown}")
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{caller}: 'dtype' must be torch.float32 or torch.float64; got {dtype}")
-    return dtype
-
-
 def _load(name: str, dtype: torch.dtype, caller: str) -> torch.Tensor:
     if not isinstance(name, str):
         raise TypeError(f"{caller}: 'name' must be a string, one of {', '.join(map(repr, IMAGES))}; "
                         f"got {type(name).__name__}")
     check_option(name, IMAGES, "bundled image", caller)
-    dtype = _check_dtype(dtype, caller)
+    dtype = check_dtype(dtype, caller)  # an integer dtype truncated the [0, 1] values to 0 and 1
     with resources.files(__name__).joinpath(f"{name}.npz").open("rb") as handle:
         image = np.load(handle)["image"]
     if image.ndim == 3:
