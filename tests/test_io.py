@@ -558,3 +558,20 @@ def test_grey_with_a_channel_axis_is_written_as_grey_to_png_jpeg_and_tiff(tmp_pa
     np.testing.assert_array_equal(read_stack(tmp_path / "stack.tif").frames, stack)
     write_frames(tmp_path / "again.npy", image.frames, image.format)  # an .npy keeps its channel axis
     assert np.load(tmp_path / "again.npy").shape == (5, 7, 1)
+
+
+def test_a_big_endian_16_bit_npy_is_written_as_a_16_bit_grey_png(tmp_path):
+    """'>u2' is not np.uint16 by ==: it was refused, 'PNG cannot hold 1-channel >u2 pixels: it holds 8-bit
+    images and 16-bit grey', which it was."""
+    pixels = (np.arange(35).reshape(5, 7) * 1000).astype(">u2")
+    np.save(tmp_path / "be16.npy", pixels)
+    image = read_image(tmp_path / "be16.npy")
+    assert image.format.dtype == np.dtype(">u2")
+    write_frames(tmp_path / "be16.png", image.frames, image.format)
+    assert struct.unpack("B", (tmp_path / "be16.png").read_bytes()[24:25]) == (16,)  # IHDR bit depth
+    back = read_image(tmp_path / "be16.png").frames[0, :, :, 0]
+    assert back.dtype == np.uint16
+    np.testing.assert_array_equal(back, pixels)
+    warped = image.frames.astype(np.float64) + 0.4  # a float result, converted to the format's '>u2'
+    write_frames(tmp_path / "float.png", warped, image.format)
+    np.testing.assert_array_equal(read_image(tmp_path / "float.png").frames[0, :, :, 0], pixels)

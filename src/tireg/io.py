@@ -719,7 +719,8 @@ def read_stack(path: PathLike, *, what: str = "stack") -> ImageData:
 
 def _check_writable(kind: str, frames: np.ndarray, image_format: ImageFormat, path: Path) -> None:
     """:class:`ImageError` if ``kind`` cannot hold these frames exactly as asked."""
-    dtype, count, channels = np.dtype(image_format.dtype), frames.shape[0], frames.shape[-1]
+    # in native byte order: a big-endian '>u2' is 16 bits for PNG too (refused as not uint16)
+    dtype, count, channels = np.dtype(image_format.dtype).newbyteorder("="), frames.shape[0], frames.shape[-1]
     if kind in ("png", "jpeg") and count != 1:
         raise ImageError(
             f"{kind.upper()} holds one image, not {count} frames ({str(path)!r}); write .tif or .npy"
@@ -774,6 +775,8 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
     if data is not frames and data.dtype.kind == "f" and not np.isfinite(data).all():
         raise ImageError(f"cannot write {str(path)!r}: the image holds values beyond the range of {data.dtype} "
                          f"(+-{np.finfo(data.dtype).max:.4g}); write a wider float type")
+    if kind in ("png", "jpeg") and not data.dtype.isnative:  # Pillow takes native byte order only
+        data = data.astype(data.dtype.newbyteorder("="))
     if data.dtype == np.bool_ and kind != "npy":
         data = data.astype(np.uint8) * 255
     if data.shape[-1] == 1 and (kind != "npy" or not image_format.channel_axis):
