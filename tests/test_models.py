@@ -1106,3 +1106,15 @@ def test_a_subclass_setting_only_its_transform_takes_the_transforms_order(images
         type("Mine", (tireg.AffineModel,), {"transform": "rigid"})
     seed = type("Seed", (tireg.AffineModel,), {"transform_slots": (0, 1, 2, 3)})(0.0, 0.0)  # base's transform
     assert seed.num_parameters == 4
+
+
+def test_the_autograd_model_called_as_the_analytic_one_says_so_briefly(images):
+    """model(moving, fixed), the analytic model's call, passed the fixed image as the autograd model's
+    size: the message spoke of 'size' only and printed the whole image (7.8 kB for 3 x 12 x 15)."""
+    fixed, moving = images
+    model = tireg.create_model("rigid", moving, gradients="autograd")
+    with pytest.raises(ValueError, match=r"^RigidModel.forward\(\): 'size' must be \(H, W\); got a tensor of shape "
+                                         r"\(3, 2, 37, 53\): the autograd model takes forward\(source\) and returns "
+                                         r"the warped image \(the fixed image goes into your loss\)$"):
+        model(moving, fixed)
+    assert model(moving, torch.tensor([20, 30])).shape == (*SHAPE[:2], 20, 30)  # a size as a tensor still works

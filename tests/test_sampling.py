@@ -507,6 +507,8 @@ def _image(dtype=torch.float64):
          ValueError, r"^warp\(\): 'matrix' contains NaN or Inf$"),  # (it gave an image of NaN)
         (_image(torch.float32), torch.eye(3), {"size": (-5, 10)}, ValueError, r"'size' must be \(H, W\), two positive"),
         (_image(torch.float32), torch.eye(3), {"size": 5}, ValueError, r"'size' must be \(H, W\)"),
+        (_image(torch.float32), torch.eye(3), {"size": torch.rand(3, 12, 15)}, ValueError,  # was printed whole
+         r"^warp\(\): 'size' must be \(H, W\), two positive whole numbers; got a tensor of shape \(3, 12, 15\)$"),
     ],
     ids=[
         "2d-image",
@@ -528,6 +530,7 @@ def _image(dtype=torch.float64):
         "nan-matrix",
         "negative-size",
         "number-size",
+        "image-size",
     ],
 )
 def test_warp_rejects(moving, matrix, kwargs, error, pattern):

@@ -190,7 +190,11 @@ def check_size(size: Sequence[int], caller: str, name: str = "size") -> tuple[in
     """``(H, W)`` as two ints; raise a ``ValueError`` unless ``size`` holds two positive whole numbers."""
     values = None if isinstance(size, (str, bytes)) or not hasattr(size, "__iter__") else tuple(size)  # arrays too
     if values is None or len(values) != 2 or not all(is_whole(value) and value >= 1 for value in values):
-        raise ValueError(f"{caller}: '{name}' must be (H, W), two positive whole numbers; got {size!r}")
+        # an image passed as the size had been printed whole (7.8 kB for 3 x 12 x 15)
+        shown = repr(size)
+        if isinstance(size, (torch.Tensor, np.ndarray)) and math.prod(size.shape) != 2:
+            shown = f"{'a tensor' if isinstance(size, torch.Tensor) else 'an array'} of shape {tuple(size.shape)}"
+        raise ValueError(f"{caller}: '{name}' must be (H, W), two positive whole numbers; got {shown}")
     return int(values[0]), int(values[1])
 
 

@@ -479,6 +479,10 @@ class AffineModel(TransformModel):
     def forward(self, source: torch.Tensor, size: Optional[Sequence[int]] = None) -> torch.Tensor:
         """``warped(x) = M(A x)`` on a grid of ``size = (H, W)`` (default: the source's), ``(B, C, H, W)``."""
         caller = f"{type(self).__name__}.forward()"
+        if isinstance(size, torch.Tensor) and size.dim() > 1:  # the analytic model's forward(source, target)
+            raise ValueError(f"{caller}: 'size' must be (H, W); got a tensor of shape {tuple(size.shape)}: the "
+                             "autograd model takes forward(source) and returns the warped image (the fixed image "
+                             "goes into your loss)")
         source = self._finite.check(source, "source", caller)
         if len(self.p):  # named as the analytic model names it (warp() named a 'matrix' the user never passed)
             _check_like(self.p[0], source, caller)
