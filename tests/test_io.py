@@ -575,3 +575,22 @@ def test_a_big_endian_16_bit_npy_is_written_as_a_16_bit_grey_png(tmp_path):
     warped = image.frames.astype(np.float64) + 0.4  # a float result, converted to the format's '>u2'
     write_frames(tmp_path / "float.png", warped, image.format)
     np.testing.assert_array_equal(read_image(tmp_path / "float.png").frames[0, :, :, 0], pixels)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_a_1_bit_image_is_written_back_as_1_bit(tmp_path, suffix):
+    """A 1-bit PNG (or TIFF) came back as 8-bit grey 0/255, read again as uint8, not bool."""
+    mask = np.zeros((16, 21), bool)
+    mask[4:12, 5:15] = True
+    Image.fromarray(mask).save(tmp_path / f"mask{suffix}")  # Pillow's mode "1"
+    image = read_image(tmp_path / f"mask{suffix}")
+    assert image.format.dtype == np.bool_
+    write_frames(tmp_path / f"out{suffix}", image.frames, image.format)
+    with Image.open(tmp_path / f"out{suffix}") as written:
+        assert written.mode == "1"
+    back = read_image(tmp_path / f"out{suffix}").frames
+    assert back.dtype == np.bool_
+    np.testing.assert_array_equal(back[0, :, :, 0], mask)
+    warped = image.frames.astype(np.float64) * 0.8  # a float result: > 0.5 is set
+    write_frames(tmp_path / f"float{suffix}", warped, image.format)
+    np.testing.assert_array_equal(read_image(tmp_path / f"float{suffix}").frames[0, :, :, 0], mask)

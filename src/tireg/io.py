@@ -6,9 +6,9 @@ checked as what its content is (a PNG named ``.jpg`` is read as a PNG):
 ======================  =====================  ==========================================
 suffix                  read with              kept on writing
 ======================  =====================  ==========================================
-``.png``                imageio (Pillow)       8 or 16 bit grey; 8 bit grey+alpha, RGB, RGBA
+``.png``                imageio (Pillow)       1, 8 or 16 bit grey; 8 bit grey+alpha, RGB, RGBA
 ``.jpg``, ``.jpeg``     imageio (Pillow)       8 bit grey or RGB (lossy)
-``.tif``, ``.tiff``     tifffile               any integer or float dtype, any channel count,
+``.tif``, ``.tiff``     tifffile               1 bit grey, any integer or float dtype, any channel count,
                                                several pages (frames)
 ``.npy``                NumPy                  any real dtype and shape
 ======================  =====================  ==========================================
@@ -777,7 +777,9 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
                          f"(+-{np.finfo(data.dtype).max:.4g}); write a wider float type")
     if kind in ("png", "jpeg") and not data.dtype.isnative:  # Pillow takes native byte order only
         data = data.astype(data.dtype.newbyteorder("="))
-    if data.dtype == np.bool_ and kind != "npy":
+    if data.dtype == np.bool_ and not (kind == "npy" or (kind in ("png", "tiff") and frames.shape[-1] == 1)):
+        # 1-bit grey stays 1-bit in PNG and TIFF (imageio and tifffile write bool so); 1-bit grey +
+        # alpha or colour, which PNG does not hold, as 8 bits: 0 and 255
         data = data.astype(np.uint8) * 255
     if data.shape[-1] == 1 and (kind != "npy" or not image_format.channel_axis):
         # grey: PNG and JPEG take it as (H, W) only, TIFF as one sample a pixel; an .npy keeps its
