@@ -840,7 +840,7 @@ def test_a_per_pixel_metric_in_half_precision_sums_in_float32():
 
 def test_a_per_pixel_mean_does_not_depend_on_the_weights_scale():
     """The count was clamped at 1: weights summing below 1 (normalised, or a scaled mask) gave
-    0.0071 for a mean of 0.0136. NCC and MI never depended on it."""
+    0.0071 for a mean of 0.0136 (NCC, MI and NMI: the next test)."""
     generator = torch.Generator().manual_seed(4)
     x, y, weight = (torch.rand(2, 3, 32, 32, generator=generator, dtype=torch.float64) for _ in range(3))
     weight = weight[:, :1]
@@ -851,6 +851,46 @@ def test_a_per_pixel_mean_does_not_depend_on_the_weights_scale():
     assert torch.equal(cost, torch.zeros(2, dtype=torch.float64)) and not derivative.any()
     with pytest.raises(TypeError, match="'mean' must be True or False; got 'no'"):
         PerPixelMetric(mean="no")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["ncc", "ncc_any", "mi", "nmi"])
+def test_pooling_metrics_do_not_depend_on_the_weights_scale(images, name, dtype):
+    """Only the weights' ratios count: NCC's means and the histograms' probabilities divided by
+    ``sum w`` clamped at an absolute 1e-12, so weights summing below it changed the cost (MI -0.18
+    for -1.49, NCC 0.13 for 0.73 with the weights times 1e-15).  Whole, and by sums of bands; an
+    empty pair still costs a finite number with a zero derivative."""
+    fixed, moving, weight = (tensor.to(dtype) for tensor in images)
+    weight = weight * torch.rand(weight.shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    metric = ALL[name]()
+    if hasattr(metric, "set_ranges"):  # the whole images' (a band's sums need them)
+        metric.set_ranges(moving, fixed)
+    cost, derivative = metric(moving, fixed, weight, gradient=True)
+    rows = [slice(0, 10), slice(10, None)]
+    band = lambda image, part: image[..., part, :]  # noqa: E731
+    tolerance = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for scale in (1e-15, 1e-30):
+        scaled = weight * scale
+        scaled_cost, scaled_derivative = metric(moving, fixed, scaled, gradient=True)
+        torch.testing.assert_close(scaled_cost, cost, **tolerance)
+        torch.testing.assert_close(scaled_derivative, derivative, **tolerance)
+        sums = metric.merged_sums([metric.sums(band(moving, part), band(fixed, part), band(scaled, part))
+                                   for part in rows])
+        torch.testing.assert_close(metric.cost_of_sums(sums), cost, **tolerance)
+    empty_cost, empty_derivative = metric(moving, fixed, 0.0 * weight, gradient=True)
+    assert torch.isfinite(empty_cost).all() and not empty_derivative.any()
+
+
+@pytest.mark.parametrize("sign", ["positive", "any"])
+def test_the_ncc_step_does_not_depend_on_the_weights_scale(images, sign):
+    """:meth:`NCC.ecc_system` takes ``s s^T / n`` with the count clamped as the means' is."""
+    fixed, moving, weight = images
+    metric = NCC(sign)
+    rows, _ = _linear_values(images, 3, 3)
+    _, system = _ncc_system(metric, moving, fixed, weight, rows)
+    _, scaled = _ncc_system(metric, moving, fixed, weight * 1e-18, rows)
+    for expected, got in zip(system, scaled):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["mi", "nmi"])

@@ -93,12 +93,23 @@ def _inputs(metric: "Metric", x: torch.Tensor, y: torch.Tensor, weight: Optional
     return _weight(_checked_weight(metric, x, y, weight), x)
 
 
+def _weight_divisor(weight_sum: torch.Tensor) -> torch.Tensor:
+    """A sum of weights (a count of weighted pixels) as a mean's divisor: clamped at the dtype's
+    smallest normal number, so that an empty pair's mean is 0 and any other's is its own for
+    weights of any scale (only their ratios count: module docstring).  The one rule of every
+    metric's weighted means: :class:`PerPixelMetric` (:func:`_mean_count`), :class:`NCC`'s means
+    and moments, the joint histograms' probabilities.  Clamped at 1, weights summing below 1
+    (normalised, or a scaled mask) were no mean (0.0071 for 0.0136); clamped at an absolute 1e-12,
+    NCC, MI and NMI changed once the weights summed below it (MI -0.18 for -1.49 with the weights
+    times 1e-15)."""
+    return weight_sum.clamp_min(torch.finfo(weight_sum.dtype).tiny)
+
+
 def _mean_count(weight_sum: torch.Tensor, channels: int) -> torch.Tensor:
-    """A per-pixel mean's divisor ``C sum w`` ``(B,)``, clamped at the smallest normal number (an
-    empty pair's mean is 0): one rule for :class:`PerPixelMetric` and the paths that sum its terms
-    themselves (chunks, bands, the fused kernel).  Clamped at 1, weights summing below 1 (normalised,
-    or a scaled mask) were no mean (0.0071 for 0.0136), and chunked sums another mean than whole."""
-    return (weight_sum * channels).clamp_min(torch.finfo(weight_sum.dtype).tiny)
+    """A per-pixel mean's divisor ``C sum w`` ``(B,)`` (:func:`_weight_divisor`): one rule for
+    :class:`PerPixelMetric` and the paths that sum its terms themselves (chunks, bands, the fused
+    kernel), where chunked sums had given another mean than whole."""
+    return _weight_divisor(weight_sum * channels)
 
 
 def _accumulated(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -292,7 +303,7 @@ class NCCStatistics(NamedTuple):
             return parts[0]
         stacked = NCCStatistics(*(torch.stack(values) for values in zip(*parts)))  # each (parts, B)
         count = stacked.count.sum(0)
-        x_mean, y_mean = ((stacked.count * means + residuals).sum(0) / count.clamp_min(_TINY)
+        x_mean, y_mean = ((stacked.count * means + residuals).sum(0) / _weight_divisor(count)
                           for means, residuals in ((stacked.x_mean, stacked.x_residual),
                                                    (stacked.y_mean, stacked.y_residual)))
         x_shift, y_shift = stacked.x_mean - x_mean, stacked.y_mean - y_mean
@@ -411,7 +422,7 @@ class NCC(Metric):
         w = _inputs(self, x, y, weight)
         dims = (1, 2, 3)
         count = w.sum(dims) * x.shape[1]
-        divisor = count.clamp_min(_TINY)
+        divisor = _weight_divisor(count)
         x_mean = (w * x).sum(dims) / divisor
         y_mean = (w * y).sum(dims) / divisor
         x_centred = x - x_mean[:, None, None, None]
@@ -461,7 +472,7 @@ class NCC(Metric):
         x_scale, y_scale = self.inverse_norms(statistics)
         inverse_variance = x_scale * x_scale
         outer = total[:, :, None] * total[:, None, :]
-        centred = (second - outer / statistics.count.clamp_min(_TINY)[:, None, None]) * inverse_variance[:, None, None]
+        centred = (second - outer / _weight_divisor(statistics.count)[:, None, None]) * inverse_variance[:, None, None]
         ncc = statistics.cross * (x_scale * y_scale)
         return ECCSystem(centred, along_x * inverse_variance[:, None], along_y * (x_scale * y_scale)[:, None], ncc)
 
@@ -930,7 +941,7 @@ class _JointHistogramMetric(Metric):
         base = (t_flat.detach().floor().long() - 1).clamp_(0, bins - 4)
         # t past the second of its taps, in [0, 1] (1 where the integer clamp moved the taps)
         past = t_flat - (base + 1).to(t_flat.dtype)
-        total = weights.sum(1).clamp_min(_TINY)  # (P,)
+        total = _weight_divisor(weights.sum(1))  # (P,)
         # a NaN in the fixed image: the pair's cost NaN, as every other metric's (its bin had been 0)
         total = torch.where(fixed_nan, torch.nan, total)
         # joint-histogram cell (a_i, b_i) of each pixel's first tap, flat (its tap l's is cell + l):
@@ -978,7 +989,7 @@ class _JointHistogramMetric(Metric):
                      ) -> Union[torch.Tensor, tuple[torch.Tensor, HistogramSlopes]]:
         """The cost of a pair from its sums (:meth:`sums`, :meth:`merged_sums`); with ``gradient``
         also what :meth:`derivative` takes: ``d cost / d p`` and the weight, made once."""
-        weight = sums.weight.flatten().clamp_min(_TINY)
+        weight = _weight_divisor(sums.weight.flatten())
         cost, d_joint = self._scores(sums.counts.flatten(0, 1) / weight[:, None, None], sums.counts.shape[1],
                                      gradient)
         return (cost, HistogramSlopes(d_joint, weight)) if gradient else cost
