@@ -594,3 +594,25 @@ def test_a_1_bit_image_is_written_back_as_1_bit(tmp_path, suffix):
     warped = image.frames.astype(np.float64) * 0.8  # a float result: > 0.5 is set
     write_frames(tmp_path / f"float{suffix}", warped, image.format)
     np.testing.assert_array_equal(read_image(tmp_path / f"float{suffix}").frames[0, :, :, 0], mask)
+
+
+def test_associated_alpha_written_to_png_is_unpremultiplied(tmp_path):
+    """A premultiplied (ASSOCALPHA) TIFF written as PNG kept its premultiplied colour: PNG's alpha is
+    straight, so every semi-transparent pixel showed too dark ((100, 50, 20) at alpha 128, not (199, 100, 40))."""
+    pixels = np.array([[[100, 50, 20, 128], [0, 0, 0, 0], [1, 1, 1, 2]],
+                       [[30, 60, 90, 255], [200, 0, 0, 100], [7, 7, 7, 0]]], np.uint8)
+    tifffile.imwrite(tmp_path / "assoc.tif", pixels, photometric="rgb", extrasamples=[1])  # ASSOCALPHA
+    image = read_image(tmp_path / "assoc.tif")
+    assert image.format.alpha == "associated"
+    write_frames(tmp_path / "assoc.png", image.frames, image.format)
+    with Image.open(tmp_path / "assoc.png") as png:
+        assert png.mode == "RGBA"
+        written = np.asarray(png)
+    expected = [[[199, 100, 40, 128], [0, 0, 0, 0], [128, 128, 128, 2]],  # 127.5 rounds to even
+                [[30, 60, 90, 255], [255, 0, 0, 100], [0, 0, 0, 0]]]  # 510 clipped; alpha 0: colour 0
+    np.testing.assert_array_equal(written, expected)
+    write_frames(tmp_path / "float.png", image.frames.astype(np.float64), image.format)  # a warped result
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "float.png")), expected)
+    write_frames(tmp_path / "again.tif", image.frames, image.format)  # a TIFF keeps it premultiplied
+    assert _extrasamples(tmp_path / "again.tif") == (1,)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "again.tif"), pixels)

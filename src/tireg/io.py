@@ -752,6 +752,8 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
     """Write ``(N, H, W, C)`` frames to ``path`` as ``image_format`` says; the suffix picks the file format.
 
     Float frames are converted to ``image_format.dtype`` (:func:`convert_dtype`).
+    Associated (premultiplied) alpha written to a PNG, whose alpha is straight, has its colour
+    divided by alpha first (:func:`unpremultiply`); a TIFF keeps it premultiplied, tagged so.
     Grey is written without a channel axis, except to an ``.npy`` where ``image_format.channel_axis``;
     ``N = 1`` without a frame axis.  Written atomically (:func:`atomic_path`).
 
@@ -770,6 +772,8 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
         raise ValueError(f"write_frames(): 'frames' must be (N, H, W, C); got shape {frames.shape}")
     _check_values(frames, path)
     _check_writable(kind, frames, image_format, path)
+    if image_format.alpha == "associated" and kind in _STRAIGHT_ALPHA and frames.shape[-1] in (2, 4):
+        frames = unpremultiply(frames, image_format.dtype)  # float64: rounded and clipped below
     with np.errstate(over="ignore"):  # reported below, naming the file
         data = convert_dtype(frames, image_format.dtype) if frames.dtype != image_format.dtype else frames
     if data is not frames and data.dtype.kind == "f" and not np.isfinite(data).all():
@@ -834,6 +838,30 @@ def _write_data(temporary: Path, data: np.ndarray, kind: str, channels: int, ima
         iio = require("imageio.v3", f"writing {kind.upper()} files")
         extra = {"quality": 95} if kind == "jpeg" else {}
         iio.imwrite(temporary, np.ascontiguousarray(data), extension=suffix, **extra)
+
+
+#: The formats whose alpha is straight (unassociated): premultiplied colour is divided by alpha for them.
+_STRAIGHT_ALPHA = ("png",)
+
+
+def _full_scale(dtype: np.dtype) -> float:
+    """The value of full coverage (alpha 1) in ``dtype``: its largest integer, or 1 for floats and bool."""
+    dtype = np.dtype(dtype)
+    return float(np.iinfo(dtype).max) if dtype.kind in "iu" else 1.0
+
+
+def unpremultiply(frames: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``(..., C)`` frames of associated (premultiplied) alpha, last channel, in the scale of ``dtype``
+    as straight alpha: colour ``* full scale / alpha``, float64 (0 where alpha is 0; a colour above
+    its alpha, which premultiplied data cannot hold, comes out above full scale and is clipped by
+    :func:`convert_dtype`)."""
+    values = np.array(frames, dtype=np.float64)
+    alpha = values[..., -1:]
+    covered = alpha > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        colour = values[..., :-1] * _full_scale(dtype) / np.where(covered, alpha, 1.0)
+    values[..., :-1] = np.where(covered, colour, 0.0)
+    return values
 
 
 def _check_values(frames: np.ndarray, path: Path) -> None:
