@@ -1002,6 +1002,13 @@ def test_an_image_gradient_module_is_kept_as_a_child_and_can_be_replaced(images)
     assert model.image_gradient == "exact" and not any(child is gradient for child in model.children())
     model(moving, fixed)
 
+    class EarlyCentre(tireg.AffineModel):  # a setting set before nn.Module.__init__, as the seed's users may
+        def __init__(self):
+            self.cx = 1.0
+            super().__init__(1.0, 2.0)
+
+    assert EarlyCentre().cx == 1.0
+
 
 @pytest.mark.parametrize("built, changed", [
     (dict(image_gradient="central", padding_mode="zeros"), dict(bordermode="border")),

@@ -41,8 +41,8 @@ from ._validation import (
     check_option,
     finite_number,
     is_whole,
-    real_number,
     matches,
+    real_number,
 )
 from .analytic import _cost_and_gradient, parameter_gradient
 from .losses import L2Loss, PerPixelLoss, get_loss
@@ -133,7 +133,8 @@ class _Checked:
 
     def __set__(self, model, value) -> None:
         value = self.check(value, f"{type(model).__name__}.{self.name}")
-        model._modules.pop(self.slot, None)  # a module kept before (an image_gradient of one's own)
+        # a module kept before (an image_gradient of one's own); none before nn.Module.__init__ ran
+        model.__dict__.get("_modules", {}).pop(self.slot, None)
         setattr(model, self.slot, value)  # a module is kept as a child under the slot: it moves with .to()
 
 
