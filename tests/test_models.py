@@ -473,6 +473,19 @@ def test_set_parameter_keeps_the_parameter_object_for_the_optimiser(images):
     assert isinstance(model.m[0], SigmoidMapping)
 
 
+def test_set_parameter_keeps_a_zero_dimensional_parameter_zero_dimensional(images):
+    """A model whose parameters are 0-d tensors (one's own, ``nn.Parameter(torch.tensor(0.0))``) runs;
+    ``set_parameter`` with one value had failed inside torch's ``expand`` (a (1,) value onto ``()``)."""
+    fixed, moving = images
+    model = tireg.create_model("rigid", moving[:1], compile=False)
+    model.p = torch.nn.ParameterList(torch.nn.Parameter(torch.tensor(0.0, dtype=moving.dtype)) for _ in range(3))
+    before = model.p[1]
+    model.set_parameter(1, 2.5)
+    assert model.p[1] is before and model.p[1].shape == () and model.p[1].item() == 2.5
+    model(moving[:1], fixed[:1])
+    assert model.p[1].grad.shape == () and bool(torch.isfinite(model.p[1].grad))
+
+
 def test_get_derva_is_the_jacobian_of_get_matrix(images):
     _, moving = images
     model = tireg.create_model("anisotropic_similarity", moving, gradients="autograd")

@@ -296,7 +296,7 @@ class TransformModel(nn.Module):
                 raise TypeError(f"{caller}: 'value' must be numbers; got {value!r}") from None
         raw = mapping.solve(value).to(dtype=param.dtype, device=param.device)  # raises before anything changes
         if raw.dim() == 0 or raw.numel() == 1:
-            raw = raw.reshape(1).expand(param.shape).clone()
+            raw = raw.reshape(()).expand(param.shape).clone()  # a 0-d parameter (one's own) stays 0-d
         elif raw.dim() != 1:
             raise ValueError(f"{caller}: 'value' must be a scalar or a 1-D tensor of B values; got {tuple(raw.shape)}")
         else:  # one value per pair: as many as the other parameters' pairs (a shared one, 1, fits any)
