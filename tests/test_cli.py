@@ -1312,3 +1312,65 @@ def test_grey_with_a_channel_axis_is_applied_and_stacked_into_png_jpeg_and_tiff(
     np.save("stack.npy", np.stack([scene, scene])[..., None].astype(np.float32))
     assert main(["stack", "stack.npy", "-o", "out.tif", "-t", "translation", "-q"]) == 0, capsys.readouterr().err
     assert tifffile.imread("out.tif").shape == (2, 36, 36)
+
+
+def _red_square(size: int = 20, lo: int = 5, hi: int = 15, under=(0, 0, 0)) -> np.ndarray:
+    """An opaque red square on transparent pixels of colour ``under``, RGBA uint8."""
+    image = np.zeros((size, size, 4), np.uint8)
+    image[..., :3] = under
+    image[lo:hi, lo:hi] = (255, 0, 0, 255)
+    return image
+
+
+def test_straight_alpha_is_resampled_premultiplied_without_a_dark_fringe(tmp_path, monkeypatch, capsys):
+    """Each channel, alpha too, was interpolated on its own: half a pixel off an opaque red square on
+    transparent black gave (128, 0, 0) at alpha 128, a dark fringe (a green one under green)."""
+    monkeypatch.chdir(tmp_path)
+    half = _shift(tmp_path / "half.json", 0.5)
+    for under in ((0, 0, 0), (0, 255, 0)):  # the colour of transparent pixels does not show
+        imageio.imwrite("red.png", _red_square(under=under))
+        for interpolation in ("bilinear", "bicubic"):
+            assert main(["apply", half, "red.png", "-o", "out.png", "--interpolation", interpolation,
+                         "--force", "-q"]) == 0, capsys.readouterr().err
+            out = imageio.imread("out.png")
+            seen = out[out[..., 3] > 0]
+            np.testing.assert_array_equal(seen[:, :3], np.tile([255, 0, 0], (len(seen), 1)), err_msg=interpolation)
+        assert main(["apply", half, "red.png", "-o", "out.png", "--force", "-q"]) == 0
+        assert imageio.imread("out.png")[10, 3:7].tolist() == [[0, 0, 0, 0], [255, 0, 0, 128], [255, 0, 0, 255],
+                                                                [255, 0, 0, 255]]
+    grey = np.zeros((20, 20, 2), np.uint8)  # grey + alpha: a white square on transparent black
+    grey[5:15, 5:15] = (255, 255)
+    imageio.imwrite("la.png", grey)
+    assert main(["apply", half, "la.png", "-o", "la_out.png", "-q"]) == 0
+    assert imageio.imread("la_out.png")[10, 3:7].tolist() == [[0, 0], [255, 128], [255, 255], [255, 255]]
+    tifffile.imwrite("assoc.tif", _red_square(), photometric="rgb", extrasamples=[1])  # premultiplied already
+    assert main(["apply", half, "assoc.tif", "-o", "assoc_out.tif", "-q"]) == 0
+    assert tifffile.imread("assoc_out.tif")[10, 3:7].tolist() == [[0, 0, 0, 0], [128, 0, 0, 128], [255, 0, 0, 255],
+                                                                  [255, 0, 0, 255]]
+
+
+def _red_square_on_a_blob(centre: tuple[float, float]) -> np.ndarray:
+    """An opaque red square, and under the transparent rest a green blob at ``centre`` (x, y): the luminance
+    registered on is the blob's, so two of these a fraction of a pixel apart are found a fraction apart."""
+    y, x = np.mgrid[:48, :48]
+    image = np.zeros((48, 48, 4), np.uint8)
+    image[..., 1] = np.rint(255 * np.exp(-((x - centre[0]) ** 2 + (y - centre[1]) ** 2) / (2 * 8.0 ** 2)))
+    image[8:20, 8:20] = (255, 0, 0, 255)
+    return image
+
+
+def test_register_and_stack_resample_straight_alpha_premultiplied(tmp_path, monkeypatch, capsys):
+    """tireg register's warped.png and tireg stack's frames went through the same per-channel
+    resampling: wherever the output is not transparent, the red square must stay pure red."""
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("frames")
+    imageio.imwrite("frames/0.png", _red_square_on_a_blob((30.0, 30.0)))
+    imageio.imwrite("frames/1.png", _red_square_on_a_blob((30.6, 29.7)))
+    assert main(["register", "frames/0.png", "frames/1.png", "-o", "out", "-t", "translation", "-q"]) == 0, \
+        capsys.readouterr().err
+    assert main(["stack", "frames", "-o", "aligned", "-t", "translation", "-q"]) == 0, capsys.readouterr().err
+    for name in ("out/warped.png", "aligned/1.png"):
+        image = imageio.imread(name)
+        seen = image[image[..., 3] > 0]
+        assert len(seen) >= 12 * 11, name
+        np.testing.assert_array_equal(seen[:, :3], np.tile([255, 0, 0], (len(seen), 1)), err_msg=name)

@@ -576,9 +576,16 @@ def _identity_before(moving_grey: np.ndarray, size: tuple[int, int]) -> np.ndarr
 
 
 def _warp_frames(frames: np.ndarray, matrices: np.ndarray, size: tuple[int, int], interpolation: str,
-                 device: str = "cpu", batch: int = 32) -> np.ndarray:
+                 device: str = "cpu", batch: int = 32, alpha: Optional[str] = None) -> np.ndarray:
     """``(N, H, W, C)`` frames resampled by ``(N or 1, 3, 3)`` matrices onto ``size``: float64 ``(N, h, w, C)``,
-    computed on ``device`` (``--device``: with ``cuda`` the outputs were warped on the host)."""
+    computed on ``device`` (``--device``: with ``cuda`` the outputs were warped on the host).
+
+    ``alpha``: the frames' :attr:`ImageFormat.alpha <tireg.io.ImageFormat>`.  Straight
+    (``"unassociated"``) alpha, the last of 2 or 4 channels, is resampled premultiplied: colour
+    times alpha, warped, divided by the warped alpha (0 where it is 0).  Each channel warped on its
+    own mixed the colour of transparent pixels into the edges (a dark fringe round an opaque shape
+    on transparent black).  Associated (premultiplied) alpha is warped as it is; nearest
+    interpolation mixes nothing and is left alone (the colour under alpha 0 kept)."""
     import torch
 
     from .sampling import warp
@@ -587,13 +594,23 @@ def _warp_frames(frames: np.ndarray, matrices: np.ndarray, size: tuple[int, int]
     matrices = np.broadcast_to(matrices, (count, 3, 3))
     if torch.device(device).type == "mps":  # (no float64 there: the host's)
         device = "cpu"
+    straight = alpha == "unassociated" and frames.shape[-1] in (2, 4) and interpolation != "nearest"
+    if straight:  # the colour's range: bicubic ringing over an alpha near 0 gave quotients far beyond it
+        low, high = float(frames[..., :-1].min()), float(frames[..., :-1].max())
     out = np.empty((count, *size, frames.shape[-1]), dtype=np.float64)
     for start in range(0, count, batch):
         chunk = np.moveaxis(frames[start:start + batch], -1, 1).astype(np.float64)
+        if straight:
+            chunk[:, :-1] *= chunk[:, -1:]
         image = torch.from_numpy(np.ascontiguousarray(writable(chunk))).to(device)
         matrix = torch.from_numpy(np.array(matrices[start:start + batch], order="C")).to(device)  # a writable copy
         warped = warp(image, matrix, size=size, interpolation=interpolation, padding_mode="zeros")
         out[start:start + batch] = np.moveaxis(warped.cpu().numpy(), 1, -1)
+    if straight:
+        covered = out[..., -1:] > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            colour = np.clip(out[..., :-1] / np.where(covered, out[..., -1:], 1.0), low, high)
+        out[..., :-1] = np.where(covered, colour, 0.0)
     return out
 
 
@@ -653,7 +670,8 @@ def _write_register_outputs(outputs: OutputFiles, paths: dict[str, Path], result
     from . import viz
 
     size = result.fixed_size
-    warped = _warp_frames(moving.frames, result.matrix.numpy()[None], size, args.interpolation, args.device)
+    warped = _warp_frames(moving.frames, result.matrix.numpy()[None], size, args.interpolation, args.device,
+                          alpha=moving.format.alpha)
     with outputs.writing(paths["warped"]) as temporary:
         write_frames(temporary, warped, moving.format)
     for name in ("json", "tfm"):
@@ -886,7 +904,7 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
     outputs.check(output)
     out_format = replace(image.format, kind=kind)  # its dtype, channel axis, photometric and alpha
     interpolation, why = _apply_interpolation(args, transform)
-    warped = _warp_frames(image.frames, matrices, size, interpolation)
+    warped = _warp_frames(image.frames, matrices, size, interpolation, alpha=image.format.alpha)
     with outputs.writing(output) as temporary:
         write_frames(temporary, warped, out_format)
     written = outputs.commit()
@@ -1094,7 +1112,7 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
     finally:
         progress.close()
     aligned = _warp_frames(stack.frames, found["matrices"], stack.size, args.interpolation, args.device,
-                           batch=args.batch_size)
+                           batch=args.batch_size, alpha=stack.format.alpha)
 
     if kind == "folder":
         folder = outputs.temporary(output)
