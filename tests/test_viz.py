@@ -84,6 +84,36 @@ def test_save_comparison_writes_a_png_of_the_panel_width(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.png"]
 
 
+def _rows_of_image(path) -> int:
+    """How many rows of a PNG are mostly drawn (not white margin or a line of text)."""
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        grey = np.asarray(picture.convert("L"))
+    return int(((grey < 250).mean(axis=1) > 0.5).sum())
+
+
+@pytest.mark.parametrize("shape", [(2, 1000), (60, 2), (1, 1)])
+def test_save_comparison_fits_each_panel_in_a_square_and_shows_strips(tmp_path, shape):
+    """The panel's height was panel_width * H / W, unbounded: a (2, 1000) image gave panels 0.6 pixels
+    tall (a PNG of titles only), a (300, 2) one a 670 x 96090 PNG (1.7 GB, 12 s)."""
+    image = np.random.default_rng(1).random(shape)
+    path = viz.save_comparison(tmp_path / "strip.png", image, image[::-1], image, title="strip")
+    width, height = png_size(path)
+    assert width <= 2 * 320 + 40 and height <= 2 * 320 + 140, (width, height)
+    short = 320 // 8  # each panel's shorter side at least an eighth of panel_width
+    if shape[0] < shape[1]:  # a wide strip: two rows of panels, each at least 40 pixels tall
+        assert _rows_of_image(path) >= 2 * short - 4
+    else:
+        assert height >= 2 * 320
+    if shape[0] > shape[1]:  # a tall strip: its panels 40 pixels wide, not 2
+        from PIL import Image
+
+        with Image.open(path) as picture:
+            grey = np.asarray(picture.convert("L"))
+        assert int(((grey < 250).mean(axis=0) > 0.5).sum()) >= 2 * short - 4
+
+
 @pytest.mark.parametrize("arguments, options, error, message", [
     ((np.zeros((3, 0)),) * 3, {}, ValueError, r"'fixed' is empty; got shape \(3, 0\)$"),
     ((FIXED, MOVING, MOVING[:5]), {}, ValueError, r"'fixed' and 'after' must have the same shape"),

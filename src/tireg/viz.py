@@ -79,6 +79,22 @@ def _pair(first, second, names: tuple[str, str], caller: str) -> tuple[np.ndarra
 #: The widest panel :func:`save_comparison` draws, in pixels (the PNG is about twice as wide).
 MAX_PANEL_WIDTH = 8192
 
+#: The shortest side of a :func:`save_comparison` panel, as a fraction of ``panel_width``: a strip
+#: image (2 x 1000 pixels) is drawn stretched to a visible strip, not 0.6 pixels tall.
+MIN_PANEL_SIDE = 1 / 8
+
+#: Room for a panel's title, in pixels: a tall strip's narrow panels are set this far apart.
+TITLE_ROOM = 320
+
+
+def _panel_size(height: int, width: int, box: int) -> tuple[float, float]:
+    """``(width, height)`` in pixels of a panel showing an ``height x width`` image: fitted into a
+    ``box x box`` square by its aspect ratio, its shorter side at least ``box * MIN_PANEL_SIDE``."""
+    shortest = box * MIN_PANEL_SIDE
+    if height <= width:
+        return float(box), max(box * height / width, shortest)
+    return max(box * width / height, shortest), float(box)
+
 
 def _positive_whole(value, label: str, caller: str) -> int:
     """``value`` as an ``int`` if it is a whole number >= 1 (``8.0`` too); raise, saying ``label``
@@ -189,8 +205,11 @@ def save_comparison(
         after: ``(H, W)`` moving image warped onto the fixed grid.
         title: a line above the panels.
         tiles: checkerboard squares along the shorter side, a positive whole number.
-        panel_width: width of one panel in pixels, a whole number from 1 to :data:`MAX_PANEL_WIDTH`
-            (the PNG is about twice that wide).
+        panel_width: the side of the square box, in pixels, each panel is fitted into by the image's
+            aspect ratio (the width of a landscape image's panel, the height of a portrait one's), a
+            whole number from 1 to :data:`MAX_PANEL_WIDTH`; the PNG is about twice that wide and tall
+            at most.  A strip's shorter side is drawn :data:`MIN_PANEL_SIDE` of it at least (the image
+            stretched), so that it shows.
 
     Raises:
         TypeError, ValueError: before anything is drawn or written, naming the argument: images as
@@ -207,9 +226,12 @@ def save_comparison(
         raise ValueError(f"{caller}: 'panel_width' must be at most {MAX_PANEL_WIDTH} pixels; got {panel_width}")
     height, width = fixed.shape
     dpi = 100.0
-    panel_w = panel_width / dpi
-    panel_h = panel_w * height / width
-    figure = _figure(2 * panel_w + 0.3, 2 * panel_h + 0.9 + (0.3 if title else 0.0))
+    # fitted into a panel_width square, not panel_width wide whatever the height: a (300, 2) image made a
+    # 670 x 96090 PNG (1.7 GB, 12 s), and a (2, 1000) one panels 0.6 pixels tall, blank
+    panel_w, panel_h = (side / dpi for side in _panel_size(height, width, panel_width))
+    aspect = (panel_h / panel_w) / (height / width)  # a strip stretched to its panel: 1 otherwise
+    cell_w = max(panel_w, min(panel_width, TITLE_ROOM) / dpi)  # a narrow panel's title still fits
+    figure = _figure(2 * cell_w + 0.3, 2 * panel_h + 0.9 + (0.3 if title else 0.0))
     axes = figure.subplots(2, 2)
     panels = [
         (_overlay(fixed, before), "before: fixed green, moving magenta"),
@@ -218,7 +240,7 @@ def save_comparison(
         (_checkerboard(fixed, after, tiles), "after: checkerboard"),
     ]
     for axis, (picture, label) in zip(axes.flat, panels):
-        axis.imshow(picture, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        axis.imshow(picture, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest", aspect=aspect)
         axis.set_title(label, fontsize=8)
         axis.set_axis_off()
     if title:
