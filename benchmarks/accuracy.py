@@ -786,6 +786,33 @@ METHODS: dict[str, Callable[[], Method]] = {
 STANDARD_METHODS = ("tireg", "elastix", "simpleitk", "ecc", "ecc-single", "kornia")
 CONTRAST_METHODS = ("tireg-mi", "tireg-nmi", "tireg-ncc_any", "tireg-ncc", "elastix", "simpleitk-mi", "simpleitk", "ecc")
 
+#: The package to install for each module a peer's ``setup()`` imports (all in the ``[benchmark]`` extra).
+PEER_PACKAGES = {"itk": "itk-elastix", "SimpleITK": "SimpleITK", "cv2": "opencv-python-headless", "kornia": "kornia",
+                 "skimage": "scikit-image"}
+INSTALL_HINT = 'pip install -e ".[benchmark]"'
+
+
+def select_methods(names) -> tuple[dict[str, Method], list[str]]:
+    """The methods of ``names`` (each once, in order) whose packages import, set up; and one line for
+    each peer left out because its package is not installed (``speed.py`` leaves a missing peer out
+    too).  tireg's own methods are never left out: a failed import of tireg is raised."""
+    methods: dict[str, Method] = {}
+    left_out: list[str] = []
+    for name in dict.fromkeys(names):
+        method = METHODS[name]()
+        try:
+            method.setup()
+        except ImportError as error:
+            if name == "tireg" or name.startswith("tireg-"):
+                raise
+            module = (getattr(error, "name", None) or "").split(".")[0]
+            package = PEER_PACKAGES.get(module, module or "its package")
+            left_out.append(f"{name}: {package} is not installed ({INSTALL_HINT}); left out")
+            continue
+        methods[name] = method
+    return methods, left_out
+
+
 # ----------------------------------------------------------------------------
 # convention checks
 
@@ -1095,12 +1122,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         count = 1 if args.quick else (args.cases or (32 if suite == "standard" else 16))
         plan[suite] = (names, [kind for kind in KINDS if kind in chosen], count)
     contrasts = [contrast for contrast in CONTRASTS if contrast in args.contrasts]
-    methods: dict[str, Method] = {}
-    for names, _, _ in plan.values():
-        for name in names:
-            if name not in methods:
-                methods[name] = METHODS[name]()
-                methods[name].setup()
+    # a peer whose package is missing is left out with one line, the rest run (it stopped the run
+    # with a traceback: ModuleNotFoundError: No module named 'itk')
+    methods, left_out = select_methods([name for names, _, _ in plan.values() for name in names])
+    for line in left_out:
+        print(line, flush=True)
+    plan = {suite: ([name for name in names if name in methods], kinds, count)
+            for suite, (names, kinds, count) in plan.items()}
+    if not all(names for names, _, _ in plan.values()):
+        print("no method left to run", file=sys.stderr)
+        return 1
     all_kinds = [kind for kind in KINDS if any(kind in kinds for _, kinds, _ in plan.values())]
 
     started = time.perf_counter()
