@@ -185,3 +185,46 @@ def test_parameter_gradient():
 def test_parameter_gradient_rejects(gradient, jacobian, error, pattern):
     with pytest.raises(error, match=r"^parameter_gradient\(\): " + pattern):
         parameter_gradient(gradient, jacobian)
+
+
+@pytest.mark.parametrize("padding_mode", ["border", "reflection", "zeros"])
+def test_a_precomputed_gradient_outside_the_moving_image_gives_autograds_gradient(padding_mode):
+    """A precomputed gradient sampled outside the moving image is the extended image's derivative
+    (sign flipped in a mirrored copy, 0 where the border is repeated), so ``G`` is autograd's of the
+    same warp: with ``"reflection"`` a translation's gradient had the wrong sign.  A ramp (whose
+    central difference is exact inside), the fixed pixels that map near the edges (where the
+    gradient images' edge pixels are half differences) weighted 0; many map into mirrored copies
+    or past the border."""
+    from tireg.metrics import PerPixelMetric
+    from tireg.sampling import sampling_grid, warp
+
+    size = (12, 15)
+    ys, xs = torch.meshgrid(torch.arange(12.0, dtype=torch.float64), torch.arange(15.0, dtype=torch.float64),
+                            indexing="ij")
+    moving = torch.stack([0.7 * xs - 1.3 * ys + 2.0, -0.4 * xs + 0.9 * ys]).unsqueeze(0)  # (1, 2, 12, 15)
+    fixed = torch.rand(1, 2, 30, 36, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    matrix = torch.tensor([[[1.2, 0.15, -19.0], [-0.1, 1.1, -11.5], [0.0, 0.0, 1.0]]], dtype=torch.float64)
+    grid = sampling_grid(matrix, fixed.shape[-2:], size)
+    weight = torch.ones(1, 1, 30, 36, dtype=torch.float64)
+    for axis, length in ((0, 15), (1, 12)):  # keep each axis's coordinate off the edge pixels' reach
+        x = ((grid[..., axis] + 1.0) * length - 1.0) / 2.0
+        if padding_mode == "reflection":
+            t = torch.remainder(x + 0.5, 2 * length)
+            x = torch.where(t < length, t, 2 * length - t) - 0.5
+            near = ((x > -1e-3) & (x < 2)) | ((x > length - 3) & (x < length - 1 + 1e-3))
+        elif padding_mode == "border":
+            near = ((x > -1e-3) & (x < 2)) | ((x > length - 3) & (x < length - 1 + 1e-3))
+        else:
+            near = ((x > -3) & (x < 2)) | ((x > length - 3) & (x < length + 2))
+        weight[:, 0] *= (~near).to(weight.dtype)
+    assert weight.sum() > 200
+    metric = PerPixelMetric("l2")
+    stacked = stack_with_gradient(moving, image_gradient(moving, method="central", padding_mode=padding_mode))
+    _, cost, gradient = cost_and_gradient(fixed, moving, matrix, metric, weight=weight, padding_mode=padding_mode,
+                                          moving_with_gradient=stacked)
+    tracked = matrix.clone().requires_grad_(True)
+    reference = metric(warp(moving, tracked, size=fixed.shape[-2:], padding_mode=padding_mode), fixed, weight)
+    (expected,) = torch.autograd.grad(reference.sum(), tracked)
+    torch.testing.assert_close(cost, reference.detach(), rtol=1e-12, atol=0)
+    assert expected[:, :2].abs().max() > 0.1
+    torch.testing.assert_close(gradient, expected[:, :2], rtol=1e-9, atol=1e-9)

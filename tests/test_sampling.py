@@ -326,6 +326,72 @@ def test_precomputed_gradient_of_a_ramp_is_exact_inside(interpolation, padding_m
     torch.testing.assert_close(gradients[0, 0, 1], torch.full((1, 3), b, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
+def mapped_into_the_image(x: torch.Tensor, length: int, padding_mode: str) -> torch.Tensor:
+    """The image's point that the padding reads at pixel coordinate ``x`` (mirrored about
+    ``-0.5`` and ``length - 0.5``, period ``2 length``; clamped; itself)."""
+    if padding_mode == "reflection":
+        t = torch.remainder(x + 0.5, 2 * length)
+        return torch.where(t < length, t, 2 * length - t) - 0.5
+    return x.clamp(0, length - 1) if padding_mode == "border" else x
+
+
+def ramp_sample_regions(x: torch.Tensor, length: int, interpolation: str, padding_mode: str):
+    """Along one axis, ``(deep, flat)``: where a ramp's precomputed central difference should be
+    its extended interpolant's derivative, the point mapping two pixels or more inside the image
+    (the gradient images' edge pixels are half differences), and where the extended image is
+    flat along the axis (zeros: all taps outside; border: outside, bicubic beyond -1 and W;
+    reflection: the outer half pixel, bilinear), a little off the kinks."""
+    mapped = mapped_into_the_image(x, length, "reflection" if padding_mode == "reflection" else "zeros")
+    deep = (mapped >= 2) & (mapped <= length - 3)
+    if padding_mode == "zeros":
+        return deep, (x < -2 - 1e-3) | (x > length + 1 + 1e-3)
+    if padding_mode == "border":
+        low, high = (-1.0, length) if interpolation == "bicubic" else (0.0, length - 1.0)
+        return deep, (x < low - 1e-3) | (x > high + 1e-3)
+    if interpolation == "bilinear":
+        return deep, (mapped < -1e-3) | (mapped > length - 1 + 1e-3)
+    return deep, torch.zeros_like(deep)
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+def test_precomputed_gradient_outside_is_the_extended_images_derivative(interpolation, padding_mode, generator):
+    """Outside the image a precomputed gradient is the derivative of the image as the padding
+    extends it, by finite differences of the sampled image: mirrored with its sign flipped
+    (reflection; the inside sign was kept), 0 along a clamped axis (border; the edge pixel's was
+    repeated).  Points up to two and a half images out (mirrored several times), a ramp: inside
+    its central difference is exact.  Bicubic's own kernel (a = -0.75) has 1.5 times a ramp's
+    slope at the pixels (:func:`test_precomputed_gradient_approximates_the_exact_one`): to that
+    tolerance where the image is not flat, below a sign's error (2 slopes)."""
+    size = (12, 15)
+    slopes = torch.tensor([[0.7, -1.3], [-1.4, 2.6]], dtype=torch.float64)  # [channel, axis]
+    moving = ramp(0.7, -1.3, (1, 2, *size))
+    moving[:, 1] *= -2.0
+    height, width = size
+    unit = torch.rand(1, 40, 40, 2, generator=generator, dtype=torch.float64)
+    points = torch.stack([unit[..., 0] * 6 * width - 2.5 * width, unit[..., 1] * 6 * height - 2.5 * height], dim=-1)
+    gradients = sample_with_gradient(moving, to_grid(points, size), interpolation=interpolation,
+                                     padding_mode=padding_mode,
+                                     gradient=image_gradient(moving, method="central", padding_mode=padding_mode))[1]
+    step = 1e-5
+    for axis, length in ((0, width), (1, height)):
+        shift = torch.zeros(2, dtype=torch.float64)
+        shift[axis] = step
+        ahead, behind = (sample(moving, to_grid(points + sign * shift, size), interpolation=interpolation,
+                                padding_mode=padding_mode) for sign in (1.0, -1.0))
+        expected = (ahead - behind) / (2 * step)  # (1, 2, 40, 40)
+        error = (gradients[:, :, axis] - expected).abs() / slopes[:, axis].abs()[None, :, None, None]
+        deep, flat = ramp_sample_regions(points[..., axis], length, interpolation, padding_mode)
+        if padding_mode == "zeros":  # the zero-padded gradient images vanish across the image too
+            deep_across, flat_across = ramp_sample_regions(points[..., 1 - axis], size[axis], interpolation,
+                                                           padding_mode)
+            deep, flat = deep & deep_across, flat | flat_across
+        assert deep.sum() > 10 and (padding_mode == "reflection" and interpolation == "bicubic" or flat.sum() > 50)
+        if flat.any():
+            assert float(error[flat.expand_as(error)].max()) < 1e-7, axis
+        assert float(error[deep.expand_as(error)].max()) < (1e-6 if interpolation == "bilinear" else 0.55), axis
+
+
 # ----------------------------------------------------------------------------
 # image_gradient
 

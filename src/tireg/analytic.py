@@ -27,7 +27,10 @@ from ._validation import (
 )
 from .losses import PerPixelLoss
 from .metrics import LocalNCC, Metric, PerPixelMetric, _independent_pairs, _pixel_parts, _sums_of_parts, _mean_count
-from .sampling import _grid_moments, _modes, _sampler_gradient, pixel_axes, sample, sampling_grid, shared_pixel_scale
+from .sampling import (
+    _grid_moments, _modes, _sample_stacked_gradient, _sampler_gradient, pixel_axes, sample, sampling_grid,
+    shared_pixel_scale,
+)
 
 __all__ = ["cost_and_gradient", "per_pixel_cost_and_gradient", "parameter_gradient"]
 
@@ -265,11 +268,11 @@ def _reference(fixed, moving, matrix, metric, weight, interpolation, padding_mod
 
 def _sampled(moving, moving_with_gradient, grid, channels, interpolation, padding_mode):
     """The warped image, and the moving image's gradient sampled at the same points where it is
-    precomputed (``moving_with_gradient``; else ``None``)."""
+    precomputed (``moving_with_gradient``; else ``None``): the extended image's derivative
+    (:func:`~tireg.sampling._sample_stacked_gradient`)."""
     if moving_with_gradient is None:
         return sample(moving, grid, interpolation=interpolation, padding_mode=padding_mode), None
-    sampled = sample(moving_with_gradient, grid, interpolation=interpolation, padding_mode=padding_mode)
-    return sampled[:, :channels], sampled[:, channels:].unflatten(1, (channels, 2))
+    return _sample_stacked_gradient(moving_with_gradient, grid, channels, interpolation, padding_mode)
 
 
 def _matrix_gradient(derivative, moving, grid, gradient, axes, interpolation, padding_mode):

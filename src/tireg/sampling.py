@@ -20,7 +20,11 @@ available two ways:
 * **precomputed** (:func:`image_gradient`): gradient images by central
   differences or by derivative of Gaussian, computed once on the extended
   image and sampled at the same points, with the same interpolation and the
-  same padding as the image (the seed's approach; an approximation).
+  same padding as the image (the seed's approach; an approximation).  Outside
+  the image they are the extended image's derivative, as the exact one:
+  mirrored with their sign flipped along the mirrored axis (``"reflection"``),
+  0 along a clamped axis (``"border"``), 0 (``"zeros"``)
+  (:func:`_sample_stacked_gradient`).
 """
 
 from __future__ import annotations
@@ -707,7 +711,9 @@ def sample_with_gradient(
         grid: ``(B, H, W, 2)``.
         gradient: optional precomputed ``(B, C, 2, Hm, Wm)`` gradient images
             (:func:`image_gradient`), sampled with the same interpolation and
-            padding; ``None`` gives the exact gradient of the interpolant.
+            padding, and outside the image turned into the extended image's
+            derivative (:func:`_sample_stacked_gradient`); ``None`` gives the
+            exact gradient of the interpolant.
 
     Returns:
         ``values (B, C, H, W)`` and ``gradients (B, C, 2, H, W)`` in pixel units.
@@ -724,10 +730,8 @@ def sample_with_gradient(
     batch, channels = moving.shape[:2]
     if gradient is not None:
         _check_gradient_images(gradient, moving, caller)
-        stacked = _stack_with_gradient(moving, gradient)
-        sampled = sample(stacked, grid, interpolation=interpolation, padding_mode=padding_mode)
-        values, gradients = sampled[:, :channels], sampled[:, channels:]
-        return values, gradients.reshape(batch, channels, 2, *grid.shape[1:3])
+        return _sample_stacked_gradient(_stack_with_gradient(moving, gradient), grid, channels, interpolation,
+                                       padding_mode)
     values = sample(moving, grid, interpolation=interpolation, padding_mode=padding_mode)
     # One channel at a time: fold channels into the batch, weight 1.
     per_channel = moving.reshape(batch * channels, 1, *moving.shape[-2:])
@@ -744,6 +748,66 @@ def sample_with_gradient(
         # images; as the view, each was a strided loop (2.3x slower at 256 x 256 on the CPU).
         gradients = torch.mul(normalized, scale, out=normalized.new_empty(normalized.shape))
     return values, gradients.view(batch, channels, 2, *grid.shape[1:3])
+
+
+def _sample_stacked_gradient(
+    stacked: torch.Tensor, grid: torch.Tensor, channels: int, interpolation: str, padding_mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample a :func:`stack_with_gradient` ``[M, dM/dx, dM/dy]`` ``(B, 3C, Hm, Wm)`` at ``grid``
+    by one ``grid_sample``: the values ``(B, C, H, W)`` and the derivative of the *extended*
+    image ``(B, C, 2, H, W)`` (checked inputs; the precomputed path of :func:`sample_with_gradient`
+    and :func:`tireg.analytic.cost_and_gradient`).
+
+    The padding maps each sampling point's coordinate ``x`` to a point ``c(x)`` of the image
+    (:func:`_padding_slopes`), so the extended image is ``M(c(x))``, and its derivative along an
+    axis is ``c'(x) M'(c(x))``: the gradient images sampled at ``c(x)``, which is what
+    ``grid_sample`` reads with the same padding, times ``c'``, which is ``+-1`` or 0.  Sampled
+    as it is, the gradient image kept the inside sign in a mirrored copy (``"reflection"``: the
+    analytic gradient of a translation had the wrong sign, 1051 for autograd's -199) and the
+    edge pixel's derivative where the extended image is flat (``"border"``).  ``"zeros"``: the
+    gradient images' own zero padding, nothing more to do (and no pass over the grid).
+    """
+    batch = stacked.shape[0]
+    sampled = sample(stacked, grid, interpolation=interpolation, padding_mode=padding_mode)
+    values, gradients = sampled[:, :channels], sampled[:, channels:].unflatten(1, (channels, 2))
+    slopes = _padding_slopes(grid, stacked.shape[-2:], interpolation, padding_mode)
+    if slopes is not None:
+        gradients = gradients * slopes.permute(0, 3, 1, 2).reshape(batch, 1, 2, *grid.shape[1:3])
+    return values, gradients
+
+
+def _padding_slopes(grid: torch.Tensor, size: Sequence[int], interpolation: str,
+                    padding_mode: str) -> Optional[torch.Tensor]:
+    """``c'(x)`` ``(B, H, W, 2)`` along ``x`` and ``y``: the derivative of the map ``c`` by which
+    ``grid_sample`` takes a sampling point (pixel coordinate ``x``, ``align_corners=False``) into
+    the image, as its own backward pass differentiates it; ``None`` for ``"zeros"`` (``c(x) = x``).
+
+    Bilinear (and nearest), the point itself is mapped: ``"border"`` clamps it to ``[0, W - 1]``,
+    slope 1 strictly inside, 0 outside; ``"reflection"`` mirrors it about ``-0.5`` and ``W - 0.5``
+    into ``[-0.5, W - 0.5]`` (slope ``-1`` in an odd number of mirrorings), then clamps it as
+    ``"border"`` (the half pixel at each edge is flat).  Bicubic maps each of its taps instead:
+    the interpolant of the mirrored pixels is itself mirrored, ``f(x) = f(r(x))``, slope ``+-1``
+    with no clamp; that of the repeated edge pixels is flat beyond ``-1`` and ``W`` (there the
+    four taps are the edge pixel; Keys' kernel has slope 0 at ``-1`` too), slope 1 between.
+    """
+    if padding_mode == "zeros":
+        return None
+    height, width = int(size[0]), int(size[1])
+    lengths = constant((float(width), float(height)), like=grid)
+    x = ((grid + 1.0) * lengths - 1.0) / 2.0  # grid_sample's unnormalisation
+    cubic = interpolation == "bicubic"
+    if padding_mode == "border":
+        low, high = (-1.0, lengths) if cubic else (0.0, lengths - 1.0)
+        return ((x > low) & (x < high)).to(grid.dtype)
+    shifted = x + 0.5  # mirror lines at 0 and the length
+    flips = torch.floor(shifted.abs() / lengths)
+    odd = torch.remainder(flips, 2.0) == 1.0
+    slope = torch.where((shifted < 0) != odd, -1.0, 1.0).to(grid.dtype)
+    if cubic:
+        return slope
+    extra = torch.remainder(shifted.abs(), lengths)
+    reflected = torch.where(odd, lengths - extra, extra) - 0.5
+    return slope * ((reflected > 0.0) & (reflected < lengths - 1.0)).to(grid.dtype)
 
 
 def _check_gradient_images(gradient: torch.Tensor, moving: torch.Tensor, caller: str) -> None:
