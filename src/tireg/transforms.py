@@ -140,18 +140,22 @@ def _as_center(center: CenterLike, like: torch.Tensor, caller: str, *, matrix: b
     had been taken as ``(1, 0)``, and a complex one had lost its imaginary part with only a warning."""
     if center is None or isinstance(center, (str, bytes)):
         raise TypeError(f"{caller}: 'center' must be (cx, cy) in pixels; got {center!r}")
-    center, unreadable = writable(center), f"{caller}: 'center' must be (cx, cy) in pixels; got {center!r}"
+    given = center
+    center = writable(center)
+    # the message only where it is raised: a tensor's repr reads its values (a GPU wait), and
+    # torch.compile cannot trace it
+    unreadable = lambda: f"{caller}: 'center' must be (cx, cy) in pixels; got {given!r}"  # noqa: E731
     try:  # the kind of the values as given (a tensor's own dtype)
         kind = center.dtype if isinstance(center, torch.Tensor) else torch.as_tensor(center).dtype
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(unreadable) from None
+        raise TypeError(unreadable()) from None
     if kind == torch.bool or kind.is_complex:
         shown = f"a tensor of {kind}" if isinstance(center, torch.Tensor) else f"{center!r}, {kind} values"
         raise TypeError(f"{caller}: 'center' must be (cx, cy), real numbers in pixels; got {shown}")
     try:  # straight to like's dtype (the probe above made Python floats float32)
         tensor = torch.as_tensor(center, dtype=like.dtype, device=like.device)
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(unreadable) from None
+        raise TypeError(unreadable()) from None
     if tensor.dim() == 0 or tensor.shape[-1] != 2:
         raise ValueError(f"{caller}: 'center' must be (cx, cy) or (..., 2) in pixels; got shape {tuple(tensor.shape)}")
     if tensor.dim() > 1:  # one centre per parameter set (or matrix): their batch shapes must broadcast
