@@ -161,6 +161,11 @@ SEARCH_SCALES = (0.8, 1.0, 1.25)
 #: 0.85 along a turned axis) 14-222 px off in 21 of 72 cases; see :func:`_search`.
 SEARCH_STRETCH = 1.2
 SEARCH_STRETCH_AXES = 4
+#: The affine search stretches its candidates for the pairs whose best similarity scores below this
+#: (overlap NCC).  At :data:`AUTO_THRESHOLD` (0.8), wrong similarities scoring 0.82-0.85 left 2 of
+#: 48 random anisotropic pairs (aspect up to 1.7) tens of pixels off; a stretched start is still kept
+#: only where it scores :data:`AUTO_THRESHOLD` or more and above the similarity.
+SEARCH_STRETCH_BELOW = 0.9
 #: How much the stretched search's best first-stage candidate must outscore the best similarity
 #: there (overlap NCC) for its later stages to run.
 SEARCH_STRETCH_GAIN = 0.05
@@ -1056,7 +1061,7 @@ def _search(
     best ``(B, 3, 3)`` and its score ``(B,)``.
 
     :func:`_search_stages` over similarities; for ``"affine"``, the pairs whose best scores below
-    :data:`AUTO_THRESHOLD` are searched again over similarities followed by a stretch
+    :data:`SEARCH_STRETCH_BELOW` are searched again over similarities followed by a stretch
     (:data:`SEARCH_STRETCH`, ``stretched=True``), and a stretched candidate that scores at least
     :data:`AUTO_THRESHOLD` and more than the similarity is kept.  Similarities alone had started
     pairs with an aspect change of 1.4-1.5 (scales 1.25 and 0.85 along an axis turned by 10-30
@@ -1067,7 +1072,7 @@ def _search(
     """
     result, score = _search_stages(fixed, fixed_spectra, canvas, base, centre, kind, score_fixed, score_moving)
     if kind == "affine":
-        weak = score < AUTO_THRESHOLD
+        weak = score < SEARCH_STRETCH_BELOW
         if bool(weak.any()):
             index = weak.nonzero()[:, 0]
             found, found_score = _search_stages(
@@ -1288,12 +1293,13 @@ def initialize(
         side is at least 96 pixels (:data:`SEARCH_HALVED_MIN_SIDE`), the
         first two stages rank on the images halved, and the last refines
         their 2 best on the working images.  For ``"affine"``, pairs whose best
-        still scores below :data:`AUTO_THRESHOLD` are searched again with
+        still scores below :data:`SEARCH_STRETCH_BELOW` (0.9) are searched again with
         every candidate followed by a stretch (lengths times 1.2 along an
         axis at 0, 45, 90 or 135 degrees and divided by 1.2 across it,
         :data:`SEARCH_STRETCH`), refined where its first stage outscores the
-        similarities by :data:`SEARCH_STRETCH_GAIN`: an aspect change of 1.4
-        or more defeats similarity candidates.
+        similarities by :data:`SEARCH_STRETCH_GAIN`, and kept where it scores
+        :data:`AUTO_THRESHOLD` or more and above the similarity: an aspect
+        change of 1.4 or more defeats similarity candidates.
         ``"auto"``: the candidates identity (centres aligned), the phase
         translation and Fourier–Mellin (both 180-degree options) are scored
         by overlap NCC; if the best scores below :data:`AUTO_THRESHOLD`
