@@ -150,6 +150,10 @@ def _runnable(steps: dict, device: str) -> dict:
 def step_table(args) -> None:
     device = args.device
     print(f"\n### Step: one Adam step, L2 loss, float32, {args.transform}\n")
+    try:  # a peer not installed is left out with one line, as accuracy.py leaves one out
+        import kornia  # noqa: F401
+    except ImportError:
+        print(f"kornia: kornia is not installed ({accuracy.INSTALL_HINT}); its columns are nan\n")
     print("| size | B | analytic [ms] | analytic compiled [ms] | autograd [ms] | autograd compiled [ms] | kornia [ms] "
           "| compiled pair-it/s | analytic / autograd | compiled / autograd | compiled / autograd compiled "
           "| compiled / kornia | compile [s] |")
@@ -187,7 +191,7 @@ def _step_row(args, loss, size: int, batch: int) -> str:
         steps["autograd compiled"] = compiled_autograd_step(moving, fixed, args.transform, loss)
     try:
         steps["kornia"] = kornia_step(moving, fixed, args.transform)
-    except ImportError:
+    except ImportError:  # step_table said so above the table
         pass
     steps = _runnable(steps, device)  # the first call compiles the compiled autograd step
     t = iteration.median_rounds(steps, args.budget, iteration.synchronizer(device)) if steps else {}
@@ -323,23 +327,17 @@ def register_table(args) -> None:
                                   transform="affine", compile=compile, metric=metric).matrix.numpy()
         return run
 
-    def peer(method_class):
-        method = method_class()
-        method.setup()
-        return lambda fixed, moving: method.register(fixed, moving, "affine")[0]
-
     started = time.perf_counter()
     tireg_method(True)(*pairs[0][:2])  # compiles every pyramid level's kernel
     compile_seconds = time.perf_counter() - started
     # "tireg ncc": ECC's own criterion, by Levenberg-Marquardt with ECC's step
     methods = {"tireg": tireg_method("auto"), "tireg compiled": tireg_method(True), "tireg ncc": tireg_method("auto", "ncc")}
-    if device == "cpu":
-        for name, method_class in (("ecc", accuracy.ECC), ("simpleitk", accuracy.SimpleITK),
-                                   ("kornia", accuracy.Kornia)):
-            try:
-                methods[name] = peer(method_class)
-            except ImportError:
-                pass
+    if device == "cpu":  # a peer not installed is left out with one line, as accuracy.py does
+        peers, left_out = accuracy.select_methods(["ecc", "simpleitk", "kornia"])
+        for line in left_out:
+            print(f"  - {line}")
+        for name, method in peers.items():
+            methods[name] = lambda fixed, moving, method=method: method.register(fixed, moving, "affine")[0]
     results = _interleaved(methods, pairs, args.repeats, device)
     ecc_solved = [e < accuracy.SUCCESS_PX for e in results["ecc"][1]] if "ecc" in results else None
     print(f"\n### register(): {len(pairs)} affine pairs of 256² (accuracy.py's cases), median of {args.repeats} "
