@@ -949,6 +949,16 @@ def test_downsample_takes_whole_numbers_of_any_type():
     assert downsample(image, 1) is image and downsample(image, 9).shape == (1, 2, 1, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.float16, "float64"])
+def test_shrink_matrix_refuses_a_dtype_tireg_does_not_compute_in(dtype):
+    """An integer dtype truncated the (f - 1) / 2 offsets (0.5 for f = 2) to 0 without a word,
+    as normalization_matrix's entries were before it checked its dtype."""
+    with pytest.raises(TypeError, match=r"^shrink_matrix\(\): 'dtype' must be torch.float32 or torch.float64; got "):
+        shrink_matrix(2, dtype=dtype)
+    for good in (torch.float32, torch.float64):
+        assert shrink_matrix(2, dtype=good)[0, 2] == 0.5 and shrink_matrix(2, dtype=good).dtype == good
+
+
 def test_gaussian_blur_takes_any_real_sigma():
     image = torch.rand(1, 1, 9, 12, generator=torch.Generator().manual_seed(2))
     expected = gaussian_blur(image, 1.5)

@@ -39,6 +39,7 @@ from ._validation import (
     INTERPOLATIONS,
     PADDING_MODES,
     check_affine,
+    check_dtype,
     check_image,
     check_matrix,
     check_option,
@@ -443,9 +444,12 @@ def shrink_matrix(
 
     A full-resolution transform ``A`` acts on level pixels as ``S^-1 A S``.  ``factor``: a
     positive whole number (:func:`downsample`'s); anything else raises a ``ValueError``.
+    ``dtype``: float32 or float64 (a ``TypeError`` otherwise: an integer dtype truncated the
+    ``(f - 1) / 2`` offsets, 0.5 for ``f = 2``, to 0).
     """
-    factor = _check_factor(factor, "shrink_matrix()")
-    return torch.tensor(_shrink_values(factor), dtype=dtype, device=device)
+    caller = "shrink_matrix()"
+    factor = _check_factor(factor, caller)
+    return torch.tensor(_shrink_values(factor), dtype=check_dtype(dtype, caller), device=device)
 
 
 def _shrink_values(factor: float) -> tuple:
