@@ -934,7 +934,9 @@ def image_gradient(
         image: ``(B, C, H, W)``.
         sigma: a positive finite number, for ``method="gaussian"`` (ignored by ``"central"``).
             As ``sigma`` goes to 0 the derivative of Gaussian tends to the central difference,
-            which it is (to rounding) below about 0.2 pixels.
+            which it is (to rounding) below about 0.12 pixels in float64 and 0.17 in float32: the
+            gap is set by the smoothing tap ``exp(-1 / (2 sigma^2))`` (at 0.2 pixels it is still
+            about 6e-6, against 1e-15 at 0.12 in float64).
 
     Returns:
         ``(B, C, 2, H, W)``.
