@@ -28,7 +28,7 @@ from ._validation import (
 from .losses import PerPixelLoss
 from .metrics import LocalNCC, Metric, PerPixelMetric, _independent_pairs, _pixel_parts, _sums_of_parts, _mean_count
 from .sampling import (
-    _grid_moments, _modes, _sample_stacked_gradient, _sampler_gradient, pixel_axes, sample, sampling_grid,
+    _grid_moments, _modes, _pixel_axes, _sample_stacked_gradient, _sampler_gradient, sample, sampling_grid,
     shared_pixel_scale,
 )
 
@@ -242,7 +242,7 @@ def _cost_and_gradient(
         if result is not None:
             return result
     if axes is None:
-        axes = pixel_axes(fixed.shape[-2:], dtype=matrix.dtype, device=matrix.device)
+        axes = _pixel_axes(tuple(fixed.shape[-2:]), matrix.dtype, matrix.device)
     budget = _chunks.eager_budget(fixed.device)
     chunks = _chunks.pair_and_row_chunks(fixed.shape, budget)
     options = (interpolation, padding_mode, moving_with_gradient, axes)
