@@ -1138,3 +1138,26 @@ def test_the_autograd_model_called_as_the_analytic_one_says_so_briefly(images):
                                          r"the warped image \(the fixed image goes into your loss\)$"):
         model(moving, fixed)
     assert model(moving, torch.tensor([20, 30])).shape == (*SHAPE[:2], 20, 30)  # a size as a tensor still works
+
+
+def test_a_subclass_restating_its_inherited_transform_keeps_the_inherited_slots(images):
+    """``class Mine(AffineModel): transform = TRANSFORMS["similarity"]`` restates the base's own
+    transform: it had the seed's order (0, 3, 1, 2), then (a reset on any ``transform`` in the class)
+    the transform's own, and the seed's scale p3 silently became ty.  A different transform still
+    takes its own order, and slots that are no permutation are still refused."""
+    _, moving = images
+    for base in (tireg.AffineModel, tireg.AffineModelAnalytic):
+        arguments = (26.0, 18.0, "zeros") + ((moving,) if base is tireg.AffineModelAnalytic else ())
+        restated = type("Mine", (base,), {"transform": TRANSFORMS["similarity"]})
+        again = type("Again", (restated,), {"transform": TRANSFORMS["similarity"]})
+        assert restated.transform_slots == again.transform_slots == (0, 3, 1, 2)
+        for cls in (restated, again):
+            model, seed = cls(*arguments).double(), base(*arguments).double()
+            for each in (model, seed):
+                each.set_parameter(3, 1.25)  # the seed's order: p3 is the scale
+            torch.testing.assert_close(model.get_matrix(), seed.get_matrix(), rtol=0, atol=0)
+            assert model.get_matrix()[0, 0, 0].item() == 1.25
+        other = type("Other", (restated,), {"transform": TRANSFORMS["rigid"]})  # another transform: its order
+        assert other.transform_slots is None and other(*arguments).num_parameters == 3
+        with pytest.raises(ValueError, match=r"^Bad: 'transform_slots' must be None or a permutation of range\(4\)"):
+            type("Bad", (base,), {"transform": TRANSFORMS["similarity"], "transform_slots": (0, 1, 1, 2)})

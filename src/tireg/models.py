@@ -176,8 +176,10 @@ class TransformModel(nn.Module):
         transform_slots: for each of the transform's parameters, the index
             ``i`` of the model parameter that supplies it (``None``: same order),
             a permutation of ``range(transform.num_parameters)``.  The base's is
-            the seed's order ``(0, 3, 1, 2)``; a subclass that sets ``transform``
-            without ``transform_slots`` takes the transform's own order (``None``).
+            the seed's order ``(0, 3, 1, 2)``; a subclass that sets another
+            ``transform`` than it inherits without ``transform_slots`` takes the
+            transform's own order (``None``); one that restates the inherited
+            transform keeps the inherited slots.
             Checked when the subclass is defined.
 
     Args:
@@ -227,8 +229,11 @@ class TransformModel(nn.Module):
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         # the base's slots are the seed's order for its similarity: a subclass that set only its own
-        # transform had inherited them (an IndexError for a rigid, four parameters fed to an affine)
-        if "transform" in cls.__dict__ and "transform_slots" not in cls.__dict__:
+        # transform had inherited them (an IndexError for a rigid, four parameters fed to an affine).
+        # One that restates the transform it inherits keeps the slots it inherits: reset, the seed's
+        # model restated (transform = TRANSFORMS["similarity"]) had its scale p3 read as ty
+        if ("transform" in cls.__dict__ and "transform_slots" not in cls.__dict__
+                and cls.__dict__["transform"] != getattr(super(cls, cls), "transform", None)):
             cls.transform_slots = None
         _check_slots(cls)
 
