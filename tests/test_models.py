@@ -1161,3 +1161,33 @@ def test_a_subclass_restating_its_inherited_transform_keeps_the_inherited_slots(
         assert other.transform_slots is None and other(*arguments).num_parameters == 3
         with pytest.raises(ValueError, match=r"^Bad: 'transform_slots' must be None or a permutation of range\(4\)"):
             type("Bad", (base,), {"transform": TRANSFORMS["similarity"], "transform_slots": (0, 1, 1, 2)})
+
+
+class _ScaledCentralGradient(torch.nn.Module):
+    """An image gradient of one's own with a parameter: it has state dict entries."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+
+    def forward(self, image):
+        return self.scale * tireg.image_gradient(image, method="central")
+
+
+def test_an_image_gradient_module_keeps_its_public_state_dict_keys(images):
+    """A module set as the image gradient was a plain child, ``image_gradient.*`` in the state dict;
+    kept as a checked setting it had become ``_image_gradient.*``, and a strict load_state_dict of a
+    state dict saved before raised (missing "_image_gradient.scale", unexpected "image_gradient.scale")."""
+    fixed, moving = images
+    model = tireg.create_model("rigid", moving, image_gradient=_ScaledCentralGradient(), compile=False)
+    assert [key for key in model.state_dict() if "gradient" in key] == ["image_gradient.scale"]
+    saved = dict(model.state_dict())
+    saved["image_gradient.scale"] = torch.tensor(2.0, dtype=torch.float64)
+    model.load_state_dict(saved)  # strict
+    assert model.image_gradient.scale.item() == 2.0 and dict(model.named_children())["image_gradient"].scale == 2.0
+    assert model.float().image_gradient.scale.dtype == torch.float32  # a child: it moves with the model
+    model.double()(moving, fixed)
+    model.image_gradient = "central"  # the module goes, and its keys with it
+    assert model.image_gradient == "central" and not any("gradient" in key for key in model.state_dict())
+    model.image_gradient = gradient = _ScaledCentralGradient()
+    assert model.image_gradient is gradient and list(model.state_dict())[-1] == "image_gradient.scale"

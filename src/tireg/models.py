@@ -129,13 +129,22 @@ class _Checked:
         _CHECKED_NAMES.add(name)
 
     def __get__(self, model, owner=None):
-        return self if model is None else getattr(model, self.slot)
+        if model is None:
+            return self
+        module = model.__dict__.get("_modules", {}).get(self.name)
+        return module if module is not None else getattr(model, self.slot)
 
     def __set__(self, model, value) -> None:
         value = self.check(value, f"{type(model).__name__}.{self.name}")
         # a module kept before (an image_gradient of one's own); none before nn.Module.__init__ ran
-        model.__dict__.get("_modules", {}).pop(self.slot, None)
-        setattr(model, self.slot, value)  # a module is kept as a child under the slot: it moves with .to()
+        model.__dict__.get("_modules", {}).pop(self.name, None)
+        model.__dict__.pop(self.slot, None)
+        if isinstance(value, nn.Module):  # a child under the setting's own name: it moves with .to(), and its
+            # state dict keys stay "image_gradient.*" (under the slot, "_image_gradient.*", a strict
+            # load_state_dict of a state dict saved before refused it)
+            nn.Module.__setattr__(model, self.name, value)
+        else:
+            setattr(model, self.slot, value)
 
 
 #: The names of the models' checked settings (:class:`_Checked`), filled as they are defined.
