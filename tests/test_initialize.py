@@ -834,6 +834,9 @@ def test_invalid_options_are_rejected():
     for bad in ((1.0, 2.0, 3.0), torch.zeros(2, 2), (float("nan"), 1.0), "centre"):
         with pytest.raises(ValueError, match=r"^initialize\(\): 'center' must be"):
             initialize(image, image, "rigid", center=bad)
+    for bad in ((True, False), torch.tensor([1 + 2j, 3.0])):  # (True, False) had been the centre (1, 0)
+        with pytest.raises(TypeError, match=r"^initialize\(\): 'center' must be \(cx, cy\), real numbers in pixels"):
+            initialize(image, image, "rigid", center=bad)
     with pytest.raises(ValueError, match=r"^phase_correlation\(\): 'fixed' and 'moving' must have the same size"):
         phase_correlation(image, image[..., :15, :])
     with pytest.raises(ValueError, match=r"^moments\(\): unknown transform 'shear'"):

@@ -134,28 +134,32 @@ def pixel_to_normalized(matrix: torch.Tensor, moving_size: Sequence[int]) -> tor
 # building blocks
 
 
+def _check_real_center(center, caller: str) -> None:
+    """Raise a ``TypeError`` naming ``'center'`` where its values are bool or complex: a bool centre
+    ``(True, False)`` had been taken as ``(1, 0)``, and a complex one had lost its imaginary part with
+    only a warning.  Values that do not make a tensor are left to the caller's own conversion, which
+    names them."""
+    try:  # the kind of the values as given (a tensor's own dtype; its values are not read)
+        kind = center.dtype if isinstance(center, torch.Tensor) else torch.as_tensor(center).dtype
+    except (TypeError, ValueError, RuntimeError):
+        return
+    if kind == torch.bool or kind.is_complex:
+        shown = f"a tensor of {kind}" if isinstance(center, torch.Tensor) else f"{center!r}, {kind} values"
+        raise TypeError(f"{caller}: 'center' must be (cx, cy), real numbers in pixels; got {shown}")
+
+
 def _as_center(center: CenterLike, like: torch.Tensor, caller: str, *, matrix: bool = False) -> torch.Tensor:
-    """Centre as a ``(..., 2)`` tensor with ``like``'s dtype and device (its shape and kind checked;
-    its values are not read: no wait for a GPU).  Real numbers only: a bool centre ``(True, False)``
-    had been taken as ``(1, 0)``, and a complex one had lost its imaginary part with only a warning."""
+    """Centre as a ``(..., 2)`` tensor with ``like``'s dtype and device (its shape and kind checked:
+    real numbers, :func:`_check_real_center`; its values are not read: no wait for a GPU)."""
     if center is None or isinstance(center, (str, bytes)):
         raise TypeError(f"{caller}: 'center' must be (cx, cy) in pixels; got {center!r}")
     given = center
     center = writable(center)
-    # the message only where it is raised: a tensor's repr reads its values (a GPU wait), and
-    # torch.compile cannot trace it
-    unreadable = lambda: f"{caller}: 'center' must be (cx, cy) in pixels; got {given!r}"  # noqa: E731
-    try:  # the kind of the values as given (a tensor's own dtype)
-        kind = center.dtype if isinstance(center, torch.Tensor) else torch.as_tensor(center).dtype
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(unreadable()) from None
-    if kind == torch.bool or kind.is_complex:
-        shown = f"a tensor of {kind}" if isinstance(center, torch.Tensor) else f"{center!r}, {kind} values"
-        raise TypeError(f"{caller}: 'center' must be (cx, cy), real numbers in pixels; got {shown}")
-    try:  # straight to like's dtype (the probe above made Python floats float32)
+    _check_real_center(center, caller)
+    try:  # straight to like's dtype
         tensor = torch.as_tensor(center, dtype=like.dtype, device=like.device)
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(unreadable()) from None
+        raise TypeError(f"{caller}: 'center' must be (cx, cy) in pixels; got {given!r}") from None
     if tensor.dim() == 0 or tensor.shape[-1] != 2:
         raise ValueError(f"{caller}: 'center' must be (cx, cy) or (..., 2) in pixels; got shape {tuple(tensor.shape)}")
     if tensor.dim() > 1:  # one centre per parameter set (or matrix): their batch shapes must broadcast
