@@ -51,7 +51,7 @@ from . import fused
 from .fused import prepare_moving, supports
 from .mappings import ExpMapping, IdentityMapping, Mapping, SigmoidMapping, mapping_from_state, mapping_state
 from .sampling import image_gradient as compute_image_gradient
-from .sampling import checked_warp, pixel_axes, stack_with_gradient
+from .sampling import _pixel_axes, _stack_with_gradient, checked_warp
 from .transforms import TRANSFORMS, Transform, get_transform, image_center
 
 __all__ = [
@@ -675,7 +675,8 @@ class AffineModelAnalytic(TransformModel):
             gradient = compute_image_gradient(
                 moving, method=self.image_gradient, sigma=self.sigma, padding_mode=self.bordermode
             )
-        self.moving_with_gradient = stack_with_gradient(moving, gradient)
+        # unchecked: moving is a checked image, gradient its (B, C, 2, H, W) made or checked above
+        self.moving_with_gradient = _stack_with_gradient(moving, gradient)
         self._moving_stamp = TensorStamp(moving, *self._gradient_settings())
 
     def _gradient_settings(self) -> tuple:
@@ -728,7 +729,7 @@ class AffineModelAnalytic(TransformModel):
     def _axes(self, size: Sequence[int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (tuple(size), like.dtype, like.device)
         if key not in self._pixel_axes:
-            self._pixel_axes = {key: pixel_axes(size, dtype=like.dtype, device=like.device)}
+            self._pixel_axes = {key: _pixel_axes(key[0], like.dtype, like.device)}  # a checked image's (H, W)
         return self._pixel_axes[key]
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
