@@ -74,6 +74,7 @@ from .metrics import _flat_variance
 from .sampling import MASK_BLOCK_INSIDE, _coarse_image, checked_warp, downsample, gaussian_blur, shrink_matrix
 from .transforms import (
     _about_center,
+    _check_real_center,
     _determinant,
     get_transform,
     rigid_matrix,
@@ -1232,6 +1233,7 @@ def _as_centre(center: CenterLike, batch: int, height: int, width: int, like: to
     if center is None:
         centre = torch.tensor([(width - 1) / 2.0, (height - 1) / 2.0], dtype=like.dtype, device=like.device)
     else:
+        _check_real_center(writable(center), caller)
         try:
             centre = torch.as_tensor(writable(center), dtype=like.dtype, device=like.device)
         except (TypeError, ValueError, RuntimeError):
