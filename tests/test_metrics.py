@@ -214,6 +214,10 @@ def test_the_contrast_whose_quick_start_scores_higher_searches_first(monkeypatch
 
     monkeypatch.setattr(init_module, "_initialize", recording_initialize)
     monkeypatch.setattr(init_module, "_search", recording_search)
+    quick = []
+    fourier_mellin = init_module._fourier_mellin
+    monkeypatch.setattr(init_module, "_fourier_mellin",
+                        lambda fixed, *args: quick.append(fixed.shape[0]) or fourier_mellin(fixed, *args))
     # an aspect change that no quick candidate finds (0.72 in the matching contrast, 0.27 in the other)
     linear = tireg.transforms.rotation(torch.tensor(0.35, dtype=torch.float64)) @ torch.diag(
         torch.tensor([1.25, 0.85], dtype=torch.float64))
@@ -228,13 +232,22 @@ def test_the_contrast_whose_quick_start_scores_higher_searches_first(monkeypatch
     assert bool((quick[0][0] > quick[1][0]) & (quick[1][1] > quick[0][1])), quick
     assert bool((torch.stack(quick) < init_module.AUTO_THRESHOLD).all()), quick
     searched.clear()
+    quick.clear()
     batch = tireg.register(pair, both, transform="affine", metric="ncc_any")
-    # each pair searched once, in its matching contrast, which found a start that scores high
+    # each pair searched once, in its matching contrast, which found a start that scores high; the quick
+    # candidates were found once in each contrast, not again for the search
     assert searched == [("own", 1), ("inverted", 1)], searched
+    assert sum(quick) == 4  # 2 pairs in 2 contrasts
     for index in range(2):
         assert grid_error(batch.matrix[index], truth, fixed.shape[-2:]) < 0.05, batch.summary()
         alone = tireg.register(fixed[0, 0], both[index, 0], transform="affine", metric="ncc_any")
         assert torch.equal(batch.matrix[index], alone.matrix)
+    # a translation has no search: each contrast is started once
+    starts = []
+    monkeypatch.setattr(init_module, "_initialize", lambda *args, **kwargs: starts.append(1) or initialize(*args, **kwargs))
+    tireg.register(pair[:1], torch.rand(1, 1, *pair.shape[-2:], generator=torch.Generator().manual_seed(0)),
+                   transform="translation", metric="ncc_any")
+    assert len(starts) == 2
 
 
 @pytest.mark.parametrize("metric", ["ncc", "lncc", "mi", "nmi"])

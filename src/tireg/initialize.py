@@ -1355,7 +1355,7 @@ def _scored_initialize(
     fixed: torch.Tensor, moving: torch.Tensor, transform: str, *, method: str = "auto", center: CenterLike = None,
     max_size: int = 128, caller: str = "initialize()", search: Optional[torch.Tensor] = None,
     negate_moving: bool = False, fixed_mask: Optional[torch.Tensor] = None, moving_mask: Optional[torch.Tensor] = None,
-    pairs: Optional[torch.Tensor] = None,
+    start: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`initialize`, and each pair's score ``(B,)``: the overlap NCC of its start on the working
     images (the one ``auto`` compares with :data:`AUTO_THRESHOLD`), NaN where no candidate is scored
@@ -1364,8 +1364,9 @@ def _scored_initialize(
     the same as for ``-moving`` (``register``'s start on the inverted image), the working copies
     negated, not the image (a copy of a batch's moving images was half its input again).
     ``fixed_mask``, ``moving_mask``: ``register``'s checked 0/1 masks ``(B or 1, 1, H, W)``, or
-    ``None`` (:func:`_initialize`).  ``pairs``: the indices of the pairs to initialise (default all), taken
-    chunk by chunk, so that no copy of the batch's selected images is made; the results are theirs."""
+    ``None`` (:func:`_initialize`).  ``start``: for ``auto``, each pair's start ``(B, 3, 3)`` and score ``(B,)``
+    from its quick candidates (an earlier call with no pair searching), which the search then improves
+    on (``search``'s pairs) instead of finding them again."""
     _check_kind(transform, caller)
     check_option(method, METHODS, "method", caller)
     max_size = _check_max_size(max_size, caller)
@@ -1375,14 +1376,14 @@ def _scored_initialize(
     factor = _downsample_factor([fixed.shape[-2:], moving.shape[-2:]], max_size)
     working = max((size[0] // factor) * (size[1] // factor) for size in (fixed.shape[-2:], moving.shape[-2:]))
     masks = [None if mask is None else mask.expand(batch, *mask.shape[1:]) for mask in (fixed_mask, moving_mask)]
-    count = batch if pairs is None else pairs.numel()
     with torch.no_grad():
-        found = []
-        for part in chunk_slices(count, working, _pair_chunk_budget(count, working)):
-            part = part if pairs is None else pairs[part]
-            found.append(_initialize(fixed[part], moving[part], transform, method, centre_full[part], max_size,
-                                     None if search is None else search[part], negate_moving,
-                                     *(None if mask is None else mask[part] for mask in masks)))
+        found = [
+            _initialize(fixed[part], moving[part], transform, method, centre_full[part], max_size,
+                        None if search is None else search[part], negate_moving,
+                        *(None if mask is None else mask[part] for mask in masks),
+                        start=None if start is None else tuple(part_of[part] for part_of in start))
+            for part in chunk_slices(batch, working, _pair_chunk_budget(batch, working))
+        ]
     return tuple(torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*found))
 
 
@@ -1443,12 +1444,13 @@ def _check_max_size(max_size, caller: str) -> int:
 def _initialize(
     fixed: torch.Tensor, moving: torch.Tensor, kind: str, method: str, centre_full: torch.Tensor, max_size: int,
     search: Optional[torch.Tensor] = None, negate_moving: bool = False, fixed_mask: Optional[torch.Tensor] = None,
-    moving_mask: Optional[torch.Tensor] = None,
+    moving_mask: Optional[torch.Tensor] = None, *, start: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`initialize` on checked luminance images ``(B, 1, H, W)``, ``(B, 1, H', W')``, and the
     overlap NCC ``(B,)`` of each pair's start (:func:`_scored_initialize`); ``search`` ``(B,)`` bool:
     the pairs ``auto`` may run its search for (all if ``None``); ``negate_moving``: as for ``-moving``,
-    bit for bit (box downsampling and blurs are odd functions; only ``moments`` negates the image).
+    bit for bit (box downsampling and blurs are odd functions; only ``moments`` negates the image);
+    ``start``: as for :func:`_scored_initialize`.
 
     Masks (0/1, ``(B, 1, H, W)`` and ``(B, 1, H', W')``, or ``None``): what lies outside one is
     left out (:func:`_working_image`).  ``register`` with a mask over no-data (zeros beyond a
@@ -1511,15 +1513,20 @@ def _initialize(
             # Fourier–Mellin, both 180-degree options, batched.  For rigid, the shift is found with the
             # estimated scale (a scale mismatch misleads phase correlation), then the scale is dropped
             # keeping the centre's image in place.
-            angle, scale = _fourier_mellin(small_f, canvas)
-            options = _candidates(fixed_spectra, canvas, base,
-                                  _similarity_params(torch.stack([angle, angle + math.pi], dim=1),
-                                                     torch.stack([scale, scale], dim=1)),
-                                  centre, upsample=10)  # (B, 2, 3, 3)
-            options = _project(options.flatten(0, 1), kind, centre.repeat_interleave(2, dim=0)).view(batch, 2, 3, 3)
-            if method == "auto":
-                options = torch.cat([base[:, None], phase[:, None], unwindowed()[:, None], options], dim=1)
-            result, best_score = _best(options, score(options))
+            if start is not None and method == "auto":  # the quick candidates' best, found before
+                result = scale_down @ start[0].to(dtype=dtype, device=device) @ scale_up
+                best_score = start[1].to(dtype=dtype, device=device)
+            else:
+                angle, scale = _fourier_mellin(small_f, canvas)
+                options = _candidates(fixed_spectra, canvas, base,
+                                      _similarity_params(torch.stack([angle, angle + math.pi], dim=1),
+                                                         torch.stack([scale, scale], dim=1)),
+                                      centre, upsample=10)  # (B, 2, 3, 3)
+                options = _project(options.flatten(0, 1), kind, centre.repeat_interleave(2, dim=0))
+                options = options.view(batch, 2, 3, 3)
+                if method == "auto":
+                    options = torch.cat([base[:, None], phase[:, None], unwindowed()[:, None], options], dim=1)
+                result, best_score = _best(options, score(options))
             weak = best_score < AUTO_THRESHOLD
             if search is not None:
                 weak &= search

@@ -2330,11 +2330,11 @@ def _check_start(matrix: torch.Tensor, kind: Transform, caller: str, name: str) 
 def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str,
                     search: Optional[torch.Tensor] = None, negate_moving: bool = False,
                     masks: tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
-                    pairs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    start: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The start ``(B, 3, 3)`` float64 that ``init`` names or gives, and each pair's initialiser score ``(B,)``
     (:func:`tireg.initialize._scored_initialize`, ``search`` its pairs that may search, ``negate_moving``
-    for ``-moving``, ``masks`` the fixed and the moving mask, ``pairs`` the indices of the pairs to
-    start (all by default; only for a method's name); NaN for a given matrix)."""
+    for ``-moving``, ``masks`` the fixed and the moving mask, ``start`` ``auto``'s quick starts and scores
+    found before, for its search to improve on; NaN for a given matrix)."""
     batch = fixed.shape[0]
     if isinstance(init, torch.Tensor) and init.is_meta:  # Tensor.item() raised inside
         raise TypeError(f"{caller}: 'init' is a meta tensor, which holds no values")
@@ -2360,7 +2360,7 @@ def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str,
     name = kind.name if kind.name in TRANSFORMS else "similarity"
     matrix, score = _scored_initialize(fixed, moving, name, method=init, center=center, caller="initialize()",
                                        search=search, negate_moving=negate_moving, fixed_mask=masks[0],
-                                       moving_mask=masks[1], pairs=pairs)
+                                       moving_mask=masks[1], start=start)
     return matrix.to(torch.float64), score
 
 
@@ -2380,7 +2380,7 @@ def _either_contrast_starts(init: str, fixed: torch.Tensor, moving: torch.Tensor
     """
     from .initialize import AUTO_THRESHOLD
 
-    if init != "auto":  # the other methods search for every pair or none
+    if init != "auto" or kind.name == "translation":  # the others search for every pair or none
         return [_initial_matrix(init, fixed, moving, kind, center, caller, masks=masks, negate_moving=negate)
                 for negate in (False, True)]
     quick = torch.zeros(fixed.shape[0], dtype=torch.bool, device=fixed.device)
@@ -2389,16 +2389,15 @@ def _either_contrast_starts(init: str, fixed: torch.Tensor, moving: torch.Tensor
     inverted_first = starts[1][1] > starts[0][1]
     for turn in ("first", "second"):
         for negate in (False, True):
-            matrix, score = starts[negate]
             need = (inverted_first == negate) if turn == "first" else (inverted_first != negate)
-            need &= score < AUTO_THRESHOLD  # NaN (constant images): nothing to search
+            need &= starts[negate][1] < AUTO_THRESHOLD  # NaN (constant images): nothing to search
             if turn == "second":
                 need &= ~(starts[not negate][1] >= AUTO_THRESHOLD)
-            if bool(need.any()):
-                index = need.nonzero()[:, 0]
-                found, found_score = _initial_matrix(init, fixed, moving, kind, center, caller, masks=masks,
-                                                     negate_moving=negate, pairs=index)
-                starts[negate] = (matrix.index_put((index,), found), score.index_put((index,), found_score))
+            if bool(need.any()):  # the search improves on the quick start; the others keep theirs
+                found = _initial_matrix(init, fixed, moving, kind, center, caller, masks=masks, search=need,
+                                        negate_moving=negate, start=starts[negate])
+                starts[negate] = tuple(torch.where(need.view(-1, *[1] * (new.dim() - 1)), new, old)
+                                       for new, old in zip(found, starts[negate]))
     return starts
 
 
