@@ -392,6 +392,59 @@ def test_precomputed_gradient_outside_is_the_extended_images_derivative(interpol
         assert float(error[deep.expand_as(error)].max()) < (1e-6 if interpolation == "bilinear" else 0.55), axis
 
 
+def reference_padding_slopes(grid: torch.Tensor, size, interpolation: str, padding_mode: str) -> torch.Tensor:
+    """``_padding_slopes`` as 72e8dc2 first wrote it (``remainder``, ``where`` and bools on the
+    ``(B, H, W, 2)`` grid, 3-5 times an analytic step's cost with reflection), as ``(2, B, H, W)``."""
+    height, width = size
+    lengths = torch.tensor((float(width), float(height)), dtype=grid.dtype)
+    x = ((grid + 1.0) * lengths - 1.0) / 2.0
+    cubic = interpolation == "bicubic"
+    if padding_mode == "border":
+        low, high = (-1.0, lengths) if cubic else (0.0, lengths - 1.0)
+        slopes = ((x > low) & (x < high)).to(grid.dtype)
+    else:
+        shifted = x + 0.5
+        flips = torch.floor(shifted.abs() / lengths)
+        odd = torch.remainder(flips, 2.0) == 1.0
+        slopes = torch.where((shifted < 0) != odd, -1.0, 1.0).to(grid.dtype)
+        if not cubic:
+            extra = torch.remainder(shifted.abs(), lengths)
+            reflected = torch.where(odd, lengths - extra, extra) - 0.5
+            slopes = slopes * ((reflected > 0.0) & (reflected < lengths - 1.0)).to(grid.dtype)
+    return slopes.permute(3, 0, 1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [(12, 15), (256, 256), (1, 5), (7, 1)])
+def test_padding_slopes_are_the_reference_formulations_exactly(size, dtype):
+    """The slopes take a few vectorised passes (floor and products for remainder, comparisons
+    written as 0 or 1 for bools and where): the same values as the reference's, bit for bit,
+    at random points up to 7 images out, on and one or two ulps around every whole and half pixel
+    (where the slopes switch), at coordinates up to 2^22 pixels, and at NaN and infinities."""
+    from tireg.sampling import _padding_slopes
+
+    generator = torch.Generator().manual_seed(size[0] * size[1])
+    height, width = size
+    lengths = torch.tensor((float(width), float(height)), dtype=torch.float64)
+    spread = (torch.rand(4000, 2, generator=generator, dtype=torch.float64) * 14 - 7) * lengths
+    halves = torch.arange(-4.0 * max(size), 5.0 * max(size), 0.5, dtype=torch.float64)
+    kinks = torch.stack([halves, halves.flip(0)], dim=-1)
+    far = (torch.rand(2000, 2, generator=generator, dtype=torch.float64) * 2 - 1) * 2.0 ** torch.randint(
+        0, 23, (2000, 2), generator=generator)
+    grid = to_grid(torch.cat([spread, kinks, far]), size).to(dtype)
+    up, down = torch.full_like(grid, math.inf), torch.full_like(grid, -math.inf)
+    grid = torch.cat([grid, torch.nextafter(grid, up), torch.nextafter(torch.nextafter(grid, up), up),
+                      torch.nextafter(grid, down)])
+    special = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -1.0], dtype=dtype)
+    grid = torch.cat([grid, torch.cartesian_prod(special, special)]).reshape(1, 1, -1, 2)
+    for interpolation in ("bilinear", "bicubic", "nearest"):
+        for padding_mode in ("border", "reflection"):
+            expected = reference_padding_slopes(grid, size, interpolation, padding_mode)
+            slopes = _padding_slopes(grid, size, interpolation, padding_mode)
+            assert slopes.dtype == dtype and slopes.shape == expected.shape
+            assert torch.equal(slopes, expected), (interpolation, padding_mode)
+
+
 # ----------------------------------------------------------------------------
 # image_gradient
 

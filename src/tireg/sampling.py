@@ -771,18 +771,21 @@ def _sample_stacked_gradient(
     edge pixel's derivative where the extended image is flat (``"border"``).  ``"zeros"``: the
     gradient images' own zero padding, nothing more to do (and no pass over the grid).
     """
-    batch = stacked.shape[0]
     sampled = sample(stacked, grid, interpolation=interpolation, padding_mode=padding_mode)
     values, gradients = sampled[:, :channels], sampled[:, channels:].unflatten(1, (channels, 2))
     slopes = _padding_slopes(grid, stacked.shape[-2:], interpolation, padding_mode)
     if slopes is not None:
-        gradients = gradients * slopes.permute(0, 3, 1, 2).reshape(batch, 1, 2, *grid.shape[1:3])
+        slopes = slopes.permute(1, 0, 2, 3).unsqueeze(1)  # (B, 1, 2, H, W), a view
+        if torch.is_grad_enabled() and gradients.requires_grad:
+            gradients = gradients * slopes
+        else:  # grid_sample's own new output: no second (B, C, 2, H, W) buffer
+            gradients.mul_(slopes)
     return values, gradients
 
 
 def _padding_slopes(grid: torch.Tensor, size: Sequence[int], interpolation: str,
                     padding_mode: str) -> Optional[torch.Tensor]:
-    """``c'(x)`` ``(B, H, W, 2)`` along ``x`` and ``y``: the derivative of the map ``c`` by which
+    """``c'(x)`` ``(2, B, H, W)``, along ``x`` then ``y``: the derivative of the map ``c`` by which
     ``grid_sample`` takes a sampling point (pixel coordinate ``x``, ``align_corners=False``) into
     the image, as its own backward pass differentiates it; ``None`` for ``"zeros"`` (``c(x) = x``).
 
@@ -793,25 +796,48 @@ def _padding_slopes(grid: torch.Tensor, size: Sequence[int], interpolation: str,
     the interpolant of the mirrored pixels is itself mirrored, ``f(x) = f(r(x))``, slope ``+-1``
     with no clamp; that of the repeated edge pixels is flat beyond ``-1`` and ``W`` (there the
     four taps are the edge pixel; Keys' kernel has slope 0 at ``-1`` too), slope 1 between.
+
+    It runs on every step over every point, most of them inside, so it is a few elementwise
+    passes in the grid's dtype with no read back to the host (which would wait on a GPU), each
+    vectorised on the CPU: axis-first, so that a pass runs along contiguous rows against one
+    length per axis (on the ``(B, H, W, 2)`` grid a pass broadcast a pair of lengths along the
+    last dimension, an inner loop of two); each comparison written as 0 or 1 in the grid's dtype
+    (a bool result, its cast back and ``torch.where`` cost 5 to 25 float passes each on the CPU);
+    and ``floor`` with a product where ``torch.remainder`` took 1.5 ms a call at 256^2 (it is not
+    vectorised).  The slopes are bit for bit those of the formulation with ``remainder``, bools and
+    ``where`` (``reference_padding_slopes`` in tests/test_sampling.py) wherever ``|x|`` is below
+    2^24 pixels (2^53 in float64), and at NaN and infinite coordinates.
     """
     if padding_mode == "zeros":
         return None
     height, width = int(size[0]), int(size[1])
-    lengths = constant((float(width), float(height)), like=grid)
-    x = ((grid + 1.0) * lengths - 1.0) / 2.0  # grid_sample's unnormalisation
+    lengths = constant(((((float(width),),),), (((float(height),),),)), like=grid)  # (2, 1, 1, 1)
+    edges = constant(((((width - 1.0,),),), (((height - 1.0,),),)), like=grid)  # the last pixel
+    # grid_sample's unnormalisation x = ((u + 1) L - 1) / 2, computed as it computes it, axis-first;
+    # the slopes are piecewise constant (no gradient to the grid), so the grid is read detached.
+    x = torch.add(grid.detach().permute(3, 0, 1, 2), 1.0, out=grid.new_empty((2, *grid.shape[:3])))
+    x.mul_(lengths).sub_(1.0).div_(2.0)
     cubic = interpolation == "bicubic"
     if padding_mode == "border":
-        low, high = (-1.0, lengths) if cubic else (0.0, lengths - 1.0)
-        return ((x > low) & (x < high)).to(grid.dtype)
-    shifted = x + 0.5  # mirror lines at 0 and the length
-    flips = torch.floor(shifted.abs() / lengths)
-    odd = torch.remainder(flips, 2.0) == 1.0
-    slope = torch.where((shifted < 0) != odd, -1.0, 1.0).to(grid.dtype)
+        slopes = torch.gt(x, -1.0 if cubic else 0.0, out=torch.empty_like(x))
+        return slopes.mul_(torch.lt(x, lengths if cubic else edges, out=x))
+    shifted = x.add_(0.5)  # mirror lines at 0 and the length
+    backwards = torch.lt(shifted, 0.0, out=torch.empty_like(x))  # 1 before the first mirror line
+    distance = shifted.abs_()
+    flips = torch.div(distance, lengths).floor_()
+    half_floor = torch.mul(flips, 0.5).floor_()
+    odd = torch.eq(torch.add(flips, half_floor, alpha=-2.0), 1.0, out=half_floor)  # remainder(flips, 2) == 1
+    reversed_ = backwards.sub_(odd).square_()  # 1 where the slope is -1: backwards xor odd
     if cubic:
-        return slope
-    extra = torch.remainder(shifted.abs(), lengths)
-    reflected = torch.where(odd, lengths - extra, extra) - 0.5
-    return slope * ((reflected > 0.0) & (reflected < lengths - 1.0)).to(grid.dtype)
+        return reversed_.mul_(-2.0).add_(1.0)
+    # distance - L flips is remainder(distance, L) exactly (the product is a whole number, the
+    # difference below the distance) wherever flips is the floor; where the quotient rounds up
+    # to a whole number it is a hair below 0 (remainder: a hair below L), 0 slope either way.
+    extra = distance.addcmul_(flips, lengths, value=-1.0)
+    # |odd L - extra|: L - extra in a mirrored copy, extra (>= 0) in a straight one, as where() chose
+    reflected = torch.mul(odd, lengths, out=flips).sub_(extra).abs_().sub_(0.5)
+    inside = torch.gt(reflected, 0.0, out=extra).mul_(torch.lt(reflected, edges, out=odd))
+    return inside.addcmul_(inside, reversed_, value=-2.0)
 
 
 def _check_gradient_images(gradient: torch.Tensor, moving: torch.Tensor, caller: str) -> None:
