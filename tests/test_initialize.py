@@ -497,8 +497,8 @@ def test_a_small_batch_is_initialised_in_eighths(monkeypatch):
     moving = torch.roll(fixed, shifts=(2, -1), dims=(-2, -1))
     parts = []
     run = init_module._initialize
-    monkeypatch.setattr(init_module, "_initialize", lambda fixed, *args: parts.append(fixed.shape[0])
-                        or run(fixed, *args))
+    monkeypatch.setattr(init_module, "_initialize", lambda fixed, *args, **kwargs: parts.append(fixed.shape[0])
+                        or run(fixed, *args, **kwargs))
     eighths = initialize(fixed, moving, "translation", method="phase")
     assert parts == [2] * 8
     parts.clear()
