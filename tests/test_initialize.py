@@ -425,6 +425,19 @@ def polar(angle_deg, scale, axis_deg, stretch, shift, size):
     return tireg.transforms._about_center(linear, torch.tensor(shift, dtype=torch.float64), centre)[None]
 
 
+@pytest.mark.parametrize("method", ["auto", "search"])
+def test_a_centre_away_from_the_middle_gives_the_same_start_for_a_large_turn(method):
+    """``center`` only says about which point the result is expressed; the candidates had been turned
+    about it, and about a corner or an edge a turn of 90 degrees or more took the canvas off the grid:
+    no shift was found, and the start was 80-130 px off (0 px about the middle)."""
+    size = (128, 128)
+    truth = similarity(90.0, 1.0, 3.0, -2.0, size=size)
+    fixed, moving = cut_pair("camera", truth, size)
+    for center in (None, (0.0, 0.0), (127.0, 127.0), (63.5, 0.0)):
+        found = initialize(fixed, moving, "similarity", method=method, center=center)
+        assert grid_error(found, truth, size).item() < 1.0, center
+
+
 def test_affine_search_stretches_where_the_best_similarity_scores_below_0_9():
     """Aspect changes of 1.34-1.41 whose best similarity scores 0.8-0.9: the stretched search ran only
     below 0.8, and these started 7-12 px off (of 154 random anisotropic pairs at 128^2, 53 started more

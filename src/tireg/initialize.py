@@ -1479,7 +1479,11 @@ def _initialize(
         small_m = -small_m  # a working copy; downsample(-m) is -downsample(m), bit for bit
     score_f = _scoring_image(small_f, small_fixed_mask)
     score_m = _scoring_image(small_m, small_moving_mask)
-    centre = (centre_full - (factor - 1) / 2.0) / factor  # working pixels
+    centre = (centre_full - (factor - 1) / 2.0) / factor  # working pixels: where the kind's projection keeps the image
+    # the candidates turn about the fixed image's centre, whatever `center`: turned about a corner by
+    # 90 degrees or more, the canvas left the grid and no shift was found (80-300 px off)
+    middle = torch.tensor([(width - 1) / 2.0, (height - 1) / 2.0], dtype=dtype, device=device).expand(batch, 2)
+    turn_centre = (middle - (factor - 1) / 2.0) / factor
     score = lambda options: _ncc_scores(score_f, score_m, options, MIN_OVERLAP)  # noqa: E731
     base = scale_down @ centred @ scale_up
 
@@ -1511,7 +1515,7 @@ def _initialize(
             options = torch.stack([phase, unwindowed(), base], dim=1)  # phase first: kept on a tie (_best)
             result, best_score = _best(options, score(options))
         elif method == "search":
-            result, best_score = _search(small_f, fixed_spectra, canvas, base, centre, kind, score_f, score_m)
+            result, best_score = _search(small_f, fixed_spectra, canvas, base, turn_centre, kind, score_f, score_m)
         else:
             # Fourier–Mellin, both 180-degree options, batched.  For rigid, the shift is found with the
             # estimated scale (a scale mismatch misleads phase correlation), then the scale is dropped
@@ -1524,7 +1528,7 @@ def _initialize(
                 options = _candidates(fixed_spectra, canvas, base,
                                       _similarity_params(torch.stack([angle, angle + math.pi], dim=1),
                                                          torch.stack([scale, scale], dim=1)),
-                                      centre, upsample=10)  # (B, 2, 3, 3)
+                                      turn_centre, upsample=10)  # (B, 2, 3, 3)
                 options = _project(options.flatten(0, 1), kind, centre.repeat_interleave(2, dim=0))
                 options = options.view(batch, 2, 3, 3)
                 if method == "auto":
@@ -1536,7 +1540,7 @@ def _initialize(
             if method == "auto" and bool(weak.any()):
                 index = weak.nonzero()[:, 0]
                 found, found_score = _search(
-                    small_f[index], fixed_spectra[index], canvas[index], base[index], centre[index], kind,
+                    small_f[index], fixed_spectra[index], canvas[index], base[index], turn_centre[index], kind,
                     score_f[index], score_m[index],
                 )
                 result, best_score = _improved(result, best_score, index, found, found_score)
