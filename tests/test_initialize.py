@@ -781,6 +781,17 @@ def test_constant_images_in_the_low_level_functions():
     assert torch.equal(phase_correlation(flat, flat), torch.zeros(2, 2))
     angle, scale = fourier_mellin(flat, flat)
     assert torch.equal(angle, torch.zeros(2)) and torch.equal(scale, torch.ones(2))
+    # a value that is not exact in binary: centred, its rounding residues had given any shift
+    # ((-16.1, -19.1) for 0.7) and any angle and scale; the textured pair beside it keeps its own
+    textured = load("camera")[:64, :80]
+    truth = similarity(0.0, 1.0, 6.0, -4.0, size=(64, 80))
+    pair = cut_pair("camera", truth, (64, 80))
+    fixed = torch.stack([torch.full((1, 64, 80), 0.7), torch.full((1, 64, 80), 1 / 3), pair[0][0]])
+    moving = torch.stack([textured[None], textured[None], pair[1][0]])
+    shifts = phase_correlation(fixed, moving)
+    assert torch.equal(shifts[:2], torch.zeros(2, 2)) and torch.allclose(shifts[2], truth[0, :2, 2].float(), atol=0.2)
+    angle, scale = fourier_mellin(fixed, moving)
+    assert torch.equal(angle[:2], torch.zeros(2)) and torch.equal(scale[:2], torch.ones(2))
     assert torch.equal(center_of_mass(flat, flat), torch.eye(3).expand(2, 3, 3))
     assert torch.equal(moments(flat, flat), torch.eye(3).expand(2, 3, 3))
     assert torch.equal(overlap_ncc(flat, flat, torch.eye(3)), torch.zeros(2))
@@ -937,6 +948,17 @@ def test_initialize_does_not_depend_on_the_gain(gain):
     fixed, moving = cut_pair("camera", truth, SIZE)
     assert grid_error(initialize(fixed * gain, moving * gain, "translation"), truth, SIZE).item() < 0.5
     assert grid_error(initialize(fixed * gain, moving * gain, "rigid"), truth, SIZE).item() < 0.5
+
+
+@pytest.mark.parametrize("dtype, offset, gain", [(torch.float64, 1e5, 0.05), (torch.float64, 1e6, 0.5),
+                                                (torch.float32, 1000.0, 0.0009)])
+def test_an_offset_image_of_little_contrast_is_not_constant(dtype, offset, gain):
+    """A fixed 1e-6 of the largest value called these constant (their contrast is 5e-7 of it), and
+    initialize returned the identity where phase correlation found the shift: constant is now no
+    variation beyond 4 eps of the values in their dtype."""
+    truth = similarity(0.0, 1.0, 6.0, -4.0)
+    fixed, moving = (image.to(dtype) * gain + offset for image in cut_pair("camera", truth, SIZE, dtype=dtype))
+    assert grid_error(initialize(fixed, moving, "translation"), truth, SIZE).item() < 0.1
 
 
 @pytest.mark.parametrize("offset", [1000.0, 5000.0])

@@ -243,11 +243,15 @@ def _centred(image: torch.Tensor) -> torch.Tensor:
 
 
 def _is_constant(image: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` bool: luminance ``(B, 1, H, W)`` has (relatively) no variation."""
+    """``(B,)`` bool: luminance ``(B, 1, H, W)`` varies by no more than its values' rounding, ``max - min
+    <= 4 eps max|x|`` in its dtype.  A fixed ``1e-6`` of the largest value had called ``1e5 + 0.05
+    camera`` (float64) and ``1000 + 0.0009 camera`` (float32: 15 levels of detail) constant, and
+    started them at the identity where phase correlation found the shift."""
     flat = image.flatten(1)
     lowest, highest = flat.amin(dim=1), flat.amax(dim=1)  # torch.aminmax(dim=) is 10x slower on the CPU
     scale = torch.maximum(highest, lowest.neg())  # max |x|
-    return highest - lowest <= torch.add(constant(torch.finfo(image.dtype).tiny, like=scale), scale, alpha=1e-6)
+    finfo = torch.finfo(image.dtype)
+    return highest - lowest <= torch.add(constant(finfo.tiny, like=scale), scale, alpha=4.0 * finfo.eps)
 
 
 # ----------------------------------------------------------------------------
@@ -503,7 +507,10 @@ def phase_correlation(fixed: torch.Tensor, moving: torch.Tensor, *, window: bool
     window = bool(window)
     fixed, moving = _pair(fixed, moving, caller, same_size=True)
     with torch.no_grad():
-        return _phase_shift(fixed, moving, window=window)
+        # a constant image's centred values are rounding residues, whose phases gave any shift
+        # (0.7 everywhere: (-16.1, -19.1)); the surface's own flatness test caught exact values only
+        constant_pair = _is_constant(fixed) | _is_constant(moving)
+        return torch.where(constant_pair[:, None], 0.0, _phase_shift(fixed, moving, window=window))
 
 
 # ----------------------------------------------------------------------------
@@ -641,8 +648,10 @@ def fourier_mellin(fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Ten
     fixed, moving = _pair(fixed, moving, caller)
     with torch.no_grad():
         angle, scale = _fourier_mellin(fixed, moving)
+        constant_pair = _is_constant(fixed) | _is_constant(moving)  # as phase_correlation: no spectrum to read
         # -pi/2 rounded to float32 lies below -pi/2: the least value of the dtype in [-pi/2, pi/2)
-        return angle.clamp_min(_least_angle(angle.dtype)), scale
+        return (torch.where(constant_pair, 0.0, angle.clamp_min(_least_angle(angle.dtype))),
+                torch.where(constant_pair, 1.0, scale))
 
 
 def _least_angle(dtype: torch.dtype) -> float:
@@ -1318,7 +1327,8 @@ def initialize(
     :data:`MIN_OVERLAP` of the fixed image) of the downsampled images blurred
     with a Gaussian of sigma = 1 (working) pixel.  Pairs where either image is
     constant get the ``"center"`` matrix (the identity for equal sizes) from
-    every method: nothing can be estimated, and this is not an error.
+    every method but ``"identity"`` (which gives the identity): nothing can be
+    estimated, and this is not an error.
 
     The result respects the kind: a candidate is projected onto it keeping
     the image of ``center``: ``"translation"`` gives ``T(A c - c)``,
