@@ -1517,6 +1517,8 @@ def test_an_input_error_of_a_batch_names_its_pairs():
     wide[0] = fixed[0]
     with pytest.raises(ValueError, match=r"'fixed' has values beyond float32's range in pairs \[1, 2\]"):
         tireg.register(wide, moving, normalize=False)
+    with pytest.raises(ValueError, match=r"^register\(\): unknown init 'phase_correlation'; choose one of 'auto', "):
+        tireg.register(fixed, moving, init="phase_correlation")  # it said: initialize(): unknown method
     starts = torch.eye(3).repeat(3, 1, 1)
     starts[2, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"^register\(\): 'init' matrix of pair 2 contains NaN or Inf$"):

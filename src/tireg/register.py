@@ -2353,8 +2353,11 @@ def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str,
         return matrix.reshape(-1, 3, 3).expand(batch, 3, 3).to(fixed.device), torch.full((batch,), math.nan)
     if not isinstance(init, str):
         raise TypeError(f"{caller}: 'init' must be a method name or a (3, 3) matrix; got {type(init).__name__}")
-    from .initialize import _scored_initialize
+    from .initialize import METHODS, _scored_initialize
     from .transforms import TRANSFORMS
+
+    # named as register's own option (the initialiser's own message said "initialize(): unknown method")
+    check_option(init, METHODS, "init", caller)
 
     # a user's own kind starts from the best similarity, projected on the kind by from_matrix
     name = kind.name if kind.name in TRANSFORMS else "similarity"
