@@ -49,9 +49,11 @@ from .io import (
     check_writable,
     errors_named_by,
     luminance,
+    premultiply,
     read_image,
     read_stack,
     require,
+    unpremultiply,
     write_frames,
 )
 
@@ -576,11 +578,14 @@ def _identity_before(moving_grey: np.ndarray, size: tuple[int, int]) -> np.ndarr
 
 
 def _warp_frames(frames: np.ndarray, matrices: np.ndarray, size: tuple[int, int], interpolation: str,
-                 device: str = "cpu", batch: int = 32, alpha: Optional[str] = None) -> np.ndarray:
+                 device: str = "cpu", batch: int = 32,
+                 alpha: Optional[str] | Sequence[Optional[str]] = None) -> np.ndarray:
     """``(N, H, W, C)`` frames resampled by ``(N or 1, 3, 3)`` matrices onto ``size``: float64 ``(N, h, w, C)``,
     computed on ``device`` (``--device``: with ``cuda`` the outputs were warped on the host).
 
-    ``alpha``: the frames' :attr:`ImageFormat.alpha <tireg.io.ImageFormat>`.  Straight
+    ``alpha``: the frames' :attr:`ImageFormat.alpha <tireg.io.ImageFormat>`, one for all or one per
+    frame (a folder stack may mix a PNG's straight alpha and a TIFF's associated one: each frame
+    is warped by its own file's rule, not frame 0's for all).  Straight
     (``"unassociated"``) alpha, the last of 2 or 4 channels, is resampled premultiplied: colour
     times alpha, warped, divided by the warped alpha (0 where it is 0).  Each channel warped on its
     own mixed the colour of transparent pixels into the edges (a dark fringe round an opaque shape
@@ -594,23 +599,31 @@ def _warp_frames(frames: np.ndarray, matrices: np.ndarray, size: tuple[int, int]
     matrices = np.broadcast_to(matrices, (count, 3, 3))
     if torch.device(device).type == "mps":  # (no float64 there: the host's)
         device = "cpu"
-    straight = alpha == "unassociated" and frames.shape[-1] in (2, 4) and interpolation != "nearest"
-    if straight:  # the colour's range: bicubic ringing over an alpha near 0 gave quotients far beyond it
-        low, high = float(frames[..., :-1].min()), float(frames[..., :-1].max())
+    kinds = [alpha] * count if alpha is None or isinstance(alpha, str) else list(alpha)
+    if len(kinds) != count:
+        raise ValueError(f"_warp_frames(): {len(kinds)} alpha kinds for {count} frames")
+    straight = np.array([kind == "unassociated" for kind in kinds], dtype=bool)
+    if frames.shape[-1] not in (2, 4) or interpolation == "nearest":
+        straight[:] = False
+    if straight.any():  # the colour's range: bicubic ringing over an alpha near 0 gave quotients far beyond it
+        low, high = float(frames[straight, ..., :-1].min()), float(frames[straight, ..., :-1].max())
     out = np.empty((count, *size, frames.shape[-1]), dtype=np.float64)
     for start in range(0, count, batch):
         chunk = np.moveaxis(frames[start:start + batch], -1, 1).astype(np.float64)
-        if straight:
-            chunk[:, :-1] *= chunk[:, -1:]
+        premultiply = straight[start:start + batch]
+        if premultiply.any():
+            chunk[premultiply, :-1] *= chunk[premultiply, -1:]
         image = torch.from_numpy(np.ascontiguousarray(writable(chunk))).to(device)
         matrix = torch.from_numpy(np.array(matrices[start:start + batch], order="C")).to(device)  # a writable copy
         warped = warp(image, matrix, size=size, interpolation=interpolation, padding_mode="zeros")
         out[start:start + batch] = np.moveaxis(warped.cpu().numpy(), 1, -1)
-    if straight:
-        covered = out[..., -1:] > 0
+    if straight.any():
+        part = out[straight]
+        covered = part[..., -1:] > 0
         with np.errstate(divide="ignore", invalid="ignore"):
-            colour = np.clip(out[..., :-1] / np.where(covered, out[..., -1:], 1.0), low, high)
-        out[..., :-1] = np.where(covered, colour, 0.0)
+            colour = np.clip(part[..., :-1] / np.where(covered, part[..., -1:], 1.0), low, high)
+        part[..., :-1] = np.where(covered, colour, 0.0)
+        out[straight] = part
     return out
 
 
@@ -1042,6 +1055,21 @@ def _frame_names(stack: ImageData) -> list[str]:
     return [_output_name(f"frame_{k:05d}{stack.path.suffix.lower()}", stack.format) for k in range(stack.count)]
 
 
+def _alpha_as(frames: np.ndarray, stack: ImageData, alpha: Optional[str]) -> np.ndarray:
+    """Warped ``frames`` of ``stack``, each in its own file's alpha kind, all in ``alpha``'s: a
+    multi-page file is tagged with one kind (a folder's associated-alpha TIFF frame among straight
+    PNG frames went into the file as it was, read back as straight)."""
+    kinds = ("associated", "unassociated")
+    if alpha not in kinds or frames.shape[-1] not in (2, 4):
+        return frames
+    convert = {"associated": unpremultiply, "unassociated": premultiply}  # from that kind to the other
+    frames = frames.copy()
+    for k, image_format in enumerate(stack.formats):
+        if image_format.alpha in kinds and image_format.alpha != alpha:
+            frames[k] = convert[image_format.alpha](frames[k], stack.format.dtype)
+    return frames
+
+
 def _ignores_case(folder: Path) -> Optional[bool]:
     """Whether the file system where ``folder`` goes takes ``A.png`` and ``a.png`` for one file (macOS
     and Windows by default), as a hidden file made in it, or in its nearest existing parent, tells:
@@ -1111,8 +1139,10 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
         found = _register_stack(args, grey, mask, progress)
     finally:
         progress.close()
+    # each frame by its own file's alpha rule: a folder may mix a PNG's straight alpha and a TIFF's
+    # associated one (frame 0's rule for all gave the other kind's frames fringes of 100 grey levels)
     aligned = _warp_frames(stack.frames, found["matrices"], stack.size, args.interpolation, args.device,
-                           batch=args.batch_size, alpha=stack.format.alpha)
+                           batch=args.batch_size, alpha=[image_format.alpha for image_format in stack.formats])
 
     if kind == "folder":
         folder = outputs.temporary(output)
@@ -1121,8 +1151,8 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
             with errors_named_by(output / name):  # the frame's output, not the temporary folder
                 write_frames(folder / name, aligned[k:k + 1], stack.formats[k])
     else:
-        with outputs.writing(output) as temporary:
-            write_frames(temporary, aligned, replace(stack.format, kind=kind))  # its alpha too
+        with outputs.writing(output) as temporary:  # one file, tagged with frame 0's alpha: every frame in it
+            write_frames(temporary, _alpha_as(aligned, stack, stack.format.alpha), replace(stack.format, kind=kind))
     with outputs.writing(csv_path) as temporary:
         _write_stack_csv(temporary, stack, found, args.transform, args.interpolation)
     written = outputs.commit()

@@ -864,6 +864,15 @@ def unpremultiply(frames: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values
 
 
+def premultiply(frames: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``(..., C)`` frames of straight (unassociated) alpha, last channel, in the scale of ``dtype``
+    as associated (premultiplied) alpha: colour ``* alpha / full scale``, float64
+    (:func:`unpremultiply`'s inverse)."""
+    values = np.array(frames, dtype=np.float64)
+    values[..., :-1] *= values[..., -1:] / _full_scale(dtype)
+    return values
+
+
 def _check_values(frames: np.ndarray, path: Path) -> None:
     """:class:`ImageError` for frames that no file holds as they are (a cast hid these: NaN became 0,
     Inf the type's end, complex its real part; an empty array made an unreadable file)."""
