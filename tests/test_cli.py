@@ -1438,3 +1438,78 @@ def test_a_folder_of_straight_and_associated_alpha_warps_each_frame_by_its_own_r
                 full[..., :3] = np.where(full[..., 3:] > 0, full[..., :3] * 255 / np.maximum(full[..., 3:], 1e-12), 0)
             expected = np.clip(full, 0, 255)  # rounded premultiplied colour may exceed its alpha a little
         assert np.abs(pages[k] - expected).max() <= 1.01, (k, np.abs(pages[k] - expected).max())
+
+
+def _contents(folder: Path) -> dict:
+    """Every file under ``folder``, hidden ones too, by relative path: its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("step, name, error", [
+    ("into", "transform.tfm", OSError),  # the third output: warped.png and transform.json already moved in
+    ("into", "convergence.png", OSError),  # the last one
+    ("aside", "transform.json", OSError),  # moving the old file aside
+    ("into", "transform.json", KeyboardInterrupt),
+    ("into", "before_after.png", "Terminated"),
+])
+def test_a_move_that_fails_while_outputs_go_into_place_leaves_every_old_output(data, tmp_path, monkeypatch,
+                                                                               capsys, step, name, error):
+    """The outputs were moved into place one at a time: a move that failed (a file of another owner in a
+    sticky folder, chattr +i) or Ctrl-C or SIGTERM on the way left the outputs before it new and those after
+    it old, a transform.json and a transform.tfm of two registrations, after an exit status of 1."""
+    import tireg.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    folder = data["folder"]
+    arguments = ["register", str(folder / "fixed.png"), str(folder / "moving.png"), "-o", "out", "-q"]
+    assert main([*arguments, "-t", "translation"]) == 0, capsys.readouterr().err
+    before = _contents(tmp_path / "out")
+    replace, calls = os.replace, []
+
+    def failing_replace(source, destination, *args, **kwargs):
+        moved = Path(source if step == "aside" else destination)
+        if moved == Path("out") / name and not calls:  # this move, once (the backup's way back works)
+            calls.append(moved)
+            if error == "Terminated":
+                raise cli.Terminated()
+            raise error(1, "Operation not permitted", str(moved)) if error is OSError else error()
+        return replace(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    status = main([*arguments, "-t", "rigid", "--force"])
+    stderr = capsys.readouterr().err
+    assert calls and status == {OSError: 1, KeyboardInterrupt: 130, "Terminated": 143}[error], stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert _contents(tmp_path / "out") == before  # every output the first run's; no temporary, no backup
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.setattr(os, "replace", replace)
+    assert main([*arguments, "-t", "rigid", "--force"]) == 0  # and with the moves working, all are replaced
+    after = _contents(tmp_path / "out")
+    assert sorted(after) == sorted(before) and all(after[k] != before[k] for k in ("transform.json", "transform.tfm"))
+
+
+def test_a_move_that_fails_while_frames_merge_into_a_folder_leaves_the_old_frames(drift, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """A stack merged into an existing folder: a failed move left frames 0-2 of the new run beside frames 3-5
+    and a CSV of the old one."""
+    monkeypatch.chdir(tmp_path)
+    arguments = ["stack", str(drift[0] / "frames"), "-o", "aligned", "-q"]
+    assert main([*arguments, "-t", "translation"]) == 0, capsys.readouterr().err
+    (tmp_path / "aligned" / "notes.txt").write_text("keep me")
+    before = {**{f"aligned/{k}": v for k, v in _contents(tmp_path / "aligned").items()},
+              "aligned.csv": (tmp_path / "aligned.csv").read_bytes()}
+    replace, calls = os.replace, []
+
+    def failing_replace(source, destination, *args, **kwargs):
+        if Path(destination) == Path("aligned") / "t3.png" and not calls:  # once: the old t3.png goes back
+            calls.append(destination)
+            raise PermissionError(1, "Operation not permitted", str(destination))
+        return replace(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    assert main([*arguments, "-t", "rigid", "--force"]) == 1
+    assert "t3.png': Operation not permitted" in capsys.readouterr().err
+    after = {**{f"aligned/{k}": v for k, v in _contents(tmp_path / "aligned").items()},
+             "aligned.csv": (tmp_path / "aligned.csv").read_bytes()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aligned", "aligned.csv"]

@@ -987,6 +987,32 @@ def _move_no_clobber(temporary: Path, path: Path, prefix: str) -> None:
     os.unlink(temporary)
 
 
+def _backup_name(path: Path) -> Path:
+    """A hidden name beside ``path`` to keep the file it replaces under until every output is in place."""
+    return path.parent / f".tireg-{secrets.token_hex(4)}.old{path.suffix}"
+
+
+def _put_back(placed: Sequence[tuple[Path, Path]], backups: Sequence[tuple[Path, Path]]) -> None:
+    """Undo a commit part-way: remove the new files moved into place and move each backup back.
+
+    Both lists name a move before it is made: a destination is removed only where its new file
+    has left its temporary name (else what is there is not this command's), and a backup is
+    moved back only where it was made."""
+    for source, path in reversed(placed):
+        if os.path.lexists(path) and not os.path.lexists(source):
+            try:
+                _remove(path)
+            except OSError:
+                pass
+    for backup, path in reversed(backups):
+        if os.path.lexists(backup):
+            try:
+                os.replace(backup, path)
+            except OSError as error:  # the old file is not lost: say where it is
+                warnings.warn(f"could not put back {str(path)!r} ({error.strerror or error}); its previous "
+                              f"content is in {str(backup)!r}", stacklevel=2)
+
+
 def _remove(path: Path) -> None:
     try:
         if path.is_dir() and not path.is_symlink():
@@ -1006,7 +1032,8 @@ class OutputFiles:
 
     ``check()`` refuses existing outputs (unless ``force``) before any work;
     ``temporary(path)`` gives the name to write to (creating missing folders);
-    ``commit()`` moves every output into place; ``discard()`` (also on an
+    ``commit()`` moves every output into place, all or none (the files replaced
+    are kept aside until every move succeeded); ``discard()`` (also on an
     exception inside ``with``) removes the temporary files and the folders it
     created.  A command that fails therefore leaves no output behind.
     """
@@ -1083,44 +1110,62 @@ class OutputFiles:
         return text
 
     def commit(self) -> list[Path]:
-        """Move every temporary output into place; returns the final paths.
+        """Move every temporary output into place, all or none; returns the final paths.
 
         Every destination is checked before any output moves (one that appeared during the work
-        moved the outputs before it, then stopped); if one is refused or a move fails, every
-        temporary output is removed (:meth:`discard`).
+        moved the outputs before it, then stopped).  Then each existing destination is moved aside
+        to a hidden backup name beside it, and the new files are moved in; if a move fails, or
+        ``KeyboardInterrupt`` (or another ``BaseException``: SIGTERM as the command raises it)
+        arrives on the way, the files moved in are removed, the backups are put back and every
+        temporary output is removed (:meth:`discard`).  The backups are deleted only once every
+        output is in place.  (Moved one at a time, a failure part-way left the outputs before it
+        new and those after it old: a ``transform.json`` and a ``transform.tfm`` of two runs.)
         """
         created = set(self._created)  # folders made for this set's own outputs (a CSV inside a folder output)
         pending = [(temporary, path) for temporary, path in self._pending if temporary.exists()]
+        backups: list[tuple[Path, Path]] = []  # (backup, destination): listed before the move, done or not
+        placed: list[tuple[Path, Path]] = []  # (new file, destination): listed before the move, done or not
         try:
+            moves = []
             for temporary, path in pending:
                 merge = temporary.is_dir() and path.is_dir()
                 if path.exists() and not self.force and path not in created and not (merge and path in self._merged):
                     raise OutputExistsError(f"{str(path)!r} already exists; pass --force to overwrite it")
-                moves = [(item, path / item.name) for item in temporary.iterdir()] if merge else [(temporary, path)]
-                for source, target in moves:  # a folder where a file goes: os.replace failed naming the temporary
+                # A folder of outputs goes into the existing folder file by file: only the files
+                # this command wrote replace their namesakes, and nothing else the folder holds
+                # is touched (replacing the whole folder deleted the user's other files).
+                items = [(item, path / item.name) for item in sorted(temporary.iterdir())] if merge \
+                    else [(temporary, path)]
+                for source, target in items:  # a folder where a file goes: os.replace failed naming the temporary
                     if target.is_dir() and not source.is_dir():
                         raise IsADirectoryError(f"cannot write {str(target)!r}: it is a folder")
                     if merge and path in self._merged and target.exists() and not self.force:
                         raise OutputExistsError(f"{str(target)!r} already exists; pass --force to overwrite it")
-            done = []
+                moves.extend(items)
+            for _, target in moves:
+                if os.path.lexists(target):
+                    backup = _backup_name(target)
+                    backups.append((backup, target))
+                    os.replace(target, backup)
+            for source, target in moves:
+                placed.append((source, target))
+                os.replace(source, target)
             for temporary, path in pending:
-                if temporary.is_dir() and path.is_dir():
-                    # A folder of outputs goes into the existing folder file by file: only the files
-                    # this command wrote replace their namesakes, and nothing else the folder holds
-                    # is touched (replacing the whole folder deleted the user's other files).
-                    for item in sorted(temporary.iterdir()):
-                        os.replace(item, path / item.name)
-                    temporary.rmdir()
-                else:
-                    os.replace(temporary, path)
-                done.append(path)
+                if temporary.is_dir() and path.is_dir() and temporary != path:
+                    temporary.rmdir()  # a merged folder's temporary, emptied
         except BaseException:
+            _put_back(placed, backups)
             self.discard()
             raise
         self._pending.clear()
         self._created.clear()
         self._merged.clear()
-        return done
+        for backup, _ in backups:  # every output is in place: the old ones go
+            try:
+                _remove(backup)
+            except OSError:  # a hidden leftover, not a reason to call the command failed
+                pass
+        return [path for _, path in pending]
 
     def discard(self) -> None:
         """Remove every temporary output and the folders this set created."""
