@@ -738,7 +738,7 @@ def test_an_output_without_a_name_is_refused(data, drift, tmp_path, monkeypatch,
     assert main(["register", str(folder / "fixed.png"), str(folder / "moving.png"), "-o", ""]) == 2
     assert "argument -o/--output: expected a path; got ''" in capsys.readouterr().err
     for output in (".", ".."):
-        assert main(["stack", str(drift[0] / "drift.tif"), "-o", output, "-q"]) == 1
+        assert main(["stack", str(drift[0] / "drift.tif"), "-o", output, "-q"]) == 2  # a wrong command line
         assert f"-o '{output}': the frames' folder has no name of its own for the CSV" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -994,7 +994,8 @@ BAD = {
                     "as PNG: cannot identify image file"),  # imageio's SimpleITK fallback spoke
     "singular transform": (["apply", "{in}/flat.json", "{in}/moving.png", "-o", "out.png"], 1,
                            "is singular"),  # it wrote a blank image, exit 0
-    "image name as folder": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "aligned.png"], 1,
+    # wrong command lines exit 2, as the documented rule says (they exited 1)
+    "image name as folder": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "aligned.png"], 2,
                              "writes a folder of outputs"),  # it made a folder named aligned.png
     "folder as transform": (["apply", "{in}/mixed", "{in}/moving.png", "-o", "out.png"], 1,
                             "is a folder, not a transform file"),  # it said: unsupported suffix '(none)'
@@ -1002,7 +1003,7 @@ BAD = {
     "spreadsheet as transform": (["apply", "{in}/drift.xls", "{in}/moving.png", "-o", "out.png"], 1,
                                  "drift.xls': unsupported suffix '.xls'; apply reads a transform file "
                                  "(.json, .tfm, .txt) or a stack's per-frame .csv"),
-    "arguments swapped": (["apply", "{in}/moving.png", "{in}/flat.json", "-o", "out.png"], 1,
+    "arguments swapped": (["apply", "{in}/moving.png", "{in}/flat.json", "-o", "out.png"], 2,
                           "looks like an image: the transform comes first"),
     "binary transform": (["apply", "{in}/t.h5", "{in}/moving.png", "-o", "out.png"], 1, "convert it to text first"),
     "raw YCbCr TIFF": (["register", "{in}/fixed_rgb.png", "{in}/ycbcr.tif", "-o", "out"], 1,
@@ -1023,7 +1024,14 @@ BAD = {
     "float to PNG": (["apply", "{in}/good.tfm", "{in}/moving.npy", "-o", "out.png"], 1, "PNG"),
     "one frame stack": (["stack", "{in}/moving.png", "-o", "out.tif"], 1, "at least 2"),
     "frames differ": (["stack", "{in}/mixed", "-o", "out.tif"], 1, "differ"),
-    "stack to PNG": (["stack", "{in}/stack.tif", "-o", "out.png"], 1, ".tif"),
+    "stack to PNG": (["stack", "{in}/stack.tif", "-o", "out.png"], 2, ".tif"),
+    "CSV without .csv": (["stack", "{in}/stack.tif", "-o", "out.tif", "--csv", "out.txt"], 2,
+                         "the CSV file 'out.txt' must end in .csv"),
+    "apply output without suffix": (["apply", "{in}/good.tfm", "{in}/moving.png", "-o", "noext"], 2,
+                                    "-o 'noext': unsupported output format '(no suffix)'"),
+    # said before the input is read: a wrong command line is named first, whatever the files hold
+    "usage error before bad input": (["apply", "{in}/bad.tfm", "{in}/corrupt.png", "-o", "out.bmp"], 2,
+                                     "unsupported output format '.bmp'"),
     "truncated stack": (["stack", "{in}/cut.tif", "-o", "out.tif"], 1,
                         "cut.tif' is truncated or corrupt: its page 4 cannot be read"),  # 4 frames, exit 0
     # tifffile's line '<tifffile.TiffPages @...> invalid offset to first page', then 'holds no image'

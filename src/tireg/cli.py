@@ -48,6 +48,7 @@ from .io import (
     SUFFIXES,
     check_writable,
     errors_named_by,
+    format_for_path,
     luminance,
     premultiply,
     read_image,
@@ -732,6 +733,10 @@ def _plain(name: str) -> str:
 
 def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
     require("matplotlib", "drawing pictures")  # before the work, not after it
+    folder = Path(args.output)
+    if folder.suffix.lower() in SUFFIXES and not folder.is_dir():  # an image's name for an output folder
+        raise UsageError(f"-o {str(folder)!r}: 'tireg register' writes a folder of outputs (the warped image, "
+                         f"the transform, pictures); give a folder name such as {str(folder.with_suffix(''))!r}")
     fixed = _single(read_image(args.fixed, what="fixed image"), "fixed image")
     moving = _single(read_image(args.moving, what="moving image"), "moving image")
     # an alpha channel does not enter the luminance registered on (grey + alpha: the grey channel;
@@ -751,10 +756,6 @@ def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
     mask = _read_mask(args.mask, fixed.size, "mask")
     moving_mask = _read_mask(args.moving_mask, moving.size, "moving mask")
 
-    folder = Path(args.output)
-    if folder.suffix.lower() in SUFFIXES and not folder.is_dir():  # an image's name for an output folder
-        raise CommandError(f"-o {str(folder)!r}: 'tireg register' writes a folder of outputs (the warped image, "
-                           f"the transform, pictures); give a folder name such as {str(folder.with_suffix(''))!r}")
     paths = _register_paths(folder, Path(_output_name(moving.path.name.lower(), moving.format)).suffix)
     outputs.check(*paths.values())
     check_writable(paths["warped"], (1, moving.channels), moving.format)  # before the work, not after it
@@ -869,16 +870,18 @@ def _stack_csv_frames(path: str, rows: list[dict]) -> list[int]:
 def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
     from .transform_io import BINARY_SUFFIXES, ITK_SUFFIXES, JSON_SUFFIXES, load_transform
 
+    _output_suffix(Path(args.output))  # a wrong command line, said before any file is read
     suffix = Path(args.transform).suffix.lower()
     known = (*JSON_SUFFIXES, *ITK_SUFFIXES, *BINARY_SUFFIXES, ".csv")  # load_transform names the binary ones
     if suffix not in known and not Path(args.transform).is_dir():
         # load_transform's own message listed its suffixes only, without the stack's .csv, and did
         # not say which argument was wrong (TRANSFORM and IMAGE swapped: an image first)
-        swapped = (" - it looks like an image: the transform comes first, tireg apply TRANSFORM IMAGE -o OUTPUT"
-                   if suffix in SUFFIXES else "")
-        raise CommandError(f"transform {args.transform!r}: unsupported suffix {suffix or '(none)'!r}; apply reads a "
-                           f"transform file ({', '.join((*JSON_SUFFIXES, *ITK_SUFFIXES))}) or a stack's per-frame "
-                           f".csv{swapped}")
+        swapped = suffix in SUFFIXES  # a wrong command line (exit status 2), not a file it cannot use
+        raise (UsageError if swapped else CommandError)(
+            f"transform {args.transform!r}: unsupported suffix {suffix or '(none)'!r}; apply reads a transform file "
+            f"({', '.join((*JSON_SUFFIXES, *ITK_SUFFIXES))}) or a stack's per-frame .csv"
+            + (" - it looks like an image: the transform comes first, tireg apply TRANSFORM IMAGE -o OUTPUT"
+               if swapped else ""))
     if suffix == ".csv":  # a stack's per-frame matrices
         transform = _load_stack_csv(args.transform)
     else:
@@ -913,6 +916,7 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
     else:
         size = image.size
     output = Path(args.output)
+    _output_suffix(output)
     kind = check_writable(output, (image.count, image.channels), image.format)
     outputs.check(output)
     out_format = replace(image.format, kind=kind)  # its dtype, channel axis, photometric and alpha
@@ -936,6 +940,15 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
 # stack
 
 
+def _output_suffix(path: Path) -> str:
+    """The format kind of an output's suffix; :class:`UsageError` (a wrong command line) for a suffix
+    tireg does not write."""
+    try:
+        return format_for_path(path, what="output")
+    except ImageError as error:
+        raise UsageError(f"-o {str(path)!r}: {error}") from None
+
+
 def _stack_output(path: Path) -> str:
     """``"tiff"``, ``"npy"`` or ``"folder"``."""
     suffix = path.suffix.lower()
@@ -945,7 +958,7 @@ def _stack_output(path: Path) -> str:
         return "npy"
     if suffix == "" or path.is_dir():
         return "folder"
-    raise CommandError(f"stack output {str(path)!r}: use a .tif/.tiff or .npy file, or a folder (no suffix)")
+    raise UsageError(f"stack output {str(path)!r}: use a .tif/.tiff or .npy file, or a folder (no suffix)")
 
 
 def _register_stack(args, grey: np.ndarray, mask, progress: _Progress) -> dict[str, Any]:
@@ -1084,6 +1097,16 @@ def _ignores_case(folder: Path) -> Optional[bool]:
 
 
 def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
+    output = Path(args.output)
+    kind = _stack_output(output)  # wrong command lines first, before any file is read
+    if kind == "folder" and not args.csv and output.name in ("", ".."):
+        # '.' or '..' gave the CSV the name '.csv' ('... must end in .csv') or '...csv'
+        raise UsageError(f"-o {args.output!r}: the frames' folder has no name of its own for the CSV beside it; "
+                         "give the CSV's path (--csv drift.csv) or a new folder's name (-o aligned)")
+    csv_path = Path(args.csv) if args.csv else (
+        output.parent / f"{output.name}.csv" if kind == "folder" else output.with_suffix(".csv"))
+    if csv_path.suffix.lower() != ".csv":
+        raise UsageError(f"the CSV file {str(csv_path)!r} must end in .csv")
     stack = read_stack(args.input, what="stack")
     if stack.count < 2:
         raise CommandError(f"stack {args.input!r} has {stack.count} frame; at least 2 are needed")
@@ -1092,16 +1115,6 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
     _check_grey(grey, stack, "stack")
     mask = _read_mask(args.mask, stack.size, "mask")
 
-    output = Path(args.output)
-    kind = _stack_output(output)
-    if kind == "folder" and not args.csv and output.name in ("", ".."):
-        # '.' or '..' gave the CSV the name '.csv' ('... must end in .csv') or '...csv'
-        raise CommandError(f"-o {args.output!r}: the frames' folder has no name of its own for the CSV beside it; "
-                           "give the CSV's path (--csv drift.csv) or a new folder's name (-o aligned)")
-    csv_path = Path(args.csv) if args.csv else (
-        output.parent / f"{output.name}.csv" if kind == "folder" else output.with_suffix(".csv"))
-    if csv_path.suffix.lower() != ".csv":
-        raise CommandError(f"the CSV file {str(csv_path)!r} must end in .csv")
     if kind != "folder":
         outputs.check(output, csv_path)
         check_writable(output, (stack.count, stack.channels), stack.format)
