@@ -1030,6 +1030,22 @@ BAD = {
     "apply output without suffix": (["apply", "{in}/good.tfm", "{in}/moving.png", "-o", "noext"], 2,
                                     "-o 'noext': unsupported output format '(no suffix)'"),
     # said before the input is read: a wrong command line is named first, whatever the files hold
+    # the option named, and the size as W x H: it said "shrink factor 64 leaves fewer than 4 pixels of a (128, 160)
+    # image", exit 1
+    "levels too deep for the images": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out", "--levels",
+                                        "64,1"], 2, "--levels 64,1: shrink factor 64 leaves fewer than 4 pixels of "
+                                        "the 160 x 128 image; use factors of at most 32 (--levels 6 at most)"),
+    "levels too deep for the frames": (["stack", "{in}/stack.tif", "-o", "out.tif", "--levels", "5"], 2,
+                                       "--levels 5: shrink factor 16 leaves fewer than 4 pixels of the 32 x 32 "
+                                       "frames; use factors of at most 8 (--levels 4 at most)"),
+    # numpy's "Maximum allowed dimension exceeded" and "array is too big" named no option or file
+    "huge size": (["apply", "{in}/good.tfm", "{in}/moving.png", "-o", "out.png", "--size",
+                   "100000000000000000000x2"], 2,
+                  "argument --size: 100000000000000000000x2: 200000000000000000000 pixels is too large; an output "
+                  "has at most 1099511627776 (2**40) pixels"),
+    "huge stored size": (["apply", "{in}/huge.json", "{in}/moving.png", "-o", "out.png"], 1,
+                         "huge.json': \"metadata.fixed_size\" [1000000000000.0, 1000000000000.0]: "
+                         "1000000000000000000000000 pixels is too large"),
     "usage error before bad input": (["apply", "{in}/bad.tfm", "{in}/corrupt.png", "-o", "out.bmp"], 2,
                                      "unsupported output format '.bmp'"),
     "truncated stack": (["stack", "{in}/cut.tif", "-o", "out.tif"], 1,
@@ -1082,6 +1098,7 @@ def _bad_inputs(folder: Path) -> None:
                                     "Parameters: 1 0 0 nonsense\n")
     tireg.transform_io.save_transform(folder / "good.tfm", np.eye(3))
     tireg.transform_io.save_transform(folder / "sized.json", np.eye(3), metadata={"fixed_size": [1.7, 2.2]})
+    tireg.transform_io.save_transform(folder / "huge.json", np.eye(3), metadata={"fixed_size": [1e12, 1e12]})
     with pytest.warns(UserWarning, match="singular"):  # saving warns; applying refuses
         tireg.transform_io.save_transform(folder / "flat.json", np.diag([0.0, 0.0, 1.0]))
     from PIL import Image

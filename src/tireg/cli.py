@@ -139,8 +139,20 @@ def _register_defaults() -> dict[str, Any]:
 MAX_LEVELS = 16
 
 
+class _Levels(tuple):
+    """``--levels``'s shrink factors, with the text given (for messages: ``--levels 7``, not its 7 factors)."""
+
+    text: str = ""
+
+
 def _levels(text: str) -> tuple[int, ...]:
     """``"3"`` -> ``(4, 2, 1)``; ``"8,4,2,1"`` -> as given."""
+    factors = _Levels(_factors(text))
+    factors.text = text
+    return factors
+
+
+def _factors(text: str) -> tuple[int, ...]:
     try:
         values = [int(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError:
@@ -175,11 +187,28 @@ def _device(text: str) -> str:
     return str(device)
 
 
+#: Most pixels an output of ``tireg apply`` may have (--size, a transform's fixed_size): 8 TiB a channel in
+#: float64, beyond any machine's memory, and far from numpy's limit ("Maximum allowed dimension exceeded",
+#: "array is too big", which named no option or file).  Between what memory holds and this: out of memory.
+MAX_OUTPUT_PIXELS = 2**40
+
+
+def _too_many_pixels(size: Sequence[int]) -> str:
+    """``""``, or why an output of ``size`` ``(H, W)`` is refused."""
+    pixels = int(size[0]) * int(size[1])
+    if pixels <= MAX_OUTPUT_PIXELS:
+        return ""
+    return f"{pixels} pixels is too large; an output has at most {MAX_OUTPUT_PIXELS} (2**40) pixels"
+
+
 def _size(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", text)
     if not match or min(int(match[1]), int(match[2])) < 1:
         raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels, e.g. 480x640; got {text!r}")
-    return int(match[1]), int(match[2])
+    size = int(match[1]), int(match[2])
+    if _too_many_pixels(size):  # argparse names the option: "argument --size: ..."
+        raise argparse.ArgumentTypeError(f"{text}: {_too_many_pixels(size)}")
+    return size
 
 
 def _output(text: str) -> str:
@@ -463,7 +492,15 @@ class _Progress:
             self.bar = None
 
 
-def _schedule(args: argparse.Namespace, size: tuple[int, int]) -> list[tuple[int, float]]:
+def _schedule(args: argparse.Namespace, size: tuple[int, int], what: str = "image") -> list[tuple[int, float]]:
+    """The pyramid's levels for images of ``size``; :class:`UsageError` naming ``--levels`` for a factor
+    too large for them (register()'s own message named a Python tuple, not the option)."""
+    if args.levels is not None and min(size) // max(args.levels) < 4:
+        largest = min(size) // 4  # the largest factor that leaves 4 pixels; --levels N reaches 2**(N - 1)
+        text = getattr(args.levels, "text", "") or ",".join(map(str, args.levels))
+        raise UsageError(f"--levels {text}: shrink factor {max(args.levels)} leaves fewer than 4 pixels of the "
+                         f"{size[1]} x {size[0]} {what}; use factors of at most {largest} (--levels "
+                         f"{largest.bit_length()} at most)")
     return _pyramid(args).levels(size)  # register() warns about factors that do not end with 1
 
 
@@ -759,7 +796,8 @@ def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
     paths = _register_paths(folder, Path(_output_name(moving.path.name.lower(), moving.format)).suffix)
     outputs.check(*paths.values())
     check_writable(paths["warped"], (1, moving.channels), moving.format)  # before the work, not after it
-    schedule = _schedule(args, (min(fixed.size[0], moving.size[0]), min(fixed.size[1], moving.size[1])))
+    schedule = _schedule(args, (min(fixed.size[0], moving.size[0]), min(fixed.size[1], moving.size[1])),
+                         "image" if fixed.size == moving.size else "pixels both images span")
 
     progress = _Progress(args, len(schedule))
     try:
@@ -913,6 +951,9 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
         except ValueError:
             raise CommandError(f"transform {args.transform!r}: \"metadata.fixed_size\" must be two positive integers "
                                f"[height, width]; got {stored!r} (or give --size or --reference)") from None
+        if _too_many_pixels(size):  # numpy's "array is too big" named neither the file nor the field
+            raise CommandError(f"transform {args.transform!r}: \"metadata.fixed_size\" {stored!r}: "
+                               f"{_too_many_pixels(size)} (give --size or --reference)")
     else:
         size = image.size
     output = Path(args.output)
@@ -1143,7 +1184,7 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
                 raise CommandError(f"cannot write {str(output / name)!r}: it is a folder")
             outputs.check(output / name)
             check_writable(output / name, (1, stack.channels), image_format)
-    schedule = _schedule(args, stack.size)
+    schedule = _schedule(args, stack.size, "frames")
 
     # mean: a chained pass of count - 1 frames, then every frame to the mean of the aligned frames
     total = 2 * stack.count - 1 if args.reference == "mean" else stack.count - 1
