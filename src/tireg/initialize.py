@@ -244,14 +244,14 @@ def _centred(image: torch.Tensor) -> torch.Tensor:
 
 def _is_constant(image: torch.Tensor) -> torch.Tensor:
     """``(B,)`` bool: luminance ``(B, 1, H, W)`` varies by no more than its values' rounding, ``max - min
-    <= 4 eps max|x|`` in its dtype.  A fixed ``1e-6`` of the largest value had called ``1e5 + 0.05
-    camera`` (float64) and ``1000 + 0.0009 camera`` (float32: 15 levels of detail) constant, and
-    started them at the identity where phase correlation found the shift."""
+    <= 32 eps max|x|`` in its dtype (a constant resampled by bicubic weights varies by about 22 eps).
+    A fixed ``1e-6`` of the largest value had called ``1e5 + 0.05 camera`` (float64, 2e9 eps)
+    constant, and started it at the identity where phase correlation found the shift."""
     flat = image.flatten(1)
     lowest, highest = flat.amin(dim=1), flat.amax(dim=1)  # torch.aminmax(dim=) is 10x slower on the CPU
     scale = torch.maximum(highest, lowest.neg())  # max |x|
     finfo = torch.finfo(image.dtype)
-    return highest - lowest <= torch.add(constant(finfo.tiny, like=scale), scale, alpha=4.0 * finfo.eps)
+    return highest - lowest <= torch.add(constant(finfo.tiny, like=scale), scale, alpha=32.0 * finfo.eps)
 
 
 # ----------------------------------------------------------------------------
