@@ -201,11 +201,12 @@ def test_the_contrast_whose_quick_start_scores_higher_searches_first(monkeypatch
     Each pair of a batch gets the result it has alone."""
     import tireg.initialize as init_module
 
-    searched, contrast = [], []
+    searched, contrast, chunks = [], [], []
     initialize, search = init_module._initialize, init_module._search
 
     def recording_initialize(*args, **kwargs):
         contrast[:] = [kwargs.get("negate_moving", args[7] if len(args) > 7 else False)]
+        chunks.append(kwargs.get("start") is not None)
         return initialize(*args, **kwargs)
 
     def recording_search(fixed, *args, **kwargs):
@@ -233,11 +234,14 @@ def test_the_contrast_whose_quick_start_scores_higher_searches_first(monkeypatch
     assert bool((torch.stack(quick) < init_module.AUTO_THRESHOLD).all()), quick
     searched.clear()
     quick.clear()
+    chunks.clear()
     batch = tireg.register(pair, both, transform="affine", metric="ncc_any")
     # each pair searched once, in its matching contrast, which found a start that scores high; the quick
     # candidates were found once in each contrast, not again for the search
     assert searched == [("own", 1), ("inverted", 1)], searched
     assert sum(quick) == 4  # 2 pairs in 2 contrasts
+    # the pairs go in a chunk each: a search prepares only the chunk with a pair to search
+    assert chunks == [False, False, False, False, True, True], chunks
     for index in range(2):
         assert grid_error(batch.matrix[index], truth, fixed.shape[-2:]) < 0.05, batch.summary()
         alone = tireg.register(fixed[0, 0], both[index, 0], transform="affine", metric="ncc_any")

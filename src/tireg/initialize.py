@@ -1390,13 +1390,15 @@ def _scored_initialize(
     working = max((size[0] // factor) * (size[1] // factor) for size in (fixed.shape[-2:], moving.shape[-2:]))
     masks = [None if mask is None else mask.expand(batch, *mask.shape[1:]) for mask in (fixed_mask, moving_mask)]
     with torch.no_grad():
-        found = [
-            _initialize(fixed[part], moving[part], transform, method, centre_full[part], max_size,
-                        None if search is None else search[part], negate_moving,
-                        *(None if mask is None else mask[part] for mask in masks),
-                        start=None if start is None else tuple(part_of[part] for part_of in start))
-            for part in chunk_slices(batch, working, _pair_chunk_budget(batch, working))
-        ]
+        found = []
+        for part in chunk_slices(batch, working, _pair_chunk_budget(batch, working)):
+            given = None if start is None else tuple(part_of[part].to(fixed.dtype) for part_of in start)
+            if given is not None and search is not None and not bool(search[part].any()):
+                found.append(given)  # nothing to improve on in this chunk: its working images not made
+                continue
+            found.append(_initialize(fixed[part], moving[part], transform, method, centre_full[part], max_size,
+                                     None if search is None else search[part], negate_moving,
+                                     *(None if mask is None else mask[part] for mask in masks), start=given))
     return tuple(torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*found))
 
 
@@ -1513,7 +1515,8 @@ def _initialize(
         else:
             canvas = _warp(_centred(small_m), base, small_f.shape[-2:])
         fixed_spectra = _spectra(small_f)  # windowed, shared by every candidate's phase correlation
-        phase = base @ translation_matrix(_shifts(fixed_spectra, canvas))
+        reuse = start is not None and method == "auto" and kind != "translation"  # the quick candidates given
+        phase = None if reuse else base @ translation_matrix(_shifts(fixed_spectra, canvas))
         # and without the window: a large shift (30-60 % overlap) puts the overlap at the images' edges,
         # which the window suppresses (17 of 80 such pairs failed with the window alone, none without)
         unwindowed = lambda: base @ translation_matrix(_phase_shift(small_f, canvas, window=False))  # noqa: E731
@@ -1530,7 +1533,7 @@ def _initialize(
             # Fourier–Mellin, both 180-degree options, batched.  For rigid, the shift is found with the
             # estimated scale (a scale mismatch misleads phase correlation), then the scale is dropped
             # keeping the centre's image in place.
-            if start is not None and method == "auto":  # the quick candidates' best, found before
+            if reuse:  # the quick candidates' best, found before
                 result = scale_down @ start[0].to(dtype=dtype, device=device) @ scale_up
                 best_score = start[1].to(dtype=dtype, device=device)
             else:
