@@ -1294,7 +1294,7 @@ def initialize(
         ``"fourier-mellin"``: :func:`fourier_mellin` gives ``(theta, s)`` modulo
         180 degrees; for ``theta`` and ``theta + pi`` the moving image is
         resampled by the similarity ``S0 = similarity(theta, s, 0, 0)`` about
-        ``center``, phase correlation of the fixed image with it gives the
+        the fixed image's middle, phase correlation of the fixed image with it gives the
         remaining shift ``t'``, and of the two candidates ``A = S0 T(t')`` the
         one with the higher overlap NCC is kept (the 180-degree ambiguity is
         resolved here).
@@ -1345,11 +1345,14 @@ def initialize(
         transform: ``"translation"``, ``"rigid"``, ``"similarity"``,
             ``"anisotropic_similarity"`` or ``"affine"``.
         method: one of :data:`METHODS`.
-        center: ``(x, y)`` or ``(B, 2)`` in full-resolution fixed-image pixels,
-            the point about which candidate rotations and scalings are tried,
-            and whose image a projection onto a smaller kind keeps (default:
-            the fixed image centre).  The returned matrix has the same
-            meaning whatever the centre (it is not a parameter vector).
+        center: ``(x, y)`` or ``(B, 2)`` in full-resolution fixed-image pixels:
+            the point whose image a rigid start keeps where it drops the scale
+            of a similarity candidate (Fourier–Mellin's; default: the fixed
+            image centre).  Candidates turn about the fixed image's middle
+            whatever it says (turned about a corner, they left the grid), and
+            the returned matrix has the same meaning whatever the centre (it
+            is not a parameter vector); translation and search candidates do
+            not depend on it.
         max_size: largest side of the working copies (an integer ``>= 8``; see
             above for a strip).
 

@@ -804,9 +804,10 @@ def _padding_slopes(grid: torch.Tensor, size: Sequence[int], interpolation: str,
     last dimension, an inner loop of two); each comparison written as 0 or 1 in the grid's dtype
     (a bool result, its cast back and ``torch.where`` cost 5 to 25 float passes each on the CPU);
     and ``floor`` with a product where ``torch.remainder`` took 1.5 ms a call at 256^2 (it is not
-    vectorised).  The slopes are bit for bit those of the formulation with ``remainder``, bools and
+    vectorised).  The slopes are equal to those of the formulation with ``remainder``, bools and
     ``where`` (``reference_padding_slopes`` in tests/test_sampling.py) wherever ``|x|`` is below
-    2^24 pixels (2^53 in float64), and at NaN and infinite coordinates.
+    2^24 pixels (2^53 in float64), and at NaN and infinite coordinates, but for the sign of a zero
+    (``+0`` where the reference gave ``-0``, which no product tells apart).
     """
     if padding_mode == "zeros":
         return None
