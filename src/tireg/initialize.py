@@ -71,7 +71,15 @@ from ._validation import (
     writable,
 )
 from .metrics import _flat_variance
-from .sampling import MASK_BLOCK_INSIDE, _coarse_image, checked_warp, downsample, gaussian_blur, shrink_matrix
+from .sampling import (
+    MASK_BLOCK_INSIDE,
+    _coarse_image,
+    _shrunk_points,
+    checked_warp,
+    downsample,
+    gaussian_blur,
+    shrink_matrix,
+)
 from .transforms import (
     _about_center,
     _check_real_center,
@@ -1156,7 +1164,7 @@ def _search_stages(
     def shrunk(factor):  # the images that rank candidates, downsampled by `factor`
         shrink = shrink_matrix(factor, dtype=dtype, device=device)
         return (_spectra(downsample(fixed, factor)), downsample(canvas, factor),
-                torch.linalg.inv(shrink) @ base @ shrink, (centre - (factor - 1) / 2.0) / factor,
+                torch.linalg.inv(shrink) @ base @ shrink, _shrunk_points(centre, factor),
                 _shrunk_scoring(score_fixed, factor), _shrunk_scoring(score_moving, factor))
 
     def moves(*steps):  # each parameter by -step, 0 and +step, (81, 4)
@@ -1494,11 +1502,10 @@ def _initialize(
         small_m = -small_m  # a working copy; downsample(-m) is -downsample(m), bit for bit
     score_f = _scoring_image(small_f, small_fixed_mask)
     score_m = _scoring_image(small_m, small_moving_mask)
-    centre = (centre_full - (factor - 1) / 2.0) / factor  # working pixels: where the kind's projection keeps the image
+    centre = _shrunk_points(centre_full, factor)  # working pixels: where the kind's projection keeps the image
     # the candidates turn about the fixed image's centre, whatever `center`: turned about a corner by
     # 90 degrees or more, the canvas left the grid and no shift was found (80-300 px off)
-    middle = torch.tensor([(width - 1) / 2.0, (height - 1) / 2.0], dtype=dtype, device=device).expand(batch, 2)
-    turn_centre = (middle - (factor - 1) / 2.0) / factor
+    turn_centre = _shrunk_points(_as_centre(None, batch, height, width, fixed, "initialize()"), factor)
     score = lambda options: _ncc_scores(score_f, score_m, options, MIN_OVERLAP)  # noqa: E731
     base = scale_down @ centred @ scale_up
 
@@ -1506,7 +1513,7 @@ def _initialize(
         first = scale_down @ _moments(fixed, -moving if negate_moving else moving, kind, fixed_mask,
                                       moving_mask) @ scale_up
         # the 180-degree alternative: L -> -L about the fixed centroid (A c_f = c_m is kept)
-        centroid = (_centroid_and_covariance(fixed, fixed_mask)[0] - (factor - 1) / 2.0) / factor
+        centroid = _shrunk_points(_centroid_and_covariance(fixed, fixed_mask)[0], factor)
         flip = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=dtype, device=device))
         second = first @ translation_matrix(centroid) @ flip @ translation_matrix(-centroid)
         options = torch.stack([first, second], dim=1) if kind != "translation" else first[:, None]

@@ -459,6 +459,12 @@ def _shrink_values(factor: float) -> tuple:
     return ((float(factor), 0.0, offset), (0.0, float(factor), offset), (0.0, 0.0, 1.0))
 
 
+def _shrunk_points(points: torch.Tensor, factor: int) -> torch.Tensor:
+    """Full-resolution pixel coordinates ``(..., 2)`` on a level shrunk by ``factor``: the inverse of
+    :func:`shrink_matrix`'s map, ``x = (x_full - (f - 1) / 2) / f``."""
+    return (points - (factor - 1) / 2.0) / factor
+
+
 def sampling_grid(
     matrix: torch.Tensor,
     fixed_size: Sequence[int],
