@@ -648,19 +648,16 @@ def _warp_frames(frames: np.ndarray, matrices: np.ndarray, size: tuple[int, int]
     out = np.empty((count, *size, frames.shape[-1]), dtype=np.float64)
     for start in range(0, count, batch):
         chunk = np.moveaxis(frames[start:start + batch], -1, 1).astype(np.float64)
-        premultiply = straight[start:start + batch]
-        if premultiply.any():
-            chunk[premultiply, :-1] *= chunk[premultiply, -1:]
+        premultiplied = straight[start:start + batch]  # (io.premultiply's colour x alpha, channels first)
+        if premultiplied.any():
+            chunk[premultiplied, :-1] *= chunk[premultiplied, -1:]
         image = torch.from_numpy(np.ascontiguousarray(writable(chunk))).to(device)
         matrix = torch.from_numpy(np.array(matrices[start:start + batch], order="C")).to(device)  # a writable copy
         warped = warp(image, matrix, size=size, interpolation=interpolation, padding_mode="zeros")
         out[start:start + batch] = np.moveaxis(warped.cpu().numpy(), 1, -1)
-    if straight.any():
-        part = out[straight]
-        covered = part[..., -1:] > 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            colour = np.clip(part[..., :-1] / np.where(covered, part[..., -1:], 1.0), low, high)
-        part[..., :-1] = np.where(covered, colour, 0.0)
+    if straight.any():  # colour / warped alpha (io.unpremultiply at full scale 1), clipped where covered
+        part = unpremultiply(out[straight], np.float64)
+        part[..., :-1] = np.where(part[..., -1:] > 0, np.clip(part[..., :-1], low, high), 0.0)
         out[straight] = part
     return out
 
