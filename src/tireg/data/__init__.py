@@ -2,7 +2,7 @@
 
 Each loader returns a float tensor (float32, or float64 with ``dtype=torch.float64``)
 with values in ``[0, 1]``: grey images as ``(H, W)``, colour images as
-``(3, H, W)``.  They are small (about 200 x 250 pixels), non-square, real
+``(3, H, W)``.  They are small (192-224 x 256 pixels, coins 303 x 384), non-square, real
 photographs and textures, stored as ``.npz`` so that loading needs nothing
 beyond NumPy.
 """
