@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,3 +180,25 @@ def test_affy_ds_names_its_scale_argument():
     with pytest.raises(ValueError, match=r"^Affy.ds\(\): the shapes of 'angle' \(3,\) and 'scale' \(2,\) do not "
                                          r"broadcast$"):
         Affy.ds(torch.zeros(3), torch.ones(2), 0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("position, value, message", [
+    (1, 1e300, r"'scalex' is 1e\+300, beyond the range of float32"),
+    (3, 1e39, r"'dx' is 1e\+39, beyond the range of float32"),
+    (6, 10**39, r"'cy' is 1e\+39, beyond the range of float32"),
+    (5, np.float64(-1e39), r"'cx' is -1e\+39, beyond the range of float32"),
+    (4, [0.0, 1e39], r"'dy' holds values beyond the range of float32"),
+])
+def test_affy_refuses_a_finite_number_beyond_the_result_dtypes_range(position, value, message):
+    # Every argument was finite, yet the float32 matrix had held inf and NaN, with no error.
+    values = [0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    values[position] = value
+    with pytest.raises(ValueError, match=r"^Affy.get_matrix\(\): " + message + r", the result's dtype .*"
+                                         r"give it as a float64 tensor for a float64 result$"):
+        Affy.get_matrix(*values)
+    with pytest.raises(ValueError, match=r"^Affy.ds\(\): 'cx' is 1e\+39, beyond the range of float32"):
+        Affy.ds(0.0, 1.0, 0.0, 0.0, 1e39, 0.0)
+    # the largest float32 is no overflow, and a float64 result takes the number as it is
+    assert torch.isfinite(Affy.get_matrix(0.0, 1.0, 1.0, 3.4028235e38, 0.0, 0.0, 0.0)).all()
+    values[0] = torch.tensor(0.0, dtype=torch.float64)
+    assert torch.isfinite(Affy.get_matrix(*values)).all()

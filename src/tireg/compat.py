@@ -28,9 +28,14 @@ __all__ = ["PerPixelLoss", "AffyModel", "AffyModelAnal", "Affy", "Mapping"]
 Scalar = Union[float, np.ndarray, torch.Tensor]
 
 
-def _as_number_array(value, name: str, caller: str) -> np.ndarray:
-    """A non-tensor argument as a finite real NumPy array (float64 where it was a Python float:
-    converted once, to the result dtype, never through float32)."""
+#: The largest finite value of each result dtype: a number above it may round to infinity there.
+_LARGEST = {dtype: torch.finfo(dtype).max for dtype in FLOAT_DTYPES}
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _as_number_array(value, name: str, caller: str, dtype: torch.dtype) -> np.ndarray:
+    """A non-tensor argument as a finite real NumPy array of the result ``dtype`` (converted once,
+    from what was given, never through float32 for a float64 result)."""
     try:
         array = np.asarray(value)
     except (TypeError, ValueError):  # a ragged list
@@ -38,11 +43,25 @@ def _as_number_array(value, name: str, caller: str) -> np.ndarray:
     if array is None or array.dtype.kind not in "iuf":  # not bool: True is no angle
         shown = repr(value) if isinstance(value, (bool, np.bool_, str, bytes)) else type(value).__name__
         raise TypeError(f"{caller}: '{name}' must be a number, an array of numbers or a real tensor; got {shown}")
-    if array.ndim == 0:
-        finite_number(array, name, caller)
-    elif not np.isfinite(array).all():
+    if not np.isfinite(array).all():
+        if array.ndim == 0:
+            finite_number(array, name, caller)  # raises, saying the value
         raise ValueError(f"{caller}: '{name}' holds NaN or Inf values")
-    return array
+    return _in_range(array, name, caller, dtype)
+
+
+def _in_range(array: np.ndarray, name: str, caller: str, dtype: torch.dtype) -> np.ndarray:
+    """``array`` (finite) converted to ``dtype`` on the host; raise a ``ValueError`` naming the argument
+    where a value is beyond the dtype's range: 1e39 had become inf in float32, and the matrix held inf
+    and NaN, though every argument given was finite."""
+    with np.errstate(over="ignore"):  # the overflow is refused below, by name
+        converted = array.astype(_NUMPY_DTYPES[dtype], copy=False)
+    if not np.isfinite(converted).all():
+        kind = str(dtype).replace("torch.", "")
+        subject = f"'{name}' is {array}, beyond" if array.ndim == 0 else f"'{name}' holds values beyond"
+        raise ValueError(f"{caller}: {subject} the range of {kind}, the result's dtype (at most "
+                         f"{_LARGEST[dtype]:.3g} in magnitude); give it as a float64 tensor for a float64 result")
+    return converted
 
 
 def _arguments(caller: str, **values: Scalar) -> dict[str, torch.Tensor]:
@@ -52,7 +71,8 @@ def _arguments(caller: str, **values: Scalar) -> dict[str, torch.Tensor]:
     any is float64); with none, the default dtype.  Numbers and arrays are converted straight into
     it: a float64 angle with a Python-float centre had gone through a float32 centre (5e-6 px off
     at 1000 px), and a float64 centre with Python-float parameters had given a float32 matrix.
-    Tensor values are not read (no wait for a GPU); a number's are.  Called in every step of a
+    Tensor values are not read (no wait for a GPU); a number's are, on the host, and one that is
+    beyond the result dtype's range (1e39 in float32) is refused by name.  Called in every step of a
     seed-style model (its matrix and each derivative): the common case, tensors and Python
     numbers, takes no NumPy round trip.
     """
@@ -85,9 +105,12 @@ def _arguments(caller: str, **values: Scalar) -> dict[str, torch.Tensor]:
         if isinstance(value, torch.Tensor):
             converted.append(value.to(dtype=dtype, device=device))  # the same tensor where nothing changes
         elif type(value) in (int, float):  # the common case: no NumPy round trip
-            converted.append(torch.tensor(finite_number(value, name, caller), dtype=dtype, device=device))
+            number = finite_number(value, name, caller)
+            if abs(number) > _LARGEST[dtype]:  # rare: may round to infinity in dtype (checked on the host)
+                _in_range(np.asarray(number), name, caller, dtype)
+            converted.append(torch.tensor(number, dtype=dtype, device=device))
         else:
-            converted.append(torch.as_tensor(_as_number_array(value, name, caller), dtype=dtype, device=device))
+            converted.append(torch.as_tensor(_as_number_array(value, name, caller, dtype), device=device))
     try:
         return dict(zip(values, torch.broadcast_tensors(*converted)))
     except RuntimeError:  # name the two arguments whose shapes do not broadcast
@@ -122,7 +145,8 @@ def get_matrix(
 
     Raises:
         TypeError: an argument that is not a real number, array or tensor (naming it), or float16 alone.
-        ValueError: a NaN or infinite number, shapes that do not broadcast, tensors on two devices.
+        ValueError: a NaN or infinite number, a number beyond the range of the result's dtype (1e39
+            with a float32 result), shapes that do not broadcast, tensors on two devices.
     """
     params, center = _params_and_center("Affy.get_matrix()", angle, scalex, scaley, dx, dy, cx, cy)
     return anisotropic_similarity_matrix(params, center)
