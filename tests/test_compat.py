@@ -202,3 +202,16 @@ def test_affy_refuses_a_finite_number_beyond_the_result_dtypes_range(position, v
     assert torch.isfinite(Affy.get_matrix(0.0, 1.0, 1.0, 3.4028235e38, 0.0, 0.0, 0.0)).all()
     values[0] = torch.tensor(0.0, dtype=torch.float64)
     assert torch.isfinite(Affy.get_matrix(*values)).all()
+
+
+@pytest.mark.parametrize("value", [10**400, -10**400, 10**5000], ids=["1e400", "-1e400", "1e5000"])
+def test_an_integer_beyond_float64_is_refused_naming_the_caller_and_argument(value):
+    # (10**5000 is too long even for str(): the message does not show the value.)
+    # float() had raised a bare "OverflowError: int too large to convert to float", naming nothing.
+    with pytest.raises(ValueError, match=r"^Affy.get_matrix\(\): 'angle' is beyond float64's range"):
+        Affy.get_matrix(value, 1, 1, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match=r"^Affy.dy\(\): 'cy' is beyond float64's range"):
+        Affy.dy(0, 1, 1, 0, 0, 0, value)
+    # where a number is only read (real_number), such an integer is infinite, refused as infinity is
+    with pytest.raises(ValueError, match=r"^SigmoidMapping\(\): need finite lo < hi; got lo=0.0, hi=-?inf$"):
+        Mapping.SigmoidMapping(0.0, value)

@@ -8,6 +8,7 @@ function's name and names the offending argument, e.g.
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 from typing import Any, Optional, Sequence, Union
 
@@ -153,9 +154,9 @@ def check_affine(matrix: torch.Tensor, caller: str, name: str = "matrix") -> Non
         )
 
 
-def real_number(value) -> Optional[float]:
-    """``value`` as a ``float`` if it is a real number (a NumPy number, a 0-d tensor too), else ``None``;
-    a ``bool`` or a string is not one (``float("3")`` would take it)."""
+def _as_float(value) -> Optional[float]:
+    """``float(value)`` for a real number, ``None`` for what is not one; an ``OverflowError`` passes
+    through (an ``int`` or ``Fraction`` beyond float64's range)."""
     if isinstance(value, (bool, str, bytes)):
         return None
     try:
@@ -164,9 +165,25 @@ def real_number(value) -> Optional[float]:
         return None
 
 
+def real_number(value) -> Optional[float]:
+    """``value`` as a ``float`` if it is a real number (a NumPy number, a 0-d tensor too), else ``None``;
+    a ``bool`` or a string is not one (``float("3")`` would take it).  An integer beyond float64's
+    range (``10**400``) is a real number too, ``+-inf`` as a float: ``float()`` had raised a bare
+    ``OverflowError`` through every caller; they refuse it as they refuse an infinite number."""
+    try:
+        return _as_float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def finite_number(value, name: str, caller: str) -> float:
-    """``value`` as a finite ``float``; raise a ``TypeError`` for a non-number, a ``ValueError`` for NaN or Inf."""
-    number = real_number(value)
+    """``value`` as a finite ``float``; raise a ``TypeError`` for a non-number, a ``ValueError`` for NaN,
+    Inf or an integer beyond float64's range (``10**400``), naming ``name`` and ``caller``."""
+    try:
+        number = _as_float(value)
+    except OverflowError:  # the value is not shown: str() of an int of over 4300 digits raises
+        raise ValueError(f"{caller}: '{name}' is beyond float64's range (at most {sys.float_info.max:.3g} "
+                         "in magnitude)") from None
     if number is None:
         shown = repr(value) if isinstance(value, (bool, str)) else type(value).__name__
         raise TypeError(f"{caller}: '{name}' must be a number; got {shown}")
