@@ -1697,8 +1697,10 @@ def test_level_matrix_transfers_the_transform(factor):
     assert (wrong[inner] - warp_then_coarse[inner]).abs().mean() > 0.05
 
 
-def test_fixed_and_moving_of_different_sizes():
-    """A small fixed view found inside a larger moving scene: matrices map fixed pixels to scene pixels."""
+@pytest.fixture(scope="module")
+def view_in_scene():
+    """A 150 x 180 fixed view of the larger camera scene (the moving image), registered: (result, fixed,
+    scene, truth)."""
     from tireg.data import load
     from tireg.transforms import rigid_matrix, translation_matrix
 
@@ -1707,10 +1709,48 @@ def test_fixed_and_moving_of_different_sizes():
         torch.tensor([0.15, 0.0, 0.0], dtype=torch.float64), tireg.image_center(150, 180)
     )
     fixed = tireg.warp(scene[None, None], truth, size=(150, 180))[0, 0]
-    result = tireg.register(fixed.float(), scene.float(), transform="rigid")
+    return tireg.register(fixed.float(), scene.float(), transform="rigid"), fixed, scene, truth
+
+
+def test_fixed_and_moving_of_different_sizes(view_in_scene):
+    """A small fixed view found inside a larger moving scene: matrices map fixed pixels to scene pixels."""
+    result, fixed, scene, truth = view_in_scene
     assert result.fixed_size == (150, 180) and result.moving_size == tuple(scene.shape)
     assert grid_error(result.matrix, truth, (150, 180)) < 0.2
     assert result.warp(scene).shape == (150, 180)
+
+
+def test_the_inverse_of_a_view_in_a_larger_scene_is_about_the_scene_centre(view_in_scene):
+    """The inverse maps the (moving) scene onto the (fixed) view: its fixed image is the scene, its
+    parameters are about the scene's centre.  With images of one size, the sizes swapped or not and
+    either image's centre gave the same inverse."""
+    result, fixed, scene, truth = view_in_scene
+    assert tuple(scene.shape) != (150, 180)
+    inverse = result.inverse()
+    assert inverse.fixed_size == result.moving_size == tuple(scene.shape)
+    assert inverse.moving_size == result.fixed_size == (150, 180)
+    center = tireg.image_center(*scene.shape)
+    assert inverse.center == center != tireg.image_center(150, 180)
+    torch.testing.assert_close(inverse.matrix, torch.linalg.inv(result.matrix), rtol=0.0, atol=1e-12)
+    assert grid_error(inverse.matrix, torch.linalg.inv(truth), tuple(scene.shape)) < 0.05
+    # a rigid transform about c: A x = R (x - c) + c + t, so t = A c - c, and R is A's linear part
+    parameters = inverse.parameters
+    c = torch.tensor([*center, 1.0], dtype=torch.float64)
+    shift = (inverse.matrix @ c)[:2] - c[:2]
+    assert math.isclose(parameters["tx"], float(shift[0]), rel_tol=0, abs_tol=1e-9)
+    assert math.isclose(parameters["ty"], float(shift[1]), rel_tol=0, abs_tol=1e-9)
+    angle = parameters["angle"]
+    rotation = torch.tensor([[math.cos(angle), math.sin(angle)], [-math.sin(angle), math.cos(angle)]],
+                            dtype=torch.float64)  # OpenCV's R(theta), tireg's convention
+    torch.testing.assert_close(inverse.matrix[:2, :2], rotation, rtol=0.0, atol=1e-12)
+    assert abs(angle + 0.15) < 2e-3  # the view was turned by 0.15 rad
+    # the view warped back onto the scene's grid is the scene, where the view covers it
+    warped = inverse.warp(fixed)
+    assert warped.shape == scene.shape
+    covered = inverse.warp(torch.ones(150, 180, dtype=torch.float64)) > 1 - 1e-9
+    assert 148 * 178 < covered.sum() < 150 * 180  # a turned 150 x 180 rectangle, less a pixel's rim
+    error = (warped - scene)[covered].abs().mean() / (scene.max() - scene.min())
+    assert error < 0.02  # two bilinear resamplings of a sharp image: 1.2 %
 
 
 # ----------------------------------------------------------------------------
