@@ -15,6 +15,8 @@ from __future__ import annotations
 import csv
 import functools
 import importlib
+import json
+import math
 import os
 import re
 import shutil
@@ -32,7 +34,7 @@ import torch
 import tireg
 from conftest import CUDA, grid_error, registration_pair
 from tireg import transform_io
-from tireg.cli import main
+from tireg.cli import DEMO_TRUTH, main
 from tireg.io import read_stack
 from tireg.transforms import TRANSFORMS, translation_matrix
 
@@ -433,6 +435,10 @@ def test_stack_aligns_every_frame_to_the_first(drift, tmp_path, reference):
         assert error < 0.3 * np.abs(original.astype(float) - frames[0])[inside].mean()
     rows = _check_stack(tmp_path / "aligned.csv", truths, frames.shape[1:])
     assert float(rows[3]["angle_deg"]) == pytest.approx(np.degrees(0.15), abs=0.05)
+    for row in rows:  # the angle in degrees is the matrix's, exactly: the closest R = [[c, s], [-s, c]] to its
+        m = matrix_of(row)  # linear part maximises c (m00 + m11) + s (m01 - m10)
+        angle = math.degrees(math.atan2(m[0, 1] - m[1, 0], m[0, 0] + m[1, 1]))
+        assert math.isclose(float(row["angle_deg"]), angle, rel_tol=1e-12, abs_tol=1e-12), (row, angle)
     if reference == "previous":
         # The chain's order matters for this drift: frame 0 -> k is A_k ... A_1, and A_1 ... A_k is far off.
         pairs = [np.eye(3)] + [truths[k] @ np.linalg.inv(truths[k - 1]) for k in range(1, 6)]
@@ -925,6 +931,13 @@ def test_demo_prints_recovered_and_true_and_writes_pictures(tmp_path):
     process = ok(run("demo", cwd=tmp_path))
     assert "true" in process.stdout and "recovered" in process.stdout and "tireg-demo" in process.stdout
     out = tmp_path / "tireg-demo"
+    # the printed angle in degrees is the saved angle in radians, converted (to its 4 printed decimals)
+    row = re.search(r"angle \(deg\)\s+(\S+)\s+(\S+)\s+(\S+)", process.stdout)
+    true, recovered, error = (float(value) for value in row.groups())
+    saved = json.loads((out / "transform.json").read_text())["parameters"]["angle"]
+    assert abs(recovered - math.degrees(saved)) <= 5.1e-5, (recovered, saved)
+    assert true == DEMO_TRUTH["angle_deg"] and abs(error - (recovered - true)) <= 1.1e-4
+    assert abs(recovered - true) < 0.05  # the demo turns its image by 10 degrees and finds it
     for name in ("fixed.png", "moving.png", "warped.png", "before_after.png", "convergence.png"):
         assert_png(out / name)
     assert (out / "transform.tfm").is_file() and (out / "transform.json").is_file()

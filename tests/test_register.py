@@ -837,6 +837,8 @@ def test_result_fields(rigid_result):
     parameters = result.parameters
     assert set(parameters) == {"angle", "angle_deg", "tx", "ty"}
     assert abs(parameters["angle"] - angle) < 1e-3 and abs(parameters["angle_deg"] - math.degrees(angle)) < 0.06
+    # the same angle in degrees, exactly (the 0.06 degrees above let a 0.2 % error in the conversion through)
+    assert math.isclose(parameters["angle_deg"], math.degrees(parameters["angle"]), rel_tol=1e-12, abs_tol=0)
     assert abs(parameters["tx"] - tx) < 0.1 and abs(parameters["ty"] - ty) < 0.1
     assert result.matrix.shape == (3, 3) and result.matrix.dtype == torch.float64
     assert result.stop_reason[0] in STOP_REASONS
