@@ -593,6 +593,38 @@ def test_load_binary_file(tmp_path):
         load_transform(tmp_path / "b.tfm")
 
 
+def test_itk_comment_lines_may_hold_latin1_bytes_the_rest_must_be_utf8(tmp_path):
+    # A Latin-1 comment, which ITK and SimpleITK read, had made the whole file "not a UTF-8 text file".
+    text = ("#Insight Transform File V1.0\n# Erstellt f\u00fcr M\u00fcller\n#Transform 0\n"
+            "Transform: AffineTransform_double_2_2\nParameters: 1 0 0 1 2.5 0\nFixedParameters: 0 0\n")
+    path = tmp_path / "latin.tfm"
+    path.write_bytes(text.encode("latin-1"))
+    expected = np.array([[1.0, 0.0, 2.5], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert np.array_equal(load_transform(path).matrix.numpy(), expected)
+    assert sitk.ReadTransform(str(path)).TransformPoint((0.0, 0.0)) == (2.5, 0.0)
+    # tireg's record still applies beside such a comment
+    saved = save_transform(tmp_path / "t.tfm", torch.eye(3), transform="rigid", parameters={"angle": 0.0})
+    saved.write_bytes(saved.read_bytes().replace(b"#Transform 0", "# f\u00fcr\n#Transform 0".encode("latin-1")))
+    assert load_transform(saved).transform == "rigid"
+    # outside a comment, and in the #tireg: record, a byte that is not UTF-8 is named with its line
+    cases = [(text.replace("Parameters: 1", "Parameters: \u00b51"), r"line 5 \(not a comment\) holds the byte 0xb5"),
+             (text.replace("Transform: Affine", "Transform: Aff\u00eene"),
+              r"line 4 \(not a comment\) holds the byte 0xee"),
+             (saved.read_text(encoding="latin-1").replace('"rigid"', '"r\u00eegid"'),
+              r"line 2 \(tireg's '#tireg:' record, which it writes in UTF-8\) holds the byte 0xee")]
+    for bad, message in cases:
+        path.write_bytes(bad.encode("latin-1"))
+        with pytest.raises(ValueError, match=r"^load_transform\(\): .*latin\.tfm' is not a UTF-8 text file: "
+                                             + message + "; only comment lines may hold text in another encoding$"):
+            load_transform(path)
+    # a JSON document stays UTF-8 throughout
+    document = tmp_path / "t.json"
+    document.write_bytes(json.dumps({"format": "tireg-transform", "version": 1, "matrix": np.eye(3).tolist(),
+                                     "metadata": {"by": "M\u00fcller"}}, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(ValueError, match=r"^load_transform\(\): .*t\.json' is not a UTF-8 text file$"):
+        load_transform(document)
+
+
 def _document(**changes) -> str:
     document = {"format": "tireg-transform", "version": 1, "matrix": np.eye(3).tolist()}
     document.update(changes)

@@ -630,9 +630,12 @@ def load_transform(
       only Python's ``float()`` reads (``1_0``, non-ASCII digits,
       ``infinity``): a number is a plain decimal such as ``-1.5`` or
       ``2.5e-3``, separated by ASCII white space.  Comment lines are
-      skipped; a ``#tireg:`` comment written by :func:`save_transform` gives
-      back the kind, parameters and metadata when its recorded pixel matrix
-      equals the one read (same geometries, file not edited; metadata always).
+      skipped, and may hold bytes that are not UTF-8 (a Latin-1 ``# für``,
+      which ITK and SimpleITK read); every other line must be UTF-8 text,
+      the ``#tireg:`` comment too.  A ``#tireg:`` comment written by
+      :func:`save_transform` gives back the kind, parameters and metadata
+      when its recorded pixel matrix equals the one read (same geometries,
+      file not edited; metadata always).
       Unknown keys in a JSON document are ignored.
 
     Args:
@@ -648,7 +651,8 @@ def load_transform(
         IsADirectoryError: ``path`` is a folder.
         ValueError: unsupported suffix; malformed file, unsupported or 3-D
             transform type, wrong parameter count, non-finite or non-affine
-            values -- naming the file and, for ITK files, the line.
+            values, text that is not UTF-8 (outside an ITK file's comment
+            lines) -- naming the file and, for ITK files, the line.
     """
     caller = "load_transform()"
     path = Path(os.fspath(path))
@@ -659,13 +663,16 @@ def load_transform(
     moving = _as_geometry(moving_geometry, "moving_geometry", caller)
     if not path.exists():
         raise FileNotFoundError(f"{caller}: no such file: {str(path)!r}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise ValueError(f"{caller}: {str(path)!r} is not a UTF-8 text file") from None
+    data = path.read_bytes()
     if suffix in JSON_SUFFIXES:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise ValueError(f"{caller}: {str(path)!r} is not a UTF-8 text file") from None
         return _read_json(text, path, fixed, moving, caller)
-    return _read_itk(text, path, fixed, moving, caller)
+    # ITK reads bytes, and its comments may be in any encoding (a Latin-1 "# für"): a byte that is not
+    # UTF-8 becomes a lone surrogate here, allowed in comment lines only (_read_itk)
+    return _read_itk(data.decode("utf-8-sig", errors="surrogateescape"), path, fixed, moving, caller)
 
 
 def _read_json(
@@ -804,6 +811,12 @@ def _read_itk(
         line = raw.strip()
         if not line:
             continue
+        undecoded = _UNDECODED_BYTE.search(line)
+        if undecoded and (line.startswith(_TIREG_COMMENT) or not line.startswith("#")):
+            byte = ord(undecoded.group()) - 0xDC00
+            which = "tireg's '#tireg:' record, which it writes in UTF-8" if line.startswith("#") else "not a comment"
+            raise ValueError(f"{where} is not a UTF-8 text file: line {number} ({which}) holds the byte "
+                             f"0x{byte:02x}; only comment lines may hold text in another encoding")
         if line.startswith(_TIREG_COMMENT):
             try:
                 comment = _parse_json(line[len(_TIREG_COMMENT):])
@@ -909,6 +922,8 @@ def _read_itk(
 _ITK_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _ITK_NOT_FINITE = re.compile(r"[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
 _ASCII_SPACE = re.compile(r"[ \t\n\r\f\v]+")
+# A byte that is not UTF-8, as ``errors="surrogateescape"`` decodes it (0x80-0xff to U+DC80-U+DCFF).
+_UNDECODED_BYTE = re.compile("[\udc80-\udcff]")
 
 
 def _parse_numbers(value: str, where: str) -> np.ndarray:
