@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -301,6 +302,61 @@ def test_one_variant_past_the_recompile_limit_runs_the_reference_path_and_no_oth
     assert len(attempts) == 2  # the first call's two attempts, none after
     with pytest.warns(RuntimeWarning, match="over 64 compiled variants"):  # another shape: another variant
         assert fused.call_compiled(refusing, torch.device("cpu"), fixed[..., :8]) is None
+
+
+class _BranchingL2(tireg.PerPixelLoss):
+    """L2 with a branch on a tensor's value: fine eagerly, which dynamo cannot trace."""
+
+    def residual(self, r, gradient=False):
+        r = r if float(r.abs().max()) < 1e9 else r.clamp(-1e9, 1e9)
+        return (r * r, 2.0 * r) if gradient else r * r
+
+
+def test_a_loss_of_ones_own_that_fails_to_compile_sends_only_its_calls_to_the_reference_path(monkeypatch, generator):
+    """Such a loss marked the device failed: the built-in losses, the models and register() ran the
+    reference path for the rest of the process, under a warning that blamed the machine."""
+    attempts = []
+
+    def kernel(fixed, padded, matrix, loss, *args, **kwargs):
+        attempts.append(type(loss).__name__)
+        if isinstance(loss, _BranchingL2):
+            raise RuntimeError("Could not guard on data-dependent expression")
+        return "compiled"
+
+    fixed, moving = _kernel_that_raises(monkeypatch, generator, RuntimeError("unused"))
+    monkeypatch.setattr(fused, "compiled_bilinear_moments", lambda device, **options: kernel)
+    monkeypatch.setattr(fused, "_uncompilable", weakref.WeakSet(), raising=False)
+    padded, matrix, own = fused.pad_moving(moving, "zeros"), _matrix(1).float(), _BranchingL2()
+    with pytest.warns(RuntimeWarning, match=r"your own _BranchingL2 failed \(RuntimeError: Could not guard"):
+        assert fused.run_compiled(fixed, padded, matrix, own, "zeros") is None
+    assert fused._failed == set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fused.run_compiled(fixed, padded, matrix, own, "zeros") is None  # not tried again
+        assert fused.run_compiled(fixed[..., :8, :], padded, matrix, own, "zeros") is None  # nor at another size
+        assert fused.run_compiled(fixed, padded, matrix, tireg.L2Loss(), "zeros") == "compiled"
+    assert attempts == ["_BranchingL2", "L2Loss"]
+    # a model with it, on the real compiler: warned of once, then stepped by the reference path
+    model = tireg.create_model("affine", moving.double(), loss=_BranchingL2(), compile=True)
+    reference = tireg.create_model("affine", moving.double(), loss=tireg.L2Loss(), compile=False)
+    with pytest.warns(RuntimeWarning, match="your own _BranchingL2 failed"):
+        _, cost = model(moving.double(), fixed.double())
+    assert fused._failed == set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, again = model(moving.double(), fixed.double())
+    _, expected = reference(moving.double(), fixed.double())
+    assert float(cost) == float(again) == float(expected)
+
+
+def test_the_fused_count_is_one_per_pair_with_a_shared_weight_image(generator):
+    fixed = smooth_random_image((3, 1, 9, 11), generator)
+    moving = smooth_random_image((3, 1, 9, 11), generator)
+    weight = torch.rand((1, 1, 9, 11), generator=generator, dtype=torch.float64)
+    result = fused.bilinear_moments(fixed, fused.pad_moving(moving, "zeros"), _matrix(3), tireg.L2Loss(), "zeros",
+                                    weight)
+    assert result.cost.shape == result.count.shape == (3,)
+    torch.testing.assert_close(result.count, weight.sum().expand(3))
 
 
 def test_register_compiles_automatically_only_for_work_that_pays(monkeypatch):

@@ -50,6 +50,7 @@ import logging
 import os
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -336,7 +337,7 @@ def bilinear_moments(
         pixel_weight = pixel_weight * inside.to(dtype)
     rho, derivative = loss(warped, fixed, True)
     cost = (pixel_weight * rho).sum(dim=(1, 2, 3))
-    count = pixel_weight.sum(dim=(1, 2, 3))
+    count = pixel_weight.sum(dim=(1, 2, 3)).expand(cost.shape)  # (B,): a shared (1, 1, H, W) weight gave (1,)
     weighted = pixel_weight * derivative  # w rho'(r), (B, C, H, W)
     pixels = (1, 2, 3)  # channels are summed with the pixels
 
@@ -647,14 +648,52 @@ def _past_recompile_limit(error: BaseException) -> bool:
     return type(error).__name__ in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
 
 
+#: Objects of the caller's own (:func:`_own_objects`) whose compiled call failed: every call with one
+#: of them runs the reference path, and the fast path stays on for the rest.
+_uncompilable: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _own_objects(args: tuple, kwargs: dict) -> list:
+    """The arguments whose type is not tireg's, torch's or Python's own: a loss (or transform) of the
+    caller's, which the compiled kernel traces like its own code."""
+    found = []
+
+    def visit(value):
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        elif not isinstance(value, (torch.Tensor, torch.device, torch.dtype, bool, int, float, str, type(None))):
+            module = type(value).__module__ or ""
+            if not (module == "tireg" or module.startswith(("tireg.", "torch.", "builtins"))):
+                found.append(value)
+
+    visit(args)
+    visit(tuple(kwargs.values()))
+    return found
+
+
+def _marked_uncompilable(value: Any) -> bool:
+    try:
+        return value in _uncompilable
+    except TypeError:  # unhashable: never added
+        return False
+
+
 def call_compiled(kernel: Callable, device: torch.device, *args: Any, **kwargs: Any) -> Optional[Any]:
     """Call a compiled function; on a compile failure warn once per device type, remember it, return ``None``.
 
+    A failure of a call that holds an object of the caller's own (a loss of one's own that
+    dynamo cannot trace: a branch on a tensor's value) is that object's, not the machine's:
+    the calls with it run the reference path, the others stay compiled (marking the device
+    failed had sent the built-in losses, the models and :func:`tireg.register` to the
+    reference path for the rest of the process, with a warning blaming the device).
     Running out of memory is raised, not taken for a compile failure: the work does not fit,
     and the reference path for the rest of the process would not make it fit (it needs more).
     """
     key = torch.device(device).type
     if key in _failed or (_refused and _variant(kernel, args, kwargs) in _refused):
+        return None
+    if len(_uncompilable) and any(map(_marked_uncompilable, _own_objects(args, kwargs))):
         return None
     try:
         try:
@@ -681,9 +720,21 @@ def call_compiled(kernel: Callable, device: torch.device, *args: Any, **kwargs: 
             return None
         if _out_of_memory(error):
             raise
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        own = _own_objects(args, kwargs)
+        if own:
+            with _lock:
+                for value in own:
+                    try:
+                        _uncompilable.add(value)
+                    except TypeError:  # not weakly referable, or unhashable: this variant only
+                        _refused.add(_variant(kernel, args, kwargs))
+            names = ", ".join(sorted({type(value).__name__ for value in own}))
+            warnings.warn(f"tireg: a compiled call with your own {names} failed ({type(error).__name__}: "
+                          f"{first_line}); calls with it use the reference path", RuntimeWarning, stacklevel=3)
+            return None
         with _lock:
             _failed.add(key)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         warnings.warn(
             f"tireg: the compiled fast path is unavailable on {key} ({type(error).__name__}: {first_line}); "
             "using the reference path",
