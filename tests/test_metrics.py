@@ -1030,3 +1030,29 @@ def test_a_histogram_metric_of_no_pairs_backpropagates(name):
     x = torch.rand(0, 1, 16, 16, requires_grad=True)
     get_metric(name)(x, torch.rand(0, 1, 16, 16)).sum().backward()
     assert x.grad.shape == (0, 1, 16, 16)
+
+
+@pytest.mark.parametrize("metric", [MutualInformation, NormalizedMutualInformation])
+def test_set_ranges_of_the_pixels_inside_the_masks(metric):
+    # a value under a mask (no data, -9999) is no part of the range; a mask without a pixel gives
+    # the whole plane's
+    generator = torch.Generator().manual_seed(0)
+    moving = torch.rand(2, 2, 9, 11, generator=generator)
+    fixed = torch.rand(2, 2, 9, 11, generator=generator)
+    moving_mask = torch.ones(2, 1, 9, 11)
+    moving_mask[0, :, :, :3] = 0
+    moving_mask[1] = 0
+    fixed_mask = torch.ones(1, 1, 9, 11)
+    fixed_mask[..., 4, 5] = 0
+    moving_nodata = moving.clone()
+    moving_nodata[0, :, :, :3] = -9999.0
+    fixed_nodata = fixed.clone()
+    fixed_nodata[..., 4, 5] = 1e6
+    instance = metric()
+    instance.set_ranges(moving_nodata, fixed_nodata, moving_mask=moving_mask, fixed_mask=fixed_mask)
+    moving_range, fixed_range = instance.ranges
+    inside = moving[0, :, :, 3:]
+    assert torch.equal(moving_range[0], torch.stack([inside.amin((1, 2)), inside.amax((1, 2))], -1))
+    assert torch.equal(moving_range[1], torch.stack([moving[1].amin((1, 2)), moving[1].amax((1, 2))], -1))
+    kept = fixed.flatten(2)[..., torch.arange(99) != 4 * 11 + 5]
+    assert torch.equal(fixed_range, torch.stack([kept.amin(-1), kept.amax(-1)], -1))

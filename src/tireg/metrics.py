@@ -870,6 +870,21 @@ class _ParzenCounts(torch.autograd.Function):
         return d_past, d_weights, None, None, None, None, None
 
 
+def _plane_ranges(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(B, C, 2)``: the smallest and largest value of each plane of ``image`` ``(B, C, H, W)``, of
+    the pixels where ``mask`` (``(B or 1, 1, H, W)``) is nonzero; a plane whose mask holds no pixel
+    (or without a mask), of the whole plane.  On the device, no wait for it."""
+    image = image.detach()
+    whole = torch.stack([image.amin((2, 3)), image.amax((2, 3))], -1)
+    if mask is None:
+        return whole
+    inside = mask.detach().to(image.device) != 0
+    low = image.masked_fill(~inside, torch.inf).amin((2, 3))
+    high = image.masked_fill(~inside, -torch.inf).amax((2, 3))
+    empty = ~inside.flatten(1).any(1)[:, None, None]  # (B or 1, 1, 1)
+    return torch.where(empty, whole, torch.stack([low, high], -1))
+
+
 class _JointHistogramMetric(Metric):
     """Parzen-window joint histogram of fixed (box kernel) and moving (cubic B-spline) intensities.
 
@@ -884,8 +899,9 @@ class _JointHistogramMetric(Metric):
     float64, so that float32 images of any size give float64's histogram to
     float32's rounding.
 
-    The ranges come from :meth:`set_ranges` (``register`` and the analytic
-    model set them from the whole images) or, if not set, from the inputs of
+    The ranges come from :meth:`set_ranges` (``register`` sets them from each
+    level's whole images, of the pixels inside their masks; the analytic model
+    from the whole images) or, if not set, from the inputs of
     each call.  Those move with the transform, and the gradient (analytic or
     autograd) treats them as constants: it is then not quite the derivative
     of the returned cost (3 % off on a test).  Call ``set_ranges(moving,
@@ -910,20 +926,31 @@ class _JointHistogramMetric(Metric):
         # again on first use (kept, they made a pickled model of a 256^2 pair 0.8 MB instead of 3 KB)
         return {**self.__dict__, "_fixed_cache": None}
 
-    def set_ranges(self, moving: Optional[torch.Tensor], fixed: Optional[torch.Tensor]) -> None:
+    def set_ranges(self, moving: Optional[torch.Tensor], fixed: Optional[torch.Tensor], *,
+                   moving_mask: Optional[torch.Tensor] = None, fixed_mask: Optional[torch.Tensor] = None) -> None:
         """Fix the intensity ranges from whole images ``(B, C, H, W)`` (``None``: per call).  A later
-        call's images must have their channels and their batch (or ranges of one pair serve every pair)."""
+        call's images must have their channels and their batch (or ranges of one pair serve every pair).
+
+        ``moving_mask`` / ``fixed_mask`` (``(B or 1, 1, H, W)``, nonzero where a pixel counts): the
+        range of the pixels inside only (a pair whose mask holds none: its whole image's).  Why: a
+        no-data value beyond the content (``-9999`` under a mask) had set the range, every real
+        intensity fell into one bin, and the cost was flat: ``register`` did not move from its start
+        and read "converged".
+        """
         if moving is None or fixed is None:
             self.ranges = None
             return
-        for label, image in (("moving", moving), ("fixed", fixed)):
+        for label, image, mask in (("moving", moving, moving_mask), ("fixed", fixed, fixed_mask)):
             if not isinstance(image, torch.Tensor) or image.dim() != 4 or not image.is_floating_point():
                 raise TypeError(f"{type(self).__name__}.set_ranges(): {label!r} must be a float tensor (B, C, H, W); "
                                 f"got {tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
-        self.ranges = (
-            torch.stack([moving.amin((2, 3)), moving.amax((2, 3))], -1).detach(),
-            torch.stack([fixed.amin((2, 3)), fixed.amax((2, 3))], -1).detach(),
-        )
+            if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1] == 1
+                                         and mask.shape[0] in (1, image.shape[0])
+                                         and mask.shape[-2:] == image.shape[-2:]):
+                raise ValueError(f"{type(self).__name__}.set_ranges(): '{label}_mask' must be a tensor (B or 1, 1, H, W) "
+                                 f"of the image's size {tuple(image.shape[-2:])}; got "
+                                 f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        self.ranges = (_plane_ranges(moving, moving_mask), _plane_ranges(fixed, fixed_mask))
 
     def _histogram(self, x, y, w, *, counts: bool = True):
         """The joint histogram's counts ``sum_i w_i [a_i = a] beta3(t_i - b)`` ``(B C, bins, bins)``

@@ -70,6 +70,7 @@ from .metrics import (
     NCCStatistics,
     NormalizedMutualInformation,
     PerPixelMetric,
+    _JointHistogramMetric,
     _independent_pairs,
     _mean_count,
     _own_cost,
@@ -1018,6 +1019,11 @@ class _Evaluation:
                            pick(self.hessian, other.hessian), ecc)
 
 
+def _own_ranges(metric: Metric) -> bool:
+    """Whether ``metric``'s ``set_ranges`` is a subclass's own (which takes the two images only)."""
+    return getattr(type(metric), "set_ranges", None) is not _JointHistogramMetric.set_ranges
+
+
 class _Problem:
     """Cost, gradient and Gauss-Newton matrix of the parameters at one level."""
 
@@ -1047,10 +1053,17 @@ class _Problem:
         )
 
     def _level_metric(self, level: _Level) -> Metric:
-        """The metric, with histogram ranges taken from this level's whole images (fixed while it runs)."""
+        """The metric, with histogram ranges taken from this level's whole images (fixed while it runs),
+        of the pixels inside their masks: a no-data value beyond a mask (-9999) had set the range,
+        squeezed the content into one bin and left a flat cost ("converged" at the start).  A
+        metric's own ``set_ranges`` (of the two images only) gets the images."""
         if hasattr(self.metric, "set_ranges"):
             if "ranges" not in level.cache:
-                self.metric.set_ranges(level.moving, level.fixed)
+                if _own_ranges(self.metric):
+                    self.metric.set_ranges(level.moving, level.fixed)
+                else:
+                    self.metric.set_ranges(level.moving, level.fixed, moving_mask=level.moving_mask,
+                                           fixed_mask=level.fixed_weight)
                 level.cache["ranges"] = self.metric.ranges
             self.metric.ranges = level.cache["ranges"]
         return self.metric
@@ -2544,7 +2557,9 @@ def register(
             within ``MASK_EDGE_BANDS`` such bands of its edge or the border,
             unless that leaves under half of it).  A coarse
             level's pixel counts where at least half its block is in the mask.
-            The initialiser leaves out what lies outside them too.
+            The initialiser leaves out what lies outside them too, and so do
+            the intensity normalisation and ``mi`` / ``nmi``'s histogram
+            ranges: a no-data value under a mask (``-9999``) is never seen.
         init: ``"auto"`` (default; see :func:`tireg.initialize.initialize`),
             another method name there (``"identity"``, ``"center"``,
             ``"moments"``, ``"phase"``, ``"fourier-mellin"``, ``"search"``),
