@@ -809,6 +809,32 @@ def test_itk_round_trip_is_bit_identical_with_a_centre_and_geometry(tmp_path):
     assert plain.parameters == {"p": 1.0} and plain.center.tolist() == [0.0, 0.0]
 
 
+def test_tfm_record_survives_round_off_at_a_large_origin_but_not_an_edit(tmp_path):
+    # At an origin of 1e9 the round trip through physical units is off by a few 1e-7 px, above the
+    # fixed 1e-7 tolerance: the record (kind, parameters, exact matrix) had been dropped for 164 of 300.
+    geometry = ImageGeometry(origin=(1e9, 1e9))
+    rng = np.random.default_rng(2)
+    path = tmp_path / "far.tfm"
+    for _ in range(40):
+        matrix = np.eye(3)
+        matrix[:2] = rng.normal(size=(2, 3)) * [[1, 1, 50], [1, 1, 50]]
+        center = rng.normal(size=2) * 100
+        save_transform(path, matrix, transform="affine", center=center, fixed_geometry=geometry,
+                       moving_geometry=geometry)
+        loaded = load_transform(path)
+        assert loaded.transform == "affine"
+        assert np.array_equal(loaded.matrix.numpy(), matrix) and np.array_equal(loaded.center.numpy(), center)
+    # a hand edit of a thousandth of a unit, a translation of 1e9, still invalidates the record
+    lines = path.read_text().splitlines()
+    index = next(i for i, line in enumerate(lines) if line.startswith("Parameters:"))
+    values = [float(token) for token in lines[index].split()[1:]]
+    values[4] += 1e-3
+    lines[index] = "Parameters: " + " ".join(map(repr, values))
+    edited = load_transform(write(tmp_path / "edited.tfm", "\n".join(lines) + "\n"))
+    assert edited.transform == "AffineTransform_double_2_2"
+    assert not np.array_equal(edited.matrix.numpy(), matrix)
+
+
 def test_damaged_comment_only_loses_the_provenance(tmp_path):
     path = save_transform(tmp_path / "t.tfm", torch.eye(3), transform="rigid", parameters={"angle": 0.0})
     text = path.read_text()

@@ -105,6 +105,11 @@ _TIREG_COMMENT = "#tireg:"
 # Tolerance (pixels / unitless) for "the matrix recorded in a #tireg comment is
 # the matrix the file's ITK lines give": far above round-off, far below an edit.
 _COMMENT_ATOL = 1e-7
+# ... to which is added this many units in the last place of the numbers the conversion through
+# physical units handled (_rounding_scale): at an origin of 1e9 its round-off alone exceeds 1e-7 px,
+# and the record was dropped for half of the matrices.  Measured: at most 3 units, over random
+# geometries (origins up to 1e12, spacings 1e-3 to 1e3, rotated directions, centres).
+_COMMENT_ULPS = 64
 
 
 # ----------------------------------------------------------------------------
@@ -868,12 +873,14 @@ def _read_itk(
         members = [(blocks[0], kinds[0])]
 
     physical = np.eye(3)
+    magnitude = np.eye(3)  # of the numbers that went into physical (_rounding_scale)
     center_physical: Optional[np.ndarray] = None
     for block, kind in members:
         if kind == _COMPOSITE:
             raise ValueError(f"{where}, line {block.line}: a CompositeTransform can only be the first transform")
         matrix, center_physical = _itk_block_matrix(block, kind, where)
         physical = physical @ matrix  # T1 @ T2 @ ... : ITK applies the last-added transform first
+        magnitude = magnitude @ _block_magnitude(matrix, center_physical)
     if len(blocks) > 1 or kinds[0] == _COMPOSITE:
         center_physical = None
 
@@ -891,6 +898,7 @@ def _read_itk(
     if not np.isfinite(array).all() or (center is not None and not np.isfinite(center).all()):
         raise ValueError(f"{where}: the transform in pixel units (the geometries' spacing and origin applied) "
                          "is beyond float64's range")
+    scales = _rounding_scale(magnitude, center_physical, fixed_matrix, _geometry_matrix(moving))
 
     raw_blocks = [
         {
@@ -904,7 +912,7 @@ def _read_itk(
     if isinstance(comment, dict):
         _warn_other_geometries(comment, *given, path)
         transform, parameters, metadata, array, center = _restore_comment(
-            comment, (transform, parameters, metadata, array, center))
+            comment, (transform, parameters, metadata, array, center), scales)
     return TransformFile(
         matrix=torch.from_numpy(array),
         transform=transform,
@@ -986,6 +994,31 @@ def _itk_block_matrix(block: _Block, kind: str, where: str) -> tuple[np.ndarray,
     return matrix, center
 
 
+def _block_magnitude(matrix: np.ndarray, center: Optional[np.ndarray]) -> np.ndarray:
+    """``|matrix|``, its offset column raised by the magnitudes of what :func:`_itk_block_matrix` summed
+    into it, ``c + t - L c`` (an offset near 0 may come of terms near 1e9)."""
+    magnitude = np.abs(matrix)
+    if center is not None:
+        magnitude[:2, 2] += np.abs(center) + np.abs(matrix[:2, :2]) @ np.abs(center)
+    return magnitude
+
+
+def _rounding_scale(magnitude: np.ndarray, center_physical: Optional[np.ndarray], fixed_matrix: np.ndarray,
+                    moving_matrix: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """How large, in pixel units, the numbers were that gave the pixel matrix (and centre) read from the
+    ITK lines: ``|P_moving^-1| magnitude |P_fixed|`` (``magnitude``: :func:`_block_magnitude`'s, the
+    physical matrix's), and ``|P_fixed^-1| |c|``.  Round-off through physical units is a few units in the
+    last place of these, per entry (at an origin of 1e9, a few 1e-7 px).  An entry beyond float64's range
+    (a geometry near overflow) is 0: the fixed tolerance alone, not an infinite one that any edit passes."""
+    with np.errstate(all="ignore"):
+        matrix_scale = np.abs(np.linalg.inv(moving_matrix)) @ magnitude @ np.abs(fixed_matrix)
+        center_scale = None
+        if center_physical is not None:
+            center_scale = (np.abs(np.linalg.inv(fixed_matrix)) @ np.append(np.abs(center_physical), 1.0))[:2]
+    return tuple(None if scale is None else np.where(np.isfinite(scale), scale, 0.0)
+                 for scale in (matrix_scale, center_scale))
+
+
 def _recorded_geometry(comment: dict, key: str) -> Optional[ImageGeometry]:
     """The geometry a ``#tireg:`` comment records under ``key`` (``None``: none, or unreadable)."""
     try:
@@ -1011,7 +1044,7 @@ def _warn_other_geometries(comment: dict, fixed: Optional[ImageGeometry], moving
                       "matrix is not the one saved (pass the geometries as when saving)", UserWarning, stacklevel=4)
 
 
-def _restore_comment(comment: dict, read: tuple) -> tuple:
+def _restore_comment(comment: dict, read: tuple, scales: tuple[np.ndarray, Optional[np.ndarray]]) -> tuple:
     """``(transform, parameters, metadata, matrix, center)`` from a ``#tireg:`` comment where it
     still describes the file, else ``read``'s (what the ITK lines gave).
 
@@ -1019,15 +1052,18 @@ def _restore_comment(comment: dict, read: tuple) -> tuple:
     read from the ITK lines is that matrix to rounding (same geometry, file not edited), the
     recorded matrix and centre are returned, bit for bit as saved (the round trip through
     physical units differs in the last bits), with the kind and parameters; metadata always.
+    "To rounding" is scaled by ``scales`` (:func:`_rounding_scale`): the size of the numbers
+    the conversion handled, large where the geometry's origin is.
     """
     transform, parameters, metadata, array, center = read
     if isinstance(comment.get("metadata"), dict):
         metadata = comment["metadata"]
-    recorded = _recorded(comment.get("matrix"), (3, 3), array)
+    matrix_scale, center_scale = scales
+    recorded = _recorded(comment.get("matrix"), (3, 3), array, matrix_scale)
     if recorded is None:
         return transform, parameters, metadata, array, center
     if center is not None and comment.get("center") is not None:  # none recorded: ITK's (0, 0) as read
-        recorded_center = _recorded(comment["center"], (2,), center)
+        recorded_center = _recorded(comment["center"], (2,), center, center_scale)
         center = center if recorded_center is None else recorded_center
     recorded_kind = comment.get("transform")
     try:
@@ -1038,12 +1074,15 @@ def _restore_comment(comment: dict, read: tuple) -> tuple:
             recorded_parameters, metadata, recorded, center)
 
 
-def _recorded(value: Any, shape: tuple, read: np.ndarray) -> Optional[np.ndarray]:
-    """A ``#tireg:`` comment's ``value`` as float64 of ``shape`` if it equals ``read`` to rounding, else ``None``."""
+def _recorded(value: Any, shape: tuple, read: np.ndarray, scale: np.ndarray) -> Optional[np.ndarray]:
+    """A ``#tireg:`` comment's ``value`` as float64 of ``shape`` if it equals ``read`` to rounding, else
+    ``None``: to ``_COMMENT_ATOL`` and a relative 1e-9, and to ``_COMMENT_ULPS`` units in the last place
+    of ``scale`` (per entry, :func:`_rounding_scale`)."""
     try:
         recorded = _as_float_array(value, "", "")
     except (TypeError, ValueError):
         return None
     if recorded.shape != shape or not np.isfinite(recorded).all():
         return None
-    return recorded if np.allclose(read, recorded, rtol=1e-9, atol=_COMMENT_ATOL) else None
+    tolerance = _COMMENT_ATOL + 1e-9 * np.abs(recorded) + _COMMENT_ULPS * np.finfo(np.float64).eps * scale
+    return recorded if bool((np.abs(read - recorded) <= tolerance).all()) else None
