@@ -495,7 +495,11 @@ def test_compile_needs_the_analytic_model():
 
 def test_model_compiles_automatically_once_its_eager_steps_have_paid(monkeypatch, generator):
     """compile="auto", the default: eager steps until they have taken AUTO_COMPILE_SECONDS, then
-    the compiled step (run eagerly here), with the reference numbers."""
+    the compiled step (run eagerly here), with the reference numbers.
+
+    The model's clock is a fake one that advances 1.25 s at each reading (a step reads it twice,
+    before and after): the real one made "three steps are far from paying" a wall-clock bet, and
+    1.25 s steps reach the default 10 s exactly, after the eighth."""
     models_module = importlib.import_module("tireg.models")
     calls = []
 
@@ -505,23 +509,34 @@ def test_model_compiles_automatically_once_its_eager_steps_have_paid(monkeypatch
             return function(*args, **kwargs)
         return run
 
+    readings = []
+
+    def perf_counter() -> float:
+        readings.append(1.25 * len(readings))  # exact in binary: the sums below are too
+        return readings[-1]
+
     monkeypatch.setattr(fused, "compiled", counting)
+    monkeypatch.setattr(models_module, "time", type("FakeTime", (), {"perf_counter": staticmethod(perf_counter)}))
+    assert models_module.AUTO_COMPILE_SECONDS == 10.0
     fixed = smooth_random_image((2, 1, 36, 40), generator)
     moving = smooth_random_image((2, 1, 36, 40), generator)
     assert tireg.create_model("similarity", moving).compile == "auto"
     reference, auto = _mapped_similarity(moving, False), _mapped_similarity(moving, "auto")
-    for _ in range(3):
+    for step in range(1, 9):  # eight eager steps of 1.25 s each: 10 s, due at the next
         _assert_same_step([reference, auto], moving, fixed)
-    assert calls == [] and 0 < auto._eager_seconds < models_module.AUTO_COMPILE_SECONDS  # far from paying
-    monkeypatch.setattr(models_module, "AUTO_COMPILE_SECONDS", auto._eager_seconds)  # now it has paid
+        assert calls == [] and auto._eager_seconds == 1.25 * step and len(readings) == 2 * step
+    _assert_same_step([reference, auto], moving, fixed)  # the ninth: compiled, and no longer timed
+    assert calls == ["_fused_step"] and auto._eager_seconds == 10.0 and len(readings) == 16
     _assert_same_step([reference, auto], moving, fixed)
-    assert calls == ["_fused_step"]
+    assert calls == ["_fused_step"] * 2 and len(readings) == 16
     auto.compile = "auto"  # setting it starts the clock again
+    assert auto._eager_seconds == 0.0
     _assert_same_step([reference, auto], moving, fixed)
-    assert calls == ["_fused_step"]
-    monkeypatch.setattr(models_module, "AUTO_COMPILE_SECONDS", 0.0)
+    assert calls == ["_fused_step"] * 2 and auto._eager_seconds == 1.25 and len(readings) == 18
+    monkeypatch.setattr(models_module, "AUTO_COMPILE_SECONDS", 1.25)  # now it has paid
     _assert_same_step([reference, auto], moving, fixed)
-    assert calls == ["_fused_step"] * 2 and reference.compile is False  # False never compiles
+    assert calls == ["_fused_step"] * 3 and len(readings) == 18
+    assert reference.compile is False and reference._eager_seconds == 0.0  # False never compiles, nor times
 
 
 # -- the compiled kernel ------------------------------------------------------
