@@ -105,6 +105,11 @@ def test_loss_depends_on_the_residual_and_vanishes_at_zero(name, kwargs, generat
     minimum = loss_fn(y, y)
     # rho is smallest at r = 0 (Charbonnier's minimum is eps, the others' 0)
     assert bool((loss_fn(x, y) >= minimum).all())
+    # and there it is the table's value exactly: sqrt(0 + eps^2) = eps for Charbonnier, 0 for the others;
+    # its derivative there is 0 (L1's sign(0) too)
+    at_zero = loss_fn.eps if name == "charbonnier" else 0.0
+    assert torch.equal(minimum, torch.full_like(y, at_zero)), (minimum, at_zero)
+    assert torch.equal(loss_fn(y, y, gradient=True)[1], torch.zeros_like(y))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
