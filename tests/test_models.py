@@ -223,8 +223,11 @@ def test_a_custom_image_gradient_function_is_sampled_and_trains_to_the_truth():
         optimizer.zero_grad()
         model(moving, fixed)
         optimizer.step()
-    # an approximate gradient stops where it vanishes, near the truth (as 'gaussian': ty -1.106 for -1)
-    torch.testing.assert_close(model.parameter_values().detach().double(), truth, rtol=0, atol=0.15)
+    # an approximate gradient stops where it vanishes, near the truth; each parameter to its own scale
+    # (one 0.15 for all let the identity's angle 0 and scale 1 pass).  Measured: angle 3e-4 rad,
+    # scale 1.6e-3, tx 0.027 px, ty 0.016 px (Adam's last steps at lr 0.02 included)
+    error = (model.parameter_values().detach().double() - truth).abs()[0]
+    assert error[0] < 0.003 and error[1] < 0.006 and error[2] < 0.1 and error[3] < 0.1, error
     # a function that returns something else is named
     for wrong in (lambda image: image, lambda image: "gradient"):
         with pytest.raises(ValueError, match=r"the image_gradient function must return the moving image's gradient "
