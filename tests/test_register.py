@@ -2270,3 +2270,74 @@ def test_a_no_data_value_under_a_mask_does_not_set_the_histogram_range(metric, m
     # NMI = -(H(a) + H(b)) / H(a, b) well below -1)
     assert float(results[1].cost) == pytest.approx(float(results[0].cost), abs=1e-5)
     assert float(results[1].cost) < (-0.5 if metric == "mi" else -1.1)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("factor", [1, 2])
+def test_a_sample_counts_where_every_pixel_its_interpolation_reads_is_in_the_moving_mask(interpolation, factor):
+    # bicubic reads the 4 x 4 pixels floor(x) - 1 .. floor(x) + 2, where the mask was tested on the
+    # bilinear 2 x 2: values under the mask leaked into the cost.  Here the rule at a level, coarse
+    # too, against the footprint counted pixel by pixel (border padding: taps beyond the image are
+    # its edge pixels), and the counted samples the same whatever lies under the mask
+    from tireg.register import _make_level, _Problem
+    from tireg.sampling import sample
+    from tireg.transforms import TRANSFORMS
+
+    generator = torch.Generator().manual_seed(1)
+    height, width = 40, 48
+    fixed = torch.rand(1, 1, height, width, generator=generator)
+    moving = torch.rand(1, 1, height, width, generator=generator)
+    mask = torch.ones(1, 1, height, width)
+    for y, x, size in [(4, 6, 6), (20, 30, 4), (30, 8, 8), (0, 40, 6), (12, 0, 4)]:
+        mask[..., y:y + size, x:x + size] = 0.0
+    level = _make_level(fixed, moving, None, mask, factor, 0.0)
+    kind = TRANSFORMS["translation"]
+    center = torch.tensor(tireg.image_center(height, width))
+    problem = _Problem(kind, center, tireg.metrics.get_metric("l2"), interpolation)
+    shift = (1.3 * factor, -2.6 * factor)  # level pixels (1.3, -2.6): no point near a whole pixel
+    params = kind.from_matrix(tireg.transforms.translation_matrix(torch.tensor([shift]))[None].reshape(1, 3, 3),
+                              center)
+    matrix, _ = problem.matrices(params, level)
+    grid = problem.grid(matrix, level)
+    valid = problem._valid(grid, level)[0, 0]
+
+    level_mask = level.moving_mask[0, 0]
+    rows, columns = level_mask.shape
+    reach = (-1, 0, 1, 2) if interpolation == "bicubic" else (0, 1)
+    expected = torch.zeros_like(valid)
+    for i in range(valid.shape[0]):
+        for j in range(valid.shape[1]):
+            x, y = j + shift[0] / factor, i + shift[1] / factor
+            if not (0 <= x <= columns - 1 and 0 <= y <= rows - 1):
+                continue
+            taps = [(min(max(math.floor(y) + a, 0), rows - 1), min(max(math.floor(x) + b, 0), columns - 1))
+                    for a in reach for b in reach]
+            expected[i, j] = float(all(level_mask[t] == 1 for t in taps))
+    assert torch.equal(valid, expected)
+    assert 0 < expected.sum() < expected.numel()
+
+    under = level.moving.masked_fill(level.moving_mask == 0, 1e4)
+    counted = valid.bool()
+    plain = sample(level.moving, grid, interpolation=interpolation, padding_mode="border")[0, 0]
+    filled = sample(under, grid, interpolation=interpolation, padding_mode="border")[0, 0]
+    assert torch.equal(plain[counted], filled[counted])
+
+
+def test_bicubic_registration_never_sees_the_values_under_the_moving_mask():
+    # holes of 50 (the images ~0-1) under the moving mask: bicubic had counted samples whose 4 x 4
+    # taps reached into them, and ended off with a cost 1700 x too high; bilinear never did
+    fixed, moving, truth = registration_pair("camera", "similarity", [0.1, 1.04, 3.0, -2.0])
+    fixed, moving = fixed[:96, :112], moving[:96, :112]
+    valid = torch.ones(fixed.shape, dtype=torch.bool)
+    for y in range(6, 90, 24):
+        for x in range(6, 100, 24):
+            valid[y:y + 8, x:x + 8] = False
+    results = []
+    for hole in (0.0, 50.0):
+        image = moving.clone()
+        image[~valid] = hole
+        result = tireg.register(fixed, image, transform="similarity", metric="l2", moving_mask=valid,
+                                interpolation="bicubic", init=truth, pyramid=(2, 1))
+        assert grid_error(result.matrix, truth, fixed.shape) < 0.05
+        results.append(result)
+    assert float(results[1].cost) == pytest.approx(float(results[0].cost), rel=1e-4, abs=1e-7)
