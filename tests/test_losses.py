@@ -290,6 +290,48 @@ def test_cauchy_audit_case():
     torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)  # was 0, 32 % off, 0
 
 
+@pytest.mark.parametrize("loss, limit", [
+    (CauchyLoss(), lambda r: torch.zeros_like(r)),
+    (CharbonnierLoss(), torch.sign),
+    (GemanMcClureLoss(), lambda r: torch.zeros_like(r)),
+    (HuberLoss(), torch.sign),
+    (L1Loss(), torch.sign),
+], ids=lambda value: type(value).__name__ if isinstance(value, PerPixelLoss) else "")
+def test_bounded_derivatives_take_their_limit_where_the_residual_overflows(loss, limit):
+    """x - y of finite float32 images overflows to inf beyond 3.4e38: Cauchy's and Charbonnier's
+    rho' were inf / inf = NaN there (one such pixel made its pair's whole gradient NaN), and
+    Charbonnier's was 0, not 1, from |r| = 1.8e19, where r^2 overflowed."""
+    x = torch.tensor([3e38, -3e38, 2e19, 1e20, -1e30, float("inf"), -float("inf")])
+    y = torch.tensor([-3e38, 3e38, 0.0, 0.0, 0.0, 0.0, 0.0])
+    rho, derivative = loss(x, y, True)
+    residual = (x.double() - y.double()).float()  # +-inf for the first two
+    torch.testing.assert_close(derivative, limit(residual), rtol=1e-6, atol=1e-30)
+    assert not rho.isnan().any()
+
+
+HALF_CONFIGS = [  # settings whose squares are 0 in float16
+    CharbonnierLoss(eps=1e-6), GemanMcClureLoss(scale=1e-4), CauchyLoss(scale=1e-4), HuberLoss(delta=1e-4), L2Loss(),
+    L1Loss(),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss", HALF_CONFIGS, ids=lambda loss: repr(loss))
+def test_half_precision_images_are_evaluated_in_float32(loss, dtype, generator):
+    """In float16, eps^2 = 1e-12 and c^2 = 1e-8 are 0: Charbonnier's rho'(0) and Geman-McClure's
+    rho(0) and rho'(0) were 0 / 0 = NaN, though the metrics take float16 and bfloat16 images."""
+    x = torch.rand((2, 1, 5, 6), generator=generator).to(dtype)
+    y = torch.rand((2, 1, 5, 6), generator=generator).to(dtype)
+    x[0] = y[0]  # zero residuals
+    rho, derivative = loss(x, y, True)
+    expected = loss(x.float(), y.float(), True)
+    assert rho.dtype == derivative.dtype == dtype
+    assert torch.equal(rho, expected[0].to(dtype)) and torch.equal(derivative, expected[1].to(dtype))
+    assert torch.equal(loss(x, y), expected[0].to(dtype))
+    assert not rho.isnan().any() and not derivative.isnan().any()
+    assert (derivative[0] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("delta", [1e-3, 1.0, 1e3, 1e6, 1e15])
 def test_huber_autograd_derivative_is_the_clamp(delta, dtype):

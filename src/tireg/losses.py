@@ -24,7 +24,7 @@ HuberLoss(delta)   r^2/2 if |r| <= delta,                  clamp(r, -delta, delt
 GemanMcClureLoss   r^2 / (r^2 + c^2)                       2 r c^2 / (r^2 + c^2)^2
 =================  ======================================  ==========================================
 
-Cauchy, Huber and Geman-McClure are evaluated in forms chosen for floating point (their
+Cauchy, Charbonnier, Huber and Geman-McClure are evaluated in forms chosen for floating point (their
 docstrings say which, and where a value still overflows): precise for small ``r``, with
 derivatives (analytic, and Huber's through autograd) finite for every finite ``r`` over the
 settings' whole accepted range, in float32 too.
@@ -60,7 +60,10 @@ class PerPixelLoss(nn.Module):
 
     Returns the per-pixel loss ``rho(x, y)``, or ``(rho, d rho / d x)`` when
     ``gradient`` is true; both have ``x``'s shape.  Subclasses that depend on
-    ``r = x - y`` only may implement :meth:`residual` instead.
+    ``r = x - y`` only may implement :meth:`residual` instead.  For float16 and
+    bfloat16 images, ``r`` and :meth:`residual` are evaluated in float32 and the results
+    returned in the images' dtype: a setting's square (``eps^2 = 1e-12``, ``c^2 = 1e-8``) is 0
+    in float16, and Charbonnier's ``rho'(0)`` and Geman-McClure's ``rho(0)`` were ``0 / 0``.
     """
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, gradient: bool = False) -> LossOutput:
@@ -72,11 +75,19 @@ class PerPixelLoss(nn.Module):
         if x.shape != y.shape and not _broadcasts_to(y.shape, x.shape):  # the result has x's shape
             raise ValueError(f"{type(self).__name__}(): y {tuple(y.shape)} must have x's shape {tuple(x.shape)} "
                              "(or broadcast to it)")
-        return self.residual(x - y, gradient)
+        dtype = torch.promote_types(x.dtype, y.dtype)
+        if dtype not in _HALF:
+            return self.residual(x - y, gradient)
+        result = self.residual(x.float() - y.float(), gradient)
+        return tuple(value.to(dtype) for value in result) if gradient else result.to(dtype)
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
         """``rho(r)``, or ``(rho(r), rho'(r))`` when ``gradient``."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward() or residual()")
+
+
+#: Evaluated in float32 (:meth:`PerPixelLoss.forward`).
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
@@ -170,7 +181,8 @@ class CauchyLoss(PerPixelLoss):
     ``|r| <= 1e-3 c`` in float32) and ``rho' = r / (1 + u^2) * (2 / c^2)``, which is finite for
     every finite ``r`` (``2 r / (c^2 + r^2)`` was NaN where ``2 r`` overflowed, and 0 where
     ``c^2 + r^2`` did).  Where ``u^2`` overflows (``|r / c| > 1.8e19`` in float32) ``rho`` is
-    ``inf`` and ``rho'`` 0.
+    ``inf`` and ``rho'`` 0, its limit, at ``r = +-inf`` too (``inf / inf`` was NaN there: ``x - y``
+    of two finite images overflows beyond ``3.4e38`` in float32).
     """
 
     def __init__(self, scale: float = 1.0):
@@ -184,7 +196,10 @@ class CauchyLoss(PerPixelLoss):
         u = r / self.scale
         square = u * u
         loss = torch.log1p(square)
-        return (loss, r / (1.0 + square) * (2.0 / (self.scale * self.scale))) if gradient else loss
+        if not gradient:
+            return loss
+        derivative = r / (1.0 + square) * (2.0 / (self.scale * self.scale))
+        return loss, derivative.masked_fill(r.isinf(), 0.0)
 
 
 class L1Loss(PerPixelLoss):
@@ -196,7 +211,12 @@ class L1Loss(PerPixelLoss):
 
 
 class CharbonnierLoss(PerPixelLoss):
-    """Smooth L1: ``rho(r) = sqrt(r^2 + eps^2)``, ``rho'(r) = r / sqrt(r^2 + eps^2)``."""
+    """Smooth L1: ``rho(r) = sqrt(r^2 + eps^2)``, ``rho'(r) = r / sqrt(r^2 + eps^2)``.
+
+    Evaluated as ``rho = hypot(r, eps)``, ``rho' = r / rho`` and ``+-1`` at ``r = +-inf``:
+    ``r^2`` overflowed beyond ``|r| = 1.8e19`` in float32, where ``rho'`` came out 0 (not 1) and
+    ``rho'(+-inf)`` NaN.
+    """
 
     def __init__(self, eps: float = 1e-3):
         super().__init__()
@@ -206,8 +226,8 @@ class CharbonnierLoss(PerPixelLoss):
         return f"eps={self.eps}"
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
-        loss = torch.sqrt(r * r + self.eps * self.eps)
-        return (loss, r / loss) if gradient else loss
+        loss = torch.hypot(r, r.new_full((), self.eps))  # a fill on r's device, no copy to it
+        return (loss, torch.where(r.isinf(), r.sign(), r / loss)) if gradient else loss
 
 
 class HuberLoss(PerPixelLoss):
