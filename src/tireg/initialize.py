@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -1068,16 +1068,26 @@ def _improved(result: torch.Tensor, score: torch.Tensor, index: torch.Tensor, fo
     return result, score.index_put((index,), torch.where(better, found_score, score[index]))
 
 
-def _search(
-    fixed: torch.Tensor,
-    fixed_spectra: torch.Tensor,
-    canvas: torch.Tensor,
-    base: torch.Tensor,
-    centre: torch.Tensor,
-    kind: str,
-    score_fixed: torch.Tensor,
-    score_moving: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+class _SearchImages(NamedTuple):
+    """What :func:`_search` scores candidates on, per pair: ``fixed`` ``(B, 1, H, W)`` and its
+    windowed :func:`_spectra`, the mean-free ``canvas`` on its grid (:func:`_candidates`),
+    ``base`` ``(B, 3, 3)``, the turn ``centre`` ``(B, 2)``, and the blurred images that score the
+    candidates by overlap NCC."""
+
+    fixed: torch.Tensor
+    fixed_spectra: torch.Tensor
+    canvas: torch.Tensor
+    base: torch.Tensor
+    centre: torch.Tensor
+    score_fixed: torch.Tensor
+    score_moving: torch.Tensor
+
+    def pairs(self, index: torch.Tensor) -> "_SearchImages":
+        """The pairs ``index`` of each part."""
+        return _SearchImages(*(part[index] for part in self))
+
+
+def _search(images: _SearchImages, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Coarse-to-fine batched search over rotation (and scale, and for affine stretch); returns the
     best ``(B, 3, 3)`` and its score ``(B,)``.
 
@@ -1091,32 +1101,18 @@ def _search(
     candidate outscored the right similarity at 0.44-0.72 (its freedom fits the wrong place
     better too).
     """
-    result, score = _search_stages(fixed, fixed_spectra, canvas, base, centre, kind, score_fixed, score_moving)
+    result, score = _search_stages(images, kind)
     if kind == "affine":
         weak = score < SEARCH_STRETCH_BELOW
         if bool(weak.any()):
             index = weak.nonzero()[:, 0]
-            found, found_score = _search_stages(
-                fixed[index], fixed_spectra[index], canvas[index], base[index], centre[index], kind,
-                score_fixed[index], score_moving[index], stretched=True,
-            )
+            found, found_score = _search_stages(images.pairs(index), kind, stretched=True)
             convincing = found_score >= AUTO_THRESHOLD  # more freedom fits the wrong place better too
             result, score = _improved(result, score, index, found, found_score.where(convincing, -math.inf))
     return result, score
 
 
-def _search_stages(
-    fixed: torch.Tensor,
-    fixed_spectra: torch.Tensor,
-    canvas: torch.Tensor,
-    base: torch.Tensor,
-    centre: torch.Tensor,
-    kind: str,
-    score_fixed: torch.Tensor,
-    score_moving: torch.Tensor,
-    *,
-    stretched: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _search_stages(images: _SearchImages, kind: str, *, stretched: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The three stages of :func:`_search`; returns the best ``(B, 3, 3)`` and its score ``(B,)``.
 
     Stage 1: every 10 degrees, scales 0.8, 1, 1.25 for scaled kinds (36 or
@@ -1143,10 +1139,8 @@ def _search_stages(
     ones (half those steps), on the images stage 2 of the similarities ranks on, and the 2 best
     distinct ones of stage 3 are scored on the working images.
 
-    ``fixed`` ``(B, 1, H, W)`` and its windowed :func:`_spectra`, the mean-free
-    ``canvas`` on its grid (:func:`_candidates`), ``base`` ``(B, 3, 3)``,
-    ``centre`` ``(B, 2)``, and the blurred images that score the candidates.
     """
+    fixed, _, canvas, base, centre, score_fixed, score_moving = images
     batch = canvas.shape[0]
     dtype, device = canvas.dtype, canvas.device
     degree = math.pi / 180.0
@@ -1175,7 +1169,7 @@ def _search_stages(
     coarse = grid(angles, scales, [0.0], [0.0])
     side = min(*fixed.shape[-2:], *score_moving.shape[-2:])
     halved = side // 2 >= SEARCH_HALVED_MIN_SIDE
-    working = (fixed_spectra, canvas, base, centre, score_fixed, score_moving)
+    working = images[1:]  # (fixed_spectra, canvas, base, centre, score_fixed, score_moving)
     ranking = shrunk(2) if halved else working  # stage 2's images (and stage 1's, unstretched)
     evaluate = lambda p: _score_candidates(*working[:4], p, *working[4:])  # noqa: E731
     rank = lambda p: _score_candidates(*ranking[:4], p, *ranking[4:])[1]  # noqa: E731
@@ -1525,6 +1519,7 @@ def _initialize(
         else:
             canvas = _warp(_centred(small_m), base, small_f.shape[-2:])
         fixed_spectra = _spectra(small_f)  # windowed, shared by every candidate's phase correlation
+        images = _SearchImages(small_f, fixed_spectra, canvas, base, turn_centre, score_f, score_m)
         reuse = start is not None and method == "auto" and kind != "translation"  # the quick candidates given
         phase = None if reuse else base @ translation_matrix(_shifts(fixed_spectra, canvas))
         # and without the window: a large shift (30-60 % overlap) puts the overlap at the images' edges,
@@ -1538,7 +1533,7 @@ def _initialize(
             options = torch.stack([phase, unwindowed(), base], dim=1)  # phase first: kept on a tie (_best)
             result, best_score = _best(options, score(options))
         elif method == "search":
-            result, best_score = _search(small_f, fixed_spectra, canvas, base, turn_centre, kind, score_f, score_m)
+            result, best_score = _search(images, kind)
         else:
             # Fourier–Mellin, both 180-degree options, batched.  For rigid, the shift is found with the
             # estimated scale (a scale mismatch misleads phase correlation), then the scale is dropped
@@ -1562,10 +1557,7 @@ def _initialize(
                 weak &= search
             if method == "auto" and bool(weak.any()):
                 index = weak.nonzero()[:, 0]
-                found, found_score = _search(
-                    small_f[index], fixed_spectra[index], canvas[index], base[index], turn_centre[index], kind,
-                    score_f[index], score_m[index],
-                )
+                found, found_score = _search(images.pairs(index), kind)
                 result, best_score = _improved(result, best_score, index, found, found_score)
     result = scale_up @ _project(result, kind, centre) @ scale_down
     constant = _is_constant(fixed) | _is_constant(moving)
