@@ -400,7 +400,7 @@ def test_auto_falls_back_to_search_when_fourier_mellin_fails(monkeypatch):
     search = init_module._search
 
     def counting_search(*args, **kwargs):
-        calls.append(args[0].shape[0])
+        calls.append(args[0].fixed.shape[0])
         return search(*args, **kwargs)
 
     monkeypatch.setattr(init_module, "_search", counting_search)

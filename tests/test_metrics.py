@@ -209,9 +209,9 @@ def test_the_contrast_whose_quick_start_scores_higher_searches_first(monkeypatch
         chunks.append(kwargs.get("start") is not None)
         return initialize(*args, **kwargs)
 
-    def recording_search(fixed, *args, **kwargs):
-        searched.append(("inverted" if contrast[0] else "own", fixed.shape[0]))
-        return search(fixed, *args, **kwargs)
+    def recording_search(images, *args, **kwargs):
+        searched.append(("inverted" if contrast[0] else "own", images.fixed.shape[0]))
+        return search(images, *args, **kwargs)
 
     monkeypatch.setattr(init_module, "_initialize", recording_initialize)
     monkeypatch.setattr(init_module, "_search", recording_search)
