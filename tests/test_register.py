@@ -2341,3 +2341,20 @@ def test_bicubic_registration_never_sees_the_values_under_the_moving_mask():
         assert grid_error(result.matrix, truth, fixed.shape) < 0.05
         results.append(result)
     assert float(results[1].cost) == pytest.approx(float(results[0].cost), rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("max_iter", [1, 2])
+def test_lbfgs_of_one_iteration_a_step_does_not_converge_on_its_first_steepest_descent_step(max_iter):
+    # L-BFGS's first iteration is d = -g of length min(1, 1/|g|_1) lr, short for a steep cost and
+    # set by no curvature; with max_iter 1 or 2 it was a whole step, which register read as
+    # convergence at every level (0.2 px off, "converged"; 0.01 px with the default options)
+    fixed, moving, truth = registration_pair("camera", "similarity", [0.06, 1.03, 2.0, -1.5], noise=0.01)
+    fixed, moving = fixed[:96, :112], moving[:96, :112]
+    errors = {}
+    for options in ({"max_iter": max_iter}, None):
+        result = tireg.register(fixed, moving, transform="similarity", optimizer="lbfgs", optimizer_options=options,
+                                pyramid=(2, 1))
+        assert result.stop_reason == ["converged"]
+        errors[options is None] = grid_error(result.matrix, truth, fixed.shape)
+    assert errors[True] < 0.05
+    assert errors[False] < 0.05

@@ -2081,8 +2081,10 @@ class _BatchedLBFGS:
     holds at most ``max_iter`` iterations and ``max_eval`` evaluations, but each iteration tries
     its step at least once, and a pair whose search the budget cut off before it moved at all goes
     on searching in its next step (``searching``: not converged) while its next trial would move it
-    by ``min_search`` or more (``max_iter=1`` gives ``max_eval`` 1, spent by the step's start).  Adds the batch's host reads
-    once per iteration and trial, not once per pair.
+    by ``min_search`` or more (``max_iter=1`` gives ``max_eval`` 1, spent by the step's start).
+    ``uninformed``: the pairs whose last iteration was their first, whose short step is no sign of
+    convergence (``register`` runs them on).  Adds the batch's host reads once per iteration and
+    trial, not once per pair.
     """
 
     def __init__(self, x: torch.Tensor, *, lr: float = 1.0, max_iter: int = 20, max_eval: Optional[int] = None,
@@ -2113,6 +2115,9 @@ class _BatchedLBFGS:
         self.retry = torch.full((batch,), math.nan, dtype=x.dtype, device=x.device)
         self.searching = torch.zeros(batch, dtype=torch.bool, device=x.device)
         self.min_search = float(min_search)
+        # a pair whose last iteration was its first (d = -g, its length min(1, 1/|g|_1) lr): a step of
+        # no curvature, whose length says nothing of the distance to the minimum (not converged)
+        self.uninformed = torch.zeros(batch, dtype=torch.bool, device=x.device)
 
     def _remember(self, useful: torch.Tensor, step: torch.Tensor, change: torch.Tensor, rho: torch.Tensor) -> None:
         """Add ``(s, y, 1 / s'y)`` to the rings of the ``useful`` pairs."""
@@ -2158,6 +2163,7 @@ class _BatchedLBFGS:
         evaluations = torch.ones_like(self.count)  # per pair: its own budget of max_eval
         still = torch.ones_like(active)  # pairs that have not moved in this step
         running = active & (gradient.abs().amax(dim=1) > self.tolerance_grad)
+        self.uninformed = self.uninformed & ~active  # of this step's iterations (none: a gradient at rest)
         for _ in range(self.max_iter):
             if not bool(running.any()):
                 break
@@ -2175,6 +2181,7 @@ class _BatchedLBFGS:
             slope = (gradient * direction).sum(1)
             running = running & (slope <= -self.tolerance_change)  # not a descent direction: stop
             self.started = self.started | running
+            self.uninformed = torch.where(running, first, self.uninformed)
             # the line search, the whole batch at every trial; pairs not pending stay where they are
             pending, new_x, new_cost, new_gradient = running, x, cost, gradient
             accepted_step = torch.zeros_like(step)
@@ -2318,7 +2325,13 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
         iterations += active
         small = moved < tolerance * level.factor
         if name == "lbfgs":  # a pair whose line search the budget cut off has not converged: it goes on
-            small = small & ~optim.searching
+            # and neither has one whose step was only its first iteration, d = -g of length
+            # min(1, 1/|g|_1) lr, set by the gradient's size and not by any curvature: with max_iter
+            # 1 or 2 (max_eval 1 or 2: one iteration a step) that step was all of the first, short
+            # for a steep cost, and every level "converged" there (0.19 px off, 0.01 with the
+            # defaults).  The next step has a curvature pair; a pair whose gradient is below
+            # tolerance_grad takes no iteration and converges as before
+            small = small & ~optim.searching & ~optim.uninformed
         else:  # short against the level's largest step: near the minimum, not held back by lr
             largest = torch.maximum(largest, torch.where(active, moved, torch.zeros_like(moved)))
             # (<=: a pair that never moves, at its optimum from the start, converges; 0 < 0 ran it
