@@ -2358,3 +2358,83 @@ def test_lbfgs_of_one_iteration_a_step_does_not_converge_on_its_first_steepest_d
         errors[options is None] = grid_error(result.matrix, truth, fixed.shape)
     assert errors[True] < 0.05
     assert errors[False] < 0.05
+
+
+def _small_translation_pair():
+    fixed, moving, _ = registration_pair("camera", "translation", [1.5, -1.0])
+    return fixed[:48, :56].numpy(), moving[:48, :56].numpy()
+
+
+@pytest.mark.parametrize("argument", ["fixed", "moving", "mask", "moving_mask", "init"])
+def test_big_endian_and_long_double_arrays_register_as_their_native_values(argument):
+    # torch.from_numpy takes neither another byte order nor long double: these failed with torch's
+    # errors, naming no argument.  Their values are the native array's (exactly, to float64 for a
+    # long double of float64 values), so the result is the same, bit for bit
+    fixed, moving = _small_translation_pair()
+    mask = np.ones(fixed.shape, dtype=np.float32)
+    mask[:, :4] = 0
+    given = {"fixed": fixed, "moving": moving, "mask": mask, "moving_mask": mask,
+             "init": tireg.transforms.translation_matrix(torch.tensor([1.0, -0.5])).numpy()}
+
+    def run(**changed):
+        arguments = {**given, **changed}
+        return tireg.register(arguments["fixed"], arguments["moving"], transform="translation", pyramid=(1,),
+                              mask=arguments["mask"], moving_mask=arguments["moving_mask"], init=arguments["init"],
+                              max_iterations=5).matrix
+
+    native = run()
+    value = given[argument]
+    swapped = value.astype(value.dtype.newbyteorder(">" if np.little_endian else "<"))
+    assert not swapped.dtype.isnative
+    assert torch.equal(run(**{argument: swapped}), native)
+    if value.dtype == np.float64:  # long double of the same values: the same float64 numbers
+        assert torch.equal(run(**{argument: value.astype(np.longdouble)}), native)
+    else:
+        # float32 images and masks: their long double copies are float64 for register, as a float64
+        # array; register is the same for those
+        assert torch.equal(run(**{argument: value.astype(np.longdouble)}),
+                           run(**{argument: value.astype(np.float64)}))
+
+
+def test_long_double_beyond_float64s_range_is_refused_by_name():
+    if np.finfo(np.longdouble).max <= np.finfo(np.float64).max:
+        pytest.skip("long double is float64 here")
+    fixed, moving = _small_translation_pair()
+    huge = fixed.astype(np.longdouble)
+    huge[0, 0] = np.longdouble(np.finfo(np.float64).max) * 4
+    with pytest.raises(ValueError, match=r"register\(\): 'fixed' has values beyond float64's range"):
+        tireg.register(huge, moving, transform="translation")
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("argument", ["fixed", "moving", "mask", "moving_mask", "init"])
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_a_sparse_tensor_is_refused_naming_the_argument(argument, layout):
+    # it had failed deep inside: "expand is unsupported for Sparse tensors", a NotImplementedError
+    # of aten::ne for a mask, "reshape is not implemented" for init
+    fixed, moving = _small_translation_pair()
+    given = {"fixed": torch.from_numpy(fixed), "moving": torch.from_numpy(moving),
+             "mask": torch.ones(fixed.shape), "moving_mask": torch.ones(fixed.shape),
+             "init": torch.eye(3, dtype=torch.float64)}
+    given[argument] = given[argument].to_sparse() if layout == "coo" else given[argument].to_sparse_csr()
+    with pytest.raises(TypeError, match=rf"register\(\): '{argument}' must be a dense tensor; got layout"):
+        tireg.register(given["fixed"], given["moving"], transform="translation", mask=given["mask"],
+                       moving_mask=given["moving_mask"], init=given["init"])
+
+
+@pytest.mark.parametrize("init", [np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=object),
+                                  np.array([["1", "0", "0"], ["0", "1", "0"], ["0", "0", "1"]])])
+def test_an_init_array_of_objects_or_strings_is_refused_by_name(init):
+    fixed, moving = _small_translation_pair()
+    with pytest.raises(TypeError, match=r"register\(\): 'init' must hold numbers; got dtype"):
+        tireg.register(fixed, moving, transform="translation", init=init)
+
+
+def test_the_results_warp_takes_a_big_endian_array_and_refuses_a_sparse_tensor():
+    fixed, moving = _small_translation_pair()
+    result = tireg.register(fixed, moving, transform="translation", pyramid=(1,), max_iterations=3)
+    native = result.warp(moving)
+    assert torch.equal(result.warp(moving.astype(moving.dtype.newbyteorder(">" if np.little_endian else "<"))),
+                       native)
+    with pytest.raises(TypeError, match=r"RegistrationResult.warp\(\): 'moving' must be a dense tensor"):
+        result.warp(torch.from_numpy(moving).to_sparse())

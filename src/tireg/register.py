@@ -565,14 +565,46 @@ def _checked_inverse(matrices: torch.Tensor, caller: str) -> torch.Tensor:
 _UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint32", "uint64") if hasattr(torch, name))
 
 
+def _tensor_of_array(array: np.ndarray, name: str, caller: str) -> torch.Tensor:
+    """A tensor of the numbers in ``array`` (its memory where torch can share it): ``register``'s one
+    way from NumPy, for its images, masks and ``init`` matrices.
+
+    ``torch.from_numpy`` takes the native byte order only and no long double: a big-endian array
+    (``astype(">f4")``, FITS and some TIFF data) and an ``np.longdouble`` one failed with torch's
+    own error, which names no argument.  A big-endian array is converted to the native order (its
+    values exactly), a long double one to float64 (a finite value beyond float64's range raises
+    ``ValueError``), a complex long double to complex128 (refused by the caller as complex).  An
+    array of anything but numbers and booleans raises ``TypeError``."""
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise TypeError(f"{caller}: '{name}' must hold numbers; got dtype {array.dtype}")
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if array.dtype.type in (np.longdouble, np.clongdouble):
+        wide = array
+        array = array.astype(np.complex128 if np.iscomplexobj(array) else np.float64)
+        if not np.isfinite(array).all() and np.isfinite(wide).all():
+            raise ValueError(f"{caller}: '{name}' has values beyond float64's range (dtype {wide.dtype}); "
+                             "scale it first")
+    return torch.from_numpy(np.ascontiguousarray(writable(array)))
+
+
+def _refuse_layout(tensor: torch.Tensor, name: str, caller: str) -> None:
+    """Raise ``TypeError`` naming ``name`` where ``tensor`` is not dense (sparse COO, CSR, ...): it
+    had failed deep inside, in torch's words ("expand is unsupported for Sparse tensors")."""
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{caller}: '{name}' must be a dense tensor; got layout {tensor.layout} "
+                        "(pass tensor.to_dense())")
+
+
 def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) -> tuple[torch.Tensor, int]:
-    """``(B, C, H, W)`` float tensor from a tensor or array of ``(H, W)``, ``(C, H, W)`` or ``(B, C, H, W)``."""
+    """``(B, C, H, W)`` float tensor from a tensor or array of ``(H, W)``, ``(C, H, W)`` or ``(B, C, H, W)``
+    (an array of any byte order, a long double one as float64: :func:`_tensor_of_array`; a sparse
+    tensor refused by name)."""
     if isinstance(image, np.ndarray):
-        if image.dtype == object or not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
-            raise TypeError(f"{caller}: '{name}' must hold numbers; got dtype {image.dtype}")
-        image = torch.from_numpy(np.ascontiguousarray(writable(image)))
+        image = _tensor_of_array(image, name, caller)
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{caller}: '{name}' must be a torch.Tensor or numpy.ndarray; got {type(image).__name__}")
+    _refuse_layout(image, name, caller)
     if image.is_meta:  # no values: the first one read failed deep inside
         raise ValueError(f"{caller}: '{name}' is a meta tensor, which holds no values")
     ndim = image.dim()
@@ -2401,9 +2433,13 @@ def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str,
     if isinstance(init, torch.Tensor) and init.is_meta:  # Tensor.item() raised inside
         raise TypeError(f"{caller}: 'init' is a meta tensor, which holds no values")
     if isinstance(init, (torch.Tensor, np.ndarray)):
+        if isinstance(init, torch.Tensor):
+            _refuse_layout(init, "init", caller)
         if np.iscomplexobj(init) if isinstance(init, np.ndarray) else init.is_complex():  # imaginary part dropped
             raise TypeError(f"{caller}: 'init' matrix must be real numbers; got {init.dtype}")
-        matrix = torch.as_tensor(writable(init)).detach().to(torch.float64)
+        # an array of any byte order and long double too; of objects or strings refused by name
+        tensor = _tensor_of_array(init, "init", caller) if isinstance(init, np.ndarray) else init
+        matrix = tensor.detach().to(torch.float64)
         if matrix.dim() in (2, 3) and matrix.shape[-2:] == (2, 3):  # OpenCV's affine matrix (warpAffine,
             # findTransformECC): its top two rows, the same fixed -> moving map (README, "Conventions")
             bottom = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(*matrix.shape[:-2], 1, 3)
@@ -2566,7 +2602,9 @@ def register(
     Args:
         fixed, moving: images as tensors or arrays, ``(H, W)``, ``(C, H, W)``
             or ``(B, C, H, W)`` for ``B`` pairs (a batch of 1 is broadcast);
-            any real dtype; same channel count.  They may differ in size: the
+            any real dtype (an array of either byte order; a long double one
+            as float64), dense tensors (a sparse one is refused); same channel
+            count.  They may differ in size: the
             automatic start aligns their centres and searches about them, so a
             fixed image that is a small part of the moving one far from its
             centre (a template) needs a start near it (``init``, e.g. from
