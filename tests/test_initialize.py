@@ -1122,3 +1122,15 @@ def test_large_shifts_are_found_by_phase_correlation_without_the_window():
         result = tireg.register(fixed, moving, transform="translation")
         assert result.parameters["tx"] == pytest.approx(-dx, abs=0.3), name
         assert result.parameters["ty"] == pytest.approx(-dy, abs=0.3), name
+
+
+def test_a_sparse_image_or_a_big_endian_centre_gets_its_own_words():
+    """A sparse image failed deep inside ("expand is unsupported for Sparse tensors"); a big-endian
+    centre raised torch's byte-order error under "must be (cx, cy)"."""
+    fixed = load("camera")[None, None]
+    with pytest.raises(TypeError, match=r"^initialize\(\): 'fixed' must be a dense tensor; got layout"):
+        initialize(fixed.to_sparse(), fixed, "rigid")
+    moving = fixed.roll(3, -1)
+    native = initialize(fixed, moving, "rigid", center=np.array([100.0, 90.0]))
+    assert torch.equal(initialize(fixed, moving, "rigid", center=np.array([100.0, 90.0]).astype(">f8")), native)
+

@@ -1128,3 +1128,14 @@ def test_a_gaussian_wider_than_the_image_is_refused():
     with pytest.raises(ValueError, match=r"^image_gradient\(\): 'sigma' 65 px is wider than the 16 x 12 image"):
         image_gradient(image, method="gaussian", sigma=65)
     assert gaussian_blur(image, 64).shape == image.shape and gaussian_blur(image[..., :4, :4], 5).shape == (1, 1, 4, 4)
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_a_sparse_image_is_refused_naming_the_argument(layout):
+    """A sparse image failed inside grid_sample in torch's words ("Could not run 'aten::grid_sampler_2d'
+    with arguments from the 'SparseCPU' backend")."""
+    image = torch.rand(1, 1, 6, 7, generator=torch.Generator().manual_seed(0))
+    sparse = image.to_sparse() if layout == "coo" else image[0, 0].to_sparse_csr()
+    with pytest.raises(TypeError, match=r"^warp\(\): 'moving' must be a dense tensor; got layout torch.sparse"):
+        warp(sparse, torch.eye(3)[None])
+

@@ -653,3 +653,15 @@ def test_a_bool_or_complex_centre_is_refused(center, shown):
             rigid_matrix(torch.tensor([0.1, 0.0, 0.0]), center)
     assert torch.equal(rigid_matrix(torch.tensor([0.1, 0.0, 0.0]), (3, 2)),  # whole numbers are real numbers
                        rigid_matrix(torch.tensor([0.1, 0.0, 0.0]), (3.0, 2.0)))
+
+
+@pytest.mark.parametrize("dtype", [">f8", ">f4", "<f8", np.longdouble])
+def test_a_centre_array_of_any_byte_order_or_a_long_double_one_is_taken_as_its_values(dtype):
+    """A big-endian centre (FITS headers, some TIFF tags) or a long double one raised torch's own
+    error under the message "'center' must be (cx, cy) in pixels"."""
+    params = torch.tensor([0.3, 1.1, 2.0, -1.0], dtype=torch.float64)
+    expected = similarity_matrix(params, (5.5, 6.25))
+    assert torch.equal(similarity_matrix(params, np.array([5.5, 6.25]).astype(dtype)), expected)
+    with pytest.raises(TypeError, match=r"^similarity_matrix\(\): 'center' must hold numbers; got dtype <U"):
+        similarity_matrix(params, np.array(["5.5", "6.25"]))
+

@@ -26,13 +26,50 @@ PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
 
 
 def writable(value: Any) -> Any:
-    """``value``, or a copy where it is a read-only NumPy array (``np.asarray`` of a PIL image, a
-    ``np.broadcast_to`` view, a read-only memory map): ``torch.from_numpy`` and ``torch.as_tensor``
-    share an array's memory and warn that a read-only one may be written ("The given NumPy array is
-    not writable", an error under ``python -W error``)."""
-    if isinstance(value, np.ndarray) and not value.flags.writeable:
-        return value.copy()
+    """``value``, or a copy where it is a NumPy array that torch cannot share as it is.
+
+    A read-only array (``np.asarray`` of a PIL image, a ``np.broadcast_to`` view, a read-only
+    memory map): ``torch.from_numpy`` and ``torch.as_tensor`` share an array's memory and warn
+    that a read-only one may be written ("The given NumPy array is not writable", an error under
+    ``python -W error``).  An array in the other byte order (``astype(">f4")``, FITS and some TIFF
+    data): torch refused it in its own words, which name no argument; the copy is in the native
+    order, its values exact.
+    """
+    if isinstance(value, np.ndarray):
+        if not value.dtype.isnative:
+            return value.astype(value.dtype.newbyteorder("="))
+        if not value.flags.writeable:
+            return value.copy()
     return value
+
+
+def tensor_of_array(array: np.ndarray, name: str, caller: str) -> torch.Tensor:
+    """A tensor of the numbers in ``array`` (its memory where torch can share it): the one way from
+    NumPy for images, masks and matrices.
+
+    Any byte order (:func:`writable`); a long double array as float64 (``torch.from_numpy`` takes
+    none; a finite value beyond float64's range raises ``ValueError``), a complex long double one as
+    complex128 (for the caller to refuse as complex).  An array of anything but numbers and
+    booleans raises ``TypeError``.
+    """
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise TypeError(f"{caller}: '{name}' must hold numbers; got dtype {array.dtype}")
+    array = writable(array)
+    if array.dtype.type in (np.longdouble, np.clongdouble):
+        wide = array
+        array = array.astype(np.complex128 if np.iscomplexobj(array) else np.float64)
+        if not np.isfinite(array).all() and np.isfinite(wide).all():
+            raise ValueError(f"{caller}: '{name}' has values beyond float64's range (dtype {wide.dtype}); "
+                             "scale it first")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def check_dense(tensor: torch.Tensor, name: str, caller: str) -> None:
+    """Raise ``TypeError`` naming ``name`` where ``tensor`` is not dense (sparse COO, CSR, ...): it
+    failed deep inside, in torch's words ("expand is unsupported for Sparse tensors")."""
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{caller}: '{name}' must be a dense tensor; got layout {tensor.layout} "
+                        "(pass tensor.to_dense())")
 
 
 def values_readable(tensor: torch.Tensor) -> bool:
@@ -70,11 +107,12 @@ def all_finite(tensor: torch.Tensor) -> bool:
 def check_image(image: torch.Tensor, name: str, caller: str, *, finite: bool = True) -> torch.Tensor:
     """Return ``image`` if it is a float tensor ``(B, C, H, W)``; raise otherwise.
 
-    Checks type, number of dimensions, dtype (float32/float64), non-empty
+    Checks type, layout (dense), number of dimensions, dtype (float32/float64), non-empty
     spatial size and, unless ``finite=False``, the absence of NaN/Inf.
     """
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{caller}: '{name}' must be a torch.Tensor; got {type(image).__name__}")
+    check_dense(image, name, caller)
     if image.dim() != 4:
         raise ValueError(
             f"{caller}: '{name}' must have 4 dimensions (B, C, H, W); got shape {tuple(image.shape)}"

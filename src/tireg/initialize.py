@@ -68,7 +68,6 @@ from ._validation import (
     check_option,
     check_same_kind,
     finite_number,
-    writable,
 )
 from .metrics import _flat_variance
 from .sampling import (
@@ -82,8 +81,8 @@ from .sampling import (
 )
 from .transforms import (
     _about_center,
-    _check_real_center,
     _determinant,
+    _real_center,
     get_transform,
     rigid_matrix,
     rotation,
@@ -1247,9 +1246,9 @@ def _as_centre(center: CenterLike, batch: int, height: int, width: int, like: to
     if center is None:
         centre = torch.tensor([(width - 1) / 2.0, (height - 1) / 2.0], dtype=like.dtype, device=like.device)
     else:
-        _check_real_center(writable(center), caller)
+        center = _real_center(center, caller)
         try:
-            centre = torch.as_tensor(writable(center), dtype=like.dtype, device=like.device)
+            centre = torch.as_tensor(center, dtype=like.dtype, device=like.device)
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"{caller}: 'center' must be (x, y) or a (B, 2) tensor; got {center!r}") from None
         if centre.shape not in ((2,), (1, 2), (batch, 2)) or not bool(torch.isfinite(centre).all()):

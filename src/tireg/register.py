@@ -55,9 +55,11 @@ from ._validation import (
     all_finite,
     check_affine,
     check_compile_option,
+    check_dense,
     check_option,
     is_whole,
     real_number,
+    tensor_of_array,
     writable,
 )
 from .losses import PerPixelLoss, constant_irls_weight
@@ -565,46 +567,15 @@ def _checked_inverse(matrices: torch.Tensor, caller: str) -> torch.Tensor:
 _UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint32", "uint64") if hasattr(torch, name))
 
 
-def _tensor_of_array(array: np.ndarray, name: str, caller: str) -> torch.Tensor:
-    """A tensor of the numbers in ``array`` (its memory where torch can share it): ``register``'s one
-    way from NumPy, for its images, masks and ``init`` matrices.
-
-    ``torch.from_numpy`` takes the native byte order only and no long double: a big-endian array
-    (``astype(">f4")``, FITS and some TIFF data) and an ``np.longdouble`` one failed with torch's
-    own error, which names no argument.  A big-endian array is converted to the native order (its
-    values exactly), a long double one to float64 (a finite value beyond float64's range raises
-    ``ValueError``), a complex long double to complex128 (refused by the caller as complex).  An
-    array of anything but numbers and booleans raises ``TypeError``."""
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise TypeError(f"{caller}: '{name}' must hold numbers; got dtype {array.dtype}")
-    if not array.dtype.isnative:
-        array = array.astype(array.dtype.newbyteorder("="))
-    if array.dtype.type in (np.longdouble, np.clongdouble):
-        wide = array
-        array = array.astype(np.complex128 if np.iscomplexobj(array) else np.float64)
-        if not np.isfinite(array).all() and np.isfinite(wide).all():
-            raise ValueError(f"{caller}: '{name}' has values beyond float64's range (dtype {wide.dtype}); "
-                             "scale it first")
-    return torch.from_numpy(np.ascontiguousarray(writable(array)))
-
-
-def _refuse_layout(tensor: torch.Tensor, name: str, caller: str) -> None:
-    """Raise ``TypeError`` naming ``name`` where ``tensor`` is not dense (sparse COO, CSR, ...): it
-    had failed deep inside, in torch's words ("expand is unsupported for Sparse tensors")."""
-    if tensor.layout != torch.strided:
-        raise TypeError(f"{caller}: '{name}' must be a dense tensor; got layout {tensor.layout} "
-                        "(pass tensor.to_dense())")
-
-
 def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) -> tuple[torch.Tensor, int]:
     """``(B, C, H, W)`` float tensor from a tensor or array of ``(H, W)``, ``(C, H, W)`` or ``(B, C, H, W)``
-    (an array of any byte order, a long double one as float64: :func:`_tensor_of_array`; a sparse
+    (an array of any byte order, a long double one as float64: :func:`~tireg._validation.tensor_of_array`; a sparse
     tensor refused by name)."""
     if isinstance(image, np.ndarray):
-        image = _tensor_of_array(image, name, caller)
+        image = tensor_of_array(image, name, caller)
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{caller}: '{name}' must be a torch.Tensor or numpy.ndarray; got {type(image).__name__}")
-    _refuse_layout(image, name, caller)
+    check_dense(image, name, caller)
     if image.is_meta:  # no values: the first one read failed deep inside
         raise ValueError(f"{caller}: '{name}' is a meta tensor, which holds no values")
     ndim = image.dim()
@@ -2434,11 +2405,11 @@ def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str,
         raise TypeError(f"{caller}: 'init' is a meta tensor, which holds no values")
     if isinstance(init, (torch.Tensor, np.ndarray)):
         if isinstance(init, torch.Tensor):
-            _refuse_layout(init, "init", caller)
+            check_dense(init, "init", caller)
         if np.iscomplexobj(init) if isinstance(init, np.ndarray) else init.is_complex():  # imaginary part dropped
             raise TypeError(f"{caller}: 'init' matrix must be real numbers; got {init.dtype}")
         # an array of any byte order and long double too; of objects or strings refused by name
-        tensor = _tensor_of_array(init, "init", caller) if isinstance(init, np.ndarray) else init
+        tensor = tensor_of_array(init, "init", caller) if isinstance(init, np.ndarray) else init
         matrix = tensor.detach().to(torch.float64)
         if matrix.dim() in (2, 3) and matrix.shape[-2:] == (2, 3):  # OpenCV's affine matrix (warpAffine,
             # findTransformECC): its top two rows, the same fixed -> moving map (README, "Conventions")

@@ -33,11 +33,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ._device import cached, constant
-from ._validation import FLOAT_DTYPES, broadcast_shape, check_affine, check_dtype, check_matrix, check_size, writable
+from ._validation import (
+    FLOAT_DTYPES,
+    broadcast_shape,
+    check_affine,
+    check_dtype,
+    check_matrix,
+    check_size,
+    tensor_of_array,
+)
 
 __all__ = [
     "ALIGN_CORNERS",
@@ -134,28 +143,36 @@ def pixel_to_normalized(matrix: torch.Tensor, moving_size: Sequence[int]) -> tor
 # building blocks
 
 
-def _check_real_center(center, caller: str) -> None:
-    """Raise a ``TypeError`` naming ``'center'`` where its values are bool or complex: a bool centre
-    ``(True, False)`` had been taken as ``(1, 0)``, and a complex one had lost its imaginary part with
-    only a warning.  Values that do not make a tensor are left to the caller's own conversion, which
-    names them."""
+def _real_center(center, caller: str):
+    """``center`` for ``torch.as_tensor``: a NumPy array as a tensor (:func:`tireg._validation.tensor_of_array`:
+    any byte order, long double as float64), other values as given; raise ``TypeError`` naming
+    ``'center'`` where its values are bool or complex.
+
+    A bool centre ``(True, False)`` had been taken as ``(1, 0)``, and a complex one had lost its
+    imaginary part with only a warning; a big-endian or long double array had raised torch's own
+    error, under a message that called it no ``(cx, cy)``.  Values that do not make a tensor are
+    left to the caller's own conversion, which names them.
+    """
+    given = center
+    if isinstance(center, np.ndarray):
+        center = tensor_of_array(center, "center", caller)
     try:  # the kind of the values as given (a tensor's own dtype; its values are not read)
         kind = center.dtype if isinstance(center, torch.Tensor) else torch.as_tensor(center).dtype
     except (TypeError, ValueError, RuntimeError):
-        return
+        return center
     if kind == torch.bool or kind.is_complex:
-        shown = f"a tensor of {kind}" if isinstance(center, torch.Tensor) else f"{center!r}, {kind} values"
+        shown = f"a tensor of {kind}" if isinstance(given, torch.Tensor) else f"{given!r}, {kind} values"
         raise TypeError(f"{caller}: 'center' must be (cx, cy), real numbers in pixels; got {shown}")
+    return center
 
 
 def _as_center(center: CenterLike, like: torch.Tensor, caller: str, *, matrix: bool = False) -> torch.Tensor:
     """Centre as a ``(..., 2)`` tensor with ``like``'s dtype and device (its shape and kind checked:
-    real numbers, :func:`_check_real_center`; its values are not read: no wait for a GPU)."""
+    real numbers, :func:`_real_center`; its values are not read: no wait for a GPU)."""
     if center is None or isinstance(center, (str, bytes)):
         raise TypeError(f"{caller}: 'center' must be (cx, cy) in pixels; got {center!r}")
     given = center
-    center = writable(center)
-    _check_real_center(center, caller)
+    center = _real_center(center, caller)
     try:  # straight to like's dtype
         tensor = torch.as_tensor(center, dtype=like.dtype, device=like.device)
     except (TypeError, ValueError, RuntimeError):
