@@ -901,8 +901,9 @@ class _JointHistogramMetric(Metric):
 
     The ranges come from :meth:`set_ranges` (``register`` sets them from each
     level's whole images, of the pixels inside their masks; the analytic model
-    from the whole images) or, if not set, from the inputs of
-    each call.  Those move with the transform, and the gradient (analytic or
+    and :func:`tireg.analytic.cost_and_gradient` from the whole images, of the
+    pixels of nonzero weight) or, if not set, from the inputs of each call, of
+    the pixels of nonzero weight.  Those move with the transform, and the gradient (analytic or
     autograd) treats them as constants: it is then not quite the derivative
     of the returned cost (3 % off on a test).  Call ``set_ranges(moving,
     fixed)`` before an autograd loop.
@@ -952,9 +953,14 @@ class _JointHistogramMetric(Metric):
                                  f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
         self.ranges = (_plane_ranges(moving, moving_mask), _plane_ranges(fixed, fixed_mask))
 
-    def _histogram(self, x, y, w, *, counts: bool = True):
+    def _histogram(self, x, y, w, *, counts: bool = True, weight: Optional[torch.Tensor] = None):
         """The joint histogram's counts ``sum_i w_i [a_i = a] beta3(t_i - b)`` ``(B C, bins, bins)``
-        (``None`` without ``counts``) and what the derivative takes of each pixel (its taps)."""
+        (``None`` without ``counts``) and what the derivative takes of each pixel (its taps).
+
+        Without :meth:`set_ranges`, the ranges are the images' own, of the pixels where the caller's
+        ``weight`` is nonzero (:func:`_plane_ranges`): a no-data value of weight 0 had set them, and
+        every weighted intensity fell into one bin (MI 0, its derivative 0).
+        """
         batch, channels = x.shape[:2]
         bins = self.bins
         if self.ranges is not None:
@@ -966,8 +972,7 @@ class _JointHistogramMetric(Metric):
                         f"{ranges.shape[1]} channel(s); got images {tuple(x.shape)} (set_ranges() from these "
                         "images, or set_ranges(None, None) for each call's own)")
         else:
-            x_range = torch.stack([x.detach().amin((2, 3)), x.detach().amax((2, 3))], -1)
-            y_range = torch.stack([y.detach().amin((2, 3)), y.detach().amax((2, 3))], -1)
+            x_range, y_range = _plane_ranges(x, weight), _plane_ranges(y, weight)
         # a span clamped near the dtype's smallest normal (times bins: bins / span stays finite, and a
         # flat image's 0 x bins / span is 0), not at an absolute 1e-12: images of a span below that
         # (values ~1e-13) fell into one bin, MI 0 where NCC saw the same images
@@ -1006,7 +1011,7 @@ class _JointHistogramMetric(Metric):
         return counts(past, weights, cell, fixed_bin, base, bins, matmul), parts
 
     def __call__(self, x, y, weight=None, gradient=False):
-        counts, parts = self._histogram(x, y, _inputs(self, x, y, weight))
+        counts, parts = self._histogram(x, y, _inputs(self, x, y, weight), weight=weight)
         cost, d_joint = self._scores(counts / parts["total"][:, None, None], x.shape[1], gradient)
         return (cost, self._derivative(d_joint, parts)) if gradient else cost
 
@@ -1020,7 +1025,7 @@ class _JointHistogramMetric(Metric):
         """:class:`HistogramSums` of the pixels given (a part of each pair: a band of rows), which
         :meth:`merged_sums` adds up and :meth:`cost_of_sums` and :meth:`derivative` take.  Set the
         ranges from the whole images first (:meth:`set_ranges`): a part's own differ."""
-        counts, parts = self._histogram(x, y, _inputs(self, x, y, weight))
+        counts, parts = self._histogram(x, y, _inputs(self, x, y, weight), weight=weight)
         weights = parts["weights"].sum(1)  # the count before the clamp: an empty part adds nothing
         return HistogramSums(counts.reshape(*x.shape[:2], *counts.shape[1:]), weights.reshape(x.shape[:2]))
 
@@ -1046,7 +1051,7 @@ class _JointHistogramMetric(Metric):
                    slopes: HistogramSlopes) -> torch.Tensor:
         """``d cost / d x`` at the pixels given (a part of each pair), of the pair whose
         :meth:`cost_of_sums` gave ``slopes``."""
-        _, parts = self._histogram(x, y, _inputs(self, x, y, weight), counts=False)
+        _, parts = self._histogram(x, y, _inputs(self, x, y, weight), counts=False, weight=weight)
         parts["total"] = slopes.weight
         return self._derivative(slopes.joint, parts)
 
@@ -1196,8 +1201,23 @@ def _independent_pairs(metric: Metric) -> bool:
         return True
     if _own_cost(metric, (NCC,)):  # and its own deviations, a public hook (one may pool the batch)
         return type(metric).deviations is NCC.deviations
-    own_ranges = getattr(type(metric), "set_ranges", None) is not _JointHistogramMetric.set_ranges
-    return not own_ranges and _own_cost(metric, (MutualInformation, NormalizedMutualInformation))
+    return not _own_ranges(metric) and _own_cost(metric, (MutualInformation, NormalizedMutualInformation))
+
+
+def _own_ranges(metric: Metric) -> bool:
+    """Whether ``metric``'s ``set_ranges`` is a subclass's own (which takes the two images only)."""
+    return getattr(type(metric), "set_ranges", None) is not _JointHistogramMetric.set_ranges
+
+
+def _set_masked_ranges(metric: Metric, moving: torch.Tensor, fixed: torch.Tensor,
+                       moving_mask: Optional[torch.Tensor], fixed_mask: Optional[torch.Tensor]) -> None:
+    """``metric.set_ranges`` of the pixels inside the masks (a no-data value outside them had set the
+    ranges: every counted intensity in one bin, a flat cost); a subclass's own ``set_ranges``, which
+    takes the two images only, gets the images."""
+    if _own_ranges(metric):
+        metric.set_ranges(moving, fixed)
+    else:
+        metric.set_ranges(moving, fixed, moving_mask=moving_mask, fixed_mask=fixed_mask)
 
 
 METRICS: dict[str, type[Metric]] = {

@@ -72,11 +72,11 @@ from .metrics import (
     NCCStatistics,
     NormalizedMutualInformation,
     PerPixelMetric,
-    _JointHistogramMetric,
     _independent_pairs,
     _mean_count,
     _own_cost,
     _pixel_parts,
+    _set_masked_ranges,
     _sums_of_parts,
     get_metric,
 )
@@ -1035,11 +1035,6 @@ def _eroded(mask: torch.Tensor) -> torch.Tensor:
     return 1.0 - torch.nn.functional.max_pool2d(outside, 3, stride=1)
 
 
-def _own_ranges(metric: Metric) -> bool:
-    """Whether ``metric``'s ``set_ranges`` is a subclass's own (which takes the two images only)."""
-    return getattr(type(metric), "set_ranges", None) is not _JointHistogramMetric.set_ranges
-
-
 class _Problem:
     """Cost, gradient and Gauss-Newton matrix of the parameters at one level."""
 
@@ -1075,11 +1070,7 @@ class _Problem:
         metric's own ``set_ranges`` (of the two images only) gets the images."""
         if hasattr(self.metric, "set_ranges"):
             if "ranges" not in level.cache:
-                if _own_ranges(self.metric):
-                    self.metric.set_ranges(level.moving, level.fixed)
-                else:
-                    self.metric.set_ranges(level.moving, level.fixed, moving_mask=level.moving_mask,
-                                           fixed_mask=level.fixed_weight)
+                _set_masked_ranges(self.metric, level.moving, level.fixed, level.moving_mask, level.fixed_weight)
                 level.cache["ranges"] = self.metric.ranges
             self.metric.ranges = level.cache["ranges"]
         return self.metric
