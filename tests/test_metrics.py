@@ -1057,3 +1057,36 @@ def test_set_ranges_of_the_pixels_inside_the_masks(metric):
     assert torch.equal(moving_range[1], torch.stack([moving[1].amin((1, 2)), moving[1].amax((1, 2))], -1))
     kept = fixed.flatten(2)[..., torch.arange(99) != 4 * 11 + 5]
     assert torch.equal(fixed_range, torch.stack([kept.amin(-1), kept.amax(-1)], -1))
+
+
+@pytest.mark.parametrize("metric", [MutualInformation, NormalizedMutualInformation])
+def test_per_call_ranges_leave_out_the_pixels_of_weight_zero(metric):
+    """Without set_ranges, a histogram metric took its ranges over every pixel, a no-data value of
+    weight 0 included: the counted intensities fell into one bin, MI 0 (NMI 1) and a zero
+    derivative; so did cost_and_gradient(weight=...), which sets the ranges per call."""
+    from tireg.analytic import cost_and_gradient
+
+    generator = torch.Generator().manual_seed(0)
+    fixed = torch.rand(2, 1, 24, 28, generator=generator, dtype=torch.float64)
+    moving = 0.7 * fixed + 0.1 + 0.05 * torch.rand(2, 1, 24, 28, generator=generator, dtype=torch.float64)
+    weight = torch.ones(2, 1, 24, 28, dtype=torch.float64)
+    weight[0, ..., :9] = 0
+    weight[1, ..., 5:11, :] = 0
+    identity = torch.eye(3, dtype=torch.float64).expand(2, 3, 3)
+    expected = metric()(moving, fixed, weight, gradient=True)
+    expected_analytic = cost_and_gradient(fixed, moving, identity, metric(), weight=weight)
+    assert (expected[0] < -0.3).all() and expected[1].abs().amax() > 0  # informative images
+    for nodata in (50.0, -9999.0):
+        moving_nodata = torch.where(weight > 0, moving, nodata)
+        fixed_nodata = torch.where(weight > 0, fixed, -nodata)
+        cost, derivative = metric()(moving_nodata, fixed_nodata, weight, gradient=True)
+        torch.testing.assert_close(cost, expected[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(derivative * weight, expected[1] * weight, rtol=1e-10, atol=1e-12)
+        # the moving image's gradient at a counted pixel reads its neighbour below and to the right
+        # (the interpolant's one-sided slope at a pixel centre): no-data one pixel off the counted ones
+        apart = torch.ones_like(weight, dtype=torch.bool)
+        apart[0, ..., :8] = apart[1, ..., 6:10, :] = False
+        moving_apart = torch.where(apart, moving, nodata)
+        analytic = cost_and_gradient(fixed_nodata, moving_apart, identity, metric(), weight=weight.bool())
+        torch.testing.assert_close(analytic[1], expected_analytic[1], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(analytic[2], expected_analytic[2], rtol=1e-10, atol=1e-12)

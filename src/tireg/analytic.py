@@ -26,7 +26,9 @@ from ._validation import (
     GRADIENT_INTERPOLATIONS, INTERPOLATIONS, PADDING_MODES, check_affine, check_image, check_same_kind,
 )
 from .losses import PerPixelLoss
-from .metrics import LocalNCC, Metric, PerPixelMetric, _independent_pairs, _pixel_parts, _sums_of_parts, _mean_count
+from .metrics import (
+    LocalNCC, Metric, PerPixelMetric, _independent_pairs, _mean_count, _pixel_parts, _set_masked_ranges, _sums_of_parts,
+)
 from .sampling import (
     _grid_moments, _modes, _pixel_axes, _sample_stacked_gradient, _sampler_gradient, sample, sampling_grid,
     shared_pixel_scale,
@@ -319,7 +321,7 @@ def _reference_in_passes(fixed, moving, matrix, metric, weight, interpolation, p
     if not windows:
         if getattr(metric, "ranges", False) is None:  # per call: the whole warped image's, as whole
             metric = copy.copy(metric)
-            metric.set_ranges(warped, fixed)
+            _set_masked_ranges(metric, warped, fixed, weight, weight)
         sums = None
         for rows in bands:  # a running merge: mutual information's sums are a histogram a pair
             part = metric.sums(rows_of(warped, rows), rows_of(fixed, rows), rows_of(weight, rows))
