@@ -413,6 +413,29 @@ def drift(tmp_path_factory):
     return folder, np.stack(truths), frames, np.stack(jitter_truths)
 
 
+@pytest.mark.parametrize("reference", ["first", "previous", "mean"])
+def test_stack_mask_leaves_the_no_data_area_out_of_every_frame(drift, tmp_path, monkeypatch, reference):
+    """--mask was the reference's only: a label burnt into every frame at one place (a no-data
+    area) still counted in the moving frames, and moved the result 6-220 px with its value."""
+    from tireg.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _, truths, frames, _ = drift
+    mask = np.full(frames.shape[1:], 255, np.uint8)
+    mask[:, :30] = mask[100:] = 0
+    imageio.imwrite(tmp_path / "mask.png", mask)
+    found = {}
+    for value in (0, 65535):
+        labelled = frames.copy()
+        labelled[:, mask == 0] = value
+        np.save(tmp_path / f"stack{value}.npy", labelled.astype(np.float64) / 65535)
+        assert main(["stack", f"stack{value}.npy", "-o", f"out{value}", "--reference", reference,
+                     "--mask", "mask.png", "-q"]) == 0
+        found[value] = np.stack([matrix_of(row) for row in _check_stack(tmp_path / f"out{value}.csv", truths,
+                                                                         frames.shape[1:])])
+    np.testing.assert_allclose(found[0], found[65535], rtol=0, atol=1e-6)
+
+
 def _check_stack(csv_path: Path, truths: np.ndarray, size) -> list[dict]:
     rows = list(csv.DictReader(open(csv_path)))
     assert [int(r["frame"]) for r in rows] == list(range(len(truths)))

@@ -427,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--csv", metavar="PATH", help="per-frame transforms (default: OUTPUT with suffix .csv)")
     sub.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
                      help="frames registered together in one batched call")
-    registration_options(sub, "rigid", "where the reference counts (nonzero pixels), same size as the frames")
+    registration_options(sub, "rigid", "where every frame counts (nonzero pixels), as the reference and as a moving "
+                         "image; same size as the frames")
     sub.set_defaults(handler=_cmd_stack)
 
     # demo
@@ -1020,9 +1021,15 @@ def _register_stack(args, grey: np.ndarray, mask, progress: _Progress) -> dict[s
 
 
 def _register_frames(args, fixed_all: np.ndarray, frames: np.ndarray, moving_index: list[int], mask,
-                     progress: _Progress, init: Optional[np.ndarray] = None) -> dict[str, Any]:
+                     progress: _Progress, init: Optional[np.ndarray] = None,
+                     reference_mask: Optional[np.ndarray] = None) -> dict[str, Any]:
     """Frames ``moving_index`` registered in batches to ``fixed_all`` (one reference, or frame ``k``'s
-    at ``k - 1``), from ``init[k]`` where given; the other frames keep the identity ("reference")."""
+    at ``k - 1``), from ``init[k]`` where given; the other frames keep the identity ("reference").
+
+    ``mask`` (``--mask``): the pixels that count in every frame, as a reference and as a moving
+    image (the frames share the sensor: a label burnt into each frame, a dead region); it was the
+    reference's only, and the same no-data area in the moving frames moved the result 6-220 px.
+    ``reference_mask``: the reference's own instead (the mean's coverage)."""
     import torch
 
     count = frames.shape[0]
@@ -1034,7 +1041,8 @@ def _register_frames(args, fixed_all: np.ndarray, frames: np.ndarray, moving_ind
         index = moving_index[start:start + args.batch_size]
         fixed = fixed_all if fixed_all.shape[0] == 1 else fixed_all[[k - 1 for k in index]]
         start_matrices = None if init is None else torch.from_numpy(np.ascontiguousarray(writable(init[index])))
-        result = _register_images(args, fixed, frames[index], mask=mask, progress=progress, init=start_matrices)
+        result = _register_images(args, fixed, frames[index], mask=mask if reference_mask is None else reference_mask,
+                                  moving_mask=mask, progress=progress, init=start_matrices)
         pairs[index] = result.matrix.numpy().reshape(-1, 3, 3)
         costs[index] = result.cost.numpy()
         iterations[index] = result.iterations.numpy()
@@ -1055,17 +1063,24 @@ def _register_to_mean(args, grey: np.ndarray, mask, progress: _Progress) -> dict
     One pass against the mean of the *unaligned* frames failed under drift: each frame left a faint
     copy of itself in that mean, settled on it and stayed near the identity, 'converged' (frames
     2 px apart came out 0.15 px apart).
+
+    With ``--mask``, a pixel of the mean is the mean of the frames' pixels inside the mask (their
+    no-data values left out), and the mean counts where the masked frames cover half a frame's
+    worth or more.
     """
     count, height, width = grey.shape
     chained = _register_stack(argparse.Namespace(**{**vars(args), "reference": "previous"}), grey, mask, progress)
     first = chained["matrices"]  # frame 0 -> frame k
-    values = _warp_frames(grey[..., None], first, (height, width), "bilinear", args.device)[..., 0]
-    ones = np.broadcast_to(np.ones((1, height, width, 1)), (count, height, width, 1))
-    cover = _warp_frames(ones, first, (height, width), "bilinear", args.device)[..., 0]
+    inside = np.ones((height, width)) if mask is None else mask.astype(np.float64)
+    counted = grey if mask is None else np.where(mask != 0, grey, 0.0)
+    values = _warp_frames(counted[..., None], first, (height, width), "bilinear", args.device)[..., 0]
+    weights = np.broadcast_to(inside[None, ..., None], (count, height, width, 1))
+    cover = _warp_frames(weights, first, (height, width), "bilinear", args.device)[..., 0]
     covered = cover.sum(axis=0)
     template = np.where(covered > 0.5, values.sum(axis=0) / np.maximum(covered, 1e-12), 0.0)
+    reference_mask = None if mask is None else (covered > 0.5).astype(np.float32)
     found = _register_frames(args, template[None, None], grey[:, None], list(range(count)), mask, progress,
-                             init=first)
+                             init=first, reference_mask=reference_mask)
     found["iterations"] = found["iterations"] + chained["iterations"]
     found["results"] = chained["results"] + found["results"]
     found["seconds"] += chained["seconds"]
