@@ -1548,7 +1548,7 @@ def test_bad_input_is_named():
     nan[3, 4] = float("nan")
     cases = [
         (dict(fixed=fixed, moving=nan), ValueError, "'moving' contains NaN or Inf values .where a mask leaves them "
-                                                     "out too: fill them, e.g. with 0, and the mask keeps them out."),
+                                                     "out, they are left out: pass one, moving_mask=, or fill them.$"),
         (dict(fixed=fixed, moving=moving, device="mps"), ValueError,
          "device 'mps' is not available in this PyTorch build"),  # torch's 60-line dispatcher error, deep inside
         (dict(fixed=fixed, moving=moving, pyramid=(2, 64, 1)), ValueError,
@@ -2438,3 +2438,140 @@ def test_the_results_warp_takes_a_big_endian_array_and_refuses_a_sparse_tensor()
                        native)
     with pytest.raises(TypeError, match=r"RegistrationResult.warp\(\): 'moving' must be a dense tensor"):
         result.warp(torch.from_numpy(moving).to_sparse())
+
+
+_FLT_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _similarity_pair_with_masks():
+    """A 96 x 112 similarity pair (real content everywhere), a fixed mask (a left band and a bar) and a
+    moving mask (a right band and a bar), bool."""
+    fixed, moving, truth = registration_pair("camera", "similarity", [0.1, 1.04, 3.0, -2.0])
+    fixed, moving = fixed[:96, :112], moving[:96, :112]
+    fixed_mask = torch.ones(fixed.shape, dtype=torch.bool)
+    fixed_mask[:, :12] = False
+    fixed_mask[40:46, 50:80] = False
+    moving_mask = torch.ones(fixed.shape, dtype=torch.bool)
+    moving_mask[:, -12:] = False
+    moving_mask[60:64, 20:60] = False
+    return fixed, moving, truth, fixed_mask, moving_mask
+
+
+def _rolled_pair_with_a_moving_mask():
+    """Camera at 112 x 128 and its torch.roll by (5, 3) (a whole-pixel translation: whole-pixel sampling
+    points), with a moving mask of a no-data strip and the rolled-in border, bool."""
+    from tireg.data import camera
+    from tireg.sampling import downsample
+
+    fixed = downsample(camera()[None, None], 2)[0, 0]
+    moving = torch.roll(fixed, shifts=(3, 5), dims=(0, 1))
+    mask = torch.ones(fixed.shape, dtype=torch.bool)
+    mask[:, 60:64] = False
+    mask[:3] = False
+    mask[:, :5] = False
+    return fixed, moving, mask
+
+
+@pytest.mark.parametrize("metric, finest_smoothing", [
+    ("l2", None), ("ncc", None), ("mi", None), ("lncc", None), ("l2", 0.0), ("ncc", 0.0), ("lncc", 0.0)])
+def test_the_values_under_the_masks_never_change_the_result(metric, finest_smoothing):
+    # what lies under a mask is no data, yet its values reached the result: a bilinear moving sample
+    # whose masked tap weighed under the mask test's 1e-4 took that share of it, the sampler's one-sided
+    # derivative at whole pixels read it whole (ncc, unsmoothed, -9999: 1e-3 px), squares of 1e19 in
+    # the overlap statistics turned the normalisation off (0.35-0.61 px), and -FLT_MAX (GDAL's no-data)
+    # or 1e100 were refused as NaN or beyond float32.  Each image is filled outside its mask with its
+    # mean inside now: every fill, the data itself (None) included, gives the same result to rounding
+    fixed, moving, truth, fixed_mask, moving_mask = _similarity_pair_with_masks()
+    pyramid = None if finest_smoothing is None else tireg.Pyramid(finest_smoothing=finest_smoothing)
+    results = {}
+    for dtype, fills in ((torch.float32, (None, 0.0, 50.0, -9999.0, -_FLT_MAX)), (torch.float64, (None, 1e100))):
+        for fill in fills:
+            images = fixed.to(dtype).clone(), moving.to(dtype).clone()
+            if fill is not None:
+                images[0][~fixed_mask] = fill
+                images[1][~moving_mask] = fill
+            results[dtype, fill] = tireg.register(*images, transform="similarity", metric=metric, mask=fixed_mask,
+                                                  moving_mask=moving_mask, pyramid=pyramid)
+    for (dtype, fill), result in results.items():
+        reference = results[dtype, None]
+        assert grid_error(result.matrix, truth, fixed.shape) < 0.1, (dtype, fill)
+        assert grid_error(result.matrix, reference.matrix, fixed.shape) < 1e-6, (dtype, fill)
+        assert float(result.cost) == pytest.approx(float(reference.cost), rel=1e-6, abs=1e-9), (dtype, fill)
+    # a whole-pixel translation: sampling points at whole pixels, beside the masked strip
+    fixed, moving, moving_mask = _rolled_pair_with_a_moving_mask()
+    results = {}
+    for fill in (None, 0.0, 50.0, -9999.0, -_FLT_MAX):
+        image = moving.clone()
+        if fill is not None:
+            image[~moving_mask] = fill
+        results[fill] = tireg.register(fixed, image, transform="translation", metric=metric,
+                                       moving_mask=moving_mask, pyramid=pyramid)
+    for fill, result in results.items():
+        assert math.dist(result.matrix[:2, 2].tolist(), (5.0, 3.0)) < 0.02, fill
+        assert grid_error(result.matrix, results[None].matrix, fixed.shape) < 1e-6, fill
+        assert float(result.cost) == pytest.approx(float(results[None].cost), rel=1e-6, abs=1e-9), fill
+
+
+def test_a_whole_pixel_start_never_reads_the_values_under_the_moving_mask():
+    # unsmoothed, at whole pixels the sampler's derivative is the one-sided v[x + 1] - v[x], which reads
+    # a masked neighbour at full weight where the sampled mask is 1: from the start (4, 2), an l2
+    # Gauss-Newton run with -9999 under the mask stayed at (4.0, 2.83), "converged" (truth (5, 3))
+    fixed, moving, mask = _rolled_pair_with_a_moving_mask()
+    start = torch.tensor([[1.0, 0.0, 4.0], [0.0, 1.0, 2.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    shifts = {}
+    for fill in (None, 0.0, 50.0, -9999.0):
+        image = moving.clone()
+        if fill is not None:
+            image[~mask] = fill
+        result = tireg.register(fixed, image, transform="translation", moving_mask=mask, init=start,
+                                pyramid=tireg.Pyramid(shrink_factors=(1,), finest_smoothing=0))
+        shifts[fill] = (result.parameters["tx"], result.parameters["ty"])
+        assert math.dist(shifts[fill], (5.0, 3.0)) < 0.01, (fill, shifts[fill])
+    assert len(set(shifts.values())) == 1, shifts
+
+
+def test_a_shared_fixed_image_with_a_mask_per_pair_never_sees_what_lies_outside_every_mask():
+    # one float64 fixed image for two pairs, each its own mask, and 1e8 in the rows outside both: it was
+    # centred on its whole mean before float32, which kept little of the data (2 px off, cost 0.9)
+    fixed, moving, truth = registration_pair("camera", "similarity", [0.1, 1.04, 3.0, -2.0])
+    fixed, moving = fixed[:96, :112].double(), moving[:96, :112]
+    first = torch.ones(fixed.shape, dtype=torch.bool)
+    first[:, :20] = False
+    second = torch.ones(fixed.shape, dtype=torch.bool)
+    second[:, -20:] = False
+    masks = torch.stack([first, second])[:, None]
+    masks[:, :, :16] = False  # the top rows are outside both masks
+    movings = moving[None, None].expand(2, 1, *moving.shape)
+    results = {}
+    for fill in (None, 1e4, 1e8):
+        image = fixed.clone()
+        if fill is not None:
+            image[:16] = fill
+        results[fill] = tireg.register(image[None, None], movings, transform="similarity", mask=masks)
+    for fill, result in results.items():
+        for pair in range(2):
+            assert grid_error(result.matrix[pair], truth, fixed.shape) < 0.1, (fill, pair)
+            assert grid_error(result.matrix[pair], results[None].matrix[pair], fixed.shape) < 1e-5, (fill, pair)
+        torch.testing.assert_close(result.cost, results[None].cost, rtol=1e-5, atol=1e-8)
+
+
+def test_nan_and_inf_under_a_mask_are_no_data_and_inside_it_are_refused():
+    # a NaN under a mask was refused ("fill them, e.g. with 0, and the mask keeps them out"): the
+    # masks now fill what lies outside them, so NaN and Inf there are no data as any other value
+    fixed, moving, truth, fixed_mask, moving_mask = _similarity_pair_with_masks()
+    options = dict(transform="similarity", mask=fixed_mask, moving_mask=moving_mask, pyramid=(2, 1))
+    reference = tireg.register(fixed, moving, **options)
+    holes = fixed.clone(), moving.clone()
+    holes[0][~fixed_mask] = float("nan")
+    holes[1][~moving_mask] = float("inf")
+    result = tireg.register(*holes, **options)
+    assert grid_error(result.matrix, truth, fixed.shape) < 0.1
+    assert grid_error(result.matrix, reference.matrix, fixed.shape) < 1e-5
+    assert float(result.cost) == pytest.approx(float(reference.cost), rel=1e-5)
+    inside = moving.clone()
+    inside[50, 50] = float("nan")  # inside the moving mask
+    with pytest.raises(ValueError, match=r"^register\(\): 'moving' contains NaN or Inf values inside its mask"):
+        tireg.register(fixed, inside, **options)
+    batch = torch.stack([moving, inside])[:, None]
+    with pytest.raises(ValueError, match=r"'moving' contains NaN or Inf values inside its mask in pair 1"):
+        tireg.register(fixed, batch, **options)

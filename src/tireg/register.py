@@ -612,11 +612,10 @@ def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) 
         image = image.to(torch.float64 if wide else torch.float32)
     elif image.dtype not in (torch.float32, torch.float64):
         image = image.to(torch.float32)
-    if finite and not all_finite(image):  # (a NaN under a mask, too: said, with what to do)
+    if finite and not all_finite(image):  # a mask's (register's images: _refuse_not_finite, once filled)
         # in a batch, which pairs (pair by pair: no image-sized flags)
         where = _of_pairs([not all_finite(pair) for pair in image]) if ndim == 4 else ""
-        raise ValueError(f"{caller}: '{name}' contains NaN or Inf values{where} (where a mask leaves them out too: "
-                         "fill them, e.g. with 0, and the mask keeps them out)")
+        raise ValueError(f"{caller}: '{name}' contains NaN or Inf values{where}")
     while image.dim() < 4:
         image = image.unsqueeze(0)
     return image, ndim
@@ -635,7 +634,9 @@ def _float32(image: torch.Tensor, name: str, device: torch.device, caller: str, 
     Any change of gain and offset leaves the registration as it is.  With a ``mask`` (``(B, 1, H, W)``
     0/1) of one batch with the image's, or shared by every pair, over the pixels inside it: a field
     of view of ``1e6 +`` data over zeros, centred on the whole image's mean, kept its data 0.44e6
-    from 0 and lost it to float32's rounding (0.1 px off where ``1e3 +`` gave 0.05).
+    from 0 and lost it to float32's rounding (0.1 px off where ``1e3 +`` gave 0.05).  A shared image
+    with a mask per pair is centred over all of it, which register has filled outside the masks'
+    union with the mean inside it (:func:`_filled_outside`): 1e8 there had kept little of the data.
     """
     image = image.detach()
     if centred and image.dtype == torch.float64:
@@ -686,6 +687,49 @@ def _as_mask(mask: Optional[ImageLike], image: torch.Tensor, name: str,
     if bool(few.any()):
         raise ValueError(f"register(): '{name}' selects fewer than 16 pixels{_of_pairs(few)}")
     return tensor.expand(image.shape[0], 1, *image.shape[-2:])
+
+
+def _filled_outside(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``image`` ``(b, C, H, W)`` (``b`` 1 or ``B``; float32 or float64, NaN and Inf allowed) with every
+    pixel outside ``mask`` (:func:`_as_mask`'s ``(B, 1, H, W)``) set to the mean inside it, per pair and
+    channel; ``image`` itself (no copy) without a mask.  A shared image (``b`` 1) with a mask per pair
+    is filled outside the masks' union (not copied per pair): its pixels inside one pair's mask are
+    that pair's data, no no-data.
+
+    Why: what lies under a mask is no data, and nothing that register computes may depend on it, but
+    much did: a bilinear sample whose masked tap weighs below the mask test's rounding, the sampler's
+    one-sided derivative at whole pixels, the float64 centring of a shared image over all of it,
+    squares of 1e19 in the overlap statistics (Inf, then NaN: the normalisation silently fell back),
+    -FLT_MAX (GDAL's no-data) or 1e100 refused as NaN or beyond float32, and a NaN refused outright.
+    With the data there replaced by a value of the data inside, every later step sees the same numbers
+    whatever the no-data is.  The mean sums only the pixels inside (``where``, not ``image * mask``:
+    ``0 * Inf`` is NaN), in float64, so a huge or non-finite value outside never enters it; a
+    non-finite value inside makes it non-finite, which :func:`_refuse_not_finite` then reports.
+    """
+    if mask is None:
+        return image
+    mask = mask.to(image.device)
+    if mask.shape[0] == 1 or mask.stride(0) == 0:
+        mask = mask[:1]  # one mask for every pair
+    elif image.shape[0] == 1:
+        mask = mask.amax(dim=0, keepdim=True)  # a shared image, a mask per pair: their union
+    inside = mask != 0
+    count = inside.sum(dim=(2, 3), keepdim=True, dtype=torch.float64)
+    total = torch.where(inside, image, image.new_zeros(())).sum(dim=(2, 3), keepdim=True, dtype=torch.float64)
+    return torch.where(inside, image, (total / count).to(image.dtype))
+
+
+def _refuse_not_finite(image: torch.Tensor, ndim: int, masked: bool, name: str, caller: str) -> None:
+    """Raise ``ValueError`` where ``image`` (:func:`_filled_outside`: outside its mask, finite) holds NaN
+    or Inf, naming the pairs of a batch (pair by pair: no image-sized flags)."""
+    if all_finite(image):
+        return
+    where = _of_pairs([not all_finite(pair) for pair in image]) if ndim == 4 else ""
+    if masked:
+        raise ValueError(f"{caller}: '{name}' contains NaN or Inf values inside its mask{where} (outside it "
+                         "any value is left out)")
+    raise ValueError(f"{caller}: '{name}' contains NaN or Inf values{where} (where a mask leaves them out, they "
+                     f"are left out: pass one, {'mask' if name == 'fixed' else 'moving_mask'}=, or fill them)")
 
 
 def _normalized(image: torch.Tensor, statistics: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -2609,7 +2653,13 @@ def register(
             level's pixel counts where at least half its block is in the mask.
             The initialiser leaves out what lies outside them too, and so do
             the intensity normalisation and ``mi`` / ``nmi``'s histogram
-            ranges: a no-data value under a mask (``-9999``) is never seen.
+            ranges: a no-data value under a mask (``-9999``, ``-FLT_MAX``,
+            ``1e100``, NaN, Inf) is never seen, as each image is first
+            filled outside its mask with its mean inside (per pair; a fixed
+            or moving image shared by pairs with masks of their own, outside
+            their union), and the result is the same whatever lies there.
+            NaN or Inf inside a mask, or in an image without one, raises
+            ``ValueError``.
         init: ``"auto"`` (default; see :func:`tireg.initialize.initialize`),
             another method name there (``"identity"``, ``"center"``,
             ``"moments"``, ``"phase"``, ``"fourier-mellin"``, ``"search"``),
@@ -2687,8 +2737,9 @@ def register(
     """
     caller = "register()"
     started = time.perf_counter()
-    fixed_t, fixed_ndim = _as_image(fixed, "fixed", caller)
-    moving_t, moving_ndim = _as_image(moving, "moving", caller)
+    # finite or not: a NaN under a mask is no data, checked once the masks fill it (_filled_outside)
+    fixed_t, fixed_ndim = _as_image(fixed, "fixed", caller, finite=False)
+    moving_t, moving_ndim = _as_image(moving, "moving", caller, finite=False)
     batched = fixed_ndim == 4 or (isinstance(moving, (torch.Tensor, np.ndarray)) and np.ndim(moving) == 4)
     if fixed_t.shape[1] != moving_t.shape[1]:
         raise ValueError(
@@ -2784,6 +2835,10 @@ def register(
     normalize = normalize or _own_cost(metric_object, _GAIN_INVARIANT)
     fixed_mask = _as_mask(mask, fixed_t.expand(batch, *fixed_t.shape[1:]), "mask", device)
     moving_mask_t = _as_mask(moving_mask, moving_t.expand(batch, *moving_t.shape[1:]), "moving_mask", device)
+    # what lies under a mask is no data: no step below may see it (a copy only where there is a mask)
+    fixed_t, moving_t = _filled_outside(fixed_t, fixed_mask), _filled_outside(moving_t, moving_mask_t)
+    _refuse_not_finite(fixed_t, fixed_ndim, fixed_mask is not None, "fixed", caller)
+    _refuse_not_finite(moving_t, moving_ndim, moving_mask_t is not None, "moving", caller)
     if normalize:
         fixed_t, moving_t = (_float32(image, name, device, caller, centred=True, mask=image_mask)
                              .expand(batch, *image.shape[1:])
