@@ -1139,3 +1139,27 @@ def test_a_sparse_image_is_refused_naming_the_argument(layout):
     with pytest.raises(TypeError, match=r"^warp\(\): 'moving' must be a dense tensor; got layout torch.sparse"):
         warp(sparse, torch.eye(3)[None])
 
+
+
+@pytest.mark.parametrize("zero_d", [torch.tensor(16), np.array(16)], ids=["tensor", "array"])
+def test_a_zero_d_size_is_one_number_not_a_size(zero_d):
+    """A 0-d tensor or array has __iter__ but holds one number: iterating it raised torch's
+    "TypeError: iteration over a 0-d tensor" (NumPy's "iteration over a 0-d array")."""
+    image = torch.rand(1, 1, 16, 16)
+    shape = r"got (a tensor|an array) of shape \(\)$"
+    cases = [
+        (lambda: warp(image, torch.eye(3), size=zero_d), r"^warp\(\): 'size' must be \(H, W\)"),
+        (lambda: pixel_grid(zero_d), r"^pixel_grid\(\): 'size' must be \(H, W\)"),
+        (lambda: pixel_axes(zero_d), r"^pixel_axes\(\): 'size' must be \(H, W\)"),
+        (lambda: sampling_grid(torch.eye(3), zero_d, (8, 8)), r"^sampling_grid\(\): 'fixed_size' must be \(H, W\)"),
+        (lambda: sampling_grid(torch.eye(3), (8, 8), zero_d),
+         r"^pixel_to_normalized\(\): 'moving_size' must be \(H, W\)"),
+        (lambda: normalization_matrix(zero_d), r"^normalization_matrix\(\): 'size' must be \(H, W\)"),
+        (lambda: pixel_to_normalized(torch.eye(3), zero_d),
+         r"^pixel_to_normalized\(\): 'moving_size' must be \(H, W\)"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message + r", two positive whole numbers; " + shape):
+            call()
+    # a size of two 0-d tensors is still a size
+    assert pixel_grid((torch.tensor(2), np.array(3))).shape == (6, 3)

@@ -179,3 +179,14 @@ def test_save_convergence_refuses_bad_levels_before_writing(tmp_path, levels, er
     with pytest.raises(error, match=r"^save_convergence\(\): " + message):
         viz.save_convergence(tmp_path / "v.png", levels)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_zero_d_levels_are_refused_naming_them(tmp_path):
+    """A 0-d tensor has __iter__: it raised "iteration over a 0-d tensor", naming nothing."""
+    with pytest.raises(TypeError, match=r"^save_convergence\(\): 'levels' must be a sequence of \(shrink factor, "
+                                        r"costs\); got Tensor$"):
+        viz.save_convergence(tmp_path / "c.png", torch.tensor(3))
+    with pytest.raises(TypeError, match=r"^save_convergence\(\): 'levels\[0\]' must be a pair \(shrink factor, "
+                                        r"costs\); got Tensor of shape \(\)$"):
+        viz.save_convergence(tmp_path / "c.png", torch.tensor([3]))
+    assert not (tmp_path / "c.png").exists()

@@ -241,9 +241,19 @@ def is_whole(value) -> bool:
         return False
 
 
+def is_sequence(value) -> bool:
+    """Whether ``value`` is a sequence of values to iterate over (a list, a tuple, an array or a
+    tensor of one dimension or more, a generator): not a string, nor a 0-d tensor or array, which
+    have ``__iter__`` but hold one number (iterating one raised "iteration over a 0-d tensor")."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        return False
+    return not (isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0)
+
+
 def check_size(size: Sequence[int], caller: str, name: str = "size") -> tuple[int, int]:
-    """``(H, W)`` as two ints; raise a ``ValueError`` unless ``size`` holds two positive whole numbers."""
-    values = None if isinstance(size, (str, bytes)) or not hasattr(size, "__iter__") else tuple(size)  # arrays too
+    """``(H, W)`` as two ints; raise a ``ValueError`` unless ``size`` holds two positive whole numbers
+    (a 0-d tensor or array is one number, not a size: :func:`is_sequence`)."""
+    values = tuple(size) if is_sequence(size) else None  # arrays too
     if values is None or len(values) != 2 or not all(is_whole(value) and value >= 1 for value in values):
         # an image passed as the size had been printed whole (7.8 kB for 3 x 12 x 15)
         shown = repr(size)

@@ -27,7 +27,7 @@ import numpy as np
 
 import torch
 
-from ._validation import is_whole, real_number
+from ._validation import is_sequence, is_whole, real_number
 from .io import _as_path, atomic_path, require
 
 __all__ = ["overlay", "checkerboard", "save_comparison", "save_convergence", "normalize"]
@@ -252,14 +252,14 @@ def save_comparison(
 def _levels(levels, caller: str) -> list[tuple[int, np.ndarray]]:
     """``levels`` as a list of ``(factor, costs)``, ``costs`` float64 ``(iterations + 1, B)``; raise,
     naming ``levels[i]``, for anything else (all checked before a figure is made)."""
-    if isinstance(levels, (str, bytes)) or not hasattr(levels, "__iter__"):
+    if not is_sequence(levels):  # a 0-d tensor too: "iteration over a 0-d tensor"
         raise TypeError(f"{caller}: 'levels' must be a sequence of (shrink factor, costs); "
                         f"got {type(levels).__name__}")
     checked = []
     for index, level in enumerate(levels):  # a generator too: read once, here
         name = f"levels[{index}]"
-        if isinstance(level, (str, bytes)) or not hasattr(level, "__len__") or len(level) != 2:
-            shape = f" of shape {np.shape(level)}" if hasattr(level, "shape") else ""
+        if not is_sequence(level) or not hasattr(level, "__len__") or len(level) != 2:
+            shape = f" of shape {tuple(level.shape)}" if hasattr(level, "shape") else ""
             raise TypeError(f"{caller}: '{name}' must be a pair (shrink factor, costs); "
                             f"got {type(level).__name__}{shape}")
         factor, costs = level
