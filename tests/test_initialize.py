@@ -1134,3 +1134,25 @@ def test_a_sparse_image_or_a_big_endian_centre_gets_its_own_words():
     native = initialize(fixed, moving, "rigid", center=np.array([100.0, 90.0]))
     assert torch.equal(initialize(fixed, moving, "rigid", center=np.array([100.0, 90.0]).astype(">f8")), native)
 
+
+@pytest.mark.parametrize("angle, scale", [(17.0, 1.2), (0.0, 1.3)])
+def test_a_small_template_in_a_large_scene_keeps_its_right_candidates(angle, scale):
+    """A moving image of fewer than a sixteenth of the fixed image's pixels (64 x 64 in 200 x 300),
+    zoomed 1.2-1.3x, covered less than the overlap floor of a sixteenth of the fixed image at the
+    truth: every right candidate scored -1, and register() ended 55 px off, "converged"."""
+    size, template = (200, 300), (64, 64)
+    centring = translation_matrix(torch.tensor([[-(size[1] - template[1]) / 2, -(size[0] - template[0]) / 2]],
+                                               dtype=torch.float64))
+    truth = centring @ similarity(angle, scale, 3.0, -2.0, size=size)
+    fixed, moving = cut_pair("coins", truth, size, moving_size=template)
+    assert overlap_ncc(fixed, moving, truth.float()).item() > 0.95
+    # errors over the template's footprint on the fixed image (the scene beyond it is unconstrained)
+    corners = torch.tensor([[0, 0, 1], [63, 0, 1], [0, 63, 1], [63, 63, 1]], dtype=torch.float64).T
+    footprint = torch.linalg.inv(truth[0]) @ corners
+
+    def error(matrix):
+        return ((matrix.double().reshape(3, 3) - truth[0]) @ footprint)[:2].norm(dim=0).mean().item()
+
+    result = tireg.register(fixed, moving, transform="similarity")
+    assert error(result.matrix) < 0.1 and result.converged.all()
+

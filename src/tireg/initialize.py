@@ -888,13 +888,17 @@ def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tenso
 def _least_overlap(matrices: torch.Tensor, moving_pixels, fixed_pixels, min_overlap: float) -> torch.Tensor:
     """``(B, K)``: the overlap a candidate needs, ``min_overlap`` of the smaller of the fixed image and
     the moving image's footprint on it (``moving_pixels / |det A|`` fixed pixels), and at least
-    ``min_overlap / 4`` of the fixed image.  Of the fixed image alone, a moving image zoomed 2x or
-    more into part of the fixed one (its footprint a quarter of it at most) had its right candidate
-    refused.  The pixel counts are numbers, or ``(B, 1)`` counts inside each pair's masks."""
+    ``min_overlap / 4`` of the smaller image's pixels.  Of the fixed image alone, a moving image
+    zoomed 2x or more into part of the fixed one (its footprint a quarter of it at most) had its
+    right candidate refused; and with the floor a part of the fixed image, a moving image of less
+    than a sixteenth of its pixels (a 64 x 64 template in a 200 x 300 scene, zoomed 1.2x) had
+    every right candidate refused, and register() ended 55 px off, "converged".  The pixel counts
+    are numbers, or ``(B, 1)`` counts inside each pair's masks."""
     determinant = _determinant(matrices[..., :2, :2]).abs()
     footprint = moving_pixels / determinant.clamp_min(1e-12)
     fixed_pixels = torch.as_tensor(fixed_pixels, dtype=footprint.dtype, device=footprint.device)
-    return torch.minimum(footprint, fixed_pixels).mul(min_overlap).maximum(fixed_pixels * (min_overlap / 4))
+    smaller = torch.minimum(fixed_pixels, torch.as_tensor(moving_pixels, dtype=footprint.dtype, device=footprint.device))
+    return torch.minimum(footprint, fixed_pixels).mul(min_overlap).maximum(smaller * (min_overlap / 4))
 
 
 def overlap_ncc(
@@ -910,7 +914,7 @@ def overlap_ncc(
     ``min_overlap`` of the smaller of the fixed image and the moving image's
     footprint on it (``h w / |det A|`` pixels: a moving image zoomed into part
     of the fixed one covers no more), or less than ``min_overlap / 4`` of the
-    fixed image; and ``0`` when either side has no
+    smaller image's pixels; and ``0`` when either side has no
     variation on ``Omega`` (within rounding of its values: ``sum_Omega (F - mean F)^2
     <= |Omega| (4 eps mean F)^2``).  It is the same for images of any gain: no absolute
     constant enters.  This is the score :func:`initialize` uses (there on
