@@ -249,3 +249,12 @@ def test_a_precomputed_gradient_outside_the_moving_image_gives_autograds_gradien
     torch.testing.assert_close(cost, reference.detach(), rtol=1e-12, atol=0)
     assert expected[:, :2].abs().max() > 0.1
     torch.testing.assert_close(gradient, expected[:, :2], rtol=1e-9, atol=1e-9)
+
+
+def test_a_complex_weight_is_refused_naming_it():
+    """cost_and_gradient handed a complex weight on to the metric (or the compiled kernel), which
+    dropped its imaginary part: a weight of 1j weighed nothing."""
+    fixed = torch.rand(1, 1, 8, 9, generator=torch.Generator().manual_seed(0))
+    weight = torch.ones(1, 1, 8, 9, dtype=torch.complex64) * 1j
+    with pytest.raises(TypeError, match=r"^cost_and_gradient\(\): 'weight' must be real; got torch.complex64$"):
+        cost_and_gradient(fixed, fixed.flip(-1), torch.eye(3)[None], L2Loss(), weight=weight)

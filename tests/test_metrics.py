@@ -1090,3 +1090,15 @@ def test_per_call_ranges_leave_out_the_pixels_of_weight_zero(metric):
         analytic = cost_and_gradient(fixed_nodata, moving_apart, identity, metric(), weight=weight.bool())
         torch.testing.assert_close(analytic[1], expected_analytic[1], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(analytic[2], expected_analytic[2], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_a_complex_weight_is_refused_not_cast_to_its_real_part(images, name):
+    """The cast to the images' dtype dropped the imaginary part with a warning: a weight of 1j was 0,
+    and the cost of every pair 0 (per-pixel) or 1 (NCC)."""
+    fixed, moving, weight = images
+    metric = ALL[name]()
+    with pytest.raises(TypeError, match=rf"^{type(metric).__name__}\(\): 'weight' must be real; got torch.complex128$"):
+        metric(moving, fixed, weight * 1j)
+    with pytest.raises(TypeError, match=r"'weight' must be real"):
+        metric(moving, fixed, weight.to(torch.complex64), gradient=True)

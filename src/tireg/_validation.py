@@ -72,6 +72,14 @@ def check_dense(tensor: torch.Tensor, name: str, caller: str) -> None:
                         "(pass tensor.to_dense())")
 
 
+def check_real(tensor: torch.Tensor, name: str, caller: str) -> None:
+    """Raise ``TypeError`` naming ``name`` where ``tensor`` is complex: a cast to a real dtype drops
+    the imaginary part with only a warning (a weight of ``1j`` became 0, and a metric's cost 0).
+    The dtype only: no value is read."""
+    if tensor.is_complex():
+        raise TypeError(f"{caller}: '{name}' must be real; got {tensor.dtype}")
+
+
 def values_readable(tensor: torch.Tensor) -> bool:
     """Whether a check may read ``tensor``'s values back: not while ``torch.compile`` traces (a graph
     break, an error with ``fullgraph=True``), not inside ``torch.vmap`` (an error: data-dependent

@@ -23,7 +23,7 @@ import torch
 
 from . import _chunks, fused
 from ._validation import (
-    GRADIENT_INTERPOLATIONS, INTERPOLATIONS, PADDING_MODES, check_affine, check_image, check_same_kind,
+    GRADIENT_INTERPOLATIONS, INTERPOLATIONS, PADDING_MODES, check_affine, check_image, check_real, check_same_kind,
 )
 from .losses import PerPixelLoss
 from .metrics import (
@@ -65,7 +65,7 @@ def cost_and_gradient(
         matrix: ``(B, 3, 3)`` fixed -> moving pixel matrices.
         metric: a :class:`~tireg.metrics.Metric`, or a per-pixel loss (its
             plain sum over pixels and channels, the seed's cost).
-        weight: optional ``(B, 1, H, W)`` pixel weights passed to the metric.
+        weight: optional ``(B, 1, H, W)`` real pixel weights passed to the metric.
         moving_with_gradient: ``None`` for the exact gradient of the
             interpolant (default); or ``[M, dM/dx, dM/dy]`` stacked as
             ``(B, 3C, Hm, Wm)`` (:func:`tireg.sampling.stack_with_gradient`) to
@@ -139,6 +139,7 @@ def _check_inputs(fixed, moving, matrix, metric, weight, interpolation, padding_
     if weight is not None:
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"{caller}: 'weight' must be a torch.Tensor or None; got {type(weight).__name__}")
+        check_real(weight, "weight", caller)  # the compiled kernel takes it as it is, no metric to check it
         if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[0] not in (1, batch) or (
             weight.shape[-2:] != fixed.shape[-2:]
         ):

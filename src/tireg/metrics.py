@@ -13,7 +13,8 @@ image's gradient: one sampler-derivative pass then gives ``dL/dA``
 plain differentiable tensor operations too, so autograd gives the same
 gradient; the tests hold the two to 1e-11 in float64.  The weight is taken as
 a constant (which fixed pixels count changes only by whole pixels).  Weights
-are at least 0 (not checked: a check reads the values, a wait on a GPU), and
+are real (a complex weight is refused: its cast dropped the imaginary part, and
+``1j`` weighed 0), at least 0 (not checked: a check reads the values, a wait on a GPU), and
 only their ratios count (a mean's ``sum w``; local NCC's ``eps`` is absolute).
 A NaN in ``x`` or ``y`` makes its pair's cost NaN, as in any sum, where its
 weight is 0 too (``0 x NaN``); ``register`` refuses NaN and Inf in its images.
@@ -64,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _chunks
-from ._validation import FLOAT_DTYPES, TensorStamp, check_same_kind, finite_number, is_whole, matches
+from ._validation import FLOAT_DTYPES, TensorStamp, check_real, check_same_kind, finite_number, is_whole, matches
 from .losses import LOSSES, PerPixelLoss, get_loss, loss_and_derivative
 
 __all__ = [
@@ -123,7 +124,7 @@ def _checked_weight(
     metric: "Metric", x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor]
 ) -> Optional[torch.Tensor]:
     """Check a metric's ``x``, ``y`` (float ``(B, C, H, W)`` of one shape) and ``weight``
-    (``(B, 1, H, W)`` or ``(1, 1, H, W)``, converted to ``x``'s dtype); return the weight.  A
+    (real, ``(B, 1, H, W)`` or ``(1, 1, H, W)``, converted to ``x``'s dtype); return the weight.  A
     mistake surfaced as a reshape, broadcast or scatter error deep inside.  Shapes only: no value
     is read (a wait on a GPU in a loop)."""
     name = f"{type(metric).__name__}()"
@@ -144,6 +145,8 @@ def _checked_weight(
     check_same_kind(y, "y", x, "x", name)
     if weight is not None and not isinstance(weight, torch.Tensor):
         raise TypeError(f"{name}: 'weight' must be a torch.Tensor; got {type(weight).__name__}")
+    if weight is not None:  # a complex weight lost its imaginary part in the cast below: 1j weighed 0
+        check_real(weight, "weight", name)
     if weight is not None and (weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[-2:] != x.shape[-2:]
                                or weight.shape[0] not in (1, x.shape[0])):
         raise ValueError(f"{name}: 'weight' must be (B, 1, H, W) or (1, 1, H, W) for images {tuple(x.shape)}; "
