@@ -1163,3 +1163,9 @@ def test_a_zero_d_size_is_one_number_not_a_size(zero_d):
             call()
     # a size of two 0-d tensors is still a size
     assert pixel_grid((torch.tensor(2), np.array(3))).shape == (6, 3)
+
+
+def test_a_factor_of_one_or_no_blur_returns_the_image_itself_as_documented():
+    """No copy (register's full-resolution level is the image itself): the documented identity."""
+    image = torch.rand(1, 1, 6, 7)
+    assert downsample(image, 1) is image and gaussian_blur(image, 0.0) is image and gaussian_blur(image, -1) is image

@@ -898,3 +898,17 @@ def test_a_binary_transform_suffix_gets_a_hint_for_reading_or_for_writing(tmp_pa
     with pytest.raises(ValueError, match=r"save_transform\(\): unsupported file suffix '\.h5'.*\(tireg writes text "
                                          r"transforms; SimpleITK converts one"):
         save_transform(tmp_path / "out.h5", torch.eye(3))
+
+
+@pytest.mark.parametrize("kind", ["tensor", "array"])
+def test_a_transform_file_keeps_its_own_copies_of_the_callers_matrix_and_centre(kind):
+    """They were kept by reference: a later in-place change of the caller's tensor changed the file."""
+    matrix, center = torch.eye(3, dtype=torch.float64, requires_grad=True), torch.tensor([4.0, 5.0])
+    if kind == "array":
+        matrix, center = matrix.detach().numpy().copy(), center.numpy().copy()
+    stored = TransformFile(matrix, center=center)
+    with torch.no_grad():
+        matrix[0, 2] = 7.0
+        center[0] = -1.0
+    assert float(stored.matrix[0, 2]) == 0.0 and float(stored.center[0]) == 4.0
+    assert type(stored.matrix) is type(matrix) and (kind == "array" or not stored.matrix.requires_grad)

@@ -259,7 +259,8 @@ def gaussian_blur(image: torch.Tensor, sigma: float, *, padding_mode: str = "bor
     """Separable Gaussian smoothing of ``(B, C, H, W)`` with standard deviation ``sigma`` pixels.
 
     The kernel is truncated at ``4 sigma``; outside values follow ``padding_mode``
-    (``"border"``, ``"reflection"`` or ``"zeros"``).  ``sigma <= 0`` returns the image unchanged.
+    (``"border"``, ``"reflection"`` or ``"zeros"``).  ``sigma <= 0`` returns ``image`` itself, unchanged
+    (not a copy: a write into the result in place writes into ``image``).
     On the CPU the sums are taken as shifted multiply-adds; on a GPU by ``conv2d``, whose
     float32 cuDNN kernels compute in TF32 by PyTorch's default
     (``torch.backends.cudnn.conv.fp32_precision``): about 1e-3 relative there, as every
@@ -385,7 +386,8 @@ def downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
     Args:
         image: ``(B, C, H, W)`` float image.
         factor: a positive whole number (``2`` or ``2.0``; not ``2.5`` nor ``True``), at most
-            the image's smaller side.
+            the image's smaller side.  ``1`` returns ``image`` itself (not a copy: a write into the
+            result in place writes into ``image``).
 
     Raises:
         TypeError: ``image`` not a float32/float64 tensor.

@@ -243,6 +243,10 @@ class TransformFile:
             refers to: those passed to :func:`load_transform`, else those the
             file records (a JSON document, or an ITK file written by
             :func:`save_transform`); ``None`` for pixel = physical.
+
+    A ``TransformFile`` made directly keeps detached copies of the ``matrix`` and ``center`` it is
+    given (tensors or arrays): kept by reference, a later in-place change of the caller's tensor
+    changed the "file" too.
     """
 
     matrix: torch.Tensor
@@ -252,6 +256,14 @@ class TransformFile:
     metadata: dict[str, Any] = field(default_factory=dict)
     fixed_geometry: Optional[ImageGeometry] = None
     moving_geometry: Optional[ImageGeometry] = None
+
+    def __post_init__(self) -> None:
+        for name in ("matrix", "center"):  # frozen: set through object.__setattr__
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                object.__setattr__(self, name, value.detach().clone())
+            elif isinstance(value, np.ndarray):
+                object.__setattr__(self, name, value.copy())
 
 
 # ----------------------------------------------------------------------------
