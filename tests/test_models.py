@@ -1232,3 +1232,13 @@ def test_an_image_gradient_module_keeps_its_public_state_dict_keys(images):
     assert model.image_gradient == "central" and not any("gradient" in key for key in model.state_dict())
     model.image_gradient = gradient = _ScaledCentralGradient()
     assert model.image_gradient is gradient and list(model.state_dict())[-1] == "image_gradient.scale"
+
+
+@pytest.mark.parametrize("batch_size", [-3, -1, 0, 2.5, True, torch.tensor([1, 2]), "2"])
+def test_matrix_refuses_a_batch_size_that_is_not_a_whole_number_of_at_least_one(batch_size):
+    """-3 raised torch's "integer multiplication overflow", 2.5 a TypeError from expand, a 1-d
+    tensor "Boolean value of Tensor ... is ambiguous", and -1 and True gave one pair without a word."""
+    model = tireg.create_model("rigid", torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"^matrix\(\): 'batch_size' must be a whole number of at least 1; got "):
+        model.matrix(batch_size)
+    assert model.matrix(3.0).shape == (3, 3, 3) and model.matrix(np.int64(2)).shape == (2, 3, 3)

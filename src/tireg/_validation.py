@@ -258,6 +258,17 @@ def is_sequence(value) -> bool:
     return not (isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0)
 
 
+def positive_whole(value, name: str, caller: str) -> int:
+    """``value`` as an ``int`` if it is a whole number of at least 1 (``2``, ``2.0``, a NumPy integer);
+    raise a ``ValueError`` naming ``name`` otherwise (a bool, ``2.5``, ``-1``, a tensor of several
+    values).  An ``int`` passes with one type check: it is a step's batch size."""
+    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool) and value >= 1:
+        return value
+    if not (is_whole(value) and value >= 1):
+        raise ValueError(f"{caller}: '{name}' must be a whole number of at least 1; got {value!r}")
+    return int(value)
+
+
 def check_size(size: Sequence[int], caller: str, name: str = "size") -> tuple[int, int]:
     """``(H, W)`` as two ints; raise a ``ValueError`` unless ``size`` holds two positive whole numbers
     (a 0-d tensor or array is one number, not a size: :func:`is_sequence`)."""

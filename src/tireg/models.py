@@ -40,8 +40,8 @@ from ._validation import (
     check_image,
     check_option,
     finite_number,
-    is_whole,
     matches,
+    positive_whole,
     real_number,
 )
 from .analytic import _cost_and_gradient, parameter_gradient
@@ -217,8 +217,7 @@ class TransformModel(nn.Module):
         self.cx, self.cy = cx, cy  # checked by the properties
         self.bordermode = bordermode  # checked by the properties
         self.interpolation = interpolation
-        if not (is_whole(batch_size) and batch_size >= 1):
-            raise ValueError(f"{caller}: 'batch_size' must be a whole number of at least 1; got {batch_size!r}")
+        batch_size = positive_whole(batch_size, "batch_size", caller)
         slots = self._slots()
         initial = [0.0] * len(slots)
         for position, index in enumerate(slots):
@@ -428,7 +427,12 @@ class TransformModel(nn.Module):
         return list(self.p._parameters.values())
 
     def matrix(self, batch_size: Optional[int] = None) -> torch.Tensor:
-        """:meth:`get_matrix` as ``(B, 3, 3)``, expanded to ``batch_size`` pairs if given."""
+        """:meth:`get_matrix` as ``(B, 3, 3)``, expanded to ``batch_size`` pairs if given.
+
+        ``batch_size``: ``None`` or a whole number of at least 1 (``ValueError`` otherwise: ``-1`` and
+        ``True`` had given one pair, ``-3`` and ``2.5`` torch's errors from ``expand``)."""
+        if batch_size is not None:
+            batch_size = positive_whole(batch_size, "batch_size", "matrix()")
         matrix = self.get_matrix()
         if type(self).get_matrix is not TransformModel.get_matrix:  # a subclass's own: say what it returned
             matrix = _own_result(matrix, f"{type(self).__name__}.get_matrix()", "A", self)
