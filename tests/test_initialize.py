@@ -1156,3 +1156,10 @@ def test_a_small_template_in_a_large_scene_keeps_its_right_candidates(angle, sca
     result = tireg.register(fixed, moving, transform="similarity")
     assert error(result.matrix) < 0.1 and result.converged.all()
 
+
+@pytest.mark.parametrize("center", [(10**400, 1.0), (10**400, 1)])
+def test_a_centre_beyond_float64_is_a_value_error_naming_it(center):
+    """initialize(center=10**400, ...) raised a bare OverflowError ("int too large to convert to float")."""
+    image = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"^initialize\(\): 'center' has a value beyond float64's range"):
+        initialize(image, image, "rigid", center=center)

@@ -596,3 +596,16 @@ def test_a_loss_says_its_settings_and_names_a_setting_that_is_no_number():
     assert repr(MutualInformation(16)) == "MutualInformation(bins=16)"
     with pytest.raises(TypeError, match="CauchyLoss\\(\\): 'scale' must be a number; got 'abc'"):
         tireg.CauchyLoss("abc")
+
+
+@pytest.mark.parametrize("kind, name", [(CauchyLoss, "scale"), (CharbonnierLoss, "eps"), (HuberLoss, "delta"),
+                                        (GemanMcClureLoss, "scale")])
+def test_a_robust_loss_setting_beyond_float64_or_a_bool_is_refused_naming_it(kind, name):
+    """10**400 raised a bare OverflowError from float(); True was taken for 1, where every other
+    setting of tireg (finite_number) refuses a bool."""
+    caller = kind.__name__
+    with pytest.raises(ValueError, match=rf"^{caller}\(\): '{name}' is beyond float64's range"):
+        kind(10**400)
+    with pytest.raises(TypeError, match=rf"^{caller}\(\): '{name}' must be a number; got True$"):
+        kind(True)
+    assert getattr(kind(np.float32(0.5)), name) == 0.5 and getattr(kind(torch.tensor(2.0)), name) == 2.0

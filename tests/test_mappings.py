@@ -301,3 +301,12 @@ def test_solve_names_a_value_that_is_no_number():
         with pytest.raises(TypeError, match=r"^solve\(\): 'value' must be a number, a sequence of numbers or a "
                                             r"tensor; got 'a'$"):
             mapping.solve("a")
+
+
+@pytest.mark.parametrize("mapping", [IdentityMapping(), SigmoidMapping(-1, 1), ExpMapping()])
+def test_a_value_beyond_float64_is_a_value_error_naming_it(mapping):
+    """solve(10**400) (and inverse()) raised a bare OverflowError from torch.as_tensor."""
+    with pytest.raises(ValueError, match=r"^solve\(\): 'value' is beyond float64's range"):
+        mapping.inverse(10**400)
+    with pytest.raises(ValueError, match=r"^solve\(\): 'value' has a value beyond float64's range"):
+        mapping.solve([0.5, -10**400])

@@ -1242,3 +1242,13 @@ def test_matrix_refuses_a_batch_size_that_is_not_a_whole_number_of_at_least_one(
     with pytest.raises(ValueError, match=r"^matrix\(\): 'batch_size' must be a whole number of at least 1; got "):
         model.matrix(batch_size)
     assert model.matrix(3.0).shape == (3, 3, 3) and model.matrix(np.int64(2)).shape == (2, 3, 3)
+
+
+def test_set_parameter_of_a_value_beyond_float64_is_a_value_error_naming_it():
+    """set_parameter(0, 10**400) raised a bare OverflowError from torch.as_tensor."""
+    model = tireg.create_model("rigid", torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"^set_parameter\(\): 'value' is beyond float64's range"):
+        model.set_parameter(0, 10**400)
+    with pytest.raises(ValueError, match=r"^set_parameter\(\): 'value' has a value beyond float64's range"):
+        model.set_parameter(0, [10**400])
+    assert float(model.get(0)) == 0.0

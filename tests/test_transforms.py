@@ -665,3 +665,17 @@ def test_a_centre_array_of_any_byte_order_or_a_long_double_one_is_taken_as_its_v
     with pytest.raises(TypeError, match=r"^similarity_matrix\(\): 'center' must hold numbers; got dtype <U"):
         similarity_matrix(params, np.array(["5.5", "6.25"]))
 
+
+
+@pytest.mark.parametrize("center", [(10**400, 1.0), (10**400, 1), [1, -10**400]])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_centre_beyond_float64_is_a_value_error_naming_it(name, center):
+    """An int beyond float64's range raised a bare OverflowError ("int too large to convert to float")."""
+    kind = TRANSFORMS[name]
+    params = torch.tensor(kind.identity)
+    for function, caller in ((kind.matrix, "matrix"), (kind.jacobian, "jacobian"), (kind.from_matrix, "from_matrix")):
+        argument = torch.eye(3) if caller == "from_matrix" else params
+        with pytest.raises(ValueError, match=rf"^{name}_{caller}\(\): 'center' has a value beyond float64's range "
+                                             r"\(at most 1.8e\+308 in magnitude\)$"):
+            function(argument, center)
+    assert kind.matrix(params, (2**63, 1)).shape == (3, 3)  # beyond int64, inside float64: taken

@@ -222,14 +222,23 @@ def real_number(value) -> Optional[float]:
         return math.inf if value > 0 else -math.inf
 
 
+def beyond_float64(name: str, caller: str, *, several: bool = False) -> ValueError:
+    """The ``ValueError`` for a number beyond float64's range (a Python ``int`` such as ``10**400``, whose
+    conversion raised a bare ``OverflowError`` naming nothing), naming ``name``; ``several``: ``name``
+    holds several numbers, one of them beyond.  The value is not shown: ``str()`` of an ``int`` of over
+    4300 digits raises."""
+    subject = "has a value" if several else "is"
+    return ValueError(f"{caller}: '{name}' {subject} beyond float64's range (at most {sys.float_info.max:.3g} "
+                      "in magnitude)")
+
+
 def finite_number(value, name: str, caller: str) -> float:
     """``value`` as a finite ``float``; raise a ``TypeError`` for a non-number, a ``ValueError`` for NaN,
     Inf or an integer beyond float64's range (``10**400``), naming ``name`` and ``caller``."""
     try:
         number = _as_float(value)
-    except OverflowError:  # the value is not shown: str() of an int of over 4300 digits raises
-        raise ValueError(f"{caller}: '{name}' is beyond float64's range (at most {sys.float_info.max:.3g} "
-                         "in magnitude)") from None
+    except OverflowError:
+        raise beyond_float64(name, caller) from None
     if number is None:
         shown = repr(value) if isinstance(value, (bool, str)) else type(value).__name__
         raise TypeError(f"{caller}: '{name}' must be a number; got {shown}")

@@ -38,7 +38,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ._validation import broadcast_shape
+from ._validation import broadcast_shape, finite_number, real_number
 
 __all__ = [
     "PerPixelLoss",
@@ -141,10 +141,13 @@ def verified(loss: PerPixelLoss, dtype: torch.dtype = torch.float32, channels: i
 
 
 def _positive(value: float, name: str, caller: str) -> float:
-    try:  # CauchyLoss("abc") raised float()'s own message, which named neither
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{caller}: '{name}' must be a number; got {value!r}") from None
+    """``value`` as a ``float`` from 1e-15 to 1e15: a number (not a bool or a string: CauchyLoss("abc")
+    raised float()'s own message, which named neither, and ``True`` was 1), finite (an ``int`` beyond
+    float64's range raised a bare ``OverflowError``: :func:`tireg._validation.finite_number` names them)."""
+    number = real_number(value)
+    if number is None or isinstance(value, int):  # not a number, or an int (perhaps beyond float64's range)
+        number = finite_number(value, name, caller)
+    value = number
     if not 1e-15 <= value <= 1e15:  # its square must stay inside float32: beyond, NaN losses or derivatives
         raise ValueError(f"{caller}: '{name}' must be positive and finite, from 1e-15 to 1e15; got {value}")
     return value

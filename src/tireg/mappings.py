@@ -17,11 +17,12 @@ fell onto the bound and ``ExpMapping().solve(1e39)`` overflowed.  (A model's
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
 
-from ._validation import real_number
+from ._validation import beyond_float64, real_number
 
 __all__ = ["Mapping", "IdentityMapping", "SigmoidMapping", "ExpMapping"]
 
@@ -67,11 +68,14 @@ class Mapping:
 def _as_float_tensor(value: Number) -> tuple[torch.Tensor, torch.dtype]:
     """``(value to solve, dtype of the result)``: a floating-point tensor as it is, in its dtype;
     anything else (Python numbers, sequences, integer tensors) as float64, so that no value is
-    rounded before it is solved, with the default dtype for the result (what ``solve`` gave)."""
+    rounded before it is solved, with the default dtype for the result (what ``solve`` gave).
+    An integer beyond float64's range (``10**400``) raises a ``ValueError`` naming ``'value'``."""
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value, value.dtype
     try:
         return torch.as_tensor(value, dtype=torch.float64), torch.get_default_dtype()
+    except OverflowError:  # an int such as 10**400 (float64 holds no such value)
+        raise beyond_float64("value", "solve()", several=not isinstance(value, numbers.Number)) from None
     except (TypeError, ValueError, RuntimeError):  # "new(): invalid data type 'str'"
         raise TypeError(f"solve(): 'value' must be a number, a sequence of numbers or a tensor; got "
                         f"{value!r}") from None

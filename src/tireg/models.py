@@ -36,6 +36,7 @@ from ._validation import (
     PADDING_MODES,
     FiniteCheckCache,
     TensorStamp,
+    beyond_float64,
     check_compile_option,
     check_image,
     check_option,
@@ -305,6 +306,8 @@ class TransformModel(nn.Module):
         if not isinstance(value, torch.Tensor):  # solved in float64: as float32 first, 0.1 on a float64
             try:                                   # model was off by 1.5e-9 (4e-8 through a sigmoid)
                 value = torch.as_tensor(value, dtype=torch.float64)
+            except OverflowError:  # an int such as 10**400: no float64 holds it
+                raise beyond_float64("value", caller, several=not isinstance(value, numbers.Real)) from None
             except (TypeError, ValueError, RuntimeError):
                 raise TypeError(f"{caller}: 'value' must be numbers; got {value!r}") from None
         raw = mapping.solve(value).to(dtype=param.dtype, device=param.device)  # raises before anything changes

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ._device import cached, constant
 from ._validation import (
     FLOAT_DTYPES,
+    beyond_float64,
     broadcast_shape,
     check_affine,
     check_dtype,
@@ -150,7 +151,8 @@ def _real_center(center, caller: str):
 
     A bool centre ``(True, False)`` had been taken as ``(1, 0)``, and a complex one had lost its
     imaginary part with only a warning; a big-endian or long double array had raised torch's own
-    error, under a message that called it no ``(cx, cy)``.  Values that do not make a tensor are
+    error, under a message that called it no ``(cx, cy)``; an integer beyond float64's range
+    (``10**400``) a bare ``OverflowError``: a ``ValueError`` naming ``'center'`` now.  Values that do not make a tensor are
     left to the caller's own conversion, which names them.
     """
     given = center
@@ -158,7 +160,15 @@ def _real_center(center, caller: str):
         center = tensor_of_array(center, "center", caller)
     try:  # the kind of the values as given (a tensor's own dtype; its values are not read)
         kind = center.dtype if isinstance(center, torch.Tensor) else torch.as_tensor(center).dtype
-    except (TypeError, ValueError, RuntimeError):
+    except OverflowError:  # an int beyond float64's range among floats: a bare OverflowError at last
+        raise beyond_float64("center", caller, several=True) from None
+    except (TypeError, ValueError, RuntimeError):  # ints only, one beyond int64 too ("Overflow when unpacking")
+        try:
+            torch.as_tensor(center, dtype=torch.float64)
+        except OverflowError:
+            raise beyond_float64("center", caller, several=True) from None
+        except (TypeError, ValueError, RuntimeError):
+            pass
         return center
     if kind == torch.bool or kind.is_complex:
         shown = f"a tensor of {kind}" if isinstance(given, torch.Tensor) else f"{given!r}, {kind} values"
