@@ -2575,3 +2575,31 @@ def test_nan_and_inf_under_a_mask_are_no_data_and_inside_it_are_refused():
     batch = torch.stack([moving, inside])[:, None]
     with pytest.raises(ValueError, match=r"'moving' contains NaN or Inf values inside its mask in pair 1"):
         tireg.register(fixed, batch, **options)
+
+
+@pytest.mark.parametrize("min_size, size", [(1, (176, 208)), (2, (16, 16)), (3, (24, 24)), (1, (8, 8))])
+def test_an_automatic_pyramid_keeps_four_pixels_a_side(min_size, size):
+    """Pyramid(min_size=1) halved down to one pixel, and levels() then refused the schedule it had
+    made itself ("shrink factor 128 leaves fewer than 4 pixels"): a level keeps 4 pixels a side."""
+    levels = tireg.Pyramid(min_size=min_size).levels(size)
+    assert min(size) // levels[0][0] >= 4 and min(size) // (2 * levels[0][0]) < 4
+    assert levels == tireg.Pyramid(min_size=4).levels(size)
+    fixed, moving, truth = _small_pair(64, "translation", [3.5, -2.25])
+    result = tireg.register(fixed, moving, transform="translation", pyramid=tireg.Pyramid(min_size=min_size))
+    assert [level.factor for level in result.history] == [16, 8, 4, 2, 1]
+    assert grid_error(result.matrix, truth, fixed.shape) < 0.1
+
+
+def _small_pair(size: int, kind: str, params, *, name: str = "camera", dtype=torch.float32):
+    """A ``size x size`` area-downsampled bundled image and its copy moved by a known transform
+    (``moving(A x) = fixed(x)``, border-padded): ``(fixed, moving, A)``, ``(H, W)`` images."""
+    from tireg.data import load
+    from tireg.transforms import TRANSFORMS
+
+    scene = load(name, dtype=torch.float64)
+    scene = scene.mean(0) if scene.dim() == 3 else scene
+    fixed = torch.nn.functional.interpolate(scene[None, None], size=(size, size), mode="area")
+    truth = TRANSFORMS[kind].matrix(torch.tensor([params], dtype=torch.float64),
+                                    torch.tensor(tireg.image_center(size, size), dtype=torch.float64))[0]
+    moving = tireg.warp(fixed, torch.linalg.inv(truth), padding_mode="border")
+    return fixed[0, 0].to(dtype), moving[0, 0].to(dtype), truth

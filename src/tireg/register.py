@@ -203,6 +203,11 @@ COARSE_TOLERANCE = 0.1
 FINEST_SMOOTHING = 1.0
 
 
+#: The smallest side of a pyramid level, in its pixels: a schedule whose coarsest level would have
+#: fewer is refused, and the automatic one (:attr:`Pyramid.min_size`) stops above it.
+_LEAST_LEVEL_SIDE = 4
+
+
 @dataclass(frozen=True)
 class Pyramid:
     """Multi-resolution schedule, coarse to fine.
@@ -232,7 +237,9 @@ class Pyramid:
             fixed image's ``ceil(sigma)`` border band (without a fixed mask)
             and smooths masked images by normalised convolution
             (docs/design.md, "Smoothing at full resolution").
-        min_size: smallest side of the coarsest level for the automatic schedule.
+        min_size: smallest side of the coarsest level for the automatic schedule
+            (a whole number of at least 1; below 4 it counts as 4, the smallest
+            level side any schedule may have).
     """
 
     shrink_factors: Optional[tuple[int, ...]] = None
@@ -248,8 +255,11 @@ class Pyramid:
             if not (is_whole(self.min_size) and self.min_size >= 1):
                 raise ValueError(
                     f"register(): the pyramid's min_size must be an integer of at least 1; got {self.min_size!r}")
+            # a level keeps 4 pixels a side at least (the check below): min_size 1 had halved down to
+            # 1 pixel, and that check then refused the schedule this loop made
+            least = max(self.min_size, _LEAST_LEVEL_SIDE)
             factors, factor = [1], 1
-            while min(size) // (2 * factor) >= self.min_size:
+            while min(size) // (2 * factor) >= least:
                 factor *= 2
                 factors.insert(0, factor)
         if isinstance(factors, (str, bytes)) or not isinstance(factors, Iterable):  # 5: "'int' is not iterable"
@@ -259,9 +269,10 @@ class Pyramid:
         if not factors or not all(is_whole(f) and f >= 1 for f in factors):
             raise ValueError(f"register(): shrink factors must be positive integers; got {factors}")
         factors = tuple(int(f) for f in factors)
-        if min(size) // max(factors) < 4:  # any of them: (2, 64, 1) made a 3 x 4 level without a word
+        if min(size) // max(factors) < _LEAST_LEVEL_SIDE:  # any of them: (2, 64, 1) made a 3 x 4 level
             raise ValueError(
-                f"register(): shrink factor {max(factors)} leaves fewer than 4 pixels of a {tuple(size)} image"
+                f"register(): shrink factor {max(factors)} leaves fewer than {_LEAST_LEVEL_SIDE} pixels of a "
+                f"{tuple(size)} image"
             )
         sigmas = self.smoothing_sigmas
         if sigmas is not None and self.finest_smoothing is not None:
