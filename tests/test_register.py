@@ -2603,3 +2603,33 @@ def _small_pair(size: int, kind: str, params, *, name: str = "camera", dtype=tor
                                     torch.tensor(tireg.image_center(size, size), dtype=torch.float64))[0]
     moving = tireg.warp(fixed, torch.linalg.inv(truth), padding_mode="border")
     return fixed[0, 0].to(dtype), moving[0, 0].to(dtype), truth
+
+
+def test_pyramid_levels_and_save_name_their_caller_and_argument(tmp_path):
+    """Pyramid.levels() called directly said "register():", and levels(None) raised "'NoneType' object
+    is not iterable"; register(pyramid=torch.tensor(2)) "iteration over a 0-d tensor"; and
+    RegistrationResult.save(None) os's bare "expected str, bytes or os.PathLike object"."""
+    with pytest.raises(ValueError, match=r"^Pyramid\.levels\(\): shrink factor 64 leaves fewer than 4 pixels"):
+        tireg.Pyramid((64, 1)).levels((128, 128))
+    with pytest.raises(ValueError, match=r"^Pyramid\.levels\(\): 'size' must be \(H, W\), two positive whole "
+                                         r"numbers; got None"):
+        tireg.Pyramid().levels(None)
+    with pytest.raises(ValueError, match=r"^Pyramid\.levels\(\): smoothing sigmas must be a sequence"):
+        tireg.Pyramid(smoothing_sigmas=torch.tensor(1.0)).levels((64, 64))
+    fixed, moving, _ = _small_pair(48, "translation", [1.5, -1.0])
+    with pytest.raises(ValueError, match=r"^register\(\): shrink factor 64 leaves fewer than 4 pixels"):
+        tireg.register(fixed, moving, pyramid=(64, 1))
+    for pyramid in (torch.tensor(2), np.array(2)):
+        with pytest.raises(TypeError, match=r"^register\(\): 'pyramid' must be a Pyramid or a sequence of shrink "
+                                            r"factors such as \(4, 2, 1\); got a 0-d tensor \(one number\)"):
+            tireg.register(fixed, moving, pyramid=pyramid)
+    with pytest.raises(ValueError, match=r"^register\(\): shrink factors must be a sequence of positive integers"):
+        tireg.register(fixed, moving, pyramid=tireg.Pyramid(shrink_factors=torch.tensor(2)))
+    result = tireg.register(fixed, moving, transform="translation", pyramid=torch.tensor([2, 1]))
+    assert [level.factor for level in result.history] == [2, 1]
+    for path in (None, 3, b"transform.json"):
+        with pytest.raises(TypeError, match=r"^RegistrationResult\.save\(\): 'path' must be a file name, a str or "
+                                            rf"os.PathLike; got {type(path).__name__}$"):
+            result.save(path)
+    result.save(tmp_path / "transform.json")  # a pathlib.Path is a file name
+    assert (tmp_path / "transform.json").exists()

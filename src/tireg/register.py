@@ -38,10 +38,11 @@ import copy
 import functools
 import math
 import operator
+import os
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -57,6 +58,8 @@ from ._validation import (
     check_compile_option,
     check_dense,
     check_option,
+    check_size,
+    is_sequence,
     is_whole,
     real_number,
     tensor_of_array,
@@ -247,14 +250,20 @@ class Pyramid:
     min_size: int = 32
     finest_smoothing: Optional[float] = None
 
-    def levels(self, size: Sequence[int], finest: float = FINEST_SMOOTHING) -> list[tuple[int, float]]:
+    def levels(self, size: Sequence[int], finest: float = FINEST_SMOOTHING, *,
+               caller: str = "Pyramid.levels()") -> list[tuple[int, float]]:
         """``[(factor, sigma), ...]`` coarse to fine for an image of ``size = (H, W)``; without
-        ``smoothing_sigmas`` and ``finest_smoothing``, ``finest`` is the sigma at factor 1."""
+        ``smoothing_sigmas`` and ``finest_smoothing``, ``finest`` is the sigma at factor 1.
+
+        Raises ``ValueError`` (its message starting with ``caller``; :func:`register` passes its
+        own) for a ``size`` that is not two positive whole numbers, or a schedule that does not fit
+        it: a level of fewer than 4 pixels a side, a sigma above half the smaller side."""
+        size = check_size(size, caller)  # None: "'NoneType' object is not iterable"
         factors = self.shrink_factors
         if factors is None:
             if not (is_whole(self.min_size) and self.min_size >= 1):
                 raise ValueError(
-                    f"register(): the pyramid's min_size must be an integer of at least 1; got {self.min_size!r}")
+                    f"{caller}: the pyramid's min_size must be an integer of at least 1; got {self.min_size!r}")
             # a level keeps 4 pixels a side at least (the check below): min_size 1 had halved down to
             # 1 pixel, and that check then refused the schedule this loop made
             least = max(self.min_size, _LEAST_LEVEL_SIDE)
@@ -262,42 +271,42 @@ class Pyramid:
             while min(size) // (2 * factor) >= least:
                 factor *= 2
                 factors.insert(0, factor)
-        if isinstance(factors, (str, bytes)) or not isinstance(factors, Iterable):  # 5: "'int' is not iterable"
-            raise ValueError(f"register(): shrink factors must be a sequence of positive integers, e.g. (4, 2, 1); "
+        if not is_sequence(factors):  # 5: "'int' is not iterable"; a 0-d tensor: "iteration over a 0-d tensor"
+            raise ValueError(f"{caller}: shrink factors must be a sequence of positive integers, e.g. (4, 2, 1); "
                              f"got {factors!r}")
         factors = tuple(factors)
         if not factors or not all(is_whole(f) and f >= 1 for f in factors):
-            raise ValueError(f"register(): shrink factors must be positive integers; got {factors}")
+            raise ValueError(f"{caller}: shrink factors must be positive integers; got {factors}")
         factors = tuple(int(f) for f in factors)
         if min(size) // max(factors) < _LEAST_LEVEL_SIDE:  # any of them: (2, 64, 1) made a 3 x 4 level
             raise ValueError(
-                f"register(): shrink factor {max(factors)} leaves fewer than {_LEAST_LEVEL_SIDE} pixels of a "
+                f"{caller}: shrink factor {max(factors)} leaves fewer than {_LEAST_LEVEL_SIDE} pixels of a "
                 f"{tuple(size)} image"
             )
         sigmas = self.smoothing_sigmas
         if sigmas is not None and self.finest_smoothing is not None:
-            raise ValueError("register(): give the pyramid smoothing_sigmas or finest_smoothing, not both; got "
+            raise ValueError(f"{caller}: give the pyramid smoothing_sigmas or finest_smoothing, not both; got "
                              f"{tuple(sigmas)} and {self.finest_smoothing!r}")
         if sigmas is None:
             if self.finest_smoothing is not None:
                 finest = real_number(self.finest_smoothing)
                 if finest is None or not (math.isfinite(finest) and finest >= 0):
-                    raise ValueError("register(): the pyramid's finest_smoothing must be a finite number of at "
+                    raise ValueError(f"{caller}: the pyramid's finest_smoothing must be a finite number of at "
                                      f"least 0; got {self.finest_smoothing!r}")
             sigmas = tuple(f / 2.0 if f > 1 else finest for f in factors)
-        if isinstance(sigmas, (str, bytes)) or not isinstance(sigmas, Iterable):  # 3.0: "float has no len()"
-            raise ValueError(f"register(): smoothing sigmas must be a sequence of numbers, one per level; got "
+        if not is_sequence(sigmas):  # 3.0: "float has no len()"
+            raise ValueError(f"{caller}: smoothing sigmas must be a sequence of numbers, one per level; got "
                              f"{sigmas!r}")
         sigmas = tuple(sigmas)
         if len(sigmas) != len(factors):
             raise ValueError(
-                f"register(): {len(factors)} shrink factors but {len(sigmas)} smoothing sigmas; give one per level"
+                f"{caller}: {len(factors)} shrink factors but {len(sigmas)} smoothing sigmas; give one per level"
             )
         values = [real_number(sigma) for sigma in sigmas]  # numbers, NumPy numbers, 0-d tensors
         if not all(value is not None and math.isfinite(value) and value >= 0 for value in values):
-            raise ValueError(f"register(): smoothing sigmas must be finite numbers of at least 0; got {tuple(sigmas)}")
+            raise ValueError(f"{caller}: smoothing sigmas must be finite numbers of at least 0; got {tuple(sigmas)}")
         if max(values) > min(size) / 2:  # the image would be a blur (and the kernel 8 sigma long)
-            raise ValueError(f"register(): a smoothing sigma of {max(values):g} px leaves nothing of a "
+            raise ValueError(f"{caller}: a smoothing sigma of {max(values):g} px leaves nothing of a "
                              f"{tuple(size)} image to align; give at most {min(size) / 2:g}")
         return list(zip(factors, values))
 
@@ -487,9 +496,15 @@ class RegistrationResult:
         errors) is recorded as the string ``"inf"``, ``"-inf"`` or ``"nan"``, which JSON can hold and
         ``float()`` reads back: one such pair does not stop a batch from being saved.  The matrices
         and parameters are written exactly, and must be finite (``save_transform`` checks them).
+        ``path``: a ``str`` or ``os.PathLike`` whose suffix picks the format (anything else:
+        ``TypeError``).
         """
         from .transform_io import save_transform
 
+        # the path first (a bare "expected str, bytes or os.PathLike object" came from deep inside)
+        if not (isinstance(path, (str, os.PathLike)) and isinstance(os.fspath(path), str)):
+            raise TypeError(f"RegistrationResult.save(): 'path' must be a file name, a str or os.PathLike; "
+                            f"got {type(path).__name__}")
         parameters = {name: self.parameter_values[:, i].tolist() for i, name in enumerate(self.parameter_names)}
         if not self.batched:
             parameters = {name: value[0] for name, value in parameters.items()}
@@ -2826,15 +2841,17 @@ def register(
     if pyramid is None:
         pyramid = Pyramid()
     elif not isinstance(pyramid, Pyramid):
-        if isinstance(pyramid, (str, bytes)) or not hasattr(pyramid, "__iter__"):
+        if not is_sequence(pyramid):  # a 0-d tensor too ("iteration over a 0-d tensor")
+            shown = ("a 0-d tensor (one number)" if isinstance(pyramid, (torch.Tensor, np.ndarray))
+                     else type(pyramid).__name__)
             raise TypeError(f"{caller}: 'pyramid' must be a Pyramid or a sequence of shrink factors such as (4, 2, 1); "
-                            f"got {type(pyramid).__name__}")
+                            f"got {shown}")
         pyramid = Pyramid(shrink_factors=tuple(pyramid))  # a list, a range, an array or a tensor of factors
     smaller = (min(fixed_t.shape[-2], moving_t.shape[-2]), min(fixed_t.shape[-1], moving_t.shape[-1]))
     # not for SGD: smoothing shrinks the gradient, and its fixed learning rate's steps then met the
     # stop test early (2.5-4x the error, "converged")
     smoothed = metric_object.linear_intensity and optimizer != "sgd"
-    schedule = pyramid.levels(smaller, finest=FINEST_SMOOTHING if smoothed else 0.0)
+    schedule = pyramid.levels(smaller, finest=FINEST_SMOOTHING if smoothed else 0.0, caller=caller)
     if schedule[-1][0] != 1:  # (4,) or (1, 2, 4): a coarse result, reported 'converged' without a word
         factors = tuple(factor for factor, _ in schedule)
         warnings.warn(f"{caller}: the pyramid {factors} ends at shrink factor {factors[-1]}: the result is found at "
