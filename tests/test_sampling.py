@@ -4,6 +4,7 @@ precomputed image gradients against autograd, padding extension, input checks.""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -1169,3 +1170,23 @@ def test_a_factor_of_one_or_no_blur_returns_the_image_itself_as_documented():
     """No copy (register's full-resolution level is the image itself): the documented identity."""
     image = torch.rand(1, 1, 6, 7)
     assert downsample(image, 1) is image and gaussian_blur(image, 0.0) is image and gaussian_blur(image, -1) is image
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 0, 0), (2, 3, 4, 0), (1, 1, 0, 4, 4)])
+def test_sample_refuses_an_image_of_no_pixels(shape):
+    """grid_sample raised its own "expected input to have non-empty spatial dimensions"."""
+    image = torch.empty(shape)
+    grid = torch.zeros(shape[0], *([4] * (len(shape) - 2)), len(shape) - 2)
+    with pytest.raises(ValueError, match=rf"^sample\(\): 'image' has no pixels; got shape {re.escape(str(shape))}$"):
+        sample(image, grid)
+    assert sample(torch.rand(0, 1, 3, 3), torch.zeros(0, 2, 2, 2)).shape == (0, 1, 2, 2)  # a batch of 0: 0 results
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_grid_moments_of_an_empty_batch_are_empty_in_either_layout(second_order):
+    """Channels last, a batch of 0 raised "cannot reshape tensor of 0 elements into shape [0, -1, 5, 2]";
+    channels first gave (0, K, 3) already, as the metrics give no costs for no pairs."""
+    axes = pixel_axes((4, 5))
+    width = 6 if second_order else 3
+    assert grid_moments(torch.empty(0, 4, 5, 2), axes, second_order=second_order).shape == (0, 2, width)
+    assert grid_moments(torch.empty(0, 2, 4, 5), axes, channel_dim=1, second_order=second_order).shape == (0, 2, width)

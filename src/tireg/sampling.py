@@ -139,7 +139,8 @@ def grid_moments(
         axes: :func:`pixel_axes` ``(ys, xs)`` of the grid (any coordinates of its rows and columns).
 
     Returns:
-        ``(B, K, 3)`` or, with ``second_order``, ``(B, K, 6)``.
+        ``(B, K, 3)`` or, with ``second_order``, ``(B, K, 6)`` (empty for ``B = 0``, as the metrics'
+        costs of an empty batch).
 
     Raises:
         TypeError: ``values`` not a float tensor.
@@ -171,7 +172,9 @@ def _grid_moments(
     y_powers, x_powers = _axis_powers(ys, degree).mT, _axis_powers(xs, degree)
     if channels_last:  # (B, H, W, K): each pixel's K values side by side, taken as they lie
         batch, height, width, channels = values.shape
-        columns = (y_powers @ values.reshape(batch, height, width * channels)).view(batch, -1, width, channels)
+        # (the sizes written out: a -1 has no size to stand for in an empty batch)
+        columns = (y_powers @ values.reshape(batch, height, width * channels)).view(batch, degree + 1, width,
+                                                                                     channels)
         sums = columns.mT @ x_powers  # (B, d + 1, K, d + 1): [a, k, b]
         return sums.transpose(1, 2).flatten(-2).index_select(-1, picked)
     sums = (y_powers @ values) @ x_powers  # (B, K, d + 1, d + 1)
@@ -670,12 +673,14 @@ def _check_grid(grid: torch.Tensor, image: torch.Tensor, name: str, caller: str)
 
 def _check_sample_inputs(image: torch.Tensor, grid: torch.Tensor) -> None:
     """:func:`sample`'s: any float ``image`` ``(B, C, H, W)`` or a volume ``(B, C, D, H, W)`` (as
-    ``grid_sample`` takes), and its grid."""
+    ``grid_sample`` takes) of at least one pixel (a batch of 0 is taken: 0 results), and its grid."""
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"sample(): 'image' must be a torch.Tensor; got {type(image).__name__}")
     if image.dim() not in (4, 5) or not image.is_floating_point():
         raise ValueError(f"sample(): 'image' must be a float (B, C, H, W) or (B, C, D, H, W) tensor; got "
                          f"{tuple(image.shape)} {image.dtype}")
+    if 0 in image.shape[2:]:  # grid_sample's own words ("expected input to have non-empty spatial dimensions")
+        raise ValueError(f"sample(): 'image' has no pixels; got shape {tuple(image.shape)}")
     _check_grid(grid, image, "image", "sample()")
 
 
