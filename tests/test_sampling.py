@@ -20,6 +20,7 @@ from tireg.sampling import (
     image_gradient,
     pixel_axes,
     pixel_grid,
+    pixel_scale,
     sample,
     sample_with_gradient,
     sampler_gradient,
@@ -1170,6 +1171,21 @@ def test_a_factor_of_one_or_no_blur_returns_the_image_itself_as_documented():
     """No copy (register's full-resolution level is the image itself): the documented identity."""
     image = torch.rand(1, 1, 6, 7)
     assert downsample(image, 1) is image and gaussian_blur(image, 0.0) is image and gaussian_blur(image, -1) is image
+
+
+@pytest.mark.parametrize("size, like, error, message", [
+    (None, torch.zeros(1), ValueError, r"'moving_size' must be \(H, W\), two positive whole numbers; got None$"),
+    ((0, 16), torch.zeros(1), ValueError, r"'moving_size' must be \(H, W\), two positive whole numbers; got \(0, 16\)$"),
+    ((16, 16), None, TypeError, r"'like' must be a float tensor \(the result's dtype and device\); got NoneType$"),
+    ((4, 4), torch.zeros(2, dtype=torch.long), TypeError, r"'like' must be a float tensor .*; got torch.int64$"),
+    ((4, 4), torch.zeros(2, dtype=torch.complex64), TypeError, r"'like' must be a float tensor .*; got torch.complex64$"),
+])
+def test_pixel_scale_checks_its_arguments(size, like, error, message):
+    """pixel_scale checked nothing: None raised "'NoneType' object is not subscriptable", (0, 16) a
+    ZeroDivisionError, like=None an AttributeError, and an int64 'like' gave the scale (0, 0)."""
+    with pytest.raises(error, match=r"^pixel_scale\(\): " + message):
+        pixel_scale(size, like=like)
+    assert pixel_scale((4, 8), like=torch.zeros(1, dtype=torch.float64)).tolist() == [0.25, 0.5]
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 0, 0), (2, 3, 4, 0), (1, 1, 0, 4, 4)])

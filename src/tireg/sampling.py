@@ -702,7 +702,16 @@ def _gradient_inputs(weight, moving, grid, interpolation: str, padding_mode: str
 
 
 def pixel_scale(moving_size: Sequence[int], *, like: torch.Tensor) -> torch.Tensor:
-    """``(du/dx, dv/dy) = (2 / W, 2 / H)``: turns ``d/d(u, v)`` into ``d/d(x, y)`` in moving pixels."""
+    """``(du/dx, dv/dy) = (2 / W, 2 / H)``: turns ``d/d(u, v)`` into ``d/d(x, y)`` in moving pixels.
+
+    ``moving_size``: ``(H, W)``, two positive whole numbers (``ValueError`` otherwise); ``like``: a
+    float tensor whose dtype and device the result takes (``TypeError`` otherwise: an integer one
+    truncated the scale to 0)."""
+    caller = "pixel_scale()"
+    moving_size = check_size(moving_size, caller, "moving_size")
+    if not isinstance(like, torch.Tensor) or not like.is_floating_point():
+        shown = like.dtype if isinstance(like, torch.Tensor) else type(like).__name__
+        raise TypeError(f"{caller}: 'like' must be a float tensor (the result's dtype and device); got {shown}")
     return shared_pixel_scale(moving_size, like=like).clone()
 
 
