@@ -2633,3 +2633,44 @@ def test_pyramid_levels_and_save_name_their_caller_and_argument(tmp_path):
             result.save(path)
     result.save(tmp_path / "transform.json")  # a pathlib.Path is a file name
     assert (tmp_path / "transform.json").exists()
+
+
+def test_a_far_pair_does_not_loosen_another_pairs_tolerance():
+    """inverse() and the projected-start warning compared the largest corner distance of the whole
+    batch with a tolerance of the whole batch's largest reach: one pair shifted 1e8 px let another
+    pair's anisotropic similarity pass as its own inverse (rebuilt px off) and a scale dropped from a
+    rigid start pass without a warning.  Each pair is held to its own scale now."""
+    from dataclasses import replace
+
+    from tireg.transforms import TRANSFORMS
+
+    fixed, moving, _ = _small_pair(64, "translation", [1.0, 0.5])
+    kind = TRANSFORMS["anisotropic_similarity"]
+    center = torch.tensor(tireg.image_center(64, 64), dtype=torch.float64)
+    result = tireg.register(fixed, moving, transform="anisotropic_similarity", init="identity", max_iterations=1)
+    far = torch.eye(3, dtype=torch.float64)
+    far[0, 2] = 1e8
+    turned = kind.matrix(torch.tensor([[0.3, 1.1, 0.95, 2.0, 1.0]], dtype=torch.float64), center)[0]
+    matrices = torch.stack([far, turned])
+    batch = replace(result, matrix=matrices, parameter_values=kind.from_matrix(matrices, center), batched=True,
+                    cost=result.cost.expand(2), iterations=result.iterations.expand(2),
+                    converged=result.converged.expand(2), stop_reason=result.stop_reason * 2,
+                    history=[replace(level, cost=level.cost.expand(-1, 2)) for level in result.history])
+    inverse = batch.inverse()
+    torch.testing.assert_close(inverse.matrix, torch.linalg.inv(matrices), rtol=1e-12, atol=1e-6)
+    assert inverse.transform == "affine"  # pair 1's inverse has no anisotropic similarity
+    rebuilt = TRANSFORMS[inverse.transform].matrix(inverse.parameter_values, torch.tensor(inverse.center,
+                                                                                          dtype=torch.float64))
+    assert float((rebuilt[1] - inverse.matrix[1]).abs().max()) < 1e-9
+    # one kind a result: alone, pair 0's inverse (a translation) keeps the kind, as documented
+    assert batch[0].inverse().transform == "anisotropic_similarity" and batch[1].inverse().transform == "affine"
+    torch.testing.assert_close(batch.inverse()[0].matrix, batch[0].inverse().matrix)
+    # a scale of 1.03 given to a rigid registration is dropped (1.4 px at the corners): said, whatever
+    # the other pair's shift
+    scaled = torch.diag(torch.tensor([1.03, 1.03, 1.0], dtype=torch.float64))
+    scaled[:2, 2] = (1 - 1.03) * center
+    with pytest.warns(UserWarning, match=r"'init' is not of the transform kind 'rigid': the closest rigid transform, "
+                                         r"where the registration starts, moves the fixed image's corners by up to "
+                                         r"1\.\d+ px"):
+        tireg.register(fixed.expand(2, 1, 64, 64), moving.expand(2, 1, 64, 64), transform="rigid",
+                       init=torch.stack([far, scaled]), max_iterations=1, pyramid=(1,))

@@ -457,8 +457,12 @@ class RegistrationResult:
 
         Its kind is this one's where that holds every inverse (translation, rigid, similarity,
         affine), else affine: the inverse of an anisotropic similarity ``R S`` is ``S^-1 R^-1``, whose
-        parameters as an anisotropic similarity had rebuilt a matrix 6-13 px from it.  A kind that
-        is not built in (a :class:`tireg.transforms.Transform` of one's own given to
+        parameters as an anisotropic similarity had rebuilt a matrix 6-13 px from it.  Each pair's
+        parameters must rebuild its inverse to ``1e-6`` of that pair's own scale (its largest
+        ``|A| |x|`` at the corners).  A result holds one kind: one pair whose inverse needs an
+        affine makes the whole batch's inverse affine, while the inverse of another pair alone
+        (``result[i].inverse()``) may keep the kind; the matrices are the same either way.  A kind
+        that is not built in (a :class:`tireg.transforms.Transform` of one's own given to
         :func:`register`; the result keeps its name only) has an affine inverse too.
 
         Raises ``ValueError`` naming the pairs whose matrix is not finite or not invertible (a
@@ -474,7 +478,9 @@ class RegistrationResult:
         values = kind.from_matrix(inverse, center)
         corners = _image_corners(self.moving_size, inverse.dtype)
         rebuilt = kind.matrix(values, torch.tensor(center, dtype=inverse.dtype))
-        if not bool(_corner_distance(rebuilt, inverse, corners) <= 1e-6 * (1.0 + _corner_reach(inverse, corners))):
+        # each pair against its own scale: one pair's far translation had loosened every pair's tolerance
+        if not bool((_corner_distance(rebuilt, inverse, corners)
+                     <= 1e-6 * (1.0 + _corner_reach(inverse, corners))).all()):
             kind = affine
             values = kind.from_matrix(inverse, center)
         return replace(
@@ -1688,14 +1694,15 @@ def _image_corners(size: Sequence[int], dtype: torch.dtype, device: Optional[tor
 
 def _corner_distance(first: torch.Tensor, second: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
     """The largest distance (pixels) between where matrices ``first`` and ``second`` ``(..., 3, 3)``
-    send the ``corners`` ``(4, 3)`` (:func:`_image_corners`), over them all."""
-    return ((first - second)[..., :2, :] @ corners.T).norm(dim=-2).amax()
+    send the ``corners`` ``(4, 3)`` (:func:`_image_corners`), per matrix: ``(...)``.  Per matrix, not
+    over a batch: a tolerance of one pair's scale (:func:`_corner_reach`) is that pair's own."""
+    return ((first - second)[..., :2, :] @ corners.T).norm(dim=-2).amax(dim=-1)
 
 
 def _corner_reach(matrix: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
     """The largest ``|A| |x|`` over the ``corners`` (the scale against which rounding of ``matrix``
-    moves them)."""
-    return (matrix[..., :2, :].abs() @ corners.abs().T).amax()
+    moves them), per matrix: ``(...)``."""
+    return (matrix[..., :2, :].abs() @ corners.abs().T).amax(dim=(-2, -1))
 
 
 def _displacement(problem: _Problem, before: torch.Tensor, step: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
@@ -2546,11 +2553,13 @@ def _warn_if_projected(start: torch.Tensor, projected: torch.Tensor, kind: Trans
     started 60 px off, reported 'converged' there."""
     corners = _image_corners(size, torch.float64, start.device)
     start = start.to(torch.float64)
-    distance = float(_corner_distance(projected.to(torch.float64), start, corners))
+    distances = _corner_distance(projected.to(torch.float64), start, corners)  # per pair
     # and beyond the rounding of the parameters' dtype (an affine start of 1e20 in float32 came back
-    # 1e15 px off, and an affine kind holds every affine matrix)
-    rounding = 1e3 * torch.finfo(projected.dtype).eps * float(_corner_reach(start, corners))
-    if not distance <= PROJECTED_START_PIXELS + rounding:
+    # 1e15 px off, and an affine kind holds every affine matrix), each pair's own
+    rounding = 1e3 * torch.finfo(projected.dtype).eps * _corner_reach(start, corners)
+    beyond = ~(distances <= PROJECTED_START_PIXELS + rounding)
+    if bool(beyond.any()):
+        distance = float(distances[beyond].amax())
         warnings.warn(f"{caller}: 'init' is not of the transform kind {kind.name!r}: the closest {kind.name} "
                       f"transform, where the registration starts, moves the fixed image's corners by up to "
                       f"{distance:.3g} px from it (a kind that can hold it, such as transform='affine', starts "
