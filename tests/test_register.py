@@ -2674,3 +2674,34 @@ def test_a_far_pair_does_not_loosen_another_pairs_tolerance():
                                          r"1\.\d+ px"):
         tireg.register(fixed.expand(2, 1, 64, 64), moving.expand(2, 1, 64, 64), transform="rigid",
                        init=torch.stack([far, scaled]), max_iterations=1, pyramid=(1,))
+
+
+@pytest.mark.parametrize("optimizer", ["gauss-newton", "lbfgs"])
+def test_a_pairs_history_in_a_batch_is_its_history_alone(optimizer):
+    """result[i] is "the result of pair i alone", but its history was the batch's: a pair that had
+    stopped early carried its last cost down to the batch's longest level (identical images: one
+    row alone, three in a batch)."""
+    from tireg.transforms import TRANSFORMS
+
+    fixed, _, _ = _small_pair(64, "translation", [0.0, 0.0], dtype=torch.float64)
+    center = torch.tensor(tireg.image_center(64, 64), dtype=torch.float64)
+    truths = [TRANSFORMS["similarity"].matrix(torch.tensor([params], dtype=torch.float64), center)[0]
+              for params in ([0.0, 1.0, 0.0, 0.0], [0.3, 1.0, 6.0, -4.0], [-0.1, 1.04, 2.0, 1.0])]
+    moving = torch.cat([tireg.warp(fixed[None, None], torch.linalg.inv(truth), padding_mode="border")
+                        for truth in truths]).float()
+    fixed = fixed.float().expand(3, 1, 64, 64)
+    batch = tireg.register(fixed, moving, transform="similarity", optimizer=optimizer)
+    longest = [level.cost.shape[0] for level in batch.history]
+    assert all(level.cost.shape[1] == 3 for level in batch.history)  # the batch's history keeps its shape
+    for index in range(3):
+        alone = tireg.register(fixed[index:index + 1], moving[index:index + 1], transform="similarity",
+                               optimizer=optimizer)
+        assert [level.factor for level in batch[index].history] == [level.factor for level in alone.history]
+        for mine, own, rows in zip(batch[index].history, alone.history, longest):
+            assert mine.cost.shape == own.cost.shape and mine.cost.shape[0] <= rows
+            torch.testing.assert_close(mine.cost, own.cost, rtol=1e-4, atol=1e-6)
+            assert mine.lengths.tolist() == [own.cost.shape[0]]
+        if optimizer == "gauss-newton":  # a row per iteration, as alone
+            assert sum(level.cost.shape[0] - 1 for level in batch[index].history) == int(batch.iterations[index])
+    # the case in question: pair 0 (at rest from the start) stops before the others
+    assert any(mine.cost.shape[0] < rows for mine, rows in zip(batch[0].history, longest))

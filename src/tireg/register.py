@@ -316,11 +316,17 @@ class LevelHistory:
     """One pyramid level: its factor, size (the fixed image's, ``(H // factor, W // factor)``) and
     ``cost``, ``(iterations + 1, B)``: every pair's cost at the level's start, then after each iteration
     (a first-order optimiser's: the lowest it has seen at the level).  A cost that is not finite (no
-    overlap) reads ``inf``, as :attr:`RegistrationResult.cost` does, with every optimiser."""
+    overlap) reads ``inf``, as :attr:`RegistrationResult.cost` does, with every optimiser.
+
+    The batch's iterations are those of its longest-running pair: below a pair's own rows, the first
+    ``lengths[i]`` (its start and one row per iteration it ran at the level), its column repeats its
+    last cost.  ``result[i].history`` holds pair ``i``'s own rows only, as a registration of that pair
+    alone; ``lengths`` ``(B,)`` int64, or ``None`` where every row is every pair's."""
 
     factor: int
     size: tuple[int, int]
     cost: torch.Tensor
+    lengths: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -388,7 +394,7 @@ class RegistrationResult:
             iterations=self.iterations[pick],
             converged=self.converged[pick],
             stop_reason=[self.stop_reason[index]],
-            history=[replace(level, cost=level.cost[:, pick]) for level in self.history],
+            history=[_pair_history(level, index, pick) for level in self.history],
             batched=False,
         )
 
@@ -549,6 +555,14 @@ class RegistrationResult:
             )
         lines.append(f"{self.seconds:.3f} s")
         return "\n".join(lines)
+
+
+def _pair_history(level: LevelHistory, index: int, pick: slice) -> LevelHistory:
+    """Pair ``index``'s part of a level's history (``pick``: its column as a slice): its own rows
+    (:attr:`LevelHistory.lengths`), not the batch's padding below them."""
+    if level.lengths is None:
+        return replace(level, cost=level.cost[:, pick])
+    return replace(level, cost=level.cost[: int(level.lengths[index]), pick], lengths=level.lengths[pick])
 
 
 def _pair_names(indices: Sequence[int]) -> str:
@@ -1648,7 +1662,7 @@ class IterationState:
 
 class _Stop(Exception):
     """The callback asked to stop; ``outcome`` is the interrupted level's, as the level returns it
-    (``(params, iterations, reasons, costs)``): the result keeps the progress the callback saw;
+    (``(params, iterations, reasons, costs, rows)``): the result keeps the progress the callback saw;
     ``active`` ``(B,)``, the pairs it interrupted (the others had stopped at the level)."""
 
     outcome: Optional[tuple] = None
@@ -1755,16 +1769,19 @@ def _should_look(iteration: int, interval: int) -> bool:
     return iteration < EARLY_LOOKS or (iteration + 1) % interval == 0
 
 
-def _level_outcome(status: torch.Tensor, iterations: torch.Tensor, costs: list, passes: list) -> tuple:
-    """Device state of a finished level -> ``(iterations, reasons, costs)`` on the host.
+def _level_outcome(status: torch.Tensor, iterations: torch.Tensor, costs: list, passes: list,
+                   rows: torch.Tensor) -> tuple:
+    """Device state of a finished level -> ``(iterations, reasons, costs, rows)`` on the host.
 
     ``passes`` holds, per loop pass after the first cost, whether any pair was still active in
     it; passes after the last such one (run only because the host had not looked) are dropped
-    from the cost history, which then equals that of a loop looking every iteration.
+    from the cost history, which then equals that of a loop looking every iteration.  ``rows``
+    ``(B,)``: how many of the history's rows are each pair's own (its start, then a row for each
+    pass it was active in), the length of its history alone (:attr:`LevelHistory.lengths`).
     """
     kept = 1 + (int(torch.stack(passes).sum()) if passes else 0)
     reasons = [_REASON_NAMES[code] for code in status.tolist()]
-    return iterations.cpu(), reasons, torch.stack(costs[:kept])
+    return iterations.cpu(), reasons, torch.stack(costs[:kept]), rows.cpu()
 
 
 def _notify(callback, level_index: int, level: _Level, iteration: int, cost, problem, params, active) -> None:
@@ -1781,7 +1798,8 @@ def _notify(callback, level_index: int, level: _Level, iteration: int, cost, pro
 
 
 def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners, callback, level_index):
-    """Levenberg-Marquardt from ``params``; returns ``(params, iterations, reasons, costs)`` per pair.
+    """Levenberg-Marquardt from ``params``; returns ``(params, iterations, reasons, costs, rows)`` per pair
+    (:func:`_level_outcome`).
 
     Nothing inside the loop waits for the device but a look at the convergence flags in the
     iterations :func:`_should_look` names (and a callback's).
@@ -1801,6 +1819,7 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         radius = torch.full((batch,), ECC_RADIUS * level.factor, dtype=params.dtype, device=device)
     # the costs kept as they are: every evaluation's are new tensors, never changed in place
     costs, passes = [current.cost], []
+    rows = torch.ones(batch, dtype=torch.long, device=device)  # each pair's own rows of the history
     subsets: dict = {}  # _evaluate_active's levels of the pairs still active
     largest = torch.finfo(current.cost.dtype).max
     for iteration in range(max_iterations):
@@ -1847,6 +1866,7 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         if _should_look(iteration, interval) and not bool(any_active):
             break
         passes.append(any_active)
+        rows += active
         step = torch.where(active[:, None], step, 0.0)
         trial_params = params + step
         trial = _evaluate_active(lambda p, on: problem.evaluate(p, on, hessian=True), trial_params, level, active,
@@ -1871,14 +1891,14 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         try:
             _notify(callback, level_index, level, iteration, current.cost, problem, params, active)
         except _Stop as stop:
-            stop.outcome = (params, *_level_outcome(status, iterations, costs, passes))
+            stop.outcome = (params, *_level_outcome(status, iterations, costs, passes, rows))
             stop.active = active
             raise
         # where looks are free, a stalled level also ends without the next solve (on a GPU the
         # next iteration's look, before its trial, ends it)
         if interval == 1 and not bool(active.any()):
             break
-    return (params, *_level_outcome(status, iterations, costs, passes))
+    return (params, *_level_outcome(status, iterations, costs, passes, rows))
 
 
 def _damped(matrix: torch.Tensor, dampings: torch.Tensor) -> torch.Tensor:
@@ -2361,6 +2381,7 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
         return (cost * active).sum()
 
     costs, passes = [first.cost], []
+    rows = torch.ones(batch, dtype=torch.long, device=device)  # each pair's own rows of the history
     quiet = torch.zeros(batch, dtype=torch.long, device=device)
     largest = torch.zeros(batch, dtype=torch.float64, device=device)  # Adam's and SGD's longest step so far
     wide = start.to(torch.float64), scales.to(torch.float64)  # where a step is measured
@@ -2370,6 +2391,7 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
         torch.nan_to_num(first.gradient, nan=0.0, posinf=0.0, neginf=0.0) * scales)
     for iteration in range(max_iterations):
         passes.append(active.any())
+        rows += active
         before_q = q.detach().clone()
         before = start + before_q * scales
         if name == "lbfgs":
@@ -2418,12 +2440,12 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
         try:
             _notify(callback, level_index, level, iteration, best["cost"], problem, after, active)
         except _Stop as stop:
-            stop.outcome = (best["params"], *_level_outcome(status, iterations, costs, passes))
+            stop.outcome = (best["params"], *_level_outcome(status, iterations, costs, passes, rows))
             stop.active = active
             raise
         if _should_look(iteration, interval) and not bool(active.any()):
             break
-    return (best["params"], *_level_outcome(status, iterations, costs, passes))
+    return (best["params"], *_level_outcome(status, iterations, costs, passes, rows))
 
 
 # ----------------------------------------------------------------------------
@@ -2973,15 +2995,15 @@ def register(
         )
         try:
             if optimizer == "gauss-newton":
-                params, iterations, reasons, costs = _gauss_newton(problem, level, params, **options)
+                params, iterations, reasons, costs, rows = _gauss_newton(problem, level, params, **options)
             else:
-                params, iterations, reasons, costs = _first_order(
+                params, iterations, reasons, costs, rows = _first_order(
                     problem, level, params, name=optimizer, options=optimizer_options, gradients=gradients, **options
                 )
         except _Stop as stop:  # the interrupted level's progress is kept, as far as the callback saw it
             reasons = ["callback"] * batch
             if stop.outcome is not None:
-                params, iterations, level_reasons, costs = stop.outcome
+                params, iterations, level_reasons, costs, rows = stop.outcome
                 if level_index == len(schedule) - 1 and stop.active is not None:
                     # at the last level a pair that had stopped keeps its own reason ("converged" at
                     # iteration 1 had read "callback" with the others); at a coarser one every pair
@@ -2989,10 +3011,10 @@ def register(
                     reasons = ["callback" if running else reason
                                for running, reason in zip(stop.active.tolist(), level_reasons)]
                 total_iterations += iterations
-                history.append(LevelHistory(factor, (height // factor, width // factor), costs.cpu()))
+                history.append(LevelHistory(factor, (height // factor, width // factor), costs.cpu(), rows))
             break
         total_iterations += iterations
-        history.append(LevelHistory(factor, (height // factor, width // factor), costs.cpu()))
+        history.append(LevelHistory(factor, (height // factor, width // factor), costs.cpu(), rows))
 
     finished_at_full_resolution = len(history) == len(schedule) and schedule[-1][0] == 1
     final_level = full_resolution
