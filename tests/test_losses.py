@@ -609,3 +609,13 @@ def test_a_robust_loss_setting_beyond_float64_or_a_bool_is_refused_naming_it(kin
     with pytest.raises(TypeError, match=rf"^{caller}\(\): '{name}' must be a number; got True$"):
         kind(True)
     assert getattr(kind(np.float32(0.5)), name) == 0.5 and getattr(kind(torch.tensor(2.0)), name) == 2.0
+
+
+@pytest.mark.parametrize("flag, shown", [("no", "'no'"), (torch.tensor([1, 1]), r"a tensor of shape \(2,\)")])
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_a_loss_s_gradient_flag_must_be_a_bool(name, flag, shown):
+    """gradient="no" was taken for true, and a tensor raised "Boolean value of Tensor ... is ambiguous"."""
+    loss, x = LOSSES[name](), torch.rand(2, 1, 3, 4)
+    with pytest.raises(TypeError, match=rf"^{type(loss).__name__}\(\): 'gradient' must be True or False; got {shown}$"):
+        loss(x, x.flip(-1), gradient=flag)
+    assert isinstance(loss(x, x.flip(-1), np.bool_(True)), tuple)

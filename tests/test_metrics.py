@@ -1102,3 +1102,23 @@ def test_a_complex_weight_is_refused_not_cast_to_its_real_part(images, name):
         metric(moving, fixed, weight * 1j)
     with pytest.raises(TypeError, match=r"'weight' must be real"):
         metric(moving, fixed, weight.to(torch.complex64), gradient=True)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+@pytest.mark.parametrize("flag, shown", [("no", "'no'"), (1, "1"), (torch.tensor([1, 1]), r"a tensor of shape \(2,\)"),
+                                         (None, "NoneType")])
+def test_a_metric_s_gradient_flag_must_be_a_bool(images, name, flag, shown):
+    """gradient="no" was taken for true, and a tensor raised "Boolean value of Tensor ... is ambiguous"."""
+    fixed, moving, weight = images
+    metric = ALL[name]()
+    with pytest.raises(TypeError, match=rf"^{type(metric).__name__}\(\): 'gradient' must be True or False; "
+                                        rf"got {shown}$"):
+        metric(moving, fixed, weight, gradient=flag)
+    assert isinstance(metric(moving, fixed, weight, gradient=np.bool_(True)), tuple)
+
+
+def test_per_pixel_metric_s_mean_must_be_a_bool():
+    """One check for every flag (check_flag): a NumPy bool is a bool, "no" is not."""
+    assert PerPixelMetric(mean=np.bool_(False)).mean is False
+    with pytest.raises(TypeError, match=r"^PerPixelMetric\(\): 'mean' must be True or False; got 'no'$"):
+        PerPixelMetric(mean="no")

@@ -1206,3 +1206,15 @@ def test_grid_moments_of_an_empty_batch_are_empty_in_either_layout(second_order)
     width = 6 if second_order else 3
     assert grid_moments(torch.empty(0, 4, 5, 2), axes, second_order=second_order).shape == (0, 2, width)
     assert grid_moments(torch.empty(0, 2, 4, 5), axes, channel_dim=1, second_order=second_order).shape == (0, 2, width)
+
+
+def test_grid_moments_flags_must_be_a_bool_and_an_int():
+    """second_order="no" was taken for true; a tensor channel_dim or second_order raised "Boolean
+    value of Tensor with more than one value is ambiguous"."""
+    values, axes = torch.rand(1, 4, 5, 2), pixel_axes((4, 5))
+    with pytest.raises(ValueError, match=r"^grid_moments\(\): 'channel_dim' must be 1 \(B, K, H, W\) or -1"):
+        grid_moments(values, axes, channel_dim=torch.tensor([1, 1]))
+    for flag, shown in (("no", "'no'"), (torch.tensor([1, 1]), r"a tensor of shape \(2,\)")):
+        with pytest.raises(TypeError, match=rf"^grid_moments\(\): 'second_order' must be True or False; got {shown}$"):
+            grid_moments(values, axes, second_order=flag)
+    assert grid_moments(values, axes, channel_dim=np.int64(-1), second_order=np.bool_(True)).shape == (1, 2, 6)

@@ -278,6 +278,21 @@ def positive_whole(value, name: str, caller: str) -> int:
     return int(value)
 
 
+def check_flag(value, name: str, caller: str) -> bool:
+    """``value`` as a ``bool`` if it is one (a NumPy bool too); raise a ``TypeError`` naming ``name``
+    otherwise: ``"no"`` was taken for true, and a tensor raised "Boolean value of Tensor with more
+    than one value is ambiguous" (a 0-d one would wait for a GPU).  Two type checks, for hot paths."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (str, bytes, int, float)):
+        shown = repr(value)
+    elif isinstance(value, (torch.Tensor, np.ndarray)):
+        shown = f"{'a tensor' if isinstance(value, torch.Tensor) else 'an array'} of shape {tuple(value.shape)}"
+    else:
+        shown = type(value).__name__
+    raise TypeError(f"{caller}: '{name}' must be True or False; got {shown}")
+
+
 def check_size(size: Sequence[int], caller: str, name: str = "size") -> tuple[int, int]:
     """``(H, W)`` as two ints; raise a ``ValueError`` unless ``size`` holds two positive whole numbers
     (a 0-d tensor or array is one number, not a size: :func:`is_sequence`)."""

@@ -53,7 +53,6 @@ import math
 import operator
 from typing import NamedTuple, Optional, Sequence, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -63,6 +62,7 @@ from ._validation import (
     all_finite,
     check_affine,
     check_batch,
+    check_flag,
     check_image,
     check_matrix,
     check_option,
@@ -509,9 +509,7 @@ def phase_correlation(fixed: torch.Tensor, moving: torch.Tensor, *, window: bool
         TypeError: ``window`` not a bool.
     """
     caller = "phase_correlation()"
-    if not isinstance(window, (bool, np.bool_)):  # a NumPy bool too (1 or "no" are no answer)
-        raise TypeError(f"{caller}: 'window' must be True or False; got {window!r}")
-    window = bool(window)
+    window = check_flag(window, "window", caller)  # a NumPy bool too (1 or "no" are no answer)
     fixed, moving = _pair(fixed, moving, caller, same_size=True)
     with torch.no_grad():
         # a constant image's centred values are rounding residues, whose phases gave any shift

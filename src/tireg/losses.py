@@ -38,7 +38,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ._validation import broadcast_shape, finite_number, real_number
+from ._validation import broadcast_shape, check_flag, finite_number, real_number
 
 __all__ = [
     "PerPixelLoss",
@@ -59,7 +59,7 @@ class PerPixelLoss(nn.Module):
     """Base class of per-pixel losses: ``forward(x, y, gradient=False)``.
 
     Returns the per-pixel loss ``rho(x, y)``, or ``(rho, d rho / d x)`` when
-    ``gradient`` is true; both have ``x``'s shape.  Subclasses that depend on
+    ``gradient`` is true (a bool: ``TypeError`` otherwise); both have ``x``'s shape.  Subclasses that depend on
     ``r = x - y`` only may implement :meth:`residual` instead.  For float16 and
     bfloat16 images, ``r`` and :meth:`residual` are evaluated in float32 and the results
     returned in the images' dtype: a setting's square (``eps^2 = 1e-12``, ``c^2 = 1e-8``) is 0
@@ -67,6 +67,7 @@ class PerPixelLoss(nn.Module):
     """
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, gradient: bool = False) -> LossOutput:
+        gradient = check_flag(gradient, "gradient", f"{type(self).__name__}()")  # "no" was taken for true
         if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
             raise TypeError(
                 f"{type(self).__name__}(): x and y must be tensors; got {type(x).__name__} and {type(y).__name__}")

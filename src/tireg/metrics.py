@@ -65,7 +65,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _chunks
-from ._validation import FLOAT_DTYPES, TensorStamp, check_real, check_same_kind, finite_number, is_whole, matches
+from ._validation import (
+    FLOAT_DTYPES, TensorStamp, check_flag, check_real, check_same_kind, finite_number, is_whole, matches,
+)
 from .losses import LOSSES, PerPixelLoss, get_loss, loss_and_derivative
 
 __all__ = [
@@ -120,6 +122,12 @@ def _accumulated(x: torch.Tensor) -> Optional[torch.dtype]:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
 
 
+def _gradient_flag(metric: "Metric", gradient) -> bool:
+    """A metric's ``gradient`` argument, a bool (:func:`tireg._validation.check_flag`: ``"no"`` was
+    taken for true, a tensor raised "Boolean value of Tensor ... is ambiguous")."""
+    return check_flag(gradient, "gradient", f"{type(metric).__name__}()")
+
+
 def _checked_weight(
     metric: "Metric", x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor]
 ) -> Optional[torch.Tensor]:
@@ -158,6 +166,7 @@ def _checked_weight(
 
 class Metric:
     """Base class: ``metric(x, y, weight=None, gradient=False)``; see the module docstring.
+    ``gradient`` is a bool (``TypeError`` otherwise: ``"no"`` had been taken for true).
 
     Attributes:
         per_pixel: whether the cost is a (weighted) sum of per-pixel terms.
@@ -204,11 +213,10 @@ class PerPixelMetric(Metric):
 
     def __init__(self, loss: Union[str, PerPixelLoss] = "l2", *, mean: bool = True):
         self.loss = get_loss(loss)
-        if not isinstance(mean, bool):  # mean="no" was taken, and truthy
-            raise TypeError(f"PerPixelMetric(): 'mean' must be True or False; got {mean!r}")
-        self.mean = mean
+        self.mean = check_flag(mean, "mean", "PerPixelMetric()")  # mean="no" was taken, and truthy
 
     def __call__(self, x, y, weight=None, gradient=False):
+        gradient = _gradient_flag(self, gradient)
         weight = _checked_weight(self, x, y, weight)  # the shapes, as the other metrics (no ones image)
         return self.weighted(x, y, self.term_weights(x, weight), gradient)
 
@@ -362,6 +370,7 @@ class NCC(Metric):
         self.any_contrast = self.sign == "any"
 
     def __call__(self, x, y, weight=None, gradient=False):
+        gradient = _gradient_flag(self, gradient)
         deviations = self.deviations(x, y, weight)
         cost = self.cost_of_sums(deviations.statistics)
         if not gradient:
@@ -603,6 +612,7 @@ class LocalNCC(Metric):
         return sum_w, sum_x, sum_y, covariance, y_var, denominator
 
     def __call__(self, x, y, weight=None, gradient=False):
+        gradient = _gradient_flag(self, gradient)
         w = _inputs(self, x, y, weight)
         count = (w.sum((1, 2, 3)) * x.shape[1]).clamp_min(_TINY)
         score, derivative = self._scores(x, y, w, count, gradient)
@@ -1014,6 +1024,7 @@ class _JointHistogramMetric(Metric):
         return counts(past, weights, cell, fixed_bin, base, bins, matmul), parts
 
     def __call__(self, x, y, weight=None, gradient=False):
+        gradient = _gradient_flag(self, gradient)
         counts, parts = self._histogram(x, y, _inputs(self, x, y, weight), weight=weight)
         cost, d_joint = self._scores(counts / parts["total"][:, None, None], x.shape[1], gradient)
         return (cost, self._derivative(d_joint, parts)) if gradient else cost

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +41,7 @@ from ._validation import (
     PADDING_MODES,
     check_affine,
     check_dtype,
+    check_flag,
     check_image,
     check_matrix,
     check_option,
@@ -144,12 +146,14 @@ def grid_moments(
 
     Raises:
         TypeError: ``values`` not a float tensor.
+        TypeError: ``second_order`` not a bool.
         ValueError: ``values`` not 4-D, ``channel_dim`` other than ``1`` or ``-1``
             (``-3``, ``3``), ``axes`` not two 1-D tensors of the grid's ``H`` and ``W``
             points, dtypes that differ.  Shapes only: no value is read (a step of
             :func:`tireg.register` calls this every evaluation).
     """
-    return _grid_moments(values, axes, _check_moments_inputs(values, axes, channel_dim), second_order)
+    channels_last = _check_moments_inputs(values, axes, channel_dim)
+    return _grid_moments(values, axes, channels_last, check_flag(second_order, "second_order", "grid_moments()"))
 
 
 def _grid_moments(
@@ -187,7 +191,9 @@ def _check_moments_inputs(values: torch.Tensor, axes, channel_dim: int) -> bool:
     caller = "grid_moments()"
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"{caller}: 'values' must be a torch.Tensor; got {type(values).__name__}")
-    if isinstance(channel_dim, bool) or channel_dim not in (1, -3, -1, 3):
+    # an int (a NumPy one too), not a bool; a tensor's 'in' raised "Boolean value of Tensor ... is ambiguous"
+    if not isinstance(channel_dim, (int, np.integer)) or isinstance(channel_dim, bool) or (
+            channel_dim not in (1, -3, -1, 3)):
         raise ValueError(f"{caller}: 'channel_dim' must be 1 (B, K, H, W) or -1 (B, H, W, K); got {channel_dim!r}")
     channels_last = channel_dim in (-1, 3)
     layout = "(B, H, W, K)" if channels_last else "(B, K, H, W)"
