@@ -57,7 +57,8 @@ def tensor_of_array(array: np.ndarray, name: str, caller: str) -> torch.Tensor:
     array = writable(array)
     if array.dtype.type in (np.longdouble, np.clongdouble):
         wide = array
-        array = array.astype(np.complex128 if np.iscomplexobj(array) else np.float64)
+        with np.errstate(over="ignore"):  # beyond float64's range is refused just below, not warned of
+            array = array.astype(np.complex128 if np.iscomplexobj(array) else np.float64)
         if not np.isfinite(array).all() and np.isfinite(wide).all():
             raise ValueError(f"{caller}: '{name}' has values beyond float64's range (dtype {wide.dtype}); "
                              "scale it first")
