@@ -619,3 +619,37 @@ def test_a_loss_s_gradient_flag_must_be_a_bool(name, flag, shown):
     with pytest.raises(TypeError, match=rf"^{type(loss).__name__}\(\): 'gradient' must be True or False; got {shown}$"):
         loss(x, x.flip(-1), gradient=flag)
     assert isinstance(loss(x, x.flip(-1), np.bool_(True)), tuple)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_a_built_in_residual_checks_its_arguments(name):
+    """residual, public, checked nothing: a list raised "can't multiply sequence by non-int", a complex
+    r gave complex losses, gradient="no" was taken for true."""
+    loss = LOSSES[name]()
+    caller = rf"^{type(loss).__name__}\.residual\(\): "
+    for r, message in (([1.0], "'r' must be a torch.Tensor; got list$"), (None, "'r' must be a torch.Tensor; got NoneType$"),
+                       (torch.tensor([1j]), "'r' must be a floating-point tensor; got torch.complex64$"),
+                       (torch.tensor([1]), "'r' must be a floating-point tensor; got torch.int64$")):
+        with pytest.raises(TypeError, match=caller + message):
+            loss.residual(r)
+    with pytest.raises(TypeError, match=caller + "'gradient' must be True or False; got 'no'$"):
+        loss.residual(torch.ones(3), "no")
+    assert loss.residual(torch.ones(3, dtype=torch.float16)).dtype == torch.float16
+
+
+def test_the_residual_and_flag_checks_trace_with_no_graph_break_nor_recompile():
+    """The checks are types and dtypes only: forward and residual compile whole (fullgraph) and a
+    second call with new values does not compile again."""
+    from torch._dynamo.testing import CompileCounter
+
+    x, y = torch.rand(2, 1, 5, 6), torch.rand(2, 1, 5, 6)
+    for name in sorted(LOSSES):
+        loss = LOSSES[name]()
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        forward = torch.compile(lambda a, b: loss(a, b, True), backend=counter, fullgraph=True)
+        residual = torch.compile(lambda r: loss.residual(r, True), backend=counter, fullgraph=True)
+        for shift in (0.0, 1.0):
+            torch.testing.assert_close(forward(x + shift, y), loss(x + shift, y, True))
+            torch.testing.assert_close(residual(x + shift - y), loss.residual(x + shift - y, True))
+        assert counter.frame_count == 2, name

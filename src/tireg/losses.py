@@ -83,8 +83,22 @@ class PerPixelLoss(nn.Module):
         return tuple(value.to(dtype) for value in result) if gradient else result.to(dtype)
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
-        """``rho(r)``, or ``(rho(r), rho'(r))`` when ``gradient``."""
+        """``rho(r)``, or ``(rho(r), rho'(r))`` when ``gradient``.  The built-in losses take a
+        floating-point tensor ``r`` and a bool ``gradient`` only (``TypeError`` otherwise)."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward() or residual()")
+
+
+def _checked_residual(loss: PerPixelLoss, r, gradient) -> bool:
+    """A built-in loss's :meth:`~PerPixelLoss.residual` arguments: ``r`` a floating-point tensor (a list
+    raised "can't multiply sequence by non-int", a complex ``r`` gave complex losses), ``gradient`` a
+    bool; returns ``gradient``.  Types and a dtype only (no value read): ``forward`` and the
+    compiled kernel pass through it with no graph break."""
+    caller = f"{type(loss).__name__}.residual()"
+    if not isinstance(r, torch.Tensor):
+        raise TypeError(f"{caller}: 'r' must be a torch.Tensor; got {type(r).__name__}")
+    if not r.is_floating_point():
+        raise TypeError(f"{caller}: 'r' must be a floating-point tensor; got {r.dtype}")
+    return check_flag(gradient, "gradient", caller)
 
 
 #: Evaluated in float32 (:meth:`PerPixelLoss.forward`).
@@ -158,6 +172,7 @@ class L2Loss(PerPixelLoss):
     """``rho(r) = r^2``, ``rho'(r) = 2 r``."""
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
+        gradient = _checked_residual(self, r, gradient)
         loss = r * r
         return (loss, 2.0 * r) if gradient else loss
 
@@ -197,6 +212,7 @@ class CauchyLoss(PerPixelLoss):
         return f"scale={self.scale}"
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
+        gradient = _checked_residual(self, r, gradient)
         u = r / self.scale
         square = u * u
         loss = torch.log1p(square)
@@ -210,6 +226,7 @@ class L1Loss(PerPixelLoss):
     """``rho(r) = |r|``, ``rho'(r) = sign(r)`` (0 at ``r = 0``, as autograd)."""
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
+        gradient = _checked_residual(self, r, gradient)
         loss = r.abs()
         return (loss, torch.sign(r)) if gradient else loss
 
@@ -230,6 +247,7 @@ class CharbonnierLoss(PerPixelLoss):
         return f"eps={self.eps}"
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
+        gradient = _checked_residual(self, r, gradient)
         loss = torch.hypot(r, r.new_full((), self.eps))  # a fill on r's device, no copy to it
         return (loss, torch.where(r.isinf(), r.sign(), r / loss)) if gradient else loss
 
@@ -252,6 +270,7 @@ class HuberLoss(PerPixelLoss):
         return f"delta={self.delta}"
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
+        gradient = _checked_residual(self, r, gradient)
         clipped = r.clamp(-self.delta, self.delta)
         loss = clipped * (r - 0.5 * clipped)
         return (loss, clipped) if gradient else loss
@@ -277,6 +296,7 @@ class GemanMcClureLoss(PerPixelLoss):
         return f"scale={self.scale}"
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
+        gradient = _checked_residual(self, r, gradient)
         c2 = self.scale * self.scale
         limit = _root_limit(r.dtype)
         r = r.clamp(-limit, limit)  # r^2 + c^2 finite; NaN stays NaN
