@@ -2657,7 +2657,8 @@ def test_a_far_pair_does_not_loosen_another_pairs_tolerance():
     batch = replace(result, matrix=matrices, parameter_values=kind.from_matrix(matrices, center), batched=True,
                     cost=result.cost.expand(2), iterations=result.iterations.expand(2),
                     converged=result.converged.expand(2), stop_reason=result.stop_reason * 2,
-                    history=[replace(level, cost=level.cost.expand(-1, 2)) for level in result.history])
+                    history=[replace(level, cost=level.cost.expand(-1, 2), lengths=level.lengths.expand(2))
+                             for level in result.history])
     inverse = batch.inverse()
     torch.testing.assert_close(inverse.matrix, torch.linalg.inv(matrices), rtol=1e-12, atol=1e-6)
     assert inverse.transform == "affine"  # pair 1's inverse has no anisotropic similarity
