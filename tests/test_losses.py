@@ -653,3 +653,15 @@ def test_the_residual_and_flag_checks_trace_with_no_graph_break_nor_recompile():
             torch.testing.assert_close(forward(x + shift, y), loss(x + shift, y, True))
             torch.testing.assert_close(residual(x + shift - y), loss.residual(x + shift - y, True))
         assert counter.frame_count == 2, name
+
+
+def test_an_unknown_loss_is_named_by_the_function_that_was_given_it():
+    """get_loss("x") said "unknown loss 'x'" naming no function, from PerPixelMetric too."""
+    from tireg.metrics import PerPixelMetric
+
+    with pytest.raises(ValueError, match=r"^get_loss\(\): unknown loss 'x'; choose one of 'l2'"):
+        get_loss("x")
+    with pytest.raises(ValueError, match=r"^PerPixelMetric\(\): unknown loss 'x'; choose one of 'l2'"):
+        PerPixelMetric("x")
+    with pytest.raises(ValueError, match=r"^my_function\(\): unknown loss 3"):
+        get_loss(3, "my_function()")

@@ -1122,3 +1122,11 @@ def test_per_pixel_metric_s_mean_must_be_a_bool():
     assert PerPixelMetric(mean=np.bool_(False)).mean is False
     with pytest.raises(TypeError, match=r"^PerPixelMetric\(\): 'mean' must be True or False; got 'no'$"):
         PerPixelMetric(mean="no")
+
+
+def test_an_unknown_metric_is_named_by_the_function_that_was_given_it():
+    """get_metric("x") said "unknown metric 'x'" naming no function."""
+    with pytest.raises(ValueError, match=r"^get_metric\(\): unknown metric 'x'; choose one of 'ncc'"):
+        get_metric("x")
+    with pytest.raises(ValueError, match=r"^my_function\(\): unknown metric 3"):
+        get_metric(3, "my_function()")

@@ -679,3 +679,17 @@ def test_a_centre_beyond_float64_is_a_value_error_naming_it(name, center):
                                              r"\(at most 1.8e\+308 in magnitude\)$"):
             function(argument, center)
     assert kind.matrix(params, (2**63, 1)).shape == (3, 3)  # beyond int64, inside float64: taken
+
+
+def test_an_unknown_transform_is_named_by_the_function_that_was_given_it():
+    """get_transform("x") said "unknown transform 'x'" naming no function, from create_model too."""
+    import tireg
+
+    with pytest.raises(ValueError, match=r"^get_transform\(\): unknown transform 'x'; choose one of 'translation'"):
+        get_transform("x")
+    with pytest.raises(ValueError, match=r"^create_model\(\): unknown transform 'x'; choose one of 'translation'"):
+        tireg.create_model("x", torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"^initialize\(\): unknown transform 'x'; choose one of 'translation'"):
+        tireg.initialize.initialize(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), "x")
+    with pytest.raises(ValueError, match=r"^my_function\(\): unknown transform 'x'"):
+        get_transform("x", "my_function()")

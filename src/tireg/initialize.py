@@ -229,11 +229,8 @@ def _pair(fixed: torch.Tensor, moving: torch.Tensor, caller: str, *, same_size: 
 
 
 def _check_kind(transform: str, caller: str) -> str:
-    """``transform`` if it names a built-in kind; the transforms module's ``ValueError``, prefixed, otherwise."""
-    try:
-        get_transform(transform)
-    except ValueError as error:
-        raise ValueError(f"{caller}: {error}") from None
+    """``transform`` if it names a built-in kind; the transforms module's ``ValueError``, naming ``caller``, otherwise."""
+    get_transform(transform, caller)
     return transform
 
 

@@ -324,10 +324,13 @@ LOSSES: dict[str, type[PerPixelLoss]] = {
 _BUILT_IN = frozenset(LOSSES.values())
 
 
-def get_loss(loss: Union[str, PerPixelLoss]) -> PerPixelLoss:
-    """A loss instance from a name in :data:`LOSSES` (default settings) or an instance (returned as is)."""
+def get_loss(loss: Union[str, PerPixelLoss], caller: str = "get_loss()") -> PerPixelLoss:
+    """A loss instance from a name in :data:`LOSSES` (default settings) or an instance (returned as is);
+    otherwise a ``ValueError`` listing the names, its message starting with ``caller`` (the function
+    that was given the loss)."""
     if isinstance(loss, PerPixelLoss):
         return loss
     if isinstance(loss, str) and loss.lower() in LOSSES:
         return LOSSES[loss.lower()]()
-    raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(map(repr, LOSSES))} or a PerPixelLoss")
+    raise ValueError(f"{caller}: unknown loss {loss!r}; choose one of {', '.join(map(repr, LOSSES))} "
+                     "or a PerPixelLoss")

@@ -212,7 +212,7 @@ class PerPixelMetric(Metric):
     linear_intensity = True
 
     def __init__(self, loss: Union[str, PerPixelLoss] = "l2", *, mean: bool = True):
-        self.loss = get_loss(loss)
+        self.loss = get_loss(loss, "PerPixelMetric()")
         self.mean = check_flag(mean, "mean", "PerPixelMetric()")  # mean="no" was taken, and truthy
 
     def __call__(self, x, y, weight=None, gradient=False):
@@ -1246,9 +1246,11 @@ METRICS: dict[str, type[Metric]] = {
 METRIC_NAMES = (*METRICS, "ncc_any", "lncc_any", *LOSSES)
 
 
-def get_metric(metric: Union[str, Metric, PerPixelLoss]) -> Metric:
+def get_metric(metric: Union[str, Metric, PerPixelLoss], caller: str = "get_metric()") -> Metric:
     """A metric from a name (``"ncc"``, ``"ncc_any"``, ``"lncc"``, ``"mi"``, ``"nmi"``, or a per-pixel
-    loss name such as ``"l2"``), a :class:`Metric`, or a :class:`~tireg.losses.PerPixelLoss`."""
+    loss name such as ``"l2"``), a :class:`Metric`, or a :class:`~tireg.losses.PerPixelLoss`; otherwise
+    a ``ValueError`` listing the names, its message starting with ``caller`` (the function that was
+    given the metric)."""
     if isinstance(metric, Metric):
         return metric
     if isinstance(metric, PerPixelLoss):
@@ -1261,4 +1263,4 @@ def get_metric(metric: Union[str, Metric, PerPixelLoss]) -> Metric:
             return METRICS[name[:-4]](sign="any")
         if name in LOSSES:
             return PerPixelMetric(name)
-    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(map(repr, METRIC_NAMES))}")
+    raise ValueError(f"{caller}: unknown metric {metric!r}; choose one of {', '.join(map(repr, METRIC_NAMES))}")

@@ -627,10 +627,7 @@ class AffineModelAnalytic(TransformModel):
         # model.metric = 3 waited for the next forward)
         made = _BY_NAME.get(name)
         if made is not None:
-            try:
-                value = made(value)
-            except (TypeError, ValueError) as error:
-                raise type(error)(f"{type(self).__name__}.{name}: {error}") from None
+            value = made(value, f"{type(self).__name__}.{name}")
         super().__setattr__(name, value)
 
     def __getstate__(self) -> dict:
@@ -861,8 +858,8 @@ class AffineModelAnalytic(TransformModel):
 
 #: An analytic model's settings taken by name (:meth:`AffineModelAnalytic.__setattr__`).
 _BY_NAME: dict[str, Callable] = {
-    "loss_func": lambda value: L2Loss() if value is None else get_loss(value),
-    "metric": lambda value: None if value is None else get_metric(value),
+    "loss_func": lambda value, caller: L2Loss() if value is None else get_loss(value, caller),
+    "metric": lambda value, caller: None if value is None else get_metric(value, caller),
 }
 
 
@@ -1079,7 +1076,7 @@ def create_model(
         A model on ``moving``'s device and dtype, at the identity transform.
     """
     caller = "create_model()"
-    get_transform(transform)
+    get_transform(transform, caller)
     check_option(gradients, ("analytic", "autograd"), "gradients", caller)
     check_image(moving, "moving", caller)
     check_compile_option(compile, caller)
@@ -1093,10 +1090,7 @@ def create_model(
     if gradients == "autograd":
         # the autograd model warps only, and the caller applies the cost: what it would ignore is refused
         # (metric and image_gradient were silently ignored, and so were loss="bogus" and sigma=-5)
-        try:
-            l2 = loss is None or isinstance(get_loss(loss), L2Loss)  # None: L2, as for the analytic model
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"{caller}: {error}") from None
+        l2 = loss is None or isinstance(get_loss(loss, caller), L2Loss)  # None: L2, as for the analytic model
         given = {name: value for name, value, default in (
             ("loss", loss, l2), ("metric", metric, metric is None),
             ("image_gradient", image_gradient, isinstance(image_gradient, str) and image_gradient == "exact"),

@@ -604,11 +604,12 @@ TRANSFORMS: dict[str, Transform] = {
 }
 
 
-def get_transform(name: str) -> Transform:
-    """Look up a built-in transform kind by name; ``ValueError`` listing the names otherwise."""
+def get_transform(name: str, caller: str = "get_transform()") -> Transform:
+    """Look up a built-in transform kind by name; ``ValueError`` listing the names otherwise, its
+    message starting with ``caller`` (the function that was given the name)."""
     try:
         return TRANSFORMS[name]
     except (KeyError, TypeError):
         raise ValueError(
-            f"unknown transform {name!r}; choose one of {', '.join(map(repr, TRANSFORMS))}"
+            f"{caller}: unknown transform {name!r}; choose one of {', '.join(map(repr, TRANSFORMS))}"
         ) from None
