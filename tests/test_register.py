@@ -2708,3 +2708,54 @@ def test_a_pairs_history_in_a_batch_is_its_history_alone(optimizer):
             assert sum(level.cost.shape[0] - 1 for level in batch[index].history) == int(batch.iterations[index])
     # the case in question: pair 0 (at rest from the start) stops before the others
     assert any(mine.cost.shape[0] < rows for mine, rows in zip(batch[0].history, longest))
+
+
+def _shifted_batch(count: int, size: int = 64, seed: int = 1):
+    """``count`` rigid pairs of one ``size x size`` image (noisy, float64 ``(count, 1, H, W)``) and their
+    true matrices: ``(fixed, moving, truths)``."""
+    from tireg.transforms import rigid_matrix
+
+    fixed, _, _ = _small_pair(size, "translation", [0.0, 0.0], dtype=torch.float64)
+    center = torch.tensor(tireg.image_center(size, size), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    fixeds, movings, truths = [], [], []
+    for index in range(count):
+        truth = rigid_matrix(torch.tensor([0.05 * (index + 1), 2.0 + index, -1.5 * index], dtype=torch.float64),
+                             center)
+        moved = tireg.warp(fixed[None, None], torch.linalg.inv(truth), padding_mode="border")
+        movings.append(100 * moved + 5 * torch.randn(moved.shape, generator=generator, dtype=torch.float64))
+        fixeds.append(100 * fixed[None, None] + 5 * torch.randn(moved.shape, generator=generator,
+                                                                 dtype=torch.float64))
+        truths.append(truth)
+    return torch.cat(fixeds), torch.cat(movings), torch.stack(truths)
+
+
+def test_a_pairs_values_never_change_another_pairs_arithmetic():
+    """The batch's largest value decided float32 or float64 for every pair of an integer batch: one
+    int32 pair above 2^24 sent the others down the float64 path, and pair j in the batch ended away
+    from pair j alone (mi 0.33 px, lncc 0.15).  So did one mask for a float64 batch (centred over the
+    whole image instead of the mask) and one float32 pair whose squares overflow (every pair's
+    statistics taken again in float64).  Each pair is now converted as it would be alone."""
+    fixed, moving, truths = _shifted_batch(3)
+    fixed, moving = fixed.round().to(torch.int32), moving.round().to(torch.int32)
+    fixed[0] += 1 << 26  # pair 0 only: int32 values above 2^24
+    moving[0] += 1 << 26
+    cases = [dict(metric="mi"), dict(metric="lncc"), dict(metric="l2", normalize=False)]
+    for options in cases:
+        batch = tireg.register(fixed, moving, transform="rigid", **options)
+        for index in range(3):
+            alone = tireg.register(fixed[index:index + 1], moving[index:index + 1], transform="rigid", **options)
+            assert torch.equal(batch.matrix[index], alone.matrix[0]), (options, index)
+            assert grid_error(alone.matrix[0], truths[index], (64, 64)) < 0.5, (options, index)
+    # a float64 batch on a large offset with one mask for every pair; a float32 pair of values near 1e19
+    floats, moved, _ = _shifted_batch(2)
+    disk = torch.zeros(64, 64)
+    disk[8:56, 8:56] = 1.0
+    inputs = [(1e7 + floats, 1e7 + moved, dict(mask=disk)),
+              (floats.float() * torch.tensor([1e19, 1.0])[:, None, None, None],
+               moved.float() * torch.tensor([1e19, 1.0])[:, None, None, None], {})]
+    for first, second, options in inputs:
+        batch = tireg.register(first, second, transform="rigid", **options)
+        for index in range(2):
+            alone = tireg.register(first[index:index + 1], second[index:index + 1], transform="rigid", **options)
+            assert torch.equal(batch.matrix[index], alone.matrix[0]), index

@@ -613,10 +613,13 @@ def _checked_inverse(matrices: torch.Tensor, caller: str) -> torch.Tensor:
 _UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint32", "uint64") if hasattr(torch, name))
 
 
-def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) -> tuple[torch.Tensor, int]:
+def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True,
+              keep_wide_integers: bool = False) -> tuple[torch.Tensor, int]:
     """``(B, C, H, W)`` float tensor from a tensor or array of ``(H, W)``, ``(C, H, W)`` or ``(B, C, H, W)``
     (an array of any byte order, a long double one as float64: :func:`~tireg._validation.tensor_of_array`; a sparse
-    tensor refused by name)."""
+    tensor refused by name).  ``keep_wide_integers``: an integer image of more than 16 bits
+    (:func:`_is_wide_integer`) is returned as it is, for :func:`register` to convert pair by pair
+    (:func:`_integer_float32`)."""
     if isinstance(image, np.ndarray):
         image = tensor_of_array(image, name, caller)
     if not isinstance(image, torch.Tensor):
@@ -646,15 +649,14 @@ def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) 
                       "or tensor.permute(2, 0, 1)", UserWarning, stacklevel=3)
     if image.is_complex():
         raise TypeError(f"{caller}: '{name}' must be real; got {image.dtype}")
-    if not image.is_floating_point():
+    if keep_wide_integers and _is_wide_integer(image):
+        pass  # register: pair by pair, each by its own values (_integer_float32)
+    elif not image.is_floating_point():
         # integers beyond float32's 24 bits in float64 (float32 rounded them: an image of 3e10 + counts
-        # was called constant); register then centres them in float64 (_float32), as float64 images.
+        # was called constant), one dtype for the whole tensor (RegistrationResult.warp() resamples it).
         # By value, not by type: int32 and int64 images of small values are common (astype(int), PIL's
         # "I" mode), and float64 doubled their copies (a batch's peak memory 3x)
-        # (the range of an unsigned 32- or 64-bit image in float64: torch has no amax for them)
-        probe = image.to(torch.float64) if image.dtype in _UNSIGNED_WIDE else image
-        wide = (image.dtype != torch.bool and torch.iinfo(image.dtype).bits > 16
-                and bool(((probe.amax() > 1 << 24) | (probe.amin() < -(1 << 24))).item()))
+        wide = _is_wide_integer(image) and any(_wide_pairs(image.reshape(1, -1)))
         image = image.to(torch.float64 if wide else torch.float32)
     elif image.dtype not in (torch.float32, torch.float64):
         image = image.to(torch.float32)
@@ -665,6 +667,51 @@ def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True) 
     while image.dim() < 4:
         image = image.unsqueeze(0)
     return image, ndim
+
+
+def _is_wide_integer(image: torch.Tensor) -> bool:
+    """Whether ``image`` is of an integer dtype of more than 16 bits (int32, int64, uint32, uint64),
+    whose values may lie beyond float32's 24 bits."""
+    return not image.is_floating_point() and image.dtype != torch.bool and torch.iinfo(image.dtype).bits > 16
+
+
+def _wide_pairs(image: torch.Tensor) -> list[bool]:
+    """Per pair (first dimension) of an integer image of more than 16 bits: whether any of its values
+    lies beyond float32's 24 bits (``|x| > 2^24``); an unsigned 32- or 64-bit one read in float64 a
+    pair at a time (torch has no amax for them)."""
+    if image.dtype in _UNSIGNED_WIDE:
+        return [bool(pair.to(torch.float64).amax() > 1 << 24) for pair in image]
+    flat = image.flatten(1)
+    return ((flat.amax(dim=1) > 1 << 24) | (flat.amin(dim=1) < -(1 << 24))).tolist()
+
+
+def _integer_float32(image: torch.Tensor, mask: Optional[torch.Tensor], name: str, device: torch.device,
+                     caller: str, *, centred: bool, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """An integer image ``(b, C, H, W)`` of more than 16 bits (:func:`_is_wide_integer`) as register's
+    float32 working copy on ``device``, pair by pair, each pair as it would be alone: filled outside its
+    mask (:func:`_filled_outside`; ``mask`` as there), in float32 where its values stay within float32's
+    24 bits (exactly), else in float64 (:func:`_wide_pairs`), then, ``centred``, centred as a float64
+    image (:func:`_float32`) or less its ``offset`` (``(1 or B, C, 1, 1)`` float64, taken in the pair's
+    precision: :func:`_without_offsets`), and cast.  ``(b, ...)``, or ``(B, ...)`` where one image has an
+    offset per pair.
+
+    Why pair by pair: the batch's largest value had decided float32 or float64 for every pair, so one
+    pair of int32 values above 2^24 sent the others down the float64 path, and a pair's result in a
+    batch differed from its result alone (mi 0.33 px, lncc 0.15).  One pair at a time, a float64 copy
+    is never the whole batch's (a batch's peak memory counts every copy)."""
+    wide = _wide_pairs(image)
+    count = image.shape[0] if offset is None else max(image.shape[0], offset.shape[0])
+    converted = torch.empty((count, *image.shape[1:]), dtype=torch.float32, device=device)
+    for index in range(count):
+        source = index if image.shape[0] > 1 else 0
+        # a shared image keeps every pair's mask (_filled_outside: their union), as a batch of one
+        pair_mask = mask if mask is None or image.shape[0] == 1 else mask[index:index + 1]
+        pair = image[source:source + 1].to(torch.float64 if wide[source] else torch.float32)
+        pair = _filled_outside(pair, pair_mask)
+        if offset is not None:
+            pair = pair - offset[index if offset.shape[0] > 1 else 0][None].to(device=pair.device, dtype=pair.dtype)
+        converted[index:index + 1] = _float32(pair, name, device, caller, centred=centred, mask=pair_mask)
+    return converted
 
 
 def _float32(image: torch.Tensor, name: str, device: torch.device, caller: str, *, centred: bool,
@@ -690,7 +737,9 @@ def _float32(image: torch.Tensor, name: str, device: torch.device, caller: str, 
         image = image / torch.where(peak > 0, peak, torch.ones_like(peak))
         if mask is not None and mask.shape[0] > 1 and mask.stride(0) == 0:
             mask = mask[:1]  # one mask for every pair
-        if mask is not None and mask.shape[0] == image.shape[0]:
+        if mask is not None and mask.shape[0] in (1, image.shape[0]):  # (one mask for a batch: each pair
+            # over it, as alone; it had been centred over the whole image there, a pair of 1e7 + data 2e-7 px
+            # and with mi 3e-4 px from its result alone)
             mean, deviation = _masked_mean_and_deviation(image, mask)
         else:  # a mask per pair for a shared image: centring per pair would copy the image per pair
             mean, deviation = _mean_and_deviation(image)
@@ -790,10 +839,16 @@ def _normalization(image: torch.Tensor, mask: Optional[torch.Tensor], name: str)
     """``(mean, std)`` of :func:`_normalize`, each ``(B, C, 1, 1)``."""
     mean, std = _mean_and_deviation(image) if mask is None else _masked_mean_and_deviation(image, mask)
     _refuse_constant(image, mask, name)
-    if image.dtype != torch.float64 and not bool((std > 0).all() & torch.isfinite(std).all()):
-        # squares beyond float32's range (values near 1e19), or below it (near 1e-31): in float64
-        wide = _normalization(image.double(), None if mask is None else mask.double(), name)
-        return wide[0].to(image.dtype), wide[1].to(image.dtype)
+    if image.dtype != torch.float64:
+        # squares beyond float32's range (values near 1e19), or below it (near 1e-31): in float64, the
+        # pairs that need it (the whole batch had been, and every pair's statistics changed with it)
+        redo = ~((std > 0) & torch.isfinite(std)).flatten(1).all(dim=1)
+        if bool(redo.any()):
+            pairs = redo.nonzero()[:, 0]
+            pair_mask = None if mask is None else (mask if mask.shape[0] == 1 else mask[pairs]).double()
+            wide = _normalization(image[pairs].double(), pair_mask, name)
+            mean, std = mean.clone(), std.clone()
+            mean[pairs], std[pairs] = wide[0].to(image.dtype), wide[1].to(image.dtype)
     return mean, std
 
 
@@ -947,35 +1002,60 @@ def _without_offsets(
     moving_mask: Optional[torch.Tensor], metric: Metric, batch: int, device: torch.device, caller: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``register(normalize=False)``'s working images: ``fixed`` and ``moving`` ``(b, C, H, W)`` (``b``
-    1 or ``batch``, as given: float32, or float64 for float64 and wide integer images) less the offset
-    that ``metric`` does not see (:func:`_offset_kind`), taken off in their own precision, then as
-    float32 on ``device`` (:func:`_float32`), ``(batch, C, H, W)``.
+    1 or ``batch``, as given: float32, float64, or integers of more than 16 bits, whose pairs are
+    float32 or float64 by their own values: :func:`_integer_float32`) less the offset that ``metric``
+    does not see (:func:`_offset_kind`), taken off in their own precision, then as float32 on
+    ``device`` (:func:`_float32`), ``(batch, C, H, W)``.
 
     Why: register computes in float32, and a cast first kept little of an image on a large offset
     (``1e6 + camera`` in float64: NCC read 1.0 and MI ended 12 px off, "converged"; 16-bit counts on
     ``1e9``, L2, 0.9 px).  ``"common"``: the mean (over its mask) of the image with fewer pairs, the
     fixed one on a tie (neither then grows to the batch), per pair and channel, rounded to float32
-    where either image is float32, so that both lose exactly the same number.  ``"each"``: each
-    image its own mean.
+    where either image's pair is in float32 (:func:`_float32_pairs`), so that both lose exactly the
+    same number.  ``"each"``: each image its own mean.
     """
     kind = _offset_kind(metric)
     if kind == "common":
         source, mask = (fixed, fixed_mask) if fixed.shape[0] <= moving.shape[0] else (moving, moving_mask)
         offset = _plane_mean(source, mask)
-        if torch.float32 in (fixed.dtype, moving.dtype):
+        narrow = [first or second for first, second in zip(*_broadcast_pairs(_float32_pairs(fixed),
+                                                                             _float32_pairs(moving)))]
+        if all(narrow):
             offset = offset.to(torch.float32).to(torch.float64)
+        elif any(narrow):  # pair by pair (integer pairs of both precisions): each as it would be alone
+            flags = torch.tensor(narrow, device=offset.device)[:, None, None, None]
+            offset = torch.where(flags, offset.to(torch.float32).to(torch.float64), offset)
         offsets = (offset, offset)
     elif kind == "each":
         offsets = (_plane_mean(fixed, fixed_mask), _plane_mean(moving, moving_mask))
     else:
         offsets = (None, None)
     images = []
-    for image, offset, name in zip((fixed, moving), offsets, ("fixed", "moving")):
+    for image, offset, name, mask in zip((fixed, moving), offsets, ("fixed", "moving"), (fixed_mask, moving_mask)):
         image = image.detach()
-        if offset is not None:
-            image = image - offset.to(device=image.device, dtype=image.dtype)
-        images.append(_float32(image, name, device, caller, centred=False).expand(batch, *image.shape[1:]))
+        if _is_wide_integer(image):
+            converted = _integer_float32(image, mask, name, device, caller, centred=False, offset=offset)
+        else:
+            if offset is not None:
+                image = image - offset.to(device=image.device, dtype=image.dtype)
+            converted = _float32(image, name, device, caller, centred=False)
+        images.append(converted.expand(batch, *converted.shape[1:]))
     return images[0], images[1]
+
+
+def _float32_pairs(image: torch.Tensor) -> list[bool]:
+    """Per pair of ``image`` ``(b, C, H, W)``: whether register takes it in float32 (a float32 image; a
+    pair of an integer image of more than 16 bits whose values stay within float32's 24 bits), not
+    float64 (:func:`_integer_float32`)."""
+    if _is_wide_integer(image):
+        return [not wide for wide in _wide_pairs(image)]
+    return [image.dtype == torch.float32] * image.shape[0]
+
+
+def _broadcast_pairs(first: list, second: list) -> tuple[list, list]:
+    """Two per-pair lists of length 1 or ``B``, each ``B`` long."""
+    count = max(len(first), len(second))
+    return first * (count // len(first)), second * (count // len(second))
 
 
 #: ``register(normalize=False)`` refuses a per-pixel loss or local NCC on an image plane whose values
@@ -2760,7 +2840,8 @@ def register(
             level), so gain and offset drop out; ``False``
             compares the intensities as given, less an offset the metric
             does not see, taken off in the images' own precision (float64
-            for float64 and wide integer images) before register's float32,
+            for float64 images and for the pairs of an integer image whose
+            values leave float32's 24 bits) before register's float32,
             which would keep little of an image on a large offset: a
             per-pixel loss (a function of ``x - y``, its scale too) one
             offset common to both images (the fixed image's mean per pair
@@ -2795,8 +2876,9 @@ def register(
     caller = "register()"
     started = time.perf_counter()
     # finite or not: a NaN under a mask is no data, checked once the masks fill it (_filled_outside)
-    fixed_t, fixed_ndim = _as_image(fixed, "fixed", caller, finite=False)
-    moving_t, moving_ndim = _as_image(moving, "moving", caller, finite=False)
+    # (an integer image of more than 16 bits as it is: converted pair by pair below, _integer_float32)
+    fixed_t, fixed_ndim = _as_image(fixed, "fixed", caller, finite=False, keep_wide_integers=True)
+    moving_t, moving_ndim = _as_image(moving, "moving", caller, finite=False, keep_wide_integers=True)
     batched = fixed_ndim == 4 or (isinstance(moving, (torch.Tensor, np.ndarray)) and np.ndim(moving) == 4)
     if fixed_t.shape[1] != moving_t.shape[1]:
         raise ValueError(
@@ -2894,12 +2976,16 @@ def register(
     normalize = normalize or _own_cost(metric_object, _GAIN_INVARIANT)
     fixed_mask = _as_mask(mask, fixed_t.expand(batch, *fixed_t.shape[1:]), "mask", device)
     moving_mask_t = _as_mask(moving_mask, moving_t.expand(batch, *moving_t.shape[1:]), "moving_mask", device)
-    # what lies under a mask is no data: no step below may see it (a copy only where there is a mask)
-    fixed_t, moving_t = _filled_outside(fixed_t, fixed_mask), _filled_outside(moving_t, moving_mask_t)
+    # what lies under a mask is no data: no step below may see it (a copy only where there is a mask;
+    # an integer image of more than 16 bits is filled pair by pair as it is converted: _integer_float32)
+    fixed_t, moving_t = (image if _is_wide_integer(image) else _filled_outside(image, image_mask)
+                         for image, image_mask in ((fixed_t, fixed_mask), (moving_t, moving_mask_t)))
     _refuse_not_finite(fixed_t, fixed_ndim, fixed_mask is not None, "fixed", caller)
     _refuse_not_finite(moving_t, moving_ndim, moving_mask_t is not None, "moving", caller)
     if normalize:
-        fixed_t, moving_t = (_float32(image, name, device, caller, centred=True, mask=image_mask)
+        fixed_t, moving_t = ((_integer_float32(image, image_mask, name, device, caller, centred=True)
+                              if _is_wide_integer(image) else
+                              _float32(image, name, device, caller, centred=True, mask=image_mask))
                              .expand(batch, *image.shape[1:])
                              for image, name, image_mask in ((fixed_t, "fixed", fixed_mask),
                                                              (moving_t, "moving", moving_mask_t)))
