@@ -258,3 +258,17 @@ def test_a_complex_weight_is_refused_naming_it():
     weight = torch.ones(1, 1, 8, 9, dtype=torch.complex64) * 1j
     with pytest.raises(TypeError, match=r"^cost_and_gradient\(\): 'weight' must be real; got torch.complex64$"):
         cost_and_gradient(fixed, fixed.flip(-1), torch.eye(3)[None], L2Loss(), weight=weight)
+
+
+def test_sparse_inputs_are_refused_naming_them():
+    """A sparse matrix, weight or gradient reached torch's internals, which named no argument."""
+    fixed = torch.rand(1, 1, 8, 9, generator=torch.Generator().manual_seed(0))
+    dense = r"must be a dense tensor; got layout torch.sparse_coo"
+    with pytest.raises(TypeError, match=rf"^cost_and_gradient\(\): 'matrix' {dense}"):
+        cost_and_gradient(fixed, fixed, torch.eye(3)[None].to_sparse(), L2Loss())
+    with pytest.raises(TypeError, match=rf"^cost_and_gradient\(\): 'weight' {dense}"):
+        cost_and_gradient(fixed, fixed, torch.eye(3)[None], NCC(), weight=torch.ones(1, 1, 8, 9).to_sparse())
+    with pytest.raises(TypeError, match=rf"^parameter_gradient\(\): 'matrix_gradient' {dense}"):
+        parameter_gradient(torch.zeros(1, 2, 3).to_sparse(), torch.zeros(1, 3, 3, 3))
+    with pytest.raises(TypeError, match=rf"^parameter_gradient\(\): 'jacobian' {dense}"):
+        parameter_gradient(torch.zeros(1, 2, 3), torch.zeros(1, 3, 3, 3).to_sparse())

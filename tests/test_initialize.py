@@ -1163,3 +1163,10 @@ def test_a_centre_beyond_float64_is_a_value_error_naming_it(center):
     image = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"^initialize\(\): 'center' has a value beyond float64's range"):
         initialize(image, image, "rigid", center=center)
+
+
+def test_a_sparse_matrix_for_overlap_ncc_is_refused_naming_it():
+    """It reached torch's internals ("Could not run 'aten::...' with arguments from the 'SparseCPU' backend")."""
+    image = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match=r"^overlap_ncc\(\): 'matrix' must be a dense tensor; got layout torch.sparse"):
+        overlap_ncc(image, image, torch.eye(3).to_sparse())

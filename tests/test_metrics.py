@@ -1130,3 +1130,13 @@ def test_an_unknown_metric_is_named_by_the_function_that_was_given_it():
         get_metric("x")
     with pytest.raises(ValueError, match=r"^my_function\(\): unknown metric 3"):
         get_metric(3, "my_function()")
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_a_sparse_weight_is_refused_naming_it(images, name):
+    """It reached torch's internals (a cast, a product with a dense image) in torch's words."""
+    fixed, moving, weight = images
+    metric = ALL[name]()
+    with pytest.raises(TypeError, match=rf"^{type(metric).__name__}\(\): 'weight' must be a dense tensor; got layout "
+                                        r"torch.sparse_coo"):
+        metric(moving, fixed, weight.to_sparse())

@@ -1218,3 +1218,30 @@ def test_grid_moments_flags_must_be_a_bool_and_an_int():
         with pytest.raises(TypeError, match=rf"^grid_moments\(\): 'second_order' must be True or False; got {shown}$"):
             grid_moments(values, axes, second_order=flag)
     assert grid_moments(values, axes, channel_dim=np.int64(-1), second_order=np.bool_(True)).shape == (1, 2, 6)
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_a_sparse_matrix_grid_or_gradient_is_refused_naming_it(layout):
+    """They reached torch's internals, which said "Could not run 'aten::ne.Scalar' with arguments from
+    the 'SparseCPU' backend" (or another operator's name) and named no argument."""
+    def sparse(tensor):
+        return tensor.to_sparse() if layout == "coo" else tensor.to_sparse_csr()
+
+    image, grid = torch.rand(1, 1, 6, 7), torch.zeros(1, 6, 7, 2)
+    gradient = torch.zeros(1, 1, 2, 6, 7)
+    dense = r"must be a dense tensor; got layout torch.sparse"
+    cases = [
+        (lambda: warp(image, sparse(torch.eye(3))), r"^warp\(\): 'matrix' "),
+        (lambda: sampling_grid(sparse(torch.eye(3)), (4, 4), (6, 7)), r"^sampling_grid\(\): 'matrix' "),
+        (lambda: pixel_to_normalized(sparse(torch.eye(3)), (6, 7)), r"^pixel_to_normalized\(\): 'matrix' "),
+        (lambda: sample(image, sparse(grid)), r"^sample\(\): 'grid' "),
+        (lambda: warp_gradient(image, image, sparse(grid)), r"^warp_gradient\(\): 'grid' "),
+        (lambda: sampler_gradient(image, image, sparse(grid)), r"^sampler_gradient\(\): 'grid' "),
+        (lambda: sample_with_gradient(image, grid, gradient=sparse(gradient)), r"^sample_with_gradient\(\): 'gradient' "),
+        (lambda: stack_with_gradient(image, sparse(gradient)), r"^stack_with_gradient\(\): 'gradient' "),
+    ]
+    for call, message in cases:
+        if layout == "csr" and "'matrix'" not in message:
+            continue  # CSR is 2-D (or batched 2-D) only: the 4-D and 5-D cases are COO's
+        with pytest.raises(TypeError, match=message + dense):
+            call()

@@ -693,3 +693,21 @@ def test_an_unknown_transform_is_named_by_the_function_that_was_given_it():
         tireg.initialize.initialize(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), "x")
     with pytest.raises(ValueError, match=r"^my_function\(\): unknown transform 'x'"):
         get_transform("x", "my_function()")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sparse_parameters_matrices_and_angles_are_refused_naming_them(name):
+    """They reached torch's internals ("Could not run 'aten::as_strided' with arguments from the
+    'SparseCPU' backend"), which named no argument."""
+    from tireg.transforms import rotation, rotation_derivative
+
+    kind, dense = TRANSFORMS[name], r"must be a dense tensor; got layout torch.sparse_coo"
+    params = torch.tensor(kind.identity).to_sparse()
+    for function in (kind.matrix, kind.jacobian):
+        with pytest.raises(TypeError, match=rf"^{function.__name__}\(\): 'params' {dense}"):
+            function(params, (3.0, 4.0))
+    with pytest.raises(TypeError, match=rf"^{kind.from_matrix.__name__}\(\): 'matrix' {dense}"):
+        kind.from_matrix(torch.eye(3).to_sparse(), (3.0, 4.0))
+    for function in (rotation, rotation_derivative):
+        with pytest.raises(TypeError, match=rf"^{function.__name__}\(\): 'angle' {dense}"):
+            function(torch.zeros(2).to_sparse())

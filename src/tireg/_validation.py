@@ -163,13 +163,14 @@ def check_same_shape(first: torch.Tensor, second: torch.Tensor, names: Sequence[
 def check_matrix(
     matrix: torch.Tensor, caller: str, *, any_batch: bool = False, any_float: bool = False
 ) -> torch.Tensor:
-    """Return ``matrix`` as ``(B, 3, 3)``; accepts ``(3, 3)``; raise otherwise.
+    """Return ``matrix`` as ``(B, 3, 3)``; accepts ``(3, 3)``; raise otherwise (a sparse one too).
 
     ``any_batch``: any number of leading dimensions, ``(..., 3, 3)``, returned as it is.
     ``any_float``: any float dtype (half precision too), not float32 or float64 only.
     """
     if not isinstance(matrix, torch.Tensor):
         raise TypeError(f"{caller}: 'matrix' must be a torch.Tensor; got {type(matrix).__name__}")
+    check_dense(matrix, "matrix", caller)  # a sparse one failed in torch's words ("aten::ne.Scalar", "as_strided")
     shape_ok = matrix.dim() >= 2 if any_batch else matrix.dim() in (2, 3)
     if not shape_ok or matrix.shape[-2:] != (3, 3):
         expected = "(..., 3, 3)" if any_batch else "(B, 3, 3) or (3, 3)"

@@ -23,7 +23,8 @@ import torch
 
 from . import _chunks, fused
 from ._validation import (
-    GRADIENT_INTERPOLATIONS, INTERPOLATIONS, PADDING_MODES, check_affine, check_image, check_real, check_same_kind,
+    GRADIENT_INTERPOLATIONS, INTERPOLATIONS, PADDING_MODES, check_affine, check_dense, check_image, check_real,
+    check_same_kind,
 )
 from .losses import PerPixelLoss
 from .metrics import (
@@ -130,6 +131,7 @@ def _check_inputs(fixed, moving, matrix, metric, weight, interpolation, padding_
     check_same_kind(fixed, "fixed", moving, "moving", caller)
     if not isinstance(matrix, torch.Tensor):
         raise TypeError(f"{caller}: 'matrix' must be a torch.Tensor; got {type(matrix).__name__}")
+    check_dense(matrix, "matrix", caller)
     if matrix.shape != (batch, 3, 3):
         raise ValueError(
             f"{caller}: 'matrix' must have shape (B, 3, 3) = ({batch}, 3, 3), one per pair (no broadcasting); "
@@ -139,6 +141,7 @@ def _check_inputs(fixed, moving, matrix, metric, weight, interpolation, padding_
     if weight is not None:
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"{caller}: 'weight' must be a torch.Tensor or None; got {type(weight).__name__}")
+        check_dense(weight, "weight", caller)
         check_real(weight, "weight", caller)  # the compiled kernel takes it as it is, no metric to check it
         if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[0] not in (1, batch) or (
             weight.shape[-2:] != fixed.shape[-2:]
@@ -480,6 +483,7 @@ def _check_parameter_gradient(matrix_gradient: torch.Tensor, jacobian: torch.Ten
     for name, tensor in (("matrix_gradient", matrix_gradient), ("jacobian", jacobian)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{caller}: '{name}' must be a torch.Tensor; got {type(tensor).__name__}")
+        check_dense(tensor, name, caller)
     if matrix_gradient.dim() != 3 or matrix_gradient.shape[1:] not in ((2, 3), (3, 3)):
         raise ValueError(
             f"{caller}: 'matrix_gradient' must have shape (B, 2, 3) or (B, 3, 3); got {tuple(matrix_gradient.shape)}"

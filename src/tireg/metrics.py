@@ -66,7 +66,7 @@ import torch.nn.functional as F
 
 from . import _chunks
 from ._validation import (
-    FLOAT_DTYPES, TensorStamp, check_flag, check_real, check_same_kind, finite_number, is_whole, matches,
+    FLOAT_DTYPES, TensorStamp, check_dense, check_flag, check_real, check_same_kind, finite_number, is_whole, matches,
 )
 from .losses import LOSSES, PerPixelLoss, get_loss, loss_and_derivative
 
@@ -154,6 +154,7 @@ def _checked_weight(
     if weight is not None and not isinstance(weight, torch.Tensor):
         raise TypeError(f"{name}: 'weight' must be a torch.Tensor; got {type(weight).__name__}")
     if weight is not None:  # a complex weight lost its imaginary part in the cast below: 1j weighed 0
+        check_dense(weight, "weight", name)
         check_real(weight, "weight", name)
     if weight is not None and (weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[-2:] != x.shape[-2:]
                                or weight.shape[0] not in (1, x.shape[0])):

@@ -40,6 +40,7 @@ from ._validation import (
     INTERPOLATIONS,
     PADDING_MODES,
     check_affine,
+    check_dense,
     check_dtype,
     check_flag,
     check_image,
@@ -669,6 +670,7 @@ def _check_grid(grid: torch.Tensor, image: torch.Tensor, name: str, caller: str)
     """``grid`` ``(B, H, W, 2)`` (``(B, D, H, W, 3)`` for a volume) of ``image``'s batch, dtype and device."""
     if not isinstance(grid, torch.Tensor):
         raise TypeError(f"{caller}: 'grid' must be a torch.Tensor; got {type(grid).__name__}")
+    check_dense(grid, "grid", caller)  # a sparse one failed inside grid_sample, in torch's words
     axes = image.dim() - 2
     if grid.dim() != image.dim() or grid.shape[-1] != axes or grid.shape[0] != image.shape[0]:
         layout = "(B, H, W, 2)" if axes == 2 else "(B, D, H, W, 3)"
@@ -682,6 +684,7 @@ def _check_sample_inputs(image: torch.Tensor, grid: torch.Tensor) -> None:
     ``grid_sample`` takes) of at least one pixel (a batch of 0 is taken: 0 results), and its grid."""
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"sample(): 'image' must be a torch.Tensor; got {type(image).__name__}")
+    check_dense(image, "image", "sample()")
     if image.dim() not in (4, 5) or not image.is_floating_point():
         raise ValueError(f"sample(): 'image' must be a float (B, C, H, W) or (B, C, D, H, W) tensor; got "
                          f"{tuple(image.shape)} {image.dtype}")
@@ -873,6 +876,7 @@ def _check_gradient_images(gradient: torch.Tensor, moving: torch.Tensor, caller:
     """``gradient`` must be :func:`image_gradient`'s ``(B, C, 2, Hm, Wm)`` of ``moving``, its dtype and device."""
     if not isinstance(gradient, torch.Tensor):
         raise TypeError(f"{caller}: 'gradient' must be a torch.Tensor; got {type(gradient).__name__}")
+    check_dense(gradient, "gradient", caller)
     expected = (moving.shape[0], moving.shape[1], 2, moving.shape[2], moving.shape[3])
     if gradient.shape != expected:
         raise ValueError(

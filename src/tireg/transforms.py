@@ -43,6 +43,7 @@ from ._validation import (
     beyond_float64,
     broadcast_shape,
     check_affine,
+    check_dense,
     check_dtype,
     check_matrix,
     check_size,
@@ -250,13 +251,33 @@ def _determinant(linear: torch.Tensor) -> torch.Tensor:
 
 
 def rotation(angle: torch.Tensor) -> torch.Tensor:
-    """``R(theta) = [[cos, sin], [-sin, cos]]`` (OpenCV's sign), ``(...) -> (..., 2, 2)``."""
+    """``R(theta) = [[cos, sin], [-sin, cos]]`` (OpenCV's sign), ``(...) -> (..., 2, 2)``.
+
+    ``angle``: a dense tensor (``TypeError`` otherwise: a sparse one failed inside ``torch.stack``)."""
+    return _rotation(_check_angle(angle, "rotation()"))
+
+
+def rotation_derivative(angle: torch.Tensor) -> torch.Tensor:
+    """``dR/dtheta = [[-sin, cos], [-cos, -sin]]``, ``(...) -> (..., 2, 2)``; ``angle`` as :func:`rotation`'s."""
+    return _rotation_derivative(_check_angle(angle, "rotation_derivative()"))
+
+
+def _check_angle(angle: torch.Tensor, caller: str) -> torch.Tensor:
+    """:func:`rotation`'s ``angle``, checked by type and layout (no value read)."""
+    if not isinstance(angle, torch.Tensor):
+        raise TypeError(f"{caller}: 'angle' must be a torch.Tensor; got {type(angle).__name__}")
+    check_dense(angle, "angle", caller)
+    return angle
+
+
+def _rotation(angle: torch.Tensor) -> torch.Tensor:
+    """:func:`rotation` of a checked angle (the builders' parameters are checked already)."""
     cos, sin = torch.cos(angle), torch.sin(angle)
     return torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
 
 
-def rotation_derivative(angle: torch.Tensor) -> torch.Tensor:
-    """``dR/dtheta = [[-sin, cos], [-cos, -sin]]``, ``(...) -> (..., 2, 2)``."""
+def _rotation_derivative(angle: torch.Tensor) -> torch.Tensor:
+    """:func:`rotation_derivative` of a checked angle."""
     cos, sin = torch.cos(angle), torch.sin(angle)
     return torch.stack([torch.stack([-sin, cos], -1), torch.stack([-cos, -sin], -1)], -2)
 
@@ -264,6 +285,7 @@ def rotation_derivative(angle: torch.Tensor) -> torch.Tensor:
 def _check_params(params: torch.Tensor, count: int, caller: str) -> torch.Tensor:
     if not isinstance(params, torch.Tensor):
         raise TypeError(f"{caller}: 'params' must be a torch.Tensor; got {type(params).__name__}")
+    check_dense(params, "params", caller)  # a sparse one failed in torch's words ("aten::as_strided")
     if params.dim() == 0 or params.shape[-1] != count:
         raise ValueError(f"{caller}: 'params' must have shape (..., {count}); got {tuple(params.shape)}")
     if params.dtype not in FLOAT_DTYPES:
@@ -308,14 +330,14 @@ def rigid_matrix(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """Rigid ``A = [R(theta) | c + t - R(theta) c]``; params ``(..., 3) = (theta [rad], tx, ty)``."""
     params = _check_params(params, 3, "rigid_matrix()")
     center = _as_center(center, params, "rigid_matrix()")
-    return _about_center(rotation(params[..., 0]), params[..., 1:3], center)
+    return _about_center(_rotation(params[..., 0]), params[..., 1:3], center)
 
 
 def rigid_jacobian(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """``dA/d(theta, tx, ty)`` with ``dA/dtheta = [R' | -R' c]``; ``(..., 3, 3, 3)``."""
     params = _check_params(params, 3, "rigid_jacobian()")
     center = _as_center(center, params, "rigid_jacobian()")
-    d_angle = _linear_derivative(rotation_derivative(params[..., 0]), center)
+    d_angle = _linear_derivative(_rotation_derivative(params[..., 0]), center)
     d_shift = _translation_derivatives(d_angle.shape[:-2], params)
     return torch.cat([d_angle.unsqueeze(-3), d_shift], dim=-3)
 
@@ -324,7 +346,7 @@ def similarity_matrix(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """Similarity ``A = [s R(theta) | c + t - s R c]``; params ``(..., 4) = (theta [rad], s, tx, ty)``."""
     params = _check_params(params, 4, "similarity_matrix()")
     center = _as_center(center, params, "similarity_matrix()")
-    linear = params[..., 1, None, None] * rotation(params[..., 0])
+    linear = params[..., 1, None, None] * _rotation(params[..., 0])
     return _about_center(linear, params[..., 2:4], center)
 
 
@@ -333,8 +355,8 @@ def similarity_jacobian(params: torch.Tensor, center: CenterLike) -> torch.Tenso
     params = _check_params(params, 4, "similarity_jacobian()")
     center = _as_center(center, params, "similarity_jacobian()")
     angle, scale = params[..., 0], params[..., 1, None, None]
-    d_angle = _linear_derivative(scale * rotation_derivative(angle), center)
-    d_scale = _linear_derivative(rotation(angle), center)
+    d_angle = _linear_derivative(scale * _rotation_derivative(angle), center)
+    d_scale = _linear_derivative(_rotation(angle), center)
     d_angle, d_scale = torch.broadcast_tensors(d_angle, d_scale)
     d_shift = _translation_derivatives(d_angle.shape[:-2], params)
     return torch.cat([d_angle.unsqueeze(-3), d_scale.unsqueeze(-3), d_shift], dim=-3)
@@ -350,7 +372,7 @@ def anisotropic_similarity_matrix(params: torch.Tensor, center: CenterLike) -> t
     """
     params = _check_params(params, 5, "anisotropic_similarity_matrix()")
     center = _as_center(center, params, "anisotropic_similarity_matrix()")
-    linear = rotation(params[..., 0]) * params[..., None, 1:3]  # R @ diag(sx, sy): scales columns
+    linear = _rotation(params[..., 0]) * params[..., None, 1:3]  # R @ diag(sx, sy): scales columns
     return _about_center(linear, params[..., 3:5], center)
 
 
@@ -359,7 +381,7 @@ def anisotropic_similarity_jacobian(params: torch.Tensor, center: CenterLike) ->
     params = _check_params(params, 5, "anisotropic_similarity_jacobian()")
     center = _as_center(center, params, "anisotropic_similarity_jacobian()")
     angle, scales = params[..., 0], params[..., None, 1:3]
-    rot = rotation(angle)
+    rot = _rotation(angle)
     d_angle, d_scale_x, d_scale_y = (
         _linear_derivative(_anisotropic_linear_derivative(angle, scales, index, rot), center) for index in range(3))
     d_angle, d_scale_x, d_scale_y = torch.broadcast_tensors(d_angle, d_scale_x, d_scale_y)
@@ -375,8 +397,8 @@ def _anisotropic_linear_derivative(
     column 1 zero (1, sx), column 1 with column 0 zero (2, sy), or ``R`` (5: both scales at once);
     ``rot``: ``R(angle)`` where already made."""
     if index == 0:
-        return rotation_derivative(angle) * scales
-    rot = rotation(angle) if rot is None else rot
+        return _rotation_derivative(angle) * scales
+    rot = _rotation(angle) if rot is None else rot
     if index == 5:
         return rot
     return F.pad(rot[..., index - 1:index], (0, 1) if index == 1 else (1, 0))
@@ -517,7 +539,7 @@ def anisotropic_similarity_from_matrix(matrix: torch.Tensor, center: CenterLike)
     sign = torch.stack([one, torch.where(determinant < 0, -one, one)], -1)
     kept = linear * sign.unsqueeze(-2)  # L diag(1, sign): column 1 negated for a mirror
     angle, _ = _closest_rotation(kept)
-    scales = (rotation(angle) * linear).sum(dim=-2)  # column-wise dot products R[:, j] . L[:, j]
+    scales = (_rotation(angle) * linear).sum(dim=-2)  # column-wise dot products R[:, j] . L[:, j]
     translation = _center_shift(matrix, center)
     return _joined(angle.unsqueeze(-1), scales, translation)
 
