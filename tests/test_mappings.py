@@ -310,3 +310,17 @@ def test_a_value_beyond_float64_is_a_value_error_naming_it(mapping):
         mapping.inverse(10**400)
     with pytest.raises(ValueError, match=r"^solve\(\): 'value' has a value beyond float64's range"):
         mapping.solve([0.5, -10**400])
+
+
+@pytest.mark.parametrize("mapping", [IdentityMapping(), SigmoidMapping(-1, 1), ExpMapping()], ids=repr)
+@pytest.mark.parametrize("raw", [torch.tensor([True]), torch.tensor([1]), torch.tensor([1j]), [0.5]],
+                         ids=["bool", "int", "complex", "list"])
+def test_forward_and_derivative_take_a_floating_point_tensor_only(mapping, raw):
+    """SigmoidMapping.derivative of a bool tensor raised torch's "Negation, the `-` operator, on a bool
+    tensor is not supported"; an integer or complex raw gave integer or complex parameter values."""
+    shown = raw.dtype if isinstance(raw, torch.Tensor) else "list"
+    for method in ("forward", "derivative"):
+        with pytest.raises(TypeError, match=rf"^{type(mapping).__name__}\.{method}\(\): 'raw' must be a "
+                                            rf"floating-point tensor; got {shown}$"):
+            getattr(mapping, method)(raw)
+    assert mapping(torch.zeros(2, dtype=torch.float16)).dtype == torch.float16

@@ -711,3 +711,16 @@ def test_sparse_parameters_matrices_and_angles_are_refused_naming_them(name):
     for function in (rotation, rotation_derivative):
         with pytest.raises(TypeError, match=rf"^{function.__name__}\(\): 'angle' {dense}"):
             function(torch.zeros(2).to_sparse())
+
+
+@pytest.mark.parametrize("angle", [torch.tensor([1j]), torch.tensor([1]), torch.tensor([True])])
+def test_rotation_takes_a_floating_point_angle_only(angle):
+    """rotation(torch.tensor([1j])) gave a complex matrix, an integer angle a float32 one whatever the
+    model's dtype."""
+    from tireg.transforms import rotation, rotation_derivative
+
+    for function in (rotation, rotation_derivative):
+        with pytest.raises(TypeError, match=rf"^{function.__name__}\(\): 'angle' must be a floating-point tensor; "
+                                            rf"got {angle.dtype}$"):
+            function(angle)
+    assert rotation(torch.zeros(3, dtype=torch.float64)).shape == (3, 2, 2)

@@ -4,9 +4,11 @@ updates) to a parameter value ``p = m(r)``.
 Each mapping gives the value ``m(r)``, the derivative ``m'(r)`` (which the
 analytic gradient multiplies in by the chain rule, ``dL/dr = dL/dp * m'(r)``)
 and the inverse ``r = m^{-1}(p)`` (the seed calls it ``solve``).  Mappings
-are plain callables on tensors of any shape, dtype and device.
+are plain callables on floating-point tensors of any shape and device.
 
-``forward`` and ``derivative`` keep the raw tensor's dtype.  ``solve`` keeps a
+``forward`` and ``derivative`` keep the raw tensor's dtype; the built-in mappings take a
+floating-point tensor only (``TypeError`` otherwise: a bool tensor raised torch's "Negation ... on a
+bool tensor is not supported", and an integer or complex one gave integer or complex values).  ``solve`` keeps a
 floating-point tensor's dtype; anything else (a Python number or sequence, an
 integer tensor) is solved in float64 and comes back in torch's default dtype,
 rounded once at the end: rounded to float32 first, ``SigmoidMapping(0, 1).solve(1 - 1e-9)``
@@ -81,14 +83,25 @@ def _as_float_tensor(value: Number) -> tuple[torch.Tensor, torch.dtype]:
                         f"{value!r}") from None
 
 
+def _raw(mapping: Mapping, raw, method: str) -> torch.Tensor:
+    """A built-in mapping's ``raw`` argument, a floating-point tensor (a type and dtype check: no value
+    read, nothing for a compiled step to break on); raise a ``TypeError`` naming it otherwise."""
+    if not isinstance(raw, torch.Tensor):
+        raise TypeError(f"{type(mapping).__name__}.{method}(): 'raw' must be a floating-point tensor; "
+                        f"got {type(raw).__name__}")
+    if not raw.is_floating_point():
+        raise TypeError(f"{type(mapping).__name__}.{method}(): 'raw' must be a floating-point tensor; got {raw.dtype}")
+    return raw
+
+
 class IdentityMapping(Mapping):
     """``p = r``, ``m'(r) = 1``."""
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        return raw
+        return _raw(self, raw, "forward")
 
     def derivative(self, raw: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(raw)
+        return torch.ones_like(_raw(self, raw, "derivative"))
 
     def solve(self, value: Number) -> torch.Tensor:
         value, dtype = _as_float_tensor(value)
@@ -139,12 +152,13 @@ class SigmoidMapping(Mapping):
         self.__init__(state.get("_lo", state.get("lo")), state.get("_hi", state.get("hi")))
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        value = self.lo + (self.hi - self.lo) * torch.sigmoid(raw)
+        value = self.lo + (self.hi - self.lo) * torch.sigmoid(_raw(self, raw, "forward"))
         inside = self._inside.get(value.dtype)
         return value if inside is None else value.clamp(*inside)
 
     def derivative(self, raw: torch.Tensor) -> torch.Tensor:
         # sigmoid(r) sigmoid(-r): s (1 - s) was 0 from r = 17 in float32 (off by 4.6e-4 at r = 10)
+        raw = _raw(self, raw, "derivative")
         return (self.hi - self.lo) * torch.sigmoid(raw) * torch.sigmoid(-raw)
 
     def solve(self, value: Number) -> torch.Tensor:
@@ -172,10 +186,10 @@ class ExpMapping(Mapping):
     """
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        return torch.exp(raw)
+        return torch.exp(_raw(self, raw, "forward"))
 
     def derivative(self, raw: torch.Tensor) -> torch.Tensor:
-        return torch.exp(raw)
+        return torch.exp(_raw(self, raw, "derivative"))
 
     def solve(self, value: Number) -> torch.Tensor:
         value, dtype = _as_float_tensor(value)

@@ -253,7 +253,8 @@ def _determinant(linear: torch.Tensor) -> torch.Tensor:
 def rotation(angle: torch.Tensor) -> torch.Tensor:
     """``R(theta) = [[cos, sin], [-sin, cos]]`` (OpenCV's sign), ``(...) -> (..., 2, 2)``.
 
-    ``angle``: a dense tensor (``TypeError`` otherwise: a sparse one failed inside ``torch.stack``)."""
+    ``angle``: a dense floating-point tensor (``TypeError`` otherwise: a sparse one failed inside
+    ``torch.stack``, a complex one gave a complex matrix)."""
     return _rotation(_check_angle(angle, "rotation()"))
 
 
@@ -263,10 +264,12 @@ def rotation_derivative(angle: torch.Tensor) -> torch.Tensor:
 
 
 def _check_angle(angle: torch.Tensor, caller: str) -> torch.Tensor:
-    """:func:`rotation`'s ``angle``, checked by type and layout (no value read)."""
+    """:func:`rotation`'s ``angle``, checked by type, layout and dtype (no value read)."""
     if not isinstance(angle, torch.Tensor):
         raise TypeError(f"{caller}: 'angle' must be a torch.Tensor; got {type(angle).__name__}")
     check_dense(angle, "angle", caller)
+    if not angle.is_floating_point():
+        raise TypeError(f"{caller}: 'angle' must be a floating-point tensor; got {angle.dtype}")
     return angle
 
 
