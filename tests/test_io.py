@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tireg.io import ImageError, ImageFormat, OutputExistsError, OutputFiles, read_image, read_stack, write_frames
-from tireg.io import write_image
+from tireg.io import convert_dtype, from_chw, to_chw, write_image
 
 tifffile = pytest.importorskip("tifffile")
 Image = pytest.importorskip("PIL.Image")
@@ -616,3 +616,25 @@ def test_associated_alpha_written_to_png_is_unpremultiplied(tmp_path):
     write_frames(tmp_path / "again.tif", image.frames, image.format)  # a TIFF keeps it premultiplied
     assert _extrasamples(tmp_path / "again.tif") == (1,)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "again.tif"), pixels)
+
+
+@pytest.mark.parametrize("function, name, layout", [(to_chw, "frame", r"\(H, W, C\)"), (from_chw, "image", r"\(C, H, W\)")])
+def test_chw_conversions_name_what_is_no_three_axis_array(function, name, layout):
+    """to_chw(None) raised NumPy's "AxisError: source: axis -1 is out of bounds for array of dimension 0"."""
+    caller = function.__name__
+    with pytest.raises(TypeError, match=rf"^{caller}\(\): '{name}' must be an array {layout}; got NoneType$"):
+        function(None)
+    with pytest.raises(ValueError, match=rf"^{caller}\(\): '{name}' must be an array {layout}; got shape \(3, 4\)$"):
+        function(np.zeros((3, 4)))
+    frames = np.zeros((4, 5, 3))
+    assert function(frames).base is frames  # a view, as before
+
+
+def test_convert_dtype_names_a_dtype_numpy_does_not_know():
+    """convert_dtype(x, "abc") raised NumPy's "data type 'abc' not understood", and None values an
+    error from NumPy's comparison."""
+    with pytest.raises(TypeError, match=r"^convert_dtype\(\): 'dtype' must be a NumPy dtype; got 'abc'$"):
+        convert_dtype(np.zeros(3), "abc")
+    with pytest.raises(TypeError, match=r"^convert_dtype\(\): 'values' must be real numbers; got object$"):
+        convert_dtype(None, np.uint8)
+    assert convert_dtype(np.array([0.2, 300.0]), "uint8").tolist() == [0, 255]

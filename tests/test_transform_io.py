@@ -912,3 +912,12 @@ def test_a_transform_file_keeps_its_own_copies_of_the_callers_matrix_and_centre(
         center[0] = -1.0
     assert float(stored.matrix[0, 2]) == 0.0 and float(stored.center[0]) == 4.0
     assert type(stored.matrix) is type(matrix) and (kind == "array" or not stored.matrix.requires_grad)
+
+
+def test_save_and_load_name_a_path_that_is_none():
+    """save_transform(None, m) and load_transform(None) raised os.fspath's "expected str, bytes or
+    os.PathLike object, not NoneType", naming neither the function nor the argument."""
+    with pytest.raises(TypeError, match=r"^save_transform\(\): 'path' must be a str or os.PathLike; got NoneType$"):
+        save_transform(None, torch.eye(3))
+    with pytest.raises(TypeError, match=r"^load_transform\(\): 'path' must be a str or os.PathLike; got int$"):
+        load_transform(3)

@@ -8,8 +8,10 @@ function's name and names the offending argument, e.g.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import weakref
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -306,6 +308,16 @@ def check_size(size: Sequence[int], caller: str, name: str = "size") -> tuple[in
             shown = f"{'a tensor' if isinstance(size, torch.Tensor) else 'an array'} of shape {tuple(size.shape)}"
         raise ValueError(f"{caller}: '{name}' must be (H, W), two positive whole numbers; got {shown}")
     return int(values[0]), int(values[1])
+
+
+def as_path(path, caller: str, name: str = "path") -> Path:
+    """``path`` (a ``str`` or ``os.PathLike``) as a :class:`~pathlib.Path`, or a ``TypeError`` naming
+    ``name``: ``os.fspath``'s "expected str, bytes or os.PathLike object, not NoneType" named no
+    argument and no function."""
+    try:
+        return Path(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"{caller}: '{name}' must be a str or os.PathLike; got {type(path).__name__}") from None
 
 
 def check_same_kind(tensor: torch.Tensor, name: str, reference: torch.Tensor, reference_name: str,

@@ -50,6 +50,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from ._validation import as_path
+
 __all__ = [
     "SUFFIXES",
     "ImageFormat",
@@ -168,13 +170,28 @@ class ImageData:
 
 
 def to_chw(frame: np.ndarray) -> np.ndarray:
-    """``(H, W, C)`` -> ``(C, H, W)`` (a view)."""
-    return np.moveaxis(frame, -1, 0)
+    """``(H, W, C)`` -> ``(C, H, W)`` (a view).  ``TypeError`` for what is no array, ``ValueError`` for an
+    array of another number of dimensions (``None`` raised NumPy's "axis -1 is out of bounds")."""
+    return np.moveaxis(_three_axes(frame, "frame", "(H, W, C)", "to_chw()"), -1, 0)
 
 
 def from_chw(image: np.ndarray) -> np.ndarray:
-    """``(C, H, W)`` -> ``(H, W, C)`` (a view)."""
-    return np.moveaxis(image, 0, -1)
+    """``(C, H, W)`` -> ``(H, W, C)`` (a view); the checks of :func:`to_chw`."""
+    return np.moveaxis(_three_axes(image, "image", "(C, H, W)", "from_chw()"), 0, -1)
+
+
+def _three_axes(array, name: str, layout: str, caller: str) -> np.ndarray:
+    """``array`` as a NumPy array (itself if it is one) if it holds numbers in three dimensions; raise
+    naming ``name`` otherwise."""
+    try:
+        values = array if isinstance(array, np.ndarray) else np.asarray(array)
+    except (TypeError, ValueError, RuntimeError):  # a ragged list, a tensor that requires grad
+        values = None
+    if values is None or values.dtype == object or values.dtype.kind not in "biufc":
+        raise TypeError(f"{caller}: '{name}' must be an array {layout}; got {type(array).__name__}")
+    if values.ndim != 3:
+        raise ValueError(f"{caller}: '{name}' must be an array {layout}; got shape {values.shape}")
+    return values
 
 
 def luminance(frames: np.ndarray) -> np.ndarray:
@@ -198,9 +215,18 @@ def luminance(frames: np.ndarray) -> np.ndarray:
 
 
 def convert_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Float ``values`` as ``dtype``: integers rounded and clipped to the type's range; bool by ``> 0.5``."""
-    dtype = np.dtype(dtype)
+    """Float ``values`` as ``dtype``: integers rounded and clipped to the type's range; bool by ``> 0.5``.
+
+    ``TypeError`` for a ``dtype`` NumPy does not know (``"abc"``: NumPy's "data type 'abc' not
+    understood" named no argument) or ``values`` that are not real numbers."""
+    caller = "convert_dtype()"
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{caller}: 'dtype' must be a NumPy dtype; got {dtype!r}") from None
     values = np.asarray(values)
+    if values.dtype.kind not in "biuf":  # None is an object array; > 0.5 or rint failed on it in NumPy's words
+        raise TypeError(f"{caller}: 'values' must be real numbers; got {values.dtype}")
     if dtype == np.bool_:
         return values > 0.5
     if np.issubdtype(dtype, np.integer):
@@ -248,7 +274,7 @@ def read_image(path: PathLike, *, what: str = "image", frames: bool = False) -> 
         MissingDependencyError: imageio / tifffile not installed.
         TypeError: ``path`` not a path.
     """
-    path = _as_path(path, "read_image()")
+    path = as_path(path, "read_image()")
     if path.is_dir():  # said first: its "unsupported format '(no suffix)'" hid what it is
         raise ImageError(f"{str(path)!r} is a folder, not an image file ({what})")
     kind = format_for_path(path, what=what)
@@ -655,15 +681,6 @@ def _reason(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
-def _as_path(path: PathLike, caller: str) -> Path:
-    """``path`` as a :class:`Path`, or a ``TypeError`` naming it (``os.fspath``'s "expected str, bytes or
-    os.PathLike object, not int" named no argument)."""
-    try:
-        return Path(os.fspath(path))
-    except TypeError:
-        raise TypeError(f"{caller}: 'path' must be a str or os.PathLike; got {type(path).__name__}") from None
-
-
 def _natural_key(name: str) -> tuple:
     """``frame2`` before ``frame10``; names equal but for case (or leading zeros) by the name itself,
     ``A.png`` before ``a.png`` (they were in the order the folder listed them: not the same on every
@@ -678,7 +695,7 @@ def read_stack(path: PathLike, *, what: str = "stack") -> ImageData:
     (``2.png`` before ``10.png``, ``A.png`` before ``a.png``; hidden files skipped); they must share
     size and channel count.
     """
-    path = _as_path(path, "read_stack()")
+    path = as_path(path, "read_stack()")
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {str(path)!r} ({what})")
     if not path.is_dir():

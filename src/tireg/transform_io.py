@@ -73,6 +73,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ._validation import as_path
+
 __all__ = [
     "ImageGeometry",
     "TransformFile",
@@ -498,7 +500,7 @@ def save_transform(
     is left behind, and an existing ``path`` is untouched.
     """
     caller = "save_transform()"
-    path = Path(os.fspath(path))
+    path = as_path(path, caller)  # before the matrix: save_transform(None, m) raised os.fspath's words
     suffix = _suffix(path, caller)
     array = _check_matrix(_as_float_array(matrix, "matrix", caller), f"{caller}: 'matrix'")
     if transform is not None and not isinstance(transform, str):
@@ -672,7 +674,7 @@ def load_transform(
             lines) -- naming the file and, for ITK files, the line.
     """
     caller = "load_transform()"
-    path = Path(os.fspath(path))
+    path = as_path(path, caller)
     if path.is_dir():  # before the suffix: a folder has none, and that message misled
         raise IsADirectoryError(f"{caller}: {str(path)!r} is a folder, not a transform file")
     suffix = _suffix(path, caller)

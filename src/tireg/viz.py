@@ -27,8 +27,8 @@ import numpy as np
 
 import torch
 
-from ._validation import is_sequence, is_whole, real_number
-from .io import _as_path, atomic_path, require
+from ._validation import as_path, is_sequence, is_whole, real_number
+from .io import atomic_path, require
 
 __all__ = ["overlay", "checkerboard", "save_comparison", "save_convergence", "normalize"]
 
@@ -110,7 +110,7 @@ def _positive_whole(value, label: str, caller: str) -> int:
 def _check_path(path: PathLike, caller: str) -> Path:
     """``path`` as a :class:`Path`, refused before the drawing if it is no path at all or does not
     end in ``.png`` (PNG data was written under any name: ``c.jpg``, ``plot.txt``)."""
-    path = _as_path(path, caller)
+    path = as_path(path, caller)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{caller}: 'path' must end in .png (the picture is a PNG); got {str(path)!r}")
     return path
