@@ -1252,3 +1252,16 @@ def test_set_parameter_of_a_value_beyond_float64_is_a_value_error_naming_it():
     with pytest.raises(ValueError, match=r"^set_parameter\(\): 'value' has a value beyond float64's range"):
         model.set_parameter(0, [10**400])
     assert float(model.get(0)) == 0.0
+
+
+@pytest.mark.parametrize("index", [True, False, np.True_])
+def test_a_bool_parameter_index_is_a_type_error(index):
+    """set_parameter(True, 0.1) said "parameter index True is out of range" (an IndexError, as for
+    get(False)): a bool is no index at all, as a float or a string."""
+    model = tireg.create_model("rigid", torch.rand(1, 1, 8, 8))
+    for call, caller in ((lambda: model.set_parameter(index, 0.1), "set_parameter"), (lambda: model.get(index), "get"),
+                         (lambda: model.get_derva(index), "get_derva")):
+        with pytest.raises(TypeError, match=rf"^{caller}\(\): parameter index must be an integer; got bool"):
+            call()
+    with pytest.raises(IndexError, match=r"^get\(\): parameter index -3 is out of range"):
+        model.get(-3)

@@ -266,12 +266,16 @@ class TransformModel(nn.Module):
         return len(self.p)
 
     def _check_index(self, i: int, caller: str) -> int:
-        """``i`` as an ``int`` (a NumPy integer too); raise unless it indexes a parameter."""
+        """``i`` as an ``int`` (a NumPy integer too); raise unless it indexes a parameter: a ``TypeError``
+        for what is no integer (a bool too: ``True`` had been called an index out of range), an
+        ``IndexError`` for one out of range (``-3``: negative indices are not taken)."""
         try:
             index = operator.index(i)
         except TypeError:
-            raise TypeError(f"{caller}: parameter index must be an integer; got {type(i).__name__}") from None
-        if isinstance(i, bool) or not 0 <= index < len(self.p):
+            index = None
+        if index is None or isinstance(i, (bool, np.bool_)):
+            raise TypeError(f"{caller}: parameter index must be an integer; got {type(i).__name__}")
+        if not 0 <= index < len(self.p):
             raise IndexError(
                 f"{caller}: parameter index {i!r} is out of range; "
                 f"{type(self).__name__} has {len(self.p)} parameters (0..{len(self.p) - 1})"
