@@ -2759,3 +2759,48 @@ def test_a_pairs_values_never_change_another_pairs_arithmetic():
         for index in range(2):
             alone = tireg.register(first[index:index + 1], second[index:index + 1], transform="rigid", **options)
             assert torch.equal(batch.matrix[index], alone.matrix[0]), index
+
+
+def test_a_collapsed_mirrored_or_sliver_result_is_degenerate_not_converged():
+    """Started from C 0.01 I C^-1, affine and similarity registrations of every metric ended with the
+    fixed image squeezed onto a few moving pixels (singular values 0.03 and 0.005, mirrored on the
+    way), and a similarity whose moving image zoomed in on a sliver of the fixed one (scale 7.6, 974
+    of 57,344 pixels) as well, all "converged".  Such a result is "degenerate" now: its determinant
+    changed sign, it squeezes one direction 20 times more than the other, or the images overlap less
+    than tireg.initialize's rule for a candidate allows, counted in either image's pixels."""
+    fixed, moving, truth = _small_pair(96, "affine", [1.03, 0.04, -0.02, 0.97, 3.3, -2.1])
+    center = torch.tensor(tireg.image_center(96, 96), dtype=torch.float64)
+
+    def about_center(linear) -> torch.Tensor:
+        matrix = torch.eye(3, dtype=torch.float64)
+        matrix[:2, :2] = torch.tensor(linear, dtype=torch.float64)
+        matrix[:2, 2] = center - matrix[:2, :2] @ center
+        return matrix
+
+    shrunk = about_center([[0.01, 0.0], [0.0, 0.01]])
+    for kind, metric in [("affine", "l2"), ("affine", "lncc"), ("similarity", "l2"), ("similarity", "ncc")]:
+        result = tireg.register(fixed, moving, transform=kind, metric=metric, init=shrunk)
+        assert result.stop_reason == ["degenerate"] and not bool(result.converged), (kind, metric)
+        assert torch.linalg.svdvals(result.matrix[:2, :2])[0] < 0.1  # the matrix found is kept
+        assert "not converged (degenerate)" in result.summary()
+    # per pair: an ordinary pair beside a collapsed one converges, as alone
+    batch = tireg.register(fixed.expand(2, 1, 96, 96), moving.expand(2, 1, 96, 96), transform="affine",
+                           init=torch.stack([torch.eye(3, dtype=torch.float64), shrunk]))
+    assert batch.stop_reason == ["converged", "degenerate"] and batch.converged.tolist() == [True, False]
+    assert grid_error(batch.matrix[0], truth, (96, 96)) < 0.1
+    # a moving image zoomed 6x into the fixed one's centre: 1/36 of it overlaps, below a sixteenth
+    zoomed = tireg.register(fixed, moving, transform="similarity", init=about_center([[6.0, 0.0], [0.0, 6.0]]),
+                            pyramid=(1,), max_iterations=1)
+    assert zoomed.stop_reason == ["degenerate"]
+    # a mirrored pair started mirrored stays mirrored: aligned, not degenerate
+    mirror = about_center([[-1.0, 0.0], [0.0, 1.0]])
+    mirrored = tireg.warp(moving[None, None].double(), mirror, padding_mode="border")[0, 0].float()
+    flipped = tireg.register(fixed, mirrored, transform="affine", init=mirror)
+    assert flipped.stop_reason == ["converged"]
+    assert grid_error(flipped.matrix, torch.linalg.inv(mirror) @ truth, (96, 96)) < 0.1
+    # a start that squeezes one direction 1000 times more than the other is refused (it would end there)
+    with pytest.raises(ValueError, match=r"^register\(\): 'init' matrix is nearly singular: its 2 x 2 part's "
+                                         r"singular values 1 and 0.001 differ by more than 20 times"):
+        tireg.register(fixed, moving, init=about_center([[1.0, 0.0], [0.0, 1e-3]]))
+    assert "degenerate" in STOP_REASONS
+    assert importlib.import_module("tireg.register").DEGENERATE_ANISOTROPY == 1 / 20

@@ -119,6 +119,12 @@ STOP_REASONS = {
                "or left the finite numbers: the level keeps the best point it saw)",
     "callback": "the callback raised StopIteration while the pair was running (a pair that had stopped at the "
                 "last level keeps its own reason)",
+    "degenerate": "the found transform is no alignment, whatever the optimiser's own test said: its linear "
+                  "part mirrors where the start's did not (or the reverse), squeezes one direction below "
+                  "DEGENERATE_ANISOTROPY (1/20) of the other, or the images overlap too little by "
+                  "tireg.initialize's rule for a candidate (MIN_OVERLAP of the smaller of the fixed image "
+                  "and the moving image's footprint on it, and MIN_OVERLAP / 4 of the smaller image), counted "
+                  "in the pixels of either image (the matrix found is kept)",
     "no_overlap": "the images do not overlap (too few valid pixels) at the found transform",
     "not_finite": "the cost is NaN at the found transform, or infinite where the images overlap: "
                   "intensities whose squares or sums leave float32's range (keep normalize=True, or scale "
@@ -2538,8 +2544,9 @@ _ORIENTATION_KEEPING = ("translation", "rigid", "similarity")
 
 def _check_start(matrix: torch.Tensor, kind: Transform, caller: str, name: str) -> None:
     """A start matrix (``init``, or the matrix of a model given as ``transform``) must be finite,
-    affine, not singular and, for a kind that never mirrors, not mirroring: otherwise the kind's
-    parameters of it are meaningless.  Of a batch of matrices ``(B, 3, 3)``, the error names the pairs."""
+    affine, not singular nor nearly so (its smaller singular value at least
+    :data:`DEGENERATE_ANISOTROPY` of its larger, as a result that is not "degenerate") and, for a
+    kind that never mirrors, not mirroring: otherwise the kind's parameters of it are meaningless.  Of a batch of matrices ``(B, 3, 3)``, the error names the pairs."""
     matrices = matrix.reshape(-1, 3, 3)
     finite = torch.isfinite(matrices).flatten(1).all(1)
     if not bool(finite.all()):
@@ -2556,6 +2563,15 @@ def _check_start(matrix: torch.Tensor, kind: Transform, caller: str, name: str) 
     if bool(singular.any()):
         raise ValueError(f"{caller}: '{name}' matrix{_of_pairs(singular, 'of')} is singular (its 2 x 2 part has "
                          "determinant 0)")
+    # nearly singular: a start that the end's test would call "degenerate" (_degenerate)
+    values = torch.linalg.svdvals(matrices[:, :2, :2].to(torch.float64))
+    squeezed = ~(values[:, 1] > DEGENERATE_ANISOTROPY * values[:, 0])
+    if bool(squeezed.any()):
+        first = values[int(squeezed.nonzero()[0])].tolist()
+        raise ValueError(f"{caller}: '{name}' matrix{_of_pairs(squeezed, 'of')} is nearly singular: its 2 x 2 part's "
+                         f"singular values {first[0]:.3g} and {first[1]:.3g} differ by more than "
+                         f"{1 / DEGENERATE_ANISOTROPY:g} times (DEGENERATE_ANISOTROPY), and a registration there "
+                         "ends 'degenerate'")
     mirrors = ~(determinant > 0)
     if kind.name in _ORIENTATION_KEEPING and bool(mirrors.any()):
         raise ValueError(f"{caller}: '{name}' matrix{_of_pairs(mirrors, 'of')} mirrors the image (negative "
@@ -2805,7 +2821,11 @@ def register(
             ``findTransformECC`` matrix is that map, README "Conventions").
             A matrix the transform kind cannot hold starts from the kind's
             closest one (``from_matrix``), with a ``UserWarning`` where that
-            moves the fixed image's corners by more than half a pixel.
+            moves the fixed image's corners by more than half a pixel.  A
+            singular or nearly singular one (singular values 20 times apart
+            or more, :data:`DEGENERATE_ANISOTROPY`: it would end
+            ``"degenerate"``) raises ``ValueError``, and so does a mirroring
+            one for a kind that cannot mirror.
             When ``transform`` is a model, leave ``init`` out: the model's
             matrix is the start (the model itself is not changed).
         device: where to compute (default: the fixed image's device).
@@ -3038,6 +3058,7 @@ def register(
 
     height, width = fixed_t.shape[-2:]
     corners = _image_corners((height, width), dtype, device)
+    start_matrix = kind.matrix(params.detach().to(torch.float64), center_t.to(torch.float64)).cpu()
     history: list[LevelHistory] = []
     total_iterations = torch.zeros(batch, dtype=torch.long)
     reasons = ["max_iterations"] * batch
@@ -3125,6 +3146,14 @@ def register(
                "no_overlap" if math.isinf(value) else reason
                for value, overlaps, reason in zip(values, overlapping, reasons)]
     matrix = kind.matrix(params.detach().to(torch.float64), center_t.to(torch.float64)).cpu()
+    # a transform that collapsed, mirrored or slid off to a sliver of overlap is no alignment, whatever
+    # the optimiser's own test said (one look at the end, not in the loops)
+    with torch.no_grad():
+        overlap = _overlap_pixels(problem, params, fixed_t, moving_t, fixed_mask, moving_mask_t)
+    degenerate = _degenerate(start_matrix, matrix, overlap, fixed_mask, moving_mask_t, (height, width),
+                             tuple(moving_t.shape[-2:])).tolist()
+    reasons = ["degenerate" if collapsed and reason in _DEGENERATE_OVERRIDES else reason
+               for collapsed, reason in zip(degenerate, reasons)]
     return RegistrationResult(
         matrix=matrix if batched else matrix[0],
         transform=kind.name,
@@ -3144,6 +3173,93 @@ def register(
                   "pyramid": [factor for factor, _ in schedule], "smoothing": [sigma for _, sigma in schedule],
                   "interpolation": interpolation},
     )
+
+
+#: A found transform whose linear part's smaller singular value is below this fraction of its larger
+#: one is "degenerate": it squeezes the fixed image along one direction 20 times more than along the
+#: other.  Started from ``C diag(1, 1e-3) C^-1``, affine registrations of every metric ended with
+#: singular values (1.009, 0.0102), mirrored, 44-73 px off, "converged".
+DEGENERATE_ANISOTROPY = 1.0 / 20.0
+
+#: The stop reasons that "degenerate" replaces (a callback's stop and a cost that is not finite stay).
+_DEGENERATE_OVERRIDES = ("converged", "max_iterations", "stalled")
+
+
+def _overlap_pixels(problem: "_Problem", params: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor,
+                    fixed_mask: Optional[torch.Tensor], moving_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(B,)`` float64 on the CPU: how many fixed pixels count at ``params`` at full resolution,
+    unsmoothed (inside the fixed mask, sampling inside the moving image and its mask: the
+    interpolation's footprint, :meth:`_Problem._valid`).
+
+    Estimated as :func:`_overlap_statistics` samples, on fixed pixels strided to about
+    :data:`OVERLAP_SAMPLES` a pair: the fraction of the strided pixels inside the fixed mask that
+    count, times the mask's pixels (every pixel where the stride leaves fewer than
+    :data:`MIN_VALID_PIXELS` of a pair's mask), in bands of rows of every pair: no image-sized grid."""
+    batch, _, height, width = fixed.shape
+    whole = _make_level(fixed, moving, fixed_mask, moving_mask, 1, 0.0)  # views, at factor 1
+    matrices = problem.matrices(params, whole)[0]
+
+    def counts(stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+        points = (slice(None), slice(None), slice(None, None, stride), slice(None, None, stride))
+        ys, xs = whole.axes
+        level = whole if stride == 1 else replace(
+            whole, fixed=fixed[points], axes=(ys[::stride], xs[::stride]),
+            fixed_weight=None if fixed_mask is None else fixed_mask[points])
+        rows_strided, columns = level.fixed.shape[-2:]
+        valid = torch.zeros(batch, dtype=torch.float64, device=fixed.device)
+        bands = _chunks.chunk_slices(rows_strided, batch * columns, _chunks.eager_budget(fixed.device))
+        for rows in bands:
+            part = level if len(bands) == 1 else level.rows(rows)
+            valid += problem._valid(problem.grid(matrices, part), part).sum(dim=(1, 2, 3), dtype=torch.float64)
+        counted = (torch.full((batch,), float(rows_strided * columns), dtype=torch.float64, device=fixed.device)
+                   if fixed_mask is None else level.fixed_weight.sum(dim=(1, 2, 3), dtype=torch.float64))
+        return valid, counted
+
+    stride = max(1, math.isqrt(height * width // OVERLAP_SAMPLES))
+    valid, counted = counts(stride)
+    if stride > 1 and bool((counted < MIN_VALID_PIXELS).any()):  # a small mask that the stride misses
+        valid, counted = counts(1)
+    pixels = (torch.full((batch,), float(height * width), dtype=torch.float64) if fixed_mask is None else
+              fixed_mask.sum(dim=(1, 2, 3), dtype=torch.float64).cpu())
+    return (valid / counted.clamp_min(1.0)).cpu() * pixels
+
+
+def _degenerate(start: torch.Tensor, found: torch.Tensor, overlap: torch.Tensor, fixed_mask: Optional[torch.Tensor],
+                moving_mask: Optional[torch.Tensor], fixed_size: tuple[int, int], moving_size: tuple[int, int],
+                ) -> torch.Tensor:
+    """``(B,)`` bool: the pairs whose found matrix (``found``, ``(B, 3, 3)`` float64 on the CPU, started
+    from ``start``) is no alignment (:data:`STOP_REASONS`' ``"degenerate"``):
+
+    * its linear part mirrors where the start's did not, or the reverse (the determinant's sign
+      changed: a registration passed through a singular matrix);
+    * its smaller singular value is below :data:`DEGENERATE_ANISOTROPY` of its larger;
+    * its ``overlap`` (:func:`_overlap_pixels`) fails :func:`tireg.initialize`'s rule for a candidate
+      (:data:`tireg.initialize.MIN_OVERLAP` of the smaller of the fixed image and the moving image's
+      footprint on it, and ``MIN_OVERLAP / 4`` of the smaller image), counted in fixed pixels or, seen
+      from the moving image (the same rule for the inverse), in moving pixels, ``overlap |det A|``:
+      a moving image zoomed in on a sliver of the fixed one (a similarity ended at scale 7.6 on 974 of
+      57,344 fixed pixels, "converged"), or the fixed image squeezed onto a few moving pixels (a start
+      at scale 0.01 ended at 0.012, 5 moving pixels, "converged").
+
+    Pixels are counted inside the masks (``(B, 1, H, W)`` 0/1), as the initialiser counts them."""
+    from .initialize import MIN_OVERLAP, _least_overlap
+
+    linear, start_linear = found[:, :2, :2], start[:, :2, :2].to(found)
+    determinant, start_determinant = torch.linalg.det(linear), torch.linalg.det(start_linear)
+    flipped = torch.sign(determinant) != torch.sign(start_determinant)
+    singular = torch.linalg.svdvals(linear)  # (B, 2), descending
+    squeezed = ~(singular[:, 1] > DEGENERATE_ANISOTROPY * singular[:, 0])  # NaN too
+    fixed_pixels = (float(fixed_size[0] * fixed_size[1]) if fixed_mask is None else
+                    fixed_mask.sum(dim=(1, 2, 3), dtype=torch.float64).cpu()[:, None])
+    moving_pixels = (float(moving_size[0] * moving_size[1]) if moving_mask is None else
+                     moving_mask.sum(dim=(1, 2, 3), dtype=torch.float64).cpu()[:, None])
+    invertible = determinant.abs() > 0
+    eye = torch.eye(3, dtype=found.dtype).expand_as(found)
+    inverse = torch.linalg.inv(torch.where(invertible[:, None, None], found, eye))
+    least_fixed = _least_overlap(found[:, None], moving_pixels, fixed_pixels, MIN_OVERLAP)[:, 0]
+    least_moving = _least_overlap(inverse[:, None], fixed_pixels, moving_pixels, MIN_OVERLAP)[:, 0]
+    sliver = ~(overlap >= least_fixed) | ~(overlap * determinant.abs() >= least_moving)
+    return flipped | squeezed | sliver | ~invertible
 
 
 def _moving_scale(kind: Transform, params: torch.Tensor, center: torch.Tensor) -> list[float]:
