@@ -2804,3 +2804,15 @@ def test_a_collapsed_mirrored_or_sliver_result_is_degenerate_not_converged():
         tireg.register(fixed, moving, init=about_center([[1.0, 0.0], [0.0, 1e-3]]))
     assert "degenerate" in STOP_REASONS
     assert importlib.import_module("tireg.register").DEGENERATE_ANISOTROPY == 1 / 20
+
+
+def test_an_unknown_transform_or_metric_is_named_by_register():
+    """register() looked its transform and metric up by get_transform() and get_metric(), whose own
+    names began the message: "get_transform(): unknown transform ..." for an argument of register()."""
+    fixed, moving, _ = _small_pair(48, "translation", [1.0, -1.0])
+    with pytest.raises(ValueError, match=r"^register\(\): unknown transform 'projective'; choose one of "):
+        tireg.register(fixed, moving, transform="projective")
+    with pytest.raises(ValueError, match=r"^register\(\): unknown metric 'l3'; choose one of "):
+        tireg.register(fixed, moving, metric="l3")
+    with pytest.raises(ValueError, match=r"^register\(\): unknown metric 5; choose one of "):
+        tireg.register(fixed, moving, metric=5)

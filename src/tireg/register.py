@@ -2546,7 +2546,8 @@ def _check_start(matrix: torch.Tensor, kind: Transform, caller: str, name: str) 
     """A start matrix (``init``, or the matrix of a model given as ``transform``) must be finite,
     affine, not singular nor nearly so (its smaller singular value at least
     :data:`DEGENERATE_ANISOTROPY` of its larger, as a result that is not "degenerate") and, for a
-    kind that never mirrors, not mirroring: otherwise the kind's parameters of it are meaningless.  Of a batch of matrices ``(B, 3, 3)``, the error names the pairs."""
+    kind that never mirrors, not mirroring: otherwise the kind's parameters of it are meaningless.
+    Of a batch of matrices ``(B, 3, 3)``, the error names the pairs."""
     matrices = matrix.reshape(-1, 3, 3)
     finite = torch.isfinite(matrices).flatten(1).all(1)
     if not bool(finite.all()):
@@ -2939,7 +2940,7 @@ def register(
                          f"{tuple(fixed_t.shape[-2:])} and 'moving' {tuple(moving_t.shape[-2:])}{layout}")
 
     if isinstance(transform, str):
-        kind = get_transform(transform)
+        kind = get_transform(transform, caller)
         start_params = None
     elif isinstance(transform, Transform):
         kind, start_params = transform, None
@@ -2950,7 +2951,7 @@ def register(
     check_option(optimizer, OPTIMIZERS, "optimizer", caller)
     check_option(gradients, ("analytic", "autograd"), "gradients", caller)
     check_option(interpolation, GRADIENT_INTERPOLATIONS, "interpolation", caller)
-    metric_object = copy.copy(get_metric(metric))  # a copy: register sets its histogram ranges per level
+    metric_object = copy.copy(get_metric(metric, caller))  # a copy: register sets its histogram ranges per level
     stepped = _gauss_newton_serves(metric_object)
     if optimizer == "auto":
         optimizer = "gauss-newton" if stepped and gradients == "analytic" else "lbfgs"
