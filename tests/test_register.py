@@ -2766,8 +2766,9 @@ def test_a_collapsed_mirrored_or_sliver_result_is_degenerate_not_converged():
     fixed image squeezed onto a few moving pixels (singular values 0.03 and 0.005, mirrored on the
     way), and a similarity whose moving image zoomed in on a sliver of the fixed one (scale 7.6, 974
     of 57,344 pixels) as well, all "converged".  Such a result is "degenerate" now: its determinant
-    changed sign, it squeezes one direction 20 times more than the other, or the images overlap less
-    than tireg.initialize's rule for a candidate allows, counted in either image's pixels."""
+    changed sign, it squeezes one direction 20 times more than the other, or the images overlap on
+    less than tireg.initialize's floor for a candidate (a sixteenth of the smaller image), counted
+    in either image's pixels."""
     fixed, moving, truth = _small_pair(96, "affine", [1.03, 0.04, -0.02, 0.97, 3.3, -2.1])
     center = torch.tensor(tireg.image_center(96, 96), dtype=torch.float64)
 
@@ -2798,6 +2799,15 @@ def test_a_collapsed_mirrored_or_sliver_result_is_degenerate_not_converged():
     flipped = tireg.register(fixed, mirrored, transform="affine", init=mirror)
     assert flipped.stop_reason == ["converged"]
     assert grid_error(flipped.matrix, torch.linalg.inv(mirror) @ truth, (96, 96)) < 0.1
+    # tiles of a mosaic aligned on 15 % of their pixels: aligned, not degenerate (a quarter of the
+    # smaller image, the initialiser's whole rule, had called them so)
+    scene = tireg.data.camera(dtype=torch.float64)
+    left, right = scene[40:136, 0:96], scene[40:136, 82:178]  # right(x - 82) = left(x): 14 of 96 columns
+    shift = tireg.transforms.translation_matrix(torch.tensor([-82.0, 0.0], dtype=torch.float64))
+    start = tireg.transforms.translation_matrix(torch.tensor([-80.6, 0.7], dtype=torch.float64))
+    tiles = tireg.register(left, right, transform="translation", init=start, pyramid=(1,))
+    assert tiles.stop_reason == ["converged"]
+    assert (tiles.matrix - shift).abs().max() < 0.1
     # a start that squeezes one direction 1000 times more than the other is refused (it would end there)
     with pytest.raises(ValueError, match=r"^register\(\): 'init' matrix is nearly singular: its 2 x 2 part's "
                                          r"singular values 1 and 0.001 differ by more than 20 times"):

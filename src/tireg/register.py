@@ -121,10 +121,9 @@ STOP_REASONS = {
                 "last level keeps its own reason)",
     "degenerate": "the found transform is no alignment, whatever the optimiser's own test said: its linear "
                   "part mirrors where the start's did not (or the reverse), squeezes one direction below "
-                  "DEGENERATE_ANISOTROPY (1/20) of the other, or the images overlap too little by "
-                  "tireg.initialize's rule for a candidate (MIN_OVERLAP of the smaller of the fixed image "
-                  "and the moving image's footprint on it, and MIN_OVERLAP / 4 of the smaller image), counted "
-                  "in the pixels of either image (the matrix found is kept)",
+                  "DEGENERATE_ANISOTROPY (1/20) of the other, or the images overlap on less than "
+                  "tireg.initialize's floor for a candidate (MIN_OVERLAP / 4, a sixteenth, of the smaller "
+                  "image's pixels), counted in the pixels of either image (the matrix found is kept)",
     "no_overlap": "the images do not overlap (too few valid pixels) at the found transform",
     "not_finite": "the cost is NaN at the found transform, or infinite where the images overlap: "
                   "intensities whose squares or sums leave float32's range (keep normalize=True, or scale "
@@ -3234,16 +3233,17 @@ def _degenerate(start: torch.Tensor, found: torch.Tensor, overlap: torch.Tensor,
     * its linear part mirrors where the start's did not, or the reverse (the determinant's sign
       changed: a registration passed through a singular matrix);
     * its smaller singular value is below :data:`DEGENERATE_ANISOTROPY` of its larger;
-    * its ``overlap`` (:func:`_overlap_pixels`) fails :func:`tireg.initialize`'s rule for a candidate
-      (:data:`tireg.initialize.MIN_OVERLAP` of the smaller of the fixed image and the moving image's
-      footprint on it, and ``MIN_OVERLAP / 4`` of the smaller image), counted in fixed pixels or, seen
-      from the moving image (the same rule for the inverse), in moving pixels, ``overlap |det A|``:
-      a moving image zoomed in on a sliver of the fixed one (a similarity ended at scale 7.6 on 974 of
-      57,344 fixed pixels, "converged"), or the fixed image squeezed onto a few moving pixels (a start
-      at scale 0.01 ended at 0.012, 5 moving pixels, "converged").
+    * its ``overlap`` (:func:`_overlap_pixels`) is below :func:`tireg.initialize`'s floor for a
+      candidate, ``MIN_OVERLAP / 4`` (a sixteenth) of the smaller image's pixels, counted in fixed
+      pixels or, seen from the moving image, in moving pixels, ``overlap |det A|``: a moving image
+      zoomed in on a sliver of the fixed one (a similarity ended at scale 7.6 on 974 of 57,344 fixed
+      pixels, "converged"), or the fixed image squeezed onto a few moving pixels (a start at scale
+      0.01 ended at 0.012, 5 moving pixels, "converged").  Not the initialiser's whole rule
+      (``MIN_OVERLAP``, a quarter, of the smaller of the fixed image and the footprint): tiles of a
+      mosaic aligned on 10-20 % of their pixels read "degenerate" by it.
 
     Pixels are counted inside the masks (``(B, 1, H, W)`` 0/1), as the initialiser counts them."""
-    from .initialize import MIN_OVERLAP, _least_overlap
+    from .initialize import MIN_OVERLAP
 
     linear, start_linear = found[:, :2, :2], start[:, :2, :2].to(found)
     determinant, start_determinant = torch.linalg.det(linear), torch.linalg.det(start_linear)
@@ -3255,11 +3255,10 @@ def _degenerate(start: torch.Tensor, found: torch.Tensor, overlap: torch.Tensor,
     moving_pixels = (float(moving_size[0] * moving_size[1]) if moving_mask is None else
                      moving_mask.sum(dim=(1, 2, 3), dtype=torch.float64).cpu()[:, None])
     invertible = determinant.abs() > 0
-    eye = torch.eye(3, dtype=found.dtype).expand_as(found)
-    inverse = torch.linalg.inv(torch.where(invertible[:, None, None], found, eye))
-    least_fixed = _least_overlap(found[:, None], moving_pixels, fixed_pixels, MIN_OVERLAP)[:, 0]
-    least_moving = _least_overlap(inverse[:, None], fixed_pixels, moving_pixels, MIN_OVERLAP)[:, 0]
-    sliver = ~(overlap >= least_fixed) | ~(overlap * determinant.abs() >= least_moving)
+    # the initialiser's floor for a candidate, a sixteenth of the smaller image's pixels, in either image
+    least = (MIN_OVERLAP / 4) * torch.minimum(torch.as_tensor(fixed_pixels, dtype=torch.float64),
+                                              torch.as_tensor(moving_pixels, dtype=torch.float64)).reshape(-1)
+    sliver = ~(overlap >= least) | ~(overlap * determinant.abs() >= least)
     return flipped | squeezed | sliver | ~invertible
 
 
