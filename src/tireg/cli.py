@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -427,8 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--csv", metavar="PATH", help="per-frame transforms (default: OUTPUT with suffix .csv)")
     sub.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
                      help="frames registered together in one batched call")
-    registration_options(sub, "rigid", "where every frame counts (nonzero pixels), as the reference and as a moving "
-                         "image; same size as the frames")
+    registration_options(sub, "rigid", "where the reference counts (nonzero pixels), same size as the frames")
+    sub.add_argument("--frame-mask", metavar="IMAGE",
+                     help="where every frame has data (nonzero pixels): a label or dead region at the same place in "
+                          "every frame, left out of each frame as the moving image and as the reference")
     sub.set_defaults(handler=_cmd_stack)
 
     # demo
@@ -1000,17 +1002,17 @@ def _stack_output(path: Path) -> str:
     raise UsageError(f"stack output {str(path)!r}: use a .tif/.tiff or .npy file, or a folder (no suffix)")
 
 
-def _register_stack(args, grey: np.ndarray, mask, progress: _Progress) -> dict[str, Any]:
+def _register_stack(args, grey: np.ndarray, masks: "_StackMasks", progress: _Progress) -> dict[str, Any]:
     """Batched registration of every frame to the reference; matrices map reference -> frame pixels."""
     count = grey.shape[0]
     frames = grey[:, None]  # (N, 1, H, W) float64: normalised in float64 by register() (see _cmd_register)
     if args.reference == "mean":
-        return _register_to_mean(args, grey, mask, progress)
+        return _register_to_mean(args, grey, masks, progress)
     if args.reference == "first":
         fixed_all, moving_index = frames[:1], list(range(1, count))
     else:  # previous
         fixed_all, moving_index = frames[:-1], list(range(1, count))
-    found = _register_frames(args, fixed_all, frames, moving_index, mask, progress)
+    found = _register_frames(args, fixed_all, frames, moving_index, masks.reference, masks.frame, progress)
     if args.reference == "previous":
         # A_k maps frame k-1 pixels to frame k pixels; frame 0 -> frame k is A_k A_(k-1) ... A_1.
         pairs, matrices = found["matrices"], np.tile(np.eye(3), (count, 1, 1))
@@ -1020,16 +1022,39 @@ def _register_stack(args, grey: np.ndarray, mask, progress: _Progress) -> dict[s
     return found
 
 
-def _register_frames(args, fixed_all: np.ndarray, frames: np.ndarray, moving_index: list[int], mask,
-                     progress: _Progress, init: Optional[np.ndarray] = None,
-                     reference_mask: Optional[np.ndarray] = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _StackMasks:
+    """``tireg stack``'s masks, ``(H, W)`` float32 0/1 or ``None``.
+
+    ``region`` (``--mask``): where the reference counts (a region of interest, or the reference's
+    own no-data).  ``frame`` (``--frame-mask``): where every frame has data (a label burnt into each
+    frame, a dead region of the sensor), as the moving image and as the reference.  ``reference``:
+    both, where the reference counts.
+    """
+
+    region: Optional[np.ndarray]
+    frame: Optional[np.ndarray]
+
+    @property
+    def reference(self) -> Optional[np.ndarray]:
+        return _both(self.region, self.frame)
+
+
+def _both(first: Optional[np.ndarray], second: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """The pixels inside both masks (``None``: no mask, every pixel)."""
+    if first is None or second is None:
+        return second if first is None else first
+    return first * second
+
+
+def _register_frames(args, fixed_all: np.ndarray, frames: np.ndarray, moving_index: list[int],
+                     reference_mask: Optional[np.ndarray], frame_mask: Optional[np.ndarray],
+                     progress: _Progress, init: Optional[np.ndarray] = None) -> dict[str, Any]:
     """Frames ``moving_index`` registered in batches to ``fixed_all`` (one reference, or frame ``k``'s
     at ``k - 1``), from ``init[k]`` where given; the other frames keep the identity ("reference").
 
-    ``mask`` (``--mask``): the pixels that count in every frame, as a reference and as a moving
-    image (the frames share the sensor: a label burnt into each frame, a dead region); it was the
-    reference's only, and the same no-data area in the moving frames moved the result 6-220 px.
-    ``reference_mask``: the reference's own instead (the mean's coverage)."""
+    ``reference_mask``: where the reference counts; ``frame_mask`` (``--frame-mask``): where each
+    moving frame counts (:class:`_StackMasks`)."""
     import torch
 
     count = frames.shape[0]
@@ -1041,8 +1066,8 @@ def _register_frames(args, fixed_all: np.ndarray, frames: np.ndarray, moving_ind
         index = moving_index[start:start + args.batch_size]
         fixed = fixed_all if fixed_all.shape[0] == 1 else fixed_all[[k - 1 for k in index]]
         start_matrices = None if init is None else torch.from_numpy(np.ascontiguousarray(writable(init[index])))
-        result = _register_images(args, fixed, frames[index], mask=mask if reference_mask is None else reference_mask,
-                                  moving_mask=mask, progress=progress, init=start_matrices)
+        result = _register_images(args, fixed, frames[index], mask=reference_mask, moving_mask=frame_mask,
+                                  progress=progress, init=start_matrices)
         pairs[index] = result.matrix.numpy().reshape(-1, 3, 3)
         costs[index] = result.cost.numpy()
         iterations[index] = result.iterations.numpy()
@@ -1055,7 +1080,7 @@ def _register_frames(args, fixed_all: np.ndarray, frames: np.ndarray, moving_ind
                 results=histories, center=histories[0].center, seconds=sum(r.seconds for r in histories))
 
 
-def _register_to_mean(args, grey: np.ndarray, mask, progress: _Progress) -> dict[str, Any]:
+def _register_to_mean(args, grey: np.ndarray, masks: _StackMasks, progress: _Progress) -> dict[str, Any]:
     """``--reference mean`` in two passes: the frames aligned to frame 0 by a chained first pass
     (as ``previous``), their mean on frame 0's grid (each pixel over the frames that cover it), then
     every frame registered to that mean from its first-pass matrix.
@@ -1064,23 +1089,23 @@ def _register_to_mean(args, grey: np.ndarray, mask, progress: _Progress) -> dict
     copy of itself in that mean, settled on it and stayed near the identity, 'converged' (frames
     2 px apart came out 0.15 px apart).
 
-    With ``--mask``, a pixel of the mean is the mean of the frames' pixels inside the mask (their
-    no-data values left out), and the mean counts where the masked frames cover half a frame's
-    worth or more.
+    With ``--frame-mask``, a pixel of the mean is the mean of the frames' pixels inside it (their
+    no-data values left out), and the mean counts where those cover half a frame's worth or more;
+    ``--mask`` is where the mean counts, on frame 0's grid.
     """
     count, height, width = grey.shape
-    chained = _register_stack(argparse.Namespace(**{**vars(args), "reference": "previous"}), grey, mask, progress)
+    chained = _register_stack(argparse.Namespace(**{**vars(args), "reference": "previous"}), grey, masks, progress)
     first = chained["matrices"]  # frame 0 -> frame k
-    inside = np.ones((height, width)) if mask is None else mask.astype(np.float64)
-    counted = grey if mask is None else np.where(mask != 0, grey, 0.0)
+    inside = np.ones((height, width)) if masks.frame is None else masks.frame.astype(np.float64)
+    counted = grey if masks.frame is None else np.where(masks.frame != 0, grey, 0.0)
     values = _warp_frames(counted[..., None], first, (height, width), "bilinear", args.device)[..., 0]
     weights = np.broadcast_to(inside[None, ..., None], (count, height, width, 1))
     cover = _warp_frames(weights, first, (height, width), "bilinear", args.device)[..., 0]
     covered = cover.sum(axis=0)
     template = np.where(covered > 0.5, values.sum(axis=0) / np.maximum(covered, 1e-12), 0.0)
-    reference_mask = None if mask is None else (covered > 0.5).astype(np.float32)
-    found = _register_frames(args, template[None, None], grey[:, None], list(range(count)), mask, progress,
-                             init=first, reference_mask=reference_mask)
+    covering = None if masks.frame is None else (covered > 0.5).astype(np.float32)
+    found = _register_frames(args, template[None, None], grey[:, None], list(range(count)),
+                             _both(masks.region, covering), masks.frame, progress, init=first)
     found["iterations"] = found["iterations"] + chained["iterations"]
     found["results"] = chained["results"] + found["results"]
     found["seconds"] += chained["seconds"]
@@ -1167,6 +1192,7 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
     grey = luminance(stack.frames)
     _check_grey(grey, stack, "stack")
     mask = _read_mask(args.mask, stack.size, "mask")
+    frame_mask = _read_mask(args.frame_mask, stack.size, "frame mask")
 
     if kind != "folder":
         outputs.check(output, csv_path)
@@ -1202,7 +1228,7 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
     total = 2 * stack.count - 1 if args.reference == "mean" else stack.count - 1
     progress = _Progress(args, len(schedule), total=total, unit="frame")
     try:
-        found = _register_stack(args, grey, mask, progress)
+        found = _register_stack(args, grey, _StackMasks(mask, frame_mask), progress)
     finally:
         progress.close()
     # each frame by its own file's alpha rule: a folder may mix a PNG's straight alpha and a TIFF's
