@@ -349,6 +349,31 @@ def test_a_loss_of_ones_own_that_fails_to_compile_sends_only_its_calls_to_the_re
     assert float(cost) == float(again) == float(expected)
 
 
+def test_a_compiler_failure_is_the_machines_even_with_a_loss_of_ones_own(monkeypatch, generator):
+    """With no working C++ compiler, every call with a loss of one's own was taken for that loss's
+    failure: the device was never marked, each new loss tried to compile again (seconds each) and
+    warned that the loss had failed."""
+    class InvalidCxxCompiler(RuntimeError):  # inductor's, by name
+        pass
+
+    class InductorError(RuntimeError):
+        pass
+
+    def kernel(*args, **kwargs):
+        try:
+            raise InvalidCxxCompiler("No working C++ compiler found")
+        except InvalidCxxCompiler as cause:
+            raise InductorError("InvalidCxxCompiler: No working C++ compiler found") from cause
+
+    fixed, moving = _kernel_that_raises(monkeypatch, generator, RuntimeError("unused"))
+    monkeypatch.setattr(fused, "compiled_bilinear_moments", lambda device, **options: kernel)
+    monkeypatch.setattr(fused, "_uncompilable", weakref.WeakSet(), raising=False)
+    with pytest.warns(RuntimeWarning, match="compiled fast path is unavailable on cpu .*InductorError"):
+        assert fused.run_compiled(fixed, fused.pad_moving(moving, "zeros"), _matrix(1).float(), _BranchingL2(),
+                                  "zeros") is None
+    assert fused._failed == {"cpu"} and len(fused._uncompilable) == 0
+
+
 def test_the_fused_count_is_one_per_pair_with_a_shared_weight_image(generator):
     fixed = smooth_random_image((3, 1, 9, 11), generator)
     moving = smooth_random_image((3, 1, 9, 11), generator)

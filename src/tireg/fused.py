@@ -672,6 +672,24 @@ def _own_objects(args: tuple, kwargs: dict) -> list:
     return found
 
 
+#: The errors of the compiler behind dynamo (no working C++ compiler, a failed build): the machine's,
+#: whatever code was traced.  Matched by name along the error's causes (their classes move between
+#: torch versions).
+_BACKEND_ERRORS = ("BackendCompilerFailed", "InductorError", "InvalidCxxCompiler", "CppCompileError")
+
+
+def _backend_failure(error: BaseException) -> bool:
+    """Whether ``error``, or one of its causes, is the compiler's (:data:`_BACKEND_ERRORS`), not
+    the tracing of the code given."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if type(error).__name__ in _BACKEND_ERRORS:
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _marked_uncompilable(value: Any) -> bool:
     try:
         return value in _uncompilable
@@ -683,7 +701,8 @@ def call_compiled(kernel: Callable, device: torch.device, *args: Any, **kwargs: 
     """Call a compiled function; on a compile failure warn once per device type, remember it, return ``None``.
 
     A failure of a call that holds an object of the caller's own (a loss of one's own that
-    dynamo cannot trace: a branch on a tensor's value) is that object's, not the machine's:
+    dynamo cannot trace: a branch on a tensor's value) is that object's, not the machine's,
+    unless the compiler behind dynamo failed (:func:`_backend_failure`: no C++ compiler):
     the calls with it run the reference path, the others stay compiled (marking the device
     failed had sent the built-in losses, the models and :func:`tireg.register` to the
     reference path for the rest of the process, with a warning blaming the device).
@@ -721,7 +740,7 @@ def call_compiled(kernel: Callable, device: torch.device, *args: Any, **kwargs: 
         if _out_of_memory(error):
             raise
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        own = _own_objects(args, kwargs)
+        own = [] if _backend_failure(error) else _own_objects(args, kwargs)
         if own:
             with _lock:
                 for value in own:
