@@ -120,10 +120,10 @@ STOP_REASONS = {
     "callback": "the callback raised StopIteration while the pair was running (a pair that had stopped at the "
                 "last level keeps its own reason)",
     "degenerate": "the found transform is no alignment, whatever the optimiser's own test said: its linear "
-                  "part mirrors where the start's did not (or the reverse), squeezes one direction below "
-                  "DEGENERATE_ANISOTROPY (1/20) of the other, or the images overlap on less than "
-                  "tireg.initialize's floor for a candidate (MIN_OVERLAP / 4, a sixteenth, of the smaller "
-                  "image's pixels), counted in the pixels of either image (the matrix found is kept)",
+                  "part mirrors where the start's did not (or the reverse), its singular values' ratio "
+                  "(smaller / larger) fell below DEGENERATE_ANISOTROPY (1/20) of the start's, or the images "
+                  "overlap on fewer than DEGENERATE_OVERLAP_PIXELS (64, an 8 x 8 patch) pixels, counted in "
+                  "the pixels of either image (the matrix found is kept)",
     "no_overlap": "the images do not overlap (too few valid pixels) at the found transform",
     "not_finite": "the cost is NaN at the found transform, or infinite where the images overlap: "
                   "intensities whose squares or sums leave float32's range (keep normalize=True, or scale "
@@ -2543,10 +2543,10 @@ _ORIENTATION_KEEPING = ("translation", "rigid", "similarity")
 
 def _check_start(matrix: torch.Tensor, kind: Transform, caller: str, name: str) -> None:
     """A start matrix (``init``, or the matrix of a model given as ``transform``) must be finite,
-    affine, not singular nor nearly so (its smaller singular value at least
-    :data:`DEGENERATE_ANISOTROPY` of its larger, as a result that is not "degenerate") and, for a
-    kind that never mirrors, not mirroring: otherwise the kind's parameters of it are meaningless.
-    Of a batch of matrices ``(B, 3, 3)``, the error names the pairs."""
+    affine, not singular and, for a kind that never mirrors, not mirroring: otherwise the kind's
+    parameters of it are meaningless.  An anisotropic start is fine (a line scanner's 25:1 is a
+    legitimate geometry): the end's test (:func:`_degenerate`) judges a result's squeeze relative to
+    its start's.  Of a batch of matrices ``(B, 3, 3)``, the error names the pairs."""
     matrices = matrix.reshape(-1, 3, 3)
     finite = torch.isfinite(matrices).flatten(1).all(1)
     if not bool(finite.all()):
@@ -2563,15 +2563,6 @@ def _check_start(matrix: torch.Tensor, kind: Transform, caller: str, name: str) 
     if bool(singular.any()):
         raise ValueError(f"{caller}: '{name}' matrix{_of_pairs(singular, 'of')} is singular (its 2 x 2 part has "
                          "determinant 0)")
-    # nearly singular: a start that the end's test would call "degenerate" (_degenerate)
-    values = torch.linalg.svdvals(matrices[:, :2, :2].to(torch.float64))
-    squeezed = ~(values[:, 1] > DEGENERATE_ANISOTROPY * values[:, 0])
-    if bool(squeezed.any()):
-        first = values[int(squeezed.nonzero()[0])].tolist()
-        raise ValueError(f"{caller}: '{name}' matrix{_of_pairs(squeezed, 'of')} is nearly singular: its 2 x 2 part's "
-                         f"singular values {first[0]:.3g} and {first[1]:.3g} differ by more than "
-                         f"{1 / DEGENERATE_ANISOTROPY:g} times (DEGENERATE_ANISOTROPY), and a registration there "
-                         "ends 'degenerate'")
     mirrors = ~(determinant > 0)
     if kind.name in _ORIENTATION_KEEPING and bool(mirrors.any()):
         raise ValueError(f"{caller}: '{name}' matrix{_of_pairs(mirrors, 'of')} mirrors the image (negative "
@@ -2822,10 +2813,10 @@ def register(
             A matrix the transform kind cannot hold starts from the kind's
             closest one (``from_matrix``), with a ``UserWarning`` where that
             moves the fixed image's corners by more than half a pixel.  A
-            singular or nearly singular one (singular values 20 times apart
-            or more, :data:`DEGENERATE_ANISOTROPY`: it would end
-            ``"degenerate"``) raises ``ValueError``, and so does a mirroring
-            one for a kind that cannot mirror.
+            singular one raises ``ValueError``, and so does a mirroring one
+            for a kind that cannot mirror (an anisotropic one is fine: the
+            end's ``"degenerate"`` test judges the result's squeeze relative
+            to the start's).
             When ``transform`` is a model, leave ``init`` out: the model's
             matrix is the start (the model itself is not changed).
         device: where to compute (default: the fixed image's device).
@@ -3150,8 +3141,7 @@ def register(
     # the optimiser's own test said (one look at the end, not in the loops)
     with torch.no_grad():
         overlap = _overlap_pixels(problem, params, fixed_t, moving_t, fixed_mask, moving_mask_t)
-    degenerate = _degenerate(start_matrix, matrix, overlap, fixed_mask, moving_mask_t, (height, width),
-                             tuple(moving_t.shape[-2:])).tolist()
+    degenerate = _degenerate(start_matrix, matrix, overlap).tolist()
     reasons = ["degenerate" if collapsed and reason in _DEGENERATE_OVERRIDES else reason
                for collapsed, reason in zip(degenerate, reasons)]
     return RegistrationResult(
@@ -3175,11 +3165,20 @@ def register(
     )
 
 
-#: A found transform whose linear part's smaller singular value is below this fraction of its larger
-#: one is "degenerate": it squeezes the fixed image along one direction 20 times more than along the
-#: other.  Started from ``C diag(1, 1e-3) C^-1``, affine registrations of every metric ended with
-#: singular values (1.009, 0.0102), mirrored, 44-73 px off, "converged".
+#: A found transform whose linear part's singular-value ratio (smaller / larger) is below this
+#: fraction of its start's ratio is "degenerate": it squeezes the fixed image along one direction 20
+#: times more than the start did (a similarity or identity start has ratio 1; a line scanner's 25:1
+#: start is judged against its own 1/25).  Started from ``C 0.01 I C^-1``, affine registrations of
+#: every metric ended with singular values such as 0.037 and 0.002, mirrored, 44-73 px off,
+#: "converged".
 DEGENERATE_ANISOTROPY = 1.0 / 20.0
+
+#: A found transform under which fewer than this many pixels of either image carry the match (an
+#: 8 x 8 patch), counted in fixed pixels or in moving pixels (``overlap |det A|``), is "degenerate":
+#: the fixed image squeezed onto a few moving pixels (a start at scale 0.01 ended at 0.012, 5 moving
+#: pixels, "converged").  An absolute floor, not a fraction of the images: a genuine zoom beyond 4x
+#: between same-size images, or mosaic tiles overlapping on 4 % of their pixels, are alignments.
+DEGENERATE_OVERLAP_PIXELS = 64
 
 #: The stop reasons that "degenerate" replaces (a callback's stop and a cost that is not finite stay).
 _DEGENERATE_OVERRIDES = ("converged", "max_iterations", "stalled")
@@ -3224,40 +3223,33 @@ def _overlap_pixels(problem: "_Problem", params: torch.Tensor, fixed: torch.Tens
     return (valid / counted.clamp_min(1.0)).cpu() * pixels
 
 
-def _degenerate(start: torch.Tensor, found: torch.Tensor, overlap: torch.Tensor, fixed_mask: Optional[torch.Tensor],
-                moving_mask: Optional[torch.Tensor], fixed_size: tuple[int, int], moving_size: tuple[int, int],
-                ) -> torch.Tensor:
+def _degenerate(start: torch.Tensor, found: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
     """``(B,)`` bool: the pairs whose found matrix (``found``, ``(B, 3, 3)`` float64 on the CPU, started
     from ``start``) is no alignment (:data:`STOP_REASONS`' ``"degenerate"``):
 
     * its linear part mirrors where the start's did not, or the reverse (the determinant's sign
       changed: a registration passed through a singular matrix);
-    * its smaller singular value is below :data:`DEGENERATE_ANISOTROPY` of its larger;
-    * its ``overlap`` (:func:`_overlap_pixels`) is below :func:`tireg.initialize`'s floor for a
-      candidate, ``MIN_OVERLAP / 4`` (a sixteenth) of the smaller image's pixels, counted in fixed
-      pixels or, seen from the moving image, in moving pixels, ``overlap |det A|``: a moving image
-      zoomed in on a sliver of the fixed one (a similarity ended at scale 7.6 on 974 of 57,344 fixed
-      pixels, "converged"), or the fixed image squeezed onto a few moving pixels (a start at scale
-      0.01 ended at 0.012, 5 moving pixels, "converged").  Not the initialiser's whole rule
-      (``MIN_OVERLAP``, a quarter, of the smaller of the fixed image and the footprint): tiles of a
-      mosaic aligned on 10-20 % of their pixels read "degenerate" by it.
+    * its singular-value ratio (smaller / larger) is below :data:`DEGENERATE_ANISOTROPY` times the
+      start's (a similarity start has ratio 1; an anisotropic start is judged against itself);
+    * its ``overlap`` (:func:`_overlap_pixels`) is below :data:`DEGENERATE_OVERLAP_PIXELS`, counted
+      in fixed pixels or, seen from the moving image, in moving pixels, ``overlap |det A|``: the
+      fixed image squeezed onto a few moving pixels (a start at scale 0.01 ended at 0.012, 5 moving
+      pixels, "converged").  An absolute floor: a relative one (a sixteenth of the smaller image)
+      called a genuine 5-8x zoom between same-size images, and mosaic tiles overlapping on 4-6 %,
+      "degenerate".  A moving image zoomed in on a small part of the fixed one (an ``mi``
+      similarity at scale 7.6 on 974 of 57,344 fixed pixels) passes: no rule on the geometry alone
+      tells it from a real zoom.
 
-    Pixels are counted inside the masks (``(B, 1, H, W)`` 0/1), as the initialiser counts them."""
-    from .initialize import MIN_OVERLAP
-
+    The overlap is counted inside the masks (:func:`_overlap_pixels`)."""
     linear, start_linear = found[:, :2, :2], start[:, :2, :2].to(found)
     determinant, start_determinant = torch.linalg.det(linear), torch.linalg.det(start_linear)
     flipped = torch.sign(determinant) != torch.sign(start_determinant)
     singular = torch.linalg.svdvals(linear)  # (B, 2), descending
-    squeezed = ~(singular[:, 1] > DEGENERATE_ANISOTROPY * singular[:, 0])  # NaN too
-    fixed_pixels = (float(fixed_size[0] * fixed_size[1]) if fixed_mask is None else
-                    fixed_mask.sum(dim=(1, 2, 3), dtype=torch.float64).cpu()[:, None])
-    moving_pixels = (float(moving_size[0] * moving_size[1]) if moving_mask is None else
-                     moving_mask.sum(dim=(1, 2, 3), dtype=torch.float64).cpu()[:, None])
+    start_singular = torch.linalg.svdvals(start_linear)
+    # ratio < DEGENERATE_ANISOTROPY * start ratio, without dividing (NaN counts as squeezed)
+    squeezed = ~(singular[:, 1] * start_singular[:, 0] > DEGENERATE_ANISOTROPY * start_singular[:, 1] * singular[:, 0])
     invertible = determinant.abs() > 0
-    # the initialiser's floor for a candidate, a sixteenth of the smaller image's pixels, in either image
-    least = (MIN_OVERLAP / 4) * torch.minimum(torch.as_tensor(fixed_pixels, dtype=torch.float64),
-                                              torch.as_tensor(moving_pixels, dtype=torch.float64)).reshape(-1)
+    least = float(DEGENERATE_OVERLAP_PIXELS)
     sliver = ~(overlap >= least) | ~(overlap * determinant.abs() >= least)
     return flipped | squeezed | sliver | ~invertible
 
