@@ -619,6 +619,8 @@ def test_a_loss_s_gradient_flag_must_be_a_bool(name, flag, shown):
     with pytest.raises(TypeError, match=rf"^{type(loss).__name__}\(\): 'gradient' must be True or False; got {shown}$"):
         loss(x, x.flip(-1), gradient=flag)
     assert isinstance(loss(x, x.flip(-1), np.bool_(True)), tuple)
+    # 0 and 1 are False and True, as Python takes them (gradient=1 worked before the check)
+    assert isinstance(loss(x, x.flip(-1), 1), tuple) and isinstance(loss(x, x.flip(-1), np.int64(0)), torch.Tensor)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))

@@ -1105,7 +1105,7 @@ def test_a_complex_weight_is_refused_not_cast_to_its_real_part(images, name):
 
 
 @pytest.mark.parametrize("name", sorted(ALL))
-@pytest.mark.parametrize("flag, shown", [("no", "'no'"), (1, "1"), (torch.tensor([1, 1]), r"a tensor of shape \(2,\)"),
+@pytest.mark.parametrize("flag, shown", [("no", "'no'"), (2, "2"), (torch.tensor([1, 1]), r"a tensor of shape \(2,\)"),
                                          (None, "NoneType")])
 def test_a_metric_s_gradient_flag_must_be_a_bool(images, name, flag, shown):
     """gradient="no" was taken for true, and a tensor raised "Boolean value of Tensor ... is ambiguous"."""
@@ -1115,6 +1115,8 @@ def test_a_metric_s_gradient_flag_must_be_a_bool(images, name, flag, shown):
                                         rf"got {shown}$"):
         metric(moving, fixed, weight, gradient=flag)
     assert isinstance(metric(moving, fixed, weight, gradient=np.bool_(True)), tuple)
+    assert isinstance(metric(moving, fixed, weight, gradient=1), tuple)  # 0 and 1, as Python takes them
+    assert not isinstance(metric(moving, fixed, weight, gradient=0), tuple)
 
 
 def test_per_pixel_metric_s_mean_must_be_a_bool():

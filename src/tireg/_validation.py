@@ -283,10 +283,13 @@ def positive_whole(value, name: str, caller: str) -> int:
 
 
 def check_flag(value, name: str, caller: str) -> bool:
-    """``value`` as a ``bool`` if it is one (a NumPy bool too); raise a ``TypeError`` naming ``name``
-    otherwise: ``"no"`` was taken for true, and a tensor raised "Boolean value of Tensor with more
-    than one value is ambiguous" (a 0-d one would wait for a GPU).  Two type checks, for hot paths."""
+    """``value`` as a ``bool`` if it is one (a NumPy bool too) or the whole number 0 or 1 (``gradient=1``,
+    as Python takes it); raise a ``TypeError`` naming ``name`` otherwise: ``"no"`` was taken for
+    true, and a tensor raised "Boolean value of Tensor with more than one value is ambiguous" (a 0-d
+    one would wait for a GPU).  Type checks only, for hot paths."""
     if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
         return bool(value)
     if isinstance(value, (str, bytes, int, float)):
         shown = repr(value)
