@@ -2328,6 +2328,35 @@ def test_a_sample_counts_where_every_pixel_its_interpolation_reads_is_in_the_mov
     assert torch.equal(plain[counted], filled[counted])
 
 
+def test_new_fill_outside_the_mask_runs_in_chunks_and_fills_a_working_copy_in_place(monkeypatch):
+    """The fill under a mask (_filled_outside) summed torch.where(inside, image, 0) whole, an
+    image-sized temporary of the batch, and always made a new image: a float32 image moved to the
+    device was filled, then copied again.  It runs in chunks (whatever their size, the same numbers:
+    a pair's sums in the order alone as in a batch) and fills register's own copy in place."""
+    from tireg.register import _filled_outside, _working_copy
+
+    generator = torch.Generator().manual_seed(3)
+    image = torch.rand(3, 2, 40, 36, generator=generator, dtype=torch.float64).float() * 100
+    masks = torch.rand(3, 1, 40, 36, generator=generator) > 0.3
+    image[~masks.any(0, keepdim=True).expand_as(image)] = float("nan")  # no data: never enters the mean
+    for mask in (masks.float(), masks[:1].float().expand(3, 1, 40, 36)):
+        inside = (mask[:1] if mask.stride(0) == 0 else mask) != 0
+        total = torch.where(inside, image, 0.0).sum(dim=(2, 3), keepdim=True, dtype=torch.float64)
+        expected = torch.where(inside, image, (total / inside.sum(dim=(2, 3), keepdim=True)).float())
+        whole = _filled_outside(image, mask)
+        assert whole.data_ptr() != image.data_ptr() and torch.isnan(image).any()  # the caller's image as it was
+        monkeypatch.setattr(chunks_module, "EAGER_CHUNK_PIXELS", 100)  # bands of 2 rows of a pair
+        banded = _filled_outside(image, mask)
+        monkeypatch.undo()
+        assert torch.allclose(whole, expected, rtol=1e-6) and torch.allclose(banded, expected, rtol=1e-6)
+        for pair in range(3):  # a pair alone, as in the batch, to the bit
+            alone = _filled_outside(image[pair:pair + 1], mask[pair:pair + 1])
+            assert torch.equal(alone[0], whole[pair])
+        copy = image.clone()
+        assert _filled_outside(copy, mask, in_place=True) is copy and torch.equal(copy, whole)
+    assert _working_copy(image, torch.device("cpu")) == (image, False)  # nothing to copy: filled as a new image
+
+
 def test_bicubic_registration_never_sees_the_values_under_the_moving_mask():
     # holes of 50 (the images ~0-1) under the moving mask: bicubic had counted samples whose 4 x 4
     # taps reached into them, and ended off with a cost 1700 x too high; bilinear never did

@@ -711,8 +711,8 @@ def _integer_float32(image: torch.Tensor, mask: Optional[torch.Tensor], name: st
         source = index if image.shape[0] > 1 else 0
         # a shared image keeps every pair's mask (_filled_outside: their union), as a batch of one
         pair_mask = mask if mask is None or image.shape[0] == 1 else mask[index:index + 1]
-        pair = image[source:source + 1].to(torch.float64 if wide[source] else torch.float32)
-        pair = _filled_outside(pair, pair_mask)
+        pair = image[source:source + 1].to(torch.float64 if wide[source] else torch.float32)  # a copy
+        pair = _filled_outside(pair, pair_mask, in_place=True)
         if offset is not None:
             pair = pair - offset[index if offset.shape[0] > 1 else 0][None].to(device=pair.device, dtype=pair.dtype)
         converted[index:index + 1] = _float32(pair, name, device, caller, centred=centred, mask=pair_mask)
@@ -789,7 +789,7 @@ def _as_mask(mask: Optional[ImageLike], image: torch.Tensor, name: str,
     return tensor.expand(image.shape[0], 1, *image.shape[-2:])
 
 
-def _filled_outside(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _filled_outside(image: torch.Tensor, mask: Optional[torch.Tensor], *, in_place: bool = False) -> torch.Tensor:
     """``image`` ``(b, C, H, W)`` (``b`` 1 or ``B``; float32 or float64, NaN and Inf allowed) with every
     pixel outside ``mask`` (:func:`_as_mask`'s ``(B, 1, H, W)``) set to the mean inside it, per pair and
     channel; ``image`` itself (no copy) without a mask.  A shared image (``b`` 1) with a mask per pair
@@ -805,6 +805,12 @@ def _filled_outside(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.
     whatever the no-data is.  The mean sums only the pixels inside (``where``, not ``image * mask``:
     ``0 * Inf`` is NaN), in float64, so a huge or non-finite value outside never enters it; a
     non-finite value inside makes it non-finite, which :func:`_refuse_not_finite` then reports.
+
+    ``in_place``: ``image`` is the caller's own working copy (:func:`_working_copy`), filled as it is
+    (one copy serves both the conversion and the fill); else the result is a new image.  Both the
+    sums and the fill run in chunks of pairs or bands of rows (:func:`tireg._chunks.pair_and_row_chunks`,
+    which depend on a pair's size only: a pair's sums are added in the same order alone as in a
+    batch): no image-sized temporary beyond the result.
     """
     if mask is None:
         return image
@@ -815,8 +821,28 @@ def _filled_outside(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.
         mask = mask.amax(dim=0, keepdim=True)  # a shared image, a mask per pair: their union
     inside = mask != 0
     count = inside.sum(dim=(2, 3), keepdim=True, dtype=torch.float64)
-    total = torch.where(inside, image, image.new_zeros(())).sum(dim=(2, 3), keepdim=True, dtype=torch.float64)
-    return torch.where(inside, image, (total / count).to(image.dtype))
+    chunks = _chunks.pair_and_row_chunks(image.shape, _chunks.eager_budget(image.device))
+    own = lambda pairs: pairs if inside.shape[0] > 1 else slice(None)  # noqa: E731
+    total = torch.zeros((image.shape[0], image.shape[1], 1, 1), dtype=torch.float64, device=image.device)
+    for pairs, rows in chunks:
+        part = image[pairs, :, rows]
+        total[pairs] += torch.where(inside[own(pairs), :, rows], part, part.new_zeros(())).sum(
+            dim=(2, 3), keepdim=True, dtype=torch.float64)
+    fill = (total / count).to(image.dtype)
+    filled = image if in_place else torch.empty(image.shape, dtype=image.dtype, device=image.device)
+    for pairs, rows in chunks:
+        filled[pairs, :, rows] = torch.where(inside[own(pairs), :, rows], image[pairs, :, rows], fill[pairs])
+    return filled
+
+
+def _working_copy(image: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """``(image, owned)`` for :func:`_filled_outside`: a float32 ``image`` not on ``device`` as the
+    float32 copy on ``device`` that :func:`_float32` would have made anyway (``owned``: register's own,
+    filled in place: one copy serves both the move and the fill, and the fill runs on the device);
+    any other (on ``device`` already, or float64, which :func:`_float32` centres first) as it is."""
+    if image.dtype == torch.float32 and image.device != torch.device(device):
+        return image.detach().to(device=device), True
+    return image, False
 
 
 def _refuse_not_finite(image: torch.Tensor, ndim: int, masked: bool, name: str, caller: str) -> None:
@@ -2998,8 +3024,13 @@ def register(
     moving_mask_t = _as_mask(moving_mask, moving_t.expand(batch, *moving_t.shape[1:]), "moving_mask", device)
     # what lies under a mask is no data: no step below may see it (a copy only where there is a mask;
     # an integer image of more than 16 bits is filled pair by pair as it is converted: _integer_float32)
-    fixed_t, moving_t = (image if _is_wide_integer(image) else _filled_outside(image, image_mask)
-                         for image, image_mask in ((fixed_t, fixed_mask), (moving_t, moving_mask_t)))
+    filled = []
+    for image, image_mask in ((fixed_t, fixed_mask), (moving_t, moving_mask_t)):
+        if image_mask is not None and not _is_wide_integer(image):
+            image, owned = _working_copy(image, device)
+            image = _filled_outside(image, image_mask, in_place=owned)
+        filled.append(image)
+    fixed_t, moving_t = filled
     _refuse_not_finite(fixed_t, fixed_ndim, fixed_mask is not None, "fixed", caller)
     _refuse_not_finite(moving_t, moving_ndim, moving_mask_t is not None, "moving", caller)
     if normalize:
