@@ -24,6 +24,7 @@ from conftest import (
 
 import tireg
 import tireg._chunks as chunks_module
+import tireg.data
 from tireg.register import STOP_REASONS
 
 # (kind, true parameters): angles in radians, shifts in pixels, about the crop centre
@@ -2920,6 +2921,53 @@ def test_a_collapsed_mirrored_or_sliver_result_is_degenerate_not_converged():
     assert importlib.import_module("tireg.register").DEGENERATE_OVERLAP_PIXELS == 64
 
 
+def test_an_8_by_8_pair_or_a_7_by_7_mask_is_not_degenerate_for_its_size():
+    """DEGENERATE_OVERLAP_PIXELS (64) is the whole of the smallest pair register takes (8 x 8), and more
+    than a 7 x 7 mask holds: their good results read "degenerate".  The floor is at most a sixteenth
+    of the smaller image, inside its mask."""
+    scene = tireg.data.camera(dtype=torch.float64)[None, None]
+    shift = tireg.transforms.translation_matrix(torch.tensor([0.4, 0.3], dtype=torch.float64))
+    fixed = scene[..., 100:108, 120:128]
+    moving = tireg.warp(scene, torch.linalg.inv(shift) @ tireg.transforms.translation_matrix(
+        torch.tensor([120.0, 100.0], dtype=torch.float64)), size=(8, 8))
+    small = tireg.register(fixed, moving, transform="translation", pyramid=(1,))
+    assert small.stop_reason == ["converged"] and (small.matrix - shift).abs().max() < 0.1
+    fixed, moving, truth = _small_pair(64, "translation", [0.4, 0.3])
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[28:35, 28:35] = True
+    for masks in (dict(mask=mask), dict(moving_mask=mask)):
+        masked = tireg.register(fixed, moving, transform="translation", pyramid=(1,), **masks)
+        assert masked.stop_reason == ["converged"], masks
+
+
+def test_the_fill_under_a_mask_never_writes_into_the_callers_image_when_to_does_not_copy(monkeypatch):
+    """register(device="cuda") of images on cuda:0: torch.device("cuda") differs from cuda:0, so the
+    image was taken for register's own copy, but .to("cuda") returned the caller's tensor itself,
+    and the fill under the mask wrote into it (NaN no-data replaced, an expanded batch refused).
+    Emulated on the CPU: .to("cpu:0") of a CPU tensor returns the tensor, as .to("cuda") does."""
+    original = torch.Tensor.to
+
+    def aliasing_to(self, *args, **kwargs):
+        target = kwargs.get("device", args[0] if args and isinstance(args[0], (str, torch.device)) else None)
+        if (target is not None and torch.device(target) == torch.device("cpu:0") and self.device.type == "cpu"
+                and len(args) <= 1 and set(kwargs) <= {"device"}):
+            return self
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", aliasing_to)
+    fixed, moving, _ = _small_pair(64, "translation", [2.0, -3.0])
+    mask = torch.ones(64, 64)
+    mask[:, -6:] = 0
+    moving = moving.clone()
+    moving[:, -6:] = float("nan")  # no data under the mask
+    given = fixed.clone(), moving.clone()
+    tireg.register(fixed, moving, mask=mask, moving_mask=mask, device="cpu:0", max_iterations=5)
+    assert torch.equal(fixed, given[0]) and torch.equal(moving.nan_to_num(7.0), given[1].nan_to_num(7.0))
+    expanded = given[0][None, None].expand(3, 1, 64, 64)
+    tireg.register(fixed, expanded, moving_mask=mask, device="cpu:0", max_iterations=5)
+    assert torch.equal(expanded[1, 0], given[0])
+
+
 def test_new_degenerate_a_genuine_6x_zoom_converges():
     """A moving image that sees the fixed one's scene 6x coarser, same size (96 x 96): the fixed image
     lies on 96^2 / 36 = 256 moving pixels, below a sixteenth of the smaller image (576), and read
@@ -2977,15 +3025,20 @@ def test_new_degenerate_an_anisotropic_start_runs_and_is_judged_against_itself()
         return torch.diag(torch.tensor([a, d, 1.0], dtype=torch.float64))[None]
 
     many = torch.tensor([1e4])
-    assert _degenerate(linear(1, 1 / 25), linear(1.02, 1 / 24), many).tolist() == [False]
-    assert _degenerate(linear(1, 1 / 25), linear(1, 1 / 25 / 21), many).tolist() == [True]
-    assert _degenerate(linear(1, 1), linear(1, 1 / 19), many).tolist() == [False]
-    assert _degenerate(linear(1, 1), linear(1, 1 / 20), many).tolist() == [True]
+    big = torch.tensor([1e6], dtype=torch.float64)  # the smaller image's pixels: the floor is 64
+    assert _degenerate(linear(1, 1 / 25), linear(1.02, 1 / 24), many, big).tolist() == [False]
+    assert _degenerate(linear(1, 1 / 25), linear(1, 1 / 25 / 21), many, big).tolist() == [True]
+    assert _degenerate(linear(1, 1), linear(1, 1 / 19), many, big).tolist() == [False]
+    assert _degenerate(linear(1, 1), linear(1, 1 / 20), many, big).tolist() == [True]
     # the overlap floor, in fixed pixels, or moving pixels (overlap |det A|)
-    assert _degenerate(linear(1, 1), linear(1, 1), torch.tensor([63.0])).tolist() == [True]
-    assert _degenerate(linear(1, 1), linear(1, 1), torch.tensor([64.0])).tolist() == [False]
-    assert _degenerate(linear(1, 1), linear(0.1, 0.1), torch.tensor([6300.0])).tolist() == [True]
-    assert _degenerate(linear(1, 1), linear(0.1, 0.1), torch.tensor([6400.0])).tolist() == [False]
+    assert _degenerate(linear(1, 1), linear(1, 1), torch.tensor([63.0]), big).tolist() == [True]
+    assert _degenerate(linear(1, 1), linear(1, 1), torch.tensor([64.0]), big).tolist() == [False]
+    assert _degenerate(linear(1, 1), linear(0.1, 0.1), torch.tensor([6300.0]), big).tolist() == [True]
+    assert _degenerate(linear(1, 1), linear(0.1, 0.1), torch.tensor([6400.0]), big).tolist() == [False]
+    # an 8 x 8 pair (or a 7 x 7 mask) never holds 64 pixels: a sixteenth of it is the floor
+    small = torch.tensor([64.0], dtype=torch.float64)
+    assert _degenerate(linear(1, 1), linear(1, 1), torch.tensor([4.0]), small).tolist() == [False]
+    assert _degenerate(linear(1, 1), linear(1, 1), torch.tensor([3.9]), small).tolist() == [True]
 
 
 def test_an_unknown_transform_or_metric_is_named_by_register():

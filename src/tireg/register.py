@@ -879,8 +879,11 @@ def _working_copy(image: torch.Tensor, device: torch.device) -> tuple[torch.Tens
     float32 copy on ``device`` that :func:`_float32` would have made anyway (``owned``: register's own,
     filled in place: one copy serves both the move and the fill, and the fill runs on the device);
     any other (on ``device`` already, or float64, which :func:`_float32` centres first) as it is."""
-    if image.dtype == torch.float32 and image.device != torch.device(device):
-        return image.detach().to(device=device), True
+    if image.dtype == torch.float32:
+        copy = image.detach().to(device=device)
+        # owned only where .to made a copy: torch.device("cuda") differs from a tensor's cuda:0, and
+        # .to("cuda") of that tensor is the tensor itself (the caller's, filled in place)
+        return copy, copy.data_ptr() != image.data_ptr()
     return image, False
 
 
@@ -3220,7 +3223,9 @@ def register(
     # the optimiser's own test said (one look at the end, not in the loops)
     with torch.no_grad():
         overlap = _overlap_pixels(problem, params, fixed_t, moving_t, fixed_mask, moving_mask_t)
-    degenerate = _degenerate(start_matrix, matrix, overlap).tolist()
+    smaller = torch.minimum(*(_pixel_counts(mask, size, batch)
+                                for mask, size in ((fixed_mask, (height, width)), (moving_mask_t, moving_t.shape[-2:]))))
+    degenerate = _degenerate(start_matrix, matrix, overlap, smaller).tolist()
     reasons = ["degenerate" if collapsed and reason in _DEGENERATE_OVERRIDES else reason
                for collapsed, reason in zip(degenerate, reasons)]
     return RegistrationResult(
@@ -3302,7 +3307,14 @@ def _overlap_pixels(problem: "_Problem", params: torch.Tensor, fixed: torch.Tens
     return (valid / counted.clamp_min(1.0)).cpu() * pixels
 
 
-def _degenerate(start: torch.Tensor, found: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
+def _pixel_counts(mask: Optional[torch.Tensor], size: Sequence[int], batch: int) -> torch.Tensor:
+    """``(B,)`` float64 on the CPU: the pixels inside each pair's mask (``(B or 1, 1, H, W)``), or all."""
+    if mask is None:
+        return torch.full((batch,), float(size[0] * size[1]), dtype=torch.float64)
+    return mask.sum(dim=(1, 2, 3), dtype=torch.float64).cpu().expand(batch)
+
+
+def _degenerate(start: torch.Tensor, found: torch.Tensor, overlap: torch.Tensor, smaller: torch.Tensor) -> torch.Tensor:
     """``(B,)`` bool: the pairs whose found matrix (``found``, ``(B, 3, 3)`` float64 on the CPU, started
     from ``start``) is no alignment (:data:`STOP_REASONS`' ``"degenerate"``):
 
@@ -3310,8 +3322,9 @@ def _degenerate(start: torch.Tensor, found: torch.Tensor, overlap: torch.Tensor)
       changed: a registration passed through a singular matrix);
     * its singular-value ratio (smaller / larger) is below :data:`DEGENERATE_ANISOTROPY` times the
       start's (a similarity start has ratio 1; an anisotropic start is judged against itself);
-    * its ``overlap`` (:func:`_overlap_pixels`) is below :data:`DEGENERATE_OVERLAP_PIXELS`, counted
-      in fixed pixels or, seen from the moving image, in moving pixels, ``overlap |det A|``: the
+    * its ``overlap`` (:func:`_overlap_pixels`) is below :data:`DEGENERATE_OVERLAP_PIXELS` (or a
+      sixteenth of ``smaller``, ``(B,)`` the smaller image's pixels inside its mask, where that is
+      less), counted in fixed pixels or, seen from the moving image, in moving pixels, ``overlap |det A|``: the
       fixed image squeezed onto a few moving pixels (a start at scale 0.01 ended at 0.012, 5 moving
       pixels, "converged").  An absolute floor: a relative one (a sixteenth of the smaller image)
       called a genuine 5-8x zoom between same-size images, and mosaic tiles overlapping on 4-6 %,
@@ -3320,6 +3333,8 @@ def _degenerate(start: torch.Tensor, found: torch.Tensor, overlap: torch.Tensor)
       tells it from a real zoom.
 
     The overlap is counted inside the masks (:func:`_overlap_pixels`)."""
+    from .initialize import MIN_OVERLAP
+
     linear, start_linear = found[:, :2, :2], start[:, :2, :2].to(found)
     determinant, start_determinant = torch.linalg.det(linear), torch.linalg.det(start_linear)
     flipped = torch.sign(determinant) != torch.sign(start_determinant)
@@ -3328,7 +3343,9 @@ def _degenerate(start: torch.Tensor, found: torch.Tensor, overlap: torch.Tensor)
     # ratio < DEGENERATE_ANISOTROPY * start ratio, without dividing (NaN counts as squeezed)
     squeezed = ~(singular[:, 1] * start_singular[:, 0] > DEGENERATE_ANISOTROPY * start_singular[:, 1] * singular[:, 0])
     invertible = determinant.abs() > 0
-    least = float(DEGENERATE_OVERLAP_PIXELS)
+    # at most a sixteenth of the smaller image (inside its mask): an 8 x 8 pair, or a 7 x 7 mask, never
+    # holds 64 pixels, and its good results had read "degenerate"
+    least = smaller.mul(MIN_OVERLAP / 4).clamp_max(float(DEGENERATE_OVERLAP_PIXELS))
     sliver = ~(overlap >= least) | ~(overlap * determinant.abs() >= least)
     return flipped | squeezed | sliver | ~invertible
 
