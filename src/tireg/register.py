@@ -122,8 +122,9 @@ STOP_REASONS = {
     "degenerate": "the found transform is no alignment, whatever the optimiser's own test said: its linear "
                   "part mirrors where the start's did not (or the reverse), its singular values' ratio "
                   "(smaller / larger) fell below DEGENERATE_ANISOTROPY (1/20) of the start's, or the images "
-                  "overlap on fewer than DEGENERATE_OVERLAP_PIXELS (64, an 8 x 8 patch) pixels, counted in "
-                  "the pixels of either image (the matrix found is kept)",
+                  "overlap on fewer than DEGENERATE_OVERLAP_PIXELS (64, an 8 x 8 patch; a sixteenth of the "
+                  "smaller image inside its mask where that is less) pixels, counted in the pixels of either "
+                  "image (the matrix found is kept)",
     "no_overlap": "the images do not overlap (too few valid pixels) at the found transform",
     "not_finite": "the cost is NaN at the found transform, or infinite where the images overlap: "
                   "intensities whose squares or sums leave float32's range (keep normalize=True, or scale "
