@@ -330,6 +330,12 @@ def test_half_precision_images_are_evaluated_in_float32(loss, dtype, generator):
     assert torch.equal(loss(x, y), expected[0].to(dtype))
     assert not rho.isnan().any() and not derivative.isnan().any()
     assert (derivative[0] == 0).all()
+    # residual, public, too: Charbonnier's rho'(0) was NaN with eps = 1e-6, and its cap at half the
+    # square root of float16's largest value (128) made rho(200) 128
+    r = torch.tensor([0.0, 1e-4, 0.5, 200.0, -1e4], dtype=dtype)
+    residual = loss.residual(r, True)
+    reference = loss.residual(r.float(), True)
+    assert all(torch.equal(value, want.to(dtype)) for value, want in zip(residual, reference))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -33,7 +33,7 @@ settings' whole accepted range, in float32 too.
 from __future__ import annotations
 
 import weakref
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -101,8 +101,17 @@ def _checked_residual(loss: PerPixelLoss, r, gradient) -> bool:
     return check_flag(gradient, "gradient", caller)
 
 
-#: Evaluated in float32 (:meth:`PerPixelLoss.forward`).
+#: Evaluated in float32 (:meth:`PerPixelLoss.forward`, and the residuals whose settings are squared).
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _in_float32(residual: Callable[[torch.Tensor, bool], LossOutput], r: torch.Tensor, gradient: bool) -> LossOutput:
+    """``residual`` of a float16 or bfloat16 ``r`` evaluated in float32 and returned in ``r``'s dtype:
+    a setting's square (``eps^2``, ``c^2``) is 0 there, and the caps near the dtype's largest value
+    (128 in float16) fell inside the residuals' ordinary range (Charbonnier's ``rho'(0)`` was NaN
+    with ``eps = 1e-4``, ``rho(200)`` 128)."""
+    result = residual(r.float(), gradient)
+    return tuple(value.to(r.dtype) for value in result) if gradient else result.to(r.dtype)
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
@@ -214,6 +223,8 @@ class CauchyLoss(PerPixelLoss):
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
         gradient = _checked_residual(self, r, gradient)
+        if r.dtype in _HALF:
+            return _in_float32(self.residual, r, gradient)
         r = r.clamp(-torch.finfo(r.dtype).max, torch.finfo(r.dtype).max)  # +-inf: rho inf, rho' 0 (not NaN)
         u = r / self.scale
         square = u * u
@@ -249,6 +260,8 @@ class CharbonnierLoss(PerPixelLoss):
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
         gradient = _checked_residual(self, r, gradient)
+        if r.dtype in _HALF:
+            return _in_float32(self.residual, r, gradient)
         limit = _root_limit(r.dtype)
         r = r.clamp(-limit, limit)  # r^2 + eps^2 finite; NaN stays NaN
         loss = torch.sqrt(r * r + self.eps * self.eps)
@@ -300,6 +313,8 @@ class GemanMcClureLoss(PerPixelLoss):
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
         gradient = _checked_residual(self, r, gradient)
+        if r.dtype in _HALF:
+            return _in_float32(self.residual, r, gradient)
         c2 = self.scale * self.scale
         limit = _root_limit(r.dtype)
         r = r.clamp(-limit, limit)  # r^2 + c^2 finite; NaN stays NaN
