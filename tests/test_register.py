@@ -2396,10 +2396,13 @@ def test_new_bicubic_erodes_a_thin_moving_mask_only_at_full_resolution():
         assert [level.factor for level in result.history] == [4, 2, 1]
         for level in result.history:  # every level sees the ring, and moves
             assert math.isfinite(float(level.cost[0, 0])) and level.cost.shape[0] > 1, (width, level.factor)
-    thin = (radius > 40) & (radius < 42)  # nothing left by the erosion
-    result = tireg.register(fixed, moving, moving_mask=thin, **options)
-    assert result.stop_reason == ["converged"] and math.isfinite(float(result.cost))
-    assert grid_error(result.matrix, truth, (128, 128)) < 0.2
+    # nothing left by the erosion (2 px), or a line of pixels and no 2 x 2 cell a point between pixels
+    # can pass (3 px: it ended "no_overlap", the narrower ring "converged")
+    for width in (2, 3):
+        thin = (radius > 40) & (radius < 40 + width)
+        result = tireg.register(fixed, moving, moving_mask=thin, **options)
+        assert result.stop_reason == ["converged"] and math.isfinite(float(result.cost)), width
+        assert grid_error(result.matrix, truth, (128, 128)) < 0.2, width
 
 
 @pytest.mark.parametrize("max_iter", [1, 2])

@@ -1371,7 +1371,8 @@ class _Problem:
         (a ring 4-6 px wide) away whole (no overlap, no iterations, 0.044 -> 0.236 px); the values
         under the masks are the in-mask mean there (:func:`_filled_outside`), no no-data values.  A
         pair whose eroded mask keeps fewer than :data:`MIN_VALID_PIXELS` pixels keeps its uneroded
-        mask (the bilinear test) rather than no overlap at all."""
+        mask (the bilinear test) rather than no overlap at all; counted in cells of 2 x 2 eroded pixels,
+        where a point between pixels can pass."""
         if self.interpolation != "bicubic" or level.factor != 1:
             return level.moving_mask
         if "footprint mask" not in level.cache:
@@ -1379,8 +1380,11 @@ class _Problem:
             shared = mask.shape[0] > 1 and mask.stride(0) == 0  # one mask for every pair: eroded once
             own = mask[:1] if shared else mask
             eroded = _eroded(own)
-            # on the device, no host sync: a pair left with too few pixels keeps its own mask
-            enough = eroded.sum(dim=(1, 2, 3), dtype=torch.float64) >= MIN_VALID_PIXELS
+            # on the device, no host sync: a pair left with too few cells keeps its own mask (cells of 2 x 2
+            # eroded pixels, where a point between pixels passes: a 3 px ring eroded to a 1 px line kept
+            # 292 pixels and no cell, and ended "no_overlap" where a 2 px ring fell back and converged)
+            cells = 1.0 - torch.nn.functional.max_pool2d(1.0 - eroded, 2, stride=1)
+            enough = cells.sum(dim=(1, 2, 3), dtype=torch.float64) >= MIN_VALID_PIXELS
             eroded = torch.where(enough.view(-1, 1, 1, 1), eroded, own)
             level.cache["footprint mask"] = eroded.expand(mask.shape) if shared else eroded
         return level.cache["footprint mask"]
