@@ -884,7 +884,8 @@ def _working_copy(image: torch.Tensor, device: torch.device) -> tuple[torch.Tens
         copy = image.detach().to(device=device)
         # owned only where .to made a copy: torch.device("cuda") differs from a tensor's cuda:0, and
         # .to("cuda") of that tensor is the tensor itself (the caller's, filled in place)
-        return copy, copy.data_ptr() != image.data_ptr()
+        if copy.data_ptr() != image.data_ptr():
+            return copy, True
     return image, False
 
 
