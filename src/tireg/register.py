@@ -3308,9 +3308,7 @@ def _overlap_pixels(problem: "_Problem", params: torch.Tensor, fixed: torch.Tens
     valid, counted = counts(stride)
     if stride > 1 and bool((counted < MIN_VALID_PIXELS).any()):  # a small mask that the stride misses
         valid, counted = counts(1)
-    pixels = (torch.full((batch,), float(height * width), dtype=torch.float64) if fixed_mask is None else
-              fixed_mask.sum(dim=(1, 2, 3), dtype=torch.float64).cpu())
-    return (valid / counted.clamp_min(1.0)).cpu() * pixels
+    return (valid / counted.clamp_min(1.0)).cpu() * _pixel_counts(fixed_mask, (height, width), batch)
 
 
 def _pixel_counts(mask: Optional[torch.Tensor], size: Sequence[int], batch: int) -> torch.Tensor:
