@@ -742,7 +742,7 @@ def _integer_float32(image: torch.Tensor, mask: Optional[torch.Tensor], name: st
         pick = (lambda tensor: tensor) if every else (  # noqa: E731
             lambda tensor: tensor[torch.tensor(chosen, device=tensor.device)])
         group_mask = None if mask is None else (
-            mask if mask.shape[0] == 1 or mask.stride(0) == 0 else pick(mask))
+            mask if _one_for_every_pair(mask) else pick(mask))
         if group_mask is not None and group_mask.stride(0) == 0 and not every:
             group_mask = mask[:1].expand(len(chosen), *mask.shape[1:])  # one mask for every pair, still
         group = pick(image).to(torch.float64 if precision else torch.float32)  # a copy
@@ -780,8 +780,8 @@ def _float32(image: torch.Tensor, name: str, device: torch.device, caller: str, 
     if centred and image.dtype == torch.float64:
         peak = image.abs().amax(dim=(2, 3), keepdim=True)  # first into [-1, 1]: squares of 1e300 overflow
         image = image / torch.where(peak > 0, peak, torch.ones_like(peak))
-        if mask is not None and mask.shape[0] > 1 and mask.stride(0) == 0:
-            mask = mask[:1]  # one mask for every pair
+        if mask is not None and _one_for_every_pair(mask):
+            mask = mask[:1]
         if mask is not None and mask.shape[0] in (1, image.shape[0]):  # (one mask for a batch: each pair
             # over it, as alone; it had been centred over the whole image there, a pair of 1e7 + data 2e-7 px
             # and with mi 3e-4 px from its result alone)
@@ -829,6 +829,12 @@ def _as_mask(mask: Optional[ImageLike], image: torch.Tensor, name: str,
     return tensor.expand(image.shape[0], 1, *image.shape[-2:])
 
 
+def _one_for_every_pair(mask: torch.Tensor) -> bool:
+    """Whether ``mask`` ``(B, 1, H, W)`` is one mask for every pair: a batch of one, or one expanded
+    (stride 0), whose pair ``[:1]`` stands for all."""
+    return mask.shape[0] == 1 or mask.stride(0) == 0
+
+
 def _filled_outside(image: torch.Tensor, mask: Optional[torch.Tensor], *, in_place: bool = False) -> torch.Tensor:
     """``image`` ``(b, C, H, W)`` (``b`` 1 or ``B``; float32 or float64, NaN and Inf allowed) with every
     pixel outside ``mask`` (:func:`_as_mask`'s ``(B, 1, H, W)``) set to the mean inside it, per pair and
@@ -855,8 +861,8 @@ def _filled_outside(image: torch.Tensor, mask: Optional[torch.Tensor], *, in_pla
     if mask is None:
         return image
     mask = mask.to(image.device)
-    if mask.shape[0] == 1 or mask.stride(0) == 0:
-        mask = mask[:1]  # one mask for every pair
+    if _one_for_every_pair(mask):
+        mask = mask[:1]
     elif image.shape[0] == 1:
         mask = mask.amax(dim=0, keepdim=True)  # a shared image, a mask per pair: their union
     inside = mask != 0
@@ -1066,7 +1072,7 @@ def _plane_mean(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tens
     if mask is None:
         return image.sum(dim=(2, 3), keepdim=True, dtype=torch.float64) / (image.shape[-2] * image.shape[-1])
     mask = mask.to(image.device)
-    if image.shape[0] == 1 and (mask.shape[0] == 1 or mask.stride(0) == 0):
+    if image.shape[0] == 1 and _one_for_every_pair(mask):
         mask = mask[:1]
     count = mask.sum(dim=(2, 3), keepdim=True, dtype=torch.float64)
     return (image * mask.to(image.dtype)).sum(dim=(2, 3), keepdim=True, dtype=torch.float64) / count
@@ -1378,7 +1384,7 @@ class _Problem:
             return level.moving_mask
         if "footprint mask" not in level.cache:
             mask = level.moving_mask
-            shared = mask.shape[0] > 1 and mask.stride(0) == 0  # one mask for every pair: eroded once
+            shared = _one_for_every_pair(mask)  # eroded once
             own = mask[:1] if shared else mask
             eroded = _eroded(own)
             # on the device, no host sync: a pair left with too few cells keeps its own mask (cells of 2 x 2
