@@ -79,8 +79,7 @@ class PerPixelLoss(nn.Module):
         dtype = torch.promote_types(x.dtype, y.dtype)
         if dtype not in _HALF:
             return self.residual(x - y, gradient)
-        result = self.residual(x.float() - y.float(), gradient)
-        return tuple(value.to(dtype) for value in result) if gradient else result.to(dtype)
+        return _in_dtype(self.residual(x.float() - y.float(), gradient), dtype, gradient)
 
     def residual(self, r: torch.Tensor, gradient: bool = False) -> LossOutput:
         """``rho(r)``, or ``(rho(r), rho'(r))`` when ``gradient``.  The built-in losses take a
@@ -110,8 +109,12 @@ def _in_float32(residual: Callable[[torch.Tensor, bool], LossOutput], r: torch.T
     a setting's square (``eps^2``, ``c^2``) is 0 there, and the caps near the dtype's largest value
     (128 in float16) fell inside the residuals' ordinary range (Charbonnier's ``rho'(0)`` was NaN
     with ``eps = 1e-4``, ``rho(200)`` 128)."""
-    result = residual(r.float(), gradient)
-    return tuple(value.to(r.dtype) for value in result) if gradient else result.to(r.dtype)
+    return _in_dtype(residual(r.float(), gradient), r.dtype, gradient)
+
+
+def _in_dtype(result: LossOutput, dtype: torch.dtype, gradient: bool) -> LossOutput:
+    """A residual's ``rho``, or ``(rho, rho')`` with ``gradient``, in ``dtype``."""
+    return tuple(value.to(dtype) for value in result) if gradient else result.to(dtype)
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
