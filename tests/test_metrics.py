@@ -461,6 +461,34 @@ def test_kept_fixed_bins_follow_the_fixed_image(images, cls, ranges):
         assert torch.equal(metric(moving, frozen), fresh(frozen))
 
 
+@pytest.mark.parametrize("cls", [MutualInformation, NormalizedMutualInformation])
+def test_kept_fixed_bins_follow_the_weight_without_ranges(cls):
+    """Without set_ranges the fixed range is that of the weighted pixels: a call with another
+    weight (a bright band left out) bins the fixed image anew, in either order, as a fresh metric
+    does (the bins had been kept from the first call's range: MI -1.01 for -1.99)."""
+    generator = torch.Generator().manual_seed(0)
+    fixed = torch.rand(1, 1, 32, 32, dtype=torch.float64, generator=generator)
+    moving = torch.sin(3.0 * fixed) + 0.05 * torch.rand(fixed.shape, dtype=torch.float64, generator=generator)
+    fixed[..., :4, :] += 5.0
+    whole = torch.ones_like(fixed)
+    band_out = whole.clone()
+    band_out[..., :4, :] = 0.0
+    for first, second in ((whole, band_out), (band_out, whole), (None, band_out), (band_out, None)):
+        metric = cls(32)
+        metric(moving, fixed, first)
+        expected = cls(32)(moving, fixed, second, gradient=True)
+        assert not torch.allclose(expected[0], cls(32)(moving, fixed, first))  # the weights matter here
+        assert all(torch.equal(got, want) for got, want in zip(metric(moving, fixed, second, gradient=True),
+                                                                expected))
+    metric = cls(32)
+    metric(moving, fixed, band_out)
+    kept = metric._fixed_cache.bins
+    metric(moving, fixed, band_out)
+    assert metric._fixed_cache.bins is kept  # the same weight: kept
+    band_out[..., 4, :] = 0.0  # changed in place
+    assert torch.equal(metric(moving, fixed, band_out), cls(32)(moving, fixed, band_out))
+
+
 @pytest.mark.parametrize("metric", [NCC(), LocalNCC(), MutualInformation(), NormalizedMutualInformation(),
                                     PerPixelMetric("l2")], ids=lambda metric: type(metric).__name__)
 def test_pooling_metrics_name_bad_input(metric):
@@ -923,6 +951,30 @@ def test_pooling_metrics_do_not_depend_on_the_weights_scale(images, name, dtype)
         torch.testing.assert_close(metric.cost_of_sums(sums), cost, **tolerance)
     empty_cost, empty_derivative = metric(moving, fixed, 0.0 * weight, gradient=True)
     assert torch.isfinite(empty_cost).all() and not empty_derivative.any()
+
+
+@pytest.mark.parametrize("sign", ["positive", "any"])
+def test_lncc_does_not_depend_on_the_weights_scale_where_eps_is_negligible(images, sign):
+    """LNCC's window sums and count were clamped at an absolute 1e-12 where the others take the
+    dtype's smallest normal: on values near 1e10, where ``eps`` counts for nothing, weights times
+    1e-15 gave a cost of 0.747 for 0.044.  Whole, and by bands (:meth:`LocalNCC.part`)."""
+    fixed, moving, weight = images
+    fixed, moving = 1e10 * fixed, 1e10 * moving
+    metric = LocalNCC(2, sign=sign)
+    cost, derivative = metric(moving, fixed, weight, gradient=True)
+    scaled = weight * 1e-15
+    scaled_cost, scaled_derivative = metric(moving, fixed, scaled, gradient=True)
+    torch.testing.assert_close(scaled_cost, cost, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(scaled_derivative, derivative, rtol=1e-9, atol=1e-30)
+    margin, height = metric.margin, fixed.shape[-2]
+    score = count = 0.0
+    for start, stop in ((0, 10), (10, height)):
+        lower, upper = max(0, start - margin), min(height, stop + margin)
+        part = lambda image: image[..., lower:upper, :]  # noqa: E731
+        band_score, band_count, _ = metric.part(part(moving), part(fixed), part(scaled),
+                                                slice(start - lower, stop - lower), gradient=False)
+        score, count = score + band_score, count + band_count
+    torch.testing.assert_close(metric.cost_of_sums(score, count), cost, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("sign", ["positive", "any"])

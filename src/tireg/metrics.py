@@ -101,10 +101,10 @@ def _weight_divisor(weight_sum: torch.Tensor) -> torch.Tensor:
     smallest normal number, so that an empty pair's mean is 0 and any other's is its own for
     weights of any scale (only their ratios count: module docstring).  The one rule of every
     metric's weighted means: :class:`PerPixelMetric` (:func:`_mean_count`), :class:`NCC`'s means
-    and moments, the joint histograms' probabilities.  Clamped at 1, weights summing below 1
-    (normalised, or a scaled mask) were no mean (0.0071 for 0.0136); clamped at an absolute 1e-12,
-    NCC, MI and NMI changed once the weights summed below it (MI -0.18 for -1.49 with the weights
-    times 1e-15)."""
+    and moments, :class:`LocalNCC`'s window sums and count, the joint histograms' probabilities.
+    Clamped at 1, weights summing below 1 (normalised, or a scaled mask) were no mean (0.0071 for
+    0.0136); clamped at an absolute 1e-12, NCC, MI, NMI and LNCC changed once the weights summed
+    below it (MI -0.18 for -1.49 with the weights times 1e-15)."""
     return weight_sum.clamp_min(torch.finfo(weight_sum.dtype).tiny)
 
 
@@ -601,7 +601,7 @@ class LocalNCC(Metric):
 
     def _terms(self, x, y, w):
         box = lambda image: _box_sum(image, self.radius)  # noqa: E731
-        sum_w = box(w).clamp_min(_TINY)
+        sum_w = _weight_divisor(box(w))  # a window's weights of any scale (module docstring)
         sum_x, sum_y = box(w * x), box(w * y)
         # each second-order window sum used as soon as it is made (a band's peak memory counts them)
         covariance = box(w * x * y) - sum_x * sum_y / sum_w
@@ -615,7 +615,7 @@ class LocalNCC(Metric):
     def __call__(self, x, y, weight=None, gradient=False):
         gradient = _gradient_flag(self, gradient)
         w = _inputs(self, x, y, weight)
-        count = (w.sum((1, 2, 3)) * x.shape[1]).clamp_min(_TINY)
+        count = _mean_count(w.sum((1, 2, 3)), x.shape[1])
         score, derivative = self._scores(x, y, w, count, gradient)
         cost = self.cost_of_sums((w * score).sum((1, 2, 3)), count)
         return (cost, derivative) if gradient else cost
@@ -626,7 +626,7 @@ class LocalNCC(Metric):
         """``1 - S / n``: the cost of a pair from its score sum ``S = sum_i w_i s_i`` and count
         ``n = C sum w`` (:meth:`part`'s, added over bands); with ``gradient`` also ``1 / n``, which
         turns a band's ``D_b`` into its derivative."""
-        count = count.clamp_min(_TINY)
+        count = _weight_divisor(count)
         cost = 1.0 - score / count
         return (cost, 1.0 / count) if gradient else cost
 
@@ -1000,7 +1000,7 @@ class _JointHistogramMetric(Metric):
         n = x.shape[-2] * x.shape[-1]
         pairs = batch * channels
         t_flat = t.reshape(pairs, n)
-        fixed_bin, fixed_nan = self._fixed_bins(y, s, pairs, n)
+        fixed_bin, fixed_nan = self._fixed_bins(y, s, pairs, n, weight)
         weights = w.expand(batch, channels, *w.shape[-2:]).reshape(pairs, n)
         # (P, N): first of the 4 moving bins; clamped as integers too: the float clamp's bound
         # bins - 2 - 1e-6 is bins - 2 itself in float32 from 33 bins, one bin past the end; and
@@ -1070,26 +1070,32 @@ class _JointHistogramMetric(Metric):
         parts["total"] = slopes.weight
         return self._derivative(slopes.joint, parts)
 
-    def _fixed_bins(self, y: torch.Tensor, s: torch.Tensor, pairs: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fixed_bins(self, y: torch.Tensor, s: torch.Tensor, pairs: int, n: int,
+                    weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Fixed bins ``(P, N)``, and which pairs' fixed images hold NaN ``(P,)``: the same on every
         call of a level, so kept.
 
-        Recomputed when the fixed image or its range changes: another tensor object, or the same one
-        changed in place (its version counter), by :class:`TensorStamp` (held weakly: the metric
-        keeps no image alive); nothing is read back from the device (on a GPU a read waits for all
-        queued work).  An inference tensor keeps no version counter: its bins are made on every
-        call.
+        Recomputed when the fixed image or what its range comes from changes: the ranges of
+        :meth:`set_ranges`, or without them the caller's ``weight`` (the range is that of the
+        pixels it weights; keyed on the fixed image alone, a metric called with one weight and then
+        another binned the second call's pixels by the first one's range: MI -1.01 for -1.99).
+        Changed means another tensor object, or the same one changed in place (its version
+        counter), by :class:`TensorStamp` (held weakly: the metric keeps no image alive); nothing
+        is read back from the device (on a GPU a read waits for all queued work).  An inference
+        tensor keeps no version counter: its bins are made on every call.
         """
-        source = None if self.ranges is None else self.ranges[1]  # None: the range is y's own
+        # what y's range comes from: the set ranges, else the weight (None: y's whole planes)
+        source, origin = (weight, "weight") if self.ranges is None else (self.ranges[1], "ranges")
         cache = getattr(self, "_fixed_cache", None)  # (a metric pickled before it had one)
         if not (cache is not None and matches(cache.fixed, y, pairs, n, self.bins)
                 and (source is None if cache.ranges is None
-                     else source is not None and matches(cache.ranges, source))):
+                     else source is not None and matches(cache.ranges, source, origin))):
             # one record, replaced whole: a thread reads a record's bins with its own key (two threads
             # sharing one metric read each other's bins when key and bins were two attributes)
             # (NaN: the least int64, clamped to bin 0; its pair is marked, and its cost NaN)
             s = s.detach().reshape(pairs, n)
-            cache = _FixedBins(TensorStamp(y, pairs, n, self.bins), None if source is None else TensorStamp(source),
+            cache = _FixedBins(TensorStamp(y, pairs, n, self.bins),
+                               None if source is None else TensorStamp(source, origin),
                                s.floor().long().clamp_(0, self.bins - 1), s.isnan().any(1))
             self._fixed_cache = cache
         return cache.bins, cache.not_a_number
