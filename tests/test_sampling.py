@@ -100,6 +100,23 @@ def test_sampling_grid_equals_pixel_grid_times_theta(generator):
     torch.testing.assert_close(grid, expected, rtol=0, atol=1e-14)
 
 
+def test_sampling_grid_refuses_axes_of_another_grid(generator):
+    """Cached axes of another size had made a grid of their size, silently ((1, 6, 7, 2) for a
+    fixed size of (4, 5)); of another dtype, one of mixed precision."""
+    matrix = random_affine(generator)
+    axes = pixel_axes((4, 5), dtype=torch.float64)
+    torch.testing.assert_close(sampling_grid(matrix, (4, 5), (9, 9), axes=axes), sampling_grid(matrix, (4, 5), (9, 9)),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match=re.escape("sampling_grid(): 'axes' have 6 rows and 7 columns but "
+                                                   "'fixed_size' (4, 5) has 4 and 5")):
+        sampling_grid(matrix, (4, 5), (9, 9), axes=pixel_axes((6, 7), dtype=torch.float64))
+    with pytest.raises(ValueError, match=re.escape("sampling_grid(): 'axes' (torch.float32, torch.float32) and "
+                                                   "'matrix' (torch.float64) must have the same dtype")):
+        sampling_grid(matrix, (4, 5), (9, 9), axes=pixel_axes((4, 5), dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"^sampling_grid\(\): 'axes' must be two 1-D tensors"):
+        sampling_grid(matrix, (4, 5), (9, 9), axes=pixel_grid((4, 5), dtype=torch.float64))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_pairs_sampling_grid_does_not_depend_on_the_batch_around_it(dtype, device):
     """Bit for bit: a batched matrix product (the former baddbmm) took another kernel for a batch

@@ -30,7 +30,7 @@ available two ways:
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -203,24 +203,35 @@ def _check_moments_inputs(values: torch.Tensor, axes, channel_dim: int) -> bool:
     if not values.is_floating_point():
         raise TypeError(f"{caller}: 'values' must be a float tensor; got {values.dtype}")
     height, width = values.shape[1:3] if channels_last else values.shape[2:]
+    other = (values.shape[2:] if channels_last else values.shape[1:3])
+    hint = f"; as {'(B, K, H, W)' if channels_last else '(B, H, W, K)'} they match: pass channel_dim=" \
+           f"{1 if channels_last else -1}"
+    _check_axes(axes, (height, width), values, caller, "'values'", f"'values' {layout} {tuple(values.shape)}",
+                hint=lambda ys, xs: hint if tuple(other) == (ys.shape[0], xs.shape[0]) else "")
+    return channels_last
+
+
+def _check_axes(axes, size: tuple[int, int], like: torch.Tensor, caller: str, name: str, sized: str,
+                hint: Callable[[torch.Tensor, torch.Tensor], str] = lambda ys, xs: "") -> None:
+    """``axes`` must be :func:`pixel_axes` of ``size`` ``(H, W)``: two 1-D tensors of ``H`` and ``W``
+    values in the dtype of ``like`` (the argument ``name``) and on its device (Python only, no value
+    read).  A size mismatch names ``sized``, what gives the size, then ``hint(ys, xs)``."""
     if not isinstance(axes, (tuple, list)) or len(axes) != 2 or not all(
         isinstance(axis, torch.Tensor) and axis.dim() == 1 for axis in axes
     ):
         raise ValueError(f"{caller}: 'axes' must be two 1-D tensors (ys, xs) (pixel_axes()); got {_describe(axes)}")
     ys, xs = axes
-    if ys.shape[0] != height or xs.shape[0] != width:
-        other = (values.shape[2:] if channels_last else values.shape[1:3]) == (ys.shape[0], xs.shape[0])
-        hint = f"; as {'(B, K, H, W)' if channels_last else '(B, H, W, K)'} they match: pass channel_dim=" \
-               f"{1 if channels_last else -1}" if other else ""
+    if (ys.shape[0], xs.shape[0]) != tuple(size):
         raise ValueError(
-            f"{caller}: 'axes' have {ys.shape[0]} rows and {xs.shape[0]} columns but 'values' {layout} "
-            f"{tuple(values.shape)} has {height} and {width}{hint}"
+            f"{caller}: 'axes' have {ys.shape[0]} rows and {xs.shape[0]} columns but {sized} has "
+            f"{size[0]} and {size[1]}{hint(ys, xs)}"
         )
-    if ys.dtype != values.dtype or xs.dtype != values.dtype:
-        raise ValueError(
-            f"{caller}: 'axes' ({ys.dtype}, {xs.dtype}) and 'values' ({values.dtype}) must have the same dtype"
-        )
-    return channels_last
+    if ys.dtype != like.dtype or xs.dtype != like.dtype:
+        raise ValueError(f"{caller}: 'axes' ({ys.dtype}, {xs.dtype}) and {name} ({like.dtype}) must have the "
+                         "same dtype")
+    if ys.device != like.device or xs.device != like.device:
+        raise ValueError(f"{caller}: 'axes' (on {ys.device}, {xs.device}) and {name} (on {like.device}) must be "
+                         "on the same device")
 
 
 def _describe(value) -> str:
@@ -504,7 +515,11 @@ def sampling_grid(
     """
     matrix = check_matrix(matrix, "sampling_grid()", any_float=True)  # (3, 3): "the size of tensor a must match"
     fixed_size = check_size(fixed_size, "sampling_grid()", "fixed_size")
-    ys, xs = _pixel_axes(fixed_size, matrix.dtype, matrix.device) if axes is None else axes
+    if axes is None:
+        ys, xs = _pixel_axes(fixed_size, matrix.dtype, matrix.device)
+    else:  # axes of another size had made a grid of their size, silently
+        _check_axes(axes, fixed_size, matrix, "sampling_grid()", "'matrix'", f"'fixed_size' {tuple(fixed_size)}")
+        ys, xs = axes
     theta = pixel_to_normalized(matrix, moving_size)  # (B, 2, 3)
     batch, height, width = theta.shape[0], ys.shape[0], xs.shape[0]
     # the columns of theta by one unbind: tensor indexing such as theta[:, None, :, 0] costs
