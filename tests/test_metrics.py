@@ -380,7 +380,8 @@ def test_histogram_second_derivatives_and_torch_func_go_through(cls, matmul):
     """With a backward pass of its own (once differentiable), the Hessian of mutual information came
     out 0 without an error, and vmap, jacfwd and forward-mode AD refused the histogram: the Hessian
     by reverse over reverse (through that pass) equals torch.func's (through the operations), and
-    vmap gives each image's own cost (the one-hot product has no vmap rule for its scatter_)."""
+    vmap gives each image's own cost (the one-hot product's in-place scatter_ had refused it with
+    torch's "vmap: aten::scatter_(self, *extra_args) is not possible")."""
     generator = torch.Generator().manual_seed(4)
     x = torch.rand(1, 1, 10, 12, generator=generator, dtype=torch.float64)
     y = 0.5 * x + 0.5 * torch.rand(1, 1, 10, 12, generator=generator, dtype=torch.float64)
@@ -390,10 +391,13 @@ def test_histogram_second_derivatives_and_torch_func_go_through(cls, matmul):
     hessian = torch.autograd.functional.hessian(cost, x)
     assert hessian.abs().sum() > 1.0
     torch.testing.assert_close(hessian, torch.func.hessian(cost)(x), rtol=1e-9, atol=1e-12)
-    if not matmul:
-        images = torch.stack([x[0], 0.9 * x[0]])
-        costs = torch.func.vmap(lambda image: metric(image[None], y).sum())(images)
-        torch.testing.assert_close(costs, torch.stack([cost(image[None]) for image in images]), rtol=1e-12, atol=0)
+    images = torch.stack([x[0], 0.9 * x[0]])
+    costs = torch.func.vmap(lambda image: metric(image[None], y).sum())(images)
+    torch.testing.assert_close(costs, torch.stack([cost(image[None]) for image in images]), rtol=1e-12, atol=0)
+    fixed_images = torch.stack([y[0], y[0].flip(-1)])  # the fixed image batched: its one-hot matrix too
+    costs = torch.func.vmap(lambda image: metric(x, image[None]).sum())(fixed_images)
+    torch.testing.assert_close(costs, torch.stack([metric(x, image[None]).sum() for image in fixed_images]),
+                               rtol=1e-12, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

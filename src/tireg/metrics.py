@@ -763,6 +763,10 @@ def _one_hot_product(fixed_bin: torch.Tensor, base: torch.Tensor, past: torch.Te
     reverse-mode autograd takes :class:`_ParzenCounts`' own backward pass, which keeps no ``M``.
     """
     pairs, n = fixed_bin.shape
+    # under torch.func's transforms, out of place: vmap cannot write a batched value into the
+    # unbatched zeros in place ("vmap: aten::scatter_(self, *extra_args) is not possible")
+    in_place = _reverse_mode_only(past)
+    scatter = torch.Tensor.scatter_ if in_place else torch.Tensor.scatter
     budget = _chunks.eager_budget(fixed_bin.device)
     width = min(n, max(1, budget // bins))
     groups = _chunks.chunk_slices(pairs, width * bins, budget)
@@ -772,16 +776,17 @@ def _one_hot_product(fixed_bin: torch.Tensor, base: torch.Tensor, past: torch.Te
         for start in range(0, n, width):
             pixels = slice(start, min(start + width, n))
             slice_bins = fixed_bin[group, pixels, None]
-            fixed_matrix = torch.zeros(*slice_bins.shape[:2], bins, dtype=past.dtype, device=past.device)
-            fixed_matrix.scatter_(2, slice_bins, 1.0)
-            moving_matrix = torch.zeros_like(fixed_matrix)
+            zeros = torch.zeros(*slice_bins.shape[:2], bins, dtype=past.dtype, device=past.device)
+            fixed_matrix = scatter(zeros, 2, slice_bins, 1.0)
+            moving_matrix = torch.zeros_like(zeros)
             first = base[group, pixels]
             taps = _cubic_bspline_taps(past[group, pixels])
             for tap, weight_of_tap in enumerate(taps):  # distinct columns a row; in place: the largest tensor
-                moving_matrix.scatter_(2, (first + tap)[..., None], (weight_of_tap * weights[group, pixels])[..., None])
+                moving_matrix = scatter(moving_matrix, 2, (first + tap)[..., None],
+                                        (weight_of_tap * weights[group, pixels])[..., None])
             product = fixed_matrix.mT @ moving_matrix
             joint = product if joint is None else joint + product
-            del fixed_matrix, moving_matrix
+            del zeros, fixed_matrix, moving_matrix
         joints.append(joint)
     return joints[0] if len(joints) == 1 else torch.cat(joints)
 
