@@ -800,13 +800,17 @@ def test_apply_puts_a_stack_csv_row_on_its_frame(drift, tmp_path, monkeypatch, c
     header, *rows = list(csv.reader(open(tmp_path / "out.csv")))
     assert len(rows) > 2
 
-    def written(name, rows):
-        with open(tmp_path / name, "w", newline="") as handle:
+    def written(name, rows, encoding="utf-8"):
+        with open(tmp_path / name, "w", newline="", encoding=encoding) as handle:
             csv.writer(handle).writerows([header, *rows])
         return name
 
     assert main(["apply", written("reversed.csv", rows[::-1]), stack, "-o", "reversed.tif", "-q"]) == 0
     assert np.array_equal(tifffile.imread(tmp_path / "reversed.tif"), tifffile.imread(tmp_path / "out.tif"))
+    # saved with a byte-order mark (a spreadsheet's "CSV UTF-8"): its first column read "\ufeffframe",
+    # and the rows went on by position again
+    assert main(["apply", written("marked.csv", rows[::-1], "utf-8-sig"), stack, "-o", "marked.tif", "-q"]) == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "marked.tif"), tifffile.imread(tmp_path / "out.tif"))
     frame = header.index("frame")
     for name, edit, message in [
         ("twice.csv", lambda r: r[1].__setitem__(frame, r[0][frame]), "frame 0 is in rows 1 and 2"),

@@ -857,7 +857,7 @@ def _load_stack_csv(path: str):
     from .transform_io import TransformFile
 
     try:
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
             rows = list(csv.DictReader(handle))
     except FileNotFoundError:
         raise CommandError(f"no such file: {path!r} (transform)") from None
