@@ -1097,6 +1097,13 @@ BAD = {
     "levels too deep for the frames": (["stack", "{in}/stack.tif", "-o", "out.tif", "--levels", "5"], 2,
                                        "--levels 5: shrink factor 16 leaves fewer than 4 pixels of the 32 x 32 "
                                        "frames; use factors of at most 8 (--levels 4 at most)"),
+    "smoothing too wide for the images": (["register", "{in}/fixed.png", "{in}/moving.png", "-o", "out",
+                                           "--smoothing", "64.5"], 2,
+                                          "--smoothing 64.5: a sigma of that many pixels leaves nothing of the "
+                                          "160 x 128 image to align; give at most 64"),
+    "smoothing too wide for the frames": (["stack", "{in}/stack.tif", "-o", "out.tif", "--smoothing", "1e9"], 2,
+                                          "--smoothing 1e+09: a sigma of that many pixels leaves nothing of the "
+                                          "32 x 32 frames to align; give at most 16"),
     # numpy's "Maximum allowed dimension exceeded" and "array is too big" named no option or file
     "huge size": (["apply", "{in}/good.tfm", "{in}/moving.png", "-o", "out.png", "--size",
                    "100000000000000000000x2"], 2,

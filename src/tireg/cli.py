@@ -497,13 +497,19 @@ class _Progress:
 
 def _schedule(args: argparse.Namespace, size: tuple[int, int], what: str = "image") -> list[tuple[int, float]]:
     """The pyramid's levels for images of ``size``; :class:`UsageError` naming ``--levels`` for a factor
-    too large for them (register()'s own message named a Python tuple, not the option)."""
+    too large for them, ``--smoothing`` for a sigma too (register()'s own messages named a Python
+    tuple, not the option)."""
     if args.levels is not None and min(size) // max(args.levels) < 4:
         largest = min(size) // 4  # the largest factor that leaves 4 pixels; --levels N reaches 2**(N - 1)
         text = getattr(args.levels, "text", "") or ",".join(map(str, args.levels))
         raise UsageError(f"--levels {text}: shrink factor {max(args.levels)} leaves fewer than 4 pixels of the "
                          f"{size[1]} x {size[0]} {what}; use factors of at most {largest} (--levels "
                          f"{largest.bit_length()} at most)")
+    # register()'s own limit (Pyramid.levels), named here as the option: its message gave a Python
+    # (H, W) tuple and exited 1
+    if args.smoothing is not None and args.smoothing > min(size) / 2:
+        raise UsageError(f"--smoothing {args.smoothing:g}: a sigma of that many pixels leaves nothing of the "
+                         f"{size[1]} x {size[0]} {what} to align; give at most {min(size) / 2:g}")
     return _pyramid(args).levels(size)  # register() warns about factors that do not end with 1
 
 
