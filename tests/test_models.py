@@ -1265,3 +1265,19 @@ def test_a_bool_parameter_index_is_a_type_error(index):
             call()
     with pytest.raises(IndexError, match=r"^get\(\): parameter index -3 is out of range"):
         model.get(-3)
+
+
+# -- seed-style subclasses: lists built by hand (the seed's MyModel / MyModelAnalytic) --------------
+
+
+def test_set_parameter_of_several_values_on_zero_dimensional_parameters_is_the_shape_error():
+    """0-d parameters (``torch.tensor(0.0)``) and one value per pair: a bare IndexError from reading
+    ``shape[0]`` of a 0-d parameter; it is the ValueError that says to build with ``batch_size``."""
+    from torch import nn
+
+    model = tireg.AffineModel(31.5, 23.5, "zeros")
+    model.p = nn.ParameterList(torch.tensor(v) for v in (0.0, 0.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match=r"parameter 1 has shape \(\).*batch_size=2"):
+        model.set_parameter(1, torch.tensor([0.1, 0.2]))
+    assert model.p[1].item() == 0.0
+

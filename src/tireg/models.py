@@ -320,7 +320,8 @@ class TransformModel(nn.Module):
         elif raw.dim() != 1:
             raise ValueError(f"{caller}: 'value' must be a scalar or a 1-D tensor of B values; got {tuple(raw.shape)}")
         else:  # one value per pair: as many as the other parameters' pairs (a shared one, 1, fits any)
-            others = {int(other.shape[0]) for index, other in enumerate(self.p) if index != i} - {1}
+            others = {int(other.shape[0]) if other.dim() else 1  # a 0-d parameter (one's own): one shared value
+                      for index, other in enumerate(self.p) if index != i} - {1}
             if others and raw.shape[0] not in others:
                 raise ValueError(f"{caller}: {raw.shape[0]} values for a model of {max(others)} image pairs; "
                                  "give one value, or one per pair")
