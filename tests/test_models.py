@@ -1281,3 +1281,44 @@ def test_set_parameter_of_several_values_on_zero_dimensional_parameters_is_the_s
         model.set_parameter(1, torch.tensor([0.1, 0.2]))
     assert model.p[1].item() == 0.0
 
+
+@pytest.mark.parametrize("gradients", ["autograd", "analytic"])
+def test_a_mapping_list_shorter_than_the_parameters_is_named(images, gradients):
+    """self.p with five entries and self.m with four: get(), set_parameter(), forward and state_dict()
+    raised a bare "list index out of range" (or saved four mappings); each names self.m now."""
+    from torch import nn
+
+    fixed, moving = (image.float() for image in images)
+    model = (tireg.AffineModel(26.0, 18.0, "zeros") if gradients == "autograd"
+             else tireg.AffineModelAnalytic(26.0, 18.0, "zeros", moving))
+    model.p = nn.ParameterList(torch.tensor([v]) for v in (0.0, 0.0, 0.0, 1.0, 0.0))
+    message = r"5 parameters \(self.p\) but 4 mappings \(self.m\)"
+    with pytest.raises(ValueError, match=message):
+        model.get(4)
+    with pytest.raises(ValueError, match=message):
+        model.set_parameter(4, 0.5)
+    with pytest.raises(ValueError, match=message):
+        model.state_dict()
+    with pytest.raises(ValueError, match=message):
+        model(moving) if gradients == "autograd" else model(moving, fixed)
+    assert "5 parameters, 4 mappings" in repr(model)
+
+
+@pytest.mark.parametrize("count", [3, 5])
+@pytest.mark.parametrize("gradients", ["autograd", "analytic"])
+def test_a_parameter_count_the_base_matrix_does_not_take_says_override_get_matrix(images, gradients, count):
+    """A subclass that replaced self.p with three parameters and kept the base get_matrix() failed in
+    index_select ("INDICES element is out of DATA bounds"); with five the fifth was silently ignored."""
+    from torch import nn
+
+    fixed, moving = (image.float() for image in images)
+    model = (tireg.AffineModel(26.0, 18.0, "zeros") if gradients == "autograd"
+             else tireg.AffineModelAnalytic(26.0, 18.0, "zeros", moving))
+    model.p = nn.ParameterList(torch.tensor([0.0]) for _ in range(count))
+    model.m = [IdentityMapping() for _ in model.p]
+    message = (rf"has {count} parameters \(self.p\), but its matrix is the base class's get_matrix\(\): the "
+               r"'similarity' transform of 4 parameters, in the order \(angle, tx, ty, scale\)\. Override get_matrix")
+    with pytest.raises(ValueError, match=message):
+        model(moving) if gradients == "autograd" else model(moving, fixed)
+    with pytest.raises(ValueError, match=message):
+        model.get_matrix()

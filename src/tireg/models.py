@@ -265,10 +265,45 @@ class TransformModel(nn.Module):
         """Number of parameters ``P``."""
         return len(self.p)
 
+    def _model_order(self) -> str:
+        """The base matrix's parameters in the model's order, ``"(angle, tx, ty, scale)"`` for the seed's."""
+        names = self.transform.parameter_names
+        slots = self._slots()
+        return "(" + ", ".join(names[slots.index(i)] for i in range(len(slots))) + ")"
+
+    def _check_mappings(self, caller: str) -> None:
+        """Raise a ``ValueError`` naming ``self.m`` unless it holds one mapping per parameter: a subclass
+        builds both lists by hand (the seed's), and one left short raised a bare "list index out of range"
+        from ``get()``, ``set_parameter()`` and ``forward``."""
+        count, mappings = len(self.p), len(self.m)
+        if mappings != count:
+            raise ValueError(
+                f"{caller}: {type(self).__name__} has {count} parameters (self.p) but {mappings} mappings (self.m); "
+                "self.m needs one mapping per parameter, in the same order: append one to self.m with each "
+                "parameter added to self.p (e.g. self.m = [IdentityMapping() for _ in self.p])"
+            )
+
+    def _check_structure(self, caller: str) -> None:
+        """:meth:`_check_mappings`, and where the model's matrix is the base's (its transform's), as many
+        parameters as the transform takes: a subclass that replaced ``self.p`` with three and kept the
+        base ``get_matrix()`` failed inside ``index_select`` ("INDICES element is out of DATA bounds"),
+        and a fifth parameter was silently ignored."""
+        self._check_mappings(caller)
+        count, expected = len(self.p), self.transform.num_parameters
+        if count != expected and not self._overrides(("get_matrix", "_transform_parameters", "parameter_values")):
+            raise ValueError(
+                f"{caller}: {type(self).__name__} has {count} parameters (self.p), but its matrix is the base "
+                f"class's get_matrix(): the {self.transform.name!r} transform of {expected} parameters, in the "
+                f"order {self._model_order()}. Override get_matrix() to build A from your {count} parameters "
+                "(as the seed's MyModel does; for the analytic model get_derva(i) too), or set the class "
+                f"attribute 'transform' to a transform of {count} parameters (tireg.TRANSFORMS)"
+            )
+
     def _check_index(self, i: int, caller: str) -> int:
         """``i`` as an ``int`` (a NumPy integer too); raise unless it indexes a parameter: a ``TypeError``
         for what is no integer (a bool too: ``True`` had been called an index out of range), an
-        ``IndexError`` for one out of range (``-3``: negative indices are not taken)."""
+        ``IndexError`` for one out of range (``-3``: negative indices are not taken).  And as many
+        mappings as parameters (:meth:`_check_mappings`)."""
         try:
             index = operator.index(i)
         except TypeError:
@@ -280,6 +315,8 @@ class TransformModel(nn.Module):
                 f"{caller}: parameter index {i!r} is out of range; "
                 f"{type(self).__name__} has {len(self.p)} parameters (0..{len(self.p) - 1})"
             )
+        if len(self.m) != len(self.p):
+            self._check_mappings(caller)
         return index
 
     def get(self, i: int) -> torch.Tensor:
@@ -343,6 +380,7 @@ class TransformModel(nn.Module):
         mapping (a sigmoid's 0.3 came back as 0.62 after ``load_state_dict``).  Built-in mappings
         as plain data (``weights_only``-safe); one of one's own as ``None``: the loading model
         keeps its own there."""
+        self._check_mappings("state_dict()")  # four mappings had been saved for five parameters
         return {"mappings": [mapping_state(mapping) for mapping in self.m]}
 
     def set_extra_state(self, state: dict) -> None:
@@ -374,6 +412,7 @@ class TransformModel(nn.Module):
         return _stack_values([self.get(i) for i in range(len(self.p))])
 
     def _transform_parameters(self) -> torch.Tensor:
+        self._check_structure("get_matrix()")
         values = self.parameter_values()
         return _select(values, -1, self._slots())
 
@@ -487,6 +526,11 @@ class TransformModel(nn.Module):
             )
 
     def extra_repr(self) -> str:
+        try:  # a repr says what is wrong rather than raising it
+            self._check_structure("repr()")
+        except ValueError:
+            return f"center=({self.cx:g}, {self.cy:g}), bordermode={self.bordermode!r}, {len(self.p)} parameters, " \
+                   f"{len(self.m)} mappings"
         if any(param.is_meta for param in self.p):  # no values to show (reading them raised)
             return f"center=({self.cx:g}, {self.cy:g}), bordermode={self.bordermode!r}, values on 'meta'"
         values = ", ".join(f"{v:.4g}" for v in self.parameter_values()[0].tolist())
@@ -510,6 +554,7 @@ class AffineModel(TransformModel):
             raise ValueError(f"{caller}: 'size' must be (H, W); got a tensor of shape {tuple(size.shape)}: the "
                              "autograd model takes forward(source) and returns the warped image (the fixed image "
                              "goes into your loss)")
+        self._check_structure(caller)
         source = self._finite.check(source, "source", caller)
         if len(self.p):  # named as the analytic model names it (warp() named a 'matrix' the user never passed)
             _check_like(self.p[0], source, caller)
@@ -748,6 +793,7 @@ class AffineModelAnalytic(TransformModel):
             raise RuntimeError(f"{caller}: torch.func transforms (grad, vmap, jacrev, ...) cannot run an analytic "
                                "model: it writes param.grad in forward and its outputs hold no graph; use the "
                                "autograd model (create_model(..., gradients='autograd'))")
+        self._check_structure(caller)
         source = self._finite.check(source, "source", caller)
         target = self._finite.check(target, "target", caller)
         if source.shape[:2] != target.shape[:2]:
