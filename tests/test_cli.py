@@ -232,6 +232,35 @@ def test_register_with_a_mask_and_levels(data, tmp_path, monkeypatch):
     assert grid_error(saved.matrix, torch.from_numpy(data["truth"]), data["size"]) < 0.5
 
 
+def test_a_mask_with_alpha_counts_its_opaque_nonzero_pixels(data, tmp_path, monkeypatch):
+    """A region drawn on a white, transparent canvas (a drawn mask's common export) selected every
+    pixel: the alpha was dropped.  With alpha, a pixel counts where it is nonzero and opaque, and
+    the registration is the grey mask's of the same region, to the bit."""
+    height, width = data["size"]
+    region = np.zeros((height, width), bool)
+    region[10:-10, 20:-20] = True
+    drawn = np.full((height, width, 4), 255, np.uint8)
+    drawn[..., 3] = np.where(region, 255, 0)
+    imageio.imwrite(tmp_path / "drawn.png", drawn)
+    imageio.imwrite(tmp_path / "grey.png", np.where(region, 255, 0).astype(np.uint8))
+    opaque = np.zeros((height, width, 2), np.uint8)  # grey + alpha, all opaque: the grey decides
+    opaque[..., 0], opaque[..., 1] = np.where(region, 200, 0), 255
+    imageio.imwrite(tmp_path / "opaque.png", opaque)
+    monkeypatch.chdir(tmp_path)
+    matrices = {}
+    for name in ("drawn", "grey", "opaque"):
+        arguments = ["register", data["folder"] / "fixed.png", data["folder"] / "moving.png", "-o", name,
+                     "--mask", f"{name}.png", "-t", "rigid", "-q"]
+        assert main(list(map(str, arguments))) == 0
+        matrices[name] = tireg.transform_io.load_transform(tmp_path / name / "transform.json").matrix
+    assert torch.equal(matrices["drawn"], matrices["grey"]) and torch.equal(matrices["opaque"], matrices["grey"])
+    unmasked = ["register", data["folder"] / "fixed.png", data["folder"] / "moving.png", "-o", "none", "-t", "rigid",
+                "-q"]
+    assert main(list(map(str, unmasked))) == 0
+    assert not torch.equal(tireg.transform_io.load_transform(tmp_path / "none" / "transform.json").matrix,
+                           matrices["grey"])
+
+
 def test_register_smoothing_option(data, tmp_path, monkeypatch, capsys):
     # --smoothing: the full-resolution level's sigma (register's Pyramid(finest_smoothing=)); a bad one
     # is named, before any work

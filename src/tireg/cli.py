@@ -558,6 +558,8 @@ def _check_grey(grey: np.ndarray, image: ImageData, what: str) -> None:
 
 
 def _read_mask(path: Optional[str], size: tuple[int, int], what: str) -> Optional[np.ndarray]:
+    """The mask image at ``path`` as ``(H, W)`` float32 ones and zeros: a pixel counts where its
+    grey value (:func:`~tireg.io.luminance`) is nonzero and, in an image with alpha, its alpha too."""
     if path is None:
         return None
     mask = _single(read_image(path, what=what), what)
@@ -568,6 +570,8 @@ def _read_mask(path: Optional[str], size: tuple[int, int], what: str) -> Optiona
             f"{size[1]} x {size[0]}"
         )
     selected = luminance(mask.frames[0]) != 0
+    if mask.format.alpha is not None:  # and opaque: a region drawn on a white, transparent canvas had
+        selected &= mask.frames[0][..., -1] != 0  # selected the whole image, without a word
     if selected.sum() < 16:
         raise CommandError(f"{what} {str(mask.path)!r} selects {int(selected.sum())} pixels; at least 16 are needed")
     return selected.astype(np.float32)
