@@ -1322,3 +1322,95 @@ def test_a_parameter_count_the_base_matrix_does_not_take_says_override_get_matri
         model(moving) if gradients == "autograd" else model(moving, fixed)
     with pytest.raises(ValueError, match=message):
         model.get_matrix()
+
+
+def _shear_matrix(shear, dx, dy):
+    one, zero = torch.ones_like(shear), torch.zeros_like(shear)
+    rows = [torch.stack([one, shear, dx], -1), torch.stack([zero, one, dy], -1), torch.stack([zero, zero, one], -1)]
+    return torch.stack(rows, -2)
+
+
+class _Shear(tireg.AffineModelAnalytic):
+    """A user's own model (shear, dx, dy) whose get_derva(1) is twice what it should be."""
+
+    def __init__(self, moving):
+        super().__init__(0.0, 0.0, "zeros", moving)
+        self.p = torch.nn.ParameterList(torch.tensor([v], dtype=torch.float64) for v in (0.05, 0.3, -0.2))
+        self.m = [IdentityMapping() for _ in self.p]
+
+    def get_matrix(self):
+        return _shear_matrix(self.get(0), self.get(1), self.get(2))
+
+    def get_derva(self, idx):
+        unit = torch.zeros(3, 3, dtype=torch.float64)
+        unit[[0, 0, 1][idx], [1, 2, 2][idx]] = 2.0 if idx == 1 else 1.0
+        return unit
+
+
+def test_a_get_derva_that_is_not_the_matrixs_derivative_is_found_when_it_counts(images):
+    """get_derva is checked against autograd's derivative of get_matrix at the first forward and again
+    when the parameters or mappings change: a frozen parameter's derivative is not used (and not
+    checked) until it requires grad again; a new parameter list or mapping is checked anew."""
+    fixed, moving = images
+    model = _Shear(moving)
+    model.p[1].requires_grad_(False)
+    model(moving, fixed)  # the wrong derivative goes into no gradient
+    assert model.p[1].grad is None and model.p[0].grad is not None
+    model.p[1].requires_grad_(True)
+    with pytest.raises(ValueError, match=r"get_derva\(1\) is not the derivative of get_matrix\(\) with respect to "
+                                         r"parameter 1: autograd's differs from it by 50.0% .*Check get_derva\(1\)"):
+        model(moving, fixed)
+    model.p[1].requires_grad_(False)
+    model(moving, fixed)
+    model.p = torch.nn.ParameterList(torch.tensor([v], dtype=torch.float64) for v in (0.05, 0.3, -0.2))  # a new list
+    with pytest.raises(ValueError, match=r"get_derva\(1\) is not the derivative"):
+        model(moving, fixed)
+
+    class Right(_Shear):
+        def get_derva(self, idx):
+            return super().get_derva(idx) / (2.0 if idx == 1 else 1.0)
+
+    model = Right(moving)
+    model(moving, fixed)
+    model.set_parameter(1, 0.1, SigmoidMapping(-0.5, 0.5))  # a new mapping: checked again, still right
+    model(moving, fixed)
+    assert model.p[1].grad is not None
+
+
+def test_a_parameter_the_matrix_does_not_use_gets_no_gradient_as_with_backward(images):
+    """An extra parameter that get_matrix() does not use (get_derva(i) zero): backward() leaves its
+    .grad None, so optimisers skip it; the analytic model wrote a zero .grad, and AdamW's weight decay
+    moved it (0.5 to 0.476 in 50 steps) where the autograd model's stayed."""
+    fixed, moving = images
+
+    class Extra(_Shear):
+        def __init__(self, moving):
+            super().__init__(moving)
+            self.p.append(torch.nn.Parameter(torch.tensor([0.5], dtype=torch.float64)))
+            self.m.append(IdentityMapping())
+
+        def get_derva(self, idx):
+            if idx == 3:
+                return torch.zeros(3, 3, dtype=torch.float64)
+            return super().get_derva(idx) / (2.0 if idx == 1 else 1.0)
+
+    class ExtraAutograd(tireg.AffineModel):
+        def __init__(self):
+            super().__init__(0.0, 0.0, "zeros")
+            self.p = torch.nn.ParameterList(torch.tensor([v], dtype=torch.float64) for v in (0.05, 0.3, -0.2, 0.5))
+            self.m = [IdentityMapping() for _ in self.p]
+
+        get_matrix = _Shear.get_matrix
+
+    analytic, autograd = Extra(moving), ExtraAutograd()
+    optimizers = [torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1) for model in (analytic, autograd)]
+    for _ in range(3):
+        analytic(moving, fixed)
+        tireg.L2Loss()(autograd(moving), fixed).sum().backward()
+        assert analytic.p[3].grad is None and autograd.p[3].grad is None
+        for mine, theirs in zip(analytic.p[:3], autograd.p[:3]):
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-9, atol=1e-12)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    assert analytic.p[3].item() == autograd.p[3].item() == 0.5

@@ -657,6 +657,9 @@ class AffineModelAnalytic(TransformModel):
         self.metric: Optional[Metric] = metric
         # the source moving_with_gradient was made from, with the settings it was made with
         self._moving_stamp: Optional[TensorStamp] = None
+        # the model's own dA/dp checked against autograd's (_check_own_jacobian): (key, what it keeps alive,
+        # the indices of the parameters that get_matrix() does not use)
+        self._jacobian_checked: tuple = (None, None, frozenset())
         self.register_buffer("moving_with_gradient", None, persistent=False)
         self._pixel_axes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.compile = compile
@@ -686,6 +689,7 @@ class AffineModelAnalytic(TransformModel):
         gradient images): the copy makes them again on its first forward."""
         state = super().__getstate__()
         state.update(_padded=(None, None), _coordinates=(None, None), _pixel_axes={}, _moving_stamp=None,
+                     _jacobian_checked=(None, None, frozenset()),
                      _ranges=((None, None), None, None), _buffers=dict(state["_buffers"], moving_with_gradient=None))
         return state
 
@@ -811,6 +815,7 @@ class AffineModelAnalytic(TransformModel):
             if not matches(self._moving_stamp, source, *self._gradient_settings()):
                 self._precompute(source)
             stacked = self.moving_with_gradient
+        unused = self._check_own_jacobian(caller)
         batch = source.shape[0]
         with torch.no_grad():
             # the one-graph step, but for an image beyond one band (fused.step_in_bands): its kernel
@@ -841,11 +846,115 @@ class AffineModelAnalytic(TransformModel):
             gradient = parameter_gradient(matrix_gradient, jacobian)  # (B, P): dL/dp
             params = self._parameter_list()
             if write_gradients:  # chain rule through m(r), or through a subclass's own values
-                _accumulate(params, self._through_own_values(gradient, params) if self._has_own_values()
-                            else _raw_gradients(gradient, params, self.m))
+                raw_gradients = (self._through_own_values(gradient, params) if self._has_own_values()
+                                 else _raw_gradients(gradient, params, self.m))
+                for i in unused:  # as backward() leaves them: no .grad where A does not depend on the parameter
+                    raw_gradients[i] = None
+                _accumulate(params, raw_gradients)
             if timed:
                 self._eager_seconds += time.perf_counter() - started
         return warped, cost.sum()
+
+    def _check_own_jacobian(self, caller: str) -> frozenset:
+        """Check a subclass's own ``dA/dp`` (``get_derva``, ``parameter_jacobian``) against autograd's
+        derivative of its matrix; return the indices of the parameters the matrix does not depend on.
+
+        The analytic gradient is ``<G, get_derva(i)>``; it is the gradient of the cost only where
+        ``get_derva(i)`` is the derivative of the matrix the model warps with.  A subclass that copied
+        the seed's analytic model (``get_derva`` only) with its parameters in its own order, say
+        ``(angle, scale, dx, dy)``, warped with the base's matrix, whose order is
+        ``(angle, dx, dy, scale)`` (``transform_slots``), while differentiating its own: the loss and
+        the gradient belonged to two functions, gradients 4-450 % off, and nothing said so.
+
+        Checked at the first forward, and again when the parameters (the objects, ``requires_grad``,
+        dtype, device) or the mappings change: in raw terms, ``dA/dr_i`` as the analytic path forms
+        it (``get_derva(i) m_i'(r_i)``, or through a subclass's own values by autograd) against
+        autograd's through :meth:`matrix`, for the six entries of A's top rows and every parameter
+        that requires grad, with the pairs' matrices as the step uses them.  A parameter passes where
+        every difference is within 1e-3 of its largest entry (plus 1e-6 of the largest of all, for a
+        parameter whose derivative is all but zero): float32 rounding is far below that, and an order
+        mixed up or a derivative of another function far above.  Skipped under inference mode and where
+        the matrix holds no graph (built from numbers); a parameter frozen or beyond the check's
+        reach (every one frozen) is checked when it next requires grad.
+
+        A parameter that ``get_matrix()`` does not use at all (autograd has no gradient for it) and
+        whose ``get_derva`` is zero gets no ``.grad``, as ``backward()`` leaves it (a zero ``.grad``
+        had let AdamW's weight decay move it).
+        """
+        if not self._overrides(("get_derva", "parameter_jacobian")):
+            return frozenset()
+        params = self._parameter_list()
+        reference = params[0] if params else None
+        key = (tuple(map(id, params)), tuple(param.requires_grad for param in params), tuple(map(id, self.m)),
+               None if reference is None else (reference.dtype, reference.device))
+        checked, _, unused = self._jacobian_checked
+        if checked == key:
+            return unused
+        wanted = [i for i, param in enumerate(params) if param.requires_grad]
+        if not wanted or torch.is_inference_mode_enabled():
+            return frozenset()
+        with torch.enable_grad():
+            matrix = self.matrix()
+            jacobian = self.parameter_jacobian().detach()
+            own_values = self._has_own_values()
+            values = _stack_values([self.get(i) for i in range(len(params))]) if own_values else None
+        if matrix.grad_fn is None:  # built from numbers: nothing to compare with
+            self._jacobian_checked = (key, (params, list(self.m)), frozenset())
+            return frozenset()
+        pairs = max(matrix.shape[0], jacobian.shape[0])
+        matrix, jacobian = matrix.expand(pairs, 3, 3), jacobian.expand(pairs, -1, -1, -1)
+        derivatives = None if own_values else [self.m[i].derivative(params[i].detach()).reshape(-1) for i in wanted]
+        automatic = [[] for _ in wanted]
+        analytic = [[] for _ in wanted]
+        connected = [False] * len(wanted)
+        wanted_params = [params[i] for i in wanted]
+        for row, column in ((0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)):
+            found = torch.autograd.grad(matrix[:, row, column].sum(), wanted_params, retain_graph=True,
+                                        allow_unused=True)
+            if own_values:
+                with torch.enable_grad():
+                    linear = (values.expand(pairs, -1) * jacobian[..., row, column]).sum()
+                formed = (torch.autograd.grad(linear, wanted_params, retain_graph=True, allow_unused=True)
+                          if linear.requires_grad else [None] * len(wanted))
+            else:
+                formed = [(jacobian[:, i, row, column] * derivative).sum_to_size(param.shape)
+                          for i, derivative, param in zip(wanted, derivatives, wanted_params)]
+            for k, (mine, theirs, param) in enumerate(zip(formed, found, wanted_params)):
+                connected[k] = connected[k] or theirs is not None
+                automatic[k].append(torch.zeros_like(param) if theirs is None else theirs.detach())
+                analytic[k].append(torch.zeros_like(param) if mine is None else mine.detach())
+        automatic = [torch.stack(entries).double() for entries in automatic]
+        analytic = [torch.stack(entries).double() for entries in analytic]
+        scales = [max(float(a.abs().max()), float(b.abs().max())) for a, b in zip(automatic, analytic)]
+        largest = max(scales)
+        for k, i in enumerate(wanted):
+            difference = float((automatic[k] - analytic[k]).abs().max())
+            if difference > 1e-3 * scales[k] + 1e-6 * largest:
+                raise ValueError(self._jacobian_mismatch(caller, i, connected[k], difference / scales[k]))
+        unused = frozenset(i for k, i in enumerate(wanted) if not connected[k] and scales[k] == 0.0)
+        self._jacobian_checked = (key, (params, list(self.m)), unused)
+        return unused
+
+    def _jacobian_mismatch(self, caller: str, i: int, connected: bool, relative: float) -> str:
+        """The message for a subclass's ``get_derva(i)`` that is not the derivative of its matrix."""
+        name = type(self).__name__
+        own = "get_derva" if self._overrides(("get_derva",)) else "parameter_jacobian"
+        what = f"get_derva({i})" if own == "get_derva" else f"parameter_jacobian()[:, {i}]"
+        if connected:
+            found = (f"{what} is not the derivative of get_matrix() with respect to parameter {i}: autograd's "
+                     f"differs from it by {relative:.1%} of its largest entry at the current values")
+        else:
+            found = f"get_matrix() does not depend on parameter {i}, but {what} is not zero"
+        if self._overrides(("get_matrix",)):
+            advice = f"Check {what} against get_matrix()."
+        else:
+            advice = (f"{name} overrides {own} but not get_matrix(), so it warps with the base class's matrix: the "
+                      f"{self.transform.name!r} transform with the parameters in the order {self._model_order()} "
+                      "(transform_slots). Override get_matrix() to build A from your parameters in your order "
+                      "(as the seed's MyModel does), or order your parameters as the base does.")
+        return (f"{caller}: {found}; the analytic gradient would be that of another function than the cost. "
+                f"{own}(i) must return dA/dp_i, the derivative of the matrix get_matrix() builds with respect to "
+                f"parameter i (self.get(i)). {advice}")
 
     def _has_own_values(self) -> bool:
         """Whether a subclass forms the parameter values its own way (``_VALUE_MATH``), not as ``m_i(p_i)``."""
