@@ -331,6 +331,16 @@ def test_apply_resamples_as_the_registration_did(data, tmp_path, monkeypatch, ca
     assert main(["apply", str(tmp_path / "out" / "transform.json"), str(folder / "moving.png"), "-o", "bilinear.png",
                  "--interpolation", "bilinear", "-q"]) == 0
     assert np.abs(imageio.imread(tmp_path / "bilinear.png").astype(int) - warped.astype(int)).max() > 1
+    # a recorded interpolation apply does not know was passed over without a word: bilinear, said
+    saved = json.loads((tmp_path / "out" / "transform.json").read_text())
+    saved["metadata"]["interpolation"] = "lanczos"
+    (tmp_path / "lanczos.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert main(["apply", "lanczos.json", str(folder / "moving.png"), "-o", "lanczos.png", "-q"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "tireg: warning: lanczos.json records the interpolation 'lanczos', which apply does not know; bilinear is "
+        "used (--interpolation picks one of bilinear, bicubic, nearest)"]
+    np.testing.assert_array_equal(imageio.imread(tmp_path / "lanczos.png"), imageio.imread(tmp_path / "bilinear.png"))
 
 
 def test_apply_keeps_grey_and_alpha_as_alpha_in_a_tiff(data, registered, tmp_path, monkeypatch):

@@ -853,6 +853,10 @@ def _apply_interpolation(args: argparse.Namespace, transform) -> tuple[str, str]
     recorded = transform.metadata.get("interpolation")
     if isinstance(recorded, str) and recorded in APPLY_INTERPOLATIONS:
         return recorded, f" (as {Path(args.transform).name} records)"
+    if recorded is not None:  # an edited or foreign file's value had been passed over without a word
+        warnings.warn(f"{Path(args.transform).name} records the interpolation {recorded!r}, which apply does not "
+                      f"know; bilinear is used (--interpolation picks one of {', '.join(APPLY_INTERPOLATIONS)})",
+                      stacklevel=2)
     return "bilinear", ""
 
 
