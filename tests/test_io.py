@@ -638,3 +638,20 @@ def test_convert_dtype_names_a_dtype_numpy_does_not_know():
     with pytest.raises(TypeError, match=r"^convert_dtype\(\): 'values' must be real numbers; got object$"):
         convert_dtype(None, np.uint8)
     assert convert_dtype(np.array([0.2, 300.0]), "uint8").tolist() == [0, 255]
+
+
+def test_a_file_that_cannot_be_read_is_named_with_its_reason(tmp_path):
+    """``Path.exists()`` is false for any error: a loop of symbolic links read "no such file"."""
+    with pytest.raises(FileNotFoundError, match=r"^no such file: '.*absent\.png' \(fixed image\)$"):
+        read_image(tmp_path / "absent.png", what="fixed image")
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(ImageError, match=r"folder\.png' is a folder, not an image file \(fixed image\)$"):
+        read_image(tmp_path / "folder.png", what="fixed image")
+    (tmp_path / "zero.png").write_bytes(b"")
+    with pytest.raises(ImageError, match=r"zero\.png' is an empty file \(0 bytes\) \(fixed image\)$"):
+        read_image(tmp_path / "zero.png", what="fixed image")
+    os.symlink(tmp_path / "loop2.png", tmp_path / "loop1.png")
+    os.symlink(tmp_path / "loop1.png", tmp_path / "loop2.png")
+    with pytest.raises(ImageError, match=r"^cannot open '.*loop1\.png' \(fixed image\): Too many levels of symbolic "
+                                         r"links$"):
+        read_image(tmp_path / "loop1.png", what="fixed image")

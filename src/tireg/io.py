@@ -41,6 +41,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 import warnings
 from dataclasses import dataclass, field, replace
@@ -250,11 +251,19 @@ def format_for_path(path: PathLike, *, what: str = "image") -> str:
 
 
 def _check_file(path: Path, what: str) -> None:
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {str(path)!r} ({what})")
-    if path.is_dir():
+    """Raise naming ``path`` and ``what`` unless it is a file that holds something.
+
+    By one ``stat``: ``Path.exists()`` is false for any error, and a loop of symbolic links was
+    reported as "no such file"; the system's own reason is named now."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {str(path)!r} ({what})") from None
+    except OSError as error:  # a loop of links, a name too long, a folder that may not be searched
+        raise ImageError(f"cannot open {str(path)!r} ({what}): {error.strerror or error}") from None
+    if stat.S_ISDIR(status.st_mode):
         raise ImageError(f"{str(path)!r} is a folder, not an image file ({what})")
-    if path.stat().st_size == 0:
+    if status.st_size == 0:
         raise ImageError(f"{str(path)!r} is an empty file (0 bytes) ({what})")
 
 
