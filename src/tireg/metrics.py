@@ -361,7 +361,11 @@ class NCC(Metric):
     valid pixels has ``ncc = 0`` and no derivative: flat within rounding of
     its values (:func:`_flat_variance`), so the same for images of any gain
     (an absolute constant under the root had scored an aligned pair 0.30 at
-    gain 1 and 0.64 at gain 1e-4).
+    gain 1 and 0.64 at gain 1e-4).  The sums are in the images' dtype: in
+    float32 the centred squares ``w x~^2`` leave its range for values below
+    about 1e-18 or above 1e18 (a 32^2 pair of values in [0, 1.3] times 1e-22
+    cost ``-inf``, times 1e18 1.0 (flat), times 1e19 NaN); give such images in
+    float64 or rescaled (``register`` normalises its images).
     """
 
     linear_intensity = True
@@ -581,6 +585,9 @@ class LocalNCC(Metric):
     with ``normalize=False`` takes each one's mean off).  Shifting each image
     by its mean or its minimum here, at every call, made registrations of
     normalised images less precise (0.03 → 0.1 px), so none is taken.
+    Such rounding can put a window's ``lncc_i`` far outside ``[-1, 1]``
+    (float32 at an offset of 1e3: a cost of 12.9 where 0.76 is right; float64
+    at 1e6: 0.763), so the cost is then no longer bounded.
     ``eps`` is absolute: the cost is the same for any offset, and for any gain
     only where the product of the window sums ``var_x var_y`` (``n_i^2`` times
     the variances' product) is large against ``eps``.
