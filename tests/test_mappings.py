@@ -324,3 +324,51 @@ def test_forward_and_derivative_take_a_floating_point_tensor_only(mapping, raw):
                                             rf"floating-point tensor; got {shown}$"):
             getattr(mapping, method)(raw)
     assert mapping(torch.zeros(2, dtype=torch.float16)).dtype == torch.float16
+
+
+@pytest.mark.filterwarnings("ignore:.torch.jit.script. is deprecated:DeprecationWarning")  # torch's own, in jacfwd
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_autograd_through_a_saturated_sigmoid_is_the_exact_derivative(dtype):
+    """Saturated (float32 from raw ~ 17), forward clamps its value next to the bound: autograd's
+    derivative through it had been the clamp's 0 (and sigmoid's y (1 - y) rounds to 0 there too),
+    while the analytic path multiplied by the exact m'(r): Adam made a full step on one path and
+    none on the other. Autograd's derivative of forward is derivative() on both sides now, its
+    second derivative the exact mapping's, and the value is what it was, to the last bit."""
+    mapping = SigmoidMapping(0.5, 1.6)
+    raw = torch.tensor([-60.0, -20.0, -10.0, -1.0, 0.0, 2.0, 10.0, 20.0, 60.0], dtype=dtype, requires_grad=True)
+    value = mapping.forward(raw)
+    (grad,) = torch.autograd.grad(value.sum(), raw, create_graph=True)
+    exact = mapping.derivative(raw.detach())
+    assert bool((exact[[1, -2]] > 0).all())  # saturated in float32, not 0
+    torch.testing.assert_close(grad, exact, rtol=4 * torch.finfo(dtype).eps, atol=0)
+    with torch.no_grad():
+        assert torch.equal(value, mapping.forward(raw))
+    assert bool((value > 0.5).all() and (value < 1.6).all())
+    forward_mode = torch.func.jacfwd(mapping.forward)(raw.detach()).diagonal()
+    torch.testing.assert_close(forward_mode, exact, rtol=4 * torch.finfo(dtype).eps, atol=0)
+    (second,) = torch.autograd.grad(grad.sum(), raw)
+    s, t = torch.sigmoid(raw.detach().double()), torch.sigmoid(-raw.detach().double())  # m'' = m' (t - s)
+    torch.testing.assert_close(second.double(), 1.1 * s * t * (t - s),
+                               rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-30)
+
+
+def test_a_saturated_sigmoid_takes_the_same_adam_step_on_both_gradient_paths():
+    """The audit's case: float32, the seed's scale mapping saturated at raw 20."""
+    import tireg
+
+    generator = torch.Generator().manual_seed(5)
+    fixed = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 30, 40, generator=generator), 5, 1, 2)
+    moving = torch.roll(fixed, 1, -1)
+    models = [tireg.create_model("similarity", moving, gradients=kind, compile=False) for kind in ("analytic", "autograd")]
+    for model in models:
+        model.set_parameter(1, 1.0, SigmoidMapping(0.5, 1.6))
+        with torch.no_grad():
+            model.p[1].fill_(20.0)
+    analytic, autograd = models
+    analytic(moving, fixed)
+    tireg.L2Loss()(autograd(moving), fixed).sum().backward()
+    assert autograd.p[1].grad.item() != 0.0
+    torch.testing.assert_close(analytic.p[1].grad, autograd.p[1].grad, rtol=1e-4, atol=0)
+    for model in models:
+        torch.optim.Adam(model.parameters(), lr=0.1).step()
+    assert analytic.p[1].item() == autograd.p[1].item() < 20.0

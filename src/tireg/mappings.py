@@ -124,7 +124,12 @@ class SigmoidMapping(Mapping):
     ``solve(forward(r))`` is a raw value whose ``forward`` is that value to one
     unit in the last place (not ``r`` itself, which no longer changes the value).  ``derivative`` is the exact
     mapping's, accurate on both sides (about ``(hi - lo) e^{-|r|}``, 0 only
-    where that underflows), not the clamp's 0.  (Where a dtype has no value
+    where that underflows), not the clamp's 0, and so is autograd's derivative
+    of ``forward`` (the analytic and autograd models take the same gradient
+    there: autograd's had been the clamp's 0, and sigmoid's ``y (1 - y)`` is 0
+    once ``y`` rounds to 1).  The value is the clamped one; only its
+    derivative is the exact mapping's, a step from saturation back inside
+    that the rounded value cannot show.  (Where a dtype has no value
     strictly between ``lo`` and ``hi``, as float16 may for a narrow range,
     nothing can stay inside.)
     """
@@ -152,9 +157,21 @@ class SigmoidMapping(Mapping):
         self.__init__(state.get("_lo", state.get("lo")), state.get("_hi", state.get("hi")))
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        value = self.lo + (self.hi - self.lo) * torch.sigmoid(_raw(self, raw, "forward"))
+        raw = _raw(self, raw, "forward")
+        span = self.hi - self.lo
+        value = self.lo + span * torch.sigmoid(raw)
         inside = self._inside.get(value.dtype)
-        return value if inside is None else value.clamp(*inside)
+        value = value if inside is None else value.clamp(*inside)
+        if torch.is_grad_enabled():  # not raw.requires_grad alone: forward-mode AD's tensors require none
+            # autograd's derivative is the exact mapping's, as derivative() gives it: the clamp's is 0 at
+            # saturation, and sigmoid's own backward, y (1 - y), is 0 where y rounds to 1 (float32 from
+            # r ~ 17); the analytic path wrote 2.7e-7 where autograd wrote 0, and Adam made either a full
+            # step. The distance to the nearer bound, sigmoid of minus |r| times the span, has an accurate
+            # derivative on both sides (and second derivative); added as (tail - tail) = 0 exactly, it
+            # leaves the value as it is, to the last bit.
+            tail = torch.where(raw < 0, span * torch.sigmoid(raw), -span * torch.sigmoid(-raw))
+            value = value.detach() + (tail - tail.detach())
+        return value
 
     def derivative(self, raw: torch.Tensor) -> torch.Tensor:
         # sigmoid(r) sigmoid(-r): s (1 - s) was 0 from r = 17 in float32 (off by 4.6e-4 at r = 10)
