@@ -1170,3 +1170,78 @@ def test_a_sparse_matrix_for_overlap_ncc_is_refused_naming_it():
     image = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     with pytest.raises(TypeError, match=r"^overlap_ncc\(\): 'matrix' must be a dense tensor; got layout torch.sparse"):
         overlap_ncc(image, image, torch.eye(3).to_sparse())
+
+
+# ----------------------------------------------------------------------------
+# shifts beyond half the image: the other readings of a phase-correlation peak
+
+#: (image, size, truth (angle, scale, tx, ty)): 41-48 % of the fixed image overlapping
+BEYOND_HALF = [
+    ("coins", (128, 128), (0.0, 1.0, 70.0, 0.0)),
+    ("coins", (128, 128), (0.0, 1.0, 0.0, -75.0)),
+    ("coins", (96, 128), (0.0, 1.0, -70.0, 2.0)),
+    ("camera", (96, 112), (0.0, 1.0, 62.0, 2.0)),
+]
+
+
+@pytest.mark.parametrize("kind", ["translation", "rigid", "similarity", "affine"])
+@pytest.mark.parametrize("name, size, params", BEYOND_HALF)
+def test_a_shift_beyond_half_the_image_is_found_not_its_wrapped_alias(kind, name, size, params):
+    # The peak of phase correlation is known modulo the image; it was read in [-N/2, N/2) only, and
+    # register() ended at the wrapped alias (70 -> -58 px on 128^2), 82-196 px off, "converged".
+    truth = similarity(*params, size=size)
+    fixed, moving = cut_pair(name, truth, size)
+    assert grid_error(initialize(fixed, moving, kind), truth, size).item() < 0.5
+    result = tireg.register(fixed, moving, transform=kind)
+    assert grid_error(result.matrix.reshape(-1, 3, 3), truth, size).item() < 0.1 and result.converged.all()
+
+
+@pytest.mark.parametrize("angle", [0.0, 10.0])
+def test_the_search_reads_its_candidates_shifts_beyond_half_the_image(angle):
+    # Every search candidate's shift is phase correlation's too: 58 px of 112 was read as -54.
+    size = (80, 112)
+    truth = similarity(angle, 1.0, 58.0, 2.0, size=size)
+    fixed, moving = cut_pair("astronaut", truth, size)
+    assert grid_error(initialize(fixed, moving, "similarity", method="search"), truth, size).item() < 1.0
+
+
+def test_wrap_readings_are_the_other_multiples_of_the_grid():
+    shifts = torch.tensor([[[-58.0, 3.0], [0.0, -40.0]]], dtype=torch.float64)  # (1, 2, 2)
+    matrices = translation_matrix(shifts)
+    readings = init_module._wrap_readings(matrices, shifts, (96, 128))  # (H, W)
+    found = readings[..., :2, 2]  # (1, 2, 4, 2)
+    expected = torch.tensor([[[[-58.0, 3.0], [70.0, 3.0], [-58.0, -93.0], [70.0, -93.0]],
+                              [[0.0, -40.0], [0.0, -40.0], [0.0, 56.0], [0.0, 56.0]]]], dtype=torch.float64)
+    assert torch.equal(found, expected)  # a zero shift has no other reading: the first again
+
+
+def test_other_readings_cost_nothing_below_a_quarter_of_the_image(monkeypatch):
+    """Another reading of a shift below a quarter of the image overlaps by less than the quarter a
+    score needs: none is warped nor scored (the initialiser runs on every register() call)."""
+    scored = []
+    ncc_scores = init_module._ncc_scores
+    monkeypatch.setattr(init_module, "_ncc_scores",
+                        lambda f, m, matrices, overlap: scored.append(matrices.shape[1]) or ncc_scores(f, m, matrices, overlap))
+    truth = similarity(0.0, 1.0, 0.2 * SIZE[1], -0.2 * SIZE[0])
+    fixed, moving = cut_pair("camera", truth, SIZE)
+    for kind, count in (("translation", 3), ("similarity", 5)):  # identity, phase (windowed, not), Fourier-Mellin x 2
+        scored.clear()
+        assert grid_error(initialize(fixed, moving, kind), truth, SIZE).item() < 0.5
+        assert scored == [count], kind
+    truth = similarity(0.0, 1.0, 70.0, 0.0, size=(128, 128))
+    fixed, moving = cut_pair("coins", truth, (128, 128))
+    scored.clear()
+    initialize(fixed, moving, "translation")
+    assert scored[0] > 3  # the readings of 70 px (-58 wrapped) are scored
+
+
+def test_a_pair_shifted_beyond_half_initialises_alone_as_in_a_batch():
+    """A reading is scored where any pair of the batch needs it, and kept by its own pair's test."""
+    pairs = [cut_pair("coins", similarity(0.0, 1.0, 70.0, 0.0, size=(128, 128)), (128, 128)),
+             cut_pair("coins", similarity(20.0, 1.1, 5.0, -8.0, size=(128, 128)), (128, 128)),
+             cut_pair("coins", similarity(0.0, 1.0, -3.0, 72.0, size=(128, 128)), (128, 128))]
+    fixed, moving = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    for kind in ("translation", "similarity"):
+        batch = initialize(fixed, moving, kind)
+        alone = torch.cat([initialize(fixed[i : i + 1], moving[i : i + 1], kind) for i in range(3)])
+        assert torch.allclose(batch, alone, atol=1e-3), (kind, (batch - alone).abs().max())

@@ -896,6 +896,94 @@ def _least_overlap(matrices: torch.Tensor, moving_pixels, fixed_pixels, min_over
     return torch.minimum(footprint, fixed_pixels).mul(min_overlap).maximum(smaller * (min_overlap / 4))
 
 
+#: A wrap-around reading of a phase shift (:func:`_wrap_readings`) is scored only where a coarse count
+#: of its overlap (:func:`_coarse_overlap`, on :data:`READING_GRID` x :data:`READING_GRID` points)
+#: reaches this fraction of the overlap it needs (:func:`_least_overlap`); the others score -1 unscored.
+#: The count errs by a grid cell along the overlap's edges (a sixteenth of a side), so the margin
+#: never refuses a reading that the exact count would pass, and a shift of less than a quarter of
+#: the image (whose other readings overlap by less than a quarter) costs no scoring.
+READING_MARGIN = 0.75
+READING_GRID = 16
+
+
+def _wrap_readings(matrices: torch.Tensor, shifts: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The four readings ``(B, K, 4, 3, 3)`` of candidates ``A = P T(t)`` ``(B, K, 3, 3)`` whose shifts
+    ``t = (dx, dy)`` ``(B, K, 2)`` are phase-correlation peaks on a grid of ``size = (H, W)``.
+
+    A peak is known only modulo the grid, and :func:`_peak_shift` wraps it to ``[-N/2, N/2)``; the
+    true shift may be the other reading of either axis, ``dx' = dx - W sign(dx)``, ``dy' = dy - H
+    sign(dy)`` (a shift of more than half the image, with less than half of it overlapping; a zero
+    shift has no other reading: its reading is the first again, which :func:`_best_readings` skips).  The
+    readings are ``P T(dx, dy)``, ``P T(dx', dy)``, ``P T(dx, dy')``, ``P T(dx', dy')`` in that
+    order, i.e. ``A T(d)`` for ``d = (0, 0), (dx' - dx, 0), (0, dy' - dy), (dx' - dx, dy' - dy)``.
+    A 128 x 128 pair shifted by (70, 0) (45 % overlap) had started at (-58, 0) and ended 129 px
+    off, "converged"."""
+    height, width = size
+    period = constant((float(width), float(height)), like=shifts)
+    other = shifts.sign().neg_().mul_(period)  # (B, K, 2): dx' - dx, dy' - dy (0 for a zero shift)
+    zero = torch.zeros_like(other[..., :1])
+    deltas = torch.stack([torch.cat([zero, zero], -1), torch.cat([other[..., :1], zero], -1),
+                          torch.cat([zero, other[..., 1:]], -1), other], dim=-2)  # (B, K, 4, 2)
+    return matrices[:, :, None] @ translation_matrix(deltas)
+
+
+def _coarse_overlap(matrices: torch.Tensor, fixed_size: Sequence[int], moving_size: Sequence[int]) -> torch.Tensor:
+    """``(...)``: about how many fixed pixels of a ``fixed_size`` grid each matrix ``(..., 3, 3)`` maps
+    inside a moving grid of ``moving_size`` (``0 <= x <= w - 1``, ``0 <= y <= h - 1``, the overlap
+    that :func:`_ncc_scores` counts), from the centres of a :data:`READING_GRID` square grid of cells."""
+    (height, width), (moving_height, moving_width) = fixed_size, moving_size
+    rows, columns = min(READING_GRID, height), min(READING_GRID, width)
+
+    def points():  # (3, rows * columns) homogeneous cell centres
+        like = matrices
+        ys = (torch.arange(rows, dtype=like.dtype, device=like.device) + 0.5) * (height / rows) - 0.5
+        xs = (torch.arange(columns, dtype=like.dtype, device=like.device) + 0.5) * (width / columns) - 0.5
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1), torch.ones_like(grid_x.reshape(-1))])
+
+    grid = cached(("reading grid", height, width, rows, columns), matrices.dtype, matrices.device, points)
+    mapped = matrices[..., :2, :] @ grid  # (..., 2, P)
+    limits = constant(((moving_width - 1.0,), (moving_height - 1.0,)), like=mapped)
+    inside = ((mapped >= 0) & (mapped <= limits)).all(dim=-2)
+    return inside.to(matrices.dtype).mean(dim=-1) * (height * width)
+
+
+def _best_readings(readings: torch.Tensor, score_fixed: torch.Tensor, score_moving: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each candidate's best reading ``(B, K, 3, 3)`` of :func:`_wrap_readings`' ``(B, K, 4, 3, 3)``, and
+    its overlap NCC ``(B, K)`` (:func:`_ncc_scores` of the working images ``score_fixed``,
+    ``score_moving``; the first reading, the wrapped shift, on a tie).
+
+    Only the readings whose overlap can reach what a score needs (:data:`READING_MARGIN`) are warped
+    and scored; the others score -1, as an overlap too small does.  A reading is scored where any
+    pair of the batch needs it, and kept by its own pair's test: a pair's start is the same in any
+    batch."""
+    batch, count = readings.shape[:2]
+    flat = readings.flatten(1, 2)  # (B, 4 K, 3, 3)
+    fixed_pixels = score_fixed.shape[-2] * score_fixed.shape[-1]
+    moving_pixels = score_moving.shape[-2] * score_moving.shape[-1]
+    if score_fixed.shape[1] == 2:
+        fixed_pixels = score_fixed[:, 1:].sum((-1, -2, -3))[:, None]  # (B, 1) inside the masks
+    if score_moving.shape[1] == 2:
+        moving_pixels = score_moving[:, 1:].sum((-1, -2, -3))[:, None]
+    least = _least_overlap(flat, moving_pixels, fixed_pixels, MIN_OVERLAP)
+    plausible = _coarse_overlap(flat, score_fixed.shape[-2:], score_moving.shape[-2:]) >= READING_MARGIN * least
+    plausible = plausible.view(batch, count, 4)
+    plausible[..., 1:] &= (readings[:, :, 1:] != readings[:, :, :1]).flatten(-2).any(dim=-1)  # not the first again
+    plausible[..., 0] = True  # the wrapped shift: scored as ever
+    needed = plausible.flatten(1).any(dim=0)  # (4 K,) the readings some pair needs
+    scores = torch.full((batch, 4 * count), -1.0, dtype=readings.dtype, device=readings.device)
+    if bool(needed.all()):
+        scores = _ncc_scores(score_fixed, score_moving, flat, MIN_OVERLAP)
+    else:
+        columns = needed.nonzero()[:, 0]
+        scores[:, columns] = _ncc_scores(score_fixed, score_moving, flat[:, columns], MIN_OVERLAP)
+    scores = torch.where(plausible, scores.view(batch, count, 4), -1.0)
+    best = scores.argmax(dim=-1, keepdim=True)  # the first of equals: the wrapped shift
+    return (readings.gather(2, best[..., None, None].expand(batch, count, 1, 3, 3))[:, :, 0],
+            scores.gather(2, best)[..., 0])
+
+
 def overlap_ncc(
     fixed: torch.Tensor, moving: torch.Tensor, matrix: torch.Tensor, *, min_overlap: float = MIN_OVERLAP
 ) -> torch.Tensor:
@@ -999,7 +1087,8 @@ def _candidates(
     ``fixed_spectra`` ``(B, H, W // 2 + 1)``: the fixed images' windowed
     :func:`_spectra`; ``canvas`` ``(B, 1, H, W)`` mean-free moving image on the
     fixed grid (``canvas(x) = M(base x)``); ``base`` ``(B, 3, 3)``; ``params``
-    ``(B, K, 4)``; ``centre`` ``(B, 2)``.  Returns ``(B, K, 3, 3)``.
+    ``(B, K, 4)``; ``centre`` ``(B, 2)``.  Returns ``(B, K, 3, 3)`` and the shifts ``t`` ``(B, K, 2)``
+    (in ``[-N/2, N/2)`` along an axis of ``N`` pixels: :func:`_wrap_readings` gives the others).
     """
     batch, count = params.shape[:2]
     repeat = lambda t: t[:, None].expand(batch, count, *t.shape[1:]).reshape(batch * count, *t.shape[1:])  # noqa: E731
@@ -1007,7 +1096,8 @@ def _candidates(
                           repeat(centre))
     turned = _warp(repeat(canvas), start, None)
     shift = _shifts(fixed_spectra, turned, upsample=upsample)
-    return (repeat(base) @ start @ translation_matrix(shift)).view(batch, count, 3, 3)
+    return ((repeat(base) @ start @ translation_matrix(shift)).view(batch, count, 3, 3),
+            shift.view(batch, count, 2))
 
 
 def _project(matrix: torch.Tensor, kind: str, centre: torch.Tensor) -> torch.Tensor:
@@ -1047,14 +1137,15 @@ def _score_candidates(
     score_moving: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates' parameters ``(B, K, 4)`` (:func:`_candidate_linear`) -> matrices ``(B, K, 3, 3)`` and
-    overlap NCC ``(B, K)``, a chunk of candidates (:func:`tireg._chunks.chunk_slices`) at a time."""
+    overlap NCC ``(B, K)``, a chunk of candidates (:func:`tireg._chunks.chunk_slices`) at a time; each
+    candidate's shift is the best of its wrap-around readings (:func:`_best_readings`)."""
     batch = params.shape[0]
     pixels = batch * canvas.shape[-2] * canvas.shape[-1]
-    matrices = torch.cat([
+    matrices, shifts = (torch.cat(parts, dim=1) for parts in zip(*[
         _candidates(fixed_spectra, canvas, base, params[:, part], centre, upsample=1)
         for part in chunk_slices(params.shape[1], pixels, CHUNK_PIXELS)
-    ], dim=1)
-    return matrices, _ncc_scores(score_fixed, score_moving, matrices, MIN_OVERLAP)
+    ]))
+    return _best_readings(_wrap_readings(matrices, shifts, canvas.shape[-2:]), score_fixed, score_moving)
 
 
 def _improved(result: torch.Tensor, score: torch.Tensor, index: torch.Tensor, found: torch.Tensor,
@@ -1325,7 +1416,13 @@ def initialize(
 
     The score is the NCC over the overlap (:func:`overlap_ncc`, at least
     :data:`MIN_OVERLAP` of the fixed image) of the downsampled images blurred
-    with a Gaussian of sigma = 1 (working) pixel.  Pairs where either image is
+    with a Gaussian of sigma = 1 (working) pixel.  A phase-correlation shift is
+    known only modulo the image, ``(dx + k W, dy + l H)``: every scored candidate's
+    shift is scored in its four readings, ``dx`` or ``dx - W sign(dx)`` along
+    ``x`` and the same along ``y``, and the best kept (:func:`_wrap_readings`;
+    a shift of more than half the image, with less than half of it overlapping).
+    ``"phase"`` returns the wrapped shift, ``|d| <= N/2``, as
+    :func:`phase_correlation` does.  Pairs where either image is
     constant get the ``"center"`` matrix (the identity for equal sizes) from
     every method but ``"identity"`` (which gives the identity): nothing can be
     estimated, and this is not an error.
@@ -1519,17 +1616,20 @@ def _initialize(
         fixed_spectra = _spectra(small_f)  # windowed, shared by every candidate's phase correlation
         images = _SearchImages(small_f, fixed_spectra, canvas, base, turn_centre, score_f, score_m)
         reuse = start is not None and method == "auto" and kind != "translation"  # the quick candidates given
-        phase = None if reuse else base @ translation_matrix(_shifts(fixed_spectra, canvas))
+        phase_shift = None if reuse else _shifts(fixed_spectra, canvas)
         # and without the window: a large shift (30-60 % overlap) puts the overlap at the images' edges,
         # which the window suppresses (17 of 80 such pairs failed with the window alone, none without)
-        unwindowed = lambda: base @ translation_matrix(_phase_shift(small_f, canvas, window=False))  # noqa: E731
+        shifts = lambda: torch.stack([torch.zeros_like(phase_shift), phase_shift,  # noqa: E731
+                                      _phase_shift(small_f, canvas, window=False)], dim=1)
+        # the translations base T(t) of shifts (B, K, 2), each in its wrap-around readings (B, K, 4, 3, 3)
+        readings = lambda t: _wrap_readings(base[:, None] @ translation_matrix(t), t, small_f.shape[-2:])  # noqa: E731
+        scored = lambda options: _best(*_best_readings(options, score_f, score_m))  # noqa: E731
         if method == "phase":
-            result, best_score = phase, unscored
+            result, best_score = base @ translation_matrix(phase_shift), unscored
         elif kind == "translation":
-            # no angle to find: "fourier-mellin", "search" and "auto" are phase correlation,
-            # checked against the identity (centres aligned)
-            options = torch.stack([phase, unwindowed(), base], dim=1)  # phase first: kept on a tie (_best)
-            result, best_score = _best(options, score(options))
+            # no angle to find: "fourier-mellin", "search" and "auto" are phase correlation (its wrap-around
+            # readings too), checked against the identity (centres aligned; kept on a tie, then the phase)
+            result, best_score = scored(readings(shifts().roll(-1, dims=1)))  # phase, unwindowed, identity
         elif method == "search":
             result, best_score = _search(images, kind)
         else:
@@ -1541,15 +1641,15 @@ def _initialize(
                 best_score = start[1].to(dtype=dtype, device=device)
             else:
                 angle, scale = _fourier_mellin(small_f, canvas)
-                options = _candidates(fixed_spectra, canvas, base,
-                                      _similarity_params(torch.stack([angle, angle + math.pi], dim=1),
-                                                         torch.stack([scale, scale], dim=1)),
-                                      turn_centre, upsample=10)  # (B, 2, 3, 3)
-                options = _project(options.flatten(0, 1), kind, centre.repeat_interleave(2, dim=0))
-                options = options.view(batch, 2, 3, 3)
+                options = _wrap_readings(*_candidates(fixed_spectra, canvas, base,
+                                                      _similarity_params(torch.stack([angle, angle + math.pi], dim=1),
+                                                                         torch.stack([scale, scale], dim=1)),
+                                                      turn_centre, upsample=10), small_f.shape[-2:])  # (B, 2, 4, 3, 3)
+                options = _project(options.flatten(0, 2), kind, centre.repeat_interleave(8, dim=0))
+                options = options.view(batch, 2, 4, 3, 3)
                 if method == "auto":
-                    options = torch.cat([base[:, None], phase[:, None], unwindowed()[:, None], options], dim=1)
-                result, best_score = _best(options, score(options))
+                    options = torch.cat([readings(shifts()), options], dim=1)
+                result, best_score = scored(options)
             weak = best_score < AUTO_THRESHOLD
             if search is not None:
                 weak &= search
