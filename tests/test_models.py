@@ -1357,6 +1357,8 @@ def test_a_get_derva_that_is_not_the_matrixs_derivative_is_found_when_it_counts(
     model(moving, fixed)  # the wrong derivative goes into no gradient
     assert model.p[1].grad is None and model.p[0].grad is not None
     model.p[1].requires_grad_(True)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"get_derva\(1\) is not the derivative"):
+        model(moving, fixed)  # a validation step first: checked all the same (it had raised torch's error)
     with pytest.raises(ValueError, match=r"get_derva\(1\) is not the derivative of get_matrix\(\) with respect to "
                                          r"parameter 1: autograd's differs from it by 50.0% .*Check get_derva\(1\)"):
         model(moving, fixed)

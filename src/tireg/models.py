@@ -893,38 +893,38 @@ class AffineModelAnalytic(TransformModel):
         wanted = [i for i, param in enumerate(params) if param.requires_grad]
         if not wanted or torch.is_inference_mode_enabled():
             return frozenset()
-        with torch.enable_grad():
+        with torch.enable_grad():  # all of it: a first forward may come under no_grad() (a validation step)
             matrix = self.matrix()
             jacobian = self.parameter_jacobian().detach()
             own_values = self._has_own_values()
             values = _stack_values([self.get(i) for i in range(len(params))]) if own_values else None
-        if matrix.grad_fn is None:  # built from numbers: nothing to compare with
-            self._jacobian_checked = (key, (params, list(self.m)), frozenset())
-            return frozenset()
-        pairs = max(matrix.shape[0], jacobian.shape[0])
-        matrix, jacobian = matrix.expand(pairs, 3, 3), jacobian.expand(pairs, -1, -1, -1)
-        derivatives = None if own_values else [self.m[i].derivative(params[i].detach()).reshape(-1) for i in wanted]
-        automatic = [[] for _ in wanted]
-        analytic = [[] for _ in wanted]
-        connected = [False] * len(wanted)
-        wanted_params = [params[i] for i in wanted]
-        for row, column in ((0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)):
-            found = torch.autograd.grad(matrix[:, row, column].sum(), wanted_params, retain_graph=True,
-                                        allow_unused=True)
-            if own_values:
-                with torch.enable_grad():
+            if matrix.grad_fn is None:  # built from numbers: nothing to compare with
+                self._jacobian_checked = (key, (params, list(self.m)), frozenset())
+                return frozenset()
+            pairs = max(matrix.shape[0], jacobian.shape[0])
+            matrix, jacobian = matrix.expand(pairs, 3, 3), jacobian.expand(pairs, -1, -1, -1)
+            derivatives = (None if own_values else
+                           [self.m[i].derivative(params[i].detach()).reshape(-1) for i in wanted])
+            automatic = [[] for _ in wanted]
+            analytic = [[] for _ in wanted]
+            connected = [False] * len(wanted)
+            wanted_params = [params[i] for i in wanted]
+            for row, column in ((0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)):
+                found = torch.autograd.grad(matrix[:, row, column].sum(), wanted_params, retain_graph=True,
+                                            allow_unused=True)
+                if own_values:
                     linear = (values.expand(pairs, -1) * jacobian[..., row, column]).sum()
-                formed = (torch.autograd.grad(linear, wanted_params, retain_graph=True, allow_unused=True)
-                          if linear.requires_grad else [None] * len(wanted))
-            else:
-                formed = [(jacobian[:, i, row, column] * derivative).sum_to_size(param.shape)
-                          for i, derivative, param in zip(wanted, derivatives, wanted_params)]
-            for k, (mine, theirs, param) in enumerate(zip(formed, found, wanted_params)):
-                connected[k] = connected[k] or theirs is not None
-                automatic[k].append(torch.zeros_like(param) if theirs is None else theirs.detach())
-                analytic[k].append(torch.zeros_like(param) if mine is None else mine.detach())
-        automatic = [torch.stack(entries).double() for entries in automatic]
-        analytic = [torch.stack(entries).double() for entries in analytic]
+                    formed = (torch.autograd.grad(linear, wanted_params, retain_graph=True, allow_unused=True)
+                              if linear.requires_grad else [None] * len(wanted))
+                else:
+                    formed = [(jacobian[:, i, row, column] * derivative).sum_to_size(param.shape)
+                              for i, derivative, param in zip(wanted, derivatives, wanted_params)]
+                for k, (mine, theirs, param) in enumerate(zip(formed, found, wanted_params)):
+                    connected[k] = connected[k] or theirs is not None
+                    automatic[k].append(torch.zeros_like(param) if theirs is None else theirs.detach())
+                    analytic[k].append(torch.zeros_like(param) if mine is None else mine.detach())
+        automatic = [torch.stack(entries) for entries in automatic]
+        analytic = [torch.stack(entries) for entries in analytic]
         scales = [max(float(a.abs().max()), float(b.abs().max())) for a, b in zip(automatic, analytic)]
         largest = max(scales)
         for k, i in enumerate(wanted):
