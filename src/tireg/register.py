@@ -175,6 +175,7 @@ STALL_FLOOR = 0.25
 #: maximises the correlation of holds within about a pixel of the level, while the step's scale
 #: (``lambda``) grows as the correlation falls.  Uncapped, a brick texture 5.7 px off at a coarse
 #: level jumped about 30 of its pixels to another brick (118 px at full resolution; 0.01 px capped).
+#: Each L-BFGS iteration's first trial is bounded alike (:class:`_BatchedLBFGS`'s ``reach``).
 ECC_RADIUS = 1.0
 
 #: Adam's and SGD's step counts as small only below this fraction of the largest step the pair took
@@ -1897,12 +1898,25 @@ def _displacement(problem: _Problem, before: torch.Tensor, step: torch.Tensor, c
     """Largest distance in full-resolution pixels that a corner of the fixed image moves from
     parameters ``before`` to ``before + step`` (in their dtype: float64 measures a step that
     float32 parameters would round away)."""
-    if problem.kind.linear:  # A(before + step) - A(before) = sum_k step_k J_k
-        difference = (step[:, :, None, None] * problem.linear_parts[1].to(step.dtype)).sum(1)
-    else:  # one call for the two
-        both = problem.kind.matrix(torch.cat([before + step, before]), problem.center.to(before.dtype))
-        difference = both[: before.shape[0]] - both[before.shape[0]:]
+    difference = _step_difference(problem, before, step)
     return (corners.to(difference.dtype) @ difference[:, :2, :].transpose(1, 2)).norm(dim=-1).amax(dim=-1)
+
+
+def _step_difference(problem: _Problem, before: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``A(before + step) - A(before)`` ``(B, 3, 3)``."""
+    if problem.kind.linear:  # A(before + step) - A(before) = sum_k step_k J_k
+        return (step[:, :, None, None] * problem.linear_parts[1].to(step.dtype)).sum(1)
+    both = problem.kind.matrix(torch.cat([before + step, before]), problem.center.to(before.dtype))  # one call
+    return both[: before.shape[0]] - both[before.shape[0]:]
+
+
+def _reach(problem: _Problem, before: torch.Tensor, step: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+    """:func:`_displacement` in elementwise operations only: a batched product may round by the
+    batch's size (another BLAS kernel for one pair than for several), and an L-BFGS step scaled by
+    this must be each pair's own, bit for bit."""
+    difference = _step_difference(problem, before, step)
+    moved = (difference[:, None, :2, :] * corners.to(difference.dtype)[None, :, None, :]).sum(-1)  # (B, 4, 2)
+    return moved.norm(dim=-1).amax(dim=-1)
 
 
 #: On a GPU, how many iterations run between the host's looks at the pairs' convergence flags,
@@ -2350,11 +2364,22 @@ class _BatchedLBFGS:
     ``uninformed``: the pairs whose last iteration was their first, whose short step is no sign of
     convergence (``register`` runs them on).  Adds the batch's host reads once per iteration and
     trial, not once per pair.
+
+    ``reach(x, s)``: how far (the largest corner displacement, in the level's pixels) a step ``s``
+    from ``x`` moves the image, per pair; given, each iteration's first trial goes at most the pair's
+    radius, from ``radius`` (:data:`ECC_RADIUS`) and as Gauss-Newton's ECC step: twice as far after a
+    capped step that its first trial took, back to ``radius`` after a step the search had to shorten.
+    The curvature pairs (``H0 = s'y / y'y``) know nothing of the images' extent: on a flat stretch of
+    the cost ``y`` is tiny and the direction thousands of pixels long, and Armijo accepts a point on a
+    sliver of overlap whose mutual information is optimistic (an ``mi`` affine pair 6.7 px off jumped
+    1063 px at its first level and ended "degenerate" 1130 px off; 0.02 px capped).
     """
 
     def __init__(self, x: torch.Tensor, *, lr: float = 1.0, max_iter: int = 20, max_eval: Optional[int] = None,
                  tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, history_size: int = 100,
-                 line_search_fn: Optional[str] = None, min_search: float = 0.0):
+                 line_search_fn: Optional[str] = None, min_search: float = 0.0,
+                 reach: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+                 radius: float = ECC_RADIUS):
         self.lr, self.max_iter = float(lr), int(max_iter)
         self.max_eval = int(max_eval) if max_eval is not None else self.max_iter * 5 // 4
         self.tolerance_grad, self.tolerance_change = float(tolerance_grad), float(tolerance_change)
@@ -2383,6 +2408,9 @@ class _BatchedLBFGS:
         # a pair whose last iteration was its first (d = -g, its length min(1, 1/|g|_1) lr): a step of
         # no curvature, whose length says nothing of the distance to the minimum (not converged)
         self.uninformed = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        # how far each pair's next first trial may move the image (level pixels), where reach is given
+        self.reach, self.base_radius = reach, float(radius)
+        self.radius = x.new_full((batch,), self.base_radius)
 
     def _remember(self, useful: torch.Tensor, step: torch.Tensor, change: torch.Tensor, rho: torch.Tensor) -> None:
         """Add ``(s, y, 1 / s'y)`` to the rings of the ``useful`` pairs."""
@@ -2443,6 +2471,11 @@ class _BatchedLBFGS:
             step = torch.where(first, (1.0 / gradient.abs().sum(1).clamp_min(1e-300)).clamp_max(1.0) * self.lr,
                                torch.full_like(cost, self.lr))
             step = torch.where(running & torch.isfinite(self.retry), self.retry, step)  # a search cut off goes on
+            capped = torch.zeros_like(running)
+            if self.reach is not None:  # at most the pair's radius (its step's farthest corner)
+                extent = self.reach(x, step[:, None] * direction)
+                capped = running & (extent > self.radius)
+                step = torch.where(capped, step * (self.radius / extent), step)
             slope = (gradient * direction).sum(1)
             running = running & (slope <= -self.tolerance_change)  # not a descent direction: stop
             self.started = self.started | running
@@ -2451,6 +2484,7 @@ class _BatchedLBFGS:
             pending, new_x, new_cost, new_gradient = running, x, cost, gradient
             accepted_step = torch.zeros_like(step)
             blocked = torch.zeros_like(running)
+            whole = torch.zeros_like(running)  # the first trial accepted: the step went as far as it might
             # an iteration's first trial whatever the budget, later ones within it: checked before every
             # trial, max_iter=1 (max_eval 1, spent by the step's start) let nothing move, and register
             # called the start converged.  Unlike torch's search, which takes up to 25 trials and meets
@@ -2472,6 +2506,8 @@ class _BatchedLBFGS:
                 new_cost = torch.where(good, trial_cost, new_cost)
                 new_gradient = torch.where(good[:, None], trial_gradient, new_gradient)
                 accepted_step = torch.where(good, step, accepted_step)
+                if trial == 0:
+                    whole = good
                 pending = pending & ~good
                 # the minimum of the quadratic through f(0), f'(0) and f(t), kept within [0.1 t, 0.5 t]
                 # (Nocedal and Wright, section 3.5): fewer trials than halving
@@ -2481,6 +2517,9 @@ class _BatchedLBFGS:
             # a search the budget cut off goes on in the next step, from the step length it reached (so
             # that max_iter=1 still gets there); one that ran out of trials has nowhere to go
             moved = running & (accepted_step > 0)  # a pair no step of which was accepted stops here
+            if self.reach is not None:  # a trust region's rule, as ECC_RADIUS's
+                grown = torch.where(capped, 2.0 * self.radius, self.radius)
+                self.radius = torch.where(running, torch.where(whole, grown, self.base_radius), self.radius)
             cut = blocked & still & ((step[:, None] * direction).abs().amax(dim=1) >= self.min_search)
             self.retry = torch.where(running, torch.where(cut, step, math.nan), self.retry)
             self.searching = torch.where(running, cut, self.searching)
@@ -2514,7 +2553,11 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
     settings = {**defaults, **(options or {})}
     # (L-BFGS: a line search cut off by max_eval goes on in the next step while its trial would move
     # the image by the tolerance or more: one unit of q is about one level pixel)
-    optim = _BatchedLBFGS(q, **settings, min_search=tolerance) if name == "lbfgs" else constructor([q], **settings)
+    if name == "lbfgs":  # each step bounded in the level's pixels (ECC_RADIUS, as Gauss-Newton's ECC step)
+        optim = _BatchedLBFGS(q, **settings, min_search=tolerance,
+                              reach=lambda x, s: _reach(problem, start + x * scales, s * scales, corners) / level.factor)
+    else:
+        optim = constructor([q], **settings)
     active = torch.ones(batch, dtype=torch.bool, device=device)
     status = torch.full((batch,), _MAX_ITERATIONS, dtype=torch.int8, device=device)
     iterations = torch.zeros(batch, dtype=torch.long, device=device)
