@@ -328,3 +328,45 @@ def test_a_seed_style_get_derva_in_another_order_than_the_base_matrix_is_refused
     analytic(moving, fixed)
     for mine, theirs in zip(analytic.parameters(), autograd.parameters()):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-9, atol=1e-12)
+
+
+class _CountingSigmoid(Mapping.SigmoidMapping):
+    calls = 0
+
+    def forward(self, raw):
+        type(self).calls += 1
+        return super().forward(raw)
+
+
+def test_a_seed_style_analytic_step_forms_each_parameter_value_once():
+    """The seed's get_derva asks for get(i) 19 times a step, and its matrix four more: each had gone
+    through the mapping again (about a third of the step's time, with Affy's per-call argument work).
+    A step forms each value once; the gradients are those of the autograd model all the same."""
+    fixed, moving = seed_images(torch.float32)
+    model = SeedModelAnalytic(27.5, 19.5, "zeros", moving)
+    for i, (value, lo, hi) in enumerate(((0.02, -0.25, 0.25), (1.0, -80, 80), (-0.5, -130, 130), (1.02, 0.5, 1.6))):
+        model.set_parameter(i, value, _CountingSigmoid(lo, hi))
+    model(moving, fixed)  # the first forward also checks get_derva against the matrix
+    _CountingSigmoid.calls = 0
+    model(moving, fixed)
+    assert _CountingSigmoid.calls == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_affy_of_tensor_parameters_and_a_number_centre_is_the_general_paths_result(dtype):
+    """Tensors of one shape and a centre of Python numbers (the seed's calls) take a short path:
+    bit for bit the general path's result (a NumPy centre takes that one), and a new tensor each call."""
+    values = [torch.tensor([0.2, -0.1], dtype=dtype), torch.tensor([1.1, 0.9], dtype=dtype),
+              torch.tensor([0.95, 1.0], dtype=dtype), torch.tensor([3.0, 0.5], dtype=dtype),
+              torch.tensor([-2.0, 1.5], dtype=dtype)]
+    angle, scalex, scaley, dx, dy = values
+    cx, cy = 127.3, 95.1
+    for name in ("get_matrix", "da", "dsx", "dsy", "dx", "dy"):
+        function = getattr(Affy, name)
+        short, general = function(*values, cx, cy), function(*values, np.float64(cx), np.float64(cy))
+        assert short.dtype == dtype and torch.equal(short, general), name
+        short.add_(1.0)  # the centre it was made from is kept: a result is no view of it
+        assert torch.equal(function(*values, cx, cy), general), name
+    assert torch.equal(Affy.ds(angle, scalex, dx, dy, cx, cy), Affy.ds(angle, scalex, dx, dy, np.float64(cx), cy))
+    with pytest.raises(ValueError, match="'cx'"):
+        Affy.da(*values, float("nan"), cy)

@@ -9,14 +9,16 @@ use those (:mod:`tireg.transforms`, :mod:`tireg.models`, ...).
 
 from __future__ import annotations
 
+import math
 from functools import reduce
 from types import SimpleNamespace
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from . import losses as _losses
+from ._device import cached
 from . import mappings as _mappings
 from . import models as _models
 from ._validation import FLOAT_DTYPES, broadcast_shape, finite_number
@@ -125,8 +127,33 @@ def _arguments(caller: str, **values: Scalar) -> dict[str, torch.Tensor]:
         raise
 
 
+def _common_case(params: tuple, cx, cy) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`_params_and_center` for a seed-style model's call, or ``None`` for any other: parameters
+    that are float32 or float64 tensors of one shape, dtype and device (``self.get(i)``), a centre of
+    Python numbers (``self.cx``), finite and within the dtype's range.  The same result as
+    :func:`_arguments`, without its work per argument: the centre is made once (:func:`cached`) and
+    expanded, the parameters stacked as they are.  The seed's analytic model makes four calls a step,
+    and the general path had taken half of each."""
+    first = params[0]
+    if not isinstance(first, torch.Tensor) or type(cx) not in (int, float) or type(cy) not in (int, float):
+        return None
+    dtype, device, shape = first.dtype, first.device, first.shape
+    if dtype not in _NUMPY_DTYPES or not all(
+            isinstance(value, torch.Tensor) and value.dtype == dtype and value.device == device and value.shape == shape
+            for value in params[1:]):
+        return None
+    if not (math.isfinite(cx) and math.isfinite(cy) and abs(cx) <= _LARGEST[dtype] and abs(cy) <= _LARGEST[dtype]):
+        return None  # the general path names it
+    center = cached(("seed centre", float(cx), float(cy)), dtype, device,
+                    lambda: torch.tensor([cx, cy], dtype=dtype, device=device))  # read only: expanded below
+    return torch.stack(params, dim=-1), center.expand(*shape, 2)
+
+
 def _params_and_center(caller: str, angle, scalex, scaley, dx, dy, cx, cy) -> tuple[torch.Tensor, torch.Tensor]:
     """``(..., 5)`` parameters and ``(..., 2)`` centre, of one dtype and device."""
+    common = _common_case((angle, scalex, scaley, dx, dy), cx, cy)
+    if common is not None:
+        return common
     tensors = _arguments(caller, angle=angle, scalex=scalex, scaley=scaley, dx=dx, dy=dy, cx=cx, cy=cy)
     values = list(tensors.values())
     return torch.stack(values[:5], dim=-1), torch.stack(values[5:], dim=-1)
@@ -196,10 +223,12 @@ def dy(
 def ds(angle: Scalar, scale: Scalar, dx: Scalar, dy: Scalar, cx: Scalar, cy: Scalar) -> torch.Tensor:
     """``dA/d scale`` of ``get_matrix(angle, scale, scale, dx, dy, cx, cy)``: ``dsx + dsy`` at
     ``scalex = scaley``, ``[R | -R c]`` (bottom row 0)."""
-    tensors = _arguments("Affy.ds()", angle=angle, scale=scale, dx=dx, dy=dy, cx=cx, cy=cy)
-    angle, scale, dx, dy, cx, cy = tensors.values()
-    params, center = torch.stack([angle, scale, scale, dx, dy], dim=-1), torch.stack([cx, cy], dim=-1)
-    return _anisotropic_similarity_derivative(params, center, 5)
+    common = _common_case((angle, scale, scale, dx, dy), cx, cy)
+    if common is None:
+        tensors = _arguments("Affy.ds()", angle=angle, scale=scale, dx=dx, dy=dy, cx=cx, cy=cy)
+        angle, scale, dx, dy, cx, cy = tensors.values()
+        common = torch.stack([angle, scale, scale, dx, dy], dim=-1), torch.stack([cx, cy], dim=-1)
+    return _anisotropic_similarity_derivative(*common, 5)
 
 
 Affy = SimpleNamespace(get_matrix=get_matrix, da=da, dx=dx, dy=dy, ds=ds, dsx=dsx, dsy=dsy)

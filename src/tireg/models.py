@@ -20,6 +20,7 @@ of shape ``(1,)`` is shared by all pairs (its gradient sums over them).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import numbers
 import operator
@@ -319,10 +320,32 @@ class TransformModel(nn.Module):
             self._check_mappings(caller)
         return index
 
+    #: ``get(i)``'s values while an analytic step forms ``A`` and ``dA/dp`` (:meth:`_step_values`), else ``None``.
+    _values: Optional[dict] = None
+
     def get(self, i: int) -> torch.Tensor:
         """Value of parameter ``i``: ``m_i(p_i)``, shape ``(B,)`` or ``(1,)``."""
+        values = self._values
+        if values is not None and type(i) is int and not torch.is_grad_enabled():
+            value = values.get(i)
+            if value is None:
+                value = values[i] = self.m[self._check_index(i, "get()")](self.p[i])
+            return value
         i = self._check_index(i, "get()")
         return self.m[i](self.p[i])
+
+    @contextlib.contextmanager
+    def _step_values(self):
+        """Within it, ``get(i)`` forms each value once, without a graph (under ``no_grad``; with grad
+        enabled it forms them as ever): the seed's analytic model asks for 23 values a step, its matrix
+        and each ``get_derva`` the ones they use, and each had gone through the mapping again (a
+        third of its step).  Nothing changes the parameters while a step forms ``A`` and ``dA/dp``;
+        ``set_parameter`` clears them all the same."""
+        self.__dict__["_values"] = {}
+        try:
+            yield
+        finally:
+            self.__dict__["_values"] = None
 
     def set_parameter(self, i: int, value: Union[float, Sequence[float], torch.Tensor], mapping: Optional[Mapping] = None) -> None:
         """Set parameter ``i`` to ``value`` (in parameter units), optionally with a new mapping.
@@ -371,6 +394,8 @@ class TransformModel(nn.Module):
         if not bool(torch.isfinite(raw).all()):
             raise ValueError(f"{caller}: 'value' {value!r} gives a NaN or infinite parameter")
         self.m[i] = mapping
+        if self._values:
+            self._values.clear()
         with torch.no_grad():
             param.data = raw
         param.grad = None
@@ -827,7 +852,8 @@ class AffineModelAnalytic(TransformModel):
             timed = self._compile == "auto" and not self._compile_now()
             started = time.perf_counter() if timed else 0.0
             kernel = stacked is None and self._fused_kernel_applies(source.shape[1])
-            matrix, jacobian = self._matrix_and_jacobian(batch)
+            with self._step_values():
+                matrix, jacobian = self._matrix_and_jacobian(batch)
             _check_like(matrix, source, caller)
             # unchecked (no read of the matrix's last row, a wait per step on a GPU): built here, affine
             warped, cost, matrix_gradient = _cost_and_gradient(
