@@ -142,6 +142,15 @@ PAIR_CHUNK_PIXELS = 1 << 18
 #: +3 % at 16, +1 % at 64 (one thread, alternating runs).
 PAIR_CHUNKS = 8
 
+#: Images whose larger side is at most this times ``max_size`` are not reduced (larger ones are, as
+#: before, by ``ceil(side / max_size)``).  A 128 x 144 pair of fluorescent spots (sigma 1.5 px),
+#: halved to 64 x 72, lost its spots to the averaging and Fourier-Mellin its scale (0.65 at 108
+#: degrees; at full size it finds it), and register() ended 95 px off, "converged".  Such working
+#: copies hold up to 1.56x the pixels of ``max_size^2``.  Reducing every size by
+#: ``ceil(side / (1.25 max_size))`` instead lost a 64 x 64 template zoomed 1.3x in a 200 x 300 scene
+#: (worked on at 150 x 100 instead of 100 x 67; 146 px off).
+WORKING_SLACK = 1.25
+
 #: The working copies keep at least this many pixels on their smaller side (or ``max_size``, if
 #: smaller; or the image's own, if smaller still): :func:`initialize` reduces a wide strip by the
 #: factor its smaller side allows, not by the one its long side asks for.  A 32 x 2000 strip
@@ -162,6 +171,15 @@ SEARCH_HALVED_MIN_SIDE = 48
 #: Angles (degrees) and scales of the coarse search.
 SEARCH_ANGLE_STEP = 10.0
 SEARCH_SCALES = (0.8, 1.0, 1.25)
+#: The scales between :data:`SEARCH_SCALES` (``1.25^(+-1/2)``, 0.894 and 1.118): the similarity search
+#: runs again from these for the pairs whose best scores below :data:`AUTO_THRESHOLD`, and keeps its
+#: start where it scores :data:`AUTO_THRESHOLD` or more and above the first (on other-channel pairs,
+#: which score low wherever they lie, a wrong start at 0.3-0.6 had replaced a wrong one, and once a
+#: right one: an ``mi`` affine pair of ``accuracy.py``'s contrast suite was lost).  A scale of 1.1 with about half of the image overlapping was 10 % from either coarse
+#: scale, and its right angle never reached the 4 that stage 2 refines: 3 pairs of 160 x 192 (50 %
+#: overlap, turned by 6 degrees) started 98-178 px off, scoring 0.24-0.36, where 1.0, 1.05, 1.2
+#: and 1.25 were found.
+SEARCH_SCALES_BETWEEN = (1.25 ** -0.5, 1.25 ** 0.5)
 
 #: The stretch of the affine search's anisotropic candidates: lengths times ``r`` along an axis and
 #: ``1 / r`` across it (an aspect ratio of ``r^2``), axes every ``180 / SEARCH_STRETCH_AXES`` degrees.
@@ -1043,11 +1061,13 @@ def overlap_ncc(
 
 
 def _downsample_factor(sizes: Sequence[Sequence[int]], max_size: int) -> int:
-    """``ceil(largest side / max_size)``, but no more than keeps ``min(MIN_WORKING_SIDE, max_size)``
-    pixels on the smallest side (:data:`MIN_WORKING_SIDE`: a strip keeps rows to correlate), and at least 1."""
+    """``ceil(largest side / max_size)`` (1 where the largest side is at most ``WORKING_SLACK max_size``),
+    but no more than keeps ``min(MIN_WORKING_SIDE, max_size)`` pixels on the smallest side
+    (:data:`MIN_WORKING_SIDE`: a strip keeps rows to correlate), and at least 1."""
     largest = max(max(int(s) for s in size) for size in sizes)
     smallest = min(min(int(s) for s in size) for size in sizes)
-    return max(1, min(int(math.ceil(largest / max_size)), smallest // min(MIN_WORKING_SIDE, max_size)))
+    reduction = 1 if largest <= WORKING_SLACK * max_size else int(math.ceil(largest / max_size))
+    return max(1, min(reduction, smallest // min(MIN_WORKING_SIDE, max_size)))
 
 
 def _candidate_linear(params: torch.Tensor) -> torch.Tensor:
@@ -1180,7 +1200,8 @@ def _search(images: _SearchImages, kind: str) -> tuple[torch.Tensor, torch.Tenso
     """Coarse-to-fine batched search over rotation (and scale, and for affine stretch); returns the
     best ``(B, 3, 3)`` and its score ``(B,)``.
 
-    :func:`_search_stages` over similarities; for ``"affine"``, the pairs whose best scores below
+    :func:`_search_stages` over similarities, again from the scales :data:`SEARCH_SCALES_BETWEEN` for
+    the pairs whose best scores below :data:`AUTO_THRESHOLD` (kept where it scores that and more); for ``"affine"``, the pairs whose best scores below
     :data:`SEARCH_STRETCH_BELOW` are searched again over similarities followed by a stretch
     (:data:`SEARCH_STRETCH`, ``stretched=True``), and a stretched candidate that scores at least
     :data:`AUTO_THRESHOLD` and more than the similarity is kept.  Similarities alone had started
@@ -1191,6 +1212,13 @@ def _search(images: _SearchImages, kind: str) -> tuple[torch.Tensor, torch.Tenso
     better too).
     """
     result, score = _search_stages(images, kind)
+    if kind in _SCALED_KINDS:
+        weak = score < AUTO_THRESHOLD
+        if bool(weak.any()):
+            index = weak.nonzero()[:, 0]
+            found, found_score = _search_stages(images.pairs(index), kind, scales=SEARCH_SCALES_BETWEEN)
+            convincing = found_score >= AUTO_THRESHOLD  # a wrong place outscores a wrong place by chance
+            result, score = _improved(result, score, index, found, found_score.where(convincing, -math.inf))
     if kind == "affine":
         weak = score < SEARCH_STRETCH_BELOW
         if bool(weak.any()):
@@ -1201,11 +1229,12 @@ def _search(images: _SearchImages, kind: str) -> tuple[torch.Tensor, torch.Tenso
     return result, score
 
 
-def _search_stages(images: _SearchImages, kind: str, *, stretched: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _search_stages(images: _SearchImages, kind: str, *, stretched: bool = False,
+                   scales: Sequence[float] = SEARCH_SCALES) -> tuple[torch.Tensor, torch.Tensor]:
     """The three stages of :func:`_search`; returns the best ``(B, 3, 3)`` and its score ``(B,)``.
 
-    Stage 1: every 10 degrees, scales 0.8, 1, 1.25 for scaled kinds (36 or
-    108 candidates).  Stage 2: around each of the 4 best, angles +-2.5 and
+    Stage 1: every 10 degrees, ``scales`` (0.8, 1, 1.25 by default) for scaled kinds (36 or
+    ``36 len(scales)`` candidates).  Stage 2: around each of the 4 best, angles +-2.5 and
     +-5 degrees and scales times ``1.25^(+-1/2)``.  Stage 3: around the best,
     +-1.25 degrees and ``1.25^(+-1/4)``.  The best of all three wins.  Where the
     images' smaller side keeps :data:`SEARCH_HALVED_MIN_SIDE` pixels halved,
@@ -1254,7 +1283,7 @@ def _search_stages(images: _SearchImages, kind: str, *, stretched: bool = False)
         return grid(*[(-step, 0.0, step) for step in steps])
 
     angles = [(-180.0 + SEARCH_ANGLE_STEP * k) * degree for k in range(int(round(360 / SEARCH_ANGLE_STEP)))]
-    scales = [math.log(s) for s in SEARCH_SCALES] if log_step else [0.0]
+    scales = [math.log(s) for s in scales] if log_step else [0.0]
     coarse = grid(angles, scales, [0.0], [0.0])
     side = min(*fixed.shape[-2:], *score_moving.shape[-2:])
     halved = side // 2 >= SEARCH_HALVED_MIN_SIDE
@@ -1361,7 +1390,8 @@ def initialize(
 
     The work is done on luminance copies area-downsampled by an integer
     factor ``s`` so that the larger side of either image is at most
-    ``max_size``, except that ``s`` never leaves the smaller side of either
+    ``max_size`` (but images whose larger side is at most ``1.25 max_size``,
+    :data:`WORKING_SLACK`, are not reduced), except that ``s`` never leaves the smaller side of either
     image below ``min(16, max_size)`` pixels (:data:`MIN_WORKING_SIDE`; an
     image with fewer is not reduced): a wide strip keeps enough rows for
     its shift across them, and works on more than ``max_size`` pixels
@@ -1450,8 +1480,8 @@ def initialize(
             the returned matrix has the same meaning whatever the centre (it
             is not a parameter vector); translation and search candidates do
             not depend on it.
-        max_size: largest side of the working copies (an integer ``>= 8``; see
-            above for a strip).
+        max_size: largest side of the working copies, for images larger than 1.25
+            times it (an integer ``>= 8``; see above for a strip).
 
     Returns:
         ``(B, 3, 3)`` fixed -> moving pixel matrix, dtype and device of ``fixed``.
