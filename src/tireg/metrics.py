@@ -187,7 +187,9 @@ class Metric:
             level for these metrics by default (not with ``optimizer="sgd"``)
             (:data:`tireg.register.FINEST_SMOOTHING`); with another relation
             (a gamma, another channel) it does not, and smoothing moved the
-            optimum (docs/design.md, "Smoothing at full resolution").
+            optimum: ``mi`` and ``nmi`` take a lighter default
+            (:data:`tireg.register.FINEST_SMOOTHING_MI`), a metric of one's
+            own none (docs/design.md, "Smoothing at full resolution").
     """
 
     per_pixel = False
