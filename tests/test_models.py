@@ -1416,3 +1416,146 @@ def test_a_parameter_the_matrix_does_not_use_gets_no_gradient_as_with_backward(i
             optimizer.step()
             optimizer.zero_grad()
     assert analytic.p[3].item() == autograd.p[3].item() == 0.5
+
+
+# -- the get_derva check: tied parameters, a second point, a matrix built with numbers, an own get() ------------
+
+
+def _affy_arguments(model, scale_x=3, scale_y=3):
+    return model.get(0), model.get(scale_x), model.get(scale_y), model.get(1), model.get(2), model.cx, model.cy
+
+
+class _SeedStyleAnalytic(tireg.AffineModelAnalytic):
+    """The seed's MyModelAnalytic: the base matrix (angle, dx, dy, scale), its own get_derva, float64."""
+
+    def __init__(self, moving):
+        super().__init__(13.0, 9.0, "zeros", moving)
+        self.p = torch.nn.ParameterList(torch.tensor([v], dtype=torch.float64) for v in (0.0, 0.0, 0.0, 1.0))
+        self.m = [IdentityMapping() for _ in self.p]
+
+    def get_derva(self, idx):
+        from tireg.compat import Affy
+
+        if idx == 3:
+            return Affy.ds(self.get(0), self.get(3), self.get(1), self.get(2), self.cx, self.cy)
+        return (Affy.da, Affy.dx, Affy.dy)[idx](*_affy_arguments(self))
+
+
+def test_one_parameter_in_two_slots_is_checked_by_the_sum_of_its_slots_derivatives(images):
+    """scale x and scale y tied (one nn.Parameter in slots 1 and 2), get_matrix and get_derva both right:
+    autograd's derivative is the parameter's whole, which the check compared with one slot's and
+    refused ("get_derva(1) is not the derivative ... 72.3%"); the step's .grad, both slots' sum, was right."""
+    from torch import nn
+    from tireg.compat import Affy
+
+    fixed, moving = images
+
+    def tied(model):
+        scale = nn.Parameter(torch.tensor([1.02], dtype=torch.float64))
+        model.p = nn.ParameterList([nn.Parameter(torch.tensor([0.05], dtype=torch.float64)), scale, scale,
+                                    nn.Parameter(torch.tensor([1.0], dtype=torch.float64)),
+                                    nn.Parameter(torch.tensor([-2.0], dtype=torch.float64))])
+        model.m = [IdentityMapping() for _ in model.p]
+        return model
+
+    def matrix(model):
+        return Affy.get_matrix(model.get(0), model.get(1), model.get(2), model.get(3), model.get(4), 13.0, 9.0)
+
+    class Tied(tireg.AffineModelAnalytic):
+        get_matrix = matrix
+
+        def get_derva(self, i):
+            return [Affy.da, Affy.dsx, Affy.dsy, Affy.dx, Affy.dy][i](
+                self.get(0), self.get(1), self.get(2), self.get(3), self.get(4), 13.0, 9.0)
+
+    class TiedAutograd(tireg.AffineModel):
+        get_matrix = matrix
+
+    analytic = tied(Tied(13.0, 9.0, "zeros", moving))
+    autograd = tied(TiedAutograd(13.0, 9.0, "zeros"))
+    analytic(moving, fixed)
+    tireg.L2Loss()(autograd(moving), fixed).sum().backward()
+    assert len(list(analytic.parameters())) == 4
+    for mine, theirs in zip(analytic.parameters(), autograd.parameters()):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-9, atol=1e-12)
+
+    class HalfWrong(Tied):  # one slot's derivative wrong: the sum is, and is named by both slots
+        def get_derva(self, i):
+            return super().get_derva(i) * (0.0 if i == 2 else 1.0)
+
+    with pytest.raises(ValueError, match=r"get_derva\(1\) \+ get_derva\(2\) is not the derivative of get_matrix\(\) "
+                                         r"with respect to the parameter in slots 1, 2 of self.p"):
+        tied(HalfWrong(13.0, 9.0, "zeros", moving))(moving, fixed)
+
+
+def test_a_get_derva_right_only_at_the_identity_start_is_refused_at_the_first_forward(images):
+    """The check ran once, at the first forward, usually the identity start (angle 0, scale 1): a
+    dA/d angle without the scale passed there and gave the angle a gradient 0.417 for 0.625 once the
+    scale was 1.5. It is also checked at raw values a few tenths away, on temporaries: the
+    parameters, their .grad and an optimiser's state are as they were."""
+    from tireg.compat import Affy
+
+    fixed, moving = images
+
+    class ForgotScale(_SeedStyleAnalytic):
+        def get_derva(self, idx):
+            if idx == 0:
+                one = torch.ones_like(self.get(3))
+                return Affy.da(self.get(0), one, one, self.get(1), self.get(2), self.cx, self.cy)
+            return super().get_derva(idx)
+
+    model = ForgotScale(moving)
+    with pytest.raises(ValueError, match=r"get_derva\(0\) is not the derivative of get_matrix\(\) with respect to "
+                                         r"parameter 0: autograd's differs from it by .* at raw values a few tenths "
+                                         r"from the current ones \(it agrees at the current values"):
+        model(moving, fixed)
+
+    right = _SeedStyleAnalytic(moving)
+    optimizer = torch.optim.Adam(right.parameters(), lr=0.01)
+    right(moving, fixed)
+    optimizer.step()
+    raw = [param.detach().clone() for param in right.p]
+    gradients = [param.grad.clone() for param in right.p]
+    state = {key: value.clone() for key, value in optimizer.state[right.p[0]].items()}
+    right._jacobian_checked = (None, None, frozenset())
+    right._check_own_jacobian("check")
+    assert all(torch.equal(param, value) for param, value in zip(right.p, raw))
+    assert all(torch.equal(param.grad, value) for param, value in zip(right.p, gradients))
+    assert all(torch.equal(optimizer.state[right.p[0]][key], value) for key, value in state.items())
+    assert [param.requires_grad and param.is_leaf for param in right.p] == [True] * 4
+    assert list(right.p._parameters.values()) == list(right.p)
+
+
+def test_a_matrix_built_partly_from_python_numbers_is_checked_by_a_finite_difference(images):
+    """get_matrix() may use a Python number (s = float(self.get(3))): autograd has no path to that
+    parameter, and the check refused an exact get_derva ("get_matrix() does not depend on parameter 3");
+    the analytic path never needs a differentiable matrix. A float64 central difference checks it."""
+    from tireg.compat import Affy
+
+    fixed, moving = images
+
+    class NumberScale(_SeedStyleAnalytic):
+        def get_matrix(self):
+            scale = float(self.get(3))
+            return Affy.get_matrix(self.get(0), scale, scale, self.get(1), self.get(2), self.cx, self.cy)
+
+    class NumberScaleWrong(NumberScale):
+        def get_derva(self, idx):
+            return super().get_derva(idx) * (1.5 if idx == 3 else 1.0)
+
+    model, reference = NumberScale(moving), _SeedStyleAnalytic(moving)
+    for each in (model, reference):
+        each.set_parameter(0, 0.1)
+        each.set_parameter(3, 1.2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Converting a tensor with requires_grad=True to a scalar")
+        model(moving, fixed)
+        reference(moving, fixed)
+        assert model._jacobian_checked[2] == frozenset()  # not taken for unused
+        for mine, theirs in zip(model.p, reference.p):
+            assert torch.equal(mine.grad, theirs.grad)
+        with pytest.raises(ValueError, match=r"get_derva\(3\) is not the derivative of get_matrix\(\) with respect to "
+                                             r"parameter 3: a float64 finite difference of get_matrix\(\)'s differs "
+                                             r"from it by 33.3%"):
+            NumberScaleWrong(moving)(moving, fixed)
+

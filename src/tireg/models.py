@@ -893,15 +893,29 @@ class AffineModelAnalytic(TransformModel):
         the gradient belonged to two functions, gradients 4-450 % off, and nothing said so.
 
         Checked at the first forward, and again when the parameters (the objects, ``requires_grad``,
-        dtype, device) or the mappings change: in raw terms, ``dA/dr_i`` as the analytic path forms
-        it (``get_derva(i) m_i'(r_i)``, or through a subclass's own values by autograd) against
+        dtype, device) or the mappings change: in raw terms, ``dA/dr`` as the analytic path forms it
+        (``get_derva(i) m_i'(r_i)``, or through a subclass's own values by autograd) against
         autograd's through :meth:`matrix`, for the six entries of A's top rows and every parameter
-        that requires grad, with the pairs' matrices as the step uses them.  A parameter passes where
-        every difference is within 1e-3 of its largest entry (plus 1e-6 of the largest of all, for a
-        parameter whose derivative is all but zero): float32 rounding is far below that, and an order
-        mixed up or a derivative of another function far above.  Skipped under inference mode and where
-        the matrix holds no graph (built from numbers); a parameter frozen or beyond the check's
-        reach (every one frozen) is checked when it next requires grad.
+        that requires grad, with the pairs' matrices as the step uses them.  Per ``nn.Parameter``: one
+        that fills several slots of ``self.p`` (scale x and y tied) is compared as the sum of its
+        slots' derivatives, the gradient its ``.grad`` gets.  A parameter passes where every difference
+        is within 1e-3 of its largest entry (plus 1e-6 of the largest of all, for a parameter whose
+        derivative is all but zero): float32 rounding is far below that, and an order mixed up or a
+        derivative of another function far above.
+
+        At two points: the current values, and the raw values shifted by a few tenths
+        (``_CHECK_OFFSETS``, on temporaries swapped in for the check; the parameters and any optimiser
+        state are not touched): the first forward usually comes at the identity start (angle 0,
+        scale 1), where a ``get_derva`` that leaves out the scale or a sine term is right, and it
+        gave wrong gradients once the scale moved.  A second point that a subclass's own math cannot
+        take (it raises, or its matrix is not finite there) is left out.
+
+        Where autograd cannot follow the matrix to a parameter (built with a Python number,
+        ``float(self.get(3))``; the analytic path never needs a differentiable matrix) but its
+        ``get_derva`` is not zero, the comparison is with a central difference of the matrix in
+        float64, where the two one-sided differences agree (else that parameter is not checked).
+        Skipped under inference mode; a parameter frozen or beyond the check's reach (every one
+        frozen) is checked when it next requires grad.
 
         A parameter that ``get_matrix()`` does not use at all (autograd has no gradient for it) and
         whose ``get_derva`` is zero gets no ``.grad``, as ``backward()`` leaves it (a zero ``.grad``
@@ -916,68 +930,166 @@ class AffineModelAnalytic(TransformModel):
         checked, _, unused = self._jacobian_checked
         if checked == key:
             return unused
-        wanted = [i for i, param in enumerate(params) if param.requires_grad]
-        if not wanted or torch.is_inference_mode_enabled():
+        if not any(param.requires_grad for param in params) or torch.is_inference_mode_enabled():
             return frozenset()
+        groups: dict[int, list[int]] = {}  # one nn.Parameter's slots in self.p
+        for i, param in enumerate(params):
+            if param.requires_grad:
+                groups.setdefault(id(param), []).append(i)
+        slots = list(groups.values())
+        unused = self._compare_own_jacobian(caller, params, slots, {})
+        shifted = {id(params[group[0]]): (params[group[0]].detach() + _CHECK_OFFSETS[k % len(_CHECK_OFFSETS)])
+                   .requires_grad_() for k, group in enumerate(slots)}
+        self._compare_own_jacobian(caller, params, slots, shifted)
+        unused = frozenset(i for group in unused for i in group)
+        self._jacobian_checked = (key, (params, list(self.m)), unused)
+        return unused
+
+    def _compare_own_jacobian(self, caller: str, params: list, slots: list, point: dict) -> list:
+        """:meth:`_check_own_jacobian` at one point: ``point`` maps ``id(param)`` to the leaf tensor
+        that stands for it there (``{}``: the current values).  Raise on a mismatch; return the slot
+        groups the matrix does not use."""
+        try:
+            with self._parameters_swapped(point):
+                entries = self._jacobian_entries(params, slots, point)
+        except Exception:
+            if not point:
+                raise
+            return []  # a second point the subclass's math cannot take
+        if entries is None:
+            return []
+        automatic, analytic, connected = entries
+        if point and not all(bool(torch.isfinite(a).all() and torch.isfinite(b).all())
+                             for a, b in zip(automatic, analytic)):
+            return []
+        scales = [max(float(a.abs().max()), float(b.abs().max())) for a, b in zip(automatic, analytic)]
+        largest = max(scales, default=0.0)
+        unused = []
+        for group, mine, theirs, linked, scale in zip(slots, analytic, automatic, connected, scales):
+            if not linked:
+                if scale == 0.0:
+                    unused.append(group)
+                    continue
+                # autograd cannot follow the matrix to this parameter: a float64 difference of it
+                theirs = self._matrix_difference(params, group, point)
+                if theirs is None:
+                    continue
+                scale = max(scale, float(theirs.abs().max()))
+                largest = max(largest, scale)
+            difference = float((theirs - mine).abs().max())
+            if difference > 1e-3 * scale + 1e-6 * largest:
+                raise ValueError(self._jacobian_mismatch(caller, group, linked, difference / scale,
+                                                         float(theirs.abs().max()) == 0.0, bool(point)))
+        return unused
+
+    @contextlib.contextmanager
+    def _parameters_swapped(self, point: dict):
+        """Within it, every registration of a parameter ``id`` in ``point`` (in ``self.p`` or elsewhere
+        in the module, a tied one in each of its places) holds ``point[id]``; restored after."""
+        swapped = []
+        try:
+            if point:
+                for module in self.modules():
+                    for name, param in list(module._parameters.items()):
+                        if param is not None and id(param) in point:
+                            module._parameters[name] = point[id(param)]
+                            swapped.append((module, name, param))
+            yield
+        finally:
+            for module, name, param in reversed(swapped):
+                module._parameters[name] = param
+
+    def _jacobian_entries(self, params: list, slots: list, point: dict):
+        """For each slot group, ``(autograd's dA/dr, the analytic path's)`` of A's six top-row entries,
+        ``(6, *shape)`` each, and whether autograd reached it; ``None`` where the analytic model could
+        not say (its values form no graph)."""
+        tensors = [point.get(id(param), param) for param in params]
+        wanted = [tensors[group[0]] for group in slots]
         with torch.enable_grad():  # all of it: a first forward may come under no_grad() (a validation step)
             matrix = self.matrix()
             jacobian = self.parameter_jacobian().detach()
             own_values = self._has_own_values()
-            values = _stack_values([self.get(i) for i in range(len(params))]) if own_values else None
-            if matrix.grad_fn is None:  # built from numbers: nothing to compare with
-                self._jacobian_checked = (key, (params, list(self.m)), frozenset())
-                return frozenset()
+            values = _stack_values([self.get(i) for i in range(len(tensors))]) if own_values else None
             pairs = max(matrix.shape[0], jacobian.shape[0])
             matrix, jacobian = matrix.expand(pairs, 3, 3), jacobian.expand(pairs, -1, -1, -1)
             derivatives = (None if own_values else
-                           [self.m[i].derivative(params[i].detach()).reshape(-1) for i in wanted])
-            automatic = [[] for _ in wanted]
-            analytic = [[] for _ in wanted]
-            connected = [False] * len(wanted)
-            wanted_params = [params[i] for i in wanted]
+                           [[self.m[i].derivative(tensors[i].detach()).reshape(-1) for i in group] for group in slots])
+            automatic = [[] for _ in slots]
+            analytic = [[] for _ in slots]
+            connected = [False] * len(slots)
             for row, column in ((0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)):
-                found = torch.autograd.grad(matrix[:, row, column].sum(), wanted_params, retain_graph=True,
-                                            allow_unused=True)
+                found = (torch.autograd.grad(matrix[:, row, column].sum(), wanted, retain_graph=True,
+                                             allow_unused=True)
+                         if matrix.requires_grad else [None] * len(wanted))
                 if own_values:
                     linear = (values.expand(pairs, -1) * jacobian[..., row, column]).sum()
-                    formed = (torch.autograd.grad(linear, wanted_params, retain_graph=True, allow_unused=True)
+                    formed = (torch.autograd.grad(linear, wanted, retain_graph=True, allow_unused=True)
                               if linear.requires_grad else [None] * len(wanted))
-                else:
-                    formed = [(jacobian[:, i, row, column] * derivative).sum_to_size(param.shape)
-                              for i, derivative, param in zip(wanted, derivatives, wanted_params)]
-                for k, (mine, theirs, param) in enumerate(zip(formed, found, wanted_params)):
+                else:  # a parameter in several slots: the sum of theirs, the gradient its .grad gets
+                    formed = [sum((jacobian[:, i, row, column] * derivative).sum_to_size(tensor.shape)
+                                  for i, derivative in zip(group, group_derivatives))
+                              for group, group_derivatives, tensor in zip(slots, derivatives, wanted)]
+                for k, (mine, theirs, tensor) in enumerate(zip(formed, found, wanted)):
                     connected[k] = connected[k] or theirs is not None
-                    automatic[k].append(torch.zeros_like(param) if theirs is None else theirs.detach())
-                    analytic[k].append(torch.zeros_like(param) if mine is None else mine.detach())
-        automatic = [torch.stack(entries) for entries in automatic]
-        analytic = [torch.stack(entries) for entries in analytic]
-        scales = [max(float(a.abs().max()), float(b.abs().max())) for a, b in zip(automatic, analytic)]
-        largest = max(scales)
-        for k, i in enumerate(wanted):
-            difference = float((automatic[k] - analytic[k]).abs().max())
-            if difference > 1e-3 * scales[k] + 1e-6 * largest:
-                raise ValueError(self._jacobian_mismatch(caller, i, connected[k], difference / scales[k]))
-        unused = frozenset(i for k, i in enumerate(wanted) if not connected[k] and scales[k] == 0.0)
-        self._jacobian_checked = (key, (params, list(self.m)), unused)
-        return unused
+                    automatic[k].append(torch.zeros_like(tensor) if theirs is None else theirs.detach())
+                    analytic[k].append(torch.zeros_like(tensor) if mine is None else mine.detach())
+        return [torch.stack(entries) for entries in automatic], [torch.stack(entries) for entries in analytic], connected
 
-    def _jacobian_mismatch(self, caller: str, i: int, connected: bool, relative: float) -> str:
+    def _matrix_difference(self, params: list, group: list, point: dict) -> Optional[torch.Tensor]:
+        """``dA/dr`` of the parameter in slots ``group`` (A's six top-row entries, ``(6, *shape)``) by a
+        central difference of :meth:`matrix` in float64, on temporaries; ``None`` where it is not clean
+        (the one-sided differences disagree: float32 inside, a kink) or the matrix cannot be formed so."""
+        base = {}
+        for param in params:
+            base.setdefault(id(param), point.get(id(param), param).detach().to(torch.float64))
+        target = id(params[group[0]])
+        raw = base[target]
+        step = 1e-6 * max(1.0, float(raw.abs().max()))
+
+        def entries(offset: float) -> torch.Tensor:
+            with self._parameters_swapped({**base, target: raw + offset}), torch.no_grad():
+                matrix = self.matrix()
+            if matrix.dtype != torch.float64:
+                raise TypeError
+            return matrix[:, :2, :].reshape(matrix.shape[0], 6).t()  # (6, pairs)
+
+        try:
+            middle, up, down = entries(0.0), entries(step), entries(-step)
+        except Exception:
+            return None
+        forward, backward, central = (up - middle) / step, (middle - down) / step, (up - down) / (2 * step)
+        scale = float(central.abs().max())
+        if not bool(torch.isfinite(central).all()) or float((forward - backward).abs().max()) > 1e-4 * scale + 1e-9:
+            return None
+        return central.sum_to_size(6, *raw.shape).to(params[group[0]].dtype)
+
+    def _jacobian_mismatch(self, caller: str, group: Sequence[int], connected: bool, relative: float,
+                           zero: bool = False, shifted: bool = False) -> str:
         """The message for a subclass's ``get_derva(i)`` that is not the derivative of its matrix."""
         name = type(self).__name__
         own = "get_derva" if self._overrides(("get_derva",)) else "parameter_jacobian"
-        what = f"get_derva({i})" if own == "get_derva" else f"parameter_jacobian()[:, {i}]"
-        if connected:
-            found = (f"{what} is not the derivative of get_matrix() with respect to parameter {i}: autograd's "
-                     f"differs from it by {relative:.1%} of its largest entry at the current values")
+        whats = [f"get_derva({i})" if own == "get_derva" else f"parameter_jacobian()[:, {i}]" for i in group]
+        what = " + ".join(whats)
+        i = group[0]
+        parameter = (f"parameter {i}" if len(group) == 1 else
+                     f"the parameter in slots {', '.join(map(str, group))} of self.p (one nn.Parameter: the sum "
+                     "of its slots' derivatives is its gradient)")
+        where = ("at raw values a few tenths from the current ones (it agrees at the current values, where "
+                 "terms such as sin(angle) or scale - 1 may vanish)" if shifted else "at the current values")
+        if not connected and zero:
+            found = f"get_matrix() does not depend on {parameter}, but {what} is not zero {where}"
         else:
-            found = f"get_matrix() does not depend on parameter {i}, but {what} is not zero"
+            how = "autograd's" if connected else "a float64 finite difference of get_matrix()'s"
+            found = (f"{what} is not the derivative of get_matrix() with respect to {parameter}: {how} differs "
+                     f"from it by {relative:.1%} of its largest entry {where}")
         if self._overrides(("get_matrix",)):
             advice = f"Check {what} against get_matrix()."
         else:
             advice = (f"{name} overrides {own} but not get_matrix(), so it warps with the base class's matrix: the "
                       f"{self.transform.name!r} transform with the parameters in the order {self._model_order()} "
                       "(transform_slots). Override get_matrix() to build A from your parameters in your order "
-                      "(as the seed's MyModel does), or order your parameters as the base does.")
+                      "(as the seed's MyModel does), or order your parameters as the base does; if they are in "
+                      f"that order, check {what} against that matrix.")
         return (f"{caller}: {found}; the analytic gradient would be that of another function than the cost. "
                 f"{own}(i) must return dA/dp_i, the derivative of the matrix get_matrix() builds with respect to "
                 f"parameter i (self.get(i)). {advice}")
@@ -1097,6 +1209,9 @@ _MODEL_MATH = ("get", "get_matrix", "get_derva", "parameter_jacobian", "paramete
 #: them by autograd, :meth:`AffineModelAnalytic._through_own_values`).
 _VALUE_MATH = ("get", "parameter_values", "_transform_parameters")
 _BUILT_IN_MAPPINGS = (IdentityMapping, SigmoidMapping, ExpMapping)
+#: What the get_derva check adds to each raw value (per nn.Parameter, in turn) for its second point, a
+#: point away from the identity start where sine terms and scale factors vanish.
+_CHECK_OFFSETS = (0.173, -0.219, 0.251, -0.137, 0.193, -0.241, 0.157, -0.283)
 
 
 def _select(tensor: torch.Tensor, dim: int, order: Sequence[int]) -> torch.Tensor:
