@@ -1559,3 +1559,37 @@ def test_a_matrix_built_partly_from_python_numbers_is_checked_by_a_finite_differ
                                              r"from it by 33.3%"):
             NumberScaleWrong(moving)(moving, fixed)
 
+
+@pytest.mark.parametrize("gradients", ["autograd", "analytic"])
+def test_an_own_get_may_serve_the_base_matrix_from_more_parameters(images, gradients):
+    """A subclass whose get(3) is p3 * p4 (five raw parameters, the base matrix's four values) worked
+    on both paths, p4's gradient by autograd through get(); the parameter-count check refused it."""
+    from torch import nn
+
+    fixed, moving = images
+
+    class TwoPartScale:
+        def __init__(self, *arguments):
+            super().__init__(*arguments)
+            self.p = nn.ParameterList(torch.tensor([v], dtype=torch.float64) for v in (0.02, 1.0, -0.5, 1.1, 0.95))
+            self.m = [IdentityMapping() for _ in self.p]
+
+        def get(self, i):
+            return self.p[3] * self.p[4] if i == 3 else super().get(i)
+
+    class Autograd(TwoPartScale, tireg.AffineModel):
+        pass
+
+    class Analytic(TwoPartScale, tireg.AffineModelAnalytic):
+        pass
+
+    reference = Autograd(13.0, 9.0, "zeros")
+    tireg.L2Loss()(reference(moving), fixed).sum().backward()
+    if gradients == "autograd":
+        model = reference
+    else:
+        model = Analytic(13.0, 9.0, "zeros", moving)
+        model(moving, fixed)
+    assert model.p[4].grad is not None and model.p[4].grad.item() != 0.0
+    for mine, theirs in zip(model.p, reference.p):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-9, atol=1e-12)

@@ -288,10 +288,14 @@ class TransformModel(nn.Module):
         """:meth:`_check_mappings`, and where the model's matrix is the base's (its transform's), as many
         parameters as the transform takes: a subclass that replaced ``self.p`` with three and kept the
         base ``get_matrix()`` failed inside ``index_select`` ("INDICES element is out of DATA bounds"),
-        and a fifth parameter was silently ignored."""
+        and a fifth parameter was silently ignored.  Not where ``get()`` is the subclass's own: it
+        may form the transform's values from more raw parameters (``get(3) = p3 * p4``)."""
         self._check_mappings(caller)
         count, expected = len(self.p), self.transform.num_parameters
-        if count != expected and not self._overrides(("get_matrix", "_transform_parameters", "parameter_values")):
+        # a get() of one's own serves values its own way (the scale as p3 * p4 from five parameters):
+        # how many it serves is not len(self.p), and such a model worked before this check
+        if count != expected and not self._overrides(("get", "get_matrix", "_transform_parameters",
+                                                      "parameter_values")):
             raise ValueError(
                 f"{caller}: {type(self).__name__} has {count} parameters (self.p), but its matrix is the base "
                 f"class's get_matrix(): the {self.transform.name!r} transform of {expected} parameters, in the "
