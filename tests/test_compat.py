@@ -353,9 +353,21 @@ def test_a_seed_style_analytic_step_forms_each_parameter_value_once():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_affy_of_tensor_parameters_and_a_number_centre_is_the_general_paths_result(dtype):
+def test_affy_of_tensor_parameters_and_a_number_centre_is_the_general_paths_result(dtype, monkeypatch):
     """Tensors of one shape and a centre of Python numbers (the seed's calls) take a short path:
-    bit for bit the general path's result (a NumPy centre takes that one), and a new tensor each call."""
+    bit for bit the general path's result (a NumPy centre takes that one), and a new tensor each call.
+    Which path a call took is counted: without the short path the comparison passed as well."""
+    import tireg.compat as compat
+
+    taken = []
+    common_case = compat._common_case
+
+    def counted(*arguments):
+        result = common_case(*arguments)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(compat, "_common_case", counted)
     values = [torch.tensor([0.2, -0.1], dtype=dtype), torch.tensor([1.1, 0.9], dtype=dtype),
               torch.tensor([0.95, 1.0], dtype=dtype), torch.tensor([3.0, 0.5], dtype=dtype),
               torch.tensor([-2.0, 1.5], dtype=dtype)]
@@ -363,7 +375,9 @@ def test_affy_of_tensor_parameters_and_a_number_centre_is_the_general_paths_resu
     cx, cy = 127.3, 95.1
     for name in ("get_matrix", "da", "dsx", "dsy", "dx", "dy"):
         function = getattr(Affy, name)
+        taken.clear()
         short, general = function(*values, cx, cy), function(*values, np.float64(cx), np.float64(cy))
+        assert taken == [True, False], name  # the short path, then the general one
         assert short.dtype == dtype and torch.equal(short, general), name
         short.add_(1.0)  # the centre it was made from is kept: a result is no view of it
         assert torch.equal(function(*values, cx, cy), general), name
