@@ -1909,9 +1909,14 @@ def _corner_reach(matrix: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
 def _displacement(problem: _Problem, before: torch.Tensor, step: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
     """Largest distance in full-resolution pixels that a corner of the fixed image moves from
     parameters ``before`` to ``before + step`` (in their dtype: float64 measures a step that
-    float32 parameters would round away)."""
+    float32 parameters would round away), per pair ``(B,)``.
+
+    In elementwise operations only: a batched product may round by the batch's size (another BLAS
+    kernel for one pair than for several), and what this decides (a pair's convergence, the
+    length of its L-BFGS step) must be each pair's own, bit for bit."""
     difference = _step_difference(problem, before, step)
-    return (corners.to(difference.dtype) @ difference[:, :2, :].transpose(1, 2)).norm(dim=-1).amax(dim=-1)
+    moved = (difference[:, None, :2, :] * corners.to(difference.dtype)[None, :, None, :]).sum(-1)  # (B, 4, 2)
+    return moved.norm(dim=-1).amax(dim=-1)
 
 
 def _step_difference(problem: _Problem, before: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -1920,15 +1925,6 @@ def _step_difference(problem: _Problem, before: torch.Tensor, step: torch.Tensor
         return (step[:, :, None, None] * problem.linear_parts[1].to(step.dtype)).sum(1)
     both = problem.kind.matrix(torch.cat([before + step, before]), problem.center.to(before.dtype))  # one call
     return both[: before.shape[0]] - both[before.shape[0]:]
-
-
-def _reach(problem: _Problem, before: torch.Tensor, step: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
-    """:func:`_displacement` in elementwise operations only: a batched product may round by the
-    batch's size (another BLAS kernel for one pair than for several), and an L-BFGS step scaled by
-    this must be each pair's own, bit for bit."""
-    difference = _step_difference(problem, before, step)
-    moved = (difference[:, None, :2, :] * corners.to(difference.dtype)[None, :, None, :]).sum(-1)  # (B, 4, 2)
-    return moved.norm(dim=-1).amax(dim=-1)
 
 
 #: On a GPU, how many iterations run between the host's looks at the pairs' convergence flags,
@@ -2367,7 +2363,8 @@ class _BatchedLBFGS:
     (``line_search_fn="strong_wolfe"``, tireg's default) is a backtracking one here: until
     ``f(x + t d) <= f(x) + 1e-4 t g'd`` (Armijo), at most 25 trials, each step the minimum of the
     quadratic through ``f(0)``, ``f'(0)`` and the last trial, within ``[0.1 t, 0.5 t]`` (a strong-Wolfe
-    zoom per pair does not vectorise); ``None``: the step ``t`` as it is.  A pair's inner loop stops, as torch's, when ``max |g| <= tolerance_grad``,
+    zoom per pair does not vectorise); ``None``: the step ``t`` as it is.  A pair's inner loop stops,
+    as torch's, when ``max |g| <= tolerance_grad``,
     ``max |t d| <= tolerance_change`` or its cost changes by less than ``tolerance_change``; a step
     holds at most ``max_iter`` iterations and ``max_eval`` evaluations, but each iteration tries
     its step at least once, and a pair whose search the budget cut off before it moved at all goes
@@ -2566,8 +2563,10 @@ def _first_order(problem, level, params, *, name, options, gradients, max_iterat
     # (L-BFGS: a line search cut off by max_eval goes on in the next step while its trial would move
     # the image by the tolerance or more: one unit of q is about one level pixel)
     if name == "lbfgs":  # each step bounded in the level's pixels (ECC_RADIUS, as Gauss-Newton's ECC step)
-        optim = _BatchedLBFGS(q, **settings, min_search=tolerance,
-                              reach=lambda x, s: _reach(problem, start + x * scales, s * scales, corners) / level.factor)
+        def reach(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:  # in the level's pixels
+            return _displacement(problem, start + x * scales, step * scales, corners) / level.factor
+
+        optim = _BatchedLBFGS(q, **settings, min_search=tolerance, reach=reach)
     else:
         optim = constructor([q], **settings)
     active = torch.ones(batch, dtype=torch.bool, device=device)
