@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "default: halve down to about 32 pixels")
         group.add_argument("--smoothing", type=_sigma, default=None, metavar="SIGMA",
                            help="Gaussian smoothing of the full-resolution level, in pixels (default: 1 for the "
-                           "per-pixel losses, ncc(_any) and lncc(_any), against noise; 0 for mi, nmi and --optimizer sgd)")
+                           "per-pixel losses, ncc(_any) and lncc(_any), against noise; 0.5 for mi and nmi; 0 for --optimizer sgd)")
         group.add_argument("--max-iterations", type=_positive_int, default=defaults["max_iterations"],
                            metavar="N", help="iterations per level (default: 50 for gauss-newton, 300 otherwise)")
         group.add_argument("--interpolation", choices=["bilinear", "bicubic"], default="bilinear",
