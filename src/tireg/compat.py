@@ -22,7 +22,7 @@ from ._device import cached
 from . import mappings as _mappings
 from . import models as _models
 from ._validation import FLOAT_DTYPES, broadcast_shape, finite_number
-from .transforms import _anisotropic_similarity_derivative, anisotropic_similarity_matrix
+from .transforms import _anisotropic_similarity_derivative, _derivative_of_values, anisotropic_similarity_matrix
 
 __all__ = ["PerPixelLoss", "AffyModel", "AffyModelAnal", "Affy", "Mapping"]
 
@@ -127,33 +127,40 @@ def _arguments(caller: str, **values: Scalar) -> dict[str, torch.Tensor]:
         raise
 
 
-def _common_case(params: tuple, cx, cy) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`_params_and_center` for a seed-style model's call, or ``None`` for any other: parameters
-    that are float32 or float64 tensors of one shape, dtype and device (``self.get(i)``), a centre of
-    Python numbers (``self.cx``), finite and within the dtype's range.  The same result as
-    :func:`_arguments`, without its work per argument: the centre is made once (:func:`cached`) and
-    expanded, the parameters stacked as they are.  The seed's analytic model makes four calls a step,
-    and the general path had taken half of each."""
+def _common_case(params: tuple, cx, cy) -> Optional[torch.Tensor]:
+    """The centre ``(2,)`` for a seed-style model's call, or ``None`` for any other: parameters that
+    are float32 or float64 tensors of one shape, dtype and device (``self.get(i)``), a centre of
+    Python numbers (``self.cx``), finite and within the dtype's range.  With it the results are
+    :func:`_arguments`'s, without its work per argument: the centre is made once (:func:`cached`;
+    read only), the parameters are taken as they are.  The seed's analytic model makes four calls
+    a step, and the general path had taken half of each."""
     first = params[0]
     if not isinstance(first, torch.Tensor) or type(cx) not in (int, float) or type(cy) not in (int, float):
         return None
     dtype, device, shape = first.dtype, first.device, first.shape
-    if dtype not in _NUMPY_DTYPES or not all(
-            isinstance(value, torch.Tensor) and value.dtype == dtype and value.device == device and value.shape == shape
-            for value in params[1:]):
+    if dtype not in _NUMPY_DTYPES:
         return None
+    for value in params[1:]:
+        if not (isinstance(value, torch.Tensor) and value.dtype == dtype and value.device == device
+                and value.shape == shape):
+            return None
     if not (math.isfinite(cx) and math.isfinite(cy) and abs(cx) <= _LARGEST[dtype] and abs(cy) <= _LARGEST[dtype]):
         return None  # the general path names it
-    center = cached(("seed centre", float(cx), float(cy)), dtype, device,
-                    lambda: torch.tensor([cx, cy], dtype=dtype, device=device))  # read only: expanded below
-    return torch.stack(params, dim=-1), center.expand(*shape, 2)
+    return cached(("seed centre", float(cx), float(cy)), dtype, device,
+                  lambda: torch.tensor([cx, cy], dtype=dtype, device=device))
 
 
 def _params_and_center(caller: str, angle, scalex, scaley, dx, dy, cx, cy) -> tuple[torch.Tensor, torch.Tensor]:
     """``(..., 5)`` parameters and ``(..., 2)`` centre, of one dtype and device."""
-    common = _common_case((angle, scalex, scaley, dx, dy), cx, cy)
-    if common is not None:
-        return common
+    params = (angle, scalex, scaley, dx, dy)
+    center = _common_case(params, cx, cy)
+    if center is not None:
+        return torch.stack(params, dim=-1), center.expand(*angle.shape, 2)
+    return _general_params_and_center(caller, angle, scalex, scaley, dx, dy, cx, cy)
+
+
+def _general_params_and_center(caller: str, angle, scalex, scaley, dx, dy, cx, cy) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_params_and_center` by :func:`_arguments`, for any call."""
     tensors = _arguments(caller, angle=angle, scalex=scalex, scaley=scaley, dx=dx, dy=dy, cx=cx, cy=cy)
     values = list(tensors.values())
     return torch.stack(values[:5], dim=-1), torch.stack(values[5:], dim=-1)
@@ -180,7 +187,10 @@ def get_matrix(
 
 
 def _derivative(index: int, caller: str, angle, scalex, scaley, dx, dy, cx, cy) -> torch.Tensor:
-    params, center = _params_and_center(caller, angle, scalex, scaley, dx, dy, cx, cy)
+    center = _common_case((angle, scalex, scaley, dx, dy), cx, cy)
+    if center is not None:  # the seed's call: the values as they are, in a few operations
+        return _derivative_of_values(angle, scalex, scaley, center, index)
+    params, center = _general_params_and_center(caller, angle, scalex, scaley, dx, dy, cx, cy)
     return _anisotropic_similarity_derivative(params, center, index)  # the one asked for, not all five
 
 
@@ -223,12 +233,13 @@ def dy(
 def ds(angle: Scalar, scale: Scalar, dx: Scalar, dy: Scalar, cx: Scalar, cy: Scalar) -> torch.Tensor:
     """``dA/d scale`` of ``get_matrix(angle, scale, scale, dx, dy, cx, cy)``: ``dsx + dsy`` at
     ``scalex = scaley``, ``[R | -R c]`` (bottom row 0)."""
-    common = _common_case((angle, scale, scale, dx, dy), cx, cy)
-    if common is None:
-        tensors = _arguments("Affy.ds()", angle=angle, scale=scale, dx=dx, dy=dy, cx=cx, cy=cy)
-        angle, scale, dx, dy, cx, cy = tensors.values()
-        common = torch.stack([angle, scale, scale, dx, dy], dim=-1), torch.stack([cx, cy], dim=-1)
-    return _anisotropic_similarity_derivative(*common, 5)
+    center = _common_case((angle, scale, dx, dy), cx, cy)
+    if center is not None:  # the seed's call
+        return _derivative_of_values(angle, scale, scale, center, 5)
+    tensors = _arguments("Affy.ds()", angle=angle, scale=scale, dx=dx, dy=dy, cx=cx, cy=cy)
+    angle, scale, dx, dy, cx, cy = tensors.values()
+    return _anisotropic_similarity_derivative(torch.stack([angle, scale, scale, dx, dy], dim=-1),
+                                              torch.stack([cx, cy], dim=-1), 5)
 
 
 Affy = SimpleNamespace(get_matrix=get_matrix, da=da, dx=dx, dy=dy, ds=ds, dsx=dsx, dsy=dsy)

@@ -419,6 +419,52 @@ def _anisotropic_similarity_derivative(params: torch.Tensor, center: torch.Tenso
     return _linear_derivative(_anisotropic_linear_derivative(angle, scales, index), center)
 
 
+def _derivative_of_values(
+    angle: torch.Tensor, scale_x: torch.Tensor, scale_y: torch.Tensor, center: torch.Tensor, index: int
+) -> torch.Tensor:
+    """:func:`_anisotropic_similarity_derivative` from the values as tensors of one shape ``S``
+    (not stacked) and one centre ``(2,)`` of their dtype and device, ``(*S, 3, 3)``: the seed's
+    ``Affy.da``/``dsx``/``dsy``/``dx``/``dy``/``ds`` as its model calls them.
+
+    The same products and sums, so the same numbers to the last bit, in about half the operations
+    (the linear part's four entries made by one ``stack`` and one product, no broadcast of the
+    parameters or the centre, no shape helpers): each of those calls had taken 20-25 small
+    operations and most of 100 us, and a seed-style analytic step makes four of them."""
+    if index in (3, 4):  # a shift: a unit matrix, the same for every angle and scale
+        unit = cached(("translation unit", index), angle.dtype, angle.device,
+                      lambda: _translation_derivatives(torch.Size(), angle)[index - 3].clone())
+        return unit.expand(*angle.shape, 3, 3).clone()
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    if index == 0:  # R' S: R' = [[-sin, cos], [-cos, -sin]], columns scaled by (sx, sy)
+        minus_sin = torch.neg(sin)
+        linear = torch.stack([minus_sin, cos, torch.neg(cos), minus_sin], -1) \
+            * torch.stack([scale_x, scale_y, scale_x, scale_y], -1)
+    elif index == 5:  # R
+        linear = torch.stack([cos, sin, torch.neg(sin), cos], -1)
+    else:  # R's column 0 (sx) or 1 (sy), the other column zero
+        zero = torch.zeros_like(cos)
+        linear = (torch.stack([cos, zero, torch.neg(sin), zero], -1) if index == 1
+                  else torch.stack([zero, sin, zero, cos], -1))
+    linear = linear.unflatten(-1, (2, 2))
+    offset = torch.neg((linear * center).sum(-1))  # -dL c, as _linear_derivative forms it
+    return F.pad(torch.cat([linear, offset.unsqueeze(-1)], -1), (0, 0, 0, 1))  # bottom row 0
+
+
+def _similarity_matrix_of_values(
+    angle: torch.Tensor, scale: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, center: torch.Tensor
+) -> torch.Tensor:
+    """:func:`similarity_matrix` from the values as tensors of one shape ``S`` (not stacked) and one
+    centre ``(2,)`` of their dtype and device, ``(*S, 3, 3)``: the same products and sums, so the
+    same numbers to the last bit, in about half its operations and none of its checks (the seed's
+    analytic model, whose matrix is the base's, forms it so every step)."""
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    linear = (scale.unsqueeze(-1) * torch.stack([cos, sin, torch.neg(sin), cos], -1)).unflatten(-1, (2, 2))
+    offset = (center + torch.stack([tx, ty], -1)) - (linear * center).sum(-1)
+    top = torch.cat([linear, offset.unsqueeze(-1)], -1)
+    bottom = constant((0.0, 0.0, 1.0), like=top).expand(*top.shape[:-2], 1, 3)
+    return torch.cat([top, bottom], -2)
+
+
 def affine_matrix(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
     """Full affine about a centre: ``A = [L | c + t - L c]``.
 
