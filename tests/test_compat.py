@@ -15,6 +15,8 @@ from tireg.compat import Affy, AffyModel, AffyModelAnal, Mapping, PerPixelLoss
 from tireg.transforms import anisotropic_similarity_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
+#: An integer dtype of each float dtype's width: equal views are equal bits.
+BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
 EXAMPLE = ROOT / "examples" / "seed_walkthrough.py"
 SEED = ROOT.parent / "shared" / "seed" / "000_6a13fb89c99a4973.txt"
 
@@ -368,19 +370,57 @@ def test_affy_of_tensor_parameters_and_a_number_centre_is_the_general_paths_resu
         return result
 
     monkeypatch.setattr(compat, "_common_case", counted)
-    values = [torch.tensor([0.2, -0.1], dtype=dtype), torch.tensor([1.1, 0.9], dtype=dtype),
-              torch.tensor([0.95, 1.0], dtype=dtype), torch.tensor([3.0, 0.5], dtype=dtype),
-              torch.tensor([-2.0, 1.5], dtype=dtype)]
-    angle, scalex, scaley, dx, dy = values
-    cx, cy = 127.3, 95.1
-    for name in ("get_matrix", "da", "dsx", "dsy", "dx", "dy"):
-        function = getattr(Affy, name)
-        taken.clear()
-        short, general = function(*values, cx, cy), function(*values, np.float64(cx), np.float64(cy))
-        assert taken == [True, False], name  # the short path, then the general one
-        assert short.dtype == dtype and torch.equal(short, general), name
-        short.add_(1.0)  # the centre it was made from is kept: a result is no view of it
-        assert torch.equal(function(*values, cx, cy), general), name
-    assert torch.equal(Affy.ds(angle, scalex, dx, dy, cx, cy), Affy.ds(angle, scalex, dx, dy, np.float64(cx), cy))
+    generator = torch.Generator().manual_seed(4)
+    batches = [[torch.tensor([0.2, -0.1]), torch.tensor([1.1, 0.9]), torch.tensor([0.95, 1.0]),
+                torch.tensor([3.0, 0.5]), torch.tensor([-2.0, 1.5])],
+               [torch.tensor(0.0), torch.tensor(-0.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(2.0)],
+               [torch.randn(40, generator=generator) * scale for scale in (1.0, 1.0, 1.0, 50.0, 50.0)]]
+    for values in ([value.to(dtype) for value in values] for values in batches):
+        angle, scalex, scaley, dx, dy = values
+        for cx, cy in ((127.3, 95.1), (-3.7, 0.0), (0.0, -2.2)):
+            for name in ("get_matrix", "da", "dsx", "dsy", "dx", "dy", "ds"):
+                function = getattr(Affy, name)
+                arguments = (angle, scalex, dx, dy) if name == "ds" else values
+                taken.clear()
+                short, general = function(*arguments, cx, cy), function(*arguments, np.float64(cx), np.float64(cy))
+                assert taken == [True, False], name  # the short path, then the general one
+                assert short.dtype == dtype and short.shape == general.shape, name
+                # bit for bit, the sign of a zero too
+                assert torch.equal(short.view(-1).view(BITS[dtype]), general.view(-1).view(BITS[dtype])), name
+                short.add_(1.0)  # the centre it was made from is kept: a result is no view of it
+                assert torch.equal(function(*arguments, cx, cy), general), name
     with pytest.raises(ValueError, match="'cx'"):
         Affy.da(*values, float("nan"), cy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_seed_style_analytic_step_forms_the_general_paths_numbers(dtype, batch_size):
+    """A seed-style analytic step forms its values (four sigmoids at once), its base matrix (from the
+    values as they are) and its raw gradients (four sigmoid derivatives at once) by short paths: bit for
+    bit what the per-parameter mappings, get_matrix() and the per-parameter chain rule give, also at
+    saturation (raw 40) and for one parameter set per pair."""
+    from tireg.models import _raw_gradients
+
+    fixed, moving = seed_images(dtype, batch=3)
+    model = SeedModelAnalytic(27.5, 19.5, "zeros", moving).to(dtype)
+    seed_mappings(model)
+    raw = ([0.3], [-1.2], [40.0], [0.7]) if batch_size == 1 else ([0.3, 0.1, -0.2], [-1.2], [40.0], [0.7])
+    for param, values in zip(model.p, raw):
+        param.data = torch.tensor(values, dtype=dtype)
+    params = list(model.p)
+    with torch.no_grad():
+        with model._step_values():
+            values = [model.get(i) for i in range(4)]
+            matrix, _ = model._matrix_and_jacobian(3)
+        for value, param, mapping in zip(values, params, model.m):
+            assert torch.equal(value, mapping(param)) and value.shape == param.shape
+        assert torch.equal(matrix, model.get_matrix().reshape(-1, 3, 3).expand(3, 3, 3))
+        for pairs in (1, 3):
+            gradient = torch.randn(pairs, 4, dtype=dtype, generator=torch.Generator().manual_seed(pairs))
+            gradient[0, 1] = -0.0
+            expected = [(gradient[:, i] * mapping.derivative(param)).sum().reshape(param.shape)
+                        if param.numel() == 1 else gradient[:, i] * mapping.derivative(param)
+                        for i, (param, mapping) in enumerate(zip(params, model.m))]
+            for mine, theirs in zip(_raw_gradients(gradient, params, model.m), expected):
+                assert torch.equal(mine.view(-1).view(BITS[dtype]), theirs.view(-1).view(BITS[dtype]))

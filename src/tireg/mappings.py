@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch.autograd import forward_ad
 
+from ._device import cached
 from ._validation import beyond_float64, real_number
 
 __all__ = ["Mapping", "IdentityMapping", "SigmoidMapping", "ExpMapping"]
@@ -304,6 +305,42 @@ class _ExactSigmoidFunc(torch.autograd.Function):
 
     backward = _ExactSigmoid.backward
     jvp = _ExactSigmoid.jvp
+
+
+def _sigmoid_rows(mappings: Sequence[Mapping], like: torch.Tensor) -> Optional[tuple[torch.Tensor, ...]]:
+    """For ``SigmoidMapping`` s alone (not a subclass: one may have its own ``forward``), in a dtype
+    whose arithmetic holds their widths: ``(lo, span, lower, upper)``, each ``(P,)`` in ``like``'s
+    dtype and device, their bounds, widths and clamps (kept, :func:`tireg._device.cached`); else ``None``.
+
+    With them :func:`_sigmoid_values_at_once` and :func:`_sigmoid_derivatives_at_once` form P mappings' values or
+    derivatives in one pass of each operation, with the same numbers: a Python number in an
+    operation with a float32 or float64 tensor is rounded to the tensor's dtype, as these rows are.
+    A seed-style model maps its four parameters so, each through four or five operations of its own."""
+    dtype = like.dtype
+    if dtype not in (torch.float32, torch.float64) or not all(type(mapping) is SigmoidMapping for mapping in mappings):
+        return None
+    if any(dtype in mapping._too_wide for mapping in mappings):
+        return None  # their own forward and derivative say so
+    key = ("sigmoid rows", tuple((mapping._lo, mapping._hi) for mapping in mappings))
+
+    def make() -> tuple[torch.Tensor, ...]:
+        rows = ([mapping._lo for mapping in mappings], [mapping._hi - mapping._lo for mapping in mappings],
+                [mapping._inside[dtype][0] for mapping in mappings], [mapping._inside[dtype][1] for mapping in mappings])
+        return tuple(torch.tensor(row, dtype=dtype, device=like.device) for row in rows)
+
+    return cached(key, dtype, like.device, make)
+
+
+def _sigmoid_values_at_once(raw: torch.Tensor, rows: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``forward`` of P sigmoid mappings at once: ``raw`` ``(..., P)``, ``rows`` from :func:`_sigmoid_rows`;
+    the values without a derivative (no autograd node: for a step that forms none)."""
+    lo, span, lower, upper = rows
+    return (lo + span * torch.sigmoid(raw)).clamp(lower, upper)
+
+
+def _sigmoid_derivatives_at_once(raw: torch.Tensor, rows: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``derivative`` of P sigmoid mappings at once, as :func:`_sigmoid_values_at_once` their values."""
+    return rows[1] * torch.sigmoid(raw) * torch.sigmoid(-raw)
 
 
 def _open_range(lo: float, hi: float, dtype: torch.dtype) -> tuple[float, float]:

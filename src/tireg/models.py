@@ -51,10 +51,11 @@ from .losses import L2Loss, PerPixelLoss, get_loss
 from .metrics import Metric, get_metric
 from . import fused
 from .fused import prepare_moving, supports
-from .mappings import ExpMapping, IdentityMapping, Mapping, SigmoidMapping, mapping_from_state, mapping_state
+from .mappings import (ExpMapping, IdentityMapping, Mapping, SigmoidMapping, _sigmoid_derivatives_at_once, _sigmoid_rows,
+                       _sigmoid_values_at_once, mapping_from_state, mapping_state)
 from .sampling import image_gradient as compute_image_gradient
 from .sampling import _pixel_axes, _stack_with_gradient, checked_warp
-from .transforms import TRANSFORMS, Transform, get_transform, image_center
+from .transforms import TRANSFORMS, Transform, _similarity_matrix_of_values, get_transform, image_center
 
 __all__ = [
     "TransformModel",
@@ -98,6 +99,10 @@ def _raw_gradients(
     parameters (the seed's model: every parameter) come from one reduction, ``sum_b dL/dp``:
     one operation for them all, where each had taken three.  Those results are views of it.
     """
+    if gradient.shape[0] == 1 and not torch.compiler.is_compiling():
+        shared = _sigmoid_raw_gradients(gradient, raw, mappings)
+        if shared is not None:
+            return shared
     result = []
     totals = by_parameter = None
     for i, (value, mapping) in enumerate(zip(raw, mappings)):
@@ -114,6 +119,25 @@ def _raw_gradients(
             raw_gradient = gradient[:, i] * mapping.derivative(value)  # a new, contiguous tensor
         result.append(raw_gradient.sum().reshape(value.shape) if value.numel() == 1 else raw_gradient)
     return result
+
+
+def _sigmoid_raw_gradients(
+    gradient: torch.Tensor, raw: Sequence[torch.Tensor], mappings: Sequence[Mapping]
+) -> Optional[list[torch.Tensor]]:
+    """:func:`_raw_gradients` of one pair's ``gradient`` ``(1, P)`` where every mapping is a
+    :class:`SigmoidMapping` and every raw value one shared ``(1,)`` (the seed's model), in one pass of
+    each operation (:func:`tireg.mappings._sigmoid_rows`): the same products, and each sum of one
+    term, so the same numbers; views of one new tensor.  ``None`` for any other case.  The loop had
+    taken nine operations a parameter."""
+    if len(raw) < 2 or len(mappings) != len(raw) or gradient.shape[1] != len(raw):
+        return None
+    if not all(value.shape == (1,) and value.dtype == gradient.dtype and value.device == gradient.device
+               for value in raw):
+        return None
+    rows = _sigmoid_rows(mappings, gradient)
+    if rows is None:
+        return None
+    return list((gradient * _sigmoid_derivatives_at_once(torch.cat(raw), rows)).sum(0).split(1))
 
 
 class _Checked:
@@ -332,11 +356,33 @@ class TransformModel(nn.Module):
         values = self._values
         if values is not None and type(i) is int and not torch.is_grad_enabled():
             value = values.get(i)
+            if value is None and not values and self._form_values(values):  # all at once
+                value = values.get(i)
             if value is None:
                 value = values[i] = self.m[self._check_index(i, "get()")](self.p[i])
             return value
         i = self._check_index(i, "get()")
         return self.m[i](self.p[i])
+
+    def _form_values(self, values: dict) -> bool:
+        """Put every parameter's value into ``values`` (:meth:`_step_values`'s) at once, where that
+        forms the same numbers in fewer operations: every mapping a :class:`SigmoidMapping`, every
+        parameter one shared value ``(1,)`` (the seed's model; :func:`tireg.mappings._sigmoid_rows`);
+        return whether it did.  Each value is a view of one new tensor of all of them: four
+        mappings' 16 operations and their Python became five."""
+        params, mappings = self._parameter_list(), self.m
+        if len(params) < 2 or len(mappings) != len(params):
+            return False
+        first = params[0]
+        if not all(param.shape == (1,) and param.dtype == first.dtype and param.device == first.device
+                   for param in params):
+            return False
+        rows = _sigmoid_rows(mappings, first)
+        if rows is None:
+            return False
+        formed = _sigmoid_values_at_once(torch.cat(params), rows).split(1)
+        values.update(enumerate(formed))
+        return True
 
     @contextlib.contextmanager
     def _step_values(self):
@@ -470,10 +516,14 @@ class TransformModel(nn.Module):
         """
         cls = type(self)
         if cls.get_derva is not TransformModel.get_derva:
-            derivatives = [_own_result(self.get_derva(i), f"{cls.__name__}.get_derva({i})", "dA/dp_i", self)
-                           for i in range(len(self.p))]
-            derivatives = torch.broadcast_tensors(*derivatives)
-            return torch.stack(derivatives, dim=-3).reshape(-1, len(self.p), 3, 3)
+            params = self._parameter_list()
+            dtype = params[0].dtype if params else None
+            derivatives = [_own_result(self.get_derva(i), f"{cls.__name__}.get_derva({i})", "dA/dp_i", self, dtype)
+                           for i in range(len(params))]
+            shape = derivatives[0].shape if derivatives else None
+            if not all(derivative.shape == shape for derivative in derivatives):  # else views of them: one op less
+                derivatives = torch.broadcast_tensors(*derivatives)
+            return torch.stack(derivatives, dim=-3).reshape(-1, len(params), 3, 3)
         if cls.get_matrix is not TransformModel.get_matrix:
             raise NotImplementedError(
                 f"{cls.__name__} overrides get_matrix() but not get_derva(i); "
@@ -536,7 +586,8 @@ class TransformModel(nn.Module):
         called as the seed's users wrote it.
         """
         if self._has_own_math():
-            return self.matrix(batch_size), self.parameter_jacobian()
+            matrix = self._base_similarity_matrix(batch_size)
+            return self.matrix(batch_size) if matrix is None else matrix, self.parameter_jacobian()
         values = _stack_values([mapping(raw) for raw, mapping in zip(self._parameter_list(), self.m)])
         matrix, jacobian = _transform_matrix_and_jacobian(
             self.transform, _select(values, -1, self._slots()), self._center_tensor(), self._jacobian_order()
@@ -545,6 +596,27 @@ class TransformModel(nn.Module):
             self._check_batch(matrix.shape[0], batch_size)
             matrix = matrix.expand(batch_size, 3, 3)
         return matrix, jacobian
+
+    def _base_similarity_matrix(self, batch_size: int) -> Optional[torch.Tensor]:
+        """:meth:`matrix` of a model whose own math is its ``dA/dp`` alone (``get_derva``,
+        ``parameter_jacobian``: the seed's ``MyModelAnalytic``) and whose transform is the base's
+        similarity, from the values ``get(i)`` as they are (:func:`~tireg.transforms._similarity_matrix_of_values`:
+        the same numbers, bit for bit, in half the operations, without stacking, selecting and checking
+        them again each step); ``None`` for any other model, which takes :meth:`matrix`."""
+        if self.transform is not _SIMILARITY or self._overrides(_VALUE_MATH + ("get_matrix", "matrix")):
+            return None
+        slots = self._slots()
+        values = [self.get(i) for i in slots]  # (angle, scale, tx, ty)
+        first = values[0]
+        if not all(value.dtype == first.dtype and value.device == first.device for value in values[1:]):
+            return None
+        if not all(value.shape == first.shape for value in values[1:]):
+            values = torch.broadcast_tensors(*values)
+        matrix = _similarity_matrix_of_values(*values, self._center_tensor()).reshape(-1, 3, 3)
+        if matrix.shape[0] != batch_size:
+            self._check_batch(matrix.shape[0], batch_size)
+            matrix = matrix.expand(batch_size, 3, 3)
+        return matrix
 
     def _check_batch(self, sets: int, batch_size: int) -> None:
         if sets not in (1, batch_size):
@@ -1165,17 +1237,20 @@ _BY_NAME: dict[str, Callable] = {
 }
 
 
-def _own_result(value, where: str, what: str, model: "TransformModel") -> torch.Tensor:
+def _own_result(value, where: str, what: str, model: "TransformModel", dtype: Optional[torch.dtype] = None
+                ) -> torch.Tensor:
     """What a subclass's ``get_matrix``/``get_derva`` returned, checked: a float tensor of
     ``(3, 3)`` or ``(B, 3, 3)`` matrices in the parameters' dtype (a mistake there otherwise
-    surfaced as a reshape, expand or dtype error deep inside)."""
+    surfaced as a reshape, expand or dtype error deep inside).  ``dtype``: the parameters', where
+    the caller has it (looking it up in ``model.p`` costs microseconds)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{where} must return {what} as a torch.Tensor of shape (B, 3, 3) or (3, 3); "
                         f"got {type(value).__name__}")
     if value.dim() not in (2, 3) or value.shape[-2:] != (3, 3):
         raise ValueError(f"{where} must return {what} of shape (B, 3, 3) or (3, 3) (homogeneous, last row "
                          f"(0, 0, 1) for A, 0 for a derivative); got {tuple(value.shape)}")
-    dtype = model.p[0].dtype if len(model.p) else value.dtype
+    if dtype is None:
+        dtype = model.p[0].dtype if len(model.p) else value.dtype
     if value.dtype != dtype:
         raise ValueError(f"{where} returned {value.dtype}, but the model's parameters are {dtype}; "
                          "build it from the parameters (self.get(i)) so that it follows .to()")
@@ -1213,6 +1288,7 @@ _MODEL_MATH = ("get", "get_matrix", "get_derva", "parameter_jacobian", "paramete
 #: them by autograd, :meth:`AffineModelAnalytic._through_own_values`).
 _VALUE_MATH = ("get", "parameter_values", "_transform_parameters")
 _BUILT_IN_MAPPINGS = (IdentityMapping, SigmoidMapping, ExpMapping)
+_SIMILARITY = TRANSFORMS["similarity"]
 #: What the get_derva check adds to each raw value (per nn.Parameter, in turn) for its second point, a
 #: point away from the identity start where sine terms and scale factors vanish.
 _CHECK_OFFSETS = (0.173, -0.219, 0.251, -0.137, 0.193, -0.241, 0.157, -0.283)
