@@ -162,14 +162,14 @@ SEARCH_HALVED_MIN_SIDE = 48
 #: Angles (degrees) and scales of the coarse search.
 SEARCH_ANGLE_STEP = 10.0
 SEARCH_SCALES = (0.8, 1.0, 1.25)
-#: The scales between :data:`SEARCH_SCALES` (``1.25^(+-1/2)``, 0.894 and 1.118): the similarity search
-#: runs again from these for the pairs whose best scores below :data:`AUTO_THRESHOLD`, and keeps its
-#: start where it scores :data:`AUTO_THRESHOLD` or more and above the first (on other-channel pairs,
-#: which score low wherever they lie, a wrong start at 0.3-0.6 had replaced a wrong one, and once a
-#: right one: an ``mi`` affine pair of ``accuracy.py``'s contrast suite was lost).  A scale of 1.1 with about half of the image overlapping was 10 % from either coarse
+#: The scales between :data:`SEARCH_SCALES` (``1.25^(+-1/2)``, 0.894 and 1.118), ranked by the
+#: similarity search's first stage with them (180 candidates, not 108; the stretched stage keeps the
+#: three).  A scale of 1.1 with about half of the image overlapping was 10 % from either coarse
 #: scale, and its right angle never reached the 4 that stage 2 refines: 3 pairs of 160 x 192 (50 %
-#: overlap, turned by 6 degrees) started 98-178 px off, scoring 0.24-0.36, where 1.0, 1.05, 1.2
-#: and 1.25 were found.
+#: overlap, turned by 6 degrees) started 98-178 px off, scoring 0.24-0.36.  A second search from
+#: these scales for the pairs left below :data:`AUTO_THRESHOLD` found them too, but doubled the
+#: search of every pair that stays weak (other channels, unrelated pairs: +55-95 % initialiser time);
+#: ranked in the first stage they cost +8-14 %.
 SEARCH_SCALES_BETWEEN = (1.25 ** -0.5, 1.25 ** 0.5)
 
 #: The stretch of the affine search's anisotropic candidates: lengths times ``r`` along an axis and
@@ -841,7 +841,8 @@ def moments(fixed: torch.Tensor, moving: torch.Tensor, *, transform: str = "simi
 # scoring
 
 
-def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tensor, min_overlap: float) -> torch.Tensor:
+def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tensor, min_overlap: float,
+                *, of_fixed: float = 0.0) -> torch.Tensor:
     """Overlap NCC of fixed ``(B, 1, H, W)`` and moving ``(B, 1, h, w)`` for candidates ``(B, K, 3, 3)``: ``(B, K)``.
 
     The ``B K`` warps of a chunk of candidates (:func:`tireg._chunks.chunk_slices`) run as one
@@ -862,20 +863,17 @@ def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tenso
     """
     parts = chunk_slices(matrices.shape[1], matrices.shape[0] * fixed.shape[-2] * fixed.shape[-1], CHUNK_PIXELS)
     if len(parts) > 1:
-        return torch.cat([_ncc_scores(fixed, moving, matrices[:, part], min_overlap) for part in parts], dim=1)
+        return torch.cat([_ncc_scores(fixed, moving, matrices[:, part], min_overlap, of_fixed=of_fixed)
+                          for part in parts], dim=1)
     batch, count = matrices.shape[:2]
     stacked = moving if moving.shape[1] == 2 else torch.cat([moving, torch.ones_like(moving)], dim=1)
     stacked = stacked[:, None].expand(batch, count, *stacked.shape[1:]).reshape(batch * count, 2, *moving.shape[-2:])
     warped = _warp(stacked, matrices.reshape(batch * count, 3, 3), fixed.shape[-2:])
     pairs = warped.reshape(batch, count, 2, -1)  # (B, K, 2, P): the warped moving image, then its coverage
     inside = (pairs[:, :, 1:] > 0.999).to(fixed.dtype)  # (B, K, 1, P): the overlap
-    fixed_pixels, moving_pixels = fixed.shape[-2] * fixed.shape[-1], moving.shape[-2] * moving.shape[-1]
     if fixed.shape[1] == 2:  # and inside the fixed mask
-        fixed_inside = fixed[:, 1:].reshape(batch, 1, 1, -1)
-        inside = inside.mul_(fixed_inside)
-        fixed_pixels = fixed_inside.sum((-1, -2))  # (B, 1)
-    if moving.shape[1] == 2:
-        moving_pixels = moving[:, 1:].sum((-1, -2, -3))[:, None]  # (B, 1)
+        inside = inside.mul_(fixed[:, 1:].reshape(batch, 1, 1, -1))
+    fixed_pixels, moving_pixels = _pixel_counts(fixed, moving)
     pairs[:, :, 1] = fixed[:, :1].reshape(batch, 1, -1)  # the coverage read: the fixed image in its place
     overlap = inside.sum(-1)  # (B, K, 1): n
     means = (pairs * inside).sum(-1) / overlap.clamp_min(1.0)  # (B, K, 2)
@@ -885,11 +883,22 @@ def _ncc_scores(fixed: torch.Tensor, moving: torch.Tensor, matrices: torch.Tenso
     ncc = (covariance * variances.rsqrt().prod(-1)).clamp(-1.0, 1.0)
     flat = _flat_variance(variances, means, overlap).any(-1)  # a flat side: NaN or noise above
     ncc = torch.where(flat, 0.0, ncc)
-    least = _least_overlap(matrices, moving_pixels, fixed_pixels, min_overlap)
+    least = _least_overlap(matrices, moving_pixels, fixed_pixels, min_overlap, of_fixed=of_fixed)
     return torch.where(overlap[..., 0] >= least, ncc, -1.0)
 
 
-def _least_overlap(matrices: torch.Tensor, moving_pixels, fixed_pixels, min_overlap: float) -> torch.Tensor:
+def _pixel_counts(fixed: torch.Tensor, moving: torch.Tensor) -> tuple:
+    """The pixels of the scoring images ``fixed`` ``(B, 1 or 2, H, W)`` and ``moving`` (:func:`_ncc_scores`'):
+    each a number, or ``(B, 1)`` counts inside a pair's mask where the image has one (a second channel)."""
+    counts = []
+    for image in (fixed, moving):
+        counts.append(image[:, 1:].sum((-1, -2, -3))[:, None] if image.shape[1] == 2
+                      else image.shape[-2] * image.shape[-1])
+    return tuple(counts)
+
+
+def _least_overlap(matrices: torch.Tensor, moving_pixels, fixed_pixels, min_overlap: float, *,
+                   of_fixed: float = 0.0) -> torch.Tensor:
     """``(B, K)``: the overlap a candidate needs, ``min_overlap`` of the smaller of the fixed image and
     the moving image's footprint on it (``moving_pixels / |det A|`` fixed pixels), and at least
     ``min_overlap / 4`` of the smaller image's pixels.  Of the fixed image alone, a moving image
@@ -897,17 +906,21 @@ def _least_overlap(matrices: torch.Tensor, moving_pixels, fixed_pixels, min_over
     right candidate refused; and with the floor a part of the fixed image, a moving image of less
     than a sixteenth of its pixels (a 64 x 64 template in a 200 x 300 scene, zoomed 1.2x) had
     every right candidate refused, and register() ended 55 px off, "converged".  The pixel counts
-    are numbers, or ``(B, 1)`` counts inside each pair's masks."""
+    are numbers, or ``(B, 1)`` counts inside each pair's masks (:func:`_pixel_counts`).  ``of_fixed``:
+    and at least this fraction of the fixed pixels (the other readings of a shift, :func:`_best_readings`)."""
     determinant = _determinant(matrices[..., :2, :2]).abs()
     footprint = moving_pixels / determinant.clamp_min(1e-12)
     fixed_pixels = torch.as_tensor(fixed_pixels, dtype=footprint.dtype, device=footprint.device)
-    smaller = torch.minimum(fixed_pixels, torch.as_tensor(moving_pixels, dtype=footprint.dtype, device=footprint.device))
-    return torch.minimum(footprint, fixed_pixels).mul(min_overlap).maximum(smaller * (min_overlap / 4))
+    smaller = torch.minimum(fixed_pixels,
+                            torch.as_tensor(moving_pixels, dtype=footprint.dtype, device=footprint.device))
+    least = torch.minimum(footprint, fixed_pixels).mul(min_overlap).maximum(smaller * (min_overlap / 4))
+    return least.maximum(fixed_pixels * of_fixed) if of_fixed else least
 
 
 #: A wrap-around reading of a phase shift (:func:`_wrap_readings`) is scored only where a coarse count
 #: of its overlap (:func:`_coarse_overlap`, on :data:`READING_GRID` x :data:`READING_GRID` points)
-#: reaches this fraction of the overlap it needs (:func:`_least_overlap`); the others score -1 unscored.
+#: reaches this fraction of the overlap it needs (:func:`_least_overlap`, and :data:`MIN_OVERLAP` of the
+#: fixed image: :func:`_best_readings`); the others score -1 unscored.
 #: The count errs by a grid cell along the overlap's edges (a sixteenth of a side), so the margin
 #: never refuses a reading that the exact count would pass, and a shift of less than a quarter of
 #: the image (whose other readings overlap by less than a quarter) costs no scoring.
@@ -963,31 +976,37 @@ def _best_readings(readings: torch.Tensor, score_fixed: torch.Tensor, score_movi
     its overlap NCC ``(B, K)`` (:func:`_ncc_scores` of the working images ``score_fixed``,
     ``score_moving``; the first reading, the wrapped shift, on a tie).
 
-    Only the readings whose overlap can reach what a score needs (:data:`READING_MARGIN`) are warped
-    and scored; the others score -1, as an overlap too small does.  A reading is scored where any
-    pair of the batch needs it, and kept by its own pair's test: a pair's start is the same in any
-    batch."""
+    An other reading (not the first) is kept only where its overlap reaches :data:`MIN_OVERLAP` of
+    the whole fixed image (inside its mask) as well as what any score needs, and where it scores
+    :data:`AUTO_THRESHOLD` or more.  With the moving footprint's share alone, an other reading of a
+    search candidate zoomed 1.48x, overlapping 12 % of the fixed image (46 % of its footprint),
+    scored 0.81 on an other-channel pair and outscored the right start (``accuracy.py``'s contrast
+    suite, affine, channel #3 with ``mi``: 0.3 px -> 336 px); and with that rule alone, kept at any
+    score, a translation's other reading (36 % overlap, 0.65) outscored a wrong start that
+    ``register`` recovered from (channel #10: 0.09 -> 192 px).  Pairs of one modality shifted beyond half the image score
+    their right reading far above the threshold.  Only the other readings whose coarse overlap
+    (:func:`_coarse_overlap`) can reach that overlap (:data:`READING_MARGIN`) are warped and scored,
+    each on its own pair's images: a pair's start is the same in any batch, and one pair's
+    readings cost nothing for the others."""
     batch, count = readings.shape[:2]
-    flat = readings.flatten(1, 2)  # (B, 4 K, 3, 3)
-    fixed_pixels = score_fixed.shape[-2] * score_fixed.shape[-1]
-    moving_pixels = score_moving.shape[-2] * score_moving.shape[-1]
-    if score_fixed.shape[1] == 2:
-        fixed_pixels = score_fixed[:, 1:].sum((-1, -2, -3))[:, None]  # (B, 1) inside the masks
-    if score_moving.shape[1] == 2:
-        moving_pixels = score_moving[:, 1:].sum((-1, -2, -3))[:, None]
-    least = _least_overlap(flat, moving_pixels, fixed_pixels, MIN_OVERLAP)
-    plausible = _coarse_overlap(flat, score_fixed.shape[-2:], score_moving.shape[-2:]) >= READING_MARGIN * least
-    plausible = plausible.view(batch, count, 4)
-    plausible[..., 1:] &= (readings[:, :, 1:] != readings[:, :, :1]).flatten(-2).any(dim=-1)  # not the first again
-    plausible[..., 0] = True  # the wrapped shift: scored as ever
-    needed = plausible.flatten(1).any(dim=0)  # (4 K,) the readings some pair needs
-    scores = torch.full((batch, 4 * count), -1.0, dtype=readings.dtype, device=readings.device)
-    if bool(needed.all()):
-        scores = _ncc_scores(score_fixed, score_moving, flat, MIN_OVERLAP)
-    else:
-        columns = needed.nonzero()[:, 0]
-        scores[:, columns] = _ncc_scores(score_fixed, score_moving, flat[:, columns], MIN_OVERLAP)
-    scores = torch.where(plausible, scores.view(batch, count, 4), -1.0)
+    first = _ncc_scores(score_fixed, score_moving, readings[:, :, 0], MIN_OVERLAP)  # (B, K)
+    others = readings[:, :, 1:]  # (B, K, 3, 3, 3)
+    fixed_pixels, moving_pixels = _pixel_counts(score_fixed, score_moving)
+    least = _least_overlap(others.flatten(1, 2), moving_pixels, fixed_pixels, MIN_OVERLAP, of_fixed=MIN_OVERLAP)
+    coarse = _coarse_overlap(others.flatten(1, 2), score_fixed.shape[-2:], score_moving.shape[-2:])
+    plausible = (coarse >= READING_MARGIN * least).view(batch, count, 3)
+    plausible &= (others != readings[:, :, :1]).flatten(-2).any(dim=-1)  # not the first again
+    scores = first[..., None].repeat(1, 1, 4)
+    scores[..., 1:] = -1.0  # an other reading unscored: as an overlap too small
+    index = plausible.nonzero()  # (N, 3): pair, candidate, other reading
+    if index.numel():
+        pairs, matrices = index[:, 0], others[index[:, 0], index[:, 1], index[:, 2]]  # (N,), (N, 3, 3)
+        found = torch.cat([
+            _ncc_scores(score_fixed[pairs[part]], score_moving[pairs[part]], matrices[part, None], MIN_OVERLAP,
+                        of_fixed=MIN_OVERLAP)[:, 0]
+            for part in chunk_slices(len(pairs), score_fixed.shape[-2] * score_fixed.shape[-1], CHUNK_PIXELS)])
+        found = found.where(found >= AUTO_THRESHOLD, -1.0)  # convincing only: see above
+        scores[index[:, 0], index[:, 1], index[:, 2] + 1] = found
     best = scores.argmax(dim=-1, keepdim=True)  # the first of equals: the wrapped shift
     return (readings.gather(2, best[..., None, None].expand(batch, count, 1, 3, 3))[:, :, 0],
             scores.gather(2, best)[..., 0])
@@ -1149,16 +1168,21 @@ def _score_candidates(
     params: torch.Tensor,
     score_fixed: torch.Tensor,
     score_moving: torch.Tensor,
+    *,
+    readings: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates' parameters ``(B, K, 4)`` (:func:`_candidate_linear`) -> matrices ``(B, K, 3, 3)`` and
-    overlap NCC ``(B, K)``, a chunk of candidates (:func:`tireg._chunks.chunk_slices`) at a time; each
-    candidate's shift is the best of its wrap-around readings (:func:`_best_readings`)."""
+    overlap NCC ``(B, K)``, a chunk of candidates (:func:`tireg._chunks.chunk_slices`) at a time; with
+    ``readings``, each candidate's shift is the best of its wrap-around readings (:func:`_best_readings`),
+    without, the wrapped one (the search's first stage, :func:`_search_stages`)."""
     batch = params.shape[0]
     pixels = batch * canvas.shape[-2] * canvas.shape[-1]
     matrices, shifts = (torch.cat(parts, dim=1) for parts in zip(*[
         _candidates(fixed_spectra, canvas, base, params[:, part], centre, upsample=1)
         for part in chunk_slices(params.shape[1], pixels, CHUNK_PIXELS)
     ]))
+    if not readings:
+        return matrices, _ncc_scores(score_fixed, score_moving, matrices, MIN_OVERLAP)
     return _best_readings(_wrap_readings(matrices, shifts, canvas.shape[-2:]), score_fixed, score_moving)
 
 
@@ -1194,8 +1218,7 @@ def _search(images: _SearchImages, kind: str) -> tuple[torch.Tensor, torch.Tenso
     """Coarse-to-fine batched search over rotation (and scale, and for affine stretch); returns the
     best ``(B, 3, 3)`` and its score ``(B,)``.
 
-    :func:`_search_stages` over similarities, again from the scales :data:`SEARCH_SCALES_BETWEEN` for
-    the pairs whose best scores below :data:`AUTO_THRESHOLD` (kept where it scores that and more); for ``"affine"``, the pairs whose best scores below
+    :func:`_search_stages` over similarities; for ``"affine"``, the pairs whose best scores below
     :data:`SEARCH_STRETCH_BELOW` are searched again over similarities followed by a stretch
     (:data:`SEARCH_STRETCH`, ``stretched=True``), and a stretched candidate that scores at least
     :data:`AUTO_THRESHOLD` and more than the similarity is kept.  Similarities alone had started
@@ -1206,13 +1229,6 @@ def _search(images: _SearchImages, kind: str) -> tuple[torch.Tensor, torch.Tenso
     better too).
     """
     result, score = _search_stages(images, kind)
-    if kind in _SCALED_KINDS:
-        weak = score < AUTO_THRESHOLD
-        if bool(weak.any()):
-            index = weak.nonzero()[:, 0]
-            found, found_score = _search_stages(images.pairs(index), kind, scales=SEARCH_SCALES_BETWEEN)
-            convincing = found_score >= AUTO_THRESHOLD  # a wrong place outscores a wrong place by chance
-            result, score = _improved(result, score, index, found, found_score.where(convincing, -math.inf))
     if kind == "affine":
         weak = score < SEARCH_STRETCH_BELOW
         if bool(weak.any()):
@@ -1223,15 +1239,16 @@ def _search(images: _SearchImages, kind: str) -> tuple[torch.Tensor, torch.Tenso
     return result, score
 
 
-def _search_stages(images: _SearchImages, kind: str, *, stretched: bool = False,
-                   scales: Sequence[float] = SEARCH_SCALES) -> tuple[torch.Tensor, torch.Tensor]:
+def _search_stages(images: _SearchImages, kind: str, *, stretched: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The three stages of :func:`_search`; returns the best ``(B, 3, 3)`` and its score ``(B,)``.
 
-    Stage 1: every 10 degrees, ``scales`` (0.8, 1, 1.25 by default) for scaled kinds (36 or
-    ``36 len(scales)`` candidates).  Stage 2: around each of the 4 best, angles +-2.5 and
-    +-5 degrees and scales times ``1.25^(+-1/2)``.  Stage 3: around the best,
-    +-1.25 degrees and ``1.25^(+-1/4)``.  The best of all three wins.  Where the
-    images' smaller side keeps :data:`SEARCH_HALVED_MIN_SIDE` pixels halved,
+    Stage 1: every 10 degrees, scales 0.8, 0.894, 1, 1.118, 1.25 for scaled kinds (36 or 180
+    candidates; :data:`SEARCH_SCALES`, :data:`SEARCH_SCALES_BETWEEN`).  Stage 1, and stage 2 where it
+    only ranks on halved images (below), score each candidate's wrapped shift only, the others every
+    candidate in its wrap-around readings (:func:`_best_readings`).
+    Stage 2: around each of the 4 best, angles +-2.5 and +-5 degrees and scales times
+    ``1.25^(+-1/2)``.  Stage 3: around the best, +-1.25 degrees and ``1.25^(+-1/4)``.  The best of
+    all three wins.  Where the images' smaller side keeps :data:`SEARCH_HALVED_MIN_SIDE` pixels halved,
     stages 1 and 2 only rank, on the halved images (a quarter of the time
     each), and stage 3 refines the 2 best of stage 2 on the working images,
     whose best wins (2 distinct ones: :func:`_two_distinct`).  Every candidate gets its shift from
@@ -1277,23 +1294,32 @@ def _search_stages(images: _SearchImages, kind: str, *, stretched: bool = False,
         return grid(*[(-step, 0.0, step) for step in steps])
 
     angles = [(-180.0 + SEARCH_ANGLE_STEP * k) * degree for k in range(int(round(360 / SEARCH_ANGLE_STEP)))]
-    scales = [math.log(s) for s in scales] if log_step else [0.0]
-    coarse = grid(angles, scales, [0.0], [0.0])
+    log_scales = [math.log(s) for s in SEARCH_SCALES] if log_step else [0.0]  # the stretched stage's
+    between = [math.log(s) for s in SEARCH_SCALES_BETWEEN] if log_step else []
+    coarse = grid(angles, log_scales + ([] if stretched else between), [0.0], [0.0])
     side = min(*fixed.shape[-2:], *score_moving.shape[-2:])
     halved = side // 2 >= SEARCH_HALVED_MIN_SIDE
     working = images[1:]  # (fixed_spectra, canvas, base, centre, score_fixed, score_moving)
     ranking = shrunk(2) if halved else working  # stage 2's images (and stage 1's, unstretched)
-    evaluate = lambda p: _score_candidates(*working[:4], p, *working[4:])  # noqa: E731
-    rank = lambda p: _score_candidates(*ranking[:4], p, *ranking[4:])[1]  # noqa: E731
+
+    # stage 1, and the stages that only rank (on halved images), score each candidate's wrapped shift
+    # alone, the others every candidate in all its readings (_best_readings): reading every ranked
+    # candidate had doubled a weak pair's search (on images too small to halve, stages 2 and 3 read)
+    def evaluate(params, readings=True):  # matrices and scores on the working images
+        return _score_candidates(*working[:4], params, *working[4:], readings=readings)
+
+    def rank(params):  # scores on stage 2's images, each candidate's wrapped shift
+        return _score_candidates(*ranking[:4], params, *ranking[4:], readings=False)[1]
+
     if stretched:
         # stage 1: similarities and stretched ones, ranked together; the pairs a stretch does not help stop
         log_stretch, axis_step = math.log(SEARCH_STRETCH), math.pi / SEARCH_STRETCH_AXES
         count = coarse.shape[0]
-        params = torch.cat([coarse, grid(angles, scales, [axis_step * k for k in range(SEARCH_STRETCH_AXES)],
+        params = torch.cat([coarse, grid(angles, log_scales, [axis_step * k for k in range(SEARCH_STRETCH_AXES)],
                                          [log_stretch])]).expand(batch, -1, -1)
         factor = 4 if halved else 2
         first = shrunk(factor) if side // factor >= SEARCH_STRETCH_MIN_SIDE else ranking
-        scores = _score_candidates(*first[:4], params, *first[4:])[1]
+        scores = _score_candidates(*first[:4], params, *first[4:], readings=False)[1]
         promising = scores[:, count:].amax(dim=1) > scores[:, :count].amax(dim=1) + SEARCH_STRETCH_GAIN
         index = promising.nonzero()[:, 0]
         found = base.clone(), torch.full((batch,), -math.inf, dtype=dtype, device=device)
@@ -1320,7 +1346,7 @@ def _search_stages(images: _SearchImages, kind: str, *, stretched: bool = False,
         params = _around(keep(params, rank(params), 4), refine[0])
         params = _two_distinct(params, rank(params))
         return _best(*evaluate(_around(params, refine[1])))
-    matrices, scores = evaluate(params)
+    matrices, scores = evaluate(params, False)
     best_m, best_s = _best(matrices, scores)
     params = keep(params, scores, 4)
     for offsets in refine:
@@ -1412,8 +1438,8 @@ def initialize(
         remaining shift ``t'``, and of the two candidates ``A = S0 T(t')`` the
         one with the higher overlap NCC is kept (the 180-degree ambiguity is
         resolved here).
-        ``"search"``: coarse to fine: every 10 degrees (and scales 0.8, 1,
-        1.25 for similarity, anisotropic_similarity, affine), then +-5 and
+        ``"search"``: coarse to fine: every 10 degrees (and scales 0.8, 0.894, 1,
+        1.118, 1.25 for similarity, anisotropic_similarity, affine), then +-5 and
         +-2.5 degrees (and ``1.25^(+-1/2)``) around the 4 best, then +-1.25
         degrees (and ``1.25^(+-1/4)``) around the best; each candidate
         de-rotated and phase-correlated as above, in batched warps and FFTs;
@@ -1642,17 +1668,19 @@ def _initialize(
         phase_shift = None if reuse else _shifts(fixed_spectra, canvas)
         # and without the window: a large shift (30-60 % overlap) puts the overlap at the images' edges,
         # which the window suppresses (17 of 80 such pairs failed with the window alone, none without)
-        shifts = lambda: torch.stack([torch.zeros_like(phase_shift), phase_shift,  # noqa: E731
-                                      _phase_shift(small_f, canvas, window=False)], dim=1)
-        # the translations base T(t) of shifts (B, K, 2), each in its wrap-around readings (B, K, 4, 3, 3)
-        readings = lambda t: _wrap_readings(base[:, None] @ translation_matrix(t), t, small_f.shape[-2:])  # noqa: E731
+        unwindowed = lambda: _phase_shift(small_f, canvas, window=False)  # noqa: E731
+
+        def readings(*shifts):  # the translations base T(t), each in its wrap-around readings (B, K, 4, 3, 3)
+            shifts = torch.stack(shifts, dim=1)  # (B, K, 2)
+            return _wrap_readings(base[:, None] @ translation_matrix(shifts), shifts, small_f.shape[-2:])
+
         scored = lambda options: _best(*_best_readings(options, score_f, score_m))  # noqa: E731
         if method == "phase":
             result, best_score = base @ translation_matrix(phase_shift), unscored
         elif kind == "translation":
             # no angle to find: "fourier-mellin", "search" and "auto" are phase correlation (its wrap-around
-            # readings too), checked against the identity (centres aligned; kept on a tie, then the phase)
-            result, best_score = scored(readings(shifts().roll(-1, dims=1)))  # phase, unwindowed, identity
+            # readings too), checked against the identity (centres aligned); the phase first, kept on a tie
+            result, best_score = scored(readings(phase_shift, unwindowed(), torch.zeros_like(phase_shift)))
         elif method == "search":
             result, best_score = _search(images, kind)
         else:
@@ -1664,14 +1692,15 @@ def _initialize(
                 best_score = start[1].to(dtype=dtype, device=device)
             else:
                 angle, scale = _fourier_mellin(small_f, canvas)
-                options = _wrap_readings(*_candidates(fixed_spectra, canvas, base,
-                                                      _similarity_params(torch.stack([angle, angle + math.pi], dim=1),
-                                                                         torch.stack([scale, scale], dim=1)),
-                                                      turn_centre, upsample=10), small_f.shape[-2:])  # (B, 2, 4, 3, 3)
+                params = _similarity_params(torch.stack([angle, angle + math.pi], dim=1),
+                                            torch.stack([scale, scale], dim=1))
+                options = _wrap_readings(*_candidates(fixed_spectra, canvas, base, params, turn_centre, upsample=10),
+                                         small_f.shape[-2:])  # (B, 2, 4, 3, 3)
                 options = _project(options.flatten(0, 2), kind, centre.repeat_interleave(8, dim=0))
                 options = options.view(batch, 2, 4, 3, 3)
                 if method == "auto":
-                    options = torch.cat([readings(shifts()), options], dim=1)
+                    options = torch.cat([readings(torch.zeros_like(phase_shift), phase_shift, unwindowed()), options],
+                                        dim=1)
                 result, best_score = scored(options)
             weak = best_score < AUTO_THRESHOLD
             if search is not None:
