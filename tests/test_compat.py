@@ -62,6 +62,27 @@ def test_affy_derivatives_against_autograd(name, index):
     assert torch.allclose(derivative, jacobian[..., index], atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["da", "dsx", "dsy", "ds"])
+def test_affy_derivatives_differentiate_through_every_argument_as_the_general_path(name):
+    """The seed's call (tensors, a centre of Python numbers) takes a short path; where autograd
+    records, that path left the arguments a derivative does not depend on out of the graph, and
+    ``autograd.grad`` raised "appears to not have been used in the graph" where a NumPy centre
+    (the general path) gives them zeros.  (``dx``, ``dy``: constants on either path.)"""
+    count = 4 if name == "ds" else 5
+
+    def gradients(cx, cy):
+        values = [torch.tensor([x], dtype=torch.float64, requires_grad=True) for x in (0.3, 1.1, 0.9, 3.0, -2.0)]
+        values = values[:2] + values[3:] if name == "ds" else values
+        result = getattr(Affy, name)(*values, cx, cy)
+        return result, torch.autograd.grad((result * torch.arange(9.0, dtype=torch.float64).view(3, 3)).sum(), values)
+
+    short, short_gradients = gradients(27.5, 19.5)
+    general, general_gradients = gradients(np.float64(27.5), np.float64(19.5))
+    assert torch.equal(short, general) and len(short_gradients) == count
+    for got, expected in zip(short_gradients, general_gradients):
+        assert torch.equal(got, expected)
+
+
 def test_affy_ds_is_the_isotropic_scale_derivative():
     angle, scale, dx, dy = torch.tensor(0.2, dtype=torch.float64), 1.1, 3.0, -2.0
     step = 1e-6

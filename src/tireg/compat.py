@@ -22,7 +22,11 @@ from ._device import cached
 from . import mappings as _mappings
 from . import models as _models
 from ._validation import FLOAT_DTYPES, broadcast_shape, finite_number
-from .transforms import _anisotropic_similarity_derivative, _derivative_of_values, anisotropic_similarity_matrix
+from .transforms import (
+    _anisotropic_similarity_derivative,
+    _anisotropic_similarity_derivative_of_values,
+    anisotropic_similarity_matrix,
+)
 
 __all__ = ["PerPixelLoss", "AffyModel", "AffyModelAnal", "Affy", "Mapping"]
 
@@ -186,10 +190,20 @@ def get_matrix(
     return anisotropic_similarity_matrix(params, center)
 
 
+def _untracked_common_case(params: tuple, cx, cy) -> Optional[torch.Tensor]:
+    """:func:`_common_case` for a derivative's short path, where autograd records nothing: that path
+    does not touch the parameters a derivative does not depend on (``dx``, ``dy``; a scale), and
+    ``autograd.grad`` through such a call raised "appears to not have been used in the graph" where
+    the general path gives those parameters zeros.  The seed's step runs under ``no_grad``."""
+    if torch.is_grad_enabled() and any(isinstance(value, torch.Tensor) and value.requires_grad for value in params):
+        return None
+    return _common_case(params, cx, cy)
+
+
 def _derivative(index: int, caller: str, angle, scalex, scaley, dx, dy, cx, cy) -> torch.Tensor:
-    center = _common_case((angle, scalex, scaley, dx, dy), cx, cy)
+    center = _untracked_common_case((angle, scalex, scaley, dx, dy), cx, cy)
     if center is not None:  # the seed's call: the values as they are, in a few operations
-        return _derivative_of_values(angle, scalex, scaley, center, index)
+        return _anisotropic_similarity_derivative_of_values(angle, scalex, scaley, center, index)
     params, center = _general_params_and_center(caller, angle, scalex, scaley, dx, dy, cx, cy)
     return _anisotropic_similarity_derivative(params, center, index)  # the one asked for, not all five
 
@@ -233,9 +247,9 @@ def dy(
 def ds(angle: Scalar, scale: Scalar, dx: Scalar, dy: Scalar, cx: Scalar, cy: Scalar) -> torch.Tensor:
     """``dA/d scale`` of ``get_matrix(angle, scale, scale, dx, dy, cx, cy)``: ``dsx + dsy`` at
     ``scalex = scaley``, ``[R | -R c]`` (bottom row 0)."""
-    center = _common_case((angle, scale, dx, dy), cx, cy)
+    center = _untracked_common_case((angle, scale, dx, dy), cx, cy)
     if center is not None:  # the seed's call
-        return _derivative_of_values(angle, scale, scale, center, 5)
+        return _anisotropic_similarity_derivative_of_values(angle, scale, scale, center, 5)
     tensors = _arguments("Affy.ds()", angle=angle, scale=scale, dx=dx, dy=dy, cx=cx, cy=cy)
     angle, scale, dx, dy, cx, cy = tensors.values()
     return _anisotropic_similarity_derivative(torch.stack([angle, scale, scale, dx, dy], dim=-1),

@@ -241,14 +241,16 @@ class ExpMapping(Mapping):
 
 
 def _sigmoid_value(raw: torch.Tensor, lo: float, span: float, inside: Optional[tuple]) -> torch.Tensor:
-    """``lo + span sigmoid(raw)``, clamped to ``inside`` (the dtype's values strictly inside the range)."""
+    """``lo + span sigmoid(raw)``, clamped to ``inside`` (the dtype's values strictly inside the range).
+    :func:`_sigmoid_values_at_once` is its twin for several mappings at once: the same operations."""
     value = lo + span * torch.sigmoid(raw)
     return value if inside is None else value.clamp(*inside)
 
 
 def _sigmoid_derivative(raw: torch.Tensor, span: float) -> torch.Tensor:
     """``m'(r) = span sigmoid(r) sigmoid(-r)``: ``s (1 - s)`` was 0 from ``r = 17`` in float32 (off by
-    4.6e-4 at ``r = 10``); this is accurate on both sides, and its own derivative by autograd too."""
+    4.6e-4 at ``r = 10``); this is accurate on both sides, and its own derivative by autograd too.
+    :func:`_sigmoid_derivatives_at_once` is its twin for several mappings at once."""
     return span * torch.sigmoid(raw) * torch.sigmoid(-raw)
 
 

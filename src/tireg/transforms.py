@@ -346,7 +346,10 @@ def rigid_jacobian(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
 
 
 def similarity_matrix(params: torch.Tensor, center: CenterLike) -> torch.Tensor:
-    """Similarity ``A = [s R(theta) | c + t - s R c]``; params ``(..., 4) = (theta [rad], s, tx, ty)``."""
+    """Similarity ``A = [s R(theta) | c + t - s R c]``; params ``(..., 4) = (theta [rad], s, tx, ty)``.
+
+    (Its twin for the seed's model, :func:`_similarity_matrix_of_values`, keeps the same operations
+    in the same order: the same bits, tested.)"""
     params = _check_params(params, 4, "similarity_matrix()")
     center = _as_center(center, params, "similarity_matrix()")
     linear = params[..., 1, None, None] * _rotation(params[..., 0])
@@ -411,7 +414,9 @@ def _anisotropic_similarity_derivative(params: torch.Tensor, center: torch.Tenso
     """One slice ``dA/dp_index`` of :func:`anisotropic_similarity_jacobian` (checked ``params`` and
     ``center``), made alone: the seed's ``Affy.da``/``dx``/``dy`` ask for one each, and the whole
     Jacobian for each made a seed-style analytic model's step 1.5x as slow as autograd's.
-    ``index`` 5: ``dA/dsx + dA/dsy = [R | -R c]``, the derivative along one scale for both axes."""
+    ``index`` 5: ``dA/dsx + dA/dsy = [R | -R c]``, the derivative along one scale for both axes.
+    Its twin for the seed's call, :func:`_anisotropic_similarity_derivative_of_values`, must keep the
+    same products and sums in the same order: the two give the same bits (tests/test_compat.py)."""
     angle, scales = params[..., 0], params[..., None, 1:3]
     if index in (3, 4):  # a shift: a unit matrix, the same for every angle and scale
         shape = torch.broadcast_shapes(angle.shape, center.shape[:-1])
@@ -419,7 +424,7 @@ def _anisotropic_similarity_derivative(params: torch.Tensor, center: torch.Tenso
     return _linear_derivative(_anisotropic_linear_derivative(angle, scales, index), center)
 
 
-def _derivative_of_values(
+def _anisotropic_similarity_derivative_of_values(
     angle: torch.Tensor, scale_x: torch.Tensor, scale_y: torch.Tensor, center: torch.Tensor, index: int
 ) -> torch.Tensor:
     """:func:`_anisotropic_similarity_derivative` from the values as tensors of one shape ``S``
