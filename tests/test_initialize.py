@@ -1279,6 +1279,27 @@ def test_a_pair_shifted_beyond_half_initialises_alone_as_in_a_batch():
         assert torch.allclose(batch, alone, atol=1e-3), (kind, (batch - alone).abs().max())
 
 
+@pytest.mark.parametrize("kind", ["translation", "similarity"])
+@pytest.mark.parametrize("shift", [(70.0, 0.0), (0.0, -70.0)])
+def test_an_other_reading_is_scored_inside_the_masks(kind, shift):
+    """A pair shifted beyond half the image, a 16 px frame of zeros (no-data) masked out on both sides:
+    its right reading, the other one, scores about 0.99 inside the masks (and overlaps 27 % of the
+    masked fixed image, a quarter being needed) but below AUTO_THRESHOLD with the no-data counted.
+    Scored without the masks it was refused, and the start was 52-120 px off."""
+    size, frame = (128, 128), 16
+    truth = similarity(0.0, 1.0, *shift, size=size)
+    fixed, moving = cut_pair("coins", truth, size)
+    mask = torch.zeros_like(fixed)
+    mask[..., frame:-frame, frame:-frame] = 1.0
+    fixed, moving = fixed * mask, moving * mask
+    score_fixed, score_moving = init_module._scoring_image(fixed, mask), init_module._scoring_image(moving, mask)
+    reading = truth.float()[:, None]
+    unmasked = init_module._ncc_scores(score_fixed[:, :1], score_moving[:, :1], reading, init_module.MIN_OVERLAP)
+    assert unmasked.item() < AUTO_THRESHOLD  # the masks decide: the no-data alone refuses the reading
+    start, score = init_module._scored_initialize(fixed, moving, kind, fixed_mask=mask, moving_mask=mask)
+    assert grid_error(start, truth, size).item() < 1.0 and score.item() > 0.95
+
+
 # ----------------------------------------------------------------------------
 # starts at about half overlap: scales between the search's; the other readings' rules
 
