@@ -129,15 +129,21 @@ def _sigmoid_raw_gradients(
     each operation (:func:`tireg.mappings._sigmoid_rows`): the same products, and each sum of one
     term, so the same numbers; views of one new tensor.  ``None`` for any other case.  The loop had
     taken nine operations a parameter."""
-    if len(raw) < 2 or len(mappings) != len(raw) or gradient.shape[1] != len(raw):
-        return None
-    if not all(value.shape == (1,) and value.dtype == gradient.dtype and value.device == gradient.device
-               for value in raw):
-        return None
-    rows = _sigmoid_rows(mappings, gradient)
+    rows = _shared_sigmoid_rows(raw, mappings, gradient) if gradient.shape[1] == len(raw) else None
     if rows is None:
         return None
     return list((gradient * _sigmoid_derivatives_at_once(torch.cat(raw), rows)).sum(0).split(1))
+
+
+def _shared_sigmoid_rows(raw: Sequence[torch.Tensor], mappings: Sequence[Mapping], like: torch.Tensor
+                         ) -> Optional[tuple[torch.Tensor, ...]]:
+    """:func:`tireg.mappings._sigmoid_rows` of the seed's case, at least two raw values each one shared
+    ``(1,)`` of ``like``'s dtype and device, one :class:`SigmoidMapping` each; ``None`` for any other."""
+    if len(raw) < 2 or len(mappings) != len(raw):
+        return None
+    if not all(value.shape == (1,) and value.dtype == like.dtype and value.device == like.device for value in raw):
+        return None
+    return _sigmoid_rows(mappings, like)
 
 
 class _Checked:
@@ -370,14 +376,8 @@ class TransformModel(nn.Module):
         parameter one shared value ``(1,)`` (the seed's model; :func:`tireg.mappings._sigmoid_rows`);
         return whether it did.  Each value is a view of one new tensor of all of them: four
         mappings' 16 operations and their Python became five."""
-        params, mappings = self._parameter_list(), self.m
-        if len(params) < 2 or len(mappings) != len(params):
-            return False
-        first = params[0]
-        if not all(param.shape == (1,) and param.dtype == first.dtype and param.device == first.device
-                   for param in params):
-            return False
-        rows = _sigmoid_rows(mappings, first)
+        params = self._parameter_list()
+        rows = _shared_sigmoid_rows(params, self.m, params[0]) if len(params) else None
         if rows is None:
             return False
         formed = _sigmoid_values_at_once(torch.cat(params), rows).split(1)
