@@ -241,8 +241,8 @@ class ExpMapping(Mapping):
 
 
 def _sigmoid_value(raw: torch.Tensor, lo: float, span: float, inside: Optional[tuple]) -> torch.Tensor:
-    """``lo + span sigmoid(raw)``, clamped to ``inside`` (the dtype's values strictly inside the range).
-    :func:`_sigmoid_values_at_once` is its twin for several mappings at once: the same operations."""
+    """``lo + span sigmoid(raw)``, clamped to ``inside`` (the dtype's values strictly inside the range);
+    ``lo``, ``span`` and the bounds numbers, or rows of several mappings (:func:`_sigmoid_values_at_once`)."""
     value = lo + span * torch.sigmoid(raw)
     return value if inside is None else value.clamp(*inside)
 
@@ -250,7 +250,7 @@ def _sigmoid_value(raw: torch.Tensor, lo: float, span: float, inside: Optional[t
 def _sigmoid_derivative(raw: torch.Tensor, span: float) -> torch.Tensor:
     """``m'(r) = span sigmoid(r) sigmoid(-r)``: ``s (1 - s)`` was 0 from ``r = 17`` in float32 (off by
     4.6e-4 at ``r = 10``); this is accurate on both sides, and its own derivative by autograd too.
-    :func:`_sigmoid_derivatives_at_once` is its twin for several mappings at once."""
+    ``span`` a number, or a row of several mappings' (:func:`_sigmoid_derivatives_at_once`)."""
     return span * torch.sigmoid(raw) * torch.sigmoid(-raw)
 
 
@@ -337,12 +337,12 @@ def _sigmoid_values_at_once(raw: torch.Tensor, rows: tuple[torch.Tensor, ...]) -
     """``forward`` of P sigmoid mappings at once: ``raw`` ``(..., P)``, ``rows`` from :func:`_sigmoid_rows`;
     the values without a derivative (no autograd node: for a step that forms none)."""
     lo, span, lower, upper = rows
-    return (lo + span * torch.sigmoid(raw)).clamp(lower, upper)
+    return _sigmoid_value(raw, lo, span, (lower, upper))
 
 
 def _sigmoid_derivatives_at_once(raw: torch.Tensor, rows: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """``derivative`` of P sigmoid mappings at once, as :func:`_sigmoid_values_at_once` their values."""
-    return rows[1] * torch.sigmoid(raw) * torch.sigmoid(-raw)
+    return _sigmoid_derivative(raw, rows[1])
 
 
 def _open_range(lo: float, hi: float, dtype: torch.dtype) -> tuple[float, float]:
