@@ -178,6 +178,7 @@ STALL_FLOOR = 0.25
 #: Each L-BFGS iteration's first trial is bounded alike (:class:`_BatchedLBFGS`'s ``reach``).
 ECC_RADIUS = 1.0
 
+
 #: Adam's and SGD's step counts as small only below this fraction of the largest step the pair took
 #: at the level, as well as below the tolerance: a step is short near a minimum, or because the
 #: learning rate allows no more.  Adam's first step moves each parameter by about ``lr`` (one unit of
@@ -1919,6 +1920,21 @@ def _displacement(problem: _Problem, before: torch.Tensor, step: torch.Tensor, c
     return moved.norm(dim=-1).amax(dim=-1)
 
 
+def _within_radius(extent: torch.Tensor, radius: torch.Tensor, active: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trust region's cap, ``(capped, shrink)`` ``(B,)``: which ``active`` pairs' step moves a corner
+    ``extent`` beyond their ``radius``, and the factor that brings it back to the radius (1 elsewhere).
+    One rule for Gauss-Newton's ECC step and each L-BFGS iteration's first trial."""
+    capped = active & (extent > radius)
+    return capped, torch.where(capped, radius / extent, 1.0)
+
+
+def _next_radius(radius: torch.Tensor, capped: torch.Tensor, kept: torch.Tensor, base: float) -> torch.Tensor:
+    """The trust region's next radius ``(B,)``: twice as far after a capped step that was kept whole, the
+    same after an uncapped one, back to ``base`` after a step that was not (rejected or shortened)."""
+    return torch.where(kept, torch.where(capped, 2.0 * radius, radius), base)
+
+
 def _step_difference(problem: _Problem, before: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """``A(before + step) - A(before)`` ``(B, 3, 3)``."""
     if problem.kind.linear:  # A(before + step) - A(before) = sum_k step_k J_k
@@ -2038,8 +2054,7 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         if radius is not None:  # ECC's trial steps capped at the pair's radius (ECC_RADIUS)
             # (not the free step of the stall test below: capped, it tied with the coarse levels'
             # stall limit, which is the same level pixel)
-            capped = ok & (displacement > radius)
-            shrink = torch.where(capped, radius / displacement, 1.0)
+            capped, shrink = _within_radius(displacement, radius, ok)
             step, displacement = step * shrink[:, None], displacement * shrink
         # A proposed step this small ends the level without the evaluation that would try it
         # (the most expensive part of an iteration; near the optimum noise decides the sign of
@@ -2078,7 +2093,7 @@ def _gauss_newton(problem, level, params, *, max_iterations, tolerance, corners,
         # ECC_RADIUS (a trust region's rule; with a fixed pixel a step, a 20-degree turn at one level
         # took over 50 iterations)
         if radius is not None:
-            radius = torch.where(better, torch.where(capped, 2.0 * radius, radius), ECC_RADIUS * level.factor)
+            radius = _next_radius(radius, capped, better, ECC_RADIUS * level.factor)
         iterations += active
         stalled = (active ^ better) & (damping > 1e6)  # better pairs are active ones
         status = torch.where(stalled, _STALLED, status)
@@ -2482,9 +2497,8 @@ class _BatchedLBFGS:
             step = torch.where(running & torch.isfinite(self.retry), self.retry, step)  # a search cut off goes on
             capped = torch.zeros_like(running)
             if self.reach is not None:  # at most the pair's radius (its step's farthest corner)
-                extent = self.reach(x, step[:, None] * direction)
-                capped = running & (extent > self.radius)
-                step = torch.where(capped, step * (self.radius / extent), step)
+                capped, shrink = _within_radius(self.reach(x, step[:, None] * direction), self.radius, running)
+                step = step * shrink
             slope = (gradient * direction).sum(1)
             running = running & (slope <= -self.tolerance_change)  # not a descent direction: stop
             self.started = self.started | running
@@ -2527,8 +2541,8 @@ class _BatchedLBFGS:
             # that max_iter=1 still gets there); one that ran out of trials has nowhere to go
             moved = running & (accepted_step > 0)  # a pair no step of which was accepted stops here
             if self.reach is not None:  # a trust region's rule, as ECC_RADIUS's
-                grown = torch.where(capped, 2.0 * self.radius, self.radius)
-                self.radius = torch.where(running, torch.where(whole, grown, self.base_radius), self.radius)
+                self.radius = torch.where(running, _next_radius(self.radius, capped, whole, self.base_radius),
+                                          self.radius)
             cut = blocked & still & ((step[:, None] * direction).abs().amax(dim=1) >= self.min_search)
             self.retry = torch.where(running, torch.where(cut, step, math.nan), self.retry)
             self.searching = torch.where(running, cut, self.searching)
