@@ -1466,10 +1466,13 @@ def initialize(
     The score is the NCC over the overlap (:func:`overlap_ncc`, at least
     :data:`MIN_OVERLAP` of the fixed image) of the downsampled images blurred
     with a Gaussian of sigma = 1 (working) pixel.  A phase-correlation shift is
-    known only modulo the image, ``(dx + k W, dy + l H)``: every scored candidate's
-    shift is scored in its four readings, ``dx`` or ``dx - W sign(dx)`` along
-    ``x`` and the same along ``y``, and the best kept (:func:`_wrap_readings`;
-    a shift of more than half the image, with less than half of it overlapping).
+    known only modulo the image, ``(dx + k W, dy + l H)``: the phase shifts and the
+    candidates the search refines are scored in their four readings, ``dx`` or
+    ``dx - W sign(dx)`` along ``x`` and the same along ``y`` (:func:`_wrap_readings`;
+    a shift of more than half the image, with less than half of it overlapping);
+    a reading other than the wrapped one counts only where it overlaps
+    :data:`MIN_OVERLAP` of the whole fixed image and scores :data:`AUTO_THRESHOLD`
+    or more (:func:`_best_readings`).
     ``"phase"`` returns the wrapped shift, ``|d| <= N/2``, as
     :func:`phase_correlation` does.  Pairs where either image is
     constant get the ``"center"`` matrix (the identity for equal sizes) from
