@@ -872,18 +872,72 @@ def test_invalid_images_are_rejected(call):
     nan[0, 0, 3, 4] = float("nan")
     with pytest.raises(ValueError, match=r"\(\): 'moving' contains NaN"):
         call(good, nan)
-    with pytest.raises(ValueError, match=r"'fixed' must have 4 dimensions"):
+    with pytest.raises(ValueError, match=r"'fixed' must be \(H, W\), \(C, H, W\) or \(B, C, H, W\); got shape \(20,\)"):
         call(torch.rand(20), good)
-    with pytest.raises(ValueError, match=r"'fixed' must have 4 dimensions"):
+    with pytest.raises(ValueError, match=r"'fixed' must be \(H, W\), \(C, H, W\) or \(B, C, H, W\)"):
         call(torch.rand(1, 1, 1, 16, 20), good)
     with pytest.raises(ValueError, match=r"'moving' is empty"):
         call(good, torch.rand(1, 1, 0, 20))
-    with pytest.raises(TypeError, match=r"'fixed' must be float32 or float64"):
-        call(torch.ones(1, 1, 16, 20, dtype=torch.int64), good)
+    with pytest.raises(TypeError, match=r"'fixed' must be real; got torch.complex64"):
+        call(good.to(torch.complex64), good)
+    with pytest.raises(TypeError, match=r"'moving' must be a torch.Tensor or numpy.ndarray; got list"):
+        call(good, good.tolist())
     with pytest.raises(ValueError, match=r"batch sizes differ"):
         call(good.expand(2, 1, 16, 20), good.expand(3, 1, 16, 20))
-    with pytest.raises(ValueError, match=r"same dtype and device"):
-        call(good, good.double())
+
+
+INITIALISERS = [
+    lambda f, m: phase_correlation(f, m),
+    lambda f, m: torch.stack(fourier_mellin(f, m), dim=1),
+    lambda f, m: center_of_mass(f, m),
+    lambda f, m: moments(f, m),
+    lambda f, m: overlap_ncc(f, m, similarity(5.0, 1.05, 2.0, -1.0)),
+    lambda f, m: initialize(f, m, "similarity"),
+    lambda f, m: initialize(f, m, "affine", method="search"),
+]
+INITIALISER_NAMES = ["phase_correlation", "fourier_mellin", "center_of_mass", "moments", "overlap_ncc",
+                     "initialize", "search"]
+
+
+@pytest.mark.parametrize("call", INITIALISERS, ids=INITIALISER_NAMES)
+def test_every_initialiser_takes_images_as_register_does(call):
+    """NumPy arrays, integer, half and boolean images, and a float32 with a float64 image, as
+    :func:`tireg.register` takes them (they were refused: 'must be float32 or float64', 'must be a
+    torch.Tensor', 'same dtype'): the result is that of the same values in float32 (float64 for the
+    mixed pair), in that dtype."""
+    fixed, moving = cut_pair("camera", similarity(12.0, 1.1, 3.0, -2.0), SIZE, dtype=torch.float64)
+    fixed, moving = ((image * 255).round() for image in (fixed, moving))
+    reference = call(fixed.float(), moving.float())
+    for as_given in (lambda image: image.to(torch.uint8).numpy()[0, 0],  # (H, W) uint8 array
+                     lambda image: image.to(torch.int16),
+                     lambda image: image.to(torch.float16)):  # whole numbers to 255: exact in float16
+        found = call(as_given(fixed), as_given(moving))
+        assert found.dtype == torch.float32
+        torch.testing.assert_close(found, reference, rtol=0, atol=0)
+    mixed = call(fixed.float(), moving)
+    assert mixed.dtype == torch.float64
+    torch.testing.assert_close(mixed, call(fixed, moving), rtol=0, atol=0)
+    spots = call(fixed > 128, moving > 128)  # a boolean image: its 0/1 values
+    torch.testing.assert_close(spots, call((fixed > 128).float(), (moving > 128).float()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("call", INITIALISERS, ids=INITIALISER_NAMES)
+@pytest.mark.parametrize("dtype, gains", [(torch.float32, (2.0 ** 70, 2.0 ** -90, 1e18, 1e-25)),
+                                          (torch.float64, (2.0 ** 600, 2.0 ** -600, 1e160, 1e-160))])
+def test_every_initialiser_is_invariant_to_the_images_gain(call, dtype, gains):
+    """Images of huge or tiny values get the result they have at an ordinary scale: the same to the
+    bit for a power of two, to the values' rounding otherwise.  Squares of 1e18 had overflowed
+    float32 (and those of 1e-25 underflowed), and initialize() returned the identity without a word."""
+    fixed, moving = cut_pair("camera", similarity(12.0, 1.1, 3.0, -2.0), SIZE, dtype=dtype)
+    reference = call(fixed, moving)
+    for gain in gains:
+        found = call(fixed * gain, moving * gain)
+        if math.frexp(gain)[0] == 0.5:  # a power of two
+            torch.testing.assert_close(found, reference, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(found, reference, rtol=1e-4 if dtype == torch.float32 else 1e-9, atol=1e-3)
+    uneven = call(torch.cat([fixed, fixed * 2.0 ** 70]), torch.cat([moving * 2.0 ** -70, moving]))  # pair by pair
+    torch.testing.assert_close(uneven, torch.cat([reference, reference]), rtol=0, atol=0)
 
 
 def test_invalid_options_are_rejected():

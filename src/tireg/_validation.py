@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -20,6 +21,9 @@ import torch
 from ._device import constant
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
+
+#: What the entry points about images a user holds take: a tensor or a NumPy array.
+ImageLike = Union[torch.Tensor, np.ndarray]
 
 INTERPOLATIONS = {"bilinear": 0, "nearest": 1, "bicubic": 2}
 #: The interpolations a gradient can be taken through: nearest's derivative is 0 almost everywhere.
@@ -462,3 +466,97 @@ class FiniteCheckCache:
             check_image(image, name, caller)
             self._seen[name] = TensorStamp(image)
         return image
+
+
+# ----------------------------------------------------------------------------
+# images as the public entry points take them
+
+
+def pair_names(indices: Sequence[int]) -> str:
+    """``pair 2`` or ``pairs [0, 2]``: the pairs of a batch that an error is about."""
+    return f"pair {indices[0]}" if len(indices) == 1 else f"pairs {list(indices)}"
+
+
+def of_pairs(bad: Union[torch.Tensor, Sequence[bool]], preposition: str = "in") -> str:
+    """`` in pair 2`` or `` in pairs [0, 2]`` (``preposition`` first) for the true entries of ``bad``,
+    one flag per entry of an input's batch; nothing for an input of one entry (it serves every pair,
+    or is the only one)."""
+    flags = bad.tolist() if isinstance(bad, torch.Tensor) else list(bad)
+    indices = [index for index, flag in enumerate(flags) if flag]
+    return f" {preposition} {pair_names(indices)}" if len(flags) > 1 and indices else ""
+
+
+#: Unsigned integer dtypes of more than 16 bits (torch 2.3 and later), which torch's amax/amin refuse.
+UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint32", "uint64") if hasattr(torch, name))
+
+
+def as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True,
+              keep_wide_integers: bool = False) -> tuple[torch.Tensor, int]:
+    """``(B, C, H, W)`` float tensor from a tensor or array of ``(H, W)``, ``(C, H, W)`` or ``(B, C, H, W)``
+    (an array of any byte order, a long double one as float64: :func:`~tireg._validation.tensor_of_array`; a sparse
+    tensor refused by name).  ``keep_wide_integers``: an integer image of more than 16 bits
+    (:func:`is_wide_integer`) is returned as it is, for :func:`register` to convert pair by pair
+    (:func:`_integer_float32`)."""
+    if isinstance(image, np.ndarray):
+        image = tensor_of_array(image, name, caller)
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"{caller}: '{name}' must be a torch.Tensor or numpy.ndarray; got {type(image).__name__}")
+    check_dense(image, name, caller)
+    if image.is_meta:  # no values: the first one read failed deep inside
+        raise ValueError(f"{caller}: '{name}' is a meta tensor, which holds no values")
+    ndim = image.dim()
+    if ndim not in (2, 3, 4):
+        raise ValueError(
+            f"{caller}: '{name}' must be (H, W), (C, H, W) or (B, C, H, W); got shape {tuple(image.shape)}"
+        )
+    if image.numel() == 0 or min(image.shape[-2:]) < 1:
+        raise ValueError(f"{caller}: '{name}' is empty; got shape {tuple(image.shape)}")
+    channels, _, width = image.shape if ndim == 3 else (0, 0, 0)
+    if width < 8 and channels >= 4 * width and channels > 4:  # (H, W, C) with C <= 4 read as (C, H, W)
+        # register() refuses images under 8 x 8 with the same hint; RegistrationResult.warp() resampled
+        # a (192, 256, 3) RGB array as 192 channels of 256 x 3 pixels without a word
+        raise ValueError(f"{caller}: '{name}' of shape {tuple(image.shape)} is read as (C, H, W): {channels} "
+                         f"channels of {image.shape[1]} x {width} pixels; if it is (H, W, C), pass "
+                         "np.moveaxis(image, -1, 0) or tensor.permute(2, 0, 1)")
+    if 8 <= width <= 16 and channels >= 4 * width:  # an (H, W, C) array of 8 to 16 channels read as
+        # (C, H, W): registered as a few columns of many channels, without a word (fewer columns than 8 are
+        # refused by the size check, with the same hint)
+        warnings.warn(f"{caller}: '{name}' of shape {tuple(image.shape)} is read as (C, H, W): {channels} channels "
+                      f"of {image.shape[1]} x {width} pixels; if it is (H, W, C), pass np.moveaxis(image, -1, 0) "
+                      "or tensor.permute(2, 0, 1)", UserWarning, stacklevel=3)
+    if image.is_complex():
+        raise TypeError(f"{caller}: '{name}' must be real; got {image.dtype}")
+    if keep_wide_integers and is_wide_integer(image):
+        pass  # register: pair by pair, each by its own values (_integer_float32)
+    elif not image.is_floating_point():
+        # integers beyond float32's 24 bits in float64 (float32 rounded them: an image of 3e10 + counts
+        # was called constant), one dtype for the whole tensor (RegistrationResult.warp() resamples it).
+        # By value, not by type: int32 and int64 images of small values are common (astype(int), PIL's
+        # "I" mode), and float64 doubled their copies (a batch's peak memory 3x)
+        wide = is_wide_integer(image) and any(wide_pairs(image.reshape(1, -1)))
+        image = image.to(torch.float64 if wide else torch.float32)
+    elif image.dtype not in (torch.float32, torch.float64):
+        image = image.to(torch.float32)
+    if finite and not all_finite(image):  # a mask's (register's images: _refuse_not_finite, once filled)
+        # in a batch, which pairs (pair by pair: no image-sized flags)
+        where = of_pairs([not all_finite(pair) for pair in image]) if ndim == 4 else ""
+        raise ValueError(f"{caller}: '{name}' contains NaN or Inf values{where}")
+    while image.dim() < 4:
+        image = image.unsqueeze(0)
+    return image, ndim
+
+
+def is_wide_integer(image: torch.Tensor) -> bool:
+    """Whether ``image`` is of an integer dtype of more than 16 bits (int32, int64, uint32, uint64),
+    whose values may lie beyond float32's 24 bits."""
+    return not image.is_floating_point() and image.dtype != torch.bool and torch.iinfo(image.dtype).bits > 16
+
+
+def wide_pairs(image: torch.Tensor) -> list[bool]:
+    """Per pair (first dimension) of an integer image of more than 16 bits: whether any of its values
+    lies beyond float32's 24 bits (``|x| > 2^24``); an unsigned 32- or 64-bit one read in float64 a
+    pair at a time (torch has no amax for them)."""
+    if image.dtype in UNSIGNED_WIDE:
+        return [bool(pair.to(torch.float64).amax() > 1 << 24) for pair in image]
+    flat = image.flatten(1)
+    return ((flat.amax(dim=1) > 1 << 24) | (flat.amin(dim=1) < -(1 << 24))).tolist()

@@ -17,7 +17,12 @@ functions here give such a start without any iteration on the cost:
 
 Convention:
     Images are ``(B, C, H, W)`` (``(H, W)`` and ``(C, H, W)`` are promoted to a
-    batch of one); channels are averaged to one luminance channel first.  A
+    batch of one), tensors or NumPy arrays of any real dtype, as :func:`tireg.register`
+    takes them: computed in float32, or float64 where either image is float64 (or
+    of integers beyond float32's 24 bits), and the results are of that dtype;
+    channels are averaged to one luminance channel first.  Every result is
+    invariant to each image's gain: a luminance whose largest ``|x|`` lies
+    outside ``[2^-32, 2^32]`` is first scaled by a power of two, exactly.  A
     point is ``(x, y)`` = (column, row) with pixel centres at integers.  Every
     returned matrix ``A`` maps a **fixed**-image point to a **moving**-image
     point, ``warped(x) = M(A x)`` (:func:`tireg.warp`), and every returned
@@ -59,7 +64,9 @@ import torch.nn.functional as F
 from ._chunks import chunk_slices
 from ._device import cached, constant
 from ._validation import (
+    ImageLike,
     all_finite,
+    as_image,
     check_affine,
     check_batch,
     check_flag,
@@ -208,18 +215,50 @@ def _warp(image: torch.Tensor, matrix: torch.Tensor, size) -> torch.Tensor:
     """:func:`~tireg.sampling.warp` of matrices made here (affine by construction: no read of their last rows)."""
     return checked_warp(image, matrix, size, "bilinear", "zeros", "initialize()", affine=False)
 
-def _promote(image: torch.Tensor, name: str, caller: str) -> torch.Tensor:
-    """``(H, W)`` and ``(C, H, W)`` to ``(1, C, H, W)``; then the shared image checks."""
-    if isinstance(image, torch.Tensor) and image.dim() in (2, 3):
-        image = image.reshape(1, -1, *image.shape[-2:]) if image.dim() == 3 else image[None, None]
+def _promote(image: ImageLike, name: str, caller: str) -> torch.Tensor:
+    """An image as :func:`tireg.register` takes it (:func:`~tireg._validation.as_image`: a tensor or array
+    of ``(H, W)``, ``(C, H, W)`` or ``(B, C, H, W)``, any real dtype, float32 but float64 and wide
+    integers, which stay float64) as ``(B, C, H, W)``; then the shared image checks.  A NumPy array or
+    a uint8 tensor had been refused here, where register took it."""
+    image, _ = as_image(image, name, caller, finite=False)
     check_image(image, name, caller)
     return image
 
 
-def _pair(fixed: torch.Tensor, moving: torch.Tensor, caller: str, *, same_size: bool = False):
-    """Checked luminance images ``(B, 1, H, W)`` of a fixed/moving pair (batch 1 broadcasts)."""
+#: A pair's luminance whose largest magnitude lies outside ``[2^-32, 2^32]`` is scaled by a power of two
+#: (:func:`_in_range`).
+_RANGE_EXPONENT = 32
+
+
+def _in_range(luminance: torch.Tensor) -> torch.Tensor:
+    """``luminance`` ``(B, 1, H, W)``, each pair whose largest ``|x|`` lies outside
+    ``[2^-32, 2^32]`` times the power of two that brings it into ``[0.5, 1)``; the others (and
+    ``luminance`` itself where none is far) as they are.
+
+    Why: every initialiser is invariant to the images' gain, but their sums are not to overflow:
+    squares of ``1e18`` in the overlap NCC overflowed float32 (those of ``1e-25`` underflowed), and
+    :func:`initialize` returned the identity, or a wrong start, without a word.  A power of two
+    multiplies exactly (no rounding), so a far pair gets the start it has at an ordinary scale, and
+    an ordinary one (register's, normalised before) is not copied."""
+    flat = luminance.flatten(1)
+    peak = torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg())  # aminmax(dim=) is slower on the CPU
+    far = (peak > 2.0 ** _RANGE_EXPONENT) | ((peak < 2.0 ** -_RANGE_EXPONENT) & (peak > 0))
+    if not bool(far.any()):
+        return luminance
+    _, exponent = torch.frexp(peak)  # peak = m 2^e, 0.5 <= m < 1
+    scale = torch.where(far, torch.ldexp(torch.ones_like(peak), -exponent), torch.ones_like(peak))
+    return luminance * scale[:, None, None, None]
+
+
+def _pair(fixed: ImageLike, moving: ImageLike, caller: str, *, same_size: bool = False):
+    """Checked luminance images ``(B, 1, H, W)`` of a fixed/moving pair (batch 1 broadcasts), in the
+    wider of their dtypes (a float32 and a float64 image: both float64), each pair's brought into range
+    (:func:`_in_range`)."""
     fixed = _promote(fixed, "fixed", caller)
     moving = _promote(moving, "moving", caller)
+    if fixed.dtype != moving.dtype:  # as register, which takes any two dtypes
+        dtype = torch.promote_types(fixed.dtype, moving.dtype)
+        fixed, moving = fixed.to(dtype), moving.to(dtype)
     check_same_kind(fixed, "fixed", moving, "moving", caller)
     batch_f, batch_m = fixed.shape[0], moving.shape[0]
     if batch_f != batch_m and 1 not in (batch_f, batch_m):
@@ -231,7 +270,7 @@ def _pair(fixed: torch.Tensor, moving: torch.Tensor, caller: str, *, same_size: 
         )
     batch = max(batch_f, batch_m)
     # one channel is its own luminance: no copy (a batch's peak memory counts every image)
-    luminance = lambda image: image if image.shape[1] == 1 else image.mean(dim=1, keepdim=True)  # noqa: E731
+    luminance = lambda image: _in_range(image if image.shape[1] == 1 else image.mean(dim=1, keepdim=True))  # noqa: E731
     fixed = luminance(fixed).expand(batch, 1, *fixed.shape[-2:])
     moving = luminance(moving).expand(batch, 1, *moving.shape[-2:])
     return fixed, moving
@@ -1506,7 +1545,8 @@ def initialize(
             above for a strip).
 
     Returns:
-        ``(B, 3, 3)`` fixed -> moving pixel matrix, dtype and device of ``fixed``.
+        ``(B, 3, 3)`` fixed -> moving pixel matrix, on ``fixed``'s device, in the
+        dtype computed in (see the module's convention: float32 or float64).
 
     Raises:
         ValueError: unknown transform or method, bad ``max_size`` or ``center``,

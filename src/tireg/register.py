@@ -53,7 +53,9 @@ from ._validation import (
     GRADIENT_INTERPOLATIONS,
     INTERPOLATIONS,
     PADDING_MODES,
+    ImageLike,
     all_finite,
+    as_image,
     check_affine,
     check_compile_option,
     check_dense,
@@ -61,8 +63,12 @@ from ._validation import (
     check_size,
     is_sequence,
     is_whole,
+    is_wide_integer,
+    of_pairs,
+    pair_names,
     real_number,
     tensor_of_array,
+    wide_pairs,
     writable,
 )
 from .losses import PerPixelLoss, constant_irls_weight
@@ -104,7 +110,6 @@ from .transforms import Transform, _determinant, get_transform, image_center
 
 __all__ = ["register", "RegistrationResult", "LevelHistory", "IterationState", "Pyramid", "STOP_REASONS"]
 
-ImageLike = Union[torch.Tensor, np.ndarray]
 
 #: Why a pair stopped: ``stop_reason`` takes one of these keys.
 STOP_REASONS = {
@@ -446,7 +451,7 @@ class RegistrationResult:
 
         ``moving`` as for :func:`register`; the result has its dimensions.
         """
-        image, ndim = _as_image(moving, "moving", "RegistrationResult.warp()", finite=False)
+        image, ndim = as_image(moving, "moving", "RegistrationResult.warp()", finite=False)
         matrix = self._matrices().to(image.dtype if image.is_floating_point() else torch.float32)
         image = image.to(matrix.dtype)
         size = self.fixed_size if size is None else size
@@ -585,27 +590,13 @@ def _pair_history(level: LevelHistory, index: int, pick: slice) -> LevelHistory:
     return replace(level, cost=level.cost[: int(level.lengths[index]), pick], lengths=level.lengths[pick])
 
 
-def _pair_names(indices: Sequence[int]) -> str:
-    """``pair 2`` or ``pairs [0, 2]``: the pairs of a batch that an error is about."""
-    return f"pair {indices[0]}" if len(indices) == 1 else f"pairs {list(indices)}"
-
-
-def _of_pairs(bad: Union[torch.Tensor, Sequence[bool]], preposition: str = "in") -> str:
-    """`` in pair 2`` or `` in pairs [0, 2]`` (``preposition`` first) for the true entries of ``bad``,
-    one flag per entry of an input's batch; nothing for an input of one entry (it serves every pair,
-    or is the only one)."""
-    flags = bad.tolist() if isinstance(bad, torch.Tensor) else list(bad)
-    indices = [index for index, flag in enumerate(flags) if flag]
-    return f" {preposition} {_pair_names(indices)}" if len(flags) > 1 and indices else ""
-
-
 def _checked_inverse(matrices: torch.Tensor, caller: str) -> torch.Tensor:
     """``inv(A)`` of float64 ``(B, 3, 3)`` affine matrices; ``ValueError`` naming the pairs whose
     matrix is not finite, or not invertible: a linear part whose condition number is above
     ``1 / eps`` (singular to rounding, as :func:`tireg.transform_io.save_transform` warns), or whose
     inverse leaves float64's range.  torch's ``LinAlgError`` from deep inside (or a NaN matrix's
     error from the kind's ``from_matrix``) named neither the caller nor the pair."""
-    pairs = _pair_names
+    pairs = pair_names
     finite = torch.isfinite(matrices).flatten(1).all(1).tolist()
     bad = [index for index, ok in enumerate(finite) if not ok]
     if bad:
@@ -629,88 +620,12 @@ def _checked_inverse(matrices: torch.Tensor, caller: str) -> torch.Tensor:
 # input handling
 
 
-#: Unsigned integer dtypes of more than 16 bits (torch 2.3 and later), which torch's amax/amin refuse.
-_UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint32", "uint64") if hasattr(torch, name))
-
-
-def _as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True,
-              keep_wide_integers: bool = False) -> tuple[torch.Tensor, int]:
-    """``(B, C, H, W)`` float tensor from a tensor or array of ``(H, W)``, ``(C, H, W)`` or ``(B, C, H, W)``
-    (an array of any byte order, a long double one as float64: :func:`~tireg._validation.tensor_of_array`; a sparse
-    tensor refused by name).  ``keep_wide_integers``: an integer image of more than 16 bits
-    (:func:`_is_wide_integer`) is returned as it is, for :func:`register` to convert pair by pair
-    (:func:`_integer_float32`)."""
-    if isinstance(image, np.ndarray):
-        image = tensor_of_array(image, name, caller)
-    if not isinstance(image, torch.Tensor):
-        raise TypeError(f"{caller}: '{name}' must be a torch.Tensor or numpy.ndarray; got {type(image).__name__}")
-    check_dense(image, name, caller)
-    if image.is_meta:  # no values: the first one read failed deep inside
-        raise ValueError(f"{caller}: '{name}' is a meta tensor, which holds no values")
-    ndim = image.dim()
-    if ndim not in (2, 3, 4):
-        raise ValueError(
-            f"{caller}: '{name}' must be (H, W), (C, H, W) or (B, C, H, W); got shape {tuple(image.shape)}"
-        )
-    if image.numel() == 0 or min(image.shape[-2:]) < 1:
-        raise ValueError(f"{caller}: '{name}' is empty; got shape {tuple(image.shape)}")
-    channels, _, width = image.shape if ndim == 3 else (0, 0, 0)
-    if width < 8 and channels >= 4 * width and channels > 4:  # (H, W, C) with C <= 4 read as (C, H, W)
-        # register() refuses images under 8 x 8 with the same hint; RegistrationResult.warp() resampled
-        # a (192, 256, 3) RGB array as 192 channels of 256 x 3 pixels without a word
-        raise ValueError(f"{caller}: '{name}' of shape {tuple(image.shape)} is read as (C, H, W): {channels} "
-                         f"channels of {image.shape[1]} x {width} pixels; if it is (H, W, C), pass "
-                         "np.moveaxis(image, -1, 0) or tensor.permute(2, 0, 1)")
-    if 8 <= width <= 16 and channels >= 4 * width:  # an (H, W, C) array of 8 to 16 channels read as
-        # (C, H, W): registered as a few columns of many channels, without a word (fewer columns than 8 are
-        # refused by the size check, with the same hint)
-        warnings.warn(f"{caller}: '{name}' of shape {tuple(image.shape)} is read as (C, H, W): {channels} channels "
-                      f"of {image.shape[1]} x {width} pixels; if it is (H, W, C), pass np.moveaxis(image, -1, 0) "
-                      "or tensor.permute(2, 0, 1)", UserWarning, stacklevel=3)
-    if image.is_complex():
-        raise TypeError(f"{caller}: '{name}' must be real; got {image.dtype}")
-    if keep_wide_integers and _is_wide_integer(image):
-        pass  # register: pair by pair, each by its own values (_integer_float32)
-    elif not image.is_floating_point():
-        # integers beyond float32's 24 bits in float64 (float32 rounded them: an image of 3e10 + counts
-        # was called constant), one dtype for the whole tensor (RegistrationResult.warp() resamples it).
-        # By value, not by type: int32 and int64 images of small values are common (astype(int), PIL's
-        # "I" mode), and float64 doubled their copies (a batch's peak memory 3x)
-        wide = _is_wide_integer(image) and any(_wide_pairs(image.reshape(1, -1)))
-        image = image.to(torch.float64 if wide else torch.float32)
-    elif image.dtype not in (torch.float32, torch.float64):
-        image = image.to(torch.float32)
-    if finite and not all_finite(image):  # a mask's (register's images: _refuse_not_finite, once filled)
-        # in a batch, which pairs (pair by pair: no image-sized flags)
-        where = _of_pairs([not all_finite(pair) for pair in image]) if ndim == 4 else ""
-        raise ValueError(f"{caller}: '{name}' contains NaN or Inf values{where}")
-    while image.dim() < 4:
-        image = image.unsqueeze(0)
-    return image, ndim
-
-
-def _is_wide_integer(image: torch.Tensor) -> bool:
-    """Whether ``image`` is of an integer dtype of more than 16 bits (int32, int64, uint32, uint64),
-    whose values may lie beyond float32's 24 bits."""
-    return not image.is_floating_point() and image.dtype != torch.bool and torch.iinfo(image.dtype).bits > 16
-
-
-def _wide_pairs(image: torch.Tensor) -> list[bool]:
-    """Per pair (first dimension) of an integer image of more than 16 bits: whether any of its values
-    lies beyond float32's 24 bits (``|x| > 2^24``); an unsigned 32- or 64-bit one read in float64 a
-    pair at a time (torch has no amax for them)."""
-    if image.dtype in _UNSIGNED_WIDE:
-        return [bool(pair.to(torch.float64).amax() > 1 << 24) for pair in image]
-    flat = image.flatten(1)
-    return ((flat.amax(dim=1) > 1 << 24) | (flat.amin(dim=1) < -(1 << 24))).tolist()
-
-
 def _integer_float32(image: torch.Tensor, mask: Optional[torch.Tensor], name: str, device: torch.device,
                      caller: str, *, centred: bool, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """An integer image ``(b, C, H, W)`` of more than 16 bits (:func:`_is_wide_integer`) as register's
+    """An integer image ``(b, C, H, W)`` of more than 16 bits (:func:`is_wide_integer`) as register's
     float32 working copy on ``device``, pair by pair, each pair as it would be alone: filled outside its
     mask (:func:`_filled_outside`; ``mask`` as there), in float32 where its values stay within float32's
-    24 bits (exactly), else in float64 (:func:`_wide_pairs`), then, ``centred``, centred as a float64
+    24 bits (exactly), else in float64 (:func:`wide_pairs`), then, ``centred``, centred as a float64
     image (:func:`_float32`) or less its ``offset`` (``(1 or B, C, 1, 1)`` float64, taken in the pair's
     precision: :func:`_without_offsets`), and cast.  ``(b, ...)``, or ``(B, ...)`` where one image has an
     offset per pair.
@@ -726,7 +641,7 @@ def _integer_float32(image: torch.Tensor, mask: Optional[torch.Tensor], name: st
     numbers are those it gets alone, to the bit); a shared image
     (``b`` 1) is converted and filled once (its masks' union taken once, not once per pair: that
     was O(B^2 H W)), and only its offsets per pair, if any, make it a batch."""
-    wide = _wide_pairs(image)
+    wide = wide_pairs(image)
     count = image.shape[0] if offset is None else max(image.shape[0], offset.shape[0])
     if image.shape[0] == 1:
         # a shared image keeps every pair's mask (_filled_outside: their union), as a batch of one
@@ -805,7 +720,7 @@ def _float32(image: torch.Tensor, name: str, device: torch.device, caller: str, 
         image = (image - mean) / torch.where(deviation > 0, deviation, torch.ones_like(deviation))
     converted = image.to(device=device, dtype=torch.float32)
     if image.dtype == torch.float64 and not all_finite(converted):
-        where = _of_pairs([not all_finite(pair) for pair in converted])
+        where = of_pairs([not all_finite(pair) for pair in converted])
         raise ValueError(f"{caller}: '{name}' has values beyond float32's range{where} (|x| up to "
                          f"{float(image.abs().max()):.3g}), which register computes in; scale it first")
     return converted
@@ -826,7 +741,7 @@ def _as_mask(mask: Optional[ImageLike], image: torch.Tensor, name: str,
     """A ``(B, 1, H, W)`` float32 0/1 mask matching ``image`` (or ``None``), on ``device`` (default: the image's)."""
     if mask is None:
         return None
-    tensor, _ = _as_image(mask, name, "register()")
+    tensor, _ = as_image(mask, name, "register()")
     if tensor.shape[-2:] != image.shape[-2:]:
         raise ValueError(
             f"register(): '{name}' must have the image's size {tuple(image.shape[-2:])}; got {tuple(tensor.shape[-2:])}"
@@ -839,7 +754,7 @@ def _as_mask(mask: Optional[ImageLike], image: torch.Tensor, name: str,
         raise ValueError(f"register(): '{name}' has {tensor.shape[0]} masks for {image.shape[0]} images")
     few = tensor.flatten(1).sum(1) < 16
     if bool(few.any()):
-        raise ValueError(f"register(): '{name}' selects fewer than 16 pixels{_of_pairs(few)}")
+        raise ValueError(f"register(): '{name}' selects fewer than 16 pixels{of_pairs(few)}")
     return tensor.expand(image.shape[0], 1, *image.shape[-2:])
 
 
@@ -914,7 +829,7 @@ def _refuse_not_finite(image: torch.Tensor, ndim: int, masked: bool, name: str, 
     or Inf, naming the pairs of a batch (pair by pair: no image-sized flags)."""
     if all_finite(image):
         return
-    where = _of_pairs([not all_finite(pair) for pair in image]) if ndim == 4 else ""
+    where = of_pairs([not all_finite(pair) for pair in image]) if ndim == 4 else ""
     if masked:
         raise ValueError(f"{caller}: '{name}' contains NaN or Inf values inside its mask{where} (outside it "
                          "any value is left out)")
@@ -1128,7 +1043,7 @@ def _without_offsets(
     images = []
     for image, offset, name, mask in zip((fixed, moving), offsets, ("fixed", "moving"), (fixed_mask, moving_mask)):
         image = image.detach()
-        if _is_wide_integer(image):
+        if is_wide_integer(image):
             converted = _integer_float32(image, mask, name, device, caller, centred=False, offset=offset)
         else:
             if offset is not None:
@@ -1142,8 +1057,8 @@ def _float32_pairs(image: torch.Tensor) -> list[bool]:
     """Per pair of ``image`` ``(b, C, H, W)``: whether register takes it in float32 (a float32 image; a
     pair of an integer image of more than 16 bits whose values stay within float32's 24 bits), not
     float64 (:func:`_integer_float32`)."""
-    if _is_wide_integer(image):
-        return [not wide for wide in _wide_pairs(image)]
+    if is_wide_integer(image):
+        return [not wide for wide in wide_pairs(image)]
     return [image.dtype == torch.float32] * image.shape[0]
 
 
@@ -2707,22 +2622,22 @@ def _check_start(matrix: torch.Tensor, kind: Transform, caller: str, name: str) 
     matrices = matrix.reshape(-1, 3, 3)
     finite = torch.isfinite(matrices).flatten(1).all(1)
     if not bool(finite.all()):
-        raise ValueError(f"{caller}: '{name}' matrix{_of_pairs(~finite, 'of')} contains NaN or Inf")
+        raise ValueError(f"{caller}: '{name}' matrix{of_pairs(~finite, 'of')} contains NaN or Inf")
     last = matrices[:, 2, :] - constant((0.0, 0.0, 1.0), like=matrices)
     projective = ~(last.abs().amax(dim=1) <= 1e-6)
     if matrices.shape[0] > 1 and bool(projective.any()):  # (one matrix: check_affine's own words)
         row = matrices[int(projective.nonzero()[0]), 2].tolist()
-        raise ValueError(f"{caller}: '{name}'{_of_pairs(projective, 'of')} must be affine, with last row (0, 0, 1); "
+        raise ValueError(f"{caller}: '{name}'{of_pairs(projective, 'of')} must be affine, with last row (0, 0, 1); "
                          f"got {row} (a projective matrix is not supported)")
     check_affine(matrix, caller, name)
     determinant = torch.linalg.det(matrices[:, :2, :2])
     singular = ~(determinant.abs() > 1e-9)
     if bool(singular.any()):
-        raise ValueError(f"{caller}: '{name}' matrix{_of_pairs(singular, 'of')} is singular (its 2 x 2 part has "
+        raise ValueError(f"{caller}: '{name}' matrix{of_pairs(singular, 'of')} is singular (its 2 x 2 part has "
                          "determinant 0)")
     mirrors = ~(determinant > 0)
     if kind.name in _ORIENTATION_KEEPING and bool(mirrors.any()):
-        raise ValueError(f"{caller}: '{name}' matrix{_of_pairs(mirrors, 'of')} mirrors the image (negative "
+        raise ValueError(f"{caller}: '{name}' matrix{of_pairs(mirrors, 'of')} mirrors the image (negative "
                          f"determinant), which a {kind.name} transform cannot; use transform='affine'")
 
 
@@ -3045,8 +2960,8 @@ def register(
     started = time.perf_counter()
     # finite or not: a NaN under a mask is no data, checked once the masks fill it (_filled_outside)
     # (an integer image of more than 16 bits as it is: converted pair by pair below, _integer_float32)
-    fixed_t, fixed_ndim = _as_image(fixed, "fixed", caller, finite=False, keep_wide_integers=True)
-    moving_t, moving_ndim = _as_image(moving, "moving", caller, finite=False, keep_wide_integers=True)
+    fixed_t, fixed_ndim = as_image(fixed, "fixed", caller, finite=False, keep_wide_integers=True)
+    moving_t, moving_ndim = as_image(moving, "moving", caller, finite=False, keep_wide_integers=True)
     batched = fixed_ndim == 4 or (isinstance(moving, (torch.Tensor, np.ndarray)) and np.ndim(moving) == 4)
     if fixed_t.shape[1] != moving_t.shape[1]:
         raise ValueError(
@@ -3153,7 +3068,7 @@ def register(
     # an integer image of more than 16 bits is filled pair by pair as it is converted: _integer_float32)
     filled = []
     for image, image_mask in ((fixed_t, fixed_mask), (moving_t, moving_mask_t)):
-        if image_mask is not None and not _is_wide_integer(image):
+        if image_mask is not None and not is_wide_integer(image):
             image, owned = _working_copy(image, device)
             image = _filled_outside(image, image_mask, in_place=owned)
         filled.append(image)
@@ -3162,7 +3077,7 @@ def register(
     _refuse_not_finite(moving_t, moving_ndim, moving_mask_t is not None, "moving", caller)
     if normalize:
         fixed_t, moving_t = ((_integer_float32(image, image_mask, name, device, caller, centred=True)
-                              if _is_wide_integer(image) else
+                              if is_wide_integer(image) else
                               _float32(image, name, device, caller, centred=True, mask=image_mask))
                              .expand(batch, *image.shape[1:])
                              for image, name, image_mask in ((fixed_t, "fixed", fixed_mask),
