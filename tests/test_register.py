@@ -1670,6 +1670,10 @@ def test_bad_input_is_named():
          "'init' is a meta tensor, which holds no values"),
         (dict(fixed=fixed, moving=moving, init=torch.eye(3, dtype=torch.complex64)), TypeError,
          "'init' matrix must be real numbers; got torch.complex64"),  # its imaginary part was dropped
+        (dict(fixed=fixed, moving=moving, init=torch.eye(3).bool()), TypeError,
+         "'init' matrix must be numbers, not booleans; got torch.bool"),  # read as 0/1: a shift of -2 became +1
+        (dict(fixed=fixed, moving=moving, init=np.eye(3, dtype=bool)), TypeError,
+         "'init' matrix must be numbers, not booleans; got bool"),
         (dict(fixed=fixed, moving=moving, transform=tireg.RigidModel), TypeError,
          r"'transform' is the class RigidModel; pass a model, RigidModel\(...\), or a kind's name"),
         (dict(fixed=torch.where(fixed > 0.5, 0.7, fixed), moving=moving, mask=fixed > 0.5), ValueError,

@@ -2657,6 +2657,8 @@ def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str,
             check_dense(init, "init", caller)
         if np.iscomplexobj(init) if isinstance(init, np.ndarray) else init.is_complex():  # imaginary part dropped
             raise TypeError(f"{caller}: 'init' matrix must be real numbers; got {init.dtype}")
+        if init.dtype in (torch.bool, np.bool_):  # read as a 0/1 matrix: a shift of -2 started at +1
+            raise TypeError(f"{caller}: 'init' matrix must be numbers, not booleans; got {init.dtype}")
         # an array of any byte order and long double too; of objects or strings refused by name
         tensor = tensor_of_array(init, "init", caller) if isinstance(init, np.ndarray) else init
         matrix = tensor.detach().to(torch.float64)
