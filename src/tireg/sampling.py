@@ -568,7 +568,10 @@ def warp(
             single matrix, or a batch of 1, is applied to every image);
             affine, its last row ``(0, 0, 1)`` (a projective matrix raises:
             on a GPU that check reads the last rows back, one wait a call; a
-            model's ``forward``, made for loops, does not check).
+            model's ``forward``, made for loops, does not check); float32 or
+            float64, taken in ``moving``'s dtype and to its device (a
+            :class:`~tireg.RegistrationResult`'s float64 CPU ``matrix`` warps
+            a float32 image on a GPU), differentiably.
         size: ``(H, W)`` of the output (fixed) grid; default: the moving image's.
         interpolation: ``"bilinear"`` (default), ``"bicubic"`` or ``"nearest"``.
         padding_mode: ``"zeros"`` (default), ``"border"`` or ``"reflection"``.
@@ -597,7 +600,9 @@ def checked_warp(
         raise ValueError(f"{caller}: 'matrix' holds no matrix; got shape {tuple(matrix.shape)}")
     if affine:
         check_affine(matrix, caller)
-    check_same_kind(matrix, "matrix", moving, "moving", caller)
+    # the matrix in the image's dtype, on its device (a no-op for a model's own): register's result is a
+    # float64 CPU matrix, and warping a float32 image by it had raised "must have the same dtype"
+    matrix = matrix.to(dtype=moving.dtype, device=moving.device)
     if matrix.shape[0] != moving.shape[0]:
         if matrix.shape[0] != 1 and moving.shape[0] != 1:
             raise ValueError(
