@@ -270,6 +270,37 @@ def test_base_models_are_the_seed_four_parameter_similarity(images):
     assert torch.allclose(gradients(analytic), reference, rtol=1e-9, atol=1e-12)
 
 
+def test_a_subclass_get_derva_may_hand_parameters_to_the_base_class(images):
+    """A subclass's get_derva that writes one derivative itself and hands the others to
+    ``super().get_derva(i)`` (it had recursed without end: the base read parameter_jacobian(),
+    which calls the override) gives autograd's gradient."""
+    fixed, moving = images
+    cx, cy = tireg.image_center(*SHAPE[-2:])
+
+    class OwnAngle(tireg.AffineModelAnalytic):
+        def get_derva(self, i):
+            if i != 0:
+                return super().get_derva(i)
+            angle, scale = self.get(0), self.get(3)  # d/d angle of s R(angle) about the centre
+            sin, cos = torch.sin(angle) * scale, torch.cos(angle) * scale
+            zero = torch.zeros_like(angle)
+            linear = torch.stack([torch.stack([-sin, cos], -1), torch.stack([-cos, -sin], -1)], -2)
+            centre = torch.tensor([cx, cy], dtype=linear.dtype)
+            shift = -(linear @ centre)
+            rows = torch.cat([linear, shift[..., None]], -1)
+            return torch.cat([rows, torch.stack([zero, zero, zero], -1)[..., None, :]], -2)
+
+    autograd = tireg.AffineModel(cx, cy, "zeros").double()
+    analytic = OwnAngle(cx, cy, "zeros", moving).double()
+    for model in (autograd, analytic):
+        for i, value in enumerate((0.1, 2.0, -1.5, 1.05)):
+            model.set_parameter(i, value)
+    torch.testing.assert_close(analytic.get_derva(0), analytic.parameter_jacobian()[:, 0])
+    _, reference = autograd_gradient(autograd, moving, fixed, tireg.L2Loss())
+    analytic(moving, fixed)
+    assert torch.allclose(gradients(analytic), reference, rtol=1e-9, atol=1e-12)
+
+
 def test_user_subclass_with_get_derva_equals_autograd(images):
     """A user's own parameterisation, written as in the seed: shear plus shift."""
     fixed, moving = images

@@ -505,7 +505,8 @@ class TransformModel(nn.Module):
     def get_derva(self, i: int) -> torch.Tensor:
         """``dA/dp_i``, the derivative of :meth:`get_matrix` with respect to the value of parameter ``i``."""
         i = self._check_index(i, "get_derva()")
-        return self.parameter_jacobian()[:, i]
+        return self._transform_jacobian()[:, i]  # not parameter_jacobian(): a subclass's get_derva that
+        # hands some parameters to this one (super().get_derva(i)) had recursed without end
 
     def parameter_jacobian(self) -> torch.Tensor:
         """``dA/dp`` for all parameters, ``(B, P, 3, 3)``.
@@ -529,6 +530,11 @@ class TransformModel(nn.Module):
                 f"{cls.__name__} overrides get_matrix() but not get_derva(i); "
                 "the analytic model needs get_derva(i) to return dA/dp_i"
             )
+        return self._transform_jacobian()
+
+    def _transform_jacobian(self) -> torch.Tensor:
+        """``dA/dp`` ``(B, P, 3, 3)`` of the built-in matrix (:meth:`Transform.jacobian`), in the model's
+        parameter order."""
         jacobian = self.transform.jacobian(self._transform_parameters(), self._center_tensor())
         return _select(jacobian, -3, self._jacobian_order())
 
