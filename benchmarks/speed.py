@@ -39,7 +39,7 @@ A method that runs out of GPU memory on a large batch shows ``nan`` (or a
 row "out of memory") instead of ending the run.
 
 Run:
-    python benchmarks/speed.py                       # CPU, one thread (about 6 minutes)
+    python benchmarks/speed.py                       # CPU, one thread (about 20 minutes)
     python benchmarks/speed.py --device cuda --batches 1 1024
     python benchmarks/speed.py --tables step         # one table
 """

@@ -2858,7 +2858,8 @@ def register(
             ``(4, 2, 1)``, or ``None`` for an automatic schedule; its
             full-resolution level is smoothed as
             :attr:`Pyramid.finest_smoothing` says (1 px for intensity-matching
-            metrics, 0.5 px for ``mi`` and ``nmi``).
+            metrics, 0.5 px for ``mi`` and ``nmi``; none with
+            ``optimizer="sgd"`` or for a metric of one's own).
         mask, moving_mask: where the fixed / moving image counts (nonzero);
             fixed pixels that sample outside the moving image or its mask (any
             pixel the interpolation reads outside it: the 2 x 2 around the
