@@ -2567,6 +2567,19 @@ def test_the_results_warp_takes_a_big_endian_array_and_refuses_a_sparse_tensor()
         result.warp(torch.from_numpy(moving).to_sparse())
 
 
+def test_the_results_warp_interpolates_as_the_registration_did():
+    """A bicubic registration's result warps bicubically unless told otherwise (it warped bilinearly,
+    where tireg apply follows the recorded interpolation)."""
+    fixed, moving = _small_translation_pair()
+    result = tireg.register(fixed, moving, transform="translation", pyramid=(1,), max_iterations=3,
+                            interpolation="bicubic")
+    bicubic = result.warp(moving, interpolation="bicubic")
+    assert torch.equal(result.warp(moving), bicubic)
+    assert not torch.equal(result.warp(moving, interpolation="bilinear"), bicubic)
+    bilinear = tireg.register(fixed, moving, transform="translation", pyramid=(1,), max_iterations=3)
+    assert torch.equal(bilinear.warp(moving), bilinear.warp(moving, interpolation="bilinear"))
+
+
 _FLT_MAX = float(torch.finfo(torch.float32).max)
 
 

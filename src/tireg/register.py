@@ -444,13 +444,17 @@ class RegistrationResult:
         moving: ImageLike,
         *,
         size: Optional[Sequence[int]] = None,
-        interpolation: str = "bilinear",
+        interpolation: Optional[str] = None,
         padding_mode: str = "zeros",
     ) -> torch.Tensor:
         """Resample ``moving`` onto the fixed grid with the found transform: ``M(A x)``.
 
-        ``moving`` as for :func:`register`; the result has its dimensions.
+        ``moving`` as for :func:`register`; the result has its dimensions.  ``interpolation``:
+        ``"bilinear"``, ``"bicubic"`` or ``"nearest"`` (for labels); default: the one the
+        registration used (``metadata["interpolation"]``, as ``tireg apply`` does), else bilinear.
         """
+        if interpolation is None:  # a bicubic registration's result had warped bilinearly
+            interpolation = self.metadata.get("interpolation", "bilinear")
         image, ndim = as_image(moving, "moving", "RegistrationResult.warp()", finite=False)
         matrix = self._matrices().to(image.dtype if image.is_floating_point() else torch.float32)
         image = image.to(matrix.dtype)
