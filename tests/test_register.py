@@ -2580,6 +2580,29 @@ def test_the_results_warp_interpolates_as_the_registration_did():
     bilinear = tireg.register(fixed, moving, transform="translation", pyramid=(1,), max_iterations=3)
     assert torch.equal(bilinear.warp(moving), bilinear.warp(moving, interpolation="bilinear"))
 
+def test_a_stack_of_grey_frames_given_as_channels_is_named():
+    """(N, H, W) is one image of N channels (hyperspectral bands register so, without a warning:
+    test_an_hwc_array_of_many_channels_is_registered_with_a_warning); a 3-D stack beside a
+    (B, 1, H, W) batch, or a 3-D stack of masks, got errors that pointed at grey conversion; each
+    now says (B, 1, H, W)."""
+    fixed, moving = _small_translation_pair()
+    fixed, moving = torch.from_numpy(fixed), torch.from_numpy(moving)
+    frames = torch.stack([moving] * 5)  # (5, H, W)
+    with pytest.raises(ValueError, match=r"'fixed' has 1 channels but 'moving' has 5; convert both to grey .* first; "
+                       r"a 3-D 'moving' is read as \(C, H, W\): for a batch of grey images pass \(B, 1, H, W\), "
+                       r"moving\[:, None\]"):
+        tireg.register(fixed.expand(5, 1, *fixed.shape), frames)
+    masks = torch.ones(5, *fixed.shape, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"'mask' must have one channel; got 5; a 3-D mask is read as \(C, H, W\): "
+                       r"for a mask per pair pass \(B, 1, H, W\), mask\[:, None\]"):
+        tireg.register(fixed.expand(5, 1, *fixed.shape), frames[:, None], mask=masks)
+    with pytest.raises(ValueError, match=r"'mask' has 5 masks for 1 image$"):
+        tireg.register(fixed, moving, mask=masks[:, None])
+    with pytest.raises(ValueError, match=re.escape("'init' matrix must be (3, 3), (2, 3) (OpenCV's), (5, 3, 3) or "
+                                                   "(5, 2, 3); got (4, 3, 3)")):
+        tireg.register(fixed.expand(5, 1, *fixed.shape), frames[:, None], init=torch.eye(3).expand(4, 3, 3))
+
+
 
 _FLT_MAX = float(torch.finfo(torch.float32).max)
 

@@ -745,17 +745,20 @@ def _as_mask(mask: Optional[ImageLike], image: torch.Tensor, name: str,
     """A ``(B, 1, H, W)`` float32 0/1 mask matching ``image`` (or ``None``), on ``device`` (default: the image's)."""
     if mask is None:
         return None
-    tensor, _ = as_image(mask, name, "register()")
+    tensor, ndim = as_image(mask, name, "register()")
     if tensor.shape[-2:] != image.shape[-2:]:
         raise ValueError(
             f"register(): '{name}' must have the image's size {tuple(image.shape[-2:])}; got {tuple(tensor.shape[-2:])}"
         )
     if tensor.shape[1] != 1:
-        raise ValueError(f"register(): '{name}' must have one channel; got {tensor.shape[1]}")
+        hint = (f"; a 3-D mask is read as (C, H, W): for a mask per pair pass (B, 1, H, W), {name}[:, None]"
+                if ndim == 3 else "")
+        raise ValueError(f"register(): '{name}' must have one channel; got {tensor.shape[1]}{hint}")
     # nonzero, as documented and as the CLI reads masks
     tensor = (tensor != 0).to(torch.float32).to(image.device if device is None else device)
     if tensor.shape[0] not in (1, image.shape[0]):
-        raise ValueError(f"register(): '{name}' has {tensor.shape[0]} masks for {image.shape[0]} images")
+        raise ValueError(f"register(): '{name}' has {tensor.shape[0]} masks for {image.shape[0]} "
+                         f"image{'s' if image.shape[0] != 1 else ''}")
     few = tensor.flatten(1).sum(1) < 16
     if bool(few.any()):
         raise ValueError(f"register(): '{name}' selects fewer than 16 pixels{of_pairs(few)}")
@@ -2671,7 +2674,8 @@ def _initial_matrix(init, fixed, moving, kind: Transform, center, caller: str,
             bottom = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(*matrix.shape[:-2], 1, 3)
             matrix = torch.cat([matrix, bottom], dim=-2)
         if matrix.shape[-2:] != (3, 3) or matrix.dim() not in (2, 3) or matrix.reshape(-1, 3, 3).shape[0] not in (1, batch):
-            raise ValueError(f"{caller}: 'init' matrix must be (3, 3), (2, 3) (OpenCV's) or ({batch}, 3, 3); "
+            batched = f", ({batch}, 3, 3) or ({batch}, 2, 3)" if batch > 1 else " or (1, 3, 3)"
+            raise ValueError(f"{caller}: 'init' matrix must be (3, 3), (2, 3) (OpenCV's){batched}; "
                              f"got {tuple(matrix.shape)}")
         _check_start(matrix, kind, caller, "init")
         return matrix.reshape(-1, 3, 3).expand(batch, 3, 3).to(fixed.device), torch.full((batch,), math.nan)
@@ -2973,7 +2977,7 @@ def register(
     if fixed_t.shape[1] != moving_t.shape[1]:
         raise ValueError(
             f"{caller}: 'fixed' has {fixed_t.shape[1]} channels but 'moving' has {moving_t.shape[1]}; "
-            "convert both to grey (or the same channels) first"
+            f"convert both to grey (or the same channels) first{hint}"
         )
     if fixed_t.shape[0] != moving_t.shape[0] and 1 not in (fixed_t.shape[0], moving_t.shape[0]):
         raise ValueError(f"{caller}: {fixed_t.shape[0]} fixed images but {moving_t.shape[0]} moving images")
@@ -3009,7 +3013,11 @@ def register(
                          f"{tuple(fixed_t.shape[-2:])} and 'moving' {tuple(moving_t.shape[-2:])}{layout}")
 
     if isinstance(transform, str):
+    three_d = [name for name, ndim in (("fixed", fixed_ndim), ("moving", moving_ndim)) if ndim == 3]
         kind = get_transform(transform, caller)
+        # a stack of grey frames (N, H, W) is N channels of one image: the fix is (N, 1, H, W), not grey
+        hint = "".join(f"; a 3-D '{name}' is read as (C, H, W): for a batch of grey images pass (B, 1, H, W), "
+                       f"{name}[:, None]" for name in three_d)
         start_params = None
     elif isinstance(transform, Transform):
         kind, start_params = transform, None
