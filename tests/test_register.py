@@ -928,8 +928,7 @@ def test_result_warp_map_points_and_inverse(rigid_result):
         result.warp(moving, size=(-5, 10))
     with pytest.raises(ValueError, match="3 point sets for 1 pairs"):
         result.map_points(torch.zeros(3, 4, 2))
-    with pytest.raises(TypeError, match="picked by an integer index; got slice"):
-        result[0:1]
+    assert len(result[0:1]) == 1 and result[0:1].batched and result[0:1].matrix.shape == (1, 3, 3)
 
 
 @pytest.mark.parametrize(
@@ -2580,6 +2579,7 @@ def test_the_results_warp_interpolates_as_the_registration_did():
     bilinear = tireg.register(fixed, moving, transform="translation", pyramid=(1,), max_iterations=3)
     assert torch.equal(bilinear.warp(moving), bilinear.warp(moving, interpolation="bilinear"))
 
+
 def test_a_stack_of_grey_frames_given_as_channels_is_named():
     """(N, H, W) is one image of N channels (hyperspectral bands register so, without a warning:
     test_an_hwc_array_of_many_channels_is_registered_with_a_warning); a 3-D stack beside a
@@ -2601,7 +2601,6 @@ def test_a_stack_of_grey_frames_given_as_channels_is_named():
     with pytest.raises(ValueError, match=re.escape("'init' matrix must be (3, 3), (2, 3) (OpenCV's), (5, 3, 3) or "
                                                    "(5, 2, 3); got (4, 3, 3)")):
         tireg.register(fixed.expand(5, 1, *fixed.shape), frames[:, None], init=torch.eye(3).expand(4, 3, 3))
-
 
 
 _FLT_MAX = float(torch.finfo(torch.float32).max)
@@ -2870,6 +2869,41 @@ def test_a_pairs_history_in_a_batch_is_its_history_alone(optimizer):
             assert sum(level.cost.shape[0] - 1 for level in batch[index].history) == int(batch.iterations[index])
     # the case in question: pair 0 (at rest from the start) stops before the others
     assert any(mine.cost.shape[0] < rows for mine, rows in zip(batch[0].history, longest))
+
+
+def test_a_result_picks_pairs_by_a_slice_integers_or_a_mask():
+    """result[1:], result[[2, 0]] and result[result.converged] are the batched results of those pairs,
+    each pair's numbers and history rows as result[i]'s (only an integer was taken: a Python loop to
+    keep the converged pairs); what picks nothing, or is out of range, is named; a pair's metadata
+    is its own dict; two results compare as objects (== had raised on the tensors' truth value)."""
+    fixed, _, _ = _small_pair(64, "translation", [0.0, 0.0], dtype=torch.float64)
+    shifts = torch.tensor([[0.0, 0.0], [3.0, -2.0], [1.5, 0.5]], dtype=torch.float64)
+    moving = torch.cat([tireg.warp(fixed[None, None], tireg.transforms.translation_matrix(-shift)[None],
+                                   padding_mode="border") for shift in shifts]).float()
+    result = tireg.register(fixed.float().expand(3, 1, 64, 64), moving, transform="translation",
+                            optimizer="lbfgs", max_iterations=4)
+    picks = {"slice": (slice(1, None), [1, 2]), "list": ([2, 0], [2, 0]), "negative": ([-1], [2]),
+             "tensor": (torch.tensor([0, 2]), [0, 2]), "array": (np.array([1]), [1]),
+             "mask": (torch.tensor([True, False, True]), [0, 2]), "bools": ([False, True, True], [1, 2])}
+    for name, (index, pairs) in picks.items():
+        picked = result[index]
+        assert picked.batched and len(picked) == len(pairs), name
+        assert picked.stop_reason == [result.stop_reason[pair] for pair in pairs]
+        for position, pair in enumerate(pairs):
+            alone, own = picked[position], result[pair]
+            for attribute in ("matrix", "parameter_values", "cost", "iterations", "converged"):
+                assert torch.equal(getattr(alone, attribute), getattr(own, attribute)), (name, attribute)
+            for mine, theirs in zip(alone.history, own.history):
+                assert torch.equal(mine.cost, theirs.cost) and torch.equal(mine.lengths, theirs.lengths)
+    for index, error, message in [([], IndexError, r"picks no pair of 3"), ([3], IndexError, r"pair 3 out of range"),
+                                  (torch.tensor([True, False]), IndexError, r"mask of the pairs must have shape \(3,\)"),
+                                  (torch.tensor([0.5]), TypeError, r"got a torch.float32 tensor"),
+                                  ("0", TypeError, r"got str"), (slice(5, None), IndexError, "picks no pair")]:
+        with pytest.raises(error, match=r"^RegistrationResult: .*" + message):
+            result[index]
+    result[0].metadata["note"] = "mine"
+    assert "note" not in result.metadata
+    assert result == result and result[0] != result[0]
 
 
 def _shifted_batch(count: int, size: int = 64, seed: int = 1):

@@ -354,7 +354,7 @@ class LevelHistory:
     lengths: Optional[torch.Tensor] = None
 
 
-@dataclass
+@dataclass(eq=False)  # compared as objects: field by field, ``==`` raised on the tensors' truth value
 class RegistrationResult:
     """What :func:`register` found.  Every field is always present.
 
@@ -400,27 +400,65 @@ class RegistrationResult:
     def __len__(self) -> int:
         return len(self.stop_reason)
 
-    def __getitem__(self, index: int) -> "RegistrationResult":
-        """The result of pair ``index`` alone (not batched)."""
-        matrices = self.matrix.reshape(-1, 3, 3)
+    def __getitem__(self, index: Union[int, slice, Sequence, torch.Tensor, np.ndarray]) -> "RegistrationResult":
+        """The result of pair ``index`` alone (not batched) for an integer; for a slice, a sequence of
+        integers or a boolean mask of the pairs (a tensor, an array or a list), the batched result of
+        those pairs in that order, e.g. ``result[result.converged]`` (each with its own history rows
+        and a copy of :attr:`metadata`)."""
         try:
-            index = operator.index(index)  # an int, a NumPy integer, a 0-d integer tensor
+            single = operator.index(index)  # an int, a NumPy integer, a 0-d integer tensor
         except TypeError:
-            raise TypeError(
-                f"RegistrationResult: a pair is picked by an integer index; got {type(index).__name__}") from None
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"RegistrationResult: pair {index} out of range for {len(self)} pairs")
-        pick = slice(index, index + 1 if index != -1 else None)
+            single = None
+        if single is not None:
+            if not -len(self) <= single < len(self):
+                raise IndexError(f"RegistrationResult: pair {single} out of range for {len(self)} pairs")
+            return self._of_pairs([single % len(self)], batched=False)
+        return self._of_pairs(self._picked(index), batched=True)
+
+    def _picked(self, index: Union[slice, Sequence, torch.Tensor, np.ndarray]) -> list[int]:
+        """The pairs, ``0 <= i < len(self)``, that a slice, integers or a boolean mask pick."""
+        caller, count = "RegistrationResult", len(self)
+        if isinstance(index, slice):
+            pairs = list(range(count))[index]
+        else:
+            if isinstance(index, (torch.Tensor, np.ndarray)) or (is_sequence(index) and not isinstance(index, str)):
+                picks = torch.as_tensor(np.asarray(index) if not isinstance(index, torch.Tensor) else index)
+            else:
+                raise TypeError(f"{caller}: pairs are picked by an integer, a slice, integers or a boolean mask; "
+                                f"got {type(index).__name__}")
+            if picks.dtype == torch.bool:
+                if picks.shape != (count,):
+                    raise IndexError(f"{caller}: a boolean mask of the pairs must have shape ({count},); "
+                                     f"got {tuple(picks.shape)}")
+                pairs = picks.nonzero()[:, 0].tolist()
+            elif picks.dim() == 1 and (picks.numel() == 0 or not (picks.is_floating_point() or picks.is_complex())):
+                pairs = picks.tolist()
+                outside = [pair for pair in pairs if not -count <= pair < count]
+                if outside:
+                    raise IndexError(f"{caller}: pair {outside[0]} out of range for {count} pairs")
+                pairs = [pair % count for pair in pairs]
+            else:
+                raise TypeError(f"{caller}: pairs are picked by an integer, a slice, integers or a boolean mask; "
+                                f"got a {picks.dtype} tensor of shape {tuple(picks.shape)}")
+        if not pairs:
+            raise IndexError(f"{caller}: {index!r} picks no pair of {count}")
+        return pairs
+
+    def _of_pairs(self, pairs: list[int], *, batched: bool) -> "RegistrationResult":
+        """The result of ``pairs`` (indices in range), batched or (one pair) not."""
+        columns = torch.tensor(pairs, dtype=torch.long)
+        matrices = self.matrix.reshape(-1, 3, 3)[columns]
         return replace(
             self,
-            matrix=matrices[index],
-            parameter_values=self.parameter_values[pick],
-            cost=self.cost[pick],
-            iterations=self.iterations[pick],
-            converged=self.converged[pick],
-            stop_reason=[self.stop_reason[index]],
-            history=[_pair_history(level, index, pick) for level in self.history],
-            batched=False,
+            matrix=matrices if batched else matrices[0],
+            parameter_values=self.parameter_values[columns],
+            cost=self.cost[columns],
+            iterations=self.iterations[columns],
+            converged=self.converged[columns],
+            stop_reason=[self.stop_reason[pair] for pair in pairs],
+            history=[_pairs_history(level, columns) for level in self.history],
+            batched=batched,
+            metadata=dict(self.metadata),  # its own: a pair's had been the batch's dict
         )
 
     @property
@@ -586,12 +624,13 @@ class RegistrationResult:
         return "\n".join(lines)
 
 
-def _pair_history(level: LevelHistory, index: int, pick: slice) -> LevelHistory:
-    """Pair ``index``'s part of a level's history (``pick``: its column as a slice): its own rows
-    (:attr:`LevelHistory.lengths`), not the batch's padding below them."""
+def _pairs_history(level: LevelHistory, columns: torch.Tensor) -> LevelHistory:
+    """The part of a level's history of the pairs ``columns`` ``(K,)``: their columns, down to the
+    longest's own rows (:attr:`LevelHistory.lengths`), not the batch's padding below them."""
     if level.lengths is None:
-        return replace(level, cost=level.cost[:, pick])
-    return replace(level, cost=level.cost[: int(level.lengths[index]), pick], lengths=level.lengths[pick])
+        return replace(level, cost=level.cost[:, columns])
+    lengths = level.lengths[columns]
+    return replace(level, cost=level.cost[: int(lengths.max()), columns], lengths=lengths)
 
 
 def _checked_inverse(matrices: torch.Tensor, caller: str) -> torch.Tensor:
@@ -2974,7 +3013,11 @@ def register(
     fixed_t, fixed_ndim = as_image(fixed, "fixed", caller, finite=False, keep_wide_integers=True)
     moving_t, moving_ndim = as_image(moving, "moving", caller, finite=False, keep_wide_integers=True)
     batched = fixed_ndim == 4 or (isinstance(moving, (torch.Tensor, np.ndarray)) and np.ndim(moving) == 4)
+    three_d = [name for name, ndim in (("fixed", fixed_ndim), ("moving", moving_ndim)) if ndim == 3]
     if fixed_t.shape[1] != moving_t.shape[1]:
+        # a stack of grey frames (N, H, W) is N channels of one image: the fix is (N, 1, H, W), not grey
+        hint = "".join(f"; a 3-D '{name}' is read as (C, H, W): for a batch of grey images pass (B, 1, H, W), "
+                       f"{name}[:, None]" for name in three_d)
         raise ValueError(
             f"{caller}: 'fixed' has {fixed_t.shape[1]} channels but 'moving' has {moving_t.shape[1]}; "
             f"convert both to grey (or the same channels) first{hint}"
@@ -3013,11 +3056,7 @@ def register(
                          f"{tuple(fixed_t.shape[-2:])} and 'moving' {tuple(moving_t.shape[-2:])}{layout}")
 
     if isinstance(transform, str):
-    three_d = [name for name, ndim in (("fixed", fixed_ndim), ("moving", moving_ndim)) if ndim == 3]
         kind = get_transform(transform, caller)
-        # a stack of grey frames (N, H, W) is N channels of one image: the fix is (N, 1, H, W), not grey
-        hint = "".join(f"; a 3-D '{name}' is read as (C, H, W): for a batch of grey images pass (B, 1, H, W), "
-                       f"{name}[:, None]" for name in three_d)
         start_params = None
     elif isinstance(transform, Transform):
         kind, start_params = transform, None
