@@ -1344,7 +1344,7 @@ def _cmd_demo(args: argparse.Namespace, outputs: OutputFiles) -> int:
             ("scale", DEMO_TRUTH["scale"], found["scale"]),
             ("tx (px)", DEMO_TRUTH["tx"], found["tx"]),
             ("ty (px)", DEMO_TRUTH["ty"], found["ty"])]
-    _say(args, f"tireg demo: registered '{args.image}' ({width} x {height}) to a copy turned, scaled and shifted "
+    _say(args, f"tireg demo: registered '{args.image}' ({width} x {height} pixels, width x height) to a copy turned, scaled and shifted "
                "by a known similarity transform")
     _say(args, f"  {'parameter':<12}{'true':>10}{'recovered':>12}{'error':>10}")
     for name, true, value in rows:
