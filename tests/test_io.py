@@ -655,3 +655,13 @@ def test_a_file_that_cannot_be_read_is_named_with_its_reason(tmp_path):
     with pytest.raises(ImageError, match=r"^cannot open '.*loop1\.png' \(fixed image\): Too many levels of symbolic "
                                          r"links$"):
         read_image(tmp_path / "loop1.png", what="fixed image")
+
+
+def test_a_reason_is_cut_at_a_newline_only():
+    """The first line of a reader's message: ``str.splitlines()`` also cut at a form feed or U+2028,
+    which a file's name may hold, and the reason named half the file."""
+    from tireg.io import _reason
+
+    name = "'a\x0cb\u2028c\x85d.png'"
+    assert _reason(OSError(f"cannot identify {name}\r\nmore")) == f"cannot identify {name}"
+    assert _reason(ValueError("first\rsecond")) == "first" and _reason(ValueError("  ")) == "ValueError"

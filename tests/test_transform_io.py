@@ -372,6 +372,31 @@ def test_itk_text_without_header_with_crlf(tmp_path):
     assert loaded.center is None
 
 
+@pytest.mark.parametrize("character", ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"])
+def test_itk_lines_end_at_newlines_only(tmp_path, character):
+    """``str.splitlines()`` also ended a line at these: a comment holding one (SimpleITK reads the file)
+    gave "unknown entry 'see notes'", and the line numbers after it were one too many."""
+    text = (f"#Insight Transform File V1.0\n# exported by a tool{character}see notes: v2\n#Transform 0\n"
+            "Transform: AffineTransform_double_2_2\nParameters: 1 0 0 1 2.5 -3\nFixedParameters: 10 20\n")
+    path = tmp_path / "t.tfm"
+    path.write_text(text, encoding="utf-8")
+    points = np.array([[0.0, 0.0], [3.0, -7.0]])
+    expected = sitk_points(sitk.ReadTransform(str(path)), points)
+    np.testing.assert_array_equal(apply(load_transform(path).matrix, points), expected)
+    path.write_text(text.replace("1 2.5 -3", "1 2.5 x"), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"t\.tfm', line 5: expected numbers"):
+        load_transform(path)
+
+
+@pytest.mark.parametrize("separator", ["\x0b", "\x0c"])
+def test_itk_numbers_may_be_separated_by_vertical_tab_or_form_feed(tmp_path, separator):
+    """White space to ITK's number reader, as to SimpleITK; they had split the line in two."""
+    path = write(tmp_path / "t.tfm", HEADER + f"Transform: AffineTransform_double_2_2\nParameters: 1 0 0 1{separator}"
+                                               "2.5 -3\nFixedParameters: 10 20\n")
+    expected = sitk_points(sitk.ReadTransform(str(path)), np.zeros((1, 2)))
+    np.testing.assert_array_equal(apply(load_transform(path).matrix, np.zeros((1, 2))), expected)
+
+
 # ----------------------------------------------------------------------------
 # geometry
 

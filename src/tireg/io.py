@@ -685,9 +685,10 @@ def _read_npy(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarra
 
 
 def _reason(error: BaseException) -> str:
-    """The first line of an exception's message, or its type name."""
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    """The first line of an exception's message, or its type name.  Lines end at ``\n``, ``\r\n`` or
+    ``\r`` only: ``str.splitlines()`` also cut at a form feed or U+2028, which a file's name may hold."""
+    text = str(error).strip()
+    return re.split(r"\r\n|\r|\n", text)[0] if text else type(error).__name__
 
 
 def _natural_key(name: str) -> tuple:

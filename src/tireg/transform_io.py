@@ -826,7 +826,7 @@ def _read_itk(
     where = f"{caller}: {str(path)!r}"
     blocks: list[_Block] = []
     comment: Optional[dict] = None
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(_LINE_BREAK.split(text), start=1):
         line = raw.strip()
         if not line:
             continue
@@ -946,6 +946,11 @@ _ITK_NOT_FINITE = re.compile(r"[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
 _ASCII_SPACE = re.compile(r"[ \t\n\r\f\v]+")
 # A byte that is not UTF-8, as ``errors="surrogateescape"`` decodes it (0x80-0xff to U+DC80-U+DCFF).
 _UNDECODED_BYTE = re.compile("[\udc80-\udcff]")
+# Where a line ends: at "\n" as ITK reads it, and at "\r\n" or a lone "\r" (Python's universal newlines).
+# ``str.splitlines()`` also broke lines at VT, FF, \x1c-\x1e, NEL, U+2028 and U+2029, which ITK reads as
+# characters: a comment holding one made a file that SimpleITK reads "unknown entry" here, and the line
+# numbers after it wrong.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 def _parse_numbers(value: str, where: str) -> np.ndarray:
