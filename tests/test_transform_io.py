@@ -600,6 +600,46 @@ def test_save_into_missing_folder(tmp_path):
         save_transform(tmp_path / "nowhere" / "t.json", torch.eye(3))
 
 
+def test_a_folder_that_takes_no_files_is_named_with_the_file_asked_for(tmp_path, monkeypatch):
+    """"PermissionError: [Errno 13] Permission denied: '.tireg-1f2e3d4c.tmp.tfm'" named neither the file
+    asked for nor the caller.  Simulated, so that it runs as root too (permissions are not enforced)."""
+    import tireg
+
+    path = tmp_path / "a.tfm"
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda name, mode, **kw: False if name == tmp_path else access(name, mode, **kw))
+    with pytest.raises(PermissionError, match=r"^save_transform\(\): cannot write '.*a\.tfm': the folder '.*' is not "
+                                              r"writable$"):
+        save_transform(path, torch.eye(3))
+    monkeypatch.setattr(os, "access", access)
+
+    def refuse(name, *args, **kwargs):  # the write itself refused: as root, on a read-only file system
+        raise PermissionError(13, "Permission denied", str(name))
+
+    monkeypatch.setattr(transform_io, "open", refuse, raising=False)
+    with pytest.raises(PermissionError, match=r"^save_transform\(\): cannot write '.*a\.tfm': Permission "
+                                              r"denied$") as raised:
+        save_transform(path, torch.eye(3))
+    assert raised.value.errno == 13 and ".tireg-" not in str(raised.value)
+    result = tireg.register(torch.rand(1, 16, 16), torch.rand(1, 16, 16), transform="translation")
+    with pytest.raises(PermissionError, match=r"^save_transform\(\): cannot write '.*r\.json': Permission denied$"):
+        result.save(tmp_path / "r.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into any folder")
+def test_a_read_only_folder_is_named(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir(mode=0o555)
+    try:
+        with pytest.raises(PermissionError, match=r"^save_transform\(\): cannot write '.*locked/a\.tfm': the folder "
+                                                  r"'.*locked' is not writable$"):
+            save_transform(folder / "a.tfm", torch.eye(3))
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o755)
+
+
 # ----------------------------------------------------------------------------
 # load errors
 

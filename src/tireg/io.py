@@ -831,10 +831,15 @@ def errors_named_by(path: PathLike) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        reason = error.strerror or str(error)
-        if error.errno is None and "written" in reason:
-            reason += " (a short write: is the disk full?)"
-        raise OSError(error.errno or 0, reason, str(path)) from error
+        raise OSError(error.errno or 0, _os_reason(error), str(path)) from error
+
+
+def _os_reason(error: OSError) -> str:
+    """What went wrong, without the name of the file it went wrong on ("No space left on device")."""
+    reason = error.strerror or str(error)
+    if error.errno is None and "written" in reason:
+        reason += " (a short write: is the disk full?)"
+    return reason
 
 
 def _write_data(temporary: Path, data: np.ndarray, kind: str, channels: int, image_format: ImageFormat,
@@ -980,23 +985,47 @@ def atomic_path(path: PathLike, *, overwrite: bool = True, caller: str = "") -> 
     Raises, naming ``path``, before the temporary is handed out:
     ``IsADirectoryError`` (``path`` is a folder), ``NotADirectoryError`` (a
     parent is a file), ``FileNotFoundError`` (no such folder), ``OSError``
-    (a name longer than the file system takes).
+    (a name longer than the file system takes), ``PermissionError`` (a
+    folder that does not take new files).  An ``OSError`` while writing or
+    moving the temporary is raised again as ``cannot write 'path': why``
+    (same type and ``errno``, the original as its cause) unless it names
+    ``path`` already.
     """
     path = Path(os.fspath(path))
     prefix = f"{caller}: " if caller else ""
     _check_destination(path, prefix)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{prefix}folder {str(path.parent)!r} does not exist (for {str(path)!r})")
+    # before the work, in the CLI's words (OutputFiles.check); else the write failed naming the
+    # temporary, ".tireg-1f2e3d4c.tmp.tfm", and neither the file asked for nor the caller
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{prefix}cannot write {str(path)!r}: the folder {str(path.parent)!r} is not writable")
     temporary = _temporary_name(path)
     try:
-        yield temporary
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            _move_no_clobber(temporary, path, prefix)
+        try:
+            yield temporary
+            if overwrite:
+                os.replace(temporary, path)
+            else:
+                _move_no_clobber(temporary, path, prefix)
+        except OSError as error:  # as root, or a read-only file system: os.access said yes
+            if str(temporary) not in str(error) and str(path) in str(error):  # errors_named_by's, ours
+                raise
+            raise _named(error, path, prefix) from error
     except BaseException:
         _remove(temporary)
         raise
+
+
+def _named(error: OSError, path: Path, prefix: str) -> OSError:
+    """``error`` as ``{prefix}cannot write 'path': why``, of its type and ``errno``."""
+    message = f"{prefix}cannot write {str(path)!r}: {_os_reason(error)}"
+    try:
+        named = type(error)(message)
+    except Exception:  # a subclass that takes other arguments
+        named = OSError(message)
+    named.errno = error.errno  # a message of its own: str() stays the message (no strerror)
+    return named
 
 
 def _move_no_clobber(temporary: Path, path: Path, prefix: str) -> None:

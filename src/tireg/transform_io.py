@@ -497,7 +497,9 @@ def save_transform(
 
     The file is written to a temporary file in the same folder and moved into
     place with ``os.replace``; on any error no file, partial or temporary,
-    is left behind, and an existing ``path`` is untouched.
+    is left behind, and an existing ``path`` is untouched.  An error while
+    writing names ``path``, not the temporary file: ``PermissionError:
+    save_transform(): cannot write 'x/a.tfm': the folder 'x' is not writable``.
     """
     caller = "save_transform()"
     path = as_path(path, caller)  # before the matrix: save_transform(None, m) raised os.fspath's words
