@@ -2580,6 +2580,18 @@ def test_the_results_warp_interpolates_as_the_registration_did():
     assert torch.equal(bilinear.warp(moving), bilinear.warp(moving, interpolation="bilinear"))
 
 
+def test_register_and_the_initialisers_under_autocast_compute_as_without_it():
+    """Under a user's torch.autocast(bfloat16), register() raised "'matrix' must be float32 or float64;
+    got torch.bfloat16" from inside the initialiser; both now leave autocast, to the same results."""
+    fixed, moving = _small_translation_pair()
+    expected = tireg.register(fixed, moving, transform="similarity")
+    start = tireg.initialize.initialize(torch.from_numpy(fixed), torch.from_numpy(moving), "similarity")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        found = tireg.register(fixed, moving, transform="similarity")
+        again = tireg.initialize.initialize(torch.from_numpy(fixed), torch.from_numpy(moving), "similarity")
+    assert torch.equal(found.matrix, expected.matrix) and torch.equal(again, start)
+
+
 def test_a_stack_of_grey_frames_given_as_channels_is_named():
     """(N, H, W) is one image of N channels (hyperspectral bands register so, without a warning:
     test_an_hwc_array_of_many_channels_is_registered_with_a_warning); a 3-D stack beside a

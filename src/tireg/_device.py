@@ -21,6 +21,8 @@ in place, nor return them to users (a public function returns a copy).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import threading
 from collections import OrderedDict
@@ -113,3 +115,39 @@ def cached(key: tuple, dtype: torch.dtype, device: Union[torch.device, str], mak
         while len(_cache) > CACHED_ENTRIES:
             _cache.popitem(last=False)
     return value
+
+
+#: The device types whose ``torch.autocast`` a tireg computation leaves (:func:`without_autocast`).
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` (torch 2.4's ``is_autocast_enabled(device_type)``;
+    before it, the CUDA and CPU flags)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def without_autocast(function: Callable) -> Callable:
+    """``function`` run with every active ``torch.autocast`` turned off (and as it is where none is on).
+
+    Why: tireg's sums over the pixels are its results (a gradient, a score, a normal matrix), not a
+    network's activations: under a user's ``torch.autocast(dtype=torch.bfloat16)`` an analytic model's
+    gradient was 2-6 % off (its reductions ran in bfloat16; float16 overflows sums of a large image)
+    or raised a dtype error from inside torch, and ``register()`` raised "'matrix' must be float32 or
+    float64; got torch.bfloat16".  The autograd model's ``backward()`` keeps float32 gradients there.
+    """
+
+    @functools.wraps(function)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        active = [device for device in AUTOCAST_DEVICES if _autocast_on(device)]
+        if not active:
+            return function(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for device in active:
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return function(*args, **kwargs)
+
+    return run

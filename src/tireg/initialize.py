@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from ._chunks import chunk_slices
-from ._device import cached, constant
+from ._device import cached, constant, without_autocast
 from ._validation import (
     ImageLike,
     all_finite,
@@ -515,6 +515,7 @@ def _phase_shift(fixed: torch.Tensor, moving: torch.Tensor, *, window: bool = Tr
     return _peak_shift(_cross_power(spectra[:count], spectra[count:], width), width, upsample=upsample)
 
 
+@without_autocast
 def phase_correlation(fixed: torch.Tensor, moving: torch.Tensor, *, window: bool = True) -> torch.Tensor:
     """Translation between two images by phase correlation, with sub-pixel refinement.
 
@@ -647,6 +648,7 @@ def _fourier_mellin(fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Te
     return angle, scale
 
 
+@without_autocast
 def fourier_mellin(fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotation and isotropic scale between two images by the Fourier–Mellin transform.
 
@@ -749,6 +751,7 @@ def _centroid_and_covariance(image: torch.Tensor, mask: Optional[torch.Tensor] =
     return centroid, covariance, mass, weights
 
 
+@without_autocast
 def center_of_mass(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
     """Translation that aligns the intensity centroids (ITK's ``MOMENTS`` initialiser, translation part).
 
@@ -833,6 +836,7 @@ def _moments(fixed: torch.Tensor, moving: torch.Tensor, kind: str, fixed_mask: O
     return torch.cat([top, bottom], dim=1)
 
 
+@without_autocast
 def moments(fixed: torch.Tensor, moving: torch.Tensor, *, transform: str = "similarity") -> torch.Tensor:
     """Centroids and principal axes of the intensities aligned (image moments).
 
@@ -1051,6 +1055,7 @@ def _best_readings(readings: torch.Tensor, score_fixed: torch.Tensor, score_movi
             scores.gather(2, best)[..., 0])
 
 
+@without_autocast
 def overlap_ncc(
     fixed: torch.Tensor, moving: torch.Tensor, matrix: torch.Tensor, *, min_overlap: float = MIN_OVERLAP
 ) -> torch.Tensor:
@@ -1436,6 +1441,7 @@ def _as_centre(center: CenterLike, batch: int, height: int, width: int, like: to
     return centre.reshape(-1, 2).expand(batch, 2)
 
 
+@without_autocast
 def initialize(
     fixed: torch.Tensor,
     moving: torch.Tensor,

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._device import constant
+from ._device import constant, without_autocast
 from ._validation import (
     GRADIENT_INTERPOLATIONS,
     PADDING_MODES,
@@ -897,6 +897,7 @@ class AffineModelAnalytic(TransformModel):
             self._pixel_axes = {key: _pixel_axes(key[0], like.dtype, like.device)}  # a checked image's (H, W)
         return self._pixel_axes[key]
 
+    @without_autocast  # the gradient's sums in the images' dtype, as backward() keeps .grad's
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Warp ``source`` onto ``target``'s grid, return ``(warped, sum of per-pixel loss)``, write gradients."""
         caller = f"{type(self).__name__}.forward()"

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from . import _chunks, fused
-from ._device import constant
+from ._device import constant, without_autocast
 from ._validation import (
     GRADIENT_INTERPOLATIONS,
     INTERPOLATIONS,
@@ -2846,6 +2846,7 @@ def _outside_inference_mode(function: Callable) -> Callable:
     return run
 
 
+@without_autocast
 @_outside_inference_mode
 def register(
     fixed: ImageLike,
