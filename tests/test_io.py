@@ -432,6 +432,55 @@ def test_a_folder_that_appears_where_an_output_goes_stops_every_move(tmp_path):
     assert files(tmp_path) == ["b.png"]
 
 
+def test_outputs_go_through_links_keep_their_mode_and_a_file_not_writable_is_refused(tmp_path, monkeypatch):
+    """As atomic_path writes: a --force output that was a symbolic link became a plain file (its target
+    kept the old content), one replaced took the default mode, and a read-only one was replaced."""
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "a.csv"
+    target.write_text("old")
+    target.chmod(0o640)
+    link = tmp_path / "a.csv"
+    link.symlink_to(target)
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "f0.png").symlink_to(tmp_path / "real" / "f0.png")  # a dangling link in a merged folder
+    outputs = OutputFiles(force=True)
+    outputs.check(link, tmp_path / "frames", folders=[tmp_path / "frames"], exist_ok=[tmp_path / "frames"])
+    outputs.temporary(link).write_text("new")
+    folder = outputs.temporary(tmp_path / "frames")
+    folder.mkdir()
+    (folder / "f0.png").write_text("frame")
+    assert outputs.commit() == [link, tmp_path / "frames"]
+    assert link.is_symlink() and target.read_text() == "new" and (target.stat().st_mode & 0o777) == 0o640
+    assert (tmp_path / "frames" / "f0.png").is_symlink() and (tmp_path / "real" / "f0.png").read_text() == "frame"
+    assert files(tmp_path) == ["a.csv", "frames", "frames/f0.png", "real", "real/a.csv", "real/f0.png"]
+
+    access = os.access  # a user's read-only file: os.access says no (as root it says yes)
+    monkeypatch.setattr("tireg.io.os.access", lambda name, mode: not (Path(name) == target and mode == os.W_OK)
+                        and access(name, mode))
+    target.chmod(0o444)
+    message = f"cannot write '{link}': the file it links to, '{target}', is not writable (-r--r--r--)"
+    with pytest.raises(PermissionError, match="^" + re.escape(message)):
+        OutputFiles(force=True).check(link)
+    assert target.read_text() == "new"
+
+
+def test_an_image_written_through_a_link_keeps_the_link_and_the_mode(tmp_path):
+    target = tmp_path / "real.png"
+    write_frames(target, np.zeros((1, 4, 4, 1), np.uint8), U8_PNG)
+    target.chmod(0o600)
+    link = tmp_path / "link.png"
+    link.symlink_to(target.name)  # relative
+    write_frames(link, np.full((1, 4, 4, 1), 7, np.uint8), U8_PNG)
+    assert link.is_symlink() and read_image(target).frames.max() == 7 and (target.stat().st_mode & 0o777) == 0o600
+    loop = tmp_path / "loop.png"
+    loop.symlink_to("loop.png")
+    with pytest.raises(OSError, match=r"^cannot write '.*loop\.png': too many levels of symbolic links$"):
+        write_frames(loop, np.zeros((1, 4, 4, 1), np.uint8), U8_PNG)
+    with pytest.raises(OSError, match=r"^cannot write '.*loop\.png': too many levels of symbolic links$"):
+        OutputFiles(force=True).check(loop)
+    assert files(tmp_path) == ["link.png", "loop.png", "real.png"]
+
+
 # ----------------------------------------------------------------------------
 # 6, 7, 8. destinations: named, never the temporary
 

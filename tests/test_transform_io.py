@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -625,6 +626,46 @@ def test_a_folder_that_takes_no_files_is_named_with_the_file_asked_for(tmp_path,
     with pytest.raises(PermissionError, match=r"^save_transform\(\): cannot write '.*r\.json': Permission denied$"):
         result.save(tmp_path / "r.json")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_replacing_writes_through_a_link_keeps_the_mode_and_refuses_a_file_not_writable(tmp_path, monkeypatch):
+    """As SimpleITK and np.save write: os.replace onto a symbolic link had made it a plain file (its target
+    kept the old content), a file replaced took the default mode, and a read-only one was replaced."""
+    (tmp_path / "real").mkdir()
+    target = write(tmp_path / "real" / "t.tfm", "old\n")
+    link = tmp_path / "link.tfm"
+    link.symlink_to(target)
+    twice = torch.diag(torch.tensor([2.0, 2.0, 1.0]))
+    save_transform(link, twice)
+    assert link.is_symlink() and link.resolve() == target
+    assert torch.equal(load_transform(target).matrix, twice.double())
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "real" / "new.json")
+    save_transform(dangling, twice)
+    assert dangling.is_symlink() and torch.equal(load_transform(tmp_path / "real" / "new.json").matrix, twice.double())
+    with pytest.raises(FileExistsError, match="link.tfm' already exists"):
+        save_transform(link, torch.eye(3), overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.json", "link.tfm", "real"]
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["new.json", "t.tfm"]
+
+    target.chmod(0o640)
+    save_transform(link, torch.eye(3))
+    assert (target.stat().st_mode & 0o777) == 0o640 and torch.equal(load_transform(link).matrix, torch.eye(3).double())
+    target.chmod(0o444)
+    access = os.access  # a user's read-only file: os.access says no (as root it says yes, and it is replaced)
+    monkeypatch.setattr(os, "access", lambda name, mode, **kw: False if name == target and mode == os.W_OK
+                        else access(name, mode, **kw))
+    for path, which in ((target, "it"), (link, f"the file it links to, '{target}',")):
+        with pytest.raises(PermissionError, match=rf"^save_transform\(\): cannot write '{re.escape(str(path))}': "
+                                                  rf"{re.escape(which)} is not writable \(-r--r--r--\); make it "
+                                                  r"writable or remove it first$"):
+            save_transform(path, twice)
+    assert torch.equal(load_transform(target).matrix, torch.eye(3).double())
+    monkeypatch.setattr(os, "access", access)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # as root, replaced, and read-only still
+        save_transform(link, twice)
+        assert (target.stat().st_mode & 0o777) == 0o444 and torch.equal(load_transform(link).matrix, twice.double())
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["new.json", "t.tfm"]
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into any folder")

@@ -25,7 +25,9 @@ dtype, whether grey had a channel axis, TIFF photometric -- travels in an
 :class:`ImageFormat`.  Every write goes to a temporary file in the
 destination's folder and is moved into place with ``os.replace``, so a
 failed write leaves no file behind and never a half-written one
-(:func:`atomic_path`, :class:`OutputFiles`); data no file holds as it is (NaN,
+(:func:`atomic_path`, :class:`OutputFiles`); a file replaced is replaced as
+``open()`` writes it: through a symbolic link, its permissions kept, refused
+where the user may not write it.  Data no file holds as it is (NaN,
 Inf, complex, no pixels) is refused before anything is written.
 
 The optional packages (``imageio``, ``tifffile``) are imported when a file
@@ -982,6 +984,12 @@ def atomic_path(path: PathLike, *, overwrite: bool = True, caller: str = "") -> 
     the write) is not replaced: ``FileExistsError``.  ``caller`` prefixes
     the error messages.
 
+    Replacing a file writes as ``open(path, "w")`` would (SimpleITK,
+    ``np.save``): through a symbolic link (:func:`_through_links`; the
+    link stays a link), keeping the file's permission bits, and not at all
+    where the user may not write the file (``PermissionError``, as for a
+    folder that takes no new files).
+
     Raises, naming ``path``, before the temporary is handed out:
     ``IsADirectoryError`` (``path`` is a folder), ``NotADirectoryError`` (a
     parent is a file), ``FileNotFoundError`` (no such folder), ``OSError``
@@ -994,18 +1002,20 @@ def atomic_path(path: PathLike, *, overwrite: bool = True, caller: str = "") -> 
     path = Path(os.fspath(path))
     prefix = f"{caller}: " if caller else ""
     _check_destination(path, prefix)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{prefix}folder {str(path.parent)!r} does not exist (for {str(path)!r})")
+    # overwrite=False: a link, even one to nothing, is a file that exists (os.link refuses it)
+    target = _through_links(path, prefix) if overwrite else path
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"{prefix}folder {str(target.parent)!r} does not exist (for {str(path)!r})")
     # before the work, in the CLI's words (OutputFiles.check); else the write failed naming the
     # temporary, ".tireg-1f2e3d4c.tmp.tfm", and neither the file asked for nor the caller
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{prefix}cannot write {str(path)!r}: the folder {str(path.parent)!r} is not writable")
-    temporary = _temporary_name(path)
+    _check_writable_file(path, target.parent, target, prefix, replace=overwrite)
+    temporary = _temporary_name(target)
     try:
         try:
             yield temporary
             if overwrite:
-                os.replace(temporary, path)
+                _keep_mode(temporary, target)
+                os.replace(temporary, target)
             else:
                 _move_no_clobber(temporary, path, prefix)
         except OSError as error:  # as root, or a read-only file system: os.access said yes
@@ -1015,6 +1025,44 @@ def atomic_path(path: PathLike, *, overwrite: bool = True, caller: str = "") -> 
     except BaseException:
         _remove(temporary)
         raise
+
+
+def _through_links(path: Path, prefix: str = "") -> Path:
+    """The file that writing ``path`` writes: ``path``, or the file its symbolic link(s) end at (created
+    if the link dangles).  ``os.replace`` onto the link itself had turned it into a plain file and left
+    its target as it was; ``open()``, SimpleITK and ``np.save`` write through it."""
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    if target.is_symlink():  # a loop: realpath stops on it (os.replace would replace that link)
+        raise OSError(f"{prefix}cannot write {str(path)!r}: too many levels of symbolic links")
+    if not target.is_dir():  # a folder: the caller's to judge (a folder output merges into one)
+        _check_destination(target, prefix)  # a name under a file, or too long
+    return target
+
+
+def _check_writable_file(path: Path, folder: Path, target: Path, prefix: str = "", *, replace: bool = True) -> None:
+    """``PermissionError`` naming ``path`` where ``target`` (:func:`_through_links`'s) cannot be written:
+    ``folder`` (its own, or the nearest that exists) takes no new files, or (``replace``) it is a file
+    the user may not write (it had been replaced silently, and made writable).  As root, who may write
+    anything, ``os.access`` says yes: the file is replaced, its mode kept (:func:`_keep_mode`)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{prefix}cannot write {str(path)!r}: the folder {str(folder)!r} is not writable")
+    if replace and target.is_file() and not os.access(target, os.W_OK):
+        which = "it" if target == path else f"the file it links to, {str(target)!r},"
+        raise PermissionError(f"{prefix}cannot write {str(path)!r}: {which} is not writable "
+                              f"({stat.filemode(target.stat().st_mode)}); make it writable or remove it first")
+
+
+def _keep_mode(new: Path, old: Path) -> None:
+    """Give ``new`` the permission bits of the file ``old`` that it replaces (none: the defaults stay);
+    replacing it had lost them (a private 0o600 file became 0o644, a read-only one writable)."""
+    try:
+        mode = os.stat(old).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode) and not new.is_dir():
+        os.chmod(new, stat.S_IMODE(mode) & 0o777)  # not set-user-ID: a write clears that too
 
 
 def _named(error: OSError, path: Path, prefix: str) -> OSError:
@@ -1124,10 +1172,10 @@ class OutputFiles:
             elif path.exists() and not self.force:
                 raise OutputExistsError(f"{str(path)!r} already exists; pass --force to overwrite it")
             # the nearest existing folder must take new files (else the write fails after the
-            # work, naming a temporary file)
-            folder = next((parent for parent in [path, *path.parents] if parent.is_dir()), Path("."))
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise PermissionError(f"cannot write {str(path)!r}: the folder {str(folder)!r} is not writable")
+            # work, naming a temporary file), and a file replaced must be one the user may write
+            target = _through_links(path)
+            folder = next((parent for parent in [target, *target.parents] if parent.is_dir()), Path("."))
+            _check_writable_file(path, folder, target)
 
     def _make_folder(self, folder: Path) -> None:
         missing = []
@@ -1144,8 +1192,8 @@ class OutputFiles:
         path = Path(os.fspath(path))
         self._make_folder(path.parent)
         # an existing folder takes its new files inside it (merged by commit()): its parent may not be
-        # writable, where the temporary would otherwise go
-        temporary = path / _temporary_name(path).name if path.is_dir() else _temporary_name(path)
+        # writable, where the temporary would otherwise go; a file, beside the file a link at path ends at
+        temporary = path / _temporary_name(path).name if path.is_dir() else _temporary_name(_through_links(path))
         self._pending.append((temporary, path))
         self._names[str(temporary)] = str(path)  # a temporary folder's files go into path by name
         return temporary
@@ -1192,6 +1240,8 @@ class OutputFiles:
                 # is touched (replacing the whole folder deleted the user's other files).
                 items = [(item, path / item.name) for item in sorted(temporary.iterdir())] if merge \
                     else [(temporary, path)]
+                # a file goes through a symbolic link, as atomic_path writes it (the link stays a link)
+                items = [(source, target if source.is_dir() else _through_links(target)) for source, target in items]
                 for source, target in items:  # a folder where a file goes: os.replace failed naming the temporary
                     if target.is_dir() and not source.is_dir():
                         raise IsADirectoryError(f"cannot write {str(target)!r}: it is a folder")
@@ -1203,8 +1253,11 @@ class OutputFiles:
                     backup = _backup_name(target)
                     backups.append((backup, target))
                     os.replace(target, backup)
+            replaced = {target: backup for backup, target in backups}
             for source, target in moves:
                 placed.append((source, target))
+                if target in replaced:
+                    _keep_mode(source, replaced[target])  # the file it replaces, moved aside just above
                 os.replace(source, target)
             for temporary, path in pending:
                 if temporary.is_dir() and path.is_dir() and temporary != path:

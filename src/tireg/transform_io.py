@@ -54,7 +54,9 @@ Floats are written with Python's shortest round-trip ``repr`` (what ITK's
 own writer does), so a value read back is bit-identical; a pixel matrix
 that went through physical units comes back from the ``#tireg:`` comment's
 record, also bit-identical, while the ITK lines still give it.  Files are written
-atomically: to a temporary file in the same folder, then ``os.replace``.
+atomically: to a temporary file in the same folder, then ``os.replace``; an
+existing file is replaced as ``open()`` writes it (through a symbolic link,
+keeping its permissions; one the user may not write is refused).
 """
 
 from __future__ import annotations
