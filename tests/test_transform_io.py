@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -889,6 +890,37 @@ def test_a_conversion_that_overflows_is_refused_and_leaves_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"^load_transform\(\): '.*large.tfm': the transform in pixel units .* "
                                          r"beyond float64's range"):
         load_transform(large, moving_geometry={"spacing": (1e-300, 1.0)})
+
+
+def test_an_itk_file_that_overflows_is_refused_by_name_without_numpy_warnings(tmp_path):
+    """NumPy's "overflow encountered in matmul" warnings came first, and the error blamed "the geometries'
+    spacing and origin" where no geometry was given."""
+    large = "Transform: AffineTransform_double_2_2\nParameters: 1e200 0 0 1e200 0 0\nFixedParameters: 0 0\n"
+    cases = [
+        (HEADER + "Transform: AffineTransform_double_2_2\nParameters: 1e308 0 0 1e308 1e308 -3\n"
+                  "FixedParameters: 10 20\n",
+         r", line 3 \(AffineTransform_double_2_2\): its offset in physical units, c \+ t - L c, is beyond float64's "
+         r"range$"),
+        (HEADER + "Transform: CompositeTransform_double_2_2\n" + large + large,
+         r": the product of its 2 transforms \(a CompositeTransform\) is beyond float64's range$"),
+    ]
+    for text, match in cases:
+        path = write(tmp_path / "t.tfm", text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError, match=r"^load_transform\(\): '.*t\.tfm'" + match):
+                load_transform(path)
+    path = write(tmp_path / "t.tfm", HEADER + large)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"t\.tfm': the transform in pixel units \(the spacing and origin of "
+                                             r"moving_geometry applied\) is beyond float64's range$"):
+            load_transform(path, moving_geometry={"spacing": (1e-200, 1.0)})
+    path = save_transform(tmp_path / "saved.tfm", [[1e150, 0, 0], [0, 1e150, 0], [0, 0, 1]],
+                          fixed_geometry={"spacing": (1e150, 1.0)}, moving_geometry={"spacing": (1e150, 1.0)})
+    with pytest.raises(ValueError, match=r"\(the spacing and origin of fixed_geometry \(recorded in the file\) and "
+                                         r"moving_geometry applied\)"):
+        load_transform(path, moving_geometry={"spacing": (1e-150, 1.0)})
 
 
 def test_itk_round_trip_is_bit_identical_with_a_centre_and_geometry(tmp_path):

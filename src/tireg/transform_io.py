@@ -897,13 +897,17 @@ def _read_itk(
         if kind == _COMPOSITE:
             raise ValueError(f"{where}, line {block.line}: a CompositeTransform can only be the first transform")
         matrix, center_physical = _itk_block_matrix(block, kind, where)
-        physical = physical @ matrix  # T1 @ T2 @ ... : ITK applies the last-added transform first
-        magnitude = magnitude @ _block_magnitude(matrix, center_physical)
+        with np.errstate(all="ignore"):  # an overflow is refused below, by name (NumPy's warnings came first)
+            physical = physical @ matrix  # T1 @ T2 @ ... : ITK applies the last-added transform first
+            magnitude = magnitude @ _block_magnitude(matrix, center_physical)  # inf: _rounding_scale's 0
+    if not np.isfinite(physical).all():  # each block's is finite: their product is not
+        raise ValueError(f"{where}: the product of its {len(members)} transforms (a CompositeTransform) is beyond "
+                         "float64's range")
     if len(blocks) > 1 or kinds[0] == _COMPOSITE:
         center_physical = None
 
+    given = (fixed, moving)
     if isinstance(comment, dict):  # written by tireg: geometries not given are those recorded, as in JSON
-        given = (fixed, moving)
         fixed, moving = (geometry if geometry is not None else _recorded_geometry(comment, key)
                          for geometry, key in ((fixed, "fixed_geometry"), (moving, "moving_geometry")))
     fixed_matrix = _geometry_matrix(fixed)
@@ -914,8 +918,12 @@ def _read_itk(
         if center_physical is not None:
             center = np.linalg.solve(fixed_matrix, np.append(center_physical, 1.0))[:2]
     if not np.isfinite(array).all() or (center is not None and not np.isfinite(center).all()):
-        raise ValueError(f"{where}: the transform in pixel units (the geometries' spacing and origin applied) "
-                         "is beyond float64's range")
+        # finite in physical units: the geometries did it (given, or recorded in the #tireg: comment)
+        applied = " and ".join(f"{key}{'' if before is not None else ' (recorded in the file)'}"
+                               for key, geometry, before in zip(("fixed_geometry", "moving_geometry"),
+                                                                (fixed, moving), given) if geometry is not None)
+        raise ValueError(f"{where}: the transform in pixel units (the spacing and origin of {applied} "
+                         "applied) is beyond float64's range")
     scales = _rounding_scale(magnitude, center_physical, fixed_matrix, _geometry_matrix(moving))
 
     raw_blocks = [
@@ -1010,7 +1018,10 @@ def _itk_block_matrix(block: _Block, kind: str, where: str) -> tuple[np.ndarray,
         expected = " or ".join(str(n) for n in fixed_counts)
         raise ValueError(f"{at}: expected {expected} fixed parameters; got {block.fixed.size}")
     linear, translation, center = build(block.parameters, block.fixed)
-    offset = translation if center is None else center + translation - linear @ center
+    with np.errstate(all="ignore"):  # refused below, by name (NumPy's warnings came first)
+        offset = translation if center is None else center + translation - linear @ center
+    if not np.isfinite(offset).all():  # e.g. Parameters: 1e308 0 0 1e308 ... and a centre of (10, 20)
+        raise ValueError(f"{at}: its offset in physical units, c + t - L c, is beyond float64's range")
     matrix = np.eye(3)
     matrix[:2, :2] = linear
     matrix[:2, 2] = offset
