@@ -319,6 +319,26 @@ def test_centered_types_match_itk(tmp_path, kind):
     np.testing.assert_allclose(loaded.center.numpy(), (7.5, -3.0))
 
 
+@pytest.mark.parametrize("kind, parameters", [("ScaleTransform", "2 3"),
+                                              ("CenteredAffineTransform", "1 0 0 1 1 2 0 0")])
+def test_no_fixed_parameters_is_refused_where_itk_refuses_it(tmp_path, kind, parameters):
+    """Read as the centre (0, 0); ITK: "Error setting fixed parameters: parameters array size (0)".  The
+    centred types that ignore theirs are read with none, as by ITK."""
+    path = write(tmp_path / "t.tfm", f"{HEADER}Transform: {kind}_double_2_2\nParameters: {parameters}\n"
+                                     "FixedParameters:\n")
+    with pytest.raises(RuntimeError, match=r"Error setting fixed parameters: parameters array size \(0\)"):
+        sitk.ReadTransform(str(path))
+    with pytest.raises(ValueError, match=rf"^load_transform\(\): '.*t\.tfm', line 3 \({kind}_double_2_2\): expected 2 "
+                                         r"fixed parameters; got 0; ITK refuses it too$"):
+        load_transform(path)
+    for centred in ("CenteredRigid2DTransform", "CenteredSimilarity2DTransform"):
+        lines, expected = ITK_ONLY[centred]
+        path = write(tmp_path / "c.tfm", f"{HEADER}Transform: {centred}_double_2_2\n{lines.split('Fixed')[0]}"
+                                         "FixedParameters:\n")
+        points = np.array([(0.0, 0.0), (3.0, -2.0), (12.5, 40.0)])
+        np.testing.assert_allclose(apply(load_transform(path).matrix, points), expected, rtol=0, atol=1e-9)
+
+
 def test_simpleitk_file_with_geometry(tmp_path, rng):
     transform = sitk.Similarity2DTransform(1.2, -0.7, (3.0, 4.0), (-5.0, 6.0))
     path = tmp_path / "s.tfm"

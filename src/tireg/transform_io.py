@@ -628,13 +628,13 @@ def load_transform(
       =================================  ==========================  ==================
       ``AffineTransform``                ``a00 a01 a10 a11 tx ty``   ``cx cy``
       ``MatrixOffsetTransformBase``      ``a00 a01 a10 a11 tx ty``   ``cx cy``
-      ``CenteredAffineTransform``        ``a00 a01 a10 a11 cx cy tx ty``  (ignored)
+      ``CenteredAffineTransform``        ``a00 a01 a10 a11 cx cy tx ty``  two, ignored
       ``Euler2DTransform``               ``angle tx ty``             ``cx cy``
       ``Rigid2DTransform``               ``angle tx ty``             ``cx cy``
       ``CenteredRigid2DTransform``       ``angle cx cy tx ty``       (ignored)
       ``Similarity2DTransform``          ``scale angle tx ty``       ``cx cy``
       ``CenteredSimilarity2DTransform``  ``scale angle cx cy tx ty``  (ignored)
-      ``ScaleTransform``                 ``sx sy``                   ``cx cy`` or none
+      ``ScaleTransform``                 ``sx sy``                   ``cx cy``
       ``TranslationTransform``           ``tx ty``                   none
       ``IdentityTransform``              none                        none
       ``CompositeTransform``             (header of the blocks that follow)
@@ -795,20 +795,20 @@ def _itk_rotation(angle: float) -> np.ndarray:
     return np.array([[cos, -sin], [sin, cos]])
 
 
-def _center_or_zero(fixed: np.ndarray) -> np.ndarray:
-    return fixed if fixed.size == 2 else np.zeros(2)
-
-
+# Two fixed parameters where ITK requires them (MatrixOffsetTransformBase.SetFixedParameters, which
+# CenteredAffineTransform inherits though its centre is in its parameters): an empty line, once read
+# here as the centre (0, 0), is "Error setting fixed parameters: parameters array size (0)" to ITK.
+# CenteredRigid2D and CenteredSimilarity2D ignore theirs, whatever their number (0 or 2 here).
 _ITK_TYPES = {
     "AffineTransform": (6, (2,), lambda p, f: (p[:4].reshape(2, 2), p[4:6], f)),
     "MatrixOffsetTransformBase": (6, (2,), lambda p, f: (p[:4].reshape(2, 2), p[4:6], f)),
-    "CenteredAffineTransform": (8, (0, 2), lambda p, f: (p[:4].reshape(2, 2), p[6:8], p[4:6])),
+    "CenteredAffineTransform": (8, (2,), lambda p, f: (p[:4].reshape(2, 2), p[6:8], p[4:6])),
     "Euler2DTransform": (3, (2,), lambda p, f: (_itk_rotation(p[0]), p[1:3], f)),
     "Rigid2DTransform": (3, (2,), lambda p, f: (_itk_rotation(p[0]), p[1:3], f)),
     "CenteredRigid2DTransform": (5, (0, 2), lambda p, f: (_itk_rotation(p[0]), p[3:5], p[1:3])),
     "Similarity2DTransform": (4, (2,), lambda p, f: (p[0] * _itk_rotation(p[1]), p[2:4], f)),
     "CenteredSimilarity2DTransform": (6, (0, 2), lambda p, f: (p[0] * _itk_rotation(p[1]), p[4:6], p[2:4])),
-    "ScaleTransform": (2, (0, 2), lambda p, f: (np.diag(p), np.zeros(2), _center_or_zero(f))),
+    "ScaleTransform": (2, (2,), lambda p, f: (np.diag(p), np.zeros(2), f)),
     "TranslationTransform": (2, (0,), lambda p, f: (np.eye(2), p, None)),
     "IdentityTransform": (0, (0,), lambda p, f: (np.eye(2), np.zeros(2), None)),
 }
@@ -1016,7 +1016,8 @@ def _itk_block_matrix(block: _Block, kind: str, where: str) -> tuple[np.ndarray,
         raise ValueError(f"{at}: expected {count} parameters; got {block.parameters.size}")
     if block.fixed.size not in fixed_counts:
         expected = " or ".join(str(n) for n in fixed_counts)
-        raise ValueError(f"{at}: expected {expected} fixed parameters; got {block.fixed.size}")
+        refused = "; ITK refuses it too" if block.fixed.size < 2 and 0 not in fixed_counts else ""
+        raise ValueError(f"{at}: expected {expected} fixed parameters; got {block.fixed.size}{refused}")
     linear, translation, center = build(block.parameters, block.fixed)
     with np.errstate(all="ignore"):  # refused below, by name (NumPy's warnings came first)
         offset = translation if center is None else center + translation - linear @ center
