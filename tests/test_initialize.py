@@ -287,6 +287,49 @@ def test_initialize_with_different_image_sizes():
     assert grid_error(initialize(fixed, moving, "translation", method="phase"), shift_only, SIZE).item() < 0.5
 
 
+def test_template_offsets_are_the_best_normalised_cross_correlation_wholly_inside():
+    """The placement and score equal a direct evaluation of OpenCV's TM_CCOEFF_NORMED at every
+    placement, for a template of another shape than its image, a batch of two."""
+    generator = torch.Generator().manual_seed(4)
+    large = torch.rand(2, 1, 30, 33, generator=generator, dtype=torch.float64)
+    small = large[:, :, 7:19, 16:30].clone()  # 12 x 14, at (x, y) = (16, 7)
+    small[1] += 0.3 * torch.rand(12, 14, generator=generator, dtype=torch.float64)  # not exact in pair 1
+    offsets, scores = init_module._template_offsets(small, large)
+    for pair in range(2):
+        template = small[pair, 0] - small[pair, 0].mean()
+        best, where = -2.0, None
+        for y in range(30 - 12 + 1):
+            for x in range(33 - 14 + 1):
+                window = large[pair, 0, y:y + 12, x:x + 14]
+                window = window - window.mean()
+                ncc = float((template * window).sum() / (template.square().sum() * window.square().sum()).sqrt())
+                if ncc > best:
+                    best, where = ncc, (x, y)
+        assert tuple(offsets[pair].tolist()) == where == (16, 7)
+        assert abs(float(scores[pair]) - best) < 1e-9
+    assert abs(float(scores[0]) - 1.0) < 1e-9
+
+
+@pytest.mark.parametrize("angle, scale", [(0.0, 1.0), (4.0, 1.04)])
+@pytest.mark.parametrize("inside", ["fixed in moving", "moving in fixed"])
+def test_an_image_inside_a_larger_one_is_found_where_it_lies(angle, scale, inside):
+    """A fixed image cut off the middle of a larger moving one (a template, a tile of an overview),
+    or the other way round: the candidates saw the moving image only where it overlaps the fixed one
+    with their centres aligned, and started 24-66 px off; template matching finds the place."""
+    small, large = (72, 80), (150, 190)  # the small one 36 x 40 working pixels (TEMPLATE_MIN_SIDE)
+    if inside == "fixed in moving":  # the fixed image's centre 45 px left of, 35 px above the moving one's
+        truth = similarity(angle, scale, 94.5 - 45.0 - 39.5, 74.5 - 35.0 - 35.5, size=small)
+        fixed, moving = cut_pair("coins", truth, small, moving_size=large)
+        error = lambda matrix: grid_error(matrix, truth, small).item()  # noqa: E731
+    else:  # the moving image's centre 40 px right of, 30 px below the fixed one's
+        truth = similarity(angle, scale, 39.5 + 40.0 - 94.5, 35.5 + 30.0 - 74.5, size=large)
+        fixed, moving = cut_pair("coins", truth, large, moving_size=small)
+        # over the moving image, the overlap: the inverse matrices on its grid
+        error = lambda matrix: grid_error(torch.linalg.inv(matrix.double()), torch.linalg.inv(truth), small).item()  # noqa: E731
+    assert error(initialize(fixed, moving, "similarity")) < 4.0  # a translation: the turn and zoom left
+    assert error(tireg.register(fixed, moving, transform="similarity").matrix) < 0.1
+
+
 def test_initialize_search_recovers_rotation_and_scale():
     cases = [("gravel", similarity(75.0, 0.9, 10.0, -8.0)), ("coins", similarity(-45.0, 1.2, -6.0, 3.0))]
     for name, truth in cases:

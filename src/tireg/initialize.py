@@ -565,6 +565,63 @@ def phase_correlation(fixed: torch.Tensor, moving: torch.Tensor, *, window: bool
 
 
 # ----------------------------------------------------------------------------
+# template matching
+
+
+#: The smallest side, in working pixels, of an image placed inside a larger one by template
+#: matching (:func:`_template_candidate`).  A 64^2 moving image zoomed 1.3x in a 200 x 300 fixed
+#: one is 21 working pixels a side: its best placement at scale 1, a wrong one, scored 0.90 over so
+#: few pixels, above the right candidates' 0.86 and the search's threshold (register() ended 55 px
+#: off); a 64^2 fixed image in a 256^2 moving one keeps 32.
+TEMPLATE_MIN_SIDE = 32
+
+
+def _box_sums(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Sums of ``image`` ``(B, 1, H, W)`` over every ``height x width`` window wholly inside it,
+    ``(B, H - height + 1, W - width + 1)`` (summed-area table, in the image's dtype)."""
+    table = F.pad(image[:, 0].cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+    return (table[:, height:, width:] - table[:, :-height, width:]
+            - table[:, height:, :-width] + table[:, :-height, :-width])
+
+
+def _template_offsets(small: torch.Tensor, large: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the image ``small`` ``(B, 1, h, w)`` lies in ``large`` ``(B, 1, H, W)`` (``h <= H``,
+    ``w <= W``): the offset ``(dx, dy)`` ``(B, 2)`` of its top-left pixel at the placement, wholly
+    inside, of the highest normalised cross-correlation, and that NCC ``(B,)`` (OpenCV's
+    ``matchTemplate(TM_CCOEFF_NORMED)``)::
+
+        NCC(u) = sum_x s~(x) L(x + u) / sqrt(sum_x s~^2  sum_x (L(x + u) - mean_u L)^2)
+
+    with ``s~`` the small image less its mean; the numerator for every ``u`` at once by FFT (the
+    small image zero-padded at the top left: no placement wraps), the window sums by summed-area
+    tables, in float64.  A flat window scores 0.
+
+    Why: the other candidates see the moving image only where it overlaps the fixed one with the
+    centres aligned, so a 64^2 fixed image cut 80 px off the middle of a 256^2 moving one (a
+    template, a tile in an overview) started 24-66 px off, "converged", where OpenCV's template
+    matching found it."""
+    height, width = small.shape[-2:]
+    large = large.to(torch.float64)
+    large = large - large.mean(dim=(-2, -1), keepdim=True)  # the window sums cancel less
+    small = _centred(small.to(torch.float64))
+    size = large.shape[-2:]
+    # (_fft: a pair's numbers are those it gets alone, whatever its batch)
+    spectrum = _fft(torch.fft.rfft2, large[:, 0], s=size) * _fft(torch.fft.rfft2, small[:, 0], s=size).conj()
+    numerator = _fft(torch.fft.irfft2, spectrum, s=size)[:, : size[0] - height + 1, : size[1] - width + 1]
+    count = height * width
+    sums = _box_sums(large, height, width)
+    variance = (_box_sums(large.square(), height, width) - sums.square() / count).clamp_min(0.0)
+    energy = small.square().sum(dim=(1, 2, 3))[:, None, None]
+    denominator = (variance * energy).sqrt()
+    flat = denominator <= 1e-12 * (large.square().sum(dim=(1, 2, 3))[:, None, None] * energy).sqrt()
+    ncc = torch.where(flat, 0.0, numerator / torch.where(flat, 1.0, denominator))
+    best = ncc.flatten(1).argmax(dim=1)
+    columns = ncc.shape[-1]
+    offsets = torch.stack([best % columns, torch.div(best, columns, rounding_mode="floor")], dim=1)
+    return offsets.to(small.dtype), ncc.flatten(1).gather(1, best[:, None])[:, 0]
+
+
+# ----------------------------------------------------------------------------
 # Fourier–Mellin
 
 
@@ -1500,13 +1557,18 @@ def initialize(
         :data:`AUTO_THRESHOLD` or more and above the similarity: an aspect
         change of 1.4 or more defeats similarity candidates.
         ``"auto"``: the candidates identity (centres aligned), the phase
-        translation and Fourier–Mellin (both 180-degree options) are scored
+        translation, Fourier–Mellin (both 180-degree options) and, for images
+        of different sizes where one fits inside the other, the translation
+        that places the smaller where it matches best in the larger
+        (:func:`_template_offsets`, OpenCV's ``matchTemplate`` with
+        ``TM_CCOEFF_NORMED``, at working resolution) are scored
         by overlap NCC; if the best scores below :data:`AUTO_THRESHOLD`
         (0.8) the search runs too (for those pairs only), and the best of all
         is returned.
         For ``"translation"``, ``"fourier-mellin"``, ``"search"`` and
         ``"auto"`` all reduce to phase correlation, kept only where it scores
-        at least the identity's NCC (on a tie, the phase translation).
+        at least the identity's NCC (on a tie, the phase translation), and
+        the template placement above.
 
     The score is the NCC over the overlap (:func:`overlap_ncc`, at least
     :data:`MIN_OVERLAP` of the fixed image) of the downsampled images blurred
@@ -1620,6 +1682,24 @@ def _working_image(image: torch.Tensor, mask: Optional[torch.Tensor], factor: in
     return torch.where(inside, small, mean), inside.to(small.dtype)
 
 
+def _template_candidate(small_f: torch.Tensor, small_m: torch.Tensor) -> Optional[torch.Tensor]:
+    """For working images of different sizes where one holds the other (``h <= H`` and ``w <= W``)
+    and the smaller keeps :data:`TEMPLATE_MIN_SIDE` pixels a side, the translation that places the
+    smaller where it matches best in the larger (:func:`_template_offsets`) as a candidate
+    ``(B, 1, 4, 3, 3)`` (its four readings the same: it is no phase shift); ``None`` otherwise."""
+    (height, width), (height_m, width_m) = small_f.shape[-2:], small_m.shape[-2:]
+    if (height, width) == (height_m, width_m) or min(height, width, height_m, width_m) < TEMPLATE_MIN_SIDE:
+        return None
+    if height <= height_m and width <= width_m:  # the fixed image inside the moving one: x -> x + offset
+        shift = _template_offsets(small_f, small_m)[0]
+    elif height_m <= height and width_m <= width:  # the moving image inside the fixed one: x -> x - offset
+        shift = -_template_offsets(small_m, small_f)[0]
+    else:
+        return None
+    matrix = translation_matrix(shift.to(small_f.dtype))
+    return matrix[:, None, None].expand(-1, 1, 4, 3, 3)
+
+
 def _scoring_image(small: torch.Tensor, inside: Optional[torch.Tensor]) -> torch.Tensor:
     """What scores the candidates (:func:`_ncc_scores`): the working image blurred with sigma 1, and
     its mask as a second channel, where one is given."""
@@ -1724,12 +1804,18 @@ def _initialize(
             return _wrap_readings(base[:, None] @ translation_matrix(shifts), shifts, small_f.shape[-2:])
 
         scored = lambda options: _best(*_best_readings(options, score_f, score_m))  # noqa: E731
+
+        def with_template(options):  # and, for images of different sizes, where the smaller lies in the larger
+            template = _template_candidate(small_f, small_m)
+            return options if template is None else torch.cat([options, template], dim=1)
+
         if method == "phase":
             result, best_score = base @ translation_matrix(phase_shift), unscored
         elif kind == "translation":
             # no angle to find: "fourier-mellin", "search" and "auto" are phase correlation (its wrap-around
-            # readings too), checked against the identity (centres aligned); the phase first, kept on a tie
-            result, best_score = scored(readings(phase_shift, unwindowed(), torch.zeros_like(phase_shift)))
+            # readings too), checked against the identity (centres aligned); the phase first, kept on a tie;
+            # and, for images of different sizes, where the smaller lies in the larger
+            result, best_score = scored(with_template(readings(phase_shift, unwindowed(), torch.zeros_like(phase_shift))))
         elif method == "search":
             result, best_score = _search(images, kind)
         else:
@@ -1748,8 +1834,8 @@ def _initialize(
                 options = _project(options.flatten(0, 2), kind, centre.repeat_interleave(8, dim=0))
                 options = options.view(batch, 2, 4, 3, 3)
                 if method == "auto":
-                    options = torch.cat([readings(torch.zeros_like(phase_shift), phase_shift, unwindowed()), options],
-                                        dim=1)
+                    options = with_template(torch.cat([readings(torch.zeros_like(phase_shift), phase_shift,
+                                                                unwindowed()), options], dim=1))
                 result, best_score = scored(options)
             weak = best_score < AUTO_THRESHOLD
             if search is not None:

@@ -2877,10 +2877,11 @@ def register(
             any real dtype (an array of either byte order; a long double one
             as float64), dense tensors (a sparse one is refused); same channel
             count.  They may differ in size: the
-            automatic start aligns their centres and searches about them, so a
-            fixed image that is a small part of the moving one far from its
-            centre (a template) needs a start near it (``init``, e.g. from
-            ``cv2.matchTemplate``), or it ends elsewhere and reports converged.
+            automatic start aligns their centres and searches about them, and
+            where one image fits inside the other it also places the smaller
+            where it matches best (template matching: a fixed image cut off the
+            middle of a larger moving one, turned by a few degrees at most; one
+            turned further needs a start near it, ``init``).
         transform: ``"translation"``, ``"rigid"``, ``"similarity"``,
             ``"anisotropic_similarity"``, ``"affine"``, a
             :class:`~tireg.transforms.Transform`, or a ready-made model
