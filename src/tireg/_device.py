@@ -130,8 +130,8 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
-def without_autocast(function: Callable) -> Callable:
-    """``function`` run with every active ``torch.autocast`` turned off (and as it is where none is on).
+def autocast_off() -> contextlib.AbstractContextManager:
+    """A context in which every active ``torch.autocast`` is turned off (nothing where none is on).
 
     Why: tireg's sums over the pixels are its results (a gradient, a score, a normal matrix), not a
     network's activations: under a user's ``torch.autocast(dtype=torch.bfloat16)`` an analytic model's
@@ -139,15 +139,22 @@ def without_autocast(function: Callable) -> Callable:
     or raised a dtype error from inside torch, and ``register()`` raised "'matrix' must be float32 or
     float64; got torch.bfloat16".  The autograd model's ``backward()`` keeps float32 gradients there.
     """
+    active = [device for device in AUTOCAST_DEVICES if _autocast_on(device)]
+    if not active:
+        return contextlib.nullcontext()  # every step of a training loop passes here
+    stack = contextlib.ExitStack()
+    for device in active:
+        stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
+
+
+def without_autocast(function: Callable) -> Callable:
+    """``function`` run in :func:`autocast_off` (a frame more: where a warning's ``stacklevel`` must
+    reach the caller, as ``register``'s, the function enters the context itself)."""
 
     @functools.wraps(function)
     def run(*args: Any, **kwargs: Any) -> Any:
-        active = [device for device in AUTOCAST_DEVICES if _autocast_on(device)]
-        if not active:
-            return function(*args, **kwargs)
-        with contextlib.ExitStack() as stack:
-            for device in active:
-                stack.enter_context(torch.autocast(device, enabled=False))
+        with autocast_off():
             return function(*args, **kwargs)
 
     return run

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from . import _chunks, fused
-from ._device import constant, without_autocast
+from ._device import autocast_off, constant
 from ._validation import (
     GRADIENT_INTERPOLATIONS,
     INTERPOLATIONS,
@@ -2827,7 +2827,8 @@ def _model_start(model, init, batch: int, caller: str) -> torch.Tensor:
 
 def _outside_inference_mode(function: Callable) -> Callable:
     """``function`` run with ``torch.inference_mode(False)`` when called under inference mode with
-    ``gradients="autograd"``.
+    ``gradients="autograd"``, and outside a user's ``torch.autocast`` always
+    (:func:`tireg._device.autocast_off`; in this one frame, which the warnings' ``stacklevel`` counts).
 
     The autograd evaluation's ``backward()`` cannot run in inference mode (``enable_grad()`` does
     not leave it), nor on images made there (inference tensors are not saved for backward): under
@@ -2839,14 +2840,14 @@ def _outside_inference_mode(function: Callable) -> Callable:
     @functools.wraps(function)
     def run(*args, **kwargs):
         if not (torch.is_inference_mode_enabled() and kwargs.get("gradients") == "autograd"):
-            return function(*args, **kwargs)
-        with torch.inference_mode(False), torch.no_grad():
+            with autocast_off():
+                return function(*args, **kwargs)
+        with torch.inference_mode(False), torch.no_grad(), autocast_off():
             return function(*args, **kwargs)
 
     return run
 
 
-@without_autocast
 @_outside_inference_mode
 def register(
     fixed: ImageLike,
