@@ -491,12 +491,13 @@ UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint32", "uint64") if h
 
 
 def as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True,
-              keep_wide_integers: bool = False) -> tuple[torch.Tensor, int]:
+             keep_wide_integers: bool = False) -> tuple[torch.Tensor, int]:
     """``(B, C, H, W)`` float tensor from a tensor or array of ``(H, W)``, ``(C, H, W)`` or ``(B, C, H, W)``
     (an array of any byte order, a long double one as float64: :func:`~tireg._validation.tensor_of_array`; a sparse
     tensor refused by name).  ``keep_wide_integers``: an integer image of more than 16 bits
-    (:func:`is_wide_integer`) is returned as it is, for :func:`register` to convert pair by pair
-    (:func:`_integer_float32`)."""
+    (:func:`is_wide_integer`) is returned as it is, for :func:`tireg.register` to convert pair by pair
+    (``tireg.register._integer_float32``).  One conversion for ``register``, a result's ``warp``,
+    the masks and the initialisers."""
     if isinstance(image, np.ndarray):
         image = tensor_of_array(image, name, caller)
     if not isinstance(image, torch.Tensor):
