@@ -3592,6 +3592,9 @@ def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: floa
     residual = max(sigma**2 - (factor**2 - 1) / 12.0, 0.0) ** 0.5 / factor
     if factor != 1 or sigmas is None or all(value == sigma for value in sigmas):
         sigmas = None
+    smoothing = residual  # what the images are smoothed by (the band below is residual's whatever it is)
+    if sigmas is not None and len(set(sigmas)) == 1:  # one sigma for the batch: a shared image (one for
+        smoothing, sigmas = sigmas[0], None  # every pair) smoothed once, not copied per pair
 
     def shrink_mask(mask):
         # a level pixel counts where enough of its block does (MASK_BLOCK_INSIDE); the full-resolution
@@ -3600,9 +3603,9 @@ def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: floa
 
     fixed_weight = shrink_mask(fixed_mask)
     cropped = False
-    if factor == 1 and (residual > 0 or sigmas is not None):
-        fixed_level = _smooth_full_resolution(fixed, fixed_mask, residual, in_place=in_place, sigmas=sigmas)
-        moving_level = _smooth_full_resolution(moving, moving_mask, residual, moving_scale, in_place=in_place,
+    if factor == 1 and (smoothing > 0 or sigmas is not None):
+        fixed_level = _smooth_full_resolution(fixed, fixed_mask, smoothing, in_place=in_place, sigmas=sigmas)
+        moving_level = _smooth_full_resolution(moving, moving_mask, smoothing, moving_scale, in_place=in_place,
                                                sigmas=sigmas)
         band = max(1, math.ceil(residual))
         # a fixed pixel near the border was smoothed with made-up values: the level is the fixed image
