@@ -438,6 +438,8 @@ def test_subclass_without_get_derva_is_refused_by_the_analytic_path(images):
     model = NoDerivative(0, 0, "zeros", moving).double()
     with pytest.raises(NotImplementedError, match="get_derva"):
         model(moving, fixed)
+    with pytest.raises(NotImplementedError, match="overrides get_matrix"):  # not the built-in matrix's
+        model.get_derva(0)
 
 
 def test_shared_parameters_sum_the_per_pair_gradients(images, device):

@@ -525,16 +525,18 @@ class TransformModel(nn.Module):
             if not all(derivative.shape == shape for derivative in derivatives):  # else views of them: one op less
                 derivatives = torch.broadcast_tensors(*derivatives)
             return torch.stack(derivatives, dim=-3).reshape(-1, len(params), 3, 3)
-        if cls.get_matrix is not TransformModel.get_matrix:
-            raise NotImplementedError(
-                f"{cls.__name__} overrides get_matrix() but not get_derva(i); "
-                "the analytic model needs get_derva(i) to return dA/dp_i"
-            )
         return self._transform_jacobian()
 
     def _transform_jacobian(self) -> torch.Tensor:
         """``dA/dp`` ``(B, P, 3, 3)`` of the built-in matrix (:meth:`Transform.jacobian`), in the model's
-        parameter order."""
+        parameter order; refused where a subclass forms its own matrix and no derivative of it."""
+        cls = type(self)
+        if cls.get_matrix is not TransformModel.get_matrix and cls.get_derva is TransformModel.get_derva:
+            # (base get_derva, reading this since 78ba82f, had returned the built-in matrix's derivative)
+            raise NotImplementedError(
+                f"{cls.__name__} overrides get_matrix() but not get_derva(i); "
+                "the analytic model needs get_derva(i) to return dA/dp_i"
+            )
         jacobian = self.transform.jacobian(self._transform_parameters(), self._center_tensor())
         return _select(jacobian, -3, self._jacobian_order())
 
