@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 import re
 import warnings
 
@@ -97,6 +98,31 @@ def test_the_full_resolution_smoothing_rises_with_the_noise():
     clean = tireg.register(scene[inside].astype(np.float32), _fourier_shifted(scene, (1.3, -0.6))[inside].astype(np.float32),
                            transform="translation")
     assert clean.metadata["smoothing"][-1] == 1.0
+    # a batch of the clean pair and a noisy one: each pair's own sigma, in the batch's metadata and in its own
+    both = tireg.register(np.stack([scene[inside], fixed])[:, None].astype(np.float32),
+                          np.stack([_fourier_shifted(scene, (1.3, -0.6))[inside], moving])[:, None].astype(np.float32),
+                          transform="translation")
+    noisy = result.metadata["smoothing"][-1]
+    assert both.metadata["smoothing"][-1] == [1.0, noisy]
+    assert both[0].metadata["smoothing"][-1] == 1.0 and both[1].metadata["smoothing"][-1] == noisy
+    assert both[[1, 0]].metadata["smoothing"][-1] == [noisy, 1.0]
+
+
+def test_the_noise_is_read_inside_a_mask_and_past_a_flat_background():
+    """The noise estimate read four tiles of a large image: a mask's region of interest between them
+    read as no noise (1 px for an image that wants 2), and a scene on a flat background as all noise
+    (3 px for a clean one).  A masked image is read within its mask, and flat tiles send a pair to its
+    whole image."""
+    noise_to_structure = sys.modules["tireg.register"]._noise_to_structure
+    scene = tireg.data.load("coins", dtype=torch.float32)[:288, :288]  # read on tiles: 288^2 (a 45 px disk
+    noisy = scene + 0.2 * torch.randn(scene.shape, generator=torch.Generator().manual_seed(0))  # misses them)
+    ys, xs = torch.meshgrid(torch.arange(288.0), torch.arange(288.0), indexing="ij")
+    disk = (((xs - 143.5) ** 2 + (ys - 143.5) ** 2) < 45.0**2).float()[None, None]
+    whole = float(noise_to_structure(noisy[None, None], None))
+    inside = float(noise_to_structure(noisy[None, None], disk))
+    assert whole > 0.1 and inside > 0.3 * whole  # (it read 0)
+    on_black = (scene * disk[0, 0])[None, None]
+    assert float(noise_to_structure(on_black, None)) < 0.01  # (it read inf)
 
 
 @pytest.mark.parametrize("image", ["astronaut", "camera", "coins"])
@@ -2945,6 +2971,9 @@ def test_a_result_picks_pairs_by_a_slice_integers_or_a_mask():
     result[0].metadata["note"] = "mine"
     assert "note" not in result.metadata
     assert result == result and result[0] != result[0]
+    for flag in (True, np.bool_(True), torch.tensor(True)):  # True had picked pair 1
+        with pytest.raises(TypeError, match="a single boolean picks no pair"):
+            result[flag]
 
 
 def _shifted_batch(count: int, size: int = 64, seed: int = 1):

@@ -90,6 +90,7 @@ from .metrics import (
     get_metric,
 )
 from .sampling import (
+    _derivative_kernels,
     MASK_BLOCK_INSIDE,
     _coarse_image,
     _grid_moments,
@@ -425,6 +426,10 @@ class RegistrationResult:
         integers or a boolean mask of the pairs (a tensor, an array or a list), the batched result of
         those pairs in that order, e.g. ``result[result.converged]`` (each with its own history rows
         and a copy of :attr:`metadata`)."""
+        if isinstance(index, (bool, np.bool_)) or (isinstance(index, torch.Tensor) and index.dtype == torch.bool
+                                                   and index.dim() == 0):
+            raise TypeError("RegistrationResult: a single boolean picks no pair (True had picked pair 1); "
+                            "pass a boolean mask of the pairs, e.g. result[result.converged]")
         try:
             single = operator.index(index)  # an int, a NumPy integer, a 0-d integer tensor
         except TypeError:
@@ -478,7 +483,7 @@ class RegistrationResult:
             stop_reason=[self.stop_reason[pair] for pair in pairs],
             history=[_pairs_history(level, columns) for level in self.history],
             batched=batched,
-            metadata=dict(self.metadata),  # its own: a pair's had been the batch's dict
+            metadata=_pairs_metadata(self.metadata, pairs),
         )
 
     @property
@@ -642,6 +647,18 @@ class RegistrationResult:
             )
         lines.append(f"{self.seconds:.3f} s")
         return "\n".join(lines)
+
+
+def _pairs_metadata(metadata: dict[str, Any], pairs: list[int]) -> dict[str, Any]:
+    """A copy of a batch's ``metadata`` for ``pairs`` (a pair's had been the batch's dict): a
+    full-resolution smoothing given per pair (a list, :data:`NOISE_BIAS_LIMIT`) becomes the
+    pairs' own, one number where they share it, as each would report alone."""
+    picked = dict(metadata)
+    smoothing = picked.get("smoothing")
+    if isinstance(smoothing, list) and smoothing and isinstance(smoothing[-1], list):
+        own = [smoothing[-1][pair] for pair in pairs]
+        picked["smoothing"] = smoothing[:-1] + [own[0] if len(set(own)) == 1 else own]
+    return picked
 
 
 def _pairs_history(level: LevelHistory, columns: torch.Tensor) -> LevelHistory:
@@ -3446,15 +3463,17 @@ def _moving_scale(kind: Transform, params: torch.Tensor, center: torch.Tensor) -
     return _determinant(linear).abs().sqrt().tolist()
 
 
+def _gaussian_taps(sigma: float) -> list[float]:
+    """The taps of :func:`tireg.sampling.gaussian_blur`'s kernel of ``sigma`` px, as numbers."""
+    return _derivative_kernels("gaussian", float(sigma), torch.float64, torch.device("cpu"))[0].tolist()
+
+
 @functools.lru_cache(maxsize=None)
 def _half_pixel_noise_drop(sigma: float) -> float:
     """How much less variance unit white noise smoothed by the Gaussian of ``sigma`` px (the kernel
     :func:`tireg.sampling.gaussian_blur` uses) has when resampled bilinearly at (0.5, 0.5) than at a
     whole pixel: ``(sum g^2)^2 - (sum h^2)^2``, ``h`` the kernel averaged with itself shifted by 1."""
-    radius = max(1, int(math.ceil(4.0 * sigma)))
-    kernel = [math.exp(-0.5 * k * k / sigma**2) for k in range(-radius, radius + 1)]
-    total = sum(kernel)
-    kernel = [value / total for value in kernel]
+    kernel = _gaussian_taps(sigma)
     whole = sum(value * value for value in kernel)
     half = sum(((a + b) / 2) ** 2 for a, b in zip([0.0] + kernel, kernel + [0.0]))
     return whole * whole - half * half
@@ -3463,10 +3482,7 @@ def _half_pixel_noise_drop(sigma: float) -> float:
 @functools.lru_cache(maxsize=None)
 def _noise_gradient_energy(sigma: float) -> float:
     """``E |grad (G_sigma * n)|^2`` for unit white noise ``n``, the gradient by central differences."""
-    radius = max(1, int(math.ceil(4.0 * sigma)))
-    kernel = [math.exp(-0.5 * k * k / sigma**2) for k in range(-radius, radius + 1)]
-    total = sum(kernel)
-    kernel = [value / total for value in kernel]
+    kernel = _gaussian_taps(sigma)
     padded = [0.0, 0.0] + kernel + [0.0, 0.0]
     derivative = [(padded[i + 2] - padded[i]) / 2 for i in range(len(kernel) + 2)]
     return 2.0 * sum(value * value for value in derivative) * sum(value * value for value in kernel)
@@ -3483,7 +3499,7 @@ _NOISE_TILED_PIXELS = 1 << 15
 _NOISE_TILE = 64
 
 
-def _noise_to_structure(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _noise_to_structure(image: torch.Tensor, mask: Optional[torch.Tensor], *, whole: bool = False) -> torch.Tensor:
     """``(B,)`` float64 on the CPU: per pair of ``image`` ``(B, C, H, W)``, its noise variance times
     :func:`_half_pixel_noise_drop` at 1 px over its signal's gradient energy at 1 px: how far, in
     squared pixels, resampling the noise pulls a 1 px-smoothed cost towards half pixels.  Scale-free.
@@ -3492,21 +3508,26 @@ def _noise_to_structure(image: torch.Tensor, mask: Optional[torch.Tensor]) -> to
     ``|L * I|`` of the Laplacian difference ``L`` that cancels planes and ramps, ``sigma = sqrt(pi / 2)
     mean |L * I| / 6``; the signal's gradient energy as the mean ``|grad (G_1 * I)|^2`` less the
     noise's own share of it.  Over the pixels whose stencils lie inside the image and ``mask``
-    (``(B or 1, 1, H, W)`` or ``None``), on four tiles of a large image (:data:`_NOISE_TILED_PIXELS`);
-    0 (no noise to speak of) where fewer than 64 pixels count, inf where the signal's share is not
-    positive.  A stride-0 batch (one image for every pair) is measured once."""
+    (``(B or 1, 1, H, W)`` or ``None``), on four tiles of a large image without a mask
+    (:data:`_NOISE_TILED_PIXELS`; ``whole``: not); a pair whose tiles hold too little (a flat
+    background) is measured again on its whole image, and one with a mask always is (a region of
+    interest can miss every tile, which had read as no noise).  0 (no noise to speak of) where fewer
+    than 64 pixels count or the image is flat (no noise and no signal), inf where the noise is all
+    there is.  A stride-0 batch (one image for every pair) is measured once."""
     batch, channels, height, width = image.shape
     if image.stride(0) == 0 and batch > 1 and (mask is None or mask.shape[0] == 1 or mask.stride(0) == 0):
-        return _noise_to_structure(image[:1], None if mask is None else mask[:1]).expand(batch).clone()
-    tiled = height * width > _NOISE_TILED_PIXELS and min(height, width) >= 4 * _NOISE_TILE
+        return _noise_to_structure(image[:1], None if mask is None else mask[:1], whole=whole).expand(batch).clone()
+    tiled = (not whole and mask is None and height * width > _NOISE_TILED_PIXELS
+             and min(height, width) >= 4 * _NOISE_TILE)
     parts = _chunks.chunk_slices(batch, channels * (4 * _NOISE_TILE**2 if tiled else height * width),
                                  _chunks.eager_budget(image.device))
     if len(parts) > 1:  # in chunks of pairs: its half-dozen temporaries of the whole batch's tiles had
         # raised a batch's peak memory (16 x 256^2, register: 2.82 -> 3.16x its input)
         own = lambda part: mask if mask is None or mask.shape[0] == 1 else mask[part]  # noqa: E731
-        return torch.cat([_noise_to_structure(image[part], own(part)) for part in parts])
+        return torch.cat([_noise_to_structure(image[part], own(part), whole=whole) for part in parts])
+    whole_image = image
     tiles = 1
-    if height * width > _NOISE_TILED_PIXELS and min(height, width) >= 4 * _NOISE_TILE:
+    if tiled:
         size = _NOISE_TILE
         corners = [(height * i // 4 - size // 2, width * j // 4 - size // 2) for i in (1, 3) for j in (1, 3)]
         image = torch.cat([image[..., y:y + size, x:x + size] for y, x in corners])
@@ -3550,10 +3571,16 @@ def _noise_to_structure(image: torch.Tensor, mask: Optional[torch.Tensor]) -> to
     gradient, energy_count = pair_mean(energy, energy_weight)
     noise = (math.pi / 2.0) * (absolute / 6.0) ** 2
     signal = gradient - noise * _noise_gradient_energy(1.0)
+    # a flat image (no gradient, no noise; a tile of zero background) has nothing to pull: 0, not inf
     ratio = torch.where(signal > 0, noise * _half_pixel_noise_drop(1.0) / signal.clamp_min(1e-300),
-                        torch.full_like(signal, math.inf))
+                        torch.where(gradient > 0, math.inf, 0.0))
     enough = (noise_count >= 64 * channels) & (energy_count >= 64 * channels)
-    return torch.where(enough, ratio, torch.zeros_like(ratio)).cpu()
+    ratio = torch.where(enough, ratio, torch.zeros_like(ratio)).cpu()
+    if tiled:  # tiles of a flat background said nothing (0/0, inf) of the content between them
+        again = (~(signal > 0)).cpu().nonzero()[:, 0].tolist()
+        for pair in again:
+            ratio[pair] = _noise_to_structure(whole_image[pair:pair + 1], None, whole=True)[0]
+    return ratio
 
 
 def _noise_adapted_sigmas(fixed: torch.Tensor, moving: torch.Tensor, fixed_mask: Optional[torch.Tensor],
