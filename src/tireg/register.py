@@ -240,7 +240,8 @@ FINEST_SMOOTHING_MI = 0.5
 #: it there, at most :data:`NOISE_SMOOTHING_MAX`.  Calibrated on 256^2 crops of camera, astronaut and
 #: cell with Gaussian noise of 0-20 % of the range and Poisson noise (docs/design.md, "Smoothing at
 #: full resolution"): textured scenes stay at 1 px up to 5 % noise (ratio 0.02), camera at 20 % goes
-#: to 2 px (translation median 0.17 -> 0.07 px), cell with 13 photons a pixel to 2.25 px.
+#: to 2 px (translation median 0.17 -> 0.07 px with a 2 px border band; the shipped level keeps the
+#: default's 1 px band, batch-invariant, and gives about 0.27 px), cell with 13 photons to 2.25 px.
 NOISE_BIAS_LIMIT = 0.05
 
 #: The largest noise-adapted finest sigma (pixels), and its step: pairs of one batch with nearly one
@@ -283,7 +284,8 @@ class Pyramid:
             together with ``smoothing_sigmas``; every sigma at most half the
             image's smaller side.  A sigma above 0 at factor 1 also scales the
             moving image's sigma by the transform's ``sqrt|det L|``, crops the
-            fixed image's ``ceil(sigma)`` border band (without a fixed mask)
+            fixed image's ``ceil(sigma)`` border band (without a fixed mask;
+            the default sigma's where noise raised it, :data:`NOISE_BIAS_LIMIT`)
             and smooths masked images by normalised convolution
             (docs/design.md, "Smoothing at full resolution").
         min_size: smallest side of the coarsest level for the automatic schedule
@@ -955,9 +957,38 @@ OVERLAP_SAMPLES = 1 << 14
 _MIN_OVERLAP_DEVIATION = 1e-3
 
 
+#: The overlap's moving deviation is corrected for the noise its resampling removed
+#: (:func:`_overlap_statistics`) where the correction is at least this share of its sampled variance
+#: (a gain 0.5 % off); below, the deviation is the samples' own, bit for bit.  On clean photographs
+#: Immerkaer's estimate is their finest structure's: at 1e-3, 78 of 80 sub-pixel shifts of five
+#: clean scenes moved (< 0.002 px, camera / coins / astronaut slightly worse); at 1e-2 only gravel's
+#: (grainy: median 0.015 -> 0.009 px), the others bit for bit.
+MIN_NOISE_CORRECTION = 1e-2
+
+
+def _resampled_noise_share(offset: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """Along one axis, the share of a white noise's variance that ``interpolation`` keeps at fractional
+    ``offset`` (0 <= offset < 1): the sum of its weights' squares (bilinear ``(1 - a)^2 + a^2``, 1 at
+    whole pixels and 0.5 halfway; bicubic: ``grid_sample``'s cubic convolution, A = -0.75)."""
+    if interpolation == "nearest":
+        return torch.ones_like(offset)
+    if interpolation == "bicubic":
+        a = -0.75
+
+        def near(x):  # |x| <= 1
+            return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+
+        def far(x):  # 1 < |x| < 2
+            return ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+        weights = (far(offset + 1.0), near(offset), near(1.0 - offset), far(2.0 - offset))
+        return sum(weight * weight for weight in weights)
+    return (1.0 - offset) ** 2 + offset**2
+
+
 def _overlap_statistics(
     problem: "_Problem", params: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor,
     fixed_mask: Optional[torch.Tensor], moving_mask: Optional[torch.Tensor],
+    moving_noise: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, ...]:
     """``(count, fixed mean, fixed std, moving mean, moving std)`` over the pixels the cost counts at
     ``params`` (inside the fixed mask, sampling inside the moving image and its mask), the moving
@@ -965,6 +996,14 @@ def _overlap_statistics(
 
     On fixed pixels strided to about :data:`OVERLAP_SAMPLES` per pair, in chunks of pairs
     (:mod:`tireg._chunks`), summed in float64.
+
+    ``moving_noise``: ``(B, C)``, the moving image's noise variance in ``moving``'s units (or
+    ``None``).  Resampling averages its noise: at fractional offsets ``(a, b)`` a bilinear sample keeps
+    ``w(a, b) = ((1 - a)^2 + a^2)((1 - b)^2 + b^2)`` of its variance (:func:`_resampled_noise_share`),
+    so the samples' variance depends on the parameters' sub-pixel phase (a 13-photon image's gain came
+    out 1.08-1.12 too high, the cost 1 px periodic, a start at the true shift walked 0.5-1 px off); the
+    moving variance is given back ``noise x (1 - mean w)`` over the counted samples, where that is at
+    least :data:`MIN_NOISE_CORRECTION` of it.  The fixed image's are its own pixels: nothing to correct.
     """
     height, width = fixed.shape[-2:]
     stride = max(1, math.isqrt(height * width // OVERLAP_SAMPLES))
@@ -974,6 +1013,7 @@ def _overlap_statistics(
     level = replace(whole, fixed=fixed[points], axes=(ys[::stride], xs[::stride]),
                     fixed_weight=None if fixed_mask is None else fixed_mask[points])
     pair_pixels = level.fixed.shape[1] * level.fixed.shape[2] * level.fixed.shape[3]
+    correct = moving_noise is not None and problem.interpolation != "nearest"
     sums = []
     parts = _chunks.chunk_slices(fixed.shape[0], pair_pixels, _chunks.eager_budget(fixed.device))
     for part in parts:
@@ -982,19 +1022,32 @@ def _overlap_statistics(
         valid = problem._valid(grid, pairs)  # (b, 1, h, w)
         values = sample(pairs.moving, grid, interpolation=problem.interpolation, padding_mode="border")
         planes = [pairs.fixed, pairs.fixed * pairs.fixed, values, values * values]
+        if correct:  # the share of the noise's variance each sample kept
+            size = grid.new_tensor([pairs.moving.shape[-1], pairs.moving.shape[-2]])
+            coordinates = ((grid + 1.0) * size - 1.0) * 0.5  # pixel coordinates (align_corners=False)
+            offsets = coordinates - coordinates.floor()
+            kept = (_resampled_noise_share(offsets[..., 0], problem.interpolation)
+                    * _resampled_noise_share(offsets[..., 1], problem.interpolation))[:, None]  # (b, 1, h, w)
+            planes.append(kept.expand_as(values))
         sums.append(torch.stack([valid.sum(dim=(2, 3), dtype=torch.float64).expand(-1, fixed.shape[1]),
                                  *[(valid * plane).sum(dim=(2, 3), dtype=torch.float64) for plane in planes]]))
-    count, fixed_sum, fixed_squares, moving_sum, moving_squares = torch.cat(sums, dim=1)  # each (B, C)
+    count, fixed_sum, fixed_squares, moving_sum, moving_squares, *kept_sum = torch.cat(sums, dim=1)  # each (B, C)
     safe = count.clamp_min(1.0)
     fixed_mean, moving_mean = fixed_sum / safe, moving_sum / safe
     fixed_std = (fixed_squares / safe - fixed_mean**2).clamp_min(0.0).sqrt()
-    moving_std = (moving_squares / safe - moving_mean**2).clamp_min(0.0).sqrt()
+    moving_variance = (moving_squares / safe - moving_mean**2).clamp_min(0.0)
+    if correct:
+        removed = moving_noise.to(moving_variance) * (1.0 - kept_sum[0] / safe).clamp_min(0.0)
+        moving_variance = torch.where(removed >= MIN_NOISE_CORRECTION * moving_variance,
+                                      moving_variance + removed, moving_variance)
+    moving_std = moving_variance.sqrt()
     return count[:, :1], fixed_mean, fixed_std, moving_mean, moving_std
 
 
 def _normalize_over_overlap(
     problem: "_Problem", params: torch.Tensor, fixed: tuple, moving: tuple,
     fixed_mask: Optional[torch.Tensor], moving_mask: Optional[torch.Tensor],
+    moving_noise: Optional[torch.Tensor] = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Normalise both images again, to zero mean and unit deviation over the pixels the cost
     counts at ``params`` (:func:`_overlap_statistics`), in place; returns the new ``(mean, std)``
@@ -1007,11 +1060,20 @@ def _normalize_over_overlap(
     an exact gain and offset between the images drops out.  A pair with fewer than
     :data:`MIN_VALID_PIXELS` such pixels, or a plane nearly flat there, keeps its whole-image
     normalisation.
+
+    ``moving_noise``: ``(B, C)`` float64, the unnormalised moving image's noise variance (or ``None``):
+    the moving deviation over the overlap is corrected for the share its resampling removed
+    (:func:`_overlap_statistics`).
     """
     fixed_t, fixed_n, fixed_stats = fixed
     moving_t, moving_n, moving_stats = moving
+    if moving_noise is not None and not bool((moving_noise > 0).any()):  # (on the CPU: no wait)
+        moving_noise = None
+    if moving_noise is not None:  # in the units of the normalised image sampled
+        deviation = moving_stats[1].detach().double().flatten(1)
+        moving_noise = moving_noise.to(deviation.device) / deviation**2
     count, fixed_mean, fixed_std, moving_mean, moving_std = _overlap_statistics(
-        problem, params, fixed_n, moving_n, fixed_mask, moving_mask)
+        problem, params, fixed_n, moving_n, fixed_mask, moving_mask, moving_noise)
     usable = ((count >= MIN_VALID_PIXELS) & (fixed_std > _MIN_OVERLAP_DEVIATION)
               & (moving_std > _MIN_OVERLAP_DEVIATION))  # (B, C)
     updated = []
@@ -2918,8 +2980,10 @@ def register(
             automatic start aligns their centres and searches about them, and
             where one image fits inside the other it also places the smaller
             where it matches best (template matching: a fixed image cut off the
-            middle of a larger moving one, turned by a few degrees at most; one
-            turned further needs a start near it, ``init``).
+            middle of a larger moving one, turned by a few degrees at most, and
+            at least about a quarter of the larger's side, 32 of the
+            initialiser's at most 128 working pixels; one smaller or turned
+            further needs a start near it, ``init``).
         transform: ``"translation"``, ``"rigid"``, ``"similarity"``,
             ``"anisotropic_similarity"``, ``"affine"``, a
             :class:`~tireg.transforms.Transform`, or a ready-made model
@@ -3192,12 +3256,21 @@ def register(
     # the full-resolution sigma, per pair, raised above the default where noise would pull the
     # result towards half pixels (NOISE_BIAS_LIMIT); only where the pyramid leaves it to register
     finest_sigmas = None
+    # the moving image's noise (Immerkaer's estimate), measured once: for the noise-adapted sigma and,
+    # in the unnormalised image's units, for the overlap's moving deviation (_overlap_statistics)
+    moving_measures = moving_noise = None
     # (not for mi / nmi: raised from their 0.5 px, the contrast suite's gamma and other-channel pairs
     # lost as FINEST_SMOOTHING_MI's own table says)
-    if (finest > 0 and metric_object.linear_intensity and pyramid.smoothing_sigmas is None and pyramid.finest_smoothing is None
-            and schedule[-1][0] == 1):
+    adapted = (finest > 0 and metric_object.linear_intensity and pyramid.smoothing_sigmas is None
+               and pyramid.finest_smoothing is None and schedule[-1][0] == 1)
+    if adapted or (normalize and isinstance(metric_object, PerPixelMetric)):
+        moving_measures = _noise_measures(moving_n, moving_mask_t)
+        if normalize:
+            moving_noise = moving_measures[1] * moving_stats[1].detach().double().flatten(1).cpu() ** 2
+    if adapted:
         finest_sigmas = _noise_adapted_sigmas(fixed_n, moving_n, fixed_mask, moving_mask_t, schedule[-1][1],
-                                              min(NOISE_SMOOTHING_MAX, min(smaller) / 2))
+                                              min(NOISE_SMOOTHING_MAX, min(smaller) / 2),
+                                              moving_ratio=moving_measures[0])
 
     center = image_center(*fixed_t.shape[-2:])
     center_t = torch.tensor(center, dtype=dtype, device=device)
@@ -3230,7 +3303,7 @@ def register(
     if overlap_normalization:
         fixed_stats, moving_stats = _normalize_over_overlap(
             problem, params, (fixed_t, fixed_n, fixed_stats), (moving_t, moving_n, moving_stats),
-            fixed_mask, moving_mask_t)
+            fixed_mask, moving_mask_t, moving_noise)
 
     height, width = fixed_t.shape[-2:]
     corners = _image_corners((height, width), dtype, device)
@@ -3246,7 +3319,7 @@ def register(
         if overlap_normalization and normalize_again:
             fixed_stats, moving_stats = _normalize_over_overlap(
                 problem, params, (fixed_t, fixed_n, fixed_stats), (moving_t, moving_n, moving_stats),
-                fixed_mask, moving_mask_t)
+                fixed_mask, moving_mask_t, moving_noise)
         scale = _moving_scale(kind, params, center_t) if sigma > 0 else None
         return _make_level(fixed_n, moving_n, fixed_mask, moving_mask_t, 1, sigma, scale, in_place=in_place,
                            sigmas=finest_sigmas if sigma == schedule[-1][1] else None), scale
@@ -3501,6 +3574,20 @@ _NOISE_TILE = 64
 
 def _noise_to_structure(image: torch.Tensor, mask: Optional[torch.Tensor], *, whole: bool = False) -> torch.Tensor:
     """``(B,)`` float64 on the CPU: per pair of ``image`` ``(B, C, H, W)``, its noise variance times
+    :func:`_half_pixel_noise_drop` at 1 px over its signal's gradient energy at 1 px (the first of
+    :func:`_noise_measures`)."""
+    return _noise_measures(image, mask, whole=whole)[0]
+
+
+def _noise_variance(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(B, C)`` float64 on the CPU: per pair and channel of ``image``, its noise variance in its own
+    units by Immerkaer's estimate (the second of :func:`_noise_measures`); 0 where it cannot be told."""
+    return _noise_measures(image, mask)[1]
+
+
+def _noise_measures(image: torch.Tensor, mask: Optional[torch.Tensor], *,
+                    whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((B,), (B, C))`` float64 on the CPU: per pair of ``image`` ``(B, C, H, W)``, its noise variance times
     :func:`_half_pixel_noise_drop` at 1 px over its signal's gradient energy at 1 px: how far, in
     squared pixels, resampling the noise pulls a 1 px-smoothed cost towards half pixels.  Scale-free.
 
@@ -3508,24 +3595,27 @@ def _noise_to_structure(image: torch.Tensor, mask: Optional[torch.Tensor], *, wh
     ``|L * I|`` of the Laplacian difference ``L`` that cancels planes and ramps, ``sigma = sqrt(pi / 2)
     mean |L * I| / 6``; the signal's gradient energy as the mean ``|grad (G_1 * I)|^2`` less the
     noise's own share of it.  Over the pixels whose stencils lie inside the image and ``mask``
-    (``(B or 1, 1, H, W)`` or ``None``), on four tiles of a large image without a mask
-    (:data:`_NOISE_TILED_PIXELS`; ``whole``: not); a pair whose tiles hold too little (a flat
-    background) is measured again on its whole image, and one with a mask always is (a region of
-    interest can miss every tile, which had read as no noise).  0 (no noise to speak of) where fewer
+    (``(B or 1, 1, H, W)`` or ``None``), on four tiles of a large image (:data:`_NOISE_TILED_PIXELS`;
+    ``whole``: not); a pair whose tiles hold too little (a flat background, a mask's region of
+    interest between them: they had read as all noise, or none) is measured again on its whole image.  0 (no noise to speak of) where fewer
     than 64 pixels count or the image is flat (no noise and no signal), inf where the noise is all
-    there is.  A stride-0 batch (one image for every pair) is measured once."""
+    there is.  Second, per pair and channel, the noise variance alone (Immerkaer's estimate over that
+    channel's pixels; 0 where fewer than 64 pixels count).  A stride-0 batch (one image for every
+    pair) is measured once."""
     batch, channels, height, width = image.shape
     if image.stride(0) == 0 and batch > 1 and (mask is None or mask.shape[0] == 1 or mask.stride(0) == 0):
-        return _noise_to_structure(image[:1], None if mask is None else mask[:1], whole=whole).expand(batch).clone()
-    tiled = (not whole and mask is None and height * width > _NOISE_TILED_PIXELS
-             and min(height, width) >= 4 * _NOISE_TILE)
+        ratio, variance = _noise_measures(image[:1], None if mask is None else mask[:1], whole=whole)
+        return ratio.expand(batch).clone(), variance.expand(batch, -1).clone()
+    tiled = not whole and height * width > _NOISE_TILED_PIXELS and min(height, width) >= 4 * _NOISE_TILE
     parts = _chunks.chunk_slices(batch, channels * (4 * _NOISE_TILE**2 if tiled else height * width),
                                  _chunks.eager_budget(image.device))
     if len(parts) > 1:  # in chunks of pairs: its half-dozen temporaries of the whole batch's tiles had
         # raised a batch's peak memory (16 x 256^2, register: 2.82 -> 3.16x its input)
         own = lambda part: mask if mask is None or mask.shape[0] == 1 else mask[part]  # noqa: E731
-        return torch.cat([_noise_to_structure(image[part], own(part), whole=whole) for part in parts])
+        measures = [_noise_measures(image[part], own(part), whole=whole) for part in parts]
+        return torch.cat([ratio for ratio, _ in measures]), torch.cat([variance for _, variance in measures])
     whole_image = image
+    mask_given = None if mask is None else mask.expand(batch, *mask.shape[1:])
     tiles = 1
     if tiled:
         size = _NOISE_TILE
@@ -3540,7 +3630,7 @@ def _noise_to_structure(image: torch.Tensor, mask: Optional[torch.Tensor], *, wh
         planes = planes.float()
     edge = 5  # the 1 px Gaussian's radius (4) and the central difference's
     if min(height, width) <= 2 * edge + 2:
-        return torch.zeros(batch, dtype=torch.float64)
+        return torch.zeros(batch, dtype=torch.float64), torch.zeros(batch, channels, dtype=torch.float64)
     laplacian = torch.tensor(_IMMERKAER, dtype=planes.dtype, device=planes.device)[None, None]
     response = torch.nn.functional.conv2d(planes, laplacian).abs()  # (TBC, 1, H - 2, W - 2)
     smoothed = gaussian_blur(planes, 1.0)
@@ -3563,12 +3653,14 @@ def _noise_to_structure(image: torch.Tensor, mask: Optional[torch.Tensor], *, wh
             total = (values * weight).sum(dim=(1, 2, 3), dtype=torch.float64)
             count = weight.sum(dim=(1, 2, 3), dtype=torch.float64)
         # tiles are stacked tile-major: (T, B, C) -> per pair
-        total = total.reshape(tiles, batch, channels).sum((0, 2))
-        count = count.reshape(tiles, batch, channels).sum((0, 2))
-        return total / count.clamp_min(1.0), count
+        total, count = total.reshape(tiles, batch, channels), count.reshape(tiles, batch, channels)
+        return total.sum((0, 2)) / count.sum((0, 2)).clamp_min(1.0), count.sum((0, 2)), total, count
 
-    absolute, noise_count = pair_mean(response, noise_weight)
-    gradient, energy_count = pair_mean(energy, energy_weight)
+    absolute, noise_count, channel_total, channel_count = pair_mean(response, noise_weight)
+    gradient, energy_count, _, _ = pair_mean(energy, energy_weight)
+    channel_count = channel_count.sum(0)  # (B, C)
+    channel_variance = (math.pi / 2.0) * (channel_total.sum(0) / channel_count.clamp_min(1.0) / 6.0) ** 2
+    channel_variance = torch.where(channel_count >= 64, channel_variance, torch.zeros_like(channel_variance)).cpu()
     noise = (math.pi / 2.0) * (absolute / 6.0) ** 2
     signal = gradient - noise * _noise_gradient_energy(1.0)
     # a flat image (no gradient, no noise; a tile of zero background) has nothing to pull: 0, not inf
@@ -3576,20 +3668,24 @@ def _noise_to_structure(image: torch.Tensor, mask: Optional[torch.Tensor], *, wh
                         torch.where(gradient > 0, math.inf, 0.0))
     enough = (noise_count >= 64 * channels) & (energy_count >= 64 * channels)
     ratio = torch.where(enough, ratio, torch.zeros_like(ratio)).cpu()
-    if tiled:  # tiles of a flat background said nothing (0/0, inf) of the content between them
-        again = (~(signal > 0)).cpu().nonzero()[:, 0].tolist()
-        for pair in again:
-            ratio[pair] = _noise_to_structure(whole_image[pair:pair + 1], None, whole=True)[0]
-    return ratio
+    if tiled:  # tiles of a flat background, or outside a mask, said nothing of the content between them
+        whole_mask = lambda pair: None if mask_given is None else mask_given[pair:pair + 1]  # noqa: E731
+        for pair in (~((signal > 0) & enough)).cpu().nonzero()[:, 0].tolist():
+            ratio[pair], channel_variance[pair] = (
+                part[0] for part in _noise_measures(whole_image[pair:pair + 1], whole_mask(pair), whole=True))
+    return ratio, channel_variance
 
 
 def _noise_adapted_sigmas(fixed: torch.Tensor, moving: torch.Tensor, fixed_mask: Optional[torch.Tensor],
-                          moving_mask: Optional[torch.Tensor], base: float, largest: float) -> list[float]:
+                          moving_mask: Optional[torch.Tensor], base: float, largest: float,
+                          moving_ratio: Optional[torch.Tensor] = None) -> list[float]:
     """Per pair, the full-resolution sigma (:data:`NOISE_BIAS_LIMIT`): ``base`` unless the larger of
     the two images' :func:`_noise_to_structure` ratios, times ``B(sigma) / B(1)``, is above the limit
     at ``base``; then the smallest multiple of :data:`NOISE_SMOOTHING_STEP` that keeps it below, at
     most ``largest``.  Each pair's own images decide: a pair's sigma does not depend on its batch."""
-    ratios = torch.maximum(_noise_to_structure(fixed, fixed_mask), _noise_to_structure(moving, moving_mask))
+    if moving_ratio is None:
+        moving_ratio = _noise_to_structure(moving, moving_mask)
+    ratios = torch.maximum(_noise_to_structure(fixed, fixed_mask), moving_ratio)
     reference = _half_pixel_noise_drop(1.0)
     sigmas = []
     for ratio in ratios.tolist():
