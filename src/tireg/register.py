@@ -3572,11 +3572,11 @@ _NOISE_TILED_PIXELS = 1 << 15
 _NOISE_TILE = 64
 
 
-def _noise_to_structure(image: torch.Tensor, mask: Optional[torch.Tensor], *, whole: bool = False) -> torch.Tensor:
+def _noise_to_structure(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """``(B,)`` float64 on the CPU: per pair of ``image`` ``(B, C, H, W)``, its noise variance times
     :func:`_half_pixel_noise_drop` at 1 px over its signal's gradient energy at 1 px (the first of
     :func:`_noise_measures`)."""
-    return _noise_measures(image, mask, whole=whole)[0]
+    return _noise_measures(image, mask)[0]
 
 
 def _noise_variance(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -3586,7 +3586,7 @@ def _noise_variance(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.
 
 
 def _noise_measures(image: torch.Tensor, mask: Optional[torch.Tensor], *,
-                    whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    grid: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """``((B,), (B, C))`` float64 on the CPU: per pair of ``image`` ``(B, C, H, W)``, its noise variance times
     :func:`_half_pixel_noise_drop` at 1 px over its signal's gradient energy at 1 px: how far, in
     squared pixels, resampling the noise pulls a 1 px-smoothed cost towards half pixels.  Scale-free.
@@ -3595,31 +3595,35 @@ def _noise_measures(image: torch.Tensor, mask: Optional[torch.Tensor], *,
     ``|L * I|`` of the Laplacian difference ``L`` that cancels planes and ramps, ``sigma = sqrt(pi / 2)
     mean |L * I| / 6``; the signal's gradient energy as the mean ``|grad (G_1 * I)|^2`` less the
     noise's own share of it.  Over the pixels whose stencils lie inside the image and ``mask``
-    (``(B or 1, 1, H, W)`` or ``None``), on four tiles of a large image (:data:`_NOISE_TILED_PIXELS`;
-    ``whole``: not); a pair whose tiles hold too little (a flat background, a mask's region of
-    interest between them: they had read as all noise, or none) is measured again on its whole image.  0 (no noise to speak of) where fewer
-    than 64 pixels count or the image is flat (no noise and no signal), inf where the noise is all
-    there is.  Second, per pair and channel, the noise variance alone (Immerkaer's estimate over that
+    (``(B or 1, 1, H, W)`` or ``None``), on ``grid x grid`` tiles of :data:`_NOISE_TILE` px spread
+    evenly over a large image (:data:`_NOISE_TILED_PIXELS`; the whole of a smaller one); a pair whose
+    four tiles show no signal beyond their noise or hold under 64 counted pixels (a scene on black,
+    a mask's region of interest between them: they had read as all noise, or none) is measured again
+    on 16 (not on
+    its whole image: a 1024^2 one's temporaries had taken register's peak from 2.7x to 6.5x its
+    input).  0 (no noise to speak of) where fewer than 64 pixels count or the image is flat (no
+    noise and no signal), inf where the noise is all there is.  Second, per pair and channel, the noise variance alone (Immerkaer's estimate over that
     channel's pixels; 0 where fewer than 64 pixels count).  A stride-0 batch (one image for every
     pair) is measured once."""
     batch, channels, height, width = image.shape
     if image.stride(0) == 0 and batch > 1 and (mask is None or mask.shape[0] == 1 or mask.stride(0) == 0):
-        ratio, variance = _noise_measures(image[:1], None if mask is None else mask[:1], whole=whole)
+        ratio, variance = _noise_measures(image[:1], None if mask is None else mask[:1], grid=grid)
         return ratio.expand(batch).clone(), variance.expand(batch, -1).clone()
-    tiled = not whole and height * width > _NOISE_TILED_PIXELS and min(height, width) >= 4 * _NOISE_TILE
-    parts = _chunks.chunk_slices(batch, channels * (4 * _NOISE_TILE**2 if tiled else height * width),
+    tiled = height * width > _NOISE_TILED_PIXELS and min(height, width) >= 2 * grid * _NOISE_TILE
+    parts = _chunks.chunk_slices(batch, channels * (grid**2 * _NOISE_TILE**2 if tiled else height * width),
                                  _chunks.eager_budget(image.device))
     if len(parts) > 1:  # in chunks of pairs: its half-dozen temporaries of the whole batch's tiles had
         # raised a batch's peak memory (16 x 256^2, register: 2.82 -> 3.16x its input)
         own = lambda part: mask if mask is None or mask.shape[0] == 1 else mask[part]  # noqa: E731
-        measures = [_noise_measures(image[part], own(part), whole=whole) for part in parts]
+        measures = [_noise_measures(image[part], own(part), grid=grid) for part in parts]
         return torch.cat([ratio for ratio, _ in measures]), torch.cat([variance for _, variance in measures])
     whole_image = image
     mask_given = None if mask is None else mask.expand(batch, *mask.shape[1:])
     tiles = 1
     if tiled:
         size = _NOISE_TILE
-        corners = [(height * i // 4 - size // 2, width * j // 4 - size // 2) for i in (1, 3) for j in (1, 3)]
+        centres = [(2 * k + 1) / (2 * grid) for k in range(grid)]  # 1/4 and 3/4 for 2 a side
+        corners = [(int(height * i) - size // 2, int(width * j) - size // 2) for i in centres for j in centres]
         image = torch.cat([image[..., y:y + size, x:x + size] for y, x in corners])
         if mask is not None:
             mask = mask.expand(batch, *mask.shape[1:])
@@ -3668,11 +3672,11 @@ def _noise_measures(image: torch.Tensor, mask: Optional[torch.Tensor], *,
                         torch.where(gradient > 0, math.inf, 0.0))
     enough = (noise_count >= 64 * channels) & (energy_count >= 64 * channels)
     ratio = torch.where(enough, ratio, torch.zeros_like(ratio)).cpu()
-    if tiled:  # tiles of a flat background, or outside a mask, said nothing of the content between them
-        whole_mask = lambda pair: None if mask_given is None else mask_given[pair:pair + 1]  # noqa: E731
+    if tiled and grid == 2:  # flat tiles, or tiles outside a mask, said nothing of the content between them
+        own_mask = lambda pair: None if mask_given is None else mask_given[pair:pair + 1]  # noqa: E731
         for pair in (~((signal > 0) & enough)).cpu().nonzero()[:, 0].tolist():
             ratio[pair], channel_variance[pair] = (
-                part[0] for part in _noise_measures(whole_image[pair:pair + 1], whole_mask(pair), whole=True))
+                part[0] for part in _noise_measures(whole_image[pair:pair + 1], own_mask(pair), grid=4))
     return ratio, channel_variance
 
 
