@@ -3579,12 +3579,6 @@ def _noise_to_structure(image: torch.Tensor, mask: Optional[torch.Tensor]) -> to
     return _noise_measures(image, mask)[0]
 
 
-def _noise_variance(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """``(B, C)`` float64 on the CPU: per pair and channel of ``image``, its noise variance in its own
-    units by Immerkaer's estimate (the second of :func:`_noise_measures`); 0 where it cannot be told."""
-    return _noise_measures(image, mask)[1]
-
-
 def _noise_measures(image: torch.Tensor, mask: Optional[torch.Tensor], *,
                     grid: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """``((B,), (B, C))`` float64 on the CPU: per pair of ``image`` ``(B, C, H, W)``, its noise variance times
