@@ -3565,8 +3565,8 @@ def _noise_gradient_energy(sigma: float) -> float:
 _IMMERKAER = ((1.0, -2.0, 1.0), (-2.0, 4.0, -2.0), (1.0, -2.0, 1.0))
 
 
-#: :func:`_noise_to_structure` measures an image of more pixels than this on four tiles of
-#: ``_NOISE_TILE`` px a side, one at the centre of each quadrant: a 256^2 pair's estimate took 9 % of
+#: :func:`_noise_measures` reads an image of more pixels than this on four tiles of ``_NOISE_TILE``
+#: px a side, one at the centre of each quadrant (16 for its second look): a 256^2 pair's estimate took 9 % of
 #: its registration, a 1024^2 pair's 28 % (one thread), the tiles' about 2 % whatever the size.
 _NOISE_TILED_PIXELS = 1 << 15
 _NOISE_TILE = 64
@@ -3593,12 +3593,11 @@ def _noise_measures(image: torch.Tensor, mask: Optional[torch.Tensor], *,
     evenly over a large image (:data:`_NOISE_TILED_PIXELS`; the whole of a smaller one); a pair whose
     four tiles show no signal beyond their noise or hold under 64 counted pixels (a scene on black,
     a mask's region of interest between them: they had read as all noise, or none) is measured again
-    on 16 (not on
-    its whole image: a 1024^2 one's temporaries had taken register's peak from 2.7x to 6.5x its
-    input).  0 (no noise to speak of) where fewer than 64 pixels count or the image is flat (no
-    noise and no signal), inf where the noise is all there is.  Second, per pair and channel, the noise variance alone (Immerkaer's estimate over that
-    channel's pixels; 0 where fewer than 64 pixels count).  A stride-0 batch (one image for every
-    pair) is measured once."""
+    on 16 (not on its whole image: a 1024^2 one's temporaries had taken register's peak from 2.7x to
+    6.5x its input).  0 (no noise to speak of) where fewer than 64 pixels count or the image is flat
+    (no noise and no signal), inf where the noise is all there is.  Second, per pair and channel, the
+    noise variance alone (Immerkaer's estimate over that channel's pixels; 0 where fewer than 64
+    pixels count).  A stride-0 batch (one image for every pair) is measured once."""
     batch, channels, height, width = image.shape
     if image.stride(0) == 0 and batch > 1 and (mask is None or mask.shape[0] == 1 or mask.stride(0) == 0):
         ratio, variance = _noise_measures(image[:1], None if mask is None else mask[:1], grid=grid)
