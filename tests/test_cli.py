@@ -541,15 +541,25 @@ def test_stack_against_the_mean_follows_a_drift(drift, tmp_path, monkeypatch):
         assert grid_error(torch.from_numpy(matrices[k]), torch.from_numpy(truths[k]), frames.shape[1:]) < 0.5, k
 
 
-def test_stack_with_the_compiled_path_gives_the_same_transforms(drift, tmp_path):
-    folder = drift[0]
-    for name, extra in (("reference", []), ("compiled", ["--compile"])):
-        ok(run("stack", folder / "drift.tif", "-o", f"{name}.tif", *extra, cwd=tmp_path))
-    reference = [matrix_of(row) for row in csv.DictReader(open(tmp_path / "reference.csv"))]
-    compiled = [matrix_of(row) for row in csv.DictReader(open(tmp_path / "compiled.csv"))]
-    size = drift[2].shape[1:]
-    for ours, theirs in zip(compiled, reference):
-        assert grid_error(torch.from_numpy(ours), torch.from_numpy(theirs), size) < 1e-3
+@pytest.mark.parametrize("option, expected", [([], "auto"), (["--compile"], True), (["--compile", "off"], False)])
+def test_stack_hands_its_compile_choice_to_every_registration(drift, tmp_path, monkeypatch, option, expected):
+    """--compile reaches register() (whose compiled path tests/test_fused.py checks against the
+    reference): every frame's registration gets it, and the transforms are the registration's.
+    In this process: a command starting Python compiled every kernel again (over a minute of CI)."""
+    register_module = importlib.import_module("tireg.register")
+    real, choices = register_module.register, []
+
+    @functools.wraps(real)  # the parser reads register()'s defaults from its signature
+    def spy(*args, **kwargs):
+        choices.append(kwargs["compile"])
+        return real(*args, **{**kwargs, "compile": False})
+
+    monkeypatch.setattr(register_module, "register", spy)
+    monkeypatch.chdir(tmp_path)
+    folder, truths, frames, _ = drift
+    assert main(["stack", str(folder / "drift.tif"), "-o", "aligned.tif", "-q", *option]) == 0
+    assert choices and set(choices) == {expected}
+    _check_stack(tmp_path / "aligned.csv", truths, frames.shape[1:])
 
 
 def test_compile_option_maps_to_register():
