@@ -1788,10 +1788,18 @@ def test_an_hwc_array_of_many_channels_is_registered_with_a_warning():
     fixed, moving, _ = registration_pair("astronaut", "translation", KNOWN["translation"])
     hwc = np.repeat(fixed.numpy()[:64, :64, None], 10, axis=2)
     with pytest.warns(UserWarning) as caught:
-        tireg.register(hwc, hwc, transform="translation", init="identity")
+        result = tireg.register(hwc, hwc, transform="translation", init="identity")
     assert [str(warning.message) for warning in caught] == [
         f"register(): '{name}' of shape (64, 64, 10) is read as (C, H, W): 64 channels of 64 x 10 pixels; if it is "
         "(H, W, C), pass np.moveaxis(image, -1, 0) or tensor.permute(2, 0, 1)" for name in ("fixed", "moving")]
+    # each entry point's warning names the user's line, not tireg's (initialize()'s named its own _promote)
+    calls = {"register()": lambda: tireg.register(hwc, hwc, transform="translation", init="identity"),
+             "initialize()": lambda: tireg.initialize.initialize(hwc, hwc, "similarity"),
+             "RegistrationResult.warp()": lambda: result.warp(hwc)}
+    for caller, call in calls.items():
+        with pytest.warns(UserWarning, match="is read as") as caught:
+            call()
+        assert {(warning.filename, str(warning.message).split(":")[0]) for warning in caught} == {(__file__, caller)}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # channels first, hyperspectral bands too: no warning
         for shape in ((10, 64, 64), (40, 24, 24)):

@@ -490,6 +490,29 @@ def of_pairs(bad: Union[torch.Tensor, Sequence[bool]], preposition: str = "in") 
 UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint32", "uint64") if hasattr(torch, name))
 
 
+#: Modules whose frames lie between a user's call and a warning raised inside tireg: its own, and the
+#: context-manager decorators (``torch.no_grad()`` on a function) a call may pass through.
+_PASSED_THROUGH = ("contextlib", "torch.utils._contextlib")
+
+
+def user_stacklevel() -> int:
+    """``warnings.warn``'s ``stacklevel`` for a warning raised by this function's caller: the first
+    frame outside tireg (and the decorators of :data:`_PASSED_THROUGH`), the user's call.
+
+    Why not a number: one check serves entry points that reach it through different numbers of
+    their own calls (``initialize()``'s image check is one call deeper than ``register()``'s); a
+    fixed ``stacklevel`` pointed one of them into tireg.  (Python 3.12's ``skip_file_prefixes``
+    does this; tireg runs on 3.10.)
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not (module == "tireg" or module.startswith("tireg.") or module in _PASSED_THROUGH):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
 def as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True,
              keep_wide_integers: bool = False) -> tuple[torch.Tensor, int]:
     """``(B, C, H, W)`` float tensor from a tensor or array of ``(H, W)``, ``(C, H, W)`` or ``(B, C, H, W)``
@@ -524,7 +547,7 @@ def as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True,
         # refused by the size check, with the same hint)
         warnings.warn(f"{caller}: '{name}' of shape {tuple(image.shape)} is read as (C, H, W): {channels} channels "
                       f"of {image.shape[1]} x {width} pixels; if it is (H, W, C), pass np.moveaxis(image, -1, 0) "
-                      "or tensor.permute(2, 0, 1)", UserWarning, stacklevel=3)
+                      "or tensor.permute(2, 0, 1)", UserWarning, stacklevel=user_stacklevel())
     if image.is_complex():
         raise TypeError(f"{caller}: '{name}' must be real; got {image.dtype}")
     if keep_wide_integers and is_wide_integer(image):
