@@ -250,6 +250,11 @@ def test_a_compile_failure_warns_once_and_falls_back(monkeypatch, generator):
         assert fused.run_compiled(fixed, fused.pad_moving(moving, "zeros"), _matrix(1).float(), tireg.L2Loss(),
                                   "zeros") is None
     assert "cpu" in fused._failed
+    # the warning names the user's line, however deep the compiled call (it named one inside tireg)
+    monkeypatch.setattr(fused, "_failed", set())
+    with pytest.warns(RuntimeWarning, match="compiled fast path is unavailable") as caught:
+        tireg.register(fixed[0, 0], moving[0, 0], transform="translation", init="identity", compile=True)
+    assert [warning.filename for warning in caught] == [__file__]
     # the model still steps, by the reference path, with the reference numbers
     model = tireg.create_model("affine", moving, compile=True)
     reference = tireg.create_model("affine", moving)

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from ._chunks import chunk_slices
 from ._device import ForkSafeLock
+from ._validation import user_stacklevel
 from .losses import PerPixelLoss, constant_irls_weight, verified
 from .metrics import _mean_count
 from .sampling import gaussian_blur_in_place
@@ -733,7 +734,7 @@ def call_compiled(kernel: Callable, device: torch.device, *args: Any, **kwargs: 
             # far still run compiled (marking the device failed ended the fast path for the process:
             # a long-running program that made models of ever new mapping bounds)
             warnings.warn(f"tireg: over {RECOMPILE_LIMIT} compiled variants of one kernel in this process; this "
-                          "one runs on the reference path", RuntimeWarning, stacklevel=3)
+                          "one runs on the reference path", RuntimeWarning, stacklevel=user_stacklevel())
             with _lock:
                 _refused.add(_variant(kernel, args, kwargs))
             return None
@@ -750,7 +751,8 @@ def call_compiled(kernel: Callable, device: torch.device, *args: Any, **kwargs: 
                         _refused.add(_variant(kernel, args, kwargs))
             names = ", ".join(sorted({type(value).__name__ for value in own}))
             warnings.warn(f"tireg: a compiled call with your own {names} failed ({type(error).__name__}: "
-                          f"{first_line}); calls with it use the reference path", RuntimeWarning, stacklevel=3)
+                          f"{first_line}); calls with it use the reference path", RuntimeWarning,
+                          stacklevel=user_stacklevel())
             return None
         with _lock:
             _failed.add(key)
@@ -758,6 +760,6 @@ def call_compiled(kernel: Callable, device: torch.device, *args: Any, **kwargs: 
             f"tireg: the compiled fast path is unavailable on {key} ({type(error).__name__}: {first_line}); "
             "using the reference path",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         return None
