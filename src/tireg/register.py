@@ -3572,6 +3572,12 @@ _NOISE_TILED_PIXELS = 1 << 15
 _NOISE_TILE = 64
 
 
+def _immerkaer_variance(mean_response: torch.Tensor) -> torch.Tensor:
+    """White noise's variance from the mean ``|L * I|`` of :data:`_IMMERKAER`'s stencil ``L``:
+    ``sigma = sqrt(pi / 2) mean |L * I| / 6`` (Immerkaer 1996)."""
+    return (math.pi / 2.0) * (mean_response / 6.0) ** 2
+
+
 def _noise_to_structure(image: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """``(B,)`` float64 on the CPU: per pair of ``image`` ``(B, C, H, W)``, its noise variance times
     :func:`_half_pixel_noise_drop` at 1 px over its signal's gradient energy at 1 px (the first of
@@ -3619,8 +3625,7 @@ def _noise_measures(image: torch.Tensor, mask: Optional[torch.Tensor], *,
         corners = [(int(height * i) - size // 2, int(width * j) - size // 2) for i in centres for j in centres]
         image = torch.cat([image[..., y:y + size, x:x + size] for y, x in corners])
         if mask is not None:
-            mask = mask.expand(batch, *mask.shape[1:])
-            mask = torch.cat([mask[..., y:y + size, x:x + size] for y, x in corners])
+            mask = torch.cat([mask_given[..., y:y + size, x:x + size] for y, x in corners])
         tiles, height, width = len(corners), size, size
     planes = image.reshape(tiles * batch * channels, 1, height, width)
     if planes.dtype not in (torch.float32, torch.float64):
@@ -3642,7 +3647,8 @@ def _noise_measures(image: torch.Tensor, mask: Optional[torch.Tensor], *,
         energy_weight = (1.0 - torch.nn.functional.max_pool2d(outside, 2 * edge + 1, stride=1)
                          ).repeat_interleave(channels, 0)
 
-    def pair_mean(values: torch.Tensor, weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_mean(values: torch.Tensor, weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Per pair the weighted mean and count; then per tile, pair and channel the sums and counts."""
         if weight is None:
             total = values.sum(dim=(1, 2, 3), dtype=torch.float64)
             count = torch.full_like(total, float(values.shape[-1] * values.shape[-2]))
@@ -3656,9 +3662,9 @@ def _noise_measures(image: torch.Tensor, mask: Optional[torch.Tensor], *,
     absolute, noise_count, channel_total, channel_count = pair_mean(response, noise_weight)
     gradient, energy_count, _, _ = pair_mean(energy, energy_weight)
     channel_count = channel_count.sum(0)  # (B, C)
-    channel_variance = (math.pi / 2.0) * (channel_total.sum(0) / channel_count.clamp_min(1.0) / 6.0) ** 2
+    channel_variance = _immerkaer_variance(channel_total.sum(0) / channel_count.clamp_min(1.0))
     channel_variance = torch.where(channel_count >= 64, channel_variance, torch.zeros_like(channel_variance)).cpu()
-    noise = (math.pi / 2.0) * (absolute / 6.0) ** 2
+    noise = _immerkaer_variance(absolute)
     signal = gradient - noise * _noise_gradient_energy(1.0)
     # a flat image (no gradient, no noise; a tile of zero background) has nothing to pull: 0, not inf
     ratio = torch.where(signal > 0, noise * _half_pixel_noise_drop(1.0) / signal.clamp_min(1e-300),
