@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import sys
 import re
 import warnings
 
@@ -115,7 +114,7 @@ def test_the_noise_is_read_inside_a_mask_and_past_a_flat_background():
     read as no noise (1 px for an image that wants 2), and a scene on a flat background as all noise
     (3 px for a clean one).  A masked image is read within its mask, and flat tiles send a pair to its
     whole image."""
-    noise_to_structure = sys.modules["tireg.register"]._noise_to_structure
+    noise_to_structure = importlib.import_module("tireg.register")._noise_to_structure
     scene = tireg.data.load("coins", dtype=torch.float32)[:288, :288]  # read on tiles: 288^2 (a 45 px disk
     noisy = scene + 0.2 * torch.randn(scene.shape, generator=torch.Generator().manual_seed(0))  # misses them)
     ys, xs = torch.meshgrid(torch.arange(288.0), torch.arange(288.0), indexing="ij")
