@@ -160,8 +160,10 @@ def test_trailing_pages_of_another_size_are_left_out_with_a_warning(tmp_path, ca
             tifffile.imwrite(path, image, append=k > 0)
         expected, ignored = [1, 2, 3], "1 trailing page of another size"
     for read in (read_stack, read_image):
-        with pytest.warns(UserWarning, match=re.escape(f"'{path}': ignored {ignored} than its frames (64 x 64)")):
+        with pytest.warns(UserWarning, match=re.escape(f"'{path}': ignored {ignored} than its frames (64 x 64)")) as caught:
             data = read(path)
+        # the warning names this line, through read_stack too (it named read_stack's call of read_image)
+        assert {record.filename for record in caught} == {__file__}
         values = data.frames[:, 0, 0, :].tolist() if data.format.channel_axis else data.frames[:, 0, 0, 0].tolist()
         assert values == expected
 

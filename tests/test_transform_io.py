@@ -884,6 +884,20 @@ def test_load_geometry_argument_errors(tmp_path):
         load_transform(path, moving_geometry={"spacing": (1.0, -1.0)})
 
 
+def test_the_warnings_of_saving_and_loading_name_the_callers_line(tmp_path):
+    """A singular matrix saved, and a file read with other geometries than it was saved with: each
+    warning points at the call in the user's code, not at a line inside tireg."""
+    singular = np.array([[1.0, 2.0, 3.0], [2.0, 4.0, 5.0], [0.0, 0.0, 1.0]])
+    for name in ("s.tfm", "s.json"):
+        with pytest.warns(UserWarning, match="singular") as caught:
+            save_transform(tmp_path / name, singular)
+        assert [record.filename for record in caught] == [__file__], name
+    save_transform(tmp_path / "g.tfm", np.eye(3), fixed_geometry=ImageGeometry(spacing=(0.5, 0.5)))
+    with pytest.warns(UserWarning, match="was saved with fixed_geometry") as caught:
+        load_transform(tmp_path / "g.tfm", fixed_geometry=ImageGeometry(spacing=(2.0, 2.0)))
+    assert [record.filename for record in caught] == [__file__]
+
+
 def test_strict_numbers_still_take_what_they_took(tmp_path):
     """Integers beyond int64 (10**30 went through NumPy's object arrays and was called 'not real
     numbers'), float16 arrays and tensors that require grad are numbers."""

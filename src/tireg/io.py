@@ -53,7 +53,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from ._validation import as_path
+from ._validation import as_path, user_stacklevel
 
 __all__ = [
     "SUFFIXES",
@@ -539,9 +539,9 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
         raise ImageError(f"cannot read {what} {str(path)!r} as TIFF: {_reason(error)}") from None
     # warned here, not in the try above: a warning made an error would read as a corrupt file
     for message in dict.fromkeys(messages):  # tifffile's other remarks on the file, each once
-        warnings.warn(f"{what} {str(path)!r}: tifffile: {message}", UserWarning, stacklevel=3)
+        warnings.warn(f"{what} {str(path)!r}: tifffile: {message}", UserWarning, stacklevel=user_stacklevel())
     if ignored:
-        warnings.warn(ignored, UserWarning, stacklevel=3)
+        warnings.warn(ignored, UserWarning, stacklevel=user_stacklevel())
     data = np.asarray(data)
     name = getattr(photometric, "name", str(photometric)).upper()
     if name == "YCBCR" and not compression.startswith("JPEG"):
@@ -1114,7 +1114,7 @@ def _put_back(placed: Sequence[tuple[Path, Path]], backups: Sequence[tuple[Path,
                 os.replace(backup, path)
             except OSError as error:  # the old file is not lost: say where it is
                 warnings.warn(f"could not put back {str(path)!r} ({error.strerror or error}); its previous "
-                              f"content is in {str(backup)!r}", stacklevel=2)
+                              f"content is in {str(backup)!r}", stacklevel=user_stacklevel())
 
 
 def _remove(path: Path) -> None:

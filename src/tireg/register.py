@@ -68,6 +68,7 @@ from ._validation import (
     pair_names,
     real_number,
     tensor_of_array,
+    user_stacklevel,
     wide_pairs,
     writable,
 )
@@ -2892,7 +2893,7 @@ def _warn_if_projected(start: torch.Tensor, projected: torch.Tensor, kind: Trans
         warnings.warn(f"{caller}: 'init' is not of the transform kind {kind.name!r}: the closest {kind.name} "
                       f"transform, where the registration starts, moves the fixed image's corners by up to "
                       f"{distance:.3g} px from it (a kind that can hold it, such as transform='affine', starts "
-                      "from it whole)", UserWarning, stacklevel=4)
+                      "from it whole)", UserWarning, stacklevel=user_stacklevel())
 
 
 def _model_start(model, init, batch: int, caller: str) -> torch.Tensor:
@@ -3215,7 +3216,7 @@ def register(
         factors = tuple(factor for factor, _ in schedule)
         warnings.warn(f"{caller}: the pyramid {factors} ends at shrink factor {factors[-1]}: the result is found at "
                       f"1/{factors[-1]} of the resolution (shrink factors go from coarse to fine and end with 1 for "
-                      "full resolution, e.g. (4, 2, 1))", UserWarning, stacklevel=3)
+                      "full resolution, e.g. (4, 2, 1))", UserWarning, stacklevel=user_stacklevel())
 
     # ncc, ncc_any, mi and nmi see neither gain nor offset: on the normalised images their cost is the
     # same, and float32 keeps their detail whatever the range (1e-25 x an image: NCC read 1.0 at the start)

@@ -75,7 +75,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ._validation import as_path
+from ._validation import as_path, user_stacklevel
 
 __all__ = [
     "ImageGeometry",
@@ -352,7 +352,7 @@ def _warn_if_singular(array: np.ndarray, caller: str) -> None:
             f"{caller}: the matrix's linear part is singular{which}: it maps the fixed image onto a line "
             "or a point and has no inverse; it is saved as given",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -1076,7 +1076,7 @@ def _warn_other_geometries(comment: dict, fixed: Optional[ImageGeometry], moving
             differences.append(f"{key} {stored} but is read with {given}")
     if differences:
         warnings.warn(f"load_transform(): {str(path)!r} was saved with {'; and with '.join(differences)}: its pixel "
-                      "matrix is not the one saved (pass the geometries as when saving)", UserWarning, stacklevel=4)
+                      "matrix is not the one saved (pass the geometries as when saving)", UserWarning, stacklevel=user_stacklevel())
 
 
 def _restore_comment(comment: dict, read: tuple, scales: tuple[np.ndarray, Optional[np.ndarray]]) -> tuple:
