@@ -235,15 +235,28 @@ FINEST_SMOOTHING_MI = 0.5
 #: ``finest_smoothing``): the moving image's noise, resampled, pulls the cost towards half pixels by
 #: about ``noise variance x B(sigma)`` (:func:`_half_pixel_noise_drop`: how much less variance its
 #: smoothed noise has at (0.5, 0.5) than at a whole pixel), against the cost's curvature, the signal's
-#: gradient energy.  Per pair, the ratio of the two at 1 px (:func:`_noise_to_structure`, the larger
-#: of the two images') scaled by ``B(sigma) / B(1)`` is to be at most this: the finest sigma is the
+#: gradient energy.  That pull acts on every pixel's own sub-pixel phase: a translation gives every
+#: pixel one phase and keeps all of it, a rotation of a few degrees spreads the phases over whole
+#: pixels and averages it away (:func:`_phase_coherence`, at the start of the full-resolution level),
+#: while smoothing still costs the detail that a rotation, a scale or a shear is measured by.  Per
+#: pair, the ratio of the two at 1 px (:func:`_noise_to_structure`, the larger of the two images'),
+#: times the share of the pull the transform keeps (:data:`PHASE_INCOHERENT_SHARE` + the rest times
+#: the coherence), scaled by ``B(sigma) / B(1)``, is to be at most this: the finest sigma is the
 #: default unless it is above, else the smallest multiple of :data:`NOISE_SMOOTHING_STEP` that brings
-#: it there, at most :data:`NOISE_SMOOTHING_MAX`.  Calibrated on 256^2 crops of camera, astronaut and
-#: cell with Gaussian noise of 0-20 % of the range and Poisson noise (docs/design.md, "Smoothing at
-#: full resolution"): textured scenes stay at 1 px up to 5 % noise (ratio 0.02), camera at 20 % goes
-#: to 2 px (translation median 0.17 -> 0.07 px with a 2 px border band; the shipped level keeps the
-#: default's 1 px band, batch-invariant, and gives about 0.27 px), cell with 13 photons to 2.25 px.
-NOISE_BIAS_LIMIT = 0.05
+#: it there, at most :data:`NOISE_SMOOTHING_MAX`.  Calibrated with benchmarks/noise_smoothing.py
+#: (seven scenes, Gaussian noise of 2-20 % of the range and Poisson noise, 10 pairs each, translation,
+#: drift, rigid and affine; docs/design.md, "Noise-adapted smoothing at full resolution"): a
+#: translation or a drift wants 1.5-2.5 px from a ratio of about 0.02 (0.05 had kept 1-1.25 px there,
+#: twice the error), a rotated or affine pair 1 px up to a ratio of about 0.1, more only on very noisy
+#: images (cell at 5 % noise, moon at 10 %).
+NOISE_BIAS_LIMIT = 0.0125
+
+#: The share of a pair's noise pull (:data:`NOISE_BIAS_LIMIT`) that counts where its transform spreads
+#: the moving samples' sub-pixel phases evenly (:func:`_phase_coherence` 0: a rotation of a few
+#: degrees); a translation keeps all of it.  Above 0: resampled noise also adds noise to the moving
+#: image's gradient, which smoothing takes out whatever the phases (rotated cell at 5 % noise and more
+#: wanted 2-3 px).
+PHASE_INCOHERENT_SHARE = 0.125
 
 #: The largest noise-adapted finest sigma (pixels), and its step: pairs of one batch with nearly one
 #: noise level share a smoothing call.  Beyond 3 px the errors of noisy pairs did not fall further.
@@ -3268,10 +3281,13 @@ def register(
         moving_measures = _noise_measures(moving_n, moving_mask_t)
         if normalize:
             moving_noise = moving_measures[1] * moving_stats[1].detach().double().flatten(1).cpu() ** 2
+    # per pair, the larger of the two images' noise-to-structure ratios; the sigmas follow from them
+    # at the start of the full-resolution level, where the transform says how much of the noise's
+    # pull survives the average over the fixed pixels (_phase_coherence)
+    noise_ratios = None
+    largest_sigma = min(NOISE_SMOOTHING_MAX, min(smaller) / 2)
     if adapted:
-        finest_sigmas = _noise_adapted_sigmas(fixed_n, moving_n, fixed_mask, moving_mask_t, schedule[-1][1],
-                                              min(NOISE_SMOOTHING_MAX, min(smaller) / 2),
-                                              moving_ratio=moving_measures[0])
+        noise_ratios = torch.maximum(_noise_to_structure(fixed_n, fixed_mask), moving_measures[0])
 
     center = image_center(*fixed_t.shape[-2:])
     center_t = torch.tensor(center, dtype=dtype, device=device)
@@ -3316,7 +3332,11 @@ def register(
         """The level at factor 1 at the current parameters, and the moving image's scale it used: for
         a per-pixel loss the images normalised again over the overlap there first; the moving image
         smoothed as the fixed one, in the fixed image's frame."""
-        nonlocal fixed_stats, moving_stats
+        nonlocal fixed_stats, moving_stats, finest_sigmas
+        if noise_ratios is not None and finest_sigmas is None and sigma == schedule[-1][1]:
+            finest_sigmas = _noise_adapted_sigmas(
+                noise_ratios, _phase_coherence(kind.matrix(params.detach(), center_t), fixed_t.shape[-2:]),
+                sigma, largest_sigma)
         if overlap_normalization and normalize_again:
             fixed_stats, moving_stats = _normalize_over_overlap(
                 problem, params, (fixed_t, fixed_n, fixed_stats), (moving_t, moving_n, moving_stats),
@@ -3680,30 +3700,52 @@ def _noise_measures(image: torch.Tensor, mask: Optional[torch.Tensor], *,
     return ratio, channel_variance
 
 
-def _noise_adapted_sigmas(fixed: torch.Tensor, moving: torch.Tensor, fixed_mask: Optional[torch.Tensor],
-                          moving_mask: Optional[torch.Tensor], base: float, largest: float,
-                          moving_ratio: Optional[torch.Tensor] = None) -> list[float]:
-    """Per pair, the full-resolution sigma (:data:`NOISE_BIAS_LIMIT`): ``base`` unless the larger of
-    the two images' :func:`_noise_to_structure` ratios, times ``B(sigma) / B(1)``, is above the limit
-    at ``base``; then the smallest multiple of :data:`NOISE_SMOOTHING_STEP` that keeps it below, at
-    most ``largest``.  Each pair's own images decide: a pair's sigma does not depend on its batch."""
-    if moving_ratio is None:
-        moving_ratio = _noise_to_structure(moving, moving_mask)
-    ratios = torch.maximum(_noise_to_structure(fixed, fixed_mask), moving_ratio)
+def _noise_adapted_sigmas(ratios: torch.Tensor, coherence: list[float], base: float,
+                          largest: float) -> list[float]:
+    """Per pair, the full-resolution sigma (:data:`NOISE_BIAS_LIMIT`): ``base`` unless the pair's noise
+    pull, its :func:`_noise_to_structure` ratio (``ratios``, the larger of its two images') times
+    ``B(sigma) / B(1)`` times the share of it that its transform keeps (``PHASE_INCOHERENT_SHARE +
+    (1 - PHASE_INCOHERENT_SHARE) x coherence``, :func:`_phase_coherence`), is above the limit at
+    ``base``; then the smallest multiple of :data:`NOISE_SMOOTHING_STEP` that keeps it below, at
+    most ``largest``.  Each pair's own images and transform decide: a pair's sigma does not depend
+    on its batch."""
     reference = _half_pixel_noise_drop(1.0)
     sigmas = []
-    for ratio in ratios.tolist():
+    for ratio, share in zip(ratios.tolist(), coherence):
+        pull = ratio * (PHASE_INCOHERENT_SHARE + (1.0 - PHASE_INCOHERENT_SHARE) * share) / reference
         sigma = base
-        if not ratio * _half_pixel_noise_drop(base) / reference <= NOISE_BIAS_LIMIT:  # NaN: raised
+        if not pull * _half_pixel_noise_drop(base) <= NOISE_BIAS_LIMIT:  # NaN: raised
             sigma = max(base, largest)
             candidate = math.ceil(base / NOISE_SMOOTHING_STEP) * NOISE_SMOOTHING_STEP
             while candidate < largest:
-                if candidate > base and ratio * _half_pixel_noise_drop(candidate) / reference <= NOISE_BIAS_LIMIT:
+                if candidate > base and pull * _half_pixel_noise_drop(candidate) <= NOISE_BIAS_LIMIT:
                     sigma = candidate
                     break
                 candidate += NOISE_SMOOTHING_STEP
         sigmas.append(float(sigma))
     return sigmas
+
+
+def _phase_coherence(matrix: torch.Tensor, size: tuple[int, int]) -> list[float]:
+    """Per pair, how much the moving image's samples over the fixed grid share one sub-pixel phase,
+    at ``matrix`` (``(B, 3, 3)``, fixed -> moving pixels) on a fixed image of ``size`` ``(H, W)``: 1 for
+    a translation, near 0 where a rotation or a scale spreads the phases over whole pixels.
+
+    Resampled noise pulls the cost towards half pixels by a first harmonic in each pixel's phase;
+    the cost's mean over the fixed pixels keeps ``|mean_x exp(2 pi i u(x))|`` of it along a moving
+    axis whose coordinate is ``u = a x + b y + c``.  Over a ``W x H`` grid that is a product of
+    Dirichlet kernels, ``|D_W(a) D_H(b)|`` with ``D_N(a) = sin(pi N a) / (N sin(pi a))`` (1 where
+    ``a`` is whole); the larger of the two axes' is returned.  On a 256^2 image a rotation of 3
+    degrees keeps 2 % of the pull, of 1 degree 7 %, of 0.1 degree 70 %, of 0.03 degree 97 %.  A
+    matrix that is not finite (a start gone wrong) keeps all of it, as a translation."""
+    height, width = size
+    linear = matrix[:, :2, :2].detach().to(device="cpu", dtype=torch.float64)
+    counts = torch.tensor([float(width), float(height)], dtype=torch.float64)  # x's and y's coefficients
+    angle = math.pi * (linear - linear.round())
+    denominator = counts * torch.sin(angle)
+    whole = denominator.abs() < 1e-12
+    kernel = torch.where(whole, 1.0, torch.sin(angle * counts) / torch.where(whole, 1.0, denominator)).abs()
+    return kernel.prod(dim=2).amax(dim=1).nan_to_num(nan=1.0).tolist()
 
 
 def _make_level(fixed, moving, fixed_mask, moving_mask, factor: int, sigma: float,
