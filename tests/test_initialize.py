@@ -330,6 +330,33 @@ def test_an_image_inside_a_larger_one_is_found_where_it_lies(angle, scale, insid
     assert error(tireg.register(fixed, moving, transform="similarity").matrix) < 0.1
 
 
+@pytest.mark.parametrize("inside, small, large, angle, scale", [
+    ("fixed in moving", (40, 48), (240, 300), 0.0, 1.0),  # the small one 20 x 24 working pixels: matched at full resolution
+    ("moving in fixed", (72, 80), (300, 380), 0.0, 1.0),  # 24 x 26: matched at half resolution
+    ("fixed in moving", (72, 80), (220, 280), 2.0, 1.15),  # 24 x 26, zoomed: matched at the search's zooms too
+])
+def test_an_image_much_smaller_than_the_other_is_found_at_a_finer_resolution(inside, small, large, angle, scale):
+    """Under TEMPLATE_MIN_SIDE working pixels a side (the working images keep about 128 on the larger
+    image's side), the smaller image had no template candidate: a 48^2 crop of a 256^2 image or a
+    128^2 tile of a 1024^2 overview started 86-720 px off, every one.  It is matched now where it keeps
+    that many pixels, as OpenCV's matchTemplate would at full resolution."""
+    centre_large = ((large[1] - 1) / 2, (large[0] - 1) / 2)
+    centre_small = ((small[1] - 1) / 2, (small[0] - 1) / 2)
+    if inside == "fixed in moving":  # the fixed image's centre 30 px left of, 20 px above the moving one's
+        truth = similarity(angle, scale, centre_large[0] - 30.0 - centre_small[0],
+                           centre_large[1] - 20.0 - centre_small[1], size=small)
+        fixed, moving = cut_pair("coins", truth, small, moving_size=large)
+        error = lambda matrix: grid_error(matrix, truth, small).item()  # noqa: E731
+    else:  # the moving image's centre 80 px right of, 60 px below the fixed one's
+        truth = similarity(angle, scale, centre_small[0] + 80.0 - centre_large[0],
+                           centre_small[1] + 60.0 - centre_large[1], size=large)
+        fixed, moving = cut_pair("coins", truth, large, moving_size=small)
+        error = lambda matrix: grid_error(torch.linalg.inv(matrix.double()), torch.linalg.inv(truth), small).item()  # noqa: E731
+    kind = "translation" if scale == 1.0 else "similarity"
+    assert error(initialize(fixed, moving, kind)) < 4.0
+    assert error(tireg.register(fixed, moving, transform=kind).matrix) < 0.1
+
+
 def test_initialize_search_recovers_rotation_and_scale():
     cases = [("gravel", similarity(75.0, 0.9, 10.0, -8.0)), ("coins", similarity(-45.0, 1.2, -6.0, 3.0))]
     for name, truth in cases:

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -1682,22 +1682,89 @@ def _working_image(image: torch.Tensor, mask: Optional[torch.Tensor], factor: in
     return torch.where(inside, small, mean), inside.to(small.dtype)
 
 
-def _template_candidate(small_f: torch.Tensor, small_m: torch.Tensor) -> Optional[torch.Tensor]:
-    """For working images of different sizes where one holds the other (``h <= H`` and ``w <= W``)
-    and the smaller keeps :data:`TEMPLATE_MIN_SIDE` pixels a side, the translation that places the
-    smaller where it matches best in the larger (:func:`_template_offsets`) as a candidate
-    ``(B, 1, 4, 3, 3)`` (its four readings the same: it is no phase shift); ``None`` otherwise."""
+#: The most pixels the larger image may have at the template's own working resolution
+#: (:func:`_template_candidate`), so that its FFT stays a small part of a registration (2^22: a
+#: 2048^2 image in float64 spectra of about 70 MB).
+TEMPLATE_MAX_PIXELS = 2**22
+
+
+#: The zooms at which the smaller image is matched in the larger one for a kind with a scale
+#: (:func:`_template_candidate`), the search's five (:data:`SEARCH_SCALES`,
+#: :data:`SEARCH_SCALES_BETWEEN`): a 64^2 template zoomed 1.3x, matched at its own size only, gave
+#: a wrong placement that outscored the right candidates at the working resolution.
+TEMPLATE_SCALES = tuple(sorted(SEARCH_SCALES + SEARCH_SCALES_BETWEEN))
+#: How much more NCC another zoom must score than the template at its own size to replace it: small
+#: noisy templates (32-96 px in 256-2048 px images, noise 10 % of the range) match best at a wrong
+#: place and zoom: with no margin 10 of 80 such pairs started 20-800 px off, at 0.05 6, at 0.1 4 (at
+#: their own size alone 4); 0.2 lost the zoomed template again.
+TEMPLATE_ZOOM_MARGIN = 0.1
+
+
+def _template_candidate(small_f: torch.Tensor, small_m: torch.Tensor, kind: str, factor: int,
+                        finer: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> Optional[torch.Tensor]:
+    """For images of different sizes where one holds the other (``h <= H`` and ``w <= W``), the
+    transform that places the smaller where it matches best in the larger (:func:`_template_offsets`)
+    as a candidate ``(B, 1, 4, 3, 3)`` in working pixels (its four readings the same: it is no phase
+    shift); ``None`` otherwise.  For a ``kind`` with a scale (similarity, affine), the smaller is also
+    matched zoomed by each of :data:`TEMPLATE_SCALES`, and the candidate is the zoom and placement of
+    the highest NCC; else a translation.
+
+    The match is made where the smaller keeps :data:`TEMPLATE_MIN_SIDE` pixels a side: on the working
+    images ``small_f``, ``small_m`` (downsampled by ``factor``) where they keep that many, else on the
+    images downsampled by the largest factor ``t`` that does (``finer(t)``: the fixed and the moving
+    image there, as the working ones are made); none where the smaller has fewer at full resolution,
+    or the larger would have over :data:`TEMPLATE_MAX_PIXELS` there.  Why: the working images keep
+    about 128 pixels on the larger side, and a 48^2 crop of a 256^2 image, or a 128^2 tile of a
+    1024^2 overview, had under 32 there: every such pair started 86-720 px off (OpenCV's
+    matchTemplate, at full resolution, places them)."""
     (height, width), (height_m, width_m) = small_f.shape[-2:], small_m.shape[-2:]
-    if (height, width) == (height_m, width_m) or min(height, width, height_m, width_m) < TEMPLATE_MIN_SIDE:
+    if (height, width) == (height_m, width_m):
         return None
-    if height <= height_m and width <= width_m:  # the fixed image inside the moving one: x -> x + offset
-        shift = _template_offsets(small_f, small_m)[0]
-    elif height_m <= height and width_m <= width:  # the moving image inside the fixed one: x -> x - offset
-        shift = -_template_offsets(small_m, small_f)[0]
+    if height <= height_m and width <= width_m:  # the fixed image inside the moving one
+        fixed_inside = True
+    elif height_m <= height and width_m <= width:  # the moving image inside the fixed one
+        fixed_inside = False
     else:
         return None
-    matrix = translation_matrix(shift.to(small_f.dtype))
-    return matrix[:, None, None].expand(-1, 1, 4, 3, 3)
+    step = factor
+    if min(height, width, height_m, width_m) < TEMPLATE_MIN_SIDE:
+        smaller = min(side * factor for side in ((height, width) if fixed_inside else (height_m, width_m)))
+        step = smaller // TEMPLATE_MIN_SIDE  # the working images' sides are the full ones // factor
+        larger = (height_m * width_m if fixed_inside else height * width) * (factor / max(step, 1)) ** 2
+        if step < 1 or larger > TEMPLATE_MAX_PIXELS:
+            return None
+        small_f, small_m = finer(step)
+    template, image = (small_f, small_m) if fixed_inside else (small_m, small_f)
+    size = template.shape[-2:]
+    best_score = best = None
+    # its own size first; another zoom replaces it only where it scores TEMPLATE_ZOOM_MARGIN more
+    for zoom in sorted(TEMPLATE_SCALES if kind in _SCALED_KINDS else (1.0,), key=lambda value: value != 1.0):
+        zoomed = (round(size[0] * zoom), round(size[1] * zoom))
+        if min(zoomed) < TEMPLATE_MIN_SIDE or zoomed[0] > image.shape[-2] or zoomed[1] > image.shape[-1]:
+            continue
+        resized = template if zoomed == tuple(size) else F.interpolate(
+            template, size=zoomed, mode="bilinear", align_corners=False, antialias=zoom < 1)
+        offsets, score = _template_offsets(resized, image)
+        # the zoomed template's pixel j shows the template at (j + 1/2) / r - 1/2 (r its zoom per axis),
+        # and lies at offset + j in the larger image: template pixels -> larger image's pixels
+        ratios = torch.tensor([zoomed[1] / size[1], zoomed[0] / size[0]], dtype=offsets.dtype, device=offsets.device)
+        placed = torch.diag_embed(torch.cat([ratios, ratios.new_ones(1)]).expand(len(offsets), 3))
+        placed[:, :2, 2] = offsets + (ratios - 1) / 2
+        if best is None:
+            best_score, best = score, placed
+        else:
+            better = score > best_score + TEMPLATE_ZOOM_MARGIN
+            best_score = torch.where(better, score, best_score)
+            best = torch.where(better[:, None, None], placed, best)
+    if best is None:
+        return None
+    # fixed -> moving: the template's map where the fixed image is the template, else its inverse
+    matrix = best if fixed_inside else torch.linalg.inv(best)
+    if step != factor:  # the level of step -> the working level of factor
+        to_working = torch.linalg.inv(shrink_matrix(factor, dtype=matrix.dtype, device=matrix.device)) @ shrink_matrix(
+            step, dtype=matrix.dtype, device=matrix.device)
+        matrix = to_working @ matrix @ torch.linalg.inv(to_working)
+    return matrix.to(small_f.dtype)[:, None, None].expand(-1, 1, 4, 3, 3)
 
 
 def _scoring_image(small: torch.Tensor, inside: Optional[torch.Tensor]) -> torch.Tensor:
@@ -1805,8 +1872,12 @@ def _initialize(
 
         scored = lambda options: _best(*_best_readings(options, score_f, score_m))  # noqa: E731
 
+        def finer(step):  # the images as the working ones, downsampled by `step` only
+            finer_f, finer_m = _working_image(fixed, fixed_mask, step)[0], _working_image(moving, moving_mask, step)[0]
+            return finer_f, -finer_m if negate_moving else finer_m
+
         def with_template(options):  # and, for images of different sizes, where the smaller lies in the larger
-            template = _template_candidate(small_f, small_m)
+            template = _template_candidate(small_f, small_m, kind, factor, finer)
             return options if template is None else torch.cat([options, template], dim=1)
 
         if method == "phase":
