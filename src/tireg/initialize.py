@@ -1683,9 +1683,10 @@ def _working_image(image: torch.Tensor, mask: Optional[torch.Tensor], factor: in
 
 
 #: The most pixels the larger image may have at the template's own working resolution
-#: (:func:`_template_candidate`), so that its FFT stays a small part of a registration (2^22: a
-#: 2048^2 image in float64 spectra of about 70 MB).
-TEMPLATE_MAX_PIXELS = 2**22
+#: (:func:`_template_candidate`), so that its float64 FFTs stay a small part of a registration's
+#: memory (2^18: 512^2, a few MB a pair; a 64^2 template in a 2048^2 image, matched at 1024^2, would
+#: have held about 50 MB, three times that image): the larger side is at most 16 times the smaller's.
+TEMPLATE_MAX_PIXELS = 2**18
 
 
 #: The zooms at which the smaller image is matched in the larger one for a kind with a scale
