@@ -45,6 +45,27 @@ def _fourier_shifted(scene: np.ndarray, shift) -> np.ndarray:
     return np.real(np.fft.ifft2(np.fft.fft2(scene) * phase))
 
 
+def _unit_scene(name: str) -> np.ndarray:
+    """The bundled image ``name`` in float64, scaled to [0, 1]."""
+    from tireg.data import load
+
+    scene = load(name, dtype=torch.float64).numpy()
+    return (scene - scene.min()) / (scene.max() - scene.min())
+
+
+#: the pixels of a scene that a shift of a few pixels leaves clear of its Fourier wrap-around
+_NOT_WRAPPED = (slice(40, -40), slice(40, -40))
+
+
+def _noisy_shift_pair(scene: np.ndarray, rng: np.random.Generator, noise: float) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """``scene``'s middle and its exact shift by up to 2.5 px (float32), each with Gaussian noise of
+    ``noise``, and the shift."""
+    shift = tuple(rng.uniform(-2.5, 2.5, 2))
+    fixed = (scene[_NOT_WRAPPED] + rng.normal(0.0, noise, scene[_NOT_WRAPPED].shape)).astype(np.float32)
+    moving = (_fourier_shifted(scene, shift)[_NOT_WRAPPED] + rng.normal(0.0, noise, fixed.shape)).astype(np.float32)
+    return fixed, moving, shift
+
+
 @pytest.mark.parametrize("name", ["camera", "coins"])
 def test_noise_does_not_pull_a_shift_towards_half_pixels(name):
     # Bilinear resampling averages the moving image's noise, most at half-pixel positions, so the
@@ -77,17 +98,11 @@ def test_the_full_resolution_smoothing_rises_with_the_noise():
     smoothing is now chosen per pair from the noise (register.NOISE_BIAS_LIMIT): 2.25 px here (1.75
     before the pull was weighed by the transform's phase coherence: a median of 0.061 px, 0.046 now),
     a third of the error; a clean image keeps 1 px, and a pyramid that names its smoothing gets it."""
-    from tireg.data import load
-
-    scene = load("coins", dtype=torch.float64).numpy()
-    scene = (scene - scene.min()) / (scene.max() - scene.min())
-    inside = (slice(40, -40), slice(40, -40))
+    scene = _unit_scene("coins")
+    inside = _NOT_WRAPPED
     errors, fixed_smoothing = [], []
     for seed in range(8):
-        rng = np.random.default_rng(100 + seed)
-        shift = tuple(rng.uniform(-2.5, 2.5, 2))
-        fixed = (scene[inside] + rng.normal(0.0, 0.2, scene[inside].shape)).astype(np.float32)
-        moving = (_fourier_shifted(scene, shift)[inside] + rng.normal(0.0, 0.2, fixed.shape)).astype(np.float32)
+        fixed, moving, shift = _noisy_shift_pair(scene, np.random.default_rng(100 + seed), 0.2)
         result = tireg.register(fixed, moving, transform="translation")
         assert result.metadata["smoothing"][-1] > 1.0
         errors.append(math.dist(result.matrix[:2, 2].tolist(), shift))
@@ -119,17 +134,11 @@ def test_the_noise_smoothing_follows_how_much_of_the_pull_the_transform_keeps():
     noise on a rotated pair keeps 1 px (it took 1.25: smoothing costs a rotation or an affine
     transform accuracy that the averaged pull does not give back).  Each pair's own transform
     decides, in a batch too."""
-    from tireg.data import load
-
-    scene = load("camera", dtype=torch.float64).numpy()
-    scene = (scene - scene.min()) / (scene.max() - scene.min())
-    inside = (slice(40, -40), slice(40, -40))
+    scene = _unit_scene("camera")
     errors, sigmas = [], set()
     for seed in range(8):
         rng = np.random.default_rng(200 + seed)
-        shift = tuple(rng.uniform(-2.5, 2.5, 2))
-        fixed = (scene[inside] + rng.normal(0.0, 0.1, scene[inside].shape)).astype(np.float32)
-        moving = (_fourier_shifted(scene, shift)[inside] + rng.normal(0.0, 0.1, fixed.shape)).astype(np.float32)
+        fixed, moving, shift = _noisy_shift_pair(scene, rng, 0.1)
         result = tireg.register(fixed, moving, transform="translation")
         errors.append(math.dist(result.matrix[:2, 2].tolist(), shift))
         sigmas.add(result.metadata["smoothing"][-1])
@@ -139,7 +148,7 @@ def test_the_noise_smoothing_follows_how_much_of_the_pull_the_transform_keeps():
     center = ((scene.shape[1] - 1) / 2, (scene.shape[0] - 1) / 2)
     matrix = rigid_matrix(torch.tensor([math.radians(3.0), 0.4, -0.3], dtype=torch.float64), center)
     turned = tireg.warp(torch.from_numpy(scene)[None, None], matrix, interpolation="bicubic")[0, 0].numpy()
-    turned = (turned[inside] + rng.normal(0.0, 0.1, fixed.shape)).astype(np.float32)
+    turned = (turned[_NOT_WRAPPED] + rng.normal(0.0, 0.1, fixed.shape)).astype(np.float32)
     rotated = tireg.register(fixed, turned, transform="rigid")
     assert rotated.metadata["smoothing"][-1] == 1.0
     both = tireg.register(np.stack([fixed, fixed])[:, None], np.stack([moving, turned])[:, None], transform="rigid")
