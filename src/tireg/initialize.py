@@ -1737,7 +1737,7 @@ def _template_candidate(small_f: torch.Tensor, small_m: torch.Tensor, kind: str,
         small_f, small_m = finer(step)
     template, image = (small_f, small_m) if fixed_inside else (small_m, small_f)
     size = template.shape[-2:]
-    best_score = best = None
+    best_score = scale = shift = None  # per pair and axis: template pixel x -> scale x + shift in the image
     # its own size first; another zoom replaces it only where it scores TEMPLATE_ZOOM_MARGIN more
     for zoom in sorted(TEMPLATE_SCALES if kind in _SCALED_KINDS else (1.0,), key=lambda value: value != 1.0):
         zoomed = (round(size[0] * zoom), round(size[1] * zoom))
@@ -1746,25 +1746,26 @@ def _template_candidate(small_f: torch.Tensor, small_m: torch.Tensor, kind: str,
         resized = template if zoomed == tuple(size) else F.interpolate(
             template, size=zoomed, mode="bilinear", align_corners=False, antialias=zoom < 1)
         offsets, score = _template_offsets(resized, image)
-        # the zoomed template's pixel j shows the template at (j + 1/2) / r - 1/2 (r its zoom per axis),
-        # and lies at offset + j in the larger image: template pixels -> larger image's pixels
-        ratios = torch.tensor([zoomed[1] / size[1], zoomed[0] / size[0]], dtype=offsets.dtype, device=offsets.device)
-        placed = torch.diag_embed(torch.cat([ratios, ratios.new_ones(1)]).expand(len(offsets), 3))
-        placed[:, :2, 2] = offsets + (ratios - 1) / 2
-        if best is None:
-            best_score, best = score, placed
+        # the zoomed template's pixel j shows the template at (j + 1/2) / r - 1/2 (r its zoom per axis)
+        # and lies at offset + j in the larger image: x -> r x + offset + (r - 1) / 2
+        ratios = torch.tensor([zoomed[1] / size[1], zoomed[0] / size[0]], dtype=offsets.dtype,
+                              device=offsets.device).expand_as(offsets)
+        placed = offsets + (ratios - 1) / 2
+        if best_score is None:
+            best_score, scale, shift = score, ratios, placed
         else:
-            better = score > best_score + TEMPLATE_ZOOM_MARGIN
-            best_score = torch.where(better, score, best_score)
-            best = torch.where(better[:, None, None], placed, best)
-    if best is None:
+            better = (score > best_score + TEMPLATE_ZOOM_MARGIN)[:, None]
+            best_score = torch.where(better[:, 0], score, best_score)
+            scale, shift = torch.where(better, ratios, scale), torch.where(better, placed, shift)
+    if best_score is None:
         return None
-    # fixed -> moving: the template's map where the fixed image is the template, else its inverse
-    matrix = best if fixed_inside else torch.linalg.inv(best)
-    if step != factor:  # the level of step -> the working level of factor
-        to_working = torch.linalg.inv(shrink_matrix(factor, dtype=matrix.dtype, device=matrix.device)) @ shrink_matrix(
-            step, dtype=matrix.dtype, device=matrix.device)
-        matrix = to_working @ matrix @ torch.linalg.inv(to_working)
+    if not fixed_inside:  # fixed -> moving is the inverse map: x -> (x - shift) / scale
+        scale, shift = 1 / scale, -shift / scale
+    if step != factor:  # level pixels of `step` -> working pixels of `factor`: x -> c x + d (shrink_matrix)
+        c, d = step / factor, (step - factor) / (2 * factor)
+        shift = c * shift + d * (1 - scale)
+    matrix = torch.diag_embed(torch.cat([scale, torch.ones_like(scale[:, :1])], dim=1))
+    matrix[:, :2, 2] = shift
     return matrix.to(small_f.dtype)[:, None, None].expand(-1, 1, 4, 3, 3)
 
 
