@@ -6,7 +6,8 @@ images' noise and from how much of the noise's pull towards half pixels the pair
 smoothing at full resolution").  This script measures that choice against fixed sigmas on the same
 pairs, so that the rule can be recalibrated and checked.
 
-The pairs: 256^2 crops of scikit-image scenes with Gaussian noise of 2-20 % of the range (and
+The pairs: 256^2 crops of scikit-image scenes (scaled to a maximum of 1) with Gaussian noise of
+2-20 % of that maximum (and
 Poisson noise of 200, 50 and 13 photons at the brightest pixel on camera and cell), each image
 rendered the same way (the scene upsampled 4x by cubic interpolation, warped bilinearly on that
 fine grid, then averaged over 4 x 4 blocks), so that neither image carries an interpolation's
@@ -63,7 +64,8 @@ def render(fine: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
 
 
 def random_transform(rng: np.random.Generator, kind: str, drift: bool) -> torch.Tensor:
-    """``A`` ``(3, 3)`` float64, fixed -> moving pixels about the crop's centre."""
+    """``A`` ``(3, 3)`` float64 about the crop's centre, moving -> fixed pixels: the moving image's pixel
+    ``y`` shows what the fixed image shows at ``A y`` (``register``'s matrix is its inverse)."""
     shift = torch.eye(3, dtype=torch.float64)
     shift[:2, 2] = torch.from_numpy(rng.uniform(-3, 3, 2))
     if kind == "translation":

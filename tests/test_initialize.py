@@ -357,6 +357,21 @@ def test_an_image_much_smaller_than_the_other_is_found_at_a_finer_resolution(ins
     assert error(tireg.register(fixed, moving, transform=kind).matrix) < 0.1
 
 
+def test_a_zoomed_template_takes_the_zoom_that_matches_best():
+    """The zooms were compared each with the best so far plus the margin: once 1.118 had cleared it,
+    1.25 had to beat 1.118 by the margin too, and a template zoomed 1.21 kept 1.118 (scores 0.88
+    and 0.95).  The best zoom is compared with the template's own size alone."""
+    truth = similarity(0.0, 1.21, 20.0, 10.0, size=(96, 100))
+    fixed, moving = cut_pair("coins", truth, (96, 100), moving_size=(200, 240))
+    candidate = init_module._template_candidate(fixed, moving, "similarity", 1, finer=None)
+    assert candidate is not None
+    linear = candidate[0, 0, 0, :2, :2]
+    assert torch.allclose(linear, torch.eye(2, dtype=linear.dtype) * 1.25, atol=0.01), linear
+    # and a kind without a scale places it at its own size
+    shift_only = init_module._template_candidate(fixed, moving, "translation", 1, finer=None)
+    assert torch.equal(shift_only[0, 0, 0, :2, :2], torch.eye(2, dtype=linear.dtype))
+
+
 def test_initialize_search_recovers_rotation_and_scale():
     cases = [("gravel", similarity(75.0, 0.9, 10.0, -8.0)), ("coins", similarity(-45.0, 1.2, -6.0, 3.0))]
     for name, truth in cases:

@@ -1694,9 +1694,9 @@ TEMPLATE_MAX_PIXELS = 2**18
 #: :data:`SEARCH_SCALES_BETWEEN`): a 64^2 template zoomed 1.3x, matched at its own size only, gave
 #: a wrong placement that outscored the right candidates at the working resolution.
 TEMPLATE_SCALES = tuple(sorted(SEARCH_SCALES + SEARCH_SCALES_BETWEEN))
-#: How much more NCC another zoom must score than the template at its own size to replace it: small
+#: How much more NCC the best other zoom must score than the template at its own size to replace it: small
 #: noisy templates (32-96 px in 256-2048 px images, noise 10 % of the range) match best at a wrong
-#: place and zoom: with no margin 10 of 80 such pairs started 20-800 px off, at 0.05 6, at 0.1 4 (at
+#: place and zoom: with no margin 10 of 80 such pairs started 20-800 px off, at 0.05 6, at 0.1 4-5 (at
 #: their own size alone 4); 0.2 lost the zoomed template again.
 TEMPLATE_ZOOM_MARGIN = 0.1
 
@@ -1707,14 +1707,17 @@ def _template_candidate(small_f: torch.Tensor, small_m: torch.Tensor, kind: str,
     transform that places the smaller where it matches best in the larger (:func:`_template_offsets`)
     as a candidate ``(B, 1, 4, 3, 3)`` in working pixels (its four readings the same: it is no phase
     shift); ``None`` otherwise.  For a ``kind`` with a scale (similarity, affine), the smaller is also
-    matched zoomed by each of :data:`TEMPLATE_SCALES`, and the candidate is the zoom and placement of
-    the highest NCC; else a translation.
+    matched zoomed by each of :data:`TEMPLATE_SCALES`: the zoom and placement of the highest NCC
+    replace those of its own size where they score :data:`TEMPLATE_ZOOM_MARGIN` more; else a
+    translation.
 
-    The match is made where the smaller keeps :data:`TEMPLATE_MIN_SIDE` pixels a side: on the working
-    images ``small_f``, ``small_m`` (downsampled by ``factor``) where they keep that many, else on the
-    images downsampled by the largest factor ``t`` that does (``finer(t)``: the fixed and the moving
-    image there, as the working ones are made); none where the smaller has fewer at full resolution,
-    or the larger would have over :data:`TEMPLATE_MAX_PIXELS` there.  Why: the working images keep
+    The match is made where the smaller keeps :data:`TEMPLATE_MIN_SIDE` pixels a side at its smallest
+    zoom: on the working images ``small_f``, ``small_m`` (downsampled by ``factor``) where they keep
+    that many, else on the images downsampled by the largest factor ``t`` that does (at least 1:
+    ``finer(t)``, the fixed and the moving image there, as the working ones are made; at full
+    resolution a zoom that leaves fewer is skipped); none where the smaller has fewer than
+    :data:`TEMPLATE_MIN_SIDE` at full resolution, or the larger would have over
+    :data:`TEMPLATE_MAX_PIXELS` there.  Why: the working images keep
     about 128 pixels on the larger side, and a 48^2 crop of a 256^2 image, or a 128^2 tile of a
     1024^2 overview, had under 32 there: every such pair started 86-720 px off (OpenCV's
     matchTemplate, at full resolution, places them)."""
@@ -1727,19 +1730,21 @@ def _template_candidate(small_f: torch.Tensor, small_m: torch.Tensor, kind: str,
         fixed_inside = False
     else:
         return None
+    zooms = TEMPLATE_SCALES if kind in _SCALED_KINDS else (1.0,)
+    needed = math.ceil(TEMPLATE_MIN_SIDE / min(zooms))  # so that its smallest zoom keeps TEMPLATE_MIN_SIDE
     step = factor
-    if min(height, width, height_m, width_m) < TEMPLATE_MIN_SIDE:
-        smaller = min(side * factor for side in ((height, width) if fixed_inside else (height_m, width_m)))
-        step = smaller // TEMPLATE_MIN_SIDE  # the working images' sides are the full ones // factor
-        larger = (height_m * width_m if fixed_inside else height * width) * (factor / max(step, 1)) ** 2
-        if step < 1 or larger > TEMPLATE_MAX_PIXELS:
+    sides = (height, width) if fixed_inside else (height_m, width_m)
+    if min(sides) < needed:
+        smaller = min(sides) * factor  # the working images' sides are the full ones // factor
+        step = max(1, smaller // needed)  # below factor
+        larger = (height_m * width_m if fixed_inside else height * width) * (factor / step) ** 2
+        if smaller < TEMPLATE_MIN_SIDE or larger > TEMPLATE_MAX_PIXELS:
             return None
         small_f, small_m = finer(step)
     template, image = (small_f, small_m) if fixed_inside else (small_m, small_f)
     size = template.shape[-2:]
-    best_score = scale = shift = None  # per pair and axis: template pixel x -> scale x + shift in the image
-    # its own size first; another zoom replaces it only where it scores TEMPLATE_ZOOM_MARGIN more
-    for zoom in sorted(TEMPLATE_SCALES if kind in _SCALED_KINDS else (1.0,), key=lambda value: value != 1.0):
+    placements = []  # per zoom that fits: NCC (B,), and per pair and axis x -> scale x + shift in the image
+    for zoom in sorted(zooms, key=lambda value: value != 1.0):  # its own size first
         zoomed = (round(size[0] * zoom), round(size[1] * zoom))
         if min(zoomed) < TEMPLATE_MIN_SIDE or zoomed[0] > image.shape[-2] or zoomed[1] > image.shape[-1]:
             continue
@@ -1750,15 +1755,15 @@ def _template_candidate(small_f: torch.Tensor, small_m: torch.Tensor, kind: str,
         # and lies at offset + j in the larger image: x -> r x + offset + (r - 1) / 2
         ratios = torch.tensor([zoomed[1] / size[1], zoomed[0] / size[0]], dtype=offsets.dtype,
                               device=offsets.device).expand_as(offsets)
-        placed = offsets + (ratios - 1) / 2
-        if best_score is None:
-            best_score, scale, shift = score, ratios, placed
-        else:
-            better = (score > best_score + TEMPLATE_ZOOM_MARGIN)[:, None]
-            best_score = torch.where(better[:, 0], score, best_score)
-            scale, shift = torch.where(better, ratios, scale), torch.where(better, placed, shift)
-    if best_score is None:
-        return None
+        placements.append((score, ratios, offsets + (ratios - 1) / 2))
+    own_score, scale, shift = placements[0]  # (at step 1 a template of 32-39 px has no zoom below 1)
+    if len(placements) > 1:  # the best other zoom, where it scores TEMPLATE_ZOOM_MARGIN more than its own size
+        scores = torch.stack([score for score, _, _ in placements[1:]])
+        best = scores.argmax(dim=0)[None, :, None].expand(1, -1, 2)
+        other_scale = torch.stack([ratios for _, ratios, _ in placements[1:]]).gather(0, best)[0]
+        other_shift = torch.stack([placed for _, _, placed in placements[1:]]).gather(0, best)[0]
+        better = (scores.amax(dim=0) > own_score + TEMPLATE_ZOOM_MARGIN)[:, None]
+        scale, shift = torch.where(better, other_scale, scale), torch.where(better, other_shift, shift)
     if not fixed_inside:  # fixed -> moving is the inverse map: x -> (x - shift) / scale
         scale, shift = 1 / scale, -shift / scale
     if step != factor:  # level pixels of `step` -> working pixels of `factor`: x -> c x + d (shrink_matrix)
