@@ -372,6 +372,16 @@ def test_a_zoomed_template_takes_the_zoom_that_matches_best():
     assert torch.equal(shift_only[0, 0, 0, :2, :2], torch.eye(2, dtype=linear.dtype))
 
 
+@pytest.mark.parametrize("kind", ["translation", "similarity"])
+def test_a_side_one_pixel_longer_than_the_others_at_a_finer_level_is_no_template(kind):
+    """101 x 40 and 100 x 400 are 50 x 20 and 50 x 200 at the working level: the first looked inside
+    the second, and at full resolution, where it is not, no placement was left (an IndexError)."""
+    generator = torch.Generator().manual_seed(0)
+    fixed = torch.rand(1, 1, 101, 40, generator=generator)
+    moving = torch.rand(1, 1, 100, 400, generator=generator)
+    assert torch.isfinite(initialize(fixed, moving, kind)).all()
+
+
 def test_initialize_search_recovers_rotation_and_scale():
     cases = [("gravel", similarity(75.0, 0.9, 10.0, -8.0)), ("coins", similarity(-45.0, 1.2, -6.0, 3.0))]
     for name, truth in cases:
