@@ -1743,6 +1743,8 @@ def _template_candidate(small_f: torch.Tensor, small_m: torch.Tensor, kind: str,
         small_f, small_m = finer(step)
     template, image = (small_f, small_m) if fixed_inside else (small_m, small_f)
     size = template.shape[-2:]
+    if size[0] > image.shape[-2] or size[1] > image.shape[-1]:  # not inside at this level (a side one pixel
+        return None  # longer than the other image's, equal at the working level)
     placements = []  # per zoom that fits: NCC (B,), and per pair and axis x -> scale x + shift in the image
     for zoom in sorted(zooms, key=lambda value: value != 1.0):  # its own size first
         zoomed = (round(size[0] * zoom), round(size[1] * zoom))
@@ -1756,8 +1758,6 @@ def _template_candidate(small_f: torch.Tensor, small_m: torch.Tensor, kind: str,
         ratios = torch.tensor([zoomed[1] / size[1], zoomed[0] / size[0]], dtype=offsets.dtype,
                               device=offsets.device).expand_as(offsets)
         placements.append((score, ratios, offsets + (ratios - 1) / 2))
-    if not placements or placements[0][1][0, 0] != 1.0:  # its own size does not fit at this level (a side
-        return None  # one pixel longer than the other image's, equal at the working level)
     own_score, scale, shift = placements[0]  # (at step 1 a template of 32-39 px has no zoom below 1)
     if len(placements) > 1:  # the best other zoom, where it scores TEMPLATE_ZOOM_MARGIN more than its own size
         scores = torch.stack([score for score, _, _ in placements[1:]])
