@@ -388,6 +388,28 @@ def test_two_channels_of_a_tiff_that_are_not_alpha_are_not_written_as_alpha(tmp_
         assert _extrasamples(tmp_path / f"out-{name}.tif") == (0,), name
 
 
+def test_a_fourth_rgb_sample_that_is_not_alpha_is_not_written_as_alpha(tmp_path):
+    """An RGB TIFF whose fourth sample is UNSPECIFIED (say, near infrared) was written back with that
+    sample tagged UNASSALPHA, tifffile's default for a fourth RGB sample: a viewer then showed the
+    colour through it.  It keeps its tag; an ``.npy`` of four channels, which says nothing, is still
+    written as RGBA."""
+    pixels = np.random.default_rng(4).integers(0, 256, (16, 20, 4)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "rgbn.tif", pixels, photometric="rgb", planarconfig="contig", extrasamples=[0])
+    image = read_image(tmp_path / "rgbn.tif")
+    assert image.channels == 4 and image.format.alpha is None
+    write_frames(tmp_path / "out.tif", image.frames, image.format)
+    assert _extrasamples(tmp_path / "out.tif") == (0,)
+    with tifffile.TiffFile(tmp_path / "out.tif") as written:
+        assert written.pages[0].photometric == tifffile.PHOTOMETRIC.RGB
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), pixels)
+    again = read_image(tmp_path / "out.tif")
+    assert again.format.alpha is None and again.format.photometric == "rgb"
+    np.save(tmp_path / "rgba.npy", pixels)
+    array = read_image(tmp_path / "rgba.npy")
+    write_frames(tmp_path / "from-npy.tif", array.frames, array.format)
+    assert _extrasamples(tmp_path / "from-npy.tif") == (2,)
+
+
 def test_a_transparent_1_bit_grey_is_read_as_alpha_and_a_16_bit_one_stays_opaque(tmp_path):
     """Pillow gives 1-bit grey no alpha mode: its tRNS grey was read opaque. A 16-bit grey one stays
     opaque, and round-trips: read as grey + alpha it could not be written back as a PNG, and

@@ -867,6 +867,10 @@ def _write_data(temporary: Path, data: np.ndarray, kind: str, channels: int, ima
             # not alpha in the input (alpha None: two fluorescence channels) keeps tifffile's tag
             options["extrasamples"] = [next(value for value, alpha in _TIFF_ALPHA.items()
                                             if alpha == image_format.alpha)]
+        elif rgb and channels == 4 and image_format.photometric == "rgb":
+            # an RGB TIFF's fourth sample that it did not tag alpha (near infrared) stays UNSPECIFIED,
+            # not tifffile's UNASSALPHA; four channels from a file that says nothing (.npy) are RGBA
+            options["extrasamples"] = [0]
         tifffile.imwrite(temporary, np.ascontiguousarray(data), **options)
     else:
         iio = require("imageio.v3", f"writing {kind.upper()} files")
