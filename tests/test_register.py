@@ -965,7 +965,9 @@ def test_a_nan_cost_is_not_called_no_overlap():
     # an infinite (or NaN) cost of images that overlap is an overflow, not no overlap (1e20: the sum's
     # squares; from the initialiser's start, which finds the shift at any gain, inf - inf is NaN)
     for metric in ("l2", "cauchy"):
-        overflowed = tireg.register(fixed * 1e20, moving * 1e20, metric=metric, normalize=False)
+        with warnings.catch_warnings():  # cauchy's scale of 1 against intensities of 1e20 is warned about
+            warnings.filterwarnings("ignore", "register\\(\\): CauchyLoss", UserWarning)
+            overflowed = tireg.register(fixed * 1e20, moving * 1e20, metric=metric, normalize=False)
         assert not math.isfinite(float(overflowed.cost)) and overflowed.stop_reason == ["not_finite"], metric
     # an infinite cost is still no overlap where they do not
     far = tireg.transforms.translation_matrix(torch.tensor([1000.0, 0.0], dtype=torch.float64))
@@ -3361,3 +3363,39 @@ def test_an_unknown_transform_or_metric_is_named_by_register():
         tireg.register(fixed, moving, metric="l3")
     with pytest.raises(ValueError, match=r"^register\(\): unknown metric 5; choose one of "):
         tireg.register(fixed, moving, metric=5)
+
+
+@pytest.mark.parametrize("loss", ["cauchy", "geman_mcclure"])
+def test_a_redescending_loss_whose_scale_is_far_below_the_intensities_is_warned_about(loss):
+    """Cauchy and Geman-McClure count a difference beyond their scale (1 by default) as an outlier.
+    On 16-bit counts with ``normalize=False`` every pixel was one: the pair ended 0.31 px off,
+    "converged" after no step at full resolution, without a word.  The warning names the loss, the
+    ratio, and a scale in the images' units, which recovers the transform."""
+    fixed, moving, truth = registration_pair("astronaut", "rigid", KNOWN["rigid"])
+    fixed16, moving16 = ((image.double().clamp(0, 1) * 65535).round().numpy().astype(np.uint16)
+                         for image in (fixed, moving))
+    with pytest.warns(UserWarning, match=r"scale=1\) counts a difference beyond its scale as an outlier") as caught:
+        result = tireg.register(fixed16, moving16, metric=loss, normalize=False)
+    assert caught[0].filename == __file__
+    message = str(caught[0].message)
+    assert "normalize=True" in message and "deviation 1.85e+04" in message
+    assert grid_error(result.matrix, truth, fixed.shape) > 0.2
+    suggested = float(re.search(r"\(scale=([0-9.e+]+)\)$", message).group(1))
+    chosen = tireg.losses.LOSSES[loss](scale=suggested)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = tireg.register(fixed16, moving16, metric=chosen, normalize=False)
+    assert grid_error(result.matrix, truth, fixed.shape) < 0.02
+
+
+def test_the_outlier_scale_warning_reads_the_units_the_loss_sees():
+    """Normalised images have deviation 1: a Cauchy scale of 0.01 is warned about, 0.1 is not; losses
+    without a redescending scale (L2, Huber, whose far side is L1) are never."""
+    fixed, moving, _ = registration_pair("astronaut", "translation", [2.0, -1.0], margin=60)
+    with pytest.warns(UserWarning, match=r"CauchyLoss\(scale=0.01\).*normalised images, deviation 1: 100 times"):
+        tireg.register(fixed, moving, transform="translation", metric=tireg.losses.CauchyLoss(scale=0.01))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tireg.register(fixed, moving, transform="translation", metric=tireg.losses.CauchyLoss(scale=0.1))
+        for metric in ("l2", "huber"):
+            tireg.register(fixed * 1000, moving * 1000, transform="translation", metric=metric, normalize=False)
