@@ -3927,14 +3927,37 @@ def _smooth_full_resolution(image: torch.Tensor, mask: Optional[torch.Tensor], s
             return gaussian_blur(part, part_sigma)
         return _normalized_blur(part * part_mask, part_mask, part_sigma)
 
+    if in_place and mask is None and image.is_contiguous():
+        # each group's runs of consecutive pairs are views, smoothed in themselves: no image-sized
+        # result beside the input (16 x 256^2 mixing noisy and clean pairs peaked at 3.9x, 2.7x now)
+        for key, indices in groups.items():
+            for start, stop in _runs(indices):
+                gaussian_blur_in_place(image[start:stop], effective(key))
+        return image
     if len(groups) == 1:
         (key,) = groups
-        if in_place and mask is None and image.is_contiguous():
-            return gaussian_blur_in_place(image, effective(key))
         return smooth(image, mask, effective(key))
+    # one image for every pair (stride 0), and one mask or none: smoothed once per group, and
+    # broadcast into the group's pairs (not gathered into a copy per pair first)
+    shared = image.stride(0) == 0 and (mask is None or mask.shape[0] == 1 or mask.stride(0) == 0)
     result = torch.empty(image.shape, dtype=image.dtype, device=image.device)
     for key, indices in groups.items():
         index = torch.tensor(indices, device=image.device)
+        if shared:
+            result[index] = smooth(image[:1], None if mask is None else mask[:1], effective(key))
+            continue
         part_mask = None if mask is None else mask.expand(image.shape[0], *mask.shape[1:])[index]
         result[index] = smooth(image[index], part_mask, effective(key))
     return result
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Ascending ``indices`` as ``(start, stop)`` ranges of consecutive values: ``[0, 1, 2, 5]`` ->
+    ``[(0, 3), (5, 6)]``."""
+    runs: list[tuple[int, int]] = []
+    for index in indices:
+        if runs and runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
+    return runs
