@@ -3394,7 +3394,7 @@ def test_an_unknown_transform_or_metric_is_named_by_register():
 def test_a_redescending_loss_whose_scale_is_far_below_the_intensities_is_warned_about(loss):
     """Cauchy and Geman-McClure count a difference beyond their scale (1 by default) as an outlier.
     On 16-bit counts with ``normalize=False`` every pixel was one: the pair ended 0.31 px off,
-    "converged" after no step at full resolution, without a word.  The warning names the loss, the
+    "converged" without taking a step, without a word.  The warning names the loss, the
     ratio, and a scale in the images' units, which recovers the transform."""
     fixed, moving, truth = registration_pair("astronaut", "rigid", KNOWN["rigid"])
     fixed16, moving16 = ((image.double().clamp(0, 1) * 65535).round().numpy().astype(np.uint16)
