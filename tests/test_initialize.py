@@ -357,6 +357,37 @@ def test_an_image_much_smaller_than_the_other_is_found_at_a_finer_resolution(ins
     assert error(tireg.register(fixed, moving, transform=kind).matrix) < 0.1
 
 
+@pytest.mark.parametrize("side, kind", [(48, "translation"), (63, "translation"), (56, "similarity")])
+def test_a_template_within_16_times_its_side_is_matched_at_a_fractional_step(monkeypatch, side, kind):
+    """A template under 64 px (80 for a kind with a scale) is matched at step 1, where a larger image of
+    more than TEMPLATE_MAX_PIXELS was refused: a 48-63 px crop of a 606 x 768 image (12-16 times its
+    side) had no template candidate, and register ended 100-400 px off, "converged".  Both images are
+    now downsampled by the fractional step that brings the larger one to the cap, where the template
+    keeps TEMPLATE_MIN_SIDE pixels: up to (16 x its side)^2 pixels for the larger image."""
+    scene = torch.nn.functional.interpolate(load("coins", dtype=torch.float32)[None, None], scale_factor=2.0,
+                                            mode="bilinear", antialias=True)[0, 0]  # 606 x 768
+    top, left = 380, 520
+    fixed = scene[top:top + side, left:left + side]
+    truth = translation_matrix(torch.tensor([[float(left), float(top)]], dtype=torch.float64))
+    start = initialize(fixed, scene, kind).reshape(1, 3, 3)
+    assert grid_error(start, truth, (side, side)).item() < 2.0
+    found = tireg.register(fixed, scene, transform=kind).matrix.reshape(1, 3, 3)
+    assert grid_error(found, truth, (side, side)).item() < 0.1
+    # and one over 16 times (sqrt(606 x 768) = 682 against 16 x 42): no candidate, as documented
+    # and a 48 px one within it ((16 x 48)^2 pixels > 606 x 768)
+    candidates = []
+    template_candidate = init_module._template_candidate
+
+    def recorded(*args, **kwargs):
+        candidates.append(template_candidate(*args, **kwargs))
+        return candidates[-1]
+
+    monkeypatch.setattr(init_module, "_template_candidate", recorded)
+    for template_side in (42, 48):
+        initialize(scene[top:top + template_side, left:left + template_side], scene, kind)
+    assert candidates[0] is None and candidates[1] is not None
+
+
 def test_a_zoomed_template_takes_the_zoom_that_matches_best():
     """The zooms were compared each with the best so far plus the margin: once 1.118 had cleared it,
     1.25 had to beat 1.118 by the margin too, and a template zoomed 1.21 kept 1.118 (scores 0.88

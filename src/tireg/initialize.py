@@ -1685,7 +1685,8 @@ def _working_image(image: torch.Tensor, mask: Optional[torch.Tensor], factor: in
 #: The most pixels the larger image may have at the template's own working resolution
 #: (:func:`_template_candidate`), so that its float64 FFTs stay a small part of a registration's
 #: memory (2^18: 512^2, a few MB a pair; a 64^2 template in a 2048^2 image, matched at 1024^2, would
-#: have held about 50 MB, three times that image): the larger side is at most 16 times the smaller's.
+#: have held about 50 MB, three times that image): with the template kept at TEMPLATE_MIN_SIDE
+#: pixels (a fractional step where needed), the larger image holds at most (16 x its side)^2.
 TEMPLATE_MAX_PIXELS = 2**18
 
 
@@ -1715,9 +1716,11 @@ def _template_candidate(small_f: torch.Tensor, small_m: torch.Tensor, kind: str,
     zoom: on the working images ``small_f``, ``small_m`` (downsampled by ``factor``) where they keep
     that many, else on the images downsampled by the largest factor ``t`` that does (at least 1:
     ``finer(t)``, the fixed and the moving image there, as the working ones are made; at full
-    resolution a zoom that leaves fewer is skipped); none where the smaller has fewer than
-    :data:`TEMPLATE_MIN_SIDE` at full resolution, or the larger would have over
-    :data:`TEMPLATE_MAX_PIXELS` there.  Why: the working images keep
+    resolution a zoom that leaves fewer is skipped).  Where the larger would have over
+    :data:`TEMPLATE_MAX_PIXELS` there, both are downsampled by the fractional step that brings it
+    to the cap (:func:`_fractional_step`); none where the smaller then keeps fewer than
+    :data:`TEMPLATE_MIN_SIDE` (a larger image beyond ``(16 x the smaller's side)^2`` pixels), or
+    has fewer at full resolution.  Why: the working images keep
     about 128 pixels on the larger side, and a 48^2 crop of a 256^2 image, or a 128^2 tile of a
     1024^2 overview, had under 32 there: every such pair started 86-720 px off (OpenCV's
     matchTemplate, at full resolution, places them)."""
@@ -1737,10 +1740,17 @@ def _template_candidate(small_f: torch.Tensor, small_m: torch.Tensor, kind: str,
     if min(sides) < needed:
         smaller = min(sides) * factor  # the working images' sides are the full ones // factor
         step = max(1, smaller // needed)  # below factor
-        larger = (height_m * width_m if fixed_inside else height * width) * (factor / step) ** 2
-        if smaller < TEMPLATE_MIN_SIDE or larger > TEMPLATE_MAX_PIXELS:
+        larger = (height_m * width_m if fixed_inside else height * width) * factor**2  # at full resolution
+        if smaller < TEMPLATE_MIN_SIDE:
             return None
-        small_f, small_m = finer(step)
+        if larger > TEMPLATE_MAX_PIXELS * step**2:
+            # the larger image over the cap at the whole step: the step that brings it to the cap, a
+            # fraction above the whole one (a 63 px template took step 1, and its image was refused
+            # beyond 512^2: 8x its side, not 16x), where the template keeps TEMPLATE_MIN_SIDE there
+            step = math.sqrt(larger / TEMPLATE_MAX_PIXELS)
+            if smaller < TEMPLATE_MIN_SIDE * step:
+                return None
+        small_f, small_m = _fractional_step(finer, step)
     template, image = (small_f, small_m) if fixed_inside else (small_m, small_f)
     size = template.shape[-2:]
     if size[0] > image.shape[-2] or size[1] > image.shape[-1]:  # not inside at this level (a side one pixel
@@ -1774,6 +1784,21 @@ def _template_candidate(small_f: torch.Tensor, small_m: torch.Tensor, kind: str,
     matrix = torch.diag_embed(torch.cat([scale, torch.ones_like(scale[:, :1])], dim=1))
     matrix[:, :2, 2] = shift
     return matrix.to(small_f.dtype)[:, None, None].expand(-1, 1, 4, 3, 3)
+
+
+def _fractional_step(finer: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                     step: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed and the moving image downsampled by ``step``, which may be fractional: ``finer`` at
+    its whole part ``k``, then both resampled by ``r = step / k`` (antialiased bilinear, one ratio for
+    both), so that ``x_full = step x + (step - 1) / 2`` as at a whole step: ``x_k = r x + (r - 1) / 2``
+    composed with ``x_full = k x_k + (k - 1) / 2``."""
+    whole = max(1, math.floor(step))
+    images = finer(whole)
+    ratio = step / whole
+    if ratio == 1.0:
+        return images
+    return tuple(F.interpolate(image, scale_factor=1.0 / ratio, mode="bilinear", align_corners=False,
+                               antialias=True, recompute_scale_factor=False) for image in images)
 
 
 def _scoring_image(small: torch.Tensor, inside: Optional[torch.Tensor]) -> torch.Tensor:
