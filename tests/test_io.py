@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tireg.io import ImageError, ImageFormat, OutputExistsError, OutputFiles, read_image, read_stack, write_frames
-from tireg.io import convert_dtype, from_chw, to_chw, write_image
+from tireg.io import check_writable, convert_dtype, from_chw, to_chw, write_image
 
 tifffile = pytest.importorskip("tifffile")
 Image = pytest.importorskip("PIL.Image")
@@ -408,6 +408,47 @@ def test_a_fourth_rgb_sample_that_is_not_alpha_is_not_written_as_alpha(tmp_path)
     array = read_image(tmp_path / "rgba.npy")
     write_frames(tmp_path / "from-npy.tif", array.frames, array.format)
     assert _extrasamples(tmp_path / "from-npy.tif") == (2,)
+
+
+@pytest.mark.parametrize("photometric, tags", [("rgb", (0, 0)), ("rgb", (2, 0)), ("rgb", (0, 2)),
+                                               ("minisblack", (0, 2)), ("minisblack", (0, 0, 0))])
+def test_several_extra_samples_of_a_tiff_keep_their_photometric_and_tags(tmp_path, photometric, tags):
+    """An RGB TIFF with two extra samples was written back MINISBLACK, and every extra sample
+    UNSPECIFIED: an alpha among them (RGBA + infrared) lost its tag.  They keep both, as read; such
+    an alpha is not the last of 2 or 4 channels and is warped as a plain channel."""
+    channels = (3 if photometric == "rgb" else 1) + len(tags)
+    pixels = np.random.default_rng(5).integers(0, 4096, (12, 14, channels)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "input.tif", pixels, photometric=photometric, planarconfig="contig",
+                     extrasamples=list(tags))
+    image = read_image(tmp_path / "input.tif")
+    assert image.channels == channels and image.format.alpha is None and image.format.extrasamples == tags
+    write_frames(tmp_path / "out.tif", image.frames, image.format)
+    with tifffile.TiffFile(tmp_path / "out.tif") as written:
+        assert written.pages[0].photometric.name == photometric.upper()
+    assert _extrasamples(tmp_path / "out.tif") == tags
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), pixels)
+
+
+@pytest.mark.parametrize("photometric", ["rgb", "minisblack"])
+def test_a_tiff_band_that_is_not_alpha_is_not_written_to_png_as_alpha(tmp_path, photometric):
+    """An RGB TIFF's untagged fourth sample (or a grey one's second) was written to a PNG as its alpha,
+    and read back so: a later apply premultiplied the colour by the infrared band.  Refused before
+    anything is written, naming .tif and .npy (JPEG's message too); an .npy's four channels, which say
+    nothing, are still written as RGBA."""
+    channels = 4 if photometric == "rgb" else 2
+    pixels = np.random.default_rng(6).integers(0, 256, (12, 14, channels)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "input.tif", pixels, photometric=photometric, planarconfig="contig",
+                     extrasamples=[0])
+    image = read_image(tmp_path / "input.tif")
+    with pytest.raises(ImageError, match=r"PNG would store the last of these \d channels as alpha .*write .tif or .npy"):
+        write_frames(tmp_path / "out.png", image.frames, image.format)
+    assert list(tmp_path.iterdir()) == [tmp_path / "input.tif"]
+    with pytest.raises(ImageError, match=r"JPEG holds grey or RGB, not \d channels .*write .tif or .npy"):
+        check_writable(tmp_path / "out.jpg", image.frames.shape, image.format)
+    np.save(tmp_path / "array.npy", pixels)
+    array = read_image(tmp_path / "array.npy")
+    write_frames(tmp_path / "from-npy.png", array.frames, array.format)
+    assert read_image(tmp_path / "from-npy.png").format.alpha == "unassociated"
 
 
 def test_a_transparent_1_bit_grey_is_read_as_alpha_and_a_16_bit_one_stays_opaque(tmp_path):

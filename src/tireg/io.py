@@ -120,6 +120,9 @@ class ImageFormat:
             ``"unassociated"`` (a PNG's; a TIFF's ExtraSamples UNASSALPHA), ``"associated"``
             (premultiplied: ASSOCALPHA), or ``None`` where the file did not say so (an ``.npy``;
             a TIFF of two fluorescence channels, whose extra sample is UNSPECIFIED).
+        extrasamples: TIFF only: the page's ExtraSamples as read, one tag per sample beyond grey
+            or RGB (0 unspecified, 1 associated alpha, 2 unassociated alpha), written back so; ``()``
+            where there are none or the channels are not the page's samples (a hyperstack's C axis).
     """
 
     kind: str
@@ -127,6 +130,7 @@ class ImageFormat:
     channel_axis: bool = False
     photometric: Optional[str] = None
     alpha: Optional[str] = None
+    extrasamples: tuple[int, ...] = ()
 
 
 @dataclass
@@ -578,7 +582,7 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
     if samples_only and len(extrasamples) == 1 and channels == (4 if photometric == "rgb" else 2):
         alpha = _TIFF_ALPHA.get(extrasamples[0])
     return data, ImageFormat(kind, data.dtype, bool(channel_axes), photometric if channel_axes else "minisblack",
-                             alpha)
+                             alpha, extrasamples if samples_only else ())
 
 
 #: The alpha of a TIFF's ExtraSamples value (1: ASSOCALPHA, 2: UNASSALPHA; 0, UNSPECIFIED, is not alpha).
@@ -762,11 +766,24 @@ def _check_writable(kind: str, frames: np.ndarray, image_format: ImageFormat, pa
             )
         if channels not in (1, 2, 3, 4):
             raise ImageError(f"PNG cannot hold {channels} channels ({str(path)!r}); write .tif or .npy")
+        if _last_channel_not_alpha(image_format, channels):
+            raise ImageError(
+                f"PNG would store the last of these {channels} channels as alpha ({str(path)!r}), and the TIFF "
+                "they come from does not tag it alpha (an infrared or a second fluorescence band); write .tif "
+                "or .npy"
+            )
     if kind == "jpeg":
         if dtype != np.uint8:
             raise ImageError(f"JPEG holds 8-bit images, not {dtype} ({str(path)!r}); write .png, .tif or .npy")
         if channels not in (1, 3):
-            raise ImageError(f"JPEG holds grey or RGB, not {channels} channels ({str(path)!r}); write .png or .tif")
+            other = ".tif or .npy" if _last_channel_not_alpha(image_format, channels) else ".png or .tif"
+            raise ImageError(f"JPEG holds grey or RGB, not {channels} channels ({str(path)!r}); write {other}")
+
+
+def _last_channel_not_alpha(image_format: ImageFormat, channels: int) -> bool:
+    """Whether 2 or 4 channels read from a TIFF (``photometric`` set) end with a sample it did not tag
+    alpha: PNG, which holds grey + alpha and RGBA only, would make it alpha."""
+    return channels in (2, 4) and image_format.alpha is None and image_format.photometric is not None
 
 
 def check_writable(path: PathLike, frames_shape: Sequence[int], image_format: ImageFormat) -> str:
@@ -853,24 +870,26 @@ def _write_data(temporary: Path, data: np.ndarray, kind: str, channels: int, ima
     elif kind == "tiff":
         tifffile = require("tifffile", "writing TIFF files")
         has_channels = channels > 1  # one sample: no planarconfig (tifffile refused 'contig' for it)
-        rgb = (
-            has_channels
-            and channels in (3, 4)
-            and image_format.photometric in (None, "rgb")  # None: from PNG/JPEG/npy, colour is RGB
-        )
+        # an RGB TIFF stays RGB with extra samples (5 and more were written MINISBLACK); from PNG, JPEG
+        # or .npy (photometric None) 3 or 4 channels are RGB
+        rgb = has_channels and (channels >= 3 if image_format.photometric == "rgb"
+                                else channels in (3, 4) and image_format.photometric is None)
         options = dict(photometric="rgb" if rgb else "minisblack")
         if has_channels:
             options["planarconfig"] = "contig"
+        extra = channels - (3 if rgb else 1)
         if image_format.alpha is not None and channels == (4 if rgb else 2):
             # tifffile tags a second grey sample UNSPECIFIED (Pillow then opened grey + alpha as plain
-            # grey) and a fourth RGB one UNASSALPHA (premultiplied alpha lost that); a sample that was
-            # not alpha in the input (alpha None: two fluorescence channels) keeps tifffile's tag
+            # grey) and a fourth RGB one UNASSALPHA (premultiplied alpha lost that)
             options["extrasamples"] = [next(value for value, alpha in _TIFF_ALPHA.items()
                                             if alpha == image_format.alpha)]
-        elif rgb and channels == 4 and image_format.photometric == "rgb":
-            # an RGB TIFF's fourth sample that it did not tag alpha (near infrared) stays UNSPECIFIED,
-            # not tifffile's UNASSALPHA; four channels from a file that says nothing (.npy) are RGBA
-            options["extrasamples"] = [0]
+        elif image_format.photometric is not None and extra > 0:
+            # a TIFF's extra samples keep their tags as read: an untagged fourth RGB sample (near
+            # infrared) is not tifffile's UNASSALPHA, and an alpha among several extra samples, which
+            # is warped as a plain channel, stays alpha (it was written UNSPECIFIED); four channels
+            # from a file that says nothing (.npy) are RGBA
+            read = image_format.extrasamples
+            options["extrasamples"] = list(read) if len(read) == extra else [0] * extra
         tifffile.imwrite(temporary, np.ascontiguousarray(data), **options)
     else:
         iio = require("imageio.v3", f"writing {kind.upper()} files")
