@@ -769,6 +769,8 @@ class AffineModelAnalytic(TransformModel):
         # the model's own dA/dp checked against autograd's (_check_own_jacobian): (key, what it keeps alive,
         # the indices of the parameters that get_matrix() does not use)
         self._jacobian_checked: tuple = (None, None, frozenset())
+        # the mappings of one's own checked (_check_own_mappings): (key, what it keeps alive)
+        self._mappings_checked: tuple = (None, None)
         self.register_buffer("moving_with_gradient", None, persistent=False)
         self._pixel_axes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.compile = compile
@@ -798,7 +800,7 @@ class AffineModelAnalytic(TransformModel):
         gradient images): the copy makes them again on its first forward."""
         state = super().__getstate__()
         state.update(_padded=(None, None), _coordinates=(None, None), _pixel_axes={}, _moving_stamp=None,
-                     _jacobian_checked=(None, None, frozenset()),
+                     _jacobian_checked=(None, None, frozenset()), _mappings_checked=(None, None),
                      _ranges=((None, None), None, None), _buffers=dict(state["_buffers"], moving_with_gradient=None))
         return state
 
@@ -925,6 +927,7 @@ class AffineModelAnalytic(TransformModel):
             if not matches(self._moving_stamp, source, *self._gradient_settings()):
                 self._precompute(source)
             stacked = self.moving_with_gradient
+        self._check_own_mappings(caller)
         unused = self._check_own_jacobian(caller)
         batch = source.shape[0]
         with torch.no_grad():
@@ -965,6 +968,37 @@ class AffineModelAnalytic(TransformModel):
             if timed:
                 self._eager_seconds += time.perf_counter() - started
         return warped, cost.sum()
+
+    def _check_own_mappings(self, caller: str) -> None:
+        """Check every mapping of one's own (a :class:`~tireg.mappings.Mapping` whose ``derivative`` is
+        not tireg's) that the chain rule uses: ``derivative(r)`` against a central difference of its
+        ``forward`` in float64, at the current raw values and a few tenths from them.
+
+        The analytic gradient is ``dL/dp * m'(r)``: a ``derivative`` that is not ``forward``'s put its
+        error into every gradient, silently on a ready-made model (a rigid model's shift 10.2 for
+        autograd's 30.5), and on a subclass that overrides ``get_derva`` the error named
+        ``get_derva``.  Checked at the first forward and when the mappings or parameters change;
+        within 1e-3 of the larger derivative (plus 1e-9), where the one-sided differences agree (a
+        kink is not checked).  Not where a subclass forms its values its own way (``get``), which
+        the chain rule follows by autograd."""
+        params = self._parameter_list()
+        key = (tuple(map(id, self.m)), tuple(map(id, params)))
+        if self._mappings_checked[0] == key:
+            return
+        if not self._has_own_values():
+            for i, (mapping, param) in enumerate(zip(self.m, params)):
+                if (type(mapping).forward, type(mapping).derivative) in _EXACT_DERIVATIVES:
+                    continue
+                for offset in (0.0, _CHECK_OFFSETS[0]):
+                    raw = param.detach().to(torch.float64) + offset
+                    relative = _derivative_error(mapping, raw)
+                    if relative is not None and relative > 1e-3:
+                        raise ValueError(
+                            f"{caller}: {type(mapping).__name__}.derivative() of parameter {i} is not the derivative "
+                            f"of its forward(): a central difference of forward() differs from it by {relative:.1%} "
+                            f"at raw value {float(raw.flatten()[0]):.6g}; the analytic gradient, dL/dp * m'(r), would "
+                            "be that of another function than the cost. derivative(r) must return d forward(r) / dr.")
+        self._mappings_checked = (key, (params, list(self.m)))
 
     def _check_own_jacobian(self, caller: str) -> frozenset:
         """Check a subclass's own ``dA/dp`` (``get_derva``, ``parameter_jacobian``) against autograd's
@@ -1301,6 +1335,31 @@ _SIMILARITY = TRANSFORMS["similarity"]
 #: What the get_derva check adds to each raw value (per nn.Parameter, in turn) for its second point, a
 #: point away from the identity start where sine terms and scale factors vanish.
 _CHECK_OFFSETS = (0.173, -0.219, 0.251, -0.137, 0.193, -0.241, 0.157, -0.283)
+#: tireg's own mappings' (forward, derivative), exact by construction: not checked
+#: (:meth:`_check_own_mappings`; a subclass that overrides either one is).
+_EXACT_DERIVATIVES = tuple((mapping.forward, mapping.derivative) for mapping in _BUILT_IN_MAPPINGS)
+
+
+def _derivative_error(mapping: Mapping, raw: torch.Tensor) -> Optional[float]:
+    """``max |derivative(r) - D(r)| / max(|derivative|, |D|)`` over ``raw`` (float64), with ``D`` the
+    central difference of ``mapping.forward``; ``None`` where it cannot say: ``forward`` or
+    ``derivative`` raises or is not finite there, or the one-sided differences disagree (a kink,
+    float32 inside)."""
+    step = 1e-6 * max(1.0, float(raw.abs().max()))
+    try:
+        with torch.no_grad():
+            values = [torch.as_tensor(mapping.forward(raw + offset), dtype=torch.float64)
+                      for offset in (-step, 0.0, step)]
+            derivative = torch.as_tensor(mapping.derivative(raw), dtype=torch.float64)
+    except Exception:  # its own dtype or math: left to the step itself, which says what failed
+        return None
+    down, middle, up = values
+    central, forward, backward = (up - down) / (2 * step), (up - middle) / step, (middle - down) / step
+    scale = max(float(central.abs().max()), float(derivative.abs().max()))
+    if (not bool(torch.isfinite(central).all() and torch.isfinite(derivative).all())
+            or float((forward - backward).abs().max()) > 1e-4 * scale + 1e-9):
+        return None
+    return float((derivative - central).abs().max()) / (scale + 1e-9)
 
 
 def _select(tensor: torch.Tensor, dim: int, order: Sequence[int]) -> torch.Tensor:
