@@ -3931,8 +3931,8 @@ def _smooth_full_resolution(image: torch.Tensor, mask: Optional[torch.Tensor], s
         # each group's runs of consecutive pairs are views, smoothed in themselves: no image-sized
         # result beside the input (16 x 256^2 mixing noisy and clean pairs peaked at 3.9x, 2.7x now)
         for key, indices in groups.items():
-            for start, stop in _runs(indices):
-                gaussian_blur_in_place(image[start:stop], effective(key))
+            for run in _runs(indices):
+                gaussian_blur_in_place(image[run], effective(key))
         return image
     if len(groups) == 1:
         (key,) = groups
@@ -3949,15 +3949,3 @@ def _smooth_full_resolution(image: torch.Tensor, mask: Optional[torch.Tensor], s
         part_mask = None if mask is None else mask.expand(image.shape[0], *mask.shape[1:])[index]
         result[index] = smooth(image[index], part_mask, effective(key))
     return result
-
-
-def _runs(indices: list[int]) -> list[tuple[int, int]]:
-    """Ascending ``indices`` as ``(start, stop)`` ranges of consecutive values: ``[0, 1, 2, 5]`` ->
-    ``[(0, 3), (5, 6)]``."""
-    runs: list[tuple[int, int]] = []
-    for index in indices:
-        if runs and runs[-1][1] == index:
-            runs[-1] = (runs[-1][0], index + 1)
-        else:
-            runs.append((index, index + 1))
-    return runs
