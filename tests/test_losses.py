@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -183,6 +184,55 @@ def test_cauchy_derivative_is_twice_the_seeds():
     r = torch.linspace(-3, 3, 13, dtype=torch.float64)
     _, grad = CauchyLoss()(r, torch.zeros_like(r), gradient=True)
     torch.testing.assert_close(grad, 2 * r / (1 + r * r), rtol=1e-14, atol=1e-14)
+
+
+class _SeedCauchy(tireg.losses.PerPixelLoss):
+    """The seed's Cauchy loss as it wrote it: ``log(1 + r^2)``, derivative ``r / (1 + r^2)`` (half)."""
+
+    def forward(self, x, y, gradient=False):
+        if x.dim() != 4:
+            raise Exception("error")
+        c = torch.pow(x - y, 2.0) + 1.0
+        return (torch.log(c), (x - y) / c) if gradient else torch.log(c)
+
+
+class _Kinked(tireg.losses.PerPixelLoss):
+    """``|r|``, or with ``wrong`` a derivative of another function (``r``: L2's half) than its loss."""
+
+    def __init__(self, wrong: bool = False):
+        super().__init__()
+        self.wrong = wrong
+
+    def forward(self, x, y, gradient=False):
+        r = x - y
+        return (r.abs(), r if self.wrong else torch.sign(r)) if gradient else r.abs()
+
+
+def test_a_loss_whose_derivative_is_not_its_losss_is_told_once():
+    """The seed's own Cauchy loss, run unchanged, gave the analytic model half the gradient, silently
+    (SGD then ran at half its rate).  A loss of one's own is now checked once against a central
+    difference of its forward: a constant multiple is warned about with its factor, at the user's
+    line; a derivative of another function is refused; a right one, kinked at 0, passes."""
+    generator = torch.Generator().manual_seed(3)
+    moving = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 40, 48, generator=generator, dtype=torch.float64), 5, 1, 2)
+    fixed = torch.roll(moving, 1, -1)
+    model = tireg.create_model("rigid", moving, loss=_SeedCauchy(), compile=False)
+    model.set_parameter(1, 0.3)
+    with pytest.warns(UserWarning, match=r"_SeedCauchy.forward\(x, y, gradient=True\) returns 0.5 times the derivative "
+                                         r"of its loss") as caught:
+        model(moving, fixed)
+    assert [warning.filename for warning in caught] == [__file__]
+    automatic = tireg.create_model("rigid", moving, gradients="autograd")
+    automatic.set_parameter(1, 0.3)
+    _SeedCauchy()(automatic(moving), fixed).sum().backward()
+    torch.testing.assert_close(model.p[1].grad, 0.5 * automatic.p[1].grad)  # what the warning says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(moving, fixed)  # once per loss
+        tireg.create_model("rigid", moving, loss=_Kinked(), compile=False)(moving, fixed)
+    with pytest.raises(ValueError, match=r"_Kinked.forward\(x, y, gradient=True\) does not return the derivative of "
+                                         r"its loss in x"):
+        tireg.register(fixed, moving, transform="translation", metric=_Kinked(wrong=True))
 
 
 # ----------------------------------------------------------------------------

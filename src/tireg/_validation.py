@@ -492,7 +492,7 @@ UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint32", "uint64") if h
 
 #: Modules whose frames lie between a user's call and a warning raised inside tireg: its own, and the
 #: context-manager decorators (``torch.no_grad()`` on a function) a call may pass through.
-_PASSED_THROUGH = ("contextlib", "torch.utils._contextlib")
+_PASSED_THROUGH = ("contextlib", "torch.utils._contextlib", "torch.nn.modules.module")  # the last: model(...)
 
 
 def user_stacklevel() -> int:
