@@ -129,7 +129,6 @@ def loss_and_derivative(loss: PerPixelLoss, x: torch.Tensor, y: torch.Tensor) ->
     """``loss(x, y, True)``, checked: a loss of one's own must return ``(rho, rho')``, both of ``x``'s
     shape (a summed derivative broadcast silently, and register converged to a wrong answer), its
     ``rho'`` the derivative of its ``rho`` (:func:`check_derivative`, once per loss)."""
-    check_derivative(loss)
     result = loss(x, y, True)
     if not (isinstance(result, tuple) and len(result) == 2):
         raise TypeError(f"{type(loss).__name__}.forward(x, y, gradient=True) must return (loss, derivative); "
@@ -145,6 +144,7 @@ def loss_and_derivative(loss: PerPixelLoss, x: torch.Tensor, y: torch.Tensor) ->
     if per_pixel.dtype != x.dtype or derivative.dtype != x.dtype:  # the sampler's kernel raised on a mix
         raise TypeError(f"{type(loss).__name__}.forward(x, y, gradient=True) must return the loss and its "
                         f"derivative in x's dtype {x.dtype}; got {per_pixel.dtype} and {derivative.dtype}")
+    check_derivative(loss)
     return per_pixel, derivative
 
 
@@ -165,25 +165,15 @@ def check_derivative(loss: PerPixelLoss) -> None:
     take the probe (float64, ``(1, 1, 1, 17)``) is not checked."""
     if type(loss) in _BUILT_IN or loss in _DERIVATIVE_CHECKED:
         return
-    _DERIVATIVE_CHECKED.add(loss)
-    x = torch.linspace(-2.0, 2.0, 17, dtype=torch.float64).reshape(1, 1, 1, 17)
-    y = torch.full_like(x, 0.25)
-    step = 1e-6
-    try:
-        with torch.no_grad():
-            down, middle, up = (loss(x + offset, y) for offset in (-step, 0.0, step))
-            derivative = loss(x, y, True)[1]
-        central = (up - down) / (2 * step)
-        forward, backward = (up - middle) / step, (middle - down) / step
-        smooth = ((forward - backward).abs() <= 1e-4 * central.abs().max() + 1e-9) & (central.abs() > 1e-6)
-        ratio = (derivative / central)[smooth]
-    except Exception:  # its own dtype, shape or math: left to the step, which says what failed
-        return
-    if ratio.numel() == 0 or not bool(torch.isfinite(ratio).all()) or float((ratio - 1).abs().max()) <= 1e-3:
+    ratio = _derivative_ratio(loss)
+    if ratio is None or ratio.numel() == 0 or not bool(torch.isfinite(ratio).all()) \
+            or float((ratio - 1).abs().max()) <= 1e-3:
+        _DERIVATIVE_CHECKED.add(loss)
         return
     name = type(loss).__name__
     factor = float(ratio.mean())
     if factor > 0 and float((ratio - factor).abs().max()) <= 1e-3 * factor:
+        _DERIVATIVE_CHECKED.add(loss)  # told once; a refused one is refused again
         warnings.warn(f"{name}.forward(x, y, gradient=True) returns {factor:.4g} times the derivative of its loss "
                       "(a central difference of forward(x, y) in x): the analytic gradient is the cost's scaled by "
                       f"{factor:.4g} (the seed's Cauchy loss, (x - y) / (1 + (x - y)^2), is half of 2 (x - y) / "
@@ -194,6 +184,26 @@ def check_derivative(loss: PerPixelLoss) -> None:
                      f"a central difference of forward(x, y), its ratio runs from {float(ratio.min()):.4g} to "
                      f"{float(ratio.max()):.4g} on differences x - y from -2.25 to 1.75; the analytic gradient would "
                      "be that of another function than the cost")
+
+
+def _derivative_ratio(loss: PerPixelLoss) -> Optional[torch.Tensor]:
+    """:func:`check_derivative`'s probe: ``rho'`` over the central difference of ``rho`` where that is
+    smooth and not zero; ``None`` where the loss cannot take the probe."""
+    x = torch.linspace(-2.0, 2.0, 17, dtype=torch.float64).reshape(1, 1, 1, 17)
+    y = torch.full_like(x, 0.25)
+    step = 1e-6
+    try:
+        with torch.no_grad():
+            down, middle, up = (loss(x + offset, y) for offset in (-step, 0.0, step))
+            derivative = loss(x, y, True)[1]
+        if not (derivative.shape == middle.shape == x.shape):  # the contract's to name (loss_and_derivative)
+            return None
+        central = (up - down) / (2 * step)
+        forward, backward = (up - middle) / step, (middle - down) / step
+        smooth = ((forward - backward).abs() <= 1e-4 * central.abs().max() + 1e-9) & (central.abs() > 1e-6)
+        return (derivative / central)[smooth]
+    except Exception:  # its own dtype, shape or math: left to the step, which says what failed
+        return None
 
 
 def verified(loss: PerPixelLoss, dtype: torch.dtype = torch.float32, channels: int = 1) -> PerPixelLoss:
