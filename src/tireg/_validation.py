@@ -495,6 +495,30 @@ UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint32", "uint64") if h
 _PASSED_THROUGH = ("contextlib", "torch.utils._contextlib", "torch.nn.modules.module")  # the last: model(...)
 
 
+def checked_derivative(function, derivative, x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """A user's own derivative ``derivative(x)`` and a float64 central difference of ``function`` at
+    ``x`` (float64), where that difference is clean: ``(theirs, central)``, each flattened to the
+    points where the one-sided differences agree (not a kink) and ``central`` is not zero.  ``None``
+    where either raises, is not finite, or is not of ``x``'s shape: a check of a mapping's or a
+    loss's derivative leaves those to the step that uses it, which says what failed."""
+    step = 1e-6 * max(1.0, float(x.abs().max()))
+    try:
+        with torch.no_grad():
+            down, middle, up = (torch.as_tensor(function(x + offset), dtype=torch.float64)
+                                for offset in (-step, 0.0, step))
+            theirs = torch.as_tensor(derivative(x), dtype=torch.float64)
+    except Exception:
+        return None
+    if not (theirs.shape == middle.shape == x.shape):
+        return None
+    central = (up - down) / (2 * step)
+    one_sided = ((up - middle) - (middle - down)).abs() / step
+    if not bool(torch.isfinite(central).all() and torch.isfinite(theirs).all()):
+        return None
+    clean = (one_sided <= 1e-4 * central.abs().max() + 1e-9) & (central.abs() > 1e-9 * central.abs().max())
+    return theirs[clean], central[clean]
+
+
 def user_stacklevel() -> int:
     """``warnings.warn``'s ``stacklevel`` for a warning raised by this function's caller: the first
     frame outside tireg (and the decorators of :data:`_PASSED_THROUGH`), the user's call.

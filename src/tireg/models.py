@@ -41,6 +41,7 @@ from ._validation import (
     check_compile_option,
     check_image,
     check_option,
+    checked_derivative,
     finite_number,
     matches,
     positive_whole,
@@ -1342,24 +1343,13 @@ _EXACT_DERIVATIVES = tuple((mapping.forward, mapping.derivative) for mapping in 
 
 def _derivative_error(mapping: Mapping, raw: torch.Tensor) -> Optional[float]:
     """``max |derivative(r) - D(r)| / max(|derivative|, |D|)`` over ``raw`` (float64), with ``D`` the
-    central difference of ``mapping.forward``; ``None`` where it cannot say: ``forward`` or
-    ``derivative`` raises or is not finite there, or the one-sided differences disagree (a kink,
-    float32 inside)."""
-    step = 1e-6 * max(1.0, float(raw.abs().max()))
-    try:
-        with torch.no_grad():
-            values = [torch.as_tensor(mapping.forward(raw + offset), dtype=torch.float64)
-                      for offset in (-step, 0.0, step)]
-            derivative = torch.as_tensor(mapping.derivative(raw), dtype=torch.float64)
-    except Exception:  # its own dtype or math: left to the step itself, which says what failed
+    central difference of ``mapping.forward`` where that is clean
+    (:func:`~tireg._validation.checked_derivative`); ``None`` where it cannot say."""
+    pairs = checked_derivative(mapping.forward, mapping.derivative, raw)
+    if pairs is None or pairs[0].numel() == 0:
         return None
-    down, middle, up = values
-    central, forward, backward = (up - down) / (2 * step), (up - middle) / step, (middle - down) / step
-    scale = max(float(central.abs().max()), float(derivative.abs().max()))
-    if (not bool(torch.isfinite(central).all() and torch.isfinite(derivative).all())
-            or float((forward - backward).abs().max()) > 1e-4 * scale + 1e-9):
-        return None
-    return float((derivative - central).abs().max()) / (scale + 1e-9)
+    theirs, central = pairs
+    return float((theirs - central).abs().max()) / (max(float(theirs.abs().max()), float(central.abs().max())) + 1e-9)
 
 
 def _select(tensor: torch.Tensor, dim: int, order: Sequence[int]) -> torch.Tensor:
