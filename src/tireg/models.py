@@ -971,9 +971,10 @@ class AffineModelAnalytic(TransformModel):
         return warped, cost.sum()
 
     def _check_own_mappings(self, caller: str) -> None:
-        """Check every mapping of one's own (a :class:`~tireg.mappings.Mapping` whose ``derivative`` is
-        not tireg's) that the chain rule uses: ``derivative(r)`` against a central difference of its
-        ``forward`` in float64, at the current raw values and a few tenths from them.
+        """Check every mapping of one's own (any :class:`~tireg.mappings.Mapping` but tireg's three as
+        they are; a subclass of one that overrides ``forward`` or ``derivative`` too) that the chain
+        rule uses: ``derivative(r)`` against a central difference of its ``forward`` in float64, at
+        the current raw values and a few tenths from them.
 
         The analytic gradient is ``dL/dp * m'(r)``: a ``derivative`` that is not ``forward``'s put its
         error into every gradient, silently on a ready-made model (a rigid model's shift 10.2 for
