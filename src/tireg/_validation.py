@@ -13,7 +13,7 @@ import sys
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -490,12 +490,32 @@ def of_pairs(bad: Union[torch.Tensor, Sequence[bool]], preposition: str = "in") 
 UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint32", "uint64") if hasattr(torch, name))
 
 
-#: Modules whose frames lie between a user's call and a warning raised inside tireg: its own, and the
-#: context-manager decorators (``torch.no_grad()`` on a function) a call may pass through.
-_PASSED_THROUGH = ("contextlib", "torch.utils._contextlib", "torch.nn.modules.module")  # the last: model(...)
+#: Modules whose frames lie between a user's call and a warning raised inside tireg: its own, the
+#: context-manager decorators (``torch.no_grad()`` on a function) a call may pass through, and
+#: ``nn.Module.__call__`` (``model(moving, fixed)``).
+_PASSED_THROUGH = ("contextlib", "torch.utils._contextlib", "torch.nn.modules.module")
 
 
-def checked_derivative(function, derivative, x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+def user_stacklevel() -> int:
+    """``warnings.warn``'s ``stacklevel`` for a warning raised by this function's caller: the first
+    frame outside tireg (and the decorators of :data:`_PASSED_THROUGH`), the user's call.
+
+    Why not a number: one check serves entry points that reach it through different numbers of
+    their own calls (``initialize()``'s image check is one call deeper than ``register()``'s); a
+    fixed ``stacklevel`` pointed one of them into tireg.  (Python 3.12's ``skip_file_prefixes``
+    does this; tireg runs on 3.10.)
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not (module == "tireg" or module.startswith("tireg.") or module in _PASSED_THROUGH):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
+def checked_derivative(function: Callable[[torch.Tensor], Any], derivative: Callable[[torch.Tensor], Any],
+                       x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """A user's own derivative ``derivative(x)`` and a float64 central difference of ``function`` at
     ``x`` (float64), where that difference is clean: ``(theirs, central)``, each flattened to the
     points where the one-sided differences agree (not a kink) and ``central`` is not zero.  ``None``
@@ -517,24 +537,6 @@ def checked_derivative(function, derivative, x: torch.Tensor) -> Optional[tuple[
         return None
     clean = (one_sided <= 1e-4 * central.abs().max() + 1e-9) & (central.abs() > 1e-9 * central.abs().max())
     return theirs[clean], central[clean]
-
-
-def user_stacklevel() -> int:
-    """``warnings.warn``'s ``stacklevel`` for a warning raised by this function's caller: the first
-    frame outside tireg (and the decorators of :data:`_PASSED_THROUGH`), the user's call.
-
-    Why not a number: one check serves entry points that reach it through different numbers of
-    their own calls (``initialize()``'s image check is one call deeper than ``register()``'s); a
-    fixed ``stacklevel`` pointed one of them into tireg.  (Python 3.12's ``skip_file_prefixes``
-    does this; tireg runs on 3.10.)
-    """
-    frame, level = sys._getframe(1), 1
-    while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        if not (module == "tireg" or module.startswith("tireg.") or module in _PASSED_THROUGH):
-            return level
-        frame, level = frame.f_back, level + 1
-    return 1
 
 
 def as_image(image: ImageLike, name: str, caller: str, *, finite: bool = True,
