@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import grid_error, registration_pair
 
 import tireg
@@ -1198,3 +1199,21 @@ def test_a_sparse_weight_is_refused_naming_it(images, name):
     with pytest.raises(TypeError, match=rf"^{type(metric).__name__}\(\): 'weight' must be a dense tensor; got layout "
                                         r"torch.sparse_coo"):
         metric(moving, fixed, weight.to_sparse())
+
+
+def test_local_ncc_window_wider_than_the_image_is_cut_to_it_exactly():
+    # a window reaching past every pixel sums what one the image's size does; radius 10**6 had
+    # padded the image by it (an allocation of terabytes) and 2000 took 74 s on a 64^2 pair
+    from tireg.metrics import _box_sum
+
+    image = torch.rand(2, 1, 13, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for radius in (3, 12):  # against a convolution with a window of ones, zeros outside
+        window = torch.ones(1, 1, 2 * radius + 1, 2 * radius + 1, dtype=torch.float64)
+        expected = F.conv2d(F.pad(image, (radius,) * 4), window)
+        torch.testing.assert_close(_box_sum(image, radius), expected, rtol=0, atol=1e-12)
+    whole = _box_sum(image, 19)  # 19 = W - 1: every column and row reached from each
+    assert torch.allclose(whole, image.sum((-1, -2), keepdim=True).expand_as(whole), rtol=1e-12, atol=0)
+    for radius in (25, 10**6):
+        assert torch.equal(_box_sum(image, radius), whole)
+    fixed, moving = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
+    assert LocalNCC(radius=10**6)(fixed, moving) == LocalNCC(radius=31)(fixed, moving)

@@ -558,14 +558,19 @@ def _box_sum(image: torch.Tensor, radius: int) -> torch.Tensor:
     against 5.0 ms for two 1-D convolutions with rows of ones (the same sums) and 18.6 ms for
     ``avg_pool2d`` of the whole window times its size; a running sum (``cumsum``) rounds with the
     image's width and offset.
+
+    A window wider than the image sums what one of the image's width does (``r = W - 1`` reaches
+    every column from every column; rows alike): the radius is cut to that, exactly, so that a
+    radius of 10^6 neither pads the image by it (terabytes) nor adds 2 r shifted copies.
     """
     height, width = image.shape[-2:]
-    padded = F.pad(image, (radius, radius, radius, radius))
-    columns = padded[..., :width].clone()  # (..., H + 2r, W)
-    for offset in range(1, 2 * radius + 1):
+    across, down = min(radius, width - 1), min(radius, height - 1)
+    padded = F.pad(image, (across, across, down, down))
+    columns = padded[..., :width].clone()  # (..., H + 2 down, W)
+    for offset in range(1, 2 * across + 1):
         columns += padded[..., offset:offset + width]
     window = columns[..., :height, :].clone()
-    for offset in range(1, 2 * radius + 1):
+    for offset in range(1, 2 * down + 1):
         window += columns[..., offset:offset + height, :]
     return window
 
