@@ -1535,3 +1535,9 @@ def test_an_other_reading_is_kept_only_where_it_convinces():
     assert init_module._ncc_scores(fixed, moving, first[:, None], init_module.MIN_OVERLAP).item() < other
     matrix, _ = init_module._best_readings(readings, fixed, moving)
     assert torch.equal(matrix[0, 0], first[0])
+
+
+def test_overlap_ncc_names_a_meta_matrix():
+    image = torch.rand(1, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"overlap_ncc\(\): 'matrix' is a meta tensor, which holds no values"):
+        overlap_ncc(image, image, torch.eye(3).to("meta"))

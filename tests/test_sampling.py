@@ -1278,3 +1278,19 @@ def test_a_sparse_matrix_grid_or_gradient_is_refused_naming_it(layout):
             continue  # CSR is 2-D (or batched 2-D) only: the 4-D and 5-D cases are COO's
         with pytest.raises(TypeError, match=message + dense):
             call()
+
+
+def test_grid_helpers_and_warp_name_a_bad_dtype_device_or_meta_matrix():
+    # torch's "arange() received an invalid combination of arguments", "Expected one of cpu, cuda, ...
+    # device type at start of device string: foo" and "Cannot copy out of meta tensor" named no argument
+    for call in (lambda **kw: pixel_grid((4, 5), **kw), lambda **kw: pixel_axes((4, 5), **kw),
+                 lambda **kw: shrink_matrix(2, **kw)):
+        with pytest.raises(TypeError, match="'dtype' must be torch.float32 or torch.float64"):
+            call(dtype="float32")
+        with pytest.raises(TypeError, match="'dtype' must be torch.float32 or torch.float64"):
+            call(dtype=torch.int64)
+        with pytest.raises(ValueError, match=r"\(\): 'device' must name a torch device .* got 'foo'"):
+            call(device="foo")
+    assert pixel_grid((2, 3), dtype=torch.float64, device="cpu")[5].tolist() == [2.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"warp\(\): 'matrix' is a meta tensor"):
+        warp(torch.rand(1, 1, 8, 8), torch.eye(3).to("meta"))

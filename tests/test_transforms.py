@@ -724,3 +724,18 @@ def test_rotation_takes_a_floating_point_angle_only(angle):
                                             rf"got {angle.dtype}$"):
             function(angle)
     assert rotation(torch.zeros(3, dtype=torch.float64)).shape == (3, 2, 2)
+
+
+def test_an_empty_batch_of_parameters_broadcasts_with_a_centre():
+    # (0,) with a centre's () had raised "shapes [(0,), ()] do not broadcast", naming nothing:
+    # NumPy's rule takes the size that is not 1, 0 included
+    from tireg._validation import broadcast_shape
+    from tireg.transforms import affine_jacobian, translation_jacobian, translation_matrix
+
+    assert broadcast_shape((0,), ()) == (0,) and broadcast_shape((0, 3), (1, 3)) == (0, 3)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        broadcast_shape((0,), (2,))
+    assert translation_matrix(torch.zeros(0, 2), (3.0, 3.0)).shape == (0, 3, 3)
+    assert translation_jacobian(torch.zeros(0, 2), (3.0, 3.0)).shape == (0, 2, 3, 3)
+    assert affine_jacobian(torch.zeros(0, 6), (3.0, 3.0)).shape == (0, 6, 3, 3)
+    assert rigid_matrix(torch.zeros(0, 3), (3.0, 3.0)).shape == (0, 3, 3)

@@ -150,7 +150,7 @@ def broadcast_shape(*shapes: Sequence[int]) -> tuple[int, ...]:
     length = max(len(shape) for shape in shapes)
     result = []
     for sizes in zip(*[(1,) * (length - len(shape)) + tuple(shape) for shape in shapes]):
-        size = max(sizes)
+        size = next((s for s in sizes if s != 1), 1)  # 0 too: (0,) with (1,) is (0,), as in NumPy
         if any(s not in (1, size) for s in sizes):
             raise ValueError(f"shapes {[tuple(shape) for shape in shapes]} do not broadcast")
         result.append(size)
@@ -177,6 +177,8 @@ def check_matrix(
     if not isinstance(matrix, torch.Tensor):
         raise TypeError(f"{caller}: 'matrix' must be a torch.Tensor; got {type(matrix).__name__}")
     check_dense(matrix, "matrix", caller)  # a sparse one failed in torch's words ("aten::ne.Scalar", "as_strided")
+    if matrix.is_meta:  # no values: "Cannot copy out of meta tensor" from the first one read
+        raise ValueError(f"{caller}: 'matrix' is a meta tensor, which holds no values")
     shape_ok = matrix.dim() >= 2 if any_batch else matrix.dim() in (2, 3)
     if not shape_ok or matrix.shape[-2:] != (3, 3):
         expected = "(..., 3, 3)" if any_batch else "(B, 3, 3) or (3, 3)"
@@ -365,6 +367,18 @@ def check_dtype(dtype: torch.dtype, caller: str) -> torch.dtype:
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{caller}: 'dtype' must be torch.float32 or torch.float64; got {dtype}")
     return dtype
+
+
+def as_device(device: Union[torch.device, str, int, None], caller: str) -> Optional[torch.device]:
+    """``device`` as a :class:`torch.device` (``None`` as it is), or a ``ValueError`` naming
+    ``'device'``: torch's own "Expected one of cpu, cuda, ... device type at start of device
+    string: foo" named neither the argument nor the function."""
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{caller}: 'device' must name a torch device such as 'cpu' or 'cuda'; got {device!r}") from None
 
 
 def check_option(value: str, options: Sequence[str], name: str, caller: str) -> str:

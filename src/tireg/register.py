@@ -55,6 +55,7 @@ from ._validation import (
     PADDING_MODES,
     ImageLike,
     all_finite,
+    as_device,
     as_image,
     check_affine,
     check_compile_option,
@@ -3181,12 +3182,7 @@ def register(
     if fixed_t.shape[0] != moving_t.shape[0] and 1 not in (fixed_t.shape[0], moving_t.shape[0]):
         raise ValueError(f"{caller}: {fixed_t.shape[0]} fixed images but {moving_t.shape[0]} moving images")
     batch = max(fixed_t.shape[0], moving_t.shape[0])
-    if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ValueError(
-                f"{caller}: 'device' must name a torch device such as 'cpu' or 'cuda'; got {device!r}") from None
+    device = as_device(device, caller)
     device = fixed_t.device if device is None else device
     if device.type == "meta":  # meta tensors hold no values: the first value read fails deep inside
         raise ValueError(f"{caller}: device 'meta' holds no values; register on 'cpu' or 'cuda'")

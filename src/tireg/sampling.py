@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ._validation import (
     INTERPOLATIONS,
     PADDING_MODES,
+    as_device,
     check_affine,
     check_dense,
     check_dtype,
@@ -83,9 +84,12 @@ def pixel_grid(
         ``(H * W, 3)``; row ``i * W + j`` is ``(j, i, 1)``.
 
     Raises:
-        ValueError: ``size`` not two positive whole numbers.
+        ValueError: ``size`` not two positive whole numbers, or ``device`` no device's name.
+        TypeError: ``dtype`` other than float32 or float64, the dtypes tireg computes in.
     """
-    height, width = check_size(size, "pixel_grid()")
+    caller = "pixel_grid()"
+    height, width = check_size(size, caller)
+    dtype, device = check_dtype(dtype, caller), as_device(device, caller)
     ys, xs = _pixel_axes((height, width), dtype, device)
     grid = torch.ones(height, width, 3, dtype=dtype, device=device)
     grid[..., 0] = xs
@@ -102,9 +106,11 @@ def pixel_axes(
     ``A (x, y, 1) = A[:, 0] x + A[:, 1] y + A[:, 2]``, and a sum
     ``sum_x g(x) (x, y, 1)`` reduces rows and columns separately
     (:func:`grid_moments`): no ``(H W, 3)`` coordinate array is needed.  ``size`` must be two
-    positive whole numbers (a ``ValueError`` otherwise).
+    positive whole numbers and ``device`` a device's name (a ``ValueError`` otherwise), ``dtype``
+    float32 or float64 (a ``TypeError`` otherwise).
     """
-    return _pixel_axes(check_size(size, "pixel_axes()"), dtype, device)
+    caller = "pixel_axes()"
+    return _pixel_axes(check_size(size, caller), check_dtype(dtype, caller), as_device(device, caller))
 
 
 def _pixel_axes(size: tuple[int, int], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -472,7 +478,7 @@ def shrink_matrix(
     """
     caller = "shrink_matrix()"
     factor = _check_factor(factor, caller)
-    return torch.tensor(_shrink_values(factor), dtype=check_dtype(dtype, caller), device=device)
+    return torch.tensor(_shrink_values(factor), dtype=check_dtype(dtype, caller), device=as_device(device, caller))
 
 
 def _shrink_values(factor: float) -> tuple:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ._device import cached, constant
 from ._validation import (
     FLOAT_DTYPES,
+    as_device,
     beyond_float64,
     broadcast_shape,
     check_affine,
@@ -108,7 +109,7 @@ def normalization_matrix(
     """
     caller = "normalization_matrix()"
     return torch.tensor(_normalization_values(check_size(size, caller)), dtype=check_dtype(dtype, caller),
-                        device=device)
+                        device=as_device(device, caller))
 
 
 def _normalization_values(size: Sequence[int]) -> tuple:
