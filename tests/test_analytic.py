@@ -272,3 +272,17 @@ def test_sparse_inputs_are_refused_naming_them():
         parameter_gradient(torch.zeros(1, 2, 3).to_sparse(), torch.zeros(1, 3, 3, 3))
     with pytest.raises(TypeError, match=rf"^parameter_gradient\(\): 'jacobian' {dense}"):
         parameter_gradient(torch.zeros(1, 2, 3), torch.zeros(1, 3, 3, 3).to_sparse())
+
+
+def test_cost_and_gradient_refuses_a_compile_flag_that_is_not_one():
+    # 'no' is truthy: it had compiled (30 s) instead of being refused as register(compile='no') is
+    from tireg.analytic import per_pixel_cost_and_gradient
+
+    fixed = torch.rand(1, 1, 16, 16)
+    for flag in ("no", "x", 2.5):
+        with pytest.raises(TypeError, match=r"cost_and_gradient\(\): 'compile'"):
+            cost_and_gradient(fixed, fixed, torch.eye(3)[None], L2Loss(), compile=flag)
+    with pytest.raises(TypeError, match=r"per_pixel_cost_and_gradient\(\): 'loss' must be a per-pixel loss"):
+        per_pixel_cost_and_gradient(fixed, fixed, torch.eye(3)[None], NCC())
+    _, cost, _ = per_pixel_cost_and_gradient(fixed, fixed, torch.eye(3)[None], L2Loss())
+    assert float(cost.abs().max()) < 1e-12

@@ -725,3 +725,12 @@ def test_an_unknown_loss_is_named_by_the_function_that_was_given_it():
         PerPixelMetric("x")
     with pytest.raises(ValueError, match=r"^my_function\(\): unknown loss 3"):
         get_loss(3, "my_function()")
+
+
+def test_losses_name_images_on_two_devices():
+    # torch's "Tensor on device meta is not on the expected device cpu!" named neither image
+    x = torch.rand(1, 1, 8, 8)
+    for loss in (tireg.L2Loss(), tireg.losses.CauchyLoss(), tireg.losses.HuberLoss()):
+        with pytest.raises(ValueError, match=r"x and y must be on one device; got cpu and meta"):
+            loss(x, x.to("meta"))
+    assert torch.equal(tireg.L2Loss()(x, torch.tensor(0.5)), (x - 0.5) ** 2)  # a 0-d y broadcasts, as in torch

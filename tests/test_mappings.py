@@ -451,3 +451,13 @@ def test_a_sigmoid_range_wider_than_the_dtypes_arithmetic_is_refused():
     torch.testing.assert_close(half.detach().float(), 80000 * torch.sigmoid(raw) - 40000, rtol=0, atol=32)
     with pytest.raises(ValueError, match="width hi - lo overflows float64"):
         SigmoidMapping(-1e308, 1e308)
+
+
+@pytest.mark.parametrize("value", [torch.tensor([0.5 + 2j]), torch.tensor(0.5 + 0j, dtype=torch.complex128)])
+def test_solve_refuses_complex_tensors_as_it_refuses_complex_numbers(value):
+    # torch.as_tensor(..., dtype=float64) had dropped the imaginary part with only torch's warning
+    for mapping in (IdentityMapping(), SigmoidMapping(0.0, 1.0), ExpMapping()):
+        with pytest.raises(TypeError, match="'value' must be real"):
+            mapping.solve(value)
+        with pytest.raises(TypeError, match="'value' must be real"):
+            mapping.solve(value.numpy())

@@ -1093,3 +1093,13 @@ def test_save_and_load_name_a_path_that_is_none():
         save_transform(None, torch.eye(3))
     with pytest.raises(TypeError, match=r"^load_transform\(\): 'path' must be a str or os.PathLike; got int$"):
         load_transform(3)
+
+
+def test_save_transform_refuses_an_overwrite_flag_that_is_not_one(tmp_path):
+    # overwrite='no' is truthy: the file was replaced without a word
+    path = tmp_path / "t.json"
+    save_transform(path, np.eye(3))
+    for flag in ("no", None, 2):
+        with pytest.raises(TypeError, match=r"save_transform\(\): 'overwrite'"):
+            save_transform(path, np.diag([2.0, 1.0, 1.0]), overwrite=flag)
+    assert torch.equal(load_transform(path).matrix, torch.eye(3, dtype=torch.float64))

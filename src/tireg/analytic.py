@@ -23,8 +23,8 @@ import torch
 
 from . import _chunks, fused
 from ._validation import (
-    GRADIENT_INTERPOLATIONS, INTERPOLATIONS, PADDING_MODES, check_affine, check_dense, check_image, check_real,
-    check_same_kind,
+    GRADIENT_INTERPOLATIONS, INTERPOLATIONS, PADDING_MODES, check_affine, check_dense, check_flag, check_image,
+    check_real, check_same_kind,
 )
 from .losses import PerPixelLoss
 from .metrics import (
@@ -98,6 +98,7 @@ def cost_and_gradient(
     _check_inputs(fixed, moving, matrix, metric, weight, interpolation, padding_mode, moving_with_gradient, axes,
                   padded_moving, coordinates)
     check_affine(matrix, "cost_and_gradient()")
+    compile = check_flag(compile, "compile", "cost_and_gradient()")  # 'no' had compiled (truthy)
     return _cost_and_gradient(
         fixed, moving, matrix, metric, weight=weight, interpolation=interpolation, padding_mode=padding_mode,
         moving_with_gradient=moving_with_gradient, axes=axes, compile=compile, padded_moving=padded_moving,
@@ -453,7 +454,11 @@ def _fused_cost_and_gradient(
 def per_pixel_cost_and_gradient(
     fixed: torch.Tensor, moving: torch.Tensor, matrix: torch.Tensor, loss: PerPixelLoss, **options
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`cost_and_gradient` for the seed's cost, the plain sum of a per-pixel loss."""
+    """:func:`cost_and_gradient` for the seed's cost, the plain sum of a per-pixel loss (a
+    :class:`tireg.losses.PerPixelLoss`; an image-level metric is :func:`cost_and_gradient`'s)."""
+    if not isinstance(loss, PerPixelLoss):
+        raise TypeError(f"per_pixel_cost_and_gradient(): 'loss' must be a per-pixel loss (tireg.losses.PerPixelLoss); "
+                        f"got {type(loss).__name__} (an image-level metric: tireg.analytic.cost_and_gradient)")
     return cost_and_gradient(fixed, moving, matrix, loss, **options)
 
 

@@ -77,6 +77,8 @@ class PerPixelLoss(nn.Module):
         if x.shape != y.shape and not _broadcasts_to(y.shape, x.shape):  # the result has x's shape
             raise ValueError(f"{type(self).__name__}(): y {tuple(y.shape)} must have x's shape {tuple(x.shape)} "
                              "(or broadcast to it)")
+        if x.device != y.device and y.dim() > 0:  # torch's words named neither (a 0-d y may stay on the CPU)
+            raise ValueError(f"{type(self).__name__}(): x and y must be on one device; got {x.device} and {y.device}")
         dtype = torch.promote_types(x.dtype, y.dtype)
         if dtype not in _HALF:
             return self.residual(x - y, gradient)

@@ -76,6 +76,9 @@ def _as_float_tensor(value: Number) -> tuple[torch.Tensor, torch.dtype]:
     An integer beyond float64's range (``10**400``) raises a ``ValueError`` naming ``'value'``."""
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value, value.dtype
+    if (value.is_complex() if isinstance(value, torch.Tensor)  # as_tensor(.., float64) dropped the imaginary part
+            else getattr(getattr(value, "dtype", None), "kind", None) == "c"):  # a NumPy array's
+        raise TypeError(f"solve(): 'value' must be real; got values of dtype {value.dtype}")
     try:
         return torch.as_tensor(value, dtype=torch.float64), torch.get_default_dtype()
     except OverflowError:  # an int such as 10**400 (float64 holds no such value)

@@ -75,7 +75,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ._validation import as_path, user_stacklevel
+from ._validation import as_path, check_flag, user_stacklevel
 
 __all__ = [
     "ImageGeometry",
@@ -519,7 +519,7 @@ def save_transform(
         raise ValueError(f"{caller}: 'metadata' is nested too deeply, or contains itself") from None
     fixed = _as_geometry(fixed_geometry, "fixed_geometry", caller)
     moving = _as_geometry(moving_geometry, "moving_geometry", caller)
-    if not overwrite and path.exists():
+    if not check_flag(overwrite, "overwrite", caller) and path.exists():  # 'no' had replaced the file (truthy)
         raise FileExistsError(f"{caller}: {str(path)!r} already exists; pass overwrite=True to replace it")
     _warn_if_singular(array, caller)
 
