@@ -779,3 +779,25 @@ def test_a_reason_is_cut_at_a_newline_only():
     name = "'a\x0cb\u2028c\x85d.png'"
     assert _reason(OSError(f"cannot identify {name}\r\nmore")) == f"cannot identify {name}"
     assert _reason(ValueError("first\rsecond")) == "first" and _reason(ValueError("  ")) == "ValueError"
+
+
+def test_public_helpers_name_a_bad_path_format_nan_or_no_channel(tmp_path):
+    from tireg.io import format_for_path, luminance
+
+    grey = np.zeros((2, 2, 1), np.uint8)
+    with pytest.raises(TypeError, match=r"write_image\(\): 'image_format' must be a tireg.io.ImageFormat"):
+        write_image(tmp_path / "a.png", grey, None)  # had raised "'NoneType' object has no attribute 'dtype'"
+    with pytest.raises(TypeError, match=r"write_frames\(\): 'image_format'"):
+        write_frames(tmp_path / "a.png", grey[None], "png")
+    with pytest.raises(TypeError, match=r"write_image\(\): 'path' must be a str or os.PathLike; got NoneType"):
+        write_image(None, grey, ImageFormat("png", np.dtype("uint8")))
+    with pytest.raises(TypeError, match=r"format_for_path\(\): 'path' must be a str or os.PathLike"):
+        format_for_path(None)
+    assert not any(tmp_path.iterdir())
+    for dtype in (np.uint8, np.int8, np.bool_):  # NaN had become 0 (False) with NumPy's warning at most
+        with pytest.raises(ValueError, match=r"convert_dtype\(\): 'values' hold NaN"):
+            convert_dtype(np.array([np.nan, 1.4]), np.dtype(dtype))
+    assert convert_dtype(np.array([np.inf, -np.inf, 3.6]), np.dtype(np.uint8)).tolist() == [255, 0, 4]  # clipped
+    assert np.isnan(convert_dtype(np.array([np.nan]), np.dtype(np.float32))).all()  # a float type holds NaN
+    with pytest.raises(ValueError, match=r"luminance\(\): 'frames' has no channel"):
+        luminance(np.ones((2, 2, 0)))  # had been NaN, with "Mean of empty slice"

@@ -214,6 +214,8 @@ def luminance(frames: np.ndarray) -> np.ndarray:
         raise TypeError(f"luminance(): 'frames' must be (..., H, W, C) real numbers; got {frames.dtype} of shape "
                         f"{frames.shape}")
     channels = frames.shape[-1]
+    if channels == 0:  # the mean of no channel was NaN, with NumPy's "Mean of empty slice"
+        raise ValueError(f"luminance(): 'frames' has no channel; got shape {frames.shape}")
     if channels in (1, 2):
         return frames[..., 0].astype(np.float64)
     if channels in (3, 4):
@@ -222,10 +224,12 @@ def luminance(frames: np.ndarray) -> np.ndarray:
 
 
 def convert_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Float ``values`` as ``dtype``: integers rounded and clipped to the type's range; bool by ``> 0.5``.
+    """Float ``values`` as ``dtype``: integers rounded and clipped to the type's range (an infinity
+    to its end); bool by ``> 0.5``.
 
     ``TypeError`` for a ``dtype`` NumPy does not know (``"abc"``: NumPy's "data type 'abc' not
-    understood" named no argument) or ``values`` that are not real numbers."""
+    understood" named no argument) or ``values`` that are not real numbers; ``ValueError`` for a
+    NaN bound for an integer or bool ``dtype`` (which holds none)."""
     caller = "convert_dtype()"
     try:
         dtype = np.dtype(dtype)
@@ -234,6 +238,9 @@ def convert_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     values = np.asarray(values)
     if values.dtype.kind not in "biuf":  # None is an object array; > 0.5 or rint failed on it in NumPy's words
         raise TypeError(f"{caller}: 'values' must be real numbers; got {values.dtype}")
+    if (dtype == np.bool_ or np.issubdtype(dtype, np.integer)) and values.dtype.kind == "f" and np.isnan(
+            values).any():  # NaN was cast to 0 (or False), with NumPy's "invalid value" warning at most
+        raise ValueError(f"{caller}: 'values' hold NaN, which {dtype} cannot hold")
     if dtype == np.bool_:
         return values > 0.5
     if np.issubdtype(dtype, np.integer):
@@ -248,7 +255,7 @@ def convert_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def format_for_path(path: PathLike, *, what: str = "image") -> str:
     """The format kind of ``path``'s suffix; :class:`ImageError` for an unsupported one."""
-    path = Path(path)
+    path = as_path(path, "format_for_path()")
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         suffix = path.suffix or "(no suffix)"
@@ -811,7 +818,8 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
         ValueError: ``frames`` not 4-D (a caller's mistake, not the file's).
         OSError: a destination that cannot be written (:func:`atomic_path`).
     """
-    path = Path(os.fspath(path))
+    path = as_path(path, "write_frames()")
+    _check_format_type(image_format, "write_frames()")
     kind = format_for_path(path, what="output")
     frames = np.asarray(frames)
     if frames.ndim != 4:
@@ -947,8 +955,18 @@ def _check_values(frames: np.ndarray, path: Path) -> None:
         raise ImageError(f"cannot write {str(path)!r}: the image holds NaN or Inf values")
 
 
+def _check_format_type(image_format: object, caller: str) -> None:
+    """A ``TypeError`` naming ``'image_format'`` unless it is an :class:`ImageFormat` (``None`` had
+    failed on its first attribute read, ``'NoneType' object has no attribute 'dtype'``)."""
+    if not isinstance(image_format, ImageFormat):
+        raise TypeError(f"{caller}: 'image_format' must be a tireg.io.ImageFormat (read_image's, or made with "
+                        f"ImageFormat(...)); got {type(image_format).__name__}")
+
+
 def write_image(path: PathLike, image: np.ndarray, image_format: ImageFormat) -> Path:
     """Write one ``(H, W, C)`` image (see :func:`write_frames`)."""
+    path = as_path(path, "write_image()")
+    _check_format_type(image_format, "write_image()")
     image = np.asarray(image)
     if image.ndim != 3:
         raise ValueError(f"write_image(): 'image' must be (H, W, C); got shape {image.shape}")
