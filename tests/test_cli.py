@@ -1654,3 +1654,29 @@ def test_a_move_that_fails_while_frames_merge_into_a_folder_leaves_the_old_frame
              "aligned.csv": (tmp_path / "aligned.csv").read_bytes()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["aligned", "aligned.csv"]
+
+
+@pytest.mark.parametrize("error, status, word", [(KeyboardInterrupt, 130, "interrupted"), ("Terminated", 143, "terminated")])
+def test_an_interrupt_after_the_outputs_are_in_place_says_they_are(data, tmp_path, monkeypatch, capsys, error, status,
+                                                                    word):
+    """Ctrl-C while the summary is printed, after the commit, had said "no output written" of complete
+    files in place (a microscopy audit: a pipeline trusting the line then met them on its rerun)."""
+    import tireg.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    say = cli._say
+
+    def interrupted_say(args, text=""):
+        if text.startswith("wrote"):  # the last line, after outputs.commit()
+            raise cli.Terminated() if error == "Terminated" else error()
+        return say(args, text)
+
+    monkeypatch.setattr(cli, "_say", interrupted_say)
+    folder = data["folder"]
+    assert main(["register", str(folder / "fixed.png"), str(folder / "moving.png"), "-o", "out",
+                 "-t", "translation"]) == status
+    stderr = capsys.readouterr().err.strip().splitlines()
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "warped.png" in names and "transform.json" in names
+    assert stderr[-1].startswith(f"tireg: {word}; the outputs were complete and stay: out"), stderr
+    assert all(name in stderr[-1] for name in names), (stderr, names)

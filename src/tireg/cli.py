@@ -1501,6 +1501,14 @@ def _command_words(text: str) -> str:
     return text
 
 
+def _outputs_left(outputs: Optional[OutputFiles]) -> str:
+    """What an interrupted command leaves: nothing, or (a Ctrl-C after the commit, while the summary
+    was printed) every output, complete; "no output written" had been said of files in place."""
+    if outputs is None or not outputs.written:
+        return "no output written"
+    return f"the outputs were complete and stay: {_names(outputs.written)}"
+
+
 def _main(argv: Optional[Sequence[str]]) -> int:
     args: Optional[argparse.Namespace] = None
     outputs: Optional[OutputFiles] = None
@@ -1531,10 +1539,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             pass
         return 1
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
+        print(f"{PROG}: interrupted; {_outputs_left(outputs)}", file=sys.stderr)
         return 130
     except Terminated:  # SIGTERM (kill, a job scheduler's time limit): the outputs were discarded as for Ctrl-C
-        print(f"{PROG}: terminated; no output written", file=sys.stderr)
+        print(f"{PROG}: terminated; {_outputs_left(outputs)}", file=sys.stderr)
         return 128 + int(signal.SIGTERM)
     except (CommandError, ImageError, MissingDependencyError, ValueError, TypeError, OSError, RuntimeError,
             MemoryError, Warning) as error:  # a Warning: raised under python -W error

@@ -1180,11 +1180,13 @@ class OutputFiles:
     ``commit()`` moves every output into place, all or none (the files replaced
     are kept aside until every move succeeded); ``discard()`` (also on an
     exception inside ``with``) removes the temporary files and the folders it
-    created.  A command that fails therefore leaves no output behind.
+    created.  A command that fails therefore leaves no output behind.  ``written`` lists the
+    outputs committed so far (a command interrupted after its commit says so, not "no output").
     """
 
     def __init__(self, *, force: bool = False) -> None:
         self.force = force
+        self.written: list[Path] = []
         self._pending: list[tuple[Path, Path]] = []
         self._created: list[Path] = []
         self._merged: set[Path] = set()  # existing folders that take new files without --force
@@ -1307,6 +1309,7 @@ class OutputFiles:
             _put_back(placed, backups)
             self.discard()
             raise
+        self.written.extend(path for _, path in pending)
         self._pending.clear()
         self._created.clear()
         self._merged.clear()
