@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -801,3 +802,19 @@ def test_public_helpers_name_a_bad_path_format_nan_or_no_channel(tmp_path):
     assert np.isnan(convert_dtype(np.array([np.nan]), np.dtype(np.float32))).all()  # a float type holds NaN
     with pytest.raises(ValueError, match=r"luminance\(\): 'frames' has no channel"):
         luminance(np.ones((2, 2, 0)))  # had been NaN, with "Mean of empty slice"
+
+
+def test_a_hyperstack_with_time_and_depth_warns_that_both_are_frames(tmp_path):
+    # a TZCYX hyperstack became 4 x 3 frames, each registered on its own, with no word (microscopy audit)
+    stack = np.arange(4 * 3 * 2 * 8 * 8, dtype=np.uint16).reshape(4, 3, 2, 8, 8)
+    tifffile.imwrite(tmp_path / "tz.tif", stack, imagej=True, metadata={"axes": "TZCYX"})
+    with pytest.warns(UserWarning, match=r"its axes T \(time\) 4 x Z \(depth\) 3 are all read as frames, 12 in all "
+                                         r"\(frame t x 3 \+ z\)"):
+        image = read_image(tmp_path / "tz.tif", frames=True)
+    assert image.frames.shape == (12, 8, 8, 2)
+    assert np.array_equal(image.frames[1 * 3 + 2], np.moveaxis(stack[1, 2], 0, -1))  # t = 1, z = 2
+    for axes, part in (("ZCYX", stack[0]), ("TCYX", stack[:, 0])):  # one frame axis: frames as ever, no warning
+        tifffile.imwrite(tmp_path / f"{axes}.tif", part, imagej=True, metadata={"axes": axes})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert read_image(tmp_path / f"{axes}.tif", frames=True).frames.shape[0] == part.shape[0]

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import secrets
@@ -577,6 +578,8 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
         axes = "".join(a for a in axes if a not in "SC") + "S"
         channel_axes = [len(axes) - 1]
     rest = [i for i, a in enumerate(axes) if a not in "YXSC"]
+    if frames:
+        _warn_several_frame_axes([(axes[i], data.shape[i]) for i in rest], path, what)
     order = rest + [axes.index("Y"), axes.index("X")] + channel_axes
     data = np.transpose(data, order)
     count = int(np.prod([data.shape[i] for i in range(len(rest))], dtype=np.int64)) if rest else 1
@@ -590,6 +593,29 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
         alpha = _TIFF_ALPHA.get(extrasamples[0])
     return data, ImageFormat(kind, data.dtype, bool(channel_axes), photometric if channel_axes else "minisblack",
                              alpha, extrasamples if samples_only else ())
+
+
+#: tifffile's letters of the axes other than rows, columns and channels, as a warning names them.
+_FRAME_AXES = {"T": "time", "Z": "depth", "Q": "images", "I": "images", "R": "tiles", "E": "lambda"}
+
+
+def _warn_several_frame_axes(sizes: list[tuple[str, int]], path: Path, what: str) -> None:
+    """Warn where more than one axis of ``sizes`` (letter, length) beyond rows, columns and channels
+    has more than one plane: they are all read as frames, one after the other (an ImageJ ``TZCYX``
+    hyperstack of 4 time points and 3 planes became 12 frames, each registered on its own and written
+    without its T and Z, with no word; a microscopy audit)."""
+    several = [(letter, size) for letter, size in sizes if size > 1]
+    if len(several) < 2:
+        return
+    named = " x ".join(f"{letter} ({_FRAME_AXES.get(letter, 'unnamed')}) {size}" for letter, size in several)
+    count = math.prod(size for _, size in several)
+    index = " + ".join(
+        [f"{letter.lower()} x {math.prod(size for _, size in several[k + 1:])}" for k, (letter, _) in
+         enumerate(several[:-1])] + [several[-1][0].lower()])
+    warnings.warn(f"{what} {str(path)!r}: its axes {named} are all read as frames, {count} in all (frame {index}), "
+                  "each registered on its own and written to one flat sequence of frames. tireg aligns 2-D frames: "
+                  "for one transform per time point, align a projection over Z (one plane per time point) and "
+                  "apply its CSV to each Z plane's own stack", UserWarning, stacklevel=user_stacklevel())
 
 
 #: The alpha of a TIFF's ExtraSamples value (1: ASSOCALPHA, 2: UNASSALPHA; 0, UNSPECIFIED, is not alpha).
