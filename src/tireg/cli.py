@@ -250,6 +250,16 @@ def _finite_number(text: str, accepted: Callable[[float], bool], expected: str) 
     return value
 
 
+def _channel_index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a channel number, 0 for the first; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a channel number, 0 for the first; got {text!r}")
+    return value
+
+
 def _sigma(text: str) -> float:
     return _finite_number(text, lambda value: value >= 0, "a number of pixels of at least 0")
 
@@ -371,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--device", type=_device, default="cpu", metavar="DEVICE",
                            help="cpu, cuda, cuda:N, or auto (cuda when available)")
         group.add_argument("--mask", metavar="IMAGE", help=mask_help)
+        group.add_argument("--channel", type=_channel_index, default=None, metavar="K",
+                           help="register on channel K (0 for the first) instead of the luminance, e.g. a "
+                           "hyperstack's structural channel; every channel is warped all the same")
         group.add_argument("--compile", type=_compile_choice, nargs="?", const=True, default=defaults["compile"],
                            metavar="auto|on|off",
                            help="compiled fast path (torch.compile): seconds to start, then faster; "
@@ -535,6 +548,20 @@ def _check_finite(image: ImageData, what: str) -> None:
         if not finite.all():
             frame = "" if image.count == 1 else f" (frame {image.names[int(np.argmin(finite))]!r})"
             raise CommandError(f"{what} {str(image.path)!r} contains NaN or Inf values{frame}")
+
+
+def _registered_grey(image: ImageData, channel: Optional[int], what: str, frames: Optional[np.ndarray] = None
+                     ) -> np.ndarray:
+    """What is registered of ``image``'s frames (or of ``frames``, some of them), ``(..., H, W)``
+    float64: their luminance (:func:`~tireg.io.luminance`), or channel ``channel`` (``--channel``;
+    a 2-channel fluorescence image was registered on channel 0, whatever it held)."""
+    frames = image.frames if frames is None else frames
+    if channel is None:
+        return luminance(frames)
+    if channel >= image.channels:
+        raise CommandError(f"--channel {channel}: {what} {str(image.path)!r} has {image.channels} channel"
+                           f"{'s' if image.channels > 1 else ''} (--channel 0 to {image.channels - 1})")
+    return frames[..., channel].astype(np.float64)
 
 
 def _check_grey(grey: np.ndarray, image: ImageData, what: str) -> None:
@@ -790,14 +817,17 @@ def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
     # RGBA: the RGB luma), so RGB against RGBA and grey against grey + alpha are the same images to
     # register; the warped output keeps MOVING's own channels (they were refused, with the advice to
     # give "both in colour or both in grey", which they were)
-    if fixed.channels != moving.channels and {fixed.channels, moving.channels} not in ({1, 2}, {3, 4}):
+    if args.channel is None and fixed.channels != moving.channels and {fixed.channels, moving.channels} not in (
+            {1, 2}, {3, 4}):
         raise CommandError(
             f"fixed image {str(fixed.path)!r} has {fixed.channels} channel(s) but moving image "
-            f"{str(moving.path)!r} has {moving.channels}; give both in colour or both in grey"
+            f"{str(moving.path)!r} has {moving.channels}; give both in colour or both in grey, or register on "
+            "one channel of each (--channel K)"
         )
     for image, what in ((fixed, "fixed image"), (moving, "moving image")):
         _check_finite(image, what)
-    fixed_grey, moving_grey = luminance(fixed.frames[0]), luminance(moving.frames[0])
+    fixed_grey = _registered_grey(fixed, args.channel, "fixed image", fixed.frames[0])
+    moving_grey = _registered_grey(moving, args.channel, "moving image", moving.frames[0])
     _check_grey(fixed_grey[None], fixed, "fixed image")
     _check_grey(moving_grey[None], moving, "moving image")
     mask = _read_mask(args.mask, fixed.size, "mask")
@@ -1203,7 +1233,7 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
     if stack.count < 2:
         raise CommandError(f"stack {args.input!r} has {stack.count} frame; at least 2 are needed")
     _check_finite(stack, "stack")
-    grey = luminance(stack.frames)
+    grey = _registered_grey(stack, args.channel, "stack")
     _check_grey(grey, stack, "stack")
     mask = _read_mask(args.mask, stack.size, "mask")
     frame_mask = _read_mask(args.frame_mask, stack.size, "frame mask")
