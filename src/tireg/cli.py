@@ -7,7 +7,7 @@ Convention:
     image pixels, ``warped(x) = moving(A x)``, ``x`` = column, ``y`` = row,
     pixel centres at integers (ITK's direction).  Images on disk are
     ``(H, W)`` or ``(H, W, C)``; colour images are registered on their
-    luminance and every channel is warped.
+    luminance (``--channel K``: on channel ``K``) and every channel is warped.
 
 Errors in the input (a missing or unreadable file, an unsupported format,
 mismatched channels or sizes, an empty or constant image, NaN or Inf, an
