@@ -1695,8 +1695,8 @@ def test_channel_picks_what_is_registered_and_every_channel_is_warped(drift, dat
     height, width = frames.shape[1:]
     points = np.array([[0, 0, 1], [width - 1, 0, 1], [0, height - 1, 1], [width - 1, height - 1, 1]], float).T
     assert max(np.abs(found[k] @ points - (truths[k] @ points)[:2]).max() for k in range(len(rows))) < 0.1
-    aligned = tifffile.imread(tmp_path / "out.tif")  # frames of (H, W, 2): channel 0 warped by the same matrices
-    assert aligned.shape == (len(frames), height, width, 2)
+    aligned = tifffile.imread(tmp_path / "out.tif")  # a TCYX hyperstack again: channel 0 warped by the same matrices
+    assert aligned.shape == (len(frames), 2, height, width)
     assert main(["apply", "out.csv", "two.tif", "-o", "again.tif", "-q"]) == 0
     assert np.array_equal(tifffile.imread(tmp_path / "again.tif"), aligned)
     # register: channel K of both, whatever their channel counts; a channel beyond them is named
@@ -1705,3 +1705,17 @@ def test_channel_picks_what_is_registered_and_every_channel_is_warped(drift, dat
     assert main(["register", fixed, moving, "-o", "reg2", "--channel", "3", "-q"]) == 1
     assert "--channel 3: fixed image" in capsys.readouterr().err and not (tmp_path / "reg2").exists()
     assert main(["stack", "two.tif", "-o", "x.tif", "--channel", "-1", "-q"]) == 2
+
+
+def test_register_writes_the_warped_image_with_the_fixed_images_pixel_size(data, tmp_path, monkeypatch):
+    """The warped image lies on the fixed grid: its TIFF resolution and ImageJ unit are the fixed image's."""
+    monkeypatch.chdir(tmp_path)
+    fixed = imageio.imread(data["folder"] / "fixed.png")
+    moving = imageio.imread(data["folder"] / "moving.png")
+    tifffile.imwrite("fixed.tif", fixed, imagej=True, resolution=(5.0, 5.0), metadata={"unit": "um"})
+    tifffile.imwrite("moving.tif", moving, imagej=True, resolution=(2.0, 2.0), metadata={"unit": "nm", "spacing": 3.0})
+    assert main(["register", "fixed.tif", "moving.tif", "-o", "out", "-t", "translation", "-q"]) == 0
+    with tifffile.TiffFile(tmp_path / "out" / "warped.tif") as warped:
+        assert warped.is_imagej and warped.pages[0].resolution == (5.0, 5.0)
+        assert warped.imagej_metadata["unit"] == "um" and warped.imagej_metadata["spacing"] == 3.0
+        assert warped.asarray().shape == fixed.shape

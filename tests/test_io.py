@@ -7,6 +7,7 @@ import re
 import struct
 import warnings
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -386,7 +387,13 @@ def test_two_channels_of_a_tiff_that_are_not_alpha_are_not_written_as_alpha(tmp_
         image = read_image(tmp_path / name)
         assert image.channels == 2 and image.format.alpha is None, name
         write_frames(tmp_path / f"out-{name}.tif", image.frames, image.format)
-        assert _extrasamples(tmp_path / f"out-{name}.tif") == (0,), name
+        if name == "hyperstack.tif":  # written back as a hyperstack: the channels are pages, no extra sample
+            with tifffile.TiffFile(tmp_path / f"out-{name}.tif") as written:
+                assert written.is_imagej and written.series[0].axes == "CYX" and _extrasamples(
+                    tmp_path / f"out-{name}.tif") == ()
+        else:
+            assert _extrasamples(tmp_path / f"out-{name}.tif") == (0,), name
+        assert np.array_equal(read_image(tmp_path / f"out-{name}.tif").frames[0], pixels), name
 
 
 def test_a_fourth_rgb_sample_that_is_not_alpha_is_not_written_as_alpha(tmp_path):
@@ -818,3 +825,47 @@ def test_a_hyperstack_with_time_and_depth_warns_that_both_are_frames(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert read_image(tmp_path / f"{axes}.tif", frames=True).frames.shape[0] == part.shape[0]
+
+
+def test_an_imagej_hyperstack_and_a_tiff_resolution_are_written_back_as_read(tmp_path):
+    """Outputs carried no TIFF metadata: an ImageJ TZCYX hyperstack came back as a flat sequence of
+    pages of contiguous samples, without its calibration, which Fiji opened as neither (microscopy audit)."""
+    from tireg.io import on_grid_of
+
+    stack = np.random.default_rng(4).integers(0, 60000, (4, 3, 2, 8, 10)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "hs.tif", stack, imagej=True, resolution=(5.0, 4.0),
+                     metadata={"axes": "TZCYX", "unit": "um", "spacing": 0.5, "finterval": 2.0})
+    with pytest.warns(UserWarning, match="are all read as frames"):
+        image = read_image(tmp_path / "hs.tif", frames=True)
+    assert image.format.frame_axes == (("T", 4), ("Z", 3)) and image.format.resolution == (5.0, 4.0, 1)
+    write_frames(tmp_path / "out.tif", image.frames, image.format)
+    with tifffile.TiffFile(tmp_path / "out.tif") as written:
+        assert written.is_imagej and written.series[0].axes == "TZCYX"
+        assert np.array_equal(written.asarray(), stack)
+        assert written.pages[0].resolution == (5.0, 4.0)
+        meta = written.imagej_metadata
+        assert (meta["unit"], meta["spacing"], meta["finterval"]) == ("um", 0.5, 2.0)
+    # other frame counts take T alone; one frame, its channels only
+    write_frames(tmp_path / "five.tif", image.frames[:5], image.format)
+    write_frames(tmp_path / "one.tif", image.frames[:1], image.format)
+    for name, axes, shape in (("five.tif", "TCYX", (5, 2, 8, 10)), ("one.tif", "CYX", (2, 8, 10))):
+        with tifffile.TiffFile(tmp_path / name) as written:
+            assert written.is_imagej and (written.series[0].axes, written.series[0].shape) == (axes, shape), name
+    # a dtype ImageJ does not hold (int16) is a plain TIFF, its resolution kept
+    signed = replace(image.format, dtype=np.dtype(np.int16))
+    write_frames(tmp_path / "signed.tif", image.frames[:2].astype(np.int16) // 2, signed)
+    with tifffile.TiffFile(tmp_path / "signed.tif") as written:
+        assert not written.is_imagej and written.pages[0].resolution == (5.0, 4.0)
+    # a plain TIFF's resolution and unit (inch) are kept; a PNG's format has none
+    tifffile.imwrite(tmp_path / "dpi.tif", stack[0, 0, 0], resolution=(300.0, 300.0), resolutionunit="INCH")
+    plain = read_image(tmp_path / "dpi.tif")
+    write_frames(tmp_path / "dpi-out.tif", plain.frames, plain.format)
+    with tifffile.TiffFile(tmp_path / "dpi-out.tif") as written:
+        assert written.pages[0].resolution == (300.0, 300.0) and int(written.pages[0].resolutionunit) == 2
+        assert not written.is_imagej
+    # on another image's grid (register's warped moving image): that grid's pixel size and unit
+    grid = ImageFormat("tiff", np.dtype(np.uint16), resolution=(10.0, 10.0, 1), imagej=(("unit", "nm"),))
+    moved = on_grid_of(image.format, grid)
+    assert moved.resolution == (10.0, 10.0, 1) and dict(moved.imagej)["unit"] == "nm"
+    assert dict(moved.imagej)["spacing"] == 0.5 and moved.frame_axes == image.format.frame_axes
+    assert on_grid_of(image.format, ImageFormat("png", np.dtype(np.uint8))).resolution is None

@@ -50,6 +50,7 @@ from .io import (
     errors_named_by,
     format_for_path,
     luminance,
+    on_grid_of,
     premultiply,
     read_image,
     read_stack,
@@ -753,15 +754,17 @@ def _register_images(args, fixed_grey, moving_grey, *, mask=None, moving_mask=No
 
 
 def _write_register_outputs(outputs: OutputFiles, paths: dict[str, Path], result, *, moving: ImageData,
-                            fixed_grey: np.ndarray, moving_grey: np.ndarray, title: str, args) -> None:
-    """Warped image, transform files and pictures, all under temporary names until committed."""
+                            fixed_grey: np.ndarray, moving_grey: np.ndarray, title: str, args,
+                            grid: Optional[ImageFormat] = None) -> None:
+    """Warped image, transform files and pictures, all under temporary names until committed; the
+    warped image stored as ``moving``'s, with the pixel size of ``grid`` (the fixed image's format)."""
     from . import viz
 
     size = result.fixed_size
     warped = _warp_frames(moving.frames, result.matrix.numpy()[None], size, args.interpolation, args.device,
                           alpha=moving.format.alpha)
     with outputs.writing(paths["warped"]) as temporary:
-        write_frames(temporary, warped, moving.format)
+        write_frames(temporary, warped, moving.format if grid is None else on_grid_of(moving.format, grid))
     for name in ("json", "tfm"):
         with outputs.writing(paths[name]) as temporary:
             result.save(temporary)
@@ -854,7 +857,7 @@ def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
         )
     title = f"{_plain(fixed.path.name)} (fixed) and {_plain(moving.path.name)} (moving): {result.transform}"
     _write_register_outputs(outputs, paths, result, moving=moving, fixed_grey=fixed_grey,
-                            moving_grey=moving_grey, title=title, args=args)
+                            moving_grey=moving_grey, title=title, args=args, grid=fixed.format)
     written = outputs.commit()
     for line in _summary(result, args.metric, schedule):
         _say(args, line)

@@ -50,7 +50,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -124,6 +124,14 @@ class ImageFormat:
         extrasamples: TIFF only: the page's ExtraSamples as read, one tag per sample beyond grey
             or RGB (0 unspecified, 1 associated alpha, 2 unassociated alpha), written back so; ``()``
             where there are none or the channels are not the page's samples (a hyperstack's C axis).
+        resolution: TIFF only: ``(x, y, unit)``, the first page's XResolution and YResolution
+            (pixels per unit) and its ResolutionUnit (1 none, 2 inch, 3 centimetre), written back
+            so; ``None`` where the file has none.
+        imagej: an ImageJ TIFF's calibration and display entries as read (``unit``, ``spacing``,
+            ``finterval``, ...), ``(key, value)`` pairs; ``()`` for any other file.  A TIFF written
+            with it is an ImageJ hyperstack again (:func:`write_frames`).
+        frame_axes: an ImageJ TIFF's frame axes and their lengths as read, e.g. ``(("T", 4), ("Z", 3))``
+            for 12 frames: written back as those axes where the frame count is the same.
     """
 
     kind: str
@@ -132,6 +140,14 @@ class ImageFormat:
     photometric: Optional[str] = None
     alpha: Optional[str] = None
     extrasamples: tuple[int, ...] = ()
+    resolution: Optional[tuple[float, float, int]] = None
+    imagej: tuple[tuple[str, Any], ...] = ()
+    frame_axes: tuple[tuple[str, int], ...] = ()
+
+
+#: The entries of an ImageJ TIFF's metadata kept from a file read to one written (its calibration and
+#: display; the counts and the axes follow the frames written, and ranges and LUTs their channels).
+IMAGEJ_KEPT = ("unit", "spacing", "finterval", "fps", "tunit", "loop", "mode")
 
 
 @dataclass
@@ -541,6 +557,9 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
                 raise ImageError(f"{what} {str(path)!r} holds no image")
             data, axes, ignored = _tiff_series(tif, path, what)
             photometric = getattr(tif.pages[0], "photometric", None)
+            resolution = _tiff_resolution(tif.pages[0])
+            imagej = tuple((key, value) for key, value in (tif.imagej_metadata or {}).items() if key in IMAGEJ_KEPT) \
+                if tif.is_imagej else None
             compression = getattr(getattr(tif.pages[0], "compression", None), "name", "")
             extrasamples = tuple(int(value) for value in getattr(tif.pages[0], "extrasamples", ()) or ())
             _check_tiff_pages(messages, count, path, what)  # and the tags of the pages read since
@@ -578,6 +597,7 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
         axes = "".join(a for a in axes if a not in "SC") + "S"
         channel_axes = [len(axes) - 1]
     rest = [i for i, a in enumerate(axes) if a not in "YXSC"]
+    frame_axes = tuple((axes[i], int(data.shape[i])) for i in rest) if imagej is not None else ()
     if frames:
         _warn_several_frame_axes([(axes[i], data.shape[i]) for i in rest], path, what)
     order = rest + [axes.index("Y"), axes.index("X")] + channel_axes
@@ -592,7 +612,23 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
     if samples_only and len(extrasamples) == 1 and channels == (4 if photometric == "rgb" else 2):
         alpha = _TIFF_ALPHA.get(extrasamples[0])
     return data, ImageFormat(kind, data.dtype, bool(channel_axes), photometric if channel_axes else "minisblack",
-                             alpha, extrasamples if samples_only else ())
+                             alpha, extrasamples if samples_only else (), resolution, imagej or (), frame_axes)
+
+
+def _tiff_resolution(page) -> Optional[tuple[float, float, int]]:
+    """``(x, y, unit)`` of a TIFF page's XResolution, YResolution and ResolutionUnit, or ``None``
+    where it has none (or a value that is no positive finite number)."""
+    tags = getattr(page, "tags", {})
+    if "XResolution" not in tags or "YResolution" not in tags:
+        return None
+    try:
+        x, y = (float(value) for value in page.resolution)
+        unit = int(getattr(page, "resolutionunit", 2))
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    if not (math.isfinite(x) and math.isfinite(y) and x > 0 and y > 0):
+        return None
+    return x, y, unit
 
 
 #: tifffile's letters of the axes other than rows, columns and channels, as a warning names them.
@@ -865,6 +901,12 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
         # 1-bit grey stays 1-bit in PNG and TIFF (imageio and tifffile write bool so); 1-bit grey +
         # alpha or colour, which PNG does not hold, as 8 bits: 0 and 255
         data = data.astype(np.uint8) * 255
+    hyperstack = _imagej_hyperstack(data, image_format) if kind == "tiff" else None
+    if hyperstack is not None:
+        with atomic_path(path) as temporary, errors_named_by(path):
+            _tifffile().imwrite(temporary, hyperstack[0], imagej=True, metadata=hyperstack[1],
+                                **_resolution_options(image_format))
+        return path
     if data.shape[-1] == 1 and (kind != "npy" or not image_format.channel_axis):
         # grey: PNG and JPEG take it as (H, W) only, TIFF as one sample a pixel; an .npy keeps its
         # channel axis where the input had one
@@ -895,6 +937,54 @@ def _os_reason(error: OSError) -> str:
     return reason
 
 
+def on_grid_of(image_format: ImageFormat, grid: ImageFormat) -> ImageFormat:
+    """How to store an image of ``image_format`` resampled onto the pixels of an image of ``grid``
+    (``register``'s warped moving image, on the fixed grid): its pixel size is ``grid``'s, the
+    resolution and the ImageJ unit, where ``grid``'s file had them (and none where it had none:
+    the moving image's would be wrong by the transform's scale); the rest is its own."""
+    kept = tuple((key, value) for key, value in image_format.imagej if key != "unit")
+    unit = tuple((key, value) for key, value in grid.imagej if key == "unit")
+    return replace(image_format, resolution=grid.resolution, imagej=kept + unit if image_format.imagej else ())
+
+
+#: The dtypes an ImageJ hyperstack holds (8 and 16 bits, 32-bit float); another is written as a plain TIFF.
+IMAGEJ_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
+
+
+def _imagej_hyperstack(frames: np.ndarray, image_format: ImageFormat) -> Optional[tuple[np.ndarray, dict]]:
+    """``(array, metadata)`` to write ``(N, H, W, C)`` ``frames`` as the ImageJ hyperstack
+    ``image_format`` was read from (:attr:`ImageFormat.imagej`), or ``None`` (not read from one, or
+    a dtype or RGB samples ImageJ's hyperstack does not hold: written as a plain TIFF).
+
+    The frames take the file's frame axes where their count is the same (``T`` 4 x ``Z`` 3 for 12
+    frames), else ``T`` alone; its channels are the ``C`` axis.  Written as a plain TIFF of pages,
+    Fiji opened the result as a sequence of images without its channels, planes or calibration.
+    """
+    if not image_format.imagej or frames.dtype not in IMAGEJ_DTYPES or image_format.photometric == "rgb":
+        return None
+    count, height, width, channels = frames.shape
+    sizes = image_format.frame_axes
+    if math.prod(size for _, size in sizes) != count or any(letter not in "TZ" for letter, _ in sizes):
+        sizes = (("T", count),) if count > 1 else ()
+    sizes = tuple((letter, size) for letter, size in sizes if size > 1)
+    shape = tuple(size for _, size in sizes) + ((channels,) if channels > 1 else ()) + (height, width)
+    array = np.moveaxis(frames, -1, 1).reshape(shape)  # (T, Z, C, Y, X): ImageJ's order
+    axes = "".join(letter for letter, _ in sizes) + ("C" if channels > 1 else "") + "YX"
+    return array, {"axes": axes, **dict(image_format.imagej)}
+
+
+def _resolution_options(image_format: ImageFormat) -> dict:
+    """tifffile's ``resolution`` and ``resolutionunit`` for the resolution read (nothing without one)."""
+    if image_format.resolution is None:
+        return {}
+    x, y, unit = image_format.resolution
+    return {"resolution": (x, y), "resolutionunit": unit}
+
+
+def _tifffile():
+    return require("tifffile", "writing TIFF files")
+
+
 def _write_data(temporary: Path, data: np.ndarray, kind: str, channels: int, image_format: ImageFormat,
                 suffix: str) -> None:
     """Write ``data`` (as :func:`write_frames` shaped it) to ``temporary`` in the format ``kind``."""
@@ -902,7 +992,7 @@ def _write_data(temporary: Path, data: np.ndarray, kind: str, channels: int, ima
         with open(temporary, "wb") as handle:
             np.save(handle, np.ascontiguousarray(data), allow_pickle=False)
     elif kind == "tiff":
-        tifffile = require("tifffile", "writing TIFF files")
+        tifffile = _tifffile()
         has_channels = channels > 1  # one sample: no planarconfig (tifffile refused 'contig' for it)
         # an RGB TIFF stays RGB with extra samples (5 and more were written MINISBLACK); from PNG, JPEG
         # or .npy (photometric None) 3 or 4 channels are RGB
@@ -924,7 +1014,7 @@ def _write_data(temporary: Path, data: np.ndarray, kind: str, channels: int, ima
             # from a file that says nothing (.npy) are RGBA
             read = image_format.extrasamples
             options["extrasamples"] = list(read) if len(read) == extra else [0] * extra
-        tifffile.imwrite(temporary, np.ascontiguousarray(data), **options)
+        tifffile.imwrite(temporary, np.ascontiguousarray(data), **options, **_resolution_options(image_format))
     else:
         iio = require("imageio.v3", f"writing {kind.upper()} files")
         extra = {"quality": 95} if kind == "jpeg" else {}
