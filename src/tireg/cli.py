@@ -1017,7 +1017,7 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
     _say(args, f"resampled {image.path.name} ({image.describe()}) onto {size[1]} x {size[0]} pixels "
                f"(width x height) with {Path(args.transform).name}, {interpolation} interpolation{why}")
     if matrices.shape[0] > 1:
-        _say(args, f"  {matrices.shape[0]} matrices, one per page; the first:")
+        _say(args, f"  {matrices.shape[0]} matrices, one per frame; the first:")
     for line in _format_matrix(matrices[0], "  "):
         _say(args, line)
     _say(args, f"wrote {_names(written)}")
