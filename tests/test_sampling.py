@@ -1005,7 +1005,7 @@ def test_sampling_checks_read_no_value():
          r"^grid_moments\(\): 'axes' \(torch.float32, torch.float32\) and 'values' \(torch.float64\)"),
         (lambda: grid_moments(torch.rand(1, 16, 20, 2), torch.arange(16.0)), ValueError,
          r"^grid_moments\(\): 'axes' must be two 1-D tensors"),
-        (lambda: grid_moments(torch.ones(1, 16, 20, 2, dtype=torch.long), pixel_axes((16, 20), dtype=torch.long)),
+        (lambda: grid_moments(torch.ones(1, 16, 20, 2, dtype=torch.long), (torch.arange(16), torch.arange(20))),
          TypeError, r"^grid_moments\(\): 'values' must be a float tensor"),
         (lambda: image_gradient(torch.rand(1, 1, 4, 5), method="gaussian", sigma="1"), TypeError,
          r"^image_gradient\(\): 'sigma' must be a number"),

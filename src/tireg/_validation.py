@@ -177,8 +177,6 @@ def check_matrix(
     if not isinstance(matrix, torch.Tensor):
         raise TypeError(f"{caller}: 'matrix' must be a torch.Tensor; got {type(matrix).__name__}")
     check_dense(matrix, "matrix", caller)  # a sparse one failed in torch's words ("aten::ne.Scalar", "as_strided")
-    if matrix.is_meta:  # no values: "Cannot copy out of meta tensor" from the first one read
-        raise ValueError(f"{caller}: 'matrix' is a meta tensor, which holds no values")
     shape_ok = matrix.dim() >= 2 if any_batch else matrix.dim() in (2, 3)
     if not shape_ok or matrix.shape[-2:] != (3, 3):
         expected = "(..., 3, 3)" if any_batch else "(B, 3, 3) or (3, 3)"
@@ -379,6 +377,14 @@ def as_device(device: Union[torch.device, str, int, None], caller: str) -> Optio
         return torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"{caller}: 'device' must name a torch device such as 'cpu' or 'cuda'; got {device!r}") from None
+
+
+def check_not_meta(matrix: torch.Tensor, image: torch.Tensor, caller: str) -> None:
+    """A ``ValueError`` for a meta ``matrix`` with an ``image`` that holds values: its values are read
+    (or copied to the image's device: "Cannot copy out of meta tensor; no data!").  Both on meta is
+    a shape computation (a model run on meta), and passes."""
+    if matrix.is_meta and not image.is_meta:
+        raise ValueError(f"{caller}: 'matrix' is a meta tensor, which holds no values")
 
 
 def check_option(value: str, options: Sequence[str], name: str, caller: str) -> str:

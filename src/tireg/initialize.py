@@ -72,6 +72,7 @@ from ._validation import (
     check_flag,
     check_image,
     check_matrix,
+    check_not_meta,
     check_option,
     check_same_kind,
     finite_number,
@@ -1151,6 +1152,7 @@ def overlap_ncc(
     caller = "overlap_ncc()"
     fixed, moving = _pair(fixed, moving, caller)
     matrix = check_matrix(matrix, caller)
+    check_not_meta(matrix, fixed, caller)
     if matrix.shape[0] == 0:
         raise ValueError(f"{caller}: 'matrix' holds no matrix; got shape {tuple(matrix.shape)}")
     if not all_finite(matrix):

@@ -44,6 +44,7 @@ from ._validation import (
     check_dense,
     check_dtype,
     check_flag,
+    check_not_meta,
     check_image,
     check_matrix,
     check_option,
@@ -602,6 +603,7 @@ def checked_warp(
     _modes(interpolation, padding_mode, caller)
     check_image(moving, "moving", caller, finite=False)
     matrix = check_matrix(matrix, caller)
+    check_not_meta(matrix, moving, caller)
     if matrix.shape[0] == 0:
         raise ValueError(f"{caller}: 'matrix' holds no matrix; got shape {tuple(matrix.shape)}")
     if affine:
