@@ -449,7 +449,8 @@ def test_the_search_ranks_its_first_stages_on_halved_images(monkeypatch, size, h
 
 def test_each_start_comes_with_the_score_auto_compares_with_its_threshold():
     """register() asks for the inverted start only where the start scores below AUTO_THRESHOLD
-    (_scored_initialize); the score is the overlap NCC of the start on the blurred working images."""
+    (_scored_initialize); the score is the overlap NCC of the start on the blurred working images
+    (the mean of theirs as they are and clipped: _scoring_image)."""
     truth = similarity(-45.0, 1.2, -6.0, 3.0)
     fixed, moving = cut_pair("camera", truth, SIZE)
     pair_f, pair_m = torch.cat([fixed, fixed]), torch.cat([moving, 1.0 - moving])
@@ -461,7 +462,9 @@ def test_each_start_comes_with_the_score_auto_compares_with_its_threshold():
             continue
         # SIZE is within max_size: the working images are the images themselves, blurred by 1 pixel to score
         blurred = [tireg.sampling.gaussian_blur(image, 1.0, padding_mode="reflection") for image in (pair_f, pair_m)]
-        expected = init_module._ncc_scores(*blurred, matrix[:, None], init_module.MIN_OVERLAP)[:, 0]
+        clipped = [init_module._clipped(image, None) for image in blurred]
+        expected = sum(init_module._ncc_scores(*images, matrix[:, None], init_module.MIN_OVERLAP, images=1)[:, 0]
+                       for images in (blurred, clipped)) / 2
         torch.testing.assert_close(score, expected, atol=1e-5, rtol=0), method
         if method in ("auto", "search"):
             assert bool(score[0] >= AUTO_THRESHOLD) and bool(score[1] < AUTO_THRESHOLD), (method, score)
@@ -1474,7 +1477,8 @@ def test_an_other_reading_is_scored_inside_the_masks(kind, shift):
     fixed, moving = fixed * mask, moving * mask
     score_fixed, score_moving = init_module._scoring_image(fixed, mask), init_module._scoring_image(moving, mask)
     reading = truth.float()[:, None]
-    unmasked = init_module._ncc_scores(score_fixed[:, :1], score_moving[:, :1], reading, init_module.MIN_OVERLAP)
+    images = init_module.SCORE_IMAGES  # the channels before the mask
+    unmasked = init_module._ncc_scores(score_fixed[:, :images], score_moving[:, :images], reading, init_module.MIN_OVERLAP)
     assert unmasked.item() < AUTO_THRESHOLD  # the masks decide: the no-data alone refuses the reading
     start, score = init_module._scored_initialize(fixed, moving, kind, fixed_mask=mask, moving_mask=mask)
     assert grid_error(start, truth, size).item() < 1.0 and score.item() > 0.95
@@ -1505,6 +1509,12 @@ def smooth_noise(size, seed, sigma=2.0):
     return ((image - image.mean()) / image.std()).float()
 
 
+def scoring_channels(image: torch.Tensor) -> torch.Tensor:
+    """``image`` as a scoring image's channels (:func:`tireg.initialize._scoring_image`: as it is,
+    and clipped) with both the image itself: the mean of their NCC is the image's NCC."""
+    return image.repeat(1, init_module.SCORE_IMAGES, 1, 1)
+
+
 def test_an_other_reading_needs_a_quarter_of_the_fixed_image():
     """An other reading overlapping 14 % of the fixed image is not kept, however well it scores: its
     overlap was counted on the moving footprint alone (a quarter of the fixed image zoomed 2x), and
@@ -1515,8 +1525,8 @@ def test_an_other_reading_needs_a_quarter_of_the_fixed_image():
     moving = tireg.warp(fixed, torch.linalg.inv(zoomed))  # moving(A x) = fixed(x)
     first = torch.eye(3)[None]
     readings = torch.stack([first, zoomed, first, first], dim=1)[:, None]  # (1, 1, 4, 3, 3)
-    assert init_module._ncc_scores(fixed, moving, zoomed[:, None], init_module.MIN_OVERLAP).item() > 0.99
-    matrix, score = init_module._best_readings(readings, fixed, moving)
+    assert init_module._ncc_scores(fixed, moving, zoomed[:, None], init_module.MIN_OVERLAP, images=1).item() > 0.99
+    matrix, score = init_module._best_readings(readings, *map(scoring_channels, (fixed, moving)))
     assert torch.equal(matrix[0, 0], first[0]) and score.item() < 0.8
 
 
@@ -1530,10 +1540,10 @@ def test_an_other_reading_is_kept_only_where_it_convinces():
     moving = tireg.warp(fixed, torch.linalg.inv(shifted)) + 1.2 * torch.randn(1, 1, 64, 64, generator=generator)
     first = translation_matrix(torch.tensor([[-40.0, 0.0]]))  # the wrapped reading: 38 % overlap
     readings = torch.stack([first, shifted, first, first], dim=1)[:, None]
-    other = init_module._ncc_scores(fixed, moving, shifted[:, None], init_module.MIN_OVERLAP).item()
+    other = init_module._ncc_scores(fixed, moving, shifted[:, None], init_module.MIN_OVERLAP, images=1).item()
     assert 0.3 < other < init_module.AUTO_THRESHOLD
-    assert init_module._ncc_scores(fixed, moving, first[:, None], init_module.MIN_OVERLAP).item() < other
-    matrix, _ = init_module._best_readings(readings, fixed, moving)
+    assert init_module._ncc_scores(fixed, moving, first[:, None], init_module.MIN_OVERLAP, images=1).item() < other
+    matrix, _ = init_module._best_readings(readings, *map(scoring_channels, (fixed, moving)))
     assert torch.equal(matrix[0, 0], first[0])
 
 
@@ -1541,3 +1551,49 @@ def test_overlap_ncc_names_a_meta_matrix():
     image = torch.rand(1, 1, 16, 16)
     with pytest.raises(ValueError, match=r"overlap_ncc\(\): 'matrix' is a meta tensor, which holds no values"):
         overlap_ncc(image, image, torch.eye(3).to("meta"))
+
+
+def clouded(moving: torch.Tensor, seed: int, cover: float = 0.2) -> torch.Tensor:
+    """``moving`` under smooth bright clouds over ``cover`` of it, twice the image's range above its 99th percentile."""
+    generator = torch.Generator().manual_seed(seed)
+    field = tireg.sampling.gaussian_blur(torch.randn(moving.shape, generator=generator, dtype=torch.float64), 8.0)
+    edge = ((field - field.flatten().quantile(1 - cover)) / (0.15 * field.std())).clamp(0, 1)
+    cloud = edge * edge * (3 - 2 * edge)
+    low, high = moving.flatten().quantile(0.01), moving.flatten().quantile(0.99)
+    return (moving * (1 - cloud) + cloud * (2 * high - low)).float()
+
+
+def test_a_bright_cloud_over_one_image_does_not_pick_the_start():
+    """The candidates' scores are the mean of the NCC of the working images as they are and clipped to
+    their robust range: a fifth of the moving image under bright cloud outweighed the scene in the NCC,
+    and a wrong candidate won (28 px off here; register then ended there)."""
+    truth = similarity(-30.0, 0.9, -10.0, 5.0)
+    fixed, moving = cut_pair("camera", truth, SIZE)
+    moving = clouded(moving, 1)
+    assert grid_error(initialize(fixed, moving, "similarity"), truth, SIZE).item() < 4.0
+    result = tireg.register(fixed, moving, transform="similarity", metric="mi")
+    assert grid_error(result.matrix.reshape(-1, 3, 3), truth, SIZE).item() < 0.5
+
+
+def test_clipped_scoring_images_keep_a_binary_image_and_count_the_mask_alone():
+    def expected(values, image):  # median +- SCORE_CLIP robust deviations (1.4826 MAD) of values, in NumPy (the
+        # lower of the middle two as the median, as torch's): the least and largest of image clipped there
+        lower = lambda v: np.sort(v)[(len(v) - 1) // 2]  # noqa: E731
+        median = lower(values)
+        spread = 1.4826 * init_module.SCORE_CLIP * lower(np.abs(values - median))
+        return max(median - spread, image.min()), min(median + spread, image.max())
+
+    image = torch.linspace(0.0, 1.0, 64, dtype=torch.float64)[None, None].expand(2, 1, 64, 64).clone()
+    image[0, ..., 54:] = 10.0  # a bright cloud over the last 10 columns
+    image[1] = (image[1] > 0.7).double()  # more than half its pixels 0: MAD 0, kept as it is
+    clipped = init_module._clipped(image, None)
+    low, high = expected(image[0].flatten().numpy(), image[0].numpy())
+    assert high < 2.0 and (clipped[0].min().item(), clipped[0].max().item()) == pytest.approx((low, high), abs=1e-12)
+    kept = (image[0] >= low) & (image[0] <= high)
+    assert torch.equal(clipped[0][kept], image[0][kept])
+    assert torch.equal(clipped[1], image[1])
+    mask = torch.zeros_like(image[:1])
+    mask[..., :40] = 1.0  # the ramp's left part alone: the cloud outside counts for nothing
+    inside = init_module._clipped(image[:1], mask)
+    low, high = expected(image[0, 0, :, :40].flatten().numpy(), image[0].numpy())
+    assert (inside.min().item(), inside.max().item()) == pytest.approx((low, high), abs=1e-12)
