@@ -869,3 +869,15 @@ def test_an_imagej_hyperstack_and_a_tiff_resolution_are_written_back_as_read(tmp
     assert moved.resolution == (10.0, 10.0, 1) and dict(moved.imagej)["unit"] == "nm"
     assert dict(moved.imagej)["spacing"] == 0.5 and moved.frame_axes == image.format.frame_axes
     assert on_grid_of(image.format, ImageFormat("png", np.dtype(np.uint8))).resolution is None
+
+
+def test_a_video_or_animation_suffix_says_to_extract_the_frames():
+    # "use .png, .jpg/.jpeg, ..." alone led to a single frame, "at least 2 are needed" (video audit)
+    from tireg.io import format_for_path
+
+    for name in ("movie.mp4", "clip.GIF", "a.avi"):
+        with pytest.raises(ImageError, match=r"extract its frames into a folder of images or a multi-page TIFF"):
+            format_for_path(name)
+    with pytest.raises(ImageError) as refused:
+        format_for_path("still.bmp")
+    assert "extract" not in str(refused.value)

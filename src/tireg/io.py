@@ -276,8 +276,16 @@ def format_for_path(path: PathLike, *, what: str = "image") -> str:
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         suffix = path.suffix or "(no suffix)"
-        raise ImageError(f"unsupported {what} format {suffix!r} for {str(path)!r}; use {_SUPPORTED}")
+        # a video or an animation: its frames, not another single-image format, are what to give
+        video = (f" (an animation or a video: extract its frames into a folder of images or a multi-page TIFF "
+                 f"first, e.g. ffmpeg -i {path.name} frames/%05d.png)") if path.suffix.lower() in _VIDEOS else ""
+        raise ImageError(f"unsupported {what} format {suffix!r} for {str(path)!r}; use {_SUPPORTED}{video}")
     return kind
+
+
+#: Suffixes of animations and videos, which tireg does not read (their frames, extracted, it does).
+_VIDEOS = (".gif", ".apng", ".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".wmv", ".mpg", ".mpeg",
+           ".ogv", ".flv")
 
 
 def _check_file(path: Path, what: str) -> None:
