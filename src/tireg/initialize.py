@@ -1255,6 +1255,44 @@ def _candidates(
             shift.view(batch, count, 2))
 
 
+#: :func:`_extent_candidates` runs where the images' sizes differ by this ratio or more (either way):
+#: Fourier-Mellin on the moving image pasted onto the fixed grid finds a zoom of up to about 2.
+EXTENT_RATIO = 1.5
+
+
+def _extent_candidates(small_f: torch.Tensor, small_m: torch.Tensor, base: torch.Tensor, fixed_spectra: torch.Tensor,
+                       turn_centre: torch.Tensor, kind: str, centre: torch.Tensor) -> Optional[torch.Tensor]:
+    """``auto``'s candidates for two images of one footprint at different resolutions, ``(B, 2, 4, 3, 3)``
+    (both 180-degree options, each in its wrap-around readings), or ``None``: for a kind with a scale
+    and working images whose sizes differ by :data:`EXTENT_RATIO` or more.
+
+    The moving image is zoomed onto the fixed grid so that its extent is the fixed image's (the
+    zoom ``r``, the geometric mean of the two sides' ratios, about the fixed image's middle;
+    smoothed by ``0.42 r`` px first where it is the finer), and Fourier-Mellin and phase
+    correlation find the rest, as for the candidates of equal sizes.  Why: satellite scenes of one
+    area at 10 m and 30 m (Landsat against Sentinel-2), or 20 m against 10 m, started 170-280 px
+    off, "converged" there: pasted onto the fixed grid at its own pixel size the moving image
+    covered a ninth of it, or showed a quarter of itself, and Fourier-Mellin found a zoom of 1.3
+    for 1/3 (a remote-sensing audit).  Scored with the others, they lose where the smaller image is
+    a part of the larger one at its own pixel size (the template candidates' case)."""
+    if kind not in _SCALED_KINDS:
+        return None
+    (height, width), (height_m, width_m) = small_f.shape[-2:], small_m.shape[-2:]
+    ratio = math.sqrt((width_m / width) * (height_m / height))  # moving pixels per fixed pixel
+    if abs(math.log(ratio)) < math.log(EXTENT_RATIO):
+        return None
+    batch = small_f.shape[0]
+    moving = gaussian_blur(small_m, 0.42 * ratio, padding_mode="reflection") if ratio > 1.0 else small_m
+    zoom = torch.eye(2, dtype=base.dtype, device=base.device).mul(ratio).expand(batch, 2, 2)
+    extent = base @ _about_center(zoom, torch.zeros_like(turn_centre), turn_centre)  # fixed -> moving, extents met
+    canvas = _warp(_centred(moving), extent, small_f.shape[-2:])
+    angle, scale = _fourier_mellin(small_f, canvas)
+    params = _similarity_params(torch.stack([angle, angle + math.pi], dim=1), torch.stack([scale, scale], dim=1))
+    options = _wrap_readings(*_candidates(fixed_spectra, canvas, extent, params, turn_centre, upsample=10),
+                             small_f.shape[-2:])  # (B, 2, 4, 3, 3)
+    return _project(options.flatten(0, 2), kind, centre.repeat_interleave(8, dim=0)).view(batch, 2, 4, 3, 3)
+
+
 def _project(matrix: torch.Tensor, kind: str, centre: torch.Tensor) -> torch.Tensor:
     """The matrix of kind ``kind`` that agrees with ``matrix (N, 3, 3)`` at ``centre (N, 2)``.
 
@@ -1582,7 +1620,10 @@ def initialize(
         of different sizes where one fits inside the other, the translation
         that places the smaller where it matches best in the larger
         (:func:`_template_offsets`, OpenCV's ``matchTemplate`` with
-        ``TM_CCOEFF_NORMED``, at working resolution) are scored
+        ``TM_CCOEFF_NORMED``, at working resolution), and, for a kind with a
+        scale and sizes that differ by :data:`EXTENT_RATIO` or more, Fourier–Mellin
+        on the moving image zoomed to the fixed image's extent (one footprint at
+        two resolutions: :func:`_extent_candidates`) are scored
         by overlap NCC; if the best scores below :data:`AUTO_THRESHOLD`
         (0.8) the search runs too (for those pairs only), and the best of all
         is returned.
@@ -1988,6 +2029,8 @@ def _initialize(
                 if method == "auto":
                     options = with_template(torch.cat([readings(torch.zeros_like(phase_shift), phase_shift,
                                                                 unwindowed()), options], dim=1))
+                    extent = _extent_candidates(small_f, small_m, base, fixed_spectra, turn_centre, kind, centre)
+                    options = options if extent is None else torch.cat([options, extent], dim=1)
                 result, best_score = scored(options)
             weak = best_score < AUTO_THRESHOLD
             if search is not None:
