@@ -219,14 +219,19 @@ def _output(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, least: int, expected: str) -> int:
+    """``int(text)`` if it is at least ``least``; else argparse's error, ``expected ...; got ...``."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1, "a positive integer")
 
 
 def _compile_choice(text: str):
@@ -252,13 +257,7 @@ def _finite_number(text: str, accepted: Callable[[float], bool], expected: str) 
 
 
 def _channel_index(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a channel number, 0 for the first; got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a channel number, 0 for the first; got {text!r}")
-    return value
+    return _whole_number(text, 0, "a channel number, 0 for the first")
 
 
 def _sigma(text: str) -> float:
