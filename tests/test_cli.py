@@ -1689,7 +1689,8 @@ def test_channel_picks_what_is_registered_and_every_channel_is_warped(drift, dat
     folder, truths, frames, _ = drift
     noise = np.random.default_rng(0).integers(0, 65535, frames.shape, dtype=np.uint16)  # channel 0: no structure
     tifffile.imwrite("two.tif", np.stack([noise, frames], axis=1), imagej=True, metadata={"axes": "TCYX"})
-    assert main(["stack", "two.tif", "-o", "out.tif", "-t", "rigid", "--channel", "1", "-q"]) == 0
+    assert main(["stack", "two.tif", "-o", "out.tif", "-t", "rigid", "--channel", "1"]) == 0
+    assert "to the first frame: rigid, l2, on channel 1\n" in capsys.readouterr().out  # what was registered, said
     rows = list(csv.DictReader(open(tmp_path / "out.csv")))
     found = np.array([[[float(row[f"m{i}{j}"]) for j in range(3)] for i in range(2)] for row in rows])
     height, width = frames.shape[1:]
@@ -1701,7 +1702,10 @@ def test_channel_picks_what_is_registered_and_every_channel_is_warped(drift, dat
     assert np.array_equal(tifffile.imread(tmp_path / "again.tif"), aligned)
     # register: channel K of both, whatever their channel counts; a channel beyond them is named
     fixed, moving = str(data["folder"] / "fixed.png"), str(data["folder"] / "moving.png")
-    assert main(["register", fixed, moving, "-o", "reg", "-t", "translation", "--channel", "0", "-q"]) == 0
+    assert main(["register", fixed, moving, "-o", "reg", "-t", "translation", "--channel", "0"]) == 0
+    assert "registered  on channel 0 (--channel K: another)" in capsys.readouterr().out
+    assert main(["register", fixed, moving, "-o", "reg_grey", "-t", "translation"]) == 0
+    assert "registered  on its grey values" in capsys.readouterr().out
     assert main(["register", fixed, moving, "-o", "reg2", "--channel", "3", "-q"]) == 1
     assert "--channel 3: fixed image" in capsys.readouterr().err and not (tmp_path / "reg2").exists()
     assert main(["stack", "two.tif", "-o", "x.tif", "--channel", "-1", "-q"]) == 2

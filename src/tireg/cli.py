@@ -564,6 +564,20 @@ def _registered_grey(image: ImageData, channel: Optional[int], what: str, frames
     return frames[..., channel].astype(np.float64)
 
 
+def _registered_on(channels: int, channel: Optional[int]) -> str:
+    """What of an image of ``channels`` channels :func:`_registered_grey` registers, in words (printed:
+    a 4-band B, G, R, NIR scene was registered on a luma that weighs blue as red, without a word)."""
+    if channel is not None:
+        return f"channel {channel}"
+    if channels == 1:
+        return "its grey values"
+    if channels == 2:
+        return "channel 0 of 2"
+    if channels in (3, 4):
+        return "the luminance of channels 0-2 (BT.601, as RGB" + ("; channel 3 left out)" if channels == 4 else ")")
+    return f"the mean of its {channels} channels"
+
+
 def _check_grey(grey: np.ndarray, image: ImageData, what: str) -> None:
     """``grey`` ``(N, H, W)``: each frame at least 8 x 8 and not constant."""
     if min(grey.shape[-2:]) < 8:
@@ -860,6 +874,7 @@ def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
     written = outputs.commit()
     for line in _summary(result, args.metric, schedule):
         _say(args, line)
+    _say(args, f"registered  on {_registered_on(moving.channels, args.channel)} (--channel K: another)")
     _say(args, f"wrote       {_names(written)}")
     return 0
 
@@ -1338,7 +1353,7 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
     reference = {"first": "the first frame", "previous": "the previous frame, chained to the first",
                  "mean": "the mean of the aligned frames"}[args.reference]
     _say(args, f"aligned {stack.count} frames of {stack.path.name} ({stack.describe()}) to {reference}: "
-               f"{args.transform}, {args.metric}")
+               f"{args.transform}, {args.metric}, on {_registered_on(stack.channels, args.channel)}")
     _say(args, f"  largest shift of the centre {shifts.max():.3f} px (frame {int(shifts.argmax())}), "
                f"largest rotation {np.abs(angles).max():.3f} deg")
     moved = found["converged"]
