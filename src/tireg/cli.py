@@ -364,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="cost: a per-pixel loss on intensity-normalised images (robust: cauchy, huber, ...), "
                                 "or for changed contrast and other modalities ncc (ncc_any: inverted contrast too), "
                                 "lncc (uneven illumination), mi or nmi (any intensity mapping)")
+        group.add_argument("--loss-scale", type=_positive_float, default=None, metavar="S",
+                           help="outlier scale of -m cauchy, geman_mcclure (scale) or huber (delta), in "
+                           "normalised intensities (default 1); smaller rejects more, e.g. 0.3 for a moving "
+                           "foreground")
         group.add_argument("--optimizer", choices=list(OPTIMIZERS), default=defaults["optimizer"],
                            help="Levenberg-Marquardt (gauss-newton) or a torch.optim optimiser")
         group.add_argument("--init", choices=list(METHODS), default=defaults["init"],
@@ -724,6 +728,26 @@ def _names(paths: Sequence[Path]) -> str:
 # register
 
 
+#: The robust losses whose outlier scale ``--loss-scale`` sets, and the name of their setting.
+LOSS_SCALES = {"cauchy": "scale", "geman_mcclure": "scale", "huber": "delta"}
+
+
+def _metric(args: argparse.Namespace):
+    """``--metric`` for ``register()``: its name, or with ``--loss-scale`` the robust loss of that scale."""
+    from .losses import LOSSES
+
+    if getattr(args, "loss_scale", None) is None:
+        return args.metric
+    return LOSSES[args.metric](**{LOSS_SCALES[args.metric]: args.loss_scale})
+
+
+def _check_loss_scale(args: argparse.Namespace) -> None:
+    """:class:`UsageError` for ``--loss-scale`` with a metric that has no outlier scale, before any work."""
+    if getattr(args, "loss_scale", None) is not None and args.metric not in LOSS_SCALES:
+        raise UsageError(f"--loss-scale sets the outlier scale of --metric {', '.join(LOSS_SCALES)}; "
+                         f"--metric {args.metric} has none")
+
+
 def _check_optimizer(args: argparse.Namespace) -> None:
     """:class:`UsageError` for ``--optimizer gauss-newton`` with a metric it cannot serve, before any work.
 
@@ -751,7 +775,7 @@ def _register_images(args, fixed_grey, moving_grey, *, mask=None, moving_mask=No
         fixed_grey,
         moving_grey,
         transform=args.transform,
-        metric=args.metric,
+        metric=_metric(args),
         optimizer=args.optimizer,
         gradients="analytic",
         pyramid=_pyramid(args),
@@ -1609,6 +1633,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             return 2
         if hasattr(args, "optimizer"):
             _check_optimizer(args)
+            _check_loss_scale(args)
         outputs = OutputFiles(force=args.force)
         with outputs:
             return args.handler(args, outputs)
