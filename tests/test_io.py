@@ -881,3 +881,21 @@ def test_a_video_or_animation_suffix_says_to_extract_the_frames():
     with pytest.raises(ImageError) as refused:
         format_for_path("still.bmp")
     assert "extract" not in str(refused.value)
+
+
+def test_luminance_words_say_what_luminance_takes():
+    # one rule for the grey values and for the words the command line prints (a remote-sensing audit:
+    # a B, G, R, NIR scene was registered on an RGB luma without a word)
+    from tireg.io import luminance, luminance_words
+
+    frames = np.random.default_rng(5).random((2, 3, 6))
+    for channels, words in ((1, "its grey values"), (2, "channel 0 of 2"),
+                            (3, "the luminance of channels 0-2 (BT.601, as RGB)"),
+                            (4, "the luminance of channels 0-2 (BT.601, as RGB; channel 3 left out)"),
+                            (5, "the mean of its 5 channels")):
+        assert luminance_words(channels) == words
+        image = frames[..., :channels]
+        changed = image.copy()
+        changed[..., -1] += 1.0  # the last channel: counted only where the words count it
+        counted = channels == 1 or channels == 3 or channels == 5
+        assert np.array_equal(luminance(changed), luminance(image)) is not counted, channels

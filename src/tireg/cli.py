@@ -50,6 +50,7 @@ from .io import (
     errors_named_by,
     format_for_path,
     luminance,
+    luminance_words,
     on_grid_of,
     premultiply,
     read_image,
@@ -571,15 +572,7 @@ def _registered_grey(image: ImageData, channel: Optional[int], what: str, frames
 def _registered_on(channels: int, channel: Optional[int]) -> str:
     """What of an image of ``channels`` channels :func:`_registered_grey` registers, in words (printed:
     a 4-band B, G, R, NIR scene was registered on a luma that weighs blue as red, without a word)."""
-    if channel is not None:
-        return f"channel {channel}"
-    if channels == 1:
-        return "its grey values"
-    if channels == 2:
-        return "channel 0 of 2"
-    if channels in (3, 4):
-        return "the luminance of channels 0-2 (BT.601, as RGB" + ("; channel 3 left out)" if channels == 4 else ")")
-    return f"the mean of its {channels} channels"
+    return f"channel {channel}" if channel is not None else luminance_words(channels)
 
 
 def _check_grey(grey: np.ndarray, image: ImageData, what: str) -> None:

@@ -69,6 +69,7 @@ __all__ = [
     "errors_named_by",
     "format_for_path",
     "luminance",
+    "luminance_words",
     "to_chw",
     "from_chw",
     "convert_dtype",
@@ -233,11 +234,28 @@ def luminance(frames: np.ndarray) -> np.ndarray:
     channels = frames.shape[-1]
     if channels == 0:  # the mean of no channel was NaN, with NumPy's "Mean of empty slice"
         raise ValueError(f"luminance(): 'frames' has no channel; got shape {frames.shape}")
-    if channels in (1, 2):
+    rule = _luminance_rule(channels)
+    if rule == "first":
         return frames[..., 0].astype(np.float64)
-    if channels in (3, 4):
+    if rule == "luma":
         return frames[..., :3].astype(np.float64) @ _LUMA
     return frames.astype(np.float64).mean(axis=-1)
+
+
+def _luminance_rule(channels: int) -> str:
+    """How :func:`luminance` makes grey values of ``channels`` channels: ``"first"`` (1 and 2: grey,
+    grey + alpha), ``"luma"`` (3 and 4: RGB, RGBA) or ``"mean"``; :func:`luminance_words` says it."""
+    return "first" if channels in (1, 2) else "luma" if channels in (3, 4) else "mean"
+
+
+def luminance_words(channels: int) -> str:
+    """What :func:`luminance` takes of an image of ``channels`` channels, in words for a summary line."""
+    rule = _luminance_rule(channels)
+    if rule == "first":
+        return "its grey values" if channels == 1 else "channel 0 of 2"
+    if rule == "luma":
+        return "the luminance of channels 0-2 (BT.601, as RGB" + ("; channel 3 left out)" if channels == 4 else ")")
+    return f"the mean of its {channels} channels"
 
 
 def convert_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -605,9 +623,10 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
         axes = "".join(a for a in axes if a not in "SC") + "S"
         channel_axes = [len(axes) - 1]
     rest = [i for i, a in enumerate(axes) if a not in "YXSC"]
-    frame_axes = tuple((axes[i], int(data.shape[i])) for i in rest) if imagej is not None else ()
+    sizes = tuple((axes[i], int(data.shape[i])) for i in rest)  # the frame axes, and their lengths
+    frame_axes = sizes if imagej is not None else ()
     if frames:
-        _warn_several_frame_axes([(axes[i], data.shape[i]) for i in rest], path, what)
+        _warn_several_frame_axes(sizes, path, what)
     order = rest + [axes.index("Y"), axes.index("X")] + channel_axes
     data = np.transpose(data, order)
     count = int(np.prod([data.shape[i] for i in range(len(rest))], dtype=np.int64)) if rest else 1
@@ -643,7 +662,7 @@ def _tiff_resolution(page) -> Optional[tuple[float, float, int]]:
 _FRAME_AXES = {"T": "time", "Z": "depth", "Q": "images", "I": "images", "R": "tiles", "E": "lambda"}
 
 
-def _warn_several_frame_axes(sizes: list[tuple[str, int]], path: Path, what: str) -> None:
+def _warn_several_frame_axes(sizes: Sequence[tuple[str, int]], path: Path, what: str) -> None:
     """Warn where more than one axis of ``sizes`` (letter, length) beyond rows, columns and channels
     has more than one plane: they are all read as frames, one after the other (an ImageJ ``TZCYX``
     hyperstack of 4 time points and 3 planes became 12 frames, each registered on its own and written
