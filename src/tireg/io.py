@@ -929,19 +929,18 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
         # alpha or colour, which PNG does not hold, as 8 bits: 0 and 255
         data = data.astype(np.uint8) * 255
     hyperstack = _imagej_hyperstack(data, image_format) if kind == "tiff" else None
-    if hyperstack is not None:
-        with atomic_path(path) as temporary, errors_named_by(path):
-            _tifffile().imwrite(temporary, hyperstack[0], imagej=True, metadata=hyperstack[1],
-                                **_resolution_options(image_format))
-        return path
-    if data.shape[-1] == 1 and (kind != "npy" or not image_format.channel_axis):
-        # grey: PNG and JPEG take it as (H, W) only, TIFF as one sample a pixel; an .npy keeps its
-        # channel axis where the input had one
-        data = data[..., 0]
-    if data.shape[0] == 1:
-        data = data[0]
+    imagej = None
+    if hyperstack is not None:  # arranged as ImageJ's axes say
+        data, imagej = hyperstack
+    else:
+        if data.shape[-1] == 1 and (kind != "npy" or not image_format.channel_axis):
+            # grey: PNG and JPEG take it as (H, W) only, TIFF as one sample a pixel; an .npy keeps its
+            # channel axis where the input had one
+            data = data[..., 0]
+        if data.shape[0] == 1:
+            data = data[0]
     with atomic_path(path) as temporary, errors_named_by(path):
-        _write_data(temporary, data, kind, frames.shape[-1], image_format, path.suffix.lower())
+        _write_data(temporary, data, kind, frames.shape[-1], image_format, path.suffix.lower(), imagej)
     return path
 
 
@@ -1008,18 +1007,19 @@ def _resolution_options(image_format: ImageFormat) -> dict:
     return {"resolution": (x, y), "resolutionunit": unit}
 
 
-def _tifffile():
-    return require("tifffile", "writing TIFF files")
-
-
 def _write_data(temporary: Path, data: np.ndarray, kind: str, channels: int, image_format: ImageFormat,
-                suffix: str) -> None:
-    """Write ``data`` (as :func:`write_frames` shaped it) to ``temporary`` in the format ``kind``."""
+                suffix: str, imagej: Optional[dict] = None) -> None:
+    """Write ``data`` (as :func:`write_frames` shaped it) to ``temporary`` in the format ``kind``; with
+    ``imagej`` (:func:`_imagej_hyperstack`'s metadata) as an ImageJ hyperstack."""
     if kind == "npy":
         with open(temporary, "wb") as handle:
             np.save(handle, np.ascontiguousarray(data), allow_pickle=False)
     elif kind == "tiff":
-        tifffile = _tifffile()
+        tifffile = require("tifffile", "writing TIFF files")
+        if imagej is not None:
+            tifffile.imwrite(temporary, np.ascontiguousarray(data), imagej=True, metadata=imagej,
+                             **_resolution_options(image_format))
+            return
         has_channels = channels > 1  # one sample: no planarconfig (tifffile refused 'contig' for it)
         # an RGB TIFF stays RGB with extra samples (5 and more were written MINISBLACK); from PNG, JPEG
         # or .npy (photometric None) 3 or 4 channels are RGB
