@@ -26,6 +26,7 @@ import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -1780,3 +1781,150 @@ def test_loss_scale_sets_the_robust_losses_outlier_scale(data, tmp_path, monkeyp
         capsys.readouterr().err)
     assert main(["register", fixed, moving, "-o", "zero", "-m", "cauchy", "--loss-scale", "0", "-q"]) == 2
     assert not (tmp_path / "mi").exists() and not (tmp_path / "zero").exists()
+
+
+def _geotiff(path, image: np.ndarray, nodata: Optional[str], east: float = 500000.0) -> None:
+    """``image`` as a GeoTIFF of 10 m pixels (UTM 33N) whose corner lies at ``east``, with GDAL_NODATA ``nodata``."""
+    tags = [(33550, "d", 3, (10.0, 10.0, 0.0), True), (33922, "d", 6, (0, 0, 0, east, 4000000.0, 0), True),
+            (34735, "H", 16, (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633), True)]
+    tifffile.imwrite(path, image, extratags=tags + ([] if nodata is None else [(42113, "s", 0, nodata, True)]))
+
+
+def _with_nodata(data, value: float) -> tuple[np.ndarray, np.ndarray]:
+    """The affine pair as float32 with ``value`` over a swath edge of the fixed image and two edges of the moving one."""
+    fixed = tifffile.imread(data["folder"] / "fixed32.tif").copy()
+    moving = tifffile.imread(data["folder"] / "moving32.tif").copy()
+    fixed[:, :36] = value
+    moving[92:] = value
+    moving[:, 130:] = value
+    return fixed, moving
+
+
+def test_register_leaves_a_geotiffs_nodata_out_and_keeps_its_georeference(data, tmp_path, monkeypatch, capsys):
+    """A GeoTIFF's GDAL_NODATA (-9999) was registered as an image value (the pair ended 111 px off),
+    blended into the warped image along its edge, and the area beyond the moving
+    image was written 0, which is data; the warped image lost the fixed image's georeference.  Now
+    the no-data pixels are left out as by a mask, the warped image is -9999 where it has no data
+    (GDAL's rule: at least half the interpolation's weight on data), tagged so, and georeferenced
+    as the fixed image, on whose grid it lies."""
+    monkeypatch.chdir(tmp_path)
+    fixed, moving = _with_nodata(data, -9999.0)
+    _geotiff("fixed.tif", fixed, "-9999")
+    _geotiff("moving.tif", moving, "-9999", east=500250.0)
+    assert main(["register", "fixed.tif", "moving.tif", "-o", "out", "-q"]) == 0
+    truth = data["truth"]
+    found = transform_io.load_transform(tmp_path / "out" / "transform.json").matrix
+    assert grid_error(found, torch.as_tensor(truth), data["size"]) < 0.1
+    assert main(["register", "fixed.tif", "moving.tif", "-o", "ignored", "-q", "--nodata", "none"]) == 0
+    ignored = transform_io.load_transform(tmp_path / "ignored" / "transform.json").matrix
+    assert grid_error(ignored, torch.as_tensor(truth), data["size"]) > 1.0  # what the tag is for
+    with tifffile.TiffFile(tmp_path / "out" / "warped.tif") as file:
+        page = file.pages[0]
+        assert page.tags[42113].value == "-9999" and page.tags[33922].value[3] == 500000.0  # the fixed grid's
+        warped = page.asarray()
+    # where the truth sends each fixed pixel: a pixel 1 px inside the moving image's data has data, one
+    # 1 px beyond it (in its no-data or outside it) is -9999
+    height, width = fixed.shape
+    rows, columns = np.mgrid[:height, :width]
+    x, y = (truth[0, 0] * columns + truth[0, 1] * rows + truth[0, 2], truth[1, 0] * columns + truth[1, 1] * rows
+            + truth[1, 2])
+    inside = (x >= 1) & (y >= 1) & (x <= 129 - 1) & (y <= 91 - 1)
+    beyond = (x <= -1) | (y <= -1) | (x >= 130 + 1) | (y >= 92 + 1)
+    assert (warped[inside] != -9999).all() and (warped[beyond] == -9999).all()
+    assert inside.sum() > 5000 and beyond.sum() > 2000
+    data_values = moving[moving != -9999]
+    has = warped != -9999
+    assert warped[has].min() >= data_values.min() - 1e-6 and warped[has].max() <= data_values.max() + 1e-6
+
+
+def test_nan_marks_no_data_where_a_tag_or_nodata_says_so(data, tmp_path, monkeypatch, capsys):
+    """NaN in a float image is refused with the way out named (--nodata nan); with it, or a GDAL_NODATA
+    'nan' tag, NaN pixels are left out and the warped image is NaN where it has no data."""
+    monkeypatch.chdir(tmp_path)
+    fixed, moving = _with_nodata(data, np.nan)
+    tifffile.imwrite("fixed.tif", fixed)
+    tifffile.imwrite("moving.tif", moving)
+    _geotiff("moving_tagged.tif", moving, "nan")
+    assert main(["register", "fixed.tif", "moving.tif", "-o", "refused", "-q"]) == 1
+    assert "contains NaN or Inf values; where NaN marks pixels without data, give --nodata nan" in \
+        capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert main(["register", "fixed.tif", "moving.tif", "-o", "out", "-q", "--nodata", "nan"]) == 0
+    found = transform_io.load_transform(tmp_path / "out" / "transform.json").matrix
+    assert grid_error(found, torch.as_tensor(data["truth"]), data["size"]) < 0.1
+    warped = tifffile.imread(tmp_path / "out" / "warped.tif")
+    assert 2000 < np.isnan(warped).sum() < warped.size / 2
+    # the moving image's tag is its own: the fixed image without one still needs --nodata for its NaN
+    assert main(["register", "fixed.tif", "moving_tagged.tif", "-o", "tagged", "-q"]) == 1
+    assert "fixed image 'fixed.tif' contains NaN or Inf values" in capsys.readouterr().err
+    tifffile.imwrite("fixed_clean.tif", tifffile.imread(data["folder"] / "fixed32.tif"))
+    assert main(["register", "fixed_clean.tif", "moving_tagged.tif", "-o", "tagged", "-q"]) == 0
+    tagged = tifffile.imread(tmp_path / "tagged" / "warped.tif")  # (found from another fixed mask: to rounding)
+    assert (np.isnan(tagged) != np.isnan(warped)).mean() < 0.01 and np.isnan(tagged).sum() > 2000
+
+
+def test_nodata_that_an_image_cannot_hold_is_refused_or_left_out(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    fixed, moving = str(data["folder"] / "fixed.png"), str(data["folder"] / "moving.png")
+    assert main(["register", fixed, moving, "-o", "out", "-q", "--nodata", "-9999"]) == 1
+    assert capsys.readouterr().err == (f"tireg: error: --nodata -9999: fixed image {fixed!r} holds uint8 values "
+                                       "(whole numbers 0 to 255); no pixel of it can be that value\n")
+    assert main(["register", fixed, moving, "-o", "out", "-q", "--nodata", "0.5"]) == 1
+    assert main(["register", fixed, moving, "-o", "out", "-q", "--nodata", "minus one"]) == 2
+    assert "argument --nodata: expected a number (e.g. -9999, 0, nan) or none; got 'minus one'" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    # a float original's tag kept through a cast to 16 bits (GDAL does so): said, and no pixel is no-data
+    _geotiff("fixed16.tif", tifffile.imread(data["folder"] / "fixed16.tif"), "-9999")
+    assert main(["register", "fixed16.tif", str(data["folder"] / "moving16.tif"), "-o", "out16", "-q"]) == 0
+    assert "its GDAL_NODATA value -9999 is no uint16 value (whole numbers 0 to 65535)" in capsys.readouterr().err
+    # a stack frame without data
+    frames = np.stack([tifffile.imread(data["folder"] / "fixed32.tif")] * 3)
+    frames[1].flat[3:] = -9999
+    tifffile.imwrite("stack.tif", frames, photometric="minisblack", extratags=[(42113, "s", 0, "-9999", True)])
+    assert main(["stack", "stack.tif", "-o", "aligned.tif", "-q"]) == 1
+    assert "its frame 'stack.tif page 1' has 3 pixels with data (the rest are the no-data value -9999)" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "aligned.tif").exists()
+
+
+def test_apply_fills_no_data_and_takes_the_georeference_of_its_reference(data, tmp_path, monkeypatch):
+    """apply resamples as register writes: -9999 where no data, and the --reference's georeference
+    (without one, none: IMAGE's own was moved by the transform)."""
+    monkeypatch.chdir(tmp_path)
+    fixed, moving = _with_nodata(data, -9999.0)
+    _geotiff("fixed.tif", fixed, "-9999")
+    _geotiff("moving.tif", moving, "-9999", east=500250.0)
+    assert main(["register", "fixed.tif", "moving.tif", "-o", "out", "-q"]) == 0
+    assert main(["apply", "out/transform.json", "moving.tif", "-o", "applied.tif", "--reference", "fixed.tif",
+                 "-q"]) == 0
+    with tifffile.TiffFile(tmp_path / "applied.tif") as file:
+        assert file.pages[0].tags[33922].value[3] == 500000.0 and file.pages[0].tags[42113].value == "-9999"
+        assert np.array_equal(file.asarray(), tifffile.imread(tmp_path / "out" / "warped.tif"))
+    assert main(["apply", "out/transform.json", "moving.tif", "-o", "bare.tif", "-q"]) == 0
+    with tifffile.TiffFile(tmp_path / "bare.tif") as file:
+        assert 33922 not in file.pages[0].tags and file.pages[0].tags[42113].value == "-9999"
+    assert main(["apply", "out/transform.json", "moving.tif", "-o", "zeros.tif", "-q", "--nodata", "none"]) == 0
+    zeros = tifffile.imread(tmp_path / "zeros.tif")
+    assert (zeros == -9999).any() and (zeros == 0).sum() > 1000  # as before: blended, and 0 beyond the image
+
+
+@pytest.mark.parametrize("reference", ["first", "previous", "mean"])
+def test_stack_leaves_each_frames_own_no_data_out(drift, tmp_path, monkeypatch, reference):
+    """Scenes of a time series, each with a no-data strip of its own (a swath edge that moves): the
+    strips were registered as image values (frames tens of px off); each frame's no-data is now its
+    own mask, as the moving frame and as the reference."""
+    monkeypatch.chdir(tmp_path)
+    _, truths, frames, _ = drift
+    frames = frames.astype(np.float32)
+    for k in range(len(frames)):
+        frames[k, :, :12 + 8 * k] = -9999
+    tifffile.imwrite("scenes.tif", frames, extratags=[(42113, "s", 0, "-9999", True)])
+    assert main(["stack", "scenes.tif", "-o", "out.tif", "-t", "rigid", "-r", reference, "-q"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "out.csv")))
+    size = frames.shape[1:]
+    errors = [grid_error(matrix_of(row), torch.as_tensor(truths[k]), size) for k, row in enumerate(rows)]
+    assert max(errors) < 0.1, errors
+    with tifffile.TiffFile(tmp_path / "out.tif") as file:
+        assert file.pages[0].tags[42113].value == "-9999"
+        aligned = file.asarray()
+    assert ((aligned == -9999).reshape(len(frames), -1).sum(axis=1) >= 12 * size[0]).all()

@@ -899,3 +899,62 @@ def test_luminance_words_say_what_luminance_takes():
         changed[..., -1] += 1.0  # the last channel: counted only where the words count it
         counted = channels == 1 or channels == 3 or channels == 5
         assert np.array_equal(luminance(changed), luminance(image)) is not counted, channels
+
+
+GEOKEYS = (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633)  # projected, pixel is area, UTM 33N
+
+
+def test_a_geotiffs_georeference_and_nodata_are_read_and_written_back(tmp_path):
+    """GDAL_NODATA (42113) is ImageFormat.nodata, a number; the GeoTIFF tags (pixel scale, tie point,
+    GeoKeys, GDAL's metadata) are kept as read and written back, so GDAL and QGIS place the output."""
+    tifffile = pytest.importorskip("tifffile")
+    from tireg.io import GEOREFERENCE_TAGS, NODATA_TAG, nodata_text, on_grid_of
+
+    image = np.arange(48 * 40, dtype=np.float32).reshape(48, 40)
+    image[:, :5] = -9999
+    tags = [(33550, "d", 3, (10.0, 10.0, 0.0), True), (33922, "d", 6, (0, 0, 0, 500000.0, 4000000.0, 0), True),
+            (34735, "H", len(GEOKEYS), GEOKEYS, True), (42112, "s", 0, "<GDALMetadata></GDALMetadata>", True),
+            (NODATA_TAG, "s", 0, "-9999", True)]
+    tifffile.imwrite(tmp_path / "scene.tif", image, extratags=tags)
+    read = read_image(tmp_path / "scene.tif")
+    assert read.format.nodata == -9999.0
+    assert [code for code, _, _ in read.format.georeference] == [33550, 33922, 34735, 42112]
+    write_frames(tmp_path / "out.tif", read.frames.astype(np.float64), read.format)
+    with tifffile.TiffFile(tmp_path / "out.tif") as written:
+        page = written.pages[0]
+        assert page.tags[NODATA_TAG].value == "-9999"
+        for code in GEOREFERENCE_TAGS:
+            assert (code in page.tags) == (code in dict((c, v) for c, _, v in read.format.georeference))
+        assert page.tags[33922].value == (0, 0, 0, 500000.0, 4000000.0, 0) and page.tags[34735].value == GEOKEYS
+        assert written.geotiff_metadata["ProjectedCSTypeGeoKey"] == 32633
+        assert np.array_equal(page.asarray(), image)
+    assert read_image(tmp_path / "out.tif").format.georeference == read.format.georeference
+    # an image resampled onto another's grid takes that grid's georeference, and keeps its own no-data
+    plain = ImageFormat("tiff", np.dtype(np.float32), nodata=0.0)
+    assert on_grid_of(plain, read.format).georeference == read.format.georeference
+    assert on_grid_of(plain, read.format).nodata == 0.0
+    assert on_grid_of(read.format, plain).georeference == ()
+    # GDAL's text for the value; NaN is written where it is the no-data value, and refused elsewhere
+    assert [nodata_text(v) for v in (-9999.0, 0.0, float("nan"), 0.5, -3.4028234663852886e38)] == [
+        "-9999", "0", "nan", "0.5", "-3.4028234663852886e+38"]
+    with_nan = image.copy()
+    with_nan[:, :5] = np.nan
+    nan_format = replace(read.format, nodata=float("nan"))
+    write_frames(tmp_path / "nan.tif", with_nan[None, ..., None], nan_format)
+    back = read_image(tmp_path / "nan.tif")
+    assert np.isnan(back.format.nodata) and np.array_equal(np.isnan(back.frames[0, ..., 0]), np.isnan(with_nan))
+    with pytest.raises(ImageError, match="holds NaN or Inf values"):
+        write_frames(tmp_path / "no.tif", with_nan[None, ..., None], replace(read.format, nodata=None))
+    with pytest.raises(ImageError, match="holds Inf values"):
+        write_frames(tmp_path / "no.tif", np.full((1, 8, 8, 1), np.inf), nan_format)
+    assert not (tmp_path / "no.tif").exists()
+
+
+def test_a_gdal_nodata_tag_that_is_no_number_is_left_out_with_a_warning(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "odd.tif", np.ones((16, 16), np.float32), extratags=[(42113, "s", 0, "none?", True)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert read_image(tmp_path / "odd.tif").format.nodata is None
+    assert [str(w.message).split(": ", 1)[1] for w in caught] == [
+        "its GDAL_NODATA tag 'none?' is not a number; no value marks missing data (--nodata V names one)"]

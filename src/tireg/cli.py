@@ -386,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--device", type=_device, default="cpu", metavar="DEVICE",
                            help="cpu, cuda, cuda:N, or auto (cuda when available)")
         group.add_argument("--mask", metavar="IMAGE", help=mask_help)
+        group.add_argument("--nodata", type=_nodata_value, default=None, metavar="V",
+                           help="value of pixels without data (GDAL's nodata, e.g. -9999 or nan): left out of the "
+                           "registration, and the value of output pixels without data; default: a GeoTIFF's "
+                           "GDAL_NODATA tag; none: ignore that tag")
         group.add_argument("--channel", type=_channel_index, default=None, metavar="K",
                            help="register on channel K (0 for the first) instead of the luminance, e.g. a "
                            "hyperstack's structural channel; every channel is warped all the same")
@@ -427,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--interpolation", choices=list(APPLY_INTERPOLATIONS), default=None,
                      help="interpolation (nearest for label images); default: the one the registration used, "
                      "as TRANSFORM records it (tireg's .json and .tfm, a stack's .csv), else bilinear")
+    sub.add_argument("--nodata", type=_nodata_value, default=None, metavar="V",
+                     help="value of IMAGE's pixels without data (GDAL's nodata, e.g. -9999 or nan), and of the "
+                     "output's; default: a GeoTIFF's GDAL_NODATA tag; none: ignore that tag")
     sub.set_defaults(handler=_cmd_apply)
 
     # stack
@@ -547,12 +554,88 @@ def _single(image: ImageData, what: str) -> ImageData:
     return image
 
 
-def _check_finite(image: ImageData, what: str) -> None:
+def _check_finite(image: ImageData, what: str, nodata: Optional[float] = None) -> None:
+    """NaN or Inf in ``image`` refused, naming the frame; NaN taken where it is the no-data value."""
     if image.frames.dtype.kind == "f":
-        finite = np.isfinite(image.frames).reshape(image.count, -1).all(axis=1)
+        values = image.frames
+        finite = (np.isfinite(values) | np.isnan(values) if nodata is not None and math.isnan(nodata)
+                  else np.isfinite(values)).reshape(image.count, -1).all(axis=1)
         if not finite.all():
             frame = "" if image.count == 1 else f" (frame {image.names[int(np.argmin(finite))]!r})"
-            raise CommandError(f"{what} {str(image.path)!r} contains NaN or Inf values{frame}")
+            hint = "" if nodata is not None else "; where NaN marks pixels without data, give --nodata nan"
+            raise CommandError(f"{what} {str(image.path)!r} contains {'Inf' if nodata is not None else 'NaN or Inf'} "
+                               f"values{frame}{hint}")
+
+
+def _nodata_value(text: str) -> float | str:
+    """``--nodata``: a number (``nan`` too), or ``none``."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number (e.g. -9999, 0, nan) or none; got {text!r}") from None
+
+
+def _nodata(args: argparse.Namespace, image: ImageData, what: str) -> Optional[float]:
+    """The value that marks ``image``'s pixels without data: ``--nodata`` where given (``none``: no
+    value), else its file's ``GDAL_NODATA`` tag (:attr:`~tireg.io.ImageFormat.nodata`), else ``None``.
+
+    A value the image's type cannot hold is refused when it is ``--nodata``'s, and left out with a
+    warning when it is the file's (GDAL keeps the tag of a float original through a cast to bytes)."""
+    chosen = getattr(args, "nodata", None)
+    value = image.format.nodata if chosen is None else None if chosen == "none" else chosen
+    dtype = image.frames.dtype
+    if value is None or dtype.kind == "f" or (not math.isnan(value) and value == int(value) and (
+            dtype.kind == "b" and value in (0, 1) or dtype.kind in "iu" and
+            np.iinfo(dtype).min <= value <= np.iinfo(dtype).max)):
+        return value
+    holds = "0 and 1" if dtype.kind == "b" else f"whole numbers {np.iinfo(dtype).min} to {np.iinfo(dtype).max}"
+    if chosen is None:
+        warnings.warn(f"{what} {str(image.path)!r}: its GDAL_NODATA value {value:g} is no {dtype} value "
+                      f"({holds}); no pixel is taken as without data (--nodata V names the value)", UserWarning)
+        return None
+    raise CommandError(f"--nodata {value:g}: {what} {str(image.path)!r} holds {dtype} values ({holds}); "
+                       "no pixel of it can be that value")
+
+
+def _has_data(image: ImageData, nodata: Optional[float], channel: Optional[int],
+              frames: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+    """``(N, H, W)`` bool, where ``image``'s frames (or ``frames``, some of them) have data: the
+    registered channels (``--channel``'s, else every colour channel; not alpha) differ from
+    ``nodata`` (GDAL's no-data rule; NaN for ``nan``).  ``None`` where every pixel has data or
+    there is no value: the registration then runs as without a mask."""
+    if nodata is None:
+        return None
+    frames = image.frames if frames is None else frames
+    colour = frames.shape[-1] - (image.format.alpha is not None)
+    values = frames[..., channel:channel + 1] if channel is not None else frames[..., :colour]
+    missing = (np.isnan(values) if math.isnan(nodata) else values == nodata).any(axis=-1)
+    return None if not missing.any() else ~missing
+
+
+def _filled(grey: np.ndarray, has_data: Optional[np.ndarray]) -> np.ndarray:
+    """``grey`` ``(..., H, W)`` with its no-data pixels set to the least value with data, per frame:
+    out of the registration by its mask, and out of the pictures' contrast (-9999 or NaN there)."""
+    if has_data is None:
+        return grey
+    least = np.where(has_data, grey, np.inf).reshape(*grey.shape[:-2], -1).min(axis=-1)
+    least = np.where(np.isfinite(least), least, 0.0)  # a frame without data: refused by its mask's count
+    return np.where(has_data, grey, least[..., None, None])
+
+
+def _data_mask(mask: Optional[np.ndarray], has_data: Optional[np.ndarray], image: ImageData, what: str,
+               nodata: Optional[float]) -> Optional[np.ndarray]:
+    """``mask`` (``--mask``, ``(H, W)``) and ``has_data`` (``(H, W)``), as a float32 mask: the pixels
+    that count.  At least 16 are needed."""
+    if has_data is None:
+        return mask
+    counted = has_data.astype(np.float32) if mask is None else mask * has_data
+    if counted.sum() < 16:
+        inside = " inside the mask" if mask is not None else ""
+        raise CommandError(f"{what} {str(image.path)!r} has {int(counted.sum())} pixels with data{inside} (the "
+                           f"rest are the no-data value {nodata:g}); at least 16 are needed")
+    return counted
 
 
 def _registered_grey(image: ImageData, channel: Optional[int], what: str, frames: Optional[np.ndarray] = None
@@ -668,7 +751,8 @@ def _identity_before(moving_grey: np.ndarray, size: tuple[int, int]) -> np.ndarr
 
 def _warp_frames(frames: np.ndarray, matrices: np.ndarray, size: tuple[int, int], interpolation: str,
                  device: str = "cpu", batch: int = 32,
-                 alpha: Optional[str] | Sequence[Optional[str]] = None) -> np.ndarray:
+                 alpha: Optional[str] | Sequence[Optional[str]] = None,
+                 nodata: Optional[float] = None, has_data: Optional[np.ndarray] = None) -> np.ndarray:
     """``(N, H, W, C)`` frames resampled by ``(N or 1, 3, 3)`` matrices onto ``size``: float64 ``(N, h, w, C)``,
     computed on ``device`` (``--device``: with ``cuda`` the outputs were warped on the host).
 
@@ -679,7 +763,15 @@ def _warp_frames(frames: np.ndarray, matrices: np.ndarray, size: tuple[int, int]
     times alpha, warped, divided by the warped alpha (0 where it is 0).  Each channel warped on its
     own mixed the colour of transparent pixels into the edges (a dark fringe round an opaque shape
     on transparent black).  Associated (premultiplied) alpha is warped as it is; nearest
-    interpolation mixes nothing and is left alone (the colour under alpha 0 kept)."""
+    interpolation mixes nothing and is left alone (the colour under alpha 0 kept).
+
+    ``nodata`` (``--nodata``, a GeoTIFF's ``GDAL_NODATA``): the value of output pixels without data,
+    and ``has_data`` ``(N, H, W)`` (:func:`_has_data`; ``None``: every input pixel) where the frames
+    have it.  The frames are resampled by normalised convolution, ``warp(I m) / warp(m)`` for the
+    0/1 data mask ``m``, where ``warp(m) >= 1/2`` (at least half the interpolation's weight on
+    data, GDAL's rule for its resampling kernels), and are ``nodata`` elsewhere and outside the
+    frame: warped as they were, a -9999 border blended into its neighbours along its edge and the
+    area beyond the moving image was 0, which is data."""
     import torch
 
     from .sampling import warp
@@ -697,19 +789,31 @@ def _warp_frames(frames: np.ndarray, matrices: np.ndarray, size: tuple[int, int]
     if straight.any():  # the colour's range: bicubic ringing over an alpha near 0 gave quotients far beyond it
         low, high = float(frames[straight, ..., :-1].min()), float(frames[straight, ..., :-1].max())
     out = np.empty((count, *size, frames.shape[-1]), dtype=np.float64)
+    covered = np.ones((count, *size), dtype=bool)
     for start in range(0, count, batch):
         chunk = np.moveaxis(frames[start:start + batch], -1, 1).astype(np.float64)
         premultiplied = straight[start:start + batch]  # (io.premultiply's colour x alpha, channels first)
         if premultiplied.any():
             chunk[premultiplied, :-1] *= chunk[premultiplied, -1:]
+        if nodata is not None:  # the data mask beside the channels, and the channels 0 where it is 0
+            inside = np.ones((chunk.shape[0], 1, *chunk.shape[2:])) if has_data is None else \
+                has_data[start:start + batch, None].astype(np.float64)
+            chunk = np.concatenate([np.where(inside != 0, chunk, 0.0), inside], axis=1)
         image = torch.from_numpy(np.ascontiguousarray(writable(chunk))).to(device)
         matrix = torch.from_numpy(np.array(matrices[start:start + batch], order="C")).to(device)  # a writable copy
-        warped = warp(image, matrix, size=size, interpolation=interpolation, padding_mode="zeros")
-        out[start:start + batch] = np.moveaxis(warped.cpu().numpy(), 1, -1)
+        warped = np.moveaxis(warp(image, matrix, size=size, interpolation=interpolation,
+                                  padding_mode="zeros").cpu().numpy(), 1, -1)
+        if nodata is not None:
+            coverage = warped[..., -1:]
+            covered[start:start + batch] = coverage[..., 0] >= 0.5 - 1e-9
+            warped = warped[..., :-1] / np.where(coverage >= 0.5 - 1e-9, coverage, 1.0)
+        out[start:start + batch] = warped
     if straight.any():  # colour / warped alpha (io.unpremultiply at full scale 1), clipped where covered
         part = unpremultiply(out[straight], np.float64)
         part[..., :-1] = np.where(part[..., -1:] > 0, np.clip(part[..., :-1], low, high), 0.0)
         out[straight] = part
+    if nodata is not None:
+        out[~covered] = nodata
     return out
 
 
@@ -785,16 +889,19 @@ def _register_images(args, fixed_grey, moving_grey, *, mask=None, moving_mask=No
 
 def _write_register_outputs(outputs: OutputFiles, paths: dict[str, Path], result, *, moving: ImageData,
                             fixed_grey: np.ndarray, moving_grey: np.ndarray, title: str, args,
-                            grid: Optional[ImageFormat] = None) -> None:
+                            grid: Optional[ImageFormat] = None, nodata: Optional[float] = None,
+                            moving_data: Optional[np.ndarray] = None) -> None:
     """Warped image, transform files and pictures, all under temporary names until committed; the
-    warped image stored as ``moving``'s, with the pixel size of ``grid`` (the fixed image's format)."""
+    warped image stored as ``moving``'s, with the pixel size and georeference of ``grid`` (the fixed
+    image's format), ``nodata`` where it has no data (``moving_data``: where ``moving`` has it)."""
     from . import viz
 
     size = result.fixed_size
     warped = _warp_frames(moving.frames, result.matrix.numpy()[None], size, args.interpolation, args.device,
-                          alpha=moving.format.alpha)
+                          alpha=moving.format.alpha, nodata=nodata, has_data=moving_data)
+    warped_format = replace(moving.format if grid is None else on_grid_of(moving.format, grid), nodata=nodata)
     with outputs.writing(paths["warped"]) as temporary:
-        write_frames(temporary, warped, moving.format if grid is None else on_grid_of(moving.format, grid))
+        write_frames(temporary, warped, warped_format)
     for name in ("json", "tfm"):
         with outputs.writing(paths[name]) as temporary:
             result.save(temporary)
@@ -857,14 +964,21 @@ def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
             f"{str(moving.path)!r} has {moving.channels}; give both in colour or both in grey, or register on "
             "one channel of each (--channel K)"
         )
-    for image, what in ((fixed, "fixed image"), (moving, "moving image")):
-        _check_finite(image, what)
-    fixed_grey = _registered_grey(fixed, args.channel, "fixed image", fixed.frames[0])
-    moving_grey = _registered_grey(moving, args.channel, "moving image", moving.frames[0])
+    fixed_nodata, moving_nodata = _nodata(args, fixed, "fixed image"), _nodata(args, moving, "moving image")
+    _check_finite(fixed, "fixed image", fixed_nodata)
+    _check_finite(moving, "moving image", moving_nodata)
+    fixed_data = _has_data(fixed, fixed_nodata, args.channel)
+    moving_data = _has_data(moving, moving_nodata, args.channel)
+    fixed_grey = _filled(_registered_grey(fixed, args.channel, "fixed image", fixed.frames[0]),
+                         None if fixed_data is None else fixed_data[0])
+    moving_grey = _filled(_registered_grey(moving, args.channel, "moving image", moving.frames[0]),
+                          None if moving_data is None else moving_data[0])
     _check_grey(fixed_grey[None], fixed, "fixed image")
     _check_grey(moving_grey[None], moving, "moving image")
-    mask = _read_mask(args.mask, fixed.size, "mask")
-    moving_mask = _read_mask(args.moving_mask, moving.size, "moving mask")
+    mask = _data_mask(_read_mask(args.mask, fixed.size, "mask"), None if fixed_data is None else fixed_data[0],
+                      fixed, "fixed image", fixed_nodata)
+    moving_mask = _data_mask(_read_mask(args.moving_mask, moving.size, "moving mask"),
+                             None if moving_data is None else moving_data[0], moving, "moving image", moving_nodata)
 
     paths = _register_paths(folder, Path(_output_name(moving.path.name.lower(), moving.format)).suffix)
     outputs.check(*paths.values())
@@ -887,7 +1001,8 @@ def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
         )
     title = f"{_plain(fixed.path.name)} (fixed) and {_plain(moving.path.name)} (moving): {result.transform}"
     _write_register_outputs(outputs, paths, result, moving=moving, fixed_grey=fixed_grey,
-                            moving_grey=moving_grey, title=title, args=args, grid=fixed.format)
+                            moving_grey=moving_grey, title=title, args=args, grid=fixed.format,
+                            nodata=moving_nodata, moving_data=moving_data)
     written = outputs.commit()
     for line in _summary(result, args.metric, schedule):
         _say(args, line)
@@ -1003,7 +1118,8 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
     else:
         transform = load_transform(args.transform)
     image = read_image(args.image, what="image")
-    _check_finite(image, "image")
+    nodata = _nodata(args, image, "image")
+    _check_finite(image, "image", nodata)
     matrices = transform.matrix.reshape(-1, 3, 3).numpy()
     with np.errstate(all="ignore"):  # entries near 1e308 overflow the determinant: refused below
         determinants = np.linalg.det(matrices[:, :2, :2])
@@ -1018,8 +1134,10 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
             f"transform {args.transform!r} holds {matrices.shape[0]} matrices but image {args.image!r} has "
             f"{image.count} frame(s); give one matrix, or one per frame"
         )
+    grid = None  # the format of --reference, the image whose pixels the output lies on
     if args.reference is not None:
-        size = _single(read_image(args.reference, what="reference image"), "reference image").size
+        reference = _single(read_image(args.reference, what="reference image"), "reference image")
+        size, grid = reference.size, reference.format
     elif args.size is not None:
         size = args.size
     elif transform.metadata.get("fixed_size") is not None:
@@ -1038,9 +1156,13 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
     _output_suffix(output)
     kind = check_writable(output, (image.count, image.channels), image.format)
     outputs.check(output)
-    out_format = replace(image.format, kind=kind)  # its dtype, channel axis, photometric and alpha
+    # its dtype, channel axis, photometric and alpha; the pixel size and georeference of the grid it
+    # lies on (--reference's), and none without one (IMAGE's own were moved by the transform)
+    out_format = replace(image.format if grid is None else on_grid_of(image.format, grid), kind=kind, nodata=nodata,
+                         georeference=() if grid is None else grid.georeference)
     interpolation, why = _apply_interpolation(args, transform)
-    warped = _warp_frames(image.frames, matrices, size, interpolation, alpha=image.format.alpha)
+    warped = _warp_frames(image.frames, matrices, size, interpolation, alpha=image.format.alpha, nodata=nodata,
+                          has_data=_has_data(image, nodata, None))
     with outputs.writing(output) as temporary:
         write_frames(temporary, warped, out_format)
     written = outputs.commit()
@@ -1057,6 +1179,18 @@ def _cmd_apply(args: argparse.Namespace, outputs: OutputFiles) -> int:
 
 # ----------------------------------------------------------------------------
 # stack
+
+
+def _check_stack_data(has_data: Optional[np.ndarray], stack: ImageData, nodata: Optional[float]) -> None:
+    """Every frame of ``stack`` with 16 pixels of data or more (``has_data``, :func:`_has_data`)."""
+    if has_data is None:
+        return
+    counts = has_data.reshape(has_data.shape[0], -1).sum(axis=1)
+    if (counts < 16).any():
+        index = int(np.argmax(counts < 16))
+        raise CommandError(f"stack {str(stack.path)!r}: its frame {stack.names[index]!r} has {int(counts[index])} "
+                           f"pixels with data (the rest are the no-data value {nodata:g}); at least 16 are needed "
+                           "(leave it out of the stack)")
 
 
 def _output_suffix(path: Path) -> str:
@@ -1090,7 +1224,9 @@ def _register_stack(args, grey: np.ndarray, masks: "_StackMasks", progress: _Pro
         fixed_all, moving_index = frames[:1], list(range(1, count))
     else:  # previous
         fixed_all, moving_index = frames[:-1], list(range(1, count))
-    found = _register_frames(args, fixed_all, frames, moving_index, masks.reference, masks.frame, progress)
+    references = [0] if args.reference == "first" else list(range(count - 1))
+    found = _register_frames(args, fixed_all, frames, moving_index, masks.reference_for(references),
+                             masks.frames(), progress)
     if args.reference == "previous":
         _chain(args, frames, found, masks, progress)
     return found
@@ -1113,8 +1249,8 @@ def _chain(args, frames: np.ndarray, found: dict[str, Any], masks: "_StackMasks"
         if last_reliable == k - 1:
             matrices[k] = pairs[k] @ matrices[k - 1]
         else:  # frame k-1 is unreliable: frame k to the last reliable frame
-            bridge = _register_frames(args, frames[last_reliable][None], frames, [k], masks.reference, masks.frame,
-                                      progress, advance=False)
+            bridge = _register_frames(args, frames[last_reliable][None], frames, [k],
+                                      masks.reference_for([last_reliable]), masks.frames(), progress, advance=False)
             matrices[k] = bridge["matrices"][k] @ matrices[last_reliable]
             link_iterations = int(found["iterations"][k])  # spent too
             for key in ("costs", "iterations", "converged", "reasons"):
@@ -1130,24 +1266,31 @@ def _chain(args, frames: np.ndarray, found: dict[str, Any], masks: "_StackMasks"
 
 @dataclass(frozen=True)
 class _StackMasks:
-    """``tireg stack``'s masks, ``(H, W)`` float32 0/1 or ``None``.
+    """``tireg stack``'s masks, float32 0/1 or ``None``.
 
-    ``region`` (``--mask``): where the reference counts (a region of interest, or the reference's
-    own no-data).  ``frame`` (``--frame-mask``): where every frame has data (a label burnt into each
-    frame, a dead region of the sensor), as the moving image and as the reference.  ``reference``:
-    both, where the reference counts.
+    ``region`` (``--mask``, ``(H, W)``): where the reference counts (a region of interest, or the
+    reference's own no-data).  ``frame`` (``--frame-mask``, ``(H, W)``): where every frame has data
+    (a label burnt into each frame, a dead region of the sensor), as the moving image and as the
+    reference.  ``data`` (``(N, H, W)``, :func:`_has_data`): where each frame has data, its pixels
+    other than ``--nodata`` (a scene's own no-data border).
     """
 
     region: Optional[np.ndarray]
     frame: Optional[np.ndarray]
+    data: Optional[np.ndarray] = None
 
-    @property
-    def reference(self) -> Optional[np.ndarray]:
-        return _both(self.region, self.frame)
+    def frames(self) -> Optional[np.ndarray]:
+        """Where each frame counts (``frame`` and ``data``): ``(H, W)`` for all, ``(N, H, W)``, or ``None``."""
+        return _both(self.frame, self.data)
+
+    def reference_for(self, index: Sequence[int]) -> Optional[np.ndarray]:
+        """Where frames ``index`` count as references (``region`` too): ``(H, W)`` or ``(len(index), H, W)``."""
+        frames = self.frames()
+        return _both(self.region, frames if frames is None or frames.ndim == 2 else frames[list(index)])
 
 
 def _both(first: Optional[np.ndarray], second: Optional[np.ndarray]) -> Optional[np.ndarray]:
-    """The pixels inside both masks (``None``: no mask, every pixel)."""
+    """The pixels inside both masks (``None``: no mask, every pixel; ``(H, W)`` and ``(N, H, W)`` broadcast)."""
     if first is None or second is None:
         return second if first is None else first
     return first * second
@@ -1161,8 +1304,9 @@ def _register_frames(args, fixed_all: np.ndarray, frames: np.ndarray, moving_ind
     at ``k - 1``), from ``init[k]`` where given; the other frames keep the identity ("reference").
     ``advance``: count the frames on the progress bar (not a bridge's: :func:`_chain`).
 
-    ``reference_mask``: where the reference counts; ``frame_mask`` (``--frame-mask``): where each
-    moving frame counts (:class:`_StackMasks`)."""
+    ``reference_mask``: where the reference counts, ``(H, W)`` for every one or ``(R, H, W)`` a
+    mask per ``fixed_all`` frame; ``frame_mask``: where each moving frame counts, ``(H, W)`` or
+    ``(N, H, W)`` a mask per frame (:class:`_StackMasks`)."""
     import torch
 
     count = frames.shape[0]
@@ -1172,10 +1316,11 @@ def _register_frames(args, fixed_all: np.ndarray, frames: np.ndarray, moving_ind
     histories = []
     for start in range(0, len(moving_index), args.batch_size):
         index = moving_index[start:start + args.batch_size]
-        fixed = fixed_all if fixed_all.shape[0] == 1 else fixed_all[[k - 1 for k in index]]
+        references = [0] if fixed_all.shape[0] == 1 else [k - 1 for k in index]
+        fixed = fixed_all[references]
         start_matrices = None if init is None else torch.from_numpy(np.ascontiguousarray(writable(init[index])))
-        result = _register_images(args, fixed, frames[index], mask=reference_mask, moving_mask=frame_mask,
-                                  progress=progress, init=start_matrices)
+        result = _register_images(args, fixed, frames[index], mask=_pick_masks(reference_mask, references),
+                                  moving_mask=_pick_masks(frame_mask, index), progress=progress, init=start_matrices)
         pairs[index] = result.matrix.numpy().reshape(-1, 3, 3)
         costs[index] = result.cost.numpy()
         iterations[index] = result.iterations.numpy()
@@ -1187,6 +1332,16 @@ def _register_frames(args, fixed_all: np.ndarray, frames: np.ndarray, moving_ind
             progress.advance(len(index))
     return dict(matrices=pairs, costs=costs, iterations=iterations, converged=converged, reasons=reasons,
                 results=histories, center=histories[0].center, seconds=sum(r.seconds for r in histories))
+
+
+def _pick_masks(masks: Optional[np.ndarray], index: list[int]) -> Optional[np.ndarray]:
+    """A mask for the pairs of frames ``index``: ``(H, W)`` as it is, one of ``(N, H, W)`` as
+    ``(H, W)``, several as ``(len(index), 1, H, W)``."""
+    if masks is None or masks.ndim == 2:
+        return masks
+    if masks.shape[0] == 1:
+        return masks[0]
+    return masks[index][:, None]
 
 
 def _register_to_mean(args, grey: np.ndarray, masks: _StackMasks, progress: _Progress) -> dict[str, Any]:
@@ -1205,20 +1360,22 @@ def _register_to_mean(args, grey: np.ndarray, masks: _StackMasks, progress: _Pro
     count, height, width = grey.shape
     chained = _register_stack(argparse.Namespace(**{**vars(args), "reference": "previous"}), grey, masks, progress)
     first = chained["matrices"]  # frame 0 -> frame k
-    inside = np.ones((height, width)) if masks.frame is None else masks.frame.astype(np.float64)
-    counted = grey if masks.frame is None else np.where(masks.frame != 0, grey, 0.0)
+    frame_masks = masks.frames()
+    inside = np.ones((count, height, width)) if frame_masks is None else \
+        np.broadcast_to(frame_masks, (count, height, width)).astype(np.float64)
+    counted = grey if frame_masks is None else np.where(inside != 0, grey, 0.0)
     # a frame whose chain did not converge (a dark frame) stays out of the mean: at its wrong place it
     # had blurred the mean, and every frame had come out 0.5 px off instead of 0.01
     reliable = np.flatnonzero(chained["converged"])  # frame 0 (the reference) among them
     values = _warp_frames(counted[reliable, ..., None], first[reliable], (height, width), "bilinear",
                           args.device)[..., 0]
-    weights = np.broadcast_to(inside[None, ..., None], (len(reliable), height, width, 1))
-    cover = _warp_frames(weights, first[reliable], (height, width), "bilinear", args.device)[..., 0]
+    cover = _warp_frames(inside[reliable, ..., None], first[reliable], (height, width), "bilinear",
+                         args.device)[..., 0]
     covered = cover.sum(axis=0)
     template = np.where(covered > 0.5, values.sum(axis=0) / np.maximum(covered, 1e-12), 0.0)
-    covering = None if masks.frame is None else (covered > 0.5).astype(np.float32)
+    covering = None if frame_masks is None else (covered > 0.5).astype(np.float32)
     found = _register_frames(args, template[None, None], grey[:, None], list(range(count)),
-                             _both(masks.region, covering), masks.frame, progress, init=first)
+                             _both(masks.region, covering), frame_masks, progress, init=first)
     found["iterations"] = found["iterations"] + chained["iterations"]
     found["bridges"] = chained.get("bridges", [])
     found["results"] = chained["results"] + found["results"]
@@ -1302,8 +1459,11 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
     stack = read_stack(args.input, what="stack")
     if stack.count < 2:
         raise CommandError(f"stack {args.input!r} has {stack.count} frame; at least 2 are needed")
-    _check_finite(stack, "stack")
-    grey = _registered_grey(stack, args.channel, "stack")
+    nodata = _nodata(args, stack, "stack")
+    _check_finite(stack, "stack", nodata)
+    has_data = _has_data(stack, nodata, args.channel)
+    grey = _filled(_registered_grey(stack, args.channel, "stack"), has_data)
+    _check_stack_data(has_data, stack, nodata)
     _check_grey(grey, stack, "stack")
     mask = _read_mask(args.mask, stack.size, "mask")
     frame_mask = _read_mask(args.frame_mask, stack.size, "frame mask")
@@ -1342,23 +1502,28 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
     total = 2 * stack.count - 1 if args.reference == "mean" else stack.count - 1
     progress = _Progress(args, len(schedule), total=total, unit="frame")
     try:
-        found = _register_stack(args, grey, _StackMasks(mask, frame_mask), progress)
+        found = _register_stack(args, grey, _StackMasks(mask, frame_mask, None if has_data is None else
+                                                        has_data.astype(np.float32)), progress)
     finally:
         progress.close()
     # each frame by its own file's alpha rule: a folder may mix a PNG's straight alpha and a TIFF's
     # associated one (frame 0's rule for all gave the other kind's frames fringes of 100 grey levels)
     aligned = _warp_frames(stack.frames, found["matrices"], stack.size, args.interpolation, args.device,
-                           batch=args.batch_size, alpha=[image_format.alpha for image_format in stack.formats])
+                           batch=args.batch_size, alpha=[image_format.alpha for image_format in stack.formats],
+                           nodata=nodata, has_data=has_data)
 
     if kind == "folder":
         folder = outputs.temporary(output)
         folder.mkdir()
         for k, name in enumerate(_frame_names(stack)):
             with errors_named_by(output / name):  # the frame's output, not the temporary folder
-                write_frames(folder / name, aligned[k:k + 1], stack.formats[k])
+                # on frame 0's grid: its pixel size and georeference (frame k's own are moved)
+                write_frames(folder / name, aligned[k:k + 1],
+                             replace(on_grid_of(stack.formats[k], stack.formats[0]), nodata=nodata))
     else:
         with outputs.writing(output) as temporary:  # one file, tagged with frame 0's alpha: every frame in it
-            write_frames(temporary, _alpha_as(aligned, stack, stack.format.alpha), replace(stack.format, kind=kind))
+            write_frames(temporary, _alpha_as(aligned, stack, stack.format.alpha),
+                         replace(stack.format, kind=kind, nodata=nodata))
     with outputs.writing(csv_path) as temporary:
         _write_stack_csv(temporary, stack, found, args.transform, args.interpolation)
     written = outputs.commit()

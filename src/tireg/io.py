@@ -133,6 +133,11 @@ class ImageFormat:
             with it is an ImageJ hyperstack again (:func:`write_frames`).
         frame_axes: an ImageJ TIFF's frame axes and their lengths as read, e.g. ``(("T", 4), ("Z", 3))``
             for 12 frames: written back as those axes where the frame count is the same.
+        nodata: TIFF only: the value that marks pixels without data, GDAL's ``GDAL_NODATA`` tag
+            (42113) as a number (``nan`` for NaN), written back so; ``None`` where there is none.
+        georeference: TIFF only: the first page's GeoTIFF tags (:data:`GEOREFERENCE_TAGS`) as
+            ``(code, TIFF type, value)``, written back so: where the image lies on the Earth.
+            ``()`` where there are none.
     """
 
     kind: str
@@ -144,6 +149,16 @@ class ImageFormat:
     resolution: Optional[tuple[float, float, int]] = None
     imagej: tuple[tuple[str, Any], ...] = ()
     frame_axes: tuple[tuple[str, int], ...] = ()
+    nodata: Optional[float] = None
+    georeference: tuple[tuple[int, int, Any], ...] = ()
+
+
+#: The GeoTIFF tags kept from a TIFF read to one written on the same grid: ModelPixelScale (33550),
+#: ModelTiepoint (33922), ModelTransformation (34264), GeoKeyDirectory (34735), GeoDoubleParams
+#: (34736), GeoAsciiParams (34737) and GDAL_METADATA (42112).  The no-data value, GDAL_NODATA
+#: (42113), is :attr:`ImageFormat.nodata`.
+GEOREFERENCE_TAGS = (33550, 33922, 34264, 34735, 34736, 34737, 42112)
+NODATA_TAG = 42113
 
 
 #: The entries of an ImageJ TIFF's metadata kept from a file read to one written (its calibration and
@@ -584,6 +599,8 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
             data, axes, ignored = _tiff_series(tif, path, what)
             photometric = getattr(tif.pages[0], "photometric", None)
             resolution = _tiff_resolution(tif.pages[0])
+            nodata = _tiff_nodata(tif.pages[0], path, what)
+            georeference = _tiff_georeference(tif.pages[0])
             imagej = tuple((key, value) for key, value in (tif.imagej_metadata or {}).items() if key in IMAGEJ_KEPT) \
                 if tif.is_imagej else None
             compression = getattr(getattr(tif.pages[0], "compression", None), "name", "")
@@ -596,6 +613,8 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
         raise ImageError(f"cannot read {what} {str(path)!r} as TIFF: {_reason(error)}") from None
     # warned here, not in the try above: a warning made an error would read as a corrupt file
     for message in dict.fromkeys(messages):  # tifffile's other remarks on the file, each once
+        if "GDAL_NODATA" in message:  # said by _tiff_nodata, with what it means here
+            continue
         warnings.warn(f"{what} {str(path)!r}: tifffile: {message}", UserWarning, stacklevel=user_stacklevel())
     if ignored:
         warnings.warn(ignored, UserWarning, stacklevel=user_stacklevel())
@@ -639,7 +658,8 @@ def _read_tiff(path: Path, kind: str, what: str, frames: bool) -> tuple[np.ndarr
     if samples_only and len(extrasamples) == 1 and channels == (4 if photometric == "rgb" else 2):
         alpha = _TIFF_ALPHA.get(extrasamples[0])
     return data, ImageFormat(kind, data.dtype, bool(channel_axes), photometric if channel_axes else "minisblack",
-                             alpha, extrasamples if samples_only else (), resolution, imagej or (), frame_axes)
+                             alpha, extrasamples if samples_only else (), resolution, imagej or (), frame_axes,
+                             nodata, georeference)
 
 
 def _tiff_resolution(page) -> Optional[tuple[float, float, int]]:
@@ -656,6 +676,51 @@ def _tiff_resolution(page) -> Optional[tuple[float, float, int]]:
     if not (math.isfinite(x) and math.isfinite(y) and x > 0 and y > 0):
         return None
     return x, y, unit
+
+
+def _tiff_nodata(page, path: Path, what: str) -> Optional[float]:
+    """A TIFF page's ``GDAL_NODATA`` tag as a number (GDAL writes it as text: ``-9999``, ``nan``), or
+    ``None`` where it has none; a tag that is no number is left out with a warning."""
+    tag = getattr(page, "tags", {}).get(NODATA_TAG)
+    if tag is None:
+        return None
+    text = str(tag.value).strip().strip("\x00").strip()
+    try:
+        return float(text)
+    except ValueError:
+        warnings.warn(f"{what} {str(path)!r}: its GDAL_NODATA tag {text!r} is not a number; no value marks "
+                      "missing data (--nodata V names one)", UserWarning, stacklevel=user_stacklevel())
+        return None
+
+
+def _tiff_georeference(page) -> tuple[tuple[int, int, Any], ...]:
+    """A TIFF page's GeoTIFF tags (:data:`GEOREFERENCE_TAGS`) as ``(code, TIFF type, value)``."""
+    tags = getattr(page, "tags", {})
+    return tuple((code, int(tags[code].dtype), tags[code].value) for code in GEOREFERENCE_TAGS if code in tags)
+
+
+def _tiff_tags(image_format: ImageFormat) -> list[tuple]:
+    """tifffile's ``extratags`` for ``image_format``'s GeoTIFF tags and no-data value (first page only)."""
+    tags = []
+    for code, kind, value in image_format.georeference:
+        if isinstance(value, (bytes, str)):
+            tags.append((code, kind, 0, value, True))
+        else:
+            values = tuple(value) if isinstance(value, (tuple, list, np.ndarray)) else (value,)
+            tags.append((code, kind, len(values), values, True))
+    if image_format.nodata is not None:
+        tags.append((NODATA_TAG, 2, 0, nodata_text(image_format.nodata), True))
+    return tags
+
+
+def nodata_text(value: float) -> str:
+    """A no-data value as GDAL writes its ``GDAL_NODATA`` tag: ``nan``, ``-9999`` (a whole number
+    without a point), else the shortest text that reads back to the same double."""
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return str(int(value)) if value == int(value) and abs(value) < 2 ** 53 else repr(float(value))
 
 
 #: tifffile's letters of the axes other than rows, columns and channels, as a warning names them.
@@ -901,7 +966,7 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
 
     Raises:
         ImageError: before anything is written, naming ``path``: an unsupported
-            suffix, NaN, Inf or complex values, no pixels, values beyond the
+            suffix, NaN (where it is not the no-data value), Inf or complex values, no pixels, values beyond the
             range of a float ``image_format.dtype``, or frames the format
             cannot hold.
         ValueError: ``frames`` not 4-D (a caller's mistake, not the file's).
@@ -913,13 +978,14 @@ def write_frames(path: PathLike, frames: np.ndarray, image_format: ImageFormat) 
     frames = np.asarray(frames)
     if frames.ndim != 4:
         raise ValueError(f"write_frames(): 'frames' must be (N, H, W, C); got shape {frames.shape}")
-    _check_values(frames, path)
+    nan_marks_nodata = image_format.nodata is not None and math.isnan(image_format.nodata)
+    _check_values(frames, path, nan_marks_nodata)
     _check_writable(kind, frames, image_format, path)
     if image_format.alpha == "associated" and kind in _STRAIGHT_ALPHA and frames.shape[-1] in (2, 4):
         frames = unpremultiply(frames, image_format.dtype)  # float64: rounded and clipped below
     with np.errstate(over="ignore"):  # reported below, naming the file
         data = convert_dtype(frames, image_format.dtype) if frames.dtype != image_format.dtype else frames
-    if data is not frames and data.dtype.kind == "f" and not np.isfinite(data).all():
+    if data is not frames and data.dtype.kind == "f" and not _finite(data, nan_marks_nodata).all():
         raise ImageError(f"cannot write {str(path)!r}: the image holds values beyond the range of {data.dtype} "
                          f"(+-{np.finfo(data.dtype).max:.4g}); write a wider float type")
     if kind in ("png", "jpeg") and not data.dtype.isnative:  # Pillow takes native byte order only
@@ -970,7 +1036,8 @@ def on_grid_of(image_format: ImageFormat, grid: ImageFormat) -> ImageFormat:
     the moving image's would be wrong by the transform's scale); the rest is its own."""
     kept = tuple((key, value) for key, value in image_format.imagej if key != "unit")
     unit = tuple((key, value) for key, value in grid.imagej if key == "unit")
-    return replace(image_format, resolution=grid.resolution, imagej=kept + unit if image_format.imagej else ())
+    return replace(image_format, resolution=grid.resolution, imagej=kept + unit if image_format.imagej else (),
+                   georeference=grid.georeference)
 
 
 #: The dtypes an ImageJ hyperstack holds (8 and 16 bits, 32-bit float); another is written as a plain TIFF.
@@ -1018,7 +1085,7 @@ def _write_data(temporary: Path, data: np.ndarray, kind: str, channels: int, ima
         tifffile = require("tifffile", "writing TIFF files")
         if imagej is not None:
             tifffile.imwrite(temporary, np.ascontiguousarray(data), imagej=True, metadata=imagej,
-                             **_resolution_options(image_format))
+                             extratags=_tiff_tags(image_format), **_resolution_options(image_format))
             return
         has_channels = channels > 1  # one sample: no planarconfig (tifffile refused 'contig' for it)
         # an RGB TIFF stays RGB with extra samples (5 and more were written MINISBLACK); from PNG, JPEG
@@ -1041,7 +1108,8 @@ def _write_data(temporary: Path, data: np.ndarray, kind: str, channels: int, ima
             # from a file that says nothing (.npy) are RGBA
             read = image_format.extrasamples
             options["extrasamples"] = list(read) if len(read) == extra else [0] * extra
-        tifffile.imwrite(temporary, np.ascontiguousarray(data), **options, **_resolution_options(image_format))
+        tifffile.imwrite(temporary, np.ascontiguousarray(data), **options, extratags=_tiff_tags(image_format),
+                         **_resolution_options(image_format))
     else:
         iio = require("imageio.v3", f"writing {kind.upper()} files")
         extra = {"quality": 95} if kind == "jpeg" else {}
@@ -1081,9 +1149,15 @@ def premultiply(frames: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values
 
 
-def _check_values(frames: np.ndarray, path: Path) -> None:
+def _finite(values: np.ndarray, nan_marks_nodata: bool = False) -> np.ndarray:
+    """Where float ``values`` are finite, or NaN where NaN is the no-data value."""
+    return np.isfinite(values) | np.isnan(values) if nan_marks_nodata else np.isfinite(values)
+
+
+def _check_values(frames: np.ndarray, path: Path, nan_marks_nodata: bool = False) -> None:
     """:class:`ImageError` for frames that no file holds as they are (a cast hid these: NaN became 0,
-    Inf the type's end, complex its real part; an empty array made an unreadable file)."""
+    Inf the type's end, complex its real part; an empty array made an unreadable file); NaN is
+    written where it is the no-data value (:attr:`ImageFormat.nodata`)."""
     if frames.dtype.kind == "c":
         raise ImageError(f"cannot write {str(path)!r}: the image holds complex values; write their real part "
                          "or magnitude")
@@ -1094,8 +1168,9 @@ def _check_values(frames: np.ndarray, path: Path) -> None:
     if frames.size == 0:
         raise ImageError(f"cannot write {str(path)!r}: the image is empty ({width} x {height} pixels, "
                          f"{channels} channel(s), {count} frame(s))")
-    if frames.dtype.kind == "f" and not np.isfinite(frames).all():
-        raise ImageError(f"cannot write {str(path)!r}: the image holds NaN or Inf values")
+    if frames.dtype.kind == "f" and not _finite(frames, nan_marks_nodata).all():
+        raise ImageError(f"cannot write {str(path)!r}: the image holds "
+                         f"{'Inf' if nan_marks_nodata else 'NaN or Inf'} values")
 
 
 def _check_format_type(image_format: object, caller: str) -> None:
