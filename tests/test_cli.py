@@ -1928,3 +1928,42 @@ def test_stack_leaves_each_frames_own_no_data_out(drift, tmp_path, monkeypatch, 
         assert file.pages[0].tags[42113].value == "-9999"
         aligned = file.asarray()
     assert ((aligned == -9999).reshape(len(frames), -1).sum(axis=1) >= 12 * size[0]).all()
+
+
+def test_register_warns_where_the_pixel_sizes_differ_by_a_scale_the_transform_cannot_take(data, tmp_path,
+                                                                                           monkeypatch, capsys):
+    """A 1 mm slice and a 0.5 mm one (TIFF resolutions) registered rigidly in pixels came out 151
+    degrees off, 'converged', without a word (a medical-imaging audit); now a warning names both pixel
+    sizes, the scale, and the transforms that take it."""
+    monkeypatch.chdir(tmp_path)
+    fixed = tifffile.imread(data["folder"] / "fixed32.tif")
+    tifffile.imwrite("fixed.tif", fixed, resolution=(10, 10), resolutionunit=3)  # 1 mm pixels
+    tifffile.imwrite("fine.tif", fixed, resolution=(20, 20), resolutionunit=3)  # 0.5 mm
+    tifffile.imwrite("inch.tif", fixed, resolution=(25.4, 25.4), resolutionunit=2)  # 1 mm too, per inch
+    tifffile.imwrite("tall.tif", fixed, resolution=(10, 20), resolutionunit=3)
+    expected = ("tireg: warning: the fixed image's pixels are 0.1 x 0.1 cm and the moving image's 0.05 x 0.05 cm "
+                "(their TIFF resolutions): tireg registers in pixels, where a rigid transform cannot scale by 2 x 2; "
+                "resample MOVING to the fixed pixel size first, or register with -t similarity (or "
+                "anisotropic_similarity, affine)")
+    for moving, transform, warned in (("fine.tif", "rigid", expected), ("fine.tif", "translation", "a translation"),
+                                      ("fine.tif", "similarity", None), ("fine.tif", "affine", None),
+                                      ("tall.tif", "similarity", "scale by 1 x 2; resample MOVING to the fixed pixel "
+                                       "size first, or register with -t anisotropic_similarity or affine"),
+                                      ("tall.tif", "anisotropic_similarity", None), ("inch.tif", "rigid", None)):
+        main(["register", "fixed.tif", moving, "-o", "out", "-t", transform, "-q", "--force", "--max-iterations", "1"])
+        err = capsys.readouterr().err
+        assert (warned is None) == ("pixels are" not in err) and (warned is None or warned in err), (moving, err)
+
+
+def test_python_m_tireg_runs_the_command_and_medical_files_are_named_with_a_way_out(tmp_path, capsys):
+    """``python -m tireg`` had no ``__main__``; a NIfTI volume was named as format '.gz', without a word
+    on what to give instead (a medical-imaging audit)."""
+    process = subprocess.run([sys.executable, "-m", "tireg", "--version"], capture_output=True, text=True,
+                             timeout=120, env=_env())
+    assert process.returncode == 0 and process.stdout.startswith("tireg ")
+    for name, suffix in (("T1.nii.gz", ".nii.gz"), ("ct.mha", ".mha"), ("slice.dcm", ".dcm")):
+        assert main(["register", name, name, "-o", str(tmp_path / "out"), "-q"]) == 1
+        error = capsys.readouterr().err
+        assert error.startswith(f"tireg: error: unsupported fixed image format {suffix!r} for {name!r}"), error
+        assert "a medical image: write its slice or slices as a float32 TIFF first, e.g. with SimpleITK" in error
+    assert not (tmp_path / "out").exists()

@@ -308,13 +308,21 @@ def format_for_path(path: PathLike, *, what: str = "image") -> str:
     path = as_path(path, "format_for_path()")
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
-        suffix = path.suffix or "(no suffix)"
+        name = path.name.lower()
+        suffix = next((medical for medical in _MEDICAL if name.endswith(medical)), path.suffix) or "(no suffix)"
         # a video or an animation: its frames, not another single-image format, are what to give
-        video = (f" (an animation or a video: extract its frames into a folder of images or a multi-page TIFF "
-                 f"first, e.g. ffmpeg -i {path.name} frames/%05d.png)") if path.suffix.lower() in _VIDEOS else ""
-        raise ImageError(f"unsupported {what} format {suffix!r} for {str(path)!r}; use {_SUPPORTED}{video}")
+        hint = (f" (an animation or a video: extract its frames into a folder of images or a multi-page TIFF "
+                f"first, e.g. ffmpeg -i {path.name} frames/%05d.png)") if path.suffix.lower() in _VIDEOS else ""
+        if suffix in _MEDICAL:  # a volume or a DICOM slice: what to convert it to, and what is lost
+            hint = (" (a medical image: write its slice or slices as a float32 TIFF first, e.g. with SimpleITK, "
+                    "sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32), 'slice.tif'); tireg registers in pixels, "
+                    "so resample both to one pixel spacing first where theirs differ)")
+        raise ImageError(f"unsupported {what} format {suffix!r} for {str(path)!r}; use {_SUPPORTED}{hint}")
     return kind
 
+
+#: Suffixes of medical images (NIfTI, MetaImage, NRRD, DICOM, Analyze), which tireg does not read.
+_MEDICAL = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm", ".dicom", ".hdr", ".img")
 
 #: Suffixes of animations and videos, which tireg does not read (their frames, extracted, it does).
 _VIDEOS = (".gif", ".apng", ".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".wmv", ".mpg", ".mpeg",
