@@ -190,3 +190,27 @@ def test_zero_d_levels_are_refused_naming_them(tmp_path):
                                         r"costs\); got Tensor of shape \(\)$"):
         viz.save_convergence(tmp_path / "c.png", torch.tensor([3]))
     assert not (tmp_path / "c.png").exists()
+
+
+def test_save_comparison_draws_a_large_pair_from_images_reduced_to_its_panels(tmp_path):
+    """A 4096^2 pair's picture (640 pixels wide) took 42 s and 4 GB: matplotlib resampled the panels
+    from the full images.  They are block means of about twice the panel's side first: the PNG is
+    the same size, and the memory allocated is a few copies of one input, not 25."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    fixed, moving = rng.random((2048, 2048)), rng.random((2048, 2048))
+    small = viz.save_comparison(tmp_path / "small.png", fixed[:256, :256], moving[:256, :256], fixed[:256, :256])
+    tracemalloc.start()
+    try:
+        large = viz.save_comparison(tmp_path / "large.png", fixed, moving, fixed)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * fixed.nbytes, peak / fixed.nbytes  # 25 copies before
+    assert png_size(large) == png_size(small)
+    # block means: 6 / 4 rounds up to blocks of 2, the fifth row's block padded by its own values
+    reduced = viz._reduced(np.arange(30.0).reshape(5, 6), 4)
+    assert np.array_equal(reduced, [[3.5, 5.5, 7.5], [15.5, 17.5, 19.5], [24.5, 26.5, 28.5]])
+    assert viz._reduced(fixed[:8, :8], 8) is fixed[:8, :8] or np.array_equal(viz._reduced(fixed[:8, :8], 8),
+                                                                            fixed[:8, :8])
