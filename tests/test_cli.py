@@ -1037,6 +1037,9 @@ def test_demo_prints_recovered_and_true_and_writes_pictures(tmp_path):
     for name in ("fixed.png", "moving.png", "warped.png", "before_after.png", "convergence.png"):
         assert_png(out / name)
     assert (out / "transform.tfm").is_file() and (out / "transform.json").is_file()
+    # the line names every file written (it had said "pictures in" and left out the two transforms)
+    written = re.search(r"wrote in (\S+)/: (.+)", process.stdout).group(2).split(", ")
+    assert sorted(written) == sorted(path.name for path in out.iterdir()), written
 
 
 @pytest.mark.parametrize("command", [[], ["register"], ["apply"], ["stack"], ["demo"]])

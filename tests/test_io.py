@@ -816,7 +816,8 @@ def test_a_hyperstack_with_time_and_depth_warns_that_both_are_frames(tmp_path):
     stack = np.arange(4 * 3 * 2 * 8 * 8, dtype=np.uint16).reshape(4, 3, 2, 8, 8)
     tifffile.imwrite(tmp_path / "tz.tif", stack, imagej=True, metadata={"axes": "TZCYX"})
     with pytest.warns(UserWarning, match=r"its axes T \(time\) 4 x Z \(depth\) 3 are all read as frames, 12 in all "
-                                         r"\(frame t x 3 \+ z\)"):
+                                         r"\(frame t x 3 \+ z\), each registered on its own \(a TIFF output gets "
+                                         r"the axes back as an ImageJ hyperstack\)"):
         image = read_image(tmp_path / "tz.tif", frames=True)
     assert image.frames.shape == (12, 8, 8, 2)
     assert np.array_equal(image.frames[1 * 3 + 2], np.moveaxis(stack[1, 2], 0, -1))  # t = 1, z = 2
@@ -958,3 +959,13 @@ def test_a_gdal_nodata_tag_that_is_no_number_is_left_out_with_a_warning(tmp_path
         assert read_image(tmp_path / "odd.tif").format.nodata is None
     assert [str(w.message).split(": ", 1)[1] for w in caught] == [
         "its GDAL_NODATA tag 'none?' is not a number; no value marks missing data (--nodata V names one)"]
+
+
+def test_a_jpeg_refusal_names_only_formats_that_hold_the_pixels(tmp_path):
+    """Float pixels refused for a JPEG were sent to a PNG, which refused them in turn (docs audit)."""
+    for dtype, named in ((np.float32, "write .tif or .npy"), (np.uint16, "write .png, .tif or .npy")):
+        image_format = ImageFormat("tiff", np.dtype(dtype))
+        with pytest.raises(ImageError, match=rf"JPEG holds 8-bit images, not {np.dtype(dtype)} .*; {named}$"):
+            check_writable(tmp_path / "out.jpg", (1, 8, 8, 1), image_format)
+        suggested = named.split("write ")[1].split(", ")[0].split(" or ")[0]
+        check_writable(tmp_path / f"out{suggested}", (1, 8, 8, 1), image_format)  # the first one named holds them

@@ -1660,7 +1660,7 @@ def _cmd_demo(args: argparse.Namespace, outputs: OutputFiles) -> int:
         _say(args, f"  {name:<12}{true:>10.4f}{value:>12.4f}{value - true:>+10.4f}")
     _say(args, f"  mean distance between true and recovered pixel positions: {error:.4f} px; "
                f"cost {float(result.cost[0]):.4g}, {int(result.iterations[0])} iterations, {result.seconds:.2f} s")
-    _say(args, f"pictures in {folder}/: {', '.join(p.name for p in written if p.suffix == '.png')}")
+    _say(args, f"wrote in {folder}/: {', '.join(p.name for p in written)}")
     _say(args, f"the same from the command line: tireg register {folder / 'fixed.png'} {folder / 'moving.png'} "
                f"-o {folder / 'register'} --transform similarity")
     if not error < 0.5:

@@ -749,7 +749,8 @@ def _warn_several_frame_axes(sizes: Sequence[tuple[str, int]], path: Path, what:
         [f"{letter.lower()} x {math.prod(size for _, size in several[k + 1:])}" for k, (letter, _) in
          enumerate(several[:-1])] + [several[-1][0].lower()])
     warnings.warn(f"{what} {str(path)!r}: its axes {named} are all read as frames, {count} in all (frame {index}), "
-                  "each registered on its own and written to one flat sequence of frames. tireg aligns 2-D frames: "
+                  "each registered on its own (a TIFF output gets the axes back as an ImageJ hyperstack). tireg "
+                  "aligns 2-D frames: "
                   "for one transform per time point, align a projection over Z (one plane per time point) and "
                   "apply its CSV to each Z plane's own stack", UserWarning, stacklevel=user_stacklevel())
 
@@ -943,7 +944,9 @@ def _check_writable(kind: str, frames: np.ndarray, image_format: ImageFormat, pa
             )
     if kind == "jpeg":
         if dtype != np.uint8:
-            raise ImageError(f"JPEG holds 8-bit images, not {dtype} ({str(path)!r}); write .png, .tif or .npy")
+            # PNG holds whole numbers of 8 and 16 bits only: float pixels sent there were refused again
+            other = ".png, .tif or .npy" if dtype == np.uint16 else ".tif or .npy"
+            raise ImageError(f"JPEG holds 8-bit images, not {dtype} ({str(path)!r}); write {other}")
         if channels not in (1, 3):
             other = ".tif or .npy" if _last_channel_not_alpha(image_format, channels) else ".png or .tif"
             raise ImageError(f"JPEG holds grey or RGB, not {channels} channels ({str(path)!r}); write {other}")

@@ -3030,10 +3030,10 @@ def register(
             automatic start aligns their centres and searches about them, and
             where one image fits inside the other it also places the smaller
             where it matches best (template matching: a fixed image cut off the
-            middle of a larger moving one, turned by a few degrees at most, and
-            at least about a quarter of the larger's side, 32 of the
-            initialiser's at most 128 working pixels; one smaller or turned
-            further needs a start near it, ``init``).
+            middle of a larger moving one, turned by a few degrees at most, at
+            least 32 pixels a side, and the larger at most (16 times its
+            side)² pixels; one smaller or turned further needs a start near
+            it, ``init``).
         transform: ``"translation"``, ``"rigid"``, ``"similarity"``,
             ``"anisotropic_similarity"``, ``"affine"``, a
             :class:`~tireg.transforms.Transform`, or a ready-made model
