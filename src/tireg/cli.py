@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--compile", type=_compile_choice, nargs="?", const=True, default=defaults["compile"],
                            metavar="auto|on|off",
                            help="compiled fast path (torch.compile): seconds to start, then faster; "
-                           "pays for large images and long stacks. auto: when one batch has "
+                           "pays for long stacks. auto: when one batch of two frames or more has "
                            "64 Mpx or more; --compile alone: on")
 
     # register

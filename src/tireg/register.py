@@ -152,7 +152,11 @@ _MASK_FULL = 1.0 - 1e-4
 #: pixels (batch x height x width): 64 pairs of 1024 x 1024, 1024 of 256 x 256.  Measured on
 #: the CPU (one thread): the compiled kernel saves about 0.14 s per 1024 x 1024 pair while the
 #: first compile in a process costs 2-7 s with inductor's cache warm and up to 15 s cold, so
-#: below this a call would not win back its compile.
+#: below this a call would not win back its compile.  A batch of two pairs or more only: one
+#: large pair runs in bands of rows, where the compiled kernel does not win even once compiled
+#: (one 4096 x 4096 pair: 3.7 s eager, 4.1 s compiled and 19 s with its compile; one 8192 x 8192
+#: pair, over this size: 29 s eager, 60 s compiled, 129 s with its compile; 16 pairs of 1024 x 1024:
+#: 4.6-5.2 s eager, 3.1 s compiled).
 AUTO_COMPILE_PIXELS = 1 << 26
 
 
@@ -160,7 +164,7 @@ def _use_compiled(compile: Union[bool, str], fixed: torch.Tensor, caller: str) -
     """Resolve ``compile`` (``True``, ``False`` or ``"auto"``) for a ``(B, C, H, W)`` fixed batch."""
     if check_compile_option(compile, caller) == "auto":
         batch, _, height, width = fixed.shape
-        return batch * height * width >= AUTO_COMPILE_PIXELS
+        return batch > 1 and batch * height * width >= AUTO_COMPILE_PIXELS
     return compile
 
 
@@ -3157,8 +3161,10 @@ def register(
             process (once per pyramid level size), so it pays for large
             images, batches and stacks, not for one small pair
             (``benchmarks/speed.py``).  ``"auto"`` (default): compile when
-            this call's work alone pays for it, ``B H W >=``
-            :data:`AUTO_COMPILE_PIXELS` fixed pixels.  ``False``: never.
+            this call's work alone pays for it, a batch of ``B >= 2`` pairs
+            with ``B H W >=`` :data:`AUTO_COMPILE_PIXELS` fixed pixels (one
+            pair, however large, runs in bands of rows, where compiling does
+            not pay).  ``False``: never.
 
     Returns:
         :class:`RegistrationResult`; non-convergence is a status in it, never an exception.
