@@ -1787,10 +1787,13 @@ def test_loss_scale_sets_the_robust_losses_outlier_scale(data, tmp_path, monkeyp
 
 
 def _geotiff(path, image: np.ndarray, nodata: Optional[str], east: float = 500000.0) -> None:
-    """``image`` as a GeoTIFF of 10 m pixels (UTM 33N) whose corner lies at ``east``, with GDAL_NODATA ``nodata``."""
+    """``image`` ``(H, W[, C])`` as a GeoTIFF of 10 m pixels (UTM 33N) whose corner lies at ``east``, with
+    GDAL_NODATA ``nodata``."""
     tags = [(33550, "d", 3, (10.0, 10.0, 0.0), True), (33922, "d", 6, (0, 0, 0, east, 4000000.0, 0), True),
             (34735, "H", 16, (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633), True)]
-    tifffile.imwrite(path, image, extratags=tags + ([] if nodata is None else [(42113, "s", 0, nodata, True)]))
+    bands = dict(photometric="minisblack", planarconfig="contig") if image.ndim == 3 else {}
+    tifffile.imwrite(path, image, extratags=tags + ([] if nodata is None else [(42113, "s", 0, nodata, True)]),
+                     **bands)
 
 
 def _with_nodata(data, value: float) -> tuple[np.ndarray, np.ndarray]:
@@ -1970,3 +1973,25 @@ def test_python_m_tireg_runs_the_command_and_medical_files_are_named_with_a_way_
         assert error.startswith(f"tireg: error: unsupported fixed image format {suffix!r} for {name!r}"), error
         assert "a medical image: write its slice or slices as a float32 TIFF first, e.g. with SimpleITK" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_no_data_in_a_channel_not_registered_is_no_data_in_the_warped_image(data, tmp_path, monkeypatch):
+    """--channel 0 registers on channel 0; channel 1's own -9999 strip is no data all the same in the
+    warped image, in every channel (a pixel has data where all its channels have), not blended into
+    its neighbours with channel 0's mask standing for both."""
+    monkeypatch.chdir(tmp_path)
+    fixed = tifffile.imread(data["folder"] / "fixed32.tif")
+    moving = tifffile.imread(data["folder"] / "moving32.tif")
+    second = moving.copy()
+    second[:, 100:110] = -9999
+    _geotiff("fixed.tif", np.stack([fixed, fixed], axis=-1), "-9999")
+    _geotiff("moving.tif", np.stack([moving, second], axis=-1), "-9999")
+    assert main(["register", "fixed.tif", "moving.tif", "-o", "out", "-q", "--channel", "0", "-t", "affine"]) == 0
+    warped = tifffile.imread(tmp_path / "out" / "warped.tif")
+    missing = warped == -9999
+    assert np.array_equal(missing[..., 0], missing[..., 1])
+    assert warped[~missing].min() >= min(moving.min(), 0) - 1e-6  # nothing between the data and -9999
+    _geotiff("whole.tif", np.stack([moving, moving], axis=-1), "-9999")
+    assert main(["register", "fixed.tif", "whole.tif", "-o", "whole", "-q", "--channel", "0", "-t", "affine"]) == 0
+    without_strip = tifffile.imread(tmp_path / "whole" / "warped.tif") == -9999
+    assert missing[..., 0].sum() - without_strip[..., 0].sum() > 1000  # the strip, 10 x 128 px, warped

@@ -1043,7 +1043,8 @@ def _cmd_register(args: argparse.Namespace, outputs: OutputFiles) -> int:
     title = f"{_plain(fixed.path.name)} (fixed) and {_plain(moving.path.name)} (moving): {result.transform}"
     _write_register_outputs(outputs, paths, result, moving=moving, fixed_grey=fixed_grey,
                             moving_grey=moving_grey, title=title, args=args, grid=fixed.format,
-                            nodata=moving_nodata, moving_data=moving_data)
+                            nodata=moving_nodata,  # every channel warped: no data where any of them has none
+                            moving_data=moving_data if args.channel is None else _has_data(moving, moving_nodata, None))
     written = outputs.commit()
     for line in _summary(result, args.metric, schedule):
         _say(args, line)
