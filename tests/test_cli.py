@@ -928,6 +928,29 @@ def test_a_frame_that_fits_its_reference_poorly_is_unreliable(walk, tmp_path, mo
         assert "frame 9 registered to frame 6 directly: the chain skips frames 7-8" in out
     reliable = [error for k, error in enumerate(errors(rows)) if k not in unreliable]
     assert max(reliable) < 0.1, reliable
+def test_the_largest_shift_and_rotation_are_over_the_frames_that_converged(walk, tmp_path, monkeypatch, capsys):
+    """The summary's largest shift and rotation took in the frames it called unreliable: after a cut,
+    a frame of another scene 'aligned' 140 px off to the first frame was the stack's largest shift."""
+    monkeypatch.chdir(tmp_path)
+    scene, other, truths = walk
+    frames = scene.copy()
+    frames[15:] = other[15:]
+    tifffile.imwrite(tmp_path / "cut.tif", np.rint(frames * 65535).astype(np.uint16))
+    assert main(["stack", "cut.tif", "-o", "out.tif"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "largest shift" in line)
+    rows = list(csv.DictReader(open(tmp_path / "out.csv")))
+    assert [row["converged"] for row in rows] == ["True"] * 15 + ["False"] * 5
+    center = np.array([*tireg.image_center(*frames.shape[1:]), 1.0])
+    shifts = np.linalg.norm((truths[:15] @ center)[:, :2] - center[:2], axis=1)
+    angles = np.degrees(np.arctan2(truths[:15, 0, 1] - truths[:15, 1, 0], truths[:15, 0, 0] + truths[:15, 1, 1]))
+    found = re.search(r"largest shift of the centre ([\d.]+) px \(frame (\d+)\), largest rotation ([\d.]+) deg "
+                      r"\(frame (\d+)\), over the 15 frames that converged", line)
+    assert found, line
+    assert float(found[1]) == pytest.approx(shifts.max(), abs=0.05) and int(found[2]) == shifts.argmax(), line
+    assert float(found[3]) == pytest.approx(np.abs(angles).max(), abs=0.02), line
+    assert int(found[4]) == np.abs(angles).argmax(), line
+
+
 def test_an_output_without_a_name_is_refused(data, drift, tmp_path, monkeypatch, capsys):
     """-o "" wrote every output of register into the current folder; a stack's frames into '.' or
     '..' named their CSV '.csv' ('must end in .csv') or '...csv'."""

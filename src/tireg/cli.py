@@ -1737,9 +1737,18 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
                  "mean": "the mean of the aligned frames"}[args.reference]
     _say(args, f"aligned {stack.count} frames of {stack.path.name} ({stack.describe()}) to {reference}: "
                f"{args.transform}, {args.metric}, on {_registered_on(stack.channels, args.channel)}")
-    _say(args, f"  largest shift of the centre {shifts.max():.3f} px (frame {int(shifts.argmax())}), "
-               f"largest rotation {np.abs(angles).max():.3f} deg")
     moved = found["converged"]
+    # over the reliable frames: a frame flagged as not converged (a cut's, at -109 deg) had been the
+    # largest rotation of a stack whose other frames turned by 0.7 deg
+    reliable = np.flatnonzero(moved)
+    if reliable.size == 0:
+        _say(args, "  no frame converged: no largest shift or rotation")
+    else:
+        largest, turned = reliable[shifts[reliable].argmax()], reliable[np.abs(angles[reliable]).argmax()]
+        left_out = stack.count - reliable.size
+        over = f", over the {reliable.size} frames that converged" if left_out else ""
+        _say(args, f"  largest shift of the centre {shifts[largest]:.3f} px (frame {largest}), "
+                   f"largest rotation {abs(angles[turned]):.3f} deg (frame {turned}){over}")
     registered = ~blank  # a blank frame has no cost
     _say(args, f"  mean cost {found['costs'][registered].mean():.6g}, {int(found['iterations'].sum())} iterations, "
                f"{int(moved.sum())}/{stack.count} converged, {found['seconds']:.2f} s")
