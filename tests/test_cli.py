@@ -862,7 +862,8 @@ def test_a_constant_first_frame_or_a_stack_of_one_image_is_refused(drift, tmp_pa
     alone[1:] = 7
     tifffile.imwrite(tmp_path / "alone.tif", alone)
     assert main(["stack", "alone.tif", "-o", "out.tif", "-q"]) == 1
-    assert "stack 'alone.tif': every frame but its first is constant" in capsys.readouterr().err
+    assert ("stack 'alone.tif': every frame but its first ('alone.tif page 1' ... 'alone.tif page 5') is "
+            "constant; nothing to register") in capsys.readouterr().err
     assert not (tmp_path / "out.tif").exists() and not (tmp_path / "out.csv").exists()
 
 

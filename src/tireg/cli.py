@@ -695,8 +695,9 @@ def _constant_frames(grey: np.ndarray, stack: ImageData) -> np.ndarray:
                            f"{float(grey[0].flat[0]):g}); it is the reference the other frames are aligned to "
                            "(start the stack at a frame with an image)")
     if (~constant).sum() < 2:
-        raise CommandError(f"stack {str(stack.path)!r}: every frame but its first is constant (frames "
-                           f"{stack.names[1]!r} ... {stack.names[-1]!r}); nothing to register")
+        others = (f"its frame {stack.names[1]!r}" if stack.count == 2 else
+                  f"every frame but its first ({stack.names[1]!r} ... {stack.names[-1]!r})")
+        raise CommandError(f"stack {str(stack.path)!r}: {others} is constant; nothing to register")
     return constant
 
 
