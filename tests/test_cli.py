@@ -815,17 +815,141 @@ def test_the_stack_csv_names_each_column_once_and_applies_to_another_channel(dri
     assert not (tmp_path / "x.tif").exists()
 
 
-def test_a_blank_frame_of_a_stack_is_named_as_a_frame(drift, tmp_path, monkeypatch, capsys):
-    """'stack 'x.tif' is constant (every pixel 0): frame 3' read as if the whole stack were constant."""
+@pytest.mark.parametrize("reference", ["first", "previous", "mean"])
+def test_a_constant_frame_is_passed_over_with_the_last_reliable_frames_transform(drift, tmp_path, monkeypatch,
+                                                                                  capsys, reference):
+    """A dropped (all 0) or white frame stopped the whole stack ('nothing to align it by (leave it out
+    of the stack)'), and leaving it out renumbered the frames after it.  It is not registered, is
+    marked 'blank', takes the transform of the frame before it (so that apply of the CSV to another
+    channel keeps it in place), and the chain passes around it."""
+    monkeypatch.chdir(tmp_path)
+    _, truths, frames, _ = drift
+    frames = frames.copy()
+    frames[2] = 0
+    frames[4] = 65535
+    tifffile.imwrite(tmp_path / "blank.tif", frames)
+    assert main(["stack", "blank.tif", "-o", "out.tif", "--reference", reference]) == 0
+    out = capsys.readouterr().out
+    assert "frame 2 is constant (every pixel 0): not registered, given frame 1's transform" in out
+    assert "frame 4 is constant (every pixel 65535): not registered, given frame 3's transform" in out
+    assert "not converged: frames 2, 4 (blank)" in out
+    if reference != "first":
+        assert "frame 3 registered to frame 1 directly: the chain skips frame 2" in out
+        assert "frame 5 registered to frame 3 directly: the chain skips frame 4" in out
+    rows = list(csv.DictReader(open(tmp_path / "out.csv")))
+    for k in (2, 4):
+        assert rows[k]["converged"] == "False" and rows[k]["stop_reason"] == "blank", rows[k]
+        np.testing.assert_array_equal(matrix_of(rows[k]), matrix_of(rows[k - 1]))
+    for k in (0, 1, 3, 5):
+        assert rows[k]["converged"] == "True", rows[k]
+        assert grid_error(torch.from_numpy(matrix_of(rows[k])), torch.from_numpy(truths[k]), frames.shape[1:]) < 0.5
+    assert main(["apply", "out.csv", "blank.tif", "-o", "again.tif", "-q"]) == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "again.tif"), tifffile.imread(tmp_path / "out.tif"))
+
+
+def test_a_constant_first_frame_or_a_stack_of_one_image_is_refused(drift, tmp_path, monkeypatch, capsys):
+    """Frame 0 is the reference of every --reference (of mean's first pass), and a stack whose other
+    frames are all constant has nothing to register: both stay errors, named as frames."""
     monkeypatch.chdir(tmp_path)
     frames = tifffile.imread(drift[0] / "drift.tif")
-    frames[2] = 0
-    frames[4] = 0
-    tifffile.imwrite(tmp_path / "blank.tif", frames)
-    assert main(["stack", "blank.tif", "-o", "out.tif", "-q"]) == 1
-    assert ("stack 'blank.tif': its frame 'blank.tif page 2' is constant (every pixel 0) (1 more frame too); "
-            "nothing to align it by (leave it out of the stack)") in capsys.readouterr().err
-    assert not (tmp_path / "out.tif").exists()
+    first = frames.copy()
+    first[0] = 0
+    tifffile.imwrite(tmp_path / "first.tif", first)
+    assert main(["stack", "first.tif", "-o", "out.tif", "-q"]) == 1
+    assert ("stack 'first.tif': its first frame 'first.tif page 0' is constant (every pixel 0); it is the "
+            "reference the other frames are aligned to") in capsys.readouterr().err
+    alone = frames.copy()
+    alone[1:] = 7
+    tifffile.imwrite(tmp_path / "alone.tif", alone)
+    assert main(["stack", "alone.tif", "-o", "out.tif", "-q"]) == 1
+    assert ("stack 'alone.tif': every frame but its first ('alone.tif page 1' ... 'alone.tif page 5') is "
+            "constant; nothing to register") in capsys.readouterr().err
+    assert not (tmp_path / "out.tif").exists() and not (tmp_path / "out.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def walk():
+    """20 frames of coins walking by random steps of about 1 px and 0.3 deg, 16-bit: (frames, truths),
+    and the same walk over camera (another scene, for a cut)."""
+    from tireg.data import camera, coins
+
+    height, width, margin = 128, 160, 40
+    center = tireg.image_center(height, width)
+    rng = np.random.default_rng(1)
+    shifts = np.cumsum(np.r_[[[0.0, 0.0]], rng.normal(0, 0.8, (19, 2))], axis=0)
+    angles = np.cumsum(np.r_[0.0, rng.normal(0, 0.005, 19)])
+    truths = np.stack([TRANSFORMS["rigid"].matrix(torch.tensor([a, tx, ty], dtype=torch.float64), center).numpy()
+                       for a, (tx, ty) in zip(angles, shifts)])
+    scenes = []
+    for scene, offset in ((coins, margin), (camera, 150)):
+        image = scene(dtype=torch.float64)[None, None]
+        to_scene = translation_matrix(torch.tensor([float(offset)] * 2, dtype=torch.float64))
+        scenes.append(np.stack([tireg.warp(image, to_scene @ torch.linalg.inv(torch.from_numpy(truth)),
+                                           size=(height, width), padding_mode="border")[0, 0].numpy()
+                                for truth in truths]))
+    return scenes[0], scenes[1], truths
+
+
+@pytest.mark.parametrize("reference", ["first", "previous", "mean"])
+def test_a_frame_that_fits_its_reference_poorly_is_unreliable(walk, tmp_path, monkeypatch, capsys, reference):
+    """A frame saturated 3x (4), a noisy fade to 2 % contrast (7, 8) and a cut to another scene
+    (15-19): each 'converged' on its metric, and previous chained through them (the cut's link at
+    -109 deg turned every later frame; the fade shifted them 0.6 px), mean averaged them into its
+    mean (every frame 0.3-0.4 px off).  A frame whose overlap NCC with its reference is far below
+    the stack's other frames' is unreliable (poor_fit): bridged, left out of the mean.  No frame of
+    the clean stack is, with NCC and with MI."""
+    monkeypatch.chdir(tmp_path)
+    scene, other, truths = walk
+    size = scene.shape[1:]
+
+    def errors(rows):
+        return [grid_error(torch.from_numpy(matrix_of(row)), torch.from_numpy(truth), size)
+                for row, truth in zip(rows, truths)]
+
+    for metric in ("ncc", "mi"):
+        tifffile.imwrite(tmp_path / "clean.tif", np.rint(scene * 65535).astype(np.uint16))
+        assert main(["stack", "clean.tif", "-o", f"{metric}.tif", "-r", reference, "-m", metric, "-q"]) == 0
+        rows = list(csv.DictReader(open(tmp_path / f"{metric}.csv")))
+        assert all(row["converged"] == "True" and float(row["fit"]) > 0.98 or row["fit"] == "nan"
+                   for row in rows), rows
+    frames = scene.copy()
+    frames[4] = np.clip(3 * frames[4], 0, 1)
+    noise = np.random.default_rng(5).normal(0, 0.01, frames[7:9].shape)
+    frames[7:9] = np.clip(0.02 * frames[7:9] + 0.02 + noise, 0, 1)
+    frames[15:] = other[15:]
+    tifffile.imwrite(tmp_path / "bad.tif", np.rint(frames * 65535).astype(np.uint16))
+    assert main(["stack", "bad.tif", "-o", "out.tif", "-r", reference]) == 0
+    out = capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "out.csv")))
+    poor = [k for k, row in enumerate(rows) if row["stop_reason"] == "poor_fit"]
+    unreliable = [k for k, row in enumerate(rows) if row["converged"] == "False"]
+    assert unreliable == [4, 7, 8, *range(15, 20)] and 4 in poor, (unreliable, poor)  # some stall too
+    assert "poor_fit: the frame fits its reference (their overlap NCC) below 0.7" in out
+    if reference != "first":
+        assert "frame 9 registered to frame 6 directly: the chain skips frames 7-8" in out
+    reliable = [error for k, error in enumerate(errors(rows)) if k not in unreliable]
+    assert max(reliable) < 0.1, reliable
+def test_the_largest_shift_and_rotation_are_over_the_frames_that_converged(walk, tmp_path, monkeypatch, capsys):
+    """The summary's largest shift and rotation took in the frames it called unreliable: after a cut,
+    a frame of another scene 'aligned' 140 px off to the first frame was the stack's largest shift."""
+    monkeypatch.chdir(tmp_path)
+    scene, other, truths = walk
+    frames = scene.copy()
+    frames[15:] = other[15:]
+    tifffile.imwrite(tmp_path / "cut.tif", np.rint(frames * 65535).astype(np.uint16))
+    assert main(["stack", "cut.tif", "-o", "out.tif"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "largest shift" in line)
+    rows = list(csv.DictReader(open(tmp_path / "out.csv")))
+    assert [row["converged"] for row in rows] == ["True"] * 15 + ["False"] * 5
+    center = np.array([*tireg.image_center(*frames.shape[1:]), 1.0])
+    shifts = np.linalg.norm((truths[:15] @ center)[:, :2] - center[:2], axis=1)
+    angles = np.degrees(np.arctan2(truths[:15, 0, 1] - truths[:15, 1, 0], truths[:15, 0, 0] + truths[:15, 1, 1]))
+    found = re.search(r"largest shift of the centre ([\d.]+) px \(frame (\d+)\), largest rotation ([\d.]+) deg "
+                      r"\(frame (\d+)\), over the 15 frames that converged", line)
+    assert found, line
+    assert float(found[1]) == pytest.approx(shifts.max(), abs=0.05) and int(found[2]) == shifts.argmax(), line
+    assert float(found[3]) == pytest.approx(np.abs(angles).max(), abs=0.02), line
+    assert int(found[4]) == np.abs(angles).argmax(), line
 
 
 def test_an_output_without_a_name_is_refused(data, drift, tmp_path, monkeypatch, capsys):

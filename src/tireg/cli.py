@@ -658,24 +658,47 @@ def _registered_on(channels: int, channel: Optional[int]) -> str:
     return f"channel {channel}" if channel is not None else luminance_words(channels)
 
 
-def _check_grey(grey: np.ndarray, image: ImageData, what: str) -> None:
-    """``grey`` ``(N, H, W)``: each frame at least 8 x 8 and not constant."""
+def _check_size(grey: np.ndarray, image: ImageData, what: str) -> None:
+    """``grey`` ``(N, H, W)``: frames of at least 8 x 8 pixels."""
     if min(grey.shape[-2:]) < 8:
         raise CommandError(
             f"{what} {str(image.path)!r} is {grey.shape[-1]} x {grey.shape[-2]} pixels; at least 8 x 8 are needed"
         )
+
+
+def _constant(grey: np.ndarray) -> np.ndarray:
+    """``(N,)`` bool: which frames of ``grey`` ``(N, H, W)`` have one value in every pixel."""
     flat = grey.reshape(grey.shape[0], -1)
-    constant = flat.max(axis=1) == flat.min(axis=1)  # not a deviation: it overflowed at 1e305 and said constant
-    if constant.any():
-        index = int(np.argmax(constant))
-        value = float(flat[index, 0])
-        if grey.shape[0] == 1:
-            raise CommandError(f"{what} {str(image.path)!r} is constant (every pixel {value:g}); nothing to align")
-        # "stack 'x.tif' is constant ...: frame 3" read as if the whole stack were
-        others = int(constant.sum()) - 1
-        more = f" ({others} more frame{'s' if others > 1 else ''} too)" if others else ""
-        raise CommandError(f"{what} {str(image.path)!r}: its frame {image.names[index]!r} is constant (every pixel "
-                           f"{value:g}){more}; nothing to align it by (leave it out of the stack)")
+    return flat.max(axis=1) == flat.min(axis=1)  # not a deviation: it overflowed at 1e305 and said constant
+
+
+def _check_grey(grey: np.ndarray, image: ImageData, what: str) -> None:
+    """``grey`` ``(1, H, W)``, one image: at least 8 x 8 and not constant."""
+    _check_size(grey, image, what)
+    if _constant(grey)[0]:
+        raise CommandError(f"{what} {str(image.path)!r} is constant (every pixel {float(grey.flat[0]):g}); "
+                           "nothing to align")
+
+
+def _constant_frames(grey: np.ndarray, stack: ImageData) -> np.ndarray:
+    """``(N,)`` bool: the constant ("blank") frames of ``stack`` (``grey`` ``(N, H, W)``, what is
+    registered of it), a dropped frame (all 0) or a white one: nothing to align them by, so
+    :func:`_register_stack` passes them over (refused, they had stopped the whole stack, and
+    leaving them out renumbered the frames after them).  Frame 0, the reference of every
+    ``--reference`` (of ``mean``'s first pass), may not be one, and one frame that is not leaves
+    nothing to register."""
+    _check_size(grey, stack, "stack")
+    constant = _constant(grey)
+    # "stack 'x.tif' is constant ...: frame 0" read as if the whole stack were
+    if constant[0]:
+        raise CommandError(f"stack {str(stack.path)!r}: its first frame {stack.names[0]!r} is constant (every pixel "
+                           f"{float(grey[0].flat[0]):g}); it is the reference the other frames are aligned to "
+                           "(start the stack at a frame with an image)")
+    if (~constant).sum() < 2:
+        others = (f"its frame {stack.names[1]!r}" if stack.count == 2 else
+                  f"every frame but its first ({stack.names[1]!r} ... {stack.names[-1]!r})")
+        raise CommandError(f"stack {str(stack.path)!r}: {others} is constant; nothing to register")
+    return constant
 
 
 def _read_mask(path: Optional[str], size: tuple[int, int], what: str) -> Optional[np.ndarray]:
@@ -1256,25 +1279,35 @@ def _stack_output(path: Path) -> str:
     raise UsageError(f"stack output {str(path)!r}: use a .tif/.tiff or .npy file, or a folder (no suffix)")
 
 
-def _register_stack(args, grey: np.ndarray, masks: "_StackMasks", progress: _Progress) -> dict[str, Any]:
-    """Batched registration of every frame to the reference; matrices map reference -> frame pixels."""
+def _register_stack(args, grey: np.ndarray, masks: "_StackMasks", progress: _Progress, blank: np.ndarray
+                    ) -> dict[str, Any]:
+    """Batched registration of every frame to the reference; matrices map reference -> frame pixels.
+
+    ``blank`` ``(N,)``: the constant frames (:func:`_constant_frames`), not registered and marked
+    (:func:`_give_blank_frames`).  A frame that fits its reference poorly (:func:`_fit_threshold`)
+    is marked unreliable as one that did not converge."""
     count = grey.shape[0]
     frames = grey[:, None]  # (N, 1, H, W) float64: normalised in float64 by register() (see _cmd_register)
     if args.reference == "mean":
-        return _register_to_mean(args, grey, masks, progress)
+        return _register_to_mean(args, grey, masks, progress, blank)
     if args.reference == "first":
-        fixed_all, moving_index = frames[:1], list(range(1, count))
-    else:  # previous
-        fixed_all, moving_index = frames[:-1], list(range(1, count))
+        fixed_all, moving_index = frames[:1], [k for k in range(1, count) if not blank[k]]
+    else:  # previous: no link from a blank frame; the chain bridges the frame after it
+        fixed_all, moving_index = frames[:-1], [k for k in range(1, count) if not blank[k] and not blank[k - 1]]
     references = [0] if args.reference == "first" else list(range(count - 1))
     found = _register_frames(args, fixed_all, frames, moving_index, masks.reference_for(references),
                              masks.frames(), progress)
+    found["typical_fit"], found["fit_threshold"] = _fit_threshold(
+        found["fits"][[k for k in moving_index if found["converged"][k]]])
+    _flag_poor_fits(found, found["fit_threshold"], moving_index)
     if args.reference == "previous":
-        _chain(args, frames, found, masks, progress)
+        _chain(args, frames, found, masks, progress, blank)
+    _give_blank_frames(found, blank)
     return found
 
 
-def _chain(args, frames: np.ndarray, found: dict[str, Any], masks: "_StackMasks", progress: _Progress) -> None:
+def _chain(args, frames: np.ndarray, found: dict[str, Any], masks: "_StackMasks", progress: _Progress,
+           blank: np.ndarray) -> None:
     """``--reference previous``: the links ``A_k`` (frame ``k-1`` -> frame ``k`` pixels) in ``found``
     made frame 0 -> frame ``k`` matrices, ``A_k A_(k-1) ... A_1``, in place.
 
@@ -1283,19 +1316,26 @@ def _chain(args, frames: np.ndarray, found: dict[str, Any], masks: "_StackMasks"
     the automatic start), its chain continuing from there: chained through a dark frame, every
     later frame of a clip had come out about 95 px off, "converged" (a video audit).  The
     unreliable frames keep their own links and stop reasons; ``found["bridges"]`` lists
-    ``(frame, reference frame)``."""
+    ``(frame, reference frame)``.
+
+    A link unreliable by its fit (a cut: 'converged' at -109 deg, every later frame written turned)
+    is one that did not converge; a bridge is held to the links' fit threshold
+    (``found["fit_threshold"]``).  A blank frame is passed over (``blank``)."""
     pairs, count = found["matrices"], frames.shape[0]
     matrices, bridges = np.tile(np.eye(3), (count, 1, 1)), []
     last_reliable = 0
     for k in range(1, count):
+        if blank[k]:  # not registered: it takes the last reliable frame's matrix (_give_blank_frames)
+            continue
         if last_reliable == k - 1:
             matrices[k] = pairs[k] @ matrices[k - 1]
         else:  # frame k-1 is unreliable: frame k to the last reliable frame
             bridge = _register_frames(args, frames[last_reliable][None], frames, [k],
                                       masks.reference_for([last_reliable]), masks.frames(), progress, advance=False)
+            _flag_poor_fits(bridge, found["fit_threshold"], [k])
             matrices[k] = bridge["matrices"][k] @ matrices[last_reliable]
             link_iterations = int(found["iterations"][k])  # spent too
-            for key in ("costs", "iterations", "converged", "reasons"):
+            for key in ("costs", "fits", "iterations", "converged", "reasons"):
                 found[key][k] = bridge[key][k]
             found["iterations"][k] += link_iterations
             found["results"] += bridge["results"]
@@ -1351,29 +1391,129 @@ def _register_frames(args, fixed_all: np.ndarray, frames: np.ndarray, moving_ind
     ``(N, H, W)`` a mask per frame (:class:`_StackMasks`)."""
     import torch
 
+    from .transforms import image_center
+
     count = frames.shape[0]
     costs, iterations = np.zeros(count), np.zeros(count, dtype=np.int64)
     converged, reasons = np.ones(count, dtype=bool), ["reference"] * count
-    pairs = np.eye(3)[None].repeat(count, axis=0)
+    pairs, fits = np.eye(3)[None].repeat(count, axis=0), np.full(count, np.nan)
     histories = []
     for start in range(0, len(moving_index), args.batch_size):
         index = moving_index[start:start + args.batch_size]
         references = [0] if fixed_all.shape[0] == 1 else [k - 1 for k in index]
         fixed = fixed_all[references]
         start_matrices = None if init is None else torch.from_numpy(np.ascontiguousarray(writable(init[index])))
-        result = _register_images(args, fixed, frames[index], mask=_pick_masks(reference_mask, references),
-                                  moving_mask=_pick_masks(frame_mask, index), progress=progress, init=start_matrices)
+        fixed_mask, moving_mask = _pick_masks(reference_mask, references), _pick_masks(frame_mask, index)
+        result = _register_images(args, fixed, frames[index], mask=fixed_mask, moving_mask=moving_mask,
+                                  progress=progress, init=start_matrices)
         pairs[index] = result.matrix.numpy().reshape(-1, 3, 3)
         costs[index] = result.cost.numpy()
         iterations[index] = result.iterations.numpy()
         converged[index] = result.converged.numpy()
         for k, reason in zip(index, result.stop_reason):
             reasons[k] = reason
+        fits[index] = _fits(args, fixed, frames[index], pairs[index], fixed_mask, moving_mask)
         histories.append(result)
         if advance:
             progress.advance(len(index))
     return dict(matrices=pairs, costs=costs, iterations=iterations, converged=converged, reasons=reasons,
-                results=histories, center=histories[0].center, seconds=sum(r.seconds for r in histories))
+                fits=fits, results=histories, seconds=sum(r.seconds for r in histories),
+                center=histories[0].center if histories else image_center(*frames.shape[-2:]))
+
+
+#: Metrics that align images whatever the sign of their contrast: a frame's fit is the size of its
+#: overlap NCC (:func:`_fits`), as an inverted-contrast frame registered by MI correlates at -0.9.
+_SIGN_FREE_METRICS = ("mi", "nmi", "ncc_any", "lncc_any")
+
+
+def _fits(args, fixed: np.ndarray, moving: np.ndarray, matrices: np.ndarray, fixed_mask: Optional[np.ndarray],
+          moving_mask: Optional[np.ndarray]) -> np.ndarray:
+    """How well each registered frame fits its reference, ``(B,)``: the normalised cross-correlation
+    of ``fixed`` ``(1 or B, 1, H, W)`` and ``moving`` ``(B, 1, H, W)`` resampled by ``matrices``
+    ``(B, 3, 3)`` over their overlap inside the masks the registration had (:func:`_pick_masks`'
+    ``(H, W)`` or ``(B, 1, H, W)``, or ``None``): :func:`~tireg.initialize.overlap_ncc`'s score, -1
+    where they hardly overlap; its size for a metric blind to the contrast's sign
+    (:data:`_SIGN_FREE_METRICS`).
+
+    Not the registration's own cost: a frame of another scene (a cut) had 'converged' on its metric,
+    at -109 deg, and only its fit to the reference, beside the other frames' fits, tells
+    (:func:`_fit_threshold`).  Without the masks, a burnt-in label or a no-data border that moves
+    with the frame had pulled the fits down to -0.19 (a label of 65535) and 0.64 of the typical."""
+    import torch
+
+    from .initialize import MIN_OVERLAP, _ncc_scores
+
+    count, size = moving.shape[0], moving.shape[-2:]
+
+    def with_mask(images: np.ndarray, mask: Optional[np.ndarray]) -> torch.Tensor:
+        # overlap_ncc's score, with the masks as its last channel (its scoring's own rule: the
+        # overlap is inside both, the moving mask warped)
+        images = np.broadcast_to(images, (count, 1, *size))
+        mask = np.ones((count, 1, *size)) if mask is None else np.broadcast_to(mask, (count, 1, *size))
+        stacked = np.concatenate([images, mask.astype(images.dtype)], axis=1)
+        return torch.from_numpy(stacked).to(args.device)
+
+    with torch.no_grad():
+        scores = _ncc_scores(with_mask(fixed, fixed_mask), with_mask(moving, moving_mask),
+                             torch.from_numpy(np.ascontiguousarray(matrices))[:, None].to(args.device),
+                             MIN_OVERLAP, images=1)[:, 0].cpu().numpy().astype(np.float64)
+    return np.abs(scores) if args.metric in _SIGN_FREE_METRICS else scores
+
+
+#: :func:`_fit_threshold`: a frame fits poorly when its fit is more than ``POOR_FIT_SPREADS`` spreads
+#: below the stack's typical fit and below ``POOR_FIT_FRACTION`` of it.  Measured on 40-frame drifting
+#: stacks (docs/cli.md): clean frames fit 0.99 (noise-free) and 0.95 (noise 0.05), each within 0.01
+#: of the typical fit; frames of another scene fit 0.22, a fade to 2 % contrast 0.2-0.6, a frame
+#: saturated 3x 0.67.  The fraction alone would flag a real stack's noisier frames; the spreads alone
+#: a synthetic stack's frames 0.01 below the rest.
+POOR_FIT_SPREADS, POOR_FIT_FRACTION = 6.0, 0.8
+
+
+def _fit_threshold(fits: np.ndarray) -> tuple[float, float]:
+    """The typical fit (:func:`_fits`) of a stack whose registered frames fit as ``fits`` did, and
+    the fit below which a frame fits poorly (``-inf``: none does).
+
+    The typical fit is the median of the better half of ``fits`` (their 75th percentile), and its
+    spread the better half's median absolute deviation from it, times 2.5 (a normal
+    distribution's standard deviation): the stack's median had been that of the frames after a
+    cut where they are half of a ``first`` stack, and lets the frames after a cut pass.  No
+    threshold where the typical fit is 0 or less (frames that do not correlate with their
+    reference even where registered well: another modality)."""
+    fits = fits[np.isfinite(fits)]
+    if fits.size == 0:
+        return math.nan, -math.inf
+    better = fits[fits >= np.median(fits)]
+    typical = float(np.median(better))
+    if typical <= 0:
+        return typical, -math.inf
+    spread = 2.5 * float(np.median(np.abs(better - typical)))
+    return typical, min(typical - POOR_FIT_SPREADS * spread, POOR_FIT_FRACTION * typical)
+
+
+def _flag_poor_fits(found: dict[str, Any], threshold: float, index: Sequence[int]) -> None:
+    """Frames ``index`` of ``found`` (:func:`_register_frames`) whose fit is below ``threshold``
+    marked unreliable, in place: not converged, stop reason ``poor_fit``."""
+    for k in index:
+        if found["converged"][k] and found["fits"][k] < threshold:
+            found["converged"][k], found["reasons"][k] = False, "poor_fit"
+
+
+def _give_blank_frames(found: dict[str, Any], blank: np.ndarray) -> None:
+    """The blank frames (``blank`` ``(N,)``) of ``found`` (:func:`_register_frames`) marked, in place:
+    not converged, stop reason ``blank``, no cost or fit, each with the matrix of the last reliable
+    frame before it (the identity where there is none): ``tireg apply`` of the CSV to another
+    channel keeps those frames where their neighbours are (a dropped frame had stopped the whole
+    stack).  ``found["blank"]`` lists ``(frame, the frame whose matrix it took or None)``."""
+    given, last_reliable = [], None
+    for k in range(len(blank)):
+        if blank[k]:
+            found["matrices"][k] = np.eye(3) if last_reliable is None else found["matrices"][last_reliable]
+            found["converged"][k], found["reasons"][k] = False, "blank"
+            found["costs"][k] = found["fits"][k] = math.nan
+            given.append((k, last_reliable))
+        elif found["converged"][k]:
+            last_reliable = k
+    found["blank"] = given
 
 
 def _pick_masks(masks: Optional[np.ndarray], index: list[int]) -> Optional[np.ndarray]:
@@ -1386,7 +1526,8 @@ def _pick_masks(masks: Optional[np.ndarray], index: list[int]) -> Optional[np.nd
     return masks[index][:, None]
 
 
-def _register_to_mean(args, grey: np.ndarray, masks: _StackMasks, progress: _Progress) -> dict[str, Any]:
+def _register_to_mean(args, grey: np.ndarray, masks: _StackMasks, progress: _Progress, blank: np.ndarray
+                      ) -> dict[str, Any]:
     """``--reference mean`` in two passes: the frames aligned to frame 0 by a chained first pass
     (as ``previous``), their mean on frame 0's grid (each pixel over the frames that cover it), then
     every frame registered to that mean from its first-pass matrix.
@@ -1398,9 +1539,14 @@ def _register_to_mean(args, grey: np.ndarray, masks: _StackMasks, progress: _Pro
     With ``--frame-mask``, a pixel of the mean is the mean of the frames' pixels inside it (their
     no-data values left out), and the mean counts where those cover half a frame's worth or more;
     ``--mask`` is where the mean counts, on frame 0's grid.
+
+    The frames unreliable in the first pass (not converged, a poor fit, blank) stay out of the mean;
+    in the second, a frame that fits the mean poorly (beside the other frames' fits to it,
+    :func:`_fit_threshold`) is unreliable, and a blank frame is not registered.
     """
     count, height, width = grey.shape
-    chained = _register_stack(argparse.Namespace(**{**vars(args), "reference": "previous"}), grey, masks, progress)
+    chained = _register_stack(argparse.Namespace(**{**vars(args), "reference": "previous"}), grey, masks, progress,
+                              blank)
     first = chained["matrices"]  # frame 0 -> frame k
     frame_masks = masks.frames()
     inside = np.ones((count, height, width)) if frame_masks is None else \
@@ -1416,8 +1562,13 @@ def _register_to_mean(args, grey: np.ndarray, masks: _StackMasks, progress: _Pro
     covered = cover.sum(axis=0)
     template = np.where(covered > 0.5, values.sum(axis=0) / np.maximum(covered, 1e-12), 0.0)
     covering = None if frame_masks is None else (covered > 0.5).astype(np.float32)
-    found = _register_frames(args, template[None, None], grey[:, None], list(range(count)),
+    moving_index = [k for k in range(count) if not blank[k]]
+    found = _register_frames(args, template[None, None], grey[:, None], moving_index,
                              _both(masks.region, covering), frame_masks, progress, init=first)
+    found["typical_fit"], found["fit_threshold"] = _fit_threshold(
+        found["fits"][[k for k in moving_index if found["converged"][k]]])
+    _flag_poor_fits(found, found["fit_threshold"], moving_index)
+    _give_blank_frames(found, blank)
     found["iterations"] = found["iterations"] + chained["iterations"]
     found["bridges"] = chained.get("bridges", [])
     found["results"] = chained["results"] + found["results"]
@@ -1440,14 +1591,24 @@ def _write_stack_csv(path: Path, stack: ImageData, found: dict[str, Any], kind_n
         # the matrix as m00 .. m12: the affine kind's own parameters are named a00 .. a11 (two columns
         # of one name broke readers that index by name)
         writer.writerow(["frame", "source", *names, "m00", "m01", "m02", "m10", "m11", "m12",
-                         "cost", "iterations", "converged", "stop_reason", "interpolation"])
+                         "cost", "fit", "iterations", "converged", "stop_reason", "interpolation"])
         for k in range(stack.count):
             params = [math.degrees(v) if n == "angle" else v for n, v in zip(kind.parameter_names, values[k])]
             matrix = found["matrices"][k][:2].reshape(-1)
             writer.writerow([k, stack.names[k], *(repr(float(v)) for v in params),
                              *(repr(float(v)) for v in matrix), repr(float(found["costs"][k])),
-                             int(found["iterations"][k]), bool(found["converged"][k]), found["reasons"][k],
+                             repr(float(found["fits"][k])), int(found["iterations"][k]), bool(found["converged"][k]), found["reasons"][k],
                              interpolation])
+
+
+def _frames_by_reason(reasons: Sequence[str], frames: Sequence[int]) -> str:
+    """``frames`` with their stop reasons, a run of one reason named once: ``3, 4 (poor_fit), 7 (blank)``."""
+    parts: list[str] = []
+    for position, k in enumerate(frames):
+        following = frames[position + 1] if position + 1 < len(frames) else None
+        ends_run = following is None or reasons[following] != reasons[k]
+        parts.append(f"{k} ({reasons[k]})" if ends_run else str(k))
+    return ", ".join(parts)
 
 
 def _frame_names(stack: ImageData) -> list[str]:
@@ -1506,7 +1667,7 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
     has_data = _has_data(stack, nodata, args.channel)
     grey = _filled(_registered_grey(stack, args.channel, "stack"), has_data)
     _check_stack_data(has_data, stack, nodata)
-    _check_grey(grey, stack, "stack")
+    blank = _constant_frames(grey, stack)
     mask = _read_mask(args.mask, stack.size, "mask")
     frame_mask = _read_mask(args.frame_mask, stack.size, "frame mask")
 
@@ -1545,7 +1706,7 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
     progress = _Progress(args, len(schedule), total=total, unit="frame")
     try:
         found = _register_stack(args, grey, _StackMasks(mask, frame_mask, None if has_data is None else
-                                                        has_data.astype(np.float32)), progress)
+                                                        has_data.astype(np.float32)), progress, blank)
     finally:
         progress.close()
     # each frame by its own file's alpha rule: a folder may mix a PNG's straight alpha and a TIFF's
@@ -1578,13 +1739,30 @@ def _cmd_stack(args: argparse.Namespace, outputs: OutputFiles) -> int:
                  "mean": "the mean of the aligned frames"}[args.reference]
     _say(args, f"aligned {stack.count} frames of {stack.path.name} ({stack.describe()}) to {reference}: "
                f"{args.transform}, {args.metric}, on {_registered_on(stack.channels, args.channel)}")
-    _say(args, f"  largest shift of the centre {shifts.max():.3f} px (frame {int(shifts.argmax())}), "
-               f"largest rotation {np.abs(angles).max():.3f} deg")
     moved = found["converged"]
-    _say(args, f"  mean cost {found['costs'].mean():.6g}, {int(found['iterations'].sum())} iterations, "
+    # over the reliable frames: a frame flagged as not converged (a cut's, at -109 deg) had been the
+    # largest rotation of a stack whose other frames turned by 0.7 deg
+    reliable = np.flatnonzero(moved)
+    if reliable.size == 0:
+        _say(args, "  no frame converged: no largest shift or rotation")
+    else:
+        largest, turned = reliable[shifts[reliable].argmax()], reliable[np.abs(angles[reliable]).argmax()]
+        left_out = stack.count - reliable.size
+        over = f", over the {reliable.size} frames that converged" if left_out else ""
+        _say(args, f"  largest shift of the centre {shifts[largest]:.3f} px (frame {largest}), "
+                   f"largest rotation {abs(angles[turned]):.3f} deg (frame {turned}){over}")
+    registered = ~blank  # a blank frame has no cost
+    _say(args, f"  mean cost {found['costs'][registered].mean():.6g}, {int(found['iterations'].sum())} iterations, "
                f"{int(moved.sum())}/{stack.count} converged, {found['seconds']:.2f} s")
     if not moved.all():
-        _say(args, f"  not converged: frames {', '.join(str(k) for k in np.flatnonzero(~moved))}")
+        _say(args, f"  not converged: frames {_frames_by_reason(found['reasons'], np.flatnonzero(~moved))}")
+    if found["reasons"].count("poor_fit"):
+        _say(args, f"  poor_fit: the frame fits its reference (their overlap NCC) below {found['fit_threshold']:.3f}; "
+                   f"the stack's frames typically {found['typical_fit']:.3f}")
+    for frame, source in found["blank"]:
+        given = "the identity" if source is None else f"frame {source}'s transform"
+        _say(args, f"  frame {frame} is constant (every pixel {float(grey[frame].flat[0]):g}): not registered, "
+                   f"given {given}")
     for frame, reference in found.get("bridges", []):  # the chain around frames that did not converge
         skipped = f"frame {frame - 1}" if frame - 1 == reference + 1 else f"frames {reference + 1}-{frame - 1}"
         _say(args, f"  frame {frame} registered to frame {reference} directly: the chain skips {skipped}")
