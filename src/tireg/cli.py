@@ -40,6 +40,7 @@ import numpy as np
 
 from ._validation import check_size, writable
 from .io import (
+    _finite,
     ImageData,
     ImageError,
     ImageFormat,
@@ -557,9 +558,7 @@ def _single(image: ImageData, what: str) -> ImageData:
 def _check_finite(image: ImageData, what: str, nodata: Optional[float] = None) -> None:
     """NaN or Inf in ``image`` refused, naming the frame; NaN taken where it is the no-data value."""
     if image.frames.dtype.kind == "f":
-        values = image.frames
-        finite = (np.isfinite(values) | np.isnan(values) if nodata is not None and math.isnan(nodata)
-                  else np.isfinite(values)).reshape(image.count, -1).all(axis=1)
+        finite = _finite(image.frames, nodata is not None and math.isnan(nodata)).reshape(image.count, -1).all(axis=1)
         if not finite.all():
             frame = "" if image.count == 1 else f" (frame {image.names[int(np.argmin(finite))]!r})"
             hint = "" if nodata is not None else "; where NaN marks pixels without data, give --nodata nan"
@@ -827,9 +826,9 @@ def _warp_frames(frames: np.ndarray, matrices: np.ndarray, size: tuple[int, int]
         warped = np.moveaxis(warp(image, matrix, size=size, interpolation=interpolation,
                                   padding_mode="zeros").cpu().numpy(), 1, -1)
         if nodata is not None:
-            coverage = warped[..., -1:]
-            covered[start:start + batch] = coverage[..., 0] >= 0.5 - 1e-9
-            warped = warped[..., :-1] / np.where(coverage >= 0.5 - 1e-9, coverage, 1.0)
+            coverage = warped[..., -1]
+            has = covered[start:start + batch] = coverage >= 0.5 - 1e-9
+            warped = warped[..., :-1] / np.where(has, coverage, 1.0)[..., None]
         out[start:start + batch] = warped
     if straight.any():  # colour / warped alpha (io.unpremultiply at full scale 1), clipped where covered
         part = unpremultiply(out[straight], np.float64)
@@ -1300,9 +1299,7 @@ def _register_stack(args, grey: np.ndarray, masks: "_StackMasks", progress: _Pro
     references = [0] if args.reference == "first" else list(range(count - 1))
     found = _register_frames(args, fixed_all, frames, moving_index, masks.reference_for(references),
                              masks.frames(), progress)
-    found["typical_fit"], found["fit_threshold"] = _fit_threshold(
-        found["fits"][[k for k in moving_index if found["converged"][k]]])
-    _flag_poor_fits(found, found["fit_threshold"], moving_index)
+    _judge_fits(found, moving_index)
     if args.reference == "previous":
         _chain(args, frames, found, masks, progress, blank)
     _give_blank_frames(found, blank)
@@ -1493,6 +1490,16 @@ def _fit_threshold(fits: np.ndarray) -> tuple[float, float]:
     return typical, min(typical - POOR_FIT_SPREADS * spread, POOR_FIT_FRACTION * typical)
 
 
+def _judge_fits(found: dict[str, Any], index: Sequence[int]) -> None:
+    """Frames ``index`` of ``found`` (:func:`_register_frames`) judged by their fits, in place: the
+    stack's typical fit and threshold (:func:`_fit_threshold`, over the frames that converged) in
+    ``found["typical_fit"]`` and ``found["fit_threshold"]``, and the frames below it marked
+    (:func:`_flag_poor_fits`)."""
+    found["typical_fit"], found["fit_threshold"] = _fit_threshold(
+        found["fits"][[k for k in index if found["converged"][k]]])
+    _flag_poor_fits(found, found["fit_threshold"], index)
+
+
 def _flag_poor_fits(found: dict[str, Any], threshold: float, index: Sequence[int]) -> None:
     """Frames ``index`` of ``found`` (:func:`_register_frames`) whose fit is below ``threshold``
     marked unreliable, in place: not converged, stop reason ``poor_fit``."""
@@ -1568,9 +1575,7 @@ def _register_to_mean(args, grey: np.ndarray, masks: _StackMasks, progress: _Pro
     moving_index = [k for k in range(count) if not blank[k]]
     found = _register_frames(args, template[None, None], grey[:, None], moving_index,
                              _both(masks.region, covering), frame_masks, progress, init=first)
-    found["typical_fit"], found["fit_threshold"] = _fit_threshold(
-        found["fits"][[k for k in moving_index if found["converged"][k]]])
-    _flag_poor_fits(found, found["fit_threshold"], moving_index)
+    _judge_fits(found, moving_index)
     if found["converged"][0]:
         # on frame 0's grid: the mean lies where the chained pass put it, off frame 0 by that pass's
         # error (500 frames: every frame 0.24 px off, while they agreed with one another to 0.014);
